@@ -1,0 +1,397 @@
+"""Guard: telemetry -> clip policy -> step/skip decision -> optimizer -> events.
+
+``guard.step(loss)`` replaces ``optimizer.step()``. Per step it measures the gradients
+(device tensors), lets the clip policy scale them, and either steps the optimizer or skips
+the step when the total norm is not finite. With a fused optimizer the skip is handed to the
+optimizer as ``found_inf`` (as ``torch.amp.GradScaler`` does), so a guarded step costs no
+host synchronisation at all; otherwise the skip decision costs exactly one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import detectors
+from .clipping import ClipPolicy, _Policy
+from .events import Event, Flush, Sink, call_sinks, json_float
+from .telemetry import StepStats, Telemetry, Window, layer_of, named_optimizer_params
+
+OnNonfinite = Literal["skip", "raise", "warn", "off"]
+ON_NONFINITE: tuple[str, ...] = ("skip", "raise", "warn", "off")
+
+#: Telemetry flush interval (steps): large enough that the one host copy per flush is
+#: negligible, small enough that a person sees trouble within seconds.
+DEFAULT_EVERY = 50
+
+
+class GradGuardWarning(UserWarning):
+    """Warnings gradguard emits about training health."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by ``Guard(on_nonfinite="raise")`` on a non-finite gradient norm."""
+
+    def __init__(self, message: str, step: int, layers: Sequence[str]) -> None:
+        super().__init__(message)
+        self.step = step
+        self.layers = list(layers)
+
+
+class TrainingDiverged(RuntimeError):
+    """Training could not be brought back; carries the events that led here.
+
+    Attributes:
+        events: the guard's event history (most recent last).
+        run_dir: the run directory (with ``events.jsonl`` and the report), if any.
+    """
+
+    def __init__(
+        self, message: str, events: Sequence[Event] = (), run_dir: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.events = list(events)
+        self.run_dir = run_dir
+
+
+def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused", False) for g in optimizer.param_groups
+    )
+
+
+class Guard:
+    """Guard an optimizer: measure, clip, skip non-finite steps, report.
+
+    Args:
+        model: the module whose parameters the optimizer updates (used for layer names).
+        optimizer: a ``torch.optim.Optimizer``.
+        clip: a clipping policy (``NormClip``, ``ValueClip``, ``AutoClip``, ``ZClip``,
+            ``AGC``, or any object with ``clip_``/``state_dict``/``load_state_dict``), or None.
+        on_nonfinite: what to do when the total gradient norm is NaN/Inf: ``"skip"`` the
+            optimizer step (parameters and optimizer state stay bit-identical), ``"raise"``
+            :class:`NonFiniteGradientError`, ``"warn"`` and skip, or ``"off"`` (step anyway).
+        recovery: a :class:`gradguard.Recovery` ladder, or None.
+        every: telemetry flush interval in steps (one device-to-host copy each).
+        sinks: where flushed metrics and events go (e.g. ``[gg.JsonlSink("runs/exp1")]``).
+        sample_updates: measure weight norms and update/weight ratios at flush steps
+            (costs one temporary copy of the parameters at those steps only).
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with gg.Guard(model, opt, clip=gg.NormClip(1.0), every=10) as guard:
+        ...     for _ in range(3):
+        ...         loss = model(torch.randn(8, 4)).pow(2).mean()
+        ...         loss.backward()
+        ...         _ = guard.step(loss)
+        ...         opt.zero_grad()
+        >>> guard.step_count
+        3
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        clip: ClipPolicy | None = None,
+        on_nonfinite: OnNonfinite = "skip",
+        recovery: Any | None = None,
+        every: int = DEFAULT_EVERY,
+        sinks: Sequence[Sink] = (),
+        sample_updates: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Guard(model=...): expected a torch.nn.Module, got {type(model).__name__}"
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"Guard(optimizer=...): expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if clip is not None and not (
+            callable(getattr(clip, "clip_", None)) and callable(getattr(clip, "state_dict", None))
+        ):
+            raise TypeError(
+                f"Guard(clip={clip!r}): expected a clip policy (NormClip, ValueClip, AutoClip, "
+                "ZClip, AGC) or None"
+            )
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"Guard(on_nonfinite={on_nonfinite!r}): allowed values are {ON_NONFINITE}"
+            )
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Guard(every={every!r}): must be an int >= 1")
+        sinks = list(sinks)
+        for s in sinks:
+            if not (callable(getattr(s, "write", None)) and callable(getattr(s, "close", None))):
+                raise TypeError(
+                    f"Guard(sinks=...): {s!r} has no write()/close(); see gradguard.Sink"
+                )
+        self.model = model
+        self.optimizer = optimizer
+        self.clip = clip
+        self.on_nonfinite: OnNonfinite = on_nonfinite
+        self.every = every
+        self.sinks: list[Sink] = sinks
+        self.sample_updates = sample_updates
+        named = named_optimizer_params(model, optimizer)
+        self.names = [n for n, _ in named]
+        self.telemetry = Telemetry(named, every=every)
+        self.fused = _is_fused(optimizer)
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.events: list[Event] = []
+        self._pending_events: list[Event] = []
+        self._failed_sinks: set[int] = set()
+        self._closed = False
+        self.last_window: Window | None = None
+        self.recovery = recovery
+        if recovery is not None and hasattr(recovery, "attach"):
+            recovery.attach(self)
+
+    # ---- the hot path --------------------------------------------------------------
+    def _check_loss(self, loss: Any) -> Tensor | float | None:
+        if loss is None:
+            return None
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"guard.step(loss=...): loss must be a scalar, got a tensor of shape "
+                    f"{tuple(loss.shape)} (reduce it, e.g. loss.mean())"
+                )
+            return loss
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return float(loss)
+        raise TypeError(
+            f"guard.step(loss=...): expected a scalar Tensor, float or None, got {type(loss).__name__}"
+        )
+
+    def _nonfinite_message(self, stats: StepStats) -> tuple[str, list[str]]:
+        # off the hot path: only reached once a non-finite step is already known
+        norms = stats.param_norms.detach().float().cpu()
+        bad = [self.names[i] for i in range(len(self.names)) if not math.isfinite(norms[i].item())]
+        layers = list(dict.fromkeys(layer_of(n) for n in bad))
+        total = stats.total_norm.float().cpu().item()
+        msg = (
+            f"step {self.step_count}: non-finite gradient norm ({total}); "
+            f"layers with non-finite gradients: {', '.join(layers) or 'none found'}"
+        )
+        return msg, layers
+
+    def _optimizer_step(self, found_inf: Tensor | None = None) -> None:
+        if found_inf is None:
+            self.optimizer.step()
+            return
+        opt: Any = self.optimizer
+        opt.grad_scale = None
+        opt.found_inf = found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            del opt.grad_scale
+            del opt.found_inf
+
+    @torch.no_grad()
+    def step(self, loss: Tensor | float | None = None) -> Tensor:
+        """Clip, then step the optimizer unless the gradients are non-finite.
+
+        Args:
+            loss: this step's loss (recorded; never read by the host per step).
+
+        Returns:
+            The pre-clip total gradient norm (a device tensor, like ``clip_grad_norm_``).
+        """
+        if self._closed:
+            raise RuntimeError("guard.step() called after guard.close()")
+        loss_v = self._check_loss(loss)
+        stats = self.telemetry.measure()
+        if self.clip is None:
+            coef: Tensor | None = None
+        elif isinstance(self.clip, _Policy):
+            coef = self.clip._apply(stats, self.names)
+        else:
+            self.clip.clip_(list(zip(self.names, self.telemetry.params)))
+            coef = None
+        sample = self.sample_updates and self.telemetry.flush_due
+        if sample:
+            self.telemetry.begin_update_sample()
+        skipped: Tensor | bool
+        error: NonFiniteGradientError | None = None
+        if self.on_nonfinite == "off":
+            self._optimizer_step()
+            skipped = False
+        elif self.on_nonfinite == "skip" and self.fused:
+            # the optimizer skips on device: no host sync at all
+            found_inf = (~stats.finite).to(torch.float32)
+            self._optimizer_step(found_inf)
+            skipped = ~stats.finite
+        else:
+            finite = bool(stats.finite)  # the one host sync of this step
+            if finite:
+                self._optimizer_step()
+                skipped = False
+            else:
+                skipped = True
+                error = self._on_nonfinite_host(stats)
+        if sample:
+            self.telemetry.end_update_sample()
+        self.telemetry.record(
+            stats, loss=loss_v, clip_coef=coef, skipped=skipped, step=self.step_count
+        )
+        self.step_count += 1
+        if error is not None:
+            self.flush()
+            raise error
+        if self.recovery is not None and hasattr(self.recovery, "after_step"):
+            self.recovery.after_step(self, stats, skipped)
+        if self.telemetry.pending >= self.every:
+            self.flush()
+        return stats.total_norm
+
+    def _on_nonfinite_host(self, stats: StepStats) -> NonFiniteGradientError | None:
+        if self.on_nonfinite == "raise":
+            msg, layers = self._nonfinite_message(stats)
+            return NonFiniteGradientError(msg + " (on_nonfinite='raise')", self.step_count, layers)
+        if self.on_nonfinite == "warn":
+            msg, _ = self._nonfinite_message(stats)
+            warnings.warn(msg + "; the optimizer step was skipped", GradGuardWarning, stacklevel=4)
+        return None
+
+    # ---- flush (one host copy) ---------------------------------------------------
+    def add_event(self, event: Event) -> None:
+        """Record an event; it reaches the sinks at the next flush."""
+        self.events.append(event)
+        self._pending_events.append(event)
+
+    def flush(self) -> Window | None:
+        """Copy the telemetry window to the host, run detectors, feed the sinks."""
+        window = self.telemetry.flush()
+        if window is None:
+            if self._pending_events:
+                self._deliver(Flush(steps=[], layers={}, events=self._pop_events()))
+            return None
+        self.skipped_steps += int(window.skipped.sum())
+        for ev in detectors.detect(window):
+            self.add_event(ev)
+        if self.recovery is not None and hasattr(self.recovery, "on_flush"):
+            self.recovery.on_flush(self, window)
+        self.last_window = window
+        self._deliver(
+            Flush(
+                steps=step_records(window),
+                layers=layer_record(window),
+                events=self._pop_events(),
+                window=window,
+            )
+        )
+        return window
+
+    def _pop_events(self) -> list[Event]:
+        ev, self._pending_events = self._pending_events, []
+        return ev
+
+    def _deliver(self, flush: Flush) -> None:
+        call_sinks(self.sinks, flush, self._failed_sinks)
+
+    def close(self) -> None:
+        """Flush what is left and close the sinks (idempotent)."""
+        if self._closed:
+            return
+        self.flush()
+        for i, s in enumerate(self.sinks):
+            try:
+                s.close()
+            except Exception as e:  # closing one sink must not prevent closing the others
+                warnings.warn(
+                    f"gradguard: closing sink {type(s).__name__} failed: {e}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._failed_sinks.add(i)
+        self._closed = True
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- checkpointing -----------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-identically (with the model and optimizer's own)."""
+        return {
+            "version": 1,
+            "step_count": self.step_count,
+            "skipped_steps": self.skipped_steps,
+            "clip": None if self.clip is None else self.clip.state_dict(),
+            "telemetry": self.telemetry.state_dict(),
+            "recovery": self.recovery.state_dict()
+            if self.recovery is not None and hasattr(self.recovery, "state_dict")
+            else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != 1:
+            raise ValueError(
+                f"Guard.load_state_dict: unsupported version {state_dict.get('version')!r}"
+            )
+        self.step_count = int(state_dict["step_count"])
+        self.skipped_steps = int(state_dict["skipped_steps"])
+        if self.clip is not None and state_dict.get("clip") is not None:
+            self.clip.load_state_dict(state_dict["clip"])
+        self.telemetry.load_state_dict(state_dict["telemetry"])
+        if self.recovery is not None and state_dict.get("recovery") is not None:
+            self.recovery.load_state_dict(state_dict["recovery"])
+
+
+def step_records(window: Window) -> list[dict[str, Any]]:
+    """One JSON-ready record per step of the window."""
+    out = []
+    loss, total, coef, skipped = (
+        window.loss.tolist(),
+        window.total_norm.tolist(),
+        window.clip_coef.tolist(),
+        window.skipped.tolist(),
+    )
+    for i, step in enumerate(window.steps):
+        out.append(
+            {
+                "step": step,
+                "loss": json_float(loss[i]),
+                "grad_norm": json_float(total[i]),
+                "clip_coef": json_float(coef[i]),
+                "skipped": bool(skipped[i]),
+                "finite": math.isfinite(total[i]),
+            }
+        )
+    return out
+
+
+def layer_record(window: Window) -> dict[str, Any]:
+    """Per-layer gradient norms of a window (mean and max over finite steps), plus weight
+    norms and update/weight ratios sampled at the window's last step."""
+    ln = window.layer_norms()  # [n, L]
+    finite_rows = torch.isfinite(ln).all(dim=1)
+    ok = ln[finite_rows] if bool(finite_rows.any()) else ln
+    mean = ok.mean(dim=0).tolist()
+    mx = ok.max(dim=0).values.tolist()
+    rec: dict[str, Any] = {
+        "step": window.steps[-1],
+        "first_step": window.steps[0],
+        "layers": list(window.layers),
+        "grad_norm": [json_float(x) for x in mean],
+        "grad_norm_max": [json_float(x) for x in mx],
+    }
+    w, u = window.layer_weight_norms(), window.layer_update_norms()
+    if w is not None and u is not None:
+        rec["weight_norm"] = [json_float(x) for x in w.tolist()]
+        rec["update_ratio"] = [json_float(x) for x in (u / w.clamp_min(1e-12)).tolist()]
+    return rec

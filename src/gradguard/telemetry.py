@@ -1,0 +1,409 @@
+"""Sync-free gradient telemetry.
+
+Per-parameter gradient norms are computed with ``torch._foreach_norm`` grouped by
+(device, dtype) and accumulated in float32, written into a ring buffer on the device, and
+copied to the host once per flush. Nothing here asks the host for a value per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+# Columns of the ring buffer before the per-parameter norms.
+_COL_LOSS, _COL_TOTAL, _COL_COEF, _COL_SKIPPED = 0, 1, 2, 3
+_N_SCALARS = 4
+#: Layer name of parameters registered directly on the root module.
+ROOT_LAYER = "(root)"
+
+
+def layer_of(param_name: str) -> str:
+    """The module path that owns a parameter: ``"enc.layers.3.q.weight" -> "enc.layers.3.q"``;
+    parameters of the root module belong to ``"(root)"``."""
+    head, _, _ = param_name.rpartition(".")
+    return head or ROOT_LAYER
+
+
+@dataclass
+class GradGroup:
+    """Gradients (and their parameters) sharing one device and dtype."""
+
+    device: torch.device
+    dtype: torch.dtype
+    index: list[int]  # positions in the parameter list
+    params: list[Tensor]
+    grads: list[Tensor]
+
+
+@dataclass
+class StepStats:
+    """Gradient statistics of one step, all device tensors (nothing synced).
+
+    Attributes:
+        param_norms: ``[n_params]`` norm of each parameter's gradient (0 without a grad).
+        total_norm: scalar norm of all gradients together (pre-clip).
+        finite: scalar bool, ``isfinite(total_norm)``.
+        groups: the gradients grouped by (device, dtype), for in-place clipping.
+        norm_type: the norm order used.
+    """
+
+    param_norms: Tensor
+    total_norm: Tensor
+    finite: Tensor
+    groups: list[GradGroup]
+    norm_type: float
+    params: Sequence[Tensor] = field(default_factory=list)
+
+
+def group_grads(params: Sequence[Tensor]) -> list[GradGroup]:
+    """Group the parameters that have a gradient by (device, dtype), keeping their order."""
+    groups: dict[tuple[torch.device, torch.dtype], GradGroup] = {}
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            raise TypeError(
+                f"parameter {i} has a sparse gradient; gradguard supports dense gradients only"
+            )
+        key = (g.device, g.dtype)
+        grp = groups.get(key)
+        if grp is None:
+            grp = groups[key] = GradGroup(g.device, g.dtype, [], [], [])
+        grp.index.append(i)
+        grp.params.append(p)
+        grp.grads.append(g)
+    return list(groups.values())
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def measure_grads(
+    params: Sequence[Tensor],
+    *,
+    norm_type: float = 2.0,
+    accumulate_dtype: torch.dtype | None = torch.float32,
+    device: torch.device | None = None,
+) -> StepStats:
+    """Norms of the gradients of ``params`` without any host synchronisation.
+
+    Args:
+        params: parameters (their ``.grad`` is read; ``None`` grads count as 0).
+        norm_type: order of the norm (``2.0``, ``math.inf``, any p > 0).
+        accumulate_dtype: dtype the norms are computed in. ``float32`` (telemetry) keeps
+            bfloat16/float16 layers exact; ``None`` computes in each gradient's own dtype,
+            exactly like ``torch.nn.utils.clip_grad_norm_``.
+        device: where the result lives (default: the first parameter's device).
+    """
+    norm_type = float(norm_type)
+    groups = group_grads(params)
+    if device is None:
+        device = params[0].device if len(params) else torch.device("cpu")
+    out_dtype = accumulate_dtype or torch.float32
+    per_param: list[Tensor | None] = [None] * len(params)
+    for grp in groups:
+        grads = [_local(g) for g in grp.grads]
+        if accumulate_dtype is None:
+            norms = torch._foreach_norm(grads, norm_type)
+        else:
+            norms = torch._foreach_norm(grads, norm_type, dtype=accumulate_dtype)
+        for i, n in zip(grp.index, norms):
+            per_param[i] = n if n.device == device else n.to(device, non_blocking=True)
+    present = [n for n in per_param if n is not None]
+    if not present:
+        zero = torch.zeros((), device=device, dtype=out_dtype)
+        return StepStats(
+            torch.zeros(len(params), device=device, dtype=out_dtype),
+            zero,
+            torch.ones((), device=device, dtype=torch.bool),
+            groups,
+            norm_type,
+            params,
+        )
+    # torch.stack promotes mixed dtypes exactly as clip_grad_norm_ does.
+    total = torch.linalg.vector_norm(torch.stack(present), norm_type)
+    if len(present) == len(params):
+        param_norms = torch.stack(present)  # type: ignore[arg-type]
+    else:
+        zero = torch.zeros((), device=device, dtype=present[0].dtype)
+        param_norms = torch.stack([zero if n is None else n for n in per_param])
+    return StepStats(param_norms, total, torch.isfinite(total), groups, norm_type, params)
+
+
+@dataclass
+class Window:
+    """The telemetry of a flush window, on the host (CPU tensors).
+
+    Attributes:
+        steps: the step index of each row.
+        loss, total_norm, clip_coef: ``[n]`` float tensors (NaN where unknown/non-finite).
+        skipped: ``[n]`` bool.
+        param_norms: ``[n, n_params]`` per-parameter gradient norms.
+        names: parameter names; ``layers`` their unique module paths in order;
+            ``layer_index[i]`` is the layer of parameter ``i``.
+        weight_norms, update_norms: ``[n_params]`` sampled at the last step of the window
+            (None when not sampled).
+    """
+
+    steps: list[int]
+    loss: Tensor
+    total_norm: Tensor
+    clip_coef: Tensor
+    skipped: Tensor
+    param_norms: Tensor
+    names: list[str]
+    layers: list[str]
+    layer_index: list[int]
+    weight_norms: Tensor | None = None
+    update_norms: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def _by_layer(self, per_param: Tensor) -> Tensor:
+        """Combine per-parameter 2-norms (last dim) into per-layer 2-norms."""
+        idx = torch.tensor(self.layer_index, dtype=torch.long)
+        shape = (*per_param.shape[:-1], len(self.layers))
+        sq = torch.zeros(shape, dtype=torch.float64)
+        sq.index_add_(sq.dim() - 1, idx, per_param.double() ** 2)
+        return sq.sqrt().float()
+
+    def layer_norms(self) -> Tensor:
+        """``[n, n_layers]`` gradient norm of each layer (its parameters together)."""
+        return self._by_layer(self.param_norms)
+
+    def layer_weight_norms(self) -> Tensor | None:
+        return None if self.weight_norms is None else self._by_layer(self.weight_norms)
+
+    def layer_update_norms(self) -> Tensor | None:
+        return None if self.update_norms is None else self._by_layer(self.update_norms)
+
+
+class Telemetry:
+    """Per-step gradient telemetry kept on the device, flushed to the host in one copy.
+
+    Args:
+        named_params: ``(name, parameter)`` pairs; names are module paths
+            (``"encoder.layers.3.attn.q_proj.weight"``).
+        every: rows in the ring buffer; a flush happens when it is full.
+        norm_type: order of the gradient norms (2 by default).
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> net = torch.nn.Linear(3, 2)
+        >>> tel = gg.Telemetry(list(net.named_parameters()), every=4)
+        >>> net(torch.ones(1, 3)).sum().backward()
+        >>> stats = tel.measure()
+        >>> tel.record(stats, loss=None, clip_coef=None, skipped=None)
+        >>> window = tel.flush()
+        >>> window.layers, window.steps
+        (['(root)'], [0])
+    """
+
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, Tensor]],
+        *,
+        every: int = 50,
+        norm_type: float = 2.0,
+    ) -> None:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every={every!r} must be an int >= 1")
+        named = list(named_params)
+        if not named:
+            raise ValueError("named_params is empty: there is nothing to measure")
+        self.names = [n for n, _ in named]
+        self.params: list[Tensor] = [p for _, p in named]
+        self.every = every
+        self.norm_type = float(norm_type)
+        layers: list[str] = []
+        seen: dict[str, int] = {}
+        self.layer_index: list[int] = []
+        for n in self.names:
+            lay = layer_of(n)
+            if lay not in seen:
+                seen[lay] = len(layers)
+                layers.append(lay)
+            self.layer_index.append(seen[lay])
+        self.layers = layers
+        self.device = self.params[0].device
+        n_cols = _N_SCALARS + len(self.params)
+        self._buf = torch.full((every, n_cols), math.nan, device=self.device)
+        self._steps: list[int] = []
+        self._extra: Tensor | None = None  # [2, n_params] weight and update norms
+        self._before: list[Tensor] | None = None
+        self._next_step = 0
+
+    # ---- per step (no host sync) ------------------------------------------------------
+    def measure(self) -> StepStats:
+        """Gradient norms of this step (device tensors)."""
+        return measure_grads(self.params, norm_type=self.norm_type, device=self.device)
+
+    def _scalar(self, x: Tensor | float | None, default: float) -> Tensor:
+        if x is None:
+            return torch.full((1,), default, device=self.device)
+        if isinstance(x, Tensor):
+            return x.detach().reshape(1).to(self.device, torch.float32, non_blocking=True)
+        return torch.full((1,), float(x), device=self.device)
+
+    def record(
+        self,
+        stats: StepStats,
+        *,
+        loss: Tensor | float | None,
+        clip_coef: Tensor | float | None,
+        skipped: Tensor | bool | None,
+        step: int | None = None,
+    ) -> None:
+        """Write one step into the ring buffer (a device copy, no sync)."""
+        pos = len(self._steps)
+        if pos >= self.every:
+            raise RuntimeError("telemetry ring buffer is full: call flush() first")
+        sk: Tensor | float | None
+        sk = (
+            skipped.float()
+            if isinstance(skipped, Tensor)
+            else (None if skipped is None else float(skipped))
+        )
+        row = torch.cat(
+            [
+                self._scalar(loss, math.nan),
+                self._scalar(stats.total_norm, math.nan),
+                self._scalar(clip_coef, 1.0),
+                self._scalar(sk, 0.0),
+                stats.param_norms.to(self.device, torch.float32, non_blocking=True),
+            ]
+        )
+        self._buf[pos].copy_(row)
+        self._steps.append(self._next_step if step is None else step)
+        self._next_step = self._steps[-1] + 1
+
+    @property
+    def pending(self) -> int:
+        """Rows written since the last flush."""
+        return len(self._steps)
+
+    @property
+    def flush_due(self) -> bool:
+        """True when the next recorded step fills the buffer (sample updates then)."""
+        return len(self._steps) == self.every - 1
+
+    def begin_update_sample(self) -> None:
+        """Keep a copy of the parameters so the coming update can be measured."""
+        with torch.no_grad():
+            self._before = [_local(p).detach().clone() for p in self.params]
+
+    def end_update_sample(self) -> None:
+        """Measure weight norms and the update just applied (device ops only)."""
+        if self._before is None:
+            return
+        with torch.no_grad():
+            now = [_local(p).detach() for p in self.params]
+            w = torch.stack([n.to(self.device) for n in _foreach_norm_f32(now)])
+            diff = torch._foreach_sub(now, self._before)
+            u = torch.stack([n.to(self.device) for n in _foreach_norm_f32(diff)])
+        self._before = None
+        self._extra = torch.stack([w, u])
+
+    # ---- per flush (one host copy) -----------------------------------------------------
+    def flush(self) -> Window | None:
+        """Copy the window to the host (exactly one device-to-host copy) and reset it."""
+        n = len(self._steps)
+        if n == 0:
+            return None
+        p = len(self.params)
+        flat = self._buf[:n].reshape(-1)
+        if self._extra is not None:
+            flat = torch.cat([flat, self._extra.reshape(-1)])
+        host = flat.cpu()  # the one device->host copy of this flush
+        if host.data_ptr() == self._buf.data_ptr():
+            host = host.clone()  # on a CPU device .cpu() aliases the ring buffer
+        rows = host[: n * (p + _N_SCALARS)].reshape(n, p + _N_SCALARS)
+        w = u = None
+        if self._extra is not None:
+            extra = host[n * (p + _N_SCALARS) :].reshape(2, p)
+            w, u = extra[0], extra[1]
+        window = Window(
+            steps=list(self._steps),
+            loss=rows[:, _COL_LOSS],
+            total_norm=rows[:, _COL_TOTAL],
+            clip_coef=rows[:, _COL_COEF],
+            skipped=rows[:, _COL_SKIPPED] > 0.5,
+            param_norms=rows[:, _N_SCALARS:],
+            names=self.names,
+            layers=self.layers,
+            layer_index=self.layer_index,
+            weight_norms=w,
+            update_norms=u,
+        )
+        self._steps = []
+        self._extra = None
+        self._buf.fill_(math.nan)
+        return window
+
+    # ---- checkpointing ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "steps": list(self._steps),
+            "buf": self._buf.clone(),
+            "next_step": self._next_step,
+            "names": list(self.names),
+        }
+
+    def load_state_dict(self, sd: dict[str, object]) -> None:
+        if sd.get("names") != self.names:
+            raise ValueError("telemetry state_dict was saved for different parameters")
+        buf = sd["buf"]
+        assert isinstance(buf, Tensor)
+        if buf.shape != self._buf.shape:
+            raise ValueError(
+                f"telemetry state_dict buffer shape {tuple(buf.shape)} != {tuple(self._buf.shape)}"
+            )
+        self._buf.copy_(buf)
+        self._steps = list(sd["steps"])  # type: ignore[call-overload]
+        self._next_step = int(sd["next_step"])  # type: ignore[call-overload]
+
+
+def _foreach_norm_f32(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(torch._foreach_norm(list(tensors), 2.0, dtype=torch.float32)) if tensors else ()
+
+
+def named_optimizer_params(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> list[tuple[str, Tensor]]:
+    """``(name, param)`` for every parameter the optimizer steps, named by the model.
+
+    Raises:
+        ValueError: when the optimizer holds none of the model's parameters.
+    """
+    by_id = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+    out: list[tuple[str, Tensor]] = []
+    seen: set[int] = set()
+    known = 0
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = by_id.get(id(p))
+            if name is None:
+                name = f"optimizer.param_groups.{gi}.params.{pi}"
+            else:
+                known += 1
+            out.append((name, p))
+    if not out:
+        raise ValueError("optimizer has no parameters")
+    if known == 0:
+        raise ValueError(
+            "optimizer holds none of the model's parameters: pass the model whose "
+            "parameters the optimizer updates (model=..., optimizer=...)"
+        )
+    return out

@@ -1,0 +1,36 @@
+"""Small models and loops shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(
+    d_in: int = 8, width: int = 16, depth: int = 3, d_out: int = 1, seed: int = 0
+) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    d = d_in
+    for _ in range(depth - 1):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers)
+
+
+def batches(
+    n: int, d_in: int = 8, bs: int = 16, seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(bs, d_in, generator=g)
+        out.append((x, x.sum(dim=1, keepdim=True).sin()))
+    return out
+
+
+def set_grads(params: list[torch.Tensor], seed: int = 0, scale: float = 1.0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=g) * scale).to(p.dtype)

@@ -1,0 +1,42 @@
+"""The command line: demo breaks unguarded and recovers guarded; usage errors exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gradguard as gg
+from gradguard.cli import main
+from gradguard.demo import run_demo
+
+
+def test_demo_unguarded_breaks_and_guarded_recovers(tmp_path):
+    a, b = run_demo(out=tmp_path, steps=200, seed=0)
+    assert a.broke, a
+    assert not b.broke and b.final_loss < 0.05, b
+    assert b.clipped_steps >= 3
+    assert (tmp_path / "metrics.jsonl").stat().st_size > 0
+    assert (tmp_path / "events.jsonl").exists()
+
+
+def test_cli_demo_exit_0_and_summary(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "120"]) == 0
+    out = capsys.readouterr().out
+    assert "unguarded" in out and "guarded" in out and "first NaN step" in out
+
+
+def test_cli_usage_errors_exit_2(capsys):
+    assert main([]) == 2
+    assert main(["demo", "--steps", "5"]) == 2
+    assert "--steps 5" in capsys.readouterr().err
+
+
+def test_version_and_module_entry_point():
+    r = subprocess.run(
+        [sys.executable, "-m", "gradguard", "--version"], capture_output=True, text=True, check=True
+    )
+    assert r.stdout.strip() == f"gradguard {gg.__version__}"
+    r = subprocess.run(
+        [sys.executable, "-m", "gradguard", "demo", "--bogus"], capture_output=True, text=True
+    )
+    assert r.returncode == 2

@@ -1,0 +1,348 @@
+"""Clip policies against their references: torch for norm/value, the papers' equations
+(in plain Python floats) for ZClip, AutoClip and AGC."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from tests.helpers import set_grads
+
+import gradguard as gg
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(3,), (4, 5), (2, 3, 4), (6, 1, 3, 3)]
+
+
+def make_params(dtypes, seed=0, scale=1.0):
+    torch.manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(s).to(dt)) for dt in dtypes for s in SHAPES]
+    set_grads(ps, seed=seed, scale=scale)
+    return ps
+
+
+def clone_params(ps):
+    out = []
+    for p in ps:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], [torch.float16], DTYPES])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_normclip_equals_torch_clip_grad_norm(dtypes, norm_type, max_norm):
+    ours = make_params(dtypes, scale=3.0)
+    ref = clone_params(ours)
+    n_ours = gg.NormClip(max_norm=max_norm, norm_type=norm_type).clip_(ours)
+    n_ref = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type=norm_type, foreach=True)
+    assert n_ours.dtype == n_ref.dtype
+    torch.testing.assert_close(n_ours, n_ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], [torch.float16], DTYPES])
+def test_valueclip_equals_torch_clip_grad_value(dtypes):
+    ours = make_params(dtypes, scale=2.0)
+    ref = clone_params(ours)
+    gg.ValueClip(0.7).clip_(ours)
+    torch.nn.utils.clip_grad_value_(ref, 0.7)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_normclip_returns_prenorm_and_never_increases_norm():
+    for seed in range(20):
+        ps = make_params([torch.float32], seed=seed, scale=random.Random(seed).uniform(0.01, 10))
+        before = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ps]))
+        total = gg.NormClip(1.0).clip_(ps)
+        after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ps]))
+        torch.testing.assert_close(total, before)
+        assert after <= min(before, torch.tensor(1.0)) * (1 + 1e-5)
+
+
+def test_normclip_leaves_nonfinite_grads_unscaled():
+    ps = make_params([torch.float32])
+    ps[0].grad[0] = float("nan")
+    finite_before = ps[1].grad.clone()
+    total = gg.NormClip(0.1).clip_(ps)
+    assert torch.isnan(total)
+    assert torch.equal(ps[1].grad, finite_before)
+
+
+def one_param_with_norm(norm: float) -> torch.nn.Parameter:
+    w = torch.nn.Parameter(torch.zeros(4))
+    w.grad = torch.tensor([0.5, 0.5, 0.5, 0.5]) * norm  # unit direction * norm
+    return w
+
+
+def grad_norm(w) -> float:
+    return w.grad.norm().item()
+
+
+# ---- AutoClip ------------------------------------------------------------------------
+def norms_sequence(n=80, seed=0, spikes=(30, 55)):
+    rng = random.Random(seed)
+    xs = [abs(rng.gauss(1.0, 0.2)) + 0.05 for _ in range(n)]
+    for s in spikes:
+        if s < n:
+            xs[s] *= 50
+    return xs
+
+
+@pytest.mark.parametrize("percentile", [10.0, 50.0, 90.0, 100.0])
+@pytest.mark.parametrize("history_size", [None, 7])
+def test_autoclip_matches_paper_equation(percentile, history_size):
+    policy = gg.AutoClip(percentile=percentile, history_size=history_size)
+    hist: list[float] = []
+    for g in norms_sequence():
+        hist.append(g)
+        window = hist if history_size is None else hist[-history_size:]
+        thr = float(np.percentile(window, percentile))
+        expected = g * min(1.0, thr / (g + 1e-6))
+        w = one_param_with_norm(g)
+        total = policy.clip_([w])
+        assert total.item() == pytest.approx(g, rel=1e-6)
+        assert grad_norm(w) == pytest.approx(expected, rel=1e-5)
+
+
+def test_autoclip_ignores_nonfinite_norm():
+    policy = gg.AutoClip(percentile=10.0, history_size=5)
+    for g in norms_sequence(12):
+        policy.clip_([one_param_with_norm(g)])
+    before = policy.threshold().clone()
+    hist_before = policy.state_dict()["history"].clone()
+    for bad in (math.nan, math.inf):
+        w = one_param_with_norm(1.0)
+        w.grad[0] = bad
+        policy.clip_([w])
+        assert torch.equal(policy.threshold(), before)
+        assert torch.equal(policy.state_dict()["history"], hist_before)
+
+
+def test_autoclip_history_grows_past_initial_capacity():
+    policy = gg.AutoClip(percentile=50.0)
+    xs = norms_sequence(300, spikes=())
+    for g in xs:
+        policy.clip_([one_param_with_norm(g)])
+    assert policy.threshold().item() == pytest.approx(float(np.percentile(xs, 50.0)), rel=1e-5)
+
+
+# ---- ZClip ---------------------------------------------------------------------------
+class RefZClip:
+    """ZClip in plain Python floats, transcribed from the paper (Kumar et al. 2025, Alg. 1)
+    with gradguard's documented choices: warm-up over finite norms only, no hard cap."""
+
+    def __init__(self, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6, mode="reciprocal"):
+        self.alpha, self.zt, self.warmup, self.eps, self.mode = alpha, z_thresh, warmup, eps, mode
+        self.buf: list[float] = []
+        self.mean = self.var = 0.0
+
+    def step(self, g: float) -> float:
+        """Return the norm after clipping."""
+        if not math.isfinite(g):
+            return g
+        if len(self.buf) < self.warmup:
+            self.buf.append(g)
+            if len(self.buf) == self.warmup:
+                self.mean = sum(self.buf) / len(self.buf)
+                self.var = sum((x - self.mean) ** 2 for x in self.buf) / len(self.buf)
+            return g
+        std = self.var**0.5
+        z = (g - self.mean) / (std + self.eps)
+        clipped = g
+        if z > self.zt:
+            if self.mode == "reciprocal":
+                thr = self.mean + self.zt / (z / self.zt) * std  # eta = z / z_thresh
+            elif self.mode == "percentile":
+                thr = self.mean + self.zt * std
+            else:
+                thr = self.mean
+            if thr < g:
+                clipped = thr
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * clipped
+        self.var = self.alpha * self.var + (1 - self.alpha) * (clipped - self.mean) ** 2
+        return clipped
+
+
+@pytest.mark.parametrize("mode", ["reciprocal", "percentile", "mean"])
+@pytest.mark.parametrize("warmup", [1, 5, 25])
+def test_zclip_matches_paper_equations(mode, warmup):
+    ref = RefZClip(warmup=warmup, mode=mode)
+    policy = gg.ZClip(warmup_steps=warmup, mode=mode)
+    n_clipped = 0
+    for g in norms_sequence(90, spikes=(40, 41, 70)):
+        expected = ref.step(g)
+        w = one_param_with_norm(g)
+        policy.clip_([w])
+        # the grad is scaled by thr/(g+1e-6), as clip_grad_norm_ does
+        assert grad_norm(w) == pytest.approx(
+            expected * g / (g + 1e-6) if expected < g else g, rel=1e-5
+        )
+        n_clipped += expected < g
+        if len(ref.buf) >= warmup:
+            assert policy.mean.item() == pytest.approx(ref.mean, rel=1e-5)
+            assert policy.var.item() == pytest.approx(ref.var, rel=1e-4)
+    assert n_clipped >= 3  # the three spikes
+
+
+def test_zclip_ignores_nonfinite_norm_after_warmup():
+    policy = gg.ZClip(warmup_steps=5)
+    for g in norms_sequence(20, spikes=()):
+        policy.clip_([one_param_with_norm(g)])
+    sd = policy.state_dict()
+    for bad in (math.nan, math.inf, -math.inf):
+        w = one_param_with_norm(1.0)
+        w.grad[1] = bad
+        policy.clip_([w])
+        for k, v in policy.state_dict()["state"].items():
+            assert torch.equal(v, sd["state"][k]), k
+
+
+def test_zclip_nan_during_warmup_does_not_disable_it():
+    policy = gg.ZClip(warmup_steps=5)
+    ref = RefZClip(warmup=5)
+    seq = norms_sequence(40, spikes=(30,))
+    seq[2] = math.nan
+    for g in seq:
+        w = one_param_with_norm(g)
+        if math.isnan(g):
+            w.grad[0] = math.nan
+        policy.clip_([w])
+        ref.step(g)
+    assert math.isfinite(policy.mean.item())
+    assert policy.mean.item() == pytest.approx(ref.mean, rel=1e-5)
+    w = one_param_with_norm(100.0)
+    policy.clip_([w])
+    assert grad_norm(w) < 10.0  # still clips
+
+
+def test_zclip_has_no_hard_cap_by_default():
+    policy = gg.ZClip(warmup_steps=3)
+    for g in [5.0, 5.1, 4.9, 5.05]:
+        w = one_param_with_norm(g)
+        policy.clip_([w])
+        assert grad_norm(w) == pytest.approx(g, rel=1e-6)  # healthy norms of 5 pass unclipped
+    capped = gg.ZClip(warmup_steps=3, max_norm=1.0)
+    w = one_param_with_norm(5.0)
+    capped.clip_([w])
+    assert grad_norm(w) == pytest.approx(1.0, rel=1e-5)
+
+
+# ---- AGC -----------------------------------------------------------------------------
+def agc_literal(p: torch.Tensor, g: torch.Tensor, clipping: float, eps: float) -> torch.Tensor:
+    """Per-row AGC written out with Python loops (Brock et al. 2021, Eq. 3)."""
+    g = g.clone().double()
+    p = p.double()
+    if p.ndim <= 1:
+        wn = max(p.norm().item(), eps)
+        gn = g.norm().item()
+        if gn > clipping * wn:
+            g *= clipping * wn / max(gn, 1e-6)
+        return g
+    for i in range(p.shape[0]):
+        wn = max(p[i].norm().item(), eps)
+        gn = g[i].norm().item()
+        if gn > clipping * wn:
+            g[i] *= clipping * wn / max(gn, 1e-6)
+    return g
+
+
+@pytest.mark.parametrize("clipping", [0.01, 0.1, 1.0])
+def test_agc_matches_literal_per_row(clipping):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 8),
+        torch.nn.Linear(8, 2),
+    )
+    with torch.no_grad():
+        net[0].bias.zero_()  # zero weights exercise the eps floor
+    net(torch.randn(5, 3, 6, 6)).pow(2).sum().backward()
+    expected = {n: agc_literal(p, p.grad, clipping, 1e-3) for n, p in net.named_parameters()}
+    head = {n: p.grad.clone() for n, p in net.named_parameters() if n.startswith("3.")}
+    gg.AGC(clipping=clipping).clip_(net)
+    for n, p in net.named_parameters():
+        if n.startswith("3."):
+            assert torch.equal(p.grad, head[n])  # the classifier is excluded by default
+        else:
+            torch.testing.assert_close(p.grad.double(), expected[n], rtol=1e-5, atol=1e-7)
+
+
+def test_agc_exclude_by_name():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    net(torch.randn(3, 4)).pow(2).sum().backward()
+    before = net[0].weight.grad.clone()
+    gg.AGC(clipping=1e-4, exclude=("0",)).clip_(net)
+    assert torch.equal(net[0].weight.grad, before)
+    assert net[1].weight.grad.norm() < before.norm()
+
+
+# ---- shared invariants ---------------------------------------------------------------
+POLICY_FACTORIES = {
+    "norm": lambda: gg.NormClip(1.0),
+    "value": lambda: gg.ValueClip(0.1),
+    "autoclip": lambda: gg.AutoClip(),
+    "zclip": lambda: gg.ZClip(warmup_steps=3),
+    "agc": lambda: gg.AGC(),
+}
+
+
+@pytest.mark.parametrize("name", POLICY_FACTORIES)
+def test_policy_never_increases_a_gradient_norm(name):
+    policy = POLICY_FACTORIES[name]()
+    for seed in range(12):
+        ps = make_params(
+            [torch.float32], seed=seed, scale=10.0 ** random.Random(seed).uniform(-2, 2)
+        )
+        before = torch.stack([p.grad.norm() for p in ps])
+        total = policy.clip_(ps)
+        after = torch.stack([p.grad.norm() for p in ps])
+        assert (after <= before * (1 + 1e-5)).all()
+        torch.testing.assert_close(total, before.norm(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", POLICY_FACTORIES)
+def test_policy_state_dict_roundtrip_gives_same_future(name):
+    a = POLICY_FACTORIES[name]()
+    seq = norms_sequence(30)
+    for g in seq[:15]:
+        a.clip_([one_param_with_norm(g)])
+    b = POLICY_FACTORIES[name]()
+    b.load_state_dict(a.state_dict())
+    for g in seq[15:]:
+        wa, wb = one_param_with_norm(g), one_param_with_norm(g)
+        a.clip_([wa])
+        b.clip_([wb])
+        assert torch.equal(wa.grad, wb.grad)
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: gg.NormClip(max_norm=-1), "max_norm"),
+        (lambda: gg.NormClip(max_norm=0.0), "max_norm"),
+        (lambda: gg.NormClip(max_norm=1.0, norm_type=0), "norm_type"),
+        (lambda: gg.ValueClip(clip_value=-0.5), "clip_value"),
+        (lambda: gg.ZClip(alpha=1.5), "alpha"),
+        (lambda: gg.ZClip(z_thresh=0), "z_thresh"),
+        (lambda: gg.ZClip(warmup_steps=0), "warmup_steps"),
+        (lambda: gg.ZClip(mode="banana"), "mode"),
+        (lambda: gg.AutoClip(percentile=0), "percentile"),
+        (lambda: gg.AutoClip(percentile=101), "percentile"),
+        (lambda: gg.AutoClip(history_size=0), "history_size"),
+        (lambda: gg.AGC(clipping=0), "clipping"),
+        (lambda: gg.AGC(exclude="head"), "exclude"),
+        (lambda: gg.NormClip(max_norm="1"), "max_norm"),
+    ],
+)
+def test_bad_policy_arguments_name_the_argument(factory, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        factory()

@@ -1,0 +1,362 @@
+"""Guard: skip semantics, sync budget, resume, odd parameter sets, files, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from tests.helpers import batches, mlp
+from torch import nn
+
+import gradguard as gg
+
+OPTIMIZERS = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    "adam_fused": lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    "sgd_fused": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, fused=True),
+}
+
+
+def snapshot(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {
+        id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+        for p in model.parameters()
+        if p in opt.state
+    }
+    return params, state
+
+
+def assert_same(snap_a, snap_b):
+    pa, sa = snap_a
+    pb, sb = snap_b
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for kk in sa[k]:
+            a, b = sa[k][kk], sb[k][kk]
+            assert torch.equal(a, b) if torch.is_tensor(a) else a == b, kk
+
+
+def train_steps(model, opt, guard, data, inject=None):
+    loss_fn = nn.MSELoss()
+    for i, (x, y) in enumerate(data):
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        if inject is not None:
+            inject(i, model)
+        guard.step(loss)
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("opt_name", OPTIMIZERS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_skip_leaves_params_and_optimizer_state_bit_identical(opt_name, bad):
+    model = mlp()
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    guard = gg.Guard(model, opt, clip=gg.ZClip(warmup_steps=3), every=4)
+    data = batches(12)
+    train_steps(model, opt, guard, data[:6])
+    before = snapshot(model, opt)
+    x, y = data[6]
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    model[2].weight.grad[1, 1] = bad  # fault: one bad gradient element in a middle layer
+    guard.step(loss)
+    opt.zero_grad()
+    assert_same(before, snapshot(model, opt))
+    train_steps(model, opt, guard, data[7:])
+    guard.close()
+    assert guard.skipped_steps == 1
+    kinds = [(e.kind, e.step) for e in guard.events]
+    assert ("skip", 6) in kinds and ("nonfinite_grad", 6) in kinds
+    origin = next(e for e in guard.events if e.kind == "nonfinite_grad")
+    assert origin.layer == "2"
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                assert torch.isfinite(v).all()
+
+
+def count_bare_syncs(sync_counter, opt_factory):
+    model = mlp()
+    opt = opt_factory(model.parameters())
+    counts = []
+    for x, y in batches(5):
+        nn.functional.mse_loss(model(x), y).backward()
+        with sync_counter as c:
+            opt.step()
+        counts.append(len(c.calls))
+        opt.zero_grad()
+    return max(counts)
+
+
+@pytest.mark.parametrize(
+    ("opt_name", "extra_syncs"),
+    [("adamw_fused", 0), ("sgd_fused", 0), ("adamw", 1), ("sgd_momentum", 1)],
+)
+def test_guard_sync_budget_per_step(sync_counter, opt_name, extra_syncs):
+    bare = count_bare_syncs(sync_counter, OPTIMIZERS[opt_name])
+    model = mlp()
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    every = 10
+    guard = gg.Guard(model, opt, clip=gg.ZClip(warmup_steps=3), every=every)
+    for i, (x, y) in enumerate(batches(25)):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if i == 15:
+            model[0].weight.grad[0, 0] = math.nan
+        flush_step = (i + 1) % every == 0
+        with sync_counter as c:
+            guard.step(loss)
+        if not flush_step:
+            assert len(c.calls) <= bare + extra_syncs, (i, c.calls)
+            assert c.calls.count("cpu") == 0
+        else:
+            assert c.calls.count("cpu") == 1  # the one host copy of the flush
+        opt.zero_grad()
+    assert guard.skipped_steps == 1
+
+
+def test_raise_names_step_and_layers():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, on_nonfinite="raise")
+    x, y = batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    model[4].bias.grad[0] = math.inf
+    before = snapshot(model, opt)
+    with pytest.raises(gg.NonFiniteGradientError, match=r"step 0.*layers.*4") as ei:
+        guard.step()
+    assert ei.value.layers == ["4"] and ei.value.step == 0
+    assert_same(before, snapshot(model, opt))
+
+
+def test_warn_warns_and_skips():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, on_nonfinite="warn")
+    x, y = batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    model[0].weight.grad[0, 0] = math.nan
+    before = snapshot(model, opt)
+    with pytest.warns(gg.GradGuardWarning, match="skipped"):
+        guard.step()
+    assert_same(before, snapshot(model, opt))
+
+
+def test_off_steps_anyway():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, on_nonfinite="off")
+    x, y = batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    model[0].weight.grad[0, 0] = math.nan
+    guard.step()
+    assert torch.isnan(model[0].weight).any()
+
+
+@pytest.mark.parametrize(
+    "clip",
+    [
+        lambda: gg.ZClip(warmup_steps=4),
+        lambda: gg.AutoClip(history_size=8),
+        lambda: gg.AGC(clipping=0.05),
+    ],
+)
+@pytest.mark.parametrize("fused", [False, True])
+def test_resume_from_state_dict_is_bit_identical(clip, fused, tmp_path):
+    data = batches(30, seed=3)
+
+    def fresh():
+        model = mlp(seed=5)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=fused)
+        return model, opt, gg.Guard(model, opt, clip=clip(), every=7)
+
+    def bad(i, model):
+        if i in (9, 21):
+            model[2].weight.grad.mul_(1e3)
+        if i == 12:
+            model[2].weight.grad[0, 0] = math.nan
+
+    model, opt, guard = fresh()
+    train_steps(model, opt, guard, data, inject=bad)
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    model, opt, guard = fresh()
+    train_steps(model, opt, guard, data[:15], inject=bad)
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    del model, opt, guard
+    model, opt, guard = fresh()
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    guard.load_state_dict(ckpt["guard"])
+    train_steps(model, opt, guard, data[15:], inject=lambda i, m: bad(i + 15, m))
+    resumed = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+    assert guard.step_count == 30
+
+
+def test_frozen_unused_and_mixed_dtype_parameters():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.frozen = nn.Linear(4, 4)
+            self.unused = nn.Linear(4, 4)
+            self.low = nn.Linear(4, 1).to(torch.bfloat16)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            h = self.frozen(torch.relu(self.a(x)))
+            return self.low(h.bfloat16()).float()
+
+    net = Net()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    guard = gg.Guard(net, opt, clip=gg.NormClip(0.5), every=3)
+    for x, y in batches(7, d_in=4):
+        loss = nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        ref = torch.stack(
+            [p.grad.float().norm() for p in net.parameters() if p.grad is not None]
+        ).norm()
+        total = guard.step(loss)
+        assert total.item() == pytest.approx(ref.item(), rel=1e-6)
+        opt.zero_grad()
+    guard.close()
+    assert guard.last_window.layers == ["a", "unused", "low"]  # frozen: not in the optimizer
+    assert guard.last_window.layer_norms()[:, 1].eq(0).all()  # no grad -> norm 0
+
+
+def test_guard_norm_clip_matches_clip_grad_norm_then_step():
+    data = batches(10)
+    m1, m2 = mlp(seed=1), mlp(seed=1)
+    o1 = torch.optim.SGD(m1.parameters(), lr=0.1)
+    o2 = torch.optim.SGD(m2.parameters(), lr=0.1)
+    guard = gg.Guard(m1, o1, clip=gg.NormClip(0.3))
+    for x, y in data:
+        nn.functional.mse_loss(m1(x), y).backward()
+        guard.step()
+        o1.zero_grad()
+        nn.functional.mse_loss(m2(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(m2.parameters(), 0.3)
+        o2.step()
+        o2.zero_grad()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_jsonl_sink_writes_schema_and_appends(tmp_path):
+    for _run in range(2):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with gg.Guard(
+            model, opt, clip=gg.NormClip(1.0), every=4, sinks=[gg.JsonlSink(tmp_path)]
+        ) as guard:
+            train_steps(
+                model,
+                opt,
+                guard,
+                batches(10),
+                inject=lambda i, m: m[0].bias.grad.fill_(math.nan) if i == 5 else None,
+            )
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert all(r["v"] == 1 for r in metrics + events)
+    steps = [r for r in metrics if r["type"] == "step"]
+    assert len(steps) == 20  # two runs appended
+    assert (
+        steps[5]["skipped"] is True
+        and steps[5]["grad_norm"] is None
+        and steps[5]["finite"] is False
+    )
+    layers = [r for r in metrics if r["type"] == "layers"]
+    assert len(layers) == 6 and layers[0]["layers"] == ["0", "2", "4"]
+    assert "update_ratio" in layers[0]
+    assert [e["kind"] for e in events].count("skip") == 2
+    assert gg.read_jsonl(tmp_path / "events.jsonl")[0]["step"] == 5
+
+
+def test_failing_sink_is_reported_once_and_training_continues():
+    class Broken:
+        def write(self, flush):
+            raise OSError("disk full")
+
+        def close(self):
+            pass
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, every=2, sinks=[Broken()])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        train_steps(model, opt, guard, batches(8))
+        guard.close()
+    assert sum("disk full" in str(x.message) for x in w) == 1
+    assert guard.step_count == 8
+
+
+def _model_opt():
+    m = mlp()
+    return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+
+BAD_INPUT = [
+    ("NormClip(max_norm=-1)", lambda: gg.NormClip(max_norm=-1), ValueError, "max_norm=-1"),
+    ("ZClip(alpha=1.5)", lambda: gg.ZClip(alpha=1.5), ValueError, r"alpha=1.5.*\(0, 1\)"),
+    (
+        "AutoClip(percentile=0)",
+        lambda: gg.AutoClip(percentile=0),
+        ValueError,
+        r"percentile=0.*\(0, 100\]",
+    ),
+    (
+        "on_nonfinite",
+        lambda: gg.Guard(*_model_opt(), on_nonfinite="maybe"),
+        ValueError,
+        r"on_nonfinite='maybe'.*skip",
+    ),
+    ("every", lambda: gg.Guard(*_model_opt(), every=0), ValueError, "every=0"),
+    ("clip", lambda: gg.Guard(*_model_opt(), clip=1.0), TypeError, "clip=1.0"),
+    ("model", lambda: gg.Guard("net", _model_opt()[1]), TypeError, "model"),
+    ("optimizer", lambda: gg.Guard(mlp(), "adam"), TypeError, "optimizer"),
+    (
+        "foreign optimizer",
+        lambda: gg.Guard(mlp(), _model_opt()[1]),
+        ValueError,
+        "none of the model's parameters",
+    ),
+    ("sinks", lambda: gg.Guard(*_model_opt(), sinks=[object()]), TypeError, "sinks"),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "factory", "exc", "match"), BAD_INPUT, ids=[b[0] for b in BAD_INPUT]
+)
+def test_bad_input_raises_naming_argument(label, factory, exc, match):
+    with pytest.raises(exc, match=match):
+        factory()
+
+
+@pytest.mark.parametrize(
+    ("loss", "exc", "match"),
+    [
+        (torch.ones(3), ValueError, r"scalar.*\(3,\)"),
+        ("0.5", TypeError, "loss"),
+        ([1.0], TypeError, "loss"),
+    ],
+)
+def test_bad_loss_raises(loss, exc, match):
+    model, opt = _model_opt()
+    guard = gg.Guard(model, opt)
+    with pytest.raises(exc, match=match):
+        guard.step(loss)
