@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .telemetry import StepStats, measure_grads
+from .telemetry import StepStats, _local, measure_grads
 
 #: ``clip_grad_norm_`` adds this to the norm before dividing (kept for bit-equality).
 NORM_EPS = 1e-6
@@ -71,9 +71,13 @@ def _check_positive(name: str, value: Any, owner: str, *, allow_inf: bool = Fals
 
 
 def scale_grads_(stats: StepStats, coef: Tensor) -> None:
-    """Multiply every gradient by ``coef`` in place, one ``_foreach_mul_`` per group."""
+    """Multiply every gradient by ``coef`` in place, one ``_foreach_mul_`` per group.
+
+    DTensor (FSDP2) gradients are scaled through their local shards: the coefficient is
+    already global, and plain tensors skip DTensor dispatch."""
     for grp in stats.groups:
-        torch._foreach_mul_(grp.grads, coef.to(grp.device, non_blocking=True))
+        grads = [_local(g) for g in grp.grads]
+        torch._foreach_mul_(grads, coef.to(grp.device, non_blocking=True))
 
 
 def _norm_coef(total: Tensor, finite: Tensor, threshold: Tensor | float) -> Tensor:
@@ -186,8 +190,9 @@ class ValueClip(_Policy):
 
     def _apply(self, stats: StepStats, names: Sequence[str]) -> Tensor:
         for grp in stats.groups:
-            torch._foreach_clamp_min_(grp.grads, -self.clip_value)
-            torch._foreach_clamp_max_(grp.grads, self.clip_value)
+            grads = [_local(g) for g in grp.grads]  # element-wise: shards clamp alone
+            torch._foreach_clamp_min_(grads, -self.clip_value)
+            torch._foreach_clamp_max_(grads, self.clip_value)
         after = measure_grads(stats.params, device=stats.total_norm.device).total_norm
         coef = after / stats.total_norm.clamp_min(1e-30)
         return torch.where(stats.finite, coef.clamp(max=1.0), torch.ones_like(coef))

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import detectors
+from . import detectors, distributed
+from ._watch import ActivationWatch
 from .clipping import ClipPolicy, _Policy
 from .events import Event, Flush, Sink, call_sinks, json_float
 from .telemetry import StepStats, Telemetry, Window, layer_of, named_optimizer_params
@@ -81,6 +82,16 @@ class Guard:
         sinks: where flushed metrics and events go (e.g. ``[gg.JsonlSink("runs/exp1")]``).
         sample_updates: measure weight norms and update/weight ratios at flush steps
             (costs one temporary copy of the parameters at those steps only).
+        watch_activations: forward hooks flag, on the device, the first module whose
+            output is NaN/Inf; read only for a window with a non-finite step, so
+            ``nonfinite_grad`` events name where the forward pass broke.
+        sample_activations: at flush steps, measure dead ReLU-family units and saturated
+            sigmoid/tanh outputs (``dead_units`` / ``saturating_activation`` events).
+        detector_config: detector thresholds (:class:`gradguard.detectors.DetectorConfig`).
+        sink_rank: under torch.distributed, the rank whose guard writes to the sinks
+            (default 0; events of the other ranks are gathered to it at each flush), or
+            None for every rank. Every rank must construct a Guard and call ``step`` and
+            ``close``: flushes agree on one window across ranks (see docs/distributed.md).
 
     Example:
         >>> import torch, gradguard as gg
@@ -107,6 +118,10 @@ class Guard:
         every: int = DEFAULT_EVERY,
         sinks: Sequence[Sink] = (),
         sample_updates: bool = True,
+        sink_rank: int | None = 0,
+        watch_activations: bool = False,
+        sample_activations: bool = False,
+        detector_config: detectors.DetectorConfig | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -129,6 +144,10 @@ class Guard:
             )
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Guard(every={every!r}): must be an int >= 1")
+        if sink_rank is not None and (
+            isinstance(sink_rank, bool) or not isinstance(sink_rank, int) or sink_rank < 0
+        ):
+            raise ValueError(f"Guard(sink_rank={sink_rank!r}): must be an int >= 0 or None")
         sinks = list(sinks)
         for s in sinks:
             if not (callable(getattr(s, "write", None)) and callable(getattr(s, "close", None))):
@@ -142,7 +161,17 @@ class Guard:
         self.every = every
         self.sinks: list[Sink] = sinks
         self.sample_updates = sample_updates
-        named = named_optimizer_params(model, optimizer)
+        self.dist = distributed.context()
+        if self.dist is not None and sink_rank is not None and sink_rank >= self.dist.world_size:
+            raise ValueError(
+                f"Guard(sink_rank={sink_rank!r}): must be < world size {self.dist.world_size}"
+            )
+        self.sink_rank = sink_rank
+        self._writes_sinks = (
+            self.dist is None or sink_rank is None or self.dist.rank == sink_rank
+        )
+        # layer names of the user's model, not DDP's "module." prefixed ones
+        named = named_optimizer_params(distributed.unwrap(model), optimizer)
         self.names = [n for n, _ in named]
         self.telemetry = Telemetry(named, every=every)
         self.fused = _is_fused(optimizer)
@@ -153,6 +182,19 @@ class Guard:
         self._failed_sinks: set[int] = set()
         self._closed = False
         self.last_window: Window | None = None
+        self.detector_config = detector_config or detectors.DetectorConfig()
+        self.detector_state = detectors.DetectorState(history=self.detector_config.spike_history)
+        self.lr_tracker = detectors.LrTracker(self.detector_config.lr_jump_ratio)
+        #: Batches a data-loader user should skip after a rollback (set by Recovery).
+        self.batches_to_skip = 0
+        self.sample_activations = sample_activations
+        self._watch: ActivationWatch | None = None
+        if watch_activations or sample_activations:
+            self._watch = ActivationWatch(
+                distributed.unwrap(model), every=every, nonfinite=watch_activations,
+                sample=sample_activations, device=self.telemetry.device,
+            )
+            self._watch.armed = sample_activations and self.telemetry.flush_due
         self.recovery = recovery
         if recovery is not None and hasattr(recovery, "attach"):
             recovery.attach(self)
@@ -199,6 +241,12 @@ class Guard:
             del opt.grad_scale
             del opt.found_inf
 
+    def _skip_optimizer_step(self) -> None:
+        # Nothing to undo here: step() simply does not call the optimizer. A guard driven
+        # from inside an optimizer step (gradguard.integrations) overrides this to keep the
+        # optimizer that is about to run from updating anything.
+        return None
+
     @torch.no_grad()
     def step(self, loss: Tensor | float | None = None) -> Tensor:
         """Clip, then step the optimizer unless the gradients are non-finite.
@@ -220,6 +268,7 @@ class Guard:
         else:
             self.clip.clip_(list(zip(self.names, self.telemetry.params)))
             coef = None
+        self.lr_tracker.observe(self.step_count, self.optimizer.param_groups)
         sample = self.sample_updates and self.telemetry.flush_due
         if sample:
             self.telemetry.begin_update_sample()
@@ -241,19 +290,29 @@ class Guard:
             else:
                 skipped = True
                 error = self._on_nonfinite_host(stats)
+                if error is None:
+                    self._skip_optimizer_step()
         if sample:
             self.telemetry.end_update_sample()
         self.telemetry.record(
             stats, loss=loss_v, clip_coef=coef, skipped=skipped, step=self.step_count
         )
+        if self._watch is not None:
+            self._watch.end_step(self.telemetry.pending - 1)
         self.step_count += 1
         if error is not None:
             self.flush()
             raise error
         if self.recovery is not None and hasattr(self.recovery, "after_step"):
-            self.recovery.after_step(self, stats, skipped)
+            try:
+                self.recovery.after_step(self, stats, skipped)
+            except TrainingDiverged:
+                self.flush()  # the abort event reaches the sinks
+                raise
         if self.telemetry.pending >= self.every:
             self.flush()
+        if self._watch is not None and self.sample_activations:
+            self._watch.armed = self.telemetry.flush_due  # sample the flush step's forward
         return stats.total_norm
 
     def _on_nonfinite_host(self, stats: StepStats) -> NonFiniteGradientError | None:
@@ -272,17 +331,30 @@ class Guard:
         self._pending_events.append(event)
 
     def flush(self) -> Window | None:
-        """Copy the telemetry window to the host, run detectors, feed the sinks."""
+        """Copy the telemetry window to the host, run detectors, feed the sinks.
+
+        Under torch.distributed every rank must call it at the same step (``step`` and
+        ``close`` do): the ranks agree on one window and gather their events first.
+        """
+        origins: list[list[int]] | None = None
+        if self.dist is not None:
+            origins = self._agree_across_ranks()
         window = self.telemetry.flush()
         if window is None:
             if self._pending_events:
                 self._deliver(Flush(steps=[], layers={}, events=self._pop_events()))
             return None
         self.skipped_steps += int(window.skipped.sum())
-        for ev in detectors.detect(window):
+        for ev in detectors.detect(window, **self._detector_inputs(window)):
+            if origins is not None:
+                self._name_ranks(ev, window, origins)
             self.add_event(ev)
+        abort: TrainingDiverged | None = None
         if self.recovery is not None and hasattr(self.recovery, "on_flush"):
-            self.recovery.on_flush(self, window)
+            try:
+                self.recovery.on_flush(self, window, list(self._pending_events))
+            except TrainingDiverged as e:
+                abort = e  # deliver this window (with the abort event) first
         self.last_window = window
         self._deliver(
             Flush(
@@ -292,20 +364,67 @@ class Guard:
                 window=window,
             )
         )
+        if abort is not None:
+            raise abort
         return window
+
+    def _detector_inputs(self, window: Window) -> dict[str, Any]:
+        """Detector state plus what the activation hooks saw (host copies only when needed)."""
+        out: dict[str, Any] = {
+            "state": self.detector_state,
+            "config": self.detector_config,
+            "lr_events": self.lr_tracker.pop_events(),
+        }
+        if self._watch is not None:
+            total = window.total_norm.tolist()
+            bad = [i for i, t in enumerate(total) if not math.isfinite(t)]
+            out["forward_origins"] = self._watch.origins(window.steps, bad)
+            self._watch.reset_window()
+            if self.sample_activations:
+                out["activations"] = self._watch.take_samples()
+        return out
+
+    def _agree_across_ranks(self) -> list[list[int]]:
+        assert self.dist is not None
+        local = self._pending_events
+        origins, merged = distributed.agree_window_(
+            self.telemetry.pending_rows(), local, self.dist
+        )
+        # every rank keeps the same history: its own pending events become the merged ones
+        del self.events[len(self.events) - len(local) :]
+        self.events.extend(merged)
+        self._pending_events = list(merged)
+        return origins
+
+    def _name_ranks(self, ev: Event, window: Window, origins: list[list[int]]) -> None:
+        """Name the rank(s) a non-finite step came from (from the gathered local data)."""
+        if ev.kind not in ("nonfinite_grad", "skip") or ev.step not in window.steps:
+            return
+        ranks = origins[window.steps.index(ev.step)]
+        ev.data["ranks"] = ranks
+        assert self.dist is not None
+        if len(ranks) < self.dist.world_size:
+            ev.rank = ranks[0]
+            ev.message += f" (from rank {', '.join(map(str, ranks))})"
 
     def _pop_events(self) -> list[Event]:
         ev, self._pending_events = self._pending_events, []
         return ev
 
     def _deliver(self, flush: Flush) -> None:
+        if not self._writes_sinks:
+            return
         call_sinks(self.sinks, flush, self._failed_sinks)
 
     def close(self) -> None:
         """Flush what is left and close the sinks (idempotent)."""
         if self._closed:
             return
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            if self._watch is not None:
+                self._watch.remove()
         for i, s in enumerate(self.sinks):
             try:
                 s.close()
@@ -333,6 +452,7 @@ class Guard:
             "skipped_steps": self.skipped_steps,
             "clip": None if self.clip is None else self.clip.state_dict(),
             "telemetry": self.telemetry.state_dict(),
+            "detectors": self.detector_state.state_dict(),
             "recovery": self.recovery.state_dict()
             if self.recovery is not None and hasattr(self.recovery, "state_dict")
             else None,
@@ -348,6 +468,8 @@ class Guard:
         if self.clip is not None and state_dict.get("clip") is not None:
             self.clip.load_state_dict(state_dict["clip"])
         self.telemetry.load_state_dict(state_dict["telemetry"])
+        if state_dict.get("detectors") is not None:
+            self.detector_state.load_state_dict(state_dict["detectors"])
         if self.recovery is not None and state_dict.get("recovery") is not None:
             self.recovery.load_state_dict(state_dict["recovery"])
 

@@ -12,11 +12,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-# Columns of the ring buffer before the per-parameter norms.
-_COL_LOSS, _COL_TOTAL, _COL_COEF, _COL_SKIPPED = 0, 1, 2, 3
-_N_SCALARS = 4
+from . import distributed
+
+# Columns of the ring buffer before the per-parameter norms. LOCAL_OK: this rank's own
+# gradients were finite (before any all-reduce); it tells which rank a NaN came from.
+_COL_LOSS, _COL_TOTAL, _COL_COEF, _COL_SKIPPED, _COL_LOCAL_OK = 0, 1, 2, 3, 4
+_N_SCALARS = 5
 #: Layer name of parameters registered directly on the root module.
 ROOT_LAYER = "(root)"
 
@@ -49,6 +53,8 @@ class StepStats:
         finite: scalar bool, ``isfinite(total_norm)``.
         groups: the gradients grouped by (device, dtype), for in-place clipping.
         norm_type: the norm order used.
+        local_finite: under FSDP2, ``isfinite`` of this rank's own shards before the
+            all-reduce (None: same as ``finite``).
     """
 
     param_norms: Tensor
@@ -57,6 +63,7 @@ class StepStats:
     groups: list[GradGroup]
     norm_type: float
     params: Sequence[Tensor] = field(default_factory=list)
+    local_finite: Tensor | None = None
 
 
 def group_grads(params: Sequence[Tensor]) -> list[GradGroup]:
@@ -86,6 +93,22 @@ def _local(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
+def _foreach_norm_any(
+    tensors: list[Tensor], norm_type: float, dtype: torch.dtype | None
+) -> list[Tensor]:
+    """``torch._foreach_norm``, also for the empty shards that uneven FSDP2 sharding
+    leaves on some ranks (their inf-norm is 0 here; torch refuses it)."""
+    kw = {} if dtype is None else {"dtype": dtype}
+    if not (math.isinf(norm_type) and any(t.numel() == 0 for t in tensors)):
+        return list(torch._foreach_norm(tensors, norm_type, **kw))
+    full = [i for i, t in enumerate(tensors) if t.numel()]
+    out = [torch.zeros((), device=t.device, dtype=dtype or t.dtype) for t in tensors]
+    if full:
+        for i, n in zip(full, torch._foreach_norm([tensors[i] for i in full], norm_type, **kw)):
+            out[i] = n
+    return out
+
+
 def measure_grads(
     params: Sequence[Tensor],
     *,
@@ -94,6 +117,10 @@ def measure_grads(
     device: torch.device | None = None,
 ) -> StepStats:
     """Norms of the gradients of ``params`` without any host synchronisation.
+
+    Under torch.distributed, DTensor (FSDP2) gradients are measured on their local shards
+    and turned into global norms with one all-reduce of the local p-th powers (see
+    :mod:`gradguard.distributed`); plain (DDP) gradients need no collective.
 
     Args:
         params: parameters (their ``.grad`` is read; ``None`` grads count as 0).
@@ -111,12 +138,13 @@ def measure_grads(
     per_param: list[Tensor | None] = [None] * len(params)
     for grp in groups:
         grads = [_local(g) for g in grp.grads]
-        if accumulate_dtype is None:
-            norms = torch._foreach_norm(grads, norm_type)
-        else:
-            norms = torch._foreach_norm(grads, norm_type, dtype=accumulate_dtype)
+        norms = _foreach_norm_any(grads, norm_type, accumulate_dtype)
         for i, n in zip(grp.index, norms):
             per_param[i] = n if n.device == device else n.to(device, non_blocking=True)
+    local_ok = None
+    if dist.is_available() and dist.is_initialized():
+        # before any early return: every rank must issue the same collective
+        local_ok = distributed.reduce_sharded_norms_(per_param, params, norm_type)
     present = [n for n in per_param if n is not None]
     if not present:
         zero = torch.zeros((), device=device, dtype=out_dtype)
@@ -127,6 +155,7 @@ def measure_grads(
             groups,
             norm_type,
             params,
+            local_ok,
         )
     # torch.stack promotes mixed dtypes exactly as clip_grad_norm_ does.
     total = torch.linalg.vector_norm(torch.stack(present), norm_type)
@@ -135,7 +164,9 @@ def measure_grads(
     else:
         zero = torch.zeros((), device=device, dtype=present[0].dtype)
         param_norms = torch.stack([zero if n is None else n for n in per_param])
-    return StepStats(param_norms, total, torch.isfinite(total), groups, norm_type, params)
+    return StepStats(
+        param_norms, total, torch.isfinite(total), groups, norm_type, params, local_ok
+    )
 
 
 @dataclass
@@ -279,12 +310,21 @@ class Telemetry:
                 self._scalar(stats.total_norm, math.nan),
                 self._scalar(clip_coef, 1.0),
                 self._scalar(sk, 0.0),
+                self._scalar(
+                    stats.finite if stats.local_finite is None else stats.local_finite, 1.0
+                ),
                 stats.param_norms.to(self.device, torch.float32, non_blocking=True),
             ]
         )
         self._buf[pos].copy_(row)
         self._steps.append(self._next_step if step is None else step)
         self._next_step = self._steps[-1] + 1
+
+    def pending_rows(self) -> Tensor:
+        """The rows written since the last flush: a live ``[pending, 5 + n_params]`` view of
+        the device ring buffer (columns: loss, total norm, clip coefficient, skipped, local
+        finite flag, then the per-parameter norms). Used to agree on a window across ranks."""
+        return self._buf[: len(self._steps)]
 
     @property
     def pending(self) -> int:
@@ -310,6 +350,14 @@ class Telemetry:
             w = torch.stack([n.to(self.device) for n in _foreach_norm_f32(now)])
             diff = torch._foreach_sub(now, self._before)
             u = torch.stack([n.to(self.device) for n in _foreach_norm_f32(diff)])
+            if dist.is_available() and dist.is_initialized():
+                # FSDP2: norms of local shards -> global norms (flush steps only)
+                wl: list[Tensor | None] = list(w.unbind())
+                ul: list[Tensor | None] = list(u.unbind())
+                if distributed.reduce_sharded_norms_(wl, self.params, 2.0) is not None:
+                    distributed.reduce_sharded_norms_(ul, self.params, 2.0)
+                    w = torch.stack(wl)  # type: ignore[arg-type]
+                    u = torch.stack(ul)  # type: ignore[arg-type]
         self._before = None
         self._extra = torch.stack([w, u])
 

@@ -1,0 +1,385 @@
+"""Detectors: pure functions over a window -> events (table-driven), and the Guard's hooks."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.detectors import (
+    DetectorConfig,
+    DetectorState,
+    ForwardOrigin,
+    LrTracker,
+    detect,
+    detect_activations,
+    detect_nonfinite,
+    detect_spikes,
+    detect_update_ratio,
+    detect_vanishing,
+    nonfinite_origin,
+)
+from gradguard.telemetry import Window
+from helpers import batches, mlp
+
+LAYERS = ["a", "b", "c"]
+
+
+def window(layer_norms, losses=None, start=0, skipped=None, weight=None, update=None) -> Window:
+    """A window with one parameter per layer (layer norm == parameter norm)."""
+    ln = torch.as_tensor(layer_norms, dtype=torch.float32)
+    n, n_layers = ln.shape
+    total = ln.pow(2).sum(dim=1).sqrt()
+    loss = torch.ones(n) if losses is None else torch.as_tensor(losses, dtype=torch.float32)
+    return Window(
+        steps=list(range(start, start + n)),
+        loss=loss,
+        total_norm=total,
+        clip_coef=torch.ones(n),
+        skipped=torch.zeros(n, dtype=torch.bool) if skipped is None else torch.as_tensor(skipped),
+        param_norms=ln,
+        names=[f"{x}.weight" for x in LAYERS[:n_layers]],
+        layers=LAYERS[:n_layers],
+        layer_index=list(range(n_layers)),
+        weight_norms=None if weight is None else torch.as_tensor(weight, dtype=torch.float32),
+        update_norms=None if update is None else torch.as_tensor(update, dtype=torch.float32),
+    )
+
+
+def noisy(n, sigma=0.1, seed=0, level=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (level * torch.exp(sigma * torch.randn(n, generator=g))).tolist()
+
+
+def assert_complete(ev: gg.Event) -> None:
+    """Every event carries step, value, severity, a message and a one-sentence remedy."""
+    assert isinstance(ev.step, int)
+    assert ev.value is not None and ev.severity in ("info", "warning", "error")
+    assert ev.message and ev.remedy and ev.remedy.endswith(".")
+
+
+# ---- non-finite localisation -----------------------------------------------------------
+NAN, INF = math.nan, math.inf
+
+
+@pytest.mark.parametrize(
+    ("row", "bad", "origin"),
+    [
+        ([1.0, 2.0, 3.0], [], None),
+        ([NAN, NAN, 3.0], ["a", "b"], "b"),  # b is nearest the loss with c finite
+        ([1.0, INF, 3.0], ["b"], "b"),
+        ([NAN, NAN, NAN], ["a", "b", "c"], "c"),  # from the loss / forward: the last layer
+    ],
+)
+def test_nonfinite_origin_is_the_bad_layer_nearest_the_loss(row, bad, origin):
+    assert nonfinite_origin(torch.tensor(row), LAYERS) == (bad, origin)
+
+
+@pytest.mark.parametrize(
+    ("loss", "fwd", "watched", "layer", "cause"),
+    [
+        (1.0, None, False, "b", None),
+        (NAN, None, True, "(loss)", "nonfinite_loss"),  # watched: activations were finite
+        (NAN, None, False, "(loss)", None),  # unwatched: input or loss, cannot tell
+        (NAN, ForwardOrigin("(input)", "torch.float32"), True, "(input)", "nonfinite_input"),
+        (NAN, ForwardOrigin("a", "torch.float16"), True, "a", "half_precision_overflow"),
+        (NAN, ForwardOrigin("a", "torch.float32"), True, "a", None),
+    ],
+)
+def test_nonfinite_event_names_origin_and_cause(loss, fwd, watched, layer, cause):
+    rows = [[1.0, 1.0, 1.0], [1.0, NAN, 1.0] if fwd is None and loss == 1.0 else [NAN] * 3]
+    w = window(rows, losses=[1.0, loss], skipped=[False, True])
+    events = detect_nonfinite(w, ({1: fwd} if fwd else {}) if watched else None)
+    nf = [e for e in events if e.kind == "nonfinite_grad"]
+    assert [(e.step, e.layer) for e in nf] == [(1, layer)]
+    assert nf[0].data.get("cause") == cause
+    assert nf[0].severity == "error"
+    assert [e.kind for e in events] == ["nonfinite_grad", "skip"]
+    assert nf[0].remedy
+
+
+# ---- spikes -------------------------------------------------------------------------------
+def test_confirmed_loss_spike_fires_at_its_first_step():
+    losses = noisy(60)
+    losses[50] *= 5.0
+    losses[51] *= 4.0
+    state = DetectorState()
+    events = detect_spikes(window([[1.0, 1.0, 1.0]] * 60, losses), state)
+    assert [(e.kind, e.step) for e in events] == [("loss_spike", 50)]
+    ev = events[0]
+    assert_complete(ev)
+    assert ev.data["run"] == 2 and ev.value == pytest.approx(losses[50])
+    assert ev.threshold == pytest.approx(2.0 * ev.data["median"])
+
+
+def test_a_single_batch_loss_outlier_is_not_reported():
+    losses = noisy(60)
+    losses[50] *= 30.0  # heavy-tailed healthy losses have these
+    assert detect_spikes(window([[1.0, 1.0, 1.0]] * 60, losses), DetectorState()) == []
+
+
+def test_loss_spike_confirmed_across_windows_keeps_its_first_step():
+    state = DetectorState()
+    losses = noisy(40)
+    losses[-1] = 10.0
+    assert detect_spikes(window([[1.0] * 3] * 40, losses), state) == []  # not confirmed yet
+    second = detect_spikes(window([[1.0] * 3] * 3, [10.0, 11.0, 1.0], start=40), state)
+    assert [(e.step, e.data["run"], e.data["since"]) for e in second] == [(39, 3, 39)]
+    assert state.loss_run == 0
+    # a confirmed run still going on in the next window is reported again, as continued
+    detect_spikes(window([[1.0] * 3] * 2, [10.0, 10.0], start=43), state)
+    third = detect_spikes(window([[1.0] * 3] * 2, [10.0, 1.0], start=45), state)
+    assert [(e.step, e.data["continued"]) for e in third] == [(45, True)]
+
+
+def test_no_spike_before_warmup():
+    losses = [1.0] * 10 + [100.0]
+    cfg = DetectorConfig(spike_warmup=20)
+    assert detect_spikes(window([[1.0] * 3] * 11, losses), DetectorState(), cfg) == []
+
+
+def test_grad_spike_names_the_layer_that_jumped():
+    rows = [[1.0, 2.0, 3.0]] * 40
+    rows[30] = [1.0, 5000.0, 3.0]
+    events = detect_spikes(window(rows), DetectorState())
+    assert [(e.kind, e.step, e.layer) for e in events] == [("grad_spike", 30, "b")]
+    assert_complete(events[0])
+
+
+def test_spike_detectors_ignore_nonfinite_values():
+    state = DetectorState()
+    rows = [[1.0] * 3] * 30
+    rows[5] = [NAN] * 3
+    losses = [1.0] * 30
+    losses[6] = INF
+    detect_spikes(window(rows, losses), state)
+    assert len(state.grad) == 29 and len(state.loss) == 29
+    assert all(math.isfinite(x) for x in [*state.grad, *state.loss])
+
+
+def test_no_false_spikes_on_heavy_tailed_noise():
+    state = DetectorState()
+    losses = noisy(3000, sigma=0.3, seed=3)
+    g = noisy(3000, sigma=0.3, seed=4)
+    rows = [[x, x, x] for x in g]
+    events = []
+    for k in range(0, 3000, 50):  # flushed in windows of 50, like the guard
+        events += detect_spikes(window(rows[k : k + 50], losses[k : k + 50], start=k), state)
+    assert events == []
+
+
+def test_a_slowly_falling_loss_is_not_a_spike():
+    losses = [2.0 * 0.99**i for i in range(300)]
+    assert detect_spikes(window([[1.0] * 3] * 300, losses), DetectorState()) == []
+
+
+# ---- vanishing ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ([1e-7, 1e-2, 1.0], ["a"]),  # 1e-5 of the later layers
+        ([1e-5, 1e-6, 1.0], ["a", "b"]),
+        ([0.1, 0.5, 1.0], []),  # healthy: within 10x
+        ([0.0, 0.5, 1.0], []),  # exactly zero: disconnected, not vanishing
+        ([1e-9, 1e-9, 1e-9], ["a", "b"]),  # below the absolute floor
+    ],
+)
+def test_vanishing_grad_table(row, expected):
+    events = detect_vanishing(window([row] * 10))
+    assert (events[0].data["layers"] if events else []) == expected
+    if events:
+        assert events[0].kind == "vanishing_grad" and events[0].layer == expected[0]
+        assert_complete(events[0])
+
+
+def test_vanishing_must_be_sustained():
+    rows = [[1e-7, 1e-2, 1.0]] * 3 + [[0.5, 0.5, 1.0]] * 7
+    assert detect_vanishing(window(rows)) == []
+
+
+# ---- update ratio, activations, LR jumps -----------------------------------------------------
+def test_update_ratio_far_above_and_far_below():
+    w = window([[1.0] * 3] * 5, weight=[1.0, 1.0, 1.0], update=[1e-3, 0.5, 1e-9])
+    events = detect_update_ratio(w)
+    assert [(e.layer, e.severity) for e in events] == [("b", "warning"), ("c", "info")]
+    for e in events:
+        assert_complete(e)
+
+
+@pytest.mark.parametrize(
+    ("sample", "kinds"),
+    [
+        ({"r": {"dead": 0.9}}, ["dead_units"]),
+        ({"r": {"dead": 0.1}}, []),
+        ({"s": {"saturated": 0.8}}, ["saturating_activation"]),
+        ({"s": {"saturated": 0.2}}, []),
+    ],
+)
+def test_activation_detectors_table(sample, kinds):
+    events = detect_activations(7, sample)
+    assert [e.kind for e in events] == kinds
+    for e in events:
+        assert e.step == 7 and e.layer in sample
+        assert_complete(e)
+
+
+def test_lr_tracker_reports_jumps_not_warmup():
+    tr = LrTracker()
+    for step in range(100):  # linear warm-up: never 10x from one step to the next
+        tr.observe(step, [{"lr": 1e-3 * (step + 1) / 100}])
+    assert tr.pop_events() == []
+    tr.observe(100, [{"lr": 0.5}])
+    events = tr.pop_events()
+    assert [(e.kind, e.step) for e in events] == [("lr_too_high", 100)]
+    assert_complete(events[0])
+
+
+def test_detect_runs_everything_in_step_order():
+    rows = [[1.0, 1.0, 1.0]] * 30
+    rows[25] = [NAN] * 3
+    losses = noisy(30)
+    losses[22] = losses[23] = 50.0
+    events = detect(window(rows, losses, skipped=[i == 25 for i in range(30)]))
+    assert [(e.kind, e.step) for e in events] == [
+        ("loss_spike", 22), ("nonfinite_grad", 25), ("skip", 25)]
+
+
+def test_detector_config_validates():
+    with pytest.raises(ValueError, match="spike_z"):
+        DetectorConfig(spike_z=-1.0)
+    with pytest.raises(ValueError, match="spike_warmup"):
+        DetectorConfig(spike_warmup=0)
+
+
+# ---- guard integration ---------------------------------------------------------------------
+class Log(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+
+def log_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    # layer 3 takes the log of a ReLU output: log(0) = -inf when a unit is off
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), Log(), nn.Linear(8, 1))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_watch_activations_names_the_first_module_whose_output_broke(fused):
+    model = log_net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+    with torch.no_grad():
+        model[2].weight.mul_(0.01)
+        model[2].bias.fill_(1.0)  # pre-log values near 1: healthy
+    guard = gg.Guard(model, opt, every=5, watch_activations=True)
+    for step in range(8):
+        with torch.no_grad():
+            model[2].bias.fill_(-100.0 if step == 6 else 1.0)  # step 6: log of negatives
+        loss = model(torch.rand(4, 4)).mean()
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    nf = [e for e in guard.events if e.kind == "nonfinite_grad"]
+    assert [(e.step, e.layer, e.data["forward_origin"]) for e in nf] == [(6, "3", "3")]
+    assert "3" in nf[0].message
+
+
+def test_watch_activations_names_a_nan_input():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, every=4, watch_activations=True)
+    for step, (x, y) in enumerate(batches(4)):
+        if step == 2:
+            x = x.clone()
+            x[0, 0] = math.nan
+        nn.functional.mse_loss(model(x), y).backward()
+        guard.step()
+        opt.zero_grad()
+    guard.close()
+    nf = [e for e in guard.events if e.kind == "nonfinite_grad"]
+    assert [(e.step, e.layer, e.data["cause"]) for e in nf] == [(2, "(input)", "nonfinite_input")]
+
+
+@pytest.mark.parametrize(("opt_name", "extra"), [("adam_fused", 0), ("adam", 1)])
+def test_watch_activations_adds_no_host_sync_per_step(sync_counter, opt_name, extra):
+    fused = opt_name == "adam_fused"
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+    bare = 0
+    for x, y in batches(3):  # what the optimizer itself syncs
+        nn.functional.mse_loss(model(x), y).backward()
+        with sync_counter as c:
+            opt.step()
+        opt.zero_grad()
+        bare = max(bare, len(c.calls))
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+    guard = gg.Guard(model, opt, every=5, watch_activations=True, sample_activations=True,
+                     recovery=gg.Recovery())
+    for i, (x, y) in enumerate(batches(14)):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        with sync_counter as c:
+            guard.step(loss)
+        opt.zero_grad()
+        if (i + 1) % 5 != 0:
+            assert len(c.calls) <= bare + extra, (i, c.calls)
+
+
+def test_sample_activations_reports_dead_relus_and_saturated_sigmoids():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.Sigmoid(),
+                          nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every ReLU unit is off
+        model[2].weight.mul_(100.0)
+        model[2].bias.fill_(50.0)  # sigmoid pinned at 1
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, every=4, sample_activations=True)
+    for _ in range(8):
+        model(torch.randn(32, 4)).pow(2).mean().backward()
+        guard.step()
+        opt.zero_grad()
+    guard.close()
+    got = {(e.kind, e.layer, e.step) for e in guard.events if e.kind in
+           ("dead_units", "saturating_activation")}
+    assert got == {("dead_units", "1", 3), ("saturating_activation", "3", 3),
+                   ("dead_units", "1", 7), ("saturating_activation", "3", 7)}
+    dead = next(e for e in guard.events if e.kind == "dead_units")
+    assert dead.value == pytest.approx(1.0)
+
+
+def test_default_guard_gives_no_warnings_on_a_healthy_run():
+    model = mlp(width=32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=25,
+                         watch_activations=True, sample_activations=True)
+        for x, y in batches(300, seed=5):
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+        guard.close()
+    assert [e for e in guard.events if e.severity != "info"] == []
+
+
+def test_guard_state_dict_carries_detector_history():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, every=5)
+    for x, y in batches(10):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    sd = guard.state_dict()
+    other = gg.Guard(model, opt, every=5)
+    other.load_state_dict(sd)
+    assert list(other.detector_state.loss) == list(guard.detector_state.loss)
+    assert len(other.detector_state.loss) == 10

@@ -1,0 +1,142 @@
+"""Fault-injection matrix: every fault x every setup is detected at its step with the right
+origin, handled by the documented action, never reaches a parameter or optimizer state, and
+the run goes on. Plus the calibration outcome and the false-positive rate (fast versions;
+the full ones are in benchmarks/quality.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradguard as gg
+from gradguard.testing import (
+    FAULT_KINDS,
+    SETUPS,
+    Fault,
+    calibration_run,
+    make_setup,
+    run_with_faults,
+)
+
+STEPS, AT = 40, 30  # after ZClip's 25-step warm-up and the spike detectors' 20
+LADDER = ("skip", "lr_backoff", "rollback", "abort")
+
+
+def guard_kwargs(**kw):
+    return {"clip": gg.ZClip(), "recovery": gg.Recovery(), "every": 10,
+            "watch_activations": True, **kw}
+
+
+def fault_for(kind: str, setup) -> Fault:
+    layer = {"fp16_overflow": setup.half, "nan_grad": setup.middle, "inf_grad": setup.middle,
+             "grad_spike": setup.middle}.get(kind)
+    return Fault(kind, step=AT, layer=layer, steps=5 if kind == "lr_spike" else 1)
+
+
+# what each fault must produce at its step: (event kind, origin layer, cause)
+def expected(kind: str, setup) -> tuple[str, str | None, str | None]:
+    return {
+        "nan_grad": ("nonfinite_grad", setup.middle, None),
+        "inf_grad": ("nonfinite_grad", setup.middle, None),
+        "nan_loss": ("nonfinite_grad", "(loss)", "nonfinite_loss"),
+        "nan_input": ("nonfinite_grad", "(input)", "nonfinite_input"),
+        "inf_input": ("nonfinite_grad", "(input)", "nonfinite_input"),
+        "grad_spike": ("grad_spike", setup.middle, None),
+        "lr_spike": ("lr_too_high", None, None),
+        "fp16_overflow": ("nonfinite_grad", setup.half, "half_precision_overflow"),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+@pytest.mark.parametrize("name", SETUPS)
+def test_fault_matrix(name, kind):
+    setup = make_setup(name)
+    run = run_with_faults(setup, [fault_for(kind, setup)], steps=STEPS,
+                          guard_kwargs=guard_kwargs())
+    # the run continues to the end, and no NaN/Inf ever reaches a parameter or a moment
+    assert run.error is None
+    assert run.steps_run == STEPS
+    assert run.state_nonfinite_steps == []
+    # detected at the step it happened, with the right origin
+    ev_kind, layer, cause = expected(kind, setup)
+    hits = [e for e in run.events if e.kind == ev_kind and e.step == AT]
+    assert len(hits) == 1, [(e.kind, e.step, e.layer) for e in run.events]
+    assert hits[0].layer == layer
+    assert hits[0].data.get("cause") == cause
+    assert hits[0].message and hits[0].remedy
+    # the action documented for the configuration (docs/recovery.md)
+    actions = [(e.kind, e.step) for e in run.events if e.kind in LADDER]
+    if ev_kind == "nonfinite_grad":
+        assert actions == [("skip", AT)]  # one bad step: skipped, nothing more
+    elif kind == "grad_spike":
+        assert actions == []  # clipped by ZClip; no skip, no back-off
+        assert run.guard.last_window is not None
+    else:  # an LR fault: back-off only once the loss confirms the damage
+        spikes = [e.step for e in run.events if e.kind == "loss_spike"]
+        if spikes:
+            assert actions and actions[0][0] == "lr_backoff" and actions[0][1] >= AT
+        else:
+            assert actions == []
+        assert all(k != "abort" for k, _ in actions)
+
+
+def test_grad_spike_is_clipped_by_zclip():
+    setup = make_setup("mlp")
+    run = run_with_faults(setup, [fault_for("grad_spike", setup)], steps=AT + 1,
+                          guard_kwargs=guard_kwargs(every=AT + 1))
+    w = run.guard.last_window
+    assert w is not None
+    assert float(w.clip_coef[AT]) < 1e-2  # x1000 brought back near the running norm
+    assert float(w.clip_coef[:AT].min()) > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["nan_grad", "nan_input", "nan_loss"])
+def test_faults_with_a_fused_optimizer(kind):
+    setup = make_setup("mlp")
+    setup.optimizer = torch.optim.Adam(setup.model.parameters(), lr=1e-3, fused=True)
+    run = run_with_faults(setup, [fault_for(kind, setup)], steps=STEPS,
+                          guard_kwargs=guard_kwargs())
+    assert run.error is None and run.state_nonfinite_steps == []
+    assert [(e.kind, e.step) for e in run.events if e.kind in LADDER] == [("skip", AT)]
+    assert [e.layer for e in run.events if e.kind == "nonfinite_grad"] == [
+        expected(kind, setup)[1]]
+
+
+def test_persistent_nan_input_climbs_the_ladder_then_raises_when_configured():
+    setup = make_setup("mlp")
+    faults = [Fault("nan_input", step=s) for s in range(20, 60)]
+    run = run_with_faults(setup, faults, steps=60, guard_kwargs=guard_kwargs(
+        recovery=gg.Recovery(snapshot_every=10, max_rollbacks=2)))
+    assert isinstance(run.error, gg.TrainingDiverged)
+    ladder = [e.kind for e in run.events if e.kind in ("lr_backoff", "rollback", "abort")]
+    assert ladder == ["lr_backoff", "rollback", "rollback", "abort"]
+    assert run.state_nonfinite_steps == []
+
+
+def test_without_recovery_the_run_skips_and_continues():
+    setup = make_setup("cnn")
+    faults = [Fault("nan_input", step=s) for s in range(20, 30)]
+    run = run_with_faults(setup, faults, steps=STEPS, guard_kwargs=guard_kwargs(recovery=None))
+    assert run.error is None and run.steps_run == STEPS
+    assert [e.step for e in run.events if e.kind == "skip"] == list(range(20, 30))
+
+
+def test_calibration_outcome_fast():
+    """x1000 gradient spikes: guarded final loss <= 2x the clean run's, the unprotected
+    run much worse (a shorter, narrower version of the benchmark)."""
+    kw = {"steps": 300, "spikes": (75, 150, 225), "width": 128}
+    clean = calibration_run("clean", **kw)
+    hit = calibration_run("unprotected", **kw)
+    guarded = calibration_run("guarded", **kw)
+    assert guarded.final_loss <= 2.0 * clean.final_loss
+    assert hit.final_loss > 5.0 * clean.final_loss
+    assert [(e.kind, e.step) for e in guarded.events if e.severity != "info"] == [
+        ("grad_spike", 75), ("grad_spike", 150), ("grad_spike", 225)]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_no_false_alarms_on_healthy_runs(name):
+    setup = make_setup(name, seed=2)
+    run = run_with_faults(setup, [], steps=300, check_state=False,
+                          guard_kwargs={"clip": gg.ZClip(), "recovery": gg.Recovery()})
+    assert [e for e in run.events if e.severity != "info"] == []

@@ -1,0 +1,324 @@
+"""The recovery ladder (skip -> LR back-off -> rollback -> abort) and the snapshot stores."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.recovery import (
+    Decision,
+    DiskSnapshotStore,
+    MemorySnapshotStore,
+    SnapshotError,
+)
+from helpers import batches, mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- options -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backoff": 1.0}, r"backoff=1\.0.*\(0, 1\)"),
+        ({"backoff": 1.5}, "backoff=1.5"),
+        ({"backoff": 0.0}, "backoff=0.0"),
+        ({"skip_patience": 0}, "skip_patience=0"),
+        ({"restore_steps": -1}, "restore_steps=-1"),
+        ({"snapshot_every": 0}, "snapshot_every=0"),
+        ({"max_rollbacks": -1}, "max_rollbacks=-1"),
+        ({"keep": 0}, "keep=0"),
+        ({"skip_batches": -2}, "skip_batches=-2"),
+        ({"reset_moments": "some"}, "reset_moments='some'.*exploded"),
+    ],
+)
+def test_invalid_options_raise_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gg.Recovery(**kwargs)
+
+
+def test_unwritable_snapshot_dir_raises_at_construction(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=r"snapshot_dir=.*a_file"):
+        gg.Recovery(snapshot_dir=blocker / "snaps")
+
+
+def test_one_recovery_per_guard():
+    rec = gg.Recovery()
+    model = mlp()
+    first = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), recovery=rec)
+    with pytest.raises(ValueError, match="already attached"):
+        gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), recovery=rec)
+    assert first.recovery is rec
+
+
+# ---- pure decisions -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("last_trigger", "rollbacks", "step", "action"),
+    [
+        (None, 0, 100, "backoff"),  # first trouble
+        (90, 0, 100, "rollback"),  # trouble again within patience
+        (90, 2, 100, "rollback"),
+        (90, 3, 100, "abort"),  # max_rollbacks reached
+        (10, 3, 500, "backoff"),  # long ago: a new episode
+    ],
+)
+def test_decide_table(last_trigger, rollbacks, step, action):
+    rec = gg.Recovery(patience=50, max_rollbacks=3)
+    rec.state.last_trigger = last_trigger
+    rec.state.rollbacks = rollbacks
+    assert rec.decide(step, "why", ["2"]) == Decision(action, step, "why", ("2",))
+
+
+# ---- the ladder in a guarded loop -------------------------------------------------------------
+def train(guard, model, opt, n, bad_steps=(), seed=1, start=0):
+    """Train n steps; the loss of the steps in bad_steps is NaN."""
+    for i, (x, y) in enumerate(batches(n, seed=seed)):
+        loss = nn.functional.mse_loss(model(x), y)
+        if start + i in bad_steps:
+            loss = loss * math.nan
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+
+
+def test_consecutive_skips_back_off_the_lr_at_once_without_fused():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gg.Recovery(skip_patience=3, backoff=0.1, restore_steps=10)
+    guard = gg.Guard(model, opt, recovery=rec, every=50)
+    train(guard, model, opt, 5)
+    train(guard, model, opt, 2, bad_steps={5, 6}, start=5)
+    assert opt.param_groups[0]["lr"] == 0.1  # two skips: the skip alone handles them
+    train(guard, model, opt, 1, bad_steps={7}, start=7)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # third: backed off right away
+    assert [(e.kind, e.step) for e in guard.events] == [("lr_backoff", 7)]
+    lrs = []
+    for k in range(10):
+        train(guard, model, opt, 1, start=8 + k)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == sorted(lrs) and lrs[0] > 0.01
+    assert opt.param_groups[0]["lr"] == 0.1  # restored exactly after restore_steps
+    assert rec.lr_factor == 1.0
+
+
+def test_consecutive_skips_with_fused_optimizer_act_at_the_flush(sync_counter):
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    rec = gg.Recovery(skip_patience=3, restore_steps=20)
+    guard = gg.Guard(model, opt, recovery=rec, every=10)
+    with sync_counter as c:
+        train(guard, model, opt, 9, bad_steps={2, 3, 4})
+    assert c.calls == []  # the skip flag never left the device
+    assert opt.param_groups[0]["lr"] == 1e-3  # not known yet
+    train(guard, model, opt, 1, start=9)  # step 9 flushes
+    assert [(e.kind, e.step) for e in guard.events if e.kind == "lr_backoff"] == [("lr_backoff", 4)]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def snapshot_params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_persistent_trouble_rolls_back_to_the_last_good_snapshot():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rec = gg.Recovery(skip_patience=2, snapshot_every=10, restore_steps=30, max_rollbacks=5)
+    guard = gg.Guard(model, opt, recovery=rec, every=10)
+    train(guard, model, opt, 20)  # snapshots at the flushes of steps 9 and 19
+    assert rec.store.steps() == [9, 19]
+    good = snapshot_params(model)
+    good_state = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
+    train(guard, model, opt, 2, bad_steps={20, 21}, start=20)  # back-off at 21
+    train(guard, model, opt, 3, start=22)  # the model moves on
+    assert not torch.equal(snapshot_params(model)[0], good[0])
+    train(guard, model, opt, 2, bad_steps={25, 26}, start=25)  # again, within patience
+    kinds = [(e.kind, e.step) for e in guard.events]
+    assert ("lr_backoff", 21) in kinds and ("rollback", 26) in kinds
+    for p, q in zip(model.parameters(), good):
+        assert torch.equal(p, q)
+    # all layers had NaN gradients (NaN loss): every layer's moments were reset
+    st = opt.state[model[0].weight]
+    assert torch.count_nonzero(st["exp_avg"]) == 0 and float(st["step"]) == 0
+    assert good_state["step"] > 0
+    rb = next(e for e in guard.events if e.kind == "rollback")
+    assert rb.data["snapshot_step"] == 19 and rb.severity == "error"
+    assert guard.batches_to_skip == 26 - 21 + 1 == rb.data["batches_to_skip"]
+    # backed off again from where the restoration had got to (0.1 + 0.9 * 4/30 at step 25)
+    assert rec.lr_factor == pytest.approx(0.22 * 0.1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.022)
+    train(guard, model, opt, 5, start=27)  # and training goes on from there
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("mode", "reset"), [("exploded", {"2"}), ("all", {"0", "2", "4"}),
+                                             ("none", set())])
+def test_reset_moments_option(mode, reset):
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rec = gg.Recovery(skip_patience=1, snapshot_every=5, reset_moments=mode)
+    guard = gg.Guard(model, opt, recovery=rec, every=5)
+    train(guard, model, opt, 10)
+    for x, y in batches(2, seed=9):  # NaN gradient in layer "2" only
+        nn.functional.mse_loss(model(x), y).backward()
+        model[2].weight.grad[0, 0] = math.nan
+        guard.step()
+        opt.zero_grad()
+    rb = next(e for e in guard.events if e.kind == "rollback")
+    assert set(rb.data["reset_layers"]) == reset
+    for name, p in model.named_parameters():
+        zeroed = torch.count_nonzero(opt.state[p]["exp_avg_sq"]) == 0
+        assert zeroed == (name.split(".")[0] in reset), name
+
+
+def test_abort_after_max_rollbacks_raises_training_diverged(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = gg.Recovery(skip_patience=2, snapshot_every=5, max_rollbacks=2)
+    guard = gg.Guard(model, opt, recovery=rec, every=5, sinks=[gg.JsonlSink(tmp_path)])
+    train(guard, model, opt, 10)
+    with pytest.raises(gg.TrainingDiverged) as info:
+        train(guard, model, opt, 50, bad_steps=set(range(10, 60)), start=10)
+    err = info.value
+    kinds = [e.kind for e in err.events]
+    assert kinds.count("lr_backoff") == 1 and kinds.count("rollback") == 2
+    assert kinds[-1] == "abort"
+    assert err.run_dir == str(tmp_path) and str(tmp_path) in str(err)
+    guard.close()
+    written = [r["kind"] for r in gg.read_jsonl(tmp_path / "events.jsonl")]
+    assert "abort" in written  # the abort reached the sinks before the raise
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_no_snapshot_while_unhealthy_and_never_with_nan():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = gg.Recovery(snapshot_every=1, skip_patience=10)
+    guard = gg.Guard(model, opt, recovery=rec, every=5)
+    train(guard, model, opt, 5)
+    train(guard, model, opt, 5, bad_steps={7}, start=5)  # a skip in the second window
+    assert rec.store.steps() == [4]
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    assert rec.snapshot(guard) is False
+    assert rec.store.steps() == [4]
+
+
+def test_recovery_state_dict_round_trip():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gg.Recovery(skip_patience=1, restore_steps=50)
+    guard = gg.Guard(model, opt, recovery=rec, every=5)
+    train(guard, model, opt, 3, bad_steps={1})
+    sd = guard.state_dict()
+    other = gg.Recovery(skip_patience=1, restore_steps=50)
+    model2 = mlp()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    gg.Guard(model2, opt2, recovery=other, every=5).load_state_dict(sd)
+    assert other.state == rec.state and other.lr_factor < 1.0
+    with pytest.raises(ValueError, match="unknown keys"):
+        other.load_state_dict({"bogus": 1})
+
+
+# ---- snapshot stores -------------------------------------------------------------------------
+def test_memory_store_keeps_the_last_snapshots():
+    store = MemorySnapshotStore(keep=2)
+    for s in (1, 2, 3):
+        store.save(s, {"step": s})
+    assert store.steps() == [2, 3]
+    assert store.load_good()["step"] == 3 and store.load_good(back=5)["step"] == 2
+
+
+def test_disk_store_is_atomic_and_keeps_the_last(tmp_path):
+    store = DiskSnapshotStore(tmp_path, keep=2)
+    for s in (1, 2, 3):
+        store.save(s, {"step": s, "w": torch.full((3,), float(s))})
+    assert store.steps() == [2, 3]
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert torch.equal(store.load_good()["w"], torch.full((3,), 3.0))
+
+
+def test_corrupt_snapshot_names_the_file_and_falls_back(tmp_path):
+    store = DiskSnapshotStore(tmp_path, keep=3)
+    store.save(1, {"step": 1})
+    store.save(2, {"step": 2})
+    newest = store.path(2)
+    newest.write_bytes(newest.read_bytes()[:10])  # truncated
+    with pytest.raises(SnapshotError, match=str(newest.name)):
+        store.load_path(newest)
+    with pytest.warns(gg.GradGuardWarning, match=str(newest.name)):
+        assert store.load_good()["step"] == 1
+
+
+def test_rollback_from_disk_snapshots(tmp_path):
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rec = gg.Recovery(skip_patience=1, snapshot_every=5, snapshot_dir=tmp_path / "snaps")
+    guard = gg.Guard(model, opt, recovery=rec, every=5)
+    train(guard, model, opt, 10)
+    good = snapshot_params(model)
+    assert rec.store.steps() == [4, 9] and len(list((tmp_path / "snaps").iterdir())) == 2
+    train(guard, model, opt, 2, bad_steps={10, 11}, start=10)
+    assert [e.kind for e in guard.events] == ["lr_backoff", "rollback"]
+    for p, q in zip(model.parameters(), good):
+        assert torch.equal(p, q)
+
+
+WRITER = textwrap.dedent(
+    """
+    import os, sys, time, torch
+    from gradguard.recovery import DiskSnapshotStore
+    store = DiskSnapshotStore(sys.argv[1], keep=3)
+    store.save(1, {"step": 1, "w": torch.ones(4)})
+    real_fsync = os.fsync
+    def stuck_fsync(fd):
+        print("writing", flush=True)
+        time.sleep(60)   # killed here: the temp file is written but not yet replaced
+    os.fsync = stuck_fsync
+    store.save(2, {"step": 2, "w": torch.zeros(1_000_000)})
+    """
+)
+
+
+def test_killed_writer_leaves_the_previous_snapshot_loadable(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "writing"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the half write
+    store = DiskSnapshotStore(tmp_path, keep=3)
+    assert store.steps() == [1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        snap = store.load_good()
+    assert snap is not None and snap["step"] == 1 and torch.equal(snap["w"], torch.ones(4))
+
+
+def test_disk_store_round_trips_a_model_state_dict(tmp_path):
+    model = mlp(width=64)
+    store = DiskSnapshotStore(tmp_path)
+    store.save(0, {"step": 0, "model": model.state_dict()})
+    loaded = store.load_good()
+    assert loaded is not None
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded["model"][k], v)
