@@ -1,0 +1,495 @@
+"""gradguard under torch.distributed: 2 processes, CPU, gloo, loopback.
+
+Each scenario is launched once (``python tests/test_distributed.py SCENARIO OUT`` in two
+processes with torchrun's environment variables) under a hard timeout, so a rank that hangs
+in a collective fails the tests instead of blocking them. The workers train a tiny MLP on
+the halves of a global batch; the parent replays the same global batches in one process,
+and the tests compare.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import gradguard as gg
+from gradguard.telemetry import measure_grads
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+STEPS = 10
+EVERY = 5
+GLOBAL_BS = 16
+D_IN = 8
+LR = 0.05
+NAN_INPUT_STEP = 3  # rank 1's half of the batch holds a NaN
+SPIKE_STEP = 5  # rank 1's inputs are scaled by 1000
+NAN_GRAD_STEP = 7  # FSDP: a NaN written into rank 1's own shard of layer "0"
+LAUNCH_TIMEOUT_S = 90
+ZCLIP_WARMUP = 3
+NORM_TYPES = (2.0, 3.0, math.inf)
+
+
+# ---- the run both the workers and the reference do ------------------------------------
+
+
+def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    out = []
+    for step in range(STEPS):
+        x = torch.randn(GLOBAL_BS, D_IN, generator=g)
+        y = x.sum(dim=1, keepdim=True).sin()
+        if step == NAN_INPUT_STEP:
+            x[GLOBAL_BS // 2 + 1, 2] = math.nan  # a row of rank 1's half
+        if step == SPIKE_STEP:
+            x[GLOBAL_BS // 2 :] *= 1000.0
+        out.append((x, y))
+    return out
+
+
+def make_model() -> torch.nn.Module:
+    from tests.helpers import mlp
+
+    return mlp(d_in=D_IN, width=16, depth=3, d_out=1, seed=0)
+
+
+def make_clip(backend: str) -> gg.ClipPolicy:
+    # DDP: a fixed norm clip; FSDP: ZClip, whose running statistics must agree across ranks
+    return gg.NormClip(max_norm=0.25) if backend == "ddp" else gg.ZClip(warmup_steps=ZCLIP_WARMUP)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    full_tensor = getattr(t, "full_tensor", None)
+    return (full_tensor() if callable(full_tensor) else t).detach().clone()
+
+
+def train(
+    backend: str,
+    model: torch.nn.Module,
+    rank: int,
+    world: int,
+    sink_dir: str | None,
+    wrapped: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    """The guarded loop; ``world == 1`` is the single-process reference. ``wrapped`` is
+    the DDP module (the guard is given it; its forward runs the model)."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    fwd = wrapped or model
+    sinks = [gg.JsonlSink(sink_dir)] if sink_dir else []
+    guard = gg.Guard(fwd, opt, clip=make_clip(backend), every=EVERY, sinks=sinks)
+    fsdp = backend == "fsdp"
+    counts: list[dict[str, int]] = []
+    norms, coefs, grads0 = [], [], None
+    first = dict(model.named_parameters())["0.weight"]
+    for step, (x, y) in enumerate(global_batches()):
+        lo, hi = rank * GLOBAL_BS // world, (rank + 1) * GLOBAL_BS // world
+        loss = torch.nn.functional.mse_loss(fwd(x[lo:hi]), y[lo:hi])
+        loss.backward()
+        if fsdp and step == NAN_GRAD_STEP:
+            with torch.no_grad():
+                if world == 1:
+                    first.grad[GLOBAL_BS // 2, 0] = math.nan  # row 8: rank 1's shard
+                elif rank == 1:
+                    first.grad.to_local()[0, 0] = math.nan  # type: ignore[operator]
+        with CollectiveCounter() as cc:
+            norms.append(guard.step(loss).detach().clone())
+        counts.append(cc.counts)
+        if step == 0:
+            grads0 = {n: full(p.grad) for n, p in model.named_parameters()}
+        opt.zero_grad()
+        if guard.telemetry.pending == 0:  # this step flushed
+            assert guard.last_window is not None
+            coefs.append(guard.last_window.clip_coef.clone())
+    guard.close()
+    # standalone measurement on DTensor gradients, every norm order, NaN on rank 1 only
+    x, y = global_batches()[1]
+    lo, hi = rank * GLOBAL_BS // world, (rank + 1) * GLOBAL_BS // world
+    torch.nn.functional.mse_loss(fwd(x[lo:hi]), y[lo:hi]).backward()
+    params = list(model.parameters())
+    measured = {p: measure_grads(params, norm_type=p).total_norm.clone() for p in NORM_TYPES}
+    layer2 = dict(model.named_parameters())["2.bias"]
+    if world == 1 or rank == 1:
+        with torch.no_grad():
+            g = layer2.grad.to_local() if world > 1 and fsdp else layer2.grad  # type: ignore[operator]
+            g[-1] = math.nan
+    nan_norms = {p: measure_grads(params, norm_type=p).total_norm.clone() for p in NORM_TYPES}
+    window = guard.last_window
+    return {
+        "norms": torch.stack(norms),
+        "clip_coef": torch.cat(coefs),
+        "grads0": grads0,
+        "params": {n: full(p) for n, p in model.named_parameters()},
+        "skipped": guard.skipped_steps,
+        "events": [e.to_json() for e in guard.events],
+        "window": {
+            "loss": window.loss,
+            "total_norm": window.total_norm,
+            "layer_norms": window.layer_norms(),
+            "weight_norms": window.weight_norms,
+            "update_norms": window.update_norms,
+        },
+        "zclip": guard.clip.state_dict() if backend == "fsdp" else None,  # type: ignore[union-attr]
+        "counts": counts,
+        "measured": measured,
+        "nan_norms": nan_norms,
+    }
+
+
+ROLLBACK_STEPS = 12
+ROLLBACK_NAN_STEPS = (4, 5)  # a skip backs the LR off, a second one rolls back
+
+
+def train_rollback(
+    model: torch.nn.Module, rank: int, world: int, wrapped: torch.nn.Module | None = None
+) -> dict[str, Any]:
+    """Recovery on every rank: NaN batches on rank 1 -> back-off, then a rollback."""
+    fwd = wrapped or model
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    recovery = gg.Recovery(skip_patience=1, snapshot_every=1, restore_steps=50)
+    guard = gg.Guard(fwd, opt, clip=gg.NormClip(1.0), every=2, recovery=recovery)
+    g = torch.Generator().manual_seed(7)
+    for step in range(ROLLBACK_STEPS):
+        x = torch.randn(GLOBAL_BS, D_IN, generator=g)
+        y = x.sum(dim=1, keepdim=True).sin()
+        if step in ROLLBACK_NAN_STEPS:
+            x[-1, 0] = math.nan  # the last row: rank 1's half
+        lo, hi = rank * GLOBAL_BS // world, (rank + 1) * GLOBAL_BS // world
+        loss = torch.nn.functional.mse_loss(fwd(x[lo:hi]), y[lo:hi])
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    return {
+        "params": {n: full(p) for n, p in model.named_parameters()},
+        "events": [e.to_json() for e in guard.events],
+        "decisions": [(d.action, d.step) for d in recovery.decisions],
+        "lr": opt.param_groups[0]["lr"],
+    }
+
+
+class CollectiveCounter:
+    """Counts the torch.distributed collectives gradguard issues inside a block."""
+
+    NAMES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "reduce_scatter")
+
+    def __enter__(self) -> CollectiveCounter:
+        import torch.distributed as dist
+
+        self.counts = {n: 0 for n in self.NAMES}
+        self._orig = {n: getattr(dist, n) for n in self.NAMES}
+        for n in self.NAMES:
+            setattr(dist, n, self._wrap(n, self._orig[n]))
+        return self
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            self.counts[name] += 1
+            return fn(*a, **k)
+
+        return wrapper
+
+    def __exit__(self, *exc: object) -> None:
+        import torch.distributed as dist
+
+        for n, fn in self._orig.items():
+            setattr(dist, n, fn)
+
+
+# ---- the worker --------------------------------------------------------------------
+
+
+def worker(scenario: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=LAUNCH_TIMEOUT_S // 2))
+    try:
+        model = make_model()
+        if scenario == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            res = train("ddp", model, rank, WORLD, None, DistributedDataParallel(model))
+            fresh = make_model()
+            res["rollback"] = train_rollback(fresh, rank, WORLD, DistributedDataParallel(fresh))
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer)
+            fully_shard(model)
+            res = train("fsdp", model, rank, WORLD, os.path.join(out, "run"))
+            fresh = make_model()
+            for layer in fresh:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer)
+            fully_shard(fresh)
+            res["rollback"] = train_rollback(fresh, rank, WORLD)
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- the launcher --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(scenario: str, out: Path) -> list[dict[str, Any]]:
+    """Run ``scenario`` on 2 ranks; fail (not hang) if it does not finish in time."""
+    port = free_port()
+    procs = []
+    for r in range(WORLD):
+        env = {
+            **os.environ,
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "WORLD_SIZE": str(WORLD),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "GLOO_SOCKET_IFNAME": "lo",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, scenario, str(out)],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = []
+    try:
+        for p in procs:
+            stdout, _ = p.communicate(timeout=LAUNCH_TIMEOUT_S)
+            logs.append(stdout)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{scenario}: a rank hung (no exit within {LAUNCH_TIMEOUT_S}s)")
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, "\n".join(f"{scenario} rank {r}:\n{logs[r][-3000:]}" for r in failed)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    cache: dict[str, Any] = {}
+
+    def get(scenario: str) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
+        if scenario not in cache:
+            out = tmp_path_factory.mktemp(scenario)
+            ranks = launch(scenario, out)
+            ref = train(scenario, make_model(), 0, 1, None)
+            ref["rollback"] = train_rollback(make_model(), 0, 1)
+            cache[scenario] = (ranks, ref, out)
+        return cache[scenario]
+
+    return get  # type: ignore[return-value]
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical, NaN equal to NaN."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+def event(res: dict[str, Any], kind: str, step: int) -> dict[str, Any]:
+    found = [e for e in res["events"] if e["kind"] == kind and e["step"] == step]
+    assert len(found) == 1, f"expected one {kind} event at step {step}: {res['events']}"
+    return found[0]
+
+
+BACKENDS = ["ddp", "fsdp"]
+
+
+# ---- norms and clipping equal a single process on the global batch -----------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_total_norms_match_single_process(runs, backend):
+    ranks, ref, _ = runs(backend)
+    for res in ranks:
+        assert close(res["norms"], ref["norms"]), (res["norms"], ref["norms"])
+        assert torch.isnan(res["norms"][NAN_INPUT_STEP])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipped_gradients_match_single_process(runs, backend):
+    ranks, ref, _ = runs(backend)
+    if backend == "ddp":
+        assert ref["clip_coef"][0] < 1.0  # NormClip(0.25) clips step 0
+    for res in ranks:
+        for name, g in ref["grads0"].items():
+            assert close(res["grads0"][name], g), name
+        assert close(res["clip_coef"], ref["clip_coef"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameters_match_single_process_and_each_other(runs, backend):
+    ranks, ref, _ = runs(backend)
+    for name, p in ref["params"].items():
+        assert torch.isfinite(p).all()
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+        assert close(ranks[0]["params"][name], p), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_per_layer_norms_match_single_process(runs, backend):
+    ranks, ref, _ = runs(backend)
+    for key in ("loss", "total_norm", "layer_norms", "weight_norms", "update_norms"):
+        for res in ranks:
+            assert close(res["window"][key], ref["window"][key]), key
+        assert identical(ranks[0]["window"][key], ranks[1]["window"][key]), key
+
+
+def test_fsdp_measure_every_norm_order_matches_single_process(runs):
+    ranks, ref, _ = runs("fsdp")
+    for p in NORM_TYPES:
+        for res in ranks:
+            assert close(res["measured"][p], ref["measured"][p]), p
+            # a NaN in rank 1's shard only makes the norm NaN on both ranks
+            assert torch.isnan(res["nan_norms"][p]), p
+
+
+# ---- non-finite anywhere: every rank skips the same step ---------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_input_on_rank1_skips_on_both_ranks_and_names_rank1(runs, backend):
+    ranks, ref, _ = runs(backend)
+    expected_skips = 2 if backend == "fsdp" else 1
+    assert ref["skipped"] == expected_skips
+    for res in ranks:
+        assert res["skipped"] == expected_skips
+        ev = event(res, "nonfinite_grad", NAN_INPUT_STEP)
+        assert ev["rank"] == 1 and ev["data"]["ranks"] == [1]
+        # the origin the detectors name in a single process on the same global batch
+        assert ev["layer"] is not None
+        assert ev["layer"] == event(ref, "nonfinite_grad", NAN_INPUT_STEP)["layer"]
+        assert event(res, "skip", NAN_INPUT_STEP)["rank"] == 1
+    assert ranks[0]["events"] == ranks[1]["events"]
+
+
+def test_fsdp_nan_in_rank1_shard_names_rank1_and_origin_layer(runs):
+    ranks, _, _ = runs("fsdp")
+    for res in ranks:
+        ev = event(res, "nonfinite_grad", NAN_GRAD_STEP)
+        assert ev["rank"] == 1
+        assert ev["layer"] == "0"
+        assert ev["data"]["layers"] == ["0"]
+        assert "rank 1" in ev["message"]
+
+
+# ---- a spike on one rank is clipped identically -------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spike_on_one_rank_clipped_identically(runs, backend):
+    ranks, ref, _ = runs(backend)
+    c0, c1 = ranks[0]["clip_coef"][SPIKE_STEP], ranks[1]["clip_coef"][SPIKE_STEP]
+    assert c0 < 1e-2, c0  # the x1000 spike is cut down
+    assert torch.equal(c0, c1)
+    assert close(c0, ref["clip_coef"][SPIKE_STEP])
+    if backend == "fsdp":
+        for key, value in ranks[0]["zclip"]["state"].items():
+            assert torch.equal(value, ranks[1]["zclip"]["state"][key]), key
+            assert close(value.double(), ref["zclip"]["state"][key].double()), key
+
+
+# ---- collectives: none per step for DDP, one for FSDP2 -------------------------------
+
+
+def _per_step(res: dict[str, Any]) -> list[dict[str, int]]:
+    flush_steps = {EVERY - 1, STEPS - 1}
+    return [c for i, c in enumerate(res["counts"]) if i not in flush_steps and i != 0]
+
+
+def test_ddp_guard_issues_no_collective_per_step(runs):
+    ranks, _, _ = runs("ddp")
+    for c in _per_step(ranks[0]):
+        assert sum(c.values()) == 0, c
+
+
+def test_fsdp_guard_issues_one_allreduce_per_step(runs):
+    ranks, _, _ = runs("fsdp")
+    for c in _per_step(ranks[0]):
+        assert c["all_reduce"] == 1 and sum(c.values()) == 1, c
+
+
+# ---- sinks on rank 0, events gathered --------------------------------------------------
+
+
+def test_fsdp_sinks_write_once_on_rank0_with_events_gathered(runs):
+    _, _, out = runs("fsdp")
+    run = out / "run"
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics if m["type"] == "step"]
+    assert steps == list(range(STEPS))  # rank 1 wrote nothing: no duplicate lines
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    nan_events = [e for e in events if e["kind"] == "nonfinite_grad"]
+    assert [(e["step"], e["rank"]) for e in nan_events] == [
+        (NAN_INPUT_STEP, 1),
+        (NAN_GRAD_STEP, 1),
+    ]
+
+
+# ---- recovery: the same rollback on every rank ---------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rollback_mid_run_on_two_ranks_keeps_ranks_identical(runs, backend):
+    ranks, ref, _ = runs(backend)
+    r0, r1, want = ranks[0]["rollback"], ranks[1]["rollback"], ref["rollback"]
+    assert want["decisions"] == [("backoff", 4), ("rollback", 5)]
+    for res in (r0, r1):
+        assert res["decisions"] == want["decisions"]
+        rollback = [e for e in res["events"] if e["kind"] == "rollback"]
+        assert len(rollback) == 1 and rollback[0]["data"]["snapshot_step"] == 3
+        assert res["lr"] == pytest.approx(want["lr"])
+    assert r0["events"] == r1["events"]
+    for name, p in want["params"].items():
+        assert torch.isfinite(r0["params"][name]).all()
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+        assert close(r0["params"][name], p), name
+
+
+def test_merge_events_keeps_rank_only_events():
+    shared = gg.Event(kind="lr_backoff", step=3, severity="warning", message="lr halved")
+    only1 = gg.Event(kind="grad_spike", step=2, severity="warning", message="spike")
+    from gradguard.distributed import merge_events
+
+    merged = merge_events([[shared], [shared, only1]])
+    assert [(e.kind, e.rank) for e in merged] == [("grad_spike", 1), ("lr_backoff", None)]
+
+
+def test_guard_rejects_bad_sink_rank():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="sink_rank=-1"):
+        gg.Guard(model, opt, sink_rank=-1)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2])
