@@ -1,0 +1,97 @@
+"""``gradguard doctor spec.py``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="diagnose exploding/vanishing gradients of a model on one batch",
+        description=(
+            "Load SPEC (a Python file defining setup() -> (model, batch, loss_fn[, optimizer])), "
+            "run gg.doctor on it and print the diagnosis. Exit 0 when healthy, 1 when a "
+            "warning or error was found, 2 on a usage error."
+        ),
+        epilog="example:  gradguard doctor spec.py --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("spec", help="Python file that defines setup()")
+    p.add_argument("--json", action="store_true", help="print diag.to_dict() as JSON")
+    p.add_argument("--save", metavar="PATH", help="also write the diagnosis JSON to PATH (atomic)")
+    p.set_defaults(func=run)
+
+
+def load_setup(path: str) -> tuple[Any, ...]:
+    from .cli import UsageError
+
+    spec_path = Path(path)
+    if not spec_path.is_file():
+        raise UsageError(f"spec {path!r}: no such file")
+    spec = importlib.util.spec_from_file_location("gradguard_doctor_spec", spec_path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"spec {path!r}: cannot be loaded as a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(spec_path.resolve().parent))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+    setup = getattr(mod, "setup", None)
+    if not callable(setup):
+        raise UsageError(f"spec {path!r}: defines no setup() function")
+    got = setup()
+    if not isinstance(got, (tuple, list)) or len(got) not in (3, 4):
+        raise UsageError(
+            f"spec {path!r}: setup() must return (model, batch, loss_fn[, optimizer]), got "
+            f"{type(got).__name__}" + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else "")
+        )
+    return tuple(got)
+
+
+def _print_rich(diag: Any) -> bool:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        return False
+    console = Console()
+    colour = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+    title = f"gradguard doctor: {diag.model} ({diag.n_params:,} parameters)"
+    if not diag.findings:
+        console.print(f"[bold]{title}[/bold]\n[green]healthy: no finding.[/green]")
+        return True
+    table = Table(title=title, show_lines=True)
+    for col in ("#", "severity", "cause", "where", "evidence", "remedy"):
+        table.add_column(col, overflow="fold")
+    for i, f in enumerate(diag.findings, 1):
+        ev = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(f.evidence.items())[:8])
+        table.add_row(str(i), f"[{colour[f.severity]}]{f.severity}[/]", f.cause, f.where or "-", ev, f.remedy)
+    console.print(table)
+    verdict = "[green]healthy (info only)[/green]" if diag.healthy else f"[bold red]top cause: {diag.top.cause}[/bold red]"
+    console.print(verdict)
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import EXIT_FINDINGS, EXIT_OK, UsageError
+    from .doctor import doctor
+
+    got = load_setup(args.spec)
+    try:
+        diag = doctor(*got)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"spec {args.spec!r}: {e}") from e
+    if args.save:
+        diag.save(args.save)
+    if args.json:
+        print(json.dumps(diag.to_dict(), indent=1))
+    elif not (sys.stdout.isatty() and _print_rich(diag)):
+        print(diag)
+    return EXIT_OK if diag.healthy else EXIT_FINDINGS

@@ -1,0 +1,224 @@
+"""``doctor()``: validate the arguments, run the probes, leave everything as it was."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._capture import is_weight_layer, run_capture
+from ._report import Diagnosis, Finding
+from .gradcheck import probe_custom_functions
+from .inputs import probe_input_scale, probe_nonfinite_input
+from .lr import LR_PROBE_STEPS, probe_lr
+from .numerics import probe_disconnected, probe_half_headroom, probe_nonfinite
+from .recurrent import probe_recurrent
+from .signal import probe_signal
+
+# messages of torch errors that mean "these tensors do not fit together"
+_SHAPE_ERR = re.compile(
+    r"shape|size mismatch|sizes? of tensors|mat1 and mat2|must match the size|expected input|"
+    r"Expected .* to have|dimension|channels|out of range|index out of|dtype|scalar type",
+    re.I,
+)
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"doctor batch: expected an (inputs, targets) pair (targets may be None), got "
+        f"{type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _shape(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(_shape(v) for v in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_shape(v)}" for k, v in x.items()) + "}"
+    return type(x).__name__
+
+
+def _user_frames(e: BaseException) -> bool:
+    """True when the exception was raised by torch ops called from the user's code."""
+    return isinstance(e, (RuntimeError, IndexError)) and bool(_SHAPE_ERR.search(str(e)))
+
+
+def forward_checked(model: nn.Module, inputs: Any) -> Any:
+    try:
+        return call_model(model, inputs)
+    except (RuntimeError, IndexError) as e:
+        if _user_frames(e):
+            raise ValueError(
+                f"doctor batch: inputs {_shape(inputs)} do not fit {type(model).__name__}: {e}"
+            ) from e
+        raise
+
+
+def loss_checked(loss_fn: Callable[..., Any], out: Any, targets: Any) -> Tensor:
+    try:
+        loss = loss_fn(out) if targets is None else loss_fn(out, targets)
+    except (RuntimeError, IndexError) as e:
+        if _user_frames(e):
+            raise ValueError(
+                f"doctor loss_fn: cannot compare the model output {_shape(out)} with targets "
+                f"{_shape(targets)}: {e}"
+            ) from e
+        raise
+    if not isinstance(loss, Tensor):
+        raise ValueError(f"doctor loss_fn: returned {type(loss).__name__}, expected a scalar Tensor")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"doctor loss_fn: returned a tensor of shape {tuple(loss.shape)}, expected a scalar "
+            f"(reduce it, e.g. reduction='mean')"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "doctor loss_fn: the loss does not require grad: no trainable parameter reaches it "
+            "(is the model frozen, or is the forward under torch.no_grad()?)"
+        )
+    return loss.reshape(())
+
+
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Buffers (BatchNorm running stats), RNG state and ``training`` flags come back as they were."""
+    bufs = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in bufs:
+                    b.copy_(saved)
+            for m, mode in modes:
+                m.training = mode
+
+
+def doctor(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Callable[..., Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    lr_probe_steps: int = LR_PROBE_STEPS,
+    gradcheck_custom: bool = True,
+) -> Diagnosis:
+    """Name the cause of exploding or vanishing gradients, with evidence and a remedy.
+
+    One instrumented forward/backward pass on ``batch`` measures per-layer activation and
+    gradient scales, activation saturation and dead units, non-finite values and where they
+    first appear, gradients over time in recurrences, and parameters without a gradient;
+    custom autograd Functions are checked by finite differences in float64; with an
+    ``optimizer``, a few steps on deep copies at its LR and at LR/10 test the learning rate.
+
+    Nothing given is changed: parameters, their ``.grad``, buffers, the optimizer's state,
+    the RNG state and ``training`` flags are as they were.
+
+    Args:
+        model: the model.
+        batch: ``(inputs, targets)``; ``model(inputs)`` (``model(*inputs)`` for a tuple,
+            ``model(**inputs)`` for a dict) then ``loss_fn(output, targets)``
+            (``loss_fn(output)`` when targets is None).
+        loss_fn: returns a scalar loss tensor.
+        optimizer: enables the LR probe.
+        lr_probe_steps: optimizer steps per LR probe run.
+        gradcheck_custom: check custom autograd Functions by finite differences.
+
+    Returns:
+        Diagnosis: ``findings`` (most urgent first), ``top``, ``healthy``, ``to_dict()``.
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> torch.manual_seed(0) and None
+        >>> layers = []
+        >>> for _ in range(12):
+        ...     lin = torch.nn.Linear(32, 32)
+        ...     _ = torch.nn.init.normal_(lin.weight, std=0.01)     # far too small
+        ...     layers += [lin, torch.nn.ReLU()]
+        >>> net = torch.nn.Sequential(*layers, torch.nn.Linear(32, 1))
+        >>> x, y = torch.randn(64, 32), torch.randn(64, 1)
+        >>> diag = gg.doctor(net, (x, y), torch.nn.MSELoss())
+        >>> diag.top.cause, diag.healthy
+        ('init_too_small', False)
+    """
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"doctor model: expected a torch.nn.Module, got {type(model).__name__}")
+    params = [p for p in model.parameters()]
+    if not params:
+        raise ValueError(f"doctor model: {type(model).__name__} has no parameters; nothing to diagnose")
+    if not any(p.requires_grad for p in params):
+        raise ValueError(f"doctor model: all {len(params)} parameters of {type(model).__name__} are frozen")
+    if not callable(loss_fn):
+        raise TypeError(f"doctor loss_fn: expected a callable, got {type(loss_fn).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"doctor optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if lr_probe_steps < 1:
+        raise ValueError(f"doctor lr_probe_steps={lr_probe_steps}: must be >= 1")
+    inputs, targets = split_batch(batch)
+    n_params = sum(p.numel() for p in params)
+    findings: list[Finding] = []
+    probes = ["inputs"]
+    with preserved(model):
+        findings += probe_nonfinite_input(inputs, targets)
+        if not findings:
+            cap = run_capture(
+                model,
+                lambda: forward_checked(model, inputs),
+                lambda out: loss_checked(loss_fn, out, targets),
+            )
+            probes += ["numerics", "signal", "recurrent", "disconnected"]
+            first = min(
+                (c for c in cap.calls if is_weight_layer(c.module) and not isinstance(c.module, nn.Embedding)),
+                key=lambda c: c.order,
+                default=None,
+            )
+            findings += probe_input_scale(
+                inputs, first.path if first else None, first.in_absmax if first else None
+            )
+            numeric = probe_nonfinite(cap, model)
+            findings += numeric
+            if not numeric:
+                findings += probe_half_headroom(cap)
+            if gradcheck_custom:
+                probes.append("gradcheck")
+                findings += probe_custom_functions(cap)
+            if not numeric:
+                findings += probe_signal(cap)
+                findings += probe_recurrent(cap)
+            findings += probe_disconnected(cap, model)
+            del cap
+            if optimizer is not None and not numeric:
+                probes.append("lr")
+
+                def step_loss(m: nn.Module) -> Tensor:
+                    return loss_checked(loss_fn, call_model(m, inputs), targets)
+
+                findings += probe_lr(model, optimizer, step_loss, steps=lr_probe_steps)
+    return Diagnosis(
+        findings=findings,
+        model=type(model).__name__,
+        n_params=n_params,
+        probes=probes,
+        elapsed_s=time.perf_counter() - t0,
+    )

@@ -1,0 +1,148 @@
+"""Probes: where a non-finite value first appears, float16 headroom, parameters without
+a gradient."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._capture import Capture
+from ._report import Finding
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+#: float16 activations/gradients above this share of the float16 range are one bad batch
+#: away from overflowing.
+FP16_HEADROOM = 0.5
+_HALF = (torch.float16,)
+
+
+def _first_nonfinite(cap: Capture) -> tuple[str | None, str, torch.dtype | None, float]:
+    """(module path, kind, dtype, largest finite input) of the innermost first module whose
+    output is non-finite while its inputs were finite."""
+    for c in sorted(cap.calls, key=lambda c: c.order):  # completion order: inner first
+        if not c.out_finite and c.in_finite:
+            return c.path or "(model)", "forward", c.out_dtype, c.in_absmax
+    return None, "", None, 0.0
+
+
+def probe_nonfinite(cap: Capture, model: nn.Module) -> list[Finding]:
+    """A non-finite loss or gradient from finite inputs: localise it and name the cause."""
+    path, _, dtype, in_absmax = _first_nonfinite(cap)
+    grads_bad = [n for n, g in cap.param_grads.items() if g is not None and not bool(torch.isfinite(g).all())]
+    loss_bad = not math.isfinite(cap.loss)
+    if path is None and not loss_bad and not grads_bad:
+        return []
+    if path is not None and dtype in _HALF:
+        return [
+            Finding(
+                "half_precision_overflow",
+                "error",
+                path,
+                {"dtype": str(dtype), "largest_finite_input": in_absmax, "fp16_max": FP16_MAX},
+                f"`{path}` overflows float16 (max {FP16_MAX:.0f}; its inputs reach "
+                f"{in_absmax:.3g}): run it in float32 or bfloat16 (torch.autocast(dtype="
+                f"torch.bfloat16)), or add LayerNorm / scale the activations down before it.",
+                0.95,
+            )
+        ]
+    if path is not None:
+        return [
+            Finding(
+                "nonfinite_loss",
+                "error",
+                path,
+                {"first_nonfinite_module": path, "largest_finite_input": in_absmax, "loss": cap.loss},
+                f"`{path}` turns finite inputs (|x| ≤ {in_absmax:.3g}) into NaN/Inf: guard its "
+                f"log/div/sqrt/exp with a clamp or an eps (e.g. torch.log(x.clamp_min(1e-12))).",
+                0.8,
+            )
+        ]
+    if loss_bad:
+        half = cap.loss_dtype in _HALF
+        return [
+            Finding(
+                "half_precision_overflow" if half else "nonfinite_loss",
+                "error",
+                "loss_fn",
+                {"loss": cap.loss, "model_output_finite": cap.output_finite, "loss_dtype": str(cap.loss_dtype)},
+                "the loss overflows float16: compute it in float32 (loss_fn(out.float(), y))"
+                if half
+                else "the model's output is finite but the loss is NaN/Inf (log 0, x/0, overflow "
+                "in the loss): use the fused, stable form (F.cross_entropy on logits, "
+                "BCEWithLogitsLoss) or clamp with an eps.",
+                0.95,
+            )
+        ]
+    params = dict(model.named_parameters())
+    half = any(params[n].dtype in _HALF for n in grads_bad)
+    return [
+        Finding(
+            "half_precision_overflow" if half else "nonfinite_loss",
+            "error",
+            grads_bad[-1].rpartition(".")[0] or "(model)",
+            {"loss": cap.loss, "params_nonfinite_grad": grads_bad[:10], "n_params_nonfinite_grad": len(grads_bad)},
+            "float16 gradients overflow: use torch.amp.GradScaler or bfloat16"
+            if half
+            else f"the loss is finite ({cap.loss:.4g}) but the backward pass gives NaN/Inf in "
+            f"{len(grads_bad)} parameters (the derivative of sqrt/log/pow at 0 is infinite): add "
+            f"an eps inside those ops (torch.sqrt(x + 1e-12)).",
+            0.85,
+        )
+    ]
+
+
+def probe_half_headroom(cap: Capture) -> list[Finding]:
+    """float16 activations close to the float16 maximum (not yet overflowing)."""
+    near = [
+        c
+        for c in cap.calls
+        if c.out_dtype in _HALF and math.isfinite(c.out_absmax) and c.out_absmax > FP16_HEADROOM * FP16_MAX
+    ]
+    if not near:
+        return []
+    worst = max(near, key=lambda c: c.out_absmax)
+    return [
+        Finding(
+            "half_precision_overflow",
+            "warning",
+            worst.path or "(model)",
+            {"max_abs_activation": worst.out_absmax, "fp16_max": FP16_MAX, "headroom": FP16_MAX / worst.out_absmax},
+            f"`{worst.path}` reaches {worst.out_absmax:.3g} in float16, {worst.out_absmax / FP16_MAX:.0%} "
+            f"of its range: use bfloat16 or float32 for it, or normalise its input.",
+            0.7,
+        )
+    ]
+
+
+def probe_disconnected(cap: Capture, model: nn.Module) -> list[Finding]:
+    """Trainable parameters that receive no gradient from the loss."""
+    none = [n for n, g in cap.param_grads.items() if g is None]
+    if not none:
+        return []
+    layers: list[str] = []
+    for n in none:
+        layer = n.rpartition(".")[0] or "(root)"
+        if layer not in layers:
+            layers.append(layer)
+    ran = {c.path for c in cap.calls}
+    unused = [lay for lay in layers if lay not in ran]
+    n_el = sum(p.numel() for n, p in model.named_parameters() if n in set(none))
+    why = (
+        f"{len(unused)} of them never ran in forward (an unused branch)"
+        if unused
+        else "they ran but their output was detached, computed under no_grad, or not used by the loss"
+    )
+    return [
+        Finding(
+            "disconnected_layer",
+            "warning",
+            layers[0],
+            {"params_without_grad": none[:20], "n_params_without_grad": len(none), "n_elements": n_el, "layers": layers[:20]},
+            f"{len(none)} trainable parameter(s) in {len(layers)} layer(s) ({', '.join(layers[:4])}"
+            f"{', ...' if len(layers) > 4 else ''}) get no gradient; {why}: remove .detach()/no_grad "
+            f"on that path, use the branch in the loss, or freeze it (requires_grad_(False)).",
+            0.9,
+        )
+    ]

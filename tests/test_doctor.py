@@ -1,0 +1,223 @@
+"""gg.doctor: leaves its arguments untouched, rejects bad input clearly, reports in JSON."""
+
+from __future__ import annotations
+
+import json
+import traceback
+
+import pytest
+import torch
+from tests.zoo.broken import dead_bias_mlp, lr_sgd_mlp, rnn_tanh_vanish
+from tests.zoo.healthy import bn_cnn
+from torch import nn
+
+import gradguard as gg
+from gradguard.doctor import Diagnosis, Finding
+
+
+def _snapshot(model, opt):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        [m.training for m in model.modules()],
+        {k: {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in s.items()} for k, s in opt.state_dict()["state"].items()},
+        [dict(g) for g in opt.state_dict()["param_groups"]],
+        torch.get_rng_state().clone(),
+    )
+
+
+def _assert_same(a, b):
+    sd_a, g_a, tr_a, st_a, pg_a, rng_a = a
+    sd_b, g_b, tr_b, st_b, pg_b, rng_b = b
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+    for x, y in zip(g_a, g_b):
+        assert (x is None and y is None) or torch.equal(x, y)
+    assert tr_a == tr_b
+    assert st_a.keys() == st_b.keys()
+    for k in st_a:
+        for n in st_a[k]:
+            x, y = st_a[k][n], st_b[k][n]
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert pg_a == pg_b
+    assert torch.equal(rng_a, rng_b)
+
+
+@pytest.mark.parametrize("build", [bn_cnn, lr_sgd_mlp], ids=["batchnorm_momentum", "diverging_lr"])
+def test_doctor_never_changes_its_arguments(build):
+    model, batch, loss_fn, _ = build()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2 if build is bn_cnn else 10.0)
+    # a non-empty optimizer state and existing .grad must survive too
+    loss_fn(model(batch[0]), batch[1]).backward()
+    opt.step()
+    loss_fn(model(batch[0]), batch[1]).backward()
+    model.train()
+    model.eval() if build is lr_sgd_mlp else None
+    before = _snapshot(model, opt)
+    x_before = batch[0].clone()
+    gg.doctor(model, batch, loss_fn, opt)
+    _assert_same(before, _snapshot(model, opt))
+    assert torch.equal(batch[0], x_before)
+
+
+def test_findings_sorted_root_cause_first_and_healthy_flag():
+    d = Diagnosis(
+        [
+            Finding("disconnected_layer", "warning", "a", {}, "r", 0.9),
+            Finding("lr_too_high", "error", None, {}, "r", 0.9),
+            Finding("dead_units", "info", "b", {}, "r", 0.3),
+            Finding("init_too_large", "warning", "c", {}, "r", 0.8),
+        ]
+    )
+    assert [f.cause for f in d.findings] == ["init_too_large", "lr_too_high", "disconnected_layer", "dead_units"]
+    assert d.top is not None and d.top.cause == "init_too_large"
+    assert not d.healthy
+    assert Diagnosis([Finding("dead_units", "info", None, {}, "r", 0.2)]).healthy
+    assert Diagnosis([]).top is None
+
+
+def test_finding_rejects_unknown_cause_and_severity():
+    with pytest.raises(ValueError, match="cause='exploding'"):
+        Finding("exploding", "error", None)
+    with pytest.raises(ValueError, match="severity='fatal'"):
+        Finding("dead_units", "fatal", None)  # type: ignore[arg-type]
+
+
+def test_diagnosis_json_roundtrip_and_atomic_save(tmp_path):
+    diag = gg.doctor(*lr_sgd_mlp())
+    assert diag.top is not None and diag.top.cause == "lr_too_high"
+    d = diag.to_dict()
+    text = json.dumps(d, allow_nan=False)  # strict JSON, no NaN literals
+    assert json.loads(text)["findings"][0]["cause"] == "lr_too_high"
+    path = diag.save(tmp_path / "run" / "diagnosis.json")
+    assert [p.name for p in path.parent.iterdir()] == ["diagnosis.json"]  # no temp file left
+    back = Diagnosis.load(path)
+    assert [f.cause for f in back.findings] == [f.cause for f in diag.findings]
+    assert back.findings[0].evidence["losses_at_lr"] == d["findings"][0]["evidence"]["losses_at_lr"]
+    (tmp_path / "bad.json").write_text('{"type": "other"}')
+    with pytest.raises(ValueError, match="not a gradguard diagnosis"):
+        Diagnosis.load(tmp_path / "bad.json")
+
+
+def test_nonfinite_evidence_is_written_as_strings():
+    f = Finding("nonfinite_loss", "error", "loss_fn", {"loss": float("nan"), "x": [float("inf"), 1.0]}, "r")
+    assert f.to_dict()["evidence"] == {"loss": "nan", "x": ["inf", 1.0]}
+
+
+def test_str_reads_cause_where_evidence_remedy():
+    text = str(gg.doctor(*dead_bias_mlp()))
+    assert "dead_units" in text and "evidence:" in text and "remedy:" in text and "dead_fraction=1" in text
+
+
+def test_recurrent_finding_measures_time_steps():
+    diag = gg.doctor(*rnn_tanh_vanish())
+    f = diag.top
+    assert f is not None and f.cause == "recurrent_vanishing" and f.where == "rnn"
+    assert f.evidence["steps"] == 60
+    assert f.evidence["ratio_first_to_last"] < 1e-4
+    assert 0 < f.evidence["spectral_radius"] < 1
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def test_batch_that_does_not_fit_names_the_batch():
+    with pytest.raises(ValueError, match=r"doctor batch: inputs \(16, 7\) float32 do not fit"):
+        gg.doctor(_mlp(), (torch.randn(16, 7), torch.randn(16, 1)), nn.MSELoss())
+    with pytest.raises(ValueError, match="doctor batch: expected an \\(inputs, targets\\) pair"):
+        gg.doctor(_mlp(), torch.randn(16, 4), nn.MSELoss())
+
+
+def test_non_scalar_loss_is_rejected():
+    with pytest.raises(ValueError, match=r"doctor loss_fn: returned a tensor of shape \(16, 1\)"):
+        gg.doctor(_mlp(), (torch.randn(16, 4), torch.randn(16, 1)), nn.MSELoss(reduction="none"))
+
+
+def test_model_without_parameters_is_rejected():
+    with pytest.raises(ValueError, match="doctor model: ReLU has no parameters"):
+        gg.doctor(nn.ReLU(), (torch.randn(4, 4), None), lambda out: out.sum())
+    with pytest.raises(TypeError, match=r"doctor model: expected a torch\.nn\.Module"):
+        gg.doctor(lambda x: x, (torch.randn(4, 4), None), lambda out: out.sum())  # type: ignore[arg-type]
+
+
+class _Boom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        raise KeyError("user bug in forward")
+
+
+def test_exception_in_user_forward_is_reraised_with_its_traceback():
+    with pytest.raises(KeyError, match="user bug in forward") as info:
+        gg.doctor(_Boom(), (torch.randn(2, 4), None), lambda out: out.sum())
+    frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+    assert frames[-1] == "forward"
+
+
+def test_dict_and_tuple_inputs_and_no_targets():
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 1), nn.Linear(3, 1)
+
+        def forward(self, x, z):
+            return self.a(x) + self.b(z)
+
+    m = Two()
+    x, z = torch.randn(8, 4), torch.randn(8, 3)
+    assert gg.doctor(m, ((x, z), None), lambda out: out.pow(2).mean()).healthy
+    assert gg.doctor(m, ({"x": x, "z": z}, None), lambda out: out.pow(2).mean()).healthy
+
+
+class _LogLayer(nn.Module):
+    def forward(self, x):
+        return torch.log(x)  # NaN for x < 0
+
+
+def test_nonfinite_is_localised_to_the_module_where_it_first_appears():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), _LogLayer(), nn.Linear(16, 1))
+    diag = gg.doctor(model, (torch.randn(32, 8), torch.randn(32, 1)), nn.MSELoss())
+    assert diag.top is not None and diag.top.cause == "nonfinite_loss"
+    assert diag.top.where == "3" and "`3`" in diag.top.remedy
+    assert len(diag.findings) == 1  # no depth diagnosis on top of NaNs
+
+
+def test_float16_overflow_names_the_layer_and_its_input_scale():
+    from tests.zoo.broken import fp16_activations
+
+    diag = gg.doctor(*fp16_activations())
+    f = diag.top
+    assert f is not None and f.cause == "half_precision_overflow" and f.severity == "error"
+    assert f.where == "2"  # the second Linear overflows, fed by finite inputs
+    assert f.evidence["largest_finite_input"] < 65504 < f.evidence["fp16_max"] + 1
+
+
+def test_root_cause_outranks_the_lr_divergence_it_provokes():
+    from tests.zoo.broken import unscaled_tabular
+
+    diag = gg.doctor(*unscaled_tabular())
+    causes = [f.cause for f in diag.findings]
+    assert causes[0] == "unscaled_input" and "lr_too_high" in causes
+    assert diag.top.evidence["max_feature_rms"] > 1000
+
+
+def test_raw_scale_is_fine_when_the_model_normalises_it_first():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+
+        def forward(self, x):
+            return self.net(x / 255.0)
+
+    torch.manual_seed(0)
+    x = torch.rand(32, 16) * 255.0
+    y = torch.randn(32, 1)
+    assert gg.doctor(Scaled(), (x, y), nn.MSELoss()).healthy
+    raw = gg.doctor(Scaled().net, (x, y), nn.MSELoss())
+    assert raw.top is not None and raw.top.cause == "unscaled_input" and raw.top.where == "inputs"
