@@ -1,8 +1,18 @@
-"""``gradguard demo``: the same unstable training run, unguarded and guarded."""
+"""``gradguard demo``: the same unstable training run, unguarded and guarded.
+
+A 6-layer ReLU MLP trained with SGD + momentum on a synthetic regression task meets the
+faults of a real run: batches whose inputs are blown up by :data:`SPIKE_SCALE` (a bad
+shard, an unnormalised feature) and one batch with a NaN feature. Unguarded, the first
+corrupted batch drives the weights to Inf/NaN and the run is lost. Guarded by
+``Guard(clip=ZClip(), recovery=Recovery())`` the spikes are clipped, the NaN step is
+skipped, the recovery ladder reacts, and training reaches the same loss as a clean run.
+"""
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,25 +21,49 @@ import torch
 from torch import nn
 
 from .clipping import ZClip
-from .events import JsonlSink
-from .guard import Guard
+from .events import JsonlSink, read_jsonl
+from .guard import Guard, TrainingDiverged
+from .recovery import Recovery
 
-#: A corrupted batch (inputs scaled by this factor) arrives at these steps.
+#: A corrupted batch has its inputs scaled by this factor.
 SPIKE_SCALE = 1e4
+BATCH = 64
+#: Consecutive NaN batches in the corrupted shard.
+NAN_SHARD = 4
+LR = 0.05
 
 
 @dataclass
 class RunSummary:
+    """What happened in one demo run.
+
+    Attributes:
+        name: ``"unguarded"`` or ``"guarded"``.
+        final_loss: loss of the final model on the whole (clean) data set.
+        first_nan_step: first step whose loss was NaN/Inf, or None.
+        skips: optimizer steps skipped by the guard.
+        clipped_steps: steps whose gradients were clipped.
+        rollbacks, lr_backoffs: recovery actions taken.
+        weights_finite: every parameter finite at the end.
+        aborted: the recovery ladder raised ``TrainingDiverged``.
+        events: event messages, in order.
+    """
+
     name: str
     final_loss: float
     first_nan_step: int | None
-    skips: int
-    clipped_steps: int
+    skips: int = 0
+    clipped_steps: int = 0
+    rollbacks: int = 0
+    lr_backoffs: int = 0
+    weights_finite: bool = True
+    aborted: bool = False
     events: list[str] = field(default_factory=list)
 
     @property
     def broke(self) -> bool:
-        return self.first_nan_step is not None or not math.isfinite(self.final_loss)
+        """The run ended with non-finite weights or loss, or the guard aborted it."""
+        return self.aborted or not self.weights_finite or not math.isfinite(self.final_loss)
 
 
 def make_data(seed: int, n: int = 2048, d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,83 +85,151 @@ def make_model(seed: int, d: int = 32, width: int = 128, depth: int = 6) -> nn.M
     return nn.Sequential(*layers)
 
 
+def fault_schedule(steps: int) -> dict[int, str]:
+    """Which step gets which fault: ``"spike"`` (inputs scaled by :data:`SPIKE_SCALE`) or
+    ``"nan"`` (a NaN feature). A corrupted shard of :data:`NAN_SHARD` consecutive NaN
+    batches sits in the middle: more than one skip can absorb, so the ladder acts."""
+    faults = {steps // 4: "spike", 3 * steps // 4: "spike"}
+    faults.update({steps // 2 + i: "nan" for i in range(NAN_SHARD)})
+    return faults
+
+
 def train(
-    *, guarded: bool, steps: int, seed: int, out: Path | None, spikes: tuple[int, ...]
+    *,
+    guarded: bool,
+    steps: int,
+    seed: int,
+    out: Path | None,
+    faults: dict[int, str],
+    on_step: Callable[[], None] | None = None,
 ) -> RunSummary:
+    """Train once; ``on_step`` is called after every step (progress display)."""
     x, y = make_data(seed)
     model = make_model(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     guard = None
     if guarded:
         sinks: list[Any] = [JsonlSink(out)] if out is not None else []
-        guard = Guard(model, opt, clip=ZClip(), every=25, sinks=sinks)
+        guard = Guard(model, opt, clip=ZClip(), recovery=Recovery(), every=25, sinks=sinks)
     g = torch.Generator().manual_seed(seed + 1)
-    first_nan = None
-    loss_v = math.nan
-    for step in range(steps):
-        idx = torch.randint(0, x.shape[0], (64,), generator=g)
-        xb, yb = x[idx], y[idx]
-        if step in spikes:
-            xb = xb * SPIKE_SCALE  # a corrupted batch
-        loss = nn.functional.mse_loss(model(xb), yb)
-        loss.backward()
-        if guard is not None:
-            guard.step(loss)
-        else:
-            opt.step()
-        opt.zero_grad()
-        loss_v = loss.item()
-        if first_nan is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            first_nan = step
-    # the final loss is measured on the whole clean data set
+    # one flag per step, kept on the device and read once at the end
+    nonfinite = torch.zeros(steps, dtype=torch.bool)
+    aborted = False
+    try:
+        for step in range(steps):
+            idx = torch.randint(0, x.shape[0], (BATCH,), generator=g)
+            xb, yb = x[idx], y[idx]
+            fault = faults.get(step)
+            if fault == "spike":
+                xb = xb * SPIKE_SCALE
+            elif fault == "nan":
+                xb = xb.clone()
+                xb[0, 0] = math.nan
+            loss = nn.functional.mse_loss(model(xb), yb)
+            loss.backward()
+            nonfinite[step] = ~torch.isfinite(loss.detach())
+            if guard is not None:
+                guard.step(loss)
+            else:
+                opt.step()
+            opt.zero_grad()
+            if on_step is not None:
+                on_step()
+    except TrainingDiverged:  # the ladder gave up: report it as a broken run
+        aborted = True
     with torch.no_grad():
         final = nn.functional.mse_loss(model(x), y).item()
-    del loss_v
-    if guard is not None:
-        guard.close()
-        clipped = 0
-        skips = guard.skipped_steps
-        if out is not None:
-            from .events import read_jsonl
-
-            clipped = sum(
-                1
-                for r in read_jsonl(out / "metrics.jsonl")
-                if r["type"] == "step" and r["clip_coef"] is not None and r["clip_coef"] < 1.0
-            )
-        return RunSummary(
-            "guarded", final, first_nan, skips, clipped, [e.message for e in guard.events]
+        weights_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    bad = nonfinite.nonzero().flatten().tolist()
+    first_nan = bad[0] if bad else None
+    summary = RunSummary("guarded" if guarded else "unguarded", final, first_nan)
+    summary.weights_finite = weights_finite
+    summary.aborted = aborted
+    if guard is None:
+        return summary
+    guard.close()
+    kinds = Counter(e.kind for e in guard.events)
+    summary.skips = guard.skipped_steps
+    summary.rollbacks = kinds.get("rollback", 0)
+    summary.lr_backoffs = kinds.get("lr_backoff", 0)
+    summary.events = [e.message for e in guard.events]
+    if out is not None:
+        summary.clipped_steps = sum(
+            1
+            for r in read_jsonl(out / "metrics.jsonl")
+            if r["type"] == "step" and r["clip_coef"] is not None and r["clip_coef"] < 1.0
         )
-    return RunSummary("unguarded", final, first_nan, 0, 0)
+    return summary
 
 
 def run_demo(
-    *, out: str | Path = "runs/demo", steps: int = 400, seed: int = 0
+    *,
+    out: str | Path = "runs/demo",
+    steps: int = 400,
+    seed: int = 0,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> tuple[RunSummary, RunSummary]:
-    """Train the same model twice on data with corrupted batches; return both summaries."""
+    """Train the same model twice on data with corrupted batches; return both summaries.
+
+    The guarded run's JSONL files go to ``out`` (previous ones are replaced).
+    ``progress(name, total)`` may return a per-step callback.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 40:
+        raise ValueError(f"run_demo(steps={steps!r}): must be an int >= 40")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for f in ("events.jsonl", "metrics.jsonl"):
+    for f in ("events.jsonl", "metrics.jsonl", "report.html"):
         (out / f).unlink(missing_ok=True)
-    spikes = tuple(s for s in (steps // 4, steps // 2, 3 * steps // 4) if s > 30)
-    a = train(guarded=False, steps=steps, seed=seed, out=None, spikes=spikes)
-    b = train(guarded=True, steps=steps, seed=seed, out=out, spikes=spikes)
+    faults = fault_schedule(steps)
+
+    def cb(name: str) -> Callable[[], None] | None:
+        return progress(name, steps) if progress is not None else None
+
+    a = train(guarded=False, steps=steps, seed=seed, out=None, faults=faults, on_step=cb("unguarded"))
+    b = train(guarded=True, steps=steps, seed=seed, out=out, faults=faults, on_step=cb("guarded"))
     return a, b
 
 
-def format_summary(a: RunSummary, b: RunSummary, out: str | Path) -> str:
-    def fmt(x: float) -> str:
-        return f"{x:.4g}" if math.isfinite(x) else str(x)
+def _fmt(x: float) -> str:
+    return f"{x:.4g}" if math.isfinite(x) else str(x)
 
-    rows = [
-        ("", "unguarded", "guarded (ZClip)"),
-        ("final loss", fmt(a.final_loss), fmt(b.final_loss)),
-        ("first NaN step", str(a.first_nan_step), str(b.first_nan_step)),
+
+def summary_rows(a: RunSummary, b: RunSummary) -> list[tuple[str, str, str]]:
+    """The side-by-side table: (what, unguarded, guarded)."""
+    return [
+        ("final loss (clean data)", _fmt(a.final_loss), _fmt(b.final_loss)),
+        ("weights finite at the end", str(a.weights_finite), str(b.weights_finite)),
+        ("first NaN step (loss)", str(a.first_nan_step), str(b.first_nan_step)),
         ("skipped steps", "-", str(b.skips)),
         ("clipped steps", "-", str(b.clipped_steps)),
+        ("LR back-offs", "-", str(b.lr_backoffs)),
+        ("rollbacks", "-", str(b.rollbacks)),
+        ("outcome", "BROKE" if a.broke else "ok", "BROKE" if b.broke else "recovered"),
     ]
+
+
+def format_summary(a: RunSummary, b: RunSummary, out: str | Path) -> str:
+    """Plain-text side-by-side summary (used when stdout is not a terminal)."""
+    rows = [("", "unguarded", "guarded (ZClip + Recovery)"), *summary_rows(a, b)]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]}" for r in rows]
     lines.append(f"run directory: {Path(out).resolve()}")
     return "\n".join(lines)
+
+
+def rich_summary(a: RunSummary, b: RunSummary) -> Any:
+    """The same summary as a ``rich`` table."""
+    from rich.table import Table
+
+    t = Table(title="gradguard demo: the same unstable run, twice")
+    t.add_column("")
+    t.add_column("unguarded", justify="right")
+    t.add_column("guarded (ZClip + Recovery)", justify="right")
+    for what, u, gd in summary_rows(a, b):
+        t.add_row(
+            what,
+            f"[red]{u}[/]" if u in ("BROKE", "nan", "inf", "False") else u,
+            f"[green]{gd}[/]" if gd == "recovered" else gd,
+        )
+    return t

@@ -1,0 +1,65 @@
+"""``gradguard report``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write a self-contained HTML incident report for a run directory",
+        description=(
+            "Read RUN_DIR/metrics.jsonl and events.jsonl (written by gg.JsonlSink) and, when "
+            "present, the doctor's diagnosis.json; write one HTML file with a summary "
+            "sentence, loss and gradient-norm plots with events, a per-layer heatmap, the "
+            "gradient flow, and the events with remedies. No network needed to view it.\n\n"
+            "Exit codes: 0 written, 2 missing/empty/corrupt run directory or newer schema "
+            "(a truncated last line, e.g. of a killed run, is skipped with a warning)."
+        ),
+        epilog="example:  gradguard report runs/exp1 -o exp1.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory with metrics.jsonl")
+    p.add_argument(
+        "-o", "--out", default=None, help="output file (default: RUN_DIR/report.html)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import EXIT_OK, UsageError
+    from .report import ReportError, report
+
+    try:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    except ImportError:  # progress is a nicety; the report itself needs matplotlib
+        Progress = None  # type: ignore[assignment,misc]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            if Progress is not None and sys.stderr.isatty():
+                with Progress(
+                    SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                    transient=True,
+                ) as bar:
+                    task = bar.add_task("reading run", total=None)
+                    path = report(
+                        args.run_dir, args.out,
+                        progress=lambda what: bar.update(task, description=f"drawing {what}"),
+                    )
+            else:
+                path = report(args.run_dir, args.out)
+        except ReportError as e:
+            raise UsageError(str(e)) from e
+        except ImportError as e:
+            raise UsageError(str(e)) from e
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            print(f"gradguard report: warning: {w.message}", file=sys.stderr)
+    print(path)
+    return EXIT_OK

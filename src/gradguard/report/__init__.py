@@ -1,0 +1,8 @@
+"""HTML incident report of a run directory (placeholder while being written)."""
+
+from __future__ import annotations
+
+from ._data import ReportError, RunData, load_run
+from ._html import report
+
+__all__ = ["ReportError", "RunData", "load_run", "report"]

@@ -1,0 +1,355 @@
+"""The HTML incident report: content, downsampling, bad input, and a real headless browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests.helpers import batches, mlp
+
+import gradguard as gg
+from gradguard.cli import main
+from gradguard.events import Flush
+from gradguard.report import ReportError, load_run
+from gradguard.report._data import max_pool, minmax_downsample, summary_sentence
+
+pytest.importorskip("matplotlib")
+
+NAN_STEP = 17
+SECTIONS = ("Summary", "Loss", "Gradient norm and clipping", "Per-layer gradient norms",
+            "Gradient flow", "Events")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A real guarded run with a NaN gradient and a spike batch."""
+    d = tmp_path_factory.mktemp("run")
+    model = mlp(depth=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gg.Guard(model, opt, clip=gg.ZClip(warmup_steps=5), every=10,
+                  sinks=[gg.JsonlSink(d)]) as guard:
+        for step, (x, y) in enumerate(batches(60)):
+            if step == 30:
+                x = x * 1e3
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            if step == NAN_STEP:
+                model[2].weight.grad[0, 0] = math.nan
+            guard.step(loss)
+            opt.zero_grad()
+    return d
+
+
+def _images(page: str) -> list[str]:
+    return re.findall(r'<img [^>]*src="([^"]+)"', page)
+
+
+def test_report_is_self_contained_with_every_section(run_dir, tmp_path):
+    path = gg.report(run_dir, tmp_path / "r.html")
+    page = path.read_text()
+    for title in SECTIONS:
+        assert f">{title}</h2>" in page
+    imgs = _images(page)
+    assert len(imgs) == 4
+    for src in imgs:  # every plot is an embedded PNG that decodes
+        assert src.startswith("data:image/png;base64,")
+        from matplotlib.image import imread
+
+        img = imread(io.BytesIO(base64.b64decode(src.split(",", 1)[1])), format="png")
+        assert img.shape[0] > 100 and img.shape[1] > 500
+        assert img[..., :3].std() > 0.05  # not a blank canvas
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing from the network
+    assert "<script" not in page
+    assert f"Gradients exploded at step {NAN_STEP}" in page
+    assert "Diagnosis" not in page  # no diagnosis.json in this run
+
+
+def test_report_default_path_is_in_the_run_dir(run_dir):
+    assert gg.report(run_dir) == run_dir / "report.html"
+    assert (run_dir / "report.html").stat().st_size > 10_000
+
+
+def test_summary_sentence_of_a_real_run(run_dir):
+    s = summary_sentence(load_run(run_dir))
+    assert s.startswith(f"Gradients exploded at step {NAN_STEP} in `")
+    assert "(NaN)" in s and "skipped 1 step" in s and s.endswith("training recovered.")
+
+
+def _data(events, n=100, nan_tail=False):
+    d = load_run_like(n)
+    d.events = events
+    if nan_tail:
+        d.grad_norm[-5:] = np.nan
+    return d
+
+
+def load_run_like(n: int):
+    from gradguard.report._data import RunData
+
+    return RunData(
+        Path("x"), np.arange(n), np.linspace(1, 0.1, n), np.full(n, 2.0), np.ones(n),
+        np.zeros(n, dtype=bool), [], np.zeros(0, dtype=np.int64), np.zeros((0, 0)),
+        np.zeros((0, 0)), [],
+    )
+
+
+def _ev(kind, step, severity="warning", layer=None, message="", data=None):
+    return {"kind": kind, "step": step, "severity": severity, "layer": layer,
+            "message": message, "data": data or {}}
+
+
+@pytest.mark.parametrize(
+    "events, nan_tail, expected",
+    [
+        ([], False, "No gradient trouble in 100 steps: the gradient norm stayed between 2 and 2."),
+        (
+            [_ev("nonfinite_grad", 412, "error", "layers.7.mlp", "step 412: gradient norm is NaN"),
+             _ev("lr_backoff", 413, data={"factor": 0.5})],
+            False,
+            "Gradients exploded at step 412 in `layers.7.mlp` (NaN). gradguard halved the LR; "
+            "training recovered.",
+        ),
+        (
+            [_ev("grad_spike", 40, layer="fc"), _ev("rollback", 41), _ev("rollback", 60),
+             _ev("abort", 70, "error")],
+            False,
+            "The gradient norm spiked at step 40 in `fc`. gradguard rolled back 2 times; "
+            "training was stopped at step 70.",
+        ),
+        (
+            [_ev("nonfinite_grad", 5, "error", message="gradient norm is Inf"),
+             _ev("loss_spike", 9)],
+            True,
+            "Gradients exploded at step 5 (Inf). Training did not recover (the last steps are "
+            "still non-finite).",
+        ),
+        (
+            [_ev("grad_spike", 10, layer="fc"), _ev("nonfinite_grad", 20, "error", "fc", "is NaN"),
+             _ev("nonfinite_grad", 21, "error", "fc", "is NaN"),
+             _ev("lr_backoff", 21, data={"factor": 0.1}), _ev("lr_backoff", 22, data={"factor": 0.01})],
+            False,
+            "The gradient norm spiked at step 10 in `fc`. Gradients became NaN at step 20 in `fc` "
+            "(2 non-finite steps in all). gradguard cut the LR to x0.01 (2 back-offs); training "
+            "recovered.",
+        ),
+        ([_ev("vanishing_grad", 0, layer="0")], False,
+         "Gradients vanished in `0` from step 0. Training recovered."),
+    ],
+)
+def test_summary_sentence_table(events, nan_tail, expected):
+    assert summary_sentence(_data(events, nan_tail=nan_tail)) == expected
+
+
+def test_summary_sentence_counts_skips_and_clips():
+    d = _data([_ev("nonfinite_grad", 3, "error")])
+    d.skipped[[3, 4, 5]] = True
+    d.clip_coef[10:12] = 0.5
+    assert summary_sentence(d).endswith(
+        "gradguard skipped 3 steps and clipped 2 steps; training recovered."
+    )
+
+
+def test_diagnosis_is_rendered_when_present(run_dir, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    diag = {
+        "healthy": False,
+        "findings": [
+            {"cause": "init_too_large", "severity": "error", "where": "2",
+             "evidence": {"growth_per_layer": 3.2, "layers": [0, 2]},
+             "remedy": "Re-initialise with gg.init.apply_(model, 'he').", "confidence": 0.9},
+            {"cause": "lr_too_high", "severity": "warning", "where": None,
+             "evidence": {"loss_ratio": 7.5}, "remedy": "Lower the LR 10x.", "confidence": 0.6},
+        ],
+    }
+    (d / "diagnosis.json").write_text(json.dumps(diag))
+    page = gg.report(d).read_text()
+    assert ">Diagnosis</h2>" in page
+    diag_part = page.split(">Diagnosis</h2>", 1)[1]
+    for text in ("init_too_large", "lr_too_high", "growth_per_layer = 3.2", "90%",
+                 "gg.init.apply_(model, &#x27;he&#x27;)", "Lower the LR 10x."):
+        assert text in diag_part
+    assert diag_part.index("init_too_large") < diag_part.index("lr_too_high")
+
+
+# ---- downsampling -----------------------------------------------------------------------
+def test_minmax_downsample_keeps_a_one_step_spike():
+    y = np.ones(100_000)
+    y[54_321] = 1e6
+    y[7] = -3.0
+    x, yd = minmax_downsample(np.arange(100_000), y, max_points=1000)
+    assert len(yd) <= 1000
+    assert 1e6 in yd and -3.0 in yd and 54_321 in x
+
+
+def test_max_pool_keeps_a_hot_column_and_nan_blocks():
+    a = np.ones((500, 2000))
+    a[:, 1234] = 1e5
+    a[:, :20] = np.nan  # exactly the first block of columns
+    b, kr, kc = max_pool(a, 100, 100)
+    assert b.shape[0] <= 100 and b.shape[1] <= 100 and (kr, kc) == (5, 20)
+    assert (b[:, 1234 // kc] == 1e5).all()
+    assert np.isnan(b[:, 0]).all() and (b[:, 1] == 1.0).all()
+
+
+def _synthetic_run(d: Path, steps: int, layers: int, every: int) -> None:
+    """A run directory written through JsonlSink with ``layers`` layers."""
+    sink = gg.JsonlSink(d, fsync=False)
+    rng = np.random.default_rng(0)
+    names = [f"blocks.{i}.mlp" for i in range(layers)]
+    for start in range(0, steps, every):
+        st = list(range(start, min(start + every, steps)))
+        norms = np.exp(rng.normal(size=len(st)))
+        recs = [{"step": s, "loss": 1.0 / (1 + s), "grad_norm": float(n), "clip_coef": 1.0,
+                 "skipped": False, "finite": True} for s, n in zip(st, norms)]
+        g = (np.exp(rng.normal(size=layers)) * np.linspace(1e-4, 1, layers)).tolist()
+        sink.write(Flush(steps=recs, layers={"step": st[-1], "first_step": st[0], "layers": names,
+                                             "grad_norm": g, "grad_norm_max": g}, events=[]))
+    sink.close()
+
+
+def test_many_layers_and_steps_are_downsampled(tmp_path):
+    _synthetic_run(tmp_path, steps=5_500, layers=520, every=5)
+    page = gg.report(tmp_path).read_text()
+    assert len(page) < 3_000_000
+    assert "then the max over blocks of 2 layers x 2 windows" in page
+    assert "No gradient trouble in 5500 steps" in page
+
+
+# ---- bad input --------------------------------------------------------------------------
+def _cli(capsys, *args):
+    rc = main(["report", *map(str, args)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_report_writes_and_prints_the_path(run_dir, tmp_path, capsys):
+    rc, out, _ = _cli(capsys, run_dir, "-o", tmp_path / "x.html")
+    assert rc == 0 and out.strip() == str(tmp_path / "x.html")
+    assert (tmp_path / "x.html").exists()
+
+
+def test_cli_report_missing_dir_exits_2(tmp_path, capsys):
+    rc, _, err = _cli(capsys, tmp_path / "nope")
+    assert rc == 2 and "does not exist" in err and "nope" in err
+
+
+def test_cli_report_empty_dir_exits_2(tmp_path, capsys):
+    rc, _, err = _cli(capsys, tmp_path)
+    assert rc == 2 and "no gradguard files" in err
+
+
+def test_cli_report_no_step_records_exits_2(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("")
+    rc, _, err = _cli(capsys, tmp_path)
+    assert rc == 2 and "no step records" in err
+
+
+def _copy(run_dir: Path, tmp: Path) -> Path:
+    d = tmp / "run"
+    shutil.copytree(run_dir, d)
+    (d / "report.html").unlink(missing_ok=True)
+    return d
+
+
+def test_cli_report_corrupt_line_exits_2(run_dir, tmp_path, capsys):
+    d = _copy(run_dir, tmp_path)
+    lines = (d / "metrics.jsonl").read_text().splitlines()
+    lines[5] = lines[5][:20]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    rc, _, err = _cli(capsys, d)
+    assert rc == 2 and "metrics.jsonl:6: corrupt JSON line" in err
+    assert not (d / "report.html").exists()
+
+
+def test_cli_report_newer_schema_exits_2(run_dir, tmp_path, capsys):
+    d = _copy(run_dir, tmp_path)
+    with open(d / "events.jsonl", "a") as fh:
+        fh.write(json.dumps({"v": 2, "type": "event", "kind": "future", "step": 99}) + "\n")
+    rc, _, err = _cli(capsys, d)
+    assert rc == 2 and "schema version 2 is newer" in err
+
+
+def test_cli_report_corrupt_diagnosis_exits_2(run_dir, tmp_path, capsys):
+    d = _copy(run_dir, tmp_path)
+    (d / "diagnosis.json").write_text('{"findings": [')
+    rc, _, err = _cli(capsys, d)
+    assert rc == 2 and "diagnosis.json: corrupt JSON" in err
+
+
+def test_cli_report_truncated_last_line_warns_and_renders(run_dir, tmp_path, capsys):
+    d = _copy(run_dir, tmp_path)
+    text = (d / "metrics.jsonl").read_text()
+    (d / "metrics.jsonl").write_text(text + '{"v": 1, "type": "step", "step": 60, "lo')
+    rc, out, err = _cli(capsys, d)
+    assert rc == 0 and "warning" in err and "truncated last line" in err
+    page = (d / "report.html").read_text()
+    assert "truncated last line" in page and ">Summary</h2>" in page
+    assert out.strip() == str(d / "report.html")
+
+
+def test_report_api_raises_report_error(tmp_path):
+    with pytest.raises(ReportError, match="does not exist"):
+        gg.report(tmp_path / "missing")
+    assert issubclass(ReportError, ValueError)
+
+
+# ---- a real browser ---------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
+
+
+def _chromium(page: Path, *flags: str) -> subprocess.CompletedProcess:
+    assert CHROMIUM is not None
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", *flags, page.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+
+
+def _console_messages(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ":CONSOLE" in ln]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_console_capture_sees_a_console_error(tmp_path):
+    """The check below would catch a broken page: a console.error is seen."""
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><script>console.error('boom-from-page')</script></body></html>")
+    r = _chromium(bad, "--dump-dom")
+    assert any("boom-from-page" in m for m in _console_messages(r.stderr))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    from matplotlib.image import imread
+
+    page = gg.report(run_dir, tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    r = _chromium(page, "--dump-dom", f"--screenshot={shot}", "--window-size=1280,3000")
+    assert r.returncode == 0 and shot.exists(), r.stderr[-2000:]
+    for title in SECTIONS:
+        assert f">{title}</h2>" in r.stdout
+    assert r.stdout.count("<img") == 4
+    assert f"Gradients exploded at step {NAN_STEP}" in r.stdout
+    assert _console_messages(r.stderr) == []
+
+    img = imread(shot)
+    assert img.shape[:2] == (3000, 1280)
+    rgb = img[..., :3]
+    non_white = (rgb < 0.95).any(axis=-1).mean()
+    assert 0.05 < non_white < 0.9  # text and plots drawn, not a blank or error page
+    assert len(np.unique((rgb * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 200

@@ -1,0 +1,244 @@
+"""TensorBoard, W&B and console sinks: values read back from the real files; failures
+are reported once and never stop training; sinks see data only at flush."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import struct
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+from tests.helpers import batches, mlp
+
+import gradguard as gg
+from gradguard.events import Flush
+from gradguard.sinks import LAYERS_PER_SECTION, layer_sections
+
+NAN_STEP = 3
+
+
+def _train(sinks, steps: int = 12, every: int = 5, nan_step: int | None = NAN_STEP) -> gg.Guard:
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, clip=gg.NormClip(0.5), every=every, sinks=sinks)
+    for step, (x, y) in enumerate(batches(steps)):
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        if step == nan_step:
+            model[0].weight.grad[0, 0] = math.nan
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    return guard
+
+
+def _jsonl_steps(run_dir) -> list[dict]:
+    return [r for r in gg.read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "step"]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.flushes: list[Flush] = []
+        self.closed = False
+
+    def write(self, flush: Flush) -> None:
+        self.flushes.append(flush)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Broken:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def write(self, flush: Flush) -> None:
+        self.calls += 1
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+# ---- TensorBoard ---------------------------------------------------------------------
+def test_tensorboard_sink_values_match_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    guard = _train([gg.TensorBoardSink(tmp_path / "tb"), gg.JsonlSink(tmp_path / "run")])
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    ref = _jsonl_steps(tmp_path / "run")
+
+    norms = {e.step: e.value for e in acc.Scalars("gradguard/grad_norm")}
+    expected = {r["step"]: r["grad_norm"] for r in ref if r["grad_norm"] is not None}
+    assert set(norms) == set(expected) and NAN_STEP not in norms
+    for s, v in expected.items():
+        assert norms[s] == pytest.approx(v, rel=1e-6)
+    losses = {e.step: e.value for e in acc.Scalars("gradguard/loss")}
+    assert losses[7] == pytest.approx(next(r["loss"] for r in ref if r["step"] == 7), rel=1e-6)
+    coefs = [e.value for e in acc.Scalars("gradguard/clip_coef")]
+    assert min(coefs) < 1.0  # NormClip(0.5) clipped something
+    skips = acc.Scalars("gradguard/skips")
+    assert [e.value for e in skips][-1] == guard.skipped_steps == 1
+    assert skips[NAN_STEP - 1].value == 0 and skips[NAN_STEP].value == 1
+
+    layer_tags = [t for t in tags["scalars"] if t.startswith("grad_norm_layers.")]
+    assert sorted(t.rsplit("/", 1)[1] for t in layer_tags) == ["0", "2", "4"]
+    assert "gradguard/layer_grad_norms_log10" in tags["histograms"]
+    texts = [t for t in tags["tensors"] if t.startswith("gradguard/events")]
+    assert texts
+    text = b" ".join(
+        v for t in texts for e in acc.Tensors(t) for v in e.tensor_proto.string_val
+    ).decode()
+    assert "nonfinite_grad" in text and f"step {NAN_STEP}" in text
+
+
+def test_layer_sections_keep_every_section_small():
+    names = [f"blocks.{i}.mlp" for i in range(150)] + ["embed", "head"]
+    sec = layer_sections(names)
+    sizes: dict[str, int] = {}
+    for s in sec.values():
+        sizes[s] = sizes.get(s, 0) + 1
+    assert max(sizes.values()) <= LAYERS_PER_SECTION
+    assert sec["embed"] == "embed" and sec["head"] == "head"
+    assert sec["blocks.0.mlp"] == "blocks[0]" and sec["blocks.149.mlp"] == "blocks[4]"
+    assert len(sec) == len(names)
+
+
+# ---- W&B (offline) --------------------------------------------------------------------
+def _wandb_records(path: str) -> list:
+    """Parse a ``.wandb`` transaction log (LevelDB log format framing, protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, block, buf, out = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, typ = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and typ == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        buf = chunk if typ in (1, 2) else buf + chunk
+        if typ in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+            buf = b""
+    return out
+
+
+def test_wandb_sink_offline_run_files(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sink = gg.WandbSink(project="gradguard-test", dir=str(tmp_path), mode="offline")
+    guard = _train([sink, gg.JsonlSink(tmp_path / "run")])
+    ref = {r["step"]: r for r in _jsonl_steps(tmp_path / "run")}
+    (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    # wandb's service process may still be writing the log when finish() returns
+    deadline = time.monotonic() + 60
+    records = _wandb_records(path)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, "wandb never wrote the exit record"
+        time.sleep(0.2)
+        records = _wandb_records(path)
+    hist: dict[int, dict] = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+            hist.setdefault(row["_step"], {}).update(row)
+    assert sorted(hist) == list(range(12))
+    for s, r in ref.items():
+        if r["grad_norm"] is None:
+            assert "gradguard/grad_norm" not in hist[s]
+        else:
+            assert hist[s]["gradguard/grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-6)
+        assert hist[s]["gradguard/loss"] == pytest.approx(r["loss"], rel=1e-6)
+    assert hist[11]["gradguard/skips"] == guard.skipped_steps == 1
+    assert hist[NAN_STEP]["gradguard/events/nonfinite_grad"] == 1
+    assert any(k.startswith("grad_norm_layers.") for k in hist[4])
+    (table,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "table" / "**" / "*.json"), recursive=True)
+    rows = json.load(open(table))["data"]
+    assert [r[2] for r in rows] == [e.kind for e in guard.events]
+
+
+# ---- console --------------------------------------------------------------------------
+def test_console_sink_plain_lines_when_not_a_terminal():
+    buf = io.StringIO()
+    guard = _train([gg.ConsoleSink(file=buf)])
+    lines = buf.getvalue().splitlines()
+    status = [ln for ln in lines if ln.startswith("step ")]
+    assert len(status) == 3  # flushes at steps 4, 9 and close (11)
+    assert status[-1].startswith("step 11 | loss ")
+    assert "skips 1" in status[-1] and "last event: skip @ 3" in status[-1]
+    assert "\x1b[" not in buf.getvalue()  # no ANSI codes in a pipe
+    # every event printed exactly once, with its remedy
+    for e in guard.events:
+        assert sum(f"step {e.step} {e.kind}" in ln for ln in lines) == 1
+    assert any("Remedy:" in ln for ln in lines)
+
+
+def test_console_sink_rich_table_on_a_terminal():
+    pytest.importorskip("rich")
+    buf = io.StringIO()
+    _train([gg.ConsoleSink(file=buf, force_terminal=True)])
+    out = buf.getvalue()
+    assert "\x1b[" in out  # styled output
+    for col in ("step", "loss", "grad norm", "clip", "skips", "last event"):
+        assert col in out
+    assert out.count("nonfinite_grad") == 1
+
+
+# ---- failure handling and flush-only delivery ------------------------------------------
+def test_failing_sink_is_reported_once_and_training_continues(tmp_path):
+    broken, rec = Broken(), Recorder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guard = _train([broken, rec, gg.JsonlSink(tmp_path)], steps=20, every=5)
+    reports = [w for w in caught if "Broken failed" in str(w.message)]
+    assert len(reports) == 1 and "No space left" in str(reports[0].message)
+    assert broken.calls == 1
+    assert guard.step_count == 20
+    assert len(_jsonl_steps(tmp_path)) == 20 and rec.closed
+
+
+def test_sinks_receive_data_only_at_flush():
+    rec = Recorder()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, every=4, sinks=[rec])
+    for i, (x, y) in enumerate(batches(10)):
+        (model(x) - y).pow(2).mean().backward()
+        guard.step()
+        opt.zero_grad()
+        assert len(rec.flushes) == (i + 1) // 4
+    guard.close()
+    assert [len(f.steps) for f in rec.flushes] == [4, 4, 2]
+
+
+@pytest.mark.parametrize(
+    "module, make, extra",
+    [
+        ("wandb", lambda: gg.WandbSink(mode="offline"), "gradguard[wandb]"),
+        ("torch.utils.tensorboard", lambda: gg.TensorBoardSink("unused"), "gradguard[tensorboard]"),
+        ("rich.console", lambda: gg.ConsoleSink(file=io.StringIO(), force_terminal=True), "gradguard[report]"),
+    ],
+)
+def test_missing_extra_names_the_extra(monkeypatch, module, make, extra):
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=extra.replace("[", r"\[").replace("]", r"\]")):
+        make()
