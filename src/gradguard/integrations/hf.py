@@ -1,0 +1,173 @@
+"""gradguard for the Hugging Face ``transformers.Trainer``: ``GradGuardCallback``.
+
+Where it acts (``Trainer._inner_training_loop``, transformers 4.4x-5.x): after the last
+micro-batch's backward the Trainer clips with ``max_grad_norm`` (``accelerator.
+clip_grad_norm_``), then calls ``on_pre_optimizer_step`` (this callback: measure, clip,
+skip), then ``optimizer.step()``, ``lr_scheduler.step()`` and ``model.zero_grad()``. So:
+
+* when gradguard clips, the Trainer must not: ``max_grad_norm`` (default 1.0!) is set to
+  0 for the run, with a warning that says so;
+* under fp16 with a ``GradScaler``, the gradients reach this hook still scaled when the
+  Trainer did not clip; the callback unscales them first (``scaler.unscale_``, as
+  ``accelerator.clip_grad_norm_`` would), and the scaler's own overflow skip still works;
+* a skip takes the gradients off the parameters for that one update: the optimizer
+  changes no parameter and no state; the LR scheduler still advances.
+
+The loss recorded per step is the mean of the model's ``outputs.loss`` over the step's
+micro-batches (a forward hook on the model, training mode only, no host sync).
+
+DDP: the decision is taken on gradients that are already all-reduced, so every rank sees
+the same total norm and skips the same step; no extra collective, no desynchronisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+try:
+    import transformers
+    from transformers import TrainerCallback
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "gradguard.integrations.hf needs transformers and accelerate: pip install 'gradguard[hf]'"
+    ) from e
+
+import torch
+from torch import nn
+
+from ..clipping import ClipPolicy
+from ..events import JsonlSink, Sink
+from ..guard import DEFAULT_EVERY, GradGuardWarning, OnNonfinite
+from ._hooked import HookGuard, LossTracker, check_version, validate_options
+from .run import write_report
+
+SUPPORTED = ("4.40", "6")
+check_version("transformers", transformers.__version__, *SUPPORTED)
+if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover
+    raise ImportError(
+        f"gradguard.integrations.hf needs a transformers Trainer that calls "
+        f"on_pre_optimizer_step; transformers {transformers.__version__} does not "
+        f"(supported: >={SUPPORTED[0]},<{SUPPORTED[1]} with that hook; pip install -U 'gradguard[hf]')"
+    )
+
+
+class GradGuardCallback(TrainerCallback):
+    """Guard a ``transformers.Trainer``: measure, clip, skip non-finite steps, report.
+
+    Args:
+        clip: a gradguard clip policy (``gg.ZClip()``, ...) or None. When set, the
+            Trainer's ``max_grad_norm`` is set to 0 for the run (with a warning if it was
+            not already), since the Trainer clips before this callback runs.
+        on_nonfinite: ``"skip"`` | ``"raise"`` | ``"warn"`` | ``"off"``, as for
+            :class:`gradguard.Guard`.
+        recovery: a recovery ladder (``gg.Recovery()``) or None.
+        every: telemetry flush interval in optimizer steps.
+        sinks: more sinks (a JSONL run directory is built in).
+        run_dir: where ``events.jsonl``, ``metrics.jsonl`` and ``report.html`` go; default
+            ``<args.output_dir>/gradguard``.
+        report: write ``report.html`` when training ends.
+
+    Example:
+        >>> import gradguard as gg
+        >>> from gradguard.integrations.hf import GradGuardCallback
+        >>> cb = GradGuardCallback(clip=gg.ZClip(), every=25)
+        >>> cb.every
+        25
+    """
+
+    def __init__(
+        self,
+        *,
+        clip: ClipPolicy | None = None,
+        on_nonfinite: OnNonfinite = "skip",
+        recovery: Any | None = None,
+        every: int = DEFAULT_EVERY,
+        sinks: Sequence[Sink] = (),
+        run_dir: str | os.PathLike[str] | None = None,
+        report: bool = True,
+    ) -> None:
+        validate_options("GradGuardCallback", clip, on_nonfinite, every, sinks)
+        self.clip = clip
+        self.on_nonfinite: OnNonfinite = on_nonfinite
+        self.recovery = recovery
+        self.every = every
+        self.sinks = list(sinks)
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.report = report
+        self.guard: HookGuard | None = None
+        self.report_path: str | None = None
+        self.resolved_run_dir: Path | None = None
+        self._loss = LossTracker(mean=True)
+        self._hook: Any = None
+        self._is_zero = True
+
+    # ---- start ---------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.clip is not None and args.max_grad_norm and args.max_grad_norm > 0:
+            warnings.warn(
+                f"GradGuardCallback(clip={self.clip!r}) clips, and TrainingArguments("
+                f"max_grad_norm={args.max_grad_norm}) would clip too, before gradguard sees the "
+                "gradients. gradguard set max_grad_norm=0 for this run; pass "
+                "max_grad_norm=0 yourself to silence this warning, or GradGuardCallback("
+                "clip=None) to keep the Trainer's clipping and only measure and skip.",
+                GradGuardWarning,
+                stacklevel=2,
+            )
+            args.max_grad_norm = 0.0
+        self._is_zero = bool(getattr(state, "is_world_process_zero", True))
+        model = kwargs.get("model")
+        if isinstance(model, nn.Module) and self._hook is None:
+            self._hook = model.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not module.training:
+            return
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            self._loss.add(loss)
+
+    def _make_guard(self, args: Any, model: nn.Module, optimizer: torch.optim.Optimizer) -> HookGuard:
+        run_dir = self.run_dir or Path(args.output_dir) / "gradguard"
+        sinks: list[Sink] = list(self.sinks)
+        if self._is_zero:
+            sinks.append(JsonlSink(run_dir))
+            self.resolved_run_dir = run_dir
+        return HookGuard(
+            model,
+            optimizer,
+            clip=copy.deepcopy(self.clip) if self.clip is not None else None,
+            on_nonfinite=self.on_nonfinite,
+            recovery=self.recovery,
+            every=self.every,
+            sinks=sinks,
+        )
+
+    # ---- per optimizer step --------------------------------------------------------
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        wrapped = kwargs.get("optimizer")
+        model = kwargs.get("model")
+        if wrapped is None or not isinstance(model, nn.Module):
+            return
+        inner = getattr(wrapped, "optimizer", wrapped)  # accelerate's AcceleratedOptimizer
+        if self.guard is None:
+            self.guard = self._make_guard(args, model, inner)
+        scaler = getattr(wrapped, "scaler", None)
+        if scaler is not None and not (args.max_grad_norm and args.max_grad_norm > 0):
+            # fp16: accelerate unscales only when the Trainer clips; do it here instead
+            scaler.unscale_(inner)
+        self.guard.before_step(self._loss.take())
+
+    # ---- the end -------------------------------------------------------------------
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.guard is not None:
+            self.guard.close()
+        if self.report and self.resolved_run_dir is not None:
+            self.report_path = write_report(self.resolved_run_dir)

@@ -1,0 +1,230 @@
+"""gradguard for Lightning: ``GradGuardCallback``.
+
+Where it acts (lightning 2.x, ``Precision._after_closure``): training_step and backward
+run inside the optimizer's closure, then ``on_before_optimizer_step`` (this callback:
+measure, clip, skip), then Lightning's own ``gradient_clip_val`` clipping, then the
+optimizer updates. With ``precision="16-mixed"`` the ``GradScaler`` unscales the gradients
+*before* the hook, so gradguard sees true gradients (and the scaler still skips its own
+overflow steps). A skip takes the gradients off the parameters for that one update, so
+the optimizer changes no parameter and no state; ``global_step`` and LR schedulers still
+advance, as they do after a ``GradScaler`` skip.
+
+DDP: the decision is taken after backward, on gradients DDP has already all-reduced, so
+the total norm (and its finiteness) is the same on every rank and every rank skips the
+same step. No rank leaves the collective schedule (unlike returning ``None`` from
+``training_step``, Lightning issue #5243), and no extra collective is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "gradguard.integrations.lightning needs lightning: pip install 'gradguard[lightning]'"
+    ) from e
+
+import torch
+
+from ..clipping import ClipPolicy
+from ..events import Flush, JsonlSink, Sink
+from ..guard import DEFAULT_EVERY, OnNonfinite
+from ._hooked import HookGuard, LossTracker, check_version, validate_options
+from .run import write_report
+
+SUPPORTED = ("2.1", "3")
+check_version("lightning", pl.__version__, *SUPPORTED)
+
+
+class LightningLoggerSink:
+    """Sends each flush to the trainer's loggers (``logger.log_metrics``), at the global
+    step each record belongs to, under ``gradguard/...``; and, while a hook that allows
+    it is running, a few running totals through ``pl_module.log`` (progress bar and
+    ``trainer.callback_metrics``)."""
+
+    def __init__(self, trainer: pl.Trainer, prefix: str = "gradguard/", step_offset: int = 0) -> None:
+        self.trainer = trainer
+        self.prefix = prefix
+        self.step_offset = step_offset
+        self.can_self_log = False
+        self.skipped_total = 0
+
+    def write(self, flush: Flush) -> None:
+        p = self.prefix
+        for rec in flush.steps:
+            metrics = {
+                f"{p}grad_norm": rec["grad_norm"],
+                f"{p}clip_coef": rec["clip_coef"],
+                f"{p}skipped": float(rec["skipped"]),
+            }
+            clean = {k: float(v) for k, v in metrics.items() if v is not None}
+            for logger in self.trainer.loggers:
+                logger.log_metrics(clean, step=rec["step"] + self.step_offset)
+        layers = flush.layers
+        if layers and layers.get("layers"):
+            per_layer = {
+                f"{p}layer_grad_norm/{name}": float(v)
+                for name, v in zip(layers["layers"], layers["grad_norm"])
+                if v is not None
+            }
+            for logger in self.trainer.loggers:
+                logger.log_metrics(per_layer, step=layers["step"] + self.step_offset)
+        self.skipped_total += sum(1 for r in flush.steps if r["skipped"])
+        module = self.trainer.lightning_module
+        if self.can_self_log and flush.steps:
+            last = flush.steps[-1]
+            module.log(f"{p}skipped_steps", float(self.skipped_total), on_step=True, on_epoch=False)
+            if last["grad_norm"] is not None:
+                module.log(f"{p}grad_norm", float(last["grad_norm"]), on_step=True, on_epoch=False)
+
+    def close(self) -> None:
+        for logger in self.trainer.loggers:
+            logger.save()
+
+
+class GradGuardCallback(Callback):
+    """Guard every optimizer of a Lightning ``Trainer``: measure, clip, skip, report.
+
+    Args:
+        clip: a gradguard clip policy (``gg.ZClip()``, ...) or None. Refused together with
+            ``Trainer(gradient_clip_val=...)``: both would clip, one after the other.
+        on_nonfinite: ``"skip"`` | ``"raise"`` | ``"warn"`` | ``"off"``, as for
+            :class:`gradguard.Guard`.
+        recovery: a recovery ladder (``gg.Recovery()``) or None.
+        every: telemetry flush interval in optimizer steps.
+        sinks: more sinks (the trainer's loggers and a JSONL run directory are built in).
+        run_dir: where ``events.jsonl``, ``metrics.jsonl`` and ``report.html`` go; default
+            ``<trainer.default_root_dir>/gradguard`` (``.../gradguard/optimizer<k>`` for
+            the k-th further optimizer).
+        report: write ``report.html`` when training ends (also after an exception).
+
+    Example:
+        >>> import gradguard as gg
+        >>> from gradguard.integrations.lightning import GradGuardCallback
+        >>> cb = GradGuardCallback(clip=gg.ZClip(), every=25)
+        >>> cb.on_nonfinite
+        'skip'
+    """
+
+    def __init__(
+        self,
+        *,
+        clip: ClipPolicy | None = None,
+        on_nonfinite: OnNonfinite = "skip",
+        recovery: Any | None = None,
+        every: int = DEFAULT_EVERY,
+        sinks: Sequence[Sink] = (),
+        run_dir: str | os.PathLike[str] | None = None,
+        report: bool = True,
+    ) -> None:
+        validate_options("GradGuardCallback", clip, on_nonfinite, every, sinks)
+        self.clip = clip
+        self.on_nonfinite: OnNonfinite = on_nonfinite
+        self.recovery = recovery
+        self.every = every
+        self.sinks = list(sinks)
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.report = report
+        self.guards: dict[int, HookGuard] = {}
+        self.run_dirs: list[Path] = []
+        self.reports: list[str] = []
+        self._loss = LossTracker()
+        self._logger_sinks: list[LightningLoggerSink] = []
+
+    # ---- checks ------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        clip_val = trainer.gradient_clip_val
+        if self.clip is not None and clip_val is not None and float(clip_val) > 0:
+            raise ValueError(
+                f"GradGuardCallback(clip={self.clip!r}) and Trainer(gradient_clip_val={clip_val}) "
+                "both clip: Lightning clips after gradguard's on_before_optimizer_step, so the "
+                "gradients would be clipped twice. Keep one: Trainer(gradient_clip_val=None) "
+                "with gradguard clipping, or GradGuardCallback(clip=None) to only measure and skip."
+            )
+
+    def _check_amp(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise ValueError(
+                f"GradGuardCallback: {type(optimizer).__name__} unscales gradients inside its "
+                f"own step (fused), so under precision={trainer.precision!r} Lightning calls "
+                "on_before_optimizer_step with *scaled* gradients and gradguard cannot measure "
+                "or clip them. Use a non-fused optimizer, or precision='bf16-mixed'."
+            )
+
+    # ---- guards --------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        base = self.run_dir or Path(trainer.default_root_dir) / "gradguard"
+        many = len(trainer.optimizers) > 1
+        for k, opt in enumerate(trainer.optimizers):
+            self._check_amp(trainer, opt)
+            run_dir = base if k == 0 else base / f"optimizer{k}"
+            sinks: list[Sink] = list(self.sinks)
+            if trainer.is_global_zero:
+                sinks.append(JsonlSink(run_dir))
+                self.run_dirs.append(run_dir)
+            if trainer.loggers:
+                ls = LightningLoggerSink(
+                    trainer,
+                    prefix=f"gradguard/optimizer{k}/" if many else "gradguard/",
+                    step_offset=trainer.global_step,
+                )
+                self._logger_sinks.append(ls)
+                sinks.append(ls)
+            self.guards[id(opt)] = HookGuard(
+                pl_module,
+                opt,
+                clip=self.clip if k == 0 else copy.deepcopy(self.clip),
+                on_nonfinite=self.on_nonfinite,
+                recovery=self.recovery if k == 0 else None,
+                every=self.every,
+                sinks=sinks,
+            )
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self._loss.add(loss)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        guard = self.guards.get(id(optimizer))
+        if guard is None:
+            return  # an optimizer created after fit started: not ours to guess about
+        for s in self._logger_sinks:
+            s.can_self_log = True
+        try:
+            guard.before_step(self._loss.take())
+        finally:
+            for s in self._logger_sinks:
+                s.can_self_log = False
+
+    # ---- the end -------------------------------------------------------------------
+    def _finish(self) -> None:
+        guards, self.guards = list(self.guards.values()), {}
+        for g in guards:
+            g.close()
+        self._logger_sinks = []
+        if self.report:
+            for d in self.run_dirs:
+                path = write_report(d)
+                if path is not None:
+                    self.reports.append(path)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._finish()

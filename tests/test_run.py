@@ -1,0 +1,247 @@
+"""Zero-code `gradguard run`: example scripts, exit codes, one guard step per optimizer step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradguard
+from gradguard.cli import main
+from gradguard.events import read_jsonl
+from gradguard.integrations._hooked import HookGuard, LossTracker, parse_clip
+from gradguard.integrations.run import ZeroCodeSession, run_script
+
+ROOT = Path(__file__).resolve().parents[1]
+EX = ROOT / "examples"
+
+
+def steps_of(run_dir: Path) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "step"]
+
+
+def check_report(run_dir: Path) -> None:
+    if hasattr(gradguard, "report"):
+        assert (run_dir / "report.html").stat().st_size > 0
+
+
+def test_plain_loop_nan_is_skipped_and_run_dir_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", "--clip", "zclip", "--every", "16", "--out", str(out),
+               str(EX / "plain_loop.py"), "--steps", "30", "--nan-at", "12"])
+    assert rc == 0
+    assert "parameters finite: True" in capsys.readouterr().out  # the script's own check
+    steps = steps_of(out)
+    assert [r["step"] for r in steps] == list(range(30))
+    assert [r["step"] for r in steps if r["skipped"]] == [12]
+    assert steps[0]["loss"] is not None
+    kinds = {(e["kind"], e["step"]) for e in read_jsonl(out / "events.jsonl")}
+    assert ("skip", 12) in kinds
+    info = json.loads((out / "run.json").read_text())
+    assert info["exit_code"] == 0 and info["optimizers"][0]["model"] == "model"
+    layers = next(r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "layers")
+    assert layers["layers"] == ["0", "2", "4"]  # names from the script's `model`
+    check_report(out)
+
+
+def test_gradient_accumulation_guards_once_per_optimizer_step(tmp_path):
+    out = tmp_path / "acc"
+    rc = main(["run", "--clip", "autoclip", "--out", str(out), "--no-report",
+               str(EX / "grad_accumulation.py"), "--steps", "5", "--accum", "4"])
+    assert rc == 0
+    steps = steps_of(out)
+    assert len(steps) == 5  # 20 backward passes, 5 optimizer steps
+    assert not (out / "report.html").exists()
+
+
+def test_two_optimizers_each_guarded_in_own_run_dir(tmp_path):
+    out = tmp_path / "two"
+    rc = main(["run", "--out", str(out), str(EX / "two_optimizers.py"),
+               "--steps", "10", "--nan-at", "4"])
+    assert rc == 0
+    body, head = steps_of(out), steps_of(out / "optimizer1")
+    assert len(body) == len(head) == 10
+    # the inf input poisons the body's first-layer gradient only: only the body skips
+    assert [r["step"] for r in body if r["skipped"]] == [4]
+    assert not any(r["skipped"] for r in head)
+    # one backward shared by both steps: both record the same loss
+    assert [r["loss"] for r in body] == [r["loss"] for r in head]
+    info = json.loads((out / "run.json").read_text())
+    assert [o["name"] for o in info["optimizers"]] == ["opt_body", "opt_head"]
+
+
+def test_gan_alternating_optimizers(tmp_path):
+    out = tmp_path / "gan"
+    rc = main(["run", "--clip", "norm:1.0", "--out", str(out), "--no-report",
+               str(EX / "gan.py"), "--steps", "8"])
+    assert rc == 0
+    info = json.loads((out / "run.json").read_text())
+    assert [(o["name"], o["model"], o["steps"]) for o in info["optimizers"]] == [
+        ("opt_d", "disc", 8), ("opt_g", "gen", 8)]
+    d, g = steps_of(out), steps_of(out / "optimizer1")
+    assert len(d) == len(g) == 8
+    assert d[0]["loss"] != g[0]["loss"]  # each step records its own backward's loss
+
+
+def test_skip_leaves_params_and_adam_state_bit_identical():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    guard = HookGuard(model, opt, every=5)
+    model(torch.randn(4, 3)).sum().backward()
+    guard.before_step()
+    opt.step()
+    opt.zero_grad()
+    w, state = model.weight.detach().clone(), {k: v.clone() for k, v in opt.state[model.weight].items()}
+    model(torch.randn(4, 3)).sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    guard.before_step()
+    opt.step()
+    assert torch.equal(model.weight, w)
+    for k, v in opt.state[model.weight].items():
+        assert torch.equal(v, state[k]), k
+    assert model.weight.grad is not None and model.weight.grad.isnan().any()  # restored
+    guard.close()
+    assert guard.skipped_steps == 1
+
+
+def test_fused_optimizer_skips_without_host_sync(sync_counter):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    guard = HookGuard(model, opt, every=50)
+    model(torch.randn(4, 3)).sum().backward()
+    model.weight.grad[0, 0] = float("inf")
+    w = model.weight.detach().clone()
+    with sync_counter:
+        guard.before_step()
+        opt.step()
+    assert sync_counter.calls == []
+    assert torch.equal(model.weight, w)
+    assert not hasattr(opt, "found_inf")  # handed over for one step only
+    guard.close()
+    assert guard.skipped_steps == 1
+
+
+def test_session_names_from_optimizer_when_no_module_in_reach(tmp_path):
+    params = [torch.nn.Parameter(torch.randn(3))]
+
+    def train(ps):  # no nn.Module anywhere in the frames
+        opt = torch.optim.SGD(ps, lr=0.1)
+        for _ in range(2):
+            (ps[0] ** 2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    with ZeroCodeSession(tmp_path, report=False) as s:
+        train(params)
+    assert s.guarded[0].model_name is None
+    assert s.guarded[0].guard.names == ["param_group0.p0"]
+    assert s.guarded[0].guard.step_count == 2
+
+
+def test_session_uninstalls_hooks(tmp_path):
+    orig = torch.Tensor.backward
+    with ZeroCodeSession(tmp_path, report=False):
+        assert torch.Tensor.backward is not orig
+    assert torch.Tensor.backward is orig
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()  # no guard is created any more
+    assert not (tmp_path / "metrics.jsonl").exists() or steps_of(tmp_path) == []
+
+
+def test_script_exception_is_reraised_after_writing_run_dir(tmp_path):
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import torch\n"
+        "m = torch.nn.Linear(2, 1)\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "for i in range(3):\n"
+        "    m(torch.ones(4, 2)).sum().backward()\n"
+        "    opt.step()\n"
+        "raise KeyError('boom')\n"
+    )
+    out = tmp_path / "out"
+    with pytest.raises(KeyError, match="boom"):
+        run_script(script, out=out, report=False, quiet=True)
+    assert len(steps_of(out)) == 3
+    info = json.loads((out / "run.json").read_text())
+    assert info["exit_code"] == 1 and "KeyError" in info["error"]
+
+
+def test_keyboard_interrupt_still_writes_run_dir(tmp_path):
+    script = tmp_path / "ctrlc.py"
+    script.write_text(
+        "import torch\n"
+        "m = torch.nn.Linear(2, 1)\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "m(torch.ones(4, 2)).sum().backward()\n"
+        "opt.step()\n"
+        "raise KeyboardInterrupt\n"
+    )
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_script(script, out=out, report=False, quiet=True)
+    assert len(steps_of(out)) == 1
+    assert json.loads((out / "run.json").read_text())["exit_code"] == 130
+
+
+def test_sys_exit_code_and_argv_pass_through(tmp_path):
+    script = tmp_path / "code.py"
+    script.write_text("import sys\nsys.exit(int(sys.argv[1]))\n")
+    assert main(["run", "--out", str(tmp_path / "o"), str(script), "7"]) == 7
+
+
+def test_missing_script_is_usage_error(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.py")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["bogus", "norm:-1", "norm:x", "value:"])
+def test_bad_clip_spec_is_usage_error(tmp_path, spec, capsys):
+    script = tmp_path / "s.py"
+    script.write_text("pass\n")
+    assert main(["run", "--clip", spec, str(script)]) == 2
+    assert "--clip" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "spec, kind",
+    [("zclip", "ZClip"), ("autoclip", "AutoClip"), ("norm:2.5", "NormClip"),
+     ("value:0.5", "ValueClip"), ("agc", "AGC"), ("none", "NoneType")],
+)
+def test_parse_clip(spec, kind):
+    assert type(parse_clip(spec)).__name__ == kind
+
+
+def test_loss_tracker_mean_mode():
+    t = LossTracker(mean=True)
+    t.add(torch.tensor(1.0))
+    t.add(torch.tensor(3.0))
+    t.add(torch.ones(2))  # not a scalar loss: ignored
+    assert t.take().item() == 2.0
+
+
+def test_python_dash_m_gradguard_run_returns_script_exit_code(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import sys, torch\n"
+        "m = torch.nn.Linear(2, 1)\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "m(torch.ones(4, 2)).sum().backward()\n"
+        "opt.step()\n"
+        "sys.exit(3)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run(
+        [sys.executable, "-m", "gradguard", "run", "--no-report", "--out", str(tmp_path / "o"), str(script)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert r.returncode == 3, r.stderr
+    assert "1 steps, 0 skipped" in r.stderr
+    assert len(steps_of(tmp_path / "o")) == 1
