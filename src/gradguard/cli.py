@@ -17,7 +17,7 @@ EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
 #: Modules that register a subcommand (``register(subparsers) -> None``); the parser they
 #: add must set ``func=handler`` where ``handler(args) -> int`` returns the exit code.
-SUBCOMMANDS: tuple[str, ...] = ("gradguard._cli_demo",)
+SUBCOMMANDS: tuple[str, ...] = ("gradguard._cli_demo", "gradguard._cli_bench", "gradguard._cli_report", "gradguard._cli_run", "gradguard._cli_lab", "gradguard._cli_doctor",)
 
 
 class UsageError(Exception):

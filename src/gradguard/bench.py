@@ -1,0 +1,216 @@
+"""Step-time overhead of gradguard against a bare optimizer step, measured in one process.
+
+Each variant runs the full training step (forward, backward, clipping/guard, optimizer
+step, zero_grad) on its own copy of the same model. Variants are interleaved round-robin so
+that machine drift hits them alike; the figure for a variant is the median over rounds of
+its mean step time in that round, reported as a ratio to bare AdamW.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .clipping import NormClip, ZClip
+from .guard import Guard
+
+StepFn = Callable[[], None]
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    batch: tuple[torch.Tensor, torch.Tensor]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def mlp_workload(width: int = 1024, depth: int = 6, batch: int = 256) -> Workload:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, 10))
+    x = torch.randn(batch, width)
+    y = torch.randint(0, 10, (batch,))
+    return Workload(f"mlp_{depth}x{width}_b{batch}", nn.Sequential(*layers), (x, y), nn.functional.cross_entropy)
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab: int = 512, d: int = 256, layers: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.emb(tokens)))
+
+
+def transformer_workload(d: int = 256, layers: int = 4, batch: int = 16, seq: int = 64) -> Workload:
+    torch.manual_seed(0)
+    model = TinyTransformer(d=d, layers=layers)
+    x = torch.randint(0, 512, (batch, seq))
+    y = torch.randint(0, 512, (batch, seq))
+
+    def loss_fn(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), tgt.reshape(-1))
+
+    return Workload(f"transformer_{layers}x{d}_b{batch}_s{seq}", model, (x, y), loss_fn)
+
+
+def _variants(wl: Workload) -> dict[str, StepFn]:
+    """Build one step function per variant, each on its own copy of the model."""
+    x, y = wl.batch
+    out: dict[str, StepFn] = {}
+
+    def make(name: str, fused: bool, after_backward: Callable[[nn.Module, torch.optim.Optimizer], Callable[[torch.Tensor], None]]) -> None:
+        model = copy.deepcopy(wl.model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        finish = after_backward(model, opt)
+
+        def step() -> None:
+            loss = wl.loss_fn(model(x), y)
+            loss.backward()
+            finish(loss)
+            opt.zero_grad(set_to_none=True)
+
+        out[name] = step
+
+    def bare(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+        return lambda loss: opt.step()
+
+    def clip_norm(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+        params = list(model.parameters())
+
+        def f(loss: torch.Tensor) -> None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+
+        return f
+
+    def guard_with(policy: Callable[[], Any], every: int = 50) -> Callable[[nn.Module, torch.optim.Optimizer], Callable[[torch.Tensor], None]]:
+        def build(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+            guard = Guard(model, opt, clip=policy(), every=every)
+            return lambda loss: guard.step(loss)  # type: ignore[return-value]
+
+        return build
+
+    make("adamw", False, bare)
+    make("adamw+clip_grad_norm_", False, clip_norm)
+    make("adamw+Guard(NormClip)", False, guard_with(lambda: NormClip(1.0)))
+    make("adamw+Guard(ZClip)", False, guard_with(ZClip))
+    make("adamw_fused", True, bare)
+    make("adamw_fused+clip_grad_norm_", True, clip_norm)
+    make("adamw_fused+Guard(ZClip)", True, guard_with(ZClip))
+
+    if importlib.util.find_spec("zclip") is not None:
+        from zclip import ZClip as PeerZClip  # type: ignore[import-not-found]
+
+        def peer_zclip(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+            z = PeerZClip(max_grad_norm=None)
+
+            def f(loss: torch.Tensor) -> None:
+                z.step(model)
+                opt.step()
+
+            return f
+
+        make("adamw+zclip(pkg)", False, peer_zclip)
+    if importlib.util.find_spec("autoclip") is not None:
+        from autoclip.torch import QuantileClip  # type: ignore[import-not-found]
+
+        def peer_autoclip(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+            c = QuantileClip(model.parameters(), quantile=0.1, history_length=1000, global_threshold=True)
+
+            def f(loss: torch.Tensor) -> None:
+                c.step()
+                opt.step()
+
+            return f
+
+        make("adamw+autoclip(pkg)", False, peer_autoclip)
+    return out
+
+
+def measure(wl: Workload, *, rounds: int = 7, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
+    """Time every variant on one workload; return seconds per step and ratios."""
+    variants = _variants(wl)
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    per_round: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            per_round[name].append((time.perf_counter() - t0) / steps)
+    med = {k: statistics.median(v) for k, v in per_round.items()}
+    base = med["adamw"]
+    return {
+        "workload": wl.name,
+        "params": sum(p.numel() for p in wl.model.parameters()),
+        "seconds_per_step": med,
+        "ratio_to_adamw": {k: v / base for k, v in med.items()},
+        "ratio_to_same_optimizer_with_clip_grad_norm": {
+            k: v / med["adamw_fused+clip_grad_norm_" if "fused" in k else "adamw+clip_grad_norm_"]
+            for k, v in med.items()
+            if "Guard" in k or "(pkg)" in k
+        },
+        "rounds": rounds,
+        "steps_per_round": steps,
+    }
+
+
+def run(*, quick: bool = False, out: str | Path | None = None, threads: int = 1) -> dict[str, Any]:
+    """Run the overhead benchmark; write JSON to ``out`` when given.
+
+    Example:
+        >>> from gradguard.bench import run
+        >>> res = run(quick=True)   # doctest: +SKIP
+    """
+    torch.set_num_threads(threads)
+    if quick:
+        workloads = [mlp_workload(width=256, depth=4, batch=64), transformer_workload(d=64, layers=2, batch=4, seq=32)]
+        kw = {"rounds": 3, "steps": 5, "warmup": 2}
+    else:
+        workloads = [mlp_workload(), transformer_workload()]
+        kw = {"rounds": 7, "steps": 5, "warmup": 2}
+    results = [measure(wl, **kw) for wl in workloads]
+    report = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": threads,
+        "machine": platform.machine(),
+        "quick": quick,
+        "method": "median over rounds of the mean step time (fwd+bwd+clip/guard+step+zero_grad); variants interleaved",
+        "results": results,
+    }
+    if out is not None:
+        p = Path(out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = []
+    for r in report["results"]:
+        lines.append(f"{r['workload']}  ({r['params'] / 1e6:.1f}M params)")
+        for k, v in r["ratio_to_adamw"].items():
+            ms = r["seconds_per_step"][k] * 1e3
+            lines.append(f"  {k:<30} {ms:8.2f} ms/step  {v:6.3f}x bare AdamW")
+    return "\n".join(lines) if lines else "no results"
