@@ -171,6 +171,19 @@ def test_wandb_sink_offline_run_files(tmp_path, monkeypatch):
     assert hist[11]["gradguard/skips"] == guard.skipped_steps == 1
     assert hist[NAN_STEP]["gradguard/events/nonfinite_grad"] == 1
     assert any(k.startswith("grad_norm_layers.") for k in hist[4])
+    # the per-layer norms also go out as a wandb.Histogram of log10 norms at every flush
+    layer_rows = [r for r in gg.read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "layers"]
+    assert [r["step"] for r in layer_rows] == [4, 9, 11]
+    key = "gradguard/layer_grad_norms_log10"
+    for lr in layer_rows:
+        h = hist[lr["step"]]
+        assert h[f"{key}/_type"] == "histogram"
+        logs = [math.log10(v) for v in lr["grad_norm"]]
+        assert sum(h[f"{key}/values"]) == len(logs) == 3
+        bins = h[f"{key}/bins"]
+        assert bins[0] == pytest.approx(min(logs), abs=1e-6)
+        assert bins[-1] == pytest.approx(max(logs), abs=1e-6)
+    assert not any(k.startswith(key) for s in (0, 5, 10) for k in hist[s])
     (table,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "table" / "**" / "*.json"), recursive=True)
     rows = json.load(open(table))["data"]
     assert [r[2] for r in rows] == [e.kind for e in guard.events]

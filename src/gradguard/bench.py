@@ -27,6 +27,10 @@ from .clipping import NormClip, ZClip
 from .guard import Guard
 
 StepFn = Callable[[], None]
+#: ``progress(workload, stage, done, total)``: called between timed steps, never inside
+#: one; ``stage`` is ``"warmup <variant>"`` or ``"round i/n"``, ``done`` counts finished
+#: units out of ``total`` (one per variant warm-up plus one per round) for that workload.
+ProgressFn = Callable[[str, str, int, int], None]
 
 
 @dataclass
@@ -146,26 +150,37 @@ def _variants(wl: Workload) -> dict[str, StepFn]:
     return out
 
 
-def measure(wl: Workload, *, rounds: int = 40, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
+def measure(
+    wl: Workload, *, rounds: int = 40, warmup: int = 3, seed: int = 0, progress: ProgressFn | None = None
+) -> dict[str, Any]:
     """Time every variant on one workload; return seconds per step and ratios.
 
     Each round runs one step of every variant in a fresh random order, so drift and
     position effects hit all variants alike; a variant's figure is its median step time.
+    ``progress`` (see :data:`ProgressFn`) is called before each variant's warm-up, before
+    each round and once at the end, always outside the timed region.
     """
     variants = _variants(wl)
-    for fn in variants.values():
+    total = len(variants) + rounds
+    for i, (vname, fn) in enumerate(variants.items()):
+        if progress is not None:
+            progress(wl.name, f"warmup {vname}", i, total)
         for _ in range(warmup):
             fn()
     rng = random.Random(seed)
     names = list(variants)
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(rounds):
+    for r in range(rounds):
+        if progress is not None:
+            progress(wl.name, f"round {r + 1}/{rounds}", len(variants) + r, total)
         rng.shuffle(names)
         for name in names:
             fn = variants[name]
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+    if progress is not None:
+        progress(wl.name, "done", total, total)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["adamw"]
     return {
@@ -185,8 +200,12 @@ def measure(wl: Workload, *, rounds: int = 40, warmup: int = 3, seed: int = 0) -
     }
 
 
-def run(*, quick: bool = False, out: str | Path | None = None, threads: int = 1) -> dict[str, Any]:
+def run(
+    *, quick: bool = False, out: str | Path | None = None, threads: int = 1, progress: ProgressFn | None = None
+) -> dict[str, Any]:
     """Run the overhead benchmark; write JSON to ``out`` when given.
+
+    ``progress`` is passed to :func:`measure` for each workload.
 
     Example:
         >>> from gradguard.bench import run
@@ -199,7 +218,7 @@ def run(*, quick: bool = False, out: str | Path | None = None, threads: int = 1)
     else:
         workloads = [mlp_workload(), transformer_workload()]
         kw = {"rounds": 41, "warmup": 3}
-    results = [measure(wl, **kw) for wl in workloads]
+    results = [measure(wl, **kw, progress=progress) for wl in workloads]
     report = {
         "torch": torch.__version__,
         "python": platform.python_version(),

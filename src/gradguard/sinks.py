@@ -134,14 +134,16 @@ class WandbSink:
 
     Per step: ``gradguard/loss``, ``gradguard/grad_norm``, ``gradguard/clip_coef``,
     ``gradguard/skips``; per flush: ``grad_norm_layers.<section>/<layer>`` (sections as in
-    :class:`TensorBoardSink`) and ``gradguard/events`` counts; at close a table
+    :class:`TensorBoardSink`), a ``wandb.Histogram`` ``gradguard/layer_grad_norms_log10``
+    of the log10 per-layer norms (always logged, like TensorBoard's) and
+    ``gradguard/events`` counts; at close a table
     ``gradguard/events_table`` with every event and its remedy. Events are also printed
     to the W&B log once each.
 
     Args:
         run: an existing ``wandb`` run to log into, or None to start one with
             ``wandb.init(**init_kwargs)`` (finished again at close).
-        per_layer: log per-layer scalars.
+        per_layer: log per-layer scalars (the histogram is always logged).
         **init_kwargs: passed to ``wandb.init`` (e.g. ``project=``, ``dir=``,
             ``mode="offline"``).
 
@@ -150,6 +152,9 @@ class WandbSink:
         >>> gg.WandbSink.__name__
         'WandbSink'
     """
+
+    #: Bins of the per-layer gradient-norm histogram (fewer when there are fewer layers).
+    HISTOGRAM_BINS = 64
 
     def __init__(self, run: Any | None = None, *, per_layer: bool = True, **init_kwargs: Any) -> None:
         try:
@@ -175,14 +180,19 @@ class WandbSink:
                     row[f"gradguard/{key}"] = r[key]
             row["gradguard/skips"] = self._skips
         lay = flush.layers
-        if lay and self.per_layer:
-            names = lay["layers"]
-            if len(self._sections) != len(names):
-                self._sections = layer_sections(names)
+        if lay:
+            names, norms = lay["layers"], lay["grad_norm"]
             row = rows.setdefault(lay["step"], {})
-            for name, v in zip(names, lay["grad_norm"]):
-                if _finite(v):
-                    row[f"grad_norm_layers.{self._sections[name]}/{name}"] = v
+            if self.per_layer:
+                if len(self._sections) != len(names):
+                    self._sections = layer_sections(names)
+                for name, v in zip(names, norms):
+                    if _finite(v):
+                        row[f"grad_norm_layers.{self._sections[name]}/{name}"] = v
+            logs = [math.log10(v) for v in norms if _finite(v) and v > 0]
+            if logs:
+                bins = min(self.HISTOGRAM_BINS, len(logs))
+                row["gradguard/layer_grad_norms_log10"] = self._wandb.Histogram(logs, num_bins=bins)
         # W&B steps must increase: an event about an already-logged step goes on the next row
         for e in flush.events:
             s = e.step if e.step > self._last_step else self._last_step + 1
