@@ -123,3 +123,65 @@ def test_unsupported_version_message():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="on_nonfinite='nope'"):
         GradGuardCallback(on_nonfinite="nope")
+
+
+def assert_same(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape, path
+        assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True), path  # bit-identical
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def checkpointing_trainer(out, callbacks, max_steps):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=32,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # no RNG
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8,
+        learning_rate=1e-3, lr_scheduler_type="constant",  # the same LR whatever max_steps
+        max_grad_norm=0.0, report_to=[], logging_steps=100,
+        save_strategy="steps", save_steps=2, disable_tqdm=True, use_cpu=True, seed=0,
+    )
+    return Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks)
+
+
+def test_resume_from_checkpoint_restores_the_guard_state(tmp_path):
+    full = GradGuardCallback(clip=gg.ZClip(warmup_steps=1), every=3, report=False)
+    full_t = checkpointing_trainer(tmp_path / "full", [full], max_steps=4)
+    full_t.train()
+    first = GradGuardCallback(clip=gg.ZClip(warmup_steps=1), every=3, report=False)
+    checkpointing_trainer(tmp_path / "split", [first], max_steps=2).train()
+    saved = torch.load(tmp_path / "split" / "checkpoint-2" / "gradguard_state.pt", weights_only=True)
+    assert saved["step_count"] == 2
+    assert_same(saved["clip"], first.guard.clip.state_dict(), "checkpointed clip")
+    with pytest.raises(AssertionError):  # the statistics had moved: a lost state would show
+        assert_same(saved["clip"], gg.ZClip(warmup_steps=1).state_dict())
+    resumed = GradGuardCallback(clip=gg.ZClip(warmup_steps=1), every=3, report=False)
+    resumed_t = checkpointing_trainer(tmp_path / "split", [resumed], max_steps=4)
+    resumed_t.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-2"))
+    assert resumed.guard.step_count == 4
+    assert_same(resumed.guard.clip.state_dict(), full.guard.clip.state_dict(), "clip")
+    assert_same(resumed.guard.state_dict(), full.guard.state_dict(), "guard")
+    for (name, a), b in zip(full_t.model.state_dict().items(), resumed_t.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    steps = [r["step"] for r in read_jsonl(tmp_path / "split" / "gradguard" / "metrics.jsonl")
+             if r["type"] == "step"]
+    assert steps == list(range(4))  # every step once, across both runs
+
+
+def test_resume_without_saved_guard_state_warns(tmp_path):
+    checkpointing_trainer(tmp_path / "out", [], max_steps=2).train()  # no gradguard file
+    cb = GradGuardCallback(clip=gg.ZClip(warmup_steps=1), report=False)
+    t = checkpointing_trainer(tmp_path / "out", [cb], max_steps=3)
+    with pytest.warns(GradGuardWarning, match="starts afresh"):
+        t.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert cb.guard is not None and cb.guard.step_count == 1

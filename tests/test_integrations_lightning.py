@@ -137,3 +137,185 @@ def test_unsupported_version_message():
     with pytest.raises(ImportError, match=r"found 3.0.0"):
         check_version("lightning", "3.0.0", "2.1", "3")
     check_version("lightning", pl.__version__, "2.1", "3")
+
+
+# ---- checkpoints: the guard's state is saved and restored by Lightning ------------------
+class Plain(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=5e-2)
+
+
+def small_loader():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 4, generator=g)
+    ds = torch.utils.data.TensorDataset(x, 3.0 * x.sum(dim=1, keepdim=True))
+    return torch.utils.data.DataLoader(ds, batch_size=8)  # 4 steps per epoch
+
+
+def fit_with_checkpoints(root, clip, max_steps, ckpt_path=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb = GradGuardCallback(clip=clip, every=3, run_dir=root / "gg", report=False)
+    ckpt = ModelCheckpoint(dirpath=root / ("ckpt2" if ckpt_path else "ckpt"),
+                           every_n_train_steps=4, save_top_k=-1)
+    model = Plain()
+    t = trainer(root, cb, logger=False, max_steps=max_steps, callbacks=[cb, ckpt],
+                enable_checkpointing=True)
+    t.fit(model, small_loader(), ckpt_path=ckpt_path)
+    return cb, model
+
+
+def assert_same(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape, path
+        assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True), path  # bit-identical
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("make_clip", [lambda: gg.ZClip(warmup_steps=2), lambda: gg.AutoClip(percentile=50)])
+def test_resume_from_checkpoint_continues_the_guard_state(tmp_path, make_clip):
+    full_cb, full_model = fit_with_checkpoints(tmp_path / "full", make_clip(), max_steps=8)
+    first_cb, _ = fit_with_checkpoints(tmp_path / "split", make_clip(), max_steps=4)
+    ckpt = tmp_path / "split" / "ckpt" / "epoch=0-step=4.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]["GradGuardCallback"]
+    assert saved["guards"][0]["step_count"] == 4
+    assert_same(saved["guards"][0]["clip"], first_cb.clip.state_dict(), "checkpointed clip")
+    resumed_cb, resumed_model = fit_with_checkpoints(tmp_path / "split", make_clip(), 8, ckpt)
+    # the resumed guard went on from the checkpoint: same clip statistics, counters,
+    # detector state as the uninterrupted run, and bit-identical parameters
+    assert_same(resumed_cb.clip.state_dict(), full_cb.clip.state_dict(), "clip")
+    assert_same(resumed_cb._final, full_cb._final, "guard")
+    assert resumed_cb._final[0]["step_count"] == 8
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(AssertionError):  # the statistics had moved: a lost state would show
+        assert_same(saved["guards"][0]["clip"], make_clip().state_dict())
+    # the run directory got every step once, across both processes
+    steps = [r["step"] for r in read_jsonl(tmp_path / "split" / "gg" / "metrics.jsonl")
+             if r["type"] == "step"]
+    assert steps == list(range(8))
+
+
+# ---- DDP: a NaN on one rank only is skipped on every rank, no hang, no drift ------------
+DDP_SCRIPT = r'''
+import json, math, os, sys
+import torch
+import lightning.pytorch as pl
+import gradguard as gg
+from gradguard.integrations.lightning import GradGuardCallback
+
+torch.set_num_threads(1)
+NAN_STEP, out = int(sys.argv[1]), sys.argv[2]
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        self.changed = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_rank == 1 and self.global_step == NAN_STEP:
+            x = x.clone()
+            x[0, 0] = math.nan  # a corrupted batch on rank 1 only
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.before = [p.detach().clone() for p in self.parameters()]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        moved = any(not torch.equal(a, p) for a, p in zip(self.before, self.parameters()))
+        self.changed[self.global_step - 1] = moved
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+class Probe(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.guard = next(iter(guard_cb.guards.values()))
+
+
+x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+guard_cb, probe = GradGuardCallback(clip=gg.ZClip(warmup_steps=2), every=3, run_dir=os.path.join(out, "gg")), Probe()
+model = Tiny()
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=out, callbacks=[guard_cb, probe])
+trainer.fit(model, data)
+r = trainer.global_rank
+torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(out, f"rank{r}.pt"))
+g = probe.guard
+with open(os.path.join(out, f"rank{r}.json"), "w") as fh:
+    json.dump({"world": trainer.world_size, "step_count": g.step_count, "skipped": g.skipped_steps,
+               "changed": model.changed, "clip": {k: v.tolist() for k, v in g.clip.state_dict()["state"].items()},
+               "events": [[e.kind, e.step, e.data.get("ranks")] for e in g.events]}, fh)
+'''
+
+
+def test_ddp_two_ranks_nan_on_one_rank_is_skipped_everywhere(tmp_path):
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+               GLOO_SOCKET_IFNAME="lo", PYTHONWARNINGS="ignore")
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
+        env.pop(k, None)  # Lightning's launcher starts rank 1 itself
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(NAN_STEP), str(tmp_path)], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # both ranks: a hang fails the test
+        output, _ = proc.communicate()
+        pytest.fail(f"DDP run hung (killed after 120 s):\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in res] == [2, 2]
+    for r in res:
+        # the same step was skipped on both ranks (parameters did not move), no other
+        assert r["step_count"] == 8 and r["skipped"] == 1
+        assert [int(s) for s, moved in r["changed"].items() if not moved] == [NAN_STEP]
+        assert ["skip", NAN_STEP, [1]] in r["events"]  # named: it came from rank 1
+    assert res[0]["clip"] == res[1]["clip"]  # same clip statistics on both ranks
+    p0, p1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for k in p0:
+        assert torch.isfinite(p0[k]).all(), k
+        assert torch.equal(p0[k], p1[k]), k  # no rank drifted
+    steps = [r for r in read_jsonl(tmp_path / "gg" / "metrics.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in steps if r["skipped"]] == [NAN_STEP]
+    assert not (tmp_path / "gg" / "rank1").exists()

@@ -18,6 +18,13 @@ micro-batches (a forward hook on the model, training mode only, no host sync).
 
 DDP: the decision is taken on gradients that are already all-reduced, so every rank sees
 the same total norm and skips the same step; no extra collective, no desynchronisation.
+
+Checkpoints: at each save (``on_save``) the guard's state (:meth:`gradguard.Guard.
+state_dict`: step count, clip policy statistics, detector state) is written to
+``<output_dir>/checkpoint-<step>/gradguard_state.pt``, after flushing the telemetry to the
+run directory. ``trainer.train(resume_from_checkpoint=...)`` with a checkpoint under
+``output_dir`` restores it when the guard is built; a resumed run whose checkpoint has no
+such file (or lies elsewhere) starts a fresh guard, with a warning.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from ..guard import DEFAULT_EVERY, GradGuardWarning, OnNonfinite
 from ._hooked import HookGuard, LossTracker, check_version, validate_options
 from .run import write_report
 
+STATE_FILE = "gradguard_state.pt"
 SUPPORTED = ("4.40", "6")
 check_version("transformers", transformers.__version__, *SUPPORTED)
 if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover
@@ -105,6 +113,7 @@ class GradGuardCallback(TrainerCallback):
         self._loss = LossTracker(mean=True)
         self._hook: Any = None
         self._is_zero = True
+        self._resume_state: dict[str, Any] | None = None
 
     # ---- start ---------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -123,6 +132,24 @@ class GradGuardCallback(TrainerCallback):
         model = kwargs.get("model")
         if isinstance(model, nn.Module) and self._hook is None:
             self._hook = model.register_forward_hook(self._on_forward)
+        self._resume_state = None
+        if getattr(state, "global_step", 0) > 0 and self.guard is None:
+            self._resume_state = self._find_resume_state(args, int(state.global_step))
+
+    def _find_resume_state(self, args: Any, step: int) -> dict[str, Any] | None:
+        """The guard state saved with the checkpoint this run resumes from (global_step > 0
+        at train begin means the Trainer restored ``checkpoint-<step>``)."""
+        path = Path(args.output_dir) / f"checkpoint-{step}" / STATE_FILE
+        if not path.is_file():
+            warnings.warn(
+                f"GradGuardCallback: resuming at step {step}, but {str(path)!r} does not exist; "
+                "the guard (clip statistics, step count) starts afresh.",
+                GradGuardWarning,
+                stacklevel=2,
+            )
+            return None
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return state
 
     def _on_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if not module.training:
@@ -156,11 +183,26 @@ class GradGuardCallback(TrainerCallback):
         inner = getattr(wrapped, "optimizer", wrapped)  # accelerate's AcceleratedOptimizer
         if self.guard is None:
             self.guard = self._make_guard(args, model, inner)
+            if self._resume_state is not None:
+                self.guard.load_state_dict(self._resume_state)
+                self._resume_state = None
         scaler = getattr(wrapped, "scaler", None)
         if scaler is not None and not (args.max_grad_norm and args.max_grad_norm > 0):
             # fp16: accelerate unscales only when the Trainer clips; do it here instead
             scaler.unscale_(inner)
         self.guard.before_step(self._loss.take())
+
+    # ---- checkpoints -----------------------------------------------------------------
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Write the guard's state next to the checkpoint the Trainer just saved."""
+        if self.guard is None:
+            return
+        self.guard.flush()  # every rank (a collective under DDP): the run dir is complete
+        if not bool(getattr(state, "is_world_process_zero", True)):
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            torch.save(self.guard.state_dict(), folder / STATE_FILE)
 
     # ---- the end -------------------------------------------------------------------
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

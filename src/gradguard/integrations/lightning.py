@@ -13,6 +13,13 @@ DDP: the decision is taken after backward, on gradients DDP has already all-redu
 the total norm (and its finiteness) is the same on every rank and every rank skips the
 same step. No rank leaves the collective schedule (unlike returning ``None`` from
 ``training_step``, Lightning issue #5243), and no extra collective is needed.
+
+Checkpoints: the callback's ``state_dict`` (saved by Lightning in every checkpoint) holds
+each guard's :meth:`gradguard.Guard.state_dict` (step count, clip policy statistics,
+detector state); ``Trainer.fit(..., ckpt_path=...)`` restores it, so a resumed run goes on
+with the same ZClip/AutoClip statistics. Telemetry is flushed to the run directory when a
+checkpoint is taken, so the run directory is complete up to every checkpoint and a resumed
+run appends to it without repeating a step.
 """
 
 from __future__ import annotations
@@ -137,6 +144,8 @@ class GradGuardCallback(Callback):
         self.reports: list[str] = []
         self._loss = LossTracker()
         self._logger_sinks: list[LightningLoggerSink] = []
+        self._loaded: list[dict[str, Any]] | None = None  # from a checkpoint, for on_train_start
+        self._final: list[dict[str, Any]] | None = None  # the guards' state when training ended
 
     # ---- checks ------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -172,6 +181,7 @@ class GradGuardCallback(Callback):
             if trainer.is_global_zero:
                 sinks.append(JsonlSink(run_dir))
                 self.run_dirs.append(run_dir)
+            ls: LightningLoggerSink | None = None
             if trainer.loggers:
                 ls = LightningLoggerSink(
                     trainer,
@@ -189,6 +199,38 @@ class GradGuardCallback(Callback):
                 every=self.every,
                 sinks=sinks,
             )
+            guard = self.guards[id(opt)]
+            if self._loaded is not None and k < len(self._loaded):
+                guard.load_state_dict(self._loaded[k])
+            if ls is not None:  # the guard's step numbers go on from the checkpoint's
+                ls.step_offset = trainer.global_step - guard.step_count
+        self._loaded = None
+
+    # ---- checkpoints ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The guards' state, one per optimizer, saved in every Lightning checkpoint.
+
+        Pending telemetry is flushed first (on every rank: under DDP a flush is a collective,
+        and Lightning builds the checkpoint on every rank), so the checkpoint carries no
+        step that the run directory has not seen.
+        """
+        if self.guards:
+            states = []
+            for g in self.guards.values():
+                g.flush()
+                states.append(g.state_dict())
+        else:
+            states = list(self._final or [])
+        return {"version": 1, "guards": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's guard state; it is loaded when the guards are built."""
+        if state_dict.get("version") != 1 or not isinstance(state_dict.get("guards"), list):
+            raise ValueError(
+                f"GradGuardCallback.load_state_dict: unsupported state (version "
+                f"{state_dict.get('version')!r}); expected version 1 with a 'guards' list"
+            )
+        self._loaded = list(state_dict["guards"])
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
@@ -214,6 +256,8 @@ class GradGuardCallback(Callback):
         guards, self.guards = list(self.guards.values()), {}
         for g in guards:
             g.close()
+        if guards:
+            self._final = [g.state_dict() for g in guards]
         self._logger_sinks = []
         if self.report:
             for d in self.run_dirs:
