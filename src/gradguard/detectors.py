@@ -275,9 +275,15 @@ def _nonfinite_cause(
 
 
 def detect_nonfinite(
-    window: Window, forward_origins: Mapping[int, ForwardOrigin] | None = None
+    window: Window,
+    forward_origins: Mapping[int, ForwardOrigin] | None = None,
+    amp_overflows: Mapping[int, float] | None = None,
 ) -> list[Event]:
     """A ``nonfinite_grad`` event per non-finite step, plus ``skip`` when it was skipped.
+
+    Steps in ``amp_overflows`` (step -> loss scale; routine ``GradScaler`` overflows, see
+    ``gradguard.guard.AMP_OVERFLOW_MIN_SCALE``) get one ``info`` ``skip`` event with
+    ``data["reason"] == "loss_scale_overflow"`` instead.
 
     The event's ``layer`` is the origin: the first module whose forward output went
     NaN/Inf when ``forward_origins`` knows it (``Guard(watch_activations=True)``),
@@ -290,6 +296,15 @@ def detect_nonfinite(
     ln = None
     for i, step in enumerate(window.steps):
         if math.isfinite(total[i]):
+            continue
+        if amp_overflows and step in amp_overflows:
+            scale = amp_overflows[step]
+            events.append(Event(
+                kind="skip", step=step, severity="info", value=scale,
+                message=(f"step {step}: loss-scale overflow at scale {scale:g}; the GradScaler "
+                         "skipped the step and lowers its scale (routine in mixed precision)"),
+                data={"reason": "loss_scale_overflow", "scale": scale},
+            ))
             continue
         if ln is None:
             ln = window.layer_norms()
@@ -592,6 +607,7 @@ def detect(
     forward_origins: Mapping[int, ForwardOrigin] | None = None,
     activations: Mapping[str, Mapping[str, float]] | None = None,
     lr_events: Sequence[Event] = (),
+    amp_overflows: Mapping[int, float] | None = None,
 ) -> list[Event]:
     """Run every detector over a window, in step order.
 
@@ -603,10 +619,11 @@ def detect(
             ``Guard(watch_activations=True)``).
         activations: activation samples of the flush step (``Guard(sample_activations=True)``).
         lr_events: events from an :class:`LrTracker` since the last flush.
+        amp_overflows: steps that were routine loss-scale overflows -> their scale.
     """
     cfg = config or DetectorConfig()
     st = state if state is not None else DetectorState(history=cfg.spike_history)
-    events = detect_nonfinite(window, forward_origins)
+    events = detect_nonfinite(window, forward_origins, amp_overflows)
     events += detect_spikes(window, st, cfg)
     events += detect_vanishing(window, cfg)
     events += detect_update_ratio(window, cfg)

@@ -5,10 +5,16 @@
 the step when the total norm is not finite. With a fused optimizer the skip is handed to the
 optimizer as ``found_inf`` (as ``torch.amp.GradScaler`` does), so a guarded step costs no
 host synchronisation at all; otherwise the skip decision costs exactly one.
+
+With ``guard.step(loss, scaler=scaler)`` (a ``torch.amp.GradScaler``) the guard unscales,
+measures and clips the unscaled gradients, and lets the scaler step the optimizer; the
+scaler's own found-inf check is the step/skip decision (see docs/guard.md, "Mixed
+precision").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -16,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.amp.grad_scaler import GradScaler, OptState
 
 from . import detectors, distributed
 from ._watch import ActivationWatch
@@ -29,6 +36,13 @@ ON_NONFINITE: tuple[str, ...] = ("skip", "raise", "warn", "off")
 #: Telemetry flush interval (steps): large enough that the one host copy per flush is
 #: negligible, small enough that a person sees trouble within seconds.
 DEFAULT_EVERY = 50
+
+#: Under a GradScaler, a non-finite step is a routine loss-scale overflow (an ``info``
+#: ``skip`` event, no recovery) when its loss is finite and the scale it ran with was
+#: above this: only then can the scale explain the overflow. Backed-off down to here
+#: (16 consecutive overflows from torch's default 2**16), it no longer amplifies anything,
+#: so what still overflows is reported as a real non-finite step.
+AMP_OVERFLOW_MIN_SCALE = 1.0
 
 
 class GradGuardWarning(UserWarning):
@@ -195,6 +209,8 @@ class Guard:
                 sample=sample_activations, device=self.telemetry.device,
             )
             self._watch.armed = sample_activations and self.telemetry.flush_due
+        #: step -> [routine loss-scale overflow (0/1), scale] (device), read at flush.
+        self._amp_rows: dict[int, Tensor] = {}
         self.recovery = recovery
         if recovery is not None and hasattr(recovery, "attach"):
             recovery.attach(self)
@@ -247,19 +263,48 @@ class Guard:
         # optimizer that is about to run from updating anything.
         return None
 
-    @torch.no_grad()
-    def step(self, loss: Tensor | float | None = None) -> Tensor:
+    def step(
+        self, loss: Tensor | float | None = None, *, scaler: GradScaler | None = None
+    ) -> Tensor:
         """Clip, then step the optimizer unless the gradients are non-finite.
 
         Args:
-            loss: this step's loss (recorded; never read by the host per step).
+            loss: this step's loss (recorded; never read by the host per step). With a
+                ``scaler``, pass the unscaled loss (the one you called ``scaler.scale`` on).
+            scaler: a ``torch.amp.GradScaler`` that scaled this step's backward, or None.
+                The guard unscales the gradients (unless ``scaler.unscale_(optimizer)``
+                already ran this iteration), measures and clips them, then calls
+                ``scaler.step(optimizer)`` instead of ``optimizer.step()``; call
+                ``scaler.update()`` afterwards as usual. Loss-scale overflows are routine
+                (an ``info`` ``skip`` event); see :data:`AMP_OVERFLOW_MIN_SCALE`. A
+                disabled scaler (``enabled=False``) is the same as None.
 
         Returns:
             The pre-clip total gradient norm (a device tensor, like ``clip_grad_norm_``).
+
+        Example:
+            >>> import torch, gradguard as gg
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> scaler = torch.amp.GradScaler("cpu")
+            >>> guard = gg.Guard(model, opt, clip=gg.NormClip(1.0))
+            >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+            ...     loss = model(torch.randn(8, 4)).float().pow(2).mean()
+            >>> scaler.scale(loss).backward()
+            >>> _ = guard.step(loss, scaler=scaler)
+            >>> scaler.update()
+            >>> guard.close()
         """
+        with torch.no_grad():  # a context, not a decorator, so doctest sees the example
+            return self._step(loss, scaler)
+
+    def _step(self, loss: Tensor | float | None, scaler: GradScaler | None) -> Tensor:
         if self._closed:
             raise RuntimeError("guard.step() called after guard.close()")
         loss_v = self._check_loss(loss)
+        amp = self._check_scaler(scaler)
+        if amp is not None:
+            self._unscale(amp)
         stats = self.telemetry.measure()
         if self.clip is None:
             coef: Tensor | None = None
@@ -273,8 +318,13 @@ class Guard:
         if sample:
             self.telemetry.begin_update_sample()
         skipped: Tensor | bool
+        recovery_skip: Tensor | bool | None = None
         error: NonFiniteGradientError | None = None
-        if self.on_nonfinite == "off":
+        if amp is not None:
+            skipped, recovery_skip = self._amp_step(amp, stats, loss_v)
+            if recovery_skip is True:
+                error = self._on_nonfinite_host(stats)
+        elif self.on_nonfinite == "off":
             self._optimizer_step()
             skipped = False
         elif self.on_nonfinite == "skip" and self.fused:
@@ -305,7 +355,9 @@ class Guard:
             raise error
         if self.recovery is not None and hasattr(self.recovery, "after_step"):
             try:
-                self.recovery.after_step(self, stats, skipped)
+                self.recovery.after_step(
+                    self, stats, skipped if recovery_skip is None else recovery_skip
+                )
             except TrainingDiverged:
                 self.flush()  # the abort event reaches the sinks
                 raise
@@ -314,6 +366,81 @@ class Guard:
         if self._watch is not None and self.sample_activations:
             self._watch.armed = self.telemetry.flush_due  # sample the flush step's forward
         return stats.total_norm
+
+    # ---- mixed precision (torch.amp.GradScaler) ---------------------------------------
+    def _check_scaler(self, scaler: Any) -> GradScaler | None:
+        if scaler is None:
+            return None
+        if not isinstance(scaler, GradScaler):
+            raise TypeError(
+                f"guard.step(scaler=...): expected a torch.amp.GradScaler or None, got "
+                f"{type(scaler).__name__}"
+            )
+        return scaler if scaler.is_enabled() else None
+
+    def _scaler_state(self, scaler: GradScaler) -> dict[str, Any]:
+        # GradScaler's own per-optimizer bookkeeping (stage, found_inf_per_device)
+        return scaler._per_optimizer_states[id(self.optimizer)]
+
+    def _unscale(self, scaler: GradScaler) -> None:
+        stage = self._scaler_state(scaler)["stage"]
+        if stage is OptState.STEPPED:
+            raise RuntimeError(
+                "guard.step(scaler=...): scaler.step(optimizer) already ran since the last "
+                "scaler.update(); let guard.step step the optimizer and call scaler.update() "
+                "once per iteration"
+            )
+        if stage is OptState.READY:  # not when the user already called scaler.unscale_
+            scaler.unscale_(self.optimizer)
+
+    def _amp_step(
+        self, scaler: GradScaler, stats: StepStats, loss: Tensor | float | None
+    ) -> tuple[Tensor, Tensor | bool]:
+        """``scaler.step`` on the unscaled, clipped gradients. Returns the skip flag to
+        record (device) and the skip flag the recovery ladder sees: loss-scale overflows
+        excluded, a host bool under ``on_nonfinite="raise"|"warn"`` (gradguard's one sync
+        then), a device tensor otherwise (no sync besides the scaler's own)."""
+        dev = stats.total_norm.device
+        found = list(self._scaler_state(scaler)["found_inf_per_device"].values())
+        if found and self.on_nonfinite != "off":
+            # every element finite but the float32 norm overflows: skip it like a NaN.
+            # Kept 0/1: fused optimizers subtract found_inf from their step counts.
+            found[0].add_((~stats.finite).to(found[0])).clamp_(max=1.0)
+        if found:
+            skipped = torch.stack([f.to(dev, non_blocking=True) for f in found]).sum() > 0
+        else:  # no gradients: scaler.step raises its own error below
+            skipped = torch.zeros((), dtype=torch.bool, device=dev)
+        scale_t = scaler._get_scale_async()
+        scale = (
+            torch.ones((), device=dev)
+            if scale_t is None
+            else scale_t.detach().to(dev, torch.float32, non_blocking=True).reshape(())
+        )
+        if isinstance(loss, Tensor):
+            loss_ok: Tensor | bool = torch.isfinite(loss.detach()).to(dev).reshape(())
+        else:
+            loss_ok = loss is None or math.isfinite(loss)
+        routine = skipped & (scale > AMP_OVERFLOW_MIN_SCALE) & loss_ok
+        self._amp_rows[self.step_count] = torch.stack([routine.float(), scale])
+        genuine = skipped & ~routine
+        host: Tensor | bool = genuine
+        if self.on_nonfinite in ("raise", "warn"):
+            host = bool(genuine)  # gradguard's one host sync of this step
+        scaler.step(self.optimizer)  # skips on found_inf; a fused optimizer gets it on device
+        return skipped, host
+
+    def _amp_overflows(self, window: Window) -> dict[int, float]:
+        """Steps of ``window`` that were routine loss-scale overflows -> their scale (one
+        host copy per flush, only when a scaler was used)."""
+        if not self._amp_rows:
+            return {}
+        rows = [(s, self._amp_rows.pop(s)) for s in window.steps if s in self._amp_rows]
+        for s in [s for s in self._amp_rows if s <= window.steps[-1]]:
+            del self._amp_rows[s]  # steps the window no longer holds
+        if not rows:
+            return {}
+        vals = torch.stack([r for _, r in rows]).tolist()
+        return {s: v[1] for (s, _), v in zip(rows, vals) if v[0]}
 
     def _on_nonfinite_host(self, stats: StepStats) -> NonFiniteGradientError | None:
         if self.on_nonfinite == "raise":
@@ -345,14 +472,21 @@ class Guard:
                 self._deliver(Flush(steps=[], layers={}, events=self._pop_events()))
             return None
         self.skipped_steps += int(window.skipped.sum())
-        for ev in detectors.detect(window, **self._detector_inputs(window)):
+        overflows = self._amp_overflows(window)
+        for ev in detectors.detect(
+            window, **self._detector_inputs(window), amp_overflows=overflows
+        ):
             if origins is not None:
                 self._name_ranks(ev, window, origins)
             self.add_event(ev)
         abort: TrainingDiverged | None = None
         if self.recovery is not None and hasattr(self.recovery, "on_flush"):
             try:
-                self.recovery.on_flush(self, window, list(self._pending_events))
+                rwin = window
+                if overflows:  # routine loss-scale overflows are no trouble to recover from
+                    mask = torch.tensor([s in overflows for s in window.steps])
+                    rwin = dataclasses.replace(window, skipped=window.skipped & ~mask)
+                self.recovery.on_flush(self, rwin, list(self._pending_events))
             except TrainingDiverged as e:
                 abort = e  # deliver this window (with the abort event) first
         self.last_window = window

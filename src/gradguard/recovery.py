@@ -586,8 +586,9 @@ class Recovery:
     # ---- snapshots -----------------------------------------------------------------------
     def _healthy(self, window: Window, events: Sequence[Event]) -> bool:
         bad = {"nonfinite_grad", "skip", "loss_spike", "grad_spike"}
+        # info-level skips (routine loss-scale overflows) are no sign of trouble
         return (self.state.factor >= 1.0 and not bool(window.skipped.any())
-                and not any(e.kind in bad for e in events))
+                and not any(e.kind in bad and e.severity != "info" for e in events))
 
     def _maybe_snapshot(self, guard: Guard, step: int) -> None:
         st = self.state
