@@ -196,6 +196,9 @@ def test_abort_after_max_rollbacks_raises_training_diverged(tmp_path):
     assert kinds.count("lr_backoff") == 1 and kinds.count("rollback") == 2
     assert kinds[-1] == "abort"
     assert err.run_dir == str(tmp_path) and str(tmp_path) in str(err)
+    assert err.report_path == str(tmp_path / "report.html")
+    html = (tmp_path / "report.html").read_text()
+    assert "abort" in html and "rollback" in html  # the report shows what led here
     guard.close()
     written = [r["kind"] for r in gg.read_jsonl(tmp_path / "events.jsonl")]
     assert "abort" in written  # the abort reached the sinks before the raise

@@ -64,14 +64,21 @@ class TrainingDiverged(RuntimeError):
     Attributes:
         events: the guard's event history (most recent last).
         run_dir: the run directory (with ``events.jsonl`` and the report), if any.
+        report_path: the HTML incident report written when training was given up (None
+            without a run directory or without the ``report`` extra).
     """
 
     def __init__(
-        self, message: str, events: Sequence[Event] = (), run_dir: str | None = None
+        self,
+        message: str,
+        events: Sequence[Event] = (),
+        run_dir: str | None = None,
+        report_path: str | None = None,
     ) -> None:
         super().__init__(message)
         self.events = list(events)
         self.run_dir = run_dir
+        self.report_path = report_path
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
@@ -358,8 +365,9 @@ class Guard:
                 self.recovery.after_step(
                     self, stats, skipped if recovery_skip is None else recovery_skip
                 )
-            except TrainingDiverged:
+            except TrainingDiverged as e:
                 self.flush()  # the abort event reaches the sinks
+                e.report_path = _report_on_abort(e.run_dir)
                 raise
         if self.telemetry.pending >= self.every:
             self.flush()
@@ -499,6 +507,7 @@ class Guard:
             )
         )
         if abort is not None:
+            abort.report_path = _report_on_abort(abort.run_dir)
             raise abort
         return window
 
@@ -651,3 +660,26 @@ def layer_record(window: Window) -> dict[str, Any]:
         rec["weight_norm"] = [json_float(x) for x in w.tolist()]
         rec["update_ratio"] = [json_float(x) for x in (u / w.clamp_min(1e-12)).tolist()]
     return rec
+
+
+def _report_on_abort(run_dir: str | None) -> str | None:
+    """Render the run's HTML report when the ladder gives up, so the error can point at it.
+
+    The abort must surface whatever happens here: a missing extra or a failing render is
+    reported as a warning, never raised."""
+    if run_dir is None:
+        return None
+    try:
+        from .report import report as render
+    except ImportError as e:
+        warnings.warn(f"gradguard: no report written ({e})", GradGuardWarning, stacklevel=3)
+        return None
+    try:
+        return str(render(run_dir))
+    except Exception as e:  # the abort is the error to raise, not this one
+        warnings.warn(
+            f"gradguard: writing the report of {run_dir} failed: {type(e).__name__}: {e}",
+            GradGuardWarning,
+            stacklevel=3,
+        )
+        return None

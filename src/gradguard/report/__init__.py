@@ -1,4 +1,4 @@
-"""HTML incident report of a run directory (placeholder while being written)."""
+"""HTML incident report of a run directory: ``gg.report(run_dir)`` and ``gradguard report``."""
 
 from __future__ import annotations
 
