@@ -97,11 +97,18 @@ def main() -> None:
         ("gpt_10m", gpt_10m, 1e-3),
         # worst case: the loss rises, so the LR/10 run happens too
         ("mlp_10m_lr_too_high", mlp_10m, 10.0),
+        # SGD adds the curvature rule (power iteration of Hessian-vector products)
+        ("mlp_10m_sgd", mlp_10m, 0.01),
+        ("gpt_10m_sgd", gpt_10m, 0.01),
     )
     for name, build, lr in cases:
         model, batch, loss_fn = build()
         n = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        opt = (
+            torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+            if name.endswith("_sgd")
+            else torch.optim.AdamW(model.parameters(), lr=lr)
+        )
 
         def fwd_bwd(model=model, batch=batch, loss_fn=loss_fn) -> None:
             model.zero_grad(set_to_none=True)

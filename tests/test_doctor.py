@@ -221,3 +221,29 @@ def test_raw_scale_is_fine_when_the_model_normalises_it_first():
     assert gg.doctor(Scaled(), (x, y), nn.MSELoss()).healthy
     raw = gg.doctor(Scaled().net, (x, y), nn.MSELoss())
     assert raw.top is not None and raw.top.cause == "unscaled_input" and raw.top.where == "inputs"
+
+
+def test_curvature_rule_catches_slow_divergence_the_step_probe_misses():
+    from tests.zoo.broken import lr_slow_deep_mlp
+
+    from gradguard.doctor.lr import SHARPNESS_MARGIN, _step_probe
+
+    model, (x, y), loss_fn, opt = lr_slow_deep_mlp()
+    assert _step_probe(model, opt, lambda m: loss_fn(m(x), y), 4) == []  # the loss falls at first
+    before = _snapshot(model, opt)
+    diag = gg.doctor(model, (x, y), loss_fn, opt)
+    _assert_same(before, _snapshot(model, opt))
+    top = diag.top
+    assert top is not None and top.cause == "lr_too_high" and top.severity == "warning"
+    ev = top.evidence
+    assert ev["stability_limit"] == pytest.approx(2 * 1.9)  # heavy ball, β = 0.9
+    assert ev["lr_times_sharpness"] > SHARPNESS_MARGIN * ev["stability_limit"]
+    assert ev["recommended_lr"] < 0.3 and f"{ev['recommended_lr']:.3g}" in top.remedy
+
+
+def test_curvature_rule_is_for_sgd_only():
+    from tests.zoo.broken import lr_slow_deep_mlp
+
+    model, batch, loss_fn, _ = lr_slow_deep_mlp()
+    diag = gg.doctor(model, batch, loss_fn, torch.optim.Adam(model.parameters(), lr=1e-3))
+    assert not any("sharpness" in f.evidence for f in diag.findings)

@@ -338,6 +338,32 @@ def unused_head():
     return m, classification(), nn.CrossEntropyLoss(), None
 
 
+# slow divergence: the loss falls for the first steps, η·λ_max is past the stability limit
+def lr_slow_deep_mlp():
+    """Plain 11-layer He MLP at SGD lr 0.3, momentum 0.9: η·λ_max ≈ 16x the limit 2(1+β);
+    the 4-step probe sees the loss fall, full-batch training reaches NaN at step ~13."""
+    _seed()
+    m = init_linear_(mlp(64, 128, 11, 10), "he")
+    return m, classification(n=128, d=64, k=10), nn.CrossEntropyLoss(), torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9)
+
+
+def lr_slow_digits_t7():
+    """The lab's T7 plain network on load_digits (η·λ_max ≈ 3.4x the limit; NaN at step ~73)."""
+    from gradguard.lab._common import mlp as lab_mlp
+    from gradguard.lab._common import split_digits
+
+    m = lab_mlp(10, 128, init="he")
+    x, y, _, _ = split_digits()
+    return m, (x[:256], y[:256]), nn.CrossEntropyLoss(), torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9)
+
+
+def lr_slow_nesterov_tanh():
+    """Tanh MLP, MSE, Nesterov SGD lr 0.08 (limit 2(1+β)/(1+2β) ≈ 1.36): η·λ_max ≈ 3.6x; NaN at ~29."""
+    _seed()
+    m = init_linear_(mlp(16, 64, 6, 1, act=nn.Tanh), "xavier_tanh")
+    return m, regression(), nn.MSELoss(), torch.optim.SGD(m.parameters(), lr=0.08, momentum=0.9, nesterov=True)
+
+
 BROKEN = [
     Case("init_large_mlp", "init_too_large", init_large_mlp),
     Case("init_large_cnn", "init_too_large", init_large_cnn),
@@ -354,6 +380,8 @@ BROKEN = [
     Case("lr_sgd_mlp", "lr_too_high", lr_sgd_mlp),
     Case("lr_adam_cnn", "lr_too_high", lr_adam_cnn),
     Case("lr_gpt", "lr_too_high", lr_gpt),
+    Case("lr_slow_deep_mlp", "lr_too_high", lr_slow_deep_mlp),
+    Case("lr_slow_nesterov_tanh", "lr_too_high", lr_slow_nesterov_tanh),
     Case("rnn_relu_explode", "recurrent_explosion", rnn_relu_explode),
     Case("loop_rnn_explode", "recurrent_explosion", loop_rnn_explode),
     Case("rnn_tanh_vanish", "recurrent_vanishing", rnn_tanh_vanish),
@@ -375,3 +403,9 @@ BROKEN = [
     Case("detached_encoder", "disconnected_layer", detached_encoder),
     Case("unused_head", "disconnected_layer", unused_head),
 ]
+try:  # load_digits needs scikit-learn (an optional extra)
+    import sklearn  # noqa: F401
+
+    BROKEN.append(Case("lr_slow_digits_t7", "lr_too_high", lr_slow_digits_t7))
+except ImportError:  # pragma: no cover
+    pass

@@ -152,6 +152,26 @@ def hf_bert_classifier():
     return m, ({"input_ids": ids}, y), loss, torch.optim.AdamW(m.parameters(), lr=2e-5)
 
 
+def plain_deep_mlp_sgd_sane_lr():
+    """The broken lr_slow_deep_mlp at lr 0.01: η·λ_max ≈ 0.54x the limit, trains."""
+    _seed()
+    m = init_linear_(mlp(64, 128, 11, 10), "he")
+    return m, classification(n=128, d=64, k=10), nn.CrossEntropyLoss(), torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+
+def bn_deep_mlp_high_lr():
+    """BatchNorm MLP at SGD lr 0.3: η·λ_max ≈ 3.4x the limit at init, yet it trains (scale
+    invariance lowers the curvature): the curvature rule must only inform here."""
+    _seed()
+    layers: list[nn.Module] = []
+    d = 64
+    for _ in range(10):
+        layers += [nn.Linear(d, 128), nn.BatchNorm1d(128), nn.ReLU()]
+        d = 128
+    m = init_linear_(nn.Sequential(*layers, nn.Linear(128, 10)), "he")
+    return m, classification(n=128, d=64, k=10), nn.CrossEntropyLoss(), torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9)
+
+
 HEALTHY = [
     Case("he_mlp_deep", None, he_mlp_deep),
     Case("he_mlp_very_deep_narrow", None, he_mlp_very_deep_narrow),
@@ -170,6 +190,8 @@ HEALTHY = [
     Case("embedding_bag_text", None, embedding_bag_text),
     Case("dropout_mlp_no_opt", None, dropout_mlp_no_opt),
     Case("lstm_long_sequence", None, lstm_long_sequence),
+    Case("plain_deep_mlp_sgd_sane_lr", None, plain_deep_mlp_sgd_sane_lr),
+    Case("bn_deep_mlp_high_lr", None, bn_deep_mlp_high_lr),
 ]
 try:  # transformers is an optional extra (gradguard[hf])
     import transformers  # noqa: F401
