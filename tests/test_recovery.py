@@ -41,6 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
         ({"keep": 0}, "keep=0"),
         ({"skip_batches": -2}, "skip_batches=-2"),
         ({"reset_moments": "some"}, "reset_moments='some'.*exploded"),
+        ({"relapse_backoff": 0.0}, r"relapse_backoff=0\.0.*\(0, 1\]"),
+        ({"relapse_backoff": 1.5}, "relapse_backoff=1.5"),
+        ({"relapse_window": -1}, "relapse_window=-1"),
     ],
 )
 def test_invalid_options_raise_at_construction(kwargs, match):
@@ -233,6 +236,116 @@ def test_recovery_state_dict_round_trip():
     assert other.state == rec.state and other.lr_factor < 1.0
     with pytest.raises(ValueError, match="unknown keys"):
         other.load_state_dict({"bogus": 1})
+
+
+# ---- relapses lower the LR ceiling for good -------------------------------------------------
+def test_defaults_are_named_and_relapse_window_scales_with_restore_steps():
+    from gradguard import recovery as r
+
+    rec = gg.Recovery(restore_steps=7)
+    assert rec.relapse_backoff == r.RELAPSE_BACKOFF == r.BACKOFF
+    assert rec.relapse_window == r.RELAPSE_WINDOW_FACTOR * 7
+    assert gg.Recovery(relapse_window=0).relapse_window == 0
+    assert rec.lr_ceiling == 1.0
+    with pytest.raises(TypeError, match="relapse_backoff=True"):
+        gg.Recovery(relapse_backoff=True)
+
+
+def test_an_isolated_incident_restores_the_full_lr():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gg.Recovery(skip_patience=1, restore_steps=5, relapse_window=20)
+    guard = gg.Guard(model, opt, recovery=rec, every=50)
+    train(guard, model, opt, 10, bad_steps={2})
+    train(guard, model, opt, 25, bad_steps={25}, start=10, seed=2)  # 23 steps later: isolated
+    assert [(e.kind, e.data["relapse"]) for e in guard.events] == [
+        ("lr_backoff", False), ("lr_backoff", False)]
+    assert rec.lr_ceiling == 1.0 and opt.param_groups[0]["lr"] == 0.1
+
+
+def test_a_relapse_lowers_the_ceiling_and_the_lr_never_returns_above_it():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gg.Recovery(skip_patience=1, restore_steps=5, patience=5, relapse_window=50,
+                      relapse_backoff=0.5, snapshot_every=10)
+    guard = gg.Guard(model, opt, recovery=rec, every=10)
+    train(guard, model, opt, 10, bad_steps={2})  # back-off at 2, restored by step 7
+    assert opt.param_groups[0]["lr"] == 0.1
+    train(guard, model, opt, 5, bad_steps={12}, start=10, seed=2)  # 10 steps later: relapse
+    ev = [e for e in guard.events if e.kind == "lr_backoff"]
+    assert [(e.step, e.data["relapse"]) for e in ev] == [(2, False), (12, True)]
+    # the factor that failed (1.0) times relapse_backoff; the back-off itself is x0.1
+    assert ev[1].data["ceiling"] == rec.lr_ceiling == pytest.approx(0.5)
+    assert ev[1].data["factor"] == pytest.approx(0.1) and "x0.5 only" in ev[1].message
+    lrs = []
+    for k in range(40):
+        train(guard, model, opt, 1, start=15 + k, seed=3 + k)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert max(lrs) == pytest.approx(0.05) and lrs[-1] == pytest.approx(0.05)
+    assert rec.lr_factor == pytest.approx(0.5)
+    # healthy again at the lowered ceiling: snapshots resume
+    assert rec.store.steps() and rec.store.steps()[-1] > 12
+
+
+def test_a_rollback_lowers_the_ceiling_below_the_factor_that_failed():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rec = gg.Recovery(skip_patience=2, snapshot_every=10, restore_steps=30, max_rollbacks=5)
+    guard = gg.Guard(model, opt, recovery=rec, every=10)
+    train(guard, model, opt, 20)
+    train(guard, model, opt, 2, bad_steps={20, 21}, start=20)  # back-off at 21
+    train(guard, model, opt, 3, start=22)
+    train(guard, model, opt, 2, bad_steps={25, 26}, start=25)  # rollback at 26
+    rb = next(e for e in guard.events if e.kind == "rollback")
+    # the restoration had got to x0.22 when the trouble returned: never above 0.1 of that
+    assert rb.data["ceiling"] == rec.lr_ceiling == pytest.approx(0.22 * 0.1)
+    lrs = []
+    for k in range(80):
+        train(guard, model, opt, 1, start=27 + k, seed=5 + k)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert max(lrs) <= 1e-3 * 0.022 * (1 + 1e-12)
+
+
+def test_relapse_backoff_one_keeps_the_old_full_restore():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gg.Recovery(skip_patience=1, restore_steps=5, patience=5, relapse_backoff=1.0)
+    guard = gg.Guard(model, opt, recovery=rec, every=50)
+    train(guard, model, opt, 10, bad_steps={2})
+    train(guard, model, opt, 10, bad_steps={12}, start=10, seed=2)
+    assert rec.lr_ceiling == 1.0 and opt.param_groups[0]["lr"] == 0.1
+
+
+def test_resume_after_a_relapse_is_bit_identical():
+    def run(resume_at):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mk = lambda: gg.Recovery(skip_patience=1, restore_steps=5, patience=5,  # noqa: E731
+                                 relapse_window=50, relapse_backoff=0.5)
+        rec = mk()
+        guard = gg.Guard(model, opt, recovery=rec, every=50)
+        train(guard, model, opt, 10, bad_steps={2})
+        train(guard, model, opt, 5, bad_steps={12}, start=10, seed=2)
+        if resume_at:
+            sd = {"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}
+            model = mlp()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            model.load_state_dict(sd["model"])
+            opt.load_state_dict(sd["opt"])
+            rec = mk()
+            guard = gg.Guard(model, opt, recovery=rec, every=50)
+            guard.load_state_dict(sd["guard"])
+            assert rec.lr_ceiling == pytest.approx(0.5)
+        lrs = []
+        for k in range(10):
+            train(guard, model, opt, 1, start=15 + k, seed=3 + k)
+            lrs.append(opt.param_groups[0]["lr"])
+        return lrs, [p.detach().clone() for p in model.parameters()]
+
+    (lr_a, p_a), (lr_b, p_b) = run(False), run(True)
+    assert lr_a == lr_b and max(lr_a) == pytest.approx(0.05)
+    assert all(torch.equal(a, b) for a, b in zip(p_a, p_b))
 
 
 # ---- snapshot stores -------------------------------------------------------------------------

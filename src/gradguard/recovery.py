@@ -5,13 +5,19 @@
 1. **skip** a step whose gradients are non-finite (the Guard does this itself);
 2. **back off** the learning rate of every param group by ``backoff`` after
    ``skip_patience`` consecutive skips or a *confirmed* loss spike (one lasting
-   ``DetectorConfig.spike_confirm`` steps), then restore it linearly over ``restore_steps``;
+   ``DetectorConfig.spike_confirm`` steps), then restore it linearly over ``restore_steps``
+   up to the *ceiling* (the full LR until trouble comes back);
 3. **roll back** model, optimizer state, clip policy and ladder to the last good snapshot
    when trouble comes back within ``patience`` steps of the previous rung; reset the
    optimizer moments of the layers that exploded (``reset_moments``), back off again, and
    set ``guard.batches_to_skip`` for data-loader users;
 4. **abort** with :class:`~gradguard.TrainingDiverged` after ``max_rollbacks`` rollbacks
    that brought no healthy snapshot in between.
+
+Persistent instability lowers the LR for good: a *relapse* (a back-off within
+``relapse_window`` steps of the previous trigger, or any rollback) lowers the ceiling to
+``relapse_backoff`` times the factor that failed, so the LR is never restored to a value
+that has already proved unstable twice. One isolated incident still restores the full LR.
 
 Decisions (:meth:`Recovery.decide`) are pure functions of host-known values: the skip flag
 the Guard already read (non-fused optimizers: one sync per step that the Guard pays
@@ -64,6 +70,14 @@ SNAPSHOT_EVERY = 100
 KEEP = 2
 #: Rollbacks without a healthy snapshot in between before TrainingDiverged.
 MAX_ROLLBACKS = 3
+#: Multiplier on the LR ceiling when trouble returns: the LR factor that failed, times
+#: this, is the most the LR is ever restored to again (1.0: always restore the full LR).
+#: The same order of magnitude as ``BACKOFF``: after k relapses the LR is at most
+#: ``BACKOFF**k`` of its value, and a relapse's back-off is not undone.
+RELAPSE_BACKOFF = BACKOFF
+#: Trouble within this many multiples of ``restore_steps`` of the previous trigger is a
+#: relapse (a return of the same instability), not a new, isolated incident.
+RELAPSE_WINDOW_FACTOR = 10
 
 SNAPSHOT_PREFIX = "snapshot-"
 SNAPSHOT_SUFFIX = ".pt"
@@ -286,6 +300,7 @@ class _LadderState:
     consecutive_skips: int = 0
     factor: float = 1.0  # current LR multiplier applied by the ladder
     backoff_level: float = 1.0  # factor right after the last back-off
+    ceiling: float = 1.0  # the factor the LR is restored to (lowered by relapses)
     backoff_step: int | None = None
     last_trigger: int | None = None
     trouble_start: int | None = None
@@ -313,6 +328,12 @@ class Recovery:
             exploded (``"exploded"``), of every parameter (``"all"``) or of none.
         max_rollbacks: rollbacks without a healthy snapshot in between before
             :class:`~gradguard.TrainingDiverged` (n, >= 0).
+        relapse_backoff: on a relapse (a back-off within ``relapse_window`` steps of the
+            previous trigger, or a rollback), the ceiling the LR is restored to becomes this
+            times the factor in force, for the rest of the run; in (0, 1], 1 restores the
+            full LR every time.
+        relapse_window: steps after a trigger during which new trouble counts as a relapse
+            (>= 0; default: ``RELAPSE_WINDOW_FACTOR * restore_steps``).
         skip_batches: ``guard.batches_to_skip`` after a rollback (None: the number of steps
             from the first trigger of the episode to the rollback).
 
@@ -348,6 +369,8 @@ class Recovery:
         reset_moments: ResetMoments = "exploded",
         max_rollbacks: int = MAX_ROLLBACKS,
         skip_batches: int | None = None,
+        relapse_backoff: float = RELAPSE_BACKOFF,
+        relapse_window: int | None = None,
     ) -> None:
         self.skip_patience = _check_int("skip_patience", skip_patience, 1)
         if isinstance(backoff, bool) or not isinstance(backoff, (int, float)):
@@ -368,6 +391,18 @@ class Recovery:
             )
         self.reset_moments: ResetMoments = reset_moments
         self.max_rollbacks = _check_int("max_rollbacks", max_rollbacks, 0)
+        if isinstance(relapse_backoff, bool) or not isinstance(relapse_backoff, (int, float)):
+            raise TypeError(
+                f"Recovery(relapse_backoff={relapse_backoff!r}): expected a number in (0, 1]")
+        if not (0.0 < float(relapse_backoff) <= 1.0):
+            raise ValueError(
+                f"Recovery(relapse_backoff={relapse_backoff!r}): must be in (0, 1] (it "
+                f"multiplies the LR ceiling; 1 restores the full LR every time)"
+            )
+        self.relapse_backoff = float(relapse_backoff)
+        self.relapse_window = (RELAPSE_WINDOW_FACTOR * self.restore_steps
+                               if relapse_window is None
+                               else _check_int("relapse_window", relapse_window, 0))
         self.skip_batches = None if skip_batches is None else _check_int(
             "skip_batches", skip_batches, 0)
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
@@ -385,6 +420,7 @@ class Recovery:
             f"Recovery(skip_patience={self.skip_patience}, backoff={self.backoff}, "
             f"restore_steps={self.restore_steps}, snapshot_every={self.snapshot_every}, "
             f"max_rollbacks={self.max_rollbacks}, reset_moments={self.reset_moments!r}, "
+            f"relapse_backoff={self.relapse_backoff}, relapse_window={self.relapse_window}, "
             f"snapshot_dir={None if self.snapshot_dir is None else str(self.snapshot_dir)!r})"
         )
 
@@ -392,6 +428,11 @@ class Recovery:
     def lr_factor(self) -> float:
         """The multiplier the ladder currently applies to every param group's LR."""
         return self.state.factor
+
+    @property
+    def lr_ceiling(self) -> float:
+        """The most the ladder restores the LR factor to (1.0 until a relapse lowers it)."""
+        return self.state.ceiling
 
     # ---- hooks the Guard calls ---------------------------------------------------------
     def attach(self, guard: Guard) -> None:
@@ -461,19 +502,27 @@ class Recovery:
 
         self.decisions.append(d)
         st = self.state
+        relapse = st.last_trigger is not None and d.step - st.last_trigger <= self.relapse_window
         if st.last_trigger is None or d.step - st.last_trigger > self.patience:
             st.trouble_start = d.step
         st.last_trigger = d.step
         st.consecutive_skips = 0 if d.action != "backoff" else st.consecutive_skips
+        lowered = False
+        if d.action == "rollback" or (d.action == "backoff" and relapse):
+            # the trouble came back: the LR in force now is too high for this run, for good
+            lowered = self._lower_ceiling()
         if d.action == "backoff":
             st.backoffs += 1
-            self._set_factor(guard, st.factor * self.backoff, d.step)
+            self._set_factor(guard, self._backed_off(), d.step)
             guard.add_event(Event(
                 kind="lr_backoff", step=d.step, severity="warning", value=st.factor,
                 message=(f"step {d.step}: {d.reason}; learning rate x{st.factor:g}, restored "
-                         f"over {self.restore_steps} steps"),
+                         f"over {self.restore_steps} steps"
+                         + (f" to x{st.ceiling:g} only (the trouble came back)" if lowered
+                            else (f" to x{st.ceiling:g}" if st.ceiling < 1.0 else ""))),
                 remedy="If this repeats, lower the base learning rate or add warm-up.",
-                data={"factor": st.factor, "reason": d.reason},
+                data={"factor": st.factor, "reason": d.reason, "ceiling": st.ceiling,
+                      "relapse": relapse},
             ))
         elif d.action == "rollback":
             self._rollback(guard, d)
@@ -496,13 +545,14 @@ class Recovery:
         st.rollbacks += 1
         st.total_rollbacks += 1
         if snap is None:  # nothing good to go back to yet: back off deeper instead
-            self._set_factor(guard, st.factor * self.backoff, d.step)
+            self._set_factor(guard, self._backed_off(), d.step)
             guard.add_event(Event(
                 kind="lr_backoff", step=d.step, severity="warning", value=st.factor,
                 message=(f"step {d.step}: {d.reason} again and no snapshot yet; learning "
-                         f"rate x{st.factor:g}"),
+                         f"rate x{st.factor:g}, restored to x{st.ceiling:g} only"),
                 remedy="Lower the base learning rate or add warm-up.",
-                data={"factor": st.factor, "reason": d.reason},
+                data={"factor": st.factor, "reason": d.reason, "ceiling": st.ceiling,
+                      "relapse": True},
             ))
             return
         opt = guard.optimizer
@@ -514,20 +564,22 @@ class Recovery:
         if guard.clip is not None and snap.get("clip") is not None:
             guard.clip.load_state_dict(_to_device(snap["clip"], guard.telemetry.device))
         reset = self._reset_moments(guard, d.layers)
-        self._set_factor(guard, st.factor * self.backoff, d.step)
+        self._set_factor(guard, self._backed_off(), d.step)
         start = st.trouble_start if st.trouble_start is not None else d.step
         skip = self.skip_batches if self.skip_batches is not None else d.step - start + 1
         guard.batches_to_skip = skip
         guard.add_event(Event(
             kind="rollback", step=d.step, severity="error", value=float(snap["step"]),
             message=(f"step {d.step}: {d.reason} persists; rolled back to the snapshot of "
-                     f"step {snap['step']}, learning rate x{st.factor:g}, "
+                     f"step {snap['step']}, learning rate x{st.factor:g} (restored to "
+                     f"x{st.ceiling:g} only), "
                      f"{len(reset)} layer(s) with reset optimizer state, "
                      f"{skip} batch(es) to skip (rollback {st.rollbacks}/{self.max_rollbacks})"),
             remedy=("Lower the learning rate; if the data caused it, skip "
                     "guard.batches_to_skip batches."),
             data={"snapshot_step": snap["step"], "reset_layers": reset,
-                  "batches_to_skip": skip, "reason": d.reason},
+                  "batches_to_skip": skip, "reason": d.reason, "factor": st.factor,
+                  "ceiling": st.ceiling},
         ))
 
     def _reset_moments(self, guard: Guard, layers: Sequence[str]) -> list[str]:
@@ -548,6 +600,22 @@ class Recovery:
             if lay not in reset:
                 reset.append(lay)
         return reset
+
+    def _lower_ceiling(self) -> bool:
+        """Trouble came back: at most ``relapse_backoff`` times the factor now in force (the
+        LR that failed) is restored from now on. Returns True when the ceiling moved."""
+        st = self.state
+        new = min(st.ceiling, st.factor) * self.relapse_backoff
+        if new >= st.ceiling:
+            return False
+        st.ceiling = new
+        return True
+
+    def _backed_off(self) -> float:
+        """The factor a back-off sets: ``backoff`` times the current one, never above the
+        ceiling."""
+        st = self.state
+        return min(st.factor * self.backoff, st.ceiling)
 
     def _set_factor(self, guard: Guard, factor: float, step: int) -> None:
         st = self.state
@@ -572,22 +640,23 @@ class Recovery:
 
     def _restore_lr(self, guard: Guard, step: int) -> None:
         st = self.state
-        if st.factor >= 1.0 or st.backoff_step is None:
+        top = st.ceiling
+        if st.factor >= top or st.backoff_step is None:
             return
         t = step - st.backoff_step
-        f = min(1.0, st.backoff_level + (1.0 - st.backoff_level) * t / self.restore_steps)
+        f = min(top, st.backoff_level + (top - st.backoff_level) * t / self.restore_steps)
         if f != st.factor:
             level, at = st.backoff_level, st.backoff_step
             self._set_factor(guard, f, step)
             st.backoff_level, st.backoff_step = level, at
-            if f >= 1.0:
+            if f >= top:
                 st.backoff_step = None
 
     # ---- snapshots -----------------------------------------------------------------------
     def _healthy(self, window: Window, events: Sequence[Event]) -> bool:
         bad = {"nonfinite_grad", "skip", "loss_spike", "grad_spike"}
         # info-level skips (routine loss-scale overflows) are no sign of trouble
-        return (self.state.factor >= 1.0 and not bool(window.skipped.any())
+        return (self.state.factor >= self.state.ceiling and not bool(window.skipped.any())
                 and not any(e.kind in bad and e.severity != "info" for e in events))
 
     def _maybe_snapshot(self, guard: Guard, step: int) -> None:
