@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         from .report._data import load_run, summary_sentence
 
         path = report(args.out, Path(args.out) / "report.html")
-        print(f"guarded run: {summary_sentence(load_run(args.out)).replace('`', '')}")
+        sentence = re.sub(r"`([^`]+)`", r"layer '\1'", summary_sentence(load_run(args.out)))
+        print(f"guarded run: {sentence}")
         print(f"report: {path.resolve()}")
     except ImportError as e:
         print(f"gradguard demo: no HTML report: {e}", file=sys.stderr)

@@ -110,7 +110,10 @@ def train(
     guard = None
     if guarded:
         sinks: list[Any] = [JsonlSink(out)] if out is not None else []
-        guard = Guard(model, opt, clip=ZClip(), recovery=Recovery(), every=25, sinks=sinks)
+        guard = Guard(
+            model, opt, clip=ZClip(), recovery=Recovery(), every=25, sinks=sinks,
+            watch_activations=True,  # names the first non-finite forward output
+        )
     g = torch.Generator().manual_seed(seed + 1)
     # one flag per step, kept on the device and read once at the end
     nonfinite = torch.zeros(steps, dtype=torch.bool)

@@ -209,7 +209,11 @@ def _nonfinite_kind(e: dict[str, Any]) -> str:
 
 
 def _where(e: dict[str, Any]) -> str:
-    return f" in `{e['layer']}`" if e.get("layer") else ""
+    layer = e.get("layer")
+    if not layer:
+        return ""
+    special = {"(loss)": " in the loss", "(input)": " in the input batch"}
+    return special.get(layer, f" in `{layer}`")
 
 
 def _plural(n: int, word: str) -> str:
