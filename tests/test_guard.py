@@ -336,6 +336,7 @@ BAD_INPUT = [
         "none of the model's parameters",
     ),
     ("sinks", lambda: gg.Guard(*_model_opt(), sinks=[object()]), TypeError, "sinks"),
+    ("recovery", lambda: gg.Guard(*_model_opt(), recovery=5), TypeError, "recovery=5"),
 ]
 
 

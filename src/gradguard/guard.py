@@ -87,6 +87,38 @@ def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
+def validate_options(
+    owner: str,
+    *,
+    clip: Any,
+    on_nonfinite: Any,
+    every: Any,
+    sinks: Sequence[Any],
+    recovery: Any = None,
+) -> None:
+    """The option checks of :class:`Guard`, shared with the trainer callbacks so that a
+    mistake fails at construction, naming ``owner``, the argument and what is allowed."""
+    if clip is not None and not (
+        callable(getattr(clip, "clip_", None)) and callable(getattr(clip, "state_dict", None))
+    ):
+        raise TypeError(
+            f"{owner}(clip={clip!r}): expected a clip policy (NormClip, ValueClip, AutoClip, "
+            "ZClip, AGC) or None"
+        )
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"{owner}(on_nonfinite={on_nonfinite!r}): allowed values are {ON_NONFINITE}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"{owner}(every={every!r}): must be an int >= 1")
+    if recovery is not None and not all(
+        callable(getattr(recovery, m, None))
+        for m in ("attach", "after_step", "on_flush", "state_dict", "load_state_dict")
+    ):
+        raise TypeError(f"{owner}(recovery={recovery!r}): expected a gradguard.Recovery or None")
+    for s in sinks:
+        if not (callable(getattr(s, "write", None)) and callable(getattr(s, "close", None))):
+            raise TypeError(f"{owner}(sinks=...): {s!r} has no write()/close(); see gradguard.Sink")
+
+
 class Guard:
     """Guard an optimizer: measure, clip, skip non-finite steps, report.
 
@@ -152,29 +184,15 @@ class Guard:
             raise TypeError(
                 f"Guard(optimizer=...): expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if clip is not None and not (
-            callable(getattr(clip, "clip_", None)) and callable(getattr(clip, "state_dict", None))
-        ):
-            raise TypeError(
-                f"Guard(clip={clip!r}): expected a clip policy (NormClip, ValueClip, AutoClip, "
-                "ZClip, AGC) or None"
-            )
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(
-                f"Guard(on_nonfinite={on_nonfinite!r}): allowed values are {ON_NONFINITE}"
-            )
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"Guard(every={every!r}): must be an int >= 1")
+        validate_options(
+            "Guard", clip=clip, on_nonfinite=on_nonfinite, every=every, sinks=sinks,
+            recovery=recovery,
+        )
         if sink_rank is not None and (
             isinstance(sink_rank, bool) or not isinstance(sink_rank, int) or sink_rank < 0
         ):
             raise ValueError(f"Guard(sink_rank={sink_rank!r}): must be an int >= 0 or None")
         sinks = list(sinks)
-        for s in sinks:
-            if not (callable(getattr(s, "write", None)) and callable(getattr(s, "close", None))):
-                raise TypeError(
-                    f"Guard(sinks=...): {s!r} has no write()/close(); see gradguard.Sink"
-                )
         self.model = model
         self.optimizer = optimizer
         self.clip = clip
@@ -219,7 +237,7 @@ class Guard:
         #: step -> [routine loss-scale overflow (0/1), scale] (device), read at flush.
         self._amp_rows: dict[int, Tensor] = {}
         self.recovery = recovery
-        if recovery is not None and hasattr(recovery, "attach"):
+        if recovery is not None:
             recovery.attach(self)
 
     # ---- the hot path --------------------------------------------------------------
@@ -360,7 +378,7 @@ class Guard:
         if error is not None:
             self.flush()
             raise error
-        if self.recovery is not None and hasattr(self.recovery, "after_step"):
+        if self.recovery is not None:
             try:
                 self.recovery.after_step(
                     self, stats, skipped if recovery_skip is None else recovery_skip
@@ -488,7 +506,7 @@ class Guard:
                 self._name_ranks(ev, window, origins)
             self.add_event(ev)
         abort: TrainingDiverged | None = None
-        if self.recovery is not None and hasattr(self.recovery, "on_flush"):
+        if self.recovery is not None:
             try:
                 rwin = window
                 if overflows:  # routine loss-scale overflows are no trouble to recover from
@@ -596,9 +614,7 @@ class Guard:
             "clip": None if self.clip is None else self.clip.state_dict(),
             "telemetry": self.telemetry.state_dict(),
             "detectors": self.detector_state.state_dict(),
-            "recovery": self.recovery.state_dict()
-            if self.recovery is not None and hasattr(self.recovery, "state_dict")
-            else None,
+            "recovery": None if self.recovery is None else self.recovery.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

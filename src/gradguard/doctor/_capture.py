@@ -161,15 +161,16 @@ class _ActivationMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _tensors(x: Any) -> Iterator[Tensor]:
+def iter_tensors(x: Any) -> Iterator[Tensor]:
+    """Every tensor inside nested tuples/lists/dicts, in order."""
     if isinstance(x, Tensor):
         yield x
     elif isinstance(x, (list, tuple)):
         for v in x:
-            yield from _tensors(v)
+            yield from iter_tensors(v)
     elif isinstance(x, dict):
         for v in x.values():
-            yield from _tensors(v)
+            yield from iter_tensors(v)
 
 
 def is_weight_layer(m: nn.Module) -> bool:
@@ -225,7 +226,7 @@ def _hooks(model: nn.Module, calls: list[Call], acts: list[Act], counter: list[i
     def pre(path: str) -> Callable[..., Any]:
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             stack.append(path)
-            ins = list(_tensors((args, kwargs)))
+            ins = list(iter_tensors((args, kwargs)))
             call = Call(path=path, module=mod, order=-1, out=None, args=args, kwargs=kwargs)
             # one pass per input: max |x| is NaN/Inf exactly when x holds a NaN/Inf
             peaks = [_absmax(t) for t in ins if t.is_floating_point() and t.numel()]
@@ -252,7 +253,7 @@ def _hooks(model: nn.Module, calls: list[Call], acts: list[Act], counter: list[i
             call.order = counter[0]
             if is_weight_layer(mod):
                 last_weight[0] = path
-            outs = [t for t in _tensors(out) if t.is_floating_point()]
+            outs = [t for t in iter_tensors(out) if t.is_floating_point()]
             call.out_nodes = [t.grad_fn for t in outs if t.grad_fn is not None]
             call.out_finite = all(math.isfinite(_absmax(t)) for t in outs if t.numel())
             if outs:
@@ -298,7 +299,7 @@ def run_capture(
     with _hooks(model, calls, acts, counter):
         out = call_model()
     loss = compute_loss(out)
-    output_finite = all(_finite(t) for t in _tensors(out))
+    output_finite = all(_finite(t) for t in iter_tensors(out))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     leaves = [c.time_leaf for c in calls if c.time_leaf is not None]
     grads: list[Tensor | None] = []

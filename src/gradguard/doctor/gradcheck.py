@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._capture import iter_tensors
 from ._report import Finding
 
 #: Central differences in float64: truncation ~eps², rounding ~1e-16/eps; 1e-6 balances them.
@@ -81,17 +81,6 @@ def _map(x: Any, fn: Any) -> Any:
     return x
 
 
-def _tensors(x: Any) -> Iterator[Tensor]:
-    if isinstance(x, Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v)
-
-
 def gradcheck(
     module: nn.Module,
     *inputs: Any,
@@ -146,13 +135,13 @@ def gradcheck(
         def f() -> Tensor:
             torch.manual_seed(seed)
             out = m(*args, **kw)
-            outs = [o for o in _tensors(out) if o.is_floating_point()]
+            outs = [o for o in iter_tensors(out) if o.is_floating_point()]
             if not outs:
                 raise ValueError(f"gradcheck: {type(module).__name__} returned no floating tensor")
             return sum((o.double() * vs).sum() for o, vs in zip(outs, v))  # type: ignore[return-value]
 
         torch.manual_seed(seed)
-        first = [o for o in _tensors(m(*args, **kw)) if o.is_floating_point()]
+        first = [o for o in iter_tensors(m(*args, **kw)) if o.is_floating_point()]
         v = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in first]
         s = f()
         ad = torch.autograd.grad(s, [t for _, _, t in checked], allow_unused=True)

@@ -323,6 +323,7 @@ def probe_lr(
     if sharp is None:
         return found
     ev = sharp.evidence()
+    lr0 = float(optimizer.param_groups[0]["lr"])
     over = sharp.lam > 0 and sharp.ratio > SHARPNESS_MARGIN
     rel = "=" if sharp.converged else "≥"
     advice = (
@@ -349,7 +350,7 @@ def probe_lr(
                 "lr_too_high",
                 "info",
                 None,
-                {"lr": float(optimizer.param_groups[0]["lr"]), **ev},
+                {"lr": lr0, **ev},
                 f"{advice}, but the model has {', '.join(norms)}, which lets training adapt its "
                 f"curvature; if the loss spikes, lower the learning rate towards {rec:.3g}.",
                 0.3,
@@ -362,7 +363,7 @@ def probe_lr(
                     "lr_too_high",
                     "info",
                     None,
-                    {"lr": float(optimizer.param_groups[0]["lr"]), **ev},
+                    {"lr": lr0, **ev},
                     f"at the edge of stability: {advice}; training may go through a loss spike "
                     f"(catapult) and recover, or diverge; lr ≤ {rec:.3g} is safely stable.",
                     0.4,
@@ -374,7 +375,7 @@ def probe_lr(
             "lr_too_high",
             "warning",
             None,
-            {"lr": float(optimizer.param_groups[0]["lr"]), **ev},
+            {"lr": lr0, **ev},
             f"the sharpest direction of the loss has curvature {sharp.lam_text()}: at "
             f"lr={sharp.lr:g} {advice}, so that direction grows every step and training will "
             f"diverge after a few dozen steps even if the loss falls at first; lower the learning "

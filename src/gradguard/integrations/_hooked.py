@@ -20,8 +20,10 @@ happened yet, so it measures the update of the step *before* the flush step inst
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from ..clipping import AGC, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip
 from ..events import Sink
-from ..guard import DEFAULT_EVERY, ON_NONFINITE, Guard, OnNonfinite
+from ..guard import DEFAULT_EVERY, Guard, OnNonfinite, validate_options
 
 
 class HookGuard(Guard):
@@ -171,25 +173,47 @@ class LossTracker:
         return self._last
 
 
-def validate_options(
-    owner: str, clip: Any, on_nonfinite: Any, every: Any, sinks: Sequence[Any]
-) -> None:
-    """The checks :class:`gradguard.Guard` makes, done at callback construction so that a
-    mistake fails before training starts rather than at its first step."""
-    if clip is not None and not (
-        callable(getattr(clip, "clip_", None)) and callable(getattr(clip, "state_dict", None))
-    ):
-        raise TypeError(
-            f"{owner}(clip={clip!r}): expected a clip policy (NormClip, ValueClip, AutoClip, "
-            "ZClip, AGC) or None"
+class CallbackOptions:
+    """The guard options both trainer callbacks take, validated once at construction (so a
+    mistake fails before training starts), and the guard they build from them."""
+
+    def _init_options(
+        self,
+        owner: str,
+        *,
+        clip: ClipPolicy | None,
+        on_nonfinite: OnNonfinite,
+        recovery: Any | None,
+        every: int,
+        sinks: Sequence[Sink],
+        run_dir: str | os.PathLike[str] | None,
+        report: bool,
+    ) -> None:
+        validate_options(
+            owner, clip=clip, on_nonfinite=on_nonfinite, every=every, sinks=sinks,
+            recovery=recovery,
         )
-    if on_nonfinite not in ON_NONFINITE:
-        raise ValueError(f"{owner}(on_nonfinite={on_nonfinite!r}): allowed values are {ON_NONFINITE}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"{owner}(every={every!r}): must be an int >= 1")
-    for s in sinks:
-        if not (callable(getattr(s, "write", None)) and callable(getattr(s, "close", None))):
-            raise TypeError(f"{owner}(sinks=...): {s!r} has no write()/close(); see gradguard.Sink")
+        self.clip = clip
+        self.on_nonfinite: OnNonfinite = on_nonfinite
+        self.recovery = recovery
+        self.every = every
+        self.sinks = list(sinks)
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.report = report
+
+    def _new_guard(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sinks: list[Sink],
+        *,
+        clip: ClipPolicy | None,
+        recovery: Any | None,
+    ) -> HookGuard:
+        return HookGuard(
+            model, optimizer, clip=clip, on_nonfinite=self.on_nonfinite, recovery=recovery,
+            every=self.every, sinks=sinks,
+        )
 
 
 CLIP_CHOICES = ("zclip", "autoclip", "norm:MAX", "value:MAX", "agc", "none")

@@ -50,7 +50,7 @@ from torch import nn
 from ..clipping import ClipPolicy
 from ..events import JsonlSink, Sink
 from ..guard import DEFAULT_EVERY, GradGuardWarning, OnNonfinite
-from ._hooked import HookGuard, LossTracker, check_version, validate_options
+from ._hooked import CallbackOptions, HookGuard, LossTracker, check_version
 from .run import write_report
 
 STATE_FILE = "gradguard_state.pt"
@@ -64,7 +64,7 @@ if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover
     )
 
 
-class GradGuardCallback(TrainerCallback):
+class GradGuardCallback(CallbackOptions, TrainerCallback):
     """Guard a ``transformers.Trainer``: measure, clip, skip non-finite steps, report.
 
     Args:
@@ -99,14 +99,10 @@ class GradGuardCallback(TrainerCallback):
         run_dir: str | os.PathLike[str] | None = None,
         report: bool = True,
     ) -> None:
-        validate_options("GradGuardCallback", clip, on_nonfinite, every, sinks)
-        self.clip = clip
-        self.on_nonfinite: OnNonfinite = on_nonfinite
-        self.recovery = recovery
-        self.every = every
-        self.sinks = list(sinks)
-        self.run_dir = None if run_dir is None else Path(run_dir)
-        self.report = report
+        self._init_options(
+            "GradGuardCallback", clip=clip, on_nonfinite=on_nonfinite, recovery=recovery,
+            every=every, sinks=sinks, run_dir=run_dir, report=report,
+        )
         self.guard: HookGuard | None = None
         self.report_path: str | None = None
         self.resolved_run_dir: Path | None = None
@@ -164,14 +160,10 @@ class GradGuardCallback(TrainerCallback):
         if self._is_zero:
             sinks.append(JsonlSink(run_dir))
             self.resolved_run_dir = run_dir
-        return HookGuard(
-            model,
-            optimizer,
+        return self._new_guard(
+            model, optimizer, sinks,
             clip=copy.deepcopy(self.clip) if self.clip is not None else None,
-            on_nonfinite=self.on_nonfinite,
             recovery=self.recovery,
-            every=self.every,
-            sinks=sinks,
         )
 
     # ---- per optimizer step --------------------------------------------------------

@@ -43,7 +43,7 @@ import torch
 from ..clipping import ClipPolicy
 from ..events import Flush, JsonlSink, Sink
 from ..guard import DEFAULT_EVERY, OnNonfinite
-from ._hooked import HookGuard, LossTracker, check_version, validate_options
+from ._hooked import CallbackOptions, HookGuard, LossTracker, check_version
 from .run import write_report
 
 SUPPORTED = ("2.1", "3")
@@ -96,7 +96,7 @@ class LightningLoggerSink:
             logger.save()
 
 
-class GradGuardCallback(Callback):
+class GradGuardCallback(CallbackOptions, Callback):
     """Guard every optimizer of a Lightning ``Trainer``: measure, clip, skip, report.
 
     Args:
@@ -131,14 +131,10 @@ class GradGuardCallback(Callback):
         run_dir: str | os.PathLike[str] | None = None,
         report: bool = True,
     ) -> None:
-        validate_options("GradGuardCallback", clip, on_nonfinite, every, sinks)
-        self.clip = clip
-        self.on_nonfinite: OnNonfinite = on_nonfinite
-        self.recovery = recovery
-        self.every = every
-        self.sinks = list(sinks)
-        self.run_dir = None if run_dir is None else Path(run_dir)
-        self.report = report
+        self._init_options(
+            "GradGuardCallback", clip=clip, on_nonfinite=on_nonfinite, recovery=recovery,
+            every=every, sinks=sinks, run_dir=run_dir, report=report,
+        )
         self.guards: dict[int, HookGuard] = {}
         self.run_dirs: list[Path] = []
         self.reports: list[str] = []
@@ -190,14 +186,10 @@ class GradGuardCallback(Callback):
                 )
                 self._logger_sinks.append(ls)
                 sinks.append(ls)
-            self.guards[id(opt)] = HookGuard(
-                pl_module,
-                opt,
+            self.guards[id(opt)] = self._new_guard(
+                pl_module, opt, sinks,
                 clip=self.clip if k == 0 else copy.deepcopy(self.clip),
-                on_nonfinite=self.on_nonfinite,
                 recovery=self.recovery if k == 0 else None,
-                every=self.every,
-                sinks=sinks,
             )
             guard = self.guards[id(opt)]
             if self._loaded is not None and k < len(self._loaded):

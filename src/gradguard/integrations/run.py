@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..events import JsonlSink
-from ..guard import DEFAULT_EVERY, OnNonfinite
-from ._hooked import HookGuard, LossTracker, parse_clip, validate_options
+from ..guard import DEFAULT_EVERY, OnNonfinite, validate_options
+from ._hooked import HookGuard, LossTracker, parse_clip
 
 #: Source directories of torch and gradguard: their frames hold no user names.
 _INTERNAL = tuple(
@@ -171,7 +171,7 @@ class ZeroCodeSession:
         report: bool = True,
     ) -> None:
         parse_clip(clip)  # fail now on a bad spelling
-        validate_options("ZeroCodeSession", None, on_nonfinite, every, ())
+        validate_options("ZeroCodeSession", clip=None, on_nonfinite=on_nonfinite, every=every, sinks=())
         self.out = Path(out)
         self.clip = clip
         self.on_nonfinite: OnNonfinite = on_nonfinite
