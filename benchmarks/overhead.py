@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gradguard.bench import format_report, run
+from gradguard.cli.bench import format_report, run
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

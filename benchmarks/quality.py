@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 import gradguard as gg
+from gradguard.lab.calibration import calibration_run
 from gradguard.testing import (
     SETUPS,
     Fault,
-    calibration_run,
     make_setup,
     run_with_faults,
 )

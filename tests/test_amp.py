@@ -71,9 +71,16 @@ def assert_same_params(a: nn.Module, b: nn.Module) -> None:
 
 
 def assert_same_opt_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
+    """Same optimizer state. One documented difference: a skipped step on a fused
+    optimizer whose state does not exist yet is skipped on the host (the guard never lets
+    a device-side skip create state, tests/test_executors.py), while torch's own scaler
+    creates it, pristine (zeros, step 0): such state counts as equal to none."""
     sa, sb = a.state_dict()["state"], b.state_dict()["state"]
-    assert sa.keys() == sb.keys()
-    for k in sa:
+    for k in set(sb) - set(sa):
+        assert all(torch.count_nonzero(v) == 0 for v in sb[k].values()), k
+    for k in set(sa) - set(sb):
+        assert all(torch.count_nonzero(v) == 0 for v in sa[k].values()), k
+    for k in set(sa) & set(sb):
         for name, v in sa[k].items():
             assert torch.equal(v, sb[k][name]), (k, name)
 
@@ -169,7 +176,7 @@ def test_amp_initial_overflows_are_routine_no_warning_no_recovery():
     assert scales[0] == 2.0**29 and skips[0].data["scale"] == 2.0**30
     # ... yet nothing worse than info, and the ladder did nothing
     assert [e for e in guard.events if e.severity != "info"] == []
-    assert rec.decisions == []
+    assert [a for a in rec.actions if a.kind != "snapshot"] == []
     assert rec.lr_factor == 1.0
     assert rec.state.last_snapshot == 4  # the first window, all overflows, counts as healthy
     assert all(torch.isfinite(p).all() for p in got.parameters())
@@ -194,7 +201,8 @@ def test_amp_persistent_nan_data_is_reported_and_recovers(on_nonfinite):
     assert [e.step for e in errors] == list(range(8))
     assert all(e.severity == "error" for e in errors)
     assert not any(e.data.get("reason") == "loss_scale_overflow" for e in guard.events)
-    assert rec.decisions and rec.decisions[0].action == "backoff"
+    acted = [a for a in rec.actions if a.kind != "snapshot"]
+    assert acted and acted[0].kind == "backoff"
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -215,7 +223,7 @@ def test_amp_nan_in_backward_reported_once_scale_cannot_explain_it():
     errors = [e.step for e in guard.events if e.kind == "nonfinite_grad"]
     assert info == [0, 1, 2]  # scales 8, 4, 2
     assert errors == [3, 4, 5]  # scales 1, 0.5, 0.25
-    assert gg.guard.AMP_OVERFLOW_MIN_SCALE == 1.0
+    assert gg.executors.AMP_OVERFLOW_MIN_SCALE == 1.0
 
 
 def test_amp_raise_only_on_genuine_nonfinite():
@@ -276,10 +284,13 @@ def test_amp_sync_budget_equals_bare_scaler_step(sync_counter, opt_name, bare_ex
         scaler.scale(loss).backward()
         if i == 11:
             model[0].weight.grad[0, 0] = math.inf
+        fresh = not opt.state
         with sync_counter as c:
             guard.step(loss, scaler=scaler)
+        # until a fused optimizer has state, a step would create it: decided on the host
+        first = 1 if fresh and opt_name == "adam_fused" else 0
         if (i + 1) % every:
-            assert len(c.calls) <= bare, (i, c.calls)  # gradguard adds none
+            assert len(c.calls) <= bare + first, (i, c.calls)  # gradguard adds none
         scaler.update()
         opt.zero_grad()
     guard.close()

@@ -7,7 +7,7 @@ import sys
 
 import gradguard as gg
 from gradguard.cli import main
-from gradguard.demo import run_demo
+from gradguard.cli.demo import run_demo
 
 
 def test_demo_unguarded_breaks_and_guarded_recovers(tmp_path):

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from gradguard import bench
-from gradguard.cli import SUBCOMMANDS, main
+from gradguard.cli import SUBCOMMANDS, bench, main
 
 
 def _names(module: str) -> dict[str, argparse.ArgumentParser]:

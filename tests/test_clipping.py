@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -292,6 +293,8 @@ POLICY_FACTORIES = {
     "autoclip": lambda: gg.AutoClip(),
     "zclip": lambda: gg.ZClip(warmup_steps=3),
     "agc": lambda: gg.AGC(),
+    "chain": lambda: gg.chain(gg.ZClip(warmup_steps=3), gg.NormClip(5.0)),
+    "chain_agc": lambda: gg.chain(gg.AGC(), gg.AutoClip()),
 }
 
 
@@ -341,8 +344,65 @@ def test_policy_state_dict_roundtrip_gives_same_future(name):
         (lambda: gg.AGC(clipping=0), "clipping"),
         (lambda: gg.AGC(exclude="head"), "exclude"),
         (lambda: gg.NormClip(max_norm="1"), "max_norm"),
+        (lambda: gg.chain(), "at least one"),
+        (lambda: gg.chain(gg.ZClip), "argument 0"),
     ],
 )
 def test_bad_policy_arguments_name_the_argument(factory, match):
     with pytest.raises((ValueError, TypeError), match=match):
         factory()
+
+
+# ---- chain ---------------------------------------------------------------------------------
+def test_chain_coefficient_is_the_minimum_of_its_members():
+    members = lambda: (gg.ZClip(warmup_steps=4), gg.NormClip(3.0), gg.AutoClip(50.0))  # noqa: E731
+    chained, alone = gg.chain(*members()), members()
+    mins = []
+    for g in norms_sequence(40):
+        w, ref = one_param_with_norm(g), one_param_with_norm(g)
+        stats = gg.Telemetry([("w", ref)], every=1).measure()
+        coefs = [p.coefficient(stats) for p in alone]  # each advances its own statistics
+        expect = torch.stack(coefs).amin()
+        total = chained.clip_([w])
+        torch.testing.assert_close(total, stats.total_norm)
+        torch.testing.assert_close(w.grad, ref.grad * expect, rtol=0, atol=0)
+        mins.append(int(torch.stack(coefs).argmin()))
+    assert len(set(mins)) >= 2, mins  # the smallest came from different members over time
+
+
+def test_chain_zclip_normclip_is_zclip_with_a_cap():
+    capped, z = gg.chain(gg.ZClip(warmup_steps=3), gg.NormClip(2.0)), gg.ZClip(warmup_steps=3)
+    for g in [1.0, 1.1, 0.9, 1.0, 50.0, 1.0]:
+        a, b = one_param_with_norm(g), one_param_with_norm(g)
+        capped.clip_([a])
+        z.clip_([b])
+        assert float(a.grad.norm()) <= 2.0 + 1e-5
+        assert float(a.grad.norm()) == pytest.approx(min(float(b.grad.norm()), 2.0), rel=1e-5)
+
+
+def test_chain_with_a_unitwise_member_acts_in_order():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    net(torch.randn(16, 4) * 30).pow(2).sum().backward()
+    ref = copy.deepcopy(net)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        q.grad = p.grad.clone()
+    gg.chain(gg.AGC(clipping=0.01), gg.NormClip(0.5)).clip_(net)
+    gg.AGC(clipping=0.01).clip_(ref)
+    gg.NormClip(0.5).clip_(ref)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    with pytest.raises(TypeError, match="no single coefficient"):
+        gg.chain(gg.AGC(), gg.NormClip(1.0)).coefficient(
+            gg.Telemetry(list(net.named_parameters()), every=1).measure())
+
+
+def test_one_policy_instance_cannot_serve_two_guards():
+    policy = gg.ZClip()
+    a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    ga = gg.Guard(a, torch.optim.SGD(a.parameters(), lr=0.1), clip=policy)
+    with pytest.raises(ValueError, match="already used by another Guard"):
+        gg.Guard(b, torch.optim.SGD(b.parameters(), lr=0.1), clip=policy)
+    gb = gg.Guard(b, torch.optim.SGD(b.parameters(), lr=0.1), clip=copy.deepcopy(policy))
+    ga.close()  # released: a later guard may take it
+    gg.Guard(a, torch.optim.SGD(a.parameters(), lr=0.1), clip=policy).close()
+    gb.close()

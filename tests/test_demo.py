@@ -8,7 +8,7 @@ import math
 import pytest
 
 from gradguard.cli import main
-from gradguard.demo import fault_schedule, run_demo
+from gradguard.cli.demo import fault_schedule, run_demo
 from gradguard.events import read_jsonl
 
 STEPS = 160

@@ -323,11 +323,12 @@ def test_watch_activations_adds_no_host_sync_per_step(sync_counter, opt_name, ex
     for i, (x, y) in enumerate(batches(14)):
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
+        fresh = fused and not opt.state  # a step that creates fused state: on the host
         with sync_counter as c:
             guard.step(loss)
         opt.zero_grad()
         if (i + 1) % 5 != 0:
-            assert len(c.calls) <= bare + extra, (i, c.calls)
+            assert len(c.calls) <= bare + extra + fresh, (i, c.calls)
 
 
 def test_sample_activations_reports_dead_relus_and_saturated_sigmoids():

@@ -172,7 +172,7 @@ def train_rollback(
     return {
         "params": {n: full(p) for n, p in model.named_parameters()},
         "events": [e.to_json() for e in guard.events],
-        "decisions": [(d.action, d.step) for d in recovery.decisions],
+        "decisions": [(d.kind, d.step) for d in recovery.actions if d.kind != "snapshot"],
         "lr": opt.param_groups[0]["lr"],
     }
 

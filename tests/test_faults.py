@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import gradguard as gg
+from gradguard.lab.calibration import calibration_run
 from gradguard.testing import (
     FAULT_KINDS,
     SETUPS,
     Fault,
-    calibration_run,
     make_setup,
     run_with_faults,
 )

@@ -114,10 +114,14 @@ def test_guard_sync_budget_per_step(sync_counter, opt_name, extra_syncs):
         if i == 15:
             model[0].weight.grad[0, 0] = math.nan
         flush_step = (i + 1) % every == 0
+        fresh = not opt.state
         with sync_counter as c:
             guard.step(loss)
+        # until a fused optimizer has state, a step would create it: decided on the host,
+        # never skipped on the device (tests/test_executors.py)
+        first = 1 if fresh and "fused" in opt_name else 0
         if not flush_step:
-            assert len(c.calls) <= bare + extra_syncs, (i, c.calls)
+            assert len(c.calls) <= bare + extra_syncs + first, (i, c.calls)
             assert c.calls.count("cpu") == 0
         else:
             assert c.calls.count("cpu") == 1  # the one host copy of the flush

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import gradguard
+import gradguard as gg
 from gradguard.cli import main
 from gradguard.events import read_jsonl
-from gradguard.integrations._hooked import HookGuard, LossTracker, parse_clip
+from gradguard.integrations._hooked import LossTracker, hooked_guard, parse_clip
 from gradguard.integrations.run import ZeroCodeSession, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,15 +92,15 @@ def test_gan_alternating_optimizers(tmp_path):
 def test_skip_leaves_params_and_adam_state_bit_identical():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
-    guard = HookGuard(model, opt, every=5)
+    guard = hooked_guard(model, opt, gg.GuardConfig(every=5))
     model(torch.randn(4, 3)).sum().backward()
-    guard.before_step()
+    guard.step()
     opt.step()
     opt.zero_grad()
     w, state = model.weight.detach().clone(), {k: v.clone() for k, v in opt.state[model.weight].items()}
     model(torch.randn(4, 3)).sum().backward()
     model.weight.grad[0, 0] = float("nan")
-    guard.before_step()
+    guard.step()
     opt.step()
     assert torch.equal(model.weight, w)
     for k, v in opt.state[model.weight].items():
@@ -112,12 +113,16 @@ def test_skip_leaves_params_and_adam_state_bit_identical():
 def test_fused_optimizer_skips_without_host_sync(sync_counter):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
-    guard = HookGuard(model, opt, every=50)
+    guard = hooked_guard(model, opt, gg.GuardConfig(every=50))
+    model(torch.randn(4, 3)).sum().backward()  # the first step creates the state: on the host
+    guard.step()
+    opt.step()
+    opt.zero_grad()
     model(torch.randn(4, 3)).sum().backward()
     model.weight.grad[0, 0] = float("inf")
     w = model.weight.detach().clone()
     with sync_counter:
-        guard.before_step()
+        guard.step()
         opt.step()
     assert sync_counter.calls == []
     assert torch.equal(model.weight, w)

@@ -112,6 +112,8 @@ def test_one_device_to_host_copy_per_flush_and_none_per_step(sync_counter):
         lambda: gg.AutoClip(history_size=4),
         lambda: gg.ZClip(warmup_steps=3),
         lambda: gg.AGC(),
+        lambda: gg.chain(gg.ZClip(warmup_steps=3), gg.NormClip(2.0)),
+        lambda: gg.chain(gg.AGC(), gg.AutoClip()),
     ],
 )
 def test_zero_host_syncs_per_step_for_telemetry_and_every_policy(sync_counter, factory):
@@ -125,7 +127,7 @@ def test_zero_host_syncs_per_step_for_telemetry_and_every_policy(sync_counter, f
             net[0].weight.grad[0, 0] = math.nan
         with sync_counter as c, torch.no_grad():
             stats = tel.measure()
-            coef = policy._apply(stats, [n for n, _ in named])
+            coef = policy.apply_(stats)
             tel.record(stats, loss=None, clip_coef=coef, skipped=~stats.finite)
         assert c.calls == [], (step, c.calls)
         net.zero_grad()

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from . import init
-from .clipping import AGC, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip
+from .clipping import AGC, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip, chain
+from .config import GuardConfig
 from .doctor import Diagnosis, Finding, doctor, gradcheck
-from .events import Event, Flush, JsonlSink, Sink, read_jsonl
-from .guard import (
-    GradGuardWarning,
-    Guard,
-    NonFiniteGradientError,
-    TrainingDiverged,
-)
+from .errors import GradGuardWarning, NonFiniteGradientError, TrainingDiverged
+from .events import Event, Flush, Sink, read_jsonl
+from .guard import Guard
 from .recovery import DiskSnapshotStore, MemorySnapshotStore, Recovery, SnapshotError
 from .report import ReportError, report
-from .sinks import ConsoleSink, TensorBoardSink, WandbSink
+from .sinks import ConsoleSink, JsonlSink, TensorBoardSink, WandbSink
 from .telemetry import StepStats, Telemetry, Window
 
 __version__ = "0.1.0"
@@ -40,6 +37,7 @@ __all__ = [
     "Flush",
     "GradGuardWarning",
     "Guard",
+    "GuardConfig",
     "JsonlSink",
     "MemorySnapshotStore",
     "NonFiniteGradientError",
@@ -57,6 +55,7 @@ __all__ = [
     "Window",
     "ZClip",
     "__version__",
+    "chain",
     "doctor",
     "gradcheck",
     "init",

@@ -108,6 +108,17 @@ class ActivationWatch:
             if watch or kind is not None:
                 self._handles.append(m.register_forward_hook(self._make_hook(idx, watch)))
 
+    @classmethod
+    def for_config(cls, model: nn.Module, config: Any, telemetry: Any) -> ActivationWatch | None:
+        """The watch a guard's config asks for (``watch_activations``/``sample_activations``),
+        armed for the first flush step; None when neither is on."""
+        if not (config.watch_activations or config.sample_activations):
+            return None
+        watch = cls(model, every=config.every, nonfinite=config.watch_activations,
+                    sample=config.sample_activations, device=telemetry.device)
+        watch.armed = config.sample_activations and telemetry.flush_due
+        return watch
+
     # ---- hooks (device ops only) ---------------------------------------------------------
     def _record(self, who: int, x: Any) -> None:
         for t in _floats(x):
@@ -194,7 +205,25 @@ class ActivationWatch:
             for k, v in zip(keys, vals)
         }
 
-    def remove(self) -> None:
+    def detach(self) -> None:
+        """Remove the hooks (the guard's ``close`` calls it)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    # ---- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The window's forward origins so far (a resumed run still names them)."""
+        return {"ring": self._ring.detach().cpu().clone(), "who": list(self._ring_who),
+                "armed": self.armed}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        ring = sd["ring"]
+        if ring.shape != self._ring.shape:
+            raise ValueError(
+                f"ActivationWatch.load_state_dict: ring of {tuple(ring.shape)} for a window of "
+                f"{tuple(self._ring.shape)} (was the guard's `every` changed?)"
+            )
+        self._ring.copy_(ring)
+        self._ring_who = list(sd["who"])
+        self.armed = bool(sd.get("armed", False))

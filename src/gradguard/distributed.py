@@ -37,6 +37,7 @@ __all__ = [
     "is_distributed",
     "is_dtensor",
     "merge_events",
+    "name_ranks",
     "nonfinite_ranks",
     "rank",
     "reduce_sharded_norms_",
@@ -306,3 +307,15 @@ def agree_window_(
         src = dist.get_global_rank(ctx.group, 0) if ctx.group is not None else 0
         dist.broadcast(rows, src=src, group=ctx.group)
     return nonfinite_ranks(losses, local_ok), events
+
+
+def name_ranks(ev: Event, steps: Sequence[int], origins: Sequence[Sequence[int]], world: int) -> None:
+    """Name, on a ``nonfinite_grad``/``skip`` event, the rank(s) its step came from
+    (``origins[i]``: the origin ranks of ``steps[i]``, from :func:`agree_window_`)."""
+    if ev.kind not in ("nonfinite_grad", "skip") or ev.step not in steps:
+        return
+    ranks = list(origins[list(steps).index(ev.step)])
+    ev.data["ranks"] = ranks
+    if len(ranks) < world:
+        ev.rank = ranks[0]
+        ev.message += f" (from rank {', '.join(map(str, ranks))})"

@@ -135,54 +135,6 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-class JsonlSink:
-    """Append-only JSONL files in a run directory.
-
-    Writes ``events.jsonl`` (one event per line) and ``metrics.jsonl`` (one line per step
-    plus one ``"type": "layers"`` line per flush). Every line carries ``"v": 1``; every write
-    is flushed and fsynced so that a killed process loses at most the line being written.
-
-    Example:
-        >>> import tempfile, gradguard as gg
-        >>> sink = gg.JsonlSink(tempfile.mkdtemp())
-        >>> sink.close()
-    """
-
-    def __init__(self, run_dir: str | os.PathLike[str], *, fsync: bool = True) -> None:
-        self.run_dir = Path(run_dir)
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"JsonlSink run_dir={str(run_dir)!r} cannot be created: {e}") from e
-        if not os.access(self.run_dir, os.W_OK):
-            raise ValueError(f"JsonlSink run_dir={str(run_dir)!r} is not writable")
-        self.fsync = fsync
-        self.events_path = self.run_dir / "events.jsonl"
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._events = open(self.events_path, "a", encoding="utf-8")
-        self._metrics = open(self.metrics_path, "a", encoding="utf-8")
-
-    def _append(self, fh: Any, lines: Sequence[dict[str, Any]]) -> None:
-        if not lines:
-            return
-        fh.write("".join(json.dumps(x, allow_nan=False) + "\n" for x in lines))
-        fh.flush()
-        if self.fsync:
-            os.fsync(fh.fileno())
-
-    def write(self, flush: Flush) -> None:
-        metrics = [{"v": SCHEMA_VERSION, "type": "step", **r} for r in flush.steps]
-        if flush.layers:
-            metrics.append({"v": SCHEMA_VERSION, "type": "layers", **flush.layers})
-        self._append(self._metrics, metrics)
-        self._append(self._events, [e.to_json() for e in flush.events])
-
-    def close(self) -> None:
-        for fh in (self._events, self._metrics):
-            if not fh.closed:
-                fh.close()
-
-
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a gradguard JSONL file.
 

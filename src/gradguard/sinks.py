@@ -1,4 +1,4 @@
-"""Sinks for TensorBoard, Weights & Biases and the console.
+"""Sinks: JSONL run directories, TensorBoard, Weights & Biases and the console.
 
 Every sink receives a :class:`gradguard.events.Flush` every ``Guard(every=N)`` steps and at
 close, never per step. The extra each one needs (``tensorboard``, ``wandb``, ``rich``) is
@@ -9,15 +9,17 @@ that raises while training is reported once by the guard and then skipped
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .events import Event, Flush
+from .events import SCHEMA_VERSION, Event, Flush
 
 #: Per-layer scalars are grouped into sections of at most this many layers, so the
 #: TensorBoard / W&B UI stays usable on models with hundreds of layers.
@@ -57,6 +59,71 @@ def _event_line(e: Event) -> str:
     fix = f" Remedy: {e.remedy}" if e.remedy else ""
     return f"[{e.severity}] step {e.step} {e.kind}{where}: {e.message}{fix}"
 
+
+
+class JsonlSink:
+    """Append-only JSONL files in a run directory.
+
+    Writes ``events.jsonl`` (one event per line) and ``metrics.jsonl`` (one line per step
+    plus one ``"type": "layers"`` line per flush). Every line carries ``"v": 1``; every write
+    is flushed and fsynced so that a killed process loses at most the line being written.
+
+    Example:
+        >>> import tempfile, gradguard as gg
+        >>> sink = gg.JsonlSink(tempfile.mkdtemp())
+        >>> sink.close()
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"JsonlSink run_dir={str(run_dir)!r} cannot be created: {e}") from e
+        if not os.access(self.run_dir, os.W_OK):
+            raise ValueError(f"JsonlSink run_dir={str(run_dir)!r} is not writable")
+        self.fsync = fsync
+        self.events_path = self.run_dir / "events.jsonl"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._events = open(self.events_path, "a", encoding="utf-8")
+        self._metrics = open(self.metrics_path, "a", encoding="utf-8")
+
+    def _append(self, fh: Any, lines: Sequence[dict[str, Any]]) -> None:
+        if not lines:
+            return
+        fh.write("".join(json.dumps(x, allow_nan=False) + "\n" for x in lines))
+        fh.flush()
+        if self.fsync:
+            os.fsync(fh.fileno())
+
+    def write(self, flush: Flush) -> None:
+        metrics = [{"v": SCHEMA_VERSION, "type": "step", **r} for r in flush.steps]
+        if flush.layers:
+            metrics.append({"v": SCHEMA_VERSION, "type": "layers", **flush.layers})
+        self._append(self._metrics, metrics)
+        self._append(self._events, [e.to_json() for e in flush.events])
+
+    def close(self) -> None:
+        for fh in (self._events, self._metrics):
+            if not fh.closed:
+                fh.close()
+
+    def on_abort(self, error: BaseException) -> str | None:
+        """Training was given up: close the files and render the run's HTML incident report
+        (when the ``report`` extra is installed), so the error can point at it. Returns
+        the report's path, or None (a warning says why)."""
+        self.close()
+        try:
+            from .report import report as render
+        except ImportError as e:
+            warnings.warn(f"gradguard: no report written ({e})", RuntimeWarning, stacklevel=2)
+            return None
+        try:
+            return str(render(self.run_dir))
+        except Exception as e:  # the abort is the error to raise, not this one
+            warnings.warn(f"gradguard: writing the report of {self.run_dir} failed: "
+                          f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+            return None
 
 class TensorBoardSink:
     """Write gradguard telemetry as TensorBoard scalars, histograms and text.

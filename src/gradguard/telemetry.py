@@ -55,6 +55,7 @@ class StepStats:
         norm_type: the norm order used.
         local_finite: under FSDP2, ``isfinite`` of this rank's own shards before the
             all-reduce (None: same as ``finite``).
+        names: the parameters' names (module paths), parallel to ``params``.
     """
 
     param_norms: Tensor
@@ -64,6 +65,7 @@ class StepStats:
     norm_type: float
     params: Sequence[Tensor] = field(default_factory=list)
     local_finite: Tensor | None = None
+    names: Sequence[str] = field(default_factory=list)
 
 
 def group_grads(params: Sequence[Tensor]) -> list[GradGroup]:
@@ -115,6 +117,7 @@ def measure_grads(
     norm_type: float = 2.0,
     accumulate_dtype: torch.dtype | None = torch.float32,
     device: torch.device | None = None,
+    names: Sequence[str] | None = None,
 ) -> StepStats:
     """Norms of the gradients of ``params`` without any host synchronisation.
 
@@ -129,8 +132,11 @@ def measure_grads(
             bfloat16/float16 layers exact; ``None`` computes in each gradient's own dtype,
             exactly like ``torch.nn.utils.clip_grad_norm_``.
         device: where the result lives (default: the first parameter's device).
+        names: the parameters' names (default: their positions, ``"0"``, ``"1"``, ...).
     """
     norm_type = float(norm_type)
+    if names is None:
+        names = [str(i) for i in range(len(params))]
     groups = group_grads(params)
     if device is None:
         device = params[0].device if len(params) else torch.device("cpu")
@@ -156,6 +162,7 @@ def measure_grads(
             norm_type,
             params,
             local_ok,
+            names,
         )
     # torch.stack promotes mixed dtypes exactly as clip_grad_norm_ does.
     total = torch.linalg.vector_norm(torch.stack(present), norm_type)
@@ -165,7 +172,7 @@ def measure_grads(
         zero = torch.zeros((), device=device, dtype=present[0].dtype)
         param_norms = torch.stack([zero if n is None else n for n in per_param])
     return StepStats(
-        param_norms, total, torch.isfinite(total), groups, norm_type, params, local_ok
+        param_norms, total, torch.isfinite(total), groups, norm_type, params, local_ok, names
     )
 
 
@@ -276,7 +283,9 @@ class Telemetry:
     # ---- per step (no host sync) ------------------------------------------------------
     def measure(self) -> StepStats:
         """Gradient norms of this step (device tensors)."""
-        return measure_grads(self.params, norm_type=self.norm_type, device=self.device)
+        return measure_grads(
+            self.params, norm_type=self.norm_type, device=self.device, names=self.names
+        )
 
     def _scalar(self, x: Tensor | float | None, default: float) -> Tensor:
         if x is None:
@@ -418,6 +427,39 @@ class Telemetry:
         self._buf.copy_(buf)
         self._steps = list(sd["steps"])  # type: ignore[call-overload]
         self._next_step = int(sd["next_step"])  # type: ignore[call-overload]
+
+
+class UpdateSampler:
+    """Weight norms and update norms of one optimizer step, measured around the step
+    itself (optimizer step pre/post hooks), so that it works the same whether the guard
+    calls ``optimizer.step()`` or a trainer does. The guard arms it for flush steps; a
+    step that never runs leaves nothing behind (the guard disarms it at the next step).
+    """
+
+    def __init__(self, telemetry: Telemetry, optimizer: torch.optim.Optimizer) -> None:
+        self.telemetry = telemetry
+        self.armed = False
+        self._active = False
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre),
+            optimizer.register_step_post_hook(self._post),
+        ]
+
+    def _pre(self, optimizer: object, args: object, kwargs: object) -> None:
+        if self.armed:
+            self.armed, self._active = False, True
+            self.telemetry.begin_update_sample()
+
+    def _post(self, optimizer: object, args: object, kwargs: object) -> None:
+        if self._active:
+            self._active = False
+            self.telemetry.end_update_sample()
+
+    def detach(self) -> None:
+        """Remove the hooks (the guard's ``close`` calls it)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 def _foreach_norm_f32(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:

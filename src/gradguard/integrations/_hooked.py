@@ -1,20 +1,12 @@
-"""A Guard driven from inside someone else's optimizer step.
+"""What the integrations share: a guard driven from inside someone else's optimizer step.
 
 Trainers (Lightning, the Hugging Face ``Trainer``) and ``gradguard run`` call
 ``optimizer.step()`` themselves; gradguard gets control in a hook that runs after backward
-and before the parameters change. :class:`HookGuard` is a :class:`gradguard.Guard` whose
-``step`` does everything except calling the optimizer:
-
-* a kept step: nothing to do, the optimizer is about to run;
-* a skipped step (non-finite norm): the gradients are taken off the parameters
-  (``p.grad = None``), so the optimizer that runs next updates no parameter and no state
-  (torch optimizers skip parameters without a gradient); a step post-hook on the optimizer
-  puts them back afterwards, so the trainer's ``zero_grad`` sees what it expects;
-* fused optimizers: the finite flag is handed over as ``found_inf`` (as ``GradScaler``
-  does) and removed by the post-hook, so the skip costs no host synchronisation.
-
-The weight/update sample (update/weight ratios) cannot bracket an update that has not
-happened yet, so it measures the update of the step *before* the flush step instead.
+and before the parameters change. :func:`hooked_guard` builds a plain
+:class:`gradguard.Guard` whose executor is a :class:`gradguard.executors.Hook`: calling
+``guard.step(loss)`` from that hook measures, clips and decides, and a skip is carried out
+on the optimizer step that follows (see :mod:`gradguard.executors`). The integrations
+never reach into the guard's private methods.
 """
 
 from __future__ import annotations
@@ -22,118 +14,49 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.amp.grad_scaler import GradScaler
 
 from ..clipping import AGC, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip
+from ..config import GuardConfig, resolve_config
 from ..events import Sink
-from ..guard import DEFAULT_EVERY, Guard, OnNonfinite, validate_options
+from ..executors import Hook
+from ..guard import Guard
 
 
-class HookGuard(Guard):
-    """A :class:`gradguard.Guard` for use inside an optimizer step hook.
+def hooked_guard(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: GuardConfig, *,
+    scaler: GradScaler | None = None,
+) -> Guard:
+    """A guard for use inside an optimizer step hook: call ``guard.step(loss)`` after
+    backward and before the optimizer updates (a trainer's ``on_before_optimizer_step``/
+    ``on_pre_optimizer_step``, or a ``torch.optim`` step pre-hook); never call
+    ``optimizer.step()`` from it.
 
-    Call :meth:`before_step` after backward and before the optimizer updates (a trainer's
-    ``on_before_optimizer_step``/``on_pre_optimizer_step`` hook, or a
-    ``torch.optim`` step pre-hook). Do not call ``optimizer.step()`` from it.
+    Args:
+        scaler: the trainer's ``GradScaler`` when it steps this optimizer (the gradients
+            must be unscaled when ``guard.step`` runs).
 
     Example:
-        >>> import math, torch
-        >>> from gradguard.integrations._hooked import HookGuard
+        >>> import math, torch, gradguard as gg
+        >>> from gradguard.integrations._hooked import hooked_guard
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> guard = HookGuard(model, opt, every=4)
+        >>> guard = hooked_guard(model, opt, gg.GuardConfig(every=4))
         >>> model(torch.ones(1, 2)).sum().backward()
         >>> model.weight.grad[0, 0] = math.nan
         >>> before = model.weight.detach().clone()
-        >>> _ = guard.before_step()
+        >>> _ = guard.step()
         >>> opt.step()                       # the trainer's own step: it changes nothing
         >>> torch.equal(model.weight, before), guard.telemetry.pending
         (True, 1)
         >>> guard.close()
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        *,
-        clip: ClipPolicy | None = None,
-        on_nonfinite: OnNonfinite = "skip",
-        recovery: Any | None = None,
-        every: int = DEFAULT_EVERY,
-        sinks: Sequence[Sink] = (),
-        sample_updates: bool = True,
-    ) -> None:
-        super().__init__(
-            model,
-            optimizer,
-            clip=clip,
-            on_nonfinite=on_nonfinite,
-            recovery=recovery,
-            every=every,
-            sinks=sinks,
-            sample_updates=False,  # sampled around the real update, see before_step
-        )
-        self._sample_updates_hooked = sample_updates
-        self._sampling = False
-        self._stash: list[tuple[Tensor, Tensor]] = []
-        self._attrs_set = False
-        self._post_handle = optimizer.register_step_post_hook(self._after_optimizer_step)
-
-    # ---- Guard overrides ----------------------------------------------------------
-    def _optimizer_step(self, found_inf: Tensor | None = None) -> None:
-        if found_inf is None:
-            return  # the optimizer is about to step on its own
-        opt: Any = self.optimizer
-        opt.grad_scale = None
-        opt.found_inf = found_inf
-        self._attrs_set = True
-
-    def _skip_optimizer_step(self) -> None:
-        for p in self.telemetry.params:
-            if p.grad is not None:
-                self._stash.append((p, p.grad))
-                p.grad = None
-
-    # ---- driving ------------------------------------------------------------------
-    def before_step(self, loss: Tensor | float | None = None) -> Tensor:
-        """Measure, clip and decide for the optimizer step that is about to run.
-
-        Returns:
-            The pre-clip total gradient norm (a device tensor).
-        """
-        self.restore()  # a previous step that never ran (e.g. a GradScaler skip)
-        if self._sampling:
-            self.telemetry.end_update_sample()  # the update of the previous step
-            self._sampling = False
-        norm = self.step(loss)
-        if self._sample_updates_hooked and self.telemetry.flush_due:
-            self.telemetry.begin_update_sample()
-            self._sampling = True
-        return norm
-
-    def restore(self) -> None:
-        """Undo what a skip or a ``found_inf`` hand-over did to the optimizer and grads."""
-        if self._attrs_set:
-            self.optimizer.__dict__.pop("grad_scale", None)
-            self.optimizer.__dict__.pop("found_inf", None)
-            self._attrs_set = False
-        for p, g in self._stash:
-            p.grad = g
-        self._stash = []
-
-    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.restore()
-
-    def close(self) -> None:
-        self.restore()
-        self._post_handle.remove()
-        super().close()
+    return Guard(model, optimizer, config=config, executor=Hook(optimizer, scaler))
 
 
 class LossTracker:
@@ -174,46 +97,37 @@ class LossTracker:
 
 
 class CallbackOptions:
-    """The guard options both trainer callbacks take, validated once at construction (so a
-    mistake fails before training starts), and the guard they build from them."""
+    """The options both trainer callbacks take: a :class:`~gradguard.GuardConfig` (or its
+    options as keywords), validated once at construction so that a mistake fails before
+    training starts, plus where the run directory and report go."""
 
     def _init_options(
-        self,
-        owner: str,
-        *,
-        clip: ClipPolicy | None,
-        on_nonfinite: OnNonfinite,
-        recovery: Any | None,
-        every: int,
-        sinks: Sequence[Sink],
-        run_dir: str | os.PathLike[str] | None,
-        report: bool,
+        self, owner: str, config: GuardConfig | None, options: dict[str, Any],
+        run_dir: str | os.PathLike[str] | None, report: bool,
     ) -> None:
-        validate_options(
-            owner, clip=clip, on_nonfinite=on_nonfinite, every=every, sinks=sinks,
-            recovery=recovery,
-        )
-        self.clip = clip
-        self.on_nonfinite: OnNonfinite = on_nonfinite
-        self.recovery = recovery
-        self.every = every
-        self.sinks = list(sinks)
+        self.config = resolve_config(owner, config, options)
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.report = report
 
-    def _new_guard(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        sinks: list[Sink],
-        *,
-        clip: ClipPolicy | None,
-        recovery: Any | None,
-    ) -> HookGuard:
-        return HookGuard(
-            model, optimizer, clip=clip, on_nonfinite=self.on_nonfinite, recovery=recovery,
-            every=self.every, sinks=sinks,
-        )
+    @property
+    def clip(self) -> ClipPolicy | None:
+        return self.config.clip
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self.config.on_nonfinite
+
+    @property
+    def recovery(self) -> Any:
+        return self.config.recovery
+
+    @property
+    def every(self) -> int:
+        return self.config.every
+
+    @property
+    def sinks(self) -> tuple[Sink, ...]:
+        return self.config.sinks
 
 
 CLIP_CHOICES = ("zclip", "autoclip", "norm:MAX", "value:MAX", "agc", "none")

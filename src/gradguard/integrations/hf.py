@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +46,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 import torch
 from torch import nn
 
-from ..clipping import ClipPolicy
-from ..events import JsonlSink, Sink
-from ..guard import DEFAULT_EVERY, GradGuardWarning, OnNonfinite
-from ._hooked import CallbackOptions, HookGuard, LossTracker, check_version
+from ..config import GuardConfig
+from ..errors import GradGuardWarning
+from ..events import Sink
+from ..guard import Guard
+from ..sinks import JsonlSink
+from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
 from .run import write_report
 
 STATE_FILE = "gradguard_state.pt"
@@ -68,14 +69,11 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
     """Guard a ``transformers.Trainer``: measure, clip, skip non-finite steps, report.
 
     Args:
-        clip: a gradguard clip policy (``gg.ZClip()``, ...) or None. When set, the
+        config: a :class:`gradguard.GuardConfig`, or its options as keywords (``clip=``,
+            ``on_nonfinite=``, ``recovery=``, ``every=`` in optimizer steps, ``sinks=``
+            added to the built-in JSONL run directory, ...). With a ``clip``, the
             Trainer's ``max_grad_norm`` is set to 0 for the run (with a warning if it was
             not already), since the Trainer clips before this callback runs.
-        on_nonfinite: ``"skip"`` | ``"raise"`` | ``"warn"`` | ``"off"``, as for
-            :class:`gradguard.Guard`.
-        recovery: a recovery ladder (``gg.Recovery()``) or None.
-        every: telemetry flush interval in optimizer steps.
-        sinks: more sinks (a JSONL run directory is built in).
         run_dir: where ``events.jsonl``, ``metrics.jsonl`` and ``report.html`` go; default
             ``<args.output_dir>/gradguard``.
         report: write ``report.html`` when training ends.
@@ -91,19 +89,13 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
     def __init__(
         self,
         *,
-        clip: ClipPolicy | None = None,
-        on_nonfinite: OnNonfinite = "skip",
-        recovery: Any | None = None,
-        every: int = DEFAULT_EVERY,
-        sinks: Sequence[Sink] = (),
+        config: GuardConfig | None = None,
         run_dir: str | os.PathLike[str] | None = None,
         report: bool = True,
+        **options: Any,
     ) -> None:
-        self._init_options(
-            "GradGuardCallback", clip=clip, on_nonfinite=on_nonfinite, recovery=recovery,
-            every=every, sinks=sinks, run_dir=run_dir, report=report,
-        )
-        self.guard: HookGuard | None = None
+        self._init_options("GradGuardCallback", config, options, run_dir, report)
+        self.guard: Guard | None = None
         self.report_path: str | None = None
         self.resolved_run_dir: Path | None = None
         self._loss = LossTracker(mean=True)
@@ -154,17 +146,16 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         if isinstance(loss, torch.Tensor):
             self._loss.add(loss)
 
-    def _make_guard(self, args: Any, model: nn.Module, optimizer: torch.optim.Optimizer) -> HookGuard:
+    def _make_guard(
+        self, args: Any, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
+    ) -> Guard:
         run_dir = self.run_dir or Path(args.output_dir) / "gradguard"
         sinks: list[Sink] = list(self.sinks)
         if self._is_zero:
             sinks.append(JsonlSink(run_dir))
             self.resolved_run_dir = run_dir
-        return self._new_guard(
-            model, optimizer, sinks,
-            clip=copy.deepcopy(self.clip) if self.clip is not None else None,
-            recovery=self.recovery,
-        )
+        cfg = self.config.replace(sinks=sinks, clip=copy.deepcopy(self.clip))
+        return hooked_guard(model, optimizer, cfg, scaler=scaler)
 
     # ---- per optimizer step --------------------------------------------------------
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -173,16 +164,16 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         if wrapped is None or not isinstance(model, nn.Module):
             return
         inner = getattr(wrapped, "optimizer", wrapped)  # accelerate's AcceleratedOptimizer
+        scaler = getattr(wrapped, "scaler", None)
         if self.guard is None:
-            self.guard = self._make_guard(args, model, inner)
+            self.guard = self._make_guard(args, model, inner, scaler)
             if self._resume_state is not None:
                 self.guard.load_state_dict(self._resume_state)
                 self._resume_state = None
-        scaler = getattr(wrapped, "scaler", None)
         if scaler is not None and not (args.max_grad_norm and args.max_grad_norm > 0):
             # fp16: accelerate unscales only when the Trainer clips; do it here instead
             scaler.unscale_(inner)
-        self.guard.before_step(self._loss.take())
+        self.guard.step(self._loss.take())
 
     # ---- checkpoints -----------------------------------------------------------------
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +39,11 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 import torch
 
-from ..clipping import ClipPolicy
-from ..events import Flush, JsonlSink, Sink
-from ..guard import DEFAULT_EVERY, OnNonfinite
-from ._hooked import CallbackOptions, HookGuard, LossTracker, check_version
+from ..config import GuardConfig
+from ..events import Flush, Sink
+from ..guard import Guard
+from ..sinks import JsonlSink
+from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
 from .run import write_report
 
 SUPPORTED = ("2.1", "3")
@@ -100,13 +100,11 @@ class GradGuardCallback(CallbackOptions, Callback):
     """Guard every optimizer of a Lightning ``Trainer``: measure, clip, skip, report.
 
     Args:
-        clip: a gradguard clip policy (``gg.ZClip()``, ...) or None. Refused together with
-            ``Trainer(gradient_clip_val=...)``: both would clip, one after the other.
-        on_nonfinite: ``"skip"`` | ``"raise"`` | ``"warn"`` | ``"off"``, as for
-            :class:`gradguard.Guard`.
-        recovery: a recovery ladder (``gg.Recovery()``) or None.
-        every: telemetry flush interval in optimizer steps.
-        sinks: more sinks (the trainer's loggers and a JSONL run directory are built in).
+        config: a :class:`gradguard.GuardConfig`, or its options as keywords (``clip=``,
+            ``on_nonfinite=``, ``recovery=``, ``every=`` in optimizer steps, ``sinks=``
+            added to the trainer's loggers and a JSONL run directory, ...). A ``clip`` is
+            refused together with ``Trainer(gradient_clip_val=...)``: both would clip, one
+            after the other.
         run_dir: where ``events.jsonl``, ``metrics.jsonl`` and ``report.html`` go; default
             ``<trainer.default_root_dir>/gradguard`` (``.../gradguard/optimizer<k>`` for
             the k-th further optimizer).
@@ -123,19 +121,13 @@ class GradGuardCallback(CallbackOptions, Callback):
     def __init__(
         self,
         *,
-        clip: ClipPolicy | None = None,
-        on_nonfinite: OnNonfinite = "skip",
-        recovery: Any | None = None,
-        every: int = DEFAULT_EVERY,
-        sinks: Sequence[Sink] = (),
+        config: GuardConfig | None = None,
         run_dir: str | os.PathLike[str] | None = None,
         report: bool = True,
+        **options: Any,
     ) -> None:
-        self._init_options(
-            "GradGuardCallback", clip=clip, on_nonfinite=on_nonfinite, recovery=recovery,
-            every=every, sinks=sinks, run_dir=run_dir, report=report,
-        )
-        self.guards: dict[int, HookGuard] = {}
+        self._init_options("GradGuardCallback", config, options, run_dir, report)
+        self.guards: dict[int, Guard] = {}
         self.run_dirs: list[Path] = []
         self.reports: list[str] = []
         self._loss = LossTracker()
@@ -186,11 +178,13 @@ class GradGuardCallback(CallbackOptions, Callback):
                 )
                 self._logger_sinks.append(ls)
                 sinks.append(ls)
-            self.guards[id(opt)] = self._new_guard(
-                pl_module, opt, sinks,
+            cfg = self.config.replace(
+                sinks=sinks,
                 clip=self.clip if k == 0 else copy.deepcopy(self.clip),
                 recovery=self.recovery if k == 0 else None,
             )
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            self.guards[id(opt)] = hooked_guard(pl_module, opt, cfg, scaler=scaler)
             guard = self.guards[id(opt)]
             if self._loaded is not None and k < len(self._loaded):
                 guard.load_state_dict(self._loaded[k])
@@ -238,16 +232,16 @@ class GradGuardCallback(CallbackOptions, Callback):
         for s in self._logger_sinks:
             s.can_self_log = True
         try:
-            guard.before_step(self._loss.take())
+            guard.step(self._loss.take())
         finally:
             for s in self._logger_sinks:
                 s.can_self_log = False
 
     # ---- the end -------------------------------------------------------------------
-    def _finish(self) -> None:
+    def _finish(self, *, failed: bool = False) -> None:
         guards, self.guards = list(self.guards.values()), {}
         for g in guards:
-            g.close()
+            g.close(failed=failed)
         if guards:
             self._final = [g.state_dict() for g in guards]
         self._logger_sinks = []

@@ -2,7 +2,7 @@
 
 ``gradguard run [--clip ...] [--on-nonfinite ...] [--out DIR] train.py [args]`` installs a
 global ``torch.optim`` step pre-hook, runs the script as ``__main__``, and gives each
-optimizer the script creates its own :class:`~gradguard.integrations._hooked.HookGuard`
+optimizer the script creates its own hook-driven :class:`~gradguard.Guard`
 the first time it steps. The guard acts once per ``optimizer.step()`` (not per backward),
 so gradient accumulation, several optimizers and GAN-style alternating optimizers work as
 written. At exit (normal, ``sys.exit``, Ctrl-C or an exception, which is then re-raised)
@@ -36,9 +36,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ..events import JsonlSink
-from ..guard import DEFAULT_EVERY, OnNonfinite, validate_options
-from ._hooked import HookGuard, LossTracker, parse_clip
+from ..config import DEFAULT_EVERY, GuardConfig
+from ..decision import OnNonfinite
+from ..guard import Guard
+from ..sinks import JsonlSink
+from ._hooked import LossTracker, hooked_guard, parse_clip
 
 #: Source directories of torch and gradguard: their frames hold no user names.
 _INTERNAL = tuple(
@@ -59,7 +61,7 @@ class GuardedOptimizer:
 
     index: int
     optimizer: torch.optim.Optimizer
-    guard: HookGuard
+    guard: Guard
     run_dir: Path
     name: str | None = None
     model_name: str | None = None
@@ -171,7 +173,7 @@ class ZeroCodeSession:
         report: bool = True,
     ) -> None:
         parse_clip(clip)  # fail now on a bad spelling
-        validate_options("ZeroCodeSession", clip=None, on_nonfinite=on_nonfinite, every=every, sinks=())
+        GuardConfig(on_nonfinite=on_nonfinite, every=every).validate("ZeroCodeSession")
         self.out = Path(out)
         self.clip = clip
         self.on_nonfinite: OnNonfinite = on_nonfinite
@@ -242,20 +244,15 @@ class ZeroCodeSession:
                 "sees (and clips) the true gradients; these steps are not guarded",
             )
             return
-        g.guard.before_step(self._loss.take())
+        g.guard.step(self._loss.take())
 
     def _add(self, optimizer: torch.optim.Optimizer, frame: types.FrameType | None) -> GuardedOptimizer:
         model, model_name, opt_name = find_model(optimizer, frame)
         k = len(self.guarded)
         run_dir = self.out if k == 0 else self.out / f"optimizer{k}"
-        guard = HookGuard(
-            model if model is not None else _container(optimizer),
-            optimizer,
-            clip=parse_clip(self.clip),
-            on_nonfinite=self.on_nonfinite,
-            every=self.every,
-            sinks=[JsonlSink(run_dir)],
-        )
+        cfg = GuardConfig(clip=parse_clip(self.clip), on_nonfinite=self.on_nonfinite,
+                          every=self.every, sinks=[JsonlSink(run_dir)])
+        guard = hooked_guard(model if model is not None else _container(optimizer), optimizer, cfg)
         g = GuardedOptimizer(k, optimizer, guard, run_dir, opt_name, model_name)
         self.guarded.append(g)
         self._by_id[id(optimizer)] = g

@@ -8,14 +8,13 @@ how many steps each one intervenes on (how often a fixed clip fires depends on t
 gradient scale; ZClip adapts its threshold and fires around the spikes).
 
 The task and model are the calibration setup of ``benchmarks/quality.py``
-(:func:`gradguard.testing.calibration_task` / :func:`~gradguard.testing.calibration_model`),
+(:func:`gradguard.lab.calibration.calibration_task` / :func:`~gradguard.lab.calibration.calibration_model`),
 so the clean / unprotected / guarded figures here match ``quality.json``'s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,9 @@ from torch import Tensor, nn
 
 from ..clipping import AutoClip, NormClip, ZClip
 from ..telemetry import StepStats
-from ..testing import (
-    CALIBRATION_SPIKES,
-    SPIKE_FACTOR,
-    calibration_model,
-    calibration_task,
-    scale_grads_,
-)
+from ..testing import SPIKE_FACTOR, scale_grads_
 from ._common import Result, Trace, fit, guard_record, guarded_fit, plot_losses
+from .calibration import CALIBRATION_SPIKES, calibration_model, calibration_task
 
 SPIKE_STEPS, SPIKE_SCALE = CALIBRATION_SPIKES, SPIKE_FACTOR
 DEPTH, WIDTH, LR = 4, 256, 1e-3
@@ -44,8 +38,8 @@ class SkipSpikes(ZClip):
     gradients are made non-finite, so the guard (``on_nonfinite="skip"``) leaves the
     parameters and the optimizer state untouched."""
 
-    def _apply(self, stats: StepStats, names: Sequence[str]) -> Tensor:
-        coef = super()._apply(stats, names)
+    def apply_(self, stats: StepStats) -> Tensor:
+        coef = super().apply_(stats)
         skip = torch.where(coef < 1.0, torch.full_like(coef, math.nan), torch.ones_like(coef))
         for grp in stats.groups:
             torch._foreach_mul_(grp.grads, skip)

@@ -11,13 +11,15 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from .. import __version__
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
 #: Modules that register a subcommand (``register(subparsers) -> None``); the parser they
 #: add must set ``func=handler`` where ``handler(args) -> int`` returns the exit code.
-SUBCOMMANDS: tuple[str, ...] = ("gradguard._cli_demo", "gradguard._cli_bench", "gradguard._cli_report", "gradguard._cli_run", "gradguard._cli_lab", "gradguard._cli_doctor",)
+SUBCOMMANDS: tuple[str, ...] = tuple(
+    f"gradguard.cli.{name}" for name in ("demo", "bench", "report", "run", "lab", "doctor")
+)
 
 
 class UsageError(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .guard import DEFAULT_EVERY, ON_NONFINITE
+from ..guard import DEFAULT_EVERY, ON_NONFINITE
 
 
 def register(sub: Any) -> None:
@@ -50,15 +50,15 @@ def register(sub: Any) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
     p.add_argument("script", help="the training script")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command)
 
 
-def run(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .cli import UsageError
-    from .integrations._hooked import parse_clip
-    from .integrations.run import run_script
+    from ..integrations._hooked import parse_clip
+    from ..integrations.run import run_script
+    from . import UsageError
 
     if not Path(args.script).is_file():
         raise UsageError(f"script {args.script!r} does not exist or is not a file")

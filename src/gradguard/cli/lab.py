@@ -22,12 +22,12 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="lab_results", help="results folder (default: lab_results)")
     p.add_argument("--fast", action="store_true", help="few steps / small models (seconds each)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command)
 
 
-def run(args: argparse.Namespace) -> int:
-    from . import lab
-    from .cli import EXIT_FINDINGS, EXIT_OK, UsageError
+def command(args: argparse.Namespace) -> int:
+    from .. import lab
+    from . import EXIT_FINDINGS, EXIT_OK, UsageError
 
     if args.list:
         for key in lab.ORDER:

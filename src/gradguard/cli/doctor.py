@@ -25,11 +25,11 @@ def register(sub: Any) -> None:
     p.add_argument("spec", help="Python file that defines setup()")
     p.add_argument("--json", action="store_true", help="print diag.to_dict() as JSON")
     p.add_argument("--save", metavar="PATH", help="also write the diagnosis JSON to PATH (atomic)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command)
 
 
 def load_setup(path: str) -> tuple[Any, ...]:
-    from .cli import UsageError
+    from . import UsageError
 
     spec_path = Path(path)
     if not spec_path.is_file():
@@ -79,9 +79,9 @@ def _print_rich(diag: Any) -> bool:
     return True
 
 
-def run(args: argparse.Namespace) -> int:
-    from .cli import EXIT_FINDINGS, EXIT_OK, UsageError
-    from .doctor import doctor
+def command(args: argparse.Namespace) -> int:
+    from ..doctor import doctor
+    from . import EXIT_FINDINGS, EXIT_OK, UsageError
 
     got = load_setup(args.spec)
     try:

@@ -27,12 +27,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "-o", "--out", default=None, help="output file (default: RUN_DIR/report.html)"
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=command)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .cli import EXIT_OK, UsageError
-    from .report import ReportError, report
+def command(args: argparse.Namespace) -> int:
+    from ..report import ReportError, report
+    from . import EXIT_OK, UsageError
 
     try:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

@@ -1,0 +1,50 @@
+"""What a guard saves and restores: everything that changes a later decision.
+
+The step count, the clip policy's statistics, the pending telemetry window, the monitor
+(event history, detector history, LR tracker, GradScaler overflow rows, skipped steps),
+the activation watch's ring and the recovery ladder. A guard resumed from it, with the
+model's and optimizer's own state dicts, continues exactly as the uninterrupted run:
+parameters, optimizer state and events (tests/test_checkpoint.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+VERSION = 1
+
+
+def state_dict(guard: Guard) -> dict[str, Any]:
+    """The guard's state (see the module docstring)."""
+    return {
+        "version": VERSION,
+        "step_count": guard.step_count,
+        "clip": None if guard.clip is None else guard.clip.state_dict(),
+        "telemetry": guard.telemetry.state_dict(),
+        "monitor": guard.monitor.state_dict(),
+        "watch": None if guard._watch is None else guard._watch.state_dict(),
+        "recovery": None if guard.recovery is None else guard.recovery.state_dict(),
+    }
+
+
+def load_state_dict(guard: Guard, sd: dict[str, Any]) -> None:
+    """Restore :func:`state_dict` into ``guard`` (tensors to the live parameters' device)."""
+    if sd.get("version") != VERSION:
+        raise ValueError(f"Guard.load_state_dict: unsupported version {sd.get('version')!r}")
+    guard.step_count = int(sd["step_count"])
+    if guard.clip is not None and sd.get("clip") is not None:
+        guard.clip.load_state_dict(sd["clip"])
+    guard.telemetry.load_state_dict(sd["telemetry"])
+    if "monitor" in sd:
+        guard.monitor.load_state_dict(sd["monitor"], guard.telemetry.device)
+    else:  # written by gradguard 0.1
+        guard.monitor.skipped_steps = int(sd.get("skipped_steps", 0))
+        if sd.get("detectors") is not None:
+            guard.monitor.detector_state.load_state_dict(sd["detectors"])
+    if guard._watch is not None and sd.get("watch") is not None:
+        guard._watch.load_state_dict(sd["watch"])
+    if guard.recovery is not None and sd.get("recovery") is not None:
+        guard.recovery.load_state_dict(sd["recovery"])

@@ -1,0 +1,280 @@
+"""Adaptive total-norm clipping: AutoClip (percentile of the history) and ZClip (z-score
+of an EMA). Both keep their statistics on the device and never let a non-finite norm in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..telemetry import StepStats
+from .base import Policy, check_positive, norm_coef, to_device
+
+# ZClip defaults (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM
+# Pre-Training", Sec. 3 and the reference implementation).
+ZCLIP_ALPHA = 0.97
+ZCLIP_Z_THRESH = 2.5
+ZCLIP_WARMUP = 25
+ZCLIP_EPS = 1e-6
+
+# AutoClip default (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for
+# Source Separation Networks": the 10th percentile worked best across their tasks).
+AUTOCLIP_PERCENTILE = 10.0
+
+
+class AutoClip(Policy):
+    """AutoClip: clip to the p-th percentile of the history of total gradient norms.
+
+    At each step the current norm is appended to the history (finite norms only), the
+    threshold is the ``percentile``-th percentile (linear interpolation, as
+    ``numpy.percentile``) of the history *including* the current norm, and gradients are
+    scaled by ``min(1, threshold / (norm + 1e-6))``.
+
+    Args:
+        percentile: in (0, 100]; the paper's default is 10.
+        history_size: keep only the last N finite norms (None: the whole run, as in the
+            paper).
+
+    References:
+        Seetharaman, Wichern, Pardo, Le Roux. "AutoClip: Adaptive Gradient Clipping for
+        Source Separation Networks." MLSP 2020. arXiv:2007.14469.
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> policy = gg.AutoClip(percentile=10.0)
+        >>> w = torch.nn.Parameter(torch.zeros(3)); w.grad = torch.ones(3)
+        >>> policy.clip_([w]).round(decimals=4)
+        tensor(1.7321)
+    """
+
+    def __init__(
+        self, percentile: float = AUTOCLIP_PERCENTILE, *, history_size: int | None = None
+    ) -> None:
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)):
+            raise TypeError(f"AutoClip(percentile={percentile!r}): expected a number in (0, 100]")
+        if not (0.0 < float(percentile) <= 100.0):
+            raise ValueError(f"AutoClip(percentile={percentile!r}): must be in (0, 100]")
+        if history_size is not None and (
+            isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1
+        ):
+            raise ValueError(
+                f"AutoClip(history_size={history_size!r}): must be None or an int >= 1"
+            )
+        self.percentile = float(percentile)
+        self.history_size = history_size
+        self._hist: Tensor | None = None  # NaN-padded history of finite norms
+        self._count: Tensor | None = None  # finite norms seen (device int64)
+        self._calls = 0  # host-side upper bound on _count, for growing the buffer
+
+    def _ensure(self, device: torch.device) -> None:
+        if self._hist is not None and self._hist.device != device:
+            # loaded from a checkpoint mapped elsewhere (e.g. map_location="cpu")
+            self._hist, self._count = self._hist.to(device), self._count.to(device)  # type: ignore[union-attr]
+        if self._hist is None:
+            cap = self.history_size or 64
+            self._hist = torch.full((cap,), math.nan, device=device)
+            self._count = torch.zeros((), dtype=torch.long, device=device)
+        elif self.history_size is None and self._calls >= self._hist.numel():
+            grow = torch.full_like(self._hist, math.nan)
+            self._hist = torch.cat([self._hist, grow])
+
+    def threshold(self) -> Tensor | None:
+        """The current clipping threshold (a device tensor; NaN before any finite norm)."""
+        if self._hist is None:
+            return None
+        return torch.nanquantile(self._hist, self.percentile / 100.0)
+
+    def coefficient(self, stats: StepStats) -> Tensor:
+        total = stats.total_norm.float()
+        self._ensure(total.device)
+        assert self._hist is not None and self._count is not None
+        cap = self._hist.numel()
+        idx = (self._count % cap).reshape(1) if self.history_size else self._count.reshape(1)
+        old = self._hist.index_select(0, idx)
+        self._hist.index_copy_(0, idx, torch.where(stats.finite, total.reshape(1), old))
+        self._count += stats.finite.long()
+        self._calls += 1
+        thr = torch.nanquantile(self._hist, self.percentile / 100.0)
+        return norm_coef(total, stats.finite & ~torch.isnan(thr), torch.nan_to_num(thr, nan=1.0))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "percentile": self.percentile,
+            "history_size": self.history_size,
+            "history": None if self._hist is None else self._hist.clone(),
+            "count": None if self._count is None else self._count.clone(),
+            "calls": self._calls,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_keys(state_dict, ("history", "count", "calls"))
+        hist, count = state_dict["history"], state_dict["count"]
+        self._hist = None if hist is None else hist.clone()
+        self._count = None if count is None else count.clone()
+        self._calls = int(state_dict["calls"])
+        self.percentile = float(state_dict.get("percentile", self.percentile))
+        self.history_size = state_dict.get("history_size", self.history_size)
+
+    def __repr__(self) -> str:
+        return f"AutoClip(percentile={self.percentile}, history_size={self.history_size})"
+
+
+class ZClip(Policy):
+    """ZClip: z-score based adaptive clipping with EMA statistics of the gradient norm.
+
+    Warm-up: the first ``warmup_steps`` *finite* norms are collected; their plain mean and
+    (population) variance initialise the EMA. No clipping happens during warm-up unless
+    ``max_norm`` is given. Afterwards, with ``z = (g - mu) / (sigma + eps)``:
+
+    * if ``z > z_thresh`` the norm is clipped to ``mu + z_thresh**2 / z * sigma``
+      (``mode="reciprocal"``, the paper's default) or ``mu + z_thresh * sigma``
+      (``mode="percentile"``) or ``mu`` (``mode="mean"``);
+    * the EMA is updated with the *clipped* norm:
+      ``mu <- a mu + (1-a) g_c``, ``var <- a var + (1-a) (g_c - mu)**2`` (new ``mu``).
+
+    Non-finite norms never enter the statistics, so a NaN during warm-up does not disable
+    clipping. No absolute cap is applied unless ``max_norm`` is set (a shorthand for
+    ``gg.chain(gg.ZClip(), gg.NormClip(max_norm))``).
+
+    Args:
+        alpha: EMA factor in (0, 1); paper default 0.97.
+        z_thresh: z-score threshold > 0; paper default 2.5.
+        warmup_steps: finite steps before clipping starts (>= 1); paper default 25.
+        mode: ``"reciprocal"`` | ``"percentile"`` | ``"mean"``.
+        max_norm: optional absolute cap, applied always (None: none).
+        eps: added to sigma in the z-score.
+
+    References:
+        Kumar, Owen, Ashraf, Ahmed, Rehman, Pettersson. "ZClip: Adaptive Spike Mitigation
+        for LLM Pre-Training." 2025. arXiv:2504.02507.
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> policy = gg.ZClip(warmup_steps=3)
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> for g in [1.0, 1.1, 0.9, 50.0]:
+        ...     w.grad = torch.tensor([g]); _ = policy.clip_([w])
+        >>> bool(w.grad.item() < 2.0)
+        True
+    """
+
+    MODES = ("reciprocal", "percentile", "mean")
+
+    def __init__(
+        self,
+        alpha: float = ZCLIP_ALPHA,
+        z_thresh: float = ZCLIP_Z_THRESH,
+        warmup_steps: int = ZCLIP_WARMUP,
+        *,
+        mode: str = "reciprocal",
+        max_norm: float | None = None,
+        eps: float = ZCLIP_EPS,
+    ) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"ZClip(alpha={alpha!r}): expected a number in (0, 1)")
+        if not (0.0 < float(alpha) < 1.0):
+            raise ValueError(f"ZClip(alpha={alpha!r}): must be in (0, 1)")
+        self.alpha = float(alpha)
+        self.z_thresh = check_positive("z_thresh", z_thresh, "ZClip")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"ZClip(warmup_steps={warmup_steps!r}): must be an int >= 1")
+        self.warmup_steps = warmup_steps
+        if mode not in self.MODES:
+            raise ValueError(f"ZClip(mode={mode!r}): allowed values are {self.MODES}")
+        self.mode = mode
+        self.max_norm = None if max_norm is None else check_positive("max_norm", max_norm, "ZClip")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+            raise ValueError(f"ZClip(eps={eps!r}): must be a number >= 0")
+        self.eps = float(eps)
+        self._state: dict[str, Tensor] | None = None
+
+    def _ensure(self, device: torch.device) -> dict[str, Tensor]:
+        if self._state is not None and self._state["mean"].device != device:
+            # loaded from a checkpoint mapped elsewhere (e.g. map_location="cpu")
+            self._state = to_device(self._state, device)
+        if self._state is None:
+            self._state = {
+                "mean": torch.zeros((), device=device),
+                "var": torch.zeros((), device=device),
+                "count": torch.zeros((), dtype=torch.long, device=device),
+                "buffer": torch.zeros(self.warmup_steps, device=device),
+            }
+        return self._state
+
+    @property
+    def mean(self) -> Tensor | None:
+        return None if self._state is None else self._state["mean"]
+
+    @property
+    def var(self) -> Tensor | None:
+        return None if self._state is None else self._state["var"]
+
+    def coefficient(self, stats: StepStats) -> Tensor:
+        g = stats.total_norm.float()
+        fin = stats.finite
+        s = self._ensure(g.device)
+        mean, var, count, buf = s["mean"], s["var"], s["count"], s["buffer"]
+        warm = count < self.warmup_steps
+        active = ~warm & fin
+        std = var.sqrt()
+        z = (g - mean) / (std + self.eps)
+        if self.mode == "reciprocal":
+            # z > z_thresh > 0 here, so the division is safe where it is used
+            thr = mean + (self.z_thresh**2) * std / torch.where(z > 0, z, torch.ones_like(z))
+        elif self.mode == "percentile":
+            thr = mean + self.z_thresh * std
+        else:
+            thr = mean.clone()
+        clip = active & (z > self.z_thresh) & (thr < g)
+        threshold = torch.where(clip, thr, torch.full_like(g, math.inf))
+        if self.max_norm is not None:
+            threshold = threshold.clamp(max=self.max_norm)
+        coef = norm_coef(g, fin, threshold)
+        # EMA update with the clipped norm (finite steps after warm-up only)
+        g_c = torch.minimum(g, thr.where(clip, g))
+        new_mean = self.alpha * mean + (1 - self.alpha) * g_c
+        new_var = self.alpha * var + (1 - self.alpha) * (g_c - new_mean) ** 2
+        # warm-up: collect finite norms, initialise mean/var from them when complete
+        take = warm & fin
+        idx = count.clamp(max=self.warmup_steps - 1).reshape(1)
+        buf.index_copy_(
+            0, idx, torch.where(take, g, buf.index_select(0, idx).squeeze(0)).reshape(1)
+        )
+        new_count = count + take.long()
+        done = warm & (new_count == self.warmup_steps)
+        mean.copy_(torch.where(active, new_mean, torch.where(done, buf.mean(), mean)))
+        var.copy_(torch.where(active, new_var, torch.where(done, buf.var(unbiased=False), var)))
+        count.copy_(new_count)
+        return coef
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "z_thresh": self.z_thresh,
+            "warmup_steps": self.warmup_steps,
+            "mode": self.mode,
+            "max_norm": self.max_norm,
+            "state": None
+            if self._state is None
+            else {k: v.clone() for k, v in self._state.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_keys(state_dict, ("state",))
+        st = state_dict["state"]
+        if st is not None and st["buffer"].numel() != state_dict.get(
+            "warmup_steps", self.warmup_steps
+        ):
+            raise ValueError("ZClip.load_state_dict: warm-up buffer does not match warmup_steps")
+        self.warmup_steps = int(state_dict.get("warmup_steps", self.warmup_steps))
+        # copies: the live statistics must not alias the checkpoint's tensors
+        self._state = None if st is None else to_device(st, st["mean"].device)
+
+    def __repr__(self) -> str:
+        return (
+            f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, warmup_steps={self.warmup_steps}, "
+            f"mode={self.mode!r}, max_norm={self.max_norm})"
+        )

@@ -1,0 +1,275 @@
+"""The clip-policy protocol and the two policies torch has: norm and value clipping.
+
+A policy is a small state machine. Guard measures the gradients once (a
+:class:`~gradguard.telemetry.StepStats` of device tensors) and hands them to
+``policy.apply_(stats)``, which scales the gradients in place and returns the effective
+coefficient (post-clip norm / pre-clip norm, a device scalar). Policies that clip the
+total norm also expose ``coefficient(stats)``: the multiplier they want, without touching
+the gradients, so that :func:`~gradguard.clipping.chain` can take the smallest of several
+and a fused optimizer can take it as its ``grad_scale``. ``clip_(params)`` is the
+standalone form (measure, apply, return the pre-clip norm), a drop-in for
+``torch.nn.utils.clip_grad_norm_``.
+
+Statistics live on the device and are updated with ``torch.where`` so that a non-finite
+norm never enters them and no value is ever read by the host.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from ..telemetry import StepStats, _local, measure_grads
+
+#: ``clip_grad_norm_`` adds this to the norm before dividing (kept for bit-equality).
+NORM_EPS = 1e-6
+
+ParamsArg = nn.Module | Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
+
+
+def as_named_params(params: ParamsArg) -> list[tuple[str, Tensor]]:
+    """Normalise a module / tensor / iterable of tensors or (name, tensor) pairs."""
+    if isinstance(params, nn.Module):
+        return list(params.named_parameters())
+    if isinstance(params, Tensor):
+        return [("0", params)]
+    out: list[tuple[str, Tensor]] = []
+    for i, item in enumerate(params):
+        if isinstance(item, Tensor):
+            out.append((str(i), item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
+            out.append((str(item[0]), item[1]))
+        else:
+            raise TypeError(
+                f"params[{i}] is {type(item).__name__}; expected a Tensor or (name, Tensor)"
+            )
+    return out
+
+
+def check_positive(name: str, value: Any, owner: str, *, allow_inf: bool = False) -> float:
+    """``float(value)`` when it is a number > 0 (finite unless ``allow_inf``); else an error
+    naming ``owner(name=value)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}({name}={value!r}): expected a positive number")
+    v = float(value)
+    if not (v > 0) or (math.isinf(v) and not allow_inf):
+        raise ValueError(f"{owner}({name}={value!r}): must be a finite number > 0")
+    return v
+
+
+def scale_grads_(stats: StepStats, coef: Tensor) -> None:
+    """Multiply every gradient by ``coef`` in place, one ``_foreach_mul_`` per group.
+
+    DTensor (FSDP2) gradients are scaled through their local shards: the coefficient is
+    already global, and plain tensors skip DTensor dispatch."""
+    for grp in stats.groups:
+        grads = [_local(g) for g in grp.grads]
+        torch._foreach_mul_(grads, coef.to(grp.device, non_blocking=True))
+
+
+def norm_coef(total: Tensor, finite: Tensor, threshold: Tensor | float) -> Tensor:
+    """``min(1, threshold / (total + 1e-6))``; 1 where the norm is not finite."""
+    coef = torch.clamp(threshold / (total + NORM_EPS), max=1.0)
+    return torch.where(finite, coef, torch.ones_like(coef))
+
+
+def ratio_coef(after: Tensor, stats: StepStats) -> Tensor:
+    """The effective coefficient of an element- or unit-wise clip: post-clip norm over
+    pre-clip norm (at most 1; 1 where the pre-clip norm is not finite)."""
+    coef = after.float() / stats.total_norm.float().clamp_min(1e-30)
+    return torch.where(stats.finite, coef.clamp(max=1.0), torch.ones_like(coef))
+
+
+@runtime_checkable
+class ClipPolicy(Protocol):
+    """What the Guard needs from a clipping policy.
+
+    ``apply_(stats)`` clips in place from precomputed statistics and returns the effective
+    coefficient; ``clip_(params)`` is the standalone form. Total-norm policies also have
+    ``coefficient(stats)`` (see :class:`Policy`).
+    """
+
+    def clip_(self, params: ParamsArg) -> Tensor: ...
+
+    def apply_(self, stats: StepStats) -> Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class Policy:
+    """Shared plumbing of gradguard's policies.
+
+    Subclasses that clip the total norm implement :meth:`coefficient`; element- or
+    unit-wise ones (:class:`ValueClip`, :class:`~gradguard.AGC`) override :meth:`apply_`
+    and set ``scalar = False``.
+    """
+
+    norm_type: float = 2.0
+    #: None: measure in each gradient's dtype (as torch does); float32 otherwise.
+    measure_dtype: torch.dtype | None = torch.float32
+    #: True when the whole clip is one multiplier of the total norm (see coefficient).
+    scalar: bool = True
+    _owner: weakref.ref[Any] | None = None
+
+    def coefficient(self, stats: StepStats) -> Tensor:
+        """The multiplier this policy applies to every gradient this step (a device
+        scalar in (0, 1]; 1 when the norm is not finite), advancing its statistics by one
+        step. Does not touch the gradients."""
+        raise TypeError(
+            f"{type(self).__name__} clips element- or unit-wise: it has no single "
+            "coefficient; use apply_(stats)"
+        )
+
+    def apply_(self, stats: StepStats) -> Tensor:
+        """Clip the gradients of ``stats`` in place; return the effective coefficient
+        (post-clip norm / pre-clip norm, a device scalar)."""
+        coef = self.coefficient(stats)
+        scale_grads_(stats, coef)
+        return coef
+
+    def clip_(self, params: ParamsArg) -> Tensor:
+        """Clip the gradients of ``params`` in place; return the pre-clip total norm."""
+        named = as_named_params(params)
+        stats = measure_grads(
+            [p for _, p in named], norm_type=self.norm_type, accumulate_dtype=self.measure_dtype,
+            names=[n for n, _ in named],
+        )
+        with torch.no_grad():
+            self.apply_(stats)
+        return stats.total_norm
+
+    __call__ = clip_
+
+    def bind(self, owner: object) -> None:
+        """Tie this policy's statistics to one guard: a second guard is refused, since two
+        runs would silently share (and corrupt) one history of norms."""
+        current = self._owner() if self._owner is not None else None
+        if current is not None and current is not owner:
+            raise ValueError(
+                f"clip={self!r} is already used by another Guard: its statistics belong to "
+                "that run; give each guard its own policy (e.g. copy.deepcopy(policy))"
+            )
+        self._owner = weakref.ref(owner)
+
+    def release(self, owner: object) -> None:
+        """``owner`` is done with this policy (its guard was closed)."""
+        if self._owner is not None and self._owner() is owner:
+            self._owner = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle) is a new, unbound policy with the same statistics
+        state = dict(vars(self))
+        state.pop("_owner", None)
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        return None
+
+    def _check_keys(self, sd: dict[str, Any], keys: Iterable[str]) -> None:
+        missing = [k for k in keys if k not in sd]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {missing}")
+
+
+def to_device(state: dict[str, Tensor] | None, device: torch.device) -> dict[str, Tensor] | None:
+    """Copies of a policy's statistics on ``device`` (a checkpoint may come from another)."""
+    if state is None:
+        return None
+    return {k: v.detach().to(device, copy=True) for k, v in state.items()}
+
+
+class NormClip(Policy):
+    """Clip the total gradient norm to ``max_norm`` (drop-in for ``clip_grad_norm_``).
+
+    Standalone ``clip_`` gives bit-identical results to
+    ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)`` for finite gradients,
+    for float32, bfloat16, float16 and mixed lists. A non-finite total norm leaves the
+    gradients unscaled (torch would multiply them by NaN).
+
+    Args:
+        max_norm: the largest allowed total norm (> 0).
+        norm_type: the norm order (> 0, or ``math.inf``).
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> w = torch.nn.Parameter(torch.ones(4)); w.grad = torch.full((4,), 3.0)
+        >>> gg.NormClip(max_norm=1.0).clip_([w])
+        tensor(6.)
+        >>> round(w.grad.norm().item(), 4)
+        1.0
+    """
+
+    measure_dtype = None
+
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0) -> None:
+        self.max_norm = check_positive("max_norm", max_norm, "NormClip")
+        self.norm_type = check_positive("norm_type", norm_type, "NormClip", allow_inf=True)
+
+    def coefficient(self, stats: StepStats) -> Tensor:
+        if stats.norm_type != self.norm_type:
+            stats = measure_grads(
+                stats.params, norm_type=self.norm_type, device=stats.total_norm.device
+            )
+        return norm_coef(stats.total_norm, stats.finite, self.max_norm)
+
+    def apply_(self, stats: StepStats) -> Tensor:
+        coef = self.coefficient(stats)
+        scale_grads_(stats, coef)
+        return coef.float()
+
+    def __repr__(self) -> str:
+        return f"NormClip(max_norm={self.max_norm}, norm_type={self.norm_type})"
+
+
+class ValueClip(Policy):
+    """Clamp every gradient element to ``[-clip_value, clip_value]`` (``clip_grad_value_``).
+
+    Returns the pre-clip total 2-norm. The coefficient recorded by the Guard is the
+    post-clip norm over the pre-clip norm (one extra norm pass).
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, -0.1])
+        >>> _ = gg.ValueClip(0.5).clip_([w]); w.grad
+        tensor([ 0.5000, -0.1000])
+    """
+
+    scalar = False
+
+    def __init__(self, clip_value: float = 1.0) -> None:
+        self.clip_value = check_positive("clip_value", clip_value, "ValueClip")
+
+    def apply_(self, stats: StepStats) -> Tensor:
+        for grp in stats.groups:
+            grads = [_local(g) for g in grp.grads]  # element-wise: shards clamp alone
+            torch._foreach_clamp_min_(grads, -self.clip_value)
+            torch._foreach_clamp_max_(grads, self.clip_value)
+        after = measure_grads(stats.params, device=stats.total_norm.device).total_norm
+        return ratio_coef(after, stats)
+
+    def __repr__(self) -> str:
+        return f"ValueClip(clip_value={self.clip_value})"
+
+
+def apply_policy(policy: Any, stats: StepStats) -> Tensor | None:
+    """What the Guard does with its clip policy each step: ``apply_`` it to the measured
+    ``stats`` (the effective coefficient), or, for a third-party policy with only
+    ``clip_``, let it measure by itself (no coefficient to record). None: no policy."""
+    if policy is None:
+        return None
+    apply = getattr(policy, "apply_", None)
+    if callable(apply):
+        coef: Tensor = apply(stats)
+        return coef
+    policy.clip_(list(zip(stats.names, stats.params)))
+    return None

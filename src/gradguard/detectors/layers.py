@@ -1,0 +1,119 @@
+"""Per-layer health: vanishing gradients, update/weight ratios, dead and saturated units."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ..events import Event
+from ..telemetry import Window
+from .config import DEFAULT_CONFIG, SATURATION_MARGIN, DetectorConfig
+
+
+# ---- vanishing ------------------------------------------------------------------------
+def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) -> list[Event]:
+    """``vanishing_grad``: layers whose gradient norm stays ``vanish_ratio`` below the
+    largest norm of the layers after them (or below ``vanish_floor``) over the window."""
+    ln = window.layer_norms()
+    rows = torch.isfinite(ln).all(dim=1)
+    if int(rows.sum()) < config.vanish_min_steps or ln.shape[1] < 2:
+        return []
+    ok = ln[rows].double()
+    # largest norm among the layers after each layer (closer to the loss)
+    later = torch.flip(torch.cummax(torch.flip(ok, [1]), dim=1).values, [1])
+    later = torch.cat([later[:, 1:], torch.zeros_like(later[:, :1])], dim=1)
+    ratio = ok / later.clamp_min(1e-300)
+    vanish = (ok > 0) & (later > 0) & ((ratio < config.vanish_ratio) | (ok < config.vanish_floor))
+    frac = vanish.double().mean(dim=0).tolist()
+    med_ratio = ratio.median(dim=0).values.tolist()
+    med_norm = ok.median(dim=0).values.tolist()
+    hit = [j for j, f in enumerate(frac) if f >= config.vanish_fraction]
+    if not hit:
+        return []
+    first = hit[0]
+    names = [window.layers[j] for j in hit]
+    step = window.steps[-1]
+    return [
+        Event(
+            kind="vanishing_grad",
+            step=step,
+            severity="warning",
+            message=(
+                f"steps {window.steps[0]}-{step}: gradients vanish in {len(hit)} early "
+                f"layer(s) starting at `{names[0]}`: its norm {med_norm[first]:.2g} is "
+                f"{med_ratio[first]:.1e} of the layers after it"
+            ),
+            layer=names[0],
+            value=med_ratio[first],
+            threshold=config.vanish_ratio,
+            remedy=(
+                "Use ReLU-family activations with He init, add normalisation or residual "
+                "connections, or use an LSTM/GRU for long sequences."
+            ),
+            data={"layers": names, "ratio": [med_ratio[j] for j in hit],
+                  "grad_norm": [med_norm[j] for j in hit]},
+        )
+    ]
+
+
+# ---- sampled at flush steps -------------------------------------------------------------
+def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG) -> list[Event]:
+    """``update_ratio``: per-layer ``|update| / |weight|`` at the flush step far above
+    (``warning``) or far below (``info``) the healthy ~1e-3."""
+    w, u = window.layer_weight_norms(), window.layer_update_norms()
+    if w is None or u is None:
+        return []
+    events: list[Event] = []
+    step = window.steps[-1]
+    for name, wn, un in zip(window.layers, w.tolist(), u.tolist()):
+        if not (math.isfinite(wn) and math.isfinite(un)) or wn <= 0 or un <= 0:
+            continue  # a skipped step does not update: nothing to judge
+        r = un / wn
+        if r > config.update_ratio_high:
+            events.append(Event(
+                kind="update_ratio", step=step, severity="warning", layer=name, value=r,
+                threshold=config.update_ratio_high,
+                message=f"step {step}: `{name}` update/weight ratio {r:.2g} (healthy ~1e-3)",
+                remedy="Lower the learning rate (or this layer's) until the ratio is ~1e-3.",
+            ))
+        elif r < config.update_ratio_low:
+            events.append(Event(
+                kind="update_ratio", step=step, severity="info", layer=name, value=r,
+                threshold=config.update_ratio_low,
+                message=f"step {step}: `{name}` barely changes: update/weight ratio {r:.2g}",
+                remedy="Raise the learning rate or check that this layer receives gradient.",
+            ))
+    return events
+
+
+def detect_activations(
+    step: int, activations: Mapping[str, Mapping[str, float]],
+    config: DetectorConfig = DEFAULT_CONFIG,
+) -> list[Event]:
+    """``dead_units`` / ``saturating_activation`` from activation samples
+    (``{module: {"dead": fraction}}`` or ``{module: {"saturated": fraction}}``)."""
+    events: list[Event] = []
+    for name, sample in activations.items():
+        dead = sample.get("dead")
+        if dead is not None and dead >= config.dead_fraction:
+            events.append(Event(
+                kind="dead_units", step=step, severity="warning", layer=name, value=dead,
+                threshold=config.dead_fraction,
+                message=(f"step {step}: {dead:.0%} of `{name}`'s units never activate on "
+                         "the sampled batch"),
+                remedy=("Lower the learning rate, use He init, or use LeakyReLU/GELU so "
+                        "units can recover."),
+            ))
+        sat = sample.get("saturated")
+        if sat is not None and sat >= config.saturation_fraction:
+            events.append(Event(
+                kind="saturating_activation", step=step, severity="warning", layer=name,
+                value=sat, threshold=config.saturation_fraction,
+                message=(f"step {step}: {sat:.0%} of `{name}`'s outputs sit within "
+                         f"{SATURATION_MARGIN:g} of the activation's bounds"),
+                remedy=("Use Xavier init and normalised inputs, add normalisation before "
+                        "the activation, or switch to ReLU-family activations."),
+            ))
+    return events

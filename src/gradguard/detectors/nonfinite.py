@@ -1,0 +1,167 @@
+"""Non-finite steps: which layer, which forward output, and which cause."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..events import Event
+from ..telemetry import Window
+from .config import INPUT_ORIGIN, LOSS_ORIGIN
+
+
+# ---- non-finite localisation ------------------------------------------------------------
+def nonfinite_origin(
+    layer_norms_row: torch.Tensor, layers: list[str]
+) -> tuple[list[str], str | None]:
+    """Layers with non-finite gradient norm in one step, and the *origin*: the non-finite
+    layer nearest the loss (last in module order) with every layer after it finite.
+
+    When every layer after the last non-finite one is finite, the gradient first went bad
+    there during backward; when the last layer itself is non-finite the trouble came from
+    the loss or the forward pass, and the origin is that last layer. Module (registration)
+    order stands in for execution order.
+
+    Example:
+        >>> import math, torch
+        >>> from gradguard.detectors import nonfinite_origin
+        >>> nonfinite_origin(torch.tensor([math.nan, math.inf, 1.0]), ["a", "b", "c"])
+        (['a', 'b'], 'b')
+    """
+    bad = [i for i, x in enumerate(layer_norms_row.tolist()) if not math.isfinite(x)]
+    if not bad:
+        return [], None
+    return [layers[i] for i in bad], layers[bad[-1]]
+
+
+@dataclass(frozen=True)
+class ForwardOrigin:
+    """The first thing whose forward output went non-finite in one step.
+
+    Attributes:
+        module: module path, or ``"(input)"`` when the batch itself held NaN/Inf.
+        dtype: dtype of that output (``"torch.float16"`` points to a half overflow).
+    """
+
+    module: str
+    dtype: str = ""
+
+
+def _nonfinite_cause(
+    loss: float, fwd: ForwardOrigin | None, watched: bool = True
+) -> tuple[str | None, str | None, str]:
+    """(cause, origin override, remedy) from the forward origin and the loss.
+
+    ``watched`` says whether forward outputs were watched: only then does "no forward
+    origin" prove that the activations were finite."""
+    if fwd is not None and fwd.module == INPUT_ORIGIN:
+        return "nonfinite_input", INPUT_ORIGIN, (
+            "The batch contains NaN/Inf: clean or filter the data (torch.isfinite on inputs)."
+        )
+    if fwd is not None and fwd.dtype in ("torch.float16", "torch.bfloat16"):
+        return "half_precision_overflow", fwd.module, (
+            f"`{fwd.module}` overflows in {fwd.dtype.split('.')[-1]}: run it in float32, "
+            "use bfloat16, or use torch.amp.GradScaler."
+        )
+    if fwd is not None:
+        return None, fwd.module, (
+            f"`{fwd.module}` produced NaN/Inf in the forward pass: guard its inputs "
+            "(e.g. log(x.clamp_min(eps)), x / (y + eps)) or lower the learning rate."
+        )
+    if not math.isfinite(loss) and not watched:
+        return None, LOSS_ORIGIN, (
+            "The loss is NaN/Inf: check this step's batch for NaN/Inf and the loss for "
+            "log(0) or x/0; Guard(watch_activations=True) names the first module that "
+            "went non-finite."
+        )
+    if not math.isfinite(loss):
+        return "nonfinite_loss", LOSS_ORIGIN, (
+            "The loss is NaN/Inf on finite activations: guard log/div in the loss "
+            "(clamp_min(eps)) or lower the learning rate."
+        )
+    return None, None, (
+        "Check the inputs and loss of this step for NaN/Inf, lower the learning rate, and "
+        "run gg.doctor(model, batch, loss_fn) to find the cause."
+    )
+
+
+def detect_nonfinite(
+    window: Window,
+    forward_origins: Mapping[int, ForwardOrigin] | None = None,
+    amp_overflows: Mapping[int, float] | None = None,
+) -> list[Event]:
+    """A ``nonfinite_grad`` event per non-finite step, plus ``skip`` when it was skipped.
+
+    Steps in ``amp_overflows`` (step -> loss scale; routine ``GradScaler`` overflows, see
+    ``gradguard.executors.AMP_OVERFLOW_MIN_SCALE``) get one ``info`` ``skip`` event with
+    ``data["reason"] == "loss_scale_overflow"`` instead.
+
+    The event's ``layer`` is the origin: the first module whose forward output went
+    NaN/Inf when ``forward_origins`` knows it (``Guard(watch_activations=True)``),
+    ``"(input)"`` for a bad batch, ``"(loss)"`` for a non-finite loss on finite
+    activations, else the gradient origin (:func:`nonfinite_origin`).
+    """
+    events: list[Event] = []
+    total = window.total_norm.tolist()
+    losses = window.loss.tolist()
+    ln = None
+    for i, step in enumerate(window.steps):
+        if math.isfinite(total[i]):
+            continue
+        if amp_overflows and step in amp_overflows:
+            scale = amp_overflows[step]
+            events.append(Event(
+                kind="skip", step=step, severity="info", value=scale,
+                message=(f"step {step}: loss-scale overflow at scale {scale:g}; the GradScaler "
+                         "skipped the step and lowers its scale (routine in mixed precision)"),
+                data={"reason": "loss_scale_overflow", "scale": scale},
+            ))
+            continue
+        if ln is None:
+            ln = window.layer_norms()
+        bad, grad_origin = nonfinite_origin(ln[i], window.layers)
+        fwd = (forward_origins or {}).get(step)
+        cause, origin, remedy = _nonfinite_cause(losses[i], fwd, forward_origins is not None)
+        origin = origin or grad_origin
+        kind = "NaN" if math.isnan(total[i]) else "Inf"
+        where = {
+            "nonfinite_input": "the input batch holds NaN/Inf",
+            "nonfinite_loss": "the loss is non-finite",
+            "half_precision_overflow": f"`{origin}` overflowed in half precision",
+        }.get(cause or "", f"origin `{origin}`")
+        data: dict[str, Any] = {"layers": bad, "grad_origin": grad_origin}
+        if cause is not None:
+            data["cause"] = cause
+        if fwd is not None:
+            data["forward_origin"] = fwd.module
+        events.append(
+            Event(
+                kind="nonfinite_grad",
+                step=step,
+                severity="error",
+                message=(
+                    f"step {step}: gradient norm is {kind}; {where}"
+                    f" ({len(bad)} of {len(window.layers)} layers non-finite)"
+                ),
+                layer=origin,
+                value=total[i],
+                remedy=remedy,
+                data=data,
+            )
+        )
+        if bool(window.skipped[i]):
+            events.append(
+                Event(
+                    kind="skip",
+                    step=step,
+                    severity="warning",
+                    message=f"step {step}: optimizer step skipped (non-finite gradients)",
+                    layer=origin,
+                    value=total[i],
+                )
+            )
+    return events

@@ -1,0 +1,153 @@
+"""Loss and gradient-norm spikes: robust z-scores against the recent finite history."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..events import Event
+from ..telemetry import Window
+from .config import DEFAULT_CONFIG, MAD_TO_SIGMA, MIN_LOG_SCALE, DetectorConfig, DetectorState
+
+
+# ---- spikes ---------------------------------------------------------------------------
+def robust_z(value: float, history: Sequence[float]) -> tuple[float, float]:
+    """``(z, median)`` of ``value`` against ``history`` in log space (positive values),
+    with the MAD scale floored at :data:`MIN_LOG_SCALE`; raw space if anything is <= 0.
+
+    Example:
+        >>> from gradguard.detectors import robust_z
+        >>> z, med = robust_z(100.0, [1.0, 1.1, 0.9, 1.0, 1.05])
+        >>> round(med, 3), z > 6
+        (1.0, True)
+    """
+    med = statistics.median(history)
+    if value > 0 and min(history) > 0:
+        logs = [math.log(h) for h in history]
+        lmed = math.log(med) if len(history) % 2 else statistics.median(logs)
+        mad = statistics.median(abs(x - lmed) for x in logs)
+        scale = max(MAD_TO_SIGMA * mad, MIN_LOG_SCALE)
+        return (math.log(value) - lmed) / scale, med
+    mad = statistics.median(abs(x - med) for x in history)
+    scale = max(MAD_TO_SIGMA * mad, MIN_LOG_SCALE * max(abs(med), 1e-12))
+    return (value - med) / scale, med
+
+
+def _is_spike(value: float, z: float, med: float, z_thresh: float, ratio: float) -> bool:
+    if med > 0:
+        return z > z_thresh and value > ratio * med
+    return z > z_thresh and value - med > (ratio - 1.0) * max(abs(med), 1e-12)
+
+
+def detect_spikes(
+    window: Window, state: DetectorState, config: DetectorConfig = DEFAULT_CONFIG
+) -> list[Event]:
+    """``loss_spike`` and ``grad_spike`` events: a robust z-score of each finite value
+    against the recent finite history (median/MAD in log space), above ``spike_z`` and at
+    least ``*_spike_ratio`` times the median, after ``spike_warmup`` values. Updates
+    ``state``. Consecutive spiking steps make one event (at the first of them) whose
+    ``data["run"]`` counts them. A loss spike is reported only once *confirmed*, i.e. it
+    lasted ``spike_confirm`` steps: single-batch outliers of a healthy heavy-tailed loss
+    are not trouble (a run that goes on into the next window gets a ``continued`` event).
+    """
+    events: list[Event] = []
+    losses = window.loss.tolist()
+    norms = window.total_norm.tolist()
+    ln = None
+    run_event: Event | None = None
+    grad_event: Event | None = None
+    for i, step in enumerate(window.steps):
+        g = norms[i]
+        g_spiking = False
+        if math.isfinite(g):
+            if len(state.grad) >= config.spike_warmup:
+                z, med = robust_z(g, state.grad)
+                g_spiking = _is_spike(g, z, med, config.spike_z, config.grad_spike_ratio)
+                if g_spiking and grad_event is not None:
+                    grad_event.data["run"] += 1
+                    grad_event.data["max"] = max(grad_event.data["max"], g)
+                elif g_spiking:
+                    if ln is None:
+                        ln = window.layer_norms()
+                    layers = _spiking_layers(ln, i, window.layers)
+                    grad_event = Event(
+                        kind="grad_spike",
+                        step=step,
+                        severity="warning",
+                        message=(
+                            f"step {step}: gradient norm {g:.3g} is {g / med:.3g}x the "
+                            f"recent median {med:.3g} (robust z={z:.1f}); largest jump "
+                            f"in `{layers[0]}`"
+                        ),
+                        layer=layers[0],
+                        value=g,
+                        threshold=config.grad_spike_ratio * med,
+                        remedy=(
+                            "Clip gradients (gg.ZClip() adapts to the run), check this "
+                            "step's batch for outliers, or lower the learning rate."
+                        ),
+                        data={"median": med, "z": z, "layers": layers, "run": 1, "max": g},
+                    )
+                    events.append(grad_event)
+            state.grad.append(g)
+        if not g_spiking:
+            grad_event = None
+        loss = losses[i]
+        spiking = False
+        if math.isfinite(loss):
+            if len(state.loss) >= config.spike_warmup:
+                z, med = robust_z(loss, state.loss)
+                spiking = _is_spike(loss, z, med, config.spike_z, config.loss_spike_ratio)
+                if spiking:
+                    state.loss_run += 1
+                    if state.loss_run == 1:
+                        state.loss_start = {"step": step, "loss": loss, "median": med, "z": z}
+                    if run_event is None and state.loss_run >= config.spike_confirm:
+                        start = state.loss_start or {"step": step, "loss": loss,
+                                                     "median": med, "z": z}
+                        emitted_before = state.loss_run > config.spike_confirm
+                        run_event = _loss_spike_event(
+                            step if emitted_before else int(start["step"]), start, config,
+                            continued=emitted_before)
+                        events.append(run_event)
+                    if run_event is not None:
+                        run_event.data["run"] = state.loss_run
+            state.loss.append(loss)
+        if not spiking:
+            state.loss_run = 0
+            state.loss_start = None
+            run_event = None
+    return events
+
+
+def _loss_spike_event(
+    step: int, start: Mapping[str, float], config: DetectorConfig, *, continued: bool
+) -> Event:
+    loss, med, z = start["loss"], start["median"], start["z"]
+    ratio = loss / med if med else math.inf
+    return Event(
+        kind="loss_spike",
+        step=step,
+        severity="warning",
+        message=(
+            f"step {step}: loss {'still ' if continued else ''}spiking since step "
+            f"{int(start['step'])}: {loss:.4g} is {ratio:.3g}x the recent median {med:.4g} "
+            f"(robust z={z:.1f})"
+        ),
+        value=loss,
+        threshold=config.loss_spike_ratio * med,
+        remedy="Lower the learning rate or add warm-up; if it follows one batch, inspect it.",
+        data={"median": med, "z": z, "run": 0, "since": int(start["step"]),
+              "continued": continued},
+    )
+
+
+def _spiking_layers(ln: torch.Tensor, i: int, layers: Sequence[str]) -> list[str]:
+    """Up to 3 layers, ordered by how far step ``i``'s norm is above the layer's median."""
+    med = ln.nanmedian(dim=0).values.clamp_min(1e-30)
+    ratio = (ln[i] / med).nan_to_num(nan=0.0)
+    order = torch.argsort(ratio, descending=True).tolist()
+    return [layers[int(k)] for k in order[:3]]

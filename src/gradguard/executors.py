@@ -1,0 +1,324 @@
+"""Executors: carry out a :class:`~gradguard.decision.Plan` on the optimizer.
+
+* :class:`Direct` — the plain loop: ``guard.step()`` calls ``optimizer.step()`` itself, or
+  hands the bad flag to a fused optimizer as ``found_inf`` (no host sync).
+* :class:`Scaler` — ``guard.step(loss, scaler=GradScaler)``: unscales once, merges the
+  guard's flag into the scaler's ``found_inf``, keeps the routine-overflow accounting, and
+  lets ``scaler.step`` step the optimizer.
+* :class:`Hook` — driven from just before (or inside) an optimizer step that someone else
+  calls: a trainer's ``on_before_optimizer_step`` or a global step pre-hook. It never
+  steps; a skip takes the gradients off the parameters for that one update (torch
+  optimizers leave parameters without a gradient alone) and a step post-hook puts them
+  back. When the step never runs (a ``GradScaler`` skipped it), the stash is *discarded*
+  at the next step: by then the trainer has zeroed the gradients and backward has
+  produced new ones, which must not be overwritten by the stale, bad ones.
+
+Every executor reports an :class:`Outcome`; none of them decides anything.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.amp.grad_scaler import GradScaler, OptState
+
+from .decision import Action, OptimizerKind, Plan, resolve
+
+#: Under a GradScaler, a non-finite step is a routine loss-scale overflow (an ``info``
+#: ``skip`` event, no recovery) when its loss is finite and the scale it ran with was
+#: above this: only then can the scale explain the overflow. Backed-off down to here
+#: (16 consecutive overflows from torch's default 2**16), it no longer amplifies anything,
+#: so what still overflows is reported as a real non-finite step.
+AMP_OVERFLOW_MIN_SCALE = 1.0
+
+
+@dataclass
+class Outcome:
+    """What an executor did with one step.
+
+    Attributes:
+        skipped: the optimizer did not update (device tensor, or a host bool when known).
+        trouble: skipped for a reason the recovery ladder counts (routine loss-scale
+            overflows excluded); device tensor or host bool.
+        action: the host-side action, when the host read the flags (else None).
+        amp_row: ``[routine overflow (0/1), loss scale]`` on the device, under a scaler.
+    """
+
+    skipped: Tensor | bool
+    trouble: Tensor | bool
+    action: Action | None = None
+    amp_row: Tensor | None = None
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> OptimizerKind:
+    """``"fused"`` when the optimizer takes ``found_inf`` (every group fused),
+    ``"foreach"`` when a group asks for foreach, ``"plain"`` otherwise."""
+    groups = optimizer.param_groups
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and all(
+        g.get("fused", False) for g in groups
+    ):
+        return "fused"
+    return "foreach" if any(g.get("foreach", False) for g in groups) else "plain"
+
+
+class FreshState:
+    """Whether the next step of ``optimizer`` would create optimizer state for a parameter
+    that has a gradient (its first step, or the first after a reset). Re-checked only when
+    the number of state entries changes, so the steady state costs one ``len()``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._seen = -1
+        self._fresh = True
+
+    def __call__(self, params: list[Tensor]) -> bool:
+        state = self.optimizer.state
+        if len(state) != self._seen or self._fresh:
+            self._seen = len(state)
+            self._fresh = any(p.grad is not None and not state.get(p) for p in params)
+        return self._fresh
+
+    def reset(self) -> None:
+        """The optimizer's state was replaced (a rollback, ``load_state_dict``)."""
+        self._seen = -1
+
+
+def _step_with_found_inf(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+    opt: Any = optimizer
+    opt.grad_scale = None
+    opt.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del opt.grad_scale
+        del opt.found_inf
+
+
+class Direct:
+    """The guard calls the optimizer itself (see the module docstring)."""
+
+    scaler: GradScaler | None = None
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def prepare(self) -> None:
+        """Before the gradients are measured."""
+
+    def run(self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True) -> Outcome:
+        if plan.found_inf:
+            _step_with_found_inf(self.optimizer, bad.to(torch.float32))
+            return Outcome(skipped=bad, trouble=bad)
+        if not plan.read_host:
+            self.optimizer.step()
+            return Outcome(skipped=False, trouble=False)
+        action = resolve(plan, bad=bool(bad))  # the one host sync of this step
+        if action == "step":
+            self.optimizer.step()
+        return Outcome(skipped=action != "step", trouble=action != "step", action=action)
+
+    def detach(self) -> None:
+        """Nothing to undo: the plain loop installs no hooks."""
+
+
+def scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """GradScaler's own per-optimizer bookkeeping (``stage``, ``found_inf_per_device``)."""
+    return scaler._per_optimizer_states[id(optimizer)]
+
+
+def merge_into_scaler(
+    scaler: GradScaler, optimizer: torch.optim.Optimizer, plan: Plan, bad: Tensor,
+    loss_ok: Tensor | bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Add the guard's flag to the scaler's ``found_inf`` (when the plan says so) and
+    split what the scaler will skip into routine overflows and genuine trouble.
+
+    Returns device tensors ``(skip, genuine, amp_row)``; ``amp_row`` is ``[routine, scale]``.
+    """
+    dev = bad.device
+    found = list(scaler_state(scaler, optimizer)["found_inf_per_device"].values())
+    if found and plan.found_inf:
+        # every element finite but the float32 norm overflows: skip it like a NaN.
+        # Kept 0/1: fused optimizers subtract found_inf from their step counts.
+        found[0].add_(bad.to(found[0])).clamp_(max=1.0)
+    if found:
+        skip = torch.stack([f.to(dev, non_blocking=True) for f in found]).sum() > 0
+    else:  # no gradients: scaler.step raises its own error
+        skip = torch.zeros((), dtype=torch.bool, device=dev)
+    scale_t = scaler._get_scale_async()
+    scale = (
+        torch.ones((), device=dev)
+        if scale_t is None
+        else scale_t.detach().to(dev, torch.float32, non_blocking=True).reshape(())
+    )
+    ok = loss_ok.to(dev) if isinstance(loss_ok, Tensor) else torch.tensor(loss_ok, device=dev)
+    routine = skip & (scale > AMP_OVERFLOW_MIN_SCALE) & ok
+    genuine = (skip | (bad if plan.found_inf else torch.zeros_like(skip))) & ~routine
+    return skip, genuine, torch.stack([routine.float(), scale])
+
+
+def _read_flags(plan: Plan, genuine: Tensor, skip: Tensor) -> tuple[Action, bool]:
+    """(action, genuine trouble) from one host read of both flags."""
+    code = int(genuine.to(torch.uint8) + 2 * skip.to(torch.uint8))  # the one host sync
+    bad = bool(code & 1)
+    return resolve(plan, bad=bad, overflow=bool(code & 2)), bad
+
+
+class Scaler(Direct):
+    """``guard.step(loss, scaler=...)``: the scaler unscales, skips and steps."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: GradScaler) -> None:
+        super().__init__(optimizer)
+        self.scaler = scaler
+
+    def prepare(self) -> None:
+        assert self.scaler is not None
+        stage = scaler_state(self.scaler, self.optimizer)["stage"]
+        if stage is OptState.STEPPED:
+            raise RuntimeError(
+                "guard.step(scaler=...): scaler.step(optimizer) already ran since the last "
+                "scaler.update(); let guard.step step the optimizer and call scaler.update() "
+                "once per iteration"
+            )
+        if stage is OptState.READY:  # not when the user already called scaler.unscale_
+            self.scaler.unscale_(self.optimizer)
+
+    def run(self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True) -> Outcome:
+        assert self.scaler is not None
+        skip, genuine, row = merge_into_scaler(self.scaler, self.optimizer, plan, bad, loss_ok)
+        if not plan.read_host:
+            self.scaler.step(self.optimizer)  # skips on found_inf, on the device
+            return Outcome(skipped=skip, trouble=genuine, amp_row=row)
+        action, trouble = _read_flags(plan, genuine, skip)
+        if action == "step":
+            self.scaler.step(self.optimizer)
+        # a host-side skip leaves the scaler's found_inf in place: scaler.update() still
+        # backs the scale off as usual
+        return Outcome(
+            skipped=action != "step", trouble=action != "step" and trouble, action=action,
+            amp_row=row,
+        )
+
+
+class Hook:
+    """Driven just before an optimizer step someone else calls (see the module docstring).
+
+    Args:
+        optimizer: the optimizer the trainer steps.
+        scaler: the trainer's ``GradScaler`` when it steps this optimizer (its gradients
+            must already be unscaled when the guard runs).
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, scaler: GradScaler | None = None
+    ) -> None:
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self._stash: list[tuple[Tensor, Tensor]] = []
+        self._attrs_set = False
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+
+    def prepare(self) -> None:
+        # A stash still here means the optimizer never ran (a GradScaler skip): the
+        # gradients now on the parameters are newer than the stashed ones; drop those.
+        self._stash = []
+        self._clear_attrs()
+
+    def run(self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True) -> Outcome:
+        if self.scaler is not None and self.scaler.is_enabled():
+            skip, genuine, row = merge_into_scaler(self.scaler, self.optimizer, plan, bad, loss_ok)
+            if not plan.read_host:
+                return Outcome(skipped=skip, trouble=genuine, amp_row=row)
+            action, trouble = _read_flags(plan, genuine, skip)
+            if action == "skip":
+                self._take_grads()
+            return Outcome(
+                skipped=action != "step", trouble=action != "step" and trouble, action=action,
+                amp_row=row,
+            )
+        if plan.found_inf:
+            opt: Any = self.optimizer
+            opt.grad_scale = None
+            opt.found_inf = bad.to(torch.float32)
+            self._attrs_set = True
+            return Outcome(skipped=bad, trouble=bad)
+        if not plan.read_host:
+            return Outcome(skipped=False, trouble=False)
+        action = resolve(plan, bad=bool(bad))  # the one host sync of this step
+        if action == "skip":
+            self._take_grads()
+        return Outcome(skipped=action != "step", trouble=action != "step", action=action)
+
+    def _take_grads(self) -> None:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._stash.append((p, p.grad))
+                    p.grad = None
+
+    def _clear_attrs(self) -> None:
+        if self._attrs_set:
+            self.optimizer.__dict__.pop("grad_scale", None)
+            self.optimizer.__dict__.pop("found_inf", None)
+            self._attrs_set = False
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._clear_attrs()
+        for p, g in self._stash:  # the trainer's zero_grad sees what it expects
+            p.grad = g
+        self._stash = []
+
+    def detach(self) -> None:
+        """Put back what a skip took and remove the post-hook."""
+        self._after_step(self.optimizer, (), {})
+        self._handle.remove()
+
+
+def loss_finite(loss: Tensor | float | None) -> Tensor | bool:
+    """``isfinite(loss)`` without a host sync (a device bool, or a host bool for floats)."""
+    if isinstance(loss, Tensor):
+        return torch.isfinite(loss.detach()).reshape(())
+    return loss is None or math.isfinite(loss)
+
+
+def check_loss(loss: Any) -> Tensor | float | None:
+    if loss is None:
+        return None
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"guard.step(loss=...): loss must be a scalar, got a tensor of shape "
+                f"{tuple(loss.shape)} (reduce it, e.g. loss.mean())"
+            )
+        return loss
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return float(loss)  # Python and numpy scalars
+    if getattr(loss, "size", None) == 1 and callable(getattr(loss, "__float__", None)):
+        return float(loss)  # a one-element numpy array
+    raise TypeError(
+        f"guard.step(loss=...): expected a scalar Tensor, a number or None, got {type(loss).__name__}"
+    )
+
+
+def executor_for(
+    default: Direct | Hook, scaler: Any, cached: Direct | Hook | None
+) -> Direct | Hook:
+    """The executor of one ``guard.step(scaler=...)`` call: the guard's own (a Hook always
+    is), or a :class:`Scaler` for an enabled ``GradScaler`` (``cached`` when it is for the
+    same scaler)."""
+    if scaler is None or isinstance(default, Hook):
+        return default
+    if not isinstance(scaler, GradScaler):
+        raise TypeError(
+            f"guard.step(scaler=...): expected a torch.amp.GradScaler or None, got {type(scaler).__name__}"
+        )
+    if not scaler.is_enabled():
+        return default
+    if isinstance(cached, Scaler) and cached.scaler is scaler:
+        return cached
+    return Scaler(default.optimizer, scaler)

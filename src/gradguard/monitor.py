@@ -1,0 +1,270 @@
+"""The flush path: window -> detectors -> events -> sinks (host side, once per flush).
+
+:class:`Monitor` owns what a guard knows about its run between flushes: the event history,
+the detectors' state, the learning-rate tracker, the routine loss-scale overflows, and the
+sinks. :class:`~gradguard.Guard` hands it each flushed window; recovery sits between
+detection and delivery (the guard orders the three).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from . import detectors, distributed
+from .events import Event, Flush, Sink, call_sinks, json_float
+from .telemetry import StepStats, Telemetry, Window, layer_of
+
+if TYPE_CHECKING:
+    from ._watch import ActivationWatch
+
+
+class AmpLedger:
+    """Steps that ran under a GradScaler -> ``[routine overflow (0/1), scale]`` on the
+    device; read (one host copy) at the flush that covers them."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, Tensor] = {}
+
+    def record(self, step: int, row: Tensor | None) -> None:
+        if row is not None:
+            self.rows[step] = row
+
+    def overflows(self, window: Window) -> dict[int, float]:
+        """Steps of ``window`` that were routine loss-scale overflows -> their scale."""
+        if not self.rows:
+            return {}
+        rows = [(s, self.rows.pop(s)) for s in window.steps if s in self.rows]
+        for s in [s for s in self.rows if s <= window.steps[-1]]:
+            del self.rows[s]  # steps the window no longer holds
+        if not rows:
+            return {}
+        vals = torch.stack([r for _, r in rows]).tolist()
+        return {s: v[1] for (s, _), v in zip(rows, vals) if v[0]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": {s: r.detach().cpu().clone() for s, r in self.rows.items()}}
+
+    def load_state_dict(self, sd: dict[str, Any], device: torch.device) -> None:
+        self.rows = {int(s): r.to(device, copy=True) for s, r in sd.get("rows", {}).items()}
+
+
+class Monitor:
+    """Events, detector state and sinks of one guard.
+
+    Args:
+        sinks: the sinks this process writes (empty on ranks that do not write).
+        config: detector thresholds.
+        dist: the distributed context, or None in one process.
+    """
+
+    def __init__(
+        self,
+        sinks: tuple[Sink, ...],
+        config: detectors.DetectorConfig,
+        dist: distributed.DistContext | None,
+        writes_sinks: bool,
+    ) -> None:
+        self.sinks = list(sinks)
+        self.config = config
+        self.dist = dist
+        self.writes_sinks = writes_sinks
+        self.events: list[Event] = []
+        self.pending: list[Event] = []
+        self.failed_sinks: set[int] = set()
+        self.detector_state = detectors.DetectorState(history=config.spike_history)
+        self.lr_tracker = detectors.LrTracker(config.lr_jump_ratio)
+        self.amp = AmpLedger()
+        self.last_window: Window | None = None
+        self.skipped_steps = 0
+
+    def add_event(self, event: Event) -> None:
+        """Record an event; it reaches the sinks at the next flush."""
+        self.events.append(event)
+        self.pending.append(event)
+
+    def agree(self, rows: Tensor) -> list[list[int]] | None:
+        """Under torch.distributed, make the pending window identical on every rank and
+        merge the ranks' events; returns the origin ranks of each step (None alone)."""
+        if self.dist is None:
+            return None
+        local = self.pending
+        origins, merged = distributed.agree_window_(rows, local, self.dist)
+        # every rank keeps the same history: its own pending events become the merged ones
+        del self.events[len(self.events) - len(local):]
+        self.events.extend(merged)
+        self.pending = list(merged)
+        return origins
+
+    def collect(
+        self, telemetry: Telemetry, watch: ActivationWatch | None, sample_activations: bool,
+        *, collective: bool = True,
+    ) -> tuple[Window | None, dict[int, float]]:
+        """Take the pending window off the device (agreed across ranks unless
+        ``collective`` is False: a failing rank never enters a collective) and run the
+        detectors over it. Returns the window and its routine loss-scale overflows."""
+        origins = self.agree(telemetry.pending_rows()) if collective else None
+        window = telemetry.flush()
+        if window is None:
+            return None, {}
+        self.skipped_steps += int(window.skipped.sum())
+        return window, self.detect(window, origins, watch, sample_activations)
+
+    def detect(
+        self, window: Window, origins: list[list[int]] | None, watch: ActivationWatch | None,
+        sample_activations: bool,
+    ) -> dict[int, float]:
+        """Run the detectors over ``window``; returns its routine loss-scale overflows."""
+        overflows = self.amp.overflows(window)
+        inputs: dict[str, Any] = {}
+        if watch is not None:
+            total = window.total_norm.tolist()
+            bad = [i for i, t in enumerate(total) if not math.isfinite(t)]
+            inputs["forward_origins"] = watch.origins(window.steps, bad)
+            watch.reset_window()
+            if sample_activations:
+                inputs["activations"] = watch.take_samples()
+        for ev in detectors.detect(
+            window, state=self.detector_state, config=self.config,
+            lr_events=self.lr_tracker.pop_events(), amp_overflows=overflows, **inputs,
+        ):
+            if origins is not None and self.dist is not None:
+                distributed.name_ranks(ev, window.steps, origins, self.dist.world_size)
+            self.add_event(ev)
+        return overflows
+
+    def deliver(self, window: Window | None) -> None:
+        """Send the window's records and the pending events to the sinks."""
+        if window is not None:
+            self.last_window = window
+            flush = Flush(steps=step_records(window), layers=layer_record(window),
+                          events=self._pop(), window=window)
+        elif self.pending:
+            flush = Flush(steps=[], layers={}, events=self._pop())
+        else:
+            return
+        if self.writes_sinks:
+            call_sinks(self.sinks, flush, self.failed_sinks)
+
+    def _pop(self) -> list[Event]:
+        ev, self.pending = self.pending, []
+        return ev
+
+    def close_sinks(self) -> None:
+        """Close every sink, each on its own: one failing close does not keep the others
+        open (reported as a warning)."""
+        for i, s in enumerate(self.sinks):
+            try:
+                s.close()
+            except Exception as e:
+                warnings.warn(f"gradguard: closing sink {type(s).__name__} failed: {e}",
+                              RuntimeWarning, stacklevel=3)
+                self.failed_sinks.add(i)
+
+    def abort_sinks(self, error: BaseException) -> str | None:
+        """Training was given up: each sink with an ``on_abort`` reacts (a JSONL sink renders
+        the incident report); returns the first report path. Failures are warnings: the
+        abort is the error to raise."""
+        report = None
+        for sink in self.sinks if self.writes_sinks else ():
+            on_abort = getattr(sink, "on_abort", None)
+            if not callable(on_abort):
+                continue
+            try:
+                path = on_abort(error)
+            except Exception as e:
+                warnings.warn(f"gradguard: {type(sink).__name__}.on_abort failed: {e}",
+                              RuntimeWarning, stacklevel=3)
+                continue
+            report = report or (None if path is None else str(path))
+        return report
+
+    def run_dir(self) -> str | None:
+        """The run directory of the first sink that has one."""
+        for s in self.sinks:
+            d = getattr(s, "run_dir", None)
+            if d is not None:
+                return str(d)
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "detectors": self.detector_state.state_dict(),
+            "lr_tracker": self.lr_tracker.state_dict(),
+            "amp": self.amp.state_dict(),
+            "events": [e.to_json() for e in self.events],
+            "pending": len(self.pending),
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any], device: torch.device) -> None:
+        self.detector_state.load_state_dict(sd["detectors"])
+        if "lr_tracker" in sd:
+            self.lr_tracker.load_state_dict(sd["lr_tracker"])
+        if "amp" in sd:
+            self.amp.load_state_dict(sd["amp"], device)
+        self.skipped_steps = int(sd.get("skipped_steps", self.skipped_steps))
+        if "events" in sd:
+            self.events = [Event.from_json(e) for e in sd["events"]]
+            n = int(sd.get("pending", 0))
+            self.pending = self.events[len(self.events) - n:] if n else []
+
+
+def step_records(window: Window) -> list[dict[str, Any]]:
+    """One JSON-ready record per step of the window."""
+    out = []
+    loss, total, coef, skipped = (
+        window.loss.tolist(),
+        window.total_norm.tolist(),
+        window.clip_coef.tolist(),
+        window.skipped.tolist(),
+    )
+    for i, step in enumerate(window.steps):
+        out.append(
+            {
+                "step": step,
+                "loss": json_float(loss[i]),
+                "grad_norm": json_float(total[i]),
+                "clip_coef": json_float(coef[i]),
+                "skipped": bool(skipped[i]),
+                "finite": math.isfinite(total[i]),
+            }
+        )
+    return out
+
+
+def layer_record(window: Window) -> dict[str, Any]:
+    """Per-layer gradient norms of a window (mean and max over finite steps), plus weight
+    norms and update/weight ratios sampled at the window's last step."""
+    ln = window.layer_norms()  # [n, L]
+    finite_rows = torch.isfinite(ln).all(dim=1)
+    ok = ln[finite_rows] if bool(finite_rows.any()) else ln
+    mean = ok.mean(dim=0).tolist()
+    mx = ok.max(dim=0).values.tolist()
+    rec: dict[str, Any] = {
+        "step": window.steps[-1],
+        "first_step": window.steps[0],
+        "layers": list(window.layers),
+        "grad_norm": [json_float(x) for x in mean],
+        "grad_norm_max": [json_float(x) for x in mx],
+    }
+    w, u = window.layer_weight_norms(), window.layer_update_norms()
+    if w is not None and u is not None:
+        rec["weight_norm"] = [json_float(x) for x in w.tolist()]
+        rec["update_ratio"] = [json_float(x) for x in (u / w.clamp_min(1e-12)).tolist()]
+    return rec
+
+
+def describe_nonfinite(step: int, names: Sequence[str], stats: StepStats) -> tuple[str, list[str]]:
+    """A sentence about a non-finite step and the layers whose gradients are non-finite
+    (host reads: only called once a non-finite step is already known)."""
+    norms = stats.param_norms.detach().float().cpu().tolist()
+    layers = list(dict.fromkeys(layer_of(n) for n, v in zip(names, norms) if not math.isfinite(v)))
+    total = stats.total_norm.float().cpu().item()
+    return (f"step {step}: non-finite gradient norm ({total}); layers with non-finite "
+            f"gradients: {', '.join(layers) or 'none found'}"), layers

@@ -1,0 +1,325 @@
+"""Recovery: skip -> LR back-off -> rollback -> abort.
+
+:class:`Recovery` is the glue between a :class:`~gradguard.Guard` and the pure ladder
+(:mod:`.ladder`): it turns what the guard saw (a skipped step, a flushed window, events)
+into triggers, and hands the ladder's actions to :mod:`.actions`. Snapshots live in
+:mod:`.snapshots`.
+
+Decisions use host-known values only: the skip flag the guard already read (non-fused
+optimizers: the one sync per step the guard pays anyway), or the flushed window (fused
+optimizers: the skip flag stays on the device and the ladder learns about consecutive
+skips at the next flush, at most ``every`` steps later). Ranks that see the same
+all-reduced window therefore take the same decisions.
+
+Snapshots are taken at flush steps, every ``snapshot_every`` steps, only while healthy (no
+skip, spike or back-off in the window), in CPU memory (default) or written atomically to
+``snapshot_dir``. A snapshot containing NaN/Inf is never kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import Tensor
+
+from ..events import Event
+from . import actions
+from .ladder import Action, LadderConfig, LadderState, Trigger, transition
+from .snapshots import (
+    KEEP,
+    DiskSnapshotStore,
+    MemorySnapshotStore,
+    SnapshotError,
+    check_int,
+)
+
+if TYPE_CHECKING:
+    from ..guard import Guard
+    from ..telemetry import StepStats, Window
+
+ResetMoments = Literal["exploded", "all", "none"]
+RESET_MOMENTS: tuple[str, ...] = ("exploded", "all", "none")
+
+#: Consecutive skipped steps before the learning rate is backed off (one NaN batch is
+#: handled by the skip alone).
+SKIP_PATIENCE = 3
+#: LR multiplier on back-off: an order of magnitude, the usual distance between a diverging
+#: and a stable learning rate.
+BACKOFF = 0.1
+#: Steps over which a backed-off LR returns linearly to its value.
+RESTORE_STEPS = 100
+#: Steps between snapshots (taken at the first healthy flush after that many steps).
+SNAPSHOT_EVERY = 100
+#: Rollbacks without a healthy snapshot in between before TrainingDiverged.
+MAX_ROLLBACKS = 3
+#: Multiplier on the LR ceiling when trouble returns: the LR factor that failed, times
+#: this, is the most the LR is ever restored to again (1.0: always restore the full LR).
+#: The same order of magnitude as ``BACKOFF``: after k relapses the LR is at most
+#: ``BACKOFF**k`` of its value, and a relapse's back-off is not undone.
+RELAPSE_BACKOFF = BACKOFF
+#: Trouble within this many multiples of ``restore_steps`` of the previous trigger is a
+#: relapse (a return of the same instability), not a new, isolated incident.
+RELAPSE_WINDOW_FACTOR = 10
+#: Event kinds that make a flushed window unhealthy (no snapshot from it).
+UNHEALTHY = frozenset({"nonfinite_grad", "skip", "loss_spike", "grad_spike"})
+
+SnapshotStore = MemorySnapshotStore | DiskSnapshotStore
+
+__all__ = [
+    "BACKOFF", "KEEP", "MAX_ROLLBACKS", "RELAPSE_BACKOFF", "RELAPSE_WINDOW_FACTOR",
+    "RESET_MOMENTS", "RESTORE_STEPS", "SKIP_PATIENCE", "SNAPSHOT_EVERY", "Action",
+    "DiskSnapshotStore", "LadderConfig", "LadderState", "MemorySnapshotStore", "Recovery",
+    "SnapshotError", "Trigger", "transition",
+]
+
+
+def _fraction(name: str, value: Any, high_open: bool, what: str) -> float:
+    interval = "(0, 1)" if high_open else "(0, 1]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Recovery({name}={value!r}): expected a number in {interval}")
+    v = float(value)
+    if not (0.0 < v < 1.0 or (not high_open and v == 1.0)):
+        raise ValueError(f"Recovery({name}={value!r}): must be in {interval} ({what})")
+    return v
+
+
+class Recovery:
+    """The recovery ladder: skip → LR back-off → rollback → abort (see :mod:`.ladder`).
+
+    Args:
+        skip_patience: consecutive skipped steps that trigger a back-off (k, >= 1).
+        backoff: LR multiplier on back-off, in (0, 1).
+        restore_steps: steps over which the LR returns linearly to its value (m, >= 1).
+        patience: steps after a back-off/rollback during which new trouble escalates to the
+            next rung (default: ``restore_steps``).
+        snapshot_every: steps between snapshots (s, >= 1); taken only while healthy.
+        keep: snapshots kept (>= 1).
+        snapshot_dir: write snapshots atomically there instead of CPU memory.
+        reset_moments: after a rollback, zero the optimizer state of the layers that
+            exploded (``"exploded"``), of every parameter (``"all"``) or of none.
+        max_rollbacks: rollbacks without a healthy snapshot in between before
+            :class:`~gradguard.TrainingDiverged` (n, >= 0).
+        relapse_backoff: on a relapse the ceiling the LR is restored to becomes this times
+            the factor in force, for the rest of the run; in (0, 1], 1 restores the full LR
+            every time.
+        relapse_window: steps after a trigger during which new trouble counts as a relapse
+            (>= 0; default: ``RELAPSE_WINDOW_FACTOR * restore_steps``).
+        skip_batches: ``guard.batches_to_skip`` after a rollback (None: the number of steps
+            from the first trigger of the episode to the rollback).
+
+    The LR back-off is a multiplier applied to the LR the optimizer is about to use and
+    removed after the step (:class:`~gradguard.recovery.actions.LrMultiplier`): it
+    composes with any LR scheduler; ``param_groups[i]["lr"]`` between steps stays the
+    schedule's value.
+
+    Raises:
+        ValueError: for an option outside its range or a snapshot_dir that is not writable.
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> rec = gg.Recovery(skip_patience=2)
+        >>> guard = gg.Guard(model, opt, recovery=rec, every=5)
+        >>> for step in range(4):
+        ...     loss = model(torch.randn(8, 4)).pow(2).mean()
+        ...     if step in (1, 2):
+        ...         loss = loss * float("nan")          # two bad batches in a row
+        ...     loss.backward(); _ = guard.step(loss); opt.zero_grad()
+        >>> round(rec.lr_factor, 4)                    # backed off at step 2, restoring
+        0.109
+        >>> guard.close(); [e.kind for e in guard.events if e.kind == "lr_backoff"]
+        ['lr_backoff']
+    """
+
+    def __init__(
+        self,
+        *,
+        skip_patience: int = SKIP_PATIENCE,
+        backoff: float = BACKOFF,
+        restore_steps: int = RESTORE_STEPS,
+        patience: int | None = None,
+        snapshot_every: int = SNAPSHOT_EVERY,
+        keep: int = KEEP,
+        snapshot_dir: str | os.PathLike[str] | None = None,
+        reset_moments: ResetMoments = "exploded",
+        max_rollbacks: int = MAX_ROLLBACKS,
+        skip_batches: int | None = None,
+        relapse_backoff: float = RELAPSE_BACKOFF,
+        relapse_window: int | None = None,
+    ) -> None:
+        restore = check_int("restore_steps", restore_steps, 1)
+        if reset_moments not in RESET_MOMENTS:
+            raise ValueError(
+                f"Recovery(reset_moments={reset_moments!r}): allowed values are {RESET_MOMENTS}"
+            )
+        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"Recovery(snapshot_dir={snapshot_dir!r}): expected a path (str or "
+                "os.PathLike) or None"
+            )
+        self.config = LadderConfig(
+            skip_patience=check_int("skip_patience", skip_patience, 1),
+            backoff=_fraction("backoff", backoff, True, "it multiplies the LR"),
+            restore_steps=restore,
+            patience=restore if patience is None else check_int("patience", patience, 1),
+            snapshot_every=check_int("snapshot_every", snapshot_every, 1),
+            keep=check_int("keep", keep, 1),
+            max_rollbacks=check_int("max_rollbacks", max_rollbacks, 0),
+            relapse_backoff=_fraction(
+                "relapse_backoff", relapse_backoff, False,
+                "it multiplies the LR ceiling; 1 restores the full LR every time"),
+            relapse_window=(RELAPSE_WINDOW_FACTOR * restore if relapse_window is None
+                            else check_int("relapse_window", relapse_window, 0)),
+            skip_batches=None if skip_batches is None else check_int("skip_batches", skip_batches, 0),
+        )
+        self.reset_moments: ResetMoments = reset_moments
+        self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
+        self.store: SnapshotStore = (
+            MemorySnapshotStore(keep=keep) if snapshot_dir is None
+            else DiskSnapshotStore(snapshot_dir, keep=keep)
+        )
+        self.state = LadderState()
+        self.actions: list[Action] = []  # what the ladder did, oldest first
+        self._guard: weakref.ref[Guard] | None = None
+        self._mult: actions.LrMultiplier | None = None
+        # steps whose skip flag the ladder already counted on the host (a fused optimizer's
+        # first steps, a step that was read for raise/warn); the flush replays the others
+        self._host_steps: set[int] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        # the ladder options read as attributes: rec.backoff, rec.restore_steps, ...
+        cfg = self.__dict__.get("config")
+        if cfg is not None and name in LadderConfig.__dataclass_fields__:
+            return getattr(cfg, name)
+        raise AttributeError(f"'Recovery' object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Recovery(skip_patience={c.skip_patience}, backoff={c.backoff}, "
+            f"restore_steps={c.restore_steps}, snapshot_every={c.snapshot_every}, "
+            f"max_rollbacks={c.max_rollbacks}, reset_moments={self.reset_moments!r}, "
+            f"relapse_backoff={c.relapse_backoff}, relapse_window={c.relapse_window}, "
+            f"snapshot_dir={None if self.snapshot_dir is None else str(self.snapshot_dir)!r})"
+        )
+
+    @property
+    def lr_factor(self) -> float:
+        """The multiplier the ladder currently applies to every param group's LR."""
+        return self.state.factor
+
+    @property
+    def lr_ceiling(self) -> float:
+        """The most the ladder restores the LR factor to (1.0 until a relapse lowers it)."""
+        return self.state.ceiling
+
+    # ---- hooks the Guard calls ---------------------------------------------------------
+    def attach(self, guard: Guard) -> None:
+        other = self._guard() if self._guard is not None else None
+        if other is not None and other is not guard:
+            raise ValueError("this Recovery is already attached to another Guard: make one each")
+        self._guard = weakref.ref(guard)
+        if self._mult is None:
+            self._mult = actions.LrMultiplier(guard.optimizer, lambda: self.state.factor)
+
+    def detach(self) -> None:
+        """Remove the LR multiplier's hooks (the guard's ``close`` calls it)."""
+        if self._mult is not None:
+            self._mult.remove()
+            self._mult = None
+        self._guard = None
+
+    def after_step(self, guard: Guard, stats: StepStats, skipped: Tensor | bool) -> None:
+        """Per step: count skips when the guard already knows the skip flag (non-fused
+        optimizers), and move the LR back towards its value."""
+        step = guard.step_count - 1
+        if isinstance(skipped, bool):
+            self._host_steps.add(step)
+            done = self._feed(guard, Trigger("skip" if skipped else "clean", step),
+                              lambda: actions.nonfinite_layers(guard, stats.param_norms))
+            if done:
+                return
+        self._feed(guard, Trigger("tick", step), list)
+
+    def on_flush(self, guard: Guard, window: Window, events: Sequence[Event] = (),
+                 overflows: Any = ()) -> None:
+        """At each flush: consecutive skips (fused optimizers), confirmed loss spikes, and
+        snapshots while healthy. Routine loss-scale overflows (``overflows``) are no
+        trouble."""
+        layers = lambda: actions.exploded_layers(events)  # noqa: E731
+        triggers: list[Trigger] = []
+        for step, sk in zip(window.steps, window.skipped.tolist()):
+            if step not in self._host_steps:  # skip flags that stayed on the device
+                triggers.append(Trigger("skip" if sk and step not in overflows else "clean", step))
+        self._host_steps.difference_update(window.steps)
+        spike = next((e for e in events if e.kind == "loss_spike"), None)
+        if spike is not None:  # reported only once confirmed (DetectorConfig)
+            triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})"))
+        acted = False
+        for trig in sorted(triggers, key=lambda t: t.step):
+            acted = self._feed(guard, trig, layers) or acted
+        skipped = any(s and step not in overflows
+                      for step, s in zip(window.steps, window.skipped.tolist()))
+        if not acted and not skipped and not any(
+                e.kind in UNHEALTHY and e.severity != "info" for e in events):
+            self._feed(guard, Trigger("healthy", window.steps[-1]), list)
+
+    # ---- carrying out the ladder's actions ----------------------------------------------------
+    def _feed(self, guard: Guard, trig: Trigger, layers: Any) -> bool:
+        """Advance the ladder by ``trig`` and carry its actions out; True when it acted
+        (beyond a snapshot)."""
+        self.state, todo = transition(self.config, self.state, trig)
+        acted = False
+        for a in todo:
+            self.actions.append(a)
+            if a.kind == "snapshot":
+                self.snapshot(guard, a.step)
+                continue
+            acted = True
+            if a.kind == "backoff":
+                guard.add_event(actions.backoff_event(a, self.config.restore_steps))
+            elif a.kind == "rollback":
+                snap = self.store.load_good(back=a.back)
+                if snap is None:  # nothing good to go back to yet: the deeper back-off only
+                    guard.add_event(actions.backoff_event(a, self.config.restore_steps,
+                                                          no_snapshot=True))
+                else:
+                    actions.rollback(guard, a, snap, layers(), self.reset_moments,
+                                     self.config.max_rollbacks)
+            else:
+                raise actions.abort(guard, a, self.state.rollbacks)
+        return acted
+
+    def snapshot(self, guard: Guard, step: int | None = None) -> bool:
+        """Take a snapshot now (model, optimizer, clip policy). Returns False, keeping
+        nothing, when any value is NaN/Inf."""
+        step = guard.step_count - 1 if step is None else step
+        state = actions.snapshot_state(guard, step)
+        if state is None:
+            return False
+        self.store.save(step, state)
+        self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
+        return True
+
+    # ---- checkpointing -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Ladder state (snapshots themselves are not included)."""
+        return dataclasses.asdict(self.state) | {"host_steps": sorted(self._host_steps)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        sd = dict(sd)
+        self._host_steps = set(sd.pop("host_steps", ()))
+        sd.pop("host_skips", None)  # gradguard 0.1
+        for legacy in ("base_lr", "set_lr"):  # gradguard 0.1 tracked the LR itself
+            sd.pop(legacy, None)
+        known = {f.name for f in dataclasses.fields(LadderState)}
+        unknown = set(sd) - known
+        if unknown:
+            raise ValueError(f"Recovery.load_state_dict: unknown keys {sorted(unknown)}")
+        self.state = LadderState(**sd)

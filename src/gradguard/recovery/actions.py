@@ -1,0 +1,216 @@
+"""Acting on the optimizer for the recovery ladder: the LR multiplier, moment resets,
+rollbacks, and the events that say what was done.
+
+The LR belongs to the user's scheduler. :class:`LrMultiplier` multiplies each param
+group's LR by the ladder's factor in an optimizer step *pre*-hook and puts the original
+value back in the step *post*-hook, so whatever a scheduler (or a person) writes into
+``group["lr"]`` between steps is what gets multiplied: the LR actually used is the
+schedule's LR times the factor, by construction, for any scheduler and for tensor LRs,
+without a host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..errors import TrainingDiverged
+from ..events import Event
+from ..telemetry import layer_of
+from .ladder import Action
+from .snapshots import copy_state
+
+if TYPE_CHECKING:
+    from ..guard import Guard
+
+
+class LrMultiplier:
+    """Scales every param group's LR by ``factor()`` for the duration of each optimizer
+    step (see the module docstring).
+
+    Example:
+        >>> import torch
+        >>> from gradguard.recovery.actions import LrMultiplier
+        >>> w = torch.nn.Parameter(torch.ones(1)); opt = torch.optim.SGD([w], lr=1.0)
+        >>> mult = LrMultiplier(opt, lambda: 0.1)
+        >>> w.grad = torch.ones(1); opt.step()
+        >>> round(w.item(), 4), opt.param_groups[0]["lr"]     # stepped with lr 0.1
+        (0.9, 1.0)
+        >>> mult.remove()
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[], float]) -> None:
+        self.optimizer = optimizer
+        self.factor = factor
+        self._saved: list[tuple[dict[str, Any], Any]] = []
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre),
+            optimizer.register_step_post_hook(self._post),
+        ]
+
+    def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._restore()  # a step that raised never reached its post-hook
+        f = self.factor()
+        if f == 1.0:
+            return
+        seen: set[int] = set()
+        for g in self.optimizer.param_groups:
+            lr = g["lr"]
+            if isinstance(lr, Tensor):
+                if id(lr) in seen:  # one tensor shared by several groups: scale it once
+                    continue
+                seen.add(id(lr))
+                self._saved.append((g, lr.detach().clone()))
+                lr.mul_(f)
+            else:
+                self._saved.append((g, lr))
+                g["lr"] = lr * f
+
+    def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for g, lr in self._saved:
+            if isinstance(lr, Tensor):
+                g["lr"].copy_(lr)
+            else:
+                g["lr"] = lr
+        self._saved = []
+
+    def remove(self) -> None:
+        self._restore()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False) -> Event:
+    if no_snapshot:
+        message = (f"step {a.step}: {a.reason} again and no snapshot yet; learning rate "
+                   f"x{a.factor:g}, restored to x{a.ceiling:g} only")
+    else:
+        message = (f"step {a.step}: {a.reason}; learning rate x{a.factor:g}, restored over "
+                   f"{restore_steps} steps"
+                   + (f" to x{a.ceiling:g} only (the trouble came back)" if a.lowered
+                      else (f" to x{a.ceiling:g}" if a.ceiling < 1.0 else "")))
+    return Event(
+        kind="lr_backoff", step=a.step, severity="warning", value=a.factor, message=message,
+        remedy=("Lower the base learning rate or add warm-up." if no_snapshot else
+                "If this repeats, lower the base learning rate or add warm-up."),
+        data={"factor": a.factor, "reason": a.reason, "ceiling": a.ceiling,
+              "relapse": a.relapse},
+    )
+
+
+def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
+    """The abort event (added to the guard) and the error to raise."""
+    run_dir = guard.monitor.run_dir()
+    msg = (f"step {a.step}: training diverged: {a.reason}, after {rollbacks} "
+           f"rollback(s) without recovering" + (f"; events in {run_dir}" if run_dir else ""))
+    guard.add_event(Event(
+        kind="abort", step=a.step, severity="error", message=msg,
+        remedy=("Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
+                "learning rate; check the data for NaN/Inf."),
+        data={"rollbacks": a.rollbacks, "reason": a.reason},
+    ))
+    return TrainingDiverged(msg, events=guard.events, run_dir=run_dir)
+
+
+def rollback(
+    guard: Guard, a: Action, snap: dict[str, Any], layers: Sequence[str], reset_mode: str,
+    max_rollbacks: int,
+) -> None:
+    """Restore model, optimizer state and clip policy from ``snap`` (a copy owned by the
+    caller), reset the moments of ``layers``, and record the rollback event."""
+    opt = guard.optimizer
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    guard.model.load_state_dict(snap["model"])
+    opt.load_state_dict(snap["optimizer"])
+    for g, h in zip(opt.param_groups, hyper):  # LR schedules are not rolled back
+        g.update(h)
+    if guard.clip is not None and snap.get("clip") is not None:
+        guard.clip.load_state_dict(copy_state(snap["clip"], guard.telemetry.device))
+    reset = reset_moments(guard, layers if reset_mode == "exploded" else None) \
+        if reset_mode != "none" else []
+    guard.batches_to_skip = a.skip_batches
+    guard.add_event(Event(
+        kind="rollback", step=a.step, severity="error", value=float(snap["step"]),
+        message=(f"step {a.step}: {a.reason} persists; rolled back to the snapshot of "
+                 f"step {snap['step']}, learning rate x{a.factor:g} (restored to "
+                 f"x{a.ceiling:g} only), {len(reset)} layer(s) with reset optimizer state, "
+                 f"{a.skip_batches} batch(es) to skip (rollback {a.rollbacks}/{max_rollbacks})"),
+        remedy="Lower the learning rate; if the data caused it, skip guard.batches_to_skip batches.",
+        data={"snapshot_step": snap["step"], "reset_layers": reset,
+              "batches_to_skip": a.skip_batches, "reason": a.reason, "factor": a.factor,
+              "ceiling": a.ceiling},
+    ))
+
+
+def reset_moments(guard: Guard, layers: Sequence[str] | None) -> list[str]:
+    """Zero the optimizer state (moments, and Adam's step: the bias correction restarts
+    too) of the parameters of ``layers`` (None or empty: every layer)."""
+    chosen = set(layers) if layers else None
+    reset: list[str] = []
+    for name, p in zip(guard.names, guard.telemetry.params):
+        lay = layer_of(name)
+        if chosen is not None and lay not in chosen:
+            continue
+        for v in guard.optimizer.state.get(p, {}).values():
+            if isinstance(v, Tensor):
+                v.zero_()
+        if lay not in reset:
+            reset.append(lay)
+    return reset
+
+
+def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
+    """The live state to snapshot (not copied), or None when any value is NaN/Inf (one
+    host read, at flush time)."""
+    state = {
+        "step": step,
+        "model": guard.model.state_dict(),
+        "optimizer": guard.optimizer.state_dict(),
+        "clip": None if guard.clip is None else guard.clip.state_dict(),
+    }
+    return state if all_finite(state) else None
+
+
+def all_finite(obj: Any) -> bool:
+    """True when every floating tensor (and float) in ``obj`` is finite; one host read per
+    device."""
+    flags: dict[torch.device, list[Tensor]] = {}
+
+    def walk(x: Any) -> bool:
+        if isinstance(x, Tensor):
+            if x.is_floating_point() or x.is_complex():
+                flags.setdefault(x.device, []).append(torch.isfinite(x).all())
+            return True
+        if isinstance(x, dict):
+            return all(walk(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return all(walk(v) for v in x)
+        return not isinstance(x, float) or math.isfinite(x)
+
+    return walk(obj) and all(bool(torch.stack(f).all()) for f in flags.values())
+
+
+def nonfinite_layers(guard: Guard, norms: Tensor) -> list[str]:
+    """Layers with a non-finite gradient norm (a host read, on the trigger path only)."""
+    values = norms.detach().float().cpu().tolist()
+    return list(dict.fromkeys(
+        layer_of(n) for n, v in zip(guard.names, values) if not math.isfinite(v)))
+
+
+def exploded_layers(events: Sequence[Event]) -> list[str]:
+    """Layers named by the window's non-finite and spike events."""
+    out: list[str] = []
+    for e in events:
+        if e.kind in ("nonfinite_grad", "grad_spike"):
+            for lay in e.data.get("layers", []):
+                if lay not in out:
+                    out.append(lay)
+    return out

@@ -1,0 +1,159 @@
+"""The recovery ladder as a pure state machine: ``transition(config, state, trigger) ->
+(state, actions)``. No optimizer, no tensors, no I/O: :mod:`.actions` carries the actions
+out, and ``tests/test_ladder.py`` checks the transitions as a table.
+
+The rungs, climbed one at a time and only as far as the trouble goes:
+
+1. **skip** a bad step (the Guard does it; the ladder counts consecutive skips);
+2. **back off** the LR multiplier by ``backoff`` after ``skip_patience`` consecutive skips or
+   a confirmed loss spike, then restore it linearly over ``restore_steps`` up to the
+   *ceiling*;
+3. **roll back** to the last good snapshot when trouble returns within ``patience`` steps
+   of the previous rung (backing off again);
+4. **abort** after ``max_rollbacks`` rollbacks with no healthy snapshot in between.
+
+A *relapse* (new trouble within ``relapse_window`` steps of the previous trigger, or any
+rollback) lowers the ceiling to ``relapse_backoff`` times the factor that failed, for good:
+an LR that failed twice is never restored again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot"]
+ActionKind = Literal["backoff", "rollback", "abort", "snapshot"]
+
+
+@dataclass(frozen=True)
+class LadderConfig:
+    """The ladder's options (validated by :class:`gradguard.Recovery`)."""
+
+    skip_patience: int = 3
+    backoff: float = 0.1
+    restore_steps: int = 100
+    patience: int = 100
+    snapshot_every: int = 100
+    keep: int = 2
+    max_rollbacks: int = 3
+    relapse_backoff: float = 0.1
+    relapse_window: int = 1000
+    skip_batches: int | None = None
+
+
+@dataclass(frozen=True)
+class LadderState:
+    """Where the ladder stands (host values only, identical on every rank)."""
+
+    consecutive_skips: int = 0
+    factor: float = 1.0  # LR multiplier in force
+    backoff_level: float = 1.0  # factor right after the last back-off
+    ceiling: float = 1.0  # the factor the LR is restored to (lowered by relapses)
+    backoff_step: int | None = None
+    last_trigger: int | None = None
+    trouble_start: int | None = None
+    rollbacks: int = 0  # since the last healthy snapshot
+    total_rollbacks: int = 0
+    backoffs: int = 0
+    last_snapshot: int | None = None
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Something the ladder reacts to.
+
+    Kinds: ``skip`` (a bad step was skipped), ``clean`` (a step was taken), ``tick`` (a
+    step passed: the LR restores), ``spike`` (a confirmed loss spike), ``healthy`` (a
+    healthy flush: a snapshot may be due), ``snapshot`` (a snapshot was kept).
+    """
+
+    kind: TriggerKind
+    step: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Action:
+    """What the ladder wants done. ``back``: how many snapshots before the newest to roll
+    back to; ``skip_batches``: batches a data-loader user should skip after a rollback."""
+
+    kind: ActionKind
+    step: int
+    reason: str = ""
+    factor: float = 1.0
+    ceiling: float = 1.0
+    relapse: bool = False
+    lowered: bool = False
+    back: int = 0
+    skip_batches: int = 0
+    rollbacks: int = 0
+
+
+def transition(
+    cfg: LadderConfig, st: LadderState, trig: Trigger
+) -> tuple[LadderState, tuple[Action, ...]]:
+    """The ladder's next state and the actions to carry out, for one trigger (pure)."""
+    if trig.kind == "tick":
+        return _restore(cfg, st, trig.step), ()
+    if trig.kind == "clean":
+        return dataclasses.replace(st, consecutive_skips=0), ()
+    if trig.kind == "snapshot":
+        return dataclasses.replace(st, last_snapshot=trig.step, rollbacks=0), ()
+    if trig.kind == "healthy":
+        due = st.last_snapshot is None or trig.step - st.last_snapshot >= cfg.snapshot_every
+        if st.factor >= st.ceiling and due:
+            return st, (Action("snapshot", trig.step),)
+        return st, ()
+    if trig.kind == "skip":
+        st = dataclasses.replace(st, consecutive_skips=st.consecutive_skips + 1)
+        if st.consecutive_skips % cfg.skip_patience:
+            return st, ()
+        reason = trig.reason or f"{st.consecutive_skips} consecutive non-finite steps skipped"
+        return _escalate(cfg, st, trig.step, reason)
+    if trig.kind == "spike":
+        return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike")
+    raise ValueError(f"Trigger(kind={trig.kind!r}): unknown kind")
+
+
+def _escalate(
+    cfg: LadderConfig, st: LadderState, step: int, reason: str
+) -> tuple[LadderState, tuple[Action, ...]]:
+    """Back off, or escalate when trouble returns within ``patience`` steps."""
+    last = st.last_trigger
+    recent = last is not None and step - last <= cfg.patience
+    relapse = last is not None and step - last <= cfg.relapse_window
+    start = step if not recent else (st.trouble_start if st.trouble_start is not None else step)
+    st = dataclasses.replace(st, last_trigger=step, trouble_start=start)
+    if recent and st.rollbacks >= cfg.max_rollbacks:
+        return st, (Action("abort", step, reason, st.factor, st.ceiling,
+                           rollbacks=st.total_rollbacks),)
+    lowered = False
+    if recent or relapse:  # the trouble came back: the factor in force failed, for good
+        new = min(st.ceiling, st.factor) * cfg.relapse_backoff
+        if new < st.ceiling:
+            st, lowered = dataclasses.replace(st, ceiling=new), True
+    factor = min(st.factor * cfg.backoff, st.ceiling)
+    st = dataclasses.replace(st, factor=factor, backoff_level=factor, backoff_step=step)
+    if not recent:
+        st = dataclasses.replace(st, backoffs=st.backoffs + 1)
+        return st, (Action("backoff", step, reason, factor, st.ceiling, relapse, lowered),)
+    back = min(st.rollbacks, cfg.keep - 1)
+    skip = cfg.skip_batches if cfg.skip_batches is not None else step - start + 1
+    st = dataclasses.replace(st, consecutive_skips=0, rollbacks=st.rollbacks + 1,
+                             total_rollbacks=st.total_rollbacks + 1)
+    return st, (Action("rollback", step, reason, factor, st.ceiling, True, lowered, back, skip,
+                       st.rollbacks),)
+
+
+def _restore(cfg: LadderConfig, st: LadderState, step: int) -> LadderState:
+    """Move the factor linearly back towards the ceiling after a back-off."""
+    top = st.ceiling
+    if st.factor >= top or st.backoff_step is None:
+        return st
+    t = step - st.backoff_step
+    f = min(top, st.backoff_level + (top - st.backoff_level) * t / cfg.restore_steps)
+    if f == st.factor:
+        return st
+    return dataclasses.replace(st, factor=f, backoff_step=None if f >= top else st.backoff_step)

@@ -1,0 +1,96 @@
+"""The recovery ladder's transitions as a table: (state, trigger) -> (state, actions)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gradguard.recovery import Action, LadderConfig, LadderState, Trigger, transition
+
+CFG = LadderConfig(skip_patience=2, backoff=0.1, restore_steps=10, patience=20,
+                   snapshot_every=5, keep=2, max_rollbacks=2, relapse_backoff=0.5,
+                   relapse_window=50)
+S0 = LadderState()
+BACKED = LadderState(factor=0.1, backoff_level=0.1, backoff_step=100, last_trigger=100,
+                     trouble_start=100, backoffs=1, consecutive_skips=2, last_snapshot=90)
+
+
+def st(**kw):
+    return dataclasses.replace(S0, **kw)
+
+
+def b(**kw):
+    return dataclasses.replace(BACKED, **kw)
+
+
+A01 = pytest.approx(0.01)  # 0.1 * 0.1 in floating point
+REASON = "2 consecutive non-finite steps skipped"
+ROWS = [
+    # (name, state, trigger, new state, actions)
+    ("clean resets the skip count", st(consecutive_skips=1), Trigger("clean", 5),
+     st(), ()),
+    ("one skip below patience only counts", S0, Trigger("skip", 5),
+     st(consecutive_skips=1), ()),
+    ("skip_patience skips back off", st(consecutive_skips=1), Trigger("skip", 6),
+     st(consecutive_skips=2, factor=0.1, backoff_level=0.1, backoff_step=6, last_trigger=6,
+        trouble_start=6, backoffs=1),
+     (Action("backoff", 6, REASON, 0.1, 1.0),)),
+    ("a confirmed spike backs off", S0, Trigger("spike", 7, "spike!"),
+     st(factor=0.1, backoff_level=0.1, backoff_step=7, last_trigger=7, trouble_start=7,
+        backoffs=1),
+     (Action("backoff", 7, "spike!", 0.1, 1.0),)),
+    ("a tick restores linearly", BACKED, Trigger("tick", 105),
+     b(factor=pytest.approx(0.55)), ()),
+    ("restored fully: the back-off is over", BACKED, Trigger("tick", 110),
+     b(factor=1.0, backoff_step=None), ()),
+    ("trouble again within patience rolls back (relapse lowers the ceiling)", BACKED,
+     Trigger("spike", 110, "again"),
+     b(factor=A01, ceiling=0.05, backoff_level=A01, backoff_step=110, last_trigger=110,
+       consecutive_skips=0, rollbacks=1, total_rollbacks=1),
+     (Action("rollback", 110, "again", A01, 0.05, True, True, 0, 11, 1),)),
+    ("a second rollback goes one snapshot further back", b(rollbacks=1, total_rollbacks=1),
+     Trigger("spike", 110, "again"),
+     b(factor=A01, ceiling=0.05, backoff_level=A01, backoff_step=110, last_trigger=110,
+       consecutive_skips=0, rollbacks=2, total_rollbacks=2),
+     (Action("rollback", 110, "again", A01, 0.05, True, True, 1, 11, 2),)),
+    ("max_rollbacks reached: abort", b(rollbacks=2, total_rollbacks=2),
+     Trigger("spike", 110, "again"),
+     b(last_trigger=110, rollbacks=2, total_rollbacks=2),
+     (Action("abort", 110, "again", 0.1, 1.0, rollbacks=2),)),
+    ("trouble after patience but within the relapse window: back off, lower the ceiling",
+     b(factor=1.0, backoff_step=None), Trigger("spike", 140, "later"),
+     b(factor=0.1, ceiling=0.5, backoff_step=140, last_trigger=140, trouble_start=140,
+       backoffs=2),
+     (Action("backoff", 140, "later", 0.1, 0.5, True, True),)),
+    ("an isolated incident long after: back off, ceiling kept",
+     b(factor=1.0, backoff_step=None), Trigger("spike", 400, "new"),
+     b(factor=0.1, backoff_step=400, last_trigger=400, trouble_start=400, backoffs=2),
+     (Action("backoff", 400, "new", 0.1, 1.0),)),
+    ("healthy and due: snapshot", st(last_snapshot=0), Trigger("healthy", 9),
+     st(last_snapshot=0), (Action("snapshot", 9),)),
+    ("healthy but not due: nothing", st(last_snapshot=6), Trigger("healthy", 9),
+     st(last_snapshot=6), ()),
+    ("healthy while backed off: no snapshot", BACKED, Trigger("healthy", 101), BACKED, ()),
+    ("a kept snapshot clears the rollback count", b(rollbacks=2), Trigger("snapshot", 120),
+     b(rollbacks=0, last_snapshot=120), ()),
+]
+
+
+@pytest.mark.parametrize(("name", "state", "trigger", "expected", "actions"), ROWS,
+                         ids=[r[0] for r in ROWS])
+def test_transition_row(name, state, trigger, expected, actions):
+    new, todo = transition(CFG, state, trigger)
+    assert new == expected
+    assert todo == actions
+
+
+def test_transition_is_pure():
+    before = dataclasses.replace(BACKED)
+    transition(CFG, BACKED, Trigger("spike", 110))
+    assert before == BACKED
+
+
+def test_unknown_trigger_is_refused():
+    with pytest.raises(ValueError, match="kind='boom'"):
+        transition(CFG, S0, Trigger("boom", 1))  # type: ignore[arg-type]
