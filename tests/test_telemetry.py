@@ -10,7 +10,8 @@ from tests.helpers import mlp, set_grads
 from torch import nn
 
 import gradguard as gg
-from gradguard.telemetry import layer_of, measure_grads
+from gradguard.naming import layer_of
+from gradguard.telemetry import measure_grads
 
 
 class Block(nn.Module):

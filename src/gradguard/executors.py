@@ -18,8 +18,10 @@ Every executor reports an :class:`Outcome`; none of them decides anything.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,12 +90,17 @@ class FreshState:
         self._seen = -1
 
 
-def _step_with_found_inf(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+Closure = Callable[[], Any] | None
+
+
+def _step_with_found_inf(
+    optimizer: torch.optim.Optimizer, found_inf: Tensor, closure: Closure = None
+) -> None:
     opt: Any = optimizer
     opt.grad_scale = None
     opt.found_inf = found_inf
     try:
-        optimizer.step()
+        optimizer.step(closure)
     finally:
         del opt.grad_scale
         del opt.found_inf
@@ -110,16 +117,19 @@ class Direct:
     def prepare(self) -> None:
         """Before the gradients are measured."""
 
-    def run(self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True) -> Outcome:
+    def run(
+        self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
+    ) -> Outcome:
+        """Carry out ``plan``; ``closure`` goes to ``optimizer.step`` (LBFGS)."""
         if plan.found_inf:
-            _step_with_found_inf(self.optimizer, bad.to(torch.float32))
+            _step_with_found_inf(self.optimizer, bad.to(torch.float32), closure)
             return Outcome(skipped=bad, trouble=bad)
         if not plan.read_host:
-            self.optimizer.step()
+            self.optimizer.step(closure)
             return Outcome(skipped=False, trouble=False)
         action = resolve(plan, bad=bool(bad))  # the one host sync of this step
         if action == "step":
-            self.optimizer.step()
+            self.optimizer.step(closure)
         return Outcome(skipped=action != "step", trouble=action != "step", action=action)
 
     def detach(self) -> None:
@@ -188,7 +198,9 @@ class Scaler(Direct):
         if stage is OptState.READY:  # not when the user already called scaler.unscale_
             self.scaler.unscale_(self.optimizer)
 
-    def run(self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True) -> Outcome:
+    def run(
+        self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
+    ) -> Outcome:
         assert self.scaler is not None
         skip, genuine, row = merge_into_scaler(self.scaler, self.optimizer, plan, bad, loss_ok)
         if not plan.read_host:
@@ -229,7 +241,9 @@ class Hook:
         self._stash = []
         self._clear_attrs()
 
-    def run(self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True) -> Outcome:
+    def run(
+        self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
+    ) -> Outcome:
         if self.scaler is not None and self.scaler.is_enabled():
             skip, genuine, row = merge_into_scaler(self.scaler, self.optimizer, plan, bad, loss_ok)
             if not plan.read_host:
@@ -322,3 +336,26 @@ def executor_for(
     if isinstance(cached, Scaler) and cached.scaler is scaler:
         return cached
     return Scaler(default.optimizer, scaler)
+
+
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """True for optimizers whose ``step`` requires a closure (``LBFGS``)."""
+    try:
+        param = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def first_then(loss: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
+    """A closure whose first call returns ``loss`` (the evaluation the guard already made,
+    measured and clipped) and whose later calls evaluate ``closure`` again (LBFGS's line
+    search)."""
+    calls = 0
+
+    def wrapped() -> Any:
+        nonlocal calls
+        calls += 1
+        return loss if calls == 1 else closure()
+
+    return wrapped

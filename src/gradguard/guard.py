@@ -13,6 +13,7 @@ Monitor` runs detectors, recovery acts, and the sinks are fed.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,11 +35,14 @@ from .executors import (
     Outcome,
     check_loss,
     executor_for,
+    first_then,
     loss_finite,
+    needs_closure,
     optimizer_kind,
 )
 from .monitor import Monitor, describe_nonfinite
-from .telemetry import StepStats, Telemetry, UpdateSampler, Window, named_optimizer_params
+from .naming import named_optimizer_params, optimizer_layout, user_module
+from .telemetry import StepStats, Telemetry, UpdateSampler, Window
 
 __all__ = [
     "DEFAULT_EVERY", "ON_NONFINITE", "GradGuardWarning", "Guard", "NonFiniteGradientError",
@@ -92,11 +96,10 @@ class Guard:
         self.dist = distributed.context()
         if self.dist is not None and cfg.sink_rank is not None and cfg.sink_rank >= self.dist.world_size:
             raise ValueError(f"Guard(sink_rank={cfg.sink_rank!r}): must be < world size {self.dist.world_size}")
-        # layer names of the user's model, not DDP's "module." prefixed ones
-        named = named_optimizer_params(distributed.unwrap(model), optimizer)
-        self.names = [n for n, _ in named]
-        self.telemetry = Telemetry(named, every=cfg.every)
+        self._layout = optimizer_layout(optimizer)
+        self.telemetry = Telemetry(named_optimizer_params(model, optimizer), every=cfg.every)
         self.kind = optimizer_kind(optimizer)
+        self._needs_closure = needs_closure(optimizer)
         self._fresh = FreshState(optimizer)
         self.executor = executor if executor is not None else Direct(optimizer)
         writes = self.dist is None or cfg.sink_rank is None or self.dist.rank == cfg.sink_rank
@@ -105,7 +108,7 @@ class Guard:
         #: Batches a data-loader user should skip after a rollback (set by Recovery).
         self.batches_to_skip = 0
         self._sampler = UpdateSampler(self.telemetry, optimizer) if cfg.sample_updates else None
-        self._watch = ActivationWatch.for_config(distributed.unwrap(model), cfg, self.telemetry)
+        self._watch = ActivationWatch.for_config(user_module(model), cfg, self.telemetry)
         self._closed = self._aborted = False
         self._scaler_exec: Direct | Hook | None = None
         if callable(getattr(cfg.clip, "bind", None)):
@@ -124,6 +127,7 @@ class Guard:
     detector_config = property(lambda self: self.monitor.config)
     detector_state = property(lambda self: self.monitor.detector_state)
     fused = property(lambda self: self.kind == "fused")
+    names = property(lambda self: self.telemetry.names, doc="Guarded parameters' names, in module order.")
     skipped_steps = property(lambda self: self.monitor.skipped_steps, doc="Steps skipped so far "
                              "(counted at each flush).")
 
@@ -132,7 +136,13 @@ class Guard:
         self.monitor.add_event(event)
 
     # ---- the hot path ----------------------------------------------------------------------
-    def step(self, loss: Tensor | float | None = None, *, scaler: GradScaler | None = None) -> Tensor:
+    # Runs eagerly inside a torch.compile'd training step (a graph break): tracing it would
+    # guard on Python-side lengths that change every step and recompile until dynamo gives up.
+    @torch.compiler.disable
+    def step(
+        self, loss: Tensor | float | None = None, *, scaler: GradScaler | None = None,
+        closure: Callable[[], Any] | None = None,
+    ) -> Tensor:
         """Clip, then step the optimizer unless the gradients are non-finite.
 
         Args:
@@ -144,6 +154,9 @@ class Guard:
                 ``scaler.step(optimizer)``; call ``scaler.update()`` afterwards as usual.
                 Loss-scale overflows are routine (an ``info`` ``skip`` event). A disabled
                 scaler (``enabled=False``) is the same as None.
+            closure: for optimizers whose ``step`` needs one (``LBFGS``): the guard calls it
+                once (with grad enabled) to get the loss and gradients it measures, clips and
+                judges; the optimizer's later evaluations (line search) call it again.
 
         Returns:
             The pre-clip total gradient norm (a device tensor, like ``clip_grad_norm_``).
@@ -163,9 +176,13 @@ class Guard:
         """
         if self._closed:
             raise RuntimeError("guard.step() called after guard.close()")
+        if closure is not None or self._needs_closure:
+            loss, closure = self._evaluate(loss, closure)
         loss = check_loss(loss)
         executor = self._scaler_exec = executor_for(self.executor, scaler, self._scaler_exec)
         with torch.no_grad():
+            if optimizer_layout(self.optimizer) != self._layout:
+                self._relayout()  # add_param_group: guard the new parameters too
             if self.telemetry.pending >= self.every:
                 self.flush()  # a hook-driven step: the previous (flush) step has now run
             if self._sampler is not None:
@@ -181,7 +198,7 @@ class Guard:
             )
             if self._sampler is not None:
                 self._sampler.armed = self.telemetry.flush_due
-            out = executor.run(plan, ~stats.finite, loss_finite(loss))
+            out = executor.run(plan, ~stats.finite, loss_finite(loss), closure)
             self._record(stats, loss, coef, out)
             if out.trouble is True and (plan.warn or plan.on_bad == "raise"):
                 self._report_bad(stats, raise_=plan.on_bad == "raise")
@@ -195,6 +212,31 @@ class Guard:
             if self._watch is not None and self.config.sample_activations:
                 self._watch.armed = self.telemetry.flush_due  # sample the flush step's forward
         return stats.total_norm
+
+    def _evaluate(self, loss: Any, closure: Any) -> tuple[Any, Callable[[], Any] | None]:
+        if closure is None:
+            raise TypeError(
+                f"{type(self.optimizer).__name__}.step needs a closure: call "
+                "guard.step(closure=closure) (see Guard.step)")
+        if loss is not None:
+            raise TypeError("guard.step(): pass loss or closure, not both")
+        with torch.enable_grad():
+            loss = closure()
+        return loss, first_then(loss, closure)
+
+    def _relayout(self) -> None:
+        """The optimizer's parameters changed (``add_param_group``): flush the window of the
+        old layout, then measure the new set; snapshots of the old layout cannot be
+        restored into the new one and are dropped."""
+        self.flush()
+        self._layout = optimizer_layout(self.optimizer)
+        self.telemetry = Telemetry(
+            named_optimizer_params(self.model, self.optimizer), every=self.every)
+        self.kind = optimizer_kind(self.optimizer)
+        if self._sampler is not None:
+            self._sampler.telemetry = self.telemetry
+        if self.recovery is not None:
+            self.recovery.relayout(self)
 
     def _report_bad(self, stats: StepStats, *, raise_: bool) -> None:
         msg, layers = describe_nonfinite(self.step_count - 1, self.names, stats)

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from . import detectors, distributed
 from .events import Event, Flush, Sink, call_sinks, json_float
-from .telemetry import StepStats, Telemetry, Window, layer_of
+from .naming import layer_of
+from .telemetry import StepStats, Telemetry, Window
 
 if TYPE_CHECKING:
     from ._watch import ActivationWatch

@@ -13,25 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import distributed
+from .naming import layer_of
 
 # Columns of the ring buffer before the per-parameter norms. LOCAL_OK: this rank's own
 # gradients were finite (before any all-reduce); it tells which rank a NaN came from.
 _COL_LOSS, _COL_TOTAL, _COL_COEF, _COL_SKIPPED, _COL_LOCAL_OK = 0, 1, 2, 3, 4
 _N_SCALARS = 5
-#: Layer name of parameters registered directly on the root module.
-ROOT_LAYER = "(root)"
-
-
-def layer_of(param_name: str) -> str:
-    """The module path that owns a parameter: ``"enc.layers.3.q.weight" -> "enc.layers.3.q"``;
-    parameters of the root module belong to ``"(root)"``."""
-    head, _, _ = param_name.rpartition(".")
-    return head or ROOT_LAYER
-
-
 @dataclass
 class GradGroup:
     """Gradients (and their parameters) sharing one device and dtype."""
@@ -464,36 +454,3 @@ class UpdateSampler:
 
 def _foreach_norm_f32(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(torch._foreach_norm(list(tensors), 2.0, dtype=torch.float32)) if tensors else ()
-
-
-def named_optimizer_params(
-    model: nn.Module, optimizer: torch.optim.Optimizer
-) -> list[tuple[str, Tensor]]:
-    """``(name, param)`` for every parameter the optimizer steps, named by the model.
-
-    Raises:
-        ValueError: when the optimizer holds none of the model's parameters.
-    """
-    by_id = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
-    out: list[tuple[str, Tensor]] = []
-    seen: set[int] = set()
-    known = 0
-    for gi, group in enumerate(optimizer.param_groups):
-        for pi, p in enumerate(group["params"]):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            name = by_id.get(id(p))
-            if name is None:
-                name = f"optimizer.param_groups.{gi}.params.{pi}"
-            else:
-                known += 1
-            out.append((name, p))
-    if not out:
-        raise ValueError("optimizer has no parameters")
-    if known == 0:
-        raise ValueError(
-            "optimizer holds none of the model's parameters: pass the model whose "
-            "parameters the optimizer updates (model=..., optimizer=...)"
-        )
-    return out

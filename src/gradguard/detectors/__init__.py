@@ -51,7 +51,12 @@ from .config import (  # the named defaults are part of the public surface
     DetectorConfig,
     DetectorState,
 )
-from .layers import detect_activations, detect_update_ratio, detect_vanishing
+from .layers import (
+    detect_activations,
+    detect_no_gradient,
+    detect_update_ratio,
+    detect_vanishing,
+)
 from .lr import LrTracker
 from .nonfinite import ForwardOrigin, detect_nonfinite, nonfinite_origin
 from .spikes import detect_spikes, robust_z
@@ -84,6 +89,7 @@ def detect(
     events = detect_nonfinite(window, forward_origins, amp_overflows)
     events += detect_spikes(window, st, cfg)
     events += detect_vanishing(window, cfg)
+    events += detect_no_gradient(window, st, cfg)
     events += detect_update_ratio(window, cfg)
     events += list(lr_events)
     if activations:
@@ -120,6 +126,7 @@ __all__ = [
     "LrTracker",
     "detect",
     "detect_activations",
+    "detect_no_gradient",
     "detect_nonfinite",
     "detect_spikes",
     "detect_update_ratio",

@@ -119,6 +119,8 @@ class DetectorState:
     grad: deque[float] = field(default_factory=deque)
     loss_run: int = 0  # consecutive spiking loss steps at the end of the last window
     loss_start: dict[str, float] | None = None  # the first step of that run
+    no_gradient: bool = False  # an all-zero-gradient stretch was reported and goes on
+    silent_layers: list[str] = field(default_factory=list)  # reported as disconnected
 
     def __post_init__(self) -> None:
         self.loss = deque(self.loss, maxlen=self.history)
@@ -126,13 +128,16 @@ class DetectorState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss": list(self.loss), "grad": list(self.grad), "loss_run": self.loss_run,
-                "loss_start": self.loss_start}
+                "loss_start": self.loss_start, "no_gradient": self.no_gradient,
+                "silent_layers": list(self.silent_layers)}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.loss = deque((float(x) for x in sd["loss"]), maxlen=self.history)
         self.grad = deque((float(x) for x in sd["grad"]), maxlen=self.history)
         self.loss_run = int(sd.get("loss_run", 0))
         self.loss_start = sd.get("loss_start")
+        self.no_gradient = bool(sd.get("no_gradient", False))
+        self.silent_layers = list(sd.get("silent_layers", []))
 
 
 #: The default thresholds (a frozen instance, shared).

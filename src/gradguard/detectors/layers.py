@@ -9,7 +9,7 @@ import torch
 
 from ..events import Event
 from ..telemetry import Window
-from .config import DEFAULT_CONFIG, SATURATION_MARGIN, DetectorConfig
+from .config import DEFAULT_CONFIG, SATURATION_MARGIN, DetectorConfig, DetectorState
 
 
 # ---- vanishing ------------------------------------------------------------------------
@@ -117,3 +117,42 @@ def detect_activations(
                         "the activation, or switch to ReLU-family activations."),
             ))
     return events
+
+
+def detect_no_gradient(
+    window: Window, state: DetectorState, config: DetectorConfig = DEFAULT_CONFIG
+) -> list[Event]:
+    """``disconnected_layer``: no gradient at all reached the optimizer over the window
+    (every gradient exactly zero or missing: ``zero_grad()`` between ``backward()`` and
+    ``step()``, a detached loss), a warning once per such stretch; or some layers got none
+    on any step of the window while others did (an unused branch, ``no_grad``), an info
+    once per layer."""
+    total = window.total_norm.tolist()
+    n_ok = sum(1 for t in total if math.isfinite(t))
+    if n_ok < config.vanish_min_steps:
+        return []
+    step = window.steps[-1]
+    if all(t == 0.0 for t in total if math.isfinite(t)):
+        if state.no_gradient:
+            return []
+        state.no_gradient = True
+        return [Event(
+            kind="disconnected_layer", step=step, severity="warning", value=0.0,
+            message=(f"steps {window.steps[0]}-{step}: no gradient reached the optimizer: "
+                     "every gradient is zero or missing, so nothing trains"),
+            remedy=("Call optimizer.zero_grad() before backward(), not between backward() and "
+                    "the step; check that the loss is not detached (no torch.no_grad())."),
+            data={"steps": len(total)},
+        )]
+    state.no_gradient = False
+    ln = window.layer_norms()
+    rows = torch.isfinite(ln).all(dim=1)
+    zero = (ln[rows] == 0).all(dim=0).tolist()
+    new = [name for name, z in zip(window.layers, zero) if z and name not in state.silent_layers]
+    state.silent_layers.extend(new)
+    return [Event(
+        kind="disconnected_layer", step=step, severity="info", layer=name, value=0.0,
+        message=f"steps {window.steps[0]}-{step}: `{name}` received no gradient on any step",
+        remedy=("If it should learn, check for detach()/no_grad() or an unused branch; if it "
+                "is frozen, leave it out of the optimizer."),
+    ) for name in new]

@@ -12,7 +12,11 @@ from .config import LR_JUMP_RATIO
 class LrTracker:
     """Watches the learning rates the optimizer will use (host floats, read per step at no
     device cost) and reports a jump of ``ratio`` or more between consecutive steps as an
-    ``lr_too_high`` event. Tensor learning rates (capturable optimizers) are not read.
+    ``lr_too_high`` event, when the new LR is also above every LR the group has had and its
+    schedule's own peak (``initial_lr``/``max_lr``, set by torch's schedulers): a warm-up
+    (``LinearLR(start_factor=1e-3)``) or a warm restart (``CosineAnnealingWarmRestarts``)
+    returns to a value the run already had or planned, a slip of the LR does not. Tensor
+    learning rates (capturable optimizers) are not read.
 
     Example:
         >>> from gradguard.detectors import LrTracker
@@ -25,13 +29,21 @@ class LrTracker:
     def __init__(self, ratio: float = LR_JUMP_RATIO) -> None:
         self.ratio = ratio
         self._last: list[float | None] = []
+        self._peak: list[float] = []  # the highest LR each group has had or planned
         self._events: list[Event] = []
 
     def observe(self, step: int, param_groups: Sequence[Mapping[str, Any]]) -> None:
-        now = [g["lr"] if isinstance(g.get("lr"), (int, float)) else None for g in param_groups]
+        now = [_number(g.get("lr")) for g in param_groups]
+        planned = [max(_number(g.get("initial_lr")) or 0.0, _number(g.get("max_lr")) or 0.0)
+                   for g in param_groups]
+        if len(now) != len(self._peak):
+            self._peak = [max(b or 0.0, p) for b, p in zip(now, planned)]
         if len(now) == len(self._last):
             for i, (a, b) in enumerate(zip(self._last, now)):
-                if a is not None and b is not None and a > 0 and b >= self.ratio * a:
+                if a is None or b is None:
+                    continue
+                above = b > max(self._peak[i], planned[i]) * (1 + 1e-9)
+                if above and a > 0 and b >= self.ratio * a:
                     self._events.append(Event(
                         kind="lr_too_high", step=step, severity="warning", value=b / a,
                         threshold=self.ratio,
@@ -42,14 +54,21 @@ class LrTracker:
                         data={"group": i, "lr": b, "previous_lr": a},
                     ))
         self._last = now
+        self._peak = [max(pk, b or 0.0, p) for pk, b, p in zip(self._peak, now, planned)]
 
     def pop_events(self) -> list[Event]:
         ev, self._events = self._events, []
         return ev
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last": list(self._last), "events": [e.to_json() for e in self._events]}
+        return {"last": list(self._last), "peak": list(self._peak),
+                "events": [e.to_json() for e in self._events]}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self._last = list(sd["last"])
+        self._peak = [float(x) for x in sd.get("peak", [])]
         self._events = [Event.from_json(e) for e in sd.get("events", [])]
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None

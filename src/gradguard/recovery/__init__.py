@@ -235,6 +235,12 @@ class Recovery:
             self._mult = None
         self._guard = None
 
+    def relayout(self, guard: Guard) -> None:
+        """The optimizer's parameter groups changed: the snapshots hold the old groups and
+        cannot be loaded into it any more; the next healthy flush takes a new one."""
+        self.store.clear()
+        self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
+
     def after_step(self, guard: Guard, stats: StepStats, skipped: Tensor | bool) -> None:
         """Per step: count skips when the guard already knows the skip flag (non-fused
         optimizers), and move the LR back towards its value."""

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import TrainingDiverged
 from ..events import Event
-from ..telemetry import layer_of
+from ..naming import OPTIMIZER_PREFIX, layer_of
 from .ladder import Action
 from .snapshots import copy_state
 
@@ -129,6 +129,10 @@ def rollback(
     opt = guard.optimizer
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     guard.model.load_state_dict(snap["model"])
+    extra = snap.get("extra_params") or {}
+    for n, p in zip(guard.names, guard.telemetry.params):
+        if n in extra:
+            p.detach().copy_(extra[n])
     opt.load_state_dict(snap["optimizer"])
     for g, h in zip(opt.param_groups, hyper):  # LR schedules are not rolled back
         g.update(h)
@@ -173,6 +177,9 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
     state = {
         "step": step,
         "model": guard.model.state_dict(),
+        # parameters the optimizer steps that the model does not hold (named by position)
+        "extra_params": {n: p.detach() for n, p in zip(guard.names, guard.telemetry.params)
+                         if n.startswith(OPTIMIZER_PREFIX)},
         "optimizer": guard.optimizer.state_dict(),
         "clip": None if guard.clip is None else guard.clip.state_dict(),
     }

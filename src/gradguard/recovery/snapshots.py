@@ -80,6 +80,9 @@ class MemorySnapshotStore:
     def steps(self) -> list[int]:
         return [s for s, _ in self._snaps]
 
+    def clear(self) -> None:
+        self._snaps = []
+
     def __len__(self) -> int:
         return len(self._snaps)
 
@@ -143,6 +146,10 @@ class DiskSnapshotStore:
 
     def steps(self) -> list[int]:
         return [int(p.name[len(SNAPSHOT_PREFIX):-len(SNAPSHOT_SUFFIX)]) for p in self.paths()]
+
+    def clear(self) -> None:
+        for p in self.paths():
+            p.unlink(missing_ok=True)
 
     def __len__(self) -> int:
         return len(self.paths())

@@ -1,0 +1,115 @@
+"""Layer names: which module each parameter belongs to, in the model's own order.
+
+Names are module paths of the *user's* model (``encoder.layers.3.attn.q_proj.weight``):
+wrappers that add a prefix (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``) are
+looked through. Parameters are listed in module registration order, not in param-group
+order: with the usual decay/no-decay groups the head would otherwise come before the
+LayerNorms, and "the first bad layer" and "the layers after it" would be wrong.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .errors import GradGuardWarning
+
+#: Layer name of parameters registered directly on the root module.
+ROOT_LAYER = "(root)"
+#: Name prefix of parameters that no module of the model holds.
+OPTIMIZER_PREFIX = "optimizer.param_groups."
+
+
+def layer_of(param_name: str) -> str:
+    """The module path that owns a parameter: ``"enc.layers.3.q.weight" -> "enc.layers.3.q"``;
+    parameters of the root module belong to ``"(root)"``."""
+    head, _, _ = param_name.rpartition(".")
+    return head or ROOT_LAYER
+
+
+def user_module(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP/DataParallel and ``torch.compile`` wrappers.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> user_module(torch.nn.DataParallel(net)) is net
+        True
+    """
+    seen = 0
+    while seen < 8:  # wrappers of wrappers, but never a cycle
+        seen += 1
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            break
+    return model
+
+
+def named_optimizer_params(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, warn: bool = True
+) -> list[tuple[str, Tensor]]:
+    """``(name, param)`` for every parameter the optimizer steps, named by the model, in
+    the model's registration order; parameters the model does not hold come last, named
+    ``optimizer.param_groups.<g>.params.<i>`` (with a warning: rollback and layer names
+    cover them, but a model that holds all of them gives better names).
+
+    Raises:
+        ValueError: when the optimizer holds none of the model's parameters.
+    """
+    model = user_module(model)
+    order = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters(remove_duplicate=True))}
+    known: list[tuple[int, str, Tensor]] = []
+    other: list[tuple[str, Tensor]] = []
+    seen: set[int] = set()
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if id(p) in order:
+                i, name = order[id(p)]
+                known.append((i, name, p))
+            else:
+                other.append((f"{OPTIMIZER_PREFIX}{gi}.params.{pi}", p))
+    if not seen:
+        raise ValueError("optimizer has no parameters")
+    if not known:
+        raise ValueError(
+            "optimizer holds none of the model's parameters: pass the model whose "
+            "parameters the optimizer updates (model=..., optimizer=...)"
+        )
+    if other and warn:
+        warnings.warn(
+            f"Guard(model={type(model).__name__}): the optimizer also updates {len(other)} "
+            "parameter(s) this model does not hold; they are guarded and rolled back, but "
+            "named by position. Pass a module that holds them all (e.g. "
+            "nn.ModuleList([model_a, model_b])) for layer names.",
+            GradGuardWarning, stacklevel=3,
+        )
+    return [(n, p) for _, n, p in sorted(known, key=lambda t: t[0])] + other
+
+
+def head_params(model: nn.Module) -> set[int]:
+    """``id``s of the parameters of the model's last module that has any, counting tied
+    weights where they are *used* (GPT-2's ``lm_head.weight`` is ``wte.weight``): the
+    output head, which AGC leaves unclipped by default."""
+    model = user_module(model)
+    named = list(model.named_parameters(remove_duplicate=False))
+    if not named:
+        return set()
+    last = layer_of(named[-1][0])
+    heads = {layer_of(n) for n, _ in named}
+    if len(heads) < 2:
+        return set()  # a single module is not a head on top of anything
+    return {id(p) for n, p in named if layer_of(n) == last}
+
+
+def optimizer_layout(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """Param-group sizes: changes when ``add_param_group`` (or an edit of a group's
+    params) changes what the optimizer steps. Cheap enough to check every step."""
+    return tuple(len(g["params"]) for g in optimizer.param_groups)

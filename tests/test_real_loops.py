@@ -1,0 +1,258 @@
+"""Regression tests for the promises that broke in ordinary training loops (issue 13):
+layer order with param groups, add_param_group, one optimizer over two models, LBFGS,
+torch.compile, warm-ups and restarts, and a run in which no gradient arrives."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from helpers import batches, mlp
+
+
+class TinyLM(nn.Module):
+    """Embedding -> Linear+GELU -> LayerNorm -> head, optionally tied to the embedding."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, tied: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, d)
+        self.body = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        if tied:
+            self.head.weight = self.emb.weight
+        self.poison_head = False
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.nn.functional.gelu(self.body(self.emb(tokens))))
+        out = self.head(h)
+        return out * math.nan if self.poison_head else out
+
+
+def lm_batch(seed: int, vocab: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (4, 6), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+def lm_loss(model: nn.Module, seed: int) -> torch.Tensor:
+    x, y = lm_batch(seed)
+    logits = model(x)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def decay_groups(model: nn.Module, lr: float = 1e-2) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def test_layer_order_follows_the_module_not_the_param_groups():
+    model = TinyLM()
+    guard = gg.Guard(model, decay_groups(model), every=4)
+    assert guard.telemetry.layers == ["emb", "body", "norm", "head"]
+    loss = lm_loss(model, 0)
+    loss.backward()
+    for p in model.parameters():  # a NaN born in the head's backward reaches every layer
+        p.grad.view(-1)[0] = math.nan
+    guard.step(loss)
+    guard.close()
+    ev = next(e for e in guard.events if e.kind == "nonfinite_grad")
+    assert ev.layer == "head"  # was "norm": the last layer in param-group order
+
+
+def test_parameters_added_later_are_guarded_and_rollback_still_works():
+    model = TinyLM()
+    head = list(model.head.parameters())
+    trunk = [p for p in model.parameters() if all(p is not h for h in head)]
+    opt = torch.optim.Adam(trunk, lr=1e-2)
+    rec = gg.Recovery(skip_patience=1, snapshot_every=2)
+    guard = gg.Guard(model, opt, recovery=rec, every=2)
+    for step in range(12):
+        if step == 4:
+            opt.add_param_group({"params": head, "lr": 1e-2})
+        loss = lm_loss(model, step)
+        loss.backward()
+        if step in (9, 10):
+            model.head.weight.grad[0, 0] = math.nan  # only in the late group
+        guard.step(loss)
+        opt.zero_grad()
+        assert all(torch.isfinite(p).all() for p in model.parameters()), step
+    guard.close()
+    assert "head" in guard.telemetry.layers
+    kinds = [(e.kind, e.step) for e in guard.events if e.kind in ("nonfinite_grad", "rollback")]
+    assert ("nonfinite_grad", 9) in kinds and ("rollback", 10) in kinds
+
+
+def test_one_optimizer_over_two_models_warns_and_rolls_back_both():
+    enc, dec = mlp(seed=1), mlp(d_in=1, d_out=8, seed=2)
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-2)
+    rec = gg.Recovery(skip_patience=1, snapshot_every=2)
+    with pytest.warns(gg.GradGuardWarning, match="does not hold"):
+        guard = gg.Guard(enc, opt, recovery=rec, every=2)
+    good: list[torch.Tensor] = []
+    for step, (x, _) in enumerate(batches(8)):
+        loss = (dec(enc(x)) - x).pow(2).mean()
+        if step in (6, 7):
+            loss = loss * math.nan
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        if step == 5:
+            good = [p.detach().clone() for p in (*enc.parameters(), *dec.parameters())]
+    guard.close()
+    assert [e.kind for e in guard.events if e.kind in ("lr_backoff", "rollback")] == [
+        "lr_backoff", "rollback"]
+    snap_step = next(e for e in guard.events if e.kind == "rollback").data["snapshot_step"]
+    assert snap_step == 5
+    for p, q in zip((*enc.parameters(), *dec.parameters()), good):
+        assert torch.equal(p, q)  # the decoder too, not only the model passed as `model`
+
+
+def lbfgs_run(poison: int | None, skip: int | None, guarded: bool):
+    model = mlp(seed=5)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    guard = gg.Guard(model, opt, every=3) if guarded else None
+    for step, (x, y) in enumerate(batches(5, seed=7)):
+        if step == skip:
+            continue
+
+        def closure(x=x, y=y, bad=step == poison):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y) * (math.nan if bad else 1.0)
+            loss.backward()
+            return loss
+
+        if guard is not None:
+            guard.step(closure=closure)
+        else:
+            opt.step(closure)
+    if guard is not None:
+        guard.close()
+    return model, opt, guard
+
+
+@pytest.mark.parametrize("bad", [0, 2])
+def test_lbfgs_with_a_closure_skips_like_a_run_that_never_saw_the_batch(bad):
+    model, opt, guard = lbfgs_run(poison=bad, skip=None, guarded=True)
+    ref, ref_opt, _ = lbfgs_run(poison=None, skip=bad, guarded=False)
+    assert guard.skipped_steps == 1
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.isfinite(p).all() and torch.equal(p, q)
+
+
+def test_lbfgs_without_a_closure_says_how_to_call_it():
+    model = mlp()
+    guard = gg.Guard(model, torch.optim.LBFGS(model.parameters()))
+    with pytest.raises(TypeError, match=r"guard.step\(closure=closure\)"):
+        guard.step(torch.tensor(1.0))
+
+
+def test_a_compiled_step_containing_guard_step_compiles_once():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = mlp()
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.01)
+    guard = gg.Guard(compiled, opt, clip=gg.ZClip(warmup_steps=3), every=5)
+    assert guard.names == [n for n, _ in model.named_parameters()]  # no "_orig_mod." prefix
+
+    @torch.compile(backend="eager")
+    def train_step(x, y):
+        loss = nn.functional.mse_loss(compiled(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        return loss
+
+    for x, y in batches(20):
+        train_step(x, y)
+    guard.close()
+    assert guard.step_count == 20
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])  # was 35+
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        lambda opt: torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, total_iters=5),
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=5),
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=40),
+    ],
+    ids=["linear_warmup", "cosine_restarts", "one_cycle"],
+)
+def test_schedules_are_not_lr_too_high(schedule):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = schedule(opt)
+    guard = gg.Guard(model, opt, every=10)
+    for x, y in batches(40):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        sched.step()
+    guard.close()
+    assert [e for e in guard.events if e.kind == "lr_too_high"] == []
+
+
+def test_a_slip_of_the_lr_is_still_lr_too_high():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, every=10)
+    for step, (x, y) in enumerate(batches(10)):
+        if step == 5:
+            opt.param_groups[0]["lr"] = 0.1
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    assert [(e.kind, e.step) for e in guard.events] == [("lr_too_high", 5)]
+
+
+def test_a_run_where_no_gradient_arrives_is_not_healthy():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, every=10)
+    for x, y in batches(30):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.zero_grad()  # the bug: gradients zeroed between backward and step
+        guard.step(loss)
+    guard.close()
+    warn = [e for e in guard.events if e.severity == "warning"]
+    assert [(e.kind, e.step) for e in warn] == [("disconnected_layer", 9)]  # once, not per flush
+    assert "zero_grad" in warn[0].remedy
+
+
+def test_a_layer_that_never_gets_a_gradient_is_named_once():
+    model = TinyLM()
+    model.norm.weight.requires_grad_(False)  # frozen, but still in the optimizer
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, opt, every=5)
+    for step in range(10):
+        loss = lm_loss(model, step)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    silent = [(e.layer, e.severity) for e in guard.events if e.kind == "disconnected_layer"]
+    assert silent == []  # the norm's bias still learns: the layer gets a gradient
+    model.norm.bias.requires_grad_(False)
+    guard = gg.Guard(model, torch.optim.Adam(model.parameters(), lr=1e-2), every=5)
+    for step in range(10):
+        loss = lm_loss(model, step)
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    silent = [(e.layer, e.severity) for e in guard.events if e.kind == "disconnected_layer"]
+    assert silent == [("norm", "info")]
