@@ -34,3 +34,29 @@ def set_grads(params: list[torch.Tensor], seed: int = 0, scale: float = 1.0) -> 
     g = torch.Generator().manual_seed(seed)
     for p in params:
         p.grad = (torch.randn(p.shape, generator=g) * scale).to(p.dtype)
+
+
+def assert_same_tree(a: object, b: object, path: str = "") -> None:
+    """Bit-equal nested dicts/lists/tuples of tensors and plain values (optimizer state)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape, path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), path  # NaN == NaN here
+
+
+def assert_same_run(model_a: nn.Module, opt_a: torch.optim.Optimizer,
+                    model_b: nn.Module, opt_b: torch.optim.Optimizer) -> None:
+    """Same finite parameters and same optimizer state, bit for bit."""
+    for (n, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.isfinite(p).all(), n
+        assert torch.equal(p, q), n
+    assert_same_tree(opt_a.state_dict()["state"], opt_b.state_dict()["state"], "state")

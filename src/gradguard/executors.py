@@ -86,8 +86,9 @@ class FreshState:
         return self._fresh
 
     def reset(self) -> None:
-        """The optimizer's state was replaced (a rollback, ``load_state_dict``)."""
+        """Parameters were added (``add_param_group``) or the state was replaced."""
         self._seen = -1
+        self._fresh = True
 
 
 Closure = Callable[[], Any] | None

@@ -233,6 +233,7 @@ class Guard:
         self.telemetry = Telemetry(
             named_optimizer_params(self.model, self.optimizer), every=self.every)
         self.kind = optimizer_kind(self.optimizer)
+        self._fresh.reset()  # the new parameters have no optimizer state yet
         if self._sampler is not None:
             self._sampler.telemetry = self.telemetry
         if self.recovery is not None:
