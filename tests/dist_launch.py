@@ -1,0 +1,132 @@
+"""Launching gloo workers on loopback for the distributed tests, and what they share.
+
+``launch`` starts ``python SCRIPT SCENARIO OUT`` in ``world`` processes with torchrun's
+environment variables under a hard timeout, so a rank that hangs in a collective fails
+the test instead of blocking the suite; each worker writes ``OUT/rank{r}.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(
+    script: str, scenario: str, out: Path, *, world: int, timeout_s: float
+) -> list[dict[str, Any]]:
+    """Run ``scenario`` of ``script`` on ``world`` ranks; fail (not hang) past ``timeout_s``."""
+    port = free_port()
+    procs = []
+    for r in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "GLOO_SOCKET_IFNAME": "lo",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, script, scenario, str(out)],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = []
+    try:
+        for p in procs:
+            stdout, _ = p.communicate(timeout=timeout_s)
+            logs.append(stdout)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{scenario}: a rank hung (no exit within {timeout_s}s)")
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, "\n".join(f"{scenario} rank {r}:\n{logs[r][-3000:]}" for r in failed)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def run_worker(main: Callable[[int, str], dict[str, Any]], out: str, timeout_s: float) -> None:
+    """In a launched process: init gloo, run ``main(rank, out)``, save what it returns."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    try:
+        torch.save(main(rank, out), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+class CollectiveCounter:
+    """Counts the torch.distributed collectives gradguard issues inside a block."""
+
+    NAMES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "reduce_scatter")
+
+    def __enter__(self) -> CollectiveCounter:
+        import torch.distributed as dist
+
+        self.counts = {n: 0 for n in self.NAMES}
+        self._orig = {n: getattr(dist, n) for n in self.NAMES}
+        for n in self.NAMES:
+            setattr(dist, n, self._wrap(n, self._orig[n]))
+        return self
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            self.counts[name] += 1
+            return fn(*a, **k)
+
+        return wrapper
+
+    def __exit__(self, *exc: object) -> None:
+        import torch.distributed as dist
+
+        for n, fn in self._orig.items():
+            setattr(dist, n, fn)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective), a copy of a plain tensor."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return (full_tensor() if callable(full_tensor) else t).detach().clone()
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical, NaN equal to NaN."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+def event(res: dict[str, Any], kind: str, step: int) -> dict[str, Any]:
+    found = [e for e in res["events"] if e["kind"] == kind and e["step"] == step]
+    assert len(found) == 1, f"expected one {kind} event at step {step}: {res['events']}"
+    return found[0]
