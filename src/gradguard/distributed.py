@@ -1,13 +1,17 @@
-"""torch.distributed support: global norms from sharded gradients, identical windows.
+"""torch.distributed support: global norms on any device mesh, identical windows.
 
 Two rules make a guarded run behave the same on every rank:
 
 * **per step** (hot path): DDP gradients are already averaged, so their norms are global as
-  they are. FSDP2 (``fully_shard``) gradients are DTensor shards: the local norms are
-  raised to the p-th power, weighted by the number of replicas of each shard, and summed
-  with **one** all-reduce per device mesh for all parameters (``MAX`` for the inf-norm).
-  The total norm, the finite flag and the clip coefficient are then global, so a NaN on
-  any rank makes every rank skip the same step with no extra collective.
+  they are. DTensor gradients (FSDP2, tensor parallel, HSDP, 2-D meshes, several meshes
+  at once) are shards: each rank raises its local norms to the p-th power, divides each by
+  the number of ranks holding an identical copy of that shard, and **one** all-reduce over
+  every rank that holds the model sums them (``MAX`` with a NaN flag for the inf-norm).
+  A parameter sharded over a 2-D mesh is thus summed over exactly the dimensions that
+  shard it, and a dp-only norm weight has its tensor-parallel replicas counted once. Every
+  per-parameter norm, the total, the finite flag and the clip coefficient come out of that
+  one buffer, so a NaN in any rank's shard makes every rank skip the same step.
+  Pipeline stages put their norms side by side in the same buffer (:class:`NormReducer`).
 * **per flush** (off the hot path): the ranks exchange their local losses and local
   finite flags in one ``all_gather_object`` (which also carries events a rank added on its
   own), and rank 0's telemetry window is broadcast, so detectors and recovery decide from
@@ -19,7 +23,8 @@ Nothing here runs outside ``torch.distributed`` (one process: every helper is a 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,15 +36,17 @@ from .events import Event
 
 __all__ = [
     "DistContext",
+    "NormReducer",
     "agree_window_",
-    "allreduce_norms",
+    "clean_name",
     "context",
     "is_distributed",
     "is_dtensor",
     "merge_events",
     "nonfinite_ranks",
     "rank",
-    "reduce_sharded_norms_",
+    "reduce_partial_grads_",
+    "shard_count",
     "unwrap",
     "world_size",
 ]
@@ -71,9 +78,31 @@ def is_dtensor(t: object) -> bool:
     return t is not None and hasattr(t, "device_mesh") and hasattr(t, "placements")
 
 
+# ---- names: the user's module paths, not the wrappers' ---------------------------------
+
+#: Attributes through which wrappers hold the user's module: FSDP1, activation
+#: checkpointing (torchtitan wraps each block), ``torch.compile``. FSDP2 (``fully_shard``)
+#: and tensor parallel (``parallelize_module``) keep the names as they are.
+WRAPPER_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+_WRAPPER_SEGMENT = re.compile(r"(^|\.)(?:" + "|".join(WRAPPER_ATTRS) + r")(?=\.|$)")
+
+
+def clean_name(name: str) -> str:
+    """A parameter or module name without the path segments wrappers insert.
+
+    Example:
+        >>> clean_name("layers.0._checkpoint_wrapped_module._orig_mod.attn.wq.weight")
+        'layers.0.attn.wq.weight'
+        >>> clean_name("_fsdp_wrapped_module.head.bias")
+        'head.bias'
+    """
+    return _WRAPPER_SEGMENT.sub("", name).lstrip(".")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside ``DistributedDataParallel`` / ``DataParallel`` (their
-    parameter names carry a ``module.`` prefix), the model itself otherwise.
+    parameter names carry a ``module.`` prefix) and the top-level wrappers of
+    :data:`WRAPPER_ATTRS`, the model itself otherwise.
 
     Example:
         >>> import torch, gradguard.distributed as ggd
@@ -81,120 +110,254 @@ def unwrap(model: nn.Module) -> nn.Module:
         >>> ggd.unwrap(torch.nn.DataParallel(net)) is net
         True
     """
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        inner = model.module
-        assert isinstance(inner, nn.Module)
-        return inner
-    return model
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        else:
+            inner = next((getattr(model, a) for a in WRAPPER_ATTRS if hasattr(model, a)), None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
-# ---- per step: global norms of sharded gradients ---------------------------------------
+# ---- placements -----------------------------------------------------------------------
+
+_ALLOWED = "Shard, _StridedShard or Replicate"
 
 
-def _mesh_info(t: Any) -> tuple[Any, float]:
-    """(device mesh, replicas): how many ranks hold an identical copy of each local shard.
+def _dim_name(mesh: Any, dim: int) -> str:
+    names = getattr(mesh, "mesh_dim_names", None)
+    return repr(names[dim]) if names else str(dim)
 
-    Summing ``local**p / replicas`` over every rank of the mesh gives ``global**p``.
+
+def shard_count(t: Any, what: str = "gradient") -> int:
+    """Number of distinct shards of a DTensor: the product of the sizes of the mesh
+    dimensions that shard it (``Shard`` or ``_StridedShard``, which FSDP puts on the dp
+    dimension of a tensor-parallel weight); ``Replicate`` dimensions hold copies.
+
+    Raises:
+        TypeError: for ``Partial`` (or any other) placements, naming ``what``, the mesh
+            dimension and what is allowed.
     """
-    mesh = t.device_mesh
-    replicas = 1
-    for dim, placement in enumerate(t.placements):
-        if placement.is_shard():
+    mesh, n = t.device_mesh, 1
+    for dim, pl in enumerate(t.placements):
+        if pl.is_shard() or hasattr(pl, "split_factor"):  # _StridedShard is not a Shard
+            n *= mesh.size(dim)
+        elif not pl.is_replicate():
+            hint = (
+                " Partial gradients are unreduced sums (tensor parallel without FSDP gives "
+                "them to replicated parameters such as SequenceParallel norms): call "
+                "gradguard.distributed.reduce_partial_grads_(params) after backward()."
+                if pl.is_partial()
+                else ""
+            )
+            raise TypeError(
+                f"{what}: placement {pl!r} on mesh dimension {_dim_name(mesh, dim)} of "
+                f"{mesh}: gradguard measures DTensors placed {_ALLOWED}.{hint}"
+            )
+    return n
+
+
+def reduce_partial_grads_(params: Iterable[Tensor]) -> int:
+    """Reduce ``Partial`` DTensor gradients to ``Replicate`` in place, with one all-reduce
+    per (mesh dimension, reduce op) for all of them; the optimizer would do the same
+    reduction implicitly, so this moves a cost rather than adding one.
+
+    Returns:
+        the number of gradients reduced (0 outside torch.distributed).
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    todo: dict[tuple[Any, ...], list[Tensor]] = {}
+    for p in params:
+        g = p.grad
+        if not is_dtensor(g) or not any(pl.is_partial() for pl in g.placements):  # type: ignore[union-attr]
             continue
-        if placement.is_replicate():
-            replicas *= mesh.size(dim)
-            continue
-        raise TypeError(
-            f"gradient placement {placement!r} is not supported: gradguard measures Shard or "
-            "Replicate DTensor gradients (reduce Partial gradients before guard.step())"
-        )
-    return mesh, float(replicas)
+        partial = tuple((d, pl.reduce_op) for d, pl in enumerate(g.placements) if pl.is_partial())  # type: ignore[union-attr]
+        todo.setdefault((g.device_mesh, partial, g.dtype), []).append(p)  # type: ignore[union-attr]
+    for (mesh, partial, _), ps in todo.items():
+        grads: list[Any] = [p.grad for p in ps]
+        flat = torch.cat([g.to_local().reshape(-1) for g in grads])
+        for dim, op in partial:
+            if op not in ("sum", "avg", "max", "min"):
+                raise TypeError(f"reduce_partial_grads_: Partial({op!r}) cannot be reduced")
+            red = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}.get(op, dist.ReduceOp.SUM)
+            dist.all_reduce(flat, op=red, group=mesh.get_group(dim))
+            if op == "avg":
+                flat /= mesh.size(dim)
+        for p, g, part in zip(ps, grads, flat.split([g.to_local().numel() for g in grads])):
+            places = [Replicate() if pl.is_partial() else pl for pl in g.placements]
+            local = part.view_as(g.to_local())
+            p.grad = DTensor.from_local(
+                local, mesh, places, run_check=False, shape=g.shape, stride=g.stride()
+            )
+    return sum(len(ps) for ps in todo.values())
 
 
-def _mesh_group(mesh: Any) -> Any:
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.size() == world_size():
-        return None  # the default group spans the whole mesh
-    raise NotImplementedError(
-        f"a {mesh.ndim}-D device mesh of {mesh.size()} ranks inside a world of "
-        f"{world_size()} ranks: gradguard sums sharded norms over 1-D meshes or meshes that "
-        "span every rank"
-    )
+# ---- per step: one all-reduce for every parameter on every mesh -------------------------
 
 
-def allreduce_norms(local: Tensor, replicas: Tensor, norm_type: float, group: Any = None) -> Tensor:
-    """Global norms from local norms of shards: ``(sum_r local_r**p / replicas)**(1/p)``,
-    or ``max_r local_r`` for the inf-norm, with **one** all-reduce.
+@dataclass
+class Reduced:
+    """Global norms out of one all-reduce (float64 device tensors, nothing synced).
 
-    Works in float64 so that squares of large norms (1e20 and up) do not overflow. NaN is
-    kept: a NaN local norm on any rank gives a NaN global norm on every rank (for the
-    inf-norm a NaN flag travels with the values, because ``MAX`` may drop a NaN).
+    Attributes:
+        norms: ``[k, n]`` global norm of each of this rank's parameters.
+        total: ``[k]`` global norm over all parameters (every stage's, under pipelining).
+        local_ok: scalar bool, ``isfinite`` of this rank's own local norms.
+    """
+
+    norms: Tensor
+    total: Tensor
+    local_ok: Tensor
+
+
+def _as_group(group: Any) -> Any:
+    """A ProcessGroup from a ProcessGroup or a 1-D DeviceMesh (``mesh["pp"]``)."""
+    if hasattr(group, "get_group") and hasattr(group, "ndim"):
+        if group.ndim != 1:
+            raise ValueError(f"pipeline_group={group!r}: a DeviceMesh must be 1-D (mesh['pp'])")
+        return group.get_group()
+    return group
+
+
+class NormReducer:
+    """How this rank's local gradient norms become global ones in one all-reduce.
+
+    Without pipeline stages every rank holds a shard or a replica of every parameter and
+    the buffer holds one slot per parameter. With stages (``pipeline_group``: the group of
+    ranks holding the *other* stages, one rank per stage, e.g. ``mesh["pp"]``), each stage
+    writes its parameters' slots side by side in one buffer all-reduced over the world:
+    per-parameter norms stay the stage's own and the total is the whole model's. Building
+    it with a group costs one ``all_gather_object`` (the stages' parameter counts).
 
     Args:
-        local: ``[..., n]`` local norms (any float dtype).
-        replicas: ``[n]`` number of ranks holding each shard identically.
-        norm_type: p (> 0, or ``math.inf``).
-        group: the process group of the mesh (None: the default group).
+        n_params: number of parameters this rank measures.
+        pipeline_group: None, or a ProcessGroup / 1-D DeviceMesh over the pipeline stages.
 
-    Returns:
-        float64 tensor of the shape of ``local``.
+    Example:
+        >>> import torch, gradguard.distributed as ggd
+        >>> reducer = ggd.NormReducer(2)
+        >>> ps = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+        >>> print(reducer.reduce(torch.ones(1, 2), ps, 2.0))   # one process: nothing to do
+        None
     """
-    x = local.to(torch.float64)
-    if math.isinf(norm_type):
-        nan = torch.isnan(x)
-        buf = torch.cat([torch.where(nan, math.inf, x).reshape(-1), nan.double().reshape(-1)])
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-        vals, flags = buf.split(x.numel())
-        return torch.where(flags > 0, math.nan, vals).reshape(x.shape)
-    buf = x.pow(norm_type) / replicas.to(x.device, torch.float64)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-    return buf.pow(1.0 / norm_type)
 
+    def __init__(self, n_params: int, pipeline_group: Any = None) -> None:
+        self.n_params = n_params
+        self.stages, self.offset, self.length = 1, 0, n_params
+        self._inv_cache: dict[tuple[Any, ...], Tensor] = {}
+        self._rank_cache: dict[int, tuple[Any, frozenset[int]]] = {}
+        if pipeline_group is None:
+            return
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("pipeline_group=...: torch.distributed is not initialised")
+        group = _as_group(pipeline_group)
+        sizes: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(sizes, n_params, group=group)  # once, at construction
+        me = dist.get_rank(group)
+        self.stages, self.offset, self.length = len(sizes), sum(sizes[:me]), sum(sizes)
+        if dist.get_world_size() % self.stages:
+            raise ValueError(
+                f"pipeline_group of {self.stages} ranks: the world of {dist.get_world_size()} "
+                "ranks must split into that many equal stages"
+            )
 
-def reduce_sharded_norms_(
-    per_param: list[Tensor | None], params: Sequence[Tensor], norm_type: float
-) -> Tensor | None:
-    """Replace the local norms of DTensor parameters in ``per_param`` by global norms.
-
-    ``per_param[i]`` is the norm of parameter ``i``'s *local* gradient shard (None without
-    a gradient, counted as 0). Every DTensor parameter takes part whether or not it has a
-    gradient on this rank, so every rank issues the same collectives: one all-reduce per
-    device mesh (one in total for FSDP2). Plain tensors (DDP, replicated) are left alone.
-
-    Returns:
-        ``isfinite`` of this rank's own contribution (before the all-reduce), a device bool
-        scalar, or None when no parameter is a DTensor.
-    """
-    # keyed by the mesh itself: fully_shard on each submodule makes equal, distinct meshes
-    meshes: dict[Any, tuple[list[int], list[float]]] = {}
-    for i, p in enumerate(params):
-        ref = p if is_dtensor(p) else p.grad
-        if not is_dtensor(ref):
-            continue
-        mesh, reps = _mesh_info(ref if p.grad is None else p.grad)
-        entry = meshes.setdefault(mesh, ([], []))
-        entry[0].append(i)
-        entry[1].append(reps)
-    if not meshes:
-        return None
-    local_ok: Tensor | None = None
-    for mesh, (idx, replicas) in meshes.items():
-        dev = next((per_param[i] for i in idx if per_param[i] is not None), None)
-        device = dev.device if dev is not None else torch.device(mesh.device_type)
-        zero = torch.zeros((), device=device, dtype=torch.float64)
-        local = torch.stack(
-            [zero if per_param[i] is None else per_param[i].to(torch.float64) for i in idx]  # type: ignore[union-attr]
+    def _group(self, meshes: dict[int, Any]) -> tuple[Any, int]:
+        """(process group, its size): every rank holding a copy of this rank's parameters."""
+        world = dist.get_world_size()
+        if self.stages > 1:
+            return None, world // self.stages  # the stages share one world-wide buffer
+        big = max(meshes.values(), key=lambda m: m.size())
+        outside = [m for m in meshes.values() if not self._ranks(m) <= self._ranks(big)]
+        if outside:
+            raise NotImplementedError(
+                f"parameters on {outside[0]} and on {big}: gradguard combines norms over "
+                "meshes that lie inside one mesh (sub-meshes of init_device_mesh)"
+            )
+        if big.size() == world:
+            return None, world
+        if big.ndim == 1:
+            return big.get_group(), big.size()
+        raise NotImplementedError(
+            f"a {big.ndim}-D device mesh of {big.size()} ranks inside a world of {world}: "
+            "if the other ranks hold pipeline stages, pass pipeline_group=mesh['pp']"
         )
-        ok = torch.isfinite(local).all()
-        local_ok = ok if local_ok is None else local_ok & ok
-        glob = allreduce_norms(
-            local, torch.tensor(replicas, dtype=torch.float64), norm_type, _mesh_group(mesh)
-        )
-        for j, i in enumerate(idx):
-            old = per_param[i]
-            per_param[i] = glob[j].to(torch.float32 if old is None else old.dtype)
-    return local_ok
+
+    def _ranks(self, mesh: Any) -> frozenset[int]:
+        key = id(mesh)
+        if key not in self._rank_cache:  # once per mesh object: meshes outlive the steps
+            self._rank_cache[key] = (mesh, frozenset(mesh.mesh.flatten().tolist()))
+        return self._rank_cache[key][1]
+
+    def _inv_replicas(self, placed: Sequence[Any], size: int, device: torch.device) -> Tensor:
+        reps: list[float] = []
+        for i, t in enumerate(placed):
+            n = 1
+            if is_dtensor(t):
+                n = shard_count(t, f"parameter {i} (gradient of shape {tuple(t.shape)})")
+                if size % t.device_mesh.size():
+                    raise NotImplementedError(
+                        f"parameter {i}: its mesh {t.device_mesh} does not tile the "
+                        f"{size} ranks that hold the model"
+                    )
+            reps.append(n / size)  # shards are held by size / n ranks each
+        key = (device, *reps)
+        if key not in self._inv_cache:  # one host->device copy per placement layout
+            self._inv_cache[key] = torch.tensor(reps, dtype=torch.float64, device=device)
+        return self._inv_cache[key]
+
+    def reduce(self, local: Tensor, placed: Sequence[Any], norm_type: float) -> Reduced | None:
+        """Global norms from ``local`` (``[k, n]`` local norms, 0 where no gradient) with
+        one all-reduce, or None when the local norms are global already (no DTensor, no
+        pipeline stages). ``placed[i]`` is the tensor whose placement counts (parameter
+        ``i``'s gradient, or the parameter itself when it has none). Squares are summed in
+        float64 so that norms of 1e20 and up do not overflow; NaN is kept (for the
+        inf-norm a NaN flag travels with the values, because ``MAX`` may drop a NaN)."""
+        meshes = {id(t.device_mesh): t.device_mesh for t in placed if is_dtensor(t)}
+        if not meshes and self.stages == 1:
+            return None
+        if len(placed) != self.n_params:
+            raise ValueError(f"NormReducer: built for {self.n_params} parameters, got {len(placed)}")
+        group, size = self._group(meshes)
+        x = local.to(torch.float64)
+        k, mine = x.shape[0], slice(self.offset, self.offset + self.n_params)
+        ok = torch.isfinite(x).all()
+        inv = self._inv_replicas(placed, size, x.device)  # also refuses Partial placements
+        if math.isinf(norm_type):
+            buf = x.new_zeros(k, 2, self.length)
+            nan = torch.isnan(x)
+            buf[:, 0, mine] = torch.where(nan, math.inf, x)
+            buf[:, 1, mine] = nan.double()
+            dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+            vals, flags = buf[:, 0], buf[:, 1] > 0
+            norms = torch.where(flags, math.nan, vals)
+            total = torch.where(flags.any(dim=1), math.nan, vals.max(dim=1).values)
+            return Reduced(norms[:, mine], total, ok)
+        buf = x.new_zeros(k, self.length)
+        buf[:, mine] = x.pow(norm_type) * inv
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        return Reduced(buf[:, mine].pow(1.0 / norm_type), buf.sum(dim=1).pow(1.0 / norm_type), ok)
+
+    def reduce_grad_norms_(
+        self, per_param: list[Tensor | None], params: Sequence[Tensor], norm_type: float
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Replace the local gradient norms in ``per_param`` (None: no gradient) by global
+        ones. Returns ``(global total, isfinite of this rank's own norms)``, both None when
+        no collective was needed. Every rank must call it at every step."""
+        placed = [p if p.grad is None else p.grad for p in params]
+        if self.stages == 1 and not any(is_dtensor(t) for t in placed):
+            return None, None
+        dev = next((n.device for n in per_param if n is not None), None)
+        dev = dev or (params[0].device if params else torch.device("cpu"))
+        zero = torch.zeros((), device=dev, dtype=torch.float64)
+        local = torch.stack([zero if n is None else n.to(torch.float64) for n in per_param])
+        out = self.reduce(local[None], placed, norm_type)
+        assert out is not None
+        dtype = next((n.dtype for n in per_param if n is not None), torch.float32)
+        for i, g in enumerate(out.norms[0].unbind()):
+            per_param[i] = g.to(dtype)
+        return out.total[0].to(dtype), out.local_ok
 
 
 # ---- per flush: identical windows, gathered events -----------------------------------
@@ -276,12 +439,14 @@ def agree_window_(
     """Make a flush window identical on every rank (called by the Guard at flush).
 
     One ``all_gather_object`` exchanges each rank's own loss, its local-finite flags and
-    the events it added since the last flush; the loss column becomes the mean over ranks
-    (NaN when any rank's loss was), then rank 0's rows are broadcast so that detectors and
-    recovery see the same numbers everywhere.
+    the events it added since the last flush; the loss column becomes the mean over the
+    ranks that gave a loss (NaN when one of them was NaN; under pipelining only the last
+    stage has one), then rank 0's rows are broadcast so that detectors and recovery see
+    the same numbers everywhere.
 
     Args:
-        rows: the live ``[n, 5 + n_params]`` telemetry rows (``Telemetry.pending_rows()``).
+        rows: the live ``[n, 6 + n_params]`` telemetry rows (``Telemetry.pending_rows()``;
+            the first 6 columns only under pipeline stages).
         local_events: events this rank added since the last flush.
         ctx: the run's :class:`DistContext`.
 
@@ -289,20 +454,23 @@ def agree_window_(
         ``(origin ranks per step, merged events)``; see :func:`nonfinite_ranks` and
         :func:`merge_events`.
     """
-    mine: tuple[list[float], list[float], list[Event]]
+    mine: tuple[list[list[float]], list[Event]] = ([], list(local_events))
     if rows.shape[0]:
-        host = rows[:, (0, 4)].cpu()  # off the hot path: once per flush
-        mine = (host[:, 0].tolist(), host[:, 1].tolist(), list(local_events))
-    else:
-        mine = ([], [], list(local_events))
+        mine = (rows[:, (0, 4, 5)].T.cpu().tolist(), mine[1])  # off the hot path: per flush
     gathered: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, mine, group=ctx.group)
-    losses = [g[0] for g in gathered]
-    local_ok = [g[1] for g in gathered]
-    events = merge_events([g[2] for g in gathered])
-    if rows.shape[0]:
-        mean = torch.tensor(losses, dtype=torch.float32).mean(dim=0)
-        rows[:, 0].copy_(mean.to(rows.device))
-        src = dist.get_global_rank(ctx.group, 0) if ctx.group is not None else 0
-        dist.broadcast(rows, src=src, group=ctx.group)
-    return nonfinite_ranks(losses, local_ok), events
+    events = merge_events([g[1] for g in gathered])
+    if not rows.shape[0]:
+        return [], events
+    loss, local_ok, given = (torch.tensor([g[0][c] for g in gathered]) for c in range(3))
+    gave = given > 0.5
+    mean = torch.where(gave, loss, 0.0).sum(dim=0) / gave.sum(dim=0)  # none gave: NaN
+    rows[:, 0].copy_(mean.to(rows.device))
+    buf = rows.contiguous()  # under pipeline stages a column slice of the ring buffer
+    src = dist.get_global_rank(ctx.group, 0) if ctx.group is not None else 0
+    dist.broadcast(buf, src=src, group=ctx.group)
+    if buf.data_ptr() != rows.data_ptr():
+        rows.copy_(buf)
+    # a rank without a loss is no origin of a non-finite one
+    own_loss = torch.where(gave, loss, 0.0).tolist()
+    return nonfinite_ranks(own_loss, local_ok.tolist()), events
