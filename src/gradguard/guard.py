@@ -145,6 +145,9 @@ class Guard:
             (default 0; events of the other ranks are gathered to it at each flush), or
             None for every rank. Every rank must construct a Guard and call ``step`` and
             ``close``: flushes agree on one window across ranks (see docs/distributed.md).
+        pipeline_group: pipeline parallel: the group of ranks holding the other stages
+            (``mesh["pp"]``), over which the stages' norms are combined (see
+            :class:`gradguard.Telemetry`); None without pipeline stages.
 
     Example:
         >>> import torch, gradguard as gg
@@ -175,6 +178,7 @@ class Guard:
         watch_activations: bool = False,
         sample_activations: bool = False,
         detector_config: detectors.DetectorConfig | None = None,
+        pipeline_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -212,7 +216,7 @@ class Guard:
         # layer names of the user's model, not DDP's "module." prefixed ones
         named = named_optimizer_params(distributed.unwrap(model), optimizer)
         self.names = [n for n, _ in named]
-        self.telemetry = Telemetry(named, every=every)
+        self.telemetry = Telemetry(named, every=every, pipeline_group=pipeline_group)
         self.fused = _is_fused(optimizer)
         self.step_count = 0
         self.skipped_steps = 0
