@@ -297,7 +297,9 @@ class Telemetry:
         self._before: list[Tensor] | None = None
         self._next_step = 0
         self._reducer = (
-            None if pipeline_group is None else distributed.NormReducer(len(named), pipeline_group)
+            None
+            if pipeline_group is None
+            else distributed.NormReducer(len(named), pipeline_group, self.names)
         )
 
     # ---- per step (no host sync) ------------------------------------------------------
@@ -309,7 +311,7 @@ class Telemetry:
         """The reducer, built at the first step under torch.distributed (a Telemetry may be
         made before ``init_process_group``)."""
         if self._reducer is None and dist.is_available() and dist.is_initialized():
-            self._reducer = distributed.NormReducer(len(self.params))
+            self._reducer = distributed.NormReducer(len(self.params), names=self.names)
         return self._reducer
 
     def _scalar(self, x: Tensor | float | None, default: float) -> Tensor:

@@ -1,126 +1,27 @@
-"""torch.distributed support: global norms on any device mesh, identical windows.
+"""Per step: global gradient norms on any device mesh with one all-reduce.
 
-Two rules make a guarded run behave the same on every rank:
-
-* **per step** (hot path): DDP gradients are already averaged, so their norms are global as
-  they are. DTensor gradients (FSDP2, tensor parallel, HSDP, 2-D meshes, several meshes
-  at once) are shards: each rank raises its local norms to the p-th power, divides each by
-  the number of ranks holding an identical copy of that shard, and **one** all-reduce over
-  every rank that holds the model sums them (``MAX`` with a NaN flag for the inf-norm).
-  A parameter sharded over a 2-D mesh is thus summed over exactly the dimensions that
-  shard it, and a dp-only norm weight has its tensor-parallel replicas counted once. Every
-  per-parameter norm, the total, the finite flag and the clip coefficient come out of that
-  one buffer, so a NaN in any rank's shard makes every rank skip the same step.
-  Pipeline stages put their norms side by side in the same buffer (:class:`NormReducer`).
-* **per flush** (off the hot path): the ranks exchange their local losses and local
-  finite flags in one ``all_gather_object`` (which also carries events a rank added on its
-  own), and rank 0's telemetry window is broadcast, so detectors and recovery decide from
-  identical numbers. Sinks write on rank 0 only by default.
-
-Nothing here runs outside ``torch.distributed`` (one process: every helper is a no-op).
+Each rank raises its local shard norms to the p-th power and weights each by
+``shards / R`` (``R``: the ranks that hold the model; ``shards``: the product of the
+sizes of the mesh dimensions that shard it), so that one SUM over the ``R`` ranks counts
+every shard once, however many ranks replicate it (``MAX`` plus a NaN flag for the
+inf-norm). Pipeline stages put their slots side by side in the same buffer.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from .events import Event
+from .world import is_dtensor
 
-__all__ = [
-    "DistContext",
-    "NormReducer",
-    "agree_window_",
-    "clean_name",
-    "context",
-    "is_distributed",
-    "is_dtensor",
-    "merge_events",
-    "nonfinite_ranks",
-    "rank",
-    "reduce_partial_grads_",
-    "shard_count",
-    "unwrap",
-    "world_size",
-]
+__all__ = ["NormReducer", "Reduced", "reduce_partial_grads_", "shard_count"]
 
-
-def is_distributed() -> bool:
-    """True inside an initialised ``torch.distributed`` process group of 2+ ranks.
-
-    Example:
-        >>> import gradguard.distributed as ggd
-        >>> ggd.is_distributed(), ggd.rank(), ggd.world_size()
-        (False, 0, 1)
-    """
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    """This process's global rank (0 outside torch.distributed)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    """Number of ranks (1 outside torch.distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_dtensor(t: object) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (checked without importing it)."""
-    return t is not None and hasattr(t, "device_mesh") and hasattr(t, "placements")
-
-
-# ---- names: the user's module paths, not the wrappers' ---------------------------------
-
-#: Attributes through which wrappers hold the user's module: FSDP1, activation
-#: checkpointing (torchtitan wraps each block), ``torch.compile``. FSDP2 (``fully_shard``)
-#: and tensor parallel (``parallelize_module``) keep the names as they are.
-WRAPPER_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
-_WRAPPER_SEGMENT = re.compile(r"(^|\.)(?:" + "|".join(WRAPPER_ATTRS) + r")(?=\.|$)")
-
-
-def clean_name(name: str) -> str:
-    """A parameter or module name without the path segments wrappers insert.
-
-    Example:
-        >>> clean_name("layers.0._checkpoint_wrapped_module._orig_mod.attn.wq.weight")
-        'layers.0.attn.wq.weight'
-        >>> clean_name("_fsdp_wrapped_module.head.bias")
-        'head.bias'
-    """
-    return _WRAPPER_SEGMENT.sub("", name).lstrip(".")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside ``DistributedDataParallel`` / ``DataParallel`` (their
-    parameter names carry a ``module.`` prefix) and the top-level wrappers of
-    :data:`WRAPPER_ATTRS`, the model itself otherwise.
-
-    Example:
-        >>> import torch, gradguard.distributed as ggd
-        >>> net = torch.nn.Linear(2, 1)
-        >>> ggd.unwrap(torch.nn.DataParallel(net)) is net
-        True
-    """
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner = model.module
-        else:
-            inner = next((getattr(model, a) for a in WRAPPER_ATTRS if hasattr(model, a)), None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-# ---- placements -----------------------------------------------------------------------
 
 _ALLOWED = "Shard, _StridedShard or Replicate"
 
@@ -234,6 +135,7 @@ class NormReducer:
     Args:
         n_params: number of parameters this rank measures.
         pipeline_group: None, or a ProcessGroup / 1-D DeviceMesh over the pipeline stages.
+        names: the parameters' names, for errors (their positions otherwise).
 
     Example:
         >>> import torch, gradguard.distributed as ggd
@@ -243,8 +145,11 @@ class NormReducer:
         None
     """
 
-    def __init__(self, n_params: int, pipeline_group: Any = None) -> None:
+    def __init__(
+        self, n_params: int, pipeline_group: Any = None, names: Sequence[str] | None = None
+    ) -> None:
         self.n_params = n_params
+        self.names = list(names) if names is not None else [str(i) for i in range(n_params)]
         self.stages, self.offset, self.length = 1, 0, n_params
         self._inv_cache: dict[tuple[Any, ...], Tensor] = {}
         self._rank_cache: dict[int, tuple[Any, frozenset[int]]] = {}
@@ -295,11 +200,11 @@ class NormReducer:
         for i, t in enumerate(placed):
             n = 1
             if is_dtensor(t):
-                n = shard_count(t, f"parameter {i} (gradient of shape {tuple(t.shape)})")
+                n = shard_count(t, f"parameter {self.names[i]!r} of shape {tuple(t.shape)}")
                 if size % t.device_mesh.size():
                     raise NotImplementedError(
-                        f"parameter {i}: its mesh {t.device_mesh} does not tile the "
-                        f"{size} ranks that hold the model"
+                        f"parameter {self.names[i]!r}: its mesh {t.device_mesh} does not "
+                        f"tile the {size} ranks that hold the model"
                     )
             reps.append(n / size)  # shards are held by size / n ranks each
         key = (device, *reps)
@@ -354,123 +259,10 @@ class NormReducer:
         local = torch.stack([zero if n is None else n.to(torch.float64) for n in per_param])
         out = self.reduce(local[None], placed, norm_type)
         assert out is not None
-        dtype = next((n.dtype for n in per_param if n is not None), torch.float32)
-        for i, g in enumerate(out.norms[0].unbind()):
-            per_param[i] = g.to(dtype)
-        return out.total[0].to(dtype), out.local_ok
-
-
-# ---- per flush: identical windows, gathered events -----------------------------------
-
-
-@dataclass
-class DistContext:
-    """The rank and world of a guarded run (``None`` context outside torch.distributed)."""
-
-    rank: int
-    world_size: int
-    group: Any = None
-
-
-def context() -> DistContext | None:
-    """The current :class:`DistContext`, or None in a single process."""
-    if not is_distributed():
-        return None
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
-
-
-def _event_key(e: Event) -> tuple[Any, ...]:
-    return (e.kind, e.step, e.layer, e.message)
-
-
-def merge_events(per_rank: Sequence[Sequence[Event]]) -> list[Event]:
-    """Merge events gathered from every rank: an event every rank produced (an identical
-    decision) appears once with ``rank=None``; one seen on some ranks only appears once,
-    naming the first rank that saw it (unless it already names one). Step order is kept.
-    """
-    n = len(per_rank)
-    seen: dict[tuple[Any, ...], list[Any]] = {}
-    for r, events in enumerate(per_rank):
-        for e in events:
-            entry = seen.setdefault(_event_key(e), [e, set()])
-            entry[1].add(r)
-    out: list[Event] = []
-    for e, ranks in seen.values():
-        if e.rank is None and len(ranks) < n:
-            e.rank = min(ranks)
-        out.append(e)
-    out.sort(key=lambda e: e.step)
-    return out
-
-
-def nonfinite_ranks(
-    loss: Sequence[Sequence[float]], local_ok: Sequence[Sequence[float]]
-) -> list[list[int]]:
-    """For each step of a window, the ranks where the trouble started.
-
-    The ranks whose own loss is non-finite are the origin (their NaN reached every rank
-    through the gradient all-reduce), unless every rank's loss is (or none was given);
-    then the ranks whose own gradient shards were non-finite; otherwise every rank.
-
-    Example:
-        >>> nan = float("nan")
-        >>> nonfinite_ranks([[1.0, 1.0], [1.0, nan]], [[1.0, 0.0], [1.0, 0.0]])
-        [[0, 1], [1]]
-
-    Args:
-        loss: ``[world][n]`` each rank's own loss per step (NaN when not given).
-        local_ok: ``[world][n]`` 1.0 where that rank's own gradients were finite.
-    """
-    world = len(loss)
-    n = len(loss[0]) if world else 0
-    out: list[list[int]] = []
-    for i in range(n):
-        bad_loss = [r for r in range(world) if not math.isfinite(loss[r][i])]
-        if len(bad_loss) == world:
-            bad_loss = []
-        bad_grad = [r for r in range(world) if local_ok[r][i] < 0.5]
-        out.append(bad_loss or bad_grad or list(range(world)))
-    return out
-
-
-def agree_window_(
-    rows: Tensor, local_events: Sequence[Event], ctx: DistContext
-) -> tuple[list[list[int]], list[Event]]:
-    """Make a flush window identical on every rank (called by the Guard at flush).
-
-    One ``all_gather_object`` exchanges each rank's own loss, its local-finite flags and
-    the events it added since the last flush; the loss column becomes the mean over the
-    ranks that gave a loss (NaN when one of them was NaN; under pipelining only the last
-    stage has one), then rank 0's rows are broadcast so that detectors and recovery see
-    the same numbers everywhere.
-
-    Args:
-        rows: the live ``[n, 6 + n_params]`` telemetry rows (``Telemetry.pending_rows()``;
-            the first 6 columns only under pipeline stages).
-        local_events: events this rank added since the last flush.
-        ctx: the run's :class:`DistContext`.
-
-    Returns:
-        ``(origin ranks per step, merged events)``; see :func:`nonfinite_ranks` and
-        :func:`merge_events`.
-    """
-    mine: tuple[list[list[float]], list[Event]] = ([], list(local_events))
-    if rows.shape[0]:
-        mine = (rows[:, (0, 4, 5)].T.cpu().tolist(), mine[1])  # off the hot path: per flush
-    gathered: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, mine, group=ctx.group)
-    events = merge_events([g[1] for g in gathered])
-    if not rows.shape[0]:
-        return [], events
-    loss, local_ok, given = (torch.tensor([g[0][c] for g in gathered]) for c in range(3))
-    gave = given > 0.5
-    mean = torch.where(gave, loss, 0.0).sum(dim=0) / gave.sum(dim=0)  # none gave: NaN
-    rows[:, 0].copy_(mean.to(rows.device))
-    buf = rows.contiguous()  # under pipeline stages a column slice of the ring buffer
-    src = dist.get_global_rank(ctx.group, 0) if ctx.group is not None else 0
-    dist.broadcast(buf, src=src, group=ctx.group)
-    if buf.data_ptr() != rows.data_ptr():
-        rows.copy_(buf)
-    # a rank without a loss is no origin of a non-finite one
-    own_loss = torch.where(gave, loss, 0.0).tolist()
-    return nonfinite_ranks(own_loss, local_ok.tolist()), events
+        dtypes = [n.dtype for n in per_param if n is not None]
+        total_dtype = dtypes[0] if dtypes else torch.float32
+        for d in dtypes:  # as torch.stack promotes the local norms in one process
+            total_dtype = torch.promote_types(total_dtype, d)
+        for i, (old, g) in enumerate(zip(per_param, out.norms[0].unbind())):
+            per_param[i] = g.to(total_dtype if old is None else old.dtype)
+        return out.total[0].to(total_dtype), out.local_ok
