@@ -12,11 +12,11 @@ skips the step, because the NaN travels in the all-reduce. The event names rank 
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 import torch.distributed as dist
+from dist_common import D_IN, batch, finish, start
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -25,16 +25,11 @@ import gradguard as gg
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--run-dir", default="runs/hsdp")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    args = start("runs/hsdp")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+    model = nn.Sequential(nn.Linear(D_IN, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                           nn.Linear(64, 1))
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -46,8 +41,8 @@ def main() -> None:
     with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=10,
                   sinks=[gg.JsonlSink(args.run_dir)]) as guard:
         for step in range(args.steps):
-            x = torch.randn(32, 16, generator=data)
-            loss = nn.functional.mse_loss(model(x), x[:, :4].sum(dim=1, keepdim=True).sin())
+            x, y = batch(data)
+            loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
             if step == 15 and dist.get_rank() == 3:
                 with torch.no_grad():
@@ -55,13 +50,10 @@ def main() -> None:
             guard.step(loss)
             opt.zero_grad()
 
-    if dist.get_rank() == 0:
-        print(f"mesh={mesh} steps={guard.step_count} skipped={guard.skipped_steps}")
-        for e in guard.events:
-            print(f"  [{e.severity}] {e.message} (rank={e.rank})")
-    dist.destroy_process_group()
-    if guard.skipped_steps != 1:
-        raise SystemExit(f"expected one skipped step on every rank, got {guard.skipped_steps}")
+    skipped = guard.skipped_steps
+    finish(guard, args.run_dir, model)
+    if skipped != 1:
+        raise SystemExit(f"expected one skipped step on every rank, got {skipped}")
 
 
 if __name__ == "__main__":

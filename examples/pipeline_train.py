@@ -13,11 +13,11 @@ gradient: stage 1, whose own gradients are finite, skips the same step.
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 import torch.distributed as dist
+from dist_common import D_IN, batch, start
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
@@ -33,7 +33,7 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.layers = nn.ModuleDict({"0": nn.Linear(16, 64), "1": nn.Linear(64, 64),
+        self.layers = nn.ModuleDict({"0": nn.Linear(D_IN, 64), "1": nn.Linear(64, 64),
                                      "2": nn.Linear(64, 64), "3": nn.Linear(64, 1)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,11 +43,7 @@ class Net(nn.Module):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    args = start(None)
     rank = dist.get_rank()
     pp = init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
 
@@ -61,8 +57,7 @@ def main() -> None:
 
     with gg.Guard(net, opt, clip=gg.ZClip(), every=10, pipeline_group=pp) as guard:
         for step in range(args.steps):
-            x = torch.randn(32, 16, generator=data)
-            y = x[:, :4].sum(dim=1, keepdim=True).sin()
+            x, y = batch(data)
             losses: list[torch.Tensor] = []
             if rank == 1:
                 schedule.step(target=y, losses=losses)

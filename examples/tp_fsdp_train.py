@@ -15,12 +15,11 @@ The script checks at the end that the TP replicas still hold the same parameters
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 
 import torch
 import torch.distributed as dist
+from dist_common import D_IN, batch, finish, start
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -43,7 +42,7 @@ class Block(nn.Module):
 class Net(nn.Module):
     def __init__(self, d: int = 32, depth: int = 2) -> None:
         super().__init__()
-        self.emb = nn.Linear(16, d)
+        self.emb = nn.Linear(D_IN, d)
         self.blocks = nn.ModuleList([Block(d) for _ in range(depth)])
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1)
@@ -56,12 +55,7 @@ class Net(nn.Module):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--run-dir", default="runs/tp_fsdp")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    args = start("runs/tp_fsdp")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
 
     torch.manual_seed(0)
@@ -77,8 +71,8 @@ def main() -> None:
     with gg.Guard(model, opt, clip=gg.ZClip(), every=10,
                   sinks=[gg.JsonlSink(args.run_dir)]) as guard:
         for step in range(args.steps):
-            x = torch.randn(32, 16, generator=data)
-            loss = nn.functional.mse_loss(model(x), x[:, :4].sum(dim=1, keepdim=True).sin())
+            x, y = batch(data)
+            loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
             if step == 15 and dist.get_rank() == 3:
                 with torch.no_grad():  # rank 3's own shard of a dp-only norm weight
@@ -86,20 +80,7 @@ def main() -> None:
             guard.step(loss)
             opt.zero_grad()
 
-    # the TP replicas of every dp-only parameter stepped (and skipped) alike
-    flat = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, flat)
-    same = all(torch.equal(gathered[0], g) for g in gathered)
-    if dist.get_rank() == 0:
-        print(f"mesh={mesh} steps={guard.step_count} skipped={guard.skipped_steps} "
-              f"ranks identical={same}")
-        for e in guard.events:
-            print(f"  [{e.severity}] {e.message} (rank={e.rank})")
-        print(f"events and metrics in {os.path.abspath(args.run_dir)}")
-    dist.destroy_process_group()
-    if not same:
-        raise SystemExit("parameters differ across ranks")
+    finish(guard, args.run_dir, model)  # the TP replicas stepped (and skipped) alike
 
 
 if __name__ == "__main__":

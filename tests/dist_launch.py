@@ -83,18 +83,17 @@ def run_worker(main: Callable[[int, str], dict[str, Any]], out: str, timeout_s: 
         dist.destroy_process_group()
 
 
-class CollectiveCounter:
-    """Counts the torch.distributed collectives gradguard issues inside a block."""
+class CallCounter:
+    """Counts, inside a block, the calls of some attributes of ``target`` (patched)."""
 
-    NAMES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "reduce_scatter")
+    def __init__(self, target: Any, names: tuple[str, ...]) -> None:
+        self.target, self.names = target, names
 
-    def __enter__(self) -> CollectiveCounter:
-        import torch.distributed as dist
-
-        self.counts = {n: 0 for n in self.NAMES}
-        self._orig = {n: getattr(dist, n) for n in self.NAMES}
-        for n in self.NAMES:
-            setattr(dist, n, self._wrap(n, self._orig[n]))
+    def __enter__(self) -> CallCounter:
+        self.counts = {n: 0 for n in self.names}
+        self._orig = {n: getattr(self.target, n) for n in self.names}
+        for n in self.names:
+            setattr(self.target, n, self._wrap(n, self._orig[n]))
         return self
 
     def _wrap(self, name: str, fn: Any) -> Any:
@@ -105,10 +104,24 @@ class CollectiveCounter:
         return wrapper
 
     def __exit__(self, *exc: object) -> None:
-        import torch.distributed as dist
-
         for n, fn in self._orig.items():
-            setattr(dist, n, fn)
+            setattr(self.target, n, fn)
+
+
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "reduce_scatter")
+HOST_SYNCS = ("item", "__bool__", "__float__", "__int__", "tolist", "numpy", "cpu")
+
+
+def CollectiveCounter() -> CallCounter:
+    """The torch.distributed collectives gradguard issues inside a block."""
+    import torch.distributed as dist
+
+    return CallCounter(dist, COLLECTIVES)
+
+
+def SyncCounter() -> CallCounter:
+    """The Tensor methods that make the host wait for the device, inside a block."""
+    return CallCounter(torch.Tensor, HOST_SYNCS)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -130,3 +143,30 @@ def event(res: dict[str, Any], kind: str, step: int) -> dict[str, Any]:
     found = [e for e in res["events"] if e["kind"] == kind and e["step"] == step]
     assert len(found) == 1, f"expected one {kind} event at step {step}: {res['events']}"
     return found[0]
+
+
+def guard_results(
+    guard: Any, model: torch.nn.Module, norms: list[torch.Tensor], coefs: list[torch.Tensor]
+) -> dict[str, Any]:
+    """What the tests compare after a guarded run: per-step total norms, the clip
+    coefficients of every flushed window, full parameters, skips, events, the last
+    window, and the clip policy's state."""
+    window = guard.last_window
+    assert window is not None
+    return {
+        "norms": torch.stack(norms),
+        "clip_coef": torch.cat(coefs),
+        "params": {n: full(p) for n, p in model.named_parameters()},
+        "skipped": guard.skipped_steps,
+        "events": [e.to_json() for e in guard.events],
+        "window": {
+            "loss": window.loss,
+            "total_norm": window.total_norm,
+            "names": list(window.names),
+            "layers": list(window.layers),
+            "layer_norms": window.layer_norms(),
+            "weight_norms": window.weight_norms,
+            "update_norms": window.update_norms,
+        },
+        "clip_state": guard.clip.state_dict(),
+    }

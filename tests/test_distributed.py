@@ -23,6 +23,7 @@ from tests.dist_launch import (
     close,
     event,
     full,
+    guard_results,
     identical,
     launch,
     run_worker,
@@ -124,22 +125,8 @@ def train(
             g = layer2.grad.to_local() if world > 1 and fsdp else layer2.grad  # type: ignore[operator]
             g[-1] = math.nan
     nan_norms = {p: measure_grads(params, norm_type=p).total_norm.clone() for p in NORM_TYPES}
-    window = guard.last_window
-    return {
-        "norms": torch.stack(norms),
-        "clip_coef": torch.cat(coefs),
+    return guard_results(guard, model, norms, coefs) | {
         "grads0": grads0,
-        "params": {n: full(p) for n, p in model.named_parameters()},
-        "skipped": guard.skipped_steps,
-        "events": [e.to_json() for e in guard.events],
-        "window": {
-            "loss": window.loss,
-            "total_norm": window.total_norm,
-            "layer_norms": window.layer_norms(),
-            "weight_norms": window.weight_norms,
-            "update_norms": window.update_norms,
-        },
-        "zclip": guard.clip.state_dict() if backend == "fsdp" else None,  # type: ignore[union-attr]
         "counts": counts,
         "measured": measured,
         "nan_norms": nan_norms,
@@ -320,9 +307,9 @@ def test_spike_on_one_rank_clipped_identically(runs, backend):
     assert torch.equal(c0, c1)
     assert close(c0, ref["clip_coef"][SPIKE_STEP])
     if backend == "fsdp":
-        for key, value in ranks[0]["zclip"]["state"].items():
-            assert torch.equal(value, ranks[1]["zclip"]["state"][key]), key
-            assert close(value.double(), ref["zclip"]["state"][key].double()), key
+        for key, value in ranks[0]["clip_state"]["state"].items():
+            assert torch.equal(value, ranks[1]["clip_state"]["state"][key]), key
+            assert close(value.double(), ref["clip_state"]["state"][key].double()), key
 
 
 # ---- collectives: none per step for DDP, one for FSDP2 -------------------------------

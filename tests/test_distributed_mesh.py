@@ -22,7 +22,19 @@ from typing import Any
 
 import pytest
 import torch
-from tests.dist_launch import CollectiveCounter, close, event, full, identical, launch, run_worker
+from tests.dist_launch import (
+    COLLECTIVES,
+    HOST_SYNCS,
+    CollectiveCounter,
+    SyncCounter,
+    close,
+    event,
+    full,
+    guard_results,
+    identical,
+    launch,
+    run_worker,
+)
 from torch import nn
 
 import gradguard as gg
@@ -138,9 +150,10 @@ def train(mesh_kind: str, rank: int, world: int) -> dict[str, Any]:
         loss.backward()
         if step == NAN_STEP:
             poison_(model, rank, world)
-        with CollectiveCounter() as cc:
-            norms.append(guard.step(loss).detach().clone())
-        counts.append(cc.counts)
+        with CollectiveCounter() as cc, SyncCounter() as sc:
+            total = guard.step(loss)
+        norms.append(total.detach().clone())
+        counts.append(cc.counts | sc.counts)
         if step == 0:  # the gradients as the optimizer stepped them (after clipping)
             grads0 = {n: full(p.grad) for n, p in model.named_parameters()}
         opt.zero_grad()
@@ -154,20 +167,8 @@ def train(mesh_kind: str, rank: int, world: int) -> dict[str, Any]:
     measured = {p: measure_grads(params, norm_type=p).total_norm.clone() for p in NORM_TYPES}
     poison_(model, rank, world)
     nan_norms = {p: measure_grads(params, norm_type=p).total_norm.clone() for p in NORM_TYPES}
-    window = guard.last_window
-    assert window is not None
-    return {
-        "norms": torch.stack(norms),
-        "clip_coef": torch.cat(coefs),
+    return guard_results(guard, model, norms, coefs) | {
         "grads0": grads0,
-        "params": {n: full(p) for n, p in model.named_parameters()},
-        "skipped": guard.skipped_steps,
-        "events": [e.to_json() for e in guard.events],
-        "layers": list(window.layers),
-        "layer_norms": window.layer_norms(),
-        "weight_norms": window.weight_norms,
-        "update_norms": window.update_norms,
-        "zclip": guard.clip.state_dict(),  # type: ignore[union-attr]
         "placements": {n: str(getattr(p, "placements", None)) for n, p in model.named_parameters()},
         "counts": counts,
         "measured": measured,
@@ -296,19 +297,19 @@ def test_zclip_coefficients_and_state_identical_across_ranks(mesh):
     for res in ranks:
         assert identical(res["clip_coef"], ranks[0]["clip_coef"])
         assert close(res["clip_coef"], ref["clip_coef"])
-        for key, value in res["zclip"]["state"].items():
-            assert torch.equal(value, ranks[0]["zclip"]["state"][key]), key
-            assert close(value.double(), ref["zclip"]["state"][key].double()), key
+        for key, value in res["clip_state"]["state"].items():
+            assert torch.equal(value, ranks[0]["clip_state"]["state"][key]), key
+            assert close(value.double(), ref["clip_state"]["state"][key].double()), key
 
 
 def test_per_layer_norms_and_names_match_single_process(mesh):
     ranks, ref = mesh
-    assert ref["layers"] == ["emb", *[f"blocks.{i}.{m}" for i in (0, 1) for m in
+    assert ref["window"]["layers"] == ["emb", *[f"blocks.{i}.{m}" for i in (0, 1) for m in
                                       ("norm", "up", "down")], "norm", "head"]
     for res in ranks:
-        assert res["layers"] == ref["layers"]
+        assert res["window"]["layers"] == ref["window"]["layers"]
         for key in ("layer_norms", "weight_norms", "update_norms"):
-            assert close(res[key], ref[key]), key
+            assert close(res["window"][key], ref["window"][key]), key
 
 
 def test_measure_every_norm_order_matches_single_process(mesh):
@@ -319,13 +320,25 @@ def test_measure_every_norm_order_matches_single_process(mesh):
             assert torch.isnan(res["nan_norms"][p]), p  # rank 3's NaN reaches every rank
 
 
+def _non_flush_steps(res: dict[str, Any]) -> list[dict[str, int]]:
+    return [c for i, c in enumerate(res["counts"]) if i not in (EVERY - 1, STEPS - 1)]
+
+
 def test_guard_issues_one_allreduce_per_step(mesh):
     ranks, _ = mesh
-    flush_steps = {EVERY - 1, STEPS - 1}
     for res in ranks:
-        for i, c in enumerate(res["counts"]):
-            if i not in flush_steps:
-                assert c["all_reduce"] == 1 and sum(c.values()) == 1, (i, c)
+        for c in _non_flush_steps(res):
+            assert c["all_reduce"] == 1, c
+            assert sum(c[n] for n in COLLECTIVES) == 1, c
+
+
+def test_no_host_sync_per_step_beyond_the_guards_skip_decision(mesh):
+    """SGD is not fused: the Guard reads the finite flag once (``bool``); the reduction
+    over the meshes adds no host sync (step 0 also caches the meshes' ranks)."""
+    ranks, _ = mesh
+    for res in ranks:
+        for c in _non_flush_steps(res)[1:]:
+            assert {n: c[n] for n in HOST_SYNCS if c[n]} == {"__bool__": 1}, c
 
 
 def test_partial_gradients_are_refused_then_reduced(runs):

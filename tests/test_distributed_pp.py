@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 import torch
-from tests.dist_launch import CollectiveCounter, close, event, identical, launch, run_worker
+from tests.dist_launch import (
+    CollectiveCounter,
+    close,
+    event,
+    guard_results,
+    identical,
+    launch,
+    run_worker,
+)
 from torch import nn
 
 import gradguard as gg
@@ -70,24 +78,6 @@ def poison_(net: Net) -> None:
         net.layers["0"].weight.grad[1, 2] = math.nan  # type: ignore[index]
 
 
-def results(guard: gg.Guard, norms: list[torch.Tensor], coefs: list[torch.Tensor],
-            net: Net) -> dict[str, Any]:
-    window = guard.last_window
-    assert window is not None
-    return {
-        "norms": torch.stack(norms),
-        "clip_coef": torch.cat(coefs),
-        "loss": window.loss,
-        "layers": list(window.layers),
-        "layer_norms": window.layer_norms(),
-        "update_norms": window.layer_update_norms(),
-        "params": {n: p.detach().clone() for n, p in net.named_parameters()},
-        "skipped": guard.skipped_steps,
-        "events": [e.to_json() for e in guard.events],
-        "zclip": guard.clip.state_dict(),  # type: ignore[union-attr]
-    }
-
-
 def reference() -> dict[str, Any]:
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=LR)
@@ -103,7 +93,7 @@ def reference() -> dict[str, Any]:
         if guard.telemetry.pending == 0:
             coefs.append(guard.last_window.clip_coef.clone())  # type: ignore[union-attr]
     guard.close()
-    out = results(guard, norms, coefs, net)
+    out = guard_results(guard, net, norms, coefs)
     x, y = global_batches()[STEPS]
     nn.functional.mse_loss(net(x), y).backward()
     out["measured"] = measure_grads(list(net.parameters())).total_norm
@@ -141,7 +131,7 @@ def main(rank: int, out: str) -> dict[str, Any]:
         if guard.telemetry.pending == 0:
             coefs.append(guard.last_window.clip_coef.clone())  # type: ignore[union-attr]
     guard.close()
-    res = results(guard, norms, coefs, net)
+    res = guard_results(guard, net, norms, coefs)
     res["counts"] = counts
     x, y = global_batches()[STEPS]
     (schedule.step(target=y, losses=[]) if last else schedule.step(x))
@@ -167,11 +157,15 @@ def test_total_norm_is_the_whole_models_on_every_stage(runs):
 
 def test_per_layer_norms_are_each_stages_own(runs):
     ranks, ref = runs
+    want = ref["window"]
     for res, names in zip(ranks, STAGE_LAYERS):
-        assert res["layers"] == [f"layers.{n}" for n in names]
-        cols = [ref["layers"].index(lay) for lay in res["layers"]]
-        assert close(res["layer_norms"], ref["layer_norms"][:, cols])
-        assert close(res["update_norms"], ref["update_norms"][cols])
+        win = res["window"]
+        assert win["layers"] == [f"layers.{n}" for n in names]
+        cols = [want["layers"].index(lay) for lay in win["layers"]]
+        assert close(win["layer_norms"], want["layer_norms"][:, cols])
+        params = [want["names"].index(n) for n in win["names"]]
+        for key in ("weight_norms", "update_norms"):
+            assert close(win[key], want[key][params]), key
 
 
 def test_nan_in_the_first_stage_skips_on_both_stages(runs):
@@ -190,7 +184,8 @@ def test_clip_coefficients_and_parameters_match_single_process(runs):
     assert identical(ranks[0]["clip_coef"], ranks[1]["clip_coef"])
     for res in ranks:
         assert close(res["clip_coef"], ref["clip_coef"])
-        assert torch.equal(res["zclip"]["state"]["mean"], ranks[0]["zclip"]["state"]["mean"])
+        for key, value in res["clip_state"]["state"].items():
+            assert torch.equal(value, ranks[0]["clip_state"]["state"][key]), key
         for name, p in res["params"].items():
             assert close(p, ref["params"][name]), name
 
@@ -198,8 +193,8 @@ def test_clip_coefficients_and_parameters_match_single_process(runs):
 def test_window_loss_is_the_last_stages_on_every_stage(runs):
     ranks, ref = runs
     for res in ranks:
-        assert torch.isfinite(res["loss"]).all()
-        assert close(res["loss"], ref["loss"])
+        assert torch.isfinite(res["window"]["loss"]).all()
+        assert close(res["window"]["loss"], ref["window"]["loss"])
 
 
 def test_one_allreduce_per_step_for_all_stages(runs):
