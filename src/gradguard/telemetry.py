@@ -54,8 +54,8 @@ class StepStats:
         finite: scalar bool, ``isfinite(total_norm)``.
         groups: the gradients grouped by (device, dtype), for in-place clipping.
         norm_type: the norm order used.
-        local_finite: under FSDP2, ``isfinite`` of this rank's own shards before the
-            all-reduce (None: same as ``finite``).
+        local_finite: with DTensor gradients or pipeline stages, ``isfinite`` of this
+            rank's own norms before the all-reduce (None: same as ``finite``).
     """
 
     param_norms: Tensor
