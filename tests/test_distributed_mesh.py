@@ -140,7 +140,9 @@ def train(mesh_kind: str, rank: int, world: int) -> dict[str, Any]:
     model = Net()
     shard, n_shards = parallelize(mesh_kind, model) if world > 1 else (0, 1)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    guard = gg.Guard(model, opt, clip=gg.ZClip(warmup_steps=ZCLIP_WARMUP), every=EVERY)
+    recovery = gg.Recovery(skip_patience=1, snapshot_every=EVERY)  # one skip: back off
+    guard = gg.Guard(model, opt, clip=gg.ZClip(warmup_steps=ZCLIP_WARMUP), every=EVERY,
+                     recovery=recovery)
     norms, coefs, counts, grads0 = [], [], [], None
     rows = slice(shard * GLOBAL_BS // n_shards, (shard + 1) * GLOBAL_BS // n_shards)
     batches = global_batches()
@@ -171,6 +173,8 @@ def train(mesh_kind: str, rank: int, world: int) -> dict[str, Any]:
         "grads0": grads0,
         "placements": {n: str(getattr(p, "placements", None)) for n, p in model.named_parameters()},
         "counts": counts,
+        "decisions": [(d.action, d.step) for d in recovery.decisions],
+        "lr": opt.param_groups[0]["lr"],
         "measured": measured,
         "nan_norms": nan_norms,
     }
@@ -302,6 +306,17 @@ def test_zclip_coefficients_and_state_identical_across_ranks(mesh):
             assert close(value.double(), ref["clip_state"]["state"][key].double()), key
 
 
+def test_recovery_ladder_takes_the_same_decisions_on_every_rank(mesh):
+    ranks, ref = mesh
+    assert ("backoff", NAN_STEP) in ref["decisions"]
+    for res in ranks:
+        assert res["decisions"] == ref["decisions"]
+        assert res["lr"] == pytest.approx(ref["lr"])
+        assert [e for e in res["events"] if e["kind"] == "lr_backoff"] == [
+            e for e in ranks[0]["events"] if e["kind"] == "lr_backoff"
+        ]
+
+
 def test_per_layer_norms_and_names_match_single_process(mesh):
     ranks, ref = mesh
     assert ref["window"]["layers"] == ["emb", *[f"blocks.{i}.{m}" for i in (0, 1) for m in
@@ -334,11 +349,14 @@ def test_guard_issues_one_allreduce_per_step(mesh):
 
 def test_no_host_sync_per_step_beyond_the_guards_skip_decision(mesh):
     """SGD is not fused: the Guard reads the finite flag once (``bool``); the reduction
-    over the meshes adds no host sync (step 0 also caches the meshes' ranks)."""
+    over the meshes adds no host sync. Step 0 also caches the meshes' ranks, and the
+    recovery ladder reads the bad layers on the host when the NaN step triggers it."""
     ranks, _ = mesh
+    healthy = [i for i in range(1, STEPS) if i not in (EVERY - 1, STEPS - 1, NAN_STEP)]
     for res in ranks:
-        for c in _non_flush_steps(res)[1:]:
-            assert {n: c[n] for n in HOST_SYNCS if c[n]} == {"__bool__": 1}, c
+        for i in healthy:
+            c = res["counts"][i]
+            assert {n: c[n] for n in HOST_SYNCS if c[n]} == {"__bool__": 1}, (i, c)
 
 
 def test_partial_gradients_are_refused_then_reduced(runs):
