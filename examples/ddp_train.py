@@ -10,12 +10,11 @@ non-finite global norm and skips the same step, with no extra collective. Rank 0
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 
 import torch
 import torch.distributed as dist
+from dist_common import D_IN, batch, finish, start
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,16 +22,11 @@ import gradguard as gg
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--run-dir", default="runs/ddp")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    args = start("runs/ddp", steps=60)
+    rank = dist.get_rank()
 
     torch.manual_seed(0)  # the same initial weights on every rank
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    model = nn.Sequential(nn.Linear(D_IN, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
     ddp = DistributedDataParallel(model)
     opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3)
     data = torch.Generator().manual_seed(1234 + rank)  # each rank its own data
@@ -43,8 +37,7 @@ def main() -> None:
         sinks=[gg.JsonlSink(args.run_dir)],
     ) as guard:
         for step in range(args.steps):
-            x = torch.randn(32, 16, generator=data)
-            y = x[:, :4].sum(dim=1, keepdim=True).sin()
+            x, y = batch(data)
             if step == 20 and rank == 1:
                 x[0, 0] = math.nan  # a corrupt sample on rank 1 only
             loss = nn.functional.mse_loss(ddp(x), y)
@@ -52,12 +45,7 @@ def main() -> None:
             guard.step(loss)
             opt.zero_grad()
 
-    if rank == 0:
-        print(f"world={world} steps={guard.step_count} skipped={guard.skipped_steps}")
-        for e in guard.events:
-            print(f"  [{e.severity}] {e.message} (rank={e.rank})")
-        print(f"events and metrics in {os.path.abspath(args.run_dir)}")
-    dist.destroy_process_group()
+    finish(guard, args.run_dir, model)
 
 
 if __name__ == "__main__":

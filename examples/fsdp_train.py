@@ -12,12 +12,11 @@ end that both ranks hold the same parameters.
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 
 import torch
 import torch.distributed as dist
+from dist_common import D_IN, batch, finish, start
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
@@ -25,16 +24,11 @@ import gradguard as gg
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--run-dir", default="runs/fsdp")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    args = start("runs/fsdp", steps=60)
+    rank = dist.get_rank()
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    model = nn.Sequential(nn.Linear(D_IN, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)  # one FSDP unit per layer
@@ -47,8 +41,7 @@ def main() -> None:
         sinks=[gg.JsonlSink(args.run_dir)],
     ) as guard:
         for step in range(args.steps):
-            x = torch.randn(32, 16, generator=data)
-            y = x[:, :4].sum(dim=1, keepdim=True).sin()
+            x, y = batch(data)
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
             if step == 20 and rank == 1:
@@ -58,19 +51,7 @@ def main() -> None:
             opt.zero_grad()
 
     # every rank skipped the same steps: the full parameters agree bit for bit
-    full = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
-    gathered = [torch.empty_like(full) for _ in range(world)]
-    dist.all_gather(gathered, full)
-    same = all(torch.equal(gathered[0], g) for g in gathered)
-    if rank == 0:
-        print(f"world={world} steps={guard.step_count} skipped={guard.skipped_steps} "
-              f"ranks identical={same}")
-        for e in guard.events:
-            print(f"  [{e.severity}] {e.message} (rank={e.rank})")
-        print(f"events and metrics in {os.path.abspath(args.run_dir)}")
-    dist.destroy_process_group()
-    if not same:
-        raise SystemExit("parameters differ across ranks")
+    finish(guard, args.run_dir, model)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from tests.dist_launch import (
+    CollectiveCounter,
+    close,
+    event,
+    full,
+    guard_results,
+    identical,
+    launch,
+    run_worker,
+)
 
 import gradguard as gg
 from gradguard.telemetry import measure_grads
@@ -66,11 +73,6 @@ def make_model() -> torch.nn.Module:
 def make_clip(backend: str) -> gg.ClipPolicy:
     # DDP: a fixed norm clip; FSDP: ZClip, whose running statistics must agree across ranks
     return gg.NormClip(max_norm=0.25) if backend == "ddp" else gg.ZClip(warmup_steps=ZCLIP_WARMUP)
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    full_tensor = getattr(t, "full_tensor", None)
-    return (full_tensor() if callable(full_tensor) else t).detach().clone()
 
 
 def train(
@@ -123,22 +125,8 @@ def train(
             g = layer2.grad.to_local() if world > 1 and fsdp else layer2.grad  # type: ignore[operator]
             g[-1] = math.nan
     nan_norms = {p: measure_grads(params, norm_type=p).total_norm.clone() for p in NORM_TYPES}
-    window = guard.last_window
-    return {
-        "norms": torch.stack(norms),
-        "clip_coef": torch.cat(coefs),
+    return guard_results(guard, model, norms, coefs) | {
         "grads0": grads0,
-        "params": {n: full(p) for n, p in model.named_parameters()},
-        "skipped": guard.skipped_steps,
-        "events": [e.to_json() for e in guard.events],
-        "window": {
-            "loss": window.loss,
-            "total_norm": window.total_norm,
-            "layer_norms": window.layer_norms(),
-            "weight_norms": window.weight_norms,
-            "update_norms": window.update_norms,
-        },
-        "zclip": guard.clip.state_dict() if backend == "fsdp" else None,  # type: ignore[union-attr]
         "counts": counts,
         "measured": measured,
         "nan_norms": nan_norms,
@@ -177,44 +165,11 @@ def train_rollback(
     }
 
 
-class CollectiveCounter:
-    """Counts the torch.distributed collectives gradguard issues inside a block."""
-
-    NAMES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "reduce_scatter")
-
-    def __enter__(self) -> CollectiveCounter:
-        import torch.distributed as dist
-
-        self.counts = {n: 0 for n in self.NAMES}
-        self._orig = {n: getattr(dist, n) for n in self.NAMES}
-        for n in self.NAMES:
-            setattr(dist, n, self._wrap(n, self._orig[n]))
-        return self
-
-    def _wrap(self, name: str, fn: Any) -> Any:
-        def wrapper(*a: Any, **k: Any) -> Any:
-            self.counts[name] += 1
-            return fn(*a, **k)
-
-        return wrapper
-
-    def __exit__(self, *exc: object) -> None:
-        import torch.distributed as dist
-
-        for n, fn in self._orig.items():
-            setattr(dist, n, fn)
-
-
 # ---- the worker --------------------------------------------------------------------
 
 
-def worker(scenario: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=LAUNCH_TIMEOUT_S // 2))
-    try:
+def worker_main(scenario: str) -> Any:
+    def main(rank: int, out: str) -> dict[str, Any]:
         model = make_model()
         if scenario == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -222,72 +177,26 @@ def worker(scenario: str, out: str) -> None:
             res = train("ddp", model, rank, WORLD, None, DistributedDataParallel(model))
             fresh = make_model()
             res["rollback"] = train_rollback(fresh, rank, WORLD, DistributedDataParallel(fresh))
-        else:
-            from torch.distributed.fsdp import fully_shard
+            return res
+        from torch.distributed.fsdp import fully_shard
 
-            for layer in model:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer)
-            fully_shard(model)
-            res = train("fsdp", model, rank, WORLD, os.path.join(out, "run"))
-            fresh = make_model()
-            for layer in fresh:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer)
-            fully_shard(fresh)
-            res["rollback"] = train_rollback(fresh, rank, WORLD)
-        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        res = train("fsdp", model, rank, WORLD, os.path.join(out, "run"))
+        fresh = make_model()
+        for layer in fresh:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(fresh)
+        res["rollback"] = train_rollback(fresh, rank, WORLD)
+        return res
+
+    return main
 
 
 # ---- the launcher --------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def launch(scenario: str, out: Path) -> list[dict[str, Any]]:
-    """Run ``scenario`` on 2 ranks; fail (not hang) if it does not finish in time."""
-    port = free_port()
-    procs = []
-    for r in range(WORLD):
-        env = {
-            **os.environ,
-            "RANK": str(r),
-            "LOCAL_RANK": str(r),
-            "WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "GLOO_SOCKET_IFNAME": "lo",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, scenario, str(out)],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    try:
-        for p in procs:
-            stdout, _ = p.communicate(timeout=LAUNCH_TIMEOUT_S)
-            logs.append(stdout)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{scenario}: a rank hung (no exit within {LAUNCH_TIMEOUT_S}s)")
-    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-    assert not failed, "\n".join(f"{scenario} rank {r}:\n{logs[r][-3000:]}" for r in failed)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
@@ -297,28 +206,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     def get(scenario: str) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
         if scenario not in cache:
             out = tmp_path_factory.mktemp(scenario)
-            ranks = launch(scenario, out)
+            ranks = launch(__file__, scenario, out, world=WORLD, timeout_s=LAUNCH_TIMEOUT_S)
             ref = train(scenario, make_model(), 0, 1, None)
             ref["rollback"] = train_rollback(make_model(), 0, 1)
             cache[scenario] = (ranks, ref, out)
         return cache[scenario]
 
     return get  # type: ignore[return-value]
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
-
-
-def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical, NaN equal to NaN."""
-    return a.shape == b.shape and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
-
-
-def event(res: dict[str, Any], kind: str, step: int) -> dict[str, Any]:
-    found = [e for e in res["events"] if e["kind"] == kind and e["step"] == step]
-    assert len(found) == 1, f"expected one {kind} event at step {step}: {res['events']}"
-    return found[0]
 
 
 BACKENDS = ["ddp", "fsdp"]
@@ -413,9 +307,9 @@ def test_spike_on_one_rank_clipped_identically(runs, backend):
     assert torch.equal(c0, c1)
     assert close(c0, ref["clip_coef"][SPIKE_STEP])
     if backend == "fsdp":
-        for key, value in ranks[0]["zclip"]["state"].items():
-            assert torch.equal(value, ranks[1]["zclip"]["state"][key]), key
-            assert close(value.double(), ref["zclip"]["state"][key].double()), key
+        for key, value in ranks[0]["clip_state"]["state"].items():
+            assert torch.equal(value, ranks[1]["clip_state"]["state"][key]), key
+            assert close(value.double(), ref["clip_state"]["state"][key].double()), key
 
 
 # ---- collectives: none per step for DDP, one for FSDP2 -------------------------------
@@ -492,4 +386,4 @@ def test_guard_rejects_bad_sink_rank():
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])
+    run_worker(worker_main(sys.argv[1]), sys.argv[2], LAUNCH_TIMEOUT_S // 2)

@@ -77,6 +77,9 @@ class GuardConfig:
         sample_activations: at flush steps, measure dead ReLU-family units and saturated
             sigmoid/tanh outputs.
         detector_config: detector thresholds (:class:`gradguard.detectors.DetectorConfig`).
+        pipeline_group: under pipeline parallelism, the process group of the ranks that
+            hold the other stages (e.g. ``mesh["pp"].get_group()``): the total gradient
+            norm is then the whole model's, identical on every stage (docs/distributed.md).
     """
 
     clip: Any = None
@@ -89,6 +92,7 @@ class GuardConfig:
     watch_activations: bool = False
     sample_activations: bool = False
     detector_config: DetectorConfig | None = None
+    pipeline_group: Any = None
 
     def __post_init__(self) -> None:
         self.validate("GuardConfig")

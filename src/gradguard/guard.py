@@ -41,7 +41,7 @@ from .executors import (
     optimizer_kind,
 )
 from .monitor import Monitor, describe_nonfinite
-from .naming import named_optimizer_params, optimizer_layout, user_module
+from .naming import named_optimizer_params, optimizer_layout
 from .telemetry import StepStats, Telemetry, UpdateSampler, Window
 
 __all__ = [
@@ -97,7 +97,8 @@ class Guard:
         if self.dist is not None and cfg.sink_rank is not None and cfg.sink_rank >= self.dist.world_size:
             raise ValueError(f"Guard(sink_rank={cfg.sink_rank!r}): must be < world size {self.dist.world_size}")
         self._layout = optimizer_layout(optimizer)
-        self.telemetry = Telemetry(named_optimizer_params(model, optimizer), every=cfg.every)
+        self.telemetry = Telemetry(named_optimizer_params(model, optimizer), every=cfg.every,
+                                   pipeline_group=cfg.pipeline_group)
         self.kind = optimizer_kind(optimizer)
         self._needs_closure = needs_closure(optimizer)
         self._fresh = FreshState(optimizer)
@@ -108,7 +109,7 @@ class Guard:
         #: Batches a data-loader user should skip after a rollback (set by Recovery).
         self.batches_to_skip = 0
         self._sampler = UpdateSampler(self.telemetry, optimizer) if cfg.sample_updates else None
-        self._watch = ActivationWatch.for_config(user_module(model), cfg, self.telemetry)
+        self._watch = ActivationWatch.for_config(distributed.unwrap(model), cfg, self.telemetry)
         self._closed = self._aborted = False
         self._scaler_exec: Direct | Hook | None = None
         if callable(getattr(cfg.clip, "bind", None)):
@@ -230,8 +231,8 @@ class Guard:
         restored into the new one and are dropped."""
         self.flush()
         self._layout = optimizer_layout(self.optimizer)
-        self.telemetry = Telemetry(
-            named_optimizer_params(self.model, self.optimizer), every=self.every)
+        self.telemetry = Telemetry(named_optimizer_params(self.model, self.optimizer),
+                                   every=self.every, pipeline_group=self.config.pipeline_group)
         self.kind = optimizer_kind(self.optimizer)
         self._fresh.reset()  # the new parameters have no optimizer state yet
         if self._sampler is not None:

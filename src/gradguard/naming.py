@@ -1,8 +1,9 @@
 """Layer names: which module each parameter belongs to, in the model's own order.
 
 Names are module paths of the *user's* model (``encoder.layers.3.attn.q_proj.weight``):
-wrappers that add a prefix (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``) are
-looked through. Parameters are listed in module registration order, not in param-group
+wrappers that add a prefix or a path segment (DDP's ``module.``, ``torch.compile``'s
+``_orig_mod.``, activation checkpointing, FSDP1) are looked through
+(:func:`gradguard.distributed.unwrap`, :func:`gradguard.distributed.clean_name`). Parameters are listed in module registration order, not in param-group
 order: with the usual decay/no-decay groups the head would otherwise come before the
 LayerNorms, and "the first bad layer" and "the layers after it" would be wrong.
 """
@@ -14,6 +15,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .distributed.world import clean_name, unwrap
 from .errors import GradGuardWarning
 
 #: Layer name of parameters registered directly on the root module.
@@ -29,27 +31,6 @@ def layer_of(param_name: str) -> str:
     return head or ROOT_LAYER
 
 
-def user_module(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP/DataParallel and ``torch.compile`` wrappers.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Linear(2, 1)
-        >>> user_module(torch.nn.DataParallel(net)) is net
-        True
-    """
-    seen = 0
-    while seen < 8:  # wrappers of wrappers, but never a cycle
-        seen += 1
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            break
-    return model
-
-
 def named_optimizer_params(
     model: nn.Module, optimizer: torch.optim.Optimizer, *, warn: bool = True
 ) -> list[tuple[str, Tensor]]:
@@ -61,8 +42,9 @@ def named_optimizer_params(
     Raises:
         ValueError: when the optimizer holds none of the model's parameters.
     """
-    model = user_module(model)
-    order = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters(remove_duplicate=True))}
+    model = unwrap(model)
+    order = {id(p): (i, clean_name(n))
+             for i, (n, p) in enumerate(model.named_parameters(remove_duplicate=True))}
     known: list[tuple[int, str, Tensor]] = []
     other: list[tuple[str, Tensor]] = []
     seen: set[int] = set()
@@ -98,8 +80,7 @@ def head_params(model: nn.Module) -> set[int]:
     """``id``s of the parameters of the model's last module that has any, counting tied
     weights where they are *used* (GPT-2's ``lm_head.weight`` is ``wte.weight``): the
     output head, which AGC leaves unclipped by default."""
-    model = user_module(model)
-    named = list(model.named_parameters(remove_duplicate=False))
+    named = [(clean_name(n), p) for n, p in unwrap(model).named_parameters(remove_duplicate=False)]
     if not named:
         return set()
     last = layer_of(named[-1][0])

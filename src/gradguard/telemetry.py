@@ -20,8 +20,11 @@ from .naming import layer_of
 
 # Columns of the ring buffer before the per-parameter norms. LOCAL_OK: this rank's own
 # gradients were finite (before any all-reduce); it tells which rank a NaN came from.
-_COL_LOSS, _COL_TOTAL, _COL_COEF, _COL_SKIPPED, _COL_LOCAL_OK = 0, 1, 2, 3, 4
-_N_SCALARS = 5
+# LOSS_GIVEN: a loss was passed (pipeline stages: only the last stage has one).
+_COL_LOSS, _COL_TOTAL, _COL_COEF, _COL_SKIPPED, _COL_LOCAL_OK, _COL_LOSS_GIVEN = range(6)
+_N_SCALARS = 6
+
+
 @dataclass
 class GradGroup:
     """Gradients (and their parameters) sharing one device and dtype."""
@@ -43,8 +46,8 @@ class StepStats:
         finite: scalar bool, ``isfinite(total_norm)``.
         groups: the gradients grouped by (device, dtype), for in-place clipping.
         norm_type: the norm order used.
-        local_finite: under FSDP2, ``isfinite`` of this rank's own shards before the
-            all-reduce (None: same as ``finite``).
+        local_finite: with DTensor gradients or pipeline stages, ``isfinite`` of this
+            rank's own norms before the all-reduce (None: same as ``finite``).
         names: the parameters' names (module paths), parallel to ``params``.
     """
 
@@ -108,12 +111,14 @@ def measure_grads(
     accumulate_dtype: torch.dtype | None = torch.float32,
     device: torch.device | None = None,
     names: Sequence[str] | None = None,
+    pipeline_group: object = None,
 ) -> StepStats:
     """Norms of the gradients of ``params`` without any host synchronisation.
 
-    Under torch.distributed, DTensor (FSDP2) gradients are measured on their local shards
-    and turned into global norms with one all-reduce of the local p-th powers (see
-    :mod:`gradguard.distributed`); plain (DDP) gradients need no collective.
+    Under torch.distributed, DTensor gradients (FSDP2, tensor parallel, HSDP, any mesh)
+    are measured on their local shards and turned into global norms with one all-reduce
+    of the local p-th powers (see :mod:`gradguard.distributed`); plain (DDP) gradients need
+    no collective.
 
     Args:
         params: parameters (their ``.grad`` is read; ``None`` grads count as 0).
@@ -123,10 +128,26 @@ def measure_grads(
             exactly like ``torch.nn.utils.clip_grad_norm_``.
         device: where the result lives (default: the first parameter's device).
         names: the parameters' names (default: their positions, ``"0"``, ``"1"``, ...).
+        pipeline_group: pipeline stages: the group of ranks holding the other stages
+            (``mesh["pp"]``); the total norm is then the whole model's. Each call with a
+            group costs one extra ``all_gather_object``: a :class:`Telemetry` pays it once.
     """
-    norm_type = float(norm_type)
+    reducer = None
+    if pipeline_group is not None or (dist.is_available() and dist.is_initialized()):
+        reducer = distributed.NormReducer(len(params), pipeline_group)
     if names is None:
         names = [str(i) for i in range(len(params))]
+    return _measure(params, float(norm_type), accumulate_dtype, device, reducer, names)
+
+
+def _measure(
+    params: Sequence[Tensor],
+    norm_type: float,
+    accumulate_dtype: torch.dtype | None,
+    device: torch.device | None,
+    reducer: distributed.NormReducer | None,
+    names: Sequence[str],
+) -> StepStats:
     groups = group_grads(params)
     if device is None:
         device = params[0].device if len(params) else torch.device("cpu")
@@ -137,10 +158,10 @@ def measure_grads(
         norms = _foreach_norm_any(grads, norm_type, accumulate_dtype)
         for i, n in zip(grp.index, norms):
             per_param[i] = n if n.device == device else n.to(device, non_blocking=True)
-    local_ok = None
-    if dist.is_available() and dist.is_initialized():
+    total = local_ok = None
+    if reducer is not None:
         # before any early return: every rank must issue the same collective
-        local_ok = distributed.reduce_sharded_norms_(per_param, params, norm_type)
+        total, local_ok = reducer.reduce_grad_norms_(per_param, params, norm_type)
     present = [n for n in per_param if n is not None]
     if not present:
         zero = torch.zeros((), device=device, dtype=out_dtype)
@@ -155,7 +176,8 @@ def measure_grads(
             names,
         )
     # torch.stack promotes mixed dtypes exactly as clip_grad_norm_ does.
-    total = torch.linalg.vector_norm(torch.stack(present), norm_type)
+    if total is None:
+        total = torch.linalg.vector_norm(torch.stack(present), norm_type)
     if len(present) == len(params):
         param_norms = torch.stack(present)  # type: ignore[arg-type]
     else:
@@ -223,6 +245,10 @@ class Telemetry:
             (``"encoder.layers.3.attn.q_proj.weight"``).
         every: rows in the ring buffer; a flush happens when it is full.
         norm_type: order of the gradient norms (2 by default).
+        pipeline_group: pipeline parallel only: the group of ranks that hold the other
+            stages (a ProcessGroup or ``mesh["pp"]``). Per-layer norms stay this stage's;
+            the total norm, the skip and the clip coefficient are the whole model's, still
+            with one all-reduce per step. See docs/distributed.md.
 
     Example:
         >>> import torch, gradguard as gg
@@ -242,6 +268,7 @@ class Telemetry:
         *,
         every: int = 50,
         norm_type: float = 2.0,
+        pipeline_group: object = None,
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every={every!r} must be an int >= 1")
@@ -269,13 +296,24 @@ class Telemetry:
         self._extra: Tensor | None = None  # [2, n_params] weight and update norms
         self._before: list[Tensor] | None = None
         self._next_step = 0
+        self._reducer = (
+            None
+            if pipeline_group is None
+            else distributed.NormReducer(len(named), pipeline_group, self.names)
+        )
 
     # ---- per step (no host sync) ------------------------------------------------------
     def measure(self) -> StepStats:
         """Gradient norms of this step (device tensors)."""
-        return measure_grads(
-            self.params, norm_type=self.norm_type, device=self.device, names=self.names
-        )
+        return _measure(
+            self.params, self.norm_type, torch.float32, self.device, self._dist(), self.names)
+
+    def _dist(self) -> distributed.NormReducer | None:
+        """The reducer, built at the first step under torch.distributed (a Telemetry may be
+        made before ``init_process_group``)."""
+        if self._reducer is None and dist.is_available() and dist.is_initialized():
+            self._reducer = distributed.NormReducer(len(self.params), names=self.names)
+        return self._reducer
 
     def _scalar(self, x: Tensor | float | None, default: float) -> Tensor:
         if x is None:
@@ -312,6 +350,7 @@ class Telemetry:
                 self._scalar(
                     stats.finite if stats.local_finite is None else stats.local_finite, 1.0
                 ),
+                self._scalar(0.0 if loss is None else 1.0, 1.0),
                 stats.param_norms.to(self.device, torch.float32, non_blocking=True),
             ]
         )
@@ -320,10 +359,14 @@ class Telemetry:
         self._next_step = self._steps[-1] + 1
 
     def pending_rows(self) -> Tensor:
-        """The rows written since the last flush: a live ``[pending, 5 + n_params]`` view of
+        """The rows written since the last flush: a live ``[pending, 6 + n_params]`` view of
         the device ring buffer (columns: loss, total norm, clip coefficient, skipped, local
-        finite flag, then the per-parameter norms). Used to agree on a window across ranks."""
-        return self._buf[: len(self._steps)]
+        finite flag, loss given, then the per-parameter norms). Used to agree on a window
+        across ranks; under pipeline stages, whose parameters differ, the first 6 columns
+        only."""
+        rows = self._buf[: len(self._steps)]
+        staged = self._reducer is not None and self._reducer.stages > 1
+        return rows[:, :_N_SCALARS] if staged else rows
 
     @property
     def pending(self) -> int:
@@ -349,14 +392,11 @@ class Telemetry:
             w = torch.stack([n.to(self.device) for n in _foreach_norm_f32(now)])
             diff = torch._foreach_sub(now, self._before)
             u = torch.stack([n.to(self.device) for n in _foreach_norm_f32(diff)])
-            if dist.is_available() and dist.is_initialized():
-                # FSDP2: norms of local shards -> global norms (flush steps only)
-                wl: list[Tensor | None] = list(w.unbind())
-                ul: list[Tensor | None] = list(u.unbind())
-                if distributed.reduce_sharded_norms_(wl, self.params, 2.0) is not None:
-                    distributed.reduce_sharded_norms_(ul, self.params, 2.0)
-                    w = torch.stack(wl)  # type: ignore[arg-type]
-                    u = torch.stack(ul)  # type: ignore[arg-type]
+            reducer = self._dist()
+            # DTensor shards: local norms -> global ones, one all-reduce (flush steps only)
+            out = None if reducer is None else reducer.reduce(torch.stack([w, u]), self.params, 2.0)
+            if out is not None:
+                w, u = out.norms.float().unbind()
         self._before = None
         self._extra = torch.stack([w, u])
 
@@ -410,6 +450,9 @@ class Telemetry:
             raise ValueError("telemetry state_dict was saved for different parameters")
         buf = sd["buf"]
         assert isinstance(buf, Tensor)
+        if buf.shape[1] == self._buf.shape[1] - 1:  # saved before the loss-given column
+            ones = torch.ones_like(buf[:, :1])
+            buf = torch.cat([buf[:, :_COL_LOSS_GIVEN], ones, buf[:, _COL_LOSS_GIVEN:]], dim=1)
         if buf.shape != self._buf.shape:
             raise ValueError(
                 f"telemetry state_dict buffer shape {tuple(buf.shape)} != {tuple(self._buf.shape)}"

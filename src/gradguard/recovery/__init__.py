@@ -210,6 +210,11 @@ class Recovery:
         )
 
     @property
+    def decisions(self) -> list[Action]:
+        """What the ladder decided so far (back-offs, rollbacks, an abort), oldest first."""
+        return [a for a in self.actions if a.kind != "snapshot"]
+
+    @property
     def lr_factor(self) -> float:
         """The multiplier the ladder currently applies to every param group's LR."""
         return self.state.factor

@@ -16,11 +16,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from .. import distributed
 from ..errors import TrainingDiverged
 from ..events import Event
 from ..naming import OPTIMIZER_PREFIX, layer_of
+from ..telemetry import _local
 from .ladder import Action
 from .snapshots import copy_state
 
@@ -187,12 +190,14 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
 
 
 def all_finite(obj: Any) -> bool:
-    """True when every floating tensor (and float) in ``obj`` is finite; one host read per
-    device."""
+    """True when every floating tensor (and float) in ``obj`` is finite, on every rank: one
+    host read per device, and under torch.distributed one all-reduce, so that every rank
+    keeps (or drops) the same snapshot. DTensors are judged by their local shards."""
     flags: dict[torch.device, list[Tensor]] = {}
 
     def walk(x: Any) -> bool:
         if isinstance(x, Tensor):
+            x = _local(x)
             if x.is_floating_point() or x.is_complex():
                 flags.setdefault(x.device, []).append(torch.isfinite(x).all())
             return True
@@ -202,7 +207,13 @@ def all_finite(obj: Any) -> bool:
             return all(walk(v) for v in x)
         return not isinstance(x, float) or math.isfinite(x)
 
-    return walk(obj) and all(bool(torch.stack(f).all()) for f in flags.values())
+    ok = walk(obj) and all(bool(torch.stack(f).all()) for f in flags.values())
+    if distributed.is_distributed():
+        # on the parameters' device: NCCL reduces CUDA tensors only
+        flag = torch.tensor([float(ok)], device=next(iter(flags), torch.device("cpu")))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok
 
 
 def nonfinite_layers(guard: Guard, norms: Tensor) -> list[str]:
