@@ -313,8 +313,8 @@ def check_loss(loss: Any) -> Tensor | float | None:
         return loss
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return float(loss)  # Python and numpy scalars
-    if getattr(loss, "size", None) == 1 and callable(getattr(loss, "__float__", None)):
-        return float(loss)  # a one-element numpy array
+    if getattr(loss, "size", None) == 1 and callable(getattr(loss, "item", None)):
+        return float(loss.item())  # a one-element numpy array
     raise TypeError(
         f"guard.step(loss=...): expected a scalar Tensor, a number or None, got {type(loss).__name__}"
     )

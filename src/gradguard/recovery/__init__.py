@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
+from ..errors import GradGuardWarning
 from ..events import Event
 from . import actions
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
@@ -35,6 +37,7 @@ from .snapshots import (
     DiskSnapshotStore,
     MemorySnapshotStore,
     SnapshotError,
+    SnapshotWriter,
     check_int,
 )
 
@@ -68,8 +71,6 @@ RELAPSE_WINDOW_FACTOR = 10
 #: Event kinds that make a flushed window unhealthy (no snapshot from it).
 UNHEALTHY = frozenset({"nonfinite_grad", "skip", "loss_spike", "grad_spike"})
 
-SnapshotStore = MemorySnapshotStore | DiskSnapshotStore
-
 __all__ = [
     "BACKOFF", "KEEP", "MAX_ROLLBACKS", "RELAPSE_BACKOFF", "RELAPSE_WINDOW_FACTOR",
     "RESET_MOMENTS", "RESTORE_STEPS", "SKIP_PATIENCE", "SNAPSHOT_EVERY", "Action",
@@ -99,7 +100,11 @@ class Recovery:
             next rung (default: ``restore_steps``).
         snapshot_every: steps between snapshots (s, >= 1); taken only while healthy.
         keep: snapshots kept (>= 1).
-        snapshot_dir: write snapshots atomically there instead of CPU memory.
+        snapshot_dir: also write each snapshot there (atomically, on a background thread:
+            training never waits on the disk; a failed write warns once and the in-memory
+            snapshots go on serving rollbacks).
+        snapshot_memory: the most bytes the in-memory snapshots may hold (the newest is
+            always kept); None: ``keep`` snapshots (see :attr:`snapshot_bytes`).
         reset_moments: after a rollback, zero the optimizer state of the layers that
             exploded (``"exploded"``), of every parameter (``"all"``) or of none.
         max_rollbacks: rollbacks without a healthy snapshot in between before
@@ -152,6 +157,7 @@ class Recovery:
         skip_batches: int | None = None,
         relapse_backoff: float = RELAPSE_BACKOFF,
         relapse_window: int | None = None,
+        snapshot_memory: int | None = None,
     ) -> None:
         restore = check_int("restore_steps", restore_steps, 1)
         if reset_moments not in RESET_MOMENTS:
@@ -180,10 +186,12 @@ class Recovery:
         )
         self.reset_moments: ResetMoments = reset_moments
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
-        self.store: SnapshotStore = (
-            MemorySnapshotStore(keep=keep) if snapshot_dir is None
-            else DiskSnapshotStore(snapshot_dir, keep=keep)
-        )
+        #: the snapshots rollbacks restore from (host memory, pinned from CUDA)
+        self.store = MemorySnapshotStore(keep=keep, max_bytes=snapshot_memory)
+        #: their copies on disk, when ``snapshot_dir`` is set
+        self.disk = None if snapshot_dir is None else DiskSnapshotStore(snapshot_dir, keep=keep)
+        self._writer: SnapshotWriter | None = None
+        self._write_warned = False
         self.state = LadderState()
         self.actions: list[Action] = []  # what the ladder did, oldest first
         self._guard: weakref.ref[Guard] | None = None
@@ -230,6 +238,8 @@ class Recovery:
         if other is not None and other is not guard:
             raise ValueError("this Recovery is already attached to another Guard: make one each")
         self._guard = weakref.ref(guard)
+        if self.disk is not None:
+            self.disk.rank = None if guard.dist is None else guard.dist.rank
         if self._mult is None:
             self._mult = actions.LrMultiplier(guard.optimizer, lambda: self.state.factor)
 
@@ -238,12 +248,30 @@ class Recovery:
         if self._mult is not None:
             self._mult.remove()
             self._mult = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._warn_write_error()
         self._guard = None
+
+    def wait(self) -> None:
+        """Block until the snapshots submitted to ``snapshot_dir`` are on disk."""
+        if self._writer is not None:
+            self._writer.wait()
+            self._warn_write_error()
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Host memory the in-memory snapshots hold now."""
+        return self.store.nbytes()
 
     def relayout(self, guard: Guard) -> None:
         """The optimizer's parameter groups changed: the snapshots hold the old groups and
         cannot be loaded into it any more; the next healthy flush takes a new one."""
         self.store.clear()
+        if self.disk is not None:
+            self.wait()
+            self.disk.clear()
         self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
 
     def after_step(self, guard: Guard, stats: StepStats, skipped: Tensor | bool) -> None:
@@ -296,7 +324,7 @@ class Recovery:
             if a.kind == "backoff":
                 guard.add_event(actions.backoff_event(a, self.config.restore_steps))
             elif a.kind == "rollback":
-                snap = self.store.load_good(back=a.back)
+                snap = self._load(a.back)
                 if snap is None:  # nothing good to go back to yet: the deeper back-off only
                     guard.add_event(actions.backoff_event(a, self.config.restore_steps,
                                                           no_snapshot=True))
@@ -308,15 +336,38 @@ class Recovery:
         return acted
 
     def snapshot(self, guard: Guard, step: int | None = None) -> bool:
-        """Take a snapshot now (model, optimizer, clip policy). Returns False, keeping
-        nothing, when any value is NaN/Inf."""
+        """Take a snapshot now (model, optimizer, clip policy) into host memory, and hand a
+        copy to the disk writer. Returns False, keeping nothing, when any value is NaN/Inf."""
         step = guard.step_count - 1 if step is None else step
         state = actions.snapshot_state(guard, step)
         if state is None:
             return False
-        self.store.save(step, state)
+        busy = self._writer.busy if self._writer is not None else set()
+        self.store.save(step, state, busy=busy)
+        if self.disk is not None:
+            if self._writer is None:
+                self._writer = SnapshotWriter(self.disk)
+            self._warn_write_error()
+            self._writer.submit(step, self.store.load(-1))
         self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
         return True
+
+    def _load(self, back: int) -> dict[str, Any] | None:
+        """A copy of a good snapshot: from memory, else (after a resume) from disk."""
+        snap = self.store.load_good(back=back)
+        if snap is None and self.disk is not None:
+            self.wait()
+            snap = self.disk.load_good(back=back)
+        return snap
+
+    def _warn_write_error(self) -> None:
+        err = self._writer.error if self._writer is not None else None
+        if err is not None and not self._write_warned:
+            self._write_warned = True
+            warnings.warn(
+                f"gradguard: writing a snapshot to {self.snapshot_dir} failed ({err}); the "
+                "previous snapshot files are intact and rollbacks use the in-memory "
+                "snapshots; training goes on", GradGuardWarning, stacklevel=4)
 
     # ---- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -10,10 +10,12 @@ step would rewrite it). Disk snapshots are written to a temp file, fsynced, and
 
 from __future__ import annotations
 
-import math
 import os
+import queue
 import tempfile
+import threading
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -32,33 +34,53 @@ class SnapshotError(ValueError):
     """A snapshot file cannot be read (truncated, corrupt, or not a gradguard snapshot)."""
 
 
-def copy_state(obj: Any, device: torch.device | str = "cpu") -> Any:
+def copy_state(obj: Any, device: torch.device | str = "cpu", into: Any = None) -> Any:
     """A deep copy of a (nested) state dict with every tensor detached and copied to
-    ``device``: the copy shares no storage with ``obj``."""
+    ``device``: the copy shares no storage with ``obj``. ``into``: an earlier copy of the
+    same structure whose tensors are reused as destinations where shape and dtype match
+    (no new allocation for a ring of snapshots). Copies from a CUDA device go into pinned
+    host memory without blocking; :func:`wait_copies` makes them safe to read."""
     if isinstance(obj, Tensor):
-        return obj.detach().to(device, copy=True)
+        src = obj.detach()
+        if (isinstance(into, Tensor) and into.shape == src.shape and into.dtype == src.dtype
+                and into.device == torch.device(device)):
+            return into.copy_(src, non_blocking=src.is_cuda)
+        if src.is_cuda and torch.device(device).type == "cpu":
+            dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            return dst.copy_(src, non_blocking=True)
+        return src.to(device, copy=True)
     if isinstance(obj, dict):
-        return {k: copy_state(v, device) for k, v in obj.items()}
+        old: dict[Any, Any] = into if isinstance(into, dict) else {}
+        return {k: copy_state(v, device, old.get(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(copy_state(v, device) for v in obj)
+        seq = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        return type(obj)(copy_state(v, device, w) for v, w in zip(obj, seq))
     return obj
 
 
-def _all_finite(obj: Any) -> bool:
-    """True when every floating tensor in ``obj`` (host tensors) is finite."""
+def wait_copies() -> None:
+    """Wait for non-blocking device-to-host snapshot copies (a no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.current_stream().synchronize()
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes held by the tensors of a (nested) state."""
     if isinstance(obj, Tensor):
-        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+        return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return all(_all_finite(v) for v in obj.values())
+        return sum(state_bytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return all(_all_finite(v) for v in obj)
-    if isinstance(obj, float):
-        return math.isfinite(obj)
-    return True
+        return sum(state_bytes(v) for v in obj)
+    return 0
 
 
 class MemorySnapshotStore:
-    """Keeps the last ``keep`` snapshots in CPU memory.
+    """Keeps the last ``keep`` snapshots in CPU memory (pinned when taken from CUDA).
+
+    A new snapshot reuses the tensors of the one it evicts, so a running ring allocates
+    nothing. ``max_bytes`` bounds the ring: the oldest snapshots go first, the newest one is
+    always kept.
 
     Example:
         >>> from gradguard.recovery import MemorySnapshotStore
@@ -69,13 +91,24 @@ class MemorySnapshotStore:
         ([20, 30], 30)
     """
 
-    def __init__(self, *, keep: int = KEEP) -> None:
+    def __init__(self, *, keep: int = KEEP, max_bytes: int | None = None) -> None:
         self.keep = check_int("keep", keep, 1, "MemorySnapshotStore")
+        self.max_bytes = None if max_bytes is None else check_int(
+            "max_bytes", max_bytes, 1, "MemorySnapshotStore")
         self._snaps: list[tuple[int, dict[str, Any]]] = []
 
-    def save(self, step: int, state: dict[str, Any]) -> None:
-        self._snaps.append((step, copy_state(state)))
-        del self._snaps[: -self.keep]
+    def save(self, step: int, state: dict[str, Any], *, busy: Collection[int] = ()) -> None:
+        """Keep a copy of ``state``; ``busy``: steps whose copies are still being read
+        elsewhere (a disk write) and must not be reused as buffers."""
+        evicted = self._snaps.pop(0) if len(self._snaps) >= self.keep else None
+        reuse = evicted[1] if evicted is not None and evicted[0] not in busy else None
+        self._snaps.append((step, copy_state(state, "cpu", reuse)))
+        while self.max_bytes is not None and len(self._snaps) > 1 and self.nbytes() > self.max_bytes:
+            del self._snaps[0]
+
+    def nbytes(self) -> int:
+        """Bytes the kept snapshots hold."""
+        return sum(state_bytes(s) for _, s in self._snaps)
 
     def steps(self) -> list[int]:
         return [s for s, _ in self._snaps]
@@ -87,7 +120,8 @@ class MemorySnapshotStore:
         return len(self._snaps)
 
     def load(self, index: int = -1) -> dict[str, Any]:
-        """The snapshot at ``index`` (``-1``: newest)."""
+        """The snapshot at ``index`` (``-1``: newest), as stored (do not modify it)."""
+        wait_copies()
         return self._snaps[index][1]
 
     def load_good(self, back: int = 0) -> dict[str, Any] | None:
@@ -95,6 +129,7 @@ class MemorySnapshotStore:
         None if empty."""
         if not self._snaps:
             return None
+        wait_copies()
         return copy_state(self._snaps[max(-len(self._snaps), -1 - back)][1])
 
 
@@ -117,8 +152,13 @@ class DiskSnapshotStore:
         [1.0]
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, keep: int = KEEP) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, keep: int = KEEP, rank: int | None = None
+    ) -> None:
         self.keep = check_int("keep", keep, 1, "DiskSnapshotStore")
+        #: under torch.distributed each rank keeps its own files (``...-rank<r>.pt``), so
+        #: ranks sharing a directory never overwrite or restore each other's shards
+        self.rank = rank
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -134,18 +174,30 @@ class DiskSnapshotStore:
         except OSError as e:
             raise ValueError(f"snapshot_dir={str(directory)!r} is not writable: {e}") from e
 
+    @property
+    def _tag(self) -> str:
+        return "" if self.rank is None else f"-rank{self.rank}"
+
     def path(self, step: int) -> Path:
-        return self.directory / f"{SNAPSHOT_PREFIX}{step:010d}{SNAPSHOT_SUFFIX}"
+        return self.directory / f"{SNAPSHOT_PREFIX}{step:010d}{self._tag}{SNAPSHOT_SUFFIX}"
+
+    def _step_of(self, p: Path) -> int | None:
+        core = p.name[len(SNAPSHOT_PREFIX):-len(SNAPSHOT_SUFFIX)]
+        if self._tag:
+            if not core.endswith(self._tag):
+                return None
+            core = core[: -len(self._tag)]
+        return int(core) if core.isdigit() else None
 
     def paths(self) -> list[Path]:
-        """Snapshot files, oldest first (temp files are ignored)."""
+        """This rank's snapshot files, oldest first (temp files are ignored)."""
         return sorted(
             p for p in self.directory.glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}")
-            if p.name[len(SNAPSHOT_PREFIX):-len(SNAPSHOT_SUFFIX)].isdigit()
+            if self._step_of(p) is not None
         )
 
     def steps(self) -> list[int]:
-        return [int(p.name[len(SNAPSHOT_PREFIX):-len(SNAPSHOT_SUFFIX)]) for p in self.paths()]
+        return [s for p in self.paths() if (s := self._step_of(p)) is not None]
 
     def clear(self) -> None:
         for p in self.paths():
@@ -224,3 +276,74 @@ def check_int(name: str, value: Any, low: int, owner: str = "Recovery") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{owner}({name}={value!r}): must be an int >= {low}")
     return value
+
+
+class SnapshotWriter:
+    """Writes snapshots to a :class:`DiskSnapshotStore` on a background thread, so the
+    training thread never waits on the disk. A failed write (a full or unwritable disk)
+    is kept as :attr:`error`; the previous files stay as they were (writes are atomic).
+
+    Example:
+        >>> import tempfile
+        >>> from gradguard.recovery.snapshots import DiskSnapshotStore, SnapshotWriter
+        >>> writer = SnapshotWriter(DiskSnapshotStore(tempfile.mkdtemp()))
+        >>> writer.submit(3, {"step": 3})
+        >>> writer.wait(); writer.store.steps(), writer.error
+        ([3], None)
+        >>> writer.close()
+    """
+
+    def __init__(self, store: DiskSnapshotStore) -> None:
+        self.store = store
+        self.error: OSError | None = None
+        self._busy: set[int] = set()  # steps queued or being written
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[int, dict[str, Any]] | None] = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._run, name="gradguard-snapshots", daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int, state: dict[str, Any]) -> None:
+        """Queue ``state`` (a host copy the writer may keep) for writing. At most one write
+        waits: a newer snapshot replaces one not yet started."""
+        try:
+            old = self._queue.get_nowait()  # a newer snapshot supersedes it
+            self._queue.task_done()
+            with self._lock:
+                self._busy.discard(old[0] if old is not None else -1)
+        except queue.Empty:
+            pass
+        with self._lock:
+            self._busy.add(step)
+        self._queue.put((step, state))
+
+    @property
+    def busy(self) -> set[int]:
+        """Steps whose host copies the writer still reads."""
+        with self._lock:
+            return set(self._busy)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                wait_copies()
+                self.store.save(*item)
+                self.error = None
+            except OSError as e:
+                self.error = e
+            finally:
+                if item is not None:
+                    with self._lock:
+                        self._busy.discard(item[0])
+                self._queue.task_done()
+
+    def wait(self) -> None:
+        """Block until every submitted snapshot is written (or has failed)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self.wait()
+        self._queue.put(None)
+        self._thread.join(timeout=60)

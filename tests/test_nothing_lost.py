@@ -1,0 +1,324 @@
+"""Nothing lost (issue 14): snapshots own their memory, a resumed guard continues exactly,
+a full disk degrades instead of killing, a failing rank never enters a collective, sinks
+close after an abort, and constructor mistakes fail at construction."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from helpers import assert_same_run, batches, mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(guard, model, opt, data, bad=(), start=0, scaler=None):
+    for i, (x, y) in enumerate(data):
+        step = start + i
+        if scaler is not None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            loss = nn.functional.mse_loss(out.float(), y)
+        else:
+            loss = nn.functional.mse_loss(model(x), y)
+        if step in bad:
+            loss = loss * math.nan
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        guard.step(loss, scaler=scaler)
+        if scaler is not None:
+            scaler.update()
+        opt.zero_grad()
+
+
+# ---- snapshots own their memory --------------------------------------------------------
+def test_two_rollbacks_restore_the_same_state_bit_for_bit():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rec = gg.Recovery(skip_patience=1, snapshot_every=5, patience=3, restore_steps=3,
+                      max_rollbacks=5, reset_moments="none", keep=1)  # one snapshot, twice
+    guard = gg.Guard(model, opt, recovery=rec, every=5)
+    data = batches(40, seed=3)
+    train(guard, model, opt, data[:10])  # snapshots at steps 4 and 9
+    restored = []
+    for k in range(2):
+        start = 10 + 6 * k  # the chunk's last two steps are bad: a back-off, then a rollback
+        train(guard, model, opt, data[start:start + 6], bad={start + 4, start + 5}, start=start)
+        rb = [e for e in guard.events if e.kind == "rollback"]
+        assert len(rb) == k + 1
+        restored.append((rb[-1].data["snapshot_step"],
+                         [p.detach().clone() for p in model.parameters()],
+                         {i: {n: v.clone() for n, v in s.items()}
+                          for i, s in opt.state_dict()["state"].items()}))
+        # the rollback is followed by steps that move on
+        train(guard, model, opt, data[30:32], start=100 + k)
+    (step_a, params_a, state_a), (step_b, params_b, state_b) = restored
+    assert step_a == step_b == 9  # unhealthy windows in between: no newer snapshot
+    for a, b in zip(params_a, params_b):
+        assert torch.equal(a, b)
+    # the optimizer state restored the second time is the snapshot's, not what the steps
+    # after the first rollback did to it (the live state once aliased the stored one)
+    assert state_a.keys() == state_b.keys()
+    for i in state_a:
+        for n, v in state_a[i].items():
+            assert torch.equal(v, state_b[i][n]), (i, n)
+
+
+# ---- resume mid-window ---------------------------------------------------------------------
+def make_run(tmp_path, seed=0):
+    model = mlp(seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    rec = gg.Recovery(skip_patience=2, snapshot_every=4, snapshot_dir=tmp_path / "snaps")
+    guard = gg.Guard(model, opt, clip=gg.ZClip(warmup_steps=5), recovery=rec, every=6,
+                     watch_activations=True)
+    return model, opt, scaler, guard, rec
+
+
+def test_a_guard_resumed_mid_window_continues_exactly(tmp_path):
+    data = batches(40, seed=11)
+    bad = {9, 10, 21, 22, 23, 27}  # back-offs, a rollback, and skips straddling the resume
+    model, opt, scaler, guard, _ = make_run(tmp_path / "a")
+    train(guard, model, opt, data, bad=bad, scaler=scaler)
+    guard.close()
+    full_events = [e.to_json() for e in guard.events]
+
+    model, opt, scaler, guard, rec = make_run(tmp_path / "b")
+    train(guard, model, opt, data[:22], bad=bad, scaler=scaler)  # 22 % 6 != 0: mid-window
+    assert guard.telemetry.pending == 4
+    rec.wait()
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict(),
+            "scaler": scaler.state_dict(), "guard": guard.state_dict()}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    del model, opt, scaler, guard, rec
+    ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
+    model, opt, scaler, guard, rec = make_run(tmp_path / "b", seed=1)  # another init
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    scaler.load_state_dict(ckpt["scaler"])
+    guard.load_state_dict(ckpt["guard"])
+    train(guard, model, opt, data[22:], bad=bad, start=22, scaler=scaler)
+    guard.close()
+    resumed = [e.to_json() for e in guard.events]
+    assert [(e["kind"], e["step"]) for e in resumed] == [(e["kind"], e["step"]) for e in full_events]
+    assert resumed == full_events
+    assert {e["kind"] for e in full_events} >= {"lr_backoff", "rollback", "skip"}
+    ref_model, ref_opt, _, _, _ = make_run(tmp_path / "c")
+    # the uninterrupted run, once more, for the parameters and the optimizer state
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    ref_guard = gg.Guard(ref_model, ref_opt, clip=gg.ZClip(warmup_steps=5), every=6,
+                         watch_activations=True,
+                         recovery=gg.Recovery(skip_patience=2, snapshot_every=4,
+                                              snapshot_dir=tmp_path / "d"))
+    train(ref_guard, ref_model, ref_opt, data, bad=bad, scaler=ref_scaler)
+    ref_guard.close()
+    assert_same_run(model, opt, ref_model, ref_opt)
+
+
+# ---- a full disk ------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a 64k tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_warns_once_and_training_goes_on(tiny_disk):
+    model = mlp(width=64)  # ~5 k parameters: a snapshot is ~60 kB, two do not fit
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rec = gg.Recovery(skip_patience=1, snapshot_every=5, snapshot_dir=tiny_disk)
+    guard = gg.Guard(model, opt, recovery=rec, every=5)
+    data = batches(32, seed=2)
+    with pytest.warns(gg.GradGuardWarning, match="writing a snapshot .* failed") as caught:
+        train(guard, model, opt, data[:25])
+        rec.wait()
+        train(guard, model, opt, data[25:27], bad={25, 26}, start=25)
+        guard.close()
+    assert len([w for w in caught if "writing a snapshot" in str(w.message)]) == 1
+    assert not [p for p in tiny_disk.iterdir() if p.name.endswith(".tmp")]
+    good_files = rec.disk.steps()
+    assert len(good_files) <= 1  # the one that fitted (if any) is intact and loadable
+    for s in good_files:
+        assert rec.disk.load_path(rec.disk.path(s))["step"] == s
+    kinds = [e.kind for e in guard.events]
+    assert "rollback" in kinds  # from the in-memory snapshot
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- sinks after an abort -----------------------------------------------------------------------
+class RecordingSink:
+    def __init__(self):
+        self.closed = 0
+        self.aborted = []
+        self.flushes = 0
+
+    def write(self, flush):
+        self.flushes += 1
+
+    def close(self):
+        self.closed += 1
+
+    def on_abort(self, error):
+        self.aborted.append(type(error).__name__)
+
+
+def test_every_sink_is_closed_after_an_abort(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = gg.Recovery(skip_patience=1, snapshot_every=2, max_rollbacks=1, patience=50)
+    sinks = [RecordingSink(), gg.JsonlSink(tmp_path / "run"), RecordingSink()]
+    with pytest.raises(gg.TrainingDiverged):
+        with gg.Guard(model, opt, recovery=rec, every=2, sinks=sinks) as guard:
+            train(guard, model, opt, batches(40), bad=set(range(4, 40)))
+    assert sinks[0].closed == sinks[2].closed == 1
+    assert sinks[0].aborted == ["TrainingDiverged"]
+    assert sinks[1]._events.closed and sinks[1]._metrics.closed
+    assert "abort" in [r["kind"] for r in gg.read_jsonl(tmp_path / "run" / "events.jsonl")]
+
+
+# ---- construction --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda m, o: gg.Guard(m, o, clip=gg.ZClip), TypeError, r"clip=.*ZClip.*ZClip\(\)"),
+        (lambda m, o: gg.Guard(m, o, recovery=gg.Recovery), TypeError, r"recovery=.*Recovery\(\)"),
+        (lambda m, o: gg.Guard(m, o, sinks=gg.JsonlSink), TypeError, r"sinks=.*JsonlSink\(\)"),
+        (lambda m, o: gg.Guard(m, o, sinks=["runs/x"]), TypeError, "sinks="),
+        (lambda m, o: gg.Guard(m, o, every="5"), ValueError, "every='5'"),
+        (lambda m, o: gg.Guard(m, o, bogus=1), TypeError, r"unknown option\(s\) \['bogus'\]"),
+        (lambda m, o: gg.Recovery(snapshot_dir=123), TypeError, "snapshot_dir=123"),
+    ],
+)
+def test_constructor_mistakes_fail_at_construction(make, error, match):
+    model = mlp()
+    with pytest.raises(error, match=match):
+        make(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_one_sink_or_none_and_numpy_losses_are_accepted(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, sinks=gg.JsonlSink(tmp_path), every=2)
+    assert len(guard.sinks) == 1
+    assert gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), sinks=None).sinks == []
+    for x, y in batches(2):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(np.float32(loss.item()))
+        opt.zero_grad()
+    guard.step(np.array([0.5]))
+    guard.close()
+    losses = [r["loss"] for r in gg.read_jsonl(tmp_path / "metrics.jsonl") if r["type"] == "step"]
+    assert losses[-1] == 0.5 and len(losses) == 3
+
+
+# ---- a failing rank ------------------------------------------------------------------------
+WORKER = r"""
+import math, os, sys, time, torch, torch.distributed as dist
+from datetime import timedelta
+import gradguard as gg
+sys.path.insert(0, os.path.join(sys.argv[2], "tests"))
+from helpers import mlp, batches
+scenario, root, out = sys.argv[1], sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", timeout=timedelta(seconds=300))  # longer than the test waits
+rank = dist.get_rank()
+torch.manual_seed(rank)
+model = mlp(seed=rank)  # each rank its own parameters (no DDP): the snapshots differ
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+if scenario == "crash":
+    # under DDP the next collective of the healthy rank is a gradient all-reduce: a
+    # flush on the failing rank would be a mismatched collective (a hang)
+    model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gg.Guard(model, opt, every=3) as guard:
+        for step, (x, y) in enumerate(batches(20, seed=rank)):
+            if rank == 1 and step == 4:
+                raise RuntimeError("rank 1 fails mid-training")
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward(); guard.step(loss); opt.zero_grad()
+else:  # shared snapshot directory, a rollback on every rank
+    rec = gg.Recovery(skip_patience=1, snapshot_every=3, patience=10,
+                      snapshot_dir=os.path.join(out, "shared"))
+    guard = gg.Guard(model, opt, recovery=rec, every=3)
+    for step, (x, y) in enumerate(batches(12, seed=rank)):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if step in (7, 8):
+            loss = loss * math.nan
+        loss.backward(); guard.step(loss); opt.zero_grad()
+        if step == 8:
+            torch.save([p.detach().clone() for p in model.parameters()],
+                       os.path.join(out, f"end{rank}.pt"))
+        if step == 5:
+            rec.wait()
+            torch.save([p.detach().clone() for p in model.parameters()],
+                       os.path.join(out, f"good{rank}.pt"))
+            rec.store.clear()  # roll back from the shared directory, as after a restart
+    guard.close()
+    assert [e.kind for e in guard.events if e.kind == "rollback"] == ["rollback"], guard.events
+    torch.save(sorted(os.listdir(os.path.join(out, "shared"))), os.path.join(out, f"files{rank}.pt"))
+dist.destroy_process_group()
+"""
+
+
+def run_ranks(tmp_path, scenario, timeout_s):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = 29500 + os.getpid() % 2000
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        procs.append(subprocess.Popen([sys.executable, str(script), scenario, str(ROOT), str(tmp_path)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    t0 = time.monotonic()
+    logs, codes = [], []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, timeout_s - (time.monotonic() - t0)))
+            logs.append(out)
+            codes.append(p.returncode)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{scenario}: a rank hung past {timeout_s}s")
+    return codes, logs, time.monotonic() - t0
+
+
+def test_a_failing_rank_makes_the_other_fail_not_hang(tmp_path):
+    codes, logs, seconds = run_ranks(tmp_path, "crash", timeout_s=60)
+    assert codes[1] != 0 and "rank 1 fails mid-training" in logs[1]
+    # rank 1 left without entering a collective; rank 0's next one sees the closed peer
+    assert codes[0] != 0, logs[0][-2000:]
+    assert seconds < 60
+
+
+def test_ranks_sharing_a_snapshot_directory_roll_back_to_their_own_parameters(tmp_path):
+    codes, logs, _ = run_ranks(tmp_path, "shared", timeout_s=120)
+    assert codes == [0, 0], "\n".join(x[-2000:] for x in logs)
+    files = torch.load(tmp_path / "files0.pt")
+    assert files and all("-rank" in f for f in files)
+    assert {f.rsplit("-rank", 1)[1] for f in files} == {"0.pt", "1.pt"}
+    for r in range(2):
+        good, end = torch.load(tmp_path / f"good{r}.pt"), torch.load(tmp_path / f"end{r}.pt")
+        other = torch.load(tmp_path / f"good{1 - r}.pt")
+        assert all(torch.equal(a, b) for a, b in zip(good, end))  # its own snapshot
+        assert not torch.equal(good[0], other[0])
