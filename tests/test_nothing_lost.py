@@ -4,7 +4,6 @@ close after an abort, and constructor mistakes fail at construction."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
