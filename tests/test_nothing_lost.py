@@ -101,7 +101,7 @@ def test_a_guard_resumed_mid_window_continues_exactly(tmp_path):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     del model, opt, scaler, guard, rec
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
-    model, opt, scaler, guard, rec = make_run(tmp_path / "b", seed=1)  # another init
+    model, opt, scaler, guard, _ = make_run(tmp_path / "b", seed=1)  # another init
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
     scaler.load_state_dict(ckpt["scaler"])
