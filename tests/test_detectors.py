@@ -327,7 +327,8 @@ def test_watch_activations_adds_no_host_sync_per_step(sync_counter, opt_name, ex
         with sync_counter as c:
             guard.step(loss)
         opt.zero_grad()
-        if (i + 1) % 5 != 0:
+        # step 0 also keeps the initial snapshot (Recovery): a one-off host read, like a flush
+        if (i + 1) % 5 != 0 and i > 0:
             assert len(c.calls) <= bare + extra + fresh, (i, c.calls)
 
 

@@ -10,10 +10,11 @@ from gradguard.recovery import Action, LadderConfig, LadderState, Trigger, trans
 
 CFG = LadderConfig(skip_patience=2, backoff=0.1, restore_steps=10, patience=20,
                    snapshot_every=5, keep=2, max_rollbacks=2, relapse_backoff=0.5,
-                   relapse_window=50)
+                   relapse_window=50, recovery_window=30, stall_factor=1.5)
 S0 = LadderState()
 BACKED = LadderState(factor=0.1, backoff_level=0.1, backoff_step=100, last_trigger=100,
-                     trouble_start=100, backoffs=1, consecutive_skips=2, last_snapshot=90)
+                     trouble_start=100, backoffs=1, consecutive_skips=2, last_snapshot=90,
+                     pre_level=2.0, watching=100)
 
 
 def st(**kw):
@@ -26,6 +27,9 @@ def b(**kw):
 
 A01 = pytest.approx(0.01)  # 0.1 * 0.1 in floating point
 REASON = "2 consecutive non-finite steps skipped"
+SPIKY = "2 consecutive spiking steps skipped"
+STALLED = ("the loss (3.1) did not come back to its level before the trouble (2) within 30 "
+           "steps")
 ROWS = [
     # (name, state, trigger, new state, actions)
     ("clean resets the skip count", st(consecutive_skips=1), Trigger("clean", 5),
@@ -34,11 +38,16 @@ ROWS = [
      st(consecutive_skips=1), ()),
     ("skip_patience skips back off", st(consecutive_skips=1), Trigger("skip", 6),
      st(consecutive_skips=2, factor=0.1, backoff_level=0.1, backoff_step=6, last_trigger=6,
-        trouble_start=6, backoffs=1),
+        trouble_start=6, backoffs=1, watching=6),
      (Action("backoff", 6, REASON, 0.1, 1.0),)),
+    ("spike skips back off too, remembering the loss level before the trouble",
+     st(consecutive_skips=1), Trigger("skip", 6, "spiking", 2.5),
+     st(consecutive_skips=2, factor=0.1, backoff_level=0.1, backoff_step=6, last_trigger=6,
+        trouble_start=6, backoffs=1, watching=6, pre_level=2.5),
+     (Action("backoff", 6, SPIKY, 0.1, 1.0),)),
     ("a confirmed spike backs off", S0, Trigger("spike", 7, "spike!"),
      st(factor=0.1, backoff_level=0.1, backoff_step=7, last_trigger=7, trouble_start=7,
-        backoffs=1),
+        backoffs=1, watching=7),
      (Action("backoff", 7, "spike!", 0.1, 1.0),)),
     ("a tick restores linearly", BACKED, Trigger("tick", 105),
      b(factor=pytest.approx(0.55)), ()),
@@ -47,26 +56,41 @@ ROWS = [
     ("trouble again within patience rolls back (relapse lowers the ceiling)", BACKED,
      Trigger("spike", 110, "again"),
      b(factor=A01, ceiling=0.05, backoff_level=A01, backoff_step=110, last_trigger=110,
-       consecutive_skips=0, rollbacks=1, total_rollbacks=1),
+       consecutive_skips=0, rollbacks=1, total_rollbacks=1, watching=110),
      (Action("rollback", 110, "again", A01, 0.05, True, True, 0, 11, 1),)),
     ("a second rollback goes one snapshot further back", b(rollbacks=1, total_rollbacks=1),
      Trigger("spike", 110, "again"),
      b(factor=A01, ceiling=0.05, backoff_level=A01, backoff_step=110, last_trigger=110,
-       consecutive_skips=0, rollbacks=2, total_rollbacks=2),
+       consecutive_skips=0, rollbacks=2, total_rollbacks=2, watching=110),
      (Action("rollback", 110, "again", A01, 0.05, True, True, 1, 11, 2),)),
     ("max_rollbacks reached: abort", b(rollbacks=2, total_rollbacks=2),
      Trigger("spike", 110, "again"),
-     b(last_trigger=110, rollbacks=2, total_rollbacks=2),
+     b(last_trigger=110, rollbacks=2, total_rollbacks=2, watching=110),
      (Action("abort", 110, "again", 0.1, 1.0, rollbacks=2),)),
     ("trouble after patience but within the relapse window: back off, lower the ceiling",
-     b(factor=1.0, backoff_step=None), Trigger("spike", 140, "later"),
+     b(factor=1.0, backoff_step=None, watching=None), Trigger("spike", 140, "later", 3.0),
      b(factor=0.1, ceiling=0.5, backoff_step=140, last_trigger=140, trouble_start=140,
-       backoffs=2),
+       backoffs=2, watching=140, pre_level=3.0),
      (Action("backoff", 140, "later", 0.1, 0.5, True, True),)),
     ("an isolated incident long after: back off, ceiling kept",
-     b(factor=1.0, backoff_step=None), Trigger("spike", 400, "new"),
-     b(factor=0.1, backoff_step=400, last_trigger=400, trouble_start=400, backoffs=2),
+     b(factor=1.0, backoff_step=None, watching=None), Trigger("spike", 400, "new", 1.5),
+     b(factor=0.1, backoff_step=400, last_trigger=400, trouble_start=400, backoffs=2,
+       watching=400, pre_level=1.5),
      (Action("backoff", 400, "new", 0.1, 1.0),)),
+    ("the loss came back within the recovery window: stop watching", BACKED,
+     Trigger("progress", 130, value=2.9), b(watching=None), ()),
+    ("too early to judge", BACKED, Trigger("progress", 120, value=9.0), BACKED, ()),
+    ("the loss did not come back: roll back to before the trouble", BACKED,
+     Trigger("progress", 130, value=3.1),
+     b(factor=A01, ceiling=0.05, backoff_level=A01, backoff_step=130, last_trigger=130,
+       consecutive_skips=0, rollbacks=1, total_rollbacks=1, watching=130),
+     (Action("rollback", 130, STALLED, A01, 0.05, True, True, 0, 31, 1),)),
+    ("at a lowered ceiling: start counting", b(factor=0.25, ceiling=0.25, backoff_step=None),
+     Trigger("tick", 150), b(factor=0.25, ceiling=0.25, backoff_step=None, at_ceiling=150), ()),
+    ("restore_steps at the ceiling: settled, once",
+     b(factor=0.25, ceiling=0.25, backoff_step=None, at_ceiling=150), Trigger("tick", 160),
+     b(factor=0.25, ceiling=0.25, backoff_step=None, at_ceiling=150, settled=0.25),
+     (Action("settled", 160, factor=0.25, ceiling=0.25),)),
     ("healthy and due: snapshot", st(last_snapshot=0), Trigger("healthy", 9),
      st(last_snapshot=0), (Action("snapshot", 9),)),
     ("healthy but not due: nothing", st(last_snapshot=6), Trigger("healthy", 9),

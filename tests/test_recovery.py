@@ -204,11 +204,11 @@ def test_no_snapshot_while_unhealthy_and_never_with_nan():
     guard = gg.Guard(model, opt, recovery=rec, every=5)
     train(guard, model, opt, 5)
     train(guard, model, opt, 5, bad_steps={7}, start=5)  # a skip in the second window
-    assert rec.store.steps() == [4]
+    assert rec.store.steps() == [0, 4]  # the initial state, then healthy flushes only
     with torch.no_grad():
         model[0].weight[0, 0] = math.nan
     assert rec.snapshot(guard) is False
-    assert rec.store.steps() == [4]
+    assert rec.store.steps() == [0, 4]
 
 
 def test_recovery_state_dict_round_trip():
@@ -232,7 +232,7 @@ def test_defaults_are_named_and_relapse_window_scales_with_restore_steps():
     from gradguard import recovery as r
 
     rec = gg.Recovery(restore_steps=7)
-    assert rec.relapse_backoff == r.RELAPSE_BACKOFF == r.BACKOFF
+    assert rec.relapse_backoff == r.RELAPSE_BACKOFF == 0.5  # halving: settles within 2x
     assert rec.relapse_window == r.RELAPSE_WINDOW_FACTOR * 7
     assert gg.Recovery(relapse_window=0).relapse_window == 0
     assert rec.lr_ceiling == 1.0
@@ -279,7 +279,8 @@ def test_a_relapse_lowers_the_ceiling_and_the_lr_never_returns_above_it():
 def test_a_rollback_lowers_the_ceiling_below_the_factor_that_failed():
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    rec = gg.Recovery(skip_patience=2, snapshot_every=10, restore_steps=30, max_rollbacks=5)
+    rec = gg.Recovery(skip_patience=2, snapshot_every=10, restore_steps=30, max_rollbacks=5,
+                      relapse_backoff=0.1)
     guard = gg.Guard(model, opt, recovery=rec, every=10)
     train(guard, model, opt, 20)
     train(guard, model, opt, 2, bad_steps={20, 21}, start=20)  # back-off at 21

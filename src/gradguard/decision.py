@@ -85,15 +85,16 @@ def decide(*, on_nonfinite: OnNonfinite, kind: OptimizerKind, scaler: bool, fres
     return Plan(read_host=True, found_inf=False, on_bad="skip")
 
 
-def resolve(plan: Plan, *, bad: bool, overflow: bool = False) -> Action:
+def resolve(plan: Plan, *, bad: bool, overflow: bool = False, spike: bool = False) -> Action:
     """What the step does once the host has read the flags (``plan.read_host``).
 
     Args:
-        bad: the guard's verdict (a non-finite gradient norm that is not a routine
-            loss-scale overflow).
+        bad: a non-finite gradient norm (not a routine loss-scale overflow).
         overflow: the ``GradScaler`` found Inf/NaN: a scaler always skips such a step,
             whatever ``on_nonfinite`` says (that is its contract with the loss scale).
+        spike: the recovery ladder's per-step verdict: a loss or gradient-norm spike,
+            skipped (never raised: it is finite).
     """
     if bad and plan.on_bad != "step":
         return plan.on_bad
-    return "skip" if overflow else "step"
+    return "skip" if overflow or spike else "step"

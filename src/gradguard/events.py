@@ -29,6 +29,7 @@ EVENT_KINDS: tuple[str, ...] = (
     "vanishing_grad",
     "skip",
     "lr_backoff",
+    "lr_settled",
     "rollback",
     "abort",
     "clip",

@@ -31,6 +31,10 @@ from torch.amp.grad_scaler import GradScaler, OptState
 
 from .decision import Action, OptimizerKind, Plan, resolve
 
+#: The verdict bit of a non-finite gradient norm (the spike bits are
+#: :data:`gradguard.recovery.verdict.GRAD_SPIKE` and ``LOSS_SPIKE``).
+NONFINITE = 1
+
 #: Under a GradScaler, a non-finite step is a routine loss-scale overflow (an ``info``
 #: ``skip`` event, no recovery) when its loss is finite and the scale it ran with was
 #: above this: only then can the scale explain the overflow. Backed-off down to here
@@ -49,12 +53,15 @@ class Outcome:
             overflows excluded); device tensor or host bool.
         action: the host-side action, when the host read the flags (else None).
         amp_row: ``[routine overflow (0/1), loss scale]`` on the device, under a scaler.
+        code: the step's verdict bits (``NONFINITE``, ``GRAD_SPIKE``, ``LOSS_SPIKE``) when
+            the host read them (else None); ``skipped`` records them for the flush.
     """
 
-    skipped: Tensor | bool
+    skipped: Tensor | bool | int
     trouble: Tensor | bool
     action: Action | None = None
     amp_row: Tensor | None = None
+    code: int | None = None
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> OptimizerKind:
@@ -119,22 +126,31 @@ class Direct:
         """Before the gradients are measured."""
 
     def run(
-        self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
+        self, plan: Plan, code: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
     ) -> Outcome:
-        """Carry out ``plan``; ``closure`` goes to ``optimizer.step`` (LBFGS)."""
+        """Carry out ``plan`` for a step whose verdict is ``code`` (a device uint8 of
+        :data:`NONFINITE`/spike bits); ``closure`` goes to ``optimizer.step`` (LBFGS)."""
         if plan.found_inf:
+            bad = code != 0
             _step_with_found_inf(self.optimizer, bad.to(torch.float32), closure)
-            return Outcome(skipped=bad, trouble=bad)
+            return Outcome(skipped=code, trouble=bad)
         if not plan.read_host:
             self.optimizer.step(closure)
             return Outcome(skipped=False, trouble=False)
-        action = resolve(plan, bad=bool(bad))  # the one host sync of this step
+        c = int(code)  # the one host sync of this step
+        action = _resolve_code(plan, c)
         if action == "step":
             self.optimizer.step(closure)
-        return Outcome(skipped=action != "step", trouble=action != "step", action=action)
+        return Outcome(skipped=c if action != "step" else 0, trouble=action != "step",
+                       action=action, code=c)
 
     def detach(self) -> None:
         """Nothing to undo: the plain loop installs no hooks."""
+
+
+def _resolve_code(plan: Plan, code: int, overflow: bool = False) -> Action:
+    return resolve(plan, bad=bool(code & NONFINITE), overflow=overflow,
+                   spike=bool(code & ~NONFINITE))
 
 
 def scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -143,14 +159,16 @@ def scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> dict[s
 
 
 def merge_into_scaler(
-    scaler: GradScaler, optimizer: torch.optim.Optimizer, plan: Plan, bad: Tensor,
+    scaler: GradScaler, optimizer: torch.optim.Optimizer, plan: Plan, code: Tensor,
     loss_ok: Tensor | bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Add the guard's flag to the scaler's ``found_inf`` (when the plan says so) and
-    split what the scaler will skip into routine overflows and genuine trouble.
+    """Add the guard's flags to the scaler's ``found_inf`` (when the plan says so: a spike
+    skip then also backs the loss scale off, as any skip under a scaler does) and split
+    what the scaler will skip into routine overflows and genuine trouble.
 
     Returns device tensors ``(skip, genuine, amp_row)``; ``amp_row`` is ``[routine, scale]``.
     """
+    bad = code != 0
     dev = bad.device
     found = list(scaler_state(scaler, optimizer)["found_inf_per_device"].values())
     if found and plan.found_inf:
@@ -168,16 +186,18 @@ def merge_into_scaler(
         else scale_t.detach().to(dev, torch.float32, non_blocking=True).reshape(())
     )
     ok = loss_ok.to(dev) if isinstance(loss_ok, Tensor) else torch.tensor(loss_ok, device=dev)
-    routine = skip & (scale > AMP_OVERFLOW_MIN_SCALE) & ok
+    routine = skip & (scale > AMP_OVERFLOW_MIN_SCALE) & ok & (code < 2)  # a spike is no overflow
     genuine = (skip | (bad if plan.found_inf else torch.zeros_like(skip))) & ~routine
     return skip, genuine, torch.stack([routine.float(), scale])
 
 
-def _read_flags(plan: Plan, genuine: Tensor, skip: Tensor) -> tuple[Action, bool]:
-    """(action, genuine trouble) from one host read of both flags."""
-    code = int(genuine.to(torch.uint8) + 2 * skip.to(torch.uint8))  # the one host sync
-    bad = bool(code & 1)
-    return resolve(plan, bad=bad, overflow=bool(code & 2)), bad
+def _read_flags(plan: Plan, code: Tensor, genuine: Tensor, skip: Tensor) -> tuple[Action, bool, int]:
+    """(action, genuine trouble, verdict code) from one host read of all the flags."""
+    both = int(code.to(torch.int32) * 4 + genuine.to(torch.int32) * 2 + skip.to(torch.int32))
+    c, bad, overflow = both >> 2, bool(both & 2), bool(both & 1)  # the one host sync
+    spike = bool(c & ~NONFINITE)
+    action = resolve(plan, bad=bad and not spike, overflow=overflow, spike=spike)
+    return action, bad, c
 
 
 class Scaler(Direct):
@@ -200,21 +220,21 @@ class Scaler(Direct):
             self.scaler.unscale_(self.optimizer)
 
     def run(
-        self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
+        self, plan: Plan, code: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
     ) -> Outcome:
         assert self.scaler is not None
-        skip, genuine, row = merge_into_scaler(self.scaler, self.optimizer, plan, bad, loss_ok)
+        skip, genuine, row = merge_into_scaler(self.scaler, self.optimizer, plan, code, loss_ok)
         if not plan.read_host:
             self.scaler.step(self.optimizer)  # skips on found_inf, on the device
-            return Outcome(skipped=skip, trouble=genuine, amp_row=row)
-        action, trouble = _read_flags(plan, genuine, skip)
+            return Outcome(skipped=_skip_code(skip, code), trouble=genuine, amp_row=row)
+        action, trouble, c = _read_flags(plan, code, genuine, skip)
         if action == "step":
             self.scaler.step(self.optimizer)
         # a host-side skip leaves the scaler's found_inf in place: scaler.update() still
         # backs the scale off as usual
         return Outcome(
-            skipped=action != "step", trouble=action != "step" and trouble, action=action,
-            amp_row=row,
+            skipped=max(c, 1) if action != "step" else 0, trouble=action != "step" and trouble,
+            action=action, amp_row=row, code=c,
         )
 
 
@@ -243,31 +263,34 @@ class Hook:
         self._clear_attrs()
 
     def run(
-        self, plan: Plan, bad: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
+        self, plan: Plan, code: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
     ) -> Outcome:
         if self.scaler is not None and self.scaler.is_enabled():
-            skip, genuine, row = merge_into_scaler(self.scaler, self.optimizer, plan, bad, loss_ok)
+            skip, genuine, row = merge_into_scaler(self.scaler, self.optimizer, plan, code, loss_ok)
             if not plan.read_host:
-                return Outcome(skipped=skip, trouble=genuine, amp_row=row)
-            action, trouble = _read_flags(plan, genuine, skip)
+                return Outcome(skipped=_skip_code(skip, code), trouble=genuine, amp_row=row)
+            action, trouble, c = _read_flags(plan, code, genuine, skip)
             if action == "skip":
                 self._take_grads()
             return Outcome(
-                skipped=action != "step", trouble=action != "step" and trouble, action=action,
-                amp_row=row,
+                skipped=max(c, 1) if action != "step" else 0,
+                trouble=action != "step" and trouble, action=action, amp_row=row, code=c,
             )
         if plan.found_inf:
+            bad = code != 0
             opt: Any = self.optimizer
             opt.grad_scale = None
             opt.found_inf = bad.to(torch.float32)
             self._attrs_set = True
-            return Outcome(skipped=bad, trouble=bad)
+            return Outcome(skipped=code, trouble=bad)
         if not plan.read_host:
             return Outcome(skipped=False, trouble=False)
-        action = resolve(plan, bad=bool(bad))  # the one host sync of this step
+        c = int(code)  # the one host sync of this step
+        action = _resolve_code(plan, c)
         if action == "skip":
             self._take_grads()
-        return Outcome(skipped=action != "step", trouble=action != "step", action=action)
+        return Outcome(skipped=c if action != "step" else 0, trouble=action != "step",
+                       action=action, code=c)
 
     def _take_grads(self) -> None:
         for group in self.optimizer.param_groups:
@@ -292,6 +315,11 @@ class Hook:
         """Put back what a skip took and remove the post-hook."""
         self._after_step(self.optimizer, (), {})
         self._handle.remove()
+
+
+def _skip_code(skip: Tensor, code: Tensor) -> Tensor:
+    """What a scaler-driven step records as skipped: the verdict bits, at least 1."""
+    return torch.where(skip, code.clamp_min(1), torch.zeros_like(code))
 
 
 def loss_finite(loss: Tensor | float | None) -> Tensor | bool:

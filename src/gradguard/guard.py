@@ -29,6 +29,7 @@ from .detectors import DetectorConfig
 from .errors import GradGuardWarning, NonFiniteGradientError, TrainingDiverged
 from .events import Event
 from .executors import (
+    NONFINITE,
     Direct,
     FreshState,
     Hook,
@@ -199,13 +200,17 @@ class Guard:
             )
             if self._sampler is not None:
                 self._sampler.armed = self.telemetry.flush_due
-            out = executor.run(plan, ~stats.finite, loss_finite(loss), closure)
+            code = (~stats.finite).to(torch.uint8)  # NONFINITE
+            if self.recovery is not None and plan.on_bad != "step":
+                code = code | self.recovery.verdict(stats, loss)  # spikes, skipped at the step
+            out = executor.run(plan, code, loss_finite(loss), closure)
             self._record(stats, loss, coef, out)
-            if out.trouble is True and (plan.warn or plan.on_bad == "raise"):
+            if out.trouble is True and (out.code or 0) & NONFINITE and (
+                    plan.warn or plan.on_bad == "raise"):
                 self._report_bad(stats, raise_=plan.on_bad == "raise")
             if self.recovery is not None:
                 try:
-                    self.recovery.after_step(self, stats, out.trouble)
+                    self.recovery.after_step(self, stats, out)
                 except TrainingDiverged as e:
                     self._abort(e)
             if not isinstance(executor, Hook) and self.telemetry.pending >= self.every:

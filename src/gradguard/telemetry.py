@@ -201,6 +201,9 @@ class Window:
             ``layer_index[i]`` is the layer of parameter ``i``.
         weight_norms, update_norms: ``[n_params]`` sampled at the last step of the window
             (None when not sampled).
+        skip_codes: ``[n]`` why each step was skipped: the verdict bits of
+            :mod:`gradguard.executors` (1 non-finite, 2 gradient spike, 4 loss spike; 0 not
+            skipped), None when unknown.
     """
 
     steps: list[int]
@@ -214,6 +217,7 @@ class Window:
     layer_index: list[int]
     weight_norms: Tensor | None = None
     update_norms: Tensor | None = None
+    skip_codes: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -328,10 +332,11 @@ class Telemetry:
         *,
         loss: Tensor | float | None,
         clip_coef: Tensor | float | None,
-        skipped: Tensor | bool | None,
+        skipped: Tensor | float | None,
         step: int | None = None,
     ) -> None:
-        """Write one step into the ring buffer (a device copy, no sync)."""
+        """Write one step into the ring buffer (a device copy, no sync). ``skipped``: 0 for a
+        step taken, else why it was skipped (the verdict bits, see ``Window.skip_codes``)."""
         pos = len(self._steps)
         if pos >= self.every:
             raise RuntimeError("telemetry ring buffer is full: call flush() first")
@@ -430,6 +435,7 @@ class Telemetry:
             layer_index=self.layer_index,
             weight_norms=w,
             update_norms=u,
+            skip_codes=rows[:, _COL_SKIPPED],
         )
         self._steps = []
         self._extra = None

@@ -19,6 +19,13 @@ ZCLIP_ALPHA = 0.97
 ZCLIP_Z_THRESH = 2.5
 ZCLIP_WARMUP = 25
 ZCLIP_EPS = 1e-6
+#: gradguard's addition to ZClip's warm-up: a norm above this many times the median of the
+#: first ``ZCLIP_WARMUP_ANCHOR`` finite norms is an explosion, not the run's normal scale
+#: (healthy warm-ups stay well within 10x of their first norms; an IRNN or an LR 10x too
+#: high grows geometrically): it is clipped to that bound and enters the statistics
+#: clipped, so the EMA starts from the healthy scale.
+ZCLIP_WARMUP_CAP = 10.0
+ZCLIP_WARMUP_ANCHOR = 5
 
 # AutoClip default (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for
 # Source Separation Networks": the 10th percentile worked best across their tasks).
@@ -139,6 +146,13 @@ class ZClip(Policy):
     clipping. No absolute cap is applied unless ``max_norm`` is set (a shorthand for
     ``gg.chain(gg.ZClip(), gg.NormClip(max_norm))``).
 
+    Explosion during warm-up (gradguard's addition; ``warmup_cap=None`` is the paper's
+    algorithm): once the first ``ZCLIP_WARMUP_ANCHOR`` finite norms are in, a warm-up norm
+    above ``warmup_cap`` times their median is clipped to that bound, and enters the
+    warm-up statistics clipped. A run whose norm grows geometrically from step 0 is then
+    clipped relative to its first healthy norms instead of teaching ZClip that the
+    explosion is its normal scale.
+
     Args:
         alpha: EMA factor in (0, 1); paper default 0.97.
         z_thresh: z-score threshold > 0; paper default 2.5.
@@ -146,6 +160,8 @@ class ZClip(Policy):
         mode: ``"reciprocal"`` | ``"percentile"`` | ``"mean"``.
         max_norm: optional absolute cap, applied always (None: none).
         eps: added to sigma in the z-score.
+        warmup_cap: during warm-up, clip norms above this many times the median of the
+            first finite norms (> 1; None: no clipping during warm-up, as in the paper).
 
     References:
         Kumar, Owen, Ashraf, Ahmed, Rehman, Pettersson. "ZClip: Adaptive Spike Mitigation
@@ -172,6 +188,7 @@ class ZClip(Policy):
         mode: str = "reciprocal",
         max_norm: float | None = None,
         eps: float = ZCLIP_EPS,
+        warmup_cap: float | None = ZCLIP_WARMUP_CAP,
     ) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise TypeError(f"ZClip(alpha={alpha!r}): expected a number in (0, 1)")
@@ -189,6 +206,11 @@ class ZClip(Policy):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
             raise ValueError(f"ZClip(eps={eps!r}): must be a number >= 0")
         self.eps = float(eps)
+        if warmup_cap is not None and (isinstance(warmup_cap, bool)
+                                       or not isinstance(warmup_cap, (int, float))
+                                       or not warmup_cap > 1):
+            raise ValueError(f"ZClip(warmup_cap={warmup_cap!r}): must be a number > 1 or None")
+        self.warmup_cap = None if warmup_cap is None else float(warmup_cap)
         self._state: dict[str, Tensor] | None = None
 
     def _ensure(self, device: torch.device) -> dict[str, Tensor]:
@@ -230,6 +252,14 @@ class ZClip(Policy):
             thr = mean.clone()
         clip = active & (z > self.z_thresh) & (thr < g)
         threshold = torch.where(clip, thr, torch.full_like(g, math.inf))
+        if self.warmup_cap is not None:
+            anchor = min(ZCLIP_WARMUP_ANCHOR, self.warmup_steps)
+            cap = self.warmup_cap * buf[:anchor].median()
+            capping = warm & (count >= anchor) & fin & (g > cap)
+            threshold = torch.where(capping, cap, threshold)
+            g_in = torch.where(capping, cap, g)  # the warm-up statistics see it clipped
+        else:
+            g_in = g
         if self.max_norm is not None:
             threshold = threshold.clamp(max=self.max_norm)
         coef = norm_coef(g, fin, threshold)
@@ -241,7 +271,7 @@ class ZClip(Policy):
         take = warm & fin
         idx = count.clamp(max=self.warmup_steps - 1).reshape(1)
         buf.index_copy_(
-            0, idx, torch.where(take, g, buf.index_select(0, idx).squeeze(0)).reshape(1)
+            0, idx, torch.where(take, g_in, buf.index_select(0, idx).squeeze(0)).reshape(1)
         )
         new_count = count + take.long()
         done = warm & (new_count == self.warmup_steps)
@@ -257,6 +287,7 @@ class ZClip(Policy):
             "warmup_steps": self.warmup_steps,
             "mode": self.mode,
             "max_norm": self.max_norm,
+            "warmup_cap": self.warmup_cap,
             "state": None
             if self._state is None
             else {k: v.clone() for k, v in self._state.items()},
@@ -276,5 +307,5 @@ class ZClip(Policy):
     def __repr__(self) -> str:
         return (
             f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, warmup_steps={self.warmup_steps}, "
-            f"mode={self.mode!r}, max_norm={self.max_norm})"
+            f"mode={self.mode!r}, max_norm={self.max_norm}, warmup_cap={self.warmup_cap})"
         )

@@ -59,7 +59,7 @@ from .layers import (
 )
 from .lr import LrTracker
 from .nonfinite import ForwardOrigin, detect_nonfinite, nonfinite_origin
-from .spikes import detect_spikes, robust_z
+from .spikes import detect_spike_skips, detect_spikes, robust_z
 
 
 def detect(
@@ -88,6 +88,7 @@ def detect(
     st = state if state is not None else DetectorState(history=cfg.spike_history)
     events = detect_nonfinite(window, forward_origins, amp_overflows)
     events += detect_spikes(window, st, cfg)
+    events += detect_spike_skips(window)
     events += detect_vanishing(window, cfg)
     events += detect_no_gradient(window, st, cfg)
     events += detect_update_ratio(window, cfg)
@@ -128,6 +129,7 @@ __all__ = [
     "detect_activations",
     "detect_no_gradient",
     "detect_nonfinite",
+    "detect_spike_skips",
     "detect_spikes",
     "detect_update_ratio",
     "detect_vanishing",

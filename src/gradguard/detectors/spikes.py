@@ -151,3 +151,29 @@ def _spiking_layers(ln: torch.Tensor, i: int, layers: Sequence[str]) -> list[str
     ratio = (ln[i] / med).nan_to_num(nan=0.0)
     order = torch.argsort(ratio, descending=True).tolist()
     return [layers[int(k)] for k in order[:3]]
+
+
+def detect_spike_skips(window: Window) -> list[Event]:
+    """A ``skip`` event (warning) for every step the recovery ladder skipped at the step
+    because its gradient norm or loss spiked (``window.skip_codes`` bits 2 and 4, see
+    :mod:`gradguard.recovery.verdict`): the spike never reached the weights."""
+    if window.skip_codes is None:
+        return []
+    events = []
+    codes = window.skip_codes.tolist()
+    norms, losses = window.total_norm.tolist(), window.loss.tolist()
+    for step, c, g, loss in zip(window.steps, codes, norms, losses):
+        c = int(c) if math.isfinite(c) else 0
+        what = [w for bit, w in ((2, "gradient norm"), (4, "loss")) if c & bit]
+        if not what:
+            continue
+        events.append(Event(
+            kind="skip", step=step, severity="warning", value=g,
+            message=(f"step {step}: optimizer step skipped: the {' and the '.join(what)} "
+                     f"spiked (norm {g:.3g}, loss {loss:.4g}); the weights never saw it"),
+            remedy=("Repeated spikes mean the learning rate is too high for this model; the "
+                    "ladder backs it off."),
+            data={"reason": "_and_".join(w.replace("gradient norm", "grad").replace(" ", "_")
+                                         for w in what) + "_spike", "code": c},
+        ))
+    return events

@@ -19,7 +19,9 @@ skip, spike or back-off in the window), in CPU memory (default) or written atomi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import statistics
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ from torch import Tensor
 
 from ..errors import GradGuardWarning
 from ..events import Event
+from ..executors import NONFINITE
 from . import actions
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
 from .snapshots import (
@@ -40,6 +43,7 @@ from .snapshots import (
     SnapshotWriter,
     check_int,
 )
+from .verdict import SpikeVerdict
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -62,9 +66,21 @@ SNAPSHOT_EVERY = 100
 MAX_ROLLBACKS = 3
 #: Multiplier on the LR ceiling when trouble returns: the LR factor that failed, times
 #: this, is the most the LR is ever restored to again (1.0: always restore the full LR).
-#: The same order of magnitude as ``BACKOFF``: after k relapses the LR is at most
-#: ``BACKOFF**k`` of its value, and a relapse's back-off is not undone.
-RELAPSE_BACKOFF = BACKOFF
+#: Halving per relapse (a bisection from above) settles within 2x of the largest stable
+#: LR; the back-off itself (x``BACKOFF``) is what gets the run out of trouble at once.
+RELAPSE_BACKOFF = 0.5
+#: Steps after a back-off (or rollback) by which the loss must be back near its level
+#: before the trouble; otherwise the back-off kept a damaged model and the ladder rolls
+#: back to a snapshot from before the trouble.
+RECOVERY_WINDOW = 50
+#: "Back near its level": the median of the last ``PROGRESS_STEPS`` losses at most this
+#: many times the median loss of the last healthy window before the trouble.
+STALL_FACTOR = 1.5
+PROGRESS_STEPS = 10
+#: Steps after the ladder acted during which spikes are clipped (by the clip policy), not
+#: skipped: right after a back-off the gradients are still large, and skipping them all
+#: would freeze the model where it is.
+SPIKE_GRACE = 10
 #: Trouble within this many multiples of ``restore_steps`` of the previous trigger is a
 #: relapse (a return of the same instability), not a new, isolated incident.
 RELAPSE_WINDOW_FACTOR = 10
@@ -77,6 +93,12 @@ __all__ = [
     "DiskSnapshotStore", "LadderConfig", "LadderState", "MemorySnapshotStore", "Recovery",
     "SnapshotError", "Trigger", "transition",
 ]
+
+
+def _above_one(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 1.0):
+        raise ValueError(f"Recovery({name}={value!r}): must be a number > 1")
+    return float(value)
 
 
 def _fraction(name: str, value: Any, high_open: bool, what: str) -> float:
@@ -158,6 +180,9 @@ class Recovery:
         relapse_backoff: float = RELAPSE_BACKOFF,
         relapse_window: int | None = None,
         snapshot_memory: int | None = None,
+        skip_spikes: bool = True,
+        recovery_window: int = RECOVERY_WINDOW,
+        stall_factor: float = STALL_FACTOR,
     ) -> None:
         restore = check_int("restore_steps", restore_steps, 1)
         if reset_moments not in RESET_MOMENTS:
@@ -183,7 +208,12 @@ class Recovery:
             relapse_window=(RELAPSE_WINDOW_FACTOR * restore if relapse_window is None
                             else check_int("relapse_window", relapse_window, 0)),
             skip_batches=None if skip_batches is None else check_int("skip_batches", skip_batches, 0),
+            recovery_window=check_int("recovery_window", recovery_window, 1),
+            stall_factor=_above_one("stall_factor", stall_factor),
         )
+        if not isinstance(skip_spikes, bool):
+            raise TypeError(f"Recovery(skip_spikes={skip_spikes!r}): must be True or False")
+        self.skip_spikes = skip_spikes
         self.reset_moments: ResetMoments = reset_moments
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         #: the snapshots rollbacks restore from (host memory, pinned from CUDA)
@@ -199,6 +229,8 @@ class Recovery:
         # steps whose skip flag the ladder already counted on the host (a fused optimizer's
         # first steps, a step that was read for raise/warn); the flush replays the others
         self._host_steps: set[int] = set()
+        self._level: float | None = None  # the loss level of the last healthy flush
+        self._verdict = SpikeVerdict()
 
     def __getattr__(self, name: str) -> Any:
         # the ladder options read as attributes: rec.backoff, rec.restore_steps, ...
@@ -274,39 +306,71 @@ class Recovery:
             self.disk.clear()
         self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
 
-    def after_step(self, guard: Guard, stats: StepStats, skipped: Tensor | bool) -> None:
+    def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
+        """This step's spike verdict (device uint8 bits, no host read; see
+        :mod:`.verdict`): zero unless ``skip_spikes`` and the ladder is not in the first
+        ``SPIKE_GRACE`` steps after acting (its statistics still learn from every step)."""
+        code = self._verdict(stats.total_norm, loss)
+        g = self._guard() if self._guard is not None else None
+        step = g.step_count if g is not None else 0
+        last = self.state.last_trigger
+        if not self.skip_spikes or (last is not None and step - last <= SPIKE_GRACE):
+            return code.zero_()
+        return code
+
+    def after_step(self, guard: Guard, stats: StepStats, outcome: Any) -> None:
         """Per step: count skips when the guard already knows the skip flag (non-fused
-        optimizers), and move the LR back towards its value."""
+        optimizers), take the first snapshot, and move the LR back towards its value."""
         step = guard.step_count - 1
-        if isinstance(skipped, bool):
+        if outcome.code is not None or isinstance(outcome.trouble, bool):
             self._host_steps.add(step)
-            done = self._feed(guard, Trigger("skip" if skipped else "clean", step),
+            skipped = bool(outcome.trouble)
+            reason = "spiking" if outcome.code and outcome.code & ~NONFINITE else "non-finite"
+            done = self._feed(guard, Trigger("skip" if skipped else "clean", step, reason,
+                                             self._level),
                               lambda: actions.nonfinite_layers(guard, stats.param_norms))
             if done:
                 return
+        if step == 0 and not len(self.store):
+            # before anything can have gone wrong: a run that fails early still has a
+            # healthy state to go back to (a skipped step 0 left the initial weights). Kept
+            # like any snapshot, but outside the ladder's cadence (``snapshot_every``).
+            self._keep(guard, step)
         self._feed(guard, Trigger("tick", step), list)
 
     def on_flush(self, guard: Guard, window: Window, events: Sequence[Event] = (),
                  overflows: Any = ()) -> None:
-        """At each flush: consecutive skips (fused optimizers), confirmed loss spikes, and
-        snapshots while healthy. Routine loss-scale overflows (``overflows``) are no
-        trouble."""
+        """At each flush: consecutive skips (fused optimizers), confirmed loss spikes, the
+        loss after a back-off, and snapshots while healthy. Routine loss-scale overflows
+        (``overflows``) are no trouble."""
         layers = lambda: actions.exploded_layers(events)  # noqa: E731
+        codes = window.skip_codes.tolist() if window.skip_codes is not None else None
         triggers: list[Trigger] = []
-        for step, sk in zip(window.steps, window.skipped.tolist()):
+        for i, (step, sk) in enumerate(zip(window.steps, window.skipped.tolist())):
             if step not in self._host_steps:  # skip flags that stayed on the device
-                triggers.append(Trigger("skip" if sk and step not in overflows else "clean", step))
+                bad = sk and step not in overflows
+                c = int(codes[i]) if codes is not None and math.isfinite(codes[i]) else 0
+                reason = "spiking" if c & ~NONFINITE else "non-finite"
+                triggers.append(Trigger("skip" if bad else "clean", step, reason, self._level))
         self._host_steps.difference_update(window.steps)
         spike = next((e for e in events if e.kind == "loss_spike"), None)
         if spike is not None:  # reported only once confirmed (DetectorConfig)
-            triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})"))
+            triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
+                                    self._level))
+        recent = [x for x in window.loss.tolist()[-PROGRESS_STEPS:] if math.isfinite(x)]
+        if recent:
+            triggers.append(Trigger("progress", window.steps[-1],
+                                    value=statistics.median(recent)))
         acted = False
-        for trig in sorted(triggers, key=lambda t: t.step):
+        for trig in sorted(triggers, key=lambda t: (t.step, t.kind == "progress")):
             acted = self._feed(guard, trig, layers) or acted
         skipped = any(s and step not in overflows
                       for step, s in zip(window.steps, window.skipped.tolist()))
         if not acted and not skipped and not any(
                 e.kind in UNHEALTHY and e.severity != "info" for e in events):
+            history = list(guard.monitor.detector_state.loss)
+            if history and self.state.factor >= self.state.ceiling:
+                self._level = statistics.median(history)  # the loss level of a healthy run
             self._feed(guard, Trigger("healthy", window.steps[-1]), list)
 
     # ---- carrying out the ladder's actions ----------------------------------------------------
@@ -319,6 +383,9 @@ class Recovery:
             self.actions.append(a)
             if a.kind == "snapshot":
                 self.snapshot(guard, a.step)
+                continue
+            if a.kind == "settled":
+                guard.add_event(actions.settled_event(guard, a))
                 continue
             acted = True
             if a.kind == "backoff":
@@ -339,6 +406,12 @@ class Recovery:
         """Take a snapshot now (model, optimizer, clip policy) into host memory, and hand a
         copy to the disk writer. Returns False, keeping nothing, when any value is NaN/Inf."""
         step = guard.step_count - 1 if step is None else step
+        if not self._keep(guard, step):
+            return False
+        self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
+        return True
+
+    def _keep(self, guard: Guard, step: int) -> bool:
         state = actions.snapshot_state(guard, step)
         if state is None:
             return False
@@ -349,7 +422,6 @@ class Recovery:
                 self._writer = SnapshotWriter(self.disk)
             self._warn_write_error()
             self._writer.submit(step, self.store.load(-1))
-        self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
         return True
 
     def _load(self, back: int) -> dict[str, Any] | None:
@@ -371,12 +443,19 @@ class Recovery:
 
     # ---- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Ladder state (snapshots themselves are not included)."""
-        return dataclasses.asdict(self.state) | {"host_steps": sorted(self._host_steps)}
+        """Ladder state, the spike verdict's statistics and the loss level (the in-memory
+        snapshots are not included; with ``snapshot_dir`` they survive on disk)."""
+        return dataclasses.asdict(self.state) | {
+            "host_steps": sorted(self._host_steps), "level": self._level,
+            "verdict": self._verdict.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         sd = dict(sd)
         self._host_steps = set(sd.pop("host_steps", ()))
+        self._level = sd.pop("level", None)
+        verdict = sd.pop("verdict", None)
+        if verdict is not None:
+            self._verdict.load_state_dict(verdict)
         sd.pop("host_skips", None)  # gradguard 0.1
         for legacy in ("base_lr", "set_lr"):  # gradguard 0.1 tracked the LR itself
             sd.pop(legacy, None)

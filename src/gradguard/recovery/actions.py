@@ -109,6 +109,19 @@ def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False) -
     )
 
 
+def settled_event(guard: Guard, a: Action) -> Event:
+    """The ladder found an LR that trains: say which, so the user can set it."""
+    lrs = [float(g["lr"]) * a.factor for g in guard.optimizer.param_groups]
+    shown = ", ".join(f"{lr:.3g}" for lr in dict.fromkeys(lrs))
+    return Event(
+        kind="lr_settled", step=a.step, severity="info", value=lrs[0],
+        message=(f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the "
+                 "schedule) after the LR failed higher up"),
+        remedy=f"Set the learning rate to {shown} (x{a.factor:g}) in your config.",
+        data={"factor": a.factor, "lr": lrs},
+    )
+
+
 def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
     """The abort event (added to the guard) and the error to raise."""
     run_dir = guard.monitor.run_dir()

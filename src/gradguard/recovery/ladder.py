@@ -9,12 +9,16 @@ The rungs, climbed one at a time and only as far as the trouble goes:
    a confirmed loss spike, then restore it linearly over ``restore_steps`` up to the
    *ceiling*;
 3. **roll back** to the last good snapshot when trouble returns within ``patience`` steps
-   of the previous rung (backing off again);
+   of the previous rung, or when ``recovery_window`` steps after a back-off the loss has
+   not come back to ``stall_factor`` times its level before the incident (the back-off
+   kept a damaged model): back off again from weights that were never damaged;
 4. **abort** after ``max_rollbacks`` rollbacks with no healthy snapshot in between.
 
 A *relapse* (new trouble within ``relapse_window`` steps of the previous trigger, or any
 rollback) lowers the ceiling to ``relapse_backoff`` times the factor that failed, for good:
-an LR that failed twice is never restored again.
+an LR that failed twice is never restored again. Halving it per relapse converges on the
+largest stable factor within a factor of two; once the LR has stayed at a lowered ceiling
+for ``restore_steps`` healthy steps, the ladder reports it as settled.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot"]
-ActionKind = Literal["backoff", "rollback", "abort", "snapshot"]
+TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress"]
+ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled"]
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,11 @@ class LadderConfig:
     snapshot_every: int = 100
     keep: int = 2
     max_rollbacks: int = 3
-    relapse_backoff: float = 0.1
+    relapse_backoff: float = 0.5
     relapse_window: int = 1000
     skip_batches: int | None = None
+    recovery_window: int = 50
+    stall_factor: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,10 @@ class LadderState:
     total_rollbacks: int = 0
     backoffs: int = 0
     last_snapshot: int | None = None
+    pre_level: float | None = None  # the loss level before the current episode began
+    watching: int | None = None  # a back-off/rollback whose effect on the loss is pending
+    at_ceiling: int | None = None  # since when the factor sits at a lowered ceiling
+    settled: float | None = None  # the ceiling last reported as settled
 
 
 @dataclass(frozen=True)
@@ -66,12 +76,15 @@ class Trigger:
 
     Kinds: ``skip`` (a bad step was skipped), ``clean`` (a step was taken), ``tick`` (a
     step passed: the LR restores), ``spike`` (a confirmed loss spike), ``healthy`` (a
-    healthy flush: a snapshot may be due), ``snapshot`` (a snapshot was kept).
+    healthy flush: a snapshot may be due), ``snapshot`` (a snapshot was kept),
+    ``progress`` (a flush reports the recent loss, ``value``). On ``skip``/``spike``,
+    ``value`` is the loss level before the trouble (None: unknown).
     """
 
     kind: TriggerKind
     step: int
     reason: str = ""
+    value: float | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,9 @@ def transition(
 ) -> tuple[LadderState, tuple[Action, ...]]:
     """The ladder's next state and the actions to carry out, for one trigger (pure)."""
     if trig.kind == "tick":
-        return _restore(cfg, st, trig.step), ()
+        return _settle(cfg, _restore(cfg, st, trig.step), trig.step)
+    if trig.kind == "progress":
+        return _progress(cfg, st, trig)
     if trig.kind == "clean":
         return dataclasses.replace(st, consecutive_skips=0), ()
     if trig.kind == "snapshot":
@@ -110,22 +125,26 @@ def transition(
         st = dataclasses.replace(st, consecutive_skips=st.consecutive_skips + 1)
         if st.consecutive_skips % cfg.skip_patience:
             return st, ()
-        reason = trig.reason or f"{st.consecutive_skips} consecutive non-finite steps skipped"
-        return _escalate(cfg, st, trig.step, reason)
+        reason = f"{st.consecutive_skips} consecutive {trig.reason or 'non-finite'} steps skipped"
+        return _escalate(cfg, st, trig.step, reason, trig.value)
     if trig.kind == "spike":
-        return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike")
+        return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike", trig.value)
     raise ValueError(f"Trigger(kind={trig.kind!r}): unknown kind")
 
 
 def _escalate(
-    cfg: LadderConfig, st: LadderState, step: int, reason: str
+    cfg: LadderConfig, st: LadderState, step: int, reason: str, level: float | None = None,
+    *, force_rollback: bool = False,
 ) -> tuple[LadderState, tuple[Action, ...]]:
-    """Back off, or escalate when trouble returns within ``patience`` steps."""
+    """Back off, or escalate when trouble returns within ``patience`` steps (or the loss did
+    not come back: ``force_rollback``)."""
     last = st.last_trigger
-    recent = last is not None and step - last <= cfg.patience
+    recent = force_rollback or (last is not None and step - last <= cfg.patience)
     relapse = last is not None and step - last <= cfg.relapse_window
     start = step if not recent else (st.trouble_start if st.trouble_start is not None else step)
-    st = dataclasses.replace(st, last_trigger=step, trouble_start=start)
+    pre = st.pre_level if recent and st.pre_level is not None else level
+    st = dataclasses.replace(st, last_trigger=step, trouble_start=start, pre_level=pre,
+                             watching=step, at_ceiling=None)
     if recent and st.rollbacks >= cfg.max_rollbacks:
         return st, (Action("abort", step, reason, st.factor, st.ceiling,
                            rollbacks=st.total_rollbacks),)
@@ -145,6 +164,29 @@ def _escalate(
                              total_rollbacks=st.total_rollbacks + 1)
     return st, (Action("rollback", step, reason, factor, st.ceiling, True, lowered, back, skip,
                        st.rollbacks),)
+
+
+def _progress(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
+    """``recovery_window`` steps after a back-off or rollback: has the loss come back?"""
+    if st.watching is None or trig.step - st.watching < cfg.recovery_window:
+        return st, ()
+    if st.pre_level is None or trig.value is None or trig.value <= st.pre_level * cfg.stall_factor:
+        return dataclasses.replace(st, watching=None), ()  # it has: keep restoring the LR
+    reason = (f"the loss ({trig.value:.4g}) did not come back to its level before the trouble "
+              f"({st.pre_level:.4g}) within {cfg.recovery_window} steps")
+    return _escalate(cfg, st, trig.step, reason, force_rollback=True)
+
+
+def _settle(cfg: LadderConfig, st: LadderState, step: int) -> tuple[LadderState, tuple[Action, ...]]:
+    """A factor that stayed at a lowered ceiling for ``restore_steps`` steps is settled."""
+    if st.ceiling >= 1.0 or st.factor < st.ceiling or st.settled == st.ceiling:
+        return st, ()
+    if st.at_ceiling is None:
+        return dataclasses.replace(st, at_ceiling=step), ()
+    if step - st.at_ceiling < cfg.restore_steps:
+        return st, ()
+    return dataclasses.replace(st, settled=st.ceiling), (Action("settled", step, factor=st.ceiling,
+                                                                ceiling=st.ceiling),)
 
 
 def _restore(cfg: LadderConfig, st: LadderState, step: int) -> LadderState:

@@ -1,0 +1,106 @@
+"""The per-step spike verdict: is this step's gradient norm or loss a spike?
+
+The same robust test the flush-time detectors use (a z-score against the median and MAD
+of recent finite values, in log space, plus a minimum ratio to the median), computed on
+the device at every step, so that its verdict joins the non-finite flag in the guard's one
+host read (zero with fused optimizers: it travels as ``found_inf``). A spiking step can
+then be skipped at the step itself, before it damages the weights, instead of being
+noticed at the next flush.
+
+Every finite value enters the history, spikes included (robust statistics shrug off a few;
+a lasting new level becomes the normal one instead of being skipped for ever). Nothing is
+read by the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..detectors.config import (
+    GRAD_SPIKE_RATIO,
+    LOSS_SPIKE_RATIO,
+    MAD_TO_SIGMA,
+    MIN_LOG_SCALE,
+    SPIKE_WARMUP,
+    SPIKE_Z,
+)
+
+#: Recent finite values the per-step median/MAD are computed over: long enough for a
+#: stable median, short enough that the sort per step costs nothing.
+VERDICT_HISTORY = 64
+#: Bits of a step's verdict code (also recorded as the step's ``skipped`` value).
+NONFINITE, GRAD_SPIKE, LOSS_SPIKE = 1, 2, 4
+
+
+class SpikeVerdict:
+    """Per-step spike test of the total gradient norm and the loss (see the module
+    docstring), one device ring ``[2, history]`` for both, so the test costs a couple of
+    dozen tiny device ops and no host read. Thresholds default to the flush-time
+    detectors' (:mod:`gradguard.detectors`).
+
+    Example:
+        >>> import torch
+        >>> from gradguard.recovery.verdict import SpikeVerdict, GRAD_SPIKE
+        >>> v = SpikeVerdict(warmup=5)
+        >>> codes = [int(v(torch.tensor(g), None)) for g in [1.0, 1.1, 0.9, 1.0, 1.05, 1.0, 60.0]]
+        >>> codes[-1] == GRAD_SPIKE, codes[:-1] == [0] * 6
+        (True, True)
+    """
+
+    def __init__(
+        self, *, history: int = VERDICT_HISTORY, warmup: int = SPIKE_WARMUP,
+        z: float = SPIKE_Z, grad_ratio: float = GRAD_SPIKE_RATIO,
+        loss_ratio: float = LOSS_SPIKE_RATIO,
+    ) -> None:
+        self.history, self.warmup, self.z = history, warmup, z
+        self.log_ratio = (math.log(grad_ratio), math.log(loss_ratio))
+        self.ring: Tensor | None = None  # [2, history] log values (NaN: empty)
+        self.count: Tensor | None = None  # [2] finite values seen
+        self._consts: tuple[Tensor, Tensor] | None = None
+
+    def _ensure(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self.ring is None or self.ring.device != device or self._consts is None:
+            if self.ring is not None and self.count is not None:  # loaded from a checkpoint
+                self.ring, self.count = self.ring.to(device), self.count.to(device)
+            else:
+                self.ring = torch.full((2, self.history), math.nan, device=device)
+                self.count = torch.zeros(2, dtype=torch.long, device=device)
+            self._consts = (torch.tensor(self.log_ratio, device=device),
+                            torch.tensor([GRAD_SPIKE, LOSS_SPIKE], dtype=torch.uint8, device=device))
+        assert self.count is not None and self._consts is not None
+        return self.ring, self.count, *self._consts
+
+    def __call__(self, total_norm: Tensor, loss: Tensor | float | None) -> Tensor:
+        """The step's code, a device uint8: ``GRAD_SPIKE`` | ``LOSS_SPIKE`` bits (0: none).
+        Then the finite values join the history."""
+        ring, count, log_ratio, bits = self._ensure(total_norm.device)
+        if loss is None:
+            lv = torch.full((), math.nan, device=total_norm.device)
+        elif isinstance(loss, Tensor):
+            lv = loss.detach().reshape(()).to(total_norm.device, torch.float32)
+        else:
+            lv = torch.tensor(float(loss), device=total_norm.device)
+        x = torch.stack([total_norm.detach().reshape(()).float(), lv])
+        ok = torch.isfinite(x) & (x > 0)
+        lx = torch.log(torch.where(ok, x, 1.0))
+        med = torch.nanmedian(ring, dim=1).values
+        scale = (MAD_TO_SIGMA * torch.nanmedian((ring - med[:, None]).abs(), dim=1).values)
+        d = lx - med
+        spike = ok & (count >= self.warmup) & (d > self.z * scale.clamp_min(MIN_LOG_SCALE)) & (
+            d > log_ratio)
+        slot = (count % self.history)[:, None]
+        ring.scatter_(1, slot, torch.where(ok, lx, ring.gather(1, slot).squeeze(1))[:, None])
+        count += ok.long()
+        return (spike.to(torch.uint8) * bits).sum(dtype=torch.uint8)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ring": None if self.ring is None else self.ring.detach().cpu().clone(),
+                "count": None if self.count is None else self.count.detach().cpu().clone()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.ring, self.count = sd["ring"], sd["count"]  # moved to the device at first use
+        self._consts = None
