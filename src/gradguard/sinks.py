@@ -208,6 +208,7 @@ class TensorBoardSink:
         self.log_dir = Path(log_dir)
         self.per_layer = per_layer
         self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs)
+        self._closed = False
         self._skips = 0
         self._sections: dict[str, str] = {}
 
@@ -242,8 +243,18 @@ class TensorBoardSink:
             w.add_text("gradguard/events", _event_line(e), e.step)
         w.flush()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
+        self._closed = True
         self._writer.close()
+
+    def on_abort(self, error: BaseException) -> None:
+        """Training was given up: flush and close the event file now, whether or not
+        ``guard.close()`` is reached."""
+        self.close()
 
 
 class WandbSink:
@@ -253,13 +264,14 @@ class WandbSink:
     ``gradguard/skips``; per flush: ``grad_norm_layers.<section>/<layer>`` (sections as in
     :class:`TensorBoardSink`), a ``wandb.Histogram`` ``gradguard/layer_grad_norms_log10``
     of the log10 per-layer norms (always logged, like TensorBoard's) and
-    ``gradguard/events`` counts; at close a table
+    ``gradguard/events`` counts; at close, or at once when training is aborted, a table
     ``gradguard/events_table`` with every event and its remedy. Events are also printed
     to the W&B log once each.
 
     Args:
         run: an existing ``wandb`` run to log into, or None to start one with
-            ``wandb.init(**init_kwargs)`` (finished again at close).
+            ``wandb.init(**init_kwargs)`` (finished again at close or abort; a run you
+            pass is left running).
         per_layer: log per-layer scalars (the histogram is always logged).
         **init_kwargs: passed to ``wandb.init`` (e.g. ``project=``, ``dir=``,
             ``mode="offline"``).
@@ -286,6 +298,7 @@ class WandbSink:
         self._last_step = -1
         self._events: list[Event] = []
         self._sections: dict[str, str] = {}
+        self._closed = False
 
     def write(self, flush: Flush) -> None:
         rows: dict[int, dict[str, Any]] = {}
@@ -323,18 +336,35 @@ class WandbSink:
             self.run.log(rows[s], step=step)
             self._last_step = step
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        if self._events:
-            cols: list[Any] = ["step", "severity", "kind", "layer", "message", "remedy"]
-            table = self._wandb.Table(
-                columns=cols,
-                data=[[e.step, e.severity, e.kind, e.layer, e.message, e.remedy] for e in self._events],
-            )
-            self.run.log({"gradguard/events_table": table}, step=max(self._last_step, 0))
-        self.run.summary["gradguard/skips"] = self._skips
-        self.run.summary["gradguard/n_events"] = len(self._events)
-        if self._own:
-            self.run.finish()
+        """Log the events table and the summary, and finish the run if the sink started it
+        (idempotent: a second call does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._events:
+                cols: list[Any] = ["step", "severity", "kind", "layer", "message", "remedy"]
+                table = self._wandb.Table(
+                    columns=cols,
+                    data=[[e.step, e.severity, e.kind, e.layer, e.message, e.remedy]
+                          for e in self._events],
+                )
+                self.run.log({"gradguard/events_table": table}, step=max(self._last_step, 0))
+            self.run.summary["gradguard/skips"] = self._skips
+            self.run.summary["gradguard/n_events"] = len(self._events)
+        finally:  # a run left unfinished loses what it buffered
+            if self._own:
+                self.run.finish()
+
+    def on_abort(self, error: BaseException) -> None:
+        """Training was given up: log the events table (ending with the ``abort``) and
+        finish the run now, whether or not ``guard.close()`` is reached."""
+        self.close()
 
 
 class ConsoleSink:
@@ -375,6 +405,7 @@ class ConsoleSink:
         self._steps = 0
         self._clipped = 0
         self._last_event: Event | None = None
+        self._closed = False
 
     @property
     def _out(self) -> TextIO:
@@ -428,7 +459,16 @@ class ConsoleSink:
             self._live.update(table)
         self._live.refresh()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
+        self._closed = True
         if self._live is not None:
             self._live.stop()
             self._live = None
+
+    def on_abort(self, error: BaseException) -> None:
+        """Training was given up: stop the live table, so the error prints below it."""
+        self.close()
