@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -34,3 +36,16 @@ def set_grads(params: list[torch.Tensor], seed: int = 0, scale: float = 1.0) -> 
     g = torch.Generator().manual_seed(seed)
     for p in params:
         p.grad = (torch.randn(p.shape, generator=g) * scale).to(p.dtype)
+
+
+def guarded_steps(guard, model: nn.Module, opt: torch.optim.Optimizer, n: int, *,
+                  nan_steps=(), start: int = 0, seed: int = 1) -> None:
+    """``n`` MSE steps on :func:`batches` through ``guard``; at the steps in ``nan_steps``
+    (numbered from ``start``) the first layer's gradient gets a NaN."""
+    for step, (x, y) in enumerate(batches(n, seed=seed), start=start):
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        if step in nan_steps:
+            model[0].weight.grad[0, 0] = math.nan
+        guard.step(loss)
+        opt.zero_grad()

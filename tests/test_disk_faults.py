@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import batches, mlp
+from tests.helpers import guarded_steps, mlp
 
 import gradguard as gg
 from gradguard.cli import main
@@ -31,36 +30,29 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 DISK_INODES = 64
 
 
-def _mount(d: Path, options: str) -> None:
+def _tmpfs(d: Path, options: str) -> Iterator[Path]:
+    d.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command: the full-disk tests need a real tmpfs")
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 @pytest.fixture
 def disk(tmp_path) -> Iterator[Path]:
     """A real 64 KiB tmpfs with 64 inodes: writes past it fail with ENOSPC."""
-    d = tmp_path / "disk"
-    d.mkdir()
-    _mount(d, f"size={DISK_SIZE},nr_inodes={DISK_INODES}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
+    yield from _tmpfs(tmp_path / "disk", f"size={DISK_SIZE},nr_inodes={DISK_INODES}")
 
 
 @pytest.fixture
 def read_only_disk(tmp_path) -> Iterator[Path]:
-    d = tmp_path / "ro"
-    d.mkdir()
-    _mount(d, f"ro,size={DISK_SIZE}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
+    yield from _tmpfs(tmp_path / "ro", f"ro,size={DISK_SIZE}")
 
 
 FILL = '''
@@ -98,15 +90,9 @@ def test_jsonl_sink_on_a_disk_that_fills_mid_run_warns_once_and_training_goes_on
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         guard = gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(run)])
-        for step, (x, y) in enumerate(batches(40)):
-            if step == 12:
-                fill(disk)
-            loss = (model(x) - y).pow(2).mean()
-            loss.backward()
-            if step == 20:
-                model[0].weight.grad[0, 0] = math.nan
-            guard.step(loss)
-            opt.zero_grad()
+        guarded_steps(guard, model, opt, 12)
+        fill(disk)
+        guarded_steps(guard, model, opt, 28, nan_steps={20}, start=12)
         guard.close()
     msgs = _gg_warnings(caught)
     assert len(msgs) == 1, msgs

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import batches, mlp
+from tests.helpers import guarded_steps, mlp
 
 import gradguard as gg
 from gradguard.cli import main
@@ -107,13 +107,7 @@ def test_resume_after_a_kill_through_the_guard(tmp_path):
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
             guard.step_count = steps[0]
-            for step, (x, y) in zip(steps, batches(len(steps))):
-                loss = (model(x) - y).pow(2).mean()
-                loss.backward()
-                if step == nan_step:
-                    model[0].weight.grad[0, 0] = math.nan
-                guard.step(loss)
-                opt.zero_grad()
+            guarded_steps(guard, model, opt, len(steps), nan_steps={nan_step}, start=steps[0])
 
     train(range(0, 10), nan_step=3)
     events = tmp_path / "events.jsonl"

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from tests.helpers import batches, mlp
+from tests.helpers import batches, guarded_steps, mlp
 
 import gradguard as gg
 from gradguard.events import Flush
@@ -27,13 +27,7 @@ def _train(sinks, steps: int = 12, every: int = 5, nan_step: int | None = NAN_ST
     model = mlp(depth=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     guard = gg.Guard(model, opt, clip=gg.NormClip(0.5), every=every, sinks=sinks)
-    for step, (x, y) in enumerate(batches(steps)):
-        loss = (model(x) - y).pow(2).mean()
-        loss.backward()
-        if step == nan_step:
-            model[0].weight.grad[0, 0] = math.nan
-        guard.step(loss)
-        opt.zero_grad()
+    guarded_steps(guard, model, opt, steps, nan_steps=() if nan_step is None else {nan_step})
     guard.close()
     return guard
 
@@ -265,12 +259,7 @@ def _train_until_abort(sinks) -> gg.Guard:
     rec = gg.Recovery(skip_patience=2, snapshot_every=5, max_rollbacks=0)
     guard = gg.Guard(model, opt, recovery=rec, every=5, sinks=sinks)
     with pytest.raises(gg.TrainingDiverged):
-        for step, (x, y) in enumerate(batches(60)):
-            (model(x) - y).pow(2).mean().backward()
-            if step >= 10:
-                model[0].weight.grad[0, 0] = math.nan
-            guard.step()
-            opt.zero_grad()
+        guarded_steps(guard, model, opt, 60, nan_steps=range(10, 60))
     return guard
 
 
