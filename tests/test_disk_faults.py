@@ -56,8 +56,8 @@ def read_only_disk(tmp_path) -> Iterator[Path]:
 
 
 FILL = '''
-def fill(d):
-    """Use up every block, then every inode, of the filesystem holding ``d``."""
+def fill(d, inodes=True):
+    """Use up every block, then (``inodes``) every inode, of the filesystem holding ``d``."""
     import errno, os
     fd = os.open(os.path.join(d, "filler"), os.O_WRONLY | os.O_CREAT)
     try:
@@ -68,7 +68,7 @@ def fill(d):
     finally:
         os.close(fd)
     try:
-        for i in range(100000):
+        for i in range(100000 if inodes else 0):
             open(os.path.join(d, f"inode{i}"), "w").close()
     except OSError as e:
         assert e.errno == errno.ENOSPC, e
@@ -157,8 +157,8 @@ SCRIPT = FILL + '''
 import sys
 import torch
 
-disk, code = sys.argv[1], sys.argv[2]
-open(sys.argv[3], "w").close()  # proves the script ran
+disk, code, ran, what = sys.argv[1:5]
+open(ran, "w").close()  # proves the script ran
 torch.manual_seed(0)
 body, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
 opt_body = torch.optim.SGD(body.parameters(), lr=0.01)
@@ -167,7 +167,7 @@ for step in range(30):
     head(body(torch.randn(8, 4))).pow(2).mean().backward()
     opt_body.step()
     if step == 8:
-        fill(disk)  # the disk fills up before opt_head's first step
+        fill(disk, inodes=what == "inodes")  # the disk fills before opt_head's first step
     if step > 8:
         opt_head.step()
     opt_body.zero_grad()
@@ -188,33 +188,46 @@ def _leftovers(d: Path) -> list[str]:
     return sorted(str(p.relative_to(d)) for p in d.rglob("*") if ".tmp" in p.name)
 
 
+def _run(tmp_path: Path, out: Path, disk: Path, code: str, what: str) -> int:
+    return main(["run", "--every", "4", "--out", str(out), str(_script(tmp_path)), str(disk),
+                 code, str(tmp_path / "ran"), what])
+
+
 @pytest.mark.parametrize("code", ["0", "3", "raise"])
 def test_run_keeps_the_scripts_exit_code_when_the_disk_fills(disk, tmp_path, code, capsys):
-    out, ran = disk / "run", tmp_path / "ran"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if code == "raise":
             with pytest.raises(RuntimeError, match="the script's own error"):
-                main(["run", "--every", "4", "--out", str(out), str(_script(tmp_path)),
-                      str(disk), code, str(ran)])
+                _run(tmp_path, disk / "run", disk, code, "blocks")
         else:
-            rc = main(["run", "--every", "4", "--out", str(out), str(_script(tmp_path)),
-                       str(disk), code, str(ran)])
-            assert rc == int(code)
-    assert ran.exists()
-    assert _leftovers(disk) == []
+            assert _run(tmp_path, disk / "run", disk, code, "blocks") == int(code)
+    assert (tmp_path / "ran").exists()
+    assert _leftovers(disk) == []  # report.html and run.json could not be written: no .tmp
+    assert not (disk / "run" / "report.html").exists()
     msgs = _gg_warnings(caught)
-    assert any("No space left on device" in m for m in msgs), msgs
+    assert any("JsonlSink failed" in m and "No space left on device" in m for m in msgs), msgs
+    assert any("run.json not written" in m and "No space left on device" in m for m in msgs)
+    err = capsys.readouterr().err
+    assert "opt_head (SGD, model head): 21 steps" in err
+
+
+def test_run_guards_an_optimizer_whose_run_dir_cannot_be_created(disk, tmp_path, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _run(tmp_path, disk / "run", disk, "0", "inodes") == 0
+    msgs = _gg_warnings(caught)
     # the second optimizer could not get a run directory: guarded, not recorded, said so
     assert any("optimizer1" in m and "not recorded" in m for m in msgs), msgs
     err = capsys.readouterr().err
-    assert "opt_head (SGD, model head): 21 steps" in err
+    assert "opt_head (SGD, model head): 21 steps, 0 skipped" in err
+    assert _leftovers(disk) == []
 
 
 def test_run_out_that_cannot_be_created_exits_2_before_the_script_runs(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     out, ran = tmp_path / "afile" / "run", tmp_path / "ran"
-    rc = main(["run", "--out", str(out), str(_script(tmp_path)), str(tmp_path), "0", str(ran)])
+    rc = _run(tmp_path, out, tmp_path, "0", "blocks")
     err = capsys.readouterr().err
     assert rc == 2 and not ran.exists()
     assert err.count("\n") == 1 and err.startswith("gradguard run: error: --out ")
@@ -223,8 +236,7 @@ def test_run_out_that_cannot_be_created_exits_2_before_the_script_runs(tmp_path,
 
 def test_run_out_on_a_read_only_disk_exits_2_before_the_script_runs(read_only_disk, tmp_path, capsys):
     ran = tmp_path / "ran"
-    rc = main(["run", "--out", str(read_only_disk), str(_script(tmp_path)), str(tmp_path), "0",
-               str(ran)])
+    rc = _run(tmp_path, read_only_disk, tmp_path, "0", "blocks")
     err = capsys.readouterr().err
     assert rc == 2 and not ran.exists()
     assert err.count("\n") == 1 and "cannot be written" in err and "Read-only file system" in err
@@ -232,10 +244,9 @@ def test_run_out_on_a_read_only_disk_exits_2_before_the_script_runs(read_only_di
 
 def test_run_out_on_a_full_disk_exits_2_before_the_script_runs(disk, tmp_path, capsys):
     (disk / "run").mkdir()
-    fill(disk)
+    fill(disk, inodes=False)  # the probe file can be created, its byte not written
     ran = tmp_path / "ran"
-    rc = main(["run", "--out", str(disk / "run"), str(_script(tmp_path)), str(tmp_path), "0",
-               str(ran)])
+    rc = _run(tmp_path, disk / "run", tmp_path, "0", "blocks")
     err = capsys.readouterr().err
     assert rc == 2 and not ran.exists()
     assert err.count("\n") == 1 and "No space left on device" in err
