@@ -25,7 +25,6 @@ import json
 import os
 import runpy
 import sys
-import tempfile
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -37,10 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .._atomic import write_atomic
 from ..config import DEFAULT_EVERY, GuardConfig
 from ..decision import OnNonfinite
 from ..guard import Guard
+from ..rundir import dir_problem, write_atomic
 from ..sinks import JsonlSink
 from ._hooked import LossTracker, hooked_guard, parse_clip
 
@@ -360,7 +359,9 @@ def run_script(
     if not path.is_file():
         raise FileNotFoundError(f"script {str(script)!r} does not exist or is not a file")
     out_dir = Path(out) if out is not None else Path("runs") / path.stem
-    check_out(out_dir)
+    problem = dir_problem(out_dir)  # now, not at the script's first optimizer step
+    if problem is not None:
+        raise OutDirError(f"--out {out_dir}: {problem}")
     session = ZeroCodeSession(
         out_dir, clip=clip, on_nonfinite=on_nonfinite, every=every, report=report
     )
@@ -391,42 +392,6 @@ def run_script(
 
 class OutDirError(ValueError):
     """The run directory of ``gradguard run`` cannot be created or written."""
-
-
-def check_out(out: Path) -> None:
-    """Create ``out`` and write (then remove) a probe file in it, so that an unwritable or
-    full run directory stops ``gradguard run`` before the script starts, not at its first
-    optimizer step.
-
-    Raises:
-        OutDirError: naming ``out`` and the OS error.
-
-    Example:
-        >>> import pathlib, tempfile
-        >>> f = pathlib.Path(tempfile.mkdtemp()) / "a_file"
-        >>> _ = f.write_text("")
-        >>> check_out(f / "run")
-        Traceback (most recent call last):
-        ...
-        gradguard.integrations.run.OutDirError: --out .../a_file/run: cannot be created: ...
-    """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutDirError(f"--out {out}: cannot be created: {e.strerror or e}") from e
-    try:
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".gradguard-probe-", suffix=".tmp")
-    except OSError as e:
-        raise OutDirError(f"--out {out}: cannot be written: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(b"\n")  # a byte needs a block: a full disk fails here
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as e:
-        raise OutDirError(f"--out {out}: cannot be written: {e.strerror or e}") from e
-    finally:
-        Path(probe).unlink(missing_ok=True)
 
 
 def _write_run_json(result: RunResult, crashed: BaseException | None) -> None:

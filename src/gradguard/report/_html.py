@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._atomic import write_atomic
+from ..rundir import write_atomic
 from ._data import MAX_EVENT_ROWS, RunData, load_run, summary_sentence
 
 CSS = """
