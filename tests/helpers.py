@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -60,3 +62,16 @@ def assert_same_run(model_a: nn.Module, opt_a: torch.optim.Optimizer,
         assert torch.isfinite(p).all(), n
         assert torch.equal(p, q), n
     assert_same_tree(opt_a.state_dict()["state"], opt_b.state_dict()["state"], "state")
+
+
+def guarded_steps(guard, model: nn.Module, opt: torch.optim.Optimizer, n: int, *,
+                  nan_steps=(), start: int = 0, seed: int = 1) -> None:
+    """``n`` MSE steps on :func:`batches` through ``guard``; at the steps in ``nan_steps``
+    (numbered from ``start``) the first layer's gradient gets a NaN."""
+    for step, (x, y) in enumerate(batches(n, seed=seed), start=start):
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        if step in nan_steps:
+            model[0].weight.grad[0, 0] = math.nan
+        guard.step(loss)
+        opt.zero_grad()

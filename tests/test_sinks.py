@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from tests.helpers import batches, mlp
+from tests.helpers import batches, guarded_steps, mlp
 
 import gradguard as gg
 from gradguard.events import Flush
@@ -27,13 +27,7 @@ def _train(sinks, steps: int = 12, every: int = 5, nan_step: int | None = NAN_ST
     model = mlp(depth=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     guard = gg.Guard(model, opt, clip=gg.NormClip(0.5), every=every, sinks=sinks)
-    for step, (x, y) in enumerate(batches(steps)):
-        loss = (model(x) - y).pow(2).mean()
-        loss.backward()
-        if step == nan_step:
-            model[0].weight.grad[0, 0] = math.nan
-        guard.step(loss)
-        opt.zero_grad()
+    guarded_steps(guard, model, opt, steps, nan_steps=() if nan_step is None else {nan_step})
     guard.close()
     return guard
 
@@ -255,3 +249,58 @@ def test_missing_extra_names_the_extra(monkeypatch, module, make, extra):
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ImportError, match=extra.replace("[", r"\[").replace("]", r"\]")):
         make()
+
+
+# ---- abort ----------------------------------------------------------------------------------
+def _train_until_abort(sinks) -> gg.Guard:
+    """NaN gradients from step 10 until recovery gives up (no rollback allowed)."""
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = gg.Recovery(skip_patience=2, snapshot_every=5, max_rollbacks=0)
+    guard = gg.Guard(model, opt, recovery=rec, every=5, sinks=sinks)
+    with pytest.raises(gg.TrainingDiverged):
+        guarded_steps(guard, model, opt, 60, nan_steps=range(10, 60))
+    return guard
+
+
+def _wandb_exit_records(tmp_path) -> list:
+    (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    deadline = time.monotonic() + 60  # the service process may still be writing
+    while True:
+        records = _wandb_records(path)
+        exits = [r for r in records if r.WhichOneof("record_type") == "exit"]
+        if exits or time.monotonic() > deadline:
+            return exits
+        time.sleep(0.2)
+
+
+def test_wandb_sink_finishes_its_run_and_logs_the_events_table_on_abort(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sink = gg.WandbSink(project="gradguard-test", dir=str(tmp_path), mode="offline")
+    guard = _train_until_abort([sink])
+    # no guard.close(): the abort alone must finish the run and log what led to it
+    assert len(_wandb_exit_records(tmp_path)) == 1
+    tables = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "table" / "**" / "*.json"), recursive=True)
+    assert len(tables) == 1
+    rows = json.load(open(tables[0]))["data"]
+    assert [r[2] for r in rows] == [e.kind for e in guard.events]
+    assert "abort" in [r[2] for r in rows]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guard.close()  # closing after the abort is a no-op for the finished run
+    assert [str(w.message) for w in caught if "gradguard" in str(w.message)] == []
+    assert len(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "table" / "**" / "*.json"), recursive=True)) == 1
+
+
+def test_every_sink_is_closed_after_an_abort(tmp_path):
+    pytest.importorskip("tensorboard")
+    buf = io.StringIO()
+    console = gg.ConsoleSink(file=buf, force_terminal=True)
+    tb, jsonl = gg.TensorBoardSink(tmp_path / "tb"), gg.JsonlSink(tmp_path / "run")
+    _train_until_abort([console, tb, jsonl])
+    # no guard.close(): each sink has reacted to the abort on its own
+    assert console.closed and tb.closed and jsonl.closed
+    assert "abort" in buf.getvalue()
+    assert (tmp_path / "run" / "report.html").exists()

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -136,41 +136,176 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a gradguard JSONL file.
+#: The record a :class:`~gradguard.JsonlSink` writes right after ending a partial line (the
+#: torn write of a killed process, or of a full disk) before it appends again. It tells the
+#: reader that the line above was torn by an interrupted write, not damaged later: that one
+#: line is skipped with a warning instead of refusing the file.
+TORN_LINE_MARK: dict[str, Any] = {"v": SCHEMA_VERSION, "type": "torn_line_above"}
 
-    A truncated *last* line (a killed writer) is skipped with a warning; a corrupt line
-    elsewhere, or a line from a newer schema version, raises ``ValueError`` naming the file
-    and line number.
+#: The longest line the reader accepts. Per-layer records of a 100k-layer model stay far
+#: below; a longer "line" is a file that is not JSONL (a checkpoint passed by mistake), and
+#: reading it whole would defeat the reader's bounded memory.
+MAX_LINE_BYTES = 64 * 2**20
+
+_BOM = b"\xef\xbb\xbf"
+
+#: Fields a record of each ``type`` must carry, with their JSON type: what the readers
+#: (``gg.report``, ``Event.from_json``) rely on. Other types are passed through unchecked.
+REQUIRED_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
+    "step": (("step", int),),
+    "layers": (("step", int), ("layers", list), ("grad_norm", list)),
+    "event": (("step", int), ("kind", str)),
+}
+_TYPE_NAMES = {int: "an integer", list: "a list", str: "a string"}
+
+
+def version_problem(v: Any) -> str | None:
+    """What is wrong with a schema version ``v``, or None if this gradguard reads it.
+
+    Example:
+        >>> version_problem("1")
+        "schema version 'v' must be an integer, got '1'"
+        >>> version_problem(1) is None
+        True
+    """
+    if not isinstance(v, int) or isinstance(v, bool):
+        return f"schema version 'v' must be an integer, got {v!r}"
+    if v > SCHEMA_VERSION:
+        return (f"schema version {v} is newer than this gradguard understands "
+                f"({SCHEMA_VERSION}); upgrade gradguard")
+    if v < 1:
+        return f"schema version 'v' must be >= 1, got {v}"
+    return None
+
+
+def record_problem(rec: Any) -> str | None:
+    """What is wrong with a parsed JSONL record, or None: the schema version, then the
+    fields of :data:`REQUIRED_FIELDS` for its type (and, for ``layers``, one norm per layer).
+
+    Example:
+        >>> record_problem({"v": 1, "type": "step", "step": "3"})
+        "'step' must be an integer, got '3'"
+    """
+    if not isinstance(rec, dict):
+        return "not a gradguard record (not a JSON object)"
+    if "v" not in rec:
+        return "not a gradguard record (no schema version 'v')"
+    problem = version_problem(rec["v"])
+    if problem is not None:
+        return problem
+    kind = rec.get("type")
+    for name, typ in REQUIRED_FIELDS.get(kind, ()) if isinstance(kind, str) else ():
+        if name not in rec:
+            return f"{name!r} is missing from a {kind!r} record"
+        x = rec[name]
+        if not isinstance(x, typ) or isinstance(x, bool):
+            return f"{name!r} must be {_TYPE_NAMES[typ]}, got {x!r}"[:200]
+    if kind == "layers":
+        n = len(rec["layers"])
+        if not set(map(type, rec["layers"])) <= {str}:
+            return "'layers' must be a list of layer names (strings)"
+        for name in ("grad_norm", "grad_norm_max"):
+            x = rec.get(name, rec["grad_norm"])
+            if not isinstance(x, list) or len(x) != n:
+                got = f"{len(x)} values" if isinstance(x, list) else repr(x)[:50]
+                return f"{name!r} has {got} for {n} layers"
+    return None
+
+
+def _parse(raw: bytes) -> tuple[Any, str | None]:
+    """A line's record, or the reason it is not JSON (a torn write can cause either)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"corrupt JSON line: {e.msg}"
+
+
+def _is_mark(rec: Any) -> bool:
+    return isinstance(rec, dict) and rec.get("type") == TORN_LINE_MARK["type"]
+
+
+def iter_jsonl(
+    path: str | os.PathLike[str], *, warn: Callable[[str], None] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Stream the records of a gradguard JSONL file, one line in memory at a time.
+
+    Every record is checked (:func:`record_problem`). Tolerated, each with one message
+    naming the file and line: a truncated last line (a killed writer), and a partial line
+    that a resumed :class:`~gradguard.JsonlSink` ended (it is followed by
+    :data:`TORN_LINE_MARK`, which is not yielded). A UTF-8 byte-order mark is accepted.
+
+    Args:
+        path: the file.
+        warn: called with each message about a skipped line (default: ``warnings.warn``).
+
+    Raises:
+        ValueError: ``"<file>:<line>: <what is wrong>"`` for a corrupt line elsewhere,
+            bytes that are not UTF-8, a record from a newer schema version or one without
+            the fields its type needs. Raised when the reader reaches that line.
+        OSError: the file cannot be opened or read.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
+        >>> _ = p.write_text('{"v": 1, "type": "step", "step": 0}\\n{"v": 1, "type": "st')
+        >>> [r["step"] for r in iter_jsonl(p, warn=print)]
+        /...metrics.jsonl:2: truncated last line skipped (was the run killed?)
+        [0]
     """
     p = Path(path)
-    out: list[dict[str, Any]] = []
-    with open(p, encoding="utf-8") as fh:
-        lines = fh.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines):
-                warnings.warn(
-                    f"{p}:{i}: truncated last line skipped (was the run killed?)",
-                    stacklevel=2,
-                )
-                break
-            raise ValueError(f"{p}:{i}: corrupt JSON line: {e.msg}") from e
-        if not isinstance(rec, dict) or "v" not in rec:
-            raise ValueError(f"{p}:{i}: not a gradguard record (no schema version 'v')")
-        if rec["v"] > SCHEMA_VERSION:
-            raise ValueError(
-                f"{p}:{i}: schema version {rec['v']} is newer than this gradguard "
-                f"understands ({SCHEMA_VERSION}); upgrade gradguard"
-            )
-        out.append(rec)
-    return out
+    say = warn if warn is not None else (lambda m: warnings.warn(m, UserWarning, stacklevel=3))
+    pending: tuple[int, str] | None = None  # a bad line; the next line says if it was torn
+    with open(p, "rb") as fh:
+        for i, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{p}:{i}: line longer than {MAX_LINE_BYTES} bytes: not a "
+                                 "gradguard JSONL file")
+            if i == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            if not raw.strip():
+                continue
+            rec, problem = _parse(raw)
+            if pending is not None:
+                if not _is_mark(rec):
+                    raise ValueError(f"{p}:{pending[0]}: {pending[1]}")
+                say(f"{p}:{pending[0]}: partial line skipped (a write was interrupted and "
+                    f"the run resumed after it): {pending[1]}")
+                pending = None
+                continue
+            if problem is not None:
+                pending = (i, problem)
+                continue
+            if _is_mark(rec):
+                continue  # the line above was whole but for its newline: nothing lost
+            problem = record_problem(rec)
+            if problem is not None:
+                raise ValueError(f"{p}:{i}: {problem}")
+            yield rec
+    if pending is not None:
+        say(f"{p}:{pending[0]}: truncated last line skipped (was the run killed?)")
+
+
+def read_jsonl(
+    path: str | os.PathLike[str], *, warn: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
+    """Every record of a gradguard JSONL file: ``list(iter_jsonl(path))``.
+
+    Use :func:`iter_jsonl` for big files (it holds one line at a time).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "events.jsonl"
+        >>> _ = p.write_text('{"v": "1", "type": "event"}\\n')
+        >>> read_jsonl(p)
+        Traceback (most recent call last):
+        ...
+        ValueError: /...events.jsonl:1: schema version 'v' must be an integer, got '1'
+    """
+    return list(iter_jsonl(path, warn=warn))
 
 
 def call_sinks(sinks: Sequence[Sink], flush: Flush, failed: set[int]) -> None:

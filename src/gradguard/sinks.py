@@ -1,4 +1,5 @@
-"""Sinks: JSONL run directories, TensorBoard, Weights & Biases and the console.
+"""Sinks: JSONL run directories (:class:`JsonlSink`, from :mod:`gradguard.rundir`), TensorBoard,
+Weights & Biases and the console.
 
 Every sink receives a :class:`gradguard.events.Flush` every ``Guard(every=N)`` steps and at
 close, never per step. The extra each one needs (``tensorboard``, ``wandb``, ``rich``) is
@@ -9,17 +10,19 @@ that raises while training is reported once by the guard and then skipped
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .events import SCHEMA_VERSION, Event, Flush
+from .events import Event, Flush
+from .rundir import JsonlSink  # re-exported: the run directory's writer lives there
+
+__all__ = ["LAYERS_PER_SECTION", "ConsoleSink", "JsonlSink", "TensorBoardSink", "WandbSink",
+           "layer_sections"]
 
 #: Per-layer scalars are grouped into sections of at most this many layers, so the
 #: TensorBoard / W&B UI stays usable on models with hundreds of layers.
@@ -61,70 +64,6 @@ def _event_line(e: Event) -> str:
 
 
 
-class JsonlSink:
-    """Append-only JSONL files in a run directory.
-
-    Writes ``events.jsonl`` (one event per line) and ``metrics.jsonl`` (one line per step
-    plus one ``"type": "layers"`` line per flush). Every line carries ``"v": 1``; every write
-    is flushed and fsynced so that a killed process loses at most the line being written.
-
-    Example:
-        >>> import tempfile, gradguard as gg
-        >>> sink = gg.JsonlSink(tempfile.mkdtemp())
-        >>> sink.close()
-    """
-
-    def __init__(self, run_dir: str | os.PathLike[str], *, fsync: bool = True) -> None:
-        self.run_dir = Path(run_dir)
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"JsonlSink run_dir={str(run_dir)!r} cannot be created: {e}") from e
-        if not os.access(self.run_dir, os.W_OK):
-            raise ValueError(f"JsonlSink run_dir={str(run_dir)!r} is not writable")
-        self.fsync = fsync
-        self.events_path = self.run_dir / "events.jsonl"
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._events = open(self.events_path, "a", encoding="utf-8")
-        self._metrics = open(self.metrics_path, "a", encoding="utf-8")
-
-    def _append(self, fh: Any, lines: Sequence[dict[str, Any]]) -> None:
-        if not lines:
-            return
-        fh.write("".join(json.dumps(x, allow_nan=False) + "\n" for x in lines))
-        fh.flush()
-        if self.fsync:
-            os.fsync(fh.fileno())
-
-    def write(self, flush: Flush) -> None:
-        metrics = [{"v": SCHEMA_VERSION, "type": "step", **r} for r in flush.steps]
-        if flush.layers:
-            metrics.append({"v": SCHEMA_VERSION, "type": "layers", **flush.layers})
-        self._append(self._metrics, metrics)
-        self._append(self._events, [e.to_json() for e in flush.events])
-
-    def close(self) -> None:
-        for fh in (self._events, self._metrics):
-            if not fh.closed:
-                fh.close()
-
-    def on_abort(self, error: BaseException) -> str | None:
-        """Training was given up: close the files and render the run's HTML incident report
-        (when the ``report`` extra is installed), so the error can point at it. Returns
-        the report's path, or None (a warning says why)."""
-        self.close()
-        try:
-            from .report import report as render
-        except ImportError as e:
-            warnings.warn(f"gradguard: no report written ({e})", RuntimeWarning, stacklevel=2)
-            return None
-        try:
-            return str(render(self.run_dir))
-        except Exception as e:  # the abort is the error to raise, not this one
-            warnings.warn(f"gradguard: writing the report of {self.run_dir} failed: "
-                          f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
-            return None
-
 class TensorBoardSink:
     """Write gradguard telemetry as TensorBoard scalars, histograms and text.
 
@@ -158,6 +97,7 @@ class TensorBoardSink:
         self.log_dir = Path(log_dir)
         self.per_layer = per_layer
         self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs)
+        self._closed = False
         self._skips = 0
         self._sections: dict[str, str] = {}
 
@@ -192,8 +132,18 @@ class TensorBoardSink:
             w.add_text("gradguard/events", _event_line(e), e.step)
         w.flush()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
+        self._closed = True
         self._writer.close()
+
+    def on_abort(self, error: BaseException) -> None:
+        """Training was given up: flush and close the event file now, whether or not
+        ``guard.close()`` is reached."""
+        self.close()
 
 
 class WandbSink:
@@ -203,13 +153,14 @@ class WandbSink:
     ``gradguard/skips``; per flush: ``grad_norm_layers.<section>/<layer>`` (sections as in
     :class:`TensorBoardSink`), a ``wandb.Histogram`` ``gradguard/layer_grad_norms_log10``
     of the log10 per-layer norms (always logged, like TensorBoard's) and
-    ``gradguard/events`` counts; at close a table
+    ``gradguard/events`` counts; at close, or at once when training is aborted, a table
     ``gradguard/events_table`` with every event and its remedy. Events are also printed
     to the W&B log once each.
 
     Args:
         run: an existing ``wandb`` run to log into, or None to start one with
-            ``wandb.init(**init_kwargs)`` (finished again at close).
+            ``wandb.init(**init_kwargs)`` (finished again at close or abort; a run you
+            pass is left running).
         per_layer: log per-layer scalars (the histogram is always logged).
         **init_kwargs: passed to ``wandb.init`` (e.g. ``project=``, ``dir=``,
             ``mode="offline"``).
@@ -236,6 +187,7 @@ class WandbSink:
         self._last_step = -1
         self._events: list[Event] = []
         self._sections: dict[str, str] = {}
+        self._closed = False
 
     def write(self, flush: Flush) -> None:
         rows: dict[int, dict[str, Any]] = {}
@@ -273,18 +225,35 @@ class WandbSink:
             self.run.log(rows[s], step=step)
             self._last_step = step
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        if self._events:
-            cols: list[Any] = ["step", "severity", "kind", "layer", "message", "remedy"]
-            table = self._wandb.Table(
-                columns=cols,
-                data=[[e.step, e.severity, e.kind, e.layer, e.message, e.remedy] for e in self._events],
-            )
-            self.run.log({"gradguard/events_table": table}, step=max(self._last_step, 0))
-        self.run.summary["gradguard/skips"] = self._skips
-        self.run.summary["gradguard/n_events"] = len(self._events)
-        if self._own:
-            self.run.finish()
+        """Log the events table and the summary, and finish the run if the sink started it
+        (idempotent: a second call does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._events:
+                cols: list[Any] = ["step", "severity", "kind", "layer", "message", "remedy"]
+                table = self._wandb.Table(
+                    columns=cols,
+                    data=[[e.step, e.severity, e.kind, e.layer, e.message, e.remedy]
+                          for e in self._events],
+                )
+                self.run.log({"gradguard/events_table": table}, step=max(self._last_step, 0))
+            self.run.summary["gradguard/skips"] = self._skips
+            self.run.summary["gradguard/n_events"] = len(self._events)
+        finally:  # a run left unfinished loses what it buffered
+            if self._own:
+                self.run.finish()
+
+    def on_abort(self, error: BaseException) -> None:
+        """Training was given up: log the events table (ending with the ``abort``) and
+        finish the run now, whether or not ``guard.close()`` is reached."""
+        self.close()
 
 
 class ConsoleSink:
@@ -325,6 +294,7 @@ class ConsoleSink:
         self._steps = 0
         self._clipped = 0
         self._last_event: Event | None = None
+        self._closed = False
 
     @property
     def _out(self) -> TextIO:
@@ -378,7 +348,16 @@ class ConsoleSink:
             self._live.update(table)
         self._live.refresh()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
+        self._closed = True
         if self._live is not None:
             self._live.stop()
             self._live = None
+
+    def on_abort(self, error: BaseException) -> None:
+        """Training was given up: stop the live table, so the error prints below it."""
+        self.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Any
@@ -17,8 +18,11 @@ def register(sub: Any) -> None:
             "present, the doctor's diagnosis.json; write one HTML file with a summary "
             "sentence, loss and gradient-norm plots with events, a per-layer heatmap, the "
             "gradient flow, and the events with remedies. No network needed to view it.\n\n"
-            "Exit codes: 0 written, 2 missing/empty/corrupt run directory or newer schema "
-            "(a truncated last line, e.g. of a killed run, is skipped with a warning)."
+            "Exit codes: 0 written; 2 with one line naming the file (and line) for a "
+            "missing or empty run directory, a corrupt line, bytes that are not UTF-8, a "
+            "record without the fields its type needs, a newer schema, or an output that "
+            "cannot be written. A truncated last line (a killed run), or a partial line that "
+            "a resumed run ended, is skipped with a warning naming it."
         ),
         epilog="example:  gradguard report runs/exp1 -o exp1.html",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -54,10 +58,11 @@ def command(args: argparse.Namespace) -> int:
                     )
             else:
                 path = report(args.run_dir, args.out)
-        except ReportError as e:
+        except (ReportError, ImportError) as e:
             raise UsageError(str(e)) from e
-        except ImportError as e:
-            raise UsageError(str(e)) from e
+        except OSError as e:  # reading errors are ReportErrors: this is the output
+            target = args.out or os.path.join(args.run_dir, "report.html")
+            raise UsageError(f"{target}: cannot be written: {e}") from e
     for w in caught:
         if issubclass(w.category, UserWarning):
             print(f"gradguard report: warning: {w.message}", file=sys.stderr)

@@ -18,7 +18,9 @@ def register(sub: Any) -> None:
             "non-finite steps are skipped, and at exit (also on Ctrl-C or an error, which is "
             "re-raised) the run directory (events.jsonl, metrics.jsonl, run.json) and "
             "report.html are written. A second optimizer writes to OUT/optimizer1, and so on. "
-            "The script's exit code is returned."
+            "The script's exit code is returned; gradguard's own files never change it (a "
+            "full disk is a warning). OUT is checked before the script starts: exit 2 if it "
+            "cannot be created or written."
         ),
         epilog=(
             "examples:\n"
@@ -57,7 +59,7 @@ def command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..integrations._hooked import parse_clip
-    from ..integrations.run import run_script
+    from ..integrations.run import OutDirError, run_script
     from . import UsageError
 
     if not Path(args.script).is_file():
@@ -68,13 +70,16 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError(f"--clip: {e}") from e
     if args.every < 1:
         raise UsageError(f"--every {args.every}: must be >= 1")
-    result = run_script(
-        args.script,
-        args.args,
-        out=args.out,
-        clip=args.clip,
-        on_nonfinite=args.on_nonfinite,
-        every=args.every,
-        report=not args.no_report,
-    )
+    try:
+        result = run_script(
+            args.script,
+            args.args,
+            out=args.out,
+            clip=args.clip,
+            on_nonfinite=args.on_nonfinite,
+            every=args.every,
+            report=not args.no_report,
+        )
+    except OutDirError as e:  # raised before the script starts: the script's own errors pass
+        raise UsageError(str(e)) from e
     return result.exit_code

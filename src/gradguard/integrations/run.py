@@ -39,6 +39,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from ..config import DEFAULT_EVERY, GuardConfig
 from ..decision import OnNonfinite
 from ..guard import Guard
+from ..rundir import dir_problem, write_atomic
 from ..sinks import JsonlSink
 from ._hooked import LossTracker, hooked_guard, parse_clip
 
@@ -250,8 +251,13 @@ class ZeroCodeSession:
         model, model_name, opt_name = find_model(optimizer, frame)
         k = len(self.guarded)
         run_dir = self.out if k == 0 else self.out / f"optimizer{k}"
+        try:
+            sinks = [JsonlSink(run_dir)]
+        except ValueError as e:  # a full or read-only disk must not stop the script
+            self._warn_once(f"out{k}", f"{e}; optimizer {k} is guarded but not recorded")
+            sinks = []
         cfg = GuardConfig(clip=parse_clip(self.clip), on_nonfinite=self.on_nonfinite,
-                          every=self.every, sinks=[JsonlSink(run_dir)])
+                          every=self.every, sinks=sinks)
         guard = hooked_guard(model if model is not None else _container(optimizer), optimizer, cfg)
         g = GuardedOptimizer(k, optimizer, guard, run_dir, opt_name, model_name)
         self.guarded.append(g)
@@ -269,7 +275,7 @@ class ZeroCodeSession:
             g.guard.close()
         if self.report:
             for g in self.guarded:
-                g.report = write_report(g.run_dir)
+                g.report = write_report(g.run_dir) if g.guard.sinks else None
 
     def summary(self) -> list[dict[str, Any]]:
         return [
@@ -341,13 +347,21 @@ def run_script(
     code). An exception raised by the script (including ``KeyboardInterrupt``) is
     re-raised unchanged after the run directory and report are written.
 
+    Gradguard's own files never change the outcome: a disk that fills up or turns
+    read-only during the run costs a warning, not the script's exit code.
+
     Raises:
         FileNotFoundError: ``script`` does not exist.
+        OutDirError: ``out`` cannot be created or written; raised before the script
+            starts.
     """
     path = Path(script)
     if not path.is_file():
         raise FileNotFoundError(f"script {str(script)!r} does not exist or is not a file")
     out_dir = Path(out) if out is not None else Path("runs") / path.stem
+    problem = dir_problem(out_dir)  # now, not at the script's first optimizer step
+    if problem is not None:
+        raise OutDirError(f"--out {out_dir}: {problem}")
     session = ZeroCodeSession(
         out_dir, clip=clip, on_nonfinite=on_nonfinite, every=every, report=report
     )
@@ -376,8 +390,13 @@ def run_script(
     return result
 
 
+class OutDirError(ValueError):
+    """The run directory of ``gradguard run`` cannot be created or written."""
+
+
 def _write_run_json(result: RunResult, crashed: BaseException | None) -> None:
-    result.out.mkdir(parents=True, exist_ok=True)
+    """``out/run.json``, atomically; a failure is a warning (the run's outcome is the
+    script's, not this file's)."""
     rec = {
         "v": 1,
         "script": result.script,
@@ -386,9 +405,12 @@ def _write_run_json(result: RunResult, crashed: BaseException | None) -> None:
         "error": None if crashed is None else f"{type(crashed).__name__}: {crashed}",
         "optimizers": result.optimizers,
     }
-    tmp = result.out / "run.json.tmp"
-    tmp.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, result.out / "run.json")
+    try:
+        result.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(result.out / "run.json", json.dumps(rec, indent=2) + "\n")
+    except OSError as e:
+        warnings.warn(f"gradguard run: {result.out / 'run.json'} not written: {e}",
+                      RuntimeWarning, stacklevel=2)
 
 
 def format_summary(result: RunResult, crashed: BaseException | None = None) -> str:

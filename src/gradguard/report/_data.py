@@ -6,12 +6,14 @@ import json
 import math
 import os
 import warnings
+from array import array
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..events import SCHEMA_VERSION, read_jsonl
+from ..events import SCHEMA_VERSION, iter_jsonl, version_problem
 
 #: Line plots keep at most this many points: the min and the max of each bucket of steps,
 #: so a one-step spike survives any amount of downsampling.
@@ -22,6 +24,9 @@ MAX_HEATMAP_COLS = 1000
 MAX_HEATMAP_ROWS = 500
 #: Events shown in the table (all are counted in the summary).
 MAX_EVENT_ROWS = 300
+
+#: The per-step numbers of ``metrics.jsonl`` the report plots (NaN where missing).
+STEP_COLUMNS = ("loss", "grad_norm", "clip_coef")
 
 #: Event kinds that mean the gradients went wrong (vs. what gradguard did about it).
 TROUBLE_KINDS = ("nonfinite_grad", "grad_spike", "loss_spike", "vanishing_grad")
@@ -65,30 +70,104 @@ class RunData:
         return len(self.step)
 
 
-def _read(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            recs = read_jsonl(path)
-        except ValueError as e:
-            raise ReportError(str(e)) from e
-        except OSError as e:
-            raise ReportError(f"{path}: cannot be read: {e}") from e
-    notes.extend(str(w.message) for w in caught)
-    return recs
+def _records(path: Path, notes: list[str]) -> Iterator[dict[str, Any]]:
+    """The records of one file, streamed; skipped lines noted, problems as ReportError."""
+    try:
+        yield from iter_jsonl(path, warn=notes.append)
+    except ValueError as e:
+        raise ReportError(str(e)) from e
+    except OSError as e:
+        raise ReportError(f"{path}: cannot be read: {e}") from e
 
 
 def _num(x: Any) -> float:
+    if type(x) is float:  # the common case first: a report reads millions of these
+        return x
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+
+def _nums(xs: list[Any]) -> array[float]:
+    """A packed array of numbers, NaN for null or anything else that is not a number."""
+    if set(map(type, xs)) <= {float, int}:
+        return array("d", xs)
+    return array("d", [_num(x) for x in xs])
+
+
+class _Metrics:
+    """``metrics.jsonl`` accumulated into packed arrays (8 bytes a number, not a dict a
+    record), so the memory a report needs grows with the numbers, not with the JSON."""
+
+    def __init__(self) -> None:
+        self.step, self.skipped = array("q"), array("b")
+        self.cols = {k: array("d") for k in STEP_COLUMNS}
+        self.names: list[str] = []
+        self.index: dict[str, int] = {}
+        self.layer_step = array("q")
+        # per flush: the columns of its layers, its mean and its max norms
+        self.flushes: list[tuple[array[int], array[float], array[float]]] = []
+        self._last: tuple[list[str], array[int]] | None = None
+
+    def add(self, r: dict[str, Any]) -> None:
+        kind = r.get("type")
+        if kind == "step":
+            self.step.append(r["step"])
+            self.skipped.append(bool(r.get("skipped")))
+            for k, col in self.cols.items():
+                col.append(_num(r.get(k)))
+        elif kind == "layers":
+            names = r["layers"]
+            if self._last is None or self._last[0] != names:  # most flushes repeat the names
+                for n in names:
+                    if n not in self.index:
+                        self.index[n] = len(self.names)
+                        self.names.append(n)
+                self._last = (names, array("q", [self.index[n] for n in names]))
+            mean = r["grad_norm"]
+            self.layer_step.append(r["step"])
+            self.flushes.append((self._last[1], _nums(mean), _nums(r.get("grad_norm_max", mean))))
+
+
+def _latest_per_step(steps: Any) -> Any:
+    """Indices that sort ``steps`` and keep, of a step written twice, the later record: a
+    run resumed from a checkpoint rewrites the steps after it, and those are the ones the
+    final model went through."""
+    import numpy as np
+
+    order = np.argsort(steps, kind="stable")  # stable: equal steps stay in write order
+    s = steps[order]
+    last = np.ones(len(s), dtype=bool)
+    last[:-1] = s[1:] != s[:-1]
+    return order[last]
+
+
+def _diagnosis(path: Path) -> dict[str, Any]:
+    try:
+        diagnosis = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: corrupt JSON: {e}") from e
+    except OSError as e:
+        raise ReportError(f"{path}: cannot be read: {e}") from e
+    if not isinstance(diagnosis, dict) or not isinstance(diagnosis.get("findings", []), list):
+        raise ReportError(f"{path}: expected an object with a 'findings' list")
+    problem = version_problem(diagnosis.get("v", SCHEMA_VERSION))
+    if problem is not None:
+        raise ReportError(f"{path}: {problem}")
+    return diagnosis
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     """Read ``metrics.jsonl``, ``events.jsonl`` and (if present) ``diagnosis.json``.
 
+    The JSONL files are streamed (:func:`gradguard.events.iter_jsonl`) into packed arrays:
+    memory grows with the number of values, never with the size of the JSON text. A step
+    recorded twice (a run resumed from an earlier checkpoint) is shown once, with its later
+    record, and noted in ``RunData.warnings``.
+
     Raises:
-        ReportError: the directory is missing or holds no gradguard files, or a file is
-            corrupt or from a newer schema. A truncated *last* line (a killed run) is
-            skipped and noted in ``RunData.warnings`` instead.
+        ReportError: the directory is missing or holds no gradguard files, or a file
+            cannot be read, is corrupt, or is from a newer schema (the message names the
+            file and line). A truncated *last* line (a killed run), or a partial line that a
+            resumed run ended, is skipped and noted in ``RunData.warnings`` instead.
 
     Example:
         >>> import tempfile
@@ -112,50 +191,36 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
             "events.jsonl (written by gg.JsonlSink)"
         )
     notes: list[str] = []
-    metrics = _read(mpath, notes) if mpath.exists() else []
-    events = [r for r in (_read(epath, notes) if epath.exists() else []) if r.get("type") == "event"]
-    steps = [r for r in metrics if r.get("type") == "step"]
-    if not steps:
+    m = _Metrics()
+    for r in _records(mpath, notes) if mpath.exists() else ():
+        m.add(r)
+    events = [r for r in (_records(epath, notes) if epath.exists() else ())
+              if r.get("type") == "event"]
+    if not len(m.step):
         raise ReportError(f"{mpath}: no step records; nothing to report")
-    steps.sort(key=lambda r: r["step"])
-    step = np.array([r["step"] for r in steps], dtype=np.int64)
-    cols = {k: np.array([_num(r.get(k)) for r in steps]) for k in ("loss", "grad_norm", "clip_coef")}
-    skipped = np.array([bool(r.get("skipped")) for r in steps])
 
-    lay = [r for r in metrics if r.get("type") == "layers"]
-    names: list[str] = []
-    index: dict[str, int] = {}
-    for r in lay:
-        for n in r["layers"]:
-            if n not in index:
-                index[n] = len(names)
-                names.append(n)
-    mean = np.full((len(lay), len(names)), np.nan)
-    mx = np.full((len(lay), len(names)), np.nan)
-    for i, r in enumerate(lay):
-        idx = [index[n] for n in r["layers"]]
-        mean[i, idx] = [_num(x) for x in r["grad_norm"]]
-        mx[i, idx] = [_num(x) for x in r.get("grad_norm_max", r["grad_norm"])]
-    layer_step = np.array([r["step"] for r in lay], dtype=np.int64)
+    keep = _latest_per_step(np.frombuffer(m.step, dtype=np.int64))
+    if len(keep) < len(m.step):
+        notes.append(f"{mpath}: {len(m.step) - len(keep)} steps were recorded twice (a run "
+                     "resumed from an earlier checkpoint); the later records are shown")
+    step = np.frombuffer(m.step, dtype=np.int64)[keep]
+    cols = {k: np.frombuffer(c, dtype=np.float64)[keep] for k, c in m.cols.items()}
+    skipped = np.frombuffer(m.skipped, dtype=np.int8)[keep].astype(bool)
 
-    diagnosis = None
-    if dpath.exists():
-        try:
-            diagnosis = json.loads(dpath.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ReportError(f"{dpath}: corrupt JSON: {e}") from e
-        if not isinstance(diagnosis, dict) or not isinstance(diagnosis.get("findings", []), list):
-            raise ReportError(f"{dpath}: expected an object with a 'findings' list")
-        v = diagnosis.get("v", SCHEMA_VERSION)
-        if isinstance(v, int) and v > SCHEMA_VERSION:
-            raise ReportError(
-                f"{dpath}: schema version {v} is newer than this gradguard understands "
-                f"({SCHEMA_VERSION}); upgrade gradguard"
-            )
-    events.sort(key=lambda e: e.get("step", 0))
+    rows = _latest_per_step(np.frombuffer(m.layer_step, dtype=np.int64))
+    mean = np.full((len(rows), len(m.names)), np.nan)
+    mx = np.full((len(rows), len(m.names)), np.nan)
+    for i, f in enumerate(rows.tolist()):
+        idx, fmean, fmax = (np.frombuffer(a, dtype=a.typecode) for a in m.flushes[f])
+        mean[i, idx] = fmean
+        mx[i, idx] = fmax
+    layer_step = np.frombuffer(m.layer_step, dtype=np.int64)[rows]
+
+    diagnosis = _diagnosis(dpath) if dpath.exists() else None
+    events.sort(key=lambda e: e["step"])
     return RunData(
         d, step, cols["loss"], cols["grad_norm"], cols["clip_coef"], skipped,
-        names, layer_step, mean, mx, events, diagnosis, notes,
+        m.names, layer_step, mean, mx, events, diagnosis, notes,
     )
 
 

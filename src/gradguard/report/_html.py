@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..rundir import write_atomic
 from ._data import MAX_EVENT_ROWS, RunData, load_run, summary_sentence
 
 CSS = """
@@ -194,8 +195,12 @@ def report(
         The path of the written file.
 
     Raises:
-        gradguard.report.ReportError: missing/empty directory, corrupt file, newer schema.
-        A truncated last line is skipped with a ``UserWarning``.
+        gradguard.report.ReportError: missing/empty directory, a file that cannot be read,
+            a corrupt line or record, a newer schema (naming the file and line). A
+            truncated last line, or a partial line that a resumed run ended, is skipped
+            with a ``UserWarning``.
+        OSError: ``out`` cannot be written (the page is written atomically: no half file
+            and no temp file is left).
 
     Example:
         >>> import tempfile, torch, gradguard as gg
@@ -213,10 +218,6 @@ def report(
     data = load_run(run_dir)
     for w in data.warnings:
         warnings.warn(w, UserWarning, stacklevel=2)
-    page = render_html(data, progress)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)  # fail before the drawing, not after
+    return write_atomic(path, render_html(data, progress))

@@ -1,0 +1,203 @@
+"""The run directory on disk: the append-only JSONL writer (:class:`JsonlSink`), files that
+are replaced whole (:func:`write_atomic`), and the check that a directory can hold a run
+(:func:`dir_problem`).
+
+Nothing written here is ever half a record to a reader: JSONL lines are appended, flushed
+and fsynced, and a line torn by a kill or a full disk is ended and marked
+(:data:`gradguard.events.TORN_LINE_MARK`) before the next append; whole files go through a
+temp file, fsync and ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .events import SCHEMA_VERSION, TORN_LINE_MARK, Flush
+
+
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same directory that is
+    flushed, fsynced and then ``os.replace``d into place.
+
+    A failure (a full disk, a kill before the replace) leaves the previous file intact,
+    and no temp file behind unless the process itself dies mid-write.
+
+    Raises:
+        OSError: the directory cannot be written (the temp file is removed first).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "run.json"
+        >>> write_atomic(p, '{"v": 1}').read_text()
+        '{"v": 1}'
+        >>> sorted(x.name for x in p.parent.iterdir())
+        ['run.json']
+    """
+    p = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def dir_problem(d: str | os.PathLike[str]) -> str | None:
+    """Why ``d`` cannot hold a run directory, or None: it is created, and a probe byte is
+    written, fsynced and removed in it (a full disk fails at the byte, not at the name).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "a_file"
+        >>> _ = f.write_text("")
+        >>> dir_problem(f / "run")
+        'cannot be created: Not a directory'
+        >>> dir_problem(f.parent / "run") is None
+        True
+    """
+    p = Path(d)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot be created: {e.strerror or e}"
+    probe = None
+    try:
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".gradguard-probe-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        return f"cannot be written: {e.strerror or e}"
+    finally:
+        if probe is not None:
+            Path(probe).unlink(missing_ok=True)
+    return None
+
+
+class JsonlSink:
+    """Append-only JSONL files in a run directory.
+
+    Writes ``events.jsonl`` (one event per line) and ``metrics.jsonl`` (one line per step
+    plus one ``"type": "layers"`` line per flush). Every line carries ``"v": 1``; every write
+    is flushed and fsynced so that a killed process loses at most the line being written.
+
+    Appending to a run directory that already holds files (a resumed run) is the intended
+    use. A file that ends in a partial line (the process was killed mid-write, or the disk
+    filled up) is first ended with a newline and :data:`gradguard.events.TORN_LINE_MARK`,
+    so the reader skips exactly that line, with a warning naming it, and keeps the rest. A
+    write that fails part-way raises (the guard then reports the sink once and stops
+    feeding it); a later write, or the next sink on the file, ends the torn line first.
+
+    Raises:
+        ValueError: ``run_dir`` or a file in it cannot be created or written (naming it).
+
+    Example:
+        >>> import tempfile, gradguard as gg
+        >>> sink = gg.JsonlSink(tempfile.mkdtemp())
+        >>> sink.close()
+        >>> sink.closed
+        True
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"JsonlSink run_dir={str(run_dir)!r} cannot be created: {e}") from e
+        if not os.access(self.run_dir, os.W_OK):
+            raise ValueError(f"JsonlSink run_dir={str(run_dir)!r} is not writable")
+        self.fsync = fsync
+        self.events_path = self.run_dir / "events.jsonl"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        files: list[BinaryIO] = []
+        try:
+            for path in (self.events_path, self.metrics_path):
+                # unbuffered: a failed write leaves nothing queued to fail again at close
+                files.append(open(path, "ab", buffering=0))
+                self._end_torn_line(files[-1])
+        except OSError as e:
+            for fh in files:
+                fh.close()
+            raise ValueError(f"JsonlSink run_dir={str(run_dir)!r}: cannot write "
+                             f"{path.name}: {e}") from e
+        self._events, self._metrics = files
+        self._maybe_torn: set[BinaryIO] = set()  # files whose last write failed part-way
+
+    def _end_torn_line(self, fh: BinaryIO) -> None:
+        """End a partial last line and mark it for the reader (see :data:`TORN_LINE_MARK`)."""
+        with open(fh.name, "rb") as r:
+            if r.seek(0, os.SEEK_END) == 0:
+                return
+            r.seek(-1, os.SEEK_END)
+            if r.read(1) == b"\n":
+                return
+        self._write_all(fh, b"\n" + _jsonl([TORN_LINE_MARK]))
+
+    def _write_all(self, fh: BinaryIO, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[fh.write(view):]  # a short write (a disk filling up) goes on
+        if self.fsync:
+            os.fsync(fh.fileno())
+
+    def _append(self, fh: BinaryIO, lines: Sequence[dict[str, Any]]) -> None:
+        if not lines:
+            return
+        if fh in self._maybe_torn:
+            self._end_torn_line(fh)
+            self._maybe_torn.discard(fh)
+        try:
+            self._write_all(fh, _jsonl(lines))
+        except OSError:
+            self._maybe_torn.add(fh)  # part of a line may be on disk
+            raise
+
+    def write(self, flush: Flush) -> None:
+        metrics = [{"v": SCHEMA_VERSION, "type": "step", **r} for r in flush.steps]
+        if flush.layers:
+            metrics.append({"v": SCHEMA_VERSION, "type": "layers", **flush.layers})
+        self._append(self._metrics, metrics)
+        self._append(self._events, [e.to_json() for e in flush.events])
+
+    @property
+    def closed(self) -> bool:
+        return self._events.closed and self._metrics.closed
+
+    def close(self) -> None:
+        for fh in (self._events, self._metrics):
+            fh.close()
+
+    def on_abort(self, error: BaseException) -> str | None:
+        """Training was given up: close the files and render the run's HTML incident report
+        (when the ``report`` extra is installed), so the error can point at it. Returns
+        the report's path, or None (a warning says why)."""
+        self.close()
+        try:
+            from .report import report as render
+        except ImportError as e:
+            warnings.warn(f"gradguard: no report written ({e})", RuntimeWarning, stacklevel=2)
+            return None
+        try:
+            return str(render(self.run_dir))
+        except Exception as e:  # the abort is the error to raise, not this one
+            warnings.warn(f"gradguard: writing the report of {self.run_dir} failed: "
+                          f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+            return None
+
+
+def _jsonl(records: Sequence[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(x, allow_nan=False) + "\n" for x in records).encode("utf-8")

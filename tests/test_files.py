@@ -1,0 +1,254 @@
+"""The run directory's JSONL files: resuming after a kill, a streaming reader, and
+``gradguard report`` on every kind of bad input (exit 2, one line naming file and line)."""
+
+from __future__ import annotations
+
+import json
+import math
+import tracemalloc
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tests.helpers import guarded_steps, mlp
+
+import gradguard as gg
+from gradguard.cli import main
+from gradguard.events import Flush, iter_jsonl, read_jsonl
+from gradguard.report import load_run
+
+
+def _flush(steps: range, loss: float = 1.0) -> Flush:
+    recs = [{"step": s, "loss": loss, "grad_norm": 2.0, "clip_coef": 1.0, "skipped": False,
+             "finite": True} for s in steps]
+    layers = {"step": steps[-1], "first_step": steps[0], "layers": ["a", "b"],
+              "grad_norm": [loss, 2 * loss], "grad_norm_max": [1.5 * loss, 2.5 * loss]}
+    return Flush(steps=recs, layers=layers, events=[])
+
+
+def _write(run: Path, *flushes: Flush) -> None:
+    sink = gg.JsonlSink(run, fsync=False)
+    for f in flushes:
+        sink.write(f)
+    sink.close()
+
+
+def _read_warned(path: Path) -> tuple[list[dict], list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recs = read_jsonl(path)
+    return recs, [str(w.message) for w in caught]
+
+
+def _report(capsys, run: Path) -> tuple[int, str, str]:
+    rc = main(["report", str(run)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---- a killed run, resumed ------------------------------------------------------------------
+def test_resumed_sink_terminates_the_partial_line_of_a_killed_run(tmp_path, capsys):
+    _write(tmp_path, _flush(range(0, 5)))
+    metrics = tmp_path / "metrics.jsonl"
+    n_lines = len(metrics.read_text().splitlines())
+    with open(metrics, "a") as fh:  # killed half-way through a line
+        fh.write('{"v": 1, "type": "step", "step": 5, "lo')
+    _write(tmp_path, _flush(range(5, 10), loss=0.5))  # the resumed run appends
+
+    recs, warned = _read_warned(metrics)
+    assert [r["step"] for r in recs if r["type"] == "step"] == list(range(10))
+    assert len(warned) == 1
+    assert f"{metrics}:{n_lines + 1}: " in warned[0] and "partial line" in warned[0]
+    rc, out, err = _report(capsys, tmp_path)
+    assert rc == 0 and out.strip() == str(tmp_path / "report.html")
+    assert f"metrics.jsonl:{n_lines + 1}: " in err
+    assert load_run(tmp_path).loss.tolist() == [1.0] * 5 + [0.5] * 5
+
+
+def test_a_line_cut_just_before_its_newline_is_kept(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    _write(tmp_path, _flush(range(0, 3)))
+    metrics.write_bytes(metrics.read_bytes()[:-1])  # the record is whole, the "\n" is not
+    _write(tmp_path, _flush(range(3, 6)))
+    recs, warned = _read_warned(metrics)
+    assert warned == []
+    assert [r["step"] for r in recs if r["type"] == "layers"] == [2, 5]
+
+
+def test_a_killed_run_resumed_twice_skips_each_partial_line(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    lines = []
+    for k in range(3):
+        _write(tmp_path, _flush(range(3 * k, 3 * k + 3)))
+        lines.append(len(metrics.read_bytes().splitlines()) + 1)
+        if k < 2:
+            with open(metrics, "ab") as fh:
+                fh.write(b'{"v": 1, "type": "la')
+    recs, warned = _read_warned(metrics)
+    assert [r["step"] for r in recs if r["type"] == "step"] == list(range(9))
+    assert [w.split(": ", 1)[0] for w in warned] == [f"{metrics}:{n}" for n in lines[:2]]
+
+
+def test_a_torn_line_not_followed_by_a_resume_is_still_an_error(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    _write(tmp_path, _flush(range(0, 3)))
+    with open(metrics, "a") as fh:
+        fh.write('{"v": 1, "type": "st\n')  # terminated by someone else, no marker
+    _write(tmp_path, _flush(range(3, 6)))
+    with pytest.raises(ValueError, match=r"metrics.jsonl:5: corrupt JSON line"):
+        read_jsonl(metrics)
+
+
+def test_resume_after_a_kill_through_the_guard(tmp_path):
+    def train(steps: range, nan_step: int) -> None:
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+            guard.step_count = steps[0]
+            guarded_steps(guard, model, opt, len(steps), nan_steps={nan_step}, start=steps[0])
+
+    train(range(0, 10), nan_step=3)
+    events = tmp_path / "events.jsonl"
+    n_lines = len(events.read_text().splitlines())
+    with open(events, "a") as fh:  # killed while writing the events of step 9
+        fh.write('{"v": 1, "type": "event", "kind": "sk')
+    train(range(10, 20), nan_step=13)
+    data = load_run(tmp_path)
+    assert data.step.tolist() == list(range(20))
+    assert {(e["kind"], e["step"]) for e in data.events} >= {("skip", 3), ("skip", 13)}
+    assert len(data.warnings) == 1 and f"events.jsonl:{n_lines + 1}: " in data.warnings[0]
+
+
+# ---- the reader streams ---------------------------------------------------------------------
+def test_iter_jsonl_yields_before_reading_the_whole_file(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"v": 1, "type": "step", "step": 0}\n{corrupt\n{"v": 1, "type": "step", "step": 1}\n')
+    it = iter_jsonl(p)
+    assert isinstance(it, Iterator)
+    assert next(it)["step"] == 0  # the corrupt line 2 is not read yet
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: corrupt JSON line"):
+        next(it)
+
+
+def test_iter_jsonl_memory_does_not_grow_with_the_file(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    line = json.dumps({"v": 1, "type": "layers", "step": 0, "layers": [f"l{i}" for i in range(200)],
+                       "grad_norm": [0.1] * 200}) + "\n"
+    p.write_text(line * 300)  # ~1 MB
+    tracemalloc.start()
+    n = sum(1 for _ in iter_jsonl(p))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert n == 300
+    assert peak < 20 * len(line)  # a few lines' worth, not the file
+
+
+def test_read_jsonl_is_the_list_of_iter_jsonl(tmp_path):
+    _write(tmp_path, _flush(range(0, 4)))
+    p = tmp_path / "metrics.jsonl"
+    assert read_jsonl(p) == list(iter_jsonl(p))
+    assert [r["type"] for r in read_jsonl(p)] == ["step"] * 4 + ["layers"]
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    _write(tmp_path, _flush(range(0, 4)))
+    for name in ("metrics.jsonl", "events.jsonl"):
+        p = tmp_path / name
+        p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    (tmp_path / "diagnosis.json").write_bytes(b"\xef\xbb\xbf" + b'{"findings": []}')
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")][:2] == [0, 1]
+    data = load_run(tmp_path)
+    assert data.step.tolist() == [0, 1, 2, 3] and data.diagnosis == {"findings": []}
+
+
+def test_duplicate_steps_of_a_run_resumed_from_a_checkpoint_keep_the_later_records(tmp_path):
+    # killed after step 9, resumed from the checkpoint of step 4: steps 5..9 are written twice
+    _write(tmp_path, _flush(range(0, 5)), _flush(range(5, 10)))
+    _write(tmp_path, _flush(range(5, 10), loss=0.5), _flush(range(10, 12), loss=0.5))
+    data = load_run(tmp_path)
+    assert data.step.tolist() == list(range(12))
+    assert data.loss.tolist() == [1.0] * 5 + [0.5] * 7
+    assert data.layer_step.tolist() == [4, 9, 11]
+    assert data.layer_mean[:, 0].tolist() == [1.0, 0.5, 0.5]
+    assert any("5 steps were recorded twice" in w and "later records" in w for w in data.warnings)
+
+
+# ---- gradguard report: bad input is exit 2 and one line ------------------------------------
+STEP = '{"v": 1, "type": "step", "step": 2, "loss": 1.0, "grad_norm": 1.0, "clip_coef": 1.0, "skipped": false, "finite": true}'
+BAD_LINES = {
+    "string version": ('{"v": "1", "type": "step", "step": 2}', "'v' must be an integer"),
+    "bool version": ('{"v": true, "type": "step", "step": 2}', "'v' must be an integer"),
+    "no version": ('{"type": "step", "step": 2}', "no schema version 'v'"),
+    "newer version": ('{"v": 2, "type": "step", "step": 2}', "schema version 2 is newer"),
+    "missing step": ('{"v": 1, "type": "step", "loss": 1.0}', "'step' is missing"),
+    "string step": ('{"v": 1, "type": "step", "step": "2"}', "'step' must be an integer"),
+    "float step": ('{"v": 1, "type": "step", "step": 2.5}', "'step' must be an integer"),
+    "not an object": ("[1, 2]", "not a gradguard record"),
+    "corrupt": ('{"v": 1, "type": "step", "st', "corrupt JSON line"),
+    "layers not a list": ('{"v": 1, "type": "layers", "step": 2, "layers": "a", "grad_norm": [1.0]}',
+                          "'layers' must be a list"),
+    "layer norms of another length": (
+        '{"v": 1, "type": "layers", "step": 2, "layers": ["a", "b"], "grad_norm": [1.0]}',
+        "'grad_norm' has 1 values for 2 layers"),
+}
+
+
+def _run_with_bad_line(d: Path, bad: bytes) -> Path:
+    lines = [STEP.replace('"step": 2', f'"step": {s}').encode() for s in range(4)]
+    lines[2] = bad
+    (d / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (d / "events.jsonl").write_bytes(b"")
+    return d / "metrics.jsonl"
+
+
+@pytest.mark.parametrize("case", list(BAD_LINES))
+def test_report_bad_line_exits_2_naming_file_and_line(tmp_path, capsys, case):
+    bad, message = BAD_LINES[case]
+    path = _run_with_bad_line(tmp_path, bad.encode())
+    rc, out, err = _report(capsys, tmp_path)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"gradguard report: error: {path}:3: ")
+    assert message in err
+
+
+def test_report_non_utf8_bytes_exit_2_naming_file_line_and_byte(tmp_path, capsys):
+    path = _run_with_bad_line(tmp_path,
+                              b'{"v": 1, "type": "step", "step": 2, "note": "caf\xe9"}')
+    rc, _, err = _report(capsys, tmp_path)
+    assert rc == 2 and err.count("\n") == 1
+    assert f"{path}:3: not UTF-8 text: byte 0xe9 at column 49" in err
+
+
+def test_report_bad_event_line_names_events_jsonl(tmp_path, capsys):
+    _write(tmp_path, _flush(range(0, 4)))
+    (tmp_path / "events.jsonl").write_text(
+        '{"v": 1, "type": "event", "kind": "skip", "step": 1, "severity": "warning", "message": "m"}\n'
+        '{"v": 1, "type": "event", "kind": "skip", "step": "1", "severity": "warning", "message": "m"}\n')
+    rc, _, err = _report(capsys, tmp_path)
+    assert rc == 2 and f"{tmp_path / 'events.jsonl'}:2: 'step' must be an integer" in err
+
+
+def test_report_diagnosis_with_a_string_version_exits_2(tmp_path, capsys):
+    _write(tmp_path, _flush(range(0, 4)))
+    (tmp_path / "diagnosis.json").write_text('{"v": "2", "findings": []}')
+    rc, _, err = _report(capsys, tmp_path)
+    assert rc == 2 and "diagnosis.json: schema version 'v' must be an integer, got '2'" in err
+
+
+def test_report_unwritable_output_exits_2(tmp_path, capsys):
+    _write(tmp_path / "run", _flush(range(0, 4)))
+    (tmp_path / "file").write_text("")
+    rc = main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "file" / "r.html")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "r.html" in err and "cannot be written" in err
+
+
+def test_step_values_are_numbers_or_null_in_the_report(tmp_path):
+    _write(tmp_path, _flush(range(0, 2)))
+    p = tmp_path / "metrics.jsonl"
+    p.write_text(p.read_text().replace('"loss": 1.0', '"loss": null', 1))
+    data = load_run(tmp_path)
+    assert math.isnan(data.loss[0]) and data.loss[1] == 1.0
