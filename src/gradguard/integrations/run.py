@@ -1,153 +1,104 @@
 """Zero-code guarding: run an unmodified training script with every optimizer guarded.
 
-``gradguard run [--clip ...] [--on-nonfinite ...] [--out DIR] train.py [args]`` installs a
-global ``torch.optim`` step pre-hook, runs the script as ``__main__``, and gives each
-optimizer the script creates its own hook-driven :class:`~gradguard.Guard`
-the first time it steps. The guard acts once per ``optimizer.step()`` (not per backward),
-so gradient accumulation, several optimizers and GAN-style alternating optimizers work as
-written. At exit (normal, ``sys.exit``, Ctrl-C or an exception, which is then re-raised)
-the guards are closed, the run directories and reports are written, and a summary goes to
-stderr.
+``gradguard run [options] train.py [args]`` installs a :class:`ZeroCodeSession` and runs
+the script as ``__main__``. The session guards
+
+* every ``torch.optim`` optimizer the script steps itself: a global step pre-hook gives
+  it a hook-driven :class:`~gradguard.Guard` the first time it steps (one guard step per
+  ``optimizer.step()``: gradient accumulation, several optimizers and GAN-style loops
+  work as written). ``scaler.step(optimizer)`` of an enabled ``GradScaler`` is guarded
+  with the scaler: the gradients are unscaled first (as ``scaler.step`` does anyway), the
+  unscaled loss is recorded, and the scaler's own overflow skips are counted;
+* every Lightning and Hugging Face ``Trainer`` the script builds, through its native
+  callback (:mod:`._frameworks`).
+
+The script's own ``clip_grad_norm_``/``clip_grad_value_`` calls are deferred to the
+guard (:mod:`._clip_intercept`): gradguard records the true pre-clip norms, and the
+script's clip as the clip that happened. Each run writes its own directory
+(:mod:`._rundir`); at exit (normal, ``sys.exit``, Ctrl-C or an exception, which is then
+re-raised) the guards are closed, reports written, and each run directory is judged on
+its loss (:func:`gradguard.report._outcome.judge`).
 
 Names: the first time an optimizer steps, the calling frames are searched for the
-``nn.Module`` that holds its parameters, so layers get their module paths
-(``encoder.0``); parameters no module claims are named from the optimizer
-(``optimizer.param_groups.0.params.3``).
-
-Loss: ``Tensor.backward`` is wrapped to note each scalar loss (a device tensor, no sync);
-the losses since the previous optimizer step are summed (the loss whose gradient the step
-applies).
+``nn.Module`` holding its parameters, so layers get module paths (``encoder.0``);
+parameters no module claims are named from the optimizer (``param_group0.p3``).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 import runpy
 import sys
+import time
 import types
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-from ..config import DEFAULT_EVERY, GuardConfig
-from ..decision import OnNonfinite
-from ..guard import Guard
-from ..sinks import JsonlSink
-from ._hooked import LossTracker, hooked_guard, parse_clip
-
-#: Source directories of torch and gradguard: their frames hold no user names.
-_INTERNAL = tuple(
-    {
-        str(d) + os.sep
-        for m in (torch, sys.modules[__name__.split(".")[0]])
-        if m.__file__
-        for d in (Path(m.__file__).parent, Path(m.__file__).resolve().parent)
-    }
+from torch import Tensor
+from torch.amp.grad_scaler import GradScaler, OptState
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
 )
-#: How many caller frames are searched for the model that owns an optimizer's parameters.
-MAX_FRAMES = 40
+
+from ..config import GuardConfig, resolve_config
+from ..events import Sink
+from ..guard import Guard
+from ..recovery.snapshots import DiskSnapshotStore
+from ..sinks import JsonlSink
+from . import _frameworks as fw
+from . import _rundir
+from ._clip_intercept import ClipInterceptor, InterceptedClip, ScriptClipMode
+from ._hooked import LossTracker, hooked_guard, parse_clip
+from ._names import ParamTable, find_model
+from ._summary import RunResult, finish_run_dir, format_summary, write_report
+
+__all__ = ["RunResult", "Unit", "ZeroCodeSession", "format_summary", "run_script",
+           "write_report"]
 
 
 @dataclass
-class GuardedOptimizer:
-    """One optimizer the script created, and its guard."""
+class Unit:
+    """One guarded part of the run: an optimizer the script steps, or a trainer."""
 
     index: int
-    optimizer: torch.optim.Optimizer
-    guard: Guard
-    run_dir: Path
+    kind: str  # "optimizer" | "lightning" | "transformers"
+    run_dir: Path | None
+    guard: Guard | None = None
+    callback: Any = None
+    optimizer: torch.optim.Optimizer | None = None
     name: str | None = None
     model_name: str | None = None
-    report: str | None = None
+    trainer: Any = None
 
 
-@dataclass
-class RunResult:
-    """What a zero-code run did (also written to ``<out>/run.json``)."""
-
-    script: str
-    argv: list[str]
-    exit_code: int
-    out: Path
-    optimizers: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _container(optimizer: torch.optim.Optimizer) -> nn.Module:
-    """A module holding an optimizer's parameters, for when no model claims them."""
-    root = nn.Module()
-    for gi, group in enumerate(optimizer.param_groups):
-        sub = nn.Module()
-        for pi, p in enumerate(group["params"]):
-            sub.register_parameter(f"p{pi}", p if isinstance(p, nn.Parameter) else nn.Parameter(p))
-        root.add_module(f"param_group{gi}", sub)
-    return root
-
-
-def find_model(
-    optimizer: torch.optim.Optimizer, frame: types.FrameType | None
-) -> tuple[nn.Module | None, str | None, str | None]:
-    """The module in the callers' frames that holds most of ``optimizer``'s parameters.
-
-    Among modules holding the same number of them, the smallest wins (the generator, not
-    the ``nn.ModuleDict`` holding generator and discriminator). Returns
-    ``(module, module variable name, optimizer variable name)``; Nones when not found.
-    """
-    wanted = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    best: tuple[int, int] | None = None
-    found: tuple[nn.Module | None, str | None] = (None, None)
-    opt_name: str | None = None
-    seen: set[int] = set()
-    depth = 0
-    while frame is not None and depth < MAX_FRAMES:
-        if frame.f_code.co_filename.startswith(_INTERNAL):
-            frame, depth = frame.f_back, depth + 1
-            continue  # torch's step wrapper and gradguard itself: not the user's names
-        candidates: list[tuple[str, Any]] = []
-        for name, v in list(frame.f_locals.items()):
-            if v is optimizer and opt_name is None:
-                opt_name = name
-            candidates.append((name, v))
-            if not isinstance(v, (nn.Module, type, types.ModuleType)) and hasattr(v, "__dict__"):
-                try:
-                    attrs = list(vars(v).items())
-                except TypeError:
-                    attrs = []
-                candidates += [(f"{name}.{k}", a) for k, a in attrs if isinstance(a, nn.Module)]
-        for name, v in candidates:
-            if not isinstance(v, nn.Module) or id(v) in seen:
-                continue
-            seen.add(id(v))
-            ids = [id(p) for p in v.parameters()]
-            hit = sum(1 for i in ids if i in wanted)
-            if hit == 0:
-                continue
-            score = (hit, -len(ids))
-            if best is None or score > best:
-                best, found = score, (v, name)
-        frame = frame.f_back
-        depth += 1
-    return found[0], found[1], opt_name
+def _is_wrapper(optimizer: Any) -> bool:
+    """accelerate's AcceleratedOptimizer and similar: the inner optimizer is guarded."""
+    return isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
 
 
 class ZeroCodeSession:
-    """Guards every optimizer that steps while it is installed.
+    """Guards every optimizer that steps, and every trainer built, while installed.
 
     Args:
-        out: run directory of the first optimizer; the k-th further optimizer writes to
-            ``out/optimizer<k>``.
-        clip: command-line clip spelling (``"zclip"``, ``"autoclip"``, ``"norm:1.0"``,
-            ``"value:0.5"``, ``"agc"``, ``"none"``); each optimizer gets a fresh policy.
-        on_nonfinite: as for :class:`gradguard.Guard`.
-        every: telemetry flush interval (steps).
-        report: write ``report.html`` into each run directory at the end (when
-            ``gradguard.report`` is available).
+        run_dir: this run's directory (None: write nothing, e.g. on ranks other than 0).
+            The k-th further optimizer writes to ``run_dir/optimizer<k>``, the k-th
+            further trainer to ``run_dir/trainer<k>``.
+        config: a :class:`~gradguard.GuardConfig` (or its options as keywords; ``clip``
+            may also be spelled as on the command line, ``"zclip"``). Every guard is built
+            from it with its own copy of the clip policy and recovery ladder. Its sinks go
+            to the first guard; ``sinks_for(run_dir)`` makes sinks for each.
+        script_clip: ``"compose"`` or ``"replace"``: how ``config.clip`` combines with the
+            script's own clipping (:mod:`._clip_intercept`).
+        report: write ``report.html`` into each run directory at the end.
+        resume: the run directory continues an earlier session: guards start from its
+            ``guard_state.pt``.
+        frameworks: attach the native callbacks to Lightning / Hugging Face trainers.
 
     Example:
         >>> import tempfile, torch
@@ -159,55 +110,96 @@ class ZeroCodeSession:
         ...         model(torch.randn(4, 3)).pow(2).mean().backward()
         ...         opt.step()
         ...         opt.zero_grad()
-        >>> session.guarded[0].guard.step_count, session.guarded[0].model_name
+        >>> session.units[0].guard.step_count, session.units[0].model_name
         (3, 'model')
     """
 
     def __init__(
         self,
-        out: str | os.PathLike[str],
+        run_dir: str | os.PathLike[str] | None,
+        config: GuardConfig | None = None,
         *,
-        clip: str = "none",
-        on_nonfinite: OnNonfinite = "skip",
-        every: int = DEFAULT_EVERY,
+        script_clip: ScriptClipMode = "compose",
         report: bool = True,
+        resume: bool = False,
+        frameworks: bool = True,
+        sinks_for: Callable[[Path], Sequence[Sink]] | None = None,
+        **options: Any,
     ) -> None:
-        parse_clip(clip)  # fail now on a bad spelling
-        GuardConfig(on_nonfinite=on_nonfinite, every=every).validate("ZeroCodeSession")
-        self.out = Path(out)
-        self.clip = clip
-        self.on_nonfinite: OnNonfinite = on_nonfinite
-        self.every = every
-        self.report = report
-        self.guarded: list[GuardedOptimizer] = []
-        self._by_id: dict[int, GuardedOptimizer] = {}
+        if isinstance(options.get("clip"), str):
+            options["clip"] = parse_clip(options["clip"])
+        self.config = resolve_config("ZeroCodeSession", config, options)
+        InterceptedClip(ClipInterceptor(), None, script_clip)  # fail now on a bad mode
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.script_clip: ScriptClipMode = script_clip
+        self.report, self.resume, self.sinks_for = report, resume, sinks_for
+        self.units: list[Unit] = []
+        self.rows: list[dict[str, Any]] = []
+        self.interceptor = ClipInterceptor()
+        self._by_id: dict[int, Unit] = {}
         self._loss = LossTracker()
         self._warned: set[str] = set()
-        self._handle: Any = None
-        self._orig_backward: Callable[..., Any] | None = None
+        self._undo: list[Callable[[], None]] = []
+        self._scaler_stepping: Any = None
+        self._trainers = fw.TrainerHooks(self._attach_trainer) if frameworks else None
         self._closed = False
 
     # ---- install / uninstall -------------------------------------------------------
     def install(self) -> None:
-        self._handle = register_optimizer_step_pre_hook(self._pre_hook)
-        orig = torch.Tensor.backward
-        self._orig_backward = orig
-        tracker = self._loss
+        """Hook torch (optimizer steps, backward, GradScaler, clipping) and the trainers."""
+        for handle in (register_optimizer_step_pre_hook(self._pre_hook),
+                       register_optimizer_step_post_hook(self._post_hook)):
+            self._undo.append(handle.remove)
+        self.interceptor.install()
+        self._undo.append(self.interceptor.uninstall)
+        session = self
 
-        def backward(t: Tensor, *args: Any, **kwargs: Any) -> Any:
-            tracker.add(t)
-            return orig(t, *args, **kwargs)
+        def wrap(owner: Any, name: str, make: Callable[[Any], Callable[..., Any]]) -> None:
+            orig = getattr(owner, name)
+            fn = make(orig)
+            fn.__doc__ = orig.__doc__
+            setattr(owner, name, fn)
+            self._undo.append(lambda: setattr(owner, name, orig))
 
-        backward.__doc__ = orig.__doc__
-        torch.Tensor.backward = backward  # type: ignore[method-assign,assignment]
+        def backward(orig: Any) -> Callable[..., Any]:
+            def fn(t: Tensor, *args: Any, **kwargs: Any) -> Any:
+                session._loss.add(t)
+                # new gradients: a clip still pending belongs before them (torch order)
+                session.interceptor.flush("clipped before another backward")
+                session.interceptor.stepped()
+                return orig(t, *args, **kwargs)
+            return fn
+
+        def opt_init(orig: Any) -> Callable[..., Any]:
+            def fn(opt: Any, *args: Any, **kwargs: Any) -> None:
+                orig(opt, *args, **kwargs)
+                session.interceptor.optimizers.add(opt)
+            return fn
+
+        def scale(orig: Any) -> Callable[..., Any]:
+            def fn(scaler: GradScaler, outputs: Any) -> Any:
+                out = orig(scaler, outputs)
+                if isinstance(outputs, Tensor) and isinstance(out, Tensor):
+                    session._loss.alias(out, outputs)  # record the loss, not loss * scale
+                return out
+            return fn
+
+        def step(orig: Any) -> Callable[..., Any]:
+            def fn(scaler: GradScaler, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+                return session._scaler_step(orig, scaler, optimizer, *args, **kwargs)
+            return fn
+
+        wrap(torch.Tensor, "backward", backward)
+        wrap(torch.optim.Optimizer, "__init__", opt_init)
+        wrap(GradScaler, "scale", scale)
+        wrap(GradScaler, "step", step)
+        if self._trainers is not None:
+            self._trainers.install()
+            self._undo.append(self._trainers.uninstall)
 
     def uninstall(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        if self._orig_backward is not None:
-            torch.Tensor.backward = self._orig_backward  # type: ignore[method-assign]
-            self._orig_backward = None
+        while self._undo:
+            self._undo.pop()()
 
     def __enter__(self) -> ZeroCodeSession:
         self.install()
@@ -216,112 +208,160 @@ class ZeroCodeSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- the hook ------------------------------------------------------------------
+    # ---- the hooks -----------------------------------------------------------------
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"gradguard run: {message}", RuntimeWarning, stacklevel=4)
 
+    def _owned(self, optimizer: Any) -> bool:
+        return any(u.callback is not None and fw.owns(u.callback, optimizer) for u in self.units)
+
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.interceptor.optimizers.add(optimizer)
+        if _is_wrapper(optimizer) or optimizer is self._scaler_stepping:
+            return
+        if self._owned(optimizer):
+            self._loss.take()  # the trainer's callback records its own loss
+            return
         # args is (optimizer, *step_args): a closure is step's first argument
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is not None:
-            self._warn_once(
-                f"closure{id(optimizer)}",
-                f"{type(optimizer).__name__}.step(closure) computes its gradients inside the "
-                "step, after gradguard's hook: this optimizer is not guarded",
-            )
+        scaled = getattr(optimizer, "grad_scale", None) is not None
+        if closure is not None or scaled:
+            why = ("step(closure) computes its gradients inside the step, after gradguard's "
+                   "hook" if closure is not None else
+                   "a GradScaler steps it with still-scaled gradients")
+            self._warn_once(f"unguarded{id(optimizer)}",
+                            f"{type(optimizer).__name__}: {why}; this optimizer is not guarded")
+            ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            self.interceptor.flush("the optimizer steps unguarded", ids)
             return
-        g = self._by_id.get(id(optimizer))
-        if g is None or g.optimizer is not optimizer:
-            g = self._add(optimizer, sys._getframe(1))
-        if getattr(optimizer, "grad_scale", None) is not None:
-            # a GradScaler drives a fused optimizer: the gradients are still scaled
-            self._warn_once(
-                f"scaled{id(optimizer)}",
-                f"{type(optimizer).__name__} is stepped by a GradScaler with scaled gradients; "
-                "call scaler.unscale_(optimizer) before scaler.step(optimizer) so gradguard "
-                "sees (and clips) the true gradients; these steps are not guarded",
-            )
-            return
-        g.guard.step(self._loss.take())
+        unit = self._unit_for(optimizer, sys._getframe(1), None)
+        assert unit.guard is not None
+        unit.guard.step(self._loss.take())
 
-    def _add(self, optimizer: torch.optim.Optimizer, frame: types.FrameType | None) -> GuardedOptimizer:
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.interceptor.stepped()
+
+    def _scaler_step(self, orig: Callable[..., Any], scaler: GradScaler, optimizer: Any,
+                     *args: Any, **kwargs: Any) -> Any:
+        if (self._closed or not scaler.is_enabled() or _is_wrapper(optimizer)
+                or self._owned(optimizer) or "closure" in kwargs):
+            return orig(scaler, optimizer, *args, **kwargs)
+        stage = scaler._per_optimizer_states[id(optimizer)]["stage"]
+        if stage is OptState.STEPPED:
+            return orig(scaler, optimizer, *args, **kwargs)  # raises its own error
+        if stage is OptState.READY:
+            scaler.unscale_(optimizer)  # what scaler.step does first; the guard needs it
+        unit = self._unit_for(optimizer, sys._getframe(2), scaler)
+        assert unit.guard is not None
+        executor: Any = unit.guard.executor
+        executor.scaler = scaler  # its found_inf now also carries the guard's verdict
+        unit.guard.step(self._loss.take())
+        self._scaler_stepping = optimizer
+        try:
+            return orig(scaler, optimizer, *args, **kwargs)
+        finally:
+            self._scaler_stepping = None
+            self.interceptor.stepped()  # also when the scaler skipped the step
+
+    # ---- guards and callbacks ------------------------------------------------------
+    def _dir(self, k: int, label: str) -> Path | None:
+        if self.run_dir is None:
+            return None
+        return self.run_dir if k == 0 else self.run_dir / f"{label}{k}"
+
+    def guard_config(self, k: int, run_dir: Path | None, *, jsonl: bool = True) -> GuardConfig:
+        """The k-th guard's config: the session's, with its own clip policy (wrapping the
+        script's clipping), its own recovery ladder and its run directory's sinks."""
+        cfg = self.config
+        rec = copy.deepcopy(cfg.recovery)
+        if rec is not None and k and rec.snapshot_dir is not None:
+            rec.snapshot_dir = rec.snapshot_dir / f"optimizer{k}"
+            rec.store = DiskSnapshotStore(rec.snapshot_dir, keep=rec.config.keep)
+        sinks: list[Sink] = list(cfg.sinks) if k == 0 else []
+        if run_dir is not None:
+            sinks += list(self.sinks_for(run_dir)) if self.sinks_for is not None else []
+            if jsonl:
+                sinks.append(JsonlSink(run_dir))
+        clip = InterceptedClip(self.interceptor, copy.deepcopy(cfg.clip), self.script_clip)
+        return cfg.replace(clip=clip, recovery=rec, sinks=sinks)
+
+    def _unit_for(self, optimizer: torch.optim.Optimizer, frame: types.FrameType | None,
+                  scaler: GradScaler | None) -> Unit:
+        unit = self._by_id.get(id(optimizer))
+        if unit is not None and unit.optimizer is optimizer:
+            return unit
         model, model_name, opt_name = find_model(optimizer, frame)
-        k = len(self.guarded)
-        run_dir = self.out if k == 0 else self.out / f"optimizer{k}"
-        cfg = GuardConfig(clip=parse_clip(self.clip), on_nonfinite=self.on_nonfinite,
-                          every=self.every, sinks=[JsonlSink(run_dir)])
-        guard = hooked_guard(model if model is not None else _container(optimizer), optimizer, cfg)
-        g = GuardedOptimizer(k, optimizer, guard, run_dir, opt_name, model_name)
-        self.guarded.append(g)
-        self._by_id[id(optimizer)] = g
-        return g
+        k = len(self.units)
+        run_dir = self._dir(k, "optimizer")
+        cfg = self.guard_config(k, run_dir)
+        guard = hooked_guard(model if model is not None else ParamTable.of(optimizer),
+                             optimizer, cfg, scaler=scaler)
+        state = _rundir.load_state(run_dir) if self.resume and run_dir is not None else None
+        if state is not None:
+            guard.load_state_dict(state)
+        unit = Unit(k, "optimizer", run_dir, guard, None, optimizer, opt_name, model_name)
+        self.units.append(unit)
+        self._by_id[id(optimizer)] = unit
+        return unit
+
+    def _attach_trainer(self, kind: str, trainer: Any) -> None:
+        if self._closed or fw.has_gradguard_callback(kind, trainer):
+            return
+        k = len(self.units)
+        run_dir = self._dir(k, "trainer")
+        states: list[Any] | None = None
+        if self.resume and run_dir is not None:
+            dirs = [run_dir, *sorted(run_dir.glob("optimizer*"))]
+            states = [s for s in map(_rundir.load_state, dirs) if s is not None] or None
+        make = fw.lightning_callback if kind == "lightning" else fw.hf_callback
+        cb = make(self.guard_config(k, run_dir, jsonl=False), run_dir, states)
+        fw.add_callback(kind, trainer, cb)
+        self.units.append(Unit(k, kind, run_dir, callback=cb, name=type(trainer).__name__,
+                               trainer=trainer))
 
     # ---- the end -------------------------------------------------------------------
     def close(self) -> None:
-        """Uninstall the hooks, close every guard and write the reports (idempotent)."""
+        """Uninstall the hooks, close every guard, and finish each run directory: its
+        ``guard.json``, ``guard_state.pt``, ``report.html`` and judged outcome
+        (:attr:`rows`). Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.uninstall()
-        for g in self.guarded:
-            g.guard.close()
-        if self.report:
-            for g in self.guarded:
-                g.report = write_report(g.run_dir)
+        for u in self.units:
+            guards = [u.guard] if u.guard is not None else []
+            if u.callback is not None:  # a trainer that raised mid-fit: close what is open
+                guards += list(getattr(u.callback, "guards", {}).values())
+                if getattr(u.callback, "guard", None) is not None:
+                    guards.append(u.callback.guard)
+            for g in guards:
+                g.close()
+        self.interceptor.flush("session closed")
+        self.rows = []
+        for u in self.units:
+            self.rows += self._finish_unit(u)
 
-    def summary(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "index": g.index,
-                "optimizer": type(g.optimizer).__name__,
-                "name": g.name,
-                "model": g.model_name,
-                "run_dir": str(g.run_dir),
-                "steps": g.guard.step_count,
-                "skipped_steps": g.guard.skipped_steps,
-                "clip": repr(g.guard.clip),
-                "report": g.report,
-                "events": len(g.guard.events),
-            }
-            for g in self.guarded
-        ]
-
-
-def write_report(run_dir: str | os.PathLike[str]) -> str | None:
-    """``gradguard.report(run_dir)`` when the report module is there; the path or None.
-
-    A failing report is a warning, never a lost run: the JSONL files are already on disk.
-    """
-    import gradguard
-
-    make = getattr(gradguard, "report", None)
-    if make is None or not callable(make):
-        return None
-    try:
-        out = make(run_dir)
-    except ImportError as e:
-        warnings.warn(f"gradguard: no report for {run_dir}: {e}", RuntimeWarning, stacklevel=2)
-        return None
-    except Exception as e:  # the run itself succeeded; say why the report is missing
-        warnings.warn(
-            f"gradguard: writing the report for {run_dir} failed: {type(e).__name__}: {e}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
-    path = Path(out) if isinstance(out, (str, os.PathLike)) else Path(run_dir) / "report.html"
-    return str(path) if path.exists() else None
-
-
-def _exit_code(e: SystemExit) -> int:
-    if e.code is None:
-        return 0
-    if isinstance(e.code, int):
-        return e.code
-    print(e.code, file=sys.stderr)
-    return 1
+    def _finish_unit(self, u: Unit) -> list[dict[str, Any]]:
+        items: list[tuple[Path | None, Any, Any, Guard | None]]
+        if u.guard is not None:
+            items = [(u.run_dir, u.guard.clip, u.guard.state_dict(), u.guard)]
+        else:
+            items = [(d, clip, s, None) for d, clip, s in fw.callback_guards(u.callback)]
+        rows = []
+        for d, clip, state, guard in items:
+            if d is None:
+                continue
+            model = u.model_name
+            if u.trainer is not None:  # the trainer's module (Lightning) or model (HF)
+                m = getattr(u.trainer, "lightning_module", None) or getattr(u.trainer, "model", None)
+                model = type(m).__name__ if m is not None else None
+            info = {"index": u.index, "kind": u.kind, "name": u.name, "model": model,
+                    "optimizer": type(u.optimizer).__name__ if u.optimizer is not None else None}
+            rows.append(finish_run_dir(d, clip, self.config, state, guard, info,
+                                       dict(self.interceptor.immediate), self.report))
+        return rows
 
 
 def run_script(
@@ -329,33 +369,51 @@ def run_script(
     argv: Sequence[str] = (),
     *,
     out: str | os.PathLike[str] | None = None,
-    clip: str = "none",
-    on_nonfinite: OnNonfinite = "skip",
-    every: int = DEFAULT_EVERY,
+    resume: str | os.PathLike[str] | None = None,
+    config: GuardConfig | None = None,
+    script_clip: ScriptClipMode = "compose",
     report: bool = True,
     quiet: bool = False,
+    sinks_for: Callable[[Path], Sequence[Sink]] | None = None,
+    **options: Any,
 ) -> RunResult:
-    """Run ``script`` as ``__main__`` with ``argv`` and every optimizer guarded.
+    """Run ``script`` as ``__main__`` with ``argv``, every optimizer and trainer guarded.
 
-    Returns the :class:`RunResult` (exit code of the script: 0, or its ``sys.exit``
-    code). An exception raised by the script (including ``KeyboardInterrupt``) is
-    re-raised unchanged after the run directory and report are written.
+    Args:
+        out: where this script's runs go (default ``runs/<script name>``); this run gets
+            ``out/<start time>``, and ``out/latest`` points at it.
+        resume: continue a run directory instead (``"latest"`` or a path).
+        config, options: the guards' :class:`~gradguard.GuardConfig` (``clip`` may be a
+            command-line spelling such as ``"zclip"``).
+        script_clip: how ``clip`` combines with the script's own clipping.
+
+    Returns:
+        The :class:`RunResult`: the script's exit code (0, or its ``sys.exit`` code), the
+        run directory, and one row per guard with its judged outcome. An exception raised
+        by the script (including ``KeyboardInterrupt``) is re-raised unchanged after the
+        run directory and reports are written.
 
     Raises:
-        FileNotFoundError: ``script`` does not exist.
+        FileNotFoundError: ``script`` does not exist, or ``resume`` names no run.
     """
     path = Path(script)
     if not path.is_file():
         raise FileNotFoundError(f"script {str(script)!r} does not exist or is not a file")
-    out_dir = Path(out) if out is not None else Path("runs") / path.stem
-    session = ZeroCodeSession(
-        out_dir, clip=clip, on_nonfinite=on_nonfinite, every=every, report=report
-    )
-    result = RunResult(str(path), list(argv), 0, out_dir)
+    base = Path(out) if out is not None else Path("runs") / path.stem
+    writer = _rundir.writer_rank()
+    run_dir: Path | None = None
+    if writer:
+        run_dir = _rundir.resume_dir(base, resume) if resume else _rundir.new_run_dir(base)
+    session = ZeroCodeSession(run_dir, config, script_clip=script_clip, report=report,
+                              resume=resume is not None, sinks_for=sinks_for, **options)
+    result = RunResult(str(path), list(argv), 0, run_dir)
+    if not quiet and writer:
+        print(f"gradguard run: {path} -> {run_dir}", file=sys.stderr)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [str(path), *argv]
     sys.path.insert(0, str(path.resolve().parent))
     crashed: BaseException | None = None
+    started = time.time()
     session.install()
     try:
         runpy.run_path(str(path), run_name="__main__")
@@ -367,42 +425,22 @@ def run_script(
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
         session.close()
-        result.optimizers = session.summary()
-        _write_run_json(result, crashed)
-        if not quiet:
-            print(format_summary(result, crashed), file=sys.stderr)
+        result.optimizers = session.rows
+        if run_dir is not None:
+            result.write(run_dir, crashed, started, resumed=resume is not None,
+                         clips_applied_at_once=dict(session.interceptor.immediate))
+            if not quiet:
+                print(format_summary(result, crashed), file=sys.stderr)
     if crashed is not None:
         raise crashed
     return result
 
 
-def _write_run_json(result: RunResult, crashed: BaseException | None) -> None:
-    result.out.mkdir(parents=True, exist_ok=True)
-    rec = {
-        "v": 1,
-        "script": result.script,
-        "argv": result.argv,
-        "exit_code": result.exit_code,
-        "error": None if crashed is None else f"{type(crashed).__name__}: {crashed}",
-        "optimizers": result.optimizers,
-    }
-    tmp = result.out / "run.json.tmp"
-    tmp.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, result.out / "run.json")
+def _exit_code(e: SystemExit) -> int:
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return 1
 
-
-def format_summary(result: RunResult, crashed: BaseException | None = None) -> str:
-    """The lines ``gradguard run`` prints to stderr at the end."""
-    if not result.optimizers:
-        return (
-            f"gradguard run: {result.script} never called optimizer.step(); nothing was guarded"
-        )
-    how = "" if crashed is None else f" (the script raised {type(crashed).__name__})"
-    lines = [f"gradguard run: {result.script} exited with code {result.exit_code}{how}"]
-    for o in result.optimizers:
-        who = o["name"] or o["optimizer"]
-        lines.append(
-            f"  {who} ({o['optimizer']}, model {o['model'] or '?'}): {o['steps']} steps, "
-            f"{o['skipped_steps']} skipped, {o['events']} events -> {o['report'] or o['run_dir']}"
-        )
-    return "\n".join(lines)
