@@ -103,7 +103,7 @@ def test_nanogpt_like_without_scaler_nan_step_is_skipped_by_gradguard(tmp_path):
     args = [*NANOGPT, "--nan-at", "6", "--no-scaler"]
     ref = run_plain("nanogpt_like.py", args, tmp_path)
     assert not ref["finite"]  # unguarded: clip_grad_norm_ spreads the NaN, AdamW applies it
-    result, got, steps = run_guarded("nanogpt_like.py", args, tmp_path)
+    _, got, steps = run_guarded("nanogpt_like.py", args, tmp_path)
     assert got["finite"] and [r["step"] for r in steps if r["skipped"]] == [6]
 
 
