@@ -256,7 +256,7 @@ class InterceptedClip(Policy):
         >>> from gradguard.telemetry import measure_grads
         >>> icpt = ClipInterceptor()
         >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
-        >>> icpt.optimizers.add(torch.optim.SGD([w], lr=0.1))
+        >>> opt = torch.optim.SGD([w], lr=0.1); icpt.optimizers.add(opt)  # it holds w
         >>> icpt.clip_grad_norm_([w], max_norm=1.0)      # what torch returns; not clipped yet
         tensor(5.)
         >>> policy = InterceptedClip(icpt)
