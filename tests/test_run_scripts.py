@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import runpy
 import shutil
 import subprocess
@@ -221,3 +222,24 @@ def test_true_norm_helper_is_not_vacuous():
     with pytest.raises(AssertionError):
         assert_true_norms([{"grad_norm": 1.0}], ref)
     assert math.isclose(min(1.0, 1.0 / (3.0 + 1e-6)), 1 / 3, rel_tol=1e-5)
+
+
+# ---- torchrun ---------------------------------------------------------------------------
+def test_torchrun_two_ranks_every_rank_skips_rank_0_writes(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "gradguard",
+         "run", "--no-report", "--every", "4", str(SCRIPTS / "ddp_plain.py"), "--nan-at", "3"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("weights finite: True") == 2  # every rank skipped the NaN step
+    runs = [d for d in (tmp_path / "runs" / "ddp_plain").iterdir() if d.name != "latest"]
+    assert len(runs) == 1  # rank 1 writes nothing
+    steps = [s for s in read_jsonl(runs[0] / "metrics.jsonl") if s["type"] == "step"]
+    assert [s["step"] for s in steps if s["skipped"]] == [3] and len(steps) == 12
+    events = read_jsonl(runs[0] / "events.jsonl")
+    assert any(e["kind"] == "nonfinite_grad" and e.get("rank") == 1 for e in events)

@@ -189,6 +189,15 @@ class ZeroCodeSession:
                 return session._scaler_step(orig, scaler, optimizer, *args, **kwargs)
             return fn
 
+        def destroy(orig: Any) -> Callable[..., Any]:
+            def fn(*args: Any, **kwargs: Any) -> Any:
+                if not args and kwargs.get("group") is None:
+                    session._close_guards()  # their last flush is a collective: do it now
+                return orig(*args, **kwargs)
+            return fn
+
+        if torch.distributed.is_available():
+            wrap(torch.distributed, "destroy_process_group", destroy)
         wrap(torch.Tensor, "backward", backward)
         wrap(torch.optim.Optimizer, "__init__", opt_init)
         wrap(GradScaler, "scale", scale)
@@ -330,18 +339,25 @@ class ZeroCodeSession:
             return
         self._closed = True
         self.uninstall()
-        for u in self.units:
-            guards = [u.guard] if u.guard is not None else []
-            if u.callback is not None:  # a trainer that raised mid-fit: close what is open
-                guards += list(getattr(u.callback, "guards", {}).values())
-                if getattr(u.callback, "guard", None) is not None:
-                    guards.append(u.callback.guard)
-            for g in guards:
-                g.close()
+        self._close_guards()
         self.interceptor.flush("session closed")
         self.rows = []
         for u in self.units:
             self.rows += self._finish_unit(u)
+
+    def _close_guards(self) -> None:
+        """Close every guard still open (a trainer that raised mid-fit included). After
+        the script destroyed its process group, a guard flushes without a collective."""
+        dist = torch.distributed
+        gone = dist.is_available() and not dist.is_initialized()
+        for u in self.units:
+            guards = [u.guard] if u.guard is not None else []
+            if u.callback is not None:
+                guards += list(getattr(u.callback, "guards", {}).values())
+                if getattr(u.callback, "guard", None) is not None:
+                    guards.append(u.callback.guard)
+            for g in guards:
+                g.close(failed=gone and g.dist is not None)
 
     def _finish_unit(self, u: Unit) -> list[dict[str, Any]]:
         items: list[tuple[Path | None, Any, Any, Guard | None]]

@@ -233,7 +233,9 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
 
     from ._outcome import judge, read_guard_config, summary_lead
 
-    outcome = judge(data, config if config is not None else read_guard_config(data.run_dir))
+    if config is None:
+        config = read_guard_config(data.run_dir)
+    outcome = judge(data, config)
     ev = data.events
     trouble = [e for e in ev if e.get("kind") in TROUBLE_KINDS]
     n_skip = int(data.skipped.sum())
@@ -276,7 +278,10 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     if n_skip:
         actions.append(f"skipped {_plural(n_skip, 'step')}")
     if clipped:
-        actions.append(f"clipped {_plural(clipped, 'step')}")
+        # under gradguard run the clip may be the script's own, carried out after measuring
+        whose = (config or {}).get("clip") if (config or {}).get("user_clip") is None else None
+        actions.append(f"clipped {_plural(clipped, 'step')}"
+                       + (f" ({whose})" if whose and whose != "none" else ""))
     backoffs = [e for e in ev if e.get("kind") == "lr_backoff"]
     if backoffs:
         factor = (backoffs[-1].get("data") or {}).get("factor")
