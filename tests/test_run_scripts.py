@@ -156,47 +156,42 @@ def test_plain_tensor_script_value_clip_and_nan_skip(tmp_path):
     assert_true_norms(steps, ref)
     assert all(r["clip_coef"] < 1 for r in steps)  # clip_grad_value_(0.05) bites every step
     assert result.optimizers[0]["clip"] == "the script's clip_grad_value_(clip_value=0.05)"
-    shutil.rmtree(tmp_path / "runs")
     result, got, steps = run_guarded("plain_tensor.py", ["--steps", "12", "--nan-at", "4"], tmp_path)
     assert got["finite"] and [r["step"] for r in steps if r["skipped"]] == [4]
 
 
-# ---- Lightning --------------------------------------------------------------------------
+# ---- the trainers: the native callback, attached with no edit -------------------------
+def check_trainer_script(script, args, tmp, *, max_norm, kind, model, nan_at, **options):
+    """Guarded vs unguarded: same weights, true pre-clip norms, the trainer's clip recorded;
+    then a NaN step is skipped. Returns the first run's result row."""
+    ref = run_plain(script, args, tmp)
+    result, got, steps = run_guarded(script, args, tmp, **options)
+    assert got["digest"] == ref["digest"]
+    assert_true_norms(steps, ref)  # measured before the trainer's own clip
+    assert_clip_recorded(steps, ref, max_norm=max_norm)
+    row = result.optimizers[0]
+    assert (row["kind"], row["model"]) == (kind, model)
+    _, got, steps = run_guarded(script, [*args, "--nan-at", str(nan_at)], tmp)
+    assert got["finite"] and [r["step"] for r in steps if r["skipped"]] == [nan_at]
+    return row
+
+
 def test_lightning_script_gets_the_callback_and_its_clip_is_recorded(tmp_path, monkeypatch):
     pytest.importorskip("lightning")
     monkeypatch.chdir(tmp_path)
-    args = ["--steps", "12"]
-    ref = run_plain("lightning_script.py", args, tmp_path)
-    result, got, steps = run_guarded("lightning_script.py", args, tmp_path)
-    assert got["digest"] == ref["digest"]
-    assert_true_norms(steps, ref)  # measured before Lightning's gradient_clip_val
-    assert_clip_recorded(steps, ref, max_norm=0.5)
-    row = result.optimizers[0]
-    assert (row["kind"], row["model"]) == ("lightning", "Regressor")
+    row = check_trainer_script("lightning_script.py", ["--steps", "12"], tmp_path, max_norm=0.5,
+                               kind="lightning", model="Regressor", nan_at=5)
     assert row["clip"] == "the script's Trainer(gradient_clip_val=0.5)"
-    shutil.rmtree(tmp_path / "runs")
-    result, got, steps = run_guarded("lightning_script.py", [*args, "--nan-at", "5"], tmp_path)
-    assert got["finite"] and [r["step"] for r in steps if r["skipped"]] == [5]
 
 
-# ---- Hugging Face -----------------------------------------------------------------------
 def test_hf_trainer_script_gets_the_callback_and_true_norms(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)
-    args = ["--steps", "10"]
-    ref = run_plain("hf_script.py", args, tmp_path)
-    result, got, steps = run_guarded("hf_script.py", args, tmp_path, report=True)
-    assert got["digest"] == ref["digest"]
-    # the Trainer clips (max_grad_norm=1.0) before gradguard's hook: still the true norms
-    assert_true_norms(steps, ref)
-    assert_clip_recorded(steps, ref, max_norm=1.0)
-    assert [s["true_norm"] for s in got["steps"]] == [s["true_norm"] for s in ref["steps"]]
-    row = result.optimizers[0]
-    assert (row["kind"], row["model"]) == ("transformers", "GPT2LMHeadModel")
+    # the Trainer clips (max_grad_norm=1.0) *before* gradguard's hook: still the true norms
+    row = check_trainer_script("hf_script.py", ["--steps", "10"], tmp_path, max_norm=1.0,
+                               kind="transformers", model="GPT2LMHeadModel", nan_at=4,
+                               report=True)
     render_in_chromium(Path(row["report"]))
-    shutil.rmtree(tmp_path / "runs")
-    result, got, steps = run_guarded("hf_script.py", [*args, "--nan-at", "4"], tmp_path)
-    assert got["finite"] and [r["step"] for r in steps if r["skipped"]] == [4]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
