@@ -184,6 +184,19 @@ def test_lightning_script_gets_the_callback_and_its_clip_is_recorded(tmp_path, m
     assert row["clip"] == "the script's Trainer(gradient_clip_val=0.5)"
 
 
+def test_a_callback_added_by_hand_is_left_to_guard_alone(tmp_path, monkeypatch, recwarn):
+    pytest.importorskip("lightning")
+    monkeypatch.chdir(tmp_path)
+    result = run_script(SCRIPTS / "lightning_script.py", ["--steps", "6", "--own-callback"],
+                        out=tmp_path / "runs", quiet=True, report=False)
+    [row] = result.optimizers
+    assert row["external"] and row["run_dir"] == "lightning_logs/gradguard"
+    steps = [r for r in read_jsonl(tmp_path / row["run_dir"] / "metrics.jsonl") if r["type"] == "step"]
+    assert len(steps) == 6  # guarded once, by the script's own callback
+    assert not (result.run_dir / "metrics.jsonl").exists()
+    assert not [w for w in recwarn if "not guarded" in str(w.message)]
+
+
 def test_hf_trainer_script_gets_the_callback_and_true_norms(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)

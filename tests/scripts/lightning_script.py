@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--nan-at", type=int, default=-1)
     ap.add_argument("--dump", default=None)
     ap.add_argument("--root", default="lightning_logs")
+    ap.add_argument("--own-callback", action="store_true", help="add gradguard's callback by hand")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -58,7 +59,12 @@ def main() -> None:
     y = (x.sum(dim=1, keepdim=True) * 3).sin() * 5
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
     model = Regressor(args.lr, args.nan_at)
-    trainer = pl.Trainer(max_steps=args.steps, gradient_clip_val=args.clip or None,
+    callbacks = []
+    if args.own_callback:
+        from gradguard.integrations.lightning import GradGuardCallback
+
+        callbacks.append(GradGuardCallback(every=5, report=False))
+    trainer = pl.Trainer(max_steps=args.steps, gradient_clip_val=args.clip or None, callbacks=callbacks,
                          accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=args.root)

@@ -116,10 +116,10 @@ class TrainerHooks:
         cls.__init__ = __init__  # type: ignore[misc]
 
 
-def has_gradguard_callback(kind: str, trainer: Any) -> bool:
-    """True when the user already added a gradguard callback by hand."""
+def gradguard_callback(kind: str, trainer: Any) -> Any:
+    """The gradguard callback the user already added by hand, or None."""
     cbs = trainer.callbacks if kind == "lightning" else trainer.callback_handler.callbacks
-    return any(type(cb).__module__.startswith("gradguard.") for cb in cbs)
+    return next((cb for cb in cbs if type(cb).__module__.startswith("gradguard.")), None)
 
 
 def lightning_callback(config: Any, run_dir: Path | None, resume_state: list[Any] | None) -> Any:
