@@ -384,3 +384,31 @@ def test_gradguard_environment_switch_guards_a_plain_python_launch(tmp_path):
     r = subprocess.run([sys.executable, "-c", "print('x')"], capture_output=True, text=True,
                        env=env, timeout=180, cwd=tmp_path)  # not a script: left alone
     assert r.stdout == "x\n" and "gradguard" not in r.stderr
+
+
+def test_scaler_fused_step_with_script_clip_costs_no_host_sync(tmp_path, sync_counter):
+    """The zero-code path adds no sync: GradScaler + fused AdamW + the script's clip +
+    recovery, after the first (state-creating) step."""
+    model = torch.nn.Linear(3, 2)
+    with ZeroCodeSession(tmp_path, report=False, every=50, recovery=gg.Recovery()) as s:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        scaler = torch.amp.GradScaler("cpu")
+
+        def step(bad: bool) -> None:
+            loss = model(torch.randn(4, 3)).pow(2).mean() * (math.inf if bad else 1.0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+
+        step(False)
+        w = model.weight.detach().clone()
+        with sync_counter:
+            step(True)
+            step(False)
+        assert sync_counter.calls == []
+        assert not torch.equal(model.weight, w)  # the second step ran, clipped
+    g = s.units[0].guard
+    assert g.skipped_steps == 1 and g.step_count == 3
