@@ -26,7 +26,7 @@ import pytest
 
 from gradguard.cli import main
 from gradguard.events import read_jsonl
-from gradguard.integrations.run import run_script
+from gradguard.integrations.run import format_summary, run_script
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 NANOGPT = ["--iters", "14", "--accum", "1", "--batch", "4"]
@@ -195,6 +195,8 @@ def test_a_callback_added_by_hand_is_left_to_guard_alone(tmp_path, monkeypatch, 
     assert len(steps) == 6  # guarded once, by the script's own callback
     assert not (result.run_dir / "metrics.jsonl").exists()
     assert not [w for w in recwarn if "not guarded" in str(w.message)]
+    assert "lightning trainer: guarded by the GradGuardCallback the script added itself" in \
+        format_summary(result)
 
 
 def test_hf_trainer_script_gets_the_callback_and_true_norms(tmp_path, monkeypatch):

@@ -140,6 +140,9 @@ def format_summary(result: RunResult, crashed: BaseException | None = None) -> s
     code = "finished" if result.exit_code < 0 else f"exited with code {result.exit_code}"
     lines = [f"gradguard run: {result.script} {code}{how}; run directory {result.run_dir}"]
     for r in result.optimizers:
+        if r.get("external"):
+            lines.append(f"  {r['kind']} trainer: {r['summary']} -> {r['run_dir']}")
+            continue
         who = r.get("name") or r.get("optimizer") or r["kind"]
         what = r.get("optimizer") or r["kind"]
         lines.append(f"  {who} ({what}, model {r.get('model') or '?'}): {r.get('steps')} steps, "
