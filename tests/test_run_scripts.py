@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import gradguard as gg
 from gradguard.cli import main
 from gradguard.events import read_jsonl
 from gradguard.integrations.run import format_summary, run_script
@@ -45,9 +46,12 @@ def run_plain(script: str, args: list[str], tmp: Path) -> dict:
 
 
 def run_guarded(script: str, args: list[str], tmp: Path, **options) -> tuple:
-    """The script under gradguard run; returns (RunResult, its --dump, step records)."""
+    """The script under gradguard run, with recovery on as on the command line (snapshots
+    every 5 steps, so that they happen in these short runs: they must change nothing);
+    returns (RunResult, its --dump, step records)."""
     dump = tmp / f"guarded-{script}.json"
     options.setdefault("report", False)
+    options.setdefault("recovery", gg.Recovery(snapshot_every=5))
     result = run_script(SCRIPTS / script, [*args, "--dump", str(dump)], out=tmp / "runs",
                         quiet=True, every=5, **options)
     steps = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if r["type"] == "step"]
