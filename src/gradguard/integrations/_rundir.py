@@ -112,6 +112,25 @@ def resume_dir(base: Path, resume: str | os.PathLike[str]) -> Path:
     return path
 
 
+def open_run(base: Path, resume: str | os.PathLike[str] | None) -> tuple[Path | None, Path | None]:
+    """``(the directory this process writes, the directory guards resume from)``.
+
+    Only the writing rank gets the first (a new directory, or the resumed one); every
+    rank resumes its guards from the second, so that step numbers agree across ranks. A
+    rank that cannot see the resumed directory (no shared file system) starts afresh.
+    """
+    state_dir = None
+    if resume is not None:
+        try:
+            state_dir = resume_dir(base, resume)
+        except FileNotFoundError:
+            if writer_rank():
+                raise
+    if not writer_rank():
+        return None, state_dir
+    return (state_dir if state_dir is not None else new_run_dir(base)), state_dir
+
+
 def save_state(run_dir: Path, state: dict[str, Any]) -> None:
     """Write a guard's state for a later ``--resume`` (temp file, then ``os.replace``)."""
     tmp = run_dir / (STATE_FILE + ".tmp")

@@ -70,8 +70,8 @@ class ZeroCodeSession:
         script_clip: ``"compose"`` or ``"replace"``: how ``config.clip`` combines with the
             script's own clipping (:mod:`._clip_intercept`).
         report: write ``report.html`` into each run directory at the end.
-        resume: the run directory continues an earlier session: guards start from its
-            ``guard_state.pt``.
+        resume_from: the run directory of an earlier session that this one continues:
+            each guard starts from the ``guard_state.pt`` of its directory there.
         frameworks: attach the native callbacks to Lightning / Hugging Face trainers.
 
     Example:
@@ -95,7 +95,7 @@ class ZeroCodeSession:
         *,
         script_clip: ScriptClipMode = "compose",
         report: bool = True,
-        resume: bool = False,
+        resume_from: Path | None = None,
         frameworks: bool = True,
         sinks_for: Callable[[Path], Sequence[Sink]] | None = None,
         **options: Any,
@@ -106,7 +106,7 @@ class ZeroCodeSession:
         InterceptedClip(ClipInterceptor(), None, script_clip)  # fail now on a bad mode
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.script_clip: ScriptClipMode = script_clip
-        self.report, self.resume, self.sinks_for = report, resume, sinks_for
+        self.report, self.resume_from, self.sinks_for = report, resume_from, sinks_for
         self.units: list[Unit] = []
         self.rows: list[dict[str, Any]] = []
         self.interceptor = ClipInterceptor()
@@ -249,10 +249,14 @@ class ZeroCodeSession:
             self.interceptor.stepped()  # also when the scaler skipped the step
 
     # ---- guards and callbacks ------------------------------------------------------
-    def _dir(self, k: int, label: str) -> Path | None:
-        if self.run_dir is None:
+    def _dir(self, k: int, label: str, root: Path | None = None) -> Path | None:
+        root = self.run_dir if root is None else root
+        if root is None:
             return None
-        return self.run_dir if k == 0 else self.run_dir / f"{label}{k}"
+        return root if k == 0 else root / f"{label}{k}"
+
+    def _resume_dir(self, k: int, label: str) -> Path | None:
+        return None if self.resume_from is None else self._dir(k, label, self.resume_from)
 
     def guard_config(self, k: int, run_dir: Path | None, *, jsonl: bool = True) -> GuardConfig:
         """The k-th guard's config: the session's, with its own clip policy (wrapping the
@@ -281,7 +285,8 @@ class ZeroCodeSession:
         cfg = self.guard_config(k, run_dir)
         guard = hooked_guard(model if model is not None else ParamTable.of(optimizer),
                              optimizer, cfg, scaler=scaler)
-        state = _rundir.load_state(run_dir) if self.resume and run_dir is not None else None
+        saved = self._resume_dir(k, "optimizer")
+        state = _rundir.load_state(saved) if saved is not None else None
         if state is not None:
             guard.load_state_dict(state)
         unit = Unit(k, "optimizer", run_dir, guard, None, optimizer, opt_name, model_name)
@@ -299,8 +304,9 @@ class ZeroCodeSession:
         k = len(self.units)
         run_dir = self._dir(k, "trainer")
         states: list[Any] | None = None
-        if self.resume and run_dir is not None:
-            dirs = [run_dir, *sorted(run_dir.glob("optimizer*"))]
+        saved = self._resume_dir(k, "trainer")
+        if saved is not None:
+            dirs = [saved, *sorted(saved.glob("optimizer*"))]
             states = [s for s in map(_rundir.load_state, dirs) if s is not None] or None
         make = fw.lightning_callback if kind == "lightning" else fw.hf_callback
         cb = make(self.guard_config(k, run_dir, jsonl=False), run_dir, states)

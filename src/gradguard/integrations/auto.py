@@ -72,12 +72,9 @@ def activate(argv: list[str] | None = None) -> ZeroCodeSession | None:
 
     args = _parse(options(value), script)
     base = Path(args.out) if args.out is not None else Path("runs") / Path(script).stem
-    run_dir = None
-    if _rundir.writer_rank():
-        run_dir = (_rundir.resume_dir(base, args.resume) if args.resume
-                   else _rundir.new_run_dir(base))
+    run_dir, resume_from = _rundir.open_run(base, args.resume)
     session = ZeroCodeSession(run_dir, build_config(args), script_clip=args.script_clip,
-                              report=not args.no_report, resume=args.resume is not None,
+                              report=not args.no_report, resume_from=resume_from,
                               sinks_for=sinks_for(args))
     session.install()
     crashed: list[BaseException] = []

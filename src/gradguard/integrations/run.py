@@ -81,14 +81,11 @@ def run_script(
     if not path.is_file():
         raise FileNotFoundError(f"script {str(script)!r} does not exist or is not a file")
     base = Path(out) if out is not None else Path("runs") / path.stem
-    writer = _rundir.writer_rank()
-    run_dir: Path | None = None
-    if writer:
-        run_dir = _rundir.resume_dir(base, resume) if resume else _rundir.new_run_dir(base)
+    run_dir, resume_from = _rundir.open_run(base, resume)
     session = ZeroCodeSession(run_dir, config, script_clip=script_clip, report=report,
-                              resume=resume is not None, sinks_for=sinks_for, **options)
+                              resume_from=resume_from, sinks_for=sinks_for, **options)
     result = RunResult(str(path), list(argv), 0, run_dir)
-    if not quiet and writer:
+    if not quiet and run_dir is not None:
         print(f"gradguard run: {path} -> {run_dir}", file=sys.stderr)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [str(path), *argv]
