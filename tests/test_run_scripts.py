@@ -149,7 +149,10 @@ def test_rerun_writes_a_separate_run_dir_and_resume_continues_one(tmp_path):
     assert steps == list(range(12))  # numbering goes on from the saved guard state
     info = json.loads((second / "run.json").read_text())
     assert len(info["sessions"]) == 2
-    assert main(["run", "--resume", str(tmp_path / "nope"), *cli[1:]]) == 2
+    assert main(["run", "--resume-from", str(tmp_path / "nope"), *cli[1:]]) == 2
+    assert main(["run", "--resume-from", str(first), *cli[1:]]) == 0
+    steps = [r["step"] for r in read_jsonl(first / "metrics.jsonl") if r["type"] == "step"]
+    assert steps == list(range(12))
 
 
 # ---- plain tensors ----------------------------------------------------------------------

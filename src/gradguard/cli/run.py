@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "run",
         help="run a training script with every optimizer and trainer guarded (zero code)",
-        description=DESCRIPTION,
+        description=textwrap.fill(DESCRIPTION, 88, break_on_hyphens=False),
         epilog=(
             "examples:\n"
             "  gradguard run train.py --lr 3e-4\n"
@@ -78,8 +79,10 @@ def register(sub: Any) -> None:
     g.add_argument("--out", default=None, metavar="DIR",
                    help="where this script's runs go (default: runs/<script name>); each run "
                    "writes DIR/<start time>, and DIR/latest points at the newest")
-    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
-                   help="continue a run directory (default: OUT/latest) instead of a new one")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the latest run (OUT/latest) instead of starting a new one")
+    g.add_argument("--resume-from", default=None, metavar="RUN_DIR",
+                   help="continue this run directory instead of starting a new one")
     g.add_argument("--console", action="store_true",
                    help="print a status line per flush and each event to stderr")
     g.add_argument("--tensorboard", action="store_true",
@@ -119,6 +122,13 @@ def build_config(args: argparse.Namespace) -> Any:
     )
 
 
+def resume_arg(args: argparse.Namespace) -> str | None:
+    """The run to continue: ``"latest"``, a directory, or None for a new run."""
+    if args.resume_from is not None:
+        return str(args.resume_from)
+    return "latest" if args.resume else None
+
+
 def sinks_for(args: argparse.Namespace) -> Any:
     """Per-run-directory sinks asked for on the command line (None: only the JSONL files)."""
     if not (args.console or args.tensorboard):
@@ -147,10 +157,11 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError(f"script {args.script!r} does not exist or is not a file")
     config = build_config(args)
     resume = None
-    if args.resume is not None:
+    wanted = resume_arg(args)
+    if wanted is not None:
         base = Path(args.out) if args.out is not None else Path("runs") / script.stem
         try:
-            resume = _rundir.resume_dir(base, args.resume)
+            resume = _rundir.resume_dir(base, wanted)
         except FileNotFoundError as e:
             raise UsageError(str(e)) from e
     result = run_script(

@@ -102,12 +102,12 @@ def resume_dir(base: Path, resume: str | os.PathLike[str]) -> Path:
     if str(resume) == LATEST:
         found = resolve_latest(base)
         if found is None:
-            raise FileNotFoundError(f"--resume: {base}/{LATEST} does not exist; there is no "
+            raise FileNotFoundError(f"--resume: {base / LATEST} does not exist; there is no "
                                     "earlier run of this script to resume")
         return found
     path = Path(resume)
     if not (path / "run.json").is_file() and not (path / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"--resume {str(resume)!r}: not a gradguard run directory "
+        raise FileNotFoundError(f"--resume-from {str(resume)!r}: not a gradguard run directory "
                                 "(no run.json or metrics.jsonl)")
     return path
 

@@ -68,11 +68,11 @@ def activate(argv: list[str] | None = None) -> ZeroCodeSession | None:
     script = argv[0] if argv else ""
     if value.strip().lower() in _OFF or not script.endswith(".py") or not Path(script).is_file():
         return None
-    from ..cli.run import build_config, sinks_for
+    from ..cli.run import build_config, resume_arg, sinks_for
 
     args = _parse(options(value), script)
     base = Path(args.out) if args.out is not None else Path("runs") / Path(script).stem
-    run_dir, resume_from = _rundir.open_run(base, args.resume)
+    run_dir, resume_from = _rundir.open_run(base, resume_arg(args))
     session = ZeroCodeSession(run_dir, build_config(args), script_clip=args.script_clip,
                               report=not args.no_report, resume_from=resume_from,
                               sinks_for=sinks_for(args))
@@ -94,7 +94,7 @@ def activate(argv: list[str] | None = None) -> ZeroCodeSession | None:
         # an exit hook cannot see sys.exit's code: -1 says "not known" (0 or the script's)
         result = RunResult(script, argv[1:], 1 if crashed else -1, run_dir, session.rows)
         result.write(run_dir, crashed[0] if crashed else None, started,
-                     resumed=args.resume is not None,
+                     resumed=resume_from is not None,
                      clips_applied_at_once=dict(session.interceptor.immediate))
         print(format_summary(result, crashed[0] if crashed else None), file=sys.stderr)
 
