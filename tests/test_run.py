@@ -1,8 +1,10 @@
-"""Zero-code `gradguard run`: example scripts, exit codes, one guard step per optimizer step."""
+"""Zero-code `gradguard run`: example scripts, exit codes, one guard step per optimizer step,
+run directories, the script's own clipping, the GRADGUARD switch."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +28,11 @@ def steps_of(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "step"]
 
 
+def latest(out: Path) -> Path:
+    """The run directory ``out/latest`` points at."""
+    return (out / "latest").resolve()
+
+
 def check_report(run_dir: Path) -> None:
     if hasattr(gradguard, "report"):
         assert (run_dir / "report.html").stat().st_size > 0
@@ -37,6 +44,7 @@ def test_plain_loop_nan_is_skipped_and_run_dir_written(tmp_path, capsys):
                str(EX / "plain_loop.py"), "--steps", "30", "--nan-at", "12"])
     assert rc == 0
     assert "parameters finite: True" in capsys.readouterr().out  # the script's own check
+    out = latest(out)
     steps = steps_of(out)
     assert [r["step"] for r in steps] == list(range(30))
     assert [r["step"] for r in steps if r["skipped"]] == [12]
@@ -55,9 +63,9 @@ def test_gradient_accumulation_guards_once_per_optimizer_step(tmp_path):
     rc = main(["run", "--clip", "autoclip", "--out", str(out), "--no-report",
                str(EX / "grad_accumulation.py"), "--steps", "5", "--accum", "4"])
     assert rc == 0
-    steps = steps_of(out)
+    steps = steps_of(latest(out))
     assert len(steps) == 5  # 20 backward passes, 5 optimizer steps
-    assert not (out / "report.html").exists()
+    assert not (latest(out) / "report.html").exists()
 
 
 def test_two_optimizers_each_guarded_in_own_run_dir(tmp_path):
@@ -65,6 +73,7 @@ def test_two_optimizers_each_guarded_in_own_run_dir(tmp_path):
     rc = main(["run", "--out", str(out), str(EX / "two_optimizers.py"),
                "--steps", "10", "--nan-at", "4"])
     assert rc == 0
+    out = latest(out)
     body, head = steps_of(out), steps_of(out / "optimizer1")
     assert len(body) == len(head) == 10
     # the inf input poisons the body's first-layer gradient only: only the body skips
@@ -81,6 +90,7 @@ def test_gan_alternating_optimizers(tmp_path):
     rc = main(["run", "--clip", "norm:1.0", "--out", str(out), "--no-report",
                str(EX / "gan.py"), "--steps", "8"])
     assert rc == 0
+    out = latest(out)
     info = json.loads((out / "run.json").read_text())
     assert [(o["name"], o["model"], o["steps"]) for o in info["optimizers"]] == [
         ("opt_d", "disc", 8), ("opt_g", "gen", 8)]
@@ -143,16 +153,20 @@ def test_session_names_from_optimizer_when_no_module_in_reach(tmp_path):
 
     with ZeroCodeSession(tmp_path, report=False) as s:
         train(params)
-    assert s.guarded[0].model_name is None
-    assert s.guarded[0].guard.names == ["param_group0.p0"]
-    assert s.guarded[0].guard.step_count == 2
+    assert s.units[0].model_name is None
+    assert s.units[0].guard.names == ["param_group0.p0"]
+    assert s.units[0].guard.step_count == 2
 
 
 def test_session_uninstalls_hooks(tmp_path):
-    orig = torch.Tensor.backward
+    patched = [(torch.Tensor, "backward"), (torch.optim.Optimizer, "__init__"),
+               (torch.amp.GradScaler, "step"), (torch.amp.GradScaler, "scale"),
+               (torch.nn.utils, "clip_grad_norm_"), (torch.nn.utils, "clip_grad_value_"),
+               (torch.nn.utils.clip_grad, "clip_grad_norm_")]
+    orig = [getattr(o, n) for o, n in patched]
     with ZeroCodeSession(tmp_path, report=False):
-        assert torch.Tensor.backward is not orig
-    assert torch.Tensor.backward is orig
+        assert all(getattr(o, n) is not f for (o, n), f in zip(patched, orig))
+    assert all(getattr(o, n) is f for (o, n), f in zip(patched, orig))
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.ones(1, 2)).sum().backward()
@@ -174,6 +188,7 @@ def test_script_exception_is_reraised_after_writing_run_dir(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyError, match="boom"):
         run_script(script, out=out, report=False, quiet=True)
+    out = latest(out)
     assert len(steps_of(out)) == 3
     info = json.loads((out / "run.json").read_text())
     assert info["exit_code"] == 1 and "KeyError" in info["error"]
@@ -192,8 +207,8 @@ def test_keyboard_interrupt_still_writes_run_dir(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_script(script, out=out, report=False, quiet=True)
-    assert len(steps_of(out)) == 1
-    assert json.loads((out / "run.json").read_text())["exit_code"] == 130
+    assert len(steps_of(latest(out))) == 1
+    assert json.loads((latest(out) / "run.json").read_text())["exit_code"] == 130
 
 
 def test_sys_exit_code_and_argv_pass_through(tmp_path):
@@ -249,4 +264,151 @@ def test_python_dash_m_gradguard_run_returns_script_exit_code(tmp_path):
     )
     assert r.returncode == 3, r.stderr
     assert "1 steps, 0 skipped" in r.stderr
-    assert len(steps_of(tmp_path / "o")) == 1
+    assert len(steps_of(latest(tmp_path / "o"))) == 1
+
+
+# ---- the script's own clipping ----------------------------------------------------------
+def _train(steps: int = 3, *, clip=None, accum: int = 1, manual: bool = False, seed: int = 0):
+    """A tiny loop; ``clip(params)`` is called where a script clips. Returns the weights."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    params = list(model.parameters())
+    opt = None if manual else torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        for _ in range(accum):
+            (model(torch.randn(16, 4)) * 10).pow(2).mean().backward()
+            if clip is not None and accum > 1:
+                clip(params)  # clipping each micro-batch, before the next backward
+        if clip is not None and accum == 1:
+            clip(params)
+        if manual:  # a hand-written update: no torch.optim optimizer holds the parameters
+            with torch.no_grad():
+                for p in params:
+                    p -= 0.1 * p.grad
+                    p.grad = None
+        else:
+            opt.step()
+            opt.zero_grad()
+    return [p.detach().clone() for p in params]
+
+
+def _guarded(tmp_path, **kw):
+    with ZeroCodeSession(tmp_path, report=False, every=2) as session:
+        weights = _train(**kw)
+    return weights, session
+
+
+def _norm(max_norm):
+    return lambda ps: torch.nn.utils.clip_grad_norm_(ps, max_norm)
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("user, script_clip, effective", [
+    ("norm:0.5", "compose", 0.5),   # smallest wins: the user's
+    ("norm:5.0", "compose", 1.0),   # smallest wins: the script's
+    ("norm:5.0", "replace", 5.0),   # the script's clip only measures
+])
+def test_user_clip_composes_with_or_replaces_the_scripts_clip(tmp_path, user, script_clip, effective):
+    with ZeroCodeSession(tmp_path, report=False, every=2, clip=user, script_clip=script_clip) as s:
+        got = _train(clip=_norm(1.0))
+    ref = _train(clip=_norm(effective))  # unguarded, clipped once at the effective threshold
+    assert all(torch.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in zip(got, ref))
+    assert not _same(got, _train(clip=_norm(1.0 if effective != 1.0 else 0.5)))
+    calls = s.units[0].guard.clip.counts
+    assert calls == {f"clip_grad_norm_(max_norm=1) {'replaced' if script_clip == 'replace' else 'applied'}": 3}
+
+
+def test_clip_without_a_torch_optimizer_is_applied_at_once(tmp_path):
+    ref = _train(clip=_norm(0.5), manual=True)
+    got, session = _guarded(tmp_path, clip=_norm(0.5), manual=True)
+    assert _same(got, ref) and session.units == []
+    assert session.interceptor.immediate == {"parameters no torch.optim optimizer holds": 3}
+
+
+def test_clip_per_micro_batch_keeps_torch_order(tmp_path):
+    ref = _train(clip=_norm(0.5), accum=2)
+    got, session = _guarded(tmp_path, clip=_norm(0.5), accum=2)
+    assert _same(got, ref)  # the first micro-batch's clip ran before the second backward
+    assert session.interceptor.immediate == {"clipped before another backward": 3}
+
+
+def test_intercepted_clip_returns_torchs_norm_and_errors(tmp_path):
+    w = torch.nn.Parameter(torch.ones(3))
+    with ZeroCodeSession(tmp_path, report=False):
+        opt = torch.optim.SGD([w], lr=0.1)  # it holds w: the clip can wait for its step
+        w.grad = torch.tensor([3.0, 4.0, 0.0])
+        assert torch.nn.utils.clip_grad_norm_([w], 1.0).item() == 5.0
+        assert torch.equal(w.grad, torch.tensor([3.0, 4.0, 0.0]))  # deferred to the step
+        w.grad = torch.tensor([math.nan, 1.0, 1.0])
+        with pytest.raises(RuntimeError, match="non-finite"):
+            torch.nn.utils.clip_grad_norm_([w], 1.0, error_if_nonfinite=True)
+        del opt
+
+
+def test_plain_tensor_parameters_are_guarded_and_restored_by_name(tmp_path):
+    w = torch.randn(4, 2, requires_grad=True)  # a plain tensor, not an nn.Parameter
+    opt = torch.optim.SGD([w], lr=0.1)
+    with ZeroCodeSession(tmp_path, report=False, every=2) as s:
+        for i in range(3):
+            (w.sum() * (math.nan if i == 1 else 1.0)).backward()
+            opt.step()
+            opt.zero_grad()
+    g = s.units[0].guard
+    assert g.names == ["param_group0.p0"] and g.telemetry.params[0] is w
+    assert bool(torch.isfinite(w).all()) and g.skipped_steps == 1
+
+
+# ---- the command line and the environment switch ---------------------------------------
+def test_run_help_says_what_is_clipped_by_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "gradguard adds no clipping" in text and "--fail-on-divergence" in text
+    assert "the script's own clip_grad_norm_/clip_grad_value_ calls" in text
+
+
+def test_gradguard_environment_switch_guards_a_plain_python_launch(tmp_path):
+    from gradguard.integrations.auto import SITE_DIR
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADGUARD": "--every 4 --no-report",
+           "PYTHONPATH": os.pathsep.join([str(SITE_DIR), str(ROOT / "src")])}
+    r = subprocess.run([sys.executable, str(EX / "plain_loop.py"), "--steps", "6", "--nan-at", "2"],
+                       capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    steps = steps_of(latest(tmp_path / "runs" / "plain_loop"))
+    assert [s["step"] for s in steps if s["skipped"]] == [2] and len(steps) == 6
+    assert "RECOVERED" in r.stderr
+    r = subprocess.run([sys.executable, "-c", "print('x')"], capture_output=True, text=True,
+                       env=env, timeout=180, cwd=tmp_path)  # not a script: left alone
+    assert r.stdout == "x\n" and "gradguard" not in r.stderr
+
+
+def test_scaler_fused_step_with_script_clip_costs_no_host_sync(tmp_path, sync_counter):
+    """The zero-code path adds no sync: GradScaler + fused AdamW + the script's clip +
+    recovery, after the first (state-creating) step."""
+    model = torch.nn.Linear(3, 2)
+    with ZeroCodeSession(tmp_path, report=False, every=50, recovery=gg.Recovery()) as s:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        scaler = torch.amp.GradScaler("cpu")
+
+        def step(bad: bool) -> None:
+            loss = model(torch.randn(4, 3)).pow(2).mean() * (math.inf if bad else 1.0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+
+        step(False)
+        w = model.weight.detach().clone()
+        with sync_counter:
+            step(True)
+            step(False)
+        assert sync_counter.calls == []
+        assert not torch.equal(model.weight, w)  # the second step ran, clipped
+    g = s.units[0].guard
+    assert g.skipped_steps == 1 and g.step_count == 3

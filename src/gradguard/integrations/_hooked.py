@@ -81,8 +81,16 @@ class LossTracker:
         self._sum: Tensor | None = None
         self._n = 0
         self._last: Tensor | None = None
+        self._alias: tuple[Tensor, Tensor] | None = None
+
+    def alias(self, scaled: Tensor, loss: Tensor) -> None:
+        """``scaled`` (``GradScaler.scale(loss)``) stands for ``loss``: a backward of
+        ``scaled`` records ``loss``, not the loss times the scale."""
+        self._alias = (scaled, loss)
 
     def add(self, loss: Tensor) -> None:
+        if self._alias is not None and loss is self._alias[0]:
+            loss, self._alias = self._alias[1], None
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             return
         v = loss.detach().reshape(()).float()

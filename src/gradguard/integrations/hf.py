@@ -52,7 +52,7 @@ from ..events import Sink
 from ..guard import Guard
 from ..sinks import JsonlSink
 from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
-from .run import write_report
+from ._summary import write_report
 
 STATE_FILE = "gradguard_state.pt"
 SUPPORTED = ("4.40", "6")
@@ -105,7 +105,10 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
 
     # ---- start ---------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.clip is not None and args.max_grad_norm and args.max_grad_norm > 0:
+        # a policy that replays the Trainer's own clip after measuring (gradguard run) needs
+        # max_grad_norm as it is
+        replays = getattr(self.clip, "replays_trainer_clip", False)
+        if self.clip is not None and not replays and args.max_grad_norm and args.max_grad_norm > 0:
             warnings.warn(
                 f"GradGuardCallback(clip={self.clip!r}) clips, and TrainingArguments("
                 f"max_grad_norm={args.max_grad_norm}) would clip too, before gradguard sees the "

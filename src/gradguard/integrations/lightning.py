@@ -44,7 +44,7 @@ from ..events import Flush, Sink
 from ..guard import Guard
 from ..sinks import JsonlSink
 from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
-from .run import write_report
+from ._summary import write_report
 
 SUPPORTED = ("2.1", "3")
 check_version("lightning", pl.__version__, *SUPPORTED)

@@ -285,20 +285,32 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def summary_sentence(data: RunData) -> str:
+def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str:
     """One or two sentences: what went wrong, what gradguard did, how it ended.
 
+    How it ended is judged on the loss (:func:`gradguard.report._outcome.judge`):
+    "recovered" only when the loss is back at its level before the incident; a loss that
+    rose over the run is called out first, as ``lr_too_high``. ``config``: the guard's
+    options (default: the run directory's ``guard.json``, written by ``gradguard run``).
     Layer names are wrapped in backticks (rendered as code in the HTML).
     """
     import numpy as np
 
+    from ._outcome import judge, read_guard_config, summary_lead
+
+    if config is None:
+        config = read_guard_config(data.run_dir)
+    outcome = judge(data, config)
     ev = data.events
     trouble = [e for e in ev if e.get("kind") in TROUBLE_KINDS]
     n_skip = int(data.skipped.sum())
     finite_norm = data.grad_norm[np.isfinite(data.grad_norm)]
     clipped = int(np.sum(np.isfinite(data.clip_coef) & (data.clip_coef < 1.0)))
     kinds = Counter(e.get("kind") for e in ev)
-    parts: list[str] = []
+    lead = summary_lead(data, outcome)
+    parts: list[str] = [lead] if lead else []
+    if lead:  # the loss tells the story; vanishing or loss spikes are its consequences
+        trouble = [e for e in trouble if e.get("kind") in ("nonfinite_grad", "grad_spike")]
     if trouble:
         e = trouble[0]
         k, s = e["kind"], e["step"]
@@ -320,7 +332,7 @@ def summary_sentence(data: RunData) -> str:
             )
         elif n_bad > 1:
             parts[-1] = parts[-1][:-1] + f"; {_plural(n_bad, 'non-finite step')} in all."
-    else:
+    elif not lead:
         lo = float(finite_norm.min()) if finite_norm.size else math.nan
         hi = float(finite_norm.max()) if finite_norm.size else math.nan
         parts.append(
@@ -331,7 +343,10 @@ def summary_sentence(data: RunData) -> str:
     if n_skip:
         actions.append(f"skipped {_plural(n_skip, 'step')}")
     if clipped:
-        actions.append(f"clipped {_plural(clipped, 'step')}")
+        # under gradguard run the clip may be the script's own, carried out after measuring
+        whose = (config or {}).get("clip") if (config or {}).get("user_clip") is None else None
+        actions.append(f"clipped {_plural(clipped, 'step')}"
+                       + (f" ({whose})" if whose and whose != "none" else ""))
     backoffs = [e for e in ev if e.get("kind") == "lr_backoff"]
     if backoffs:
         factor = (backoffs[-1].get("data") or {}).get("factor")
@@ -344,23 +359,16 @@ def summary_sentence(data: RunData) -> str:
             actions.append(f"backed off the LR {_plural(len(backoffs), 'time')}")
     if kinds.get("rollback"):
         actions.append(f"rolled back {_plural(kinds['rollback'], 'time')}")
-    aborts = [e for e in ev if e.get("kind") == "abort"]
-    tail = data.grad_norm[-max(1, data.n_steps // 10) :]
-    tail_loss = data.loss[-max(1, data.n_steps // 10) :]
-    if aborts:
-        outcome = f"training was stopped at step {aborts[0]['step']}"
-    elif not (trouble or n_skip):
-        outcome = ""
-    elif np.isfinite(tail).all() and (
-        np.isfinite(tail_loss).all() or not np.isfinite(data.loss).any()  # loss not logged
-    ):
-        outcome = "training recovered"
+    if outcome.status == "healthy":
+        # vanishing layers on a loss that still fell: the run carried on (nothing skipped)
+        outcome_text = "training recovered" if trouble and not lead else ""
     else:
-        outcome = "training did not recover (the last steps are still non-finite)"
+        outcome_text = outcome.clause
     if actions:
         text = "gradguard " + ", ".join(actions[:-1]) + (" and " if len(actions) > 1 else "")
-        text += actions[-1] + (f"; {outcome}." if outcome else ".")
+        text += actions[-1] + (f"; {outcome_text}." if outcome_text else ".")
         parts.append(text)
-    elif outcome:
-        parts.append(outcome[0].upper() + outcome[1:] + ".")
+    elif outcome_text and not (lead and outcome.status == "diverged" and outcome.rose
+                               and outcome_text.startswith("training diverged")):
+        parts.append(outcome_text[0].upper() + outcome_text[1:] + ".")
     return " ".join(parts)

@@ -114,42 +114,97 @@ def grad_norm_plot(data: RunData) -> str:
     return _png(fig)
 
 
-def heatmap_plot(data: RunData) -> tuple[str, str]:
-    """Per-layer gradient norm, layers (input at the top) x flush windows, log colour.
+#: Heatmap colours outside the colour scale.
+NONFINITE_COLOR = "#3a9ad9"  # blue: NaN/Inf
+ZERO_COLOR = "#d9d9d9"  # light grey: no gradient at all (disconnected, frozen, unused)
+VANISHED_COLOR = "#2ca02c"  # green: above 0 but below the vanishing floor
+#: The colour scale spans these per-run quantiles of the positive finite norms, so the
+#: layers of *this* run use the whole colour range (a fixed floor such as max x 1e-12
+#: paints ordinary 1-1e3 norms near-black, the colour that reads as "vanishing").
+HEATMAP_QUANTILES = (0.01, 0.99)
 
-    Returns the data URI and a note on how the data was downsampled.
+
+def heatmap_colors(a: Any) -> tuple[Any, Any, dict[str, str]]:
+    """RGBA cells of a ``[layers, windows]`` array of norms, the colour scale, and the
+    legend of the special colours present (label -> colour).
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.array([[1.0, 10.0, 100.0, 1e3], [0.0, np.nan, 1e-9, 30.0]])
+        >>> rgba, norm, legend = heatmap_colors(a)
+        >>> 1.0 <= norm.vmin < 1.2, 900 < norm.vmax <= 1e3   # this run's own range
+        (True, True)
+        >>> sorted(legend)
+        ['below 1e-08 (the vanishing floor)', 'no gradient (0)', 'non-finite']
     """
     import numpy as np
     from matplotlib import colormaps
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm, to_rgba
+
+    from ..detectors.config import VANISH_FLOOR
+
+    pos = a[np.isfinite(a) & (a >= VANISH_FLOOR)]
+    if pos.size:
+        lo, hi = (float(10 ** q) for q in np.quantile(np.log10(pos), HEATMAP_QUANTILES))
+        if hi <= lo:  # one value: a decade either side
+            lo, hi = lo / 10, hi * 10
+    else:
+        lo, hi = VANISH_FLOOR, 1.0
+    norm = LogNorm(vmin=lo, vmax=hi, clip=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rgba = colormaps["inferno"](norm(np.where(np.isfinite(a) & (a > 0), a, lo)))
+    legend: dict[str, str] = {}
+    for label, mask, color in (
+        ("non-finite", ~np.isfinite(a), NONFINITE_COLOR),
+        ("no gradient (0)", a == 0, ZERO_COLOR),
+        (f"below {VANISH_FLOOR:g} (the vanishing floor)", (a > 0) & (a < VANISH_FLOOR),
+         VANISHED_COLOR),
+    ):
+        if mask.any():
+            rgba[mask] = to_rgba(color)
+            legend[label] = color
+    return rgba, norm, legend
+
+
+def heatmap_plot(data: RunData) -> tuple[str, str]:
+    """Per-layer gradient norm, layers (input at the top) x flush windows, log colour
+    anchored on this run's own range (:data:`HEATMAP_QUANTILES`).
+
+    Returns the data URI and a note on how the data was downsampled and coloured.
+    """
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.patches import Patch
 
     a = data.layer_max.T  # [L, F]: max per window shows explosions; vanishing rows stay cold
     a, kr, kc = max_pool(a, MAX_HEATMAP_ROWS, MAX_HEATMAP_COLS)
     n_rows = a.shape[0]
     fig = _figure(11, min(2.0 + 0.16 * n_rows, 14.0))
     ax = fig.add_subplot()
-    pos = a[np.isfinite(a) & (a > 0)]
-    masked = np.ma.masked_invalid(np.where(a > 0, a, np.nan))
-    cmap = colormaps["inferno"].with_extremes(bad="#3a9ad9")  # non-finite cells: blue
-    if pos.size:
-        norm = LogNorm(vmin=max(pos.min(), pos.max() * 1e-12), vmax=pos.max())
-    else:
-        norm = None
+    rgba, norm, legend = heatmap_colors(a)
     steps = data.layer_step
     # column i covers its window's steps: from the run's first step to the last flush
     x0 = float(data.step[0])
     x1 = float(steps[-1]) + 1.0 if steps.size else x0 + 1.0
-    im = ax.imshow(
-        masked, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
-        extent=(x0, x1 if x1 > x0 else x0 + 1, n_rows - 0.5, -0.5),
-    )
-    fig.colorbar(im, ax=ax, label="gradient norm (log)", pad=0.01)
+    ax.imshow(rgba, aspect="auto", interpolation="nearest",
+              extent=(x0, x1 if x1 > x0 else x0 + 1, n_rows - 0.5, -0.5))
+    fin = a[np.isfinite(a) & (a > 0)]
+    extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
+              (True, True): "both"}[(bool(fin.size and fin.min() < norm.vmin),
+                                     bool(fin.size and fin.max() > norm.vmax))]
+    fig.colorbar(ScalarMappable(norm=norm, cmap=colormaps["inferno"]), ax=ax, pad=0.01,
+                 extend=extend, label="gradient norm (log; this run's 1st-99th percentile)")
+    handles = [Patch(color=c, label=label) for label, c in legend.items()]
     # per-layer records cover finite steps only: mark the non-finite steps above the map
     bad = data.step[~np.isfinite(data.grad_norm)]
     if bad.size:
-        ax.plot(bad, np.full(bad.size, 1.0), "v", color="#3a9ad9", ms=6, clip_on=False,
-                transform=ax.get_xaxis_transform(), label=f"non-finite step ({bad.size})")
-        ax.legend(loc="lower right", fontsize=8, bbox_to_anchor=(1.0, 1.0), frameon=False)
+        handles += ax.plot(bad, np.full(bad.size, 1.0), "v", color=NONFINITE_COLOR, ms=6,
+                           clip_on=False, transform=ax.get_xaxis_transform(),
+                           label=f"non-finite step ({bad.size})")
+    if handles:
+        ax.legend(handles=handles, loc="lower right", fontsize=8, bbox_to_anchor=(1.0, 1.0),
+                  frameon=False, ncol=len(handles))
     names = data.layers[::kr] if kr > 1 else data.layers
     if n_rows <= 60:
         ax.set_yticks(range(n_rows), names[:n_rows], fontsize=7)
@@ -167,7 +222,11 @@ def heatmap_plot(data: RunData) -> tuple[str, str]:
             f", then the max over blocks of {kr} layer{'s' * (kr > 1)} x "
             f"{kc} window{'s' * (kc > 1)}"
         )
-    return _png(fig), note + ". Blue: non-finite (cells, and triangles above the map)."
+    return _png(fig), note + (
+        ". Colours span this run's own range (dark: the lowest norms of this run, not "
+        "necessarily vanishing). Blue: non-finite (cells, and triangles above the map); "
+        "grey: no gradient; green: below the vanishing floor."
+    )
 
 
 def flow_plot(data: RunData) -> str:
@@ -203,4 +262,5 @@ def flow_plot(data: RunData) -> str:
     return _png(fig)
 
 
-__all__ = ["EVENT_COLORS", "TROUBLE_KINDS", "flow_plot", "grad_norm_plot", "heatmap_plot", "loss_plot"]
+__all__ = ["EVENT_COLORS", "TROUBLE_KINDS", "flow_plot", "grad_norm_plot", "heatmap_colors",
+           "heatmap_plot", "loss_plot"]

@@ -1,0 +1,152 @@
+"""Run directories of ``gradguard run``: one per run, a ``latest`` pointer, ``--resume``.
+
+``runs/<script>/`` holds one directory per run, named by its start time
+(``20261114-153012``, ``-1``, ``-2`` ... when two start within a second), and ``latest``,
+a symlink to the newest (a one-line text file where symlinks are not allowed). A re-run
+never appends to an earlier run; ``--resume`` continues one on purpose, and the guards
+then start from the state saved at the end of the previous session (``guard_state.pt``),
+so step numbers and clip statistics go on instead of starting again at 0.
+
+Under torch.distributed only the rank that writes (rank 0, from ``RANK`` as set by
+``torchrun``) creates directories; the other ranks write nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..rundir import write_atomic
+
+LATEST = "latest"
+STATE_FILE = "guard_state.pt"
+#: Each guard's options and what it clipped, for the outcome's remedies.
+GUARD_FILE = "guard.json"
+
+
+def writer_rank() -> bool:
+    """True on the process that writes run directories (rank 0, or no torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically replace ``path`` with ``obj`` as indented JSON (temp file, fsync,
+    ``os.replace``; no temp file is left behind when the disk is full)."""
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def point_latest(base: Path, run_dir: Path) -> None:
+    """Make ``base/latest`` point at ``run_dir`` (replaced atomically)."""
+    link = base / LATEST
+    tmp = base / f".{LATEST}.{os.getpid()}"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+    except OSError:  # no symlinks here (some Windows setups): a text file instead
+        tmp.write_text(run_dir.name + "\n", encoding="utf-8")
+    if link.is_dir() and not link.is_symlink():
+        raise FileExistsError(f"{link} is a directory; gradguard keeps a 'latest' pointer there")
+    os.replace(tmp, link)
+
+
+def resolve_latest(base: Path) -> Path | None:
+    """The directory ``base/latest`` points at, or None."""
+    link = base / LATEST
+    if link.is_symlink():
+        target = link.resolve()
+    elif link.is_file():
+        target = base / link.read_text(encoding="utf-8").strip()
+    else:
+        return None
+    return target if target.is_dir() else None
+
+
+def new_run_dir(base: Path) -> Path:
+    """A fresh directory under ``base`` named by the start time; ``latest`` points at it.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> base = Path(tempfile.mkdtemp())
+        >>> a, b = new_run_dir(base), new_run_dir(base)
+        >>> a != b, resolve_latest(base) == b.resolve()
+        (True, True)
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    k = 0
+    while True:
+        run_dir = base / (stamp if k == 0 else f"{stamp}-{k}")
+        try:
+            run_dir.mkdir()  # atomic: two runs starting together get different names
+            break
+        except FileExistsError:
+            k += 1
+    point_latest(base, run_dir)
+    return run_dir
+
+
+def resume_dir(base: Path, resume: str | os.PathLike[str]) -> Path:
+    """The run directory ``--resume`` names: ``"latest"`` (under ``base``) or a path.
+
+    Raises:
+        FileNotFoundError: there is no such run directory.
+    """
+    if str(resume) == LATEST:
+        found = resolve_latest(base)
+        if found is None:
+            raise FileNotFoundError(f"--resume: {base / LATEST} does not exist; there is no "
+                                    "earlier run of this script to resume")
+        return found
+    path = Path(resume)
+    if not (path / "run.json").is_file() and not (path / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"--resume-from {str(resume)!r}: not a gradguard run directory "
+                                "(no run.json or metrics.jsonl)")
+    return path
+
+
+def open_run(base: Path, resume: str | os.PathLike[str] | None) -> tuple[Path | None, Path | None]:
+    """``(the directory this process writes, the directory guards resume from)``.
+
+    Only the writing rank gets the first (a new directory, or the resumed one); every
+    rank resumes its guards from the second, so that step numbers agree across ranks. A
+    rank that cannot see the resumed directory (no shared file system) starts afresh.
+    """
+    state_dir = None
+    if resume is not None:
+        try:
+            state_dir = resume_dir(base, resume)
+        except FileNotFoundError:
+            if writer_rank():
+                raise
+    if not writer_rank():
+        return None, state_dir
+    return (state_dir if state_dir is not None else new_run_dir(base)), state_dir
+
+
+def save_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write a guard's state for a later ``--resume`` (temp file, then ``os.replace``; the
+    temp file is removed when the write fails)."""
+    tmp = run_dir / (STATE_FILE + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, run_dir / STATE_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_state(run_dir: Path) -> dict[str, Any] | None:
+    """The state :func:`save_state` wrote there, or None."""
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state

@@ -1,0 +1,277 @@
+"""How a run ended, judged on its loss: healthy, recovered, not recovered, diverged, stopped.
+
+Finite gradients at the end do not make a run healthy: a run stalled at 3.3 whose loss
+was 2.6 before its incident did not recover, and a loss that climbs from the first steps
+diverged, whatever the gradients did. The judgement compares robust loss *levels*
+(medians over a tenth of the run) and allows for the run's own noise:
+
+* ``start``: where the run began (the first finite loss, or the median of the first
+  window when that is lower: a loss that explodes at step 1 started at step 0's value);
+* ``before``: the level in the window just before the first incident (a non-finite or
+  skipped step, a spike);
+* ``final``: the level over the last window.
+
+``recovered`` needs ``final`` back at ``before`` (within the tolerance); ``diverged``
+means the last steps are still non-finite or skipped, or ``final`` is above ``start``:
+the loss rose over the run, the signature of a learning rate that is too high
+(``lr_too_high``), even when no gradient ever went non-finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ._data import RunData
+
+Status = Literal["healthy", "recovered", "not_recovered", "diverged", "stopped"]
+
+#: Levels are medians over this fraction of the run's steps ...
+LEVEL_FRACTION = 0.1
+#: ... and over at least / at most this many steps.
+MIN_LEVEL_STEPS, MAX_LEVEL_STEPS = 3, 50
+#: Two levels within this relative distance are the same level (mini-batch losses wander
+#: by a few % at a fixed point) ...
+REL_TOL = 0.05
+#: ... or within this many robust standard deviations (1.4826 MAD) of the window's noise.
+NOISE_K = 3.0
+#: A run whose last window is more than this fraction skipped or non-finite did not
+#: come back, whatever its loss says (a skipped step does not move the loss).
+TAIL_BAD_FRACTION = 0.5
+#: Event kinds that start an incident (besides a skipped step).
+INCIDENT_KINDS = ("nonfinite_grad", "grad_spike", "loss_spike")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The judged end of a run.
+
+    Attributes:
+        status: ``healthy`` (no incident, the loss did not rise), ``recovered`` (back to
+            the level before the incident), ``not_recovered`` (finite, but above it),
+            ``diverged`` (the loss rose over the run, or the last steps are non-finite or
+            skipped), ``stopped`` (the recovery ladder gave up).
+        cause: a cause from the vocabulary (``lr_too_high``, ``nonfinite_input`` ...) or None.
+        clause: how it ended, in words ("training recovered").
+        evidence: the loss levels behind the verdict, in words.
+        remedy: what to try, given the guard's configuration; None when nothing is needed.
+        incident_step, start, before, final: the numbers (None where unknown).
+    """
+
+    status: Status
+    cause: str | None
+    clause: str
+    evidence: str
+    remedy: str | None = None
+    incident_step: int | None = None
+    start: float | None = None
+    before: float | None = None
+    final: float | None = None
+    rose: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Healthy or recovered: nothing to fail a run for."""
+        return self.status in ("healthy", "recovered")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_guard_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The ``guard.json`` that ``gradguard run`` writes into each run directory (the
+    guard's options and what it clipped), or None."""
+    path = Path(run_dir) / "guard.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _median(x: Any) -> float | None:
+    import numpy as np
+
+    return float(np.median(x)) if len(x) else None
+
+
+def _tol(level: float, window: Any) -> float:
+    import numpy as np
+
+    noise = 1.4826 * float(np.median(np.abs(window - np.median(window)))) if len(window) else 0.0
+    return max(REL_TOL * abs(level), NOISE_K * noise)
+
+
+def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
+    """Judge how the run in ``data`` ended (see the module docstring).
+
+    Args:
+        data: a loaded run (:func:`gradguard.report.load_run`).
+        config: the guard's configuration (``guard.json``), for the remedy.
+
+    Example:
+        >>> import numpy as np
+        >>> from pathlib import Path
+        >>> from gradguard.report._data import RunData
+        >>> n = 40
+        >>> loss = np.linspace(2.0, 1.0, n); loss[20:] = 1.8     # 1.5 before step 20
+        >>> skipped = np.zeros(n, bool); skipped[20] = True       # a NaN step, skipped
+        >>> d = RunData(Path("r"), np.arange(n), loss, np.ones(n), np.ones(n), skipped, [],
+        ...             np.zeros(0, int), np.zeros((0, 0)), np.zeros((0, 0)), [])
+        >>> judge(d).clause
+        'training did not recover (the loss ended at 1.8, above the 1.55 it had before step 20)'
+        >>> loss[20:] = np.linspace(1.5, 0.5, 20)                 # back below 1.5
+        >>> judge(d).status
+        'recovered'
+        >>> loss[20:] = 4.0                                       # above where it started
+        >>> judge(d).status, judge(d).cause
+        ('diverged', 'lr_too_high')
+    """
+    import numpy as np
+
+    n = data.n_steps
+    k = int(min(MAX_LEVEL_STEPS, max(MIN_LEVEL_STEPS, round(n * LEVEL_FRACTION))))
+    ev = data.events
+    routine = {e.get("step") for e in ev if e.get("kind") == "skip" and e.get("severity") == "info"}
+    bad_skip = data.skipped & ~np.isin(data.step, np.array(sorted(s for s in routine if s is not None)))
+    inc = [int(e["step"]) for e in ev if e.get("kind") in INCIDENT_KINDS
+           and e.get("severity") in ("warning", "error")]
+    inc += [int(s) for s in data.step[bad_skip]]
+    incident = min(inc) if inc else None
+    aborts = [e for e in ev if e.get("kind") == "abort"]
+    loss = np.asarray(data.loss, dtype=np.float64)
+    fin = np.isfinite(loss)
+    tail = slice(max(0, n - k), n)
+    nonfinite_tail = ~np.isfinite(data.grad_norm[tail]) | bad_skip[tail] | ~fin[tail]
+    if not fin.any():
+        nonfinite_tail = ~np.isfinite(data.grad_norm[tail]) | bad_skip[tail]
+    last_bad = bool(nonfinite_tail[-1]) if n else False
+    tail_bad = last_bad or float(nonfinite_tail.mean() if n else 0) > TAIL_BAD_FRACTION
+
+    start = final = before = None
+    rose = False
+    if fin.any():
+        first = loss[fin][:k]
+        start = min(float(first[0]), float(np.median(first)))
+        end = loss[tail][fin[tail]]
+        final = _median(end)
+        if final is not None:
+            rose = final > start + _tol(start, end)
+        if incident is not None:
+            pre = (data.step < incident) & fin
+            window = loss[pre][-k:]
+            if len(window) >= MIN_LEVEL_STEPS:
+                before = float(np.median(window))
+
+    cause = _cause(data, incident, start, before, rose, bool(fin.any()))
+    if aborts:
+        status: Status = "stopped"
+        clause = f"training was stopped at step {aborts[0]['step']}"
+    elif tail_bad:
+        status = "diverged"
+        clause = "training did not recover (the last steps are still non-finite)"
+    elif rose:
+        status, cause = "diverged", "lr_too_high"
+        clause = "training diverged (the loss rose over the run)"
+    elif incident is None:
+        status, clause = "healthy", ""
+    elif before is None or final is None or final <= before + _tol(
+            before, loss[(data.step < incident) & fin][-k:]):
+        status, clause = "recovered", "training recovered"
+    else:
+        status = "not_recovered"
+        clause = (f"training did not recover (the loss ended at {final:.3g}, above the "
+                  f"{before:.3g} it had before step {incident})")
+    return Outcome(status, cause, clause, _evidence(start, before, final, incident),
+                   remedy(status, cause, config, data, incident), incident, start, before,
+                   final, rose)
+
+
+def _cause(data: RunData, incident: int | None, start: float | None, before: float | None,
+           rose: bool, has_loss: bool) -> str | None:
+    """The most likely cause of trouble: a loss that climbed before the incident (or over
+    the run) is the learning rate; otherwise what the non-finite events named."""
+    if rose:
+        return "lr_too_high"
+    if has_loss and start is not None and before is not None and before > start * (1 + REL_TOL) \
+            and before > start:
+        return "lr_too_high"  # the loss was already climbing when the incident came
+    kinds = [e for e in data.events if e.get("severity") in ("warning", "error")]
+    if any(e.get("kind") == "lr_too_high" for e in kinds):
+        return "lr_too_high"
+    for e in kinds:
+        c = (e.get("data") or {}).get("cause")
+        if c:
+            return str(c)
+    first = next((e for e in kinds if e.get("kind") in INCIDENT_KINDS), None)
+    if first is not None and first.get("kind") == "loss_spike":
+        return "lr_too_high"
+    return None
+
+
+def _evidence(start: float | None, before: float | None, final: float | None,
+              incident: int | None) -> str:
+    if final is None:
+        return "no finite loss was recorded at the end"
+    parts = [f"loss {final:.4g} at the end"]
+    if before is not None and incident is not None:
+        parts.append(f"{before:.4g} before step {incident}")
+    if start is not None:
+        parts.append(f"{start:.4g} at the start")
+    return ", ".join(parts)
+
+
+def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, data: RunData,
+           incident: int | None) -> str | None:
+    """What to try next, aware of what the guard already did (never "clip with ZClip"
+    to a run that clipped with ZClip)."""
+    if status == "healthy":
+        return None
+    cfg = config or {}
+    cli = bool(cfg.get("zero_code"))
+    clip = str(cfg.get("clip") or "none")
+    backoffs = [e for e in data.events if e.get("kind") == "lr_backoff"]
+    if status == "recovered":
+        if incident is not None and cause in ("nonfinite_input", "nonfinite_loss"):
+            return f"Check the batch of step {incident} for NaN/Inf."
+        return None
+    if cause == "lr_too_high":
+        text = "Lower the learning rate (a factor of 10 is a good first try) or add warm-up"
+        if backoffs:
+            text += (f"; gradguard's {len(backoffs)} LR back-off(s) were not enough, so "
+                     "lower the base learning rate itself")
+        elif cfg.get("recovery") is False:
+            text += ("; with `--recovery` gradguard backs the LR off by itself" if cli else
+                     "; gg.Recovery() backs the LR off by itself")
+        return text + "."
+    if cause == "nonfinite_input":
+        return "Clean or filter the data: a batch holds NaN/Inf (torch.isfinite on inputs)."
+    if cause == "nonfinite_loss":
+        return "Guard log/div in the loss (clamp_min(eps)) or lower the learning rate."
+    if cause == "half_precision_overflow":
+        return "Run the overflowing layer in float32, use bfloat16, or use a GradScaler."
+    if "ZClip" in clip or "AutoClip" in clip:
+        return ("Adaptive clipping is already on: lower the learning rate or add warm-up, "
+                "and run gg.doctor on a failing batch.")
+    if clip == "none" and config is not None:
+        return ("Clip gradients (" + ("`--clip zclip`" if cli else "gg.ZClip()") +
+                " adapts to the run) or lower the learning rate.")
+    return "Lower the learning rate, and run gg.doctor on a failing batch."
+
+
+def summary_lead(data: RunData, outcome: Outcome) -> str | None:
+    """The first sentence when the loss itself tells the story (it rose over the run),
+    instead of the first gradient event (which is then a consequence)."""
+    if not outcome.rose or outcome.start is None or outcome.final is None:
+        return None
+    import numpy as np
+
+    fin = data.loss[np.isfinite(data.loss)]
+    peak = float(fin.max()) if fin.size else math.nan
+    return (f"The loss rose from {outcome.start:.3g} to {outcome.final:.3g} (peak {peak:.3g}): "
+            "the learning rate is too high (`lr_too_high`).")

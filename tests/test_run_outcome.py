@@ -1,0 +1,134 @@
+"""How a run ended, judged on its loss (report/_outcome.py), config-aware remedies, and the
+heatmap's colours anchored on the run's own range."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradguard.report._data import RunData, summary_sentence
+from gradguard.report._outcome import judge
+from gradguard.report._plots import heatmap_colors, heatmap_plot
+
+
+def run(loss, *, events=(), skipped=(), grad=None, layers=None):
+    n = len(loss)
+    sk = np.zeros(n, dtype=bool)
+    sk[list(skipped)] = True
+    g = np.full(n, 1.0) if grad is None else np.asarray(grad, dtype=float)
+    lm = np.zeros((0, 0)) if layers is None else layers
+    names = [str(i) for i in range(lm.shape[1])]
+    return RunData(Path("r"), np.arange(n), np.asarray(loss, dtype=float), g, np.ones(n), sk,
+                   names, np.arange(lm.shape[0]) * 10 + 9, lm, lm, list(events))
+
+
+def ev(kind, step, severity="warning", **data):
+    return {"kind": kind, "step": step, "severity": severity, "message": "", "data": data}
+
+
+DECAY = 2.6 + 2.0 * np.exp(-np.arange(100) / 15)  # a healthy loss: 4.6 -> ~2.6
+
+
+def _nan_at(loss, step, tail=None):
+    loss = np.array(loss, dtype=float)
+    loss[step] = np.nan
+    if tail is not None:
+        loss[step + 1:] = tail
+    return loss
+
+
+@pytest.mark.parametrize("name, data, status, cause", [
+    ("healthy", run(DECAY), "healthy", None),
+    ("nan step, loss back below its level",
+     run(_nan_at(DECAY, 60), events=[ev("nonfinite_grad", 60, "error")], skipped=[60]),
+     "recovered", None),
+    ("nan step, loss stalls at 3.3 (2.6 before)",
+     run(_nan_at(DECAY, 60, tail=3.3), events=[ev("nonfinite_grad", 60, "error")], skipped=[60]),
+     "not_recovered", None),
+    ("loss explodes at step 1, gradients then vanish",
+     run(np.r_[6.8, 1500.0, np.linspace(900, 103, 98)], events=[ev("vanishing_grad", 9)]),
+     "diverged", "lr_too_high"),
+    ("the last steps are still non-finite",
+     run(_nan_at(DECAY, 90, tail=np.nan), grad=np.r_[np.ones(90), np.full(10, np.nan)],
+         events=[ev("nonfinite_grad", 90, "error")], skipped=range(90, 100)),
+     "diverged", None),
+    ("loss climbing before the first NaN",
+     run(np.r_[np.linspace(3, 9, 50), np.full(50, np.nan)], grad=np.r_[np.ones(50), np.full(50, np.nan)],
+         events=[ev("nonfinite_grad", 50, "error")], skipped=range(50, 100)),
+     "diverged", "lr_too_high"),
+    ("recovery gave up", run(DECAY, events=[ev("nonfinite_grad", 40, "error"), ev("abort", 70, "error")]),
+     "stopped", None),
+    ("routine loss-scale overflow is no incident",
+     run(DECAY, events=[ev("skip", 3, "info", reason="loss_scale_overflow")], skipped=[3]),
+     "healthy", None),
+    ("no loss recorded: the gradients decide",
+     run(np.full(100, np.nan), events=[ev("nonfinite_grad", 5, "error")], skipped=[5]),
+     "recovered", None),
+])
+def test_outcome_is_judged_on_the_loss(name, data, status, cause):
+    out = judge(data)
+    assert (out.status, out.cause) == (status, cause), out
+    assert out.ok == (status in ("healthy", "recovered"))
+
+
+def test_stalled_run_says_where_the_loss_ended():
+    data = run(_nan_at(DECAY, 60, tail=3.3), events=[ev("nonfinite_grad", 60, "error")],
+               skipped=[60])
+    assert summary_sentence(data).endswith(
+        "gradguard skipped 1 step; training did not recover (the loss ended at 3.3, above the "
+        "2.65 it had before step 60).")
+
+
+def test_diverging_loss_leads_the_summary_not_vanishing():
+    data = run(np.r_[6.8, 1500.0, np.linspace(900, 103, 98)], events=[ev("vanishing_grad", 9)])
+    s = summary_sentence(data)
+    assert s.startswith("The loss rose from 6.8 to 1") and "(`lr_too_high`)" in s
+    assert "vanish" not in s
+
+
+@pytest.mark.parametrize("config, says, never", [
+    ({"zero_code": True, "clip": "ZClip(alpha=0.97, z_thresh=2.5)", "recovery": True},
+     "Adaptive clipping is already on", "--clip zclip"),
+    ({"zero_code": True, "clip": "none", "recovery": True}, "`--clip zclip`", "ZClip is"),
+    ({"clip": "none", "recovery": True}, "gg.ZClip()", "--clip"),
+])
+def test_remedy_takes_the_active_configuration_into_account(config, says, never):
+    data = run(_nan_at(DECAY, 60, tail=3.3), events=[ev("grad_spike", 58), ev("nonfinite_grad", 60, "error")],
+               skipped=[60])
+    remedy = judge(data, config).remedy
+    assert says in remedy and never not in remedy
+
+
+def test_lr_remedy_mentions_recovery_only_when_it_was_off():
+    data = run(np.r_[6.8, 1500.0, np.linspace(900, 103, 98)])
+    off = judge(data, {"zero_code": True, "recovery": False}).remedy
+    on = judge(data, {"zero_code": True, "recovery": True}).remedy
+    assert "--recovery" in off and "--recovery" not in on
+    backed = run(np.r_[6.8, 1500.0, np.linspace(900, 103, 98)], events=[ev("lr_backoff", 5, factor=0.1)])
+    assert "lower the base learning rate" in judge(backed, {"recovery": True}).remedy
+
+
+# ---- heatmap colours ------------------------------------------------------------------------
+def test_heatmap_colours_span_the_runs_own_range():
+    rng = np.random.default_rng(0)
+    a = 10 ** rng.uniform(0, 3, size=(6, 200))  # layers with norms of 1..1e3
+    a[:, 17] = 1e12  # one exploding window
+    rgba, norm, legend = heatmap_colors(a)
+    assert norm.vmin < 1.1 and 900 < norm.vmax < 1e3 + 1  # the spike saturates, not the scale
+    ordinary = np.delete(a, 17, axis=1)
+    spread = norm(ordinary.max()) - norm(ordinary.min())
+    assert spread > 0.95  # 1..1e3 uses the whole colour range (was: the top 25 %, dark)
+    brightness = rgba[..., :3].mean(axis=-1)
+    assert np.median(np.delete(brightness, 17, axis=1)) > 0.3 and legend == {}
+
+
+def test_heatmap_marks_vanishing_zero_and_nonfinite_cells_apart():
+    a = np.array([[1.0, 2.0, 3.0], [1e-10, 0.0, np.nan]])
+    rgba, _, legend = heatmap_colors(a)
+    assert len({tuple(rgba[1, j]) for j in range(3)}) == 3  # three different colours
+    assert set(legend) == {"below 1e-08 (the vanishing floor)", "no gradient (0)", "non-finite"}
+    data = run(np.linspace(2, 1, 30), layers=a.T)
+    png, note = heatmap_plot(data)
+    assert png.startswith("data:image/png;base64,") and "vanishing floor" in note

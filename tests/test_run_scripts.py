@@ -1,0 +1,262 @@
+"""`gradguard run` on real-style training scripts (tests/scripts/), each against the same
+script run unguarded: a nanoGPT-like loop with its own GradScaler and grad_clip, a
+Lightning script with gradient_clip_val, a Hugging Face Trainer on a small GPT-2, a loop
+over plain tensors with value clipping.
+
+Each script dumps what it saw (the true pre-clip norm from ``get_total_norm`` right before
+its own clip, its loss, a digest of the final weights). Asserted: the recorded norms are
+the true pre-clip norms, the recorded clip coefficient is the script's, the weights are
+bit-identical to the unguarded run's (the clip happened exactly once), NaN steps are
+skipped, and the run is judged on its loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import gradguard as gg
+from gradguard.cli import main
+from gradguard.events import read_jsonl
+from gradguard.integrations.run import format_summary, run_script
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+NANOGPT = ["--iters", "14", "--accum", "1", "--batch", "4"]
+
+
+def run_plain(script: str, args: list[str], tmp: Path) -> dict:
+    """The script run unguarded in this process; returns its --dump."""
+    dump = tmp / f"plain-{script}.json"
+    saved = sys.argv[:]
+    sys.argv = [str(SCRIPTS / script), *args, "--dump", str(dump)]
+    try:
+        runpy.run_path(str(SCRIPTS / script), run_name="__main__")
+    finally:
+        sys.argv = saved
+    return json.loads(dump.read_text())
+
+
+def run_guarded(script: str, args: list[str], tmp: Path, **options) -> tuple:
+    """The script under gradguard run, with recovery on as on the command line (snapshots
+    every 5 steps, so that they happen in these short runs: they must change nothing);
+    returns (RunResult, its --dump, step records)."""
+    dump = tmp / f"guarded-{script}.json"
+    options.setdefault("report", False)
+    options.setdefault("recovery", gg.Recovery(snapshot_every=5))
+    result = run_script(SCRIPTS / script, [*args, "--dump", str(dump)], out=tmp / "runs",
+                        quiet=True, every=5, **options)
+    steps = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if r["type"] == "step"]
+    return result, json.loads(dump.read_text()), steps
+
+
+def assert_true_norms(steps: list[dict], ref: dict) -> None:
+    """Recorded = the script's own pre-clip norm, step by step (the order of the sum over
+    parameters may differ: float32 rounding)."""
+    assert len(steps) == len(ref["steps"])
+    for rec, want in zip(steps, ref["steps"]):
+        assert rec["grad_norm"] == pytest.approx(want["true_norm"], rel=1e-5)
+
+
+def assert_clip_recorded(steps: list[dict], ref: dict, max_norm: float) -> None:
+    """The recorded coefficient is the one torch's clip_grad_norm_ applied."""
+    clipped = 0
+    for rec, want in zip(steps, ref["steps"]):
+        coef = min(1.0, max_norm / (want["true_norm"] + 1e-6))
+        assert rec["clip_coef"] == pytest.approx(coef, rel=1e-5)
+        clipped += coef < 1
+    assert clipped > 0  # the scripts are set up so that their clip bites
+
+
+# ---- nanoGPT-like: own GradScaler, grad_clip, decay/no-decay groups --------------------
+def test_nanogpt_like_records_true_preclip_norms_and_clips_once(tmp_path):
+    ref = run_plain("nanogpt_like.py", NANOGPT, tmp_path)
+    result, got, steps = run_guarded("nanogpt_like.py", NANOGPT, tmp_path)
+    assert got["digest"] == ref["digest"]  # bit-identical weights: the clip happened once
+    assert_true_norms(steps, ref)
+    assert_clip_recorded(steps, ref, max_norm=1.0)
+    # the unscaled loss (the script divides by --accum 1), not loss * 65536
+    assert [r["loss"] for r in steps] == pytest.approx([s["loss"] for s in ref["steps"]], rel=1e-5)
+    row = result.optimizers[0]
+    assert row["clip"] == "the script's clip_grad_norm_(max_norm=1)"
+    assert row["outcome"]["status"] == "healthy"
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused-adamw"])
+def test_nanogpt_like_nan_step_skipped_and_counted_under_its_scaler(tmp_path, fused):
+    args = [*NANOGPT, "--nan-at", "6"] + (["--fused"] if fused else [])
+    ref = run_plain("nanogpt_like.py", args, tmp_path)
+    result, got, steps = run_guarded("nanogpt_like.py", args, tmp_path)
+    # the scaler skipped the NaN step in both runs: gradguard counts it, changes nothing
+    assert got["digest"] == ref["digest"] and got["scale"] == ref["scale"] == 32768.0
+    assert [r["step"] for r in steps if r["skipped"]] == [6]
+    assert steps[6]["grad_norm"] is None and steps[6]["loss"] is None
+    events = read_jsonl(result.run_dir / "events.jsonl")
+    assert ("nonfinite_grad", 6) in {(e["kind"], e["step"]) for e in events}
+    assert result.optimizers[0]["outcome"]["status"] == "recovered"
+
+
+def test_nanogpt_like_without_scaler_nan_step_is_skipped_by_gradguard(tmp_path):
+    args = [*NANOGPT, "--nan-at", "6", "--no-scaler"]
+    ref = run_plain("nanogpt_like.py", args, tmp_path)
+    assert not ref["finite"]  # unguarded: clip_grad_norm_ spreads the NaN, AdamW applies it
+    _, got, steps = run_guarded("nanogpt_like.py", args, tmp_path)
+    assert got["finite"] and [r["step"] for r in steps if r["skipped"]] == [6]
+
+
+def test_diverging_run_is_called_diverged_lr_too_high_and_can_fail_the_run(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "runs"), "--no-report", "--every", "5",
+            str(SCRIPTS / "nanogpt_like.py"), *NANOGPT, "--lr", "3"]
+    assert main(["run", *args]) == 0  # the script's own exit code by default
+    err = capsys.readouterr().err
+    assert "DIVERGED: The loss rose from" in err and "(`lr_too_high`)" in err
+    info = json.loads((tmp_path / "runs" / "latest" / "run.json").read_text())
+    outcome = info["optimizers"][0]["outcome"]
+    assert (outcome["status"], outcome["cause"], outcome["ok"]) == ("diverged", "lr_too_high", False)
+    assert main(["run", "--fail-on-divergence", *args]) == 1
+    assert "--fail-on-divergence: 1 guarded run(s) did not recover" in capsys.readouterr().err
+    assert len([d for d in (tmp_path / "runs").iterdir() if d.name != "latest"]) == 2
+
+
+def test_healthy_run_with_fail_on_divergence_exits_0(tmp_path):
+    assert main(["run", "--fail-on-divergence", "--no-report", "--out", str(tmp_path),
+                 str(SCRIPTS / "plain_tensor.py"), "--steps", "12"]) == 0
+
+
+# ---- re-runs and --resume ---------------------------------------------------------------
+def test_rerun_writes_a_separate_run_dir_and_resume_continues_one(tmp_path):
+    out = tmp_path / "runs"
+    cli = ["run", "--no-report", "--every", "4", "--out", str(out),
+           str(SCRIPTS / "plain_tensor.py"), "--steps", "6"]
+    assert main(cli) == 0
+    first = (out / "latest").resolve()
+    assert main(cli) == 0
+    second = (out / "latest").resolve()
+    assert first != second and first.parent == second.parent == out.resolve()
+    for d in (first, second):  # never two runs in one directory
+        assert [r["step"] for r in read_jsonl(d / "metrics.jsonl") if r["type"] == "step"] == list(range(6))
+    assert main(["run", "--resume", *cli[1:]]) == 0  # continues runs/latest
+    assert (out / "latest").resolve() == second
+    steps = [r["step"] for r in read_jsonl(second / "metrics.jsonl") if r["type"] == "step"]
+    assert steps == list(range(12))  # numbering goes on from the saved guard state
+    info = json.loads((second / "run.json").read_text())
+    assert len(info["sessions"]) == 2
+    assert main(["run", "--resume-from", str(tmp_path / "nope"), *cli[1:]]) == 2
+    assert main(["run", "--resume-from", str(first), *cli[1:]]) == 0
+    steps = [r["step"] for r in read_jsonl(first / "metrics.jsonl") if r["type"] == "step"]
+    assert steps == list(range(12))
+
+
+# ---- plain tensors ----------------------------------------------------------------------
+def test_plain_tensor_script_value_clip_and_nan_skip(tmp_path):
+    ref = run_plain("plain_tensor.py", ["--steps", "12"], tmp_path)
+    result, got, steps = run_guarded("plain_tensor.py", ["--steps", "12"], tmp_path)
+    assert got["digest"] == ref["digest"]
+    assert_true_norms(steps, ref)
+    assert all(r["clip_coef"] < 1 for r in steps)  # clip_grad_value_(0.05) bites every step
+    assert result.optimizers[0]["clip"] == "the script's clip_grad_value_(clip_value=0.05)"
+    result, got, steps = run_guarded("plain_tensor.py", ["--steps", "12", "--nan-at", "4"], tmp_path)
+    assert got["finite"] and [r["step"] for r in steps if r["skipped"]] == [4]
+
+
+# ---- the trainers: the native callback, attached with no edit -------------------------
+def check_trainer_script(script, args, tmp, *, max_norm, kind, model, nan_at, **options):
+    """Guarded vs unguarded: same weights, true pre-clip norms, the trainer's clip recorded;
+    then a NaN step is skipped. Returns the first run's result row."""
+    ref = run_plain(script, args, tmp)
+    result, got, steps = run_guarded(script, args, tmp, **options)
+    assert got["digest"] == ref["digest"]
+    assert_true_norms(steps, ref)  # measured before the trainer's own clip
+    assert_clip_recorded(steps, ref, max_norm=max_norm)
+    row = result.optimizers[0]
+    assert (row["kind"], row["model"]) == (kind, model)
+    _, got, steps = run_guarded(script, [*args, "--nan-at", str(nan_at)], tmp)
+    assert got["finite"] and [r["step"] for r in steps if r["skipped"]] == [nan_at]
+    return row
+
+
+def test_lightning_script_gets_the_callback_and_its_clip_is_recorded(tmp_path, monkeypatch):
+    pytest.importorskip("lightning")
+    monkeypatch.chdir(tmp_path)
+    row = check_trainer_script("lightning_script.py", ["--steps", "12"], tmp_path, max_norm=0.5,
+                               kind="lightning", model="Regressor", nan_at=5)
+    assert row["clip"] == "the script's Trainer(gradient_clip_val=0.5)"
+
+
+def test_a_callback_added_by_hand_is_left_to_guard_alone(tmp_path, monkeypatch, recwarn):
+    pytest.importorskip("lightning")
+    monkeypatch.chdir(tmp_path)
+    result = run_script(SCRIPTS / "lightning_script.py", ["--steps", "6", "--own-callback"],
+                        out=tmp_path / "runs", quiet=True, report=False)
+    [row] = result.optimizers
+    assert row["external"] and row["run_dir"] == "lightning_logs/gradguard"
+    steps = [r for r in read_jsonl(tmp_path / row["run_dir"] / "metrics.jsonl") if r["type"] == "step"]
+    assert len(steps) == 6  # guarded once, by the script's own callback
+    assert not (result.run_dir / "metrics.jsonl").exists()
+    assert not [w for w in recwarn if "not guarded" in str(w.message)]
+    assert "lightning trainer: guarded by the GradGuardCallback the script added itself" in \
+        format_summary(result)
+
+
+def test_hf_trainer_script_gets_the_callback_and_true_norms(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    # the Trainer clips (max_grad_norm=1.0) *before* gradguard's hook: still the true norms
+    row = check_trainer_script("hf_script.py", ["--steps", "10"], tmp_path, max_norm=1.0,
+                               kind="transformers", model="GPT2LMHeadModel", nan_at=4,
+                               report=True)
+    render_in_chromium(Path(row["report"]))
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def render_in_chromium(page: Path) -> None:
+    """The report of a zero-code run renders in a real browser, summary and plots."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed")
+    with tempfile.TemporaryDirectory() as profile:
+        r = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ">Summary</h2>" in r.stdout and r.stdout.count("<img") == 4
+    assert "No gradient trouble in 10 steps" in r.stdout
+
+
+def test_true_norm_helper_is_not_vacuous():
+    """assert_true_norms fails on post-clip norms (what gradguard recorded before)."""
+    ref = {"steps": [{"true_norm": 3.0}]}
+    with pytest.raises(AssertionError):
+        assert_true_norms([{"grad_norm": 1.0}], ref)
+    assert math.isclose(min(1.0, 1.0 / (3.0 + 1e-6)), 1 / 3, rel_tol=1e-5)
+
+
+# ---- torchrun ---------------------------------------------------------------------------
+def test_torchrun_two_ranks_every_rank_skips_rank_0_writes(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "gradguard",
+         "run", "--no-report", "--every", "4", str(SCRIPTS / "ddp_plain.py"), "--nan-at", "3"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("weights finite: True") == 2  # every rank skipped the NaN step
+    runs = [d for d in (tmp_path / "runs" / "ddp_plain").iterdir() if d.name != "latest"]
+    assert len(runs) == 1  # rank 1 writes nothing
+    steps = [s for s in read_jsonl(runs[0] / "metrics.jsonl") if s["type"] == "step"]
+    assert [s["step"] for s in steps if s["skipped"]] == [3] and len(steps) == 12
+    events = read_jsonl(runs[0] / "events.jsonl")
+    assert any(e["kind"] == "nonfinite_grad" and e.get("rank") == 1 for e in events)
