@@ -31,7 +31,9 @@ from typing import Any
 
 import torch
 
+from ._logit_watch import Magnitude
 from .events import Event
+from .precursors import PrecursorConfig, PrecursorState, detect_precursors
 from .telemetry import Window
 
 # ---- named defaults -------------------------------------------------------------------
@@ -115,8 +117,13 @@ class DetectorConfig:
     update_ratio_high: float = UPDATE_RATIO_HIGH
     update_ratio_low: float = UPDATE_RATIO_LOW
     lr_jump_ratio: float = LR_JUMP_RATIO
+    #: ``divergence_risk`` thresholds (:mod:`gradguard.precursors`); None turns it off.
+    precursors: PrecursorConfig | None = PrecursorConfig()
 
     def __post_init__(self) -> None:
+        if self.precursors is not None and not isinstance(self.precursors, PrecursorConfig):
+            raise TypeError(f"DetectorConfig(precursors={self.precursors!r}): expected a "
+                            "gradguard.precursors.PrecursorConfig or None")
         for name in ("spike_z", "loss_spike_ratio", "grad_spike_ratio", "vanish_ratio",
                      "vanish_floor", "update_ratio_high", "update_ratio_low", "lr_jump_ratio"):
             v = getattr(self, name)
@@ -144,6 +151,7 @@ class DetectorState:
     grad: deque[float] = field(default_factory=deque)
     loss_run: int = 0  # consecutive spiking loss steps at the end of the last window
     loss_start: dict[str, float] | None = None  # the first step of that run
+    precursors: PrecursorState = field(default_factory=PrecursorState)
 
     def __post_init__(self) -> None:
         self.loss = deque(self.loss, maxlen=self.history)
@@ -151,13 +159,15 @@ class DetectorState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss": list(self.loss), "grad": list(self.grad), "loss_run": self.loss_run,
-                "loss_start": self.loss_start}
+                "loss_start": self.loss_start, "precursors": self.precursors.state_dict()}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.loss = deque((float(x) for x in sd["loss"]), maxlen=self.history)
         self.grad = deque((float(x) for x in sd["grad"]), maxlen=self.history)
         self.loss_run = int(sd.get("loss_run", 0))
         self.loss_start = sd.get("loss_start")
+        self.precursors = PrecursorState()
+        self.precursors.load_state_dict(sd.get("precursors", {}))
 
 
 class LrTracker:
@@ -608,6 +618,8 @@ def detect(
     activations: Mapping[str, Mapping[str, float]] | None = None,
     lr_events: Sequence[Event] = (),
     amp_overflows: Mapping[int, float] | None = None,
+    magnitudes: Mapping[str, Magnitude] | None = None,
+    optim: Mapping[str, Any] | None = None,
 ) -> list[Event]:
     """Run every detector over a window, in step order.
 
@@ -620,6 +632,9 @@ def detect(
         activations: activation samples of the flush step (``Guard(sample_activations=True)``).
         lr_events: events from an :class:`LrTracker` since the last flush.
         amp_overflows: steps that were routine loss-scale overflows -> their scale.
+        magnitudes: activation magnitudes of the flush step (``Guard(watch_activations=True)``)
+            for the ``divergence_risk`` precursors.
+        optim: :func:`gradguard.precursors.optimizer_info` of the guarded optimizer.
     """
     cfg = config or DetectorConfig()
     st = state if state is not None else DetectorState(history=cfg.spike_history)
@@ -630,5 +645,8 @@ def detect(
     events += list(lr_events)
     if activations:
         events += detect_activations(window.steps[-1], activations, cfg)
+    if cfg.precursors is not None:
+        events += detect_precursors(window, st.precursors, cfg.precursors,
+                                    magnitudes=magnitudes, optim=optim)
     events.sort(key=lambda e: e.step)
     return events
