@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.amp.grad_scaler import GradScaler, OptState
 
-from . import detectors, distributed
+from . import detectors, distributed, precursors
+from ._logit_watch import LogitWatch
 from ._watch import ActivationWatch
 from .clipping import ClipPolicy, _Policy
 from .events import Event, Flush, Sink, call_sinks, json_float
@@ -234,6 +235,10 @@ class Guard:
                 sample=sample_activations, device=self.telemetry.device,
             )
             self._watch.armed = sample_activations and self.telemetry.flush_due
+        # divergence precursors: attention/output logits and half-precision headroom
+        self._logits = LogitWatch(distributed.unwrap(model)) if watch_activations else None
+        if self._logits is not None:
+            self._logits.armed = self.telemetry.flush_due
         #: step -> [routine loss-scale overflow (0/1), scale] (device), read at flush.
         self._amp_rows: dict[int, Tensor] = {}
         self.recovery = recovery
@@ -391,6 +396,8 @@ class Guard:
             self.flush()
         if self._watch is not None and self.sample_activations:
             self._watch.armed = self.telemetry.flush_due  # sample the flush step's forward
+        if self._logits is not None:
+            self._logits.armed = self.telemetry.flush_due
         return stats.total_norm
 
     # ---- mixed precision (torch.amp.GradScaler) ---------------------------------------
@@ -535,7 +542,10 @@ class Guard:
             "state": self.detector_state,
             "config": self.detector_config,
             "lr_events": self.lr_tracker.pop_events(),
+            "optim": precursors.optimizer_info(self.optimizer),
         }
+        if self._logits is not None:
+            out["magnitudes"] = self._logits.take()
         if self._watch is not None:
             total = window.total_norm.tolist()
             bad = [i for i, t in enumerate(total) if not math.isfinite(t)]
@@ -586,6 +596,8 @@ class Guard:
         finally:
             if self._watch is not None:
                 self._watch.remove()
+            if self._logits is not None:
+                self._logits.remove()
         for i, s in enumerate(self.sinks):
             try:
                 s.close()
