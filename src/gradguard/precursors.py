@@ -75,9 +75,11 @@ GROWTH: dict[str, float] = {
     "loss": 1.3, "loss_spread": 1.3, "grad_norm": 1.5, "weight_norm": 1.2,
     "attn_logits": 2.0, "output_logits": 2.0, "half_overflow": 1.5,
 }
-#: The loss falling to this fraction or below over the span (significantly) is progress:
-#: other signals rising meanwhile are learning, not instability.
+#: The loss falling to this fraction or below over the span, with Mann–Kendall z below
+#: -PROGRESS_Z (one-sided p ~ 0.05), is progress: other signals rising meanwhile are
+#: learning, not instability. A lower bar than TREND_Z: it can only silence a warning.
 PROGRESS_DROP = 0.8
+PROGRESS_Z = 1.645
 #: "Steps left" estimates the steps until a signal is this many times its level at the
 #: start of its trend: the divergence label of benchmarks/warning.py (loss > 10x median).
 BLOWUP = 10.0
@@ -272,7 +274,8 @@ def optimizer_info(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     lrs = [g["lr"] for g in optimizer.param_groups if isinstance(g.get("lr"), (int, float))]
     wds = [g.get("weight_decay", 0.0) or 0.0 for g in optimizer.param_groups]
     return {"lr": max(lrs) if lrs else None,
-            "weight_decay": max(float(w) for w in wds if isinstance(w, (int, float))),
+            "weight_decay": max((float(w) for w in wds if isinstance(w, (int, float))),
+                                default=0.0),
             "optimizer": type(optimizer).__name__}
 
 
@@ -357,7 +360,7 @@ def detect_precursors(
     trends = {k: t for k, q in state.points.items()
               if len(q) >= keep and q[-1][0] == step and (t := trend(list(q))) is not None}
     lt = trends.get("loss")
-    progress = lt is not None and lt.z <= -config.z and lt.growth <= config.progress_drop
+    progress = lt is not None and lt.z <= -PROGRESS_Z and lt.growth <= config.progress_drop
     rising = {k: t for k, t in trends.items() if _is_rising(k, t, config, progress)}
     for k in list(state.cooldown):
         if k not in rising:
