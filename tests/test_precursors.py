@@ -317,3 +317,24 @@ def test_logit_watch_sees_sdpa_in_a_custom_module_and_half_outputs():
     assert got["0"].dtype == "torch.float16"
     assert torch.overrides._get_current_function_mode() is None  # the probe was left
     watch.remove()
+
+
+def test_report_summary_says_how_early_the_warning_came():
+    np = pytest.importorskip("numpy")
+    from pathlib import Path
+
+    from gradguard.report._data import RunData, summary_sentence
+    from gradguard.report._plots import loss_plot
+
+    n = 100
+    events = [{"kind": "divergence_risk", "step": 40, "severity": "warning", "layer": None,
+               "message": "", "data": {"signal": "grad_norm"}},
+              {"kind": "nonfinite_grad", "step": 90, "severity": "error", "layer": "fc",
+               "message": "gradient norm is NaN", "data": {}}]
+    d = RunData(Path("x"), np.arange(n), np.linspace(1, 0.1, n), np.full(n, 2.0), np.ones(n),
+                np.zeros(n, dtype=bool), [], np.zeros(0, dtype=np.int64), np.zeros((0, 0)),
+                np.zeros((0, 0)), events)
+    assert summary_sentence(d).startswith(
+        "Gradients exploded at step 90 in `fc` (NaN). gradguard warned of a divergence risk "
+        "at step 40 (grad norm), 50 steps before.")
+    assert loss_plot(d).startswith("data:image/png;base64,")
