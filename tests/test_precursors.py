@@ -15,7 +15,6 @@ from gradguard._logit_watch import LogitWatch, Magnitude
 from gradguard.detectors import DetectorConfig, DetectorState, detect
 from gradguard.precursors import PrecursorConfig, PrecursorState, detect_precursors, trend
 from gradguard.telemetry import Window
-
 from helpers import batches, mlp
 
 EVERY = 50

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,3 +218,32 @@ class LogitWatch:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def watch_signals(magnitudes: Mapping[str, Magnitude]) -> tuple[dict[str, float], dict[str, str]]:
+    """The precursor signals of a sample: the largest attention-logit bound, the model's
+    output, and for each half-precision output the fraction of its dtype's range in use
+    (overflow at 1); plus the module each came from.
+
+    Example:
+        >>> from gradguard._logit_watch import Magnitude, watch_signals
+        >>> vals, where = watch_signals({"fc": Magnitude(6550.4, "torch.float16")})
+        >>> round(vals["half_overflow:fc"], 3), where["half_overflow:fc"]
+        (0.1, 'fc')
+    """
+    vals: dict[str, float] = {}
+    where: dict[str, str] = {}
+
+    def keep(key: str, v: float, name: str) -> None:
+        if math.isfinite(v) and v > vals.get(key, 0.0):
+            vals[key], where[key] = v, name
+
+    for name, m in magnitudes.items():
+        if m.kind == "attn_logits":
+            keep("attn_logits", m.value, name)
+        elif m.kind == "model_output":
+            keep("output_logits", m.value, name or "(output)")
+        if m.dtype in ("torch.float16", "torch.bfloat16"):
+            dt = torch.float16 if m.dtype == "torch.float16" else torch.bfloat16
+            keep(f"half_overflow:{name}", m.value / torch.finfo(dt).max, name)
+    return vals, where

@@ -118,7 +118,7 @@ class DetectorConfig:
     update_ratio_low: float = UPDATE_RATIO_LOW
     lr_jump_ratio: float = LR_JUMP_RATIO
     #: ``divergence_risk`` thresholds (:mod:`gradguard.precursors`); None turns it off.
-    precursors: PrecursorConfig | None = PrecursorConfig()
+    precursors: PrecursorConfig | None = field(default_factory=PrecursorConfig)
 
     def __post_init__(self) -> None:
         if self.precursors is not None and not isinstance(self.precursors, PrecursorConfig):

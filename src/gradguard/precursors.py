@@ -2,10 +2,9 @@
 
 A run that diverges late rarely does so out of the blue: something grows first. Past the
 edge of stability a mode grows geometrically (Cohen et al. 2021); without qk-LayerNorm the
-attention logits grow until the softmax collapses (Wortsman et al. 2023); a recurrence
-whose spectral radius passes 1 grows its gradients; weights and activations grow until a
-half-precision value overflows. Healthy training changes too, but like a power of the
-step count: the loss falls, weight norms creep up, early layers sharpen and settle.
+attention logits grow until the softmax collapses (Wortsman et al. 2023); weights and
+activations grow until a half-precision value overflows. Healthy training changes too,
+but like a power of the step count: the loss falls, weight norms creep up and settle.
 
 So, at every flush, each signal becomes one robust point (the window's median, sampled
 values at the flush step), and over the last :data:`TREND_POINTS` points we ask three
@@ -58,7 +57,7 @@ from typing import Any
 
 import torch
 
-from ._logit_watch import Magnitude
+from ._logit_watch import Magnitude, watch_signals
 from .events import Event
 from .telemetry import Window
 
@@ -86,12 +85,9 @@ BLOWUP = 10.0
 #: A signal that stopped rising for this many flushes may warn again.
 COOLDOWN = TREND_POINTS
 
-SIGNAL_TEXT = {
-    "loss": "the loss", "loss_spread": "the loss's batch-to-batch spread",
-    "grad_norm": "the gradient norm", "weight_norm": "the weight norm",
-    "attn_logits": "the attention logits", "output_logits": "the output logits",
-    "half_overflow": "a half-precision output",
-}
+SIGNAL_TEXT = {"loss": "the loss", "loss_spread": "the loss's batch-to-batch spread",
+               "grad_norm": "the gradient norm", "weight_norm": "the weight norm",
+               "attn_logits": "the attention logits", "output_logits": "the output logits"}
 
 
 @dataclass(frozen=True)
@@ -238,28 +234,6 @@ def window_signals(window: Window) -> dict[str, float | None]:
     return out
 
 
-def watch_signals(magnitudes: Mapping[str, Magnitude]) -> tuple[dict[str, float], dict[str, str]]:
-    """Attention-logit, output-logit and half-precision points from a watch sample, and the
-    module each came from."""
-    vals: dict[str, float] = {}
-    where: dict[str, str] = {}
-
-    def keep(key: str, v: float, name: str) -> None:
-        if math.isfinite(v) and v > vals.get(key, 0.0):
-            vals[key], where[key] = v, name
-
-    for name, m in magnitudes.items():
-        if m.kind == "attn_logits":
-            keep("attn_logits", m.value, name)
-        elif m.kind == "model_output":
-            keep("output_logits", m.value, name or "(output)")
-        if m.dtype in ("torch.float16", "torch.bfloat16"):
-            dt = torch.float16 if m.dtype == "torch.float16" else torch.bfloat16
-            # headroom: the fraction of the dtype's range in use (overflow at 1)
-            keep(f"half_overflow:{name}", m.value / torch.finfo(dt).max, name)
-    return vals, where
-
-
 def optimizer_info(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The largest learning rate and weight decay of the param groups, and the optimizer's
     name (host floats already in ``param_groups``: no device access; tensor LRs skipped).
@@ -300,12 +274,6 @@ def _fastest_layer(state: PrecursorState, layers: Sequence[str]) -> str | None:
     return layers[int(med.argmax())]
 
 
-def _lr_since(state: PrecursorState, start: int) -> tuple[float, float] | None:
-    """(LR at the flush nearest after ``start``, LR now)."""
-    lrs = [(s, lr) for s, lr in state.lr if s >= start]
-    return (lrs[0][1], lrs[-1][1]) if lrs else None
-
-
 def _is_rising(key: str, t: Trend, cfg: PrecursorConfig, progress: bool) -> bool:
     family = key.split(":")[0]
     if t.z < cfg.z or t.growth < GROWTH[family]:
@@ -338,18 +306,15 @@ def detect_precursors(
     see the module docstring. It may warn again after it stopped rising for
     :data:`COOLDOWN` flushes.
     """
-    n = len(window)
-    if n == 0 or n < state.full_window / 2:
+    if len(window) == 0 or len(window) < state.full_window / 2:
         return []  # a partial window (close, abort) is too short to be a point
-    state.full_window = max(state.full_window, n)
+    state.full_window = max(state.full_window, len(window))
     step, keep = window.steps[-1], config.points
     for key, v in window_signals(window).items():
         state.add(key, step, v, keep)
-    where: dict[str, str] = {}
-    if magnitudes:
-        vals, where = watch_signals(magnitudes)
-        for key, v in vals.items():
-            state.add(key, step, v, keep)
+    vals, where = watch_signals(magnitudes or {})
+    for key, v in vals.items():
+        state.add(key, step, v, keep)
     if state.layers.maxlen != keep:
         state.layers = deque(state.layers, maxlen=keep)
         state.lr = deque(state.lr, maxlen=keep)
@@ -395,9 +360,11 @@ def _risk_event(step: int, new: Mapping[str, Trend], rising: Mapping[str, Trend]
                 f"{t.growth:.2g}x over the last {span} steps (Mann–Kendall z={t.z:.1f}); at "
                 f"this rate it overflows in ~{left:.0f} steps")
     else:
+        eta = (f"at this rate it reaches {BLOWUP:g}x in ~{left:.0f} steps" if left >= 1 else
+               f"it is already past {BLOWUP:g}x its level at step {t.start}")
         what = (f"{SIGNAL_TEXT[family]} grew {t.growth:.2g}x over the last {span} steps "
                 f"(Mann–Kendall z={t.z:.1f}, elasticity {t.elasticity:.1f}: faster than the "
-                f"run's own pace); at this rate it reaches {BLOWUP:g}x in ~{left:.0f} steps")
+                f"run's own pace); {eta}")
     lr_text, lr_data = _lr_remedy(state, t.start, optim)
     remedy = {
         "attn_logits": "Add qk-LayerNorm (normalise queries and keys before q·kᵀ; Wortsman "
@@ -409,32 +376,28 @@ def _risk_event(step: int, new: Mapping[str, Trend], rising: Mapping[str, Trend]
         remedy = f"Add weight decay (e.g. AdamW(weight_decay=0.1)), or {lr_text}."
     w, u = window.weight_norms, window.update_norms
     data: dict[str, Any] = {
-        "signal": family, "trend": _trend_data(t), "steps_left": round(left),
+        "signal": family, "trend": _trend_data(t), "steps_left": round(left), "module": module,
         "signals": {k: _trend_data(v) for k, v in rising.items()}, **lr_data,
-    }
-    if module is not None:
-        data["module"] = module
-    if w is not None and u is not None and float(w.norm()) > 0:
-        data["update_ratio"] = float(u.norm() / w.norm())
+        "update_ratio": float(u.norm() / w.norm()) if w is not None and u is not None
+        and float(w.norm()) > 0 else None}
     return Event(kind="divergence_risk", step=step, severity="warning",
                  message=f"step {step}: divergence risk: {what}", layer=layer,
                  value=t.growth, threshold=GROWTH[family], remedy=remedy, data=data)
 
 
 def _trend_data(t: Trend) -> dict[str, float]:
-    return {"growth": t.growth, "over_steps": t.end - t.start, "since": t.start,
-            "z": t.z, "elasticity": t.elasticity, "slope_per_step": t.slope,
-            "first": t.first, "last": t.last}
+    return {"growth": t.growth, "over_steps": t.end - t.start, "since": t.start, "z": t.z,
+            "elasticity": t.elasticity, "slope_per_step": t.slope, "last": t.last}
 
 
 def _lr_remedy(state: PrecursorState, start: int, optim: Mapping[str, Any]
                ) -> tuple[str, dict[str, Any]]:
     """'lower the LR to x': half the LR at which the growth began (the LR may have risen
     since, as in a warm-up or ramp that overshoots)."""
-    span = _lr_since(state, start)
-    if span is None:
+    lrs = [lr for s, lr in state.lr if s >= start]  # the LR of each flush since the start
+    if not lrs:
         return "lower the learning rate (halve it)", {}
-    lr0, lr = span
+    lr0, lr = lrs[0], lrs[-1]
     target = 0.5 * min(lr0, lr)
     text = f"lower the learning rate to {target:.3g} (now {lr:.3g})"
     if lr >= 1.5 * lr0:
