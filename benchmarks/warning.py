@@ -209,13 +209,43 @@ def overhead(rounds: int, block: int = EVERY) -> list[dict[str, Any]]:
     return out
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The figures of docs/early-warning.md from a results file."""
+    out = ["| split | configuration | diverging runs warned >= 50 steps ahead | "
+           "median lead of those | false alarms (healthy steps) | per 10k healthy steps |",
+           "|---|---|---|---|---|---|"]
+    for split in ("tune", "heldout", "all"):
+        for config in ("default", "watch"):
+            s = report[config][split]
+            out.append(f"| {split} | {config} | {s['hits']}/{s['diverged_as_labelled']} | "
+                       f"{s['median_lead_of_hits']} | {s['healthy_risk_events']} "
+                       f"({s['healthy_steps']:,}) | "
+                       f"{s['risk_events_per_10k_healthy_steps']:.2f} |")
+    out += ["", "| run | split | divergence step | first warning (default / watch) | "
+            "lead (default / watch) | signal | steps left estimated |", "|---|---|---|---|---|---|---|"]
+    watch = {r["name"]: r for r in report["watch"]["runs"]}
+    for r in report["default"]["runs"]:
+        if r["expect"] != "diverge":
+            continue
+        w = watch[r["name"]]
+        first = (r["risk_events"] or w["risk_events"] or [{}])[0]
+        out.append(f"| `{r['name']}` | {r['split']} | {r['divergence_step']} | "
+                   f"{r['first_warning']} / {w['first_warning']} | {r['lead']} / {w['lead']} | "
+                   f"{first.get('signal', '')} | {first.get('steps_left', '')} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--split", default="all", choices=("tune", "heldout", "all"))
     ap.add_argument("--names", nargs="*", default=None)
     ap.add_argument("--rounds", type=int, default=15, help="overhead rounds (0: skip)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "warning.json"))
+    ap.add_argument("--markdown", action="store_true", help="print the docs tables of --out")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     torch.set_num_threads(1)
     specs = [s for s in SPECS if (args.split == "all" or s.split == args.split)
              and (not args.names or s.name in args.names)]
