@@ -164,31 +164,65 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---- overhead ----------------------------------------------------------------------------
-def overhead(rounds: int, block: int = EVERY) -> list[dict[str, Any]]:
-    """Mean step time over blocks of ``block`` steps (each holds one flush, so the
-    detector's cost is in it), variants interleaved in random order per round; the figure
-    is the median over rounds."""
-    out = []
+def _variants(wl: bench.Workload) -> dict[str, Any]:
+    x, y = wl.batch
+    fns = {}
+    for name, kw in (("adamw", None),
+                     ("Guard(precursors off)", {"detector_config": DetectorConfig(
+                         precursors=None)}),
+                     ("Guard(default: precursors on)", {}),
+                     ("Guard(watch_activations=True)", {"watch_activations": True})):
+        model = copy.deepcopy(wl.model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        guard = None if kw is None else gg.Guard(model, opt, clip=None, every=EVERY, **kw)
+
+        def step(model: Any = model, opt: Any = opt, guard: Any = guard, wl: Any = wl,
+                 x: Any = x, y: Any = y) -> None:
+            loss = wl.loss_fn(model(x), y)
+            loss.backward()
+            opt.step() if guard is None else guard.step(loss)
+            opt.zero_grad(set_to_none=True)
+        fns[name] = step
+    return fns
+
+
+def detector_ms(wl: bench.Workload, repeats: int = 20) -> float:
+    """Milliseconds the precursors take per flush on a full window of ``wl``'s parameters,
+    with a full history (every signal judged)."""
+    names = [n for n, _ in wl.model.named_parameters()]
+    layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
+    gen = torch.Generator().manual_seed(0)
+
+    def window(k: int) -> Any:
+        n, p = EVERY, len(names)
+        return gg.telemetry.Window(
+            steps=list(range(k * n, k * n + n)), loss=torch.rand(n, generator=gen) + 1,
+            total_norm=torch.rand(n, generator=gen) + 1, clip_coef=torch.ones(n),
+            skipped=torch.zeros(n, dtype=torch.bool), param_norms=torch.rand(n, p, generator=gen),
+            names=names, layers=layers,
+            layer_index=[layers.index(m.rpartition(".")[0]) for m in names],
+            weight_norms=torch.rand(p, generator=gen) + 1, update_norms=torch.rand(p) * 1e-3)
+
+    state = precursors.PrecursorState()
+    ws = [window(k) for k in range(precursors.TREND_POINTS + repeats)]
+    for w in ws[: precursors.TREND_POINTS]:
+        precursors.detect_precursors(w, state, optim={"lr": 1e-3, "weight_decay": 0.0})
+    t0 = time.perf_counter()
+    for w in ws[precursors.TREND_POINTS :]:
+        precursors.detect_precursors(w, state, optim={"lr": 1e-3, "weight_decay": 0.0})
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def overhead(rounds: int, block: int = EVERY) -> dict[str, Any]:
+    """Interleaved step times on small workloads (the detector's cost is largest relative
+    to a small step), plus the detector's own time per flush on the standard overhead
+    workloads of ``gradguard.bench`` as a fraction of their bare AdamW step time."""
+    small = []
     for wl in (bench.mlp_workload(width=256, depth=4, batch=64),
                bench.transformer_workload(d=64, layers=2, batch=4, seq=32)):
-        x, y = wl.batch
-        fns = {}
-        for name, kw in (("adamw", None),
-                         ("Guard(precursors off)", {"detector_config": DetectorConfig(
-                             precursors=None)}),
-                         ("Guard(default: precursors on)", {}),
-                         ("Guard(watch_activations=True)", {"watch_activations": True})):
-            model = copy.deepcopy(wl.model)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            guard = None if kw is None else gg.Guard(model, opt, clip=None, every=EVERY, **kw)
-
-            def step(model: Any = model, opt: Any = opt, guard: Any = guard, wl: Any = wl,
-                     x: Any = x, y: Any = y) -> None:
-                loss = wl.loss_fn(model(x), y)
-                loss.backward()
-                opt.step() if guard is None else guard.step(loss)
-                opt.zero_grad(set_to_none=True)
-            fns[name] = step
+        # mean over blocks of ``block`` steps (each holds one flush, so the detector's cost
+        # is in it), variants in random order per round; the median over rounds
+        fns = _variants(wl)
         for fn in fns.values():  # warm-up: one block each, so every guard has flushed
             for _ in range(block):
                 fn()
@@ -202,11 +236,27 @@ def overhead(rounds: int, block: int = EVERY) -> list[dict[str, Any]]:
                     fns[n]()
                 times[n].append((time.perf_counter() - t0) / block)
         med = {k: statistics.median(v) for k, v in times.items()}
-        out.append({"workload": wl.name, "seconds_per_step": med,
-                    "ratio_to_adamw": {k: v / med["adamw"] for k, v in med.items()},
-                    "precursors_on_over_off": med["Guard(default: precursors on)"]
-                    / med["Guard(precursors off)"], "rounds": rounds, "block": block})
-    return out
+        small.append({"workload": wl.name, "seconds_per_step": med,
+                      "ratio_to_adamw": {k: v / med["adamw"] for k, v in med.items()},
+                      "precursors_on_over_off": med["Guard(default: precursors on)"]
+                      / med["Guard(precursors off)"], "rounds": rounds, "block": block})
+    standard = []
+    for wl in (bench.mlp_workload(), bench.transformer_workload()):
+        x, y = wl.batch
+        opt = torch.optim.AdamW(wl.model.parameters(), lr=1e-4)
+        ts = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            wl.loss_fn(wl.model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ts.append(time.perf_counter() - t0)
+        bare = statistics.median(ts[1:])
+        ms = detector_ms(wl)
+        standard.append({"workload": wl.name, "adamw_seconds_per_step": bare,
+                         "detector_ms_per_flush": ms,
+                         "added_per_step_ratio": 1 + ms / 1e3 / (EVERY * bare)})
+    return {"interleaved_small": small, "standard_workloads": standard}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -242,11 +292,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="overhead rounds (0: skip)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "warning.json"))
     ap.add_argument("--markdown", action="store_true", help="print the docs tables of --out")
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="re-measure the overhead into the existing --out")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.out).read_text())))
         return
     torch.set_num_threads(1)
+    if args.overhead_only:
+        report = json.loads(Path(args.out).read_text())
+        report["overhead"] = overhead(args.rounds)
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+        print(json.dumps(report["overhead"], indent=1))
+        return
     specs = [s for s in SPECS if (args.split == "all" or s.split == args.split)
              and (not args.names or s.name in args.names)]
     runs = []
@@ -282,9 +340,12 @@ def main() -> None:
             print(f"{config:8s} {split:8s} hits {s['hits']}/{s['diverged_as_labelled']} "
                   f"false alarms {s['healthy_risk_events']} in {s['healthy_steps']} healthy "
                   f"steps ({s['risk_events_per_10k_healthy_steps']:.2f} per 10k)")
-    for o in report.get("overhead", []):
+    for o in report.get("overhead", {}).get("interleaved_small", []):
         print(o["workload"], {k: round(v, 3) for k, v in o["ratio_to_adamw"].items()},
               f"on/off {o['precursors_on_over_off']:.3f}")
+    for o in report.get("overhead", {}).get("standard_workloads", []):
+        print(o["workload"], f"detector {o['detector_ms_per_flush']:.2f} ms/flush, "
+              f"x{o['added_per_step_ratio']:.5f} per step")
 
 
 if __name__ == "__main__":
