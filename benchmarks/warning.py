@@ -114,7 +114,7 @@ def train(spec: Spec) -> dict[str, Any]:
     # the default configuration: the same detector without the activation watch
     state, default = DetectorState(), []
     for w, optim in cap.flushes:
-        default += detect(w, state=state, config=DetectorConfig(), optim=optim)
+        default += detect(w, state=state, config=DetectorConfig(), optim=optim, every=EVERY)
     return {"spec": spec, "div": div, "steps": len(losses), "seconds": seconds,
             "events": {"default": default, "watch": cap.events}}
 

@@ -271,7 +271,7 @@ def test_replaying_the_windows_gives_the_guards_events():
     guard = _guarded(400, 250, sinks=[keep])
     state, replay = DetectorState(), []
     for w in keep.windows:
-        replay += detect(w, state=state, optim=pc.optimizer_info(guard.optimizer))
+        replay += detect(w, state=state, optim=pc.optimizer_info(guard.optimizer), every=10)
     assert [(e.kind, e.step, e.message) for e in replay] == [
         (e.kind, e.step, e.message) for e in guard.events]
 
@@ -337,3 +337,12 @@ def test_report_summary_says_how_early_the_warning_came():
         "Gradients exploded at step 90 in `fc` (NaN). gradguard warned of a divergence risk "
         "at step 40 (grad norm), 50 steps before.")
     assert loss_plot(d).startswith("data:image/png;base64,")
+
+
+def test_weight_norms_of_an_off_schedule_flush_are_not_used():
+    """A checkpoint flush can carry an update sampled for the window before it."""
+    state = PrecursorState()
+    detect_precursors(window(0, [1.0] * 50, [1.0] * 50, weight=3.0), state, every=50)
+    detect_precursors(window(50, [1.0] * 30, [1.0] * 30, weight=4.0), state, every=50)
+    assert list(state.points["weight_norm"]) == [(49, pytest.approx(3.0))]
+    assert [s for s, _ in state.points["loss"]] == [49, 79]

@@ -620,6 +620,7 @@ def detect(
     amp_overflows: Mapping[int, float] | None = None,
     magnitudes: Mapping[str, Magnitude] | None = None,
     optim: Mapping[str, Any] | None = None,
+    every: int | None = None,
 ) -> list[Event]:
     """Run every detector over a window, in step order.
 
@@ -635,6 +636,8 @@ def detect(
         magnitudes: activation magnitudes of the flush step (``Guard(watch_activations=True)``)
             for the ``divergence_risk`` precursors.
         optim: :func:`gradguard.precursors.optimizer_info` of the guarded optimizer.
+        every: the guard's flush interval (windows of another length were flushed off
+            schedule).
     """
     cfg = config or DetectorConfig()
     st = state if state is not None else DetectorState(history=cfg.spike_history)
@@ -647,6 +650,6 @@ def detect(
         events += detect_activations(window.steps[-1], activations, cfg)
     if cfg.precursors is not None:
         events += detect_precursors(window, st.precursors, cfg.precursors,
-                                    magnitudes=magnitudes, optim=optim)
+                                    magnitudes=magnitudes, optim=optim, every=every)
     events.sort(key=lambda e: e.step)
     return events

@@ -138,10 +138,13 @@ class Guard:
             (costs one temporary copy of the parameters at those steps only).
         watch_activations: forward hooks flag, on the device, the first module whose
             output is NaN/Inf; read only for a window with a non-finite step, so
-            ``nonfinite_grad`` events name where the forward pass broke.
+            ``nonfinite_grad`` events name where the forward pass broke. At flush steps it
+            also samples attention/output logits and half-precision headroom for
+            ``divergence_risk`` (see docs/early-warning.md).
         sample_activations: at flush steps, measure dead ReLU-family units and saturated
             sigmoid/tanh outputs (``dead_units`` / ``saturating_activation`` events).
-        detector_config: detector thresholds (:class:`gradguard.detectors.DetectorConfig`).
+        detector_config: detector thresholds (:class:`gradguard.detectors.DetectorConfig`);
+            ``DetectorConfig(precursors=None)`` turns the ``divergence_risk`` warning off.
         sink_rank: under torch.distributed, the rank whose guard writes to the sinks
             (default 0; events of the other ranks are gathered to it at each flush), or
             None for every rank. Every rank must construct a Guard and call ``step`` and
@@ -543,6 +546,7 @@ class Guard:
             "config": self.detector_config,
             "lr_events": self.lr_tracker.pop_events(),
             "optim": precursors.optimizer_info(self.optimizer),
+            "every": self.every,
         }
         if self._logits is not None:
             out["magnitudes"] = self._logits.take()

@@ -290,6 +290,7 @@ def detect_precursors(
     *,
     magnitudes: Mapping[str, Magnitude] | None = None,
     optim: Mapping[str, Any] | None = None,
+    every: int | None = None,
 ) -> list[Event]:
     """At most one ``divergence_risk`` warning per flush; updates ``state``.
 
@@ -300,6 +301,9 @@ def detect_precursors(
         magnitudes: the activation watch's sample of the flush step (attention logits,
             output logits, half-precision outputs), or None.
         optim: :func:`optimizer_info` of the guarded optimizer (for the remedy), or None.
+        every: the guard's flush interval. A window of another length was flushed off
+            schedule (a checkpoint, close): its weight norms may come from an update
+            sampled for the window before, so they are not used.
 
     A signal warns when its last ``config.points`` flush points rise (Mann–Kendall z),
     grow by at least :data:`GROWTH` and faster than any power of the step (elasticity);
@@ -311,7 +315,8 @@ def detect_precursors(
     state.full_window = max(state.full_window, len(window))
     step, keep = window.steps[-1], config.points
     for key, v in window_signals(window).items():
-        state.add(key, step, v, keep)
+        if key != "weight_norm" or every is None or len(window) == every:
+            state.add(key, step, v, keep)
     vals, where = watch_signals(magnitudes or {})
     for key, v in vals.items():
         state.add(key, step, v, keep)
