@@ -114,7 +114,8 @@ def train(spec: Spec) -> dict[str, Any]:
     # the default configuration: the same detector without the activation watch
     state, default = DetectorState(), []
     for w, optim in cap.flushes:
-        default += detect(w, state=state, config=DetectorConfig(), optim=optim, every=EVERY)
+        inputs = precursors.PrecursorInputs(optim=optim, every=EVERY)
+        default += detect(w, state=state, config=DetectorConfig(), precursor_inputs=inputs)
     return {"spec": spec, "div": div, "steps": len(losses), "seconds": seconds,
             "events": {"default": default, "watch": cap.events}}
 
@@ -204,12 +205,13 @@ def detector_ms(wl: bench.Workload, repeats: int = 20) -> float:
             weight_norms=torch.rand(p, generator=gen) + 1, update_norms=torch.rand(p) * 1e-3)
 
     state = precursors.PrecursorState()
+    inputs = precursors.PrecursorInputs(optim={"lr": 1e-3, "weight_decay": 0.0}, every=EVERY)
     ws = [window(k) for k in range(precursors.TREND_POINTS + repeats)]
     for w in ws[: precursors.TREND_POINTS]:
-        precursors.detect_precursors(w, state, optim={"lr": 1e-3, "weight_decay": 0.0})
+        precursors.detect_precursors(w, state, inputs=inputs)
     t0 = time.perf_counter()
     for w in ws[precursors.TREND_POINTS :]:
-        precursors.detect_precursors(w, state, optim={"lr": 1e-3, "weight_decay": 0.0})
+        precursors.detect_precursors(w, state, inputs=inputs)
     return (time.perf_counter() - t0) / repeats * 1e3
 
 

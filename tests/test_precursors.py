@@ -13,7 +13,13 @@ import gradguard as gg
 from gradguard import precursors as pc
 from gradguard._logit_watch import LogitWatch, Magnitude
 from gradguard.detectors import DetectorConfig, DetectorState, detect
-from gradguard.precursors import PrecursorConfig, PrecursorState, detect_precursors, trend
+from gradguard.precursors import (
+    PrecursorConfig,
+    PrecursorInputs,
+    PrecursorState,
+    detect_precursors,
+    trend,
+)
 from gradguard.telemetry import Window
 from helpers import batches, mlp
 
@@ -55,7 +61,7 @@ def feed(ws: list[Window], state: PrecursorState | None = None, magnitudes_at=No
     events: list[gg.Event] = []
     for w in ws:
         mags = None if magnitudes_at is None else magnitudes_at(w.steps[-1])
-        events += detect_precursors(w, state, magnitudes=mags, optim=optim)
+        events += detect_precursors(w, state, inputs=PrecursorInputs(mags, optim))
     return events
 
 
@@ -271,7 +277,8 @@ def test_replaying_the_windows_gives_the_guards_events():
     guard = _guarded(400, 250, sinks=[keep])
     state, replay = DetectorState(), []
     for w in keep.windows:
-        replay += detect(w, state=state, optim=pc.optimizer_info(guard.optimizer), every=10)
+        replay += detect(w, state=state, precursor_inputs=PrecursorInputs(
+            optim=pc.optimizer_info(guard.optimizer), every=10))
     assert [(e.kind, e.step, e.message) for e in replay] == [
         (e.kind, e.step, e.message) for e in guard.events]
 
@@ -342,7 +349,8 @@ def test_report_summary_says_how_early_the_warning_came():
 def test_weight_norms_of_an_off_schedule_flush_are_not_used():
     """A checkpoint flush can carry an update sampled for the window before it."""
     state = PrecursorState()
-    detect_precursors(window(0, [1.0] * 50, [1.0] * 50, weight=3.0), state, every=50)
-    detect_precursors(window(50, [1.0] * 30, [1.0] * 30, weight=4.0), state, every=50)
+    inputs = PrecursorInputs(every=50)
+    detect_precursors(window(0, [1.0] * 50, [1.0] * 50, weight=3.0), state, inputs=inputs)
+    detect_precursors(window(50, [1.0] * 30, [1.0] * 30, weight=4.0), state, inputs=inputs)
     assert list(state.points["weight_norm"]) == [(49, pytest.approx(3.0))]
     assert [s for s, _ in state.points["loss"]] == [49, 79]

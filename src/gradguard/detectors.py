@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 
-from ._logit_watch import Magnitude
 from .events import Event
-from .precursors import PrecursorConfig, PrecursorState, detect_precursors
+from .precursors import PrecursorConfig, PrecursorInputs, PrecursorState, detect_precursors
 from .telemetry import Window
 
 # ---- named defaults -------------------------------------------------------------------
@@ -618,9 +617,7 @@ def detect(
     activations: Mapping[str, Mapping[str, float]] | None = None,
     lr_events: Sequence[Event] = (),
     amp_overflows: Mapping[int, float] | None = None,
-    magnitudes: Mapping[str, Magnitude] | None = None,
-    optim: Mapping[str, Any] | None = None,
-    every: int | None = None,
+    precursor_inputs: PrecursorInputs | None = None,
 ) -> list[Event]:
     """Run every detector over a window, in step order.
 
@@ -633,11 +630,8 @@ def detect(
         activations: activation samples of the flush step (``Guard(sample_activations=True)``).
         lr_events: events from an :class:`LrTracker` since the last flush.
         amp_overflows: steps that were routine loss-scale overflows -> their scale.
-        magnitudes: activation magnitudes of the flush step (``Guard(watch_activations=True)``)
-            for the ``divergence_risk`` precursors.
-        optim: :func:`gradguard.precursors.optimizer_info` of the guarded optimizer.
-        every: the guard's flush interval (windows of another length were flushed off
-            schedule).
+        precursor_inputs: what ``divergence_risk`` reads besides the window (the watch's
+            logits, the optimizer's LR, the flush interval).
     """
     cfg = config or DetectorConfig()
     st = state if state is not None else DetectorState(history=cfg.spike_history)
@@ -650,6 +644,6 @@ def detect(
         events += detect_activations(window.steps[-1], activations, cfg)
     if cfg.precursors is not None:
         events += detect_precursors(window, st.precursors, cfg.precursors,
-                                    magnitudes=magnitudes, optim=optim, every=every)
+                                    precursor_inputs or PrecursorInputs())
     events.sort(key=lambda e: e.step)
     return events

@@ -545,11 +545,10 @@ class Guard:
             "state": self.detector_state,
             "config": self.detector_config,
             "lr_events": self.lr_tracker.pop_events(),
-            "optim": precursors.optimizer_info(self.optimizer),
-            "every": self.every,
+            "precursor_inputs": precursors.PrecursorInputs(
+                magnitudes=None if self._logits is None else self._logits.take(),
+                optim=precursors.optimizer_info(self.optimizer), every=self.every),
         }
-        if self._logits is not None:
-            out["magnitudes"] = self._logits.take()
         if self._watch is not None:
             total = window.total_norm.tolist()
             bad = [i for i, t in enumerate(total) if not math.isfinite(t)]

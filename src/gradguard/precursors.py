@@ -234,6 +234,24 @@ def window_signals(window: Window) -> dict[str, float | None]:
     return out
 
 
+@dataclass(frozen=True)
+class PrecursorInputs:
+    """What the guard knows at a flush besides the window.
+
+    Attributes:
+        magnitudes: the activation watch's sample of the flush step (attention logits,
+            output logits, half-precision outputs; ``Guard(watch_activations=True)``).
+        optim: :func:`optimizer_info` of the guarded optimizer (for the remedy).
+        every: the guard's flush interval. A window of another length was flushed off
+            schedule (a checkpoint, close): its weight norms may come from an update
+            sampled for the window before, so they are not used.
+    """
+
+    magnitudes: Mapping[str, Magnitude] | None = None
+    optim: Mapping[str, Any] | None = None
+    every: int | None = None
+
+
 def optimizer_info(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The largest learning rate and weight decay of the param groups, and the optimizer's
     name (host floats already in ``param_groups``: no device access; tensor LRs skipped).
@@ -287,10 +305,7 @@ def detect_precursors(
     window: Window,
     state: PrecursorState,
     config: PrecursorConfig = PrecursorConfig(),
-    *,
-    magnitudes: Mapping[str, Magnitude] | None = None,
-    optim: Mapping[str, Any] | None = None,
-    every: int | None = None,
+    inputs: PrecursorInputs = PrecursorInputs(),
 ) -> list[Event]:
     """At most one ``divergence_risk`` warning per flush; updates ``state``.
 
@@ -298,12 +313,7 @@ def detect_precursors(
         window: the flushed telemetry window.
         state: the flush points kept between flushes.
         config: thresholds.
-        magnitudes: the activation watch's sample of the flush step (attention logits,
-            output logits, half-precision outputs), or None.
-        optim: :func:`optimizer_info` of the guarded optimizer (for the remedy), or None.
-        every: the guard's flush interval. A window of another length was flushed off
-            schedule (a checkpoint, close): its weight norms may come from an update
-            sampled for the window before, so they are not used.
+        inputs: the watch's sample, the optimizer's LR and the flush interval.
 
     A signal warns when its last ``config.points`` flush points rise (Mann–Kendall z),
     grow by at least :data:`GROWTH` and faster than any power of the step (elasticity);
@@ -315,16 +325,17 @@ def detect_precursors(
     state.full_window = max(state.full_window, len(window))
     step, keep = window.steps[-1], config.points
     for key, v in window_signals(window).items():
-        if key != "weight_norm" or every is None or len(window) == every:
+        if key != "weight_norm" or inputs.every in (None, len(window)):
             state.add(key, step, v, keep)
-    vals, where = watch_signals(magnitudes or {})
+    vals, where = watch_signals(inputs.magnitudes or {})
     for key, v in vals.items():
         state.add(key, step, v, keep)
     if state.layers.maxlen != keep:
         state.layers = deque(state.layers, maxlen=keep)
         state.lr = deque(state.lr, maxlen=keep)
     state.layers.append((step, _layer_medians(window)))
-    lr = (optim or {}).get("lr")
+    optim = inputs.optim or {}
+    lr = optim.get("lr")
     if isinstance(lr, (int, float)) and lr > 0:
         state.lr.append((step, float(lr)))
     trends = {k: t for k, q in state.points.items()
@@ -342,7 +353,7 @@ def detect_precursors(
         state.cooldown[k] = COOLDOWN
     if not new:
         return []
-    return [_risk_event(step, new, rising, where, state, window, optim or {})]
+    return [_risk_event(step, new, rising, where, state, window, optim)]
 
 
 def _steps_left(key: str, t: Trend) -> float:
