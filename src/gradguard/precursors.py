@@ -25,11 +25,9 @@ progress and rising gradients, weights or logits are taken as learning, not inst
 A half-precision output (watched) is judged against its ceiling instead: overflow within
 one trend span at the current rate is a risk whatever the step.
 
-Signals: the loss (window median), its spread (median absolute deviation of log loss in
-the window: variance rises before a critical transition, Scheffer et al. 2009), the total
-gradient norm (window median), the weight norm (flush step); with
-``Guard(watch_activations=True)``, attention logits, output logits and half-precision
-outputs (see :mod:`gradguard._logit_watch`).
+Signals: the loss, its spread (variance rises before a critical transition, Scheffer et al.
+2009), the gradient norm, the weight norm; with ``Guard(watch_activations=True)`` attention
+and output logits and half-precision headroom (:mod:`gradguard._logit_watch`).
 
 Example:
     >>> import torch, gradguard as gg
@@ -50,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,10 +107,13 @@ class PrecursorConfig:
     def __post_init__(self) -> None:
         if isinstance(self.points, bool) or not isinstance(self.points, int) or self.points < 4:
             raise ValueError(f"PrecursorConfig(points={self.points!r}): must be an int >= 4")
-        for name in ("z", "elasticity", "progress_drop"):
+        for name in ("z", "elasticity"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"PrecursorConfig({name}={v!r}): must be a finite number > 0")
+        if not (isinstance(self.progress_drop, (int, float)) and 0 < self.progress_drop <= 1):
+            raise ValueError(f"PrecursorConfig(progress_drop={self.progress_drop!r}): must be "
+                             "in (0, 1]")
 
 
 @dataclass
@@ -134,9 +136,8 @@ class PrecursorState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"points": {k: [list(p) for p in v] for k, v in self.points.items()},
-                "layers": [[s, list(v)] for s, v in self.layers],
-                "lr": [list(p) for p in self.lr], "cooldown": dict(self.cooldown),
-                "full_window": self.full_window}
+                "layers": [[s, list(v)] for s, v in self.layers], "lr": [list(p) for p in self.lr],
+                "cooldown": dict(self.cooldown), "full_window": self.full_window}
 
     def load_state_dict(self, sd: Mapping[str, Any], keep: int = TREND_POINTS) -> None:
         self.points = {k: deque(((int(s), float(x)) for s, x in v), maxlen=keep)
@@ -151,16 +152,10 @@ class PrecursorState:
 # ---- robust trend statistics -----------------------------------------------------------
 @dataclass(frozen=True)
 class Trend:
-    """Theil–Sen / Mann–Kendall trend of ``log(value)`` over flush points.
-
-    Attributes:
-        slope: Theil–Sen slope of ``ln(value)`` per step.
-        z: Mann–Kendall z (continuity-corrected; > 0 rising).
-        growth: ``exp(slope · span)``, the fitted growth over the span.
-        elasticity: ``slope · t`` at the last point (``d ln x / d ln t``).
-        start, end: first and last step of the span.
-        first, last: the values at those steps.
-    """
+    """Theil–Sen / Mann–Kendall trend of ``log(value)`` over flush points: ``slope`` of
+    ``ln(value)`` per step, Mann–Kendall ``z`` (continuity-corrected, > 0 rising), the fitted
+    ``growth = exp(slope · span)``, ``elasticity = slope · t`` at the last point (``d ln x /
+    d ln t``), the first and last step (``start``, ``end``) and the ``last`` value."""
 
     slope: float
     z: float
@@ -168,7 +163,6 @@ class Trend:
     elasticity: float
     start: int
     end: int
-    first: float
     last: float
 
     def steps_to(self, factor: float) -> float:
@@ -202,14 +196,12 @@ def trend(points: Sequence[tuple[int, float]]) -> Trend | None:
                 slopes.append((y[j] - y[i]) / (x[j] - x[i]))
     if not slopes:
         return None
-    slopes.sort()
-    m = len(slopes)
-    b = slopes[m // 2] if m % 2 else 0.5 * (slopes[m // 2 - 1] + slopes[m // 2])
+    b = statistics.median(slopes)
     var = n * (n - 1) * (2 * n + 5) / 18.0  # no ties correction: values are continuous
     z = (s - math.copysign(1, s)) / math.sqrt(var) if s else 0.0
     span = x[-1] - x[0]
     return Trend(b, z, math.exp(b * span), b * (x[-1] + 1.0), int(x[0]), int(x[-1]),
-                 points[0][1], points[-1][1])
+                 points[-1][1])
 
 
 # ---- the signals of one flush -----------------------------------------------------------
