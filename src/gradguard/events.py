@@ -34,6 +34,8 @@ EVENT_KINDS: tuple[str, ...] = (
     "abort",
     "clip",
     "update_ratio",
+    # a precursor of divergence seen before the loss spikes (gradguard.precursors)
+    "divergence_risk",
 )
 CAUSES: tuple[str, ...] = (
     "init_too_large",

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.amp.grad_scaler import GradScaler
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, precursors
+from ._logit_watch import LogitWatch
 from ._watch import ActivationWatch
 from .clipping import apply_policy
 from .config import DEFAULT_EVERY, GuardConfig, resolve_config
@@ -111,6 +112,10 @@ class Guard:
         self.batches_to_skip = 0
         self._sampler = UpdateSampler(self.telemetry, optimizer) if cfg.sample_updates else None
         self._watch = ActivationWatch.for_config(distributed.unwrap(model), cfg, self.telemetry)
+        # divergence precursors: attention/output logits and half-precision headroom
+        self._logits = LogitWatch(distributed.unwrap(model)) if cfg.watch_activations else None
+        if self._logits is not None:
+            self._logits.armed = self.telemetry.flush_due
         self._closed = self._aborted = False
         self._scaler_exec: Direct | Hook | None = None
         if callable(getattr(cfg.clip, "bind", None)):
@@ -217,6 +222,8 @@ class Guard:
                 self.flush()
             if self._watch is not None and self.config.sample_activations:
                 self._watch.armed = self.telemetry.flush_due  # sample the flush step's forward
+            if self._logits is not None:
+                self._logits.armed = self.telemetry.flush_due
         return stats.total_norm
 
     def _evaluate(self, loss: Any, closure: Any) -> tuple[Any, Callable[[], Any] | None]:
@@ -269,8 +276,12 @@ class Guard:
         return self._flush(collective=True)
 
     def _flush(self, *, collective: bool) -> Window | None:
+        inputs = precursors.PrecursorInputs(
+            magnitudes=None if self._logits is None else self._logits.take(),
+            optim=precursors.optimizer_info(self.optimizer), every=self.every)
         window, overflows = self.monitor.collect(
-            self.telemetry, self._watch, self.config.sample_activations, collective=collective)
+            self.telemetry, self._watch, self.config.sample_activations, collective=collective,
+            precursor_inputs=inputs)
         abort: TrainingDiverged | None = None
         if window is not None and self.recovery is not None and not self._aborted:
             try:
@@ -308,6 +319,8 @@ class Guard:
             for part in (self._watch, self._sampler, self.executor, self.recovery):
                 if part is not None:
                     part.detach()
+            if self._logits is not None:
+                self._logits.remove()
             if callable(getattr(self.clip, "release", None)):
                 self.clip.release(self)
             self.monitor.close_sinks()

@@ -104,7 +104,7 @@ class Monitor:
 
     def collect(
         self, telemetry: Telemetry, watch: ActivationWatch | None, sample_activations: bool,
-        *, collective: bool = True,
+        *, collective: bool = True, precursor_inputs: Any = None,
     ) -> tuple[Window | None, dict[int, float]]:
         """Take the pending window off the device (agreed across ranks unless
         ``collective`` is False: a failing rank never enters a collective) and run the
@@ -114,15 +114,15 @@ class Monitor:
         if window is None:
             return None, {}
         self.skipped_steps += int(window.skipped.sum())
-        return window, self.detect(window, origins, watch, sample_activations)
+        return window, self.detect(window, origins, watch, sample_activations, precursor_inputs)
 
     def detect(
         self, window: Window, origins: list[list[int]] | None, watch: ActivationWatch | None,
-        sample_activations: bool,
+        sample_activations: bool, precursor_inputs: Any = None,
     ) -> dict[int, float]:
         """Run the detectors over ``window``; returns its routine loss-scale overflows."""
         overflows = self.amp.overflows(window)
-        inputs: dict[str, Any] = {}
+        inputs: dict[str, Any] = {"precursor_inputs": precursor_inputs}
         if watch is not None:
             total = window.total_norm.tolist()
             bad = [i for i, t in enumerate(total) if not math.isfinite(t)]

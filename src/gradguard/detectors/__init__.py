@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ..events import Event
+from ..precursors import PrecursorInputs, detect_precursors
 from ..telemetry import Window
 from .config import (  # the named defaults are part of the public surface
     DEAD_FRACTION,
@@ -71,6 +72,7 @@ def detect(
     activations: Mapping[str, Mapping[str, float]] | None = None,
     lr_events: Sequence[Event] = (),
     amp_overflows: Mapping[int, float] | None = None,
+    precursor_inputs: PrecursorInputs | None = None,
 ) -> list[Event]:
     """Run every detector over a window, in step order.
 
@@ -83,6 +85,8 @@ def detect(
         activations: activation samples of the flush step (``Guard(sample_activations=True)``).
         lr_events: events from an :class:`LrTracker` since the last flush.
         amp_overflows: steps that were routine loss-scale overflows -> their scale.
+        precursor_inputs: what ``divergence_risk`` reads besides the window (the watch's
+            logits, the optimizer's LR, the flush interval).
     """
     cfg = config or DetectorConfig()
     st = state if state is not None else DetectorState(history=cfg.spike_history)
@@ -95,6 +99,9 @@ def detect(
     events += list(lr_events)
     if activations:
         events += detect_activations(window.steps[-1], activations, cfg)
+    if cfg.precursors is not None:
+        events += detect_precursors(window, st.precursors, cfg.precursors,
+                                    precursor_inputs or PrecursorInputs())
     events.sort(key=lambda e: e.step)
     return events
 

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..precursors import PrecursorConfig, PrecursorState
+
 # ---- named defaults -------------------------------------------------------------------
 # Spikes: a robust z-score (median / MAD, Hampel's identifier) in log space, so that a
 # steady loss with tiny batch-to-batch noise does not turn every 20 % wiggle into a spike,
@@ -90,8 +92,13 @@ class DetectorConfig:
     update_ratio_high: float = UPDATE_RATIO_HIGH
     update_ratio_low: float = UPDATE_RATIO_LOW
     lr_jump_ratio: float = LR_JUMP_RATIO
+    #: ``divergence_risk`` thresholds (:mod:`gradguard.precursors`); None turns it off.
+    precursors: PrecursorConfig | None = field(default_factory=PrecursorConfig)
 
     def __post_init__(self) -> None:
+        if self.precursors is not None and not isinstance(self.precursors, PrecursorConfig):
+            raise TypeError(f"DetectorConfig(precursors={self.precursors!r}): expected a "
+                            "gradguard.precursors.PrecursorConfig or None")
         for name in ("spike_z", "loss_spike_ratio", "grad_spike_ratio", "vanish_ratio",
                      "vanish_floor", "update_ratio_high", "update_ratio_low", "lr_jump_ratio"):
             v = getattr(self, name)
@@ -120,6 +127,7 @@ class DetectorState:
     loss_run: int = 0  # consecutive spiking loss steps at the end of the last window
     loss_start: dict[str, float] | None = None  # the first step of that run
     no_gradient: bool = False  # an all-zero-gradient stretch was reported and goes on
+    precursors: PrecursorState = field(default_factory=PrecursorState)
     silent_layers: list[str] = field(default_factory=list)  # reported as disconnected
 
     def __post_init__(self) -> None:
@@ -129,7 +137,8 @@ class DetectorState:
     def state_dict(self) -> dict[str, Any]:
         return {"loss": list(self.loss), "grad": list(self.grad), "loss_run": self.loss_run,
                 "loss_start": self.loss_start, "no_gradient": self.no_gradient,
-                "silent_layers": list(self.silent_layers)}
+                "silent_layers": list(self.silent_layers),
+                "precursors": self.precursors.state_dict()}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.loss = deque((float(x) for x in sd["loss"]), maxlen=self.history)
@@ -138,6 +147,8 @@ class DetectorState:
         self.loss_start = sd.get("loss_start")
         self.no_gradient = bool(sd.get("no_gradient", False))
         self.silent_layers = list(sd.get("silent_layers", []))
+        self.precursors = PrecursorState()
+        self.precursors.load_state_dict(sd.get("precursors", {}))
 
 
 #: The default thresholds (a frozen instance, shared).

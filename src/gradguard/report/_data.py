@@ -339,6 +339,13 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             f"No gradient trouble in {data.n_steps} steps: the gradient norm stayed between "
             f"{lo:.3g} and {hi:.3g}."
         )
+    risk = [e for e in ev if e.get("kind") == "divergence_risk"]
+    if risk:  # the early warning, and how long before the trouble it came
+        r, signal = risk[0], (risk[0].get("data") or {}).get("signal")
+        text = f"gradguard warned of a divergence risk at step {r['step']}"
+        text += f" ({str(signal).replace('_', ' ')})" if signal else ""
+        later = [e["step"] for e in trouble if e["step"] > r["step"]]
+        parts.insert(1, text + (f", {later[0] - r['step']} steps before." if later else "."))
     actions: list[str] = []
     if n_skip:
         actions.append(f"skipped {_plural(n_skip, 'step')}")

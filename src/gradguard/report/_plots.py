@@ -25,7 +25,10 @@ EVENT_COLORS = {
     "lr_backoff": "#8c564b",
     "rollback": "#17becf",
     "abort": "#000000",
+    "divergence_risk": "#bcbd22",
 }
+#: Kinds drawn dashed: warnings *before* trouble rather than trouble itself.
+EARLY_WARNINGS = frozenset({"divergence_risk"})
 DPI = 100
 
 
@@ -58,6 +61,7 @@ def _mark_events(ax: Any, data: RunData) -> None:
         ax.vlines(
             sorted(set(steps)), 0, 1, transform=ax.get_xaxis_transform(),
             colors=EVENT_COLORS.get(kind, "#7f7f7f"), linewidth=0.8, alpha=0.6,
+            linestyles="--" if kind in EARLY_WARNINGS else "solid",
             label=f"{kind} ({len(steps)})",
         )
 
@@ -262,5 +266,5 @@ def flow_plot(data: RunData) -> str:
     return _png(fig)
 
 
-__all__ = ["EVENT_COLORS", "TROUBLE_KINDS", "flow_plot", "grad_norm_plot", "heatmap_colors",
-           "heatmap_plot", "loss_plot"]
+__all__ = ["EARLY_WARNINGS", "EVENT_COLORS", "TROUBLE_KINDS", "flow_plot", "grad_norm_plot",
+           "heatmap_colors", "heatmap_plot", "loss_plot"]

@@ -1,0 +1,413 @@
+"""Divergence precursors: warn before a run diverges (``divergence_risk`` events).
+
+A run that diverges late rarely does so out of the blue: something grows first. Past the
+edge of stability a mode grows geometrically (Cohen et al. 2021); without qk-LayerNorm the
+attention logits grow until the softmax collapses (Wortsman et al. 2023); weights and
+activations grow until a half-precision value overflows. Healthy training changes too,
+but like a power of the step count: the loss falls, weight norms creep up and settle.
+
+So, at every flush, each signal becomes one robust point (the window's median, sampled
+values at the flush step), and over the last :data:`TREND_POINTS` points we ask three
+questions on its logarithm:
+
+1. Is it rising at all? Mann–Kendall's rank test, ``z >= TREND_Z`` (a monotone trend
+   survives outliers and heavy-tailed mini-batch noise; Mann 1945, Kendall 1975).
+2. By how much? The Theil–Sen slope ``b`` (median of pairwise slopes; Sen 1968) times the
+   span, at least :data:`GROWTH` for that signal.
+3. Faster than healthy training grows? The elasticity ``d ln x / d ln t = b·t`` at least
+   :data:`ELASTICITY`: a power law ``x ∝ t^k`` has elasticity ``k`` for ever, geometric
+   growth has ``b·t``, which leaves every power behind. This is what keeps the early,
+   fast-but-healthy phase of training (weights leaving their init, features forming) from
+   counting: the same growth at step 300 is a small elasticity.
+
+While the loss itself falls significantly (:data:`PROGRESS_DROP`), the run is making
+progress and rising gradients, weights or logits are taken as learning, not instability.
+A half-precision output (watched) is judged against its ceiling instead: overflow within
+one trend span at the current rate is a risk whatever the step.
+
+Signals: the loss, its spread (variance rises before a critical transition, Scheffer et al.
+2009), the gradient norm, the weight norm; with ``Guard(watch_activations=True)`` attention
+and output logits and half-precision headroom (:mod:`gradguard._logit_watch`).
+
+Example:
+    >>> import torch, gradguard as gg
+    >>> from gradguard.precursors import PrecursorState, detect_precursors
+    >>> net = torch.nn.Linear(4, 1)
+    >>> tel = gg.Telemetry(list(net.named_parameters()), every=10)
+    >>> state, events = PrecursorState(), []
+    >>> for step in range(400):
+    ...     net.zero_grad(); net(torch.ones(2, 4)).sum().backward()
+    ...     net.weight.grad *= 1.03 ** max(0, step - 250)   # grows 3 % a step from 250 on
+    ...     tel.record(tel.measure(), loss=1.0, clip_coef=None, skipped=False)
+    ...     if tel.pending == tel.every:
+    ...         events += detect_precursors(tel.flush(), state)
+    >>> [(e.kind, e.step, e.data["signal"], e.layer) for e in events]
+    [('divergence_risk', 289, 'grad_norm', '(root)')]
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._logit_watch import Magnitude, watch_signals
+from .events import Event
+from .telemetry import Window
+
+# ---- named defaults -------------------------------------------------------------------
+#: Flush points a trend is judged over (8 x the default ``every=50`` = 400 steps). Fewer
+#: points cannot reach :data:`TREND_Z`: Mann–Kendall's largest z for 7 points is 2.7.
+TREND_POINTS = 8
+#: Mann–Kendall z above which a signal is rising (one-sided p ~ 0.006).
+TREND_Z = 2.5
+#: Least elasticity ``b·t`` (growth faster than ``t^2``) for a trend to count as runaway.
+ELASTICITY = 2.0
+#: Least growth over the trend span, per signal: what a person would call "growing".
+GROWTH: dict[str, float] = {
+    "loss": 1.3, "loss_spread": 1.3, "grad_norm": 1.5, "weight_norm": 1.2,
+    "attn_logits": 2.0, "output_logits": 2.0, "half_overflow": 1.5,
+}
+#: The loss falling to this fraction or below over the span, with Mann–Kendall z below
+#: -PROGRESS_Z (one-sided p ~ 0.05), is progress: other signals rising meanwhile are
+#: learning, not instability. A lower bar than TREND_Z: it can only silence a warning.
+PROGRESS_DROP = 0.8
+PROGRESS_Z = 1.645
+#: "Steps left" estimates the steps until a signal is this many times its level at the
+#: start of its trend: the divergence label of benchmarks/warning.py (loss > 10x median).
+BLOWUP = 10.0
+#: A signal that stopped rising for this many flushes may warn again.
+COOLDOWN = TREND_POINTS
+
+SIGNAL_TEXT = {"loss": "the loss", "loss_spread": "the loss's batch-to-batch spread",
+               "grad_norm": "the gradient norm", "weight_norm": "the weight norm",
+               "attn_logits": "the attention logits", "output_logits": "the output logits"}
+
+
+@dataclass(frozen=True)
+class PrecursorConfig:
+    """Thresholds of :func:`detect_precursors` (defaults: the module constants above).
+
+    Example:
+        >>> from gradguard.precursors import PrecursorConfig
+        >>> PrecursorConfig(z=3.0).points
+        8
+    """
+
+    points: int = TREND_POINTS
+    z: float = TREND_Z
+    elasticity: float = ELASTICITY
+    progress_drop: float = PROGRESS_DROP
+
+    def __post_init__(self) -> None:
+        if isinstance(self.points, bool) or not isinstance(self.points, int) or self.points < 4:
+            raise ValueError(f"PrecursorConfig(points={self.points!r}): must be an int >= 4")
+        for name in ("z", "elasticity"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"PrecursorConfig({name}={v!r}): must be a finite number > 0")
+        if not (isinstance(self.progress_drop, (int, float)) and 0 < self.progress_drop <= 1):
+            raise ValueError(f"PrecursorConfig(progress_drop={self.progress_drop!r}): must be "
+                             "in (0, 1]")
+
+
+@dataclass
+class PrecursorState:
+    """Per-signal history of flush points (host floats) and the warning cool-down."""
+
+    points: dict[str, deque[tuple[int, float]]] = field(default_factory=dict)
+    layers: deque[tuple[int, list[float]]] = field(default_factory=deque)
+    lr: deque[tuple[int, float]] = field(default_factory=deque)
+    cooldown: dict[str, int] = field(default_factory=dict)
+    full_window: int = 0
+
+    def add(self, key: str, step: int, value: float | None, keep: int) -> None:
+        if value is None or not (math.isfinite(value) and value > 0):
+            return
+        q = self.points.get(key)
+        if q is None or q.maxlen != keep:  # new, or kept for another config.points
+            q = self.points[key] = deque(q or (), maxlen=keep)
+        q.append((step, float(value)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"points": {k: [list(p) for p in v] for k, v in self.points.items()},
+                "layers": [[s, list(v)] for s, v in self.layers], "lr": [list(p) for p in self.lr],
+                "cooldown": dict(self.cooldown), "full_window": self.full_window}
+
+    def load_state_dict(self, sd: Mapping[str, Any], keep: int = TREND_POINTS) -> None:
+        self.points = {k: deque(((int(s), float(x)) for s, x in v), maxlen=keep)
+                       for k, v in sd.get("points", {}).items()}
+        self.layers = deque(((int(s), [float(x) for x in v]) for s, v in sd.get("layers", [])),
+                            maxlen=keep)
+        self.lr = deque(((int(s), float(x)) for s, x in sd.get("lr", [])), maxlen=keep)
+        self.cooldown = {k: int(v) for k, v in sd.get("cooldown", {}).items()}
+        self.full_window = int(sd.get("full_window", 0))
+
+
+# ---- robust trend statistics -----------------------------------------------------------
+@dataclass(frozen=True)
+class Trend:
+    """Theil–Sen / Mann–Kendall trend of ``log(value)`` over flush points: ``slope`` of
+    ``ln(value)`` per step, Mann–Kendall ``z`` (continuity-corrected, > 0 rising), the fitted
+    ``growth = exp(slope · span)``, ``elasticity = slope · t`` at the last point (``d ln x /
+    d ln t``), the first and last step (``start``, ``end``) and the ``last`` value."""
+
+    slope: float
+    z: float
+    growth: float
+    elasticity: float
+    start: int
+    end: int
+    last: float
+
+    def steps_to(self, factor: float) -> float:
+        """Steps until the signal is ``factor`` x its value at the start of the span, at
+        the fitted rate (0 when it already is; inf when it is not rising)."""
+        if self.slope <= 0:
+            return math.inf
+        need = math.log(factor) - self.slope * (self.end - self.start)
+        return max(need, 0.0) / self.slope
+
+
+def trend(points: Sequence[tuple[int, float]]) -> Trend | None:
+    """The trend of positive ``(step, value)`` points (None with fewer than 3).
+
+    Example:
+        >>> from gradguard.precursors import trend
+        >>> t = trend([(100 * i, 2.0 ** i) for i in range(1, 9)])
+        >>> round(t.growth), round(t.z, 2), round(t.elasticity, 1)
+        (128, 3.34, 5.6)
+    """
+    n = len(points)
+    if n < 3:
+        return None
+    x = [float(s) for s, _ in points]
+    y = [math.log(v) for _, v in points]
+    slopes, s = [], 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            s += (y[j] > y[i]) - (y[j] < y[i])
+            if x[j] != x[i]:
+                slopes.append((y[j] - y[i]) / (x[j] - x[i]))
+    if not slopes:
+        return None
+    b = statistics.median(slopes)
+    var = n * (n - 1) * (2 * n + 5) / 18.0  # no ties correction: values are continuous
+    z = (s - math.copysign(1, s)) / math.sqrt(var) if s else 0.0
+    span = x[-1] - x[0]
+    return Trend(b, z, math.exp(b * span), b * (x[-1] + 1.0), int(x[0]), int(x[-1]),
+                 points[-1][1])
+
+
+# ---- the signals of one flush -----------------------------------------------------------
+def _median(t: torch.Tensor) -> float | None:
+    t = t[torch.isfinite(t)]
+    return float(t.median()) if t.numel() else None
+
+
+def window_signals(window: Window) -> dict[str, float | None]:
+    """One robust point per signal from a flushed window (None where not measurable)."""
+    loss = window.loss[torch.isfinite(window.loss)]
+    out: dict[str, float | None] = {"loss": None, "loss_spread": None,
+                                    "grad_norm": _median(window.total_norm)}
+    if loss.numel() and bool((loss > 0).all()):
+        out["loss"] = float(loss.median())
+        if loss.numel() >= 5:  # a spread of fewer points is noise
+            lg = loss.double().log()
+            out["loss_spread"] = float((lg - lg.median()).abs().median())
+    if window.weight_norms is not None:
+        w = window.weight_norms[torch.isfinite(window.weight_norms)]
+        out["weight_norm"] = float(w.double().norm()) if w.numel() else None
+    return out
+
+
+@dataclass(frozen=True)
+class PrecursorInputs:
+    """What the guard knows at a flush besides the window.
+
+    Attributes:
+        magnitudes: the activation watch's sample of the flush step (attention logits,
+            output logits, half-precision outputs; ``Guard(watch_activations=True)``).
+        optim: :func:`optimizer_info` of the guarded optimizer (for the remedy).
+        every: the guard's flush interval. A window of another length was flushed off
+            schedule (a checkpoint, close): its weight norms may come from an update
+            sampled for the window before, so they are not used.
+    """
+
+    magnitudes: Mapping[str, Magnitude] | None = None
+    optim: Mapping[str, Any] | None = None
+    every: int | None = None
+
+
+def optimizer_info(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The largest learning rate and weight decay of the param groups, and the optimizer's
+    name (host floats already in ``param_groups``: no device access; tensor LRs skipped).
+
+    Example:
+        >>> import torch
+        >>> from gradguard.precursors import optimizer_info
+        >>> opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=3e-4)
+        >>> optimizer_info(opt)
+        {'lr': 0.0003, 'weight_decay': 0.01, 'optimizer': 'AdamW'}
+    """
+    lrs = [g["lr"] for g in optimizer.param_groups if isinstance(g.get("lr"), (int, float))]
+    wds = [g.get("weight_decay", 0.0) or 0.0 for g in optimizer.param_groups]
+    return {"lr": max(lrs) if lrs else None,
+            "weight_decay": max((float(w) for w in wds if isinstance(w, (int, float))),
+                                default=0.0),
+            "optimizer": type(optimizer).__name__}
+
+
+# ---- the detector -----------------------------------------------------------------------
+def _layer_medians(window: Window) -> list[float]:
+    ln = window.layer_norms()
+    ln = torch.where(torch.isfinite(ln) & (ln > 0), ln, torch.nan)
+    return ln.nanmedian(dim=0).values.tolist()
+
+
+def _fastest_layer(state: PrecursorState, layers: Sequence[str]) -> str | None:
+    """The layer whose gradient norm has the largest Theil–Sen log-slope over the kept
+    flush points (per-layer window medians)."""
+    pts = [(s, v) for s, v in state.layers if len(v) == len(layers)]
+    if len(pts) < 3:
+        return None
+    x = torch.tensor([float(s) for s, _ in pts], dtype=torch.float64)
+    y = torch.tensor([v for _, v in pts], dtype=torch.float64).log()  # [K, L], NaN if absent
+    i, j = torch.triu_indices(len(pts), len(pts), 1)
+    slopes = (y[j] - y[i]) / (x[j] - x[i]).unsqueeze(1)
+    med = slopes.nanmedian(dim=0).values.nan_to_num(nan=-math.inf)
+    return layers[int(med.argmax())]
+
+
+def _is_rising(key: str, t: Trend, cfg: PrecursorConfig, progress: bool) -> bool:
+    family = key.split(":")[0]
+    if t.z < cfg.z or t.growth < GROWTH[family]:
+        return False
+    if family == "half_overflow":  # an absolute ceiling: overflow within one span
+        return math.log(1.0 / t.last) / t.slope <= t.end - t.start
+    return t.elasticity >= cfg.elasticity and (family == "loss" or not progress)
+
+
+def detect_precursors(
+    window: Window,
+    state: PrecursorState,
+    config: PrecursorConfig = PrecursorConfig(),
+    inputs: PrecursorInputs = PrecursorInputs(),
+) -> list[Event]:
+    """At most one ``divergence_risk`` warning per flush; updates ``state``.
+
+    Args:
+        window: the flushed telemetry window.
+        state: the flush points kept between flushes.
+        config: thresholds.
+        inputs: the watch's sample, the optimizer's LR and the flush interval.
+
+    A signal warns when its last ``config.points`` flush points rise (Mann–Kendall z),
+    grow by at least :data:`GROWTH` and faster than any power of the step (elasticity);
+    see the module docstring. It may warn again after it stopped rising for
+    :data:`COOLDOWN` flushes.
+    """
+    if len(window) == 0 or len(window) < state.full_window / 2:
+        return []  # a partial window (close, abort) is too short to be a point
+    state.full_window = max(state.full_window, len(window))
+    step, keep = window.steps[-1], config.points
+    for key, v in window_signals(window).items():
+        if key != "weight_norm" or inputs.every in (None, len(window)):
+            state.add(key, step, v, keep)
+    vals, where = watch_signals(inputs.magnitudes or {})
+    for key, v in vals.items():
+        state.add(key, step, v, keep)
+    if state.layers.maxlen != keep:
+        state.layers = deque(state.layers, maxlen=keep)
+        state.lr = deque(state.lr, maxlen=keep)
+    state.layers.append((step, _layer_medians(window)))
+    optim = inputs.optim or {}
+    lr = optim.get("lr")
+    if isinstance(lr, (int, float)) and lr > 0:
+        state.lr.append((step, float(lr)))
+    trends = {k: t for k, q in state.points.items()
+              if len(q) >= keep and q[-1][0] == step and (t := trend(list(q))) is not None}
+    lt = trends.get("loss")
+    progress = lt is not None and lt.z <= -PROGRESS_Z and lt.growth <= config.progress_drop
+    rising = {k: t for k, t in trends.items() if _is_rising(k, t, config, progress)}
+    for k in list(state.cooldown):
+        if k not in rising:
+            state.cooldown[k] -= 1
+            if state.cooldown[k] <= 0:
+                del state.cooldown[k]
+    new = {k: t for k, t in rising.items() if k not in state.cooldown}
+    for k in rising:
+        state.cooldown[k] = COOLDOWN
+    if not new:
+        return []
+    return [_risk_event(step, new, rising, where, state, window, optim)]
+
+
+def _steps_left(key: str, t: Trend) -> float:
+    if key.startswith("half_overflow"):
+        return math.log(1.0 / t.last) / t.slope
+    return t.steps_to(BLOWUP)
+
+
+def _risk_event(step: int, new: Mapping[str, Trend], rising: Mapping[str, Trend],
+                where: Mapping[str, str], state: PrecursorState, window: Window,
+                optim: Mapping[str, Any]) -> Event:
+    key = min(new, key=lambda k: _steps_left(k, new[k]))
+    t, family = new[key], key.split(":")[0]
+    left = _steps_left(key, t)
+    module = where.get(key)
+    layer = module or (_fastest_layer(state, window.layers) if family == "grad_norm" else None)
+    span = t.end - t.start
+    if family == "half_overflow":
+        what = (f"`{module}`'s half-precision output is at {t.last:.2%} of its range and grew "
+                f"{t.growth:.2g}x over the last {span} steps (Mann–Kendall z={t.z:.1f}); at "
+                f"this rate it overflows in ~{left:.0f} steps")
+    else:
+        eta = (f"at this rate it reaches {BLOWUP:g}x in ~{left:.0f} steps" if left >= 1 else
+               f"it is already past {BLOWUP:g}x its level at step {t.start}")
+        what = (f"{SIGNAL_TEXT[family]} grew {t.growth:.2g}x over the last {span} steps "
+                f"(Mann–Kendall z={t.z:.1f}, elasticity {t.elasticity:.1f}: faster than the "
+                f"run's own pace); {eta}")
+    lr_text, lr_data = _lr_remedy(state, t.start, optim)
+    remedy = {
+        "attn_logits": "Add qk-LayerNorm (normalise queries and keys before q·kᵀ; Wortsman "
+                       f"et al. 2023), or {lr_text}.",
+        "output_logits": f"Add a z-loss (1e-4·log²Z on the output logits), or {lr_text}.",
+        "half_overflow": f"Run `{module}` in float32 (or bfloat16), or {lr_text}.",
+    }.get(family, f"{lr_text[0].upper()}{lr_text[1:]}.")
+    if family == "weight_norm" and not optim.get("weight_decay"):
+        remedy = f"Add weight decay (e.g. AdamW(weight_decay=0.1)), or {lr_text}."
+    w, u = window.weight_norms, window.update_norms
+    data: dict[str, Any] = {
+        "signal": family, "trend": _trend_data(t), "steps_left": round(left), "module": module,
+        "signals": {k: _trend_data(v) for k, v in rising.items()}, **lr_data,
+        "update_ratio": float(u.norm() / w.norm()) if w is not None and u is not None
+        and float(w.norm()) > 0 else None}
+    return Event(kind="divergence_risk", step=step, severity="warning",
+                 message=f"step {step}: divergence risk: {what}", layer=layer,
+                 value=t.growth, threshold=GROWTH[family], remedy=remedy, data=data)
+
+
+def _trend_data(t: Trend) -> dict[str, float]:
+    return {"growth": t.growth, "over_steps": t.end - t.start, "since": t.start, "z": t.z,
+            "elasticity": t.elasticity, "slope_per_step": t.slope, "last": t.last}
+
+
+def _lr_remedy(state: PrecursorState, start: int, optim: Mapping[str, Any]
+               ) -> tuple[str, dict[str, Any]]:
+    """'lower the LR to x': half the LR at which the growth began (the LR may have risen
+    since, as in a warm-up or ramp that overshoots)."""
+    lrs = [lr for s, lr in state.lr if s >= start]  # the LR of each flush since the start
+    if not lrs:
+        return "lower the learning rate (halve it)", {}
+    lr0, lr = lrs[0], lrs[-1]
+    target = 0.5 * min(lr0, lr)
+    text = f"lower the learning rate to {target:.3g} (now {lr:.3g})"
+    if lr >= 1.5 * lr0:
+        text += f"; it rose {lr / lr0:.2g}x since step {start}, when the growth began"
+    return text, {"lr": lr, "lr_at_start": lr0, "suggested_lr": target}
