@@ -306,6 +306,14 @@ class Recovery:
             self.disk.clear()
         self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
 
+    def before_step(self, guard: Guard) -> None:
+        """Before the optimizer first steps in this process: keep the weights as they are,
+        before anything can have gone wrong (a run whose very first update wrecks it still
+        has a healthy state to go back to). Kept like any snapshot, but outside the
+        ladder's cadence (``snapshot_every``); a resumed run's weights are already loaded."""
+        if not len(self.store):
+            self._keep(guard, guard.step_count - 1)
+
     def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
         """This step's spike verdict (device uint8 bits, no host read; see
         :mod:`.verdict`): zero unless ``skip_spikes`` and the ladder is not in the first
@@ -331,11 +339,6 @@ class Recovery:
                               lambda: actions.nonfinite_layers(guard, stats.param_norms))
             if done:
                 return
-        if step == 0 and not len(self.store):
-            # before anything can have gone wrong: a run that fails early still has a
-            # healthy state to go back to (a skipped step 0 left the initial weights). Kept
-            # like any snapshot, but outside the ladder's cadence (``snapshot_every``).
-            self._keep(guard, step)
         self._feed(guard, Trigger("tick", step), list)
 
     def on_flush(self, guard: Guard, window: Window, events: Sequence[Event] = (),
@@ -357,12 +360,18 @@ class Recovery:
         if spike is not None:  # reported only once confirmed (DetectorConfig)
             triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
                                     self._level))
+        start = self.state.trouble_start
+        if self.state.pre_level is None and start is not None:  # trouble before any healthy flush
+            before = [x for s_, x in zip(window.steps, window.loss.tolist())
+                      if s_ < start and math.isfinite(x)]
+            if before:
+                triggers.append(Trigger("level", start, value=statistics.median(before)))
         recent = [x for x in window.loss.tolist()[-PROGRESS_STEPS:] if math.isfinite(x)]
         if recent:
             triggers.append(Trigger("progress", window.steps[-1],
                                     value=statistics.median(recent)))
         acted = False
-        for trig in sorted(triggers, key=lambda t: (t.step, t.kind == "progress")):
+        for trig in sorted(triggers, key=lambda t: (t.kind != "level", t.step, t.kind == "progress")):
             acted = self._feed(guard, trig, layers) or acted
         skipped = any(s and step not in overflows
                       for step, s in zip(window.steps, window.skipped.tolist()))

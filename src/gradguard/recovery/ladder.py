@@ -27,7 +27,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress"]
+TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
+                      "level"]
 ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled"]
 
 
@@ -77,8 +78,10 @@ class Trigger:
     Kinds: ``skip`` (a bad step was skipped), ``clean`` (a step was taken), ``tick`` (a
     step passed: the LR restores), ``spike`` (a confirmed loss spike), ``healthy`` (a
     healthy flush: a snapshot may be due), ``snapshot`` (a snapshot was kept),
-    ``progress`` (a flush reports the recent loss, ``value``). On ``skip``/``spike``,
-    ``value`` is the loss level before the trouble (None: unknown).
+    ``progress`` (a flush reports the recent loss, ``value``), ``level`` (the loss level
+    before the current trouble, ``value``, learnt late: the trouble came before any healthy
+    flush). On ``skip``/``spike``, ``value`` is the loss level before the trouble (None:
+    unknown).
     """
 
     kind: TriggerKind
@@ -112,6 +115,8 @@ def transition(
         return _settle(cfg, _restore(cfg, st, trig.step), trig.step)
     if trig.kind == "progress":
         return _progress(cfg, st, trig)
+    if trig.kind == "level":
+        return (st if st.pre_level is not None else dataclasses.replace(st, pre_level=trig.value)), ()
     if trig.kind == "clean":
         return dataclasses.replace(st, consecutive_skips=0), ()
     if trig.kind == "snapshot":

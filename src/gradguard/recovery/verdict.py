@@ -8,8 +8,9 @@ then be skipped at the step itself, before it damages the weights, instead of be
 noticed at the next flush.
 
 Every finite value enters the history, spikes included (robust statistics shrug off a few;
-a lasting new level becomes the normal one instead of being skipped for ever). Nothing is
-read by the host.
+a lasting new level becomes the normal one instead of being skipped for ever), except the
+spikes of the first ``warmup`` values, which a short history could not shrug off. Nothing
+is read by the host.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ from ..detectors.config import (
 VERDICT_HISTORY = 64
 #: Bits of a step's verdict code (also recorded as the step's ``skipped`` value).
 NONFINITE, GRAD_SPIKE, LOSS_SPIKE = 1, 2, 4
+#: Before ``warmup`` values are in, the z-score has no scale to stand on: a value is a
+#: spike only when it is this many times the median of the (few) values so far, for the
+#: gradient norm and the loss. A run whose first update wrecks its weights (an IRNN at an
+#: LR its gradients cannot take: loss x1e7 at step 1) is caught at step 1, not step 20;
+#: healthy runs move their first norms and losses by far less.
+WARMUP_SPIKE_RATIO = (1000.0, 100.0)
 
 
 class SpikeVerdict:
@@ -58,11 +65,12 @@ class SpikeVerdict:
     ) -> None:
         self.history, self.warmup, self.z = history, warmup, z
         self.log_ratio = (math.log(grad_ratio), math.log(loss_ratio))
+        self.log_warm = tuple(math.log(r) for r in WARMUP_SPIKE_RATIO)
         self.ring: Tensor | None = None  # [2, history] log values (NaN: empty)
         self.count: Tensor | None = None  # [2] finite values seen
-        self._consts: tuple[Tensor, Tensor] | None = None
+        self._consts: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _ensure(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _ensure(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         if self.ring is None or self.ring.device != device or self._consts is None:
             if self.ring is not None and self.count is not None:  # loaded from a checkpoint
                 self.ring, self.count = self.ring.to(device), self.count.to(device)
@@ -70,6 +78,7 @@ class SpikeVerdict:
                 self.ring = torch.full((2, self.history), math.nan, device=device)
                 self.count = torch.zeros(2, dtype=torch.long, device=device)
             self._consts = (torch.tensor(self.log_ratio, device=device),
+                            torch.tensor(self.log_warm, device=device),
                             torch.tensor([GRAD_SPIKE, LOSS_SPIKE], dtype=torch.uint8, device=device))
         assert self.count is not None and self._consts is not None
         return self.ring, self.count, *self._consts
@@ -77,7 +86,7 @@ class SpikeVerdict:
     def __call__(self, total_norm: Tensor, loss: Tensor | float | None) -> Tensor:
         """The step's code, a device uint8: ``GRAD_SPIKE`` | ``LOSS_SPIKE`` bits (0: none).
         Then the finite values join the history."""
-        ring, count, log_ratio, bits = self._ensure(total_norm.device)
+        ring, count, log_ratio, log_warm, bits = self._ensure(total_norm.device)
         if loss is None:
             lv = torch.full((), math.nan, device=total_norm.device)
         elif isinstance(loss, Tensor):
@@ -90,11 +99,14 @@ class SpikeVerdict:
         med = torch.nanmedian(ring, dim=1).values
         scale = (MAD_TO_SIGMA * torch.nanmedian((ring - med[:, None]).abs(), dim=1).values)
         d = lx - med
-        spike = ok & (count >= self.warmup) & (d > self.z * scale.clamp_min(MIN_LOG_SCALE)) & (
+        robust = (count >= self.warmup) & (d > self.z * scale.clamp_min(MIN_LOG_SCALE)) & (
             d > log_ratio)
+        early = (count >= 1) & (count < self.warmup) & (d > log_warm)
+        spike = ok & (robust | early)
         slot = (count % self.history)[:, None]
-        ring.scatter_(1, slot, torch.where(ok, lx, ring.gather(1, slot).squeeze(1))[:, None])
-        count += ok.long()
+        keep = ok & ~early  # a handful of values cannot shrug off an early spike: keep it out
+        ring.scatter_(1, slot, torch.where(keep, lx, ring.gather(1, slot).squeeze(1))[:, None])
+        count += keep.long()
         return (spike.to(torch.uint8) * bits).sum(dtype=torch.uint8)
 
     def state_dict(self) -> dict[str, Any]:
