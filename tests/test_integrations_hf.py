@@ -97,15 +97,34 @@ def test_nan_step_skipped_and_max_grad_norm_enforced(tmp_path):
         assert cb.report_path == str(run_dir / "report.html")
 
 
-def test_without_gradguard_clip_trainer_clipping_is_kept(tmp_path, recwarn):
+def test_without_a_gradguard_clip_the_trainers_clip_is_taken_over(tmp_path):
+    """max_grad_norm (1.0 by default) would clip before the hook and hide every spike:
+    gradguard measures first, then applies the same clip; the weights are the same as a run
+    without gradguard, and the recorded norms are the true, unclipped ones."""
     cb = GradGuardCallback(clip=None, run_dir=tmp_path / "rd", report=False)
-    t = make_trainer(tmp_path, [cb], max_steps=2, max_grad_norm=0.5)
-    t.train()
-    assert t.args.max_grad_norm == 0.5
-    assert not [w for w in recwarn if issubclass(w.category, GradGuardWarning)]
+    t = make_trainer(tmp_path, [cb], max_steps=3, max_grad_norm=0.5)
+    with pytest.warns(GradGuardWarning, match=r"max_grad_norm=0.5 is applied by gradguard"):
+        t.train()
+    assert t.args.max_grad_norm == 0.0 and repr(cb.guard.clip).startswith("NormClip(max_norm=0.5")
+    ref = make_trainer(tmp_path / "ref", [], max_steps=3, max_grad_norm=0.5)
+    ref.train()
+    for (n, a), b in zip(t.model.named_parameters(), ref.model.parameters()):
+        assert torch.equal(a, b), n
     steps = [r for r in read_jsonl(tmp_path / "rd" / "metrics.jsonl") if r["type"] == "step"]
-    # the Trainer clipped before the hook: gradguard measures the clipped gradients
-    assert len(steps) == 2 and all(r["grad_norm"] <= 0.5 + 1e-4 for r in steps)
+    assert len(steps) == 3 and max(r["grad_norm"] for r in steps) > 0.5  # unclipped
+    assert all(r["clip_coef"] < 1.0 for r in steps if r["grad_norm"] > 0.5)
+
+
+def test_the_recorded_loss_is_the_trainers_under_gradient_accumulation(tmp_path):
+    cb = GradGuardCallback(clip=gg.NormClip(1.0), run_dir=tmp_path / "rd", report=False)
+    t = make_trainer(tmp_path, [cb], max_steps=3, max_grad_norm=0.0, accum=4)
+    t.args.logging_steps = 1
+    t.train()
+    logged = [h["loss"] for h in t.state.log_history if "loss" in h]
+    steps = [r for r in read_jsonl(tmp_path / "rd" / "metrics.jsonl") if r["type"] == "step"]
+    assert len(logged) == len(steps) == 3
+    for mine, theirs in zip([r["loss"] for r in steps], logged):
+        assert mine == pytest.approx(theirs, rel=1e-3)  # not a quarter of it
 
 
 def test_gradient_accumulation_one_guard_step_per_optimizer_step(tmp_path):

@@ -116,7 +116,7 @@ class Guard:
         self._logits = LogitWatch(distributed.unwrap(model)) if cfg.watch_activations else None
         if self._logits is not None:
             self._logits.armed = self.telemetry.flush_due
-        self._closed = self._aborted = self._stepped = False
+        self._closed = self._aborted = False
         self._scaler_exec: Direct | Hook | None = None
         if callable(getattr(cfg.clip, "bind", None)):
             cfg.clip.bind(self)
@@ -205,9 +205,8 @@ class Guard:
             )
             if self._sampler is not None:
                 self._sampler.armed = self.telemetry.flush_due
-            if self.recovery is not None and not self._stepped:
-                self.recovery.before_step(self)  # the weights before any update of this run
-            self._stepped = True
+            if self.recovery is not None:
+                self.recovery.before_step(self)  # this step's LR factor; the first snapshot
             code = (~stats.finite).to(torch.uint8)  # NONFINITE
             if self.recovery is not None and plan.on_bad != "step":
                 code = code | self.recovery.verdict(stats, loss)  # spikes, skipped at the step

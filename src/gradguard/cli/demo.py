@@ -4,8 +4,9 @@ A 6-layer ReLU MLP trained with SGD + momentum on a synthetic regression task me
 faults of a real run: batches whose inputs are blown up by :data:`SPIKE_SCALE` (a bad
 shard, an unnormalised feature) and one batch with a NaN feature. Unguarded, the first
 corrupted batch drives the weights to Inf/NaN and the run is lost. Guarded by
-``Guard(clip=ZClip(), recovery=Recovery())`` the spikes are clipped, the NaN step is
-skipped, the recovery ladder reacts, and training reaches the same loss as a clean run.
+``Guard(clip=ZClip(), recovery=Recovery())`` the spiking steps and the NaN steps are
+skipped at the step, the recovery ladder reacts, and training reaches the same loss as a
+clean run.
 """
 
 from __future__ import annotations

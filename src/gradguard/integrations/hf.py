@@ -46,6 +46,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 import torch
 from torch import nn
 
+from ..clipping import NormClip
 from ..config import GuardConfig
 from ..errors import GradGuardWarning
 from ..events import Sink
@@ -102,6 +103,7 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         self._hook: Any = None
         self._is_zero = True
         self._resume_state: dict[str, Any] | None = None
+        self._takeover: float | None = None  # the Trainer's max_grad_norm, applied by gradguard
 
     # ---- start ---------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -119,10 +121,25 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
                 stacklevel=2,
             )
             args.max_grad_norm = 0.0
+        elif self.clip is None and args.max_grad_norm and args.max_grad_norm > 0:
+            # The Trainer clips before on_pre_optimizer_step: gradguard would only ever see
+            # clipped norms (spikes invisible). It takes the clip over instead: the same
+            # NormClip(max_grad_norm) (torch's clip_grad_norm_, bit for bit), applied after
+            # measuring the true norm.
+            self._takeover = float(args.max_grad_norm)
+            warnings.warn(
+                f"GradGuardCallback: the Trainer's max_grad_norm={args.max_grad_norm} is "
+                f"applied by gradguard (gg.NormClip({args.max_grad_norm}), the same clip) after "
+                "it measures the unclipped gradients; TrainingArguments.max_grad_norm is 0 for "
+                "this run.",
+                GradGuardWarning,
+                stacklevel=2,
+            )
+            args.max_grad_norm = 0.0
         self._is_zero = bool(getattr(state, "is_world_process_zero", True))
         model = kwargs.get("model")
         if isinstance(model, nn.Module) and self._hook is None:
-            self._hook = model.register_forward_hook(self._on_forward)
+            self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
         self._resume_state = None
         if getattr(state, "global_step", 0) > 0 and self.guard is None:
             self._resume_state = self._find_resume_state(args, int(state.global_step))
@@ -142,11 +159,15 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
         return state
 
-    def _on_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if not module.training:
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor):
+            # With gradient accumulation the Trainer hands the model the token count of the
+            # whole optimizer step (num_items_in_batch): each micro-batch loss is then already
+            # a share of the step's loss, which is their sum, not their mean.
+            self._loss.mean = kwargs.get("num_items_in_batch") is None
             self._loss.add(loss)
 
     def _make_guard(
@@ -157,7 +178,10 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         if self._is_zero:
             sinks.append(JsonlSink(run_dir))
             self.resolved_run_dir = run_dir
-        cfg = self.config.replace(sinks=sinks, clip=copy.deepcopy(self.clip))
+        clip = copy.deepcopy(self.clip)
+        if clip is None and self._takeover is not None:
+            clip = NormClip(self._takeover)
+        cfg = self.config.replace(sinks=sinks, clip=clip)
         return hooked_guard(model, optimizer, cfg, scaler=scaler)
 
     # ---- per optimizer step --------------------------------------------------------

@@ -307,12 +307,15 @@ class Recovery:
         self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
 
     def before_step(self, guard: Guard) -> None:
-        """Before the optimizer first steps in this process: keep the weights as they are,
-        before anything can have gone wrong (a run whose very first update wrecks it still
-        has a healthy state to go back to). Kept like any snapshot, but outside the
-        ladder's cadence (``snapshot_every``); a resumed run's weights are already loaded."""
-        if not len(self.store):
-            self._keep(guard, guard.step_count - 1)
+        """Before each optimizer step: set the LR factor this step uses (the restore after a
+        back-off moves one step at a time, starting from the back-off factor itself), and
+        before the run's very first step keep the weights as they are, before anything can
+        have gone wrong (a run whose first update wrecks it still has a healthy state to go
+        back to; outside the ladder's ``snapshot_every`` cadence; a resumed run goes on
+        with the snapshots it had)."""
+        if guard.step_count == 0 and not len(self.store):
+            self._keep(guard, -1, disk=False)
+        self._feed(guard, Trigger("tick", guard.step_count), list)
 
     def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
         """This step's spike verdict (device uint8 bits, no host read; see
@@ -328,18 +331,14 @@ class Recovery:
 
     def after_step(self, guard: Guard, stats: StepStats, outcome: Any) -> None:
         """Per step: count skips when the guard already knows the skip flag (non-fused
-        optimizers), take the first snapshot, and move the LR back towards its value."""
+        optimizers; the others are counted at the flush)."""
         step = guard.step_count - 1
         if outcome.code is not None or isinstance(outcome.trouble, bool):
             self._host_steps.add(step)
             skipped = bool(outcome.trouble)
             reason = "spiking" if outcome.code and outcome.code & ~NONFINITE else "non-finite"
-            done = self._feed(guard, Trigger("skip" if skipped else "clean", step, reason,
-                                             self._level),
-                              lambda: actions.nonfinite_layers(guard, stats.param_norms))
-            if done:
-                return
-        self._feed(guard, Trigger("tick", step), list)
+            self._feed(guard, Trigger("skip" if skipped else "clean", step, reason, self._level),
+                       lambda: actions.nonfinite_layers(guard, stats.param_norms))
 
     def on_flush(self, guard: Guard, window: Window, events: Sequence[Event] = (),
                  overflows: Any = ()) -> None:
@@ -354,12 +353,13 @@ class Recovery:
                 bad = sk and step not in overflows
                 c = int(codes[i]) if codes is not None and math.isfinite(codes[i]) else 0
                 reason = "spiking" if c & ~NONFINITE else "non-finite"
-                triggers.append(Trigger("skip" if bad else "clean", step, reason, self._level))
+                triggers.append(Trigger("skip" if bad else "clean", step, reason, self._level,
+                                        at=window.steps[-1]))
         self._host_steps.difference_update(window.steps)
         spike = next((e for e in events if e.kind == "loss_spike"), None)
         if spike is not None:  # reported only once confirmed (DetectorConfig)
             triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
-                                    self._level))
+                                    self._level, at=window.steps[-1]))
         start = self.state.trouble_start
         if self.state.pre_level is None and start is not None:  # trouble before any healthy flush
             before = [x for s_, x in zip(window.steps, window.loss.tolist())
@@ -420,13 +420,13 @@ class Recovery:
         self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
         return True
 
-    def _keep(self, guard: Guard, step: int) -> bool:
+    def _keep(self, guard: Guard, step: int, *, disk: bool = True) -> bool:
         state = actions.snapshot_state(guard, step)
         if state is None:
             return False
         busy = self._writer.busy if self._writer is not None else set()
         self.store.save(step, state, busy=busy)
-        if self.disk is not None:
+        if self.disk is not None and disk:
             if self._writer is None:
                 self._writer = SnapshotWriter(self.disk)
             self._warn_write_error()

@@ -159,8 +159,10 @@ def rollback(
     guard.batches_to_skip = a.skip_batches
     guard.add_event(Event(
         kind="rollback", step=a.step, severity="error", value=float(snap["step"]),
-        message=(f"step {a.step}: {a.reason} persists; rolled back to the snapshot of "
-                 f"step {snap['step']}, learning rate x{a.factor:g} (restored to "
+        message=(f"step {a.step}: {a.reason} persists; rolled back to "
+                 + (f"the snapshot of step {snap['step']}" if snap["step"] >= 0 else
+                    "the weights before the first step")
+                 + f", learning rate x{a.factor:g} (restored to "
                  f"x{a.ceiling:g} only), {len(reset)} layer(s) with reset optimizer state, "
                  f"{a.skip_batches} batch(es) to skip (rollback {a.rollbacks}/{max_rollbacks})"),
         remedy="Lower the learning rate; if the data caused it, skip guard.batches_to_skip batches.",

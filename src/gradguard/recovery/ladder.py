@@ -75,8 +75,8 @@ class LadderState:
 class Trigger:
     """Something the ladder reacts to.
 
-    Kinds: ``skip`` (a bad step was skipped), ``clean`` (a step was taken), ``tick`` (a
-    step passed: the LR restores), ``spike`` (a confirmed loss spike), ``healthy`` (a
+    Kinds: ``skip`` (a bad step was skipped), ``clean`` (a step was taken), ``tick`` (step
+    ``step`` is about to run: the LR restores), ``spike`` (a confirmed loss spike), ``healthy`` (a
     healthy flush: a snapshot may be due), ``snapshot`` (a snapshot was kept),
     ``progress`` (a flush reports the recent loss, ``value``), ``level`` (the loss level
     before the current trouble, ``value``, learnt late: the trouble came before any healthy
@@ -88,6 +88,9 @@ class Trigger:
     step: int
     reason: str = ""
     value: float | None = None
+    #: the step at which the ladder hears of it (a flush, for skip flags that stayed on the
+    #: device); what it does starts from there (default: ``step``)
+    at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,15 +134,16 @@ def transition(
         if st.consecutive_skips % cfg.skip_patience:
             return st, ()
         reason = f"{st.consecutive_skips} consecutive {trig.reason or 'non-finite'} steps skipped"
-        return _escalate(cfg, st, trig.step, reason, trig.value)
+        return _escalate(cfg, st, trig.step, reason, trig.value, at=trig.at)
     if trig.kind == "spike":
-        return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike", trig.value)
+        return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike", trig.value,
+                         at=trig.at)
     raise ValueError(f"Trigger(kind={trig.kind!r}): unknown kind")
 
 
 def _escalate(
     cfg: LadderConfig, st: LadderState, step: int, reason: str, level: float | None = None,
-    *, force_rollback: bool = False,
+    *, force_rollback: bool = False, at: int | None = None,
 ) -> tuple[LadderState, tuple[Action, ...]]:
     """Back off, or escalate when trouble returns within ``patience`` steps (or the loss did
     not come back: ``force_rollback``)."""
@@ -148,8 +152,9 @@ def _escalate(
     relapse = last is not None and step - last <= cfg.relapse_window
     start = step if not recent else (st.trouble_start if st.trouble_start is not None else step)
     pre = st.pre_level if recent and st.pre_level is not None else level
+    now = step if at is None else max(step, at)  # the back-off starts when it is applied
     st = dataclasses.replace(st, last_trigger=step, trouble_start=start, pre_level=pre,
-                             watching=step, at_ceiling=None)
+                             watching=now, at_ceiling=None)
     if recent and st.rollbacks >= cfg.max_rollbacks:
         return st, (Action("abort", step, reason, st.factor, st.ceiling,
                            rollbacks=st.total_rollbacks),)
@@ -159,7 +164,7 @@ def _escalate(
         if new < st.ceiling:
             st, lowered = dataclasses.replace(st, ceiling=new), True
     factor = min(st.factor * cfg.backoff, st.ceiling)
-    st = dataclasses.replace(st, factor=factor, backoff_level=factor, backoff_step=step)
+    st = dataclasses.replace(st, factor=factor, backoff_level=factor, backoff_step=now)
     if not recent:
         st = dataclasses.replace(st, backoffs=st.backoffs + 1)
         return st, (Action("backoff", step, reason, factor, st.ceiling, relapse, lowered),)
@@ -199,7 +204,7 @@ def _restore(cfg: LadderConfig, st: LadderState, step: int) -> LadderState:
     top = st.ceiling
     if st.factor >= top or st.backoff_step is None:
         return st
-    t = step - st.backoff_step
+    t = step - st.backoff_step - 1  # the first step after the back-off uses its factor
     f = min(top, st.backoff_level + (top - st.backoff_level) * t / cfg.restore_steps)
     if f == st.factor:
         return st
