@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ._tensors import call_model
 from .doctor._capture import is_weight_layer, run_capture
 from .doctor.signal import next_activation, recommended_std, weight_stats
 
@@ -113,14 +114,6 @@ def _inputs_of(batch: Any) -> Any:
     return batch
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _first_tensor(x: Any) -> Tensor:
     if isinstance(x, Tensor):
         return x
@@ -138,7 +131,7 @@ def following_activations(model: nn.Module, batch: Any) -> tuple[dict[str, str |
     with torch.random.fork_rng(devices=[]):
         bufs = [(b, b.detach().clone()) for b in model.buffers()]
         try:
-            cap = run_capture(model, lambda: _call(model, inputs), lambda out: _first_tensor(out).float().pow(2).mean())
+            cap = run_capture(model, lambda: call_model(model, inputs), lambda out: _first_tensor(out).float().pow(2).mean())
         finally:
             with torch.no_grad():
                 for b, saved in bufs:
@@ -265,7 +258,7 @@ def _lsuv_(model: nn.Module, layers: list[nn.Module], inputs: Any) -> None:
             try:
                 for _ in range(LSUV_MAX_ITERS):
                     torch.manual_seed(0)
-                    _call(model, inputs)
+                    call_model(model, inputs)
                     s = out_std.get(id(m))
                     if s is None or not math.isfinite(s) or s == 0 or abs(s - 1) < LSUV_TOL:
                         break

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .._tensors import iter_floats, iter_tensors
+
 #: |pre-activation| above which a unit is saturated: its derivative is < 1 % of its peak.
 SIGMOID_SATURATION = 6.0
 TANH_SATURATION = 3.0
@@ -161,18 +163,6 @@ class _ActivationMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def iter_tensors(x: Any) -> Iterator[Tensor]:
-    """Every tensor inside nested tuples/lists/dicts, in order."""
-    if isinstance(x, Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from iter_tensors(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from iter_tensors(v)
-
-
 def is_weight_layer(m: nn.Module) -> bool:
     """A module that mixes units with a matrix/kernel of its own (Linear, Conv, Embedding)."""
     w = m._parameters.get("weight")
@@ -253,7 +243,7 @@ def _hooks(model: nn.Module, calls: list[Call], acts: list[Act], counter: list[i
             call.order = counter[0]
             if is_weight_layer(mod):
                 last_weight[0] = path
-            outs = [t for t in iter_tensors(out) if t.is_floating_point()]
+            outs = list(iter_floats(out))
             call.out_nodes = [t.grad_fn for t in outs if t.grad_fn is not None]
             call.out_finite = all(math.isfinite(_absmax(t)) for t in outs if t.numel())
             if outs:

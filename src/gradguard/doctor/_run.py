@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._tensors import call_model
 from ._capture import is_weight_layer, run_capture
 from ._report import Diagnosis, Finding
 from .gradcheck import probe_custom_functions
@@ -36,14 +37,6 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         f"{type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     )
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _shape(x: Any) -> str:

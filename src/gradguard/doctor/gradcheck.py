@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._capture import iter_tensors
+from .._tensors import iter_floats
 from ._report import Finding
 
 #: Central differences in float64: truncation ~eps², rounding ~1e-16/eps; 1e-6 balances them.
@@ -135,13 +135,13 @@ def gradcheck(
         def f() -> Tensor:
             torch.manual_seed(seed)
             out = m(*args, **kw)
-            outs = [o for o in iter_tensors(out) if o.is_floating_point()]
+            outs = list(iter_floats(out))
             if not outs:
                 raise ValueError(f"gradcheck: {type(module).__name__} returned no floating tensor")
             return sum((o.double() * vs).sum() for o, vs in zip(outs, v))  # type: ignore[return-value]
 
         torch.manual_seed(seed)
-        first = [o for o in iter_tensors(m(*args, **kw)) if o.is_floating_point()]
+        first = list(iter_floats(m(*args, **kw)))
         v = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in first]
         s = f()
         ad = torch.autograd.grad(s, [t for _, _, t in checked], allow_unused=True)
