@@ -1,0 +1,137 @@
+"""A few optimizer steps on the user's model, undone afterwards.
+
+Deep-copying a large model and its optimizer costs time and the model's memory again.
+Instead, :class:`StepRunner` keeps one copy of the parameter values, runs the steps in
+place with a fresh optimizer of the user's class and hyper-parameters (its state cloned
+from the user's, so a probe mid-training starts where training is), and writes the values
+back after every run and on exit, even on an exception. The user's optimizer object is
+never stepped: its state, its hooks and any scheduler wrapped around its ``step`` stay
+untouched. The ``.grad`` tensors the user had are set aside and put back as they were.
+
+Example:
+    >>> import torch
+    >>> from gradguard.doctor._steps import StepRunner
+    >>> net = torch.nn.Linear(3, 1)
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> w = net.weight.detach().clone()
+    >>> with StepRunner(net, opt) as run:
+    ...     losses = run.losses(lambda m: m(torch.ones(4, 3)).pow(2).mean(), scale=1.0, steps=2)
+    >>> len(losses), torch.equal(net.weight, w)
+    (3, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: the loss ending above this multiple of the initial loss counts as a blow-up
+LR_BLOWUP = 10.0
+
+
+def _clone_state(v: Any) -> Any:
+    return v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+
+
+class StepRunner:
+    """Context manager: ``losses(step_loss, scale, steps)`` runs ``steps`` optimizer steps at
+    the user's learning rates times ``scale`` from the model's state on entry."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int = 0) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.seed = seed
+        self.params = list(model.parameters())  # shared (tied) parameters once
+        self.opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._values: list[Tensor] = []
+        self._buffers: list[tuple[Tensor, Tensor]] = []
+        self._grads: list[Tensor | None] = []
+
+    def __enter__(self) -> StepRunner:
+        with torch.no_grad():
+            ids = {id(p) for p in self.params}
+            self._extra = [p for p in self.opt_params if id(p) not in ids]  # optimised, not in the model
+            self._values = [p.detach().clone() for p in self.params + self._extra]
+            self._buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self._grads = [p.grad for p in self.params + self._extra]
+        return self
+
+    def reset(self) -> None:
+        """Parameter values and buffers as on entry, no ``.grad``."""
+        with torch.no_grad():
+            for p, v in zip(self.params + self._extra, self._values):
+                p.copy_(v)
+                p.grad = None
+            for b, v in self._buffers:
+                b.copy_(v)
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.reset()
+        for p, g in zip(self.params + self._extra, self._grads):
+            p.grad = g
+        self._values, self._buffers = [], []
+
+    def fresh_optimizer(self, scale: float) -> torch.optim.Optimizer:
+        """An optimizer of the user's class over the same parameters, its learning rates
+        times ``scale``, its state a copy of the user's."""
+        opt = self.optimizer
+        groups = []
+        for g in opt.param_groups:
+            ng = {k: v for k, v in g.items() if k != "params"}
+            lr = ng.get("lr")
+            if isinstance(lr, Tensor):
+                ng["lr"] = lr.detach().clone().mul_(scale)
+            elif lr is not None:
+                ng["lr"] = lr * scale
+            ng["params"] = list(g["params"])
+            groups.append(ng)
+        try:
+            new = type(opt)(groups, **opt.defaults)
+        except (TypeError, ValueError):  # a constructor that is not (params, **defaults)
+            return self._copied_optimizer(scale)
+        for p, st in opt.state.items():
+            new.state[p] = {k: _clone_state(v) for k, v in st.items()}
+        return new
+
+    def _copied_optimizer(self, scale: float) -> torch.optim.Optimizer:
+        """A deep copy of the user's optimizer that shares the parameters, with no hooks and
+        no ``step`` wrapped by a scheduler (those would act on the user's objects)."""
+        new = copy.deepcopy(self.optimizer, {id(p): p for p in self.opt_params})
+        new.__dict__.pop("step", None)
+        for k in list(vars(new)):
+            if k.startswith("_optimizer_") and k.endswith("hooks"):
+                setattr(new, k, type(getattr(new, k))())
+        for g in new.param_groups:
+            lr = g.get("lr")
+            if isinstance(lr, Tensor):
+                lr.mul_(scale)
+            elif lr is not None:
+                g["lr"] = lr * scale
+        return new
+
+    def losses(self, step_loss: Callable[[nn.Module], Tensor], scale: float, steps: int) -> list[float]:
+        """The loss before each step and after the last; stops early once it blows up.
+
+        Every evaluation uses the same random seed, so dropout draws the same masks each
+        time: the losses differ only by what the steps changed."""
+        self.reset()
+        opt = self.fresh_optimizer(scale)
+        out: list[float] = []
+        for i in range(steps + 1):
+            torch.manual_seed(self.seed)
+            opt.zero_grad(set_to_none=True)
+            loss = step_loss(self.model)
+            v = float(loss.detach().float())
+            out.append(v)
+            if i == steps or not math.isfinite(v) or (i and v > LR_BLOWUP * abs(out[0]) + 1e-12):
+                break  # diverged: more steps cost time and tell nothing new
+            loss.backward()
+            opt.step()
+        self.reset()
+        return out
