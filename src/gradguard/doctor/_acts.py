@@ -7,8 +7,8 @@ taken by autograd at the pre-activations the batch produced, and its *profile* (
 ``f'`` is flat) by probing ``f'`` on a grid once. No formula per function:
 
 * ``relu`` family: ``f'`` is flat far below 0 (ReLU, ReLU6, GELU, SiLU, Hardswish, ELU,
-  Mish, Softplus). A unit flat on every sample is dead; an element flat above 0 (ReLU6 at
-  ≥ 6) is saturated.
+  Mish, Softplus). A unit flat on every sample is dead; the share of positive inputs where
+  ``f'`` is flat (ReLU6 at ≥ 6) is its saturation.
 * ``bounded`` family: flat far from 0 on both sides but not just below 0 (sigmoid, tanh,
   hardtanh, hardsigmoid, softsign): elements in the flat tails are saturated.
 * anything else (LeakyReLU, PReLU) is ``smooth``: never dead or saturated.
@@ -127,13 +127,15 @@ class Act:
     order: int
     n_units: int
     dead_frac: float  # relu family: units flat below 0 on every sample of the batch
-    sat_frac: float  # elements in a flat tail (bounded: either side; relu family: above 0)
+    sat_frac: float  # bounded: share of inputs in a flat tail; relu family: of the inputs > 0
     deriv_rms: float  # rms of f' at the measured inputs
+    active_frac: float  # share of inputs where f' is not flat
     pre_rms: float
     pre_absmax: float
     pre_mean: float = 0.0
     after: str = ""  # the weight layer that ran last before it (its likely input)
     src: int = 0  # data_ptr of the input tensor (tells a module's own call from an inner one)
+    feeds: str = ""  # the module its output went into ("": a raw op, e.g. a gate's product)
 
 
 def measure(
@@ -157,7 +159,9 @@ def measure(
         if prof.family == "relu" and n:
             lo = units_by_samples(flat & (xf < 0))
             dead = float(lo.all(dim=1).float().mean()) if u.shape[1] > 1 else 0.0
-            sat = float((flat & (xf > 0)).float().mean())
+            # the negative side is flat by design: saturation is judged on the positive side
+            pos = xf > 0
+            sat = float((flat & pos).sum() / pos.sum().clamp_min(1))
         elif prof.family == "bounded" and n:
             sat = float(flat.float().mean())
         return Act(
@@ -169,6 +173,7 @@ def measure(
             dead_frac=dead,
             sat_frac=sat,
             deriv_rms=float(d.pow(2).mean().sqrt()) if n else math.nan,
+            active_frac=1.0 - float(flat.float().mean()) if n else 0.0,
             pre_rms=float(xf.pow(2).mean().sqrt()) if n else 0.0,
             pre_absmax=float(xf.abs().max()) if n else 0.0,
             pre_mean=float(xf.mean()) if n else 0.0,

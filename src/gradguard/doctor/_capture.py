@@ -107,17 +107,22 @@ def _finite(t: Tensor) -> bool:
 
 
 class _ActivationMode(TorchFunctionMode):
-    def __init__(self, on_act: Callable[[Any, tuple[Any, ...], dict[str, Any]], None]) -> None:
+    def __init__(self, on_act: Callable[[Any, tuple[Any, ...], dict[str, Any]], Act], acts_out: dict[tuple[int, tuple[int, ...]], Act]) -> None:
         super().__init__()
         self.on_act = on_act
+        self.acts_out = acts_out  # (data_ptr, shape) of an activation's output -> the Act
         self.suspended = False
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        act = None
         if not self.suspended and args and isinstance(args[0], Tensor) and args[0].is_floating_point():
             if activation_fn(func) is not None:
-                self.on_act(func, args, kwargs)
-        return func(*args, **kwargs)
+                act = self.on_act(func, args, kwargs)
+        out = func(*args, **kwargs)
+        if act is not None and isinstance(out, Tensor):
+            self.acts_out[(out.data_ptr(), tuple(out.shape))] = act
+        return out
 
 
 #: normalisation layers: the scale of the weights before them does not reach the output
@@ -147,7 +152,9 @@ def _hooks(
     # a parameter-free leaf module may be an activation written out of several functions
     composite = {p for p, m in modules.items() if not list(m.children()) and not list(m.parameters(recurse=False))}
 
-    def on_act(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    acts_out: dict[tuple[int, tuple[int, ...]], Act] = {}
+
+    def on_act(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Act:
         counter[0] += 1
         fn = activation_fn(func)
         assert fn is not None
@@ -159,8 +166,9 @@ def _hooks(
         act = measure(fn_name(func), fn, args[0], where, counter[0], extra, kw)
         act.after = last_weight[0]
         acts.append(act)
+        return act
 
-    mode = _ActivationMode(on_act)
+    mode = _ActivationMode(on_act, acts_out)
 
     def pre(path: str) -> Callable[..., Any]:
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -181,6 +189,8 @@ def _hooks(
             ptr = first.data_ptr() if first is not None else 0
             if first is not None and (src := producers.get((ptr, tuple(first.shape)))) is not None:
                 src.consumers.append(path)
+            if first is not None and (fed := acts_out.get((ptr, tuple(first.shape)))) is not None and not fed.feeds:
+                fed.feeds = path
             version = first._version if first is not None else -1
             pending.setdefault(id(mod), []).append((call, len(acts), ptr, version))
             if isinstance(mod, nn.RNNBase) and args and isinstance(args[0], Tensor):
@@ -243,6 +253,7 @@ def _hooks(
         act.after = acts[start].after
         del acts[start:]
         acts.append(act)
+        acts_out[(y.data_ptr(), tuple(y.shape))] = act
 
     try:
         for path, mod in modules.items():

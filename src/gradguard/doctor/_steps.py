@@ -115,22 +115,35 @@ class StepRunner:
                 g["lr"] = lr * scale
         return new
 
-    def losses(self, step_loss: Callable[[nn.Module], Tensor], scale: float, steps: int) -> list[float]:
+    def losses(
+        self,
+        step_loss: Callable[[nn.Module], Tensor],
+        scale: float,
+        steps: int,
+        more: Callable[[list[float]], int] | None = None,
+    ) -> list[float]:
         """The loss before each step and after the last; stops early once it blows up.
+        ``more(losses)``, asked after ``steps`` steps, may ask for that many more.
 
         Every evaluation uses the same random seed, so dropout draws the same masks each
         time: the losses differ only by what the steps changed."""
         self.reset()
         opt = self.fresh_optimizer(scale)
         out: list[float] = []
-        for i in range(steps + 1):
+        i = 0
+        while True:
             torch.manual_seed(self.seed)
             opt.zero_grad(set_to_none=True)
             loss = step_loss(self.model)
             v = float(loss.detach().float())
             out.append(v)
-            if i == steps or not math.isfinite(v) or (i and v > LR_BLOWUP * abs(out[0]) + 1e-12):
+            if not math.isfinite(v) or (i and v > LR_BLOWUP * abs(out[0]) + 1e-12):
                 break  # diverged: more steps cost time and tell nothing new
+            if i == steps and more is not None:
+                steps += more(out)
+            if i >= steps:
+                break
+            i += 1
             loss.backward()
             opt.step()
         self.reset()

@@ -53,8 +53,14 @@ def _step_verdict(
 ) -> list[Finding]:
     lr = float(optimizer.param_groups[0]["lr"])
     t0 = time.perf_counter()
-    hi = runner.losses(step_loss, 1.0, steps)
-    run_cost = time.perf_counter() - t0
+    def catapult(losses: list[float]) -> int:
+        # a loss that rose by a little may be the "catapult" of a healthy high LR (it spikes,
+        # then falls below where it started; Lewkowycz et al. 2020): look as far again
+        rose_a_little = (1 + LR_RISE) * losses[0] < losses[-1] < LR_BLOWUP * losses[0]
+        return steps if rose_a_little and (budget is None or budget.allows(time.perf_counter() - t0)) else 0
+
+    hi = runner.losses(step_loss, 1.0, steps, more=catapult)
+    run_cost = (time.perf_counter() - t0) * steps / max(1, len(hi) - 1)
     l0 = hi[0]
     if not math.isfinite(l0):
         return []  # the numerics probe reports a non-finite loss
@@ -99,9 +105,10 @@ def _step_verdict(
             f"≤ {lr * stable:g}"
         )
     else:
+        low = min(tried)
         advice = (
-            f"it still rises at lr={lr * LR_SCALES[-1]:g}: lower the learning rate by more than "
-            f"{1 / LR_SCALES[-1]:g}x, and look for a root cause (input scale, init)"
+            f"it still rises at lr={lr * low:g}: lower the learning rate by more than "
+            f"{1 / low:g}x, and look for a root cause (input scale, init)"
         )
     return [
         Finding(

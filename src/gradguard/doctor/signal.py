@@ -38,12 +38,17 @@ from ._weights import recommended_std, weight_stats
 #: init loses ~0.4 decade per plain ReLU layer, so a 6-layer default MLP stays above -3.
 VANISH_DECADES = 3.0
 EXPLODE_DECADES = 2.0
+#: Forward growth, in decades, of the weight layers' output rms: healthy models at init
+#: stay within 0.7 decade of their first layer (the zoos' maximum is 0.64, MobileViT).
+FORWARD_EXPLODE_DECADES = 1.5
 #: Share of a layer's ReLU units that are off on every sample of the batch. Deep ReLU nets
 #: correlate their samples (the sign of a unit becomes the same for the whole batch), so up
 #: to ~50 % of units can be off on a batch at init in a healthy deep network.
 DEAD_FRACTION = 0.9
-#: Share of an activation's inputs in a flat tail (derivative < 1 % of its peak).
-SATURATED_FRACTION = 0.5
+#: Share of an activation's inputs in a flat tail (derivative < 1 % of its peak; for the
+#: ReLU family, of its positive inputs). At a He/Xavier init a sigmoid/tanh sees |x| beyond
+#: the tail edge (6 and 3) on well under 2 % of inputs (1.1 % at most on the zoos).
+SATURATED_FRACTION = 0.25
 #: share of the weight layers that feed a normalisation layer above which the chain's
 #: signal is the normalisation's business, not the weights'
 NORMALIZED_SHARE = 0.5
@@ -228,8 +233,10 @@ def probe_signal(cap: Capture) -> list[Finding]:
     for c in span[1:]:  # the weights the backward signal crosses from the last layer down
         std, _, fan_out = weight_stats(c.module, c.in_features)
         gains.append(_log(std * math.sqrt(fan_out)))
-    relu = [x for x in acts if x.family == "relu"]
-    satur = [x for x in acts if x.family == "bounded"]
+    # only activations whose output goes on into a layer multiply the signal by their
+    # derivative; a sigmoid gate (squeeze-excitation, x * sigmoid(x)) scales it by its value
+    relu = [x for x in acts if x.family == "relu" and x.feeds]
+    satur = [x for x in acts if x.family == "bounded" and x.feeds]
     # a weight layer feeding a normalisation layer is scale-invariant: its init cannot make
     # the signal grow or decay (a BatchNorm net's gradient grows backwards by itself, Yang
     # et al. 2019, and no re-init changes that)
@@ -238,7 +245,9 @@ def probe_signal(cap: Capture) -> list[Finding]:
     weights_matter = normed < NORMALIZED_SHARE * len(trunk)
     s_w = sum(gains) + len(relu) * _RELU_IDEAL if weights_matter else 0.0
     s_norm = _norm_gain_decades(cap, first, last)
-    s_dead = sum(_log(x.deriv_rms) - _RELU_IDEAL for x in relu)
+    # a ReLU passes the gradient of its active units: sqrt(active share) against the half
+    # He init compensates (a SiLU near 0 has slope 0.5 everywhere: nothing is dead there)
+    s_dead = sum(_log(math.sqrt(x.active_frac)) - _RELU_IDEAL for x in relu)
     s_sat = sum(_log(x.deriv_rms) for x in satur)
     ev: dict[str, Any] = {
         "layers": len(trunk),
@@ -269,14 +278,14 @@ def probe_signal(cap: Capture) -> list[Finding]:
             f.evidence.update(ev)
             found.append(f)
         elif blame[0] == "dead_units" and relu and not any(f.cause == "dead_units" for f in found):
-            worst_r = min(relu, key=lambda x: x.deriv_rms)
+            worst_r = min(relu, key=lambda x: x.active_frac)
             found.append(
                 Finding(
                     "dead_units",
                     severity,
                     worst_r.where or None,
-                    {**ev, "active_fraction": worst_r.deriv_rms**2, "dead_fraction": worst_r.dead_frac},
-                    f"ReLU layers keep only {worst_r.deriv_rms**2:.0%} of units active (worst "
+                    {**ev, "active_fraction": worst_r.active_frac, "dead_fraction": worst_r.dead_frac},
+                    f"ReLU layers keep only {worst_r.active_frac:.0%} of units active (worst "
                     f"`{worst_r.where}`) and the gradient decays {10 ** -decay:.3g}x over "
                     f"{len(trunk)} layers: re-init with He and zero bias, or use LeakyReLU/GELU.",
                     0.75,
@@ -286,7 +295,7 @@ def probe_signal(cap: Capture) -> list[Finding]:
             found.append(_norm_finding(cap, severity, trunk, ev, decay))
         elif blame[0] == "weights":
             found.append(init_finding("init_too_small", severity, trunk, following_acts(cap), ev, decay))
-    elif weights_matter and (back_hi > EXPLODE_DECADES or fwd_hi > EXPLODE_DECADES):
+    elif weights_matter and (back_hi > EXPLODE_DECADES or fwd_hi > FORWARD_EXPLODE_DECADES):
         growth = max(back_hi, fwd_hi)
         severity = "error" if growth > 2 * EXPLODE_DECADES else "warning"
         found.append(init_finding("init_too_large", severity, trunk, following_acts(cap), ev, growth))

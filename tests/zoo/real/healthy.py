@@ -32,8 +32,8 @@ def hf_batch(name: str, model: nn.Module) -> tuple[Any, Callable[..., torch.Tens
     return ({"input_ids": ids, "decoder_input_ids": dec}, dec.roll(-1, 1)), ce
 
 
-def hf_setup(name: str, opt: str = "adamw", lr: float = 1e-3, seed: int = 0, **over: Any) -> Setup:
-    model = hf.build(name, seed=seed, **over)
+def hf_setup(name: str, opt: str = "adamw", lr: float = 1e-3, seed: int = 0, library_init: bool = False, **over: Any) -> Setup:
+    model = hf.build(name, seed=seed, library_init=library_init, **over)
     batch, loss = hf_batch(name, model)
     return model, batch, loss, make_opt(model, opt, lr)
 

@@ -43,8 +43,10 @@ SPECS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "resnet": ("ResNetConfig", "ResNetForImageClassification", dict(embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 2, 2], layer_type="bottleneck", num_labels=10), "img"),
     "convnext": ("ConvNextConfig", "ConvNextForImageClassification", dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 3, 1], num_labels=10), "img"),
     "convnextv2": ("ConvNextV2Config", "ConvNextV2ForImageClassification", dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 3, 1], num_labels=10), "img"),
-    "mobilenet_v1": ("MobileNetV1Config", "MobileNetV1ForImageClassification", dict(image_size=32, depth_multiplier=0.25, num_labels=10), "img"),
-    "mobilenet_v2": ("MobileNetV2Config", "MobileNetV2ForImageClassification", dict(image_size=32, depth_multiplier=0.35, num_labels=10), "img"),
+    # HF's classifier_dropout_prob defaults (0.999, 0.8) are the TF keep probabilities: as a
+    # drop probability 0.999 feeds the classifier 0.1% of the features
+    "mobilenet_v1": ("MobileNetV1Config", "MobileNetV1ForImageClassification", dict(image_size=32, depth_multiplier=0.25, num_labels=10, classifier_dropout_prob=0.2), "img"),
+    "mobilenet_v2": ("MobileNetV2Config", "MobileNetV2ForImageClassification", dict(image_size=32, depth_multiplier=0.35, num_labels=10, classifier_dropout_prob=0.2), "img"),
     "efficientnet": ("EfficientNetConfig", "EfficientNetForImageClassification", dict(image_size=32, width_coefficient=0.5, depth_coefficient=0.5, hidden_dim=640, num_labels=10), "img"),
     "regnet": ("RegNetConfig", "RegNetForImageClassification", dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], groups_width=8, num_labels=10), "img"),
     "vit": ("ViTConfig", "ViTForImageClassification", dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, num_labels=10), "img"),
@@ -59,14 +61,27 @@ SPECS: dict[str, tuple[str, str, dict[str, Any], str]] = {
 }
 
 
-def build(name: str, seed: int = 0, **over: Any) -> nn.Module:
-    """The model ``name`` of :data:`SPECS` with config fields ``over``, seeded init."""
+#: models whose transformers ``_init_weights`` draws BatchNorm gains from N(0, 0.02) like a
+#: weight matrix (EfficientNet, MobileViT): their signal vanishes at init (EfficientNet's
+#: logits are ~1e-33 at this size). The healthy zoo builds them with BN gains 1, as
+#: torchvision and timm do; the broken zoo keeps the library's init.
+BN_GAIN_BUG = ("efficientnet", "mobilevit")
+
+
+def build(name: str, seed: int = 0, library_init: bool = False, **over: Any) -> nn.Module:
+    """The model ``name`` of :data:`SPECS` with config fields ``over``, seeded init.
+    ``library_init``: keep the library's BatchNorm gains even where they are broken."""
     import transformers
 
     cfg_cls, model_cls, kw, _ = SPECS[name]
     cfg = getattr(transformers, cfg_cls)(**{**kw, **over})
     torch.manual_seed(seed)
-    return getattr(transformers, model_cls)(cfg)
+    model = getattr(transformers, model_cls)(cfg)
+    if name in BN_GAIN_BUG and not library_init:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+    return model
 
 
 def kind(name: str) -> str:
