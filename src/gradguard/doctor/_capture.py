@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .._tensors import iter_floats, iter_tensors
 from ._acts import Act, activation_fn, extra_args, fn_name, measure
+from ._attention import is_attention_softmax, normalized_entropy, sdpa_entropy
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Capture:
     param_grads: dict[str, Tensor | None]
     call_count: dict[str, int]
     graph_root: Any
+    attention: list[tuple[str, float]] = field(default_factory=list)  # (where, normalised entropy)
 
 
 def is_weight_layer(m: nn.Module) -> bool:
@@ -107,21 +110,35 @@ def _finite(t: Tensor) -> bool:
 
 
 class _ActivationMode(TorchFunctionMode):
-    def __init__(self, on_act: Callable[[Any, tuple[Any, ...], dict[str, Any]], Act], acts_out: dict[tuple[int, tuple[int, ...]], Act]) -> None:
+    """Sees every torch function call: activations (measured before they run, an in-place
+    one overwrites its input) and attention softmaxes (their entropy)."""
+
+    def __init__(
+        self,
+        on_act: Callable[[Any, tuple[Any, ...], dict[str, Any]], Act],
+        acts_out: dict[tuple[int, tuple[int, ...]], Act],
+        where: Callable[[], str],
+    ) -> None:
         super().__init__()
         self.on_act = on_act
         self.acts_out = acts_out  # (data_ptr, shape) of an activation's output -> the Act
+        self.where = where
+        self.attention: list[tuple[str, float]] = []  # (module path, normalised entropy)
         self.suspended = False
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         act = None
-        if not self.suspended and args and isinstance(args[0], Tensor) and args[0].is_floating_point():
-            if activation_fn(func) is not None:
-                act = self.on_act(func, args, kwargs)
+        live = not self.suspended and args and isinstance(args[0], Tensor) and args[0].is_floating_point()
+        if live and activation_fn(func) is not None:
+            act = self.on_act(func, args, kwargs)
+        if live and func is F.scaled_dot_product_attention:
+            self.attention.append((self.where(), sdpa_entropy(args, kwargs)))
         out = func(*args, **kwargs)
         if act is not None and isinstance(out, Tensor):
             self.acts_out[(out.data_ptr(), tuple(out.shape))] = act
+        if live and isinstance(out, Tensor) and is_attention_softmax(func, args, kwargs):
+            self.attention.append((self.where(), normalized_entropy(out)))
         return out
 
 
@@ -142,10 +159,23 @@ def _recorded_module(m: nn.Module) -> bool:
 @contextmanager
 def _hooks(
     model: nn.Module, calls: list[Call], acts: list[Act], counter: list[int], blocks: set[str]
-) -> Iterator[None]:
+) -> Iterator[list[tuple[str, float]]]:
     stack: list[str] = []
     producers: dict[tuple[int, tuple[int, ...]], Call] = {}  # (data_ptr, shape) of an output -> its call
     pending: dict[int, list[tuple[Call, int, int, int]]] = {}
+    # a module's input is mostly the output of the module before it: a module output (kept
+    # alive by its Call, so its storage is not reused) is measured once (key: storage, shape,
+    # in-place version)
+    seen: dict[tuple[int, tuple[int, ...], int], tuple[float, float]] = {}
+
+    def peak_rms(t: Tensor, rms: bool) -> tuple[float, float]:
+        got = seen.get((t.data_ptr(), tuple(t.shape), t._version))
+        if got is not None:
+            return got
+        if rms:
+            r, p, finite = _stats(t)
+            return (p if finite else math.inf, r)
+        return float(t.detach().abs().max()), math.nan
     handles: list[Any] = []
     last_weight = [""]
     modules = dict(model.named_modules())
@@ -168,7 +198,7 @@ def _hooks(
         acts.append(act)
         return act
 
-    mode = _ActivationMode(on_act, acts_out)
+    mode = _ActivationMode(on_act, acts_out, lambda: stack[-1] if stack else "")
 
     def pre(path: str) -> Callable[..., Any]:
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -177,12 +207,12 @@ def _hooks(
             call = Call(path=path, module=mod, order=-1, out=None, args=args, kwargs=kwargs)
             # one pass per input: max |x| is NaN/Inf exactly when x holds a NaN/Inf
             floats = [t for t in ins if t.is_floating_point() and t.numel()]
-            peaks = [float(t.detach().abs().max()) for t in floats]
+            first_stats = peak_rms(floats[0], True) if floats else (0.0, math.nan)
+            peaks = [first_stats[0]] + [peak_rms(t, False)[0] for t in floats[1:]] if floats else []
             call.in_finite = all(math.isfinite(v) for v in peaks)
             call.in_absmax = max((v for v in peaks if math.isfinite(v)), default=0.0)
             if floats:
-                with torch.no_grad():
-                    call.in_rms = float(floats[0].detach().float().pow(2).mean().sqrt())
+                call.in_rms = first_stats[1]
                 call.in_features = int(floats[0].shape[-1]) if floats[0].ndim else 1
             call.in_nodes = {t.grad_fn for t in ins if t.grad_fn is not None}
             first = floats[0] if floats else None
@@ -218,13 +248,13 @@ def _hooks(
             if path in composite and len(acts) > n_acts and unchanged and outs and first_in is not None:
                 _fold_composite(mod, path, first_in, outs[0], acts, n_acts, ptr)
             call.out_nodes = [t.grad_fn for t in outs if t.grad_fn is not None]
-            call.out_finite = all(math.isfinite(float(t.detach().abs().max())) for t in outs if t.numel())
             if outs:
                 o = outs[0]
                 call.out = o
                 producers[(o.data_ptr(), tuple(o.shape))] = call
                 call.out_dtype = o.dtype
-                call.out_rms, call.out_absmax, _ = _stats(o)
+                call.out_rms, call.out_absmax, finite = _stats(o)
+                seen[(o.data_ptr(), tuple(o.shape), o._version)] = (call.out_absmax if finite else math.inf, call.out_rms)
                 if path in blocks and unchanged and first_in is not None and first_in.shape == o.shape:
                     with torch.no_grad():
                         call.delta_rms = float((o.detach().float() - first_in.detach().float()).pow(2).mean().sqrt())
@@ -234,6 +264,7 @@ def _hooks(
                         call.grad_norm, call.grad_finite = _norm(g)
 
                     o.register_hook(grad_hook)
+            call.out_finite = all(math.isfinite(peak_rms(t, False)[0]) for t in outs if t.numel())
             calls.append(call)
 
         return hook
@@ -260,7 +291,7 @@ def _hooks(
             handles.append(mod.register_forward_pre_hook(pre(path), with_kwargs=True))
             handles.append(mod.register_forward_hook(post(path), with_kwargs=True))
         with mode:
-            yield
+            yield mode.attention
     finally:
         for h in handles:
             h.remove()
@@ -277,7 +308,7 @@ def run_capture(
     calls: list[Call] = []
     acts: list[Act] = []
     counter = [0]
-    with _hooks(model, calls, acts, counter, blocks or set()):
+    with _hooks(model, calls, acts, counter, blocks or set()) as attention:
         out = call_model()
     loss = compute_loss(out)
     output_finite = all(_finite(t) for t in iter_tensors(out))
@@ -306,4 +337,5 @@ def run_capture(
         param_grads={n: g for (n, _), g in zip(named, grads[: len(named)])},
         call_count=count,
         graph_root=loss.grad_fn,
+        attention=[(w, h) for w, h in attention if math.isfinite(h)],
     )

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .._tensors import call_model, iter_tensors
+from ._attention import attention_evidence
 from ._budget import Budget, default_budget
 from ._capture import is_weight_layer, run_capture
 from ._report import Diagnosis, Finding
@@ -206,6 +207,7 @@ def doctor(
         findings += probe_nonfinite_input(inputs, targets)
         if not findings:
             stacks = find_stacks(model)
+            torch.manual_seed(0)  # the LR probe's seed: its first step reuses this pass
             cap = run_capture(
                 model,
                 lambda: forward_checked(model, inputs),
@@ -229,9 +231,23 @@ def doctor(
                 probes.append("gradcheck")
                 findings += probe_custom_functions(cap, budget=budget)
             if not numeric:
-                findings += merge_depth(probe_signal(cap), probe_stacks(cap, model, stacks))
+                depth = merge_depth(probe_signal(cap), probe_stacks(cap, model, stacks))
+                attention = attention_evidence(cap.attention)
+                for f in depth:
+                    if f.cause in ("init_too_large", "init_too_small") and attention:
+                        f.evidence.update(attention)
+                        if f.cause == "init_too_large" and attention["attention_collapsed"]:
+                            f.confidence = max(f.confidence, 0.9)
+                            f.remedy += (
+                                f" The attention has collapsed to one key per query (entropy "
+                                f"{attention['attention_entropy_min']:.2g} of uniform at "
+                                f"`{attention['attention_entropy_min_at']}`): its query/key logits are too large."
+                            )
+                findings += depth
                 findings += probe_recurrent(cap)
             findings += probe_disconnected(cap, model)
+            named = dict(model.named_parameters())
+            start = (cap.loss, {id(named[n]): g for n, g in cap.param_grads.items() if g is not None})
             del cap
             restore_buffers()
             if optimizer is not None and not numeric:
@@ -245,7 +261,13 @@ def doctor(
                     return step_loss(m, *sub) if sub is not None else step_loss(m)
 
                 findings += probe_lr(
-                    model, optimizer, step_loss, steps=lr_probe_steps, budget=budget, curvature_loss=curvature_loss
+                    model,
+                    optimizer,
+                    step_loss,
+                    steps=lr_probe_steps,
+                    budget=budget,
+                    curvature_loss=curvature_loss,
+                    start=start,
                 )
     return Diagnosis(
         findings=findings,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -33,6 +34,8 @@ from torch import Tensor, nn
 
 #: the loss ending above this multiple of the initial loss counts as a blow-up
 LR_BLOWUP = 10.0
+#: steps a run always takes, whatever the time budget says
+MIN_STEPS = 2
 
 
 def _clone_state(v: Any) -> Any:
@@ -52,6 +55,7 @@ class StepRunner:
         self._values: list[Tensor] = []
         self._buffers: list[tuple[Tensor, Tensor]] = []
         self._grads: list[Tensor | None] = []
+        self.stopped_early = False  # the last run stopped before its steps (afford said no)
 
     def __enter__(self) -> StepRunner:
         with torch.no_grad():
@@ -121,9 +125,16 @@ class StepRunner:
         scale: float,
         steps: int,
         more: Callable[[list[float]], int] | None = None,
+        start: tuple[float, dict[int, Tensor]] | None = None,
+        afford: Callable[[float], bool] | None = None,
     ) -> list[float]:
         """The loss before each step and after the last; stops early once it blows up.
+
         ``more(losses)``, asked after ``steps`` steps, may ask for that many more.
+        ``start``: the loss and the gradients (by ``id`` of the parameter) at the entry state
+        under this runner's seed, when the caller has them already: the first step then
+        costs no forward/backward pass. ``afford(seconds)``: asked before each step after
+        the :data:`MIN_STEPS` th with the cost of the last one; False stops the run.
 
         Every evaluation uses the same random seed, so dropout draws the same masks each
         time: the losses differ only by what the steps changed."""
@@ -131,11 +142,20 @@ class StepRunner:
         opt = self.fresh_optimizer(scale)
         out: list[float] = []
         i = 0
+        self.stopped_early = False
         while True:
-            torch.manual_seed(self.seed)
+            t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss = step_loss(self.model)
-            v = float(loss.detach().float())
+            if i == 0 and start is not None:
+                v = start[0]
+                for p in self.opt_params:
+                    g = start[1].get(id(p))
+                    p.grad = None if g is None else g.detach().clone()
+                loss = None
+            else:
+                torch.manual_seed(self.seed)
+                loss = step_loss(self.model)
+                v = float(loss.detach().float())
             out.append(v)
             if not math.isfinite(v) or (i and v > LR_BLOWUP * abs(out[0]) + 1e-12):
                 break  # diverged: more steps cost time and tell nothing new
@@ -143,8 +163,14 @@ class StepRunner:
                 steps += more(out)
             if i >= steps:
                 break
-            i += 1
-            loss.backward()
+            if loss is not None:
+                loss.backward()
             opt.step()
+            i += 1
+            if i >= MIN_STEPS and i < steps and afford is not None and not afford(time.perf_counter() - t0):
+                self.stopped_early = True
+                torch.manual_seed(self.seed)
+                out.append(float(step_loss(self.model).detach().float()))
+                break
         self.reset()
         return out

@@ -39,9 +39,10 @@ def _step_probe(
     step_loss: Callable[[nn.Module], Tensor],
     steps: int,
     budget: Budget | None = None,
+    start: tuple[float, dict[int, Tensor]] | None = None,
 ) -> list[Finding]:
     with StepRunner(model, optimizer) as runner:
-        return _step_verdict(runner, optimizer, step_loss, steps, budget)
+        return _step_verdict(runner, optimizer, step_loss, steps, budget, start)
 
 
 def _step_verdict(
@@ -50,8 +51,17 @@ def _step_verdict(
     step_loss: Callable[[nn.Module], Tensor],
     steps: int,
     budget: Budget | None,
+    start: tuple[float, dict[int, Tensor]] | None,
 ) -> list[Finding]:
     lr = float(optimizer.param_groups[0]["lr"])
+    afford = budget.allows if budget is not None else None
+
+    def steps_at(scale: float, more: Callable[[list[float]], int] | None = None) -> list[float]:
+        out = runner.losses(step_loss, scale, steps, more=more, start=start, afford=afford)
+        if runner.stopped_early and budget is not None:
+            budget.note(f"lr: {len(out) - 1} of {steps} steps at lr x {scale:g}")
+        return out
+
     t0 = time.perf_counter()
     def catapult(losses: list[float]) -> int:
         # a loss that rose by a little may be the "catapult" of a healthy high LR (it spikes,
@@ -59,7 +69,7 @@ def _step_verdict(
         rose_a_little = (1 + LR_RISE) * losses[0] < losses[-1] < LR_BLOWUP * losses[0]
         return steps if rose_a_little and (budget is None or budget.allows(time.perf_counter() - t0)) else 0
 
-    hi = runner.losses(step_loss, 1.0, steps, more=catapult)
+    hi = steps_at(1.0, catapult)
     run_cost = (time.perf_counter() - t0) * steps / max(1, len(hi) - 1)
     l0 = hi[0]
     if not math.isfinite(l0):
@@ -76,7 +86,7 @@ def _step_verdict(
         if budget is not None and tried and not budget.allows(run_cost):
             budget.note(f"lr: stopped before lr x {scale:g}")
             break
-        tried[scale] = runner.losses(step_loss, scale, steps)
+        tried[scale] = steps_at(scale)
         run = tried[scale]
         if math.isfinite(run[-1]) and run[-1] <= l0 * (1 + LR_RISE) + 1e-12:
             stable = scale
@@ -131,6 +141,7 @@ def probe_lr(
     steps: int = LR_PROBE_STEPS,
     budget: Budget | None = None,
     curvature_loss: Callable[[nn.Module], Tensor] | None = None,
+    start: tuple[float, dict[int, Tensor]] | None = None,
 ) -> list[Finding]:
     """``lr_too_high`` from the step probe, the curvature rule (SGD), or both.
 
@@ -145,9 +156,11 @@ def probe_lr(
     which makes the estimate meaningless.
 
     ``budget`` bounds the optional work (smaller LRs, power iterations); ``curvature_loss``
-    (default ``step_loss``) is the loss the curvature is measured on, e.g. on a sub-batch.
+    (default ``step_loss``) is the loss the curvature is measured on, e.g. on a sub-batch;
+    ``start``: the loss and gradients (by parameter ``id``) at the current state under seed
+    0, which spares every run its first forward/backward pass.
     """
-    found = _step_probe(model, optimizer, step_loss, steps, budget)
+    found = _step_probe(model, optimizer, step_loss, steps, budget, start)
     sharp: Sharpness | None = None
     if isinstance(optimizer, torch.optim.SGD):
         if budget is not None and budget.left() <= 0:

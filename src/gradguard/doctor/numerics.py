@@ -30,7 +30,10 @@ def _first_nonfinite(cap: Capture) -> tuple[str | None, str, torch.dtype | None,
 def probe_nonfinite(cap: Capture, model: nn.Module) -> list[Finding]:
     """A non-finite loss or gradient from finite inputs: localise it and name the cause."""
     path, _, dtype, in_absmax = _first_nonfinite(cap)
-    grads_bad = [n for n, g in cap.param_grads.items() if g is not None and not bool(torch.isfinite(g).all())]
+    named = [(n, g) for n, g in cap.param_grads.items() if g is not None]
+    # one norm per gradient (a NaN/Inf anywhere makes it non-finite), one host copy
+    norms = torch.stack([g.detach().float().norm() for _, g in named]).tolist() if named else []
+    grads_bad = [n for (n, _), v in zip(named, norms) if not math.isfinite(v)]
     loss_bad = not math.isfinite(cap.loss)
     if path is None and not loss_bad and not grads_bad:
         return []
