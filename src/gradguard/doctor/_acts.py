@@ -130,6 +130,7 @@ class Act:
     sat_frac: float  # bounded: share of inputs in a flat tail; relu family: of the inputs > 0
     deriv_rms: float  # rms of f' at the measured inputs
     active_frac: float  # share of inputs where f' is not flat
+    off_frac: float  # relu family: share of inputs flat below 0 (zero gradient)
     pre_rms: float
     pre_absmax: float
     pre_mean: float = 0.0
@@ -154,7 +155,7 @@ def measure(
         n = xf.numel()
         d = derivative(fn, xf, args, kwargs).abs() if n else xf
         flat = d < FLAT * prof.peak
-        dead = sat = 0.0
+        dead = sat = off = 0.0
         u = units_by_samples(xf)
         if prof.family == "relu" and n:
             lo = units_by_samples(flat & (xf < 0))
@@ -162,6 +163,7 @@ def measure(
             # the negative side is flat by design: saturation is judged on the positive side
             pos = xf > 0
             sat = float((flat & pos).sum() / pos.sum().clamp_min(1))
+            off = float((flat & ~pos).float().mean())
         elif prof.family == "bounded" and n:
             sat = float(flat.float().mean())
         return Act(
@@ -174,6 +176,7 @@ def measure(
             sat_frac=sat,
             deriv_rms=float(d.pow(2).mean().sqrt()) if n else math.nan,
             active_frac=1.0 - float(flat.float().mean()) if n else 0.0,
+            off_frac=off,
             pre_rms=float(xf.pow(2).mean().sqrt()) if n else 0.0,
             pre_absmax=float(xf.abs().max()) if n else 0.0,
             pre_mean=float(xf.mean()) if n else 0.0,

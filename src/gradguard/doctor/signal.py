@@ -41,9 +41,10 @@ EXPLODE_DECADES = 2.0
 #: Forward growth, in decades, of the weight layers' output rms: healthy models at init
 #: stay within 0.7 decade of their first layer (the zoos' maximum is 0.64, MobileViT).
 FORWARD_EXPLODE_DECADES = 1.5
-#: Share of a layer's ReLU units that are off on every sample of the batch. Deep ReLU nets
-#: correlate their samples (the sign of a unit becomes the same for the whole batch), so up
-#: to ~50 % of units can be off on a batch at init in a healthy deep network.
+#: Share of a layer's ReLU units that are off on every sample of the batch, or of its inputs
+#: that are below 0 (zero gradient). Deep ReLU nets correlate their samples (the sign of a
+#: unit becomes the same for the whole batch), so up to ~50 % of units can be off on a batch
+#: at init in a healthy deep network; at most 68 % of inputs are off on the zoos.
 DEAD_FRACTION = 0.9
 #: Share of an activation's inputs in a flat tail (derivative < 1 % of its peak; for the
 #: ReLU family, of its positive inputs). At a He/Xavier init a sigmoid/tanh sees |x| beyond
@@ -104,7 +105,7 @@ def direct_findings(cap: Capture) -> list[Finding]:
     out: list[Finding] = []
     acts = model_acts(cap)
     relu = [a for a in acts if a.family == "relu"]
-    dead = [a for a in relu if a.dead_frac >= DEAD_FRACTION]
+    dead = [a for a in relu if max(a.dead_frac, a.off_frac) >= DEAD_FRACTION]
     if dead:
         out.append(_dead_finding(cap, dead, len(relu)))
     sat = [a for a in acts if a.family in ("bounded", "relu") and a.sat_frac >= SATURATED_FRACTION]
@@ -115,9 +116,11 @@ def direct_findings(cap: Capture) -> list[Finding]:
 
 
 def _dead_finding(cap: Capture, dead: list[Act], n_relu: int) -> Finding:
-    worst = max(dead, key=lambda a: a.dead_frac)
+    worst = max(dead, key=lambda a: max(a.dead_frac, a.off_frac))
+    share = max(worst.dead_frac, worst.off_frac)
     ev: dict[str, Any] = {
         "dead_fraction": worst.dead_frac,
+        "off_fraction": worst.off_frac,
         "layers_dead": len(dead),
         "relu_layers": n_relu,
         "activation": worst.kind,
@@ -144,14 +147,19 @@ def _dead_finding(cap: Capture, dead: list[Act], n_relu: int) -> Finding:
                 f"(weights pushed negative, e.g. by a too large update): re-init it with He "
                 f"(kaiming_normal_, zero bias), lower the learning rate, or use LeakyReLU/GELU"
             )
+    what = (
+        f"{worst.dead_frac:.0%} of its units off on the whole batch"
+        if worst.dead_frac >= worst.off_frac
+        else f"{worst.off_frac:.0%} of its inputs below 0 (no gradient)"
+    )
     return Finding(
         "dead_units",
-        "error" if worst.dead_frac >= 0.99 else "warning",
+        "error" if share >= 0.99 else "warning",
         worst.where or None,
         ev,
-        f"{len(dead)} of {n_relu} ReLU-family layers have ≥{DEAD_FRACTION:.0%} units off on "
-        f"the whole batch (worst {worst.dead_frac:.0%} at `{worst.where or 'model'}`): {fix}.",
-        min(1.0, 0.5 + worst.dead_frac / 2),
+        f"{len(dead)} of {n_relu} ReLU-family layers are ≥{DEAD_FRACTION:.0%} off (worst "
+        f"`{worst.where or 'model'}`: {what}): {fix}.",
+        min(1.0, 0.5 + share / 2),
     )
 
 

@@ -383,6 +383,115 @@ class _NewHead(nn.Module):
         return self.head(F.adaptive_avg_pool2d(self.net.features(x), 1).flatten(1))
 
 
+# ---- cases added after the probes were settled (not tuned on) -------------------------------
+def bert_init_range_tiny_sgd() -> Setup:
+    """BERT (post-LN) with ``initializer_range=1e-4``, trained with SGD."""
+    return hf_setup("bert", "sgd", 0.1, initializer_range=1e-4)
+
+
+def vit_init_range_one() -> Setup:
+    """ViT with ``initializer_range=1.0`` (meant 0.02)."""
+    return hf_setup("vit", "adamw", 1e-3, initializer_range=1.0)
+
+
+def t5_adamw_lr_ten() -> Setup:
+    return hf_setup("t5", "adamw", 10.0)
+
+
+def mobilenet_v3_bn_shift_negative() -> Setup:
+    """MobileNetV3 whose BN shifts were initialised to -5: Hardswish/ReLU units all off."""
+    torch.manual_seed(0)
+    m = MobileNetV3()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.bias.fill_(-5.0)
+    return m, images(hw=64), ce, make_opt(m, "rmsprop", 1e-3)
+
+
+class _MeanPooled(nn.Module):
+    """DistilBERT sentence classifier with masked mean pooling written by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from . import hf
+
+        self.enc = hf.build("distilbert").distilbert
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        h = self.enc(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def distilbert_empty_text_mean_pool() -> Setup:
+    """A batch with one empty text (attention mask all 0): the hand-written mean pool divides
+    0 by 0 inside the model."""
+    torch.manual_seed(0)
+    m = _MeanPooled()
+    ids = token_ids()
+    mask = torch.ones_like(ids)
+    mask[2] = 0
+    return m, ((ids, mask), labels(4, 3)), ce, make_opt(m, "adamw", 5e-5)
+
+
+def regnet_raw_pixels() -> Setup:
+    m, (x, y), loss, opt = hf_setup("regnet", "sgd", 0.1)
+    return m, ((x * 0.25 + 0.5).clamp(0, 1) * 255.0, y), loss, opt
+
+
+class _BadRMSNorm(torch.autograd.Function):
+    """RMSNorm with a backward that forgets the normalisation's own derivative."""
+
+    @staticmethod
+    def forward(ctx, x, w):  # type: ignore[override]
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        ctx.save_for_backward(x, w, r)
+        return x * r * w
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, w, r = ctx.saved_tensors
+        return g * w * r, (g * x * r).sum(tuple(range(g.ndim - 1)))
+
+
+class _FusedRMSNorm(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _BadRMSNorm.apply(x, self.weight)
+
+
+def llama_custom_rmsnorm() -> Setup:
+    """Llama whose RMSNorm layers were swapped for a hand-written fused Function."""
+    m, b, loss, opt = hf_setup("llama", "adamw", 3e-4)
+    for layer in m.model.layers:
+        layer.input_layernorm = _FusedRMSNorm(64)
+        layer.post_attention_layernorm = _FusedRMSNorm(64)
+    return m, b, loss, make_opt(m, "adamw", 3e-4)
+
+
+def bert_pretraining_mlm_only() -> Setup:
+    """BertForPreTraining trained on its MLM logits only: the pooler and the next-sentence
+    head are in the optimizer but never reached by the loss."""
+    import transformers
+
+    from .hf import SPECS
+
+    torch.manual_seed(0)
+    m = transformers.BertForPreTraining(transformers.BertConfig(**SPECS["bert"][2]))
+    ids = token_ids()
+
+    def mlm(out: object, t: Tensor) -> Tensor:
+        z = out.prediction_logits  # type: ignore[attr-defined]
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), t.reshape(-1))
+
+    return m, (ids, ids), mlm, make_opt(m, "adamw", 1e-4)
+
+
 REAL_BROKEN: list[Case] = [
     Case("gpt2_weights_x0.01_sgd", "init_too_small", gpt2_weights_tiny_sgd),
     Case("llama_init_range_1e-4_sgd", "init_too_small", llama_init_range_tiny_sgd),
@@ -418,4 +527,12 @@ REAL_BROKEN: list[Case] = [
     Case("encoder_bad_custom_gelu", "wrong_gradient", encoder_custom_gelu_wrong),
     Case("convnext_features_detached", "disconnected_layer", convnext_features_detached),
     Case("mobilenet_v3_unused_classifier", "disconnected_layer", mobilenet_v3_unused_classifier),
+    Case("bert_init_range_1e-4_sgd", "init_too_small", bert_init_range_tiny_sgd),
+    Case("vit_init_range_1", "init_too_large", vit_init_range_one),
+    Case("t5_adamw_lr_10", "lr_too_high", t5_adamw_lr_ten),
+    Case("mobilenet_v3_bn_shift_-5", "dead_units", mobilenet_v3_bn_shift_negative),
+    Case("distilbert_empty_text_mean_pool", "nonfinite_loss", distilbert_empty_text_mean_pool),
+    Case("regnet_raw_pixels", "unscaled_input", regnet_raw_pixels),
+    Case("llama_custom_rmsnorm_backward", "wrong_gradient", llama_custom_rmsnorm),
+    Case("bert_pretraining_mlm_only", "disconnected_layer", bert_pretraining_mlm_only),
 ]
