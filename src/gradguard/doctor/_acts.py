@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: |f'| below this share of the function's peak derivative counts as flat
-FLAT = 0.01
+#: |f'| below this share of the function's peak derivative counts as flat: 1 %, just under,
+#: so that a LeakyReLU's default slope 0.01 is not flat
+FLAT = 0.0099
 #: grid on which a function's profile is probed
 _GRID = (-10.0, -0.5, 10.0)
 

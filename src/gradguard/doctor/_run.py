@@ -232,18 +232,7 @@ def doctor(
                 findings += probe_custom_functions(cap, budget=budget)
             if not numeric:
                 depth = merge_depth(probe_signal(cap), probe_stacks(cap, model, stacks))
-                attention = attention_evidence(cap.attention)
-                for f in depth:
-                    if f.cause in ("init_too_large", "init_too_small") and attention:
-                        f.evidence.update(attention)
-                        if f.cause == "init_too_large" and attention["attention_collapsed"]:
-                            f.confidence = max(f.confidence, 0.9)
-                            f.remedy += (
-                                f" The attention has collapsed to one key per query (entropy "
-                                f"{attention['attention_entropy_min']:.2g} of uniform at "
-                                f"`{attention['attention_entropy_min_at']}`): its query/key logits are too large."
-                            )
-                findings += depth
+                findings += with_attention(depth, attention_evidence(cap.attention))
                 findings += probe_recurrent(cap)
             findings += probe_disconnected(cap, model)
             named = dict(model.named_parameters())
@@ -278,6 +267,42 @@ def doctor(
         budget_s=budget.total_s,
         cut=list(budget.cut),
     )
+
+
+def with_attention(depth: list[Finding], attention: dict[str, Any]) -> list[Finding]:
+    """Attention entropy as evidence for the init findings; a collapsed attention (one key per
+    query at init) with no other init finding is one itself: its logits are too large."""
+    if not attention:
+        return depth
+    for f in depth:
+        if f.cause in ("init_too_large", "init_too_small"):
+            f.evidence.update(attention)
+    if not attention["attention_collapsed"]:
+        return depth
+    where, low = attention["attention_entropy_min_at"], attention["attention_entropy_min"]
+    note = (
+        f"the attention at `{where}` has collapsed to about one key per query (entropy {low:.2g} of "
+        f"uniform; at a healthy init it is near 1): its query/key logits are too large"
+    )
+    large = [f for f in depth if f.cause == "init_too_large"]
+    for f in large:
+        f.confidence = max(f.confidence, 0.9)
+        f.remedy += f" Also, {note}."
+    if large:
+        return depth
+    return [
+        *depth,
+        Finding(
+            "init_too_large",
+            "warning",
+            where or None,
+            dict(attention),
+            f"{note}, so queries and keys get almost no gradient: init their projections with std "
+            f"~1/sqrt(width) (0.02 for transformers), keep the 1/sqrt(head_dim) scaling, or add "
+            f"QK-LayerNorm.",
+            0.7,
+        )
+    ]
 
 
 def merge_depth(chain: list[Finding], stacks: list[Finding]) -> list[Finding]:

@@ -132,8 +132,9 @@ def probe_disconnected(cap: Capture, model: nn.Module) -> list[Finding]:
     by_layer: dict[str, list[str]] = {}
     for n in none:
         by_layer.setdefault(n.rpartition(".")[0] or "(root)", []).append(n)
-    got = {n.rpartition(".")[0] or "(root)" for n, g in cap.param_grads.items() if g is not None}
-    cut = [lay for lay in by_layer if lay not in got]
+    got = [n for n, g in cap.param_grads.items() if g is not None]
+    # a layer is cut off when nothing in it (its own parameters or its children's) gets a gradient
+    cut = [lay for lay in by_layer if not any(n.startswith(lay + ".") or lay == "(root)" for n in got)]
     layers = cut or list(by_layer)
     ran = {c.path for c in cap.calls}
     unused = [lay for lay in layers if lay not in ran]

@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ from ._acts import Act
 from ._capture import Call, Capture, is_norm, is_weight_layer
 from ._report import Finding
 from ._weights import recommended_std, weight_stats
+from .activations import direct_findings, model_acts, saturation_finding
 
 #: Backward (and forward) signal ratio between the first and the last weight layer, in
 #: decades. A He-initialised 50-layer ReLU MLP stays within ~1 decade; PyTorch's default
@@ -41,15 +43,6 @@ EXPLODE_DECADES = 2.0
 #: Forward growth, in decades, of the weight layers' output rms: healthy models at init
 #: stay within 0.7 decade of their first layer (the zoos' maximum is 0.64, MobileViT).
 FORWARD_EXPLODE_DECADES = 1.5
-#: Share of a layer's ReLU units that are off on every sample of the batch, or of its inputs
-#: that are below 0 (zero gradient). Deep ReLU nets correlate their samples (the sign of a
-#: unit becomes the same for the whole batch), so up to ~50 % of units can be off on a batch
-#: at init in a healthy deep network; at most 68 % of inputs are off on the zoos.
-DEAD_FRACTION = 0.9
-#: Share of an activation's inputs in a flat tail (derivative < 1 % of its peak; for the
-#: ReLU family, of its positive inputs). At a He/Xavier init a sigmoid/tanh sees |x| beyond
-#: the tail edge (6 and 3) on well under 2 % of inputs (1.1 % at most on the zoos).
-SATURATED_FRACTION = 0.25
 #: share of the weight layers that feed a normalisation layer above which the chain's
 #: signal is the normalisation's business, not the weights'
 NORMALIZED_SHARE = 0.5
@@ -95,110 +88,6 @@ def _span(layers: list[Call]) -> str:
     return a if a == b else f"{a} … {b}"
 
 
-def model_acts(cap: Capture) -> list[Act]:
-    """Activations outside recurrent loops (a loop's activations are the recurrent probe's)."""
-    return [a for a in cap.acts if cap.call_count.get(a.where, 1) <= 1 or a.where == ""]
-
-
-def direct_findings(cap: Capture) -> list[Finding]:
-    """Dead and saturated activation layers, whatever the depth."""
-    out: list[Finding] = []
-    acts = model_acts(cap)
-    relu = [a for a in acts if a.family == "relu"]
-    dead = [a for a in relu if max(a.dead_frac, a.off_frac) >= DEAD_FRACTION]
-    if dead:
-        out.append(_dead_finding(cap, dead, len(relu)))
-    sat = [a for a in acts if a.family in ("bounded", "relu") and a.sat_frac >= SATURATED_FRACTION]
-    if sat:
-        worst = max(sat, key=lambda a: a.sat_frac)
-        out.append(saturation_finding(sat, worst, None))
-    return out
-
-
-def _dead_finding(cap: Capture, dead: list[Act], n_relu: int) -> Finding:
-    worst = max(dead, key=lambda a: max(a.dead_frac, a.off_frac))
-    share = max(worst.dead_frac, worst.off_frac)
-    ev: dict[str, Any] = {
-        "dead_fraction": worst.dead_frac,
-        "off_fraction": worst.off_frac,
-        "layers_dead": len(dead),
-        "relu_layers": n_relu,
-        "activation": worst.kind,
-        "n_units": worst.n_units,
-        "pre_activation_mean": worst.pre_mean,
-        "pre_activation_rms": worst.pre_rms,
-        "threshold": DEAD_FRACTION,
-    }
-    fix = "re-init with He (kaiming_normal_, zero bias), lower the learning rate, or use LeakyReLU/GELU"
-    producer = next((c.module for c in cap.calls if c.path == worst.after), None)
-    bias = producer._parameters.get("bias") if producer is not None else None
-    if isinstance(bias, Tensor) and bias.numel():
-        ev["input_layer"] = worst.after
-        ev["bias_mean"] = float(bias.detach().float().mean())
-        if ev["bias_mean"] < 0 and abs(ev["bias_mean"]) > 0.5 * abs(worst.pre_mean):
-            fix = (
-                f"the bias of `{worst.after}` averages {ev['bias_mean']:.3g} and pushes "
-                f"the pre-activations (mean {worst.pre_mean:.3g}) below 0: zero the biases "
-                f"(nn.init.zeros_) or use LeakyReLU/GELU"
-            )
-        elif worst.pre_mean < 0:
-            fix = (
-                f"the pre-activations after `{worst.after}` have mean {worst.pre_mean:.3g} "
-                f"(weights pushed negative, e.g. by a too large update): re-init it with He "
-                f"(kaiming_normal_, zero bias), lower the learning rate, or use LeakyReLU/GELU"
-            )
-    what = (
-        f"{worst.dead_frac:.0%} of its units off on the whole batch"
-        if worst.dead_frac >= worst.off_frac
-        else f"{worst.off_frac:.0%} of its inputs below 0 (no gradient)"
-    )
-    return Finding(
-        "dead_units",
-        "error" if share >= 0.99 else "warning",
-        worst.where or None,
-        ev,
-        f"{len(dead)} of {n_relu} ReLU-family layers are ≥{DEAD_FRACTION:.0%} off (worst "
-        f"`{worst.where or 'model'}`: {what}): {fix}.",
-        min(1.0, 0.5 + share / 2),
-    )
-
-
-def saturation_finding(sat: list[Act], worst: Act, decay: float | None) -> Finding:
-    kinds = sorted({a.kind for a in sat})
-    ev: dict[str, Any] = {
-        "saturated_fraction": worst.sat_frac,
-        "layers": len(sat),
-        "activation": "/".join(kinds),
-        "derivative_rms": worst.deriv_rms,
-        "pre_activation_rms": worst.pre_rms,
-    }
-    if decay is not None:
-        ev["grad_decay_decades"] = decay
-    span = f"`{sat[0].where}` … `{sat[-1].where}`" if len(sat) > 1 else f"`{worst.where}`"
-    if worst.sat_frac > 0.05:
-        msg = (
-            f"{len(sat)} {'/'.join(kinds)} layer(s) ({span}) have inputs in the flat part of "
-            f"the activation (derivative < 1% of its peak) on up to {worst.sat_frac:.0%} of "
-            f"units (worst after `{worst.where}`, input rms {worst.pre_rms:.3g})"
-        )
-    else:
-        msg = (
-            f"{len(sat)} stacked {'/'.join(kinds)} layers ({span}) each multiply the gradient "
-            f"by their derivative (measured rms {worst.deriv_rms:.3g} after `{worst.where}`)"
-        )
-    if decay is not None:
-        msg += f", and the gradient decays {10 ** -decay:.3g}x over depth"
-    return Finding(
-        "saturating_activation",
-        "error" if worst.sat_frac >= 0.9 or (decay is not None and decay < -2 * VANISH_DECADES) else "warning",
-        worst.where or None,
-        ev,
-        f"{msg}: use ReLU/GELU in hidden layers or add LayerNorm/BatchNorm before them "
-        f"(and Xavier init).",
-        0.85,
-    )
-
-
 def _norm_gain_decades(cap: Capture, first: int, last: int) -> float:
     """Sum of log10(out/in) of the normalisation-like layers (a 1-D gain, no matrix) run
     between two orders: their weights and eps set how much signal they pass on."""
@@ -212,17 +101,36 @@ def _norm_gain_decades(cap: Capture, first: int, last: int) -> float:
     return s
 
 
-def probe_signal(cap: Capture) -> list[Finding]:
-    """Growth/decay of the forward and backward signal over depth, and its cause."""
+@dataclass
+class DepthProfile:
+    """The chain's signal over depth, in decades, and what multiplies it (see the module doc)."""
+
+    trunk: list[Call]  # weight layers, embeddings excluded
+    relu: list[Act]  # ReLU-family activations on the signal path
+    satur: list[Act]  # sigmoid/tanh-family activations on the signal path
+    has_back: bool  # enough layers with a nonzero gradient to judge the backward signal
+    back_hi: float  # largest gradient before the last layer, over the last layer's
+    back_lo: float  # the input end's gradient over the strongest later layer's
+    fwd_hi: float  # largest output rms over the first layer's
+    fwd_lo: float  # smallest output rms over the first layer's
+    weights_matter: bool  # False when most weight layers feed a normalisation layer
+    s_w: float
+    s_norm: float
+    s_dead: float
+    s_sat: float
+    evidence: dict[str, Any]
+
+
+def depth_profile(cap: Capture) -> DepthProfile | None:
+    """The forward/backward signal along the chain of weight layers; None for fewer than 3."""
     layers = chain(cap)
-    found = direct_findings(cap)
     trunk = [c for c in layers if not isinstance(c.module, (nn.Embedding, nn.EmbeddingBag))]
     # embeddings carry the trunk gradient at the input end of a transformer; their outputs
     # are looked up, not computed, so only the backward signal uses them
     back = [c for c in layers if (c.grad_norm or 0.0) > 0]
     fwd = [c for c in trunk if math.isfinite(c.out_rms) and c.out_rms > 0]
-    if len(back) < 3 and len(fwd) < 3:
-        return found
+    if not trunk or (len(back) < 3 and len(fwd) < 3):
+        return None
     g = [_log(c.grad_norm or 0.0) for c in back]
     a = [_log(c.out_rms) for c in fwd]
     has_back = len(g) >= 3
@@ -234,11 +142,10 @@ def probe_signal(cap: Capture) -> list[Finding]:
     back_hi = max(g[:-1]) - g[-1] if has_back else 0.0
     fwd_hi = max(a) - a[0] if len(a) >= 3 else 0.0
     fwd_lo = min(a) - a[0] if len(a) >= 3 else 0.0
-    span = trunk
-    first, last = span[0].order, span[-1].order
+    first, last = trunk[0].order, trunk[-1].order
     acts = [x for x in model_acts(cap) if first <= x.order <= last]
     gains = []
-    for c in span[1:]:  # the weights the backward signal crosses from the last layer down
+    for c in trunk[1:]:  # the weights the backward signal crosses from the last layer down
         std, _, fan_out = weight_stats(c.module, c.in_features)
         gains.append(_log(std * math.sqrt(fan_out)))
     # only activations whose output goes on into a layer multiply the signal by their
@@ -271,12 +178,23 @@ def probe_signal(cap: Capture) -> list[Finding]:
         "relu_decades": round(s_dead, 3),
         "saturation_decades": round(s_sat, 3),
     }
-    vanish = back_lo < -VANISH_DECADES or (fwd_lo < -VANISH_DECADES and (back_lo < -VANISH_DECADES / 2 or not has_back))
+    return DepthProfile(trunk, relu, satur, has_back, back_hi, back_lo, fwd_hi, fwd_lo, weights_matter, s_w, s_norm, s_dead, s_sat, ev)
+
+
+def probe_signal(cap: Capture) -> list[Finding]:
+    """Growth/decay of the forward and backward signal over depth, and its cause."""
+    found = direct_findings(cap)
+    prof = depth_profile(cap)
+    if prof is None:
+        return found
+    trunk, relu, satur, ev = prof.trunk, prof.relu, prof.satur, prof.evidence
+    back_lo, fwd_lo = prof.back_lo, prof.fwd_lo
+    vanish = back_lo < -VANISH_DECADES or (fwd_lo < -VANISH_DECADES and (back_lo < -VANISH_DECADES / 2 or not prof.has_back))
     if vanish:
         decay = min(back_lo, fwd_lo)
         severity: Severity = "error" if decay < -2 * VANISH_DECADES else "warning"
         blame = min(
-            ("weights", s_w), ("norm", s_norm), ("dead_units", s_dead), ("saturating_activation", s_sat),
+            ("weights", prof.s_w), ("norm", prof.s_norm), ("dead_units", prof.s_dead), ("saturating_activation", prof.s_sat),
             key=lambda t: t[1],
         )
         if blame[0] == "saturating_activation" and satur:
@@ -303,8 +221,8 @@ def probe_signal(cap: Capture) -> list[Finding]:
             found.append(_norm_finding(cap, severity, trunk, ev, decay))
         elif blame[0] == "weights":
             found.append(init_finding("init_too_small", severity, trunk, following_acts(cap), ev, decay))
-    elif weights_matter and (back_hi > EXPLODE_DECADES or fwd_hi > FORWARD_EXPLODE_DECADES):
-        growth = max(back_hi, fwd_hi)
+    elif prof.weights_matter and (prof.back_hi > EXPLODE_DECADES or prof.fwd_hi > FORWARD_EXPLODE_DECADES):
+        growth = max(prof.back_hi, prof.fwd_hi)
         severity = "error" if growth > 2 * EXPLODE_DECADES else "warning"
         found.append(init_finding("init_too_large", severity, trunk, following_acts(cap), ev, growth))
     return found

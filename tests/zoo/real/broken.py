@@ -11,7 +11,16 @@ from ..cases import Case, Setup
 from ..models import BadSwish
 from .data import ce, images, labels, lm_shifted, token_ids
 from .healthy import hf_setup, make_opt
-from .nets import VGG, EncoderClassifier, InplaceSigmoid, InplaceTanh, MLPMixer, MobileNetV3, RNNLM, TimmResNet
+from .nets import (
+    RNNLM,
+    VGG,
+    EncoderClassifier,
+    InplaceSigmoid,
+    InplaceTanh,
+    MLPMixer,
+    MobileNetV3,
+    TimmResNet,
+)
 
 
 def _scale_weights_(model: nn.Module, factor: float) -> nn.Module:
@@ -467,7 +476,7 @@ class _FusedRMSNorm(nn.Module):
 
 def llama_custom_rmsnorm() -> Setup:
     """Llama whose RMSNorm layers were swapped for a hand-written fused Function."""
-    m, b, loss, opt = hf_setup("llama", "adamw", 3e-4)
+    m, b, loss, _ = hf_setup("llama", "adamw", 3e-4)
     for layer in m.model.layers:
         layer.input_layernorm = _FusedRMSNorm(64)
         layer.post_attention_layernorm = _FusedRMSNorm(64)
@@ -493,13 +502,13 @@ def bert_pretraining_mlm_only() -> Setup:
 
 
 REAL_BROKEN: list[Case] = [
-    Case("gpt2_weights_x0.01_sgd", "init_too_small", gpt2_weights_tiny_sgd),
+    Case("gpt2_weights_x0.01_sgd", "init_too_small", gpt2_weights_tiny_sgd, slow=True),
     Case("llama_init_range_1e-4_sgd", "init_too_small", llama_init_range_tiny_sgd),
     Case("vgg16_std_1e-3", "init_too_small", vgg16_std_tiny),
     Case("vgg11_randn_weights", "init_too_large", vgg11_randn_weights),
     Case("timm_resnet34_no_norm", "init_too_large", timm_resnet_no_norm),
     Case("hf_efficientnet_library_init", "init_too_small", efficientnet_library_init),
-    Case("gpt2_init_range_1", "init_too_large", gpt2_init_range_one),
+    Case("gpt2_init_range_1", "init_too_large", gpt2_init_range_one, slow=True),
     Case("timm_resnet_sigmoid_no_bn", "saturating_activation", timm_resnet_sigmoid_no_bn),
     Case("vgg16_sigmoid", "saturating_activation", vgg16_sigmoid),
     Case("timm_resnet_tanh_no_bn_x3", "saturating_activation", timm_resnet_tanh_no_bn),
@@ -508,7 +517,7 @@ REAL_BROKEN: list[Case] = [
     Case("vgg11_bn_shift_-2.5", "dead_units", vgg11_bias_negative),
     Case("bert_adamw_lr_1", "lr_too_high", bert_adamw_lr_one),
     Case("vit_sgd_lr_30", "lr_too_high", vit_sgd_lr_huge),
-    Case("gpt2_adam_lr_1", "lr_too_high", gpt2_adam_lr_high),
+    Case("gpt2_adam_lr_1", "lr_too_high", gpt2_adam_lr_high, slow=True),
     Case("lstm_lm_sgd_lr_500", "lr_too_high", lstm_lm_sgd_lr_huge),
     Case("convnext_adamw_lr_1", "lr_too_high", convnext_adamw_lr_high),
     Case("irnn_lm_identity_x1.5", "recurrent_explosion", irnn_lm_identity_scaled),

@@ -12,7 +12,7 @@ from torch import nn
 from ..cases import Case, Setup
 from . import hf
 from .data import ce, images, labels, lm_shifted, token_ids
-from .nets import VGG, EncoderClassifier, MLPMixer, MobileNetV3, RNNLM, TimmResNet
+from .nets import RNNLM, VGG, EncoderClassifier, MLPMixer, MobileNetV3, TimmResNet
 
 
 def hf_batch(name: str, model: nn.Module) -> tuple[Any, Callable[..., torch.Tensor]]:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +126,7 @@ class VGG(nn.Module):
     """torchvision VGG (``cfg`` "A" = vgg11, "D" = vgg16) at ``1/shrink`` width, with or
     without BatchNorm, any activation, torchvision's init."""
 
-    CFG = {
+    CFG: ClassVar[dict[str, tuple[int | str, ...]]] = {
         "A": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
         "D": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
     }
