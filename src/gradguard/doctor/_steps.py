@@ -6,7 +6,8 @@ place with a fresh optimizer of the user's class and hyper-parameters (its state
 from the user's, so a probe mid-training starts where training is), and writes the values
 back after every run and on exit, even on an exception. The user's optimizer object is
 never stepped: its state, its hooks and any scheduler wrapped around its ``step`` stay
-untouched. The ``.grad`` tensors the user had are set aside and put back as they were.
+untouched. The ``.grad`` tensors the user had are set aside and put back as they were, and
+so is the RNG state.
 
 Example:
     >>> import torch
@@ -58,6 +59,11 @@ class StepRunner:
         self.stopped_early = False  # the last run stopped before its steps (afford said no)
 
     def __enter__(self) -> StepRunner:
+        # the runs seed the RNG (dropout draws the same masks each time): the caller's RNG
+        # state comes back on exit
+        cuda = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
+        self._rng = torch.random.fork_rng(devices=cuda)
+        self._rng.__enter__()
         with torch.no_grad():
             ids = {id(p) for p in self.params}
             self._extra = [p for p in self.opt_params if id(p) not in ids]  # optimised, not in the model
@@ -76,10 +82,13 @@ class StepRunner:
                 b.copy_(v)
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.reset()
-        for p, g in zip(self.params + self._extra, self._grads):
-            p.grad = g
-        self._values, self._buffers = [], []
+        try:
+            self.reset()
+            for p, g in zip(self.params + self._extra, self._grads):
+                p.grad = g
+            self._values, self._buffers = [], []
+        finally:
+            self._rng.__exit__(et, ev, tb)
 
     def fresh_optimizer(self, scale: float) -> torch.optim.Optimizer:
         """An optimizer of the user's class over the same parameters, its learning rates
@@ -161,6 +170,7 @@ class StepRunner:
                 break  # diverged: more steps cost time and tell nothing new
             if i == steps and more is not None:
                 steps += more(out)
+                more = None  # asked once
             if i >= steps:
                 break
             if loss is not None:
