@@ -16,7 +16,7 @@ from torch import nn
 import gradguard as gg
 from gradguard.doctor import Diagnosis
 from gradguard.doctor._budget import DEFAULT_BUDGET_S, Budget, default_budget
-from gradguard.doctor._steps import MIN_STEPS, StepRunner
+from gradguard.doctor._steps import MIN_STEPS, FirstStep, StepRunner
 
 
 def test_default_budget_is_5s_up_to_25m_parameters_and_grows_with_the_square_root():
@@ -93,11 +93,12 @@ def test_the_first_step_can_reuse_a_pass_already_made():
     torch.manual_seed(0)  # the runner's seed: the same dropout mask
     first = loss(model)
     grads = torch.autograd.grad(first, list(model.parameters()))
-    start = (float(first.detach()), {id(p): g for p, g in zip(model.parameters(), grads)})
+    start = FirstStep(float(first.detach()), {id(p): g for p, g in zip(model.parameters(), grads)})
     with StepRunner(model, opt) as runner:
         fresh = runner.losses(loss, scale=0.5, steps=3)
         reused = runner.losses(loss, scale=0.5, steps=3, start=start)
     assert reused == pytest.approx(fresh, rel=1e-6)
+    assert start.grads is None and start.take() is None  # taken once, then released
 
 
 def test_more_steps_are_taken_when_asked_after_the_first_ones():

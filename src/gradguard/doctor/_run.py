@@ -16,6 +16,7 @@ from ._attention import attention_evidence
 from ._budget import Budget, default_budget
 from ._capture import is_weight_layer, run_capture
 from ._report import Diagnosis, Finding
+from ._steps import FirstStep
 from .gradcheck import probe_custom_functions, slice_batch
 from .inputs import probe_input_scale, probe_nonfinite_input
 from .lr import LR_PROBE_STEPS, probe_lr
@@ -208,12 +209,15 @@ def doctor(
         if not findings:
             stacks = find_stacks(model)
             torch.manual_seed(0)  # the LR probe's seed: its first step reuses this pass
+            t_pass = time.perf_counter()
             cap = run_capture(
                 model,
                 lambda: forward_checked(model, inputs),
                 lambda out: loss_checked(loss_fn, out, targets),
                 blocks={p for paths in stacks.values() for p in paths},
             )
+            # the instrumented pass costs 1.5-2 plain passes: a safe upper bound for one
+            pass_s = time.perf_counter() - t_pass
             probes += ["numerics", "signal", "stacks", "recurrent", "disconnected"]
             first = min(
                 (c for c in cap.calls if is_weight_layer(c.module) and not isinstance(c.module, nn.Embedding)),
@@ -236,7 +240,7 @@ def doctor(
                 findings += probe_recurrent(cap)
             findings += probe_disconnected(cap, model)
             named = dict(model.named_parameters())
-            start = (cap.loss, {id(named[n]): g for n, g in cap.param_grads.items() if g is not None})
+            start = FirstStep(cap.loss, {id(named[n]): g for n, g in cap.param_grads.items() if g is not None})
             del cap
             restore_buffers()
             if optimizer is not None and not numeric:
@@ -257,6 +261,7 @@ def doctor(
                     budget=budget,
                     curvature_loss=curvature_loss,
                     start=start,
+                    pass_s=pass_s,
                 )
     return Diagnosis(
         findings=findings,

@@ -27,6 +27,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -37,6 +38,21 @@ from torch import Tensor, nn
 LR_BLOWUP = 10.0
 #: steps a run always takes, whatever the time budget says
 MIN_STEPS = 2
+
+
+@dataclass
+class FirstStep:
+    """The loss and the gradients (by ``id`` of the parameter) at the entry state under the
+    runner's seed, from a pass the caller made already: the first run takes them (its first
+    step then costs no forward/backward pass) and releases them -- they are as large as the
+    model."""
+
+    loss: float
+    grads: dict[int, Tensor] | None
+
+    def take(self) -> tuple[float, dict[int, Tensor]] | None:
+        grads, self.grads = self.grads, None
+        return None if grads is None else (self.loss, grads)
 
 
 def _clone_state(v: Any) -> Any:
@@ -134,32 +150,31 @@ class StepRunner:
         scale: float,
         steps: int,
         more: Callable[[list[float]], int] | None = None,
-        start: tuple[float, dict[int, Tensor]] | None = None,
+        start: FirstStep | None = None,
         afford: Callable[[float], bool] | None = None,
     ) -> list[float]:
         """The loss before each step and after the last; stops early once it blows up.
 
         ``more(losses)``, asked after ``steps`` steps, may ask for that many more.
-        ``start``: the loss and the gradients (by ``id`` of the parameter) at the entry state
-        under this runner's seed, when the caller has them already: the first step then
-        costs no forward/backward pass. ``afford(seconds)``: asked before each step after
+        ``start``: a :class:`FirstStep` the run takes, if it still holds its gradients. ``afford(seconds)``: asked before each step after
         the :data:`MIN_STEPS` th with the cost of the last one; False stops the run.
 
         Every evaluation uses the same random seed, so dropout draws the same masks each
         time: the losses differ only by what the steps changed."""
         self.reset()
         opt = self.fresh_optimizer(scale)
+        first = start.take() if start is not None else None
         out: list[float] = []
         i = 0
         self.stopped_early = False
         while True:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            if i == 0 and start is not None:
-                v = start[0]
+            if i == 0 and first is not None:
+                v = first[0]
                 for p in self.opt_params:
-                    g = start[1].get(id(p))
-                    p.grad = None if g is None else g.detach().clone()
+                    p.grad = first[1].get(id(p))  # handed over, not copied
+                first = None
                 loss = None
             else:
                 torch.manual_seed(self.seed)

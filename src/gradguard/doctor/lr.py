@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from ._budget import Budget
 from ._capture import is_norm
 from ._report import Finding
-from ._steps import LR_BLOWUP, StepRunner
-from .sharpness import SHARPNESS_MARGIN, Sharpness, sharpness
+from ._steps import LR_BLOWUP, MIN_STEPS, FirstStep, StepRunner
+from .sharpness import SHARPNESS_MARGIN, SHARPNESS_PASSES, Sharpness, sharpness
 
 LR_PROBE_STEPS = 4
 #: the loss after the probe steps above (1 + LR_RISE) x the initial loss counts as rising
@@ -39,7 +39,7 @@ def _step_probe(
     step_loss: Callable[[nn.Module], Tensor],
     steps: int,
     budget: Budget | None = None,
-    start: tuple[float, dict[int, Tensor]] | None = None,
+    start: FirstStep | None = None,
 ) -> list[Finding]:
     with StepRunner(model, optimizer) as runner:
         return _step_verdict(runner, optimizer, step_loss, steps, budget, start)
@@ -51,7 +51,7 @@ def _step_verdict(
     step_loss: Callable[[nn.Module], Tensor],
     steps: int,
     budget: Budget | None,
-    start: tuple[float, dict[int, Tensor]] | None,
+    start: FirstStep | None,
 ) -> list[Finding]:
     lr = float(optimizer.param_groups[0]["lr"])
     afford = budget.allows if budget is not None else None
@@ -63,6 +63,7 @@ def _step_verdict(
         return out
 
     t0 = time.perf_counter()
+
     def catapult(losses: list[float]) -> int:
         # a loss that rose by a little may be the "catapult" of a healthy high LR (it spikes,
         # then falls below where it started; Lewkowycz et al. 2020): look as far again
@@ -83,23 +84,29 @@ def _step_verdict(
     tried: dict[float, list[float]] = {}
     stable: float | None = None
     for scale in LR_SCALES:
-        if budget is not None and tried and not budget.allows(run_cost):
-            budget.note(f"lr: stopped before lr x {scale:g}")
+        # after a mild rise the first smaller LR is what tells a too-high LR from a loss that
+        # rises anyway: it runs if the budget has room for its shortest form; after a blow-up
+        # the smaller LRs only refine the advice
+        need = run_cost * (MIN_STEPS / steps if not (tried or blew) else 1.0)
+        if budget is not None and not budget.allows(need):
+            budget.note(f"lr: the loss rose at lr; stopped before lr x {scale:g}")
             break
         tried[scale] = steps_at(scale)
         run = tried[scale]
         if math.isfinite(run[-1]) and run[-1] <= l0 * (1 + LR_RISE) + 1e-12:
             stable = scale
             break
-    lo = tried[LR_SCALES[0]]
-    lo_end = lo[-1]
+    lo = tried.get(LR_SCALES[0])
+    if lo is None and not blew:
+        return []  # a mild rise not compared with a smaller LR is no verdict
+    lo_end = lo[-1] if lo is not None else math.nan
     ev: dict[str, Any] = {
         "lr": lr,
         "loss_start": l0,
         "loss_end_at_lr": hi_end,
         "loss_end_at_lr_div_10": lo_end,
         "losses_at_lr": hi,
-        "losses_at_lr_div_10": lo,
+        "losses_at_lr_div_10": lo or [],
         "steps": steps,
         "steps_run_at_lr": len(hi) - 1,
         "stable_lr": lr * stable if stable is not None else None,
@@ -114,12 +121,14 @@ def _step_verdict(
             f"the loss does not rise at lr={lr * stable:g}: lower the learning rate to "
             f"≤ {lr * stable:g}"
         )
-    else:
+    elif tried:
         low = min(tried)
         advice = (
             f"it still rises at lr={lr * low:g}: lower the learning rate by more than "
             f"{1 / low:g}x, and look for a root cause (input scale, init)"
         )
+    else:
+        advice = "lower the learning rate 10x at a time until the loss falls"
     return [
         Finding(
             "lr_too_high",
@@ -141,7 +150,8 @@ def probe_lr(
     steps: int = LR_PROBE_STEPS,
     budget: Budget | None = None,
     curvature_loss: Callable[[nn.Module], Tensor] | None = None,
-    start: tuple[float, dict[int, Tensor]] | None = None,
+    start: FirstStep | None = None,
+    pass_s: float = 0.0,
 ) -> list[Finding]:
     """``lr_too_high`` from the step probe, the curvature rule (SGD), or both.
 
@@ -157,13 +167,15 @@ def probe_lr(
 
     ``budget`` bounds the optional work (smaller LRs, power iterations); ``curvature_loss``
     (default ``step_loss``) is the loss the curvature is measured on, e.g. on a sub-batch;
-    ``start``: the loss and gradients (by parameter ``id``) at the current state under seed
-    0, which spares every run its first forward/backward pass.
+    ``start``: the loss and gradients at the current state under seed 0, which spare the
+    first run its first forward/backward pass; ``pass_s``: what one
+    forward/backward pass costs, so that the curvature (a few passes per product) starts only
+    when the budget has room for it.
     """
     found = _step_probe(model, optimizer, step_loss, steps, budget, start)
     sharp: Sharpness | None = None
     if isinstance(optimizer, torch.optim.SGD):
-        if budget is not None and budget.left() <= 0:
+        if budget is not None and not budget.allows(SHARPNESS_PASSES * pass_s):
             budget.note("sharpness: not run")
         else:
             torch.manual_seed(0)

@@ -27,6 +27,9 @@ from ._budget import Budget
 SHARPNESS_ITERS = 20
 #: samples the Hessian is estimated on (a Hessian-vector product costs ~3 passes)
 SHARPNESS_BATCH = 32
+#: forward/backward passes the first Hessian-vector product costs, with the double-backward
+#: graph it is built on: the curvature starts only when the budget has room for them
+SHARPNESS_PASSES = 4
 #: the power iteration stops once the estimate changes by less than this fraction
 SHARPNESS_TOL = 0.03
 #: ``η·λ_max`` is flagged past this multiple of the stability limit. Below the limit a
