@@ -268,3 +268,16 @@ def test_attention_entropy_collapses_with_too_large_weights_and_is_evidence():
     assert f.evidence["attention_collapsed"] is True and f.evidence["attention_entropy_min"] < 0.1
     healthy = _gpt_cap(50, x, y).attention
     assert len(healthy) == 3 and min(h for _, h in healthy) > 0.9
+
+
+def test_sdpa_attention_entropy_matches_the_explicit_softmax():
+    from gradguard.doctor._attention import normalized_entropy, sdpa_entropy
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 10, 8, generator=g) * 2 for _ in range(3))
+    logits = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    p = logits.masked_fill(~causal, -math.inf).softmax(-1)
+    ref = normalized_entropy(p, causal)
+    assert sdpa_entropy((q, k, v), {"is_causal": True}) == pytest.approx(ref, rel=1e-5)
+    assert 0.2 < ref < 0.95  # neither uniform nor one-hot at this logit scale

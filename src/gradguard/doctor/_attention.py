@@ -13,7 +13,8 @@ Example:
     >>> from gradguard.doctor._attention import normalized_entropy
     >>> round(normalized_entropy(torch.full((1, 1, 2, 8), 1 / 8)), 3)
     1.0
-    >>> round(normalized_entropy(torch.eye(8).reshape(1, 1, 8, 8)), 3)
+    >>> one_hot = torch.eye(8).reshape(1, 1, 8, 8)
+    >>> round(normalized_entropy(one_hot, valid=torch.ones(8, 8, dtype=torch.bool)), 3)
     0.0
 """
 
@@ -35,11 +36,18 @@ ATTENTION_COLLAPSE = 0.3
 _SOFTMAX = {torch.softmax, F.softmax, Tensor.softmax, torch.special.softmax}
 
 
-def normalized_entropy(p: Tensor) -> float:
-    """Mean over rows with 2+ keys of ``H(row) / log(keys with p > 0)``: 1 uniform, 0 one-hot."""
+def valid_keys(logits: Tensor) -> Tensor:
+    """Keys a query may attend to: logits not masked with -inf or the dtype's minimum."""
+    return torch.isfinite(logits) & (logits > torch.finfo(logits.dtype).min / 2)
+
+
+def normalized_entropy(p: Tensor, valid: Tensor | None = None) -> float:
+    """Mean over rows with 2+ keys of ``H(row) / log(keys)``: 1 uniform, 0 one-hot. ``valid``
+    marks the keys each row may attend to (broadcast to ``p``); by default those with p > 0."""
     with torch.no_grad():
-        p = p.detach().float().reshape(-1, p.shape[-1])
-        keys = (p > 0).sum(-1)
+        n = p.shape[-1]
+        keys = (valid.expand_as(p) if valid is not None else p > 0).reshape(-1, n).sum(-1)
+        p = p.detach().float().reshape(-1, n)
         rows = keys >= 2
         if not bool(rows.any()):
             return math.nan
@@ -82,7 +90,7 @@ def sdpa_entropy(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
         if a.get("is_causal"):
             rows = torch.arange(start, n_q).unsqueeze(-1) + (n_k - n_q)
             logits = logits.masked_fill(torch.arange(n_k) > rows, -math.inf)
-        return normalized_entropy(torch.softmax(logits, dim=-1))
+        return normalized_entropy(torch.softmax(logits, dim=-1), valid_keys(logits))
 
 
 def attention_evidence(attention: list[tuple[str, float]]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._tensors import iter_floats, iter_tensors
 from ._acts import Act, activation_fn, extra_args, fn_name, measure
-from ._attention import is_attention_softmax, normalized_entropy, sdpa_entropy
+from ._attention import is_attention_softmax, normalized_entropy, sdpa_entropy, valid_keys
 
 
 @dataclass
@@ -138,7 +138,7 @@ class _ActivationMode(TorchFunctionMode):
         if act is not None and isinstance(out, Tensor):
             self.acts_out[(out.data_ptr(), tuple(out.shape))] = act
         if live and isinstance(out, Tensor) and is_attention_softmax(func, args, kwargs):
-            self.attention.append((self.where(), normalized_entropy(out)))
+            self.attention.append((self.where(), normalized_entropy(out, valid_keys(args[0]))))
         return out
 
 
