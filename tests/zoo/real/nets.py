@@ -44,6 +44,21 @@ class InplaceTanh(nn.Module):
         return x.tanh_() if self.inplace else x.tanh()
 
 
+def torchvision_init_(model: nn.Module, conv_nonlinearity: str) -> None:
+    """torchvision's classification init: convs kaiming fan_out, BN 1/0, Linear N(0, 0.01)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=conv_nonlinearity)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
 def _divisible(v: float, d: int = 8) -> int:
     new = max(d, int(v + d / 2) // d * d)
     return new + d if new < 0.9 * v else new
@@ -106,17 +121,7 @@ class MobileNetV3(nn.Module):
         layers.append(_cba(w(96), last, 1, 1, nn.Hardswish))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Linear(last, 1024), nn.Hardswish(inplace=True), nn.Dropout(0.2), nn.Linear(1024, k))
-        for m in self.modules():  # torchvision's init
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        torchvision_init_(self, conv_nonlinearity="leaky_relu")  # mobilenetv3.py keeps the default
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
@@ -151,16 +156,7 @@ class VGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(c, hidden), act(), nn.Dropout(), nn.Linear(hidden, hidden), act(), nn.Dropout(), nn.Linear(hidden, k)
         )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        torchvision_init_(self, conv_nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
