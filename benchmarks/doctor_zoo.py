@@ -13,7 +13,10 @@ broken case whose cause is about training dynamics is also trained N steps on it
 with its own optimizer, as a check of the label: healthy models fit their batch, broken ones
 fit it much less or diverge.
 
-Run:  OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/doctor_zoo.py [--train-steps 30]
+With ``--copy-task-steps N`` the label of the x0.01 GPT-2 is also checked on a task that needs
+attention (see :func:`copy_task`).
+
+Run:  OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/doctor_zoo.py --train-steps 20 --copy-task-steps 200
 Writes benchmarks/results/doctor_zoo.json.
 """
 
@@ -73,6 +76,37 @@ def _train(case: Any, steps: int) -> dict[str, Any]:
     }
 
 
+def copy_task(steps: int) -> dict[str, Any]:
+    """The label of the x0.01 GPT-2: trained on a task that needs attention (each sequence
+    repeats a random pair of tokens, so the next token is the one two positions back), the
+    healthy GPT-2 learns it, the one with every weight x0.01 stays at the unigram loss."""
+    import torch.nn.functional as F
+    from tests.zoo.real.broken import _scale_weights_
+    from tests.zoo.real.healthy import hf_setup
+
+    out: dict[str, Any] = {"task": "next token = the token two positions back", "steps": steps, "runs": []}
+    for scale in (1.0, 0.01):
+        for opt_name, lr in (("sgd", 0.1), ("adamw", 1e-3)):
+            model = _scale_weights_(hf_setup("gpt2", vocab_size=1000)[0], scale)
+            opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if opt_name == "sgd"
+                   else torch.optim.AdamW(model.parameters(), lr=lr))
+            losses = []
+            for step in range(steps):
+                g = torch.Generator().manual_seed(step)
+                ids = torch.randint(0, 50, (16, 2), generator=g).repeat(1, 16)
+                loss = F.cross_entropy(model(ids).logits[:, :-1].reshape(-1, 1000), ids[:, 1:].reshape(-1))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
+            k = max(1, steps // 10)
+            run = {"weights_x": scale, "optimizer": f"{opt_name} lr={lr:g}",
+                   "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k}
+            out["runs"].append(run)
+            print(f"copy task: weights x{scale:g} {run['optimizer']}: {run['loss_first']:.2f} -> {run['loss_last']:.2f}", flush=True)
+    return out
+
+
 def run_case(case: Any, zoo: str, train_steps: int) -> dict[str, Any]:
     t = time.perf_counter()
     model, batch, loss_fn, opt = case.build()
@@ -128,6 +162,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train-steps", type=int, default=0, help="also train each case this many steps")
     ap.add_argument("--only", nargs="*", default=[], help="run the cases whose name contains one of these")
+    ap.add_argument("--copy-task-steps", type=int, default=0, help="also run the x0.01 GPT-2 label check this long")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -156,6 +191,8 @@ def main() -> None:
         "summary": {zoo: summarize(rows, zoo) for zoo in ("synthetic", "real")},
         "cases": rows,
     }
+    if args.copy_task_steps:
+        result["copy_task"] = copy_task(args.copy_task_steps)
     if not args.only:
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(result, indent=1, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else str(v)))
