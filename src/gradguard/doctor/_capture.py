@@ -176,6 +176,7 @@ def _hooks(
             r, p, finite = _stats(t)
             return (p if finite else math.inf, r)
         return float(t.detach().abs().max()), math.nan
+
     handles: list[Any] = []
     last_weight = [""]
     modules = dict(model.named_modules())
@@ -277,8 +278,8 @@ def _hooks(
         mode.suspended = True
         try:
             act = measure(type(mod).__name__, mod.forward, x, path, acts[start].order, (), {})
-        except (RuntimeError, TypeError, ValueError):
-            return
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return  # not an elementwise function of its input after all: keep the inner calls
         finally:
             mode.suspended = False
         act.after = acts[start].after

@@ -240,7 +240,11 @@ def doctor(
                 findings += probe_recurrent(cap)
             findings += probe_disconnected(cap, model)
             named = dict(model.named_parameters())
-            start = FirstStep(cap.loss, {id(named[n]): g for n, g in cap.param_grads.items() if g is not None})
+            start = (
+                FirstStep(cap.loss, {id(named[n]): g for n, g in cap.param_grads.items() if g is not None})
+                if optimizer is not None and not numeric
+                else None
+            )
             del cap
             restore_buffers()
             if optimizer is not None and not numeric:
