@@ -86,3 +86,28 @@ def test_reinit_fixes_what_the_doctor_found():
     assert gg.doctor(model, batch, loss_fn).top.cause == "init_too_small"
     gg.init.apply_(model, "he")
     assert gg.doctor(model, batch, loss_fn).healthy
+
+
+def test_audit_reads_fans_from_groups_and_recommends_he_before_silu():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.SiLU(),
+                      nn.Flatten(), nn.Linear(16 * 8 * 8, 2))
+    rows = {r.path: r for r in gg.init.audit(m, (torch.randn(4, 3, 8, 8), None)).rows}
+    dw = rows["2"]
+    assert (dw.fan_in, dw.fan_out, dw.activation) == (9, 9, "silu")
+    assert dw.recommended_std == pytest.approx(math.sqrt(2 / 9))  # He: SiLU is in the ReLU family
+
+
+def test_apply_he_uses_the_fan_in_of_a_transposed_matrix():
+    class Conv1D(nn.Module):  # GPT-2's layout: weight [in, out], y = x @ W
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(n_in, n_out))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    torch.manual_seed(0)
+    m = nn.Sequential(Conv1D(256, 64), nn.ReLU(), nn.Linear(64, 1))
+    gg.init.apply_(m, "he", batch=(torch.randn(8, 256), None))
+    assert float(m[0].weight.detach().std()) == pytest.approx(math.sqrt(2 / 256), rel=0.05)

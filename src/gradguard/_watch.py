@@ -15,13 +15,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ._tensors import iter_floats
 from .detectors import INPUT_ORIGIN, SATURATION_MARGIN, ForwardOrigin
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -47,18 +47,6 @@ PASS_THROUGH = frozenset(
     {"Sequential", "ModuleList", "ModuleDict", "Identity", "Flatten", "Unflatten", "Dropout",
      "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"}
 )
-
-
-def _floats(x: Any) -> Iterator[Tensor]:
-    if isinstance(x, Tensor):
-        if x.is_floating_point():
-            yield x
-    elif isinstance(x, (tuple, list)):
-        for y in x:
-            yield from _floats(y)
-    elif isinstance(x, dict):
-        for y in x.values():
-            yield from _floats(y)
 
 
 def _kind(m: nn.Module) -> str | None:
@@ -121,7 +109,7 @@ class ActivationWatch:
 
     # ---- hooks (device ops only) ---------------------------------------------------------
     def _record(self, who: int, x: Any) -> None:
-        for t in _floats(x):
+        for t in iter_floats(x):
             if len(self._sums) >= MAX_CALLS:
                 return
             self._sums.append(t.detach().sum(dtype=torch.float32))
@@ -143,7 +131,7 @@ class ActivationWatch:
             if watch:
                 self._record(idx, out)
             if self.armed and idx in self._kinds and idx not in self._samples:
-                t = next(_floats(out), None)
+                t = next(iter_floats(out), None)
                 if t is not None and t.numel() > 0:
                     self._samples[idx] = self._measure(self._kinds[idx], t.detach())
         return hook

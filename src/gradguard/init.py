@@ -28,8 +28,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ._tensors import call_model
+from .doctor._acts import Act
 from .doctor._capture import is_weight_layer, run_capture
-from .doctor.signal import next_activation, recommended_std, weight_stats
+from .doctor._weights import recommended_std, weight_stats
+from .doctor.signal import following_acts
 
 Scheme = Literal["he", "xavier", "orthogonal", "lsuv"]
 SCHEMES: tuple[str, ...] = ("he", "xavier", "orthogonal", "lsuv")
@@ -113,14 +116,6 @@ def _inputs_of(batch: Any) -> Any:
     return batch
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _first_tensor(x: Any) -> Tensor:
     if isinstance(x, Tensor):
         return x
@@ -131,23 +126,25 @@ def _first_tensor(x: Any) -> Tensor:
     raise TypeError(f"model output {type(x).__name__} holds no tensor")
 
 
-def following_activations(model: nn.Module, batch: Any) -> tuple[dict[str, str | None], dict[str, float]]:
+def following_activations(model: nn.Module, batch: Any) -> tuple[dict[str, Act | None], dict[str, float], dict[str, int]]:
     """For each weight layer, the activation applied next on a forward pass of ``batch``
-    (None: linear), and the rms of its output."""
+    (None: linear), the rms of its output and the size of its input's last dim."""
     inputs = _inputs_of(batch)
     with torch.random.fork_rng(devices=[]):
         bufs = [(b, b.detach().clone()) for b in model.buffers()]
         try:
-            cap = run_capture(model, lambda: _call(model, inputs), lambda out: _first_tensor(out).float().pow(2).mean())
+            cap = run_capture(model, lambda: call_model(model, inputs), lambda out: _first_tensor(out).float().pow(2).mean())
         finally:
             with torch.no_grad():
                 for b, saved in bufs:
                     b.copy_(saved)
     rms: dict[str, float] = {}
+    feats: dict[str, int] = {}
     for c in cap.calls:
         if is_weight_layer(c.module):
             rms.setdefault(c.path, c.out_rms)
-    return next_activation(cap), rms
+            feats.setdefault(c.path, c.in_features)
+    return following_acts(cap), rms, feats
 
 
 def audit(model: nn.Module, batch: Any = None) -> InitAudit:
@@ -164,24 +161,28 @@ def audit(model: nn.Module, batch: Any = None) -> InitAudit:
     if not isinstance(model, nn.Module):
         raise TypeError(f"audit model: expected a torch.nn.Module, got {type(model).__name__}")
     layers = [(n, m) for n, m in model.named_modules() if is_weight_layer(m) and not isinstance(m, nn.Embedding)]
+    acts: dict[str, Act | None] = {}
+    rms: dict[str, float] = {}
+    feats: dict[str, int] = {}
     if batch is not None:
-        acts, rms = following_activations(model, batch)
-    else:
-        acts = {n: "relu" for n, _ in layers[:-1]}
-        rms = {}
+        acts, rms, feats = following_activations(model, batch)
     rows = []
-    for name, m in layers:
-        std, fan_in, fan_out = weight_stats(m)
-        act = acts.get(name)
-        rec_name, rec = recommended_std(fan_in, fan_out, act)
-        rows.append(InitRow(name, type(m).__name__, std, fan_in, fan_out, act, rec_name, rec, rms.get(name)))
+    for i, (name, m) in enumerate(layers):
+        std, fan_in, fan_out = weight_stats(m, feats.get(name, 0))
+        if batch is None:  # no forward pass: ReLU assumed after every layer but the last
+            kind, family = ("relu", "relu") if i < len(layers) - 1 else (None, None)
+        else:
+            act = acts.get(name)
+            kind, family = (act.kind, act.family) if act is not None else (None, None)
+        rec_name, rec = recommended_std(fan_in, fan_out, family, kind)
+        rows.append(InitRow(name, type(m).__name__, std, fan_in, fan_out, kind, rec_name, rec, rms.get(name)))
     return InitAudit(rows)
 
 
-def _gain(act: str | None) -> float:
-    if act == "relu":
+def _gain(act: Act | None) -> float:
+    if act is not None and act.family == "relu":
         return math.sqrt(2.0)
-    if act == "tanh":
+    if act is not None and act.kind == "tanh":
         return 5.0 / 3.0
     return 1.0
 
@@ -226,7 +227,7 @@ def apply_(model: nn.Module, scheme: Scheme, batch: Any = None) -> nn.Module:
         raise ValueError(f"apply_ scheme={scheme!r} is not known; allowed: {SCHEMES}")
     if scheme == "lsuv" and batch is None:
         raise ValueError("apply_ scheme='lsuv' needs batch=(inputs, targets): it scales each layer on data")
-    acts = following_activations(model, batch)[0] if batch is not None else {}
+    acts, _, feats = following_activations(model, batch) if batch is not None else ({}, {}, {})
     layers = [(n, m) for n, m in model.named_modules() if is_weight_layer(m) and not isinstance(m, nn.Embedding)]
     with torch.no_grad():
         for m in model.modules():
@@ -235,13 +236,15 @@ def apply_(model: nn.Module, scheme: Scheme, batch: Any = None) -> nn.Module:
         for i, (name, m) in enumerate(layers):
             w = m._parameters["weight"]
             assert w is not None
-            act = acts.get(name, "relu" if (not acts and i < len(layers) - 1) else None)
+            _, fan_in, fan_out = weight_stats(m, feats.get(name, 0))
+            # without a batch, a ReLU is assumed after every layer but the last
+            gain = _gain(acts.get(name)) if batch is not None else (math.sqrt(2.0) if i < len(layers) - 1 else 1.0)
             if scheme == "he":
-                nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu")
+                w.normal_(0.0, math.sqrt(2.0 / fan_in))
             elif scheme == "xavier":
-                nn.init.xavier_normal_(w, gain=_gain(act))
+                w.normal_(0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)))
             else:
-                nn.init.orthogonal_(w, gain=_gain(act))
+                nn.init.orthogonal_(w, gain=gain)
             b = m._parameters.get("bias")
             if isinstance(b, Tensor):
                 nn.init.zeros_(b)
@@ -265,7 +268,7 @@ def _lsuv_(model: nn.Module, layers: list[nn.Module], inputs: Any) -> None:
             try:
                 for _ in range(LSUV_MAX_ITERS):
                     torch.manual_seed(0)
-                    _call(model, inputs)
+                    call_model(model, inputs)
                     s = out_std.get(id(m))
                     if s is None or not math.isfinite(s) or s == 0 or abs(s - 1) < LSUV_TOL:
                         break

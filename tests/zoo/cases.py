@@ -15,6 +15,7 @@ class Case:
     name: str
     cause: str | None
     build: Callable[[], Setup]
+    slow: bool = False  # several seconds: run by benchmarks/doctor_zoo.py, not by the unit tests
 
     def __repr__(self) -> str:
         return self.name

@@ -1,9 +1,11 @@
-"""One instrumented forward/backward pass: what every layer and activation did.
+"""One instrumented forward/backward pass: what every layer, block and activation did.
 
-Module hooks record each call's output scale and (through a tensor hook) the gradient that
-reaches it; a ``TorchFunctionMode`` sees every activation function whatever the model's
-style (``nn.ReLU``, ``F.relu``, ``x.sigmoid()``) and records its pre-activations before it
-runs (an in-place ReLU would overwrite them). Gradients are taken with
+Module hooks record each call's input and output scale and, through a tensor hook, the
+gradient that reaches its output; a ``TorchFunctionMode`` sees every activation function
+whatever the model's style (``nn.ReLU``, ``F.silu``, ``x.sigmoid_()``) and measures its
+pre-activations before it runs (an in-place activation overwrites them). A parameter-free
+module that computes an activation out of several functions (``x * sigmoid(1.702 x)``,
+GPT-2's tanh-GELU) is measured as one activation. Gradients are taken with
 ``torch.autograd.grad`` so that no ``.grad`` of the user's model is touched.
 """
 
@@ -20,29 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-#: |pre-activation| above which a unit is saturated: its derivative is < 1 % of its peak.
-SIGMOID_SATURATION = 6.0
-TANH_SATURATION = 3.0
-
-_RELU = "relu"
-_SIGMOID = "sigmoid"
-_TANH = "tanh"
-_ACT_FUNCS: dict[Any, str] = {
-    F.relu: _RELU,
-    F.relu_: _RELU,
-    torch.relu: _RELU,
-    torch.relu_: _RELU,
-    Tensor.relu: _RELU,
-    Tensor.relu_: _RELU,
-    F.relu6: _RELU,
-    torch.sigmoid: _SIGMOID,
-    Tensor.sigmoid: _SIGMOID,
-    F.sigmoid: _SIGMOID,
-    torch.special.expit: _SIGMOID,
-    torch.tanh: _TANH,
-    Tensor.tanh: _TANH,
-    F.tanh: _TANH,
-}
+from .._tensors import iter_floats, iter_tensors
+from ._acts import Act, activation_fn, extra_args, fn_name, measure
+from ._attention import is_attention_softmax, normalized_entropy, sdpa_entropy, valid_keys
 
 
 @dataclass
@@ -59,31 +41,19 @@ class Call:
     out_finite: bool = True
     in_finite: bool = True
     in_absmax: float = 0.0
-    grad_rms: float | None = None  # rms of dL/d(output), times positions per unit
+    in_rms: float = math.nan  # first floating input
+    in_features: int = 0  # size of the first floating input's last dim (fan-in of a matmul)
+    delta_rms: float | None = None  # rms(out - in) of a shape-preserving block, None if unknown
+    grad_norm: float | None = None  # L2 norm of dL/d(output) over the whole tensor
+    consumers: list[str] = field(default_factory=list)  # modules whose first input was our output
     grad_finite: bool = True
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     in_nodes: set[Any] = field(default_factory=set)
     out_nodes: list[Any] = field(default_factory=list)
-    time_leaf: Tensor | None = None  # zero leaf added to an RNN's input: its grad per step
+    time_leaf: Tensor | None = None  # zero leaf added to an RNN's input (a probe point per step)
+    time_grad: Tensor | None = None  # dL/d(time_leaf): the loss gradient at each step's input
     time_axis: int = 0
-
-
-@dataclass
-class Act:
-    """One call of a ReLU/sigmoid/tanh activation, measured at its input."""
-
-    kind: str
-    where: str
-    order: int
-    n_units: int
-    dead_frac: float  # ReLU: units <= 0 on every sample of the batch
-    sat_frac: float  # sigmoid/tanh: share of pre-activations in the flat tails
-    deriv_rms: float  # rms of the activation's derivative at the measured inputs
-    pre_rms: float
-    pre_absmax: float
-    pre_mean: float = 0.0
-    after: str = ""  # the weight layer that ran last before it (its likely input)
 
 
 @dataclass
@@ -98,90 +68,13 @@ class Capture:
     param_grads: dict[str, Tensor | None]
     call_count: dict[str, int]
     graph_root: Any
-
-
-def _units_by_samples(x: Tensor) -> Tensor:
-    """[units, samples]: channels of a conv map, the last dim of [B, D] and [B, T, D]."""
-    if x.ndim >= 4:
-        return x.transpose(0, 1).reshape(x.shape[1], -1)
-    if x.ndim <= 1:
-        return x.reshape(1, -1)
-    return x.reshape(-1, x.shape[-1]).T
-
-
-def positions_per_unit(t: Tensor) -> float:
-    """Positions that share one unit per sample (H*W of a conv map, T of a sequence).
-
-    A mean over N positions (global pooling, a mean-reduced loss over tokens) divides the
-    gradient per element by N while the weight gradient, summed over positions, keeps its
-    scale: multiplying by N compares layers of different geometry on one footing.
-    """
-    if t.ndim <= 2:
-        return 1.0
-    units = t.shape[1] if t.ndim >= 4 else t.shape[-1]
-    return t.numel() / max(1, t.shape[0] * units)
-
-
-def measure_activation(kind: str, x: Tensor, where: str, order: int) -> Act:
-    """Dead/saturated fraction and the derivative at the inputs ``x`` of one activation."""
-    with torch.no_grad():
-        xf = x.detach().float()
-        u = _units_by_samples(xf)
-        n_units = int(u.shape[0])
-        pre_rms = float(xf.pow(2).mean().sqrt()) if xf.numel() else 0.0
-        pre_absmax = float(xf.abs().max()) if xf.numel() else 0.0
-        pre_mean = float(xf.mean()) if xf.numel() else 0.0
-        dead = sat = 0.0
-        if kind == _RELU:
-            dead = float((u.amax(dim=1) <= 0).float().mean()) if u.shape[1] > 1 else 0.0
-            deriv_rms = math.sqrt(float((xf > 0).float().mean()))
-        elif kind == _SIGMOID:
-            s = torch.sigmoid(xf)
-            deriv_rms = float((s * (1 - s)).pow(2).mean().sqrt())
-            sat = float((xf.abs() > SIGMOID_SATURATION).float().mean())
-        else:
-            deriv_rms = float((1 - torch.tanh(xf).pow(2)).pow(2).mean().sqrt())
-            sat = float((xf.abs() > TANH_SATURATION).float().mean())
-    return Act(kind, where, order, n_units, dead, sat, deriv_rms, pre_rms, pre_absmax, pre_mean)
-
-
-class _ActivationMode(TorchFunctionMode):
-    def __init__(self, on_act: Callable[[str, Tensor], None]) -> None:
-        super().__init__()
-        self.on_act = on_act
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        try:
-            kind = _ACT_FUNCS.get(func)
-        except TypeError:  # an unhashable callable
-            kind = None
-        if kind is not None and args and isinstance(args[0], Tensor) and args[0].is_floating_point():
-            self.on_act(kind, args[0])
-        return func(*args, **kwargs)
-
-
-def iter_tensors(x: Any) -> Iterator[Tensor]:
-    """Every tensor inside nested tuples/lists/dicts, in order."""
-    if isinstance(x, Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from iter_tensors(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from iter_tensors(v)
+    attention: list[tuple[str, float]] = field(default_factory=list)  # (where, normalised entropy)
 
 
 def is_weight_layer(m: nn.Module) -> bool:
     """A module that mixes units with a matrix/kernel of its own (Linear, Conv, Embedding)."""
     w = m._parameters.get("weight")
     return isinstance(w, Tensor) and w.ndim >= 2 and not isinstance(m, nn.RNNBase)
-
-
-def _absmax(t: Tensor) -> float:
-    with torch.no_grad():
-        return float(t.detach().abs().max())
 
 
 def _stats(t: Tensor) -> tuple[float, float, bool]:
@@ -201,27 +94,112 @@ def _stats(t: Tensor) -> tuple[float, float, bool]:
         return float(x.float().pow(2).mean().sqrt()), peak, finite
 
 
+def _norm(t: Tensor) -> tuple[float, bool]:
+    """L2 norm over the finite entries, and whether all were finite."""
+    with torch.no_grad():
+        x = t.detach().float()
+        n = float(x.norm())
+        if math.isfinite(n):
+            return n, True
+        x = x[torch.isfinite(x)]
+        return (float(x.norm()) if x.numel() else 0.0), False
+
+
 def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all()) if t.is_floating_point() else True
 
 
+class _ActivationMode(TorchFunctionMode):
+    """Sees every torch function call: activations (measured before they run, an in-place
+    one overwrites its input) and attention softmaxes (their entropy)."""
+
+    def __init__(
+        self,
+        on_act: Callable[[Any, tuple[Any, ...], dict[str, Any]], Act],
+        acts_out: dict[tuple[int, tuple[int, ...]], Act],
+        where: Callable[[], str],
+    ) -> None:
+        super().__init__()
+        self.on_act = on_act
+        self.acts_out = acts_out  # (data_ptr, shape) of an activation's output -> the Act
+        self.where = where
+        self.attention: list[tuple[str, float]] = []  # (module path, normalised entropy)
+        self.suspended = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        act = None
+        live = not self.suspended and args and isinstance(args[0], Tensor) and args[0].is_floating_point()
+        if live and activation_fn(func) is not None:
+            act = self.on_act(func, args, kwargs)
+        if live and func is F.scaled_dot_product_attention:
+            self.attention.append((self.where(), sdpa_entropy(args, kwargs)))
+        out = func(*args, **kwargs)
+        if act is not None and isinstance(out, Tensor):
+            self.acts_out[(out.data_ptr(), tuple(out.shape))] = act
+        if live and isinstance(out, Tensor) and is_attention_softmax(func, args, kwargs):
+            self.attention.append((self.where(), normalized_entropy(out, valid_keys(args[0]))))
+        return out
+
+
+#: normalisation layers: the scale of the weights before them does not reach the output
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
+
+
+def is_norm(m: nn.Module) -> bool:
+    """A normalisation layer, torch's or a library's own (``LlamaRMSNorm``, ``T5LayerNorm``)."""
+    return isinstance(m, _NORMS) or ("Norm" in type(m).__name__ and not any(p.ndim >= 2 for p in m.parameters()))
+
+
+def _recorded_module(m: nn.Module) -> bool:
+    """Modules whose output gradient is recorded: weight layers and recurrences."""
+    return is_weight_layer(m) or isinstance(m, (nn.RNNBase, nn.RNNCellBase))
+
+
 @contextmanager
-def _hooks(model: nn.Module, calls: list[Call], acts: list[Act], counter: list[int]) -> Iterator[None]:
+def _hooks(
+    model: nn.Module, calls: list[Call], acts: list[Act], counter: list[int], blocks: set[str]
+) -> Iterator[list[tuple[str, float]]]:
     stack: list[str] = []
-    pending: dict[int, list[Call]] = {}
+    producers: dict[tuple[int, tuple[int, ...]], Call] = {}  # (data_ptr, shape) of an output -> its call
+    pending: dict[int, list[tuple[Call, int, int, int]]] = {}
+    # a module's input is mostly the output of the module before it: a module output (kept
+    # alive by its Call, so its storage is not reused) is measured once (key: storage, shape,
+    # in-place version)
+    seen: dict[tuple[int, tuple[int, ...], int], tuple[float, float]] = {}
+
+    def peak_rms(t: Tensor, rms: bool) -> tuple[float, float]:
+        got = seen.get((t.data_ptr(), tuple(t.shape), t._version))
+        if got is not None:
+            return got
+        if rms:
+            r, p, finite = _stats(t)
+            return (p if finite else math.inf, r)
+        return float(t.detach().abs().max()), math.nan
+
     handles: list[Any] = []
-
     last_weight = [""]
+    modules = dict(model.named_modules())
+    # a parameter-free leaf module may be an activation written out of several functions
+    composite = {p for p, m in modules.items() if not list(m.children()) and not list(m.parameters(recurse=False))}
 
-    def on_act(kind: str, x: Tensor) -> None:
+    acts_out: dict[tuple[int, tuple[int, ...]], Act] = {}
+
+    def on_act(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Act:
         counter[0] += 1
+        fn = activation_fn(func)
+        assert fn is not None
         # an activation module (nn.ReLU) is named by its own path; a functional call
         # (F.relu in some forward) by the weight layer whose output it most likely reads
         top = stack[-1] if stack else ""
-        where = top if top and not list(modules[top].children()) and not is_weight_layer(modules[top]) else last_weight[0]
-        act = measure_activation(kind, x, where, counter[0])
+        where = top if top and top in composite else last_weight[0]
+        extra, kw = extra_args(args, kwargs)
+        act = measure(fn_name(func), fn, args[0], where, counter[0], extra, kw)
         act.after = last_weight[0]
         acts.append(act)
+        return act
+
+    mode = _ActivationMode(on_act, acts_out, lambda: stack[-1] if stack else "")
 
     def pre(path: str) -> Callable[..., Any]:
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -229,11 +207,23 @@ def _hooks(model: nn.Module, calls: list[Call], acts: list[Act], counter: list[i
             ins = list(iter_tensors((args, kwargs)))
             call = Call(path=path, module=mod, order=-1, out=None, args=args, kwargs=kwargs)
             # one pass per input: max |x| is NaN/Inf exactly when x holds a NaN/Inf
-            peaks = [_absmax(t) for t in ins if t.is_floating_point() and t.numel()]
+            floats = [t for t in ins if t.is_floating_point() and t.numel()]
+            first_stats = peak_rms(floats[0], True) if floats else (0.0, math.nan)
+            peaks = [first_stats[0]] + [peak_rms(t, False)[0] for t in floats[1:]] if floats else []
             call.in_finite = all(math.isfinite(v) for v in peaks)
             call.in_absmax = max((v for v in peaks if math.isfinite(v)), default=0.0)
+            if floats:
+                call.in_rms = first_stats[1]
+                call.in_features = int(floats[0].shape[-1]) if floats[0].ndim else 1
             call.in_nodes = {t.grad_fn for t in ins if t.grad_fn is not None}
-            pending.setdefault(id(mod), []).append(call)
+            first = floats[0] if floats else None
+            ptr = first.data_ptr() if first is not None else 0
+            if first is not None and (src := producers.get((ptr, tuple(first.shape)))) is not None:
+                src.consumers.append(path)
+            if first is not None and (fed := acts_out.get((ptr, tuple(first.shape)))) is not None and not fed.feeds:
+                fed.feeds = path
+            version = first._version if first is not None else -1
+            pending.setdefault(id(mod), []).append((call, len(acts), ptr, version))
             if isinstance(mod, nn.RNNBase) and args and isinstance(args[0], Tensor):
                 x = args[0]
                 if x.is_floating_point() and x.ndim >= 2:
@@ -249,39 +239,60 @@ def _hooks(model: nn.Module, calls: list[Call], acts: list[Act], counter: list[i
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             stack.pop()
             counter[0] += 1
-            call = pending[id(mod)].pop()
+            call, n_acts, ptr, version = pending[id(mod)].pop()
             call.order = counter[0]
             if is_weight_layer(mod):
                 last_weight[0] = path
-            outs = [t for t in iter_tensors(out) if t.is_floating_point()]
+            outs = list(iter_floats(out))
+            first_in = next(iter_floats((args, kwargs)), None)
+            unchanged = first_in is not None and first_in.data_ptr() == ptr and first_in._version == version
+            if path in composite and len(acts) > n_acts and unchanged and outs and first_in is not None:
+                _fold_composite(mod, path, first_in, outs[0], acts, n_acts, ptr)
             call.out_nodes = [t.grad_fn for t in outs if t.grad_fn is not None]
-            call.out_finite = all(math.isfinite(_absmax(t)) for t in outs if t.numel())
             if outs:
                 o = outs[0]
                 call.out = o
+                producers[(o.data_ptr(), tuple(o.shape))] = call
                 call.out_dtype = o.dtype
-                call.out_rms, call.out_absmax, _ = _stats(o)
-                if o.requires_grad and (
-                    is_weight_layer(mod) or isinstance(mod, (nn.RNNBase, nn.RNNCellBase))
-                ):
+                call.out_rms, call.out_absmax, finite = _stats(o)
+                seen[(o.data_ptr(), tuple(o.shape), o._version)] = (call.out_absmax if finite else math.inf, call.out_rms)
+                if path in blocks and unchanged and first_in is not None and first_in.shape == o.shape:
+                    with torch.no_grad():
+                        call.delta_rms = float((o.detach().float() - first_in.detach().float()).pow(2).mean().sqrt())
+                if o.requires_grad and (_recorded_module(mod) or path in blocks):
 
                     def grad_hook(g: Tensor, call: Call = call) -> None:
-                        rms, _, finite = _stats(g)
-                        call.grad_finite = finite
-                        call.grad_rms = (rms if math.isfinite(rms) else 0.0) * positions_per_unit(g)
+                        call.grad_norm, call.grad_finite = _norm(g)
 
                     o.register_hook(grad_hook)
+            call.out_finite = all(math.isfinite(peak_rms(t, False)[0]) for t in outs if t.numel())
             calls.append(call)
 
         return hook
 
-    modules = dict(model.named_modules())
+    def _fold_composite(mod: nn.Module, path: str, x: Tensor, y: Tensor, acts: list[Act], start: int, ptr: int) -> None:
+        """Replace the activation calls inside a parameter-free module that reads ``x`` only
+        through intermediate tensors by one measurement of the whole module."""
+        if y.shape != x.shape or any(a.src == ptr for a in acts[start:]):
+            return  # not elementwise, or the module's own input went to an activation (nn.ReLU)
+        mode.suspended = True
+        try:
+            act = measure(type(mod).__name__, mod.forward, x, path, acts[start].order, (), {})
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return  # not an elementwise function of its input after all: keep the inner calls
+        finally:
+            mode.suspended = False
+        act.after = acts[start].after
+        del acts[start:]
+        acts.append(act)
+        acts_out[(y.data_ptr(), tuple(y.shape))] = act
+
     try:
         for path, mod in modules.items():
             handles.append(mod.register_forward_pre_hook(pre(path), with_kwargs=True))
             handles.append(mod.register_forward_hook(post(path), with_kwargs=True))
-        with _ActivationMode(on_act):
-            yield
+        with mode:
+            yield mode.attention
     finally:
         for h in handles:
             h.remove()
@@ -291,12 +302,14 @@ def run_capture(
     model: nn.Module,
     call_model: Callable[[], Any],
     compute_loss: Callable[[Any], Tensor],
+    blocks: set[str] | None = None,
 ) -> Capture:
-    """Forward, loss and ``autograd.grad`` with every probe hook in place."""
+    """Forward, loss and ``autograd.grad`` with every probe hook in place. ``blocks``: module
+    paths whose output gradient and residual change are recorded too."""
     calls: list[Call] = []
     acts: list[Act] = []
     counter = [0]
-    with _hooks(model, calls, acts, counter):
+    with _hooks(model, calls, acts, counter, blocks or set()) as attention:
         out = call_model()
     loss = compute_loss(out)
     output_finite = all(_finite(t) for t in iter_tensors(out))
@@ -312,7 +325,7 @@ def run_capture(
     else:
         grads = [None] * (len(named) + len(leaves))
     for c, g in zip([c for c in calls if c.time_leaf is not None], grads[len(named) :]):
-        c.time_leaf = g  # the leaf's gradient replaces the leaf: grad per time step
+        c.time_grad = g
     count: dict[str, int] = {}
     for c in calls:
         count[c.path] = count.get(c.path, 0) + 1
@@ -325,4 +338,5 @@ def run_capture(
         param_grads={n: g for (n, _), g in zip(named, grads[: len(named)])},
         call_count=count,
         graph_root=loss.grad_fn,
+        attention=[(w, h) for w, h in attention if math.isfinite(h)],
     )

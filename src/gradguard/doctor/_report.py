@@ -146,6 +146,8 @@ class Diagnosis:
         n_params: number of parameters of the model.
         probes: the probes that ran.
         elapsed_s: wall time of the diagnosis.
+        budget_s: the time budget the probes shared.
+        cut: what the budget cut short (e.g. ``"lr: stopped before lr x 0.01"``).
 
     Example:
         >>> from gradguard.doctor import Diagnosis
@@ -158,6 +160,8 @@ class Diagnosis:
     n_params: int = 0
     probes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    budget_s: float | None = None
+    cut: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.findings = sorted(self.findings, key=Finding.sort_key)
@@ -181,6 +185,8 @@ class Diagnosis:
             "healthy": self.healthy,
             "probes": list(self.probes),
             "elapsed_s": round(self.elapsed_s, 4),
+            "budget_s": self.budget_s,
+            "cut_by_budget": list(self.cut),
             "findings": [f.to_dict() for f in self.findings],
         }
 
@@ -197,6 +203,8 @@ class Diagnosis:
             n_params=int(d.get("n_params", 0)),
             probes=list(d.get("probes", [])),
             elapsed_s=float(d.get("elapsed_s", 0.0)),
+            budget_s=d.get("budget_s"),
+            cut=list(d.get("cut_by_budget", [])),
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -11,14 +11,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._tensors import call_model, iter_tensors
+from ._attention import attention_evidence
+from ._budget import Budget, default_budget
 from ._capture import is_weight_layer, run_capture
 from ._report import Diagnosis, Finding
-from .gradcheck import probe_custom_functions
+from ._steps import FirstStep
+from .gradcheck import probe_custom_functions, slice_batch
 from .inputs import probe_input_scale, probe_nonfinite_input
 from .lr import LR_PROBE_STEPS, probe_lr
 from .numerics import probe_disconnected, probe_half_headroom, probe_nonfinite
 from .recurrent import probe_recurrent
+from .sharpness import SHARPNESS_BATCH
 from .signal import probe_signal
+from .stacks import find_stacks, probe_stacks
 
 # messages of torch errors that mean "these tensors do not fit together"
 _SHAPE_ERR = re.compile(
@@ -36,14 +42,6 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         f"{type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     )
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _shape(x: Any) -> str:
@@ -98,20 +96,34 @@ def loss_checked(loss_fn: Callable[..., Any], out: Any, targets: Any) -> Tensor:
 
 
 @contextmanager
-def preserved(model: nn.Module) -> Iterator[None]:
-    """Buffers (BatchNorm running stats), RNG state and ``training`` flags come back as they were."""
+def preserved(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Buffers (BatchNorm running stats), RNG state and ``training`` flags come back as they
+    were; yields a function that puts the buffers back at any time."""
     bufs = [(b, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
     cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+
+    def restore_buffers() -> None:
+        with torch.no_grad():
+            for b, saved in bufs:
+                b.copy_(saved)
+
     with torch.random.fork_rng(devices=cuda):
         try:
-            yield
+            yield restore_buffers
         finally:
-            with torch.no_grad():
-                for b, saved in bufs:
-                    b.copy_(saved)
+            restore_buffers()
             for m, mode in modes:
                 m.training = mode
+
+
+def sub_batch(inputs: Any, targets: Any, n: int) -> tuple[Any, Any] | None:
+    """The first ``n`` samples of a batch whose tensors all share their first dimension (the
+    batch dimension), or None when they do not or the batch is that small already."""
+    sizes = {t.shape[0] for t in iter_tensors((inputs, targets)) if t.ndim >= 1}
+    if len(sizes) != 1 or next(iter(sizes)) <= n:
+        return None
+    return slice_batch(inputs, n), slice_batch(targets, n)
 
 
 def doctor(
@@ -122,17 +134,25 @@ def doctor(
     *,
     lr_probe_steps: int = LR_PROBE_STEPS,
     gradcheck_custom: bool = True,
+    budget_s: float | None = None,
 ) -> Diagnosis:
     """Name the cause of exploding or vanishing gradients, with evidence and a remedy.
 
     One instrumented forward/backward pass on ``batch`` measures per-layer activation and
     gradient scales, activation saturation and dead units, non-finite values and where they
     first appear, gradients over time in recurrences, and parameters without a gradient;
-    custom autograd Functions are checked by finite differences in float64; with an
-    ``optimizer``, a few steps on deep copies at its LR and at LR/10 test the learning rate.
+    stacks of repeated blocks are compared block to block; custom autograd Functions are
+    checked by finite differences in float64; with an ``optimizer``, a few steps at its LR
+    (and smaller ones once the loss rises) test the learning rate, and for SGD the top
+    curvature of the loss is compared with the stability limit.
 
     Nothing given is changed: parameters, their ``.grad``, buffers, the optimizer's state,
-    the RNG state and ``training`` flags are as they were.
+    the RNG state and ``training`` flags are as they were. The LR probe steps the model in
+    place with its own optimizer and writes the parameter values back (no copy of the model).
+
+    The probes share a time budget: the instrumented pass and the steps at the user's LR
+    always run; smaller LRs, power iterations and further gradchecks run while it lasts, and
+    ``Diagnosis.cut`` lists what it cut short.
 
     Args:
         model: the model.
@@ -143,6 +163,8 @@ def doctor(
         optimizer: enables the LR probe.
         lr_probe_steps: optimizer steps per LR probe run.
         gradcheck_custom: check custom autograd Functions by finite differences.
+        budget_s: seconds the probes share; default 5 s up to 25M parameters, proportionally
+            more above (:func:`gradguard.doctor._budget.default_budget`).
 
     Returns:
         Diagnosis: ``findings`` (most urgent first), ``top``, ``healthy``, ``to_dict()``.
@@ -175,19 +197,28 @@ def doctor(
         raise TypeError(f"doctor optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if lr_probe_steps < 1:
         raise ValueError(f"doctor lr_probe_steps={lr_probe_steps}: must be >= 1")
+    if budget_s is not None and not (isinstance(budget_s, (int, float)) and budget_s > 0):
+        raise ValueError(f"doctor budget_s={budget_s!r}: must be a number of seconds > 0, or None for the default")
     inputs, targets = split_batch(batch)
     n_params = sum(p.numel() for p in params)
+    budget = Budget(float(budget_s) if budget_s is not None else default_budget(n_params), start=t0)
     findings: list[Finding] = []
     probes = ["inputs"]
-    with preserved(model):
+    with preserved(model) as restore_buffers:
         findings += probe_nonfinite_input(inputs, targets)
         if not findings:
+            stacks = find_stacks(model)
+            torch.manual_seed(0)  # the LR probe's seed: its first step reuses this pass
+            t_pass = time.perf_counter()
             cap = run_capture(
                 model,
                 lambda: forward_checked(model, inputs),
                 lambda out: loss_checked(loss_fn, out, targets),
+                blocks={p for paths in stacks.values() for p in paths},
             )
-            probes += ["numerics", "signal", "recurrent", "disconnected"]
+            # the instrumented pass costs 1.5-2 plain passes: a safe upper bound for one
+            pass_s = time.perf_counter() - t_pass
+            probes += ["numerics", "signal", "stacks", "recurrent", "disconnected"]
             first = min(
                 (c for c in cap.calls if is_weight_layer(c.module) and not isinstance(c.module, nn.Embedding)),
                 key=lambda c: c.order,
@@ -202,23 +233,89 @@ def doctor(
                 findings += probe_half_headroom(cap)
             if gradcheck_custom:
                 probes.append("gradcheck")
-                findings += probe_custom_functions(cap)
+                findings += probe_custom_functions(cap, budget=budget)
             if not numeric:
-                findings += probe_signal(cap)
+                depth = merge_depth(probe_signal(cap), probe_stacks(cap, model, stacks))
+                findings += with_attention(depth, attention_evidence(cap.attention))
                 findings += probe_recurrent(cap)
             findings += probe_disconnected(cap, model)
+            named = dict(model.named_parameters())
+            start = (
+                FirstStep(cap.loss, {id(named[n]): g for n, g in cap.param_grads.items() if g is not None})
+                if optimizer is not None and not numeric
+                else None
+            )
             del cap
+            restore_buffers()
             if optimizer is not None and not numeric:
                 probes.append("lr")
+                sub = sub_batch(inputs, targets, SHARPNESS_BATCH)
 
-                def step_loss(m: nn.Module) -> Tensor:
-                    return loss_checked(loss_fn, call_model(m, inputs), targets)
+                def step_loss(m: nn.Module, x: Any = inputs, y: Any = targets) -> Tensor:
+                    return loss_checked(loss_fn, call_model(m, x), y)
 
-                findings += probe_lr(model, optimizer, step_loss, steps=lr_probe_steps)
+                def curvature_loss(m: nn.Module) -> Tensor:
+                    return step_loss(m, *sub) if sub is not None else step_loss(m)
+
+                findings += probe_lr(
+                    model,
+                    optimizer,
+                    step_loss,
+                    steps=lr_probe_steps,
+                    budget=budget,
+                    curvature_loss=curvature_loss,
+                    start=start,
+                    pass_s=pass_s,
+                )
     return Diagnosis(
         findings=findings,
         model=type(model).__name__,
         n_params=n_params,
         probes=probes,
         elapsed_s=time.perf_counter() - t0,
+        budget_s=budget.total_s,
+        cut=list(budget.cut),
     )
+
+
+def with_attention(depth: list[Finding], attention: dict[str, Any]) -> list[Finding]:
+    """Attention entropy as evidence for the init findings; a collapsed attention (one key per
+    query at init) with no other init finding is one itself: its logits are too large."""
+    if not attention:
+        return depth
+    for f in depth:
+        if f.cause in ("init_too_large", "init_too_small"):
+            f.evidence.update(attention)
+    if not attention["attention_collapsed"]:
+        return depth
+    where, low = attention["attention_entropy_min_at"], attention["attention_entropy_min"]
+    note = (
+        f"the attention at `{where}` has collapsed to about one key per query (entropy {low:.2g} of "
+        f"uniform; at a healthy init it is near 1): its query/key logits are too large"
+    )
+    large = [f for f in depth if f.cause == "init_too_large"]
+    for f in large:
+        f.confidence = max(f.confidence, 0.9)
+        f.remedy += f" Also, {note}."
+    if large:
+        return depth
+    return [
+        *depth,
+        Finding(
+            "init_too_large",
+            "warning",
+            where or None,
+            dict(attention),
+            f"{note}, so queries and keys get almost no gradient: init their projections with std "
+            f"~1/sqrt(width) (0.02 for transformers), keep the 1/sqrt(head_dim) scaling, or add "
+            f"QK-LayerNorm.",
+            0.7,
+        )
+    ]
+
+
+def merge_depth(chain: list[Finding], stacks: list[Finding]) -> list[Finding]:
+    """One finding per cause: a stack finding is kept only for a cause the chain of weight
+    layers did not already name (the chain's finding names the worst layer)."""
+    named = {f.cause for f in chain}
+    return chain + [f for f in stacks if f.cause not in named]

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._capture import iter_tensors
+from .._tensors import iter_floats
+from ._budget import Budget
 from ._report import Finding
 
 #: Central differences in float64: truncation ~eps², rounding ~1e-16/eps; 1e-6 balances them.
 FD_EPS = 1e-6
 ATOL = 1e-5
 RTOL = 1e-3
+#: modules a custom Function is checked in before it is declared right
+CHECKS_PER_FUNCTION = 2
 
 
 @dataclass
@@ -135,13 +139,13 @@ def gradcheck(
         def f() -> Tensor:
             torch.manual_seed(seed)
             out = m(*args, **kw)
-            outs = [o for o in iter_tensors(out) if o.is_floating_point()]
+            outs = list(iter_floats(out))
             if not outs:
                 raise ValueError(f"gradcheck: {type(module).__name__} returned no floating tensor")
             return sum((o.double() * vs).sum() for o, vs in zip(outs, v))  # type: ignore[return-value]
 
         torch.manual_seed(seed)
-        first = [o for o in iter_tensors(m(*args, **kw)) if o.is_floating_point()]
+        first = list(iter_floats(m(*args, **kw)))
         v = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in first]
         s = f()
         ad = torch.autograd.grad(s, [t for _, _, t in checked], allow_unused=True)
@@ -205,59 +209,79 @@ def _owns(out_nodes: list[Any], in_nodes: set[Any], target: Any) -> bool:
     return False
 
 
-def _slice_batch(x: Any, n: int) -> Any:
+def slice_batch(x: Any, n: int) -> Any:
+    """The first ``n`` entries along dim 0 of every tensor inside ``x``."""
     return _map(x, lambda t: t[:n] if t.ndim >= 1 and t.shape[0] > n else t)
 
 
-def probe_custom_functions(cap: Any, max_batch: int = 2) -> list[Finding]:
-    """Gradcheck the innermost module around each custom autograd Function."""
+def probe_custom_functions(cap: Any, max_batch: int = 2, budget: Budget | None = None) -> list[Finding]:
+    """One finding per custom autograd Function whose backward is wrong.
+
+    A Function's backward is one piece of code wherever it is used, so each Function is
+    checked on the innermost module around its first uses (up to
+    :data:`CHECKS_PER_FUNCTION`, while ``budget`` lasts) and reported once, with every
+    module that uses it in ``evidence["modules"]``."""
     nodes = custom_nodes(cap.graph_root)
     if not nodes:
         return []
     calls = sorted(cap.calls, key=lambda c: c.order)
-    out: list[Finding] = []
-    done: set[str] = set()
+    users: dict[str, list[Any]] = {}
     for node in nodes:
         owner = next((c for c in calls if _owns(c.out_nodes, c.in_nodes, node)), None)
-        if owner is None or owner.path in done:
-            continue
-        done.add(owner.path)
         fn = getattr(node, "_forward_cls", type(node)).__name__
+        if owner is not None and all(o.path != owner.path for o in users.setdefault(fn, [])):
+            users[fn].append(owner)
+    out: list[Finding] = []
+    for fn, owners in users.items():
+        owners.sort(key=lambda c: c.order)
+        f = _check_function(fn, owners, max_batch, budget)
+        if f is not None:
+            out.append(f)
+    return out
+
+
+def _check_function(fn: str, owners: list[Any], max_batch: int, budget: Budget | None) -> Finding | None:
+    places = [o.path or "(model)" for o in owners]
+    cost = 0.0
+    for i, owner in enumerate(owners[:CHECKS_PER_FUNCTION]):
+        if i and budget is not None and not budget.allows(cost):
+            budget.note(f"gradcheck: {fn} checked in {i} of {len(owners)} modules")
+            return None
+        t0 = time.perf_counter()
         try:
-            rep = gradcheck(owner.module, *_slice_batch(owner.args, max_batch), **_slice_batch(owner.kwargs, max_batch))
+            rep = gradcheck(owner.module, *slice_batch(owner.args, max_batch), **slice_batch(owner.kwargs, max_batch))
         except (RuntimeError, TypeError, ValueError) as e:
-            out.append(
-                Finding(
-                    "wrong_gradient",
-                    "info",
-                    owner.path or "(model)",
-                    {"function": fn, "error": f"{type(e).__name__}: {e}"[:300]},
-                    f"custom Function {fn} could not be checked in float64 ({type(e).__name__}); "
-                    f"check it by hand with torch.autograd.gradcheck.",
-                    0.2,
-                )
+            return Finding(
+                "wrong_gradient",
+                "info",
+                owner.path or "(model)",
+                {"function": fn, "error": f"{type(e).__name__}: {e}"[:300], "modules": places},
+                f"custom Function {fn} could not be checked in float64 ({type(e).__name__}); "
+                f"check it by hand with torch.autograd.gradcheck.",
+                0.2,
             )
-            continue
+        cost = time.perf_counter() - t0
         if rep.ok:
             continue
         w = rep.worst
         assert w is not None
-        out.append(
-            Finding(
-                "wrong_gradient",
-                "error",
-                owner.path or "(model)",
-                {
-                    "function": fn,
-                    "worst": w.name,
-                    "max_abs_err": w.max_abs_err,
-                    "max_rel_err": w.max_rel_err,
-                    "entries": [e.to_dict() for e in rep.entries],
-                },
-                f"the backward of custom Function {fn} in `{owner.path or 'model'}` disagrees with "
-                f"finite differences (max rel err {w.max_rel_err:.3g} on {w.name}): fix "
-                f"{fn}.backward, and re-check with gg.gradcheck(module, x).",
-                min(1.0, 0.7 + 0.3 * min(1.0, w.max_rel_err)),
-            )
+        where = f"`{owner.path or 'model'}`" + (f" and {len(places) - 1} other module(s)" if len(places) > 1 else "")
+        return Finding(
+            "wrong_gradient",
+            "error",
+            owner.path or "(model)",
+            {
+                "function": fn,
+                "modules": places,
+                "n_modules": len(places),
+                "worst": w.name,
+                "max_abs_err": w.max_abs_err,
+                "max_rel_err": w.max_rel_err,
+                "entries": [e.to_dict() for e in rep.entries],
+            },
+            f"the backward of custom Function {fn} (used in {where}) disagrees with finite "
+            f"differences (max rel err {w.max_rel_err:.3g} on {w.name}): fix {fn}.backward, and "
+            f"re-check with gg.gradcheck(module, x).",
+            min(1.0, 0.7 + 0.3 * min(1.0, w.max_rel_err)),
         )
-    return out
+    return None

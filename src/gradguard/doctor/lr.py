@@ -1,241 +1,77 @@
 """Probe: the learning rate, two ways.
 
-1. **Curvature** (SGD, with or without momentum): gradient descent with learning rate η is
-   unstable along any direction whose curvature λ exceeds ``2/η`` -- heavy-ball momentum β
-   moves the limit to ``2(1+β)/η``, Nesterov's to ``2(1+β)/((1+2β)η)`` (LeCun et al. 1998;
-   Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at the Edge of
-   Stability"). A few power iterations of Hessian-vector products (double backward) estimate
-   the top eigenvalue λ_max of the loss Hessian on the batch; ``η·λ_max`` past
-   :data:`SHARPNESS_MARGIN` times the limit is flagged. This catches slow divergence that
-   takes tens of steps to show in the loss.
-2. **Steps** (every optimizer): a few optimizer steps on one batch, on deep copies of the
-   model and the optimizer, at the user's LR and at LR/10: a loss that rises (or blows up)
-   at LR while it falls at LR/10 means the LR is too high. This catches fast blow-ups, and is
-   the only test for adaptive optimizers (Adam & co.), whose stability limit depends on a
+1. **Steps** (every optimizer): a few optimizer steps on one batch at the user's LR (on the
+   model itself, undone afterwards: :mod:`._steps`), and, once the loss rises, at LR/10,
+   LR/100 ... while the time budget lasts: a loss that rises (or blows up) at LR while it
+   falls at a smaller LR means the LR is too high. This catches fast blow-ups, and is the
+   only test for adaptive optimizers (Adam & co.), whose stability limit depends on a
    preconditioner that does not exist before training (see :func:`probe_lr`).
+2. **Curvature** (SGD, with or without momentum; :mod:`.sharpness`): ``η·λ_max`` against
+   the stability limit. This catches slow divergence that takes tens of steps to show in
+   the loss.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._budget import Budget
+from ._capture import is_norm
 from ._report import Finding
+from ._steps import LR_BLOWUP, MIN_STEPS, FirstStep, StepRunner
+from .sharpness import SHARPNESS_MARGIN, SHARPNESS_PASSES, Sharpness, sharpness
 
 LR_PROBE_STEPS = 4
 #: the loss after the probe steps above (1 + LR_RISE) x the initial loss counts as rising
 LR_RISE = 0.05
-#: the loss ending above this multiple of the initial loss is an error
-LR_BLOWUP = 10.0
 #: LR multipliers tried, in order, once the loss rises at the user's LR
 LR_SCALES: tuple[float, ...] = (0.1, 0.01, 0.001)
-
-#: at most this many Hessian-vector products in the power iteration for λ_max
-SHARPNESS_ITERS = 20
-#: the power iteration stops once the estimate changes by less than this fraction
-SHARPNESS_TOL = 0.03
-#: ``η·λ_max`` is flagged past this multiple of the stability limit. Below the limit a
-#: quadratic converges; between 1x and about 2x the limit, networks typically go through a
-#: "catapult" (Lewkowycz et al. 2020: the loss spikes, the curvature drops until η·λ is back
-#: under the limit, and training goes on), and training self-stabilises at the edge of
-#: stability (Cohen et al. 2021). The batch Hessian also differs from the full-data one.
-#: Past 2x the limit the catapult no longer catches it and training diverges: the margin
-#: keeps healthy high-LR setups (which sit near 1x) from being called sick.
-SHARPNESS_MARGIN = 2.0
-#: normalisation layers that make the weights before them scale-invariant
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-
-
-@dataclass
-class Sharpness:
-    """The top curvature of the loss, in the optimizer's units."""
-
-    lam: float  # λ_max of the Hessian (of the LR-scaled Hessian over the largest LR with groups)
-    lr: float  # the largest effective learning rate
-    limit: float  # the stable range of η·λ: 2, 2(1+β), 2(1+β)/(1+2β)
-    iters: int  # Hessian-vector products run
-    converged: bool
-
-    @property
-    def ratio(self) -> float:
-        """``η·λ_max`` over the stability limit."""
-        return self.lr * self.lam / self.limit
-
-    def evidence(self) -> dict[str, Any]:
-        return {
-            "sharpness": self.lam,
-            "lr_times_sharpness": self.lr * self.lam,
-            "stability_limit": self.limit,
-            "over_limit": self.ratio,
-            "max_stable_lr": self.limit / self.lam if self.lam > 0 else None,
-            "recommended_lr": self.limit / (2 * self.lam) if self.lam > 0 else None,
-            "power_iterations": self.iters,
-            "power_iteration_converged": self.converged,
-        }
-
-    def lam_text(self) -> str:
-        """``λ_max = 42.7``, or ``λ_max ≥ 33.1`` when the iteration stopped early (the
-        Rayleigh quotient of an unconverged power iteration is a lower bound)."""
-        return f"λ_max {'=' if self.converged else '≥'} {self.lam:.4g}"
-
-
-def _sgd_limit(group: dict[str, Any]) -> tuple[float, float] | None:
-    """(effective LR, stable range of η·λ) of one SGD param group, or None if not plain SGD."""
-    if group.get("maximize", False):
-        return None
-    beta = float(group.get("momentum", 0.0) or 0.0)
-    damp = float(group.get("dampening", 0.0) or 0.0) if beta else 0.0
-    lr = float(group["lr"]) * (1.0 - damp)
-    if group.get("nesterov", False):
-        return lr, 2 * (1 + beta) / (1 + 2 * beta)
-    return lr, 2 * (1 + beta)
-
-
-def _power(
-    hvp: Callable[[list[Tensor]], list[Tensor]],
-    params: list[Tensor],
-    iters: int,
-    stop_above: float | None,
-    shift: float,
-) -> tuple[float, int, bool]:
-    """Power iteration on ``H + shift·I``: (the Rayleigh quotient minus ``shift``, iterations,
-    converged). The Rayleigh quotient ``vᵀHv`` never exceeds λ_max, so the iteration stops as
-    soon as it passes ``stop_above``."""
-    gen = torch.Generator().manual_seed(0)
-    v = [torch.randn(p.shape, generator=gen).to(p) for p in params]
-    lam, prev = 0.0, math.nan
-    for n in range(1, iters + 1):
-        norm = float(torch.sqrt(sum((x.double() ** 2).sum() for x in v)))  # type: ignore[arg-type]
-        if not norm > 0 or not math.isfinite(norm):
-            return lam, n - 1, False  # Hv = 0 (or not finite)
-        v = [x / norm for x in v]
-        hv = [h + shift * x if shift else h for h, x in zip(hvp(v), v)]
-        lam = float(sum((h.double() * x.double()).sum() for h, x in zip(hv, v))) - shift  # type: ignore[arg-type]
-        if not math.isfinite(lam):
-            return lam, n, False
-        v = [h.detach() for h in hv]
-        if stop_above is not None and lam > stop_above:
-            return lam, n, False  # certainly past the bar already
-        if n > 1 and abs(lam - prev) <= SHARPNESS_TOL * abs(lam + shift):
-            return lam, n, True
-        prev = lam
-    return lam, iters, False
-
-
-def sharpness(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step_loss: Callable[[nn.Module], Tensor],
-    *,
-    iters: int = SHARPNESS_ITERS,
-    stop_above: float | None = SHARPNESS_MARGIN,
-) -> Sharpness | None:
-    """λ_max of the loss Hessian on the batch by power iteration, for an SGD optimizer.
-
-    With several param groups the operator is ``S H S``, ``S = diag(sqrt(η_g/η_max))``, so
-    that ``η_max·λ`` is the top curvature each group actually sees; weight decay adds
-    ``wd`` to the curvature. Gradients come from ``torch.autograd.grad``: no ``.grad`` is
-    touched. Each Rayleigh quotient ``vᵀHv`` is a lower bound on λ_max, so the iteration may
-    stop as soon as ``η·vᵀHv`` is ``stop_above`` times past the limit. None for optimizers
-    other than ``torch.optim.SGD``, or when the loss cannot be differentiated twice.
-    """
-    if not isinstance(optimizer, torch.optim.SGD):
-        return None
-    groups = []
-    for g in optimizer.param_groups:
-        lim = _sgd_limit(g)
-        if lim is None:
-            return None
-        ps = [p for p in g["params"] if p.requires_grad]
-        if ps and lim[0] > 0:
-            groups.append((ps, lim[0], lim[1], float(g.get("weight_decay", 0.0) or 0.0)))
-    if not groups:
-        return None
-    lr_max = max(lr for _, lr, _, _ in groups)
-    limit = max(lim for _, _, lim, _ in groups)  # the lenient one when groups differ
-    params = [p for ps, *_ in groups for p in ps]
-    scale = [math.sqrt(lr / lr_max) for ps, lr, _, _ in groups for _ in ps]
-    decay = [wd for ps, _, _, wd in groups for _ in ps]
-    try:
-        with torch.enable_grad():
-            loss = step_loss(model)
-            if not bool(torch.isfinite(loss.detach())):
-                return None
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            live = [i for i, gr in enumerate(grads) if gr is not None and gr.requires_grad]
-            if not live:
-                return None
-            hvp_params = [params[i] for i in live]
-            hvp_grads = [grads[i] for i in live]
-            sc = [scale[i] for i in live]
-            wd = [decay[i] for i in live]
-
-            def hvp(v: list[Tensor]) -> list[Tensor]:
-                sv = [x * c for x, c in zip(v, sc)]
-                hv = torch.autograd.grad(
-                    hvp_grads, hvp_params, sv, retain_graph=True, allow_unused=True
-                )
-                return [
-                    c * ((h if h is not None else torch.zeros_like(x)) + w * x)
-                    for h, x, c, w in zip(hv, sv, sc, wd)
-                ]
-
-            bar = None if stop_above is None else stop_above * limit / lr_max
-            lam, n, converged = _power(hvp, hvp_params, iters, bar, 0.0)
-            if lam < 0 and (bar is None or -lam > bar):
-                # a negative eigenvalue dominates and hides the top positive one: iterate on
-                # H + |λ|·I, whose top eigenvalue is λ_max + |λ|
-                shift = -lam
-                mu, n2, converged = _power(hvp, hvp_params, iters, bar, shift)
-                lam, n = mu, n + n2
-    except RuntimeError:
-        return None  # e.g. an op or custom Function without a double backward
-    if not math.isfinite(lam):
-        return None
-    return Sharpness(lam=lam, lr=lr_max, limit=limit, iters=n, converged=converged)
-
-
-def _run(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step_loss: Callable[[nn.Module], Tensor],
-    scale: float,
-    steps: int,
-    seed: int,
-) -> list[float]:
-    m, opt = copy.deepcopy((model, optimizer))
-    for group in opt.param_groups:
-        lr = group["lr"]
-        group["lr"] = lr * scale if not isinstance(lr, Tensor) else lr.mul(scale)
-    losses: list[float] = []
-    for i in range(steps + 1):
-        torch.manual_seed(seed + i)
-        opt.zero_grad(set_to_none=True)
-        loss = step_loss(m)
-        v = float(loss.detach().float())
-        losses.append(v)
-        if i == steps or not math.isfinite(v) or (i and v > LR_BLOWUP * abs(losses[0]) + 1e-12):
-            break  # diverged: more steps cost time and tell nothing new
-        loss.backward()
-        opt.step()
-    return losses
-
 
 def _step_probe(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     step_loss: Callable[[nn.Module], Tensor],
     steps: int,
+    budget: Budget | None = None,
+    start: FirstStep | None = None,
 ) -> list[Finding]:
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    lr = float(lrs[0])
-    hi = _run(model, optimizer, step_loss, 1.0, steps, seed=0)
+    with StepRunner(model, optimizer) as runner:
+        return _step_verdict(runner, optimizer, step_loss, steps, budget, start)
+
+
+def _step_verdict(
+    runner: StepRunner,
+    optimizer: torch.optim.Optimizer,
+    step_loss: Callable[[nn.Module], Tensor],
+    steps: int,
+    budget: Budget | None,
+    start: FirstStep | None,
+) -> list[Finding]:
+    lr = float(optimizer.param_groups[0]["lr"])
+    afford = budget.allows if budget is not None else None
+
+    def steps_at(scale: float, more: Callable[[list[float]], int] | None = None) -> list[float]:
+        out = runner.losses(step_loss, scale, steps, more=more, start=start, afford=afford)
+        if runner.stopped_early and budget is not None:
+            budget.note(f"lr: {len(out) - 1} of {steps} steps at lr x {scale:g}")
+        return out
+
+    t0 = time.perf_counter()
+
+    def catapult(losses: list[float]) -> int:
+        # a loss that rose by a little may be the "catapult" of a healthy high LR (it spikes,
+        # then falls below where it started; Lewkowycz et al. 2020): look as far again
+        rose_a_little = (1 + LR_RISE) * losses[0] < losses[-1] < LR_BLOWUP * losses[0]
+        return steps if rose_a_little and (budget is None or budget.allows(time.perf_counter() - t0)) else 0
+
+    hi = steps_at(1.0, catapult)
+    run_cost = (time.perf_counter() - t0) * steps / max(1, len(hi) - 1)
     l0 = hi[0]
     if not math.isfinite(l0):
         return []  # the numerics probe reports a non-finite loss
@@ -248,20 +84,29 @@ def _step_probe(
     tried: dict[float, list[float]] = {}
     stable: float | None = None
     for scale in LR_SCALES:
-        run = _run(model, optimizer, step_loss, scale, steps, seed=0)
-        tried[scale] = run
+        # after a mild rise the first smaller LR is what tells a too-high LR from a loss that
+        # rises anyway: it runs if the budget has room for its shortest form; after a blow-up
+        # the smaller LRs only refine the advice
+        need = run_cost * (MIN_STEPS / steps if not (tried or blew) else 1.0)
+        if budget is not None and not budget.allows(need):
+            budget.note(f"lr: the loss rose at lr; stopped before lr x {scale:g}")
+            break
+        tried[scale] = steps_at(scale)
+        run = tried[scale]
         if math.isfinite(run[-1]) and run[-1] <= l0 * (1 + LR_RISE) + 1e-12:
             stable = scale
             break
-    lo = tried[LR_SCALES[0]]
-    lo_end = lo[-1]
+    lo = tried.get(LR_SCALES[0])
+    if lo is None and not blew:
+        return []  # a mild rise not compared with a smaller LR is no verdict
+    lo_end = lo[-1] if lo is not None else math.nan
     ev: dict[str, Any] = {
         "lr": lr,
         "loss_start": l0,
         "loss_end_at_lr": hi_end,
         "loss_end_at_lr_div_10": lo_end,
         "losses_at_lr": hi,
-        "losses_at_lr_div_10": lo,
+        "losses_at_lr_div_10": lo or [],
         "steps": steps,
         "steps_run_at_lr": len(hi) - 1,
         "stable_lr": lr * stable if stable is not None else None,
@@ -276,11 +121,14 @@ def _step_probe(
             f"the loss does not rise at lr={lr * stable:g}: lower the learning rate to "
             f"≤ {lr * stable:g}"
         )
-    else:
+    elif tried:
+        low = min(tried)
         advice = (
-            f"it still rises at lr={lr * LR_SCALES[-1]:g}: lower the learning rate by more than "
-            f"{1 / LR_SCALES[-1]:g}x, and look for a root cause (input scale, init)"
+            f"it still rises at lr={lr * low:g}: lower the learning rate by more than "
+            f"{1 / low:g}x, and look for a root cause (input scale, init)"
         )
+    else:
+        advice = "lower the learning rate 10x at a time until the loss falls"
     return [
         Finding(
             "lr_too_high",
@@ -300,6 +148,10 @@ def probe_lr(
     step_loss: Callable[[nn.Module], Tensor],
     *,
     steps: int = LR_PROBE_STEPS,
+    budget: Budget | None = None,
+    curvature_loss: Callable[[nn.Module], Tensor] | None = None,
+    start: FirstStep | None = None,
+    pass_s: float = 0.0,
 ) -> list[Finding]:
     """``lr_too_high`` from the step probe, the curvature rule (SGD), or both.
 
@@ -312,14 +164,22 @@ def probe_lr(
     the *preconditioned* sharpness (38/η for Adam with β1 = 0.9, Cohen et al. 2022), and the
     preconditioner ``sqrt(v)`` is not known before training -- after one step it is ``|g|``,
     which makes the estimate meaningless.
+
+    ``budget`` bounds the optional work (smaller LRs, power iterations); ``curvature_loss``
+    (default ``step_loss``) is the loss the curvature is measured on, e.g. on a sub-batch;
+    ``start``: the loss and gradients at the current state under seed 0, which spare the
+    first run its first forward/backward pass; ``pass_s``: what one
+    forward/backward pass costs, so that the curvature (a few passes per product) starts only
+    when the budget has room for it.
     """
-    found = _step_probe(model, optimizer, step_loss, steps)
+    found = _step_probe(model, optimizer, step_loss, steps, budget, start)
     sharp: Sharpness | None = None
     if isinstance(optimizer, torch.optim.SGD):
-        m, opt = copy.deepcopy((model, optimizer))
-        torch.manual_seed(0)
-        sharp = sharpness(m, opt, step_loss)
-        del m, opt
+        if budget is not None and not budget.allows(SHARPNESS_PASSES * pass_s):
+            budget.note("sharpness: not run")
+        else:
+            torch.manual_seed(0)
+            sharp = sharpness(model, optimizer, curvature_loss or step_loss, budget=budget)
     if sharp is None:
         return found
     ev = sharp.evidence()
@@ -338,7 +198,7 @@ def probe_lr(
             f.confidence = max(f.confidence, 0.9)
         return found
     rec = ev["recommended_lr"]
-    norms = sorted({type(mod).__name__ for mod in model.modules() if isinstance(mod, _NORMS)})
+    norms = sorted({type(mod).__name__ for mod in model.modules() if is_norm(mod)})
     if over and norms and not found:
         # weights before a normalisation layer are scale-invariant: an unstable step grows
         # their norm, which lowers their curvature (~1/|w|²) until the step is stable again

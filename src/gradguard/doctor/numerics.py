@@ -30,7 +30,10 @@ def _first_nonfinite(cap: Capture) -> tuple[str | None, str, torch.dtype | None,
 def probe_nonfinite(cap: Capture, model: nn.Module) -> list[Finding]:
     """A non-finite loss or gradient from finite inputs: localise it and name the cause."""
     path, _, dtype, in_absmax = _first_nonfinite(cap)
-    grads_bad = [n for n, g in cap.param_grads.items() if g is not None and not bool(torch.isfinite(g).all())]
+    named = [(n, g) for n, g in cap.param_grads.items() if g is not None]
+    # one norm per gradient (a NaN/Inf anywhere makes it non-finite), one host copy
+    norms = torch.stack([g.detach().float().norm() for _, g in named]).tolist() if named else []
+    grads_bad = [n for (n, _), v in zip(named, norms) if not math.isfinite(v)]
     loss_bad = not math.isfinite(cap.loss)
     if path is None and not loss_bad and not grads_bad:
         return []
@@ -117,32 +120,50 @@ def probe_half_headroom(cap: Capture) -> list[Finding]:
 
 
 def probe_disconnected(cap: Capture, model: nn.Module) -> list[Finding]:
-    """Trainable parameters that receive no gradient from the loss."""
+    """Trainable parameters that receive no gradient from the loss.
+
+    A layer cut off (never run, detached, under ``no_grad``) is a warning. A parameter that
+    is the only one without a gradient in a layer whose other parameters got theirs is an
+    optional input of that layer (a mask token used only when masking, a position table the
+    batch does not reach): an info."""
     none = [n for n, g in cap.param_grads.items() if g is None]
     if not none:
         return []
-    layers: list[str] = []
+    by_layer: dict[str, list[str]] = {}
     for n in none:
-        layer = n.rpartition(".")[0] or "(root)"
-        if layer not in layers:
-            layers.append(layer)
+        by_layer.setdefault(n.rpartition(".")[0] or "(root)", []).append(n)
+    got = [n for n, g in cap.param_grads.items() if g is not None]
+    # a layer is cut off when nothing in it (its own parameters or its children's) gets a gradient
+    cut = [lay for lay in by_layer if not any(n.startswith(lay + ".") or lay == "(root)" for n in got)]
+    layers = cut or list(by_layer)
     ran = {c.path for c in cap.calls}
     unused = [lay for lay in layers if lay not in ran]
-    n_el = sum(p.numel() for n, p in model.named_parameters() if n in set(none))
-    why = (
-        f"{len(unused)} of them never ran in forward (an unused branch)"
-        if unused
-        else "they ran but their output was detached, computed under no_grad, or not used by the loss"
-    )
+    none_cut = [n for lay in layers for n in by_layer[lay]]
+    n_el = sum(p.numel() for n, p in model.named_parameters() if n in set(none_cut))
+    if cut:
+        why = (
+            f"{len(unused)} of them never ran in forward (an unused branch)"
+            if unused
+            else "they ran but their output was detached, computed under no_grad, or not used by the loss"
+        )
+        remedy = (
+            f"{len(none_cut)} trainable parameter(s) in {len(layers)} layer(s) ({', '.join(layers[:4])}"
+            f"{', ...' if len(layers) > 4 else ''}) get no gradient; {why}: remove .detach()/no_grad "
+            f"on that path, use the branch in the loss, or freeze it (requires_grad_(False))."
+        )
+    else:
+        remedy = (
+            f"{len(none_cut)} parameter(s) ({', '.join(none_cut[:4])}{', ...' if len(none_cut) > 4 else ''}) "
+            f"get no gradient while the rest of their layer does: an input used only in some "
+            f"calls (a mask token, an optional embedding); freeze it if it is never meant to train."
+        )
     return [
         Finding(
             "disconnected_layer",
-            "warning",
+            "warning" if cut else "info",
             layers[0],
-            {"params_without_grad": none[:20], "n_params_without_grad": len(none), "n_elements": n_el, "layers": layers[:20]},
-            f"{len(none)} trainable parameter(s) in {len(layers)} layer(s) ({', '.join(layers[:4])}"
-            f"{', ...' if len(layers) > 4 else ''}) get no gradient; {why}: remove .detach()/no_grad "
-            f"on that path, use the branch in the loss, or freeze it (requires_grad_(False)).",
-            0.9,
+            {"params_without_grad": none_cut[:20], "n_params_without_grad": len(none_cut), "n_elements": n_el, "layers": layers[:20]},
+            remedy,
+            0.9 if cut else 0.4,
         )
     ]

@@ -1,0 +1,47 @@
+"""Walking the tensors inside nested arguments, and calling a model on a batch's inputs.
+
+One copy shared by the doctor, ``gg.init`` and the activation watch: all of them accept
+the same input shapes (a tensor, a tuple/list for positional arguments, a dict for keyword
+arguments, nested at will), so they must agree on how those are read.
+
+Example:
+    >>> import torch
+    >>> from gradguard._tensors import call_model, iter_tensors
+    >>> [tuple(t.shape) for t in iter_tensors({"a": torch.ones(2), "b": [torch.ones(3), 4]})]
+    [(2,), (3,)]
+    >>> call_model(torch.nn.Identity(), torch.ones(1)).tolist()
+    [1.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor, nn
+
+
+def iter_tensors(x: Any) -> Iterator[Tensor]:
+    """Every tensor inside nested tuples/lists/dicts (dict values), in order."""
+    if isinstance(x, Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from iter_tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from iter_tensors(v)
+
+
+def iter_floats(x: Any) -> Iterator[Tensor]:
+    """The floating-point tensors of :func:`iter_tensors`."""
+    return (t for t in iter_tensors(x) if t.is_floating_point())
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple/list, else ``model(inputs)``."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)

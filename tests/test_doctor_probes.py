@@ -1,0 +1,283 @@
+"""The doctor's mechanisms, each against a reference: activations seen in every style and
+measured by their true derivative, fans read from shapes, a depth signal free of vocabulary
+and image size, deliberate zero inits, recurrences judged on their own transfer, one
+finding per custom Function."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.zoo.cases import images, tokens
+from tests.zoo.models import BadSwish, SmallCNN, TinyGPT, lm_loss
+from tests.zoo.real.nets import RNNLM, InplaceSigmoid, MLPMixer, TimmResNet
+from torch import nn
+
+import gradguard as gg
+from gradguard.doctor._acts import measure, profile
+from gradguard.doctor._capture import run_capture
+from gradguard.doctor._weights import constant_gates, recommended_std, weight_stats
+from gradguard.doctor.recurrent import _judge, _trim
+from gradguard.doctor.signal import depth_profile
+
+
+def _capture(model, x, loss=lambda out: out.float().pow(2).mean()):
+    return run_capture(model, lambda: model(x), loss)
+
+
+class _Styles(nn.Module):
+    """One activation of each style: in-place method, in-place torch function, module,
+    functional, hardtanh with arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = (nn.Linear(8, 8) for _ in range(5))
+        self.sig = InplaceSigmoid()
+        self.relu6 = nn.ReLU6()
+
+    def forward(self, x):
+        x = self.sig(self.a(x))  # x.sigmoid_()
+        x = torch.tanh_(self.b(x))
+        x = self.relu6(self.c(x))  # F.hardtanh(x, 0, 6)
+        x = F.silu(self.d(x))
+        return F.hardtanh_(self.e(x))
+
+
+def test_in_place_and_functional_activations_are_all_captured_with_their_family():
+    torch.manual_seed(0)
+    cap = _capture(_Styles(), torch.randn(16, 8))
+    assert [(a.kind, a.family) for a in cap.acts] == [
+        ("sigmoid", "bounded"), ("tanh", "bounded"), ("hardtanh", "relu"), ("silu", "relu"), ("hardtanh", "bounded"),
+    ]
+    assert [a.where for a in cap.acts][:3] == ["sig", "b", "relu6"]  # modules by their path, functions by their layer
+
+
+def test_saturation_is_the_share_of_inputs_where_the_derivative_is_flat():
+    # sigmoid'(x) < 1% of its peak 0.25 beyond |x| = 5.99: four inputs in the tails of eight
+    x = torch.tensor([[-9.0, -7.0, -1.0, 0.0, 0.5, 3.0, 7.0, 20.0]])
+    act = measure("sigmoid", torch.sigmoid, x, "s", 0)
+    assert act.sat_frac == pytest.approx(0.5)
+    assert act.deriv_rms == pytest.approx(float((torch.sigmoid(x) * (1 - torch.sigmoid(x))).pow(2).mean().sqrt()), rel=1e-5)
+    # ReLU6 (hardtanh 0..6): off at <= 0 (4 of 8), saturated at >= 6 (2 of the 4 positive)
+    r6 = measure("relu6", F.hardtanh, x, "r", 0, (0.0, 6.0))
+    assert (r6.family, r6.off_frac, r6.sat_frac) == ("relu", pytest.approx(4 / 8), pytest.approx(2 / 4))
+
+
+def test_profile_tells_relu_like_from_bounded_functions():
+    assert profile(torch.sigmoid).family == "bounded" and profile(torch.sigmoid).peak == pytest.approx(0.25, rel=1e-3)
+    assert profile(F.gelu).family == "relu" and profile(F.hardswish).family == "relu"
+    assert profile(F.leaky_relu).family == "smooth"
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class _Gated(nn.Module):
+    """Squeeze-excitation: a sigmoid gate scales the signal by its value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(x * torch.sigmoid(self.fc(x)))
+
+
+def test_an_activation_module_built_from_several_functions_is_measured_once_as_a_whole():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _QuickGELU(), nn.Linear(8, 1))
+    cap = _capture(model, torch.randn(32, 8))
+    (act,) = cap.acts
+    assert (act.kind, act.family, act.where, act.feeds) == ("_QuickGELU", "relu", "1", "2")
+
+
+def test_a_sigmoid_gate_is_off_the_signal_path():
+    torch.manual_seed(0)
+    cap = _capture(_Gated(), torch.randn(32, 8))
+    (act,) = cap.acts
+    assert act.kind == "sigmoid" and act.feeds == ""  # its output goes into a product, not a layer
+
+
+def test_fans_follow_groups_orientation_and_transposition():
+    assert weight_stats(nn.Conv2d(32, 32, 3, groups=32))[1:] == (9, 9)
+    assert weight_stats(nn.Conv2d(32, 64, 3, groups=4))[1:] == (8 * 9, 16 * 9)
+    w = nn.Linear(3, 5)  # a GPT-2 Conv1D stores [in, out]: the input's last dim says which is which
+    w.weight = nn.Parameter(torch.randn(16, 48))
+    assert weight_stats(w, in_features=16)[1:] == (16, 48) and weight_stats(w, in_features=48)[1:] == (48, 16)
+    assert weight_stats(nn.ConvTranspose2d(8, 4, 4))[1:] == (8 * 16, 4 * 16)
+
+
+def test_recommended_std_is_he_for_the_relu_family_and_xavier_with_gain_for_tanh():
+    assert recommended_std(9, 9, "relu", "silu")[1] == pytest.approx(math.sqrt(2 / 9))
+    assert recommended_std(64, 32, "bounded", "tanh")[1] == pytest.approx(5 / 3 * math.sqrt(2 / 96))
+    assert recommended_std(64, 32, None)[1] == pytest.approx(math.sqrt(2 / 96))
+
+
+@pytest.mark.parametrize("vocab", [50, 5000])
+def test_depth_signal_does_not_depend_on_the_vocabulary(vocab):
+    torch.manual_seed(0)
+    x, y = tokens(vocab=vocab)
+    prof = depth_profile(_gpt_cap(vocab, x, y))
+    ref = _gpt_profile_ref()
+    # the same trunk at vocab 50 and 5000: a per-element gradient would differ by 1 decade
+    assert abs(prof.back_hi - ref.back_hi) < 0.25 and abs(prof.back_lo - ref.back_lo) < 0.25
+    assert gg.doctor(TinyGPT(vocab=vocab), (x, y), lm_loss).healthy
+
+
+def _gpt_cap(vocab, x, y):
+    torch.manual_seed(0)
+    m = TinyGPT(vocab=vocab)
+    return run_capture(m, lambda: m(x), lambda out: lm_loss(out, y))
+
+
+def _gpt_profile_ref():
+    x, y = tokens(vocab=50)
+    return depth_profile(_gpt_cap(50, x, y))
+
+
+@pytest.mark.parametrize("hw", [8, 48])
+def test_depth_signal_does_not_depend_on_the_number_of_positions(hw):
+    def prof(size):
+        torch.manual_seed(0)
+        m = SmallCNN(depth=5, width=16)
+        gg.init.apply_(m, "he")
+        x, y = images(hw=size)
+        return depth_profile(run_capture(m, lambda: m(x), lambda out: F.cross_entropy(out, y))), (m, (x, y))
+
+    p, (m, batch) = prof(hw)
+    ref, _ = prof(16)
+    # x36 positions between 8x8 and 48x48: a gradient scaled by positions would move 1.5 decades
+    assert abs(p.back_lo - ref.back_lo) < 0.5 and abs(p.back_hi - ref.back_hi) < 0.5
+    assert gg.doctor(m, batch, nn.CrossEntropyLoss()).healthy
+
+
+def test_a_zero_initialised_head_is_deliberate_not_vanishing():
+    torch.manual_seed(0)
+    m = MLPMixer()
+    x, y = images(n=8, hw=32, k=10)
+    gates = constant_gates(m)
+    assert gates == {"head.weight": 0.0}
+    cap = run_capture(m, lambda: m(x), lambda out: F.cross_entropy(out, y))
+    assert all(cap.param_grads[n].abs().max() == 0 for n in ("stem.weight", "blocks.0.mlp_tokens.fc1.weight"))
+    assert gg.doctor(m, (x, y), nn.CrossEntropyLoss()).healthy
+
+
+def test_zero_init_last_bn_blocks_are_not_called_inert():
+    torch.manual_seed(0)
+    m = TimmResNet()
+    assert sum(1 for n in constant_gates(m) if n.endswith("bn2.weight")) == 8
+    x, y = images(n=8, hw=64, k=10)
+    diag = gg.doctor(m, (x, y), nn.CrossEntropyLoss())
+    assert not any(f.cause == "init_too_small" for f in diag.findings)
+
+
+def test_blocks_whose_weights_are_all_tiny_are_init_too_small_at_the_stack():
+    torch.manual_seed(0)
+    m = TinyGPT(layers=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim >= 2:
+                p.mul_(0.01)
+    x, y = tokens()
+    f = gg.doctor(m, (x, y), lm_loss).top
+    assert f is not None and f.cause == "init_too_small" and f.where == "blocks"
+    assert f.evidence["inert_blocks"] == 4 and f.evidence["median_update_ratio"] < 1e-3
+
+
+def test_language_model_with_shifted_loss_is_not_called_exploding():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(1))
+
+    def shifted(out, t):
+        return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), t[:, 1:].reshape(-1))
+
+    diag = gg.doctor(RNNLM(cell="LSTM"), (ids, ids), shifted)
+    assert diag.healthy
+    (f,) = [f for f in diag.findings if f.where == "rnn"]
+    assert f.cause == "recurrent_vanishing" and f.severity == "info"
+    assert f.evidence["loss_grad_last_step"] == 0.0  # the position the loss ignores
+    assert f.evidence["steps"] == 32 and 0 < f.evidence["per_step_factor"] < 1
+
+
+def test_trailing_zero_steps_are_dropped_and_leading_zeros_kept_as_underflow():
+    assert _trim([0.0, 1e-3, 1.0, 0.0, 0.0]) == [0.0, 1e-3, 1.0]
+    assert _trim([0.0, 0.0]) == []
+
+
+def test_a_gated_recurrence_is_never_told_to_use_an_lstm():
+    series = [10.0**k for k in range(6, 0, -1)]
+    lstm = _judge("rnn", nn.LSTM(4, 4), series, None)
+    rnn = _judge("rnn", nn.RNN(4, 4), series, None)
+    assert lstm is not None and rnn is not None
+    assert lstm.cause == rnn.cause == "recurrent_explosion"
+    assert "LSTM/GRU" not in lstm.remedy and "use an LSTM/GRU" in rnn.remedy
+
+
+class _SwishLayer(nn.Module):
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+
+    def forward(self, x):
+        return BadSwish.apply(x)
+
+
+def test_a_wrong_custom_backward_used_in_many_places_is_one_finding():
+    torch.manual_seed(0)
+    m = TimmResNet(act=_SwishLayer, depths=(1, 1, 1, 1))
+    x, y = images(n=4, hw=32, k=10)
+    wrong = [f for f in gg.doctor(m, (x, y), nn.CrossEntropyLoss()).findings if f.cause == "wrong_gradient"]
+    assert len(wrong) == 1
+    assert wrong[0].evidence["function"] == "BadSwish" and wrong[0].evidence["n_modules"] == 9
+    assert wrong[0].where == "act1" and "and 8 other module(s)" in wrong[0].remedy
+
+
+class _MaskToken(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.mask_token = nn.Parameter(torch.zeros(8))  # used only when masking
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_token, x)
+        return self.proj(x)
+
+
+def test_a_parameter_used_only_in_some_calls_is_an_info_not_a_warning():
+    m = nn.Sequential(_MaskToken(), nn.ReLU(), nn.Linear(8, 1))
+    diag = gg.doctor(m, (torch.randn(16, 8), torch.randn(16, 1)), nn.MSELoss())
+    (f,) = diag.findings
+    assert (f.cause, f.severity, f.evidence["params_without_grad"]) == ("disconnected_layer", "info", ["0.mask_token"])
+    assert diag.healthy
+
+
+def test_attention_entropy_collapses_with_too_large_weights_and_is_evidence():
+    torch.manual_seed(0)
+    m = TinyGPT(layers=3)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 1.0)
+    x, y = tokens()
+    f = gg.doctor(m, (x, y), lm_loss).top
+    assert f is not None and f.cause == "init_too_large" and f.where == "blocks.0.attn"
+    assert f.evidence["attention_collapsed"] is True and f.evidence["attention_entropy_min"] < 0.1
+    healthy = _gpt_cap(50, x, y).attention
+    assert len(healthy) == 3 and min(h for _, h in healthy) > 0.9
+
+
+def test_sdpa_attention_entropy_matches_the_explicit_softmax():
+    from gradguard.doctor._attention import normalized_entropy, sdpa_entropy
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 10, 8, generator=g) * 2 for _ in range(3))
+    logits = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    p = logits.masked_fill(~causal, -math.inf).softmax(-1)
+    ref = normalized_entropy(p, causal)
+    assert sdpa_entropy((q, k, v), {"is_causal": True}) == pytest.approx(ref, rel=1e-5)
+    assert 0.2 < ref < 0.95  # neither uniform nor one-hot at this logit scale
