@@ -93,6 +93,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -213,7 +214,8 @@ class Outcome:
     excluded: frozenset[int] = frozenset()
     eval_loss: float = math.nan
     params_finite: bool = True
-    aborted: str | None = None
+    aborted: str | None = None  # gg.TrainingDiverged
+    error: str | None = None  # any other exception (a bug: printed with its traceback)
     stopped_at: int | None = None  # an unguarded run stopped once its weights were NaN
     first_nonfinite: int | None = None
     lr_end: float = math.nan
@@ -223,6 +225,10 @@ class Outcome:
     lr_factor: float = 1.0
     lr_ceiling: float = 1.0
     decisions: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _params_finite(model: nn.Module) -> bool:
@@ -267,10 +273,16 @@ def train(task: rc.Task, recipe: rc.Recipe, steps: int, *, guarded: bool, seed: 
                 out.stopped_at = step
                 break
     except gg.TrainingDiverged as e:
-        out.aborted = str(e).splitlines()[0] if str(e) else type(e).__name__
+        out.aborted = _first_line(e)
+    except Exception as e:  # a crash in one run must not lose the others: recorded, printed
+        traceback.print_exc()
+        out.error = _first_line(e)
     finally:
         if guard is not None:
-            guard.close()
+            try:
+                guard.close()  # idempotent; its last flush may still give up
+            except gg.TrainingDiverged as e:
+                out.aborted = out.aborted or _first_line(e)
     out.params_finite = _params_finite(model)
     if out.params_finite:
         with torch.no_grad():
@@ -322,11 +334,11 @@ def describe(recipe: rc.Recipe) -> dict[str, Any]:
 def arm(out: Outcome, recipe: rc.Recipe, steps: int, *, guarded: bool = False) -> dict[str, Any]:
     """One run's record; a guarded run's adds what the guard did."""
     tail = train_tail(out, steps)
-    finite = (out.aborted is None and out.params_finite and math.isfinite(out.eval_loss)
+    finite = (out.aborted is None and out.error is None and out.params_finite and math.isfinite(out.eval_loss)
               and math.isfinite(tail))
     d: dict[str, Any] = {
         "eval_loss": out.eval_loss, "train_loss": tail, "finite": finite,
-        "aborted": out.aborted, "stopped_at": out.stopped_at,
+        "aborted": out.aborted, "error": out.error, "stopped_at": out.stopped_at,
         "first_nonfinite": out.first_nonfinite, "lr": recipe.lr, "lr_end": out.lr_end,
         "seconds": round(out.seconds, 2), "curve": curve(out, steps),
     }
@@ -454,7 +466,8 @@ def table(rescue: list[dict[str, Any]], healthy: list[dict[str, Any]]) -> str:
                      f"{'settled lr':>10} {'twin lr':>8} {'1st':>4} {'sec':>5}")
         for r in rescue:
             g, u, t = r["guarded"], r["unguarded"], r["twin"]
-            fin = "ab" if g["aborted"] else ("yes" if g["finite"] else "no")
+            fin = ("err" if g["error"] else "ab" if g["aborted"]
+                   else "yes" if g["finite"] else "no")
             lines.append(
                 f"{r['name']:32} {_f(t['eval_loss']):>6} {_f(u['eval_loss']):>8} "
                 f"{_f(g['eval_loss']):>8} {_f(r['guarded_over_twin'], '.2f'):>7} "
