@@ -550,18 +550,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if hcase.name in chosen:
             healthy.append(runner.healthy(hcase, steps_of(hcase.steps)))
             print(f"  {hcase.name}: {healthy[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
-    res = {
+    s = summary(rescue, healthy)
+    res: dict[str, Any] = {
         "environment": environment() | {"quick": args.quick, "seed": args.seed,
                                         "steps_override": args.steps},
         "targets": {"rescue": f"finite and held-out loss <= {WITHIN}x the twin's",
                     "healthy": f"held-out loss <= {HEALTHY_WITHIN}x unguarded, 0 warnings"},
-        "summary": summary(rescue, healthy),
+        "summary": s,
         "rescue": rescue, "healthy": healthy,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_num(res), indent=1) + "\n")
-    s = res["summary"]
     print(table(rescue, healthy))
     print(f"\nrescue: {s['rescue_within_2x']}/{s['rescue_cases']} finite and within {WITHIN:g}x "
           f"of the twin (held-out; {s['rescue_within_2x_train']} on the training loss; "

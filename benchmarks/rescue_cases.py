@@ -143,6 +143,7 @@ class CharTransformer(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab)
+        self.mask: Tensor
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(CTX),
                              persistent=False)
 
