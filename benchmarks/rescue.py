@@ -1,0 +1,576 @@
+"""Rescue benchmark: does the default guard bring failing runs back to health, and does it
+leave healthy runs alone? (issue 16)
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/rescue.py [--quick] [--case NAME ...] [--steps N]
+Writes benchmarks/results/rescue.json (a full run) or rescue.partial.json (``--quick``,
+``--case`` or ``--steps``; ``--out`` overrides). Prints a table; always exits 0.
+
+The guard is ``gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())`` with every
+option at its default. The loop is a user's: ``zero_grad``, ``backward``, the injected
+fault, the user's own ``clip_grad_norm_`` (if the recipe has one), ``guard.step(loss)``
+(``opt.step()`` unguarded), ``scheduler.step()``.
+
+**Rescue cases** (failing configuration vs its healthy twin). Each is run (a) unguarded, (b)
+under the default guard, (c) the twin unguarded. The twin is the same model, data, seed,
+steps and schedule with the one setting a user would fix: the LR that trains (the best
+held-out loss of a half-decade sweep, 300 steps, one thread), no fault, or the clipping
+the recipe is missing. Models are small and the data ships with Python / scikit-learn
+(see ``rescue_cases.py``).
+
+- ``transformer_sgd_lr10``: a 2-layer d=64 char transformer, SGD momentum 0.9 at lr 1.0,
+  10x the lr 0.1 that trains; the loss goes NaN within ~20 steps. Twin: lr 0.1.
+- ``transformer_adamw_lr10``: the same model, AdamW at 0.1, 10x the best 0.01; no NaN,
+  the loss stalls at ~3.2 nats from step ~50 on, near the unigram model's 3.34 (the
+  twin reaches 2.3). Twin: AdamW 0.01.
+- ``spike_storm_cnn_sgd``: a digits CNN, SGD momentum 0.9 at its best lr 0.03; every
+  gradient x100 for 20 consecutive steps from 30% of the run (a stretch of bad batches):
+  the weights are thrown far away and the ReLUs die. Twin: no storm.
+- ``spike_storm_transformer_adamw``: the same storm on the char transformer with AdamW
+  0.01: the training loss rises from 2.5 to 3.0 nats, and the inflated second moments
+  then hold the updates small (2.6 at the end against the twin's 2.3). Twin: no storm
+  (the twin of ``transformer_adamw_lr10``).
+- ``bad_inputs_regression_adam``: a tabular regression MLP (16 features, 2x64 ReLU), Adam
+  at its best lr 1e-2; 5% of the batches (seeded) have all-NaN inputs (a missing sensor
+  column, half of them) or inputs x1e4 (a unit error, the other half). One NaN batch makes
+  every parameter NaN. Twin: clean data. The corrupted batches' own training loss is left
+  out of the final loss (it says nothing about the model).
+- ``warmup_peak5x_cnn_sgd``: the digits CNN with SGD momentum, linear warm-up over 10%
+  then cosine, peak lr 0.15, 5x the 0.03 that trains (a linear-scaling rule applied to a
+  batch size that does not need it); it learns during the warm-up, then the loss jumps
+  back to chance at ~step 80 and never recovers. Twin: peak 0.03.
+- ``warmup_peak5x_transformer_adamw``: the char transformer with AdamW, warm-up + cosine
+  to a peak of 0.25, 5x the best peak 0.05; the loss stops improving at ~3.2 nats during
+  the warm-up and ends near the unigram loss. Twin: peak 0.05.
+- ``rnn_tanh_exploding``: a char-level tanh ``nn.RNN`` (128 units, 32 steps of BPTT),
+  plain SGD at lr 3 without gradient clipping: the gradient norm grows ~60x within the
+  first 5 steps (before ZClip's warm-up ends) and the loss jumps to ~30 nats and stays
+  above 10. Twin: the same with ``clip_grad_norm_(1.0)``, the standard RNN recipe
+  (Pascanu et al. 2013).
+- ``cnn_sgd_lr10``: the digits CNN, SGD momentum at lr 0.3, 10x its best 0.03: no NaN,
+  the network dies (chance-level loss). Twin: lr 0.03.
+
+**Healthy check**: well-tuned configurations run unguarded and under the default guard;
+the guard should change the final held-out loss by less than 2% and raise no warning or
+error event. Several are the twins above (their unguarded runs are shared).
+
+- ``healthy_transformer_adamw_warmup``: the char transformer, AdamW, warm-up + cosine to 0.05.
+- ``healthy_transformer_sgd``: the char transformer, SGD momentum 0.9 at 0.1, constant.
+- ``healthy_lstm_adam``: a char LSTM (128 units), Adam 1e-2, constant.
+- ``healthy_rnn_tanh_clipped``: the RNN twin (SGD 3, the user's own clip at 1.0).
+- ``healthy_cnn_rmsprop``: the digits CNN, RMSprop 1e-3 with warm-up + cosine.
+- ``healthy_mlp_sgd_nesterov``: the digits MLP, SGD Nesterov 0.03 with StepLR.
+- ``healthy_mlp_adam``: the digits MLP (2x128 ReLU), Adam 1e-3.
+- ``healthy_regression_adamw_restarts``: a regression MLP, AdamW 1e-2 with cosine restarts.
+
+**Measures.** Final loss: the held-out loss of the final model (the figure the targets
+use) and the mean training loss over the last 10% of the steps (reported next to it; on
+digits it is near 0 and its ratios are noisy). Per rescue case: guarded/twin and
+unguarded/twin held-out ratios, ``gap_closed`` = (unguarded - guarded) / (unguarded -
+twin) (1: the twin's loss, 0: no better than unguarded; absent when the unguarded loss is
+not finite), finite, aborted (``gg.TrainingDiverged``), skipped steps, back-offs and
+rollbacks (events), the settled LR (an ``lr_settled`` event's value when the guard
+reports one, else group 0's final LR x ``recovery.lr_factor``) next to the twin's, the
+first warning/error step, wall seconds, and each arm's training loss in 30 bins
+(``curve``). Per healthy case: guarded/unguarded held-out ratio, warning/error events,
+and ``seed_spread``: an unguarded run with seed+1 over the seed-0 one, the run-to-run
+variation to read the 2% against. Targets: every rescue case finite and within 2x of its
+twin; every healthy case within 2% with 0 warnings. Cross-entropy ratios are compressed: a
+char model that learns nothing beyond letter frequencies is only ~1.3x its twin, so read
+``unguarded_over_twin`` and ``gap_closed`` too. In the table, "settled lr" is the
+recipe's (peak) LR x ``lr_factor``, next to the twin's LR.
+
+Extend by appending a :class:`RescueCase` or :class:`HealthyCase` to ``RESCUE_CASES`` /
+``HEALTHY_CASES`` (tasks, recipes and faults are in ``rescue_cases.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import SGD, Adam, AdamW, RMSprop
+
+import gradguard as gg
+from gradguard.lab._common import _num
+
+try:  # as a script (benchmarks/ is on sys.path) or as the module benchmarks.rescue
+    import rescue_cases as rc
+except ModuleNotFoundError:
+    from benchmarks import rescue_cases as rc
+
+RESULTS = Path(__file__).parent / "results"
+#: A rescued run's held-out loss is at most this multiple of its twin's (issue 16).
+WITHIN = 2.0
+#: A guarded healthy run's held-out loss is at most this multiple of the unguarded one's.
+HEALTHY_WITHIN = 1.02
+#: ``--quick`` runs this fraction of each case's steps.
+QUICK = 0.2
+#: Points in each arm's recorded (binned) loss curve.
+CURVE_POINTS = 30
+STEPS = 300
+
+
+# ---- cases ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RescueCase:
+    """A failing configuration and its healthy twin (same task, seed and steps)."""
+
+    name: str
+    task: rc.Task
+    failing: rc.Recipe
+    twin: rc.Recipe
+    what: str  # what fails, and why the twin is healthy (one line, kept in the JSON)
+    steps: int = STEPS
+
+
+@dataclass(frozen=True)
+class HealthyCase:
+    """A well-tuned configuration the guard must leave alone."""
+
+    name: str
+    task: rc.Task
+    recipe: rc.Recipe
+    what: str
+    steps: int = STEPS
+
+
+MOMENTUM = {"momentum": 0.9}
+TF_SGD = rc.Recipe(SGD, 0.1, MOMENTUM)
+TF_ADAMW = rc.Recipe(AdamW, 0.01)
+TF_ADAMW_WARMUP = rc.Recipe(AdamW, 0.05, schedule=rc.WarmupCosine())
+CNN_SGD = rc.Recipe(SGD, 0.03, MOMENTUM)
+CNN_SGD_WARMUP = rc.Recipe(SGD, 0.03, MOMENTUM, schedule=rc.WarmupCosine())
+RNN_CLIPPED = rc.Recipe(SGD, 3.0, clip_norm=1.0)
+STORM = rc.GradStorm(factor=100.0, length=20, start=0.3)
+
+RESCUE_CASES: list[RescueCase] = [
+    RescueCase("transformer_sgd_lr10", rc.CHAR_TRANSFORMER, rc.Recipe(SGD, 1.0, MOMENTUM), TF_SGD,
+               "char transformer, SGD momentum at 10x the LR that trains: NaN within ~20 steps"),
+    RescueCase("transformer_adamw_lr10", rc.CHAR_TRANSFORMER, rc.Recipe(AdamW, 0.1), TF_ADAMW,
+               "char transformer, AdamW at 10x the best LR: stalls near the unigram loss"),
+    RescueCase("spike_storm_cnn_sgd", rc.DIGITS_CNN, rc.Recipe(SGD, 0.03, MOMENTUM, fault=STORM),
+               CNN_SGD, "digits CNN, SGD momentum, gradients x100 for 20 steps: the ReLUs die"),
+    RescueCase("spike_storm_transformer_adamw", rc.CHAR_TRANSFORMER,
+               rc.Recipe(AdamW, 0.01, fault=STORM), TF_ADAMW,
+               "char transformer, AdamW, gradients x100 for 20 steps: inflated second "
+               "moments hold the updates small afterwards"),
+    RescueCase("bad_inputs_regression_adam", rc.REGRESSION_MLP,
+               rc.Recipe(Adam, 1e-2, fault=rc.BadInputs()), rc.Recipe(Adam, 1e-2),
+               "tabular regression MLP, Adam, 5% of batches all-NaN or x1e4 inputs"),
+    RescueCase("warmup_peak5x_cnn_sgd", rc.DIGITS_CNN,
+               rc.Recipe(SGD, 0.15, MOMENTUM, schedule=rc.WarmupCosine()), CNN_SGD_WARMUP,
+               "digits CNN, SGD momentum, warm-up + cosine to a peak 5x the LR that trains"),
+    RescueCase("warmup_peak5x_transformer_adamw", rc.CHAR_TRANSFORMER,
+               rc.Recipe(AdamW, 0.25, schedule=rc.WarmupCosine()), TF_ADAMW_WARMUP,
+               "char transformer, AdamW, warm-up + cosine to a peak 5x the best peak"),
+    RescueCase("rnn_tanh_exploding", rc.CHAR_RNN_TANH, rc.Recipe(SGD, 3.0), RNN_CLIPPED,
+               "char tanh RNN, SGD lr 3 without clipping: the gradient explodes from step 0; "
+               "the twin clips at 1.0"),
+    RescueCase("cnn_sgd_lr10", rc.DIGITS_CNN, rc.Recipe(SGD, 0.3, MOMENTUM), CNN_SGD,
+               "digits CNN, SGD momentum at 10x the LR that trains: the network dies"),
+]
+
+HEALTHY_CASES: list[HealthyCase] = [
+    HealthyCase("healthy_transformer_adamw_warmup", rc.CHAR_TRANSFORMER, TF_ADAMW_WARMUP,
+                "char transformer, AdamW, warm-up + cosine"),
+    HealthyCase("healthy_transformer_sgd", rc.CHAR_TRANSFORMER, TF_SGD,
+                "char transformer, SGD momentum, constant LR"),
+    HealthyCase("healthy_lstm_adam", rc.CHAR_LSTM, rc.Recipe(Adam, 1e-2), "char LSTM, Adam"),
+    HealthyCase("healthy_rnn_tanh_clipped", rc.CHAR_RNN_TANH, RNN_CLIPPED,
+                "char tanh RNN, SGD with the user's clip_grad_norm_(1.0)"),
+    HealthyCase("healthy_cnn_rmsprop", rc.DIGITS_CNN,
+                rc.Recipe(RMSprop, 1e-3, schedule=rc.WarmupCosine()),
+                "digits CNN, RMSprop, warm-up + cosine"),
+    HealthyCase("healthy_mlp_sgd_nesterov", rc.DIGITS_MLP,
+                rc.Recipe(SGD, 0.03, {"momentum": 0.9, "nesterov": True}, schedule=rc.StepDecay()),
+                "digits MLP, SGD Nesterov, StepLR"),
+    HealthyCase("healthy_mlp_adam", rc.DIGITS_MLP, rc.Recipe(Adam, 1e-3), "digits MLP, Adam"),
+    HealthyCase("healthy_regression_adamw_restarts", rc.REGRESSION_MLP,
+                rc.Recipe(AdamW, 1e-2, schedule=rc.CosineRestarts()),
+                "regression MLP, AdamW, cosine warm restarts"),
+]
+
+
+# ---- one run ----------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """What one training run did (guard fields stay at their defaults unguarded)."""
+
+    losses: list[float] = field(default_factory=list)
+    excluded: frozenset[int] = frozenset()
+    eval_loss: float = math.nan
+    params_finite: bool = True
+    aborted: str | None = None  # gg.TrainingDiverged
+    error: str | None = None  # any other exception (a bug: printed with its traceback)
+    stopped_at: int | None = None  # an unguarded run stopped once its weights were NaN
+    first_nonfinite: int | None = None
+    lr_end: float = math.nan
+    seconds: float = 0.0
+    events: list[gg.Event] = field(default_factory=list)
+    skips: int = 0
+    lr_factor: float = 1.0
+    lr_ceiling: float = 1.0
+    decisions: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _params_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def train(task: rc.Task, recipe: rc.Recipe, steps: int, *, guarded: bool, seed: int = 0) -> Outcome:
+    """Train ``task`` with ``recipe`` for ``steps`` steps, under the default guard or not."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model = task.model()
+    opt = recipe.make_optimizer(model)
+    sched = recipe.schedule(opt, steps) if recipe.schedule is not None else None
+    batch = task.batches(seed)
+    out = Outcome()
+    if recipe.fault is not None:
+        batch, out.excluded = recipe.fault.batches(batch, steps, seed)
+    rec = gg.Recovery() if guarded else None
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec) if rec is not None else None
+    try:
+        for step in range(steps):
+            x, y = batch(step)
+            loss = task.loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.fault is not None:
+                recipe.fault.after_backward(step, steps, model)
+            if recipe.clip_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
+            if guard is not None:
+                guard.step(loss.detach())
+            else:
+                opt.step()
+            if sched is not None:
+                sched.step()
+            v = loss.item()
+            out.losses.append(v)
+            if out.first_nonfinite is None and not math.isfinite(v) and step not in out.excluded:
+                out.first_nonfinite = step
+            # an unguarded run with NaN weights has nothing left to show: save the time
+            if guard is None and step % 10 == 9 and not _params_finite(model):
+                out.stopped_at = step
+                break
+    except gg.TrainingDiverged as e:
+        out.aborted = _first_line(e)
+    except Exception as e:  # a crash in one run must not lose the others: recorded, printed
+        traceback.print_exc()
+        out.error = _first_line(e)
+    finally:
+        if guard is not None:
+            try:
+                guard.close()  # idempotent; its last flush may still give up
+            except gg.TrainingDiverged as e:
+                out.aborted = out.aborted or _first_line(e)
+    out.params_finite = _params_finite(model)
+    if out.params_finite:
+        with torch.no_grad():
+            x, y = task.held_out()
+            out.eval_loss = float(task.loss(model(x), y))
+    out.lr_end = float(opt.param_groups[0]["lr"])
+    if guard is not None and rec is not None:
+        out.events = list(guard.events)
+        out.skips = guard.skipped_steps
+        out.lr_factor, out.lr_ceiling = rec.lr_factor, rec.lr_ceiling
+        out.decisions = [(a.kind, a.step) for a in rec.decisions]
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+# ---- records ----------------------------------------------------------------------------
+def train_tail(out: Outcome, steps: int) -> float:
+    """Mean training loss over the last 10% of the steps, corrupted batches left out (NaN
+    when the run did not get there)."""
+    lo = steps - max(1, steps // 10)
+    tail = [v for i, v in enumerate(out.losses[lo:steps], lo) if i not in out.excluded]
+    if len(out.losses) < steps or not tail:
+        return math.nan
+    return sum(tail) / len(tail)
+
+
+def curve(out: Outcome, steps: int) -> list[float]:
+    """The training loss averaged over ``CURVE_POINTS`` equal bins (corrupted batches left
+    out; NaN where the run had stopped)."""
+    bins = min(CURVE_POINTS, steps)
+    pts = []
+    for b in range(bins):
+        lo, hi = b * steps // bins, (b + 1) * steps // bins
+        vals = [out.losses[i] for i in range(lo, min(hi, len(out.losses)))
+                if i not in out.excluded]
+        pts.append(sum(vals) / len(vals) if vals and hi <= len(out.losses) else math.nan)
+    return pts
+
+
+def describe(recipe: rc.Recipe) -> dict[str, Any]:
+    return {
+        "optimizer": recipe.optimizer.__name__, "lr": recipe.lr, "options": dict(recipe.options),
+        "schedule": None if recipe.schedule is None else repr(recipe.schedule),
+        "clip_norm": recipe.clip_norm,
+        "fault": None if recipe.fault is None else repr(recipe.fault),
+    }
+
+
+def arm(out: Outcome, recipe: rc.Recipe, steps: int, *, guarded: bool = False) -> dict[str, Any]:
+    """One run's record; a guarded run's adds what the guard did."""
+    tail = train_tail(out, steps)
+    finite = (out.aborted is None and out.error is None and out.params_finite and math.isfinite(out.eval_loss)
+              and math.isfinite(tail))
+    d: dict[str, Any] = {
+        "eval_loss": out.eval_loss, "train_loss": tail, "finite": finite,
+        "aborted": out.aborted, "error": out.error, "stopped_at": out.stopped_at,
+        "first_nonfinite": out.first_nonfinite, "lr": recipe.lr, "lr_end": out.lr_end,
+        "seconds": round(out.seconds, 2), "curve": curve(out, steps),
+    }
+    if guarded:
+        d.update(guard_fields(out, recipe))
+    return d
+
+
+def guard_fields(out: Outcome, recipe: rc.Recipe) -> dict[str, Any]:
+    kinds = Counter(e.kind for e in out.events)
+    alarms = [e for e in out.events if e.severity != "info"]
+    settled = [e for e in out.events if e.kind == "lr_settled" and "lr" in (e.data or {})]
+    return {
+        "skips": out.skips,
+        "backoffs": kinds["lr_backoff"],
+        "rollbacks": kinds["rollback"],
+        "events": dict(sorted(kinds.items())),
+        "decisions": [f"{k}@{s}" for k, s in out.decisions],
+        "warnings": len(alarms),
+        "warning_events": [f"{e.kind}@{e.step}" for e in alarms[:30]],
+        "first_incident": min((e.step for e in alarms), default=None),
+        "lr_factor": out.lr_factor,
+        "lr_ceiling": out.lr_ceiling,
+        "settled_lr": (float(settled[-1].data["lr"]) if settled
+                       else out.lr_end * out.lr_factor),
+        "settled_lr_source": "lr_settled event" if settled else "final lr x lr_factor",
+        "settled_peak_lr": recipe.lr * out.lr_factor,
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
+
+
+class Runner:
+    """Runs arms, sharing unguarded runs that are the same (task, recipe, steps, seed)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._cache: dict[tuple[str, str, int, int], Outcome] = {}
+
+    def unguarded(self, task: rc.Task, recipe: rc.Recipe, steps: int, *, other_seed: bool = False
+                  ) -> Outcome:
+        seed = self.seed + 1 if other_seed else self.seed
+        key = (task.name, repr(recipe), steps, seed)
+        if key not in self._cache:
+            self._cache[key] = train(task, recipe, steps, guarded=False, seed=seed)
+        return self._cache[key]
+
+    def guarded(self, task: rc.Task, recipe: rc.Recipe, steps: int) -> Outcome:
+        return train(task, recipe, steps, guarded=True, seed=self.seed)
+
+    def rescue(self, case: RescueCase, steps: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        fail_u = arm(self.unguarded(case.task, case.failing, steps), case.failing, steps)
+        fail_g = arm(self.guarded(case.task, case.failing, steps), case.failing, steps,
+                     guarded=True)
+        twin = arm(self.unguarded(case.task, case.twin, steps), case.twin, steps)
+        u, g, t = fail_u["eval_loss"], fail_g["eval_loss"], twin["eval_loss"]
+        ratio = _ratio(g, t)
+        gap = (u - g) / (u - t) if math.isfinite(u) and math.isfinite(g) and u > t else math.nan
+        train_ratio = _ratio(fail_g["train_loss"], twin["train_loss"])
+        return {
+            "name": case.name, "kind": "rescue", "what": case.what, "task": case.task.name,
+            "steps": steps, "failing": describe(case.failing), "twin_recipe": describe(case.twin),
+            "unguarded": fail_u, "guarded": fail_g, "twin": twin,
+            "guarded_over_twin": ratio, "guarded_over_twin_train": train_ratio,
+            "unguarded_over_twin": _ratio(u, t), "gap_closed": gap,
+            "within_2x": bool(fail_g["finite"] and ratio <= WITHIN),
+            "within_2x_train": bool(fail_g["finite"] and train_ratio <= WITHIN),
+            "unguarded_within_2x": bool(fail_u["finite"] and _ratio(u, t) <= WITHIN),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+
+    def healthy(self, case: HealthyCase, steps: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        plain = arm(self.unguarded(case.task, case.recipe, steps), case.recipe, steps)
+        guarded = arm(self.guarded(case.task, case.recipe, steps), case.recipe, steps,
+                      guarded=True)
+        ratio = _ratio(guarded["eval_loss"], plain["eval_loss"])
+        train_ratio = _ratio(guarded["train_loss"], plain["train_loss"])
+        reseeded = self.unguarded(case.task, case.recipe, steps, other_seed=True)
+        warnings = guarded["warnings"]
+        return {
+            "name": case.name, "kind": "healthy", "what": case.what, "task": case.task.name,
+            "steps": steps, "recipe": describe(case.recipe),
+            "unguarded": plain, "guarded": guarded,
+            "guarded_over_unguarded": ratio, "guarded_over_unguarded_train": train_ratio,
+            "seed_spread": _ratio(reseeded.eval_loss, plain["eval_loss"]),
+            "warnings": warnings,
+            "within_2pct": bool(guarded["finite"] and ratio <= HEALTHY_WITHIN),
+            "ok": bool(guarded["finite"] and ratio <= HEALTHY_WITHIN and warnings == 0),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+
+
+# ---- the report ---------------------------------------------------------------------------
+def summary(rescue: list[dict[str, Any]], healthy: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "rescue_cases": len(rescue),
+        "rescue_within_2x": sum(r["within_2x"] for r in rescue),
+        "rescue_within_2x_train": sum(r["within_2x_train"] for r in rescue),
+        "rescue_finite": sum(r["guarded"]["finite"] for r in rescue),
+        "rescue_unguarded_within_2x": sum(r["unguarded_within_2x"] for r in rescue),
+        "rescue_not_within_2x": [r["name"] for r in rescue if not r["within_2x"]],
+        "healthy_cases": len(healthy),
+        "healthy_within_2pct": sum(r["within_2pct"] for r in healthy),
+        "healthy_zero_warnings": sum(r["warnings"] == 0 for r in healthy),
+        "healthy_ok": sum(r["ok"] for r in healthy),
+        "healthy_not_ok": [r["name"] for r in healthy if not r["ok"]],
+        "healthy_steps": sum(r["steps"] for r in healthy),
+        "healthy_warnings": sum(r["warnings"] for r in healthy),
+    }
+
+
+def _f(x: Any, spec: str = ".3g") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def table(rescue: list[dict[str, Any]], healthy: list[dict[str, Any]]) -> str:
+    lines = []
+    if rescue:
+        lines.append(f"{'rescue case':32} {'twin':>6} {'unguard':>8} {'guarded':>8} {'g/twin':>7} "
+                     f"{'train':>6} {'gap':>5} {'fin':>3} {'skip':>4} {'bo':>3} {'rb':>3} "
+                     f"{'settled lr':>10} {'twin lr':>8} {'1st':>4} {'sec':>5}")
+        for r in rescue:
+            g, u, t = r["guarded"], r["unguarded"], r["twin"]
+            fin = ("err" if g["error"] else "ab" if g["aborted"]
+                   else "yes" if g["finite"] else "no")
+            lines.append(
+                f"{r['name']:32} {_f(t['eval_loss']):>6} {_f(u['eval_loss']):>8} "
+                f"{_f(g['eval_loss']):>8} {_f(r['guarded_over_twin'], '.2f'):>7} "
+                f"{_f(r['guarded_over_twin_train'], '.2f'):>6} {_f(r['gap_closed'], '.2f'):>5} "
+                f"{fin:>3} {g.get('skips', 0):>4} {g.get('backoffs', 0):>3} "
+                f"{g.get('rollbacks', 0):>3} {_f(g.get('settled_peak_lr'), '.3g'):>10} "
+                f"{_f(t['lr'], '.3g'):>8} {_f(g.get('first_incident'), 'd'):>4} "
+                f"{r['seconds']:>5.0f}")
+    if healthy:
+        lines.append("")
+        lines.append(f"{'healthy case':36} {'unguard':>8} {'guarded':>8} {'ratio':>6} "
+                     f"{'train':>6} {'seed+1':>6} {'warn':>4} {'skip':>4} {'ok':>3} {'sec':>5}")
+        for r in healthy:
+            g, u = r["guarded"], r["unguarded"]
+            lines.append(
+                f"{r['name']:36} {_f(u['eval_loss'], '.4g'):>8} {_f(g['eval_loss'], '.4g'):>8} "
+                f"{_f(r['guarded_over_unguarded'], '.3f'):>6} "
+                f"{_f(r['guarded_over_unguarded_train'], '.3f'):>6} "
+                f"{_f(r['seed_spread'], '.3f'):>6} {r['warnings']:>4} "
+                f"{g.get('skips', 0):>4} {'yes' if r['ok'] else 'no':>3} {r['seconds']:>5.0f}")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                               timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "src")
+    return {
+        "torch": torch.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "threads": torch.get_num_threads(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git("rev-parse", "HEAD"),
+        "src_modified": None if status is None else bool(status),
+        "guard": "gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())",
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    names = [c.name for c in RESCUE_CASES] + [c.name for c in HEALTHY_CASES]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"run {QUICK:.0%} of each case's steps (a smoke run)")
+    ap.add_argument("--case", action="append", choices=names, metavar="NAME",
+                    help="run only this case (repeatable): " + ", ".join(names))
+    ap.add_argument("--steps", type=int, default=None, help="steps for every case (override)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="results file (default: results/rescue.json "
+                    "for a full run, results/rescue.partial.json otherwise)")
+    args = ap.parse_args(argv)
+    if args.steps is not None and args.steps < 10:
+        ap.error(f"--steps {args.steps}: must be >= 10")
+    partial = bool(args.quick or args.case or args.steps)
+    default = RESULTS / ("rescue.partial.json" if partial else "rescue.json")
+    out = Path(args.out) if args.out else default
+    torch.set_num_threads(1)
+
+    def steps_of(n: int) -> int:
+        if args.steps is not None:
+            return int(args.steps)
+        return max(20, int(n * QUICK)) if args.quick else n
+
+    chosen = set(args.case or names)
+    runner = Runner(seed=args.seed)
+    t0 = time.perf_counter()
+    rescue, healthy = [], []
+    for case in RESCUE_CASES:
+        if case.name in chosen:
+            rescue.append(runner.rescue(case, steps_of(case.steps)))
+            print(f"  {case.name}: {rescue[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
+    for hcase in HEALTHY_CASES:
+        if hcase.name in chosen:
+            healthy.append(runner.healthy(hcase, steps_of(hcase.steps)))
+            print(f"  {hcase.name}: {healthy[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
+    s = summary(rescue, healthy)
+    res: dict[str, Any] = {
+        "environment": environment() | {"quick": args.quick, "seed": args.seed,
+                                        "steps_override": args.steps},
+        "targets": {"rescue": f"finite and held-out loss <= {WITHIN}x the twin's",
+                    "healthy": f"held-out loss <= {HEALTHY_WITHIN}x unguarded, 0 warnings"},
+        "summary": s,
+        "rescue": rescue, "healthy": healthy,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_num(res), indent=1) + "\n")
+    print(table(rescue, healthy))
+    print(f"\nrescue: {s['rescue_within_2x']}/{s['rescue_cases']} finite and within {WITHIN:g}x "
+          f"of the twin (held-out; {s['rescue_within_2x_train']} on the training loss; "
+          f"unguarded: {s['rescue_unguarded_within_2x']})")
+    print(f"healthy: {s['healthy_ok']}/{s['healthy_cases']} within {HEALTHY_WITHIN - 1:.0%} "
+          f"with 0 warnings ({s['healthy_warnings']} warnings in {s['healthy_steps']} steps)")
+    print(f"wrote {out} in {res['seconds']} s")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The rescue benchmark's harness runs end to end and writes results of the documented
+shape (benchmarks/rescue.py; the outcomes themselves are the benchmark's business)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def rescue(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(ROOT))
+    return importlib.import_module("benchmarks.rescue")
+
+
+def test_rescue_harness_writes_records_of_the_documented_shape(
+    rescue: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "rescue.json"
+    rescue.main(["--case", "bad_inputs_regression_adam",
+                 "--case", "healthy_regression_adamw_restarts",
+                 "--steps", "12", "--out", str(out)])
+    assert "bad_inputs_regression_adam" in capsys.readouterr().out  # the table was printed
+    res = json.loads(out.read_text())
+    assert {"environment", "summary", "rescue", "healthy", "targets", "seconds"} <= set(res)
+    assert {"torch", "threads", "time", "git_commit"} <= set(res["environment"])
+    assert res["summary"]["rescue_cases"] == 1 and res["summary"]["healthy_cases"] == 1
+    assert res["summary"]["healthy_steps"] == 12
+
+    (case,) = res["rescue"]
+    assert case["name"] == "bad_inputs_regression_adam" and case["steps"] == 12
+    assert {"unguarded", "guarded", "twin", "guarded_over_twin", "gap_closed",
+            "within_2x", "unguarded_over_twin"} <= set(case)
+    for arm in ("unguarded", "guarded", "twin"):
+        assert {"eval_loss", "train_loss", "finite", "aborted", "curve"} <= set(case[arm])
+        assert len(case[arm]["curve"]) == 12
+    assert {"skips", "backoffs", "rollbacks", "settled_lr", "lr_factor", "first_incident",
+            "warnings", "events"} <= set(case["guarded"])
+    assert "skips" not in case["twin"]  # unguarded arms carry no guard fields
+
+    (h,) = res["healthy"]
+    assert {"guarded_over_unguarded", "warnings", "within_2pct", "ok"} <= set(h)
+    assert isinstance(h["guarded_over_unguarded"], float)
+    assert math.isfinite(h["guarded"]["eval_loss"])
+
+
+def test_bad_inputs_corrupts_the_seeded_fraction_and_reports_which(rescue: ModuleType) -> None:
+    bad_inputs = rescue.rc.BadInputs(fraction=0.05)
+
+    def clean(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ones(4, 3), torch.zeros(4)
+
+    get, bad = bad_inputs.batches(clean, 2000, seed=0)
+    assert 60 <= len(bad) <= 140  # ~5% of 2000
+    assert bad == bad_inputs.batches(clean, 2000, seed=0)[1]  # seeded
+    xs = [get(s)[0] for s in sorted(bad)]
+    assert any(bool(x.isnan().all()) for x in xs) and any(float(x.max()) == 1e4 for x in xs)
+    good = next(s for s in range(2000) if s not in bad)
+    assert torch.equal(get(good)[0], torch.ones(4, 3))
+
+
+def test_train_tail_leaves_corrupted_batches_and_unfinished_runs_out(rescue: ModuleType) -> None:
+    # the last 10% of 20 steps are steps 18 and 19; step 18's batch was corrupted
+    out = rescue.Outcome(losses=[1.0] * 18 + [float("nan"), 3.0], excluded=frozenset({18}))
+    assert rescue.train_tail(out, 20) == 3.0
+    assert math.isnan(rescue.train_tail(rescue.Outcome(losses=[1.0] * 5), 20))
