@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from tests.helpers import set_grads
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradguard as gg
 
@@ -275,6 +276,39 @@ def test_agc_matches_literal_per_row(clipping):
             assert torch.equal(p.grad, head[n])  # the classifier is excluded by default
         else:
             torch.testing.assert_close(p.grad.double(), expected[n], rtol=1e-5, atol=1e-7)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that compute something (kernels, on a GPU) inside the block;
+    views and dtype bookkeeping launch nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func is not torch.ops.aten.promote_types.default:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def agc_ops(n_layers: int) -> int:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(n_layers)])
+    net(torch.randn(4, 8)).pow(2).sum().backward()
+    stats = gg.Telemetry(list(net.named_parameters()), every=1).measure()
+    policy = gg.AGC()
+    policy.apply_(stats)  # the first call builds the cached plan
+    with OpCounter() as counter:
+        policy.apply_(stats)
+    return counter.ops
+
+
+def test_agc_is_grouped_not_a_dozen_kernels_per_parameter():
+    # per extra parameter: two unit-norm reductions (weight, gradient) and its share of
+    # one _foreach_mul_ (bias norms go through one _foreach_norm); the rest is per group
+    per_param = (agc_ops(24) - agc_ops(8)) / (2 * 16)
+    assert per_param <= 3.0, per_param
 
 
 def test_agc_exclude_by_name():

@@ -38,7 +38,8 @@ from .executors import (
     optimizer_kind,
 )
 from .monitor import Monitor, describe_nonfinite
-from .telemetry import StepStats, Telemetry, UpdateSampler, Window, named_optimizer_params
+from .telemetry import StepStats, Telemetry, Window, named_optimizer_params
+from .updates import UpdateSampler
 
 __all__ = [
     "DEFAULT_EVERY", "ON_NONFINITE", "GradGuardWarning", "Guard", "NonFiniteGradientError",

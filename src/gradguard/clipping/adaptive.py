@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..telemetry import StepStats
+from ..measure import StepStats
 from .base import Policy, check_positive, norm_coef, to_device
 
 # ZClip defaults (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM
