@@ -21,7 +21,7 @@ from torch.amp.grad_scaler import GradScaler
 
 from . import checkpoint, distributed
 from ._watch import ActivationWatch
-from .clipping import apply_policy
+from .clipping import apply_policy, deferrable, policy_coefficient
 from .config import DEFAULT_EVERY, GuardConfig, resolve_config
 from .decision import ON_NONFINITE, OnNonfinite, decide
 from .detectors import DetectorConfig
@@ -171,9 +171,11 @@ class Guard:
                 self.flush()  # a hook-driven step: the previous (flush) step has now run
             if self._sampler is not None:
                 self._sampler.armed = False  # a sampled step that never ran
-            executor.prepare()
-            stats = self.telemetry.measure()
-            coef = apply_policy(self.clip, stats)
+            # a fused optimizer takes a total-norm clip inside its update (grad_scale)
+            in_step = self.kind == "fused" and executor.takes_grad_scale and deferrable(self.clip)
+            executor.prepare(in_step=in_step)
+            stats = self.telemetry.measure(scale=executor.norm_scale)
+            coef = policy_coefficient(self.clip, stats) if in_step else apply_policy(self.clip, stats)
             self.monitor.lr_tracker.observe(self.step_count, self.optimizer.param_groups)
             plan = decide(
                 on_nonfinite=self.on_nonfinite, kind=self.kind,
@@ -182,7 +184,7 @@ class Guard:
             )
             if self._sampler is not None:
                 self._sampler.armed = self.telemetry.flush_due
-            out = executor.run(plan, ~stats.finite, loss_finite(loss))
+            out = executor.run(plan, ~stats.finite, loss_finite(loss), coef if in_step else None)
             self._record(stats, loss, coef, out)
             if out.trouble is True and (plan.warn or plan.on_bad == "raise"):
                 self._report_bad(stats, raise_=plan.on_bad == "raise")
