@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..measure import StepStats
-from .base import Policy, check_positive, norm_coef, to_device
+from .base import NORM_EPS, Policy, check_positive, norm_coef, to_device
 
 # ZClip defaults (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM
 # Pre-Training", Sec. 3 and the reference implementation).
@@ -283,32 +283,31 @@ class ZClip(Policy):
         fin = stats.finite
         s = self._ensure(g.device)
         mean, var, count, buf = s["mean"], s["var"], s["count"], s["buffer"]
+        # Few, fused-friendly ops: this runs every step, one small kernel each on a GPU.
         warm = count < self.warmup_steps
         active = ~warm & fin
         std = var.sqrt()
         z = (g - mean) / (std + self.eps)
         if self.mode == "reciprocal":
-            # z > z_thresh > 0 here, so the division is safe where it is used
-            thr = mean + (self.z_thresh**2) * std / torch.where(z > 0, z, torch.ones_like(z))
+            # only used where z > z_thresh > 0; elsewhere masked out by `clip`
+            thr = mean + (self.z_thresh**2) * std / z
         elif self.mode == "percentile":
             thr = mean + self.z_thresh * std
         else:
-            thr = mean.clone()
+            thr = mean
         clip = active & (z > self.z_thresh) & (thr < g)
-        threshold = torch.where(clip, thr, torch.full_like(g, math.inf))
+        # == norm_coef(g, fin, thr if clip else inf): clip implies a finite g above thr
+        coef = torch.where(clip, thr / (g + NORM_EPS), 1.0)
         if self.max_norm is not None:
-            threshold = threshold.clamp(max=self.max_norm)
-        coef = norm_coef(g, fin, threshold)
+            coef = torch.minimum(coef, norm_coef(g, fin, self.max_norm))
         # EMA update with the clipped norm (finite steps after warm-up only)
-        g_c = torch.minimum(g, thr.where(clip, g))
-        new_mean = self.alpha * mean + (1 - self.alpha) * g_c
-        new_var = self.alpha * var + (1 - self.alpha) * (g_c - new_mean) ** 2
+        g_c = torch.where(clip, thr, g)
+        new_mean = torch.lerp(mean, g_c, 1 - self.alpha)  # alpha mean + (1 - alpha) g_c
+        new_var = torch.lerp(var, (g_c - new_mean) ** 2, 1 - self.alpha)
         # warm-up: collect finite norms, initialise mean/var from them when complete
         take = warm & fin
         idx = count.clamp(max=self.warmup_steps - 1).reshape(1)
-        buf.index_copy_(
-            0, idx, torch.where(take, g, buf.index_select(0, idx).squeeze(0)).reshape(1)
-        )
+        buf.index_copy_(0, idx, torch.where(take, g, buf.index_select(0, idx)[0]).reshape(1))
         new_count = count + take.long()
         done = warm & (new_count == self.warmup_steps)
         mean.copy_(torch.where(active, new_mean, torch.where(done, buf.mean(), mean)))
