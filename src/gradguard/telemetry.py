@@ -51,7 +51,8 @@ class Window:
         names: parameter names; ``layers`` their unique module paths in order;
             ``layer_index[i]`` is the layer of parameter ``i``.
         weight_norms, update_norms: ``[n_params]`` sampled at the last step of the window
-            (None when not sampled).
+            (None when not sampled); weight norms are exact, update norms are estimated
+            from a strided sample of each parameter (:mod:`gradguard.updates`).
     """
 
     steps: list[int]
