@@ -122,10 +122,7 @@ def test_the_sample_covers_every_row_and_every_column():
 
 
 def _params(cells):
-    # float64 norms are the dtype work's (issue 13): strict, so the mark goes when it lands
-    fp64 = pytest.mark.xfail(strict=True, reason="float64 gradients: norms forced to float32")
-    return [pytest.param(c, id=c.id, marks=[fp64] if c.precision == "fp64" else [])
-            for c in cells]
+    return [pytest.param(c, id=c.id) for c in cells]
 
 
 @pytest.mark.parametrize("cell", _params(CELLS))

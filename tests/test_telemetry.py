@@ -12,6 +12,7 @@ from torch import nn
 import gradguard as gg
 from gradguard.naming import layer_of
 from gradguard.telemetry import measure_grads
+from gradguard.updates import UpdateSampler
 
 
 class Block(nn.Module):
@@ -83,15 +84,16 @@ def test_one_device_to_host_copy_per_flush_and_none_per_step(sync_counter):
     net = mlp(depth=4)
     every = 5
     tel = gg.Telemetry(list(net.named_parameters()), every=every)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sampler = UpdateSampler(tel, opt, budget=50)  # a strided sample, not the whole model
     per_step = []
     flush_calls = []
     for _step in range(3 * every):
         net(torch.randn(4, 8)).pow(2).mean().backward()
         with sync_counter as c:
             stats = tel.measure()
-            if tel.flush_due:
-                tel.begin_update_sample()
-                tel.end_update_sample()
+            sampler.armed = tel.flush_due
+            opt.step()
             tel.record(stats, loss=stats.total_norm, clip_coef=None, skipped=~stats.finite)
         per_step.append(list(c.calls))
         if tel.pending == every:
@@ -132,3 +134,73 @@ def test_zero_host_syncs_per_step_for_telemetry_and_every_policy(sync_counter, f
             tel.record(stats, loss=None, clip_coef=coef, skipped=~stats.finite)
         assert c.calls == [], (step, c.calls)
         net.zero_grad()
+
+
+# ---- update norms in bounded memory ------------------------------------------------------
+def test_update_norms_are_exact_when_the_model_fits_the_budget():
+    net = mlp(depth=3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    tel = gg.Telemetry(list(net.named_parameters()), every=1)
+    sampler = UpdateSampler(tel, opt)
+    assert sampler.stride == 1
+    net(torch.randn(4, 8)).pow(2).mean().backward()
+    before = [p.detach().clone() for p in net.parameters()]
+    sampler.armed = True
+    opt.step()
+    tel.record(tel.measure(), loss=None, clip_coef=None, skipped=None)
+    w = tel.flush()
+    ref_u = torch.stack([(p.detach() - b).norm() for p, b in zip(net.parameters(), before)])
+    ref_w = torch.stack([p.detach().norm() for p in net.parameters()])
+    torch.testing.assert_close(w.update_norms, ref_u)
+    torch.testing.assert_close(w.weight_norms, ref_w)
+    sampler.detach()
+
+
+def test_update_sample_copies_at_most_the_budget_and_is_unbiased_over_a_rotation(monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Linear(21, 15)  # 315 + 15 = 330 elements
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    tel = gg.Telemetry(list(net.named_parameters()), every=1)
+    sampler = UpdateSampler(tel, opt, budget=66)
+    assert sampler.stride == 5  # ceil(330 / 66), odd
+    grads = [torch.randn_like(p) for p in net.parameters()]
+    exact = torch.stack([g.norm() for g in grads])  # SGD, lr 1: the update is -grad
+    cloned = []
+    real_clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: (cloned.append(t.numel()), real_clone(t, *a, **k))[1])
+    squares = []
+    for _ in range(sampler.stride):  # one full rotation: every element once
+        for p, g in zip(net.parameters(), grads):
+            p.grad = g + 0.0
+        tel.record(tel.measure(), loss=None, clip_coef=None, skipped=None)
+        sampler.armed = True
+        cloned.clear()
+        opt.step()  # the armed sampler copies its sample before, measures after
+        assert sum(cloned) <= 66 + 2  # the budget (+1 per parameter), not the model
+        w = tel.flush()
+        squares.append(w.update_norms**2)
+    monkeypatch.undo()
+    torch.testing.assert_close(torch.stack(squares).mean(0).sqrt(), exact, rtol=1e-5, atol=0)
+    sampler.detach()
+
+
+def test_default_update_budget_is_a_share_of_the_model_not_the_model():
+    from gradguard.updates import UPDATE_SAMPLE_FRACTION, UPDATE_SAMPLE_MIN
+
+    big = nn.Parameter(torch.empty(10**8, device="meta"))  # 100M elements, no memory
+    tel = gg.Telemetry([("w", big)], every=1)
+    sampler = UpdateSampler(tel, torch.optim.SGD([big], lr=0.1))
+    assert sampler.budget == int(UPDATE_SAMPLE_FRACTION * 10**8)
+    assert sampler.stride == 51  # 10**8 / 2e6 = 50, made odd: 1.96M elements per flush
+    small = gg.Telemetry(list(mlp().named_parameters()), every=1)
+    assert UpdateSampler(small, torch.optim.SGD(mlp().parameters(), lr=0.1)).budget == UPDATE_SAMPLE_MIN
+
+
+def test_update_sample_of_a_channels_last_weight_needs_no_copy_of_it():
+    from gradguard.updates import flat_view
+
+    w = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    flat = flat_view(w)
+    assert flat is not None and flat.data_ptr() == w.data_ptr()
+    assert torch.equal(flat.sort().values, w.reshape(-1).sort().values)
+    assert flat_view(torch.randn(4, 6)[:, ::2]) is None  # a gapped view

@@ -5,6 +5,17 @@
 * :class:`Scaler` — ``guard.step(loss, scaler=GradScaler)``: unscales once, merges the
   guard's flag into the scaler's ``found_inf``, keeps the routine-overflow accounting, and
   lets ``scaler.step`` step the optimizer.
+
+On a fused optimizer (Adam, AdamW, SGD, Adagrad with ``fused=True``) both take the clip
+coefficient of a total-norm policy *into* the update: fused optimizers divide each
+gradient by ``optimizer.grad_scale`` inside their kernel (``GradScaler``'s contract), so
+``grad_scale = 1 / coef`` clips with no pass over the gradients of its own. Under a
+``GradScaler`` the gradients are not even unscaled first: the guard measures the scaled
+gradients (norms times ``1 / scale``: exact, the scale is a power of two), hands the
+scaler its own ``found_inf`` from those norms, and the optimizer divides by
+``scale / coef`` — one pass over the gradients (the measurement) besides the update,
+where torch's recipe (``unscale_``, ``clip_grad_norm_``, ``step``) makes three. Fused
+optimizers also write the unscaled, clipped gradient back to ``.grad``.
 * :class:`Hook` — driven from just before (or inside) an optimizer step that someone else
   calls: a trainer's ``on_before_optimizer_step`` or a global step pre-hook. It never
   steps; a skip takes the gradients off the parameters for that one update (torch
@@ -101,11 +112,24 @@ class FreshState:
 Closure = Callable[[], Any] | None
 
 
-def _step_with_found_inf(
-    optimizer: torch.optim.Optimizer, found_inf: Tensor, closure: Closure = None
+def grad_scale_of(coef: Tensor | None) -> Tensor | None:
+    """What a fused optimizer divides the gradients by to multiply them by ``coef``:
+    ``1 / coef`` as a float32 scalar (None without a coefficient)."""
+    return None if coef is None else coef.detach().float().reshape(()).reciprocal()
+
+
+def fused_step(
+    optimizer: torch.optim.Optimizer, *, found_inf: Tensor | None = None,
+    grad_scale: Tensor | None = None, closure: Closure = None,
 ) -> None:
+    """``optimizer.step(closure)`` with GradScaler's attributes set for the one step: a
+    fused optimizer skips on ``found_inf`` and divides every gradient by ``grad_scale``
+    inside its update (either may be None)."""
+    if found_inf is None and grad_scale is None:
+        optimizer.step(closure)
+        return
     opt: Any = optimizer
-    opt.grad_scale = None
+    opt.grad_scale = grad_scale
     opt.found_inf = found_inf
     try:
         optimizer.step(closure)
@@ -118,29 +142,40 @@ class Direct:
     """The guard calls the optimizer itself (see the module docstring)."""
 
     scaler: GradScaler | None = None
+    #: Takes the clip coefficient into a fused optimizer's update (``run(clip=...)``).
+    takes_grad_scale = True
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
+        #: Multiplier of the measured norms (1 / loss scale while the gradients are still
+        #: scaled, see :class:`Scaler`); None: the gradients are the true ones.
+        self.norm_scale: Tensor | None = None
 
-    def prepare(self) -> None:
-        """Before the gradients are measured."""
+    def prepare(self, *, in_step: bool = False) -> None:
+        """Before the gradients are measured. ``in_step``: the clip will go into a fused
+        optimizer's update (``run(clip=...)``), nothing touches the gradients before."""
 
     def run(
-        self, plan: Plan, code: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
+        self, plan: Plan, code: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None,
+        clip: Tensor | None = None,
     ) -> Outcome:
         """Carry out ``plan`` for a step whose verdict is ``code`` (a device uint8 of
-        :data:`NONFINITE`/spike bits); ``closure`` goes to ``optimizer.step`` (LBFGS)."""
+        :data:`NONFINITE`/spike bits); ``closure`` goes to ``optimizer.step`` (LBFGS).
+        ``clip``: a coefficient for the fused optimizer to apply inside its update
+        (``grad_scale = 1 / clip``); None: the gradients are final."""
+        scale = grad_scale_of(clip)
         if plan.found_inf:
             bad = code != 0
-            _step_with_found_inf(self.optimizer, bad.to(torch.float32), closure)
+            fused_step(self.optimizer, found_inf=bad.to(torch.float32), grad_scale=scale,
+                       closure=closure)
             return Outcome(skipped=code, trouble=bad)
         if not plan.read_host:
-            self.optimizer.step(closure)
+            fused_step(self.optimizer, grad_scale=scale, closure=closure)
             return Outcome(skipped=False, trouble=False)
         c = int(code)  # the one host sync of this step
         action = _resolve_code(plan, c)
         if action == "step":
-            self.optimizer.step(closure)
+            fused_step(self.optimizer, grad_scale=scale, closure=closure)
         return Outcome(skipped=c if action != "step" else 0, trouble=action != "step",
                        action=action, code=c)
 
@@ -201,13 +236,16 @@ def _read_flags(plan: Plan, code: Tensor, genuine: Tensor, skip: Tensor) -> tupl
 
 
 class Scaler(Direct):
-    """``guard.step(loss, scaler=...)``: the scaler unscales, skips and steps."""
+    """``guard.step(loss, scaler=...)``: the scaler unscales, skips and steps (on a fused
+    optimizer with ``in_step``, the unscale goes into the update, see the module
+    docstring)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scaler: GradScaler) -> None:
         super().__init__(optimizer)
         self.scaler = scaler
+        self._loss_scale: Tensor | None = None
 
-    def prepare(self) -> None:
+    def prepare(self, *, in_step: bool = False) -> None:
         assert self.scaler is not None
         stage = scaler_state(self.scaler, self.optimizer)["stage"]
         if stage is OptState.STEPPED:
@@ -216,26 +254,62 @@ class Scaler(Direct):
                 "scaler.update(); let guard.step step the optimizer and call scaler.update() "
                 "once per iteration"
             )
-        if stage is OptState.READY:  # not when the user already called scaler.unscale_
+        self._loss_scale = self.norm_scale = None
+        if stage is not OptState.READY:  # the user already called scaler.unscale_
+            return
+        scale = self.scaler._get_scale_async()
+        if in_step and scale is not None:
+            # leave the gradients scaled: the fused update divides by the scale
+            self._loss_scale = scale.detach().float().reshape(())
+            self.norm_scale = self._loss_scale.reciprocal()
+        else:
             self.scaler.unscale_(self.optimizer)
 
+    def _deferred_unscale(self, code: Tensor, clip: Tensor | None) -> None:
+        """Stand in for ``scaler.unscale_``: its ``found_inf`` is the guard's non-finite
+        flag (the norms of the scaled gradients are non-finite exactly when an element is,
+        or when their float32 norm overflows), and the optimizer divides by
+        ``scale / clip``."""
+        assert self.scaler is not None and self._loss_scale is not None
+        state = scaler_state(self.scaler, self.optimizer)
+        dev = self._loss_scale.device
+        nonfinite = (code & NONFINITE).to(dev, torch.float32, non_blocking=True)
+        state["found_inf_per_device"] = {dev: nonfinite}
+        state["stage"] = OptState.UNSCALED  # scaler.step takes optimizer.grad_scale as is
+        scale = self._loss_scale
+        if clip is not None:
+            scale = scale / clip.detach().float().reshape(())
+        self.optimizer.grad_scale = scale  # type: ignore[attr-defined]
+
     def run(
-        self, plan: Plan, code: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
+        self, plan: Plan, code: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None,
+        clip: Tensor | None = None,
     ) -> Outcome:
         assert self.scaler is not None
-        skip, genuine, row = merge_into_scaler(self.scaler, self.optimizer, plan, code, loss_ok)
-        if not plan.read_host:
-            self.scaler.step(self.optimizer)  # skips on found_inf, on the device
-            return Outcome(skipped=_skip_code(skip, code), trouble=genuine, amp_row=row)
-        action, trouble, c = _read_flags(plan, code, genuine, skip)
-        if action == "step":
-            self.scaler.step(self.optimizer)
-        # a host-side skip leaves the scaler's found_inf in place: scaler.update() still
-        # backs the scale off as usual
-        return Outcome(
-            skipped=max(c, 1) if action != "step" else 0, trouble=action != "step" and trouble,
-            action=action, amp_row=row, code=c,
-        )
+        try:
+            if self._loss_scale is not None:
+                self._deferred_unscale(code, clip)
+            elif clip is not None:
+                self.optimizer.grad_scale = grad_scale_of(clip)  # type: ignore[attr-defined]
+            skip, genuine, row = merge_into_scaler(
+                self.scaler, self.optimizer, plan, code, loss_ok
+            )
+            if not plan.read_host:
+                self.scaler.step(self.optimizer)  # skips on found_inf, on the device
+                return Outcome(skipped=_skip_code(skip, code), trouble=genuine, amp_row=row)
+            action, trouble, c = _read_flags(plan, code, genuine, skip)
+            if action == "step":
+                self.scaler.step(self.optimizer)
+            # a host-side skip leaves the scaler's found_inf in place: scaler.update()
+            # still backs the scale off as usual
+            return Outcome(
+                skipped=max(c, 1) if action != "step" else 0,
+                trouble=action != "step" and trouble, action=action, amp_row=row, code=c,
+            )
+        finally:
+            # scaler.step removes it after stepping; a skip on the host never stepped
+            self.optimizer.__dict__.pop("grad_scale", None)
+            self._loss_scale = self.norm_scale = None
 
 
 class Hook:
@@ -256,14 +330,19 @@ class Hook:
         self._attrs_set = False
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
-    def prepare(self) -> None:
+    #: The clip is applied to the gradients before the trainer's step (no ``run(clip=)``).
+    takes_grad_scale = False
+    norm_scale: Tensor | None = None
+
+    def prepare(self, *, in_step: bool = False) -> None:
         # A stash still here means the optimizer never ran (a GradScaler skip): the
         # gradients now on the parameters are newer than the stashed ones; drop those.
         self._stash = []
         self._clear_attrs()
 
     def run(
-        self, plan: Plan, code: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None
+        self, plan: Plan, code: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None,
+        clip: Tensor | None = None,
     ) -> Outcome:
         if self.scaler is not None and self.scaler.is_enabled():
             skip, genuine, row = merge_into_scaler(self.scaler, self.optimizer, plan, code, loss_ok)

@@ -23,7 +23,7 @@ from torch.amp.grad_scaler import GradScaler
 from . import checkpoint, distributed, precursors
 from ._logit_watch import LogitWatch
 from ._watch import ActivationWatch
-from .clipping import apply_policy
+from .clipping import apply_policy, deferrable, policy_coefficient
 from .config import DEFAULT_EVERY, GuardConfig, resolve_config
 from .decision import ON_NONFINITE, OnNonfinite, decide
 from .detectors import DetectorConfig
@@ -44,7 +44,8 @@ from .executors import (
 )
 from .monitor import Monitor, describe_nonfinite
 from .naming import named_optimizer_params, optimizer_layout
-from .telemetry import StepStats, Telemetry, UpdateSampler, Window
+from .telemetry import StepStats, Telemetry, Window
+from .updates import UpdateSampler
 
 __all__ = [
     "DEFAULT_EVERY", "ON_NONFINITE", "GradGuardWarning", "Guard", "NonFiniteGradientError",
@@ -194,9 +195,11 @@ class Guard:
                 self.flush()  # a hook-driven step: the previous (flush) step has now run
             if self._sampler is not None:
                 self._sampler.armed = False  # a sampled step that never ran
-            executor.prepare()
-            stats = self.telemetry.measure()
-            coef = apply_policy(self.clip, stats)
+            # a fused optimizer takes a total-norm clip inside its update (grad_scale)
+            in_step = self.kind == "fused" and executor.takes_grad_scale and deferrable(self.clip)
+            executor.prepare(in_step=in_step)
+            stats = self.telemetry.measure(scale=executor.norm_scale)
+            coef = policy_coefficient(self.clip, stats) if in_step else apply_policy(self.clip, stats)
             self.monitor.lr_tracker.observe(self.step_count, self.optimizer.param_groups)
             plan = decide(
                 on_nonfinite=self.on_nonfinite, kind=self.kind,
@@ -210,7 +213,8 @@ class Guard:
             code = (~stats.finite).to(torch.uint8)  # NONFINITE
             if self.recovery is not None and plan.on_bad != "step":
                 code = code | self.recovery.verdict(stats, loss)  # spikes, skipped at the step
-            out = executor.run(plan, code, loss_finite(loss), closure)
+            out = executor.run(plan, code, loss_finite(loss), closure,
+                               clip=coef if in_step else None)
             self._record(stats, loss, coef, out)
             if out.trouble is True and (out.code or 0) & NONFINITE and (
                     plan.warn or plan.on_bad == "raise"):

@@ -1,191 +1,38 @@
 """Sync-free gradient telemetry.
 
-Per-parameter gradient norms are computed with ``torch._foreach_norm`` grouped by
-(device, dtype) and accumulated in float32, written into a ring buffer on the device, and
-copied to the host once per flush. Nothing here asks the host for a value per step.
+Per-parameter gradient norms (:mod:`gradguard.measure`: ``torch._foreach_norm`` grouped by
+device and dtype, accumulated in at least float32) are written into a ring buffer on the
+device and copied to the host once per flush. Nothing here asks the host for a value per
+step. Weight and update norms of a flush step come from
+:class:`~gradguard.updates.UpdateSampler`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import distributed
-from .naming import layer_of
+from .measure import GradGroup, StepStats, group_grads, measure, measure_grads, norm_dtype
+from .naming import ROOT_LAYER, layer_of, named_optimizer_params
+
+# the measurement moved to gradguard.measure and the naming to gradguard.naming; their
+# names stay importable from here
+__all__ = [
+    "ROOT_LAYER", "GradGroup", "StepStats", "Telemetry", "Window", "group_grads", "layer_of",
+    "measure_grads", "named_optimizer_params", "norm_dtype",
+]
 
 # Columns of the ring buffer before the per-parameter norms. LOCAL_OK: this rank's own
 # gradients were finite (before any all-reduce); it tells which rank a NaN came from.
 # LOSS_GIVEN: a loss was passed (pipeline stages: only the last stage has one).
 _COL_LOSS, _COL_TOTAL, _COL_COEF, _COL_SKIPPED, _COL_LOCAL_OK, _COL_LOSS_GIVEN = range(6)
 _N_SCALARS = 6
-
-
-@dataclass
-class GradGroup:
-    """Gradients (and their parameters) sharing one device and dtype."""
-
-    device: torch.device
-    dtype: torch.dtype
-    index: list[int]  # positions in the parameter list
-    params: list[Tensor]
-    grads: list[Tensor]
-
-
-@dataclass
-class StepStats:
-    """Gradient statistics of one step, all device tensors (nothing synced).
-
-    Attributes:
-        param_norms: ``[n_params]`` norm of each parameter's gradient (0 without a grad).
-        total_norm: scalar norm of all gradients together (pre-clip).
-        finite: scalar bool, ``isfinite(total_norm)``.
-        groups: the gradients grouped by (device, dtype), for in-place clipping.
-        norm_type: the norm order used.
-        local_finite: with DTensor gradients or pipeline stages, ``isfinite`` of this
-            rank's own norms before the all-reduce (None: same as ``finite``).
-        names: the parameters' names (module paths), parallel to ``params``.
-    """
-
-    param_norms: Tensor
-    total_norm: Tensor
-    finite: Tensor
-    groups: list[GradGroup]
-    norm_type: float
-    params: Sequence[Tensor] = field(default_factory=list)
-    local_finite: Tensor | None = None
-    names: Sequence[str] = field(default_factory=list)
-
-
-def group_grads(params: Sequence[Tensor]) -> list[GradGroup]:
-    """Group the parameters that have a gradient by (device, dtype), keeping their order."""
-    groups: dict[tuple[torch.device, torch.dtype], GradGroup] = {}
-    for i, p in enumerate(params):
-        g = p.grad
-        if g is None:
-            continue
-        if g.is_sparse:
-            raise TypeError(
-                f"parameter {i} has a sparse gradient; gradguard supports dense gradients only"
-            )
-        key = (g.device, g.dtype)
-        grp = groups.get(key)
-        if grp is None:
-            grp = groups[key] = GradGroup(g.device, g.dtype, [], [], [])
-        grp.index.append(i)
-        grp.params.append(p)
-        grp.grads.append(g)
-    return list(groups.values())
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor, the tensor itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-def _foreach_norm_any(
-    tensors: list[Tensor], norm_type: float, dtype: torch.dtype | None
-) -> list[Tensor]:
-    """``torch._foreach_norm``, also for the empty shards that uneven FSDP2 sharding
-    leaves on some ranks (their inf-norm is 0 here; torch refuses it)."""
-    kw = {} if dtype is None else {"dtype": dtype}
-    if not (math.isinf(norm_type) and any(t.numel() == 0 for t in tensors)):
-        return list(torch._foreach_norm(tensors, norm_type, **kw))
-    full = [i for i, t in enumerate(tensors) if t.numel()]
-    out = [torch.zeros((), device=t.device, dtype=dtype or t.dtype) for t in tensors]
-    if full:
-        for i, n in zip(full, torch._foreach_norm([tensors[i] for i in full], norm_type, **kw)):
-            out[i] = n
-    return out
-
-
-def measure_grads(
-    params: Sequence[Tensor],
-    *,
-    norm_type: float = 2.0,
-    accumulate_dtype: torch.dtype | None = torch.float32,
-    device: torch.device | None = None,
-    names: Sequence[str] | None = None,
-    pipeline_group: object = None,
-) -> StepStats:
-    """Norms of the gradients of ``params`` without any host synchronisation.
-
-    Under torch.distributed, DTensor gradients (FSDP2, tensor parallel, HSDP, any mesh)
-    are measured on their local shards and turned into global norms with one all-reduce
-    of the local p-th powers (see :mod:`gradguard.distributed`); plain (DDP) gradients need
-    no collective.
-
-    Args:
-        params: parameters (their ``.grad`` is read; ``None`` grads count as 0).
-        norm_type: order of the norm (``2.0``, ``math.inf``, any p > 0).
-        accumulate_dtype: dtype the norms are computed in. ``float32`` (telemetry) keeps
-            bfloat16/float16 layers exact; ``None`` computes in each gradient's own dtype,
-            exactly like ``torch.nn.utils.clip_grad_norm_``.
-        device: where the result lives (default: the first parameter's device).
-        names: the parameters' names (default: their positions, ``"0"``, ``"1"``, ...).
-        pipeline_group: pipeline stages: the group of ranks holding the other stages
-            (``mesh["pp"]``); the total norm is then the whole model's. Each call with a
-            group costs one extra ``all_gather_object``: a :class:`Telemetry` pays it once.
-    """
-    reducer = None
-    if pipeline_group is not None or (dist.is_available() and dist.is_initialized()):
-        reducer = distributed.NormReducer(len(params), pipeline_group)
-    if names is None:
-        names = [str(i) for i in range(len(params))]
-    return _measure(params, float(norm_type), accumulate_dtype, device, reducer, names)
-
-
-def _measure(
-    params: Sequence[Tensor],
-    norm_type: float,
-    accumulate_dtype: torch.dtype | None,
-    device: torch.device | None,
-    reducer: distributed.NormReducer | None,
-    names: Sequence[str],
-) -> StepStats:
-    groups = group_grads(params)
-    if device is None:
-        device = params[0].device if len(params) else torch.device("cpu")
-    out_dtype = accumulate_dtype or torch.float32
-    per_param: list[Tensor | None] = [None] * len(params)
-    for grp in groups:
-        grads = [_local(g) for g in grp.grads]
-        norms = _foreach_norm_any(grads, norm_type, accumulate_dtype)
-        for i, n in zip(grp.index, norms):
-            per_param[i] = n if n.device == device else n.to(device, non_blocking=True)
-    total = local_ok = None
-    if reducer is not None:
-        # before any early return: every rank must issue the same collective
-        total, local_ok = reducer.reduce_grad_norms_(per_param, params, norm_type)
-    present = [n for n in per_param if n is not None]
-    if not present:
-        zero = torch.zeros((), device=device, dtype=out_dtype)
-        return StepStats(
-            torch.zeros(len(params), device=device, dtype=out_dtype),
-            zero,
-            torch.ones((), device=device, dtype=torch.bool),
-            groups,
-            norm_type,
-            params,
-            local_ok,
-            names,
-        )
-    # torch.stack promotes mixed dtypes exactly as clip_grad_norm_ does.
-    if total is None:
-        total = torch.linalg.vector_norm(torch.stack(present), norm_type)
-    if len(present) == len(params):
-        param_norms = torch.stack(present)  # type: ignore[arg-type]
-    else:
-        zero = torch.zeros((), device=device, dtype=present[0].dtype)
-        param_norms = torch.stack([zero if n is None else n for n in per_param])
-    return StepStats(
-        param_norms, total, torch.isfinite(total), groups, norm_type, params, local_ok, names
-    )
 
 
 @dataclass
@@ -200,7 +47,8 @@ class Window:
         names: parameter names; ``layers`` their unique module paths in order;
             ``layer_index[i]`` is the layer of parameter ``i``.
         weight_norms, update_norms: ``[n_params]`` sampled at the last step of the window
-            (None when not sampled).
+            (None when not sampled); weight norms are exact, update norms are estimated
+            from a strided sample of each parameter (:mod:`gradguard.updates`).
         skip_codes: ``[n]`` why each step was skipped: the verdict bits of
             :mod:`gradguard.executors` (1 non-finite, 2 gradient spike, 4 loss spike; 0 not
             skipped), None when unknown.
@@ -298,7 +146,6 @@ class Telemetry:
         self._buf = torch.full((every, n_cols), math.nan, device=self.device)
         self._steps: list[int] = []
         self._extra: Tensor | None = None  # [2, n_params] weight and update norms
-        self._before: list[Tensor] | None = None
         self._next_step = 0
         self._reducer = (
             None
@@ -307,14 +154,16 @@ class Telemetry:
         )
 
     # ---- per step (no host sync) ------------------------------------------------------
-    def measure(self) -> StepStats:
-        """Gradient norms of this step (device tensors)."""
-        return _measure(
-            self.params, self.norm_type, torch.float32, self.device, self._dist(), self.names)
+    def measure(self, scale: Tensor | None = None) -> StepStats:
+        """Gradient norms of this step (device tensors); ``scale``: a device scalar the
+        norms are multiplied by (``1 / loss_scale`` while the gradients are still scaled)."""
+        return measure(self.params, self.norm_type, torch.float32, self.device,
+                       self.reducer(), self.names, scale=scale)
 
-    def _dist(self) -> distributed.NormReducer | None:
-        """The reducer, built at the first step under torch.distributed (a Telemetry may be
-        made before ``init_process_group``)."""
+    def reducer(self) -> distributed.NormReducer | None:
+        """The all-reduce of per-parameter norms (None outside torch.distributed), built
+        at the first step under torch.distributed (a Telemetry may be made before
+        ``init_process_group``)."""
         if self._reducer is None and dist.is_available() and dist.is_initialized():
             self._reducer = distributed.NormReducer(len(self.params), names=self.names)
         return self._reducer
@@ -383,27 +232,11 @@ class Telemetry:
         """True when the next recorded step fills the buffer (sample updates then)."""
         return len(self._steps) == self.every - 1
 
-    def begin_update_sample(self) -> None:
-        """Keep a copy of the parameters so the coming update can be measured."""
-        with torch.no_grad():
-            self._before = [_local(p).detach().clone() for p in self.params]
-
-    def end_update_sample(self) -> None:
-        """Measure weight norms and the update just applied (device ops only)."""
-        if self._before is None:
-            return
-        with torch.no_grad():
-            now = [_local(p).detach() for p in self.params]
-            w = torch.stack([n.to(self.device) for n in _foreach_norm_f32(now)])
-            diff = torch._foreach_sub(now, self._before)
-            u = torch.stack([n.to(self.device) for n in _foreach_norm_f32(diff)])
-            reducer = self._dist()
-            # DTensor shards: local norms -> global ones, one all-reduce (flush steps only)
-            out = None if reducer is None else reducer.reduce(torch.stack([w, u]), self.params, 2.0)
-            if out is not None:
-                w, u = out.norms.float().unbind()
-        self._before = None
-        self._extra = torch.stack([w, u])
+    def set_update_sample(self, weight_norms: Tensor, update_norms: Tensor) -> None:
+        """Attach ``[n_params]`` weight and update norms (device tensors) to the pending
+        window; :class:`~gradguard.updates.UpdateSampler` measures them around a step."""
+        self._extra = torch.stack([weight_norms.to(self.device, torch.float32),
+                                   update_norms.to(self.device, torch.float32)])
 
     # ---- per flush (one host copy) -----------------------------------------------------
     def flush(self) -> Window | None:
@@ -468,38 +301,3 @@ class Telemetry:
         self._next_step = int(sd["next_step"])  # type: ignore[call-overload]
 
 
-class UpdateSampler:
-    """Weight norms and update norms of one optimizer step, measured around the step
-    itself (optimizer step pre/post hooks), so that it works the same whether the guard
-    calls ``optimizer.step()`` or a trainer does. The guard arms it for flush steps; a
-    step that never runs leaves nothing behind (the guard disarms it at the next step).
-    """
-
-    def __init__(self, telemetry: Telemetry, optimizer: torch.optim.Optimizer) -> None:
-        self.telemetry = telemetry
-        self.armed = False
-        self._active = False
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre),
-            optimizer.register_step_post_hook(self._post),
-        ]
-
-    def _pre(self, optimizer: object, args: object, kwargs: object) -> None:
-        if self.armed:
-            self.armed, self._active = False, True
-            self.telemetry.begin_update_sample()
-
-    def _post(self, optimizer: object, args: object, kwargs: object) -> None:
-        if self._active:
-            self._active = False
-            self.telemetry.end_update_sample()
-
-    def detach(self) -> None:
-        """Remove the hooks (the guard's ``close`` calls it)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-def _foreach_norm_f32(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    return tuple(torch._foreach_norm(list(tensors), 2.0, dtype=torch.float32)) if tensors else ()

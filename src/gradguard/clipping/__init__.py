@@ -24,7 +24,9 @@ from .base import (
     ValueClip,
     apply_policy,
     as_named_params,
+    deferrable,
     norm_coef,
+    policy_coefficient,
     scale_grads_,
 )
 from .chain import Chain, chain
@@ -53,7 +55,9 @@ __all__ = [
     "apply_policy",
     "as_named_params",
     "chain",
+    "deferrable",
     "norm_coef",
+    "policy_coefficient",
     "scale_grads_",
     "unitwise_norm",
 ]

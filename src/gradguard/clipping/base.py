@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..telemetry import StepStats, _local, measure_grads
+from ..measure import StepStats, measure_grads, use_foreach
 
 #: ``clip_grad_norm_`` adds this to the norm before dividing (kept for bit-equality).
 NORM_EPS = 1e-6
@@ -62,14 +62,42 @@ def check_positive(name: str, value: Any, owner: str, *, allow_inf: bool = False
     return v
 
 
-def scale_grads_(stats: StepStats, coef: Tensor) -> None:
-    """Multiply every gradient by ``coef`` in place, one ``_foreach_mul_`` per group.
+def check_norm_type(value: Any, owner: str) -> float:
+    """A norm order as ``clip_grad_norm_`` takes it: a number > 0 or ``inf``, also spelled
+    as a string (``"inf"``, ``"2"``)."""
+    try:
+        v = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        v = None
+    if v is None or not (v > 0):
+        raise ValueError(
+            f"{owner}(norm_type={value!r}): must be a number > 0 or inf (e.g. 2.0, 1, "
+            "math.inf, 'inf')"
+        )
+    return v
 
-    DTensor (FSDP2) gradients are scaled through their local shards: the coefficient is
-    already global, and plain tensors skip DTensor dispatch."""
+
+def check_foreach(value: Any, owner: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{owner}(foreach={value!r}): must be None, True or False")
+    return value
+
+
+def scale_grads_(stats: StepStats, coef: Tensor, *, foreach: bool | None = None) -> None:
+    """Multiply every gradient by ``coef`` in place, one ``_foreach_mul_`` per group
+    (``foreach`` as in ``clip_grad_norm_``: None uses the foreach kernels where the device
+    has them, False a loop of ``mul_``).
+
+    DTensor (FSDP2) gradients are scaled through their local shards (the coefficient is
+    already global, and plain tensors skip DTensor dispatch); sparse ones through their
+    values."""
     for grp in stats.groups:
-        grads = [_local(g) for g in grp.grads]
-        torch._foreach_mul_(grads, coef.to(grp.device, non_blocking=True))
+        data, c = grp.data(), coef.to(grp.device, non_blocking=True)
+        if use_foreach(foreach, data, grp.device):
+            torch._foreach_mul_(data, c)
+        else:
+            for t in data:
+                t.mul_(c)
 
 
 def norm_coef(total: Tensor, finite: Tensor, threshold: Tensor | float) -> Tensor:
@@ -112,11 +140,21 @@ class Policy:
     """
 
     norm_type: float = 2.0
-    #: None: measure in each gradient's dtype (as torch does); float32 otherwise.
+    #: None: measure in each gradient's dtype (as torch does); at least float32 otherwise.
     measure_dtype: torch.dtype | None = torch.float32
     #: True when the whole clip is one multiplier of the total norm (see coefficient).
     scalar: bool = True
+    #: As in ``clip_grad_norm_``: None uses the foreach kernels where the device has them.
+    foreach: bool | None = None
     _owner: weakref.ref[Any] | None = None
+
+    @property
+    def deferrable(self) -> bool:
+        """True when this policy's whole clip is its :meth:`coefficient`, so that a fused
+        optimizer can apply it inside its update (``grad_scale``) instead of a separate
+        pass over the gradients. A subclass that overrides :meth:`apply_` keeps its own
+        in-place path."""
+        return self.scalar and type(self).apply_ is Policy.apply_
 
     def coefficient(self, stats: StepStats) -> Tensor:
         """The multiplier this policy applies to every gradient this step (a device
@@ -131,21 +169,32 @@ class Policy:
         """Clip the gradients of ``stats`` in place; return the effective coefficient
         (post-clip norm / pre-clip norm, a device scalar)."""
         coef = self.coefficient(stats)
-        scale_grads_(stats, coef)
+        scale_grads_(stats, coef, foreach=self.foreach)
         return coef
 
     def clip_(self, params: ParamsArg) -> Tensor:
         """Clip the gradients of ``params`` in place; return the pre-clip total norm."""
-        named = as_named_params(params)
-        stats = measure_grads(
-            [p for _, p in named], norm_type=self.norm_type, accumulate_dtype=self.measure_dtype,
-            names=[n for n, _ in named],
-        )
+        if isinstance(params, nn.Module):
+            self.attach_model(params)
         with torch.no_grad():
+            stats = self.measure(params)
             self.apply_(stats)
         return stats.total_norm
 
+    def measure(self, params: ParamsArg) -> StepStats:
+        """The statistics ``clip_`` works from: the gradients of ``params`` measured in
+        this policy's norm order and dtype."""
+        named = as_named_params(params)
+        return measure_grads(
+            [p for _, p in named], norm_type=self.norm_type, accumulate_dtype=self.measure_dtype,
+            names=[n for n, _ in named], foreach=self.foreach,
+        )
+
     __call__ = clip_
+
+    def attach_model(self, model: nn.Module) -> None:
+        """Learn what the parameter names alone do not say (e.g. which axis of a weight
+        holds the output units); called by ``clip_(module)``. Nothing by default."""
 
     def bind(self, owner: object) -> None:
         """Tie this policy's statistics to one guard: a second guard is refused, since two
@@ -191,14 +240,30 @@ def to_device(state: dict[str, Tensor] | None, device: torch.device) -> dict[str
 class NormClip(Policy):
     """Clip the total gradient norm to ``max_norm`` (drop-in for ``clip_grad_norm_``).
 
-    Standalone ``clip_`` gives bit-identical results to
-    ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)`` for finite gradients,
-    for float32, bfloat16, float16 and mixed lists. A non-finite total norm leaves the
-    gradients unscaled (torch would multiply them by NaN).
+    Standalone ``clip_`` gives the same results as ``torch.nn.utils.clip_grad_norm_(params,
+    max_norm, norm_type, error_if_nonfinite, foreach)`` for finite gradients of every dtype
+    torch supports (float32, float64, bfloat16, float16, complex, mixed lists): the norms
+    are computed in each gradient's own dtype and promoted as torch promotes them, the
+    coefficient is ``min(1, max_norm / (norm + 1e-6))``. Beyond torch:
+
+    * sparse gradients (``nn.Embedding(sparse=True)``) are clipped too: they are coalesced
+      and measured on their values (torch 2.13 raises);
+    * a tensor ``max_norm`` is used on the device (torch reads it on the host).
+
+    **The one documented difference:** a non-finite total norm leaves the gradients
+    unscaled (torch multiplies them by NaN, or by 0 for an infinite norm); the returned
+    norm is still the non-finite one, and ``error_if_nonfinite=True`` raises exactly as
+    torch does.
 
     Args:
-        max_norm: the largest allowed total norm (> 0).
-        norm_type: the norm order (> 0, or ``math.inf``).
+        max_norm: the largest allowed total norm: a number > 0, or a one-element real
+            tensor (> 0 when constructed; it may be changed in place later, e.g. by a
+            schedule).
+        norm_type: the norm order: a number > 0, ``math.inf`` or ``"inf"``.
+        error_if_nonfinite: raise ``RuntimeError`` when the total norm is NaN/Inf (one host
+            read per call, only when True). Under a Guard prefer ``on_nonfinite``.
+        foreach: None uses the foreach kernels where the device has them, True insists
+            (``RuntimeError`` on a device without them), False loops over the tensors.
 
     Example:
         >>> import torch, gradguard as gg
@@ -207,35 +272,76 @@ class NormClip(Policy):
         tensor(6.)
         >>> round(w.grad.norm().item(), 4)
         1.0
+        >>> z = torch.nn.Parameter(torch.zeros(1, dtype=torch.complex128))
+        >>> z.grad = torch.tensor([3 + 4j], dtype=torch.complex128)
+        >>> gg.NormClip(max_norm=1.0, norm_type="inf").clip_([z])
+        tensor(5., dtype=torch.float64)
     """
 
     measure_dtype = None
 
-    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0) -> None:
-        self.max_norm = check_positive("max_norm", max_norm, "NormClip")
-        self.norm_type = check_positive("norm_type", norm_type, "NormClip", allow_inf=True)
+    def __init__(
+        self,
+        max_norm: float | Tensor = 1.0,
+        norm_type: float | str = 2.0,
+        *,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        self.max_norm: float | Tensor
+        if isinstance(max_norm, Tensor):
+            if max_norm.numel() != 1 or max_norm.is_complex() or not max_norm.is_floating_point():
+                raise TypeError(
+                    f"NormClip(max_norm=tensor of shape {tuple(max_norm.shape)} and dtype "
+                    f"{max_norm.dtype}): expected a number or a one-element real floating tensor"
+                )
+            if not bool(max_norm.detach().reshape(()) > 0):  # once, at construction
+                raise ValueError(f"NormClip(max_norm={max_norm!r}): must be > 0")
+            self.max_norm = max_norm
+        else:
+            self.max_norm = check_positive("max_norm", max_norm, "NormClip")
+        self.norm_type = check_norm_type(norm_type, "NormClip")
+        if not isinstance(error_if_nonfinite, bool):
+            raise TypeError(
+                f"NormClip(error_if_nonfinite={error_if_nonfinite!r}): must be True or False"
+            )
+        self.error_if_nonfinite = error_if_nonfinite
+        self.foreach = check_foreach(foreach, "NormClip")
 
     def coefficient(self, stats: StepStats) -> Tensor:
         if stats.norm_type != self.norm_type:
             stats = measure_grads(
                 stats.params, norm_type=self.norm_type, device=stats.total_norm.device
             )
-        return norm_coef(stats.total_norm, stats.finite, self.max_norm)
-
-    def apply_(self, stats: StepStats) -> Tensor:
-        coef = self.coefficient(stats)
-        scale_grads_(stats, coef)
-        return coef.float()
+        if self.error_if_nonfinite and not bool(stats.finite):  # asked for: one host read
+            raise RuntimeError(
+                f"The total norm of order {self.norm_type} for gradients from `parameters` "
+                "is non-finite, so it cannot be clipped. To disable this error and leave "
+                "the gradients unscaled, set `error_if_nonfinite=False`"
+            )
+        limit = self.max_norm
+        if isinstance(limit, Tensor):
+            limit = limit.detach().reshape(()).to(stats.total_norm.device, non_blocking=True)
+        return norm_coef(stats.total_norm, stats.finite, limit)
 
     def __repr__(self) -> str:
-        return f"NormClip(max_norm={self.max_norm}, norm_type={self.norm_type})"
+        extra = "" if not self.error_if_nonfinite else ", error_if_nonfinite=True"
+        extra += "" if self.foreach is None else f", foreach={self.foreach}"
+        return f"NormClip(max_norm={self.max_norm}, norm_type={self.norm_type}{extra})"
 
 
 class ValueClip(Policy):
     """Clamp every gradient element to ``[-clip_value, clip_value]`` (``clip_grad_value_``).
 
     Returns the pre-clip total 2-norm. The coefficient recorded by the Guard is the
-    post-clip norm over the pre-clip norm (one extra norm pass).
+    post-clip norm over the pre-clip norm (one extra norm pass). Sparse gradients are
+    clamped on their coalesced values; complex ones on their real and imaginary parts
+    (torch's ``clamp`` is undefined for complex numbers).
+
+    Args:
+        clip_value: the largest allowed absolute value (> 0).
+        foreach: as in ``clip_grad_value_`` (None: the foreach kernels where the device
+            has them).
 
     Example:
         >>> import torch, gradguard as gg
@@ -246,19 +352,40 @@ class ValueClip(Policy):
 
     scalar = False
 
-    def __init__(self, clip_value: float = 1.0) -> None:
+    def __init__(self, clip_value: float = 1.0, *, foreach: bool | None = None) -> None:
         self.clip_value = check_positive("clip_value", clip_value, "ValueClip")
+        self.foreach = check_foreach(foreach, "ValueClip")
 
     def apply_(self, stats: StepStats) -> Tensor:
         for grp in stats.groups:
-            grads = [_local(g) for g in grp.grads]  # element-wise: shards clamp alone
-            torch._foreach_clamp_min_(grads, -self.clip_value)
-            torch._foreach_clamp_max_(grads, self.clip_value)
+            # element-wise: shards clamp alone; complex as (real, imag) pairs
+            data = [torch.view_as_real(t) if t.is_complex() else t for t in grp.data()]
+            if use_foreach(self.foreach, data, grp.device):
+                torch._foreach_clamp_min_(data, -self.clip_value)
+                torch._foreach_clamp_max_(data, self.clip_value)
+            else:
+                for t in data:
+                    t.clamp_(min=-self.clip_value, max=self.clip_value)
         after = measure_grads(stats.params, device=stats.total_norm.device).total_norm
         return ratio_coef(after, stats)
 
     def __repr__(self) -> str:
         return f"ValueClip(clip_value={self.clip_value})"
+
+
+def deferrable(policy: Any) -> bool:
+    """True when ``policy`` (or no policy) can be applied inside a fused optimizer's update
+    as one multiplier (see :attr:`Policy.deferrable`); third-party policies cannot."""
+    return policy is None or getattr(policy, "deferrable", False) is True
+
+
+def policy_coefficient(policy: Any, stats: StepStats) -> Tensor | None:
+    """The multiplier a :func:`deferrable` policy wants this step (float32 device scalar),
+    advancing its statistics, without touching the gradients; None without a policy."""
+    if policy is None:
+        return None
+    coef: Tensor = policy.coefficient(stats)
+    return coef.float()
 
 
 def apply_policy(policy: Any, stats: StepStats) -> Tensor | None:

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..telemetry import StepStats, measure_grads
-from .base import Policy, ratio_coef, scale_grads_
+from ..measure import StepStats, measure_grads
+from .base import Policy, deferrable, ratio_coef, scale_grads_
 
 
 class Chain(Policy):
@@ -25,6 +25,11 @@ class Chain(Policy):
                 )
         self.policies: tuple[Any, ...] = tuple(policies)
         self.scalar = all(getattr(p, "scalar", False) for p in policies)
+
+    @property
+    def deferrable(self) -> bool:
+        # a scalar chain's apply_ is exactly "scale by the smallest coefficient"
+        return self.scalar and all(deferrable(p) for p in self.policies)
 
     def coefficient(self, stats: StepStats) -> Tensor:
         if not self.scalar:
@@ -51,6 +56,11 @@ class Chain(Policy):
                 p.apply_(_remeasured(cur) if changed else cur)
                 changed = True
         return ratio_coef(_remeasured(stats).total_norm, stats)
+
+    def attach_model(self, model: Any) -> None:
+        for p in self.policies:
+            if callable(getattr(p, "attach_model", None)):
+                p.attach_model(model)
 
     def bind(self, owner: object) -> None:
         for p in self.policies:

@@ -22,8 +22,8 @@ from torch import Tensor
 from .. import distributed
 from ..errors import TrainingDiverged
 from ..events import Event
+from ..measure import _local
 from ..naming import OPTIMIZER_PREFIX, layer_of
-from ..telemetry import _local
 from .ladder import Action
 from .snapshots import copy_state
 

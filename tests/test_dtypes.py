@@ -1,0 +1,340 @@
+"""Every dtype and layout torch's clip_grad_norm_ takes, and sparse gradients, which it
+refuses: NormClip against torch, every policy and the first guard.step on float64 and
+complex parameters, sparse embeddings with SparseAdam, and AGC's numerics (float16 scales,
+ConvTranspose units)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.measure import measure_grads
+
+MIXES = {
+    "f64": [torch.float64],
+    "c64": [torch.complex64],
+    "c128": [torch.complex128],
+    "f32+f64": [torch.float32, torch.float64],
+    "f32+c64+bf16": [torch.float32, torch.complex64, torch.bfloat16],
+    "f16+f64+c128": [torch.float16, torch.float64, torch.complex128],
+}
+SHAPES = [(3,), (4, 5), (2, 3, 4)]
+
+
+def params_of(dtypes, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for dt in dtypes:
+        for s in SHAPES:
+            p = nn.Parameter(torch.randn(s, generator=g).to(dt))
+            if dt.is_complex:
+                grad = torch.complex(torch.randn(s, generator=g), torch.randn(s, generator=g))
+            else:
+                grad = torch.randn(s, generator=g)
+            p.grad = (grad * scale).to(dt)
+            out.append(p)
+    return out
+
+
+def twin(ps):
+    out = []
+    for p in ps:
+        q = nn.Parameter(p.detach().clone())
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+# ---- NormClip is clip_grad_norm_ ---------------------------------------------------------
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, "inf"])
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_normclip_equals_clip_grad_norm_on_float64_complex_and_mixed(mix, norm_type, foreach):
+    ours = params_of(MIXES[mix])
+    ref = twin(ours)
+    n_ours = gg.NormClip(0.5, norm_type=norm_type, foreach=foreach).clip_(ours)
+    n_ref = torch.nn.utils.clip_grad_norm_(ref, 0.5, norm_type=norm_type, foreach=foreach)
+    assert n_ours.dtype == n_ref.dtype
+    torch.testing.assert_close(n_ours, n_ref, rtol=1e-6, atol=0)
+    for a, b in zip(ours, ref):
+        assert a.grad.dtype == b.grad.dtype
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_normclip_tensor_max_norm_is_used_on_the_device(sync_counter):
+    limit = torch.tensor(0.25)
+    policy = gg.NormClip(max_norm=limit)
+    ours = params_of([torch.float32])
+    ref = twin(ours)
+    with sync_counter as c:
+        policy.clip_(ours)
+    assert c.calls == []  # torch's float(max_norm) would read it on the host
+    torch.nn.utils.clip_grad_norm_(ref, 0.25)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+    limit.fill_(1e-3)  # a schedule may change it in place
+    policy.clip_(ours)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ours]))
+    assert total.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_normclip_error_if_nonfinite_raises_like_torch():
+    ps = params_of([torch.float32])
+    ps[1].grad[0, 0] = math.nan
+    before = [p.grad.clone() for p in ps]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.nn.utils.clip_grad_norm_(twin(ps), 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gg.NormClip(1.0, error_if_nonfinite=True).clip_(ps)
+    for a, b in zip(ps, before):
+        torch.testing.assert_close(a.grad, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_normclip_foreach_true_without_foreach_kernels_raises_like_torch():
+    w = nn.Parameter(torch.ones(3, device="meta"))
+    w.grad = torch.ones(3, device="meta")
+    with pytest.raises(RuntimeError, match="foreach=True"):
+        torch.nn.utils.clip_grad_norm_([w], 1.0, foreach=True)
+    with pytest.raises(RuntimeError, match="foreach=True"):
+        gg.NormClip(1.0, foreach=True).clip_([w])
+    gg.NormClip(1.0).clip_([w])  # foreach=None falls back to a loop, as torch does
+
+
+def test_normclip_leaves_grads_unscaled_where_torch_multiplies_by_nan():
+    ps = params_of([torch.float64])
+    ps[0].grad[1] = math.nan
+    ref = twin(ps)
+    finite_before = ps[1].grad.clone()
+    total = gg.NormClip(1.0).clip_(ps)
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert math.isnan(total.item())
+    assert torch.equal(ps[1].grad, finite_before)  # the documented difference
+    assert torch.isnan(ref[1].grad).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"norm_type": "fro"}, "norm_type"),
+        ({"norm_type": -1}, "norm_type"),
+        ({"foreach": "yes"}, "foreach"),
+        ({"error_if_nonfinite": 1}, "error_if_nonfinite"),
+        ({"max_norm": torch.ones(2)}, "max_norm"),
+        ({"max_norm": torch.tensor(-1.0)}, "max_norm"),
+        ({"max_norm": torch.tensor(1)}, "max_norm"),
+    ],
+)
+def test_normclip_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        gg.NormClip(**kwargs)
+
+
+# ---- every policy, and the guard, on float64 and complex parameters ------------------
+POLICIES = {
+    "norm": lambda: gg.NormClip(1.0),
+    "value": lambda: gg.ValueClip(0.1),
+    "autoclip": lambda: gg.AutoClip(),
+    "zclip": lambda: gg.ZClip(warmup_steps=2),
+    "agc": lambda: gg.AGC(clipping=0.01),
+    "chain": lambda: gg.chain(gg.AGC(), gg.ZClip(warmup_steps=2), gg.NormClip(2.0)),
+}
+
+
+@pytest.mark.parametrize("mix", ["f64", "c64", "c128", "f16+f64+c128"])
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_policy_clips_float64_and_complex(mix, name):
+    policy = POLICIES[name]()
+    for seed in range(4):
+        ps = params_of(MIXES[mix], seed=seed, scale=10.0 ** (seed - 1))
+        before = torch.stack([p.grad.abs().double().norm() for p in ps])
+        total = policy.clip_(ps)
+        after = torch.stack([p.grad.abs().double().norm() for p in ps])
+        assert not total.is_complex()
+        torch.testing.assert_close(total.double(), before.norm(), rtol=1e-3, atol=0)
+        assert (after <= before * (1 + 1e-3)).all()
+        assert all(torch.isfinite(p.grad).all() for p in ps)
+
+
+def test_valueclip_clamps_complex_real_and_imaginary_parts():
+    w = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    w.grad = torch.tensor([3 - 0.2j, -0.1 + 5j], dtype=torch.complex64)
+    gg.ValueClip(0.5).clip_([w])
+    expect = torch.tensor([0.5 - 0.2j, -0.1 + 0.5j], dtype=torch.complex64)
+    assert torch.equal(w.grad, expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.complex128])
+@pytest.mark.parametrize("fused", [False, True])
+def test_first_guard_step_on_float64_and_complex_equals_clip_then_step(dtype, fused):
+    if fused and dtype.is_complex:
+        pytest.skip("torch has no fused Adam for complex parameters on CPU")
+    torch.manual_seed(0)
+    model, ref = nn.Linear(4, 3).to(dtype), nn.Linear(4, 3).to(dtype)
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, fused=fused)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(warmup_steps=2), every=2)
+    policy = gg.ZClip(warmup_steps=2)
+    for step in range(5):
+        x = torch.randn(8, 4).to(dtype) * (100 if step == 4 else 1)
+        loss = model(x).abs().pow(2).mean()
+        loss.backward()
+        total = guard.step(loss)
+        assert total.dtype == (torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32)
+        ref(x).abs().pow(2).mean().backward()
+        policy.clip_(ref.parameters())
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    guard.close()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- sparse gradients ------------------------------------------------------------------------
+def sparse_embedding(seed=0):
+    torch.manual_seed(seed)
+    emb = nn.Embedding(20, 4, sparse=True)
+    idx = torch.tensor([1, 3, 1, 7, 3, 3])  # duplicates: an uncoalesced gradient
+    (emb(idx) * torch.arange(1.0, 5.0)).sum().backward()
+    assert not emb.weight.grad.is_coalesced()
+    return emb
+
+
+def test_sparse_norm_is_the_norm_of_the_coalesced_values():
+    emb = sparse_embedding()
+    dense = emb.weight.grad.to_dense()
+    stats = measure_grads(list(emb.parameters()))
+    torch.testing.assert_close(stats.total_norm, dense.norm())
+    assert emb.weight.grad.is_coalesced()  # coalesced in place, once
+    with pytest.raises(NotImplementedError):  # what torch 2.13 does
+        torch.nn.utils.clip_grad_norm_(sparse_embedding().parameters(), 1.0)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_policy_clips_sparse_gradients_as_their_dense_equivalent(name):
+    emb = sparse_embedding()
+    dense = nn.Parameter(emb.weight.detach().clone())
+    dense.grad = emb.weight.grad.to_dense()
+    total = POLICIES[name]().clip_([("emb.weight", emb.weight)])
+    ref_total = POLICIES[name]().clip_([("emb.weight", dense)])
+    torch.testing.assert_close(total, ref_total)
+    torch.testing.assert_close(emb.weight.grad.to_dense(), dense.grad)
+
+
+def test_valueclip_clamps_the_summed_duplicate_entries():
+    w = nn.Parameter(torch.zeros(4))
+    w.grad = torch.sparse_coo_tensor([[1, 1, 2]], [0.4, 0.4, 0.1], (4,))  # index 1 sums to 0.8
+    gg.ValueClip(0.5).clip_([w])
+    assert w.grad.to_dense().tolist() == pytest.approx([0.0, 0.5, 0.1, 0.0])
+
+
+def test_guard_with_sparse_embedding_and_sparseadam_equals_clip_then_step():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(30, 8, sparse=True)
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(idx).mean(dim=1))
+
+    torch.manual_seed(0)
+    net, ref = Net(), Net()
+    ref.load_state_dict(net.state_dict())
+
+    def opts(m):
+        return (torch.optim.SparseAdam([m.emb.weight], lr=0.05),
+                torch.optim.Adam(m.head.parameters(), lr=0.05))
+
+    sparse_opt, dense_opt = opts(net)
+    ref_sparse, ref_dense = opts(ref)
+    guard = gg.Guard(net, sparse_opt, clip=gg.NormClip(0.01), every=3)
+    for step in range(6):
+        idx = torch.randint(0, 30, (5, 4), generator=torch.Generator().manual_seed(step))
+        loss = net(idx).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+        dense_opt.step()
+        ref(idx).pow(2).mean().backward()
+        g = ref.emb.weight.grad.coalesce()
+        scale = min(1.0, 0.01 / (g._values().norm().item() + 1e-6))
+        ref.emb.weight.grad = g * scale
+        ref_sparse.step()
+        ref_dense.step()
+        for o in (sparse_opt, dense_opt, ref_sparse, ref_dense):
+            o.zero_grad()
+    guard.close()
+    assert guard.skipped_steps == 0
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+# ---- AGC numerics ---------------------------------------------------------------------------
+def test_agc_on_float16_scales_in_float32_instead_of_underflowing():
+    w = nn.Parameter(torch.full((2, 8), 1e-3, dtype=torch.float16))
+    w.grad = torch.full((2, 8), 2000.0, dtype=torch.float16)
+    gg.AGC(clipping=0.01, eps=1e-3).clip_([("layer.weight", w)])
+    # each row: ||G_i|| = 2000 sqrt(8) is clipped to 0.01 ||W_i|| = 1e-5 sqrt(8); the
+    # factor 5e-9 is 0 in float16, the product 1e-5 per element is not
+    row = w.grad.float().norm(dim=1)
+    expect = 0.01 * w.detach().float().norm(dim=1)
+    torch.testing.assert_close(row, expect, rtol=1e-2, atol=0)
+
+
+def agc_reference(p, g, clipping, eps, axis, groups=1):
+    """Per output unit, written out with Python loops (Brock et al. 2021, Eq. 3)."""
+    g, p = g.clone().double(), p.double()
+    if axis == 1 and groups > 1:
+        per = p.shape[0] // groups
+        for gi in range(groups):
+            sl = slice(gi * per, (gi + 1) * per)
+            g[sl] = agc_reference(p[sl], g[sl], clipping, eps, axis)
+        return g
+    for j in range(p.shape[axis]):
+        wu, gu = p.select(axis, j), g.select(axis, j)
+        wn, gn = max(wu.norm().item(), eps), gu.norm().item()
+        if gn > clipping * wn:
+            gu.mul_(clipping * wn / max(gn, 1e-6))
+    return g
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("conv", [nn.ConvTranspose1d, nn.ConvTranspose2d])
+def test_agc_units_of_a_conv_transpose_are_its_output_channels(conv, groups):
+    torch.manual_seed(0)
+    net = nn.Sequential(conv(4, 6, 3, groups=groups), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(2, 4, *([5] * (1 if conv is nn.ConvTranspose1d else 2)))
+    net(x).pow(2).sum().backward()
+    w = net[0].weight
+    assert w.shape[:2] == (4, 6 // groups)  # [in, out/groups, *k]
+    expect = agc_reference(w, w.grad, 0.01, 1e-3, axis=1, groups=groups)
+    gg.AGC(clipping=0.01).clip_(net)
+    torch.testing.assert_close(w.grad.double(), expect, rtol=1e-5, atol=1e-8)
+
+
+def test_agc_finds_conv_transpose_units_through_the_guard():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(3, 5, 3), nn.Flatten(), nn.Linear(5 * 6 * 6, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    guard = gg.Guard(net, opt, clip=gg.AGC(clipping=0.01))
+    net(torch.randn(2, 3, 4, 4)).pow(2).sum().backward()
+    w = net[0].weight
+    expect = agc_reference(w, w.grad, 0.01, 1e-3, axis=1)
+    guard.step()
+    torch.testing.assert_close(w.grad.double(), expect, rtol=1e-5, atol=1e-8)
+    guard.close()
+
+
+def test_agc_unit_axes_override_for_a_custom_layer():
+    w = nn.Parameter(torch.randn(3, 5))
+    w.grad = torch.randn(3, 5) * 10
+    expect = agc_reference(w, w.grad, 0.05, 1e-3, axis=1)
+    gg.AGC(clipping=0.05, exclude=(), unit_axes={"mine.weight": 1}).clip_([("mine.weight", w)])
+    torch.testing.assert_close(w.grad.double(), expect, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="unit_axes"):
+        gg.AGC(unit_axes={"mine.weight": -1})
