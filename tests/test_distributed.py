@@ -135,6 +135,9 @@ def train(
 
 ROLLBACK_STEPS = 12
 ROLLBACK_NAN_STEPS = (4, 5)  # a skip backs the LR off, a second one rolls back
+#: rank 0's loss alone jumps x1e4 (a constant: no gradient changes). Each rank sees its
+#: own loss, so a per-step loss verdict would skip on rank 0 only and split the replicas.
+ROLLBACK_RANK_LOSS_STEP = 2
 
 
 def train_rollback(
@@ -154,6 +157,8 @@ def train_rollback(
         lo, hi = rank * GLOBAL_BS // world, (rank + 1) * GLOBAL_BS // world
         loss = torch.nn.functional.mse_loss(fwd(x[lo:hi]), y[lo:hi])
         loss.backward()
+        if world > 1 and rank == 0 and step == ROLLBACK_RANK_LOSS_STEP:
+            loss = loss.detach() + 1e4
         guard.step(loss)
         opt.zero_grad()
     guard.close()

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
+from .. import distributed
 from ..errors import GradGuardWarning
 from ..events import Event
 from ..executors import NONFINITE
@@ -320,7 +321,14 @@ class Recovery:
     def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
         """This step's spike verdict (device uint8 bits, no host read; see
         :mod:`.verdict`): zero unless ``skip_spikes`` and the ladder is not in the first
-        ``SPIKE_GRACE`` steps after acting (its statistics still learn from every step)."""
+        ``SPIKE_GRACE`` steps after acting (its statistics still learn from every step).
+
+        Under torch.distributed only the gradient norm is judged per step: the total norm is
+        the same on every rank (one all-reduce, or identical DDP gradients), the loss is
+        each rank's own, and a skip must be decided alike everywhere without a collective
+        of its own. Loss spikes are then judged at the flush, over the agreed window."""
+        if distributed.world_size() > 1:
+            loss = None
         code = self._verdict(stats.total_norm, loss)
         g = self._guard() if self._guard is not None else None
         step = g.step_count if g is not None else 0
