@@ -144,6 +144,14 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
         ),
         ([_ev("vanishing_grad", 0, layer="0")], False,
          "Gradients vanished in `0` from step 0. Training recovered."),
+        (
+            [_ev("nonfinite_grad", 5, "error", message="gradient norm is NaN"),
+             _ev("lr_backoff", 6, data={"factor": 0.1}),
+             _ev("lr_settled", 80, "info", data={"factor": 0.37, "lr": [0.0370001, 0.0370001]})],
+            False,
+            "Gradients exploded at step 5 (NaN). gradguard cut the LR to x0.1; training "
+            "recovered. Stable at lr 0.037; set it in your config.",
+        ),
     ],
 )
 def test_summary_sentence_table(events, nan_tail, expected):

@@ -44,6 +44,7 @@ from .snapshots import (
     SnapshotWriter,
     check_int,
 )
+from .rise import LossRise
 from .verdict import SpikeVerdict
 
 if TYPE_CHECKING:
@@ -159,8 +160,8 @@ class Recovery:
         ...     if step in (1, 2):
         ...         loss = loss * float("nan")          # two bad batches in a row
         ...     loss.backward(); _ = guard.step(loss); opt.zero_grad()
-        >>> round(rec.lr_factor, 4)                    # backed off at step 2, restoring
-        0.109
+        >>> round(rec.lr_factor, 4)                    # backed off at step 2: step 3 ran at x0.1
+        0.1
         >>> guard.close(); [e.kind for e in guard.events if e.kind == "lr_backoff"]
         ['lr_backoff']
     """
@@ -232,6 +233,7 @@ class Recovery:
         self._host_steps: set[int] = set()
         self._level: float | None = None  # the loss level of the last healthy flush
         self._verdict = SpikeVerdict()
+        self._rise = LossRise()
 
     def __getattr__(self, name: str) -> Any:
         # the ladder options read as attributes: rec.backoff, rec.restore_steps, ...
@@ -374,6 +376,14 @@ class Recovery:
                       if s_ < start and math.isfinite(x)]
             if before:
                 triggers.append(Trigger("level", start, value=statistics.median(before)))
+        self._rise.update(window.steps, window.loss.tolist(), window.skipped.tolist())
+        risen = self._rise.risen(self.config.stall_factor)
+        if risen is not None and self.state.watching is None:
+            level, ratio = risen
+            triggers.append(Trigger(
+                "spike", window.steps[-1],
+                f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})",
+                self._rise.best, at=window.steps[-1]))
         recent = [x for x in window.loss.tolist()[-PROGRESS_STEPS:] if math.isfinite(x)]
         if recent:
             triggers.append(Trigger("progress", window.steps[-1],
@@ -383,7 +393,7 @@ class Recovery:
             acted = self._feed(guard, trig, layers) or acted
         skipped = any(s and step not in overflows
                       for step, s in zip(window.steps, window.skipped.tolist()))
-        if not acted and not skipped and not any(
+        if not acted and not skipped and risen is None and not any(
                 e.kind in UNHEALTHY and e.severity != "info" for e in events):
             history = list(guard.monitor.detector_state.loss)
             if history and self.state.factor >= self.state.ceiling:
@@ -405,6 +415,7 @@ class Recovery:
                 guard.add_event(actions.settled_event(guard, a))
                 continue
             acted = True
+            self._rise.reset()  # the loss level is learnt again after the ladder acted
             if a.kind == "backoff":
                 guard.add_event(actions.backoff_event(a, self.config.restore_steps))
             elif a.kind == "rollback":
@@ -464,12 +475,15 @@ class Recovery:
         snapshots are not included; with ``snapshot_dir`` they survive on disk)."""
         return dataclasses.asdict(self.state) | {
             "host_steps": sorted(self._host_steps), "level": self._level,
-            "verdict": self._verdict.state_dict()}
+            "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         sd = dict(sd)
         self._host_steps = set(sd.pop("host_steps", ()))
         self._level = sd.pop("level", None)
+        rise = sd.pop("rise", None)
+        if rise is not None:
+            self._rise.load_state_dict(rise)
         verdict = sd.pop("verdict", None)
         if verdict is not None:
             self._verdict.load_state_dict(verdict)

@@ -378,4 +378,12 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     elif outcome_text and not (lead and outcome.status == "diverged" and outcome.rose
                                and outcome_text.startswith("training diverged")):
         parts.append(outcome_text[0].upper() + outcome_text[1:] + ".")
+    settled = [e for e in ev if e.get("kind") == "lr_settled"]
+    if settled:  # the LR the ladder found stable: what the user should set
+        s = settled[-1]
+        lrs = (s.get("data") or {}).get("lr") or [s.get("value")]
+        shown = ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(lrs)
+                          if isinstance(x, (int, float)))
+        if shown:
+            parts.append(f"Stable at lr {shown}; set it in your config.")
     return " ".join(parts)

@@ -1,0 +1,113 @@
+"""A loss that rises and stays up: the learning rate is too high, with no NaN and no spike.
+
+Some failing runs never produce a non-finite step or a spike that a robust z-score can
+see: the loss climbs geometrically from the first steps (an LR 10x too high on a small
+transformer: 4 nats to 1,000 within 50 steps, every step a little worse than the last),
+or the network first learns, then dies back to chance (a CNN whose ReLUs an LR too high
+killed). The per-step verdict judges each value against the recent ones, which rose too;
+this test judges the loss against the best the run has reached.
+
+At each flush, :class:`LossRise` computes rolling medians of ``BLOCK`` consecutive taken
+steps' losses (skipped steps left out, carried over from the previous window) and keeps
+the *best* level since the ladder last acted (the lowest of those medians) and the run's
+*initial* level (the lowest of its first ``FIRST`` losses: a fresh model's loss, before an
+LR too high can damage it). The loss has *risen* when the newest median is above both
+
+* ``factor`` x the best (the ladder's ``stall_factor``, 1.5 by default: the band the
+  progress check calls "back near its level"), and
+* the best plus ``LOST`` (half) of what the run had learnt, ``initial - best``: a run
+  that gives back half its progress is in trouble, a healthy one at a low, noisy loss
+  (whose best ten-step median is an optimistic extreme) is far from it.
+
+Medians of ten steps shrug off single bad batches. Without the run's first steps (a
+resume) only the first condition applies.
+
+Losses that can be zero or negative (log-likelihoods, GAN or RL objectives) have no ratio
+scale: the test switches itself off for the run the first time it sees one.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+#: Steps per rolling median.
+BLOCK = 10
+#: The first steps of a run whose lowest loss is the fresh model's level.
+FIRST = 3
+#: The share of what the run had learnt (initial - best) that a rise must give back.
+LOST = 0.5
+
+
+class LossRise:
+    """The best loss level since the ladder last acted, and whether the loss has risen well
+    above it (see the module docstring). Host values only, fed once per flush.
+
+    Example:
+        >>> rise = LossRise()
+        >>> rise.update(list(range(20)), [4.0] * 3 + [1.0] * 17, [False] * 20)  # learning
+        >>> rise.update(list(range(20, 40)), [2.0] * 20, [False] * 20)  # x2, under 1 + 3/2
+        >>> rise.risen(1.5) is None
+        True
+        >>> rise.update(list(range(40, 60)), [3.0] * 20, [False] * 20)  # gave back 2/3
+        >>> rise.risen(1.5)
+        (3.0, 3.0)
+    """
+
+    def __init__(self) -> None:
+        self.best: float | None = None
+        self.initial: float | None = None  # the fresh model's loss (kept over resets)
+        self.latest: float | None = None  # the newest rolling median
+        self.off = False  # a loss <= 0 was seen: no ratio scale
+        self._carry: list[float] = []  # the last BLOCK - 1 losses, for the next window
+
+    def update(self, steps: Sequence[int], losses: Sequence[float], skipped: Sequence[bool]) -> None:
+        """Take a flushed window in (its steps, losses and skip flags)."""
+        vals = [x for x, sk in zip(losses, skipped) if not sk and math.isfinite(x)]
+        if any(x <= 0 for x in vals):
+            self.off = True
+        if self.off:
+            return
+        candidates = []
+        if steps and steps[0] == 0:  # the run's first window: the fresh model's loss
+            first = [x for s, x, sk in zip(steps, losses, skipped)
+                     if s < FIRST and not sk and math.isfinite(x)]
+            if first:
+                self.initial = min(first)
+                candidates.append(self.initial)
+        seq = self._carry + vals
+        medians = [statistics.median(seq[i - BLOCK:i]) for i in range(BLOCK, len(seq) + 1)]
+        candidates += medians
+        if medians:
+            self.latest = medians[-1]
+        if candidates:
+            low = min(candidates)
+            self.best = low if self.best is None else min(self.best, low)
+        self._carry = seq[-(BLOCK - 1):]
+
+    def risen(self, factor: float) -> tuple[float, float] | None:
+        """``(latest level, its ratio to the best)`` when the loss has risen more than
+        ``factor`` times its best, else None."""
+        if self.off or self.best is None or self.latest is None or self.best <= 0:
+            return None
+        ratio = self.latest / self.best
+        gave_back = self.initial is None or (
+            self.latest > self.best + LOST * (self.initial - self.best))
+        return (self.latest, ratio) if ratio > factor and gave_back else None
+
+    def reset(self) -> None:
+        """The ladder acted (a back-off or rollback): the level is learnt again from here."""
+        self.best = self.latest = None
+        self._carry = []
+
+    def state_dict(self) -> dict[str, object]:
+        return {"best": self.best, "initial": self.initial, "latest": self.latest, "off": self.off,
+                "carry": list(self._carry)}
+
+    def load_state_dict(self, sd: dict[str, object]) -> None:
+        self.best = sd.get("best")  # type: ignore[assignment]
+        self.latest = sd.get("latest")  # type: ignore[assignment]
+        self.initial = sd.get("initial")  # type: ignore[assignment]
+        self.off = bool(sd.get("off", False))
+        self._carry = list(sd.get("carry") or [])  # type: ignore[call-overload]
