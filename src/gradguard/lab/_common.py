@@ -1,5 +1,7 @@
 """Shared machinery of the lab: results and claims, a guarded training loop that records
-gradguard's own telemetry, the default guard, the doctor hook, data sets and plotting.
+gradguard's own telemetry, the default guard, the doctor hook, data sets and plotting (the
+data sets and models live in :mod:`._data`, the one-pass gradient norms in :mod:`._grads`
+and the plots in :mod:`._plots`; all re-exported here).
 
 Everything heavy (matplotlib, scikit-learn) is imported inside the function that needs it.
 """
@@ -21,10 +23,17 @@ from torch import Tensor, nn
 from ..clipping import ZClip
 from ..events import Event, Flush
 from ..guard import Guard, TrainingDiverged
-from ..telemetry import Telemetry, Window
+from ..telemetry import Window
+from ._data import Batch, LossFn, accuracy, adding_batch, digits, minibatches, mlp, split_digits
+from ._grads import layer_grad_norms, layer_grad_rms, param_grad_norms
+from ._plots import DPI, plot_losses, pyplot, save, smooth
 
-Batch = tuple[Tensor, Tensor]
-LossFn = Callable[[Tensor, Tensor], Tensor]
+__all__ = [
+    "DPI", "WITHIN_FACTOR", "Batch", "Claim", "LossFn", "Result", "Timer", "Trace", "accuracy",
+    "adding_batch", "default_guard", "digits", "doctor_record", "fit", "guard_record",
+    "guarded_fit", "layer_grad_norms", "layer_grad_rms", "minibatches", "mlp",
+    "param_grad_norms", "plot_losses", "pyplot", "save", "smooth", "split_digits",
+]
 
 #: A guarded failing run "came close" to its healthy twin when its final loss is within
 #: this factor of the twin's (issue 7's goal for faults within reach of a guard).
@@ -275,41 +284,6 @@ def _trace(sink: _Collect, layers: list[str], steps: int, done: int, aborted: st
     return Trace(loss, grad, coef, skipped, layers, ln, weights, sink.events, aborted)
 
 
-def _one_pass(model: nn.Module, batch: Batch, loss_fn: LossFn) -> Window:
-    tel = Telemetry(list(model.named_parameters()), every=1)
-    model.zero_grad(set_to_none=True)
-    x, y = batch
-    loss_fn(model(x), y).backward()
-    tel.record(tel.measure(), loss=None, clip_coef=None, skipped=None)
-    window = tel.flush()
-    assert window is not None
-    model.zero_grad(set_to_none=True)
-    return window
-
-
-def layer_grad_norms(model: nn.Module, batch: Batch, loss_fn: LossFn) -> tuple[list[str], Tensor]:
-    """Per-layer gradient norms of one backward pass, measured with :class:`Telemetry`."""
-    window = _one_pass(model, batch, loss_fn)
-    return window.layers, window.layer_norms()[0]
-
-
-def param_grad_norms(model: nn.Module, batch: Batch, loss_fn: LossFn) -> tuple[list[str], Tensor]:
-    """Per-parameter gradient norms of one backward pass, measured with :class:`Telemetry`."""
-    window = _one_pass(model, batch, loss_fn)
-    return window.names, window.param_norms[0]
-
-
-def layer_grad_rms(model: nn.Module, batch: Batch, loss_fn: LossFn) -> tuple[list[str], Tensor]:
-    """Per-layer gradient RMS (norm / sqrt(numel)): the std of a zero-mean gradient."""
-    layers, norms = layer_grad_norms(model, batch, loss_fn)
-    sizes = dict.fromkeys(layers, 0)
-    for name, p in model.named_parameters():
-        head = name.rpartition(".")[0] or "(root)"
-        sizes[head] += p.numel()
-    n = torch.tensor([sizes[lay] for lay in layers], dtype=torch.float32)
-    return layers, norms / n.sqrt()
-
-
 # ---- the default guard and the doctor ---------------------------------------------------
 def default_guard() -> tuple[Any, Any, str]:
     """The default guard's parts: ``(ZClip(), Recovery() or None, description)``.
@@ -397,167 +371,9 @@ def doctor_record(
     }
 
 
-# ---- data -------------------------------------------------------------------------------
-_DIGITS: tuple[Tensor, Tensor] | None = None
-
-
-def digits() -> tuple[Tensor, Tensor]:
-    """``sklearn.datasets.load_digits`` (1797 8×8 images, shipped with scikit-learn),
-    standardised per feature: ``(x [1797, 64] float32, y [1797] int64)``."""
-    global _DIGITS
-    if _DIGITS is None:
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "gradguard lab needs scikit-learn for the digits data set: "
-                "pip install 'gradguard[lab]'"
-            ) from e
-        d = load_digits()
-        x = torch.tensor(d.data, dtype=torch.float32)
-        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-        _DIGITS = (x, torch.tensor(d.target, dtype=torch.long))
-    return _DIGITS
-
-
-def minibatches(x: Tensor, y: Tensor, bs: int, seed: int) -> Callable[[int], Batch]:
-    """A deterministic stream of random minibatches (with replacement across epochs)."""
-    g = torch.Generator().manual_seed(seed)
-    n = x.shape[0]
-    perm = [torch.randperm(n, generator=g)]
-    pos = [0]
-
-    def get(step: int) -> Batch:
-        if pos[0] + bs > n:
-            perm[0] = torch.randperm(n, generator=g)
-            pos[0] = 0
-        idx = perm[0][pos[0] : pos[0] + bs]
-        pos[0] += bs
-        return x[idx], y[idx]
-
-    return get
-
-
-def adding_batch(bs: int, length: int, g: torch.Generator) -> Batch:
-    """The adding problem (Hochreiter & Schmidhuber 1997): a sequence of ``(value, marker)``
-    pairs, two markers set; the target is the sum of the two marked values. Predicting the
-    mean (1.0) gives MSE 1/6 ≈ 0.167."""
-    values = torch.rand(bs, length, generator=g)
-    marks = torch.zeros(bs, length)
-    half = max(length // 2, 1)
-    first = torch.randint(0, half, (bs,), generator=g)
-    second = torch.randint(half, length, (bs,), generator=g)
-    rows = torch.arange(bs)
-    marks[rows, first] = 1.0
-    marks[rows, second] = 1.0
-    x = torch.stack([values, marks], dim=-1)
-    y = (values * marks).sum(dim=1, keepdim=True)
-    return x, y
-
-
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    with torch.no_grad():
-        out = model(x)
-    if not bool(torch.isfinite(out).all()):
-        return math.nan
-    return float((out.argmax(dim=1) == y).float().mean())
-
-
-# ---- plots ------------------------------------------------------------------------------
-DPI = 90
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend (needs the ``lab`` extra)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "gradguard lab plots need matplotlib: pip install 'gradguard[lab]'"
-        ) from e
-    return plt
-
-
-def save(fig: Any, out: Path, name: str, result: Result) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=DPI)
-    pyplot().close(fig)
-    result.plots.append(name)
-
-
-def smooth(x: Tensor, k: int = 10) -> Tensor:
-    """Moving average (for plotting noisy losses)."""
-    if x.numel() < k or k <= 1:
-        return x
-    kern = torch.ones(1, 1, k) / k
-    y = torch.nn.functional.conv1d(x.reshape(1, 1, -1).float(), kern).reshape(-1)
-    return torch.cat([torch.full((k - 1,), math.nan), y])
-
-
 class Timer:
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
-
-
-def mlp(
-    depth: int,
-    width: int,
-    *,
-    init: str | None = None,
-    act: Callable[[], nn.Module] = nn.ReLU,
-    bn: bool = False,
-    d_in: int = 64,
-    d_out: int = 10,
-    seed: int = 0,
-) -> nn.Sequential:
-    """``depth`` hidden layers of ``width`` units; ``init``: ``"he"`` (Kaiming normal, fan
-    in), ``"xavier"`` (Glorot normal) or None (PyTorch's default), biases zero."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    d = d_in
-    for _ in range(depth):
-        lin = nn.Linear(d, width)
-        if init == "he":
-            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-            nn.init.zeros_(lin.bias)
-        elif init == "xavier":
-            nn.init.xavier_normal_(lin.weight)
-            nn.init.zeros_(lin.bias)
-        layers.append(lin)
-        if bn:
-            layers.append(nn.BatchNorm1d(width))
-        layers.append(act())
-        d = width
-    layers.append(nn.Linear(d, d_out))
-    return nn.Sequential(*layers)
-
-
-def split_digits(n_train: int = 1400) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Digits split in a fixed shuffled order: ``(x_train, y_train, x_val, y_val)``."""
-    x, y = digits()
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1234))
-    x, y = x[perm], y[perm]
-    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
-
-
-def plot_losses(
-    traces: dict[str, Trace], out: Path, name: str, result: Result, *, title: str, k: int = 10
-) -> None:
-    """Loss curves (smoothed) of several traces on a log axis."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for label, tr in traces.items():
-        ax.plot(smooth(tr.loss, k).numpy(), label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    save(fig, out, name, result)

@@ -21,6 +21,7 @@ from ..events import Event
 from ..guard import Guard
 from ..recovery import Recovery
 from ..testing import SPIKE_FACTOR, scale_grads_
+from ._data import mlp
 
 # ---- the calibration setup ----------------------------------------------------------------
 #: Steps at which the calibration run receives a x1000 gradient spike.
@@ -76,13 +77,7 @@ def calibration_model(
 ) -> nn.Sequential:
     """The calibration model: ``depth`` hidden ReLU layers of ``width``, PyTorch's default
     init under ``torch.manual_seed(seed)``, one output."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    dim = d
-    for _ in range(depth):
-        layers += [nn.Linear(dim, width), nn.ReLU()]
-        dim = width
-    return nn.Sequential(*layers, nn.Linear(dim, 1))
+    return mlp(depth, width, init=None, act=nn.ReLU, bn=False, d_in=d, d_out=1, seed=seed)
 
 
 @dataclass

@@ -1,0 +1,438 @@
+"""The :class:`Recovery` object: its options, the hooks the guard calls, and carrying
+out the ladder's actions (see the package docstring, :mod:`gradguard.recovery`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import warnings
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from .. import distributed
+from ..errors import GradGuardWarning
+from ..events import Event
+from ..executors import NONFINITE
+from . import actions
+from .defaults import (
+    BACKOFF,
+    MAX_ROLLBACKS,
+    PROGRESS_STEPS,
+    RECOVERY_WINDOW,
+    RELAPSE_BACKOFF,
+    RELAPSE_WINDOW_FACTOR,
+    RESET_MOMENTS,
+    RESTORE_STEPS,
+    SKIP_PATIENCE,
+    SNAPSHOT_EVERY,
+    SPIKE_GRACE,
+    STALL_FACTOR,
+    UNHEALTHY,
+    ResetMoments,
+    _above_one,
+    _fraction,
+)
+from .ladder import Action, LadderConfig, LadderState, Trigger, transition
+from .rise import LossRise
+from .snapshots import (
+    KEEP,
+    DiskSnapshotStore,
+    MemorySnapshotStore,
+    SnapshotWriter,
+    check_int,
+)
+from .verdict import SpikeVerdict
+
+if TYPE_CHECKING:
+    from ..guard import Guard
+    from ..telemetry import StepStats, Window
+
+
+class Recovery:
+    """The recovery ladder: skip → LR back-off → rollback → abort (see :mod:`.ladder`).
+
+    Args:
+        skip_patience: consecutive skipped steps that trigger a back-off (k, >= 1).
+        backoff: LR multiplier on back-off, in (0, 1).
+        restore_steps: steps over which the LR returns linearly to its value (m, >= 1).
+        patience: steps after a back-off/rollback during which new trouble escalates to the
+            next rung (default: ``restore_steps``).
+        snapshot_every: steps between snapshots (s, >= 1); taken only while healthy.
+        keep: snapshots kept (>= 1).
+        snapshot_dir: also write each snapshot there (atomically, on a background thread:
+            training never waits on the disk; a failed write warns once and the in-memory
+            snapshots go on serving rollbacks).
+        snapshot_memory: the most bytes the in-memory snapshots may hold (the newest is
+            always kept); None: ``keep`` snapshots (see :attr:`snapshot_bytes`).
+        reset_moments: after a rollback, zero the optimizer state of the layers that
+            exploded (``"exploded"``), of every parameter (``"all"``) or of none.
+        max_rollbacks: rollbacks without a healthy snapshot in between before
+            :class:`~gradguard.TrainingDiverged` (n, >= 0).
+        relapse_backoff: on a relapse the ceiling the LR is restored to becomes this times
+            the factor in force, for the rest of the run; in (0, 1], 1 restores the full LR
+            every time.
+        relapse_window: steps after a trigger during which new trouble counts as a relapse
+            (>= 0; default: ``RELAPSE_WINDOW_FACTOR * restore_steps``).
+        skip_batches: ``guard.batches_to_skip`` after a rollback (None: the number of steps
+            from the first trigger of the episode to the rollback).
+
+    The LR back-off is a multiplier applied to the LR the optimizer is about to use and
+    removed after the step (:class:`~gradguard.recovery.actions.LrMultiplier`): it
+    composes with any LR scheduler; ``param_groups[i]["lr"]`` between steps stays the
+    schedule's value.
+
+    Raises:
+        ValueError: for an option outside its range or a snapshot_dir that is not writable.
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> rec = gg.Recovery(skip_patience=2)
+        >>> guard = gg.Guard(model, opt, recovery=rec, every=5)
+        >>> for step in range(4):
+        ...     loss = model(torch.randn(8, 4)).pow(2).mean()
+        ...     if step in (1, 2):
+        ...         loss = loss * float("nan")          # two bad batches in a row
+        ...     loss.backward(); _ = guard.step(loss); opt.zero_grad()
+        >>> round(rec.lr_factor, 4)                    # backed off at step 2: step 3 ran at x0.1
+        0.1
+        >>> guard.close(); [e.kind for e in guard.events if e.kind == "lr_backoff"]
+        ['lr_backoff']
+    """
+
+    def __init__(
+        self,
+        *,
+        skip_patience: int = SKIP_PATIENCE,
+        backoff: float = BACKOFF,
+        restore_steps: int = RESTORE_STEPS,
+        patience: int | None = None,
+        snapshot_every: int = SNAPSHOT_EVERY,
+        keep: int = KEEP,
+        snapshot_dir: str | os.PathLike[str] | None = None,
+        reset_moments: ResetMoments = "exploded",
+        max_rollbacks: int = MAX_ROLLBACKS,
+        skip_batches: int | None = None,
+        relapse_backoff: float = RELAPSE_BACKOFF,
+        relapse_window: int | None = None,
+        snapshot_memory: int | None = None,
+        skip_spikes: bool = True,
+        recovery_window: int = RECOVERY_WINDOW,
+        stall_factor: float = STALL_FACTOR,
+    ) -> None:
+        restore = check_int("restore_steps", restore_steps, 1)
+        if reset_moments not in RESET_MOMENTS:
+            raise ValueError(
+                f"Recovery(reset_moments={reset_moments!r}): allowed values are {RESET_MOMENTS}"
+            )
+        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"Recovery(snapshot_dir={snapshot_dir!r}): expected a path (str or "
+                "os.PathLike) or None"
+            )
+        self.config = LadderConfig(
+            skip_patience=check_int("skip_patience", skip_patience, 1),
+            backoff=_fraction("backoff", backoff, True, "it multiplies the LR"),
+            restore_steps=restore,
+            patience=restore if patience is None else check_int("patience", patience, 1),
+            snapshot_every=check_int("snapshot_every", snapshot_every, 1),
+            keep=check_int("keep", keep, 1),
+            max_rollbacks=check_int("max_rollbacks", max_rollbacks, 0),
+            relapse_backoff=_fraction(
+                "relapse_backoff", relapse_backoff, False,
+                "it multiplies the LR ceiling; 1 restores the full LR every time"),
+            relapse_window=(RELAPSE_WINDOW_FACTOR * restore if relapse_window is None
+                            else check_int("relapse_window", relapse_window, 0)),
+            skip_batches=None if skip_batches is None else check_int("skip_batches", skip_batches, 0),
+            recovery_window=check_int("recovery_window", recovery_window, 1),
+            stall_factor=_above_one("stall_factor", stall_factor),
+        )
+        if not isinstance(skip_spikes, bool):
+            raise TypeError(f"Recovery(skip_spikes={skip_spikes!r}): must be True or False")
+        self.skip_spikes = skip_spikes
+        self.reset_moments: ResetMoments = reset_moments
+        self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
+        #: the snapshots rollbacks restore from (host memory, pinned from CUDA)
+        self.store = MemorySnapshotStore(keep=keep, max_bytes=snapshot_memory)
+        #: their copies on disk, when ``snapshot_dir`` is set
+        self.disk = None if snapshot_dir is None else DiskSnapshotStore(snapshot_dir, keep=keep)
+        self._writer: SnapshotWriter | None = None
+        self._write_warned = False
+        self.state = LadderState()
+        self.actions: list[Action] = []  # what the ladder did, oldest first
+        self._guard: weakref.ref[Guard] | None = None
+        self._mult: actions.LrMultiplier | None = None
+        # steps whose skip flag the ladder already counted on the host (a fused optimizer's
+        # first steps, a step that was read for raise/warn); the flush replays the others
+        self._host_steps: set[int] = set()
+        self._level: float | None = None  # the loss level of the last healthy flush
+        self._verdict = SpikeVerdict()
+        self._rise = LossRise()
+
+    def __getattr__(self, name: str) -> Any:
+        # the ladder options read as attributes: rec.backoff, rec.restore_steps, ...
+        cfg = self.__dict__.get("config")
+        if cfg is not None and name in LadderConfig.__dataclass_fields__:
+            return getattr(cfg, name)
+        raise AttributeError(f"'Recovery' object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Recovery(skip_patience={c.skip_patience}, backoff={c.backoff}, "
+            f"restore_steps={c.restore_steps}, snapshot_every={c.snapshot_every}, "
+            f"max_rollbacks={c.max_rollbacks}, reset_moments={self.reset_moments!r}, "
+            f"relapse_backoff={c.relapse_backoff}, relapse_window={c.relapse_window}, "
+            f"snapshot_dir={None if self.snapshot_dir is None else str(self.snapshot_dir)!r})"
+        )
+
+    @property
+    def decisions(self) -> list[Action]:
+        """What the ladder decided so far (back-offs, rollbacks, an abort), oldest first."""
+        return [a for a in self.actions if a.kind != "snapshot"]
+
+    @property
+    def lr_factor(self) -> float:
+        """The multiplier the ladder currently applies to every param group's LR."""
+        return self.state.factor
+
+    @property
+    def lr_ceiling(self) -> float:
+        """The most the ladder restores the LR factor to (1.0 until a relapse lowers it)."""
+        return self.state.ceiling
+
+    # ---- hooks the Guard calls ---------------------------------------------------------
+    def attach(self, guard: Guard) -> None:
+        other = self._guard() if self._guard is not None else None
+        if other is not None and other is not guard:
+            raise ValueError("this Recovery is already attached to another Guard: make one each")
+        self._guard = weakref.ref(guard)
+        if self.disk is not None:
+            self.disk.rank = None if guard.dist is None else guard.dist.rank
+        if self._mult is None:
+            self._mult = actions.LrMultiplier(guard.optimizer, lambda: self.state.factor)
+
+    def detach(self) -> None:
+        """Remove the LR multiplier's hooks (the guard's ``close`` calls it)."""
+        if self._mult is not None:
+            self._mult.remove()
+            self._mult = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._warn_write_error()
+        self._guard = None
+
+    def wait(self) -> None:
+        """Block until the snapshots submitted to ``snapshot_dir`` are on disk."""
+        if self._writer is not None:
+            self._writer.wait()
+            self._warn_write_error()
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Host memory the in-memory snapshots hold now."""
+        return self.store.nbytes()
+
+    def relayout(self, guard: Guard) -> None:
+        """The optimizer's parameter groups changed: the snapshots hold the old groups and
+        cannot be loaded into it any more; the next healthy flush takes a new one."""
+        self.store.clear()
+        if self.disk is not None:
+            self.wait()
+            self.disk.clear()
+        self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
+
+    def before_step(self, guard: Guard) -> None:
+        """Before each optimizer step: set the LR factor this step uses (the restore after a
+        back-off moves one step at a time, starting from the back-off factor itself), and
+        before the run's very first step keep the weights as they are, before anything can
+        have gone wrong (a run whose first update wrecks it still has a healthy state to go
+        back to; outside the ladder's ``snapshot_every`` cadence; a resumed run goes on
+        with the snapshots it had)."""
+        if guard.step_count == 0 and not len(self.store):
+            self._keep(guard, -1, disk=False)
+        self._feed(guard, Trigger("tick", guard.step_count), list)
+
+    def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
+        """This step's spike verdict (device uint8 bits, no host read; see
+        :mod:`.verdict`): zero unless ``skip_spikes`` and the ladder is not in the first
+        ``SPIKE_GRACE`` steps after acting (its statistics still learn from every step).
+
+        Under torch.distributed only the gradient norm is judged per step: the total norm is
+        the same on every rank (one all-reduce, or identical DDP gradients), the loss is
+        each rank's own, and a skip must be decided alike everywhere without a collective
+        of its own. Loss spikes are then judged at the flush, over the agreed window."""
+        if distributed.world_size() > 1:
+            loss = None
+        code = self._verdict(stats.total_norm, loss)
+        g = self._guard() if self._guard is not None else None
+        step = g.step_count if g is not None else 0
+        last = self.state.last_trigger
+        if not self.skip_spikes or (last is not None and step - last <= SPIKE_GRACE):
+            return code.zero_()
+        return code
+
+    def after_step(self, guard: Guard, stats: StepStats, outcome: Any) -> None:
+        """Per step: count skips when the guard already knows the skip flag (non-fused
+        optimizers; the others are counted at the flush)."""
+        step = guard.step_count - 1
+        if outcome.code is not None or isinstance(outcome.trouble, bool):
+            self._host_steps.add(step)
+            skipped = bool(outcome.trouble)
+            reason = "spiking" if outcome.code and outcome.code & ~NONFINITE else "non-finite"
+            self._feed(guard, Trigger("skip" if skipped else "clean", step, reason, self._level),
+                       lambda: actions.nonfinite_layers(guard, stats.param_norms))
+
+    def on_flush(self, guard: Guard, window: Window, events: Sequence[Event] = (),
+                 overflows: Any = ()) -> None:
+        """At each flush: consecutive skips (fused optimizers), confirmed loss spikes, the
+        loss after a back-off, and snapshots while healthy. Routine loss-scale overflows
+        (``overflows``) are no trouble."""
+        layers = lambda: actions.exploded_layers(events)  # noqa: E731
+        codes = window.skip_codes.tolist() if window.skip_codes is not None else None
+        triggers: list[Trigger] = []
+        for i, (step, sk) in enumerate(zip(window.steps, window.skipped.tolist())):
+            if step not in self._host_steps:  # skip flags that stayed on the device
+                bad = sk and step not in overflows
+                c = int(codes[i]) if codes is not None and math.isfinite(codes[i]) else 0
+                reason = "spiking" if c & ~NONFINITE else "non-finite"
+                triggers.append(Trigger("skip" if bad else "clean", step, reason, self._level,
+                                        at=window.steps[-1]))
+        self._host_steps.difference_update(window.steps)
+        spike = next((e for e in events if e.kind == "loss_spike"), None)
+        if spike is not None:  # reported only once confirmed (DetectorConfig)
+            triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
+                                    self._level, at=window.steps[-1]))
+        start = self.state.trouble_start
+        if self.state.pre_level is None and start is not None:  # trouble before any healthy flush
+            before = [x for s_, x in zip(window.steps, window.loss.tolist())
+                      if s_ < start and math.isfinite(x)]
+            if before:
+                triggers.append(Trigger("level", start, value=statistics.median(before)))
+        self._rise.update(window.steps, window.loss.tolist(), window.skipped.tolist())
+        risen = self._rise.risen(self.config.stall_factor)
+        if risen is not None and self.state.watching is None:
+            level, ratio = risen
+            triggers.append(Trigger(
+                "spike", window.steps[-1],
+                f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})",
+                self._rise.best, at=window.steps[-1]))
+        recent = [x for x in window.loss.tolist()[-PROGRESS_STEPS:] if math.isfinite(x)]
+        if recent:
+            triggers.append(Trigger("progress", window.steps[-1],
+                                    value=statistics.median(recent)))
+        acted = False
+        for trig in sorted(triggers, key=lambda t: (t.kind != "level", t.step, t.kind == "progress")):
+            acted = self._feed(guard, trig, layers) or acted
+        skipped = any(s and step not in overflows
+                      for step, s in zip(window.steps, window.skipped.tolist()))
+        if not acted and not skipped and risen is None and not any(
+                e.kind in UNHEALTHY and e.severity != "info" for e in events):
+            history = list(guard.monitor.detector_state.loss)
+            if history and self.state.factor >= self.state.ceiling:
+                self._level = statistics.median(history)  # the loss level of a healthy run
+            self._feed(guard, Trigger("healthy", window.steps[-1]), list)
+
+    # ---- carrying out the ladder's actions ----------------------------------------------------
+    def _feed(self, guard: Guard, trig: Trigger, layers: Any) -> bool:
+        """Advance the ladder by ``trig`` and carry its actions out; True when it acted
+        (beyond a snapshot)."""
+        self.state, todo = transition(self.config, self.state, trig)
+        acted = False
+        for a in todo:
+            self.actions.append(a)
+            if a.kind == "snapshot":
+                self.snapshot(guard, a.step)
+                continue
+            if a.kind == "settled":
+                guard.add_event(actions.settled_event(guard, a))
+                continue
+            acted = True
+            self._rise.reset()  # the loss level is learnt again after the ladder acted
+            if a.kind == "backoff":
+                guard.add_event(actions.backoff_event(a, self.config.restore_steps))
+            elif a.kind == "rollback":
+                snap = self._load(a.back)
+                if snap is None:  # nothing good to go back to yet: the deeper back-off only
+                    guard.add_event(actions.backoff_event(a, self.config.restore_steps,
+                                                          no_snapshot=True))
+                else:
+                    actions.rollback(guard, a, snap, layers(), self.reset_moments,
+                                     self.config.max_rollbacks)
+            else:
+                raise actions.abort(guard, a, self.state.rollbacks)
+        return acted
+
+    def snapshot(self, guard: Guard, step: int | None = None) -> bool:
+        """Take a snapshot now (model, optimizer, clip policy) into host memory, and hand a
+        copy to the disk writer. Returns False, keeping nothing, when any value is NaN/Inf."""
+        step = guard.step_count - 1 if step is None else step
+        if not self._keep(guard, step):
+            return False
+        self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
+        return True
+
+    def _keep(self, guard: Guard, step: int, *, disk: bool = True) -> bool:
+        state = actions.snapshot_state(guard, step)
+        if state is None:
+            return False
+        busy = self._writer.busy if self._writer is not None else set()
+        self.store.save(step, state, busy=busy)
+        if self.disk is not None and disk:
+            if self._writer is None:
+                self._writer = SnapshotWriter(self.disk)
+            self._warn_write_error()
+            self._writer.submit(step, self.store.load(-1))
+        return True
+
+    def _load(self, back: int) -> dict[str, Any] | None:
+        """A copy of a good snapshot: from memory, else (after a resume) from disk."""
+        snap = self.store.load_good(back=back)
+        if snap is None and self.disk is not None:
+            self.wait()
+            snap = self.disk.load_good(back=back)
+        return snap
+
+    def _warn_write_error(self) -> None:
+        err = self._writer.error if self._writer is not None else None
+        if err is not None and not self._write_warned:
+            self._write_warned = True
+            warnings.warn(
+                f"gradguard: writing a snapshot to {self.snapshot_dir} failed ({err}); the "
+                "previous snapshot files are intact and rollbacks use the in-memory "
+                "snapshots; training goes on", GradGuardWarning, stacklevel=4)
+
+    # ---- checkpointing -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Ladder state, the spike verdict's statistics and the loss level (the in-memory
+        snapshots are not included; with ``snapshot_dir`` they survive on disk)."""
+        return dataclasses.asdict(self.state) | {
+            "host_steps": sorted(self._host_steps), "level": self._level,
+            "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        sd = dict(sd)
+        self._host_steps = set(sd.pop("host_steps", ()))
+        self._level = sd.pop("level", None)
+        rise = sd.pop("rise", None)
+        if rise is not None:
+            self._rise.load_state_dict(rise)
+        verdict = sd.pop("verdict", None)
+        if verdict is not None:
+            self._verdict.load_state_dict(verdict)
+        sd.pop("host_skips", None)  # gradguard 0.1
+        for legacy in ("base_lr", "set_lr"):  # gradguard 0.1 tracked the LR itself
+            sd.pop(legacy, None)
+        known = {f.name for f in dataclasses.fields(LadderState)}
+        unknown = set(sd) - known
+        if unknown:
+            raise ValueError(f"Recovery.load_state_dict: unknown keys {sorted(unknown)}")
+        self.state = LadderState(**sd)

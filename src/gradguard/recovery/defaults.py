@@ -1,0 +1,60 @@
+"""Named defaults of the :class:`~gradguard.Recovery` options, and the checks of its
+numeric options."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+ResetMoments = Literal["exploded", "all", "none"]
+RESET_MOMENTS: tuple[str, ...] = ("exploded", "all", "none")
+
+#: Consecutive skipped steps before the learning rate is backed off (one NaN batch is
+#: handled by the skip alone).
+SKIP_PATIENCE = 3
+#: LR multiplier on back-off: an order of magnitude, the usual distance between a diverging
+#: and a stable learning rate.
+BACKOFF = 0.1
+#: Steps over which a backed-off LR returns linearly to its value.
+RESTORE_STEPS = 100
+#: Steps between snapshots (taken at the first healthy flush after that many steps).
+SNAPSHOT_EVERY = 100
+#: Rollbacks without a healthy snapshot in between before TrainingDiverged.
+MAX_ROLLBACKS = 3
+#: Multiplier on the LR ceiling when trouble returns: the LR factor that failed, times
+#: this, is the most the LR is ever restored to again (1.0: always restore the full LR).
+#: Halving per relapse (a bisection from above) settles within 2x of the largest stable
+#: LR; the back-off itself (x``BACKOFF``) is what gets the run out of trouble at once.
+RELAPSE_BACKOFF = 0.5
+#: Steps after a back-off (or rollback) by which the loss must be back near its level
+#: before the trouble; otherwise the back-off kept a damaged model and the ladder rolls
+#: back to a snapshot from before the trouble.
+RECOVERY_WINDOW = 50
+#: "Back near its level": the median of the last ``PROGRESS_STEPS`` losses at most this
+#: many times the median loss of the last healthy window before the trouble.
+STALL_FACTOR = 1.5
+PROGRESS_STEPS = 10
+#: Steps after the ladder acted during which spikes are clipped (by the clip policy), not
+#: skipped: right after a back-off the gradients are still large, and skipping them all
+#: would freeze the model where it is.
+SPIKE_GRACE = 10
+#: Trouble within this many multiples of ``restore_steps`` of the previous trigger is a
+#: relapse (a return of the same instability), not a new, isolated incident.
+RELAPSE_WINDOW_FACTOR = 10
+#: Event kinds that make a flushed window unhealthy (no snapshot from it).
+UNHEALTHY = frozenset({"nonfinite_grad", "skip", "loss_spike", "grad_spike"})
+
+
+def _above_one(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 1.0):
+        raise ValueError(f"Recovery({name}={value!r}): must be a number > 1")
+    return float(value)
+
+
+def _fraction(name: str, value: Any, high_open: bool, what: str) -> float:
+    interval = "(0, 1)" if high_open else "(0, 1]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Recovery({name}={value!r}): expected a number in {interval}")
+    v = float(value)
+    if not (0.0 < v < 1.0 or (not high_open and v == 1.0)):
+        raise ValueError(f"Recovery({name}={value!r}): must be in {interval} ({what})")
+    return v
