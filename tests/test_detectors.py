@@ -210,6 +210,18 @@ def test_update_ratio_far_above_and_far_below():
         assert_complete(e)
 
 
+def test_high_update_ratio_while_the_loss_falls_is_info():
+    """Large steps that train (a clipped tanh RNN at SGD lr 3) are no fault; the same
+    ratio on a loss that does not fall is."""
+    falling = window([[1.0] * 3] * 8, losses=[4, 3.8, 3.5, 3.4, 3.0, 2.9, 2.7, 2.6],
+                     weight=[1.0] * 3, update=[1e-3, 0.5, 1e-3])
+    flat = window([[1.0] * 3] * 8, losses=[3, 3.1, 2.9, 3, 3.2, 3, 3.1, 3.3],
+                  weight=[1.0] * 3, update=[1e-3, 0.5, 1e-3])
+    assert [(e.layer, e.severity) for e in detect_update_ratio(falling)] == [("b", "info")]
+    assert "still falling" in detect_update_ratio(falling)[0].message
+    assert [(e.layer, e.severity) for e in detect_update_ratio(flat)] == [("b", "warning")]
+
+
 @pytest.mark.parametrize(
     ("sample", "kinds"),
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
 
 import torch
@@ -61,21 +62,26 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
 # ---- sampled at flush steps -------------------------------------------------------------
 def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG) -> list[Event]:
     """``update_ratio``: per-layer ``|update| / |weight|`` at the flush step far above
-    (``warning``) or far below (``info``) the healthy ~1e-3."""
+    (``warning``) or far below (``info``) the healthy ~1e-3. A high ratio while the window's
+    loss still falls (its second half's median below its first half's) is ``info``: large
+    steps that train (a tanh RNN at SGD lr 3 with its gradients clipped) are a choice, not
+    a fault."""
     w, u = window.layer_weight_norms(), window.layer_update_norms()
     if w is None or u is None:
         return []
     events: list[Event] = []
     step = window.steps[-1]
+    falling = _loss_falling(window)
     for name, wn, un in zip(window.layers, w.tolist(), u.tolist()):
         if not (math.isfinite(wn) and math.isfinite(un)) or wn <= 0 or un <= 0:
             continue  # a skipped step does not update: nothing to judge
         r = un / wn
         if r > config.update_ratio_high:
             events.append(Event(
-                kind="update_ratio", step=step, severity="warning", layer=name, value=r,
-                threshold=config.update_ratio_high,
-                message=f"step {step}: `{name}` update/weight ratio {r:.2g} (healthy ~1e-3)",
+                kind="update_ratio", step=step, severity="info" if falling else "warning",
+                layer=name, value=r, threshold=config.update_ratio_high,
+                message=f"step {step}: `{name}` update/weight ratio {r:.2g} (healthy ~1e-3)"
+                        + ("; the loss is still falling" if falling else ""),
                 remedy="Lower the learning rate (or this layer's) until the ratio is ~1e-3.",
             ))
         elif r < config.update_ratio_low:
@@ -86,6 +92,15 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG)
                 remedy="Raise the learning rate or check that this layer receives gradient.",
             ))
     return events
+
+
+def _loss_falling(window: Window) -> bool:
+    """The window's finite losses: the second half's median below the first half's."""
+    loss = [x for x in window.loss.tolist() if math.isfinite(x)]
+    half = len(loss) // 2
+    if half < 2:
+        return False
+    return statistics.median(loss[half:]) < statistics.median(loss[:half])
 
 
 def detect_activations(
