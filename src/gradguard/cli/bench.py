@@ -28,6 +28,7 @@ from torch import nn
 
 from ..clipping import NormClip, ZClip
 from ..guard import Guard
+from ..recovery import Recovery
 
 StepFn = Callable[[], None]
 #: ``progress(workload, stage, done, total)``: called between timed steps, never inside
@@ -109,9 +110,12 @@ def _variants(wl: Workload) -> dict[str, StepFn]:
 
         return f
 
-    def guard_with(policy: Callable[[], Any], every: int = 50) -> Callable[[nn.Module, torch.optim.Optimizer], Callable[[torch.Tensor], None]]:
+    def guard_with(
+        policy: Callable[[], Any], every: int = 50, recovery: bool = False
+    ) -> Callable[[nn.Module, torch.optim.Optimizer], Callable[[torch.Tensor], None]]:
         def build(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
-            guard = Guard(model, opt, clip=policy(), every=every)
+            guard = Guard(model, opt, clip=policy(), every=every,
+                          recovery=Recovery() if recovery else None)
             return lambda loss: guard.step(loss)  # type: ignore[return-value]
 
         return build
@@ -120,9 +124,11 @@ def _variants(wl: Workload) -> dict[str, StepFn]:
     make("adamw+clip_grad_norm_", False, clip_norm)
     make("adamw+Guard(NormClip)", False, guard_with(lambda: NormClip(1.0)))
     make("adamw+Guard(ZClip)", False, guard_with(ZClip))
+    make("adamw+Guard(ZClip)+Recovery", False, guard_with(ZClip, recovery=True))
     make("adamw_fused", True, bare)
     make("adamw_fused+clip_grad_norm_", True, clip_norm)
     make("adamw_fused+Guard(ZClip)", True, guard_with(ZClip))
+    make("adamw_fused+Guard(ZClip)+Recovery", True, guard_with(ZClip, recovery=True))
 
     if importlib.util.find_spec("zclip") is not None:
         from zclip import ZClip as PeerZClip  # type: ignore[import-not-found]

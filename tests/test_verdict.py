@@ -1,0 +1,180 @@
+"""The per-step spike verdict and the loss-rise test of the recovery ladder."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.recovery.rise import LossRise
+from gradguard.recovery.verdict import GRAD_SPIKE, LOSS_SPIKE, STEP_GRAD_RATIO, SpikeVerdict
+
+
+def codes(v: SpikeVerdict, norms, losses=None):
+    losses = losses or [None] * len(norms)
+    return [int(v(torch.tensor(float(g)), loss)) for g, loss in zip(norms, losses)]
+
+
+def heavy_tailed(n: int, seed: int = 0) -> list[float]:
+    """Late-training losses: mostly tiny, now and then a batch x10-x40 the median."""
+    g = torch.Generator().manual_seed(seed)
+    base = (0.002 * torch.exp(0.3 * torch.randn(n, generator=g))).tolist()
+    return [x * (30.0 if i % 37 == 5 else 1.0) for i, x in enumerate(base)]
+
+
+def test_a_gradient_norm_far_above_its_history_is_a_spike_a_heavy_tail_is_not():
+    v = SpikeVerdict(warmup=5)
+    g = torch.Generator().manual_seed(0)
+    norms = (torch.exp(0.2 * torch.randn(40, generator=g))).tolist()
+    assert codes(v, norms) == [0] * 40
+    assert codes(v, [0.4 * STEP_GRAD_RATIO]) == [0]  # x20: clipped by the policy, not skipped
+    assert codes(v, [2 * STEP_GRAD_RATIO]) == [GRAD_SPIKE]
+
+
+def test_a_loss_alone_is_no_reason_to_skip_after_the_warm_up():
+    v = SpikeVerdict(warmup=5)
+    losses = heavy_tailed(200)
+    got = codes(v, [1.0] * 200, losses)
+    assert got == [0] * 200
+    assert max(losses) / sorted(losses)[100] > 10  # the tail was there to be judged
+
+
+def test_an_early_loss_explosion_is_a_spike_at_its_step():
+    v = SpikeVerdict(warmup=20)
+    got = codes(v, [1.0, 1.0, 1.1], [4.0, 4.1, 4e7])  # a first update that wrecks the weights
+    assert got == [0, 0, LOSS_SPIKE]
+
+
+def test_non_finite_values_never_enter_the_history():
+    v = SpikeVerdict(warmup=3)
+    codes(v, [1.0, math.nan, math.inf, 1.0, 1.1, 0.9])
+    assert v.count is not None and v.count.tolist()[0] == 4
+
+
+# ---- the loss-rise test ------------------------------------------------------------------
+
+
+def feed(rise: LossRise, start: int, losses: list[float]) -> None:
+    rise.update(list(range(start, start + len(losses))), losses, [False] * len(losses))
+
+
+def test_a_loss_that_climbs_from_the_start_has_risen():
+    rise = LossRise()
+    feed(rise, 0, [4.0 * 1.1**i for i in range(50)])  # x117 over 50 steps, never a spike
+    got = rise.risen(1.5)
+    assert got is not None and got[1] > 10
+
+
+def test_a_network_that_learns_then_dies_back_to_chance_has_risen():
+    rise = LossRise()
+    feed(rise, 0, [2.3] * 3 + [1.3] * 27 + [2.3] * 20)
+    assert rise.risen(1.5) is not None
+
+
+def test_noise_and_a_short_bump_are_no_rise():
+    rise = LossRise()
+    g = torch.Generator().manual_seed(1)
+    curve = [2.3 * math.exp(-i / 60) + 0.05 for i in range(300)]
+    noisy = [c * math.exp(0.4 * float(torch.randn((), generator=g))) for c in curve]
+    noisy[200:210] = [x * 3 for x in noisy[200:210]]  # one bad stretch of ten steps
+    for start in range(0, 300, 50):
+        feed(rise, start, noisy[start:start + 50])
+        assert rise.risen(1.5) is None, start
+
+
+def test_losses_below_zero_switch_the_test_off():
+    rise = LossRise()
+    feed(rise, 0, [1.0] * 20 + [-0.5] + [5.0] * 29)
+    assert rise.off and rise.risen(1.5) is None
+
+
+def test_skipped_steps_and_non_finite_losses_are_left_out_and_state_round_trips():
+    rise = LossRise()
+    rise.update(list(range(30)), [1.0] * 20 + [math.nan] + [50.0] * 9,
+                [False] * 20 + [False] + [True] * 9)
+    assert rise.risen(1.5) is None  # the x50 losses were of skipped steps
+    other = LossRise()
+    other.load_state_dict(rise.state_dict())
+    assert other.state_dict() == rise.state_dict()
+
+
+# ---- in a guarded run ----------------------------------------------------------------------
+
+
+def test_a_bad_batch_is_skipped_at_its_step_and_leaves_the_weights_bit_identical():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=10)
+    g = torch.Generator().manual_seed(1)
+    bad = 60
+    for step in range(80):
+        x = torch.randn(16, 8, generator=g)
+        if step == bad:
+            x = x * 1e4  # a unit error in one batch
+        loss = nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True).sin())
+        loss.backward()
+        if step == bad:
+            before = [p.detach().clone() for p in model.parameters()]
+            state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
+        guard.step(loss)
+        if step == bad:
+            assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+            after = opt.state[next(model.parameters())]
+            assert all(torch.equal(state[k], after[k]) for k in state)
+        opt.zero_grad()
+    guard.close()
+    skips = [e for e in guard.events if e.kind == "skip"]
+    assert [e.step for e in skips] == [bad] and "spiked" in skips[0].message
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_lr_far_too_high_is_backed_off_when_the_loss_climbs(seed):
+    """A schedule gone wrong: the LR x150 at step 60; the gradient spikes are skipped, the
+    LR backed off, and the run ends finite."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                          nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    rec = gg.Recovery()
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec, every=25)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(200):
+        x = torch.randn(32, 8, generator=g)
+        for grp in opt.param_groups:
+            grp["lr"] = 0.02 if step < 60 else 3.0  # a schedule gone wrong at step 60
+        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    backoffs = [e for e in guard.events if e.kind in ("lr_backoff", "rollback")]
+    assert backoffs and backoffs[0].step >= 60
+    assert rec.lr_ceiling < 1.0 or rec.lr_factor < 1.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_loss_that_climbs_without_a_spike_backs_the_lr_off_at_the_flush():
+    """From step 40 the loss grows 8% a step, never a spike (the added drift has no
+    gradient): the loss-rise test backs off at a flush, naming the rise."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=20)
+    g = torch.Generator().manual_seed(0)
+    for step in range(100):
+        x = torch.randn(16, 4, generator=g)
+        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        drift = 0.0 if step < 40 else 0.5 * (1.08 ** (step - 40) - 1)
+        guard.step(loss.detach() + drift)
+        opt.zero_grad()
+    guard.close()
+    assert not [e for e in guard.events if e.kind == "skip"]
+    backoff = next(e for e in guard.events if e.kind == "lr_backoff")
+    assert "the loss rose" in backoff.message and backoff.step in (59, 79)
+    assert backoff.data["reason"].startswith("the loss rose")
