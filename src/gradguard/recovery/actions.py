@@ -208,13 +208,13 @@ def all_finite(obj: Any) -> bool:
     """True when every floating tensor (and float) in ``obj`` is finite, on every rank: one
     host read per device, and under torch.distributed one all-reduce, so that every rank
     keeps (or drops) the same snapshot. DTensors are judged by their local shards."""
-    flags: dict[torch.device, list[Tensor]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
 
     def walk(x: Any) -> bool:
         if isinstance(x, Tensor):
             x = _local(x)
-            if x.is_floating_point() or x.is_complex():
-                flags.setdefault(x.device, []).append(torch.isfinite(x).all())
+            if (x.is_floating_point() or x.is_complex()) and x.numel():
+                groups.setdefault((x.device, x.dtype), []).append(x.detach())
             return True
         if isinstance(x, dict):
             return all(walk(v) for v in x.values())
@@ -222,7 +222,14 @@ def all_finite(obj: Any) -> bool:
             return all(walk(v) for v in x)
         return not isinstance(x, float) or math.isfinite(x)
 
-    ok = walk(obj) and all(bool(torch.stack(f).all()) for f in flags.values())
+    # max |x| per tensor (NaN and Inf propagate): no temporary the size of a tensor, one
+    # kernel per (device, dtype), one host read per device
+    flags: dict[torch.device, list[Tensor]] = {}
+    ok = walk(obj)
+    for (device, _), ts in groups.items():
+        flags.setdefault(device, []).append(
+            torch.isfinite(torch.stack(torch._foreach_norm(ts, math.inf))).all())
+    ok = ok and all(bool(torch.stack(f).all()) for f in flags.values())
     if distributed.is_distributed():
         # on the parameters' device: NCCL reduces CUDA tensors only
         flag = torch.tensor([float(ok)], device=next(iter(flags), torch.device("cpu")))
