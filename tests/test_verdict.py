@@ -158,13 +158,11 @@ def test_an_lr_far_too_high_is_backed_off_when_the_loss_climbs(seed):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_loss_that_climbs_without_a_spike_backs_the_lr_off_at_the_flush():
-    """From step 40 the loss grows 8% a step, never a spike (the added drift has no
-    gradient): the loss-rise test backs off at a flush, naming the rise."""
+def climbing_run(**recovery: object) -> gg.Guard:
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=20)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(**recovery), every=20)
     g = torch.Generator().manual_seed(0)
     for step in range(100):
         x = torch.randn(16, 4, generator=g)
@@ -174,6 +172,21 @@ def test_a_loss_that_climbs_without_a_spike_backs_the_lr_off_at_the_flush():
         guard.step(loss.detach() + drift)
         opt.zero_grad()
     guard.close()
+    return guard
+
+
+def test_loss_rise_false_leaves_a_rising_loss_alone():
+    """For objectives that may rise in a healthy run (a GAN's generator)."""
+    guard = climbing_run(loss_rise=False)
+    assert not [e for e in guard.events if e.kind in ("lr_backoff", "rollback")]
+    with pytest.raises(TypeError, match="loss_rise"):
+        gg.Recovery(loss_rise="yes")  # type: ignore[arg-type]
+
+
+def test_a_loss_that_climbs_without_a_spike_backs_the_lr_off_at_the_flush():
+    """From step 40 the loss grows 8% a step, never a spike (the added drift has no
+    gradient): the loss-rise test backs off at a flush, naming the rise."""
+    guard = climbing_run()
     assert not [e for e in guard.events if e.kind == "skip"]
     backoff = next(e for e in guard.events if e.kind == "lr_backoff")
     assert "the loss rose" in backoff.message and backoff.step in (59, 79)

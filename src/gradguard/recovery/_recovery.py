@@ -81,6 +81,15 @@ class Recovery:
             (>= 0; default: ``RELAPSE_WINDOW_FACTOR * restore_steps``).
         skip_batches: ``guard.batches_to_skip`` after a rollback (None: the number of steps
             from the first trigger of the episode to the rollback).
+        skip_spikes: skip a step whose gradient norm the per-step verdict calls a spike
+            (:mod:`.verdict`); False leaves spikes to the clip policy.
+        loss_rise: back off when the loss rises and stays up (:mod:`.rise`). It assumes
+            a loss that training should lower; turn it off for objectives that may rise
+            in a healthy run (a GAN's generator, RL returns, an annealed regulariser).
+        recovery_window: steps after a back-off or rollback by which the loss must be back
+            near its level before the trouble, else the ladder rolls back (>= 1).
+        stall_factor: "near its level": at most this many times it (> 1); also the rise
+            the loss-rise test looks for.
 
     The LR back-off is a multiplier applied to the LR the optimizer is about to use and
     removed after the step (:class:`~gradguard.recovery.actions.LrMultiplier`): it
@@ -124,6 +133,7 @@ class Recovery:
         relapse_window: int | None = None,
         snapshot_memory: int | None = None,
         skip_spikes: bool = True,
+        loss_rise: bool = True,
         recovery_window: int = RECOVERY_WINDOW,
         stall_factor: float = STALL_FACTOR,
     ) -> None:
@@ -157,6 +167,9 @@ class Recovery:
         if not isinstance(skip_spikes, bool):
             raise TypeError(f"Recovery(skip_spikes={skip_spikes!r}): must be True or False")
         self.skip_spikes = skip_spikes
+        if not isinstance(loss_rise, bool):
+            raise TypeError(f"Recovery(loss_rise={loss_rise!r}): must be True or False")
+        self.loss_rise = loss_rise
         self.reset_moments: ResetMoments = reset_moments
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         #: the snapshots rollbacks restore from (host memory, pinned from CUDA)
@@ -318,7 +331,7 @@ class Recovery:
             if before:
                 triggers.append(Trigger("level", start, value=statistics.median(before)))
         self._rise.update(window.steps, window.loss.tolist(), window.skipped.tolist())
-        risen = self._rise.risen(self.config.stall_factor)
+        risen = self._rise.risen(self.config.stall_factor) if self.loss_rise else None
         if risen is not None and self.state.watching is None:
             level, ratio = risen
             triggers.append(Trigger(
