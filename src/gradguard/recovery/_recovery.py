@@ -85,7 +85,8 @@ class Recovery:
             (:mod:`.verdict`); False leaves spikes to the clip policy.
         loss_rise: back off when the loss rises and stays up (:mod:`.rise`). It assumes
             a loss that training should lower; turn it off for objectives that may rise
-            in a healthy run (a GAN's generator, RL returns, an annealed regulariser).
+            in a healthy run (a GAN's generator, RL returns, an annealed regulariser, a
+            curriculum that makes the data harder).
         recovery_window: steps after a back-off or rollback by which the loss must be back
             near its level before the trouble, else the ladder rolls back (>= 1).
         stall_factor: "near its level": at most this many times it (> 1); also the rise
