@@ -12,7 +12,6 @@ Monitor` runs detectors, recovery acts, and the sinks are fed.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.amp.grad_scaler import GradScaler
 
-from . import checkpoint, distributed, precursors
+from . import _lifecycle as lifecycle
+from . import checkpoint, distributed
 from ._logit_watch import LogitWatch
 from ._watch import ActivationWatch
 from .clipping import apply_policy, deferrable, policy_coefficient
@@ -36,13 +36,13 @@ from .executors import (
     Hook,
     Outcome,
     check_loss,
+    evaluate_closure,
     executor_for,
-    first_then,
     loss_finite,
     needs_closure,
     optimizer_kind,
 )
-from .monitor import Monitor, describe_nonfinite
+from .monitor import Monitor
 from .naming import named_optimizer_params, optimizer_layout
 from .telemetry import StepStats, Telemetry, Window
 from .updates import UpdateSampler
@@ -168,24 +168,12 @@ class Guard:
 
         Returns:
             The pre-clip total gradient norm (a device tensor, like ``clip_grad_norm_``).
-
-        Example:
-            >>> import torch, gradguard as gg
-            >>> model = torch.nn.Linear(4, 1)
-            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            >>> scaler = torch.amp.GradScaler("cpu")
-            >>> guard = gg.Guard(model, opt, clip=gg.NormClip(1.0))
-            >>> with torch.autocast("cpu", dtype=torch.bfloat16):
-            ...     loss = model(torch.randn(8, 4)).float().pow(2).mean()
-            >>> scaler.scale(loss).backward()
-            >>> _ = guard.step(loss, scaler=scaler)
-            >>> scaler.update()
-            >>> guard.close()
+            A GradScaler loop is in docs/guard.md ("Mixed precision").
         """
         if self._closed:
             raise RuntimeError("guard.step() called after guard.close()")
         if closure is not None or self._needs_closure:
-            loss, closure = self._evaluate(loss, closure)
+            loss, closure = evaluate_closure(self.optimizer, loss, closure)
         loss = check_loss(loss)
         executor = self._scaler_exec = executor_for(self.executor, scaler, self._scaler_exec)
         with torch.no_grad():
@@ -232,38 +220,11 @@ class Guard:
                 self._logits.armed = self.telemetry.flush_due
         return stats.total_norm
 
-    def _evaluate(self, loss: Any, closure: Any) -> tuple[Any, Callable[[], Any] | None]:
-        if closure is None:
-            raise TypeError(
-                f"{type(self.optimizer).__name__}.step needs a closure: call "
-                "guard.step(closure=closure) (see Guard.step)")
-        if loss is not None:
-            raise TypeError("guard.step(): pass loss or closure, not both")
-        with torch.enable_grad():
-            loss = closure()
-        return loss, first_then(loss, closure)
-
     def _relayout(self) -> None:
-        """The optimizer's parameters changed (``add_param_group``): flush the window of the
-        old layout, then measure the new set; snapshots of the old layout cannot be
-        restored into the new one and are dropped."""
-        self.flush()
-        self._layout = optimizer_layout(self.optimizer)
-        self.telemetry = Telemetry(named_optimizer_params(self.model, self.optimizer),
-                                   every=self.every, pipeline_group=self.config.pipeline_group)
-        self.kind = optimizer_kind(self.optimizer)
-        self._fresh.reset()  # the new parameters have no optimizer state yet
-        if self._sampler is not None:
-            self._sampler.telemetry = self.telemetry
-        if self.recovery is not None:
-            self.recovery.relayout(self)
+        lifecycle.relayout(self)
 
     def _report_bad(self, stats: StepStats, *, raise_: bool) -> None:
-        msg, layers = describe_nonfinite(self.step_count - 1, self.names, stats)
-        if raise_:
-            self.flush()
-            raise NonFiniteGradientError(msg + " (on_nonfinite='raise')", self.step_count - 1, layers)
-        warnings.warn(msg + "; the optimizer step was skipped", GradGuardWarning, stacklevel=3)
+        lifecycle.report_nonfinite(self, stats, raise_=raise_)
 
     def _record(self, stats: StepStats, loss: Tensor | float | None, coef: Tensor | None, out: Outcome) -> None:
         self.telemetry.record(stats, loss=loss, clip_coef=coef, skipped=out.skipped, step=self.step_count)
@@ -282,31 +243,10 @@ class Guard:
         return self._flush(collective=True)
 
     def _flush(self, *, collective: bool) -> Window | None:
-        inputs = precursors.PrecursorInputs(
-            magnitudes=None if self._logits is None else self._logits.take(),
-            optim=precursors.optimizer_info(self.optimizer), every=self.every)
-        window, overflows = self.monitor.collect(
-            self.telemetry, self._watch, self.config.sample_activations, collective=collective,
-            precursor_inputs=inputs)
-        abort: TrainingDiverged | None = None
-        if window is not None and self.recovery is not None and not self._aborted:
-            try:
-                self.recovery.on_flush(self, window, list(self.monitor.pending), overflows)
-            except TrainingDiverged as e:
-                abort = e  # deliver this window (with the abort event) first
-        self.monitor.deliver(window)
-        if abort is not None:
-            self._abort(abort, delivered=True)
-        return window
+        return lifecycle.flush(self, collective=collective)
 
     def _abort(self, error: TrainingDiverged, *, delivered: bool = False) -> None:
-        """Recovery gave up: deliver what is left, let the sinks react (a JSONL sink
-        renders the incident report), raise ``error``."""
-        self._aborted = True
-        if not delivered:
-            self._flush(collective=False)
-        error.report_path = error.report_path or self.monitor.abort_sinks(error)
-        raise error
+        lifecycle.abort(self, error, delivered=delivered)
 
     def close(self, *, failed: bool = False) -> None:
         """Flush what is left and close every sink (idempotent; the sinks are closed even
@@ -316,20 +256,7 @@ class Guard:
             failed: this rank is leaving on an exception: flush without entering any
                 collective (``__exit__`` passes it when an exception is propagating).
         """
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._flush(collective=not (failed or self._aborted))
-        finally:
-            for part in (self._watch, self._sampler, self.executor, self.recovery):
-                if part is not None:
-                    part.detach()
-            if self._logits is not None:
-                self._logits.remove()
-            if callable(getattr(self.clip, "release", None)):
-                self.clip.release(self)
-            self.monitor.close_sinks()
+        lifecycle.close(self, failed=failed)
 
     def __enter__(self) -> Guard:
         return self

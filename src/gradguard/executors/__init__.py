@@ -35,6 +35,7 @@ from ._base import (
     FreshState,
     Outcome,
     check_loss,
+    evaluate_closure,
     first_then,
     fused_step,
     grad_scale_of,
@@ -46,6 +47,6 @@ from ._hook import Hook, executor_for
 
 __all__ = [
     "AMP_OVERFLOW_MIN_SCALE", "NONFINITE", "Closure", "Direct", "FreshState", "Hook", "Outcome",
-    "Scaler", "check_loss", "executor_for", "first_then", "fused_step", "grad_scale_of",
-    "loss_finite", "merge_into_scaler", "needs_closure", "optimizer_kind", "scaler_state",
+    "Scaler", "check_loss", "evaluate_closure", "executor_for", "first_then", "fused_step",
+    "grad_scale_of", "loss_finite", "merge_into_scaler", "needs_closure", "optimizer_kind", "scaler_state",
 ]

@@ -203,3 +203,20 @@ def first_then(loss: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
         return loss if calls == 1 else closure()
 
     return wrapped
+
+
+def evaluate_closure(
+    optimizer: torch.optim.Optimizer, loss: Any, closure: Closure
+) -> tuple[Any, Closure]:
+    """``guard.step(closure=...)``: evaluate the closure once (with grad enabled) for the
+    loss and gradients the guard measures; the optimizer's later evaluations call it
+    again (:func:`first_then`)."""
+    if closure is None:
+        raise TypeError(
+            f"{type(optimizer).__name__}.step needs a closure: call "
+            "guard.step(closure=closure) (see Guard.step)")
+    if loss is not None:
+        raise TypeError("guard.step(): pass loss or closure, not both")
+    with torch.enable_grad():
+        loss = closure()
+    return loss, first_then(loss, closure)

@@ -1,0 +1,98 @@
+"""Around the hot path: what a :class:`~gradguard.Guard` does at a flush, when recovery
+gives up, when the optimizer's parameters change, and when it closes.
+
+``Guard.step`` is the per-step path; these run once per flush or once per run. They take
+the guard and work on its parts (telemetry, monitor, recovery, executor, watches): the
+guard's methods of the same names call them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+from . import precursors
+from .errors import GradGuardWarning, NonFiniteGradientError, TrainingDiverged
+from .executors import optimizer_kind
+from .monitor import describe_nonfinite
+from .naming import named_optimizer_params, optimizer_layout
+from .telemetry import StepStats, Telemetry, Window
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+
+def flush(guard: Guard, *, collective: bool) -> Window | None:
+    """Copy the window to the host, run the detectors, let recovery act, feed the sinks.
+    ``collective=False``: a failing rank or an abort, no collective is entered."""
+    inputs = precursors.PrecursorInputs(
+        magnitudes=None if guard._logits is None else guard._logits.take(),
+        optim=precursors.optimizer_info(guard.optimizer), every=guard.every)
+    window, overflows = guard.monitor.collect(
+        guard.telemetry, guard._watch, guard.config.sample_activations, collective=collective,
+        precursor_inputs=inputs)
+    error: TrainingDiverged | None = None
+    if window is not None and guard.recovery is not None and not guard._aborted:
+        try:
+            guard.recovery.on_flush(guard, window, list(guard.monitor.pending), overflows)
+        except TrainingDiverged as e:
+            error = e  # deliver this window (with the abort event) first
+    guard.monitor.deliver(window)
+    if error is not None:
+        abort(guard, error, delivered=True)
+    return window
+
+
+def abort(guard: Guard, error: TrainingDiverged, *, delivered: bool = False) -> None:
+    """Recovery gave up: deliver what is left, let the sinks react (a JSONL sink renders
+    the incident report), raise ``error``."""
+    guard._aborted = True
+    if not delivered:
+        guard._flush(collective=False)
+    error.report_path = error.report_path or guard.monitor.abort_sinks(error)
+    raise error
+
+
+def close(guard: Guard, *, failed: bool = False) -> None:
+    """Flush what is left and close every sink (idempotent; the sinks are closed even when
+    the last flush raises). ``failed``: this rank is leaving on an exception."""
+    if guard._closed:
+        return
+    guard._closed = True
+    try:
+        guard._flush(collective=not (failed or guard._aborted))
+    finally:
+        for part in (guard._watch, guard._sampler, guard.executor, guard.recovery):
+            if part is not None:
+                part.detach()
+        if guard._logits is not None:
+            guard._logits.remove()
+        if callable(getattr(guard.clip, "release", None)):
+            guard.clip.release(guard)
+        guard.monitor.close_sinks()
+
+
+def relayout(guard: Guard) -> None:
+    """The optimizer's parameters changed (``add_param_group``): flush the window of the
+    old layout, then measure the new set; snapshots of the old layout cannot be restored
+    into the new one and are dropped."""
+    guard.flush()
+    guard._layout = optimizer_layout(guard.optimizer)
+    guard.telemetry = Telemetry(named_optimizer_params(guard.model, guard.optimizer),
+                                every=guard.every, pipeline_group=guard.config.pipeline_group)
+    guard.kind = optimizer_kind(guard.optimizer)
+    guard._fresh.reset()  # the new parameters have no optimizer state yet
+    if guard._sampler is not None:
+        guard._sampler.telemetry = guard.telemetry
+    if guard.recovery is not None:
+        guard.recovery.relayout(guard)
+
+
+def report_nonfinite(guard: Guard, stats: StepStats, *, raise_: bool) -> None:
+    """``on_nonfinite="raise"``: flush, then raise; ``"warn"``: warn (the step was
+    skipped)."""
+    msg, layers = describe_nonfinite(guard.step_count - 1, guard.names, stats)
+    if raise_:
+        guard.flush()
+        raise NonFiniteGradientError(msg + " (on_nonfinite='raise')", guard.step_count - 1, layers)
+    warnings.warn(msg + "; the optimizer step was skipped", GradGuardWarning, stacklevel=4)
