@@ -312,8 +312,9 @@ class Recovery:
         (``overflows``) are no trouble."""
         layers = lambda: actions.exploded_layers(events)  # noqa: E731
         codes = window.skip_codes.tolist() if window.skip_codes is not None else None
+        losses, skips = window.loss.tolist(), window.skipped.tolist()
         triggers: list[Trigger] = []
-        for i, (step, sk) in enumerate(zip(window.steps, window.skipped.tolist())):
+        for i, (step, sk) in enumerate(zip(window.steps, skips)):
             if step not in self._host_steps:  # skip flags that stayed on the device
                 bad = sk and step not in overflows
                 c = int(codes[i]) if codes is not None and math.isfinite(codes[i]) else 0
@@ -327,19 +328,21 @@ class Recovery:
                                     self._level, at=window.steps[-1]))
         start = self.state.trouble_start
         if self.state.pre_level is None and start is not None:  # trouble before any healthy flush
-            before = [x for s_, x in zip(window.steps, window.loss.tolist())
+            before = [x for s_, x in zip(window.steps, losses)
                       if s_ < start and math.isfinite(x)]
             if before:
                 triggers.append(Trigger("level", start, value=statistics.median(before)))
-        self._rise.update(window.steps, window.loss.tolist(), window.skipped.tolist())
-        risen = self._rise.risen(self.config.stall_factor) if self.loss_rise else None
+        risen = None
+        if self.loss_rise:
+            self._rise.update(window.steps, losses, skips)
+            risen = self._rise.risen(self.config.stall_factor)
         if risen is not None and self.state.watching is None:
             level, ratio = risen
             triggers.append(Trigger(
                 "spike", window.steps[-1],
                 f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})",
                 self._rise.best, at=window.steps[-1]))
-        recent = [x for x in window.loss.tolist()[-PROGRESS_STEPS:] if math.isfinite(x)]
+        recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
         if recent:
             triggers.append(Trigger("progress", window.steps[-1],
                                     value=statistics.median(recent)))
@@ -347,7 +350,7 @@ class Recovery:
         for trig in sorted(triggers, key=lambda t: (t.kind != "level", t.step, t.kind == "progress")):
             acted = self._feed(guard, trig, layers) or acted
         skipped = any(s and step not in overflows
-                      for step, s in zip(window.steps, window.skipped.tolist()))
+                      for step, s in zip(window.steps, skips))
         if not acted and not skipped and risen is None and not any(
                 e.kind in UNHEALTHY and e.severity != "info" for e in events):
             history = list(guard.monitor.detector_state.loss)
