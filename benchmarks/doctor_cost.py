@@ -6,7 +6,7 @@ set size sampled during the call), for: a 10.5M-parameter MLP and a 10.3M-parame
 GPT-style transformer (AdamW, SGD, and a too-high LR); ResNet-50 (25.6M, transformers'
 ``ResNetConfig()``) with no optimizer, SGD at a sane and at a too-high LR, and AdamW; GPT-2
 small (124M, ``GPT2Config()``) with no optimizer, SGD and AdamW. The default time budget is
-5 s up to 25M parameters (11.1 s at 124M). Writes ``benchmarks/results/doctor_cost.json``.
+5 s up to 30M parameters (10.2 s at 124M). Writes ``benchmarks/results/doctor_cost.json``.
 
 Run:  OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/doctor_cost.py --threads 1 [--repeats R]
 """

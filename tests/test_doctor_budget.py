@@ -19,10 +19,11 @@ from gradguard.doctor._budget import DEFAULT_BUDGET_S, Budget, default_budget
 from gradguard.doctor._steps import MIN_STEPS, FirstStep, StepRunner
 
 
-def test_default_budget_is_5s_up_to_25m_parameters_and_grows_with_the_square_root():
-    assert default_budget(1_000) == default_budget(25_000_000) == DEFAULT_BUDGET_S == 5.0
-    assert default_budget(100_000_000) == pytest.approx(10.0)
-    assert default_budget(124_000_000) == pytest.approx(5.0 * (124 / 25) ** 0.5)
+def test_default_budget_is_5s_up_to_30m_parameters_and_grows_with_the_square_root():
+    resnet50 = 25_557_032
+    assert default_budget(1_000) == default_budget(resnet50) == default_budget(30_000_000) == DEFAULT_BUDGET_S == 5.0
+    assert default_budget(120_000_000) == pytest.approx(10.0)
+    assert default_budget(124_000_000) == pytest.approx(5.0 * (124 / 30) ** 0.5)
 
 
 def test_budget_counts_from_its_start_and_records_each_cut_once():

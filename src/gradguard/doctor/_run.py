@@ -163,7 +163,7 @@ def doctor(
         optimizer: enables the LR probe.
         lr_probe_steps: optimizer steps per LR probe run.
         gradcheck_custom: check custom autograd Functions by finite differences.
-        budget_s: seconds the probes share; default 5 s up to 25M parameters, proportionally
+        budget_s: seconds the probes share; default 5 s up to 30M parameters (ResNet-50 size), proportionally
             more above (:func:`gradguard.doctor._budget.default_budget`).
 
     Returns:
