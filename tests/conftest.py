@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from gradguard import measure
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -47,4 +49,8 @@ class SyncCounter:
 
 @pytest.fixture
 def sync_counter(monkeypatch: pytest.MonkeyPatch) -> SyncCounter:
+    """Counts host syncs on the path a GPU takes: gradguard reads a clip coefficient that
+    lives on the CPU (``measure.READ_CPU_COEFFICIENT``: no device to wait for), which a
+    CPU run would count here; turned off, the CPU takes the device path."""
+    monkeypatch.setattr(measure, "READ_CPU_COEFFICIENT", False)
     return SyncCounter(monkeypatch)

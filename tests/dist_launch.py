@@ -127,9 +127,27 @@ def CollectiveCounter() -> CallCounter:
     return CallCounter(dist, COLLECTIVES)
 
 
-def SyncCounter() -> CallCounter:
-    """The Tensor methods that make the host wait for the device, inside a block."""
-    return CallCounter(torch.Tensor, HOST_SYNCS)
+class SyncCounter(CallCounter):
+    """The Tensor methods that make the host wait for the device, inside a block, on the
+    path a GPU takes: the CPU-only read of a clip coefficient is turned off inside it, as
+    the sync_counter fixture does (tests/conftest.py)."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.Tensor, HOST_SYNCS)
+
+    def __enter__(self) -> SyncCounter:
+        from gradguard import measure
+
+        self._read = measure.READ_CPU_COEFFICIENT
+        measure.READ_CPU_COEFFICIENT = False
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from gradguard import measure
+
+        super().__exit__(*exc)
+        measure.READ_CPU_COEFFICIENT = self._read
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -223,3 +223,47 @@ def test_fused_clip_costs_no_host_sync(sync_counter):
         opt.zero_grad()
     guard.close()
     assert guard.skipped_steps == 1
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_on_the_cpu_an_unclipped_step_makes_no_pass_over_the_gradients(monkeypatch, fused):
+    """A CPU coefficient is host memory: when it is 1 nothing multiplies the gradients
+    (neither a _foreach_mul_ nor a fused grad_scale, which on the CPU is a pass of its own);
+    a step that clips still does. Results equal clip-then-step either way."""
+    model, ref = mlp(seed=5), mlp(seed=5)
+    make = FUSED["adamw"] if fused else (lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    opt, ref_opt = make(model.parameters()), make(ref.parameters())
+    guard = gg.Guard(model, opt, clip=gg.NormClip(1.0), every=50)
+    scales, muls = [], []
+    opt.register_step_pre_hook(lambda o, a, k: scales.append(getattr(o, "grad_scale", None)))
+    real_mul = torch._foreach_mul_
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda *a, **k: (muls.append(1), real_mul(*a, **k)))
+    for i, (x, y) in enumerate(batches(6, seed=8)):
+        for m in (model, ref):
+            nn.functional.mse_loss(m(x), y).backward()
+            if i == 3:
+                for p in m.parameters():
+                    p.grad.mul_(100.0)  # this step clips
+        muls.clear()
+        guard.step()
+        assert (scales[-1] is not None or bool(muls)) == (i == 3), i
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    guard.close()
+    assert_close_models(model, ref)
+
+
+def test_the_cpu_read_of_the_coefficient_can_be_turned_off(monkeypatch):
+    """With the read off (what the host-sync tests check: the GPU's path), a coefficient of
+    1 still multiplies, on the device, like clip_grad_norm_."""
+    from gradguard import measure
+
+    monkeypatch.setattr(measure, "READ_CPU_COEFFICIENT", False)
+    assert not measure.is_unit_on_cpu(torch.tensor(1.0))
+    monkeypatch.setattr(measure, "READ_CPU_COEFFICIENT", True)
+    assert measure.is_unit_on_cpu(torch.tensor(1.0))
+    assert not measure.is_unit_on_cpu(torch.tensor(0.5))
+    assert not measure.is_unit_on_cpu(torch.tensor(math.nan))
+    assert not measure.is_unit_on_cpu(torch.tensor(1.0), [torch.device("cuda", 0)])

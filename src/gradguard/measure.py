@@ -10,7 +10,7 @@ for a value.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -131,6 +131,24 @@ def use_foreach(foreach: bool | None, tensors: list[Tensor], device: torch.devic
             f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
         )
     return foreach
+
+
+#: Read a clip coefficient that lives on the CPU, to leave out the pass over the
+#: gradients when it is 1 (no clipping this step). A CPU tensor is host memory: reading it
+#: waits for no device. A GPU coefficient is never read (the multiply by 1 stays on the
+#: device, or goes into a fused optimizer's ``grad_scale`` for free). The host-sync tests
+#: turn it off (tests/conftest.py) so that, on CPU, they check the path a GPU takes.
+READ_CPU_COEFFICIENT = True
+
+
+def is_unit_on_cpu(coef: Tensor, devices: Iterable[torch.device] = ()) -> bool:
+    """True when ``coef`` and every one of ``devices`` are on the CPU and ``coef >= 1``:
+    multiplying the gradients by it would change nothing (x * 1.0 == x, bit for bit)."""
+    if not READ_CPU_COEFFICIENT or coef.device.type != "cpu" or coef.requires_grad:
+        return False
+    if any(d.type != "cpu" for d in devices):
+        return False
+    return bool(coef.reshape(()) >= 1.0)
 
 
 def _foreach_norm_any(

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..measure import StepStats, measure_grads, use_foreach
+from ..measure import StepStats, is_unit_on_cpu, measure_grads, use_foreach
 
 #: ``clip_grad_norm_`` adds this to the norm before dividing (kept for bit-equality).
 NORM_EPS = 1e-6
@@ -90,7 +90,9 @@ def scale_grads_(stats: StepStats, coef: Tensor, *, foreach: bool | None = None)
 
     DTensor (FSDP2) gradients are scaled through their local shards (the coefficient is
     already global, and plain tensors skip DTensor dispatch); sparse ones through their
-    values."""
+    values. A CPU coefficient of 1 is read and nothing is multiplied (``is_unit_on_cpu``)."""
+    if is_unit_on_cpu(coef, (grp.device for grp in stats.groups)):
+        return
     for grp in stats.groups:
         data, c = grp.data(), coef.to(grp.device, non_blocking=True)
         if use_foreach(foreach, data, grp.device):

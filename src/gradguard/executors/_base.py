@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.amp.grad_scaler import GradScaler
 
 from ..decision import Action, OptimizerKind, Plan, resolve
+from ..measure import is_unit_on_cpu
 
 #: The verdict bit of a non-finite gradient norm (the spike bits are
 #: :data:`gradguard.recovery.verdict.GRAD_SPIKE` and ``LOSS_SPIKE``).
@@ -82,8 +83,12 @@ Closure = Callable[[], Any] | None
 
 def grad_scale_of(coef: Tensor | None) -> Tensor | None:
     """What a fused optimizer divides the gradients by to multiply them by ``coef``:
-    ``1 / coef`` as a float32 scalar (None without a coefficient)."""
-    return None if coef is None else coef.detach().float().reshape(()).reciprocal()
+    ``1 / coef`` as a float32 scalar (None without a coefficient, or for a CPU coefficient
+    of 1: on the CPU a fused optimizer's ``grad_scale`` costs a pass over the gradients of
+    its own, as much as the multiply it replaces; see ``measure.READ_CPU_COEFFICIENT``)."""
+    if coef is None or is_unit_on_cpu(coef):
+        return None
+    return coef.detach().float().reshape(()).reciprocal()
 
 
 def fused_step(
