@@ -222,6 +222,19 @@ def test_high_update_ratio_while_the_loss_falls_is_info():
     assert [(e.layer, e.severity) for e in detect_update_ratio(flat)] == [("b", "warning")]
 
 
+def test_the_loss_trend_behind_a_high_update_ratio_is_read_over_the_history():
+    """Ten steps of a noisy loss rise half the time: a window whose second half is a little
+    higher, in a run whose loss fell over the last 100 steps, is still a loss that falls;
+    a run whose loss rose over them is not."""
+    noisy_tail = [2.3, 2.1, 2.4, 2.2, 2.0, 2.4, 2.3, 2.5, 2.2, 2.4]  # rises within the window
+    w = window([[1.0] * 3] * 10, losses=noisy_tail, weight=[1.0] * 3, update=[1e-3, 0.5, 1e-3])
+    assert [e.severity for e in detect_update_ratio(w)] == ["warning"]  # the window alone
+    fell = [3.0 - 0.01 * i for i in range(90)] + noisy_tail
+    assert [e.severity for e in detect_update_ratio(w, history=fell)] == ["info"]
+    rose = [1.5 + 0.01 * i for i in range(90)] + noisy_tail
+    assert [e.severity for e in detect_update_ratio(w, history=rose)] == ["warning"]
+
+
 @pytest.mark.parametrize(
     ("sample", "kinds"),
     [

@@ -95,7 +95,7 @@ def detect(
     events += detect_spike_skips(window)
     events += detect_vanishing(window, cfg)
     events += detect_no_gradient(window, st, cfg)
-    events += detect_update_ratio(window, cfg)
+    events += detect_update_ratio(window, cfg, st.loss)
     events += list(lr_events)
     if activations:
         events += detect_activations(window.steps[-1], activations, cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -60,18 +60,23 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
 
 
 # ---- sampled at flush steps -------------------------------------------------------------
-def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG) -> list[Event]:
+def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
+                        history: Sequence[float] = ()) -> list[Event]:
     """``update_ratio``: per-layer ``|update| / |weight|`` at the flush step far above
-    (``warning``) or far below (``info``) the healthy ~1e-3. A high ratio while the window's
-    loss still falls (its second half's median below its first half's) is ``info``: large
-    steps that train (a tanh RNN at SGD lr 3 with its gradients clipped) are a choice, not
-    a fault."""
+    (``warning``) or far below (``info``) the healthy ~1e-3. A high ratio while the loss
+    still falls (the newer half's median below the older half's) is ``info``: large steps
+    that train (a tanh RNN at SGD lr 3 with its gradients clipped) are a choice, not a
+    fault. The loss falls when it does over the window or over ``history`` (the detectors'
+    recent finite losses, up to ``spike_history`` steps, this window's included): ten steps
+    of a noisy loss rise half the time."""
     w, u = window.layer_weight_norms(), window.layer_update_norms()
     if w is None or u is None:
         return []
     events: list[Event] = []
     step = window.steps[-1]
-    falling = _loss_falling(window)
+    window_losses = [x for x in window.loss.tolist() if math.isfinite(x)]
+    falling = _falling(window_losses) or (len(history) > len(window_losses)
+                                          and _falling(list(history)))
     for name, wn, un in zip(window.layers, w.tolist(), u.tolist()):
         if not (math.isfinite(wn) and math.isfinite(un)) or wn <= 0 or un <= 0:
             continue  # a skipped step does not update: nothing to judge
@@ -94,9 +99,8 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG)
     return events
 
 
-def _loss_falling(window: Window) -> bool:
-    """The window's finite losses: the second half's median below the first half's."""
-    loss = [x for x in window.loss.tolist() if math.isfinite(x)]
+def _falling(loss: Sequence[float]) -> bool:
+    """The second half's median below the first half's."""
     half = len(loss) // 2
     if half < 2:
         return False
