@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
+from gradguard.recovery.ladder import LadderState
 from gradguard.recovery.rise import LossRise
 from gradguard.recovery.verdict import GRAD_SPIKE, LOSS_SPIKE, STEP_GRAD_RATIO, SpikeVerdict
 
@@ -83,6 +84,18 @@ def test_noise_and_a_short_bump_are_no_rise():
     for start in range(0, 300, 50):
         feed(rise, start, noisy[start:start + 50])
         assert rise.risen(1.5) is None, start
+
+
+def test_once_the_lr_is_known_too_high_a_rise_that_keeps_the_progress_still_counts():
+    """A run settled just under the edge of stability: from 2.3 to a best of 0.15, then a
+    noisy stretch at 0.4 (2.7x its best, yet far from giving back half of what it learnt)."""
+    rise = LossRise()
+    feed(rise, 0, [2.3] * 3 + [0.15] * 27 + [0.4] * 20)
+    assert rise.risen(1.5) is None  # a healthy run's noise could look like this
+    level, ratio = rise.risen(1.5, strict=True)  # after a relapse it is the LR again
+    assert level == 0.4 and ratio == pytest.approx(0.4 / 0.15)
+    feed(rise, 50, [0.2] * 20)  # back within 1.5x its best: no rise either way
+    assert rise.risen(1.5, strict=True) is None
 
 
 def test_losses_below_zero_switch_the_test_off():
@@ -191,3 +204,39 @@ def test_a_loss_that_climbs_without_a_spike_backs_the_lr_off_at_the_flush():
     backoff = next(e for e in guard.events if e.kind == "lr_backoff")
     assert "the loss rose" in backoff.message and backoff.step in (59, 79)
     assert backoff.data["reason"].startswith("the loss rose")
+
+
+@pytest.mark.parametrize("settled", [False, True], ids=["on_probation", "settled"])
+def test_after_a_relapse_a_noisy_loss_well_above_its_best_halves_the_ceiling_again(settled):
+    """LR far too high: the run is backed off and rolled back, the ceiling lowered; at the
+    lowered ceiling its loss still climbs to 2x its best (no spike, no NaN, never near the
+    fresh model's loss): the strict rise test lowers the ceiling once more. Once the lowered
+    LR was reported settled, the usual test applies (a loss near zero late in a run doubles
+    from noise alone) and the same rise is left alone."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = gg.Recovery()
+    guard = gg.Guard(model, opt, recovery=rec, every=10)
+    # the state after a relapse whose trigger came 150 steps before this stretch of the run
+    rec.state = LadderState(factor=0.25, ceiling=0.25, backoff_level=0.25, last_trigger=-150,
+                            settled=0.25 if settled else None)
+    g = torch.Generator().manual_seed(0)
+    for step in range(120):
+        x = torch.randn(16, 4, generator=g)
+        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        # no gradient: a level only, noisy, climbing from 0.15 to 0.4 over steps 50-80
+        level = 2.3 if step < 3 else 0.15 * (0.4 / 0.15) ** min(1.0, max(0, step - 50) / 30)
+        noise = math.exp(0.2 * float(torch.randn((), generator=g)))
+        guard.step(loss.detach() * 0 + level * noise)
+        opt.zero_grad()
+    guard.close()
+    if settled:
+        assert not [e for e in guard.events if e.kind in ("lr_backoff", "rollback")]
+        assert rec.lr_ceiling == 0.25
+        return
+    backoff = next(e for e in guard.events if e.kind == "lr_backoff")
+    assert backoff.step >= 60 and "the loss rose" in backoff.message
+    assert not [e for e in guard.events if e.kind in ("skip", "rollback")]
+    assert rec.lr_ceiling == pytest.approx(0.125)  # halved: the factor in force had failed

@@ -332,16 +332,21 @@ class Recovery:
                       if s_ < start and math.isfinite(x)]
             if before:
                 triggers.append(Trigger("level", start, value=statistics.median(before)))
-        risen = None
+        risen, mild = None, False
         if self.loss_rise:
             self._rise.update(window.steps, losses, skips)
+            # stricter while a lowered ceiling is on probation: lowered, not yet settled
+            st = self.state
             risen = self._rise.risen(self.config.stall_factor)
+            if risen is None and st.ceiling < 1.0 and st.settled != st.ceiling:
+                risen = self._rise.risen(self.config.stall_factor, strict=True)
+                mild = risen is not None
         if risen is not None and self.state.watching is None:
             level, ratio = risen
             triggers.append(Trigger(
                 "spike", window.steps[-1],
                 f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})",
-                self._rise.best, at=window.steps[-1]))
+                self._rise.best, at=window.steps[-1], mild=mild))
         recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
         if recent:
             triggers.append(Trigger("progress", window.steps[-1],

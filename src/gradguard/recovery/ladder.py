@@ -91,6 +91,10 @@ class Trigger:
     #: the step at which the ladder hears of it (a flush, for skip flags that stayed on the
     #: device); what it does starts from there (default: ``step``)
     at: int | None = None
+    #: a ``spike`` from a loss that rose yet kept most of its progress (the strict loss-rise
+    #: test, :mod:`.rise`): the LR in force is too high, the weights are not damaged. It
+    #: backs off and lowers the ceiling, never rolls back, and sets no progress check
+    mild: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ def transition(
             return st, ()
         reason = f"{st.consecutive_skips} consecutive {trig.reason or 'non-finite'} steps skipped"
         return _escalate(cfg, st, trig.step, reason, trig.value, at=trig.at)
+    if trig.kind == "spike" and trig.mild:
+        return _lower(cfg, st, trig)
     if trig.kind == "spike":
         return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike", trig.value,
                          at=trig.at)
@@ -174,6 +180,19 @@ def _escalate(
                              total_rollbacks=st.total_rollbacks + 1)
     return st, (Action("rollback", step, reason, factor, st.ceiling, True, lowered, back, skip,
                        st.rollbacks),)
+
+
+def _lower(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
+    """A mild trigger: the factor in force fails for good (the ceiling drops to
+    ``relapse_backoff`` times it) and the LR backs off and restores up to the new ceiling;
+    the weights stay, and no progress check follows (they were not damaged)."""
+    now = trig.step if trig.at is None else max(trig.step, trig.at)
+    ceiling = min(st.ceiling, st.factor) * cfg.relapse_backoff
+    factor = min(st.factor * cfg.backoff, ceiling)
+    st = dataclasses.replace(st, last_trigger=trig.step, ceiling=ceiling, factor=factor,
+                             backoff_level=factor, backoff_step=now, at_ceiling=None,
+                             backoffs=st.backoffs + 1)
+    return st, (Action("backoff", trig.step, trig.reason, factor, ceiling, True, True),)
 
 
 def _progress(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:

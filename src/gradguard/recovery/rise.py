@@ -16,9 +16,17 @@ of ``BLOCK`` steps are both above
 
 * ``factor`` x the best (the ladder's ``stall_factor``, 1.5 by default: the band the
   progress check calls "back near its level"), and
-* the best plus ``LOST`` (three quarters) of what the run had learnt, ``initial - best``:
-  a run that gives back most of its progress is in trouble; a healthy one whose loss is
-  noisy (its best ten-step median an optimistic extreme) is far from it.
+* the best plus ``LOST`` (half) of what the run had learnt, ``initial - best``: a run
+  that gives back half its progress for twenty steps is in trouble; a healthy one whose
+  loss is noisy (its best ten-step median an optimistic extreme) is far from it.
+
+Once the run has shown that its LR is too high (the ladder lowered the LR ceiling after a
+relapse), and until the ladder reports the lowered LR settled, the first condition alone
+decides (``strict``): a run just under the edge of stability trains, but noisily, its loss
+rising well above its best and falling again without ever giving back most of its
+progress; each such rise halves the ceiling again, converging on an LR that trains rather
+than on the largest one that does not diverge. Once settled, the usual test applies again:
+late in a run a loss near zero doubles and halves from noise alone.
 
 Medians of ten steps shrug off single bad batches, two blocks in a row a noisy stretch.
 Without the run's first steps (a resume) only the first condition applies. Measured on
@@ -39,7 +47,7 @@ BLOCK = 10
 #: The first steps of a run whose lowest loss is the fresh model's level.
 FIRST = 3
 #: The share of what the run had learnt (initial - best) that a rise must give back.
-LOST = 0.75
+LOST = 0.5
 
 
 class LossRise:
@@ -49,7 +57,7 @@ class LossRise:
     Example:
         >>> rise = LossRise()
         >>> rise.update(list(range(20)), [4.0] * 3 + [1.0] * 17, [False] * 20)  # learning
-        >>> rise.update(list(range(20, 40)), [3.0] * 20, [False] * 20)  # x3, under 1 + 0.75 * 3
+        >>> rise.update(list(range(20, 40)), [2.2] * 20, [False] * 20)  # x2.2, under 1 + 0.5 * 3
         >>> rise.risen(1.5) is None
         True
         >>> rise.update(list(range(40, 60)), [3.5] * 20, [False] * 20)  # gave back 5/6
@@ -88,13 +96,14 @@ class LossRise:
             self.best = low if self.best is None else min(self.best, low)
         self._carry = seq[-(2 * BLOCK - 1):]
 
-    def risen(self, factor: float) -> tuple[float, float] | None:
+    def risen(self, factor: float, *, strict: bool = False) -> tuple[float, float] | None:
         """``(latest level, its ratio to the best)`` when the loss has risen more than
-        ``factor`` times its best, else None."""
+        ``factor`` times its best, else None. ``strict``: the ratio alone decides (the
+        run has shown already that its LR is too high; see the module docstring)."""
         if self.off or self.best is None or self.latest is None or self.best <= 0:
             return None
         ratio = self.latest / self.best
-        gave_back = self.initial is None or (
+        gave_back = strict or self.initial is None or (
             self.latest > self.best + LOST * (self.initial - self.best))
         return (self.latest, ratio) if ratio > factor and gave_back else None
 
