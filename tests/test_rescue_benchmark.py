@@ -27,13 +27,14 @@ def test_rescue_harness_writes_records_of_the_documented_shape(
     out = tmp_path / "rescue.json"
     rescue.main(["--case", "bad_inputs_regression_adam",
                  "--case", "healthy_regression_adamw_restarts",
-                 "--steps", "12", "--out", str(out)])
+                 "--steps", "12", "--healthy-seeds", "2", "--out", str(out)])
     assert "bad_inputs_regression_adam" in capsys.readouterr().out  # the table was printed
     res = json.loads(out.read_text())
     assert {"environment", "summary", "rescue", "healthy", "targets", "seconds"} <= set(res)
     assert {"torch", "threads", "time", "git_commit"} <= set(res["environment"])
     assert res["summary"]["rescue_cases"] == 1 and res["summary"]["healthy_cases"] == 1
-    assert res["summary"]["healthy_steps"] == 12
+    assert res["summary"]["held_out_cases"] == 0  # reported apart, none chosen here
+    assert res["summary"]["healthy_steps"] == 24  # 12 steps x 2 seeds
 
     (case,) = res["rescue"]
     assert case["name"] == "bad_inputs_regression_adam" and case["steps"] == 12
@@ -49,6 +50,9 @@ def test_rescue_harness_writes_records_of_the_documented_shape(
     (h,) = res["healthy"]
     assert {"guarded_over_unguarded", "warnings", "within_2pct", "ok"} <= set(h)
     assert isinstance(h["guarded_over_unguarded"], float)
+    assert [r["seed"] for r in h["per_seed"]] == [0, 1] and h["seeds"] == 2
+    mean = lambda arm: sum(r[arm] for r in h["per_seed"]) / 2  # noqa: E731
+    assert h["guarded_over_unguarded"] == pytest.approx(mean("guarded") / mean("unguarded"))
     assert math.isfinite(h["guarded"]["eval_loss"])
 
 
