@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 import gradguard as gg
 from benchmarks.warning_runs import SPECS, Spec
-from gradguard import bench, precursors
+from gradguard import precursors
+from gradguard.cli import bench
 from gradguard.detectors import DetectorConfig, DetectorState, detect
 
 #: The divergence label: the loss above this multiple of its running median ...
