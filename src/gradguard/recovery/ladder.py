@@ -166,7 +166,7 @@ def _escalate(
                            rollbacks=st.total_rollbacks),)
     lowered = False
     if recent or relapse:  # the trouble came back: the factor in force failed, for good
-        new = min(st.ceiling, st.factor) * cfg.relapse_backoff
+        new = _failed_ceiling(cfg, st)
         if new < st.ceiling:
             st, lowered = dataclasses.replace(st, ceiling=new), True
     factor = min(st.factor * cfg.backoff, st.ceiling)
@@ -187,12 +187,18 @@ def _lower(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderSta
     ``relapse_backoff`` times it) and the LR backs off and restores up to the new ceiling;
     the weights stay, and no progress check follows (they were not damaged)."""
     now = trig.step if trig.at is None else max(trig.step, trig.at)
-    ceiling = min(st.ceiling, st.factor) * cfg.relapse_backoff
+    ceiling = min(st.ceiling, _failed_ceiling(cfg, st))
     factor = min(st.factor * cfg.backoff, ceiling)
+    lowered = ceiling < st.ceiling
     st = dataclasses.replace(st, last_trigger=trig.step, ceiling=ceiling, factor=factor,
                              backoff_level=factor, backoff_step=now, at_ceiling=None,
                              backoffs=st.backoffs + 1)
-    return st, (Action("backoff", trig.step, trig.reason, factor, ceiling, True, True),)
+    return st, (Action("backoff", trig.step, trig.reason, factor, ceiling, True, lowered),)
+
+
+def _failed_ceiling(cfg: LadderConfig, st: LadderState) -> float:
+    """The ceiling once the factor in force has failed: ``relapse_backoff`` times it."""
+    return min(st.ceiling, st.factor) * cfg.relapse_backoff
 
 
 def _progress(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
