@@ -38,11 +38,12 @@ def measure(wl: Workload, rounds: int, warmup: int, only: str | None) -> dict[st
     names, rng = list(variants), random.Random(0)
     wall: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
+    tail: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(rounds):
         rng.shuffle(names)
         for name in names:
             w0, c0 = time.perf_counter(), time.thread_time()
-            variants[name]()
+            tail[name].append(variants[name]())
             cpu[name].append(time.thread_time() - c0)
             wall[name].append(time.perf_counter() - w0)
     out: dict[str, Any] = {"workload": wl.name, "params": sum(p.numel() for p in wl.model.parameters()),
@@ -59,6 +60,26 @@ def measure(wl: Workload, rounds: int, warmup: int, only: str | None) -> dict[st
             if ("Guard" in k or "(pkg)" in k)
             and (ref := "adamw_fused+clip_grad_norm_" if "fused" in k else "adamw+clip_grad_norm_") in med
         }
+        # paired: the ratio within each round (both steps ran seconds apart, under the same
+        # load), then the median over rounds; slow drifts of the machine cancel out
+        out[f"paired_ratio_to_same_optimizer_with_clip_grad_norm_{clock}"] = {
+            k: statistics.median(a / b for a, b in zip(v, times[ref])) for k, v in times.items()
+            if ("Guard" in k or "(pkg)" in k)
+            and (ref := "adamw_fused+clip_grad_norm_" if "fused" in k else "adamw+clip_grad_norm_") in times
+        }
+    # The variants differ only after the backward; their forward and backward run the same
+    # code, yet on their own copies of the model they differ by +-0.5% from round to round.
+    # The step time implied by the tail: the bare step plus the tail's extra cost.
+    t_med = {k: statistics.median(v) for k, v in tail.items()}
+    out["seconds_after_backward_cpu"] = t_med
+    full = out["seconds_per_step_cpu"]
+    out["tail_implied_ratio_to_same_optimizer_with_clip_grad_norm_cpu"] = {
+        k: (full[bare] + t_med[k] - t_med[bare]) / (full[bare] + t_med[ref] - t_med[bare])
+        for k in t_med
+        if ("Guard" in k or "(pkg)" in k)
+        and (ref := "adamw_fused+clip_grad_norm_" if "fused" in k else "adamw+clip_grad_norm_") in t_med
+        and (bare := "adamw_fused" if "fused" in k else "adamw") in t_med
+    }
     return out
 
 
@@ -82,7 +103,11 @@ def main() -> None:
         "machine": platform.machine(), "quick": args.quick,
         "method": "median over rounds of the step time (fwd+bwd+clip/guard+step+zero_grad); "
                   "each round runs one step of every variant in random order; clocks: this "
-                  "thread's CPU time (cpu) and wall clock (wall)",
+                  "thread's CPU time (cpu) and wall clock (wall); paired_*: the median over "
+                  "rounds of the ratio of the two steps within a round; seconds_after_backward: the "
+                  "part of the step the variants differ in (clip/guard, optimizer step, "
+                  "zero_grad); tail_implied_*: bare full step + the tail's extra cost, as a "
+                  "ratio",
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +119,12 @@ def main() -> None:
                   f"   wall {r['seconds_per_step_wall'][k] * 1e3:8.2f} ms")
         print("  vs clip_grad_norm_ (cpu):", {k: round(v, 4) for k, v in
                                               r["ratio_to_same_optimizer_with_clip_grad_norm_cpu"].items()})
+        print("  vs clip_grad_norm_, paired per round (cpu):", {k: round(v, 4) for k, v in
+              r["paired_ratio_to_same_optimizer_with_clip_grad_norm_cpu"].items()})
+        print("  after the backward (cpu ms):", {k: round(v * 1e3, 3) for k, v in
+              r["seconds_after_backward_cpu"].items()})
+        print("  vs clip_grad_norm_, implied by the tail (cpu):", {k: round(v, 4) for k, v in
+              r["tail_implied_ratio_to_same_optimizer_with_clip_grad_norm_cpu"].items()})
 
 
 if __name__ == "__main__":

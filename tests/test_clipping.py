@@ -14,6 +14,7 @@ from tests.helpers import set_grads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradguard as gg
+from gradguard import measure
 from gradguard.measure import measure_grads
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -220,9 +221,17 @@ class RefZClip:
         return clipped
 
 
+@pytest.fixture(params=["host", "device"])
+def zclip_path(request, monkeypatch):
+    """ZClip's two forms of one rule: on CPU it updates in Python numbers (``host``); on a
+    GPU, and here with ``READ_CPU_COEFFICIENT`` off, in tensor ops (``device``)."""
+    monkeypatch.setattr(measure, "READ_CPU_COEFFICIENT", request.param == "host")
+    return request.param
+
+
 @pytest.mark.parametrize("mode", ["reciprocal", "percentile", "mean"])
 @pytest.mark.parametrize("warmup", [1, 5, 25])
-def test_zclip_matches_paper_equations(mode, warmup):
+def test_zclip_matches_paper_equations(mode, warmup, zclip_path):
     ref = RefZClip(warmup=warmup, mode=mode)
     policy = gg.ZClip(warmup_steps=warmup, mode=mode)
     n_clipped = 0
@@ -241,7 +250,7 @@ def test_zclip_matches_paper_equations(mode, warmup):
     assert n_clipped >= 3  # the three spikes
 
 
-def test_zclip_ignores_nonfinite_norm_after_warmup():
+def test_zclip_ignores_nonfinite_norm_after_warmup(zclip_path):
     policy = gg.ZClip(warmup_steps=5)
     for g in norms_sequence(20, spikes=()):
         policy.clip_([one_param_with_norm(g)])
@@ -254,7 +263,7 @@ def test_zclip_ignores_nonfinite_norm_after_warmup():
             assert torch.equal(v, sd["state"][k]), k
 
 
-def test_zclip_nan_during_warmup_does_not_disable_it():
+def test_zclip_nan_during_warmup_does_not_disable_it(zclip_path):
     policy = gg.ZClip(warmup_steps=5)
     ref = RefZClip(warmup=5)
     seq = norms_sequence(40, spikes=(30,))
@@ -272,7 +281,7 @@ def test_zclip_nan_during_warmup_does_not_disable_it():
     assert grad_norm(w) < 10.0  # still clips
 
 
-def test_zclip_has_no_hard_cap_by_default():
+def test_zclip_has_no_hard_cap_by_default(zclip_path):
     policy = gg.ZClip(warmup_steps=3)
     for g in [5.0, 5.1, 4.9, 5.05]:
         w = one_param_with_norm(g)
@@ -282,6 +291,38 @@ def test_zclip_has_no_hard_cap_by_default():
     w = one_param_with_norm(5.0)
     capped.clip_([w])
     assert grad_norm(w) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"mode": "percentile"}, {"mode": "mean"}, {"max_norm": 3.0}, {"warmup_cap": None},
+    {"warmup_steps": 1}, {"eps": 0.0, "warmup_steps": 3},
+])
+def test_zclip_host_and_device_forms_agree(kw, monkeypatch):
+    """The Python-number update (CPU) and the tensor-op update (GPU) give the same
+    coefficients and statistics on a run with an explosion in warm-up, NaN/Inf, spikes
+    and a constant stretch (std 0)."""
+    seq = [1.0, 1.2, 0.9, 1.1, 1.0, 30.0, 500.0, math.nan, 1.05, *norms_sequence(60, seed=3)]
+    seq[40:44] = [math.inf, 2.0, 2.0, 2.0]
+    seq += [2.0] * 10 + [9.0, 1e4]
+    runs = {}
+    for host in (True, False):
+        monkeypatch.setattr(measure, "READ_CPU_COEFFICIENT", host)
+        policy, coefs, states = gg.ZClip(**kw), [], []
+        for g in seq:
+            w = one_param_with_norm(1.0 if not math.isfinite(g) else g)
+            if not math.isfinite(g):
+                w.grad[0] = g
+            coefs.append(policy.coefficient(measure_grads([w])).item())
+            states.append({k: v.clone() for k, v in policy.state_dict()["state"].items()})
+        runs[host] = coefs, states
+    (c_host, s_host), (c_dev, s_dev) = runs[True], runs[False]
+    assert c_host == pytest.approx(c_dev, rel=1e-5)
+    assert min(c_host) < 0.5  # the rule did clip (the explosion or the spikes)
+    for a, b in zip(s_host, s_dev):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype, k
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, equal_nan=True)
 
 
 # ---- AGC -----------------------------------------------------------------------------

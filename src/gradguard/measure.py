@@ -133,18 +133,27 @@ def use_foreach(foreach: bool | None, tensors: list[Tensor], device: torch.devic
     return foreach
 
 
-#: Read a clip coefficient that lives on the CPU, to leave out the pass over the
-#: gradients when it is 1 (no clipping this step). A CPU tensor is host memory: reading it
-#: waits for no device. A GPU coefficient is never read (the multiply by 1 stays on the
-#: device, or goes into a fused optimizer's ``grad_scale`` for free). The host-sync tests
-#: turn it off (tests/conftest.py) so that, on CPU, they check the path a GPU takes.
+#: Read per-step scalars that live on the CPU on the host: a CPU tensor is host memory,
+#: reading it waits for no device. Used for two things only: to leave out the pass over the
+#: gradients when a clip coefficient is 1 (no clipping this step; ``is_unit_on_cpu``), and
+#: to run ZClip's scalar update in Python numbers instead of ~60 one-element tensor ops
+#: (``host_scalars``). A GPU scalar is never read (the multiply by 1 stays on the device,
+#: or goes into a fused optimizer's ``grad_scale`` for free). The host-sync tests turn it
+#: off (tests/conftest.py) so that, on CPU, they check the path a GPU takes.
 READ_CPU_COEFFICIENT = True
+
+
+def host_scalars(*tensors: Tensor) -> bool:
+    """True when every one of ``tensors`` can be read on the host for free: on the CPU,
+    outside autograd, with ``READ_CPU_COEFFICIENT`` on."""
+    return READ_CPU_COEFFICIENT and all(
+        t.device.type == "cpu" and not t.requires_grad for t in tensors)
 
 
 def is_unit_on_cpu(coef: Tensor, devices: Iterable[torch.device] = ()) -> bool:
     """True when ``coef`` and every one of ``devices`` are on the CPU and ``coef >= 1``:
     multiplying the gradients by it would change nothing (x * 1.0 == x, bit for bit)."""
-    if not READ_CPU_COEFFICIENT or coef.device.type != "cpu" or coef.requires_grad:
+    if not host_scalars(coef):
         return False
     if any(d.type != "cpu" for d in devices):
         return False

@@ -30,7 +30,9 @@ from ..clipping import NormClip, ZClip
 from ..guard import Guard
 from ..recovery import Recovery
 
-StepFn = Callable[[], None]
+#: One full training step; returns the CPU time of this thread spent after the backward
+#: (clip or guard, optimizer step, zero_grad): the only part the variants differ in.
+StepFn = Callable[[], float]
 #: ``progress(workload, stage, done, total)``: called between timed steps, never inside
 #: one; ``stage`` is ``"warmup <variant>"`` or ``"round i/n"``, ``done`` counts finished
 #: units out of ``total`` (one per variant warm-up plus one per round) for that workload.
@@ -90,11 +92,13 @@ def _variants(wl: Workload) -> dict[str, StepFn]:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         finish = after_backward(model, opt)
 
-        def step() -> None:
+        def step() -> float:
             loss = wl.loss_fn(model(x), y)
             loss.backward()
+            t0 = time.thread_time()
             finish(loss)
             opt.zero_grad(set_to_none=True)
+            return time.thread_time() - t0
 
         out[name] = step
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..measure import StepStats
+from ..measure import StepStats, host_scalars
 from .base import NORM_EPS, Policy, check_positive, norm_coef, to_device
 
 # ZClip defaults (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM
@@ -304,6 +304,8 @@ class ZClip(Policy):
         g = stats.total_norm.float()
         fin = stats.finite
         s = self._ensure(g.device)
+        if host_scalars(g, fin):
+            return self._host_coefficient(g, fin, s)
         mean, var, count, buf = s["mean"], s["var"], s["count"], s["buffer"]
         # Few, fused-friendly ops: this runs every step, one small kernel each on a GPU.
         warm = count < self.warmup_steps
@@ -344,6 +346,52 @@ class ZClip(Policy):
         var.copy_(torch.where(active, new_var, torch.where(done, buf.var(unbiased=False), var)))
         count.copy_(new_count)
         return coef
+
+    def _host_coefficient(self, g_t: Tensor, fin_t: Tensor, s: dict[str, Tensor]) -> Tensor:
+        """:meth:`coefficient` for CPU scalars, in Python numbers: the same rule and the
+        same state, read and written in place, instead of ~60 one-element tensor ops (a CPU
+        tensor is host memory; see ``measure.READ_CPU_COEFFICIENT``)."""
+        g, fin, count = g_t.item(), bool(fin_t), int(s["count"])
+        coef = 1.0
+        if not fin:
+            return torch.tensor(coef, dtype=torch.float32)  # non-finite norms never enter the statistics
+        if count < self.warmup_steps:
+            g_in = g
+            anchor = min(ZCLIP_WARMUP_ANCHOR, self.warmup_steps)
+            if self.warmup_cap is not None and count >= anchor:
+                first = sorted(s["buffer"][:anchor].tolist())
+                cap = self.warmup_cap * first[(anchor - 1) // 2]  # torch.median: the lower one
+                if g > cap:
+                    coef, g_in = cap / (g + NORM_EPS), cap
+            buf = s["buffer"]
+            buf[count] = g_in
+            s["count"].fill_(count + 1)
+            if count + 1 == self.warmup_steps:
+                s["mean"].copy_(buf.mean())
+                s["var"].copy_(buf.var(unbiased=False))
+        else:
+            mean, var = s["mean"].item(), s["var"].item()
+            std = math.sqrt(var)
+            if std + self.eps > 0:
+                z = (g - mean) / (std + self.eps)
+            else:
+                z = math.copysign(math.inf, g - mean) if g != mean else math.nan
+            g_c = g
+            if z > self.z_thresh:
+                if self.mode == "reciprocal":
+                    thr = mean + (self.z_thresh**2) * std / z
+                elif self.mode == "percentile":
+                    thr = mean + self.z_thresh * std
+                else:
+                    thr = mean
+                if thr < g:
+                    coef, g_c = thr / (g + NORM_EPS), thr
+            new_mean = mean + (1 - self.alpha) * (g_c - mean)  # torch.lerp
+            s["mean"].fill_(new_mean)
+            s["var"].fill_(var + (1 - self.alpha) * ((g_c - new_mean) ** 2 - var))
+        if self.max_norm is not None:
+            coef = min(coef, self.max_norm / (g + NORM_EPS))
+        return torch.tensor(coef, dtype=torch.float32)
 
     def state_dict(self) -> dict[str, Any]:
         return {
