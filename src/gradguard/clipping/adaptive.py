@@ -5,6 +5,7 @@ of an EMA). Both keep their statistics on the device and never let a non-finite 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 import torch
@@ -26,6 +27,17 @@ ZCLIP_EPS = 1e-6
 #: clipped, so the EMA starts from the healthy scale.
 ZCLIP_WARMUP_CAP = 10.0
 ZCLIP_WARMUP_ANCHOR = 5
+
+_F32 = struct.Struct("f")
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32, as a float32 tensor op rounds its result (+-inf beyond)."""
+    try:
+        return float(_F32.unpack(_F32.pack(x))[0])
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
 
 # AutoClip default (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for
 # Source Separation Networks": the 10th percentile worked best across their tasks).
@@ -348,21 +360,24 @@ class ZClip(Policy):
         return coef
 
     def _host_coefficient(self, g_t: Tensor, fin_t: Tensor, s: dict[str, Tensor]) -> Tensor:
-        """:meth:`coefficient` for CPU scalars, in Python numbers: the same rule and the
-        same state, read and written in place, instead of ~60 one-element tensor ops (a CPU
-        tensor is host memory; see ``measure.READ_CPU_COEFFICIENT``)."""
+        """:meth:`coefficient` for CPU scalars, in Python numbers: the same rule, the same
+        state read and written in place, and the same float32 results bit for bit (each
+        step rounded as the tensor op rounds it; ``tests/test_clipping.py``), instead of
+        ~60 one-element tensor ops (a CPU tensor is host memory; see
+        ``measure.READ_CPU_COEFFICIENT``)."""
         g, fin, count = g_t.item(), bool(fin_t), int(s["count"])
+        eps = _f32(NORM_EPS)
         coef = 1.0
         if not fin:
-            return torch.tensor(coef, dtype=torch.float32)  # non-finite norms never enter the statistics
+            return torch.tensor(coef, dtype=torch.float32)  # never enters the statistics
         if count < self.warmup_steps:
             g_in = g
             anchor = min(ZCLIP_WARMUP_ANCHOR, self.warmup_steps)
             if self.warmup_cap is not None and count >= anchor:
                 first = sorted(s["buffer"][:anchor].tolist())
-                cap = self.warmup_cap * first[(anchor - 1) // 2]  # torch.median: the lower one
+                cap = _f32(_f32(self.warmup_cap) * first[(anchor - 1) // 2])  # torch.median
                 if g > cap:
-                    coef, g_in = cap / (g + NORM_EPS), cap
+                    coef, g_in = _f32(cap / _f32(g + eps)), cap
             buf = s["buffer"]
             buf[count] = g_in
             s["count"].fill_(count + 1)
@@ -371,26 +386,27 @@ class ZClip(Policy):
                 s["var"].copy_(buf.var(unbiased=False))
         else:
             mean, var = s["mean"].item(), s["var"].item()
-            std = math.sqrt(var)
-            if std + self.eps > 0:
-                z = (g - mean) / (std + self.eps)
-            else:
-                z = math.copysign(math.inf, g - mean) if g != mean else math.nan
+            std = s["var"].sqrt().item()  # torch's float32 sqrt is not always IEEE's
+            den = _f32(std + _f32(self.eps))
+            diff = _f32(g - mean)
+            z = _f32(diff / den) if den else (math.copysign(math.inf, diff) if diff else math.nan)
             g_c = g
-            if z > self.z_thresh:
+            if z > _f32(self.z_thresh):
                 if self.mode == "reciprocal":
-                    thr = mean + (self.z_thresh**2) * std / z
+                    thr = _f32(mean + _f32(_f32(_f32(self.z_thresh**2) * std) / z))
                 elif self.mode == "percentile":
-                    thr = mean + self.z_thresh * std
+                    thr = _f32(mean + _f32(_f32(self.z_thresh) * std))
                 else:
                     thr = mean
                 if thr < g:
-                    coef, g_c = thr / (g + NORM_EPS), thr
-            new_mean = mean + (1 - self.alpha) * (g_c - mean)  # torch.lerp
+                    coef, g_c = _f32(thr / _f32(g + eps)), thr
+            w = _f32(1 - self.alpha)
+            new_mean = _f32(mean + w * _f32(g_c - mean))  # torch.lerp: a fused multiply-add
+            d = _f32(g_c - new_mean)
             s["mean"].fill_(new_mean)
-            s["var"].fill_(var + (1 - self.alpha) * ((g_c - new_mean) ** 2 - var))
-        if self.max_norm is not None:
-            coef = min(coef, self.max_norm / (g + NORM_EPS))
+            s["var"].fill_(_f32(var + w * _f32(_f32(d * d) - var)))
+        if self.max_norm is not None:  # norm_coef: max_norm / t is reciprocal(t) * max_norm
+            coef = min(coef, _f32(_f32(1.0 / _f32(g + eps)) * _f32(self.max_norm)))
         return torch.tensor(coef, dtype=torch.float32)
 
     def state_dict(self) -> dict[str, Any]:
