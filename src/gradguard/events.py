@@ -30,6 +30,7 @@ EVENT_KINDS: tuple[str, ...] = (
     "skip",
     "lr_backoff",
     "lr_settled",
+    "lr_probe",
     "rollback",
     "abort",
     "clip",
