@@ -152,17 +152,6 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "Gradients exploded at step 5 (NaN). gradguard cut the LR to x0.1; training "
             "recovered. Stable at lr 0.037; set it in your config.",
         ),
-        (  # LR probes (recovery/probe.py): two kept, one not; only the kept ones are told
-            [_ev("lr_probe", 149, "info", data={"phase": "probe", "factor": 0.5}),
-             _ev("lr_probe", 199, "info", data={"phase": "probe_end", "factor": 0.5, "kept": True}),
-             _ev("lr_probe", 249, "info", data={"phase": "probe_end", "factor": 0.25, "kept": True}),
-             _ev("lr_probe", 349, "info", data={"phase": "probe_end", "factor": 0.25, "kept": False}),
-             _ev("lr_settled", 400, "info", data={"factor": 0.25, "lr": [0.075]})],
-            False,
-            "No gradient trouble in 100 steps: the gradient norm stayed between 2 and 2. "
-            "gradguard found the LR too high and lowered it to x0.25 (2 probes). Stable at lr "
-            "0.075; set it in your config.",
-        ),
     ],
 )
 def test_summary_sentence_table(events, nan_tail, expected):

@@ -30,7 +30,6 @@ EVENT_KINDS: tuple[str, ...] = (
     "skip",
     "lr_backoff",
     "lr_settled",
-    "lr_probe",
     "rollback",
     "abort",
     "clip",

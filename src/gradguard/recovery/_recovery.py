@@ -39,8 +39,6 @@ from .defaults import (
     _fraction,
 )
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
-from .probe import SPAN as PROBE_SPAN
-from .probe import LrProbe
 from .rise import LossRise
 from .snapshots import (
     KEEP,
@@ -89,10 +87,6 @@ class Recovery:
             a loss that training should lower; turn it off for objectives that may rise
             in a healthy run (a GAN's generator, RL returns, an annealed regulariser, a
             curriculum that makes the data harder).
-        lr_probe: when the loss has stalled on a quiet run, try half the LR for a while and
-            keep it if the loss falls by a fifth (:mod:`.probe`): an LR too high that
-            trains, noisily, has no other symptom. Like ``loss_rise`` it assumes a loss
-            that training should lower.
         recovery_window: steps after a back-off or rollback by which the loss must be back
             near its level before the trouble, else the ladder rolls back (>= 1).
         stall_factor: "near its level": at most this many times it (> 1); also the rise
@@ -141,7 +135,6 @@ class Recovery:
         snapshot_memory: int | None = None,
         skip_spikes: bool = True,
         loss_rise: bool = True,
-        lr_probe: bool = True,
         recovery_window: int = RECOVERY_WINDOW,
         stall_factor: float = STALL_FACTOR,
     ) -> None:
@@ -178,9 +171,6 @@ class Recovery:
         if not isinstance(loss_rise, bool):
             raise TypeError(f"Recovery(loss_rise={loss_rise!r}): must be True or False")
         self.loss_rise = loss_rise
-        if not isinstance(lr_probe, bool):
-            raise TypeError(f"Recovery(lr_probe={lr_probe!r}): must be True or False")
-        self.lr_probe = lr_probe
         self.reset_moments: ResetMoments = reset_moments
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         #: the snapshots rollbacks restore from (host memory, pinned from CUDA)
@@ -197,14 +187,8 @@ class Recovery:
         # first steps, a step that was read for raise/warn); the flush replays the others
         self._host_steps: set[int] = set()
         self._level: float | None = None  # the loss level of the last healthy flush
-        # the schedule's LR: a probe compares losses at two LRs, so it runs only on a
-        # stretch where the schedule holds the LR still (a decaying LR lowers the loss by
-        # itself); a tensor LR is not read (no host sync): no probes then
-        self._lrs: list[float] | None = None
-        self._lr_moved: int | None = None  # the last step the schedule changed the LR
         self._verdict = SpikeVerdict()
         self._rise = LossRise()
-        self._probe = LrProbe()
 
     def __getattr__(self, name: str) -> Any:
         # the ladder options read as attributes: rec.backoff, rec.restore_steps, ...
@@ -289,12 +273,6 @@ class Recovery:
         with the snapshots it had)."""
         if guard.step_count == 0 and not len(self.store):
             self._keep(guard, -1, disk=False)
-        if self.lr_probe:
-            lrs = [g["lr"] for g in guard.optimizer.param_groups]
-            tensor_lr = any(isinstance(x, Tensor) for x in lrs)  # never compared: no sync
-            if tensor_lr or lrs != self._lrs:
-                self._lrs = None if tensor_lr else lrs
-                self._lr_moved = guard.step_count
         self._feed(guard, Trigger("tick", guard.step_count), list)
 
     def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
@@ -378,52 +356,12 @@ class Recovery:
             acted = self._feed(guard, trig, layers) or acted
         skipped = any(s and step not in overflows
                       for step, s in zip(window.steps, skips))
-        healthy = not acted and not skipped and risen is None and not any(
-            e.kind in UNHEALTHY and e.severity != "info" for e in events)
-        if healthy:
+        if not acted and not skipped and risen is None and not any(
+                e.kind in UNHEALTHY and e.severity != "info" for e in events):
             history = list(guard.monitor.detector_state.loss)
             if history and self.state.factor >= self.state.ceiling:
                 self._level = statistics.median(history)  # the loss level of a healthy run
             self._feed(guard, Trigger("healthy", window.steps[-1]), list)
-        if self.lr_probe:
-            self._probe_lr(guard, window, losses, skips, healthy=healthy)
-
-    def _probe_lr(self, guard: Guard, window: Window, losses: list[float], skips: list[bool],
-                  *, healthy: bool) -> None:
-        """Feed the LR probe (:mod:`.probe`): end a running probe with its verdict, or start
-        one on a quiet run whose loss has stalled."""
-        step = window.steps[-1]
-        self._probe.update(window.steps, losses, skips)
-        st = self.state
-        if self._probe.started is not None and st.probe is None:  # trouble ended it
-            self._probe.cancel(step)
-            return
-        moved = self._lr_moved
-        if st.probe is not None and moved is not None and moved > st.probe:
-            # the schedule changed the LR during the probe: its losses compare nothing
-            self._probe.cancel(step)
-            self._feed(guard, Trigger("probe_end", step, "the schedule changed the LR during "
-                                      "the probe", 0.0), list)
-            return
-        if st.probe is not None:
-            verdict = self._probe.verdict(step)
-            if verdict is not None:
-                kept, before, during = verdict
-                change = f"{during / before - 1:+.0%}"
-                reason = (f"the loss went from {before:.4g} to {during:.4g} ({change}) at "
-                          f"x{st.factor:g} of the LR")
-                self._feed(guard, Trigger("probe_end", step, reason, 1.0 if kept else 0.0), list)
-            return
-        last = st.last_trigger
-        quiet = (healthy and st.factor >= st.ceiling and st.watching is None
-                 and (last is None or step - last >= 2 * PROBE_SPAN)
-                 and moved is not None and step - moved >= 2 * PROBE_SPAN)
-        if self._probe.due(step, quiet=quiet):
-            now = self._probe.median(step - PROBE_SPAN, step)
-            reason = f"the loss stalled at {now:.4g} over {2 * PROBE_SPAN} steps"
-            self._feed(guard, Trigger("probe", step, reason), list)
-            if self.state.probe is not None:
-                self._probe.start(step)
 
     # ---- carrying out the ladder's actions ----------------------------------------------------
     def _feed(self, guard: Guard, trig: Trigger, layers: Any) -> bool:
@@ -438,9 +376,6 @@ class Recovery:
                 continue
             if a.kind == "settled":
                 guard.add_event(actions.settled_event(guard, a))
-                continue
-            if a.kind in ("probe", "probe_end"):  # a question asked of a quiet run: no trouble
-                guard.add_event(actions.probe_event(guard, a))
                 continue
             acted = True
             self._rise.reset()  # the loss level is learnt again after the ladder acted
@@ -503,8 +438,7 @@ class Recovery:
         snapshots are not included; with ``snapshot_dir`` they survive on disk)."""
         return dataclasses.asdict(self.state) | {
             "host_steps": sorted(self._host_steps), "level": self._level,
-            "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict(),
-            "probe": self._probe.state_dict(), "lrs": self._lrs, "lr_moved": self._lr_moved}
+            "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         sd = dict(sd)
@@ -513,11 +447,6 @@ class Recovery:
         rise = sd.pop("rise", None)
         if rise is not None:
             self._rise.load_state_dict(rise)
-        self._lrs = sd.pop("lrs", None)
-        self._lr_moved = sd.pop("lr_moved", None)
-        probe = sd.pop("probe", None)
-        if probe is not None:
-            self._probe.load_state_dict(probe)
         verdict = sd.pop("verdict", None)
         if verdict is not None:
             self._verdict.load_state_dict(verdict)

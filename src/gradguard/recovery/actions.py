@@ -116,29 +116,10 @@ def settled_event(guard: Guard, a: Action) -> Event:
     return Event(
         kind="lr_settled", step=a.step, severity="info", value=lrs[0],
         message=(f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the "
-                 "schedule) after a higher LR failed or trained worse"),
+                 "schedule) after the LR failed higher up"),
         remedy=f"Set the learning rate to {shown} (x{a.factor:g}) in your config.",
         data={"factor": a.factor, "lr": lrs},
     )
-
-
-def probe_event(guard: Guard, a: Action) -> Event:
-    """A probe of a lower LR began (``probe``) or ended (``probe_end``; ``lowered``: kept)."""
-    lrs = [float(g["lr"]) * a.factor for g in guard.optimizer.param_groups]
-    shown = ", ".join(f"{lr:.3g}" for lr in dict.fromkeys(lrs))
-    if a.kind == "probe":
-        message = f"step {a.step}: {a.reason}; trying lr {shown} (x{a.factor:g})"
-        remedy = None
-    elif a.lowered:
-        message = (f"step {a.step}: {a.reason}: the LR was too high; it stays at lr {shown} "
-                   f"(x{a.factor:g})")
-        remedy = f"Lower the learning rate (x{a.factor:g}: {shown}) in your config."
-    else:
-        message = f"step {a.step}: {a.reason}: no better; back to lr {shown} (x{a.factor:g})"
-        remedy = None
-    return Event(kind="lr_probe", step=a.step, severity="info", value=lrs[0], message=message,
-                 remedy=remedy, data={"factor": a.factor, "lr": lrs, "phase": a.kind,
-                                      "kept": a.lowered, "reason": a.reason})
 
 
 def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:

@@ -14,11 +14,6 @@ The rungs, climbed one at a time and only as far as the trouble goes:
    kept a damaged model): back off again from weights that were never damaged;
 4. **abort** after ``max_rollbacks`` rollbacks with no healthy snapshot in between.
 
-A **probe** (:mod:`.probe`) asks a quiet run that has stalled whether its LR is too high:
-the factor drops to ``relapse_backoff`` times the ceiling for a while (no snapshot is taken
-meanwhile); if the loss fell enough, the ceiling drops to it for good, else the factor
-returns to the ceiling. Trouble during a probe ends it and is handled as usual.
-
 A *relapse* (new trouble within ``relapse_window`` steps of the previous trigger, or any
 rollback) lowers the ceiling to ``relapse_backoff`` times the factor that failed, for good:
 an LR that failed twice is never restored again. Halving it per relapse converges on the
@@ -33,8 +28,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
-                      "level", "probe", "probe_end"]
-ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "probe", "probe_end"]
+                      "level"]
+ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,6 @@ class LadderState:
     watching: int | None = None  # a back-off/rollback whose effect on the loss is pending
     at_ceiling: int | None = None  # since when the factor sits at a lowered ceiling
     settled: float | None = None  # the ceiling last reported as settled
-    probe: int | None = None  # the step a running probe of a lower factor began
 
 
 @dataclass(frozen=True)
@@ -86,9 +80,8 @@ class Trigger:
     healthy flush: a snapshot may be due), ``snapshot`` (a snapshot was kept),
     ``progress`` (a flush reports the recent loss, ``value``), ``level`` (the loss level
     before the current trouble, ``value``, learnt late: the trouble came before any healthy
-    flush), ``probe`` (the loss stalled: try a lower factor), ``probe_end`` (the probe's
-    verdict: ``value`` 1.0 keeps the lower factor, 0.0 returns to the ceiling). On
-    ``skip``/``spike``, ``value`` is the loss level before the trouble (None: unknown).
+    flush). On ``skip``/``spike``, ``value`` is the loss level before the trouble (None:
+    unknown).
     """
 
     kind: TriggerKind
@@ -146,10 +139,6 @@ def transition(
             return st, ()
         reason = f"{st.consecutive_skips} consecutive {trig.reason or 'non-finite'} steps skipped"
         return _escalate(cfg, st, trig.step, reason, trig.value, at=trig.at)
-    if trig.kind == "probe":
-        return _probe(cfg, st, trig)
-    if trig.kind == "probe_end":
-        return _probe_end(st, trig)
     if trig.kind == "spike" and trig.mild:
         return _lower(cfg, st, trig)
     if trig.kind == "spike":
@@ -171,7 +160,7 @@ def _escalate(
     pre = st.pre_level if recent and st.pre_level is not None else level
     now = step if at is None else max(step, at)  # the back-off starts when it is applied
     st = dataclasses.replace(st, last_trigger=step, trouble_start=start, pre_level=pre,
-                             watching=now, at_ceiling=None, probe=None)
+                             watching=now, at_ceiling=None)
     if recent and st.rollbacks >= cfg.max_rollbacks:
         return st, (Action("abort", step, reason, st.factor, st.ceiling,
                            rollbacks=st.total_rollbacks),)
@@ -203,30 +192,8 @@ def _lower(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderSta
     lowered = ceiling < st.ceiling
     st = dataclasses.replace(st, last_trigger=trig.step, ceiling=ceiling, factor=factor,
                              backoff_level=factor, backoff_step=now, at_ceiling=None,
-                             backoffs=st.backoffs + 1, probe=None)
+                             backoffs=st.backoffs + 1)
     return st, (Action("backoff", trig.step, trig.reason, factor, ceiling, True, lowered),)
-
-
-def _probe(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
-    """Try ``relapse_backoff`` times the ceiling, only while the ladder is quiet."""
-    if st.probe is not None or st.factor < st.ceiling or st.watching is not None:
-        return st, ()
-    factor = st.ceiling * cfg.relapse_backoff
-    if factor >= st.ceiling:  # relapse_backoff=1.0: nothing lower to try
-        return st, ()
-    st = dataclasses.replace(st, probe=trig.step, factor=factor, backoff_step=None,
-                             at_ceiling=None)
-    return st, (Action("probe", trig.step, trig.reason, factor, st.ceiling),)
-
-
-def _probe_end(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
-    """Keep the probed factor as the new ceiling (``value`` 1.0), or return to the ceiling."""
-    if st.probe is None:
-        return st, ()
-    kept = bool(trig.value)
-    ceiling = st.factor if kept else st.ceiling
-    st = dataclasses.replace(st, probe=None, ceiling=ceiling, factor=ceiling, at_ceiling=None)
-    return st, (Action("probe_end", trig.step, trig.reason, ceiling, ceiling, lowered=kept),)
 
 
 def _failed_ceiling(cfg: LadderConfig, st: LadderState) -> float:

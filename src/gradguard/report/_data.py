@@ -366,12 +366,6 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             actions.append(f"backed off the LR {_plural(len(backoffs), 'time')}")
     if kinds.get("rollback"):
         actions.append(f"rolled back {_plural(kinds['rollback'], 'time')}")
-    kept = [e for e in ev if e.get("kind") == "lr_probe" and (e.get("data") or {}).get("kept")]
-    if kept:  # probes found that a lower LR trains better (recovery/probe.py)
-        factor = (kept[-1].get("data") or {}).get("factor")
-        if isinstance(factor, (int, float)):
-            actions.append(f"found the LR too high and lowered it to x{factor:g}"
-                           + ("" if len(kept) == 1 else f" ({len(kept)} probes)"))
     if outcome.status == "healthy":
         # vanishing layers on a loss that still fell: the run carried on (nothing skipped)
         outcome_text = "training recovered" if trouble and not lead else ""
