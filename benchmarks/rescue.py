@@ -406,7 +406,8 @@ def guard_fields(out: Outcome, recipe: rc.Recipe) -> dict[str, Any]:
         "first_incident": min((e.step for e in alarms), default=None),
         "lr_factor": out.lr_factor,
         "lr_ceiling": out.lr_ceiling,
-        "settled_lr": (float(settled[-1].data["lr"]) if settled
+        # data["lr"] holds every param group's LR; value is the first group's
+        "settled_lr": (float(settled[-1].value) if settled
                        else out.lr_end * out.lr_factor),
         "settled_lr_source": "lr_settled event" if settled else "final lr x lr_factor",
         "settled_peak_lr": recipe.lr * out.lr_factor,
