@@ -7,7 +7,8 @@ Writes benchmarks/results/quality.json.
    150/300/450: final full-data loss clean, unprotected, and under
    ``Guard(clip=ZClip(), recovery=Recovery())`` (target: guarded <= 2x clean).
 2. False positives: healthy runs (4 setups + the calibration MLP) x 1000 steps under the
-   same guard; spike / non-finite events per step (target < 0.1 %), warnings of any kind.
+   same guard; spike / non-finite events per step (target < 0.1 %), warnings of any kind,
+   and the final loss against the same run unguarded (target: at most 2% higher).
 3. Fault matrix: every fault x every setup, detected at its step with the right origin,
    no NaN/Inf in parameters or optimizer state, run completed.
 """
@@ -52,28 +53,47 @@ def calibration(steps: int) -> dict[str, Any]:
     return out
 
 
+#: The final loss of a healthy run: the mean training loss of its last steps.
+TAIL = 50
+#: A healthy run's guarded final loss may be at most this many times the unguarded one's.
+HEALTHY_WITHIN = 1.02
+
+
 def false_positives(steps: int, seeds: int) -> dict[str, Any]:
+    """Healthy runs under the default guard: alarms, warnings, and the final loss against
+    the same run unguarded (a bare ``Guard()``: no clip, no recovery, the same steps as
+    no guard; the calibration MLP's full-data loss against its ``clean`` run)."""
     runs = []
     for seed in range(seeds):
         for name in SETUPS:
-            s = make_setup(name, seed=seed)
-            r = run_with_faults(s, [], steps=steps, check_state=False,
+            r = run_with_faults(make_setup(name, seed=seed), [], steps=steps, check_state=False,
                                 guard_kwargs={"clip": gg.ZClip(), "recovery": gg.Recovery()})
+            bare = run_with_faults(make_setup(name, seed=seed), [], steps=steps,
+                                   check_state=False, guard_kwargs={})
             runs.append({
                 "setup": name, "seed": seed, "steps": steps,
                 "alarms": sum(e.kind in ALARMS for e in r.events),
                 "warnings": [f"{e.kind}@{e.step}" for e in r.events if e.severity != "info"],
+                "final_loss": sum(r.losses[-TAIL:]) / TAIL,
+                "unguarded_final_loss": sum(bare.losses[-TAIL:]) / TAIL,
             })
         cal = calibration_run("clean_guarded", steps=steps, seed=seed)
+        clean = calibration_run("clean", steps=steps, seed=seed)
         runs.append({
             "setup": "calibration_mlp", "seed": seed, "steps": steps,
             "alarms": sum(e.kind in ALARMS for e in cal.events),
             "warnings": [f"{e.kind}@{e.step}" for e in cal.events if e.severity != "info"],
+            "final_loss": cal.final_loss, "unguarded_final_loss": clean.final_loss,
         })
+    for r in runs:
+        r["ratio"] = r["final_loss"] / r["unguarded_final_loss"]
     total = sum(r["steps"] for r in runs)
     alarms = sum(r["alarms"] for r in runs)
+    within = sum(r["ratio"] <= HEALTHY_WITHIN for r in runs)
     return {"runs": runs, "steps": total, "alarms": alarms, "rate": alarms / total,
-            "warnings": sum(len(r["warnings"]) for r in runs), "pass": alarms / total < 1e-3}
+            "warnings": sum(len(r["warnings"]) for r in runs),
+            "within_2pct": within, "max_ratio": max(r["ratio"] for r in runs),
+            "pass": alarms / total < 1e-3 and within == len(runs)}
 
 
 def fault_matrix(steps: int) -> dict[str, Any]:
@@ -127,7 +147,9 @@ def main() -> None:
           f"{c['unprotected']['final_loss']:.4g}  guarded {c['guarded']['final_loss']:.4g}  "
           f"(guarded/clean {c['guarded_over_clean']:.2f}, pass={c['pass']})")
     print(f"false positives: {fp['alarms']} alarms in {fp['steps']} healthy steps "
-          f"({fp['rate']:.4%}), {fp['warnings']} warnings, pass={fp['pass']}")
+          f"({fp['rate']:.4%}), {fp['warnings']} warnings; final loss within 2% of unguarded "
+          f"in {fp['within_2pct']}/{len(fp['runs'])} (max {fp['max_ratio']:.3f}), "
+          f"pass={fp['pass']}")
     print(f"fault matrix: {len(fm['rows'])} runs, pass={fm['pass']}")
     print(f"wrote {args.out} in {res['seconds']} s")
 
