@@ -48,25 +48,21 @@ def measure(wl: Workload, rounds: int, warmup: int, only: str | None) -> dict[st
             wall[name].append(time.perf_counter() - w0)
     out: dict[str, Any] = {"workload": wl.name, "params": sum(p.numel() for p in wl.model.parameters()),
                            "rounds": rounds}
+    # each guarded variant against the same optimizer, bare and with clip_grad_norm_
+    bare = {k: "adamw_fused" if "fused" in k else "adamw" for k in names}
+    ref = {k: bare[k] + "+clip_grad_norm_" for k in names
+           if ("Guard" in k or "(pkg)" in k) and bare[k] + "+clip_grad_norm_" in variants}
     for clock, times in (("cpu", cpu), ("wall", wall)):
         med = {k: statistics.median(v) for k, v in times.items()}
         out[f"seconds_per_step_{clock}"] = med
         out[f"ratio_to_same_bare_optimizer_{clock}"] = {
-            k: v / med["adamw_fused" if "fused" in k else "adamw"]
-            for k, v in med.items() if ("adamw_fused" if "fused" in k else "adamw") in med
-        }
+            k: v / med[bare[k]] for k, v in med.items() if bare[k] in med}
         out[f"ratio_to_same_optimizer_with_clip_grad_norm_{clock}"] = {
-            k: v / med[ref] for k, v in med.items()
-            if ("Guard" in k or "(pkg)" in k)
-            and (ref := "adamw_fused+clip_grad_norm_" if "fused" in k else "adamw+clip_grad_norm_") in med
-        }
+            k: med[k] / med[r] for k, r in ref.items()}
         # paired: the ratio within each round (both steps ran seconds apart, under the same
         # load), then the median over rounds; slow drifts of the machine cancel out
         out[f"paired_ratio_to_same_optimizer_with_clip_grad_norm_{clock}"] = {
-            k: statistics.median(a / b for a, b in zip(v, times[ref])) for k, v in times.items()
-            if ("Guard" in k or "(pkg)" in k)
-            and (ref := "adamw_fused+clip_grad_norm_" if "fused" in k else "adamw+clip_grad_norm_") in times
-        }
+            k: statistics.median(a / b for a, b in zip(times[k], times[r])) for k, r in ref.items()}
     # The variants differ only after the backward; their forward and backward run the same
     # code, yet on their own copies of the model they differ by +-0.5% from round to round.
     # The step time implied by the tail: the bare step plus the tail's extra cost.
@@ -74,11 +70,8 @@ def measure(wl: Workload, rounds: int, warmup: int, only: str | None) -> dict[st
     out["seconds_after_backward_cpu"] = t_med
     full = out["seconds_per_step_cpu"]
     out["tail_implied_ratio_to_same_optimizer_with_clip_grad_norm_cpu"] = {
-        k: (full[bare] + t_med[k] - t_med[bare]) / (full[bare] + t_med[ref] - t_med[bare])
-        for k in t_med
-        if ("Guard" in k or "(pkg)" in k)
-        and (ref := "adamw_fused+clip_grad_norm_" if "fused" in k else "adamw+clip_grad_norm_") in t_med
-        and (bare := "adamw_fused" if "fused" in k else "adamw") in t_med
+        k: (full[bare[k]] + t_med[k] - t_med[bare[k]]) / (full[bare[k]] + t_med[r] - t_med[bare[k]])
+        for k, r in ref.items() if bare[k] in t_med
     }
     return out
 

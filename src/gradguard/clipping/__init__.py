@@ -5,15 +5,7 @@ See :mod:`gradguard.clipping.base` for the protocol every policy follows.
 
 from __future__ import annotations
 
-from .adaptive import (
-    AUTOCLIP_PERCENTILE,
-    ZCLIP_ALPHA,
-    ZCLIP_EPS,
-    ZCLIP_WARMUP,
-    ZCLIP_Z_THRESH,
-    AutoClip,
-    ZClip,
-)
+from .adaptive import AUTOCLIP_PERCENTILE, AutoClip
 from .agc import AGC, AGC_CLIPPING, AGC_EPS, unitwise_norm
 from .base import (
     NORM_EPS,
@@ -30,6 +22,7 @@ from .base import (
     scale_grads_,
 )
 from .chain import Chain, chain
+from .zclip import ZCLIP_ALPHA, ZCLIP_EPS, ZCLIP_WARMUP, ZCLIP_Z_THRESH, ZClip
 
 POLICIES: tuple[type, ...] = (NormClip, ValueClip, AutoClip, ZClip, AGC, Chain)
 

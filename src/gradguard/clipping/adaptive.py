@@ -1,43 +1,27 @@
-"""Adaptive total-norm clipping: AutoClip (percentile of the history) and ZClip (z-score
-of an EMA). Both keep their statistics on the device and never let a non-finite norm in.
+"""Adaptive total-norm clipping: AutoClip (percentile of the history) here, ZClip (z-score
+of an EMA) in :mod:`.zclip`. Both keep their statistics on the device and never let a
+non-finite norm in.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..measure import StepStats, host_scalars
-from .base import NORM_EPS, Policy, check_positive, norm_coef, to_device
-
-# ZClip defaults (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM
-# Pre-Training", Sec. 3 and the reference implementation).
-ZCLIP_ALPHA = 0.97
-ZCLIP_Z_THRESH = 2.5
-ZCLIP_WARMUP = 25
-ZCLIP_EPS = 1e-6
-#: gradguard's addition to ZClip's warm-up: a norm above this many times the median of the
-#: first ``ZCLIP_WARMUP_ANCHOR`` finite norms is an explosion, not the run's normal scale
-#: (healthy warm-ups stay well within 10x of their first norms; an IRNN or an LR 10x too
-#: high grows geometrically): it is clipped to that bound and enters the statistics
-#: clipped, so the EMA starts from the healthy scale.
-ZCLIP_WARMUP_CAP = 10.0
-ZCLIP_WARMUP_ANCHOR = 5
-
-_F32 = struct.Struct("f")
-
-
-def _f32(x: float) -> float:
-    """``x`` rounded to float32, as a float32 tensor op rounds its result (+-inf beyond)."""
-    try:
-        return float(_F32.unpack(_F32.pack(x))[0])
-    except OverflowError:
-        return math.copysign(math.inf, x)
-
+from ..measure import StepStats
+from .base import Policy, norm_coef, to_device
+from .zclip import (  # noqa: F401  (its home before the split)
+    ZCLIP_ALPHA,
+    ZCLIP_EPS,
+    ZCLIP_WARMUP,
+    ZCLIP_WARMUP_ANCHOR,
+    ZCLIP_WARMUP_CAP,
+    ZCLIP_Z_THRESH,
+    ZClip,
+)
 
 # AutoClip default (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for
 # Source Separation Networks": the 10th percentile worked best across their tasks).
@@ -205,236 +189,3 @@ class AutoClip(Policy):
 
     def __repr__(self) -> str:
         return f"AutoClip(percentile={self.percentile}, history_size={self.history_size})"
-
-
-class ZClip(Policy):
-    """ZClip: z-score based adaptive clipping with EMA statistics of the gradient norm.
-
-    Warm-up: the first ``warmup_steps`` *finite* norms are collected; their plain mean and
-    (population) variance initialise the EMA. No clipping happens during warm-up unless
-    ``max_norm`` is given. Afterwards, with ``z = (g - mu) / (sigma + eps)``:
-
-    * if ``z > z_thresh`` the norm is clipped to ``mu + z_thresh**2 / z * sigma``
-      (``mode="reciprocal"``, the paper's default) or ``mu + z_thresh * sigma``
-      (``mode="percentile"``) or ``mu`` (``mode="mean"``);
-    * the EMA is updated with the *clipped* norm:
-      ``mu <- a mu + (1-a) g_c``, ``var <- a var + (1-a) (g_c - mu)**2`` (new ``mu``).
-
-    Non-finite norms never enter the statistics, so a NaN during warm-up does not disable
-    clipping. No absolute cap is applied unless ``max_norm`` is set (a shorthand for
-    ``gg.chain(gg.ZClip(), gg.NormClip(max_norm))``).
-
-    Explosion during warm-up (gradguard's addition; ``warmup_cap=None`` is the paper's
-    algorithm): once the first ``ZCLIP_WARMUP_ANCHOR`` finite norms are in, a warm-up norm
-    above ``warmup_cap`` times their median is clipped to that bound, and enters the
-    warm-up statistics clipped. A run whose norm grows geometrically from step 0 is then
-    clipped relative to its first healthy norms instead of teaching ZClip that the
-    explosion is its normal scale.
-
-    Args:
-        alpha: EMA factor in (0, 1); paper default 0.97.
-        z_thresh: z-score threshold > 0; paper default 2.5.
-        warmup_steps: finite steps before clipping starts (>= 1); paper default 25.
-        mode: ``"reciprocal"`` | ``"percentile"`` | ``"mean"``.
-        max_norm: optional absolute cap, applied always (None: none).
-        eps: added to sigma in the z-score.
-        warmup_cap: during warm-up, clip norms above this many times the median of the
-            first finite norms (> 1; None: no clipping during warm-up, as in the paper).
-
-    References:
-        Kumar, Owen, Ashraf, Ahmed, Rehman, Pettersson. "ZClip: Adaptive Spike Mitigation
-        for LLM Pre-Training." 2025. arXiv:2504.02507.
-
-    Example:
-        >>> import torch, gradguard as gg
-        >>> policy = gg.ZClip(warmup_steps=3)
-        >>> w = torch.nn.Parameter(torch.zeros(1))
-        >>> for g in [1.0, 1.1, 0.9, 50.0]:
-        ...     w.grad = torch.tensor([g]); _ = policy.clip_([w])
-        >>> bool(w.grad.item() < 2.0)
-        True
-    """
-
-    MODES = ("reciprocal", "percentile", "mean")
-
-    def __init__(
-        self,
-        alpha: float = ZCLIP_ALPHA,
-        z_thresh: float = ZCLIP_Z_THRESH,
-        warmup_steps: int = ZCLIP_WARMUP,
-        *,
-        mode: str = "reciprocal",
-        max_norm: float | None = None,
-        eps: float = ZCLIP_EPS,
-        warmup_cap: float | None = ZCLIP_WARMUP_CAP,
-    ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise TypeError(f"ZClip(alpha={alpha!r}): expected a number in (0, 1)")
-        if not (0.0 < float(alpha) < 1.0):
-            raise ValueError(f"ZClip(alpha={alpha!r}): must be in (0, 1)")
-        self.alpha = float(alpha)
-        self.z_thresh = check_positive("z_thresh", z_thresh, "ZClip")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"ZClip(warmup_steps={warmup_steps!r}): must be an int >= 1")
-        self.warmup_steps = warmup_steps
-        if mode not in self.MODES:
-            raise ValueError(f"ZClip(mode={mode!r}): allowed values are {self.MODES}")
-        self.mode = mode
-        self.max_norm = None if max_norm is None else check_positive("max_norm", max_norm, "ZClip")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-            raise ValueError(f"ZClip(eps={eps!r}): must be a number >= 0")
-        self.eps = float(eps)
-        if warmup_cap is not None and (isinstance(warmup_cap, bool)
-                                       or not isinstance(warmup_cap, (int, float))
-                                       or not warmup_cap > 1):
-            raise ValueError(f"ZClip(warmup_cap={warmup_cap!r}): must be a number > 1 or None")
-        self.warmup_cap = None if warmup_cap is None else float(warmup_cap)
-        self._state: dict[str, Tensor] | None = None
-
-    def _ensure(self, device: torch.device) -> dict[str, Tensor]:
-        if self._state is not None and self._state["mean"].device != device:
-            # loaded from a checkpoint mapped elsewhere (e.g. map_location="cpu")
-            self._state = to_device(self._state, device)
-        if self._state is None:
-            self._state = {
-                "mean": torch.zeros((), device=device),
-                "var": torch.zeros((), device=device),
-                "count": torch.zeros((), dtype=torch.long, device=device),
-                "buffer": torch.zeros(self.warmup_steps, device=device),
-            }
-        return self._state
-
-    @property
-    def mean(self) -> Tensor | None:
-        return None if self._state is None else self._state["mean"]
-
-    @property
-    def var(self) -> Tensor | None:
-        return None if self._state is None else self._state["var"]
-
-    def coefficient(self, stats: StepStats) -> Tensor:
-        g = stats.total_norm.float()
-        fin = stats.finite
-        s = self._ensure(g.device)
-        if host_scalars(g, fin):
-            return self._host_coefficient(g, fin, s)
-        mean, var, count, buf = s["mean"], s["var"], s["count"], s["buffer"]
-        # Few, fused-friendly ops: this runs every step, one small kernel each on a GPU.
-        warm = count < self.warmup_steps
-        active = ~warm & fin
-        std = var.sqrt()
-        z = (g - mean) / (std + self.eps)
-        if self.mode == "reciprocal":
-            # only used where z > z_thresh > 0; elsewhere masked out by `clip`
-            thr = mean + (self.z_thresh**2) * std / z
-        elif self.mode == "percentile":
-            thr = mean + self.z_thresh * std
-        else:
-            thr = mean
-        clip = active & (z > self.z_thresh) & (thr < g)
-        # == norm_coef(g, fin, thr if clip else inf): clip implies a finite g above thr
-        coef = torch.where(clip, thr / (g + NORM_EPS), 1.0)
-        if self.warmup_cap is not None:
-            anchor = min(ZCLIP_WARMUP_ANCHOR, self.warmup_steps)
-            cap = self.warmup_cap * buf[:anchor].median()
-            capping = warm & (count >= anchor) & fin & (g > cap)
-            coef = torch.where(capping, cap / (g + NORM_EPS), coef)
-            g_in = torch.where(capping, cap, g)  # the warm-up statistics see it clipped
-        else:
-            g_in = g
-        if self.max_norm is not None:
-            coef = torch.minimum(coef, norm_coef(g, fin, self.max_norm))
-        # EMA update with the clipped norm (finite steps after warm-up only)
-        g_c = torch.where(clip, thr, g)
-        new_mean = torch.lerp(mean, g_c, 1 - self.alpha)  # alpha mean + (1 - alpha) g_c
-        new_var = torch.lerp(var, (g_c - new_mean) ** 2, 1 - self.alpha)
-        # warm-up: collect finite norms, initialise mean/var from them when complete
-        take = warm & fin
-        idx = count.clamp(max=self.warmup_steps - 1).reshape(1)
-        buf.index_copy_(0, idx, torch.where(take, g_in, buf.index_select(0, idx)[0]).reshape(1))
-        new_count = count + take.long()
-        done = warm & (new_count == self.warmup_steps)
-        mean.copy_(torch.where(active, new_mean, torch.where(done, buf.mean(), mean)))
-        var.copy_(torch.where(active, new_var, torch.where(done, buf.var(unbiased=False), var)))
-        count.copy_(new_count)
-        return coef
-
-    def _host_coefficient(self, g_t: Tensor, fin_t: Tensor, s: dict[str, Tensor]) -> Tensor:
-        """:meth:`coefficient` for CPU scalars, in Python numbers: the same rule, the same
-        state read and written in place, and the same float32 results bit for bit (each
-        step rounded as the tensor op rounds it; ``tests/test_clipping.py``), instead of
-        ~60 one-element tensor ops (a CPU tensor is host memory; see
-        ``measure.READ_CPU_COEFFICIENT``)."""
-        g, fin, count = g_t.item(), bool(fin_t), int(s["count"])
-        eps = _f32(NORM_EPS)
-        coef = 1.0
-        if not fin:
-            return torch.tensor(coef, dtype=torch.float32)  # never enters the statistics
-        if count < self.warmup_steps:
-            g_in = g
-            anchor = min(ZCLIP_WARMUP_ANCHOR, self.warmup_steps)
-            if self.warmup_cap is not None and count >= anchor:
-                first = sorted(s["buffer"][:anchor].tolist())
-                cap = _f32(_f32(self.warmup_cap) * first[(anchor - 1) // 2])  # torch.median
-                if g > cap:
-                    coef, g_in = _f32(cap / _f32(g + eps)), cap
-            buf = s["buffer"]
-            buf[count] = g_in
-            s["count"].fill_(count + 1)
-            if count + 1 == self.warmup_steps:
-                s["mean"].copy_(buf.mean())
-                s["var"].copy_(buf.var(unbiased=False))
-        else:
-            mean, var = s["mean"].item(), s["var"].item()
-            std = s["var"].sqrt().item()  # torch's float32 sqrt is not always IEEE's
-            den = _f32(std + _f32(self.eps))
-            diff = _f32(g - mean)
-            z = _f32(diff / den) if den else (math.copysign(math.inf, diff) if diff else math.nan)
-            g_c = g
-            if z > _f32(self.z_thresh):
-                if self.mode == "reciprocal":
-                    thr = _f32(mean + _f32(_f32(_f32(self.z_thresh**2) * std) / z))
-                elif self.mode == "percentile":
-                    thr = _f32(mean + _f32(_f32(self.z_thresh) * std))
-                else:
-                    thr = mean
-                if thr < g:
-                    coef, g_c = _f32(thr / _f32(g + eps)), thr
-            w = _f32(1 - self.alpha)
-            new_mean = _f32(mean + w * _f32(g_c - mean))  # torch.lerp: a fused multiply-add
-            d = _f32(g_c - new_mean)
-            s["mean"].fill_(new_mean)
-            s["var"].fill_(_f32(var + w * _f32(_f32(d * d) - var)))
-        if self.max_norm is not None:  # norm_coef: max_norm / t is reciprocal(t) * max_norm
-            coef = min(coef, _f32(_f32(1.0 / _f32(g + eps)) * _f32(self.max_norm)))
-        return torch.tensor(coef, dtype=torch.float32)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "alpha": self.alpha,
-            "z_thresh": self.z_thresh,
-            "warmup_steps": self.warmup_steps,
-            "mode": self.mode,
-            "max_norm": self.max_norm,
-            "warmup_cap": self.warmup_cap,
-            "state": None
-            if self._state is None
-            else {k: v.clone() for k, v in self._state.items()},
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._check_keys(state_dict, ("state",))
-        st = state_dict["state"]
-        if st is not None and st["buffer"].numel() != state_dict.get(
-            "warmup_steps", self.warmup_steps
-        ):
-            raise ValueError("ZClip.load_state_dict: warm-up buffer does not match warmup_steps")
-        self.warmup_steps = int(state_dict.get("warmup_steps", self.warmup_steps))
-        # copies: the live statistics must not alias the checkpoint's tensors
-        self._state = None if st is None else to_device(st, st["mean"].device)
-
-    def __repr__(self) -> str:
-        return (
-            f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, warmup_steps={self.warmup_steps}, "
-            f"mode={self.mode!r}, max_norm={self.max_norm}, warmup_cap={self.warmup_cap})"
-        )
