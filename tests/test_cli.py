@@ -7,14 +7,18 @@ import sys
 
 import gradguard as gg
 from gradguard.cli import main
-from gradguard.cli.demo import run_demo
+from gradguard.cli.demo import fault_schedule, run_demo
+from gradguard.events import read_jsonl
 
 
 def test_demo_unguarded_breaks_and_guarded_recovers(tmp_path):
     a, b = run_demo(out=tmp_path, steps=200, seed=0)
     assert a.broke, a
     assert not b.broke and b.final_loss < 0.05, b
-    assert b.clipped_steps >= 3
+    spikes = [s for s, f in fault_schedule(200).items() if f == "spike"]
+    clipped = {r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")
+               if r["type"] == "step" and r["clip_coef"] is not None and r["clip_coef"] < 1.0}
+    assert set(spikes) <= clipped and b.clipped_steps == len(clipped)  # both spikes clipped
     assert (tmp_path / "metrics.jsonl").stat().st_size > 0
     assert (tmp_path / "events.jsonl").exists()
 
