@@ -86,6 +86,23 @@ def test_noise_and_a_short_bump_are_no_rise():
         assert rise.risen(1.5) is None, start
 
 
+def test_a_flat_noisy_loss_is_no_rise_over_its_luckiest_first_batch():
+    """A healthy run that learns little (benchmarks/quality.py's transformer, seed 3): its
+    first three batch losses 0.27, 0.19, 0.44, then a noisy level near 0.29. The fresh
+    model's level is their median, not the luckiest batch (0.29 is 1.56x 0.19: with the
+    lowest of the three, every such run had "risen", having learnt nothing to give back)."""
+    rise = LossRise()
+    g = torch.Generator().manual_seed(3)
+    flat = [0.29 * math.exp(0.15 * float(torch.randn((), generator=g))) for _ in range(197)]
+    losses = [0.274, 0.187, 0.438, *flat]
+    for start in range(0, 200, 25):
+        feed(rise, start, losses[start:start + 25])
+        assert rise.risen(1.5) is None, start
+    assert rise.initial == 0.274
+    feed(rise, 200, [0.6] * 20)  # a real rise from that level still counts
+    assert rise.risen(1.5) is not None
+
+
 def test_once_the_lr_is_known_too_high_a_rise_that_keeps_the_progress_still_counts():
     """A run settled just under the edge of stability: from 2.3 to a best of 0.15, then a
     noisy stretch at 0.4 (2.7x its best, yet far from giving back half of what it learnt)."""

@@ -10,8 +10,10 @@ this test judges the loss against the best the run has reached.
 At each flush, :class:`LossRise` computes rolling medians of ``BLOCK`` consecutive taken
 steps' losses (skipped steps left out, carried over from the previous window) and keeps
 the *best* level since the ladder last acted (the lowest of those medians) and the run's
-*initial* level (the lowest of its first ``FIRST`` losses: a fresh model's loss, before an
-LR too high can damage it). The loss has *risen* when the medians of the last two blocks
+*initial* level (the median of its first ``FIRST`` losses: a fresh model's loss, before an
+LR too high can damage it; a median, as the levels are, not the luckiest of three batches:
+on a healthy run that learns little, a noisy loss sits 1.5x above its luckiest first
+batch for good, and the lowest of them made every such run "risen"). The loss has *risen* when the medians of the last two blocks
 of ``BLOCK`` steps are both above
 
 * ``factor`` x the best (the ladder's ``stall_factor``, 1.5 by default: the band the
@@ -84,7 +86,7 @@ class LossRise:
             first = [x for s, x, sk in zip(steps, losses, skipped)
                      if s < FIRST and not sk and math.isfinite(x)]
             if first:
-                self.initial = min(first)
+                self.initial = statistics.median(first)
                 candidates.append(self.initial)
         seq = self._carry + vals
         medians = [statistics.median(seq[i - BLOCK:i]) for i in range(BLOCK, len(seq) + 1)]
