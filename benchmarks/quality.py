@@ -6,9 +6,12 @@ Writes benchmarks/results/quality.json.
 1. Calibration: a 4x256 ReLU MLP, Adam lr 1e-3, 600 steps, x1000 gradient spikes at steps
    150/300/450: final full-data loss clean, unprotected, and under
    ``Guard(clip=ZClip(), recovery=Recovery())`` (target: guarded <= 2x clean).
-2. False positives: healthy runs (4 setups + the calibration MLP) x 1000 steps under the
-   same guard; spike / non-finite events per step (target < 0.1 %), warnings of any kind,
-   and the final loss against the same run unguarded (target: at most 2% higher).
+2. False positives: healthy runs (4 setups + the calibration MLP) x 1000 steps x 4 seeds
+   under the same guard; spike / non-finite events per step (target < 0.1 %), warnings of
+   any kind, and the final loss against the same run unguarded: per setup, the mean over
+   the seeds at most 2% higher (one seed cannot resolve 2%: a clip moves a run's path,
+   and where two paths of one healthy run end differs by up to +-10% on the MLP; the
+   per-seed ratios are in the JSON).
 3. Fault matrix: every fault x every setup, detected at its step with the right origin,
    no NaN/Inf in parameters or optimizer state, run completed.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -55,8 +59,11 @@ def calibration(steps: int) -> dict[str, Any]:
 
 #: The final loss of a healthy run: the mean training loss of its last steps.
 TAIL = 50
-#: A healthy run's guarded final loss may be at most this many times the unguarded one's.
+#: A healthy setup's guarded final loss (mean over the seeds) may be at most this many times
+#: the unguarded one's.
 HEALTHY_WITHIN = 1.02
+#: Healthy seeds per setup.
+SEEDS = 4
 
 
 def false_positives(steps: int, seeds: int) -> dict[str, Any]:
@@ -87,13 +94,24 @@ def false_positives(steps: int, seeds: int) -> dict[str, Any]:
         })
     for r in runs:
         r["ratio"] = r["final_loss"] / r["unguarded_final_loss"]
+    setups = {}
+    for name in dict.fromkeys(r["setup"] for r in runs):
+        mine = [r for r in runs if r["setup"] == name]
+        setups[name] = {
+            "seeds": len(mine),
+            "ratio_of_means": statistics.fmean(r["final_loss"] for r in mine)
+            / statistics.fmean(r["unguarded_final_loss"] for r in mine),
+            "per_seed": [round(r["ratio"], 4) for r in mine],
+        }
     total = sum(r["steps"] for r in runs)
     alarms = sum(r["alarms"] for r in runs)
-    within = sum(r["ratio"] <= HEALTHY_WITHIN for r in runs)
-    return {"runs": runs, "steps": total, "alarms": alarms, "rate": alarms / total,
-            "warnings": sum(len(r["warnings"]) for r in runs),
-            "within_2pct": within, "max_ratio": max(r["ratio"] for r in runs),
-            "pass": alarms / total < 1e-3 and within == len(runs)}
+    warnings = sum(len(r["warnings"]) for r in runs)
+    within = sum(s["ratio_of_means"] <= HEALTHY_WITHIN for s in setups.values())
+    return {"runs": runs, "setups": setups, "steps": total, "alarms": alarms,
+            "rate": alarms / total, "warnings": warnings,
+            "within_2pct": within, "max_ratio": max(s["ratio_of_means"] for s in setups.values()),
+            "runs_within_2pct": sum(r["ratio"] <= HEALTHY_WITHIN for r in runs),
+            "pass": alarms / total < 1e-3 and warnings == 0 and within == len(setups)}
 
 
 def fault_matrix(steps: int) -> dict[str, Any]:
@@ -127,12 +145,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="shorter runs (a smoke test)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.json"))
+    ap.add_argument("--seeds", type=int, default=SEEDS, help=f"healthy seeds (default {SEEDS})")
     args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error(f"--seeds {args.seeds}: must be >= 1")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     res = {
         "calibration": calibration(200 if args.quick else 600),
-        "false_positives": false_positives(200 if args.quick else 1000, 1 if args.quick else 2),
+        "false_positives": false_positives(200 if args.quick else 1000,
+                                           1 if args.quick else args.seeds),
         "fault_matrix": fault_matrix(40 if args.quick else 80),
         "quick": args.quick,
         "torch": torch.__version__,
@@ -147,8 +169,9 @@ def main() -> None:
           f"{c['unprotected']['final_loss']:.4g}  guarded {c['guarded']['final_loss']:.4g}  "
           f"(guarded/clean {c['guarded_over_clean']:.2f}, pass={c['pass']})")
     print(f"false positives: {fp['alarms']} alarms in {fp['steps']} healthy steps "
-          f"({fp['rate']:.4%}), {fp['warnings']} warnings; final loss within 2% of unguarded "
-          f"in {fp['within_2pct']}/{len(fp['runs'])} (max {fp['max_ratio']:.3f}), "
+          f"({fp['rate']:.4%}), {fp['warnings']} warnings; mean final loss over the seeds "
+          f"within 2% of unguarded on {fp['within_2pct']}/{len(fp['setups'])} setups (max "
+          f"{fp['max_ratio']:.3f}; single runs {fp['runs_within_2pct']}/{len(fp['runs'])}), "
           f"pass={fp['pass']}")
     print(f"fault matrix: {len(fm['rows'])} runs, pass={fm['pass']}")
     print(f"wrote {args.out} in {res['seconds']} s")

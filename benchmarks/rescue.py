@@ -460,6 +460,23 @@ class Runner:
             "seconds": round(time.perf_counter() - t0, 2),
         }
 
+    def rescue_seeds(self, case: RescueCase, steps: int, seeds: int) -> dict[str, Any]:
+        """:meth:`rescue` at this runner's seed, and the outcome at ``seeds - 1`` more (one
+        seed is one draw: where a run that trains noisily ends is partly chance)."""
+        first = self.rescue(case, steps)
+        records = [first] + [Runner(seed=self.seed + k).rescue(case, steps)
+                             for k in range(1, seeds)]
+        first["seeds"] = [{
+            "seed": self.seed + k, "guarded_over_twin": r["guarded_over_twin"],
+            "within_2x": r["within_2x"], "unguarded_over_twin": r["unguarded_over_twin"],
+            "unguarded_within_2x": r["unguarded_within_2x"],
+            **{key: r["guarded"].get(key, 0) for key in ("skips", "backoffs", "rollbacks")},
+        } for k, r in enumerate(records)]
+        first["within_2x_seeds"] = sum(r["within_2x"] for r in records)
+        first["unguarded_within_2x_seeds"] = sum(r["unguarded_within_2x"] for r in records)
+        first["seconds"] = round(sum(r["seconds"] for r in records), 2)
+        return first
+
     def healthy(self, case: HealthyCase, steps: int, seeds: int = HEALTHY_SEEDS) -> dict[str, Any]:
         t0 = time.perf_counter()
         plain = arm(self.unguarded(case.task, case.recipe, steps), case.recipe, steps)
@@ -523,6 +540,17 @@ def summary(rescue: list[dict[str, Any]], healthy: list[dict[str, Any]]) -> dict
         "held_out_within_2x": sum(r["within_2x"] for r in held),
         "held_out_unguarded_within_2x": sum(r["unguarded_within_2x"] for r in held),
         "held_out_not_within_2x": [r["name"] for r in held if not r["within_2x"]],
+        # over every seed (--rescue-seeds): runs within 2x of their twin / runs
+        "rescue_seed_runs_within_2x": [sum(r.get("within_2x_seeds", r["within_2x"]) for r in rescue),
+                                       sum(len(r.get("seeds", [0])) for r in rescue)],
+        "rescue_unguarded_seed_runs_within_2x": [
+            sum(r.get("unguarded_within_2x_seeds", r["unguarded_within_2x"]) for r in rescue),
+            sum(len(r.get("seeds", [0])) for r in rescue)],
+        "held_out_seed_runs_within_2x": [sum(r.get("within_2x_seeds", r["within_2x"]) for r in held),
+                                         sum(len(r.get("seeds", [0])) for r in held)],
+        "held_out_unguarded_seed_runs_within_2x": [
+            sum(r.get("unguarded_within_2x_seeds", r["unguarded_within_2x"]) for r in held),
+            sum(len(r.get("seeds", [0])) for r in held)],
     }
 
 
@@ -530,12 +558,17 @@ def _f(x: Any, spec: str = ".3g") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _seeds(r: dict[str, Any]) -> str:
+    """``within/seeds`` over the seeds run (``-`` for one)."""
+    return f"{r['within_2x_seeds']}/{len(r['seeds'])}" if "seeds" in r else "-"
+
+
 def table(rescue: list[dict[str, Any]], healthy: list[dict[str, Any]]) -> str:
     lines = []
     if rescue:
         lines.append(f"{'rescue case':32} {'twin':>6} {'unguard':>8} {'guarded':>8} {'g/twin':>7} "
                      f"{'train':>6} {'gap':>5} {'fin':>3} {'skip':>4} {'bo':>3} {'rb':>3} "
-                     f"{'settled lr':>10} {'twin lr':>8} {'1st':>4} {'sec':>5}")
+                     f"{'settled lr':>10} {'twin lr':>8} {'1st':>4} {'seeds':>5} {'sec':>5}")
         for r in rescue:
             g, u, t = r["guarded"], r["unguarded"], r["twin"]
             fin = ("err" if g["error"] else "ab" if g["aborted"]
@@ -547,7 +580,7 @@ def table(rescue: list[dict[str, Any]], healthy: list[dict[str, Any]]) -> str:
                 f"{fin:>3} {g.get('skips', 0):>4} {g.get('backoffs', 0):>3} "
                 f"{g.get('rollbacks', 0):>3} {_f(g.get('settled_peak_lr'), '.3g'):>10} "
                 f"{_f(t['lr'], '.3g'):>8} {_f(g.get('first_incident'), 'd'):>4} "
-                f"{r['seconds']:>5.0f}")
+                f"{_seeds(r):>5} {r['seconds']:>5.0f}")
     if healthy:
         lines.append("")
         lines.append(f"{'healthy case':36} {'unguard':>8} {'guarded':>8} {'ratio':>6} "
@@ -599,11 +632,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--healthy-seeds", type=int, default=HEALTHY_SEEDS,
                     help=f"seeds per healthy case (default {HEALTHY_SEEDS})")
+    ap.add_argument("--rescue-seeds", type=int, default=1,
+                    help="seeds per failing case (default 1; the committed results: 3)")
     ap.add_argument("--out", default=None, help="results file (default: results/rescue.json "
                     "for a full run, results/rescue.partial.json otherwise)")
     args = ap.parse_args(argv)
     if args.healthy_seeds < 1:
         ap.error(f"--healthy-seeds {args.healthy_seeds}: must be >= 1")
+    if args.rescue_seeds < 1:
+        ap.error(f"--rescue-seeds {args.rescue_seeds}: must be >= 1")
     if args.steps is not None and args.steps < 10:
         ap.error(f"--steps {args.steps}: must be >= 10")
     partial = bool(args.quick or args.case or args.steps or args.healthy_seeds != HEALTHY_SEEDS)
@@ -622,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rescue, healthy = [], []
     for case in RESCUE_CASES + HELD_OUT_CASES:
         if case.name in chosen:
-            rescue.append(runner.rescue(case, steps_of(case.steps)))
+            rescue.append(runner.rescue_seeds(case, steps_of(case.steps), args.rescue_seeds))
             print(f"  {case.name}: {rescue[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
     for hcase in HEALTHY_CASES:
         if hcase.name in chosen:
@@ -631,6 +668,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     s = summary(rescue, healthy)
     res: dict[str, Any] = {
         "environment": environment() | {"quick": args.quick, "seed": args.seed,
+                                        "rescue_seeds": args.rescue_seeds,
                                         "steps_override": args.steps},
         "targets": {"rescue": f"finite and held-out loss <= {WITHIN}x the twin's",
                     "healthy": f"mean held-out loss over {args.healthy_seeds} seeds <= "
@@ -647,6 +685,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"unguarded: {s['rescue_unguarded_within_2x']})")
     print(f"held out: {s['held_out_within_2x']}/{s['held_out_cases']} finite and within "
           f"{WITHIN:g}x (unguarded: {s['held_out_unguarded_within_2x']})")
+    if args.rescue_seeds > 1:
+        for key in ("rescue", "held_out"):
+            (w, n), (uw, _) = s[f"{key}_seed_runs_within_2x"], s[f"{key}_unguarded_seed_runs_within_2x"]
+            print(f"{key} over {args.rescue_seeds} seeds: {w}/{n} runs within {WITHIN:g}x "
+                  f"(unguarded: {uw}/{n})")
     print(f"healthy: {s['healthy_ok']}/{s['healthy_cases']} within {HEALTHY_WITHIN - 1:.0%} "
           f"with 0 warnings ({s['healthy_warnings']} warnings in {s['healthy_steps']} steps)")
     print(f"wrote {out} in {res['seconds']} s")

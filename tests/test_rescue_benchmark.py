@@ -56,6 +56,27 @@ def test_rescue_harness_writes_records_of_the_documented_shape(
     assert math.isfinite(h["guarded"]["eval_loss"])
 
 
+def test_rescue_seeds_records_every_seed_and_counts_them(
+    rescue: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "rescue.json"
+    rescue.main(["--case", "bad_inputs_regression_adam", "--steps", "12", "--rescue-seeds", "2",
+                 "--out", str(out)])
+    assert "over 2 seeds" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    (case,) = res["rescue"]
+    assert [r["seed"] for r in case["seeds"]] == [0, 1]
+    assert case["seeds"][0]["guarded_over_twin"] == case["guarded_over_twin"]  # seed 0's record
+    assert case["within_2x_seeds"] == sum(r["within_2x"] for r in case["seeds"])
+    again = rescue.Runner(seed=1).rescue(rescue.RESCUE_CASES[4], 12)  # the same case, seed 1
+    assert again["name"] == "bad_inputs_regression_adam"
+    assert case["seeds"][1]["guarded_over_twin"] == pytest.approx(again["guarded_over_twin"], rel=1e-3)
+    assert res["summary"]["rescue_seed_runs_within_2x"] == [case["within_2x_seeds"], 2]
+    assert res["environment"]["rescue_seeds"] == 2
+    with pytest.raises(SystemExit):
+        rescue.main(["--rescue-seeds", "0"])
+
+
 def test_bad_inputs_corrupts_the_seeded_fraction_and_reports_which(rescue: ModuleType) -> None:
     bad_inputs = rescue.rc.BadInputs(fraction=0.05)
 
