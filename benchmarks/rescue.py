@@ -519,6 +519,13 @@ class Runner:
 
 
 # ---- the report ---------------------------------------------------------------------------
+def _seed_runs(records: list[dict[str, Any]], key: str) -> list[int]:
+    """``[runs for which key holds, runs]`` over every seed of ``records`` (one run each
+    when they were run on one seed)."""
+    return [sum(r.get(f"{key}_seeds", r[key]) for r in records),
+            sum(len(r.get("seeds", [0])) for r in records)]
+
+
 def summary(rescue: list[dict[str, Any]], healthy: list[dict[str, Any]]) -> dict[str, Any]:
     held = [r for r in rescue if r.get("held_out")]
     rescue = [r for r in rescue if not r.get("held_out")]
@@ -540,17 +547,11 @@ def summary(rescue: list[dict[str, Any]], healthy: list[dict[str, Any]]) -> dict
         "held_out_within_2x": sum(r["within_2x"] for r in held),
         "held_out_unguarded_within_2x": sum(r["unguarded_within_2x"] for r in held),
         "held_out_not_within_2x": [r["name"] for r in held if not r["within_2x"]],
-        # over every seed (--rescue-seeds): runs within 2x of their twin / runs
-        "rescue_seed_runs_within_2x": [sum(r.get("within_2x_seeds", r["within_2x"]) for r in rescue),
-                                       sum(len(r.get("seeds", [0])) for r in rescue)],
-        "rescue_unguarded_seed_runs_within_2x": [
-            sum(r.get("unguarded_within_2x_seeds", r["unguarded_within_2x"]) for r in rescue),
-            sum(len(r.get("seeds", [0])) for r in rescue)],
-        "held_out_seed_runs_within_2x": [sum(r.get("within_2x_seeds", r["within_2x"]) for r in held),
-                                         sum(len(r.get("seeds", [0])) for r in held)],
-        "held_out_unguarded_seed_runs_within_2x": [
-            sum(r.get("unguarded_within_2x_seeds", r["unguarded_within_2x"]) for r in held),
-            sum(len(r.get("seeds", [0])) for r in held)],
+        # over every seed (--rescue-seeds): [runs within 2x of their twin, runs]
+        "rescue_seed_runs_within_2x": _seed_runs(rescue, "within_2x"),
+        "rescue_unguarded_seed_runs_within_2x": _seed_runs(rescue, "unguarded_within_2x"),
+        "held_out_seed_runs_within_2x": _seed_runs(held, "within_2x"),
+        "held_out_unguarded_seed_runs_within_2x": _seed_runs(held, "unguarded_within_2x"),
     }
 
 

@@ -173,11 +173,11 @@ class ZClip(Policy):
         s = self._ensure(g.device)
         if host_scalars(g, fin):
             return self._host_coefficient(g, fin, s)
-        log = self.space == "log"
         # the statistics' variable: the norm, or its log (then thresholds go back by exp)
-        x = g.clamp_min(ZCLIP_LOG_FLOOR).log() if log else g
+        log = self.space == "log"
+        x = g
         if log:
-            fin = fin & (g > ZCLIP_LOG_FLOOR)
+            x, fin = g.clamp_min(ZCLIP_LOG_FLOOR).log(), fin & (g > ZCLIP_LOG_FLOOR)
         mean, var, count, buf = s["mean"], s["var"], s["count"], s["buffer"]
         # Few, fused-friendly ops: this runs every step, one small kernel each on a GPU.
         warm = count < self.warmup_steps

@@ -13,8 +13,8 @@ the *best* level since the ladder last acted (the lowest of those medians) and t
 *initial* level (the median of its first ``FIRST`` losses: a fresh model's loss, before an
 LR too high can damage it; a median, as the levels are, not the luckiest of three batches:
 on a healthy run that learns little, a noisy loss sits 1.5x above its luckiest first
-batch for good, and the lowest of them made every such run "risen"). The loss has *risen* when the medians of the last two blocks
-of ``BLOCK`` steps are both above
+batch for good, and the lowest of them made every such run "risen"). The loss has
+*risen* when the medians of the last two blocks of ``BLOCK`` steps are both above
 
 * ``factor`` x the best (the ladder's ``stall_factor``, 1.5 by default: the band the
   progress check calls "back near its level"), and
