@@ -626,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help=f"run {QUICK:.0%} of each case's steps (a smoke run)")
+                    help=f"run {QUICK * 100:.0f}%% of each case's steps (a smoke run)")
     ap.add_argument("--case", action="append", choices=names, metavar="NAME",
                     help="run only this case (repeatable): " + ", ".join(names))
     ap.add_argument("--steps", type=int, default=None, help="steps for every case (override)")
