@@ -10,7 +10,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.recovery.ladder import LadderState
-from gradguard.recovery.rise import LossRise
+from gradguard.recovery.rise import SEVERE, LossRise
 from gradguard.recovery.verdict import GRAD_SPIKE, LOSS_SPIKE, STEP_GRAD_RATIO, SpikeVerdict
 
 
@@ -73,6 +73,30 @@ def test_a_network_that_learns_then_dies_back_to_chance_has_risen():
     rise = LossRise()
     feed(rise, 0, [2.3] * 3 + [1.3] * 27 + [2.3] * 20)
     assert rise.risen(1.5) is not None
+
+
+def test_a_severe_rise_that_came_down_before_the_flush_has_risen():
+    """A warm-up peak kills a CNN's ReLUs between two flushes: the loss climbs from its
+    best 0.3 to 2.0 for 20 steps (6.7x, giving back 85% of what the run had learnt), and
+    is back at 0.9 when the flush comes. The units it killed are still dead."""
+    rise = LossRise()
+    feed(rise, 0, [2.3] * 3 + [0.3] * 47)
+    feed(rise, 50, [0.3] * 10 + [2.0] * 20 + [0.9] * 20)
+    assert rise.latest == 0.9  # 3x the best, yet not half the progress given back now
+    got = rise.risen(1.5)
+    assert got is not None and got.level == 2.0 and got.ratio == pytest.approx(2.0 / 0.3)
+    rise.reset()
+    assert rise.risen(1.5) is None
+
+
+def test_a_moderate_rise_that_came_down_is_no_rise():
+    """The same shape at 1.8x the best (under ``SEVERE``), giving back more than half the
+    progress: judged at the flush only, where the loss is back near its best."""
+    rise = LossRise()
+    feed(rise, 0, [2.3] * 3 + [1.0] * 47)
+    feed(rise, 50, [1.0] * 10 + [1.8] * 20 + [1.05] * 20)
+    assert rise.peak is not None and rise.peak < SEVERE
+    assert rise.risen(1.5) is None
 
 
 def test_noise_and_a_short_bump_are_no_rise():
@@ -188,17 +212,22 @@ def test_an_lr_far_too_high_is_backed_off_when_the_loss_climbs(seed):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def climbing_run(**recovery: object) -> gg.Guard:
+def climbing_run(cap: float = math.inf, slow: int = 0, **recovery: object) -> gg.Guard:
+    """A linear model learning x -> x[0]; from step 40 a drift with no gradient is added to
+    the loss it reports, growing 8% a step up to ``cap``. For the first ``slow`` steps the
+    LR is 1/50 of its value (the model has learnt nothing by the first snapshot)."""
     torch.manual_seed(0)
+    lr = 0.05
     model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     guard = gg.Guard(model, opt, recovery=gg.Recovery(**recovery), every=20)
     g = torch.Generator().manual_seed(0)
     for step in range(100):
+        opt.param_groups[0]["lr"] = lr / 50 if step < slow else lr
         x = torch.randn(16, 4, generator=g)
         loss = nn.functional.mse_loss(model(x), x[:, :1])
         loss.backward()
-        drift = 0.0 if step < 40 else 0.5 * (1.08 ** (step - 40) - 1)
+        drift = 0.0 if step < 40 else min(cap, 0.5 * (1.08 ** (step - 40) - 1))
         guard.step(loss.detach() + drift)
         opt.zero_grad()
     guard.close()
@@ -214,13 +243,29 @@ def test_loss_rise_false_leaves_a_rising_loss_alone():
 
 
 def test_a_loss_that_climbs_without_a_spike_backs_the_lr_off_at_the_flush():
-    """From step 40 the loss grows 8% a step, never a spike (the added drift has no
-    gradient): the loss-rise test backs off at a flush, naming the rise."""
-    guard = climbing_run()
-    assert not [e for e in guard.events if e.kind == "skip"]
+    """From step 40 the loss grows 8% a step to +0.6, never a spike (the added drift has
+    no gradient): the loss-rise test backs off at a flush, naming the rise. The only
+    snapshots are of the model before it learnt (step 19, a loss of 1.1): the weights now,
+    at 0.6, hold clear progress over them and are kept."""
+    guard = climbing_run(cap=0.6, slow=20)
+    assert not [e for e in guard.events if e.kind in ("skip", "rollback")]
     backoff = next(e for e in guard.events if e.kind == "lr_backoff")
     assert "the loss rose" in backoff.message and backoff.step in (59, 79)
     assert backoff.data["reason"].startswith("the loss rose")
+
+
+def test_a_rise_above_the_level_of_the_last_snapshot_rolls_back_at_once():
+    """The same climb without a cap: at the flush that sees it the loss is 2.8, over
+    1.5x the level the snapshot of step 19 was taken at (0.11). A back-off would keep
+    weights worse than the snapshot's: the ladder rolls back at once, lowering the LR
+    ceiling, with no back-off first."""
+    guard = climbing_run()
+    acted = [e for e in guard.events if e.kind in ("lr_backoff", "rollback")]
+    assert acted and acted[0].kind == "rollback" and acted[0].step in (59, 79)
+    assert acted[0].data["snapshot_step"] == 19
+    assert "the last snapshot was taken at a loss of" in acted[0].message
+    rec = guard.recovery
+    assert rec is not None and rec.lr_ceiling == 0.5 and rec.decisions[0].kind == "rollback"
 
 
 @pytest.mark.parametrize("settled", [False, True], ids=["on_probation", "settled"])

@@ -189,6 +189,8 @@ class Recovery:
         self._level: float | None = None  # the loss level of the last healthy flush
         self._verdict = SpikeVerdict()
         self._rise = LossRise()
+        self._progress: float | None = None  # the loss level of the latest flush
+        self._snap_levels: dict[int, float | None] = {}  # snapshot step -> its loss level
 
     def __getattr__(self, name: str) -> Any:
         # the ladder options read as attributes: rec.backoff, rec.restore_steps, ...
@@ -341,13 +343,23 @@ class Recovery:
             if risen is None and st.ceiling < 1.0 and st.settled != st.ceiling:
                 risen = self._rise.risen(self.config.stall_factor, strict=True)
                 mild = risen is not None
+        recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
         if risen is not None and self.state.watching is None:
             level, ratio = risen
-            triggers.append(Trigger(
-                "spike", window.steps[-1],
-                f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})",
-                self._rise.best, at=window.steps[-1], mild=mild))
-        recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
+            why = f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})"
+            snap = self._snapshot_level()
+            now = self._rise.latest
+            f = self.config.stall_factor
+            # keep the weights only if they hold clear progress over the snapshot's (a rise
+            # that kept most of the progress, ``mild``: unless the snapshot is clearly better)
+            behind = snap is not None and now is not None and (
+                now > snap * f if mild else now * f > snap)
+            if behind:
+                why += f"; the last snapshot was taken at a loss of {snap:.4g}"
+            triggers.append(Trigger("spike", window.steps[-1], why, self._rise.best,
+                                    at=window.steps[-1], mild=mild and not behind,
+                                    rollback=behind))
+        self._progress = statistics.median(recent) if recent else None
         if recent:
             triggers.append(Trigger("progress", window.steps[-1],
                                     value=statistics.median(recent)))
@@ -400,7 +412,19 @@ class Recovery:
         if not self._keep(guard, step):
             return False
         self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
+        self._snap_levels = {s: v for s, v in self._snap_levels.items() if s in self.store.steps()}
+        self._snap_levels[step] = self._progress  # the loss level it was taken at
         return True
+
+    def _snapshot_level(self) -> float | None:
+        """The loss level the newest snapshot was taken at (None: unknown, e.g. after a
+        resume); the weights before the first step are at the fresh model's level."""
+        steps = self.store.steps()
+        if not steps:
+            return None
+        if steps[-1] == -1:
+            return self._rise.initial
+        return self._snap_levels.get(steps[-1])
 
     def _keep(self, guard: Guard, step: int, *, disk: bool = True) -> bool:
         state = actions.snapshot_state(guard, step)

@@ -159,7 +159,7 @@ def rollback(
     guard.batches_to_skip = a.skip_batches
     guard.add_event(Event(
         kind="rollback", step=a.step, severity="error", value=float(snap["step"]),
-        message=(f"step {a.step}: {a.reason} persists; rolled back to "
+        message=(f"step {a.step}: {a.reason}; rolled back to "
                  + (f"the snapshot of step {snap['step']}" if snap["step"] >= 0 else
                     "the weights before the first step")
                  + f", learning rate x{a.factor:g} (restored to "

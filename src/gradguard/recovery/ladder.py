@@ -11,7 +11,9 @@ The rungs, climbed one at a time and only as far as the trouble goes:
 3. **roll back** to the last good snapshot when trouble returns within ``patience`` steps
    of the previous rung, or when ``recovery_window`` steps after a back-off the loss has
    not come back to ``stall_factor`` times its level before the incident (the back-off
-   kept a damaged model): back off again from weights that were never damaged;
+   kept a damaged model): back off again from weights that were never damaged; at once,
+   with no back-off first, for a trigger marked ``rollback`` (a loss that rose, with
+   weights no better than the newest snapshot's: the Recovery weighs them);
 4. **abort** after ``max_rollbacks`` rollbacks with no healthy snapshot in between.
 
 A *relapse* (new trouble within ``relapse_window`` steps of the previous trigger, or any
@@ -95,6 +97,10 @@ class Trigger:
     #: test, :mod:`.rise`): the LR in force is too high, the weights are not damaged. It
     #: backs off and lowers the ceiling, never rolls back, and sets no progress check
     mild: bool = False
+    #: a ``spike`` whose weights are clearly worse than the newest snapshot's (the loss
+    #: level now is over ``stall_factor`` times the level the snapshot was taken at): it
+    #: rolls back at once, with no back-off first that would keep the worse weights
+    rollback: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ def transition(
         return _lower(cfg, st, trig)
     if trig.kind == "spike":
         return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike", trig.value,
-                         at=trig.at)
+                         at=trig.at, force_rollback=trig.rollback)
     raise ValueError(f"Trigger(kind={trig.kind!r}): unknown kind")
 
 

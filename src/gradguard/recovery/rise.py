@@ -30,6 +30,12 @@ progress; each such rise halves the ceiling again, converging on an LR that trai
 than on the largest one that does not diverge. Once settled, the usual test applies again:
 late in a run a loss near zero doubles and halves from noise alone.
 
+A rise that came down again before the flush still counts when it was severe: two
+consecutive ten-step medians above ``SEVERE`` (2) times the running best anywhere in the
+window, having given back half the progress (a warm-up peak that killed a CNN's ReLUs
+between two flushes: the loss is lower again at the flush, the units are still dead).
+Healthy runs of benchmarks/quality.py reach 1.64x at most.
+
 Medians of ten steps shrug off single bad batches, two blocks in a row a noisy stretch.
 Without the run's first steps (a resume) only the first condition applies. Measured on
 healthy runs: benchmarks/quality.py (10,000 steps) and benchmarks/rescue.py (2,400).
@@ -43,6 +49,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from typing import NamedTuple
 
 #: Steps per rolling median.
 BLOCK = 10
@@ -50,6 +57,16 @@ BLOCK = 10
 FIRST = 3
 #: The share of what the run had learnt (initial - best) that a rise must give back.
 LOST = 0.5
+#: A two-block level this many times the best, seen anywhere in a window, has risen even
+#: if the loss came down again before the flush (see the module docstring).
+SEVERE = 2.0
+
+
+class Rise(NamedTuple):
+    """What :meth:`LossRise.risen` found: the risen level and its ratio to the best."""
+
+    level: float
+    ratio: float
 
 
 class LossRise:
@@ -64,7 +81,7 @@ class LossRise:
         True
         >>> rise.update(list(range(40, 60)), [3.5] * 20, [False] * 20)  # gave back 5/6
         >>> rise.risen(1.5)
-        (3.5, 3.5)
+        Rise(level=3.5, ratio=3.5)
     """
 
     def __init__(self) -> None:
@@ -72,6 +89,8 @@ class LossRise:
         self.initial: float | None = None  # the fresh model's loss (kept over resets)
         self.latest: float | None = None  # the newest rolling median
         self.off = False  # a loss <= 0 was seen: no ratio scale
+        self.peak: float | None = None  # the highest two-block level/best ratio in the window
+        self.peak_level: float | None = None
         self._carry: list[float] = []  # the last 2 * BLOCK - 1 losses, for the next window
 
     def update(self, steps: Sequence[int], losses: Sequence[float], skipped: Sequence[bool]) -> None:
@@ -90,28 +109,42 @@ class LossRise:
                 candidates.append(self.initial)
         seq = self._carry + vals
         medians = [statistics.median(seq[i - BLOCK:i]) for i in range(BLOCK, len(seq) + 1)]
-        candidates += medians
         if len(seq) >= 2 * BLOCK:  # the lower of the last two blocks: a rise that lasts
             self.latest = min(statistics.median(seq[-2 * BLOCK:-BLOCK]), medians[-1])
-        if candidates:
-            low = min(candidates)
-            self.best = low if self.best is None else min(self.best, low)
+        # every position of the window: the running best, and the two-block level against it
+        self.peak = self.peak_level = None
+        best = min(candidates) if candidates else self.best
+        if self.best is not None:
+            best = self.best if best is None else min(best, self.best)
+        for j, m in enumerate(medians):
+            best = m if best is None else min(best, m)
+            if j >= BLOCK and best > 0 and self._gave_back(level := min(medians[j - BLOCK], m), best):
+                if self.peak is None or level / best > self.peak:
+                    self.peak, self.peak_level = level / best, level
+        self.best = best
         self._carry = seq[-(2 * BLOCK - 1):]
 
-    def risen(self, factor: float, *, strict: bool = False) -> tuple[float, float] | None:
-        """``(latest level, its ratio to the best)`` when the loss has risen more than
-        ``factor`` times its best, else None. ``strict``: the ratio alone decides (the
-        run has shown already that its LR is too high; see the module docstring)."""
-        if self.off or self.best is None or self.latest is None or self.best <= 0:
+    def _gave_back(self, level: float, best: float) -> bool:
+        return self.initial is None or level > best + LOST * (self.initial - best)
+
+    def risen(self, factor: float, *, strict: bool = False) -> Rise | None:
+        """A :class:`Rise` when the loss has risen more than ``factor`` times its best (or
+        ``SEVERE`` times anywhere in the last window), else None. ``strict``: the ratio
+        alone decides (the run has shown already that its LR is too high; see the module
+        docstring)."""
+        if self.off or self.best is None or self.best <= 0:
             return None
-        ratio = self.latest / self.best
-        gave_back = strict or self.initial is None or (
-            self.latest > self.best + LOST * (self.initial - self.best))
-        return (self.latest, ratio) if ratio > factor and gave_back else None
+        if self.latest is not None:
+            ratio = self.latest / self.best
+            if ratio > factor and (strict or self._gave_back(self.latest, self.best)):
+                return Rise(self.latest, ratio)
+        if self.peak is not None and self.peak_level is not None and self.peak >= SEVERE:
+            return Rise(self.peak_level, self.peak)
+        return None
 
     def reset(self) -> None:
         """The ladder acted (a back-off or rollback): the level is learnt again from here."""
-        self.best = self.latest = None
+        self.best = self.latest = self.peak = self.peak_level = None
         self._carry = []
 
     def state_dict(self) -> dict[str, object]:
