@@ -150,6 +150,26 @@ def test_grad_spike_names_the_layer_that_jumped():
     assert_complete(events[0])
 
 
+@pytest.mark.parametrize("jump, clipped, length, severity", [
+    (14.0, True, 1, "info"),  # a healthy heavy-tailed outlier the clip policy handled
+    (14.0, False, 1, "warning"),  # nothing clipped it
+    (60.0, True, 1, "warning"),  # past the per-step verdict's x50: no outlier
+    (14.0, True, 2, "warning"),  # it lasted
+])
+def test_a_one_step_clipped_gradient_spike_is_info_and_any_other_a_warning(
+        jump, clipped, length, severity):
+    rows = [[1.0, 1.0, 1.0]] * 40
+    for i in range(length):
+        rows[30 + i] = [1.0, jump * math.sqrt(3.0), 1.0]  # total norm ~jump x the median
+    w = window(rows)
+    if clipped:
+        w.clip_coef[30:30 + length] = 0.1
+    events = detect_spikes(w, DetectorState())
+    assert [(e.kind, e.step, e.severity) for e in events] == [("grad_spike", 30, severity)]
+    assert events[0].data["run"] == length
+    assert ("clipped" in events[0].message) == (clipped and jump < 50)
+
+
 def test_spike_detectors_ignore_nonfinite_values():
     state = DetectorState()
     rows = [[1.0] * 3] * 30

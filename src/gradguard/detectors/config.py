@@ -26,6 +26,11 @@ MIN_LOG_SCALE = 0.01
 LOSS_SPIKE_RATIO = 2.0
 #: A gradient spike is at least this many times the recent median total norm.
 GRAD_SPIKE_RATIO = 10.0
+#: A gradient spike of one step that the clip policy clipped is ``info`` below this many
+#: times the median (the policy handled it: healthy norms are heavy-tailed, x14 late in a
+#: healthy MLP run of benchmarks/quality.py); at or above it, as when the per-step verdict
+#: skips (recovery.verdict.STEP_GRAD_RATIO), or lasting two steps, or unclipped: a warning.
+GRAD_SPIKE_WARN_RATIO = 50.0
 #: Finite values seen before the spike detectors may fire.
 SPIKE_WARMUP = 20
 #: Recent finite values the median/MAD are computed over.
@@ -80,6 +85,7 @@ class DetectorConfig:
     spike_z: float = SPIKE_Z
     loss_spike_ratio: float = LOSS_SPIKE_RATIO
     grad_spike_ratio: float = GRAD_SPIKE_RATIO
+    grad_spike_warn_ratio: float = GRAD_SPIKE_WARN_RATIO
     spike_warmup: int = SPIKE_WARMUP
     spike_history: int = SPIKE_HISTORY
     spike_confirm: int = SPIKE_CONFIRM
@@ -99,7 +105,8 @@ class DetectorConfig:
         if self.precursors is not None and not isinstance(self.precursors, PrecursorConfig):
             raise TypeError(f"DetectorConfig(precursors={self.precursors!r}): expected a "
                             "gradguard.precursors.PrecursorConfig or None")
-        for name in ("spike_z", "loss_spike_ratio", "grad_spike_ratio", "vanish_ratio",
+        for name in ("spike_z", "loss_spike_ratio", "grad_spike_ratio", "grad_spike_warn_ratio",
+                     "vanish_ratio",
                      "vanish_floor", "update_ratio_high", "update_ratio_low", "lr_jump_ratio"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):

@@ -52,10 +52,14 @@ def detect_spikes(
     ``data["run"]`` counts them. A loss spike is reported only once *confirmed*, i.e. it
     lasted ``spike_confirm`` steps: single-batch outliers of a healthy heavy-tailed loss
     are not trouble (a run that goes on into the next window gets a ``continued`` event).
+    A one-step gradient spike that the clip policy clipped, under ``grad_spike_warn_ratio``
+    times the median, is ``info``: heavy-tailed healthy norms have such outliers, and the
+    policy handled it; lasting two steps, unclipped or larger, it is a warning.
     """
     events: list[Event] = []
     losses = window.loss.tolist()
     norms = window.total_norm.tolist()
+    coefs = window.clip_coef.tolist()
     ln = None
     run_event: Event | None = None
     grad_event: Event | None = None
@@ -69,18 +73,22 @@ def detect_spikes(
                 if g_spiking and grad_event is not None:
                     grad_event.data["run"] += 1
                     grad_event.data["max"] = max(grad_event.data["max"], g)
+                    grad_event.severity = "warning"  # it lasted: no outlier
                 elif g_spiking:
                     if ln is None:
                         ln = window.layer_norms()
                     layers = _spiking_layers(ln, i, window.layers)
+                    c = coefs[i]
+                    handled = (math.isfinite(c) and c < 1.0
+                               and g < config.grad_spike_warn_ratio * med)
                     grad_event = Event(
                         kind="grad_spike",
                         step=step,
-                        severity="warning",
+                        severity="info" if handled else "warning",
                         message=(
                             f"step {step}: gradient norm {g:.3g} is {g / med:.3g}x the "
                             f"recent median {med:.3g} (robust z={z:.1f}); largest jump "
-                            f"in `{layers[0]}`"
+                            f"in `{layers[0]}`" + ("; clipped" if handled else "")
                         ),
                         layer=layers[0],
                         value=g,
