@@ -339,6 +339,29 @@ def test_resume_after_a_relapse_is_bit_identical():
     assert all(torch.equal(a, b) for a, b in zip(p_a, p_b))
 
 
+def test_the_loss_level_of_each_snapshot_survives_a_resume(tmp_path):
+    """A rise weighs the weights against the level the snapshot it would load was taken
+    at: after a resume (memory ring empty) that is the newest snapshot on disk, and its
+    level comes back with the guard's state."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = gg.Recovery(snapshot_dir=tmp_path, snapshot_every=20)
+    guard = gg.Guard(model, opt, recovery=rec, every=20)
+    train(guard, model, opt, 60)
+    rec.wait()
+    level = rec._snapshot_level()
+    assert level is not None and level == rec._snap_levels[rec.store.steps()[-1]]
+    sd = guard.state_dict()
+    guard.close()
+    rec2 = gg.Recovery(snapshot_dir=tmp_path, snapshot_every=20)
+    guard2 = gg.Guard(model, opt, recovery=rec2, every=20)
+    assert rec2._snapshot_level() is None
+    guard2.load_state_dict(sd)
+    assert not len(rec2.store) and rec2._snapshot_level() == level
+    guard2.close()
+
+
 # ---- snapshot stores -------------------------------------------------------------------------
 def test_memory_store_keeps_the_last_snapshots():
     store = MemorySnapshotStore(keep=2)

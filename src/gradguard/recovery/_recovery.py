@@ -412,14 +412,18 @@ class Recovery:
         if not self._keep(guard, step):
             return False
         self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
-        self._snap_levels = {s: v for s, v in self._snap_levels.items() if s in self.store.steps()}
+        kept = set(self.store.steps()) | set(self.disk.steps() if self.disk is not None else ())
+        self._snap_levels = {s: v for s, v in self._snap_levels.items() if s in kept}
         self._snap_levels[step] = self._progress  # the loss level it was taken at
         return True
 
     def _snapshot_level(self) -> float | None:
-        """The loss level the newest snapshot was taken at (None: unknown, e.g. after a
-        resume); the weights before the first step are at the fresh model's level."""
+        """The loss level the snapshot a rollback would load was taken at (the newest in
+        memory, else on disk after a resume; None: unknown). The weights before the first
+        step are at the fresh model's level."""
         steps = self.store.steps()
+        if not steps and self.disk is not None:
+            steps = self.disk.steps()
         if not steps:
             return None
         if steps[-1] == -1:
@@ -462,12 +466,16 @@ class Recovery:
         snapshots are not included; with ``snapshot_dir`` they survive on disk)."""
         return dataclasses.asdict(self.state) | {
             "host_steps": sorted(self._host_steps), "level": self._level,
-            "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict()}
+            "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict(),
+            "progress": self._progress,
+            "snapshot_levels": [[k, v] for k, v in sorted(self._snap_levels.items())]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         sd = dict(sd)
         self._host_steps = set(sd.pop("host_steps", ()))
         self._level = sd.pop("level", None)
+        self._progress = sd.pop("progress", None)
+        self._snap_levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
         rise = sd.pop("rise", None)
         if rise is not None:
             self._rise.load_state_dict(rise)
