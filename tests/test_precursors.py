@@ -12,6 +12,7 @@ from torch import nn
 import gradguard as gg
 from gradguard import precursors as pc
 from gradguard._logit_watch import LogitWatch, Magnitude
+from gradguard._trend import Trend
 from gradguard.detectors import DetectorConfig, DetectorState, detect
 from gradguard.precursors import (
     PrecursorConfig,
@@ -113,6 +114,21 @@ def test_rising_loss_and_its_spread_warn():
     events = run(loss, lambda t: 1.0, 4000)
     assert len(events) == 1 and events[0].data["signal"] in ("loss", "loss_spread")
     assert "loss" in events[0].data["signals"]
+
+
+@pytest.mark.parametrize("signal, elasticity, rising", [
+    ("loss_spread", 2.12, False),  # the healthy calibration MLP of benchmarks/quality.py
+    ("loss_spread", 3.2, True),  # the lowest of the diverging runs of benchmarks/warning.py
+    ("grad_norm", 2.12, True),  # the other signals keep the elasticity of 2
+    ("loss", 2.12, True),
+])
+def test_the_loss_spread_needs_a_higher_elasticity_than_the_other_signals(
+        signal, elasticity, rising):
+    """The spread (a MAD of one window's losses) is a noisier point than a median, and a
+    loss settling near its floor widens its log-spread like a power of the step."""
+    t = Trend(slope=elasticity / 849, z=3.1, growth=2.4, elasticity=elasticity, start=499,
+              end=849, last=0.1)
+    assert pc._is_rising(signal, t, pc.PrecursorConfig(), progress=False) is rising
 
 
 def test_remedy_names_a_learning_rate_and_the_ramp():

@@ -68,6 +68,12 @@ TREND_POINTS = 8
 TREND_Z = 2.5
 #: Least elasticity ``b·t`` (growth faster than ``t^2``) for a trend to count as runaway.
 ELASTICITY = 2.0
+#: The loss's spread needs this many times the elasticity: a MAD of one window's losses is a
+#: noisier point than a median, and the spread of a loss settling near its floor grows
+#: like a power of the step (a healthy calibration MLP of benchmarks/quality.py: 2.4x at
+#: elasticity 2.1 as its loss reached 0.0008; chosen after seeing it, the diverging runs
+#: of benchmarks/warning.py warned on their spread at elasticity 3.2 to 7.8).
+SPREAD_ELASTICITY = 1.5
 #: Least growth over the trend span, per signal: what a person would call "growing".
 GROWTH: dict[str, float] = {
     "loss": 1.3, "loss_spread": 1.3, "grad_norm": 1.5, "weight_norm": 1.2,
@@ -235,7 +241,8 @@ def _is_rising(key: str, t: Trend, cfg: PrecursorConfig, progress: bool) -> bool
         return False
     if family == "half_overflow":  # an absolute ceiling: overflow within one span
         return math.log(1.0 / t.last) / t.slope <= t.end - t.start
-    return t.elasticity >= cfg.elasticity and (family == "loss" or not progress)
+    least = cfg.elasticity * (SPREAD_ELASTICITY if family == "loss_spread" else 1.0)
+    return t.elasticity >= least and (family == "loss" or not progress)
 
 
 def detect_precursors(
