@@ -216,6 +216,29 @@ def test_vanishing_grad_table(row, expected):
         assert_complete(events[0])
 
 
+@pytest.mark.parametrize(("matrix", "expected"), [
+    ([True, False, True], []),  # `b` only a norm scale: small by its size, not vanishing
+    ([True, True, True], ["b"]),
+    (None, ["b"]),  # unknown (a hand-built window): every layer is judged
+    ([False, False, False], ["b"]),  # none has a matrix (flattened shards): all judged
+])
+def test_vanishing_compares_only_layers_with_a_weight_matrix(matrix, expected):
+    w = window([[0.5, 1e-4, 1.0]] * 10)
+    w.matrix_layers = matrix
+    events = detect_vanishing(w)
+    assert (events[0].data["layers"] if events else []) == expected
+
+
+def test_telemetry_marks_the_layers_with_a_weight_matrix():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1, bias=False))
+    tel = gg.Telemetry(list(model.named_parameters()), every=2)
+    model(torch.ones(2, 3)).sum().backward()
+    tel.record(tel.measure(), loss=1.0, clip_coef=None, skipped=False)
+    w = tel.flush()
+    assert w is not None and w.layers == ["0", "1", "2"]
+    assert w.matrix_layers == [True, False, True]
+
+
 def test_vanishing_must_be_sustained():
     rows = [[1e-7, 1e-2, 1.0]] * 3 + [[0.5, 0.5, 1.0]] * 7
     assert detect_vanishing(window(rows)) == []

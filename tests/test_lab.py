@@ -36,6 +36,11 @@ def test_fast_mode_reproduces_every_claim(exp_id, tmp_path):
         g = result.guard
         assert "ZClip" in g["guard"]
         assert g["within_2x"] == (g["finite"] and g["ratio_to_healthy"] <= 2.0)
+    if exp_id in ("T1", "T5", "T6", "T7"):  # the healthy twin under the same guard
+        h = result.guard["healthy_guarded"]
+        assert h["within_2pct"] == (h["ratio"] <= 1.02) and isinstance(h["warnings"], list)
+        assert h["unguarded_final_loss"] == pytest.approx(
+            written["guard"]["healthy_guarded"]["unguarded_final_loss"], rel=1e-4)
 
 
 def test_unknown_id_names_the_allowed_values(tmp_path):

@@ -52,6 +52,8 @@ class Window:
         skip_codes: ``[n]`` why each step was skipped: the verdict bits of
             :mod:`gradguard.executors` (1 non-finite, 2 gradient spike, 4 loss spike; 0 not
             skipped), None when unknown.
+        matrix_layers: per layer, whether it holds a parameter of 2 or more dimensions (a
+            weight matrix or kernel, not only norm scales and biases); None when unknown.
     """
 
     steps: list[int]
@@ -66,6 +68,7 @@ class Window:
     weight_norms: Tensor | None = None
     update_norms: Tensor | None = None
     skip_codes: Tensor | None = None
+    matrix_layers: list[bool] | None = None
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -141,6 +144,9 @@ class Telemetry:
                 layers.append(lay)
             self.layer_index.append(seen[lay])
         self.layers = layers
+        self.matrix_layers = [False] * len(layers)
+        for i, p in zip(self.layer_index, self.params):
+            self.matrix_layers[i] = self.matrix_layers[i] or p.dim() >= 2
         self.device = self.params[0].device
         n_cols = _N_SCALARS + len(self.params)
         self._buf = torch.full((every, n_cols), math.nan, device=self.device)
@@ -269,6 +275,7 @@ class Telemetry:
             weight_norms=w,
             update_norms=u,
             skip_codes=rows[:, _COL_SKIPPED],
+            matrix_layers=self.matrix_layers,
         )
         self._steps = []
         self._extra = None

@@ -16,8 +16,18 @@ from .config import DEFAULT_CONFIG, SATURATION_MARGIN, DetectorConfig, DetectorS
 # ---- vanishing ------------------------------------------------------------------------
 def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) -> list[Event]:
     """``vanishing_grad``: layers whose gradient norm stays ``vanish_ratio`` below the
-    largest norm of the layers after them (or below ``vanish_floor``) over the window."""
+    largest norm of the layers after them (or below ``vanish_floor``) over the window.
+
+    Only layers with a weight matrix or kernel are compared (``Window.matrix_layers``,
+    when some layers have one): a norm layer's scale or a bias of a few elements has a
+    gradient norm small by its size alone (a qk-LayerNorm of 16 elements sits at 3e-4 of
+    the attention matrices after it in a healthy transformer)."""
     ln = window.layer_norms()
+    layers = window.layers
+    keep = window.matrix_layers
+    if keep is not None and any(keep) and not all(keep):
+        cols = [j for j, k in enumerate(keep) if k]
+        ln, layers = ln[:, cols], [layers[j] for j in cols]
     rows = torch.isfinite(ln).all(dim=1)
     if int(rows.sum()) < config.vanish_min_steps or ln.shape[1] < 2:
         return []
@@ -34,7 +44,7 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
     if not hit:
         return []
     first = hit[0]
-    names = [window.layers[j] for j in hit]
+    names = [layers[j] for j in hit]
     step = window.steps[-1]
     return [
         Event(

@@ -38,6 +38,9 @@ __all__ = [
 #: A guarded failing run "came close" to its healthy twin when its final loss is within
 #: this factor of the twin's (issue 7's goal for faults within reach of a guard).
 WITHIN_FACTOR = 2.0
+#: A healthy twin under the default guard should end within this factor of the same run
+#: without it (one seed: a clip moves a run's path, see benchmarks/quality.py).
+HEALTHY_WITHIN = 1.02
 
 
 def _num(x: Any) -> Any:
@@ -344,6 +347,21 @@ def guard_record(
         "interventions": guarded.interventions,
         "skipped_steps": int(guarded.skipped.sum()),
         "events": kinds,
+    }
+
+
+def healthy_guard_record(guarded: Trace, bare: Trace, *, last: int = 20) -> dict[str, Any]:
+    """The healthy twin under the default guard against the same run (same initial
+    weights, same batches) without it: the guard must leave a healthy run alone."""
+    final, base = guarded.final_loss(last), bare.final_loss(last)
+    ratio = final / base if base > 0 else math.inf
+    return {
+        "final_loss": final,
+        "unguarded_final_loss": base,
+        "ratio": ratio,
+        "within_2pct": guarded.finite and ratio <= HEALTHY_WITHIN,
+        "warnings": [f"{e.kind}@{e.step}" for e in guarded.events if e.severity != "info"],
+        "interventions": guarded.interventions,
     }
 
 

@@ -10,6 +10,7 @@ A guard cannot fix an init problem: the guarded Xavier run is still stuck, and
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ._common import (
     fit,
     guard_record,
     guarded_fit,
+    healthy_guard_record,
     minibatches,
     mlp,
     plot_losses,
@@ -42,7 +44,9 @@ def run(out: Path, fast: bool = False) -> Result:
         return model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
     xav = fit(*setup("xavier"), minibatches(xtr, ytr, BATCH, seed=0), ce, steps)
-    he = fit(*setup("he"), minibatches(xtr, ytr, BATCH, seed=0), ce, steps)
+    he_model, he_opt = setup("he")
+    he_twin = copy.deepcopy(he_model)  # the same initial weights, for the guarded twin
+    he = fit(he_model, he_opt, minibatches(xtr, ytr, BATCH, seed=0), ce, steps)
     x_first, x_final = float(xav.loss[:10].mean()), xav.final_loss()
     h_final = he.final_loss()
     g_x = float(xav.layer_norms[:20, 0].mean())
@@ -82,6 +86,9 @@ def run(out: Path, fast: bool = False) -> Result:
     )
     g_tr, desc = guarded_fit(*setup("xavier"), minibatches(xtr, ytr, BATCH, seed=0), ce, steps)
     res.guard = guard_record(g_tr, h_final, desc, in_reach=False)
+    h_opt = torch.optim.SGD(he_twin.parameters(), lr=LR, momentum=MOMENTUM)
+    h_tr, _ = guarded_fit(he_twin, h_opt, minibatches(xtr, ytr, BATCH, seed=0), ce, steps)
+    res.guard["healthy_guarded"] = healthy_guard_record(h_tr, he)
     res.guard["doctor"] = doctor_record(
         mlp(depth, width, init="xavier"), (xtr[:256], ytr[:256]), ce
     )

@@ -14,6 +14,7 @@ so the clean / unprotected / guarded figures here match ``quality.json``'s.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,15 @@ from torch import Tensor, nn
 from ..clipping import AutoClip, NormClip, ZClip
 from ..telemetry import StepStats
 from ..testing import SPIKE_FACTOR, scale_grads_
-from ._common import Result, Trace, fit, guard_record, guarded_fit, plot_losses
+from ._common import (
+    Result,
+    Trace,
+    fit,
+    guard_record,
+    guarded_fit,
+    healthy_guard_record,
+    plot_losses,
+)
 from .calibration import CALIBRATION_SPIKES, calibration_model, calibration_task
 
 SPIKE_STEPS, SPIKE_SCALE = CALIBRATION_SPIKES, SPIKE_FACTOR
@@ -69,8 +78,11 @@ def run(out: Path, fast: bool = False) -> Result:
     }
     traces: dict[str, Trace] = {}
     full: dict[str, float] = {}  # MSE on the whole data set after the last step
+    clean_twin: torch.nn.Module | None = None  # the clean run's initial weights
     for name, arm in arms.items():
         model = calibration_model(width=width, depth=DEPTH)
+        if name == "clean":
+            clean_twin = copy.deepcopy(model)
         opt = torch.optim.Adam(model.parameters(), lr=LR)
         traces[name] = fit(
             model,
@@ -136,6 +148,10 @@ def run(out: Path, fast: bool = False) -> Result:
     g_tr, desc = guarded_fit(model, opt, batches, mse, steps, grad_hook=spike)
     res.guard = guard_record(g_tr, clean, desc, in_reach=True)
     res.figures["full_data_mse"]["guarded"] = task.full_loss(model)
+    assert clean_twin is not None
+    h_opt = torch.optim.Adam(clean_twin.parameters(), lr=LR)
+    h_tr, _ = guarded_fit(clean_twin, h_opt, batches, mse, steps)
+    res.guard["healthy_guarded"] = healthy_guard_record(h_tr, traces["clean"])
     plot_losses(
         traces, out, "loss.png", res, title="4-layer MLP + Adam, gradient x1000 at " + str(spikes)
     )

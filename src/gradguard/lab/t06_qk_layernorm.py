@@ -9,13 +9,23 @@ LR sensitivity is the paper's ``E_lr[min(loss(lr), loss_0) - min_lr loss(lr)]``.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ._common import Result, Trace, fit, guard_record, guarded_fit, pyplot, save
+from ._common import (
+    Result,
+    Trace,
+    fit,
+    guard_record,
+    guarded_fit,
+    healthy_guard_record,
+    pyplot,
+    save,
+)
 
 D, HEADS, LAYERS, CTX, BATCH, WARMUP = 64, 4, 2, 32, 16, 20
 
@@ -110,6 +120,20 @@ def run(out: Path, fast: bool = False) -> Result:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
         return m, opt, sched
 
+    def guarded_twin(m: TinyLM, lr: float) -> Trace:
+        """The healthy configuration (qk-LN) from the same initial weights, guarded."""
+        opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
+        get = batches(0)
+
+        def fn(step: int) -> tuple[Tensor, Tensor]:
+            if step:
+                sched.step()
+            return get(step)  # type: ignore[no-any-return]
+
+        return guarded_fit(m, opt, fn, loss_fn, steps, stop_on_nan=False)[0]
+
+    twin: TinyLM | None = None
     final: dict[str, dict[str, float]] = {"no_qk_ln": {}, "qk_ln": {}}
     logit: dict[str, dict[str, float]] = {"no_qk_ln": {}, "qk_ln": {}}
     traces: dict[str, Trace] = {}
@@ -117,6 +141,8 @@ def run(out: Path, fast: bool = False) -> Result:
         key = "qk_ln" if qk else "no_qk_ln"
         for lr in lrs:
             m, opt, sched = make(qk, lr)
+            if qk and lr == lrs[-1]:
+                twin = copy.deepcopy(m)  # the healthy config's initial weights
             get = batches(0)
 
             def fn(step: int, get=get, sched=sched) -> tuple[Tensor, Tensor]:
@@ -171,6 +197,9 @@ def run(out: Path, fast: bool = False) -> Result:
     g_tr, desc = guarded_fit(m, opt, gfn, loss_fn, steps, stop_on_nan=False)
     res.guard = guard_record(g_tr, final["qk_ln"][top], desc, in_reach=True)
     res.guard["lr"] = lrs[-1]
+    assert twin is not None
+    res.guard["healthy_guarded"] = healthy_guard_record(
+        guarded_twin(twin, lrs[-1]), traces[f"qk_ln lr={lrs[-1]:g}"])
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
     for key, lab in (("no_qk_ln", "no qk-LN"), ("qk_ln", "qk-LN")):

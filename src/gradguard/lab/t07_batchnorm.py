@@ -5,6 +5,7 @@ trains to high accuracy. The plain network is also run under the default guard.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from ._common import (
     fit,
     guard_record,
     guarded_fit,
+    healthy_guard_record,
     minibatches,
     mlp,
     plot_losses,
@@ -39,6 +41,7 @@ def run(out: Path, fast: bool = False) -> Result:
     plain, opt = build(False)
     tr_plain = fit(plain, opt, minibatches(xtr, ytr, BATCH, 0), ce, steps)
     bn, opt = build(True)
+    bn_twin = copy.deepcopy(bn)  # the same initial weights, for the guarded twin
     tr_bn = fit(bn, opt, minibatches(xtr, ytr, BATCH, 0), ce, steps)
     bn.eval()
     acc_bn = accuracy(bn, xva, yva)
@@ -71,6 +74,9 @@ def run(out: Path, fast: bool = False) -> Result:
     g_model.eval()
     res.guard = guard_record(g_tr, tr_bn.final_loss(), desc, in_reach=True)
     res.guard["val_accuracy"] = accuracy(g_model, xva, yva)
+    h_opt = torch.optim.SGD(bn_twin.parameters(), lr=LR, momentum=MOMENTUM)
+    h_tr, _ = guarded_fit(bn_twin, h_opt, minibatches(xtr, ytr, BATCH, 0), ce, steps)
+    res.guard["healthy_guarded"] = healthy_guard_record(h_tr, tr_bn)
     d_model, d_opt = build(False)
     res.guard["doctor"] = doctor_record(d_model, (xtr[:256], ytr[:256]), ce, d_opt)
     plot_losses(
