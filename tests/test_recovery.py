@@ -350,15 +350,15 @@ def test_the_loss_level_of_each_snapshot_survives_a_resume(tmp_path):
     guard = gg.Guard(model, opt, recovery=rec, every=20)
     train(guard, model, opt, 60)
     rec.wait()
-    level = rec._snapshot_level()
-    assert level is not None and level == rec._snap_levels[rec.store.steps()[-1]]
+    level = rec.ring.level(rec._rise.initial)
+    assert level is not None and level == rec.ring.levels[rec.store.steps()[-1]]
     sd = guard.state_dict()
     guard.close()
     rec2 = gg.Recovery(snapshot_dir=tmp_path, snapshot_every=20)
     guard2 = gg.Guard(model, opt, recovery=rec2, every=20)
-    assert rec2._snapshot_level() is None
+    assert rec2.ring.level(rec2._rise.initial) is None
     guard2.load_state_dict(sd)
-    assert not len(rec2.store) and rec2._snapshot_level() == level
+    assert not len(rec2.store) and rec2.ring.level(rec2._rise.initial) == level
     guard2.close()
 
 

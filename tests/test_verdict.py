@@ -95,7 +95,7 @@ def test_a_moderate_rise_that_came_down_is_no_rise():
     rise = LossRise()
     feed(rise, 0, [2.3] * 3 + [1.0] * 47)
     feed(rise, 50, [1.0] * 10 + [1.8] * 20 + [1.05] * 20)
-    assert rise.peak is not None and rise.peak < SEVERE
+    assert rise.peak is not None and rise.peak.ratio < SEVERE
     assert rise.risen(1.5) is None
 
 

@@ -7,7 +7,6 @@ import dataclasses
 import math
 import os
 import statistics
-import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from .. import distributed
-from ..errors import GradGuardWarning
 from ..events import Event
 from ..executors import NONFINITE
 from . import actions
@@ -39,14 +37,9 @@ from .defaults import (
     _fraction,
 )
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
+from .ring import SnapshotRing
 from .rise import LossRise
-from .snapshots import (
-    KEEP,
-    DiskSnapshotStore,
-    MemorySnapshotStore,
-    SnapshotWriter,
-    check_int,
-)
+from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, check_int
 from .verdict import SpikeVerdict
 
 if TYPE_CHECKING:
@@ -173,12 +166,7 @@ class Recovery:
         self.loss_rise = loss_rise
         self.reset_moments: ResetMoments = reset_moments
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
-        #: the snapshots rollbacks restore from (host memory, pinned from CUDA)
-        self.store = MemorySnapshotStore(keep=keep, max_bytes=snapshot_memory)
-        #: their copies on disk, when ``snapshot_dir`` is set
-        self.disk = None if snapshot_dir is None else DiskSnapshotStore(snapshot_dir, keep=keep)
-        self._writer: SnapshotWriter | None = None
-        self._write_warned = False
+        self.ring = SnapshotRing(keep, snapshot_memory, snapshot_dir)
         self.state = LadderState()
         self.actions: list[Action] = []  # what the ladder did, oldest first
         self._guard: weakref.ref[Guard] | None = None
@@ -190,7 +178,6 @@ class Recovery:
         self._verdict = SpikeVerdict()
         self._rise = LossRise()
         self._progress: float | None = None  # the loss level of the latest flush
-        self._snap_levels: dict[int, float | None] = {}  # snapshot step -> its loss level
 
     def __getattr__(self, name: str) -> Any:
         # the ladder options read as attributes: rec.backoff, rec.restore_steps, ...
@@ -224,6 +211,20 @@ class Recovery:
         """The most the ladder restores the LR factor to (1.0 until a relapse lowers it)."""
         return self.state.ceiling
 
+    @property
+    def store(self) -> MemorySnapshotStore:
+        """The snapshots rollbacks restore from (host memory, pinned from CUDA)."""
+        return self.ring.store
+
+    @property
+    def disk(self) -> DiskSnapshotStore | None:
+        """Their copies on disk, when ``snapshot_dir`` is set."""
+        return self.ring.disk
+
+    @disk.setter
+    def disk(self, store: DiskSnapshotStore | None) -> None:
+        self.ring.disk = store
+
     # ---- hooks the Guard calls ---------------------------------------------------------
     def attach(self, guard: Guard) -> None:
         other = self._guard() if self._guard is not None else None
@@ -240,17 +241,12 @@ class Recovery:
         if self._mult is not None:
             self._mult.remove()
             self._mult = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            self._warn_write_error()
+        self.ring.close()
         self._guard = None
 
     def wait(self) -> None:
         """Block until the snapshots submitted to ``snapshot_dir`` are on disk."""
-        if self._writer is not None:
-            self._writer.wait()
-            self._warn_write_error()
+        self.ring.wait()
 
     @property
     def snapshot_bytes(self) -> int:
@@ -260,10 +256,7 @@ class Recovery:
     def relayout(self, guard: Guard) -> None:
         """The optimizer's parameter groups changed: the snapshots hold the old groups and
         cannot be loaded into it any more; the next healthy flush takes a new one."""
-        self.store.clear()
-        if self.disk is not None:
-            self.wait()
-            self.disk.clear()
+        self.ring.clear()
         self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
 
     def before_step(self, guard: Guard) -> None:
@@ -274,7 +267,7 @@ class Recovery:
         back to; outside the ladder's ``snapshot_every`` cadence; a resumed run goes on
         with the snapshots it had)."""
         if guard.step_count == 0 and not len(self.store):
-            self._keep(guard, -1, disk=False)
+            self.ring.keep(guard, -1, disk=False)
         self._feed(guard, Trigger("tick", guard.step_count), list)
 
     def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
@@ -347,7 +340,7 @@ class Recovery:
         if risen is not None and self.state.watching is None:
             level, ratio = risen
             why = f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})"
-            snap = self._snapshot_level()
+            snap = self.ring.level(self._rise.initial)
             now = self._rise.latest
             f = self.config.stall_factor
             # keep the weights only if they hold clear progress over the snapshot's (a rise
@@ -360,9 +353,8 @@ class Recovery:
                                     at=window.steps[-1], mild=mild and not behind,
                                     rollback=behind))
         self._progress = statistics.median(recent) if recent else None
-        if recent:
-            triggers.append(Trigger("progress", window.steps[-1],
-                                    value=statistics.median(recent)))
+        if self._progress is not None:
+            triggers.append(Trigger("progress", window.steps[-1], value=self._progress))
         acted = False
         for trig in sorted(triggers, key=lambda t: (t.kind != "level", t.step, t.kind == "progress")):
             acted = self._feed(guard, trig, layers) or acted
@@ -394,7 +386,7 @@ class Recovery:
             if a.kind == "backoff":
                 guard.add_event(actions.backoff_event(a, self.config.restore_steps))
             elif a.kind == "rollback":
-                snap = self._load(a.back)
+                snap = self.ring.load(a.back)
                 if snap is None:  # nothing good to go back to yet: the deeper back-off only
                     guard.add_event(actions.backoff_event(a, self.config.restore_steps,
                                                           no_snapshot=True))
@@ -409,56 +401,11 @@ class Recovery:
         """Take a snapshot now (model, optimizer, clip policy) into host memory, and hand a
         copy to the disk writer. Returns False, keeping nothing, when any value is NaN/Inf."""
         step = guard.step_count - 1 if step is None else step
-        if not self._keep(guard, step):
+        if not self.ring.keep(guard, step):
             return False
+        self.ring.remember(step, self._progress)
         self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
-        kept = set(self.store.steps()) | set(self.disk.steps() if self.disk is not None else ())
-        self._snap_levels = {s: v for s, v in self._snap_levels.items() if s in kept}
-        self._snap_levels[step] = self._progress  # the loss level it was taken at
         return True
-
-    def _snapshot_level(self) -> float | None:
-        """The loss level the snapshot a rollback would load was taken at (the newest in
-        memory, else on disk after a resume; None: unknown). The weights before the first
-        step are at the fresh model's level."""
-        steps = self.store.steps()
-        if not steps and self.disk is not None:
-            steps = self.disk.steps()
-        if not steps:
-            return None
-        if steps[-1] == -1:
-            return self._rise.initial
-        return self._snap_levels.get(steps[-1])
-
-    def _keep(self, guard: Guard, step: int, *, disk: bool = True) -> bool:
-        state = actions.snapshot_state(guard, step)
-        if state is None:
-            return False
-        busy = self._writer.busy if self._writer is not None else set()
-        self.store.save(step, state, busy=busy)
-        if self.disk is not None and disk:
-            if self._writer is None:
-                self._writer = SnapshotWriter(self.disk)
-            self._warn_write_error()
-            self._writer.submit(step, self.store.load(-1))
-        return True
-
-    def _load(self, back: int) -> dict[str, Any] | None:
-        """A copy of a good snapshot: from memory, else (after a resume) from disk."""
-        snap = self.store.load_good(back=back)
-        if snap is None and self.disk is not None:
-            self.wait()
-            snap = self.disk.load_good(back=back)
-        return snap
-
-    def _warn_write_error(self) -> None:
-        err = self._writer.error if self._writer is not None else None
-        if err is not None and not self._write_warned:
-            self._write_warned = True
-            warnings.warn(
-                f"gradguard: writing a snapshot to {self.snapshot_dir} failed ({err}); the "
-                "previous snapshot files are intact and rollbacks use the in-memory "
-                "snapshots; training goes on", GradGuardWarning, stacklevel=4)
 
     # ---- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -468,14 +415,14 @@ class Recovery:
             "host_steps": sorted(self._host_steps), "level": self._level,
             "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict(),
             "progress": self._progress,
-            "snapshot_levels": [[k, v] for k, v in sorted(self._snap_levels.items())]}
+            "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         sd = dict(sd)
         self._host_steps = set(sd.pop("host_steps", ()))
         self._level = sd.pop("level", None)
         self._progress = sd.pop("progress", None)
-        self._snap_levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
+        self.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
         rise = sd.pop("rise", None)
         if rise is not None:
             self._rise.load_state_dict(rise)

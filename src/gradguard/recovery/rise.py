@@ -89,8 +89,7 @@ class LossRise:
         self.initial: float | None = None  # the fresh model's loss (kept over resets)
         self.latest: float | None = None  # the newest rolling median
         self.off = False  # a loss <= 0 was seen: no ratio scale
-        self.peak: float | None = None  # the highest two-block level/best ratio in the window
-        self.peak_level: float | None = None
+        self.peak: Rise | None = None  # the window's highest two-block level over the best
         self._carry: list[float] = []  # the last 2 * BLOCK - 1 losses, for the next window
 
     def update(self, steps: Sequence[int], losses: Sequence[float], skipped: Sequence[bool]) -> None:
@@ -112,15 +111,14 @@ class LossRise:
         if len(seq) >= 2 * BLOCK:  # the lower of the last two blocks: a rise that lasts
             self.latest = min(statistics.median(seq[-2 * BLOCK:-BLOCK]), medians[-1])
         # every position of the window: the running best, and the two-block level against it
-        self.peak = self.peak_level = None
-        best = min(candidates) if candidates else self.best
-        if self.best is not None:
-            best = self.best if best is None else min(best, self.best)
+        self.peak = None
+        pool = candidates if self.best is None else [*candidates, self.best]
+        best = min(pool) if pool else None
         for j, m in enumerate(medians):
             best = m if best is None else min(best, m)
             if j >= BLOCK and best > 0 and self._gave_back(level := min(medians[j - BLOCK], m), best):
-                if self.peak is None or level / best > self.peak:
-                    self.peak, self.peak_level = level / best, level
+                if self.peak is None or level / best > self.peak.ratio:
+                    self.peak = Rise(level, level / best)
         self.best = best
         self._carry = seq[-(2 * BLOCK - 1):]
 
@@ -138,13 +136,11 @@ class LossRise:
             ratio = self.latest / self.best
             if ratio > factor and (strict or self._gave_back(self.latest, self.best)):
                 return Rise(self.latest, ratio)
-        if self.peak is not None and self.peak_level is not None and self.peak >= SEVERE:
-            return Rise(self.peak_level, self.peak)
-        return None
+        return self.peak if self.peak is not None and self.peak.ratio >= SEVERE else None
 
     def reset(self) -> None:
         """The ladder acted (a back-off or rollback): the level is learnt again from here."""
-        self.best = self.latest = self.peak = self.peak_level = None
+        self.best = self.latest = self.peak = None
         self._carry = []
 
     def state_dict(self) -> dict[str, object]:
