@@ -161,6 +161,25 @@ def test_a_full_disk_warns_once_and_training_goes_on(tiny_disk):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_snapshot_write_that_fails_last_is_warned_at_close(tmp_path, monkeypatch):
+    """The one snapshot handed to the writer fails on a disk that filled after
+    construction: nothing polls the writer before the run ends, so the warning must come
+    from close() (it used to drop the writer, and with it the error, before warning)."""
+    from gradguard.recovery.snapshots import DiskSnapshotStore
+
+    def full(self, step, state):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DiskSnapshotStore, "save", full)
+    model = mlp(width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    rec = gg.Recovery(snapshot_every=5, snapshot_dir=tmp_path / "snaps")
+    guard = gg.Guard(model, opt, recovery=rec, every=5)
+    train(guard, model, opt, batches(32, seed=2)[:5])  # one snapshot, at step 4
+    with pytest.warns(gg.GradGuardWarning, match="writing a snapshot .* failed .*No space"):
+        guard.close()
+
+
 # ---- sinks after an abort -----------------------------------------------------------------------
 class RecordingSink:
     def __init__(self):

@@ -85,8 +85,8 @@ class SnapshotRing:
         """Finish the disk writes and stop the writer."""
         if self._writer is not None:
             self._writer.close()
+            self._warn_write_error()  # a write that failed last: warned before it goes
             self._writer = None
-            self._warn_write_error()
 
     def _warn_write_error(self) -> None:
         err = self._writer.error if self._writer is not None else None
