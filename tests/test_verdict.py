@@ -10,7 +10,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.recovery.ladder import LadderState
-from gradguard.recovery.rise import SEVERE, LossRise
+from gradguard.recovery.rise import SEVERE, DeadLayers, LossRise
 from gradguard.recovery.verdict import GRAD_SPIKE, LOSS_SPIKE, STEP_GRAD_RATIO, SpikeVerdict
 
 
@@ -73,6 +73,38 @@ def test_a_network_that_learns_then_dies_back_to_chance_has_risen():
     rise = LossRise()
     feed(rise, 0, [2.3] * 3 + [1.3] * 27 + [2.3] * 20)
     assert rise.risen(1.5) is not None
+
+
+def test_a_loss_back_at_the_fresh_models_level_has_returned():
+    """A float64 CNN on fused AdamW with a warm-up to an LR too high: it reaches 1.7 nats,
+    its ReLUs die, it sits at chance (2.33) for good: 1.37x its best, under the 1.5x band,
+    yet everything it learnt is lost. A run that learns little and wanders about its first
+    values (1.12x its best, just above them) has not returned."""
+    rise = LossRise()
+    feed(rise, 0, [2.31] * 3 + [1.71] * 27 + [2.34] * 20)
+    assert rise.risen(1.5) is None
+    got = rise.returned()
+    assert got is not None and got.ratio == pytest.approx(2.34 / 1.71)
+    rise = LossRise()
+    feed(rise, 0, [2.31] * 3 + [2.1] * 27 + [2.35] * 20)
+    assert rise.returned() is None
+    rise = LossRise()
+    feed(rise, 0, [2.31] * 3 + [1.71] * 27 + [2.2] * 20)  # 1.29x, below where it started
+    assert rise.returned() is None
+
+
+def test_a_layer_is_dead_after_ten_steps_without_any_gradient_having_had_one():
+    dead = DeadLayers()
+    grads = [[1.0, 0.0, 0.5]] * 5 + [[0.0, 0.0, 0.4]] * 9
+    assert dead.update(["conv", "frozen", "head"], grads, [False] * 14) == []  # 9 steps
+    # a skipped step (its gradient never applied) and a NaN row neither count nor revive
+    assert dead.update(["conv", "frozen", "head"], [[3.0, 0.0, 1.0], [math.nan] * 3],
+                       [True, False]) == []
+    assert dead.update(["conv", "frozen", "head"], [[0.0, 0.0, 0.3]], [False]) == ["conv"]
+    other = DeadLayers()
+    other.load_state_dict(dead.state_dict())
+    assert other.update(["conv", "frozen", "head"], [[0.0, 0.0, 0.3]], [False]) == ["conv"]
+    assert other.update(["conv", "frozen", "head"], [[1e-30, 0.0, 0.3]], [False]) == []
 
 
 def test_a_severe_rise_that_came_down_before_the_flush_has_risen():

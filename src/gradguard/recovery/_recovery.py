@@ -38,7 +38,7 @@ from .defaults import (
 )
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
 from .ring import SnapshotRing
-from .rise import LossRise
+from .rise import DeadLayers, LossRise
 from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, check_int
 from .verdict import SpikeVerdict
 
@@ -177,6 +177,7 @@ class Recovery:
         self._level: float | None = None  # the loss level of the last healthy flush
         self._verdict = SpikeVerdict()
         self._rise = LossRise()
+        self._dead = DeadLayers()
         self._progress: float | None = None  # the loss level of the latest flush
 
     def __getattr__(self, name: str) -> Any:
@@ -327,7 +328,7 @@ class Recovery:
                       if s_ < start and math.isfinite(x)]
             if before:
                 triggers.append(Trigger("level", start, value=statistics.median(before)))
-        risen, mild = None, False
+        risen, mild, dead = None, False, []
         if self.loss_rise:
             self._rise.update(window.steps, losses, skips)
             # stricter while a lowered ceiling is on probation: lowered, not yet settled
@@ -336,10 +337,16 @@ class Recovery:
             if risen is None and st.ceiling < 1.0 and st.settled != st.ceiling:
                 risen = self._rise.risen(self.config.stall_factor, strict=True)
                 mild = risen is not None
+            dead = self._dead.update(window.layers, window.layer_norms().tolist(), skips)
+            if risen is None and dead and (risen := self._rise.returned()) is not None:
+                mild = False
         recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
         if risen is not None and self.state.watching is None:
             level, ratio = risen
             why = f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})"
+            if dead and ratio <= self.config.stall_factor:
+                why += (f", back at the fresh model's level ({self._rise.initial:.4g}), and "
+                        f"{_names(dead)} get no gradient at all: the network died")
             snap = self.ring.level(self._rise.initial)
             now = self._rise.latest
             f = self.config.stall_factor
@@ -414,6 +421,7 @@ class Recovery:
         return dataclasses.asdict(self.state) | {
             "host_steps": sorted(self._host_steps), "level": self._level,
             "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict(),
+            "dead": self._dead.state_dict(),
             "progress": self._progress,
             "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())]}
 
@@ -426,6 +434,9 @@ class Recovery:
         rise = sd.pop("rise", None)
         if rise is not None:
             self._rise.load_state_dict(rise)
+        dead = sd.pop("dead", None)
+        if dead is not None:
+            self._dead.load_state_dict(dead)
         verdict = sd.pop("verdict", None)
         if verdict is not None:
             self._verdict.load_state_dict(verdict)
@@ -437,3 +448,9 @@ class Recovery:
         if unknown:
             raise ValueError(f"Recovery.load_state_dict: unknown keys {sorted(unknown)}")
         self.state = LadderState(**sd)
+
+
+def _names(layers: Sequence[str], most: int = 3) -> str:
+    """``a``, ``b`` and 2 more layers: a short list for a message."""
+    shown = ", ".join(f"`{n}`" for n in layers[:most])
+    return shown + (f" and {len(layers) - most} more" if len(layers) > most else "")

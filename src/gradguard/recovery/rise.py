@@ -36,6 +36,19 @@ window, having given back half the progress (a warm-up peak that killed a CNN's 
 between two flushes: the loss is lower again at the flush, the units are still dead).
 Healthy runs of benchmarks/quality.py reach 1.64x at most.
 
+A network that died is caught even when the rise is small. A CNN whose ReLUs an LR too
+high killed once it had reached 1.7 nats sits at chance (2.3 nats) for good: it gave
+back all it learnt, yet at 1.37x its best it is under ``factor``.
+:meth:`LossRise.returned` finds the loss back at or above the fresh model's level and
+``RETURNED`` (1.2) times the best; on its own that is no sign of trouble (early in a
+healthy run, or in one that learns little, the loss wanders about its first values:
+alone, it made 9 warnings in benchmarks/quality.py's 20,000 healthy steps), so it
+counts only with :class:`DeadLayers`: layers that had a gradient and have had none
+at all, exactly zero, for the last ``BLOCK`` taken steps (every layer below the dead
+ReLUs: no gradient flows through a unit that never activates). Together they say what
+happened: the network died and lost what it learnt; nothing but a rollback brings it
+back.
+
 Medians of ten steps shrug off single bad batches, two blocks in a row a noisy stretch.
 Without the run's first steps (a resume) only the first condition applies. Measured on
 healthy runs: benchmarks/quality.py (10,000 steps) and benchmarks/rescue.py (2,400).
@@ -60,6 +73,9 @@ LOST = 0.5
 #: A two-block level this many times the best, seen anywhere in a window, has risen even
 #: if the loss came down again before the flush (see the module docstring).
 SEVERE = 2.0
+#: A two-block level at or above the fresh model's and this many times the best has given
+#: back what the run learnt (with dead layers: see the module docstring).
+RETURNED = 1.2
 
 
 class Rise(NamedTuple):
@@ -138,6 +154,16 @@ class LossRise:
                 return Rise(self.latest, ratio)
         return self.peak if self.peak is not None and self.peak.ratio >= SEVERE else None
 
+    def returned(self) -> Rise | None:
+        """A :class:`Rise` when the loss is back at or above the fresh model's level and
+        ``RETURNED`` times its best (a sign of trouble only with dead layers: see the module
+        docstring), else None."""
+        latest, initial, best = self.latest, self.initial, self.best
+        if self.off or latest is None or initial is None or best is None or best <= 0:
+            return None
+        ratio = latest / best
+        return Rise(latest, ratio) if latest >= initial and ratio >= RETURNED else None
+
     def reset(self) -> None:
         """The ladder acted (a back-off or rollback): the level is learnt again from here."""
         self.best = self.latest = self.peak = None
@@ -153,3 +179,41 @@ class LossRise:
         self.initial = sd.get("initial")  # type: ignore[assignment]
         self.off = bool(sd.get("off", False))
         self._carry = list(sd.get("carry") or [])  # type: ignore[call-overload]
+
+
+class DeadLayers:
+    """Layers that had a gradient once and have had none at all (exactly zero on every
+    taken step) for the last ``BLOCK`` of them: killed units pass no gradient down. A layer
+    that never had one (frozen, unused) is not dead. Host values only, fed once per flush.
+
+    Example:
+        >>> dead = DeadLayers()
+        >>> dead.update(["conv", "head"], [[1.0, 1.0]] * 5 + [[0.0, 0.3]] * 10, [False] * 15)
+        ['conv']
+    """
+
+    def __init__(self) -> None:
+        self.alive: set[str] = set()  # layers that have had a gradient
+        self._zero: dict[str, int] = {}  # layer -> taken steps in a row without one
+
+    def update(self, layers: Sequence[str], norms: Sequence[Sequence[float]],
+               skipped: Sequence[bool]) -> list[str]:
+        """Take a flushed window in (per step, each layer's gradient norm) and return the
+        dead layers."""
+        for row, sk in zip(norms, skipped):
+            if sk or not all(math.isfinite(x) for x in row):
+                continue
+            for name, x in zip(layers, row):
+                if x != 0.0:
+                    self.alive.add(name)
+                    self._zero[name] = 0
+                elif name in self.alive:
+                    self._zero[name] = self._zero.get(name, 0) + 1
+        return [n for n in layers if n in self.alive and self._zero.get(n, 0) >= BLOCK]
+
+    def state_dict(self) -> dict[str, object]:
+        return {"alive": sorted(self.alive), "zero": dict(self._zero)}
+
+    def load_state_dict(self, sd: dict[str, object]) -> None:
+        self.alive = set(sd.get("alive") or [])  # type: ignore[call-overload]
+        self._zero = dict(sd.get("zero") or {})  # type: ignore[call-overload]
