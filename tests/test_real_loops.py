@@ -292,3 +292,32 @@ def test_a_network_killed_by_its_warm_up_is_rolled_back_to_the_fresh_model():
             assert all(torch.isfinite(p).all() for p in model.parameters())
     assert tails[False] > 2.2  # dead, unguarded
     assert tails[True] < 1.2, tails
+
+
+def test_a_relapse_rolls_back_to_a_snapshot_taken_while_the_lr_restored():
+    """A digits CNN on SGD momentum at 10x its LR dies; rolled back to the fresh model at
+    step 49, it learns at the lowered LR (0.42 nats by step 130) and diverges again at the
+    restored ceiling. The snapshot of step 99, taken at a healthy flush while the LR was
+    still restoring, is what the second rollback returns to, not the fresh model: a
+    snapshot waited for the full LR before, and there was none. The batches to skip count
+    from the new trouble, not from the first one."""
+    from benchmarks import rescue_cases as rc
+
+    torch.manual_seed(0)
+    model = rc.digits_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    batch, losses = rc.digits_batches(0), []
+    for step in range(260):
+        x, y = batch(step)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        guard.step(loss.detach())
+        opt.zero_grad()
+        losses.append(loss.item())
+    guard.close()
+    back = [e for e in guard.events if e.kind == "rollback"]
+    assert [(e.step, e.data["snapshot_step"]) for e in back] == [(49, -1), (199, 99)]
+    assert back[1].data["batches_to_skip"] == 1
+    assert sum(losses[-20:]) / 20 < 0.4
+    assert all(torch.isfinite(p).all() for p in model.parameters())

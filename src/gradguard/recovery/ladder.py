@@ -11,10 +11,15 @@ The rungs, climbed one at a time and only as far as the trouble goes:
 3. **roll back** to the last good snapshot when trouble returns within ``patience`` steps
    of the previous rung, or when ``recovery_window`` steps after a back-off the loss has
    not come back to ``stall_factor`` times its level before the incident (the back-off
-   kept a damaged model): back off again from weights that were never damaged; at once,
+   kept a damaged model; unless the newest snapshot's weights are clearly worse than
+   these, ``mild``: then the LR backs off and its ceiling drops, the weights stay): back
+   off again from weights that were never damaged; at once,
    with no back-off first, for a trigger marked ``rollback`` (a loss that rose, with
    weights no better than the newest snapshot's: the Recovery weighs them);
 4. **abort** after ``max_rollbacks`` rollbacks with no healthy snapshot in between.
+
+Snapshots are taken at healthy flushes every ``snapshot_every`` steps once no progress
+check is pending: at the full LR, or while it restores after a loss that came back.
 
 A *relapse* (new trouble within ``relapse_window`` steps of the previous trigger, or any
 rollback) lowers the ceiling to ``relapse_backoff`` times the factor that failed, for good:
@@ -95,7 +100,10 @@ class Trigger:
     at: int | None = None
     #: a ``spike`` from a loss that rose yet kept most of its progress (the strict loss-rise
     #: test, :mod:`.rise`): the LR in force is too high, the weights are not damaged. It
-    #: backs off and lowers the ceiling, never rolls back, and sets no progress check
+    #: backs off and lowers the ceiling, never rolls back, and sets no progress check. On a
+    #: ``progress`` report: the weights now are clearly better than the newest snapshot's
+    #: (its level is over ``stall_factor`` times the loss now), so a loss that did not come
+    #: back lowers the LR the same way instead of rolling back to worse weights
     mild: bool = False
     #: a ``spike`` whose weights are clearly worse than the newest snapshot's (the loss
     #: level now is over ``stall_factor`` times the level the snapshot was taken at): it
@@ -136,7 +144,7 @@ def transition(
         return dataclasses.replace(st, last_snapshot=trig.step, rollbacks=0), ()
     if trig.kind == "healthy":
         due = st.last_snapshot is None or trig.step - st.last_snapshot >= cfg.snapshot_every
-        if st.factor >= st.ceiling and due:
+        if (st.factor >= st.ceiling or st.watching is None) and due:  # no check pending
             return st, (Action("snapshot", trig.step),)
         return st, ()
     if trig.kind == "skip":
@@ -160,10 +168,14 @@ def _escalate(
     """Back off, or escalate when trouble returns within ``patience`` steps (or the loss did
     not come back: ``force_rollback``)."""
     last = st.last_trigger
-    recent = force_rollback or (last is not None and step - last <= cfg.patience)
+    within = last is not None and step - last <= cfg.patience
+    recent = force_rollback or within
+    # the same trouble: within patience of the last trigger, or its progress check pending
+    continuing = within or (force_rollback and st.watching is not None)
     relapse = last is not None and step - last <= cfg.relapse_window
-    start = step if not recent else (st.trouble_start if st.trouble_start is not None else step)
-    pre = st.pre_level if recent and st.pre_level is not None else level
+    # a new trouble (a rollback forced long after the last) starts here, from its own level
+    start = st.trouble_start if continuing and st.trouble_start is not None else step
+    pre = st.pre_level if continuing and st.pre_level is not None else level
     now = step if at is None else max(step, at)  # the back-off starts when it is applied
     st = dataclasses.replace(st, last_trigger=step, trouble_start=start, pre_level=pre,
                              watching=now, at_ceiling=None)
@@ -215,6 +227,9 @@ def _progress(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[Ladder
         return dataclasses.replace(st, watching=None), ()  # it has: keep restoring the LR
     reason = (f"the loss ({trig.value:.4g}) did not come back to its level before the trouble "
               f"({st.pre_level:.4g}) within {cfg.recovery_window} steps")
+    if trig.mild:  # the newest snapshot is worse than the weights now: keep them
+        return _lower(cfg, dataclasses.replace(st, watching=None), dataclasses.replace(
+            trig, reason=reason + "; the weights now are better than the last snapshot's"))
     return _escalate(cfg, st, trig.step, reason, force_rollback=True)
 
 
