@@ -361,10 +361,7 @@ class Recovery:
                                     rollback=behind))
         self._progress = statistics.median(recent) if recent else None
         if self._progress is not None:
-            snap = self.ring.level(self._rise.initial)  # weights clearly better: kept
-            better = snap is not None and self._progress * self.config.stall_factor <= snap
-            triggers.append(Trigger("progress", window.steps[-1], value=self._progress,
-                                    mild=better))
+            triggers.append(Trigger("progress", window.steps[-1], value=self._progress))
         acted = False
         for trig in sorted(triggers, key=lambda t: (t.kind != "level", t.step, t.kind == "progress")):
             acted = self._feed(guard, trig, layers) or acted

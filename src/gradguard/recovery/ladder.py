@@ -11,9 +11,7 @@ The rungs, climbed one at a time and only as far as the trouble goes:
 3. **roll back** to the last good snapshot when trouble returns within ``patience`` steps
    of the previous rung, or when ``recovery_window`` steps after a back-off the loss has
    not come back to ``stall_factor`` times its level before the incident (the back-off
-   kept a damaged model; unless the newest snapshot's weights are clearly worse than
-   these, ``mild``: then the LR backs off and its ceiling drops, the weights stay): back
-   off again from weights that were never damaged; at once,
+   kept a damaged model): back off again from weights that were never damaged; at once,
    with no back-off first, for a trigger marked ``rollback`` (a loss that rose, with
    weights no better than the newest snapshot's: the Recovery weighs them);
 4. **abort** after ``max_rollbacks`` rollbacks with no healthy snapshot in between.
@@ -100,10 +98,7 @@ class Trigger:
     at: int | None = None
     #: a ``spike`` from a loss that rose yet kept most of its progress (the strict loss-rise
     #: test, :mod:`.rise`): the LR in force is too high, the weights are not damaged. It
-    #: backs off and lowers the ceiling, never rolls back, and sets no progress check. On a
-    #: ``progress`` report: the weights now are clearly better than the newest snapshot's
-    #: (its level is over ``stall_factor`` times the loss now), so a loss that did not come
-    #: back lowers the LR the same way instead of rolling back to worse weights
+    #: backs off and lowers the ceiling, never rolls back, and sets no progress check
     mild: bool = False
     #: a ``spike`` whose weights are clearly worse than the newest snapshot's (the loss
     #: level now is over ``stall_factor`` times the level the snapshot was taken at): it
@@ -227,9 +222,6 @@ def _progress(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[Ladder
         return dataclasses.replace(st, watching=None), ()  # it has: keep restoring the LR
     reason = (f"the loss ({trig.value:.4g}) did not come back to its level before the trouble "
               f"({st.pre_level:.4g}) within {cfg.recovery_window} steps")
-    if trig.mild:  # the newest snapshot is worse than the weights now: keep them
-        return _lower(cfg, dataclasses.replace(st, watching=None), dataclasses.replace(
-            trig, reason=reason + "; the weights now are better than the last snapshot's"))
     return _escalate(cfg, st, trig.step, reason, force_rollback=True)
 
 
