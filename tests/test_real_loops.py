@@ -4,6 +4,7 @@ torch.compile, warm-ups and restarts, and a run in which no gradient arrives."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -257,13 +258,16 @@ def test_a_layer_that_never_gets_a_gradient_is_named_once():
     assert silent == [("norm", "info")]
 
 
-def test_a_network_killed_by_its_warm_up_is_rolled_back_to_the_fresh_model():
+@pytest.mark.parametrize("pipelined", [False, True], ids=["single", "pipeline_stages"])
+def test_a_network_killed_by_its_warm_up_is_rolled_back_to_the_fresh_model(pipelined):
     """Tried as a stranger would: a float64 CNN on digits, fused AdamW at lr 0.3 with a
     LambdaLR warm-up. Unguarded, its ReLUs die by step 30 having learnt a little (1.7
     nats), and it sits at chance (2.3) for good: gradients exactly zero, no NaN, no spike,
     and a rise of 1.37x, under the 1.5x band. The default guard sees the loss back at the
     fresh model's level with both conv layers getting no gradient at all, rolls back to the
-    fresh model and halves the LR ceiling; the run learns."""
+    fresh model and halves the LR ceiling; the run learns. Under pipeline parallelism the
+    dead-layer rule is off (each stage sees its own layers; a rollback must be decided
+    alike on all): the Recovery is told so through the guard's config, and leaves it."""
     from benchmarks import rescue_cases as rc
 
     tails = {}
@@ -273,6 +277,8 @@ def test_a_network_killed_by_its_warm_up_is_rolled_back_to_the_fresh_model():
         opt = torch.optim.AdamW(model.parameters(), lr=0.3, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
         guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+        if guard is not None and pipelined:  # the telemetry stays single-process
+            guard.config = dataclasses.replace(guard.config, pipeline_group=object())
         batch, losses = rc.digits_batches(0), []
         for step in range(100):
             x, y = batch(step)
@@ -283,7 +289,10 @@ def test_a_network_killed_by_its_warm_up_is_rolled_back_to_the_fresh_model():
             sched.step()
             losses.append(loss.item())
         tails[guarded] = sum(losses[-20:]) / 20
-        if guard is not None:
+        if guard is not None and pipelined:
+            guard.close()
+            assert not [e for e in guard.events if e.kind in ("rollback", "lr_backoff")]
+        elif guard is not None:
             guard.close()
             back = [e for e in guard.events if e.kind == "rollback"]
             assert back and back[0].step == 49 and back[0].data["snapshot_step"] == -1
@@ -291,7 +300,7 @@ def test_a_network_killed_by_its_warm_up_is_rolled_back_to_the_fresh_model():
             assert guard.recovery.lr_ceiling == 0.5
             assert all(torch.isfinite(p).all() for p in model.parameters())
     assert tails[False] > 2.2  # dead, unguarded
-    assert tails[True] < 1.2, tails
+    assert tails[True] > 2.2 if pipelined else tails[True] < 1.2, tails
 
 
 def test_a_relapse_rolls_back_to_a_snapshot_taken_while_the_lr_restored():

@@ -337,7 +337,9 @@ class Recovery:
             if risen is None and st.ceiling < 1.0 and st.settled != st.ceiling:
                 risen = self._rise.risen(self.config.stall_factor, strict=True)
                 mild = risen is not None
-            dead = self._dead.update(window.layers, window.layer_norms().tolist(), skips)
+            # under pipelining each stage's layer columns are its own: no agreed verdict
+            if guard.config.pipeline_group is None:
+                dead = self._dead.update(window.layers, window.layer_norms().tolist(), skips)
             if risen is None and dead and (risen := self._rise.returned()) is not None:
                 mild = False
         recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]

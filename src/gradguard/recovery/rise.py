@@ -47,7 +47,8 @@ counts only with :class:`DeadLayers`: layers that had a gradient and have had no
 at all, exactly zero, for the last ``BLOCK`` taken steps (every layer below the dead
 ReLUs: no gradient flows through a unit that never activates). Together they say what
 happened: the network died and lost what it learnt; nothing but a rollback brings it
-back.
+back. Under pipeline parallelism the rule is off: each stage's per-layer columns are its
+own (only the scalar ones are agreed), so the stages could decide differently.
 
 Medians of ten steps shrug off single bad batches, two blocks in a row a noisy stretch.
 Without the run's first steps (a resume) only the first condition applies. Measured on
