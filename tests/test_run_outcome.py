@@ -63,6 +63,14 @@ def _nan_at(loss, step, tail=None):
     ("routine loss-scale overflow is no incident",
      run(DECAY, events=[ev("skip", 3, "info", reason="loss_scale_overflow")], skipped=[3]),
      "healthy", None),
+    ("a rollback on a loss that rose, no gradient event: recovered, not healthy",
+     run(np.r_[DECAY[:40], np.full(10, 4.6), DECAY[50:] - 0.1],
+         events=[ev("rollback", 49, "error", reason="the loss rose", level_before=2.9)]),
+     "recovered", None),
+    ("a back-off on a rise, the loss still above the level before it: not recovered",
+     run(np.r_[DECAY[:30], np.full(70, 3.5)],
+         events=[ev("lr_backoff", 49, reason="rose", level_before=3.0)]),
+     "not_recovered", None),
     ("no loss recorded: the gradients decide",
      run(np.full(100, np.nan), events=[ev("nonfinite_grad", 5, "error")], skipped=[5]),
      "recovered", None),
@@ -79,6 +87,21 @@ def test_stalled_run_says_where_the_loss_ended():
     assert summary_sentence(data).endswith(
         "gradguard skipped 1 step; training did not recover (the loss ended at 3.3, above the "
         "2.65 it had before step 60).")
+
+
+def test_a_run_the_ladder_acted_on_says_what_it_saw_not_no_gradient_trouble():
+    """A network that died: no NaN, no gradient spike, a rollback on the loss. Under
+    ``gradguard run`` it was called HEALTHY, "No gradient trouble in 200 steps ... gradguard
+    rolled back 2 times"."""
+    why = ("the loss rose to 2.342, 1.4x its best (1.714), back at the fresh model's level "
+           "(2.31), and `1`, `4` get no gradient at all: the network died")
+    data = run(np.r_[DECAY[:40], np.full(10, 4.6), DECAY[50:] - 0.1],
+               events=[ev("rollback", 49, "error", reason=why), ev("rollback", 149, "error",
+                                                                   reason="the loss rose")])
+    s = summary_sentence(data)
+    assert s.startswith(f"At step 49, {why}.")
+    assert s.endswith("gradguard rolled back 2 times; training recovered.")
+    assert "No gradient trouble" not in s
 
 
 def test_diverging_loss_leads_the_summary_not_vanishing():

@@ -392,16 +392,17 @@ class Recovery:
                 continue
             acted = True
             self._rise.reset()  # the loss level is learnt again after the ladder acted
+            level = trig.value if trig.mild else self.state.pre_level  # before the trouble
             if a.kind == "backoff":
-                guard.add_event(actions.backoff_event(a, self.config.restore_steps))
+                guard.add_event(actions.backoff_event(a, self.config.restore_steps, level=level))
             elif a.kind == "rollback":
                 snap = self.ring.load(a.back)
                 if snap is None:  # nothing good to go back to yet: the deeper back-off only
                     guard.add_event(actions.backoff_event(a, self.config.restore_steps,
-                                                          no_snapshot=True))
+                                                          no_snapshot=True, level=level))
                 else:
                     actions.rollback(guard, a, snap, layers(), self.reset_moments,
-                                     self.config.max_rollbacks)
+                                     self.config.max_rollbacks, level)
             else:
                 raise actions.abort(guard, a, self.state.rollbacks)
         return acted

@@ -91,7 +91,10 @@ class LrMultiplier:
         self._handles = []
 
 
-def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False) -> Event:
+def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False,
+                  level: float | None = None) -> Event:
+    """The back-off event; ``level``: the loss level before the trouble (for the run's
+    verdict: recovered means back at it)."""
     if no_snapshot:
         message = (f"step {a.step}: {a.reason} again and no snapshot yet; learning rate "
                    f"x{a.factor:g}, restored to x{a.ceiling:g} only")
@@ -105,7 +108,7 @@ def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False) -
         remedy=("Lower the base learning rate or add warm-up." if no_snapshot else
                 "If this repeats, lower the base learning rate or add warm-up."),
         data={"factor": a.factor, "reason": a.reason, "ceiling": a.ceiling,
-              "relapse": a.relapse},
+              "relapse": a.relapse, "level_before": level},
     )
 
 
@@ -138,10 +141,11 @@ def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
 
 def rollback(
     guard: Guard, a: Action, snap: dict[str, Any], layers: Sequence[str], reset_mode: str,
-    max_rollbacks: int,
+    max_rollbacks: int, level: float | None = None,
 ) -> None:
     """Restore model, optimizer state and clip policy from ``snap`` (a copy owned by the
-    caller), reset the moments of ``layers``, and record the rollback event."""
+    caller), reset the moments of ``layers``, and record the rollback event (``level``: the
+    loss level before the trouble)."""
     opt = guard.optimizer
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     guard.model.load_state_dict(snap["model"])
@@ -168,7 +172,7 @@ def rollback(
         remedy="Lower the learning rate; if the data caused it, skip guard.batches_to_skip batches.",
         data={"snapshot_step": snap["step"], "reset_layers": reset,
               "batches_to_skip": a.skip_batches, "reason": a.reason, "factor": a.factor,
-              "ceiling": a.ceiling},
+              "ceiling": a.ceiling, "level_before": level},
     ))
 
 

@@ -45,6 +45,9 @@ NOISE_K = 3.0
 TAIL_BAD_FRACTION = 0.5
 #: Event kinds that start an incident (besides a skipped step).
 INCIDENT_KINDS = ("nonfinite_grad", "grad_spike", "loss_spike")
+#: The recovery ladder's own actions: it acted on trouble that may show in no gradient event
+#: (a loss that rose, a network that died), so the run was not healthy.
+LADDER_KINDS = ("lr_backoff", "rollback")
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     ev = data.events
     routine = {e.get("step") for e in ev if e.get("kind") == "skip" and e.get("severity") == "info"}
     bad_skip = data.skipped & ~np.isin(data.step, np.array(sorted(s for s in routine if s is not None)))
-    inc = [int(e["step"]) for e in ev if e.get("kind") in INCIDENT_KINDS
+    inc = [int(e["step"]) for e in ev if e.get("kind") in (*INCIDENT_KINDS, *LADDER_KINDS)
            and e.get("severity") in ("warning", "error")]
     inc += [int(s) for s in data.step[bad_skip]]
     incident = min(inc) if inc else None
@@ -167,6 +170,14 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
             window = loss[pre][-k:]
             if len(window) >= MIN_LEVEL_STEPS:
                 before = float(np.median(window))
+            # the ladder acts at a flush, after a rise: the level it saw before the trouble
+            said: list[float] = [before] if before is not None else []
+            for e in ev:
+                x = (e.get("data") or {}).get("level_before")
+                if e.get("kind") in LADDER_KINDS and e.get("step") == incident and \
+                        isinstance(x, (int, float)) and math.isfinite(x):
+                    said.append(float(x))
+            before = min(said) if said else None
 
     cause = _cause(data, incident, start, before, rose, bool(fin.any()))
     if aborts:
