@@ -155,3 +155,9 @@ def test_heatmap_marks_vanishing_zero_and_nonfinite_cells_apart():
     data = run(np.linspace(2, 1, 30), layers=a.T)
     png, note = heatmap_plot(data)
     assert png.startswith("data:image/png;base64,") and "vanishing floor" in note
+
+
+def test_the_lr_cut_is_shown_to_three_digits():
+    data = run(DECAY, events=[ev("lr_backoff", 40, reason="rose", factor=0.00728207),
+                              ev("lr_backoff", 60, reason="rose", factor=0.00728207)])
+    assert "cut the LR to x0.00728 (2 back-offs)" in summary_sentence(data)

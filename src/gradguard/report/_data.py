@@ -373,7 +373,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             actions.append("halved the LR")
         elif isinstance(factor, (int, float)):
             times = "" if len(backoffs) == 1 else f" ({len(backoffs)} back-offs)"
-            actions.append(f"cut the LR to x{factor:g}{times}")
+            actions.append(f"cut the LR to x{factor:.3g}{times}")
         else:
             actions.append(f"backed off the LR {_plural(len(backoffs), 'time')}")
     if kinds.get("rollback"):
