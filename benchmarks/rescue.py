@@ -86,8 +86,9 @@ recipe's (peak) LR x ``lr_factor``, next to the twin's LR.
 seven failing configurations written after the mechanism was built, on the same tasks with
 other optimizers and LRs (LSTM/Adam, MLP/SGD Nesterov, MLP/Adam, regression/AdamW,
 CNN/RMSprop, regression/SGD at 10-30x the healthy recipe's LR, and a ReLU RNN without its
-clip), to see how the guard does on cases it was not shaped on. Their twins are the
-suite's healthy recipes, not swept best LRs.
+clip), to see how the guard does on cases it was not shaped on, and one found by hand
+later and added because it failed (CNN/fused Adam at 10x). Their twins are the suite's
+healthy recipes (the CNN's Adam twin: 3e-3), not swept best LRs.
 
 Extend by appending a :class:`RescueCase` or :class:`HealthyCase` to ``RESCUE_CASES`` /
 ``HEALTHY_CASES`` (tasks, recipes and faults are in ``rescue_cases.py``).
@@ -226,6 +227,10 @@ HELD_OUT_CASES: list[RescueCase] = [
     RescueCase("held_out_rnn_relu_sgd_unclipped", CHAR_RNN_RELU, rc.Recipe(SGD, 1.0),
                rc.Recipe(SGD, 1.0, clip_norm=1.0), "char ReLU RNN, SGD 1.0 without the clip",
                held_out=True),
+    # found by hand after the suite was run (2026-11-30), added as it failed
+    RescueCase("held_out_cnn_adam_fused_lr10", rc.DIGITS_CNN, rc.Recipe(Adam, 0.03, {"fused": True}),
+               rc.Recipe(Adam, 3e-3, {"fused": True}), "digits CNN, fused Adam at 10x: trains, "
+               "noisily", held_out=True),
 ]
 
 HEALTHY_CASES: list[HealthyCase] = [
