@@ -328,7 +328,7 @@ class Recovery:
                       if s_ < start and math.isfinite(x)]
             if before:
                 triggers.append(Trigger("level", start, value=statistics.median(before)))
-        risen, mild, dead = None, False, []
+        risen, mild, dead, died = None, False, [], False
         if self.loss_rise:
             self._rise.update(window.steps, losses, skips)
             # stricter while a lowered ceiling is on probation: lowered, not yet settled
@@ -340,13 +340,14 @@ class Recovery:
             # under pipelining each stage's layer columns are its own: no agreed verdict
             if guard.config.pipeline_group is None:
                 dead = self._dead.update(window.layers, window.layer_norms().tolist(), skips)
-            if risen is None and dead and (risen := self._rise.returned()) is not None:
-                mild = False
+            if risen is None and dead:
+                risen = self._rise.returned()
+                died = risen is not None
         recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
         if risen is not None and self.state.watching is None:
             level, ratio = risen
             why = f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})"
-            if dead and ratio <= self.config.stall_factor:
+            if died:
                 why += (f", back at the fresh model's level ({self._rise.initial:.4g}), and "
                         f"{_names(dead)} get no gradient at all: the network died")
             snap = self.ring.level(self._rise.initial)

@@ -285,16 +285,6 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _ladder_reason(events: list[dict[str, Any]]) -> tuple[int, str] | None:
-    """The step and reason of the recovery ladder's first action (a back-off or rollback),
-    for a run with no gradient event to tell its story (a loss that rose, a net that died)."""
-    for e in events:
-        reason = (e.get("data") or {}).get("reason")
-        if e.get("kind") in ("lr_backoff", "rollback") and isinstance(reason, str) and reason:
-            return int(e["step"]), reason
-    return None
-
-
 def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str:
     """One or two sentences: what went wrong, what gradguard did, how it ended.
 
@@ -306,7 +296,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     """
     import numpy as np
 
-    from ._outcome import judge, read_guard_config, summary_lead
+    from ._outcome import judge, ladder_reason, read_guard_config, summary_lead
 
     if config is None:
         config = read_guard_config(data.run_dir)
@@ -342,7 +332,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             )
         elif n_bad > 1:
             parts[-1] = parts[-1][:-1] + f"; {_plural(n_bad, 'non-finite step')} in all."
-    elif not lead and (acted := _ladder_reason(ev)) is not None:
+    elif not lead and (acted := ladder_reason(ev)) is not None:
         parts.append(f"At step {acted[0]}, {acted[1]}.")  # what the ladder saw: no gradient event
     elif not lead:
         lo = float(finite_norm.min()) if finite_norm.size else math.nan

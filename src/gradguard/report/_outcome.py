@@ -275,6 +275,16 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
     return "Lower the learning rate, and run gg.doctor on a failing batch."
 
 
+def ladder_reason(events: list[dict[str, Any]]) -> tuple[int, str] | None:
+    """The step and reason of the recovery ladder's first action (a back-off or rollback),
+    for a run with no gradient event to tell its story (a loss that rose, a net that died)."""
+    for e in events:
+        reason = (e.get("data") or {}).get("reason")
+        if e.get("kind") in LADDER_KINDS and isinstance(reason, str) and reason:
+            return int(e["step"]), reason
+    return None
+
+
 def summary_lead(data: RunData, outcome: Outcome) -> str | None:
     """The first sentence when the loss itself tells the story (it rose over the run),
     instead of the first gradient event (which is then a consequence)."""
