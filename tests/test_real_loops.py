@@ -303,6 +303,101 @@ def test_a_network_killed_by_its_warm_up_is_rolled_back_to_the_fresh_model(pipel
     assert tails[True] > 2.2 if pipelined else tails[True] < 1.2, tails
 
 
+def test_a_network_killed_by_its_first_update_is_rolled_back_to_the_fresh_model():
+    """Tried as a stranger would: a digits CNN on AdamW at 100x the LR that trains. The
+    first update blows the loss up to 225; by step 20 the conv layers get no gradient on
+    most batches (a batch now and then still wakes a unit) and the loss sits at chance,
+    never below the fresh model's 2.31. Nothing was learnt, so nothing was given back: the
+    guard sees the fresh model's level (its first loss, not the median of its first three,
+    which the blow-up lifts to 18.9) with dead layers, and rolls back to the weights before
+    the first step, not to the dead network of a flush that looked calm."""
+    from benchmarks import rescue_cases as rc
+
+    tails = {}
+    for guarded in (False, True):
+        torch.manual_seed(0)
+        model = rc.digits_cnn()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.3)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+        batch, losses = rc.digits_batches(0), []
+        for step in range(100):
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach()) if guard else opt.step()
+            losses.append(loss.item())
+        tails[guarded] = sum(losses[-20:]) / 20
+        if guard is not None:
+            guard.close()
+            assert max(losses[:3]) > 100  # the blow-up
+            back = [e for e in guard.events if e.kind == "rollback"]
+            assert back and back[0].step == 49 and back[0].data["snapshot_step"] == -1
+            assert "the loss is back at the fresh model's level" in back[0].message
+            assert "get no gradient at all: the network died" in back[0].message
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert tails[False] > 2.2  # dead, unguarded
+    assert tails[True] < 1.2, tails
+
+
+def test_a_first_update_that_wrecks_the_weights_is_rolled_back_not_backed_off():
+    """The digits CNN on AdamW at 100x, another seed: the first update lifts the loss from
+    2.3 to ~250 and the next steps are skipped for their loss (judged per step in a run's
+    first steps). Skipping cannot mend weights the update before wrecked, nor can a
+    back-off that keeps them: after ``skip_patience`` such skips the guard rolls back to
+    the weights before the first step, at a lower LR."""
+    from benchmarks import rescue_cases as rc
+
+    torch.manual_seed(2)
+    model = rc.digits_cnn()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    batch, losses = rc.digits_batches(2), []
+    for step in range(20):
+        x, y = batch(step)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss.detach())
+        losses.append(loss.item())
+    guard.close()
+    assert min(losses[1:4]) > 100 * losses[0]  # wrecked by the first update
+    back = [e for e in guard.events if e.kind == "rollback"]
+    assert back and back[0].step == 3 and back[0].data["snapshot_step"] == -1
+    assert "3 consecutive loss-spiking steps skipped" in back[0].message
+    assert not [e for e in guard.events if e.kind == "lr_backoff"]
+    assert losses[4] < 3.0  # the fresh weights again
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("zero, snapshots", [
+    (range(30, 42), [9, 19, 29, 59, 69]),  # dead at the flushes of 39 and 49
+    (range(0, 70, 4), [9, 19, 29, 39, 49, 59, 69]),  # dropped one step in four: LayerDrop
+])
+def test_a_flush_that_finds_dead_layers_takes_no_snapshot(zero, snapshots):
+    """A layer that had a gradient and gets exactly none on ten of its last twenty steps is
+    dead: a network with dead layers is no state to roll back to, and the flushes that
+    find it take no snapshot; the next calm one does. A layer dropped now and then
+    (LayerDrop, an MoE expert a batch did not route to) is not dead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rec = gg.Recovery(snapshot_every=10)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec, every=10)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    for step in range(70):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if step in zero:
+            model[0].weight.grad.zero_()
+            model[0].bias.grad.zero_()
+        guard.step(loss.detach())
+    guard.close()
+    assert [a.step for a in rec.actions if a.kind == "snapshot"] == snapshots
+    assert not rec.decisions and not [e for e in guard.events if e.severity != "info"]
+
+
 def test_a_relapse_rolls_back_to_a_snapshot_taken_while_the_lr_restored():
     """A digits CNN on SGD momentum at 10x its LR dies; rolled back to the fresh model at
     step 49, it learns at the lowered LR (0.42 nats by step 130) and diverges again at the

@@ -40,7 +40,7 @@ from .ladder import Action, LadderConfig, LadderState, Trigger, transition
 from .ring import SnapshotRing
 from .rise import DeadLayers, LossRise
 from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, check_int
-from .verdict import SpikeVerdict
+from .verdict import LOSS_SPIKE, SpikeVerdict
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -296,10 +296,19 @@ class Recovery:
         step = guard.step_count - 1
         if outcome.code is not None or isinstance(outcome.trouble, bool):
             self._host_steps.add(step)
-            skipped = bool(outcome.trouble)
-            reason = "spiking" if outcome.code and outcome.code & ~NONFINITE else "non-finite"
-            self._feed(guard, Trigger("skip" if skipped else "clean", step, reason, self._level),
-                       lambda: actions.nonfinite_layers(guard, stats.param_norms))
+            trig = self._skip_trigger(bool(outcome.trouble), step, outcome.code or 0)
+            self._feed(guard, trig, lambda: actions.nonfinite_layers(guard, stats.param_norms))
+
+    def _skip_trigger(self, skipped: bool, step: int, code: int, at: int | None = None) -> Trigger:
+        """The ladder's trigger for a step and its verdict ``code``. A step skipped for its
+        loss (judged per step in a run's first steps only: the update before it wrecked
+        the weights, see :mod:`.verdict`) asks for a rollback, not a back-off that would
+        keep the wrecked weights."""
+        if not skipped:
+            return Trigger("clean", step, at=at)
+        reason = ("loss-spiking" if code & LOSS_SPIKE else "spiking" if code & ~NONFINITE
+                  else "non-finite")
+        return Trigger("skip", step, reason, self._level, at=at, rollback=bool(code & LOSS_SPIKE))
 
     def on_flush(self, guard: Guard, window: Window, events: Sequence[Event] = (),
                  overflows: Any = ()) -> None:
@@ -312,11 +321,9 @@ class Recovery:
         triggers: list[Trigger] = []
         for i, (step, sk) in enumerate(zip(window.steps, skips)):
             if step not in self._host_steps:  # skip flags that stayed on the device
-                bad = sk and step not in overflows
                 c = int(codes[i]) if codes is not None and math.isfinite(codes[i]) else 0
-                reason = "spiking" if c & ~NONFINITE else "non-finite"
-                triggers.append(Trigger("skip" if bad else "clean", step, reason, self._level,
-                                        at=window.steps[-1]))
+                triggers.append(self._skip_trigger(sk and step not in overflows, step, c,
+                                                   at=window.steps[-1]))
         self._host_steps.difference_update(window.steps)
         spike = next((e for e in events if e.kind == "loss_spike"), None)
         if spike is not None:  # reported only once confirmed (DetectorConfig)
@@ -346,17 +353,20 @@ class Recovery:
         recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
         if risen is not None and self.state.watching is None:
             level, ratio = risen
-            why = f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})"
             if died:
-                why += (f", back at the fresh model's level ({self._rise.initial:.4g}), and "
-                        f"{_names(dead)} get no gradient at all: the network died")
-            snap = self.ring.level(self._rise.initial)
+                why = (f"the loss is back at the fresh model's level ({level:.4g}; it started at "
+                       f"{self._rise.fresh:.4g}, its best since was {self._rise.best:.4g}), "
+                       f"and {_names(dead)} get no gradient at all: the network died")
+            else:
+                why = f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})"
+            snap = self.ring.level(self._rise.fresh)
             now = self._rise.latest
             f = self.config.stall_factor
             # keep the weights only if they hold clear progress over the snapshot's (a rise
-            # that kept most of the progress, ``mild``: unless the snapshot is clearly better)
+            # that kept most of the progress, ``mild``: unless the snapshot is clearly better);
+            # a dead network's weights are never kept: no back-off revives a dead unit
             behind = snap is not None and now is not None and (
-                now > snap * f if mild else now * f > snap)
+                died or (now > snap * f if mild else now * f > snap))
             if behind:
                 why += f"; the last snapshot was taken at a loss of {snap:.4g}"
             triggers.append(Trigger("spike", window.steps[-1], why, self._rise.best,
@@ -370,7 +380,8 @@ class Recovery:
             acted = self._feed(guard, trig, layers) or acted
         skipped = any(s and step not in overflows
                       for step, s in zip(window.steps, skips))
-        if not acted and not skipped and risen is None and not any(
+        # a network with dead layers is no state to go back to (see .rise)
+        if not acted and not skipped and risen is None and not dead and not any(
                 e.kind in UNHEALTHY and e.severity != "info" for e in events):
             history = list(guard.monitor.detector_state.loss)
             if history and self.state.factor >= self.state.ceiling:

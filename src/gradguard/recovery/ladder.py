@@ -13,7 +13,9 @@ The rungs, climbed one at a time and only as far as the trouble goes:
    not come back to ``stall_factor`` times its level before the incident (the back-off
    kept a damaged model): back off again from weights that were never damaged; at once,
    with no back-off first, for a trigger marked ``rollback`` (a loss that rose, with
-   weights no better than the newest snapshot's: the Recovery weighs them);
+   weights no better than the newest snapshot's: the Recovery weighs them; or
+   ``skip_patience`` consecutive steps skipped for their loss, which the per-step verdict
+   judges in a run's first steps only: the update before them wrecked the weights);
 4. **abort** after ``max_rollbacks`` rollbacks with no healthy snapshot in between.
 
 Snapshots are taken at healthy flushes every ``snapshot_every`` steps once no progress
@@ -101,8 +103,10 @@ class Trigger:
     #: backs off and lowers the ceiling, never rolls back, and sets no progress check
     mild: bool = False
     #: a ``spike`` whose weights are clearly worse than the newest snapshot's (the loss
-    #: level now is over ``stall_factor`` times the level the snapshot was taken at): it
-    #: rolls back at once, with no back-off first that would keep the worse weights
+    #: level now is over ``stall_factor`` times the level the snapshot was taken at), or a
+    #: ``skip`` for the loss itself (the update before it wrecked the weights): it rolls
+    #: back at once (a ``skip``: when it completes ``skip_patience``), with no back-off
+    #: first that would keep the worse weights
     rollback: bool = False
 
 
@@ -147,7 +151,8 @@ def transition(
         if st.consecutive_skips % cfg.skip_patience:
             return st, ()
         reason = f"{st.consecutive_skips} consecutive {trig.reason or 'non-finite'} steps skipped"
-        return _escalate(cfg, st, trig.step, reason, trig.value, at=trig.at)
+        return _escalate(cfg, st, trig.step, reason, trig.value, at=trig.at,
+                         force_rollback=trig.rollback)
     if trig.kind == "spike" and trig.mild:
         return _lower(cfg, st, trig)
     if trig.kind == "spike":

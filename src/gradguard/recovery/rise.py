@@ -38,17 +38,23 @@ Healthy runs of benchmarks/quality.py reach 1.64x at most.
 
 A network that died is caught even when the rise is small. A CNN whose ReLUs an LR too
 high killed once it had reached 1.7 nats sits at chance (2.3 nats) for good: it gave
-back all it learnt, yet at 1.37x its best it is under ``factor``.
-:meth:`LossRise.returned` finds the loss back at or above the fresh model's level and
-``RETURNED`` (1.2) times the best; on its own that is no sign of trouble (early in a
-healthy run, or in one that learns little, the loss wanders about its first values:
-alone, it made 9 warnings in benchmarks/quality.py's 20,000 healthy steps), so it
-counts only with :class:`DeadLayers`: layers that had a gradient and have had none
-at all, exactly zero, for the last ``BLOCK`` taken steps (every layer below the dead
-ReLUs: no gradient flows through a unit that never activates). Together they say what
-happened: the network died and lost what it learnt; nothing but a rollback brings it
-back. Under pipeline parallelism the rule is off: each stage's per-layer columns are its
-own (only the scalar ones are agreed), so the stages could decide differently.
+back all it learnt, yet at 1.37x its best it is under ``factor``; one that a first update
+100x too large killed at step 1 never learnt anything to give back. :meth:`LossRise.returned`
+finds the loss back at the fresh model's level (at least ``AT_FRESH`` (0.95) times the
+lowest of its first ``FIRST`` losses: a first update that blows the loss up 100x is not
+the fresh model's level). On its own that is no sign of trouble (early in a healthy run,
+or in one that learns little, the loss wanders about its first values: a rule of this
+kind alone made 9 warnings in benchmarks/quality.py's 20,000 healthy steps), so it counts
+only with :class:`DeadLayers`: layers that had a gradient and have had none at all,
+exactly zero, on at least ``BLOCK`` of their last ``2 * BLOCK`` taken steps (every layer
+below the dead ReLUs: no gradient flows through a unit that never activates; a batch
+now and then that still wakes a unit does not make the network alive). A healthy layer's
+gradient is never exactly zero. Together they say what happened: the network died and
+is no better than when it started; nothing but a rollback to before its death brings it
+back, and a flush that finds dead layers takes no snapshot (a layer dropped now and
+then, LayerDrop or an MoE expert a batch did not route to, is not dead). Under pipeline
+parallelism the rule is off: each stage's per-layer columns are its own (only the scalar
+ones are agreed), so the stages could decide differently.
 
 Medians of ten steps shrug off single bad batches, two blocks in a row a noisy stretch.
 Without the run's first steps (a resume) only the first condition applies. Measured on
@@ -62,6 +68,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -74,9 +81,9 @@ LOST = 0.5
 #: A two-block level this many times the best, seen anywhere in a window, has risen even
 #: if the loss came down again before the flush (see the module docstring).
 SEVERE = 2.0
-#: A two-block level at or above the fresh model's and this many times the best has given
-#: back what the run learnt (with dead layers: see the module docstring).
-RETURNED = 1.2
+#: A two-block level at least this share of the fresh model's loss is back at its level
+#: (with dead layers: see the module docstring).
+AT_FRESH = 0.95
 
 
 class Rise(NamedTuple):
@@ -104,6 +111,7 @@ class LossRise:
     def __init__(self) -> None:
         self.best: float | None = None
         self.initial: float | None = None  # the fresh model's loss (kept over resets)
+        self.fresh: float | None = None  # the lowest of the first losses (see returned)
         self.latest: float | None = None  # the newest rolling median
         self.off = False  # a loss <= 0 was seen: no ratio scale
         self.peak: Rise | None = None  # the window's highest two-block level over the best
@@ -122,6 +130,7 @@ class LossRise:
                      if s < FIRST and not sk and math.isfinite(x)]
             if first:
                 self.initial = statistics.median(first)
+                self.fresh = min(first)
                 candidates.append(self.initial)
         seq = self._carry + vals
         medians = [statistics.median(seq[i - BLOCK:i]) for i in range(BLOCK, len(seq) + 1)]
@@ -156,14 +165,13 @@ class LossRise:
         return self.peak if self.peak is not None and self.peak.ratio >= SEVERE else None
 
     def returned(self) -> Rise | None:
-        """A :class:`Rise` when the loss is back at or above the fresh model's level and
-        ``RETURNED`` times its best (a sign of trouble only with dead layers: see the module
-        docstring), else None."""
-        latest, initial, best = self.latest, self.initial, self.best
-        if self.off or latest is None or initial is None or best is None or best <= 0:
+        """A :class:`Rise` when the loss is back at the fresh model's level (``AT_FRESH``
+        times the lowest of the first ``FIRST`` losses or more; a sign of trouble only with
+        dead layers: see the module docstring), else None."""
+        latest, fresh, best = self.latest, self.fresh, self.best
+        if self.off or latest is None or fresh is None or best is None or best <= 0:
             return None
-        ratio = latest / best
-        return Rise(latest, ratio) if latest >= initial and ratio >= RETURNED else None
+        return Rise(latest, latest / best) if latest >= AT_FRESH * fresh else None
 
     def reset(self) -> None:
         """The ladder acted (a back-off or rollback): the level is learnt again from here."""
@@ -171,20 +179,22 @@ class LossRise:
         self._carry = []
 
     def state_dict(self) -> dict[str, object]:
-        return {"best": self.best, "initial": self.initial, "latest": self.latest, "off": self.off,
-                "carry": list(self._carry)}
+        return {"best": self.best, "initial": self.initial, "fresh": self.fresh,
+                "latest": self.latest, "off": self.off, "carry": list(self._carry)}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         self.best = sd.get("best")  # type: ignore[assignment]
         self.latest = sd.get("latest")  # type: ignore[assignment]
         self.initial = sd.get("initial")  # type: ignore[assignment]
+        self.fresh = sd.get("fresh", self.initial)  # type: ignore[assignment]
         self.off = bool(sd.get("off", False))
         self._carry = list(sd.get("carry") or [])  # type: ignore[call-overload]
 
 
 class DeadLayers:
-    """Layers that had a gradient once and have had none at all (exactly zero on every
-    taken step) for the last ``BLOCK`` of them: killed units pass no gradient down. A layer
+    """Layers that had a gradient once and have had none at all (exactly zero) on at least
+    ``BLOCK`` of their last ``2 * BLOCK`` taken steps: killed units pass no gradient down,
+    and a batch now and then that still wakes one does not bring the layer back. A layer
     that never had one (frozen, unused) is not dead. Host values only, fed once per flush.
 
     Example:
@@ -195,7 +205,7 @@ class DeadLayers:
 
     def __init__(self) -> None:
         self.alive: set[str] = set()  # layers that have had a gradient
-        self._zero: dict[str, int] = {}  # layer -> taken steps in a row without one
+        self._zero: dict[str, deque[bool]] = {}  # layer -> its last 2 * BLOCK taken steps: zero?
 
     def update(self, layers: Sequence[str], norms: Sequence[Sequence[float]],
                skipped: Sequence[bool]) -> list[str]:
@@ -207,14 +217,16 @@ class DeadLayers:
             for name, x in zip(layers, row):
                 if x != 0.0:
                     self.alive.add(name)
-                    self._zero[name] = 0
-                elif name in self.alive:
-                    self._zero[name] = self._zero.get(name, 0) + 1
-        return [n for n in layers if n in self.alive and self._zero.get(n, 0) >= BLOCK]
+                if name in self.alive:
+                    self._zero.setdefault(name, deque(maxlen=2 * BLOCK)).append(x == 0.0)
+        return [n for n in layers if n in self.alive and sum(self._zero.get(n, ())) >= BLOCK]
 
     def state_dict(self) -> dict[str, object]:
-        return {"alive": sorted(self.alive), "zero": dict(self._zero)}
+        return {"alive": sorted(self.alive), "zero": {k: list(v) for k, v in self._zero.items()}}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         self.alive = set(sd.get("alive") or [])  # type: ignore[call-overload]
-        self._zero = dict(sd.get("zero") or {})  # type: ignore[call-overload]
+        zero = dict(sd.get("zero") or {})  # type: ignore[call-overload]
+        # older checkpoints kept a count of zero steps in a row
+        self._zero = {k: deque([True] * v if isinstance(v, int) else v, maxlen=2 * BLOCK)
+                      for k, v in zero.items()}
