@@ -48,6 +48,12 @@ the recipe is missing. Models are small and the data ships with Python / scikit-
   (Pascanu et al. 2013).
 - ``cnn_sgd_lr10``: the digits CNN, SGD momentum at lr 0.3, 10x its best 0.03: no NaN,
   the network dies (chance-level loss). Twin: lr 0.03.
+- ``cnn_adamw_lr100``: the digits CNN, AdamW at lr 0.3, 100x the 3e-3 of the twin (Adam's
+  first step moves every weight by the LR): the first update blows the loss up to ~200
+  nats, and the ReLUs die within ~20 steps (chance-level loss, no NaN). Found by hand
+  after the suite (2026-11-30); the dead-network rule was widened on it (a network dead
+  before it learnt anything). Twin: AdamW 3e-3 (the CNN's Adam LR of the held-out case,
+  not swept).
 
 **Healthy check**: well-tuned configurations run unguarded and under the default guard;
 the guard should change the final held-out loss by less than 2% and raise no warning or
@@ -200,6 +206,8 @@ RESCUE_CASES: list[RescueCase] = [
                "the twin clips at 1.0"),
     RescueCase("cnn_sgd_lr10", rc.DIGITS_CNN, rc.Recipe(SGD, 0.3, MOMENTUM), CNN_SGD,
                "digits CNN, SGD momentum at 10x the LR that trains: the network dies"),
+    RescueCase("cnn_adamw_lr100", rc.DIGITS_CNN, rc.Recipe(AdamW, 0.3), rc.Recipe(AdamW, 3e-3),
+               "digits CNN, AdamW at 100x: the first update blows the loss up, the ReLUs die"),
 ]
 
 NESTEROV = {"momentum": 0.9, "nesterov": True}
