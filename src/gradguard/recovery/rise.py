@@ -46,13 +46,13 @@ the fresh model's level). On its own that is no sign of trouble (early in a heal
 or in one that learns little, the loss wanders about its first values: a rule of this
 kind alone made 9 warnings in benchmarks/quality.py's 20,000 healthy steps), so it counts
 only with :class:`DeadLayers`: layers that had a gradient and have had none at all,
-exactly zero, on at least ``BLOCK`` of their last ``2 * BLOCK`` taken steps (every layer
-below the dead ReLUs: no gradient flows through a unit that never activates; a batch
-now and then that still wakes a unit does not make the network alive). A healthy layer's
-gradient is never exactly zero. Together they say what happened: the network died and
+exactly zero, on at least ``DEAD`` (15) of their last ``2 * BLOCK`` (20) taken steps or
+on the last ``BLOCK`` (10) in a row (every layer below the dead ReLUs: no gradient flows through a unit that never
+activates; a batch now and then that still wakes a unit does not make the network
+alive). A healthy layer's gradient is never exactly zero on most steps; a task head that
+takes turns with one or two others (a gradient of None counts as zero) is not dead. Together they say what happened: the network died and
 is no better than when it started; nothing but a rollback to before its death brings it
-back, and a flush that finds dead layers takes no snapshot (a layer dropped now and
-then, LayerDrop or an MoE expert a batch did not route to, is not dead). Under pipeline
+back, and a flush that finds dead layers takes no snapshot. Under pipeline
 parallelism the rule is off: each stage's per-layer columns are its own (only the scalar
 ones are agreed), so the stages could decide differently.
 
@@ -74,6 +74,8 @@ from typing import NamedTuple
 
 #: Steps per rolling median.
 BLOCK = 10
+#: Taken steps of the last ``2 * BLOCK`` on which a dead layer had no gradient at all.
+DEAD = 15
 #: The first steps of a run whose lowest loss is the fresh model's level.
 FIRST = 3
 #: The share of what the run had learnt (initial - best) that a rise must give back.
@@ -193,13 +195,14 @@ class LossRise:
 
 class DeadLayers:
     """Layers that had a gradient once and have had none at all (exactly zero) on at least
-    ``BLOCK`` of their last ``2 * BLOCK`` taken steps: killed units pass no gradient down,
-    and a batch now and then that still wakes one does not bring the layer back. A layer
-    that never had one (frozen, unused) is not dead. Host values only, fed once per flush.
+    ``DEAD`` of their last ``2 * BLOCK`` taken steps, or on the last ``BLOCK`` in a row:
+    killed units pass no gradient down, and a batch now and then that still wakes one does
+    not bring the layer back. A layer that never had one (frozen, unused) is not dead.
+    Host values only, fed once per flush.
 
     Example:
         >>> dead = DeadLayers()
-        >>> dead.update(["conv", "head"], [[1.0, 1.0]] * 5 + [[0.0, 0.3]] * 10, [False] * 15)
+        >>> dead.update(["conv", "head"], [[1.0, 1.0]] * 5 + [[0.0, 0.3]] * 15, [False] * 20)
         ['conv']
     """
 
@@ -219,7 +222,7 @@ class DeadLayers:
                     self.alive.add(name)
                 if name in self.alive:
                     self._zero.setdefault(name, deque(maxlen=2 * BLOCK)).append(x == 0.0)
-        return [n for n in layers if n in self.alive and sum(self._zero.get(n, ())) >= BLOCK]
+        return [n for n in layers if n in self.alive and _dead(self._zero.get(n, ()))]
 
     def state_dict(self) -> dict[str, object]:
         return {"alive": sorted(self.alive), "zero": {k: list(v) for k, v in self._zero.items()}}
@@ -230,3 +233,10 @@ class DeadLayers:
         # older checkpoints kept a count of zero steps in a row
         self._zero = {k: deque([True] * v if isinstance(v, int) else v, maxlen=2 * BLOCK)
                       for k, v in zero.items()}
+
+
+def _dead(zero: Sequence[bool]) -> bool:
+    """No gradient on ``DEAD`` of the last ``2 * BLOCK`` taken steps, or on the last
+    ``BLOCK`` of them in a row (a network that has just died)."""
+    zero = list(zero)
+    return sum(zero) >= DEAD or (len(zero) >= BLOCK and all(zero[-BLOCK:]))
