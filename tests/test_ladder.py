@@ -50,8 +50,8 @@ ROWS = [
      st(consecutive_skips=0, factor=0.1, backoff_level=0.1, backoff_step=3, last_trigger=3,
         trouble_start=3, ceiling=0.5, pre_level=2.3, watching=3, rollbacks=1,
         total_rollbacks=1, last_snapshot=-1),
-     (Action("rollback", 3, "2 consecutive loss-spiking steps skipped", 0.1, 0.5, True, True,
-             0, 1, 1),)),
+     (Action("rollback", 3, "2 consecutive loss-spiking steps skipped: the update before them "
+             "wrecked the weights", 0.1, 0.5, True, True, 0, 1, 1),)),
     ("a lone loss-spiking skip only counts", S0, Trigger("skip", 3, "loss-spiking", 2.3,
                                                          rollback=True),
      st(consecutive_skips=1), ()),

@@ -151,6 +151,8 @@ def transition(
         if st.consecutive_skips % cfg.skip_patience:
             return st, ()
         reason = f"{st.consecutive_skips} consecutive {trig.reason or 'non-finite'} steps skipped"
+        if trig.rollback:
+            reason += ": the update before them wrecked the weights"
         return _escalate(cfg, st, trig.step, reason, trig.value, at=trig.at,
                          force_rollback=trig.rollback)
     if trig.kind == "spike" and trig.mild:
