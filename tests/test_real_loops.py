@@ -366,6 +366,30 @@ def test_a_first_update_that_wrecks_the_weights_is_rolled_back_not_backed_off():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_network_that_dies_again_after_a_rollback_is_not_waited_for():
+    """The digits CNN on AdamW at 1000x: the first update wrecks it (rollback at step 3 to
+    the fresh weights, LR x0.1), and at 100x it dies again within the first flush. The
+    progress check after the rollback would call the loss "back" (chance is the fresh
+    model's level) and wait; a network that died is not waited for: it is rolled back
+    again at step 49 (LR x0.01), and learns."""
+    from benchmarks import rescue_cases as rc
+
+    tails = {}
+    for guarded in (False, True):
+        torch.manual_seed(0)
+        model = rc.digits_cnn()
+        opt = torch.optim.AdamW(model.parameters(), lr=3.0)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+        losses = _digits_run(model, opt, 200, guard=guard)
+        tails[guarded] = sum(losses[-20:]) / 20
+    guard.close()
+    back = [e for e in guard.events if e.kind == "rollback"]
+    assert [e.step for e in back][:2] == [3, 49]
+    assert "the network died" in back[1].message
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert tails[False] > 2.2 and tails[True] < 1.5, tails
+
+
 @pytest.mark.parametrize("zero, snapshots", [
     (range(30, 47), [9, 19, 29, 59, 69]),  # dead at the flushes of 39 (10 in a row) and 49
     (range(0, 70, 2), [9, 19, 29, 39, 49, 59, 69]),  # every other step: two tasks take turns

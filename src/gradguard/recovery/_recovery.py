@@ -351,7 +351,8 @@ class Recovery:
                 risen = self._rise.returned()
                 died = risen is not None
         recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
-        if risen is not None and self.state.watching is None:
+        # a network that died is not waited for: no progress check calls it recovered
+        if risen is not None and (self.state.watching is None or died):
             level, ratio = risen
             if died:
                 why = (f"the loss is back at the fresh model's level ({level:.4g}; it started at "
