@@ -276,6 +276,22 @@ def _digits_run(model, opt, steps, *, seed=0, guard=None, sched=None, dtype=None
     return losses
 
 
+def _cnn_on_adamw(lr, steps, *, guarded, seed=0):
+    """The digits CNN on AdamW at ``lr`` for ``steps`` steps, under the default guard or
+    not: (the guard, closed, or None; the per-step losses)."""
+    from benchmarks import rescue_cases as rc
+
+    torch.manual_seed(seed)
+    model = rc.digits_cnn()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+    losses = _digits_run(model, opt, steps, seed=seed, guard=guard)
+    if guard is not None:
+        guard.close()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    return guard, losses
+
+
 @pytest.mark.parametrize("pipelined", [False, True], ids=["single", "pipeline_stages"])
 def test_a_network_killed_by_its_warm_up_is_rolled_back_to_the_fresh_model(pipelined):
     """Tried as a stranger would: a float64 CNN on digits, fused AdamW at lr 0.3 with a
@@ -321,24 +337,16 @@ def test_a_network_killed_by_its_first_update_is_rolled_back_to_the_fresh_model(
     guard sees the fresh model's level (its first loss, not the median of its first three,
     which the blow-up lifts to 18.9) with dead layers, and rolls back to the weights before
     the first step, not to the dead network of a flush that looked calm."""
-    from benchmarks import rescue_cases as rc
-
     tails = {}
     for guarded in (False, True):
-        torch.manual_seed(0)
-        model = rc.digits_cnn()
-        opt = torch.optim.AdamW(model.parameters(), lr=0.3)
-        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
-        losses = _digits_run(model, opt, 100, guard=guard)
+        guard, losses = _cnn_on_adamw(0.3, 100, guarded=guarded)
         tails[guarded] = sum(losses[-20:]) / 20
         if guard is not None:
-            guard.close()
             assert max(losses[:3]) > 100  # the blow-up
             back = [e for e in guard.events if e.kind == "rollback"]
             assert back and back[0].step == 49 and back[0].data["snapshot_step"] == -1
             assert "the loss is back at the fresh model's level" in back[0].message
             assert "get no gradient at all: the network died" in back[0].message
-            assert all(torch.isfinite(p).all() for p in model.parameters())
     assert tails[False] > 2.2  # dead, unguarded
     assert tails[True] < 1.2, tails
 
@@ -349,21 +357,13 @@ def test_a_first_update_that_wrecks_the_weights_is_rolled_back_not_backed_off():
     first steps). Skipping cannot mend weights the update before wrecked, nor can a
     back-off that keeps them: after ``skip_patience`` such skips the guard rolls back to
     the weights before the first step, at a lower LR."""
-    from benchmarks import rescue_cases as rc
-
-    torch.manual_seed(2)
-    model = rc.digits_cnn()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.3)
-    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
-    losses = _digits_run(model, opt, 20, seed=2, guard=guard)
-    guard.close()
+    guard, losses = _cnn_on_adamw(0.3, 20, guarded=True, seed=2)
     assert min(losses[1:4]) > 100 * losses[0]  # wrecked by the first update
     back = [e for e in guard.events if e.kind == "rollback"]
     assert back and back[0].step == 3 and back[0].data["snapshot_step"] == -1
     assert "3 consecutive loss-spiking steps skipped" in back[0].message
     assert not [e for e in guard.events if e.kind == "lr_backoff"]
     assert losses[4] < 3.0  # the fresh weights again
-    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_a_network_that_dies_again_after_a_rollback_is_not_waited_for():
@@ -372,21 +372,13 @@ def test_a_network_that_dies_again_after_a_rollback_is_not_waited_for():
     progress check after the rollback would call the loss "back" (chance is the fresh
     model's level) and wait; a network that died is not waited for: it is rolled back
     again at step 49 (LR x0.01), and learns."""
-    from benchmarks import rescue_cases as rc
-
     tails = {}
     for guarded in (False, True):
-        torch.manual_seed(0)
-        model = rc.digits_cnn()
-        opt = torch.optim.AdamW(model.parameters(), lr=3.0)
-        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
-        losses = _digits_run(model, opt, 200, guard=guard)
+        guard, losses = _cnn_on_adamw(3.0, 200, guarded=guarded)
         tails[guarded] = sum(losses[-20:]) / 20
-    guard.close()
     back = [e for e in guard.events if e.kind == "rollback"]
     assert [e.step for e in back][:2] == [3, 49]
     assert "the network died" in back[1].message
-    assert all(torch.isfinite(p).all() for p in model.parameters())
     assert tails[False] > 2.2 and tails[True] < 1.5, tails
 
 
