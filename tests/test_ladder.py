@@ -52,6 +52,9 @@ ROWS = [
         total_rollbacks=1, last_snapshot=-1),
      (Action("rollback", 3, "2 consecutive loss-spiking steps skipped: the update before them "
              "wrecked the weights", 0.1, 0.5, True, True, 0, 1, 1),)),
+    ("a skip replayed at a flush from before the last rung took effect is that trouble, "
+     "not a new one", b(backoff_step=49), Trigger("skip", 30, "spiking", at=49),
+     b(backoff_step=49), ()),
     ("a lone loss-spiking skip only counts", S0, Trigger("skip", 3, "loss-spiking", 2.3,
                                                          rollback=True),
      st(consecutive_skips=1), ()),

@@ -366,6 +366,24 @@ def test_a_first_update_that_wrecks_the_weights_is_rolled_back_not_backed_off():
     assert losses[4] < 3.0  # the fresh weights again
 
 
+def test_a_fused_optimizer_wrecked_by_its_first_update_is_rolled_back_once_not_aborted():
+    """The same with fused AdamW: its skip flags stay on the device and the ladder hears of
+    the twelve skipped steps at the flush. They all came before its rollback took effect,
+    under the one trouble it answers; counted as new ones they made three rollbacks at once
+    and raised TrainingDiverged at step 12 (before this version too, at step 15)."""
+    from benchmarks import rescue_cases as rc
+
+    torch.manual_seed(2)
+    model = rc.digits_cnn()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.3, fused=True)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    _digits_run(model, opt, 60, seed=2, guard=guard)
+    guard.close()
+    back = [e for e in guard.events if e.kind == "rollback"]
+    assert [(e.step, e.data["snapshot_step"]) for e in back] == [(3, -1)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_a_network_that_dies_again_after_a_rollback_is_not_waited_for():
     """The digits CNN on AdamW at 1000x: the first update wrecks it (rollback at step 3 to
     the fresh weights, LR x0.1), and at 100x it dies again within the first flush. The

@@ -147,6 +147,10 @@ def transition(
             return st, (Action("snapshot", trig.step),)
         return st, ()
     if trig.kind == "skip":
+        if st.backoff_step is not None and trig.step < st.backoff_step:
+            # replayed at a flush (a fused optimizer's skip flags): skipped before the last
+            # rung took effect, under the trouble that rung answers; not a new one
+            return st, ()
         st = dataclasses.replace(st, consecutive_skips=st.consecutive_skips + 1)
         if st.consecutive_skips % cfg.skip_patience:
             return st, ()
