@@ -389,13 +389,14 @@ def test_a_network_that_dies_again_after_a_rollback_is_not_waited_for():
     the fresh weights, LR x0.1), and at 100x it dies again within the first flush. The
     progress check after the rollback would call the loss "back" (chance is the fresh
     model's level) and wait; a network that died is not waited for: it is rolled back
-    again at step 49 (LR x0.01), and learns."""
+    again at step 29 (LR x0.01; the ladder at work, the guard flushes every ten steps),
+    and learns."""
     tails = {}
     for guarded in (False, True):
         guard, losses = _cnn_on_adamw(3.0, 200, guarded=guarded)
         tails[guarded] = sum(losses[-20:]) / 20
     back = [e for e in guard.events if e.kind == "rollback"]
-    assert [e.step for e in back][:2] == [3, 49]
+    assert [e.step for e in back][:2] == [3, 29]
     assert "the network died" in back[1].message
     assert tails[False] > 2.2 and tails[True] < 1.5, tails
 
@@ -429,23 +430,28 @@ def test_a_flush_that_finds_dead_layers_takes_no_snapshot(zero, snapshots):
     assert not rec.decisions and not [e for e in guard.events if e.severity != "info"]
 
 
-def test_a_relapse_rolls_back_to_a_snapshot_taken_while_the_lr_restored():
+def test_a_relapse_while_the_lr_restores_is_caught_within_ten_steps():
     """A digits CNN on SGD momentum at 10x its LR dies; rolled back to the fresh model at
-    step 49, it learns at the lowered LR (0.42 nats by step 130) and diverges again at the
-    restored ceiling. The snapshot of step 99, taken at a healthy flush while the LR was
-    still restoring, is what the second rollback returns to, not the fresh model: a
-    snapshot waited for the full LR before, and there was none. The batches to skip count
-    from the new trouble, not from the first one."""
+    step 49, it learns at the lowered LR and diverges again (from step 140) as the LR
+    restores towards the lowered ceiling. While the ladder is at work the guard flushes
+    every ten steps, so the relapse is caught at step 159, not at the next regular flush
+    (199): the weights still hold most of their progress and are kept, the LR backs off
+    and the ceiling drops below the factor that failed. A snapshot was taken at the
+    healthy flush of step 99 while the LR was still restoring (one waited for the full LR
+    before, and there was none)."""
     from benchmarks import rescue_cases as rc
 
     torch.manual_seed(0)
     model = rc.digits_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
-    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    rec = gg.Recovery()
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec)
     losses = _digits_run(model, opt, 260, guard=guard)
     guard.close()
     back = [e for e in guard.events if e.kind == "rollback"]
-    assert [(e.step, e.data["snapshot_step"]) for e in back] == [(49, -1), (199, 99)]
-    assert back[1].data["batches_to_skip"] == 1
-    assert sum(losses[-20:]) / 20 < 0.4
+    assert [(e.step, e.data["snapshot_step"]) for e in back] == [(49, -1)]
+    relapse = next(e for e in guard.events if e.kind == "lr_backoff")
+    assert relapse.step == 159 and "the trouble came back" in relapse.message
+    assert 99 in [a.step for a in rec.actions if a.kind == "snapshot"]
+    assert sum(losses[-20:]) / 20 < 0.2
     assert all(torch.isfinite(p).all() for p in model.parameters())

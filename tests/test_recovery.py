@@ -248,9 +248,33 @@ def test_an_isolated_incident_restores_the_full_lr():
     guard = gg.Guard(model, opt, recovery=rec, every=50)
     train(guard, model, opt, 10, bad_steps={2})
     train(guard, model, opt, 25, bad_steps={25}, start=10, seed=2)  # 23 steps later: isolated
-    assert [(e.kind, e.data["relapse"]) for e in guard.events] == [
+    assert [(e.kind, e.data["relapse"]) for e in guard.events if e.kind == "lr_backoff"] == [
         ("lr_backoff", False), ("lr_backoff", False)]
     assert rec.lr_ceiling == 1.0 and next_lr(opt, rec) == 0.1 == opt.param_groups[0]["lr"]
+
+
+def test_the_guard_flushes_every_ten_steps_while_the_ladder_is_at_work():
+    """After a back-off the guard flushes every ten steps (a relapse is caught within ten
+    steps, at the LR that failed) until the LR is restored and the progress check has
+    passed (step 59, fifty steps after the back-off); then every ``every`` steps again."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gg.Recovery(skip_patience=1, restore_steps=20)
+    guard = gg.Guard(model, opt, recovery=rec, every=50)
+    flushes, flush = [], guard.flush
+
+    def spy():
+        flushes.append(guard.step_count - 1)
+        return flush()
+
+    guard.flush = spy
+    assert rec.flush_every(50) == 50
+    train(guard, model, opt, 6, bad_steps={5})
+    assert [e.step for e in guard.events if e.kind == "lr_backoff"] == [5]
+    assert rec.flush_every(50) == 10 and rec.flush_every(4) == 4
+    train(guard, model, opt, 194, start=6)
+    assert flushes == [9, 19, 29, 39, 49, 59, 109, 159]
+    assert rec.flush_every(50) == 50
 
 
 def test_a_relapse_lowers_the_ceiling_and_the_lr_never_returns_above_it():

@@ -192,6 +192,21 @@ def test_once_the_lr_is_known_too_high_a_rise_that_keeps_the_progress_still_coun
     assert rise.risen(1.5, strict=True) is None
 
 
+def test_even_on_probation_a_loss_near_zero_that_doubles_is_noise():
+    """Late in a run, 2.3 nats below the fresh model: a ten-step level of 0.04 against a
+    best of 0.015 is 2.7x it, yet gives back 1% of what the run learnt (STRICT_LOST: 3%);
+    one of 0.2 gives back 8% and counts. The fresh level is the lowest first loss: a first
+    update that blew the loss up to 250 is no level learnt from."""
+    rise = LossRise()
+    feed(rise, 0, [2.3, 250.0, 240.0] + [0.015] * 27 + [0.04] * 20)
+    assert rise.fresh == 2.3
+    assert rise.risen(1.5, strict=True) is None
+    feed(rise, 50, [0.2] * 20)
+    level, ratio = rise.risen(1.5, strict=True)
+    assert level == 0.2 and ratio == pytest.approx(0.2 / 0.015)
+    assert rise.risen(1.5) is None  # under the usual test: far from half the progress
+
+
 def test_losses_below_zero_switch_the_test_off():
     rise = LossRise()
     feed(rise, 0, [1.0] * 20 + [-0.5] + [5.0] * 29)

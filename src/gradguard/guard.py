@@ -179,7 +179,7 @@ class Guard:
         with torch.no_grad():
             if optimizer_layout(self.optimizer) != self._layout:
                 self._relayout()  # add_param_group: guard the new parameters too
-            if self.telemetry.pending >= self.every:
+            if self._flush_due():
                 self.flush()  # a hook-driven step: the previous (flush) step has now run
             if self._sampler is not None:
                 self._sampler.armed = False  # a sampled step that never ran
@@ -212,13 +212,19 @@ class Guard:
                     self.recovery.after_step(self, stats, out)
                 except TrainingDiverged as e:
                     self._abort(e)
-            if not isinstance(executor, Hook) and self.telemetry.pending >= self.every:
+            if not isinstance(executor, Hook) and self._flush_due():
                 self.flush()
             if self._watch is not None and self.config.sample_activations:
                 self._watch.armed = self.telemetry.flush_due  # sample the flush step's forward
             if self._logits is not None:
                 self._logits.armed = self.telemetry.flush_due
         return stats.total_norm
+
+    def _flush_due(self) -> bool:
+        """A flush every ``every`` steps; more often while a recovery is at work (it says
+        how often: :meth:`gradguard.Recovery.flush_every`)."""
+        every = self.every if self.recovery is None else self.recovery.flush_every(self.every)
+        return self.telemetry.pending >= every
 
     def _relayout(self) -> None:
         lifecycle.relayout(self)

@@ -38,7 +38,7 @@ from .defaults import (
 )
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
 from .ring import SnapshotRing
-from .rise import DeadLayers, LossRise
+from .rise import BLOCK, DeadLayers, LossRise
 from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, check_int
 from .verdict import LOSS_SPIKE, SpikeVerdict
 
@@ -259,6 +259,17 @@ class Recovery:
         cannot be loaded into it any more; the next healthy flush takes a new one."""
         self.ring.clear()
         self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
+
+    def flush_every(self, every: int) -> int:
+        """Steps between the guard's flushes: ``every``, or at most ``BLOCK`` (10) while
+        the ladder is at work (a progress check pending, the LR restoring, or a lowered
+        ceiling not yet settled): a relapse is then caught within ten steps rather than
+        up to ``every`` later, and the LR that failed is the one in force when the loss
+        rose. Decided from the ladder's state alone, identical on every rank."""
+        st = self.state
+        busy = (st.watching is not None or st.factor < st.ceiling
+                or (st.ceiling < 1.0 and st.settled != st.ceiling))
+        return min(every, BLOCK) if busy else every
 
     def before_step(self, guard: Guard) -> None:
         """Before each optimizer step: set the LR factor this step uses (the restore after a

@@ -28,7 +28,13 @@ decides (``strict``): a run just under the edge of stability trains, but noisily
 rising well above its best and falling again without ever giving back most of its
 progress; each such rise halves the ceiling again, converging on an LR that trains rather
 than on the largest one that does not diverge. Once settled, the usual test applies again:
-late in a run a loss near zero doubles and halves from noise alone.
+late in a run a loss near zero doubles and halves from noise alone. Even on probation a
+rise must give back ``STRICT_LOST`` (3%) of what the run learnt from its fresh level (the
+lowest of its first losses: a first update that blew the loss up is no level to learn
+from): a loss of 0.04 against a best of 0.015, 2.3 nats below the fresh model's, is
+noise; checked at every ten-step flush while the ladder is at work
+(:meth:`gradguard.Recovery.flush_every`), such noise halved the ceiling every 30 to 50
+steps (a digits CNN on AdamW at 100x: down to 0.001 of its LR by step 300).
 
 A rise that came down again before the flush still counts when it was severe: two
 consecutive ten-step medians above ``SEVERE`` (2) times the running best anywhere in the
@@ -80,6 +86,9 @@ DEAD = 15
 FIRST = 3
 #: The share of what the run had learnt (initial - best) that a rise must give back.
 LOST = 0.5
+#: The share of what it learnt from its fresh level a rise must give back under
+#: ``strict`` (see the module docstring).
+STRICT_LOST = 0.03
 #: A two-block level this many times the best, seen anywhere in a window, has risen even
 #: if the loss came down again before the flush (see the module docstring).
 SEVERE = 2.0
@@ -150,8 +159,12 @@ class LossRise:
         self.best = best
         self._carry = seq[-(2 * BLOCK - 1):]
 
-    def _gave_back(self, level: float, best: float) -> bool:
-        return self.initial is None or level > best + LOST * (self.initial - best)
+    def _gave_back(self, level: float, best: float, *, strict: bool = False) -> bool:
+        if strict:  # the lowest first loss: a first update that blew the loss up is no level
+            start, share = self.fresh, STRICT_LOST
+        else:
+            start, share = self.initial, LOST
+        return start is None or level > best + share * (start - best)
 
     def risen(self, factor: float, *, strict: bool = False) -> Rise | None:
         """A :class:`Rise` when the loss has risen more than ``factor`` times its best (or
@@ -162,7 +175,7 @@ class LossRise:
             return None
         if self.latest is not None:
             ratio = self.latest / self.best
-            if ratio > factor and (strict or self._gave_back(self.latest, self.best)):
+            if ratio > factor and self._gave_back(self.latest, self.best, strict=strict):
                 return Rise(self.latest, ratio)
         return self.peak if self.peak is not None and self.peak.ratio >= SEVERE else None
 
