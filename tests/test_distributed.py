@@ -141,15 +141,23 @@ ROLLBACK_RANK_LOSS_STEP = 2
 
 
 def train_rollback(
-    model: torch.nn.Module, rank: int, world: int, wrapped: torch.nn.Module | None = None
+    model: torch.nn.Module, rank: int, world: int, wrapped: torch.nn.Module | None = None,
+    *, every: int = 2, steps: int = ROLLBACK_STEPS,
 ) -> dict[str, Any]:
     """Recovery on every rank: NaN batches on rank 1 -> back-off, then a rollback."""
     fwd = wrapped or model
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     recovery = gg.Recovery(skip_patience=1, snapshot_every=1, restore_steps=50)
-    guard = gg.Guard(fwd, opt, clip=gg.NormClip(1.0), every=2, recovery=recovery)
+    guard = gg.Guard(fwd, opt, clip=gg.NormClip(1.0), every=every, recovery=recovery)
+    flushes, flush = [], guard.flush
+
+    def spy() -> Any:
+        flushes.append(guard.step_count - 1)
+        return flush()
+
+    guard.flush = spy  # type: ignore[method-assign]
     g = torch.Generator().manual_seed(7)
-    for step in range(ROLLBACK_STEPS):
+    for step in range(steps):
         x = torch.randn(GLOBAL_BS, D_IN, generator=g)
         y = x.sum(dim=1, keepdim=True).sin()
         if step in ROLLBACK_NAN_STEPS:
@@ -167,6 +175,7 @@ def train_rollback(
         "events": [e.to_json() for e in guard.events],
         "decisions": [(d.kind, d.step) for d in recovery.actions if d.kind != "snapshot"],
         "lr": opt.param_groups[0]["lr"],
+        "flushes": flushes,
     }
 
 
@@ -182,6 +191,9 @@ def worker_main(scenario: str) -> Any:
             res = train("ddp", model, rank, WORLD, None, DistributedDataParallel(model))
             fresh = make_model()
             res["rollback"] = train_rollback(fresh, rank, WORLD, DistributedDataParallel(fresh))
+            fresh = make_model()
+            res["cadence"] = train_rollback(fresh, rank, WORLD, DistributedDataParallel(fresh),
+                                            every=30, steps=40)
             return res
         from torch.distributed.fsdp import fully_shard
 
@@ -214,6 +226,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             ranks = launch(__file__, scenario, out, world=WORLD, timeout_s=LAUNCH_TIMEOUT_S)
             ref = train(scenario, make_model(), 0, 1, None)
             ref["rollback"] = train_rollback(make_model(), 0, 1)
+            ref["cadence"] = train_rollback(make_model(), 0, 1, every=30, steps=40)
             cache[scenario] = (ranks, ref, out)
         return cache[scenario]
 
@@ -372,6 +385,18 @@ def test_rollback_mid_run_on_two_ranks_keeps_ranks_identical(runs, backend):
         assert torch.isfinite(r0["params"][name]).all()
         assert torch.equal(r0["params"][name], r1["params"][name]), name
         assert close(r0["params"][name], p), name
+
+
+def test_ranks_flush_together_every_ten_steps_while_the_ladder_is_at_work(runs):
+    """Flushes are collectives: after the back-off (step 4) the guard flushes every ten
+    steps instead of every 30, decided from the ladder's state, the same on every rank."""
+    ranks, ref, _ = runs("ddp")
+    want = ref["cadence"]
+    assert want["decisions"][0] == ("backoff", 4)
+    assert want["flushes"] == [9, 19, 29, 39]
+    for res in ranks:
+        assert res["cadence"]["decisions"] == want["decisions"]
+        assert res["cadence"]["flushes"] == want["flushes"]
 
 
 def test_merge_events_keeps_rank_only_events():
