@@ -129,6 +129,8 @@ def _variants(wl: Workload) -> dict[str, StepFn]:
     make("adamw+Guard(NormClip)", False, guard_with(lambda: NormClip(1.0)))
     make("adamw+Guard(ZClip)", False, guard_with(ZClip))
     make("adamw+Guard(ZClip)+Recovery", False, guard_with(ZClip, recovery=True))
+    # the cadence while the ladder is at work: a flush every ten steps
+    make("adamw+Guard(ZClip)+Recovery,every=10", False, guard_with(ZClip, every=10, recovery=True))
     make("adamw_fused", True, bare)
     make("adamw_fused+clip_grad_norm_", True, clip_norm)
     make("adamw_fused+Guard(ZClip)", True, guard_with(ZClip))
