@@ -267,8 +267,7 @@ class Recovery:
         up to ``every`` later, and the LR that failed is the one in force when the loss
         rose. Decided from the ladder's state alone, identical on every rank."""
         st = self.state
-        busy = (st.watching is not None or st.factor < st.ceiling
-                or (st.ceiling < 1.0 and st.settled != st.ceiling))
+        busy = st.watching is not None or st.factor < st.ceiling or st.probation
         return min(every, BLOCK) if busy else every
 
     def before_step(self, guard: Guard) -> None:
@@ -352,7 +351,7 @@ class Recovery:
             # stricter while a lowered ceiling is on probation: lowered, not yet settled
             st = self.state
             risen = self._rise.risen(self.config.stall_factor)
-            if risen is None and st.ceiling < 1.0 and st.settled != st.ceiling:
+            if risen is None and st.probation:
                 risen = self._rise.risen(self.config.stall_factor, strict=True)
                 mild = risen is not None
             # under pipelining each stage's layer columns are its own: no agreed verdict

@@ -77,6 +77,11 @@ class LadderState:
     at_ceiling: int | None = None  # since when the factor sits at a lowered ceiling
     settled: float | None = None  # the ceiling last reported as settled
 
+    @property
+    def probation(self) -> bool:
+        """A lowered ceiling not yet reported settled."""
+        return self.ceiling < 1.0 and self.settled != self.ceiling
+
 
 @dataclass(frozen=True)
 class Trigger:
@@ -238,7 +243,7 @@ def _progress(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[Ladder
 
 def _settle(cfg: LadderConfig, st: LadderState, step: int) -> tuple[LadderState, tuple[Action, ...]]:
     """A factor that stayed at a lowered ceiling for ``restore_steps`` steps is settled."""
-    if st.ceiling >= 1.0 or st.factor < st.ceiling or st.settled == st.ceiling:
+    if not st.probation or st.factor < st.ceiling:
         return st, ()
     if st.at_ceiling is None:
         return dataclasses.replace(st, at_ceiling=step), ()
