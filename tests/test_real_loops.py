@@ -430,6 +430,39 @@ def test_a_flush_that_finds_dead_layers_takes_no_snapshot(zero, snapshots):
     assert not rec.decisions and not [e for e in guard.events if e.severity != "info"]
 
 
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_flush_whose_weights_are_worse_than_the_snapshot_takes_no_snapshot(guarded):
+    """Found by hand: a float64 digits CNN on SGD momentum with decay/no-decay groups and
+    a 20-step LambdaLR warm-up to 10x its LR. A spike kills its units between the first
+    two flushes (a ten-step mean of 10 nats) and the loss-rise test, on medians, just
+    misses it; the first flush (49) took a snapshot of those weights at a loss of 5.6,
+    2.5x the fresh model's. Every rollback then returned to the dead weights and the run
+    ended in TrainingDiverged at step 239. A flush whose loss is clearly worse than the
+    newest snapshot's (by ``stall_factor``) takes none: the rollback at 99 goes to the
+    weights before the first step, and the run learns."""
+    from benchmarks import rescue_cases as rc
+
+    torch.manual_seed(0)
+    model = rc.digits_cnn().double()
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    rest = [p for p in model.parameters() if p.dim() <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 1e-4},
+                           {"params": rest, "weight_decay": 0.0}], lr=0.3, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    rec = gg.Recovery()
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec) if guarded else None
+    losses = _digits_run(model, opt, 300, guard=guard, sched=sched, dtype=torch.float64)
+    tail = sum(losses[-20:]) / 20
+    if not guarded:
+        assert tail > 2.2  # dead at chance
+        return
+    guard.close()
+    back = [e for e in guard.events if e.kind == "rollback"]
+    assert (back[0].step, back[0].data["snapshot_step"]) == (99, -1)
+    assert 49 not in [a.step for a in rec.actions if a.kind == "snapshot"]
+    assert tail < 0.3 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_a_relapse_while_the_lr_restores_is_caught_within_ten_steps():
     """A digits CNN on SGD momentum at 10x its LR dies; rolled back to the fresh model at
     step 49, it learns at the lowered LR and diverges again (from step 140) as the LR

@@ -397,7 +397,13 @@ class Recovery:
             history = list(guard.monitor.detector_state.loss)
             if history and self.state.factor >= self.state.ceiling:
                 self._level = statistics.median(history)  # the loss level of a healthy run
-            self._feed(guard, Trigger("healthy", window.steps[-1]), list)
+            # nor are weights clearly worse than the newest snapshot's: no rise was seen
+            # (a spike that killed units between two flushes), yet they would replace it
+            # (judged on PROGRESS_STEPS losses: the median of a window of two is no level)
+            snap = self.ring.level(self._rise.fresh)
+            if snap is None or len(recent) < PROGRESS_STEPS or (
+                    statistics.median(recent) <= snap * self.config.stall_factor):
+                self._feed(guard, Trigger("healthy", window.steps[-1]), list)
 
     # ---- carrying out the ladder's actions ----------------------------------------------------
     def _feed(self, guard: Guard, trig: Trigger, layers: Any) -> bool:
