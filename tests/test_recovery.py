@@ -253,6 +253,34 @@ def test_an_isolated_incident_restores_the_full_lr():
     assert rec.lr_ceiling == 1.0 and next_lr(opt, rec) == 0.1 == opt.param_groups[0]["lr"]
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_backoff_slows_rprop_whose_lr_is_only_its_first_step_size(foreach):
+    """Rprop reads its LR once (a parameter's first step size) and adapts per-element step
+    sizes after it: the LR multiplier scales those for the step, so Rprop at lr 0.1 under
+    factor 0.1 steps as Rprop at lr 0.01, and its state is kept in the unscaled units."""
+    from gradguard.recovery.actions import LrMultiplier
+
+    torch.manual_seed(0)
+    w, ref = nn.Parameter(torch.randn(6)), nn.Parameter(torch.zeros(6))
+    ref.data.copy_(w.data)
+    opt = torch.optim.Rprop([w], lr=0.1, foreach=foreach)
+    slow = torch.optim.Rprop([ref], lr=0.01, foreach=foreach)
+    factor = [1.0]
+    mult = LrMultiplier(opt, lambda: factor[0])
+    for step in range(8):
+        factor[0] = 0.1 if step < 5 else 1.0  # backed off, then restored
+        if step == 5:  # the same restore for the reference: its step sizes x10
+            slow.state[ref]["step_size"].mul_(10)
+        g = torch.randn(6)
+        w.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        slow.step()
+        torch.testing.assert_close(w.data, ref.data)
+    mult.remove()
+    torch.testing.assert_close(opt.state[w]["step_size"], slow.state[ref]["step_size"])
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
 def test_the_guard_flushes_every_ten_steps_while_the_ladder_is_at_work():
     """After a back-off the guard flushes every ten steps (a relapse is caught within ten
     steps, at the LR that failed) until the LR is restored and the progress check has

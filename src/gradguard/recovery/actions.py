@@ -6,7 +6,9 @@ group's LR by the ladder's factor in an optimizer step *pre*-hook and puts the o
 value back in the step *post*-hook, so whatever a scheduler (or a person) writes into
 ``group["lr"]`` between steps is what gets multiplied: the LR actually used is the
 schedule's LR times the factor, by construction, for any scheduler and for tensor LRs,
-without a host sync.
+without a host sync. Rprop takes its LR as the *initial* step size only and then adapts
+a step size per element: there the multiplier scales those step sizes (its state) for the
+step in the same way, so a back-off slows Rprop too.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class LrMultiplier:
         self.optimizer = optimizer
         self.factor = factor
         self._saved: list[tuple[dict[str, Any], Any]] = []
+        self._rprop_factor: float | None = None  # Rprop's step sizes are multiplied by it
         self._handles = [
             optimizer.register_step_pre_hook(self._pre),
             optimizer.register_step_post_hook(self._post),
@@ -72,17 +75,31 @@ class LrMultiplier:
             else:
                 self._saved.append((g, lr))
                 g["lr"] = lr * f
+        if isinstance(self.optimizer, torch.optim.Rprop):
+            # an Rprop step moves by its per-element step sizes, started at the (scaled) LR
+            # at a parameter's first step and adapted since
+            if steps := self._step_sizes():
+                torch._foreach_mul_(steps, f)
+            self._rprop_factor = f
 
     def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._restore()
 
     def _restore(self) -> None:
+        if self._rprop_factor is not None:
+            # all of them, the ones this step created from the scaled LR too
+            if steps := self._step_sizes():
+                torch._foreach_div_(steps, self._rprop_factor)
+            self._rprop_factor = None
         for g, lr in self._saved:
             if isinstance(lr, Tensor):
                 g["lr"].copy_(lr)
             else:
                 g["lr"] = lr
         self._saved = []
+
+    def _step_sizes(self) -> list[Tensor]:
+        return [s["step_size"] for s in self.optimizer.state.values() if "step_size" in s]
 
     def remove(self) -> None:
         self._restore()
