@@ -204,6 +204,33 @@ def test_schedules_are_not_lr_too_high(schedule):
     assert [e for e in guard.events if e.kind == "lr_too_high"] == []
 
 
+def test_a_skipped_first_step_does_not_make_the_scheduler_warn_about_the_order():
+    """guard.step() then scheduler.step() is the right order even when the guard skipped
+    the step; torch's scheduler warns 'lr_scheduler.step() before optimizer.step()' when
+    the optimizer's own step never ran."""
+    import warnings
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    guard = gg.Guard(model, opt, every=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step, (x, y) in enumerate(batches(4)):
+            if step == 0:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+            sched.step()
+    guard.close()
+    assert [(e.kind, e.step) for e in guard.events if e.kind == "skip"] == [("skip", 0)]
+    assert sched.get_last_lr() == [0.025]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_a_slip_of_the_lr_is_still_lr_too_high():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)

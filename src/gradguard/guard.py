@@ -203,6 +203,9 @@ class Guard:
                 code = code | self.recovery.verdict(stats, loss)  # spikes, skipped at the step
             out = executor.run(plan, code, loss_finite(loss), closure,
                                clip=coef if in_step else None)
+            # taken, or skipped in its place: an LR scheduler stepped after guard.step() is in
+            # the right order (after a skipped first step torch would warn it is not)
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
             self._record(stats, loss, coef, out)
             if out.trouble is True and (out.code or 0) & NONFINITE and (
                     plan.warn or plan.on_bad == "raise"):
