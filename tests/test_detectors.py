@@ -244,6 +244,22 @@ def test_vanishing_must_be_sustained():
     assert detect_vanishing(window(rows)) == []
 
 
+@pytest.mark.parametrize(("update", "expected"), [
+    ([1e-3, 1e-3, 1e-3], []),  # Adam: the small gradient still moves `a` like the rest
+    ([2e-4, 1e-3, 1e-3], []),  # a fifth of the later layers' pace: learning
+    ([1e-7, 1e-3, 1e-3], ["a"]),  # SGD: the update is as small as the gradient
+    ([0.0, 1e-3, 1e-3], ["a"]),  # a skipped step says nothing: judged on the gradients
+    (None, ["a"]),  # updates not sampled
+])
+def test_a_small_gradient_whose_layer_still_learns_is_not_vanishing(update, expected):
+    """The query/key projections of BERT at its init under AdamW: gradients 1e-4 of the
+    layers after them, updates at their pace."""
+    w = window([[1e-6, 1e-2, 1.0]] * 10, weight=None if update is None else [1.0] * 3,
+               update=update)
+    events = detect_vanishing(w)
+    assert (events[0].data["layers"] if events else []) == expected
+
+
 # ---- update ratio, activations, LR jumps -----------------------------------------------------
 def test_update_ratio_far_above_and_far_below():
     w = window([[1.0] * 3] * 5, weight=[1.0, 1.0, 1.0], update=[1e-3, 0.5, 1e-9])

@@ -46,8 +46,11 @@ VANISH_RATIO = 1e-3
 VANISH_FLOOR = 1e-8
 #: ... on at least this fraction of the window's finite steps ...
 VANISH_FRACTION = 0.9
-#: ... and on at least this many steps.
+#: ... and on at least this many steps; unless the layer still learns: its update/weight
+#: ratio at the flush step is at least this share of the median ratio of the layers after
+#: it (an adaptive optimizer makes up for a small gradient).
 VANISH_MIN_STEPS = 5
+VANISH_LEARNS = 0.1
 
 #: Fraction of a ReLU-family module's units that never fire on the sampled batch above
 #: which ``dead_units`` is reported.

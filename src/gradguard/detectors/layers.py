@@ -10,7 +10,13 @@ import torch
 
 from ..events import Event
 from ..telemetry import Window
-from .config import DEFAULT_CONFIG, SATURATION_MARGIN, DetectorConfig, DetectorState
+from .config import (
+    DEFAULT_CONFIG,
+    SATURATION_MARGIN,
+    VANISH_LEARNS,
+    DetectorConfig,
+    DetectorState,
+)
 
 
 # ---- vanishing ------------------------------------------------------------------------
@@ -21,13 +27,24 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
     Only layers with a weight matrix or kernel are compared (``Window.matrix_layers``,
     when some layers have one): a norm layer's scale or a bias of a few elements has a
     gradient norm small by its size alone (a qk-LayerNorm of 16 elements sits at 3e-4 of
-    the attention matrices after it in a healthy transformer)."""
+    the attention matrices after it in a healthy transformer).
+
+    A small gradient is only a fault when the layer stops learning: where the flush step's
+    update/weight ratios were sampled, a layer whose ratio is at least ``VANISH_LEARNS``
+    of the median ratio of the layers after it is left out. An adaptive optimizer (Adam,
+    RMSprop) normalises each parameter's step, so the query and key projections of a
+    transformer at its init (gradients ~1e-4 of the layers after them, BERT from its config)
+    learn at the pace of the rest; under SGD the update is the gradient and a vanishing
+    layer's ratio is as small as its gradient."""
     ln = window.layer_norms()
     layers = window.layers
+    w, u = window.layer_weight_norms(), window.layer_update_norms()
+    rates = None if w is None or u is None else (u.double() / w.double()).tolist()
     keep = window.matrix_layers
     if keep is not None and any(keep) and not all(keep):
         cols = [j for j, k in enumerate(keep) if k]
         ln, layers = ln[:, cols], [layers[j] for j in cols]
+        rates = None if rates is None else [rates[j] for j in cols]
     rows = torch.isfinite(ln).all(dim=1)
     if int(rows.sum()) < config.vanish_min_steps or ln.shape[1] < 2:
         return []
@@ -40,7 +57,8 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
     frac = vanish.double().mean(dim=0).tolist()
     med_ratio = ratio.median(dim=0).values.tolist()
     med_norm = ok.median(dim=0).values.tolist()
-    hit = [j for j, f in enumerate(frac) if f >= config.vanish_fraction]
+    hit = [j for j, f in enumerate(frac) if f >= config.vanish_fraction
+           and not (rates is not None and _learns(rates, j))]
     if not hit:
         return []
     first = hit[0]
@@ -67,6 +85,14 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
                   "grad_norm": [med_norm[j] for j in hit]},
         )
     ]
+
+
+def _learns(rates: Sequence[float], j: int) -> bool:
+    """Layer ``j`` moved at least ``VANISH_LEARNS`` of the median update/weight ratio of
+    the layers after it at the sampled step (a skipped step, ratio 0, says nothing)."""
+    later = [r for r in rates[j + 1:] if math.isfinite(r) and r > 0]
+    r = rates[j]
+    return bool(later) and math.isfinite(r) and r > 0 and r >= VANISH_LEARNS * statistics.median(later)
 
 
 # ---- sampled at flush steps -------------------------------------------------------------
