@@ -50,7 +50,7 @@ VANISH_FRACTION = 0.9
 #: ratio at the flush step is at least this share of the median ratio of the layers after
 #: it (an adaptive optimizer makes up for a small gradient).
 VANISH_MIN_STEPS = 5
-VANISH_LEARNS = 0.1
+VANISH_LEARNS = 0.01
 
 #: Fraction of a ReLU-family module's units that never fire on the sampled batch above
 #: which ``dead_units`` is reported.
