@@ -247,7 +247,7 @@ def test_vanishing_must_be_sustained():
 @pytest.mark.parametrize(("update", "expected"), [
     ([1e-3, 1e-3, 1e-3], []),  # Adam: the small gradient still moves `a` like the rest
     ([2e-4, 1e-3, 1e-3], []),  # a fifth of the later layers' pace: learning
-    ([2e-5, 1e-3, 1e-3], []),  # a large depthwise kernel under Adam (PVTv2): 0.02, learning
+    ([2e-5, 1e-3, 1e-3], []),  # 0.02 of the largest after it (a large kernel under Adam)
     ([5e-6, 1e-3, 1e-3], ["a"]),  # 0.005 of their pace: not learning
     ([1e-7, 1e-3, 1e-3], ["a"]),  # SGD: the update is as small as the gradient
     ([0.0, 1e-3, 1e-3], ["a"]),  # a skipped step says nothing: judged on the gradients

@@ -31,7 +31,7 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
 
     A small gradient is only a fault when the layer stops learning: where the flush step's
     update/weight ratios were sampled, a layer whose ratio is at least ``VANISH_LEARNS``
-    of the median ratio of the layers after it is left out. An adaptive optimizer (Adam,
+    of the largest ratio of the layers after it is left out. An adaptive optimizer (Adam,
     RMSprop) normalises each parameter's step, so the query and key projections of a
     transformer at its init (gradients ~1e-4 of the layers after them, BERT from its config)
     learn at the pace of the rest; under SGD the update is the gradient and a vanishing
@@ -88,11 +88,12 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
 
 
 def _learns(rates: Sequence[float], j: int) -> bool:
-    """Layer ``j`` moved at least ``VANISH_LEARNS`` of the median update/weight ratio of
-    the layers after it at the sampled step (a skipped step, ratio 0, says nothing)."""
+    """Layer ``j`` moved at least ``VANISH_LEARNS`` of the largest update/weight ratio of
+    the layers after it at the sampled step (the reference of the gradient test: the
+    largest norm after it); a skipped step, ratio 0, says nothing."""
     later = [r for r in rates[j + 1:] if math.isfinite(r) and r > 0]
     r = rates[j]
-    return bool(later) and math.isfinite(r) and r > 0 and r >= VANISH_LEARNS * statistics.median(later)
+    return bool(later) and math.isfinite(r) and r > 0 and r >= VANISH_LEARNS * max(later)
 
 
 # ---- sampled at flush steps -------------------------------------------------------------
