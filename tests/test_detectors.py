@@ -26,7 +26,7 @@ from gradguard.detectors import (
 from gradguard.telemetry import Window
 from helpers import batches, mlp
 
-LAYERS = ["a", "b", "c"]
+LAYERS = ["a", "b", "c", "d", "e", "f"]
 
 
 def window(layer_norms, losses=None, start=0, skipped=None, weight=None, update=None) -> Window:
@@ -260,6 +260,15 @@ def test_a_small_gradient_whose_layer_still_learns_is_not_vanishing(update, expe
                update=update)
     events = detect_vanishing(w)
     assert (events[0].data["layers"] if events else []) == expected
+
+
+def test_a_layer_learns_only_at_the_pace_of_the_fastest_after_it():
+    """A gradient that fades over a deep SGD net (lab T1's 30-layer Xavier net): the first
+    layer moves 1/10 of the typical layer after it but 1e-4 of the fastest, and vanishes."""
+    rates = [1e-4] + [1e-3] * 4 + [1.0]
+    w = window([rates] * 10, weight=[1.0] * 6, update=rates)
+    events = detect_vanishing(w)
+    assert events and events[0].data["layers"][0] == "a"
 
 
 # ---- update ratio, activations, LR jumps -----------------------------------------------------
