@@ -515,3 +515,24 @@ def test_a_relapse_while_the_lr_restores_is_caught_within_ten_steps():
     assert 99 in [a.step for a in rec.actions if a.kind == "snapshot"]
     assert sum(losses[-20:]) / 20 < 0.2
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bert_from_its_config_trains_under_the_default_guard_without_a_warning():
+    """BERT's query/key projections at init have gradients ~1e-4 of the layers after them;
+    under AdamW they learn at the pace of the rest, which is no vanishing gradient (the
+    guard warned at every flush before the detector weighed the update/weight ratios)."""
+    pytest.importorskip("transformers")
+    from tests.zoo.real.healthy import hf_setup
+
+    model, (ids, _), loss_fn, opt = hf_setup("bert")
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        batch = torch.randint(0, model.config.vocab_size, ids.shape, generator=gen)
+        loss = loss_fn(model(batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss.detach())
+    guard.close()
+    assert [(e.kind, e.step) for e in guard.events if e.severity != "info"] == []
+    assert guard.step_count == 100
