@@ -46,10 +46,11 @@ VANISH_RATIO = 1e-3
 VANISH_FLOOR = 1e-8
 #: ... on at least this fraction of the window's finite steps ...
 VANISH_FRACTION = 0.9
-#: ... and on at least this many steps; unless the layer still learns: its update/weight
-#: ratio at the flush step is at least this share of the median ratio of the layers after
-#: it (an adaptive optimizer makes up for a small gradient).
+#: ... and on at least this many steps.
 VANISH_MIN_STEPS = 5
+#: A layer still learns, and is not vanishing, when its update/weight ratio at the flush
+#: step is at least this share of the largest ratio of the layers after it (an adaptive
+#: optimizer makes up for a small gradient).
 VANISH_LEARNS = 0.01
 
 #: Fraction of a ReLU-family module's units that never fire on the sampled batch above
