@@ -117,12 +117,17 @@ ROWS = [
      b(factor=0.025, ceiling=0.125, backoff_level=0.025, backoff_step=110, last_trigger=110,
        watching=None, rollbacks=1, backoffs=2),
      (Action("backoff", 110, "rose", 0.025, 0.125, True, True),)),
-    ("a mild rise long after the last trigger still lowers the ceiling",
+    ("a mild rise long after the last trigger still lowers the ceiling (no relapse)",
      b(factor=0.25, ceiling=0.25, backoff_step=None, watching=None), Trigger("spike", 900,
                                                                           "rose", mild=True),
      b(factor=0.025, ceiling=0.125, backoff_level=0.025, backoff_step=900, last_trigger=900,
        watching=None, backoffs=2),
-     (Action("backoff", 900, "rose", 0.025, 0.125, True, True),)),
+     (Action("backoff", 900, "rose", 0.025, 0.125, False, True),)),
+    ("a first mild rise (a bounce): the LR in force failed, the ceiling halves",
+     S0, Trigger("spike", 49, "bounced", 0.2, mild=True),
+     st(factor=0.1, ceiling=0.5, backoff_level=0.1, backoff_step=49, last_trigger=49,
+        backoffs=1),
+     (Action("backoff", 49, "bounced", 0.1, 0.5, False, True),)),
     ("healthy and due: snapshot", st(last_snapshot=0), Trigger("healthy", 9),
      st(last_snapshot=0), (Action("snapshot", 9),)),
     ("healthy but not due: nothing", st(last_snapshot=6), Trigger("healthy", 9),
@@ -160,3 +165,16 @@ def test_transition_is_pure():
 def test_unknown_trigger_is_refused():
     with pytest.raises(ValueError, match="kind='boom'"):
         transition(CFG, S0, Trigger("boom", 1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("relapse", "says"), [
+    (True, "the trouble came back"),
+    (False, "the LR in force is too high for the loss to settle"),
+])
+def test_a_lowered_ceiling_says_why_it_was_lowered(relapse, says):
+    """A ceiling lowered by a relapse says the trouble came back; one lowered by a mild rise
+    long after the last trigger (no relapse) must not claim that."""
+    from gradguard.recovery.actions import backoff_event
+    ev = backoff_event(Action("backoff", 900, "rose", 0.025, 0.125, relapse, True), 100)
+    assert ev.message.endswith(f"to x0.125 only ({says})")
+    assert ev.data["relapse"] is relapse

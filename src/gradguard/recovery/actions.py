@@ -118,7 +118,7 @@ def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False,
     else:
         message = (f"step {a.step}: {a.reason}; learning rate x{a.factor:g}, restored over "
                    f"{restore_steps} steps"
-                   + (f" to x{a.ceiling:g} only (the trouble came back)" if a.lowered
+                   + (f" to x{a.ceiling:g} only ({_why_lowered(a)})" if a.lowered
                       else (f" to x{a.ceiling:g}" if a.ceiling < 1.0 else "")))
     return Event(
         kind="lr_backoff", step=a.step, severity="warning", value=a.factor, message=message,
@@ -127,6 +127,11 @@ def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False,
         data={"factor": a.factor, "reason": a.reason, "ceiling": a.ceiling,
               "relapse": a.relapse, "level_before": level},
     )
+
+
+def _why_lowered(a: Action) -> str:
+    return ("the trouble came back" if a.relapse
+            else "the LR in force is too high for the loss to settle")
 
 
 def settled_event(guard: Guard, a: Action) -> Event:

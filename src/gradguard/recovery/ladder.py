@@ -219,10 +219,11 @@ def _lower(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderSta
     ceiling = min(st.ceiling, _failed_ceiling(cfg, st))
     factor = min(st.factor * cfg.backoff, ceiling)
     lowered = ceiling < st.ceiling
+    relapse = st.last_trigger is not None and trig.step - st.last_trigger <= cfg.relapse_window
     st = dataclasses.replace(st, last_trigger=trig.step, ceiling=ceiling, factor=factor,
                              backoff_level=factor, backoff_step=now, at_ceiling=None,
                              backoffs=st.backoffs + 1)
-    return st, (Action("backoff", trig.step, trig.reason, factor, ceiling, True, lowered),)
+    return st, (Action("backoff", trig.step, trig.reason, factor, ceiling, relapse, lowered),)
 
 
 def _failed_ceiling(cfg: LadderConfig, st: LadderState) -> float:
