@@ -77,6 +77,7 @@ def test_window_layer_norms_combine_params():
     assert w.layers == ["0", "2", "4"]
     assert w.steps == [0, 1, 2]
     assert w.layer_norms()[-1].tolist() == pytest.approx(ref, rel=1e-6)
+    assert w.layer_norms() is w.layer_norms()  # once per window, however many read it
     assert tel.flush() is None  # emptied
 
 

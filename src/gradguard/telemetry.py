@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -69,6 +69,9 @@ class Window:
     update_norms: Tensor | None = None
     skip_codes: Tensor | None = None
     matrix_layers: list[bool] | None = None
+    #: :meth:`layer_norms`, computed once per window (the detectors, the monitor and the
+    #: recovery all read it at the same flush); treat it as read-only
+    _layer_norms: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -82,8 +85,11 @@ class Window:
         return sq.sqrt().float()
 
     def layer_norms(self) -> Tensor:
-        """``[n, n_layers]`` gradient norm of each layer (its parameters together)."""
-        return self._by_layer(self.param_norms)
+        """``[n, n_layers]`` gradient norm of each layer (its parameters together);
+        computed once per window, shared by its readers: do not modify it in place."""
+        if self._layer_norms is None:
+            self._layer_norms = self._by_layer(self.param_norms)
+        return self._layer_norms
 
     def layer_weight_norms(self) -> Tensor | None:
         return None if self.weight_norms is None else self._by_layer(self.weight_norms)
