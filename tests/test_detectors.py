@@ -480,3 +480,23 @@ def test_guard_state_dict_carries_detector_history():
     other.load_state_dict(sd)
     assert list(other.detector_state.loss) == list(guard.detector_state.loss)
     assert len(other.detector_state.loss) == 10
+
+
+def test_a_layer_dies_after_fifty_silent_steps_across_windows_and_a_resume():
+    """A layer that had a gradient and then none: reported once it has had none for
+    ``DIED_STEPS`` taken steps in a row, counted across flush windows and across a
+    checkpoint of the detector state; a layer that never had one is the usual info."""
+    from gradguard.detectors import detect_no_gradient
+    from gradguard.detectors.config import DIED_STEPS
+
+    state = DetectorState()
+    alive = [[1.0, 0.5, 0.0]] * 5 + [[0.0, 0.5, 0.0]] * 25  # `a` dies at step 5
+    first = detect_no_gradient(window(alive), state)
+    assert [(e.layer, e.severity) for e in first] == [("c", "info")]  # never had one
+    resumed = DetectorState()
+    resumed.load_state_dict(state.state_dict())
+    assert resumed.silent_run == {"a": 25, "b": 0}
+    assert detect_no_gradient(window([[0.0, 0.5, 0.0]] * 20, start=30), resumed) == []
+    got = detect_no_gradient(window([[0.0, 0.5, 0.0]] * 10, start=50), resumed)
+    assert [(e.layer, e.severity, e.data["steps"]) for e in got] == [("a", "warning", DIED_STEPS + 5)]
+    assert detect_no_gradient(window([[0.0, 0.5, 0.0]] * 30, start=60), resumed) == []  # once

@@ -285,6 +285,44 @@ def test_a_layer_that_never_gets_a_gradient_is_named_once():
     assert silent == [("norm", "info")]
 
 
+@pytest.mark.parametrize("every", [10, 50])
+def test_a_layer_whose_units_died_is_a_warning_a_head_that_takes_turns_is_not(every):
+    """ReLUs killed at step 40 (the first layer's bias pushed far below zero, as an update
+    too large does): the first layer has had exactly no gradient since, while the head's
+    bias still learns. After 50 such steps in a row it is reported once, a warning that it
+    died (not the info of a layer that never had one), whatever the flush cadence. A
+    second head that takes turns with the first in 20-step stretches is not dead."""
+    torch.manual_seed(0)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(8, 16)
+            self.a, self.b = nn.Linear(16, 1), nn.Linear(16, 1)
+
+        def forward(self, x, head):
+            return (self.a if head == 0 else self.b)(torch.relu(self.body(x)))
+
+    model = TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, opt, every=every)
+    for step in range(200):
+        if step == 40:
+            with torch.no_grad():
+                model.body.bias.fill_(-1e3)
+        x = torch.randn(32, 8)
+        loss = nn.functional.mse_loss(model(x, (step // 20) % 2), x[:, :1])
+        loss.backward()
+        guard.step(loss.detach())
+        opt.zero_grad()
+    guard.close()
+    silent = [e for e in guard.events if e.kind == "disconnected_layer" and e.data["died"]]
+    assert [(e.layer, e.severity) for e in silent] == [("body", "warning")]
+    assert not [e for e in guard.events if e.severity != "info" and e not in silent]
+    assert silent[0].step == (89 if every == 10 else 99) and silent[0].data["steps"] >= 50
+    assert "died" in silent[0].message and "lower the learning rate" in silent[0].remedy
+
+
 def _digits_run(model, opt, steps, *, seed=0, guard=None, sched=None, dtype=None):
     """The digits loop of a user (``guard.step`` or ``opt.step``, then the scheduler):
     the per-step training losses."""

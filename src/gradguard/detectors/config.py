@@ -52,6 +52,10 @@ VANISH_MIN_STEPS = 5
 #: step is at least this share of the largest ratio of the layers after it (an adaptive
 #: optimizer makes up for a small gradient).
 VANISH_LEARNS = 0.01
+#: A layer that had a gradient and has had exactly none for this many taken steps in a row
+#: died (``disconnected_layer``, a warning): a task head that takes turns with others in
+#: shorter stretches, LayerDrop, an expert a few batches did not route to, is not dead.
+DIED_STEPS = 50
 
 #: Fraction of a ReLU-family module's units that never fire on the sampled batch above
 #: which ``dead_units`` is reported.
@@ -140,6 +144,8 @@ class DetectorState:
     no_gradient: bool = False  # an all-zero-gradient stretch was reported and goes on
     precursors: PrecursorState = field(default_factory=PrecursorState)
     silent_layers: list[str] = field(default_factory=list)  # reported as disconnected
+    grad_layers: list[str] = field(default_factory=list)  # have had a gradient (not zero)
+    silent_run: dict[str, int] = field(default_factory=dict)  # of those: steps since their last
 
     def __post_init__(self) -> None:
         self.loss = deque(self.loss, maxlen=self.history)
@@ -149,6 +155,7 @@ class DetectorState:
         return {"loss": list(self.loss), "grad": list(self.grad), "loss_run": self.loss_run,
                 "loss_start": self.loss_start, "no_gradient": self.no_gradient,
                 "silent_layers": list(self.silent_layers),
+                "grad_layers": list(self.grad_layers), "silent_run": dict(self.silent_run),
                 "precursors": self.precursors.state_dict()}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
@@ -158,6 +165,8 @@ class DetectorState:
         self.loss_start = sd.get("loss_start")
         self.no_gradient = bool(sd.get("no_gradient", False))
         self.silent_layers = list(sd.get("silent_layers", []))
+        self.grad_layers = list(sd.get("grad_layers", []))
+        self.silent_run = {str(k): int(v) for k, v in dict(sd.get("silent_run", {})).items()}
         self.precursors = PrecursorState()
         self.precursors.load_state_dict(sd.get("precursors", {}))
 

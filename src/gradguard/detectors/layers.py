@@ -12,6 +12,7 @@ from ..events import Event
 from ..telemetry import Window
 from .config import (
     DEFAULT_CONFIG,
+    DIED_STEPS,
     SATURATION_MARGIN,
     VANISH_LEARNS,
     DetectorConfig,
@@ -181,8 +182,11 @@ def detect_no_gradient(
     """``disconnected_layer``: no gradient at all reached the optimizer over the window
     (every gradient exactly zero or missing: ``zero_grad()`` between ``backward()`` and
     ``step()``, a detached loss), a warning once per such stretch; or some layers got none
-    on any step of the window while others did (an unused branch, ``no_grad``), an info
-    once per layer."""
+    on any step of the window while others did, once per layer: an info for a layer that
+    never had one (an unused branch, ``no_grad``, frozen), a warning for one that had one
+    and has had exactly none for ``DIED_STEPS`` (50) taken steps in a row
+    (``data["died"]``: the units that feed it died, ReLUs an update too large pushed
+    below zero for good, or it was frozen mid-run)."""
     total = window.total_norm.tolist()
     n_ok = sum(1 for t in total if math.isfinite(t))
     if n_ok < config.vanish_min_steps:
@@ -204,11 +208,42 @@ def detect_no_gradient(
     ln = window.layer_norms()
     rows = torch.isfinite(ln).all(dim=1)
     zero = (ln[rows] == 0).all(dim=0).tolist()
-    new = [name for name, z in zip(window.layers, zero) if z and name not in state.silent_layers]
-    state.silent_layers.extend(new)
-    return [Event(
+    had = set(state.grad_layers)
+    never = [n for n, z in zip(window.layers, zero)
+             if z and n not in had and n not in state.silent_layers]
+    state.grad_layers.extend(n for n, z in zip(window.layers, zero) if not z and n not in had)
+    died = []
+    cols = ln[rows].t().tolist()
+    for name, col in zip(window.layers, cols):
+        if name not in state.grad_layers:
+            continue
+        last = max((i for i, x in enumerate(col) if x != 0.0), default=None)
+        run = state.silent_run.get(name, 0) + len(col) if last is None else len(col) - 1 - last
+        state.silent_run[name] = run
+        if run >= DIED_STEPS and name not in state.silent_layers:
+            died.append(name)
+    state.silent_layers.extend(never + died)
+    return ([_silent_layer(n, window.steps[0], step) for n in never]
+            + [_silent_layer(n, window.steps[0], step, died=state.silent_run[n]) for n in died])
+
+
+def _silent_layer(name: str, first: int, step: int, *, died: int = 0) -> Event:
+    """The event for a layer without a gradient; ``died``: the steps without one, of a
+    layer that had one before (0: it never had one)."""
+    if died:
+        return Event(
+            kind="disconnected_layer", step=step, severity="warning", layer=name, value=0.0,
+            message=(f"step {step}: `{name}` has received no gradient for {died} steps, "
+                     "having had one before: the units that feed it died (ReLUs that an update too "
+                     "large pushed below zero for good), or it was frozen"),
+            remedy=("If it was not frozen: lower the learning rate, normalise the inputs, or "
+                    "use LeakyReLU/GELU; a rollback to before its death can bring it back."),
+            data={"died": True, "steps": died},
+        )
+    return Event(
         kind="disconnected_layer", step=step, severity="info", layer=name, value=0.0,
-        message=f"steps {window.steps[0]}-{step}: `{name}` received no gradient on any step",
+        message=f"steps {first}-{step}: `{name}` received no gradient on any step",
         remedy=("If it should learn, check for detach()/no_grad() or an unused branch; if it "
                 "is frozen, leave it out of the optimizer."),
-    ) for name in new]
+        data={"died": False},
+    )
