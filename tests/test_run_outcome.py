@@ -71,6 +71,17 @@ def _nan_at(loss, step, tail=None):
      run(np.r_[DECAY[:30], np.full(70, 3.5)],
          events=[ev("lr_backoff", 49, reason="rose", level_before=3.0)]),
      "not_recovered", None),
+    ("layers that died, the loss flat at chance under its first level: not recovered",
+     run(np.r_[3.2, 6.4, 17.7, np.full(97, 2.30)],
+         events=[ev("disconnected_layer", 99, died=True, steps=82)]),
+     "not_recovered", "dead_units"),
+    ("layers that died, then a rollback that may have revived them: judged on the loss",
+     run(DECAY, events=[ev("disconnected_layer", 59, died=True, steps=50),
+                        ev("rollback", 69, "error", reason="died", level_before=3.0)]),
+     "recovered", None),
+    ("a layer that never had a gradient (info) is no death",
+     run(DECAY, events=[ev("disconnected_layer", 49, "info", died=False)]),
+     "healthy", None),
     ("no loss recorded: the gradients decide",
      run(np.full(100, np.nan), events=[ev("nonfinite_grad", 5, "error")], skipped=[5]),
      "recovered", None),
@@ -161,3 +172,12 @@ def test_the_lr_cut_is_shown_to_three_digits():
     data = run(DECAY, events=[ev("lr_backoff", 40, reason="rose", factor=0.00728207),
                               ev("lr_backoff", 60, reason="rose", factor=0.00728207)])
     assert "cut the LR to x0.00728 (2 back-offs)" in summary_sentence(data)
+
+
+def test_the_summary_of_a_network_that_died_names_its_dead_layers():
+    dead = [ev("disconnected_layer", 99, died=True, steps=82) | {"layer": n} for n in "024"]
+    data = run(np.r_[3.2, 6.4, 17.7, np.full(97, 2.30)], events=dead)
+    text = summary_sentence(data, {})
+    assert text.startswith("From step 18, `0`, `2`, `4` got no gradient at all: the units that "
+                           "feed them died. Training did not recover: the network died at step 18")
+    assert "No gradient trouble" not in text

@@ -126,6 +126,26 @@ def test_diverging_run_is_called_diverged_lr_too_high_and_can_fail_the_run(tmp_p
     assert len([d for d in (tmp_path / "runs").iterdir() if d.name != "latest"]) == 2
 
 
+@pytest.mark.parametrize("scale", [1000.0, 1.0])
+def test_a_network_that_died_is_not_called_healthy(tmp_path, capsys, scale):
+    """A script whose ReLUs die (inputs at 1000x, SGD momentum): no NaN, no spike, the loss
+    at chance under its first loss. The verdict names the dead layers and the run fails
+    under --fail-on-divergence; the same script on normalised inputs is healthy."""
+    args = ["--fail-on-divergence", "--no-report", "--out", str(tmp_path),
+            str(SCRIPTS / "dead_relu.py"), "--scale", str(scale)]
+    code = main(["run", *args])
+    err = capsys.readouterr().err
+    info = json.loads((tmp_path / "latest" / "run.json").read_text())
+    outcome = info["optimizers"][0]["outcome"]
+    if scale == 1.0:
+        assert code == 0 and (outcome["status"], outcome["cause"]) == ("healthy", None), err
+        return
+    assert code == 1, err
+    assert (outcome["status"], outcome["cause"], outcome["ok"]) == ("not_recovered", "dead_units", False), err
+    assert "NOT RECOVERED: " in err and "the network died at step" in err
+    assert "normalise the inputs" in err and "Stable at lr" not in err  # it did not train
+
+
 def test_healthy_run_with_fail_on_divergence_exits_0(tmp_path):
     assert main(["run", "--fail-on-divergence", "--no-report", "--out", str(tmp_path),
                  str(SCRIPTS / "plain_tensor.py"), "--steps", "12"]) == 0

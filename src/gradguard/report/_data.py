@@ -281,6 +281,11 @@ def _where(e: dict[str, Any]) -> str:
     return special.get(layer, f" in `{layer}`")
 
 
+def _listed(layers: list[str], most: int = 3) -> str:
+    shown = ", ".join(f"`{n}`" for n in layers[:most])
+    return shown + (f" and {len(layers) - most} more" if len(layers) > most else "")
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
@@ -296,7 +301,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     """
     import numpy as np
 
-    from ._outcome import judge, ladder_reason, read_guard_config, summary_lead
+    from ._outcome import died_layers, judge, ladder_reason, read_guard_config, summary_lead
 
     if config is None:
         config = read_guard_config(data.run_dir)
@@ -334,6 +339,9 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             parts[-1] = parts[-1][:-1] + f"; {_plural(n_bad, 'non-finite step')} in all."
     elif not lead and (acted := ladder_reason(ev)) is not None:
         parts.append(f"At step {acted[0]}, {acted[1]}.")  # what the ladder saw: no gradient event
+    elif not lead and (dead := died_layers(ev)) is not None:
+        parts.append(f"From step {dead[0]}, {_listed(dead[1])} got no gradient at all: "
+                     "the units that feed them died.")
     elif not lead:
         lo = float(finite_norm.min()) if finite_norm.size else math.nan
         hi = float(finite_norm.max()) if finite_norm.size else math.nan
@@ -381,7 +389,8 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                                and outcome_text.startswith("training diverged")):
         parts.append(outcome_text[0].upper() + outcome_text[1:] + ".")
     settled = [e for e in ev if e.get("kind") == "lr_settled"]
-    if settled:  # the LR the ladder found stable: what the user should set
+    if settled and outcome.cause != "dead_units":  # the LR the ladder found stable: what
+        # the user should set (not where the network died: it did not train there)
         s = settled[-1]
         lrs = (s.get("data") or {}).get("lr") or [s.get("value")]
         shown = ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(lrs)

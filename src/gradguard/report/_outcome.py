@@ -198,9 +198,32 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         status = "not_recovered"
         clause = (f"training did not recover (the loss ended at {final:.3g}, above the "
                   f"{before:.3g} it had before step {incident})")
+    dead = died_layers(ev)
+    if dead is not None and status in ("healthy", "recovered"):
+        since = dead[0]  # no loss level shows it: a dead network sits still, often at chance
+        status, cause = "not_recovered", cause or "dead_units"
+        incident = since if incident is None else min(incident, since)
+        clause = (f"training did not recover: the network died at step {since} and no "
+                  "longer learns")
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    remedy(status, cause, config, data, incident), incident, start, before,
                    final, rose)
+
+
+def died_layers(events: list[dict[str, Any]]) -> tuple[int, list[str]] | None:
+    """``(since, layers)``: layers reported dead (``disconnected_layer`` warnings with
+    ``data["died"]``: they had a gradient and then none for 50 steps in a row) and the
+    first step without one, unless a rollback after the last report may have brought
+    them back; else None."""
+    dead = [e for e in events if e.get("kind") == "disconnected_layer"
+            and e.get("severity") in ("warning", "error") and (e.get("data") or {}).get("died")]
+    if not dead:
+        return None
+    last = max(int(e["step"]) for e in dead)
+    if any(e.get("kind") == "rollback" and int(e.get("step", -1)) > last for e in events):
+        return None
+    since = min(int(e["step"]) - int((e.get("data") or {}).get("steps", 1)) + 1 for e in dead)
+    return max(0, since), [str(e.get("layer")) for e in dead]
 
 
 def _cause(data: RunData, incident: int | None, start: float | None, before: float | None,
@@ -260,6 +283,9 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
             text += ("; with `--recovery` gradguard backs the LR off by itself" if cli else
                      "; gg.Recovery() backs the LR off by itself")
         return text + "."
+    if cause == "dead_units":
+        return ("Lower the learning rate, normalise the inputs, or use LeakyReLU/GELU: an update "
+                "too large pushed the ReLUs below zero for good (run gg.doctor on a batch).")
     if cause == "nonfinite_input":
         return "Clean or filter the data: a batch holds NaN/Inf (torch.isfinite on inputs)."
     if cause == "nonfinite_loss":
