@@ -285,13 +285,15 @@ def test_a_layer_that_never_gets_a_gradient_is_named_once():
     assert silent == [("norm", "info")]
 
 
-@pytest.mark.parametrize("every", [10, 50])
-def test_a_layer_whose_units_died_is_a_warning_a_head_that_takes_turns_is_not(every):
+@pytest.mark.parametrize("every, frozen", [(10, False), (50, False), (10, True), (50, True)])
+def test_a_layer_whose_units_died_is_a_warning_a_head_that_takes_turns_is_not(every, frozen):
     """ReLUs killed at step 40 (the first layer's bias pushed far below zero, as an update
     too large does): the first layer has had exactly no gradient since, while the head's
     bias still learns. After 50 such steps in a row it is reported once, a warning that it
     died (not the info of a layer that never had one), whatever the flush cadence. A
-    second head that takes turns with the first in 20-step stretches is not dead."""
+    second head that takes turns with the first in 20-step stretches is not dead, nor is
+    the first layer when the user froze it at step 40 instead (``requires_grad_(False)``:
+    its gradient is None, not zero)."""
     torch.manual_seed(0)
 
     class TwoHeads(nn.Module):
@@ -307,7 +309,9 @@ def test_a_layer_whose_units_died_is_a_warning_a_head_that_takes_turns_is_not(ev
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     guard = gg.Guard(model, opt, every=every)
     for step in range(200):
-        if step == 40:
+        if step == 40 and frozen:
+            model.body.requires_grad_(False)
+        elif step == 40:
             with torch.no_grad():
                 model.body.bias.fill_(-1e3)
         x = torch.randn(32, 8)
@@ -317,10 +321,13 @@ def test_a_layer_whose_units_died_is_a_warning_a_head_that_takes_turns_is_not(ev
         opt.zero_grad()
     guard.close()
     silent = [e for e in guard.events if e.kind == "disconnected_layer" and e.data["died"]]
+    if frozen:
+        assert silent == [] and not [e for e in guard.events if e.severity != "info"]
+        return
     assert [(e.layer, e.severity) for e in silent] == [("body", "warning")]
     assert not [e for e in guard.events if e.severity != "info" and e not in silent]
     assert silent[0].step == (89 if every == 10 else 99) and silent[0].data["steps"] >= 50
-    assert "died" in silent[0].message and "lower the learning rate" in silent[0].remedy
+    assert "died" in silent[0].message and "Lower the learning rate" in silent[0].remedy
 
 
 def _digits_run(model, opt, steps, *, seed=0, guard=None, sched=None, dtype=None):

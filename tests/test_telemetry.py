@@ -78,7 +78,26 @@ def test_window_layer_norms_combine_params():
     assert w.steps == [0, 1, 2]
     assert w.layer_norms()[-1].tolist() == pytest.approx(ref, rel=1e-6)
     assert w.layer_norms() is w.layer_norms()  # once per window, however many read it
+    assert w.grad_present == [True] * 6
     assert tel.flush() is None  # emptied
+
+
+def test_window_says_which_parameters_had_a_gradient_tensor_and_a_checkpoint_keeps_it():
+    """A frozen parameter (grad None) and one whose gradient is exactly zero both have norm
+    0; the window tells them apart (host-side, from which gradients exist), and a
+    checkpoint taken mid-window keeps it."""
+    net = mlp(depth=3)
+    tel = gg.Telemetry(list(net.named_parameters()), every=4)
+    net(torch.randn(4, 8)).sum().backward()
+    net[0].weight.grad = None  # frozen: no gradient tensor
+    net[0].bias.grad.zero_()  # dead: a zero one
+    tel.record(tel.measure(), loss=1.0, clip_coef=None, skipped=None)
+    again = gg.Telemetry(list(net.named_parameters()), every=4)
+    again.load_state_dict(tel.state_dict())
+    for t in (tel, again):
+        w = t.flush()
+        assert w.param_norms[0, :2].tolist() == [0.0, 0.0]
+        assert w.grad_present == [False, True, True, True, True, True]
 
 
 def test_one_device_to_host_copy_per_flush_and_none_per_step(sync_counter):

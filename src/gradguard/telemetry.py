@@ -54,6 +54,10 @@ class Window:
             skipped), None when unknown.
         matrix_layers: per layer, whether it holds a parameter of 2 or more dimensions (a
             weight matrix or kernel, not only norm scales and biases); None when unknown.
+        grad_present: per parameter, whether it had a gradient tensor (``p.grad`` not
+            None) at the window's first step (sampled once per window: a host-side set,
+            no device read): a frozen or unused parameter has none, a parameter behind
+            dead units has a zero one; None when unknown.
     """
 
     steps: list[int]
@@ -69,6 +73,7 @@ class Window:
     update_norms: Tensor | None = None
     skip_codes: Tensor | None = None
     matrix_layers: list[bool] | None = None
+    grad_present: list[bool] | None = None
     #: :meth:`layer_norms`, computed once per window (the detectors, the monitor and the
     #: recovery all read it at the same flush); treat it as read-only
     _layer_norms: Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -158,6 +163,8 @@ class Telemetry:
         self._buf = torch.full((every, n_cols), math.nan, device=self.device)
         self._steps: list[int] = []
         self._extra: Tensor | None = None  # [2, n_params] weight and update norms
+        self._present: set[int] | None = None  # params with a gradient tensor at the window's
+        # first step (host-side, sampled once per window)
         self._next_step = 0
         self._reducer = (
             None
@@ -221,6 +228,8 @@ class Telemetry:
             ]
         )
         self._buf[pos].copy_(row)
+        if pos == 0 and len(stats.params) == len(self.params):  # host-known, no sync
+            self._present = {i for grp in stats.groups for i in grp.index}
         self._steps.append(self._next_step if step is None else step)
         self._next_step = self._steps[-1] + 1
 
@@ -282,8 +291,10 @@ class Telemetry:
             update_norms=u,
             skip_codes=rows[:, _COL_SKIPPED],
             matrix_layers=self.matrix_layers,
+            grad_present=None if self._present is None else [i in self._present for i in range(p)],
         )
         self._steps = []
+        self._present = None
         self._extra = None
         self._buf.fill_(math.nan)
         return window
@@ -295,6 +306,7 @@ class Telemetry:
             "buf": self._buf.clone(),
             "next_step": self._next_step,
             "names": list(self.names),
+            "present": None if self._present is None else sorted(self._present),
         }
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
@@ -312,5 +324,7 @@ class Telemetry:
         self._buf.copy_(buf)
         self._steps = list(sd["steps"])  # type: ignore[call-overload]
         self._next_step = int(sd["next_step"])  # type: ignore[call-overload]
+        present = sd.get("present")
+        self._present = None if present is None else {int(i) for i in present}  # type: ignore[attr-defined]
 
 

@@ -186,7 +186,10 @@ def detect_no_gradient(
     never had one (an unused branch, ``no_grad``, frozen), a warning for one that had one
     and has had exactly none for ``DIED_STEPS`` (50) taken steps in a row
     (``data["died"]``: the units that feed it died, ReLUs an update too large pushed
-    below zero for good, or it was frozen mid-run)."""
+    below zero for good). A window at whose first step none of a layer's parameters had a
+    gradient tensor (``p.grad`` None: frozen mid-run, ``requires_grad_(False)``) restarts its count:
+    frozen is not dead (with ``zero_grad(set_to_none=False)`` a frozen layer keeps a zero
+    gradient and cannot be told from a dead one)."""
     total = window.total_norm.tolist()
     n_ok = sum(1 for t in total if math.isfinite(t))
     if n_ok < config.vanish_min_steps:
@@ -214,8 +217,12 @@ def detect_no_gradient(
     state.grad_layers.extend(n for n, z in zip(window.layers, zero) if not z and n not in had)
     died = []
     cols = ln[rows].t().tolist()
+    present = _layers_present(window)
     for name, col in zip(window.layers, cols):
         if name not in state.grad_layers:
+            continue
+        if not present.get(name, True):  # no gradient tensor at all: frozen or unused, not dead
+            state.silent_run[name] = 0
             continue
         last = max((i for i, x in enumerate(col) if x != 0.0), default=None)
         run = state.silent_run.get(name, 0) + len(col) if last is None else len(col) - 1 - last
@@ -227,6 +234,18 @@ def detect_no_gradient(
             + [_silent_layer(n, window.steps[0], step, died=state.silent_run[n]) for n in died])
 
 
+def _layers_present(window: Window) -> dict[str, bool]:
+    """Per layer, whether any of its parameters had a gradient tensor at the window's first
+    step (empty when unknown: every layer counts as present)."""
+    if window.grad_present is None:
+        return {}
+    out: dict[str, bool] = {}
+    for j, has in zip(window.layer_index, window.grad_present):
+        name = window.layers[j]
+        out[name] = out.get(name, False) or has
+    return out
+
+
 def _silent_layer(name: str, first: int, step: int, *, died: int = 0) -> Event:
     """The event for a layer without a gradient; ``died``: the steps without one, of a
     layer that had one before (0: it never had one)."""
@@ -235,9 +254,9 @@ def _silent_layer(name: str, first: int, step: int, *, died: int = 0) -> Event:
             kind="disconnected_layer", step=step, severity="warning", layer=name, value=0.0,
             message=(f"step {step}: `{name}` has received no gradient for {died} steps, "
                      "having had one before: the units that feed it died (ReLUs that an update too "
-                     "large pushed below zero for good), or it was frozen"),
-            remedy=("If it was not frozen: lower the learning rate, normalise the inputs, or "
-                    "use LeakyReLU/GELU; a rollback to before its death can bring it back."),
+                     "large pushed below zero for good)"),
+            remedy=("Lower the learning rate, normalise the inputs, or use LeakyReLU/GELU; a "
+                    "rollback to before its death can bring it back."),
             data={"died": True, "steps": died},
         )
     return Event(
