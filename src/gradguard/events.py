@@ -325,3 +325,14 @@ def call_sinks(sinks: Sequence[Sink], flush: Flush, failed: set[int]) -> None:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+
+def listed(layers: Sequence[str], most: int = 3) -> str:
+    """A short list of layer names for a message, each in backticks (code in the report).
+
+    Example:
+        >>> listed(["a", "b", "c", "d", "e"])
+        '`a`, `b`, `c` and 2 more'
+    """
+    shown = ", ".join(f"`{n}`" for n in layers[:most])
+    return shown + (f" and {len(layers) - most} more" if len(layers) > most else "")

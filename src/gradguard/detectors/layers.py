@@ -212,14 +212,15 @@ def detect_no_gradient(
     rows = torch.isfinite(ln).all(dim=1)
     zero = (ln[rows] == 0).all(dim=0).tolist()
     had = set(state.grad_layers)
-    never = [n for n, z in zip(window.layers, zero)
-             if z and n not in had and n not in state.silent_layers]
+    silent = set(state.silent_layers)
+    never = [n for n, z in zip(window.layers, zero) if z and n not in had and n not in silent]
     state.grad_layers.extend(n for n, z in zip(window.layers, zero) if not z and n not in had)
+    had.update(state.grad_layers)
     died = []
     cols = ln[rows].t().tolist()
     present = _layers_present(window)
     for name, col in zip(window.layers, cols):
-        if name not in state.grad_layers:
+        if name not in had:
             continue
         if not present.get(name, True):  # no gradient tensor at all: frozen or unused, not dead
             state.silent_run[name] = 0
@@ -227,7 +228,7 @@ def detect_no_gradient(
         last = max((i for i, x in enumerate(col) if x != 0.0), default=None)
         run = state.silent_run.get(name, 0) + len(col) if last is None else len(col) - 1 - last
         state.silent_run[name] = run
-        if run >= DIED_STEPS and name not in state.silent_layers:
+        if run >= DIED_STEPS and name not in silent:
             died.append(name)
     state.silent_layers.extend(never + died)
     return ([_silent_layer(n, window.steps[0], step) for n in never]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from .. import distributed
-from ..events import Event
+from ..events import Event, listed
 from ..executors import NONFINITE
 from . import actions
 from .defaults import (
@@ -367,7 +367,7 @@ class Recovery:
             if died:
                 why = (f"the loss is back at the fresh model's level ({level:.4g}; it started at "
                        f"{self._rise.fresh:.4g}, its best since was {self._rise.best:.4g}), "
-                       f"and {_names(dead)} get no gradient at all: the network died")
+                       f"and {listed(dead)} get no gradient at all: the network died")
             else:
                 why = f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})"
             snap = self.ring.level(self._rise.fresh)
@@ -481,8 +481,3 @@ class Recovery:
             raise ValueError(f"Recovery.load_state_dict: unknown keys {sorted(unknown)}")
         self.state = LadderState(**sd)
 
-
-def _names(layers: Sequence[str], most: int = 3) -> str:
-    """``a``, ``b`` and 2 more layers: a short list for a message."""
-    shown = ", ".join(f"`{n}`" for n in layers[:most])
-    return shown + (f" and {len(layers) - most} more" if len(layers) > most else "")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..events import SCHEMA_VERSION, iter_jsonl, version_problem
+from ..events import SCHEMA_VERSION, iter_jsonl, listed, version_problem
 
 #: Line plots keep at most this many points: the min and the max of each bucket of steps,
 #: so a one-step spike survives any amount of downsampling.
@@ -281,11 +281,6 @@ def _where(e: dict[str, Any]) -> str:
     return special.get(layer, f" in `{layer}`")
 
 
-def _listed(layers: list[str], most: int = 3) -> str:
-    shown = ", ".join(f"`{n}`" for n in layers[:most])
-    return shown + (f" and {len(layers) - most} more" if len(layers) > most else "")
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
@@ -340,7 +335,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     elif not lead and (acted := ladder_reason(ev)) is not None:
         parts.append(f"At step {acted[0]}, {acted[1]}.")  # what the ladder saw: no gradient event
     elif not lead and (dead := died_layers(ev)) is not None:
-        parts.append(f"From step {dead[0]}, {_listed(dead[1])} got no gradient at all: "
+        parts.append(f"From step {dead[0]}, {listed(dead[1])} got no gradient at all: "
                      "the units that feed them died.")
     elif not lead:
         lo = float(finite_norm.min()) if finite_norm.size else math.nan
