@@ -86,8 +86,8 @@ def detect_spikes(
                         step=step,
                         severity="info" if handled else "warning",
                         message=(
-                            f"step {step}: gradient norm {g:.3g} is {g / med:.3g}x the "
-                            f"recent median {med:.3g} (robust z={z:.1f}); largest jump "
+                            f"step {step}: gradient norm {g:.3g} is {_above(g, med, 3)} "
+                            f"(robust z={z:.1f}); largest jump "
                             f"in `{layers[0]}`" + ("; clipped" if handled else "")
                         ),
                         layer=layers[0],
@@ -135,15 +135,13 @@ def _loss_spike_event(
     step: int, start: Mapping[str, float], config: DetectorConfig, *, continued: bool
 ) -> Event:
     loss, med, z = start["loss"], start["median"], start["z"]
-    ratio = loss / med if med else math.inf
     return Event(
         kind="loss_spike",
         step=step,
         severity="warning",
         message=(
             f"step {step}: loss {'still ' if continued else ''}spiking since step "
-            f"{int(start['step'])}: {loss:.4g} is {ratio:.3g}x the recent median {med:.4g} "
-            f"(robust z={z:.1f})"
+            f"{int(start['step'])}: {loss:.4g} is {_above(loss, med, 4)} (robust z={z:.1f})"
         ),
         value=loss,
         threshold=config.loss_spike_ratio * med,
@@ -151,6 +149,15 @@ def _loss_spike_event(
         data={"median": med, "z": z, "run": 0, "since": int(start["step"]),
               "continued": continued},
     )
+
+
+def _above(value: float, med: float, digits: int) -> str:
+    """How far ``value`` is above the recent median: a ratio on a positive median; a
+    difference on a median of zero (a gradient that was exactly zero: a converged or
+    disconnected model) or below (a loss that can be negative)."""
+    if med > 0:
+        return f"{value / med:.3g}x the recent median {med:.{digits}g}"
+    return f"{value - med:.{digits}g} above the recent median {med:.{digits}g}"
 
 
 def _spiking_layers(ln: torch.Tensor, i: int, layers: Sequence[str]) -> list[str]:
