@@ -73,8 +73,9 @@ use) and the mean training loss over the last 10% of the steps (reported next to
 digits it is near 0 and its ratios are noisy). Per rescue case: guarded/twin and
 unguarded/twin held-out ratios, ``gap_closed`` = (unguarded - guarded) / (unguarded -
 twin) (1: the twin's loss, 0: no better than unguarded; absent when the unguarded loss is
-not finite), finite, aborted (``gg.TrainingDiverged``), skipped steps, back-offs and
-rollbacks (events), the settled LR (an ``lr_settled`` event's value when the guard
+not finite), finite, aborted (``gg.TrainingDiverged``), skipped steps, back-offs (of
+them ``probe_lowered``: the LR probe's, ``gradguard.recovery.probe``) and rollbacks
+(events), the settled LR (an ``lr_settled`` event's value when the guard
 reports one, else group 0's final LR x ``recovery.lr_factor``) next to the twin's, the
 first warning/error step, wall seconds, and each arm's training loss in 30 bins
 (``curve``). Per healthy case, over ``HEALTHY_SEEDS`` (5) seeds, each run guarded and
@@ -411,6 +412,9 @@ def guard_fields(out: Outcome, recipe: rc.Recipe) -> dict[str, Any]:
     return {
         "skips": out.skips,
         "backoffs": kinds["lr_backoff"],
+        # of them, the LR probe's (gradguard.recovery.probe): the loss followed the LR
+        "probe_lowered": sum(1 for e in out.events
+                             if e.kind == "lr_backoff" and (e.data or {}).get("probe")),
         "rollbacks": kinds["rollback"],
         "events": dict(sorted(kinds.items())),
         "decisions": [f"{k}@{s}" for k, s in out.decisions],

@@ -318,18 +318,21 @@ def test_a_loss_that_climbs_without_a_spike_backs_the_lr_off_at_the_flush():
     guard = climbing_run(cap=0.6, slow=20)
     assert not [e for e in guard.events if e.kind in ("skip", "rollback")]
     backoff = next(e for e in guard.events if e.kind == "lr_backoff")
-    assert "the loss rose" in backoff.message and backoff.step in (59, 79)
+    # at the flush of step 79, or 69 when an LR probe (started at step 59 on a loss twice its
+    # best) flushes every ten steps
+    assert "the loss rose" in backoff.message and backoff.step in (59, 69, 79)
     assert backoff.data["reason"].startswith("the loss rose")
 
 
 def test_a_rise_above_the_level_of_the_last_snapshot_rolls_back_at_once():
-    """The same climb without a cap: at the flush that sees it the loss is 2.8, over
-    1.5x the level the snapshot of step 19 was taken at (0.11). A back-off would keep
+    """The same climb without a cap: at the flush that sees it (step 79, or 69 when an LR
+    probe flushes every ten steps) the loss is 1-2.8, over 1.5x the level the snapshot of
+    step 19 was taken at (0.11). A back-off would keep
     weights worse than the snapshot's: the ladder rolls back at once, lowering the LR
     ceiling, with no back-off first."""
     guard = climbing_run()
     acted = [e for e in guard.events if e.kind in ("lr_backoff", "rollback")]
-    assert acted and acted[0].kind == "rollback" and acted[0].step in (59, 79)
+    assert acted and acted[0].kind == "rollback" and acted[0].step in (59, 69, 79)
     assert acted[0].data["snapshot_step"] == 19
     assert "the last snapshot was taken at a loss of" in acted[0].message
     rec = guard.recovery

@@ -37,6 +37,7 @@ from .defaults import (
     _fraction,
 )
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
+from .probe import LrProbe
 from .ring import SnapshotRing
 from .rise import BLOCK, DeadLayers, LossRise
 from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, check_int
@@ -80,6 +81,10 @@ class Recovery:
             a loss that training should lower; turn it off for objectives that may rise
             in a healthy run (a GAN's generator, RL returns, an annealed regulariser, a
             curriculum that makes the data harder).
+        lr_probe: when the loss sits at least twice its best without a spike, halve the LR
+            for a few dozen steps and restore it; if the loss fell and rose again with it,
+            the LR is too high and the ladder lowers it (:mod:`.probe`). Needs ``loss_rise``
+            (the same loss levels; the same kind of loss).
         recovery_window: steps after a back-off or rollback by which the loss must be back
             near its level before the trouble, else the ladder rolls back (>= 1).
         stall_factor: "near its level": at most this many times it (> 1); also the rise
@@ -128,6 +133,7 @@ class Recovery:
         snapshot_memory: int | None = None,
         skip_spikes: bool = True,
         loss_rise: bool = True,
+        lr_probe: bool = True,
         recovery_window: int = RECOVERY_WINDOW,
         stall_factor: float = STALL_FACTOR,
     ) -> None:
@@ -164,6 +170,9 @@ class Recovery:
         if not isinstance(loss_rise, bool):
             raise TypeError(f"Recovery(loss_rise={loss_rise!r}): must be True or False")
         self.loss_rise = loss_rise
+        if not isinstance(lr_probe, bool):
+            raise TypeError(f"Recovery(lr_probe={lr_probe!r}): must be True or False")
+        self.lr_probe = lr_probe and loss_rise
         self.reset_moments: ResetMoments = reset_moments
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         self.ring = SnapshotRing(keep, snapshot_memory, snapshot_dir)
@@ -178,6 +187,7 @@ class Recovery:
         self._verdict = SpikeVerdict()
         self._rise = LossRise()
         self._dead = DeadLayers()
+        self._probe = LrProbe()
         self._progress: float | None = None  # the loss level of the latest flush
 
     def __getattr__(self, name: str) -> Any:
@@ -204,8 +214,9 @@ class Recovery:
 
     @property
     def lr_factor(self) -> float:
-        """The multiplier the ladder currently applies to every param group's LR."""
-        return self.state.factor
+        """The multiplier the ladder currently applies to every param group's LR (with an
+        LR probe's trial, :mod:`.probe`)."""
+        return self.state.factor * self._probe.factor
 
     @property
     def lr_ceiling(self) -> float:
@@ -235,7 +246,7 @@ class Recovery:
         if self.disk is not None:
             self.disk.rank = None if guard.dist is None else guard.dist.rank
         if self._mult is None:
-            self._mult = actions.LrMultiplier(guard.optimizer, lambda: self.state.factor)
+            self._mult = actions.LrMultiplier(guard.optimizer, lambda: self.lr_factor)
 
     def detach(self) -> None:
         """Remove the LR multiplier's hooks (the guard's ``close`` calls it)."""
@@ -267,7 +278,8 @@ class Recovery:
         up to ``every`` later, and the LR that failed is the one in force when the loss
         rose. Decided from the ladder's state alone, identical on every rank."""
         st = self.state
-        busy = st.watching is not None or st.factor < st.ceiling or st.probation
+        busy = (st.watching is not None or st.factor < st.ceiling or st.probation
+                or self._probe.watching)
         return min(every, BLOCK) if busy else every
 
     def before_step(self, guard: Guard) -> None:
@@ -391,6 +403,9 @@ class Recovery:
             acted = self._feed(guard, trig, layers) or acted
         skipped = any(s and step not in overflows
                       for step, s in zip(window.steps, skips))
+        if self.lr_probe:
+            acted = self._probe_lr(guard, window.steps[-1], losses, skips,
+                                   acted or skipped or risen is not None) or acted
         # a network with dead layers is no state to go back to (see .rise)
         if not acted and not skipped and risen is None and not dead and not any(
                 e.kind in UNHEALTHY and e.severity != "info" for e in events):
@@ -405,6 +420,28 @@ class Recovery:
                     statistics.median(recent) <= snap * self.config.stall_factor):
                 self._feed(guard, Trigger("healthy", window.steps[-1]), list)
 
+    def _probe_lr(self, guard: Guard, step: int, losses: Sequence[float],
+                  skips: Sequence[bool], trouble: bool) -> bool:
+        """The LR probe (:mod:`.probe`): start one when the loss is noisy and the ladder
+        idle, move it on, and have the ladder lower the LR when it found the LR too high.
+        ``trouble``: the ladder acted in this window, or a step was skipped, or the loss
+        rose: a probe under way is void. True when the ladder acted."""
+        probe, st = self._probe, self.state
+        probe.update(losses, skips)
+        if trouble:
+            probe.cancel(step)
+            return False
+        if probe.active:
+            done = probe.advance(step)
+            if done is None or not done.too_high:
+                return False
+            why = (f"the loss fell from {done.before:.4g} to {done.trial:.4g} at half the LR "
+                   f"and rose to {done.after:.4g} when it came back: the LR is too high")
+            return self._feed(guard, Trigger("lower", step, why), list)
+        idle = st.watching is None and st.factor >= st.ceiling and not st.probation
+        probe.cue(step, idle and self._rise.noisy() is not None)
+        return False
+
     # ---- carrying out the ladder's actions ----------------------------------------------------
     def _feed(self, guard: Guard, trig: Trigger, layers: Any) -> bool:
         """Advance the ladder by ``trig`` and carry its actions out; True when it acted
@@ -418,6 +455,10 @@ class Recovery:
                 continue
             if a.kind == "settled":
                 guard.add_event(actions.settled_event(guard, a))
+                continue
+            if a.kind == "lower":
+                self._rise.reset()
+                guard.add_event(actions.lowered_event(guard, a))
                 continue
             acted = True
             self._rise.reset()  # the loss level is learnt again after the ladder acted
@@ -453,7 +494,7 @@ class Recovery:
         return dataclasses.asdict(self.state) | {
             "host_steps": sorted(self._host_steps), "level": self._level,
             "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict(),
-            "dead": self._dead.state_dict(),
+            "dead": self._dead.state_dict(), "probe": self._probe.state_dict(),
             "progress": self._progress,
             "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())]}
 
@@ -466,6 +507,9 @@ class Recovery:
         rise = sd.pop("rise", None)
         if rise is not None:
             self._rise.load_state_dict(rise)
+        probe = sd.pop("probe", None)
+        if probe is not None:
+            self._probe.load_state_dict(probe)
         dead = sd.pop("dead", None)
         if dead is not None:
             self._dead.load_state_dict(dead)

@@ -147,6 +147,20 @@ def settled_event(guard: Guard, a: Action) -> Event:
     )
 
 
+def lowered_event(guard: Guard, a: Action) -> Event:
+    """The LR probe found the LR too high: the ladder lowered it (see :mod:`.probe`)."""
+    lrs = [float(g["lr"]) * a.factor for g in guard.optimizer.param_groups]
+    shown = ", ".join(f"{lr:.3g}" for lr in dict.fromkeys(lrs))
+    return Event(
+        kind="lr_backoff", step=a.step, severity="warning", value=a.factor,
+        message=(f"step {a.step}: {a.reason}; learning rate x{a.factor:g} (lr {shown}) "
+                 "from here"),
+        remedy=f"Lower the base learning rate (to {shown} or less).",
+        data={"factor": a.factor, "reason": a.reason, "ceiling": a.ceiling, "relapse": False,
+              "level_before": None, "probe": True, "lr": lrs, "cause": "lr_too_high"},
+    )
+
+
 def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
     """The abort event (added to the guard) and the error to raise."""
     run_dir = guard.monitor.run_dir()

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
-                      "level"]
-ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled"]
+                      "level", "lower"]
+ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower"]
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,8 @@ def transition(
                          force_rollback=trig.rollback)
     if trig.kind == "spike" and trig.mild:
         return _lower(cfg, st, trig)
+    if trig.kind == "lower":
+        return _probed(cfg, st, trig)
     if trig.kind == "spike":
         return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike", trig.value,
                          at=trig.at, force_rollback=trig.rollback)
@@ -224,6 +226,17 @@ def _lower(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderSta
                              backoff_level=factor, backoff_step=now, at_ceiling=None,
                              backoffs=st.backoffs + 1)
     return st, (Action("backoff", trig.step, trig.reason, factor, ceiling, relapse, lowered),)
+
+
+def _probed(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
+    """The LR probe found the LR in force too high (:mod:`.probe`): the ceiling drops to
+    ``relapse_backoff`` times the factor in force and the factor to it, with no back-off
+    (the weights are not damaged, the loss is not in trouble: the LR sets its noise floor);
+    the lowered ceiling is on probation until it settles."""
+    ceiling = _failed_ceiling(cfg, st)
+    st = dataclasses.replace(st, ceiling=ceiling, factor=min(st.factor, ceiling),
+                             backoff_step=None, at_ceiling=None, last_trigger=trig.step)
+    return st, (Action("lower", trig.step, trig.reason, st.factor, ceiling, lowered=True),)
 
 
 def _failed_ceiling(cfg: LadderConfig, st: LadderState) -> float:

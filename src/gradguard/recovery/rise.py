@@ -179,6 +179,17 @@ class LossRise:
                 return Rise(self.latest, ratio)
         return self.peak if self.peak is not None and self.peak.ratio >= SEVERE else None
 
+    def noisy(self) -> Rise | None:
+        """A :class:`Rise` when the recent level is ``SEVERE`` (2) times the best or more and
+        has given back ``STRICT_LOST`` of what the run learnt (the LR probe's cue: a loss
+        this far above its best without a spike; see :mod:`.probe`), else None."""
+        latest, best = self.latest, self.best
+        if self.off or latest is None or best is None or best <= 0:
+            return None
+        ratio = latest / best
+        return Rise(latest, ratio) if ratio >= SEVERE and self._gave_back(
+            latest, best, strict=True) else None
+
     def returned(self) -> Rise | None:
         """A :class:`Rise` when the loss is back at the fresh model's level (``AT_FRESH``
         times the lowest of the first ``FIRST`` losses or more; a sign of trouble only with

@@ -1,0 +1,169 @@
+"""The LR probe (gradguard.recovery.probe): a loss far above its best with no spike; halve the
+LR, restore it, and lower it for good only when the loss followed the LR both ways."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.recovery.probe import AFTER, CONFIRM, COOLDOWN, MEASURE, TRIAL, LrProbe
+from gradguard.recovery.rise import LossRise
+from gradguard.report._data import load_run, summary_sentence
+from gradguard.report._outcome import judge
+
+
+def feed(probe: LrProbe, values: list[float], step: int) -> int:
+    probe.update(values, [False] * len(values))
+    return step + len(values)
+
+
+@pytest.mark.parametrize(("trial", "after", "too_high"), [
+    (0.3, 0.8, True),    # fell with the LR, rose with it again: the LR sets the loss
+    (0.3, 0.25, False),  # fell and kept falling at the full LR: progress, not the LR
+    (0.7, 1.2, False),   # hardly fell at half the LR (x0.7 > GAIN): no cause to lower it
+])
+def test_the_probe_lowers_only_when_the_loss_follows_the_lr_both_ways(trial, after, too_high):
+    probe = LrProbe()
+    step = feed(probe, [1.0] * MEASURE, 0)
+    assert probe.start(step) and probe.factor == 0.5
+    step = feed(probe, [trial] * TRIAL, step)
+    assert probe.advance(step) is None and probe.phase == "after" and probe.factor == 1.0
+    step = feed(probe, [after] * AFTER, step)
+    done = probe.advance(step)
+    assert done is not None and done.too_high is too_high
+    assert (done.before, done.trial, done.after) == (1.0, trial, after)
+    assert not probe.active
+    # a probe that found nothing waits COOLDOWN steps, then twice as long
+    assert probe.next == (step + 1 if too_high else step + COOLDOWN)
+    assert probe.cooldown == (COOLDOWN if too_high else 2 * COOLDOWN)
+
+
+def test_a_probe_starts_when_its_cue_comes_back_not_on_one_excursion():
+    """A floor the LR sets keeps coming back; a healthy run's loss may go above twice its
+    best once (a BatchNorm MLP at SGD 0.3, lab T7's healthy twin, at step 149) and a probe
+    there would cost it nothing but perturb a chaotic trajectory."""
+    probe = LrProbe()
+    feed(probe, [1.0] * MEASURE, 0)
+    assert not probe.cue(149, True) and probe.watching and not probe.active
+    assert not probe.cue(159, False) and probe.watching  # still watching for it
+    assert not probe.cue(149 + CONFIRM + 10, True)  # too late: a new first sight
+    assert probe.suspect == 149 + CONFIRM + 10
+    assert probe.cue(149 + CONFIRM + 20, True) and probe.active
+    assert probe.suspect is None
+
+
+def test_a_probe_needs_a_level_to_compare_and_waits_out_its_cooldown():
+    probe = LrProbe()
+    step = feed(probe, [1.0] * (MEASURE - 1), 0)
+    assert not probe.start(step)  # no MEASURE losses before it yet
+    step = feed(probe, [1.0], step)
+    probe.next = step + 5
+    assert not probe.start(step)
+    assert probe.start(step + 5)
+
+
+def test_a_probe_interrupted_by_the_ladder_is_void_and_round_trips():
+    probe = LrProbe()
+    step = feed(probe, [1.0] * MEASURE, 0)
+    probe.start(step)
+    step = feed(probe, [0.3] * 10, step)
+    other = LrProbe()
+    other.load_state_dict(probe.state_dict())
+    assert other.state_dict() == probe.state_dict() and other.factor == 0.5
+    probe.cancel(step)
+    assert not probe.active and probe.factor == 1.0 and probe.advance(step + 50) is None
+
+
+def test_noisy_is_twice_the_best_having_given_back_some_progress():
+    rise = LossRise()
+    rise.update(list(range(40)), [2.0] * 3 + [0.2] * 37, [False] * 40)
+    rise.update(list(range(40, 60)), [0.35] * 20, [False] * 20)
+    assert rise.noisy() is None  # x1.75
+    rise.update(list(range(60, 80)), [0.5] * 20, [False] * 20)
+    assert rise.noisy() == (0.5, 2.5)
+    near_zero = LossRise()  # x3 of a best near zero, 0.2% of what the run learnt: noise
+    near_zero.update(list(range(40)), [2.0] * 3 + [0.001] * 37, [False] * 40)
+    near_zero.update(list(range(40, 60)), [0.003] * 20, [False] * 20)
+    assert near_zero.noisy() is None
+
+
+def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=None, **rec_kw):
+    """A run whose loss learns from 5 towards a noisy ``floor(lr, step)`` set by the LR the
+    last optimizer step used (the LR times the guard's factor; warmed up over 60 steps).
+    The gradients are a real model's; the loss handed to the guard is the level."""
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 60))
+    rec = gg.Recovery(**rec_kw)
+    sinks = [gg.JsonlSink(run_dir)] if run_dir is not None else []
+    guard = gg.Guard(model, opt, recovery=rec, every=every, sinks=sinks)
+    used: list[float] = []  # registered after the guard's: sees the LR the step uses
+    opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x = torch.randn(16, 4, generator=g)
+        loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True).sin())
+        loss.backward()
+        lr = used[-1] if used else 0.0
+        level = 5.0 * math.exp(-step / 10) + floor(lr, step)
+        guard.step(loss.detach() * 0 + level * math.exp(0.1 * float(torch.randn((), generator=g))))
+        sched.step()
+        opt.zero_grad()
+    guard.close()
+    return guard, rec, used
+
+
+def test_a_loss_whose_floor_the_lr_sets_gets_the_lr_it_trains_at(tmp_path):
+    """No NaN, no spike, no loss that gives back half its progress: at the full LR (0.5) the
+    loss sits at 2.1, ten times its best; at half the LR at 0.6. The probe halves it, sees
+    the loss follow, and the ladder keeps it halved and reports the LR it settled on."""
+    guard, rec, used = floor_run(lambda lr, step: 0.1 + 8 * lr * lr)
+    lowered = [e for e in guard.events if e.kind == "lr_backoff"]
+    assert len(lowered) == 1 and lowered[0].severity == "warning" and lowered[0].data["probe"]
+    ev = lowered[0]
+    assert "at half the LR" in ev.message and "the LR is too high" in ev.message
+    assert ev.data["cause"] == "lr_too_high" and ev.data["lr"] == [pytest.approx(0.25)]
+    start = ev.step - TRIAL - AFTER  # the probe's trial ran at half the LR, then full again
+    assert set(used[start + 1:start + 1 + TRIAL]) == {0.25}
+    assert used[ev.step] == 0.5 and set(used[ev.step + 1:]) == {0.25}
+    assert rec.lr_factor == rec.lr_ceiling == 0.5
+    settled = [e for e in guard.events if e.kind == "lr_settled"]
+    assert settled and settled[0].data["lr"] == [pytest.approx(0.25)]
+    assert not [e for e in guard.events if e.kind in ("skip", "rollback", "abort")]
+    assert all(torch.isfinite(p).all() for p in guard.model.parameters())
+
+
+def test_the_verdict_and_summary_of_a_run_whose_lr_was_lowered(tmp_path):
+    """The report tells the story: the LR was too high, gradguard halved it, the run
+    recovered, and the LR to set."""
+    floor_run(lambda lr, step: 0.1 + 8 * lr * lr, run_dir=tmp_path)
+    data = load_run(tmp_path)
+    outcome = judge(data)
+    assert (outcome.status, outcome.cause) == ("recovered", "lr_too_high")
+    text = summary_sentence(data, {})
+    assert "at half the LR" in text and "gradguard halved the LR; training recovered." in text
+    assert text.endswith("Stable at lr 0.25; set it in your config.")
+
+
+def test_a_loss_that_does_not_follow_the_lr_keeps_it():
+    """The same run, but its floor does not depend on the LR (a noisy task: the loss
+    doubles over its best now and then whatever the LR): the probe halves the LR, sees no
+    gain, restores it and waits twice as long before the next."""
+    guard, rec, used = floor_run(lambda lr, step: 0.1 + 0.5 * min(1.0, max(0, step - 60) / 60))
+    # best 10-step median ~0.15 (end of learning), level 0.6: the probe's cue
+    assert rec._probe.probes >= 1 and rec.lr_factor == 1.0 and rec.lr_ceiling == 1.0
+    assert not [e for e in guard.events if e.kind in ("lr_backoff", "lr_settled", "rollback")]
+    assert used.count(0.25) <= rec._probe.probes * TRIAL + 10  # only the trials ran at half
+
+
+def test_lr_probe_false_leaves_the_lr_alone():
+    guard, rec, _ = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, lr_probe=False)
+    assert rec._probe.probes == 0 and rec.lr_factor == 1.0
+    assert not [e for e in guard.events if e.kind == "lr_backoff"]
+    with pytest.raises(TypeError, match="lr_probe"):
+        gg.Recovery(lr_probe="yes")  # type: ignore[arg-type]
