@@ -304,7 +304,7 @@ def train(task: rc.Task, recipe: rc.Recipe, steps: int, *, guarded: bool, seed: 
     out = Outcome()
     if recipe.fault is not None:
         batch, out.excluded = recipe.fault.batches(batch, steps, seed)
-    rec = gg.Recovery() if guarded else None
+    rec = gg.Recovery(**RECOVERY_OPTIONS) if guarded else None
     guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec) if rec is not None else None
     try:
         for step in range(steps):
@@ -638,6 +638,10 @@ def environment() -> dict[str, Any]:
     }
 
 
+#: Options of the guarded arm's Recovery (every one at its default unless --no-lr-probe).
+RECOVERY_OPTIONS: dict[str, Any] = {}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     names = [c.name for c in RESCUE_CASES + HELD_OUT_CASES] + [c.name for c in HEALTHY_CASES]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -652,6 +656,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     help=f"seeds per healthy case (default {HEALTHY_SEEDS})")
     ap.add_argument("--rescue-seeds", type=int, default=1,
                     help="seeds per failing case (default 1; the committed results: 3)")
+    ap.add_argument("--no-lr-probe", action="store_true",
+                    help="guard with Recovery(lr_probe=False): what the LR probe adds")
     ap.add_argument("--out", default=None, help="results file (default: results/rescue.json "
                     "for a full run, results/rescue.partial.json otherwise)")
     args = ap.parse_args(argv)
@@ -661,7 +667,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ap.error(f"--rescue-seeds {args.rescue_seeds}: must be >= 1")
     if args.steps is not None and args.steps < 10:
         ap.error(f"--steps {args.steps}: must be >= 10")
-    partial = bool(args.quick or args.case or args.steps or args.healthy_seeds != HEALTHY_SEEDS)
+    RECOVERY_OPTIONS.clear()
+    if args.no_lr_probe:
+        RECOVERY_OPTIONS["lr_probe"] = False
+    partial = bool(args.quick or args.case or args.steps or args.no_lr_probe
+                   or args.healthy_seeds != HEALTHY_SEEDS)
     default = RESULTS / ("rescue.partial.json" if partial else "rescue.json")
     out = Path(args.out) if args.out else default
     torch.set_num_threads(1)
@@ -686,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     s = summary(rescue, healthy)
     res: dict[str, Any] = {
         "environment": environment() | {"quick": args.quick, "seed": args.seed,
+                                        "recovery_options": dict(RECOVERY_OPTIONS),
                                         "rescue_seeds": args.rescue_seeds,
                                         "steps_override": args.steps},
         "targets": {"rescue": f"finite and held-out loss <= {WITHIN}x the twin's",

@@ -18,6 +18,10 @@ The rungs, climbed one at a time and only as far as the trouble goes:
    judges in a run's first steps only: the update before them wrecked the weights);
 4. **abort** after ``max_rollbacks`` rollbacks with no healthy snapshot in between.
 
+Beside the rungs, a *lower* trigger (the LR probe found that the loss follows the LR,
+:mod:`.probe`) halves the ceiling and the factor in force at once, with no back-off and no
+rollback, and puts the lowered ceiling on probation.
+
 Snapshots are taken at healthy flushes every ``snapshot_every`` steps once no progress
 check is pending: at the full LR, or while it restores after a loss that came back.
 

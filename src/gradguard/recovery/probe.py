@@ -10,10 +10,14 @@ the LR in force, the loss of a run whose LR is too high sits at a noise floor th
 sets: halve the LR and the floor falls within a few dozen steps, restore it and the floor
 rises again. A healthy run's loss does not rise when its own LR comes back.
 
-:class:`LrProbe` runs that experiment when the loss is noisy (its recent level
-``stall_factor`` times its best or more, the loss-rise test's ratio, without having given
-back half its progress: the ladder has not acted) and the ladder is idle. Three phases,
-each judged by the median of its last ``MEASURE`` taken losses:
+:class:`LrProbe` runs that experiment when the loss is noisy (its recent level ``SEVERE``
+(2) times its best or more, having given back 3% of what the run learnt:
+:meth:`~gradguard.recovery.rise.LossRise.noisy`) with the ladder idle, and is seen so again
+within ``CONFIRM`` steps (flushing every ten steps meanwhile): a floor the LR sets keeps
+coming back, a healthy run's excursion above twice its best does not, and a probe in a
+healthy run, however harmless, perturbs a trajectory that may be chaotic (docs/recovery.md
+has the figures). Three phases, each judged by the median of its last ``MEASURE`` taken
+losses:
 
 * *before*: the last ``MEASURE`` losses at the LR in force;
 * *trial*: ``TRIAL`` steps at ``FACTOR`` (half) of it;
