@@ -167,3 +167,14 @@ def test_lr_probe_false_leaves_the_lr_alone():
     assert not [e for e in guard.events if e.kind == "lr_backoff"]
     with pytest.raises(TypeError, match="lr_probe"):
         gg.Recovery(lr_probe="yes")  # type: ignore[arg-type]
+
+
+def test_a_probe_under_way_survives_a_resume():
+    """A checkpoint taken during a probe's trial restores it: the LR in force is still half,
+    the guard still flushes every ten steps, and the probe goes on where it was."""
+    _, rec, used = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, steps=130)
+    assert rec._probe.phase == "trial" and rec.lr_factor == 0.5 and used[-1] == 0.25
+    other = gg.Recovery()
+    other.load_state_dict(rec.state_dict())
+    assert other._probe.state_dict() == rec._probe.state_dict()
+    assert other.lr_factor == 0.5 and other.flush_every(50) == 10
