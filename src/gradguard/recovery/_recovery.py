@@ -473,6 +473,12 @@ class Recovery:
                 else:
                     actions.rollback(guard, a, snap, layers(), self.reset_moments,
                                      self.config.max_rollbacks, level)
+                    # the progress check asks the loss back near the level of the weights
+                    # it restarts from, if those were above the level before the trouble
+                    step = int(snap["step"])
+                    back_at = self._rise.fresh if step < 0 else self.ring.levels.get(step)
+                    self.state, _ = transition(self.config, self.state,
+                                               Trigger("restored", a.step, value=back_at))
             else:
                 raise actions.abort(guard, a, self.state.rollbacks)
         return acted

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
-                      "level", "lower"]
+                      "level", "lower", "restored"]
 ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower"]
 
 
@@ -96,7 +96,10 @@ class Trigger:
     healthy flush: a snapshot may be due), ``snapshot`` (a snapshot was kept),
     ``progress`` (a flush reports the recent loss, ``value``), ``level`` (the loss level
     before the current trouble, ``value``, learnt late: the trouble came before any healthy
-    flush). On ``skip``/``spike``, ``value`` is the loss level before the trouble (None:
+    flush), ``restored`` (a rollback loaded weights taken at the loss level ``value``: when
+    it is above the level before the trouble, the progress check asks for it instead; a
+    rollback to an older snapshot cannot be asked to beat a best the later weights had
+    reached), ``lower`` (the LR probe found the LR too high). On ``skip``/``spike``, ``value`` is the loss level before the trouble (None:
     unknown).
     """
 
@@ -172,6 +175,10 @@ def transition(
         return _lower(cfg, st, trig)
     if trig.kind == "lower":
         return _probed(cfg, st, trig)
+    if trig.kind == "restored":
+        if trig.value is None or st.pre_level is None or trig.value <= st.pre_level:
+            return st, ()
+        return dataclasses.replace(st, pre_level=trig.value), ()
     if trig.kind == "spike":
         return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike", trig.value,
                          at=trig.at, force_rollback=trig.rollback)
