@@ -136,6 +136,13 @@ ROWS = [
      st(factor=0.5, ceiling=0.5, settled=0.5, last_trigger=149), Trigger("lower", 400, "again"),
      st(factor=0.25, ceiling=0.25, settled=0.5, last_trigger=400),
      (Action("lower", 400, "again", 0.25, 0.25, lowered=True),)),
+    ("a rollback to weights taken above the level before the trouble: the progress check "
+     "asks for their level", b(pre_level=0.02), Trigger("restored", 110, value=0.06),
+     b(pre_level=0.06), ()),
+    ("... and keeps the level before the trouble when the weights were below it",
+     b(pre_level=0.02), Trigger("restored", 110, value=0.01), b(pre_level=0.02), ()),
+    ("... or their level is unknown", b(pre_level=0.02), Trigger("restored", 110),
+     b(pre_level=0.02), ()),
     ("healthy and due: snapshot", st(last_snapshot=0), Trigger("healthy", 9),
      st(last_snapshot=0), (Action("snapshot", 9),)),
     ("healthy but not due: nothing", st(last_snapshot=6), Trigger("healthy", 9),
