@@ -82,9 +82,10 @@ class Recovery:
             in a healthy run (a GAN's generator, RL returns, an annealed regulariser, a
             curriculum that makes the data harder).
         lr_probe: when the loss sits at least twice its best without a spike (and again
-            within 50 steps), halve the LR for 30 steps and restore it; if the loss fell and rose again with it,
-            the LR is too high and the ladder lowers it (:mod:`.probe`). Needs ``loss_rise``
-            (the same loss levels; the same kind of loss).
+            within 50 steps), halve the LR for 30 steps and restore it; if the loss fell
+            and rose again with it, the LR is too high and the ladder lowers it
+            (:mod:`.probe`). Needs ``loss_rise`` (the same loss levels, the same kind of
+            loss).
         recovery_window: steps after a back-off or rollback by which the loss must be back
             near its level before the trouble, else the ladder rolls back (>= 1).
         stall_factor: "near its level": at most this many times it (> 1); also the rise

@@ -134,10 +134,16 @@ def _why_lowered(a: Action) -> str:
             else "the LR in force is too high for the loss to settle")
 
 
+def _lrs(guard: Guard, factor: float) -> tuple[list[float], str]:
+    """Every param group's LR under ``factor`` (the schedule's value between steps), and
+    the distinct ones as text."""
+    lrs = [float(g["lr"]) * factor for g in guard.optimizer.param_groups]
+    return lrs, ", ".join(f"{lr:.3g}" for lr in dict.fromkeys(lrs))
+
+
 def settled_event(guard: Guard, a: Action) -> Event:
     """The ladder found an LR that trains: say which, so the user can set it."""
-    lrs = [float(g["lr"]) * a.factor for g in guard.optimizer.param_groups]
-    shown = ", ".join(f"{lr:.3g}" for lr in dict.fromkeys(lrs))
+    lrs, shown = _lrs(guard, a.factor)
     return Event(
         kind="lr_settled", step=a.step, severity="info", value=lrs[0],
         message=(f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the "
@@ -149,8 +155,7 @@ def settled_event(guard: Guard, a: Action) -> Event:
 
 def lowered_event(guard: Guard, a: Action) -> Event:
     """The LR probe found the LR too high: the ladder lowered it (see :mod:`.probe`)."""
-    lrs = [float(g["lr"]) * a.factor for g in guard.optimizer.param_groups]
-    shown = ", ".join(f"{lr:.3g}" for lr in dict.fromkeys(lrs))
+    lrs, shown = _lrs(guard, a.factor)
     return Event(
         kind="lr_backoff", step=a.step, severity="warning", value=a.factor,
         message=(f"step {a.step}: {a.reason}; learning rate x{a.factor:g} (lr {shown}) "

@@ -99,8 +99,8 @@ class Trigger:
     flush), ``restored`` (a rollback loaded weights taken at the loss level ``value``: when
     it is above the level before the trouble, the progress check asks for it instead; a
     rollback to an older snapshot cannot be asked to beat a best the later weights had
-    reached), ``lower`` (the LR probe found the LR too high). On ``skip``/``spike``, ``value`` is the loss level before the trouble (None:
-    unknown).
+    reached), ``lower`` (the LR probe found the LR too high). On ``skip``/``spike``,
+    ``value`` is the loss level before the trouble (None: unknown).
     """
 
     kind: TriggerKind

@@ -79,7 +79,6 @@ class LrProbe:
 
     def __init__(self) -> None:
         self.phase: Phase | None = None
-        self.since: int | None = None  # the step the phase began
         self.levels: list[float] = []  # before, trial: the finished phases' levels
         self.next: int = 0  # no probe before this step
         self.suspect: int | None = None  # the step the cue was first seen (in a row)
@@ -130,7 +129,7 @@ class LrProbe:
         if self.phase is not None or step < self.next or len(self._recent) < MEASURE:
             return False
         self.levels = [statistics.median(self._recent)]
-        self.phase, self.since, self._phase = "trial", step, []
+        self.phase, self._phase = "trial", []
         self.probes += 1
         return True
 
@@ -139,7 +138,7 @@ class LrProbe:
         :class:`Probed` when the probe is over."""
         if self.phase == "trial" and len(self._phase) >= TRIAL:
             self.levels.append(statistics.median(self._phase[-MEASURE:]))
-            self.phase, self.since, self._phase = "after", step, []
+            self.phase, self._phase = "after", []
         elif self.phase == "after" and len(self._phase) >= AFTER:
             before, trial = self.levels
             after = statistics.median(self._phase[-MEASURE:])
@@ -157,7 +156,7 @@ class LrProbe:
             self._recent = []
 
     def _end(self, step: int, *, found: bool) -> None:
-        self.phase, self.since, self._phase = None, None, []
+        self.phase, self._phase = None, []
         if found:
             self.next = step + 1
         else:
@@ -165,13 +164,12 @@ class LrProbe:
             self.cooldown *= 2
 
     def state_dict(self) -> dict[str, object]:
-        return {"phase": self.phase, "since": self.since, "suspect": self.suspect, "levels": list(self.levels),
+        return {"phase": self.phase, "suspect": self.suspect, "levels": list(self.levels),
                 "next": self.next, "cooldown": self.cooldown, "recent": list(self._recent),
                 "losses": list(self._phase), "probes": self.probes}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         self.phase = sd.get("phase")  # type: ignore[assignment]
-        self.since = sd.get("since")  # type: ignore[assignment]
         self.suspect = sd.get("suspect")  # type: ignore[assignment]
         self.levels = list(sd.get("levels") or [])  # type: ignore[call-overload]
         self.next = int(sd.get("next") or 0)  # type: ignore[call-overload]
