@@ -105,6 +105,36 @@ def test_fused_optimizer_skip(tmp_path):
         assert torch.equal(v, model.after[k]), k
 
 
+class Burst(Tiny):
+    """NaN batches at steps 2-4; records the ladder's LR factor each step, before it runs."""
+
+    def __init__(self, rec: gg.Recovery) -> None:
+        super().__init__(nan_step=-1, fused=True)
+        self.rec, self.factors = rec, []
+
+    def training_step(self, batch, batch_idx):
+        self.factors.append(self.rec.lr_factor)
+        x, y = batch
+        if self.global_step in (2, 3, 4):
+            x = x * math.nan
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+
+def test_fused_skips_are_heard_before_the_flush(tmp_path):
+    """The trainer steps a fused optimizer after the guard's hook: the skip flags stay on
+    the device, and the ladder hears them at the next hook (the update done), not at the
+    flush 50 steps later: the third skip backs the LR off from the update of step 5 on."""
+    rec = gg.Recovery()
+    cb = GradGuardCallback(every=50, recovery=rec, run_dir=tmp_path / "rd", report=False)
+    model = Burst(rec)
+    trainer(tmp_path, cb, logger=False, max_steps=8).fit(model, loader())
+    events = read_jsonl(tmp_path / "rd" / "events.jsonl")
+    assert [e["step"] for e in events if e["kind"] == "lr_backoff"] == [4]
+    assert model.factors[:6] == [1.0] * 6  # step 5's update is the first backed off ...
+    assert model.factors[6] < 0.2  # ... seen by the forward of step 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_conflicting_clip_settings_refused(tmp_path):
     cb = GradGuardCallback(clip=gg.NormClip(1.0))
     t = trainer(tmp_path, cb, logger=False, gradient_clip_val=0.5)

@@ -439,10 +439,11 @@ def test_a_first_update_that_wrecks_the_weights_is_rolled_back_not_backed_off():
 
 
 def test_a_fused_optimizer_wrecked_by_its_first_update_is_rolled_back_once_not_aborted():
-    """The same with fused AdamW: its skip flags stay on the device and the ladder hears of
-    the twelve skipped steps at the flush. They all came before its rollback took effect,
-    under the one trouble it answers; counted as new ones they made three rollbacks at once
-    and raised TrainingDiverged at step 12 (before this version too, at step 15)."""
+    """The same with fused AdamW: its skip flags stay on the device. Heard at the flush, the
+    twelve skipped steps all came before the rollback took effect, under the one trouble it
+    answers; counted as new ones they made three rollbacks at once and raised
+    TrainingDiverged at step 12. Heard as their copies reach the host, the third skip rolls
+    back at step 3, as with plain AdamW, and the flush does not count them again."""
     from benchmarks import rescue_cases as rc
 
     torch.manual_seed(2)

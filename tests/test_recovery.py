@@ -106,19 +106,83 @@ def test_consecutive_skips_back_off_the_lr_at_once_without_fused():
     assert rec.lr_factor == 1.0
 
 
-def test_consecutive_skips_with_fused_optimizer_act_at_the_flush(sync_counter):
+def test_consecutive_skips_with_fused_optimizer_are_heard_at_the_step_without_a_sync(sync_counter):
+    """A fused optimizer skips on the device (``found_inf``); the flag's copy to the host is
+    not waited for (on the CPU it is done when it returns), so the ladder backs off at the
+    third skip, as it does without fused, and not at the flush."""
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     rec = gg.Recovery(skip_patience=3, restore_steps=20)
     guard = gg.Guard(model, opt, recovery=rec, every=10)
     train(guard, model, opt, 1)  # creates the optimizer state (decided on the host)
     with sync_counter as c:
-        train(guard, model, opt, 8, bad_steps={2, 3, 4}, start=1)
-    assert c.calls == []  # the skip flag never left the device
-    assert next_lr(opt, rec) == 1e-3  # not known yet
-    train(guard, model, opt, 1, start=9)  # step 9 flushes
+        train(guard, model, opt, 4, bad_steps={2, 3, 4}, start=1)
+    assert c.calls == []  # the skip flag was never waited for
     assert [(e.kind, e.step) for e in guard.events if e.kind == "lr_backoff"] == [("lr_backoff", 4)]
-    assert next_lr(opt, rec) == pytest.approx(1e-4)
+    assert next_lr(opt, rec) == pytest.approx(1e-4)  # step 5 runs backed off
+    train(guard, model, opt, 5, start=5)  # step 9 flushes: the skips are not counted again
+    assert [e.kind for e in guard.events].count("lr_backoff") == 1
+    assert [e.step for e in guard.events if e.kind == "skip"] == [2, 3, 4]
+
+
+class _InFlight:
+    """A CUDA event stand-in: its copy completes when the test says so."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_device_flags_are_heard_oldest_first_once_their_copy_completed(monkeypatch):
+    """On a GPU the flag's copy completes some time after the step: the ladder hears a
+    flag only once its copy has, oldest first; the back-off then starts at the step it
+    heard of it (earlier skips replayed are not new trouble), and the flush hears what
+    is left, once."""
+    from gradguard.recovery import late
+
+    events: list[_InFlight] = []
+
+    def in_flight(self, flag):
+        events.append(_InFlight())
+        return events[-1]
+
+    monkeypatch.setattr(late.LateFlags, "_event", in_flight)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    rec = gg.Recovery(skip_patience=3, restore_steps=20)
+    guard = gg.Guard(model, opt, recovery=rec, every=10)
+    train(guard, model, opt, 1)
+    train(guard, model, opt, 4, bad_steps={2, 3, 4}, start=1)  # steps 1-4, none heard
+    assert rec.lr_factor == 1.0
+    events[0].done = events[1].done = events[3].done = True  # steps 1, 2 and 4: not 3
+    train(guard, model, opt, 1, start=5)
+    assert rec.lr_factor == 1.0  # heard steps 1 and 2 only: step 3 is still in flight
+    events[2].done = True
+    train(guard, model, opt, 1, start=6)  # hears 3, 4 (and not 5, 6)
+    assert [(e.kind, e.step) for e in guard.events if e.kind == "lr_backoff"] == [("lr_backoff", 4)]
+    assert rec.state.backoff_step == 6  # acted at step 6: it starts there
+    train(guard, model, opt, 3, start=7)  # the flush of step 9 hears 5-9
+    assert [e.kind for e in guard.events].count("lr_backoff") == 1
+
+
+def test_a_device_far_behind_leaves_its_flags_to_the_flush(monkeypatch):
+    """More than ``SLOTS`` flags in flight: the later ones are not copied (a flag may not be
+    heard before an older one); the flush hears them all, in order, once."""
+    from gradguard.recovery import late
+
+    monkeypatch.setattr(late.LateFlags, "_event", lambda self, flag: _InFlight())
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    rec = gg.Recovery(skip_patience=3, restore_steps=20)
+    guard = gg.Guard(model, opt, recovery=rec, every=20)
+    train(guard, model, opt, 1)
+    train(guard, model, opt, 15, bad_steps={12, 13, 14}, start=1)
+    assert rec._late.full and rec.lr_factor == 1.0
+    train(guard, model, opt, 5, start=16)  # the flush of step 19
+    assert not rec._late.full
+    assert [(e.kind, e.step) for e in guard.events if e.kind == "lr_backoff"] == [("lr_backoff", 14)]
 
 
 def snapshot_params(model):

@@ -6,10 +6,11 @@ into triggers, and hands the ladder's actions to :mod:`.actions`. Snapshots live
 :mod:`.snapshots`.
 
 Decisions use host-known values only: the skip flag the guard already read (non-fused
-optimizers: the one sync per step the guard pays anyway), or the flushed window (fused
-optimizers: the skip flag stays on the device and the ladder learns about consecutive
-skips at the next flush, at most ``every`` steps later). Ranks that see the same
-all-reduced window therefore take the same decisions.
+optimizers: the one sync per step the guard pays anyway), a skip flag that stayed on the
+device (fused optimizers, a ``GradScaler``) copied to the host without waiting and heard
+once the copy completed (:mod:`.late`), or the flushed window (the flags not heard yet,
+and every flag under ``torch.distributed``: ranks that see the same all-reduced window
+take the same decisions).
 
 Snapshots are taken at flush steps, every ``snapshot_every`` steps, only while healthy (no
 skip, spike or back-off in the window), in CPU memory (default) or written atomically to

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from .. import distributed
 from ..events import Event, listed
-from ..executors import NONFINITE
+from ..executors import NONFINITE, Hook
 from . import actions
 from .defaults import (
     BACKOFF,
@@ -37,6 +38,7 @@ from .defaults import (
     _fraction,
 )
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
+from .late import LateFlags, enabled
 from .probe import LrProbe
 from .ring import SnapshotRing
 from .rise import BLOCK, DeadLayers, LossRise
@@ -184,6 +186,7 @@ class Recovery:
         # steps whose skip flag the ladder already counted on the host (a fused optimizer's
         # first steps, a step that was read for raise/warn); the flush replays the others
         self._host_steps: set[int] = set()
+        self._late = LateFlags()  # the device's skip flags, heard before the flush
         self._level: float | None = None  # the loss level of the last healthy flush
         self._verdict = SpikeVerdict()
         self._rise = LossRise()
@@ -289,9 +292,12 @@ class Recovery:
         before the run's very first step keep the weights as they are, before anything can
         have gone wrong (a run whose first update wrecks it still has a healthy state to go
         back to; outside the ladder's ``snapshot_every`` cadence; a resumed run goes on
-        with the snapshots it had)."""
+        with the snapshots it had). A trainer steps the optimizer after the guard's hook:
+        the skip flags of its earlier steps are heard here, once its last update is done."""
         if guard.step_count == 0 and not len(self.store):
             self.ring.keep(guard, -1, disk=False)
+        if isinstance(guard.executor, Hook):
+            self._hear(guard)
         self._feed(guard, Trigger("tick", guard.step_count), list)
 
     def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
@@ -314,13 +320,30 @@ class Recovery:
         return code
 
     def after_step(self, guard: Guard, stats: StepStats, outcome: Any) -> None:
-        """Per step: count skips when the guard already knows the skip flag (non-fused
-        optimizers; the others are counted at the flush)."""
+        """Per step: count skips when the guard knows the skip flag (non-fused optimizers);
+        a flag that stayed on the device (fused optimizers, a ``GradScaler``) is copied to
+        the host without waiting and heard once there (:mod:`.late`), else at the flush."""
         step = guard.step_count - 1
         if outcome.code is not None or isinstance(outcome.trouble, bool):
             self._host_steps.add(step)
             trig = self._skip_trigger(bool(outcome.trouble), step, outcome.code or 0)
             self._feed(guard, trig, lambda: actions.nonfinite_layers(guard, stats.param_norms))
+            return
+        skipped = outcome.skipped
+        if not isinstance(skipped, Tensor) or not enabled():
+            return
+        flag = skipped.to(torch.uint8) * 2 + outcome.trouble.to(torch.uint8)
+        self._late.push(step, flag, stats.param_norms)
+        if not isinstance(guard.executor, Hook):  # the update is done: act after it
+            self._hear(guard)
+
+    def _hear(self, guard: Guard) -> None:
+        """Feed the ladder the device skip flags whose copy to the host has completed."""
+        at = guard.step_count - 1
+        for step, flag, norms in self._late.heard():
+            self._host_steps.add(step)
+            trig = self._skip_trigger(bool(flag & 1), step, flag >> 1, at=at)
+            self._feed(guard, trig, lambda n=norms: actions.nonfinite_layers(guard, n))
 
     def _skip_trigger(self, skipped: bool, step: int, code: int, at: int | None = None) -> Trigger:
         """The ladder's trigger for a step and its verdict ``code``. A step skipped for its
@@ -339,6 +362,7 @@ class Recovery:
         loss after a back-off, and snapshots while healthy. Routine loss-scale overflows
         (``overflows``) are no trouble."""
         layers = lambda: actions.exploded_layers(events)  # noqa: E731
+        self._late.clear()  # what was not heard yet is in this window
         codes = window.skip_codes.tolist() if window.skip_codes is not None else None
         losses, skips = window.loss.tolist(), window.skipped.tolist()
         triggers: list[Trigger] = []

@@ -107,8 +107,8 @@ class Trigger:
     step: int
     reason: str = ""
     value: float | None = None
-    #: the step at which the ladder hears of it (a flush, for skip flags that stayed on the
-    #: device); what it does starts from there (default: ``step``)
+    #: the step at which the ladder hears of it (later than ``step`` for skip flags that
+    #: stayed on the device); what it does starts from there (default: ``step``)
     at: int | None = None
     #: a ``spike`` from a loss that rose yet kept most of its progress (the strict loss-rise
     #: test, :mod:`.rise`): the LR in force is too high, the weights are not damaged. It
