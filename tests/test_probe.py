@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.recovery.probe import AFTER, CONFIRM, COOLDOWN, MEASURE, TRIAL, LrProbe
+from gradguard.recovery.probe import AFTER, CONFIRM, COOLDOWN, GAIN, MEASURE, RECUR, TRIAL, LrProbe
 from gradguard.recovery.rise import LossRise
 from gradguard.report._data import load_run, summary_sentence
 from gradguard.report._outcome import judge
@@ -37,9 +37,32 @@ def test_the_probe_lowers_only_when_the_loss_follows_the_lr_both_ways(trial, aft
     assert done is not None and done.too_high is too_high
     assert (done.before, done.trial, done.after) == (1.0, trial, after)
     assert not probe.active
-    # a probe that found nothing waits COOLDOWN steps, then twice as long
+    # a probe that found nothing waits COOLDOWN steps, then twice as long (not after one
+    # whose loss fell by half at half the LR: the next excursion may complete its evidence)
     assert probe.next == (step + 1 if too_high else step + COOLDOWN)
-    assert probe.cooldown == (COOLDOWN if too_high else 2 * COOLDOWN)
+    fell = trial <= GAIN
+    assert probe.cooldown == (COOLDOWN if too_high or fell else 2 * COOLDOWN)
+    assert probe.fell == ((step, 1.0, trial) if fell and not too_high else None)
+
+
+def test_a_cue_confirmed_soon_after_a_probe_that_fell_says_the_lr_is_too_high():
+    """A probe that fell (x0.3 at half the LR) and did not rise again (the excursion it
+    started on decayed by itself) leaves evidence: the next confirmed cue within RECUR
+    steps completes it, with no probe of its own; later than that, a probe is started."""
+    for gap, what in ((RECUR, "recurred"), (RECUR + 10, "probe")):
+        probe = LrProbe()
+        step = feed(probe, [1.0] * MEASURE, 0)
+        probe.start(step)
+        step = feed(probe, [0.3] * TRIAL, step)
+        probe.advance(step)
+        step = feed(probe, [0.25] * AFTER, step)
+        done = probe.advance(step)
+        assert done is not None and done.fell and not done.too_high
+        assert probe.cue(step + gap - 10, True) is None  # first sight
+        assert probe.cue(step + gap, True) == what
+        other = LrProbe()
+        other.load_state_dict(probe.state_dict())
+        assert other.fell == probe.fell
 
 
 def test_a_probe_starts_when_its_cue_comes_back_not_on_one_excursion():
@@ -148,6 +171,31 @@ def test_the_verdict_and_summary_of_a_run_whose_lr_was_lowered(tmp_path):
     text = summary_sentence(data, {})
     assert "at half the LR" in text and "gradguard halved the LR; training recovered." in text
     assert text.endswith("Stable at lr 0.25; set it in your config.")
+
+
+def test_excursions_that_recur_at_the_full_lr_get_it_lowered():
+    """At the full LR the loss is thrown up to 30x its best every 150 steps and decays by
+    itself (an MLP on Adam at 100x does this, to 12x its best); at half the LR it is not.
+    The probe started on the first excursion's peak sees the loss fall by half at half the
+    LR, and keep falling when the LR comes back: no proof. The next excursion, 60 steps
+    after that probe, completes it: the ladder halves the LR, and the excursions stop."""
+    start: list[int] = []
+
+    def floor(lr: float, step: int) -> float:
+        if step >= 100 and (step - 100) % 150 == 0 and lr >= 0.5:
+            start.append(step)
+        return 0.1 + (3.0 * math.exp(-(step - start[-1]) / 30) if start else 0.0)
+
+    guard, rec, used = floor_run(floor, steps=700)
+    lowered = [e for e in guard.events if e.kind == "lr_backoff"]
+    assert len(lowered) == 1 and lowered[0].data["probe"], [e.message for e in lowered]
+    ev = lowered[0]
+    assert "again" in ev.message and "at half the LR: the LR is too high" in ev.message
+    assert rec._probe.probes == 1 and ev.step - rec.actions[0].step < RECUR
+    assert start == [100, 250] and rec.lr_factor == rec.lr_ceiling == 0.5
+    assert set(used[ev.step + 1:]) == {0.25}
+    assert [e.kind for e in guard.events if e.kind == "lr_settled"] == ["lr_settled"]
+    assert not [e for e in guard.events if e.kind in ("skip", "rollback", "abort")]
 
 
 def test_a_loss_that_does_not_follow_the_lr_keeps_it():

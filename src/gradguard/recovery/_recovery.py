@@ -464,8 +464,15 @@ class Recovery:
                    f"and rose to {done.after:.4g} when it came back: the LR is too high")
             return self._feed(guard, Trigger("lower", step, why), list)
         idle = st.watching is None and st.factor >= st.ceiling and not st.probation
-        probe.cue(step, idle and self._rise.noisy() is not None)
-        return False
+        noisy = self._rise.noisy() if idle else None
+        if probe.cue(step, noisy is not None) != "recurred" or noisy is None or probe.fell is None:
+            return False
+        at, before, trial = probe.fell
+        probe.fell = None
+        why = (f"the loss is up at {noisy.level:.4g} again, {noisy.ratio:.2g}x its best "
+               f"({self._rise.best:.4g}), {step - at} steps after it fell from {before:.4g} "
+               f"to {trial:.4g} at half the LR: the LR is too high")
+        return self._feed(guard, Trigger("lower", step, why), list)
 
     # ---- carrying out the ladder's actions ----------------------------------------------------
     def _feed(self, guard: Guard, trig: Trigger, layers: Any) -> bool:

@@ -30,7 +30,18 @@ rose when it rose. The ladder then lowers its ceiling to half the factor in forc
 goes on halving it while the loss keeps rising from its best, until the LR settles
 (reported as ``lr_settled``). Otherwise the LR stays, and the next probe waits
 ``COOLDOWN`` steps, twice as long after each probe that found nothing. A probe costs a
-healthy run ``TRIAL`` steps at half its LR. Decisions are taken at flushes (every ten
+healthy run ``TRIAL`` steps at half its LR.
+
+A probe started on an excursion's peak is confounded: an LR too high can also throw the
+loss up every couple of hundred steps (to ten times its best and more, an MLP on Adam at
+100x), and each excursion decays by itself; halving the LR there halves the loss, and
+restoring it finds the loss still falling. Such a probe *fell* (the trial's level at most
+``GAIN`` times the level before) but did not rise again. The evidence it leaves is
+completed by the next excursion: a cue confirmed again within ``RECUR`` steps of a probe
+that fell is the LR's doing, and the ladder lowers it as for a probe that found it too
+high. A probe that fell waits ``COOLDOWN`` steps before the next, not twice as long.
+None of the healthy runs of benchmarks/quality.py (20,000 steps) and benchmarks/rescue.py
+(24,000 steps, 1,000 per run) ever confirmed a cue: no probe ran in any of them. Decisions are taken at flushes (every ten
 steps while a probe runs) from host values the flush already has: no device read.
 """
 
@@ -56,6 +67,10 @@ RISE = 1.25
 #: Steps after a probe that found nothing before the next (doubled after each such probe).
 COOLDOWN = 200
 
+#: A cue confirmed within this many steps of a probe that fell (the loss halved at half the
+#: LR, and did not rise again when it came back) lowers the LR with no probe of its own.
+RECUR = 2 * COOLDOWN
+
 #: A probe starts when the cue is seen again within this many steps of its first sight
 #: (at flushes ten steps apart meanwhile): a floor the LR sets keeps coming back, a
 #: healthy run's excursion above twice its best does not.
@@ -73,6 +88,11 @@ class Probed(NamedTuple):
     after: float
     too_high: bool
 
+    @property
+    def fell(self) -> bool:
+        """The loss fell by half (``GAIN``) at half the LR."""
+        return self.trial <= GAIN * self.before
+
 
 class LrProbe:
     """The LR probe's phases (see the module docstring). Host values only."""
@@ -86,6 +106,7 @@ class LrProbe:
         self._recent: list[float] = []  # the last MEASURE losses before the probe
         self._phase: list[float] = []  # the current phase's taken losses
         self.probes = 0
+        self.fell: tuple[int, float, float] | None = None  # step, before, trial of the last that fell
 
     @property
     def factor(self) -> float:
@@ -109,19 +130,24 @@ class LrProbe:
         """A probe runs, or its cue was seen and is being confirmed (flush often)."""
         return self.phase is not None or self.suspect is not None
 
-    def cue(self, step: int, seen: bool) -> bool:
-        """At an idle flush: whether the cue holds (``seen``); True when it was seen again
-        within ``CONFIRM`` steps of its first sight and a probe started."""
+    def cue(self, step: int, seen: bool) -> Literal["probe", "recurred"] | None:
+        """At an idle flush: whether the cue holds (``seen``). ``"probe"`` when it was seen
+        again within ``CONFIRM`` steps of its first sight and a probe started;
+        ``"recurred"`` when so confirmed within ``RECUR`` steps of a probe that fell (the
+        LR is too high: :attr:`fell` says where it fell from and to)."""
         if self.phase is not None:
-            return False
+            return None
         if self.suspect is not None and step - self.suspect > CONFIRM:
             self.suspect = None  # not seen again: an excursion
         if not seen:
-            return False
+            return None
         if self.suspect is None:
             self.suspect = step
-            return False
-        return self.start(step)
+            return None
+        if self.fell is not None and step - self.fell[0] <= RECUR:
+            self.suspect = None
+            return "recurred"
+        return "probe" if self.start(step) else None
 
     def start(self, step: int) -> bool:
         """Begin a probe after ``step`` if one may (enough history, past the cooldown)."""
@@ -142,10 +168,13 @@ class LrProbe:
         elif self.phase == "after" and len(self._phase) >= AFTER:
             before, trial = self.levels
             after = statistics.median(self._phase[-MEASURE:])
-            too_high = trial <= GAIN * before and after >= RISE * trial
-            self._end(step, found=too_high)
-            self._recent = self._phase[-MEASURE:]
-            return Probed(step, before, trial, after, too_high)
+            done = Probed(step, before, trial, after, trial <= GAIN * before and after >= RISE * trial)
+            recent = self._phase[-MEASURE:]
+            self._end(step, found=done.too_high, fell=done.fell)
+            if done.fell and not done.too_high:
+                self.fell = (step, before, trial)
+            self._recent = recent  # the level at the LR in force, for the next probe
+            return done
         return None
 
     def cancel(self, step: int) -> None:
@@ -155,18 +184,20 @@ class LrProbe:
             self._end(step, found=True)
             self._recent = []
 
-    def _end(self, step: int, *, found: bool) -> None:
+    def _end(self, step: int, *, found: bool, fell: bool = False) -> None:
         self.phase, self._phase = None, []
         if found:
             self.next = step + 1
         else:
             self.next = step + self.cooldown
-            self.cooldown *= 2
+            if not fell:
+                self.cooldown *= 2
 
     def state_dict(self) -> dict[str, object]:
         return {"phase": self.phase, "suspect": self.suspect, "levels": list(self.levels),
                 "next": self.next, "cooldown": self.cooldown, "recent": list(self._recent),
-                "losses": list(self._phase), "probes": self.probes}
+                "losses": list(self._phase), "probes": self.probes,
+                "fell": None if self.fell is None else list(self.fell)}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         self.phase = sd.get("phase")  # type: ignore[assignment]
@@ -177,3 +208,5 @@ class LrProbe:
         self._recent = list(sd.get("recent") or [])  # type: ignore[call-overload]
         self._phase = list(sd.get("losses") or [])  # type: ignore[call-overload]
         self.probes = int(sd.get("probes") or 0)  # type: ignore[call-overload]
+        fell = sd.get("fell")
+        self.fell = None if fell is None else (int(fell[0]), float(fell[1]), float(fell[2]))  # type: ignore[index]
