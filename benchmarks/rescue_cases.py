@@ -183,12 +183,14 @@ def digits_cnn() -> nn.Module:
     )
 
 
-def mlp(d_in: int, d_out: int, width: int = 128, depth: int = 2) -> nn.Module:
-    """``depth`` ReLU hidden layers of ``width`` (PyTorch's default init)."""
+def mlp(d_in: int, d_out: int, width: int = 128, depth: int = 2,
+        act: Callable[[], nn.Module] = nn.ReLU) -> nn.Module:
+    """``depth`` hidden layers of ``width`` with activation ``act`` (ReLU; PyTorch's default
+    init)."""
     layers: list[nn.Module] = []
     d = d_in
     for _ in range(depth):
-        layers += [nn.Linear(d, width), nn.ReLU()]
+        layers += [nn.Linear(d, width), act()]
         d = width
     return nn.Sequential(*layers, nn.Linear(d, d_out))
 

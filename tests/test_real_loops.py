@@ -620,3 +620,21 @@ def test_bert_from_its_config_trains_under_the_default_guard_without_a_warning()
     guard.close()
     assert [(e.kind, e.step) for e in guard.events if e.severity != "info"] == []
     assert guard.step_count == 100
+
+
+@pytest.mark.parametrize("loop", ["fused", "amp"])
+def test_device_skip_flags_roll_back_at_the_same_step_as_the_plain_loop(loop):
+    """Tried as a stranger would (benchmarks/stranger.py): a GELU MLP on Adam at 300x, whose
+    first update wrecks it. With plain Adam the guard reads each step's flag and rolls back
+    after three skips. With fused Adam, or a GradScaler under bf16 autocast, the flags stay
+    on the device; heard only at the flush, the run was skipped for 48 steps first. Heard
+    as their copies reach the host, the rollback comes at the same step, after as many
+    skips, and no NaN reaches a parameter."""
+    from benchmarks import stranger
+
+    plain = stranger.run("plain", 0.3, 0, guarded=True, schedule="cosine", steps=60)
+    other = stranger.run(loop, 0.3, 0, guarded=True, schedule="cosine", steps=60)
+    assert plain["first_rollback"] is not None and plain["first_rollback"] < 10
+    assert other["first_rollback"] == plain["first_rollback"]
+    assert other["events"]["skip"] == plain["events"]["skip"] == 3
+    assert other["finite"] and plain["finite"]
