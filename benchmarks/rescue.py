@@ -217,6 +217,9 @@ CHAR_RNN_RELU = rc.Task("char_rnn_relu", lambda: rc.CharRNN(rc.corpus()[1], "rel
 #: Failing configurations written after the mechanism, on the same tasks with other
 #: optimizers and LRs; each twin is the suite's healthy recipe for that task (an
 #: LR 10-30x lower), not a swept best.
+DIGITS_GELU_MLP = rc.Task("digits_gelu_mlp", lambda: rc.mlp(64, 10, width=256, act=nn.GELU),
+                          lambda seed: rc.digits_batches(seed, bs=64), rc.digits_eval, rc.CE)
+
 HELD_OUT_CASES: list[RescueCase] = [
     RescueCase("held_out_lstm_adam_lr10", rc.CHAR_LSTM, rc.Recipe(Adam, 0.1),
                rc.Recipe(Adam, 1e-2), "char LSTM, Adam at 10x", held_out=True),
@@ -240,6 +243,11 @@ HELD_OUT_CASES: list[RescueCase] = [
     RescueCase("held_out_cnn_adam_fused_lr10", rc.DIGITS_CNN, rc.Recipe(Adam, 0.03, {"fused": True}),
                rc.Recipe(Adam, 3e-3, {"fused": True}), "digits CNN, fused Adam at 10x: trains, "
                "noisily", held_out=True),
+    # found by hand (2026-12-01), added as it failed
+    RescueCase("held_out_mlp_gelu_adam_lr100", DIGITS_GELU_MLP, rc.Recipe(Adam, 0.1),
+               rc.Recipe(Adam, 1e-3), "digits GELU MLP (2x256, batch 64), Adam at 100x: learns "
+               "to about 1 nat, then wanders back up towards chance", steps=800,
+               held_out=True),
 ]
 
 HEALTHY_CASES: list[HealthyCase] = [
