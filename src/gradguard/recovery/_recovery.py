@@ -332,17 +332,21 @@ class Recovery:
         skipped = outcome.skipped
         if not isinstance(skipped, Tensor) or not enabled():
             return
-        flag = skipped.to(torch.uint8) * 2 + outcome.trouble.to(torch.uint8)
-        self._late.push(step, flag, stats.param_norms)
+        if outcome.amp_row is None:  # skipped exactly when in trouble: the verdict bits alone
+            self._late.push(step, skipped, (stats.param_norms, False))
+        else:  # a GradScaler's routine overflow is skipped and no trouble: both, packed
+            flag = skipped.to(torch.uint8) * 2 + outcome.trouble.to(torch.uint8)
+            self._late.push(step, flag, (stats.param_norms, True))
         if not isinstance(guard.executor, Hook):  # the update is done: act after it
             self._hear(guard)
 
     def _hear(self, guard: Guard) -> None:
         """Feed the ladder the device skip flags whose copy to the host has completed."""
         at = guard.step_count - 1
-        for step, flag, norms in self._late.heard():
+        for step, flag, (norms, packed) in self._late.heard():
             self._host_steps.add(step)
-            trig = self._skip_trigger(bool(flag & 1), step, flag >> 1, at=at)
+            trouble, code = (bool(flag & 1), flag >> 1) if packed else (flag != 0, flag)
+            trig = self._skip_trigger(trouble, step, code, at=at)
             self._feed(guard, trig, lambda n=norms: actions.nonfinite_layers(guard, n))
 
     def _skip_trigger(self, skipped: bool, step: int, code: int, at: int | None = None) -> Trigger:

@@ -149,8 +149,8 @@ def transition(
         return _progress(cfg, st, trig)
     if trig.kind == "level":
         return (st if st.pre_level is not None else dataclasses.replace(st, pre_level=trig.value)), ()
-    if trig.kind == "clean":
-        return dataclasses.replace(st, consecutive_skips=0), ()
+    if trig.kind == "clean":  # every taken step: no copy of the state when nothing changes
+        return (st if not st.consecutive_skips else dataclasses.replace(st, consecutive_skips=0)), ()
     if trig.kind == "snapshot":
         return dataclasses.replace(st, last_snapshot=trig.step, rollbacks=0), ()
     if trig.kind == "healthy":
