@@ -19,6 +19,7 @@ tell a routine loss-scale overflow from trouble differently).
 
 from __future__ import annotations
 
+import ctypes
 from collections import deque
 from typing import Any
 
@@ -49,8 +50,8 @@ class LateFlags:
     """
 
     def __init__(self) -> None:
-        self._pending: deque[tuple[int, Tensor, Any, Any]] = deque()
-        self._free: list[Tensor] = []
+        self._pending: deque[tuple[int, tuple[Tensor, ctypes.c_uint8], Any, Any]] = deque()
+        self._free: list[tuple[Tensor, ctypes.c_uint8]] = []
         self._device: torch.device | None = None
         self.full = False  # a flag was not taken: the rest wait for the flush
 
@@ -65,11 +66,14 @@ class LateFlags:
             self.clear()
             self._free = []
             self._device = flag.device
-        buf = self._free.pop() if self._free else torch.empty(
-            1, dtype=torch.uint8, pin_memory=flag.is_cuda)
-        buf.copy_(flag.reshape(1), non_blocking=flag.is_cuda)
-        event = self._event(flag)
-        self._pending.append((step, buf, event, extra))
+        if self._free:
+            slot = self._free.pop()
+        else:
+            buf = torch.empty(1, dtype=torch.uint8, pin_memory=flag.is_cuda)
+            # its byte, read once the copy completed: host memory, no device access
+            slot = (buf, ctypes.c_uint8.from_address(buf.data_ptr()))
+        slot[0].copy_(flag.reshape(1), non_blocking=flag.is_cuda)
+        self._pending.append((step, slot, self._event(flag), extra))
 
     @staticmethod
     def _event(flag: Tensor) -> Any:
@@ -85,13 +89,12 @@ class LateFlags:
         (stopping at the first still in flight)."""
         out: list[tuple[int, int, Any]] = []
         while self._pending:
-            step, buf, event, extra = self._pending[0]
+            step, slot, event, extra = self._pending[0]
             if event is not None and not event.query():
                 break
             self._pending.popleft()
-            # host memory whose copy has completed: reading it waits for nothing
-            out.append((step, buf.untyped_storage()[0], extra))
-            self._free.append(buf)
+            out.append((step, slot[1].value, extra))  # its copy has completed
+            self._free.append(slot)
         return out
 
     def clear(self) -> None:
