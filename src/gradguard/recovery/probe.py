@@ -40,9 +40,12 @@ restoring it finds the loss still falling. Such a probe *fell* (the trial's leve
 completed by the next excursion: a cue confirmed again within ``RECUR`` steps of a probe
 that fell is the LR's doing, and the ladder lowers it as for a probe that found it too
 high. A probe that fell waits ``COOLDOWN`` steps before the next, not twice as long.
-None of the healthy runs of benchmarks/quality.py (20,000 steps) and benchmarks/rescue.py
-(24,000 steps, 1,000 per run) ever confirmed a cue: no probe ran in any of them. Decisions are taken at flushes (every ten
-steps while a probe runs) from host values the flush already has: no device read.
+None of the healthy runs of benchmarks/quality.py (20,000 steps), benchmarks/rescue.py
+(24,000 steps, 1,000 per run) and the lab ever confirmed a cue: no probe ran in any of
+them.
+
+Decisions are taken at flushes (every ten steps while a probe runs) from host values the
+flush already has: no device read.
 """
 
 from __future__ import annotations
