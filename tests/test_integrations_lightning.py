@@ -108,14 +108,15 @@ def test_fused_optimizer_skip(tmp_path):
 class Burst(Tiny):
     """NaN batches at steps 2-4; records the ladder's LR factor each step, before it runs."""
 
-    def __init__(self, rec: gg.Recovery) -> None:
+    def __init__(self, rec: gg.Recovery, bad: tuple[int, ...] = (2, 3, 4)) -> None:
         super().__init__(nan_step=-1, fused=True)
-        self.rec, self.factors = rec, []
+        self.rec, self.factors, self.bad, self.weights = rec, [], bad, []
 
     def training_step(self, batch, batch_idx):
         self.factors.append(self.rec.lr_factor)
+        self.weights.append([p.detach().clone() for p in self.parameters()])
         x, y = batch
-        if self.global_step in (2, 3, 4):
+        if self.global_step in self.bad:
             x = x * math.nan
         return torch.nn.functional.mse_loss(self.net(x), y)
 
@@ -132,6 +133,24 @@ def test_fused_skips_are_heard_before_the_flush(tmp_path):
     assert [e["step"] for e in events if e["kind"] == "lr_backoff"] == [4]
     assert model.factors[:6] == [1.0] * 6  # step 5's update is the first backed off ...
     assert model.factors[6] < 0.2  # ... seen by the forward of step 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_rollback_heard_in_the_hook_leaves_the_restored_weights_untouched(tmp_path):
+    """Six NaN steps (2-7): the sixth skip, heard in the hook of step 8 after its backward,
+    rolls back to the weights before the first step. Lightning then steps the optimizer
+    with step 8's gradients, computed on the weights the rollback replaced: the guard
+    takes them off, so step 9 starts from the restored weights exactly."""
+    rec = gg.Recovery()
+    cb = GradGuardCallback(every=50, recovery=rec, run_dir=tmp_path / "rd", report=False)
+    model = Burst(rec, bad=tuple(range(2, 8)))
+    trainer(tmp_path, cb, logger=False, max_steps=11).fit(model, loader())
+    events = read_jsonl(tmp_path / "rd" / "events.jsonl")
+    assert [(e["step"], e["value"]) for e in events if e["kind"] == "rollback"] == [(7, -1.0)]
+    assert all(torch.equal(a, b) for a, b in zip(model.weights[9], model.weights[0]))
+    assert not all(torch.equal(a, b) for a, b in zip(model.weights[10], model.weights[0]))
+    voided = [e["step"] for e in events if e["kind"] == "skip" and e["severity"] == "info"]
+    assert voided == [8]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -179,6 +179,7 @@ class Guard:
         with torch.no_grad():
             if optimizer_layout(self.optimizer) != self._layout:
                 self._relayout()  # add_param_group: guard the new parameters too
+            restores = self.recovery.restores if self.recovery is not None else 0
             if self._flush_due():
                 self.flush()  # a hook-driven step: the previous (flush) step has now run
             if self._sampler is not None:
@@ -203,6 +204,11 @@ class Guard:
                 code = code | self.recovery.verdict(stats, loss)  # spikes, skipped at the step
             out = executor.run(plan, code, loss_finite(loss), closure,
                                clip=coef if in_step else None)
+            if isinstance(executor, Hook) and self.recovery is not None and (
+                    self.recovery.restores != restores):
+                # rolled back in this hook (the flush, a heard skip flag), after this step's
+                # backward: its update would carry the replaced weights' gradients
+                out = executor.void(out)
             # taken, or skipped in its place: an LR scheduler stepped after guard.step() is in
             # the right order (after a skipped first step torch would warn it is not)
             self.optimizer._opt_called = True  # type: ignore[attr-defined]

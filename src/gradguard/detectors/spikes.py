@@ -171,7 +171,9 @@ def _spiking_layers(ln: torch.Tensor, i: int, layers: Sequence[str]) -> list[str
 def detect_spike_skips(window: Window) -> list[Event]:
     """A ``skip`` event (warning) for every step the recovery ladder skipped at the step
     because its gradient norm or loss spiked (``window.skip_codes`` bits 2 and 4, see
-    :mod:`gradguard.recovery.verdict`): the spike never reached the weights."""
+    :mod:`gradguard.recovery.verdict`): the spike never reached the weights; an ``info``
+    one for a step whose update was voided by a rollback after its backward (bit 8,
+    :data:`gradguard.executors.STALE`)."""
     if window.skip_codes is None:
         return []
     events = []
@@ -179,6 +181,14 @@ def detect_spike_skips(window: Window) -> list[Event]:
     norms, losses = window.total_norm.tolist(), window.loss.tolist()
     for step, c, g, loss in zip(window.steps, codes, norms, losses):
         c = int(c) if math.isfinite(c) else 0
+        if c & 8:  # gradguard.executors.STALE: voided by a rollback, not a spike
+            events.append(Event(
+                kind="skip", step=step, severity="info", value=g,
+                message=(f"step {step}: update not applied: the weights were rolled back "
+                         "after its backward, and its gradients belong to the weights replaced"),
+                data={"reason": "rolled_back", "code": c},
+            ))
+            continue
         what = [w for bit, w in ((2, "gradient norm"), (4, "loss")) if c & bit]
         if not what:
             continue

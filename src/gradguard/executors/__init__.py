@@ -22,7 +22,11 @@ optimizers also write the unscaled, clipped gradient back to ``.grad``.
   optimizers leave parameters without a gradient alone) and a step post-hook puts them
   back. When the step never runs (a ``GradScaler`` skipped it), the stash is *discarded*
   at the next step: by then the trainer has zeroed the gradients and backward has
-  produced new ones, which must not be overwritten by the stale, bad ones.
+  produced new ones, which must not be overwritten by the stale, bad ones. When the
+  recovery ladder rolls the weights back inside the hook (at a flush, or on hearing an
+  earlier step's skip flag), the gradients on the parameters were computed on the weights
+  it replaced: :meth:`Hook.void` takes them off too, and the step is recorded as skipped
+  (``STALE``), so no update from the wrecked weights reaches the restored ones.
 
 Every executor reports an :class:`Outcome`; none of them decides anything.
 """
@@ -30,6 +34,7 @@ Every executor reports an :class:`Outcome`; none of them decides anything.
 from ._amp import AMP_OVERFLOW_MIN_SCALE, Scaler, merge_into_scaler, scaler_state
 from ._base import (
     NONFINITE,
+    STALE,
     Closure,
     Direct,
     FreshState,
@@ -46,7 +51,7 @@ from ._base import (
 from ._hook import Hook, executor_for
 
 __all__ = [
-    "AMP_OVERFLOW_MIN_SCALE", "NONFINITE", "Closure", "Direct", "FreshState", "Hook", "Outcome",
+    "AMP_OVERFLOW_MIN_SCALE", "NONFINITE", "STALE", "Closure", "Direct", "FreshState", "Hook", "Outcome",
     "Scaler", "check_loss", "evaluate_closure", "executor_for", "first_then", "fused_step",
     "grad_scale_of", "loss_finite", "merge_into_scaler", "needs_closure", "optimizer_kind", "scaler_state",
 ]

@@ -21,6 +21,10 @@ from ..measure import is_unit_on_cpu
 #: The verdict bit of a non-finite gradient norm (the spike bits are
 #: :data:`gradguard.recovery.verdict.GRAD_SPIKE` and ``LOSS_SPIKE``).
 NONFINITE = 1
+#: The bit of a step whose update was not applied because the recovery ladder rolled the
+#: weights back after its backward (a trainer's step, heard in its pre-step hook): its
+#: gradients belong to weights no longer in place. Not trouble: the ladder does not count it.
+STALE = 8
 
 
 @dataclass

@@ -11,7 +11,7 @@ from torch.amp.grad_scaler import GradScaler
 
 from ..decision import Plan
 from ._amp import Scaler, _read_flags, _skip_code, merge_into_scaler
-from ._base import Closure, Direct, Outcome, _resolve_code
+from ._base import STALE, Closure, Direct, Outcome, _resolve_code
 
 
 class Hook:
@@ -72,6 +72,14 @@ class Hook:
             self._take_grads()
         return Outcome(skipped=c if action != "step" else 0, trouble=action != "step",
                        action=action, code=c)
+
+    def void(self, out: Outcome) -> Outcome:
+        """The weights were rolled back after this step's backward: take its gradients off
+        (the trainer's update that follows changes nothing; the post-hook puts them back)
+        and record the step as skipped (``STALE``), not as trouble: what was wrong with
+        those gradients was wrong with the weights that are gone."""
+        self._take_grads()
+        return Outcome(skipped=STALE, trouble=False, action="skip", amp_row=out.amp_row, code=STALE)
 
     def _take_grads(self) -> None:
         for group in self.optimizer.param_groups:

@@ -193,6 +193,7 @@ class Recovery:
         self._dead = DeadLayers()
         self._probe = LrProbe()
         self._progress: float | None = None  # the loss level of the latest flush
+        self.restores = 0  # rollbacks carried out (weights restored from a snapshot)
 
     def __getattr__(self, name: str) -> Any:
         # the ladder options read as attributes: rec.backoff, rec.restore_steps, ...
@@ -509,6 +510,7 @@ class Recovery:
                 else:
                     actions.rollback(guard, a, snap, layers(), self.reset_moments,
                                      self.config.max_rollbacks, level)
+                    self.restores += 1
                     # the progress check asks the loss back near the level of the weights
                     # it restarts from, if those were above the level before the trouble
                     step = int(snap["step"])
