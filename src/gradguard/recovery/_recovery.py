@@ -4,9 +4,7 @@ out the ladder's actions (see the package docstring, :mod:`gradguard.recovery`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import statistics
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,13 +14,12 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..events import Event, listed
+from ..events import Event
 from ..executors import NONFINITE, Hook
-from . import actions
+from . import _flush, actions
 from .defaults import (
     BACKOFF,
     MAX_ROLLBACKS,
-    PROGRESS_STEPS,
     RECOVERY_WINDOW,
     RELAPSE_BACKOFF,
     RELAPSE_WINDOW_FACTOR,
@@ -32,7 +29,6 @@ from .defaults import (
     SNAPSHOT_EVERY,
     SPIKE_GRACE,
     STALL_FACTOR,
-    UNHEALTHY,
     ResetMoments,
     _above_one,
     _fraction,
@@ -363,121 +359,11 @@ class Recovery:
 
     def on_flush(self, guard: Guard, window: Window, events: Sequence[Event] = (),
                  overflows: Any = ()) -> None:
-        """At each flush: consecutive skips (fused optimizers), confirmed loss spikes, the
-        loss after a back-off, and snapshots while healthy. Routine loss-scale overflows
+        """At each flush: consecutive skips (fused optimizers), confirmed loss spikes, a
+        loss that rose or a network that died, the loss after a back-off, the LR probe, and
+        snapshots while healthy (:mod:`._flush`). Routine loss-scale overflows
         (``overflows``) are no trouble."""
-        layers = lambda: actions.exploded_layers(events)  # noqa: E731
-        self._late.clear()  # what was not heard yet is in this window
-        codes = window.skip_codes.tolist() if window.skip_codes is not None else None
-        losses, skips = window.loss.tolist(), window.skipped.tolist()
-        triggers: list[Trigger] = []
-        for i, (step, sk) in enumerate(zip(window.steps, skips)):
-            if step not in self._host_steps:  # skip flags that stayed on the device
-                c = int(codes[i]) if codes is not None and math.isfinite(codes[i]) else 0
-                triggers.append(self._skip_trigger(sk and step not in overflows, step, c,
-                                                   at=window.steps[-1]))
-        self._host_steps.difference_update(window.steps)
-        spike = next((e for e in events if e.kind == "loss_spike"), None)
-        if spike is not None:  # reported only once confirmed (DetectorConfig)
-            triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
-                                    self._level, at=window.steps[-1]))
-        start = self.state.trouble_start
-        if self.state.pre_level is None and start is not None:  # trouble before any healthy flush
-            before = [x for s_, x in zip(window.steps, losses)
-                      if s_ < start and math.isfinite(x)]
-            if before:
-                triggers.append(Trigger("level", start, value=statistics.median(before)))
-        risen, mild, dead, died = None, False, [], False
-        if self.loss_rise:
-            self._rise.update(window.steps, losses, skips)
-            # stricter while a lowered ceiling is on probation: lowered, not yet settled
-            st = self.state
-            risen = self._rise.risen(self.config.stall_factor)
-            if risen is None and st.probation:
-                risen = self._rise.risen(self.config.stall_factor, strict=True)
-                mild = risen is not None
-            # under pipelining each stage's layer columns are its own: no agreed verdict
-            if guard.config.pipeline_group is None:
-                dead = self._dead.update(window.layers, window.layer_norms().tolist(), skips)
-            if risen is None and dead:
-                risen = self._rise.returned()
-                died = risen is not None
-        recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
-        # a network that died is not waited for: no progress check calls it recovered
-        if risen is not None and (self.state.watching is None or died):
-            level, ratio = risen
-            if died:
-                why = (f"the loss is back at the fresh model's level ({level:.4g}; it started at "
-                       f"{self._rise.fresh:.4g}, its best since was {self._rise.best:.4g}), "
-                       f"and {listed(dead)} get no gradient at all: the network died")
-            else:
-                why = f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({self._rise.best:.4g})"
-            snap = self.ring.level(self._rise.fresh)
-            now = self._rise.latest
-            f = self.config.stall_factor
-            # keep the weights only if they hold clear progress over the snapshot's (a rise
-            # that kept most of the progress, ``mild``: unless the snapshot is clearly better);
-            # a dead network's weights are never kept: no back-off revives a dead unit
-            behind = snap is not None and now is not None and (
-                died or (now > snap * f if mild else now * f > snap))
-            if behind:
-                why += f"; the last snapshot was taken at a loss of {snap:.4g}"
-            triggers.append(Trigger("spike", window.steps[-1], why, self._rise.best,
-                                    at=window.steps[-1], mild=mild and not behind,
-                                    rollback=behind))
-        self._progress = statistics.median(recent) if recent else None
-        if self._progress is not None:
-            triggers.append(Trigger("progress", window.steps[-1], value=self._progress))
-        acted = False
-        for trig in sorted(triggers, key=lambda t: (t.kind != "level", t.step, t.kind == "progress")):
-            acted = self._feed(guard, trig, layers) or acted
-        skipped = any(s and step not in overflows
-                      for step, s in zip(window.steps, skips))
-        if self.lr_probe:
-            acted = self._probe_lr(guard, window.steps[-1], losses, skips,
-                                   acted or skipped or risen is not None) or acted
-        # a network with dead layers is no state to go back to (see .rise)
-        if not acted and not skipped and risen is None and not dead and not any(
-                e.kind in UNHEALTHY and e.severity != "info" for e in events):
-            history = list(guard.monitor.detector_state.loss)
-            if history and self.state.factor >= self.state.ceiling:
-                self._level = statistics.median(history)  # the loss level of a healthy run
-            # nor are weights clearly worse than the newest snapshot's: no rise was seen
-            # (a spike that killed units between two flushes), yet they would replace it
-            # (judged on PROGRESS_STEPS losses: the median of a window of two is no level)
-            snap = self.ring.level(self._rise.fresh)
-            if snap is None or len(recent) < PROGRESS_STEPS or (
-                    statistics.median(recent) <= snap * self.config.stall_factor):
-                self._feed(guard, Trigger("healthy", window.steps[-1]), list)
-
-    def _probe_lr(self, guard: Guard, step: int, losses: Sequence[float],
-                  skips: Sequence[bool], trouble: bool) -> bool:
-        """The LR probe (:mod:`.probe`): start one when the loss is noisy and the ladder
-        idle, move it on, and have the ladder lower the LR when it found the LR too high.
-        ``trouble``: the ladder acted in this window, or a step was skipped, or the loss
-        rose: a probe under way is void. True when the ladder acted."""
-        probe, st = self._probe, self.state
-        probe.update(losses, skips)
-        if trouble:
-            probe.cancel(step)
-            return False
-        if probe.active:
-            done = probe.advance(step)
-            if done is None or not done.too_high:
-                return False
-            why = (f"the loss fell from {done.before:.4g} to {done.trial:.4g} at half the LR "
-                   f"and rose to {done.after:.4g} when it came back: the LR is too high")
-            return self._feed(guard, Trigger("lower", step, why), list)
-        idle = st.watching is None and st.factor >= st.ceiling and not st.probation
-        noisy = self._rise.noisy() if idle else None
-        if probe.cue(step, noisy is not None) != "recurred" or noisy is None or probe.fell is None:
-            return False
-        at, before, trial = probe.fell
-        probe.fell = None
-        why = (f"the loss is up at {noisy.level:.4g} again, {noisy.ratio:.2g}x its best "
-               f"({self._rise.best:.4g}), {step - at} steps after it fell from {before:.4g} "
-               f"to {trial:.4g} at half the LR: the LR is too high")
-        return self._feed(guard, Trigger("lower", step, why), list)
+        _flush.on_flush(self, guard, window, events, overflows)
 
     # ---- carrying out the ladder's actions ----------------------------------------------------
     def _feed(self, guard: Guard, trig: Trigger, layers: Any) -> bool:

@@ -1,0 +1,164 @@
+"""What the :class:`~gradguard.recovery.Recovery` judges at each flush, from the host values
+the flush already has (no device read): the skip flags the device kept (fused optimizers,
+a ``GradScaler``), confirmed loss spikes, a loss that rose or a network that died
+(:mod:`.rise`), the loss after a back-off, the LR probe (:mod:`.probe`), and a snapshot
+while the run is healthy. Every decision becomes a ladder :class:`~.ladder.Trigger`, fed
+through the one place that carries actions out (``Recovery._feed``)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..events import Event, listed
+from . import actions
+from .defaults import PROGRESS_STEPS, UNHEALTHY
+from .ladder import Trigger
+
+if TYPE_CHECKING:
+    from ..guard import Guard
+    from ..telemetry import Window
+    from ._recovery import Recovery
+
+
+def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event],
+             overflows: Any) -> None:
+    """See :meth:`gradguard.recovery.Recovery.on_flush`."""
+    layers = lambda: actions.exploded_layers(events)  # noqa: E731
+    rec._late.clear()  # what was not heard yet is in this window
+    losses, skips = window.loss.tolist(), window.skipped.tolist()
+    triggers = _device_skips(rec, window, skips, overflows)
+    spike = next((e for e in events if e.kind == "loss_spike"), None)
+    if spike is not None:  # reported only once confirmed (DetectorConfig)
+        triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
+                                rec._level, at=window.steps[-1]))
+    start = rec.state.trouble_start
+    if rec.state.pre_level is None and start is not None:  # trouble before any healthy flush
+        before = [x for s_, x in zip(window.steps, losses) if s_ < start and math.isfinite(x)]
+        if before:
+            triggers.append(Trigger("level", start, value=statistics.median(before)))
+    risen, dead = False, list[str]()
+    if rec.loss_rise:
+        risen, trig, dead = _rise_trigger(rec, guard, window, losses, skips)
+        if trig is not None:
+            triggers.append(trig)
+    recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
+    rec._progress = statistics.median(recent) if recent else None
+    if rec._progress is not None:
+        triggers.append(Trigger("progress", window.steps[-1], value=rec._progress))
+    acted = False
+    for trig in sorted(triggers, key=lambda t: (t.kind != "level", t.step, t.kind == "progress")):
+        acted = rec._feed(guard, trig, layers) or acted
+    skipped = any(s and step not in overflows for step, s in zip(window.steps, skips))
+    if rec.lr_probe:
+        acted = probe_lr(rec, guard, window.steps[-1], losses, skips,
+                         acted or skipped or risen) or acted
+    # a network with dead layers is no state to go back to (see .rise)
+    if not acted and not skipped and not risen and not dead and not any(
+            e.kind in UNHEALTHY and e.severity != "info" for e in events):
+        _healthy(rec, guard, window, recent)
+
+
+def _device_skips(rec: Recovery, window: Window, skips: list[bool], overflows: Any) -> list[Trigger]:
+    """The ladder's triggers for the window's steps whose skip flag stayed on the device and
+    was not heard before (routine loss-scale overflows are no trouble)."""
+    codes = window.skip_codes.tolist() if window.skip_codes is not None else None
+    triggers: list[Trigger] = []
+    for i, (step, sk) in enumerate(zip(window.steps, skips)):
+        if step not in rec._host_steps:
+            c = int(codes[i]) if codes is not None and math.isfinite(codes[i]) else 0
+            triggers.append(rec._skip_trigger(sk and step not in overflows, step, c,
+                                              at=window.steps[-1]))
+    rec._host_steps.difference_update(window.steps)
+    return triggers
+
+
+def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[float],
+                  skips: list[bool]) -> tuple[bool, Trigger | None, list[str]]:
+    """Whether the loss rose well above its best (stricter while a lowered ceiling is on
+    probation) or is back at the fresh model's level with dead layers (the network died);
+    the ``spike`` trigger that says so, unless a progress check already waits on the
+    loss (a dead network is never waited for: a rollback); and the dead layers."""
+    rec._rise.update(window.steps, losses, skips)
+    st = rec.state
+    risen = rec._rise.risen(rec.config.stall_factor)
+    mild = False
+    if risen is None and st.probation:
+        risen = rec._rise.risen(rec.config.stall_factor, strict=True)
+        mild = risen is not None
+    dead: list[str] = []
+    # under pipelining each stage's layer columns are its own: no agreed verdict
+    if guard.config.pipeline_group is None:
+        dead = rec._dead.update(window.layers, window.layer_norms().tolist(), skips)
+    died = False
+    if risen is None and dead:
+        risen = rec._rise.returned()
+        died = risen is not None
+    # a network that died is not waited for: no progress check calls it recovered
+    if risen is None or (st.watching is not None and not died):
+        return risen is not None, None, dead
+    level, ratio = risen
+    if died:
+        why = (f"the loss is back at the fresh model's level ({level:.4g}; it started at "
+               f"{rec._rise.fresh:.4g}, its best since was {rec._rise.best:.4g}), "
+               f"and {listed(dead)} get no gradient at all: the network died")
+    else:
+        why = f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({rec._rise.best:.4g})"
+    snap = rec.ring.level(rec._rise.fresh)
+    now = rec._rise.latest
+    f = rec.config.stall_factor
+    # keep the weights only if they hold clear progress over the snapshot's (a rise that
+    # kept most of the progress, ``mild``: unless the snapshot is clearly better); a dead
+    # network's weights are never kept: no back-off revives a dead unit
+    behind = snap is not None and now is not None and (
+        died or (now > snap * f if mild else now * f > snap))
+    if behind:
+        why += f"; the last snapshot was taken at a loss of {snap:.4g}"
+    return True, Trigger("spike", window.steps[-1], why, rec._rise.best, at=window.steps[-1],
+                         mild=mild and not behind, rollback=behind), dead
+
+
+def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -> None:
+    """A healthy flush: learn the loss level, and have the ladder snapshot when due, unless
+    the weights are clearly worse than the newest snapshot's (no rise was seen, a spike
+    that killed units between two flushes, yet they would replace it; judged on
+    ``PROGRESS_STEPS`` losses: the median of a window of two is no level)."""
+    history = list(guard.monitor.detector_state.loss)
+    if history and rec.state.factor >= rec.state.ceiling:
+        rec._level = statistics.median(history)  # the loss level of a healthy run
+    snap = rec.ring.level(rec._rise.fresh)
+    if snap is None or len(recent) < PROGRESS_STEPS or (
+            statistics.median(recent) <= snap * rec.config.stall_factor):
+        rec._feed(guard, Trigger("healthy", window.steps[-1]), list)
+
+
+def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
+             skips: Sequence[bool], trouble: bool) -> bool:
+    """The LR probe (:mod:`.probe`): start one when the loss is noisy and the ladder idle,
+    move it on, and have the ladder lower the LR when it found the LR too high.
+    ``trouble``: the ladder acted in this window, or a step was skipped, or the loss rose:
+    a probe under way is void. True when the ladder acted."""
+    probe, st = rec._probe, rec.state
+    probe.update(losses, skips)
+    if trouble:
+        probe.cancel(step)
+        return False
+    if probe.active:
+        done = probe.advance(step)
+        if done is None or not done.too_high:
+            return False
+        why = (f"the loss fell from {done.before:.4g} to {done.trial:.4g} at half the LR "
+               f"and rose to {done.after:.4g} when it came back: the LR is too high")
+        return rec._feed(guard, Trigger("lower", step, why), list)
+    idle = st.watching is None and st.factor >= st.ceiling and not st.probation
+    noisy = rec._rise.noisy() if idle else None
+    if probe.cue(step, noisy is not None) != "recurred" or noisy is None or probe.fell is None:
+        return False
+    at, before, trial = probe.fell
+    probe.fell = None
+    why = (f"the loss is up at {noisy.level:.4g} again, {noisy.ratio:.2g}x its best "
+           f"({rec._rise.best:.4g}), {step - at} steps after it fell from {before:.4g} "
+           f"to {trial:.4g} at half the LR: the LR is too high")
+    return rec._feed(guard, Trigger("lower", step, why), list)
