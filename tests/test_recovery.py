@@ -189,37 +189,50 @@ def snapshot_params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_a_rollback_in_a_trainers_hook_voids_the_update_that_follows(fused):
+@pytest.mark.parametrize("loop", ["fused", "plain", "scaler"])
+def test_a_rollback_in_a_trainers_hook_voids_the_update_that_follows(loop):
     """Driven from a trainer's pre-step hook, the guard hears a fused optimizer's skip
-    flags (or flushes) *after* the next backward: a rollback there restores the weights,
-    and the gradients on the parameters are those of the weights it replaced. The
-    trainer's update that follows must not apply them: the restored weights are left
+    flags (or a GradScaler's) *after* the next backward: a rollback there restores the
+    weights, and the gradients on the parameters are those of the weights it replaced.
+    The trainer's update that follows must not apply them: the restored weights are left
     exactly as they were kept, the step is recorded as skipped (an ``info`` event, not
-    trouble), and the next step trains from them. Without fused Adam the rollback is
-    decided at the skipped step itself (its host-read flag), which is voided anyway."""
+    trouble), and the next step trains from them. With plain Adam the rollback is decided
+    at the skipped step itself (its host-read flag), which is voided anyway."""
+    from torch.amp.grad_scaler import GradScaler
+
     from gradguard.integrations._hooked import hooked_guard
 
     model = mlp()
     kept = snapshot_params(model)  # the ladder keeps the weights before the first step
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
-    guard = hooked_guard(model, opt, gg.GuardConfig(every=50, recovery=gg.Recovery()))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=loop == "fused")
+    # at a loss scale of 1 an overflow is no routine one: the gradients are bad
+    scaler = GradScaler("cpu", init_scale=1.0) if loop == "scaler" else None
+    guard = hooked_guard(model, opt, gg.GuardConfig(every=50, recovery=gg.Recovery()),
+                         scaler=scaler)
     after = []
     for i, (x, y) in enumerate(batches(12, seed=1)):
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
-        (loss * math.nan if 2 <= i < 8 else loss).backward()
-        guard.step(loss)
-        opt.step()  # the trainer's own step
+        bad = loss * math.nan if 2 <= i < 8 else loss
+        if scaler is None:
+            bad.backward()
+            guard.step(loss)
+            opt.step()  # the trainer's own step
+        else:  # the trainer unscales before its hook, steps and updates after it
+            scaler.scale(bad).backward()
+            scaler.unscale_(opt)
+            guard.step(loss)
+            scaler.step(opt)
+            scaler.update()
         after.append(snapshot_params(model))
     guard.close()
     rollback = [e for e in guard.events if e.kind == "rollback"]
     assert [e.step for e in rollback] == [7] and rollback[0].value == -1.0
-    restored_at = 8 if fused else 7  # the step whose update follows the restore
+    restored_at = 7 if loop == "plain" else 8  # the step whose update follows the restore
     assert all(torch.equal(a, b) for a, b in zip(after[restored_at], kept))
     assert not all(torch.equal(a, b) for a, b in zip(after[restored_at + 1], kept))
     voided = [e for e in guard.events if e.kind == "skip" and e.data.get("reason") == "rolled_back"]
-    assert [(e.step, e.severity) for e in voided] == ([(8, "info")] if fused else [])
+    assert [(e.step, e.severity) for e in voided] == ([] if loop == "plain" else [(8, "info")])
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
