@@ -416,6 +416,36 @@ def test_the_guard_flushes_every_ten_steps_while_the_ladder_is_at_work():
     assert rec.flush_every(50) == 50
 
 
+def _blip_run(every: int) -> gg.Guard:
+    """A loss (passed to the guard; the model trains on its own batches) that starts at 2,
+    learns to 1, and goes back up to 1.8 for steps 20-39 only: above ``stall_factor``
+    (1.5) times its best, having given back 80% of its progress, then back at 1."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=every)
+    for i, (x, y) in enumerate(batches(100, seed=1)):
+        nn.functional.mse_loss(model(x), y).backward()
+        guard.step(torch.tensor(2.0 if i < 3 else 1.8 if 20 <= i < 40 else 1.0))
+        opt.zero_grad()
+    guard.close()
+    return guard
+
+
+def test_the_loss_level_is_judged_at_the_same_pace_whatever_every():
+    """Idle, the ladder judges the loss level every 50 steps (``JUDGE_EVERY``), not at each
+    flush: a guard flushing every ten steps must not see five times as many chances for a
+    healthy run's noise to pass the rise test (at ``every=10`` benchmarks/quality.py's
+    healthy runs were rolled back three times in 20,000 steps, one of them ending 1.76x its
+    unguarded loss). A rise lasting steps 20-39 and gone by step 49 is judged at step 49,
+    as with ``every=50``: no back-off, no rollback."""
+    from gradguard.recovery.defaults import JUDGE_EVERY
+
+    assert JUDGE_EVERY == 50
+    acts = {every: [(e.kind, e.step) for e in _blip_run(every).events
+                    if e.kind in ("lr_backoff", "rollback")] for every in (10, 50)}
+    assert acts == {10: [], 50: []}
+
+
 def test_a_relapse_lowers_the_ceiling_and_the_lr_never_returns_above_it():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

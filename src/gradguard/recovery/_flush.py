@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..events import Event, listed
 from . import actions
-from .defaults import PROGRESS_STEPS, UNHEALTHY
+from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
 
 if TYPE_CHECKING:
@@ -28,6 +28,11 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     """See :meth:`gradguard.recovery.Recovery.on_flush`."""
     layers = lambda: actions.exploded_layers(events)  # noqa: E731
     rec._late.clear()  # what was not heard yet is in this window
+    # the loss-level tests judge every JUDGE_EVERY steps while idle, at every flush while
+    # the ladder is at work (what it was while this window was collected: its length)
+    judge = rec.busy or window.steps[-1] - rec._judged >= JUDGE_EVERY
+    if judge:
+        rec._judged = window.steps[-1]
     losses, skips = window.loss.tolist(), window.skipped.tolist()
     triggers = _device_skips(rec, window, skips, overflows)
     spike = next((e for e in events if e.kind == "loss_spike"), None)
@@ -41,7 +46,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
             triggers.append(Trigger("level", start, value=statistics.median(before)))
     risen, dead = False, list[str]()
     if rec.loss_rise:
-        risen, trig, dead = _rise_trigger(rec, guard, window, losses, skips)
+        risen, trig, dead = _rise_trigger(rec, guard, window, losses, skips, judge)
         if trig is not None:
             triggers.append(trig)
     recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
@@ -54,7 +59,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     skipped = any(s and step not in overflows for step, s in zip(window.steps, skips))
     if rec.lr_probe:
         acted = probe_lr(rec, guard, window.steps[-1], losses, skips,
-                         acted or skipped or risen) or acted
+                         acted or skipped or risen, judge) or acted
     # a network with dead layers is no state to go back to (see .rise)
     if not acted and not skipped and not risen and not dead and not any(
             e.kind in UNHEALTHY and e.severity != "info" for e in events):
@@ -76,22 +81,26 @@ def _device_skips(rec: Recovery, window: Window, skips: list[bool], overflows: A
 
 
 def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[float],
-                  skips: list[bool]) -> tuple[bool, Trigger | None, list[str]]:
+                  skips: list[bool], judge: bool) -> tuple[bool, Trigger | None, list[str]]:
     """Whether the loss rose well above its best (stricter while a lowered ceiling is on
     probation) or is back at the fresh model's level with dead layers (the network died);
     the ``spike`` trigger that says so, unless a progress check already waits on the
-    loss (a dead network is never waited for: a rollback); and the dead layers."""
+    loss (a dead network is never waited for: a rollback); and the dead layers. Between
+    judgements (``judge`` False) the window is only taken in."""
     rec._rise.update(window.steps, losses, skips)
+    dead: list[str] = []
+    # under pipelining each stage's layer columns are its own: no agreed verdict
+    if guard.config.pipeline_group is None:
+        dead = rec._dead.update(window.layers, window.layer_norms().tolist(), skips)
+    if not judge:
+        return False, None, dead
     st = rec.state
     risen = rec._rise.risen(rec.config.stall_factor)
     mild = False
     if risen is None and st.probation:
         risen = rec._rise.risen(rec.config.stall_factor, strict=True)
         mild = risen is not None
-    dead: list[str] = []
-    # under pipelining each stage's layer columns are its own: no agreed verdict
-    if guard.config.pipeline_group is None:
-        dead = rec._dead.update(window.layers, window.layer_norms().tolist(), skips)
+    rec._rise.judged()
     died = False
     if risen is None and dead:
         risen = rec._rise.returned()
@@ -135,11 +144,12 @@ def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -
 
 
 def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
-             skips: Sequence[bool], trouble: bool) -> bool:
+             skips: Sequence[bool], trouble: bool, judge: bool = True) -> bool:
     """The LR probe (:mod:`.probe`): start one when the loss is noisy and the ladder idle,
     move it on, and have the ladder lower the LR when it found the LR too high.
     ``trouble``: the ladder acted in this window, or a step was skipped, or the loss rose:
-    a probe under way is void. True when the ladder acted."""
+    a probe under way is void; ``judge``: the cue may be judged (see ``JUDGE_EVERY``).
+    True when the ladder acted."""
     probe, st = rec._probe, rec.state
     probe.update(losses, skips)
     if trouble:
@@ -152,6 +162,8 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
         why = (f"the loss fell from {done.before:.4g} to {done.trial:.4g} at half the LR "
                f"and rose to {done.after:.4g} when it came back: the LR is too high")
         return rec._feed(guard, Trigger("lower", step, why), list)
+    if not judge:
+        return False
     idle = st.watching is None and st.factor >= st.ceiling and not st.probation
     noisy = rec._rise.noisy() if idle else None
     if probe.cue(step, noisy is not None) != "recurred" or noisy is None or probe.fell is None:

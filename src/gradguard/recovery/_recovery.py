@@ -190,6 +190,7 @@ class Recovery:
         self._probe = LrProbe()
         self._progress: float | None = None  # the loss level of the latest flush
         self.restores = 0  # rollbacks carried out (weights restored from a snapshot)
+        self._judged = -1  # the step of the last judgement of the loss level (see _flush)
 
     def __getattr__(self, name: str) -> Any:
         # the ladder options read as attributes: rec.backoff, rec.restore_steps, ...
@@ -278,10 +279,15 @@ class Recovery:
         ceiling not yet settled): a relapse is then caught within ten steps rather than
         up to ``every`` later, and the LR that failed is the one in force when the loss
         rose. Decided from the ladder's state alone, identical on every rank."""
+        return min(every, BLOCK) if self.busy else every
+
+    @property
+    def busy(self) -> bool:
+        """The ladder is at work: a progress check pending, the LR restoring, a lowered
+        ceiling not yet settled, or the LR probe running (or confirming its cue)."""
         st = self.state
-        busy = (st.watching is not None or st.factor < st.ceiling or st.probation
+        return (st.watching is not None or st.factor < st.ceiling or st.probation
                 or self._probe.watching)
-        return min(every, BLOCK) if busy else every
 
     def before_step(self, guard: Guard) -> None:
         """Before each optimizer step: set the LR factor this step uses (the restore after a
@@ -425,7 +431,7 @@ class Recovery:
             "host_steps": sorted(self._host_steps), "level": self._level,
             "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict(),
             "dead": self._dead.state_dict(), "probe": self._probe.state_dict(),
-            "progress": self._progress,
+            "progress": self._progress, "judged": self._judged,
             "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -433,6 +439,7 @@ class Recovery:
         self._host_steps = set(sd.pop("host_steps", ()))
         self._level = sd.pop("level", None)
         self._progress = sd.pop("progress", None)
+        self._judged = int(sd.pop("judged", -1))
         self.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
         rise = sd.pop("rise", None)
         if rise is not None:

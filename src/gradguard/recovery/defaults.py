@@ -40,6 +40,14 @@ SPIKE_GRACE = 10
 #: Trouble within this many multiples of ``restore_steps`` of the previous trigger is a
 #: relapse (a return of the same instability), not a new, isolated incident.
 RELAPSE_WINDOW_FACTOR = 10
+#: While the ladder is idle, the tests of the loss level (a rise, a network that died, the
+#: LR probe's cue) judge once per this many steps, whatever the guard's ``every`` (the
+#: default ``every``): each judgement is a chance for a healthy run's noise to pass a
+#: threshold, and flushing every ten steps must not make that five times as likely (at
+#: ``every=10`` the healthy runs of benchmarks/quality.py were rolled back three times in
+#: 20,000 steps, one ending 1.76x its unguarded loss). While the ladder is at work they
+#: judge at every flush (every ten steps, :meth:`gradguard.Recovery.flush_every`).
+JUDGE_EVERY = 50
 #: Event kinds that make a flushed window unhealthy (no snapshot from it).
 UNHEALTHY = frozenset({"nonfinite_grad", "skip", "loss_spike", "grad_spike"})
 

@@ -125,7 +125,7 @@ class LossRise:
         self.fresh: float | None = None  # the lowest of the first losses (see returned)
         self.latest: float | None = None  # the newest rolling median
         self.off = False  # a loss <= 0 was seen: no ratio scale
-        self.peak: Rise | None = None  # the window's highest two-block level over the best
+        self.peak: Rise | None = None  # the highest two-block level over the best since judged
         self._carry: list[float] = []  # the last 2 * BLOCK - 1 losses, for the next window
 
     def update(self, steps: Sequence[int], losses: Sequence[float], skipped: Sequence[bool]) -> None:
@@ -148,7 +148,7 @@ class LossRise:
         if len(seq) >= 2 * BLOCK:  # the lower of the last two blocks: a rise that lasts
             self.latest = min(statistics.median(seq[-2 * BLOCK:-BLOCK]), medians[-1])
         # every position of the window: the running best, and the two-block level against it
-        self.peak = None
+        # (the highest since the last judgement: windows shorter than the judgements' pace)
         pool = candidates if self.best is None else [*candidates, self.best]
         best = min(pool) if pool else None
         for j, m in enumerate(medians):
@@ -198,6 +198,10 @@ class LossRise:
         if self.off or latest is None or fresh is None or best is None or best <= 0:
             return None
         return Rise(latest, latest / best) if latest >= AT_FRESH * fresh else None
+
+    def judged(self) -> None:
+        """The rise was judged: the next judgement looks at the windows from here on."""
+        self.peak = None
 
     def reset(self) -> None:
         """The ladder acted (a back-off or rollback): the level is learnt again from here."""
