@@ -139,6 +139,15 @@ def test_unsupported_version_message():
     check_version("transformers", transformers.__version__, "4.40", "6")
 
 
+def test_the_callback_recovers_by_default():
+    """As ``gradguard run`` does: a ``gg.Recovery()`` unless ``recovery=`` or a ``config``
+    says otherwise, one per callback."""
+    a, b = GradGuardCallback(), GradGuardCallback()
+    assert isinstance(a.recovery, gg.Recovery) and a.recovery is not b.recovery
+    assert GradGuardCallback(recovery=None).recovery is None
+    assert GradGuardCallback(config=gg.GuardConfig(every=10)).recovery is None
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="on_nonfinite='nope'"):
         GradGuardCallback(on_nonfinite="nope")

@@ -154,6 +154,24 @@ def test_a_rollback_heard_in_the_hook_leaves_the_restored_weights_untouched(tmp_
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_the_callback_recovers_by_default(tmp_path):
+    """Without ``recovery=`` (and without a ``config``) the callback guards with a
+    ``gg.Recovery()`` ladder, as ``gradguard run`` does: six NaN steps in a row back the LR
+    off, then roll back. ``recovery=None`` turns it off: the same run only skips."""
+    runs = {}
+    for name, kw in (("default", {}), ("off", {"recovery": None})):
+        cb = GradGuardCallback(run_dir=tmp_path / name, report=False, **kw)
+        assert (cb.recovery is None) == (name == "off")
+        model = Burst(gg.Recovery(), bad=tuple(range(2, 8)))
+        trainer(tmp_path, cb, logger=False, max_steps=11).fit(model, loader())
+        runs[name] = [(e["kind"], e["step"]) for e in read_jsonl(tmp_path / name / "events.jsonl")
+                      if e["kind"] in ("lr_backoff", "rollback")]
+    assert runs == {"default": [("lr_backoff", 4), ("rollback", 7)], "off": []}
+    two = GradGuardCallback(), GradGuardCallback()
+    assert two[0].recovery is not two[1].recovery  # one ladder per callback
+    assert GradGuardCallback(config=gg.GuardConfig()).recovery is None  # a config is as given
+
+
 def test_conflicting_clip_settings_refused(tmp_path):
     cb = GradGuardCallback(clip=gg.NormClip(1.0))
     t = trainer(tmp_path, cb, logger=False, gradient_clip_val=0.5)

@@ -26,6 +26,7 @@ from ..config import GuardConfig, resolve_config
 from ..events import Sink
 from ..executors import Hook
 from ..guard import Guard
+from ..recovery import Recovery
 
 
 def hooked_guard(
@@ -107,12 +108,17 @@ class LossTracker:
 class CallbackOptions:
     """The options both trainer callbacks take: a :class:`~gradguard.GuardConfig` (or its
     options as keywords), validated once at construction so that a mistake fails before
-    training starts, plus where the run directory and report go."""
+    training starts, plus where the run directory and report go. Without a ``config``
+    and without ``recovery=``, the callback guards with a :class:`gradguard.Recovery`
+    ladder, as ``gradguard run`` does (it acts only on trouble; ``recovery=None`` turns
+    it off): the run is fixed, not only watched."""
 
     def _init_options(
         self, owner: str, config: GuardConfig | None, options: dict[str, Any],
         run_dir: str | os.PathLike[str] | None, report: bool,
     ) -> None:
+        if config is None and "recovery" not in options:
+            options = {**options, "recovery": Recovery()}
         self.config = resolve_config(owner, config, options)
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.report = report

@@ -71,7 +71,8 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
 
     Args:
         config: a :class:`gradguard.GuardConfig`, or its options as keywords (``clip=``,
-            ``on_nonfinite=``, ``recovery=``, ``every=`` in optimizer steps, ``sinks=``
+            ``on_nonfinite=``, ``recovery=`` (default without a ``config``: a fresh
+            ``gg.Recovery()``; None turns it off), ``every=`` in optimizer steps, ``sinks=``
             added to the built-in JSONL run directory, ...). With a ``clip``, the
             Trainer's ``max_grad_norm`` is set to 0 for the run (with a warning if it was
             not already), since the Trainer clips before this callback runs.

@@ -101,7 +101,8 @@ class GradGuardCallback(CallbackOptions, Callback):
 
     Args:
         config: a :class:`gradguard.GuardConfig`, or its options as keywords (``clip=``,
-            ``on_nonfinite=``, ``recovery=``, ``every=`` in optimizer steps, ``sinks=``
+            ``on_nonfinite=``, ``recovery=`` (default without a ``config``: a fresh
+            ``gg.Recovery()``; None turns it off), ``every=`` in optimizer steps, ``sinks=``
             added to the trainer's loggers and a JSONL run directory, ...). A ``clip`` is
             refused together with ``Trainer(gradient_clip_val=...)``: both would clip, one
             after the other.
