@@ -114,7 +114,8 @@ class GuardConfig:
             raise ValueError(f"{owner}(every={self.every!r}): must be an int >= 1")
         if self.recovery is not None:
             _instance("recovery", self.recovery, owner, "a gradguard.Recovery or None",
-                      ("attach", "after_step", "on_flush", "state_dict", "load_state_dict"))
+                      ("attach", "before_step", "verdict", "after_step", "flush_every",
+                       "on_flush", "state_dict", "load_state_dict"))
         object.__setattr__(self, "sinks", as_sinks(self.sinks, owner))
         r = self.sink_rank
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):

@@ -179,7 +179,7 @@ class Guard:
         with torch.no_grad():
             if optimizer_layout(self.optimizer) != self._layout:
                 self._relayout()  # add_param_group: guard the new parameters too
-            restores = self.recovery.restores if self.recovery is not None else 0
+            restores = getattr(self.recovery, "restores", 0)  # rollbacks carried out so far
             if self._flush_due():
                 self.flush()  # a hook-driven step: the previous (flush) step has now run
             if self._sampler is not None:
@@ -204,8 +204,7 @@ class Guard:
                 code = code | self.recovery.verdict(stats, loss)  # spikes, skipped at the step
             out = executor.run(plan, code, loss_finite(loss), closure,
                                clip=coef if in_step else None)
-            if isinstance(executor, Hook) and self.recovery is not None and (
-                    self.recovery.restores != restores):
+            if isinstance(executor, Hook) and getattr(self.recovery, "restores", 0) != restores:
                 # rolled back in this hook (the flush, a heard skip flag), after this step's
                 # backward: its update would carry the replaced weights' gradients
                 out = executor.void(out)
