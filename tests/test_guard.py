@@ -314,6 +314,16 @@ def _model_opt():
     return m, torch.optim.SGD(m.parameters(), lr=0.1)
 
 
+class _NoBeforeStep:
+    """Every hook the guard used to check for, and none of the per-step ones."""
+
+    def attach(self, guard): ...
+    def after_step(self, guard, stats, outcome): ...
+    def on_flush(self, guard, window, events=(), overflows=()): ...
+    def state_dict(self): return {}
+    def load_state_dict(self, sd): ...
+
+
 BAD_INPUT = [
     ("NormClip(max_norm=-1)", lambda: gg.NormClip(max_norm=-1), ValueError, "max_norm=-1"),
     ("ZClip(alpha=1.5)", lambda: gg.ZClip(alpha=1.5), ValueError, r"alpha=1.5.*\(0, 1\)"),
@@ -341,6 +351,12 @@ BAD_INPUT = [
     ),
     ("sinks", lambda: gg.Guard(*_model_opt(), sinks=[object()]), TypeError, "sinks"),
     ("recovery", lambda: gg.Guard(*_model_opt(), recovery=5), TypeError, "recovery=5"),
+    (  # a recovery-like object without a hook the guard calls is refused at construction
+        "recovery without before_step",
+        lambda: gg.Guard(*_model_opt(), recovery=_NoBeforeStep()),
+        TypeError,
+        "recovery=.*gradguard.Recovery",
+    ),
 ]
 
 
