@@ -267,10 +267,18 @@ def _guarded(steps: int, growth_from: int, config: DetectorConfig | None = None,
 
 
 def test_guard_warns_by_default_and_can_turn_it_off():
+    """The gradient norm grows 3% a step from step 250. At ``every=10`` the default trend
+    spans 400 steps (40 flush points, as 8 do at ``every=50``): the warning comes at step
+    399, the norm 80x its level; eight points (80 steps) warn sooner, with more false
+    alarms (docs/early-warning.md)."""
     guard = _guarded(400, 250)
     risk = [e for e in guard.events if e.kind == "divergence_risk"]
-    assert len(risk) == 1 and 250 < risk[0].step < 330
+    assert len(risk) == 1 and 250 < risk[0].step < 400
     assert risk[0].data["lr"] == pytest.approx(1e-6)
+    assert risk[0].data["trend"]["over_steps"] >= 390  # 40 points, ten steps apart
+    quick = _guarded(400, 250, DetectorConfig(precursors=PrecursorConfig(points=8)))
+    early = [e.step for e in quick.events if e.kind == "divergence_risk"]
+    assert len(early) == 1 and 250 < early[0] < min(330, risk[0].step)
     assert guard.state_dict()["monitor"]["detectors"]["precursors"]["points"]["grad_norm"]
     off = _guarded(400, 250, DetectorConfig(precursors=None))
     assert [e for e in off.events if e.kind == "divergence_risk"] == []

@@ -64,6 +64,12 @@ from .telemetry import Window
 #: Flush points a trend is judged over (8 x the default ``every=50`` = 400 steps). Fewer
 #: points cannot reach :data:`TREND_Z`: Mann–Kendall's largest z for 7 points is 2.7.
 TREND_POINTS = 8
+#: Steps a trend spans at the least (``PrecursorConfig(points=None)``, the default): a
+#: guard that flushes more often judges more points, not a shorter span. The thresholds
+#: below were set on 400-step trends; at ``every=10`` eight points span 80 steps, and the
+#: runs of benchmarks/warning.py then had 2.5 false alarms per 10,000 healthy steps (none
+#: over 400 steps, as at ``every=50``).
+TREND_STEPS = 400
 #: Mann–Kendall z above which a signal is rising (one-sided p ~ 0.006).
 TREND_Z = 2.5
 #: Least elasticity ``b·t`` (growth faster than ``t^2``) for a trend to count as runaway.
@@ -87,7 +93,7 @@ PROGRESS_Z = 1.645
 #: "Steps left" estimates the steps until a signal is this many times its level at the
 #: start of its trend: the divergence label of benchmarks/warning.py (loss > 10x median).
 BLOWUP = 10.0
-#: A signal that stopped rising for this many flushes may warn again.
+#: A signal that stopped rising for this many flushes (the trend's points) may warn again.
 COOLDOWN = TREND_POINTS
 
 SIGNAL_TEXT = {"loss": "the loss", "loss_spread": "the loss's batch-to-batch spread",
@@ -99,20 +105,30 @@ SIGNAL_TEXT = {"loss": "the loss", "loss_spread": "the loss's batch-to-batch spr
 class PrecursorConfig:
     """Thresholds of :func:`detect_precursors` (defaults: the module constants above).
 
+    ``points``: the flush points a trend is judged over; None (the default) takes
+    :data:`TREND_POINTS`, or more when the guard flushes more often than every 50 steps,
+    so that a trend spans :data:`TREND_STEPS` (400) steps at any ``every``
+    (:func:`trend_points`).
+
     Example:
-        >>> from gradguard.precursors import PrecursorConfig
-        >>> PrecursorConfig(z=3.0).points
+        >>> from gradguard.precursors import PrecursorConfig, trend_points
+        >>> cfg = PrecursorConfig(z=3.0)
+        >>> trend_points(cfg, every=50), trend_points(cfg, every=10), trend_points(cfg, every=200)
+        (8, 40, 8)
+        >>> trend_points(PrecursorConfig(points=8), every=10)
         8
     """
 
-    points: int = TREND_POINTS
+    points: int | None = None
     z: float = TREND_Z
     elasticity: float = ELASTICITY
     progress_drop: float = PROGRESS_DROP
 
     def __post_init__(self) -> None:
-        if isinstance(self.points, bool) or not isinstance(self.points, int) or self.points < 4:
-            raise ValueError(f"PrecursorConfig(points={self.points!r}): must be an int >= 4")
+        if self.points is not None and (isinstance(self.points, bool)
+                                        or not isinstance(self.points, int) or self.points < 4):
+            raise ValueError(f"PrecursorConfig(points={self.points!r}): must be None or an "
+                             "int >= 4")
         for name in ("z", "elasticity"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -120,6 +136,17 @@ class PrecursorConfig:
         if not (isinstance(self.progress_drop, (int, float)) and 0 < self.progress_drop <= 1):
             raise ValueError(f"PrecursorConfig(progress_drop={self.progress_drop!r}): must be "
                              "in (0, 1]")
+
+
+def trend_points(config: PrecursorConfig, every: int | None) -> int:
+    """The flush points a trend is judged over: ``config.points`` when set, else
+    :data:`TREND_POINTS`, or enough points to span :data:`TREND_STEPS` steps at the guard's
+    flush interval ``every`` (None: unknown, ``TREND_POINTS``)."""
+    if config.points is not None:
+        return config.points
+    if not every:
+        return TREND_POINTS
+    return max(TREND_POINTS, math.ceil(TREND_STEPS / every))
 
 
 @dataclass
@@ -146,6 +173,9 @@ class PrecursorState:
                 "cooldown": dict(self.cooldown), "full_window": self.full_window}
 
     def load_state_dict(self, sd: Mapping[str, Any], keep: int = TREND_POINTS) -> None:
+        # at least as many points as were saved (a guard flushing often keeps more)
+        keep = max([keep, *(len(v) for v in sd.get("points", {}).values()),
+                    len(sd.get("layers", []))])
         self.points = {k: deque(((int(s), float(x)) for s, x in v), maxlen=keep)
                        for k, v in sd.get("points", {}).items()}
         self.layers = deque(((int(s), [float(x) for x in v]) for s, v in sd.get("layers", [])),
@@ -259,15 +289,15 @@ def detect_precursors(
         config: thresholds.
         inputs: the watch's sample, the optimizer's LR and the flush interval.
 
-    A signal warns when its last ``config.points`` flush points rise (Mann–Kendall z),
+    A signal warns when its last :func:`trend_points` flush points rise (Mann–Kendall z),
     grow by at least :data:`GROWTH` and faster than any power of the step (elasticity);
     see the module docstring. It may warn again after it stopped rising for
-    :data:`COOLDOWN` flushes.
+    :data:`COOLDOWN` flushes (with ``points=None``, the trend's points: 400 steps).
     """
     if len(window) == 0 or len(window) < state.full_window / 2:
         return []  # a partial window (close, abort) is too short to be a point
     state.full_window = max(state.full_window, len(window))
-    step, keep = window.steps[-1], config.points
+    step, keep = window.steps[-1], trend_points(config, inputs.every)
     for key, v in window_signals(window).items():
         if key != "weight_norm" or inputs.every in (None, len(window)):
             state.add(key, step, v, keep)
@@ -294,7 +324,7 @@ def detect_precursors(
                 del state.cooldown[k]
     new = {k: t for k, t in rising.items() if k not in state.cooldown}
     for k in rising:
-        state.cooldown[k] = COOLDOWN
+        state.cooldown[k] = keep if config.points is None else COOLDOWN  # 400 steps at any every
     if not new:
         return []
     return [_risk_event(step, new, rising, where, state, window, optim)]
