@@ -14,6 +14,7 @@ from .config import (
     DEFAULT_CONFIG,
     DIED_STEPS,
     SATURATION_MARGIN,
+    UPDATE_RATIO_HISTORY,
     VANISH_LEARNS,
     DetectorConfig,
     DetectorState,
@@ -106,7 +107,8 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
     that train (a tanh RNN at SGD lr 3 with its gradients clipped) are a choice, not a
     fault. The loss falls when it does over the window or over ``history`` (the detectors'
     recent finite losses, up to ``spike_history`` steps, this window's included): ten steps
-    of a noisy loss rise half the time."""
+    of a noisy loss rise half the time. Before step ``UPDATE_RATIO_HISTORY`` - 1 (49, the
+    first flush at the default ``every``) it is not judged (``info``)."""
     w, u = window.layer_weight_norms(), window.layer_update_norms()
     if w is None or u is None:
         return []
@@ -115,16 +117,19 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
     window_losses = [x for x in window.loss.tolist() if math.isfinite(x)]
     falling = _falling(window_losses) or (len(history) > len(window_losses)
                                           and _falling(list(history)))
+    early = step + 1 < UPDATE_RATIO_HISTORY  # too early to say it is not falling
+    note = ("; the loss is still falling" if falling else
+            "; too early to judge the loss's trend" if early else "")
     for name, wn, un in zip(window.layers, w.tolist(), u.tolist()):
         if not (math.isfinite(wn) and math.isfinite(un)) or wn <= 0 or un <= 0:
             continue  # a skipped step does not update: nothing to judge
         r = un / wn
         if r > config.update_ratio_high:
             events.append(Event(
-                kind="update_ratio", step=step, severity="info" if falling else "warning",
+                kind="update_ratio", step=step, severity="info" if note else "warning",
                 layer=name, value=r, threshold=config.update_ratio_high,
                 message=f"step {step}: `{name}` update/weight ratio {r:.2g} (healthy ~1e-3)"
-                        + ("; the loss is still falling" if falling else ""),
+                        + note,
                 remedy="Lower the learning rate (or this layer's) until the ratio is ~1e-3.",
             ))
         elif r < config.update_ratio_low:
