@@ -41,9 +41,10 @@ SPIKE_GRACE = 10
 #: relapse (a return of the same instability), not a new, isolated incident.
 RELAPSE_WINDOW_FACTOR = 10
 #: While the ladder is idle, the tests of the loss level (a rise, a network that died, the
-#: LR probe's cue) judge at the first flush this many steps or more after their last
-#: judgement, whatever the guard's ``every`` (the default ``every``): each judgement is a chance for a healthy run's noise to pass a
-#: threshold, and flushing every ten steps must not make that five times as likely (at
+#: LR probe's cue) judge at the first flush this many steps (the default ``every``) or more
+#: after their last judgement, whatever the guard's ``every``: each judgement is a chance
+#: for a healthy run's noise to pass a threshold, and flushing every ten steps must not
+#: make that five times as likely (at
 #: ``every=10`` the healthy runs of benchmarks/quality.py were rolled back three times in
 #: 20,000 steps, one ending 1.76x its unguarded loss). While the ladder is at work they
 #: judge at every flush (every ten steps, :meth:`gradguard.Recovery.flush_every`).
