@@ -28,9 +28,12 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     """See :meth:`gradguard.recovery.Recovery.on_flush`."""
     layers = lambda: actions.exploded_layers(events)  # noqa: E731
     rec._late.clear()  # what was not heard yet is in this window
-    # the loss-level tests judge every JUDGE_EVERY steps while idle, at every flush while
-    # the ladder is at work (what it was while this window was collected: its length)
-    judge = rec.busy or window.steps[-1] - rec._judged >= JUDGE_EVERY
+    # the loss-level tests judge every JUDGE_EVERY steps while idle (or as often as the
+    # snapshots are due, when that is more often: a snapshot is a healthy verdict, taken
+    # only on judged weights), at every flush while the ladder is at work (what it was
+    # while this window was collected: its length)
+    pace = min(JUDGE_EVERY, rec.config.snapshot_every)
+    judge = rec.busy or window.steps[-1] - rec._judged >= pace
     if judge:
         rec._judged = window.steps[-1]
     losses, skips = window.loss.tolist(), window.skipped.tolist()
@@ -60,8 +63,9 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     if rec.lr_probe:
         acted = probe_lr(rec, guard, window.steps[-1], losses, skips,
                          acted or skipped or risen, judge) or acted
-    # a network with dead layers is no state to go back to (see .rise)
-    if not acted and not skipped and not risen and not dead and not any(
+    # a network with dead layers is no state to go back to (see .rise), nor are weights
+    # the loss-level tests have not judged yet (a snapshot is a healthy verdict)
+    if judge and not acted and not skipped and not risen and not dead and not any(
             e.kind in UNHEALTHY and e.severity != "info" for e in events):
         _healthy(rec, guard, window, recent)
 
