@@ -446,6 +446,24 @@ def test_the_loss_level_is_judged_at_the_same_pace_whatever_every():
     assert acts == {10: [], 50: []}
 
 
+def test_snapshots_wait_for_a_judgement_of_the_loss_level():
+    """A snapshot is a healthy verdict: at ``every=10`` (the default ``snapshot_every``
+    of 100) the first is taken at step 49, where the loss-level tests first judge, as at
+    ``every=50``, not at step 9 on weights nobody judged (a dying CNN was snapshot at
+    step 19 and rolled back to). A ``snapshot_every`` under 50 sets the pace instead."""
+    def kept(every: int, steps: int = 60, **kw) -> list[int]:
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        rec = gg.Recovery(**kw)
+        guard = gg.Guard(model, opt, recovery=rec, every=every)
+        train(guard, model, opt, steps)
+        guard.close()
+        return [s for s in rec.store.steps() if s >= 0]  # the last two kept (KEEP)
+
+    assert kept(10) == kept(50) == [49]
+    assert kept(10, 20, snapshot_every=10) == [9, 19]
+
+
 def test_a_relapse_lowers_the_ceiling_and_the_lr_never_returns_above_it():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

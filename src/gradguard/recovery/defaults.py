@@ -47,7 +47,9 @@ RELAPSE_WINDOW_FACTOR = 10
 #: make that five times as likely (at
 #: ``every=10`` the healthy runs of benchmarks/quality.py were rolled back three times in
 #: 20,000 steps, one ending 1.76x its unguarded loss). While the ladder is at work they
-#: judge at every flush (every ten steps, :meth:`gradguard.Recovery.flush_every`).
+#: judge at every flush (every ten steps, :meth:`gradguard.Recovery.flush_every`). A
+#: ``snapshot_every`` under this sets the pace instead: snapshots are taken only at judged
+#: flushes (a snapshot is a healthy verdict).
 JUDGE_EVERY = 50
 #: Event kinds that make a flushed window unhealthy (no snapshot from it).
 UNHEALTHY = frozenset({"nonfinite_grad", "skip", "loss_spike", "grad_spike"})
