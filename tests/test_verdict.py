@@ -280,10 +280,11 @@ def test_an_lr_far_too_high_is_backed_off_when_the_loss_climbs(seed):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def climbing_run(cap: float = math.inf, slow: int = 0, **recovery: object) -> gg.Guard:
-    """A linear model learning x -> x[0]; from step 40 a drift with no gradient is added to
-    the loss it reports, growing 8% a step up to ``cap``. For the first ``slow`` steps the
-    LR is 1/50 of its value (the model has learnt nothing by the first snapshot)."""
+def climbing_run(cap: float = math.inf, slow: int = 0, scale: float = 1.0, batch: int = 16,
+                 **recovery: object) -> gg.Guard:
+    """A linear model learning x -> ``scale`` * x[0] on batches of ``batch``; from step 40 a drift with no gradient
+    is added to the loss it reports, growing 8% a step up to ``cap``. For the first ``slow``
+    steps the LR is 1/50 of its value (the model has learnt nothing by the first snapshot)."""
     torch.manual_seed(0)
     lr = 0.05
     model = nn.Linear(4, 1)
@@ -292,8 +293,8 @@ def climbing_run(cap: float = math.inf, slow: int = 0, **recovery: object) -> gg
     g = torch.Generator().manual_seed(0)
     for step in range(100):
         opt.param_groups[0]["lr"] = lr / 50 if step < slow else lr
-        x = torch.randn(16, 4, generator=g)
-        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        x = torch.randn(batch, 4, generator=g)
+        loss = nn.functional.mse_loss(model(x), scale * x[:, :1])
         loss.backward()
         drift = 0.0 if step < 40 else min(cap, 0.5 * (1.08 ** (step - 40) - 1))
         guard.step(loss.detach() + drift)
@@ -312,11 +313,13 @@ def test_loss_rise_false_leaves_a_rising_loss_alone():
 
 def test_a_loss_that_climbs_without_a_spike_backs_the_lr_off_at_the_flush():
     """From step 40 the loss grows 8% a step to +0.6, never a spike (the added drift has
-    no gradient): the loss-rise test backs off at a flush, naming the rise. The only
-    snapshots are of the model before it learnt (step 19, a loss of 1.1): the weights now,
-    at 0.6, hold clear progress over them and are kept."""
-    guard = climbing_run(cap=0.6, slow=20)
+    no gradient): the loss-rise test backs off at a flush, naming the rise. The first
+    judgement (step 59) finds the loss already climbing, so the only snapshot is of the
+    weights before the first step (a loss of 0.93): the weights now, at 0.6, hold clear
+    progress over them and are kept."""
+    guard = climbing_run(cap=0.6, batch=256)
     assert not [e for e in guard.events if e.kind in ("skip", "rollback")]
+    assert [a for a in guard.recovery.actions if a.kind == "snapshot"] == []
     backoff = next(e for e in guard.events if e.kind == "lr_backoff")
     # at the flush of step 79, or 69 when an LR probe (started at step 59 on a loss twice its
     # best) flushes every ten steps
@@ -325,18 +328,22 @@ def test_a_loss_that_climbs_without_a_spike_backs_the_lr_off_at_the_flush():
 
 
 def test_a_rise_above_the_level_of_the_last_snapshot_rolls_back_at_once():
-    """The same climb without a cap: at the flush that sees it (step 79, or 69 when an LR
-    probe flushes every ten steps) the loss is 1-2.8, over 1.5x the level the snapshot of
-    step 19 was taken at (0.11). A back-off would keep
+    """The same climb without a cap, judged (and snapshot) at every flush: at the flush that
+    sees it (step 79, or 69 when an LR probe flushes every ten steps) the loss is 1-2.8, over
+    1.5x the level the snapshot of step 39 was taken at (0.0015). A back-off would keep
     weights worse than the snapshot's: the ladder rolls back at once, lowering the LR
-    ceiling, with no back-off first."""
-    guard = climbing_run()
+    ceiling, with no back-off first. At step 59 the loss was already up 200x its best, not
+    yet by half of what the run learnt (no rise yet), but no healthy state either: no
+    snapshot was taken of it."""
+    guard = climbing_run(snapshot_every=20)
+    rec = guard.recovery
+    assert rec is not None
+    assert [a.step for a in rec.actions if a.kind == "snapshot"] == [19, 39]
     acted = [e for e in guard.events if e.kind in ("lr_backoff", "rollback")]
     assert acted and acted[0].kind == "rollback" and acted[0].step in (59, 69, 79)
-    assert acted[0].data["snapshot_step"] == 19
+    assert acted[0].data["snapshot_step"] == 39
     assert "the last snapshot was taken at a loss of" in acted[0].message
-    rec = guard.recovery
-    assert rec is not None and rec.lr_ceiling == 0.5 and rec.decisions[0].kind == "rollback"
+    assert rec.lr_ceiling == 0.5 and rec.decisions[0].kind == "rollback"
 
 
 @pytest.mark.parametrize("settled", [False, True], ids=["on_probation", "settled"])

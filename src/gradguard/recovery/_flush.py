@@ -141,6 +141,10 @@ def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -
     history = list(guard.monitor.detector_state.loss)
     if history and rec.state.factor >= rec.state.ceiling:
         rec._level = statistics.median(history)  # the loss level of a healthy run
+    # nor is a loss at twice its best, having given back some of what the run learnt,
+    # healthy: the loss-rise test waits for half of it (see .rise), a snapshot must not
+    if rec._rise.noisy() is not None:
+        return
     snap = rec.ring.level(rec._rise.fresh)
     if snap is None or len(recent) < PROGRESS_STEPS or (
             statistics.median(recent) <= snap * rec.config.stall_factor):
