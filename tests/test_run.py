@@ -211,6 +211,65 @@ def test_keyboard_interrupt_still_writes_run_dir(tmp_path):
     assert json.loads((latest(out) / "run.json").read_text())["exit_code"] == 130
 
 
+FREED_SCRIPT = (
+    "import weakref, torch\n"
+    "def main():\n"
+    "    m = torch.nn.Linear(2, 1)\n"
+    "    opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+    "    for i in range(3):\n"
+    "        m(torch.ones(4, 2)).sum().backward()\n"
+    "        opt.step()\n"
+    "    weakref.finalize(m, print, 'model freed', flush=True).atexit = False\n"
+    "    return weakref.ref(m)\n"
+    "import builtins\n"
+    "builtins._gg_model_ref = main()\n"
+)
+
+
+def test_the_scripts_model_is_freed_before_run_script_returns(tmp_path):
+    """The guards' hooks tie the script's model into reference cycles; left to the cycle
+    collector it lived on until interpreter shutdown, after the script had destroyed its
+    process group (a DDP model torn down then aborted a gloo rank now and then). With the
+    collector off, the model is gone when ``run_script`` returns, as it is after a plain
+    ``main()`` returns."""
+    import builtins
+    import gc
+
+    script = tmp_path / "freed.py"
+    script.write_text(FREED_SCRIPT)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        run_script(script, out=tmp_path / "out", report=False, quiet=True)
+        assert builtins._gg_model_ref() is None  # type: ignore[attr-defined]
+    finally:
+        del builtins._gg_model_ref  # type: ignore[attr-defined]
+        if enabled:
+            gc.enable()
+    assert len(steps_of(latest(tmp_path / "out"))) == 3
+
+
+def test_the_environment_switch_frees_the_scripts_model_before_interpreter_shutdown(tmp_path):
+    """The same under ``GRADGUARD=...``: the exit hook that closes the guards lets go of
+    them and collects, so the model is freed while the interpreter is alive (its
+    finalizer, kept out of the exit-time run of finalizers, prints); before, it was never
+    freed at all and the finalizer never ran."""
+    from gradguard.integrations.auto import SITE_DIR
+
+    script = tmp_path / "freed.py"
+    script.write_text("import atexit, gc\n"
+                      "gc.disable()\n"
+                      "atexit.register(print, 'last exit hook', flush=True)\n" + FREED_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADGUARD": "--no-report",
+           "PYTHONPATH": os.pathsep.join([str(SITE_DIR), str(ROOT / "src")])}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       env=env, timeout=180, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    # atexit runs hooks last-registered first: gradguard's (registered before the
+    # script ran) comes after the script's, and the model is freed inside it
+    assert r.stdout.splitlines() == ["last exit hook", "model freed"], r.stdout
+
+
 def test_sys_exit_code_and_argv_pass_through(tmp_path):
     script = tmp_path / "code.py"
     script.write_text("import sys\nsys.exit(int(sys.argv[1]))\n")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import os
 import shlex
 import sys
@@ -87,16 +88,21 @@ def activate(argv: list[str] | None = None) -> ZeroCodeSession | None:
     sys.excepthook = excepthook
     started = time.time()
 
+    held = [session]  # let go of at exit (see finish)
+
     def finish() -> None:
+        session = held.pop()
         session.close()
-        if run_dir is None:
-            return
-        # an exit hook cannot see sys.exit's code: -1 says "not known" (0 or the script's)
-        result = RunResult(script, argv[1:], 1 if crashed else -1, run_dir, session.rows)
-        result.write(run_dir, crashed[0] if crashed else None, started,
-                     resumed=resume_from is not None,
-                     clips_applied_at_once=dict(session.interceptor.immediate))
-        print(format_summary(result, crashed[0] if crashed else None), file=sys.stderr)
+        if run_dir is not None:
+            # an exit hook cannot see sys.exit's code: -1 says "not known" (0 or the script's)
+            result = RunResult(script, argv[1:], 1 if crashed else -1, run_dir, session.rows)
+            result.write(run_dir, crashed[0] if crashed else None, started,
+                         resumed=resume_from is not None,
+                         clips_applied_at_once=dict(session.interceptor.immediate))
+            print(format_summary(result, crashed[0] if crashed else None), file=sys.stderr)
+        # the script's models go now, while the interpreter is fully alive (see run_script)
+        del session
+        gc.collect()
 
     atexit.register(finish)
     print(f"gradguard: {ENV} is set: guarding {script} -> {run_dir}", file=sys.stderr)

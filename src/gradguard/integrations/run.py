@@ -26,6 +26,7 @@ parameters no module claims are named from the optimizer (``param_group0.p3``).
 
 from __future__ import annotations
 
+import gc
 import os
 import runpy
 import sys
@@ -126,6 +127,12 @@ def run_script(
                               RuntimeWarning, stacklevel=2)
             if not quiet:
                 print(format_summary(result, crashed), file=sys.stderr)
+    # free the script's models and optimizers now, as its own return would have: the
+    # guards' hooks tie them into cycles that only the collector frees, else during
+    # interpreter shutdown, after the script destroyed its process group (a DDP model
+    # torn down then can abort a gloo rank: "terminate called without an active exception")
+    del session
+    gc.collect()
     if crashed is not None:
         raise crashed
     return result
