@@ -247,3 +247,34 @@ def test_curvature_rule_is_for_sgd_only():
     model, batch, loss_fn, _ = lr_slow_deep_mlp()
     diag = gg.doctor(model, batch, loss_fn, torch.optim.Adam(model.parameters(), lr=1e-3))
     assert not any("sharpness" in f.evidence for f in diag.findings)
+
+
+class _OwnStepSize(torch.optim.Optimizer):
+    """No numeric LR in its param groups (``lr=None``): it computes its own step size, as
+    Adafactor does with ``relative_step=True``."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": None})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.sub_(0.01 * p.grad)
+
+
+def test_an_optimizer_with_no_numeric_lr_skips_the_lr_probe_and_says_so():
+    """The LR probe scales ``group["lr"]``: with lr=None it crashed (``float(None)``). Now
+    the rest of the diagnosis runs, the probe is left out of ``probes`` and a warning
+    names the param group and why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    x = torch.randn(64, 8)
+    with pytest.warns(RuntimeWarning, match=r"LR probe is not run: param group 0 .* lr=None"):
+        diag = gg.doctor(model, (x, x[:, :1]), nn.functional.mse_loss,
+                         optimizer=_OwnStepSize(model.parameters()))
+    assert "lr" not in diag.probes and "numerics" in diag.probes
+    plain = gg.doctor(model, (x, x[:, :1]), nn.functional.mse_loss,
+                      optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
+    assert "lr" in plain.probes

@@ -213,3 +213,49 @@ def test_resume_without_saved_guard_state_warns(tmp_path):
     with pytest.warns(GradGuardWarning, match="starts afresh"):
         t.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert cb.guard is not None and cb.guard.step_count == 1
+
+
+def test_adafactor_with_its_own_relative_step_is_backed_off_through_its_update():
+    """Adafactor as its docs set it up for T5 (``lr=None, relative_step=True``) has no LR in
+    its param groups: a back-off crashed the first step after it (``None * 0.1``). Now the
+    step under a back-off moves each weight by the factor times what the same optimizer
+    state and gradient move it unguarded, and the LR stays None."""
+    from transformers.optimization import Adafactor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    make = lambda m: Adafactor(m.parameters(), lr=None, relative_step=True,  # noqa: E731
+                               scale_parameter=True, warmup_init=True)
+    opt = make(model)
+    rec = gg.Recovery(skip_patience=1)
+    guard = gg.Guard(model, opt, recovery=rec, every=5)
+
+    def loss_of(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(m(x), x[:, :1].sin())
+
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x = torch.randn(16, 6, generator=g)
+        if step == 3:
+            x[0, 0] = float("nan")  # skipped, and backed off (skip_patience=1)
+        loss_of(model, x).backward()
+        guard.step(loss_of(model, x).detach())
+        opt.zero_grad()
+    assert [e.kind for e in guard.events if e.kind == "lr_backoff"] == ["lr_backoff"]
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    twin.load_state_dict(model.state_dict())
+    twin_opt = make(twin)
+    twin_opt.load_state_dict(opt.state_dict())
+    x = torch.randn(16, 6, generator=g)
+    before = [p.detach().clone() for p in model.parameters()]
+    for m in (model, twin):
+        loss_of(m, x).backward()
+    guard.step(loss_of(model, x).detach())
+    twin_opt.step()
+    factor = rec.lr_factor
+    assert 0.0 < factor < 1.0
+    for p0, p, q in zip(before, model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p - p0, factor * (q - p0))
+        assert torch.isfinite(p).all()
+    assert opt.param_groups[0]["lr"] is None
+    guard.close()

@@ -392,6 +392,66 @@ def test_a_backoff_slows_rprop_whose_lr_is_only_its_first_step_size(foreach):
     assert opt.param_groups[0]["lr"] == 0.1
 
 
+class RelativeStep(torch.optim.Optimizer):
+    """An optimizer with no numeric LR in its param groups (``lr=None``), which computes
+    its own step size from the step count, as Adafactor does with ``relative_step=True``:
+    ``p -= grad / sqrt(t)``, and weight decay ``p *= 0.9`` (moved before the step)."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": None})
+        self.t, self.fail = 0, False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.fail:
+            raise RuntimeError("boom")
+        self.t += 1
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.mul_(0.9).sub_(p.grad / self.t**0.5)
+
+
+def test_a_backoff_scales_the_update_of_an_optimizer_with_no_numeric_lr():
+    """A param group whose LR is None (Adafactor's relative step) cannot be slowed through
+    ``group["lr"]``: the multiplier scales its update instead, ``before + f * (after -
+    before)``, the same step f times as long (weight decay included); the LR stays None, a
+    step that raised is not scaled afterwards, and groups with an LR are scaled as usual."""
+    from gradguard.recovery.actions import LrMultiplier
+
+    torch.manual_seed(0)
+    w, v = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))
+    ref_w, ref_v = w.detach().clone(), v.detach().clone()
+    opt = RelativeStep([w])
+    sgd = torch.optim.SGD([v], lr=0.5)
+    factor = [0.25]
+    mult = LrMultiplier(opt, lambda: factor[0])
+    mult_sgd = LrMultiplier(sgd, lambda: factor[0])
+    for t in range(1, 5):
+        factor[0] = 0.25 if t < 4 else 1.0  # backed off, then restored
+        g, h = torch.randn(5), torch.randn(3)
+        w.grad, v.grad = g.clone(), h.clone()
+        opt.step()
+        sgd.step()
+        ref_w += factor[0] * (ref_w * 0.9 - g / t**0.5 - ref_w)
+        ref_v -= factor[0] * 0.5 * h
+        torch.testing.assert_close(w.data, ref_w)
+        torch.testing.assert_close(v.data, ref_v)
+    assert opt.param_groups[0]["lr"] is None and sgd.param_groups[0]["lr"] == 0.5
+    # a step that raises leaves nothing behind for the next one to scale
+    factor[0] = 0.5
+    opt.fail = True
+    w.grad = torch.randn(5)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    opt.fail, factor[0] = False, 1.0
+    before = w.detach().clone()
+    opt.step()  # at the full LR: the plain step, no stale scaling
+    torch.testing.assert_close(w.data, before * 0.9 - w.grad / opt.t**0.5)
+    mult.remove()
+    mult_sgd.remove()
+
+
 def test_the_guard_flushes_every_ten_steps_while_the_ladder_is_at_work():
     """After a back-off the guard flushes every ten steps (a relapse is caught within ten
     steps, at the LR that failed) until the LR is restored and the progress check has

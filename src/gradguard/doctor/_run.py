@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -247,7 +248,14 @@ def doctor(
             )
             del cap
             restore_buffers()
-            if optimizer is not None and not numeric:
+            own = _own_step_size(optimizer) if optimizer is not None and not numeric else []
+            if optimizer is not None and own:
+                warnings.warn(
+                    f"gg.doctor: the LR probe is not run: param group {own[0]} of "
+                    f"{type(optimizer).__name__} has lr=None (the optimizer sets its own step "
+                    "size, as Adafactor does with relative_step=True): there is no LR to scale",
+                    RuntimeWarning, stacklevel=2)
+            elif optimizer is not None and not numeric:
                 probes.append("lr")
                 sub = sub_batch(inputs, targets, SHARPNESS_BATCH)
 
@@ -276,6 +284,13 @@ def doctor(
         budget_s=budget.total_s,
         cut=list(budget.cut),
     )
+
+
+def _own_step_size(optimizer: torch.optim.Optimizer) -> list[int]:
+    """The param groups whose LR is no number (None: a step size the optimizer computes
+    itself, e.g. Adafactor's relative step); the LR probe scales ``group["lr"]``."""
+    return [i for i, g in enumerate(optimizer.param_groups)
+            if not isinstance(g.get("lr"), (int, float, Tensor)) or isinstance(g.get("lr"), bool)]
 
 
 def with_attention(depth: list[Finding], attention: dict[str, Any]) -> list[Finding]:

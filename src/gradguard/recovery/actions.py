@@ -8,7 +8,12 @@ value back in the step *post*-hook, so whatever a scheduler (or a person) writes
 schedule's LR times the factor, by construction, for any scheduler and for tensor LRs,
 without a host sync. Rprop takes its LR as the *initial* step size only and then adapts
 a step size per element: there the multiplier scales those step sizes (its state) for the
-step in the same way, so a back-off slows Rprop too.
+step in the same way, so a back-off slows Rprop too. A param group whose LR is no number
+(``None``: Adafactor with ``relative_step=True`` computes its own step size from the step
+count and ignores ``group["lr"]``) has its *update* scaled instead: its parameters are
+copied before the step and moved back to ``before + factor * (after - before)`` after it,
+the same step ``factor`` times as long. That copy is made only on steps the factor is not
+1 (a back-off and its restore), one parameter-sized buffer for those groups.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class LrMultiplier:
         self.factor = factor
         self._saved: list[tuple[dict[str, Any], Any]] = []
         self._rprop_factor: float | None = None  # Rprop's step sizes are multiplied by it
+        # groups with no numeric LR: their parameters before the step, and the factor
+        self._before: tuple[list[Tensor], list[Tensor], float] | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._pre),
             optimizer.register_step_post_hook(self._post),
@@ -64,8 +71,12 @@ class LrMultiplier:
         if f == 1.0:
             return
         seen: set[int] = set()
+        unscalable: list[Tensor] = []
         for g in self.optimizer.param_groups:
-            lr = g["lr"]
+            lr = g.get("lr")
+            if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)):
+                unscalable += [p for p in g["params"] if p.grad is not None]
+                continue
             if isinstance(lr, Tensor):
                 if id(lr) in seen:  # one tensor shared by several groups: scale it once
                     continue
@@ -81,11 +92,18 @@ class LrMultiplier:
             if steps := self._step_sizes():
                 torch._foreach_mul_(steps, f)
             self._rprop_factor = f
+        if unscalable:
+            self._before = (unscalable, [p.detach().clone() for p in unscalable], f)
 
     def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._before is not None:  # after = before + f * (after - before)
+            params, before, f = self._before
+            with torch.no_grad():
+                torch._foreach_lerp_(params, before, 1.0 - f)
         self._restore()
 
     def _restore(self) -> None:
+        self._before = None  # a step that raised moved nothing worth scaling
         if self._rprop_factor is not None:
             # all of them, the ones this step created from the scaled LR too
             if steps := self._step_sizes():
@@ -134,18 +152,29 @@ def _why_lowered(a: Action) -> str:
             else "the LR in force is too high for the loss to settle")
 
 
-def _lrs(guard: Guard, factor: float) -> tuple[list[float], str]:
-    """Every param group's LR under ``factor`` (the schedule's value between steps), and
-    the distinct ones as text."""
-    lrs = [float(g["lr"]) * factor for g in guard.optimizer.param_groups]
-    return lrs, ", ".join(f"{lr:.3g}" for lr in dict.fromkeys(lrs))
+def _lrs(guard: Guard, factor: float) -> tuple[list[float | None], str]:
+    """Every param group's LR under ``factor`` (the schedule's value between steps; None
+    for a group with no numeric LR, whose updates are scaled), and the distinct ones as
+    text."""
+    lrs = [_lr_number(g.get("lr")) for g in guard.optimizer.param_groups]
+    scaled = [lr * factor if lr is not None else None for lr in lrs]
+    return scaled, ", ".join(f"{lr:.3g}" if lr is not None else f"its own step size x{factor:g}"
+                             for lr in dict.fromkeys(scaled))
+
+
+def _lr_number(lr: Any) -> float | None:
+    """A param group's LR as a number; None when it has none (Adafactor's relative step)."""
+    if isinstance(lr, Tensor):
+        return float(lr)
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
 def settled_event(guard: Guard, a: Action) -> Event:
     """The ladder found an LR that trains: say which, so the user can set it."""
     lrs, shown = _lrs(guard, a.factor)
     return Event(
-        kind="lr_settled", step=a.step, severity="info", value=lrs[0],
+        kind="lr_settled", step=a.step, severity="info",
+        value=next((lr for lr in lrs if lr is not None), a.factor),
         message=(f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the "
                  "schedule) after the LR failed higher up"),
         remedy=f"Set the learning rate to {shown} (x{a.factor:g}) in your config.",
