@@ -259,3 +259,119 @@ def test_adafactor_with_its_own_relative_step_is_backed_off_through_its_update()
         assert torch.isfinite(p).all()
     assert opt.param_groups[0]["lr"] is None
     guard.close()
+
+
+def _accelerated(accumulate: int = 1, scaler: object = None):
+    """A model and optimizer prepared by accelerate (CPU), and an unprepared twin."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate's state is process-wide: a Trainer of an earlier test leaves its
+    # dataloader registered, and accumulate() then syncs every batch
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    twin.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if scaler is None:
+        model, opt = acc.prepare(model, opt)
+    else:
+        opt = AcceleratedOptimizer(opt, scaler=scaler)
+    return acc, model, opt, twin, torch.optim.AdamW(twin.parameters(), lr=1e-2)
+
+
+def _batches(n: int, nan_at: int = -1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(16, 6, generator=g) for _ in range(n)]
+    if nan_at >= 0:
+        xs[nan_at][0, 0] = float("nan")
+    return xs
+
+
+def _loss(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(m(x), x[:, :1].sin())
+
+
+def test_an_accelerate_prepared_optimizer_is_guarded_through_the_one_inside_it():
+    """``Guard(model, accelerator.prepare(opt))`` failed at construction (the wrapper has no
+    step hooks of its own). The guard now guards the optimizer inside: a NaN step is
+    skipped, the back-off slows the steps after it, and the healthy steps before are the
+    unguarded optimizer's, bit for bit."""
+    acc, model, opt, twin, twin_opt = _accelerated()
+    rec = gg.Recovery(skip_patience=1)
+    guard = gg.Guard(model, opt, clip=None, recovery=rec, every=4)
+    assert guard.wrapper is opt and guard.optimizer is opt.optimizer
+    xs = _batches(8, nan_at=5)
+    for i, x in enumerate(xs):
+        before = [p.detach().clone() for p in model.parameters()]
+        acc.backward(_loss(model, x))
+        guard.step(_loss(model, x).detach())
+        opt.zero_grad()
+        if i < 5:  # the twin, unguarded, on the same batches
+            _loss(twin, x).backward()
+            twin_opt.step()
+            twin_opt.zero_grad()
+            for p, q in zip(model.parameters(), twin.parameters()):
+                torch.testing.assert_close(p, q, rtol=0, atol=0)
+        elif i == 5:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    guard.close()
+    assert [e.kind for e in guard.events if e.severity != "info"].count("lr_backoff") == 1
+    assert rec.lr_factor < 1.0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_accelerates_gradient_accumulation_steps_once_per_synced_batch():
+    """Under ``accelerator.accumulate`` the prepared optimizer's step does nothing on the
+    micro-batches: the guard does nothing there either (a NaN norm returned, nothing
+    measured), and steps once per four batches, as the unguarded loop does."""
+    acc, model, opt, twin, twin_opt = _accelerated(accumulate=4)
+    guard = gg.Guard(model, opt, clip=None, every=2)
+    xs = _batches(12)
+    norms = []
+    for x in xs:
+        with acc.accumulate(model):
+            acc.backward(_loss(model, x))
+            norms.append(guard.step(_loss(model, x).detach()))
+            opt.zero_grad()
+    for k in range(0, 12, 4):  # the twin: four micro-batches, each loss / 4, one step
+        for x in xs[k:k + 4]:
+            (_loss(twin, x) / 4).backward()
+        twin_opt.step()
+        twin_opt.zero_grad()
+    guard.close()
+    assert guard.step_count == 3
+    assert [bool(torch.isnan(n)) for n in norms] == [True, True, True, False] * 3
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_the_wrappers_grad_scaler_is_used_and_updated_as_the_wrapper_would():
+    """A prepared optimizer with fp16 mixed precision steps through its ``GradScaler`` and
+    updates it. ``guard.step(loss)`` with no ``scaler=`` does the same: the weights and the
+    scale match the wrapper's own steps, including an overflow step (skipped, scale
+    halved) and the growth after ``growth_interval`` clean steps."""
+    scaler_kw = {"init_scale": 2.0**4, "growth_interval": 2}
+    _acc, model, opt, twin, _ = _accelerated(scaler=torch.amp.GradScaler("cpu", **scaler_kw))
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    twin_opt = AcceleratedOptimizer(torch.optim.AdamW(twin.parameters(), lr=1e-2),
+                                    scaler=torch.amp.GradScaler("cpu", **scaler_kw))
+    guard = gg.Guard(model, opt, clip=None, every=3)
+    for i, x in enumerate(_batches(6)):
+        big = 1e38 if i == 2 else 1.0  # an overflow in the scaled gradients at step 2
+        for m, o in ((model, opt), (twin, twin_opt)):
+            o.scaler.scale(_loss(m, x) * big).backward()
+        guard.step((_loss(model, x) * big).detach())
+        twin_opt.step()
+        opt.zero_grad()
+        twin_opt.zero_grad()
+        assert opt.scaler.get_scale() == twin_opt.scaler.get_scale()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q)
+    guard.close()
+    assert opt.scaler.get_scale() != 2.0**4
+    assert any(e.kind == "skip" for e in guard.events)

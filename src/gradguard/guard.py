@@ -23,6 +23,7 @@ from . import _lifecycle as lifecycle
 from . import checkpoint, distributed
 from ._logit_watch import LogitWatch
 from ._watch import ActivationWatch
+from ._wrapped import accumulating, inner_optimizer
 from .clipping import apply_policy, deferrable, policy_coefficient
 from .config import DEFAULT_EVERY, GuardConfig, resolve_config
 from .decision import ON_NONFINITE, OnNonfinite, decide
@@ -95,6 +96,11 @@ class Guard:
                 f"Guard(optimizer=...): expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         cfg = self.config = resolve_config("Guard", config, options)
+        #: accelerate's AcceleratedOptimizer when given one (:mod:`._wrapped`): the guard
+        #: guards and steps the optimizer inside it
+        self.wrapper: Any = None
+        if (inner := inner_optimizer(optimizer)) is not None:
+            self.wrapper, optimizer = optimizer, inner
         self.model, self.optimizer = model, optimizer
         self.dist = distributed.context()
         if self.dist is not None and cfg.sink_rank is not None and cfg.sink_rank >= self.dist.world_size:
@@ -168,10 +174,27 @@ class Guard:
 
         Returns:
             The pre-clip total gradient norm (a device tensor, like ``clip_grad_norm_``).
-            A GradScaler loop is in docs/guard.md ("Mixed precision").
+            A GradScaler loop is in docs/guard.md ("Mixed precision"). With accelerate's
+            prepared optimizer, on a micro-batch of ``accelerator.accumulate`` nothing is
+            measured or stepped (as the optimizer's own ``step()`` does nothing) and the
+            norm is NaN; the wrapper's fp16 ``GradScaler`` is used (and updated) when
+            ``scaler`` is None.
         """
         if self._closed:
             raise RuntimeError("guard.step() called after guard.close()")
+        update = None
+        if self.wrapper is not None:
+            if accumulating(self.wrapper):
+                return torch.full((), float("nan"))
+            if scaler is None and getattr(self.wrapper, "scaler", None) is not None:
+                scaler = update = self.wrapper.scaler
+        norm = self._step(loss, scaler, closure)
+        if update is not None:
+            update.update()  # as the wrapper's own step does
+        return norm
+
+    def _step(self, loss: Tensor | float | None, scaler: GradScaler | None,
+              closure: Callable[[], Any] | None) -> Tensor:
         if closure is not None or self._needs_closure:
             loss, closure = evaluate_closure(self.optimizer, loss, closure)
         loss = check_loss(loss)

@@ -21,6 +21,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from .._wrapped import inner_optimizer
 from ..config import GuardConfig, resolve_config
 from ..events import Sink
 from ..guard import Guard
@@ -53,7 +54,7 @@ class Unit:
 
 def _is_wrapper(optimizer: Any) -> bool:
     """accelerate's AcceleratedOptimizer and similar: the inner optimizer is guarded."""
-    return isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
+    return inner_optimizer(optimizer) is not None
 
 
 class ZeroCodeSession:
