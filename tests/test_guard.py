@@ -381,3 +381,21 @@ def test_bad_loss_raises(loss, exc, match):
     guard = gg.Guard(model, opt)
     with pytest.raises(exc, match=match):
         guard.step(loss)
+
+
+def test_an_optimizer_wrapper_that_never_ran_optimizer_init_is_refused_at_construction():
+    """A wrapper (not accelerate's, which the guard knows how to step) that subclasses
+    ``torch.optim.Optimizer`` without running its ``__init__`` has no step hooks: the guard
+    says so at construction, naming the inner optimizer to pass, rather than failing inside
+    torch (an AttributeError on ``_optimizer_step_pre_hooks``)."""
+
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, optimizer):  # no super().__init__: like accelerate's
+            self.optimizer = optimizer
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(TypeError, match=r"Wrapper never ran .*\(its \.optimizer\)"):
+        gg.Guard(model, Wrapper(torch.optim.SGD(model.parameters(), lr=0.1)))

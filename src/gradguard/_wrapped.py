@@ -23,6 +23,15 @@ def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     return inner if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer else None
 
 
+def accelerate_inner(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer`` (None for anything else:
+    another wrapper's ``step()`` may do more than this module knows to keep)."""
+    inner = inner_optimizer(optimizer)
+    module = type(optimizer).__module__
+    return inner if inner is not None and (module == "accelerate" or module.startswith(
+        "accelerate.")) else None
+
+
 def accumulating(wrapper: Any) -> bool:
     """The wrapper's step would do nothing: a micro-batch of gradient accumulation."""
     state = getattr(wrapper, "gradient_state", None)

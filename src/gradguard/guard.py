@@ -23,7 +23,7 @@ from . import _lifecycle as lifecycle
 from . import checkpoint, distributed
 from ._logit_watch import LogitWatch
 from ._watch import ActivationWatch
-from ._wrapped import accumulating, inner_optimizer
+from ._wrapped import accelerate_inner, accumulating, inner_optimizer
 from .clipping import apply_policy, deferrable, policy_coefficient
 from .config import DEFAULT_EVERY, GuardConfig, resolve_config
 from .decision import ON_NONFINITE, OnNonfinite, decide
@@ -99,8 +99,15 @@ class Guard:
         #: accelerate's AcceleratedOptimizer when given one (:mod:`._wrapped`): the guard
         #: guards and steps the optimizer inside it
         self.wrapper: Any = None
-        if (inner := inner_optimizer(optimizer)) is not None:
+        if (inner := accelerate_inner(optimizer)) is not None:
             self.wrapper, optimizer = optimizer, inner
+        elif not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+            raise TypeError(
+                f"Guard(optimizer=...): {type(optimizer).__name__} never ran "
+                "torch.optim.Optimizer.__init__ (a wrapper?), so it has no step hooks to "
+                "guard; pass the optimizer it steps"
+                + (" (its .optimizer), and step it as the wrapper would"
+                   if inner_optimizer(optimizer) is not None else ""))
         self.model, self.optimizer = model, optimizer
         self.dist = distributed.context()
         if self.dist is not None and cfg.sink_rank is not None and cfg.sink_rank >= self.dist.world_size:
