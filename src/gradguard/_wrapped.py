@@ -7,7 +7,8 @@ ran ``Optimizer.__init__`` (no step hooks of its own) and keeps the real optimiz
 precision steps through its ``GradScaler`` and updates it. A :class:`~gradguard.Guard`
 given the wrapper guards the inner optimizer (its hooks, param groups and state), does
 nothing on the micro-batches, and uses the wrapper's scaler (updating it after the step,
-as the wrapper would) when the step passes none.
+as the wrapper would) when the step passes none. Any other wrapper with no step hooks of
+its own is refused at construction (its ``step()`` may do more than this module keeps).
 """
 
 from __future__ import annotations
