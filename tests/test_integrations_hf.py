@@ -370,6 +370,7 @@ def test_the_wrappers_grad_scaler_is_used_and_updated_as_the_wrapper_would():
         opt.zero_grad()
         twin_opt.zero_grad()
         assert opt.scaler.get_scale() == twin_opt.scaler.get_scale()
+        assert opt.step_was_skipped == twin_opt.step_was_skipped == (i == 2)
         for p, q in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(p, q)
     guard.close()

@@ -99,8 +99,14 @@ class Guard:
         #: accelerate's AcceleratedOptimizer when given one (:mod:`._wrapped`): the guard
         #: guards and steps the optimizer inside it
         self.wrapper: Any = None
+        self._inner_steps = 0  # the wrapper's scaler skip flag is read from it
         if (inner := accelerate_inner(optimizer)) is not None:
             self.wrapper, optimizer = optimizer, inner
+
+            def stepped(*_: Any) -> None:
+                self._inner_steps += 1
+
+            inner.register_step_post_hook(stepped)
         elif not hasattr(optimizer, "_optimizer_step_pre_hooks"):
             raise TypeError(
                 f"Guard(optimizer=...): {type(optimizer).__name__} never ran "
@@ -195,9 +201,11 @@ class Guard:
                 return torch.full((), float("nan"))
             if scaler is None and getattr(self.wrapper, "scaler", None) is not None:
                 scaler = update = self.wrapper.scaler
+        before = self._inner_steps
         norm = self._step(loss, scaler, closure)
-        if update is not None:
-            update.update()  # as the wrapper's own step does
+        if update is not None:  # as the wrapper's own step does: update the scale, and
+            update.update()  # say the step was skipped (its scheduler wrapper reads it)
+            self.wrapper._is_overflow = self._inner_steps == before
         return norm
 
     def _step(self, loss: Tensor | float | None, scaler: GradScaler | None,
