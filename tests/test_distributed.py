@@ -142,11 +142,19 @@ ROLLBACK_RANK_LOSS_STEP = 2
 
 def train_rollback(
     model: torch.nn.Module, rank: int, world: int, wrapped: torch.nn.Module | None = None,
-    *, every: int = 2, steps: int = ROLLBACK_STEPS,
+    *, every: int = 2, steps: int = ROLLBACK_STEPS, zero: bool = False,
 ) -> dict[str, Any]:
-    """Recovery on every rank: NaN batches on rank 1 -> back-off, then a rollback."""
+    """Recovery on every rank: NaN batches on rank 1 -> back-off, then a rollback.
+    ``zero``: the SGD is sharded by a ``ZeroRedundancyOptimizer``."""
     fwd = wrapped or model
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    opt: torch.optim.Optimizer
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD,
+                                      lr=LR, momentum=0.9)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     recovery = gg.Recovery(skip_patience=1, snapshot_every=1, restore_steps=50)
     guard = gg.Guard(fwd, opt, clip=gg.NormClip(1.0), every=every, recovery=recovery)
     flushes, flush = [], guard.flush
@@ -194,6 +202,9 @@ def worker_main(scenario: str) -> Any:
             fresh = make_model()
             res["cadence"] = train_rollback(fresh, rank, WORLD, DistributedDataParallel(fresh),
                                             every=30, steps=40)
+            fresh = make_model()
+            res["zero"] = train_rollback(fresh, rank, WORLD, DistributedDataParallel(fresh),
+                                         zero=True)
             return res
         from torch.distributed.fsdp import fully_shard
 
@@ -383,6 +394,22 @@ def test_rollback_mid_run_on_two_ranks_keeps_ranks_identical(runs, backend):
     assert r0["events"] == r1["events"]
     for name, p in want["params"].items():
         assert torch.isfinite(r0["params"][name]).all()
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+        assert close(r0["params"][name], p), name
+
+
+def test_rollback_with_a_zero_redundancy_optimizer_restores_each_ranks_shard(runs):
+    """A ``ZeroRedundancyOptimizer`` keeps each rank's shard of the state in a local
+    optimizer; its own ``state_dict()`` needs a collective consolidation first, and the
+    first snapshot (before step 0) raised. Each rank now snapshots and restores its own
+    shard: the same decisions as one process with plain SGD, identical ranks, the same
+    weights."""
+    ranks, ref, _ = runs("ddp")
+    r0, r1, want = ranks[0]["zero"], ranks[1]["zero"], ref["rollback"]
+    for res in (r0, r1):
+        assert res["decisions"] == want["decisions"] == [("backoff", 4), ("rollback", 5)]
+    assert r0["events"] == r1["events"]
+    for name, p in want["params"].items():
         assert torch.equal(r0["params"][name], r1["params"][name]), name
         assert close(r0["params"][name], p), name
 

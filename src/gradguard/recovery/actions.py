@@ -223,7 +223,7 @@ def rollback(
     for n, p in zip(guard.names, guard.telemetry.params):
         if n in extra:
             p.detach().copy_(extra[n])
-    opt.load_state_dict(snap["optimizer"])
+    local_optimizer(opt).load_state_dict(snap["optimizer"])
     for g, h in zip(opt.param_groups, hyper):  # LR schedules are not rolled back
         g.update(h)
     if guard.clip is not None and snap.get("clip") is not None:
@@ -251,16 +251,30 @@ def reset_moments(guard: Guard, layers: Sequence[str] | None) -> list[str]:
     too) of the parameters of ``layers`` (None or empty: every layer)."""
     chosen = set(layers) if layers else None
     reset: list[str] = []
+    state = local_optimizer(guard.optimizer).state
     for name, p in zip(guard.names, guard.telemetry.params):
         lay = layer_of(name)
         if chosen is not None and lay not in chosen:
             continue
-        for v in guard.optimizer.state.get(p, {}).values():
+        for v in state.get(p, {}).values():
             if isinstance(v, Tensor):
                 v.zero_()
         if lay not in reset:
             reset.append(lay)
     return reset
+
+
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose state this rank holds: a ``ZeroRedundancyOptimizer`` keeps each
+    rank's shard in a local optimizer (``.optim``), and its own ``state_dict()`` needs a
+    collective consolidation first. Every rank snapshots and restores its own shard (the
+    ranks roll back together), as each keeps its own snapshot files."""
+    if dist.is_available():
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            return optimizer.optim
+    return optimizer
 
 
 def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
@@ -272,7 +286,7 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
         # parameters the optimizer steps that the model does not hold (named by position)
         "extra_params": {n: p.detach() for n, p in zip(guard.names, guard.telemetry.params)
                          if n.startswith(OPTIMIZER_PREFIX)},
-        "optimizer": guard.optimizer.state_dict(),
+        "optimizer": local_optimizer(guard.optimizer).state_dict(),
         "clip": None if guard.clip is None else guard.clip.state_dict(),
     }
     return state if all_finite(state) else None
