@@ -55,6 +55,15 @@ ROWS = [
     ("a skip replayed at a flush from before the last rung took effect is that trouble, "
      "not a new one", b(backoff_step=49), Trigger("skip", 30, "spiking", at=49),
      b(backoff_step=49), ()),
+    ("a loss spike confirmed at a flush, begun at or before the rung its skipped steps "
+     "took, is that trouble, not a second one", b(backoff_step=62),
+     Trigger("spike", 60, "confirmed loss spike", at=69, confirmed=True), b(backoff_step=62), ()),
+    ("a loss spike confirmed at a flush, begun after the last rung, escalates",
+     b(backoff_step=62, last_trigger=62, trouble_start=50),
+     Trigger("spike", 64, "confirmed", at=69, confirmed=True),
+     b(backoff_step=69, last_trigger=64, trouble_start=50, factor=A01, backoff_level=A01,
+       ceiling=0.05, watching=69, consecutive_skips=0, rollbacks=1, total_rollbacks=1),
+     (Action("rollback", 64, "confirmed", A01, 0.05, True, True, 0, 15, 1),)),
     ("a lone loss-spiking skip only counts", S0, Trigger("skip", 3, "loss-spiking", 2.3,
                                                          rollback=True),
      st(consecutive_skips=1), ()),

@@ -725,3 +725,34 @@ def test_disk_store_round_trips_a_model_state_dict(tmp_path):
     assert loaded is not None
     for k, v in model.state_dict().items():
         assert torch.equal(loaded["model"][k], v)
+
+
+def test_a_spike_skipped_at_once_and_confirmed_at_the_flush_is_one_incident():
+    """Inputs x1e4 for four steps after an earlier back-off: the first spiking step is
+    skipped at once and completes ``skip_patience`` (a rollback: the trouble came back);
+    at the next flush the loss-spike detector confirms the spike that began at that very
+    step. That is the same incident, answered already: before, it rolled back a second
+    time and cut the LR ceiling again (x0.036 -> x0.0048) for one spike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rec = gg.Recovery(skip_patience=1)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec, every=10)
+    g = torch.Generator().manual_seed(0)
+    for s in range(80):
+        x = torch.randn(32, 8, generator=g)
+        if s == 30:
+            x[0, 0] = float("nan")
+        if 60 <= s < 64:
+            x = x * 1e4
+        loss = nn.functional.mse_loss(model(x), x[:, :1].sin())
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    assert any(e.kind == "loss_spike" and e.step == 60 for e in guard.events)  # confirmed
+    assert [(a.kind, a.step) for a in rec.actions if a.kind != "snapshot"] == [
+        ("backoff", 30), ("rollback", 60)]
+    assert len([e for e in guard.events if e.kind == "rollback"]) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())

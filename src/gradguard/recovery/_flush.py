@@ -41,7 +41,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     spike = next((e for e in events if e.kind == "loss_spike"), None)
     if spike is not None:  # reported only once confirmed (DetectorConfig)
         triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
-                                rec._level, at=window.steps[-1]))
+                                rec._level, at=window.steps[-1], confirmed=True))
     start = rec.state.trouble_start
     if rec.state.pre_level is None and start is not None:  # trouble before any healthy flush
         before = [x for s_, x in zip(window.steps, losses) if s_ < start and math.isfinite(x)]

@@ -120,6 +120,11 @@ class Trigger:
     #: back at once (a ``skip``: when it completes ``skip_patience``), with no back-off
     #: first that would keep the worse weights
     rollback: bool = False
+    #: a ``spike`` from the loss-spike detector, confirmed at a flush after it began at
+    #: ``step``: when a rung already took effect at or after ``step`` (a step of the same
+    #: spike was skipped at once and completed ``skip_patience``), it answered this spike,
+    #: and the confirmation is not a second incident
+    confirmed: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,8 @@ def transition(
             return st, ()
         return dataclasses.replace(st, pre_level=trig.value), ()
     if trig.kind == "spike":
+        if trig.confirmed and st.backoff_step is not None and trig.step <= st.backoff_step:
+            return st, ()  # answered already by the rung its skipped steps took
         return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike", trig.value,
                          at=trig.at, force_rollback=trig.rollback)
     raise ValueError(f"Trigger(kind={trig.kind!r}): unknown kind")
