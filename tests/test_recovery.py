@@ -756,3 +756,27 @@ def test_a_spike_skipped_at_once_and_confirmed_at_the_flush_is_one_incident():
         ("backoff", 30), ("rollback", 60)]
     assert len([e for e in guard.events if e.kind == "rollback"]) == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_recovery_imports_no_distributed_optimizers():
+    """Snapshots ask whether the optimizer is a ZeroRedundancyOptimizer without importing
+    torch.distributed.optim: importing it scripts its functional optimizers with torch.jit
+    (a second or so at the first snapshot, and deprecation warnings in every run)."""
+    code = textwrap.dedent("""
+        import sys, torch, gradguard as gg
+        m = torch.nn.Linear(2, 1)
+        o = torch.optim.SGD(m.parameters(), lr=0.1)
+        g = gg.Guard(m, o, recovery=gg.Recovery(snapshot_every=1), every=1)
+        for _ in range(3):
+            m(torch.ones(4, 2)).sum().backward()
+            g.step()
+            o.zero_grad()
+        g.close()
+        assert g.recovery.state.last_snapshot is not None
+        print("torch.distributed.optim" in sys.modules)
+    """)
+    r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"

@@ -19,6 +19,7 @@ the same step ``factor`` times as long. That copy is made only on steps the fact
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -269,11 +270,12 @@ def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     rank's shard in a local optimizer (``.optim``), and its own ``state_dict()`` needs a
     collective consolidation first. Every rank snapshots and restores its own shard (the
     ranks roll back together), as each keeps its own snapshot files."""
-    if dist.is_available():
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        if isinstance(optimizer, ZeroRedundancyOptimizer):
-            return optimizer.optim
+    # no import here: torch.distributed.optim scripts its functional optimizers with
+    # torch.jit when imported (a second or so, and deprecation warnings); an optimizer of
+    # that class exists only once its module was imported
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer):
+        return optimizer.optim
     return optimizer
 
 
