@@ -45,3 +45,9 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def numeric_lr(lr: Any) -> bool:
+    """A param group's ``lr`` is a number (or a tensor) that can be scaled: not None, as
+    Adafactor's is with ``relative_step=True`` (it computes its own step size)."""
+    return isinstance(lr, (int, float, Tensor)) and not isinstance(lr, bool)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._tensors import call_model, iter_tensors
+from .._tensors import call_model, iter_tensors, numeric_lr
 from ._attention import attention_evidence
 from ._budget import Budget, default_budget
 from ._capture import is_weight_layer, run_capture
@@ -289,8 +289,7 @@ def doctor(
 def _own_step_size(optimizer: torch.optim.Optimizer) -> list[int]:
     """The param groups whose LR is no number (None: a step size the optimizer computes
     itself, e.g. Adafactor's relative step); the LR probe scales ``group["lr"]``."""
-    return [i for i, g in enumerate(optimizer.param_groups)
-            if not isinstance(g.get("lr"), (int, float, Tensor)) or isinstance(g.get("lr"), bool)]
+    return [i for i, g in enumerate(optimizer.param_groups) if not numeric_lr(g.get("lr"))]
 
 
 def with_attention(depth: list[Finding], attention: dict[str, Any]) -> list[Finding]:

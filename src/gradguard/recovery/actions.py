@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import distributed
+from .._tensors import numeric_lr
 from ..errors import TrainingDiverged
 from ..events import Event
 from ..measure import _local
@@ -74,8 +75,8 @@ class LrMultiplier:
         seen: set[int] = set()
         unscalable: list[Tensor] = []
         for g in self.optimizer.param_groups:
-            lr = g.get("lr")
-            if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)):
+            lr: Any = g.get("lr")
+            if not numeric_lr(lr):
                 unscalable += [p for p in g["params"] if p.grad is not None]
                 continue
             if isinstance(lr, Tensor):
@@ -165,9 +166,7 @@ def _lrs(guard: Guard, factor: float) -> tuple[list[float | None], str]:
 
 def _lr_number(lr: Any) -> float | None:
     """A param group's LR as a number; None when it has none (Adafactor's relative step)."""
-    if isinstance(lr, Tensor):
-        return float(lr)
-    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+    return float(lr) if numeric_lr(lr) else None
 
 
 def settled_event(guard: Guard, a: Action) -> Event:
