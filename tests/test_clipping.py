@@ -611,3 +611,31 @@ def test_one_policy_instance_cannot_serve_two_guards():
     ga.close()  # released: a later guard may take it
     gg.Guard(a, torch.optim.SGD(a.parameters(), lr=0.1), clip=policy).close()
     gb.close()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: gg.ZClip(warmup_steps=5),
+    lambda: gg.AutoClip(percentile=10, history_size=20),
+    lambda: gg.clipping.Chain(gg.ZClip(warmup_steps=5), gg.AutoClip(percentile=10)),
+])
+def test_reset_forgets_the_statistics_and_warms_up_again(make):
+    """After ``reset()`` a policy clips a new norm scale as a fresh one does (the guard
+    calls it on ``add_param_group``); before it, the old scale's statistics clip it."""
+    params = [torch.zeros(50, requires_grad=True)]
+
+    def run(policy, scales):
+        out = []
+        for i, s in enumerate(scales):
+            set_grads(params, seed=i, scale=s)
+            policy.clip_(params)
+            out.append(params[0].grad.norm().item())
+        return out
+
+    old, fresh = make(), make()
+    run(old, [1.0] * 30)
+    new_scale = [100.0] * 10
+    kept = run(copy.deepcopy(old), new_scale)
+    old.reset()
+    assert run(old, new_scale) == run(fresh, new_scale)
+    assert kept[0] < run(make(), new_scale)[0] / 10  # without the reset: clipped to the old scale
+    gg.NormClip(1.0).reset()  # stateless: nothing to forget

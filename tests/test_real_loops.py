@@ -91,6 +91,79 @@ def test_parameters_added_later_are_guarded_and_rollback_still_works():
     assert ("nonfinite_grad", 9) in kinds and ("rollback", 10) in kinds
 
 
+def test_an_unfrozen_backbone_is_not_clipped_by_the_norms_of_the_head_alone():
+    """Fine-tuning: the head trains alone, then the backbone is unfrozen and added as a
+    param group. The total norm is then of another set of parameters, larger for good;
+    ZClip's statistics (and the spike verdict's) of the head alone clipped the steps after
+    it. They warm up again: the default guard's run equals the unguarded one."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=g)
+    y = (x @ torch.randn(32, 5, generator=g)).argmax(1)
+
+    def run(guarded: bool) -> tuple[list[torch.Tensor], gg.Guard | None]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 5))
+        for p in model[0].parameters():
+            p.requires_grad_(False)
+        opt = torch.optim.SGD(model[2].parameters(), lr=0.05, momentum=0.9)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+        gen = torch.Generator().manual_seed(1)
+        for step in range(160):
+            if step == 100:
+                for p in model[0].parameters():
+                    p.requires_grad_(True)
+                opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.01})
+            idx = torch.randint(0, 512, (64,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            if guard is not None:
+                guard.step(loss)
+            else:
+                opt.step()
+        if guard is not None:
+            guard.close()
+        return [p.detach().clone() for p in model.parameters()], guard
+
+    bare, _ = run(False)
+    guarded, guard = run(True)
+    assert guard is not None and not [e for e in guard.events if e.severity != "info"]
+    for p, q in zip(guarded, bare):
+        assert torch.equal(p, q)
+
+
+def test_a_backbone_unfrozen_with_a_much_larger_norm_is_no_spike():
+    """The same with inputs x100: the backbone's gradients raise the total norm thirtyfold
+    at the step it joins. That step is no spike (the verdict skipped it, the
+    detector reported a grad_spike), as the norm of another set of parameters is no
+    outlier of the old one's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=g) * 100
+    y = (x @ torch.randn(32, 5, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 5))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.05, momentum=0.9)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery())
+    gen = torch.Generator().manual_seed(1)
+    norms = []
+    for step in range(102):
+        if step == 100:
+            for p in model[0].parameters():
+                p.requires_grad_(True)
+            opt.add_param_group({"params": list(model[0].parameters()), "lr": 1e-3})
+        idx = torch.randint(0, 512, (64,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        norms.append(float(guard.step(loss)))
+    guard.close()
+    assert norms[100] > 20 * max(norms[80:100])  # the new set's norm
+    assert not [e for e in guard.events if e.step >= 100 and e.kind in ("skip", "grad_spike")]
+    assert guard.skipped_steps == 0
+
+
 def test_one_optimizer_over_two_models_warns_and_rolls_back_both():
     enc, dec = mlp(seed=1), mlp(d_in=1, d_out=8, seed=2)
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-2)

@@ -75,13 +75,20 @@ def close(guard: Guard, *, failed: bool = False) -> None:
 def relayout(guard: Guard) -> None:
     """The optimizer's parameters changed (``add_param_group``): flush the window of the
     old layout, then measure the new set; snapshots of the old layout cannot be restored
-    into the new one and are dropped."""
+    into the new one and are dropped; the clip policy (``reset``, where the policy has
+    one: a user's policy may not) and the detectors forget the old set's norm."""
     guard.flush()
     guard._layout = optimizer_layout(guard.optimizer)
     guard.telemetry = Telemetry(named_optimizer_params(guard.model, guard.optimizer),
                                 every=guard.every, pipeline_group=guard.config.pipeline_group)
     guard.kind = optimizer_kind(guard.optimizer)
     guard._fresh.reset()  # the new parameters have no optimizer state yet
+    reset = getattr(guard.clip, "reset", None)
+    if callable(reset):
+        reset()
+    state = guard.monitor.detector_state
+    state.grad.clear()
+    state.precursors = precursors.PrecursorState()
     if guard._sampler is not None:
         guard._sampler.telemetry = guard.telemetry
     if guard.recovery is not None:

@@ -113,6 +113,10 @@ class AutoClip(Policy):
                 }
         return self._state
 
+    def reset(self) -> None:
+        """Forget the norm history (see :meth:`Policy.reset`)."""
+        self._state = None
+
     def _add(self, s: dict[str, Tensor], total: Tensor, finite: Tensor) -> None:
         if "ring" in s:
             ring = s["ring"]

@@ -150,6 +150,12 @@ class Policy:
     foreach: bool | None = None
     _owner: weakref.ref[Any] | None = None
 
+    def reset(self) -> None:
+        """Forget what was learnt of the gradient norm. The guard calls it when the
+        optimizer's parameters change (``add_param_group``): the total norm is then of
+        another set of parameters, and statistics of the old one would clip the new one
+        (an unfrozen backbone raises the norm for good). Stateless policies keep nothing."""
+
     @property
     def deferrable(self) -> bool:
         """True when this policy's whole clip is its :meth:`coefficient`, so that a fused

@@ -72,6 +72,11 @@ class Chain(Policy):
             if callable(getattr(p, "release", None)):
                 p.release(owner)
 
+    def reset(self) -> None:
+        for p in self.policies:
+            if callable(getattr(p, "reset", None)):
+                p.reset()
+
     def state_dict(self) -> dict[str, Any]:
         return {"policies": [p.state_dict() for p in self.policies]}
 

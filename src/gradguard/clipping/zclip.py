@@ -159,6 +159,10 @@ class ZClip(Policy):
             }
         return self._state
 
+    def reset(self) -> None:
+        """Warm up again (see :meth:`Policy.reset`)."""
+        self._state = None
+
     @property
     def mean(self) -> Tensor | None:
         return None if self._state is None else self._state["mean"]

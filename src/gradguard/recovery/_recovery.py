@@ -269,8 +269,10 @@ class Recovery:
 
     def relayout(self, guard: Guard) -> None:
         """The optimizer's parameter groups changed: the snapshots hold the old groups and
-        cannot be loaded into it any more; the next healthy flush takes a new one."""
+        cannot be loaded into it any more; the next healthy flush takes a new one. The
+        spike verdict forgets the old set's norm (as the clip policy does)."""
         self.ring.clear()
+        self._verdict = SpikeVerdict()
         self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
 
     def flush_every(self, every: int) -> int:
