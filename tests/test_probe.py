@@ -1,5 +1,6 @@
-"""The LR probe (gradguard.recovery.probe): a loss far above its best with no spike; halve the
-LR, restore it, and lower it for good only when the loss followed the LR both ways."""
+"""The LR probe (gradguard.recovery.probe): a loss far above its best with no spike; train
+the same weights at the LR in force and at half of it, and lower it for good only when half
+the LR halved the loss."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.recovery.probe import AFTER, CONFIRM, COOLDOWN, GAIN, MEASURE, RECUR, TRIAL, LrProbe
+from gradguard.recovery.probe import CONFIRM, COOLDOWN, GAIN, MEASURE, RECUR, TRIAL, LrProbe
 from gradguard.recovery.rise import LossRise
 from gradguard.report._data import load_run, summary_sentence
 from gradguard.report._outcome import judge
@@ -21,22 +22,26 @@ def feed(probe: LrProbe, values: list[float], step: int) -> int:
     return step + len(values)
 
 
-@pytest.mark.parametrize(("trial", "after", "too_high"), [
-    (0.3, 0.8, True),    # fell with the LR, rose with it again: the LR sets the loss
-    (0.3, 0.25, False),  # fell and kept falling at the full LR: progress, not the LR
-    (0.7, 1.2, False),   # hardly fell at half the LR (x0.7 > GAIN): no cause to lower it
+@pytest.mark.parametrize(("control", "trial", "too_high"), [
+    (0.8, 0.3, True),    # half the LR halved the loss of the same weights: the LR sets it
+    (0.25, 0.3, False),  # the loss fell as much at the full LR: progress, not the LR
+    (0.5, 0.3, False),   # fell from its level before, but x0.6 of the control (> GAIN)
+    (1.2, 0.7, False),   # hardly fell at half the LR: no cause to lower it
 ])
-def test_the_probe_lowers_only_when_the_loss_follows_the_lr_both_ways(trial, after, too_high):
+def test_the_probe_lowers_only_when_half_the_lr_halves_the_loss_of_the_same_weights(
+        control, trial, too_high):
     probe = LrProbe()
     step = feed(probe, [1.0] * MEASURE, 0)
-    assert probe.start(step) and probe.factor == 0.5
+    assert probe.start(step) and probe.phase == "control" and probe.factor == 1.0
+    step = feed(probe, [control] * (TRIAL - 1), step)
+    assert probe.advance(step) is None  # the control arm is not over
+    step = feed(probe, [control], step)
+    assert probe.advance(step) == "fork" and probe.phase == "trial" and probe.factor == 0.5
     step = feed(probe, [trial] * TRIAL, step)
-    assert probe.advance(step) is None and probe.phase == "after" and probe.factor == 1.0
-    step = feed(probe, [after] * AFTER, step)
     done = probe.advance(step)
-    assert done is not None and done.too_high is too_high
-    assert (done.before, done.trial, done.after) == (1.0, trial, after)
-    assert not probe.active
+    assert done is not None and done != "fork" and done.too_high is too_high
+    assert (done.before, done.control, done.trial) == (1.0, control, trial)
+    assert not probe.active and probe.factor == 1.0
     # a probe that found nothing waits COOLDOWN steps, then twice as long (not after one
     # whose loss fell by half at half the LR: the next excursion may complete its evidence)
     assert probe.next == (step + 1 if too_high else step + COOLDOWN)
@@ -53,11 +58,12 @@ def test_a_cue_confirmed_soon_after_a_probe_that_fell_says_the_lr_is_too_high():
         probe = LrProbe()
         step = feed(probe, [1.0] * MEASURE, 0)
         probe.start(step)
+        step = feed(probe, [0.25] * TRIAL, step)
+        assert probe.advance(step) == "fork"
         step = feed(probe, [0.3] * TRIAL, step)
-        probe.advance(step)
-        step = feed(probe, [0.25] * AFTER, step)
         done = probe.advance(step)
-        assert done is not None and done.fell and not done.too_high
+        assert done is not None and done != "fork" and done.fell and not done.too_high
+        feed(probe, [1.0] * MEASURE, step)  # the level for the next probe
         assert probe.cue(step + gap - 10, True) is None  # first sight
         assert probe.cue(step + gap, True) == what
         other = LrProbe()
@@ -93,12 +99,28 @@ def test_a_probe_interrupted_by_the_ladder_is_void_and_round_trips():
     probe = LrProbe()
     step = feed(probe, [1.0] * MEASURE, 0)
     probe.start(step)
+    probe.fork = {"model": {}}
+    step = feed(probe, [0.9] * TRIAL, step)
+    assert probe.advance(step) == "fork"
     step = feed(probe, [0.3] * 10, step)
     other = LrProbe()
     other.load_state_dict(probe.state_dict())
     assert other.state_dict() == probe.state_dict() and other.factor == 0.5
     probe.cancel(step)
     assert not probe.active and probe.factor == 1.0 and probe.advance(step + 50) is None
+    assert probe.fork is None
+
+
+def test_a_control_arm_does_not_survive_a_resume():
+    """The copy the trial would start from is not checkpointed: a probe resumed in its
+    control arm is dropped (its cue brings it back)."""
+    probe = LrProbe()
+    step = feed(probe, [1.0] * MEASURE, 0)
+    probe.start(step)
+    feed(probe, [0.9] * 10, step)
+    other = LrProbe()
+    other.load_state_dict(probe.state_dict())
+    assert not other.active and other.factor == 1.0 and other.probes == 1
 
 
 def test_noisy_is_twice_the_best_having_given_back_some_progress():
@@ -115,11 +137,14 @@ def test_noisy_is_twice_the_best_having_given_back_some_progress():
 
 
 def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=None, **rec_kw):
-    """A run whose loss learns from 5 towards a noisy ``floor(lr, step)`` set by the LR the
+    """A run whose loss learns from 5 towards a noisy ``floor(lr, age)`` set by the LR the
     last optimizer step used (the LR times the guard's factor; warmed up over 60 steps).
-    The gradients are a real model's; the loss handed to the guard is the level."""
+    The gradients are a real model's; the loss handed to the guard is the level, a function
+    of the model's age (a buffer counting its updates, restored with its weights when the
+    probe forks its trial from the weights its control started from) and of the LR."""
     torch.manual_seed(seed)
     model = nn.Linear(4, 1)
+    model.register_buffer("age", torch.zeros((), dtype=torch.long))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 60))
     rec = gg.Recovery(**rec_kw)
@@ -128,13 +153,15 @@ def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=N
     used: list[float] = []  # registered after the guard's: sees the LR the step uses
     opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
     g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+    for _ in range(steps):
         x = torch.randn(16, 4, generator=g)
         loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True).sin())
         loss.backward()
         lr = used[-1] if used else 0.0
-        level = 5.0 * math.exp(-step / 10) + floor(lr, step)
+        age = int(model.age)
+        level = 5.0 * math.exp(-age / 10) + floor(lr, age)
         guard.step(loss.detach() * 0 + level * math.exp(0.1 * float(torch.randn((), generator=g))))
+        model.age += 1
         sched.step()
         opt.zero_grad()
     guard.close()
@@ -143,17 +170,19 @@ def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=N
 
 def test_a_loss_whose_floor_the_lr_sets_gets_the_lr_it_trains_at(tmp_path):
     """No NaN, no spike, no loss that gives back half its progress: at the full LR (0.5) the
-    loss sits at 2.1, ten times its best; at half the LR at 0.6. The probe halves it, sees
-    the loss follow, and the ladder keeps it halved and reports the LR it settled on."""
+    loss sits at 2.1, ten times its best; at half the LR at 0.6. The probe trains the same
+    weights at both, sees the loss follow the LR, and the ladder keeps it halved and reports
+    the LR it settled on."""
     guard, rec, used = floor_run(lambda lr, step: 0.1 + 8 * lr * lr)
     lowered = [e for e in guard.events if e.kind == "lr_backoff"]
     assert len(lowered) == 1 and lowered[0].severity == "warning" and lowered[0].data["probe"]
     ev = lowered[0]
-    assert "at half the LR" in ev.message and "the LR is too high" in ev.message
+    assert "from the same weights" in ev.message and "the LR is too high" in ev.message
     assert ev.data["cause"] == "lr_too_high" and ev.data["lr"] == [pytest.approx(0.25)]
-    start = ev.step - TRIAL - AFTER  # the probe's trial ran at half the LR, then full again
-    assert set(used[start + 1:start + 1 + TRIAL]) == {0.25}
-    assert used[ev.step] == 0.5 and set(used[ev.step + 1:]) == {0.25}
+    start = ev.step - 2 * TRIAL  # the probe's control ran at the full LR, its trial at half
+    assert set(used[start + 1:start + 1 + TRIAL]) == {0.5}
+    assert set(used[start + 1 + TRIAL:ev.step + 1]) == {0.25}
+    assert set(used[ev.step + 1:]) == {0.25}
     assert rec.lr_factor == rec.lr_ceiling == 0.5
     settled = [e for e in guard.events if e.kind == "lr_settled"]
     assert settled and settled[0].data["lr"] == [pytest.approx(0.25)]
@@ -209,6 +238,31 @@ def test_a_loss_that_does_not_follow_the_lr_keeps_it():
     assert used.count(0.25) <= rec._probe.probes * TRIAL + 10  # only the trials ran at half
 
 
+def test_a_probe_goes_on_from_the_arm_whose_loss_is_lower(monkeypatch):
+    """When half the LR is worse (here the loss sits three times higher at half the LR), the
+    run goes on at its LR from the control's weights: the trial's steps are the ones
+    discarded. When it is better but not by half, from the trial's."""
+    from gradguard.recovery import actions
+    restored: list[int] = []
+    restore = actions.restore
+
+    def spy(guard, snap):  # type: ignore[no-untyped-def]
+        restored.append(snap["step"])
+        restore(guard, snap)
+
+    monkeypatch.setattr(actions, "restore", spy)
+    for mult, back in ((3.0, True), (0.7, False)):
+        restored.clear()
+        guard, rec, _ = floor_run(
+            lambda lr, age, m=mult: 0.1 + 0.5 * min(1.0, max(0, age - 60) / 60) * (1 if lr >= 0.4 else m))
+        assert rec._probe.probes >= 1 and rec.lr_factor == 1.0
+        first = restored[0]  # the fork: the weights the probe started from
+        assert len(restored) == rec._probe.probes * (2 if back else 1)
+        if back:
+            assert restored[:2] == [first, first + TRIAL]
+        assert not [e for e in guard.events if e.kind in ("lr_backoff", "rollback", "skip")]
+
+
 def test_lr_probe_false_leaves_the_lr_alone():
     guard, rec, _ = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, lr_probe=False)
     assert rec._probe.probes == 0 and rec.lr_factor == 1.0
@@ -220,9 +274,18 @@ def test_lr_probe_false_leaves_the_lr_alone():
 def test_a_probe_under_way_survives_a_resume():
     """A checkpoint taken during a probe's trial restores it: the LR in force is still half,
     the guard still flushes every ten steps, and the probe goes on where it was."""
-    _, rec, used = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, steps=130)
+    _, rec, used = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, steps=150)
     assert rec._probe.phase == "trial" and rec.lr_factor == 0.5 and used[-1] == 0.25
     other = gg.Recovery()
     other.load_state_dict(rec.state_dict())
     assert other._probe.state_dict() == rec._probe.state_dict()
     assert other.lr_factor == 0.5 and other.flush_every(50) == 10
+
+
+def test_a_probe_under_way_is_void_when_the_parameter_groups_change():
+    """Its copy of the training state holds the old groups: it can no longer be restored
+    (``add_param_group`` relayouts the guard and its recovery)."""
+    guard, rec, _ = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, steps=120)
+    assert rec._probe.phase == "control" and rec._probe.fork is not None
+    rec.relayout(guard)
+    assert not rec._probe.active and rec._probe.fork is None and rec.lr_factor == 1.0

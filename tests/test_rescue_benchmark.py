@@ -97,3 +97,33 @@ def test_train_tail_leaves_corrupted_batches_and_unfinished_runs_out(rescue: Mod
     out = rescue.Outcome(losses=[1.0] * 18 + [float("nan"), 3.0], excluded=frozenset({18}))
     assert rescue.train_tail(out, 20) == 3.0
     assert math.isnan(rescue.train_tail(rescue.Outcome(losses=[1.0] * 5), 20))
+
+
+def test_probe_arms_forks_both_arms_from_the_runs_weights(
+    rescue: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/probe_arms.py: both arms start from the run's weights at the fork, the
+    trial at FACTOR times the LR, and they train copies: the run's own model takes no arm
+    step."""
+    arms = importlib.import_module("benchmarks.probe_arms")
+    task, recipe = rescue.rc.REGRESSION_MLP, rescue.rc.Recipe(torch.optim.Adam, 1e-2)
+    seen: list[tuple[int, int, float, float]] = []  # model id, step, factor, weight sum before
+    step = arms._step
+
+    def spy(task_, recipe_, model, opt, batch, s, factor):  # type: ignore[no-untyped-def]
+        seen.append((id(model), s, factor, float(next(model.parameters()).detach().sum())))
+        return step(task_, recipe_, model, opt, batch, s, factor)
+
+    monkeypatch.setattr(arms, "_step", spy)
+    out = arms.arms(task, recipe, 12, (10,), seed=0)
+    fork = out["forks"][0]
+    assert fork["step"] == 10 and fork["ratio"] == pytest.approx(fork["trial"] / fork["control"], rel=1e-3)
+    run = seen[0][0]
+    mine = [x for x in seen if x[0] == run]
+    assert [x[1] for x in mine] == list(range(12)) and {x[2] for x in mine} == {1.0}
+    others = [x for x in seen if x[0] != run]
+    control, trial = others[:arms.TRIAL], others[arms.TRIAL:]
+    assert len(trial) == arms.TRIAL and {x[2] for x in control} == {1.0}
+    assert {x[2] for x in trial} == {arms.FACTOR}
+    assert control[0][3] == trial[0][3] == mine[10][3]  # the run's weights at the fork
+    assert out["nonfinite_at"] is None

@@ -16,6 +16,8 @@ from ..events import Event, listed
 from . import actions
 from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
+from .probe import TRIAL
+from .snapshots import copy_state, wait_copies
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -153,8 +155,9 @@ def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -
 
 def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
              skips: Sequence[bool], trouble: bool, judge: bool = True) -> bool:
-    """The LR probe (:mod:`.probe`): start one when the loss is noisy and the ladder idle,
-    move it on, and have the ladder lower the LR when it found the LR too high.
+    """The LR probe (:mod:`.probe`): start one when the loss is noisy and the ladder idle
+    (copying the training state), fork its trial from that copy when the control arm is
+    over, and have the ladder lower the LR when it found the LR too high.
     ``trouble``: the ladder acted in this window, or a step was skipped, or the loss rose:
     a probe under way is void; ``judge``: the cue may be judged (see ``JUDGE_EVERY``).
     True when the ladder acted."""
@@ -164,17 +167,41 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
         probe.cancel(step)
         return False
     if probe.active:
+        fork = probe.fork
         done = probe.advance(step)
-        if done is None or not done.too_high:
+        if done == "fork":  # the trial starts from the weights the control started from
+            if fork is None:  # nothing to fork from (cannot happen: a probe starts with it)
+                probe.cancel(step)
+                return False
+            state = actions.snapshot_state(guard, step)  # the control's, kept for the end
+            probe.fork = None if state is None else copy_state(state)
+            wait_copies()
+            actions.restore(guard, fork)
             return False
-        why = (f"the loss fell from {done.before:.4g} to {done.trial:.4g} at half the LR "
-               f"and rose to {done.after:.4g} when it came back: the LR is too high")
+        if done is None:
+            return False
+        if not done.too_high:  # the run goes on from the arm whose loss is lower
+            if fork is not None and done.control < done.trial:
+                wait_copies()
+                actions.restore(guard, fork)
+            return False
+        why = (f"from the same weights, {TRIAL} steps at half the LR brought the loss to "
+               f"{done.trial:.4g}, against {done.control:.4g} at the LR in force: the LR is "
+               "too high")
         return rec._feed(guard, Trigger("lower", step, why), list)
     if not judge:
         return False
     idle = st.watching is None and st.factor >= st.ceiling and not st.probation
     noisy = rec._rise.noisy() if idle else None
-    if probe.cue(step, noisy is not None) != "recurred" or noisy is None or probe.fell is None:
+    cue = probe.cue(step, noisy is not None)
+    if cue == "probe":
+        state = actions.snapshot_state(guard, step)
+        if state is None:  # a NaN/Inf in the state: nothing to fork from
+            probe.cancel(step)
+        else:
+            probe.fork = copy_state(state)
+        return False
+    if cue != "recurred" or noisy is None or probe.fell is None:
         return False
     at, before, trial = probe.fell
     probe.fell = None

@@ -80,8 +80,9 @@ class Recovery:
             in a healthy run (a GAN's generator, RL returns, an annealed regulariser, a
             curriculum that makes the data harder).
         lr_probe: when the loss sits at least twice its best without a spike (and again
-            within 50 steps), halve the LR for 30 steps and restore it; if the loss fell
-            and rose again with it, the LR is too high and the ladder lowers it
+            within 50 steps), train the same weights for 30 steps at the LR in force and
+            30 at half of it (a copy of the training state is restored between the two);
+            if half the LR halved the loss, the LR is too high and the ladder lowers it
             (:mod:`.probe`). Needs ``loss_rise`` (the same loss levels, the same kind of
             loss).
         recovery_window: steps after a back-off or rollback by which the loss must be back
@@ -270,9 +271,11 @@ class Recovery:
     def relayout(self, guard: Guard) -> None:
         """The optimizer's parameter groups changed: the snapshots hold the old groups and
         cannot be loaded into it any more; the next healthy flush takes a new one. The
-        spike verdict forgets the old set's norm (as the clip policy does)."""
+        spike verdict forgets the old set's norm (as the clip policy does), and an LR probe
+        under way is void (its copy of the training state is of the old groups)."""
         self.ring.clear()
         self._verdict = SpikeVerdict()
+        self._probe.cancel(guard.step_count)
         self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
 
     def flush_every(self, every: int) -> int:

@@ -216,18 +216,7 @@ def rollback(
     """Restore model, optimizer state and clip policy from ``snap`` (a copy owned by the
     caller), reset the moments of ``layers``, and record the rollback event (``level``: the
     loss level before the trouble)."""
-    opt = guard.optimizer
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    guard.model.load_state_dict(snap["model"])
-    extra = snap.get("extra_params") or {}
-    for n, p in zip(guard.names, guard.telemetry.params):
-        if n in extra:
-            p.detach().copy_(extra[n])
-    local_optimizer(opt).load_state_dict(snap["optimizer"])
-    for g, h in zip(opt.param_groups, hyper):  # LR schedules are not rolled back
-        g.update(h)
-    if guard.clip is not None and snap.get("clip") is not None:
-        guard.clip.load_state_dict(copy_state(snap["clip"], guard.telemetry.device))
+    restore(guard, snap)
     reset = reset_moments(guard, layers if reset_mode == "exploded" else None) \
         if reset_mode != "none" else []
     guard.batches_to_skip = a.skip_batches
@@ -244,6 +233,24 @@ def rollback(
               "batches_to_skip": a.skip_batches, "reason": a.reason, "factor": a.factor,
               "ceiling": a.ceiling, "level_before": level},
     ))
+
+
+def restore(guard: Guard, snap: dict[str, Any]) -> None:
+    """Load model, optimizer state and clip policy from ``snap`` (a copy owned by the
+    caller; :func:`snapshot_state` copied), keeping the optimizer's hyperparameters as they
+    are now (LR schedules are not rolled back)."""
+    opt = guard.optimizer
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    guard.model.load_state_dict(snap["model"])
+    extra = snap.get("extra_params") or {}
+    for n, p in zip(guard.names, guard.telemetry.params):
+        if n in extra:
+            p.detach().copy_(extra[n])
+    local_optimizer(opt).load_state_dict(snap["optimizer"])
+    for g, h in zip(opt.param_groups, hyper):
+        g.update(h)
+    if guard.clip is not None and snap.get("clip") is not None:
+        guard.clip.load_state_dict(copy_state(snap["clip"], guard.telemetry.device))
 
 
 def reset_moments(guard: Guard, layers: Sequence[str] | None) -> list[str]:

@@ -1,5 +1,5 @@
-"""An LR too high that never spikes: the loss sits well above its best, and lowering the LR
-brings it down, raising it again brings it back up.
+"""An LR too high that never spikes: the loss sits well above its best, and the same weights
+trained at half the LR reach a loss half as high.
 
 Some runs at an LR several times too high never produce a NaN, a spike or a loss that gives
 back half its progress: they train, but noisily, their loss wandering between its best and
@@ -7,8 +7,7 @@ several times that (an MLP on Adam at 30x, a CNN on fused Adam at 10x: 3-4x the 
 loss of the same run at the right LR). Nothing in the loss alone tells such a run from a
 healthy one whose loss is noisy; what tells them apart is how the loss answers the LR. At
 the LR in force, the loss of a run whose LR is too high sits at a noise floor the LR
-sets: halve the LR and the floor falls within a few dozen steps, restore it and the floor
-rises again. A healthy run's loss does not rise when its own LR comes back.
+sets: train the same weights at half the LR and the floor is lower within a few dozen steps.
 
 :class:`LrProbe` runs that experiment when the loss is noisy (its recent level ``SEVERE``
 (2) times its best or more, having given back 3% of what the run learnt:
@@ -16,36 +15,45 @@ rises again. A healthy run's loss does not rise when its own LR comes back.
 within ``CONFIRM`` steps (flushing every ten steps meanwhile): a floor the LR sets keeps
 coming back, a healthy run's excursion above twice its best does not, and a probe in a
 healthy run, however harmless, perturbs a trajectory that may be chaotic (docs/recovery.md
-has the figures). Three phases, each judged by the median of its last ``MEASURE`` taken
-losses:
+has the figures). It is a forked experiment with a control, each arm judged by the median
+of its last ``MEASURE`` taken losses:
 
 * *before*: the last ``MEASURE`` losses at the LR in force;
-* *trial*: ``TRIAL`` steps at ``FACTOR`` (half) of it;
-* *after*: ``AFTER`` steps at the LR in force again.
+* *control*: ``TRIAL`` steps at the LR in force, from the weights (and optimizer and clip
+  state) copied when the probe started;
+* *trial*: the copy restored, ``TRIAL`` steps at ``FACTOR`` (half) the LR from the same
+  weights.
 
-The LR is too high when the trial's level is at most ``GAIN`` times the level before and
-the level after is at least ``RISE`` times the trial's: the loss fell when the LR fell and
-rose when it rose. The ladder then lowers its ceiling to half the factor in force (a
-*lower* trigger, :mod:`.ladder`) and puts it on probation, where its strict loss-rise test
-goes on halving it while the loss keeps rising from its best, until the LR settles
-(reported as ``lr_settled``). Otherwise the LR stays, and the next probe waits
-``COOLDOWN`` steps, twice as long after each probe that found nothing. A probe costs a
-healthy run ``TRIAL`` steps at half its LR.
+The LR is too high when the trial's level is at most ``GAIN`` (half) times the control's:
+from the same weights, over as many steps, at the same point of the run, half the LR halved
+the loss. The two arms differ in their LR and their batches only, so the loss falling by
+itself (learning, an excursion decaying) is in both; an earlier form of the probe compared
+the trial with the level before it and with the full LR again after it, and took a loss
+still falling when the LR came back (a digits CNN on fused Adam at 10x: 0.29 before, 0.12
+at half the LR, 0.08 after) for a healthy run. The ladder then lowers its ceiling to half
+the factor in force (a *lower* trigger, :mod:`.ladder`), the run goes on from the trial's
+weights, and the lowered ceiling is on probation, where its strict loss-rise test goes on
+halving it while the loss keeps rising from its best, until the LR settles (reported as
+``lr_settled``). Otherwise the run goes on at the LR in force from the arm whose loss is
+lower (the control's state is copied at the fork), and the next probe waits ``COOLDOWN``
+steps, twice as long after each probe that found nothing. A probe costs a run the
+``TRIAL`` steps of the arm it discards, and holds one copy of the training state while it
+runs (two for a moment at the fork).
 
-A probe started on an excursion's peak is confounded: an LR too high can also throw the
-loss up every couple of hundred steps (to ten times its best and more, an MLP on Adam at
-100x), and each excursion decays by itself; halving the LR there halves the loss, and
-restoring it finds the loss still falling. Such a probe *fell* (the trial's level at most
-``GAIN`` times the level before) but did not rise again. The evidence it leaves is
-completed by the next excursion: a cue confirmed again within ``RECUR`` steps of a probe
-that fell is the LR's doing, and the ladder lowers it as for a probe that found it too
-high. A probe that fell waits ``COOLDOWN`` steps before the next, not twice as long.
-None of the healthy runs of benchmarks/quality.py (20,000 steps), benchmarks/rescue.py
-(24,000 steps, 1,000 per run) and the lab ever confirmed a cue: no probe ran in any of
-them.
+An LR too high can also throw the loss up every couple of hundred steps (to ten times its
+best and more, an MLP on Adam at 100x), and each excursion decays by itself; a probe
+started on an excursion's peak may find the loss halved at half the LR against its level
+before (the trial's level at most ``GAIN`` times the level before: it *fell*) but not
+against the control, which decayed as well. The evidence it leaves is completed by the
+next excursion: a cue confirmed again within ``RECUR`` steps of a probe that fell is the
+LR's doing, and the ladder lowers it as for a probe that found it too high. A probe that
+fell waits ``COOLDOWN`` steps before the next, not twice as long. None of the healthy runs
+of benchmarks/quality.py (20,000 steps), benchmarks/rescue.py (24,000 steps, 1,000 per run)
+and the lab ever confirmed a cue: no probe ran in any of them.
 
 Decisions are taken at flushes (every ten steps while a probe runs) from host values the
-flush already has: no device read.
+flush already has: no device read. The copy of the training state is taken and restored by
+the flush (:func:`gradguard.recovery._flush.probe_lr`).
 """
 
 from __future__ import annotations
@@ -53,20 +61,17 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
-#: Taken steps at ``FACTOR`` times the LR.
+#: Taken steps of each arm: the control's at the LR in force, the trial's at ``FACTOR``
+#: times it.
 TRIAL = 30
-#: Taken steps at the LR in force again, after the trial.
-AFTER = 30
 #: The last taken losses of a phase whose median is its level.
 MEASURE = 20
 #: The LR multiplier of the trial.
 FACTOR = 0.5
-#: The trial's level must be at most this times the level before ...
+#: The trial's level must be at most this times the control's.
 GAIN = 0.5
-#: ... and the level after at least this times the trial's.
-RISE = 1.25
 #: Steps after a probe that found nothing before the next (doubled after each such probe).
 COOLDOWN = 200
 
@@ -79,21 +84,25 @@ RECUR = 2 * COOLDOWN
 #: healthy run's excursion above twice its best does not.
 CONFIRM = 50
 
-Phase = Literal["trial", "after"]
+Phase = Literal["control", "trial"]
 
 
 class Probed(NamedTuple):
-    """A finished probe: its levels, and whether the LR is too high."""
+    """A finished probe: its levels, and whether the LR is too high (the trial's level at
+    most ``GAIN`` times the control's)."""
 
     step: int
     before: float
+    control: float
     trial: float
-    after: float
-    too_high: bool
+
+    @property
+    def too_high(self) -> bool:
+        return self.trial <= GAIN * self.control
 
     @property
     def fell(self) -> bool:
-        """The loss fell by half (``GAIN``) at half the LR."""
+        """The loss fell by half (``GAIN``) at half the LR against its level before."""
         return self.trial <= GAIN * self.before
 
 
@@ -102,7 +111,7 @@ class LrProbe:
 
     def __init__(self) -> None:
         self.phase: Phase | None = None
-        self.levels: list[float] = []  # before, trial: the finished phases' levels
+        self.levels: list[float] = []  # before, control: the finished phases' levels
         self.next: int = 0  # no probe before this step
         self.suspect: int | None = None  # the step the cue was first seen (in a row)
         self.cooldown = COOLDOWN
@@ -110,6 +119,10 @@ class LrProbe:
         self._phase: list[float] = []  # the current phase's taken losses
         self.probes = 0
         self.fell: tuple[int, float, float] | None = None  # step, before, trial of the last that fell
+        #: the training state copied by the flush when the probe started (the trial starts
+        #: from it), then at the fork the control's (the run may go on from it); not
+        #: checkpointed
+        self.fork: dict[str, Any] | None = None
 
     @property
     def factor(self) -> float:
@@ -152,31 +165,34 @@ class LrProbe:
             return "recurred"
         return "probe" if self.start(step) else None
 
+    def may_start(self, step: int) -> bool:
+        """Whether a probe may begin after ``step`` (enough history, past the cooldown)."""
+        return self.phase is None and step >= self.next and len(self._recent) >= MEASURE
+
     def start(self, step: int) -> bool:
-        """Begin a probe after ``step`` if one may (enough history, past the cooldown)."""
+        """Begin a probe after ``step`` if one may: its control arm first."""
         self.suspect = None
-        if self.phase is not None or step < self.next or len(self._recent) < MEASURE:
+        if not self.may_start(step):
             return False
         self.levels = [statistics.median(self._recent)]
-        self.phase, self._phase = "trial", []
+        self.phase, self._phase = "control", []
         self.probes += 1
         return True
 
-    def advance(self, step: int) -> Probed | None:
-        """At a flush: move to the next phase when this one is long enough; a
-        :class:`Probed` when the probe is over."""
-        if self.phase == "trial" and len(self._phase) >= TRIAL:
+    def advance(self, step: int) -> Probed | Literal["fork"] | None:
+        """At a flush: ``"fork"`` when the control arm is over (restore :attr:`fork` now:
+        the trial starts from it); a :class:`Probed` when the trial is over."""
+        if self.phase == "control" and len(self._phase) >= TRIAL:
             self.levels.append(statistics.median(self._phase[-MEASURE:]))
-            self.phase, self._phase = "after", []
-        elif self.phase == "after" and len(self._phase) >= AFTER:
-            before, trial = self.levels
-            after = statistics.median(self._phase[-MEASURE:])
-            done = Probed(step, before, trial, after, trial <= GAIN * before and after >= RISE * trial)
-            recent = self._phase[-MEASURE:]
+            self.phase, self._phase = "trial", []
+            return "fork"
+        if self.phase == "trial" and len(self._phase) >= TRIAL:
+            before, control = self.levels
+            done = Probed(step, before, control, statistics.median(self._phase[-MEASURE:]))
             self._end(step, found=done.too_high, fell=done.fell)
+            self._recent = []  # the next probe's level: from the steps after this one
             if done.fell and not done.too_high:
-                self.fell = (step, before, trial)
-            self._recent = recent  # the level at the LR in force, for the next probe
+                self.fell = (step, before, done.trial)
             return done
         return None
 
@@ -188,7 +204,7 @@ class LrProbe:
             self._recent = []
 
     def _end(self, step: int, *, found: bool, fell: bool = False) -> None:
-        self.phase, self._phase = None, []
+        self.phase, self._phase, self.fork = None, [], None
         if found:
             self.next = step + 1
         else:
@@ -204,6 +220,8 @@ class LrProbe:
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         self.phase = sd.get("phase")  # type: ignore[assignment]
+        if self.phase not in (None, "trial"):  # a control arm lost its copy: no trial
+            self.phase, sd = None, {**sd, "losses": []}
         self.suspect = sd.get("suspect")  # type: ignore[assignment]
         self.levels = list(sd.get("levels") or [])  # type: ignore[call-overload]
         self.next = int(sd.get("next") or 0)  # type: ignore[call-overload]
