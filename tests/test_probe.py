@@ -136,12 +136,15 @@ def test_noisy_is_twice_the_best_having_given_back_some_progress():
     assert near_zero.noisy() is None
 
 
-def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=None, **rec_kw):
+def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=None,
+              hooked: bool = False, trace: list | None = None, **rec_kw):
     """A run whose loss learns from 5 towards a noisy ``floor(lr, age)`` set by the LR the
     last optimizer step used (the LR times the guard's factor; warmed up over 60 steps).
     The gradients are a real model's; the loss handed to the guard is the level, a function
     of the model's age (a buffer counting its updates, restored with its weights when the
-    probe forks its trial from the weights its control started from) and of the LR."""
+    probe forks its trial from the weights its control started from) and of the LR.
+    ``hooked``: the guard runs as in a trainer's pre-step hook, the loop steps the
+    optimizer itself; ``trace`` gets the weights after each step."""
     torch.manual_seed(seed)
     model = nn.Linear(4, 1)
     model.register_buffer("age", torch.zeros((), dtype=torch.long))
@@ -149,7 +152,11 @@ def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=N
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 60))
     rec = gg.Recovery(**rec_kw)
     sinks = [gg.JsonlSink(run_dir)] if run_dir is not None else []
-    guard = gg.Guard(model, opt, recovery=rec, every=every, sinks=sinks)
+    if hooked:
+        from gradguard.integrations._hooked import hooked_guard
+        guard = hooked_guard(model, opt, gg.GuardConfig(every=every, recovery=rec, sinks=sinks))
+    else:
+        guard = gg.Guard(model, opt, recovery=rec, every=every, sinks=sinks)
     used: list[float] = []  # registered after the guard's: sees the LR the step uses
     opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
     g = torch.Generator().manual_seed(seed)
@@ -161,6 +168,10 @@ def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=N
         age = int(model.age)
         level = 5.0 * math.exp(-age / 10) + floor(lr, age)
         guard.step(loss.detach() * 0 + level * math.exp(0.1 * float(torch.randn((), generator=g))))
+        if hooked:
+            opt.step()  # the trainer's own step
+        if trace is not None:
+            trace.append(model.weight.detach().clone())
         model.age += 1
         sched.step()
         opt.zero_grad()
@@ -289,3 +300,28 @@ def test_a_probe_under_way_is_void_when_the_parameter_groups_change():
     assert rec._probe.phase == "control" and rec._probe.fork is not None
     rec.relayout(guard)
     assert not rec._probe.active and rec._probe.fork is None and rec.lr_factor == 1.0
+
+
+def test_a_probe_fork_in_a_trainers_hook_voids_the_update_that_follows(monkeypatch):
+    """Driven from a trainer's pre-step hook, the guard flushes at the next step, after its
+    backward: the weights the probe restores there (its fork, and the control's at the end
+    when half the LR is worse) must not get that backward's gradients. The update is voided
+    as after a rollback: the weights after that step are the restored ones."""
+    from gradguard.recovery import actions
+    trace: list[torch.Tensor] = []
+    restored: list[tuple[int, torch.Tensor]] = []
+    restore = actions.restore
+
+    def spy(guard, snap):  # type: ignore[no-untyped-def]
+        restored.append((len(trace), snap["model"]["weight"].clone()))
+        restore(guard, snap)
+
+    monkeypatch.setattr(actions, "restore", spy)
+    guard, rec, _ = floor_run(
+        lambda lr, age: 0.1 + 0.5 * min(1.0, max(0, age - 60) / 60) * (1 if lr >= 0.4 else 3.0),
+        hooked=True, trace=trace)
+    assert rec._probe.probes >= 1 and len(restored) == 2 * rec._probe.probes
+    for step, weight in restored:
+        assert torch.equal(trace[step], weight), step  # no update on the restored weights
+    voided = [e.step for e in guard.events if e.kind == "skip" and e.data.get("reason") == "rolled_back"]
+    assert voided == [step for step, _ in restored]

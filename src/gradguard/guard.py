@@ -217,7 +217,7 @@ class Guard:
         with torch.no_grad():
             if optimizer_layout(self.optimizer) != self._layout:
                 self._relayout()  # add_param_group: guard the new parameters too
-            restores = getattr(self.recovery, "restores", 0)  # rollbacks carried out so far
+            restores = getattr(self.recovery, "restores", 0)  # weights restored so far
             if self._flush_due():
                 self.flush()  # a hook-driven step: the previous (flush) step has now run
             if self._sampler is not None:
@@ -243,8 +243,9 @@ class Guard:
             out = executor.run(plan, code, loss_finite(loss), closure,
                                clip=coef if in_step else None)
             if isinstance(executor, Hook) and getattr(self.recovery, "restores", 0) != restores:
-                # rolled back in this hook (the flush, a heard skip flag), after this step's
-                # backward: its update would carry the replaced weights' gradients
+                # rolled back (or forked by the LR probe) in this hook (the flush, a heard
+                # skip flag), after this step's backward: its update would carry the
+                # replaced weights' gradients
                 out = executor.void(out)
             # taken, or skipped in its place: an LR scheduler stepped after guard.step() is in
             # the right order (after a skipped first step torch would warn it is not)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..events import Event, listed
+from ..executors import STALE
 from . import actions
 from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
@@ -63,8 +64,13 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
         acted = rec._feed(guard, trig, layers) or acted
     skipped = any(s and step not in overflows for step, s in zip(window.steps, skips))
     if rec.lr_probe:
-        acted = probe_lr(rec, guard, window.steps[-1], losses, skips,
-                         acted or skipped or risen, judge) or acted
+        # an update voided because the probe restored the weights after its backward (a
+        # trainer's hook) is the probe's own doing, no trouble
+        codes = window.skip_codes.tolist() if window.skip_codes is not None else []
+        own = {step for step, c in zip(window.steps, codes) if c == STALE}
+        trouble = acted or risen or any(s and step not in overflows and step not in own
+                                        for step, s in zip(window.steps, skips))
+        acted = probe_lr(rec, guard, window.steps[-1], losses, skips, trouble, judge) or acted
     # a network with dead layers is no state to go back to (see .rise), nor are weights
     # the loss-level tests have not judged yet (a snapshot is a healthy verdict)
     if judge and not acted and not skipped and not risen and not dead and not any(
@@ -175,15 +181,13 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
                 return False
             state = actions.snapshot_state(guard, step)  # the control's, kept for the end
             probe.fork = None if state is None else copy_state(state)
-            wait_copies()
-            actions.restore(guard, fork)
+            _restore(rec, guard, fork)
             return False
         if done is None:
             return False
         if not done.too_high:  # the run goes on from the arm whose loss is lower
             if fork is not None and done.control < done.trial:
-                wait_copies()
-                actions.restore(guard, fork)
+                _restore(rec, guard, fork)
             return False
         why = (f"from the same weights, {TRIAL} steps at half the LR brought the loss to "
                f"{done.trial:.4g}, against {done.control:.4g} at the LR in force: the LR is "
@@ -209,3 +213,12 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
            f"({rec._rise.best:.4g}), {step - at} steps after it fell from {before:.4g} "
            f"to {trial:.4g} at half the LR: the LR is too high")
     return rec._feed(guard, Trigger("lower", step, why), list)
+
+
+def _restore(rec: Recovery, guard: Guard, snap: dict[str, Any]) -> None:
+    """Load one of the probe's copies of the training state. Counted with the rollbacks'
+    restores: a trainer's hook-driven step whose flush restored the weights after its
+    backward must not apply that backward's gradients (the guard voids its update)."""
+    wait_copies()
+    actions.restore(guard, snap)
+    rec.restores += 1

@@ -190,7 +190,7 @@ class Recovery:
         self._dead = DeadLayers()
         self._probe = LrProbe()
         self._progress: float | None = None  # the loss level of the latest flush
-        self.restores = 0  # rollbacks carried out (weights restored from a snapshot)
+        self.restores = 0  # weights restored: rollbacks, and the LR probe's forks (_flush)
         self._judged = -1  # the step of the last judgement of the loss level (see _flush)
 
     def __getattr__(self, name: str) -> Any:
