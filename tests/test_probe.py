@@ -137,14 +137,16 @@ def test_noisy_is_twice_the_best_having_given_back_some_progress():
 
 
 def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=None,
-              hooked: bool = False, trace: list | None = None, **rec_kw):
+              hooked: bool | str = False, trace: list | None = None, **rec_kw):
     """A run whose loss learns from 5 towards a noisy ``floor(lr, age)`` set by the LR the
     last optimizer step used (the LR times the guard's factor; warmed up over 60 steps).
     The gradients are a real model's; the loss handed to the guard is the level, a function
     of the model's age (a buffer counting its updates, restored with its weights when the
     probe forks its trial from the weights its control started from) and of the LR.
     ``hooked``: the guard runs as in a trainer's pre-step hook, the loop steps the
-    optimizer itself; ``trace`` gets the weights after each step."""
+    optimizer itself; ``"inside"``: as Lightning calls it, within the optimizer's step
+    (from its closure, after the step's pre-hooks); ``trace`` gets the weights after each
+    step."""
     torch.manual_seed(seed)
     model = nn.Linear(4, 1)
     model.register_buffer("age", torch.zeros((), dtype=torch.long))
@@ -167,8 +169,12 @@ def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=N
         lr = used[-1] if used else 0.0
         age = int(model.age)
         level = 5.0 * math.exp(-age / 10) + floor(lr, age)
-        guard.step(loss.detach() * 0 + level * math.exp(0.1 * float(torch.randn((), generator=g))))
-        if hooked:
+        told = loss.detach() * 0 + level * math.exp(0.1 * float(torch.randn((), generator=g)))
+        if hooked == "inside":
+            opt.step(lambda t=told: guard.step(t))  # pre-hooks, the guard, the update, post-hooks
+        else:
+            guard.step(told)
+        if hooked is True:
             opt.step()  # the trainer's own step
         if trace is not None:
             trace.append(model.weight.detach().clone())
@@ -325,3 +331,16 @@ def test_a_probe_fork_in_a_trainers_hook_voids_the_update_that_follows(monkeypat
         assert torch.equal(trace[step], weight), step  # no update on the restored weights
     voided = [e.step for e in guard.events if e.kind == "skip" and e.data.get("reason") == "rolled_back"]
     assert voided == [step for step, _ in restored]
+
+
+def test_the_lr_reported_is_the_schedules_times_the_factor_when_the_guard_runs_inside_the_step():
+    """Lightning calls the guard from within the optimizer's step, after its pre-hooks
+    scaled the LR by this step's factor: the LR the events name (and the user is told to
+    set) is still the schedule's LR times the factor, not that product scaled again."""
+    guard, rec, used = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, hooked="inside")
+    lowered = [e for e in guard.events if e.kind == "lr_backoff"]
+    settled = [e for e in guard.events if e.kind == "lr_settled"]
+    assert len(lowered) == 1 and lowered[0].data["lr"] == [pytest.approx(0.25)]
+    assert "(lr 0.25)" in lowered[0].message
+    assert settled and settled[0].data["lr"] == [pytest.approx(0.25)]
+    assert rec.lr_factor == 0.5 and used[-1] == 0.25

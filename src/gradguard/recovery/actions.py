@@ -118,6 +118,14 @@ class LrMultiplier:
                 g["lr"] = lr
         self._saved = []
 
+    def unscaled(self, group: dict[str, Any]) -> Any:
+        """``group``'s LR without this step's factor: inside an optimizer step the group
+        holds the scaled one (a trainer calls the guard from within the step, after these
+        pre-hooks ran: Lightning)."""
+        now = group.get("lr")
+        return next((lr for g, lr in self._saved  # a tensor LR shared by groups: saved once
+                     if g is group or (isinstance(lr, Tensor) and g.get("lr") is now)), now)
+
     def _step_sizes(self) -> list[Tensor]:
         return [s["step_size"] for s in self.optimizer.state.values() if "step_size" in s]
 
@@ -158,7 +166,9 @@ def _lrs(guard: Guard, factor: float) -> tuple[list[float | None], str]:
     """Every param group's LR under ``factor`` (the schedule's value between steps; None
     for a group with no numeric LR, whose updates are scaled), and the distinct ones as
     text."""
-    lrs = [_lr_number(g.get("lr")) for g in guard.optimizer.param_groups]
+    mult = getattr(guard.recovery, "_mult", None)
+    lrs = [_lr_number(g.get("lr") if mult is None else mult.unscaled(g))
+           for g in guard.optimizer.param_groups]
     scaled = [lr * factor if lr is not None else None for lr in lrs]
     return scaled, ", ".join(f"{lr:.3g}" if lr is not None else f"its own step size x{factor:g}"
                              for lr in dict.fromkeys(scaled))
