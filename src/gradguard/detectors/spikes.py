@@ -172,7 +172,7 @@ def detect_spike_skips(window: Window) -> list[Event]:
     """A ``skip`` event (warning) for every step the recovery ladder skipped at the step
     because its gradient norm or loss spiked (``window.skip_codes`` bits 2 and 4, see
     :mod:`gradguard.recovery.verdict`): the spike never reached the weights; an ``info``
-    one for a step whose update was voided by a rollback after its backward (bit 8,
+    one for a step whose update was voided by a restore after its backward (bit 8,
     :data:`gradguard.executors.STALE`)."""
     if window.skip_codes is None:
         return []
@@ -184,8 +184,9 @@ def detect_spike_skips(window: Window) -> list[Event]:
         if c & 8:  # gradguard.executors.STALE: voided by a rollback, not a spike
             events.append(Event(
                 kind="skip", step=step, severity="info", value=g,
-                message=(f"step {step}: update not applied: the weights were rolled back "
-                         "after its backward, and its gradients belong to the weights replaced"),
+                message=(f"step {step}: update not applied: the weights were restored after "
+                         "its backward (a rollback, or the LR probe forking its trial), and "
+                         "its gradients belong to the weights replaced"),
                 data={"reason": "rolled_back", "code": c},
             ))
             continue

@@ -74,10 +74,11 @@ class Hook:
                        action=action, code=c)
 
     def void(self, out: Outcome) -> Outcome:
-        """The weights were rolled back after this step's backward: take its gradients off
-        (the trainer's update that follows changes nothing; the post-hook puts them back)
-        and record the step as skipped (``STALE``), not as trouble: what was wrong with
-        those gradients was wrong with the weights that are gone."""
+        """The weights were restored (rolled back, or forked by the LR probe) after this
+        step's backward: take its gradients off (the trainer's update that follows changes
+        nothing; the post-hook puts them back) and record the step as skipped (``STALE``),
+        not as trouble: what was wrong with those gradients was wrong with the weights
+        that are gone."""
         self._take_grads()
         return Outcome(skipped=STALE, trouble=False, action="skip", amp_row=out.amp_row, code=STALE)
 
