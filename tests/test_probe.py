@@ -344,3 +344,12 @@ def test_the_lr_reported_is_the_schedules_times_the_factor_when_the_guard_runs_i
     assert "(lr 0.25)" in lowered[0].message
     assert settled and settled[0].data["lr"] == [pytest.approx(0.25)]
     assert rec.lr_factor == 0.5 and used[-1] == 0.25
+
+
+def test_the_summary_of_a_hook_driven_run_does_not_count_the_probes_voided_update(tmp_path):
+    """Under a trainer's hook the update after the fork is voided (the step is recorded as
+    skipped, with an info event); the story is still the probe's, not a skipped step."""
+    guard, _, _ = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, hooked=True, run_dir=tmp_path)
+    assert guard.skipped_steps == 1  # the voided update after the fork
+    text = summary_sentence(load_run(tmp_path), {})
+    assert "skipped" not in text and "gradguard halved the LR; training recovered." in text
