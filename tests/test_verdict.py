@@ -380,3 +380,24 @@ def test_after_a_relapse_a_noisy_loss_well_above_its_best_halves_the_ceiling_aga
     assert backoff.step >= 60 and "the loss rose" in backoff.message
     assert not [e for e in guard.events if e.kind in ("skip", "rollback")]
     assert rec.lr_ceiling == pytest.approx(0.125)  # halved: the factor in force had failed
+
+
+def test_a_rung_the_loss_level_decided_says_how_to_turn_the_loss_tests_off():
+    """A loss that rises whatever the weights do (here a drift with no gradient; a GAN's
+    players, RL returns) is what the loss-level tests cannot tell from trouble: the
+    rollback they decide names ``Recovery(loss_rise=False)`` (benchmarks/gan.py: the default
+    recovery aborts a healthy GAN, and trains it with the option)."""
+    guard = climbing_run()
+    rung = next(e for e in guard.events if e.kind == "rollback")
+    assert "the loss rose" in rung.message and "loss_rise=False" in rung.remedy
+
+
+def test_a_spike_or_a_nan_does_not_name_the_loss_tests():
+    from gradguard.recovery.actions import _moving_objective
+    from gradguard.recovery.ladder import Action
+    for reason in ("3 consecutive non-finite steps skipped", "confirmed loss spike (step 9)",
+                   "3 consecutive loss-spiking steps skipped",
+                   "the loss is back at the fresh model's level (2.3), the network died"):
+        assert _moving_objective(Action("rollback", 9, reason)) == "", reason
+    hint = _moving_objective(Action("abort", 9, "the loss (5.0) did not come back"), first=True)
+    assert hint.endswith("loss_rise=False). ")

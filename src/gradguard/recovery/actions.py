@@ -151,10 +151,23 @@ def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False,
     return Event(
         kind="lr_backoff", step=a.step, severity="warning", value=a.factor, message=message,
         remedy=("Lower the base learning rate or add warm-up." if no_snapshot else
-                "If this repeats, lower the base learning rate or add warm-up."),
+                "If this repeats, lower the base learning rate or add warm-up.")
+        + _moving_objective(a),
         data={"factor": a.factor, "reason": a.reason, "ceiling": a.ceiling,
               "relapse": a.relapse, "level_before": level},
     )
+
+
+def _moving_objective(a: Action, *, first: bool = False) -> str:
+    """For a rung the loss level decided (it rose, or did not come back): the loss-level
+    tests assume a loss that training lowers; say how to turn them off where it is not
+    (a GAN's players, RL returns, a curriculum: benchmarks/gan.py aborts a healthy GAN)."""
+    if "loss" not in a.reason or "spik" in a.reason or "died" in a.reason:
+        return ""
+    text = ("If this loss may rise in a healthy run (a GAN's generator or discriminator, RL "
+            "returns, a curriculum that makes the data harder), the loss-level tests do not "
+            "apply: pass gg.Recovery(loss_rise=False).")
+    return text + " " if first else " " + text
 
 
 def _why_lowered(a: Action) -> str:
@@ -212,11 +225,14 @@ def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
            f"rollback(s) without recovering" + (f"; events in {run_dir}" if run_dir else ""))
     guard.add_event(Event(
         kind="abort", step=a.step, severity="error", message=msg,
-        remedy=("Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
-                "learning rate; check the data for NaN/Inf."),
+        remedy=_moving_objective(a, first=True) + (
+            "Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
+            "learning rate; check the data for NaN/Inf."),
         data={"rollbacks": a.rollbacks, "reason": a.reason},
     ))
-    return TrainingDiverged(msg, events=guard.events, run_dir=run_dir)
+    hint = _moving_objective(a)
+    return TrainingDiverged(msg + ("." + hint if hint else ""), events=guard.events,
+                            run_dir=run_dir)
 
 
 def rollback(
@@ -238,7 +254,8 @@ def rollback(
                  + f", learning rate x{a.factor:g} (restored to "
                  f"x{a.ceiling:g} only), {len(reset)} layer(s) with reset optimizer state, "
                  f"{a.skip_batches} batch(es) to skip (rollback {a.rollbacks}/{max_rollbacks})"),
-        remedy="Lower the learning rate; if the data caused it, skip guard.batches_to_skip batches.",
+        remedy=("Lower the learning rate; if the data caused it, skip guard.batches_to_skip "
+                "batches." + _moving_objective(a)),
         data={"snapshot_step": snap["step"], "reset_layers": reset,
               "batches_to_skip": a.skip_batches, "reason": a.reason, "factor": a.factor,
               "ceiling": a.ceiling, "level_before": level},
