@@ -113,7 +113,7 @@ ROWS = [
      Trigger("progress", 130, value=3.1),
      b(factor=A01, ceiling=0.05, backoff_level=A01, backoff_step=130, last_trigger=130,
        consecutive_skips=0, rollbacks=1, total_rollbacks=1, watching=130),
-     (Action("rollback", 130, STALLED, A01, 0.05, True, True, 0, 31, 1),)),
+     (Action("rollback", 130, STALLED, A01, 0.05, True, True, 0, 31, 1, by_level=True),)),
     ("at a lowered ceiling: start counting", b(factor=0.25, ceiling=0.25, backoff_step=None),
      Trigger("tick", 150), b(factor=0.25, ceiling=0.25, backoff_step=None, at_ceiling=150), ()),
     ("restore_steps at the ceiling: settled, once",

@@ -393,11 +393,21 @@ def test_a_rung_the_loss_level_decided_says_how_to_turn_the_loss_tests_off():
 
 
 def test_a_spike_or_a_nan_does_not_name_the_loss_tests():
+    """Only the rungs the loss level decided (a rise, a loss that did not come back) carry
+    ``by_level``, and only those name the option; a skipped NaN/spike, a confirmed loss spike
+    and a network that died (``by_level=False`` from the flush) do not."""
     from gradguard.recovery.actions import _moving_objective
-    from gradguard.recovery.ladder import Action
-    for reason in ("3 consecutive non-finite steps skipped", "confirmed loss spike (step 9)",
-                   "3 consecutive loss-spiking steps skipped",
-                   "the loss is back at the fresh model's level (2.3), the network died"):
-        assert _moving_objective(Action("rollback", 9, reason)) == "", reason
-    hint = _moving_objective(Action("abort", 9, "the loss (5.0) did not come back"), first=True)
-    assert hint.endswith("loss_rise=False). ")
+    from gradguard.recovery.ladder import LadderConfig, LadderState, Trigger, transition
+    cfg = LadderConfig(skip_patience=1)
+    for trig, by_level in ((Trigger("skip", 9, "non-finite"), False),
+                           (Trigger("spike", 9, "confirmed loss spike (step 9)"), False),
+                           (Trigger("spike", 9, "the loss is back at the fresh model's level, "
+                                    "the network died"), False),
+                           (Trigger("spike", 9, "the loss rose to 3, 2x its best", by_level=True), True)):
+        _, (action,) = transition(cfg, LadderState(), trig)
+        assert action.by_level is by_level, trig
+        assert ("loss_rise=False" in _moving_objective(action)) is by_level
+    st, _ = transition(cfg, LadderState(), Trigger("spike", 9, "the loss rose", 1.0, by_level=True))
+    _, (check,) = transition(cfg, st, Trigger("progress", 60, value=5.0))  # did not come back
+    assert check.kind == "rollback" and check.by_level
+    assert _moving_objective(check, first=True).endswith("loss_rise=False). ")

@@ -138,6 +138,7 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
     if behind:
         why += f"; the last snapshot was taken at a loss of {snap:.4g}"
     return True, Trigger("spike", window.steps[-1], why, rec._rise.best, at=window.steps[-1],
+                         by_level=not died,
                          mild=mild and not behind, rollback=behind), dead
 
 

@@ -162,7 +162,7 @@ def _moving_objective(a: Action, *, first: bool = False) -> str:
     """For a rung the loss level decided (it rose, or did not come back): the loss-level
     tests assume a loss that training lowers; say how to turn them off where it is not
     (a GAN's players, RL returns, a curriculum: benchmarks/gan.py aborts a healthy GAN)."""
-    if "loss" not in a.reason or "spik" in a.reason or "died" in a.reason:
+    if not a.by_level:
         return ""
     text = ("If this loss may rise in a healthy run (a GAN's generator or discriminator, RL "
             "returns, a curriculum that makes the data harder), the loss-level tests do not "

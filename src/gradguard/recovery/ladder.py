@@ -125,6 +125,10 @@ class Trigger:
     #: spike was skipped at once and completed ``skip_patience``), it answered this spike,
     #: and the confirmation is not a second incident
     confirmed: bool = False
+    #: a ``spike`` the loss level decided (it rose well above its best: :mod:`.rise`), not
+    #: a spike, a NaN or a network that died; like the progress check, it assumes a loss
+    #: that training lowers
+    by_level: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,9 @@ class Action:
     back: int = 0
     skip_batches: int = 0
     rollbacks: int = 0
+    #: decided by the loss level (a rise, or a loss that did not come back): wrong for a
+    #: loss that may rise in a healthy run (a GAN's players), which the event says
+    by_level: bool = False
 
 
 def transition(
@@ -188,16 +195,17 @@ def transition(
         if trig.confirmed and st.backoff_step is not None and trig.step <= st.backoff_step:
             return st, ()  # answered already by the rung its skipped steps took
         return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike", trig.value,
+                         by_level=trig.by_level,
                          at=trig.at, force_rollback=trig.rollback)
     raise ValueError(f"Trigger(kind={trig.kind!r}): unknown kind")
 
 
 def _escalate(
     cfg: LadderConfig, st: LadderState, step: int, reason: str, level: float | None = None,
-    *, force_rollback: bool = False, at: int | None = None,
+    *, force_rollback: bool = False, at: int | None = None, by_level: bool = False,
 ) -> tuple[LadderState, tuple[Action, ...]]:
     """Back off, or escalate when trouble returns within ``patience`` steps (or the loss did
-    not come back: ``force_rollback``)."""
+    not come back: ``force_rollback``); ``by_level``: the loss level decided it."""
     last = st.last_trigger
     within = last is not None and step - last <= cfg.patience
     recent = force_rollback or within
@@ -212,7 +220,7 @@ def _escalate(
                              watching=now, at_ceiling=None)
     if recent and st.rollbacks >= cfg.max_rollbacks:
         return st, (Action("abort", step, reason, st.factor, st.ceiling,
-                           rollbacks=st.total_rollbacks),)
+                           rollbacks=st.total_rollbacks, by_level=by_level),)
     lowered = False
     if recent or relapse:  # the trouble came back: the factor in force failed, for good
         new = _failed_ceiling(cfg, st)
@@ -222,13 +230,14 @@ def _escalate(
     st = dataclasses.replace(st, factor=factor, backoff_level=factor, backoff_step=now)
     if not recent:
         st = dataclasses.replace(st, backoffs=st.backoffs + 1)
-        return st, (Action("backoff", step, reason, factor, st.ceiling, relapse, lowered),)
+        return st, (Action("backoff", step, reason, factor, st.ceiling, relapse, lowered,
+                           by_level=by_level),)
     back = min(st.rollbacks, cfg.keep - 1)
     skip = cfg.skip_batches if cfg.skip_batches is not None else step - start + 1
     st = dataclasses.replace(st, consecutive_skips=0, rollbacks=st.rollbacks + 1,
                              total_rollbacks=st.total_rollbacks + 1)
     return st, (Action("rollback", step, reason, factor, st.ceiling, True, lowered, back, skip,
-                       st.rollbacks),)
+                       st.rollbacks, by_level=by_level),)
 
 
 def _lower(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
@@ -243,7 +252,8 @@ def _lower(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderSta
     st = dataclasses.replace(st, last_trigger=trig.step, ceiling=ceiling, factor=factor,
                              backoff_level=factor, backoff_step=now, at_ceiling=None,
                              backoffs=st.backoffs + 1)
-    return st, (Action("backoff", trig.step, trig.reason, factor, ceiling, relapse, lowered),)
+    return st, (Action("backoff", trig.step, trig.reason, factor, ceiling, relapse, lowered,
+                       by_level=trig.by_level),)
 
 
 def _probed(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
@@ -270,7 +280,7 @@ def _progress(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[Ladder
         return dataclasses.replace(st, watching=None), ()  # it has: keep restoring the LR
     reason = (f"the loss ({trig.value:.4g}) did not come back to its level before the trouble "
               f"({st.pre_level:.4g}) within {cfg.recovery_window} steps")
-    return _escalate(cfg, st, trig.step, reason, force_rollback=True)
+    return _escalate(cfg, st, trig.step, reason, force_rollback=True, by_level=True)
 
 
 def _settle(cfg: LadderConfig, st: LadderState, step: int) -> tuple[LadderState, tuple[Action, ...]]:
