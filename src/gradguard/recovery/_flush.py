@@ -40,7 +40,9 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     if judge:
         rec._judged = window.steps[-1]
     losses, skips = window.loss.tolist(), window.skipped.tolist()
-    triggers = _device_skips(rec, window, skips, overflows)
+    # why each step was skipped (host values: the window is the flush's one host copy)
+    codes = window.skip_codes.tolist() if window.skip_codes is not None else None
+    triggers = _device_skips(rec, window, skips, codes, overflows)
     spike = next((e for e in events if e.kind == "loss_spike"), None)
     if spike is not None:  # reported only once confirmed (DetectorConfig)
         triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
@@ -66,8 +68,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     if rec.lr_probe:
         # an update voided because the probe restored the weights after its backward (a
         # trainer's hook) is the probe's own doing, no trouble
-        codes = window.skip_codes.tolist() if window.skip_codes is not None else []
-        own = {step for step, c in zip(window.steps, codes) if c == STALE}
+        own = {step for step, c in zip(window.steps, codes or ()) if c == STALE}
         trouble = acted or risen or any(s and step not in overflows and step not in own
                                         for step, s in zip(window.steps, skips))
         acted = probe_lr(rec, guard, window.steps[-1], losses, skips, trouble, judge) or acted
@@ -78,10 +79,11 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
         _healthy(rec, guard, window, recent)
 
 
-def _device_skips(rec: Recovery, window: Window, skips: list[bool], overflows: Any) -> list[Trigger]:
+def _device_skips(rec: Recovery, window: Window, skips: list[bool],
+                  codes: list[float] | None, overflows: Any) -> list[Trigger]:
     """The ladder's triggers for the window's steps whose skip flag stayed on the device and
-    was not heard before (routine loss-scale overflows are no trouble)."""
-    codes = window.skip_codes.tolist() if window.skip_codes is not None else None
+    was not heard before (routine loss-scale overflows are no trouble); ``codes``: why each
+    step was skipped (the verdict bits)."""
     triggers: list[Trigger] = []
     for i, (step, sk) in enumerate(zip(window.steps, skips)):
         if step not in rec._host_steps:
