@@ -348,8 +348,13 @@ def test_the_lr_reported_is_the_schedules_times_the_factor_when_the_guard_runs_i
 
 def test_the_summary_of_a_hook_driven_run_does_not_count_the_probes_voided_update(tmp_path):
     """Under a trainer's hook the update after the fork is voided (the step is recorded as
-    skipped, with an info event); the story is still the probe's, not a skipped step."""
+    voided, with an info event); the story is still the probe's, not a skipped step: no
+    count, sink or file calls it skipped."""
     guard, _, _ = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, hooked=True, run_dir=tmp_path)
-    assert guard.skipped_steps == 1  # the voided update after the fork
+    voided = [e.step for e in guard.events if e.kind == "skip" and e.data.get("reason") == "rolled_back"]
+    assert len(voided) == 1 and guard.skipped_steps == 0
+    records = [r for r in gg.read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") == "step"]
+    assert [r["step"] for r in records if r.get("voided")] == voided
+    assert not any(r["skipped"] for r in records)
     text = summary_sentence(load_run(tmp_path), {})
     assert "skipped" not in text and "gradguard halved the LR; training recovered." in text

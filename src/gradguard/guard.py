@@ -155,8 +155,9 @@ class Guard:
     detector_state = property(lambda self: self.monitor.detector_state)
     fused = property(lambda self: self.kind == "fused")
     names = property(lambda self: self.telemetry.names, doc="Guarded parameters' names, in module order.")
-    skipped_steps = property(lambda self: self.monitor.skipped_steps, doc="Steps skipped so far "
-                             "(counted at each flush).")
+    skipped_steps = property(lambda self: self.monitor.skipped_steps, doc="Steps the guard "
+                             "skipped so far (counted at each flush; an update voided by a "
+                             "restore after its backward is not counted).")
 
     def add_event(self, event: Event) -> None:
         """Record an event; it reaches the sinks at the next flush."""

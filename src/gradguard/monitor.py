@@ -113,7 +113,7 @@ class Monitor:
         window = telemetry.flush()
         if window is None:
             return None, {}
-        self.skipped_steps += int(window.skipped.sum())
+        self.skipped_steps += int((window.skipped & ~window.voided()).sum())
         return window, self.detect(window, origins, watch, sample_activations, precursor_inputs)
 
     def detect(
@@ -217,25 +217,30 @@ class Monitor:
 
 
 def step_records(window: Window) -> list[dict[str, Any]]:
-    """One JSON-ready record per step of the window."""
+    """One JSON-ready record per step of the window. ``skipped``: the guard skipped the
+    step (trouble, or a spike); a step whose update a restore voided is ``voided`` instead
+    (its update was not applied either, but nothing was wrong with it)."""
     out = []
-    loss, total, coef, skipped = (
+    voided = window.voided()
+    loss, total, coef, skipped, void = (
         window.loss.tolist(),
         window.total_norm.tolist(),
         window.clip_coef.tolist(),
-        window.skipped.tolist(),
+        (window.skipped & ~voided).tolist(),
+        voided.tolist(),
     )
     for i, step in enumerate(window.steps):
-        out.append(
-            {
-                "step": step,
-                "loss": json_float(loss[i]),
-                "grad_norm": json_float(total[i]),
-                "clip_coef": json_float(coef[i]),
-                "skipped": bool(skipped[i]),
-                "finite": math.isfinite(total[i]),
-            }
-        )
+        rec = {
+            "step": step,
+            "loss": json_float(loss[i]),
+            "grad_norm": json_float(total[i]),
+            "clip_coef": json_float(coef[i]),
+            "skipped": bool(skipped[i]),
+            "finite": math.isfinite(total[i]),
+        }
+        if void[i]:
+            rec["voided"] = True
+        out.append(rec)
     return out
 
 

@@ -50,8 +50,8 @@ class Window:
             (None when not sampled); weight norms are exact, update norms are estimated
             from a strided sample of each parameter (:mod:`gradguard.updates`).
         skip_codes: ``[n]`` why each step was skipped: the verdict bits of
-            :mod:`gradguard.executors` (1 non-finite, 2 gradient spike, 4 loss spike; 0 not
-            skipped), None when unknown.
+            :mod:`gradguard.executors` (1 non-finite, 2 gradient spike, 4 loss spike, 8 an
+            update voided by a restore after its backward; 0 not skipped), None when unknown.
         matrix_layers: per layer, whether it holds a parameter of 2 or more dimensions (a
             weight matrix or kernel, not only norm scales and biases); None when unknown.
         grad_present: per parameter, whether it had a gradient tensor (``p.grad`` not
@@ -80,6 +80,17 @@ class Window:
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    def voided(self) -> Tensor:
+        """``[n]`` bool: the steps whose update was not applied because the weights were
+        restored after their backward (a rollback, or the LR probe's fork, heard in a
+        trainer's pre-step hook: :data:`gradguard.executors.STALE`). They are in
+        ``skipped`` (nothing was applied) but are no step the guard skipped for trouble."""
+        from .executors import STALE
+
+        if self.skip_codes is None:
+            return torch.zeros(len(self.steps), dtype=torch.bool)
+        return (self.skip_codes.nan_to_num(0.0).long() & STALE) != 0
 
     def _by_layer(self, per_param: Tensor) -> Tensor:
         """Combine per-parameter 2-norms (last dim) into per-layer 2-norms."""

@@ -303,11 +303,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     outcome = judge(data, config)
     ev = data.events
     trouble = [e for e in ev if e.get("kind") in TROUBLE_KINDS]
-    # an update voided because the weights were restored after its backward (a rollback or
-    # the LR probe's fork under a trainer's hook) is no step the guard skipped for trouble
-    voided = sum(e.get("kind") == "skip" and (e.get("data") or {}).get("reason") == "rolled_back"
-                 for e in ev)
-    n_skip = max(0, int(data.skipped.sum()) - voided)
+    n_skip = int(data.skipped.sum())  # an update a restore voided is not in it
     finite_norm = data.grad_norm[np.isfinite(data.grad_norm)]
     clipped = int(np.sum(np.isfinite(data.clip_coef) & (data.clip_coef < 1.0)))
     kinds = Counter(e.get("kind") for e in ev)
