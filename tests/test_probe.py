@@ -358,3 +358,45 @@ def test_the_summary_of_a_hook_driven_run_does_not_count_the_probes_voided_updat
     assert not any(r["skipped"] for r in records)
     text = summary_sentence(load_run(tmp_path), {})
     assert "skipped" not in text and "gradguard halved the LR; training recovered." in text
+
+
+def test_the_probes_copies_count_against_snapshot_memory():
+    """``snapshot_memory`` bounds the host memory the recovery holds: the probe's two
+    copies of the training state (at the fork) count with the snapshots. A budget they fit
+    in runs the probe as an unbounded one does; one byte less and there is no probe, and a
+    warning says so once."""
+    free, rec_free, _ = floor_run(lambda lr, step: 0.1 + 8 * lr * lr)
+    ring = rec_free.ring.store.nbytes()  # two snapshots, each the size of a probe copy
+    assert ring > 0 and len(rec_free.ring.store) == 2
+    lowered = [e.data.get("probe") for e in free.events if e.kind == "lr_backoff"]
+    assert lowered == [True]
+
+    guard, rec, _ = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, snapshot_memory=2 * ring)
+    assert [e.data.get("probe") for e in guard.events if e.kind == "lr_backoff"] == lowered
+    assert rec._probe.probes == rec_free._probe.probes and not rec._probe.disabled
+
+    with pytest.warns(gg.GradGuardWarning, match="LR probe is off") as caught:
+        guard, rec, used = floor_run(lambda lr, step: 0.1 + 8 * lr * lr,
+                                     snapshot_memory=2 * ring - 1)
+    assert len([w for w in caught if "LR probe" in str(w.message)]) == 1
+    assert rec._probe.disabled and rec._probe.probes == 0 and rec._probe.fork is None
+    assert not [e for e in guard.events if e.kind == "lr_backoff"] and used[-1] == 0.5
+    assert rec.snapshot_bytes <= 2 * ring - 1
+
+
+def test_snapshot_bytes_counts_the_probes_copy_while_it_runs(monkeypatch):
+    from gradguard.recovery import _flush
+
+    seen: list[tuple[bool, int, int]] = []
+    real = _flush.probe_lr
+
+    def spy(rec, guard, step, *a, **k):  # type: ignore[no-untyped-def]
+        out = real(rec, guard, step, *a, **k)
+        seen.append((rec._probe.fork is not None, rec.snapshot_bytes, rec.ring.store.nbytes()))
+        return out
+
+    monkeypatch.setattr(_flush, "probe_lr", spy)
+    floor_run(lambda lr, step: 0.1 + 8 * lr * lr)
+    running = [(b, r) for forked, b, r in seen if forked]
+    assert running and all(b > r for b, r in running)
+    assert all(b == r for forked, b, r in seen if not forked)

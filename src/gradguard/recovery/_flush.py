@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import GradGuardWarning
 from ..events import Event, listed
 from ..executors import STALE
 from . import actions
 from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
 from .probe import TRIAL
-from .snapshots import copy_state, wait_copies
+from .snapshots import copy_state, state_bytes, wait_copies
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -205,6 +207,8 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
         state = actions.snapshot_state(guard, step)
         if state is None:  # a NaN/Inf in the state: nothing to fork from
             probe.cancel(step)
+        elif not _probe_fits(rec, state):
+            probe.off(step)
         else:
             probe.fork = copy_state(state)
         return False
@@ -216,6 +220,23 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
            f"({rec._rise.best:.4g}), {step - at} steps after it fell from {before:.4g} "
            f"to {trial:.4g} at half the LR: the LR is too high")
     return rec._feed(guard, Trigger("lower", step, why), list)
+
+
+def _probe_fits(rec: Recovery, state: dict[str, Any]) -> bool:
+    """Whether the probe's copies of the training state (two at the fork) fit within
+    ``snapshot_memory`` beside the snapshots held; when not, it warns once and the run has
+    no LR probe (the budget is the user's bound on the host memory the recovery holds)."""
+    budget = rec.ring.store.max_bytes
+    need = 2 * state_bytes(state)
+    if budget is None or rec.ring.store.nbytes() + need <= budget:
+        return True
+    warnings.warn(
+        f"Recovery: the LR probe is off for this run: its two copies of the training state "
+        f"({need / 2**20:.1f} MiB) beside the snapshots held "
+        f"({rec.ring.store.nbytes() / 2**20:.1f} MiB) would pass snapshot_memory="
+        f"{budget} ({budget / 2**20:.1f} MiB); raise snapshot_memory to let it run",
+        GradGuardWarning, stacklevel=2)
+    return False
 
 
 def _restore(rec: Recovery, guard: Guard, snap: dict[str, Any]) -> None:

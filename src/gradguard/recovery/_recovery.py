@@ -38,7 +38,7 @@ from .late import LateFlags, enabled
 from .probe import LrProbe
 from .ring import SnapshotRing
 from .rise import BLOCK, DeadLayers, LossRise
-from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, check_int
+from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, check_int, state_bytes
 from .verdict import LOSS_SPIKE, SpikeVerdict
 
 if TYPE_CHECKING:
@@ -61,7 +61,9 @@ class Recovery:
             training never waits on the disk; a failed write warns once and the in-memory
             snapshots go on serving rollbacks).
         snapshot_memory: the most bytes the in-memory snapshots may hold (the newest is
-            always kept); None: ``keep`` snapshots (see :attr:`snapshot_bytes`).
+            always kept), the LR probe's copies of the training state counted with them (a
+            probe that would not fit is not run: a warning says so once); None: ``keep``
+            snapshots (see :attr:`snapshot_bytes`).
         reset_moments: after a rollback, zero the optimizer state of the layers that
             exploded (``"exploded"``), of every parameter (``"all"``) or of none.
         max_rollbacks: rollbacks without a healthy snapshot in between before
@@ -265,8 +267,10 @@ class Recovery:
 
     @property
     def snapshot_bytes(self) -> int:
-        """Host memory the in-memory snapshots hold now."""
-        return self.store.nbytes()
+        """Host memory the in-memory snapshots hold now, with the LR probe's copy of the
+        training state while a probe runs (``snapshot_memory`` bounds them together)."""
+        fork = self._probe.fork
+        return self.store.nbytes() + (0 if fork is None else state_bytes(fork))
 
     def relayout(self, guard: Guard) -> None:
         """The optimizer's parameter groups changed: the snapshots hold the old groups and

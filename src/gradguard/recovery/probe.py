@@ -123,6 +123,7 @@ class LrProbe:
         #: from it), then at the fork the control's (the run may go on from it); not
         #: checkpointed
         self.fork: dict[str, Any] | None = None
+        self.disabled = False  # see :meth:`off`
 
     @property
     def factor(self) -> float:
@@ -167,7 +168,8 @@ class LrProbe:
 
     def may_start(self, step: int) -> bool:
         """Whether a probe may begin after ``step`` (enough history, past the cooldown)."""
-        return self.phase is None and step >= self.next and len(self._recent) >= MEASURE
+        return (self.phase is None and not self.disabled and step >= self.next
+                and len(self._recent) >= MEASURE)
 
     def start(self, step: int) -> bool:
         """Begin a probe after ``step`` if one may: its control arm first."""
@@ -202,6 +204,13 @@ class LrProbe:
         if self.phase is not None:
             self._end(step, found=True)
             self._recent = []
+
+    def off(self, step: int) -> None:
+        """No probe for the rest of the run (its copies would not fit the memory budget;
+        not checkpointed: a resumed run judges its own budget)."""
+        self.cancel(step)
+        self.disabled = True
+        self.probes -= 1  # the one :meth:`start` counted never ran
 
     def _end(self, step: int, *, found: bool, fell: bool = False) -> None:
         self.phase, self._phase, self.fork = None, [], None
