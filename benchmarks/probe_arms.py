@@ -1,7 +1,7 @@
 """The LR probe's two arms, forked by hand: how much lower the loss of the same weights is
 after ``TRIAL`` steps at half the LR than after as many at the LR in force.
 
-Run:  OMP_NUM_THREADS=1 python benchmarks/probe_arms.py [--seeds N] [--out F]
+Run:  OMP_NUM_THREADS=1 python benchmarks/probe_arms.py [--seeds N] [--factor F] [--out F]
 Writes benchmarks/results/probe_arms.json (about 8 minutes with 3 seeds).
 
 Every recipe of benchmarks/rescue.py trains unguarded; at a few steps (100 and 200 for the
@@ -63,7 +63,7 @@ def _step(task: rc.Task, recipe: rc.Recipe, model: Any, opt: Any, batch: Any, st
 
 
 def arms(task: rc.Task, recipe: rc.Recipe, steps: int, at: tuple[int, ...],
-         seed: int) -> dict[str, Any]:
+         seed: int, factor: float = FACTOR) -> dict[str, Any]:
     """Fork the unguarded run at each step of ``at``: the two arms' levels and their ratio."""
     torch.manual_seed(seed)
     model = task.model()
@@ -74,12 +74,12 @@ def arms(task: rc.Task, recipe: rc.Recipe, steps: int, at: tuple[int, ...],
     for step in range(steps):
         if step in at:
             levels = []
-            for factor, offset in ((1.0, 0), (FACTOR, TRIAL)):
+            for f, offset in ((1.0, 0), (factor, TRIAL)):
                 m = copy.deepcopy(model)
                 o = recipe.make_optimizer(m)
                 o.load_state_dict(opt.state_dict())
                 levels.append(statistics.median(
-                    [_step(task, recipe, m, o, batch, step + offset + i, factor)
+                    [_step(task, recipe, m, o, batch, step + offset + i, f)
                      for i in range(TRIAL)][-MEASURE:]))
             control, trial = levels
             ratio = trial / control if control > 0 else math.nan
@@ -96,17 +96,22 @@ def arms(task: rc.Task, recipe: rc.Recipe, steps: int, at: tuple[int, ...],
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the failing recipes (3)")
+    ap.add_argument("--factor", type=float, default=FACTOR,
+                    help=f"the trial arm's LR over the control's ({FACTOR}, the probe's)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
+    if not 0.0 < args.factor < 1.0:
+        ap.error(f"--factor must be in (0, 1), got {args.factor}")
     t0 = time.perf_counter()
     failing = [{"name": c.name, "held_out": c.held_out, "seed": seed,
                 **arms(c.task, c.failing, max(c.steps, max(FAILING_AT) + 2 * TRIAL),
-                       FAILING_AT, seed)}
+                       FAILING_AT, seed, args.factor)}
                for c in R.RESCUE_CASES + R.HELD_OUT_CASES for seed in range(args.seeds)]
-    healthy = [{"name": c.name, "seed": 0, **arms(c.task, c.recipe, HEALTHY_STEPS, HEALTHY_AT, 0)}
+    healthy = [{"name": c.name, "seed": 0,
+                **arms(c.task, c.recipe, HEALTHY_STEPS, HEALTHY_AT, 0, args.factor)}
                for c in R.HEALTHY_CASES]
     low = [f["ratio"] for h in healthy for f in h["forks"] if math.isfinite(f["ratio"])]
-    out = {"environment": R.environment(), "trial": TRIAL, "measure": MEASURE, "factor": FACTOR,
+    out = {"environment": R.environment(), "trial": TRIAL, "measure": MEASURE, "factor": args.factor,
            "gain": GAIN, "failing": failing, "healthy": healthy,
            "healthy_lowest_ratio": min(low) if low else None,
            "healthy_too_high": sum(f["too_high"] for h in healthy for f in h["forks"]),

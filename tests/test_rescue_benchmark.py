@@ -127,3 +127,22 @@ def test_probe_arms_forks_both_arms_from_the_runs_weights(
     assert {x[2] for x in trial} == {arms.FACTOR}
     assert control[0][3] == trial[0][3] == mine[10][3]  # the run's weights at the fork
     assert out["nonfinite_at"] is None
+
+
+def test_probe_arms_trial_factor_is_the_one_asked_for(
+    rescue: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arms = importlib.import_module("benchmarks.probe_arms")
+    task, recipe = rescue.rc.REGRESSION_MLP, rescue.rc.Recipe(torch.optim.Adam, 1e-2)
+    factors: list[float] = []
+    step = arms._step
+
+    def spy(task_, recipe_, model, opt, batch, s, factor):  # type: ignore[no-untyped-def]
+        factors.append(factor)
+        return step(task_, recipe_, model, opt, batch, s, factor)
+
+    monkeypatch.setattr(arms, "_step", spy)
+    arms.arms(task, recipe, 11, (10,), seed=0, factor=0.25)
+    assert factors.count(0.25) == arms.TRIAL and factors.count(arms.FACTOR) == 0
+    with pytest.raises(SystemExit):
+        arms.main(["--factor", "1.5"])
