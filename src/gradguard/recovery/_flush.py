@@ -55,7 +55,8 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
         if before:
             triggers.append(Trigger("level", start, value=statistics.median(before)))
     risen, dead = False, list[str]()
-    if rec.loss_rise:
+    level = rec.loss_rise and not rec.state.level_off  # the loss level is evidence
+    if level:
         risen, trig, dead = _rise_trigger(rec, guard, window, losses, skips, judge)
         if trig is not None:
             triggers.append(trig)
@@ -67,7 +68,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     for trig in sorted(triggers, key=lambda t: (t.kind != "level", t.step, t.kind == "progress")):
         acted = rec._feed(guard, trig, layers) or acted
     skipped = any(s and step not in overflows for step, s in zip(window.steps, skips))
-    if rec.lr_probe:
+    if rec.lr_probe and level:
         # an update voided because the probe restored the weights after its backward (a
         # trainer's hook) is the probe's own doing, no trouble
         own = {step for step, c in zip(window.steps, codes or ()) if c == STALE}
@@ -154,6 +155,9 @@ def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -
     history = list(guard.monitor.detector_state.loss)
     if history and rec.state.factor >= rec.state.ceiling:
         rec._level = statistics.median(history)  # the loss level of a healthy run
+    if rec.state.level_off:  # the level is no evidence in this run: nor is it for a snapshot
+        rec._feed(guard, Trigger("healthy", window.steps[-1]), list)
+        return
     # nor is a loss at twice its best, having given back some of what the run learnt,
     # healthy: the loss-rise test waits for half of it (see .rise), a snapshot must not
     if rec._rise.noisy() is not None:
@@ -224,16 +228,16 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
 
 def _probe_fits(rec: Recovery, state: dict[str, Any]) -> bool:
     """Whether the probe's copies of the training state (two at the fork) fit within
-    ``snapshot_memory`` beside the snapshots held; when not, it warns once and the run has
-    no LR probe (the budget is the user's bound on the host memory the recovery holds)."""
+    ``snapshot_memory`` beside what the recovery holds; when not, it warns once and the run
+    has no LR probe (the budget is the user's bound on the host memory the recovery holds)."""
     budget = rec.ring.store.max_bytes
     need = 2 * state_bytes(state)
-    if budget is None or rec.ring.store.nbytes() + need <= budget:
+    if budget is None or rec.snapshot_bytes + need <= budget:
         return True
     warnings.warn(
         f"Recovery: the LR probe is off for this run: its two copies of the training state "
         f"({need / 2**20:.1f} MiB) beside the snapshots held "
-        f"({rec.ring.store.nbytes() / 2**20:.1f} MiB) would pass snapshot_memory="
+        f"({rec.snapshot_bytes / 2**20:.1f} MiB) would pass snapshot_memory="
         f"{budget} ({budget / 2**20:.1f} MiB); raise snapshot_memory to let it run",
         GradGuardWarning, stacklevel=2)
     return False

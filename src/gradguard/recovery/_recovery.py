@@ -67,7 +67,10 @@ class Recovery:
         reset_moments: after a rollback, zero the optimizer state of the layers that
             exploded (``"exploded"``), of every parameter (``"all"``) or of none.
         max_rollbacks: rollbacks without a healthy snapshot in between before
-            :class:`~gradguard.TrainingDiverged` (n, >= 0).
+            :class:`~gradguard.TrainingDiverged` (n, >= 0); when the loss level alone
+            decided the last of them, the loss does not answer the weights and the
+            loss-level tests are turned off instead (a ``loss_level_off`` event, see
+            :mod:`.ladder`).
         relapse_backoff: on a relapse the ceiling the LR is restored to becomes this times
             the factor in force, for the rest of the run; in (0, 1], 1 restores the full LR
             every time.
@@ -400,6 +403,10 @@ class Recovery:
                 continue
             acted = True
             self._rise.reset()  # the loss level is learnt again after the ladder acted
+            if a.kind == "level_off":
+                self._probe.cancel(a.step)
+                guard.add_event(actions.level_off_event(guard, a, self.config.restore_steps))
+                continue
             level = trig.value if trig.mild else self.state.pre_level  # before the trouble
             if a.kind == "backoff":
                 guard.add_event(actions.backoff_event(a, self.config.restore_steps, level=level))

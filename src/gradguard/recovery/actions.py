@@ -158,16 +158,15 @@ def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False,
     )
 
 
-def _moving_objective(a: Action, *, first: bool = False) -> str:
+def _moving_objective(a: Action) -> str:
     """For a rung the loss level decided (it rose, or did not come back): the loss-level
     tests assume a loss that training lowers; say how to turn them off where it is not
-    (a GAN's players, RL returns, a curriculum: benchmarks/gan.py aborts a healthy GAN)."""
+    (a GAN's players, RL returns, a curriculum: benchmarks/gan.py)."""
     if not a.by_level:
         return ""
-    text = ("If this loss may rise in a healthy run (a GAN's generator or discriminator, RL "
+    return (" If this loss may rise in a healthy run (a GAN's generator or discriminator, RL "
             "returns, a curriculum that makes the data harder), the loss-level tests do not "
             "apply: pass gg.Recovery(loss_rise=False).")
-    return text + " " if first else " " + text
 
 
 def _why_lowered(a: Action) -> str:
@@ -225,14 +224,33 @@ def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
            f"rollback(s) without recovering" + (f"; events in {run_dir}" if run_dir else ""))
     guard.add_event(Event(
         kind="abort", step=a.step, severity="error", message=msg,
-        remedy=_moving_objective(a, first=True) + (
-            "Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
-            "learning rate; check the data for NaN/Inf."),
+        remedy=("Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
+                "learning rate; check the data for NaN/Inf."),
         data={"rollbacks": a.rollbacks, "reason": a.reason},
     ))
-    hint = _moving_objective(a)
-    return TrainingDiverged(msg + ("." + hint if hint else ""), events=guard.events,
-                            run_dir=run_dir)
+    return TrainingDiverged(msg, events=guard.events, run_dir=run_dir)
+
+
+def level_off_event(guard: Guard, a: Action, restore_steps: int) -> Event:
+    """The loss did not come back to the level of the weights the ladder restored, time
+    after time: it does not answer the weights, and the ladder stops acting on it (see
+    ``level_off`` in :mod:`.ladder`)."""
+    lrs, shown = _lrs(guard, a.ceiling)
+    return Event(
+        kind="loss_level_off", step=a.step, severity="warning", value=a.factor,
+        message=(f"step {a.step}: {a.reason}, after {a.rollbacks} rollback(s) to weights "
+                 "that had reached it, at a fraction of the LR: this loss does not answer "
+                 "the weights (an objective that moves: a GAN's player, RL returns, a "
+                 "curriculum; or data that changed). The loss-level tests are off for the "
+                 "rest of the run; training goes on from the weights restored last, the "
+                 f"learning rate restores over {restore_steps} steps to x{a.ceiling:g} (lr "
+                 f"{shown}); NaN, spikes and dead layers are still acted on"),
+        remedy=("If this loss may rise in a healthy run, pass gg.Recovery(loss_rise=False) "
+                "and the guard will not roll it back; if the data changed (a pipeline bug), "
+                "stop the run and check it."),
+        data={"factor": a.factor, "ceiling": a.ceiling, "lr": lrs, "reason": a.reason,
+              "rollbacks": a.rollbacks},
+    )
 
 
 def rollback(

@@ -16,7 +16,15 @@ The rungs, climbed one at a time and only as far as the trouble goes:
    weights no better than the newest snapshot's: the Recovery weighs them; or
    ``skip_patience`` consecutive steps skipped for their loss, which the per-step verdict
    judges in a run's first steps only: the update before them wrecked the weights);
-4. **abort** after ``max_rollbacks`` rollbacks with no healthy snapshot in between.
+4. **abort** after ``max_rollbacks`` rollbacks with no healthy snapshot in between; unless
+   the loss level alone decided the last of them (it rose, or did not come back: no NaN, no
+   spike, no dead network). Weights restored from a snapshot and trained at a fraction of
+   the LR keep close to the loss they were saved at, if the loss is a function of the
+   weights; one that does not come back to it after ``max_rollbacks`` tries does not
+   answer the weights (a GAN's player against an opponent that moved on, RL returns, a
+   curriculum, data that changed). The ladder then turns the loss-level tests off for the
+   rest of the run (``level_off``, :attr:`LadderState.level_off`), lifts the ceilings
+   those rungs lowered, and training goes on from the weights it restored.
 
 Beside the rungs, a *lower* trigger (the LR probe found that the loss follows the LR,
 :mod:`.probe`) halves the ceiling and the factor in force at once, with no back-off and no
@@ -40,7 +48,7 @@ from typing import Literal
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
                       "level", "lower", "restored"]
-ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower"]
+ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower", "level_off"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,12 @@ class LadderState:
     watching: int | None = None  # a back-off/rollback whose effect on the loss is pending
     at_ceiling: int | None = None  # since when the factor sits at a lowered ceiling
     settled: float | None = None  # the ceiling last reported as settled
+    #: the ceiling before the current trouble's first rung the loss level decided (lifted
+    #: back to it when the level proves no evidence: ``level_off``)
+    level_ceiling: float | None = None
+    #: the loss level proved no evidence in this run (see ``level_off`` in the module
+    #: docstring): no rung is decided by it any more
+    level_off: bool = False
 
     @property
     def probation(self) -> bool:
@@ -216,11 +230,16 @@ def _escalate(
     start = st.trouble_start if continuing and st.trouble_start is not None else step
     pre = st.pre_level if continuing and st.pre_level is not None else level
     now = step if at is None else max(step, at)  # the back-off starts when it is applied
+    level_ceiling = st.level_ceiling if continuing else None
+    if by_level and level_ceiling is None:
+        level_ceiling = st.ceiling
     st = dataclasses.replace(st, last_trigger=step, trouble_start=start, pre_level=pre,
-                             watching=now, at_ceiling=None)
+                             watching=now, at_ceiling=None, level_ceiling=level_ceiling)
     if recent and st.rollbacks >= cfg.max_rollbacks:
+        if by_level:
+            return _level_off(st, step, reason)
         return st, (Action("abort", step, reason, st.factor, st.ceiling,
-                           rollbacks=st.total_rollbacks, by_level=by_level),)
+                           rollbacks=st.total_rollbacks),)
     lowered = False
     if recent or relapse:  # the trouble came back: the factor in force failed, for good
         new = _failed_ceiling(cfg, st)
@@ -238,6 +257,20 @@ def _escalate(
                              total_rollbacks=st.total_rollbacks + 1)
     return st, (Action("rollback", step, reason, factor, st.ceiling, True, lowered, back, skip,
                        st.rollbacks, by_level=by_level),)
+
+
+def _level_off(st: LadderState, step: int, reason: str) -> tuple[LadderState, tuple[Action, ...]]:
+    """The loss did not come back to the level of weights restored ``max_rollbacks`` times:
+    it does not answer the weights. No rung is decided by the level from here; the ceiling
+    returns to what it was before the level's rungs lowered it, the factor restores to it
+    from where it is, and the episode ends (its rollbacks are no count towards an abort)."""
+    top = max(st.ceiling, st.level_ceiling if st.level_ceiling is not None else st.ceiling)
+    st = dataclasses.replace(
+        st, level_off=True, ceiling=top, level_ceiling=None, watching=None, rollbacks=0,
+        trouble_start=None, pre_level=None, backoff_step=step, backoff_level=st.factor,
+        at_ceiling=None)
+    return st, (Action("level_off", step, reason, st.factor, top, rollbacks=st.total_rollbacks,
+                       by_level=True),)
 
 
 def _lower(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
@@ -276,8 +309,10 @@ def _progress(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[Ladder
     """``recovery_window`` steps after a back-off or rollback: has the loss come back?"""
     if st.watching is None or trig.step - st.watching < cfg.recovery_window:
         return st, ()
-    if st.pre_level is None or trig.value is None or trig.value <= st.pre_level * cfg.stall_factor:
-        return dataclasses.replace(st, watching=None), ()  # it has: keep restoring the LR
+    if (st.level_off or st.pre_level is None or trig.value is None
+            or trig.value <= st.pre_level * cfg.stall_factor):
+        # it has (or the level is no evidence in this run): keep restoring the LR
+        return dataclasses.replace(st, watching=None), ()
     reason = (f"the loss ({trig.value:.4g}) did not come back to its level before the trouble "
               f"({st.pre_level:.4g}) within {cfg.recovery_window} steps")
     return _escalate(cfg, st, trig.step, reason, force_rollback=True, by_level=True)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from ._data import RunData
 
-Status = Literal["healthy", "recovered", "not_recovered", "diverged", "stopped"]
+Status = Literal["healthy", "recovered", "not_recovered", "diverged", "stopped", "unjudged"]
 
 #: Levels are medians over this fraction of the run's steps ...
 LEVEL_FRACTION = 0.1
@@ -58,7 +58,9 @@ class Outcome:
         status: ``healthy`` (no incident, the loss did not rise), ``recovered`` (back to
             the level before the incident), ``not_recovered`` (finite, but above it),
             ``diverged`` (the loss rose over the run, or the last steps are non-finite or
-            skipped), ``stopped`` (the recovery ladder gave up).
+            skipped), ``stopped`` (the recovery ladder gave up), ``unjudged`` (the
+            ladder found that the loss does not answer the weights, ``loss_level_off``:
+            no loss level judges such a run).
         cause: a cause from the vocabulary (``lr_too_high``, ``nonfinite_input`` ...) or None.
         clause: how it ended, in words ("training recovered").
         evidence: the loss levels behind the verdict, in words.
@@ -79,8 +81,8 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        """Healthy or recovered: nothing to fail a run for."""
-        return self.status in ("healthy", "recovered")
+        """Healthy, recovered or unjudged: nothing to fail a run for."""
+        return self.status in ("healthy", "recovered", "unjudged")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,6 +188,11 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     elif tail_bad:
         status = "diverged"
         clause = "training did not recover (the last steps are still non-finite)"
+    elif off := [e for e in ev if e.get("kind") == "loss_level_off"]:
+        status, cause, rose = "unjudged", None, False
+        clause = (f"from step {off[0]['step']} the loss did not answer the weights gradguard "
+                  "restored (an objective that moves, or data that changed): the run is not "
+                  "judged on it")
     elif rose:
         status, cause = "diverged", "lr_too_high"
         clause = "training diverged (the loss rose over the run)"
@@ -266,6 +273,9 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
     to a run that clipped with ZClip)."""
     if status == "healthy":
         return None
+    if status == "unjudged":
+        return ("Judge this run on its own measure (samples, returns, a held-out metric); if "
+                "its loss may rise when healthy, pass gg.Recovery(loss_rise=False).")
     cfg = config or {}
     cli = bool(cfg.get("zero_code"))
     clip = str(cfg.get("clip") or "none")
