@@ -11,6 +11,7 @@ from torch import nn
 import gradguard as gg
 from gradguard.recovery.ladder import LadderState
 from gradguard.recovery.rise import SEVERE, DeadLayers, LossRise
+from gradguard.recovery.snapshots import copy_state
 from gradguard.recovery.verdict import GRAD_SPIKE, LOSS_SPIKE, STEP_GRAD_RATIO, SpikeVerdict
 
 
@@ -413,16 +414,22 @@ def test_a_spike_or_a_nan_does_not_name_the_loss_tests():
     assert _moving_objective(check).endswith("loss_rise=False).")
 
 
-def drifting_run(steps: int, nan_at: tuple[int, ...] = (), run_dir=None, **recovery: object):
+def drifting_run(steps: int, nan_at: tuple[int, ...] = (), run_dir=None, hooked: bool = False,
+                 every: int = 20, **recovery: object):
     """A linear model learning x -> x[0]; from step 40 the loss it reports carries a drift
     no weight can undo (0.02 a step: a GAN's generator against a sharper discriminator),
-    and the steps of ``nan_at`` have NaN gradients."""
+    and the steps of ``nan_at`` have NaN gradients. ``hooked``: the guard runs in the
+    optimizer's pre-step hook, as ``gradguard run`` drives it."""
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     rec = gg.Recovery(**recovery)
     sinks = [gg.JsonlSink(run_dir)] if run_dir is not None else []
-    guard = gg.Guard(model, opt, recovery=rec, every=20, sinks=sinks)
+    if hooked:
+        from gradguard.integrations._hooked import hooked_guard
+        guard = hooked_guard(model, opt, gg.GuardConfig(every=every, recovery=rec, sinks=sinks))
+    else:
+        guard = gg.Guard(model, opt, recovery=rec, every=every, sinks=sinks)
     used: list[float] = []
     opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
     g = torch.Generator().manual_seed(0)
@@ -430,7 +437,12 @@ def drifting_run(steps: int, nan_at: tuple[int, ...] = (), run_dir=None, **recov
         x = torch.randn(16, 4, generator=g)
         loss = nn.functional.mse_loss(model(x), x[:, :1])
         (loss * (math.nan if step in nan_at else 1.0)).backward()
-        guard.step(loss.detach() + 0.02 * max(0, step - 40))
+        told = loss.detach() + 0.02 * max(0, step - 40)
+        if hooked:
+            guard.step(told)  # what the hook reads: the loss, then the trainer's own step
+            opt.step()
+        else:
+            guard.step(told)
         opt.zero_grad()
     guard.close()
     return guard, rec, model, used
@@ -482,3 +494,45 @@ def test_a_run_whose_loss_does_not_answer_the_weights_is_not_judged_on_it(tmp_pa
     text = summary_sentence(data, {})
     assert "lr_too_high" not in text and "rolled back 3 times" in text
     assert "the run is not judged on it" in text
+
+
+def test_restored_weights_are_judged_against_the_norms_they_had():
+    """Found running ``gradguard run`` on a script whose loss drifts: the model had fitted
+    its linear target (gradient norm ~1e-4) when a rollback restored the fresh model (norm
+    ~1), and the per-step spike verdict, whose statistics were the fitted model's, skipped
+    the fresh model's steps as spikes (norm 1.7, 3.0, 1.2: x1e4 its median) and the three
+    skips rolled back once more. A snapshot now carries the verdict's statistics with the
+    weights (as it carries the clip policy's), and a rollback restores them."""
+    guard, *_ = drifting_run(300, hooked=True, every=50)
+    back = [e for e in guard.events if e.kind == "rollback"]
+    assert any(e.data["snapshot_step"] == -1 for e in back)  # the fresh model came back
+    assert not [e for e in guard.events if e.kind == "skip" and e.severity == "warning"]
+    assert all("spiking" not in e.message for e in back)
+
+
+def test_a_snapshot_restores_the_spike_verdicts_statistics():
+    from gradguard.recovery import actions
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = gg.Recovery()
+    guard = gg.Guard(model, opt, recovery=rec, every=10)
+    g = torch.Generator().manual_seed(0)
+
+    def train(n: int, scale: float) -> None:
+        for _ in range(n):
+            x = torch.randn(16, 4, generator=g)
+            (scale * nn.functional.mse_loss(model(x), x[:, :1])).backward()
+            guard.step()
+            opt.zero_grad()
+
+    train(30, 1.0)
+    snap = copy_state(actions.snapshot_state(guard, 29))
+    ring, count = rec._verdict.ring.clone(), rec._verdict.count.clone()
+    train(30, 30.0)  # the norms the verdict sees now are 30x larger
+    assert not torch.allclose(rec._verdict.ring, ring, equal_nan=True)
+    actions.restore(guard, snap)
+    torch.testing.assert_close(rec._verdict.ring, ring, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(rec._verdict.count, count)
+    guard.close()

@@ -296,6 +296,9 @@ def restore(guard: Guard, snap: dict[str, Any]) -> None:
         g.update(h)
     if guard.clip is not None and snap.get("clip") is not None:
         guard.clip.load_state_dict(copy_state(snap["clip"], guard.telemetry.device))
+    verdict = getattr(guard.recovery, "_verdict", None)
+    if verdict is not None and snap.get("verdict") is not None:
+        verdict.load_state_dict(copy_state(snap["verdict"], guard.telemetry.device))
 
 
 def reset_moments(guard: Guard, layers: Sequence[str] | None) -> list[str]:
@@ -332,7 +335,9 @@ def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
     """The live state to snapshot (not copied), or None when any value is NaN/Inf (one
-    host read, at flush time)."""
+    host read, at flush time). With the weights go the statistics that describe their
+    gradients: the clip policy's and the per-step spike verdict's (restored weights are
+    judged against the norms they had, not against those of the weights they replace)."""
     state = {
         "step": step,
         "model": guard.model.state_dict(),
@@ -342,7 +347,12 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
         "optimizer": local_optimizer(guard.optimizer).state_dict(),
         "clip": None if guard.clip is None else guard.clip.state_dict(),
     }
-    return state if all_finite(state) else None
+    if not all_finite(state):
+        return None
+    verdict = getattr(guard.recovery, "_verdict", None)
+    if verdict is not None:  # its ring holds NaN for empty slots: not part of the check
+        state["verdict"] = verdict.live_state(guard.telemetry.device)
+    return state
 
 
 def all_finite(obj: Any) -> bool:

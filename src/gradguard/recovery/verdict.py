@@ -120,6 +120,12 @@ class SpikeVerdict:
         count += keep.long()
         return (spike.to(torch.uint8) * bits).sum(dtype=torch.uint8)
 
+    def live_state(self, device: torch.device) -> dict[str, Tensor]:
+        """The statistics as live device tensors (created empty before the first step), for
+        a snapshot to copy: restored with the weights they describe."""
+        ring, count, *_ = self._ensure(device)
+        return {"ring": ring, "count": count}
+
     def state_dict(self) -> dict[str, Any]:
         return {"ring": None if self.ring is None else self.ring.detach().cpu().clone(),
                 "count": None if self.count is None else self.count.detach().cpu().clone()}
