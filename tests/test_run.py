@@ -471,3 +471,44 @@ def test_scaler_fused_step_with_script_clip_costs_no_host_sync(tmp_path, sync_co
         assert not torch.equal(model.weight, w)  # the second step ran, clipped
     g = s.units[0].guard
     assert g.skipped_steps == 1 and g.step_count == 3
+
+
+DRIFTING = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+model = nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+g = torch.Generator().manual_seed(0)
+for step in range(400):
+    x = torch.randn(16, 4, generator=g)
+    # from step 40 a drift no weight can undo (a GAN's generator against a sharper critic)
+    loss = nn.functional.mse_loss(model(x), x[:, :1]) + 0.02 * max(0, step - 40)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+"""
+
+
+def test_a_loss_that_does_not_answer_the_weights_under_gradguard_run(tmp_path, capsys):
+    """The default recovery rolls back, finds the loss does not come back to the restored
+    weights' level, turns its loss tests off (`loss_level_off`), and the run is judged
+    `unjudged`: no failure under --fail-on-divergence, and the remedy is the CLI's
+    `--no-loss-rise`, which leaves such a loss alone."""
+    script = tmp_path / "drift.py"
+    script.write_text(DRIFTING)
+    out = tmp_path / "runs"
+    rc = main(["run", "--fail-on-divergence", "--no-report", "--out", str(out), str(script)])
+    text = capsys.readouterr().err
+    assert rc == 0 and "UNJUDGED" in text and "--no-loss-rise" in text
+    kinds = [e["kind"] for e in read_jsonl(latest(out) / "events.jsonl")]
+    assert kinds.count("rollback") == 3 and "loss_level_off" in kinds and "abort" not in kinds
+
+    rc = main(["run", "--no-loss-rise", "--no-report", "--out", str(out), str(script)])
+    assert rc == 0
+    run = latest(out)
+    assert not [e for e in read_jsonl(run / "events.jsonl")
+                if e["kind"] in ("rollback", "lr_backoff", "loss_level_off")]
+    assert json.loads((run / "guard.json").read_text())["loss_rise"] is False
+    assert main(["run", "--no-loss-rise", "--no-recovery", str(script)]) == 2
+    assert "--no-loss-rise: recovery is off" in capsys.readouterr().err

@@ -65,6 +65,12 @@ def register(sub: Any) -> None:
         help="when steps keep failing: back the LR off, roll back to a snapshot, stop with a "
         "report when nothing helps (gg.Recovery(); default: on; it acts only on trouble)",
     )
+    g.add_argument(
+        "--loss-rise", action=argparse.BooleanOptionalAction, default=True,
+        help="let the recovery act on a loss that rises and stays up (it assumes a loss "
+        "that training lowers: turn it off for a GAN, RL returns or a curriculum, as "
+        "gg.Recovery(loss_rise=False) does; default: on)",
+    )
     g.add_argument("--snapshot-dir", default=None, metavar="DIR",
                    help="recovery snapshots on disk in DIR instead of CPU memory")
     g.add_argument("--every", type=int, default=DEFAULT_EVERY,
@@ -111,8 +117,11 @@ def build_config(args: argparse.Namespace) -> Any:
         raise UsageError(f"--every {args.every}: must be >= 1")
     if args.snapshot_dir is not None and not args.recovery:
         raise UsageError("--snapshot-dir: recovery is off (--no-recovery); drop one of them")
+    if not args.loss_rise and not args.recovery:
+        raise UsageError("--no-loss-rise: recovery is off (--no-recovery); drop one of them")
     try:
-        rec = Recovery(snapshot_dir=args.snapshot_dir) if args.recovery else None
+        rec = Recovery(snapshot_dir=args.snapshot_dir,
+                       loss_rise=args.loss_rise) if args.recovery else None
     except ValueError as e:
         raise UsageError(f"--snapshot-dir: {e}") from e
     return GuardConfig(

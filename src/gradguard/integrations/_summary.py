@@ -70,6 +70,7 @@ def guard_info(clip: Any, config: GuardConfig) -> dict[str, Any]:
         "script_clip": getattr(clip, "mode", None),
         "script_clip_calls": dict(getattr(clip, "counts", {})),
         "recovery": config.recovery is not None,
+        "loss_rise": bool(getattr(config.recovery, "loss_rise", False)),
         "on_nonfinite": config.on_nonfinite, "every": config.every,
     }
 

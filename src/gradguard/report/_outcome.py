@@ -273,10 +273,12 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
     to a run that clipped with ZClip)."""
     if status == "healthy":
         return None
-    if status == "unjudged":
-        return ("Judge this run on its own measure (samples, returns, a held-out metric); if "
-                "its loss may rise when healthy, pass gg.Recovery(loss_rise=False).")
     cfg = config or {}
+    if status == "unjudged":
+        off = "rerun with `--no-loss-rise`" if cfg.get("zero_code") else \
+            "pass gg.Recovery(loss_rise=False)"
+        return ("Judge this run on its own measure (samples, returns, a held-out metric); if "
+                f"its loss may rise when healthy, {off}.")
     cli = bool(cfg.get("zero_code"))
     clip = str(cfg.get("clip") or "none")
     backoffs = [e for e in data.events if e.get("kind") == "lr_backoff"]
