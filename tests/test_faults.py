@@ -105,15 +105,34 @@ def test_faults_with_a_fused_optimizer(kind):
         expected(kind, setup)[1]]
 
 
-def test_persistent_nan_input_climbs_the_ladder_then_raises_when_configured():
+def test_persistent_nan_input_is_found_in_the_batches_then_raises_when_it_lasts():
+    """The ladder climbs to a rollback (the newest snapshot's weights never had a gradient:
+    the NaN began on them; no test), then to the one before, whose weights had finite
+    gradients: NaN on their first step too, so the batches are at fault: no further rung,
+    and the run stops only when the streak lasts ``patience`` steps."""
     setup = make_setup("mlp")
     faults = [Fault("nan_input", step=s) for s in range(20, 60)]
     run = run_with_faults(setup, faults, steps=60, guard_kwargs=guard_kwargs(
-        recovery=gg.Recovery(snapshot_every=10, max_rollbacks=2)))
+        recovery=gg.Recovery(snapshot_every=10, max_rollbacks=2, patience=30)))
     assert isinstance(run.error, gg.TrainingDiverged)
-    ladder = [e.kind for e in run.events if e.kind in ("lr_backoff", "rollback", "abort")]
-    assert ladder == ["lr_backoff", "rollback", "rollback", "abort"]
+    ladder = [e.kind for e in run.events
+              if e.kind in ("lr_backoff", "rollback", "nonfinite_input", "abort")]
+    assert ladder == ["lr_backoff", "rollback", "rollback", "nonfinite_input", "abort"]
     assert run.state_nonfinite_steps == []
+
+
+def test_a_stretch_of_nan_batches_costs_the_run_no_lr():
+    """Found as a stranger: seven NaN batches in a row in a healthy run (a bad shard) took
+    the ladder to a rollback whose relapse rule capped the LR at x0.059 for good (a digits
+    MLP ended 2.3x its loss). The restored weights' first step is NaN too: the batches are
+    at fault, the ceiling is lifted, and the run ends as if the batches had been dropped."""
+    setup = make_setup("mlp")
+    faults = [Fault("nan_input", step=s) for s in range(20, 27)]
+    run = run_with_faults(setup, faults, steps=STEPS, guard_kwargs=guard_kwargs())
+    assert run.error is None and run.state_nonfinite_steps == []
+    kinds = [e.kind for e in run.events if e.kind in ("lr_backoff", "rollback", "nonfinite_input")]
+    assert kinds == ["lr_backoff", "rollback", "nonfinite_input"]
+    assert run.guard.recovery.lr_ceiling == 1.0
 
 
 def test_without_recovery_the_run_skips_and_continues():

@@ -200,7 +200,7 @@ class RecordingSink:
 def test_every_sink_is_closed_after_an_abort(tmp_path):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    rec = gg.Recovery(skip_patience=1, snapshot_every=2, max_rollbacks=1, patience=50)
+    rec = gg.Recovery(skip_patience=1, snapshot_every=2, max_rollbacks=1, patience=10)
     sinks = [RecordingSink(), gg.JsonlSink(tmp_path / "run"), RecordingSink()]
     with pytest.raises(gg.TrainingDiverged):
         with gg.Guard(model, opt, recovery=rec, every=2, sinks=sinks) as guard:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..events import Event
-from ..executors import NONFINITE, Hook
+from ..executors import NONFINITE, STALE, Hook
 from . import _flush, actions
 from .defaults import (
     BACKOFF,
@@ -54,7 +54,10 @@ class Recovery:
         backoff: LR multiplier on back-off, in (0, 1).
         restore_steps: steps over which the LR returns linearly to its value (m, >= 1).
         patience: steps after a back-off/rollback during which new trouble escalates to the
-            next rung (default: ``restore_steps``).
+            next rung (default: ``restore_steps``); also the longest streak of non-finite
+            steps the batches are at fault for (the restored weights' first step is
+            non-finite too: ``nonfinite_input``, :mod:`.ladder`) before
+            :class:`~gradguard.TrainingDiverged`.
         snapshot_every: steps between snapshots (s, >= 1); taken only while healthy.
         keep: snapshots kept (>= 1).
         snapshot_dir: also write each snapshot there (atomically, on a background thread:
@@ -196,6 +199,16 @@ class Recovery:
         self._probe = LrProbe()
         self._progress: float | None = None  # the loss level of the latest flush
         self.restores = 0  # weights restored: rollbacks, and the LR probe's forks (_flush)
+        #: the first step whose gradients a rollback's restored weights give (a later one
+        #: when that step's update was voided): its verdict tests the weights (see ``data``
+        #: in :mod:`.ladder`); None once judged
+        self._restored_at: int | None = None
+        self._restored_from = -1  # the snapshot step the last rollback restored
+        #: the snapshot whose weights' first gradients are still to come (a snapshot holds
+        #: the weights after an update, not yet evaluated), and the snapshots whose weights
+        #: had finite ones: only their restore tests the batches
+        self._verify: int | None = None
+        self._verified: set[int] = set()
         self._judged = -1  # the step of the last judgement of the loss level (see _flush)
 
     def __getattr__(self, name: str) -> Any:
@@ -309,8 +322,8 @@ class Recovery:
         back to; outside the ladder's ``snapshot_every`` cadence; a resumed run goes on
         with the snapshots it had). A trainer steps the optimizer after the guard's hook:
         the skip flags of its earlier steps are heard here, once its last update is done."""
-        if guard.step_count == 0 and not len(self.store):
-            self.ring.keep(guard, -1, disk=False)
+        if guard.step_count == 0 and not len(self.store) and self.ring.keep(guard, -1, disk=False):
+            self._kept(-1)
         if isinstance(guard.executor, Hook):
             self._hear(guard)
         self._feed(guard, Trigger("tick", guard.step_count), list)
@@ -369,11 +382,20 @@ class Recovery:
         loss (judged per step in a run's first steps only: the update before it wrecked
         the weights, see :mod:`.verdict`) asks for a rollback, not a back-off that would
         keep the wrecked weights."""
+        if self._verify is not None and step > self._verify and not code & STALE:
+            if not skipped:  # the snapshot's weights had finite gradients
+                self._verified.add(self._verify)
+            self._verify = None
+        first = (self._restored_at is not None and step >= self._restored_at
+                 and not code & STALE)  # the first gradients of restored weights
+        if first:
+            self._restored_at = None
         if not skipped:
             return Trigger("clean", step, at=at)
         reason = ("loss-spiking" if code & LOSS_SPIKE else "spiking" if code & ~NONFINITE
                   else "non-finite")
-        return Trigger("skip", step, reason, self._level, at=at, rollback=bool(code & LOSS_SPIKE))
+        return Trigger("skip", step, reason, self._level, at=at, rollback=bool(code & LOSS_SPIKE),
+                       data=first and bool(code & NONFINITE))
 
     def on_flush(self, guard: Guard, window: Window, events: Sequence[Event] = (),
                  overflows: Any = ()) -> None:
@@ -403,6 +425,9 @@ class Recovery:
                 continue
             acted = True
             self._rise.reset()  # the loss level is learnt again after the ladder acted
+            if a.kind == "data":
+                guard.add_event(actions.data_event(guard, a, self._restored_from))
+                continue
             if a.kind == "level_off":
                 self._probe.cancel(a.step)
                 guard.add_event(actions.level_off_event(guard, a, self.config.restore_steps))
@@ -419,6 +444,10 @@ class Recovery:
                     actions.rollback(guard, a, snap, layers(), self.reset_moments,
                                      self.config.max_rollbacks, level)
                     self.restores += 1
+                    back_to = int(snap["step"])
+                    # a test of the batches only when the weights had finite gradients
+                    self._restored_at = guard.step_count if back_to in self._verified else None
+                    self._restored_from = back_to
                     # the progress check asks the loss back near the level of the weights
                     # it restarts from, if those were above the level before the trouble
                     step = int(snap["step"])
@@ -435,9 +464,15 @@ class Recovery:
         step = guard.step_count - 1 if step is None else step
         if not self.ring.keep(guard, step):
             return False
+        self._kept(step)
         self.ring.remember(step, self._progress)
         self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
         return True
+
+    def _kept(self, step: int) -> None:
+        """A snapshot of ``step`` was kept: its weights' first gradients are to come."""
+        self._verify = step
+        self._verified &= set(self.store.steps())
 
     # ---- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -448,7 +483,9 @@ class Recovery:
             "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict(),
             "dead": self._dead.state_dict(), "probe": self._probe.state_dict(),
             "progress": self._progress, "judged": self._judged,
-            "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())]}
+            "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())],
+            "restored": [self._restored_at, self._restored_from],
+            "verify": self._verify, "verified": sorted(self._verified)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         sd = dict(sd)
@@ -456,6 +493,9 @@ class Recovery:
         self._level = sd.pop("level", None)
         self._progress = sd.pop("progress", None)
         self._judged = int(sd.pop("judged", -1))
+        self._restored_at, self._restored_from = sd.pop("restored", None) or (None, -1)
+        self._verify = sd.pop("verify", None)
+        self._verified = set(sd.pop("verified", ()))
         self.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
         rise = sd.pop("rise", None)
         if rise is not None:

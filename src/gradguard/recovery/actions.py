@@ -220,15 +220,39 @@ def lowered_event(guard: Guard, a: Action) -> Event:
 def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
     """The abort event (added to the guard) and the error to raise."""
     run_dir = guard.monitor.run_dir()
-    msg = (f"step {a.step}: training diverged: {a.reason}, after {rollbacks} "
-           f"rollback(s) without recovering" + (f"; events in {run_dir}" if run_dir else ""))
+    what = (f"training stopped: {a.reason}" if a.data else
+            f"training diverged: {a.reason}, after {rollbacks} rollback(s) without recovering")
+    msg = f"step {a.step}: {what}" + (f"; events in {run_dir}" if run_dir else "")
     guard.add_event(Event(
         kind="abort", step=a.step, severity="error", message=msg,
-        remedy=("Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
+        remedy=("Check the data for NaN/Inf (torch.isfinite on inputs and targets) and the "
+                "loss for log(0) or division by zero." if a.data else
+                "Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
                 "learning rate; check the data for NaN/Inf."),
-        data={"rollbacks": a.rollbacks, "reason": a.reason},
+        data={"rollbacks": a.rollbacks, "reason": a.reason,
+              **({"cause": "nonfinite_input"} if a.data else {})},
     ))
     return TrainingDiverged(msg, events=guard.events, run_dir=run_dir)
+
+
+def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
+    """The first step on weights a rollback restored is non-finite: the batches are at
+    fault, not the weights (see ``data`` in :mod:`.ladder`)."""
+    lrs, shown = _lrs(guard, a.ceiling)
+    saved = "before the first step" if snapshot < 0 else f"at step {snapshot}"
+    return Event(
+        kind="nonfinite_input", step=a.step, severity="warning",
+        message=(f"step {a.step}: the gradients are non-finite on the weights just restored "
+                 f"(saved {saved}, when their gradients were finite): the batches are at "
+                 "fault, not the weights (NaN/Inf in the inputs or targets, or a loss that is "
+                 "non-finite on them). gradguard skips such steps and does nothing else: the "
+                 f"learning rate restores to x{a.ceiling:g} (lr {shown}), and it stops the run "
+                 "only if they go on"),
+        remedy=(f"Check the batches from step {a.step} on for NaN/Inf (torch.isfinite on "
+                "inputs and targets) and the loss for log(0) or division by zero."),
+        data={"cause": "nonfinite_input", "factor": a.factor, "ceiling": a.ceiling,
+              "lr": lrs, "snapshot_step": snapshot},
+    )
 
 
 def level_off_event(guard: Guard, a: Action, restore_steps: int) -> Event:

@@ -23,8 +23,19 @@ The rungs, climbed one at a time and only as far as the trouble goes:
    weights; one that does not come back to it after ``max_rollbacks`` tries does not
    answer the weights (a GAN's player against an opponent that moved on, RL returns, a
    curriculum, data that changed). The ladder then turns the loss-level tests off for the
-   rest of the run (``level_off``, :attr:`LadderState.level_off`), lifts the ceilings
-   those rungs lowered, and training goes on from the weights it restored.
+   rest of the run (``level_off``, :attr:`LadderState.level_off`), lifts the ceiling back
+   to where it was before this trouble lowered it, and training goes on from the weights it
+   restored.
+
+A rollback is also a test of the weights: the step right after it computes its gradients
+on weights that had finite ones on the step after they were saved (a snapshot whose next
+step was already non-finite is no such test; the Recovery marks the trigger). When that
+step is non-finite too
+(a ``skip`` marked ``data``), the weights are not at fault but the batches are (NaN/Inf in
+the inputs or targets, or a loss that is non-finite on them): the ladder stops climbing
+for this streak of non-finite steps (``data``: they are skipped, nothing else), lifts the
+ceiling back to where it was before the trouble (an LR is not lowered for good for bad
+data), and aborts only when the streak lasts more than ``patience`` steps.
 
 Beside the rungs, a *lower* trigger (the LR probe found that the loss follows the LR,
 :mod:`.probe`) halves the ceiling and the factor in force at once, with no back-off and no
@@ -48,7 +59,8 @@ from typing import Literal
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
                       "level", "lower", "restored"]
-ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower", "level_off"]
+ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower", "level_off",
+                     "data"]
 
 
 @dataclass(frozen=True)
@@ -88,12 +100,16 @@ class LadderState:
     watching: int | None = None  # a back-off/rollback whose effect on the loss is pending
     at_ceiling: int | None = None  # since when the factor sits at a lowered ceiling
     settled: float | None = None  # the ceiling last reported as settled
-    #: the ceiling before the current trouble's first rung the loss level decided (lifted
-    #: back to it when the level proves no evidence: ``level_off``)
-    level_ceiling: float | None = None
     #: the loss level proved no evidence in this run (see ``level_off`` in the module
     #: docstring): no rung is decided by it any more
     level_off: bool = False
+    #: the ceiling before the first rung of the current trouble that lowered it (lifted
+    #: back to it when the loss level proves no evidence, ``level_off``, or the batches
+    #: prove at fault, ``data``); None when no rung of it lowered the ceiling
+    episode_ceiling: float | None = None
+    #: the first step of a streak of non-finite steps the batches are at fault for (see
+    #: ``data`` in the module docstring); None outside one
+    data_streak: int | None = None
 
     @property
     def probation(self) -> bool:
@@ -143,6 +159,9 @@ class Trigger:
     #: a spike, a NaN or a network that died; like the progress check, it assumes a loss
     #: that training lowers
     by_level: bool = False
+    #: a non-finite ``skip`` of the first step on weights a rollback restored: they had
+    #: finite gradients when saved, so the batches are at fault, not the weights
+    data: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,6 +182,8 @@ class Action:
     #: decided by the loss level (a rise, or a loss that did not come back): wrong for a
     #: loss that may rise in a healthy run (a GAN's players), which the event says
     by_level: bool = False
+    #: an ``abort`` for batches that stay non-finite (``data``), not for weights that diverged
+    data: bool = False
 
 
 def transition(
@@ -176,7 +197,9 @@ def transition(
     if trig.kind == "level":
         return (st if st.pre_level is not None else dataclasses.replace(st, pre_level=trig.value)), ()
     if trig.kind == "clean":  # every taken step: no copy of the state when nothing changes
-        return (st if not st.consecutive_skips else dataclasses.replace(st, consecutive_skips=0)), ()
+        if not st.consecutive_skips and st.data_streak is None:
+            return st, ()
+        return dataclasses.replace(st, consecutive_skips=0, data_streak=None), ()
     if trig.kind == "snapshot":
         return dataclasses.replace(st, last_snapshot=trig.step, rollbacks=0), ()
     if trig.kind == "healthy":
@@ -184,6 +207,8 @@ def transition(
         if (st.factor >= st.ceiling or st.watching is None) and due:  # no check pending
             return st, (Action("snapshot", trig.step),)
         return st, ()
+    if trig.kind == "skip" and (trig.data or st.data_streak is not None):
+        return _data(cfg, st, trig)
     if trig.kind == "skip":
         if st.backoff_step is not None and trig.step < st.backoff_step:
             # replayed at a flush (a fused optimizer's skip flags): skipped before the last
@@ -230,11 +255,9 @@ def _escalate(
     start = st.trouble_start if continuing and st.trouble_start is not None else step
     pre = st.pre_level if continuing and st.pre_level is not None else level
     now = step if at is None else max(step, at)  # the back-off starts when it is applied
-    level_ceiling = st.level_ceiling if continuing else None
-    if by_level and level_ceiling is None:
-        level_ceiling = st.ceiling
     st = dataclasses.replace(st, last_trigger=step, trouble_start=start, pre_level=pre,
-                             watching=now, at_ceiling=None, level_ceiling=level_ceiling)
+                             watching=now, at_ceiling=None,
+                             episode_ceiling=st.episode_ceiling if continuing else None)
     if recent and st.rollbacks >= cfg.max_rollbacks:
         if by_level:
             return _level_off(st, step, reason)
@@ -244,7 +267,8 @@ def _escalate(
     if recent or relapse:  # the trouble came back: the factor in force failed, for good
         new = _failed_ceiling(cfg, st)
         if new < st.ceiling:
-            st, lowered = dataclasses.replace(st, ceiling=new), True
+            first = st.ceiling if st.episode_ceiling is None else st.episode_ceiling
+            st, lowered = dataclasses.replace(st, ceiling=new, episode_ceiling=first), True
     factor = min(st.factor * cfg.backoff, st.ceiling)
     st = dataclasses.replace(st, factor=factor, backoff_level=factor, backoff_step=now)
     if not recent:
@@ -262,15 +286,37 @@ def _escalate(
 def _level_off(st: LadderState, step: int, reason: str) -> tuple[LadderState, tuple[Action, ...]]:
     """The loss did not come back to the level of weights restored ``max_rollbacks`` times:
     it does not answer the weights. No rung is decided by the level from here; the ceiling
-    returns to what it was before the level's rungs lowered it, the factor restores to it
+    returns to what it was before this trouble lowered it, the factor restores to it
     from where it is, and the episode ends (its rollbacks are no count towards an abort)."""
-    top = max(st.ceiling, st.level_ceiling if st.level_ceiling is not None else st.ceiling)
+    top = max(st.ceiling, st.episode_ceiling if st.episode_ceiling is not None else st.ceiling)
     st = dataclasses.replace(
-        st, level_off=True, ceiling=top, level_ceiling=None, watching=None, rollbacks=0,
+        st, level_off=True, ceiling=top, episode_ceiling=None, watching=None, rollbacks=0,
         trouble_start=None, pre_level=None, backoff_step=step, backoff_level=st.factor,
         at_ceiling=None)
     return st, (Action("level_off", step, reason, st.factor, top, rollbacks=st.total_rollbacks,
                        by_level=True),)
+
+
+def _data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
+    """A non-finite step the batches are at fault for (see ``data`` in the module
+    docstring): the first one ends the episode (the ceiling back to where it was before
+    it, no progress check, the rollbacks it made no count towards an abort) and says so;
+    the streak's later steps are skipped with nothing else, until it has lasted more than
+    ``patience`` steps."""
+    if st.data_streak is None:
+        top = max(st.ceiling, st.episode_ceiling if st.episode_ceiling is not None else st.ceiling)
+        st = dataclasses.replace(
+            st, data_streak=trig.step, consecutive_skips=0, ceiling=top, watching=None,
+            rollbacks=0, trouble_start=None, pre_level=None, episode_ceiling=None,
+            at_ceiling=None)
+        return st, (Action("data", trig.step, trig.reason, st.factor, top),)
+    if trig.step - st.data_streak < cfg.patience:
+        return st, ()
+    reason = (f"{trig.step - st.data_streak + 1} steps in a row non-finite on weights that "
+              "had finite gradients: the batches (their inputs or targets, or the loss on "
+              "them) stay non-finite")
+    return st, (Action("abort", trig.step, reason, st.factor, st.ceiling,
+                       rollbacks=st.total_rollbacks, data=True),)
 
 
 def _lower(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
