@@ -75,3 +75,22 @@ def guarded_steps(guard, model: nn.Module, opt: torch.optim.Optimizer, n: int, *
             model[0].weight.grad[0, 0] = math.nan
         guard.step(loss)
         opt.zero_grad()
+
+
+def recording_guard(model: nn.Module, opt: torch.optim.Optimizer, rec: object, *, every: int,
+                    run_dir: object = None, hooked: bool = False) -> tuple[object, list[float]]:
+    """A guard with ``rec`` (and a JsonlSink in ``run_dir``); ``hooked``: the guard runs in
+    the optimizer's pre-step hook, as a trainer or ``gradguard run`` drives it (the loop
+    then steps the optimizer itself). Also the LR each optimizer step used (a pre-hook
+    registered after the guard's)."""
+    import gradguard as gg
+
+    sinks = [gg.JsonlSink(run_dir)] if run_dir is not None else []
+    if hooked:
+        from gradguard.integrations._hooked import hooked_guard
+        guard = hooked_guard(model, opt, gg.GuardConfig(every=every, recovery=rec, sinks=sinks))
+    else:
+        guard = gg.Guard(model, opt, recovery=rec, every=every, sinks=sinks)
+    used: list[float] = []
+    opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
+    return guard, used

@@ -15,6 +15,7 @@ from gradguard.recovery.probe import CONFIRM, COOLDOWN, GAIN, MEASURE, RECUR, TR
 from gradguard.recovery.rise import LossRise
 from gradguard.report._data import load_run, summary_sentence
 from gradguard.report._outcome import judge
+from helpers import recording_guard
 
 
 def feed(probe: LrProbe, values: list[float], step: int) -> int:
@@ -153,14 +154,8 @@ def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=N
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 60))
     rec = gg.Recovery(**rec_kw)
-    sinks = [gg.JsonlSink(run_dir)] if run_dir is not None else []
-    if hooked:
-        from gradguard.integrations._hooked import hooked_guard
-        guard = hooked_guard(model, opt, gg.GuardConfig(every=every, recovery=rec, sinks=sinks))
-    else:
-        guard = gg.Guard(model, opt, recovery=rec, every=every, sinks=sinks)
-    used: list[float] = []  # registered after the guard's: sees the LR the step uses
-    opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
+    guard, used = recording_guard(model, opt, rec, every=every, run_dir=run_dir,
+                                  hooked=bool(hooked))
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x = torch.randn(16, 4, generator=g)

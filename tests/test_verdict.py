@@ -13,6 +13,7 @@ from gradguard.recovery.ladder import LadderState
 from gradguard.recovery.rise import SEVERE, DeadLayers, LossRise
 from gradguard.recovery.snapshots import copy_state
 from gradguard.recovery.verdict import GRAD_SPIKE, LOSS_SPIKE, STEP_GRAD_RATIO, SpikeVerdict
+from helpers import recording_guard
 
 
 def codes(v: SpikeVerdict, norms, losses=None):
@@ -424,14 +425,7 @@ def drifting_run(steps: int, nan_at: tuple[int, ...] = (), run_dir=None, hooked:
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     rec = gg.Recovery(**recovery)
-    sinks = [gg.JsonlSink(run_dir)] if run_dir is not None else []
-    if hooked:
-        from gradguard.integrations._hooked import hooked_guard
-        guard = hooked_guard(model, opt, gg.GuardConfig(every=every, recovery=rec, sinks=sinks))
-    else:
-        guard = gg.Guard(model, opt, recovery=rec, every=every, sinks=sinks)
-    used: list[float] = []
-    opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
+    guard, used = recording_guard(model, opt, rec, every=every, run_dir=run_dir, hooked=hooked)
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
         x = torch.randn(16, 4, generator=g)
