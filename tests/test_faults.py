@@ -106,10 +106,10 @@ def test_faults_with_a_fused_optimizer(kind):
 
 
 def test_persistent_nan_input_is_found_in_the_batches_then_raises_when_it_lasts():
-    """The ladder climbs to a rollback (the newest snapshot's weights never had a gradient:
-    the NaN began on them; no test), then to the one before, whose weights had finite
-    gradients: NaN on their first step too, so the batches are at fault: no further rung,
-    and the run stops only when the streak lasts ``patience`` steps."""
+    """The ladder climbs to a rollback, past the newest snapshot (the NaN began on its
+    weights: they never had finite gradients) to the one before, whose weights had: NaN on
+    their first step too, so the batches are at fault: no further rung, and the run stops
+    only when the streak lasts ``patience`` steps."""
     setup = make_setup("mlp")
     faults = [Fault("nan_input", step=s) for s in range(20, 60)]
     run = run_with_faults(setup, faults, steps=60, guard_kwargs=guard_kwargs(
@@ -117,7 +117,9 @@ def test_persistent_nan_input_is_found_in_the_batches_then_raises_when_it_lasts(
     assert isinstance(run.error, gg.TrainingDiverged)
     ladder = [e.kind for e in run.events
               if e.kind in ("lr_backoff", "rollback", "nonfinite_input", "abort")]
-    assert ladder == ["lr_backoff", "rollback", "rollback", "nonfinite_input", "abort"]
+    assert ladder == ["lr_backoff", "rollback", "nonfinite_input", "abort"]
+    back = next(e for e in run.events if e.kind == "rollback")
+    assert back.data["snapshot_step"] == 9  # not 19: the NaN began on its weights
     assert run.state_nonfinite_steps == []
 
 

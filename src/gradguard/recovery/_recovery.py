@@ -204,10 +204,11 @@ class Recovery:
         #: in :mod:`.ladder`); None once judged
         self._restored_at: int | None = None
         self._restored_from = -1  # the snapshot step the last rollback restored
-        #: the snapshot whose weights' first gradients are still to come (a snapshot holds
-        #: the weights after an update, not yet evaluated), and the snapshots whose weights
-        #: had finite ones: only their restore tests the batches
-        self._verify: int | None = None
+        #: the snapshot (and the restores count then) whose weights have had no finite
+        #: gradients yet (a snapshot holds the weights after an update, not yet evaluated;
+        #: skipped steps leave them in place), and the snapshots whose weights had: only
+        #: their restore tests the batches
+        self._verify: tuple[int, int] | None = None
         self._verified: set[int] = set()
         self._judged = -1  # the step of the last judgement of the loss level (see _flush)
 
@@ -382,9 +383,11 @@ class Recovery:
         loss (judged per step in a run's first steps only: the update before it wrecked
         the weights, see :mod:`.verdict`) asks for a rollback, not a back-off that would
         keep the wrecked weights."""
-        if self._verify is not None and step > self._verify and not code & STALE:
-            if not skipped:  # the snapshot's weights had finite gradients
-                self._verified.add(self._verify)
+        if self._verify is not None and step > self._verify[0] and not skipped and not code & STALE:
+            # the first step taken since the snapshot: its gradients were the snapshot's
+            # weights' (the steps between were skipped), unless a restore replaced them
+            if self._verify[1] == self.restores:
+                self._verified.add(self._verify[0])
             self._verify = None
         first = (self._restored_at is not None and step >= self._restored_at
                  and not code & STALE)  # the first gradients of restored weights
@@ -436,7 +439,7 @@ class Recovery:
             if a.kind == "backoff":
                 guard.add_event(actions.backoff_event(a, self.config.restore_steps, level=level))
             elif a.kind == "rollback":
-                snap = self.ring.load(a.back)
+                snap = self.ring.load(self._back(a.back))
                 if snap is None:  # nothing good to go back to yet: the deeper back-off only
                     guard.add_event(actions.backoff_event(a, self.config.restore_steps,
                                                           no_snapshot=True, level=level))
@@ -469,9 +472,17 @@ class Recovery:
         self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
         return True
 
+    def _back(self, back: int) -> int:
+        """How many snapshots before the newest in memory a rollback goes to: one further
+        when the newest one's weights never had finite gradients (every step since it was
+        skipped: restoring them restores the trouble's own weights, a no-op for a streak of
+        skipped steps) and an older one is kept."""
+        steps = self.store.steps()
+        return back + 1 if len(steps) > 1 and steps[-1] not in self._verified else back
+
     def _kept(self, step: int) -> None:
         """A snapshot of ``step`` was kept: its weights' first gradients are to come."""
-        self._verify = step
+        self._verify = (step, self.restores)
         self._verified &= set(self.store.steps())
 
     # ---- checkpointing -----------------------------------------------------------------
@@ -485,7 +496,8 @@ class Recovery:
             "progress": self._progress, "judged": self._judged,
             "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())],
             "restored": [self._restored_at, self._restored_from],
-            "verify": self._verify, "verified": sorted(self._verified)}
+            "verify": None if self._verify is None else list(self._verify),
+            "verified": sorted(self._verified)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         sd = dict(sd)
@@ -494,7 +506,8 @@ class Recovery:
         self._progress = sd.pop("progress", None)
         self._judged = int(sd.pop("judged", -1))
         self._restored_at, self._restored_from = sd.pop("restored", None) or (None, -1)
-        self._verify = sd.pop("verify", None)
+        verify = sd.pop("verify", None)
+        self._verify = None if verify is None else (int(verify[0]), int(verify[1]))
         self._verified = set(sd.pop("verified", ()))
         self.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
         rise = sd.pop("rise", None)

@@ -28,9 +28,8 @@ The rungs, climbed one at a time and only as far as the trouble goes:
    restored.
 
 A rollback is also a test of the weights: the step right after it computes its gradients
-on weights that had finite ones on the step after they were saved (a snapshot whose next
-step was already non-finite is no such test; the Recovery marks the trigger). When that
-step is non-finite too
+on weights that had finite ones (the Recovery restores the newest snapshot whose weights
+had, and marks the trigger). When that step is non-finite too
 (a ``skip`` marked ``data``), the weights are not at fault but the batches are (NaN/Inf in
 the inputs or targets, or a loss that is non-finite on them): the ladder stops climbing
 for this streak of non-finite steps (``data``: they are skipped, nothing else), lifts the
