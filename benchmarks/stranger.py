@@ -4,7 +4,7 @@ fused Adam, AdamW with two param groups), against the same loop unguarded and it
 at the right LR.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/stranger.py [--quick] [--no-recur] [--out F]
-Writes benchmarks/results/stranger.json (about 6 minutes).
+Writes benchmarks/results/stranger.json (about 2 minutes).
 
 The model and data are not the rescue suite's (benchmarks/rescue_cases.py): a GELU MLP
 (64-256-256-10, PyTorch's init) on the digits scaled to [0, 1], batches of 64, 800 steps,
@@ -13,6 +13,11 @@ held-out loss on 397 digits no step trained on. Rows:
 * ``loop_*``: Adam at 0.3 (300x) with a cosine schedule, seed 0, in five loops. The first
   update wrecks the model; the guard rolls back to the weights before it. With a fused
   optimizer or a GradScaler the skip flags stay on the device (:mod:`gradguard.recovery.late`).
+* ``lightning``: the fused loop in a Lightning ``Trainer`` (the same batches, the schedule
+  stepped per step), guarded by ``GradGuardCallback()`` and nothing else, seeds 0-2; its
+  twin and the unguarded run are the same ``Trainer`` without the callback. The guard runs
+  inside the optimizer step there (the closure), and hears a fused optimizer's skip flags
+  one step later than the plain loop.
 * ``const_lr0.1``: Adam at 0.1 (100x), constant, seeds 0-2: the loss is thrown up to 10x
   its best every couple of hundred steps and decays by itself (the LR probe's recurrence
   rule, :mod:`gradguard.recovery.probe`). ``--no-recur`` turns that rule off.
@@ -35,6 +40,7 @@ from gradguard.recovery import probe
 OUT = Path(__file__).parent / "results" / "stranger.json"
 STEPS = 800
 LOOPS = ("plain", "float64", "amp", "fused", "groups")
+TRAINERS = ("lightning",)
 COUNTED = ("skip", "lr_backoff", "rollback", "lr_settled", "abort")
 
 
@@ -51,6 +57,8 @@ def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 def run(loop: str, lr: float, seed: int, *, guarded: bool, schedule: str,
         steps: int) -> dict[str, Any]:
     """One run; its held-out loss and, guarded, what the guard did."""
+    if loop in TRAINERS:
+        return run_lightning(lr, seed, guarded=guarded, schedule=schedule, steps=steps)
     x, y, train, test = data()
     dtype = torch.float64 if loop == "float64" else torch.float32
     torch.manual_seed(seed)
@@ -89,18 +97,71 @@ def run(loop: str, lr: float, seed: int, *, guarded: bool, schedule: str,
         opt.zero_grad()
         if sched is not None:
             sched.step()
-    out: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 2)}
-    with torch.no_grad():
-        out["held_out"] = nn.functional.cross_entropy(model(x[test].to(dtype)).float(),
-                                                      y[test]).item()
-    out["finite"] = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     if guard is not None:
         guard.close()
-        out["events"] = {k: sum(e.kind == k for e in guard.events) for k in COUNTED}
-        out["first_rollback"] = next((e.step for e in guard.events if e.kind == "rollback"), None)
-        out["lowered"] = [e.step for e in guard.events
-                          if e.kind == "lr_backoff" and e.data.get("probe")]
+    events = None if guard is None else [e.to_json() for e in guard.events]
+    return outcome(model, x[test].to(dtype), y[test], t0, events)
+
+
+def outcome(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t0: float,
+            events: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The held-out loss and, guarded, what the guard did (``events``: as in events.jsonl)."""
+    out: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 2)}
+    with torch.no_grad():
+        out["held_out"] = nn.functional.cross_entropy(model(x).float(), y).item()
+    out["finite"] = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if events is not None:
+        out["events"] = {k: sum(e["kind"] == k for e in events) for k in COUNTED}
+        out["first_rollback"] = next((e["step"] for e in events if e["kind"] == "rollback"), None)
+        out["lowered"] = [e["step"] for e in events
+                          if e["kind"] == "lr_backoff" and e["data"].get("probe")]
     return out
+
+
+def run_lightning(lr: float, seed: int, *, guarded: bool, schedule: str,
+                  steps: int) -> dict[str, Any]:
+    """The fused loop in a Lightning ``Trainer``: the same batches, one per step."""
+    import tempfile
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    x, y, train, test = data()
+    gen = torch.Generator().manual_seed(seed + 100)
+    batches = [train[torch.randint(0, len(train), (64,), generator=gen)] for _ in range(steps)]
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
+                        nn.Linear(256, 10))
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, idx: torch.Tensor, _: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self.net(x[idx]), y[idx])
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.Adam(self.parameters(), lr=lr, fused=True)
+            if schedule != "cosine":
+                return opt
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        callback = GradGuardCallback(run_dir=Path(root, "gg"), report=False) if guarded else None
+        warnings.simplefilter("ignore")  # Lightning's tips on workers and logging
+        trainer = pl.Trainer(max_steps=steps, callbacks=[callback] if callback else [],
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu",
+                             default_root_dir=root)
+        trainer.fit(Module(), torch.utils.data.DataLoader(batches, batch_size=None))
+        events = None if callback is None else [
+            json.loads(line) for line in Path(root, "gg", "events.jsonl").read_text().splitlines()]
+        return outcome(net, x[test], y[test], t0, events)
 
 
 def row(name: str, loop: str, lr: float, seed: int, schedule: str, steps: int) -> dict[str, Any]:
@@ -127,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = 100 if args.quick else STEPS
     t0 = time.perf_counter()
     rows = [row(f"loop_{loop}", loop, 0.3, 0, "cosine", steps) for loop in LOOPS]
+    rows += [row(f"{t}_lr0.3", t, 0.3, s, "cosine", steps) for t in TRAINERS
+             for s in ((0,) if args.quick else (0, 1, 2))]
     rows += [row("const_lr0.1", "plain", 0.1, s, "constant", steps)
              for s in ((0,) if args.quick else (0, 1, 2))]
     res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps,

@@ -140,11 +140,15 @@ def test_a_rollback_heard_in_the_hook_leaves_the_restored_weights_untouched(tmp_
     """Six NaN steps (2-7): the sixth skip, heard in the hook of step 8 after its backward,
     rolls back to the weights before the first step. Lightning then steps the optimizer
     with step 8's gradients, computed on the weights the rollback replaced: the guard
-    takes them off, so step 9 starts from the restored weights exactly."""
+    takes them off, so step 9 starts from the restored weights exactly. The optimizer
+    keeps the LR the module set (the rollback ran inside its step, its LR scaled by the
+    ladder for that step)."""
     rec = gg.Recovery()
     cb = GradGuardCallback(every=50, recovery=rec, run_dir=tmp_path / "rd", report=False)
     model = Burst(rec, bad=tuple(range(2, 8)))
-    trainer(tmp_path, cb, logger=False, max_steps=11).fit(model, loader())
+    t = trainer(tmp_path, cb, logger=False, max_steps=11)
+    t.fit(model, loader())
+    assert t.optimizers[0].param_groups[0]["lr"] == 1e-2 and rec.lr_factor < 1.0
     events = read_jsonl(tmp_path / "rd" / "events.jsonl")
     assert [(e["step"], e["value"]) for e in events if e["kind"] == "rollback"] == [(7, -1.0)]
     assert all(torch.equal(a, b) for a, b in zip(model.weights[9], model.weights[0]))

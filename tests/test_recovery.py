@@ -236,6 +236,38 @@ def test_a_rollback_in_a_trainers_hook_voids_the_update_that_follows(loop):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_rollback_inside_the_optimizer_step_leaves_the_users_lr(fused):
+    """Lightning calls the guard from the closure, inside ``optimizer.step``: the LR
+    multiplier's pre-hook has already scaled each group's LR when the rollback loads the
+    snapshot's optimizer state. Loading builds new param-group dicts; had they replaced the
+    live ones, the multiplier would have put the unscaled LR back into the old dicts and
+    the scaled one (x0.109 here) would have stayed for good. Between steps the LR is always
+    the one the user set; the LR a step uses is that times the ladder's factor."""
+    from gradguard.integrations._hooked import hooked_guard
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    guard = hooked_guard(model, opt, gg.GuardConfig(every=50, recovery=gg.Recovery()))
+    used = []
+    between = []
+    for i, (x, y) in enumerate(batches(30, seed=1)):
+        def closure(i=i, x=x, y=y):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            (loss * math.nan if 2 <= i < 8 else loss).backward()
+            used.append(opt.param_groups[0]["lr"])  # scaled by the multiplier's pre-hook
+            guard.step(loss)
+            return loss
+        opt.step(closure)
+        between.append(opt.param_groups[0]["lr"])
+    guard.close()
+    assert [e.kind for e in guard.events if e.kind == "rollback"] == ["rollback"]
+    assert between == [1e-2] * 30
+    assert used[10] < used[-1] < 1e-2  # backed off, and restoring
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_persistent_trouble_rolls_back_to_the_last_good_snapshot():
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

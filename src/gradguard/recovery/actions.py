@@ -308,16 +308,21 @@ def restore(guard: Guard, snap: dict[str, Any]) -> None:
     """Load model, optimizer state and clip policy from ``snap`` (a copy owned by the
     caller; :func:`snapshot_state` copied), keeping the optimizer's hyperparameters as they
     are now (LR schedules are not rolled back)."""
-    opt = guard.optimizer
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     guard.model.load_state_dict(snap["model"])
     extra = snap.get("extra_params") or {}
     for n, p in zip(guard.names, guard.telemetry.params):
         if n in extra:
             p.detach().copy_(extra[n])
-    local_optimizer(opt).load_state_dict(snap["optimizer"])
-    for g, h in zip(opt.param_groups, hyper):
-        g.update(h)
+    # ``Optimizer.load_state_dict`` builds new param-group dicts (the saved hyperparameters
+    # with the live params): the live dicts are put back, hyperparameters and all, so that
+    # whatever holds them stays valid. That includes this guard's LR multiplier when the
+    # restore happens inside an optimizer step (a trainer's pre-step hook): it puts each
+    # group's unscaled LR back into the dict it scaled, which must be the live one, or
+    # the scaled LR would stay for good.
+    local = local_optimizer(guard.optimizer)
+    groups = list(local.param_groups)
+    local.load_state_dict(snap["optimizer"])
+    local.param_groups[:] = groups
     if guard.clip is not None and snap.get("clip") is not None:
         guard.clip.load_state_dict(copy_state(snap["clip"], guard.telemetry.device))
     verdict = getattr(guard.recovery, "_verdict", None)
