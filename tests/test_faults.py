@@ -5,8 +5,11 @@ the full ones are in benchmarks/quality.py)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 import gradguard as gg
 from gradguard.lab.calibration import calibration_run
@@ -17,6 +20,7 @@ from gradguard.testing import (
     make_setup,
     run_with_faults,
 )
+from helpers import batches, mlp
 
 STEPS, AT = 40, 30  # after ZClip's 25-step warm-up and the spike detectors' 20
 LADDER = ("skip", "lr_backoff", "rollback", "abort")
@@ -135,6 +139,49 @@ def test_a_stretch_of_nan_batches_costs_the_run_no_lr():
     kinds = [e.kind for e in run.events if e.kind in ("lr_backoff", "rollback", "nonfinite_input")]
     assert kinds == ["lr_backoff", "rollback", "nonfinite_input"]
     assert run.guard.recovery.lr_ceiling == 1.0
+
+
+def test_a_streak_that_ends_at_the_rollback_costs_the_run_no_lr():
+    """Six NaN batches in a row: the sixth skip rolls back, and the streak ends there. The
+    back-off of the third was never tried (every step since skipped): it has not failed,
+    and the rollback keeps the ceiling; the LR restores in full. Before, the relapse rule
+    capped it at x0.059 for good (a digits MLP: 0.20 at the end, 0.085 without the cap and
+    0.088 without the batches)."""
+    setup = make_setup("mlp")
+    faults = [Fault("nan_input", step=s) for s in range(20, 26)]
+    run = run_with_faults(setup, faults, steps=160, guard_kwargs=guard_kwargs())
+    assert run.error is None and run.state_nonfinite_steps == []
+    kinds = [e.kind for e in run.events if e.kind in ("lr_backoff", "rollback", "nonfinite_input")]
+    assert kinds == ["lr_backoff", "rollback"]
+    rollback = next(e for e in run.events if e.kind == "rollback")
+    assert rollback.data["ceiling"] == 1.0 and run.guard.recovery.lr_ceiling == 1.0
+    assert run.guard.recovery.lr_factor == 1.0  # restored in full by the end
+
+
+def test_in_a_trainers_hook_the_voided_step_after_a_rollback_tried_no_lr():
+    """Driven from a trainer's hook with fused Adam, the rollback is heard after the next
+    backward and that step's update is voided (its gradients belong to the replaced
+    weights): seven NaN batches end at the rollback there. The voided step tried no
+    factor either, so the ceiling is kept; before, the LR stayed at x0.059 for good."""
+    from gradguard.integrations._hooked import hooked_guard
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    rec = gg.Recovery()
+    guard = hooked_guard(model, opt, gg.GuardConfig(every=10, recovery=rec))
+    for i, (x, y) in enumerate(batches(160, seed=1)):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        (loss * math.nan if 20 <= i < 27 else loss).backward()
+        guard.step(loss)
+        opt.step()  # the trainer's own step
+    guard.close()
+    kinds = [(e.kind, e.severity) for e in guard.events
+             if e.kind in ("lr_backoff", "rollback", "nonfinite_input")
+             or (e.kind == "skip" and e.severity == "info")]
+    assert kinds == [("lr_backoff", "warning"), ("rollback", "error"), ("skip", "info")]
+    assert rec.lr_ceiling == 1.0 and rec.lr_factor == 1.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_without_recovery_the_run_skips_and_continues():

@@ -394,7 +394,7 @@ class Recovery:
         if first:
             self._restored_at = None
         if not skipped:
-            return Trigger("clean", step, at=at)
+            return Trigger("clean", step, at=at, voided=bool(code & STALE))
         reason = ("loss-spiking" if code & LOSS_SPIKE else "spiking" if code & ~NONFINITE
                   else "non-finite")
         return Trigger("skip", step, reason, self._level, at=at, rollback=bool(code & LOSS_SPIKE),

@@ -47,7 +47,13 @@ A *relapse* (new trouble within ``relapse_window`` steps of the previous trigger
 rollback) lowers the ceiling to ``relapse_backoff`` times the factor that failed, for good:
 an LR that failed twice is never restored again. Halving it per relapse converges on the
 largest stable factor within a factor of two; once the LR has stayed at a lowered ceiling
-for ``restore_steps`` healthy steps, the ladder reports it as settled.
+for ``restore_steps`` healthy steps, the ladder reports it as settled. A factor fails
+only once an update was taken at it: a rung whose factor no update has used (every step
+since it was skipped, :attr:`LadderState.untested`) is the same trouble going on, and the
+rung after it (the rollback of a streak of non-finite steps) keeps the ceiling. Were the
+LR at fault, the trouble comes back as the factor restores, at a factor that was tried,
+and the ceiling drops from there; were the batches (a bad shard that ended as the ladder
+rolled back), nothing comes back and the run keeps its LR.
 """
 
 from __future__ import annotations
@@ -109,6 +115,10 @@ class LadderState:
     #: the first step of a streak of non-finite steps the batches are at fault for (see
     #: ``data`` in the module docstring); None outside one
     data_streak: int | None = None
+    #: the step from which the factor the last rung set is in force, while no update has
+    #: been taken at it (every step since skipped): it has not failed, nor has the ceiling
+    #: it came back to; None once an update was taken
+    untested: int | None = None
 
     @property
     def probation(self) -> bool:
@@ -161,6 +171,9 @@ class Trigger:
     #: a non-finite ``skip`` of the first step on weights a rollback restored: they had
     #: finite gradients when saved, so the batches are at fault, not the weights
     data: bool = False
+    #: a ``clean`` step whose update was voided (the weights were restored after its
+    #: backward): no update was taken
+    voided: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,9 +209,11 @@ def transition(
     if trig.kind == "level":
         return (st if st.pre_level is not None else dataclasses.replace(st, pre_level=trig.value)), ()
     if trig.kind == "clean":  # every taken step: no copy of the state when nothing changes
-        if not st.consecutive_skips and st.data_streak is None:
+        tested = (st.untested is not None and not trig.voided and trig.step >= st.untested)
+        if not st.consecutive_skips and st.data_streak is None and not tested:
             return st, ()
-        return dataclasses.replace(st, consecutive_skips=0, data_streak=None), ()
+        return dataclasses.replace(st, consecutive_skips=0, data_streak=None,
+                                   untested=None if tested else st.untested), ()
     if trig.kind == "snapshot":
         return dataclasses.replace(st, last_snapshot=trig.step, rollbacks=0), ()
     if trig.kind == "healthy":
@@ -263,13 +278,17 @@ def _escalate(
         return st, (Action("abort", step, reason, st.factor, st.ceiling,
                            rollbacks=st.total_rollbacks),)
     lowered = False
-    if recent or relapse:  # the trouble came back: the factor in force failed, for good
+    # the trouble came back: the factor in force failed, for good; unless no update was
+    # taken at it since the last rung (a streak of skipped steps goes on: the same trouble,
+    # not a relapse, and the factor that rung set has not been tried)
+    if (recent or relapse) and st.untested is None:
         new = _failed_ceiling(cfg, st)
         if new < st.ceiling:
             first = st.ceiling if st.episode_ceiling is None else st.episode_ceiling
             st, lowered = dataclasses.replace(st, ceiling=new, episode_ceiling=first), True
     factor = min(st.factor * cfg.backoff, st.ceiling)
-    st = dataclasses.replace(st, factor=factor, backoff_level=factor, backoff_step=now)
+    st = dataclasses.replace(st, factor=factor, backoff_level=factor, backoff_step=now,
+                             untested=now)
     if not recent:
         st = dataclasses.replace(st, backoffs=st.backoffs + 1)
         return st, (Action("backoff", step, reason, factor, st.ceiling, relapse, lowered,
@@ -329,7 +348,7 @@ def _lower(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderSta
     relapse = st.last_trigger is not None and trig.step - st.last_trigger <= cfg.relapse_window
     st = dataclasses.replace(st, last_trigger=trig.step, ceiling=ceiling, factor=factor,
                              backoff_level=factor, backoff_step=now, at_ceiling=None,
-                             backoffs=st.backoffs + 1)
+                             backoffs=st.backoffs + 1, untested=now)
     return st, (Action("backoff", trig.step, trig.reason, factor, ceiling, relapse, lowered,
                        by_level=trig.by_level),)
 
