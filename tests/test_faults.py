@@ -155,6 +155,7 @@ def test_a_streak_that_ends_at_the_rollback_costs_the_run_no_lr():
     assert kinds == ["lr_backoff", "rollback"]
     rollback = next(e for e in run.events if e.kind == "rollback")
     assert rollback.data["ceiling"] == 1.0 and run.guard.recovery.lr_ceiling == 1.0
+    assert "learning rate x0.0118 (restored in full over 100 steps)" in rollback.message
     assert run.guard.recovery.lr_factor == 1.0  # restored in full by the end
 
 

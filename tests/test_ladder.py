@@ -251,7 +251,7 @@ def test_unknown_trigger_is_refused():
 def test_a_lowered_ceiling_says_why_it_was_lowered(relapse, says):
     """A ceiling lowered by a relapse says the trouble came back; one lowered by a mild rise
     long after the last trigger (no relapse) must not claim that."""
-    from gradguard.recovery.actions import backoff_event
+    from gradguard.recovery.messages import backoff_event
     ev = backoff_event(Action("backoff", 900, "rose", 0.025, 0.125, relapse, True), 100)
     assert ev.message.endswith(f"to x0.125 only ({says})")
     assert ev.data["relapse"] is relapse

@@ -398,8 +398,8 @@ def test_a_spike_or_a_nan_does_not_name_the_loss_tests():
     """Only the rungs the loss level decided (a rise, a loss that did not come back) carry
     ``by_level``, and only those name the option; a skipped NaN/spike, a confirmed loss spike
     and a network that died (``by_level=False`` from the flush) do not."""
-    from gradguard.recovery.actions import _moving_objective
     from gradguard.recovery.ladder import LadderConfig, LadderState, Trigger, transition
+    from gradguard.recovery.messages import _moving_objective
     cfg = LadderConfig(skip_patience=1)
     for trig, by_level in ((Trigger("skip", 9, "non-finite"), False),
                            (Trigger("spike", 9, "confirmed loss spike (step 9)"), False),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import GradGuardWarning
 from ..events import Event, listed
 from ..executors import STALE
-from . import actions
+from . import _steps, actions
 from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
 from .probe import TRIAL
@@ -91,8 +91,8 @@ def _device_skips(rec: Recovery, window: Window, skips: list[bool],
     for i, (step, sk) in enumerate(zip(window.steps, skips)):
         if step not in rec._host_steps:
             c = int(codes[i]) if codes is not None and math.isfinite(codes[i]) else 0
-            triggers.append(rec._skip_trigger(sk and step not in overflows, step, c,
-                                              at=window.steps[-1]))
+            triggers.append(_steps.skip_trigger(rec, sk and step not in overflows, step, c,
+                                                at=window.steps[-1]))
     rec._host_steps.difference_update(window.steps)
     return triggers
 

@@ -10,19 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
 from .. import distributed
 from ..events import Event
-from ..executors import NONFINITE, STALE, Hook
-from . import _flush, actions
+from ..executors import Hook
+from . import _flush, _steps, actions
 from .defaults import (
     BACKOFF,
     MAX_ROLLBACKS,
     RECOVERY_WINDOW,
     RELAPSE_BACKOFF,
-    RELAPSE_WINDOW_FACTOR,
     RESET_MOMENTS,
     RESTORE_STEPS,
     SKIP_PATIENCE,
@@ -30,16 +28,15 @@ from .defaults import (
     SPIKE_GRACE,
     STALL_FACTOR,
     ResetMoments,
-    _above_one,
-    _fraction,
+    ladder_config,
 )
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
-from .late import LateFlags, enabled
+from .late import LateFlags
 from .probe import LrProbe
 from .ring import SnapshotRing
 from .rise import BLOCK, DeadLayers, LossRise
-from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, check_int, state_bytes
-from .verdict import LOSS_SPIKE, SpikeVerdict
+from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, state_bytes
+from .verdict import SpikeVerdict
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -145,7 +142,6 @@ class Recovery:
         recovery_window: int = RECOVERY_WINDOW,
         stall_factor: float = STALL_FACTOR,
     ) -> None:
-        restore = check_int("restore_steps", restore_steps, 1)
         if reset_moments not in RESET_MOMENTS:
             raise ValueError(
                 f"Recovery(reset_moments={reset_moments!r}): allowed values are {RESET_MOMENTS}"
@@ -155,23 +151,12 @@ class Recovery:
                 f"Recovery(snapshot_dir={snapshot_dir!r}): expected a path (str or "
                 "os.PathLike) or None"
             )
-        self.config = LadderConfig(
-            skip_patience=check_int("skip_patience", skip_patience, 1),
-            backoff=_fraction("backoff", backoff, True, "it multiplies the LR"),
-            restore_steps=restore,
-            patience=restore if patience is None else check_int("patience", patience, 1),
-            snapshot_every=check_int("snapshot_every", snapshot_every, 1),
-            keep=check_int("keep", keep, 1),
-            max_rollbacks=check_int("max_rollbacks", max_rollbacks, 0),
-            relapse_backoff=_fraction(
-                "relapse_backoff", relapse_backoff, False,
-                "it multiplies the LR ceiling; 1 restores the full LR every time"),
-            relapse_window=(RELAPSE_WINDOW_FACTOR * restore if relapse_window is None
-                            else check_int("relapse_window", relapse_window, 0)),
-            skip_batches=None if skip_batches is None else check_int("skip_batches", skip_batches, 0),
-            recovery_window=check_int("recovery_window", recovery_window, 1),
-            stall_factor=_above_one("stall_factor", stall_factor),
-        )
+        self.config = ladder_config(
+            skip_patience=skip_patience, backoff=backoff, restore_steps=restore_steps,
+            patience=patience, snapshot_every=snapshot_every, keep=keep,
+            max_rollbacks=max_rollbacks, relapse_backoff=relapse_backoff,
+            relapse_window=relapse_window, skip_batches=skip_batches,
+            recovery_window=recovery_window, stall_factor=stall_factor)
         if not isinstance(skip_spikes, bool):
             raise TypeError(f"Recovery(skip_spikes={skip_spikes!r}): must be True or False")
         self.skip_spikes = skip_spikes
@@ -199,17 +184,6 @@ class Recovery:
         self._probe = LrProbe()
         self._progress: float | None = None  # the loss level of the latest flush
         self.restores = 0  # weights restored: rollbacks, and the LR probe's forks (_flush)
-        #: the first step whose gradients a rollback's restored weights give (a later one
-        #: when that step's update was voided): its verdict tests the weights (see ``data``
-        #: in :mod:`.ladder`); None once judged
-        self._restored_at: int | None = None
-        self._restored_from = -1  # the snapshot step the last rollback restored
-        #: the snapshot (and the restores count then) whose weights have had no finite
-        #: gradients yet (a snapshot holds the weights after an update, not yet evaluated;
-        #: skipped steps leave them in place), and the snapshots whose weights had: only
-        #: their restore tests the batches
-        self._verify: tuple[int, int] | None = None
-        self._verified: set[int] = set()
         self._judged = -1  # the step of the last judgement of the loss level (see _flush)
 
     def __getattr__(self, name: str) -> Any:
@@ -324,9 +298,9 @@ class Recovery:
         with the snapshots it had). A trainer steps the optimizer after the guard's hook:
         the skip flags of its earlier steps are heard here, once its last update is done."""
         if guard.step_count == 0 and not len(self.store) and self.ring.keep(guard, -1, disk=False):
-            self._kept(-1)
+            self.ring.kept(-1, self.restores)
         if isinstance(guard.executor, Hook):
-            self._hear(guard)
+            _steps.hear(self, guard)
         self._feed(guard, Trigger("tick", guard.step_count), list)
 
     def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
@@ -349,56 +323,8 @@ class Recovery:
         return code
 
     def after_step(self, guard: Guard, stats: StepStats, outcome: Any) -> None:
-        """Per step: count skips when the guard knows the skip flag (non-fused optimizers);
-        a flag that stayed on the device (fused optimizers, a ``GradScaler``) is copied to
-        the host without waiting and heard once there (:mod:`.late`), else at the flush."""
-        step = guard.step_count - 1
-        if outcome.code is not None or isinstance(outcome.trouble, bool):
-            self._host_steps.add(step)
-            trig = self._skip_trigger(bool(outcome.trouble), step, outcome.code or 0)
-            self._feed(guard, trig, lambda: actions.nonfinite_layers(guard, stats.param_norms))
-            return
-        skipped = outcome.skipped
-        if not isinstance(skipped, Tensor) or not enabled():
-            return
-        if outcome.amp_row is None:  # skipped exactly when in trouble: the verdict bits alone
-            self._late.push(step, skipped, (stats.param_norms, False))
-        else:  # a GradScaler's routine overflow is skipped and no trouble: both, packed
-            flag = skipped.to(torch.uint8) * 2 + outcome.trouble.to(torch.uint8)
-            self._late.push(step, flag, (stats.param_norms, True))
-        if not isinstance(guard.executor, Hook):  # the update is done: act after it
-            self._hear(guard)
-
-    def _hear(self, guard: Guard) -> None:
-        """Feed the ladder the device skip flags whose copy to the host has completed."""
-        at = guard.step_count - 1
-        for step, flag, (norms, packed) in self._late.heard():
-            self._host_steps.add(step)
-            trouble, code = (bool(flag & 1), flag >> 1) if packed else (flag != 0, flag)
-            trig = self._skip_trigger(trouble, step, code, at=at)
-            self._feed(guard, trig, lambda n=norms: actions.nonfinite_layers(guard, n))
-
-    def _skip_trigger(self, skipped: bool, step: int, code: int, at: int | None = None) -> Trigger:
-        """The ladder's trigger for a step and its verdict ``code``. A step skipped for its
-        loss (judged per step in a run's first steps only: the update before it wrecked
-        the weights, see :mod:`.verdict`) asks for a rollback, not a back-off that would
-        keep the wrecked weights."""
-        if self._verify is not None and step > self._verify[0] and not skipped and not code & STALE:
-            # the first step taken since the snapshot: its gradients were the snapshot's
-            # weights' (the steps between were skipped), unless a restore replaced them
-            if self._verify[1] == self.restores:
-                self._verified.add(self._verify[0])
-            self._verify = None
-        first = (self._restored_at is not None and step >= self._restored_at
-                 and not code & STALE)  # the first gradients of restored weights
-        if first:
-            self._restored_at = None
-        if not skipped:
-            return Trigger("clean", step, at=at, voided=bool(code & STALE))
-        reason = ("loss-spiking" if code & LOSS_SPIKE else "spiking" if code & ~NONFINITE
-                  else "non-finite")
-        return Trigger("skip", step, reason, self._level, at=at, rollback=bool(code & LOSS_SPIKE),
-                       data=first and bool(code & NONFINITE))
+        """Per step: hear the step's skip flag (see :func:`._steps.after_step`)."""
+        _steps.after_step(self, guard, stats, outcome)
 
     def on_flush(self, guard: Guard, window: Window, events: Sequence[Event] = (),
                  overflows: Any = ()) -> None:
@@ -410,56 +336,9 @@ class Recovery:
 
     # ---- carrying out the ladder's actions ----------------------------------------------------
     def _feed(self, guard: Guard, trig: Trigger, layers: Any) -> bool:
-        """Advance the ladder by ``trig`` and carry its actions out; True when it acted
-        (beyond a snapshot)."""
-        self.state, todo = transition(self.config, self.state, trig)
-        acted = False
-        for a in todo:
-            self.actions.append(a)
-            if a.kind == "snapshot":
-                self.snapshot(guard, a.step)
-                continue
-            if a.kind == "settled":
-                guard.add_event(actions.settled_event(guard, a))
-                continue
-            if a.kind == "lower":
-                self._rise.reset()
-                guard.add_event(actions.lowered_event(guard, a))
-                continue
-            acted = True
-            self._rise.reset()  # the loss level is learnt again after the ladder acted
-            if a.kind == "data":
-                guard.add_event(actions.data_event(guard, a, self._restored_from))
-                continue
-            if a.kind == "level_off":
-                self._probe.cancel(a.step)
-                guard.add_event(actions.level_off_event(guard, a, self.config.restore_steps))
-                continue
-            level = trig.value if trig.mild else self.state.pre_level  # before the trouble
-            if a.kind == "backoff":
-                guard.add_event(actions.backoff_event(a, self.config.restore_steps, level=level))
-            elif a.kind == "rollback":
-                snap = self.ring.load(self._back(a.back))
-                if snap is None:  # nothing good to go back to yet: the deeper back-off only
-                    guard.add_event(actions.backoff_event(a, self.config.restore_steps,
-                                                          no_snapshot=True, level=level))
-                else:
-                    actions.rollback(guard, a, snap, layers(), self.reset_moments,
-                                     self.config.max_rollbacks, level)
-                    self.restores += 1
-                    back_to = int(snap["step"])
-                    # a test of the batches only when the weights had finite gradients
-                    self._restored_at = guard.step_count if back_to in self._verified else None
-                    self._restored_from = back_to
-                    # the progress check asks the loss back near the level of the weights
-                    # it restarts from, if those were above the level before the trouble
-                    step = int(snap["step"])
-                    back_at = self._rise.fresh if step < 0 else self.ring.levels.get(step)
-                    self.state, _ = transition(self.config, self.state,
-                                               Trigger("restored", a.step, value=back_at))
-            else:
-                raise actions.abort(guard, a, self.state.rollbacks)
-        return acted
+        """Advance the ladder by ``trig`` and carry its actions out (:func:`.actions.feed`);
+        True when it acted (beyond a snapshot)."""
+        return actions.feed(self, guard, trig, layers)
 
     def snapshot(self, guard: Guard, step: int | None = None) -> bool:
         """Take a snapshot now (model, optimizer, clip policy) into host memory, and hand a
@@ -467,23 +346,10 @@ class Recovery:
         step = guard.step_count - 1 if step is None else step
         if not self.ring.keep(guard, step):
             return False
-        self._kept(step)
+        self.ring.kept(step, self.restores)
         self.ring.remember(step, self._progress)
         self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
         return True
-
-    def _back(self, back: int) -> int:
-        """How many snapshots before the newest in memory a rollback goes to: one further
-        when the newest one's weights never had finite gradients (every step since it was
-        skipped: restoring them restores the trouble's own weights, a no-op for a streak of
-        skipped steps) and an older one is kept."""
-        steps = self.store.steps()
-        return back + 1 if len(steps) > 1 and steps[-1] not in self._verified else back
-
-    def _kept(self, step: int) -> None:
-        """A snapshot of ``step`` was kept: its weights' first gradients are to come."""
-        self._verify = (step, self.restores)
-        self._verified &= set(self.store.steps())
 
     # ---- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -495,9 +361,7 @@ class Recovery:
             "dead": self._dead.state_dict(), "probe": self._probe.state_dict(),
             "progress": self._progress, "judged": self._judged,
             "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())],
-            "restored": [self._restored_at, self._restored_from],
-            "verify": None if self._verify is None else list(self._verify),
-            "verified": sorted(self._verified)}
+            **self.ring.tests_state()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         sd = dict(sd)
@@ -505,10 +369,8 @@ class Recovery:
         self._level = sd.pop("level", None)
         self._progress = sd.pop("progress", None)
         self._judged = int(sd.pop("judged", -1))
-        self._restored_at, self._restored_from = sd.pop("restored", None) or (None, -1)
-        verify = sd.pop("verify", None)
-        self._verify = None if verify is None else (int(verify[0]), int(verify[1]))
-        self._verified = set(sd.pop("verified", ()))
+        self.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
+                                   sd.pop("verified", ()))
         self.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
         rise = sd.pop("rise", None)
         if rise is not None:

@@ -1,5 +1,5 @@
 """Acting on the optimizer for the recovery ladder: the LR multiplier, moment resets,
-rollbacks, and the events that say what was done.
+rollbacks and snapshots (:mod:`.messages` has the events that say what was done).
 
 The LR belongs to the user's scheduler. :class:`LrMultiplier` multiplies each param
 group's LR by the ladder's factor in an optimizer step *pre*-hook and puts the original
@@ -29,15 +29,16 @@ from torch import Tensor
 
 from .. import distributed
 from .._tensors import numeric_lr
-from ..errors import TrainingDiverged
 from ..events import Event
 from ..measure import _local
 from ..naming import OPTIMIZER_PREFIX, layer_of
-from .ladder import Action
+from . import messages
+from .ladder import Action, Trigger, transition
 from .snapshots import copy_state
 
 if TYPE_CHECKING:
     from ..guard import Guard
+    from ._recovery import Recovery
 
 
 class LrMultiplier:
@@ -136,172 +137,69 @@ class LrMultiplier:
         self._handles = []
 
 
-def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False,
-                  level: float | None = None) -> Event:
-    """The back-off event; ``level``: the loss level before the trouble (for the run's
-    verdict: recovered means back at it)."""
-    if no_snapshot:
-        message = (f"step {a.step}: {a.reason} again and no snapshot yet; learning rate "
-                   f"x{a.factor:g}, restored to x{a.ceiling:g} only")
-    else:
-        message = (f"step {a.step}: {a.reason}; learning rate x{a.factor:g}, restored over "
-                   f"{restore_steps} steps"
-                   + (f" to x{a.ceiling:g} only ({_why_lowered(a)})" if a.lowered
-                      else (f" to x{a.ceiling:g}" if a.ceiling < 1.0 else "")))
-    return Event(
-        kind="lr_backoff", step=a.step, severity="warning", value=a.factor, message=message,
-        remedy=("Lower the base learning rate or add warm-up." if no_snapshot else
-                "If this repeats, lower the base learning rate or add warm-up.")
-        + _moving_objective(a),
-        data={"factor": a.factor, "reason": a.reason, "ceiling": a.ceiling,
-              "relapse": a.relapse, "level_before": level},
-    )
-
-
-def _moving_objective(a: Action) -> str:
-    """For a rung the loss level decided (it rose, or did not come back): the loss-level
-    tests assume a loss that training lowers; say how to turn them off where it is not
-    (a GAN's players, RL returns, a curriculum: benchmarks/gan.py)."""
-    if not a.by_level:
-        return ""
-    return (" If this loss may rise in a healthy run (a GAN's generator or discriminator, RL "
-            "returns, a curriculum that makes the data harder), the loss-level tests do not "
-            "apply: pass gg.Recovery(loss_rise=False).")
-
-
-def _why_lowered(a: Action) -> str:
-    return ("the trouble came back" if a.relapse
-            else "the LR in force is too high for the loss to settle")
-
-
-def _lrs(guard: Guard, factor: float) -> tuple[list[float | None], str]:
-    """Every param group's LR under ``factor`` (the schedule's value between steps; None
-    for a group with no numeric LR, whose updates are scaled), and the distinct ones as
-    text."""
-    mult = getattr(guard.recovery, "_mult", None)
-    lrs = [_lr_number(g.get("lr") if mult is None else mult.unscaled(g))
-           for g in guard.optimizer.param_groups]
-    scaled = [lr * factor if lr is not None else None for lr in lrs]
-    return scaled, ", ".join(f"{lr:.3g}" if lr is not None else f"its own step size x{factor:g}"
-                             for lr in dict.fromkeys(scaled))
-
-
-def _lr_number(lr: Any) -> float | None:
-    """A param group's LR as a number; None when it has none (Adafactor's relative step)."""
-    return float(lr) if numeric_lr(lr) else None
-
-
-def settled_event(guard: Guard, a: Action) -> Event:
-    """The ladder found an LR that trains: say which, so the user can set it."""
-    lrs, shown = _lrs(guard, a.factor)
-    return Event(
-        kind="lr_settled", step=a.step, severity="info",
-        value=next((lr for lr in lrs if lr is not None), a.factor),
-        message=(f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the "
-                 "schedule) after the LR failed higher up"),
-        remedy=f"Set the learning rate to {shown} (x{a.factor:g}) in your config.",
-        data={"factor": a.factor, "lr": lrs},
-    )
-
-
-def lowered_event(guard: Guard, a: Action) -> Event:
-    """The LR probe found the LR too high: the ladder lowered it (see :mod:`.probe`)."""
-    lrs, shown = _lrs(guard, a.factor)
-    return Event(
-        kind="lr_backoff", step=a.step, severity="warning", value=a.factor,
-        message=(f"step {a.step}: {a.reason}; learning rate x{a.factor:g} (lr {shown}) "
-                 "from here"),
-        remedy=f"Lower the base learning rate (to {shown} or less).",
-        data={"factor": a.factor, "reason": a.reason, "ceiling": a.ceiling, "relapse": False,
-              "level_before": None, "probe": True, "lr": lrs, "cause": "lr_too_high"},
-    )
-
-
-def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
-    """The abort event (added to the guard) and the error to raise."""
-    run_dir = guard.monitor.run_dir()
-    what = (f"training stopped: {a.reason}" if a.data else
-            f"training diverged: {a.reason}, after {rollbacks} rollback(s) without recovering")
-    msg = f"step {a.step}: {what}" + (f"; events in {run_dir}" if run_dir else "")
-    guard.add_event(Event(
-        kind="abort", step=a.step, severity="error", message=msg,
-        remedy=("Check the data for NaN/Inf (torch.isfinite on inputs and targets) and the "
-                "loss for log(0) or division by zero." if a.data else
-                "Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
-                "learning rate; check the data for NaN/Inf."),
-        data={"rollbacks": a.rollbacks, "reason": a.reason,
-              **({"cause": "nonfinite_input"} if a.data else {})},
-    ))
-    return TrainingDiverged(msg, events=guard.events, run_dir=run_dir)
-
-
-def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
-    """The first step on weights a rollback restored is non-finite: the batches are at
-    fault, not the weights (see ``data`` in :mod:`.ladder`)."""
-    lrs, shown = _lrs(guard, a.ceiling)
-    saved = "before the first step" if snapshot < 0 else f"at step {snapshot}"
-    return Event(
-        kind="nonfinite_input", step=a.step, severity="warning",
-        message=(f"step {a.step}: the gradients are non-finite on the weights just restored "
-                 f"(saved {saved}, when their gradients were finite): the batches are at "
-                 "fault, not the weights (NaN/Inf in the inputs or targets, or a loss that is "
-                 "non-finite on them). gradguard skips such steps and does nothing else: the "
-                 f"learning rate restores to x{a.ceiling:g} (lr {shown}), and it stops the run "
-                 "only if they go on"),
-        remedy=(f"Check the batches from step {a.step} on for NaN/Inf (torch.isfinite on "
-                "inputs and targets) and the loss for log(0) or division by zero."),
-        data={"cause": "nonfinite_input", "factor": a.factor, "ceiling": a.ceiling,
-              "lr": lrs, "snapshot_step": snapshot},
-    )
-
-
-def level_off_event(guard: Guard, a: Action, restore_steps: int) -> Event:
-    """The loss did not come back to the level of the weights the ladder restored, time
-    after time: it does not answer the weights, and the ladder stops acting on it (see
-    ``level_off`` in :mod:`.ladder`)."""
-    lrs, shown = _lrs(guard, a.ceiling)
-    return Event(
-        kind="loss_level_off", step=a.step, severity="warning", value=a.factor,
-        message=(f"step {a.step}: {a.reason}, after {a.rollbacks} rollback(s) to weights "
-                 "that had reached it, at a fraction of the LR: this loss does not answer "
-                 "the weights (an objective that moves: a GAN's player, RL returns, a "
-                 "curriculum; or data that changed). The loss-level tests are off for the "
-                 "rest of the run; training goes on from the weights restored last, the "
-                 f"learning rate restores over {restore_steps} steps to x{a.ceiling:g} (lr "
-                 f"{shown}); NaN, spikes and dead layers are still acted on"),
-        remedy=("If this loss may rise in a healthy run, pass gg.Recovery(loss_rise=False) "
-                "and the guard will not roll it back; if the data changed (a pipeline bug), "
-                "stop the run and check it."),
-        data={"factor": a.factor, "ceiling": a.ceiling, "lr": lrs, "reason": a.reason,
-              "rollbacks": a.rollbacks},
-    )
-
-
 def rollback(
     guard: Guard, a: Action, snap: dict[str, Any], layers: Sequence[str], reset_mode: str,
-    max_rollbacks: int, level: float | None = None,
-) -> None:
+) -> list[str]:
     """Restore model, optimizer state and clip policy from ``snap`` (a copy owned by the
-    caller), reset the moments of ``layers``, and record the rollback event (``level``: the
-    loss level before the trouble)."""
+    caller) and reset the moments of ``layers`` (per ``reset_mode``); the layers reset."""
     restore(guard, snap)
-    reset = reset_moments(guard, layers if reset_mode == "exploded" else None) \
-        if reset_mode != "none" else []
     guard.batches_to_skip = a.skip_batches
-    guard.add_event(Event(
-        kind="rollback", step=a.step, severity="error", value=float(snap["step"]),
-        message=(f"step {a.step}: {a.reason}; rolled back to "
-                 + (f"the snapshot of step {snap['step']}" if snap["step"] >= 0 else
-                    "the weights before the first step")
-                 + f", learning rate x{a.factor:g} (restored to "
-                 f"x{a.ceiling:g} only), {len(reset)} layer(s) with reset optimizer state, "
-                 f"{a.skip_batches} batch(es) to skip (rollback {a.rollbacks}/{max_rollbacks})"),
-        remedy=("Lower the learning rate; if the data caused it, skip guard.batches_to_skip "
-                "batches." + _moving_objective(a)),
-        data={"snapshot_step": snap["step"], "reset_layers": reset,
-              "batches_to_skip": a.skip_batches, "reason": a.reason, "factor": a.factor,
-              "ceiling": a.ceiling, "level_before": level},
-    ))
+    if reset_mode == "none":
+        return []
+    return reset_moments(guard, layers if reset_mode == "exploded" else None)
+
+
+def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[str]]) -> bool:
+    """Advance ``rec``'s ladder by ``trig`` and carry its actions out: snapshot, back off,
+    roll back (``layers``: the layers whose moments to reset), say so in an event, or
+    raise :class:`~gradguard.TrainingDiverged`; True when it acted (beyond a snapshot)."""
+    rec.state, todo = transition(rec.config, rec.state, trig)
+    acted = False
+    for a in todo:
+        rec.actions.append(a)
+        if a.kind == "snapshot":
+            rec.snapshot(guard, a.step)
+            continue
+        if a.kind == "settled":
+            guard.add_event(messages.settled_event(guard, a))
+            continue
+        if a.kind == "lower":
+            rec._rise.reset()
+            guard.add_event(messages.lowered_event(guard, a))
+            continue
+        acted = True
+        rec._rise.reset()  # the loss level is learnt again after the ladder acted
+        if a.kind == "data":
+            guard.add_event(messages.data_event(guard, a, rec.ring.restored_from))
+            continue
+        if a.kind == "level_off":
+            rec._probe.cancel(a.step)
+            guard.add_event(messages.level_off_event(guard, a, rec.config.restore_steps))
+            continue
+        level = trig.value if trig.mild else rec.state.pre_level  # before the trouble
+        if a.kind == "backoff":
+            guard.add_event(messages.backoff_event(a, rec.config.restore_steps, level=level))
+        elif a.kind == "rollback":
+            snap = rec.ring.load(rec.ring.back(a.back))
+            if snap is None:  # nothing good to go back to yet: the deeper back-off only
+                guard.add_event(messages.backoff_event(a, rec.config.restore_steps,
+                                                       no_snapshot=True, level=level))
+            else:
+                step = int(snap["step"])
+                reset = rollback(guard, a, snap, layers(), rec.reset_moments)
+                guard.add_event(messages.rollback_event(
+                    a, step, reset, rec.config.restore_steps, rec.config.max_rollbacks,
+                    level))
+                rec.restores += 1
+                rec.ring.restored(step, guard.step_count)
+                # the progress check asks the loss back near the level of the weights
+                # it restarts from, if those were above the level before the trouble
+                back_at = rec._rise.fresh if step < 0 else rec.ring.levels.get(step)
+                rec.state, _ = transition(rec.config, rec.state,
+                                           Trigger("restored", a.step, value=back_at))
+        else:
+            raise messages.abort(guard, a, rec.state.rollbacks)
+    return acted
 
 
 def restore(guard: Guard, snap: dict[str, Any]) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from .ladder import LadderConfig
+from .snapshots import check_int
+
 ResetMoments = Literal["exploded", "all", "none"]
 RESET_MOMENTS: tuple[str, ...] = ("exploded", "all", "none")
 
@@ -69,3 +72,30 @@ def _fraction(name: str, value: Any, high_open: bool, what: str) -> float:
     if not (0.0 < v < 1.0 or (not high_open and v == 1.0)):
         raise ValueError(f"Recovery({name}={value!r}): must be in {interval} ({what})")
     return v
+
+
+def ladder_config(*, skip_patience: int, backoff: float, restore_steps: int,
+                  patience: int | None, snapshot_every: int, keep: int, max_rollbacks: int,
+                  relapse_backoff: float, relapse_window: int | None,
+                  skip_batches: int | None, recovery_window: int,
+                  stall_factor: float) -> LadderConfig:
+    """The ladder's options from :class:`~gradguard.Recovery`'s, checked (a ValueError or
+    TypeError naming the option and its allowed values) and with their derived defaults."""
+    restore = check_int("restore_steps", restore_steps, 1)
+    return LadderConfig(
+        skip_patience=check_int("skip_patience", skip_patience, 1),
+        backoff=_fraction("backoff", backoff, True, "it multiplies the LR"),
+        restore_steps=restore,
+        patience=restore if patience is None else check_int("patience", patience, 1),
+        snapshot_every=check_int("snapshot_every", snapshot_every, 1),
+        keep=check_int("keep", keep, 1),
+        max_rollbacks=check_int("max_rollbacks", max_rollbacks, 0),
+        relapse_backoff=_fraction(
+            "relapse_backoff", relapse_backoff, False,
+            "it multiplies the LR ceiling; 1 restores the full LR every time"),
+        relapse_window=(RELAPSE_WINDOW_FACTOR * restore if relapse_window is None
+                        else check_int("relapse_window", relapse_window, 0)),
+        skip_batches=None if skip_batches is None else check_int("skip_batches", skip_batches, 0),
+        recovery_window=check_int("recovery_window", recovery_window, 1),
+        stall_factor=_above_one("stall_factor", stall_factor),
+    )

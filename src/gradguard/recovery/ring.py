@@ -1,5 +1,13 @@
 """The snapshots a rollback restores from: a ring in host memory, copied to
-``snapshot_dir`` by a background writer, each with the loss level it was taken at."""
+``snapshot_dir`` by a background writer, each with the loss level it was taken at and
+whether its weights have had finite gradients.
+
+A snapshot holds the weights after an update, not yet evaluated: they are *verified* at
+the first step taken on them (its gradients are theirs when every step between was
+skipped, unless a restore replaced them). A rollback goes to the newest verified snapshot
+(:meth:`SnapshotRing.back`), and its restore is then a test of the batches: when the first
+step on the restored weights is non-finite too, the batches are at fault, not the weights
+(``data`` in :mod:`.ladder`)."""
 
 from __future__ import annotations
 
@@ -28,6 +36,16 @@ class SnapshotRing:
         self.levels: dict[int, float | None] = {}
         self._writer: SnapshotWriter | None = None
         self._write_warned = False
+        #: the snapshot (and the restores count then) whose weights have had no finite
+        #: gradients yet, and the snapshots whose weights had: only their restore tests
+        #: the batches
+        self._verify: tuple[int, int] | None = None
+        self._verified: set[int] = set()
+        #: the first step whose gradients the weights a rollback restored give (a later
+        #: one when that step's update was voided); None once judged
+        self._restored_at: int | None = None
+        #: the snapshot step the last rollback restored
+        self.restored_from = -1
 
     def keep(self, guard: Guard, step: int, *, disk: bool = True) -> bool:
         """Snapshot the guard's model, optimizer and clip policy at ``step`` (False, keeping
@@ -43,6 +61,54 @@ class SnapshotRing:
             self._warn_write_error()
             self._writer.submit(step, self.store.load(-1))
         return True
+
+    def kept(self, step: int, restores: int) -> None:
+        """The snapshot of ``step`` was kept (``restores``: the weights restored so far):
+        its weights' first gradients are to come."""
+        self._verify = (step, restores)
+        self._verified &= set(self.store.steps())
+
+    def back(self, back: int) -> int:
+        """How many snapshots before the newest in memory a rollback goes to: one further
+        than ``back`` when the newest one's weights never had finite gradients (every step
+        since it was skipped: restoring them restores the trouble's own weights, a no-op
+        for a streak of skipped steps) and an older one is kept."""
+        steps = self.store.steps()
+        return back + 1 if len(steps) > 1 and steps[-1] not in self._verified else back
+
+    def restored(self, snapshot: int, step: int) -> None:
+        """A rollback restored the snapshot of ``snapshot`` before step ``step``: that
+        step's verdict tests the batches when the weights had finite gradients."""
+        self._restored_at = step if snapshot in self._verified else None
+        self.restored_from = snapshot
+
+    def tested(self, step: int, *, taken: bool, voided: bool, restores: int) -> bool:
+        """Hear step ``step``'s outcome (``taken``: its update applied; ``voided``: its
+        update undone, its gradients those of weights a restore replaced). True when it is
+        the first step on the weights a rollback restored, those having had finite
+        gradients: its verdict is a test of the batches."""
+        if self._verify is not None and step > self._verify[0] and taken:
+            # the first step taken since the snapshot: its gradients were the snapshot's
+            # weights' (the steps between were skipped), unless a restore replaced them
+            if self._verify[1] == restores:
+                self._verified.add(self._verify[0])
+            self._verify = None
+        first = self._restored_at is not None and step >= self._restored_at and not voided
+        if first:
+            self._restored_at = None
+        return first
+
+    def tests_state(self) -> dict[str, Any]:
+        """The verification state, for :meth:`Recovery.state_dict`."""
+        return {"restored": [self._restored_at, self.restored_from],
+                "verify": None if self._verify is None else list(self._verify),
+                "verified": sorted(self._verified)}
+
+    def load_tests_state(self, restored: Any, verify: Any, verified: Any) -> None:
+        """Restore :meth:`tests_state` (missing: a checkpoint from before it existed)."""
+        self._restored_at, self.restored_from = restored or (None, -1)
+        self._verify = None if verify is None else (int(verify[0]), int(verify[1]))
+        self._verified = set(verified)
 
     def remember(self, step: int, level: float | None) -> None:
         """The loss level the snapshot of ``step`` was taken at (the newest ``keep`` kept:

@@ -1,0 +1,71 @@
+"""Per step: the skip flag of each step, heard by the ladder as a trigger: read on the
+host when the guard read it (non-fused optimizers), else copied from the device without
+waiting and heard once the copy is done (:mod:`.late`; fused optimizers, a GradScaler),
+or at the flush (:mod:`._flush`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..executors import NONFINITE, STALE, Hook
+from . import actions
+from .ladder import Trigger
+from .late import enabled
+from .verdict import LOSS_SPIKE
+
+if TYPE_CHECKING:
+    from ..guard import Guard
+    from ..telemetry import StepStats
+    from ._recovery import Recovery
+
+
+def after_step(rec: Recovery, guard: Guard, stats: StepStats, outcome: Any) -> None:
+    """Per step: count skips when the guard knows the skip flag (non-fused optimizers);
+    a flag that stayed on the device (fused optimizers, a ``GradScaler``) is copied to
+    the host without waiting and heard once there (:mod:`.late`), else at the flush."""
+    step = guard.step_count - 1
+    if outcome.code is not None or isinstance(outcome.trouble, bool):
+        rec._host_steps.add(step)
+        trig = skip_trigger(rec, bool(outcome.trouble), step, outcome.code or 0)
+        rec._feed(guard, trig, lambda: actions.nonfinite_layers(guard, stats.param_norms))
+        return
+    skipped = outcome.skipped
+    if not isinstance(skipped, Tensor) or not enabled():
+        return
+    if outcome.amp_row is None:  # skipped exactly when in trouble: the verdict bits alone
+        rec._late.push(step, skipped, (stats.param_norms, False))
+    else:  # a GradScaler's routine overflow is skipped and no trouble: both, packed
+        flag = skipped.to(torch.uint8) * 2 + outcome.trouble.to(torch.uint8)
+        rec._late.push(step, flag, (stats.param_norms, True))
+    if not isinstance(guard.executor, Hook):  # the update is done: act after it
+        hear(rec, guard)
+
+
+def hear(rec: Recovery, guard: Guard) -> None:
+    """Feed the ladder the device skip flags whose copy to the host has completed."""
+    at = guard.step_count - 1
+    for step, flag, (norms, packed) in rec._late.heard():
+        rec._host_steps.add(step)
+        trouble, code = (bool(flag & 1), flag >> 1) if packed else (flag != 0, flag)
+        trig = skip_trigger(rec, trouble, step, code, at=at)
+        rec._feed(guard, trig, lambda n=norms: actions.nonfinite_layers(guard, n))
+
+
+def skip_trigger(rec: Recovery, skipped: bool, step: int, code: int,
+                 at: int | None = None) -> Trigger:
+    """The ladder's trigger for a step and its verdict ``code``. A step skipped for its
+    loss (judged per step in a run's first steps only: the update before it wrecked
+    the weights, see :mod:`.verdict`) asks for a rollback, not a back-off that would
+    keep the wrecked weights."""
+    voided = bool(code & STALE)
+    first = rec.ring.tested(step, taken=not skipped and not voided, voided=voided,
+                            restores=rec.restores)
+    if not skipped:
+        return Trigger("clean", step, at=at, voided=voided)
+    reason = ("loss-spiking" if code & LOSS_SPIKE else "spiking" if code & ~NONFINITE
+              else "non-finite")
+    return Trigger("skip", step, reason, rec._level, at=at, rollback=bool(code & LOSS_SPIKE),
+                   data=first and bool(code & NONFINITE))
