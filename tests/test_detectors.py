@@ -294,6 +294,22 @@ def test_update_ratio_far_above_and_far_below():
         assert_complete(e)
 
 
+def test_a_layer_barely_changing_at_the_tail_of_an_annealed_schedule_is_not_reported():
+    """Found as a stranger: at the last flush of a GPT-2 run under the HF Trainer's cosine
+    schedule (the LR near zero) every LayerNorm was reported as barely changing, with
+    "raise the learning rate" as the remedy. Below 5% of the run's highest LR it is the
+    schedule, not the layer; a ratio far above is still reported."""
+    from gradguard.detectors import LrTracker
+
+    w = window([[1.0] * 3] * 5, start=95, weight=[1.0, 1.0, 1.0], update=[1e-3, 0.5, 1e-9])
+    assert [e.layer for e in detect_update_ratio(w, annealed=True)] == ["b"]
+    tr = LrTracker()
+    for step, lr in enumerate([1e-3, 5e-4, 6e-5, 4e-5]):
+        tr.observe(step, [{"lr": lr, "initial_lr": 1e-3}])
+        assert tr.annealed() == (lr < 5e-5)
+    assert not LrTracker().annealed()  # no LR seen: nothing to say
+
+
 def test_high_update_ratio_while_the_loss_falls_is_info():
     """Large steps that train (a clipped tanh RNN at SGD lr 3) are no fault; the same
     ratio on a loss that does not fall is."""

@@ -399,3 +399,32 @@ def test_an_optimizer_wrapper_that_never_ran_optimizer_init_is_refused_at_constr
     model = torch.nn.Linear(2, 1)
     with pytest.raises(TypeError, match=r"Wrapper never ran .*\(its \.optimizer\)"):
         gg.Guard(model, Wrapper(torch.optim.SGD(model.parameters(), lr=0.1)))
+
+
+def test_no_layer_barely_changes_when_a_cosine_schedule_reaches_zero():
+    """The last flush of a run whose cosine schedule ends near zero (float64, so that
+    updates of 1e-8 are not rounded away): the updates are ~0 by design, and no
+    ``update_ratio`` event says a layer barely changes (it did before: "raise the learning
+    rate"). The same model at a tiny constant LR, the highest it ever had, still gets them."""
+    import gradguard as gg
+
+    def run(schedule):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 1)).double()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4 if schedule else 1e-8)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 100) if schedule else None
+        guard = gg.Guard(model, opt, every=50)
+        for _ in range(100):
+            x = torch.randn(16, 4, dtype=torch.float64)
+            loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+            if sched is not None:
+                sched.step()
+        guard.close()
+        return [e.step for e in guard.events if e.kind == "update_ratio" and "barely" in e.message]
+
+    assert run(schedule=True) == []
+    assert 99 in run(schedule=False)  # a layer at a tiny LR throughout is still reported

@@ -132,7 +132,8 @@ class Monitor:
                 inputs["activations"] = watch.take_samples()
         for ev in detectors.detect(
             window, state=self.detector_state, config=self.config,
-            lr_events=self.lr_tracker.pop_events(), amp_overflows=overflows, **inputs,
+            lr_events=self.lr_tracker.pop_events(), amp_overflows=overflows,
+            lr_annealed=self.lr_tracker.annealed(), **inputs,
         ):
             if origins is not None and self.dist is not None:
                 distributed.name_ranks(ev, window.steps, origins, self.dist.world_size)

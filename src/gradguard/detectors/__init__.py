@@ -73,6 +73,7 @@ def detect(
     lr_events: Sequence[Event] = (),
     amp_overflows: Mapping[int, float] | None = None,
     precursor_inputs: PrecursorInputs | None = None,
+    lr_annealed: bool = False,
 ) -> list[Event]:
     """Run every detector over a window, in step order.
 
@@ -87,6 +88,8 @@ def detect(
         amp_overflows: steps that were routine loss-scale overflows -> their scale.
         precursor_inputs: what ``divergence_risk`` reads besides the window (the watch's
             logits, the optimizer's LR, the flush interval).
+        lr_annealed: the LR is a schedule's tail (:meth:`LrTracker.annealed`): no layer
+            is reported for barely changing.
     """
     cfg = config or DetectorConfig()
     st = state if state is not None else DetectorState(history=cfg.spike_history)
@@ -95,7 +98,7 @@ def detect(
     events += detect_spike_skips(window)
     events += detect_vanishing(window, cfg)
     events += detect_no_gradient(window, st, cfg)
-    events += detect_update_ratio(window, cfg, st.loss)
+    events += detect_update_ratio(window, cfg, st.loss, annealed=lr_annealed)
     events += list(lr_events)
     if activations:
         events += detect_activations(window.steps[-1], activations, cfg)

@@ -70,6 +70,10 @@ SATURATION_FRACTION = 0.5
 UPDATE_RATIO_HIGH = 1e-1
 #: Far below it the layer has effectively stopped learning.
 UPDATE_RATIO_LOW = 1e-7
+#: An LR below this fraction of the highest the run has had or planned is a schedule's
+#: tail (cosine to zero) or the recovery ladder's back-off: every layer barely changes
+#: there, by design, and no layer is reported for it.
+ANNEALED_LR = 0.05
 #: A high update ratio is a ``warning`` only from this many steps into the run on (the
 #: first flush at the default ``every``): judged on the 20 losses of a guard flushing
 #: every ten steps, a healthy tanh RNN at SGD lr 3 (clipped) warned at step 19 on four of

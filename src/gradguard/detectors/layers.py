@@ -100,7 +100,7 @@ def _learns(rates: Sequence[float], j: int) -> bool:
 
 # ---- sampled at flush steps -------------------------------------------------------------
 def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
-                        history: Sequence[float] = ()) -> list[Event]:
+                        history: Sequence[float] = (), *, annealed: bool = False) -> list[Event]:
     """``update_ratio``: per-layer ``|update| / |weight|`` at the flush step far above
     (``warning``) or far below (``info``) the healthy ~1e-3. A high ratio while the loss
     still falls (the newer half's median below the older half's) is ``info``: large steps
@@ -108,7 +108,11 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
     fault. The loss falls when it does over the window or over ``history`` (the detectors'
     recent finite losses, up to ``spike_history`` steps, this window's included): ten steps
     of a noisy loss rise half the time. Before step ``UPDATE_RATIO_HISTORY`` - 1 (49, the
-    first flush at the default ``every``) it is not judged (``info``)."""
+    first flush at the default ``every``) it is not judged (``info``). ``annealed``: the
+    LR in force is below ``ANNEALED_LR`` of the run's highest (:meth:`LrTracker.annealed`:
+    the tail of a schedule that anneals to zero), and a ratio far below is not reported: a
+    run's last steps under cosine to zero barely change any layer, and "raise the learning
+    rate" would be wrong advice there."""
     w, u = window.layer_weight_norms(), window.layer_update_norms()
     if w is None or u is None:
         return []
@@ -132,7 +136,7 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
                         + note,
                 remedy="Lower the learning rate (or this layer's) until the ratio is ~1e-3.",
             ))
-        elif r < config.update_ratio_low:
+        elif r < config.update_ratio_low and not annealed:
             events.append(Event(
                 kind="update_ratio", step=step, severity="info", layer=name, value=r,
                 threshold=config.update_ratio_low,

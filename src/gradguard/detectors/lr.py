@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..events import Event
-from .config import LR_JUMP_RATIO
+from .config import ANNEALED_LR, LR_JUMP_RATIO
 
 
 class LrTracker:
@@ -55,6 +55,12 @@ class LrTracker:
                     ))
         self._last = now
         self._peak = [max(pk, b or 0.0, p) for pk, b, p in zip(self._peak, now, planned)]
+
+    def annealed(self, fraction: float = ANNEALED_LR) -> bool:
+        """Every param group with a numeric LR is below ``fraction`` of the highest it has
+        had or planned (a schedule's tail, or a back-off); False when none has a number."""
+        pairs = [(lr, pk) for lr, pk in zip(self._last, self._peak) if lr is not None]
+        return bool(pairs) and all(lr < fraction * pk for lr, pk in pairs)
 
     def pop_events(self) -> list[Event]:
         ev, self._events = self._events, []
