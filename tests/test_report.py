@@ -142,6 +142,20 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "(2 non-finite steps in all). gradguard cut the LR to x0.01 (2 back-offs); training "
             "recovered.",
         ),
+        (  # the loss itself non-finite (a NaN batch): no explosion of the gradients
+            [_ev("nonfinite_grad", 30, "error", "(loss)", "step 30: gradient norm is NaN"),
+             _ev("nonfinite_grad", 31, "error", "(loss)", "step 31: gradient norm is NaN")],
+            False,
+            "The loss was NaN at step 30, and the gradients with it; 2 non-finite steps in "
+            "all. Training recovered.",
+        ),
+        (
+            [_ev("grad_spike", 10, layer="fc"),
+             _ev("nonfinite_grad", 20, "error", "(input)", "step 20: gradient norm is Inf")],
+            False,
+            "The gradient norm spiked at step 10 in `fc`. The input batch of step 20 held Inf "
+            "(1 non-finite step in all). Training recovered.",
+        ),
         ([_ev("vanishing_grad", 0, layer="0")], False,
          "Gradients vanished in `0` from step 0. Training recovered."),
         (

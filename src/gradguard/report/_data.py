@@ -273,6 +273,20 @@ def _nonfinite_kind(e: dict[str, Any]) -> str:
     return "Inf" if " Inf" in msg else "NaN"
 
 
+def _nonfinite_sentence(e: dict[str, Any], *, later: bool = False) -> str:
+    """What a ``nonfinite_grad`` event says happened, without the final period (``later``:
+    after the run's first trouble). The loss or the input batch itself non-finite is no
+    explosion of the gradients."""
+    kind, s, origin = _nonfinite_kind(e), e["step"], e.get("layer")
+    if origin == "(loss)":
+        return f"The loss was {kind} at step {s}, and the gradients with it"
+    if origin == "(input)":
+        return f"The input batch of step {s} held {kind}"
+    if later:
+        return f"Gradients became {kind} at step {s}{_where(e)}"
+    return f"Gradients exploded at step {s}{_where(e)} ({kind})"
+
+
 def _where(e: dict[str, Any]) -> str:
     layer = e.get("layer")
     if not layer:
@@ -315,7 +329,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         e = trouble[0]
         k, s = e["kind"], e["step"]
         if k == "nonfinite_grad":
-            parts.append(f"Gradients exploded at step {s}{_where(e)} ({_nonfinite_kind(e)}).")
+            parts.append(_nonfinite_sentence(e) + ".")
         elif k == "grad_spike":
             parts.append(f"The gradient norm spiked at step {s}{_where(e)}.")
         elif k == "loss_spike":
@@ -326,10 +340,8 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         n_bad = len({x["step"] for x in nonfinite})
         if nonfinite and k != "nonfinite_grad":
             x = nonfinite[0]
-            parts.append(
-                f"Gradients became {_nonfinite_kind(x)} at step {x['step']}{_where(x)}"
-                f" ({_plural(n_bad, 'non-finite step')} in all)."
-            )
+            parts.append(f"{_nonfinite_sentence(x, later=True)} "
+                         f"({_plural(n_bad, 'non-finite step')} in all).")
         elif n_bad > 1:
             parts[-1] = parts[-1][:-1] + f"; {_plural(n_bad, 'non-finite step')} in all."
     elif not lead and (acted := ladder_reason(ev)) is not None:
