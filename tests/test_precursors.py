@@ -353,8 +353,9 @@ def test_report_summary_says_how_early_the_warning_came():
     np = pytest.importorskip("numpy")
     from pathlib import Path
 
-    from gradguard.report._data import RunData, summary_sentence
+    from gradguard.report._data import RunData
     from gradguard.report._plots import loss_plot
+    from gradguard.report._summary import summary_sentence
 
     n = 100
     events = [{"kind": "divergence_risk", "step": 40, "severity": "warning", "layer": None,

@@ -13,8 +13,9 @@ from torch import nn
 import gradguard as gg
 from gradguard.recovery.probe import CONFIRM, COOLDOWN, GAIN, MEASURE, RECUR, TRIAL, LrProbe
 from gradguard.recovery.rise import LossRise
-from gradguard.report._data import load_run, summary_sentence
+from gradguard.report._data import load_run
 from gradguard.report._outcome import judge
+from gradguard.report._summary import summary_sentence
 from helpers import recording_guard
 
 

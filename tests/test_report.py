@@ -21,7 +21,8 @@ import gradguard as gg
 from gradguard.cli import main
 from gradguard.events import Flush
 from gradguard.report import ReportError, load_run
-from gradguard.report._data import max_pool, minmax_downsample, summary_sentence
+from gradguard.report._data import max_pool, minmax_downsample
+from gradguard.report._summary import summary_sentence
 
 pytest.importorskip("matplotlib")
 

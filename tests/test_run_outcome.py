@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradguard.report._data import RunData, summary_sentence
+from gradguard.report._data import RunData
 from gradguard.report._outcome import judge
 from gradguard.report._plots import heatmap_colors, heatmap_plot
+from gradguard.report._summary import summary_sentence
 
 
 def run(loss, *, events=(), skipped=(), grad=None, layers=None):

@@ -477,8 +477,9 @@ def test_a_run_whose_loss_does_not_answer_the_weights_is_not_judged_on_it(tmp_pa
     """The report's verdict is a loss level too: after ``loss_level_off`` it does not call
     the run diverged with ``lr_too_high`` (what a rising loss otherwise says), nor stops a
     ``gradguard run --fail-on-divergence`` for it; it says why and what to judge it on."""
-    from gradguard.report._data import load_run, summary_sentence
+    from gradguard.report._data import load_run
     from gradguard.report._outcome import judge
+    from gradguard.report._summary import summary_sentence
 
     drifting_run(400, run_dir=tmp_path)
     data = load_run(tmp_path)

@@ -303,7 +303,8 @@ def command(args: argparse.Namespace) -> int:
         print(format_summary(a, b, args.out))
     try:
         from ..report import report
-        from ..report._data import load_run, summary_sentence
+        from ..report._data import load_run
+        from ..report._summary import summary_sentence
 
         path = report(args.out, Path(args.out) / "report.html")
         sentence = re.sub(r"`([^`]+)`", r"layer '\1'", summary_sentence(load_run(args.out)))

@@ -94,8 +94,9 @@ def finish_run_dir(run_dir: Path, clip: Any, config: GuardConfig, state: dict[st
         row.update(steps=guard.step_count, skipped_steps=guard.skipped_steps,
                    events=len(guard.events))
     try:
-        from ..report._data import load_run, summary_sentence
+        from ..report._data import load_run
         from ..report._outcome import judge
+        from ..report._summary import summary_sentence
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a truncated line was already reported

@@ -1,4 +1,5 @@
-"""Load a run directory into arrays, downsample them, and say in one sentence what happened."""
+"""Load a run directory into arrays and downsample them (:mod:`._summary` says in one
+sentence what happened)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,12 @@ import math
 import os
 import warnings
 from array import array
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..events import SCHEMA_VERSION, iter_jsonl, listed, version_problem
+from ..events import SCHEMA_VERSION, iter_jsonl, version_problem
 
 #: Line plots keep at most this many points: the min and the max of each bucket of steps,
 #: so a one-step spike survives any amount of downsampling.
@@ -266,142 +266,3 @@ def max_pool(a: Any, max_rows: int, max_cols: int) -> tuple[Any, int, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks stay NaN
         return np.nanmax(b, axis=(1, 3)), kr, kc
-
-
-def _nonfinite_kind(e: dict[str, Any]) -> str:
-    msg = e.get("message") or ""
-    return "Inf" if " Inf" in msg else "NaN"
-
-
-def _nonfinite_sentence(e: dict[str, Any], *, later: bool = False) -> str:
-    """What a ``nonfinite_grad`` event says happened, without the final period (``later``:
-    after the run's first trouble). The loss or the input batch itself non-finite is no
-    explosion of the gradients."""
-    kind, s, origin = _nonfinite_kind(e), e["step"], e.get("layer")
-    if origin == "(loss)":
-        return f"The loss was {kind} at step {s}, and the gradients with it"
-    if origin == "(input)":
-        return f"The input batch of step {s} held {kind}"
-    if later:
-        return f"Gradients became {kind} at step {s}{_where(e)}"
-    return f"Gradients exploded at step {s}{_where(e)} ({kind})"
-
-
-def _where(e: dict[str, Any]) -> str:
-    layer = e.get("layer")
-    if not layer:
-        return ""
-    special = {"(loss)": " in the loss", "(input)": " in the input batch"}
-    return special.get(layer, f" in `{layer}`")
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str:
-    """One or two sentences: what went wrong, what gradguard did, how it ended.
-
-    How it ended is judged on the loss (:func:`gradguard.report._outcome.judge`):
-    "recovered" only when the loss is back at its level before the incident; a loss that
-    rose over the run is called out first, as ``lr_too_high``. ``config``: the guard's
-    options (default: the run directory's ``guard.json``, written by ``gradguard run``).
-    Layer names are wrapped in backticks (rendered as code in the HTML).
-    """
-    import numpy as np
-
-    from ._outcome import died_layers, judge, ladder_reason, read_guard_config, summary_lead
-
-    if config is None:
-        config = read_guard_config(data.run_dir)
-    outcome = judge(data, config)
-    ev = data.events
-    trouble = [e for e in ev if e.get("kind") in TROUBLE_KINDS]
-    n_skip = int(data.skipped.sum())  # an update a restore voided is not in it
-    finite_norm = data.grad_norm[np.isfinite(data.grad_norm)]
-    clipped = int(np.sum(np.isfinite(data.clip_coef) & (data.clip_coef < 1.0)))
-    kinds = Counter(e.get("kind") for e in ev)
-    lead = summary_lead(data, outcome)
-    parts: list[str] = [lead] if lead else []
-    if lead:  # the loss tells the story; vanishing or loss spikes are its consequences
-        trouble = [e for e in trouble if e.get("kind") in ("nonfinite_grad", "grad_spike")]
-    if trouble:
-        e = trouble[0]
-        k, s = e["kind"], e["step"]
-        if k == "nonfinite_grad":
-            parts.append(_nonfinite_sentence(e) + ".")
-        elif k == "grad_spike":
-            parts.append(f"The gradient norm spiked at step {s}{_where(e)}.")
-        elif k == "loss_spike":
-            parts.append(f"The loss spiked at step {s}.")
-        else:
-            parts.append(f"Gradients vanished{_where(e)} from step {s}.")
-        nonfinite = [x for x in ev if x.get("kind") == "nonfinite_grad"]
-        n_bad = len({x["step"] for x in nonfinite})
-        if nonfinite and k != "nonfinite_grad":
-            x = nonfinite[0]
-            parts.append(f"{_nonfinite_sentence(x, later=True)} "
-                         f"({_plural(n_bad, 'non-finite step')} in all).")
-        elif n_bad > 1:
-            parts[-1] = parts[-1][:-1] + f"; {_plural(n_bad, 'non-finite step')} in all."
-    elif not lead and (acted := ladder_reason(ev)) is not None:
-        parts.append(f"At step {acted[0]}, {acted[1]}.")  # what the ladder saw: no gradient event
-    elif not lead and (dead := died_layers(ev)) is not None:
-        parts.append(f"From step {dead[0]}, {listed(dead[1])} got no gradient at all: "
-                     "the units that feed them died.")
-    elif not lead:
-        lo = float(finite_norm.min()) if finite_norm.size else math.nan
-        hi = float(finite_norm.max()) if finite_norm.size else math.nan
-        parts.append(
-            f"No gradient trouble in {data.n_steps} steps: the gradient norm stayed between "
-            f"{lo:.3g} and {hi:.3g}."
-        )
-    risk = [e for e in ev if e.get("kind") == "divergence_risk"]
-    if risk:  # the early warning, and how long before the trouble it came
-        r, signal = risk[0], (risk[0].get("data") or {}).get("signal")
-        text = f"gradguard warned of a divergence risk at step {r['step']}"
-        text += f" ({str(signal).replace('_', ' ')})" if signal else ""
-        later = [e["step"] for e in trouble if e["step"] > r["step"]]
-        parts.insert(1, text + (f", {later[0] - r['step']} steps before." if later else "."))
-    actions: list[str] = []
-    if n_skip:
-        actions.append(f"skipped {_plural(n_skip, 'step')}")
-    if clipped:
-        # under gradguard run the clip may be the script's own, carried out after measuring
-        whose = (config or {}).get("clip") if (config or {}).get("user_clip") is None else None
-        actions.append(f"clipped {_plural(clipped, 'step')}"
-                       + (f" ({whose})" if whose and whose != "none" else ""))
-    backoffs = [e for e in ev if e.get("kind") == "lr_backoff"]
-    if backoffs:
-        factor = (backoffs[-1].get("data") or {}).get("factor")
-        if len(backoffs) == 1 and factor == 0.5:
-            actions.append("halved the LR")
-        elif isinstance(factor, (int, float)):
-            times = "" if len(backoffs) == 1 else f" ({len(backoffs)} back-offs)"
-            actions.append(f"cut the LR to x{factor:.3g}{times}")
-        else:
-            actions.append(f"backed off the LR {_plural(len(backoffs), 'time')}")
-    if kinds.get("rollback"):
-        actions.append(f"rolled back {_plural(kinds['rollback'], 'time')}")
-    if outcome.status == "healthy":
-        # vanishing layers on a loss that still fell: the run carried on (nothing skipped)
-        outcome_text = "training recovered" if trouble and not lead else ""
-    else:
-        outcome_text = outcome.clause
-    if actions:
-        text = "gradguard " + ", ".join(actions[:-1]) + (" and " if len(actions) > 1 else "")
-        text += actions[-1] + (f"; {outcome_text}." if outcome_text else ".")
-        parts.append(text)
-    elif outcome_text and not (lead and outcome.status == "diverged" and outcome.rose
-                               and outcome_text.startswith("training diverged")):
-        parts.append(outcome_text[0].upper() + outcome_text[1:] + ".")
-    settled = [e for e in ev if e.get("kind") == "lr_settled"]
-    if settled and outcome.cause != "dead_units":  # the LR the ladder found stable: what
-        # the user should set (not where the network died: it did not train there)
-        s = settled[-1]
-        lrs = (s.get("data") or {}).get("lr") or [s.get("value")]
-        shown = ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(lrs)
-                          if isinstance(x, (int, float)))
-        if shown:
-            parts.append(f"Stable at lr {shown}; set it in your config.")
-    return " ".join(parts)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..rundir import write_atomic
-from ._data import MAX_EVENT_ROWS, RunData, load_run, summary_sentence
+from ._data import MAX_EVENT_ROWS, RunData, load_run
+from ._summary import summary_sentence
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1150px;
