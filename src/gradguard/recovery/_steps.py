@@ -61,8 +61,7 @@ def skip_trigger(rec: Recovery, skipped: bool, step: int, code: int,
     the weights, see :mod:`.verdict`) asks for a rollback, not a back-off that would
     keep the wrecked weights."""
     voided = bool(code & STALE)
-    first = rec.ring.tested(step, taken=not skipped and not voided, voided=voided,
-                            restores=rec.restores)
+    first = rec.ring.tested(step, skipped=skipped, voided=voided, restores=rec.restores)
     if not skipped:
         return Trigger("clean", step, at=at, voided=voided)
     reason = ("loss-spiking" if code & LOSS_SPIKE else "spiking" if code & ~NONFINITE

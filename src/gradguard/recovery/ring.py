@@ -82,12 +82,12 @@ class SnapshotRing:
         self._restored_at = step if snapshot in self._verified else None
         self.restored_from = snapshot
 
-    def tested(self, step: int, *, taken: bool, voided: bool, restores: int) -> bool:
-        """Hear step ``step``'s outcome (``taken``: its update applied; ``voided``: its
-        update undone, its gradients those of weights a restore replaced). True when it is
+    def tested(self, step: int, *, skipped: bool, voided: bool, restores: int) -> bool:
+        """Hear step ``step``'s outcome (``skipped``: no update; ``voided``: its update
+        undone, its gradients those of weights a restore replaced). True when it is
         the first step on the weights a rollback restored, those having had finite
         gradients: its verdict is a test of the batches."""
-        if self._verify is not None and step > self._verify[0] and taken:
+        if self._verify is not None and step > self._verify[0] and not (skipped or voided):
             # the first step taken since the snapshot: its gradients were the snapshot's
             # weights' (the steps between were skipped), unless a restore replaced them
             if self._verify[1] == restores:
