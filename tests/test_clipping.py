@@ -319,12 +319,12 @@ def test_zclip_log_space_leaves_heavy_tailed_healthy_norms_alone_and_clips_spike
     assert clipped["log"] < 0.02
 
 
-def test_zclip_known_limitation_a_norm_settling_higher_after_warm_up_stays_clipped(zclip_path):
-    """docs/clipping.md, known limitation: the statistics learn from the *clipped* norm,
-    and the reciprocal mode clips the harder the higher the z-score, so a norm that settles
-    at 4x its warm-up level (a ViT's as its LR warms up) is clipped for as long as it stays
-    there; the percentile mode's statistics catch up within a few dozen steps. Should the
-    rule change, this test says so."""
+def test_zclip_alone_keeps_clipping_a_norm_settled_higher_after_warm_up(zclip_path):
+    """The paper's rule, which ``clip_`` alone follows (docs/clipping.md): the statistics
+    learn from the *clipped* norm, and the reciprocal mode clips the harder the higher the
+    z-score, so a norm that settles at 4x its warm-up level is clipped for as long as it
+    stays there; the percentile mode's statistics catch up within a few dozen steps. Under
+    a guard, the flush re-anchors such a norm (tests/test_zclip_shift.py)."""
     rng = random.Random(0)
     seq = [math.exp(rng.gauss(0.0, 0.1)) * (1.0 if i < 25 else 4.0) for i in range(400)]
     clipped = {}

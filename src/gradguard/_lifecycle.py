@@ -31,6 +31,11 @@ def flush(guard: Guard, *, collective: bool) -> Window | None:
     window, overflows = guard.monitor.collect(
         guard.telemetry, guard._watch, guard.config.sample_activations, collective=collective,
         precursor_inputs=inputs)
+    observe = getattr(guard.clip, "observe", None)
+    if window is not None and callable(observe) and not guard._aborted:
+        event = observe(window)  # a clip policy that learns from the window (ZClip's level)
+        if event is not None:
+            guard.monitor.add_event(event)
     error: TrainingDiverged | None = None
     if window is not None and guard.recovery is not None and not guard._aborted:
         try:

@@ -72,6 +72,12 @@ class Chain(Policy):
             if callable(getattr(p, "release", None)):
                 p.release(owner)
 
+    def observe(self, window: Any) -> Any:
+        """At a guard's flush: each member that observes windows (:meth:`ZClip.observe`);
+        the first event."""
+        events = [p.observe(window) for p in self.policies if callable(getattr(p, "observe", None))]
+        return next((e for e in events if e is not None), None)
+
     def reset(self) -> None:
         for p in self.policies:
             if callable(getattr(p, "reset", None)):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..events import Event
 from ..measure import StepStats, host_scalars
 from .base import NORM_EPS, Policy, check_positive, norm_coef, to_device
 
@@ -32,6 +33,15 @@ ZCLIP_WARMUP_ANCHOR = 5
 #: In ``space="log"`` a norm of 0 has no log: a norm at or below this floor neither clips
 #: nor enters the statistics (like a non-finite one).
 ZCLIP_LOG_FLOOR = 1e-30
+#: gradguard's addition after warm-up (:meth:`ZClip.observe`, at a guard's flush): a
+#: window of at least ``ZCLIP_SHIFT_MIN_STEPS`` finite steps of which at least
+#: ``ZCLIP_SHIFT_CLIPPED`` were clipped, whose norm held level (the medians of its two
+#: halves within ``ZCLIP_SHIFT_LEVEL`` of each other: not growing as an explosion grows)
+#: while the loss did not rise, is a norm that settled at a new level: the statistics are
+#: re-anchored on the window's second half.
+ZCLIP_SHIFT_MIN_STEPS = 20
+ZCLIP_SHIFT_CLIPPED = 0.5
+ZCLIP_SHIFT_LEVEL = 2.0
 
 _F32 = struct.Struct("f")
 
@@ -79,6 +89,14 @@ class ZClip(Policy):
     clipped relative to its first healthy norms instead of teaching ZClip that the
     explosion is its normal scale.
 
+    A norm that settles at a new level (gradguard's addition; ``reanchor=False`` is the
+    paper's algorithm): the statistics learn from the *clipped* norm, and the reciprocal
+    mode clips the harder the higher the z-score, so a norm that settles a few times higher
+    after warm-up would stay clipped for good (a ViT from config, as its LR warmed up: 451
+    of 600 steps). Under a guard, :meth:`observe` re-anchors the statistics at the flush of
+    a window that was mostly clipped while its norm held level and its loss did not rise;
+    a norm that keeps growing (an explosion) stays clipped.
+
     Args:
         alpha: EMA factor in (0, 1); paper default 0.97.
         z_thresh: z-score threshold > 0; paper default 2.5.
@@ -90,6 +108,8 @@ class ZClip(Policy):
             first finite norms (> 1; None: no clipping during warm-up, as in the paper).
         space: ``"log"`` (default) | ``"linear"``: the statistics of the log of the norm,
             or of the norm itself (the paper's).
+        reanchor: under a guard, re-anchor the statistics on a norm that settled at a new
+            level (:meth:`observe`; False: the paper's algorithm, which keeps clipping it).
 
     References:
         Kumar, Owen, Ashraf, Ahmed, Rehman, Pettersson. "ZClip: Adaptive Spike Mitigation
@@ -119,6 +139,7 @@ class ZClip(Policy):
         eps: float = ZCLIP_EPS,
         warmup_cap: float | None = ZCLIP_WARMUP_CAP,
         space: str = "log",
+        reanchor: bool = True,
     ) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise TypeError(f"ZClip(alpha={alpha!r}): expected a number in (0, 1)")
@@ -144,7 +165,15 @@ class ZClip(Policy):
         if space not in self.SPACES:
             raise ValueError(f"ZClip(space={space!r}): allowed values are {self.SPACES}")
         self.space = space
+        if not isinstance(reanchor, bool):
+            raise TypeError(f"ZClip(reanchor={reanchor!r}): expected True or False")
+        self.reanchor = reanchor
         self._state: dict[str, Tensor] | None = None
+        #: the step of the last re-anchor (:meth:`observe`); ``_held``: a restore of
+        #: earlier statistics came after it (a rollback), so the clipping was holding
+        #: trouble back and is not let go of again
+        self._anchored_at: int | None = None
+        self._held = False
 
     def _ensure(self, device: torch.device) -> dict[str, Tensor]:
         if self._state is not None and self._state["mean"].device != device:
@@ -224,6 +253,52 @@ class ZClip(Policy):
         count.copy_(new_count)
         return coef
 
+    def observe(self, window: Any) -> Event | None:
+        """At a guard's flush: re-anchor the statistics on a norm that settled at a new
+        level (gradguard's addition; see ``ZCLIP_SHIFT_*``). The statistics learn from the
+        clipped norm and the reciprocal mode clips the harder the higher the z-score, so a
+        norm that settles a few times higher after warm-up (a ViT's as its LR warms up)
+        would be clipped for as long as it stays there. A norm that keeps growing, a loss
+        that rises, a skipped or non-finite step in the window, or a restore of earlier
+        statistics after a re-anchor (a rollback: the clip was holding an explosion back)
+        leaves the statistics as they are. Returns the info event, or None."""
+        s = self._state
+        if not self.reanchor or self._held or s is None:
+            return None
+        # the window is on the host: the tests below read no device value; the policy's
+        # statistics are read only for a window that passes them
+        norm, loss = window.total_norm.double(), window.loss.double()
+        ok = torch.isfinite(norm) & (norm > ZCLIP_LOG_FLOOR)
+        if (len(window.steps) < ZCLIP_SHIFT_MIN_STEPS or not bool(ok.all())
+                or bool(window.skipped.any()) or not bool(torch.isfinite(loss).all())):
+            return None
+        clipped = int((window.clip_coef < 1.0).sum())
+        if clipped < ZCLIP_SHIFT_CLIPPED * len(window.steps):
+            return None
+        half = len(window.steps) // 2
+        first, second = norm[:half].median(), norm[half:].median()
+        if not (1 / ZCLIP_SHIFT_LEVEL <= float(second / first) <= ZCLIP_SHIFT_LEVEL):
+            return None
+        if float(loss[half:].median()) > float(loss[:half].median()):
+            return None
+        if int(s["count"]) < self.warmup_steps:  # clipped by max_norm or the warm-up cap
+            return None
+        x = norm[half:].log() if self.space == "log" else norm[half:]
+        old = float(s["mean"].exp() if self.space == "log" else s["mean"])
+        s["mean"].fill_(float(x.mean()))
+        s["var"].fill_(float(x.var(unbiased=False)))
+        step = window.steps[-1]
+        self._anchored_at = step
+        level = float(second)
+        return Event(
+            kind="clip", step=step, severity="info", value=level, threshold=old,
+            message=(f"ZClip clipped {clipped} of the last {len(window.steps)} steps while the "
+                     f"gradient norm held at ~{level:.3g} ({level / old:.3g}x the level it had "
+                     "learnt) and the loss did not rise: the norm settled at a new level, and "
+                     "ZClip now clips relative to it"),
+            data={"clipped": clipped, "steps": len(window.steps), "level": level,
+                  "previous_level": old})
+
     def _host_coefficient(self, g_t: Tensor, fin_t: Tensor, s: dict[str, Tensor]) -> Tensor:
         """:meth:`coefficient` for CPU scalars, in Python numbers: the same rule, the same
         state read and written in place, and the same float32 results bit for bit (each
@@ -291,6 +366,7 @@ class ZClip(Policy):
             "max_norm": self.max_norm,
             "warmup_cap": self.warmup_cap,
             "space": self.space,
+            "reanchor": self.reanchor,
             "state": None
             if self._state is None
             else {k: v.clone() for k, v in self._state.items()},
@@ -309,10 +385,11 @@ class ZClip(Policy):
             self.space = state_dict.get("space", "linear")
         # copies: the live statistics must not alias the checkpoint's tensors
         self._state = None if st is None else to_device(st, st["mean"].device)
+        self._held = self._held or self._anchored_at is not None
 
     def __repr__(self) -> str:
         return (
             f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, warmup_steps={self.warmup_steps}, "
             f"mode={self.mode!r}, max_norm={self.max_norm}, warmup_cap={self.warmup_cap}, "
-            f"space={self.space!r})"
+            f"space={self.space!r}, reanchor={self.reanchor})"
         )
