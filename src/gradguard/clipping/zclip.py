@@ -7,6 +7,7 @@ for bit (:meth:`ZClip._host_coefficient`).
 from __future__ import annotations
 
 import math
+import statistics
 import struct
 from typing import Any
 
@@ -33,13 +34,14 @@ ZCLIP_WARMUP_ANCHOR = 5
 #: In ``space="log"`` a norm of 0 has no log: a norm at or below this floor neither clips
 #: nor enters the statistics (like a non-finite one).
 ZCLIP_LOG_FLOOR = 1e-30
-#: gradguard's addition after warm-up (:meth:`ZClip.observe`, at a guard's flush): a
-#: window of at least ``ZCLIP_SHIFT_MIN_STEPS`` finite steps of which at least
-#: ``ZCLIP_SHIFT_CLIPPED`` were clipped, whose norm held level (the medians of its two
-#: halves within ``ZCLIP_SHIFT_LEVEL`` of each other: not growing as an explosion grows)
-#: while the loss did not rise, is a norm that settled at a new level: the statistics are
-#: re-anchored on the window's second half.
+#: gradguard's addition after warm-up (:meth:`ZClip.observe`, at a guard's flush): the
+#: last ``ZCLIP_SHIFT_STEPS`` flushed steps (at least ``ZCLIP_SHIFT_MIN_STEPS``, all finite,
+#: none skipped), at least ``ZCLIP_SHIFT_CLIPPED`` of them clipped, whose norm held level
+#: (the medians of their two halves within ``ZCLIP_SHIFT_LEVEL`` of each other: not growing
+#: as an explosion grows) while the loss did not rise, are a norm that settled at a new
+#: level: the statistics are re-anchored on their second half.
 ZCLIP_SHIFT_MIN_STEPS = 20
+ZCLIP_SHIFT_STEPS = 50
 ZCLIP_SHIFT_CLIPPED = 0.5
 ZCLIP_SHIFT_LEVEL = 2.0
 
@@ -174,6 +176,7 @@ class ZClip(Policy):
         #: trouble back and is not let go of again
         self._anchored_at: int | None = None
         self._held = False
+        self._recent: list[tuple[int, float, float, float, bool]] = []  # flushed steps
 
     def _ensure(self, device: torch.device) -> dict[str, Tensor]:
         if self._state is not None and self._state["mean"].device != device:
@@ -190,7 +193,7 @@ class ZClip(Policy):
 
     def reset(self) -> None:
         """Warm up again (see :meth:`Policy.reset`)."""
-        self._state = None
+        self._state, self._recent = None, []
 
     @property
     def mean(self) -> Tensor | None:
@@ -258,46 +261,45 @@ class ZClip(Policy):
         level (gradguard's addition; see ``ZCLIP_SHIFT_*``). The statistics learn from the
         clipped norm and the reciprocal mode clips the harder the higher the z-score, so a
         norm that settles a few times higher after warm-up (a ViT's as its LR warms up)
-        would be clipped for as long as it stays there. A norm that keeps growing, a loss
-        that rises, a skipped or non-finite step in the window, or a restore of earlier
-        statistics after a re-anchor (a rollback: the clip was holding an explosion back)
-        leaves the statistics as they are. Returns the info event, or None."""
+        would be clipped for as long as it stays there. Judged over the last
+        ``ZCLIP_SHIFT_STEPS`` flushed steps (one window at the default ``every``; several
+        short ones otherwise). A norm that keeps growing, a loss that rises, a skipped or
+        non-finite step among them, or a restore of earlier statistics after a re-anchor
+        (a rollback: the clip was holding an explosion back) leaves the statistics as they
+        are. Returns the info event, or None."""
+        if not self.reanchor or self._held or self._state is None:
+            return None
+        # host numbers only: the policy's statistics are read for steps that pass the tests
+        rows = zip(window.steps, window.total_norm.tolist(), window.loss.tolist(),
+                   window.clip_coef.tolist(), window.skipped.tolist())
+        self._recent = (self._recent + list(rows))[-ZCLIP_SHIFT_STEPS:]
+        steps, norm, loss, coef, skipped = zip(*self._recent)
+        n, half = len(steps), len(steps) // 2
+        clipped = sum(c < 1.0 for c in coef)
+        if (n < ZCLIP_SHIFT_MIN_STEPS or any(skipped) or clipped < ZCLIP_SHIFT_CLIPPED * n
+                or not all(math.isfinite(v) and v > ZCLIP_LOG_FLOOR for v in norm)
+                or not all(math.isfinite(v) for v in loss)):
+            return None
+        first, second = statistics.median(norm[:half]), statistics.median(norm[half:])
+        if not (1 / ZCLIP_SHIFT_LEVEL <= second / first <= ZCLIP_SHIFT_LEVEL):
+            return None  # growing (or falling) as an explosion does, not level
+        if statistics.median(loss[half:]) > statistics.median(loss[:half]):
+            return None
         s = self._state
-        if not self.reanchor or self._held or s is None:
-            return None
-        # the window is on the host: the tests below read no device value; the policy's
-        # statistics are read only for a window that passes them
-        norm, loss = window.total_norm.double(), window.loss.double()
-        ok = torch.isfinite(norm) & (norm > ZCLIP_LOG_FLOOR)
-        if (len(window.steps) < ZCLIP_SHIFT_MIN_STEPS or not bool(ok.all())
-                or bool(window.skipped.any()) or not bool(torch.isfinite(loss).all())):
-            return None
-        clipped = int((window.clip_coef < 1.0).sum())
-        if clipped < ZCLIP_SHIFT_CLIPPED * len(window.steps):
-            return None
-        half = len(window.steps) // 2
-        first, second = norm[:half].median(), norm[half:].median()
-        if not (1 / ZCLIP_SHIFT_LEVEL <= float(second / first) <= ZCLIP_SHIFT_LEVEL):
-            return None
-        if float(loss[half:].median()) > float(loss[:half].median()):
-            return None
         if int(s["count"]) < self.warmup_steps:  # clipped by max_norm or the warm-up cap
             return None
-        x = norm[half:].log() if self.space == "log" else norm[half:]
+        x = [math.log(v) if self.space == "log" else v for v in norm[half:]]
         old = float(s["mean"].exp() if self.space == "log" else s["mean"])
-        s["mean"].fill_(float(x.mean()))
-        s["var"].fill_(float(x.var(unbiased=False)))
-        step = window.steps[-1]
-        self._anchored_at = step
-        level = float(second)
+        s["mean"].fill_(statistics.fmean(x))
+        s["var"].fill_(statistics.pvariance(x))
+        self._anchored_at, self._recent = steps[-1], []
         return Event(
-            kind="clip", step=step, severity="info", value=level, threshold=old,
-            message=(f"ZClip clipped {clipped} of the last {len(window.steps)} steps while the "
-                     f"gradient norm held at ~{level:.3g} ({level / old:.3g}x the level it had "
-                     "learnt) and the loss did not rise: the norm settled at a new level, and "
-                     "ZClip now clips relative to it"),
-            data={"clipped": clipped, "steps": len(window.steps), "level": level,
-                  "previous_level": old})
+            kind="clip", step=steps[-1], severity="info", value=second, threshold=old,
+            message=(f"ZClip clipped {clipped} of the last {n} steps while the gradient norm "
+                     f"held at ~{second:.3g} ({second / old:.3g}x the level it had learnt) and "
+                     "the loss did not rise: the norm settled at a new level, and ZClip now "
+                     "clips relative to it"),
+            data={"clipped": clipped, "steps": n, "level": second, "previous_level": old})
 
     def _host_coefficient(self, g_t: Tensor, fin_t: Tensor, s: dict[str, Tensor]) -> Tensor:
         """:meth:`coefficient` for CPU scalars, in Python numbers: the same rule, the same
@@ -386,6 +388,7 @@ class ZClip(Policy):
         # copies: the live statistics must not alias the checkpoint's tensors
         self._state = None if st is None else to_device(st, st["mean"].device)
         self._held = self._held or self._anchored_at is not None
+        self._recent = []
 
     def __repr__(self) -> str:
         return (
