@@ -119,6 +119,21 @@ def test_a_restore_after_a_re_anchor_keeps_the_clip_for_good():
     assert fresh.observe(window(norms, coefs, FALLING, start=75)) is not None
 
 
+def test_a_restore_of_statistics_from_after_the_re_anchor_keeps_it_free():
+    """A rollback to a snapshot taken after the re-anchor (a bad batch much later) did not
+    undo it: the policy may re-anchor again; a checkpoint keeps the step of the last one."""
+    policy, norms, coefs = shifted()
+    assert policy.observe(window(norms, coefs, FALLING, start=25)) is not None
+    after = policy.state_dict()
+    assert after["anchored_at"] == 74
+    policy.load_state_dict(after)
+    policy.load_state_dict(after)
+    assert not policy._held and policy._anchored_at == 74
+    norms = noisy(50, level=16.0, seed=5)
+    coefs = feed(policy, norms)
+    assert policy.observe(window(norms, coefs, FALLING, start=75)) is not None
+
+
 def test_chain_forwards_the_window():
     policy, norms, coefs = shifted()
     chained = gg.chain(policy, gg.NormClip(100.0))

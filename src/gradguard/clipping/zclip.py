@@ -171,9 +171,9 @@ class ZClip(Policy):
             raise TypeError(f"ZClip(reanchor={reanchor!r}): expected True or False")
         self.reanchor = reanchor
         self._state: dict[str, Tensor] | None = None
-        #: the step of the last re-anchor (:meth:`observe`); ``_held``: a restore of
-        #: earlier statistics came after it (a rollback), so the clipping was holding
-        #: trouble back and is not let go of again
+        #: the step of the last re-anchor (:meth:`observe`; in the state dict); ``_held``:
+        #: a restore of statistics from before it came after it (a rollback undid it), so
+        #: the clipping was holding trouble back and is not let go of again
         self._anchored_at: int | None = None
         self._held = False
         self._recent: list[tuple[int, float, float, float, bool]] = []  # flushed steps
@@ -369,6 +369,7 @@ class ZClip(Policy):
             "warmup_cap": self.warmup_cap,
             "space": self.space,
             "reanchor": self.reanchor,
+            "anchored_at": self._anchored_at,
             "state": None
             if self._state is None
             else {k: v.clone() for k, v in self._state.items()},
@@ -387,8 +388,10 @@ class ZClip(Policy):
             self.space = state_dict.get("space", "linear")
         # copies: the live statistics must not alias the checkpoint's tensors
         self._state = None if st is None else to_device(st, st["mean"].device)
-        self._held = self._held or self._anchored_at is not None
-        self._recent = []
+        restored = state_dict.get("anchored_at")
+        if self._anchored_at is not None and restored != self._anchored_at:
+            self._held = True  # statistics from before a re-anchor: a rollback undid it
+        self._anchored_at, self._recent = restored, []
 
     def __repr__(self) -> str:
         return (
