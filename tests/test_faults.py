@@ -213,3 +213,27 @@ def test_no_false_alarms_on_healthy_runs(name):
     run = run_with_faults(setup, [], steps=300, check_state=False,
                           guard_kwargs={"clip": gg.ZClip(), "recovery": gg.Recovery()})
     assert [e for e in run.events if e.severity != "info"] == []
+
+
+@pytest.mark.parametrize("spike, acts", [(2e-3, False), (1.0, True)])
+def test_a_confirmed_loss_spike_is_acted_on_when_it_gives_back_part_of_what_was_learnt(
+        spike, acts):
+    """A loss that fell from 2.3 to 1e-4 and spikes for two steps: x20 (2e-3) is one hard
+    batch of a converged classifier, 0.08% of what the run learnt, reported and left
+    alone; to 1.0, 43% of it, the ladder acts. The gradients are a real model's; the loss
+    handed to the guard is scripted."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    g = torch.Generator().manual_seed(0)
+    for step in range(400):
+        model(torch.randn(16, 4, generator=g)).pow(2).mean().backward()
+        level = 2.3 if step < 3 else 1e-4 * (1 + 0.1 * torch.rand((), generator=g).item())
+        guard.step(torch.tensor(spike if step in (300, 301) else level))
+        opt.zero_grad()
+    guard.close()
+    kinds = [e.kind for e in guard.events]
+    assert [e.step for e in guard.events if e.kind == "loss_spike"] == [300]
+    assert any(k in ("lr_backoff", "rollback") for k in kinds) == acts
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -215,6 +215,31 @@ def test_losses_below_zero_switch_the_test_off():
     assert rise.off and rise.risen(1.5) is None
 
 
+def test_a_loss_of_exactly_zero_is_a_level_not_a_reason_to_switch_off():
+    """A classifier that fits a batch perfectly has a float32 loss of exactly 0: before,
+    that switched the loss-level tests off for good, and every confirmed loss spike after
+    it, however small, was acted on (a converged digits MLP was rolled back three times and
+    stopped as diverged at a loss of 0.014, its fresh model's 757)."""
+    rise = LossRise()
+    feed(rise, 0, [2.3] * 3 + [1e-4] * 17 + [0.0] + [1e-4] * 29)
+    assert not rise.off and rise.best == pytest.approx(1e-4)
+    assert not rise.gives_back(2e-3)  # x20 the best, 0.08% of what the run learnt
+    assert rise.gives_back(0.2)  # 8.7% of it
+    feed(rise, 50, [0.0] * 50)  # a best of exactly 0: the ratio tests wait, the share works
+    assert rise.best == 0.0 and rise.risen(1.5) is None
+    assert not rise.gives_back(0.05) and rise.gives_back(0.1)
+
+
+def test_a_loss_spike_gives_back_while_nothing_is_known_of_the_run():
+    assert LossRise().gives_back(1e-9)  # no level yet
+    resumed = LossRise()  # a resume: no fresh level to measure what was learnt from
+    feed(resumed, 1000, [0.5] * 20)
+    assert resumed.gives_back(0.51)
+    negative = LossRise()
+    feed(negative, 0, [1.0] * 20 + [-0.5] + [1.0] * 29)
+    assert negative.off and negative.gives_back(1.01)
+
+
 def test_skipped_steps_and_non_finite_losses_are_left_out_and_state_round_trips():
     rise = LossRise()
     rise.update(list(range(30)), [1.0] * 20 + [math.nan] + [50.0] * 9,

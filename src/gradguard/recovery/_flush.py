@@ -46,7 +46,9 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     codes = window.skip_codes.tolist() if window.skip_codes is not None else None
     triggers = _device_skips(rec, window, skips, codes, overflows)
     spike = next((e for e in events if e.kind == "loss_spike"), None)
-    if spike is not None:  # reported only once confirmed (DetectorConfig)
+    if spike is not None and rec._rise.gives_back(spike.value or math.inf):
+        # reported only once confirmed (DetectorConfig); acted on when it gives back part
+        # of what the run learnt
         triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
                                 rec._level, at=window.steps[-1], confirmed=True))
     start = rec.state.trouble_start

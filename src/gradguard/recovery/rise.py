@@ -66,8 +66,10 @@ Medians of ten steps shrug off single bad batches, two blocks in a row a noisy s
 Without the run's first steps (a resume) only the first condition applies. Measured on
 healthy runs: benchmarks/quality.py (10,000 steps) and benchmarks/rescue.py (2,400).
 
-Losses that can be zero or negative (log-likelihoods, GAN or RL objectives) have no ratio
-scale: the test switches itself off for the run the first time it sees one.
+Losses that can be negative (log-likelihoods, GAN or RL objectives) have no ratio scale:
+the test switches itself off for the run the first time it sees one. A loss of exactly 0
+(a classifier that fits a batch perfectly in float32, a hinge loss) is a level like any
+other; while the best level is 0 the ratio tests have nothing to divide by and wait.
 """
 
 from __future__ import annotations
@@ -124,14 +126,14 @@ class LossRise:
         self.initial: float | None = None  # the fresh model's loss (kept over resets)
         self.fresh: float | None = None  # the lowest of the first losses (see returned)
         self.latest: float | None = None  # the newest rolling median
-        self.off = False  # a loss <= 0 was seen: no ratio scale
+        self.off = False  # a loss < 0 was seen: no ratio scale
         self.peak: Rise | None = None  # the highest two-block level over the best since judged
         self._carry: list[float] = []  # the last 2 * BLOCK - 1 losses, for the next window
 
     def update(self, steps: Sequence[int], losses: Sequence[float], skipped: Sequence[bool]) -> None:
         """Take a flushed window in (its steps, losses and skip flags)."""
         vals = [x for x, sk in zip(losses, skipped) if not sk and math.isfinite(x)]
-        if any(x <= 0 for x in vals):
+        if any(x < 0 for x in vals):
             self.off = True
         if self.off:
             return
@@ -189,6 +191,15 @@ class LossRise:
         ratio = latest / best
         return Rise(latest, ratio) if ratio >= SEVERE and self._gave_back(
             latest, best, strict=True) else None
+
+    def gives_back(self, loss: float) -> bool:
+        """Whether a loss this high gives back ``STRICT_LOST`` (3%) of what the run learnt
+        from its fresh level (True while that is unknown). A confirmed loss spike that
+        does not is no trouble to act on: a converged classifier's loss of 1e-4 that
+        spikes x14 on one hard batch has given back 0.1% of what it learnt."""
+        if self.off or self.best is None:
+            return True
+        return self._gave_back(loss, self.best, strict=True)
 
     def returned(self) -> Rise | None:
         """A :class:`Rise` when the loss is back at the fresh model's level (``AT_FRESH``
