@@ -22,6 +22,7 @@ from torch.amp.grad_scaler import GradScaler
 from . import _lifecycle as lifecycle
 from . import checkpoint, distributed
 from ._logit_watch import LogitWatch
+from ._running import RunningStats
 from ._watch import ActivationWatch
 from ._wrapped import accelerate_inner, accumulating, inner_optimizer
 from .clipping import apply_policy, deferrable, policy_coefficient
@@ -124,6 +125,8 @@ class Guard:
         self.kind = optimizer_kind(optimizer)
         self._needs_closure = needs_closure(optimizer)
         self._fresh = FreshState(optimizer)
+        # a skipped step's forward already moved the batch norm running statistics
+        self._running = RunningStats(distributed.unwrap(model))
         self.executor = executor if executor is not None else Direct(optimizer)
         writes = self.dist is None or cfg.sink_rank is None or self.dist.rank == cfg.sink_rank
         self.monitor = Monitor(cfg.sinks, cfg.detector_config or DetectorConfig(), self.dist, writes)
@@ -248,6 +251,7 @@ class Guard:
                 # skip flag), after this step's backward: its update would carry the
                 # replaced weights' gradients
                 out = executor.void(out)
+            self._running.settle(out.trouble)
             # taken, or skipped in its place: an LR scheduler stepped after guard.step() is in
             # the right order (after a skipped first step torch would warn it is not)
             self.optimizer._opt_called = True  # type: ignore[attr-defined]

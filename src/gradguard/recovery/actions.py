@@ -207,6 +207,9 @@ def restore(guard: Guard, snap: dict[str, Any]) -> None:
     caller; :func:`snapshot_state` copied), keeping the optimizer's hyperparameters as they
     are now (LR schedules are not rolled back)."""
     guard.model.load_state_dict(snap["model"])
+    running = getattr(guard, "_running", None)
+    if running is not None:
+        running.refresh()  # the restored batch norm statistics are the step's starting point
     extra = snap.get("extra_params") or {}
     for n, p in zip(guard.names, guard.telemetry.params):
         if n in extra:

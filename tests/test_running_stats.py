@@ -1,0 +1,138 @@
+"""A skipped step's forward already moved the batch norm running statistics: the guard puts
+them back (gradguard/_running.py). Against a reference loop that never saw the bad batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+
+
+def bn_model(momentum=0.1):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, momentum=momentum), nn.ReLU(),
+                         nn.Linear(16, 3))
+
+
+def batches(n=12):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g))
+            for _ in range(n)]
+
+
+def make_opt(model, kind):
+    return torch.optim.Adam(model.parameters(), lr=1e-2, **({} if kind == "plain" else {kind: True}))
+
+
+def run(kind, fault=None, at=6, guarded=True, momentum=0.1, **guard_kw):
+    model = bn_model(momentum)
+    opt = make_opt(model, kind)
+    guard = gg.Guard(model, opt, clip=None, **guard_kw) if guarded else None
+    for step, (x, y) in enumerate(batches()):
+        if step == at and fault is not None:
+            if fault == "drop":
+                continue  # the reference: the bad batch never reached the model
+            x = x.clone()
+            x[0, 0] = math.nan if fault == "nan" else 1e4 * x[0, 0]
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if guard is not None:
+            guard.step(loss)
+        else:
+            opt.step()
+        opt.zero_grad()
+    if guard is not None:
+        guard.close()
+    return model
+
+
+def same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("kind", ["plain", "foreach", "fused"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_skipped_nan_batch_leaves_the_running_statistics_as_if_never_seen(kind, momentum):
+    guarded = run(kind, "nan", momentum=momentum)
+    bn = guarded[1]
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+    assert same_state(guarded, run(kind, "drop", guarded=False, momentum=momentum))
+    guarded.eval()
+    assert torch.isfinite(guarded(torch.randn(4, 8))).all()  # eval() answers, not NaN
+
+
+def test_without_the_guard_the_nan_batch_poisons_them_for_good():
+    """What the fix is for: the reference loop with the NaN batch and a manual skip of the
+    optimizer step (the usual ``if not torch.isfinite(loss): continue`` after backward)."""
+    model = bn_model()
+    opt = make_opt(model, "plain")
+    for step, (x, y) in enumerate(batches()):
+        if step == 6:
+            x = x.clone()
+            x[0, 0] = math.nan
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if torch.isfinite(loss):
+            opt.step()
+        opt.zero_grad()
+    assert not torch.isfinite(model[1].running_mean).all()
+
+
+class Skip(nn.Module):
+    """A batch norm branch and a linear skip path: x1e4 inputs are normalised away in the
+    branch (its running variance takes them in) and make the skip path's gradient spike."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn, self.head = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+        self.skip = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.lin(x)))) + self.skip(x)
+
+
+def test_a_spike_skipped_at_its_step_puts_back_the_variance_it_inflated():
+    """A x1e4 input batch, skipped as a gradient spike by the recovery's per-step verdict,
+    would leave a running variance ~1e7 times too large."""
+    model = Skip()
+    opt = make_opt(model, "plain")
+    guard = gg.Guard(model, opt, clip=None, recovery=gg.Recovery())
+    for step, (x, y) in enumerate(batches(60)):
+        if step == 50:
+            x = x * 1e4
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if step == 50:
+            inflated = model.bn.running_var.max().item()
+        guard.step(loss)
+        opt.zero_grad()
+        if step == 49:
+            before = model.bn.running_var.clone()
+        if step == 50:
+            after = model.bn.running_var.clone()
+    guard.close()
+    assert [e.step for e in guard.events if e.kind == "skip"] == [50]
+    assert inflated > 1e5 and torch.equal(after, before)
+
+
+def test_a_step_taken_keeps_the_statistics_its_forward_wrote():
+    guarded = run("plain")
+    assert same_state(guarded, run("plain", guarded=False))
+
+
+def test_a_model_without_norm_layers_and_a_lazy_one():
+    model = nn.Sequential(nn.Linear(8, 3))
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), clip=None)
+    assert guard._running.buffers == []
+    lazy = nn.Sequential(nn.Linear(8, 16), nn.LazyBatchNorm1d(), nn.Linear(16, 3))
+    lazy(torch.randn(4, 8))  # materialised by a dry run, as lazy modules require
+    g2 = gg.Guard(lazy, torch.optim.SGD(lazy.parameters(), lr=0.1), clip=None)
+    assert len(g2._running.buffers) == 3
+    still = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, track_running_stats=False))
+    assert gg.Guard(still, torch.optim.SGD(still.parameters(), lr=0.1))._running.buffers == []
