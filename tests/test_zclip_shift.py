@@ -75,7 +75,7 @@ def test_without_reanchor_it_stays_clipped():
 
 
 @pytest.mark.parametrize("case", ["loss_rises", "growing", "skipped", "nan_loss", "few_clipped",
-                                  "short", "warming_up"])
+                                  "short", "warming_up", "too_far"])
 def test_what_keeps_the_statistics(case):
     policy, norms, coefs = shifted()
     losses, skipped = list(FALLING), None
@@ -95,6 +95,11 @@ def test_what_keeps_the_statistics(case):
         coefs = [1.0 if i % 3 else c for i, c in enumerate(coefs)]
     elif case == "short":
         norms, coefs, losses = norms[:15], coefs[:15], losses[:15]
+    elif case == "too_far":  # 20x the learnt level: an explosion, as during warm-up
+        policy = gg.ZClip()
+        feed(policy, noisy(25, seed=1))
+        norms = noisy(50, level=20.0, seed=2)
+        coefs = feed(policy, norms)
     elif case == "warming_up":
         policy = gg.ZClip(warmup_steps=100)
         coefs = feed(policy, norms)

@@ -39,7 +39,9 @@ ZCLIP_LOG_FLOOR = 1e-30
 #: none skipped), at least ``ZCLIP_SHIFT_CLIPPED`` of them clipped, whose norm held level
 #: (the medians of their two halves within ``ZCLIP_SHIFT_LEVEL`` of each other: not growing
 #: as an explosion grows) while the loss did not rise, are a norm that settled at a new
-#: level: the statistics are re-anchored on their second half.
+#: level, if that level is within ``warmup_cap`` (10x) of the one ZClip had learnt (as
+#: during warm-up, further is an explosion): the statistics are re-anchored on their
+#: second half.
 ZCLIP_SHIFT_MIN_STEPS = 20
 ZCLIP_SHIFT_STEPS = 50
 ZCLIP_SHIFT_CLIPPED = 0.5
@@ -288,8 +290,10 @@ class ZClip(Policy):
         s = self._state
         if int(s["count"]) < self.warmup_steps:  # clipped by max_norm or the warm-up cap
             return None
-        x = [math.log(v) if self.space == "log" else v for v in norm[half:]]
         old = float(s["mean"].exp() if self.space == "log" else s["mean"])
+        if second > (self.warmup_cap or ZCLIP_WARMUP_CAP) * old:
+            return None  # as during warm-up: 10x the scale it knows is an explosion
+        x = [math.log(v) if self.space == "log" else v for v in norm[half:]]
         s["mean"].fill_(statistics.fmean(x))
         s["var"].fill_(statistics.pvariance(x))
         self._anchored_at, self._recent = steps[-1], []
