@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..events import Event
 from ..measure import StepStats, host_scalars
+from ._level import SHIFT_STEPS, settled
 from .base import NORM_EPS, Policy, check_positive, norm_coef, to_device
 
 # ZClip defaults (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM
@@ -34,18 +35,6 @@ ZCLIP_WARMUP_ANCHOR = 5
 #: In ``space="log"`` a norm of 0 has no log: a norm at or below this floor neither clips
 #: nor enters the statistics (like a non-finite one).
 ZCLIP_LOG_FLOOR = 1e-30
-#: gradguard's addition after warm-up (:meth:`ZClip.observe`, at a guard's flush): the
-#: last ``ZCLIP_SHIFT_STEPS`` flushed steps (at least ``ZCLIP_SHIFT_MIN_STEPS``, all finite,
-#: none skipped), at least ``ZCLIP_SHIFT_CLIPPED`` of them clipped, whose norm held level
-#: (the medians of their two halves within ``ZCLIP_SHIFT_LEVEL`` of each other: not growing
-#: as an explosion grows) while the loss did not rise, are a norm that settled at a new
-#: level, if that level is within ``warmup_cap`` (10x) of the one ZClip had learnt (as
-#: during warm-up, further is an explosion): the statistics are re-anchored on their
-#: second half.
-ZCLIP_SHIFT_MIN_STEPS = 20
-ZCLIP_SHIFT_STEPS = 50
-ZCLIP_SHIFT_CLIPPED = 0.5
-ZCLIP_SHIFT_LEVEL = 2.0
 
 _F32 = struct.Struct("f")
 
@@ -260,50 +249,43 @@ class ZClip(Policy):
 
     def observe(self, window: Any) -> Event | None:
         """At a guard's flush: re-anchor the statistics on a norm that settled at a new
-        level (gradguard's addition; see ``ZCLIP_SHIFT_*``). The statistics learn from the
+        level (gradguard's addition; the test: :mod:`gradguard.clipping._level`, and a level
+        within ``warmup_cap`` (10x) of the one learnt). The statistics learn from the
         clipped norm and the reciprocal mode clips the harder the higher the z-score, so a
         norm that settles a few times higher after warm-up (a ViT's as its LR warms up)
-        would be clipped for as long as it stays there. Judged over the last
-        ``ZCLIP_SHIFT_STEPS`` flushed steps (one window at the default ``every``; several
-        short ones otherwise). A norm that keeps growing, a loss that rises, a skipped or
+        would be clipped for as long as it stays there. Judged over the last 50 flushed
+        steps (one window at the default ``every``; several short ones otherwise). A norm that keeps growing, a loss that rises, a skipped or
         non-finite step among them, or a restore of earlier statistics after a re-anchor
         (a rollback: the clip was holding an explosion back) leaves the statistics as they
         are. Returns the info event, or None."""
         if not self.reanchor or self._held or self._state is None:
             return None
-        # host numbers only: the policy's statistics are read for steps that pass the tests
+        # host numbers only: the policy's statistics are read for steps that pass the test
         rows = zip(window.steps, window.total_norm.tolist(), window.loss.tolist(),
                    window.clip_coef.tolist(), window.skipped.tolist())
-        self._recent = (self._recent + list(rows))[-ZCLIP_SHIFT_STEPS:]
-        steps, norm, loss, coef, skipped = zip(*self._recent)
-        n, half = len(steps), len(steps) // 2
-        clipped = sum(c < 1.0 for c in coef)
-        if (n < ZCLIP_SHIFT_MIN_STEPS or any(skipped) or clipped < ZCLIP_SHIFT_CLIPPED * n
-                or not all(math.isfinite(v) and v > ZCLIP_LOG_FLOOR for v in norm)
-                or not all(math.isfinite(v) for v in loss)):
-            return None
-        first, second = statistics.median(norm[:half]), statistics.median(norm[half:])
-        if not (1 / ZCLIP_SHIFT_LEVEL <= second / first <= ZCLIP_SHIFT_LEVEL):
-            return None  # growing (or falling) as an explosion does, not level
-        if statistics.median(loss[half:]) > statistics.median(loss[:half]):
+        self._recent = (self._recent + list(rows))[-SHIFT_STEPS:]
+        found = settled(self._recent, ZCLIP_LOG_FLOOR)
+        if found is None:
             return None
         s = self._state
         if int(s["count"]) < self.warmup_steps:  # clipped by max_norm or the warm-up cap
             return None
         old = float(s["mean"].exp() if self.space == "log" else s["mean"])
-        if second > (self.warmup_cap or ZCLIP_WARMUP_CAP) * old:
+        level = found.level
+        if level > (self.warmup_cap or ZCLIP_WARMUP_CAP) * old:
             return None  # as during warm-up: 10x the scale it knows is an explosion
-        x = [math.log(v) if self.space == "log" else v for v in norm[half:]]
+        x = [math.log(v) if self.space == "log" else v for v in found.norms]
         s["mean"].fill_(statistics.fmean(x))
         s["var"].fill_(statistics.pvariance(x))
-        self._anchored_at, self._recent = steps[-1], []
+        self._anchored_at, self._recent = found.step, []
         return Event(
-            kind="clip", step=steps[-1], severity="info", value=second, threshold=old,
-            message=(f"ZClip clipped {clipped} of the last {n} steps while the gradient norm "
-                     f"held at ~{second:.3g} ({second / old:.3g}x the level it had learnt) and "
-                     "the loss did not rise: the norm settled at a new level, and ZClip now "
-                     "clips relative to it"),
-            data={"clipped": clipped, "steps": n, "level": second, "previous_level": old})
+            kind="clip", step=found.step, severity="info", value=level, threshold=old,
+            message=(f"ZClip clipped {found.clipped} of the last {found.steps} steps while the "
+                     f"gradient norm held at ~{level:.3g} ({level / old:.3g}x the level it had "
+                     "learnt) and the loss did not rise: the norm settled at a new level, and "
+                     "ZClip now clips relative to it"),
+            data={"clipped": found.clipped, "steps": found.steps, "level": level,
+                  "previous_level": old})
 
     def _host_coefficient(self, g_t: Tensor, fin_t: Tensor, s: dict[str, Tensor]) -> Tensor:
         """:meth:`coefficient` for CPU scalars, in Python numbers: the same rule, the same
