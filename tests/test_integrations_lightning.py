@@ -390,3 +390,45 @@ def test_ddp_two_ranks_nan_on_one_rank_is_skipped_everywhere(tmp_path):
     steps = [r for r in read_jsonl(tmp_path / "gg" / "metrics.jsonl") if r["type"] == "step"]
     assert [r["step"] for r in steps if r["skipped"]] == [NAN_STEP]
     assert not (tmp_path / "gg" / "rank1").exists()
+
+
+class WithNorm(pl.LightningModule):
+    """A batch norm model whose batch at ``nan_step`` holds a NaN, in a real Trainer: the
+    Trainer steps the optimizer, the guard hears the step in its hook."""
+
+    def __init__(self, nan_step: int, fused: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                       torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        self.nan_step, self.fused = nan_step, fused
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step == self.nan_step:
+            x = x.clone()
+            x[0, 0] = math.nan
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, fused=self.fused)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skipped_nan_batch_leaves_the_batch_norm_statistics_finite_in_a_trainer(
+        tmp_path, fused):
+    """gradguard/_running.py through the trainer's hook: the NaN batch's forward wrote NaN
+    into the running statistics before the hook skipped its step; they are put back, as if
+    that batch had never been seen (the same Trainer run on the other batches only)."""
+    model = WithNorm(nan_step=NAN_STEP, fused=fused)
+    trainer(tmp_path / "g", GradGuardCallback(clip=None, every=4)).fit(model, loader())
+    bn = model.net[1]
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+    ref = WithNorm(nan_step=-1, fused=fused)
+    batches = [b for i, b in enumerate(loader()) if i != NAN_STEP]
+    trainer(tmp_path / "r", GradGuardCallback(clip=None, every=4), max_steps=7).fit(
+        ref, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert torch.equal(bn.running_mean, ref.net[1].running_mean)
+    assert torch.equal(bn.running_var, ref.net[1].running_var)
+    model.eval()
+    assert torch.isfinite(model.net(torch.randn(3, 4))).all()  # eval() answers, not NaN
