@@ -136,3 +136,27 @@ def test_a_model_without_norm_layers_and_a_lazy_one():
     assert len(g2._running.buffers) == 3
     still = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, track_running_stats=False))
     assert gg.Guard(still, torch.optim.SGD(still.parameters(), lr=0.1))._running.buffers == []
+
+
+@pytest.mark.parametrize("kind", ["plain", "fused"])
+def test_a_model_cast_after_the_guard_was_built_is_followed(kind):
+    """``model.double()`` (or ``.to(device)``) after ``Guard(...)`` keeps the parameters
+    but replaces the buffers: the statistics are collected anew, nothing mixes the old
+    tensors with the new (on the fused path a ``torch.where`` across dtypes or devices
+    would raise), and a NaN batch after that is still put back."""
+    model = bn_model()
+    opt = make_opt(model, kind)
+    guard = gg.Guard(model, opt, clip=None)
+    model.double()
+    for step, (x, y) in enumerate(batches()):
+        x = x.double()
+        if step == 6:
+            x[0, 0] = math.nan
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    bn = model[1]
+    assert bn.running_mean.dtype == torch.float64 and guard._running.buffers[0] is bn.running_mean
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()

@@ -31,24 +31,31 @@ class RunningStats:
         self.model = model
         self.buffers: list[Tensor] | None = None
         self.saved: list[Tensor] = []
+        self._first: tuple[nn.Module, Tensor | None] | None = None
         self._collect()
 
     def _collect(self) -> None:
-        found = [b for m in self.model.modules()
-                 if isinstance(m, _NormBase) and m.track_running_stats
-                 for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+        mods = [m for m in self.model.modules()
+                if isinstance(m, _NormBase) and m.track_running_stats]
+        found = [b for m in mods for b in (m.running_mean, m.running_var, m.num_batches_tracked)
                  if isinstance(b, Tensor)]
         if any(is_lazy(b) for b in found):
             return  # a lazy layer has no statistics before its first forward
         self.buffers = found
         self.saved = [b.detach().clone() for b in self.buffers]
+        # ``model.to(device)``/``.half()`` after the guard was built replaces the buffers
+        # (not the parameters): the first one tells, and the statistics are collected anew
+        self._first = (mods[0], mods[0].running_mean) if found else None
+
+    def _moved(self) -> bool:
+        return self._first is not None and self._first[0].running_mean is not self._first[1]
 
     def settle(self, trouble: Tensor | bool) -> None:
         """After the step: put the statistics back when it was skipped for ``trouble``
         (a device bool, or a host bool when the host read the flags); then remember them
         for the next step."""
-        if self.buffers is None:
-            self._collect()  # lazy layers, now materialised: from the next step on
+        if self.buffers is None or self._moved():
+            self._collect()  # lazy layers now materialised, or moved: from the next step on
             return
         if not self.buffers:
             return
