@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..events import Event
 from ..measure import StepStats, host_scalars
-from ._level import SHIFT_STEPS, settled
+from ._level import SHIFT_STEPS, Row, settled
 from .base import NORM_EPS, Policy, check_positive, norm_coef, to_device
 
 # ZClip defaults (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM
@@ -167,7 +167,7 @@ class ZClip(Policy):
         #: the clipping was holding trouble back and is not let go of again
         self._anchored_at: int | None = None
         self._held = False
-        self._recent: list[tuple[int, float, float, float, bool]] = []  # flushed steps
+        self._recent: list[Row] = []  # the last flushed steps
 
     def _ensure(self, device: torch.device) -> dict[str, Tensor]:
         if self._state is not None and self._state["mean"].device != device:
@@ -254,10 +254,11 @@ class ZClip(Policy):
         clipped norm and the reciprocal mode clips the harder the higher the z-score, so a
         norm that settles a few times higher after warm-up (a ViT's as its LR warms up)
         would be clipped for as long as it stays there. Judged over the last 50 flushed
-        steps (one window at the default ``every``; several short ones otherwise). A norm that keeps growing, a loss that rises, a skipped or
-        non-finite step among them, or a restore of earlier statistics after a re-anchor
-        (a rollback: the clip was holding an explosion back) leaves the statistics as they
-        are. Returns the info event, or None."""
+        steps (one window at the default ``every``; several short ones otherwise). A norm
+        that keeps growing, a loss that rises, a skipped or non-finite step among them, or
+        a restore of earlier statistics after a re-anchor (a rollback: the clip was holding
+        an explosion back) leaves the statistics as they are. Returns the info event, or
+        None."""
         if not self.reanchor or self._held or self._state is None:
             return None
         # host numbers only: the policy's statistics are read for steps that pass the test
