@@ -338,3 +338,47 @@ def test_agc_unit_axes_override_for_a_custom_layer():
     torch.testing.assert_close(w.grad.double(), expect, rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="unit_axes"):
         gg.AGC(unit_axes={"mine.weight": -1})
+
+
+def test_a_rollback_restores_a_sparse_embedding_and_its_sparse_momentum():
+    # SGD with momentum keeps a sparse momentum buffer for a sparse gradient: the snapshot
+    # check, the copy into the ring, its size and the restore all take it as it is
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(1000, 8, sparse=True)
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(idx).mean(dim=1))
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    guard = gg.Guard(net, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=10)
+    weights: dict[int, torch.Tensor] = {}
+    nan_steps = {120, 121, 122, 126, 127, 128}  # skip, skip, back-off; again: a rollback
+    for step in range(140):
+        idx = torch.randint(0, 40, (16, 4), generator=torch.Generator().manual_seed(step))
+        loss = (net(idx) - idx.float().mean(1, keepdim=True) / 40).pow(2).mean()
+        loss.backward()
+        if step in nan_steps:
+            net.emb.weight.grad = net.emb.weight.grad * float("nan")
+        guard.step(loss)
+        opt.zero_grad()
+        weights[step] = net.emb.weight.detach().clone()
+    guard.close()
+    back = [e for e in guard.events if e.kind == "rollback"]
+    assert len(back) == 1 and back[0].step == 128
+    snap = back[0].data["snapshot_step"]
+    assert 0 <= snap < 120
+    # the rollback restored the snapshot's weights (step 128 itself was skipped)
+    torch.testing.assert_close(weights[128], weights[snap])
+    buf = opt.state[net.emb.weight]["momentum_buffer"]
+    assert buf.is_sparse and torch.isfinite(buf._values()).all()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    # the memory budget counts what a sparse buffer stores (its rows), not its dense size
+    from gradguard.recovery.snapshots import state_bytes
+    rows = buf._values()
+    assert rows.shape[0] < 1000
+    assert state_bytes(buf) == rows.numel() * 4 + buf._indices().numel() * 8

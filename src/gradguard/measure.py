@@ -120,6 +120,14 @@ def _local(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
+def stored(t: Tensor) -> Tensor:
+    """The dense tensor holding ``t``'s values: a sparse COO tensor's values (an
+    ``nn.Embedding(sparse=True)`` under SGD with momentum keeps a sparse momentum buffer),
+    a DTensor's local shard, ``t`` itself otherwise."""
+    t = _local(t)
+    return t._values() if t.is_sparse else t
+
+
 def use_foreach(foreach: bool | None, tensors: list[Tensor], device: torch.device) -> bool:
     """torch's rule for ``foreach=`` (as in ``clip_grad_norm_``): None uses the foreach
     kernels where the device has them, True insists (an error where it has not), False

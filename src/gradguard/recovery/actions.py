@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import distributed
 from .._tensors import numeric_lr
 from ..events import Event
-from ..measure import _local
+from ..measure import stored
 from ..naming import OPTIMIZER_PREFIX, layer_of
 from . import messages
 from .ladder import Action, Trigger, transition
@@ -288,12 +288,13 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
 def all_finite(obj: Any) -> bool:
     """True when every floating tensor (and float) in ``obj`` is finite, on every rank: one
     host read per device, and under torch.distributed one all-reduce, so that every rank
-    keeps (or drops) the same snapshot. DTensors are judged by their local shards."""
+    keeps (or drops) the same snapshot. DTensors are judged by their local shards, sparse
+    tensors by their values."""
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
 
     def walk(x: Any) -> bool:
         if isinstance(x, Tensor):
-            x = _local(x)
+            x = stored(x)
             if (x.is_floating_point() or x.is_complex()) and x.numel():
                 groups.setdefault((x.device, x.dtype), []).append(x.detach())
             return True

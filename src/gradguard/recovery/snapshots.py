@@ -43,9 +43,10 @@ def copy_state(obj: Any, device: torch.device | str = "cpu", into: Any = None) -
     if isinstance(obj, Tensor):
         src = obj.detach()
         if (isinstance(into, Tensor) and into.shape == src.shape and into.dtype == src.dtype
+                and into.layout == src.layout
                 and into.device == torch.device(device)):
             return into.copy_(src, non_blocking=src.is_cuda)
-        if src.is_cuda and torch.device(device).type == "cpu":
+        if src.is_cuda and not src.is_sparse and torch.device(device).type == "cpu":
             dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
             return dst.copy_(src, non_blocking=True)
         return src.to(device, copy=True)
@@ -67,6 +68,9 @@ def wait_copies() -> None:
 def state_bytes(obj: Any) -> int:
     """Bytes held by the tensors of a (nested) state."""
     if isinstance(obj, Tensor):
+        if obj.is_sparse:  # what it stores, not its dense size
+            return (obj._values().numel() * obj.element_size()
+                    + obj._indices().numel() * obj._indices().element_size())
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
         return sum(state_bytes(v) for v in obj.values())
