@@ -4,7 +4,8 @@ tests/test_conformance.py; here one cell per optimizer/scheduler/precision pairi
 driver meets in practice.
 
 Each cell: a NaN step is skipped with parameters and optimizer state bit-identical across
-it; after the back-off (``Recovery(skip_patience=1)``) the LR the optimizer uses is <= the
+it; after the back-off (``Recovery(skip_patience=1, undo_backoff=False)``: kept, though the
+next step proves the weights sound) the LR the optimizer uses is <= the
 schedule's x 0.1 at once and never above the schedule afterwards; no NaN reaches a weight.
 """
 
@@ -114,7 +115,7 @@ class Spy(pl.Callback):
 def test_lightning_cell(tmp_path, cell):
     opt, sched, precision = LIGHTNING_CELLS[cell]
     model, spy = LitNet(opt, sched), Spy()
-    cb = LightningCallback(recovery=gg.Recovery(skip_patience=1, restore_steps=4), every=3,
+    cb = LightningCallback(recovery=gg.Recovery(skip_patience=1, restore_steps=4, undo_backoff=False), every=3,
                            report=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8 * STEPS, 4, generator=g)
@@ -198,7 +199,7 @@ def test_hf_cell(tmp_path, cell):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
                                        n_positions=16))
     inject, spy = InjectNaN(), LrSpy()
-    cb = HFCallback(recovery=gg.Recovery(skip_patience=1, restore_steps=4), every=3,
+    cb = HFCallback(recovery=gg.Recovery(skip_patience=1, restore_steps=4, undo_backoff=False), every=3,
                     report=False)
     kw = {"max_grad_norm": 0.0, **HF_CELLS[cell]}
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS,
@@ -256,7 +257,7 @@ def test_gradguard_run_cell(tmp_path, monkeypatch):
     script.write_text(SCRIPT.replace("{out}", str(out)))
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     result = run_script(script, out=tmp_path / "runs", quiet=True, report=False,
-                        recovery=gg.Recovery(skip_patience=1, restore_steps=4), every=3)
+                        recovery=gg.Recovery(skip_patience=1, restore_steps=4, undo_backoff=False), every=3)
     assert result.exit_code == 0
     rec = torch.load(out, weights_only=False)
     before, after = rec["snaps"][BAD], rec["snaps"][BAD + 1]

@@ -159,6 +159,70 @@ def test_a_streak_that_ends_at_the_rollback_costs_the_run_no_lr():
     assert run.guard.recovery.lr_factor == 1.0  # restored in full by the end
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kind", ["nan_input", "nan_grad"])
+def test_a_finite_step_right_after_a_back_off_undoes_it(kind, fused):
+    """Found as a stranger: two bursts of three NaN batches six steps apart in a healthy
+    run took the ladder to a back-off, then a rollback whose relapse rule capped the LR at
+    x0.0725 for good (an MLP on any of 13 optimizers ended up to 10x its loss). A skipped
+    step changes no weight: the step after a streak runs on the streak's weights, and
+    when it is finite they are sound and the batches were at fault. The first back-off is
+    undone; the second, within ``patience`` steps of that, stands (trouble that keeps
+    coming back is the weights'), but as a new trouble, not a relapse: no rollback, no
+    lowered ceiling. Fused, the skip flags are heard late, in the same order."""
+    setup = make_setup("mlp")
+    if fused:
+        setup.optimizer = torch.optim.Adam(setup.model.parameters(), lr=1e-3, fused=True)
+    layer = setup.middle if kind == "nan_grad" else None
+    faults = [Fault(kind, step=s, layer=layer) for s in (20, 21, 22, 26, 27, 28)]
+    run = run_with_faults(setup, faults, steps=160, guard_kwargs=guard_kwargs())
+    assert run.error is None and run.state_nonfinite_steps == []
+    ladder = [(e.kind, e.step) for e in run.events
+              if e.kind in ("lr_backoff", "rollback", "nonfinite_input")]
+    assert ladder == [("lr_backoff", 22), ("nonfinite_input", 23), ("lr_backoff", 28)]
+    sound = next(e for e in run.events if e.kind == "nonfinite_input")
+    assert sound.data["undone"] is True and sound.data["factor"] == 1.0
+    assert "the weights are sound, the batches were at fault" in sound.message
+    rec = run.guard.recovery
+    assert rec.lr_ceiling == 1.0 and rec.lr_factor == 1.0
+    assert [a.kind for a in rec.decisions] == ["backoff", "sound", "backoff"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_in_a_trainers_hook_a_finite_step_after_the_back_off_undoes_it(fused):
+    """Driven from a trainer's hook (the optimizer steps after the guard's hook; the skip
+    flags of a fused optimizer are heard at the next step's hook): three NaN batches, a
+    back-off, the fourth step finite: undone, and the run keeps its LR."""
+    from gradguard.integrations._hooked import hooked_guard
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    rec = gg.Recovery()
+    guard = hooked_guard(model, opt, gg.GuardConfig(every=10, recovery=rec))
+    for i, (x, y) in enumerate(batches(60, seed=1)):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        (loss * math.nan if 20 <= i < 23 else loss).backward()
+        guard.step(loss)
+        opt.step()  # the trainer's own step
+    guard.close()
+    assert [a.kind for a in rec.decisions] == ["backoff", "sound"]
+    assert rec.lr_ceiling == 1.0 and rec.lr_factor == 1.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_streak_that_goes_on_after_the_back_off_is_not_undone():
+    """The step after the back-off is non-finite too (the same weights): they stay suspect,
+    and the ladder climbs on as before (a rollback at the next ``skip_patience``)."""
+    setup = make_setup("mlp")
+    faults = [Fault("nan_grad", step=s, layer=setup.middle) for s in range(20, 25)]
+    run = run_with_faults(setup, faults, steps=60, guard_kwargs=guard_kwargs())
+    assert run.error is None and run.state_nonfinite_steps == []
+    kinds = [e.kind for e in run.events if e.kind in ("lr_backoff", "rollback", "nonfinite_input")]
+    assert kinds == ["lr_backoff"]
+    assert [a.kind for a in run.guard.recovery.decisions] == ["backoff"]
+
+
 def test_in_a_trainers_hook_the_voided_step_after_a_rollback_tried_no_lr():
     """Driven from a trainer's hook with fused Adam, the rollback is heard after the next
     backward and that step's update is voided (its gradients belong to the replaced

@@ -227,7 +227,7 @@ def test_adafactor_with_its_own_relative_step_is_backed_off_through_its_update()
     make = lambda m: Adafactor(m.parameters(), lr=None, relative_step=True,  # noqa: E731
                                scale_parameter=True, warmup_init=True)
     opt = make(model)
-    rec = gg.Recovery(skip_patience=1)
+    rec = gg.Recovery(skip_patience=1, undo_backoff=False)  # the back-off stands
     guard = gg.Guard(model, opt, recovery=rec, every=5)
 
     def loss_of(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -302,7 +302,7 @@ def test_an_accelerate_prepared_optimizer_is_guarded_through_the_one_inside_it()
     skipped, the back-off slows the steps after it, and the healthy steps before are the
     unguarded optimizer's, bit for bit."""
     acc, model, opt, twin, twin_opt = _accelerated()
-    rec = gg.Recovery(skip_patience=1)
+    rec = gg.Recovery(skip_patience=1, undo_backoff=False)  # the back-off stands
     guard = gg.Guard(model, opt, clip=None, recovery=rec, every=4)
     assert guard.wrapper is opt and guard.optimizer is opt.optimizer
     xs = _batches(8, nan_at=5)

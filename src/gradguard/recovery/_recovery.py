@@ -90,6 +90,10 @@ class Recovery:
             if half the LR halved the loss, the LR is too high and the ladder lowers it
             (:mod:`.probe`). Needs ``loss_rise`` (the same loss levels, the same kind of
             loss).
+        undo_backoff: undo a back-off for a streak of non-finite steps when the step right
+            after it is finite: a skipped step changes no weight, so the weights are sound
+            and the batches were at fault (a ``nonfinite_input`` event; once per
+            ``patience`` steps, see :mod:`.ladder`); False keeps every back-off.
         recovery_window: steps after a back-off or rollback by which the loss must be back
             near its level before the trouble, else the ladder rolls back (>= 1).
         stall_factor: "near its level": at most this many times it (> 1); also the rise
@@ -109,15 +113,17 @@ class Recovery:
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> rec = gg.Recovery(skip_patience=2)
         >>> guard = gg.Guard(model, opt, recovery=rec, every=5)
+        >>> factors = []
         >>> for step in range(4):
         ...     loss = model(torch.randn(8, 4)).pow(2).mean()
         ...     if step in (1, 2):
         ...         loss = loss * float("nan")          # two bad batches in a row
         ...     loss.backward(); _ = guard.step(loss); opt.zero_grad()
-        >>> round(rec.lr_factor, 4)                    # backed off at step 2: step 3 ran at x0.1
-        0.1
-        >>> guard.close(); [e.kind for e in guard.events if e.kind == "lr_backoff"]
-        ['lr_backoff']
+        ...     factors.append(round(rec.lr_factor, 4))
+        >>> factors  # backed off at step 2; step 3, on the same weights, is finite: undone
+        [1.0, 1.0, 0.1, 1.0]
+        >>> guard.close(); [e.kind for e in guard.events if e.kind in ("lr_backoff", "nonfinite_input")]
+        ['lr_backoff', 'nonfinite_input']
     """
 
     def __init__(
@@ -139,6 +145,7 @@ class Recovery:
         skip_spikes: bool = True,
         loss_rise: bool = True,
         lr_probe: bool = True,
+        undo_backoff: bool = True,
         recovery_window: int = RECOVERY_WINDOW,
         stall_factor: float = STALL_FACTOR,
     ) -> None:
@@ -156,7 +163,8 @@ class Recovery:
             patience=patience, snapshot_every=snapshot_every, keep=keep,
             max_rollbacks=max_rollbacks, relapse_backoff=relapse_backoff,
             relapse_window=relapse_window, skip_batches=skip_batches,
-            recovery_window=recovery_window, stall_factor=stall_factor)
+            recovery_window=recovery_window, stall_factor=stall_factor,
+            undo_backoff=undo_backoff)
         if not isinstance(skip_spikes, bool):
             raise TypeError(f"Recovery(skip_spikes={skip_spikes!r}): must be True or False")
         self.skip_spikes = skip_spikes
@@ -391,5 +399,8 @@ class Recovery:
         unknown = set(sd) - known
         if unknown:
             raise ValueError(f"Recovery.load_state_dict: unknown keys {sorted(unknown)}")
+        undo = sd.get("undo")
+        if isinstance(undo, dict):  # dataclasses.asdict nests it as a dict
+            sd["undo"] = LadderState(**undo)
         self.state = LadderState(**sd)
 

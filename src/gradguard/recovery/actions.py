@@ -172,6 +172,9 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
         if a.kind == "data":
             guard.add_event(messages.data_event(guard, a, rec.ring.restored_from))
             continue
+        if a.kind == "sound":
+            guard.add_event(messages.sound_event(guard, a))
+            continue
         if a.kind == "level_off":
             rec._probe.cancel(a.step)
             guard.add_event(messages.level_off_event(guard, a, rec.config.restore_steps))

@@ -78,7 +78,7 @@ def ladder_config(*, skip_patience: int, backoff: float, restore_steps: int,
                   patience: int | None, snapshot_every: int, keep: int, max_rollbacks: int,
                   relapse_backoff: float, relapse_window: int | None,
                   skip_batches: int | None, recovery_window: int,
-                  stall_factor: float) -> LadderConfig:
+                  stall_factor: float, undo_backoff: bool = True) -> LadderConfig:
     """The ladder's options from :class:`~gradguard.Recovery`'s, checked (a ValueError or
     TypeError naming the option and its allowed values) and with their derived defaults."""
     restore = check_int("restore_steps", restore_steps, 1)
@@ -98,4 +98,11 @@ def ladder_config(*, skip_patience: int, backoff: float, restore_steps: int,
         skip_batches=None if skip_batches is None else check_int("skip_batches", skip_batches, 0),
         recovery_window=check_int("recovery_window", recovery_window, 1),
         stall_factor=_above_one("stall_factor", stall_factor),
+        undo_backoff=_flag("undo_backoff", undo_backoff),
     )
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"Recovery({name}={value!r}): must be True or False")
+    return value

@@ -36,6 +36,17 @@ for this streak of non-finite steps (``data``: they are skipped, nothing else), 
 ceiling back to where it was before the trouble (an LR is not lowered for good for bad
 data), and aborts only when the streak lasts more than ``patience`` steps.
 
+A back-off is a test of the weights too: a skipped step changes nothing, so the step
+after a streak of non-finite steps runs on the weights the streak ran on. When it is
+finite (a ``clean`` step right after the back-off the streak set off), those weights are
+sound and the batches were at fault: the ladder undoes the back-off (``sound``; the state
+before the streak returns: the LR is not lowered, the streak is no trouble a later one
+could relapse from). Only a back-off is undone (a rollback changed the weights), only
+for a non-finite streak (a spiking one is judged against statistics its own steps
+moved, and in the grace after a rung not at all), and only once per ``patience`` steps:
+trouble that keeps coming back is the weights', and the back-off then stands
+(``Recovery(undo_backoff=False)`` keeps every back-off).
+
 Beside the rungs, a *lower* trigger (the LR probe found that the loss follows the LR,
 :mod:`.probe`) halves the ceiling and the factor in force at once, with no back-off and no
 rollback, and puts the lowered ceiling on probation.
@@ -65,7 +76,7 @@ from typing import Literal
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
                       "level", "lower", "restored"]
 ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower", "level_off",
-                     "data"]
+                     "data", "sound"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,8 @@ class LadderConfig:
     skip_batches: int | None = None
     recovery_window: int = 50
     stall_factor: float = 1.5
+    #: undo a back-off for non-finite steps when the next step proves the weights sound
+    undo_backoff: bool = True
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,12 @@ class LadderState:
     #: been taken at it (every step since skipped): it has not failed, nor has the ceiling
     #: it came back to; None once an update was taken
     untested: int | None = None
+    #: the state before a back-off that answered a streak of non-finite steps, while the
+    #: next step may still prove the weights sound (see ``sound`` in the module
+    #: docstring); None otherwise
+    undo: LadderState | None = None
+    #: the step at which the ladder last undid a back-off (``sound``)
+    undone: int | None = None
 
     @property
     def probation(self) -> bool:
@@ -202,6 +221,37 @@ def transition(
     cfg: LadderConfig, st: LadderState, trig: Trigger
 ) -> tuple[LadderState, tuple[Action, ...]]:
     """The ladder's next state and the actions to carry out, for one trigger (pure)."""
+    if st.undo is not None and trig.kind == "clean" and not trig.voided:
+        return _sound(st, trig)
+    new, actions = _transition(cfg, st, trig)
+    if (cfg.undo_backoff and trig.kind == "skip"
+            and (trig.reason or "non-finite") == "non-finite" and not trig.rollback
+            and [a.kind for a in actions] == ["backoff"]
+            and (st.undone is None or trig.step - st.undone > cfg.patience)):
+        # the next step runs on these weights again: it may prove them sound
+        return dataclasses.replace(new, undo=dataclasses.replace(
+            st, consecutive_skips=0, undo=None)), actions
+    if new.undo is not None and (actions or trig.kind in (
+            "skip", "spike", "lower", "restored", "snapshot")):
+        new = dataclasses.replace(new, undo=None)  # the streak went on, or the ladder moved
+    return new, actions
+
+
+def _sound(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
+    """A step taken right after a back-off for a streak of non-finite steps, on the
+    weights the streak ran on, came out finite: they are sound, the batches were at fault.
+    The state before the streak returns (the back-off is undone)."""
+    assert st.undo is not None
+    new = dataclasses.replace(st.undo, undone=trig.step, total_rollbacks=st.total_rollbacks,
+                              last_snapshot=st.last_snapshot, settled=st.settled)
+    reason = (f"step {trig.step} is finite on the weights of the {st.consecutive_skips} "
+              "non-finite step(s) before it")
+    return new, (Action("sound", trig.step, reason, new.factor, new.ceiling),)
+
+
+def _transition(
+    cfg: LadderConfig, st: LadderState, trig: Trigger
+) -> tuple[LadderState, tuple[Action, ...]]:
     if trig.kind == "tick":
         return _settle(cfg, _restore(cfg, st, trig.step), trig.step)
     if trig.kind == "progress":

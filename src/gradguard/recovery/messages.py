@@ -154,6 +154,26 @@ def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
     )
 
 
+def sound_event(guard: Guard, a: Action) -> Event:
+    """The step after a back-off for a streak of non-finite steps is finite on the same
+    weights (a skipped step changes none): the batches were at fault, and the back-off is
+    undone (see ``sound`` in :mod:`.ladder`)."""
+    lrs, shown = _lrs(guard, a.factor)
+    return Event(
+        kind="nonfinite_input", step=a.step, severity="warning", value=a.factor,
+        message=(f"step {a.step}: {a.reason} (a skipped step changes no weight): the weights "
+                 "are sound, the batches were at fault (NaN/Inf in their inputs or targets, "
+                 "or in the loss or the backward on them). gradguard undid the back-off: the "
+                 f"learning rate is back at x{a.factor:g} (lr {shown}), and such steps are "
+                 "skipped"),
+        remedy=("Check the batches just before this step for NaN/Inf (torch.isfinite on "
+                "inputs and targets) and the loss and any custom backward for log(0), "
+                "division by zero or sqrt(0)."),
+        data={"cause": "nonfinite_input", "factor": a.factor, "ceiling": a.ceiling,
+              "lr": lrs, "undone": True},
+    )
+
+
 def level_off_event(guard: Guard, a: Action, restore_steps: int) -> Event:
     """The loss did not come back to the level of the weights the ladder restored, time
     after time: it does not answer the weights, and the ladder stops acting on it (see
