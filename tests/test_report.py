@@ -157,6 +157,24 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "The gradient norm spiked at step 10 in `fc`. The input batch of step 20 held Inf "
             "(1 non-finite step in all). Training recovered.",
         ),
+        (  # the back-off undone at the next step (finite on the same weights)
+            [_ev("nonfinite_grad", 30, "error", "(input)", "step 30: gradient norm is NaN"),
+             _ev("lr_backoff", 32, data={"factor": 0.1}),
+             _ev("nonfinite_input", 33, data={"factor": 1.0, "undone": True})],
+            False,
+            "The input batch of step 30 held NaN. gradguard backed off the LR, and restored it "
+            "at the next step (finite on the same weights: the batches were at fault); "
+            "training recovered.",
+        ),
+        (  # one of two undone
+            [_ev("nonfinite_grad", 30, "error", "fc", "step 30: gradient norm is NaN"),
+             _ev("lr_backoff", 32, data={"factor": 0.1}),
+             _ev("nonfinite_input", 33, data={"factor": 1.0, "undone": True}),
+             _ev("lr_backoff", 38, data={"factor": 0.1})],
+            False,
+            "Gradients exploded at step 30 in `fc` (NaN). gradguard cut the LR to x0.1 (2 "
+            "back-offs, 1 undone); training recovered.",
+        ),
         ([_ev("vanishing_grad", 0, layer="0")], False,
          "Gradients vanished in `0` from step 0. Training recovered."),
         (

@@ -115,15 +115,22 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         actions.append(f"clipped {_plural(clipped, 'step')}"
                        + (f" ({whose})" if whose and whose != "none" else ""))
     backoffs = [e for e in ev if e.get("kind") == "lr_backoff"]
-    if backoffs:
+    # back-offs the next step undid: it was finite on the same weights (recovery.ladder)
+    undone = sum(1 for e in ev if e.get("kind") == "nonfinite_input"
+                 and (e.get("data") or {}).get("undone"))
+    if backoffs and undone >= len(backoffs):
+        actions.append("backed off the LR, and restored it at the next step (finite on the "
+                       "same weights: the batches were at fault)")
+    elif backoffs:
         factor = (backoffs[-1].get("data") or {}).get("factor")
+        undid = f", {undone} undone" if undone else ""
         if len(backoffs) == 1 and factor == 0.5:
             actions.append("halved the LR")
         elif isinstance(factor, (int, float)):
-            times = "" if len(backoffs) == 1 else f" ({len(backoffs)} back-offs)"
+            times = "" if len(backoffs) == 1 else f" ({len(backoffs)} back-offs{undid})"
             actions.append(f"cut the LR to x{factor:.3g}{times}")
         else:
-            actions.append(f"backed off the LR {_plural(len(backoffs), 'time')}")
+            actions.append(f"backed off the LR {_plural(len(backoffs), 'time')}{undid}")
     if kinds.get("rollback"):
         actions.append(f"rolled back {_plural(kinds['rollback'], 'time')}")
     if outcome.status == "healthy":
