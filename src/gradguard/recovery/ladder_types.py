@@ -1,0 +1,152 @@
+"""The recovery ladder's values: its options (:class:`LadderConfig`), where it stands
+(:class:`LadderState`), what it hears (:class:`Trigger`) and what it asks for
+(:class:`Action`). The rules that move it are :func:`gradguard.recovery.ladder.transition`
+(the ladder's module docstring explains them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
+                      "level", "lower", "restored"]
+ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower", "level_off",
+                     "data", "sound"]
+
+
+@dataclass(frozen=True)
+class LadderConfig:
+    """The ladder's options (validated by :class:`gradguard.Recovery`)."""
+
+    skip_patience: int = 3
+    backoff: float = 0.1
+    restore_steps: int = 100
+    patience: int = 100
+    snapshot_every: int = 100
+    keep: int = 2
+    max_rollbacks: int = 3
+    relapse_backoff: float = 0.5
+    relapse_window: int = 1000
+    skip_batches: int | None = None
+    recovery_window: int = 50
+    stall_factor: float = 1.5
+    #: undo a back-off for non-finite steps when the next step proves the weights sound
+    undo_backoff: bool = True
+
+
+@dataclass(frozen=True)
+class LadderState:
+    """Where the ladder stands (host values only, identical on every rank)."""
+
+    consecutive_skips: int = 0
+    factor: float = 1.0  # LR multiplier in force
+    backoff_level: float = 1.0  # factor right after the last back-off
+    ceiling: float = 1.0  # the factor the LR is restored to (lowered by relapses)
+    backoff_step: int | None = None
+    last_trigger: int | None = None
+    trouble_start: int | None = None
+    rollbacks: int = 0  # since the last healthy snapshot
+    total_rollbacks: int = 0
+    backoffs: int = 0
+    last_snapshot: int | None = None
+    pre_level: float | None = None  # the loss level before the current episode began
+    watching: int | None = None  # a back-off/rollback whose effect on the loss is pending
+    at_ceiling: int | None = None  # since when the factor sits at a lowered ceiling
+    settled: float | None = None  # the ceiling last reported as settled
+    #: the loss level proved no evidence in this run (see ``level_off`` in :mod:`.ladder`):
+    #: no rung is decided by it any more
+    level_off: bool = False
+    #: the ceiling before the first rung of the current trouble that lowered it (lifted
+    #: back to it when the loss level proves no evidence, ``level_off``, or the batches
+    #: prove at fault, ``data``); None when no rung of it lowered the ceiling
+    episode_ceiling: float | None = None
+    #: the first step of a streak of non-finite steps the batches are at fault for (see
+    #: ``data`` in :mod:`.ladder`); None outside one
+    data_streak: int | None = None
+    #: the step from which the factor the last rung set is in force, while no update has
+    #: been taken at it (every step since skipped): it has not failed, nor has the ceiling
+    #: it came back to; None once an update was taken
+    untested: int | None = None
+    #: the state before a back-off that answered a streak of non-finite steps, while the
+    #: next step may still prove the weights sound (see ``sound`` in :mod:`.ladder`); None
+    #: otherwise
+    undo: LadderState | None = None
+    #: the step at which the ladder last undid a back-off (``sound``)
+    undone: int | None = None
+
+    @property
+    def probation(self) -> bool:
+        """A lowered ceiling not yet reported settled."""
+        return self.ceiling < 1.0 and self.settled != self.ceiling
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Something the ladder reacts to.
+
+    Kinds: ``skip`` (a bad step was skipped), ``clean`` (a step was taken), ``tick`` (step
+    ``step`` is about to run: the LR restores), ``spike`` (a confirmed loss spike), ``healthy`` (a
+    healthy flush: a snapshot may be due), ``snapshot`` (a snapshot was kept),
+    ``progress`` (a flush reports the recent loss, ``value``), ``level`` (the loss level
+    before the current trouble, ``value``, learnt late: the trouble came before any healthy
+    flush), ``restored`` (a rollback loaded weights taken at the loss level ``value``: when
+    it is above the level before the trouble, the progress check asks for it instead; a
+    rollback to an older snapshot cannot be asked to beat a best the later weights had
+    reached), ``lower`` (the LR probe found the LR too high). On ``skip``/``spike``,
+    ``value`` is the loss level before the trouble (None: unknown).
+    """
+
+    kind: TriggerKind
+    step: int
+    reason: str = ""
+    value: float | None = None
+    #: the step at which the ladder hears of it (later than ``step`` for skip flags that
+    #: stayed on the device); what it does starts from there (default: ``step``)
+    at: int | None = None
+    #: a ``spike`` from a loss that rose yet kept most of its progress (the strict loss-rise
+    #: test, :mod:`.rise`): the LR in force is too high, the weights are not damaged. It
+    #: backs off and lowers the ceiling, never rolls back, and sets no progress check
+    mild: bool = False
+    #: a ``spike`` whose weights are clearly worse than the newest snapshot's (the loss
+    #: level now is over ``stall_factor`` times the level the snapshot was taken at), or a
+    #: ``skip`` for the loss itself (the update before it wrecked the weights): it rolls
+    #: back at once (a ``skip``: when it completes ``skip_patience``), with no back-off
+    #: first that would keep the worse weights
+    rollback: bool = False
+    #: a ``spike`` from the loss-spike detector, confirmed at a flush after it began at
+    #: ``step``: when a rung already took effect at or after ``step`` (a step of the same
+    #: spike was skipped at once and completed ``skip_patience``), it answered this spike,
+    #: and the confirmation is not a second incident
+    confirmed: bool = False
+    #: a ``spike`` the loss level decided (it rose well above its best: :mod:`.rise`), not
+    #: a spike, a NaN or a network that died; like the progress check, it assumes a loss
+    #: that training lowers
+    by_level: bool = False
+    #: a non-finite ``skip`` of the first step on weights a rollback restored: they had
+    #: finite gradients when saved, so the batches are at fault, not the weights
+    data: bool = False
+    #: a ``clean`` step whose update was voided (the weights were restored after its
+    #: backward): no update was taken
+    voided: bool = False
+
+
+@dataclass(frozen=True)
+class Action:
+    """What the ladder wants done. ``back``: how many snapshots before the newest to roll
+    back to; ``skip_batches``: batches a data-loader user should skip after a rollback."""
+
+    kind: ActionKind
+    step: int
+    reason: str = ""
+    factor: float = 1.0
+    ceiling: float = 1.0
+    relapse: bool = False
+    lowered: bool = False
+    back: int = 0
+    skip_batches: int = 0
+    rollbacks: int = 0
+    #: decided by the loss level (a rise, or a loss that did not come back): wrong for a
+    #: loss that may rise in a healthy run (a GAN's players), which the event says
+    by_level: bool = False
+    #: an ``abort`` for batches that stay non-finite (``data``), not for weights that diverged
+    data: bool = False
