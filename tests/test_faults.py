@@ -211,16 +211,20 @@ def test_in_a_trainers_hook_a_finite_step_after_the_back_off_undoes_it(fused):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_streak_that_goes_on_after_the_back_off_is_not_undone():
-    """The step after the back-off is non-finite too (the same weights): they stay suspect,
-    and the ladder climbs on as before (a rollback at the next ``skip_patience``)."""
+def test_a_streak_that_goes_on_after_the_back_off_is_undone_at_its_first_finite_step():
+    """Five NaN batches in a row: the back-off of the third is not the end of the streak,
+    and the two steps after it are skipped on the same weights too; the first finite step
+    proves them sound and undoes the back-off. A sixth would have rolled back (the weights
+    change: the test ends, and the restored weights' first step is the next one)."""
     setup = make_setup("mlp")
     faults = [Fault("nan_grad", step=s, layer=setup.middle) for s in range(20, 25)]
     run = run_with_faults(setup, faults, steps=60, guard_kwargs=guard_kwargs())
     assert run.error is None and run.state_nonfinite_steps == []
-    kinds = [e.kind for e in run.events if e.kind in ("lr_backoff", "rollback", "nonfinite_input")]
-    assert kinds == ["lr_backoff"]
-    assert [a.kind for a in run.guard.recovery.decisions] == ["backoff"]
+    ladder = [(e.kind, e.step) for e in run.events
+              if e.kind in ("lr_backoff", "rollback", "nonfinite_input")]
+    assert ladder == [("lr_backoff", 22), ("nonfinite_input", 25)]
+    assert [a.kind for a in run.guard.recovery.decisions] == ["backoff", "sound"]
+    assert run.guard.recovery.lr_factor == 1.0
 
 
 def test_in_a_trainers_hook_the_voided_step_after_a_rollback_tried_no_lr():

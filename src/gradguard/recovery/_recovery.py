@@ -90,9 +90,9 @@ class Recovery:
             if half the LR halved the loss, the LR is too high and the ladder lowers it
             (:mod:`.probe`). Needs ``loss_rise`` (the same loss levels, the same kind of
             loss).
-        undo_backoff: undo a back-off for a streak of non-finite steps when the step right
-            after it is finite: a skipped step changes no weight, so the weights are sound
-            and the batches were at fault (a ``nonfinite_input`` event; once per
+        undo_backoff: undo a back-off for a streak of non-finite steps when the first
+            step taken after it is finite: a skipped step changes no weight, so the weights
+            are sound and the batches were at fault (a ``nonfinite_input`` event; once per
             ``patience`` steps, see :mod:`.ladder`); False keeps every back-off.
         recovery_window: steps after a back-off or rollback by which the loss must be back
             near its level before the trouble, else the ladder rolls back (>= 1).

@@ -38,8 +38,8 @@ data), and aborts only when the streak lasts more than ``patience`` steps.
 
 A back-off is a test of the weights too: a skipped step changes nothing, so the step
 after a streak of non-finite steps runs on the weights the streak ran on. When it is
-finite (a ``clean`` step right after the back-off the streak set off), those weights are
-sound and the batches were at fault: the ladder undoes the back-off (``sound``; the state
+finite (the first ``clean`` step after the back-off the streak set off, before any other
+rung changed the weights), those weights are sound and the batches were at fault: the ladder undoes the back-off (``sound``; the state
 before the streak returns: the LR is not lowered, the streak is no trouble a later one
 could relapse from). Only a back-off is undone (a rollback changed the weights), only
 for a non-finite streak (a spiking one is judged against statistics its own steps
@@ -97,8 +97,10 @@ def transition(
         return dataclasses.replace(new, undo=dataclasses.replace(
             st, consecutive_skips=0, undo=None)), actions
     if new.undo is not None and (actions or trig.kind in (
-            "skip", "spike", "lower", "restored", "snapshot")):
-        new = dataclasses.replace(new, undo=None)  # the streak went on, or the ladder moved
+            "spike", "lower", "restored", "snapshot")):
+        # the ladder moved (a rollback changed the weights): the next step proves nothing
+        # about those of the streak; more skips of the streak run on them still
+        new = dataclasses.replace(new, undo=None)
     return new, actions
 
 
