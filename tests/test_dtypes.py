@@ -233,18 +233,21 @@ def test_valueclip_clamps_the_summed_duplicate_entries():
     assert w.grad.to_dense().tolist() == pytest.approx([0.0, 0.5, 0.1, 0.0])
 
 
+class SparseNet(nn.Module):
+    """A sparse embedding bag (mean over each row's indices) and a dense head."""
+
+    def __init__(self, rows: int = 30) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(rows, 8, sparse=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(idx).mean(dim=1))
+
+
 def test_guard_with_sparse_embedding_and_sparseadam_equals_clip_then_step():
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(30, 8, sparse=True)
-            self.head = nn.Linear(8, 1)
-
-        def forward(self, idx: torch.Tensor) -> torch.Tensor:
-            return self.head(self.emb(idx).mean(dim=1))
-
     torch.manual_seed(0)
-    net, ref = Net(), Net()
+    net, ref = SparseNet(), SparseNet()
     ref.load_state_dict(net.state_dict())
 
     def opts(m):
@@ -343,17 +346,8 @@ def test_agc_unit_axes_override_for_a_custom_layer():
 def test_a_rollback_restores_a_sparse_embedding_and_its_sparse_momentum():
     # SGD with momentum keeps a sparse momentum buffer for a sparse gradient: the snapshot
     # check, the copy into the ring, its size and the restore all take it as it is
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(1000, 8, sparse=True)
-            self.head = nn.Linear(8, 1)
-
-        def forward(self, idx: torch.Tensor) -> torch.Tensor:
-            return self.head(self.emb(idx).mean(dim=1))
-
     torch.manual_seed(0)
-    net = Net()
+    net = SparseNet(rows=1000)
     opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
     guard = gg.Guard(net, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=10)
     weights: dict[int, torch.Tensor] = {}

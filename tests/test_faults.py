@@ -188,24 +188,31 @@ def test_a_finite_step_right_after_a_back_off_undoes_it(kind, fused):
     assert [a.kind for a in rec.decisions] == ["backoff", "sound", "backoff"]
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_in_a_trainers_hook_a_finite_step_after_the_back_off_undoes_it(fused):
-    """Driven from a trainer's hook (the optimizer steps after the guard's hook; the skip
-    flags of a fused optimizer are heard at the next step's hook): three NaN batches, a
-    back-off, the fourth step finite: undone, and the run keeps its LR."""
+def hooked_run(fused: bool, bad: range, steps: int):
+    """A trainer-style loop: the guard's hook, then the trainer's own ``opt.step()``; the
+    loss of the steps in ``bad`` is NaN. Returns the guard, its Recovery and the model."""
     from gradguard.integrations._hooked import hooked_guard
 
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
     rec = gg.Recovery()
     guard = hooked_guard(model, opt, gg.GuardConfig(every=10, recovery=rec))
-    for i, (x, y) in enumerate(batches(60, seed=1)):
+    for i, (x, y) in enumerate(batches(steps, seed=1)):
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
-        (loss * math.nan if 20 <= i < 23 else loss).backward()
+        (loss * math.nan if i in bad else loss).backward()
         guard.step(loss)
         opt.step()  # the trainer's own step
     guard.close()
+    return guard, rec, model
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_in_a_trainers_hook_a_finite_step_after_the_back_off_undoes_it(fused):
+    """Driven from a trainer's hook (the optimizer steps after the guard's hook; the skip
+    flags of a fused optimizer are heard at the next step's hook): three NaN batches, a
+    back-off, the fourth step finite: undone, and the run keeps its LR."""
+    _, rec, model = hooked_run(fused, range(20, 23), 60)
     assert [a.kind for a in rec.decisions] == ["backoff", "sound"]
     assert rec.lr_ceiling == 1.0 and rec.lr_factor == 1.0
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -232,19 +239,7 @@ def test_in_a_trainers_hook_the_voided_step_after_a_rollback_tried_no_lr():
     backward and that step's update is voided (its gradients belong to the replaced
     weights): seven NaN batches end at the rollback there. The voided step tried no
     factor either, so the ceiling is kept; before, the LR stayed at x0.059 for good."""
-    from gradguard.integrations._hooked import hooked_guard
-
-    model = mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
-    rec = gg.Recovery()
-    guard = hooked_guard(model, opt, gg.GuardConfig(every=10, recovery=rec))
-    for i, (x, y) in enumerate(batches(160, seed=1)):
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        (loss * math.nan if 20 <= i < 27 else loss).backward()
-        guard.step(loss)
-        opt.step()  # the trainer's own step
-    guard.close()
+    guard, rec, model = hooked_run(True, range(20, 27), 160)
     kinds = [(e.kind, e.severity) for e in guard.events
              if e.kind in ("lr_backoff", "rollback", "nonfinite_input")
              or (e.kind == "skip" and e.severity == "info")]

@@ -155,8 +155,8 @@ def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
 
 
 def sound_event(guard: Guard, a: Action) -> Event:
-    """The step after a back-off for a streak of non-finite steps is finite on the same
-    weights (a skipped step changes none): the batches were at fault, and the back-off is
+    """The first step taken after a back-off for a streak of non-finite steps is finite on
+    the same weights (a skipped step changes none): the batches were at fault, and the back-off is
     undone (see ``sound`` in :mod:`.ladder`)."""
     lrs, shown = _lrs(guard, a.factor)
     return Event(
