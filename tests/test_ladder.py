@@ -45,8 +45,8 @@ ROWS = [
      st(consecutive_skips=2, factor=0.1, backoff_level=0.1, backoff_step=6, last_trigger=6,
         trouble_start=6, backoffs=1, watching=6, untested=6, undo=S0, last_snapshot=5),
      Trigger("clean", 7), st(undone=7, last_snapshot=5),
-     (Action("sound", 7, "step 7 is finite on the weights of the 2 non-finite step(s) "
-             "before it", 1.0, 1.0),)),
+     (Action("sound", 7, "the first step taken on the weights of the 2 non-finite step(s) "
+             "before it is finite", 1.0, 1.0),)),
     ("a step whose update was voided proves nothing", b(undo=S0), Trigger("clean", 101, voided=True),
      b(undo=S0, consecutive_skips=0), ()),
     ("the streak going on after the back-off runs on the same weights: the test waits",

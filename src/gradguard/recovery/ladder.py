@@ -111,8 +111,8 @@ def _sound(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, .
     assert st.undo is not None
     new = dataclasses.replace(st.undo, undone=trig.step, total_rollbacks=st.total_rollbacks,
                               last_snapshot=st.last_snapshot, settled=st.settled)
-    reason = (f"step {trig.step} is finite on the weights of the {st.consecutive_skips} "
-              "non-finite step(s) before it")
+    reason = (f"the first step taken on the weights of the {st.consecutive_skips} "
+              "non-finite step(s) before it is finite")
     return new, (Action("sound", trig.step, reason, new.factor, new.ceiling),)
 
 
