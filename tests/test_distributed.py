@@ -135,6 +135,7 @@ def train(
 
 ROLLBACK_STEPS = 12
 ROLLBACK_NAN_STEPS = (4, 5)  # a skip backs the LR off, a second one rolls back
+UNDO_NAN_STEPS = (4,)  # a skip backs the LR off; the finite step after it undoes that
 #: rank 0's loss alone jumps x1e4 (a constant: no gradient changes). Each rank sees its
 #: own loss, so a per-step loss verdict would skip on rank 0 only and split the replicas.
 ROLLBACK_RANK_LOSS_STEP = 2
@@ -143,9 +144,11 @@ ROLLBACK_RANK_LOSS_STEP = 2
 def train_rollback(
     model: torch.nn.Module, rank: int, world: int, wrapped: torch.nn.Module | None = None,
     *, every: int = 2, steps: int = ROLLBACK_STEPS, zero: bool = False,
+    nan_steps: tuple[int, ...] = ROLLBACK_NAN_STEPS,
 ) -> dict[str, Any]:
     """Recovery on every rank: NaN batches on rank 1 -> back-off, then a rollback.
-    ``zero``: the SGD is sharded by a ``ZeroRedundancyOptimizer``."""
+    ``zero``: the SGD is sharded by a ``ZeroRedundancyOptimizer``; ``nan_steps``: the
+    steps whose batch holds a NaN (one alone: a back-off the next step undoes)."""
     fwd = wrapped or model
     opt: torch.optim.Optimizer
     if zero:
@@ -168,7 +171,7 @@ def train_rollback(
     for step in range(steps):
         x = torch.randn(GLOBAL_BS, D_IN, generator=g)
         y = x.sum(dim=1, keepdim=True).sin()
-        if step in ROLLBACK_NAN_STEPS:
+        if step in nan_steps:
             x[-1, 0] = math.nan  # the last row: rank 1's half
         lo, hi = rank * GLOBAL_BS // world, (rank + 1) * GLOBAL_BS // world
         loss = torch.nn.functional.mse_loss(fwd(x[lo:hi]), y[lo:hi])
@@ -205,6 +208,9 @@ def worker_main(scenario: str) -> Any:
             fresh = make_model()
             res["zero"] = train_rollback(fresh, rank, WORLD, DistributedDataParallel(fresh),
                                          zero=True)
+            fresh = make_model()
+            res["undo"] = train_rollback(fresh, rank, WORLD, DistributedDataParallel(fresh),
+                                         nan_steps=UNDO_NAN_STEPS)
             return res
         from torch.distributed.fsdp import fully_shard
 
@@ -219,6 +225,12 @@ def worker_main(scenario: str) -> Any:
                 fully_shard(layer)
         fully_shard(fresh)
         res["rollback"] = train_rollback(fresh, rank, WORLD)
+        fresh = make_model()
+        for layer in fresh:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(fresh)
+        res["undo"] = train_rollback(fresh, rank, WORLD, nan_steps=UNDO_NAN_STEPS)
         return res
 
     return main
@@ -238,6 +250,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             ref = train(scenario, make_model(), 0, 1, None)
             ref["rollback"] = train_rollback(make_model(), 0, 1)
             ref["cadence"] = train_rollback(make_model(), 0, 1, every=30, steps=40)
+            ref["undo"] = train_rollback(make_model(), 0, 1, nan_steps=UNDO_NAN_STEPS)
             cache[scenario] = (ranks, ref, out)
         return cache[scenario]
 
@@ -396,6 +409,24 @@ def test_rollback_mid_run_on_two_ranks_keeps_ranks_identical(runs, backend):
     assert r0["events"] == r1["events"]
     for name, p in want["params"].items():
         assert torch.isfinite(r0["params"][name]).all()
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+        assert close(r0["params"][name], p), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_back_off_undone_by_the_next_step_on_two_ranks_keeps_ranks_identical(runs, backend):
+    """NaN in rank 1's half of one batch: every rank skips and backs off, and the next
+    step, finite on the same weights, undoes the back-off on every rank alike (the ladder
+    hears the same flags everywhere), as in a single process."""
+    ranks, ref, _ = runs(backend)
+    r0, r1, want = ranks[0]["undo"], ranks[1]["undo"], ref["undo"]
+    assert want["decisions"] == [("backoff", 4), ("sound", 5)]
+    for res in (r0, r1):
+        assert res["decisions"] == want["decisions"]
+        assert [e["kind"] for e in res["events"] if e["kind"] == "nonfinite_input"] == [
+            "nonfinite_input"]
+    assert r0["events"] == r1["events"]
+    for name, p in want["params"].items():
         assert torch.equal(r0["params"][name], r1["params"][name]), name
         assert close(r0["params"][name], p), name
 
