@@ -302,10 +302,10 @@ class Recovery:
         back-off moves one step at a time, starting from the back-off factor itself), and
         before the run's very first step keep the weights as they are, before anything can
         have gone wrong (a run whose first update wrecks it still has a healthy state to go
-        back to; outside the ladder's ``snapshot_every`` cadence; a resumed run goes on
-        with the snapshots it had). A trainer steps the optimizer after the guard's hook:
+        back to; outside the ladder's ``snapshot_every`` cadence; on disk too with
+        ``snapshot_dir``; a resumed run goes on with the snapshots it had). A trainer steps the optimizer after the guard's hook:
         the skip flags of its earlier steps are heard here, once its last update is done."""
-        if guard.step_count == 0 and not len(self.store) and self.ring.keep(guard, -1, disk=False):
+        if guard.step_count == 0 and not len(self.store) and self.ring.keep(guard, -1):
             self.ring.kept(-1, self.restores)
         if isinstance(guard.executor, Hook):
             _steps.hear(self, guard)

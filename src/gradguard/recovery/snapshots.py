@@ -191,7 +191,8 @@ class DiskSnapshotStore:
             if not core.endswith(self._tag):
                 return None
             core = core[: -len(self._tag)]
-        return int(core) if core.isdigit() else None
+        # the weights before the first step are step -1 ("snapshot--000000001.pt")
+        return int(core) if core.removeprefix("-").isdigit() else None
 
     def paths(self) -> list[Path]:
         """This rank's snapshot files, oldest first (temp files are ignored)."""
