@@ -122,7 +122,8 @@ class Recovery:
         ...     factors.append(round(rec.lr_factor, 4))
         >>> factors  # backed off at step 2; step 3, on the same weights, is finite: undone
         [1.0, 1.0, 0.1, 1.0]
-        >>> guard.close(); [e.kind for e in guard.events if e.kind in ("lr_backoff", "nonfinite_input")]
+        >>> guard.close()
+        >>> [e.kind for e in guard.events if e.kind in ("lr_backoff", "nonfinite_input")]
         ['lr_backoff', 'nonfinite_input']
     """
 
@@ -303,8 +304,9 @@ class Recovery:
         before the run's very first step keep the weights as they are, before anything can
         have gone wrong (a run whose first update wrecks it still has a healthy state to go
         back to; outside the ladder's ``snapshot_every`` cadence; on disk too with
-        ``snapshot_dir``; a resumed run goes on with the snapshots it had). A trainer steps the optimizer after the guard's hook:
-        the skip flags of its earlier steps are heard here, once its last update is done."""
+        ``snapshot_dir``; a resumed run goes on with the snapshots it had). A trainer
+        steps the optimizer after the guard's hook: the skip flags of its earlier steps
+        are heard here, once its last update is done."""
         if guard.step_count == 0 and not len(self.store) and self.ring.keep(guard, -1):
             self.ring.kept(-1, self.restores)
         if isinstance(guard.executor, Hook):

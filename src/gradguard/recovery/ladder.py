@@ -39,13 +39,14 @@ data), and aborts only when the streak lasts more than ``patience`` steps.
 A back-off is a test of the weights too: a skipped step changes nothing, so the step
 after a streak of non-finite steps runs on the weights the streak ran on. When it is
 finite (the first ``clean`` step after the back-off the streak set off, before any other
-rung changed the weights), those weights are sound and the batches were at fault: the ladder undoes the back-off (``sound``; the state
-before the streak returns: the LR is not lowered, the streak is no trouble a later one
-could relapse from). Only a back-off is undone (a rollback changed the weights), only
-for a non-finite streak (a spiking one is judged against statistics its own steps
-moved, and in the grace after a rung not at all), and only once per ``patience`` steps:
-trouble that keeps coming back is the weights', and the back-off then stands
-(``Recovery(undo_backoff=False)`` keeps every back-off).
+rung changed the weights), those weights are sound and the batches were at fault: the
+ladder undoes the back-off (``sound``; the state before the streak returns: the LR is
+not lowered, the streak is no trouble a later one could relapse from). Only a back-off
+is undone (a rollback changed the weights), only for a non-finite streak (a spiking one
+is judged against statistics its own steps moved, and in the grace after a rung not at
+all), and only once per ``patience`` steps: trouble that keeps coming back is the
+weights', and the back-off then stands (``Recovery(undo_backoff=False)`` keeps every
+back-off).
 
 Beside the rungs, a *lower* trigger (the LR probe found that the loss follows the LR,
 :mod:`.probe`) halves the ceiling and the factor in force at once, with no back-off and no
