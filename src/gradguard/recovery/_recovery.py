@@ -28,6 +28,7 @@ from .defaults import (
     SPIKE_GRACE,
     STALL_FACTOR,
     ResetMoments,
+    check_flag,
     ladder_config,
 )
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
@@ -166,15 +167,9 @@ class Recovery:
             relapse_window=relapse_window, skip_batches=skip_batches,
             recovery_window=recovery_window, stall_factor=stall_factor,
             undo_backoff=undo_backoff)
-        if not isinstance(skip_spikes, bool):
-            raise TypeError(f"Recovery(skip_spikes={skip_spikes!r}): must be True or False")
-        self.skip_spikes = skip_spikes
-        if not isinstance(loss_rise, bool):
-            raise TypeError(f"Recovery(loss_rise={loss_rise!r}): must be True or False")
-        self.loss_rise = loss_rise
-        if not isinstance(lr_probe, bool):
-            raise TypeError(f"Recovery(lr_probe={lr_probe!r}): must be True or False")
-        self.lr_probe = lr_probe and loss_rise
+        self.skip_spikes = check_flag("skip_spikes", skip_spikes)
+        self.loss_rise = check_flag("loss_rise", loss_rise)
+        self.lr_probe = check_flag("lr_probe", lr_probe) and loss_rise
         self.reset_moments: ResetMoments = reset_moments
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         self.ring = SnapshotRing(keep, snapshot_memory, snapshot_dir)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..executors import NONFINITE, STALE, Hook
 from . import actions
-from .ladder import Trigger
+from .ladder import NONFINITE_REASON, Trigger
 from .late import enabled
 from .verdict import LOSS_SPIKE
 
@@ -65,6 +65,6 @@ def skip_trigger(rec: Recovery, skipped: bool, step: int, code: int,
     if not skipped:
         return Trigger("clean", step, at=at, voided=voided)
     reason = ("loss-spiking" if code & LOSS_SPIKE else "spiking" if code & ~NONFINITE
-              else "non-finite")
+              else NONFINITE_REASON)
     return Trigger("skip", step, reason, rec._level, at=at, rollback=bool(code & LOSS_SPIKE),
                    data=first and bool(code & NONFINITE))

@@ -98,11 +98,12 @@ def ladder_config(*, skip_patience: int, backoff: float, restore_steps: int,
         skip_batches=None if skip_batches is None else check_int("skip_batches", skip_batches, 0),
         recovery_window=check_int("recovery_window", recovery_window, 1),
         stall_factor=_above_one("stall_factor", stall_factor),
-        undo_backoff=_flag("undo_backoff", undo_backoff),
+        undo_backoff=check_flag("undo_backoff", undo_backoff),
     )
 
 
-def _flag(name: str, value: object) -> bool:
+def check_flag(name: str, value: object) -> bool:
+    """``value`` when it is a bool, else a TypeError naming the Recovery option."""
     if not isinstance(value, bool):
         raise TypeError(f"Recovery({name}={value!r}): must be True or False")
     return value

@@ -73,6 +73,7 @@ from __future__ import annotations
 import dataclasses
 
 from .ladder_types import (
+    NONFINITE_REASON,
     Action,
     ActionKind,
     LadderConfig,
@@ -81,8 +82,10 @@ from .ladder_types import (
     TriggerKind,
 )
 
-__all__ = ["Action", "ActionKind", "LadderConfig", "LadderState", "Trigger", "TriggerKind",
-           "transition"]
+__all__ = ["NONFINITE_REASON", "Action", "ActionKind", "LadderConfig", "LadderState",
+           "Trigger", "TriggerKind", "transition"]
+
+
 def transition(
     cfg: LadderConfig, st: LadderState, trig: Trigger
 ) -> tuple[LadderState, tuple[Action, ...]]:
@@ -91,7 +94,7 @@ def transition(
         return _sound(st, trig)
     new, actions = _transition(cfg, st, trig)
     if (cfg.undo_backoff and trig.kind == "skip"
-            and (trig.reason or "non-finite") == "non-finite" and not trig.rollback
+            and (trig.reason or NONFINITE_REASON) == NONFINITE_REASON and not trig.rollback
             and [a.kind for a in actions] == ["backoff"]
             and (st.undone is None or trig.step - st.undone > cfg.patience)):
         # the next step runs on these weights again: it may prove them sound
@@ -149,7 +152,7 @@ def _transition(
         st = dataclasses.replace(st, consecutive_skips=st.consecutive_skips + 1)
         if st.consecutive_skips % cfg.skip_patience:
             return st, ()
-        reason = f"{st.consecutive_skips} consecutive {trig.reason or 'non-finite'} steps skipped"
+        reason = f"{st.consecutive_skips} consecutive {trig.reason or NONFINITE_REASON} steps skipped"
         if trig.rollback:
             reason += ": the update before them wrecked the weights"
         return _escalate(cfg, st, trig.step, reason, trig.value, at=trig.at,

@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+#: a ``skip`` trigger's ``reason`` for a non-finite step (the default when it has none);
+#: the others name a spike ("spiking", "loss-spiking")
+NONFINITE_REASON = "non-finite"
+
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
                       "level", "lower", "restored"]
 ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower", "level_off",
