@@ -377,18 +377,11 @@ class Recovery:
         self.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
                                    sd.pop("verified", ()))
         self.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
-        rise = sd.pop("rise", None)
-        if rise is not None:
-            self._rise.load_state_dict(rise)
-        probe = sd.pop("probe", None)
-        if probe is not None:
-            self._probe.load_state_dict(probe)
-        dead = sd.pop("dead", None)
-        if dead is not None:
-            self._dead.load_state_dict(dead)
-        verdict = sd.pop("verdict", None)
-        if verdict is not None:
-            self._verdict.load_state_dict(verdict)
+        parts: dict[str, Any] = {"rise": self._rise, "probe": self._probe,
+                                 "dead": self._dead, "verdict": self._verdict}
+        for key, part in parts.items():  # each absent from older checkpoints
+            if (part_sd := sd.pop(key, None)) is not None:
+                part.load_state_dict(part_sd)
         sd.pop("host_skips", None)  # gradguard 0.1
         for legacy in ("base_lr", "set_lr"):  # gradguard 0.1 tracked the LR itself
             sd.pop(legacy, None)
