@@ -22,6 +22,7 @@ from gradguard.cli import main
 from gradguard.events import Flush
 from gradguard.report import ReportError, load_run
 from gradguard.report._data import max_pool, minmax_downsample
+from gradguard.report._outcome import judge
 from gradguard.report._summary import summary_sentence
 
 pytest.importorskip("matplotlib")
@@ -189,6 +190,21 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
 )
 def test_summary_sentence_table(events, nan_tail, expected):
     assert summary_sentence(_data(events, nan_tail=nan_tail)) == expected
+
+
+def test_summary_of_batches_on_another_scale_and_what_to_check():
+    """Steps skipped by the batch norm statistics alone (gradguard._running.offscale):
+    nothing spiked, so the summary tells what did, and the remedy what to look at."""
+    off = {"reason": "offscale_batch", "cause": "unscaled_input"}
+    d = _data([{**_ev("skip", 12, data=off), "threshold": 3.0}, _ev("skip", 40, data=off)])
+    d.skipped[[12, 40]] = True
+    assert summary_sentence(d) == (
+        "2 batches from step 12 on were on another scale: each multiplied a batch norm "
+        "layer's running variance by more than 3 while the loss and the gradients stayed as "
+        "they were (inputs in other units?). gradguard skipped 2 steps; training recovered.")
+    outcome = judge(d, None)
+    assert (outcome.status, outcome.cause) == ("recovered", "unscaled_input")
+    assert "unit error" in outcome.remedy
 
 
 def test_summary_sentence_counts_skips_and_clips():

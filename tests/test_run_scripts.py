@@ -146,6 +146,33 @@ def test_a_network_that_died_is_not_called_healthy(tmp_path, capsys, scale):
     assert "normalise the inputs" in err and "Stable at lr" not in err  # it did not train
 
 
+def test_batches_on_another_scale_behind_batch_norm_are_found_and_skipped(tmp_path, capsys):
+    """A script where 5% of the batches missed their /16 (tests/scripts/unscaled_bn.py): a
+    BatchNorm CNN trains on them as on any other, and only its running variance takes the
+    scale in: unguarded, the eval() model's held-out loss ends 16 times the clean run's.
+    Under ``gradguard run`` each such batch is skipped by the statistics alone, the held-out
+    loss is the clean run's within 10%, and the summary says what the batches were."""
+    def held_out(argv):
+        saved = sys.argv[:]
+        sys.argv = [str(SCRIPTS / "unscaled_bn.py"), *argv]
+        try:
+            runpy.run_path(str(SCRIPTS / "unscaled_bn.py"), run_name="__main__")
+        finally:
+            sys.argv = saved
+        return float(capsys.readouterr().out.split("held-out loss")[-1])
+
+    clean, unguarded = held_out(["--bad", "0"]), held_out([])
+    assert unguarded > 10 * clean
+    assert main(["run", "--no-report", "--out", str(tmp_path),
+                 str(SCRIPTS / "unscaled_bn.py")]) == 0
+    out = capsys.readouterr()
+    assert float(out.out.split("held-out loss")[-1]) < 1.1 * clean
+    assert "RECOVERED: 6 batches from step 15 on were on another scale" in out.err
+    assert "unit error" in out.err
+    steps = [r for r in read_jsonl(tmp_path / "latest" / "metrics.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in steps if r["skipped"]] == [15, 19, 28, 33, 106, 135]
+
+
 def test_healthy_run_with_fail_on_divergence_exits_0(tmp_path):
     assert main(["run", "--fail-on-divergence", "--no-report", "--out", str(tmp_path),
                  str(SCRIPTS / "plain_tensor.py"), "--steps", "12"]) == 0

@@ -37,7 +37,10 @@ def run(kind, fault=None, at=6, guarded=True, momentum=0.1, **guard_kw):
             if fault == "drop":
                 continue  # the reference: the bad batch never reached the model
             x = x.clone()
-            x[0, 0] = math.nan if fault == "nan" else 1e4 * x[0, 0]
+            if fault == "scale":  # the whole batch in other units
+                x = 1e4 * x
+            else:
+                x[0, 0] = math.nan if fault == "nan" else 1e4 * x[0, 0]
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         if guard is not None:
@@ -119,6 +122,121 @@ def test_a_spike_skipped_at_its_step_puts_back_the_variance_it_inflated():
     guard.close()
     assert [e.step for e in guard.events if e.kind == "skip"] == [50]
     assert inflated > 1e5 and torch.equal(after, before)
+
+
+@pytest.mark.parametrize("kind", ["plain", "fused"])
+def test_an_offscale_batch_behind_batch_norm_is_skipped_as_if_never_seen(kind):
+    """A x1e4 batch whose scale the batch norm layer divides out: its loss and gradients
+    are a sound batch's, only the running variance takes the scale in (1e7 times too large
+    for ``eval()``). The Recovery skips the step by the statistics alone (``OFFSCALE``):
+    weights, optimizer and statistics end as in the loop that never saw the batch."""
+    guard_kw = {"recovery": gg.Recovery()}
+    guarded = run(kind, "scale", **guard_kw)
+    assert same_state(guarded, run(kind, "drop", guarded=False))
+    unguarded = run(kind, "scale", guarded=False)
+    assert unguarded[1].running_var.max() > 1e5 > guarded[1].running_var.max() * 1e3
+
+    model = bn_model()
+    guard = gg.Guard(model, make_opt(model, kind), clip=None, **guard_kw)
+    for step, (x, y) in enumerate(batches()):
+        nn.functional.cross_entropy(model(1e4 * x if step == 6 else x), y).backward()
+        guard.step()
+        guard.optimizer.zero_grad()
+    guard.close()
+    [skip] = [e for e in guard.events if e.kind == "skip"]
+    assert skip.step == 6 and skip.severity == "warning"
+    assert skip.data["reason"] == "offscale_batch" and skip.data["cause"] == "unscaled_input"
+    assert "another scale" in skip.message
+
+
+def offscale_run(bad, steps=20, **recovery):
+    model = bn_model()
+    guard = gg.Guard(model, make_opt(model, "plain"), clip=None,
+                     recovery=gg.Recovery(**recovery))
+    for step, (x, y) in enumerate(batches(steps)):
+        nn.functional.cross_entropy(model(1e4 * x if step in bad else x), y).backward()
+        guard.step()
+        guard.optimizer.zero_grad()
+    guard.close()
+    return model, guard
+
+
+def test_three_offscale_batches_in_a_row_back_the_lr_off_until_the_next_step_proves_them():
+    """For the ladder they are skips the weights cannot cause unseen, like non-finite ones:
+    three in a row back the LR off, and the next step, clean on the same weights (a
+    skipped step changes none), undoes it. Without the Recovery's per-step verdict
+    (``skip_spikes=False``) nothing is skipped and the statistics take the scale in."""
+    model, guard = offscale_run((10, 11, 12))
+    [backoff] = [e for e in guard.events if e.kind == "lr_backoff"]
+    [undone] = [e for e in guard.events if e.kind == "unscaled_input"]
+    assert guard.skipped_steps == 3 and (backoff.step, undone.step) == (12, 13)
+    assert "3 consecutive off-scale steps skipped" in backoff.message
+    assert undone.data["undone"] and "3 off-scale step(s) before it is clean" in undone.message
+    assert guard.recovery.lr_factor == 1.0 and model[1].running_var.max() < 10
+    model, guard = offscale_run((10, 11, 12), skip_spikes=False)
+    assert guard.skipped_steps == 0 and not [e for e in guard.events if e.kind == "lr_backoff"]
+    assert model[1].running_var.max() > 1e5
+
+
+def test_a_stretch_of_offscale_batches_is_the_batches_fault_after_one_rollback():
+    """A shard on another scale (30 batches in a row, after the snapshot of step 49): a
+    back-off, a rollback, and the first batch on the restored weights is off-scale too:
+    the batches are at fault (``unscaled_input``), the rest is skipped with nothing else,
+    and the statistics never take the scale in."""
+    model, guard = offscale_run(range(60, 90), steps=110)
+    kinds = [(e.kind, e.step) for e in guard.events
+             if e.kind in ("lr_backoff", "rollback", "unscaled_input", "abort")]
+    assert kinds == [("lr_backoff", 62), ("rollback", 65), ("unscaled_input", 66)]
+    assert guard.skipped_steps == 30 and model[1].running_var.max() < 10
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("bs", [8, 64])
+def test_healthy_batch_norm_runs_are_never_offscale(bs):
+    """Unnormalised inputs (x255: the first batches move the running variance from its
+    initial 1 by a factor of hundreds, before ``OFFSCALE_AFTER``), small batches, a CNN:
+    no step is skipped in 300."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x_all = torch.tensor(digits.data, dtype=torch.float32).view(-1, 1, 8, 8) * 16
+    y_all = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        i = torch.randint(0, len(x_all), (bs,), generator=g)
+        loss = nn.functional.cross_entropy(model(x_all[i]), y_all[i])
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    assert guard.skipped_steps == 0 and loss.item() < 1.0
+    assert not [e for e in guard.events if e.severity != "info"]
+
+
+def test_the_scale_test_weighs_a_layer_not_a_channel():
+    """A channel whose variance was ~0 (its inputs dead) and comes back moves its own
+    running variance by any factor, not its layer's; the whole layer x1e3 is off-scale.
+    Before ``OFFSCALE_AFTER`` batches nothing is."""
+    from gradguard._running import OFFSCALE_AFTER, RunningStats
+
+    bn = nn.BatchNorm1d(16)
+    stats = RunningStats(bn)
+    assert not stats.offscale(torch.device("cpu"))  # a fresh layer: its initial variance
+    with torch.no_grad():
+        bn.num_batches_tracked.fill_(OFFSCALE_AFTER)
+        bn.running_var[0] = 1e-9
+        stats.refresh()
+        bn.running_var[0] = 0.5
+        assert not stats.offscale(torch.device("cpu"))
+        bn.running_var.mul_(1e3)
+        assert stats.offscale(torch.device("cpu"))
+    assert RunningStats(nn.Linear(2, 2)).offscale(torch.device("cpu")) is None
 
 
 def test_a_step_taken_keeps_the_statistics_its_forward_wrote():

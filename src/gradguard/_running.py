@@ -13,6 +13,21 @@ them back when the step was skipped for trouble (a non-finite or spiking step; n
 routine loss-scale overflow, nor an update voided by a rollback, whose restore brought
 its own). One copy of these small tensors per step on the device, no host read: on the
 zero-sync paths (a fused optimizer) the choice is a ``torch.where`` on the device flag.
+
+A batch on another scale need not spike anything but those statistics: behind a batch norm
+layer the forward is the same for ``x`` and ``1e4 * x`` (the layer divides the scale out),
+so the loss and the gradients of a x1e4 batch are those of a sound one, and only the
+running variance learns the scale, 1e7 times too large for the ``eval()`` model
+(a digits CNN with 5% of its batches x1e4: held-out loss 230 times the clean run's).
+:meth:`RunningStats.offscale` tells such a step by the statistics alone: its forward
+multiplied a layer's running variance (the sum over its channels, plus ``eps`` for each)
+by more than ``OFFSCALE_RATIO`` (x3: a batch variance about 20 times the running one, at
+the default momentum; a batch x5 in scale, or x16 while the variance still comes down
+from its initial 1), where healthy steps move it by x1.2 at most once the layer has seen
+``OFFSCALE_AFTER`` batches (measured on CNNs, BatchNorm MLPs with batches of 4 to 64 and
+a ResNet; the first batches move it from its initial 1 by up to x300 on unnormalised
+pixels). The Recovery skips such a step (:meth:`gradguard.recovery.Recovery.verdict`), and
+the skip puts the statistics back.
 """
 
 from __future__ import annotations
@@ -21,6 +36,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import is_lazy
+
+#: A step whose forward multiplied a running variance (plus ``eps``) by more than this
+#: moved the statistics with a batch on another scale (see the module docstring).
+OFFSCALE_RATIO = 3.0
+#: Batches a layer must have seen before the test applies (its initial variance is 1).
+OFFSCALE_AFTER = 5
 
 
 class RunningStats:
@@ -31,6 +52,12 @@ class RunningStats:
         self.model = model
         self.buffers: list[Tensor] | None = None
         self.saved: list[Tensor] = []
+        self._vars: list[tuple[int, int, float]] = []
+        # the segment of each channel (the live variances, then their copies) and each
+        # layer's channels x eps, on the device
+        self._segments: tuple[Tensor, Tensor] | None = None
+        self._mixed = False
+        self._scale_inputs: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
         self._first: tuple[nn.Module, Tensor | None] | None = None
         self._collect()
 
@@ -43,12 +70,53 @@ class RunningStats:
             return  # a lazy layer has no statistics before its first forward
         self.buffers = found
         self.saved = [b.detach().clone() for b in self.buffers]
+        # (index of running_var, of num_batches_tracked, eps) per layer, for the scale test
+        self._vars, self._segments = [], None
+        for m in mods:
+            if isinstance(m.running_var, Tensor) and isinstance(m.num_batches_tracked, Tensor):
+                self._vars.append((_index(found, m.running_var),
+                                   _index(found, m.num_batches_tracked), float(m.eps)))
+        # the live variances, their copies from before the forward (refreshed in place),
+        # and the copies' batch counts
+        self._mixed = len({(found[v].device, found[v].dtype) for v, _, _ in self._vars}) > 1
+        self._scale_inputs = ([self.buffers[v] for v, _, _ in self._vars],
+                              [self.saved[v] for v, _, _ in self._vars],
+                              [self.saved[n] for _, n, _ in self._vars])
         # ``model.to(device)``/``.half()`` after the guard was built replaces the buffers
         # (not the parameters): the first one tells, and the statistics are collected anew
         self._first = (mods[0], mods[0].running_mean) if found else None
 
     def _moved(self) -> bool:
         return self._first is not None and self._first[0].running_mean is not self._first[1]
+
+    def offscale(self, device: torch.device) -> Tensor | None:
+        """A device bool: this step's forward moved a running variance by more than
+        ``OFFSCALE_RATIO`` in a layer that had seen ``OFFSCALE_AFTER`` batches (see the
+        module docstring); None when the model has no such statistics. No host read."""
+        if not self.buffers or not self._vars or self._moved():
+            return None
+        new, old, seen = self._scale_inputs
+        with torch.no_grad():
+            # per layer, the sum over its channels (a dead channel coming back to life
+            # moves its own variance by any factor, not the layer's): one concatenation
+            # and one segment sum, not an op per layer
+            if self._segments is None or self._segments[0].device != device:
+                counts = [self.buffers[v].numel() for v, _, _ in self._vars]
+                index = torch.repeat_interleave(
+                    torch.arange(2 * len(counts)), torch.tensor(counts * 2)).to(device)
+                eps = torch.tensor([c * e for c, (_, _, e) in zip(counts, self._vars)],
+                                   device=device)
+                self._segments = (index, eps)
+            index, eps = self._segments
+            both = new + old
+            if self._mixed:  # a model split over devices, or with mixed dtypes
+                both = [t.to(device, torch.float32) for t in both]
+            flat = torch.cat(both).to(device, torch.float32)
+            var = torch.zeros(2 * len(new), device=device).index_add_(0, index, flat)
+            var = var.view(2, -1) + eps
+            ratio = var[0] / var[1]
+            return ((ratio > OFFSCALE_RATIO)
+                    & (torch.stack(seen).to(device) >= OFFSCALE_AFTER)).any()
 
     def settle(self, trouble: Tensor | bool) -> None:
         """After the step: put the statistics back when it was skipped for ``trouble``
@@ -72,3 +140,7 @@ class RunningStats:
         if self.buffers:
             with torch.no_grad():
                 torch._foreach_copy_(self.saved, self.buffers)
+
+
+def _index(tensors: list[Tensor], t: Tensor) -> int:
+    return next(i for i, x in enumerate(tensors) if x is t)

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .._running import OFFSCALE_RATIO
 from ..events import Event
 from ..telemetry import Window
 from .config import DEFAULT_CONFIG, MAD_TO_SIGMA, MIN_LOG_SCALE, DetectorConfig, DetectorState
@@ -168,10 +169,26 @@ def _spiking_layers(ln: torch.Tensor, i: int, layers: Sequence[str]) -> list[str
     return [layers[int(k)] for k in order[:3]]
 
 
+def _offscale_skip(step: int, norm: float, loss: float, code: int) -> Event:
+    return Event(
+        kind="skip", step=step, severity="warning", value=norm, threshold=OFFSCALE_RATIO,
+        message=(f"step {step}: optimizer step skipped: its batch multiplied a batch norm "
+                 f"layer's running variance by more than {OFFSCALE_RATIO:g} in one step (loss "
+                 f"{loss:.4g}, gradient norm {norm:.3g}: the layer divided the scale out), "
+                 "so its inputs are on another scale; the weights and the running "
+                 "statistics never saw it"),
+        remedy=("Check the inputs for a unit error (raw 0-255 pixels among normalised "
+                "ones, a column in other units): the eval() model would use statistics "
+                "learnt on that scale."),
+        data={"reason": "offscale_batch", "cause": "unscaled_input", "code": code},
+    )
+
+
 def detect_spike_skips(window: Window) -> list[Event]:
     """A ``skip`` event (warning) for every step the recovery ladder skipped at the step
     because its gradient norm or loss spiked (``window.skip_codes`` bits 2 and 4, see
-    :mod:`gradguard.recovery.verdict`): the spike never reached the weights; an ``info``
+    :mod:`gradguard.recovery.verdict`), or because its batch moved a batch norm layer's
+    running variance from another scale (bit 16): the spike never reached the weights; an ``info``
     one for a step whose update was voided by a restore after its backward (bit 8,
     :data:`gradguard.executors.STALE`)."""
     if window.skip_codes is None:
@@ -191,6 +208,9 @@ def detect_spike_skips(window: Window) -> list[Event]:
             ))
             continue
         what = [w for bit, w in ((2, "gradient norm"), (4, "loss")) if c & bit]
+        if c & 16 and not what:  # gradguard.recovery.verdict.OFFSCALE
+            events.append(_offscale_skip(step, g, loss, c))
+            continue
         if not what:
             continue
         events.append(Event(

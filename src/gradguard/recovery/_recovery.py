@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from .. import distributed
 from ..events import Event
 from ..executors import Hook
 from . import _flush, _steps, actions
@@ -25,7 +24,6 @@ from .defaults import (
     RESTORE_STEPS,
     SKIP_PATIENCE,
     SNAPSHOT_EVERY,
-    SPIKE_GRACE,
     STALL_FACTOR,
     ResetMoments,
     check_flag,
@@ -91,10 +89,11 @@ class Recovery:
             if half the LR halved the loss, the LR is too high and the ladder lowers it
             (:mod:`.probe`). Needs ``loss_rise`` (the same loss levels, the same kind of
             loss).
-        undo_backoff: undo a back-off for a streak of non-finite steps when the first
-            step taken after it is finite: a skipped step changes no weight, so the weights
-            are sound and the batches were at fault (a ``nonfinite_input`` event; once per
-            ``patience`` steps, see :mod:`.ladder`); False keeps every back-off.
+        undo_backoff: undo a back-off for a streak of non-finite (or off-scale) steps
+            when the first step taken after it is clean: a skipped step changes no weight,
+            so the weights are sound and the batches were at fault (a ``nonfinite_input``
+            or ``unscaled_input`` event; once per ``patience`` steps, see :mod:`.ladder`);
+            False keeps every back-off.
         recovery_window: steps after a back-off or rollback by which the loss must be back
             near its level before the trouble, else the ladder rolls back (>= 1).
         stall_factor: "near its level": at most this many times it (> 1); also the rise
@@ -310,22 +309,8 @@ class Recovery:
 
     def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
         """This step's spike verdict (device uint8 bits, no host read; see
-        :mod:`.verdict`): zero unless ``skip_spikes`` and the ladder is not in the first
-        ``SPIKE_GRACE`` steps after acting (its statistics still learn from every step).
-
-        Under torch.distributed only the gradient norm is judged per step: the total norm is
-        the same on every rank (one all-reduce, or identical DDP gradients), the loss is
-        each rank's own, and a skip must be decided alike everywhere without a collective
-        of its own. Loss spikes are then judged at the flush, over the agreed window."""
-        if distributed.world_size() > 1:
-            loss = None
-        code = self._verdict(stats.total_norm, loss)
-        g = self._guard() if self._guard is not None else None
-        step = g.step_count if g is not None else 0
-        last = self.state.last_trigger
-        if not self.skip_spikes or (last is not None and step - last <= SPIKE_GRACE):
-            return code.zero_()
-        return code
+        :func:`._steps.verdict`)."""
+        return _steps.verdict(self, stats, loss)
 
     def after_step(self, guard: Guard, stats: StepStats, outcome: Any) -> None:
         """Per step: hear the step's skip flag (see :func:`._steps.after_step`)."""

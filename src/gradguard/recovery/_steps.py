@@ -10,16 +10,45 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..executors import NONFINITE, STALE, Hook
 from . import actions
-from .ladder import NONFINITE_REASON, Trigger
+from .defaults import SPIKE_GRACE
+from .ladder import NONFINITE_REASON, OFFSCALE_REASON, Trigger
 from .late import enabled
-from .verdict import LOSS_SPIKE
+from .verdict import LOSS_SPIKE, OFFSCALE
 
 if TYPE_CHECKING:
     from ..guard import Guard
     from ..telemetry import StepStats
     from ._recovery import Recovery
+
+
+def verdict(rec: Recovery, stats: StepStats, loss: Tensor | float | None) -> Tensor:
+    """This step's spike verdict (device uint8 bits, no host read; see :mod:`.verdict`):
+    zero unless ``skip_spikes`` and the ladder is not in the first ``SPIKE_GRACE`` steps
+    after acting (its statistics still learn from every step). With ``skip_spikes``, a
+    step whose batch moved a batch norm layer's running variance from another scale is
+    ``OFFSCALE`` (:mod:`gradguard._running`), grace or not: that test looks at the step
+    alone, not at statistics the ladder's acts moved.
+
+    Under torch.distributed only the gradient norm is judged per step: the total norm is
+    the same on every rank (one all-reduce, or identical DDP gradients), the loss and a
+    layer's batch statistics are each rank's own, and a skip must be decided alike
+    everywhere without a collective of its own. Loss spikes are then judged at the flush,
+    over the agreed window."""
+    distributed_run = distributed.world_size() > 1
+    code = rec._verdict(stats.total_norm, None if distributed_run else loss)
+    if not rec.skip_spikes:
+        return code.zero_()
+    g = rec._guard() if rec._guard is not None else None
+    last = rec.state.last_trigger
+    if last is not None and (g.step_count if g is not None else 0) - last <= SPIKE_GRACE:
+        code.zero_()
+    offscale = None if g is None or distributed_run else g._running.offscale(code.device)
+    if offscale is not None:  # judged on its own step alone: no grace needed
+        code |= offscale.to(torch.uint8) * OFFSCALE
+    return code
 
 
 def after_step(rec: Recovery, guard: Guard, stats: StepStats, outcome: Any) -> None:
@@ -64,7 +93,7 @@ def skip_trigger(rec: Recovery, skipped: bool, step: int, code: int,
     first = rec.ring.tested(step, skipped=skipped, voided=voided, restores=rec.restores)
     if not skipped:
         return Trigger("clean", step, at=at, voided=voided)
-    reason = ("loss-spiking" if code & LOSS_SPIKE else "spiking" if code & ~NONFINITE
-              else NONFINITE_REASON)
+    reason = ("loss-spiking" if code & LOSS_SPIKE else OFFSCALE_REASON if code == OFFSCALE
+              else "spiking" if code & ~NONFINITE else NONFINITE_REASON)
     return Trigger("skip", step, reason, rec._level, at=at, rollback=bool(code & LOSS_SPIKE),
-                   data=first and bool(code & NONFINITE))
+                   data=first and (bool(code & NONFINITE) or reason == OFFSCALE_REASON))

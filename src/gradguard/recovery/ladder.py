@@ -29,22 +29,24 @@ The rungs, climbed one at a time and only as far as the trouble goes:
 
 A rollback is also a test of the weights: the step right after it computes its gradients
 on weights that had finite ones (the Recovery restores the newest snapshot whose weights
-had, and marks the trigger). When that step is non-finite too
-(a ``skip`` marked ``data``), the weights are not at fault but the batches are (NaN/Inf in
-the inputs or targets, or a loss that is non-finite on them): the ladder stops climbing
-for this streak of non-finite steps (``data``: they are skipped, nothing else), lifts the
-ceiling back to where it was before the trouble (an LR is not lowered for good for bad
-data), and aborts only when the streak lasts more than ``patience`` steps.
+had, and marks the trigger). When that step is non-finite too, or off-scale (its batch
+moved the batch norm statistics from another scale: a weight that had sound statistics
+cannot do that unseen) (a ``skip`` marked ``data``), the weights are not at fault but the
+batches are (NaN/Inf or another scale in the inputs or targets, or a loss that is
+non-finite on them): the ladder stops climbing for this streak (``data``: its steps are
+skipped, nothing else), lifts the ceiling back to where it was before the trouble (an LR
+is not lowered for good for bad data), and aborts only when the streak lasts more than
+``patience`` steps.
 
 A back-off is a test of the weights too: a skipped step changes nothing, so the step
-after a streak of non-finite steps runs on the weights the streak ran on. When it is
-finite (the first ``clean`` step after the back-off the streak set off, before any other
-rung changed the weights), those weights are sound and the batches were at fault: the
-ladder undoes the back-off (``sound``; the state before the streak returns: the LR is
-not lowered, the streak is no trouble a later one could relapse from). Only a back-off
-is undone (a rollback changed the weights), only for a non-finite streak (a spiking one
-is judged against statistics its own steps moved, and in the grace after a rung not at
-all), and only once per ``patience`` steps: trouble that keeps coming back is the
+after a streak of non-finite (or off-scale) steps runs on the weights the streak ran on.
+When it is finite (the first ``clean`` step after the back-off the streak set off, before
+any other rung changed the weights), those weights are sound and the batches were at
+fault: the ladder undoes the back-off (``sound``; the state before the streak returns:
+the LR is not lowered, the streak is no trouble a later one could relapse from). Only a
+back-off is undone (a rollback changed the weights), only for a streak of
+:data:`DATA_REASONS` (a spiking one is judged against statistics its own steps moved, and
+in the grace after a rung not at all), and only once per ``patience`` steps: trouble that keeps coming back is the
 weights', and the back-off then stands (``Recovery(undo_backoff=False)`` keeps every
 back-off).
 
@@ -73,7 +75,9 @@ from __future__ import annotations
 import dataclasses
 
 from .ladder_types import (
+    DATA_REASONS,
     NONFINITE_REASON,
+    OFFSCALE_REASON,
     Action,
     ActionKind,
     LadderConfig,
@@ -82,8 +86,8 @@ from .ladder_types import (
     TriggerKind,
 )
 
-__all__ = ["NONFINITE_REASON", "Action", "ActionKind", "LadderConfig", "LadderState",
-           "Trigger", "TriggerKind", "transition"]
+__all__ = ["DATA_REASONS", "NONFINITE_REASON", "OFFSCALE_REASON", "Action", "ActionKind",
+           "LadderConfig", "LadderState", "Trigger", "TriggerKind", "transition"]
 
 
 def transition(
@@ -93,12 +97,12 @@ def transition(
     if st.undo is not None and trig.kind == "clean" and not trig.voided:
         return _sound(st, trig)
     new, actions = _transition(cfg, st, trig)
-    if (cfg.undo_backoff and trig.kind == "skip"
-            and (trig.reason or NONFINITE_REASON) == NONFINITE_REASON and not trig.rollback
-            and [a.kind for a in actions] == ["backoff"]
+    reason = trig.reason or NONFINITE_REASON
+    if (cfg.undo_backoff and trig.kind == "skip" and reason in DATA_REASONS
+            and not trig.rollback and [a.kind for a in actions] == ["backoff"]
             and (st.undone is None or trig.step - st.undone > cfg.patience)):
         # the next step runs on these weights again: it may prove them sound
-        return dataclasses.replace(new, undo=dataclasses.replace(
+        return dataclasses.replace(new, undo_reason=reason, undo=dataclasses.replace(
             st, consecutive_skips=0, undo=None)), actions
     if new.undo is not None and (actions or trig.kind in (
             "spike", "lower", "restored", "snapshot")):
@@ -115,8 +119,9 @@ def _sound(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, .
     assert st.undo is not None
     new = dataclasses.replace(st.undo, undone=trig.step, total_rollbacks=st.total_rollbacks,
                               last_snapshot=st.last_snapshot, settled=st.settled)
+    clean = "finite" if st.undo_reason == NONFINITE_REASON else "clean"
     reason = (f"the first step taken on the weights of the {st.consecutive_skips} "
-              "non-finite step(s) before it is finite")
+              f"{st.undo_reason} step(s) before it is {clean}")
     return new, (Action("sound", trig.step, reason, new.factor, new.ceiling),)
 
 
@@ -251,9 +256,10 @@ def _data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderStat
         return st, (Action("data", trig.step, trig.reason, st.factor, top),)
     if trig.step - st.data_streak < cfg.patience:
         return st, ()
-    reason = (f"{trig.step - st.data_streak + 1} steps in a row non-finite on weights that "
+    what = trig.reason or NONFINITE_REASON
+    reason = (f"{trig.step - st.data_streak + 1} steps in a row {what} on weights that "
               "had finite gradients: the batches (their inputs or targets, or the loss on "
-              "them) stay non-finite")
+              f"them) stay {what}")
     return st, (Action("abort", trig.step, reason, st.factor, st.ceiling,
                        rollbacks=st.total_rollbacks, data=True),)
 

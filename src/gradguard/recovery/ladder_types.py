@@ -9,8 +9,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 #: a ``skip`` trigger's ``reason`` for a non-finite step (the default when it has none);
-#: the others name a spike ("spiking", "loss-spiking")
+#: the others name a spike ("spiking", "loss-spiking") or a batch on another scale
 NONFINITE_REASON = "non-finite"
+#: a step skipped because its batch moved the batch norm statistics from another scale
+#: (:meth:`gradguard._running.RunningStats.offscale`)
+OFFSCALE_REASON = "off-scale"
+#: the skips a step's weights cannot cause unseen: the batches may be at fault, and the
+#: next step on the same weights, or the first on weights a rollback restored, tells
+#: (``sound`` and ``data`` in :mod:`.ladder`)
+DATA_REASONS = (NONFINITE_REASON, OFFSCALE_REASON)
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
                       "level", "lower", "restored"]
@@ -71,12 +78,14 @@ class LadderState:
     #: been taken at it (every step since skipped): it has not failed, nor has the ceiling
     #: it came back to; None once an update was taken
     untested: int | None = None
-    #: the state before a back-off that answered a streak of non-finite steps, while the
+    #: the state before a back-off that answered a streak of non-finite (or off-scale) steps, while the
     #: next step may still prove the weights sound (see ``sound`` in :mod:`.ladder`); None
     #: otherwise
     undo: LadderState | None = None
     #: the step at which the ladder last undid a back-off (``sound``)
     undone: int | None = None
+    #: the ``reason`` of the streak whose back-off ``undo`` may undo (:data:`DATA_REASONS`)
+    undo_reason: str = NONFINITE_REASON
 
     @property
     def probation(self) -> bool:
@@ -126,8 +135,9 @@ class Trigger:
     #: a spike, a NaN or a network that died; like the progress check, it assumes a loss
     #: that training lowers
     by_level: bool = False
-    #: a non-finite ``skip`` of the first step on weights a rollback restored: they had
-    #: finite gradients when saved, so the batches are at fault, not the weights
+    #: a non-finite (or off-scale) ``skip`` of the first step on weights a rollback
+    #: restored: they had finite gradients when saved, so the batches are at fault, not
+    #: the weights
     data: bool = False
     #: a ``clean`` step whose update was voided (the weights were restored after its
     #: backward): no update was taken
@@ -152,5 +162,6 @@ class Action:
     #: decided by the loss level (a rise, or a loss that did not come back): wrong for a
     #: loss that may rise in a healthy run (a GAN's players), which the event says
     by_level: bool = False
-    #: an ``abort`` for batches that stay non-finite (``data``), not for weights that diverged
+    #: an ``abort`` for batches that stay non-finite or off-scale (``data``), not for
+    #: weights that diverged
     data: bool = False

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from .._tensors import numeric_lr
 from ..errors import TrainingDiverged
 from ..events import Event
-from .ladder import Action
+from .ladder import OFFSCALE_REASON, Action
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -122,34 +122,51 @@ def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
     what = (f"training stopped: {a.reason}" if a.data else
             f"training diverged: {a.reason}, after {rollbacks} rollback(s) without recovering")
     msg = f"step {a.step}: {what}" + (f"; events in {run_dir}" if run_dir else "")
+    offscale = a.data and OFFSCALE_REASON in a.reason
     guard.add_event(Event(
         kind="abort", step=a.step, severity="error", message=msg,
-        remedy=("Check the data for NaN/Inf (torch.isfinite on inputs and targets) and the "
+        remedy=(UNIT_REMEDY if offscale else
+                "Check the data for NaN/Inf (torch.isfinite on inputs and targets) and the "
                 "loss for log(0) or division by zero." if a.data else
                 "Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
                 "learning rate; check the data for NaN/Inf."),
         data={"rollbacks": a.rollbacks, "reason": a.reason,
-              **({"cause": "nonfinite_input"} if a.data else {})},
+              **({"cause": _data_cause(offscale)} if a.data else {})},
     ))
     return TrainingDiverged(msg, events=guard.events, run_dir=run_dir)
 
 
+#: what to check when the batches were on another scale (``OFFSCALE_REASON``)
+UNIT_REMEDY = ("Check the inputs of the skipped steps for a unit error (raw 0-255 pixels "
+               "among normalised ones, a column in other units).")
+
+
+def _data_cause(offscale: bool) -> str:
+    return "unscaled_input" if offscale else "nonfinite_input"
+
+
 def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
-    """The first step on weights a rollback restored is non-finite: the batches are at
-    fault, not the weights (see ``data`` in :mod:`.ladder`)."""
+    """The first step on weights a rollback restored is non-finite (or off-scale): the
+    batches are at fault, not the weights (see ``data`` in :mod:`.ladder`)."""
     lrs, shown = _lrs(guard, a.ceiling)
     saved = "before the first step" if snapshot < 0 else f"at step {snapshot}"
+    offscale = a.reason == OFFSCALE_REASON
+    what = ("its batch moves the batch norm statistics from another scale on the weights "
+            f"just restored too (saved {saved}, when their batches did not)" if offscale else
+            f"the gradients are non-finite on the weights just restored (saved {saved}, when "
+            "their gradients were finite)")
+    fault = ("inputs on another scale" if offscale else "NaN/Inf in the inputs or targets, "
+             "or a loss that is non-finite on them")
     return Event(
-        kind="nonfinite_input", step=a.step, severity="warning",
-        message=(f"step {a.step}: the gradients are non-finite on the weights just restored "
-                 f"(saved {saved}, when their gradients were finite): the batches are at "
-                 "fault, not the weights (NaN/Inf in the inputs or targets, or a loss that is "
-                 "non-finite on them). gradguard skips such steps and does nothing else: the "
-                 f"learning rate restores to x{a.ceiling:g} (lr {shown}), and it stops the run "
-                 "only if they go on"),
-        remedy=(f"Check the batches from step {a.step} on for NaN/Inf (torch.isfinite on "
-                "inputs and targets) and the loss for log(0) or division by zero."),
-        data={"cause": "nonfinite_input", "factor": a.factor, "ceiling": a.ceiling,
+        kind=_data_cause(offscale), step=a.step, severity="warning",
+        message=(f"step {a.step}: {what}: the batches are at fault, not the weights ({fault})."
+                 " gradguard skips such steps and does nothing else: the learning rate "
+                 f"restores to x{a.ceiling:g} (lr {shown}), and it stops the run only if they "
+                 "go on"),
+        remedy=(UNIT_REMEDY if offscale else f"Check the batches from step {a.step} on for "
+                "NaN/Inf (torch.isfinite on inputs and targets) and the loss for log(0) or "
+                "division by zero."),
+        data={"cause": _data_cause(offscale), "factor": a.factor, "ceiling": a.ceiling,
               "lr": lrs, "snapshot_step": snapshot},
     )
 
@@ -159,17 +176,19 @@ def sound_event(guard: Guard, a: Action) -> Event:
     the same weights (a skipped step changes none): the batches were at fault, and the back-off is
     undone (see ``sound`` in :mod:`.ladder`)."""
     lrs, shown = _lrs(guard, a.factor)
+    offscale = OFFSCALE_REASON in a.reason
+    fault = ("inputs on another scale" if offscale else "NaN/Inf in their inputs or targets, "
+             "or in the loss or the backward on them")
     return Event(
-        kind="nonfinite_input", step=a.step, severity="warning", value=a.factor,
+        kind=_data_cause(offscale), step=a.step, severity="warning", value=a.factor,
         message=(f"step {a.step}: {a.reason} (a skipped step changes no weight): the weights "
-                 "are sound, the batches were at fault (NaN/Inf in their inputs or targets, "
-                 "or in the loss or the backward on them). gradguard undid the back-off: the "
-                 f"learning rate is back at x{a.factor:g} (lr {shown}), and such steps are "
-                 "skipped"),
-        remedy=("Check the batches just before this step for NaN/Inf (torch.isfinite on "
-                "inputs and targets) and the loss and any custom backward for log(0), "
-                "division by zero or sqrt(0)."),
-        data={"cause": "nonfinite_input", "factor": a.factor, "ceiling": a.ceiling,
+                 f"are sound, the batches were at fault ({fault}). gradguard undid the "
+                 f"back-off: the learning rate is back at x{a.factor:g} (lr {shown}), and such "
+                 "steps are skipped"),
+        remedy=(UNIT_REMEDY if offscale else "Check the batches just before this step for "
+                "NaN/Inf (torch.isfinite on inputs and targets) and the loss and any custom "
+                "backward for log(0), division by zero or sqrt(0)."),
+        data={"cause": _data_cause(offscale), "factor": a.factor, "ceiling": a.ceiling,
               "lr": lrs, "undone": True},
     )
 

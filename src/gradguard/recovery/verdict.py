@@ -45,6 +45,9 @@ STEP_GRAD_RATIO = 50.0
 VERDICT_HISTORY = 64
 #: Bits of a step's verdict code (also recorded as the step's ``skipped`` value).
 NONFINITE, GRAD_SPIKE, LOSS_SPIKE = 1, 2, 4  # 8: gradguard.executors.STALE (not a verdict)
+#: The step's forward moved a batch norm layer's running variance by a batch on another
+#: scale (:meth:`gradguard._running.RunningStats.offscale`; judged by the Recovery).
+OFFSCALE = 16
 #: Before ``warmup`` values are in, the z-score has no scale to stand on: a value is a
 #: spike only when it is this many times the median of the (few) values so far, for the
 #: gradient norm and the loss. A run whose first update wrecks its weights (an IRNN at an

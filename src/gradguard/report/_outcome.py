@@ -285,6 +285,9 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
     if status == "recovered":
         if incident is not None and cause in ("nonfinite_input", "nonfinite_loss"):
             return f"Check the batch of step {incident} for NaN/Inf."
+        if cause == "unscaled_input":
+            return ("Check the inputs of the skipped steps for a unit error (raw 0-255 "
+                    "pixels among normalised ones, a column in other units).")
         return None
     if cause == "lr_too_high":
         text = "Lower the learning rate (a factor of 10 is a good first try) or add warm-up"

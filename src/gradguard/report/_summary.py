@@ -42,6 +42,17 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _offscale_sentence(off: list[dict[str, Any]]) -> str:
+    """Steps skipped because their batch moved the batch norm statistics alone (see
+    ``gradguard._running``): nothing spiked, so say what did."""
+    n, ratio = len(off), off[0].get("threshold")
+    by = f"by more than {ratio:g}" if isinstance(ratio, (int, float)) else "several times over"
+    return (f"{n} batch{'es' if n > 1 else ''} from step {off[0]['step']} on "
+            f"{'were' if n > 1 else 'was'} on another scale: each multiplied a batch norm "
+            f"layer's running variance {by} while the loss and the gradients stayed as they "
+            "were (inputs in other units?).")
+
+
 def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str:
     """One or two sentences: what went wrong, what gradguard did, how it ended.
 
@@ -87,6 +98,9 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                          f"({_plural(n_bad, 'non-finite step')} in all).")
         elif n_bad > 1:
             parts[-1] = parts[-1][:-1] + f"; {_plural(n_bad, 'non-finite step')} in all."
+    elif not lead and (off := [e for e in ev if (e.get("data") or {}).get("reason")
+                               == "offscale_batch"]):
+        parts.append(_offscale_sentence(off))
     elif not lead and (acted := ladder_reason(ev)) is not None:
         parts.append(f"At step {acted[0]}, {acted[1]}.")  # what the ladder saw: no gradient event
     elif not lead and (dead := died_layers(ev)) is not None:
@@ -116,7 +130,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                        + (f" ({whose})" if whose and whose != "none" else ""))
     backoffs = [e for e in ev if e.get("kind") == "lr_backoff"]
     # back-offs the next step undid: it was finite on the same weights (recovery.ladder)
-    undone = sum(1 for e in ev if e.get("kind") == "nonfinite_input"
+    undone = sum(1 for e in ev if e.get("kind") in ("nonfinite_input", "unscaled_input")
                  and (e.get("data") or {}).get("undone"))
     if backoffs and undone >= len(backoffs):
         actions.append("backed off the LR, and restored it at the next step (finite on the "
