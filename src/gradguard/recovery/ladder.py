@@ -30,9 +30,8 @@ The rungs, climbed one at a time and only as far as the trouble goes:
 A rollback is also a test of the weights: the step right after it computes its gradients
 on weights that had finite ones (the Recovery restores the newest snapshot whose weights
 had, and marks the trigger). When that step is non-finite too, or off-scale (its batch
-moved the batch norm statistics from another scale: a weight that had sound statistics
-cannot do that unseen) (a ``skip`` marked ``data``), the weights are not at fault but the
-batches are (NaN/Inf or another scale in the inputs or targets, or a loss that is
+moved the batch norm statistics from another scale, on weights whose batches did not) (a
+``skip`` marked ``data``), the weights are not at fault but the batches are (NaN/Inf or another scale in the inputs or targets, or a loss that is
 non-finite on them): the ladder stops climbing for this streak (``data``: its steps are
 skipped, nothing else), lifts the ceiling back to where it was before the trouble (an LR
 is not lowered for good for bad data), and aborts only when the streak lasts more than

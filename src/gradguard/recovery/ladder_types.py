@@ -14,9 +14,9 @@ NONFINITE_REASON = "non-finite"
 #: a step skipped because its batch moved the batch norm statistics from another scale
 #: (:meth:`gradguard._running.RunningStats.offscale`)
 OFFSCALE_REASON = "off-scale"
-#: the skips a step's weights cannot cause unseen: the batches may be at fault, and the
-#: next step on the same weights, or the first on weights a rollback restored, tells
-#: (``sound`` and ``data`` in :mod:`.ladder`)
+#: the skips the batches may be at fault for rather than the weights: the next step on
+#: the same weights, or the first on weights a rollback restored, tells (``sound`` and
+#: ``data`` in :mod:`.ladder`)
 DATA_REASONS = (NONFINITE_REASON, OFFSCALE_REASON)
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
