@@ -239,6 +239,26 @@ def test_the_scale_test_weighs_a_layer_not_a_channel():
     assert RunningStats(nn.Linear(2, 2)).offscale(torch.device("cpu")) is None
 
 
+@pytest.mark.parametrize("momentum, moved, off", [
+    (0.1, 2.5, False), (0.1, 3.5, True),  # the default: x3 the running variance
+    (0.997, 5.0, False), (0.997, 30.0, True),  # the last batch's: x21 (OFFSCALE_BATCH)
+    (None, 3.5, True),  # a cumulative average: x3, however little a batch moves it now
+])
+def test_the_scale_test_allows_for_the_momentum(momentum, moved, off):
+    """A layer whose momentum is near 1 keeps the last batch's statistics (transformers'
+    MobileNetV2: 0.997), and small batches differ by x2.5 from one to the next: it takes
+    a batch off-scale at the variance the default momentum's x3 stands for."""
+    from gradguard._running import OFFSCALE_AFTER, RunningStats
+
+    bn = nn.BatchNorm1d(16, momentum=momentum)
+    stats = RunningStats(bn)
+    with torch.no_grad():
+        bn.num_batches_tracked.fill_(OFFSCALE_AFTER)
+        stats.refresh()
+        bn.running_var.mul_(moved)
+    assert bool(stats.offscale(torch.device("cpu"))) is off
+
+
 def test_a_step_taken_keeps_the_statistics_its_forward_wrote():
     guarded = run("plain")
     assert same_state(guarded, run("plain", guarded=False))

@@ -26,8 +26,10 @@ the default momentum; a batch x5 in scale, or x16 while the variance still comes
 from its initial 1), where healthy steps move it by x1.2 at most once the layer has seen
 ``OFFSCALE_AFTER`` batches (measured on CNNs, BatchNorm MLPs with batches of 4 to 64 and
 a ResNet; the first batches move it from its initial 1 by up to x300 on unnormalised
-pixels). The Recovery skips such a step (:meth:`gradguard.recovery.Recovery.verdict`), and
-the skip puts the statistics back.
+pixels). A layer whose momentum is near 1 keeps the last batch's statistics and takes a
+batch off-scale at ``OFFSCALE_BATCH`` times its running variance instead. The Recovery
+skips such a step (:meth:`gradguard.recovery.Recovery.verdict`), and the skip puts the
+statistics back.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ from torch.nn.parameter import is_lazy
 #: A step whose forward multiplied a running variance (plus ``eps``) by more than this
 #: moved the statistics with a batch on another scale (see the module docstring).
 OFFSCALE_RATIO = 3.0
+#: ... that is, at the default momentum (0.1), a batch variance this many times the running
+#: one; a layer whose momentum is near 1 (running statistics that are the last batch's,
+#: as in ``transformers``' MobileNetV2, 0.997) takes a batch off-scale at that, not at
+#: ``OFFSCALE_RATIO`` (its small batches' variances differ by x2.5 from one to the next)
+OFFSCALE_BATCH = (OFFSCALE_RATIO - 0.9) / 0.1
 #: Batches a layer must have seen before the test applies (its initial variance is 1).
 OFFSCALE_AFTER = 5
 
@@ -52,10 +59,10 @@ class RunningStats:
         self.model = model
         self.buffers: list[Tensor] | None = None
         self.saved: list[Tensor] = []
-        self._vars: list[tuple[int, int, float]] = []
-        # the segment of each channel (the live variances, then their copies) and each
-        # layer's channels x eps, on the device
-        self._segments: tuple[Tensor, Tensor] | None = None
+        self._vars: list[tuple[int, int, float, float]] = []
+        # the segment of each channel (the live variances, then their copies), each
+        # layer's channels x eps and its limit, on the device
+        self._segments: tuple[Tensor, Tensor, Tensor] | None = None
         self._mixed = False
         self._scale_inputs: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
         self._first: tuple[nn.Module, Tensor | None] | None = None
@@ -70,18 +77,22 @@ class RunningStats:
             return  # a lazy layer has no statistics before its first forward
         self.buffers = found
         self.saved = [b.detach().clone() for b in self.buffers]
-        # (index of running_var, of num_batches_tracked, eps) per layer, for the scale test
+        # (index of running_var, of num_batches_tracked, eps, the ratio it may move by) per
+        # layer, for the scale test
         self._vars, self._segments = [], None
         for m in mods:
             if isinstance(m.running_var, Tensor) and isinstance(m.num_batches_tracked, Tensor):
+                mom = m.momentum  # None: a cumulative average, moved less and less
+                limit = OFFSCALE_RATIO if mom is None else max(
+                    OFFSCALE_RATIO, 1 - mom + mom * OFFSCALE_BATCH)
                 self._vars.append((_index(found, m.running_var),
-                                   _index(found, m.num_batches_tracked), float(m.eps)))
+                                   _index(found, m.num_batches_tracked), float(m.eps), limit))
         # the live variances, their copies from before the forward (refreshed in place),
         # and the copies' batch counts
-        self._mixed = len({(found[v].device, found[v].dtype) for v, _, _ in self._vars}) > 1
-        self._scale_inputs = ([self.buffers[v] for v, _, _ in self._vars],
-                              [self.saved[v] for v, _, _ in self._vars],
-                              [self.saved[n] for _, n, _ in self._vars])
+        self._mixed = len({(found[v].device, found[v].dtype) for v, *_ in self._vars}) > 1
+        self._scale_inputs = ([self.buffers[v] for v, *_ in self._vars],
+                              [self.saved[v] for v, *_ in self._vars],
+                              [self.saved[n] for _, n, *_ in self._vars])
         # ``model.to(device)``/``.half()`` after the guard was built replaces the buffers
         # (not the parameters): the first one tells, and the statistics are collected anew
         self._first = (mods[0], mods[0].running_mean) if found else None
@@ -91,7 +102,8 @@ class RunningStats:
 
     def offscale(self, device: torch.device) -> Tensor | None:
         """A device bool: this step's forward moved a running variance by more than
-        ``OFFSCALE_RATIO`` in a layer that had seen ``OFFSCALE_AFTER`` batches (see the
+        ``OFFSCALE_RATIO`` (a layer of momentum near 1: by a batch ``OFFSCALE_BATCH`` times
+        the running one) in a layer that had seen ``OFFSCALE_AFTER`` batches (see the
         module docstring); None when the model has no such statistics. No host read."""
         if not self.buffers or not self._vars or self._moved():
             return None
@@ -101,13 +113,14 @@ class RunningStats:
             # moves its own variance by any factor, not the layer's): one concatenation
             # and one segment sum, not an op per layer
             if self._segments is None or self._segments[0].device != device:
-                counts = [self.buffers[v].numel() for v, _, _ in self._vars]
+                counts = [self.buffers[v].numel() for v, *_ in self._vars]
                 index = torch.repeat_interleave(
                     torch.arange(2 * len(counts)), torch.tensor(counts * 2)).to(device)
-                eps = torch.tensor([c * e for c, (_, _, e) in zip(counts, self._vars)],
+                eps = torch.tensor([c * e for c, (_, _, e, _) in zip(counts, self._vars)],
                                    device=device)
-                self._segments = (index, eps)
-            index, eps = self._segments
+                limit = torch.tensor([lim for *_, lim in self._vars], device=device)
+                self._segments = (index, eps, limit)
+            index, eps, limit = self._segments
             both = new + old
             if self._mixed:  # a model split over devices, or with mixed dtypes
                 both = [t.to(device, torch.float32) for t in both]
@@ -115,7 +128,7 @@ class RunningStats:
             var = torch.zeros(2 * len(new), device=device).index_add_(0, index, flat)
             var = var.view(2, -1) + eps
             ratio = var[0] / var[1]
-            return ((ratio > OFFSCALE_RATIO)
+            return ((ratio > limit)
                     & (torch.stack(seen).to(device) >= OFFSCALE_AFTER)).any()
 
     def settle(self, trouble: Tensor | bool) -> None:
