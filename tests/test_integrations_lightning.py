@@ -396,18 +396,21 @@ class WithNorm(pl.LightningModule):
     """A batch norm model whose batch at ``nan_step`` holds a NaN, in a real Trainer: the
     Trainer steps the optimizer, the guard hears the step in its hook."""
 
-    def __init__(self, nan_step: int, fused: bool) -> None:
+    def __init__(self, nan_step: int, fused: bool, scale: float | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
                                        torch.nn.ReLU(), torch.nn.Linear(8, 1))
-        self.nan_step, self.fused = nan_step, fused
+        self.nan_step, self.fused, self.scale = nan_step, fused, scale
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         if self.global_step == self.nan_step:
             x = x.clone()
-            x[0, 0] = math.nan
+            if self.scale is None:
+                x[0, 0] = math.nan
+            else:  # a batch in other units: the batch norm layer divides the scale out
+                x = x * self.scale
         return torch.nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self):
@@ -432,3 +435,24 @@ def test_a_skipped_nan_batch_leaves_the_batch_norm_statistics_finite_in_a_traine
     assert torch.equal(bn.running_var, ref.net[1].running_var)
     model.eval()
     assert torch.isfinite(model.net(torch.randn(3, 4))).all()  # eval() answers, not NaN
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_batch_on_another_scale_is_skipped_in_a_trainer_as_if_never_seen(tmp_path, fused):
+    """The off-scale test (gradguard/_running.py, ``RunningStats.offscale``) through the
+    trainer's hook: a x1e4 batch whose loss and gradients the batch norm layer keeps
+    normal is skipped by the statistics alone and put back: model and statistics end as
+    in the same Trainer run on the other batches only."""
+    step = 6  # past the batches the test waits for (OFFSCALE_AFTER)
+    model = WithNorm(nan_step=step, fused=fused, scale=1e4)
+    trainer(tmp_path / "g", GradGuardCallback(clip=None, every=4)).fit(model, loader())
+    ref = WithNorm(nan_step=-1, fused=fused)
+    batches = [b for i, b in enumerate(loader()) if i != step]
+    trainer(tmp_path / "r", GradGuardCallback(clip=None, every=4), max_steps=7).fit(
+        ref, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert model.net[1].running_var.max() < 10
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    skips = [e for e in read_jsonl(tmp_path / "g" / "gradguard" / "events.jsonl")
+             if e.get("kind") == "skip"]
+    assert [(e["step"], e["data"]["reason"]) for e in skips] == [(step, "offscale_batch")]
