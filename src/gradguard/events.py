@@ -54,6 +54,11 @@ CAUSES: tuple[str, ...] = (
     "wrong_gradient",
     "disconnected_layer",
 )
+#: What to check when batches were on another scale (cause ``unscaled_input``, found by
+#: the batch norm statistics: :meth:`gradguard._running.RunningStats.offscale`).
+UNIT_ERROR_REMEDY = ("Check the inputs of the skipped steps for a unit error (raw 0-255 "
+                     "pixels among normalised ones, a column in other units): the eval() "
+                     "model would use statistics learnt on that scale.")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .._running import OFFSCALE_RATIO
-from ..events import Event
+from ..events import UNIT_ERROR_REMEDY, Event
 from ..telemetry import Window
 from .config import DEFAULT_CONFIG, MAD_TO_SIGMA, MIN_LOG_SCALE, DetectorConfig, DetectorState
 
@@ -177,9 +177,7 @@ def _offscale_skip(step: int, norm: float, loss: float, code: int) -> Event:
                  f"{loss:.4g}, gradient norm {norm:.3g}: the layer divided the scale out), "
                  "so its inputs are on another scale; the weights and the running "
                  "statistics never saw it"),
-        remedy=("Check the inputs for a unit error (raw 0-255 pixels among normalised "
-                "ones, a column in other units): the eval() model would use statistics "
-                "learnt on that scale."),
+        remedy=UNIT_ERROR_REMEDY,
         data={"reason": "offscale_batch", "cause": "unscaled_input", "code": code},
     )
 

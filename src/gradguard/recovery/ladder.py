@@ -31,22 +31,22 @@ A rollback is also a test of the weights: the step right after it computes its g
 on weights that had finite ones (the Recovery restores the newest snapshot whose weights
 had, and marks the trigger). When that step is non-finite too, or off-scale (its batch
 moved the batch norm statistics from another scale, on weights whose batches did not) (a
-``skip`` marked ``data``), the weights are not at fault but the batches are (NaN/Inf or another scale in the inputs or targets, or a loss that is
-non-finite on them): the ladder stops climbing for this streak (``data``: its steps are
-skipped, nothing else), lifts the ceiling back to where it was before the trouble (an LR
-is not lowered for good for bad data), and aborts only when the streak lasts more than
-``patience`` steps.
+``skip`` marked ``data``), the weights are not at fault but the batches are (NaN/Inf or
+another scale in the inputs or targets, or a loss that is non-finite on them): the ladder
+stops climbing for this streak (``data``: its steps are skipped, nothing else), lifts the
+ceiling back to where it was before the trouble (an LR is not lowered for good for bad
+data), and aborts only when the streak lasts more than ``patience`` steps.
 
-A back-off is a test of the weights too: a skipped step changes nothing, so the step
-after a streak of non-finite (or off-scale) steps runs on the weights the streak ran on.
-When it is finite (the first ``clean`` step after the back-off the streak set off, before
-any other rung changed the weights), those weights are sound and the batches were at
-fault: the ladder undoes the back-off (``sound``; the state before the streak returns:
-the LR is not lowered, the streak is no trouble a later one could relapse from). Only a
-back-off is undone (a rollback changed the weights), only for a streak of
-:data:`DATA_REASONS` (a spiking one is judged against statistics its own steps moved, and
-in the grace after a rung not at all), and only once per ``patience`` steps: trouble that keeps coming back is the
-weights', and the back-off then stands (``Recovery(undo_backoff=False)`` keeps every
+A back-off is a test of the weights too: a skipped step changes nothing, so the step after
+a streak of non-finite (or off-scale) steps runs on the weights the streak ran on. When it
+is finite (the first ``clean`` step after the back-off the streak set off, before any
+other rung changed the weights), those weights are sound and the batches were at fault:
+the ladder undoes the back-off (``sound``; the state before the streak returns: the LR is
+not lowered, the streak is no trouble a later one could relapse from). Only a back-off is
+undone (a rollback changed the weights), only for a streak of :data:`DATA_REASONS` (a
+spiking one is judged against statistics its own steps moved, and in the grace after a
+rung not at all), and only once per ``patience`` steps: trouble that keeps coming back is
+the weights', and the back-off then stands (``Recovery(undo_backoff=False)`` keeps every
 back-off).
 
 Beside the rungs, a *lower* trigger (the LR probe found that the loss follows the LR,
@@ -112,9 +112,9 @@ def transition(
 
 
 def _sound(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
-    """A step taken right after a back-off for a streak of non-finite steps, on the
-    weights the streak ran on, came out finite: they are sound, the batches were at fault.
-    The state before the streak returns (the back-off is undone)."""
+    """A step taken right after a back-off for a streak of non-finite (or off-scale) steps,
+    on the weights the streak ran on, came out clean: they are sound, the batches were at
+    fault. The state before the streak returns (the back-off is undone)."""
     assert st.undo is not None
     new = dataclasses.replace(st.undo, undone=trig.step, total_rollbacks=st.total_rollbacks,
                               last_snapshot=st.last_snapshot, settled=st.settled)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._tensors import numeric_lr
 from ..errors import TrainingDiverged
-from ..events import Event
+from ..events import UNIT_ERROR_REMEDY, Event
 from .ladder import OFFSCALE_REASON, Action
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
     offscale = a.data and OFFSCALE_REASON in a.reason
     guard.add_event(Event(
         kind="abort", step=a.step, severity="error", message=msg,
-        remedy=(UNIT_REMEDY if offscale else
+        remedy=(UNIT_ERROR_REMEDY if offscale else
                 "Check the data for NaN/Inf (torch.isfinite on inputs and targets) and the "
                 "loss for log(0) or division by zero." if a.data else
                 "Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
@@ -134,11 +134,6 @@ def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
               **({"cause": _data_cause(offscale)} if a.data else {})},
     ))
     return TrainingDiverged(msg, events=guard.events, run_dir=run_dir)
-
-
-#: what to check when the batches were on another scale (``OFFSCALE_REASON``)
-UNIT_REMEDY = ("Check the inputs of the skipped steps for a unit error (raw 0-255 pixels "
-               "among normalised ones, a column in other units).")
 
 
 def _data_cause(offscale: bool) -> str:
@@ -163,7 +158,7 @@ def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
                  " gradguard skips such steps and does nothing else: the learning rate "
                  f"restores to x{a.ceiling:g} (lr {shown}), and it stops the run only if they "
                  "go on"),
-        remedy=(UNIT_REMEDY if offscale else f"Check the batches from step {a.step} on for "
+        remedy=(UNIT_ERROR_REMEDY if offscale else f"Check the batches from step {a.step} on for "
                 "NaN/Inf (torch.isfinite on inputs and targets) and the loss for log(0) or "
                 "division by zero."),
         data={"cause": _data_cause(offscale), "factor": a.factor, "ceiling": a.ceiling,
@@ -172,9 +167,9 @@ def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
 
 
 def sound_event(guard: Guard, a: Action) -> Event:
-    """The first step taken after a back-off for a streak of non-finite steps is finite on
-    the same weights (a skipped step changes none): the batches were at fault, and the back-off is
-    undone (see ``sound`` in :mod:`.ladder`)."""
+    """The first step taken after a back-off for a streak of non-finite (or off-scale)
+    steps is clean on the same weights (a skipped step changes none): the batches were at
+    fault, and the back-off is undone (see ``sound`` in :mod:`.ladder`)."""
     lrs, shown = _lrs(guard, a.factor)
     offscale = OFFSCALE_REASON in a.reason
     fault = ("inputs on another scale" if offscale else "NaN/Inf in their inputs or targets, "
@@ -185,7 +180,7 @@ def sound_event(guard: Guard, a: Action) -> Event:
                  f"are sound, the batches were at fault ({fault}). gradguard undid the "
                  f"back-off: the learning rate is back at x{a.factor:g} (lr {shown}), and such "
                  "steps are skipped"),
-        remedy=(UNIT_REMEDY if offscale else "Check the batches just before this step for "
+        remedy=(UNIT_ERROR_REMEDY if offscale else "Check the batches just before this step for "
                 "NaN/Inf (torch.isfinite on inputs and targets) and the loss and any custom "
                 "backward for log(0), division by zero or sqrt(0)."),
         data={"cause": _data_cause(offscale), "factor": a.factor, "ceiling": a.ceiling,

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..events import UNIT_ERROR_REMEDY
+
 if TYPE_CHECKING:
     from ._data import RunData
 
@@ -286,8 +288,7 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         if incident is not None and cause in ("nonfinite_input", "nonfinite_loss"):
             return f"Check the batch of step {incident} for NaN/Inf."
         if cause == "unscaled_input":
-            return ("Check the inputs of the skipped steps for a unit error (raw 0-255 "
-                    "pixels among normalised ones, a column in other units).")
+            return UNIT_ERROR_REMEDY
         return None
     if cause == "lr_too_high":
         text = "Lower the learning rate (a factor of 10 is a good first try) or add warm-up"
