@@ -365,12 +365,13 @@ def test_a_rise_above_the_level_of_the_last_snapshot_rolls_back_at_once():
     guard = climbing_run(snapshot_every=20)
     rec = guard.recovery
     assert rec is not None
-    assert [a.step for a in rec.actions if a.kind == "snapshot"] == [19, 39]
     acted = [e for e in guard.events if e.kind in ("lr_backoff", "rollback")]
+    assert [a.step for a in rec.actions if a.kind == "snapshot" and a.step < acted[0].step] == [
+        19, 39]
     assert acted and acted[0].kind == "rollback" and acted[0].step in (59, 69, 79)
     assert acted[0].data["snapshot_step"] == 39
     assert "the last snapshot was taken at a loss of" in acted[0].message
-    assert rec.lr_ceiling == 0.5 and rec.decisions[0].kind == "rollback"
+    assert rec.decisions[0].kind == "rollback" and rec.decisions[0].ceiling == 0.5
 
 
 @pytest.mark.parametrize("settled", [False, True], ids=["on_probation", "settled"])
@@ -471,15 +472,19 @@ def test_a_loss_no_restored_weights_bring_back_turns_the_loss_tests_off_not_the_
     """A loss that rises whatever the weights (benchmarks/gan.py: a GAN's generator) used to
     end in TrainingDiverged after max_rollbacks rollbacks the loss level decided. Weights
     restored at a fraction of the LR keep close to the loss they were saved at if the loss
-    answers them; this one never comes back: the ladder turns its loss-level tests off, says
-    so, lifts the ceilings their rungs lowered, and the run goes on at its LR. A NaN later
-    is still skipped."""
+    answers them; this one never comes back: the first losses on the restored weights are
+    the trouble's (``data_shift``), and again at the next rollback: the loss moves by
+    itself. The ladder turns its loss-level tests off, says so, lifts the ceilings their
+    rungs lowered, and the run goes on at its LR. A NaN later is still skipped. (Before the
+    shift test: three rollbacks, ``max_rollbacks``, then the same.)"""
     guard, rec, model, used = drifting_run(600, nan_at=(500,))
     kinds = [e.kind for e in guard.events]
     assert "abort" not in kinds and kinds.count("loss_level_off") == 1
     off = next(e for e in guard.events if e.kind == "loss_level_off")
     rollbacks = [e for e in guard.events if e.kind == "rollback" and e.step < off.step]
-    assert len(rollbacks) == rec.config.max_rollbacks
+    shifts = [e for e in guard.events if e.kind == "data_shift"]
+    assert len(rollbacks) == 2 and [e.step for e in shifts][-1] == off.step
+    assert "changed again" in off.message
     assert off.severity == "warning" and "does not answer the weights" in off.message
     assert "loss_rise=False" in off.remedy and off.data["ceiling"] == 1.0
     assert not [e for e in guard.events if e.kind in ("rollback", "lr_backoff")
@@ -512,17 +517,21 @@ def test_a_run_whose_loss_does_not_answer_the_weights_is_not_judged_on_it(tmp_pa
     assert (out.status, out.cause, out.ok, out.rose) == ("unjudged", None, True, False)
     assert "did not answer the weights" in out.clause and "loss_rise=False" in out.remedy
     text = summary_sentence(data, {})
-    assert "lr_too_high" not in text and "rolled back 3 times" in text
+    assert "lr_too_high" not in text and "rolled back 2 times" in text
     assert "the run is not judged on it" in text
 
 
-def test_restored_weights_are_judged_against_the_norms_they_had():
+def test_restored_weights_are_judged_against_the_norms_they_had(monkeypatch):
     """Found running ``gradguard run`` on a script whose loss drifts: the model had fitted
     its linear target (gradient norm ~1e-4) when a rollback restored the fresh model (norm
     ~1), and the per-step spike verdict, whose statistics were the fitted model's, skipped
     the fresh model's steps as spikes (norm 1.7, 3.0, 1.2: x1e4 its median) and the three
     skips rolled back once more. A snapshot now carries the verdict's statistics with the
-    weights (as it carries the clip policy's), and a rollback restores them."""
+    weights (as it carries the clip policy's), and a rollback restores them. (The shift
+    test is off here: it ends this run's episode before the fresh model comes back.)"""
+    from gradguard.recovery import shift
+
+    monkeypatch.setattr(shift, "SHIFT_RATIO", math.inf)
     guard, *_ = drifting_run(300, hooked=True, every=50)
     back = [e for e in guard.events if e.kind == "rollback"]
     assert any(e.data["snapshot_step"] == -1 for e in back)  # the fresh model came back

@@ -32,6 +32,8 @@ EVENT_KINDS: tuple[str, ...] = (
     "lr_settled",
     # the loss did not answer the weights the ladder restored: its loss-level tests are off
     "loss_level_off",
+    # the weights a rollback restored gave the trouble's loss: the batches changed
+    "data_shift",
     "rollback",
     "abort",
     "clip",

@@ -1,8 +1,8 @@
 """What the :class:`~gradguard.recovery.Recovery` judges at each flush, from the host values
 the flush already has (no device read): the skip flags the device kept (fused optimizers,
 a ``GradScaler``), confirmed loss spikes, a loss that rose or a network that died
-(:mod:`.rise`), the loss after a back-off, the LR probe (:mod:`.probe`), and a snapshot
-while the run is healthy. Every decision becomes a ladder :class:`~.ladder.Trigger`, fed
+(:mod:`.rise`), the loss after a back-off, the loss on the weights a rollback restored
+(:mod:`.shift`), the LR probe (:mod:`.probe`), and a snapshot while the run is healthy. Every decision becomes a ladder :class:`~.ladder.Trigger`, fed
 through the one place that carries actions out (``Recovery._feed``)."""
 
 from __future__ import annotations
@@ -45,6 +45,15 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     # why each step was skipped (host values: the window is the flush's one host copy)
     codes = window.skip_codes.tolist() if window.skip_codes is not None else None
     triggers = _device_skips(rec, window, skips, codes, overflows)
+    recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
+    rec._progress = statistics.median(recent) if recent else None
+    if rec._shift.update(window.steps, losses, codes) is not None:
+        # the weights a rollback restored gave the trouble's loss: the batches changed
+        # (:mod:`.shift`); this window's spikes and rise are the change, no trouble
+        triggers.append(Trigger("shifted", window.steps[-1]))
+        for t in sorted(triggers, key=lambda t: t.step):
+            rec._feed(guard, t, layers)
+        return
     spike = next((e for e in events if e.kind == "loss_spike"), None)
     if spike is not None and rec._rise.gives_back(spike.value or math.inf):
         # reported only once confirmed (DetectorConfig); acted on when it gives back part
@@ -62,8 +71,6 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
         risen, trig, dead = _rise_trigger(rec, guard, window, losses, skips, judge)
         if trig is not None:
             triggers.append(trig)
-    recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
-    rec._progress = statistics.median(recent) if recent else None
     if rec._progress is not None:
         triggers.append(Trigger("progress", window.steps[-1], value=rec._progress))
     acted = False

@@ -34,6 +34,7 @@ from .late import LateFlags
 from .probe import LrProbe
 from .ring import SnapshotRing
 from .rise import BLOCK, DeadLayers, LossRise
+from .shift import ShiftTest
 from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, state_bytes
 from .verdict import SpikeVerdict
 
@@ -185,6 +186,7 @@ class Recovery:
         self._rise = LossRise()
         self._dead = DeadLayers()
         self._probe = LrProbe()
+        self._shift = ShiftTest()  # each rollback's test of the batches (:mod:`.shift`)
         self._progress: float | None = None  # the loss level of the latest flush
         self.restores = 0  # weights restored: rollbacks, and the LR probe's forks (_flush)
         self._judged = -1  # the step of the last judgement of the loss level (see _flush)
@@ -349,6 +351,7 @@ class Recovery:
             "host_steps": sorted(self._host_steps), "level": self._level,
             "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict(),
             "dead": self._dead.state_dict(), "probe": self._probe.state_dict(),
+            "shift": self._shift.state_dict(),
             "progress": self._progress, "judged": self._judged,
             "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())],
             **self.ring.tests_state()}
@@ -362,8 +365,8 @@ class Recovery:
         self.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
                                    sd.pop("verified", ()))
         self.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
-        parts: dict[str, Any] = {"rise": self._rise, "probe": self._probe,
-                                 "dead": self._dead, "verdict": self._verdict}
+        parts: dict[str, Any] = {"rise": self._rise, "probe": self._probe, "dead": self._dead,
+                                 "verdict": self._verdict, "shift": self._shift}
         for key, part in parts.items():  # each absent from older checkpoints
             if (part_sd := sd.pop(key, None)) is not None:
                 part.load_state_dict(part_sd)

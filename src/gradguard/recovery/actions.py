@@ -34,6 +34,7 @@ from ..measure import stored
 from ..naming import OPTIMIZER_PREFIX, layer_of
 from . import messages
 from .ladder import Action, Trigger, transition
+from .shift import rebase
 from .snapshots import copy_state
 
 if TYPE_CHECKING:
@@ -175,6 +176,11 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
         if a.kind == "sound":
             guard.add_event(messages.sound_event(guard, a))
             continue
+        if a.kind == "shifted" and (found := rec._shift.found) is not None:
+            rec._shift.found = None
+            rebase(rec, guard, found)
+            guard.add_event(messages.shifted_event(guard, a, found, rec.config.restore_steps))
+            continue
         if a.kind == "level_off":
             rec._probe.cancel(a.step)
             guard.add_event(messages.level_off_event(guard, a, rec.config.restore_steps))
@@ -198,6 +204,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 # the progress check asks the loss back near the level of the weights
                 # it restarts from, if those were above the level before the trouble
                 back_at = rec._rise.fresh if step < 0 else rec.ring.levels.get(step)
+                rec._shift.arm(guard.step_count, step, back_at)
                 rec.state, _ = transition(rec.config, rec.state,
                                            Trigger("restored", a.step, value=back_at))
         else:

@@ -37,6 +37,15 @@ stops climbing for this streak (``data``: its steps are skipped, nothing else), 
 ceiling back to where it was before the trouble (an LR is not lowered for good for bad
 data), and aborts only when the streak lasts more than ``patience`` steps.
 
+A rollback tests the loss as well: the first steps on the restored weights give about the
+level they were saved at, if the batches are still those they were trained on. When their
+loss stays at the trouble's level instead (:mod:`.shift`: a ``shifted`` trigger), the
+batches or the objective changed under the weights (a curriculum's next stage, a new task,
+data read in order): the ladder ends the episode (``shifted``: the ceiling back to where it
+was before the trouble, its rollbacks no count towards an abort, no progress check, the
+factor back at the ceiling at once: no update was at fault), and the Recovery learns the
+new level afresh.
+
 A back-off is a test of the weights too: a skipped step changes nothing, so the step after
 a streak of non-finite (or off-scale) steps runs on the weights the streak ran on. When it
 is finite (the first ``clean`` step after the back-off the streak set off, before any
@@ -146,6 +155,8 @@ def _transition(
         if (st.factor >= st.ceiling or st.watching is None) and due:  # no check pending
             return st, (Action("snapshot", trig.step),)
         return st, ()
+    if trig.kind == "shifted":
+        return _shifted(cfg, st, trig)
     if trig.kind == "skip" and (trig.data or st.data_streak is not None):
         return _data(cfg, st, trig)
     if trig.kind == "skip":
@@ -238,6 +249,34 @@ def _level_off(st: LadderState, step: int, reason: str) -> tuple[LadderState, tu
         at_ceiling=None)
     return st, (Action("level_off", step, reason, st.factor, top, rollbacks=st.total_rollbacks,
                        by_level=True),)
+
+
+def _shifted(cfg: LadderConfig, st: LadderState,
+             trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
+    """The weights a rollback restored gave the trouble's loss (see ``shifted`` in the
+    module docstring): the trouble was the batches', no rung's. The episode ends: the
+    ceiling back to where it was before it, no progress check, its rollbacks no count
+    towards an abort and no relapse for the next trouble; the factor is back at the
+    ceiling at once (no update was at fault: the weights the rungs kept from the LR were
+    never damaged). A second change within ``relapse_window`` steps of the last is a loss
+    that moves by itself (a drifting objective): the loss-level tests go off as well
+    (``level_off``), as after ``max_rollbacks`` rollbacks the level decided."""
+    prev = st.shifted
+    top = max(st.ceiling, st.episode_ceiling if st.episode_ceiling is not None else st.ceiling)
+    st = dataclasses.replace(
+        st, ceiling=top, factor=top, episode_ceiling=None, watching=None, rollbacks=0,
+        trouble_start=None, pre_level=None, last_trigger=None, consecutive_skips=0,
+        untested=None, undo=None, at_ceiling=None, backoff_step=None, backoff_level=top,
+        shifted=trig.step)
+    acts = (Action("shifted", trig.step, trig.reason, st.factor, top,
+                   rollbacks=st.total_rollbacks),)
+    if prev is None or trig.step - prev > cfg.relapse_window or st.level_off:
+        return st, acts
+    reason = (f"the batches changed again {trig.step - prev} steps after they last did "
+              f"(step {prev})")
+    return dataclasses.replace(st, level_off=True), (*acts, Action(
+        "level_off", trig.step, reason, st.factor, top, rollbacks=st.total_rollbacks,
+        by_level=True))
 
 
 def _data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:

@@ -20,9 +20,9 @@ OFFSCALE_REASON = "off-scale"
 DATA_REASONS = (NONFINITE_REASON, OFFSCALE_REASON)
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
-                      "level", "lower", "restored"]
+                      "level", "lower", "restored", "shifted"]
 ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower", "level_off",
-                     "data", "sound"]
+                     "data", "sound", "shifted"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ class LadderState:
     undone: int | None = None
     #: the ``reason`` of the streak whose back-off ``undo`` may undo (:data:`DATA_REASONS`)
     undo_reason: str = NONFINITE_REASON
+    #: the step at which the batches last proved changed (``shifted`` in :mod:`.ladder`)
+    shifted: int | None = None
 
     @property
     def probation(self) -> bool:
@@ -105,7 +107,8 @@ class Trigger:
     flush), ``restored`` (a rollback loaded weights taken at the loss level ``value``: when
     it is above the level before the trouble, the progress check asks for it instead; a
     rollback to an older snapshot cannot be asked to beat a best the later weights had
-    reached), ``lower`` (the LR probe found the LR too high). On ``skip``/``spike``,
+    reached), ``lower`` (the LR probe found the LR too high), ``shifted`` (the weights a
+    rollback restored gave the trouble's loss: the batches changed, :mod:`.shift`). On ``skip``/``spike``,
     ``value`` is the loss level before the trouble (None: unknown).
     """
 

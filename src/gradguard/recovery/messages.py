@@ -9,9 +9,11 @@ from .._tensors import numeric_lr
 from ..errors import TrainingDiverged
 from ..events import UNIT_ERROR_REMEDY, Event
 from .ladder import OFFSCALE_REASON, Action
+from .shift import SHIFT_RATIO
 
 if TYPE_CHECKING:
     from ..guard import Guard
+    from .shift import Shift
 
 
 def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False,
@@ -206,5 +208,31 @@ def level_off_event(guard: Guard, a: Action, restore_steps: int) -> Event:
                 "and the guard will not roll it back; if the data changed (a pipeline bug), "
                 "stop the run and check it."),
         data={"factor": a.factor, "ceiling": a.ceiling, "lr": lrs, "reason": a.reason,
+              "rollbacks": a.rollbacks},
+    )
+
+
+def shifted_event(guard: Guard, a: Action, shift: Shift, restore_steps: int) -> Event:
+    """The weights a rollback restored gave the trouble's loss: the batches changed, not
+    the weights (see :mod:`.shift`)."""
+    lrs, shown = _lrs(guard, a.ceiling)
+    saved = "before the first step" if shift.snapshot < 0 else f"at step {shift.snapshot}"
+    return Event(
+        kind="data_shift", step=a.step, severity="warning", value=shift.after,
+        threshold=SHIFT_RATIO * shift.saved,
+        message=(f"step {a.step}: the weights saved {saved}, at a loss of {shift.saved:.4g}, "
+                 f"give {shift.after:.4g} on the batches since the rollback, as the weights "
+                 f"before it did ({shift.before:.4g}): the batches (or the objective) changed, "
+                 "not the weights (a curriculum's next stage, a new task, data read in "
+                 "order?). gradguard learns the new level from here: the spike and clip "
+                 "statistics start afresh, the learning rate restores over "
+                 f"{restore_steps} steps to x{a.ceiling:g} (lr {shown})"),
+        remedy=("If the data was meant to change, nothing to do. If not, check the data "
+                "pipeline at this step (a shard or stage that ends, shuffling off, a label "
+                "mapping); for an objective that moves all the time (a GAN, RL) pass "
+                "gg.Recovery(loss_rise=False)."),
+        data={"snapshot_step": shift.snapshot, "snapshot_level": shift.saved,
+              "level_after": shift.after, "level_before": shift.before,
+              "factor": a.factor, "ceiling": a.ceiling, "lr": lrs,
               "rollbacks": a.rollbacks},
     )

@@ -205,6 +205,12 @@ class LrProbe:
             self._end(step, found=True)
             self._recent = []
 
+    def forget(self, step: int) -> None:
+        """The batches changed (:mod:`.shift`): a probe under way is void and the level
+        before the next one is learnt from the new batches."""
+        self.cancel(step)
+        self._recent = []
+
     def off(self, step: int) -> None:
         """No probe for the rest of the run (its copies would not fit the memory budget;
         not checkpointed: a resumed run judges its own budget)."""

@@ -61,8 +61,8 @@ class Outcome:
             the level before the incident), ``not_recovered`` (finite, but above it),
             ``diverged`` (the loss rose over the run, or the last steps are non-finite or
             skipped), ``stopped`` (the recovery ladder gave up), ``unjudged`` (the
-            ladder found that the loss does not answer the weights, ``loss_level_off``:
-            no loss level judges such a run).
+            ladder found that the loss does not answer the weights, ``loss_level_off``,
+            or that the batches changed, ``data_shift``: no loss level judges such a run).
         cause: a cause from the vocabulary (``lr_too_high``, ``nonfinite_input`` ...) or None.
         clause: how it ended, in words ("training recovered").
         evidence: the loss levels behind the verdict, in words.
@@ -195,6 +195,11 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         clause = (f"from step {off[0]['step']} the loss did not answer the weights gradguard "
                   "restored (an objective that moves, or data that changed): the run is not "
                   "judged on it")
+    elif shifts := [e for e in ev if e.get("kind") == "data_shift"]:
+        status, cause, rose = "unjudged", None, False
+        clause = (f"at step {shifts[-1]['step']} the weights gradguard restored gave the "
+                  "trouble's loss: the batches changed, and the run is not judged on the "
+                  "loss levels from before")
     elif rose:
         status, cause = "diverged", "lr_too_high"
         clause = "training diverged (the loss rose over the run)"
@@ -276,6 +281,12 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
     if status == "healthy":
         return None
     cfg = config or {}
+    kinds = {e.get("kind") for e in data.events}
+    if status == "unjudged" and "loss_level_off" not in kinds and "data_shift" in kinds:
+        shift = [e for e in data.events if e.get("kind") == "data_shift"]
+        return (f"If the data was meant to change at step {shift[-1]['step']}, nothing to do; "
+                "if not, check the data pipeline there (a shard or stage that ends, "
+                "shuffling off, a label mapping).")
     if status == "unjudged":
         off = "rerun with `--no-loss-rise`" if cfg.get("zero_code") else \
             "pass gg.Recovery(loss_rise=False)"
