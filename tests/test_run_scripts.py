@@ -173,6 +173,29 @@ def test_batches_on_another_scale_behind_batch_norm_are_found_and_skipped(tmp_pa
     assert [r["step"] for r in steps if r["skipped"]] == [15, 19, 28, 33, 106, 135]
 
 
+def test_a_curriculums_next_stage_under_gradguard_run_is_learnt(tmp_path, capsys):
+    """A script whose batches change at step 250 (tests/scripts/curriculum.py: the digits
+    0-4, then all ten). Under ``gradguard run`` the guard's first rollback finds the
+    restored weights at the new loss (``data_shift``), learns the new level and the script
+    ends as unguarded (within 30%); ``--fail-on-divergence`` does not fail it, and the
+    verdict names the step to check the data at."""
+    saved = sys.argv[:]
+    sys.argv = [str(SCRIPTS / "curriculum.py")]
+    try:
+        runpy.run_path(str(SCRIPTS / "curriculum.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
+    plain = float(capsys.readouterr().out.split("held-out loss")[-1])
+    assert main(["run", "--fail-on-divergence", "--no-report", "--out", str(tmp_path),
+                 str(SCRIPTS / "curriculum.py")]) == 0
+    out = capsys.readouterr()
+    assert float(out.out.split("held-out loss")[-1]) < 1.3 * plain
+    assert "UNJUDGED" in out.err and "batches changed" in out.err
+    kinds = [e["kind"] for e in read_jsonl(tmp_path / "latest" / "events.jsonl")]
+    assert kinds.count("data_shift") == 1 and kinds.count("rollback") == 1
+    assert "abort" not in kinds and "loss_level_off" not in kinds
+
+
 def test_healthy_run_with_fail_on_divergence_exits_0(tmp_path):
     assert main(["run", "--fail-on-divergence", "--no-report", "--out", str(tmp_path),
                  str(SCRIPTS / "plain_tensor.py"), "--steps", "12"]) == 0

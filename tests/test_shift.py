@@ -54,6 +54,15 @@ def test_losses_before_the_restore_in_the_same_window_are_the_troubles_level():
     assert found is not None and found.before == 5.0 and found.after == 4.0
 
 
+def test_restored_weights_that_blow_up_again_are_no_shift():
+    """An LR still too high at the backed-off factor wrecks the restored weights again
+    within the window: their first losses were at the saved level."""
+    t = ShiftTest()
+    t.update(range(10), [9.0] * 10)
+    t.arm(10, 3, 1.0)
+    assert t.update(range(10, 20), [1.0, 1.0, 1.1] + [9.0] * 7) is None
+
+
 def test_a_rollback_that_helped_is_no_shift():
     t = ShiftTest()
     t.update(range(10), [5.0] * 10)

@@ -27,10 +27,11 @@ if TYPE_CHECKING:
 def verdict(rec: Recovery, stats: StepStats, loss: Tensor | float | None) -> Tensor:
     """This step's spike verdict (device uint8 bits, no host read; see :mod:`.verdict`):
     zero unless ``skip_spikes`` and the ladder is not in the first ``SPIKE_GRACE`` steps
-    after acting (its statistics still learn from every step). With ``skip_spikes``, a
-    step whose batch moved a batch norm layer's running variance from another scale is
-    ``OFFSCALE`` (:mod:`gradguard._running`), grace or not: that test looks at the step
-    alone, not at statistics the ladder's acts moved.
+    after acting, or after the restore of a rollback (its statistics still learn from
+    every step). With ``skip_spikes``, a step whose batch moved a batch norm layer's
+    running variance from another scale is ``OFFSCALE`` (:mod:`gradguard._running`),
+    grace or not: that test looks at the step alone, not at statistics the ladder's acts
+    moved.
 
     Under torch.distributed only the gradient norm is judged per step: the total norm is
     the same on every rank (one all-reduce, or identical DDP gradients), the loss and a
@@ -42,7 +43,11 @@ def verdict(rec: Recovery, stats: StepStats, loss: Tensor | float | None) -> Ten
     if not rec.skip_spikes:
         return code.zero_()
     g = rec._guard() if rec._guard is not None else None
-    last = rec.state.last_trigger
+    # the grace runs from the ladder's last trigger, or from the restore it carried out
+    # later (a trainer's hook restores at the step that hears the trigger): the restored
+    # statistics describe the restored weights on the batches they were saved with
+    last = max((s for s in (rec.state.last_trigger, rec._restored_step) if s is not None),
+               default=None)
     if last is not None and (g.step_count if g is not None else 0) - last <= SPIKE_GRACE:
         code.zero_()
     offscale = None if g is None or distributed_run else g._running.offscale(code.device)

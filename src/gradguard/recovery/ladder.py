@@ -208,6 +208,12 @@ def _escalate(
     st = dataclasses.replace(st, last_trigger=step, trouble_start=start, pre_level=pre,
                              watching=now, at_ceiling=None,
                              episode_ceiling=st.episode_ceiling if continuing else None)
+    after_shift = st.shifted is not None and step - st.shifted <= cfg.relapse_window
+    if recent and by_level and after_shift and st.level_rollbacks:
+        # the loss moved by itself once: weights restored again that do not bring it back
+        # are no trouble to roll back from a third time
+        return _level_off(st, step, f"{reason} (the batches changed by themselves at step "
+                                    f"{st.shifted})")
     if recent and st.rollbacks >= cfg.max_rollbacks:
         if by_level:
             return _level_off(st, step, reason)
@@ -232,7 +238,8 @@ def _escalate(
     back = min(st.rollbacks, cfg.keep - 1)
     skip = cfg.skip_batches if cfg.skip_batches is not None else step - start + 1
     st = dataclasses.replace(st, consecutive_skips=0, rollbacks=st.rollbacks + 1,
-                             total_rollbacks=st.total_rollbacks + 1)
+                             total_rollbacks=st.total_rollbacks + 1,
+                             level_rollbacks=st.level_rollbacks + (by_level and after_shift))
     return st, (Action("rollback", step, reason, factor, st.ceiling, True, lowered, back, skip,
                        st.rollbacks, by_level=by_level),)
 
@@ -260,14 +267,16 @@ def _shifted(cfg: LadderConfig, st: LadderState,
     ceiling at once (no update was at fault: the weights the rungs kept from the LR were
     never damaged). A second change within ``relapse_window`` steps of the last is a loss
     that moves by itself (a drifting objective): the loss-level tests go off as well
-    (``level_off``), as after ``max_rollbacks`` rollbacks the level decided."""
+    (``level_off``), as after ``max_rollbacks`` rollbacks the level decided; so do two
+    rollbacks in a row the level decides within ``relapse_window`` steps of a change (a
+    drift too slow for the shift test: :func:`_escalate`)."""
     prev = st.shifted
     top = max(st.ceiling, st.episode_ceiling if st.episode_ceiling is not None else st.ceiling)
     st = dataclasses.replace(
         st, ceiling=top, factor=top, episode_ceiling=None, watching=None, rollbacks=0,
         trouble_start=None, pre_level=None, last_trigger=None, consecutive_skips=0,
         untested=None, undo=None, at_ceiling=None, backoff_step=None, backoff_level=top,
-        shifted=trig.step)
+        shifted=trig.step, level_rollbacks=0)
     acts = (Action("shifted", trig.step, trig.reason, st.factor, top,
                    rollbacks=st.total_rollbacks),)
     if prev is None or trig.step - prev > cfg.relapse_window or st.level_off:

@@ -88,6 +88,9 @@ class LadderState:
     undo_reason: str = NONFINITE_REASON
     #: the step at which the batches last proved changed (``shifted`` in :mod:`.ladder`)
     shifted: int | None = None
+    #: rollbacks the loss level decided since then (a second one within
+    #: ``relapse_window`` steps of the change turns the loss-level tests off)
+    level_rollbacks: int = 0
 
     @property
     def probation(self) -> bool:

@@ -13,13 +13,13 @@ match, and the ladder's rungs (skip, back-off, rollback) were answering a change
 as if it were damage; three rollbacks later the run was stopped (``TrainingDiverged``) at
 the first step of its new data.
 
-:class:`ShiftTest` is armed by each rollback and judges the median of the first
-finite losses on the restored weights at the first flush that has ``SHIFT_STEPS`` of them
-(up to ``AFTER``) against the snapshot's level and
+:class:`ShiftTest` is armed by each rollback and, at the first flush with
+``SHIFT_STEPS`` finite losses on the restored weights, judges the lower of their median
+and the median of all the flush has (up to ``AFTER``) against the snapshot's level and
 against the median of the last ``BEFORE`` losses before the restore. A shift ends the
 ladder's episode (``shifted`` in :mod:`.ladder`: the ceiling back to where it was, the
-rollbacks no count towards an abort, the LR back at once: no update was at fault) and everything
-learnt of the old data's loss and gradient norm starts afresh: the spike statistics (the
+rollbacks no count towards an abort, the LR back at once: no update was at fault) and
+everything learnt of the old data's loss and gradient norm starts afresh: the spike statistics (the
 per-step verdict's and the detectors'), the clip policy's, the loss-rise test's best, the
 LR probe's, and the snapshots' levels (the restored one's is its level on the new batches;
 the weights of all are kept: a later
@@ -44,10 +44,12 @@ if TYPE_CHECKING:
     from ..guard import Guard
     from ._recovery import Recovery
 
-#: The least number of finite losses on the restored weights to judge: the first flush
-#: that has them judges the median of all it has (up to ``AFTER``): a short stretch of
-#: bad batches that outlasted the rollback by a step or two and ended is no change of data.
-#: The first is computed before any update, the next after updates at the backed-off LR.
+#: The first finite losses on the restored weights: the first flush that has this many
+#: judges the lower of their median and the median of all it has (up to ``AFTER``). The
+#: first losses are computed before any update or after one or two at the backed-off LR
+#: (an LR that blows the restored weights up again takes longer); all of them, because a
+#: short stretch of bad batches that outlasted the rollback by a step or two and ended is
+#: no change of data.
 SHIFT_STEPS = 3
 AFTER = 10
 #: Their median must be at least this many times the level the snapshot was taken at ...
@@ -64,7 +66,7 @@ class Shift(NamedTuple):
     step: int  # the last step judged
     snapshot: int  # the snapshot the rollback restored
     saved: float  # the loss level it was taken at
-    after: float  # the median of the first losses on the restored weights
+    after: float  # the level of the losses on the restored weights (see SHIFT_STEPS)
     before: float  # the median of the last BEFORE losses before the restore
 
 
@@ -115,7 +117,10 @@ class ShiftTest:
         before = self._before[-BEFORE:]
         if not before or min(before + self._after) <= 0:  # no ratio scale (a loss <= 0)
             return None
-        after, trouble = statistics.median(self._after), statistics.median(before)
+        # the first losses (the weights barely moved yet) and all the flush has (a stretch
+        # of bad batches that ended is no change): both at the trouble's level
+        after = min(statistics.median(self._after[:SHIFT_STEPS]), statistics.median(self._after))
+        trouble = statistics.median(before)
         _, snapshot, saved = armed
         if after >= SHIFT_RATIO * saved and after >= TROUBLE_SHARE * trouble:
             self.found = Shift(steps[-1], snapshot, saved, after, trouble)
