@@ -2,8 +2,9 @@
 the flush already has (no device read): the skip flags the device kept (fused optimizers,
 a ``GradScaler``), confirmed loss spikes, a loss that rose or a network that died
 (:mod:`.rise`), the loss after a back-off, the loss on the weights a rollback restored
-(:mod:`.shift`), the LR probe (:mod:`.probe`), and a snapshot while the run is healthy. Every decision becomes a ladder :class:`~.ladder.Trigger`, fed
-through the one place that carries actions out (``Recovery._feed``)."""
+(:mod:`.shift`), the LR probe (:mod:`.probe`), and a snapshot while the run is healthy.
+Every decision becomes a ladder :class:`~.ladder.Trigger`, fed through the one place that
+carries actions out (``Recovery._feed``)."""
 
 from __future__ import annotations
 

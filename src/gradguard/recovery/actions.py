@@ -179,7 +179,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
         if a.kind == "shifted" and (found := rec._shift.found) is not None:
             rec._shift.found = None
             rebase(rec, guard, found)
-            guard.add_event(messages.shifted_event(guard, a, found, rec.config.restore_steps))
+            guard.add_event(messages.shifted_event(guard, a, found))
             continue
         if a.kind == "level_off":
             rec._probe.cancel(a.step)

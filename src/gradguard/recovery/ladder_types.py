@@ -111,8 +111,8 @@ class Trigger:
     it is above the level before the trouble, the progress check asks for it instead; a
     rollback to an older snapshot cannot be asked to beat a best the later weights had
     reached), ``lower`` (the LR probe found the LR too high), ``shifted`` (the weights a
-    rollback restored gave the trouble's loss: the batches changed, :mod:`.shift`). On ``skip``/``spike``,
-    ``value`` is the loss level before the trouble (None: unknown).
+    rollback restored gave the trouble's loss: the batches changed, :mod:`.shift`). On
+    ``skip``/``spike``, ``value`` is the loss level before the trouble (None: unknown).
     """
 
     kind: TriggerKind

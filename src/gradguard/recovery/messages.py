@@ -212,7 +212,7 @@ def level_off_event(guard: Guard, a: Action, restore_steps: int) -> Event:
     )
 
 
-def shifted_event(guard: Guard, a: Action, shift: Shift, restore_steps: int) -> Event:
+def shifted_event(guard: Guard, a: Action, shift: Shift) -> Event:
     """The weights a rollback restored gave the trouble's loss: the batches changed, not
     the weights (see :mod:`.shift`)."""
     lrs, shown = _lrs(guard, a.ceiling)
@@ -225,8 +225,8 @@ def shifted_event(guard: Guard, a: Action, shift: Shift, restore_steps: int) -> 
                  f"before it did ({shift.before:.4g}): the batches (or the objective) changed, "
                  "not the weights (a curriculum's next stage, a new task, data read in "
                  "order?). gradguard learns the new level from here: the spike and clip "
-                 "statistics start afresh, the learning rate restores over "
-                 f"{restore_steps} steps to x{a.ceiling:g} (lr {shown})"),
+                 f"statistics start afresh, the learning rate is back at x{a.ceiling:g} "
+                 f"(lr {shown})"),
         remedy=("If the data was meant to change, nothing to do. If not, check the data "
                 "pipeline at this step (a shard or stage that ends, shuffling off, a label "
                 "mapping); for an objective that moves all the time (a GAN, RL) pass "

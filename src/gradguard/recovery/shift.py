@@ -19,12 +19,12 @@ and the median of all the flush has (up to ``AFTER``) against the snapshot's lev
 against the median of the last ``BEFORE`` losses before the restore. A shift ends the
 ladder's episode (``shifted`` in :mod:`.ladder`: the ceiling back to where it was, the
 rollbacks no count towards an abort, the LR back at once: no update was at fault) and
-everything learnt of the old data's loss and gradient norm starts afresh: the spike statistics (the
-per-step verdict's and the detectors'), the clip policy's, the loss-rise test's best, the
-LR probe's, and the snapshots' levels (the restored one's is its level on the new batches;
-the weights of all are kept: a later
-explosion may still go back to them). Training goes on from the restored weights on the
-new data; what the rollback cost is the progress between the snapshot and the change.
+everything learnt of the old data's loss and gradient norm starts afresh: the spike
+statistics (the per-step verdict's and the detectors'), the clip policy's, the loss-rise
+test's best, the LR probe's, and the snapshots' levels (the restored one's is its level on
+the new batches; the weights of all are kept: a later explosion may still go back to
+them). Training goes on from the restored weights on the new data; what the rollback cost
+is the progress between the snapshot and the change.
 
 Host values only, fed by the flush from the window it already has: no device read.
 """
