@@ -719,7 +719,10 @@ def test_rollback_from_disk_snapshots(tmp_path):
     train(guard, model, opt, 10)
     good = snapshot_params(model)
     rec.wait()  # written on a background thread
-    assert rec.disk.steps() == [4, 9] and len(list((tmp_path / "snaps").iterdir())) == 2
+    # [4, 9]; [-1, 9] when the first write was still running as step 4's was submitted (a
+    # newer snapshot replaces one not yet started: seen on a loaded machine)
+    assert rec.disk.steps() in ([4, 9], [-1, 9])
+    assert len(list((tmp_path / "snaps").iterdir())) == 2
     rec.store.clear()  # as after a restart: the rollback reads the disk
     train(guard, model, opt, 2, bad_steps={10, 11}, start=10)
     assert [e.kind for e in guard.events] == ["lr_backoff", "rollback"]
@@ -785,7 +788,10 @@ def test_a_spike_skipped_at_once_and_confirmed_at_the_flush_is_one_incident():
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                           nn.Linear(64, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    rec = gg.Recovery(undo_backoff=False, skip_patience=1)
+    # a snapshot with a history (step 19): the detectors' recent losses are restored with
+    # the weights, and the fresh model's are none (no spike is confirmed after a rollback
+    # to it until they are learnt again)
+    rec = gg.Recovery(undo_backoff=False, skip_patience=1, snapshot_every=20)
     guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec, every=10)
     g = torch.Generator().manual_seed(0)
     for s in range(80):
@@ -802,6 +808,7 @@ def test_a_spike_skipped_at_once_and_confirmed_at_the_flush_is_one_incident():
     assert any(e.kind == "loss_spike" and e.step == 60 for e in guard.events)  # confirmed
     assert [(a.kind, a.step) for a in rec.actions if a.kind != "snapshot"] == [
         ("backoff", 30), ("rollback", 60)]
+    assert next(e for e in guard.events if e.kind == "rollback").data["snapshot_step"] == 19
     assert len([e for e in guard.events if e.kind == "rollback"]) == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -828,3 +835,60 @@ def test_recovery_imports_no_distributed_optimizers():
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "False"
+
+
+def _shard_run(seed: int, steps: int = 300):
+    """A digits MLP on Adam whose batches 200-229 are x1e4 (a bad shard)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16
+    y = torch.tensor(y)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10))
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        i = torch.randint(0, 1400, (64,), generator=g)
+        xb = x[i] * (1e4 if 200 <= step < 230 else 1.0)
+        loss = nn.functional.cross_entropy(model(xb), y[i])
+        loss.backward()
+        guard.step(loss)  # raised TrainingDiverged at step 249 (seed 1)
+        opt.zero_grad()
+    guard.close()
+    return guard, model
+
+
+def test_a_rollback_to_an_older_snapshot_is_no_loss_spike_that_goes_on():
+    """Found as a stranger: 30 batches x1e4 in a row (a bad shard) in a digits MLP on Adam.
+    The second rollback went to the snapshot of step 49 (a loss of 1.35; the run had
+    reached 0.19), and on clean batches again the flush's loss-spike detector, whose
+    recent losses were the later weights', took the restored weights' loss for the spike
+    going on (x7 its median) and rolled back a third time, then raised TrainingDiverged at
+    step 249. The detectors' recent losses and norms now go with the weights: a snapshot
+    keeps them and a rollback restores them."""
+    guard, model = _shard_run(seed=1)
+    kinds = [e.kind for e in guard.events]
+    assert "abort" not in kinds and 1 <= kinds.count("rollback") <= 2, kinds
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_snapshot_keeps_the_detectors_history_and_a_rollback_restores_it():
+    from gradguard.recovery import Action, actions
+    from gradguard.recovery.snapshots import copy_state
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=5)
+    train(guard, model, opt, 10)
+    det = guard.monitor.detector_state
+    snap = actions.snapshot_state(guard, 9)
+    assert snap is not None and snap["detectors"] == {"loss": list(det.loss),
+                                                      "grad": list(det.grad)}
+    saved = list(det.loss)
+    det.loss.extend([50.0] * 5)
+    det.loss_run = 3
+    actions.rollback(guard, Action("rollback", 10), copy_state(snap), [], "none")
+    assert list(det.loss) == saved and det.loss_run == 0 and det.loss_start is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -142,8 +143,18 @@ def rollback(
     guard: Guard, a: Action, snap: dict[str, Any], layers: Sequence[str], reset_mode: str,
 ) -> list[str]:
     """Restore model, optimizer state and clip policy from ``snap`` (a copy owned by the
-    caller) and reset the moments of ``layers`` (per ``reset_mode``); the layers reset."""
+    caller), and the flush detectors' recent losses and norms: the restored weights' loss
+    is judged against the losses that led to them, not against those of the weights they
+    replace (a rollback to an older snapshot, whose loss is above the level the run had
+    reached, is no loss spike that goes on); then reset the moments of ``layers`` (per
+    ``reset_mode``); the layers reset."""
     restore(guard, snap)
+    det = snap.get("detectors")
+    if det is not None:  # the losses and norms that led to the restored weights
+        state = guard.monitor.detector_state
+        state.loss = deque(det["loss"], maxlen=state.history)
+        state.grad = deque(det["grad"], maxlen=state.history)
+        state.loss_run, state.loss_start = 0, None  # a spike of the weights replaced
     guard.batches_to_skip = a.skip_batches
     if reset_mode == "none":
         return []
@@ -293,6 +304,8 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
     verdict = getattr(guard.recovery, "_verdict", None)
     if verdict is not None:  # its ring holds NaN for empty slots: not part of the check
         state["verdict"] = verdict.live_state(guard.telemetry.device)
+    det = guard.monitor.detector_state  # host floats, finite: the flush detectors' history
+    state["detectors"] = {"loss": list(det.loss), "grad": list(det.grad)}
     return state
 
 
