@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +159,18 @@ class DetectorState:
     def __post_init__(self) -> None:
         self.loss = deque(self.loss, maxlen=self.history)
         self.grad = deque(self.grad, maxlen=self.history)
+
+    def spike_history(self) -> dict[str, list[float]]:
+        """The recent finite losses and norms the spike tests judge against (a snapshot
+        keeps them with the weights they led to)."""
+        return {"loss": list(self.loss), "grad": list(self.grad)}
+
+    def restart(self, history: Mapping[str, Sequence[float]] | None = None) -> None:
+        """Judge spikes against ``history`` (:meth:`spike_history` of weights restored;
+        None: none, they are learnt again) from here; a spike under way ends."""
+        self.loss = deque((history or {}).get("loss", ()), maxlen=self.history)
+        self.grad = deque((history or {}).get("grad", ()), maxlen=self.history)
+        self.loss_run, self.loss_start = 0, None
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss": list(self.loss), "grad": list(self.grad), "loss_run": self.loss_run,

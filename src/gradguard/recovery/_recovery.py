@@ -189,7 +189,6 @@ class Recovery:
         self._shift = ShiftTest()  # each rollback's test of the batches (:mod:`.shift`)
         self._progress: float | None = None  # the loss level of the latest flush
         self.restores = 0  # weights restored: rollbacks, and the LR probe's forks (_flush)
-        self._restored_step: int | None = None  # the first step on a rollback's weights
         self._judged = -1  # the step of the last judgement of the loss level (see _flush)
 
     def __getattr__(self, name: str) -> Any:
@@ -354,7 +353,6 @@ class Recovery:
             "dead": self._dead.state_dict(), "probe": self._probe.state_dict(),
             "shift": self._shift.state_dict(),
             "progress": self._progress, "judged": self._judged,
-            "restored_step": self._restored_step,
             "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())],
             **self.ring.tests_state()}
 
@@ -364,7 +362,6 @@ class Recovery:
         self._level = sd.pop("level", None)
         self._progress = sd.pop("progress", None)
         self._judged = int(sd.pop("judged", -1))
-        self._restored_step = sd.pop("restored_step", None)
         self.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
                                    sd.pop("verified", ()))
         self.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}

@@ -46,7 +46,7 @@ def verdict(rec: Recovery, stats: StepStats, loss: Tensor | float | None) -> Ten
     # the grace runs from the ladder's last trigger, or from the restore it carried out
     # later (a trainer's hook restores at the step that hears the trigger): the restored
     # statistics describe the restored weights on the batches they were saved with
-    last = max((s for s in (rec.state.last_trigger, rec._restored_step) if s is not None),
+    last = max((s for s in (rec.state.last_trigger, rec.ring.restored_step) if s is not None),
                default=None)
     if last is not None and (g.step_count if g is not None else 0) - last <= SPIKE_GRACE:
         code.zero_()

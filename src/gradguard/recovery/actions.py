@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -149,12 +148,8 @@ def rollback(
     reached, is no loss spike that goes on); then reset the moments of ``layers`` (per
     ``reset_mode``); the layers reset."""
     restore(guard, snap)
-    det = snap.get("detectors")
-    if det is not None:  # the losses and norms that led to the restored weights
-        state = guard.monitor.detector_state
-        state.loss = deque(det["loss"], maxlen=state.history)
-        state.grad = deque(det["grad"], maxlen=state.history)
-        state.loss_run, state.loss_start = 0, None  # a spike of the weights replaced
+    if "detectors" in snap:  # the losses and norms that led to the restored weights
+        guard.monitor.detector_state.restart(snap["detectors"])
     guard.batches_to_skip = a.skip_batches
     if reset_mode == "none":
         return []
@@ -216,7 +211,6 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 # it restarts from, if those were above the level before the trouble
                 back_at = rec._rise.fresh if step < 0 else rec.ring.levels.get(step)
                 rec._shift.arm(guard.step_count, step, back_at)
-                rec._restored_step = guard.step_count
                 rec.state, _ = transition(rec.config, rec.state,
                                            Trigger("restored", a.step, value=back_at))
         else:
@@ -304,8 +298,7 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
     verdict = getattr(guard.recovery, "_verdict", None)
     if verdict is not None:  # its ring holds NaN for empty slots: not part of the check
         state["verdict"] = verdict.live_state(guard.telemetry.device)
-    det = guard.monitor.detector_state  # host floats, finite: the flush detectors' history
-    state["detectors"] = {"loss": list(det.loss), "grad": list(det.grad)}
+    state["detectors"] = guard.monitor.detector_state.spike_history()  # host floats, finite
     return state
 
 

@@ -44,8 +44,9 @@ class SnapshotRing:
         #: the first step whose gradients the weights a rollback restored give (a later
         #: one when that step's update was voided); None once judged
         self._restored_at: int | None = None
-        #: the snapshot step the last rollback restored
+        #: the snapshot step the last rollback restored, and the first step on its weights
         self.restored_from = -1
+        self.restored_step: int | None = None
 
     def keep(self, guard: Guard, step: int, *, disk: bool = True) -> bool:
         """Snapshot the guard's model, optimizer and clip policy at ``step`` (False, keeping
@@ -80,7 +81,7 @@ class SnapshotRing:
         """A rollback restored the snapshot of ``snapshot`` before step ``step``: that
         step's verdict tests the batches when the weights had finite gradients."""
         self._restored_at = step if snapshot in self._verified else None
-        self.restored_from = snapshot
+        self.restored_from, self.restored_step = snapshot, step
 
     def tested(self, step: int, *, skipped: bool, voided: bool, restores: int) -> bool:
         """Hear step ``step``'s outcome (``skipped``: no update; ``voided``: its update
@@ -100,13 +101,15 @@ class SnapshotRing:
 
     def tests_state(self) -> dict[str, Any]:
         """The verification state, for :meth:`Recovery.state_dict`."""
-        return {"restored": [self._restored_at, self.restored_from],
+        return {"restored": [self._restored_at, self.restored_from, self.restored_step],
                 "verify": None if self._verify is None else list(self._verify),
                 "verified": sorted(self._verified)}
 
     def load_tests_state(self, restored: Any, verify: Any, verified: Any) -> None:
         """Restore :meth:`tests_state` (missing: a checkpoint from before it existed)."""
-        self._restored_at, self.restored_from = restored or (None, -1)
+        values = list(restored or (None, -1))
+        values += [None] * (3 - len(values))  # [restored_at, restored_from] in older states
+        self._restored_at, self.restored_from, self.restored_step = values
         self._verify = None if verify is None else (int(verify[0]), int(verify[1]))
         self._verified = set(verified)
 

@@ -110,11 +110,11 @@ class ShiftTest:
             if armed is not None:
                 self._before.append(x)
             self._recent.append(x)
-        self._recent = self._recent[-BEFORE:]
+        self._recent, self._before = self._recent[-BEFORE:], self._before[-BEFORE:]
         if armed is None or len(self._after) < SHIFT_STEPS:
             return None
         self.armed = None
-        before = self._before[-BEFORE:]
+        before = self._before
         if not before or min(before + self._after) <= 0:  # no ratio scale (a loss <= 0)
             return None
         # the first losses (the weights barely moved yet) and all the flush has (a stretch
@@ -145,9 +145,7 @@ def rebase(rec: Recovery, guard: Guard, shift: Shift) -> None:
     """Forget what was learnt of the old batches' loss and gradient norm (see the module
     docstring): the new level is learnt from here, as at the start of a run."""
     state = guard.monitor.detector_state
-    state.loss.clear()
-    state.grad.clear()
-    state.loss_run, state.loss_start = 0, None
+    state.restart()
     state.precursors = PrecursorState()
     rec._verdict = SpikeVerdict()
     if guard.clip is not None:
