@@ -396,3 +396,42 @@ def test_snapshot_bytes_counts_the_probes_copy_while_it_runs(monkeypatch):
     running = [(b, r) for forked, b, r in seen if forked]
     assert running and all(b > r for b, r in running)
     assert all(b == r for forked, b, r in seen if not forked)
+
+
+def test_a_retry_runs_its_trial_at_the_ceiling_before_the_trouble_once_per_ceiling():
+    """The retry (the ceiling a trouble lowered, tried again): its control arm at the
+    factor in force, its trial at the ceiling before the trouble; never twice the same."""
+    probe = LrProbe()
+    step = feed(probe, [0.2] * MEASURE, 0)
+    assert probe.start_retry(step, 0.0125, 1.0) and probe.phase == "control"
+    assert probe.factor == 1.0 and not probe.retrying
+    step = feed(probe, [0.2] * TRIAL, step)
+    assert probe.advance(step) == "fork" and probe.trial_from == step + 1
+    assert probe.retrying and probe.factor == pytest.approx(80.0)  # x1.0 over x0.0125
+    step = feed(probe, [0.1] * TRIAL, step)
+    done = probe.advance(step)
+    assert done is not None and done != "fork" and (done.control, done.trial) == (0.2, 0.1)
+    assert not probe.active and probe.factor == 1.0 and probe.retry_to is None
+    step = feed(probe, [0.2] * MEASURE, step)
+    assert not probe.may_retry(step, 1.0) and not probe.start_retry(step, 0.0125, 1.0)
+    assert probe.may_retry(step, 0.5)
+    assert probe.probes == 0  # a retry is no probe of half the LR: their pace is apart
+
+
+def test_a_retry_that_fails_discards_its_steps_and_does_not_survive_a_resume():
+    probe = LrProbe()
+    step = feed(probe, [0.2] * MEASURE, 0)
+    probe.start_retry(step, 0.25, 1.0)
+    step = feed(probe, [0.2] * TRIAL, step)
+    probe.advance(step)
+    first = step + 1
+    step = feed(probe, [0.3] * 5, step)
+    other = LrProbe()
+    other.load_state_dict(probe.state_dict())
+    # the control's state it would go back to is not checkpointed: no trial after a resume
+    assert not other.active and other.factor == 1.0 and other.retried == [1.0]
+    probe.fail_retry(step)
+    assert probe.discarded == (first, step) and not probe.active and probe.factor == 1.0
+    again = LrProbe()
+    again.load_state_dict(probe.state_dict())
+    assert again.discarded == (first, step) and again.retried == [1.0]

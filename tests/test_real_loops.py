@@ -671,7 +671,9 @@ def test_a_rollback_to_an_older_snapshot_is_not_asked_to_beat_the_best_it_never_
     model.eval()
     with torch.no_grad():
         held_out = nn.functional.cross_entropy(model(x[1400:]), y[1400:]).item()
-    assert held_out < 0.5  # 0.34 (the same run at lr 1e-3: 0.32; seed 0 unguarded: 1.35)
+    # 0.34 on one CPU, 0.68 on another, where the second rollback goes to the newest
+    # snapshot (the same run at lr 1e-3: 0.32; seed 0 unguarded: 1.35; the fresh model: 2.3)
+    assert held_out < 1.0
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

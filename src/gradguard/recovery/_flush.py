@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 from ..errors import GradGuardWarning
 from ..events import Event, listed
 from ..executors import STALE
-from . import _steps, actions
+from . import _steps, actions, messages
 from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
-from .probe import TRIAL
+from .probe import RETRY_GAIN, TRIAL
 from .snapshots import copy_state, state_bytes, wait_copies
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
         probe.cancel(step)
         return False
     if probe.active:
-        fork = probe.fork
+        fork, retry_to = probe.fork, probe.retry_to
         done = probe.advance(step)
         if done == "fork":  # the trial starts from the weights the control started from
             if fork is None:  # nothing to fork from (cannot happen: a probe starts with it)
@@ -204,6 +204,8 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
             return False
         if done is None:
             return False
+        if retry_to is not None:
+            return _retried(rec, guard, done, fork, retry_to)
         if not done.too_high:  # the run goes on from the arm whose loss is lower
             if fork is not None and done.control < done.trial:
                 _restore(rec, guard, fork)
@@ -217,7 +219,7 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
     idle = st.watching is None and st.factor >= st.ceiling and not st.probation
     noisy = rec._rise.noisy() if idle else None
     cue = probe.cue(step, noisy is not None)
-    if cue == "probe":
+    if cue == "probe" or (cue is None and noisy is None and idle and _retry(rec, step)):
         state = actions.snapshot_state(guard, step)
         if state is None:  # a NaN/Inf in the state: nothing to fork from
             probe.cancel(step)
@@ -234,6 +236,62 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
            f"({rec._rise.best:.4g}), {step - at} steps after it fell from {before:.4g} "
            f"to {trial:.4g} at half the LR: the LR is too high")
     return rec._feed(guard, Trigger("lower", step, why), list)
+
+
+def _retry(rec: Recovery, step: int) -> bool:
+    """Start a retry (:mod:`.probe`) of the ceiling before the trouble that lowered the one
+    in force, once the LR has settled there and held ``restore_steps`` steps more: True
+    when one started."""
+    st = rec.state
+    top = st.episode_ceiling
+    if (top is None or st.ceiling >= top or st.settled != st.ceiling or st.at_ceiling is None
+            or step - st.at_ceiling < 2 * rec.config.restore_steps):
+        return False
+    return rec._probe.start_retry(step, st.factor, top)
+
+
+def _retried(rec: Recovery, guard: Guard, done: Any, fork: dict[str, Any] | None,
+             ceiling: float) -> bool:
+    """A retry's two arms are over: the ladder lifts its ceiling back to ``ceiling`` when the
+    trial trained at least as well as the control (the run goes on from the trial's
+    weights), else the run goes on from the control's at the LR in force. True when the
+    ladder acted."""
+    factor = rec.state.factor
+    said = (f"from the same weights, {TRIAL} steps at x{ceiling:.3g} of the schedule's LR "
+            f"brought the loss to {done.trial:.4g}, against {done.control:.4g} at "
+            f"x{factor:.3g}")
+    if done.trial <= RETRY_GAIN * done.control:
+        return rec._feed(guard, Trigger("raise", done.step, said, value=ceiling), list)
+    _to_control(rec, guard, fork)
+    guard.add_event(messages.retry_event(guard, done.step, factor, ceiling, said))
+    return False
+
+
+def retry_failed(rec: Recovery, guard: Guard, trig: Trigger) -> bool:
+    """Trouble in a retry's trial (a skipped step, a spike, a loss that rose): the trial is
+    over and discarded, the run goes on from the control's state at the LR in force (and
+    the flush detectors' history with it); trouble about the trial's steps heard later is
+    void. What the ladder would have done about it is not done: the trial is not the run.
+    Always True (the weights were restored)."""
+    probe = rec._probe
+    fork = probe.fork
+    ceiling = probe.retry_to if probe.retry_to is not None else rec.state.ceiling
+    probe.fail_retry(trig.step)
+    _to_control(rec, guard, fork)
+    said = (f"at x{ceiling:.3g} of the schedule's LR the trial ran into trouble at step "
+            f"{trig.step} ({trig.reason or trig.kind})")
+    guard.add_event(messages.retry_event(guard, trig.step, rec.state.factor, ceiling, said))
+    return True
+
+
+def _to_control(rec: Recovery, guard: Guard, fork: dict[str, Any] | None) -> None:
+    """A retry's trial is discarded: back to the control's training state, with the flush
+    detectors' history it had; the loss level is learnt again."""
+    if fork is not None:
+        _restore(rec, guard, fork)
+        if "detectors" in fork:
+            guard.monitor.detector_state.restart(fork["detectors"])
+    rec._rise.reset()
 
 
 def _probe_fits(rec: Recovery, state: dict[str, Any]) -> bool:

@@ -31,7 +31,7 @@ from .defaults import (
 )
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
 from .late import LateFlags
-from .probe import LrProbe
+from .probe import RETRY_TROUBLE, LrProbe
 from .ring import SnapshotRing
 from .rise import BLOCK, DeadLayers, LossRise
 from .shift import ShiftTest
@@ -329,7 +329,18 @@ class Recovery:
     # ---- carrying out the ladder's actions ----------------------------------------------------
     def _feed(self, guard: Guard, trig: Trigger, layers: Any) -> bool:
         """Advance the ladder by ``trig`` and carry its actions out (:func:`.actions.feed`);
-        True when it acted (beyond a snapshot)."""
+        True when it acted (beyond a snapshot). While a retry's trial runs (:mod:`.probe`),
+        trouble ends it instead (the trial is discarded, not the run's), and no snapshot
+        keeps its weights; trouble about its steps heard after that is void."""
+        probe = self._probe
+        if trig.kind in RETRY_TROUBLE:
+            if probe.retrying:
+                return _flush.retry_failed(self, guard, trig)
+            gone = probe.discarded
+            if gone is not None and gone[0] <= trig.step <= gone[1]:
+                return False
+        if trig.kind == "healthy" and probe.retrying:
+            return False
         return actions.feed(self, guard, trig, layers)
 
     def snapshot(self, guard: Guard, step: int | None = None) -> bool:

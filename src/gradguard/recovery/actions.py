@@ -170,9 +170,10 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
         if a.kind == "settled":
             guard.add_event(messages.settled_event(guard, a))
             continue
-        if a.kind == "lower":
+        if a.kind in ("lower", "raised"):
             rec._rise.reset()
-            guard.add_event(messages.lowered_event(guard, a))
+            guard.add_event(messages.lowered_event(guard, a) if a.kind == "lower"
+                            else messages.raised_event(guard, a))
             continue
         acted = True
         rec._rise.reset()  # the loss level is learnt again after the ladder acted

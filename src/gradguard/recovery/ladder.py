@@ -58,6 +58,10 @@ rung not at all), and only once per ``patience`` steps: trouble that keeps comin
 the weights', and the back-off then stands (``Recovery(undo_backoff=False)`` keeps every
 back-off).
 
+A *raise* trigger (a retry of the ceiling before the trouble trained at least as well as
+the lowered one, :mod:`.probe`) lifts ceiling and factor back to it at once (bad batches that
+spiked, not the LR); trouble within ``relapse_window`` steps of it drops them straight back.
+
 Beside the rungs, a *lower* trigger (the LR probe found that the loss follows the LR,
 :mod:`.probe`) halves the ceiling and the factor in force at once, with no back-off and no
 rollback, and puts the lowered ceiling on probation.
@@ -157,6 +161,8 @@ def _transition(
         return st, ()
     if trig.kind == "shifted":
         return _shifted(cfg, st, trig)
+    if trig.kind == "raise":
+        return _raised(st, trig)
     if trig.kind == "skip" and (trig.data or st.data_streak is not None):
         return _data(cfg, st, trig)
     if trig.kind == "skip":
@@ -200,7 +206,9 @@ def _escalate(
     recent = force_rollback or within
     # the same trouble: within patience of the last trigger, or its progress check pending
     continuing = within or (force_rollback and st.watching is not None)
-    relapse = last is not None and step - last <= cfg.relapse_window
+    # trouble soon after a retry lifted the ceiling is the LR retried failing: a relapse
+    raised = st.raised is not None and step - st.raised <= cfg.relapse_window
+    relapse = (last is not None and step - last <= cfg.relapse_window) or raised
     # a new trouble (a rollback forced long after the last) starts here, from its own level
     start = st.trouble_start if continuing and st.trouble_start is not None else step
     pre = st.pre_level if continuing and st.pre_level is not None else level
@@ -225,9 +233,12 @@ def _escalate(
     # not a relapse, and the factor that rung set has not been tried)
     if (recent or relapse) and st.untested is None:
         new = _failed_ceiling(cfg, st)
+        if raised and st.raised_from is not None:  # back to the ceiling that had held
+            new = min(new, st.raised_from)
         if new < st.ceiling:
             first = st.ceiling if st.episode_ceiling is None else st.episode_ceiling
-            st, lowered = dataclasses.replace(st, ceiling=new, episode_ceiling=first), True
+            st, lowered = dataclasses.replace(st, ceiling=new, episode_ceiling=first,
+                                              raised=None, raised_from=None), True
     factor = min(st.factor * cfg.backoff, st.ceiling)
     st = dataclasses.replace(st, factor=factor, backoff_level=factor, backoff_step=now,
                              untested=now)
@@ -288,6 +299,17 @@ def _shifted(cfg: LadderConfig, st: LadderState,
         by_level=True))
 
 
+def _raised(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
+    """A retry (:mod:`.probe`) found the ceiling before the trouble, ``trig.value``, trains
+    at least as well as the one the trouble left: ceiling and factor back at it, settled
+    (it had held before); trouble soon after is a relapse (:func:`_escalate`)."""
+    top = trig.value if trig.value is not None else st.ceiling
+    st = dataclasses.replace(st, ceiling=top, factor=top, settled=top, episode_ceiling=None,
+                             backoff_step=None, backoff_level=top, at_ceiling=None,
+                             raised=trig.step, raised_from=st.ceiling)
+    return st, (Action("raised", trig.step, trig.reason, top, top),)
+
+
 def _data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
     """A non-finite step the batches are at fault for (see ``data`` in the module
     docstring): the first one ends the episode (the ceiling back to where it was before
@@ -334,7 +356,8 @@ def _probed(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderSt
     the lowered ceiling is on probation until it settles."""
     ceiling = _failed_ceiling(cfg, st)
     st = dataclasses.replace(st, ceiling=ceiling, factor=min(st.factor, ceiling),
-                             backoff_step=None, at_ceiling=None, last_trigger=trig.step)
+                             backoff_step=None, at_ceiling=None, last_trigger=trig.step,
+                             episode_ceiling=None)  # the LR's own doing: nothing to retry
     return st, (Action("lower", trig.step, trig.reason, st.factor, ceiling, lowered=True),)
 
 

@@ -20,9 +20,9 @@ OFFSCALE_REASON = "off-scale"
 DATA_REASONS = (NONFINITE_REASON, OFFSCALE_REASON)
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
-                      "level", "lower", "restored", "shifted"]
+                      "level", "lower", "restored", "shifted", "raise"]
 ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower", "level_off",
-                     "data", "sound", "shifted"]
+                     "data", "sound", "shifted", "raised"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,11 @@ class LadderState:
     #: rollbacks the loss level decided since then (a second one within
     #: ``relapse_window`` steps of the change turns the loss-level tests off)
     level_rollbacks: int = 0
+    #: the step at which a retry last lifted the ceiling (``raise``), and the ceiling it
+    #: lifted it from: trouble within ``relapse_window`` steps of it is a relapse, and
+    #: the ceiling drops back to that one at once (the LR retried failed)
+    raised: int | None = None
+    raised_from: float | None = None
 
     @property
     def probation(self) -> bool:
@@ -111,7 +116,8 @@ class Trigger:
     it is above the level before the trouble, the progress check asks for it instead; a
     rollback to an older snapshot cannot be asked to beat a best the later weights had
     reached), ``lower`` (the LR probe found the LR too high), ``shifted`` (the weights a
-    rollback restored gave the trouble's loss: the batches changed, :mod:`.shift`). On
+    rollback restored gave the trouble's loss: the batches changed, :mod:`.shift`),
+    ``raise`` (a retry found the ceiling before the trouble, ``value``, trains: :mod:`.probe`). On
     ``skip``/``spike``, ``value`` is the loss level before the trouble (None: unknown).
     """
 

@@ -105,6 +105,37 @@ def settled_event(guard: Guard, a: Action) -> Event:
     )
 
 
+def raised_event(guard: Guard, a: Action) -> Event:
+    """A retry found the LR the trouble lowered trains after all: it is back (:mod:`.probe`)."""
+    lrs, shown = _lrs(guard, a.factor)
+    mine = "your" if a.factor >= 1 else "this"
+    return Event(
+        kind="lr_settled", step=a.step, severity="info",
+        value=next((lr for lr in lrs if lr is not None), a.factor),
+        message=(f"step {a.step}: the LR a trouble lowered was tried again: {a.reason}: it "
+                 f"trains, the trouble was not the LR's; lr {shown} (x{a.factor:.3g} of the "
+                 "schedule) from here"),
+        remedy=(f"Keep {mine} learning rate ({shown}); if the trouble came from a stretch of "
+                "bad batches, check them."),
+        data={"factor": a.factor, "lr": lrs, "retry": True, "raised": True},
+    )
+
+
+def retry_event(guard: Guard, step: int, factor: float, ceiling: float, said: str) -> Event:
+    """A retry found the LR the trouble lowered still too high: the ceiling stays."""
+    lrs, shown = _lrs(guard, factor)
+    return Event(
+        kind="lr_settled", step=step, severity="info",
+        value=next((lr for lr in lrs if lr is not None), factor),
+        message=(f"step {step}: the LR a trouble lowered was tried again: {said}: it is "
+                 f"still too high; lr {shown} (x{factor:.3g} of the schedule) from the weights "
+                 "before the trial"),
+        remedy=f"Set the learning rate to {shown} (x{factor:.3g}) in your config.",
+        data={"factor": factor, "lr": lrs, "retry": True, "raised": False,
+              "tried": ceiling},
+    )
+
+
 def lowered_event(guard: Guard, a: Action) -> Event:
     """The LR probe found the LR too high: the ladder lowered it (see :mod:`.probe`)."""
     lrs, shown = _lrs(guard, a.factor)

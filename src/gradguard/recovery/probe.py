@@ -51,6 +51,23 @@ fell waits ``COOLDOWN`` steps before the next, not twice as long. None of the he
 of benchmarks/quality.py (20,000 steps), benchmarks/rescue.py (24,000 steps, 1,000 per run)
 and the lab ever confirmed a cue: no probe ran in any of them.
 
+The same experiment answers the opposite question, whether an LR the ladder lowered was at
+fault at all (a *retry*). A stretch of bad batches that spike rather than go non-finite
+looks like an LR too high to the relapse rule, which lowers the ceiling for good (a digits
+MLP on Adam after 30 batches x1e4 in a row: its LR at x0.015, 3.2x the held-out loss of
+the run without them). Once the lowered LR has settled and held ``restore_steps`` steps
+more, with the ladder idle and the loss not noisy, a retry runs its control at the LR in
+force and its trial at the ceiling before the trouble (``episode_ceiling``; not one the
+probe of half the LR found, which is the LR's own doing). The ladder lifts the ceiling
+back (a ``raise`` trigger) when the trial's level is at most ``RETRY_GAIN`` (1) times the
+control's, and the run goes on from the trial's weights; otherwise from the control's.
+Trouble during the trial (a skipped step, a spike, a loss that rose: ``RETRY_TROUBLE``)
+ends it at once and is no rung's: the run goes on from the control's state, and trouble
+about the trial's steps heard later (a fused optimizer's skip flags) is void
+(:attr:`LrProbe.discarded`; ``Recovery._feed`` is the one place that decides). Each
+ceiling is retried once; trouble within ``relapse_window`` steps of a lift drops the
+ceiling back to the one that had held (:mod:`.ladder`).
+
 Decisions are taken at flushes (every ten steps while a probe runs) from host values the
 flush already has: no device read. The copy of the training state is taken and restored by
 the flush (:func:`gradguard.recovery._flush.probe_lr`).
@@ -78,6 +95,14 @@ COOLDOWN = 200
 #: A cue confirmed within this many steps of a probe that fell (the loss halved at half the
 #: LR, and did not rise again when it came back) lowers the LR with no probe of its own.
 RECUR = 2 * COOLDOWN
+
+#: A *retry* (the ceiling a trouble lowered, tried again: see the module docstring) passes
+#: when the trial's level at the ceiling before the trouble is at most this times the
+#: control's: the LR that failed trains at least as well as the one that replaced it.
+RETRY_GAIN = 1.0
+
+#: The ladder's triggers that end a retry's trial as trouble (:meth:`LrProbe.fail_retry`).
+RETRY_TROUBLE = ("skip", "spike", "lower")
 
 #: A probe starts when the cue is seen again within this many steps of its first sight
 #: (at flushes ten steps apart meanwhile): a floor the LR sets keeps coming back, a
@@ -124,15 +149,30 @@ class LrProbe:
         #: checkpointed
         self.fork: dict[str, Any] | None = None
         self.disabled = False  # see :meth:`off`
+        #: a retry's trial multiplier (the ceiling before the trouble over the factor in
+        #: force) while one runs; None for a probe of half the LR
+        self.up: float | None = None
+        self.retry_to: float | None = None  # the ceiling a retry tries again
+        self.retried: list[float] = []  # the ceilings tried again so far (once each)
+        self.trial_from: int | None = None  # the first step of the trial arm under way
+        #: the steps of the last retry's trial that failed: its late-heard trouble is void
+        self.discarded: tuple[int, int] | None = None
 
     @property
     def factor(self) -> float:
         """The LR multiplier the probe applies now (on top of the ladder's)."""
-        return FACTOR if self.phase == "trial" else 1.0
+        if self.phase != "trial":
+            return 1.0
+        return FACTOR if self.up is None else self.up
 
     @property
     def active(self) -> bool:
         return self.phase is not None
+
+    @property
+    def retrying(self) -> bool:
+        """A retry's trial arm runs: the run's trouble now is the trial's, which it discards."""
+        return self.phase == "trial" and self.up is not None
 
     def update(self, losses: Sequence[float], skipped: Sequence[bool]) -> None:
         """Take a flushed window's losses in (skipped steps and non-finite losses left out)."""
@@ -181,16 +221,35 @@ class LrProbe:
         self.probes += 1
         return True
 
+    def may_retry(self, step: int, ceiling: float) -> bool:
+        """Whether a retry of ``ceiling`` may begin after ``step`` (never twice the same)."""
+        return (self.suspect is None and self.may_start(step)
+                and not any(math.isclose(ceiling, c) for c in self.retried))
+
+    def start_retry(self, step: int, factor: float, ceiling: float) -> bool:
+        """Begin a retry of ``ceiling`` (from the factor in force, ``factor``) after
+        ``step`` if one may: its control arm first, its trial at ``ceiling``."""
+        if not self.may_retry(step, ceiling) or not self.start(step):
+            return False
+        self.probes -= 1  # counted with the retries
+        self.up, self.retry_to = ceiling / factor, ceiling
+        self.retried.append(ceiling)
+        return True
+
     def advance(self, step: int) -> Probed | Literal["fork"] | None:
         """At a flush: ``"fork"`` when the control arm is over (restore :attr:`fork` now:
         the trial starts from it); a :class:`Probed` when the trial is over."""
         if self.phase == "control" and len(self._phase) >= TRIAL:
             self.levels.append(statistics.median(self._phase[-MEASURE:]))
-            self.phase, self._phase = "trial", []
+            self.phase, self._phase, self.trial_from = "trial", [], step + 1
             return "fork"
         if self.phase == "trial" and len(self._phase) >= TRIAL:
             before, control = self.levels
             done = Probed(step, before, control, statistics.median(self._phase[-MEASURE:]))
+            if self.up is not None:  # a retry: the down-probes' pace is its own
+                self._end_retry()
+                self._recent = []
+                return done
             self._end(step, found=done.too_high, fell=done.fell)
             self._recent = []  # the next probe's level: from the steps after this one
             if done.fell and not done.too_high:
@@ -201,9 +260,23 @@ class LrProbe:
     def cancel(self, step: int) -> None:
         """The ladder acted during the probe (or while its cue was confirmed): it is void."""
         self.suspect = None
-        if self.phase is not None:
+        if self.phase is not None and self.up is not None:
+            self._end_retry()
+            self._recent = []
+        elif self.phase is not None:
             self._end(step, found=True)
             self._recent = []
+
+    def fail_retry(self, step: int) -> None:
+        """A retry's trial ran into trouble at ``step``: it is over, its steps discarded
+        (trouble about them heard later is void: :attr:`discarded`)."""
+        self.discarded = (self.trial_from if self.trial_from is not None else step, step)
+        self._end_retry()
+        self._recent = []
+
+    def _end_retry(self) -> None:
+        self.phase, self._phase, self.fork, self.up, self.retry_to = None, [], None, None, None
+        self.trial_from = None
 
     def forget(self, step: int) -> None:
         """The batches changed (:mod:`.shift`): a probe under way is void and the level
@@ -231,11 +304,16 @@ class LrProbe:
         return {"phase": self.phase, "suspect": self.suspect, "levels": list(self.levels),
                 "next": self.next, "cooldown": self.cooldown, "recent": list(self._recent),
                 "losses": list(self._phase), "probes": self.probes,
-                "fell": None if self.fell is None else list(self.fell)}
+                "fell": None if self.fell is None else list(self.fell),
+                "up": self.up, "retry_to": self.retry_to, "retried": list(self.retried),
+                "trial_from": self.trial_from,
+                "discarded": None if self.discarded is None else list(self.discarded)}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         self.phase = sd.get("phase")  # type: ignore[assignment]
-        if self.phase not in (None, "trial"):  # a control arm lost its copy: no trial
+        # a control arm lost its copy: no trial; nor has a retry's trial the control's
+        # state to go back to: the run goes on from the trial's weights at the LR in force
+        if self.phase not in (None, "trial") or sd.get("up") is not None:
             self.phase, sd = None, {**sd, "losses": []}
         self.suspect = sd.get("suspect")  # type: ignore[assignment]
         self.levels = list(sd.get("levels") or [])  # type: ignore[call-overload]
@@ -246,3 +324,8 @@ class LrProbe:
         self.probes = int(sd.get("probes") or 0)  # type: ignore[call-overload]
         fell = sd.get("fell")
         self.fell = None if fell is None else (int(fell[0]), float(fell[1]), float(fell[2]))  # type: ignore[index]
+        self.retried = [float(c) for c in sd.get("retried") or []]  # type: ignore[attr-defined]
+        start = sd.get("trial_from")
+        self.trial_from = None if start is None or self.phase is None else int(start)  # type: ignore[call-overload]
+        gone = sd.get("discarded")
+        self.discarded = None if gone is None else (int(gone[0]), int(gone[1]))  # type: ignore[index]

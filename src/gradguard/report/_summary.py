@@ -163,9 +163,14 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     if settled and outcome.cause != "dead_units":  # the LR the ladder found stable: what
         # the user should set (not where the network died: it did not train there)
         s = settled[-1]
-        lrs = (s.get("data") or {}).get("lr") or [s.get("value")]
+        sdata = s.get("data") or {}
+        lrs = sdata.get("lr") or [s.get("value")]
         shown = ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(lrs)
                           if isinstance(x, (int, float)))
-        if shown:
+        if shown and sdata.get("raised") and float(sdata.get("factor") or 0) >= 1:
+            # a retry found the LR the trouble lowered trains after all (recovery.probe)
+            parts.append(f"Back at your lr {shown} from step {s.get('step')}: the trouble "
+                         "was not the LR's.")
+        elif shown:
             parts.append(f"Stable at lr {shown}; set it in your config.")
     return " ".join(parts)

@@ -1,0 +1,97 @@
+"""The retry (gradguard.recovery.probe): once the LR has settled at a ceiling a trouble
+lowered, the ceiling before the trouble is tried again from the same weights beside a
+control; the ladder lifts it back when the trial trains at least as well, and the trial
+is discarded, whatever trouble it ran into, when not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+import gradguard as gg
+from gradguard.recovery import _flush
+from gradguard.report._data import load_run
+from gradguard.report._summary import summary_sentence
+
+X, Y = load_digits(return_X_y=True)
+X = torch.tensor(X, dtype=torch.float32) / 16
+Y = torch.tensor(Y)
+
+
+def digits_run(seed: int, steps: int, *, opt: str = "adam", lr: float = 1e-3,
+               shard: bool = True, guarded: bool = True, run_dir=None):
+    """A digits MLP; with ``shard``, its batches 200-229 are x1e4 (a bad shard that spikes:
+    finite, so no batch is found non-finite). Returns the guard (None unguarded) and the
+    held-out loss."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10))
+    optimizer = (torch.optim.Adam(model.parameters(), lr) if opt == "adam"
+                 else torch.optim.SGD(model.parameters(), lr, momentum=0.9))
+    sinks = [gg.JsonlSink(run_dir)] if run_dir is not None else []
+    guard = (gg.Guard(model, optimizer, clip=gg.ZClip(), recovery=gg.Recovery(), sinks=sinks)
+             if guarded else None)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        i = torch.randint(0, 1400, (64,), generator=g)
+        xb = X[i] * (1e4 if shard and 200 <= step < 230 else 1.0)
+        loss = nn.functional.cross_entropy(model(xb), Y[i])
+        loss.backward()
+        if guard is None:
+            optimizer.step()
+        else:
+            guard.step(loss)
+        optimizer.zero_grad()
+    if guard is not None:
+        guard.close()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    with torch.no_grad():
+        held = nn.functional.cross_entropy(model(X[1400:]), Y[1400:]).item()
+    return guard, held
+
+
+def retries(guard):
+    return [e for e in guard.events if (e.data or {}).get("retry")]
+
+
+def test_a_ceiling_a_bad_shard_lowered_is_tried_again_and_lifted(tmp_path, monkeypatch):
+    """Found as a stranger: a bad shard spiked the loss, two rollbacks lowered the LR to
+    x0.015 for good and the run ended 3.2x the clean run's held-out loss. Once the lowered
+    LR has settled and held, the LR before the trouble is tried again beside a control:
+    it trains, the ladder lifts it back, the run ends near the clean run."""
+    _, clean = digits_run(1, 800, shard=False, guarded=False)
+    guard, held = digits_run(1, 800, run_dir=tmp_path / "run")
+    kinds = [a.kind for a in guard.recovery.decisions]
+    assert kinds.count("rollback") == 2 and kinds[-1] == "raised", kinds
+    raised = retries(guard)
+    assert len(raised) == 1 and raised[0].data["raised"] and raised[0].data["factor"] == 1.0
+    assert "trains, the trouble was not the LR's" in raised[0].message
+    assert guard.recovery.lr_factor == 1.0 and guard.recovery.lr_ceiling == 1.0
+    assert held < 1.3 * clean, (held, clean)
+    sentence = summary_sentence(load_run(tmp_path / "run"))
+    assert "Back at your lr 0.001 from step" in sentence, sentence
+
+    monkeypatch.setattr(_flush, "_retry", lambda rec, step: False)  # no retry
+    stuck, held_stuck = digits_run(1, 800)
+    assert stuck.recovery.lr_factor < 0.05 and not retries(stuck)
+    assert held_stuck > 1.5 * held, (held_stuck, held)
+
+
+@pytest.mark.parametrize(("lr", "how"), [
+    (1.0, "the trial ran into trouble"),  # a loss spike in the trial: no rung answers it
+    (0.5, "brought the loss to"),         # the trial trained worse than the control
+])
+def test_a_retry_of_an_lr_that_is_too_high_is_discarded(lr, how):
+    """An LR too high (SGD at 0.5 and 1.0): the ladder lowered it and it settled; its retry
+    is tried beside a control and discarded: the run goes on from the control's weights at
+    the LR in force, and whatever trouble the trial had is no rung's (no back-off, no
+    rollback, no lowered ceiling, no abort)."""
+    guard, _ = digits_run(0, 700, opt="sgd", lr=lr, shard=False)
+    (event,) = retries(guard)
+    assert not event.data["raised"] and how in event.message, event.message
+    before = [a for a in guard.recovery.decisions if a.step < event.step - 60]
+    assert guard.recovery.decisions == before  # nothing after the retry began
+    assert guard.recovery.lr_factor == before[-1].factor == event.data["factor"] < 1
+    assert guard.recovery.lr_ceiling == guard.recovery.lr_factor
