@@ -435,3 +435,15 @@ def test_a_retry_that_fails_discards_its_steps_and_does_not_survive_a_resume():
     again = LrProbe()
     again.load_state_dict(probe.state_dict())
     assert again.discarded == (first, step) and again.retried == [1.0]
+
+
+def test_after_a_retry_of_the_ceiling_before_the_trouble_failed_the_next_tries_halfway():
+    probe = LrProbe()
+    assert probe.retry_target(0.09, 1.0) == 1.0  # the ceiling before the trouble first
+    probe.retried.append(1.0)
+    assert probe.retry_target(0.09, 1.0) == pytest.approx(0.3)  # then halfway (geometric)
+    probe.retried.append(0.3)
+    assert probe.retry_target(0.09, 1.0) == pytest.approx(math.sqrt(0.027))
+    probe.retried.append(math.sqrt(0.027))
+    assert probe.retry_target(0.09, 1.0) is None  # less than RETRY_STEP x the ceiling: done
+    assert probe.retry_target(0.5, 1.0) is None  # x0.5 between a ceiling and one that failed

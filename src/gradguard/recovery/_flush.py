@@ -240,14 +240,16 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
 
 def _retry(rec: Recovery, step: int) -> bool:
     """Start a retry (:mod:`.probe`) of the ceiling before the trouble that lowered the one
-    in force, once the LR has settled there and held ``restore_steps`` steps more: True
-    when one started."""
+    in force (then halfway towards it), once the LR has settled there and held
+    ``restore_steps`` steps more (and as long after the last retry): True when one
+    started."""
     st = rec.state
     top = st.episode_ceiling
     if (top is None or st.ceiling >= top or st.settled != st.ceiling or st.at_ceiling is None
             or step - st.at_ceiling < 2 * rec.config.restore_steps):
         return False
-    return rec._probe.start_retry(step, st.factor, top)
+    target = rec._probe.retry_target(st.ceiling, top)
+    return target is not None and rec._probe.start_retry(step, st.factor, target)
 
 
 def _retried(rec: Recovery, guard: Guard, done: Any, fork: dict[str, Any] | None,
@@ -260,7 +262,12 @@ def _retried(rec: Recovery, guard: Guard, done: Any, fork: dict[str, Any] | None
     said = (f"from the same weights, {TRIAL} steps at x{ceiling:.3g} of the schedule's LR "
             f"brought the loss to {done.trial:.4g}, against {done.control:.4g} at "
             f"x{factor:.3g}")
+    rec._probe.retry_next = done.step + rec.config.restore_steps
     if done.trial <= RETRY_GAIN * done.control:
+        top = rec.state.episode_ceiling
+        said += (": it trains, the trouble was not the LR's"
+                 if top is None or ceiling >= top or math.isclose(ceiling, top)
+                 else ": it trains (the LR before the trouble did not)")
         return rec._feed(guard, Trigger("raise", done.step, said, value=ceiling), list)
     _to_control(rec, guard, fork)
     guard.add_event(messages.retry_event(guard, done.step, factor, ceiling, said))
@@ -277,6 +284,7 @@ def retry_failed(rec: Recovery, guard: Guard, trig: Trigger) -> bool:
     fork = probe.fork
     ceiling = probe.retry_to if probe.retry_to is not None else rec.state.ceiling
     probe.fail_retry(trig.step)
+    probe.retry_next = trig.step + rec.config.restore_steps
     _to_control(rec, guard, fork)
     said = (f"at x{ceiling:.3g} of the schedule's LR the trial ran into trouble at step "
             f"{trig.step} ({trig.reason or trig.kind})")

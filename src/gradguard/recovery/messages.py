@@ -112,9 +112,8 @@ def raised_event(guard: Guard, a: Action) -> Event:
     return Event(
         kind="lr_settled", step=a.step, severity="info",
         value=next((lr for lr in lrs if lr is not None), a.factor),
-        message=(f"step {a.step}: the LR a trouble lowered was tried again: {a.reason}: it "
-                 f"trains, the trouble was not the LR's; lr {shown} (x{a.factor:.3g} of the "
-                 "schedule) from here"),
+        message=(f"step {a.step}: the LR a trouble lowered was tried again: {a.reason}; "
+                 f"lr {shown} (x{a.factor:.3g} of the schedule) from here"),
         remedy=(f"Keep {mine} learning rate ({shown}); if the trouble came from a stretch of "
                 "bad batches, check them."),
         data={"factor": a.factor, "lr": lrs, "retry": True, "raised": True},

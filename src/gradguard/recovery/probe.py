@@ -64,8 +64,10 @@ control's, and the run goes on from the trial's weights; otherwise from the cont
 Trouble during the trial (a skipped step, a spike, a loss that rose: ``RETRY_TROUBLE``)
 ends it at once and is no rung's: the run goes on from the control's state, and trouble
 about the trial's steps heard later (a fused optimizer's skip flags) is void
-(:attr:`LrProbe.discarded`; ``Recovery._feed`` is the one place that decides). Each
-ceiling is retried once; trouble within ``relapse_window`` steps of a lift drops the
+(:attr:`LrProbe.discarded`; ``Recovery._feed`` is the one place that decides). A retry
+that failed is followed ``restore_steps`` steps later by one halfway up
+(:meth:`LrProbe.retry_target`); no ceiling is tried twice, and trouble within
+``relapse_window`` steps of a lift drops the
 ceiling back to the one that had held (:mod:`.ladder`).
 
 Decisions are taken at flushes (every ten steps while a probe runs) from host values the
@@ -100,6 +102,11 @@ RECUR = 2 * COOLDOWN
 #: when the trial's level at the ceiling before the trouble is at most this times the
 #: control's: the LR that failed trains at least as well as the one that replaced it.
 RETRY_GAIN = 1.0
+
+#: After a retry of the ceiling before the trouble failed, the next tries halfway (the
+#: geometric mean) between the ceiling in force and the lowest that failed, while that is
+#: at least this many times the ceiling in force.
+RETRY_STEP = 1.5
 
 #: The ladder's triggers that end a retry's trial as trouble (:meth:`LrProbe.fail_retry`).
 RETRY_TROUBLE = ("skip", "spike", "lower")
@@ -155,6 +162,7 @@ class LrProbe:
         self.retry_to: float | None = None  # the ceiling a retry tries again
         self.retried: list[float] = []  # the ceilings tried again so far (once each)
         self.trial_from: int | None = None  # the first step of the trial arm under way
+        self.retry_next = 0  # no retry before this step
         #: the steps of the last retry's trial that failed: its late-heard trouble is void
         self.discarded: tuple[int, int] | None = None
 
@@ -221,9 +229,19 @@ class LrProbe:
         self.probes += 1
         return True
 
+    def retry_target(self, ceiling: float, top: float) -> float | None:
+        """The ceiling a retry tries next, from ``ceiling`` (in force) towards ``top`` (before
+        the trouble): ``top`` first, then halfway towards the lowest that failed; None when
+        that is less than ``RETRY_STEP`` times ``ceiling``."""
+        failed = [c for c in self.retried if ceiling < c and (c <= top or math.isclose(c, top))]
+        if not failed:
+            return top
+        target = math.sqrt(ceiling * min(failed))
+        return target if target >= RETRY_STEP * ceiling else None
+
     def may_retry(self, step: int, ceiling: float) -> bool:
         """Whether a retry of ``ceiling`` may begin after ``step`` (never twice the same)."""
-        return (self.suspect is None and self.may_start(step)
+        return (self.suspect is None and step >= self.retry_next and self.may_start(step)
                 and not any(math.isclose(ceiling, c) for c in self.retried))
 
     def start_retry(self, step: int, factor: float, ceiling: float) -> bool:
@@ -306,7 +324,7 @@ class LrProbe:
                 "losses": list(self._phase), "probes": self.probes,
                 "fell": None if self.fell is None else list(self.fell),
                 "up": self.up, "retry_to": self.retry_to, "retried": list(self.retried),
-                "trial_from": self.trial_from,
+                "trial_from": self.trial_from, "retry_next": self.retry_next,
                 "discarded": None if self.discarded is None else list(self.discarded)}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
@@ -325,6 +343,7 @@ class LrProbe:
         fell = sd.get("fell")
         self.fell = None if fell is None else (int(fell[0]), float(fell[1]), float(fell[2]))  # type: ignore[index]
         self.retried = [float(c) for c in sd.get("retried") or []]  # type: ignore[attr-defined]
+        self.retry_next = int(sd.get("retry_next") or 0)  # type: ignore[call-overload]
         start = sd.get("trial_from")
         self.trial_from = None if start is None or self.phase is None else int(start)  # type: ignore[call-overload]
         gone = sd.get("discarded")
