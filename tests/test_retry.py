@@ -95,3 +95,28 @@ def test_a_retry_of_an_lr_that_is_too_high_is_discarded(lr, how):
     assert guard.recovery.decisions == before  # nothing after the retry began
     assert guard.recovery.lr_factor == before[-1].factor == event.data["factor"] < 1
     assert guard.recovery.lr_ceiling == guard.recovery.lr_factor
+
+
+def test_a_lift_that_held_a_whole_relapse_window_lets_a_new_trouble_retry_from_the_top():
+    """No ceiling is retried twice within an episode; but a lift that held for
+    ``relapse_window`` steps ended it: a bad shard much later gets its own retry of the
+    LR before it, not only one halfway up."""
+    import dataclasses
+
+    from gradguard.recovery.ladder import LadderState
+    from gradguard.recovery.probe import MEASURE
+
+    rec = gg.Recovery()
+    rec._probe.update([0.2] * MEASURE, [False] * MEASURE)
+    rec._probe.retried = [1.0]
+    lowered = LadderState(factor=0.015, ceiling=0.015, settled=0.015, episode_ceiling=1.0,
+                          at_ceiling=3000, last_trigger=2900, raised=1259, raised_from=0.015)
+    # a lift that failed within the window was dropped at once (raised cleared): the same
+    # episode goes on, the ceiling before it is not tried again
+    rec.state = dataclasses.replace(lowered, raised=None, raised_from=None)
+    assert _flush._retry(rec, 3300) and rec._probe.retry_to == pytest.approx(0.015 ** 0.5)
+    rec._probe.cancel(3300)
+    rec._probe.update([0.2] * MEASURE, [False] * MEASURE)
+    rec._probe.retried = [1.0]
+    rec.state = lowered  # the lift at 1259 held until the trouble at 2900
+    assert _flush._retry(rec, 3300) and rec._probe.retry_to == 1.0

@@ -248,6 +248,8 @@ def _retry(rec: Recovery, step: int) -> bool:
     if (top is None or st.ceiling >= top or st.settled != st.ceiling or st.at_ceiling is None
             or step - st.at_ceiling < 2 * rec.config.restore_steps):
         return False
+    if st.raised is not None and step - st.raised > rec.config.relapse_window:
+        rec._probe.retried.clear()  # the last lift held: this trouble is a new one
     target = rec._probe.retry_target(st.ceiling, top)
     return target is not None and rec._probe.start_retry(step, st.factor, target)
 
