@@ -21,15 +21,15 @@ Y = torch.tensor(Y)
 
 
 def digits_run(seed: int, steps: int, *, opt: str = "adam", lr: float = 1e-3,
-               shard: bool = True, guarded: bool = True, run_dir=None):
+               shard: bool = True, guarded: bool = True, run_dir=None, fused: bool = False):
     """A digits MLP; with ``shard``, its batches 200-229 are x1e4 (a bad shard that spikes:
     finite, so no batch is found non-finite). Returns the guard (None unguarded) and the
     held-out loss."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
                           nn.Linear(128, 10))
-    optimizer = (torch.optim.Adam(model.parameters(), lr) if opt == "adam"
-                 else torch.optim.SGD(model.parameters(), lr, momentum=0.9))
+    optimizer = (torch.optim.Adam(model.parameters(), lr, fused=fused) if opt == "adam"
+                 else torch.optim.SGD(model.parameters(), lr, momentum=0.9, fused=fused))
     sinks = [gg.JsonlSink(run_dir)] if run_dir is not None else []
     guard = (gg.Guard(model, optimizer, clip=gg.ZClip(), recovery=gg.Recovery(), sinks=sinks)
              if guarded else None)
@@ -79,16 +79,17 @@ def test_a_ceiling_a_bad_shard_lowered_is_tried_again_and_lifted(tmp_path, monke
     assert held_stuck > 1.5 * held, (held_stuck, held)
 
 
-@pytest.mark.parametrize(("lr", "how"), [
-    (1.0, "the trial ran into trouble"),  # a loss spike in the trial: no rung answers it
-    (0.5, "brought the loss to"),         # the trial trained worse than the control
+@pytest.mark.parametrize(("lr", "how", "fused", "steps"), [
+    (1.0, "the trial ran into trouble", False, 700),  # a loss spike in the trial: no rung
+    (0.5, "brought the loss to", False, 700),         # the trial trained worse
+    (1.0, "the trial ran into trouble", True, 800),   # fused: its skip flags heard late
 ])
-def test_a_retry_of_an_lr_that_is_too_high_is_discarded(lr, how):
+def test_a_retry_of_an_lr_that_is_too_high_is_discarded(lr, how, fused, steps):
     """An LR too high (SGD at 0.5 and 1.0): the ladder lowered it and it settled; its retry
     is tried beside a control and discarded: the run goes on from the control's weights at
     the LR in force, and whatever trouble the trial had is no rung's (no back-off, no
     rollback, no lowered ceiling, no abort)."""
-    guard, _ = digits_run(0, 700, opt="sgd", lr=lr, shard=False)
+    guard, _ = digits_run(0, steps, opt="sgd", lr=lr, shard=False, fused=fused)
     tried = retries(guard)
     assert tried and not any(e.data["raised"] for e in tried), [e.message for e in tried]
     event = tried[0]
