@@ -892,3 +892,41 @@ def test_a_snapshot_keeps_the_detectors_history_and_a_rollback_restores_it():
     det.loss_run = 3
     actions.rollback(guard, Action("rollback", 10), copy_state(snap), [], "none")
     assert list(det.loss) == saved and det.loss_run == 0 and det.loss_start is None
+
+
+def test_a_snapshot_at_the_fresh_models_level_gives_way_to_the_weights_before_the_first_step():
+    """A rollback goes to the weights before the first step, while they are kept, rather
+    than to a snapshot taken at the fresh model's level: it learnt nothing they lack, and
+    the LR that blew up later may have damaged it already."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = gg.Recovery(snapshot_every=5)
+    guard = gg.Guard(model, opt, recovery=rec, every=5)
+    for _ in range(8):
+        loss = (model(torch.randn(16, 4)) - 1).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    assert rec.store.steps() == [-1, 4]
+    rec.ring.levels[4] = 0.97  # the fresh model's level: nothing learnt
+    assert rec.ring.back(0, 1.0) == 1 and rec.ring.back(0) == 0
+    rec.ring.levels[4] = 0.5  # learnt: the newest snapshot it is
+    assert rec.ring.back(0, 1.0) == 0
+
+
+def test_lab_t7_the_rollback_goes_to_the_fresh_model_and_the_run_reaches_its_twin(
+        tmp_path, monkeypatch):
+    """Lab T7 (a 10-layer ReLU MLP at SGD 0.3, NaN by step 55 unguarded): the first
+    snapshot (step 49) was taken at the fresh model's level, at an LR ten times too high;
+    rolled back to it, the run trained to 0.62 at the LR the ladder settled on, 10x its
+    BatchNorm twin, on one CPU (on another it reached 0.003). Rolled back to the weights
+    before the first step, it trains at that LR as from scratch: 0.0003."""
+    from gradguard.recovery import messages
+
+    said, event = [], messages.rollback_event
+    monkeypatch.setattr(messages, "rollback_event",
+                        lambda *a, **k: said.append(event(*a, **k)) or said[-1])
+    g = gg.lab.run("T7", out=tmp_path).guard
+    assert g["finite"] and g["within_2x"], g
+    assert said and said[0].data["snapshot_step"] == -1, [e.message for e in said]

@@ -196,7 +196,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
         if a.kind == "backoff":
             guard.add_event(messages.backoff_event(a, rec.config.restore_steps, level=level))
         elif a.kind == "rollback":
-            snap = rec.ring.load(rec.ring.back(a.back))
+            snap = rec.ring.load(rec.ring.back(a.back, rec._rise.fresh))
             if snap is None:  # nothing good to go back to yet: the deeper back-off only
                 guard.add_event(messages.backoff_event(a, rec.config.restore_steps,
                                                        no_snapshot=True, level=level))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import GradGuardWarning
 from . import actions
+from .rise import AT_FRESH
 from .snapshots import DiskSnapshotStore, MemorySnapshotStore, SnapshotWriter
 
 if TYPE_CHECKING:
@@ -69,13 +70,24 @@ class SnapshotRing:
         self._verify = (step, restores)
         self._verified &= set(self.store.steps())
 
-    def back(self, back: int) -> int:
+    def back(self, back: int, fresh: float | None = None) -> int:
         """How many snapshots before the newest in memory a rollback goes to: one further
         than ``back`` when the newest one's weights never had finite gradients (every step
         since it was skipped: restoring them restores the trouble's own weights, a no-op
-        for a streak of skipped steps) and an older one is kept."""
+        for a streak of skipped steps) and an older one is kept; and the weights before
+        the first step, while kept, instead of a snapshot taken at the fresh model's level
+        (at least ``AT_FRESH`` x ``fresh``, the lowest of the run's first losses): such a
+        snapshot learnt nothing they lack, and the LR that blew up later may have damaged
+        it already (lab T7: the snapshot of step 49, at 2.23 against a fresh 2.22, taken
+        at an LR ten times too high, trained to 0.62 at the LR the ladder settled on; the
+        weights before the first step to 0.0003)."""
         steps = self.store.steps()
-        return back + 1 if len(steps) > 1 and steps[-1] not in self._verified else back
+        n = back + 1 if len(steps) > 1 and steps[-1] not in self._verified else back
+        if fresh is not None and len(steps) > 1 and steps[0] == -1:
+            level = self.levels.get(steps[max(0, len(steps) - 1 - n)])
+            if level is not None and level >= AT_FRESH * fresh:
+                return len(steps) - 1
+        return n
 
     def restored(self, snapshot: int, step: int) -> None:
         """A rollback restored the snapshot of ``snapshot`` before step ``step``: that
