@@ -80,7 +80,8 @@ class SnapshotRing:
         snapshot learnt nothing they lack, and the LR that blew up later may have damaged
         it already (lab T7: the snapshot of step 49, at 2.23 against a fresh 2.22, taken
         at an LR ten times too high, trained to 0.62 at the LR the ladder settled on; the
-        weights before the first step to 0.0003)."""
+        weights before the first step to 0.0003). ``fresh`` None: no such test (the loss
+        level is no evidence, or on other batches than the fresh model's)."""
         steps = self.store.steps()
         n = back + 1 if len(steps) > 1 and steps[-1] not in self._verified else back
         if fresh is not None and len(steps) > 1 and steps[0] == -1:
