@@ -58,13 +58,12 @@ rung not at all), and only once per ``patience`` steps: trouble that keeps comin
 the weights', and the back-off then stands (``Recovery(undo_backoff=False)`` keeps every
 back-off).
 
-A *raise* trigger (a retry of the ceiling before the trouble trained at least as well as
-the lowered one, :mod:`.probe`) lifts ceiling and factor back to it at once (bad batches that
-spiked, not the LR); trouble within ``relapse_window`` steps of it drops them straight back.
-
 Beside the rungs, a *lower* trigger (the LR probe found that the loss follows the LR,
 :mod:`.probe`) halves the ceiling and the factor in force at once, with no back-off and no
-rollback, and puts the lowered ceiling on probation.
+rollback, and puts the lowered ceiling on probation; a *raise* trigger (a retry of the
+ceiling before the trouble trained at least as well as the lowered one, :mod:`.probe`)
+lifts ceiling and factor back to it at once; trouble within ``relapse_window`` steps of it
+drops them straight back.
 
 Snapshots are taken at healthy flushes every ``snapshot_every`` steps once no progress
 check is pending: at the full LR, or while it restores after a loss that came back.
@@ -206,8 +205,7 @@ def _escalate(
     recent = force_rollback or within
     # the same trouble: within patience of the last trigger, or its progress check pending
     continuing = within or (force_rollback and st.watching is not None)
-    # trouble soon after a retry lifted the ceiling is the LR retried failing: a relapse
-    raised = st.raised is not None and step - st.raised <= cfg.relapse_window
+    raised = st.raised is not None and step - st.raised <= cfg.relapse_window  # retried, failed
     relapse = (last is not None and step - last <= cfg.relapse_window) or raised
     # a new trouble (a rollback forced long after the last) starts here, from its own level
     start = st.trouble_start if continuing and st.trouble_start is not None else step
@@ -300,9 +298,8 @@ def _shifted(cfg: LadderConfig, st: LadderState,
 
 
 def _raised(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
-    """A retry (:mod:`.probe`) found the ceiling before the trouble, ``trig.value``, trains
-    at least as well as the one the trouble left: ceiling and factor back at it, settled
-    (it had held before); trouble soon after is a relapse (:func:`_escalate`)."""
+    """A retry (:mod:`.probe`) found the ceiling before the trouble, ``trig.value``, trains:
+    ceiling and factor back at it, settled; trouble soon after is a relapse (_escalate)."""
     top = trig.value if trig.value is not None else st.ceiling
     st = dataclasses.replace(st, ceiling=top, factor=top, settled=top, episode_ceiling=None,
                              backoff_step=None, backoff_level=top, at_ceiling=None,
