@@ -47,16 +47,45 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y)
 
 
-def run(change: str, optimizer: str, seed: int, steps: int, *, guarded: bool) -> dict[str, Any]:
-    """One run: its held-out loss, and (guarded) the ladder's rungs and events."""
-    x_all, y_all = _digits()
-    x_tr, y_tr, x_te, y_te = x_all[:1400], y_all[:1400], x_all[1400:], y_all[1400:]
+def digits_mlp(optimizer: str, seed: int, guarded: bool) -> tuple[nn.Module, Any, Any]:
+    """The digits MLP (64-128-128-10, ReLU) seeded ``seed``, on Adam at 1e-3 or SGD with
+    momentum at 0.05, and (``guarded``) the default guard on it (else None)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
                           nn.Linear(128, 10))
     opt = (torch.optim.Adam(model.parameters(), 1e-3) if optimizer == "adam"
            else torch.optim.SGD(model.parameters(), 0.05, momentum=0.9))
     guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+    return model, opt, guard
+
+
+def arguments(doc: str, argv: list[str] | None, *, seeds: int, steps: int,
+              out: Path) -> argparse.Namespace:
+    """``--seeds``, ``--steps`` and ``--out``, with these defaults."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=seeds)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--out", type=Path, default=out)
+    return ap.parse_args(argv)
+
+
+def write(path: Path, t0: float, **fields: Any) -> dict[str, Any]:
+    """The results JSON (the environment, ``fields``, the seconds since ``t0``) at ``path``;
+    prints and returns it."""
+    out = {"environment": {"torch": torch.__version__, "python": platform.python_version(),
+                           "threads": torch.get_num_threads()},
+           **fields, "seconds": round(time.time() - t0, 1)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(out["summary"])
+    return out
+
+
+def run(change: str, optimizer: str, seed: int, steps: int, *, guarded: bool) -> dict[str, Any]:
+    """One run: its held-out loss, and (guarded) the ladder's rungs and events."""
+    x_all, y_all = _digits()
+    x_tr, y_tr, x_te, y_te = x_all[:1400], y_all[:1400], x_all[1400:], y_all[1400:]
+    model, opt, guard = digits_mlp(optimizer, seed, guarded)
     g = torch.Generator().manual_seed(seed)
     first = (y_tr < 5).nonzero().squeeze(1) if change == "classes" else torch.arange(len(y_tr))
     every = torch.arange(len(y_tr))
@@ -93,11 +122,7 @@ def run(change: str, optimizer: str, seed: int, steps: int, *, guarded: bool) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=900)
-    ap.add_argument("--out", type=Path, default=OUT)
-    args = ap.parse_args(argv)
+    args = arguments(__doc__, argv, seeds=2, steps=900, out=OUT)
     t0 = time.time()
     rows = []
     for change in CHANGES:
@@ -124,14 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "loss_level_off": sum(r["loss_level_off"] > 0 for r in rows),
                "guarded_over_unguarded": [min(ratios), max(ratios)],
                "rollbacks": sum(r["rollbacks"] for r in rows)}
-    out = {"environment": {"torch": torch.__version__, "python": platform.python_version(),
-                           "threads": torch.get_num_threads()},
-           "steps": args.steps, "change_at": CHANGE_AT, "rows": rows, "summary": summary,
-           "seconds": round(time.time() - t0, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(summary)
-    return out
+    return write(args.out, t0, steps=args.steps, change_at=CHANGE_AT, rows=rows,
+                 summary=summary)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,6 @@ high), the retry tries the LR before the trouble again once the lowered one has 
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -28,9 +25,9 @@ from torch import nn
 import gradguard as gg
 
 try:  # as a script (benchmarks/ is on sys.path) or as the module benchmarks.shard
-    from curriculum import _digits
+    from curriculum import _digits, arguments, digits_mlp, write
 except ImportError:  # pragma: no cover
-    from benchmarks.curriculum import _digits
+    from benchmarks.curriculum import _digits, arguments, digits_mlp, write
 
 OUT = Path(__file__).parent / "results" / "shard.json"
 OPTIMIZERS = ("adam", "sgd")
@@ -42,12 +39,7 @@ def run(optimizer: str, seed: int, steps: int, *, shard: bool, guarded: bool) ->
     """One run: its held-out loss, and (guarded) the ladder's rungs and final LR factor."""
     x_all, y_all = _digits()
     x_tr, y_tr, x_te, y_te = x_all[:1400], y_all[:1400], x_all[1400:], y_all[1400:]
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                          nn.Linear(128, 10))
-    opt = (torch.optim.Adam(model.parameters(), 1e-3) if optimizer == "adam"
-           else torch.optim.SGD(model.parameters(), 0.05, momentum=0.9))
-    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+    model, opt, guard = digits_mlp(optimizer, seed, guarded)
     g = torch.Generator().manual_seed(seed)
     stopped = None
     try:
@@ -76,11 +68,7 @@ def run(optimizer: str, seed: int, steps: int, *, shard: bool, guarded: bool) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--out", type=Path, default=OUT)
-    args = ap.parse_args(argv)
+    args = arguments(__doc__, argv, seeds=3, steps=800, out=OUT)
     t0 = time.time()
     rows = []
     for optimizer in OPTIMIZERS:
@@ -110,14 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "guarded_over_clean": [min(ratios), max(ratios)],
                "raised": sum(r["raised"] for r in rows),
                "lr_lowered_at_end": sum(r["lr_factor"] < 1 for r in rows)}
-    out = {"environment": {"torch": torch.__version__, "python": platform.python_version(),
-                           "threads": torch.get_num_threads()},
-           "steps": args.steps, "shard": list(SHARD), "rows": rows, "summary": summary,
-           "seconds": round(time.time() - t0, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(summary)
-    return out
+    return write(args.out, t0, steps=args.steps, shard=list(SHARD), rows=rows, summary=summary)
 
 
 if __name__ == "__main__":

@@ -92,47 +92,45 @@ def _lr_number(lr: Any) -> float | None:
     return float(lr) if numeric_lr(lr) else None
 
 
+def _settled(step: int, factor: float, lrs: list[float | None], message: str, remedy: str,
+             **data: Any) -> Event:
+    """An ``lr_settled`` event (info): the LR the run goes on at, per param group."""
+    return Event(kind="lr_settled", step=step, severity="info",
+                 value=next((lr for lr in lrs if lr is not None), factor), message=message,
+                 remedy=remedy, data={"factor": factor, "lr": lrs, **data})
+
+
 def settled_event(guard: Guard, a: Action) -> Event:
     """The ladder found an LR that trains: say which, so the user can set it."""
     lrs, shown = _lrs(guard, a.factor)
-    return Event(
-        kind="lr_settled", step=a.step, severity="info",
-        value=next((lr for lr in lrs if lr is not None), a.factor),
-        message=(f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the "
-                 "schedule) after the LR failed higher up"),
-        remedy=f"Set the learning rate to {shown} (x{a.factor:g}) in your config.",
-        data={"factor": a.factor, "lr": lrs},
-    )
+    return _settled(
+        a.step, a.factor, lrs,
+        f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the schedule) "
+        "after the LR failed higher up",
+        f"Set the learning rate to {shown} (x{a.factor:g}) in your config.")
 
 
 def raised_event(guard: Guard, a: Action) -> Event:
     """A retry found the LR the trouble lowered trains after all: it is back (:mod:`.probe`)."""
     lrs, shown = _lrs(guard, a.factor)
     mine = "your" if a.factor >= 1 else "this"
-    return Event(
-        kind="lr_settled", step=a.step, severity="info",
-        value=next((lr for lr in lrs if lr is not None), a.factor),
-        message=(f"step {a.step}: the LR a trouble lowered was tried again: {a.reason}; "
-                 f"lr {shown} (x{a.factor:.3g} of the schedule) from here"),
-        remedy=(f"Keep {mine} learning rate ({shown}); if the trouble came from a stretch of "
-                "bad batches, check them."),
-        data={"factor": a.factor, "lr": lrs, "retry": True, "raised": True},
-    )
+    return _settled(
+        a.step, a.factor, lrs,
+        f"step {a.step}: the LR a trouble lowered was tried again: {a.reason}; lr {shown} "
+        f"(x{a.factor:.3g} of the schedule) from here",
+        f"Keep {mine} learning rate ({shown}); if the trouble came from a stretch of bad "
+        "batches, check them.", retry=True, raised=True)
 
 
 def retry_event(guard: Guard, step: int, factor: float, ceiling: float, said: str) -> Event:
     """A retry found the LR the trouble lowered still too high: the ceiling stays."""
     lrs, shown = _lrs(guard, factor)
-    return Event(
-        kind="lr_settled", step=step, severity="info",
-        value=next((lr for lr in lrs if lr is not None), factor),
-        message=(f"step {step}: the LR a trouble lowered was tried again: {said}: it is "
-                 f"still too high; lr {shown} (x{factor:.3g} of the schedule) from the weights "
-                 "before the trial"),
-        remedy=f"Set the learning rate to {shown} (x{factor:.3g}) in your config.",
-        data={"factor": factor, "lr": lrs, "retry": True, "raised": False,
-              "tried": ceiling},
-    )
+    return _settled(
+        step, factor, lrs,
+        f"step {step}: the LR a trouble lowered was tried again: {said}: it is still too "
+        f"high; lr {shown} (x{factor:.3g} of the schedule) from the weights before the trial",
+        f"Set the learning rate to {shown} (x{factor:.3g}) in your config.",
+        retry=True, raised=False, tried=ceiling)
 
 
 def lowered_event(guard: Guard, a: Action) -> Event:

@@ -266,7 +266,6 @@ class LrProbe:
             done = Probed(step, before, control, statistics.median(self._phase[-MEASURE:]))
             if self.up is not None:  # a retry: the down-probes' pace is its own
                 self._end_retry()
-                self._recent = []
                 return done
             self._end(step, found=done.too_high, fell=done.fell)
             self._recent = []  # the next probe's level: from the steps after this one
@@ -280,7 +279,6 @@ class LrProbe:
         self.suspect = None
         if self.phase is not None and self.up is not None:
             self._end_retry()
-            self._recent = []
         elif self.phase is not None:
             self._end(step, found=True)
             self._recent = []
@@ -290,11 +288,11 @@ class LrProbe:
         (trouble about them heard later is void: :attr:`discarded`)."""
         self.discarded = (self.trial_from if self.trial_from is not None else step, step)
         self._end_retry()
-        self._recent = []
 
     def _end_retry(self) -> None:
+        """A retry is over: the next one's level is learnt from the steps after it."""
         self.phase, self._phase, self.fork, self.up, self.retry_to = None, [], None, None, None
-        self.trial_from = None
+        self.trial_from, self._recent = None, []
 
     def forget(self, step: int) -> None:
         """The batches changed (:mod:`.shift`): a probe under way is void and the level
