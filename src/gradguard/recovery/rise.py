@@ -62,6 +62,18 @@ back, and a flush that finds dead layers takes no snapshot. Under pipeline
 parallelism the rule is off: each stage's per-layer columns are its own (only the scalar
 ones are agreed), so the stages could decide differently.
 
+Half of what a run learnt is no scale when it learnt nothing: a converged model fine-tuned
+under a new guard starts at its best, its loss wandering 1.5-2.5x about it from batch to
+batch (a digits MLP at 5e-4), and that noise was "a loss that rose" (rolled back at step
+49, the LR lowered for good). While what the run learnt from its first level (the median
+of its first ``BLOCK`` losses, as well measured as the levels it is compared with) is less
+than ``NOISE_UNITS`` (8) times the loss's noise (:meth:`LossRise.noise`: how far a
+ten-step median strays by chance, from the step-to-step changes of the log loss within
+each block, so that a loss falling or climbing at a steady rate is no noise), a rise must
+stand that far above the best instead (3x and more for those fine-tunes). Not under
+``strict``: a loss that wanders 3x about its best at an LR too high is the symptom, not
+noise to discount.
+
 Medians of ten steps shrug off single bad batches, two blocks in a row a noisy stretch.
 Without the run's first steps (a resume) only the first condition applies. Measured on
 healthy runs: benchmarks/quality.py (10,000 steps) and benchmarks/rescue.py (2,400).
@@ -74,11 +86,14 @@ other; while the best level is 0 the ratio tests have nothing to divide by and w
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
+
+from ..detectors.config import MAD_TO_SIGMA
 
 #: Steps per rolling median.
 BLOCK = 10
@@ -94,6 +109,13 @@ STRICT_LOST = 0.03
 #: A two-block level this many times the best, seen anywhere in a window, has risen even
 #: if the loss came down again before the flush (see the module docstring).
 SEVERE = 2.0
+#: In units of the loss's own noise (:meth:`LossRise.noise`): a run whose progress from
+#: its first level is less than this has learnt nothing it can give back, and a rise must
+#: be this far above its best (see the module docstring). Fine-tunes of a converged model
+#: learnt up to 5 such units by chance; an SGD MLP at an LR too high, 11 by learning.
+NOISE_UNITS = 8.0
+#: The last blocks of ``BLOCK`` taken steps the noise is measured over.
+NOISE_BLOCKS = 32
 #: A two-block level at least this share of the fresh model's loss is back at its level
 #: (with dead layers: see the module docstring).
 AT_FRESH = 0.95
@@ -129,6 +151,13 @@ class LossRise:
         self.off = False  # a loss < 0 was seen: no ratio scale
         self.peak: Rise | None = None  # the highest two-block level over the best since judged
         self._carry: list[float] = []  # the last 2 * BLOCK - 1 losses, for the next window
+        #: the per-step noise of the last NOISE_BLOCKS blocks of BLOCK taken losses (see
+        #: :meth:`noise`; kept when the ladder acts), and the losses of the next block
+        self._blocks: deque[float] = deque(maxlen=NOISE_BLOCKS)
+        self._block: list[float] = []
+        #: the median of the run's first BLOCK taken losses (its first level, measured as
+        #: well as the levels it is compared with; None without the run's first steps)
+        self.first_block: float | None = None
 
     def update(self, steps: Sequence[int], losses: Sequence[float], skipped: Sequence[bool]) -> None:
         """Take a flushed window in (its steps, losses and skip flags)."""
@@ -145,6 +174,17 @@ class LossRise:
                 self.initial = statistics.median(first)
                 self.fresh = min(first)
                 candidates.append(self.initial)
+        self._block.extend(vals)
+        while len(self._block) >= BLOCK:
+            block, self._block = self._block[:BLOCK], self._block[BLOCK:]
+            if self.first_block is None and self.initial is not None:
+                self.first_block = statistics.median(block)
+            if min(block) > 0:
+                d = [math.log(b / a) for a, b in itertools.pairwise(block)]
+                mid = statistics.median(d)
+                # the robust sigma of one step's log loss (a difference has twice its variance)
+                self._blocks.append(MAD_TO_SIGMA * statistics.median(abs(x - mid) for x in d)
+                                    / math.sqrt(2))
         seq = self._carry + vals
         medians = [statistics.median(seq[i - BLOCK:i]) for i in range(BLOCK, len(seq) + 1)]
         if len(seq) >= 2 * BLOCK:  # the lower of the last two blocks: a rise that lasts
@@ -166,7 +206,24 @@ class LossRise:
             start, share = self.fresh, STRICT_LOST
         else:
             start, share = self.initial, LOST
+            noise, first = self.noise(), self.first_block
+            if noise is not None and first is not None and min(first, level, best) > 0 and (
+                    math.log(first / best) < NOISE_UNITS * noise):
+                # it learnt no more than its noise (a fine-tuned model starts at its best):
+                # no share of that is a scale; the rise must stand out of the noise itself
+                return math.log(level / best) > NOISE_UNITS * noise
         return start is None or level > best + share * (start - best)
+
+    def noise(self) -> float | None:
+        """The loss's noise in log units: how far a ``BLOCK``-step median strays by chance,
+        from the step-to-step changes of the log loss within each of the last
+        ``NOISE_BLOCKS`` blocks (their spread about their median: a loss that climbs or
+        falls at a steady rate is no noise), or None before a block is in."""
+        if not self._blocks:
+            return None
+        step = statistics.median(self._blocks)  # the per-step noise
+        # that of the median of BLOCK of them (a median's error is sqrt(pi / 2) times a mean's)
+        return math.sqrt(math.pi / 2 / BLOCK) * step
 
     def risen(self, factor: float, *, strict: bool = False) -> Rise | None:
         """A :class:`Rise` when the loss has risen more than ``factor`` times its best (or
@@ -221,7 +278,9 @@ class LossRise:
 
     def state_dict(self) -> dict[str, object]:
         return {"best": self.best, "initial": self.initial, "fresh": self.fresh,
-                "latest": self.latest, "off": self.off, "carry": list(self._carry)}
+                "latest": self.latest, "off": self.off, "carry": list(self._carry),
+                "blocks": list(self._blocks), "block": list(self._block),
+                "first_block": self.first_block}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         self.best = sd.get("best")  # type: ignore[assignment]
@@ -230,6 +289,9 @@ class LossRise:
         self.fresh = sd.get("fresh", self.initial)  # type: ignore[assignment]
         self.off = bool(sd.get("off", False))
         self._carry = list(sd.get("carry") or [])  # type: ignore[call-overload]
+        self._blocks = deque(sd.get("blocks") or [], maxlen=NOISE_BLOCKS)  # type: ignore[call-overload]
+        self._block = list(sd.get("block") or [])  # type: ignore[call-overload]
+        self.first_block = sd.get("first_block")  # type: ignore[assignment]
 
 
 class DeadLayers:
