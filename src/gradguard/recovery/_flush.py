@@ -20,7 +20,7 @@ from ..executors import STALE
 from . import _steps, actions, messages
 from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
-from .probe import RETRY_GAIN, TRIAL
+from .probe import RETRY_FLOOR, RETRY_GAIN, TRIAL
 from .snapshots import copy_state, state_bytes, wait_copies
 
 if TYPE_CHECKING:
@@ -241,13 +241,16 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
 def _retry(rec: Recovery, step: int) -> bool:
     """Start a retry (:mod:`.probe`) of the ceiling before the trouble that lowered the one
     in force (then halfway towards it), once the LR has settled there and held
-    ``restore_steps`` steps more (and as long after the last retry): True when one
-    started."""
-    st = rec.state
+    ``restore_steps`` steps more (and as long after the last retry), unless the loss is
+    down to ``RETRY_FLOOR`` of the fresh model's: True when one started."""
+    st, rise = rec.state, rec._rise
     top = st.episode_ceiling
     if (top is None or st.ceiling >= top or st.settled != st.ceiling or st.at_ceiling is None
             or step - st.at_ceiling < 2 * rec.config.restore_steps):
         return False
+    if rise.latest is not None and rise.fresh is not None and (
+            rise.latest <= RETRY_FLOOR * rise.fresh):
+        return False  # nothing left the LR in force could cost
     if st.raised is not None and step - st.raised > rec.config.relapse_window:
         rec._probe.retried.clear()  # the last lift held: this trouble is a new one
     target = rec._probe.retry_target(st.ceiling, top)

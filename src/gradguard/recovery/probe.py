@@ -56,8 +56,9 @@ fault at all (a *retry*). A stretch of bad batches that spike rather than go non
 looks like an LR too high to the relapse rule, which lowers the ceiling for good (a digits
 MLP on Adam after 30 batches x1e4 in a row: its LR at x0.015, 3.2x the held-out loss of
 the run without them). Once the lowered LR has settled and held ``restore_steps`` steps
-more, with the ladder idle and the loss not noisy, a retry runs its control at the LR in
-force and its trial at the ceiling before the trouble (``episode_ceiling``; not one the
+more, with the ladder idle and the loss neither noisy nor down to ``RETRY_FLOOR`` (3%) of
+the fresh model's (nothing left for the LR in force to cost), a retry runs its control at
+the LR in force and its trial at the ceiling before the trouble (``episode_ceiling``; not one the
 probe of half the LR found, which is the LR's own doing). The ladder lifts the ceiling
 back (a ``raise`` trigger) when the trial's level is at most ``RETRY_GAIN`` (1) times the
 control's, and the run goes on from the trial's weights; otherwise from the control's.
@@ -107,6 +108,12 @@ RETRY_GAIN = 1.0
 #: geometric mean) between the ceiling in force and the lowest that failed, while that is
 #: at least this many times the ceiling in force.
 RETRY_STEP = 1.5
+
+#: No retry while the loss is at most this share of the fresh model's: the run has learnt
+#: all but this of it, and the LR in force costs it nothing two arms of ``TRIAL`` steps
+#: could measure (a GELU MLP on Adam at 100x, lowered to x0.09: 1.1e-5 against 2.4e-5, a
+#: coin toss that put the LR back at 100x for the rest of the run).
+RETRY_FLOOR = 0.03
 
 #: The ladder's triggers that end a retry's trial as trouble (:meth:`LrProbe.fail_retry`).
 RETRY_TROUBLE = ("skip", "spike", "lower")
