@@ -611,8 +611,8 @@ def test_the_loss_noise_and_first_level_survive_a_checkpoint():
     assert again.noise() == rise.noise() is not None
     feed(rise, 95, _blocks(1, 25))
     feed(again, 95, _blocks(1, 25))
-    assert again.noise() == rise.noise() and len(again._blocks) == 12
+    assert again.noise() == rise.noise() and len(again._sigmas) == 12
     older = LossRise()  # a checkpoint from before the noise was kept: the old test
     older.load_state_dict({k: v for k, v in rise.state_dict().items()
-                           if k not in ("blocks", "block", "first_block")})
+                           if k not in ("sigmas", "block", "first_block")})
     assert older.noise() is None and older.first_block is None

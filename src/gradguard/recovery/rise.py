@@ -153,7 +153,7 @@ class LossRise:
         self._carry: list[float] = []  # the last 2 * BLOCK - 1 losses, for the next window
         #: the per-step noise of the last NOISE_BLOCKS blocks of BLOCK taken losses (see
         #: :meth:`noise`; kept when the ladder acts), and the losses of the next block
-        self._blocks: deque[float] = deque(maxlen=NOISE_BLOCKS)
+        self._sigmas: deque[float] = deque(maxlen=NOISE_BLOCKS)
         self._block: list[float] = []
         #: the median of the run's first BLOCK taken losses (its first level, measured as
         #: well as the levels it is compared with; None without the run's first steps)
@@ -183,7 +183,7 @@ class LossRise:
                 d = [math.log(b / a) for a, b in itertools.pairwise(block)]
                 mid = statistics.median(d)
                 # the robust sigma of one step's log loss (a difference has twice its variance)
-                self._blocks.append(MAD_TO_SIGMA * statistics.median(abs(x - mid) for x in d)
+                self._sigmas.append(MAD_TO_SIGMA * statistics.median(abs(x - mid) for x in d)
                                     / math.sqrt(2))
         seq = self._carry + vals
         medians = [statistics.median(seq[i - BLOCK:i]) for i in range(BLOCK, len(seq) + 1)]
@@ -219,9 +219,9 @@ class LossRise:
         from the step-to-step changes of the log loss within each of the last
         ``NOISE_BLOCKS`` blocks (their spread about their median: a loss that climbs or
         falls at a steady rate is no noise), or None before a block is in."""
-        if not self._blocks:
+        if not self._sigmas:
             return None
-        step = statistics.median(self._blocks)  # the per-step noise
+        step = statistics.median(self._sigmas)  # the per-step noise
         # that of the median of BLOCK of them (a median's error is sqrt(pi / 2) times a mean's)
         return math.sqrt(math.pi / 2 / BLOCK) * step
 
@@ -279,7 +279,7 @@ class LossRise:
     def state_dict(self) -> dict[str, object]:
         return {"best": self.best, "initial": self.initial, "fresh": self.fresh,
                 "latest": self.latest, "off": self.off, "carry": list(self._carry),
-                "blocks": list(self._blocks), "block": list(self._block),
+                "sigmas": list(self._sigmas), "block": list(self._block),
                 "first_block": self.first_block}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
@@ -289,7 +289,7 @@ class LossRise:
         self.fresh = sd.get("fresh", self.initial)  # type: ignore[assignment]
         self.off = bool(sd.get("off", False))
         self._carry = list(sd.get("carry") or [])  # type: ignore[call-overload]
-        self._blocks = deque(sd.get("blocks") or [], maxlen=NOISE_BLOCKS)  # type: ignore[call-overload]
+        self._sigmas = deque(sd.get("sigmas") or [], maxlen=NOISE_BLOCKS)  # type: ignore[call-overload]
         self._block = list(sd.get("block") or [])  # type: ignore[call-overload]
         self.first_block = sd.get("first_block")  # type: ignore[assignment]
 
