@@ -268,6 +268,9 @@ HEALTHY_CASES: list[HealthyCase] = [
     HealthyCase("healthy_regression_adamw_restarts", rc.REGRESSION_MLP,
                 rc.Recipe(AdamW, 1e-2, schedule=rc.CosineRestarts()),
                 "regression MLP, AdamW, cosine warm restarts"),
+    # found by hand (2026-12-02), added as it failed: rolled back at step 49 or 99
+    HealthyCase("healthy_mlp_finetune_adam", rc.DIGITS_MLP_PRETRAINED, rc.Recipe(Adam, 1e-4),
+                "a converged digits MLP fine-tuned, Adam 1e-4: its loss starts at its best"),
 ]
 
 
