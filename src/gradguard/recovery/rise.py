@@ -112,7 +112,9 @@ SEVERE = 2.0
 #: In units of the loss's own noise (:meth:`LossRise.noise`): a run whose progress from
 #: its first level is less than this has learnt nothing it can give back, and a rise must
 #: be this far above its best (see the module docstring). Fine-tunes of a converged model
-#: learnt up to 5 such units by chance; an SGD MLP at an LR too high, 11 by learning.
+#: learnt under 6 such units in their first 200 steps (their false rises came at 49 and 99),
+#: 15 over 1,000 as they learn (the share has a scale again); an SGD MLP at an LR too high
+#: had learnt 11 and more when its loss rose.
 NOISE_UNITS = 8.0
 #: The last blocks of ``BLOCK`` taken steps the noise is measured over.
 NOISE_BLOCKS = 32
