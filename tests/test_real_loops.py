@@ -483,13 +483,12 @@ def test_a_network_killed_by_its_warm_up_is_rolled_back_to_the_fresh_model(pipel
 
 def test_a_network_killed_by_its_first_update_is_rolled_back_to_the_fresh_model():
     """Tried as a stranger would: a digits CNN on AdamW at 100x the LR that trains. The
-    first update blows the loss up to 225; unguarded, by step 20 the conv layers get no
-    gradient on most batches and the loss sits at chance for good. x98 the first loss, the
-    blow-up passed under the per-step verdict's x100 bar, and the network died: the guard
-    rolled it back at step 49, when it saw the fresh model's level with dead layers. At
-    x10 the steps after the blow-up are skipped for their loss, and the third rolls back to
-    the weights before the first step (the dead network is
-    ``test_a_network_that_dies_again_after_a_rollback_is_not_waited_for``'s)."""
+    first update blows the loss up to 225; by step 20 the conv layers get no gradient on
+    most batches (a batch now and then still wakes a unit) and the loss sits at chance,
+    never below the fresh model's 2.31. Nothing was learnt, so nothing was given back: the
+    guard sees the fresh model's level (its first loss, not the median of its first three,
+    which the blow-up lifts to 18.9) with dead layers, and rolls back to the weights before
+    the first step, not to the dead network of a flush that looked calm."""
     tails = {}
     for guarded in (False, True):
         guard, losses = _cnn_on_adamw(0.3, 100, guarded=guarded)
@@ -497,8 +496,9 @@ def test_a_network_killed_by_its_first_update_is_rolled_back_to_the_fresh_model(
         if guard is not None:
             assert max(losses[:3]) > 100  # the blow-up
             back = [e for e in guard.events if e.kind == "rollback"]
-            assert back and back[0].step == 3 and back[0].data["snapshot_step"] == -1
-            assert "3 consecutive loss-spiking steps skipped" in back[0].message
+            assert back and back[0].step == 49 and back[0].data["snapshot_step"] == -1
+            assert "the loss is back at the fresh model's level" in back[0].message
+            assert "get no gradient at all: the network died" in back[0].message
     assert tails[False] > 2.2  # dead, unguarded
     assert tails[True] < 1.2, tails
 
@@ -672,9 +672,8 @@ def test_a_rollback_to_an_older_snapshot_is_not_asked_to_beat_the_best_it_never_
         opt.zero_grad()
     guard.close()
     back = [(e.step, e.data["snapshot_step"]) for e in guard.events if e.kind == "rollback"]
-    # the first update wrecks it (x10 its first loss: rolled back at step 3); then (289,
-    # 199) on one CPU, (309, 199) or (299, 259) on others: Adam at 100x is chaotic
-    assert back[0] == (3, -1) and len(back) == 2 and back[1][1] > 49
+    # (289, 199) on one CPU, (309, 199) on another: Adam at 100x is chaotic
+    assert back[0] == (49, -1) and len(back) == 2 and back[1][1] > 49
     assert guard.recovery.lr_ceiling < 1.0  # lr_settled by step 500 on one CPU, not another
     model.eval()
     with torch.no_grad():
@@ -816,9 +815,10 @@ def test_a_first_update_that_lifts_the_loss_tenfold_is_rolled_back():
     first updates lift the loss from 2.3 to 20-50, and it is back under 2.3 within ten
     steps, no NaN, no spike past the warm-up; but the weights are wrecked for good: the run
     sits at 1.1-1.4 nats from step 250, 11-17x its twin's held-out loss, and no LR trains
-    them down again. The per-step verdict calls a loss x10 the first ones (not x100) a spike
-    in the warm-up: the steps after the wreck are skipped for their loss and the third rolls
-    back to the weights before the first step, at a lower LR."""
+    them down again. The per-step verdict calls a loss x10 the first ones two steps in a row
+    (not only x100) a spike in the warm-up: every step on wrecked weights is high, they are
+    skipped for their loss and the third skip rolls back to the weights before the first
+    step, at a lower LR."""
     from benchmarks import rescue
 
     case = next(c for c in rescue.HELD_OUT_CASES if c.name == "held_out_mlp_gelu_adam_lr100")
@@ -828,3 +828,37 @@ def test_a_first_update_that_lifts_the_loss_tenfold_is_rolled_back():
     back = [e for e in runs[True].events if e.kind == "rollback"]
     assert back and back[0].step < 10 and back[0].data["snapshot_step"] == -1, back
     assert tails[False] > 0.7 and tails[True] < tails[False] / 2, tails
+
+
+def test_two_tasks_taking_turns_with_losses_tenfold_apart_are_no_wreck():
+    """Multi-task training, one task per step: a digits classifier (2.3 nats) and a small
+    regression head (0.03-0.15) on one trunk. Every classifier step is x15-x70 the median
+    of the regression losses before it; with a single x10 in the warm-up called a wreck,
+    each was skipped for 40 steps and more (30 skips, a rollback, a data shift). Never
+    twice in a row, they are no spike, and join the history."""
+    from gradguard.lab._common import split_digits
+
+    xt, yt, _, _ = split_digits()
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(64, 128), nn.ReLU())
+    heads = nn.ModuleList([nn.Linear(128, 10), nn.Linear(128, 1)])
+    model = nn.ModuleDict({"trunk": trunk, "heads": heads})
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(200):
+        i = torch.randint(0, len(xt), (32,), generator=g)
+        h = trunk(xt[i])
+        if step % 2 == 0:
+            loss = nn.functional.cross_entropy(heads[0](h), yt[i])
+        else:
+            loss = 0.3 * nn.functional.mse_loss(heads[1](h).squeeze(1), xt[i].mean(1))
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+        losses.append(loss.item())
+    guard.close()
+    assert 10 < losses[2] / losses[1] < 100  # tenfold apart, under the x100 bar
+    assert guard.skipped_steps == 0
+    assert [(e.step, e.kind) for e in guard.events if e.severity != "info"] == []

@@ -84,7 +84,7 @@ def test_a_ceiling_a_bad_shard_lowered_is_tried_again_and_lifted(tmp_path, monke
 @pytest.mark.parametrize(("lr", "how", "fused", "steps"), [
     (3.0, "the trial ran into trouble", False, 800),  # a spike in the trial: no rung
     (2.0, "brought the loss to", False, 800),         # the trial trained worse
-    (3.0, "the trial ran into trouble", True, 800),   # fused: its skip flags heard late
+    (3.0, "the trial ran into trouble", True, 720),   # fused: its skip flags heard late
 ])
 def test_a_retry_of_an_lr_that_is_too_high_is_discarded(lr, how, fused, steps):
     """An LR too high (SGD at 2 and 3): the ladder lowered it and it settled; its retry is

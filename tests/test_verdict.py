@@ -567,15 +567,24 @@ def test_a_snapshot_restores_the_spike_verdicts_statistics():
     guard.close()
 
 
-def test_an_early_loss_ten_times_the_first_is_a_spike_at_its_step():
+def test_an_early_loss_ten_times_the_first_twice_in_a_row_is_a_spike_at_its_step():
     """A GELU MLP on Adam at 100x: the first updates lift the loss from 2.3 to 20-50 and it
     falls back within ten steps, the weights wrecked for good (no LR trains them back down
-    to the twin's loss). x10 the first values is a spike in the warm-up; x5 is not (a
-    healthy first update moves the loss by far less than either)."""
+    to the twin's loss). In the warm-up, x10 the first values two steps in a row is a spike
+    (every step on wrecked weights is high); once is not (two tasks taking turns, their
+    losses 10-100x apart), nor is x5 (a healthy first update moves the loss by far less)."""
     v = SpikeVerdict(warmup=20)
-    assert codes(v, [1.0] * 3, [2.29, 4.65, 52.05]) == [0, 0, LOSS_SPIKE]
+    got = codes(v, [1.0] * 6, [2.29, 4.65, 52.05, 33.99, 31.95, 30.0])
+    assert got == [0, 0, 0, LOSS_SPIKE, LOSS_SPIKE, LOSS_SPIKE]
+    v = SpikeVerdict(warmup=20)
+    assert codes(v, [1.0] * 8, [0.1, 2.3] * 4) == [0] * 8  # two tasks taking turns
+    v = SpikeVerdict(warmup=20)
+    assert codes(v, [1.0] * 40, [0.1, 2.3] * 20) == [0] * 40  # each joins the history
+    assert v.count is not None and v.count.tolist()[1] == 40
     v = SpikeVerdict(warmup=20)
     assert codes(v, [1.0] * 3, [2.3, 2.2, 11.0]) == [0, 0, 0]
+    v = SpikeVerdict(warmup=20)
+    assert codes(v, [1.0] * 3, [2.3, 2.2, 400.0]) == [0, 0, LOSS_SPIKE]  # x100: at once
 
 
 def _blocks(seed: int, n: int, level: float = 4e-4) -> list[float]:

@@ -7,16 +7,18 @@ host read (zero with fused optimizers: it travels as ``found_inf``). A spiking s
 then be skipped at the step itself, before it damages the weights, instead of being
 noticed at the next flush.
 
-The loss is judged at its step only during the first ``warmup`` values (x10 the median
-so far: a first update that wrecks the weights). Afterwards a loss alone is no reason to
-skip a step: late in healthy training losses are heavy-tailed (x10-x40 the median for a
-batch with one misclassified sample at a loss of 0.002), a loss spike from a bad batch
-comes with a gradient spike, and a spike of the loss alone is left to the flush-time
-detectors, which confirm it over the window.
+The loss is judged at its step only during the first ``warmup`` values (x100 the median
+so far, or x10 two steps in a row: a first update that wrecks the weights). Afterwards a
+loss alone is no reason to skip a step: late in healthy training losses are heavy-tailed
+(x10-x40 the median for a batch with one misclassified sample at a loss of 0.002), a loss
+spike from a bad batch comes with a gradient spike, and a spike of the loss alone is left
+to the flush-time detectors, which confirm it over the window.
 
 Every finite value enters the history, spikes included (robust statistics shrug off a few;
 a lasting new level becomes the normal one instead of being skipped for ever), except the
-spikes of the first ``warmup`` values, which a short history could not shrug off. Nothing
+high values of the first ``warmup`` (x10 the median so far), which a short history could
+not shrug off: each waits out of it, and joins it only when the next value is not high
+too (an isolated one, another task's loss; not a run of them, wrecked weights). Nothing
 is read by the host.
 """
 
@@ -52,10 +54,15 @@ OFFSCALE = 16
 #: spike only when it is this many times the median of the (few) values so far, for the
 #: gradient norm and the loss. A run whose first update wrecks its weights (an IRNN at an
 #: LR its gradients cannot take: loss x1e7 at step 1) is caught at step 1, not step 20;
-#: healthy runs move their first norms and losses by far less. The loss's bar is x10: a
-#: GELU MLP on Adam at 100x has its loss lifted from 2.3 to 20-50 by its first updates,
-#: back under 2.3 within ten steps, its weights wrecked for good (docs/recovery.md).
-WARMUP_SPIKE_RATIO = (1000.0, 10.0)
+#: healthy runs move their first norms and losses by far less.
+WARMUP_SPIKE_RATIO = (1000.0, 100.0)
+#: In the warm-up a value this many times the median so far, when the step before was as
+#: far above it too, is a spike (the loss's bar: x10). A GELU MLP on Adam at 100x has its
+#: loss lifted from 2.3 to 20-50 by its first updates, back under 2.3 within ten steps,
+#: its weights wrecked for good (docs/recovery.md); every step on wrecked weights is high,
+#: while two tasks taking turns step by step, their losses 10-100x apart, never are twice
+#: in a row. Such a value waits out of the history, and joins it when the next is not.
+WARMUP_TWICE_RATIO = (1000.0, 10.0)
 
 
 class SpikeVerdict:
@@ -82,6 +89,9 @@ class SpikeVerdict:
         self.history, self.warmup, self.z = history, warmup, z
         self.log_ratio = (math.log(grad_ratio), math.log(loss_ratio))
         self.log_warm = tuple(math.log(r) for r in WARMUP_SPIKE_RATIO)
+        self.log_twice = tuple(math.log(r) for r in WARMUP_TWICE_RATIO)
+        self.high: Tensor | None = None  # [2] bool: the last value was WARMUP_TWICE_RATIO high
+        self.pending: Tensor | None = None  # [2] that value (log; NaN: none), not in the ring yet
         self.ring: Tensor | None = None  # [2, history] log values (NaN: empty)
         self.count: Tensor | None = None  # [2] finite values seen
         self._consts: tuple[Tensor, Tensor, Tensor] | None = None
@@ -93,8 +103,13 @@ class SpikeVerdict:
             else:
                 self.ring = torch.full((2, self.history), math.nan, device=device)
                 self.count = torch.zeros(2, dtype=torch.long, device=device)
+            self.high = (torch.zeros(2, dtype=torch.bool, device=device) if self.high is None
+                         else self.high.to(device))
+            self.pending = (torch.full((2,), math.nan, device=device) if self.pending is None
+                            else self.pending.to(device))
             self._consts = (torch.tensor(self.log_ratio, device=device),
-                            torch.tensor(self.log_warm, device=device),
+                            torch.stack([torch.tensor(self.log_warm, device=device),
+                                         torch.tensor(self.log_twice, device=device)]),
                             torch.tensor([GRAD_SPIKE, LOSS_SPIKE], dtype=torch.uint8, device=device))
         assert self.count is not None and self._consts is not None
         return self.ring, self.count, *self._consts
@@ -117,24 +132,42 @@ class SpikeVerdict:
         d = lx - med
         robust = (count >= self.warmup) & (d > self.z * scale.clamp_min(MIN_LOG_SCALE)) & (
             d > log_ratio)
-        early = (count >= 1) & (count < self.warmup) & (d > log_warm)
-        spike = ok & (robust | early)
-        slot = (count % self.history)[:, None]
-        keep = ok & ~early  # a handful of values cannot shrug off an early spike: keep it out
-        ring.scatter_(1, slot, torch.where(keep, lx, ring.gather(1, slot).squeeze(1))[:, None])
-        count += keep.long()
+        warm = (count >= 1) & (count < self.warmup)
+        early = warm & (d > log_warm[0])
+        high = ok & warm & (d > log_warm[1])
+        assert self.high is not None and self.pending is not None
+        spike = ok & (robust | early | (high & self.high))
+        # a handful of values cannot shrug off an early spike: a high value waits out of the
+        # history; it joins it when the next value is not high (an isolated one: another
+        # task's loss, a hard batch), not while they stay high (wrecked weights)
+        self._push(ring, count, self.high & ~high & torch.isfinite(self.pending), self.pending)
+        self._push(ring, count, ok & ~high, lx)
+        self.high.copy_(high)
+        self.pending.copy_(torch.where(high, lx, math.nan))
         return (spike.to(torch.uint8) * bits).sum(dtype=torch.uint8)
+
+    def _push(self, ring: Tensor, count: Tensor, where: Tensor, values: Tensor) -> None:
+        """Append ``values`` to the history rows ``where`` says (device ops only)."""
+        slot = (count % self.history)[:, None]
+        ring.scatter_(1, slot, torch.where(where, values, ring.gather(1, slot).squeeze(1))[:, None])
+        count += where.long()
 
     def live_state(self, device: torch.device) -> dict[str, Tensor]:
         """The statistics as live device tensors (created empty before the first step), for
         a snapshot to copy: restored with the weights they describe."""
         ring, count, *_ = self._ensure(device)
-        return {"ring": ring, "count": count}
+        assert self.high is not None and self.pending is not None
+        return {"ring": ring, "count": count, "high": self.high, "pending": self.pending}
 
     def state_dict(self) -> dict[str, Any]:
         return {"ring": None if self.ring is None else self.ring.detach().cpu().clone(),
-                "count": None if self.count is None else self.count.detach().cpu().clone()}
+                "count": None if self.count is None else self.count.detach().cpu().clone(),
+                "high": None if self.high is None else self.high.detach().cpu().clone(),
+                "pending": None if self.pending is None else self.pending.detach().cpu().clone()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.ring, self.count = sd["ring"], sd["count"]  # moved to the device at first use
+        self.high, self.pending = sd.get("high"), sd.get("pending")  # older checkpoints: none
+        if self.high is None or self.pending is None:
+            self.high = self.pending = None
         self._consts = None
