@@ -134,7 +134,8 @@ def test_no_retry_once_the_loss_is_down_to_a_few_percent_of_the_fresh_models():
     ladder settled the LR at x0.09 and the run trained its loss down to 2e-5 (the fresh
     model's: 2.3); a retry compared 1.1e-5 at x1 with 2.4e-5 at x0.09, a coin toss, and put
     the LR back at 100x for the rest of the run. Below ``RETRY_FLOOR`` (3%) of the fresh
-    model's loss the LR in force costs nothing two 30-step arms could measure: no retry."""
+    model's loss the LR in force costs nothing two 30-step arms could measure: no retry
+    (without the floor, on this run's path today, one starts at step 469)."""
     from benchmarks import rescue
 
     case = next(c for c in rescue.HELD_OUT_CASES if c.name == "held_out_mlp_gelu_adam_lr100")
