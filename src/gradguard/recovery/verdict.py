@@ -107,6 +107,7 @@ class SpikeVerdict:
                          else self.high.to(device))
             self.pending = (torch.full((2,), math.nan, device=device) if self.pending is None
                             else self.pending.to(device))
+            # the warm-up bars [2, 2]: a spike at once (row 0), twice in a row (row 1)
             self._consts = (torch.tensor(self.log_ratio, device=device),
                             torch.stack([torch.tensor(self.log_warm, device=device),
                                          torch.tensor(self.log_twice, device=device)]),
@@ -117,7 +118,7 @@ class SpikeVerdict:
     def __call__(self, total_norm: Tensor, loss: Tensor | float | None) -> Tensor:
         """The step's code, a device uint8: ``GRAD_SPIKE`` | ``LOSS_SPIKE`` bits (0: none).
         Then the finite values join the history."""
-        ring, count, log_ratio, log_warm, bits = self._ensure(total_norm.device)
+        ring, count, log_ratio, log_bars, bits = self._ensure(total_norm.device)
         if loss is None:
             lv = torch.full((), math.nan, device=total_norm.device)
         elif isinstance(loss, Tensor):
@@ -133,8 +134,8 @@ class SpikeVerdict:
         robust = (count >= self.warmup) & (d > self.z * scale.clamp_min(MIN_LOG_SCALE)) & (
             d > log_ratio)
         warm = (count >= 1) & (count < self.warmup)
-        early = warm & (d > log_warm[0])
-        high = ok & warm & (d > log_warm[1])
+        early = warm & (d > log_bars[0])
+        high = ok & warm & (d > log_bars[1])
         assert self.high is not None and self.pending is not None
         spike = ok & (robust | early | (high & self.high))
         # a handful of values cannot shrug off an early spike: a high value waits out of the
