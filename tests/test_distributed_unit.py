@@ -111,7 +111,21 @@ def test_telemetry_resumes_a_ring_buffer_saved_before_the_loss_given_column():
     tel.record(tel.measure(), loss=0.5, clip_coef=None, skipped=None)
     sd = tel.state_dict()
     buf = sd["buf"]
-    sd["buf"] = torch.cat([buf[:, :5], buf[:, 6:]], dim=1)  # the old 5-column layout
+    sd["buf"] = torch.cat([buf[:, :5], buf[:, 8:]], dim=1)  # the old 5-column layout
     fresh = gg.Telemetry(list(net.named_parameters()), every=3)
     fresh.load_state_dict(sd)
-    assert torch.equal(fresh.pending_rows(), tel.pending_rows())
+    assert torch.allclose(fresh.pending_rows(), tel.pending_rows(), equal_nan=True)
+
+
+def test_telemetry_resumes_a_ring_buffer_saved_before_the_dying_units_columns():
+    net = _net()
+    tel = gg.Telemetry(list(net.named_parameters()), every=3)
+    net(torch.ones(2, 3)).sum().backward()
+    tel.record(tel.measure(), loss=0.5, clip_coef=None, skipped=None)
+    sd = tel.state_dict()
+    buf = sd["buf"]
+    sd["buf"] = torch.cat([buf[:, :6], buf[:, 8:]], dim=1)  # the 6-column layout
+    fresh = gg.Telemetry(list(net.named_parameters()), every=3)
+    fresh.load_state_dict(sd)
+    assert torch.allclose(fresh.pending_rows(), tel.pending_rows(), equal_nan=True)
+    assert fresh.pending_rows()[0, 6:8].isnan().all()  # no unit sample on the old row

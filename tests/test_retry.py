@@ -82,7 +82,7 @@ def test_a_ceiling_a_bad_shard_lowered_is_tried_again_and_lifted(tmp_path, monke
 
 
 @pytest.mark.parametrize(("lr", "how", "fused", "steps"), [
-    (3.0, "the trial ran into trouble", False, 800),  # a spike in the trial: no rung
+    (3.0, "the trial ran into trouble", False, 720),  # a spike in the trial: no rung
     (2.0, "brought the loss to", False, 800),         # the trial trained worse
     (3.0, "the trial ran into trouble", True, 720),   # fused: its skip flags heard late
 ])
@@ -92,7 +92,8 @@ def test_a_retry_of_an_lr_that_is_too_high_is_discarded(lr, how, fused, steps):
     the LR in force, and whatever trouble the trial had is no rung's (no back-off, no
     rollback, no lowered ceiling, no abort). The loss has a floor (label smoothing 0.1):
     without one the MLP's loss is down to 0.1% of the fresh model's by then, and a retry
-    waits for a loss above ``RETRY_FLOOR``."""
+    waits for a loss above ``RETRY_FLOOR``. The runs end before a third retry (halfway up
+    again, ``restore_steps`` after the second) would be under way."""
     guard, _ = digits_run(0, steps, opt="sgd", lr=lr, shard=False, fused=fused, smoothing=0.1)
     tried = retries(guard)
     assert tried and not any(e.data["raised"] for e in tried), [e.message for e in tried]

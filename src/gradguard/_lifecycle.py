@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
-from . import precursors
+from . import distributed, precursors
 from .errors import GradGuardWarning, NonFiniteGradientError, TrainingDiverged
 from .executors import optimizer_kind
 from .monitor import describe_nonfinite
@@ -85,7 +85,8 @@ def relayout(guard: Guard) -> None:
     guard.flush()
     guard._layout = optimizer_layout(guard.optimizer)
     guard.telemetry = Telemetry(named_optimizer_params(guard.model, guard.optimizer),
-                                every=guard.every, pipeline_group=guard.config.pipeline_group)
+                                every=guard.every, pipeline_group=guard.config.pipeline_group,
+                                model=distributed.unwrap(guard.model))
     guard.kind = optimizer_kind(guard.optimizer)
     guard._fresh.reset()  # the new parameters have no optimizer state yet
     reset = getattr(guard.clip, "reset", None)

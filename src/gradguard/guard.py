@@ -121,7 +121,8 @@ class Guard:
             raise ValueError(f"Guard(sink_rank={cfg.sink_rank!r}): must be < world size {self.dist.world_size}")
         self._layout = optimizer_layout(optimizer)
         self.telemetry = Telemetry(named_optimizer_params(model, optimizer), every=cfg.every,
-                                   pipeline_group=cfg.pipeline_group)
+                                   pipeline_group=cfg.pipeline_group,
+                                   model=distributed.unwrap(model))
         self.kind = optimizer_kind(optimizer)
         self._needs_closure = needs_closure(optimizer)
         self._fresh = FreshState(optimizer)
@@ -230,6 +231,7 @@ class Guard:
             in_step = self.kind == "fused" and executor.takes_grad_scale and deferrable(self.clip)
             executor.prepare(in_step=in_step)
             stats = self.telemetry.measure(scale=executor.norm_scale)
+            units = self.telemetry.sample_units(self.step_count)  # every SAMPLE steps
             coef = policy_coefficient(self.clip, stats) if in_step else apply_policy(self.clip, stats)
             self.monitor.lr_tracker.observe(self.step_count, self.optimizer.param_groups)
             plan = decide(
@@ -255,7 +257,7 @@ class Guard:
             # taken, or skipped in its place: an LR scheduler stepped after guard.step() is in
             # the right order (after a skipped first step torch would warn it is not)
             self.optimizer._opt_called = True  # type: ignore[attr-defined]
-            self._record(stats, loss, coef, out)
+            self._record(stats, loss, coef, out, units)
             if out.trouble is True and (out.code or 0) & NONFINITE and (
                     plan.warn or plan.on_bad == "raise"):
                 self._report_bad(stats, raise_=plan.on_bad == "raise")
@@ -284,8 +286,10 @@ class Guard:
     def _report_bad(self, stats: StepStats, *, raise_: bool) -> None:
         lifecycle.report_nonfinite(self, stats, raise_=raise_)
 
-    def _record(self, stats: StepStats, loss: Tensor | float | None, coef: Tensor | None, out: Outcome) -> None:
-        self.telemetry.record(stats, loss=loss, clip_coef=coef, skipped=out.skipped, step=self.step_count)
+    def _record(self, stats: StepStats, loss: Tensor | float | None, coef: Tensor | None,
+                out: Outcome, units: Tensor | None = None) -> None:
+        self.telemetry.record(stats, loss=loss, clip_coef=coef, skipped=out.skipped,
+                              step=self.step_count, units=units)
         self.monitor.amp.record(self.step_count, out.amp_row)
         if self._watch is not None:
             self._watch.end_step(self.telemetry.pending - 1)

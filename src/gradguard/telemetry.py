@@ -4,7 +4,8 @@ Per-parameter gradient norms (:mod:`gradguard.measure`: ``torch._foreach_norm`` 
 device and dtype, accumulated in at least float32) are written into a ring buffer on the
 device and copied to the host once per flush. Nothing here asks the host for a value per
 step. Weight and update norms of a flush step come from
-:class:`~gradguard.updates.UpdateSampler`.
+:class:`~gradguard.updates.UpdateSampler`; the share of a layer's units that died, every
+``SAMPLE`` steps, from :class:`~gradguard.units.UnitWatch`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import distributed
 from .measure import GradGroup, StepStats, group_grads, measure, measure_grads, norm_dtype
 from .naming import ROOT_LAYER, layer_of, named_optimizer_params
+from .units import UnitWatch, watched
 
 # the measurement moved to gradguard.measure and the naming to gradguard.naming; their
 # names stay importable from here
@@ -30,9 +32,12 @@ __all__ = [
 
 # Columns of the ring buffer before the per-parameter norms. LOCAL_OK: this rank's own
 # gradients were finite (before any all-reduce); it tells which rank a NaN came from.
-# LOSS_GIVEN: a loss was passed (pipeline stages: only the last stage has one).
-_COL_LOSS, _COL_TOTAL, _COL_COEF, _COL_SKIPPED, _COL_LOCAL_OK, _COL_LOSS_GIVEN = range(6)
-_N_SCALARS = 6
+# LOSS_GIVEN: a loss was passed (pipeline stages: only the last stage has one). DYING,
+# DYING_AT: on a step the unit watch sampled, the largest share of a weight's units that
+# died and that weight's parameter position (NaN on other steps; :mod:`gradguard.units`).
+(_COL_LOSS, _COL_TOTAL, _COL_COEF, _COL_SKIPPED, _COL_LOCAL_OK, _COL_LOSS_GIVEN, _COL_DYING,
+ _COL_DYING_AT) = range(8)
+_N_SCALARS = 8
 
 
 @dataclass
@@ -58,6 +63,9 @@ class Window:
             None) at the window's first step (sampled once per window: a host-side set,
             no device read): a frozen or unused parameter has none, a parameter behind
             dead units has a zero one; None when unknown.
+        dying, dying_at: ``[n]``: on the steps the unit watch sampled, the largest share of
+            a weight's output units that died within the last hundred steps and that weight's parameter
+            position (:mod:`gradguard.units`); NaN on other steps; None when unknown.
     """
 
     steps: list[int]
@@ -74,6 +82,8 @@ class Window:
     skip_codes: Tensor | None = None
     matrix_layers: list[bool] | None = None
     grad_present: list[bool] | None = None
+    dying: Tensor | None = None
+    dying_at: Tensor | None = None
     #: :meth:`layer_norms`, computed once per window (the detectors, the monitor and the
     #: recovery all read it at the same flush); treat it as read-only
     _layer_norms: Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -107,6 +117,17 @@ class Window:
             self._layer_norms = self._by_layer(self.param_norms)
         return self._layer_norms
 
+    def units_dying(self) -> tuple[float, str] | None:
+        """The latest sample of the unit watch in this window: the largest share of a
+        weight's output units that died within the last hundred steps, and that weight's parameter name; None
+        when no step of the window was sampled."""
+        if self.dying is None or self.dying_at is None:
+            return None
+        for share, at in zip(reversed(self.dying.tolist()), reversed(self.dying_at.tolist())):
+            if math.isfinite(share) and math.isfinite(at) and 0 <= int(at) < len(self.names):
+                return share, self.names[int(at)]
+        return None
+
     def layer_weight_norms(self) -> Tensor | None:
         return None if self.weight_norms is None else self._by_layer(self.weight_norms)
 
@@ -126,6 +147,8 @@ class Telemetry:
             stages (a ProcessGroup or ``mesh["pp"]``). Per-layer norms stay this stage's;
             the total norm, the skip and the clip coefficient are the whole model's, still
             with one all-reduce per step. See docs/distributed.md.
+        model: the module the parameters belong to: its linear and convolution weights'
+            output units are watched for dying (:mod:`gradguard.units`); None: not.
 
     Example:
         >>> import torch, gradguard as gg
@@ -146,6 +169,7 @@ class Telemetry:
         every: int = 50,
         norm_type: float = 2.0,
         pipeline_group: object = None,
+        model: nn.Module | None = None,
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every={every!r} must be an int >= 1")
@@ -177,6 +201,9 @@ class Telemetry:
         self._present: set[int] | None = None  # params with a gradient tensor at the window's
         # first step (host-side, sampled once per window)
         self._next_step = 0
+        index = [] if model is None else watched(model, self.params)
+        #: the dying units' counters (None: no weight is watched)
+        self.units = UnitWatch(self.params, index, self.device) if index else None
         self._reducer = (
             None
             if pipeline_group is None
@@ -189,6 +216,14 @@ class Telemetry:
         norms are multiplied by (``1 / loss_scale`` while the gradients are still scaled)."""
         return measure(self.params, self.norm_type, torch.float32, self.device,
                        self.reducer(), self.names, scale=scale)
+
+    def sample_units(self, step: int) -> Tensor | None:
+        """``[share, position]`` of the units that died (:meth:`UnitWatch.sample
+        <gradguard.units.UnitWatch.sample>`) when step ``step`` is sampled, else None;
+        call it with the step's gradients, before the optimizer step."""
+        if self.units is None or not self.units.due(step):
+            return None
+        return self.units.sample()
 
     def reducer(self) -> distributed.NormReducer | None:
         """The all-reduce of per-parameter norms (None outside torch.distributed), built
@@ -213,9 +248,11 @@ class Telemetry:
         clip_coef: Tensor | float | None,
         skipped: Tensor | float | None,
         step: int | None = None,
+        units: Tensor | None = None,
     ) -> None:
         """Write one step into the ring buffer (a device copy, no sync). ``skipped``: 0 for a
-        step taken, else why it was skipped (the verdict bits, see ``Window.skip_codes``)."""
+        step taken, else why it was skipped (the verdict bits, see ``Window.skip_codes``);
+        ``units``: :meth:`sample_units`' result on a sampled step."""
         pos = len(self._steps)
         if pos >= self.every:
             raise RuntimeError("telemetry ring buffer is full: call flush() first")
@@ -235,6 +272,8 @@ class Telemetry:
                     stats.finite if stats.local_finite is None else stats.local_finite, 1.0
                 ),
                 self._scalar(0.0 if loss is None else 1.0, 1.0),
+                (torch.full((2,), math.nan, device=self.device) if units is None
+                 else units.to(self.device, torch.float32)),
                 stats.param_norms.to(self.device, torch.float32, non_blocking=True),
             ]
         )
@@ -245,11 +284,11 @@ class Telemetry:
         self._next_step = self._steps[-1] + 1
 
     def pending_rows(self) -> Tensor:
-        """The rows written since the last flush: a live ``[pending, 6 + n_params]`` view of
+        """The rows written since the last flush: a live ``[pending, 8 + n_params]`` view of
         the device ring buffer (columns: loss, total norm, clip coefficient, skipped, local
-        finite flag, loss given, then the per-parameter norms). Used to agree on a window
-        across ranks; under pipeline stages, whose parameters differ, the first 6 columns
-        only."""
+        finite flag, loss given, dying share and its parameter, then the per-parameter
+        norms). Used to agree on a window across ranks; under pipeline stages, whose
+        parameters differ, the first 8 columns only."""
         rows = self._buf[: len(self._steps)]
         staged = self._reducer is not None and self._reducer.stages > 1
         return rows[:, :_N_SCALARS] if staged else rows
@@ -303,6 +342,8 @@ class Telemetry:
             skip_codes=rows[:, _COL_SKIPPED],
             matrix_layers=self.matrix_layers,
             grad_present=None if self._present is None else [i in self._present for i in range(p)],
+            dying=rows[:, _COL_DYING],
+            dying_at=rows[:, _COL_DYING_AT],
         )
         self._steps = []
         self._present = None
@@ -318,6 +359,7 @@ class Telemetry:
             "next_step": self._next_step,
             "names": list(self.names),
             "present": None if self._present is None else sorted(self._present),
+            "units": None if self.units is None else self.units.state_dict(),
         }
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
@@ -325,9 +367,13 @@ class Telemetry:
             raise ValueError("telemetry state_dict was saved for different parameters")
         buf = sd["buf"]
         assert isinstance(buf, Tensor)
-        if buf.shape[1] == self._buf.shape[1] - 1:  # saved before the loss-given column
+        p = len(self.params)
+        if buf.shape[1] == p + 5:  # saved before the loss-given column
             ones = torch.ones_like(buf[:, :1])
             buf = torch.cat([buf[:, :_COL_LOSS_GIVEN], ones, buf[:, _COL_LOSS_GIVEN:]], dim=1)
+        if buf.shape[1] == p + 6:  # saved before the dying-units columns
+            nan = torch.full_like(buf[:, :2], math.nan)
+            buf = torch.cat([buf[:, :_COL_DYING], nan, buf[:, _COL_DYING:]], dim=1)
         if buf.shape != self._buf.shape:
             raise ValueError(
                 f"telemetry state_dict buffer shape {tuple(buf.shape)} != {tuple(self._buf.shape)}"
@@ -335,6 +381,9 @@ class Telemetry:
         self._buf.copy_(buf)
         self._steps = list(sd["steps"])  # type: ignore[call-overload]
         self._next_step = int(sd["next_step"])  # type: ignore[call-overload]
+        units = sd.get("units")
+        if self.units is not None and isinstance(units, dict):
+            self.units.load_state_dict(units)
         present = sd.get("present")
         self._present = None if present is None else {int(i) for i in present}  # type: ignore[attr-defined]
 

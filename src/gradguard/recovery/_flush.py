@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import GradGuardWarning
 from ..events import Event, listed
 from ..executors import STALE
+from ..naming import layer_of
+from ..units import DYING, SAMPLE, SILENT
 from . import _steps, actions, messages
 from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
@@ -43,6 +45,8 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     if judge:
         rec._judged = window.steps[-1]
     losses, skips = window.loss.tolist(), window.skipped.tolist()
+    if (units := window.units_dying()) is not None:
+        rec._dying = units[0]  # the share a snapshot taken now is labelled with
     # why each step was skipped (host values: the window is the flush's one host copy)
     codes = window.skip_codes.tolist() if window.skip_codes is not None else None
     triggers = _device_skips(rec, window, skips, codes, overflows)
@@ -121,6 +125,10 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
         dead = rec._dead.update(window.layers, window.layer_norms().tolist(), skips)
     if not judge:
         return False, None, dead
+    dying = _dying(rec, guard, window)
+    if dying is not None:
+        rec._rise.judged()
+        return True, dying, dead
     st = rec.state
     risen = rec._rise.risen(rec.config.stall_factor)
     mild = False
@@ -155,6 +163,25 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
     return True, Trigger("spike", window.steps[-1], why, rec._rise.best, at=window.steps[-1],
                          by_level=not died,
                          mild=mild and not behind, rollback=behind), dead
+
+
+def _dying(rec: Recovery, guard: Guard, window: Window) -> Trigger | None:
+    """A rollback trigger when ``DYING`` (half) or more of a layer's units died within a
+    hundred steps (:mod:`gradguard.units`): to the weights from before they died (the ring passes over
+    snapshots taken with a quarter dead), at a lower LR (a rollback is a relapse). No NaN,
+    no spike, no rise of the loss tells it: the loss goes on falling towards the floor the
+    dead units set, and no LR from the damaged weights brings them back."""
+    sample = window.units_dying()
+    if sample is None or sample[0] < DYING:
+        return None
+    share, name = sample
+    units = guard.telemetry.units
+    n = units.units[units.index.index(guard.names.index(name))] if units is not None else 0
+    step = window.steps[-1]
+    why = (f"{share:.0%} of the output units of {listed([layer_of(name)])} ({round(share * n)} of {n}) "
+           f"have had no gradient on {SILENT} samples in a row, {SAMPLE} steps apart: they "
+           "died (a ReLU's input pushed below zero for good, by updates too large for it)")
+    return Trigger("spike", step, why, rec._rise.best, at=step, by_level=False, rollback=True)
 
 
 def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -> None:

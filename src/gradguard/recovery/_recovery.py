@@ -188,6 +188,8 @@ class Recovery:
         self._probe = LrProbe()
         self._shift = ShiftTest()  # each rollback's test of the batches (:mod:`.shift`)
         self._progress: float | None = None  # the loss level of the latest flush
+        #: the latest sampled share of a layer's units that died (:mod:`gradguard.units`)
+        self._dying: float | None = None
         self.restores = 0  # weights restored: rollbacks, and the LR probe's forks (_flush)
         self._judged = -1  # the step of the last judgement of the loss level (see _flush)
 
@@ -350,7 +352,7 @@ class Recovery:
         if not self.ring.keep(guard, step):
             return False
         self.ring.kept(step, self.restores)
-        self.ring.remember(step, self._progress)
+        self.ring.remember(step, self._progress, self._dying)
         self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
         return True
 
@@ -363,8 +365,9 @@ class Recovery:
             "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict(),
             "dead": self._dead.state_dict(), "probe": self._probe.state_dict(),
             "shift": self._shift.state_dict(),
-            "progress": self._progress, "judged": self._judged,
+            "progress": self._progress, "judged": self._judged, "dying": self._dying,
             "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())],
+            "snapshot_dying": [[k, v] for k, v in sorted(self.ring.dying.items())],
             **self.ring.tests_state()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -376,6 +379,8 @@ class Recovery:
         self.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
                                    sd.pop("verified", ()))
         self.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
+        self.ring.dying = {int(k): v for k, v in sd.pop("snapshot_dying", ())}
+        self._dying = sd.pop("dying", None)
         parts: dict[str, Any] = {"rise": self._rise, "probe": self._probe, "dead": self._dead,
                                  "verdict": self._verdict, "shift": self._shift}
         for key, part in parts.items():  # each absent from older checkpoints

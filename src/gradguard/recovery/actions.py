@@ -226,8 +226,12 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
 def restore(guard: Guard, snap: dict[str, Any]) -> None:
     """Load model, optimizer state and clip policy from ``snap`` (a copy owned by the
     caller; :func:`snapshot_state` copied), keeping the optimizer's hyperparameters as they
-    are now (LR schedules are not rolled back)."""
+    are now (LR schedules are not rolled back). The units dead in the restored weights died
+    before them: the unit watch counts afresh (:mod:`gradguard.units`)."""
     guard.model.load_state_dict(snap["model"])
+    units = getattr(guard.telemetry, "units", None)
+    if units is not None:
+        units.reset()
     running = getattr(guard, "_running", None)
     if running is not None:
         running.refresh()  # the restored batch norm statistics are the step's starting point

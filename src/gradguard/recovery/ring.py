@@ -15,6 +15,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GradGuardWarning
+from ..units import DYING
 from . import actions
 from .rise import AT_FRESH
 from .snapshots import DiskSnapshotStore, MemorySnapshotStore, SnapshotWriter
@@ -35,6 +36,9 @@ class SnapshotRing:
         self.disk = None if directory is None else DiskSnapshotStore(directory, keep=keep)
         #: snapshot step -> the loss level it was taken at (the newest ``keep``)
         self.levels: dict[int, float | None] = {}
+        #: snapshot step -> the largest share of a layer's units dead then (the newest
+        #: ``keep``; :mod:`gradguard.units`)
+        self.dying: dict[int, float | None] = {}
         self._writer: SnapshotWriter | None = None
         self._write_warned = False
         #: the snapshot (and the restores count then) whose weights have had no finite
@@ -81,13 +85,17 @@ class SnapshotRing:
         it already (lab T7: the snapshot of step 49, at 2.23 against a fresh 2.22, taken
         at an LR ten times too high, trained to 0.62 at the LR the ladder settled on; the
         weights before the first step to 0.0003). ``fresh`` None: no such test (the loss
-        level is no evidence, or on other batches than the fresh model's)."""
+        level is no evidence, or on other batches than the fresh model's). Nor to a
+        snapshot taken with ``DYING / 2`` of a layer's units dead while an older one is
+        kept: the weights from before the units died (:mod:`gradguard.units`)."""
         steps = self.store.steps()
         n = back + 1 if len(steps) > 1 and steps[-1] not in self._verified else back
         if fresh is not None and len(steps) > 1 and steps[0] == -1:
             level = self.levels.get(steps[max(0, len(steps) - 1 - n)])
             if level is not None and level >= AT_FRESH * fresh:
                 return len(steps) - 1
+        while n < len(steps) - 1 and (self.dying.get(steps[len(steps) - 1 - n]) or 0.0) >= DYING / 2:
+            n += 1
         return n
 
     def restored(self, snapshot: int, step: int) -> None:
@@ -126,10 +134,11 @@ class SnapshotRing:
         self._verify = None if verify is None else (int(verify[0]), int(verify[1]))
         self._verified = set(verified)
 
-    def remember(self, step: int, level: float | None) -> None:
-        """The loss level the snapshot of ``step`` was taken at (the newest ``keep`` kept:
-        no store holds more)."""
+    def remember(self, step: int, level: float | None, dying: float | None = None) -> None:
+        """The loss level the snapshot of ``step`` was taken at, and the share of a layer's
+        units dead then (the newest ``keep`` kept: no store holds more)."""
         self.levels = dict(sorted({**self.levels, step: level}.items())[-self.keep_n:])
+        self.dying = dict(sorted({**self.dying, step: dying}.items())[-self.keep_n:])
 
     def level(self, initial: float | None) -> float | None:
         """The loss level the snapshot a rollback would load was taken at (the newest in

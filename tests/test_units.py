@@ -1,0 +1,223 @@
+"""Dying units (:mod:`gradguard.units`): the share of a layer's units that stopped getting
+any gradient, measured on the device every ``SAMPLE`` steps, and the rollback it triggers
+when half of a layer's units died within a hundred steps (an LR too high for the ReLUs,
+with no NaN, spike or rise of the loss to tell)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from benchmarks import rescue as R
+from benchmarks import rescue_cases as rc
+from torch import nn
+
+import gradguard as gg
+from gradguard.units import DYING, MIN_UNITS, RECENT, SILENT, UnitWatch, watched
+
+
+def _watch(width: int = 32) -> tuple[nn.Linear, UnitWatch]:
+    layer = nn.Linear(4, width)
+    params = list(layer.parameters())
+    return layer, UnitWatch(params, watched(layer, params), torch.device("cpu"))
+
+
+def _sample(layer: nn.Linear, watch: UnitWatch, dead: int | slice | None = None,
+            grad: float = 1.0) -> float:
+    """One sample with the rows ``dead`` zero; returns the share."""
+    layer.weight.grad = torch.full_like(layer.weight, grad)
+    if dead is not None:
+        layer.weight.grad[dead if isinstance(dead, slice) else slice(0, dead)] = 0.0
+    share, at = watch.sample().tolist()
+    assert int(at) == 0
+    return share
+
+
+def test_the_watched_weights_are_linear_and_convolution_outputs_wide_enough():
+    model = nn.ModuleDict({
+        "emb": nn.Embedding(100, 32), "fc": nn.Linear(32, 64), "small": nn.Linear(64, MIN_UNITS - 1),
+        "conv": nn.Conv2d(3, 16, 3), "up": nn.ConvTranspose2d(16, 32, 3), "norm": nn.LayerNorm(64),
+    })
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    assert [names[i] for i in watched(model, params)] == ["fc.weight", "conv.weight"]
+
+
+def test_a_unit_is_dead_after_SILENT_silent_samples_having_had_a_gradient():
+    layer, watch = _watch()
+    assert _sample(layer, watch) == 0.0
+    shares = [_sample(layer, watch, dead=8) for _ in range(SILENT + 1)]
+    assert shares == [0.0] * (SILENT - 1) + [0.25, 0.25]
+    assert _sample(layer, watch) == 0.0  # a gradient again: alive
+
+
+def test_units_dead_from_the_start_are_not_this_runs():
+    layer, watch = _watch()
+    shares = [_sample(layer, watch, dead=16) for _ in range(SILENT + 2)]
+    assert shares == [0.0] * (SILENT + 2)
+
+
+def test_a_sample_without_any_gradient_for_a_weight_tells_nothing():
+    layer, watch = _watch()
+    _sample(layer, watch)
+    for _ in range(SILENT + 2):
+        layer.weight.grad = None
+        assert watch.sample().tolist()[0] == 0.0
+        _sample(layer, watch, grad=0.0)  # every row zero: no gradient reached it at all
+    assert _sample(layer, watch, dead=4) == 0.0  # the silent count starts here
+
+
+def test_non_finite_rows_are_no_dead_units():
+    layer, watch = _watch()
+    _sample(layer, watch)
+    for _ in range(SILENT + 1):
+        assert _sample(layer, watch, dead=8, grad=math.nan) == 0.0
+
+
+def test_units_that_died_more_than_RECENT_samples_ago_drop_out():
+    layer, watch = _watch()
+    _sample(layer, watch)
+    shares = [_sample(layer, watch, dead=16) for _ in range(RECENT + 2)]
+    assert shares[SILENT - 1:RECENT] == [0.5] * (RECENT - SILENT + 1)
+    assert shares[RECENT:] == [0.0, 0.0]
+
+
+def test_a_slow_attrition_never_looks_like_dying():
+    """A run that loses units a few at a time (a long run's ReLUs, a sparse autoencoder's
+    latents): 2 of 64 every ten samples, 90% of them dead in the end, never half of them
+    within ``RECENT`` samples."""
+    layer, watch = _watch(64)
+    _sample(layer, watch)
+    shares = [_sample(layer, watch, dead=2 * (i // 10)) for i in range(300)]
+    assert max(shares) < DYING / 2 and 2 * (299 // 10) / 64 > 0.9
+
+
+def test_reset_and_state_dict():
+    layer, watch = _watch()
+    _sample(layer, watch)
+    for _ in range(SILENT):
+        _sample(layer, watch, dead=8)
+    sd = watch.state_dict()
+    other = _watch()[1]
+    other.load_state_dict(sd)
+    assert torch.equal(other.silent, watch.silent) and torch.equal(other.alive, watch.alive)
+    wider = _watch(48)[1]
+    wider.load_state_dict(sd)  # saved for other weights: counted afresh
+    assert not wider.alive.any()
+    watch.reset()
+    assert _sample(layer, watch, dead=8) == 0.0
+
+
+def test_the_guard_samples_every_SAMPLE_steps_into_its_window():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, every=25)
+    for _ in range(25):
+        loss = model(torch.randn(16, 8)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    window = guard.last_window
+    sampled = [s for s, x in zip(window.steps, window.dying.tolist()) if not math.isnan(x)]
+    assert sampled == [0, 10, 20]
+    assert window.units_dying() == (0.0, "0.weight")
+
+
+def test_a_rollback_passes_over_snapshots_taken_with_a_quarter_of_a_layer_dead():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = gg.Recovery(snapshot_every=5, keep=3)
+    guard = gg.Guard(model, opt, recovery=rec, every=5)
+    for _ in range(13):
+        loss = (model(torch.randn(16, 4)) - 1).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    assert rec.store.steps() == [-1, 4, 9]
+    assert rec.ring.back(0) == 0
+    rec.ring.dying[9] = DYING / 2
+    assert rec.ring.back(0) == 1
+    rec.ring.dying[4] = 0.4
+    assert rec.ring.back(0) == 2  # the weights before the first step
+    rec.ring.dying[9] = DYING / 2 - 0.01
+    assert rec.ring.back(0) == 0
+
+
+def _regression(recipe: rc.Recipe, seed: int = 0, guarded: bool = True) -> R.Outcome:
+    return R.train(rc.REGRESSION_MLP, recipe, 300, guarded=guarded, seed=seed)
+
+
+def test_a_regression_mlp_whose_relus_die_at_sgd_10x_is_rolled_back_and_trains():
+    """benchmarks/rescue.py's ``held_out_regression_sgd_lr10``: SGD with momentum at 10x the
+    LR that trains kills 80% of the second layer's units by step 10 and all of them by 70;
+    the loss goes on falling (no NaN, no spike, no rise to act on: the guard without the
+    unit watch left it alone, 10.7x its twin). Half of them dead: rolled back to the
+    weights before the first step, at a lower LR."""
+    fast = rc.Recipe(torch.optim.SGD, 0.3, {"momentum": 0.9})
+    twin = _regression(rc.Recipe(torch.optim.SGD, 0.03, {"momentum": 0.9}), guarded=False)
+    bare = _regression(fast, guarded=False)
+    out = _regression(fast)
+    assert bare.eval_loss > 5 * twin.eval_loss
+    died = [e for e in out.events if e.kind == "rollback" and "died" in e.message]
+    assert died and died[0].step < 60 and "before the first step" in died[0].message
+    assert "`2`" in died[0].message  # the layer whose units died
+    assert out.params_finite and out.eval_loss < 2 * twin.eval_loss
+    assert out.lr_ceiling < 1.0
+
+
+@pytest.mark.parametrize("recipe", [
+    rc.Recipe(torch.optim.AdamW, 1e-2),  # its twin: 17% of a layer's units die, in no hurry
+    rc.Recipe(torch.optim.SGD, 0.03, {"momentum": 0.9}),
+], ids=["adamw", "sgd"])
+def test_a_healthy_relu_mlp_losing_a_few_units_is_left_alone(recipe):
+    out = _regression(recipe)
+    assert not out.decisions and not any(e.severity != "info" for e in out.events)
+    bare = _regression(recipe, guarded=False)
+    assert out.eval_loss == pytest.approx(bare.eval_loss, rel=0.02)
+
+
+def test_a_cnn_whose_channels_die_on_fused_adam_at_10x_is_rolled_back():
+    """The fused path (skip flags on the device): the digits CNN on fused Adam at 10x loses
+    75% of a convolution's channels by step 10 and trained on to 2.6x its twin (seed 1)
+    under the guard without the unit watch."""
+    fast = rc.Recipe(torch.optim.Adam, 0.03, {"fused": True})
+    twin = R.train(rc.DIGITS_CNN, rc.Recipe(torch.optim.Adam, 3e-3, {"fused": True}), 300,
+                   guarded=False, seed=1)
+    out = R.train(rc.DIGITS_CNN, fast, 300, guarded=True, seed=1)
+    died = [e for e in out.events if e.kind == "rollback" and "died" in e.message]
+    assert died and died[0].step < 60
+    assert out.params_finite and out.eval_loss < 2 * twin.eval_loss
+
+
+def test_dying_units_in_a_lightning_trainer_roll_back_the_same_way(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradguard.events import read_jsonl
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    class Regression(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = rc.REGRESSION_MLP.model()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.3, momentum=0.9)
+
+    xs, ys = zip(*(rc.regression_batches(0)(s) for s in range(120)))
+    data = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+    loader = torch.utils.data.DataLoader(data, batch_size=64)
+    cb = GradGuardCallback(run_dir=tmp_path / "run", report=False)
+    trainer = pl.Trainer(max_steps=120, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(Regression(), loader)
+    rolled = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["kind"] == "rollback"]
+    assert rolled and "died" in rolled[0]["message"] and rolled[0]["step"] < 60
+    assert "before the first step" in rolled[0]["message"]
