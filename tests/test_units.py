@@ -52,6 +52,18 @@ def test_a_unit_is_dead_after_SILENT_silent_samples_having_had_a_gradient():
     assert _sample(layer, watch) == 0.0  # a gradient again: alive
 
 
+def test_a_unit_that_came_back_from_a_silence_needs_twice_as_long_next_time():
+    """On batches of one a unit firing on a fifth of the inputs is silent on three samples
+    half the time (up to 45% of a healthy digits MLP's layer on Adam); one that came back
+    from ``s`` silent samples is dead after ``2 s + 1``."""
+    layer, watch = _watch()
+    _sample(layer, watch)
+    assert [_sample(layer, watch, dead=16) for _ in range(SILENT)][-1] == 0.5
+    assert _sample(layer, watch) == 0.0  # back: it was sparse, not dead
+    shares = [_sample(layer, watch, dead=16) for _ in range(2 * SILENT + 1)]
+    assert shares == [0.0] * (2 * SILENT) + [0.5]
+
+
 def test_units_dead_from_the_start_are_not_this_runs():
     layer, watch = _watch()
     shares = [_sample(layer, watch, dead=16) for _ in range(SILENT + 2)]
@@ -221,3 +233,20 @@ def test_dying_units_in_a_lightning_trainer_roll_back_the_same_way(tmp_path):
     rolled = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["kind"] == "rollback"]
     assert rolled and "died" in rolled[0]["message"] and rolled[0]["step"] < 60
     assert "before the first step" in rolled[0]["message"]
+
+
+def test_units_that_die_as_the_network_learns_changed_batches_are_the_changes_doing():
+    """``benchmarks/curriculum.py``: every label shifted by 3 at step 300 (SGD); the guard
+    finds the batches changed at step 359 (a rollback's weights give the new loss), and 62%
+    of the first layer's units die as the network learns the new task. Found when the unit
+    watch was new: it rolled back at step 409 to the weights from before the change (no
+    snapshot since), whose loss on the new batches spiked, two more rollbacks, an abort
+    (held-out 12.0 against 0.42 unguarded). Deaths so soon after a change, or with nothing
+    since it to go back to, are the change's doing: no rollback."""
+    from benchmarks import curriculum
+
+    out = curriculum.run("permute", "sgd", 0, 900, guarded=True)
+    assert out["stopped"] is None
+    assert out["rungs"] == [["lr_backoff", 300], ["rollback", 349], ["data_shift", 359]]
+    bare = curriculum.run("permute", "sgd", 0, 900, guarded=False)
+    assert out["held_out"] < 1.1 * bare["held_out"]

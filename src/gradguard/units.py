@@ -19,7 +19,10 @@ output units), the largest gradient magnitude of each output unit's row. A unit 
 when that was exactly zero on the last ``SILENT`` (3) samples in a row (a sparse unit is
 silent on one batch by chance, seldom on three batches twenty steps apart) and it had a
 gradient on an earlier sample (a unit that was dead when the watch began, a pretrained
-model's, is not this run's doing); it is *dying* while it died within the last ``RECENT``
+model's, is not this run's doing); a unit that has come back from ``s`` silent samples
+before needs ``2 s + 1`` (on batches of one sample a unit firing on a fifth of the inputs is
+silent on three samples half the time: such units, up to 45% of a healthy layer of a
+digits MLP on Adam, come back and so raise their own bar); it is *dying* while it died within the last ``RECENT``
 (10) samples: what is measured is how many units died within a hundred steps, not how
 many a long run has lost. A sample on which a weight had no gradient at all (an
 expert no token was routed to, a frozen layer) tells nothing about its units. The share
@@ -29,7 +32,7 @@ counters start again whenever the weights are restored (a rollback, the LR probe
 units that are dead in the restored weights died before them.
 
 Cost: one extra read of the watched gradients every ``SAMPLE`` steps (a tenth of the read
-the per-step norm already does) and two small counters per output unit.
+the per-step norm already does) and three small counters per output unit (two 32-bit counts and a flag).
 """
 
 from __future__ import annotations
@@ -110,9 +113,11 @@ class UnitWatch:
             torch.tensor(self.units, device=device, dtype=torch.long))
         self._units = torch.tensor(self.units, device=device, dtype=torch.float32)
         self._at = torch.tensor(self.index, device=device, dtype=torch.float32)
-        #: per unit: samples in a row with a zero gradient row; whether it had a gradient
+        #: per unit: samples in a row with a zero gradient row; whether it had a gradient;
+        #: the longest such silence it came back from
         self.silent = torch.zeros(n, dtype=torch.int32, device=device)
         self.alive = torch.zeros(n, dtype=torch.bool, device=device)
+        self.longest = torch.zeros(n, dtype=torch.int32, device=device)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -141,9 +146,12 @@ class UnitWatch:
         # a weight without any gradient on this sample tells nothing about its units
         told = torch.zeros(len(self.units), device=self.device).index_add_(
             0, self._seg, live.float()) > 0
+        self.longest = torch.where(live, torch.maximum(self.longest, self.silent), self.longest)
         self.silent = torch.where(live, 0, self.silent + told[self._seg].int())
         self.alive |= live
-        dead = ((self.silent >= SILENT) & (self.silent <= RECENT) & self.alive).float()
+        # a unit that came back from s silent samples is dead after 2s + 1 (SILENT at least)
+        bar = torch.clamp(2 * self.longest + 1, min=SILENT)
+        dead = ((self.silent >= bar) & (self.silent <= RECENT) & self.alive).float()
         share = torch.zeros(len(self.units), device=self.device).index_add_(
             0, self._seg, dead) / self._units
         top, at = share.max(0)
@@ -153,10 +161,11 @@ class UnitWatch:
         """The weights were restored: their units are counted afresh."""
         self.silent.zero_()
         self.alive.zero_()
+        self.longest.zero_()
 
     def state_dict(self) -> dict[str, object]:
         return {"index": list(self.index), "silent": self.silent.clone(),
-                "alive": self.alive.clone()}
+                "alive": self.alive.clone(), "longest": self.longest.clone()}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         silent, alive = sd.get("silent"), sd.get("alive")
@@ -165,3 +174,5 @@ class UnitWatch:
             return  # saved for other weights (or shards): counted afresh
         self.silent.copy_(silent)
         self.alive.copy_(alive)
+        longest = sd.get("longest")  # absent from a checkpoint of the first form
+        self.longest.copy_(longest if isinstance(longest, Tensor) else torch.zeros_like(silent))

@@ -18,7 +18,7 @@ from ..errors import GradGuardWarning
 from ..events import Event, listed
 from ..executors import STALE
 from ..naming import layer_of
-from ..units import DYING, SAMPLE, SILENT
+from ..units import DYING, RECENT, SAMPLE, SILENT
 from . import _steps, actions, messages
 from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
@@ -125,7 +125,9 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
         dead = rec._dead.update(window.layers, window.layer_norms().tolist(), skips)
     if not judge:
         return False, None, dead
-    dying = _dying(rec, guard, window)
+    # under pipelining the share is the first stage's and its parameter position names
+    # another stage's parameter: no verdict (as for dead layers)
+    dying = _dying(rec, guard, window) if guard.config.pipeline_group is None else None
     if dying is not None:
         rec._rise.judged()
         return True, dying, dead
@@ -167,20 +169,30 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
 
 def _dying(rec: Recovery, guard: Guard, window: Window) -> Trigger | None:
     """A rollback trigger when ``DYING`` (half) or more of a layer's units died within a
-    hundred steps (:mod:`gradguard.units`): to the weights from before they died (the ring passes over
-    snapshots taken with a quarter dead), at a lower LR (a rollback is a relapse). No NaN,
-    no spike, no rise of the loss tells it: the loss goes on falling towards the floor the
-    dead units set, and no LR from the damaged weights brings them back."""
+    hundred steps (:mod:`gradguard.units`): to the weights from before they died (the ring
+    passes over snapshots taken with a quarter dead), at a lower LR (a rollback is a
+    relapse). No NaN, no spike, no rise of the loss tells it: the loss goes on falling
+    towards the floor the dead units set, and no LR from the damaged weights brings them
+    back."""
     sample = window.units_dying()
     if sample is None or sample[0] < DYING:
         return None
+    step, shifted = window.steps[-1], rec.state.shifted
+    if shifted is not None and (step - shifted <= (RECENT + SILENT) * SAMPLE or all(
+            s < shifted for s in rec.ring.store.steps())):
+        # the batches changed (:mod:`.shift`): units dying as the network learns them are
+        # the change's doing, and weights from before it are no state to go back to
+        return None
     share, name = sample
-    units = guard.telemetry.units
-    n = units.units[units.index.index(guard.names.index(name))] if units is not None else 0
-    step = window.steps[-1]
-    why = (f"{share:.0%} of the output units of {listed([layer_of(name)])} ({round(share * n)} of {n}) "
-           f"have had no gradient on {SILENT} samples in a row, {SAMPLE} steps apart: they "
-           "died (a ReLU's input pushed below zero for good, by updates too large for it)")
+    units, at = guard.telemetry.units, guard.names.index(name)
+    # the count of this rank's units (rank 0's share decides: under sharding they differ)
+    count = ""
+    if units is not None and at in units.index:
+        n = units.units[units.index.index(at)]
+        count = f" ({round(share * n)} of {n})"
+    why = (f"{share:.0%} of the output units of {listed([layer_of(name)])}{count} have had no "
+           f"gradient on {SILENT} samples in a row, {SAMPLE} steps apart: they died (a ReLU's "
+           "input pushed below zero for good, by updates too large for it)")
     return Trigger("spike", step, why, rec._rise.best, at=step, by_level=False, rollback=True)
 
 
