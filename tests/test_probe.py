@@ -52,6 +52,33 @@ def test_the_probe_lowers_only_when_half_the_lr_halves_the_loss_of_the_same_weig
     assert probe.fell == ((step, 1.0, trial) if fell and not too_high else None)
 
 
+def _single_sample_losses(level: float, n: int) -> list[float]:
+    """``n`` losses whose median is ``level`` and whose logs spread evenly over four nats
+    either side of it, as a loss on batches of one does (a squared error of one sample)."""
+    return [level * math.exp(-2 + 4 * i / (n - 1)) for i in range(n)]
+
+
+def test_arms_whose_medians_differ_by_half_within_their_noise_find_nothing():
+    """Batches of one: each loss is one sample's, and two medians of 20 such losses from the
+    same weights at the same LR differ by half and more by chance (found as a stranger: a
+    regression MLP on SGD with batches of one had its LR halved at step 469, then rolled
+    back twice and its loss tests turned off, 0.66 against 0.23 unguarded). The trial must
+    stand ``NOISE_Z`` standard errors below the control as well."""
+    probe = LrProbe()
+    step = feed(probe, _single_sample_losses(1.0, MEASURE), 0)
+    assert probe.start(step)
+    pad = [1.0] * (TRIAL - MEASURE)  # each arm's level: the median of its last MEASURE
+    step = feed(probe, pad + _single_sample_losses(1.0, MEASURE), step)
+    assert probe.advance(step) == "fork"
+    step = feed(probe, pad + _single_sample_losses(0.4, MEASURE), step)  # x0.4: noise
+    done = probe.advance(step)
+    assert done.trial <= GAIN * done.control and not done.too_high and not done.fell
+    assert done.spread_control > 0.2 and done.spread_trial > 0.2
+    # the same medians from losses that hardly stray: the LR is too high
+    sure = done._replace(spread_before=0.02, spread_control=0.02, spread_trial=0.02)
+    assert sure.too_high and sure.fell
+
+
 def test_a_cue_confirmed_soon_after_a_probe_that_fell_says_the_lr_is_too_high():
     """A probe that fell (x0.3 at half the LR) and did not rise again (the excursion it
     started on decayed by itself) leaves evidence: the next confirmed cue within RECUR

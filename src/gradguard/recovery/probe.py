@@ -83,6 +83,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
+from ..detectors.config import MAD_TO_SIGMA
+
 #: Taken steps of each arm: the control's at the LR in force, the trial's at ``FACTOR``
 #: times it.
 TRIAL = 30
@@ -94,6 +96,12 @@ FACTOR = 0.5
 GAIN = 0.5
 #: Steps after a probe that found nothing before the next (doubled after each such probe).
 COOLDOWN = 200
+
+#: The trial's level must also stand this many standard errors below the control's (in log
+#: units, from the spread of each arm's losses): a level is the median of ``MEASURE``
+#: losses, and where each loss is one sample's (batches of one) two such medians from the
+#: same weights and LR differ by half and more by chance (:func:`log_spread`).
+NOISE_Z = 2.0
 
 #: A cue confirmed within this many steps of a probe that fell (the loss halved at half the
 #: LR, and did not rise again when it came back) lowers the LR with no probe of its own.
@@ -126,23 +134,50 @@ CONFIRM = 50
 Phase = Literal["control", "trial"]
 
 
+def log_spread(losses: Sequence[float]) -> float:
+    """The standard error of the median of ``losses`` in log units: robust (the median
+    absolute deviation of the log losses), 0.0 when a loss is not positive or there are
+    fewer than two. A median of 20 losses of batches of 32 strays a few percent; of 20
+    losses of single samples (a squared error's log spreads over nats), by half and more.
+
+    Example:
+        >>> log_spread([1.0, 1.0, 1.0]), round(log_spread([0.5, 1.0, 2.0, 1.0]), 3)
+        (0.0, 0.322)
+    """
+    if len(losses) < 2 or min(losses) <= 0:
+        return 0.0
+    logs = [math.log(x) for x in losses]
+    mid = statistics.median(logs)
+    mad = statistics.median(abs(v - mid) for v in logs)
+    return math.sqrt(math.pi / 2) * MAD_TO_SIGMA * mad / math.sqrt(len(logs))
+
+
 class Probed(NamedTuple):
-    """A finished probe: its levels, and whether the LR is too high (the trial's level at
-    most ``GAIN`` times the control's)."""
+    """A finished probe: its levels (and their standard errors in log units,
+    :func:`log_spread`), and whether the LR is too high (the trial's level at most ``GAIN``
+    times the control's, and ``NOISE_Z`` standard errors below it)."""
 
     step: int
     before: float
     control: float
     trial: float
+    spread_before: float = 0.0
+    spread_control: float = 0.0
+    spread_trial: float = 0.0
+
+    def _below(self, level: float, spread: float) -> bool:
+        """The trial's level at most ``GAIN`` times ``level``, further than chance puts it."""
+        return self.trial <= GAIN * level and (
+            math.log(level / self.trial) >= NOISE_Z * math.hypot(spread, self.spread_trial))
 
     @property
     def too_high(self) -> bool:
-        return self.trial <= GAIN * self.control
+        return self._below(self.control, self.spread_control)
 
     @property
     def fell(self) -> bool:
         """The loss fell by half (``GAIN``) at half the LR against its level before."""
-        return self.trial <= GAIN * self.before
+        return self._below(self.before, self.spread_before)
 
 
 class LrProbe:
@@ -151,6 +186,7 @@ class LrProbe:
     def __init__(self) -> None:
         self.phase: Phase | None = None
         self.levels: list[float] = []  # before, control: the finished phases' levels
+        self.spreads: list[float] = []  # and their standard errors (log units)
         self.next: int = 0  # no probe before this step
         self.suspect: int | None = None  # the step the cue was first seen (in a row)
         self.cooldown = COOLDOWN
@@ -232,6 +268,7 @@ class LrProbe:
         if not self.may_start(step):
             return False
         self.levels = [statistics.median(self._recent)]
+        self.spreads = [log_spread(self._recent)]
         self.phase, self._phase = "control", []
         self.probes += 1
         return True
@@ -266,11 +303,16 @@ class LrProbe:
         the trial starts from it); a :class:`Probed` when the trial is over."""
         if self.phase == "control" and len(self._phase) >= TRIAL:
             self.levels.append(statistics.median(self._phase[-MEASURE:]))
+            self.spreads.append(log_spread(self._phase[-MEASURE:]))
             self.phase, self._phase, self.trial_from = "trial", [], step + 1
             return "fork"
         if self.phase == "trial" and len(self._phase) >= TRIAL:
             before, control = self.levels
-            done = Probed(step, before, control, statistics.median(self._phase[-MEASURE:]))
+            # a checkpoint from before the spreads has none: no margin
+            s_before, s_control = self.spreads if len(self.spreads) == 2 else (0.0, 0.0)
+            last = self._phase[-MEASURE:]
+            done = Probed(step, before, control, statistics.median(last), s_before, s_control,
+                          log_spread(last))
             if self.up is not None:  # a retry: the down-probes' pace is its own
                 self._end_retry()
                 return done
@@ -325,6 +367,7 @@ class LrProbe:
 
     def state_dict(self) -> dict[str, object]:
         return {"phase": self.phase, "suspect": self.suspect, "levels": list(self.levels),
+                "spreads": list(self.spreads),
                 "next": self.next, "cooldown": self.cooldown, "recent": list(self._recent),
                 "losses": list(self._phase), "probes": self.probes,
                 "fell": None if self.fell is None else list(self.fell),
@@ -340,6 +383,7 @@ class LrProbe:
             self.phase, sd = None, {**sd, "losses": []}
         self.suspect = sd.get("suspect")  # type: ignore[assignment]
         self.levels = list(sd.get("levels") or [])  # type: ignore[call-overload]
+        self.spreads = list(sd.get("spreads") or [])  # type: ignore[call-overload]
         self.next = int(sd.get("next") or 0)  # type: ignore[call-overload]
         self.cooldown = int(sd.get("cooldown") or COOLDOWN)  # type: ignore[call-overload]
         self._recent = list(sd.get("recent") or [])  # type: ignore[call-overload]
