@@ -64,6 +64,14 @@ def test_a_unit_that_came_back_from_a_silence_needs_twice_as_long_next_time():
     assert shares == [0.0] * (2 * SILENT) + [0.5]
 
 
+def test_a_vanishing_gradient_is_no_dead_unit():
+    """A row of 1e-30s (a deep network's vanishing gradient: its squares underflow float32)
+    is a gradient; only an exact zero is silence."""
+    layer, watch = _watch()
+    _sample(layer, watch, grad=1e-30)
+    assert [_sample(layer, watch, dead=8, grad=1e-30) for _ in range(SILENT)][-1] == 0.25
+
+
 def test_units_dead_from_the_start_are_not_this_runs():
     layer, watch = _watch()
     shares = [_sample(layer, watch, dead=16) for _ in range(SILENT + 2)]

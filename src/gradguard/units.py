@@ -138,8 +138,12 @@ class UnitWatch:
             if g is None or g.is_sparse or _local(g).shape[0] != n:
                 rows.append(torch.full((n,), math.nan, device=self.device))  # tells nothing
                 continue
-            g = _local(g).detach()
-            top = torch.linalg.vector_norm(g.reshape(n, -1), ord=math.inf, dim=1)
+            g = _local(g).detach().reshape(n, -1)
+            if g.is_complex():
+                g = g.abs()
+            # each row's largest magnitude, exactly (no square to underflow), as the larger of
+            # -min and max: a tenth of vector_norm(ord=inf)'s time on a CPU; NaN propagates
+            top = torch.maximum(g.amax(1), g.amin(1).neg())
             rows.append(top.to(self.device, torch.float32, non_blocking=True))
         grad = torch.cat(rows)
         live = (grad != 0) & ~grad.isnan()  # NaN: no gradient measured, no evidence
