@@ -104,27 +104,18 @@ def test_pipeline_group_without_a_process_group_is_refused():
         gg.Telemetry(list(net.named_parameters()), pipeline_group=object())
 
 
-def test_telemetry_resumes_a_ring_buffer_saved_before_the_loss_given_column():
+@pytest.mark.parametrize("kept", [5, 6], ids=["before_the_loss_given_column",
+                                               "before_the_dying_units_columns"])
+def test_telemetry_resumes_a_ring_buffer_of_an_older_layout(kept):
+    """Checkpoints of the 5-column (no loss-given flag) and 6-column (no dying-units share)
+    layouts resume: the missing columns come back as a loss given and no unit sample."""
     net = _net()
     tel = gg.Telemetry(list(net.named_parameters()), every=3)
     net(torch.ones(2, 3)).sum().backward()
     tel.record(tel.measure(), loss=0.5, clip_coef=None, skipped=None)
     sd = tel.state_dict()
     buf = sd["buf"]
-    sd["buf"] = torch.cat([buf[:, :5], buf[:, 8:]], dim=1)  # the old 5-column layout
-    fresh = gg.Telemetry(list(net.named_parameters()), every=3)
-    fresh.load_state_dict(sd)
-    assert torch.allclose(fresh.pending_rows(), tel.pending_rows(), equal_nan=True)
-
-
-def test_telemetry_resumes_a_ring_buffer_saved_before_the_dying_units_columns():
-    net = _net()
-    tel = gg.Telemetry(list(net.named_parameters()), every=3)
-    net(torch.ones(2, 3)).sum().backward()
-    tel.record(tel.measure(), loss=0.5, clip_coef=None, skipped=None)
-    sd = tel.state_dict()
-    buf = sd["buf"]
-    sd["buf"] = torch.cat([buf[:, :6], buf[:, 8:]], dim=1)  # the 6-column layout
+    sd["buf"] = torch.cat([buf[:, :kept], buf[:, 8:]], dim=1)  # the old layout
     fresh = gg.Telemetry(list(net.named_parameters()), every=3)
     fresh.load_state_dict(sd)
     assert torch.allclose(fresh.pending_rows(), tel.pending_rows(), equal_nan=True)

@@ -894,25 +894,47 @@ def test_a_snapshot_keeps_the_detectors_history_and_a_rollback_restores_it():
     assert list(det.loss) == saved and det.loss_run == 0 and det.loss_start is None
 
 
-def test_a_snapshot_at_the_fresh_models_level_gives_way_to_the_weights_before_the_first_step():
-    """A rollback goes to the weights before the first step, while they are kept, rather
-    than to a snapshot taken at the fresh model's level: it learnt nothing they lack, and
-    the LR that blew up later may have damaged it already."""
+def _snapshotted(steps: int, **options) -> gg.Recovery:
+    """A small MLP trained ``steps`` steps under a guard flushing and snapshotting every 5."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    rec = gg.Recovery(snapshot_every=5)
+    rec = gg.Recovery(snapshot_every=5, **options)
     guard = gg.Guard(model, opt, recovery=rec, every=5)
-    for _ in range(8):
+    for _ in range(steps):
         loss = (model(torch.randn(16, 4)) - 1).pow(2).mean()
         loss.backward()
         guard.step(loss)
         opt.zero_grad()
+    return rec
+
+
+def test_a_snapshot_at_the_fresh_models_level_gives_way_to_the_weights_before_the_first_step():
+    """A rollback goes to the weights before the first step, while they are kept, rather
+    than to a snapshot taken at the fresh model's level: it learnt nothing they lack, and
+    the LR that blew up later may have damaged it already."""
+    rec = _snapshotted(8)
     assert rec.store.steps() == [-1, 4]
     rec.ring.levels[4] = 0.97  # the fresh model's level: nothing learnt
     assert rec.ring.back(0, 1.0) == 1 and rec.ring.back(0) == 0
     rec.ring.levels[4] = 0.5  # learnt: the newest snapshot it is
     assert rec.ring.back(0, 1.0) == 0
+
+
+def test_a_rollback_passes_over_snapshots_taken_with_a_quarter_of_a_layer_dead():
+    """The weights from before half a layer's units died (:mod:`gradguard.units`): no
+    snapshot taken with ``DYING / 2`` of a layer dead while an older one is kept."""
+    from gradguard.units import DYING
+
+    rec = _snapshotted(13, keep=3)
+    assert rec.store.steps() == [-1, 4, 9]
+    assert rec.ring.back(0) == 0
+    rec.ring.dying[9] = DYING / 2
+    assert rec.ring.back(0) == 1
+    rec.ring.dying[4] = 0.4
+    assert rec.ring.back(0) == 2  # the weights before the first step
+    rec.ring.dying[9] = DYING / 2 - 0.01
+    assert rec.ring.back(0) == 0
 
 
 def test_lab_t7_the_rollback_goes_to_the_fresh_model_and_the_run_reaches_its_twin(

@@ -145,27 +145,6 @@ def test_the_guard_samples_every_SAMPLE_steps_into_its_window():
     assert window.units_dying() == (0.0, "0.weight")
 
 
-def test_a_rollback_passes_over_snapshots_taken_with_a_quarter_of_a_layer_dead():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    rec = gg.Recovery(snapshot_every=5, keep=3)
-    guard = gg.Guard(model, opt, recovery=rec, every=5)
-    for _ in range(13):
-        loss = (model(torch.randn(16, 4)) - 1).pow(2).mean()
-        loss.backward()
-        guard.step(loss)
-        opt.zero_grad()
-    assert rec.store.steps() == [-1, 4, 9]
-    assert rec.ring.back(0) == 0
-    rec.ring.dying[9] = DYING / 2
-    assert rec.ring.back(0) == 1
-    rec.ring.dying[4] = 0.4
-    assert rec.ring.back(0) == 2  # the weights before the first step
-    rec.ring.dying[9] = DYING / 2 - 0.01
-    assert rec.ring.back(0) == 0
-
-
 def _regression(recipe: rc.Recipe, seed: int = 0, guarded: bool = True) -> R.Outcome:
     return R.train(rc.REGRESSION_MLP, recipe, 300, guarded=guarded, seed=seed)
 
