@@ -108,9 +108,9 @@ class UnitWatch:
         #: output units of each watched weight (this rank's rows under sharding)
         self.units = [_local(p).shape[0] for p in self.params]
         n = sum(self.units)
+        # built on the host and copied (a repeat_interleave on a GPU reads its output size)
         self._seg = torch.repeat_interleave(
-            torch.arange(len(self.units), device=device),
-            torch.tensor(self.units, device=device, dtype=torch.long))
+            torch.arange(len(self.units)), torch.tensor(self.units, dtype=torch.long)).to(device)
         self._units = torch.tensor(self.units, device=device, dtype=torch.float32)
         self._at = torch.tensor(self.index, device=device, dtype=torch.float32)
         #: per unit: samples in a row with a zero gradient row; whether it had a gradient;
