@@ -95,6 +95,16 @@ def test_non_finite_rows_are_no_dead_units():
         assert _sample(layer, watch, dead=8, grad=math.nan) == 0.0
 
 
+def test_a_non_finite_row_beside_finite_ones_is_no_silence():
+    layer, watch = _watch()
+    _sample(layer, watch)
+    for _ in range(SILENT + 1):
+        layer.weight.grad = torch.ones_like(layer.weight)
+        layer.weight.grad[:8] = math.nan  # a step skipped for its NaN rows
+        assert watch.sample().tolist()[0] == 0.0
+    assert int(watch.silent.max()) == 0
+
+
 def test_units_that_died_more_than_RECENT_samples_ago_drop_out():
     layer, watch = _watch()
     _sample(layer, watch)

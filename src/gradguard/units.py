@@ -142,16 +142,17 @@ class UnitWatch:
             if g.is_complex():
                 g = g.abs()
             # each row's largest magnitude, exactly (no square to underflow), as the larger of
-            # -min and max: a tenth of vector_norm(ord=inf)'s time on a CPU; NaN propagates
+            # -min and max: a fourth of vector_norm(ord=inf)'s time on a CPU; NaN propagates
             top = torch.maximum(g.amax(1), g.amin(1).neg())
             rows.append(top.to(self.device, torch.float32, non_blocking=True))
         grad = torch.cat(rows)
-        live = (grad != 0) & ~grad.isnan()  # NaN: no gradient measured, no evidence
+        unknown = grad.isnan()  # no gradient measured (a NaN row): no evidence either way
+        live = (grad != 0) & ~unknown
         # a weight without any gradient on this sample tells nothing about its units
         told = torch.zeros(len(self.units), device=self.device).index_add_(
             0, self._seg, live.float()) > 0
         self.longest = torch.where(live, torch.maximum(self.longest, self.silent), self.longest)
-        self.silent = torch.where(live, 0, self.silent + told[self._seg].int())
+        self.silent = torch.where(live, 0, self.silent + (told[self._seg] & ~unknown).int())
         self.alive |= live
         # a unit that came back from s silent samples is dead after 2s + 1 (SILENT at least)
         bar = torch.clamp(2 * self.longest + 1, min=SILENT)
