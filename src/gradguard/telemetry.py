@@ -64,8 +64,9 @@ class Window:
             no device read): a frozen or unused parameter has none, a parameter behind
             dead units has a zero one; None when unknown.
         dying, dying_at: ``[n]``: on the steps the unit watch sampled, the largest share of
-            a weight's output units that died within the last hundred steps and that weight's parameter
-            position (:mod:`gradguard.units`); NaN on other steps; None when unknown.
+            a weight's output units that died within the last hundred steps, and that
+            weight's parameter position (:mod:`gradguard.units`); NaN on other steps; None
+            when unknown.
     """
 
     steps: list[int]
@@ -119,8 +120,8 @@ class Window:
 
     def units_dying(self) -> tuple[float, str] | None:
         """The latest sample of the unit watch in this window: the largest share of a
-        weight's output units that died within the last hundred steps, and that weight's parameter name; None
-        when no step of the window was sampled."""
+        weight's output units that died within the last hundred steps, and that weight's
+        parameter name; None when no step of the window was sampled."""
         if self.dying is None or self.dying_at is None:
             return None
         for share, at in zip(reversed(self.dying.tolist()), reversed(self.dying_at.tolist())):
@@ -204,6 +205,7 @@ class Telemetry:
         index = [] if model is None else watched(model, self.params)
         #: the dying units' counters (None: no weight is watched)
         self.units = UnitWatch(self.params, index, self.device) if index else None
+        self._no_units = torch.full((2,), math.nan, device=self.device)  # unsampled steps
         self._reducer = (
             None
             if pipeline_group is None
@@ -272,8 +274,7 @@ class Telemetry:
                     stats.finite if stats.local_finite is None else stats.local_finite, 1.0
                 ),
                 self._scalar(0.0 if loss is None else 1.0, 1.0),
-                (torch.full((2,), math.nan, device=self.device) if units is None
-                 else units.to(self.device, torch.float32)),
+                self._no_units if units is None else units.to(self.device, torch.float32),
                 stats.param_norms.to(self.device, torch.float32, non_blocking=True),
             ]
         )

@@ -46,7 +46,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
         rec._judged = window.steps[-1]
     losses, skips = window.loss.tolist(), window.skipped.tolist()
     if (units := window.units_dying()) is not None:
-        rec._dying = units[0]  # the share a snapshot taken now is labelled with
+        rec._dying = units[0]  # the share a snapshot taken now is labelled with (latest)
     # why each step was skipped (host values: the window is the flush's one host copy)
     codes = window.skip_codes.tolist() if window.skip_codes is not None else None
     triggers = _device_skips(rec, window, skips, codes, overflows)
@@ -73,7 +73,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     risen, dead = False, list[str]()
     level = rec.loss_rise and not rec.state.level_off  # the loss level is evidence
     if level:
-        risen, trig, dead = _rise_trigger(rec, guard, window, losses, skips, judge)
+        risen, trig, dead = _rise_trigger(rec, guard, window, losses, skips, judge, units)
         if trig is not None:
             triggers.append(trig)
     if rec._progress is not None:
@@ -112,12 +112,15 @@ def _device_skips(rec: Recovery, window: Window, skips: list[bool],
 
 
 def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[float],
-                  skips: list[bool], judge: bool) -> tuple[bool, Trigger | None, list[str]]:
+                  skips: list[bool], judge: bool, units: tuple[float, str] | None = None,
+                  ) -> tuple[bool, Trigger | None, list[str]]:
     """Whether the loss rose well above its best (stricter while a lowered ceiling is on
     probation) or is back at the fresh model's level with dead layers (the network died);
     the ``spike`` trigger that says so, unless a progress check already waits on the
-    loss (a dead network is never waited for: a rollback); and the dead layers. Between
-    judgements (``judge`` False) the window is only taken in."""
+    loss (a dead network is never waited for: a rollback); and the dead layers. Before
+    the loss, half a layer's units dying (``units``: the window's latest share of dead
+    units and its parameter, :func:`_dying`). Between judgements (``judge`` False) the
+    window is only taken in."""
     rec._rise.update(window.steps, losses, skips)
     dead: list[str] = []
     # under pipelining each stage's layer columns are its own: no agreed verdict
@@ -127,7 +130,8 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
         return False, None, dead
     # under pipelining the share is the first stage's and its parameter position names
     # another stage's parameter: no verdict (as for dead layers)
-    dying = _dying(rec, guard, window) if guard.config.pipeline_group is None else None
+    dying = (_dying(rec, guard, window.steps[-1], units)
+             if guard.config.pipeline_group is None and units is not None else None)
     if dying is not None:
         rec._rise.judged()
         return True, dying, dead
@@ -167,17 +171,16 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
                          mild=mild and not behind, rollback=behind), dead
 
 
-def _dying(rec: Recovery, guard: Guard, window: Window) -> Trigger | None:
+def _dying(rec: Recovery, guard: Guard, step: int, sample: tuple[float, str]) -> Trigger | None:
     """A rollback trigger when ``DYING`` (half) or more of a layer's units died within a
     hundred steps (:mod:`gradguard.units`): to the weights from before they died (the ring
     passes over snapshots taken with a quarter dead), at a lower LR (a rollback is a
     relapse). No NaN, no spike, no rise of the loss tells it: the loss goes on falling
     towards the floor the dead units set, and no LR from the damaged weights brings them
-    back."""
-    sample = window.units_dying()
-    if sample is None or sample[0] < DYING:
+    back. ``sample``: the window's latest share and its parameter (``Window.units_dying``)."""
+    if sample[0] < DYING:
         return None
-    step, shifted = window.steps[-1], rec.state.shifted
+    shifted = rec.state.shifted
     if shifted is not None and (step - shifted <= (RECENT + SILENT) * SAMPLE or all(
             s < shifted for s in rec.ring.store.steps())):
         # the batches changed (:mod:`.shift`): units dying as the network learns them are
