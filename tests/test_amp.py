@@ -360,3 +360,67 @@ def test_amp_scaler_step_called_twice_is_an_error():
     scaler.step(opt)
     with pytest.raises(RuntimeError, match=r"scaler\.update"):
         guard.step(loss, scaler=scaler)
+
+
+# ---- (4) a float16 run whose first steps overflow ----------------------------------------
+def test_the_fresh_level_is_the_first_taken_losses_not_steps_0_to_2():
+    """A GradScaler whose scale starts too high skips a float16 run's first steps: the
+    loss-rise test's fresh level is the median of the first three *taken* losses. It was
+    that of steps 0-2, none for such a run, and with no fresh level every share test was off
+    for the rest of it: a loss 1.9x its best (1% of what the run learnt) rolled back a
+    healthy run."""
+    from gradguard.recovery.rise import LossRise
+
+    rise = LossRise()
+    skipped = [True] * 5 + [False] * 45
+    rise.update(list(range(50)), [9.0] * 5 + [2.3, 2.2, 2.4] + [0.03] * 42, skipped)
+    assert (rise.initial, rise.fresh) == (2.3, 2.2)
+    rise.update(list(range(50, 100)), [0.057] * 50, [False] * 50)  # x1.9, 1% given back
+    assert rise.risen(1.5) is None and rise.noisy() is None
+    half = LossRise()  # the first window skips all but one step: the next ones complete it
+    half.update(list(range(10)), [2.0] + [9.0] * 9, [False] + [True] * 9)
+    assert half.initial is None
+    restored = LossRise()
+    restored.load_state_dict(half.state_dict())
+    restored.update(list(range(10, 20)), [2.2, 2.1] + [1.0] * 8, [False] * 10)
+    assert (restored.initial, restored.fresh) == (2.1, 2.0)
+    resumed = LossRise()  # a resume (the first window is not the run's first): none
+    resumed.update(list(range(100, 150)), [1.0] * 50, [False] * 50)
+    assert resumed.initial is None
+
+
+def test_a_float16_run_whose_scaler_skips_its_first_steps_is_left_alone():
+    """Found as a stranger: a digits MLP under float16 autocast, AdamW 1e-3, a GradScaler
+    at ``init_scale=2**24``: five overflows in its first five steps (routine), then it
+    trains as the unguarded run does; it was rolled back at step 349 "for a loss 1.9x its
+    best" (0.049 against 0.026, the fresh model's being 2.3)."""
+    from benchmarks import rescue_cases as rc
+
+    def run(guarded):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                              nn.Linear(256, 10))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+        batch = rc.digits_batches(0)
+        for step in range(400):
+            x, y = batch(step)
+            with torch.autocast("cpu", dtype=FP16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            guard.step(loss, scaler=scaler) if guard else scaler.step(opt)
+            scaler.update()
+        x, y = rc.digits_eval()
+        with torch.no_grad():
+            return guard, nn.functional.cross_entropy(model(x).float(), y).item()
+
+    _, bare = run(False)
+    guard, got = run(True)
+    guard.close()
+    skips = [e.step for e in guard.events if e.kind == "skip"]
+    assert skips[:5] == [0, 1, 2, 3, 4]
+    assert [a.kind for a in guard.recovery.decisions] == []
+    assert [e for e in guard.events if e.severity != "info"] == []
+    assert got == pytest.approx(bare, rel=0.02)

@@ -10,10 +10,11 @@ this test judges the loss against the best the run has reached.
 At each flush, :class:`LossRise` computes rolling medians of ``BLOCK`` consecutive taken
 steps' losses (skipped steps left out, carried over from the previous window) and keeps
 the *best* level since the ladder last acted (the lowest of those medians) and the run's
-*initial* level (the median of its first ``FIRST`` losses: a fresh model's loss, before an
-LR too high can damage it; a median, as the levels are, not the luckiest of three batches:
-on a healthy run that learns little, a noisy loss sits 1.5x above its luckiest first
-batch for good, and the lowest of them made every such run "risen"). The loss has
+*initial* level (the median of its first ``FIRST`` taken losses, whatever steps a
+GradScaler skipped first: a fresh model's loss, before an LR too high can damage it; a
+median, as the levels are, not the luckiest of three batches: on a healthy run that
+learns little, a noisy loss sits 1.5x above its luckiest first batch for good, and the
+lowest of them made every such run "risen"). The loss has
 *risen* when the medians of the last two blocks of ``BLOCK`` steps are both above
 
 * ``factor`` x the best (the ladder's ``stall_factor``, 1.5 by default: the band the
@@ -160,6 +161,9 @@ class LossRise:
         #: the median of the run's first BLOCK taken losses (its first level, measured as
         #: well as the levels it is compared with; None without the run's first steps)
         self.first_block: float | None = None
+        #: the run's first taken losses while fewer than FIRST are in (None when the fresh
+        #: level is known, or the guard did not see the run's first step: a resume)
+        self._first: list[float] | None = None
 
     def update(self, steps: Sequence[int], losses: Sequence[float], skipped: Sequence[bool]) -> None:
         """Take a flushed window in (its steps, losses and skip flags)."""
@@ -169,13 +173,18 @@ class LossRise:
         if self.off:
             return
         candidates = []
-        if steps and steps[0] == 0:  # the run's first window: the fresh model's loss
-            first = [x for s, x, sk in zip(steps, losses, skipped)
-                     if s < FIRST and not sk and math.isfinite(x)]
-            if first:
-                self.initial = statistics.median(first)
-                self.fresh = min(first)
+        if steps and steps[0] == 0 and self.initial is None:
+            self._first = []  # the run's first window: the fresh model's loss follows
+        if self._first is not None:
+            # the first FIRST taken steps, not steps 0-2: a GradScaler skips the first steps
+            # of a float16 run (its scale too high), and with no fresh level every share test
+            # was off for the run (a healthy MLP rolled back for a loss 1.9x its best)
+            self._first.extend(vals[:FIRST - len(self._first)])
+            if len(self._first) == FIRST:
+                self.initial = statistics.median(self._first)
+                self.fresh = min(self._first)
                 candidates.append(self.initial)
+                self._first = None
         self._block.extend(vals)
         while len(self._block) >= BLOCK:
             block, self._block = self._block[:BLOCK], self._block[BLOCK:]
@@ -282,7 +291,7 @@ class LossRise:
         return {"best": self.best, "initial": self.initial, "fresh": self.fresh,
                 "latest": self.latest, "off": self.off, "carry": list(self._carry),
                 "sigmas": list(self._sigmas), "block": list(self._block),
-                "first_block": self.first_block}
+                "first_block": self.first_block, "first": self._first}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         self.best = sd.get("best")  # type: ignore[assignment]
@@ -294,6 +303,8 @@ class LossRise:
         self._sigmas = deque(sd.get("sigmas") or [], maxlen=NOISE_BLOCKS)  # type: ignore[call-overload]
         self._block = list(sd.get("block") or [])  # type: ignore[call-overload]
         self.first_block = sd.get("first_block")  # type: ignore[assignment]
+        first = sd.get("first")
+        self._first = list(first) if first is not None else None  # type: ignore[call-overload]
 
 
 class DeadLayers:
