@@ -216,6 +216,22 @@ def test_summary_sentence_counts_skips_and_clips():
     )
 
 
+def test_summary_says_a_grad_scalers_skips_are_its_own_not_the_guards():
+    """Under ``gradguard run`` a float16 script whose GradScaler skipped its first steps
+    read "gradguard skipped 6 steps" on a healthy run: those skips were the scaler's."""
+    scaler = {"reason": "loss_scale_overflow", "scale": 65536.0}
+    d = _data([_ev("skip", i, "info", data=scaler) for i in (0, 1, 2)])
+    d.skipped[[0, 1, 2]] = True
+    text = summary_sentence(d)
+    assert "gradguard skipped" not in text
+    assert text.endswith("The GradScaler skipped 3 steps for loss-scale overflows (routine in "
+                         "mixed precision).")
+    d = _data([_ev("skip", 0, "info", data=scaler), _ev("nonfinite_grad", 3, "error")])
+    d.skipped[[0, 3]] = True
+    assert "gradguard skipped 1 step; training recovered. The GradScaler skipped 1 step " in (
+        summary_sentence(d))
+
+
 def test_diagnosis_is_rendered_when_present(run_dir, tmp_path):
     d = tmp_path / "run"
     shutil.copytree(run_dir, d)

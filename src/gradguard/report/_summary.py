@@ -121,8 +121,11 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         later = [e["step"] for e in trouble if e["step"] > r["step"]]
         parts.insert(1, text + (f", {later[0] - r['step']} steps before." if later else "."))
     actions: list[str] = []
-    if n_skip:
-        actions.append(f"skipped {_plural(n_skip, 'step')}")
+    # a GradScaler's own skips (loss-scale overflow) are routine and not the guard's doing
+    n_scaler = min(n_skip, sum(1 for e in ev if e.get("kind") == "skip" and (
+        e.get("data") or {}).get("reason") == "loss_scale_overflow"))
+    if n_skip > n_scaler:
+        actions.append(f"skipped {_plural(n_skip - n_scaler, 'step')}")
     if clipped:
         # under gradguard run the clip may be the script's own, carried out after measuring
         whose = (config or {}).get("clip") if (config or {}).get("user_clip") is None else None
@@ -159,6 +162,9 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     elif outcome_text and not (lead and outcome.status == "diverged" and outcome.rose
                                and outcome_text.startswith("training diverged")):
         parts.append(outcome_text[0].upper() + outcome_text[1:] + ".")
+    if n_scaler:
+        parts.append(f"The GradScaler skipped {_plural(n_scaler, 'step')} for loss-scale "
+                     "overflows (routine in mixed precision).")
     settled = [e for e in ev if e.get("kind") == "lr_settled"]
     if settled and outcome.cause != "dead_units":  # the LR the ladder found stable: what
         # the user should set (not where the network died: it did not train there)
