@@ -355,6 +355,16 @@ ROWS = [
      (Action("rollback", 300, "rose!", 0.1, 0.5, True, True, 0, 1, 1),)),
     ("a kept snapshot clears the rollback count", b(rollbacks=2), Trigger("snapshot", 120),
      b(rollbacks=0, last_snapshot=120), ()),
+    ("a wreck's update measured: the ceiling drops to the cap, the factor and the level it "
+     "restores from with it",
+     b(factor=0.1, ceiling=0.5, backoff_level=0.1), Trigger("capped", 3, value=0.02),
+     b(factor=0.02, ceiling=0.02, backoff_level=0.02), ()),
+    ("... a cap above the ceiling changes nothing",
+     b(factor=0.1, ceiling=0.5, backoff_level=0.1), Trigger("capped", 3, value=0.7),
+     b(factor=0.1, ceiling=0.5, backoff_level=0.1), ()),
+    ("... and one between the factor and the ceiling lowers the ceiling only",
+     b(factor=0.1, ceiling=0.5, backoff_level=0.1), Trigger("capped", 3, value=0.3),
+     b(factor=0.1, ceiling=0.3, backoff_level=0.1), ()),
 ]
 
 

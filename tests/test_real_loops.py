@@ -428,7 +428,7 @@ def _digits_run(model, opt, steps, *, seed=0, guard=None, sched=None, dtype=None
     return losses
 
 
-def _cnn_on_adamw(lr, steps, *, guarded, seed=0):
+def _cnn_on_adamw(lr, steps, *, guarded, seed=0, **guard_kw):
     """The digits CNN on AdamW at ``lr`` for ``steps`` steps, under the default guard or
     not: (the guard, closed, or None; the per-step losses)."""
     from benchmarks import rescue_cases as rc
@@ -436,7 +436,8 @@ def _cnn_on_adamw(lr, steps, *, guarded, seed=0):
     torch.manual_seed(seed)
     model = rc.digits_cnn()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+    guard = (gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), **guard_kw)
+             if guarded else None)
     losses = _digits_run(model, opt, steps, seed=seed, guard=guard)
     if guard is not None:
         guard.close()
@@ -543,15 +544,81 @@ def test_a_network_that_dies_again_after_a_rollback_is_not_waited_for():
     progress check after the rollback would call the loss "back" (chance is the fresh
     model's level) and wait; a network that died is not waited for: it is rolled back
     again at step 29 (LR x0.01; the ladder at work, the guard flushes every ten steps),
-    and learns."""
+    and learns. The wreck's update is not measured here (an update ratio no update
+    reaches): with it, the first rollback cuts the LR to one that trains (next test)."""
+    no_cap = gg.detectors.DetectorConfig(update_ratio_high=1e9)
     tails = {}
     for guarded in (False, True):
-        guard, losses = _cnn_on_adamw(3.0, 200, guarded=guarded)
+        guard, losses = _cnn_on_adamw(3.0, 200, guarded=guarded, detector_config=no_cap)
         tails[guarded] = sum(losses[-20:]) / 20
     back = [e for e in guard.events if e.kind == "rollback"]
     assert [e.step for e in back][:2] == [3, 29]
     assert "the network died" in back[1].message
     assert tails[False] > 2.2 and tails[True] < 1.5, tails
+
+
+def test_a_wreck_cuts_the_lr_by_the_size_of_the_update_that_wrecked_the_weights():
+    """The same CNN at 1000x (AdamW 3.0). The rollback for the wreck measures the update
+    that caused it against the weights it restores: the first AdamW step moved them by
+    about fifty times their norm, and the ceiling drops to the factor under which it would
+    have moved them by 10% (``update_ratio_high``, the update/weight ratio the detectors
+    call too large), not to half: one rollback, no second death, and it learns. Checked
+    against the update computed here: one AdamW step of the fresh model on the first batch."""
+    from benchmarks import rescue_cases as rc
+
+    torch.manual_seed(0)
+    fresh = rc.digits_cnn()
+    opt = torch.optim.AdamW(fresh.parameters(), lr=3.0)
+    before = [p.detach().clone() for p in fresh.parameters()]
+    x, y = rc.digits_batches(0)(0)
+    nn.functional.cross_entropy(fresh(x), y).backward()
+    opt.step()
+    moved = math.sqrt(sum((p.detach() - w).square().sum().item()
+                          for p, w in zip(fresh.parameters(), before)))
+    ratio = moved / math.sqrt(sum(w.square().sum().item() for w in before))
+    assert ratio > 10.0
+
+    guard, losses = _cnn_on_adamw(3.0, 200, guarded=True)
+    back = [e for e in guard.events if e.kind == "rollback"]
+    assert [(e.step, e.data["snapshot_step"]) for e in back] == [(3, -1)]
+    assert back[0].data["ceiling"] == pytest.approx(0.1 / ratio, rel=1e-4)
+    assert back[0].data["factor"] == back[0].data["ceiling"]
+    assert f"it moved them by {ratio:.3g} times their norm" in back[0].message
+    assert "its new ceiling, from here" in back[0].message
+    assert guard.recovery.lr_ceiling == pytest.approx(0.1 / ratio, rel=1e-4)
+    assert sum(losses[-20:]) / 20 < 0.5
+
+
+def test_a_wreck_by_an_update_of_a_healthy_size_is_cut_by_half_as_before():
+    """The cut is a cap: where the update that preceded the loss-spiking steps was no
+    larger than 10% of the weights, the rollback halves the ceiling, as for any relapse."""
+    from gradguard.recovery.actions import wreck_cap
+    from gradguard.recovery.ladder import LadderState
+
+    model = nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery())
+    snap = {"step": -1, "model": {k: v.clone() for k, v in model.state_dict().items()}}
+    with torch.no_grad():
+        model.weight.mul_(1.05)  # 5% of the weight's norm (the bias unchanged)
+    assert wreck_cap(guard, snap, LadderState(), step=3, restored_step=None) is None
+    with torch.no_grad():
+        model.weight.mul_(2.0)  # now ~1.1x of it in one update: capped at 0.1 / ratio
+    w0, b0 = snap["model"]["weight"], snap["model"]["bias"]
+    ratio = ((model.weight - w0).norm() / torch.cat([w0.flatten(), b0]).norm()).item()
+    cap, got = wreck_cap(guard, snap, LadderState(factor=0.5, consecutive_skips=2), step=3,
+                         restored_step=None)
+    assert got == pytest.approx(ratio, rel=1e-5) and cap == pytest.approx(0.5 * 0.1 / ratio)
+    # two updates taken since the snapshot (steps 0 and 1; 2-4 skipped): the ratio of one
+    cap2, got2 = wreck_cap(guard, snap, LadderState(consecutive_skips=2), step=4,
+                           restored_step=None)
+    assert got2 == pytest.approx(ratio / 2, rel=1e-5) and cap2 == pytest.approx(0.2 / ratio)
+    # a warm-up at a tenth of its peak: the update at the peak would be ten times as large
+    guard.monitor.lr_tracker.observe(4, [{"lr": 0.01, "initial_lr": 0.1}])
+    assert guard.monitor.lr_tracker.fraction() == pytest.approx(0.1)
+    cap3, _ = wreck_cap(guard, snap, LadderState(consecutive_skips=2), step=3, restored_step=None)
+    assert cap3 == pytest.approx(0.1 * 0.1 / ratio)
+    guard.close()
 
 
 @pytest.mark.parametrize("zero, snapshots", [

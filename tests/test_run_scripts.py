@@ -113,9 +113,10 @@ def test_nanogpt_like_without_scaler_nan_step_is_skipped_by_gradguard(tmp_path):
 
 
 def test_diverging_run_is_called_diverged_lr_too_high_and_can_fail_the_run(tmp_path, capsys):
-    # AdamW at 3: its first updates lift the loss x10 two steps in a row, and the guard
-    # rolls back at step 4 and recovers the run; at 30 it diverges again
-    args = ["--out", str(tmp_path / "runs"), "--no-report", "--every", "5",
+    # AdamW at 30 with no recovery: the loss explodes from 4.4 to thousands and ends
+    # 5228, 1983, 2997; judged on that spread in absolute terms it had not "risen" and the
+    # run was called HEALTHY (the rise is now judged in log units)
+    args = ["--out", str(tmp_path / "runs"), "--no-report", "--every", "5", "--no-recovery",
             str(SCRIPTS / "nanogpt_like.py"), *NANOGPT, "--lr", "30"]
     assert main(["run", *args]) == 0  # the script's own exit code by default
     err = capsys.readouterr().err
@@ -126,6 +127,22 @@ def test_diverging_run_is_called_diverged_lr_too_high_and_can_fail_the_run(tmp_p
     assert main(["run", "--fail-on-divergence", *args]) == 1
     assert "--fail-on-divergence: 1 guarded run(s) did not recover" in capsys.readouterr().err
     assert len([d for d in (tmp_path / "runs").iterdir() if d.name != "latest"]) == 2
+
+
+def test_a_wrecking_lr_of_any_size_is_cut_to_one_that_trains(tmp_path, capsys):
+    """The same script at AdamW 30 and 3000 under recovery: its first update moves the
+    weights by hundreds of times their norm, and the rollback cuts the LR by that size
+    (docs/recovery.md, "Act at the step"), whatever it was: the run recovers. Halving it
+    per relapse, it had diverged at 30."""
+    for lr in ("30", "3000"):
+        args = ["--out", str(tmp_path / lr), "--no-report", "--every", "5",
+                str(SCRIPTS / "nanogpt_like.py"), *NANOGPT, "--lr", lr]
+        assert main(["run", "--fail-on-divergence", *args]) == 0
+        err = capsys.readouterr().err
+        assert "RECOVERED: " in err and "the update before them wrecked the weights (it moved" in err
+        assert " times their norm)" in err  # 31,041% of it at 30
+        info = json.loads((tmp_path / lr / "latest" / "run.json").read_text())
+        assert info["optimizers"][0]["outcome"]["status"] == "recovered"
 
 
 @pytest.mark.parametrize("scale", [1000.0, 1.0])

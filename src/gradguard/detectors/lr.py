@@ -62,6 +62,13 @@ class LrTracker:
         pairs = [(lr, pk) for lr, pk in zip(self._last, self._peak) if lr is not None]
         return bool(pairs) and all(lr < fraction * pk for lr, pk in pairs)
 
+    def fraction(self) -> float:
+        """The LR in force as a share of the highest it has had or planned (the largest
+        over the param groups with a numeric LR; 1.0 when none has one): an update taken
+        now is this share of one taken at the schedule's peak."""
+        shares = [lr / pk for lr, pk in zip(self._last, self._peak) if lr is not None and pk > 0]
+        return min(1.0, max(shares)) if shares else 1.0
+
     def pop_events(self) -> list[Event]:
         ev, self._events = self._events, []
         return ev

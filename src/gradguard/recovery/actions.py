@@ -18,6 +18,7 @@ the same step ``factor`` times as long. That copy is made only on steps the fact
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ from ..events import Event
 from ..measure import stored
 from ..naming import OPTIMIZER_PREFIX, layer_of
 from . import messages
-from .ladder import Action, Trigger, transition
+from .ladder import Action, LadderState, Trigger, transition
 from .shift import rebase
 from .snapshots import copy_state
 
@@ -160,6 +161,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
     """Advance ``rec``'s ladder by ``trig`` and carry its actions out: snapshot, back off,
     roll back (``layers``: the layers whose moments to reset), say so in an event, or
     raise :class:`~gradguard.TrainingDiverged`; True when it acted (beyond a snapshot)."""
+    prior = rec.state
     rec.state, todo = transition(rec.config, rec.state, trig)
     acted = False
     for a in todo:
@@ -206,6 +208,15 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                                                        no_snapshot=True, level=level))
             else:
                 step = int(snap["step"])
+                if trig.kind == "skip" and trig.rollback:  # a wreck: how large was the update?
+                    cap = wreck_cap(guard, snap, prior, trig.step, rec.ring.restored_step)
+                    if cap is not None and cap[0] < rec.state.ceiling:
+                        rec.state, _ = transition(rec.config, rec.state,
+                                                  Trigger("capped", a.step, value=cap[0]))
+                        a = dataclasses.replace(
+                            a, factor=rec.state.factor, ceiling=rec.state.ceiling,
+                            reason=f"{a.reason} (it moved them by {_share(cap[1])} their norm)")
+                        rec.actions[-1] = a
                 reset = rollback(guard, a, snap, layers(), rec.reset_moments)
                 guard.add_event(messages.rollback_event(
                     a, step, reset, rec.config.restore_steps, rec.config.max_rollbacks,
@@ -221,6 +232,47 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
         else:
             raise messages.abort(guard, a, rec.state.rollbacks)
     return acted
+
+
+def wreck_cap(guard: Guard, snap: dict[str, Any], prior: LadderState, step: int,
+              restored_step: int | None) -> tuple[float, float] | None:
+    """For a rollback from weights an update wrecked (steps skipped for their loss in a
+    run's first steps, :mod:`.verdict`): the LR factor under which each update since the
+    snapshot would have moved the weights by ``update_ratio_high`` (10%) of their norm, the
+    update/weight ratio the detectors call too large, and the ratio measured; None when the
+    updates were no larger. An update scales with the LR (SGD's first, Adam's sign-like
+    ones), so an LR 100x too high that wrecked the weights in one update is cut to about
+    the LR that trains, not halved; under a warm-up, an update at the schedule's peak
+    (:meth:`~gradguard.detectors.LrTracker.fraction`) is what is capped. One host read, on
+    this rollback only."""
+    saved, diff, base = snap["model"], None, None
+    for name, p in guard.model.named_parameters():
+        w = saved.get(name)
+        if w is None or not p.is_floating_point():
+            continue
+        w = w.to(p.device, torch.float32)
+        d = (p.detach().float() - w).square().sum()
+        b = w.square().sum()
+        diff, base = (d, b) if diff is None else (diff + d, base + b)
+    if diff is None or base is None:
+        return None
+    d2, b2 = torch.stack([diff, base]).tolist()
+    start = max(int(snap["step"]), -1 if restored_step is None else restored_step - 1)
+    updates = max(1, step - start - (prior.consecutive_skips + 1))
+    if not (math.isfinite(d2) and b2 > 0):
+        return None
+    ratio = math.sqrt(d2 / b2) / updates
+    high = guard.monitor.config.update_ratio_high
+    # an update at the schedule's peak is 1 / share times one taken now (a warm-up)
+    share = guard.monitor.lr_tracker.fraction()
+    if ratio / share <= high:
+        return None
+    return prior.factor * share * high / ratio, ratio
+
+
+def _share(ratio: float) -> str:
+    """``5.18`` -> "518% of"; ``310.4`` -> "310 times"."""
+    return f"{ratio:.0%} of" if ratio < 10 else f"{ratio:.3g} times"
 
 
 def restore(guard: Guard, snap: dict[str, Any]) -> None:

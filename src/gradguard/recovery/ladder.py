@@ -162,6 +162,8 @@ def _transition(
         return _shifted(cfg, st, trig)
     if trig.kind == "raise":
         return _raised(st, trig)
+    if trig.kind == "capped":
+        return _capped(st, trig)
     if trig.kind == "skip" and (trig.data or st.data_streak is not None):
         return _data(cfg, st, trig)
     if trig.kind == "skip":
@@ -356,6 +358,19 @@ def _probed(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderSt
                              backoff_step=None, at_ceiling=None, last_trigger=trig.step,
                              episode_ceiling=None)  # the LR's own doing: nothing to retry
     return st, (Action("lower", trig.step, trig.reason, st.factor, ceiling, lowered=True),)
+
+
+def _capped(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
+    """A rollback for a wreck measured the update that wrecked the weights: the ceiling
+    drops to ``value``, the factor under which that update would have moved the weights by
+    the largest healthy share (:func:`gradguard.recovery.actions.wreck_cap`), when that is
+    lower than the ceiling the rollback set; the back-off restores up to it."""
+    if trig.value is None or trig.value >= st.ceiling:
+        return st, ()
+    cap = trig.value
+    return dataclasses.replace(st, ceiling=cap, factor=min(st.factor, cap),
+                               backoff_level=None if st.backoff_level is None
+                               else min(st.backoff_level, cap)), ()
 
 
 def _failed_ceiling(cfg: LadderConfig, st: LadderState) -> float:

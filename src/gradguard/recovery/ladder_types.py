@@ -20,7 +20,7 @@ OFFSCALE_REASON = "off-scale"
 DATA_REASONS = (NONFINITE_REASON, OFFSCALE_REASON)
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
-                      "level", "lower", "restored", "shifted", "raise"]
+                      "level", "lower", "restored", "shifted", "raise", "capped"]
 ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower", "level_off",
                      "data", "sound", "shifted", "raised"]
 

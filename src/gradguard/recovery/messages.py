@@ -41,7 +41,8 @@ def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False,
 def rollback_event(a: Action, snapshot: int, reset: list[str], restore_steps: int,
                    max_rollbacks: int, level: float | None = None) -> Event:
     """The rollback event (``level``: the loss level before the trouble)."""
-    lr = (f"restored to x{a.ceiling:g} only" if a.ceiling < 1.0
+    lr = ("its new ceiling, from here" if a.factor >= a.ceiling else
+          f"restored to x{a.ceiling:g} only" if a.ceiling < 1.0
           else f"restored in full over {restore_steps} steps")
     return Event(
         kind="rollback", step=a.step, severity="error", value=float(snapshot),

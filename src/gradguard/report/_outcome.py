@@ -114,6 +114,20 @@ def _tol(level: float, window: Any) -> float:
     return max(REL_TOL * abs(level), NOISE_K * noise)
 
 
+def _rose(start: float, final: float, end: Any) -> bool:
+    """Whether the loss ended (``final``, the median of the ``end`` window) above where it
+    started, out of the end window's noise. In log units when the losses are positive: a
+    loss that exploded is noisy in absolute terms (5,228, 1,983, 2,997 at the end of a run
+    that started at 4.4: a spread of thousands, which called it "healthy")."""
+    import numpy as np
+
+    if start > 0 and final > 0 and len(end) and bool((end > 0).all()):
+        logs = np.log(end)
+        noise = 1.4826 * float(np.median(np.abs(logs - np.median(logs))))
+        return math.log(final / start) > max(math.log1p(REL_TOL), NOISE_K * noise)
+    return final > start + _tol(start, end)
+
+
 def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     """Judge how the run in ``data`` ended (see the module docstring).
 
@@ -168,7 +182,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         end = loss[tail][fin[tail]]
         final = _median(end)
         if final is not None:
-            rose = final > start + _tol(start, end)
+            rose = _rose(start, final, end)
         if incident is not None:
             pre = (data.step < incident) & fin
             window = loss[pre][-k:]
