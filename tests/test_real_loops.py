@@ -583,7 +583,8 @@ def test_a_wreck_cuts_the_lr_by_the_size_of_the_update_that_wrecked_the_weights(
     assert [(e.step, e.data["snapshot_step"]) for e in back] == [(3, -1)]
     assert back[0].data["ceiling"] == pytest.approx(0.1 / ratio, rel=1e-4)
     assert back[0].data["factor"] == back[0].data["ceiling"]
-    assert f"it moved them by {ratio:.3g} times their norm" in back[0].message
+    assert (f"the first update from the weights restored moved them by {ratio:.3g} times their "
+            "norm") in back[0].message
     assert "its new ceiling, from here" in back[0].message
     assert guard.recovery.lr_ceiling == pytest.approx(0.1 / ratio, rel=1e-4)
     assert sum(losses[-20:]) / 20 < 0.5
@@ -613,6 +614,17 @@ def test_a_wreck_by_an_update_of_a_healthy_size_is_cut_by_half_as_before():
     cap2, got2 = wreck_cap(guard, snap, LadderState(consecutive_skips=2), step=4,
                            restored_step=None)
     assert got2 == pytest.approx(ratio / 2, rel=1e-5) and cap2 == pytest.approx(0.2 / ratio)
+    # the first update from the snapshot's weights, measured around its step by the
+    # update sampler, is the one judged when there is one (not the mean since)
+    guard._sampler.first, guard._sampler.first_step = torch.tensor(0.25 * b0.square().sum()
+                                                                    + 0.25 * w0.square().sum()), 0
+    cap4, got4 = wreck_cap(guard, snap, LadderState(consecutive_skips=2), step=4,
+                           restored_step=None)
+    assert got4 == pytest.approx(0.5) and cap4 == pytest.approx(0.2)
+    guard._sampler.first_step = -1  # measured before the snapshot: not its first update
+    assert wreck_cap(guard, snap, LadderState(consecutive_skips=2), step=4,
+                     restored_step=None)[1] == pytest.approx(ratio / 2, rel=1e-5)
+    guard._sampler.first = None
     # a warm-up at a tenth of its peak: the update at the peak would be ten times as large
     guard.monitor.lr_tracker.observe(4, [{"lr": 0.01, "initial_lr": 0.1}])
     assert guard.monitor.lr_tracker.fraction() == pytest.approx(0.1)

@@ -139,7 +139,8 @@ def test_a_wrecking_lr_of_any_size_is_cut_to_one_that_trains(tmp_path, capsys):
                 str(SCRIPTS / "nanogpt_like.py"), *NANOGPT, "--lr", lr]
         assert main(["run", "--fail-on-divergence", *args]) == 0
         err = capsys.readouterr().err
-        assert "RECOVERED: " in err and "the update before them wrecked the weights (it moved" in err
+        assert "RECOVERED: " in err and "wrecked the weights (the first update from the weights " \
+            "restored moved them by" in err
         assert " times their norm)" in err  # 31,041% of it at 30
         info = json.loads((tmp_path / lr / "latest" / "run.json").read_text())
         assert info["optimizers"][0]["outcome"]["status"] == "recovered"

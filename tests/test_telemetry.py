@@ -176,6 +176,39 @@ def test_update_norms_are_exact_when_the_model_fits_the_budget():
     sampler.detach()
 
 
+def test_the_first_update_of_a_run_and_after_a_restore_is_measured_apart():
+    """The guard's sampler measures the run's first update (and the first from weights a
+    rollback restored) whatever the flush cadence, for the rollback of a wreck
+    (``gradguard.recovery.actions.wreck_cap``); the flush's sample is left as it was."""
+    torch.manual_seed(0)
+    net = mlp(depth=3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    guard = gg.Guard(net, opt, recovery=gg.Recovery(), every=50)
+    sampler = guard._sampler
+    assert sampler.first_due and sampler.first is None
+    x = torch.randn(4, 8)
+    net(x).pow(2).mean().backward()
+    ref = sum((0.1 * p.grad).square().sum() for p in net.parameters())
+    guard.step()
+    assert not sampler.first_due and sampler.first_step == 0
+    torch.testing.assert_close(sampler.first, ref)
+    net.zero_grad()
+    net(x).pow(2).mean().backward()
+    guard.step()  # not measured: the first is kept, the flush cadence untouched
+    assert sampler.first_step == 0 and sampler._offset == 0
+    from gradguard.recovery import Action, actions
+
+    snap = {"model": {k: v.clone() for k, v in net.state_dict().items()},
+            "optimizer": opt.state_dict()}
+    actions.rollback(guard, Action("rollback", 1), snap, [], "none")
+    assert sampler.first_due and sampler.first is None
+    net.zero_grad()
+    net(x).pow(2).mean().backward()
+    guard.step()
+    assert sampler.first_step == 2 and sampler.first is not None
+    guard.close()
+
+
 def test_update_sample_copies_at_most_the_budget_and_is_unbiased_over_a_rotation(monkeypatch):
     torch.manual_seed(0)
     net = nn.Linear(21, 15)  # 315 + 15 = 330 elements

@@ -90,6 +90,15 @@ class UpdateSampler:
     ) -> None:
         self.telemetry = telemetry
         self.armed = False
+        #: measure the next step that runs as a *first* update (the run's first, or the
+        #: first from weights a rollback restored): ``first`` keeps its squared norm
+        self.first_due = True
+        #: the squared 2-norm of that update (a 0-d float32 tensor on the telemetry's
+        #: device, never read here) and the step count at which it was taken
+        self.first: Tensor | None = None
+        self.first_step: int | None = None
+        self._first_active = False
+        self._step = 0
         self._active = False
         sizes = [_local(p).numel() for p in telemetry.params]
         total = sum(sizes)
@@ -124,22 +133,28 @@ class UpdateSampler:
         return views
 
     def _pre(self, optimizer: object, args: object, kwargs: object) -> None:
-        if self.armed:
-            self.armed, self._active = False, True
+        if self.armed or self.first_due:
+            self._first_active, self.first_due = self.first_due, False
+            self._active, self.armed = self.armed, False
             with torch.no_grad():
                 self._views = self._samples()
                 self._before = [v.clone() for v in self._views]
             self.last_sampled = sum(v.numel() for v in self._before)
 
     def _post(self, optimizer: object, args: object, kwargs: object) -> None:
-        if not self._active:
+        if not (self._active or self._first_active):
             return
-        self._active = False
         assert self._before is not None
         with torch.no_grad():
             self._measure(self._views, self._before)
         self._before, self._views = None, []
-        self._offset += 1
+        if self._active:
+            self._offset += 1
+        self._active = self._first_active = False
+
+    def at_step(self, step: int) -> None:
+        """The guard's step count for the next step (``first_step`` records it)."""
+        self._step = step
 
     def _measure(self, now: Sequence[Tensor], before: list[Tensor]) -> None:
         tel = self.telemetry
@@ -156,7 +171,10 @@ class UpdateSampler:
         out = None if reducer is None else reducer.reduce(torch.stack([w, u]), tel.params, 2.0)
         if out is not None:
             w, u = out.norms.float().unbind()
-        tel.set_update_sample(w, u)
+        if self._first_active:
+            self.first, self.first_step = u.square().sum(), self._step
+        if self._active:
+            tel.set_update_sample(w, u)
 
     def detach(self) -> None:
         """Remove the hooks (the guard's ``close`` calls it)."""

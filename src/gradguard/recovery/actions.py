@@ -149,6 +149,9 @@ def rollback(
     reached, is no loss spike that goes on); then reset the moments of ``layers`` (per
     ``reset_mode``); the layers reset."""
     restore(guard, snap)
+    sampler = getattr(guard, "_sampler", None)
+    if sampler is not None:  # the first update from the restored weights is measured
+        sampler.first_due, sampler.first, sampler.first_step = True, None, None
     if "detectors" in snap:  # the losses and norms that led to the restored weights
         guard.monitor.detector_state.restart(snap["detectors"])
     guard.batches_to_skip = a.skip_batches
@@ -215,7 +218,8 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                                                   Trigger("capped", a.step, value=cap[0]))
                         a = dataclasses.replace(
                             a, factor=rec.state.factor, ceiling=rec.state.ceiling,
-                            reason=f"{a.reason} (it moved them by {_share(cap[1])} their norm)")
+                            reason=f"{a.reason} (the first update from the weights restored "
+                                   f"moved them by {_share(cap[1])} their norm)")
                         rec.actions[-1] = a
                 reset = rollback(guard, a, snap, layers(), rec.reset_moments)
                 guard.add_event(messages.rollback_event(
@@ -237,10 +241,13 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
 def wreck_cap(guard: Guard, snap: dict[str, Any], prior: LadderState, step: int,
               restored_step: int | None) -> tuple[float, float] | None:
     """For a rollback from weights an update wrecked (steps skipped for their loss in a
-    run's first steps, :mod:`.verdict`): the LR factor under which each update since the
-    snapshot would have moved the weights by ``update_ratio_high`` (10%) of their norm, the
-    update/weight ratio the detectors call too large, and the ratio measured; None when the
-    updates were no larger. An update scales with the LR (SGD's first, Adam's sign-like
+    run's first steps, :mod:`.verdict`): the LR factor under which the first update from
+    the snapshot's weights (measured by the guard's update sampler around that step; without
+    it, the mean of the updates since, from the distance to the wrecked weights) would have
+    moved them by ``update_ratio_high`` (10%) of their norm, the update/weight ratio the
+    detectors call too large, and the ratio measured; None when it was no larger. The
+    first: an SGD run's later updates, on weights already damaged, grow with their
+    gradients (a char LSTM at SGD 30: a mean of 35 times the weights' norm, the first 32%). An update scales with the LR (SGD's first, Adam's sign-like
     ones), so an LR 100x too high that wrecked the weights in one update is cut to about
     the LR that trains, not halved; under a warm-up, an update at the schedule's peak
     (:meth:`~gradguard.detectors.LrTracker.fraction`) is what is capped. One host read, on
@@ -256,12 +263,19 @@ def wreck_cap(guard: Guard, snap: dict[str, Any], prior: LadderState, step: int,
         diff, base = (d, b) if diff is None else (diff + d, base + b)
     if diff is None or base is None:
         return None
-    d2, b2 = torch.stack([diff, base]).tolist()
-    start = max(int(snap["step"]), -1 if restored_step is None else restored_step - 1)
-    updates = max(1, step - start - (prior.consecutive_skips + 1))
+    sampler = getattr(guard, "_sampler", None)
+    first = None
+    if sampler is not None and sampler.first is not None and sampler.first_step is not None \
+            and sampler.first_step > int(snap["step"]):
+        first = sampler.first.to(base.device)  # the first update from these weights
+    d2, b2 = torch.stack([diff if first is None else first, base]).tolist()
     if not (math.isfinite(d2) and b2 > 0):
         return None
-    ratio = math.sqrt(d2 / b2) / updates
+    if first is not None:
+        ratio = math.sqrt(d2 / b2)
+    else:  # not measured (sample_updates=False): the mean of the updates since
+        start = max(int(snap["step"]), -1 if restored_step is None else restored_step - 1)
+        ratio = math.sqrt(d2 / b2) / max(1, step - start - (prior.consecutive_skips + 1))
     high = guard.monitor.config.update_ratio_high
     # an update at the schedule's peak is 1 / share times one taken now (a warm-up)
     share = guard.monitor.lr_tracker.fraction()
