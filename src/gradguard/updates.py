@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import distributed
 from .measure import _foreach_norm_any, _local
 from .telemetry import Telemetry
 
@@ -91,8 +92,10 @@ class UpdateSampler:
         self.telemetry = telemetry
         self.armed = False
         #: measure the next step that runs as a *first* update (the run's first, or the
-        #: first from weights a rollback restored): ``first`` keeps its squared norm
-        self.first_due = True
+        #: first from weights a rollback restored): ``first`` keeps its squared norm. Not
+        #: under torch.distributed, where no rollback weighs it (the loss is not judged per
+        #: step) and a sharded norm would take a collective off the flush steps
+        self.first_due = distributed.world_size() <= 1
         #: the squared 2-norm of that update (a 0-d float32 tensor on the telemetry's
         #: device, never read here) and the step count at which it was taken
         self.first: Tensor | None = None
@@ -133,6 +136,7 @@ class UpdateSampler:
         return views
 
     def _pre(self, optimizer: object, args: object, kwargs: object) -> None:
+        self.first_due = self.first_due and distributed.world_size() <= 1
         if self.armed or self.first_due:
             self._first_active, self.first_due = self.first_due, False
             self._active, self.armed = self.armed, False
