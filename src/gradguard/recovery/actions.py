@@ -258,8 +258,9 @@ def wreck_cap(guard: Guard, snap: dict[str, Any], prior: LadderState, step: int,
         if w is None or not p.is_floating_point():
             continue
         w = w.to(p.device, torch.float32)
-        d = (p.detach().float() - w).square().sum()
-        b = w.square().sum()
+        # on the telemetry's device: a model split over devices sums in one place
+        d = (p.detach().float() - w).square().sum().to(guard.telemetry.device)
+        b = w.square().sum().to(guard.telemetry.device)
         diff, base = (d, b) if diff is None else (diff + d, base + b)
     if diff is None or base is None:
         return None
