@@ -616,8 +616,8 @@ def test_a_wreck_by_an_update_of_a_healthy_size_is_cut_by_half_as_before():
     assert got2 == pytest.approx(ratio / 2, rel=1e-5) and cap2 == pytest.approx(0.2 / ratio)
     # the first update from the snapshot's weights, measured around its step by the
     # update sampler, is the one judged when there is one (not the mean since)
-    guard._sampler.first, guard._sampler.first_step = torch.tensor(0.25 * b0.square().sum()
-                                                                    + 0.25 * w0.square().sum()), 0
+    guard._sampler.first = 0.25 * (b0.square().sum() + w0.square().sum())  # half the norm
+    guard._sampler.first_step = 0
     cap4, got4 = wreck_cap(guard, snap, LadderState(consecutive_skips=2), step=4,
                            restored_step=None)
     assert got4 == pytest.approx(0.5) and cap4 == pytest.approx(0.2)
