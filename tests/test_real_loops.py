@@ -593,8 +593,8 @@ def test_a_wreck_cuts_the_lr_by_the_size_of_the_update_that_wrecked_the_weights(
 def test_a_wreck_by_an_update_of_a_healthy_size_is_cut_by_half_as_before():
     """The cut is a cap: where the update that preceded the loss-spiking steps was no
     larger than 10% of the weights, the rollback halves the ceiling, as for any relapse."""
-    from gradguard.recovery.actions import wreck_cap
     from gradguard.recovery.ladder import LadderState
+    from gradguard.recovery.wreck import cap as wreck_cap
 
     model = nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -179,7 +179,7 @@ def test_update_norms_are_exact_when_the_model_fits_the_budget():
 def test_the_first_update_of_a_run_and_after_a_restore_is_measured_apart():
     """The guard's sampler measures the run's first update (and the first from weights a
     rollback restored) whatever the flush cadence, for the rollback of a wreck
-    (``gradguard.recovery.actions.wreck_cap``); the flush's sample is left as it was."""
+    (``gradguard.recovery.wreck.cap``); the flush's sample is left as it was."""
     torch.manual_seed(0)
     net = mlp(depth=3)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)

@@ -33,8 +33,8 @@ from .._tensors import numeric_lr
 from ..events import Event
 from ..measure import stored
 from ..naming import OPTIMIZER_PREFIX, layer_of
-from . import messages
-from .ladder import Action, LadderState, Trigger, transition
+from . import messages, wreck
+from .ladder import Action, Trigger, transition
 from .shift import rebase
 from .snapshots import copy_state
 
@@ -212,14 +212,14 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
             else:
                 step = int(snap["step"])
                 if trig.kind == "skip" and trig.rollback:  # a wreck: how large was the update?
-                    cap = wreck_cap(guard, snap, prior, trig.step, rec.ring.restored_step)
+                    cap = wreck.cap(guard, snap, prior, trig.step, rec.ring.restored_step)
                     if cap is not None and cap[0] < rec.state.ceiling:
                         rec.state, _ = transition(rec.config, rec.state,
                                                   Trigger("capped", a.step, value=cap[0]))
                         a = dataclasses.replace(
                             a, factor=rec.state.factor, ceiling=rec.state.ceiling,
                             reason=f"{a.reason} (the first update from the weights restored "
-                                   f"moved them by {_share(cap[1])} their norm)")
+                                   f"moved them by {wreck.share(cap[1])} their norm)")
                         rec.actions[-1] = a
                 reset = rollback(guard, a, snap, layers(), rec.reset_moments)
                 guard.add_event(messages.rollback_event(
@@ -236,58 +236,6 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
         else:
             raise messages.abort(guard, a, rec.state.rollbacks)
     return acted
-
-
-def wreck_cap(guard: Guard, snap: dict[str, Any], prior: LadderState, step: int,
-              restored_step: int | None) -> tuple[float, float] | None:
-    """For a rollback from weights an update wrecked (steps skipped for their loss in a
-    run's first steps, :mod:`.verdict`): the LR factor under which the first update from
-    the snapshot's weights (measured by the guard's update sampler around that step; without
-    it, the mean of the updates since, from the distance to the wrecked weights) would have
-    moved them by ``update_ratio_high`` (10%) of their norm, the update/weight ratio the
-    detectors call too large, and the ratio measured; None when it was no larger. The
-    first: an SGD run's later updates, on weights already damaged, grow with their
-    gradients (a char LSTM at SGD 30: a mean of 35 times the weights' norm, the first 32%). An update scales with the LR (SGD's first, Adam's sign-like
-    ones), so an LR 100x too high that wrecked the weights in one update is cut to about
-    the LR that trains, not halved; under a warm-up, an update at the schedule's peak
-    (:meth:`~gradguard.detectors.LrTracker.fraction`) is what is capped. One host read, on
-    this rollback only."""
-    saved, diff, base = snap["model"], None, None
-    for name, p in guard.model.named_parameters():
-        w = saved.get(name)
-        if w is None or not p.is_floating_point():
-            continue
-        w = w.to(p.device, torch.float32)
-        # on the telemetry's device: a model split over devices sums in one place
-        d = (p.detach().float() - w).square().sum().to(guard.telemetry.device)
-        b = w.square().sum().to(guard.telemetry.device)
-        diff, base = (d, b) if diff is None else (diff + d, base + b)
-    if diff is None or base is None:
-        return None
-    sampler = getattr(guard, "_sampler", None)
-    first = None
-    if sampler is not None and sampler.first is not None and sampler.first_step is not None \
-            and sampler.first_step > int(snap["step"]):
-        first = sampler.first.to(base.device)  # the first update from these weights
-    d2, b2 = torch.stack([diff if first is None else first, base]).tolist()
-    if not (math.isfinite(d2) and b2 > 0):
-        return None
-    if first is not None:
-        ratio = math.sqrt(d2 / b2)
-    else:  # not measured (sample_updates=False): the mean of the updates since
-        start = max(int(snap["step"]), -1 if restored_step is None else restored_step - 1)
-        ratio = math.sqrt(d2 / b2) / max(1, step - start - (prior.consecutive_skips + 1))
-    high = guard.monitor.config.update_ratio_high
-    # an update at the schedule's peak is 1 / share times one taken now (a warm-up)
-    share = guard.monitor.lr_tracker.fraction()
-    if ratio / share <= high:
-        return None
-    return prior.factor * share * high / ratio, ratio
-
-
-def _share(ratio: float) -> str:
-    """``5.18`` -> "518% of"; ``310.4`` -> "310 times"."""
-    return f"{ratio:.0%} of" if ratio < 10 else f"{ratio:.3g} times"
 
 
 def restore(guard: Guard, snap: dict[str, Any]) -> None:

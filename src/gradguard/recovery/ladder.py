@@ -363,7 +363,7 @@ def _probed(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderSt
 def _capped(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
     """A rollback for a wreck measured the update that wrecked the weights: the ceiling
     drops to ``value``, the factor under which that update would have moved the weights by
-    the largest healthy share (:func:`gradguard.recovery.actions.wreck_cap`), when that is
+    the largest healthy share (:func:`gradguard.recovery.wreck.cap`), when that is
     lower than the ceiling the rollback set; the back-off restores up to it."""
     if trig.value is None or trig.value >= st.ceiling:
         return st, ()

@@ -107,11 +107,15 @@ def _median(x: Any) -> float | None:
     return float(np.median(x)) if len(x) else None
 
 
-def _tol(level: float, window: Any) -> float:
+def _spread(window: Any) -> float:
+    """The robust standard deviation of ``window`` (MAD x 1.4826; 0 when empty)."""
     import numpy as np
 
-    noise = 1.4826 * float(np.median(np.abs(window - np.median(window)))) if len(window) else 0.0
-    return max(REL_TOL * abs(level), NOISE_K * noise)
+    return 1.4826 * float(np.median(np.abs(window - np.median(window)))) if len(window) else 0.0
+
+
+def _tol(level: float, window: Any) -> float:
+    return max(REL_TOL * abs(level), NOISE_K * _spread(window))
 
 
 def _rose(start: float, final: float, end: Any) -> bool:
@@ -122,9 +126,7 @@ def _rose(start: float, final: float, end: Any) -> bool:
     import numpy as np
 
     if start > 0 and final > 0 and len(end) and bool((end > 0).all()):
-        logs = np.log(end)
-        noise = 1.4826 * float(np.median(np.abs(logs - np.median(logs))))
-        return math.log(final / start) > max(math.log1p(REL_TOL), NOISE_K * noise)
+        return math.log(final / start) > max(math.log1p(REL_TOL), NOISE_K * _spread(np.log(end)))
     return final > start + _tol(start, end)
 
 

@@ -1,0 +1,72 @@
+"""How large the update that wrecked the weights was: the rollback for a wreck (steps
+skipped for their loss in a run's first steps, :mod:`.verdict`) cuts the LR ceiling by it,
+not by half (docs/recovery.md, "Act at the step").
+
+The update weighed is the first one taken from the weights the rollback restores,
+measured around its step by the guard's update sampler (:mod:`gradguard.updates`: the
+run's first update and the first after every restore); without the sampler
+(``sample_updates=False``), the mean of the updates since, from the distance to the
+wrecked weights. The first, not the mean: an SGD run's later updates, on weights already
+damaged, grow with their gradients (a char LSTM at SGD 30: a mean of 35 times the weights'
+norm, the first 32%). An update scales with the LR (SGD's first, Adam's sign-like ones), so
+an LR 100x too high that wrecked the weights in one update is cut to about the LR that
+trains; under a warm-up, the update at the schedule's peak
+(:meth:`~gradguard.detectors.LrTracker.fraction`) is what is capped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .ladder import LadderState
+
+if TYPE_CHECKING:
+    from ..guard import Guard
+
+
+def cap(guard: Guard, snap: dict[str, Any], prior: LadderState, step: int,
+        restored_step: int | None) -> tuple[float, float] | None:
+    """The LR factor under which the update weighed (see the module docstring) would have
+    moved the snapshot's weights by ``update_ratio_high`` (10%) of their norm, the
+    update/weight ratio the detectors call too large, and the ratio measured; None when it
+    was no larger. ``prior``: the ladder's state before this rollback; ``step``: the
+    rollback's; ``restored_step``: the first step on the weights the last rollback restored.
+    One host read, on this rollback only."""
+    sampler = getattr(guard, "_sampler", None)
+    first = None
+    if sampler is not None and sampler.first is not None and sampler.first_step is not None \
+            and sampler.first_step > int(snap["step"]):
+        first = sampler.first  # the first update from these weights
+    saved, device = snap["model"], guard.telemetry.device
+    diff = torch.zeros((), device=device) if first is None else first.to(device)
+    base = torch.zeros((), device=device)
+    for name, p in guard.model.named_parameters():
+        w = saved.get(name)
+        if w is None or not p.is_floating_point():
+            continue
+        w = w.to(p.device, torch.float32)
+        # on the telemetry's device: a model split over devices sums in one place
+        base += w.square().sum().to(device)
+        if first is None:
+            diff += (p.detach().float() - w).square().sum().to(device)
+    d2, b2 = torch.stack([diff, base]).tolist()
+    if not (math.isfinite(d2) and b2 > 0):
+        return None
+    ratio = math.sqrt(d2 / b2)
+    if first is None:  # the mean of the updates taken since
+        start = max(int(snap["step"]), -1 if restored_step is None else restored_step - 1)
+        ratio /= max(1, step - start - (prior.consecutive_skips + 1))
+    high = guard.monitor.config.update_ratio_high
+    # an update at the schedule's peak is 1 / share times one taken now (a warm-up)
+    share_now = guard.monitor.lr_tracker.fraction()
+    if ratio / share_now <= high:
+        return None
+    return prior.factor * share_now * high / ratio, ratio
+
+
+def share(ratio: float) -> str:
+    """``5.18`` -> "518% of"; ``310.4`` -> "310 times"."""
+    return f"{ratio:.0%} of" if ratio < 10 else f"{ratio:.3g} times"
