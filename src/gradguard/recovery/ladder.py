@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import ladder_lr as lr
 from .ladder_types import (
     DATA_REASONS,
     NONFINITE_REASON,
@@ -140,7 +141,7 @@ def _transition(
     cfg: LadderConfig, st: LadderState, trig: Trigger
 ) -> tuple[LadderState, tuple[Action, ...]]:
     if trig.kind == "tick":
-        return _settle(cfg, _restore(cfg, st, trig.step), trig.step)
+        return lr.settle(cfg, lr.restore(cfg, st, trig.step), trig.step)
     if trig.kind == "progress":
         return _progress(cfg, st, trig)
     if trig.kind == "level":
@@ -161,9 +162,9 @@ def _transition(
     if trig.kind == "shifted":
         return _shifted(cfg, st, trig)
     if trig.kind == "raise":
-        return _raised(st, trig)
+        return lr.raised(st, trig)
     if trig.kind == "capped":
-        return _capped(st, trig)
+        return lr.capped(st, trig)
     if trig.kind == "skip" and (trig.data or st.data_streak is not None):
         return _data(cfg, st, trig)
     if trig.kind == "skip":
@@ -180,9 +181,9 @@ def _transition(
         return _escalate(cfg, st, trig.step, reason, trig.value, at=trig.at,
                          force_rollback=trig.rollback)
     if trig.kind == "spike" and trig.mild:
-        return _lower(cfg, st, trig)
+        return lr.lower(cfg, st, trig)
     if trig.kind == "lower":
-        return _probed(cfg, st, trig)
+        return lr.probed(cfg, st, trig)
     if trig.kind == "restored":
         if trig.value is None or st.pre_level is None or trig.value <= st.pre_level:
             return st, ()
@@ -232,7 +233,7 @@ def _escalate(
     # taken at it since the last rung (a streak of skipped steps goes on: the same trouble,
     # not a relapse, and the factor that rung set has not been tried)
     if (recent or relapse) and st.untested is None:
-        new = _failed_ceiling(cfg, st)
+        new = lr.failed_ceiling(cfg, st)
         if raised and st.raised_from is not None:  # back to the ceiling that had held
             new = min(new, st.raised_from)
         if new < st.ceiling:
@@ -299,16 +300,6 @@ def _shifted(cfg: LadderConfig, st: LadderState,
         by_level=True))
 
 
-def _raised(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
-    """A retry (:mod:`.probe`) found the ceiling before the trouble, ``trig.value``, trains:
-    ceiling and factor back at it, settled; trouble soon after is a relapse (_escalate)."""
-    top = trig.value if trig.value is not None else st.ceiling
-    st = dataclasses.replace(st, ceiling=top, factor=top, settled=top, episode_ceiling=None,
-                             backoff_step=None, backoff_level=top, at_ceiling=None,
-                             raised=trig.step, raised_from=st.ceiling)
-    return st, (Action("raised", trig.step, trig.reason, top, top),)
-
-
 def _data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
     """A non-finite step the batches are at fault for (see ``data`` in the module
     docstring): the first one ends the episode (the ceiling back to where it was before
@@ -332,52 +323,6 @@ def _data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderStat
                        rollbacks=st.total_rollbacks, data=True),)
 
 
-def _lower(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
-    """A mild trigger: the factor in force fails for good (the ceiling drops to
-    ``relapse_backoff`` times it) and the LR backs off and restores up to the new ceiling;
-    the weights stay, and no progress check follows (they were not damaged)."""
-    now = trig.step if trig.at is None else max(trig.step, trig.at)
-    ceiling = min(st.ceiling, _failed_ceiling(cfg, st))
-    factor = min(st.factor * cfg.backoff, ceiling)
-    lowered = ceiling < st.ceiling
-    relapse = st.last_trigger is not None and trig.step - st.last_trigger <= cfg.relapse_window
-    st = dataclasses.replace(st, last_trigger=trig.step, ceiling=ceiling, factor=factor,
-                             backoff_level=factor, backoff_step=now, at_ceiling=None,
-                             backoffs=st.backoffs + 1, untested=now)
-    return st, (Action("backoff", trig.step, trig.reason, factor, ceiling, relapse, lowered,
-                       by_level=trig.by_level),)
-
-
-def _probed(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
-    """The LR probe found the LR in force too high (:mod:`.probe`): the ceiling drops to
-    ``relapse_backoff`` times the factor in force and the factor to it, with no back-off
-    (the weights are not damaged, the loss is not in trouble: the LR sets its noise floor);
-    the lowered ceiling is on probation until it settles."""
-    ceiling = _failed_ceiling(cfg, st)
-    st = dataclasses.replace(st, ceiling=ceiling, factor=min(st.factor, ceiling),
-                             backoff_step=None, at_ceiling=None, last_trigger=trig.step,
-                             episode_ceiling=None)  # the LR's own doing: nothing to retry
-    return st, (Action("lower", trig.step, trig.reason, st.factor, ceiling, lowered=True),)
-
-
-def _capped(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
-    """A rollback for a wreck measured the update that wrecked the weights: the ceiling
-    drops to ``value``, the factor under which that update would have moved the weights by
-    the largest healthy share (:func:`gradguard.recovery.wreck.cap`), when that is
-    lower than the ceiling the rollback set; the back-off restores up to it."""
-    if trig.value is None or trig.value >= st.ceiling:
-        return st, ()
-    cap = trig.value
-    return dataclasses.replace(st, ceiling=cap, factor=min(st.factor, cap),
-                               backoff_level=None if st.backoff_level is None
-                               else min(st.backoff_level, cap)), ()
-
-
-def _failed_ceiling(cfg: LadderConfig, st: LadderState) -> float:
-    """The ceiling once the factor in force has failed: ``relapse_backoff`` times it."""
-    return min(st.ceiling, st.factor) * cfg.relapse_backoff
-
-
 def _progress(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
     """``recovery_window`` steps after a back-off or rollback: has the loss come back?"""
     if st.watching is None or trig.step - st.watching < cfg.recovery_window:
@@ -389,27 +334,3 @@ def _progress(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[Ladder
     reason = (f"the loss ({trig.value:.4g}) did not come back to its level before the trouble "
               f"({st.pre_level:.4g}) within {cfg.recovery_window} steps")
     return _escalate(cfg, st, trig.step, reason, force_rollback=True, by_level=True)
-
-
-def _settle(cfg: LadderConfig, st: LadderState, step: int) -> tuple[LadderState, tuple[Action, ...]]:
-    """A factor that stayed at a lowered ceiling for ``restore_steps`` steps is settled."""
-    if not st.probation or st.factor < st.ceiling:
-        return st, ()
-    if st.at_ceiling is None:
-        return dataclasses.replace(st, at_ceiling=step), ()
-    if step - st.at_ceiling < cfg.restore_steps:
-        return st, ()
-    return dataclasses.replace(st, settled=st.ceiling), (Action("settled", step, factor=st.ceiling,
-                                                                ceiling=st.ceiling),)
-
-
-def _restore(cfg: LadderConfig, st: LadderState, step: int) -> LadderState:
-    """Move the factor linearly back towards the ceiling after a back-off."""
-    top = st.ceiling
-    if st.factor >= top or st.backoff_step is None:
-        return st
-    t = step - st.backoff_step - 1  # the first step after the back-off uses its factor
-    f = min(top, st.backoff_level + (top - st.backoff_level) * t / cfg.restore_steps)
-    if f == st.factor:
-        return st
-    return dataclasses.replace(st, factor=f, backoff_step=None if f >= top else st.backoff_step)
