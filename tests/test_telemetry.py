@@ -209,6 +209,29 @@ def test_the_first_update_of_a_run_and_after_a_restore_is_measured_apart():
     guard.close()
 
 
+def test_a_warm_up_from_lr_0_has_its_first_update_measured_at_its_first_moving_step():
+    """Hugging Face's linear warm-up runs its first step at LR 0: that update moves
+    nothing, and a wreck by the next ones was halved, not cut by its size. The first update
+    measured is the first taken at an LR above 0, with its share of the schedule's peak."""
+    torch.manual_seed(0)
+    net = mlp(depth=3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 10))
+    guard = gg.Guard(net, opt, recovery=gg.Recovery(), every=50)
+    x = torch.randn(4, 8)
+    for step in range(3):
+        net.zero_grad()
+        net(x).pow(2).mean().backward()
+        if step == 1:
+            ref = sum((0.05 * p.grad).square().sum() for p in net.parameters())
+        guard.step()
+        sched.step()
+    sampler = guard._sampler
+    assert sampler.first_step == 1 and sampler.first_share == pytest.approx(0.1)
+    torch.testing.assert_close(sampler.first, ref)
+    guard.close()
+
+
 def test_update_sample_copies_at_most_the_budget_and_is_unbiased_over_a_rotation(monkeypatch):
     torch.manual_seed(0)
     net = nn.Linear(21, 15)  # 315 + 15 = 330 elements

@@ -241,7 +241,7 @@ class Guard:
             )
             if self._sampler is not None:
                 self._sampler.armed = self.telemetry.flush_due
-                self._sampler.at_step(self.step_count)
+                self._sampler.at_step(self.step_count, self.monitor.lr_tracker.fraction())
             if self.recovery is not None:
                 self.recovery.before_step(self)  # this step's LR factor; the first snapshot
             code = (~stats.finite).to(torch.uint8)  # NONFINITE

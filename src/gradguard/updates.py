@@ -100,8 +100,11 @@ class UpdateSampler:
         #: device, never read here) and the step count at which it was taken
         self.first: Tensor | None = None
         self.first_step: int | None = None
+        #: the LR of that step as a share of the schedule's peak
+        #: (:meth:`~gradguard.detectors.LrTracker.fraction`)
+        self.first_share = 1.0
         self._first_active = False
-        self._step = 0
+        self._step, self._share = 0, 1.0
         self._active = False
         sizes = [_local(p).numel() for p in telemetry.params]
         total = sum(sizes)
@@ -137,8 +140,12 @@ class UpdateSampler:
 
     def _pre(self, optimizer: object, args: object, kwargs: object) -> None:
         self.first_due = self.first_due and distributed.world_size() <= 1
-        if self.armed or self.first_due:
-            self._first_active, self.first_due = self.first_due, False
+        # a step at LR 0 (a warm-up's first: Hugging Face's linear one) moves nothing: the
+        # first update is the next one
+        first = self.first_due and self._share > 0
+        if self.armed or first:
+            self._first_active = first
+            self.first_due = self.first_due and not first
             self._active, self.armed = self.armed, False
             with torch.no_grad():
                 self._views = self._samples()
@@ -156,9 +163,10 @@ class UpdateSampler:
             self._offset += 1
         self._active = self._first_active = False
 
-    def at_step(self, step: int) -> None:
-        """The guard's step count for the next step (``first_step`` records it)."""
-        self._step = step
+    def at_step(self, step: int, share: float = 1.0) -> None:
+        """The guard's step count for the next step and its LR as a share of the schedule's
+        peak (``first_step`` and ``first_share`` record them)."""
+        self._step, self._share = step, share
 
     def _measure(self, now: Sequence[Tensor], before: list[Tensor]) -> None:
         tel = self.telemetry
@@ -176,7 +184,7 @@ class UpdateSampler:
         if out is not None:
             w, u = out.norms.float().unbind()
         if self._first_active:
-            self.first, self.first_step = u.square().sum(), self._step
+            self.first, self.first_step, self.first_share = u.square().sum(), self._step, self._share
         if self._active:
             tel.set_update_sample(w, u)
 

@@ -60,11 +60,14 @@ def cap(guard: Guard, snap: dict[str, Any], prior: LadderState, step: int,
         start = max(int(snap["step"]), -1 if restored_step is None else restored_step - 1)
         ratio /= max(1, step - start - (prior.consecutive_skips + 1))
     high = guard.monitor.config.update_ratio_high
-    # an update at the schedule's peak is 1 / share times one taken now (a warm-up)
-    share_now = guard.monitor.lr_tracker.fraction()
-    if ratio / share_now <= high:
+    # an update at the schedule's peak is 1 / share times one taken at that share (a
+    # warm-up): the share the first update ran at, or, for the mean, the share now
+    at = guard.monitor.lr_tracker.fraction()
+    if first is not None and sampler is not None:
+        at = sampler.first_share
+    if ratio / at <= high:
         return None
-    return prior.factor * share_now * high / ratio, ratio
+    return prior.factor * at * high / ratio, ratio
 
 
 def share(ratio: float) -> str:
