@@ -11,9 +11,11 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
+import torch
+
 from . import distributed, precursors
 from .errors import GradGuardWarning, NonFiniteGradientError, TrainingDiverged
-from .executors import optimizer_kind
+from .executors import maximizing, optimizer_kind
 from .monitor import describe_nonfinite
 from .naming import named_optimizer_params, optimizer_layout
 from .telemetry import StepStats, Telemetry, Window
@@ -88,6 +90,7 @@ def relayout(guard: Guard) -> None:
                                 every=guard.every, pipeline_group=guard.config.pipeline_group,
                                 model=distributed.unwrap(guard.model))
     guard.kind = optimizer_kind(guard.optimizer)
+    guard._sign = loss_sign(guard.optimizer)
     guard._fresh.reset()  # the new parameters have no optimizer state yet
     reset = getattr(guard.clip, "reset", None)
     if callable(reset):
@@ -99,6 +102,21 @@ def relayout(guard: Guard) -> None:
         guard._sampler.telemetry = guard.telemetry
     if guard.recovery is not None:
         guard.recovery.relayout(guard)
+
+
+def loss_sign(optimizer: torch.optim.Optimizer) -> float:
+    """-1 when the optimizer maximizes (``maximize=True``): the value passed to
+    ``guard.step`` is then the objective it ascends, and the guard records and judges its
+    negation, a loss like any other (a higher objective is a lower loss). Param groups that
+    disagree have no one loss: the value is taken as a loss, and a warning says so."""
+    sign = maximizing(optimizer)
+    if sign is None:
+        warnings.warn(
+            "Guard: the optimizer's param groups mix maximize=True and maximize=False; the "
+            "value passed to guard.step() is judged as a loss to minimise (its spikes and "
+            "rises as trouble): turn the loss tests off (Recovery(loss_rise=False, "
+            "lr_probe=False)) if it is an objective to maximise", GradGuardWarning, stacklevel=4)
+    return -1.0 if sign else 1.0
 
 
 def report_nonfinite(guard: Guard, stats: StepStats, *, raise_: bool) -> None:

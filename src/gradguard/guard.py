@@ -125,6 +125,7 @@ class Guard:
                                    model=distributed.unwrap(model))
         self.kind = optimizer_kind(optimizer)
         self._needs_closure = needs_closure(optimizer)
+        self._sign = lifecycle.loss_sign(optimizer)  # -1: maximize=True, judge -objective
         self._fresh = FreshState(optimizer)
         # a skipped step's forward already moved the batch norm running statistics
         self._running = RunningStats(distributed.unwrap(model))
@@ -218,6 +219,8 @@ class Guard:
         if closure is not None or self._needs_closure:
             loss, closure = evaluate_closure(self.optimizer, loss, closure)
         loss = check_loss(loss)
+        if self._sign < 0 and loss is not None:
+            loss = -loss  # the objective a maximize=True optimizer ascends, as a loss
         executor = self._scaler_exec = executor_for(self.executor, scaler, self._scaler_exec)
         with torch.no_grad():
             if optimizer_layout(self.optimizer) != self._layout:

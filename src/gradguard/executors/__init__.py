@@ -45,6 +45,7 @@ from ._base import (
     fused_step,
     grad_scale_of,
     loss_finite,
+    maximizing,
     needs_closure,
     optimizer_kind,
 )
@@ -53,5 +54,5 @@ from ._hook import Hook, executor_for
 __all__ = [
     "AMP_OVERFLOW_MIN_SCALE", "NONFINITE", "STALE", "Closure", "Direct", "FreshState", "Hook", "Outcome",
     "Scaler", "check_loss", "evaluate_closure", "executor_for", "first_then", "fused_step",
-    "grad_scale_of", "loss_finite", "merge_into_scaler", "needs_closure", "optimizer_kind", "scaler_state",
+    "grad_scale_of", "loss_finite", "maximizing", "merge_into_scaler", "needs_closure", "optimizer_kind", "scaler_state",
 ]

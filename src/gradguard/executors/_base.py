@@ -191,6 +191,13 @@ def check_loss(loss: Any) -> Tensor | float | None:
     )
 
 
+def maximizing(optimizer: torch.optim.Optimizer) -> bool | None:
+    """Whether the optimizer ascends its objective (``maximize=True`` on every param group):
+    ``None`` when its groups disagree (no one sign makes the value passed a loss)."""
+    signs = {bool(g.get("maximize", False)) for g in optimizer.param_groups}
+    return None if len(signs) > 1 else signs.pop() if signs else False
+
+
 def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     """True for optimizers whose ``step`` requires a closure (``LBFGS``)."""
     try:
