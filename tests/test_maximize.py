@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
+from benchmarks import rescue_cases as rc
 from torch import nn
 
 import gradguard as gg
-from benchmarks import rescue_cases as rc
 
 
 def _maximised_run(steps, *, guarded, lr=1e-3, plunge_at=None, sink_dir=None):
@@ -49,7 +49,7 @@ def test_a_healthy_maximising_run_is_left_alone():
 
 
 def test_the_guard_records_the_negated_objective(tmp_path):
-    guard, _ = _maximised_run(20, guarded=True, sink_dir=tmp_path)
+    _maximised_run(20, guarded=True, sink_dir=tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     assert len(losses) == 20
