@@ -176,8 +176,8 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "Gradients exploded at step 30 in `fc` (NaN). gradguard cut the LR to x0.1 (2 "
             "back-offs, 1 undone); training recovered.",
         ),
-        ([_ev("vanishing_grad", 0, layer="0")], False,
-         "Gradients vanished in `0` from step 0. Training recovered."),
+        ([_ev("vanishing_grad", 0, layer="0")], False,  # vanishing, but the loss fell
+         "Gradients vanished in `0` from step 0. The loss still fell, from 0.9591 to 0.1409."),
         (
             [_ev("nonfinite_grad", 5, "error", message="gradient norm is NaN"),
              _ev("lr_backoff", 6, data={"factor": 0.1}),
@@ -190,6 +190,37 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
 )
 def test_summary_sentence_table(events, nan_tail, expected):
     assert summary_sentence(_data(events, nan_tail=nan_tail)) == expected
+
+
+def _flat(events):
+    """A run whose loss sat at 2.3 (chance on ten classes) from first step to last."""
+    d = _data(events)
+    d.loss = np.full(d.n_steps, 2.3) + 0.01 * np.sin(np.arange(d.n_steps))
+    return d
+
+
+def test_a_run_whose_gradients_vanished_and_whose_loss_never_fell_stalled():
+    """Tried as a stranger (a 12-layer sigmoid MLP on the digits under `gradguard run`: 600
+    steps at chance): it was "HEALTHY ... Training recovered"."""
+    d = _flat([_ev("vanishing_grad", 49, layer="0")])
+    out = judge(d)
+    assert (out.status, out.cause, out.incident_step, out.flat, out.ok) == (
+        "stalled", "vanishing_grad", 49, True, False)
+    assert "He init" in out.remedy and "gg.doctor" in out.remedy
+    assert summary_sentence(d) == ("Gradients vanished in `0` from step 49. Training stalled: "
+                                   "the loss did not fall (2.3 at the start, 2.299 at the end).")
+
+
+def test_a_flat_loss_without_vanishing_gradients_is_healthy_and_says_it_did_not_fall():
+    """A fine-tune that starts at its best has a flat loss too: no stall without vanishing
+    gradients, but the summary says the loss did not fall."""
+    d = _flat([])
+    assert (judge(d).status, judge(d).flat) == ("healthy", True)
+    assert summary_sentence(d).endswith(
+        "The loss did not fall (2.3 at the start, 2.299 at the end): nothing to recover from, "
+        "but if the model started untrained it is not learning (run gg.doctor on a batch).")
+    assert judge(_data([])).flat is False  # linspace(1, 0.1): it fell
+    assert "did not fall" not in summary_sentence(_data([]))
 
 
 def test_summary_of_batches_on_another_scale_and_what_to_check():

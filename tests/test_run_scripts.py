@@ -166,6 +166,26 @@ def test_a_network_that_died_is_not_called_healthy(tmp_path, capsys, scale):
     assert "normalise the inputs" in err and "Stable at lr" not in err  # it did not train
 
 
+@pytest.mark.parametrize("depth", [12, 1])
+def test_a_run_whose_gradients_vanished_and_never_learnt_is_stalled_not_healthy(
+        tmp_path, capsys, depth):
+    """A deep sigmoid MLP at chance for 300 steps (its first layers' gradients ~1e-9 of the
+    last's) was "HEALTHY ... Training recovered"; now it is stalled, names the cause, and
+    fails under --fail-on-divergence. One sigmoid layer learns: healthy."""
+    args = ["--fail-on-divergence", "--no-report", "--out", str(tmp_path),
+            str(SCRIPTS / "deep_sigmoid.py"), "--depth", str(depth)]
+    code = main(["run", *args])
+    err = capsys.readouterr().err
+    outcome = json.loads((tmp_path / "latest" / "run.json").read_text())["optimizers"][0]["outcome"]
+    if depth == 1:
+        assert code == 0 and (outcome["status"], outcome["flat"]) == ("healthy", False), err
+        return
+    assert code == 1, err
+    assert (outcome["status"], outcome["cause"], outcome["ok"]) == ("stalled", "vanishing_grad", False)
+    assert "STALLED: Gradients vanished in `0` from step 49. Training stalled: the loss did not " \
+           "fall" in err and "He init" in err
+
+
 def test_batches_on_another_scale_behind_batch_norm_are_found_and_skipped(tmp_path, capsys):
     """A script where 5% of the batches missed their /16 (tests/scripts/unscaled_bn.py): a
     BatchNorm CNN trains on them as on any other, and only its running variance takes the

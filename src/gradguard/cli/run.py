@@ -96,7 +96,8 @@ def register(sub: Any) -> None:
     g.add_argument("--no-report", action="store_true", help="do not write report.html")
     g.add_argument("--fail-on-divergence", action="store_true",
                    help="exit 1 when a guarded run did not recover (diverged, stalled above "
-                   "its loss before the incident, or was stopped), if the script exited 0")
+                   "its loss before the incident, never learnt while its gradients vanished, "
+                   "or was stopped), if the script exited 0")
     p.add_argument("script", help="the training script")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     p.set_defaults(func=command)
@@ -183,6 +184,6 @@ def command(args: argparse.Namespace) -> int:
     if args.fail_on_divergence and result.exit_code == 0 and not result.ok:
         bad = [r for r in result.optimizers if not (r.get("outcome") or {}).get("ok", True)]
         print(f"gradguard run: --fail-on-divergence: {len(bad)} guarded run(s) did not "
-              "recover; exit 1", file=sys.stderr)
+              "recover or did not train; exit 1", file=sys.stderr)
         return EXIT_FINDINGS
     return result.exit_code

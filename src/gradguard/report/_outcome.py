@@ -14,7 +14,11 @@ diverged, whatever the gradients did. The judgement compares robust loss *levels
 ``recovered`` needs ``final`` back at ``before`` (within the tolerance); ``diverged``
 means the last steps are still non-finite or skipped, or ``final`` is above ``start``:
 the loss rose over the run, the signature of a learning rate that is too high
-(``lr_too_high``), even when no gradient ever went non-finite.
+(``lr_too_high``), even when no gradient ever went non-finite. ``stalled``: gradients
+vanished (``vanishing_grad`` warnings) and ``final`` is still at ``start`` (within the
+tolerance): the run learnt nothing, whatever else went right (a deep sigmoid MLP on the
+digits, 600 steps at chance, was called healthy and "recovered"). A flat loss with no
+vanishing gradients is no stall (a fine-tune that starts at its best).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from ..events import UNIT_ERROR_REMEDY
 if TYPE_CHECKING:
     from ._data import RunData
 
-Status = Literal["healthy", "recovered", "not_recovered", "diverged", "stopped", "unjudged"]
+Status = Literal["healthy", "recovered", "not_recovered", "stalled", "diverged", "stopped",
+                 "unjudged"]
 
 #: Levels are medians over this fraction of the run's steps ...
 LEVEL_FRACTION = 0.1
@@ -59,6 +64,7 @@ class Outcome:
     Attributes:
         status: ``healthy`` (no incident, the loss did not rise), ``recovered`` (back to
             the level before the incident), ``not_recovered`` (finite, but above it),
+            ``stalled`` (gradients vanished and the loss never fell),
             ``diverged`` (the loss rose over the run, or the last steps are non-finite or
             skipped), ``stopped`` (the recovery ladder gave up), ``unjudged`` (the
             ladder found that the loss does not answer the weights, ``loss_level_off``,
@@ -68,6 +74,8 @@ class Outcome:
         evidence: the loss levels behind the verdict, in words.
         remedy: what to try, given the guard's configuration; None when nothing is needed.
         incident_step, start, before, final: the numbers (None where unknown).
+        rose: the loss ended above where it started (out of the noise).
+        flat: the loss ended where it started (within the tolerance): it did not fall.
     """
 
     status: Status
@@ -80,6 +88,7 @@ class Outcome:
     before: float | None = None
     final: float | None = None
     rose: bool = False
+    flat: bool = False
 
     @property
     def ok(self) -> bool:
@@ -177,7 +186,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     tail_bad = last_bad or float(nonfinite_tail.mean() if n else 0) > TAIL_BAD_FRACTION
 
     start = final = before = None
-    rose = False
+    rose = flat = False
     if fin.any():
         first = loss[fin][:k]
         start = min(float(first[0]), float(np.median(first)))
@@ -185,6 +194,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         final = _median(end)
         if final is not None:
             rose = _rose(start, final, end)
+            flat = not rose and final >= start - _tol(start, first)
         if incident is not None:
             pre = (data.step < incident) & fin
             window = loss[pre][-k:]
@@ -228,6 +238,13 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         status = "not_recovered"
         clause = (f"training did not recover (the loss ended at {final:.3g}, above the "
                   f"{before:.3g} it had before step {incident})")
+    if status in ("healthy", "recovered") and flat and (
+            vanished := [e for e in ev if e.get("kind") == "vanishing_grad"
+                         and e.get("severity") in ("warning", "error")]):
+        status, cause = "stalled", cause or "vanishing_grad"
+        incident = int(vanished[0]["step"]) if incident is None else incident
+        clause = (f"training stalled: the loss did not fall ({start:.4g} at the start, "
+                  f"{final:.4g} at the end)")
     dead = died_layers(ev)
     if dead is not None and status in ("healthy", "recovered"):
         since = dead[0]  # no loss level shows it: a dead network sits still, often at chance
@@ -237,7 +254,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
                   "longer learns")
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    remedy(status, cause, config, data, incident), incident, start, before,
-                   final, rose)
+                   final, rose, flat)
 
 
 def died_layers(events: list[dict[str, Any]]) -> tuple[int, list[str]] | None:
@@ -326,6 +343,10 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
             text += ("; with `--recovery` gradguard backs the LR off by itself" if cli else
                      "; gg.Recovery() backs the LR off by itself")
         return text + "."
+    if cause == "vanishing_grad":
+        return ("Use ReLU-family activations with He init, add normalisation (LayerNorm, "
+                "BatchNorm) or residual connections, or an LSTM/GRU for long sequences; run "
+                "gg.doctor on a batch to see where the signal fades.")
     if cause == "dead_units":
         return ("Lower the learning rate, normalise the inputs, or use LeakyReLU/GELU: an update "
                 "too large pushed the ReLUs below zero for good (run gg.doctor on a batch).")

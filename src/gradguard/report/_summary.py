@@ -113,6 +113,11 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             f"No gradient trouble in {data.n_steps} steps: the gradient norm stayed between "
             f"{lo:.3g} and {hi:.3g}."
         )
+        if outcome.flat and outcome.status == "healthy":  # no trouble, and no progress
+            parts.append(f"The loss did not fall ({outcome.start:.4g} at the start, "
+                         f"{outcome.final:.4g} at the end): nothing to recover from, but if "
+                         "the model started untrained it is not learning (run gg.doctor "
+                         "on a batch).")
     risk = [e for e in ev if e.get("kind") == "divergence_risk"]
     if risk:  # the early warning, and how long before the trouble it came
         r, signal = risk[0], (risk[0].get("data") or {}).get("signal")
@@ -151,8 +156,11 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     if kinds.get("rollback"):
         actions.append(f"rolled back {_plural(kinds['rollback'], 'time')}")
     if outcome.status == "healthy":
-        # vanishing layers on a loss that still fell: the run carried on (nothing skipped)
-        outcome_text = "training recovered" if trouble and not lead else ""
+        # vanishing layers on a loss that still fell (a stall is judged apart): say it fell
+        outcome_text = ""
+        if trouble and not lead and outcome.start is not None and outcome.final is not None:
+            outcome_text = (f"the loss still fell, from {outcome.start:.4g} to "
+                            f"{outcome.final:.4g}")
     else:
         outcome_text = outcome.clause
     if actions:
