@@ -6,6 +6,7 @@ ConvTranspose units)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -377,3 +378,33 @@ def test_a_rollback_restores_a_sparse_embedding_and_its_sparse_momentum():
     rows = buf._values()
     assert rows.shape[0] < 1000
     assert state_bytes(buf) == rows.numel() * 4 + buf._indices().numel() * 8
+
+
+@pytest.mark.parametrize("opt_cls, eps, warns", [
+    (torch.optim.Adam, 1e-8, True), (torch.optim.AdamW, 1e-8, True),
+    (torch.optim.Adagrad, 1e-10, True), (torch.optim.Adam, 1e-4, False),
+    (torch.optim.Adadelta, 1e-6, False), (torch.optim.SGD, None, False)])
+def test_an_eps_that_is_zero_in_float16_on_float16_weights_warns_at_construction(opt_cls, eps, warns):
+    """Pure float16 weights on Adam's default eps=1e-8 (0 in float16): the first step's
+    update is 0/0 where a gradient is exactly 0, NaN in the weights from finite gradients
+    (checked below, unguarded); the guard says so when it is built."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).half()
+    kw = {} if eps is None else {"eps": eps}
+    opt = opt_cls(model.parameters(), lr=1e-3, **kw)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        gg.Guard(model, opt)
+    said = [x for x in w if "is 0 in float16" in str(x.message)]
+    assert len(said) == int(warns)
+    if warns:
+        assert f"eps={eps:g}" in str(said[0].message) and "eps=1e-4" in str(said[0].message)
+        x = torch.zeros(16, 4, dtype=torch.float16)
+        x[:, 1:] = torch.randn(16, 3, dtype=torch.float16)  # input 0 is always 0
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        assert not torch.isfinite(model[0].weight).all()  # what it warned of
+    float32 = nn.Linear(4, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gg.Guard(float32, opt_cls(float32.parameters(), lr=1e-3, **kw))  # no warning

@@ -91,6 +91,7 @@ def relayout(guard: Guard) -> None:
                                 model=distributed.unwrap(guard.model))
     guard.kind = optimizer_kind(guard.optimizer)
     guard._sign = loss_sign(guard.optimizer)
+    warn_eps_underflow(guard.optimizer)
     guard._fresh.reset()  # the new parameters have no optimizer state yet
     reset = getattr(guard.clip, "reset", None)
     if callable(reset):
@@ -117,6 +118,28 @@ def loss_sign(optimizer: torch.optim.Optimizer) -> float:
             "rises as trouble): turn the loss tests off (Recovery(loss_rise=False, "
             "lr_probe=False)) if it is an objective to maximise", GradGuardWarning, stacklevel=4)
     return -1.0 if sign else 1.0
+
+
+def warn_eps_underflow(optimizer: torch.optim.Optimizer) -> None:
+    """Say at construction what no skip can stop: an ``eps`` that is 0 in float16 (Adam's
+    1e-8, Adagrad's 1e-10) on float16 parameters. Where a gradient is exactly 0 (an input
+    feature that is always 0, a dead unit) the update is 0 / (0 + 0) and NaN goes into the
+    weights from finite gradients (a digits MLP in pure float16 on Adam: NaN weights after
+    its first step, unguarded; guarded, three rollbacks and an abort)."""
+    for gi, group in enumerate(optimizer.param_groups):
+        eps = group.get("eps")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+            continue  # Adafactor's (None, 1e-3) and the like
+        halves = sum(1 for p in group["params"] if p.dtype == torch.float16)
+        if halves and float(torch.tensor(eps, dtype=torch.float16)) == 0.0:
+            warnings.warn(
+                f"Guard(optimizer=...): {type(optimizer).__name__}'s eps={eps:g} (param group "
+                f"{gi}) is 0 in float16, the dtype of {halves} of its parameters: where a "
+                "gradient is exactly 0 (an input that is always 0, a dead unit) its update is "
+                "0/0 and writes NaN into the weights from finite gradients, which no skip can "
+                "stop. Set eps=1e-4 or more, or keep float32 weights and train under "
+                "torch.autocast with a GradScaler.", GradGuardWarning, stacklevel=4)
+            return
 
 
 def report_nonfinite(guard: Guard, stats: StepStats, *, raise_: bool) -> None:
