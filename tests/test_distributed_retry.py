@@ -20,8 +20,12 @@ STEPS = 800
 
 
 def shard_run(rank: int, world: int) -> dict[str, Any]:
-    """The digits MLP on Adam, batches 200-229 x1e4, each rank half of a batch of 64."""
+    """The digits MLP on Adam, batches 200-229 x1e4, each rank half of a batch of 64,
+    under the ladder in which such a shard lowered the LR (``test_retry.old_ladder``)."""
     from sklearn.datasets import load_digits
+    from tests.test_retry import old_ladder
+
+    old_ladder(setattr)
 
     x, y = load_digits(return_X_y=True)
     xs, ys = torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y)

@@ -540,20 +540,22 @@ def test_a_fused_optimizer_wrecked_by_its_first_update_is_rolled_back_once_not_a
 
 def test_a_network_that_dies_again_after_a_rollback_is_not_waited_for():
     """The digits CNN on AdamW at 1000x: the first update wrecks it (rollback at step 3 to
-    the fresh weights, LR x0.1), and at 100x it dies again within the first flush. The
-    progress check after the rollback would call the loss "back" (chance is the fresh
-    model's level) and wait; a network that died is not waited for: it is rolled back
-    again at step 29 (LR x0.01; the ladder at work, the guard flushes every ten steps),
-    and learns. The wreck's update is not measured here (an update ratio no update
-    reaches): with it, the first rollback cuts the LR to one that trains (next test)."""
+    the fresh weights, LR x0.1), and so does the first at 100x (rollback at step 7, LR
+    x0.011: the steps right after a rollback are judged, no grace until one is taken). At
+    10x it dies within the flushes that follow. The progress check after the rollback
+    would call the loss "back" (chance is the fresh model's level) and wait; a network
+    that died is not waited for: it is rolled back again at step 49 (the ladder at work,
+    the guard flushes every ten steps), and learns. The wreck's update is not measured
+    here (an update ratio no update reaches): with it, the first rollback cuts the LR to
+    one that trains (next test)."""
     no_cap = gg.detectors.DetectorConfig(update_ratio_high=1e9)
     tails = {}
     for guarded in (False, True):
         guard, losses = _cnn_on_adamw(3.0, 200, guarded=guarded, detector_config=no_cap)
         tails[guarded] = sum(losses[-20:]) / 20
     back = [e for e in guard.events if e.kind == "rollback"]
-    assert [e.step for e in back][:2] == [3, 29]
-    assert "the network died" in back[1].message
+    assert [e.step for e in back][:3] == [3, 7, 49]
+    assert "wrecked the weights" in back[1].message and "they died" in back[2].message
     assert tails[False] > 2.2 and tails[True] < 1.5, tails
 
 

@@ -164,7 +164,7 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
              _ev("nonfinite_input", 33, data={"factor": 1.0, "undone": True})],
             False,
             "The input batch of step 30 held NaN. gradguard backed off the LR, and restored it "
-            "at the next step (finite on the same weights: the batches were at fault); "
+            "at the next step (sound on the same weights: the batches were at fault); "
             "training recovered.",
         ),
         (  # one of two undone

@@ -58,11 +58,42 @@ def retries(guard):
     return [e for e in guard.events if (e.data or {}).get("retry")]
 
 
+def old_ladder(patch) -> None:
+    """The ladder before a spiking streak was data (2026-12-02): the grace after a rung
+    ran from the rung itself, so the shard's spikes were clipped into the weights at the
+    lowered LR, and spikes on restored weights climbed the ladder. ``patch``: a
+    ``setattr(obj, name, value)``."""
+    from gradguard.recovery import _recovery, _steps, ladder
+    from gradguard.recovery.ladder_types import NONFINITE_REASON, OFFSCALE_REASON
+
+    old = (NONFINITE_REASON, OFFSCALE_REASON)
+    patch(_steps, "DATA_REASONS", old)
+    patch(ladder, "DATA_REASONS", old)
+    patch(_recovery.Recovery, "_last_taken", property(lambda self: 10**9, lambda self, v: None),
+          *([False] if patch is not setattr else []))
+
+
+def test_a_bad_shard_is_skipped_whole_and_the_lr_is_not_lowered():
+    """The same shard today: its steps are skipped, the first on the weights a rollback
+    restored spikes too, so the batches are at fault: the LR is never lowered for good,
+    and no retry is needed (held-out 1.02x the clean run's)."""
+    _, clean = digits_run(1, 800, shard=False, guarded=False)
+    guard, held = digits_run(1, 800)
+    kinds = [a.kind for a in guard.recovery.decisions]
+    assert "data" in kinds and "raised" not in kinds and not retries(guard), kinds
+    assert guard.recovery.lr_factor == 1.0 and guard.recovery.lr_ceiling == 1.0
+    assert all(e.step < 200 or e.step >= 230 or e.kind != "skip" or e.data.get("code")
+               for e in guard.events)
+    assert held < 1.1 * clean, (held, clean)
+
+
 def test_a_ceiling_a_bad_shard_lowered_is_tried_again_and_lifted(tmp_path, monkeypatch):
     """Found as a stranger: a bad shard spiked the loss, two rollbacks lowered the LR to
-    x0.015 for good and the run ended 3.2x the clean run's held-out loss. Once the lowered
+    x0.015 for good and the run ended 3.2x the clean run's held-out loss (the ladder of
+    that day, :func:`old_ladder`: a shard is data now, the test above). Once the lowered
     LR has settled and held, the LR before the trouble is tried again beside a control:
     it trains, the ladder lifts it back, the run ends near the clean run."""
+    old_ladder(monkeypatch.setattr)
     _, clean = digits_run(1, 800, shard=False, guarded=False)
     guard, held = digits_run(1, 800, run_dir=tmp_path / "run")
     kinds = [a.kind for a in guard.recovery.decisions]

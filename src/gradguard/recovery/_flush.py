@@ -52,7 +52,11 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     triggers = _device_skips(rec, window, skips, codes, overflows)
     recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
     rec._progress = statistics.median(recent) if recent else None
-    if rec._shift.update(window.steps, losses, codes) is not None:
+    # while the batches since a rollback are skipped as bad ones (a data streak), their
+    # losses are those batches', not a new level: the shift test waits for its end (a
+    # stretch of x100 inputs was taken for a change of data at its fourth step, and the
+    # rest of it trained into the weights)
+    if rec.state.data_streak is None and rec._shift.update(window.steps, losses, codes) is not None:
         # the weights a rollback restored gave the trouble's loss: the batches changed
         # (:mod:`.shift`); this window's spikes and rise are the change, no trouble
         triggers.append(Trigger("shifted", window.steps[-1]))
@@ -60,9 +64,17 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
             rec._feed(guard, t, layers)
         return
     spike = next((e for e in events if e.kind == "loss_spike"), None)
-    if spike is not None and rec._rise.gives_back(spike.value or math.inf):
+    # a spike still going on since before the ladder's last rung is the trouble that rung
+    # answered (its start, not the flush that confirms it again, is what counts), and one
+    # that began within a stretch of batches found at fault is theirs
+    since = int((spike.data or {}).get("since", spike.step)) if spike is not None else 0
+    st = rec.state
+    answered = (st.backoff_step is not None and since <= st.backoff_step) or (
+        st.spike_data is not None and 0 <= since - st.spike_data <= rec.config.patience)
+    if spike is not None and rec.state.data_streak is None and not answered and \
+            rec._rise.gives_back(spike.value or math.inf):
         # reported only once confirmed (DetectorConfig); acted on when it gives back part
-        # of what the run learnt
+        # of what the run learnt; not in a data streak (the skipped batches' own loss)
         triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
                                 rec._level, at=window.steps[-1], confirmed=True))
     start = rec.state.trouble_start

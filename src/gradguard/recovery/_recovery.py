@@ -180,6 +180,7 @@ class Recovery:
         # steps whose skip flag the ladder already counted on the host (a fused optimizer's
         # first steps, a step that was read for raise/warn); the flush replays the others
         self._host_steps: set[int] = set()
+        self._last_taken: int | None = None  # the last taken step heard (_steps.verdict)
         self._late = LateFlags()  # the device's skip flags, heard before the flush
         self._level: float | None = None  # the loss level of the last healthy flush
         self._verdict = SpikeVerdict()
@@ -366,6 +367,7 @@ class Recovery:
             "dead": self._dead.state_dict(), "probe": self._probe.state_dict(),
             "shift": self._shift.state_dict(),
             "progress": self._progress, "judged": self._judged, "dying": self._dying,
+            "last_taken": self._last_taken,
             "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())],
             "snapshot_dying": [[k, v] for k, v in sorted(self.ring.dying.items())],
             **self.ring.tests_state()}
@@ -376,6 +378,7 @@ class Recovery:
         self._level = sd.pop("level", None)
         self._progress = sd.pop("progress", None)
         self._judged = int(sd.pop("judged", -1))
+        self._last_taken = sd.pop("last_taken", None)
         self.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
                                    sd.pop("verified", ()))
         self.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}

@@ -14,7 +14,7 @@ from .. import distributed
 from ..executors import NONFINITE, STALE, Hook
 from . import actions
 from .defaults import SPIKE_GRACE
-from .ladder import NONFINITE_REASON, OFFSCALE_REASON, Trigger
+from .ladder import DATA_REASONS, NONFINITE_REASON, OFFSCALE_REASON, SPIKE_REASON, Trigger
 from .late import enabled
 from .verdict import LOSS_SPIKE, OFFSCALE
 
@@ -27,8 +27,11 @@ if TYPE_CHECKING:
 def verdict(rec: Recovery, stats: StepStats, loss: Tensor | float | None) -> Tensor:
     """This step's spike verdict (device uint8 bits, no host read; see :mod:`.verdict`):
     zero unless ``skip_spikes`` and the ladder is not in the first ``SPIKE_GRACE`` steps
-    after acting, or after the restore of a rollback (its statistics still learn from
-    every step). With ``skip_spikes``, a step whose batch moved a batch norm layer's
+    after acting, or after the restore of a rollback, once a step was taken since (its
+    statistics still learn from every step). Until a step is taken the weights are those
+    the rung found (a skipped step changes none), or the restored ones: a spike there is
+    the batch's, and is skipped (a stretch of bad batches is skipped whole, not clipped
+    into the weights at the lowered LR). With ``skip_spikes``, a step whose batch moved a batch norm layer's
     running variance from another scale is ``OFFSCALE`` (:mod:`gradguard._running`),
     grace or not: that test looks at the step alone, not at statistics the ladder's acts
     moved.
@@ -48,7 +51,8 @@ def verdict(rec: Recovery, stats: StepStats, loss: Tensor | float | None) -> Ten
     # statistics describe the restored weights on the batches they were saved with
     last = max((s for s in (rec.state.last_trigger, rec.ring.restored_step) if s is not None),
                default=None)
-    if last is not None and (g.step_count if g is not None else 0) - last <= SPIKE_GRACE:
+    if last is not None and (g.step_count if g is not None else 0) - last <= SPIKE_GRACE and (
+            rec._last_taken is not None and rec._last_taken > last):
         code.zero_()
     offscale = None if g is None or distributed_run else g._running.offscale(code.device)
     if offscale is not None:  # judged on its own step alone: no grace needed
@@ -97,8 +101,10 @@ def skip_trigger(rec: Recovery, skipped: bool, step: int, code: int,
     voided = bool(code & STALE)
     first = rec.ring.tested(step, skipped=skipped, voided=voided, restores=rec.restores)
     if not skipped:
+        if not voided:
+            rec._last_taken = step  # its update moved the weights
         return Trigger("clean", step, at=at, voided=voided)
     reason = ("loss-spiking" if code & LOSS_SPIKE else OFFSCALE_REASON if code == OFFSCALE
-              else "spiking" if code & ~NONFINITE else NONFINITE_REASON)
+              else SPIKE_REASON if code & ~NONFINITE else NONFINITE_REASON)
     return Trigger("skip", step, reason, rec._level, at=at, rollback=bool(code & LOSS_SPIKE),
-                   data=first and (bool(code & NONFINITE) or reason == OFFSCALE_REASON))
+                   data=first and (bool(code & NONFINITE) or reason in DATA_REASONS))

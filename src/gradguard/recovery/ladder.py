@@ -31,8 +31,9 @@ A rollback is also a test of the weights: the step right after it computes its g
 on weights that had finite ones (the Recovery restores the newest snapshot whose weights
 had, and marks the trigger). When that step is non-finite too, or off-scale (its batch
 moved the batch norm statistics from another scale, on weights whose batches did not) (a
-``skip`` marked ``data``), the weights are not at fault but the batches are (NaN/Inf or
-another scale in the inputs or targets, or a loss that is non-finite on them): the ladder
+``skip`` marked ``data``), or its gradient spikes on weights whose gradients did not, the
+weights are not at fault but the batches are (NaN/Inf or another scale in the inputs or
+targets, or a loss that is non-finite on them): the ladder
 stops climbing for this streak (``data``: its steps are skipped, nothing else), lifts the
 ceiling back to where it was before the trouble (an LR is not lowered for good for bad
 data), and aborts only when the streak lasts more than ``patience`` steps.
@@ -52,10 +53,10 @@ is finite (the first ``clean`` step after the back-off the streak set off, befor
 other rung changed the weights), those weights are sound and the batches were at fault:
 the ladder undoes the back-off (``sound``; the state before the streak returns: the LR is
 not lowered, the streak is no trouble a later one could relapse from). Only a back-off is
-undone (a rollback changed the weights), only for a streak of :data:`DATA_REASONS` (a
-spiking one is judged against statistics its own steps moved, and in the grace after a
-rung not at all), and only once per ``patience`` steps: trouble that keeps coming back is
-the weights', and the back-off then stands (``Recovery(undo_backoff=False)`` keeps every
+undone (a rollback changed the weights), only for a streak of :data:`DATA_REASONS`
+(non-finite, off-scale or spiking: the per-step verdict grants no grace after a rung until
+a step is taken, :func:`._steps.verdict`), and only once per ``patience`` steps: trouble
+that keeps coming back is the weights', and the back-off then stands (``Recovery(undo_backoff=False)`` keeps every
 back-off).
 
 Beside the rungs, a *lower* trigger (the LR probe found that the loss follows the LR,
@@ -90,6 +91,7 @@ from .ladder_types import (
     DATA_REASONS,
     NONFINITE_REASON,
     OFFSCALE_REASON,
+    SPIKE_REASON,
     Action,
     ActionKind,
     LadderConfig,
@@ -98,7 +100,8 @@ from .ladder_types import (
     TriggerKind,
 )
 
-__all__ = ["DATA_REASONS", "NONFINITE_REASON", "OFFSCALE_REASON", "Action", "ActionKind",
+__all__ = ["DATA_REASONS", "NONFINITE_REASON", "OFFSCALE_REASON", "SPIKE_REASON", "Action",
+           "ActionKind",
            "LadderConfig", "LadderState", "Trigger", "TriggerKind", "transition"]
 
 
@@ -165,7 +168,8 @@ def _transition(
         return lr.raised(st, trig)
     if trig.kind == "capped":
         return lr.capped(st, trig)
-    if trig.kind == "skip" and (trig.data or st.data_streak is not None):
+    if trig.kind == "skip" and (st.data_streak is not None or (
+            trig.data and (trig.reason != SPIKE_REASON or _spikes_are_data(cfg, st, trig)))):
         return _data(cfg, st, trig)
     if trig.kind == "skip":
         if st.backoff_step is not None and trig.step < st.backoff_step:
@@ -300,6 +304,16 @@ def _shifted(cfg: LadderConfig, st: LadderState,
         by_level=True))
 
 
+def _spikes_are_data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> bool:
+    """Whether spikes on weights a rollback restored are the batches' fault: for
+    ``patience`` steps from the first such finding (a stretch of bad batches, broken up by
+    harmless ones that were taken), not from then until ``2 * patience`` (batches that keep
+    spiking are a change no shift test saw: each rollback put back the statistics that had
+    begun to learn it, and the ladder climbs), and afresh after that."""
+    return (st.spike_data is None or trig.step - st.spike_data <= cfg.patience
+            or trig.step - st.spike_data > 2 * cfg.patience)
+
+
 def _data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
     """A non-finite step the batches are at fault for (see ``data`` in the module
     docstring): the first one ends the episode (the ceiling back to where it was before
@@ -311,7 +325,10 @@ def _data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderStat
         st = dataclasses.replace(
             st, data_streak=trig.step, consecutive_skips=0, ceiling=top, watching=None,
             rollbacks=0, trouble_start=None, pre_level=None, episode_ceiling=None,
-            at_ceiling=None)
+            at_ceiling=None,
+            spike_data=trig.step if trig.reason == SPIKE_REASON and (
+                st.spike_data is None or trig.step - st.spike_data > 2 * cfg.patience)
+            else st.spike_data)
         return st, (Action("data", trig.step, trig.reason, st.factor, top),)
     if trig.step - st.data_streak < cfg.patience:
         return st, ()

@@ -14,10 +14,14 @@ NONFINITE_REASON = "non-finite"
 #: a step skipped because its batch moved the batch norm statistics from another scale
 #: (:meth:`gradguard._running.RunningStats.offscale`)
 OFFSCALE_REASON = "off-scale"
+#: a step skipped because its gradient norm spiked (the per-step verdict)
+SPIKE_REASON = "spiking"
 #: the skips the batches may be at fault for rather than the weights: the next step on
 #: the same weights, or the first on weights a rollback restored, tells (``sound`` and
-#: ``data`` in :mod:`.ladder`)
-DATA_REASONS = (NONFINITE_REASON, OFFSCALE_REASON)
+#: ``data`` in :mod:`.ladder`). A skipped step changes no weight, so a gradient that
+#: spikes again on the weights a spiking streak ran on, or on weights restored from before
+#: it, is the batches' (a stretch of inputs far off their scale), not an LR's doing.
+DATA_REASONS = (NONFINITE_REASON, OFFSCALE_REASON, SPIKE_REASON)
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
                       "level", "lower", "restored", "shifted", "raise", "capped"]
@@ -96,6 +100,12 @@ class LadderState:
     #: the ceiling drops back to that one at once (the LR retried failed)
     raised: int | None = None
     raised_from: float | None = None
+    #: the step at which spikes on restored weights were first found the batches' fault
+    #: (``data``) in this stretch: found so again within ``patience`` steps of it, not
+    #: from then to ``2 * patience`` (batches that keep spiking are a change no shift test
+    #: saw, and each rollback would put back the statistics that had begun to learn it:
+    #: the ladder climbs), afresh after that
+    spike_data: int | None = None
 
     @property
     def probation(self) -> bool:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from .._tensors import numeric_lr
 from ..errors import TrainingDiverged
 from ..events import UNIT_ERROR_REMEDY, Event
-from .ladder import OFFSCALE_REASON, Action
+from .ladder import OFFSCALE_REASON, SPIKE_REASON, Action
 from .shift import SHIFT_RATIO
 
 if TYPE_CHECKING:
@@ -153,22 +153,41 @@ def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
     what = (f"training stopped: {a.reason}" if a.data else
             f"training diverged: {a.reason}, after {rollbacks} rollback(s) without recovering")
     msg = f"step {a.step}: {what}" + (f"; events in {run_dir}" if run_dir else "")
-    offscale = a.data and OFFSCALE_REASON in a.reason
+    kind = _data_kind(a.reason) if a.data else None
     guard.add_event(Event(
         kind="abort", step=a.step, severity="error", message=msg,
-        remedy=(UNIT_ERROR_REMEDY if offscale else
-                "Check the data for NaN/Inf (torch.isfinite on inputs and targets) and the "
+        remedy=(UNIT_ERROR_REMEDY if kind == "offscale" else SPIKE_DATA_REMEDY if kind == "spike"
+                else "Check the data for NaN/Inf (torch.isfinite on inputs and targets) and the "
                 "loss for log(0) or division by zero." if a.data else
                 "Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
                 "learning rate; check the data for NaN/Inf."),
         data={"rollbacks": a.rollbacks, "reason": a.reason,
-              **({"cause": _data_cause(offscale)} if a.data else {})},
+              **({"cause": _data_cause(kind)} if kind is not None else {})},
     ))
     return TrainingDiverged(msg, events=guard.events, run_dir=run_dir)
 
 
-def _data_cause(offscale: bool) -> str:
-    return "unscaled_input" if offscale else "nonfinite_input"
+#: What to check when the batches of a spiking streak were at fault (``data`` and ``sound``
+#: in :mod:`.ladder` for :data:`~.ladder.SPIKE_REASON`).
+SPIKE_DATA_REMEDY = ("Check the batches of the skipped steps for inputs or targets far off "
+                     "their usual scale (a unit error, values not normalised, a corrupt "
+                     "shard) or a loss scaled up on them.")
+
+
+def _data_kind(reason: str) -> str:
+    """Which bad batches a data streak's ``reason`` names: ``offscale`` (the batch norm
+    statistics), ``spike`` (gradients x50 and more) or ``nonfinite``."""
+    return ("offscale" if OFFSCALE_REASON in reason else
+            "spike" if reason.startswith(SPIKE_REASON) or f" {SPIKE_REASON} " in reason
+            else "nonfinite")
+
+
+def _data_cause(kind: str) -> str:
+    return "nonfinite_input" if kind == "nonfinite" else "unscaled_input"
+
+
+def _data_event_kind(kind: str) -> str:
+    return "grad_spike" if kind == "spike" else _data_cause(kind)
 
 
 def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
@@ -176,24 +195,28 @@ def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
     batches are at fault, not the weights (see ``data`` in :mod:`.ladder`)."""
     lrs, shown = _lrs(guard, a.ceiling)
     saved = "before the first step" if snapshot < 0 else f"at step {snapshot}"
-    offscale = a.reason == OFFSCALE_REASON
-    what = ("its batch moves the batch norm statistics from another scale on the weights "
-            f"just restored too (saved {saved}, when their batches did not)" if offscale else
-            f"the gradients are non-finite on the weights just restored (saved {saved}, when "
-            "their gradients were finite)")
-    fault = ("inputs on another scale" if offscale else "NaN/Inf in the inputs or targets, "
-             "or a loss that is non-finite on them")
+    kind = _data_kind(a.reason)
+    what = {"offscale": "its batch moves the batch norm statistics from another scale on the "
+                        f"weights just restored too (saved {saved}, when their batches did not)",
+            "spike": f"the gradient norm spikes on the weights just restored too (saved "
+                     f"{saved}, when it did not)",
+            "nonfinite": f"the gradients are non-finite on the weights just restored (saved "
+                         f"{saved}, when their gradients were finite)"}[kind]
+    fault = {"offscale": "inputs on another scale",
+             "spike": "inputs or targets far off their scale, or a loss scaled up on them",
+             "nonfinite": "NaN/Inf in the inputs or targets, or a loss that is non-finite on "
+                          "them"}[kind]
     return Event(
-        kind=_data_cause(offscale), step=a.step, severity="warning",
+        kind=_data_event_kind(kind), step=a.step, severity="warning",
         message=(f"step {a.step}: {what}: the batches are at fault, not the weights ({fault})."
                  " gradguard skips such steps and does nothing else: the learning rate "
                  f"restores to x{a.ceiling:g} (lr {shown}), and it stops the run only if they "
                  "go on"),
-        remedy=(UNIT_ERROR_REMEDY if offscale else f"Check the batches from step {a.step} on for "
-                "NaN/Inf (torch.isfinite on inputs and targets) and the loss for log(0) or "
-                "division by zero."),
-        data={"cause": _data_cause(offscale), "factor": a.factor, "ceiling": a.ceiling,
-              "lr": lrs, "snapshot_step": snapshot},
+        remedy=(UNIT_ERROR_REMEDY if kind == "offscale" else SPIKE_DATA_REMEDY if kind == "spike"
+                else f"Check the batches from step {a.step} on for NaN/Inf (torch.isfinite on "
+                "inputs and targets) and the loss for log(0) or division by zero."),
+        data={"cause": _data_cause(kind), "factor": a.factor, "ceiling": a.ceiling,
+              "lr": lrs, "snapshot_step": snapshot, "reason": a.reason},
     )
 
 
@@ -202,20 +225,23 @@ def sound_event(guard: Guard, a: Action) -> Event:
     steps is clean on the same weights (a skipped step changes none): the batches were at
     fault, and the back-off is undone (see ``sound`` in :mod:`.ladder`)."""
     lrs, shown = _lrs(guard, a.factor)
-    offscale = OFFSCALE_REASON in a.reason
-    fault = ("inputs on another scale" if offscale else "NaN/Inf in their inputs or targets, "
-             "or in the loss or the backward on them")
+    kind = _data_kind(a.reason)
+    fault = {"offscale": "inputs on another scale",
+             "spike": "inputs or targets far off their scale, or a loss scaled up on them",
+             "nonfinite": "NaN/Inf in their inputs or targets, or in the loss or the backward "
+                          "on them"}[kind]
     return Event(
-        kind=_data_cause(offscale), step=a.step, severity="warning", value=a.factor,
+        kind=_data_event_kind(kind), step=a.step, severity="warning", value=a.factor,
         message=(f"step {a.step}: {a.reason} (a skipped step changes no weight): the weights "
                  f"are sound, the batches were at fault ({fault}). gradguard undid the "
                  f"back-off: the learning rate is back at x{a.factor:g} (lr {shown}), and such "
                  "steps are skipped"),
-        remedy=(UNIT_ERROR_REMEDY if offscale else "Check the batches just before this step for "
-                "NaN/Inf (torch.isfinite on inputs and targets) and the loss and any custom "
-                "backward for log(0), division by zero or sqrt(0)."),
-        data={"cause": _data_cause(offscale), "factor": a.factor, "ceiling": a.ceiling,
-              "lr": lrs, "undone": True},
+        remedy=(UNIT_ERROR_REMEDY if kind == "offscale" else SPIKE_DATA_REMEDY if kind == "spike"
+                else "Check the batches just before this step for NaN/Inf (torch.isfinite on "
+                "inputs and targets) and the loss and any custom backward for log(0), "
+                "division by zero or sqrt(0)."),
+        data={"cause": _data_cause(kind), "factor": a.factor, "ceiling": a.ceiling,
+              "lr": lrs, "undone": True, "reason": a.reason},
     )
 
 

@@ -137,11 +137,13 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         actions.append(f"clipped {_plural(clipped, 'step')}"
                        + (f" ({whose})" if whose and whose != "none" else ""))
     backoffs = [e for e in ev if e.get("kind") == "lr_backoff"]
-    # back-offs the next step undid: it was finite on the same weights (recovery.ladder)
-    undone = sum(1 for e in ev if e.get("kind") in ("nonfinite_input", "unscaled_input")
+    # back-offs the next step undid: it was finite (or clean) on the same weights
+    # (recovery.ladder)
+    undone = sum(1 for e in ev if e.get("kind") in ("nonfinite_input", "unscaled_input",
+                                                     "grad_spike")
                  and (e.get("data") or {}).get("undone"))
     if backoffs and undone >= len(backoffs):
-        actions.append("backed off the LR, and restored it at the next step (finite on the "
+        actions.append("backed off the LR, and restored it at the next step (sound on the "
                        "same weights: the batches were at fault)")
     elif backoffs:
         factor = (backoffs[-1].get("data") or {}).get("factor")

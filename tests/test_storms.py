@@ -1,0 +1,83 @@
+"""A stretch of bad batches (inputs x100 for 5 to 50 steps in a row: a corrupt shard, a
+unit error upstream) is skipped whole, and the LR is not lowered for it (docs/recovery.md,
+"A stretch of bad batches").
+
+Found as a stranger: a digits MLP on Adam 1e-3 whose batches 100-119 were x100 ended at
+2.1x-2.7x the held-out loss of the same run without them (1.2x-1.5x unguarded): three
+skips backed the LR off, the grace after that back-off clipped ten of the bad batches
+into the weights at the lowered LR, and the rollback that followed lowered the ceiling
+for good. A stretch of 50 stopped the run (``TrainingDiverged``)."""
+
+from __future__ import annotations
+
+import torch
+from benchmarks import rescue_cases as rc
+from sklearn.datasets import load_digits
+from torch import nn
+
+import gradguard as gg
+
+_X, _Y = load_digits(return_X_y=True)
+X, Y = torch.tensor(_X / 16.0, dtype=torch.float32), torch.tensor(_Y)
+
+
+def _run(start: int, length: int, *, guarded: bool, steps: int = 400, scale: float = 100.0):
+    """The digits MLP (64-128-128-10) on Adam 1e-3, batches of 32 from the first 1,400
+    digits, with batches ``start`` to ``start + length - 1`` x ``scale``: (the guard or
+    None, the loss on the other 397)."""
+    torch.manual_seed(0)
+    model = rc.mlp(64, 10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        i = torch.randint(0, 1400, (32,), generator=g)
+        x, y = X[i], Y[i]
+        if start <= step < start + length:
+            x = x * scale
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss) if guard is not None else opt.step()
+    if guard is not None:
+        guard.close()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    with torch.no_grad():
+        return guard, nn.functional.cross_entropy(model(X[1400:]), Y[1400:]).item()
+
+
+def _skipped(guard) -> set[int]:
+    return {e.step for e in guard.events if e.kind == "skip"}
+
+
+def test_a_stretch_of_bad_batches_is_skipped_whole_and_the_lr_is_not_lowered_for_good():
+    _, clean = _run(0, 0, guarded=False)
+    _, unguarded = _run(100, 20, guarded=False)
+    guard, held = _run(100, 20, guarded=True)
+    assert set(range(100, 120)) <= _skipped(guard)
+    found = [e for e in guard.events if "the batches are at fault" in e.message]
+    assert len(found) == 1 and found[0].kind == "grad_spike"
+    assert found[0].data["cause"] == "unscaled_input" and "far off their scale" in found[0].message
+    assert guard.recovery.lr_ceiling == 1.0 and guard.recovery.lr_factor == 1.0
+    assert not [e for e in guard.events if e.kind == "lr_settled"]
+    assert held < unguarded and held < 1.3 * clean, (held, unguarded, clean)
+
+
+def test_a_short_stretch_is_found_at_the_first_clean_step_and_its_back_off_undone():
+    guard, held = _run(100, 5, guarded=True)
+    _, clean = _run(0, 0, guarded=False)
+    assert set(range(100, 105)) <= _skipped(guard)
+    kinds = [(a.kind, a.step) for a in guard.recovery.decisions if a.kind != "snapshot"]
+    assert kinds == [("backoff", 102), ("sound", 105)], kinds
+    sound = next(e for e in guard.events if e.data.get("undone"))
+    assert sound.kind == "grad_spike" and "5 spiking step(s)" in sound.message
+    assert held < 1.05 * clean, (held, clean)
+
+
+def test_a_long_stretch_does_not_stop_the_run():
+    """50 bad batches in a row (it was stopped at step 296 before)."""
+    _, clean = _run(0, 0, guarded=False)
+    guard, held = _run(250, 50, guarded=True)
+    assert not [e for e in guard.events if e.kind == "abort"]
+    assert guard.recovery.lr_ceiling == 1.0
+    assert held < 1.3 * clean, (held, clean)
