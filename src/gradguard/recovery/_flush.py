@@ -71,7 +71,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     st = rec.state
     answered = (st.backoff_step is not None and since <= st.backoff_step) or (
         st.spike_data is not None and 0 <= since - st.spike_data <= rec.config.patience)
-    if spike is not None and rec.state.data_streak is None and not answered and \
+    if spike is not None and st.data_streak is None and not answered and \
             rec._rise.gives_back(spike.value or math.inf):
         # reported only once confirmed (DetectorConfig); acted on when it gives back part
         # of what the run learnt; not in a data streak (the skipped batches' own loss)

@@ -31,8 +31,8 @@ def verdict(rec: Recovery, stats: StepStats, loss: Tensor | float | None) -> Ten
     statistics still learn from every step). Until a step is taken the weights are those
     the rung found (a skipped step changes none), or the restored ones: a spike there is
     the batch's, and is skipped (a stretch of bad batches is skipped whole, not clipped
-    into the weights at the lowered LR). With ``skip_spikes``, a step whose batch moved a batch norm layer's
-    running variance from another scale is ``OFFSCALE`` (:mod:`gradguard._running`),
+    into the weights at the lowered LR). With ``skip_spikes``, a step whose batch moved a
+    batch norm layer's running variance from another scale is ``OFFSCALE`` (:mod:`gradguard._running`),
     grace or not: that test looks at the step alone, not at statistics the ladder's acts
     moved.
 

@@ -33,8 +33,7 @@ had, and marks the trigger). When that step is non-finite too, or off-scale (its
 moved the batch norm statistics from another scale, on weights whose batches did not) (a
 ``skip`` marked ``data``), or its gradient spikes on weights whose gradients did not, the
 weights are not at fault but the batches are (NaN/Inf or another scale in the inputs or
-targets, or a loss that is non-finite on them): the ladder
-stops climbing for this streak (``data``: its steps are skipped, nothing else), lifts the
+targets, or a loss that is non-finite on them): the ladder stops climbing for this streak (``data``: its steps are skipped, nothing else), lifts the
 ceiling back to where it was before the trouble (an LR is not lowered for good for bad
 data), and aborts only when the streak lasts more than ``patience`` steps.
 
@@ -56,8 +55,8 @@ not lowered, the streak is no trouble a later one could relapse from). Only a ba
 undone (a rollback changed the weights), only for a streak of :data:`DATA_REASONS`
 (non-finite, off-scale or spiking: the per-step verdict grants no grace after a rung until
 a step is taken, :func:`._steps.verdict`), and only once per ``patience`` steps: trouble
-that keeps coming back is the weights', and the back-off then stands (``Recovery(undo_backoff=False)`` keeps every
-back-off).
+that keeps coming back is the weights', and the back-off then stands
+(``Recovery(undo_backoff=False)`` keeps every back-off).
 
 Beside the rungs, a *lower* trigger (the LR probe found that the loss follows the LR,
 :mod:`.probe`) halves the ceiling and the factor in force at once, with no back-off and no
@@ -101,8 +100,7 @@ from .ladder_types import (
 )
 
 __all__ = ["DATA_REASONS", "NONFINITE_REASON", "OFFSCALE_REASON", "SPIKE_REASON", "Action",
-           "ActionKind",
-           "LadderConfig", "LadderState", "Trigger", "TriggerKind", "transition"]
+           "ActionKind", "LadderConfig", "LadderState", "Trigger", "TriggerKind", "transition"]
 
 
 def transition(
@@ -304,14 +302,20 @@ def _shifted(cfg: LadderConfig, st: LadderState,
         by_level=True))
 
 
+def _spike_stretch(cfg: LadderConfig, st: LadderState, step: int) -> int:
+    """The first finding of the stretch of spiking batches ``step`` would belong to: the
+    last one, or ``step`` itself when there is none within ``2 * patience`` steps."""
+    last = st.spike_data
+    return step if last is None or step - last > 2 * cfg.patience else last
+
+
 def _spikes_are_data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> bool:
     """Whether spikes on weights a rollback restored are the batches' fault: for
-    ``patience`` steps from the first such finding (a stretch of bad batches, broken up by
-    harmless ones that were taken), not from then until ``2 * patience`` (batches that keep
-    spiking are a change no shift test saw: each rollback put back the statistics that had
-    begun to learn it, and the ladder climbs), and afresh after that."""
-    return (st.spike_data is None or trig.step - st.spike_data <= cfg.patience
-            or trig.step - st.spike_data > 2 * cfg.patience)
+    ``patience`` steps from the stretch's first finding (bad batches broken up by harmless
+    ones that were taken), not after that (batches that keep spiking are a change no shift
+    test saw: each rollback put back the statistics that had begun to learn it, and the
+    ladder climbs); a stretch starts afresh ``2 * patience`` steps on."""
+    return trig.step - _spike_stretch(cfg, st, trig.step) <= cfg.patience
 
 
 def _data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
@@ -325,10 +329,8 @@ def _data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderStat
         st = dataclasses.replace(
             st, data_streak=trig.step, consecutive_skips=0, ceiling=top, watching=None,
             rollbacks=0, trouble_start=None, pre_level=None, episode_ceiling=None,
-            at_ceiling=None,
-            spike_data=trig.step if trig.reason == SPIKE_REASON and (
-                st.spike_data is None or trig.step - st.spike_data > 2 * cfg.patience)
-            else st.spike_data)
+            at_ceiling=None, spike_data=_spike_stretch(cfg, st, trig.step)
+            if trig.reason == SPIKE_REASON else st.spike_data)
         return st, (Action("data", trig.step, trig.reason, st.factor, top),)
     if trig.step - st.data_streak < cfg.patience:
         return st, ()

@@ -53,11 +53,9 @@ and the lab ever confirmed a cue: no probe ran in any of them.
 
 The same experiment answers the opposite question, whether an LR the ladder lowered was at
 fault at all (a *retry*). A stretch of bad batches that spike rather than go non-finite
-looked like an LR too high to the relapse rule, which lowered the ceiling for good (a
-digits MLP on Adam after 30 batches x1e4 in a row: its LR at x0.015, 3.2x the held-out
-loss of the run without them; since 2026-12-02 such spikes on restored weights are the
-batches' fault, ``data`` in :mod:`.ladder`, and the retry stays for any ceiling that
-trouble which was not the LR's lowered). Once the lowered LR has settled and held ``restore_steps`` steps
+looked like an LR too high to the relapse rule, which lowered the ceiling for good (30
+batches x1e4 in a row: a digits MLP's LR at x0.015, 3.2x the held-out loss of the run
+without them; such spikes are now the batches' fault, ``data`` in :mod:`.ladder`). Once the lowered LR has settled and held ``restore_steps`` steps
 more, with the ladder idle and the loss neither noisy nor down to ``RETRY_FLOOR`` (3%) of
 the fresh model's (nothing left for the LR in force to cost), a retry runs its control at
 the LR in force and its trial at the ceiling before the trouble (``episode_ceiling``; not one the
