@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import detectors, distributed
+from .errors import GradGuardWarning
 from .events import Event, Flush, Sink, call_sinks, json_float
 from .naming import layer_of
 from .telemetry import StepStats, Telemetry, Window
@@ -137,6 +138,9 @@ class Monitor:
         ):
             if origins is not None and self.dist is not None:
                 distributed.name_ranks(ev, window.steps, origins, self.dist.world_size)
+            if ev.kind == "clip" and "cap" in (ev.data or {}):  # a setup that blinds the guard
+                warnings.warn(f"gradguard: {ev.message}. {ev.remedy}", GradGuardWarning,
+                              stacklevel=2)
             self.add_event(ev)
         return overflows
 

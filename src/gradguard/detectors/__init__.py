@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from ..events import Event
 from ..precursors import PrecursorInputs, detect_precursors
 from ..telemetry import Window
+from .capped import detect_capped
 from .config import (  # the named defaults are part of the public surface
     DEAD_FRACTION,
     DEFAULT_CONFIG,
@@ -98,6 +99,7 @@ def detect(
     events += detect_spike_skips(window)
     events += detect_vanishing(window, cfg)
     events += detect_no_gradient(window, st, cfg)
+    events += detect_capped(window, st)
     events += detect_update_ratio(window, cfg, st.loss, annealed=lr_annealed)
     events += list(lr_events)
     if activations:
@@ -137,6 +139,7 @@ __all__ = [
     "LrTracker",
     "detect",
     "detect_activations",
+    "detect_capped",
     "detect_no_gradient",
     "detect_nonfinite",
     "detect_spike_skips",

@@ -155,6 +155,7 @@ class DetectorState:
     silent_layers: list[str] = field(default_factory=list)  # reported as disconnected
     grad_layers: list[str] = field(default_factory=list)  # have had a gradient (not zero)
     silent_run: dict[str, int] = field(default_factory=dict)  # of those: steps since their last
+    capped: bool = False  # norms capped before the guard measured them were reported
 
     def __post_init__(self) -> None:
         self.loss = deque(self.loss, maxlen=self.history)

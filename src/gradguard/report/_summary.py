@@ -118,6 +118,13 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                          f"{outcome.final:.4g} at the end): nothing to recover from, but if "
                          "the model started untrained it is not learning (run gg.doctor "
                          "on a batch).")
+    capped = next((e for e in ev if e.get("kind") == "clip" and "cap" in (e.get("data") or {})),
+                  None)
+    if capped is not None:  # the norms above were capped before the guard measured them
+        parts.append(f"The gradients reached gradguard already clipped to "
+                     f"{capped.get('value', math.nan):.3g} (seen by step {capped['step']}: a "
+                     "clip_grad_norm_ of the script's own before guard.step), so a spike would "
+                     "not show here.")
     risk = [e for e in ev if e.get("kind") == "divergence_risk"]
     if risk:  # the early warning, and how long before the trouble it came
         r, signal = risk[0], (risk[0].get("data") or {}).get("signal")
