@@ -223,6 +223,21 @@ def test_a_flat_loss_without_vanishing_gradients_is_healthy_and_says_it_did_not_
     assert "did not fall" not in summary_sentence(_data([]))
 
 
+def test_a_flat_loss_that_fell_within_its_first_noise_is_not_said_not_to_have_fallen():
+    """Tried as a stranger (GPT-2 at 33x its LR in the HF Trainer under `gradguard run`):
+    "The loss did not fall (3.274 at the start, 2.997 at the end)" read as a contradiction."""
+    d = _data([])
+    g = np.random.default_rng(0)
+    d.loss = np.concatenate([3.3 * np.exp(0.3 * g.standard_normal(20)),
+                             np.full(d.n_steps - 20, 3.0) + 0.01 * g.standard_normal(d.n_steps - 20)])
+    out = judge(d)
+    assert (out.status, out.flat) == ("healthy", True) and out.final < 0.95 * out.start
+    text = summary_sentence(d)
+    assert f"The loss fell only from {out.start:.4g} to {out.final:.4g}, within the noise of " \
+           "its first steps: nothing to recover from" in text
+    assert "did not fall" not in text
+
+
 def test_summary_of_batches_on_another_scale_and_what_to_check():
     """Steps skipped by the batch norm statistics alone (gradguard._running.offscale):
     nothing spiked, so the summary tells what did, and the remedy what to look at."""

@@ -64,7 +64,14 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     """
     import numpy as np
 
-    from ._outcome import died_layers, judge, ladder_reason, read_guard_config, summary_lead
+    from ._outcome import (
+        died_layers,
+        flat_words,
+        judge,
+        ladder_reason,
+        read_guard_config,
+        summary_lead,
+    )
 
     if config is None:
         config = read_guard_config(data.run_dir)
@@ -113,11 +120,12 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             f"No gradient trouble in {data.n_steps} steps: the gradient norm stayed between "
             f"{lo:.3g} and {hi:.3g}."
         )
-        if outcome.flat and outcome.status == "healthy":  # no trouble, and no progress
-            parts.append(f"The loss did not fall ({outcome.start:.4g} at the start, "
-                         f"{outcome.final:.4g} at the end): nothing to recover from, but if "
-                         "the model started untrained it is not learning (run gg.doctor "
-                         "on a batch).")
+        if outcome.flat and outcome.status == "healthy" and outcome.start is not None \
+                and outcome.final is not None:  # no trouble, and no progress
+            words = flat_words(outcome.start, outcome.final)
+            parts.append(f"{words[0].upper()}{words[1:]}: nothing to recover from, but if the "
+                         "model started untrained it is not learning (run gg.doctor on a "
+                         "batch).")
     capped = next((e for e in ev if e.get("kind") == "clip" and "cap" in (e.get("data") or {})),
                   None)
     if capped is not None:  # the norms above were capped before the guard measured them
