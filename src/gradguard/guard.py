@@ -249,10 +249,12 @@ class Guard:
             if self.recovery is not None:
                 self.recovery.before_step(self)  # this step's LR factor; the first snapshot
             code = (~stats.finite).to(torch.uint8)  # NONFINITE
+            loss_ok = loss_finite(loss)  # an overflow with it may be a routine one
             if self.recovery is not None and plan.on_bad != "step":
                 code = code | self.recovery.verdict(stats, loss)  # spikes, skipped at the step
-            out = executor.run(plan, code, loss_finite(loss), closure,
-                               clip=coef if in_step else None)
+                if executor.scaler is not None:  # not with a loss far off
+                    loss_ok = self.recovery.loss_ok(loss_ok)
+            out = executor.run(plan, code, loss_ok, closure, clip=coef if in_step else None)
             if isinstance(executor, Hook) and getattr(self.recovery, "restores", 0) != restores:
                 # rolled back (or forked by the LR probe) in this hook (the flush, a heard
                 # skip flag), after this step's backward: its update would carry the

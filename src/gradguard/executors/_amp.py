@@ -4,6 +4,7 @@ loss-scale overflows told from genuine trouble, and the :class:`Scaler` executor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,20 +30,29 @@ def scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> dict[s
 def merge_into_scaler(
     scaler: GradScaler, optimizer: torch.optim.Optimizer, plan: Plan, code: Tensor,
     loss_ok: Tensor | bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Add the guard's flags to the scaler's ``found_inf`` (when the plan says so: a spike
-    skip then also backs the loss scale off, as any skip under a scaler does) and split
-    what the scaler will skip into routine overflows and genuine trouble.
+) -> tuple[Tensor, Tensor, Tensor, Callable[[], None] | None]:
+    """Add the guard's flags to the scaler's ``found_inf`` (when the plan says so), so that
+    ``scaler.step`` skips the step on the device, and split what the scaler will skip into
+    routine overflows and genuine trouble.
 
-    Returns device tensors ``(skip, genuine, amp_row)``; ``amp_row`` is ``[routine, scale]``.
+    Returns device tensors ``(skip, genuine, amp_row)`` (``amp_row`` is ``[routine,
+    scale]``) and ``unmerge``: call it after the step and before ``scaler.update()`` to
+    give ``found_inf`` back its own value. ``update()`` halves the scale on a skip it sees
+    in ``found_inf``; a step skipped for the guard's reasons alone (a gradient or loss
+    spike, a batch on another scale: its scaled gradients were finite) is no overflow, and
+    a stretch of twenty such batches halved a scale of 2**16 down to 0.125 (fp16 gradients
+    then underflow, and the scale grows back x2 per ``growth_interval`` (2,000) steps).
     """
     bad = code != 0
     dev = bad.device
     found = list(scaler_state(scaler, optimizer)["found_inf_per_device"].values())
+    unmerge = None
     if found and plan.found_inf:
         # every element finite but the float32 norm overflows: skip it like a NaN.
         # Kept 0/1: fused optimizers subtract found_inf from their step counts.
-        found[0].add_(bad.to(found[0])).clamp_(max=1.0)
+        own, target = found[0].clone(), found[0]
+        target.add_(bad.to(target)).clamp_(max=1.0)
+        unmerge = lambda: target.copy_(own)  # noqa: E731  (a device copy: no sync)
     if found:
         skip = torch.stack([f.to(dev, non_blocking=True) for f in found]).sum() > 0
     else:  # no gradients: scaler.step raises its own error
@@ -56,7 +66,7 @@ def merge_into_scaler(
     ok = loss_ok.to(dev) if isinstance(loss_ok, Tensor) else torch.tensor(loss_ok, device=dev)
     routine = skip & (scale > AMP_OVERFLOW_MIN_SCALE) & ok & (code < 2)  # a spike is no overflow
     genuine = (skip | (bad if plan.found_inf else torch.zeros_like(skip))) & ~routine
-    return skip, genuine, torch.stack([routine.float(), scale])
+    return skip, genuine, torch.stack([routine.float(), scale]), unmerge
 
 
 def _read_flags(plan: Plan, code: Tensor, genuine: Tensor, skip: Tensor) -> tuple[Action, bool, int]:
@@ -124,17 +134,21 @@ class Scaler(Direct):
                 self._deferred_unscale(code, clip)
             elif clip is not None:
                 self.optimizer.grad_scale = grad_scale_of(clip)  # type: ignore[attr-defined]
-            skip, genuine, row = merge_into_scaler(
+            skip, genuine, row, unmerge = merge_into_scaler(
                 self.scaler, self.optimizer, plan, code, loss_ok
             )
             if not plan.read_host:
                 self.scaler.step(self.optimizer)  # skips on found_inf, on the device
+                if unmerge is not None:
+                    unmerge()  # scaler.update() backs off for overflows only
                 return Outcome(skipped=_skip_code(skip, code), trouble=genuine, amp_row=row)
             action, trouble, c = _read_flags(plan, code, genuine, skip)
             if action == "step":
                 self.scaler.step(self.optimizer)
-            # a host-side skip leaves the scaler's found_inf in place: scaler.update()
-            # still backs the scale off as usual
+            if unmerge is not None:
+                unmerge()
+            # a host-side skip leaves the scaler's own found_inf in place: scaler.update()
+            # backs the scale off for an overflow as usual
             return Outcome(
                 skipped=max(c, 1) if action != "step" else 0,
                 trouble=action != "step" and trouble, action=action, amp_row=row, code=c,

@@ -3,6 +3,7 @@ the executor of one ``guard.step`` call (see :mod:`gradguard.executors`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +32,27 @@ class Hook:
         self._stash: list[tuple[Tensor, Tensor]] = []
         self._attrs_set = False
         self._handle = optimizer.register_step_post_hook(self._after_step)
+        self._unmerge: Callable[[], None] | None = None
+        self._update: Any = None  # the scaler's update before ours wrapped it
+        if scaler is not None:
+            self._wrap_update(scaler)
+
+    def _wrap_update(self, scaler: GradScaler) -> None:
+        """The trainer calls ``scaler.step`` and ``scaler.update()`` back to back after the
+        guard's hook: give ``found_inf`` back its own value in between (see
+        :func:`merge_into_scaler`: a step skipped for the guard's reasons alone does not
+        back the loss scale off). An instance attribute, removed by :meth:`detach`."""
+        self._update = scaler.__dict__.get("update")
+        inner = scaler.update
+
+        def update(*args: Any, **kwargs: Any) -> Any:
+            if self._unmerge is not None:
+                self._unmerge()
+                self._unmerge = None
+            return inner(*args, **kwargs)
+
+        update.__gradguard__ = True  # type: ignore[attr-defined]
+        scaler.update = update  # type: ignore[method-assign]
 
     #: The clip is applied to the gradients before the trainer's step (no ``run(clip=)``).
     takes_grad_scale = False
@@ -41,13 +63,15 @@ class Hook:
         # gradients now on the parameters are newer than the stashed ones; drop those.
         self._stash = []
         self._clear_attrs()
+        self._unmerge = None  # a trainer that did not call scaler.update(): nothing to give back
 
     def run(
         self, plan: Plan, code: Tensor, loss_ok: Tensor | bool = True, closure: Closure = None,
         clip: Tensor | None = None,
     ) -> Outcome:
         if self.scaler is not None and self.scaler.is_enabled():
-            skip, genuine, row = merge_into_scaler(self.scaler, self.optimizer, plan, code, loss_ok)
+            skip, genuine, row, self._unmerge = merge_into_scaler(
+                self.scaler, self.optimizer, plan, code, loss_ok)
             if not plan.read_host:
                 return Outcome(skipped=_skip_code(skip, code), trouble=genuine, amp_row=row)
             action, trouble, c = _read_flags(plan, code, genuine, skip)
@@ -105,6 +129,12 @@ class Hook:
         """Put back what a skip took and remove the post-hook."""
         self._after_step(self.optimizer, (), {})
         self._handle.remove()
+        scaler, self._unmerge = self.scaler, None
+        if scaler is not None and getattr(scaler.__dict__.get("update"), "__gradguard__", False):
+            if self._update is None:
+                del scaler.update  # the class's own again
+            else:
+                scaler.update = self._update  # type: ignore[method-assign]
 
 
 def executor_for(

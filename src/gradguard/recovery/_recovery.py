@@ -317,6 +317,10 @@ class Recovery:
         :func:`._steps.verdict`)."""
         return _steps.verdict(self, stats, loss)
 
+    def loss_ok(self, finite: Tensor | bool) -> Tensor | bool:
+        """May this step's skip be a routine loss-scale overflow (:meth:`SpikeVerdict.loss_ok`)."""
+        return self._verdict.loss_ok(finite)
+
     def after_step(self, guard: Guard, stats: StepStats, outcome: Any) -> None:
         """Per step: hear the step's skip flag (see :func:`._steps.after_step`)."""
         _steps.after_step(self, guard, stats, outcome)

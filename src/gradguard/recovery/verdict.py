@@ -63,6 +63,18 @@ WARMUP_SPIKE_RATIO = (1000.0, 100.0)
 #: while two tasks taking turns step by step, their losses 10-100x apart, never are twice
 #: in a row. Such a value waits out of the history, and joins it when the next is not.
 WARMUP_TWICE_RATIO = (1000.0, 10.0)
+#: A loss this many times the median of the recent ones (and ``OVERFLOW_LOSS_Z`` robust
+#: standard deviations above it, after the warm-up) is far off on its own: under a ``GradScaler`` the step's overflow is then no
+#: routine one (:attr:`SpikeVerdict.loss_far`). The loss does not depend on the loss scale;
+#: an fp16 step whose loss is 500x the run's overflows because its batch (x1e4 inputs) or
+#: the weights went wrong, and such steps classed routine halved the scale for each and
+#: hid a stretch of bad batches from the ladder (which then took them for a change of
+#: data and trained on them).
+OVERFLOW_LOSS_RATIO = 10.0
+#: Half the spike test's z: a loss whose healthy spread is wide (late in training, single
+#: misclassified samples at 10-40x a median near 0.002) does not pass it; a digits MLP's
+#: loss at 0.3 with a batch of x100 inputs at 19x its median is z=4.
+OVERFLOW_LOSS_Z = 3.0
 
 
 class SpikeVerdict:
@@ -90,7 +102,11 @@ class SpikeVerdict:
         self.log_ratio = (math.log(grad_ratio), math.log(loss_ratio))
         self.log_warm = tuple(math.log(r) for r in WARMUP_SPIKE_RATIO)
         self.log_twice = tuple(math.log(r) for r in WARMUP_TWICE_RATIO)
+        self._log_far = math.log(OVERFLOW_LOSS_RATIO)
         self.high: Tensor | None = None  # [2] bool: the last value was WARMUP_TWICE_RATIO high
+        #: the last loss judged was far above the recent ones (a device bool; see
+        #: :data:`OVERFLOW_LOSS_RATIO`), whatever the step's code
+        self.loss_far: Tensor | None = None
         self.pending: Tensor | None = None  # [2] that value (log; NaN: none), not in the ring yet
         self.ring: Tensor | None = None  # [2, history] log values (NaN: empty)
         self.count: Tensor | None = None  # [2] finite values seen
@@ -138,6 +154,8 @@ class SpikeVerdict:
         high = ok & warm & (d > log_bars[1])
         assert self.high is not None and self.pending is not None
         spike = ok & (robust | early | (high & self.high))
+        self.loss_far = ok[1] & (count[1] >= self.warmup) & (
+            d[1] > OVERFLOW_LOSS_Z * scale[1].clamp_min(MIN_LOG_SCALE)) & (d[1] > self._log_far)
         # a handful of values cannot shrug off an early spike: a high value waits out of the
         # history; it joins it when the next value is not high (an isolated one: another
         # task's loss, a hard batch), not while they stay high (wrecked weights)
@@ -146,6 +164,16 @@ class SpikeVerdict:
         self.high.copy_(high)
         self.pending.copy_(torch.where(high, lx, math.nan))
         return (spike.to(torch.uint8) * bits).sum(dtype=torch.uint8)
+
+    def loss_ok(self, finite: Tensor | bool) -> Tensor | bool:
+        """Whether the step just judged may be a routine loss-scale overflow for its loss:
+        ``finite`` and not far above the recent losses (:attr:`loss_far`, see
+        :data:`OVERFLOW_LOSS_RATIO`). No host read."""
+        far = self.loss_far
+        if far is None:
+            return finite
+        ok = finite if isinstance(finite, Tensor) else torch.tensor(finite, device=far.device)
+        return ok.to(far.device) & ~far
 
     def _push(self, ring: Tensor, count: Tensor, where: Tensor, values: Tensor) -> None:
         """Append ``values`` to the history rows ``where`` says (device ops only)."""
