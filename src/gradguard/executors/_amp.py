@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.amp.grad_scaler import GradScaler, OptState
 
 from ..decision import Action, Plan, resolve
+from ..distributed import world_size
 from ._base import NONFINITE, Closure, Direct, Outcome, grad_scale_of
 
 #: Under a GradScaler, a non-finite step is a routine loss-scale overflow (an ``info``
@@ -36,23 +37,33 @@ def merge_into_scaler(
     routine overflows and genuine trouble.
 
     Returns device tensors ``(skip, genuine, amp_row)`` (``amp_row`` is ``[routine,
-    scale]``) and ``unmerge``: call it after the step and before ``scaler.update()`` to
-    give ``found_inf`` back its own value. ``update()`` halves the scale on a skip it sees
-    in ``found_inf``; a step skipped for the guard's reasons alone (a gradient or loss
-    spike, a batch on another scale: its scaled gradients were finite) is no overflow, and
-    a stretch of twenty such batches halved a scale of 2**16 down to 0.125 (fp16 gradients
-    then underflow, and the scale grows back x2 per ``growth_interval`` (2,000) steps).
+    scale]``) and ``unmerge``: call it after the step and before ``scaler.update()``, which
+    halves the scale for every skip it sees in ``found_inf``, so that it sees only the
+    overflows the loss scale can explain: the scaler's own (non-finite scaled gradients),
+    with a finite loss not far off (``loss_ok``). A step skipped for the guard's reasons
+    alone (a gradient or loss spike, a batch on another scale: its scaled gradients were
+    finite) is no overflow: a stretch of twenty such batches halved a scale of 2**16 down
+    to 0.125, where fp16 gradients underflow, for the 38,000 steps (x2 per
+    ``growth_interval``) it takes to grow back. Nor is a NaN loss (NaN in the data: a run
+    with 5% such batches had its scale at 0.001 after 500 steps) or a loss far off (a
+    batch x1e4, wrecked weights): no scale causes or cures those. Under
+    torch.distributed the scaler's own ``found_inf`` stands (each rank's loss is its own;
+    the scales must stay equal).
     """
     bad = code != 0
     dev = bad.device
     found = list(scaler_state(scaler, optimizer)["found_inf_per_device"].values())
+    ok = loss_ok.to(dev) if isinstance(loss_ok, Tensor) else torch.tensor(loss_ok, device=dev)
     unmerge = None
+    if found:
+        own, target = found[0].clone(), found[0]
+        if world_size() == 1:
+            own.mul_(ok.to(own))
+        unmerge = lambda: target.copy_(own)  # noqa: E731  (a device copy: no sync)
     if found and plan.found_inf:
         # every element finite but the float32 norm overflows: skip it like a NaN.
         # Kept 0/1: fused optimizers subtract found_inf from their step counts.
-        own, target = found[0].clone(), found[0]
-        target.add_(bad.to(target)).clamp_(max=1.0)
-        unmerge = lambda: target.copy_(own)  # noqa: E731  (a device copy: no sync)
+        found[0].add_(bad.to(found[0])).clamp_(max=1.0)
     if found:
         skip = torch.stack([f.to(dev, non_blocking=True) for f in found]).sum() > 0
     else:  # no gradients: scaler.step raises its own error
@@ -63,7 +74,6 @@ def merge_into_scaler(
         if scale_t is None
         else scale_t.detach().to(dev, torch.float32, non_blocking=True).reshape(())
     )
-    ok = loss_ok.to(dev) if isinstance(loss_ok, Tensor) else torch.tensor(loss_ok, device=dev)
     routine = skip & (scale > AMP_OVERFLOW_MIN_SCALE) & ok & (code < 2)  # a spike is no overflow
     genuine = (skip | (bad if plan.found_inf else torch.zeros_like(skip))) & ~routine
     return skip, genuine, torch.stack([routine.float(), scale]), unmerge
