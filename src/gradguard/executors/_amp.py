@@ -45,7 +45,7 @@ def merge_into_scaler(
     finite) is no overflow: a stretch of twenty such batches halved a scale of 2**16 down
     to 0.125, where fp16 gradients underflow, for the 38,000 steps (x2 per
     ``growth_interval``) it takes to grow back. Nor is a NaN loss (NaN in the data: a run
-    with 5% such batches had its scale at 0.001 after 500 steps) or a loss far off (a
+    with 5% such batches had its scale at 0.001-0.008 after 500 steps) or a loss far off (a
     batch x1e4, wrecked weights): no scale causes or cures those. Under
     torch.distributed the scaler's own ``found_inf`` stands (each rank's loss is its own;
     the scales must stay equal).

@@ -64,12 +64,12 @@ WARMUP_SPIKE_RATIO = (1000.0, 100.0)
 #: in a row. Such a value waits out of the history, and joins it when the next is not.
 WARMUP_TWICE_RATIO = (1000.0, 10.0)
 #: A loss this many times the median of the recent ones (and ``OVERFLOW_LOSS_Z`` robust
-#: standard deviations above it, after the warm-up) is far off on its own: under a ``GradScaler`` the step's overflow is then no
-#: routine one (:attr:`SpikeVerdict.loss_far`). The loss does not depend on the loss scale;
-#: an fp16 step whose loss is 500x the run's overflows because its batch (x1e4 inputs) or
-#: the weights went wrong, and such steps classed routine halved the scale for each and
-#: hid a stretch of bad batches from the ladder (which then took them for a change of
-#: data and trained on them).
+#: standard deviations above it, after the warm-up) is far off on its own: under a
+#: ``GradScaler`` the step's overflow is then no routine one (:attr:`SpikeVerdict.loss_far`).
+#: The loss does not depend on the loss scale; an fp16 step whose loss is 500x the run's
+#: overflows because its batch (x1e4 inputs) or the weights went wrong, and such steps
+#: classed routine halved the scale for each and hid a stretch of bad batches from the
+#: ladder (which then took them for a change of data and trained on them).
 OVERFLOW_LOSS_RATIO = 10.0
 #: Half the spike test's z: a loss whose healthy spread is wide (late in training, single
 #: misclassified samples at 10-40x a median near 0.002) does not pass it; a digits MLP's
