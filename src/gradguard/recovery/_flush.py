@@ -117,8 +117,10 @@ def _device_skips(rec: Recovery, window: Window, skips: list[bool],
     for i, (step, sk) in enumerate(zip(window.steps, skips)):
         if step not in rec._host_steps:
             c = int(codes[i]) if codes is not None and math.isfinite(codes[i]) else 0
-            triggers.append(_steps.skip_trigger(rec, sk and step not in overflows, step, c,
-                                                at=window.steps[-1]))
+            trig = _steps.skip_trigger(rec, sk and step not in overflows, step, c,
+                                       at=window.steps[-1], routine=sk and step in overflows)
+            if trig is not None:
+                triggers.append(trig)
     rec._host_steps.difference_update(window.steps)
     return triggers
 

@@ -67,8 +67,10 @@ def after_step(rec: Recovery, guard: Guard, stats: StepStats, outcome: Any) -> N
     step = guard.step_count - 1
     if outcome.code is not None or isinstance(outcome.trouble, bool):
         rec._host_steps.add(step)
-        trig = skip_trigger(rec, bool(outcome.trouble), step, outcome.code or 0)
-        rec._feed(guard, trig, lambda: actions.nonfinite_layers(guard, stats.param_norms))
+        routine = outcome.amp_row is not None and bool(outcome.skipped) and not outcome.trouble
+        trig = skip_trigger(rec, bool(outcome.trouble), step, outcome.code or 0, routine=routine)
+        if trig is not None:
+            rec._feed(guard, trig, lambda: actions.nonfinite_layers(guard, stats.param_norms))
         return
     skipped = outcome.skipped
     if not isinstance(skipped, Tensor) or not enabled():
@@ -88,16 +90,22 @@ def hear(rec: Recovery, guard: Guard) -> None:
     for step, flag, (norms, packed) in rec._late.heard():
         rec._host_steps.add(step)
         trouble, code = (bool(flag & 1), flag >> 1) if packed else (flag != 0, flag)
-        trig = skip_trigger(rec, trouble, step, code, at=at)
-        rec._feed(guard, trig, lambda n=norms: actions.nonfinite_layers(guard, n))
+        trig = skip_trigger(rec, trouble, step, code, at=at, routine=packed and bool(code) and not trouble)
+        if trig is not None:
+            rec._feed(guard, trig, lambda n=norms: actions.nonfinite_layers(guard, n))
 
 
-def skip_trigger(rec: Recovery, skipped: bool, step: int, code: int,
-                 at: int | None = None) -> Trigger:
+def skip_trigger(rec: Recovery, skipped: bool, step: int, code: int, at: int | None = None,
+                 *, routine: bool = False) -> Trigger | None:
     """The ladder's trigger for a step and its verdict ``code``. A step skipped for its
     loss (judged per step in a run's first steps only: the update before it wrecked
     the weights, see :mod:`.verdict`) asks for a rollback, not a back-off that would
-    keep the wrecked weights."""
+    keep the wrecked weights. None for a ``routine`` loss-scale overflow: no trouble, and
+    no clean step either (no update was taken, the weights were not tested: such a step
+    right after a rollback had been heard as the restored weights' clean first step, and
+    the x100 batch after it as a new trouble on them, not as the batches' fault)."""
+    if routine:
+        return None
     voided = bool(code & STALE)
     first = rec.ring.tested(step, skipped=skipped, voided=voided, restores=rec.restores)
     if not skipped:
