@@ -65,6 +65,32 @@ def test_an_overflow_still_halves_the_scale(how):
     assert 30 in skips and scales[29] == 2.0**10 and scales[30] == 2.0**9 == scales[-1]
 
 
+def test_two_hooked_guards_on_one_scaler_both_give_back_and_detach_in_any_order():
+    model = mlp(seed=0)
+    opts = [torch.optim.SGD(model[0].parameters(), lr=0.1), torch.optim.SGD(model[2].parameters(), lr=0.1)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10_000)
+    guards = [hooked_guard(model, o, gg.GuardConfig(recovery=gg.Recovery()), scaler=scaler)
+              for o in opts]
+    for i, (x, y) in enumerate(batches(50, seed=3)):
+        loss = nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        if i >= 40:  # both optimizers' gradients spike: each guard skips its own step
+            for p in model.parameters():
+                p.grad.mul_(1e3)
+        for g, o in zip(guards, opts):
+            scaler.unscale_(o)
+            g.step(loss)
+            scaler.step(o)
+        scaler.update()
+        for o in opts:
+            o.zero_grad()
+    assert scaler.get_scale() == 2.0**10  # neither guard's skips backed it off
+    guards[0].close()  # the first to wrap goes first: the second's wrapper stays in place
+    assert "update" in scaler.__dict__
+    guards[1].close()
+    assert "update" not in scaler.__dict__
+
+
 def test_the_hook_gives_the_scalers_update_back_at_detach():
     model, opt = mlp(seed=0), None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

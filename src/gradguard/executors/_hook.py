@@ -3,6 +3,7 @@ the executor of one ``guard.step`` call (see :mod:`gradguard.executors`)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,26 +34,14 @@ class Hook:
         self._attrs_set = False
         self._handle = optimizer.register_step_post_hook(self._after_step)
         self._unmerge: Callable[[], None] | None = None
-        self._update: Any = None  # the scaler's update before ours wrapped it
         if scaler is not None:
-            self._wrap_update(scaler)
+            _attach(scaler, self)
 
-    def _wrap_update(self, scaler: GradScaler) -> None:
-        """The trainer calls ``scaler.step`` and ``scaler.update()`` back to back after the
-        guard's hook: give ``found_inf`` back its own value in between (see
-        :func:`merge_into_scaler`: a step skipped for the guard's reasons alone does not
-        back the loss scale off). An instance attribute, removed by :meth:`detach`."""
-        self._update = scaler.__dict__.get("update")
-        inner = scaler.update
-
-        def update(*args: Any, **kwargs: Any) -> Any:
-            if self._unmerge is not None:
-                self._unmerge()
-                self._unmerge = None
-            return inner(*args, **kwargs)
-
-        update.__gradguard__ = True  # type: ignore[attr-defined]
-        scaler.update = update  # type: ignore[method-assign]
+    def give_back(self) -> None:
+        """Give ``found_inf`` its own value back (see :func:`merge_into_scaler`), once."""
+        if self._unmerge is not None:
+            self._unmerge()
+            self._unmerge = None
 
     #: The clip is applied to the gradients before the trainer's step (no ``run(clip=)``).
     takes_grad_scale = False
@@ -129,12 +118,50 @@ class Hook:
         """Put back what a skip took and remove the post-hook."""
         self._after_step(self.optimizer, (), {})
         self._handle.remove()
-        scaler, self._unmerge = self.scaler, None
-        if scaler is not None and getattr(scaler.__dict__.get("update"), "__gradguard__", False):
-            if self._update is None:
-                del scaler.update  # the class's own again
-            else:
-                scaler.update = self._update  # type: ignore[method-assign]
+        self._unmerge = None
+        if self.scaler is not None:
+            _detach(self.scaler, self)
+
+
+#: Per trainer scaler: the hooks whose flags it carries, the ``update`` it had (an instance
+#: attribute, or None: the class's), and the wrapper put in its place.
+_WRAPPED: weakref.WeakKeyDictionary[GradScaler, tuple[list[Hook], Any, Any]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _attach(scaler: GradScaler, hook: Hook) -> None:
+    """The trainer calls ``scaler.step`` and ``scaler.update()`` back to back after the
+    guards' hooks: ``update`` is wrapped (once per scaler, whatever the number of guards:
+    two optimizers, one scaler) to give each hook's ``found_inf`` its own value back first,
+    so that a step skipped for the guard's reasons alone does not back the loss scale off
+    (:func:`merge_into_scaler`). Undone by :func:`_detach` when the last guard closes."""
+    entry = _WRAPPED.get(scaler)
+    if entry is None:
+        prior, inner = scaler.__dict__.get("update"), scaler.update
+
+        def update(*args: Any, **kwargs: Any) -> Any:
+            for h in _WRAPPED.get(scaler, ([], None, None))[0]:
+                h.give_back()
+            return inner(*args, **kwargs)
+
+        entry = _WRAPPED[scaler] = ([], prior, update)
+        scaler.update = update  # type: ignore[method-assign]
+    entry[0].append(hook)
+
+
+def _detach(scaler: GradScaler, hook: Hook) -> None:
+    entry = _WRAPPED.get(scaler)
+    if entry is None or hook not in entry[0]:
+        return
+    entry[0].remove(hook)
+    if entry[0]:
+        return
+    del _WRAPPED[scaler]
+    if scaler.__dict__.get("update") is entry[2]:  # not wrapped again by someone else since
+        if entry[1] is None:
+            del scaler.update  # the class's own again
+        else:
+            scaler.update = entry[1]  # type: ignore[method-assign]
 
 
 def executor_for(
