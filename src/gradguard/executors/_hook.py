@@ -3,7 +3,6 @@ the executor of one ``guard.step`` call (see :mod:`gradguard.executors`)."""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -123,10 +122,10 @@ class Hook:
             _detach(self.scaler, self)
 
 
-#: Per trainer scaler: the hooks whose flags it carries, the ``update`` it had (an instance
-#: attribute, or None: the class's), and the wrapper put in its place.
-_WRAPPED: weakref.WeakKeyDictionary[GradScaler, tuple[list[Hook], Any, Any]] = (
-    weakref.WeakKeyDictionary())
+#: Where a trainer scaler keeps the hooks whose flags it carries, the ``update`` it had (an
+#: instance attribute, or None: the class's), and the wrapper put in its place. On the
+#: scaler itself: nothing global keeps a scaler (or its guards) alive.
+_WRAP_KEY = "_gradguard_update"
 
 
 def _attach(scaler: GradScaler, hook: Hook) -> None:
@@ -135,28 +134,29 @@ def _attach(scaler: GradScaler, hook: Hook) -> None:
     two optimizers, one scaler) to give each hook's ``found_inf`` its own value back first,
     so that a step skipped for the guard's reasons alone does not back the loss scale off
     (:func:`merge_into_scaler`). Undone by :func:`_detach` when the last guard closes."""
-    entry = _WRAPPED.get(scaler)
+    entry = scaler.__dict__.get(_WRAP_KEY)
     if entry is None:
+        hooks: list[Hook] = []
         prior, inner = scaler.__dict__.get("update"), scaler.update
 
         def update(*args: Any, **kwargs: Any) -> Any:
-            for h in _WRAPPED.get(scaler, ([], None, None))[0]:
+            for h in hooks:
                 h.give_back()
             return inner(*args, **kwargs)
 
-        entry = _WRAPPED[scaler] = ([], prior, update)
+        entry = scaler.__dict__[_WRAP_KEY] = (hooks, prior, update)
         scaler.update = update  # type: ignore[method-assign]
     entry[0].append(hook)
 
 
 def _detach(scaler: GradScaler, hook: Hook) -> None:
-    entry = _WRAPPED.get(scaler)
+    entry = scaler.__dict__.get(_WRAP_KEY)
     if entry is None or hook not in entry[0]:
         return
     entry[0].remove(hook)
     if entry[0]:
         return
-    del _WRAPPED[scaler]
+    del scaler.__dict__[_WRAP_KEY]
     if scaler.__dict__.get("update") is entry[2]:  # not wrapped again by someone else since
         if entry[1] is None:
             del scaler.update  # the class's own again
