@@ -428,3 +428,28 @@ def test_no_layer_barely_changes_when_a_cosine_schedule_reaches_zero():
 
     assert run(schedule=True) == []
     assert 99 in run(schedule=False)  # a layer at a tiny LR throughout is still reported
+
+
+def test_a_step_without_a_loss_under_a_recovery_is_said_once():
+    """``optimizer.step()`` replaced by ``guard.step()`` word for word: the loss tests
+    cannot act, and the guard says so (once), naming the fix."""
+    import warnings
+
+    def loop(recovery, with_loss):
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        guard = gg.Guard(model, opt, recovery=recovery)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss.backward()
+                guard.step(loss if with_loss else None)
+                opt.zero_grad()
+        guard.close()
+        return [str(w.message) for w in caught if issubclass(w.category, gg.GradGuardWarning)]
+
+    said = loop(gg.Recovery(), with_loss=False)
+    assert len(said) == 1 and "guard.step(loss)" in said[0]
+    assert loop(gg.Recovery(), with_loss=True) == []
+    assert loop(None, with_loss=False) == []  # no loss tests to miss

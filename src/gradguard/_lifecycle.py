@@ -120,6 +120,18 @@ def loss_sign(optimizer: torch.optim.Optimizer) -> float:
     return -1.0 if sign else 1.0
 
 
+def warn_no_loss() -> None:
+    """Say once that ``guard.step()`` came without a loss while a Recovery is on: a loop
+    that replaced ``optimizer.step()`` with ``guard.step()`` word for word. The gradient
+    tests still act; the loss tests cannot (a digits MLP on Adam 300x its LR: 1.12x and
+    0.96x its twin with the loss, 3.93x and 2.60x without; 18.7x and 20.4x unguarded)."""
+    warnings.warn(
+        "guard.step() got no loss: gradguard's Recovery judges the loss as well as the "
+        "gradients (a first update that wrecks the weights, a loss that rises and stays up, "
+        "the LR probe, a change of data), and those tests are off without it. Pass this "
+        "step's loss: guard.step(loss).", GradGuardWarning, stacklevel=5)
+
+
 def warn_eps_underflow(optimizer: torch.optim.Optimizer) -> None:
     """Say at construction what no skip can stop: an ``eps`` that is 0 in float16 (Adam's
     1e-8, Adagrad's 1e-10) on float16 parameters. Where a gradient is exactly 0 (an input

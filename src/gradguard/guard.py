@@ -143,6 +143,7 @@ class Guard:
         if self._logits is not None:
             self._logits.armed = self.telemetry.flush_due
         self._closed = self._aborted = False
+        self._no_loss_said = False  # the warning that guard.step() had no loss, once
         self._scaler_exec: Direct | Hook | None = None
         if callable(getattr(cfg.clip, "bind", None)):
             cfg.clip.bind(self)
@@ -220,6 +221,9 @@ class Guard:
         if closure is not None or self._needs_closure:
             loss, closure = evaluate_closure(self.optimizer, loss, closure)
         loss = check_loss(loss)
+        if loss is None and self.recovery is not None and not self._no_loss_said:
+            self._no_loss_said = True
+            lifecycle.warn_no_loss()
         if self._sign < 0 and loss is not None:
             loss = -loss  # the objective a maximize=True optimizer ascends, as a loss
         executor = self._scaler_exec = executor_for(self.executor, scaler, self._scaler_exec)
