@@ -17,11 +17,12 @@ under all of the run's: a clip at 0.1 on a network whose norms are 0.2-2). Natur
 never tie like that: the norms of a window of 50 healthy steps spread over tens of
 percent, and five of them within 1e-4 of the largest is a chance of about 1e-9; a
 gradient whose norm is the same on every step by construction (a linear model's ``sum()``
-over the same inputs: 1.7320508...) is no ceiling and rarely a round number. Reported once per run, as
-a ``clip`` event (``data["cap"]``) and a ``GradGuardWarning`` on the console: an info, as
-the setup warnings at construction are no event at all - it says how the guard is used,
-not that training is in trouble (a healthy run that clips its own gradients is healthy);
-a clip the guard does itself (its ``clip=`` policy, the Trainer's
+over the same inputs: 1.7320508...) is no ceiling and rarely a round number.
+
+Reported once per run, as a ``clip`` event (``data["cap"]``) and a ``GradGuardWarning`` on
+the console. An info, as the setup warnings at construction are no event at all: it says
+how the guard is used, not that training is in trouble (a healthy run that clips its own
+gradients is healthy). A clip the guard does itself (its ``clip=`` policy, the Trainer's
 clip under the callbacks and ``gradguard run``) comes after the measurement and leaves no
 trace.
 """
@@ -43,8 +44,8 @@ CAP_BELOW = 1e-2
 
 
 def detect_capped(window: Window, state: DetectorState) -> list[Event]:
-    """A ``clip`` info (with a console warning), once per run, when the window's gradient norms were capped
-    before the guard measured them (see the module docstring)."""
+    """A ``clip`` info (with a console warning), once per run, when the window's gradient
+    norms were capped before the guard measured them (see the module docstring)."""
     if state.capped:
         return []
     norms = [x for x in window.total_norm.tolist() if math.isfinite(x) and x > 0]

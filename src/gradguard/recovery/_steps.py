@@ -90,7 +90,8 @@ def hear(rec: Recovery, guard: Guard) -> None:
     for step, flag, (norms, packed) in rec._late.heard():
         rec._host_steps.add(step)
         trouble, code = (bool(flag & 1), flag >> 1) if packed else (flag != 0, flag)
-        trig = skip_trigger(rec, trouble, step, code, at=at, routine=packed and bool(code) and not trouble)
+        routine = packed and bool(code) and not trouble  # a GradScaler's own overflow
+        trig = skip_trigger(rec, trouble, step, code, at=at, routine=routine)
         if trig is not None:
             rec._feed(guard, trig, lambda n=norms: actions.nonfinite_layers(guard, n))
 
