@@ -186,6 +186,17 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "Gradients exploded at step 5 (NaN). gradguard cut the LR to x0.1; training "
             "recovered. Stable at lr 0.037; set it in your config.",
         ),
+        (  # it held only with the clip acting often (recovery.tally): half of it is advised
+            [_ev("nonfinite_grad", 5, "error", message="gradient norm is NaN"),
+             _ev("lr_backoff", 6, data={"factor": 0.1}),
+             _ev("lr_settled", 200, "info", data={"factor": 0.5, "lr": [0.5], "clipped": 15,
+                                                  "steps": 215, "advise": [0.25]})],
+            False,
+            "Gradients exploded at step 5 (NaN). gradguard cut the LR to x0.1; training "
+            "recovered. Stable at lr 0.5, with the gradients clipped on 15 of the 215 steps "
+            "since the LR was lowered to it: the edge of what trains. Set half of it, 0.25, in "
+            "your config.",
+        ),
     ],
 )
 def test_summary_sentence_table(events, nan_tail, expected):

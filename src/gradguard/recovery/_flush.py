@@ -45,6 +45,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     if judge:
         rec._judged = window.steps[-1]
     losses, skips = window.loss.tolist(), window.skipped.tolist()
+    rec._clips.update(rec.state.ceiling, window.clip_coef.tolist(), skips)
     if (units := window.units_dying()) is not None:
         rec._dying = units[0]  # the share a snapshot taken now is labelled with (latest)
     # why each step was skipped (host values: the window is the flush's one host copy)

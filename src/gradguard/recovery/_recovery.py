@@ -36,6 +36,7 @@ from .ring import SnapshotRing
 from .rise import BLOCK, DeadLayers, LossRise
 from .shift import ShiftTest
 from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, state_bytes
+from .tally import ClipTally
 from .verdict import SpikeVerdict
 
 if TYPE_CHECKING:
@@ -188,6 +189,7 @@ class Recovery:
         self._dead = DeadLayers()
         self._probe = LrProbe()
         self._shift = ShiftTest()  # each rollback's test of the batches (:mod:`.shift`)
+        self._clips = ClipTally()  # how often the clip acted at the LR in force
         self._progress: float | None = None  # the loss level of the latest flush
         #: the latest sampled share of a layer's units that died (:mod:`gradguard.units`)
         self._dying: float | None = None
@@ -369,7 +371,7 @@ class Recovery:
             "host_steps": sorted(self._host_steps), "level": self._level,
             "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict(),
             "dead": self._dead.state_dict(), "probe": self._probe.state_dict(),
-            "shift": self._shift.state_dict(),
+            "shift": self._shift.state_dict(), "clips": self._clips.state_dict(),
             "progress": self._progress, "judged": self._judged, "dying": self._dying,
             "last_taken": self._last_taken,
             "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())],
@@ -389,7 +391,8 @@ class Recovery:
         self.ring.dying = {int(k): v for k, v in sd.pop("snapshot_dying", ())}
         self._dying = sd.pop("dying", None)
         parts: dict[str, Any] = {"rise": self._rise, "probe": self._probe, "dead": self._dead,
-                                 "verdict": self._verdict, "shift": self._shift}
+                                 "verdict": self._verdict, "shift": self._shift,
+                                 "clips": self._clips}
         for key, part in parts.items():  # each absent from older checkpoints
             if (part_sd := sd.pop(key, None)) is not None:
                 part.load_state_dict(part_sd)

@@ -102,13 +102,23 @@ def _settled(step: int, factor: float, lrs: list[float | None], message: str, re
 
 
 def settled_event(guard: Guard, a: Action) -> Event:
-    """The ladder found an LR that trains: say which, so the user can set it."""
+    """The ladder found an LR that trains: say which, so the user can set it; half of it
+    when it held only with the clip acting often (the edge of what trains: :mod:`.tally`)."""
     lrs, shown = _lrs(guard, a.factor)
+    message = (f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the "
+               "schedule) after the LR failed higher up")
+    clips = getattr(guard.recovery, "_clips", None)
+    if clips is None or clips.ceiling != a.ceiling or not clips.edge():
+        return _settled(a.step, a.factor, lrs, message,
+                        f"Set the learning rate to {shown} (x{a.factor:g}) in your config.")
+    half, advised = _lrs(guard, a.factor / 2)
     return _settled(
         a.step, a.factor, lrs,
-        f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the schedule) "
-        "after the LR failed higher up",
-        f"Set the learning rate to {shown} (x{a.factor:g}) in your config.")
+        f"{message}, with its gradients clipped on {clips.clipped} of the {clips.steps} "
+        "steps since it was set: the edge of what trains",
+        f"Set the learning rate to {advised} (x{a.factor / 2:g}, half the LR that held only "
+        "with the clip) in your config.",
+        clipped=clips.clipped, steps=clips.steps, advise=half)
 
 
 def raised_event(guard: Guard, a: Action) -> Event:

@@ -202,6 +202,13 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             # a retry found the LR the trouble lowered trains after all (recovery.probe)
             parts.append(f"Back at your lr {shown} from step {s.get('step')}: the trouble "
                          "was not the LR's.")
+        elif shown and sdata.get("advise"):  # it held only with the clip (recovery.tally)
+            half = ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(sdata["advise"])
+                             if isinstance(x, (int, float)))
+            parts.append(f"Stable at lr {shown}, with the gradients clipped on "
+                         f"{sdata.get('clipped')} of the {sdata.get('steps')} steps since the LR "
+                         f"was lowered to it: the edge of what trains. Set half of it, {half}, "
+                         "in your config.")
         elif shown:
             parts.append(f"Stable at lr {shown}; set it in your config.")
     return " ".join(parts)

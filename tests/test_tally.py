@@ -1,0 +1,93 @@
+"""The settled LR is advised honestly: half of it when it held only with the clip acting
+often since it was set (gradguard.recovery.tally)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.recovery.tally import AT_LEAST, SHARE, ClipTally
+
+
+def test_the_tally_counts_taken_steps_and_their_clips_and_starts_over_at_a_new_ceiling():
+    t = ClipTally()
+    t.update(1.0, [1.0, 0.5, math.nan, 0.9], [False, False, False, True])
+    assert (t.ceiling, t.steps, t.clipped) == (1.0, 3, 1)  # the skipped step is no step
+    t.update(0.5, [0.2, 0.3], [False, False])
+    assert (t.ceiling, t.steps, t.clipped) == (0.5, 2, 2)
+    t.update(0.5, [1.0] * 8, [False] * 8)
+    assert (t.steps, t.clipped) == (10, 2)
+    t2 = ClipTally()
+    t2.load_state_dict(t.state_dict())
+    assert t2 == t
+
+
+@pytest.mark.parametrize("steps, clipped, edge", [
+    (100, AT_LEAST - 1, False),  # too few clips to say anything
+    (40, AT_LEAST, True),
+    (1000, int(SHARE * 1000) - 1, False),  # a healthy run's ZClip clips ~1% or fewer
+    (1000, int(SHARE * 1000), True),
+])
+def test_the_edge_needs_a_share_and_a_count_of_clipped_steps(steps, clipped, edge):
+    assert ClipTally(0.5, steps, clipped).edge() is edge
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x, y, perm[:1400], perm[1400:]
+
+
+def _sgd_run(lr, steps, clip=None, recovery=None, seed=2):
+    """The digits GELU MLP on SGD Nesterov (its right LR: 0.05): the guard (or None) and
+    the held-out loss."""
+    x, y, tr, te = _digits()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
+                          nn.Linear(256, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    guard = gg.Guard(model, opt, clip=clip, recovery=recovery) if recovery else None
+    gen = torch.Generator().manual_seed(seed + 100)
+    for _ in range(steps):
+        idx = tr[torch.randint(0, len(tr), (64,), generator=gen)]
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        guard.step(loss) if guard else opt.step()
+        opt.zero_grad()
+    if guard is not None:
+        guard.close()
+    with torch.no_grad():
+        return guard, nn.functional.cross_entropy(model(x[te]), y[te]).item()
+
+
+def test_an_lr_that_held_only_with_the_clip_is_advised_at_half_and_half_trains():
+    # 20x the right LR: a rollback to the fresh weights at step 17 sets the ceiling at 0.5;
+    # ZClip clips 15 of the steps of the restore up to it; the ladder settles there
+    guard, _ = _sgd_run(1.0, 230, clip=gg.ZClip(), recovery=gg.Recovery())
+    settled = [e for e in guard.events if e.kind == "lr_settled"]
+    assert len(settled) == 1
+    data = settled[0].data
+    assert data["lr"] == [0.5] and data["advise"] == [0.25]
+    assert data["clipped"] >= max(AT_LEAST, SHARE * data["steps"])
+    assert "the edge of what trains" in settled[0].message
+    assert "Set the learning rate to 0.25" in settled[0].remedy
+    # the advice is true: from scratch, bare, the settled LR fails where half of it trains
+    _, at_settled = _sgd_run(0.5, 400)
+    _, at_half = _sgd_run(0.25, 400)
+    _, right = _sgd_run(0.05, 400)
+    assert at_half < 1.5 * right < at_settled
+
+
+def test_an_lr_that_held_without_clipping_is_advised_as_it_is():
+    # no clip: nothing was clipped, whatever the ladder settled on is said as it is
+    guard, _ = _sgd_run(1.0, 330, recovery=gg.Recovery())
+    settled = [e for e in guard.events if e.kind == "lr_settled"]
+    assert settled, [e.message for e in guard.events]
+    assert all("advise" not in e.data and "edge" not in e.message for e in settled)
+    assert all(e.remedy.startswith(f"Set the learning rate to {e.value:.3g} ") for e in settled)
