@@ -171,7 +171,7 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
                f"and {listed(dead)} get no gradient at all: the network died")
     else:
         why = f"the loss rose to {level:.4g}, {ratio:.2g}x its best ({rec._rise.best:.4g})"
-    snap = rec.ring.level(rec._rise.fresh)
+    snap = rec.ring.level(rec._rise.initial)
     now = rec._rise.latest
     f = rec.config.stall_factor
     # keep the weights only if they hold clear progress over the snapshot's (a rise that
@@ -230,7 +230,7 @@ def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -
     # healthy: the loss-rise test waits for half of it (see .rise), a snapshot must not
     if rec._rise.noisy() is not None:
         return
-    snap = rec.ring.level(rec._rise.fresh)
+    snap = rec.ring.level(rec._rise.initial)
     if snap is None or len(recent) < PROGRESS_STEPS or (
             statistics.median(recent) <= snap * rec.config.stall_factor):
         rec._feed(guard, Trigger("healthy", window.steps[-1]), list)

@@ -229,7 +229,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 rec.ring.restored(step, guard.step_count)
                 # the progress check asks the loss back near the level of the weights
                 # it restarts from, if those were above the level before the trouble
-                back_at = rec._rise.fresh if step < 0 else rec.ring.levels.get(step)
+                back_at = rec._rise.initial if step < 0 else rec.ring.levels.get(step)
                 rec._shift.arm(guard.step_count, step, back_at)
                 rec.state, _ = transition(rec.config, rec.state,
                                            Trigger("restored", a.step, value=back_at))

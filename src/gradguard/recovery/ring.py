@@ -143,7 +143,7 @@ class SnapshotRing:
     def level(self, initial: float | None) -> float | None:
         """The loss level the snapshot a rollback would load was taken at (the newest in
         memory, else on disk after a resume; None: unknown). The weights before the first
-        step are at the fresh model's level, ``initial``."""
+        step are at the fresh model's level, ``initial`` (the median of its first losses)."""
         steps = self.store.steps()
         if not steps and self.disk is not None:
             steps = self.disk.steps()
