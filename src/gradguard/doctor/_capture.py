@@ -152,8 +152,9 @@ def is_norm(m: nn.Module) -> bool:
 
 
 def _recorded_module(m: nn.Module) -> bool:
-    """Modules whose output gradient is recorded: weight layers and recurrences."""
-    return is_weight_layer(m) or isinstance(m, (nn.RNNBase, nn.RNNCellBase))
+    """Modules whose output gradient is recorded: weight layers, recurrences and
+    normalisation layers (their backward gain: :mod:`.norms`)."""
+    return is_weight_layer(m) or isinstance(m, (nn.RNNBase, nn.RNNCellBase)) or is_norm(m)
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from ._steps import FirstStep
 from .gradcheck import probe_custom_functions, slice_batch
 from .inputs import probe_input_scale, probe_nonfinite_input
 from .lr import LR_PROBE_STEPS, probe_lr
+from .norms import probe_norm_gain
 from .numerics import probe_disconnected, probe_half_headroom, probe_nonfinite
 from .recurrent import probe_recurrent
 from .sharpness import SHARPNESS_BATCH
@@ -219,7 +220,7 @@ def doctor(
             )
             # the instrumented pass costs 1.5-2 plain passes: a safe upper bound for one
             pass_s = time.perf_counter() - t_pass
-            probes += ["numerics", "signal", "stacks", "recurrent", "disconnected"]
+            probes += ["numerics", "norms", "signal", "stacks", "recurrent", "disconnected"]
             first = min(
                 (c for c in cap.calls if is_weight_layer(c.module) and not isinstance(c.module, nn.Embedding)),
                 key=lambda c: c.order,
@@ -236,6 +237,7 @@ def doctor(
                 probes.append("gradcheck")
                 findings += probe_custom_functions(cap, budget=budget)
             if not numeric:
+                findings += probe_norm_gain(cap)
                 depth = merge_depth(probe_signal(cap), probe_stacks(cap, model, stacks))
                 findings += with_attention(depth, attention_evidence(cap.attention))
                 findings += probe_recurrent(cap)

@@ -220,11 +220,15 @@ def probe_signal(cap: Capture) -> list[Finding]:
         elif blame[0] == "norm":
             found.append(_norm_finding(cap, severity, trunk, ev, decay))
         elif blame[0] == "weights":
-            found.append(init_finding("init_too_small", severity, trunk, following_acts(cap), ev, decay))
+            small = init_finding("init_too_small", severity, trunk, following_acts(cap), ev, decay)
+            if small is not None:
+                found.append(small)
     elif prof.weights_matter and (prof.back_hi > EXPLODE_DECADES or prof.fwd_hi > FORWARD_EXPLODE_DECADES):
         growth = max(prof.back_hi, prof.fwd_hi)
         severity = "error" if growth > 2 * EXPLODE_DECADES else "warning"
-        found.append(init_finding("init_too_large", severity, trunk, following_acts(cap), ev, growth))
+        large = init_finding("init_too_large", severity, trunk, following_acts(cap), ev, growth)
+        if large is not None:
+            found.append(large)
     return found
 
 
@@ -262,8 +266,11 @@ def init_finding(
     acts: dict[str, Act | None],
     ev: dict[str, Any],
     decades: float,
-) -> Finding:
-    """``init_too_large`` / ``init_too_small`` naming the layer furthest from He/Xavier."""
+) -> Finding | None:
+    """``init_too_large`` / ``init_too_small`` naming the layer furthest from He/Xavier; None
+    for ``init_too_large`` when no layer is larger than recommended: the signal grows for
+    another reason (a normalisation layer's gain, :mod:`.norms`), and "re-init, 0.2x too
+    large" was the doctor's word on a ``transformers`` ConvNeXt's own init."""
     rows = []
     for c in layers:
         if isinstance(c.module, (nn.Embedding, nn.EmbeddingBag)):
@@ -277,6 +284,8 @@ def init_finding(
     big = cause == "init_too_large"
     path, std, rec, scheme = max(rows, key=lambda r: (r[1] / r[2]) if big else (r[2] / max(r[1], 1e-30)))
     factor = std / rec if big else rec / max(std, 1e-30)
+    if big and factor <= 1.0:
+        return None
     n = len(layers)
     direction = "grows" if big else "decays"
     ev = {**ev, "worst_layer_std": std, "recommended_std": rec, "factor": factor}

@@ -204,7 +204,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
             # the fresh model's level judges a snapshot only while the loss level is
             # evidence, on the batches it was measured on (no change since, no level_off)
             st = rec.state
-            fresh = rec._rise.fresh if st.shifted is None and not st.level_off else None
+            fresh = rec._rise.initial if st.shifted is None and not st.level_off else None
             snap = rec.ring.load(rec.ring.back(a.back, fresh))
             if snap is None:  # nothing good to go back to yet: the deeper back-off only
                 guard.add_event(messages.backoff_event(a, rec.config.restore_steps,

@@ -80,7 +80,7 @@ class SnapshotRing:
         since it was skipped: restoring them restores the trouble's own weights, a no-op
         for a streak of skipped steps) and an older one is kept; and the weights before
         the first step, while kept, instead of a snapshot taken at the fresh model's level
-        (at least ``AT_FRESH`` x ``fresh``, the lowest of the run's first losses): such a
+        (at least ``AT_FRESH`` x ``fresh``, the median of the run's first losses): such a
         snapshot learnt nothing they lack, and the LR that blew up later may have damaged
         it already (lab T7: the snapshot of step 49, at 2.23 against a fresh 2.22, taken
         at an LR ten times too high, trained to 0.62 at the LR the ladder settled on; the
