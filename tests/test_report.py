@@ -483,3 +483,20 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     non_white = (rgb < 0.95).any(axis=-1).mean()
     assert 0.05 < non_white < 0.9  # text and plots drawn, not a blank or error page
     assert len(np.unique((rgb * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 200
+
+
+def test_a_gradient_out_of_scale_at_init_is_said_and_a_converging_run_is_not():
+    """Found as a stranger: a transformers ConvNeXt on zero-background digits (a LayerNorm
+    over blank patches: gradguard.doctor.norms) started at a gradient norm of 1.8e4 and was
+    under 10 from step 2; the run sat at chance and the report said "No gradient trouble ...
+    between 0.108 and 1.77e+04" and no more."""
+    d = _flat([])
+    d.grad_norm = np.concatenate([[1.1e4, 1.77e4, 8.6], np.full(d.n_steps - 3, 1.0)])
+    text = summary_sentence(d)
+    assert ("It started at 1.77e+04, 1.77e+04x its level ten steps later: a gradient out of "
+            "scale at init, before any update could cause it (run gg.doctor on a batch).") in text
+    assert text.count("gg.doctor") == 1  # said once, not again after the flat loss
+    # a run whose loss goes to ~0 lowers its norm 1000x over the run, not in ten steps
+    d = _data([])
+    d.grad_norm = np.geomspace(2.0, 2e-3, d.n_steps)
+    assert "out of scale" not in summary_sentence(d)

@@ -53,6 +53,30 @@ def _offscale_sentence(off: list[dict[str, Any]]) -> str:
             "were (inputs in other units?).")
 
 
+#: The largest of a run's first ``HEAD`` gradient norms this many times the median of its
+#: next ``SETTLE`` after step ``SETTLE`` is a gradient out of scale at init (no learning
+#: lowers a norm that much in ten steps; over a whole run a loss that goes to ~0 does).
+START_RATIO = 100.0
+HEAD, SETTLE = 3, 10
+
+
+def out_of_scale_start(norms: Any) -> str | None:
+    """A sentence when the run's first gradient norms were ``START_RATIO`` times or more
+    its later ones: out of scale before any update could cause it (a transformers ConvNeXt
+    on zero-background digits: 1.8e4, then under 10 from step 2, a LayerNorm over blank
+    patches: :mod:`gradguard.doctor.norms`); None otherwise."""
+    import numpy as np
+
+    if len(norms) < 2 * SETTLE:
+        return None
+    head, later = float(np.max(norms[:HEAD])), float(np.median(norms[SETTLE:2 * SETTLE]))
+    if not (later > 0 and head >= START_RATIO * later):
+        return None
+    return (f"It started at {head:.3g}, {head / later:.3g}x its level ten steps later: a "
+            "gradient out of scale at init, before any update could cause it (run gg.doctor "
+            "on a batch).")
+
+
 def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str:
     """One or two sentences: what went wrong, what gradguard did, how it ended.
 
@@ -120,12 +144,14 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             f"No gradient trouble in {data.n_steps} steps: the gradient norm stayed between "
             f"{lo:.3g} and {hi:.3g}."
         )
+        if (start := out_of_scale_start(finite_norm)) is not None:
+            parts.append(start)
         if outcome.flat and outcome.status == "healthy" and outcome.start is not None \
                 and outcome.final is not None:  # no trouble, and no progress
             words = flat_words(outcome.start, outcome.final)
             parts.append(f"{words[0].upper()}{words[1:]}: nothing to recover from, but if the "
-                         "model started untrained it is not learning (run gg.doctor on a "
-                         "batch).")
+                         "model started untrained it is not learning"
+                         + ("." if start is not None else " (run gg.doctor on a batch)."))
     capped = next((e for e in ev if e.get("kind") == "clip" and "cap" in (e.get("data") or {})),
                   None)
     if capped is not None:  # the norms above were capped before the guard measured them
