@@ -267,3 +267,37 @@ def test_the_cpu_read_of_the_coefficient_can_be_turned_off(monkeypatch):
     assert not measure.is_unit_on_cpu(torch.tensor(0.5))
     assert not measure.is_unit_on_cpu(torch.tensor(math.nan))
     assert not measure.is_unit_on_cpu(torch.tensor(1.0), [torch.device("cuda", 0)])
+
+
+def test_fused_sgd_under_a_gradscaler_whose_first_steps_overflow_equals_the_plain_recipe():
+    """Tried as a stranger: fused SGD with momentum under a GradScaler whose scale starts too
+    high (its first steps overflow). On the CPU torch's own ``scaler.step`` skips the update
+    of such a step but fills the fresh momentum buffer with the overflowed gradient (1e31
+    here), which the first finite step then puts into the weights. Under the guard the run
+    equals the plain (non-fused) SGD recipe, which keeps no momentum from a skipped step."""
+    def run(fused: bool, guarded: bool):
+        model = mlp(seed=5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
+        guard = gg.Guard(model, opt, clip=None) if guarded else None
+        for x, y in batches(30, seed=9):  # 14 overflows, then finite steps
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = model(x)
+            scaler.scale(nn.functional.mse_loss(out.float(), y)).backward()
+            guard.step(scaler=scaler) if guard is not None else scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        if guard is not None:
+            guard.close()
+        return model, scaler.get_scale()
+
+    guarded, g_scale = run(fused=True, guarded=True)
+    plain, p_scale = run(fused=False, guarded=False)
+    bare, _ = run(fused=True, guarded=False)
+    # torch's fused recipe on the CPU (2.13): the first finite step spends the momentum the
+    # overflowed steps left (the weights reach 1e2-1e36); if a torch fixes it, this line goes
+    big = lambda m: max(p.abs().max().item() for p in m.parameters())  # noqa: E731
+    assert big(bare) > 10 * big(plain)
+    assert g_scale == p_scale < 2.0**30  # the same overflows, the same back-offs
+    assert all(torch.isfinite(p).all() for p in guarded.parameters())
+    assert_close_models(guarded, plain)
