@@ -226,19 +226,47 @@ def test_raw_scale_is_fine_when_the_model_normalises_it_first():
 def test_curvature_rule_catches_slow_divergence_the_step_probe_misses():
     from tests.zoo.broken import lr_slow_deep_mlp
 
-    from gradguard.doctor.lr import SHARPNESS_MARGIN, _step_probe
+    from gradguard.doctor.lr import SGD_MORE, SHARPNESS_MARGIN, _step_probe
 
     model, (x, y), loss_fn, opt = lr_slow_deep_mlp()
-    assert _step_probe(model, opt, lambda m: loss_fn(m(x), y), 4) == []  # the loss falls at first
+    found = _step_probe(model, opt, lambda m: loss_fn(m(x), y), 4)
+    # the loss falls over the first 4 steps (which is all the step probe looked at before
+    # SGD_MORE: the curvature rule alone found it, a warning); the steps SGD gets more see it
+    # blow up once the curvature has grown
+    losses = found[0].evidence["losses_at_lr"]
+    assert losses[4] < losses[0] and 4 < len(losses) - 1 <= 4 + SGD_MORE
     before = _snapshot(model, opt)
     diag = gg.doctor(model, (x, y), loss_fn, opt)
     _assert_same(before, _snapshot(model, opt))
     top = diag.top
-    assert top is not None and top.cause == "lr_too_high" and top.severity == "warning"
-    ev = top.evidence
+    assert top is not None and top.cause == "lr_too_high" and top.severity == "error"
+    ev = top.evidence  # the curvature rule's evidence, merged into the step probe's finding
     assert ev["stability_limit"] == pytest.approx(2 * 1.9)  # heavy ball, β = 0.9
     assert ev["lr_times_sharpness"] > SHARPNESS_MARGIN * ev["stability_limit"]
     assert ev["recommended_lr"] < 0.3 and f"{ev['recommended_lr']:.3g}" in top.remedy
+
+
+@pytest.mark.parametrize("lr, severity", [(0.05, None), (0.25, None), (0.5, "warning"),
+                                          (1.0, "error")])
+def test_sgd_nesterov_whose_loss_falls_first_then_blows_up_is_found(lr, severity):
+    """Found as a stranger: a digits GELU MLP on SGD Nesterov (momentum 0.9; its right LR
+    0.05). At 20x (1.0) and 10x (0.5) it diverges from scratch (held-out 15-23x its twin);
+    at 5x it trains (0.62-1.03x). Its curvature at init is 0.3x the stable limit at 20x and
+    grows as it trains; on one batch its loss falls for 6 steps and blows up at step 9: with
+    4 probe steps the doctor called it healthy."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = torch.tensor(d.data[:64], dtype=torch.float32) / 16, torch.tensor(d.target[:64])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
+                          nn.Linear(256, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    diag = gg.doctor(model, (x, y), nn.CrossEntropyLoss(), opt)
+    found = [f for f in diag.findings if f.cause == "lr_too_high" and f.severity != "info"]
+    assert [f.severity for f in found] == ([] if severity is None else [severity])
+    if found:
+        assert found[0].evidence["stable_lr"] is not None and found[0].evidence["stable_lr"] < lr
 
 
 def test_curvature_rule_is_for_sgd_only():
