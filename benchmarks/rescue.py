@@ -438,7 +438,7 @@ def guard_fields(out: Outcome, recipe: rc.Recipe) -> dict[str, Any]:
         "settled_lr": (float(settled[-1].value) if settled
                        else out.lr_end * out.lr_factor),
         "settled_lr_source": "lr_settled event" if settled else "final lr x lr_factor",
-        # half of it when it held only with the clip acting often (gradguard.recovery.tally)
+        # the LR advised for the config: half the settled one (gradguard.recovery.tally)
         "advised_lr": (float(((settled[-1].data or {}).get("advise") or [settled[-1].value])[0])
                        if settled else None),
         "settled_peak_lr": recipe.lr * out.lr_factor,

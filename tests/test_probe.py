@@ -239,7 +239,8 @@ def test_the_verdict_and_summary_of_a_run_whose_lr_was_lowered(tmp_path):
     assert (outcome.status, outcome.cause) == ("recovered", "lr_too_high")
     text = summary_sentence(data, {})
     assert "at half the LR" in text and "gradguard halved the LR; training recovered." in text
-    assert text.endswith("Stable at lr 0.25; set it in your config.")
+    assert text.endswith("Stable at lr 0.25: the edge of what trains; set half of it, 0.125, "
+                         "in your config.")
 
 
 def test_excursions_that_recur_at_the_full_lr_get_it_lowered():

@@ -186,7 +186,18 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "Gradients exploded at step 5 (NaN). gradguard cut the LR to x0.1; training "
             "recovered. Stable at lr 0.037; set it in your config.",
         ),
-        (  # it held only with the clip acting often (recovery.tally): half of it is advised
+        (  # half of it is advised (recovery.tally); an event without advise, as above, is
+            # one of an older gradguard
+            [_ev("nonfinite_grad", 5, "error", message="gradient norm is NaN"),
+             _ev("lr_backoff", 6, data={"factor": 0.1}),
+             _ev("lr_settled", 80, "info", data={"factor": 0.37, "lr": [0.037],
+                                                 "advise": [0.0185]})],
+            False,
+            "Gradients exploded at step 5 (NaN). gradguard cut the LR to x0.1; training "
+            "recovered. Stable at lr 0.037: the edge of what trains; set half of it, 0.0185, in "
+            "your config.",
+        ),
+        (  # the clip acted often since the LR was lowered (recovery.tally)
             [_ev("nonfinite_grad", 5, "error", message="gradient norm is NaN"),
              _ev("lr_backoff", 6, data={"factor": 0.1}),
              _ev("lr_settled", 200, "info", data={"factor": 0.5, "lr": [0.5], "clipped": 15,
@@ -194,7 +205,7 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             False,
             "Gradients exploded at step 5 (NaN). gradguard cut the LR to x0.1; training "
             "recovered. Stable at lr 0.5, with the gradients clipped on 15 of the 215 steps "
-            "since the LR was lowered to it: the edge of what trains. Set half of it, 0.25, in "
+            "since the LR was lowered to it: the edge of what trains; set half of it, 0.25, in "
             "your config.",
         ),
     ],

@@ -10,6 +10,7 @@ from ..errors import TrainingDiverged
 from ..events import UNIT_ERROR_REMEDY, Event
 from .ladder import OFFSCALE_REASON, SPIKE_REASON, Action
 from .shift import SHIFT_RATIO
+from .tally import ADVISE
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -102,23 +103,25 @@ def _settled(step: int, factor: float, lrs: list[float | None], message: str, re
 
 
 def settled_event(guard: Guard, a: Action) -> Event:
-    """The ladder found an LR that trains: say which, so the user can set it; half of it
-    when it held only with the clip acting often (the edge of what trains: :mod:`.tally`)."""
+    """The ladder found an LR that trains: say which, and advise half of it for the config
+    (:data:`.tally.ADVISE`: the highest LR that held, within a halving of one that failed,
+    is the edge of what trains, and from scratch it can fail); say how often the clip acted
+    there when it did often (:mod:`.tally`)."""
     lrs, shown = _lrs(guard, a.factor)
+    advise, advised = _lrs(guard, a.factor * ADVISE)
     message = (f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the "
                "schedule) after the LR failed higher up")
+    data: dict[str, Any] = {"advise": advise}
     clips = getattr(guard.recovery, "_clips", None)
-    if clips is None or clips.ceiling != a.ceiling or not clips.edge():
-        return _settled(a.step, a.factor, lrs, message,
-                        f"Set the learning rate to {shown} (x{a.factor:g}) in your config.")
-    half, advised = _lrs(guard, a.factor / 2)
+    if clips is not None and clips.ceiling == a.ceiling and clips.edge():
+        message += (f", with its gradients clipped on {clips.clipped} of the {clips.steps} "
+                    "steps since it was set")
+        data.update(clipped=clips.clipped, steps=clips.steps)
     return _settled(
-        a.step, a.factor, lrs,
-        f"{message}, with its gradients clipped on {clips.clipped} of the {clips.steps} "
-        "steps since it was set: the edge of what trains",
-        f"Set the learning rate to {advised} (x{a.factor / 2:g}, half the LR that held only "
-        "with the clip) in your config.",
-        clipped=clips.clipped, steps=clips.steps, advise=half)
+        a.step, a.factor, lrs, message,
+        f"Set the learning rate to {advised} (x{a.factor * ADVISE:g}) in your config: half the "
+        f"highest that held ({shown}), which is the edge of what trains and can fail from "
+        "scratch.", **data)
 
 
 def raised_event(guard: Guard, a: Action) -> Event:

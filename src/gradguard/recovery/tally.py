@@ -1,16 +1,24 @@
-"""How often the clip acted since the LR ceiling in force was set, so that the LR the ladder
-settles on is advised honestly (:func:`.messages.settled_event`).
+"""The LR the ladder settles on, advised honestly (:func:`.messages.settled_event`): half of
+it, and how often the clip acted since its ceiling was set.
 
-An LR that held only because the guard kept clipping its gradients is the edge of what
-trains, not a setting for a run without the guard. Measured (the digits GELU MLP, SGD
-Nesterov at 20x its LR, seed 2): a rollback at step 17 set the ceiling at lr 0.5, ZClip
-clipped 15 of the 100 steps of the back-off's restore up to it and none after, and the
-ladder settled there at step 218; started at 0.5, the same network ends 15-23x its
-twin's held-out loss unguarded, 2.3-15x with ZClip alone, 1.6-3.9x under
-``clip_grad_norm_(1)`` (seeds 0-2), while half of it, 0.25, trains bare (0.62-1.03x).
-So when the clip acted on at least ``SHARE`` of the steps taken since the ceiling was
-set (the restore up to it, then the steps at it; and on ``AT_LEAST`` of them), the advice
-is half that LR.
+The settled LR is the highest that held *in this run, under the guard*, within a halving of
+one that failed: the edge of what trains. Set from scratch it can fail. Measured with every
+recipe of ``benchmarks/rescue.py`` whose guarded run settled (no schedule, no fault),
+trained from scratch without the guard, held-out over the twin, seeds 0-2: at the settled
+LR the small transformer on SGD went NaN, NaN, 1.07 (half: 0.99, 1.00, 0.99); the tanh RNN
+1.77, 0.95, 1.16 (0.96-0.98); the transformer on AdamW 1.18-1.22 (1.00-1.07); the regression
+MLPs on AdamW and SGD 1.25/0.68/1.18 and 1.06/0.82/1.37 (1.01/0.74/1.11 and 1.01/0.78/0.90);
+the CNN on RMSprop 0.90/1.18/0.64 (0.62/0.90/0.63); the GELU MLP on Adam 0.91/0.99/1.18
+(1.10/1.01/1.14). So the advice is ``ADVISE`` times the settled LR.
+
+The clip can be what held it: the digits GELU MLP on SGD Nesterov at 20x its LR, seed 2 (a
+stranger's setup), was rolled back at step 17 with the ceiling at lr 0.5; ZClip clipped 15 of
+the 100 steps of the restore up to it and none after; the ladder settled there at step 218.
+Started at 0.5 the same network ends 15-23x its twin unguarded, 2.3-15x with ZClip alone,
+1.6-3.9x under ``clip_grad_norm_(1)`` (seeds 0-2); half of it, 0.25, trains bare
+(0.62-1.03x). When the clip acted on at least ``SHARE`` of the steps taken since the
+ceiling was set (the restore up to it, then the steps at it; and on ``AT_LEAST`` of them),
+the event says so.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-#: The share of the steps at the settled LR whose gradients were clipped from which that
-#: LR is the edge of what trains (a healthy run's ZClip clips ~1% of its steps or fewer).
+#: The settled LR times this is the LR advised for the config.
+ADVISE = 0.5
+#: The share of the steps at the settled LR whose gradients were clipped from which the
+#: event says that the clip held it (a healthy run's ZClip clips ~1% of its steps or fewer).
 SHARE = 0.05
 #: ... and the fewest clipped steps that say so.
 AT_LEAST = 3
@@ -45,7 +55,7 @@ class ClipTally:
                 self.clipped += math.isfinite(coef) and coef < 1.0
 
     def edge(self) -> bool:
-        """The clip acted often enough under this ceiling that it held only with the clip."""
+        """The clip acted often enough under this ceiling to be what held it."""
         return self.clipped >= max(AT_LEAST, SHARE * self.steps)
 
     def state_dict(self) -> dict[str, float]:

@@ -228,13 +228,14 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             # a retry found the LR the trouble lowered trains after all (recovery.probe)
             parts.append(f"Back at your lr {shown} from step {s.get('step')}: the trouble "
                          "was not the LR's.")
-        elif shown and sdata.get("advise"):  # it held only with the clip (recovery.tally)
+        elif shown and sdata.get("advise"):  # half of it for the config (recovery.tally)
             half = ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(sdata["advise"])
                              if isinstance(x, (int, float)))
-            parts.append(f"Stable at lr {shown}, with the gradients clipped on "
-                         f"{sdata.get('clipped')} of the {sdata.get('steps')} steps since the LR "
-                         f"was lowered to it: the edge of what trains. Set half of it, {half}, "
-                         "in your config.")
+            held = (f", with the gradients clipped on {sdata['clipped']} of the "
+                    f"{sdata['steps']} steps since the LR was lowered to it"
+                    if "clipped" in sdata else "")
+            parts.append(f"Stable at lr {shown}{held}: the edge of what trains; set half of "
+                         f"it, {half}, in your config.")
         elif shown:
             parts.append(f"Stable at lr {shown}; set it in your config.")
     return " ".join(parts)
