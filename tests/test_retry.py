@@ -134,6 +134,9 @@ def test_a_retry_of_an_lr_that_is_too_high_is_discarded(lr, how, fused, steps):
     assert guard.recovery.decisions == before  # nothing after the retry began
     assert guard.recovery.lr_factor == before[-1].factor == event.data["factor"] < 1
     assert guard.recovery.lr_ceiling == guard.recovery.lr_factor
+    # the config is advised half the LR that held (recovery.tally), as when it settled
+    assert event.data["advise"] == [pytest.approx(x / 2) for x in event.data["lr"]]
+    assert event.remedy.startswith("Set the learning rate to ")
 
 
 def test_a_lift_that_held_a_whole_relapse_window_lets_a_new_trouble_retry_from_the_top():

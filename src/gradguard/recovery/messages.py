@@ -137,14 +137,17 @@ def raised_event(guard: Guard, a: Action) -> Event:
 
 
 def retry_event(guard: Guard, step: int, factor: float, ceiling: float, said: str) -> Event:
-    """A retry found the LR the trouble lowered still too high: the ceiling stays."""
+    """A retry found the LR the trouble lowered still too high: the ceiling stays, and half
+    of it is advised for the config, as for :func:`settled_event`."""
     lrs, shown = _lrs(guard, factor)
+    advise, advised = _lrs(guard, factor * ADVISE)
     return _settled(
         step, factor, lrs,
         f"step {step}: the LR a trouble lowered was tried again: {said}: it is still too "
         f"high; lr {shown} (x{factor:.3g} of the schedule) from the weights before the trial",
-        f"Set the learning rate to {shown} (x{factor:.3g}) in your config.",
-        retry=True, raised=False, tried=ceiling)
+        f"Set the learning rate to {advised} (x{factor * ADVISE:.3g}) in your config: half "
+        f"the highest that held ({shown}), which is the edge of what trains.",
+        retry=True, raised=False, tried=ceiling, advise=advise)
 
 
 def lowered_event(guard: Guard, a: Action) -> Event:
