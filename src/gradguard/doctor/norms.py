@@ -38,25 +38,22 @@ EXCESS = 10.0
 EXCESS_ERROR = 1000.0
 
 
-def _producer(cap: Capture, norm: Call) -> Call | None:
-    """The recorded call whose output feeds ``norm`` and nothing else a module takes."""
-    for c in cap.calls:
-        if c is not norm and c.consumers == [norm.path] and c.grad_norm:
-            return c
-    return None
-
-
 def probe_norm_gain(cap: Capture) -> list[Finding]:
     """Normalisation layers whose backward gain exceeds their forward gain ``EXCESS`` times
     and ``GAIN`` in all (see the module docstring), largest excess first."""
+    # the recorded call whose output feeds one module and nothing else a module takes
+    producers: dict[str, Call] = {}
+    for p in cap.calls:
+        if len(p.consumers) == 1 and p.grad_norm:
+            producers.setdefault(p.consumers[0], p)
     found: list[tuple[float, Finding]] = []
     for c in cap.calls:
         if not is_norm(c.module) or not c.grad_norm or cap.call_count[c.path] != 1:
             continue
         if not (math.isfinite(c.in_rms) and c.in_rms > 0 and math.isfinite(c.out_rms)):
             continue
-        src = _producer(cap, c)
-        if src is None or src.grad_norm is None or not math.isfinite(src.grad_norm):
+        src = producers.get(c.path)
+        if src is None or src is c or src.grad_norm is None or not math.isfinite(src.grad_norm):
             continue
         back = src.grad_norm / c.grad_norm
         fwd = max(c.out_rms / c.in_rms, 1.0)

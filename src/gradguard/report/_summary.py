@@ -77,6 +77,11 @@ def out_of_scale_start(norms: Any) -> str | None:
             "on a batch).")
 
 
+def _lr_list(lrs: list[Any]) -> str:
+    """Param groups' LRs as text, each distinct one once."""
+    return ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(lrs) if isinstance(x, (int, float)))
+
+
 def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str:
     """One or two sentences: what went wrong, what gradguard did, how it ended.
 
@@ -221,16 +226,13 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         # the user should set (not where the network died: it did not train there)
         s = settled[-1]
         sdata = s.get("data") or {}
-        lrs = sdata.get("lr") or [s.get("value")]
-        shown = ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(lrs)
-                          if isinstance(x, (int, float)))
+        shown = _lr_list(sdata.get("lr") or [s.get("value")])
         if shown and sdata.get("raised") and float(sdata.get("factor") or 0) >= 1:
             # a retry found the LR the trouble lowered trains after all (recovery.probe)
             parts.append(f"Back at your lr {shown} from step {s.get('step')}: the trouble "
                          "was not the LR's.")
         elif shown and sdata.get("advise"):  # half of it for the config (recovery.tally)
-            half = ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(sdata["advise"])
-                             if isinstance(x, (int, float)))
+            half = _lr_list(sdata["advise"])
             held = (f", with the gradients clipped on {sdata['clipped']} of the "
                     f"{sdata['steps']} steps since the LR was lowered to it"
                     if "clipped" in sdata else "")
