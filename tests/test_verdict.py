@@ -10,7 +10,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.recovery.ladder import LadderState
-from gradguard.recovery.rise import SEVERE, DeadLayers, LossRise
+from gradguard.recovery.rise import FRESH_SIGMAS, NOISE_UNITS, SEVERE, DeadLayers, LossRise
 from gradguard.recovery.snapshots import copy_state
 from gradguard.recovery.verdict import GRAD_SPIKE, LOSS_SPIKE, STEP_GRAD_RATIO, SpikeVerdict
 from helpers import recording_guard
@@ -609,6 +609,42 @@ def test_a_run_that_starts_at_its_best_has_no_progress_to_give_back():
         feed(rise, 2000, [10 * x for x in _blocks(seed, 20)])
         got = rise.risen(1.5)
         assert got is not None and got.ratio > 5
+
+
+#: A ``transformers`` MobileNetV2 on digits, SGD momentum at 0.05 (the paper's LR; 0.005
+#: trains): its first 50 batch losses. It learns nothing: from step 5 the loss is 2-6x the
+#: fresh model's, and NaN at step 178.
+MOBILENET_LR10 = [
+    2.686, 2.675, 2.808, 3.685, 3.743, 2.557, 5.248, 4.298, 4.585, 5.642, 6.485, 6.276, 6.388,
+    5.786, 3.903, 12.9, 5.327, 12.8, 8.574, 8.128, 8.457, 7.886, 14.622, 8.369, 3.7, 5.041,
+    12.283, 7.733, 6.098, 8.21, 14.425, 3.744, 6.596, 10.078, 7.432, 2.824, 8.931, 4.852,
+    18.122, 13.859, 3.462, 13.936, 14.834, 5.026, 8.126, 15.67, 12.423, 11.292, 2.524, 6.792]
+
+
+def test_a_run_that_learnt_nothing_and_stands_well_above_its_fresh_level_has_risen():
+    """Its rise over its best (the fresh level itself) is within the noise a run that
+    learnt nothing must stand out of, yet it is 3 standard errors above the fresh model's
+    level: risen, and worse than fresh (a rollback's ceiling is the back-off factor)."""
+    rise = LossRise()
+    feed(rise, 0, MOBILENET_LR10)
+    noise = rise.noise()
+    assert noise is not None and rise.best == rise.initial == pytest.approx(2.686)
+    assert math.log(rise.latest / rise.best) < NOISE_UNITS * noise  # the noise test alone: no
+    got = rise.risen(1.5)
+    assert got is not None and got.ratio == pytest.approx(3.05, abs=0.01)
+    assert rise.worse_than_fresh()
+    assert math.log(rise.latest / rise.initial) > FRESH_SIGMAS * noise * math.sqrt(1 + 10 / 3)
+    # a converged model fine-tuned: never risen, never worse than fresh
+    for seed in range(5):
+        quiet = LossRise()
+        for start in range(0, 1000, 10):
+            feed(quiet, start, _blocks(seed * 1000 + start, 10))
+            assert not quiet.worse_than_fresh()
+    # one that learnt first is judged by what it gave back, not against its fresh level
+    learnt = LossRise()
+    feed(learnt, 0, [2.3, 2.3, 2.3] + [0.2] * 37)
+    feed(learnt, 40, [2.0] * 20)
+    assert learnt.risen(1.5) is not None and not learnt.worse_than_fresh()
 
 
 def test_the_loss_noise_and_first_level_survive_a_checkpoint():

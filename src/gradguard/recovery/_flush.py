@@ -183,7 +183,8 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
         why += f"; the last snapshot was taken at a loss of {snap:.4g}"
     return True, Trigger("spike", window.steps[-1], why, rec._rise.best, at=window.steps[-1],
                          by_level=not died,
-                         mild=mild and not behind, rollback=behind), dead
+                         mild=mild and not behind, rollback=behind,
+                         worse_than_fresh=rec._rise.worse_than_fresh()), dead
 
 
 def _dying(rec: Recovery, guard: Guard, step: int, sample: tuple[float, str]) -> Trigger | None:

@@ -78,7 +78,10 @@ since it was skipped, :attr:`LadderState.untested`) is the same trouble going on
 rung after it (the rollback of a streak of non-finite steps) keeps the ceiling. Were the
 LR at fault, the trouble comes back as the factor restores, at a factor that was tried,
 and the ceiling drops from there; were the batches (a bad shard that ended as the ladder
-rolled back), nothing comes back and the run keeps its LR.
+rolled back), nothing comes back and the run keeps its LR. A rollback the loss level
+decided in a run that has never been below its fresh model's level
+(``Trigger.worse_than_fresh``) sets the ceiling at the back-off factor itself: no factor in
+force trained the run, and halving from it relapses again and again.
 """
 
 from __future__ import annotations
@@ -195,13 +198,14 @@ def _transition(
             return st, ()  # answered already by the rung its skipped steps took
         return _escalate(cfg, st, trig.step, trig.reason or "confirmed loss spike", trig.value,
                          by_level=trig.by_level,
-                         at=trig.at, force_rollback=trig.rollback)
+                         at=trig.at, force_rollback=trig.rollback, worse_than_fresh=trig.worse_than_fresh)
     raise ValueError(f"Trigger(kind={trig.kind!r}): unknown kind")
 
 
 def _escalate(
     cfg: LadderConfig, st: LadderState, step: int, reason: str, level: float | None = None,
     *, force_rollback: bool = False, at: int | None = None, by_level: bool = False,
+    worse_than_fresh: bool = False,
 ) -> tuple[LadderState, tuple[Action, ...]]:
     """Back off, or escalate when trouble returns within ``patience`` steps (or the loss did
     not come back: ``force_rollback``); ``by_level``: the loss level decided it."""
@@ -243,6 +247,10 @@ def _escalate(
             st, lowered = dataclasses.replace(st, ceiling=new, episode_ceiling=first,
                                               raised=None, raised_from=None), True
     factor = min(st.factor * cfg.backoff, st.ceiling)
+    if worse_than_fresh and recent and factor < st.ceiling:
+        # no factor in force trained the run (.rise): the LR is far too high, not at the edge
+        first = st.ceiling if st.episode_ceiling is None else st.episode_ceiling
+        st, lowered = dataclasses.replace(st, ceiling=factor, episode_ceiling=first), True
     st = dataclasses.replace(st, factor=factor, backoff_level=factor, backoff_step=now,
                              untested=now)
     if not recent:

@@ -75,6 +75,20 @@ stand that far above the best instead (3x and more for those fine-tunes). Not un
 ``strict``: a loss that wanders 3x about its best at an LR too high is the symptom, not
 noise to discount.
 
+A run that learnt nothing because its LR is far too high looks the same to that test:
+found as a stranger, a ``transformers`` MobileNetV2 on SGD at 0.05 (the paper's LR; 0.005
+trains) has its batch losses between 2.5 and 28 from step 5, its ten-step medians 3x the
+fresh model's 2.69 by step 49, under the 3.4x its noise asked of a rise over its best (the
+fresh level itself), and it waited for a NaN at step 93. The fresh level is one unbiased
+measure of where the run started, not the luckiest of many medians as the best is: a level
+``FRESH_SIGMAS`` (3) standard errors above it (of a ten-step median against a three-step
+one, ``noise * sqrt(1 + BLOCK / FIRST)``) has risen too (2.6x for that network; healthy
+runs of benchmarks/quality.py reach 1.6 standard errors, healthy fine-tunes of a trained
+digits MLP 1.1).
+When such a run rolls back it never was below its fresh level (:meth:`LossRise.worse_than_fresh`):
+the trigger says so and the ladder sets the LR ceiling at the back-off factor itself, not
+at half of the factor that failed (:mod:`.ladder`).
+
 Medians of ten steps shrug off single bad batches, two blocks in a row a noisy stretch.
 Without the run's first steps (a resume) only the first condition applies. Measured on
 healthy runs: benchmarks/quality.py (10,000 steps) and benchmarks/rescue.py (2,400).
@@ -117,6 +131,10 @@ SEVERE = 2.0
 #: 15 over 1,000 as they learn (the share has a scale again); an SGD MLP at an LR too high
 #: had learnt 11 and more when its loss rose.
 NOISE_UNITS = 8.0
+#: Standard errors (of a ten-step median against the three-step fresh level, from the
+#: loss's noise) above the fresh model's level that count as a rise in a run that learnt
+#: nothing (see the module docstring). Healthy runs of benchmarks/quality.py reach 1.6.
+FRESH_SIGMAS = 3.0
 #: The last blocks of ``BLOCK`` taken steps the noise is measured over.
 NOISE_BLOCKS = 32
 #: A two-block level at least this share of the fresh model's loss is back at its level
@@ -221,9 +239,26 @@ class LossRise:
             if noise is not None and first is not None and min(first, level, best) > 0 and (
                     math.log(first / best) < NOISE_UNITS * noise):
                 # it learnt no more than its noise (a fine-tuned model starts at its best):
-                # no share of that is a scale; the rise must stand out of the noise itself
-                return math.log(level / best) > NOISE_UNITS * noise
+                # no share of that is a scale; the rise must stand out of the noise itself,
+                # or out of the fresh model's level (one unbiased measure, not the luckiest)
+                return math.log(level / best) > NOISE_UNITS * noise or self._above_fresh(level)
         return start is None or level > best + share * (start - best)
+
+    def _above_fresh(self, level: float) -> bool:
+        """Whether ``level`` stands ``FRESH_SIGMAS`` standard errors above the fresh model's
+        level, in log units: the error of a ``BLOCK``-step median against a ``FIRST``-step
+        one, both from the loss's own noise (see the module docstring)."""
+        initial, noise = self.initial, self.noise()
+        if initial is None or initial <= 0 or noise is None:
+            return False
+        return math.log(level / initial) > FRESH_SIGMAS * noise * math.sqrt(1 + BLOCK / FIRST)
+
+    def worse_than_fresh(self) -> bool:
+        """Whether the run has never been below the fresh model's level (its best since the
+        ladder last acted is that level) and its loss now stands well above it: no LR in
+        force has trained it (see the module docstring)."""
+        return (self.best is not None and self.initial is not None and self.latest is not None
+                and self.best >= self.initial and self._above_fresh(self.latest))
 
     def noise(self) -> float | None:
         """The loss's noise in log units: how far a ``BLOCK``-step median strays by chance,
