@@ -33,6 +33,11 @@ from torch import nn
 
 import gradguard as gg
 
+try:  # as a script (benchmarks/ is on sys.path) or as the module benchmarks.curriculum
+    from _loop import train_step
+except ImportError:  # pragma: no cover
+    from benchmarks._loop import train_step
+
 OUT = Path(__file__).parent / "results" / "curriculum.json"
 CHANGES = ("classes", "permute", "noise")
 OPTIMIZERS = ("adam", "sgd")
@@ -101,12 +106,7 @@ def run(change: str, optimizer: str, seed: int, steps: int, *, guarded: bool) ->
             if after and change == "noise":
                 x = x + torch.randn(x.shape, generator=g)
             loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            if guard is not None:
-                guard.step(loss)
-            else:
-                opt.step()
-            opt.zero_grad()
+            train_step(loss, opt, guard)
     except gg.TrainingDiverged:
         stopped = step
     out: dict[str, Any] = {"stopped": stopped}

@@ -28,6 +28,11 @@ from torch import nn
 
 import gradguard as gg
 
+try:  # as a script (benchmarks/ is on sys.path) or as the module benchmarks.offscale
+    from _loop import train_step
+except ImportError:  # pragma: no cover
+    from benchmarks._loop import train_step
+
 OUT = Path(__file__).parent / "results" / "offscale.json"
 FAULTS = ("none", "scale", "nan")
 
@@ -64,12 +69,7 @@ def run(fault: str, seed: int, steps: int, *, guarded: bool) -> dict[str, Any]:
             else:
                 x[0, 0, 0, 0] = math.nan
         loss = nn.functional.cross_entropy(model(x), y_all[idx])
-        loss.backward()
-        if guard is not None:
-            guard.step(loss)
-        else:
-            opt.step()
-        opt.zero_grad()
+        train_step(loss, opt, guard)
     out: dict[str, Any] = {"bad_steps": bad}
     if guard is not None:
         guard.close()

@@ -26,6 +26,11 @@ from torch import nn
 
 import gradguard as gg
 
+try:  # as a script (benchmarks/ is on sys.path) or as the module benchmarks.paper_lr
+    from _loop import train_step
+except ImportError:  # pragma: no cover
+    from benchmarks._loop import train_step
+
 OUT = Path(__file__).parent / "results" / "paper_lr.json"
 LR, TWIN_LR, STEPS, BATCH = 0.05, 0.005, 300, 32
 
@@ -56,12 +61,7 @@ def run(lr: float, seed: int, guarded: bool) -> dict[str, Any]:
     for _ in range(STEPS):
         idx = tr[torch.randint(0, len(tr), (BATCH,), generator=gen)]
         loss = nn.functional.cross_entropy(model(pixel_values=img[idx]).logits, y[idx])
-        loss.backward()
-        if guard is not None:
-            guard.step(loss)
-        else:
-            opt.step()
-        opt.zero_grad()
+        train_step(loss, opt, guard)
     out: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 1)}
     if guard is not None:
         guard.close()

@@ -25,8 +25,10 @@ from torch import nn
 import gradguard as gg
 
 try:  # as a script (benchmarks/ is on sys.path) or as the module benchmarks.shard
+    from _loop import train_step
     from curriculum import _digits, arguments, digits_mlp, write
 except ImportError:  # pragma: no cover
+    from benchmarks._loop import train_step
     from benchmarks.curriculum import _digits, arguments, digits_mlp, write
 
 OUT = Path(__file__).parent / "results" / "shard.json"
@@ -47,12 +49,7 @@ def run(optimizer: str, seed: int, steps: int, *, shard: bool, guarded: bool) ->
             i = torch.randint(0, 1400, (64,), generator=g)
             bad = shard and SHARD[0] <= step < SHARD[1]
             loss = nn.functional.cross_entropy(model(x_tr[i] * (1e4 if bad else 1.0)), y_tr[i])
-            loss.backward()
-            if guard is not None:
-                guard.step(loss)
-            else:
-                opt.step()
-            opt.zero_grad()
+            train_step(loss, opt, guard)
     except gg.TrainingDiverged:
         stopped = step
     out: dict[str, Any] = {"stopped": stopped}
