@@ -293,11 +293,10 @@ def test_fused_sgd_under_a_gradscaler_whose_first_steps_overflow_equals_the_plai
 
     guarded, g_scale = run(fused=True, guarded=True)
     plain, p_scale = run(fused=False, guarded=False)
-    bare, _ = run(fused=True, guarded=False)
-    # torch's fused recipe on the CPU (2.13): the first finite step spends the momentum the
-    # overflowed steps left (the weights reach 1e2-1e36); if a torch fixes it, this line goes
-    big = lambda m: max(p.abs().max().item() for p in m.parameters())  # noqa: E731
-    assert big(bare) > 10 * big(plain)
+    # torch's fused recipe on the CPU (2.13), unguarded, is no reference: the first finite
+    # step spends a momentum buffer the overflowed steps left, and what is in it differs
+    # from run to run (30 runs in one process here: the weights at 2e15 to 1e37, or NaN, 4
+    # times; once, in a full suite, as small as the plain recipe's)
     assert g_scale == p_scale < 2.0**30  # the same overflows, the same back-offs
     assert all(torch.isfinite(p).all() for p in guarded.parameters())
     assert_close_models(guarded, plain)
