@@ -546,3 +546,11 @@ def test_a_layer_dies_after_fifty_silent_steps_across_windows_and_a_resume():
     got = detect_no_gradient(window([[0.0, 0.5, 0.0]] * 10, start=50), resumed)
     assert [(e.layer, e.severity, e.data["steps"]) for e in got] == [("a", "warning", DIED_STEPS + 5)]
     assert detect_no_gradient(window([[0.0, 0.5, 0.0]] * 30, start=60), resumed) == []  # once
+    # a gradient that only ever underflowed (1e-20 of the largest) had nothing to lose
+    state = DetectorState()
+    first = detect_no_gradient(window([[1e-20, 0.5, 0.0]] * 5 + [[0.0, 0.5, 0.0]] * 25), state)
+    assert [(e.layer, e.severity) for e in first] == [("c", "info")]
+    assert "a" not in state.grad_layers
+    later = detect_no_gradient(window([[0.0, 0.5, 0.0]] * 30, start=30), state)
+    assert [(e.layer, e.severity) for e in later] == [("a", "info")]  # none on any step: so
+    assert detect_no_gradient(window([[0.0, 0.5, 0.0]] * 30, start=60), state) == []

@@ -130,6 +130,53 @@ def test_a_layer_is_dead_when_it_gets_no_gradient_on_most_steps_having_had_one()
     assert other.update(["conv"], [[0.0]], [False]) == ["conv"]
 
 
+def test_a_layer_whose_gradient_only_ever_underflowed_is_not_dead():
+    """A signal that vanished on its way to a layer (1e-19 of the largest layer's gradient
+    in the last block of a ``transformers`` EfficientNet that never learns) is exactly zero
+    at times: that layer never had a gradient to lose. One at 1e-3 of it did."""
+    rows = [[1e-20, 1e-3, 0.2]] * 5 + [[0.0, 0.0, 0.2]] * 15
+    dead = DeadLayers()
+    assert dead.update(["vanished", "alive", "head"], rows, [False] * 20) == ["alive"]
+    assert dead.alive == {"alive", "head"}
+
+
+def test_a_network_that_never_learnt_and_whose_signal_vanished_is_not_rolled_back_as_dead():
+    """A classifier on random labels (its loss stays at the fresh model's level) with a side
+    path whose gradient is 1e-16 on one step in five and exactly zero on the others: the
+    loss back at the fresh level with a layer "that had a gradient and has none" read as a
+    network that died, rolled back to the weights before the first step three times and
+    raised ``TrainingDiverged`` (the EfficientNet above, at step 159)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+            self.side = nn.Linear(16, 10)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            gate = 1e-15 if self.calls % 5 == 0 else 0.0
+            return self.body(x) + gate * self.side(x)
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        x, y = torch.randn(32, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    kinds = [(e.kind, e.severity) for e in guard.events]
+    assert ("rollback", "error") not in kinds and ("abort", "error") not in kinds
+    assert ("disconnected_layer", "warning") not in kinds
+    assert guard.recovery.lr_ceiling == 1.0
+
+
 def test_a_severe_rise_that_came_down_before_the_flush_has_risen():
     """A warm-up peak kills a CNN's ReLUs between two flushes: the loss climbs from its
     best 0.3 to 2.0 for 20 steps (6.7x, giving back 85% of what the run had learnt), and

@@ -44,6 +44,11 @@ SPIKE_CONFIRM = 2
 VANISH_RATIO = 1e-3
 #: ... or below this absolute floor (while not exactly zero: zero means disconnected).
 VANISH_FLOOR = 1e-8
+#: A layer's gradient norm below this share of the largest layer norm of its step is
+#: numerically nothing: the underflow of a signal that vanished on its way there (1e-19 of
+#: it in the last block of a ``transformers`` EfficientNet that never learns), no sign that
+#: the layer had a gradient, and its falling to exactly zero is no death of its units.
+NEGLIGIBLE = 1e-12
 #: ... on at least this fraction of the window's finite steps ...
 VANISH_FRACTION = 0.9
 #: ... and on at least this many steps.

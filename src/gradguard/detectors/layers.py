@@ -13,6 +13,7 @@ from ..telemetry import Window
 from .config import (
     DEFAULT_CONFIG,
     DIED_STEPS,
+    NEGLIGIBLE,
     SATURATION_MARGIN,
     UPDATE_RATIO_HISTORY,
     VANISH_LEARNS,
@@ -220,10 +221,13 @@ def detect_no_gradient(
     ln = window.layer_norms()
     rows = torch.isfinite(ln).all(dim=1)
     zero = (ln[rows] == 0).all(dim=0).tolist()
+    # a gradient is one above NEGLIGIBLE x the step's largest: a vanished signal's underflow
+    # (1e-20 that falls to exactly zero now and then) is no gradient a layer had and lost
+    real = (ln[rows] > NEGLIGIBLE * ln[rows].amax(dim=1, keepdim=True)).any(dim=0).tolist()
     had = set(state.grad_layers)
     silent = set(state.silent_layers)
     never = [n for n, z in zip(window.layers, zero) if z and n not in had and n not in silent]
-    state.grad_layers.extend(n for n, z in zip(window.layers, zero) if not z and n not in had)
+    state.grad_layers.extend(n for n, r in zip(window.layers, real) if r and n not in had)
     had.update(state.grad_layers)
     died = []
     cols = ln[rows].t().tolist()

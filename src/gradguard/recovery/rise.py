@@ -108,7 +108,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ..detectors.config import MAD_TO_SIGMA
+from ..detectors.config import MAD_TO_SIGMA, NEGLIGIBLE
 
 #: Steps per rolling median.
 BLOCK = 10
@@ -346,7 +346,9 @@ class DeadLayers:
     """Layers that had a gradient once and have had none at all (exactly zero) on at least
     ``DEAD`` of their last ``2 * BLOCK`` taken steps, or on the last ``BLOCK`` in a row:
     killed units pass no gradient down, and a batch now and then that still wakes one does
-    not bring the layer back. A layer that never had one (frozen, unused) is not dead.
+    not bring the layer back. A layer that never had one (frozen, unused) is not dead, nor
+    is one whose gradient was never above ``NEGLIGIBLE`` x the step's largest layer norm
+    (a signal that vanished on its way there, whose underflow is exactly zero at times).
     Host values only, fed once per flush.
 
     Example:
@@ -366,8 +368,9 @@ class DeadLayers:
         for row, sk in zip(norms, skipped):
             if sk or not all(math.isfinite(x) for x in row):
                 continue
+            top = max(row, default=0.0)
             for name, x in zip(layers, row):
-                if x != 0.0:
+                if x > NEGLIGIBLE * top:  # not the underflow of a vanished signal
                     self.alive.add(name)
                 if name in self.alive:
                     self._zero.setdefault(name, deque(maxlen=2 * BLOCK)).append(x == 0.0)
