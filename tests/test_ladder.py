@@ -426,8 +426,28 @@ ROWS = [
                          ids=[r[0] for r in ROWS])
 def test_transition_row(name, state, trigger, expected, actions):
     new, todo = transition(CFG, state, trigger)
-    assert new == expected
+    # the lowest factor that failed is kept by one rule for every row (test_failed_factor_*)
+    assert dataclasses.replace(new, failed=None) == expected
     assert todo == actions
+
+
+def test_failed_factor_is_the_factor_in_force_when_the_ceiling_was_lowered():
+    """``failed``: a halving from the factor in force keeps the settled ceiling within a
+    halving of it; a run worse than fresh jumps to the back-off factor, 10x under it; a
+    wreck's cap is no failure of the factor in force; a ceiling lifted again drops it."""
+    new, _ = transition(CFG, S0, Trigger("spike", 7, "rose!", 2.0, rollback=True))
+    assert (new.ceiling, new.failed) == (0.5, 1.0)
+    jump, _ = transition(CFG, S0, Trigger("spike", 7, "rose!", 2.0, rollback=True,
+                                          by_level=True, worse_than_fresh=True))
+    assert (jump.ceiling, jump.failed) == (0.1, 1.0)
+    again, _ = transition(CFG, dataclasses.replace(jump, factor=0.1, last_trigger=7, untested=None),
+                          Trigger("spike", 20, "rose again", 2.0, rollback=True))
+    assert (again.ceiling, again.failed) == (0.05, 0.1)  # now within a halving
+    capped, _ = transition(CFG, new, Trigger("capped", 8, value=0.3))
+    assert (capped.ceiling, capped.failed) == (0.3, 1.0)
+    lifted, _ = transition(CFG, dataclasses.replace(new, ceiling=0.5, factor=0.5, settled=0.5),
+                           Trigger("raise", 300, "retried", value=1.0))
+    assert (lifted.ceiling, lifted.failed) == (1.0, None)
 
 
 def test_transition_is_pure():

@@ -197,6 +197,16 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "recovered. Stable at lr 0.037: the edge of what trains; set half of it, 0.0185, in "
             "your config.",
         ),
+        (  # a jump below the LR that failed (a run worse than fresh): no edge, itself advised
+            [_ev("rollback", 49, "error", data={"factor": 0.1}),
+             _ev("lr_settled", 150, "info", data={"factor": 0.1, "lr": [0.005], "advise": [0.005],
+                                                  "failed": 1.0, "failed_lr": [0.05]})],
+            False,
+            "No gradient trouble in 100 steps: the gradient norm stayed between 2 and 2. "
+            "gradguard rolled back 1 time; training recovered. Stable at lr 0.005; it failed at "
+            "lr 0.05, 10x higher: set lr 0.005 in your config (the edge of what trains lies "
+            "between).",
+        ),
         (  # the clip acted often since the LR was lowered (recovery.tally)
             [_ev("nonfinite_grad", 5, "error", message="gradient norm is NaN"),
              _ev("lr_backoff", 6, data={"factor": 0.1}),

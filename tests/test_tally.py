@@ -93,3 +93,28 @@ def test_an_lr_that_held_without_clipping_is_advised_at_half_with_no_clip_count(
         assert "clipped" not in e.data and "clipped" not in e.message
         assert e.data["advise"] == [pytest.approx(lr / 2) for lr in e.data["lr"]]
         assert e.remedy.startswith(f"Set the learning rate to {e.value / 2:.3g} ")
+
+
+def test_an_lr_set_by_a_jump_below_the_one_that_failed_is_advised_itself():
+    """A run worse than fresh has its ceiling set at the back-off factor, 10x under the one
+    that failed (:mod:`gradguard.recovery.rise`): no halving found the edge, which lies
+    between; the LR that held is what to set, and the event names the one that failed.
+    A ceiling within a halving of the failed factor is the edge: half of it, as before."""
+    import dataclasses
+
+    from gradguard.recovery import Action, messages
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery())
+    rec = guard.recovery
+    rec.state = dataclasses.replace(rec.state, factor=0.1, ceiling=0.1, failed=1.0)
+    e = messages.settled_event(guard, Action("settled", 150, factor=0.1, ceiling=0.1))
+    assert e.data["advise"] == e.data["lr"] == [pytest.approx(0.005)]
+    assert e.data["failed_lr"] == [pytest.approx(0.05)]
+    assert e.message.endswith("it failed at lr 0.05, 10x higher")
+    assert e.remedy.startswith("Set the learning rate to 0.005 (x0.1) in your config: it held")
+    rec.state = dataclasses.replace(rec.state, factor=0.05, ceiling=0.05, failed=0.1)
+    e = messages.settled_event(guard, Action("settled", 250, factor=0.05, ceiling=0.05))
+    assert e.data["advise"] == [pytest.approx(0.00125)] and "failed_lr" not in e.data
+    guard.close()

@@ -113,6 +113,7 @@ def transition(
     if st.undo is not None and trig.kind == "clean" and not trig.voided:
         return _sound(st, trig)
     new, actions = _transition(cfg, st, trig)
+    new = _failures(st, new, trig)
     reason = trig.reason or NONFINITE_REASON
     if (cfg.undo_backoff and trig.kind == "skip" and reason in DATA_REASONS
             and not trig.rollback and [a.kind for a in actions] == ["backoff"]
@@ -126,6 +127,18 @@ def transition(
         # about those of the streak; more skips of the streak run on them still
         new = dataclasses.replace(new, undo=None)
     return new, actions
+
+
+def _failures(old: LadderState, new: LadderState, trig: Trigger) -> LadderState:
+    """Keep :attr:`LadderState.failed`, for every rung in one place: a lowered ceiling says
+    the factor in force failed (not a wreck's cap: it comes after the rollback's back-off,
+    from the update that wrecked the weights); a ceiling lifted again takes that back."""
+    if new.ceiling < old.ceiling and trig.kind != "capped":
+        tried = min(old.ceiling, old.factor)
+        return dataclasses.replace(new, failed=tried if old.failed is None else min(old.failed, tried))
+    if new.ceiling > old.ceiling:
+        return dataclasses.replace(new, failed=None)
+    return new
 
 
 def _sound(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:

@@ -68,6 +68,11 @@ class LadderState:
     watching: int | None = None  # a back-off/rollback whose effect on the loss is pending
     at_ceiling: int | None = None  # since when the factor sits at a lowered ceiling
     settled: float | None = None  # the ceiling last reported as settled
+    #: the lowest factor the LR failed at: the factor in force when the ceiling was lowered
+    #: (None once a raise, a change of data or the loss level off lifted it again); the
+    #: settled ceiling is within a halving of it, or below it by a jump (a run worse than
+    #: fresh, :func:`~.ladder._failures`)
+    failed: float | None = None
     #: the loss level proved no evidence in this run (see ``level_off`` in :mod:`.ladder`):
     #: no rung is decided by it any more
     level_off: bool = False

@@ -106,8 +106,23 @@ def settled_event(guard: Guard, a: Action) -> Event:
     """The ladder found an LR that trains: say which, and advise half of it for the config
     (:data:`.tally.ADVISE`: the highest LR that held, within a halving of one that failed,
     is the edge of what trains, and from scratch it can fail); say how often the clip acted
-    there when it did often (:mod:`.tally`)."""
+    there when it did often (:mod:`.tally`). A ceiling set by a jump below the LR that
+    failed (``LadderState.failed`` more than a halving above it: a run worse than fresh)
+    is no edge: it is advised itself, with the LR that failed (``data["failed_lr"]``)."""
     lrs, shown = _lrs(guard, a.factor)
+    rec = guard.recovery
+    failed = rec.state.failed if rec is not None else None
+    if failed is not None and failed * rec.config.relapse_backoff > a.factor * (1 + 1e-9):
+        # a jump below the factor that failed (a run worse than fresh, .ladder): no halving
+        # found the edge, which lies between; the LR that held is the advice itself
+        failed_lrs, at = _lrs(guard, failed)
+        return _settled(
+            a.step, a.factor, lrs,
+            f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the schedule); "
+            f"it failed at lr {at}, {failed / a.factor:.3g}x higher",
+            f"Set the learning rate to {shown} (x{a.factor:g}) in your config: it held, and "
+            f"the edge of what trains lies between it and {at}.", advise=lrs, failed=failed,
+            failed_lr=failed_lrs)
     advise, advised = _lrs(guard, a.factor * ADVISE)
     message = (f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the "
                "schedule) after the LR failed higher up")

@@ -231,6 +231,12 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             # a retry found the LR the trouble lowered trains after all (recovery.probe)
             parts.append(f"Back at your lr {shown} from step {s.get('step')}: the trouble "
                          "was not the LR's.")
+        elif shown and sdata.get("failed_lr"):  # a jump below the LR that failed: no edge
+            ratio = sdata["failed"] / sdata["factor"] if sdata.get("factor") else None
+            times = f", {ratio:.3g}x higher" if ratio else ""
+            parts.append(f"Stable at lr {shown}; it failed at lr {_lr_list(sdata['failed_lr'])}"
+                         f"{times}: set lr {shown} in your config (the edge of what trains "
+                         "lies between).")
         elif shown and sdata.get("advise"):  # half of it for the config (recovery.tally)
             half = _lr_list(sdata["advise"])
             held = (f", with the gradients clipped on {sdata['clipped']} of the "
