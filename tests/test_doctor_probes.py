@@ -281,3 +281,56 @@ def test_sdpa_attention_entropy_matches_the_explicit_softmax():
     ref = normalized_entropy(p, causal)
     assert sdpa_entropy((q, k, v), {"is_causal": True}) == pytest.approx(ref, rel=1e-5)
     assert 0.2 < ref < 0.95  # neither uniform nor one-hot at this logit scale
+
+
+def _diabetes():
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.float32)[:, None]
+    x = (x - x.mean(0)) / x.std(0)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x, y, perm[:350], perm[350:]
+
+
+def _regressor(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+
+def test_regression_targets_far_from_unit_scale_are_found_and_standardising_them_trains():
+    """``load_diabetes`` with its raw targets (mean 152, std 77): the doctor names them
+    (beside the LR it also finds too high) and standardising them is the cure: on SGD
+    momentum at the LR the LR probe advises, raw goes NaN, standardised trains. Class
+    indices and floating targets of another shape than the output (weights) are no
+    regression targets."""
+    x, y, tr, te = _diabetes()
+    diag = gg.doctor(_regressor(0), (x[tr[:64]], y[tr[:64]]), nn.MSELoss())
+    found = [f for f in diag.findings if f.where == "targets"]
+    assert [(f.cause, f.severity) for f in found] == [("unscaled_input", "warning")]
+    assert 100 < found[0].evidence["target_rms"] < 1000 and "Standardise the targets" in found[0].remedy
+    mu, sd = y[tr].mean(), y[tr].std()
+    scaled = gg.doctor(_regressor(0), (x[tr[:64]], (y[tr[:64]] - mu) / sd), nn.MSELoss())
+    assert not [f for f in scaled.findings if f.where == "targets"]
+    cls = gg.doctor(nn.Linear(10, 3), (x[:64], torch.randint(0, 3, (64,))), nn.CrossEntropyLoss())
+    other = gg.doctor(nn.Linear(10, 3), (x[:64], torch.full((64,), 40.0)),
+                      lambda out, w: (out.pow(2).sum(1) / w).mean())
+    assert not [f for d in (cls, other) for f in d.findings if f.where == "targets"]
+
+    def train(targets: torch.Tensor, seed: int) -> float:
+        model = _regressor(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        g = torch.Generator().manual_seed(seed + 1)
+        for _ in range(400):
+            idx = tr[torch.randint(0, len(tr), (32,), generator=g)]
+            loss = nn.functional.mse_loss(model(x[idx]), targets[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            pred = model(x[te])
+            return nn.functional.mse_loss(pred if targets is y else pred * sd + mu, y[te]).item()
+
+    assert math.isnan(train(y, 0)) and math.isnan(train(y, 1))
+    assert train((y - mu) / sd, 0) < 3000 and train((y - mu) / sd, 1) < 3000

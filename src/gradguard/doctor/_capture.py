@@ -69,6 +69,8 @@ class Capture:
     call_count: dict[str, int]
     graph_root: Any
     attention: list[tuple[str, float]] = field(default_factory=list)  # (where, normalised entropy)
+    #: the shapes of the model's output tensors (a target of one of them is regressed on)
+    output_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def is_weight_layer(m: nn.Module) -> bool:
@@ -340,4 +342,5 @@ def run_capture(
         call_count=count,
         graph_root=loss.grad_fn,
         attention=[(w, h) for w, h in attention if math.isfinite(h)],
+        output_shapes=[tuple(t.shape) for t in iter_tensors(out)],
     )

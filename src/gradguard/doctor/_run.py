@@ -19,7 +19,7 @@ from ._capture import is_weight_layer, run_capture
 from ._report import Diagnosis, Finding
 from ._steps import FirstStep
 from .gradcheck import probe_custom_functions, slice_batch
-from .inputs import probe_input_scale, probe_nonfinite_input
+from .inputs import probe_input_scale, probe_nonfinite_input, probe_target_scale
 from .lr import LR_PROBE_STEPS, probe_lr
 from .norms import probe_norm_gain
 from .numerics import probe_disconnected, probe_half_headroom, probe_nonfinite
@@ -229,6 +229,7 @@ def doctor(
             findings += probe_input_scale(
                 inputs, first.path if first else None, first.in_absmax if first else None
             )
+            findings += probe_target_scale(targets, cap.output_shapes)
             numeric = probe_nonfinite(cap, model)
             findings += numeric
             if not numeric:
