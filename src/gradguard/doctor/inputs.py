@@ -69,6 +69,12 @@ def _feature_rms(t: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).pow(2).mean(0).sqrt()
 
 
+def _graded(rms: float) -> tuple[Severity, float]:
+    """The severity and confidence of a scale ``rms`` over ``UNSCALED_RMS_WARNING``."""
+    sev: Severity = "error" if rms >= UNSCALED_RMS_ERROR else "warning"
+    return sev, min(1.0, 0.6 + 0.1 * (rms / UNSCALED_RMS_WARNING) ** 0.25)
+
+
 def probe_input_scale(
     inputs: Any, first_layer: str | None, first_layer_in_absmax: float | None = None
 ) -> list[Finding]:
@@ -89,7 +95,7 @@ def probe_input_scale(
         if worst < UNSCALED_RMS_WARNING:
             continue
         idx = int(feat.argmax())
-        sev: Severity = "error" if worst >= UNSCALED_RMS_ERROR else "warning"
+        sev, confidence = _graded(worst)
         n_big = int((feat >= UNSCALED_RMS_WARNING).sum())
         ev = {
             "input_rms": float(t.detach().float().pow(2).mean().sqrt()),
@@ -109,7 +115,7 @@ def probe_input_scale(
                 f"{n_big} of {feat.numel()} features of {name} have rms up to {worst:.3g} "
                 f"(feature {idx}), {worst:.0f}x the unit scale the init assumes: standardise "
                 f"them ((x - mean) / std per feature, fitted on the training set){target}.",
-                min(1.0, 0.6 + 0.1 * (worst / UNSCALED_RMS_WARNING) ** 0.25),
+                confidence,
             )
         )
     return out
@@ -134,7 +140,7 @@ def probe_target_scale(targets: Any, output_shapes: list[tuple[int, ...]]) -> li
             continue
         x = t.detach().float()
         mean, std = float(x.mean()), float(x.std()) if x.numel() > 1 else 0.0
-        sev: Severity = "error" if worst >= UNSCALED_RMS_ERROR else "warning"
+        sev, confidence = _graded(worst)
         out.append(
             Finding(
                 "unscaled_input",
@@ -146,7 +152,7 @@ def probe_target_scale(targets: Any, output_shapes: list[tuple[int, ...]]) -> li
                 f"{worst:.0f}x the unit scale of a fresh model's output: the loss's gradient "
                 "and every layer's grow with them. Standardise the targets ((y - mean) / std, "
                 "fitted on the training set) and map predictions back (pred * std + mean).",
-                min(1.0, 0.6 + 0.1 * (worst / UNSCALED_RMS_WARNING) ** 0.25),
+                confidence,
             )
         )
     return out

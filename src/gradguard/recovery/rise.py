@@ -241,14 +241,14 @@ class LossRise:
                 # it learnt no more than its noise (a fine-tuned model starts at its best):
                 # no share of that is a scale; the rise must stand out of the noise itself,
                 # or out of the fresh model's level (one unbiased measure, not the luckiest)
-                return math.log(level / best) > NOISE_UNITS * noise or self._above_fresh(level)
+                return math.log(level / best) > NOISE_UNITS * noise or self._above_fresh(level, noise)
         return start is None or level > best + share * (start - best)
 
-    def _above_fresh(self, level: float) -> bool:
+    def _above_fresh(self, level: float, noise: float | None) -> bool:
         """Whether ``level`` stands ``FRESH_SIGMAS`` standard errors above the fresh model's
         level, in log units: the error of a ``BLOCK``-step median against a ``FIRST``-step
         one, both from the loss's own noise (see the module docstring)."""
-        initial, noise = self.initial, self.noise()
+        initial = self.initial
         if initial is None or initial <= 0 or noise is None:
             return False
         return math.log(level / initial) > FRESH_SIGMAS * noise * math.sqrt(1 + BLOCK / FIRST)
@@ -258,7 +258,7 @@ class LossRise:
         ladder last acted is that level) and its loss now stands well above it: no LR in
         force has trained it (see the module docstring)."""
         return (self.best is not None and self.initial is not None and self.latest is not None
-                and self.best >= self.initial and self._above_fresh(self.latest))
+                and self.best >= self.initial and self._above_fresh(self.latest, self.noise()))
 
     def noise(self) -> float | None:
         """The loss's noise in log units: how far a ``BLOCK``-step median strays by chance,
