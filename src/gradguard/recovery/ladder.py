@@ -79,8 +79,8 @@ rung after it (the rollback of a streak of non-finite steps) keeps the ceiling. 
 LR at fault, the trouble comes back as the factor restores, at a factor that was tried,
 and the ceiling drops from there; were the batches (a bad shard that ended as the ladder
 rolled back), nothing comes back and the run keeps its LR. A rollback the loss level
-decided in a run that has never been below its fresh model's level
-(``Trigger.worse_than_fresh``) sets the ceiling at the back-off factor itself: no factor in
+decided in a run that has learnt nothing (never below its fresh model's level by more than
+its noise: ``Trigger.worse_than_fresh``) sets the ceiling at the back-off factor itself: no factor in
 force trained the run, and halving from it relapses again and again.
 """
 

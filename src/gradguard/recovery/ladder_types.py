@@ -158,8 +158,8 @@ class Trigger:
     #: spike was skipped at once and completed ``skip_patience``), it answered this spike,
     #: and the confirmation is not a second incident
     confirmed: bool = False
-    #: a ``spike`` the loss level decided in a run that has never been below its fresh
-    #: model's level and stands well above it (:meth:`~.rise.LossRise.worse_than_fresh`):
+    #: a ``spike`` the loss level decided in a run that has learnt nothing (never below its
+    #: fresh model's level by more than its noise) and stands well above it (:meth:`~.rise.LossRise.worse_than_fresh`):
     #: no LR factor in force has trained it; a rollback sets the ceiling at the back-off
     #: factor itself, not at half the factor that failed
     worse_than_fresh: bool = False

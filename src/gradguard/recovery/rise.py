@@ -85,7 +85,8 @@ measure of where the run started, not the luckiest of many medians as the best i
 one, ``noise * sqrt(1 + BLOCK / FIRST)``) has risen too (2.6x for that network; healthy
 runs of benchmarks/quality.py reach 1.6 standard errors, healthy fine-tunes of a trained
 digits MLP 1.1).
-When such a run rolls back it never was below its fresh level (:meth:`LossRise.worse_than_fresh`):
+When such a run rolls back it never was below its fresh level by more than its noise (a
+warm-up's first steps dip it a little: :meth:`LossRise.worse_than_fresh`):
 the trigger says so and the ladder sets the LR ceiling at the back-off factor itself, not
 at half of the factor that failed (:mod:`.ladder`).
 
@@ -235,14 +236,20 @@ class LossRise:
             start, share = self.fresh, STRICT_LOST
         else:
             start, share = self.initial, LOST
-            noise, first = self.noise(), self.first_block
-            if noise is not None and first is not None and min(first, level, best) > 0 and (
-                    math.log(first / best) < NOISE_UNITS * noise):
+            noise = self.noise()
+            if noise is not None and level > 0 and self._learnt_nothing(best, noise):
                 # it learnt no more than its noise (a fine-tuned model starts at its best):
                 # no share of that is a scale; the rise must stand out of the noise itself,
                 # or out of the fresh model's level (one unbiased measure, not the luckiest)
                 return math.log(level / best) > NOISE_UNITS * noise or self._above_fresh(level, noise)
         return start is None or level > best + share * (start - best)
+
+    def _learnt_nothing(self, best: float, noise: float) -> bool:
+        """Whether what the run learnt from its first level down to ``best`` is less than
+        ``NOISE_UNITS`` times the loss's ``noise`` (see the module docstring)."""
+        first = self.first_block
+        return (first is not None and min(first, best) > 0
+                and math.log(first / best) < NOISE_UNITS * noise)
 
     def _above_fresh(self, level: float, noise: float | None) -> bool:
         """Whether ``level`` stands ``FRESH_SIGMAS`` standard errors above the fresh model's
@@ -254,11 +261,15 @@ class LossRise:
         return math.log(level / initial) > FRESH_SIGMAS * noise * math.sqrt(1 + BLOCK / FIRST)
 
     def worse_than_fresh(self) -> bool:
-        """Whether the run has never been below the fresh model's level (its best since the
-        ladder last acted is that level) and its loss now stands well above it: no LR in
-        force has trained it (see the module docstring)."""
-        return (self.best is not None and self.initial is not None and self.latest is not None
-                and self.best >= self.initial and self._above_fresh(self.latest, self.noise()))
+        """Whether the run has learnt nothing (its best since the ladder last acted is the
+        fresh model's level, or below it by less than ``NOISE_UNITS`` of its noise: a
+        warm-up's dip) and its loss now stands well above that level: no LR in force has
+        trained it (see the module docstring)."""
+        best, noise = self.best, self.noise()
+        return (best is not None and self.initial is not None and self.latest is not None
+                and noise is not None
+                and (best >= self.initial or self._learnt_nothing(best, noise))
+                and self._above_fresh(self.latest, noise))
 
     def noise(self) -> float | None:
         """The loss's noise in log units: how far a ``BLOCK``-step median strays by chance,
