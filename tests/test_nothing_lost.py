@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,54 @@ def test_a_guard_resumed_mid_window_continues_exactly(tmp_path, name):
     ref_guard.close()
     assert_same_run(model, opt, ref_model, ref_opt)
 
+
+
+def _resumed_at_an_lr_too_high(tmp_path, snapshot_dir):
+    """20 healthy steps (snapshots at 14 and 19, and the weights before the first step),
+    a checkpoint, and a resume into fresh objects at Adam lr 3, which wrecks the MLP."""
+    def make(lr):
+        model = mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        rec = gg.Recovery(snapshot_every=4, snapshot_dir=snapshot_dir)
+        return model, opt, gg.Guard(model, opt, recovery=rec, every=5)
+
+    data = batches(200, seed=11)
+    model, opt, guard = make(1e-2)
+    train(guard, model, opt, data[:20])
+    guard.recovery.wait()
+    torch.save({"model": model.state_dict(), "guard": guard.state_dict()}, tmp_path / "ckpt.pt")
+    guard.close()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    model, opt, guard = make(3.0)
+    model.load_state_dict(ckpt["model"])
+    return model, opt, guard, ckpt["guard"], data[20:]
+
+
+def test_a_resume_without_snapshot_dir_says_its_snapshots_stayed_behind(tmp_path):
+    """The in-memory snapshots are no part of a checkpoint: the resume says so, and the
+    abort of rollbacks that had nothing to restore says they backed off instead (it said
+    "after 3 rollback(s)" when no weights were restored)."""
+    model, opt, guard, state, data = _resumed_at_an_lr_too_high(tmp_path, None)
+    with pytest.warns(gg.GradGuardWarning, match=r"weights before its first step and "
+                      r"step\(s\) 14, 19\) are not part of a checkpoint.*snapshot_dir"):
+        guard.load_state_dict(state)
+    with pytest.raises(gg.TrainingDiverged, match="found no snapshot to restore, each a back-off"):
+        train(guard, model, opt, data, start=20)
+    assert not [e for e in guard.events if e.kind == "rollback"]
+    abort = [e for e in guard.events if e.kind == "abort"][-1]
+    assert abort.data["unrestored"] == abort.data["rollbacks"] == 3
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_a_resume_with_snapshot_dir_rolls_back_to_the_snapshots_before_it(tmp_path):
+    model, opt, guard, state, data = _resumed_at_an_lr_too_high(tmp_path, tmp_path / "snaps")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gg.GradGuardWarning)
+        guard.load_state_dict(state)
+    train(guard, model, opt, data[:20], start=20)
+    rolled = [e.data["snapshot_step"] for e in guard.events if e.kind == "rollback"]
+    assert rolled and rolled[0] == 19  # the newest snapshot before the checkpoint
 
 # ---- a full disk ------------------------------------------------------------------------------
 @pytest.fixture

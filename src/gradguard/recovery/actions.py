@@ -207,6 +207,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
             fresh = rec._rise.initial if st.shifted is None and not st.level_off else None
             snap = rec.ring.load(rec.ring.back(a.back, fresh))
             if snap is None:  # nothing good to go back to yet: the deeper back-off only
+                rec.state = dataclasses.replace(rec.state, unrestored=rec.state.unrestored + 1)
                 guard.add_event(messages.backoff_event(a, rec.config.restore_steps,
                                                        no_snapshot=True, level=level))
             else:
@@ -234,7 +235,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 rec.state, _ = transition(rec.config, rec.state,
                                            Trigger("restored", a.step, value=back_at))
         else:
-            raise messages.abort(guard, a, rec.state.rollbacks)
+            raise messages.abort(guard, a, rec.state.rollbacks, rec.state.unrestored)
     return acted
 
 

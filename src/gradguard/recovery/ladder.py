@@ -170,7 +170,7 @@ def _transition(
         return dataclasses.replace(st, consecutive_skips=0, data_streak=None,
                                    untested=None if tested else st.untested), ()
     if trig.kind == "snapshot":
-        return dataclasses.replace(st, last_snapshot=trig.step, rollbacks=0), ()
+        return dataclasses.replace(st, last_snapshot=trig.step, rollbacks=0, unrestored=0), ()
     if trig.kind == "healthy":
         due = st.last_snapshot is None or trig.step - st.last_snapshot >= cfg.snapshot_every
         if (st.factor >= st.ceiling or st.watching is None) and due:  # no check pending

@@ -61,6 +61,8 @@ class LadderState:
     last_trigger: int | None = None
     trouble_start: int | None = None
     rollbacks: int = 0  # since the last healthy snapshot
+    #: of those, the ones that found no snapshot to restore and backed off instead
+    unrestored: int = 0
     total_rollbacks: int = 0
     backoffs: int = 0
     last_snapshot: int | None = None

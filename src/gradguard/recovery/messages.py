@@ -178,11 +178,16 @@ def lowered_event(guard: Guard, a: Action) -> Event:
     )
 
 
-def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
-    """The abort event (added to the guard) and the error to raise."""
+def abort(guard: Guard, a: Action, rollbacks: int, unrestored: int = 0) -> TrainingDiverged:
+    """The abort event (added to the guard) and the error to raise. ``unrestored``: how
+    many of the ``rollbacks`` found no snapshot to restore (each backed off instead)."""
     run_dir = guard.monitor.run_dir()
-    what = (f"training stopped: {a.reason}" if a.data else
-            f"training diverged: {a.reason}, after {rollbacks} rollback(s) without recovering")
+    tried = (f"{rollbacks} rollback(s) without recovering" if not unrestored else
+             f"{rollbacks} rollback(s) that found no snapshot to restore, each a back-off "
+             "instead" if unrestored >= rollbacks else
+             f"{rollbacks} rollback(s) without recovering ({unrestored} of them found no "
+             "snapshot to restore and backed off instead)")
+    what = f"training stopped: {a.reason}" if a.data else f"training diverged: {a.reason}, after {tried}"
     msg = f"step {a.step}: {what}" + (f"; events in {run_dir}" if run_dir else "")
     kind = _data_kind(a.reason) if a.data else None
     guard.add_event(Event(
@@ -192,7 +197,7 @@ def abort(guard: Guard, a: Action, rollbacks: int) -> TrainingDiverged:
                 "loss for log(0) or division by zero." if a.data else
                 "Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
                 "learning rate; check the data for NaN/Inf."),
-        data={"rollbacks": a.rollbacks, "reason": a.reason,
+        data={"rollbacks": a.rollbacks, "unrestored": unrestored, "reason": a.reason,
               **({"cause": _data_cause(kind)} if kind is not None else {})},
     ))
     return TrainingDiverged(msg, events=guard.events, run_dir=run_dir)
