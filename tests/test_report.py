@@ -207,6 +207,28 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "lr 0.05, 10x higher: set lr 0.005 in your config (the edge of what trains lies "
             "between).",
         ),
+        (  # the same under a schedule that had moved the LR (a decay): the factor of the
+            # schedule held, and the advice scales the config's LR, not the one at step 105
+            [_ev("rollback", 4, "error", data={"factor": 0.0539}),
+             _ev("lr_settled", 105, "info", data={
+                 "factor": 0.0539, "lr": [0.00392], "advise": [0.00539], "failed": 1.0,
+                 "failed_lr": [0.1], "scheduled": True})],
+            False,
+            "No gradient trouble in 100 steps: the gradient norm stayed between 2 and 2. "
+            "gradguard rolled back 1 time; training recovered. Stable at x0.0539 of your "
+            "schedule (lr 0.00392 at step 105); it failed at x1, 18.6x higher: set lr 0.00539 "
+            "in your config (the edge of what trains lies between).",
+        ),
+        (  # half of it under a warm-up's schedule
+            [_ev("nonfinite_grad", 5, "error", message="gradient norm is NaN"),
+             _ev("lr_backoff", 6, data={"factor": 0.1}),
+             _ev("lr_settled", 20, "info", data={"factor": 0.5, "lr": [0.25], "advise": [0.5],
+                                                 "scheduled": True})],
+            False,
+            "Gradients exploded at step 5 (NaN). gradguard cut the LR to x0.1; training "
+            "recovered. Stable at x0.5 of your schedule (lr 0.25 at step 20): the edge of what "
+            "trains; set half of it, 0.5, in your config.",
+        ),
         (  # the clip acted often since the LR was lowered (recovery.tally)
             [_ev("nonfinite_grad", 5, "error", message="gradient norm is NaN"),
              _ev("lr_backoff", 6, data={"factor": 0.1}),

@@ -44,7 +44,7 @@ def _digits():
     return x, y, perm[:1400], perm[1400:]
 
 
-def _sgd_run(lr, steps, clip=None, recovery=None, seed=2):
+def _sgd_run(lr, steps, clip=None, recovery=None, seed=2, cosine=False):
     """The digits GELU MLP on SGD Nesterov (its right LR: 0.05): the guard (or None) and
     the held-out loss."""
     x, y, tr, te = _digits()
@@ -52,6 +52,7 @@ def _sgd_run(lr, steps, clip=None, recovery=None, seed=2):
     model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
                           nn.Linear(256, 10))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
     guard = gg.Guard(model, opt, clip=clip, recovery=recovery) if recovery else None
     gen = torch.Generator().manual_seed(seed + 100)
     for _ in range(steps):
@@ -60,6 +61,8 @@ def _sgd_run(lr, steps, clip=None, recovery=None, seed=2):
         loss.backward()
         guard.step(loss) if guard else opt.step()
         opt.zero_grad()
+        if sched is not None:
+            sched.step()
     if guard is not None:
         guard.close()
     with torch.no_grad():
@@ -118,3 +121,64 @@ def test_an_lr_set_by_a_jump_below_the_one_that_failed_is_advised_itself():
     e = messages.settled_event(guard, Action("settled", 250, factor=0.05, ceiling=0.05))
     assert e.data["advise"] == [pytest.approx(0.00125)] and "failed_lr" not in e.data
     guard.close()
+
+
+def test_under_a_schedule_the_advice_scales_the_lr_of_the_config_not_the_lr_now():
+    """A schedule that moved the LR (a decay, a warm-up): the LR at the step the ladder
+    settled is no value to write in a config (advised at 0.00392 for an AdamW whose cosine
+    schedule had decayed 0.1 to 0.0727 by step 105, where 0.00539 was what held). The
+    factor of the schedule held: the advice is that factor of the LR the scheduler scales
+    (``initial_lr``; a one-cycle schedule's ``max_lr``)."""
+    import dataclasses
+
+    from gradguard.recovery import Action, messages
+
+    def settled(make_sched, factor, failed):
+        model = nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = make_sched(opt)
+        for _ in range(3):
+            opt.step()
+            sched.step()
+        guard = gg.Guard(model, opt, recovery=gg.Recovery())
+        guard.recovery.state = dataclasses.replace(guard.recovery.state, factor=factor,
+                                                   ceiling=factor, failed=failed)
+        e = messages.settled_event(guard, Action("settled", 150, factor=factor, ceiling=factor))
+        guard.close()
+        return e, opt.param_groups[0]["lr"]
+
+    decay = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.3 ** s)  # noqa: E731
+    e, now = settled(decay, 0.2, 0.4)  # at the edge: half of it
+    assert now == pytest.approx(0.1 * 0.3 ** 3)
+    assert e.data["lr"] == [pytest.approx(now * 0.2)]  # what runs now
+    assert e.data["advise"] == [pytest.approx(0.1 * 0.2 / 2)] and e.data["scheduled"]
+    assert e.remedy.startswith("Set the learning rate to 0.01 (x0.1 of the 0.1 it has, which "
+                               "your schedule scales) in your config: half the highest that "
+                               "held (x0.2)")
+    e, _ = settled(decay, 0.1, 1.0)  # a jump below the factor that failed: itself
+    assert e.data["advise"] == [pytest.approx(0.01)] and e.data["failed_lr"] == [pytest.approx(0.1)]
+    assert e.message.endswith("it failed at x1 of it, 10x higher")
+    assert e.remedy.startswith("Set the learning rate to 0.01 (x0.1 of the 0.1 it has")
+    cycle = lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=100)  # noqa: E731
+    e, now = settled(cycle, 0.2, 0.4)  # a one-cycle's config value is its peak
+    assert now < 0.4 / 5 and e.data["advise"] == [pytest.approx(0.4 * 0.2 / 2)]
+    const = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # noqa: E731
+    e, _ = settled(const, 0.2, 0.4)  # a schedule at its base: the text as without one
+    assert e.data["advise"] == [pytest.approx(0.01)] and "scheduled" not in e.data
+    assert e.remedy.startswith("Set the learning rate to 0.01 (x0.1) in your config: half the "
+                               "highest that held (0.02)")
+
+
+def test_a_run_rescued_under_a_cosine_schedule_is_advised_the_config_lr_that_trains():
+    """The digits GELU MLP on SGD Nesterov at 20x its LR under a cosine decay: the ladder
+    settles while the schedule has decayed; the advice is the settled factor of the config's
+    LR, and from scratch with the same schedule it trains."""
+    guard, _ = _sgd_run(1.0, 330, clip=gg.ZClip(), recovery=gg.Recovery(), cosine=True)
+    settled = [e for e in guard.events if e.kind == "lr_settled"]
+    assert settled, [e.message for e in guard.events]
+    e = settled[-1]
+    assert e.data["scheduled"] and e.data["lr"][0] < e.data["factor"] * 0.99  # decayed
+    assert e.data["advise"] == [pytest.approx(e.data["factor"] * 0.5)]  # x the config's 1.0
+    _, advised = _sgd_run(e.data["advise"][0], 330, cosine=True)
+    _, right = _sgd_run(0.05, 330, cosine=True)
+    assert advised < 1.5 * right

@@ -89,6 +89,34 @@ def _lrs(guard: Guard, factor: float) -> tuple[list[float | None], str]:
                              for lr in dict.fromkeys(scaled))
 
 
+def _config_lrs(guard: Guard, factor: float) -> tuple[list[float | None], str, str | None]:
+    """What the advice of an LR under ``factor`` is in a config: ``factor`` times the LR a
+    scheduler scales (:func:`_schedule_base`) for every param group, the distinct ones as
+    text, and those bases as text when a schedule has moved the LR off them (a warm-up, a
+    decay: the LR now is not what the config says), else None and the LRs now."""
+    bases = [_schedule_base(g) for g in guard.optimizer.param_groups]
+    now, shown = _lrs(guard, factor)
+    moved = [b is not None and n is not None and abs(b * factor - n) > 1e-6 * abs(n)
+             for b, n in zip(bases, now)]
+    if not any(moved):
+        return now, shown, None
+    cfg = [b * factor if b is not None else n for b, n in zip(bases, now)]
+    text = ", ".join(f"{lr:.3g}" if lr is not None else f"its own step size x{factor:g}"
+                     for lr in dict.fromkeys(cfg))
+    return cfg, text, ", ".join(f"{b:.3g}" for b in dict.fromkeys(b for b in bases if b is not None))
+
+
+def _schedule_base(group: dict[str, Any]) -> float | None:
+    """The LR a scheduler scales for ``group``, as its config gives it: the peak of a
+    one-cycle schedule (``max_lr``), or the LR a torch scheduler started from
+    (``initial_lr``; a ``LambdaLR`` warm-up and cosine decay, the Hugging Face schedules);
+    None without a scheduler that records one."""
+    for key in ("max_lr", "initial_lr"):
+        if numeric_lr(group.get(key)):
+            return float(group[key])
+    return None
+
+
 def _lr_number(lr: Any) -> float | None:
     """A param group's LR as a number; None when it has none (Adafactor's relative step)."""
     return float(lr) if numeric_lr(lr) else None
@@ -115,18 +143,21 @@ def settled_event(guard: Guard, a: Action) -> Event:
     if failed is not None and failed * rec.config.relapse_backoff > a.factor * (1 + 1e-9):
         # a jump below the factor that failed (a run worse than fresh, .ladder): no halving
         # found the edge, which lies between; the LR that held is the advice itself
-        failed_lrs, at = _lrs(guard, failed)
+        held, held_text, base = _config_lrs(guard, a.factor)
+        failed_lrs, at, _ = _config_lrs(guard, failed)
+        where = (f"x{failed:g} of it" if base is not None  # the LR then was not this one's
+                 else f"lr {at}")
         return _settled(
             a.step, a.factor, lrs,
             f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the schedule); "
-            f"it failed at lr {at}, {failed / a.factor:.3g}x higher",
-            f"Set the learning rate to {shown} (x{a.factor:g}) in your config: it held, and "
-            f"the edge of what trains lies between it and {at}.", advise=lrs, failed=failed,
-            failed_lr=failed_lrs)
-    advise, advised = _lrs(guard, a.factor * ADVISE)
+            f"it failed at {where}, {failed / a.factor:.3g}x higher",
+            f"Set the learning rate to {held_text} (x{a.factor:g}{_of(base)}) in your config: "
+            f"it held, and the edge of what trains lies between it and {at}.", advise=held,
+            failed=failed, failed_lr=failed_lrs, **_based(base))
+    advise, advised, base = _config_lrs(guard, a.factor * ADVISE)
     message = (f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the "
                "schedule) after the LR failed higher up")
-    data: dict[str, Any] = {"advise": advise}
+    data: dict[str, Any] = {"advise": advise, **_based(base)}
     clips = getattr(guard.recovery, "_clips", None)
     if clips is not None and clips.ceiling == a.ceiling and clips.edge():
         message += (f", with its gradients clipped on {clips.clipped} of the {clips.steps} "
@@ -134,9 +165,19 @@ def settled_event(guard: Guard, a: Action) -> Event:
         data.update(clipped=clips.clipped, steps=clips.steps)
     return _settled(
         a.step, a.factor, lrs, message,
-        f"Set the learning rate to {advised} (x{a.factor * ADVISE:g}) in your config: half the "
-        f"highest that held ({shown}), which is the edge of what trains and can fail from "
-        "scratch.", **data)
+        f"Set the learning rate to {advised} (x{a.factor * ADVISE:g}{_of(base)}) in your "
+        f"config: half the highest that held ({shown if base is None else f'x{a.factor:g}'}), "
+        "which is the edge of what trains and can fail from scratch.", **data)
+
+
+def _of(base: str | None) -> str:
+    """`` of the 0.1 it has`` when the advice scales a schedule's base LR (see
+    :func:`_config_lrs`)."""
+    return "" if base is None else f" of the {base} it has, which your schedule scales"
+
+
+def _based(base: str | None) -> dict[str, Any]:
+    return {} if base is None else {"scheduled": True}
 
 
 def raised_event(guard: Guard, a: Action) -> Event:
@@ -155,24 +196,28 @@ def retry_event(guard: Guard, step: int, factor: float, ceiling: float, said: st
     """A retry found the LR the trouble lowered still too high: the ceiling stays, and half
     of it is advised for the config, as for :func:`settled_event`."""
     lrs, shown = _lrs(guard, factor)
-    advise, advised = _lrs(guard, factor * ADVISE)
+    advise, advised, base = _config_lrs(guard, factor * ADVISE)
     return _settled(
         step, factor, lrs,
         f"step {step}: the LR a trouble lowered was tried again: {said}: it is still too "
         f"high; lr {shown} (x{factor:.3g} of the schedule) from the weights before the trial",
-        f"Set the learning rate to {advised} (x{factor * ADVISE:.3g}) in your config: half "
-        f"the highest that held ({shown}), which is the edge of what trains.",
-        retry=True, raised=False, tried=ceiling, advise=advise)
+        f"Set the learning rate to {advised} (x{factor * ADVISE:.3g}{_of(base)}) in your "
+        f"config: half the highest that held ({shown if base is None else f'x{factor:.3g}'}), "
+        "which is the edge of what trains.",
+        retry=True, raised=False, tried=ceiling, advise=advise, **_based(base))
 
 
 def lowered_event(guard: Guard, a: Action) -> Event:
     """The LR probe found the LR too high: the ladder lowered it (see :mod:`.probe`)."""
     lrs, shown = _lrs(guard, a.factor)
+    _, cfg, base = _config_lrs(guard, a.factor)
     return Event(
         kind="lr_backoff", step=a.step, severity="warning", value=a.factor,
         message=(f"step {a.step}: {a.reason}; learning rate x{a.factor:g} (lr {shown}) "
                  "from here"),
-        remedy=f"Lower the base learning rate (to {shown} or less).",
+        remedy=f"Lower the base learning rate (to {cfg} or less"
+               + (f": x{a.factor:g} of the {base} it has, which your schedule scales" if base else "")
+               + ").",
         data={"factor": a.factor, "reason": a.reason, "ceiling": a.ceiling, "relapse": False,
               "level_before": None, "probe": True, "lr": lrs, "cause": "lr_too_high"},
     )

@@ -227,6 +227,10 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         s = settled[-1]
         sdata = s.get("data") or {}
         shown = _lr_list(sdata.get("lr") or [s.get("value")])
+        # under a schedule that moved the LR (a warm-up, a decay) the LR now is no config
+        # value: the factor of the schedule is what held, the advice scales the config's
+        stable = (f"Stable at x{sdata.get('factor'):g} of your schedule (lr {shown} at step "
+                  f"{s.get('step')})" if sdata.get("scheduled") else f"Stable at lr {shown}")
         if shown and sdata.get("raised") and float(sdata.get("factor") or 0) >= 1:
             # a retry found the LR the trouble lowered trains after all (recovery.probe)
             parts.append(f"Back at your lr {shown} from step {s.get('step')}: the trouble "
@@ -234,15 +238,17 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         elif shown and sdata.get("failed_lr"):  # a jump below the LR that failed: no edge
             ratio = sdata["failed"] / sdata["factor"] if sdata.get("factor") else None
             times = f", {ratio:.3g}x higher" if ratio else ""
-            parts.append(f"Stable at lr {shown}; it failed at lr {_lr_list(sdata['failed_lr'])}"
-                         f"{times}: set lr {shown} in your config (the edge of what trains "
-                         "lies between).")
+            failed = (f"x{sdata['failed']:g}" if sdata.get("scheduled")
+                      else f"lr {_lr_list(sdata['failed_lr'])}")
+            parts.append(f"{stable}; it failed at {failed}{times}: set lr "
+                         f"{_lr_list(sdata.get('advise') or []) or shown} in your config (the "
+                         "edge of what trains lies between).")
         elif shown and sdata.get("advise"):  # half of it for the config (recovery.tally)
             half = _lr_list(sdata["advise"])
             held = (f", with the gradients clipped on {sdata['clipped']} of the "
                     f"{sdata['steps']} steps since the LR was lowered to it"
                     if "clipped" in sdata else "")
-            parts.append(f"Stable at lr {shown}{held}: the edge of what trains; set half of "
+            parts.append(f"{stable}{held}: the edge of what trains; set half of "
                          f"it, {half}, in your config.")
         elif shown:
             parts.append(f"Stable at lr {shown}; set it in your config.")
