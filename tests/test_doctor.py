@@ -269,6 +269,53 @@ def test_sgd_nesterov_whose_loss_falls_first_then_blows_up_is_found(lr, severity
         assert found[0].evidence["stable_lr"] is not None and found[0].evidence["stable_lr"] < lr
 
 
+def test_under_a_warm_up_the_lr_probed_is_the_peak_the_schedule_plans():
+    """Found as a stranger: the same MLP at 20x behind a 100-step LambdaLR warm-up, built
+    before the doctor is called (as a training script does), was "healthy": the probes ran
+    at the warm-up's first LR, 0.01. It fails at its peak of 1.0 with or without the
+    warm-up; the probes now run there, and leave the LRs and the schedule as they were.
+    With optimizer state (training under way) the LR the optimizer has is probed."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = torch.tensor(d.data[:64], dtype=torch.float32) / 16, torch.tensor(d.target[:64])
+
+    def setup(peak, warm=100):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
+                              nn.Linear(256, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, nesterov=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return model, opt, sched
+
+    model, opt, sched = setup(1.0)
+    before = _snapshot(model, opt)
+    diag = gg.doctor(model, (x, y), nn.CrossEntropyLoss(), opt)
+    _assert_same(before, _snapshot(model, opt))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    top = diag.top
+    assert top is not None and top.cause == "lr_too_high" and top.severity == "error"
+    assert top.evidence["lr"] == 1.0 and top.evidence["lr_now"] == pytest.approx(0.01)
+    assert top.evidence["at_schedule_peak"] and top.evidence["stable_lr"] < 1.0
+    assert top.remedy.startswith("Measured at the peak your schedule plans (lr=1; its first "
+                                 "steps run at 0.01)")
+    assert "add warm-up" not in top.remedy
+    sched.step()  # the schedule goes on from where it was
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.02)
+    # a peak that trains is healthy behind its warm-up too
+    model, opt, _ = setup(0.05)
+    diag = gg.doctor(model, (x, y), nn.CrossEntropyLoss(), opt)
+    assert not [f for f in diag.findings if f.cause == "lr_too_high" and f.severity != "info"]
+    # under way: one step taken, the optimizer has state; its LR now is what is probed
+    model, opt, sched = setup(1.0, warm=1000)
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+    diag = gg.doctor(model, (x, y), nn.CrossEntropyLoss(), opt)
+    assert not [f for f in diag.findings if f.cause == "lr_too_high" and f.severity != "info"]
+
+
 def test_curvature_rule_is_for_sgd_only():
     from tests.zoo.broken import lr_slow_deep_mlp
 

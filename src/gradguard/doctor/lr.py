@@ -9,13 +9,22 @@
 2. **Curvature** (SGD, with or without momentum; :mod:`.sharpness`): ``η·λ_max`` against
    the stability limit. This catches slow divergence that takes tens of steps to show in
    the loss.
+
+Before the first step a scheduler has already set each param group's LR to where its
+schedule starts: a warm-up's first LR, a one-cycle schedule's ``max_lr / 25``. The run's
+trouble comes at the peak it plans, so both probes run there (a torch scheduler's
+``initial_lr``, a one-cycle's ``max_lr``; the groups' LRs are put back afterwards) and the
+finding says so: a digits MLP at 20x its LR behind a 100-step ``LambdaLR`` warm-up was
+"healthy" at the warm-up's 0.01, and fails at its peak of 1.0 with or without the warm-up.
+With optimizer state (training under way) the LR the optimizer has is the one probed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,6 +37,8 @@ from ._steps import LR_BLOWUP, MIN_STEPS, FirstStep, StepRunner
 from .sharpness import SHARPNESS_MARGIN, SHARPNESS_PASSES, Sharpness, sharpness
 
 LR_PROBE_STEPS = 4
+#: The step probe's closing advice (replaced when the LR probed is a schedule's peak)
+WARM_UP_TOO = "(or add warm-up and gradient clipping, gg.NormClip(1.0))"
 #: the loss after the probe steps above (1 + LR_RISE) x the initial loss counts as rising
 LR_RISE = 0.05
 #: LR multipliers tried, in order, once the loss rises at the user's LR
@@ -148,13 +159,71 @@ def _step_verdict(
             None,
             ev,
             f"in {n} step{'s' if n != 1 else ''} on one batch the loss rises {how} at lr={lr:g}; "
-            f"{advice} (or add warm-up and gradient clipping, gg.NormClip(1.0)).",
+            f"{advice} {WARM_UP_TOO}.",
             0.9 if (blew and lo_ok) or stable is not None else 0.75 if lo_ok else 0.55,
         )
     ]
 
 
+@contextlib.contextmanager
+def at_schedule_peak(optimizer: torch.optim.Optimizer) -> Iterator[list[Any] | None]:
+    """Before the optimizer's first step (no state), set each param group with a numeric LR
+    below its schedule's planned peak (``initial_lr``, ``max_lr``) to that peak, and put the
+    LRs back on exit; yields the LRs they had, or None when none was moved (see the module
+    docstring)."""
+    moved: list[tuple[dict[str, Any], float, float]] = []
+    if not any(optimizer.state.values()):
+        for g in optimizer.param_groups:
+            lr = g.get("lr")
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+                continue  # a tensor LR (capturable) is left as it is
+            peaks = [float(v) for k in ("initial_lr", "max_lr")
+                     if isinstance(v := g.get(k), (int, float)) and not isinstance(v, bool)]
+            if peaks and max(peaks) > lr * (1 + 1e-9):
+                moved.append((g, float(lr), max(peaks)))
+    if not moved:
+        yield None
+        return
+    before = [g.get("lr") for g in optimizer.param_groups]
+    try:
+        for g, _, peak in moved:
+            g["lr"] = peak
+        yield before
+    finally:
+        for g, lr, _ in moved:
+            g["lr"] = lr
+
+
 def probe_lr(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step_loss: Callable[[nn.Module], Tensor],
+    *,
+    steps: int = LR_PROBE_STEPS,
+    budget: Budget | None = None,
+    curvature_loss: Callable[[nn.Module], Tensor] | None = None,
+    start: FirstStep | None = None,
+    pass_s: float = 0.0,
+) -> list[Finding]:
+    """``lr_too_high`` from the step probe, the curvature rule (SGD), or both, at the LR
+    the schedule plans to reach (:func:`at_schedule_peak`); the arguments are those of
+    :func:`_probe_lr`."""
+    with at_schedule_peak(optimizer) as before:
+        found = _probe_lr(model, optimizer, step_loss, steps=steps, budget=budget,
+                          curvature_loss=curvature_loss, start=start, pass_s=pass_s)
+    if before is not None:
+        now = ", ".join(f"{lr:g}" for lr in dict.fromkeys(before) if isinstance(lr, (int, float)))
+        for f in found:
+            f.evidence["lr_now"] = before[0]
+            f.evidence["at_schedule_peak"] = True
+            remedy = f.remedy.replace(WARM_UP_TOO, "(or add gradient clipping, "
+                                      "gg.NormClip(1.0): a warm-up reaches the same peak)")
+            f.remedy = (f"Measured at the peak your schedule plans (lr={f.evidence['lr']:g}; "
+                        f"its first steps run at {now}): {remedy}")
+    return found
+
+
+def _probe_lr(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     step_loss: Callable[[nn.Module], Tensor],
