@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -45,6 +45,16 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def planned_lr(group: Mapping[str, Any]) -> float | None:
+    """The highest LR a param group's schedule plans, as torch's schedulers record it: the
+    LR it started from (``initial_lr``; a warm-up rises to it, a decay falls from it) or a
+    one-cycle schedule's peak (``max_lr``); None without a scheduler that records one
+    (``ReduceLROnPlateau``, an LR set by hand) or for a tensor value."""
+    vals = [float(v) for k in ("initial_lr", "max_lr")
+            if isinstance(v := group.get(k), (int, float)) and not isinstance(v, bool)]
+    return max(vals) if vals else None
 
 
 def numeric_lr(lr: Any) -> bool:

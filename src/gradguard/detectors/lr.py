@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._tensors import planned_lr
 from ..events import Event
 from .config import ANNEALED_LR, LR_JUMP_RATIO
 
@@ -34,8 +35,7 @@ class LrTracker:
 
     def observe(self, step: int, param_groups: Sequence[Mapping[str, Any]]) -> None:
         now = [_number(g.get("lr")) for g in param_groups]
-        planned = [max(_number(g.get("initial_lr")) or 0.0, _number(g.get("max_lr")) or 0.0)
-                   for g in param_groups]
+        planned = [planned_lr(g) or 0.0 for g in param_groups]
         if len(now) != len(self._peak):
             self._peak = [max(b or 0.0, p) for b, p in zip(now, planned)]
         if len(now) == len(self._last):

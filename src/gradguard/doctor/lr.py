@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._tensors import planned_lr
 from ._budget import Budget
 from ._capture import is_norm
 from ._report import Finding
@@ -177,10 +178,9 @@ def at_schedule_peak(optimizer: torch.optim.Optimizer) -> Iterator[list[Any] | N
             lr = g.get("lr")
             if isinstance(lr, bool) or not isinstance(lr, (int, float)):
                 continue  # a tensor LR (capturable) is left as it is
-            peaks = [float(v) for k in ("initial_lr", "max_lr")
-                     if isinstance(v := g.get(k), (int, float)) and not isinstance(v, bool)]
-            if peaks and max(peaks) > lr * (1 + 1e-9):
-                moved.append((g, float(lr), max(peaks)))
+            peak = planned_lr(g)
+            if peak is not None and peak > lr * (1 + 1e-9):
+                moved.append((g, float(lr), peak))
     if not moved:
         yield None
         return

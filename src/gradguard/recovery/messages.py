@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .._tensors import numeric_lr
+from .._tensors import numeric_lr, planned_lr
 from ..errors import TrainingDiverged
 from ..events import UNIT_ERROR_REMEDY, Event
 from .ladder import OFFSCALE_REASON, SPIKE_REASON, Action
@@ -91,10 +91,11 @@ def _lrs(guard: Guard, factor: float) -> tuple[list[float | None], str]:
 
 def _config_lrs(guard: Guard, factor: float) -> tuple[list[float | None], str, str | None]:
     """What the advice of an LR under ``factor`` is in a config: ``factor`` times the LR a
-    scheduler scales (:func:`_schedule_base`) for every param group, the distinct ones as
+    scheduler scales (``planned_lr``: the config's value, which a ``LambdaLR`` warm-up or
+    cosine decay or a Hugging Face schedule scales; a one-cycle's peak) for every param group, the distinct ones as
     text, and those bases as text when a schedule has moved the LR off them (a warm-up, a
     decay: the LR now is not what the config says), else None and the LRs now."""
-    bases = [_schedule_base(g) for g in guard.optimizer.param_groups]
+    bases = [planned_lr(g) for g in guard.optimizer.param_groups]
     now, shown = _lrs(guard, factor)
     moved = [b is not None and n is not None and abs(b * factor - n) > 1e-6 * abs(n)
              for b, n in zip(bases, now)]
@@ -104,17 +105,6 @@ def _config_lrs(guard: Guard, factor: float) -> tuple[list[float | None], str, s
     text = ", ".join(f"{lr:.3g}" if lr is not None else f"its own step size x{factor:g}"
                      for lr in dict.fromkeys(cfg))
     return cfg, text, ", ".join(f"{b:.3g}" for b in dict.fromkeys(b for b in bases if b is not None))
-
-
-def _schedule_base(group: dict[str, Any]) -> float | None:
-    """The LR a scheduler scales for ``group``, as its config gives it: the peak of a
-    one-cycle schedule (``max_lr``), or the LR a torch scheduler started from
-    (``initial_lr``; a ``LambdaLR`` warm-up and cosine decay, the Hugging Face schedules);
-    None without a scheduler that records one."""
-    for key in ("max_lr", "initial_lr"):
-        if numeric_lr(group.get(key)):
-            return float(group[key])
-    return None
 
 
 def _lr_number(lr: Any) -> float | None:
