@@ -410,15 +410,20 @@ ROWS = [
     ("a kept snapshot clears the rollback count", b(rollbacks=2), Trigger("snapshot", 120),
      b(rollbacks=0, last_snapshot=120), ()),
     ("a wreck's update measured: the ceiling drops to the cap, the factor and the level it "
-     "restores from with it",
+     "restores from with it; the ceiling before is the episode's (batches proved at fault "
+     "after all give it back)",
      b(factor=0.1, ceiling=0.5, backoff_level=0.1), Trigger("capped", 3, value=0.02),
-     b(factor=0.02, ceiling=0.02, backoff_level=0.02), ()),
+     b(factor=0.02, ceiling=0.02, backoff_level=0.02, episode_ceiling=0.5), ()),
+    ("... an episode's ceiling already kept stays",
+     b(factor=0.1, ceiling=0.5, backoff_level=0.1, episode_ceiling=1.0),
+     Trigger("capped", 3, value=0.02),
+     b(factor=0.02, ceiling=0.02, backoff_level=0.02, episode_ceiling=1.0), ()),
     ("... a cap above the ceiling changes nothing",
      b(factor=0.1, ceiling=0.5, backoff_level=0.1), Trigger("capped", 3, value=0.7),
      b(factor=0.1, ceiling=0.5, backoff_level=0.1), ()),
     ("... and one between the factor and the ceiling lowers the ceiling only",
      b(factor=0.1, ceiling=0.5, backoff_level=0.1), Trigger("capped", 3, value=0.3),
-     b(factor=0.1, ceiling=0.3, backoff_level=0.1), ()),
+     b(factor=0.1, ceiling=0.3, backoff_level=0.1, episode_ceiling=0.5), ()),
 ]
 
 

@@ -191,6 +191,44 @@ def test_a_stretch_of_offscale_batches_is_the_batches_fault_after_one_rollback()
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_offscale_steps_on_weights_an_lr_too_high_wrecked_cap_the_lr_at_their_rollback():
+    """timm's ResNet-18 (the zoo's copy, width 16) on 32-pixel digits at SGD 3.0: its first
+    updates blow the activations up, so from step 5 every batch moves a batch norm
+    layer's running variance by x3 and more, its loss only 2x. Three skips back the LR off;
+    the step after, on the same weights, is off-scale too: not the batches, the weights.
+    The rollback to the weights before the first step cut the LR there only for the steps
+    of its restore, then restored the LR that wrecked them in full; it now caps the ceiling
+    by the size of the first update from those weights, as for a wreck found by its loss."""
+    from sklearn.datasets import load_digits
+    from tests.zoo.real.nets import TimmResNet
+
+    d = load_digits()
+    x = torch.tensor(d.data[:512], dtype=torch.float32) / 16
+    img = nn.functional.interpolate(((x - 0.3) / 0.4).view(-1, 1, 8, 8), size=32).repeat(1, 3, 1, 1)
+    y = torch.tensor(d.target[:512])
+    torch.manual_seed(0)
+    model = TimmResNet(width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=3.0, momentum=0.9, weight_decay=5e-5)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    gen = torch.Generator().manual_seed(100)
+    for _ in range(12):
+        idx = torch.randint(0, len(y), (32,), generator=gen)
+        loss = nn.functional.cross_entropy(model(img[idx]), y[idx])
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    skips = [e.step for e in guard.events if e.kind == "skip"]
+    [backoff] = [e for e in guard.events if e.kind == "lr_backoff"]
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    assert skips[:6] == list(range(skips[0], skips[0] + 6)) and backoff.step == skips[2]
+    assert "off-scale steps skipped" in rollback.message
+    assert "the first update from the weights restored moved them by" in rollback.message
+    assert rollback.data["ceiling"] < 0.1  # not 1.0, restored in full
+    assert guard.recovery.lr_ceiling == rollback.data["ceiling"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("bs", [8, 64])
 def test_healthy_batch_norm_runs_are_never_offscale(bs):
     """Unnormalised inputs (x255: the first batches move the running variance from its

@@ -52,11 +52,14 @@ def capped(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, .
     """A rollback for a wreck measured the update that wrecked the weights: the ceiling
     drops to ``value``, the factor under which that update would have moved the weights by
     the largest healthy share (:func:`gradguard.recovery.wreck.cap`), when that is
-    lower than the ceiling the rollback set; the back-off restores up to it."""
+    lower than the ceiling the rollback set; the back-off restores up to it. The ceiling
+    before it is the episode's (as for a lowered one): should the batches prove at fault
+    after all (the first step on the restored weights fails too), it returns."""
     if trig.value is None or trig.value >= st.ceiling:
         return st, ()
     cap = trig.value
-    return dataclasses.replace(st, ceiling=cap, factor=min(st.factor, cap),
+    first = st.ceiling if st.episode_ceiling is None else st.episode_ceiling
+    return dataclasses.replace(st, ceiling=cap, factor=min(st.factor, cap), episode_ceiling=first,
                                backoff_level=None if st.backoff_level is None
                                else min(st.backoff_level, cap)), ()
 
