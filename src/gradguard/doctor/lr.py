@@ -22,10 +22,11 @@ With optimizer state (training under way) the LR the optimizer has is the one pr
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,7 @@ from ._report import Finding
 from ._steps import LR_BLOWUP, MIN_STEPS, FirstStep, StepRunner
 from .sharpness import SHARPNESS_MARGIN, SHARPNESS_PASSES, Sharpness, sharpness
 
+P = ParamSpec("P")
 LR_PROBE_STEPS = 4
 #: The step probe's closing advice (replaced when the LR probed is a schedule's peak)
 WARM_UP_TOO = "(or add warm-up and gradient clipping, gg.NormClip(1.0))"
@@ -194,6 +196,32 @@ def at_schedule_peak(optimizer: torch.optim.Optimizer) -> Iterator[list[Any] | N
             g["lr"] = lr
 
 
+Probe = Callable[Concatenate[nn.Module, torch.optim.Optimizer, P], list[Finding]]
+
+
+def _at_the_peak(probe: Probe[P]) -> Probe[P]:
+    """Run ``probe`` at the LR the schedule plans to reach (:func:`at_schedule_peak`), and
+    have its findings say so."""
+    @functools.wraps(probe)
+    def run(model: nn.Module, optimizer: torch.optim.Optimizer, /, *args: P.args,
+            **kwargs: P.kwargs) -> list[Finding]:
+        with at_schedule_peak(optimizer) as before:
+            found = probe(model, optimizer, *args, **kwargs)
+        if before is not None:
+            now = ", ".join(f"{lr:g}" for lr in dict.fromkeys(before)
+                            if isinstance(lr, (int, float)))
+            for f in found:
+                f.evidence["lr_now"] = before[0]
+                f.evidence["at_schedule_peak"] = True
+                remedy = f.remedy.replace(WARM_UP_TOO, "(or add gradient clipping, "
+                                          "gg.NormClip(1.0): a warm-up reaches the same peak)")
+                f.remedy = (f"Measured at the peak your schedule plans (lr={f.evidence['lr']:g}; "
+                            f"its first steps run at {now}): {remedy}")
+        return found
+    return run
+
+
+@_at_the_peak
 def probe_lr(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -205,36 +233,8 @@ def probe_lr(
     start: FirstStep | None = None,
     pass_s: float = 0.0,
 ) -> list[Finding]:
-    """``lr_too_high`` from the step probe, the curvature rule (SGD), or both, at the LR
-    the schedule plans to reach (:func:`at_schedule_peak`); the arguments are those of
-    :func:`_probe_lr`."""
-    with at_schedule_peak(optimizer) as before:
-        found = _probe_lr(model, optimizer, step_loss, steps=steps, budget=budget,
-                          curvature_loss=curvature_loss, start=start, pass_s=pass_s)
-    if before is not None:
-        now = ", ".join(f"{lr:g}" for lr in dict.fromkeys(before) if isinstance(lr, (int, float)))
-        for f in found:
-            f.evidence["lr_now"] = before[0]
-            f.evidence["at_schedule_peak"] = True
-            remedy = f.remedy.replace(WARM_UP_TOO, "(or add gradient clipping, "
-                                      "gg.NormClip(1.0): a warm-up reaches the same peak)")
-            f.remedy = (f"Measured at the peak your schedule plans (lr={f.evidence['lr']:g}; "
-                        f"its first steps run at {now}): {remedy}")
-    return found
-
-
-def _probe_lr(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step_loss: Callable[[nn.Module], Tensor],
-    *,
-    steps: int = LR_PROBE_STEPS,
-    budget: Budget | None = None,
-    curvature_loss: Callable[[nn.Module], Tensor] | None = None,
-    start: FirstStep | None = None,
-    pass_s: float = 0.0,
-) -> list[Finding]:
-    """``lr_too_high`` from the step probe, the curvature rule (SGD), or both.
+    """``lr_too_high`` from the step probe, the curvature rule (SGD), or both, at the LR the
+    schedule plans to reach (:func:`at_schedule_peak`).
 
     The step probe's finding, when there is one, carries the curvature evidence too. The
     curvature rule alone gives a warning when ``η·λ_max > SHARPNESS_MARGIN x limit``: the loss
