@@ -212,10 +212,8 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                                                        no_snapshot=True, level=level))
             else:
                 step = int(snap["step"])
-                # a wreck: steps skipped for their loss in a run's first steps, or a streak
-                # whose weights the step after its back-off proved at fault (not the batches:
-                # the updates before it wrecked them); how large was the update?
-                if trig.kind == "skip" and (trig.rollback or prior.undo is not None):
+                # a wreck: how large was the update? (see wreck.wrecked)
+                if wreck.wrecked(guard, trig, prior):
                     cap = wreck.cap(guard, snap, prior, trig.step, rec.ring.restored_step)
                     if cap is not None and cap[0] < rec.state.ceiling:
                         rec.state, _ = transition(rec.config, rec.state,

@@ -21,10 +21,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .ladder import LadderState
+from .ladder import OFFSCALE_REASON, SPIKE_REASON, LadderState, Trigger
 
 if TYPE_CHECKING:
     from ..guard import Guard
+
+
+def wrecked(guard: Guard, trig: Trigger, prior: LadderState) -> bool:
+    """Whether the rollback ``trig`` decided (from the ladder's state ``prior``) is for a
+    wreck: steps skipped for their loss in a run's first steps (``trig.rollback``), or a
+    streak of off-scale or spiking steps whose weights the step after its back-off proved at
+    fault (it failed too, on the same weights: not the batches, the updates before them).
+    Not under ``torch.distributed``: the cap is measured on this rank's shards, and the
+    ranks must decide alike (nor is the loss judged per step there)."""
+    if trig.kind != "skip":
+        return False
+    if trig.rollback:
+        return True
+    return (prior.undo is not None and trig.reason in (OFFSCALE_REASON, SPIKE_REASON)
+            and getattr(guard, "dist", None) is None)
 
 
 def cap(guard: Guard, snap: dict[str, Any], prior: LadderState, step: int,
