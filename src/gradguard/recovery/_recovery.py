@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ..errors import GradGuardWarning
 from ..events import Event
 from ..executors import Hook
 from . import _flush, _steps, actions
@@ -409,21 +407,5 @@ class Recovery:
         if isinstance(undo, dict):  # dataclasses.asdict nests it as a dict
             sd["undo"] = LadderState(**undo)
         self.state = LadderState(**sd)
-        self._warn_lost_snapshots()
-
-    def _warn_lost_snapshots(self) -> None:
-        """A checkpoint holds no snapshot: say so when the run resumed had some in memory
-        only (a rollback finds nothing until the resumed run takes one)."""
-        if self.ring.disk is not None or len(self.store):
-            return
-        kept = [*(["the weights before its first step"] if self._rise.initial is not None else []),
-                *([f"step(s) {', '.join(str(s) for s in sorted(self.ring.levels))}"]
-                  if self.ring.levels else [])]
-        if kept:
-            warnings.warn(
-                f"gradguard: Recovery.load_state_dict: the snapshots the checkpointed run kept "
-                f"in memory ({' and '.join(kept)}) are not part of a checkpoint: until the "
-                "resumed run takes one at a healthy flush, a rollback has nothing to restore "
-                "and backs off instead. Recovery(snapshot_dir=...) writes them to disk, where "
-                "a resumed run finds them.", GradGuardWarning, stacklevel=3)
+        self.ring.warn_left_behind(fresh=self._rise.initial is not None)
 

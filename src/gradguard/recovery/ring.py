@@ -151,6 +151,23 @@ class SnapshotRing:
             return None
         return initial if steps[-1] == -1 else self.levels.get(steps[-1])
 
+    def warn_left_behind(self, *, fresh: bool) -> None:
+        """After a resume (``Recovery.load_state_dict``): a checkpoint holds no snapshot, so
+        say so when the run resumed had some in memory only (``fresh``: it had the weights
+        before its first step); a rollback finds nothing until the resumed run takes one."""
+        if self.disk is not None or len(self.store):
+            return
+        kept = [*(["the weights before its first step"] if fresh else []),
+                *([f"step(s) {', '.join(str(s) for s in sorted(self.levels))}"]
+                  if self.levels else [])]
+        if kept:
+            warnings.warn(
+                f"gradguard: Recovery.load_state_dict: the snapshots the checkpointed run kept "
+                f"in memory ({' and '.join(kept)}) are not part of a checkpoint: until the "
+                "resumed run takes one at a healthy flush, a rollback has nothing to restore "
+                "and backs off instead. Recovery(snapshot_dir=...) writes them to disk, where "
+                "a resumed run finds them.", GradGuardWarning, stacklevel=4)
+
     def load(self, back: int) -> dict[str, Any] | None:
         """A copy of a good snapshot: from memory, else (after a resume) from disk."""
         snap = self.store.load_good(back=back)
