@@ -292,6 +292,21 @@ def test_a_flat_loss_that_fell_within_its_first_noise_is_not_said_not_to_have_fa
     assert "did not fall" not in text
 
 
+def test_a_loss_that_fell_fast_through_its_first_steps_did_fall():
+    """Found as a stranger (a digits MLP in the Hugging Face Trainer at AdamW 0.03 under
+    `gradguard run`): its loss falls from 2.3 to 0.1 through its first steps and to 0.002
+    by the end, and the summary said it "fell only from 0.654 to 0.00185, within the noise
+    of its first steps". The noise of the first steps is their step-to-step change, not
+    their spread about a median that a fall runs through."""
+    d = _data([], n=400)
+    g = np.random.default_rng(0)
+    d.loss = np.concatenate([np.geomspace(2.3, 0.1, 40), np.geomspace(0.1, 0.002, 360)]) \
+        * np.exp(0.2 * g.standard_normal(400))
+    out = judge(d)
+    assert (out.status, out.flat) == ("healthy", False) and out.final < 0.01 * out.start
+    assert "within the noise" not in summary_sentence(d)
+
+
 def test_summary_of_batches_on_another_scale_and_what_to_check():
     """Steps skipped by the batch norm statistics alone (gradguard._running.offscale):
     nothing spiked, so the summary tells what did, and the remedy what to look at."""
