@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import gradguard as gg
+from gradguard.recovery.dead import DeadLayers
 from gradguard.recovery.ladder import LadderState
-from gradguard.recovery.rise import FRESH_SIGMAS, NOISE_UNITS, SEVERE, DeadLayers, LossRise
+from gradguard.recovery.rise import FRESH_SIGMAS, NOISE_UNITS, SEVERE, LossRise
 from gradguard.recovery.snapshots import copy_state
 from gradguard.recovery.verdict import GRAD_SPIKE, LOSS_SPIKE, STEP_GRAD_RATIO, SpikeVerdict
 from helpers import recording_guard

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..events import Event
 from ..executors import Hook
 from . import _flush, _steps, actions
+from .dead import DeadLayers
 from .defaults import (
     BACKOFF,
     MAX_ROLLBACKS,
@@ -33,7 +34,7 @@ from .ladder import Action, LadderConfig, LadderState, Trigger, transition
 from .late import LateFlags
 from .probe import RETRY_TROUBLE, LrProbe
 from .ring import SnapshotRing
-from .rise import BLOCK, DeadLayers, LossRise
+from .rise import BLOCK, LossRise
 from .shift import ShiftTest
 from .snapshots import KEEP, DiskSnapshotStore, MemorySnapshotStore, state_bytes
 from .tally import ClipTally

@@ -52,8 +52,8 @@ lowest of its first ``FIRST`` losses: a first update that blows the loss up 100x
 the fresh model's level). On its own that is no sign of trouble (early in a healthy run,
 or in one that learns little, the loss wanders about its first values: a rule of this
 kind alone made 9 warnings in benchmarks/quality.py's 20,000 healthy steps), so it counts
-only with :class:`DeadLayers`: layers that had a gradient and have had none at all,
-exactly zero, on at least ``DEAD`` (15) of their last ``2 * BLOCK`` (20) taken steps or
+only with :class:`~.dead.DeadLayers`: layers that had a gradient and have had none at all,
+exactly zero, on at least ``DEAD`` (15, :mod:`.dead`) of their last ``2 * BLOCK`` (20) taken steps or
 on the last ``BLOCK`` (10) in a row (every layer below the dead ReLUs: no gradient flows through a unit that never
 activates; a batch now and then that still wakes a unit does not make the network
 alive). A healthy layer's gradient is never exactly zero on most steps; a task head that
@@ -109,12 +109,10 @@ from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ..detectors.config import MAD_TO_SIGMA, NEGLIGIBLE
+from ..detectors.config import MAD_TO_SIGMA
 
 #: Steps per rolling median.
 BLOCK = 10
-#: Taken steps of the last ``2 * BLOCK`` on which a dead layer had no gradient at all.
-DEAD = 15
 #: The first steps of a run whose lowest loss is the fresh model's level.
 FIRST = 3
 #: The share of what the run had learnt (initial - best) that a rise must give back.
@@ -351,55 +349,3 @@ class LossRise:
         self.first_block = sd.get("first_block")  # type: ignore[assignment]
         first = sd.get("first")
         self._first = list(first) if first is not None else None  # type: ignore[call-overload]
-
-
-class DeadLayers:
-    """Layers that had a gradient once and have had none at all (exactly zero) on at least
-    ``DEAD`` of their last ``2 * BLOCK`` taken steps, or on the last ``BLOCK`` in a row:
-    killed units pass no gradient down, and a batch now and then that still wakes one does
-    not bring the layer back. A layer that never had one (frozen, unused) is not dead, nor
-    is one whose gradient was never above ``NEGLIGIBLE`` x the step's largest layer norm
-    (a signal that vanished on its way there, whose underflow is exactly zero at times).
-    Host values only, fed once per flush.
-
-    Example:
-        >>> dead = DeadLayers()
-        >>> dead.update(["conv", "head"], [[1.0, 1.0]] * 5 + [[0.0, 0.3]] * 15, [False] * 20)
-        ['conv']
-    """
-
-    def __init__(self) -> None:
-        self.alive: set[str] = set()  # layers that have had a gradient
-        self._zero: dict[str, deque[bool]] = {}  # layer -> its last 2 * BLOCK taken steps: zero?
-
-    def update(self, layers: Sequence[str], norms: Sequence[Sequence[float]],
-               skipped: Sequence[bool]) -> list[str]:
-        """Take a flushed window in (per step, each layer's gradient norm) and return the
-        dead layers."""
-        for row, sk in zip(norms, skipped):
-            if sk or not all(math.isfinite(x) for x in row):
-                continue
-            top = max(row, default=0.0)
-            for name, x in zip(layers, row):
-                if x > NEGLIGIBLE * top:  # not the underflow of a vanished signal
-                    self.alive.add(name)
-                if name in self.alive:
-                    self._zero.setdefault(name, deque(maxlen=2 * BLOCK)).append(x == 0.0)
-        return [n for n in layers if n in self.alive and _dead(self._zero.get(n, ()))]
-
-    def state_dict(self) -> dict[str, object]:
-        return {"alive": sorted(self.alive), "zero": {k: list(v) for k, v in self._zero.items()}}
-
-    def load_state_dict(self, sd: dict[str, object]) -> None:
-        self.alive = set(sd.get("alive") or [])  # type: ignore[call-overload]
-        zero = dict(sd.get("zero") or {})  # type: ignore[call-overload]
-        # older checkpoints kept a count of zero steps in a row
-        self._zero = {k: deque([True] * v if isinstance(v, int) else v, maxlen=2 * BLOCK)
-                      for k, v in zero.items()}
-
-
-def _dead(zero: Sequence[bool]) -> bool:
-    """No gradient on ``DEAD`` of the last ``2 * BLOCK`` taken steps, or on the last
-    ``BLOCK`` of them in a row (a network that has just died)."""
-    zero = list(zero)
-    return sum(zero) >= DEAD or (len(zero) >= BLOCK and all(zero[-BLOCK:]))

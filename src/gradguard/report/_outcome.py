@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..events import UNIT_ERROR_REMEDY
+from . import _levels
+from ._levels import REL_TOL, flat_words, median, tol
 
 if TYPE_CHECKING:
     from ._data import RunData
@@ -42,11 +44,6 @@ Status = Literal["healthy", "recovered", "not_recovered", "stalled", "diverged",
 LEVEL_FRACTION = 0.1
 #: ... and over at least / at most this many steps.
 MIN_LEVEL_STEPS, MAX_LEVEL_STEPS = 3, 50
-#: Two levels within this relative distance are the same level (mini-batch losses wander
-#: by a few % at a fixed point) ...
-REL_TOL = 0.05
-#: ... or within this many robust standard deviations (1.4826 MAD) of the window's noise.
-NOISE_K = 3.0
 #: A run whose last window is more than this fraction skipped or non-finite did not
 #: come back, whatever its loss says (a skipped step does not move the loss).
 TAIL_BAD_FRACTION = 0.5
@@ -110,50 +107,6 @@ def read_guard_config(run_dir: str | Path) -> dict[str, Any] | None:
     return cfg if isinstance(cfg, dict) else None
 
 
-def _median(x: Any) -> float | None:
-    import numpy as np
-
-    return float(np.median(x)) if len(x) else None
-
-
-def _spread(window: Any) -> float:
-    """The robust standard deviation of ``window`` (MAD x 1.4826; 0 when empty)."""
-    import numpy as np
-
-    return 1.4826 * float(np.median(np.abs(window - np.median(window)))) if len(window) else 0.0
-
-
-def _tol(level: float, window: Any) -> float:
-    return max(REL_TOL * abs(level), NOISE_K * _spread(window))
-
-
-def _rose(start: float, final: float, end: Any) -> bool:
-    """Whether the loss ended (``final``, the median of the ``end`` window) above where it
-    started, out of the end window's noise. In log units when the losses are positive: a
-    loss that exploded is noisy in absolute terms (5,228, 1,983, 2,997 at the end of a run
-    that started at 4.4: a spread of thousands, which called it "healthy")."""
-    import numpy as np
-
-    if start > 0 and final > 0 and len(end) and bool((end > 0).all()):
-        return math.log(final / start) > max(math.log1p(REL_TOL), NOISE_K * _spread(np.log(end)))
-    return final > start + _tol(start, end)
-
-
-def _flat(start: float, final: float, first: Any) -> bool:
-    """Whether the loss ended where it started, within the noise of its ``first`` steps. In
-    log units when the losses are positive, the noise from the step-to-step changes: the
-    spread about their median counts a loss that falls fast through its first steps as
-    noise (found as a stranger: a digits MLP in the Hugging Face Trainer at AdamW 0.03 falls
-    from 2.3 to 0.1 in them; its fall from 0.654 to 0.00185 was "within the noise of its
-    first steps")."""
-    import numpy as np
-
-    if start > 0 and final > 0 and len(first) > 2 and bool((first > 0).all()):
-        noise = _spread(np.diff(np.log(first))) / math.sqrt(2)  # a change has twice the variance
-        return math.log(start / final) <= max(math.log1p(REL_TOL), NOISE_K * noise)
-    return final >= start - _tol(start, first)
-
-
 def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     """Judge how the run in ``data`` ended (see the module docstring).
 
@@ -206,10 +159,10 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         first = loss[fin][:k]
         start = min(float(first[0]), float(np.median(first)))
         end = loss[tail][fin[tail]]
-        final = _median(end)
+        final = median(end)
         if final is not None:
-            rose = _rose(start, final, end)
-            flat = not rose and _flat(start, final, first)
+            rose = _levels.rose(start, final, end)
+            flat = not rose and _levels.flat(start, final, first)
         if incident is not None:
             pre = (data.step < incident) & fin
             window = loss[pre][-k:]
@@ -246,7 +199,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         clause = "training diverged (the loss rose over the run)"
     elif incident is None:
         status, clause = "healthy", ""
-    elif before is None or final is None or final <= before + _tol(
+    elif before is None or final is None or final <= before + tol(
             before, loss[(data.step < incident) & fin][-k:]):
         status, clause = "recovered", "training recovered"
     else:
@@ -269,17 +222,6 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    remedy(status, cause, config, data, incident), incident, start, before,
                    final, rose, flat)
-
-
-def flat_words(start: float, final: float) -> str:
-    """How a flat loss is told: "did not fall" when it ended within ``REL_TOL`` of where it
-    started or above; a loss that fell by more, but within the noise of its first steps
-    (GPT-2 at 33x its LR in the HF Trainer: 3.274 to 2.997, its first losses 2.7-6.4),
-    "fell only ... within the noise of its first steps"."""
-    if final >= start - REL_TOL * abs(start):
-        return f"the loss did not fall ({start:.4g} at the start, {final:.4g} at the end)"
-    return (f"the loss fell only from {start:.4g} to {final:.4g}, within the noise of its "
-            "first steps")
 
 
 def died_layers(events: list[dict[str, Any]]) -> tuple[int, list[str]] | None:

@@ -93,9 +93,9 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     """
     import numpy as np
 
+    from ._levels import flat_words
     from ._outcome import (
         died_layers,
-        flat_words,
         judge,
         ladder_reason,
         read_guard_config,

@@ -1,0 +1,67 @@
+"""Layers that died: they had a gradient and have had none at all since (the partner of
+the loss-rise test in :mod:`.rise`, whose module docstring says how the two decide a
+rollback together)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+
+from ..detectors.config import NEGLIGIBLE
+from .rise import BLOCK
+
+#: Taken steps of the last ``2 * BLOCK`` on which a dead layer had no gradient at all.
+DEAD = 15
+
+
+class DeadLayers:
+    """Layers that had a gradient once and have had none at all (exactly zero) on at least
+    ``DEAD`` of their last ``2 * BLOCK`` taken steps, or on the last ``BLOCK`` in a row:
+    killed units pass no gradient down, and a batch now and then that still wakes one does
+    not bring the layer back. A layer that never had one (frozen, unused) is not dead, nor
+    is one whose gradient was never above ``NEGLIGIBLE`` x the step's largest layer norm
+    (a signal that vanished on its way there, whose underflow is exactly zero at times).
+    Host values only, fed once per flush.
+
+    Example:
+        >>> dead = DeadLayers()
+        >>> dead.update(["conv", "head"], [[1.0, 1.0]] * 5 + [[0.0, 0.3]] * 15, [False] * 20)
+        ['conv']
+    """
+
+    def __init__(self) -> None:
+        self.alive: set[str] = set()  # layers that have had a gradient
+        self._zero: dict[str, deque[bool]] = {}  # layer -> its last 2 * BLOCK taken steps: zero?
+
+    def update(self, layers: Sequence[str], norms: Sequence[Sequence[float]],
+               skipped: Sequence[bool]) -> list[str]:
+        """Take a flushed window in (per step, each layer's gradient norm) and return the
+        dead layers."""
+        for row, sk in zip(norms, skipped):
+            if sk or not all(math.isfinite(x) for x in row):
+                continue
+            top = max(row, default=0.0)
+            for name, x in zip(layers, row):
+                if x > NEGLIGIBLE * top:  # not the underflow of a vanished signal
+                    self.alive.add(name)
+                if name in self.alive:
+                    self._zero.setdefault(name, deque(maxlen=2 * BLOCK)).append(x == 0.0)
+        return [n for n in layers if n in self.alive and _dead(self._zero.get(n, ()))]
+
+    def state_dict(self) -> dict[str, object]:
+        return {"alive": sorted(self.alive), "zero": {k: list(v) for k, v in self._zero.items()}}
+
+    def load_state_dict(self, sd: dict[str, object]) -> None:
+        self.alive = set(sd.get("alive") or [])  # type: ignore[call-overload]
+        zero = dict(sd.get("zero") or {})  # type: ignore[call-overload]
+        # older checkpoints kept a count of zero steps in a row
+        self._zero = {k: deque([True] * v if isinstance(v, int) else v, maxlen=2 * BLOCK)
+                      for k, v in zero.items()}
+
+
+def _dead(zero: Sequence[bool]) -> bool:
+    """No gradient on ``DEAD`` of the last ``2 * BLOCK`` taken steps, or on the last
+    ``BLOCK`` of them in a row (a network that has just died)."""
+    zero = list(zero)
+    return sum(zero) >= DEAD or (len(zero) >= BLOCK and all(zero[-BLOCK:]))
