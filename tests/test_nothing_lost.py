@@ -141,9 +141,10 @@ def test_a_guard_resumed_mid_window_continues_exactly(tmp_path, name):
 
 
 
-def _resumed_at_an_lr_too_high(tmp_path, snapshot_dir):
-    """20 healthy steps (snapshots at 14 and 19, and the weights before the first step),
-    a checkpoint, and a resume into fresh objects at Adam lr 3, which wrecks the MLP."""
+def _resumed_at_an_lr_too_high(tmp_path, snapshot_dir, bad=()):
+    """20 healthy steps (snapshots at 14 and 19, and the weights before the first step; the
+    ``bad`` steps of them NaN), a checkpoint, and a resume into fresh objects at Adam lr 3,
+    which wrecks the MLP."""
     def make(lr):
         model = mlp()
         opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -152,7 +153,7 @@ def _resumed_at_an_lr_too_high(tmp_path, snapshot_dir):
 
     data = batches(200, seed=11)
     model, opt, guard = make(1e-2)
-    train(guard, model, opt, data[:20])
+    train(guard, model, opt, data[:20], bad=bad)
     guard.recovery.wait()
     torch.save({"model": model.state_dict(), "guard": guard.state_dict()}, tmp_path / "ckpt.pt")
     guard.close()
@@ -162,14 +163,38 @@ def _resumed_at_an_lr_too_high(tmp_path, snapshot_dir):
     return model, opt, guard, ckpt["guard"], data[20:]
 
 
-def test_a_resume_without_snapshot_dir_says_its_snapshots_stayed_behind(tmp_path):
-    """The in-memory snapshots are no part of a checkpoint: the resume says so, and the
-    abort of rollbacks that had nothing to restore says they backed off instead (it said
-    "after 3 rollback(s)" when no weights were restored)."""
+def test_a_resume_without_snapshot_dir_keeps_the_weights_it_resumed_with(tmp_path):
+    """The in-memory snapshots are no part of a checkpoint. A checkpoint taken while the
+    ladder was calm holds weights as sound as its last snapshot: the resumed run keeps them
+    at its first step, says nothing, and rolls back to them (it warned at every resume, and
+    this run, with nothing to restore, backed off three times and raised
+    ``TrainingDiverged``)."""
     model, opt, guard, state, data = _resumed_at_an_lr_too_high(tmp_path, None)
-    with pytest.warns(gg.GradGuardWarning, match=r"weights before its first step and "
-                      r"step\(s\) 14, 19\) are not part of a checkpoint.*snapshot_dir"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gg.GradGuardWarning)
         guard.load_state_dict(state)
+        train(guard, model, opt, data, start=20)
+    rolled = [e.data["snapshot_step"] for e in guard.events if e.kind == "rollback"]
+    assert rolled == [19]  # the weights of the checkpoint, after step 19's update
+    assert not [e for e in guard.events if e.kind == "abort"]
+    assert guard.recovery.lr_factor < 0.01  # the wreck's cap: lr 3 was far too high
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_a_resume_mid_incident_says_its_snapshots_stayed_behind(tmp_path):
+    """A checkpoint taken while the ladder was at work (NaN steps 17-19 backed the LR off, the
+    next step to tell whether the weights are sound) holds weights of the incident, kept as no
+    snapshot: the resume
+    says the snapshots stayed behind, and the abort of rollbacks that had nothing to restore
+    says they backed off instead (it said "after 3 rollback(s)" when no weights were
+    restored)."""
+    model, opt, guard, state, data = _resumed_at_an_lr_too_high(tmp_path, None, bad={17, 18, 19})
+    with pytest.warns(gg.GradGuardWarning, match=r"at work on an incident.*snapshots from "
+                      r"before it \(the weights before its first step and step\(s\) 9, 14\) "
+                      r"were kept in memory only.*snapshot_dir") as caught:
+        guard.load_state_dict(state)
+    assert caught[0].filename == __file__  # the line that resumed, not one of gradguard's
     with pytest.raises(gg.TrainingDiverged, match="found no snapshot to restore, each a back-off"):
         train(guard, model, opt, data, start=20)
     assert not [e for e in guard.events if e.kind == "rollback"]

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
 from typing import Any
+
+_PACKAGE = str(Path(__file__).resolve().parent)
 
 
 class GradGuardWarning(UserWarning):
     """Warnings gradguard emits about training health."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` of ``warnings.warn``, called by the function that calls this one,
+    that names the first frame outside gradguard: the user's line, however many of
+    gradguard's calls lie between (``Guard.load_state_dict`` or ``Recovery.load_state_dict``
+    alike)."""
+    frame: FrameType | None = sys._getframe(2)
+    level = 2
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class NonFiniteGradientError(FloatingPointError):

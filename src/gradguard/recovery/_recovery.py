@@ -196,6 +196,9 @@ class Recovery:
         self._dying: float | None = None
         self.restores = 0  # weights restored: rollbacks, and the LR probe's forks (_flush)
         self._judged = -1  # the step of the last judgement of the loss level (see _flush)
+        #: resumed from a checkpoint with no snapshot to restore (none on disk): the first
+        #: step keeps the resumed weights (:meth:`before_step`)
+        self._resumed = False
 
     def __getattr__(self, name: str) -> Any:
         # the ladder options read as attributes: rec.backoff, rec.restore_steps, ...
@@ -311,6 +314,10 @@ class Recovery:
         are heard here, once its last update is done."""
         if guard.step_count == 0 and not len(self.store) and self.ring.keep(guard, -1):
             self.ring.kept(-1, self.restores)
+        if self._resumed:
+            self._resumed = False
+            if not len(self.store):  # held in memory only, as a stand-in (load_state_dict)
+                self.ring.keep(guard, guard.step_count - 1, disk=False)
         if isinstance(guard.executor, Hook):
             _steps.hear(self, guard)
         self._feed(guard, Trigger("tick", guard.step_count), list)
@@ -380,6 +387,15 @@ class Recovery:
             **self.ring.tests_state()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. The snapshots are no part of it: without
+        ``snapshot_dir`` (or with none there) a checkpoint taken while the ladder was calm
+        holds weights as sound as its last snapshot, and the resumed run keeps them at its
+        first step, in memory, as a stand-in for the snapshots left behind (the ladder's
+        state, and so this one's, stays the uninterrupted run's; the stand-in's loss level
+        is unknown). A checkpoint taken while the ladder was at work, before a flush had
+        judged the loss, or with the loss above the last snapshot's level holds weights
+        that may be the trouble's: none is kept, and a ``GradGuardWarning`` says why and
+        names the snapshots left behind."""
         sd = dict(sd)
         self._host_steps = set(sd.pop("host_steps", ()))
         self._level = sd.pop("level", None)
@@ -408,5 +424,32 @@ class Recovery:
         if isinstance(undo, dict):  # dataclasses.asdict nests it as a dict
             sd["undo"] = LadderState(**undo)
         self.state = LadderState(**sd)
-        self.ring.warn_left_behind(fresh=self._rise.initial is not None)
+        guard = self._guard() if self._guard is not None else None
+        if len(self.store) or (self.ring.disk is not None and self.ring.disk.steps()) or (
+                guard is not None and guard.step_count == 0):  # nothing kept, none needed
+            return
+        unsound = self._unsound()
+        self._resumed = unsound is None
+        if unsound is not None:
+            self.ring.warn_left_behind(unsound, fresh=self._rise.initial is not None)
+
+    def _unsound(self) -> str | None:
+        """Why the weights of the checkpoint just loaded are no stand-in for a snapshot
+        (None: they are as sound as the last one, see :meth:`load_state_dict`): the ladder
+        was at work, or no flush had judged the loss yet, or the last one would have kept
+        no snapshot (the loss above the newest snapshot's level, as :func:`._flush._healthy`
+        tests)."""
+        st = self.state
+        if self.busy or st.consecutive_skips or st.undo is not None or st.untested is not None:
+            return "while the recovery was at work on an incident"
+        if self._progress is None:
+            return "before a flush had judged its loss"
+        if st.level_off:
+            return None
+        snap = self.ring.newest_level(self._rise.initial)
+        if self._rise.noisy() is not None or (
+                snap is not None and self._progress > snap * self.config.stall_factor):
+            return (f"with its loss at {self._progress:.4g}, above the level of its last "
+                    f"snapshot ({'unknown' if snap is None else f'{snap:.4g}'})")
+        return None
 

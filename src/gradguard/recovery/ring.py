@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from ..errors import GradGuardWarning
+from ..errors import GradGuardWarning, caller_stacklevel
 from ..units import DYING
 from . import actions
 from .rise import AT_FRESH
@@ -151,22 +151,29 @@ class SnapshotRing:
             return None
         return initial if steps[-1] == -1 else self.levels.get(steps[-1])
 
-    def warn_left_behind(self, *, fresh: bool) -> None:
-        """After a resume (``Recovery.load_state_dict``): a checkpoint holds no snapshot, so
+    def newest_level(self, initial: float | None) -> float | None:
+        """The loss level of the newest snapshot taken, in memory or not (``initial``, the
+        fresh model's, when only the weights before the first step were)."""
+        return self.levels[max(self.levels)] if self.levels else initial
+
+    def warn_left_behind(self, why: str, *, fresh: bool) -> None:
+        """After a resume (``Recovery.load_state_dict``) whose weights are no stand-in for a
+        snapshot (``why``: the checkpoint was taken so): a checkpoint holds no snapshot, so
         say so when the run resumed had some in memory only (``fresh``: it had the weights
         before its first step); a rollback finds nothing until the resumed run takes one."""
         if self.disk is not None or len(self.store):
             return
-        kept = [*(["the weights before its first step"] if fresh else []),
+        kept = [*(["the weights before its first step"] if fresh or not self.levels else []),
                 *([f"step(s) {', '.join(str(s) for s in sorted(self.levels))}"]
                   if self.levels else [])]
-        if kept:
-            warnings.warn(
-                f"gradguard: Recovery.load_state_dict: the snapshots the checkpointed run kept "
-                f"in memory ({' and '.join(kept)}) are not part of a checkpoint: until the "
-                "resumed run takes one at a healthy flush, a rollback has nothing to restore "
-                "and backs off instead. Recovery(snapshot_dir=...) writes them to disk, where "
-                "a resumed run finds them.", GradGuardWarning, stacklevel=4)
+        warnings.warn(
+            f"gradguard: Recovery.load_state_dict: the checkpoint was taken {why}, so its "
+            f"weights are kept as no snapshot, and the snapshots from before it "
+            f"({' and '.join(kept)}) were kept in memory only, not in the checkpoint: until "
+            "the resumed run takes one at a healthy flush, a rollback has nothing to "
+            "restore and backs off instead. Recovery(snapshot_dir=...) writes them to "
+            "disk, where a resumed run finds them.", GradGuardWarning,
+            stacklevel=caller_stacklevel())
 
     def load(self, back: int) -> dict[str, Any] | None:
         """A copy of a good snapshot: from memory, else (after a resume) from disk."""
