@@ -15,10 +15,11 @@ import torch
 
 from . import distributed, precursors
 from .errors import GradGuardWarning, NonFiniteGradientError, TrainingDiverged
+from .events import Event
 from .executors import maximizing, optimizer_kind
 from .monitor import describe_nonfinite
 from .naming import named_optimizer_params, optimizer_layout
-from .telemetry import StepStats, Telemetry, Window
+from .telemetry import StepStats, Telemetry, Window, layer_of
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -103,6 +104,37 @@ def relayout(guard: Guard) -> None:
         guard._sampler.telemetry = guard.telemetry
     if guard.recovery is not None:
         guard.recovery.relayout(guard)
+
+
+def renorm(guard: Guard, new: list[int], step: int) -> None:
+    """Parameters got their first gradient at ``step`` (``new``: their positions; an
+    unfrozen backbone, :meth:`Telemetry.grew <gradguard.telemetry.Telemetry.grew>`): the
+    total norm is now of a larger set and its scale changed for good, as after
+    ``add_param_group`` (:func:`relayout`), so the clip policy (``reset``), the per-step
+    spike verdict and the flush detectors learn it anew; statistics of the old set would
+    clip it (ZClip at x0.3 for 40 steps) and call it a spike. The snapshots stay (the
+    weights and optimizer state are of the same parameters); a restore of one taken
+    before ``step`` keeps the statistics learnt since (:func:`stale
+    <gradguard.recovery.actions.stale>`). One process only: under torch.distributed the
+    ranks of a pipeline or tensor-parallel mesh hold different parameters, and must clip
+    alike."""
+    reset = getattr(guard.clip, "reset", None)
+    if callable(reset):
+        reset()
+    state = guard.monitor.detector_state
+    state.grad.clear()
+    state.precursors = precursors.PrecursorState()
+    if guard.recovery is not None:
+        guard.recovery.renorm()
+    layers = list(dict.fromkeys(layer_of(guard.names[i]) for i in new))
+    shown = ", ".join(f"`{n}`" for n in layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+    guard.add_event(Event(
+        kind="new_gradients", step=step, severity="info", value=float(len(new)),
+        message=(f"step {step}: {len(new)} parameter(s) got a gradient for the first time "
+                 f"({shown}): the gradient norm is of a larger set from here; the clip "
+                 "policy and the spike tests learn its scale anew"),
+        data={"layers": layers, "params": [guard.names[i] for i in new]},
+    ))
 
 
 def loss_sign(optimizer: torch.optim.Optimizer) -> float:

@@ -40,6 +40,8 @@ EVENT_KINDS: tuple[str, ...] = (
     "update_ratio",
     # a precursor of divergence seen before the loss spikes (gradguard.precursors)
     "divergence_risk",
+    # parameters got their first gradient (an unfrozen layer): the norm's scale is learnt anew
+    "new_gradients",
 )
 CAUSES: tuple[str, ...] = (
     "init_too_large",

@@ -201,6 +201,10 @@ class Telemetry:
         self._extra: Tensor | None = None  # [2, n_params] weight and update norms
         self._present: set[int] | None = None  # params with a gradient tensor at the window's
         # first step (host-side, sampled once per window)
+        #: params that have had a gradient tensor at some step measured (host-side; None
+        #: before the first), and the last step at which one had its first (:meth:`grew`)
+        self._trained: set[int] | None = None
+        self.grew_at: int | None = None
         self._next_step = 0
         index = [] if model is None else watched(model, self.params)
         #: the dying units' counters (None: no weight is watched)
@@ -218,6 +222,21 @@ class Telemetry:
         norms are multiplied by (``1 / loss_scale`` while the gradients are still scaled)."""
         return measure(self.params, self.norm_type, torch.float32, self.device,
                        self.reducer(), self.names, scale=scale)
+
+    def grew(self, stats: StepStats, step: int) -> list[int]:
+        """The parameters (positions) with a gradient at ``step`` that had none at any step
+        before: an unfrozen layer (``requires_grad_(True)`` on parameters the optimizer
+        held all along), a branch used for the first time. Host-side (``p.grad`` is None or
+        not), no device read; [] at the first step measured, which starts the record."""
+        present = [i for grp in stats.groups for i in grp.index]
+        if self._trained is None:
+            self._trained = set(present)
+            return []
+        new = [i for i in present if i not in self._trained]
+        if new:
+            self._trained.update(new)
+            self.grew_at = step
+        return new
 
     def sample_units(self, step: int) -> Tensor | None:
         """``[share, position]`` of the units that died (:meth:`UnitWatch.sample
@@ -360,6 +379,8 @@ class Telemetry:
             "next_step": self._next_step,
             "names": list(self.names),
             "present": None if self._present is None else sorted(self._present),
+            "trained": None if self._trained is None else sorted(self._trained),
+            "grew_at": self.grew_at,
             "units": None if self.units is None else self.units.state_dict(),
         }
 
@@ -387,5 +408,9 @@ class Telemetry:
             self.units.load_state_dict(units)
         present = sd.get("present")
         self._present = None if present is None else {int(i) for i in present}  # type: ignore[attr-defined]
+        trained = sd.get("trained")  # absent from older checkpoints: learnt anew
+        self._trained = None if trained is None else {int(i) for i in trained}  # type: ignore[attr-defined]
+        grew_at = sd.get("grew_at")
+        self.grew_at = None if grew_at is None else int(grew_at)  # type: ignore[call-overload]
 
 

@@ -361,7 +361,7 @@ def _to_control(rec: Recovery, guard: Guard, fork: dict[str, Any] | None) -> Non
     detectors' history it had; the loss level is learnt again."""
     if fork is not None:
         _restore(rec, guard, fork)
-        if "detectors" in fork:
+        if "detectors" in fork and not actions.stale(guard, fork):
             guard.monitor.detector_state.restart(fork["detectors"])
     rec._rise.reset()
 

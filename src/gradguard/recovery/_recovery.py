@@ -287,6 +287,11 @@ class Recovery:
         self._probe.cancel(guard.step_count)
         self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
 
+    def renorm(self) -> None:
+        """Parameters got their first gradient (:func:`gradguard._lifecycle.renorm`): the
+        spike verdict forgets the old set's norm, as the clip policy does."""
+        self._verdict = SpikeVerdict()
+
     def flush_every(self, every: int) -> int:
         """Steps between the guard's flushes: ``every``, or at most ``BLOCK`` (10) while
         the ladder is at work (a progress check pending, the LR restoring, or a lowered

@@ -152,8 +152,8 @@ def rollback(
     sampler = getattr(guard, "_sampler", None)
     if sampler is not None:  # the first update from the restored weights is measured
         sampler.first_due, sampler.first, sampler.first_step = True, None, None
-    if "detectors" in snap:  # the losses and norms that led to the restored weights
-        guard.monitor.detector_state.restart(snap["detectors"])
+    if "detectors" in snap and not stale(guard, snap):  # the losses and norms that led
+        guard.monitor.detector_state.restart(snap["detectors"])  # to the restored weights
     guard.batches_to_skip = a.skip_batches
     if reset_mode == "none":
         return []
@@ -266,11 +266,22 @@ def restore(guard: Guard, snap: dict[str, Any]) -> None:
     groups = list(local.param_groups)
     local.load_state_dict(snap["optimizer"])
     local.param_groups[:] = groups
+    if stale(guard, snap):
+        return
     if guard.clip is not None and snap.get("clip") is not None:
         guard.clip.load_state_dict(copy_state(snap["clip"], guard.telemetry.device))
     verdict = getattr(guard.recovery, "_verdict", None)
     if verdict is not None and snap.get("verdict") is not None:
         verdict.load_state_dict(copy_state(snap["verdict"], guard.telemetry.device))
+
+
+def stale(guard: Guard, snap: dict[str, Any]) -> bool:
+    """Whether ``snap``'s gradient statistics (the clip policy's, the spike verdict's, the
+    flush detectors' norms) describe another set of parameters than the one trained now:
+    taken before some got their first gradient (:func:`gradguard._lifecycle.renorm`).
+    Its weights and optimizer state are restored, and the statistics learnt since kept."""
+    grew = guard.telemetry.grew_at
+    return grew is not None and int(snap["step"]) < grew
 
 
 def reset_moments(guard: Guard, layers: Sequence[str] | None) -> list[str]:
