@@ -15,7 +15,7 @@ import torch
 
 from . import distributed, precursors
 from .errors import GradGuardWarning, NonFiniteGradientError, TrainingDiverged
-from .events import Event
+from .events import Event, listed
 from .executors import maximizing, optimizer_kind
 from .monitor import describe_nonfinite
 from .naming import named_optimizer_params, optimizer_layout
@@ -94,16 +94,22 @@ def relayout(guard: Guard) -> None:
     guard._sign = loss_sign(guard.optimizer)
     warn_eps_underflow(guard.optimizer)
     guard._fresh.reset()  # the new parameters have no optimizer state yet
+    forget_norms(guard)
+    if guard._sampler is not None:
+        guard._sampler.telemetry = guard.telemetry
+    if guard.recovery is not None:
+        guard.recovery.relayout(guard)
+
+
+def forget_norms(guard: Guard) -> None:
+    """The clip policy (``reset``, where the policy has one: a user's policy may not) and
+    the flush detectors forget the gradient norm of the parameters trained so far."""
     reset = getattr(guard.clip, "reset", None)
     if callable(reset):
         reset()
     state = guard.monitor.detector_state
     state.grad.clear()
     state.precursors = precursors.PrecursorState()
-    if guard._sampler is not None:
-        guard._sampler.telemetry = guard.telemetry
-    if guard.recovery is not None:
-        guard.recovery.relayout(guard)
 
 
 def renorm(guard: Guard, new: list[int], step: int) -> None:
@@ -118,20 +124,14 @@ def renorm(guard: Guard, new: list[int], step: int) -> None:
     <gradguard.recovery.actions.stale>`). One process only: under torch.distributed the
     ranks of a pipeline or tensor-parallel mesh hold different parameters, and must clip
     alike."""
-    reset = getattr(guard.clip, "reset", None)
-    if callable(reset):
-        reset()
-    state = guard.monitor.detector_state
-    state.grad.clear()
-    state.precursors = precursors.PrecursorState()
+    forget_norms(guard)
     if guard.recovery is not None:
         guard.recovery.renorm()
     layers = list(dict.fromkeys(layer_of(guard.names[i]) for i in new))
-    shown = ", ".join(f"`{n}`" for n in layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
     guard.add_event(Event(
         kind="new_gradients", step=step, severity="info", value=float(len(new)),
         message=(f"step {step}: {len(new)} parameter(s) got a gradient for the first time "
-                 f"({shown}): the gradient norm is of a larger set from here; the clip "
+                 f"({listed(layers)}): the gradient norm is of a larger set from here; the clip "
                  "policy and the spike tests learn its scale anew"),
         data={"layers": layers, "params": [guard.names[i] for i in new]},
     ))

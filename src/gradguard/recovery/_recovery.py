@@ -283,7 +283,7 @@ class Recovery:
         spike verdict forgets the old set's norm (as the clip policy does), and an LR probe
         under way is void (its copy of the training state is of the old groups)."""
         self.ring.clear()
-        self._verdict = SpikeVerdict()
+        self.renorm()
         self._probe.cancel(guard.step_count)
         self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
 
