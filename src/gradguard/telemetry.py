@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -22,9 +21,10 @@ from . import distributed
 from .measure import GradGroup, StepStats, group_grads, measure, measure_grads, norm_dtype
 from .naming import ROOT_LAYER, layer_of, named_optimizer_params
 from .units import UnitWatch, watched
+from .window import Window
 
-# the measurement moved to gradguard.measure and the naming to gradguard.naming; their
-# names stay importable from here
+# the measurement moved to gradguard.measure, the naming to gradguard.naming and the
+# window to gradguard.window; their names stay importable from here
 __all__ = [
     "ROOT_LAYER", "GradGroup", "StepStats", "Telemetry", "Window", "group_grads", "layer_of",
     "measure_grads", "named_optimizer_params", "norm_dtype",
@@ -38,102 +38,6 @@ __all__ = [
 (_COL_LOSS, _COL_TOTAL, _COL_COEF, _COL_SKIPPED, _COL_LOCAL_OK, _COL_LOSS_GIVEN, _COL_DYING,
  _COL_DYING_AT) = range(8)
 _N_SCALARS = 8
-
-
-@dataclass
-class Window:
-    """The telemetry of a flush window, on the host (CPU tensors).
-
-    Attributes:
-        steps: the step index of each row.
-        loss, total_norm, clip_coef: ``[n]`` float tensors (NaN where unknown/non-finite).
-        skipped: ``[n]`` bool.
-        param_norms: ``[n, n_params]`` per-parameter gradient norms.
-        names: parameter names; ``layers`` their unique module paths in order;
-            ``layer_index[i]`` is the layer of parameter ``i``.
-        weight_norms, update_norms: ``[n_params]`` sampled at the last step of the window
-            (None when not sampled); weight norms are exact, update norms are estimated
-            from a strided sample of each parameter (:mod:`gradguard.updates`).
-        skip_codes: ``[n]`` why each step was skipped: the verdict bits of
-            :mod:`gradguard.executors` (1 non-finite, 2 gradient spike, 4 loss spike, 8 an
-            update voided by a restore after its backward; 0 not skipped), None when unknown.
-        matrix_layers: per layer, whether it holds a parameter of 2 or more dimensions (a
-            weight matrix or kernel, not only norm scales and biases); None when unknown.
-        grad_present: per parameter, whether it had a gradient tensor (``p.grad`` not
-            None) at the window's first step (sampled once per window: a host-side set,
-            no device read): a frozen or unused parameter has none, a parameter behind
-            dead units has a zero one; None when unknown.
-        dying, dying_at: ``[n]``: on the steps the unit watch sampled, the largest share of
-            a weight's output units that died within the last hundred steps, and that
-            weight's parameter position (:mod:`gradguard.units`); NaN on other steps; None
-            when unknown.
-    """
-
-    steps: list[int]
-    loss: Tensor
-    total_norm: Tensor
-    clip_coef: Tensor
-    skipped: Tensor
-    param_norms: Tensor
-    names: list[str]
-    layers: list[str]
-    layer_index: list[int]
-    weight_norms: Tensor | None = None
-    update_norms: Tensor | None = None
-    skip_codes: Tensor | None = None
-    matrix_layers: list[bool] | None = None
-    grad_present: list[bool] | None = None
-    dying: Tensor | None = None
-    dying_at: Tensor | None = None
-    #: :meth:`layer_norms`, computed once per window (the detectors, the monitor and the
-    #: recovery all read it at the same flush); treat it as read-only
-    _layer_norms: Tensor | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def voided(self) -> Tensor:
-        """``[n]`` bool: the steps whose update was not applied because the weights were
-        restored after their backward (a rollback, or the LR probe's fork, heard in a
-        trainer's pre-step hook: :data:`gradguard.executors.STALE`). They are in
-        ``skipped`` (nothing was applied) but are no step the guard skipped for trouble."""
-        from .executors import STALE
-
-        if self.skip_codes is None:
-            return torch.zeros(len(self.steps), dtype=torch.bool)
-        return (self.skip_codes.nan_to_num(0.0).long() & STALE) != 0
-
-    def _by_layer(self, per_param: Tensor) -> Tensor:
-        """Combine per-parameter 2-norms (last dim) into per-layer 2-norms."""
-        idx = torch.tensor(self.layer_index, dtype=torch.long)
-        shape = (*per_param.shape[:-1], len(self.layers))
-        sq = torch.zeros(shape, dtype=torch.float64)
-        sq.index_add_(sq.dim() - 1, idx, per_param.double() ** 2)
-        return sq.sqrt().float()
-
-    def layer_norms(self) -> Tensor:
-        """``[n, n_layers]`` gradient norm of each layer (its parameters together);
-        computed once per window, shared by its readers: do not modify it in place."""
-        if self._layer_norms is None:
-            self._layer_norms = self._by_layer(self.param_norms)
-        return self._layer_norms
-
-    def units_dying(self) -> tuple[float, str] | None:
-        """The latest sample of the unit watch in this window: the largest share of a
-        weight's output units that died within the last hundred steps, and that weight's
-        parameter name; None when no step of the window was sampled."""
-        if self.dying is None or self.dying_at is None:
-            return None
-        for share, at in zip(reversed(self.dying.tolist()), reversed(self.dying_at.tolist())):
-            if math.isfinite(share) and math.isfinite(at) and 0 <= int(at) < len(self.names):
-                return share, self.names[int(at)]
-        return None
-
-    def layer_weight_norms(self) -> Tensor | None:
-        return None if self.weight_norms is None else self._by_layer(self.weight_norms)
-
-    def layer_update_norms(self) -> Tensor | None:
-        return None if self.update_norms is None else self._by_layer(self.update_norms)
 
 
 class Telemetry:

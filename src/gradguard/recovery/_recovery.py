@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..events import Event
 from ..executors import Hook
-from . import _flush, _steps, actions
+from . import _checkpoint, _flush, _steps, actions
 from .dead import DeadLayers
 from .defaults import (
     BACKOFF,
@@ -380,81 +380,9 @@ class Recovery:
     def state_dict(self) -> dict[str, Any]:
         """Ladder state, the spike verdict's statistics and the loss level (the in-memory
         snapshots are not included; with ``snapshot_dir`` they survive on disk)."""
-        return dataclasses.asdict(self.state) | {
-            "host_steps": sorted(self._host_steps), "level": self._level,
-            "verdict": self._verdict.state_dict(), "rise": self._rise.state_dict(),
-            "dead": self._dead.state_dict(), "probe": self._probe.state_dict(),
-            "shift": self._shift.state_dict(), "clips": self._clips.state_dict(),
-            "progress": self._progress, "judged": self._judged, "dying": self._dying,
-            "last_taken": self._last_taken,
-            "snapshot_levels": [[k, v] for k, v in sorted(self.ring.levels.items())],
-            "snapshot_dying": [[k, v] for k, v in sorted(self.ring.dying.items())],
-            **self.ring.tests_state()}
+        return _checkpoint.state_dict(self)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. The snapshots are no part of it: without
-        ``snapshot_dir`` (or with none there) a checkpoint taken while the ladder was calm
-        holds weights as sound as its last snapshot, and the resumed run keeps them at its
-        first step, in memory, as a stand-in for the snapshots left behind (the ladder's
-        state, and so this one's, stays the uninterrupted run's; the stand-in's loss level
-        is unknown). A checkpoint taken while the ladder was at work, before a flush had
-        judged the loss, or with the loss above the last snapshot's level holds weights
-        that may be the trouble's: none is kept, and a ``GradGuardWarning`` says why and
-        names the snapshots left behind."""
-        sd = dict(sd)
-        self._host_steps = set(sd.pop("host_steps", ()))
-        self._level = sd.pop("level", None)
-        self._progress = sd.pop("progress", None)
-        self._judged = int(sd.pop("judged", -1))
-        self._last_taken = sd.pop("last_taken", None)
-        self.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
-                                   sd.pop("verified", ()))
-        self.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
-        self.ring.dying = {int(k): v for k, v in sd.pop("snapshot_dying", ())}
-        self._dying = sd.pop("dying", None)
-        parts: dict[str, Any] = {"rise": self._rise, "probe": self._probe, "dead": self._dead,
-                                 "verdict": self._verdict, "shift": self._shift,
-                                 "clips": self._clips}
-        for key, part in parts.items():  # each absent from older checkpoints
-            if (part_sd := sd.pop(key, None)) is not None:
-                part.load_state_dict(part_sd)
-        sd.pop("host_skips", None)  # gradguard 0.1
-        for legacy in ("base_lr", "set_lr"):  # gradguard 0.1 tracked the LR itself
-            sd.pop(legacy, None)
-        known = {f.name for f in dataclasses.fields(LadderState)}
-        unknown = set(sd) - known
-        if unknown:
-            raise ValueError(f"Recovery.load_state_dict: unknown keys {sorted(unknown)}")
-        undo = sd.get("undo")
-        if isinstance(undo, dict):  # dataclasses.asdict nests it as a dict
-            sd["undo"] = LadderState(**undo)
-        self.state = LadderState(**sd)
-        guard = self._guard() if self._guard is not None else None
-        if len(self.store) or (self.ring.disk is not None and self.ring.disk.steps()) or (
-                guard is not None and guard.step_count == 0):  # nothing kept, none needed
-            return
-        unsound = self._unsound()
-        self._resumed = unsound is None
-        if unsound is not None:
-            self.ring.warn_left_behind(unsound, fresh=self._rise.initial is not None)
-
-    def _unsound(self) -> str | None:
-        """Why the weights of the checkpoint just loaded are no stand-in for a snapshot
-        (None: they are as sound as the last one, see :meth:`load_state_dict`): the ladder
-        was at work, or no flush had judged the loss yet, or the last one would have kept
-        no snapshot (the loss above the newest snapshot's level, as :func:`._flush._healthy`
-        tests)."""
-        st = self.state
-        if self.busy or st.consecutive_skips or st.undo is not None or st.untested is not None:
-            return "while the recovery was at work on an incident"
-        if self._progress is None:
-            return "before a flush had judged its loss"
-        if st.level_off:
-            return None
-        snap = self.ring.newest_level(self._rise.initial)
-        if self._rise.noisy() is not None or (
-                snap is not None and self._progress > snap * self.config.stall_factor):
-            return (f"with its loss at {self._progress:.4g}, above the level of its last "
-                    f"snapshot ({'unknown' if snap is None else f'{snap:.4g}'})")
-        return None
-
+        """Restore :meth:`state_dict`; the snapshots are no part of it: what a resumed run
+        rolls back to is in :func:`._checkpoint.load_state_dict`."""
+        _checkpoint.load_state_dict(self, sd)

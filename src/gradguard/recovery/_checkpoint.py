@@ -1,0 +1,96 @@
+"""A Recovery's checkpoint: the ladder's state, its tests' statistics and the loss levels
+(``Recovery.state_dict``), and what a resumed run rolls back to, since the snapshots are
+no part of a checkpoint (``Recovery.load_state_dict``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from .ladder import LadderState
+
+if TYPE_CHECKING:
+    from ._recovery import Recovery
+
+
+def state_dict(rec: Recovery) -> dict[str, Any]:
+    """See :meth:`Recovery.state_dict <gradguard.Recovery.state_dict>`."""
+    return dataclasses.asdict(rec.state) | {
+        "host_steps": sorted(rec._host_steps), "level": rec._level,
+        "verdict": rec._verdict.state_dict(), "rise": rec._rise.state_dict(),
+        "dead": rec._dead.state_dict(), "probe": rec._probe.state_dict(),
+        "shift": rec._shift.state_dict(), "clips": rec._clips.state_dict(),
+        "progress": rec._progress, "judged": rec._judged, "dying": rec._dying,
+        "last_taken": rec._last_taken,
+        "snapshot_levels": [[k, v] for k, v in sorted(rec.ring.levels.items())],
+        "snapshot_dying": [[k, v] for k, v in sorted(rec.ring.dying.items())],
+        **rec.ring.tests_state()}
+
+
+def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
+    """Restore :func:`state_dict`. The snapshots are no part of it: without
+    ``snapshot_dir`` (or with none there) a checkpoint taken while the ladder was calm
+    holds weights as sound as its last snapshot, and the resumed run keeps them at its
+    first step, in memory, as a stand-in for the snapshots left behind (the ladder's
+    state, and so this one's, stays the uninterrupted run's; the stand-in's loss level is
+    unknown). A checkpoint taken while the ladder was at work, before a flush had judged
+    the loss, or with the loss above the last snapshot's level holds weights that may be
+    the trouble's: none is kept, and a ``GradGuardWarning`` says why and names the
+    snapshots left behind."""
+    sd = dict(sd)
+    rec._host_steps = set(sd.pop("host_steps", ()))
+    rec._level = sd.pop("level", None)
+    rec._progress = sd.pop("progress", None)
+    rec._judged = int(sd.pop("judged", -1))
+    rec._last_taken = sd.pop("last_taken", None)
+    rec.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
+                               sd.pop("verified", ()))
+    rec.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
+    rec.ring.dying = {int(k): v for k, v in sd.pop("snapshot_dying", ())}
+    rec._dying = sd.pop("dying", None)
+    parts: dict[str, Any] = {"rise": rec._rise, "probe": rec._probe, "dead": rec._dead,
+                             "verdict": rec._verdict, "shift": rec._shift,
+                             "clips": rec._clips}
+    for key, part in parts.items():  # each absent from older checkpoints
+        if (part_sd := sd.pop(key, None)) is not None:
+            part.load_state_dict(part_sd)
+    sd.pop("host_skips", None)  # gradguard 0.1
+    for legacy in ("base_lr", "set_lr"):  # gradguard 0.1 tracked the LR itself
+        sd.pop(legacy, None)
+    known = {f.name for f in dataclasses.fields(LadderState)}
+    unknown = set(sd) - known
+    if unknown:
+        raise ValueError(f"Recovery.load_state_dict: unknown keys {sorted(unknown)}")
+    undo = sd.get("undo")
+    if isinstance(undo, dict):  # dataclasses.asdict nests it as a dict
+        sd["undo"] = LadderState(**undo)
+    rec.state = LadderState(**sd)
+    guard = rec._guard() if rec._guard is not None else None
+    if len(rec.store) or (rec.ring.disk is not None and rec.ring.disk.steps()) or (
+            guard is not None and guard.step_count == 0):  # nothing kept, none needed
+        return
+    unsound = unsound_resume(rec)
+    rec._resumed = unsound is None
+    if unsound is not None:
+        rec.ring.warn_left_behind(unsound, fresh=rec._rise.initial is not None)
+
+
+def unsound_resume(rec: Recovery) -> str | None:
+    """Why the weights of the checkpoint just loaded are no stand-in for a snapshot
+    (None: they are as sound as the last one, see :func:`load_state_dict`): the ladder
+    was at work, or no flush had judged the loss yet, or the last one would have kept
+    no snapshot (the loss above the newest snapshot's level, as :func:`._flush._healthy`
+    tests)."""
+    st = rec.state
+    if rec.busy or st.consecutive_skips or st.undo is not None or st.untested is not None:
+        return "while the recovery was at work on an incident"
+    if rec._progress is None:
+        return "before a flush had judged its loss"
+    if st.level_off:
+        return None
+    snap = rec.ring.newest_level(rec._rise.initial)
+    if rec._rise.noisy() is not None or (
+            snap is not None and rec._progress > snap * rec.config.stall_factor):
+        return (f"with its loss at {rec._progress:.4g}, above the level of its last "
+                f"snapshot ({'unknown' if snap is None else f'{snap:.4g}'})")
+    return None
