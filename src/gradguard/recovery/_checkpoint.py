@@ -65,6 +65,7 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
     if isinstance(undo, dict):  # dataclasses.asdict nests it as a dict
         sd["undo"] = LadderState(**undo)
     rec.state = LadderState(**sd)
+    rec._resumed = False
     guard = rec._guard() if rec._guard is not None else None
     if len(rec.store) or (rec.ring.disk is not None and rec.ring.disk.steps()) or (
             guard is not None and guard.step_count == 0):  # nothing kept, none needed
