@@ -76,7 +76,10 @@ def digits_loop(user_clip, guard_clip, steps=120):
             guard.step(loss)
             opt.zero_grad()
         guard.close()
-    said = [str(w.message) for w in caught if issubclass(w.category, gg.GradGuardWarning)]
+    ours = [w for w in caught if issubclass(w.category, gg.GradGuardWarning)]
+    # at the line of the loop that called guard.step (it named monitor.py's own line)
+    assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
+    said = [str(w.message) for w in ours]
     return [e for e in guard.events if e.kind == "clip" and "cap" in e.data], said
 
 

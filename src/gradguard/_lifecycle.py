@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import distributed, precursors
-from .errors import GradGuardWarning, NonFiniteGradientError, TrainingDiverged
+from .errors import GradGuardWarning, NonFiniteGradientError, TrainingDiverged, caller_stacklevel
 from .events import Event, listed
 from .executors import maximizing, optimizer_kind
 from .monitor import describe_nonfinite
@@ -148,7 +148,7 @@ def loss_sign(optimizer: torch.optim.Optimizer) -> float:
             "Guard: the optimizer's param groups mix maximize=True and maximize=False; the "
             "value passed to guard.step() is judged as a loss to minimise (its spikes and "
             "rises as trouble): turn the loss tests off (Recovery(loss_rise=False, "
-            "lr_probe=False)) if it is an objective to maximise", GradGuardWarning, stacklevel=4)
+            "lr_probe=False)) if it is an objective to maximise", GradGuardWarning, stacklevel=caller_stacklevel())
     return -1.0 if sign else 1.0
 
 
@@ -161,7 +161,7 @@ def warn_no_loss() -> None:
         "guard.step() got no loss: gradguard's Recovery judges the loss as well as the "
         "gradients (a first update that wrecks the weights, a loss that rises and stays up, "
         "the LR probe, a change of data), and those tests are off without it. Pass this "
-        "step's loss: guard.step(loss).", GradGuardWarning, stacklevel=5)
+        "step's loss: guard.step(loss).", GradGuardWarning, stacklevel=caller_stacklevel())
 
 
 def warn_eps_underflow(optimizer: torch.optim.Optimizer) -> None:
@@ -182,7 +182,7 @@ def warn_eps_underflow(optimizer: torch.optim.Optimizer) -> None:
                 "gradient is exactly 0 (an input that is always 0, a dead unit) its update is "
                 "0/0 and writes NaN into the weights from finite gradients, which no skip can "
                 "stop. Set eps=1e-4 or more, or keep float32 weights and train under "
-                "torch.autocast with a GradScaler.", GradGuardWarning, stacklevel=4)
+                "torch.autocast with a GradScaler.", GradGuardWarning, stacklevel=caller_stacklevel())
             return
 
 
@@ -193,4 +193,4 @@ def report_nonfinite(guard: Guard, stats: StepStats, *, raise_: bool) -> None:
     if raise_:
         guard.flush()
         raise NonFiniteGradientError(msg + " (on_nonfinite='raise')", guard.step_count - 1, layers)
-    warnings.warn(msg + "; the optimizer step was skipped", GradGuardWarning, stacklevel=4)
+    warnings.warn(msg + "; the optimizer step was skipped", GradGuardWarning, stacklevel=caller_stacklevel())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,6 +10,9 @@ from types import FrameType
 from typing import Any
 
 _PACKAGE = str(Path(__file__).resolve().parent)
+#: torch's frames between a caller and a function under ``torch.compiler.disable``
+#: (``Guard.step``): its wrapper in ``torch/_dynamo/eval_frame.py``
+_DYNAMO = os.path.join("torch", "_dynamo", "")
 
 
 class GradGuardWarning(UserWarning):
@@ -17,14 +21,19 @@ class GradGuardWarning(UserWarning):
 
 def caller_stacklevel() -> int:
     """The ``stacklevel`` of ``warnings.warn``, called by the function that calls this one,
-    that names the first frame outside gradguard: the user's line, however many of
-    gradguard's calls lie between (``Guard.load_state_dict`` or ``Recovery.load_state_dict``
-    alike)."""
+    that names the first frame outside gradguard (and torch's ``torch.compiler.disable``
+    wrapper of ``Guard.step``): the user's line, however many of gradguard's calls lie
+    between (``Guard.load_state_dict`` or ``Recovery.load_state_dict`` alike, or a flush
+    inside ``guard.step``)."""
     frame: FrameType | None = sys._getframe(2)
     level = 2
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+    while frame is not None and _internal(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _internal(filename: str) -> bool:
+    return _DYNAMO in filename or str(Path(filename).resolve()).startswith(_PACKAGE)
 
 
 class NonFiniteGradientError(FloatingPointError):

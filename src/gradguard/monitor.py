@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import detectors, distributed
-from .errors import GradGuardWarning
+from .errors import GradGuardWarning, caller_stacklevel
 from .events import Event, Flush, Sink, call_sinks, json_float
 from .naming import layer_of
 from .telemetry import StepStats, Telemetry, Window
@@ -140,7 +140,7 @@ class Monitor:
                 distributed.name_ranks(ev, window.steps, origins, self.dist.world_size)
             if ev.kind == "clip" and "cap" in (ev.data or {}):  # a setup that blinds the guard
                 warnings.warn(f"gradguard: {ev.message}. {ev.remedy}", GradGuardWarning,
-                              stacklevel=2)
+                              stacklevel=caller_stacklevel())
             self.add_event(ev)
         return overflows
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed.world import clean_name, unwrap
-from .errors import GradGuardWarning
+from .errors import GradGuardWarning, caller_stacklevel
 
 #: Layer name of parameters registered directly on the root module.
 ROOT_LAYER = "(root)"
@@ -71,7 +71,7 @@ def named_optimizer_params(
             "parameter(s) this model does not hold; they are guarded and rolled back, but "
             "named by position. Pass a module that holds them all (e.g. "
             "nn.ModuleList([model_a, model_b])) for layer names.",
-            GradGuardWarning, stacklevel=3,
+            GradGuardWarning, stacklevel=caller_stacklevel(),
         )
     return [(n, p) for _, n, p in sorted(known, key=lambda t: t[0])] + other
 

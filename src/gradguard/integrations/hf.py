@@ -48,7 +48,7 @@ from torch import nn
 
 from ..clipping import NormClip
 from ..config import GuardConfig
-from ..errors import GradGuardWarning
+from ..errors import GradGuardWarning, caller_stacklevel
 from ..events import Sink
 from ..guard import Guard
 from ..sinks import JsonlSink
@@ -119,7 +119,7 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
                 "max_grad_norm=0 yourself to silence this warning, or GradGuardCallback("
                 "clip=None) to keep the Trainer's clipping and only measure and skip.",
                 GradGuardWarning,
-                stacklevel=2,
+                stacklevel=caller_stacklevel(),
             )
             args.max_grad_norm = 0.0
         elif self.clip is None and args.max_grad_norm and args.max_grad_norm > 0:
@@ -134,7 +134,7 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
                 "it measures the unclipped gradients; TrainingArguments.max_grad_norm is 0 for "
                 "this run.",
                 GradGuardWarning,
-                stacklevel=2,
+                stacklevel=caller_stacklevel(),
             )
             args.max_grad_norm = 0.0
         self._is_zero = bool(getattr(state, "is_world_process_zero", True))
@@ -154,7 +154,7 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
                 f"GradGuardCallback: resuming at step {step}, but {str(path)!r} does not exist; "
                 "the guard (clip statistics, step count) starts afresh.",
                 GradGuardWarning,
-                stacklevel=2,
+                stacklevel=caller_stacklevel(),
             )
             return None
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)

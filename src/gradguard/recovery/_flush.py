@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import GradGuardWarning
+from ..errors import GradGuardWarning, caller_stacklevel
 from ..events import Event, listed
 from ..executors import STALE
 from ..naming import layer_of
@@ -379,7 +379,7 @@ def _probe_fits(rec: Recovery, state: dict[str, Any]) -> bool:
         f"({need / 2**20:.1f} MiB) beside the snapshots held "
         f"({rec.snapshot_bytes / 2**20:.1f} MiB) would pass snapshot_memory="
         f"{budget} ({budget / 2**20:.1f} MiB); raise snapshot_memory to let it run",
-        GradGuardWarning, stacklevel=2)
+        GradGuardWarning, stacklevel=caller_stacklevel())
     return False
 
 

@@ -210,4 +210,4 @@ class SnapshotRing:
             warnings.warn(
                 f"gradguard: writing a snapshot to {self.disk.directory} failed ({err}); the "
                 "previous snapshot files are intact and rollbacks use the in-memory "
-                "snapshots; training goes on", GradGuardWarning, stacklevel=5)
+                "snapshots; training goes on", GradGuardWarning, stacklevel=caller_stacklevel())

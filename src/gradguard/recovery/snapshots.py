@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import GradGuardWarning
+from ..errors import GradGuardWarning, caller_stacklevel
 
 #: Snapshots kept (a second rollback in a row goes one snapshot further back).
 KEEP = 2
@@ -257,7 +257,7 @@ class DiskSnapshotStore:
                 return self.load_path(p)
             except SnapshotError as e:
                 warnings.warn(f"{e}; falling back to the previous snapshot", GradGuardWarning,
-                              stacklevel=2)
+                              stacklevel=caller_stacklevel())
         return None
 
 
