@@ -206,8 +206,7 @@ def lowered_event(guard: Guard, a: Action) -> Event:
         message=(f"step {a.step}: {a.reason}; learning rate x{a.factor:g} (lr {shown}) "
                  "from here"),
         remedy=f"Lower the base learning rate (to {cfg} or less"
-               + (f": x{a.factor:g} of the {base} it has, which your schedule scales" if base else "")
-               + ").",
+               + (f": x{a.factor:g}{_of(base)}" if base else "") + ").",
         data={"factor": a.factor, "reason": a.reason, "ceiling": a.ceiling, "relapse": False,
               "level_before": None, "probe": True, "lr": lrs, "cause": "lr_too_high"},
     )
