@@ -69,33 +69,63 @@ def _sgd_run(lr, steps, clip=None, recovery=None, seed=2, cosine=False):
         return guard, nn.functional.cross_entropy(model(x[te]), y[te]).item()
 
 
-def test_an_lr_that_held_only_with_the_clip_is_advised_at_half_and_half_trains():
-    # 20x the right LR: a rollback to the fresh weights at step 17 sets the ceiling at 0.5;
-    # ZClip clips 15 of the steps of the restore up to it; the ladder settles there
-    guard, _ = _sgd_run(1.0, 230, clip=gg.ZClip(), recovery=gg.Recovery())
+def _settled_events(guard):
     settled = [e for e in guard.events if e.kind == "lr_settled"]
-    assert len(settled) == 1
-    data = settled[0].data
-    assert data["lr"] == [0.5] and data["advise"] == [0.25]
-    assert data["clipped"] >= max(AT_LEAST, SHARE * data["steps"])
-    assert f"with its gradients clipped on {data['clipped']} of the" in settled[0].message
-    assert settled[0].remedy.startswith("Set the learning rate to 0.25 (x0.25) in your config")
-    # the advice is true: from scratch, bare, the settled LR fails where half of it trains
-    _, at_settled = _sgd_run(0.5, 400)
-    _, at_half = _sgd_run(0.25, 400)
+    assert settled, [e.message for e in guard.events]
+    for e in settled:
+        assert e.data["advise"] == [pytest.approx(lr / 2) for lr in e.data["lr"]]
+        assert e.remedy.startswith(f"Set the learning rate to {e.value / 2:.3g} ")
+    return settled
+
+
+def test_an_lr_that_held_with_the_clip_is_advised_at_half_and_half_trains():
+    # 20x the right LR: a rollback to the fresh weights at step 12-17 caps the LR at 0.5 or
+    # 0.25 (the update that wrecked them; the trajectory at 20x differs by CPU and thread
+    # count), ZClip clips some steps of the restore; the ladder settles at 0.5 or 0.25
+    guard, _ = _sgd_run(1.0, 500, clip=gg.ZClip(), recovery=gg.Recovery())
+    for e in _settled_events(guard):
+        assert e.value <= 0.5
+        if "clipped" in e.data:  # said only when the clip acted often enough to hold it
+            assert e.data["clipped"] >= max(AT_LEAST, SHARE * e.data["steps"])
+            assert f"with its gradients clipped on {e.data['clipped']} of the" in e.message
+        else:
+            assert "clipped" not in e.message
+    # the advice is true: from scratch, bare, it trains, where 0.5 (the highest LR the
+    # ladder can settle at) fails
+    _, advised = _sgd_run(e.data["advise"][0], 400)
+    _, at_half_of_one = _sgd_run(0.5, 400)
     _, right = _sgd_run(0.05, 400)
-    assert at_half < 1.5 * right < at_settled
+    assert advised < 1.5 * right
+    assert not at_half_of_one < 1.5 * right  # NaN, or far above
+
+
+def test_the_settled_event_says_how_often_the_clip_acted_where_it_held_the_lr():
+    """The digits GELU MLP on SGD at 20x, seed 2, on the machine of :mod:`.tally`'s
+    figures: ZClip clipped 15 of the 100 steps of the restore up to the ceiling of 0.5."""
+    import dataclasses
+
+    from gradguard.recovery import Action, messages
+
+    model = nn.Linear(4, 2)
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=1.0), recovery=gg.Recovery())
+    rec = guard.recovery
+    rec.state = dataclasses.replace(rec.state, factor=0.5, ceiling=0.5, failed=1.0)
+    said = []
+    for clipped in (15, 4):  # 15% of the steps since the ceiling was set, then 4%
+        rec._clips = ClipTally(ceiling=0.5, steps=100, clipped=clipped)
+        e = messages.settled_event(guard, Action("settled", 218, factor=0.5, ceiling=0.5))
+        assert e.data["advise"] == [pytest.approx(0.25)]
+        said.append((e.data.get("clipped"), e.data.get("steps"), e.message.endswith(
+            f"with its gradients clipped on {clipped} of the 100 steps since it was set")))
+    assert said == [(15, 100, True), (None, None, False)]
+    guard.close()
 
 
 def test_an_lr_that_held_without_clipping_is_advised_at_half_with_no_clip_count():
     # no clip: nothing was clipped; the settled LR is still the edge of what trains
-    guard, _ = _sgd_run(1.0, 330, recovery=gg.Recovery())
-    settled = [e for e in guard.events if e.kind == "lr_settled"]
-    assert settled, [e.message for e in guard.events]
-    for e in settled:
+    guard, _ = _sgd_run(1.0, 500, recovery=gg.Recovery())
+    for e in _settled_events(guard):
         assert "clipped" not in e.data and "clipped" not in e.message
-        assert e.data["advise"] == [pytest.approx(lr / 2) for lr in e.data["lr"]]
-        assert e.remedy.startswith(f"Set the learning rate to {e.value / 2:.3g} ")
 
 
 def test_an_lr_set_by_a_jump_below_the_one_that_failed_is_advised_itself():

@@ -13,7 +13,11 @@ the CNN on RMSprop 0.90/1.18/0.64 (0.62/0.90/0.63); the GELU MLP on Adam 0.91/0.
 
 The clip can be what held it: the digits GELU MLP on SGD Nesterov at 20x its LR, seed 2 (a
 stranger's setup), was rolled back at step 17 with the ceiling at lr 0.5; ZClip clipped 15 of
-the 100 steps of the restore up to it and none after; the ladder settled there at step 218.
+the 100 steps of the restore up to it and none after; the ladder settled there at step 218
+(on the CPU these figures were measured on: the trajectory at 20x is chaotic, and on another
+CPU, or with another thread count, the same seed was rolled back at step 12-17 with its LR
+capped at 0.5 or 0.25, rolled back again at step 187-202 and settled at 0.25, few steps
+clipped).
 Started at 0.5 the same network ends 15-23x its twin unguarded, 2.3-15x with ZClip alone,
 1.6-3.9x under ``clip_grad_norm_(1)`` (seeds 0-2); half of it, 0.25, trains bare
 (0.62-1.03x). When the clip acted on at least ``SHARE`` of the steps taken since the
