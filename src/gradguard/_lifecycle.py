@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import distributed, precursors
+from ._unstepped import Unstepped
 from .errors import GradGuardWarning, NonFiniteGradientError, TrainingDiverged, caller_stacklevel
 from .events import Event, listed
 from .executors import maximizing, optimizer_kind
@@ -34,6 +35,10 @@ def flush(guard: Guard, *, collective: bool) -> Window | None:
     window, overflows = guard.monitor.collect(
         guard.telemetry, guard._watch, guard.config.sample_activations, collective=collective,
         precursor_inputs=inputs)
+    if window is not None and (unstepped := guard._unstepped.check(guard.step_count)):
+        warnings.warn(f"gradguard: {unstepped.message}. {unstepped.remedy}", GradGuardWarning,
+                      stacklevel=caller_stacklevel())
+        guard.monitor.add_event(unstepped)
     observe = getattr(guard.clip, "observe", None)
     if window is not None and callable(observe) and not guard._aborted:
         event = observe(window)  # a clip policy that learns from the window (ZClip's level)
@@ -90,6 +95,9 @@ def relayout(guard: Guard) -> None:
     guard.telemetry = Telemetry(named_optimizer_params(guard.model, guard.optimizer),
                                 every=guard.every, pipeline_group=guard.config.pipeline_group,
                                 model=distributed.unwrap(guard.model))
+    said = guard._unstepped.said
+    guard._unstepped = Unstepped(guard.model, {id(p) for p in guard.telemetry.params})
+    guard._unstepped.said = said
     guard.kind = optimizer_kind(guard.optimizer)
     guard._sign = loss_sign(guard.optimizer)
     warn_eps_underflow(guard.optimizer)

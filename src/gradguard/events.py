@@ -42,6 +42,8 @@ EVENT_KINDS: tuple[str, ...] = (
     "divergence_risk",
     # parameters got their first gradient (an unfrozen layer): the norm's scale is learnt anew
     "new_gradients",
+    # parameters get gradients that no optimizer steps (an unfrozen layer never added)
+    "unstepped_params",
 )
 CAUSES: tuple[str, ...] = (
     "init_too_large",

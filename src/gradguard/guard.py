@@ -23,6 +23,7 @@ from . import _lifecycle as lifecycle
 from . import checkpoint, distributed
 from ._logit_watch import LogitWatch
 from ._running import RunningStats
+from ._unstepped import Unstepped
 from ._watch import ActivationWatch
 from ._wrapped import accelerate_inner, accumulating, inner_optimizer
 from .clipping import apply_policy, deferrable, policy_coefficient
@@ -123,6 +124,9 @@ class Guard:
         self.telemetry = Telemetry(named_optimizer_params(model, optimizer), every=cfg.every,
                                    pipeline_group=cfg.pipeline_group,
                                    model=distributed.unwrap(model))
+        #: the model's parameters the optimizer does not hold, watched for gradients no
+        #: optimizer steps (:mod:`._unstepped`: an unfrozen backbone never added)
+        self._unstepped = Unstepped(model, {id(p) for p in self.telemetry.params})
         self.kind = optimizer_kind(optimizer)
         self._needs_closure = needs_closure(optimizer)
         self._sign = lifecycle.loss_sign(optimizer)  # -1: maximize=True, judge -objective
