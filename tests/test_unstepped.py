@@ -179,3 +179,35 @@ def test_an_hf_trainer_callback_that_unfreezes_a_layer_the_optimizer_never_held(
         trainer.train()
     [ev] = [e for e in cb.guard.events if e.kind == "unstepped_params"]
     assert ev.data["layers"][0].startswith("transformer.h.0")
+
+
+def test_gradguard_run_says_it_at_the_scripts_own_step(tmp_path):
+    """Under ``gradguard run`` the script steps its own optimizer: the warning names the
+    script's ``optimizer.step()`` line, not torch's ``Optimizer.step`` wrapper that runs the
+    guard's hook."""
+    from gradguard.cli import main
+    from gradguard.events import read_jsonl
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import torch\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))\n"
+        "model[0].requires_grad_(False)\n"
+        "opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)\n"
+        "for i in range(200):\n"
+        "    if i == 20:\n"
+        "        model[0].requires_grad_(True)\n"
+        "    x = torch.randn(32, 16)\n"
+        "    loss = torch.nn.functional.cross_entropy(model(x), (x[:, :4] > 0).long().argmax(1))\n"
+        "    opt.zero_grad()\n"
+        "    loss.backward()\n"
+        "    opt.step()\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["run", "--out", str(tmp_path / "out"), "--no-report", str(script)]) == 0
+    [w] = [w for w in caught if "no optimizer steps them" in str(w.message)]
+    assert (w.filename, w.lineno) == (str(script), 13)
+    [run_dir] = [p for p in (tmp_path / "out").iterdir() if p.name != "latest"]
+    kinds = [e["kind"] for e in read_jsonl(run_dir / "events.jsonl")]
+    assert kinds.count("unstepped_params") == 1

@@ -13,6 +13,9 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 #: torch's frames between a caller and a function under ``torch.compiler.disable``
 #: (``Guard.step``): its wrapper in ``torch/_dynamo/eval_frame.py``
 _DYNAMO = os.path.join("torch", "_dynamo", "")
+#: and torch's ``Optimizer.step`` wrapper, which runs the step pre-hook that guards an
+#: optimizer stepped by the script itself (``gradguard run``, the trainer integrations)
+_OPTIM = os.path.join("torch", "optim", "optimizer.py")
 
 
 class GradGuardWarning(UserWarning):
@@ -22,9 +25,10 @@ class GradGuardWarning(UserWarning):
 def caller_stacklevel() -> int:
     """The ``stacklevel`` of ``warnings.warn``, called by the function that calls this one,
     that names the first frame outside gradguard (and torch's ``torch.compiler.disable``
-    wrapper of ``Guard.step``): the user's line, however many of gradguard's calls lie
-    between (``Guard.load_state_dict`` or ``Recovery.load_state_dict`` alike, or a flush
-    inside ``guard.step``)."""
+    wrapper of ``Guard.step``, and ``Optimizer.step``'s wrapper that runs the hook of an
+    optimizer guarded in a hook): the user's line, however many of gradguard's calls lie
+    between (``Guard.load_state_dict`` or ``Recovery.load_state_dict`` alike, a flush
+    inside ``guard.step``, or the script's own ``optimizer.step()`` under ``gradguard run``)."""
     frame: FrameType | None = sys._getframe(2)
     level = 2
     while frame is not None and _internal(frame.f_code.co_filename):
@@ -33,7 +37,8 @@ def caller_stacklevel() -> int:
 
 
 def _internal(filename: str) -> bool:
-    return _DYNAMO in filename or str(Path(filename).resolve()).startswith(_PACKAGE)
+    return (_DYNAMO in filename or filename.endswith(_OPTIM)
+            or str(Path(filename).resolve()).startswith(_PACKAGE))
 
 
 class NonFiniteGradientError(FloatingPointError):
