@@ -211,3 +211,8 @@ def test_gradguard_run_says_it_at_the_scripts_own_step(tmp_path):
     [run_dir] = [p for p in (tmp_path / "out").iterdir() if p.name != "latest"]
     kinds = [e["kind"] for e in read_jsonl(run_dir / "events.jsonl")]
     assert kinds.count("unstepped_params") == 1
+    from gradguard.report._data import load_run
+    from gradguard.report._summary import summary_sentence
+
+    text = summary_sentence(load_run(run_dir), {})
+    assert "The parameters of `0` got gradients that no optimizer stepped" in text

@@ -164,6 +164,12 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                      f"{capped.get('value', math.nan):.3g} (seen by step {capped['step']}: a "
                      "clip_grad_norm_ of the script's own before guard.step), so a spike would "
                      "not show here.")
+    idle = next((e for e in ev if e.get("kind") == "unstepped_params"), None)
+    if idle is not None:  # layers that never trained (gradguard._unstepped)
+        layers = (idle.get("data") or {}).get("layers") or []
+        parts.append(f"The parameters of {listed(layers) if layers else 'some layers'} got "
+                     f"gradients that no optimizer stepped (seen by step {idle['step']}): they "
+                     "did not train; add them to the optimizer (add_param_group) or freeze them.")
     risk = [e for e in ev if e.get("kind") == "divergence_risk"]
     if risk:  # the early warning, and how long before the trouble it came
         r, signal = risk[0], (risk[0].get("data") or {}).get("signal")
