@@ -471,7 +471,8 @@ def test_a_rung_the_loss_level_decided_says_how_to_turn_the_loss_tests_off():
 def test_a_spike_or_a_nan_does_not_name_the_loss_tests():
     """Only the rungs the loss level decided (a rise, a loss that did not come back) carry
     ``by_level``, and only those name the option; a skipped NaN/spike, a confirmed loss spike
-    and a network that died (``by_level=False`` from the flush) do not."""
+    with a gradient spike and a network that died (``by_level=False`` from the flush) do
+    not (a loss spike alone is the loss level's: below)."""
     from gradguard.recovery.ladder import LadderConfig, LadderState, Trigger, transition
     from gradguard.recovery.messages import _moving_objective
     cfg = LadderConfig(skip_patience=1)
@@ -740,3 +741,61 @@ def test_the_loss_noise_and_first_level_survive_a_checkpoint():
     older.load_state_dict({k: v for k, v in rise.state_dict().items()
                            if k not in ("sigmas", "block", "first_block")})
     assert older.noise() is None and older.first_block is None
+
+
+def _burst_run(grad_too: bool, **recovery: object):
+    """A linear regression on SGD whose loss is x10 on steps 100-105 and 200-205: in what it
+    reports alone (``grad_too`` False: an RL value loss as the returns of a better policy
+    grow, a GAN player's), or in its inputs, gradients and all."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(**recovery), every=20)
+    g = torch.Generator().manual_seed(0)
+    for step in range(300):
+        x = torch.randn(16, 4, generator=g)
+        k = 10.0 if 100 <= step < 106 or 200 <= step < 206 else 1.0
+        x = x * k if grad_too else x
+        loss = nn.functional.mse_loss(model(x), x[:, :1] + 0.3 * torch.randn(16, 1, generator=g))
+        loss.backward()
+        guard.step(loss.detach() * (1.0 if grad_too else k))
+        opt.zero_grad()
+    guard.close()
+    return guard
+
+
+def test_a_loss_spike_its_gradients_do_not_share_is_the_loss_levels_to_decide():
+    """A confirmed loss spike whose window has no gradient spike is judged on the loss alone:
+    its rung carries ``by_level`` (its remedy names ``Recovery(loss_rise=False)``; at
+    ``max_rollbacks`` it turns the loss tests off rather than raise ``TrainingDiverged``),
+    and with the loss level no evidence (``loss_rise=False``, ``loss_level_off``) it is not
+    acted on. Found as a stranger: PPO on CartPole at Adam 1e-2 (unguarded: a return of
+    200), its value loss growing with the returns, was rolled back three times on the loss
+    level, then stopped as diverged on a loss spike of 2.7x (now: ``loss_level_off``, 198.9);
+    with ``loss_rise=False`` the same spike still backed the LR off. A spike with its
+    gradients is acted on either way."""
+    rungs = {}
+    for grad_too in (False, True):
+        for rise in (True, False):
+            guard = _burst_run(grad_too, loss_rise=rise)
+            acted = [e for e in guard.events if e.kind in ("lr_backoff", "rollback")]
+            assert any(e.kind == "loss_spike" and e.step == 101 for e in guard.events)
+            rungs[grad_too, rise] = acted
+    alone = rungs[False, True]
+    assert alone and alone[0].step == 101 and "loss_rise=False" in alone[0].remedy
+    assert rungs[False, False] == []
+    for rise in (True, False):
+        with_grads = rungs[True, rise]
+        assert with_grads and with_grads[0].step in (101, 103)
+        assert not any("loss_rise=False" in (e.remedy or "") for e in with_grads)
+
+
+def test_a_loss_level_rung_at_max_rollbacks_turns_the_loss_tests_off_not_the_run():
+    from gradguard.recovery.ladder import LadderConfig, LadderState, Trigger, transition
+
+    cfg = LadderConfig()
+    st = LadderState(rollbacks=cfg.max_rollbacks, last_trigger=190, factor=0.01, ceiling=0.05)
+    spike = "confirmed loss spike (step 196: loss spiking since step 196)"
+    _, (off,) = transition(cfg, st, Trigger("spike", 196, spike, 1.0, confirmed=True, by_level=True))
+    _, (abort,) = transition(cfg, st, Trigger("spike", 196, spike, 1.0, confirmed=True))
+    assert (off.kind, abort.kind) == ("level_off", "abort")

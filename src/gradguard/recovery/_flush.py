@@ -72,19 +72,24 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     st = rec.state
     answered = (st.backoff_step is not None and since <= st.backoff_step) or (
         st.spike_data is not None and 0 <= since - st.spike_data <= rec.config.patience)
+    # the loss level is evidence (not switched off by the user, nor by a loss that did not
+    # answer the weights restored: ``loss_level_off``)
+    level = rec.loss_rise and not rec.state.level_off
+    # a loss spike whose gradients did not spike is the loss's alone: the loss level
+    # decides it (an RL value loss grows with the returns of a policy that got better)
+    alone = not any(e.kind == "grad_spike" for e in events)
     if spike is not None and st.data_streak is None and not answered and \
-            rec._rise.gives_back(spike.value or math.inf):
+            (level or not alone) and rec._rise.gives_back(spike.value or math.inf):
         # reported only once confirmed (DetectorConfig); acted on when it gives back part
         # of what the run learnt; not in a data streak (the skipped batches' own loss)
         triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
-                                rec._level, at=window.steps[-1], confirmed=True))
+                                rec._level, at=window.steps[-1], confirmed=True, by_level=alone))
     start = rec.state.trouble_start
     if rec.state.pre_level is None and start is not None:  # trouble before any healthy flush
         before = [x for s_, x in zip(window.steps, losses) if s_ < start and math.isfinite(x)]
         if before:
             triggers.append(Trigger("level", start, value=statistics.median(before)))
     risen, dead = False, list[str]()
-    level = rec.loss_rise and not rec.state.level_off  # the loss level is evidence
     if level:
         risen, trig, dead = _rise_trigger(rec, guard, window, losses, skips, judge, units)
         if trig is not None:
