@@ -94,3 +94,18 @@ def recording_guard(model: nn.Module, opt: torch.optim.Optimizer, rec: object, *
     used: list[float] = []
     opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
     return guard, used
+
+
+class Tokens(torch.utils.data.Dataset):
+    """``n`` sequences of 16 random token ids below 128, each its own labels (a causal LM's
+    batch for the Hugging Face ``Trainer``), the same for the same index."""
+
+    def __init__(self, n: int = 64) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}

@@ -25,17 +25,9 @@ from transformers import (  # noqa: E402
 from gradguard.guard import GradGuardWarning  # noqa: E402
 from gradguard.integrations._hooked import check_version  # noqa: E402
 from gradguard.integrations.hf import GradGuardCallback  # noqa: E402
+from helpers import Tokens  # noqa: E402
 
 NAN_STEP = 2
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 64
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(i))
-        return {"input_ids": ids, "labels": ids}
 
 
 class InjectNaN(TrainerCallback):

@@ -149,16 +149,9 @@ def test_an_unfrozen_layer_whose_gradient_is_zero_is_not_said():
 def test_an_hf_trainer_callback_that_unfreezes_a_layer_the_optimizer_never_held(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     from gradguard.integrations.hf import GradGuardCallback
+    from helpers import Tokens
 
     monkeypatch.setattr(unstepped, "SPAN", 8)
-
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return 256
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": ids, "labels": ids}
 
     class Unfreeze(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kw):
@@ -174,7 +167,7 @@ def test_an_hf_trainer_callback_that_unfreezes_a_layer_the_optimizer_never_held(
         learning_rate=1e-3, report_to=[], logging_steps=100, save_strategy="no",
         disable_tqdm=True, use_cpu=True)
     cb = GradGuardCallback(every=4)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[Unfreeze(), cb])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(256), callbacks=[Unfreeze(), cb])
     with pytest.warns(GradGuardWarning, match="no optimizer steps them"):
         trainer.train()
     [ev] = [e for e in cb.guard.events if e.kind == "unstepped_params"]

@@ -95,9 +95,8 @@ def relayout(guard: Guard) -> None:
     guard.telemetry = Telemetry(named_optimizer_params(guard.model, guard.optimizer),
                                 every=guard.every, pipeline_group=guard.config.pipeline_group,
                                 model=distributed.unwrap(guard.model))
-    said = guard._unstepped.said
-    guard._unstepped = Unstepped(guard.model, {id(p) for p in guard.telemetry.params})
-    guard._unstepped.said = said
+    guard._unstepped = Unstepped(guard.model, {id(p) for p in guard.telemetry.params},
+                                 said=guard._unstepped.said)
     guard.kind = optimizer_kind(guard.optimizer)
     guard._sign = loss_sign(guard.optimizer)
     warn_eps_underflow(guard.optimizer)

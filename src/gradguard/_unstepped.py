@@ -54,12 +54,12 @@ class Unstepped:
     parameters) leaves out; see the module's text. DTensor parameters (FSDP2) are not
     watched."""
 
-    def __init__(self, model: nn.Module, held: set[int]) -> None:
+    def __init__(self, model: nn.Module, held: set[int], *, said: bool = False) -> None:
         self.watch: list[tuple[str, Tensor]] = [
             (clean_name(n), p) for n, p in unwrap(model).named_parameters()
             if id(p) not in held and type(p.data) is torch.Tensor]
         self._seen: dict[int, _Seen] = {}
-        self.said = False
+        self.said = said  # said once per run: a rebuilt watch (add_param_group) keeps it
 
     def check(self, step: int) -> Event | None:
         """At a flush (``step``: the guard's step count): the event, the first time

@@ -74,7 +74,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
         st.spike_data is not None and 0 <= since - st.spike_data <= rec.config.patience)
     # the loss level is evidence (not switched off by the user, nor by a loss that did not
     # answer the weights restored: ``loss_level_off``)
-    level = rec.loss_rise and not rec.state.level_off
+    level = rec.loss_rise and not st.level_off
     # a loss spike whose gradients did not spike is the loss's alone: the loss level
     # decides it (an RL value loss grows with the returns of a policy that got better)
     alone = not any(e.kind == "grad_spike" for e in events)
