@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import distributed
+from .graph_order import layers_after
 from .measure import GradGroup, StepStats, group_grads, measure, measure_grads, norm_dtype
 from .naming import ROOT_LAYER, layer_of, named_optimizer_params
 from .units import UnitWatch, watched
@@ -96,6 +97,10 @@ class Telemetry:
             self.layer_index.append(seen[lay])
         self.layers = layers
         self.matrix_layers = [False] * len(layers)
+        #: per layer, the layers after it in the autograd graph (:mod:`gradguard.graph_order`),
+        #: read from the first loss with a graph; None: registration order
+        self.after: list[list[int]] | None = None
+        self._order_read = False
         for i, p in zip(self.layer_index, self.params):
             self.matrix_layers[i] = self.matrix_layers[i] or p.dim() >= 2
         self.device = self.params[0].device
@@ -202,6 +207,9 @@ class Telemetry:
             ]
         )
         self._buf[pos].copy_(row)
+        if not self._order_read and isinstance(loss, Tensor) and loss.grad_fn is not None:
+            self._order_read = True  # once: a host-side walk of the graph, no device read
+            self.after = layers_after(loss, self.params, self.layer_index, len(self.layers))
         if pos == 0 and len(stats.params) == len(self.params):  # host-known, no sync
             self._present = {i for grp in stats.groups for i in grp.index}
         self._steps.append(self._next_step if step is None else step)
@@ -265,6 +273,7 @@ class Telemetry:
             update_norms=u,
             skip_codes=rows[:, _COL_SKIPPED],
             matrix_layers=self.matrix_layers,
+            after=self.after,
             grad_present=None if self._present is None else [i in self._present for i in range(p)],
             dying=rows[:, _COL_DYING],
             dying_at=rows[:, _COL_DYING_AT],

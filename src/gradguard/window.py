@@ -29,6 +29,9 @@ class Window:
             update voided by a restore after its backward; 0 not skipped), None when unknown.
         matrix_layers: per layer, whether it holds a parameter of 2 or more dimensions (a
             weight matrix or kernel, not only norm scales and biases); None when unknown.
+        after: per layer, the layers after it in the autograd graph (the layers its output
+            flows through to the loss, :mod:`gradguard.graph_order`); None: the registration
+            order (a chain).
         grad_present: per parameter, whether it had a gradient tensor (``p.grad`` not
             None) at the window's first step (sampled once per window: a host-side set,
             no device read): a frozen or unused parameter has none, a parameter behind
@@ -52,6 +55,7 @@ class Window:
     update_norms: Tensor | None = None
     skip_codes: Tensor | None = None
     matrix_layers: list[bool] | None = None
+    after: list[list[int]] | None = None
     grad_present: list[bool] | None = None
     dying: Tensor | None = None
     dying_at: Tensor | None = None

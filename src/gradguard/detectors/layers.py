@@ -47,31 +47,44 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
     on 1x1 maps; its residual branches sit behind a BatchNorm gain initialised to 0, timm's
     ``zero_init_last``, which grows slowly there: their convolutions' gradients were 5e-4
     of the head's at step 49 while the stem's were in full, and were called "vanishing in
-    13 early layers", the remedy residual connections and normalisation it has)."""
+    13 early layers", the remedy residual connections and normalisation it has).
+
+    "After" is the autograd graph's order where the telemetry could read it from the loss
+    (``Window.after``, :mod:`gradguard.graph_order`): the layers a layer's output flows
+    through to the loss. Registration order is that of a chain only: a policy and a value
+    network side by side in one ``ModuleDict`` made the critic's gradients "the layers
+    after" the actor's first layer. Without a graph order, registration order stands."""
     ln = window.layer_norms()
     layers = window.layers
     w, u = window.layer_weight_norms(), window.layer_update_norms()
     rates = None if w is None or u is None else (u.double() / w.double()).tolist()
+    cols = list(range(len(layers)))
     keep = window.matrix_layers
     if keep is not None and any(keep) and not all(keep):
         cols = [j for j, k in enumerate(keep) if k]
         ln, layers = ln[:, cols], [layers[j] for j in cols]
         rates = None if rates is None else [rates[j] for j in cols]
+    after = _after(window.after, cols)
     rows = torch.isfinite(ln).all(dim=1)
     if int(rows.sum()) < config.vanish_min_steps or ln.shape[1] < 2:
         return []
     ok = ln[rows].double()
-    # largest norm among the layers after each layer (closer to the loss)
-    later = torch.flip(torch.cummax(torch.flip(ok, [1]), dim=1).values, [1])
-    later = torch.cat([later[:, 1:], torch.zeros_like(later[:, :1])], dim=1)
+    later = _later(ok, after)  # the largest norm among the layers after each layer
     ratio = ok / later.clamp_min(1e-300)
     vanish = (ok > 0) & (later > 0) & ((ratio < config.vanish_ratio) | (ok < config.vanish_floor))
     frac = vanish.double().mean(dim=0).tolist()
     med_ratio = ratio.median(dim=0).values.tolist()
     med_norm = ok.median(dim=0).values.tolist()
-    # the layers from the input up to the first that got its gradient (see the docstring)
-    chain = next((j for j, f in enumerate(frac) if f < config.vanish_fraction), len(frac))
-    hit = [j for j in range(chain) if not (rates is not None and _learns(rates, j))]
+    # the layers from the input up to the first that got its gradient (see the docstring):
+    # a layer counts when it and every layer before it vanish
+    gone = [f >= config.vanish_fraction for f in frac]
+    if after is None:
+        chain = next((j for j, g in enumerate(gone) if not g), len(gone))
+        counted = list(range(chain))
+    else:
+        fine = {k for i, ks in enumerate(after) if not gone[i] for k in ks}  # after a layer
+        counted = [j for j, g in enumerate(gone) if g and j not in fine]  # that got its own
+    hit = [j for j in counted if not (rates is not None and _learns(rates, j, after))]
     if not hit:
         return []
     first = hit[0]
@@ -100,13 +113,35 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
     ]
 
 
-def _learns(rates: Sequence[float], j: int) -> bool:
+def _learns(rates: Sequence[float], j: int, after: list[list[int]] | None = None) -> bool:
     """Layer ``j`` moved at least ``VANISH_LEARNS`` of the largest update/weight ratio of
     the layers after it at the sampled step (the reference of the gradient test: the
     largest norm after it); a skipped step, ratio 0, says nothing."""
-    later = [r for r in rates[j + 1:] if math.isfinite(r) and r > 0]
+    nxt = rates[j + 1:] if after is None else [rates[k] for k in after[j]]
+    later = [r for r in nxt if math.isfinite(r) and r > 0]
     r = rates[j]
     return bool(later) and math.isfinite(r) and r > 0 and r >= VANISH_LEARNS * max(later)
+
+
+def _after(after: list[list[int]] | None, cols: list[int]) -> list[list[int]] | None:
+    """The graph order (``Window.after``) among the columns ``cols`` (layer indices),
+    in column positions; None: registration order."""
+    if after is None:
+        return None
+    pos = {layer: c for c, layer in enumerate(cols)}
+    return [[pos[k] for k in after[layer] if k in pos] for layer in cols]
+
+
+def _later(ok: torch.Tensor, after: list[list[int]] | None) -> torch.Tensor:
+    """Per step and layer, the largest norm among the layers after it (0: none)."""
+    if after is None:  # registration order: every later column
+        later = torch.flip(torch.cummax(torch.flip(ok, [1]), dim=1).values, [1])
+        return torch.cat([later[:, 1:], torch.zeros_like(later[:, :1])], dim=1)
+    later = torch.zeros_like(ok)
+    for j, ks in enumerate(after):
+        if ks:
+            later[:, j] = ok[:, ks].amax(dim=1)
+    return later
 
 
 # ---- sampled at flush steps -------------------------------------------------------------
