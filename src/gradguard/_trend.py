@@ -43,11 +43,41 @@ def trend(points: Sequence[tuple[int, float]]) -> Trend | None:
         >>> round(t.growth), round(t.z, 2), round(t.elasticity, 1)
         (128, 3.34, 5.6)
     """
-    n = len(points)
+    x = [float(s) for s, _ in points]
+    fit = _fit(x, [math.log(v) for _, v in points])
+    if fit is None:
+        return None
+    b, z = fit
+    span = x[-1] - x[0]
+    return Trend(b, z, math.exp(b * span), b * (x[-1] + 1.0), int(x[0]), int(x[-1]),
+                 points[-1][1])
+
+
+def fall(points: Sequence[tuple[int, float]]) -> tuple[float, float] | None:
+    """Mann–Kendall ``z`` (< 0 falling) and the Theil–Sen change over the span of
+    ``(step, value)`` points of any sign, on the values themselves (a loss that goes below
+    zero, as a Gaussian negative log-likelihood does, has no logarithm); None with fewer
+    than 3 points.
+
+    Example:
+        >>> from gradguard._trend import fall
+        >>> z, change = fall([(100 * i, 1.0 - 0.5 * i) for i in range(8)])
+        >>> round(z, 2), round(change, 2)
+        (-3.34, -3.5)
+    """
+    x = [float(s) for s, _ in points]
+    fit = _fit(x, [float(v) for _, v in points])
+    if fit is None:
+        return None
+    b, z = fit
+    return z, b * (x[-1] - x[0])
+
+
+def _fit(x: list[float], y: list[float]) -> tuple[float, float] | None:
+    """Theil–Sen slope of ``y`` over ``x`` and Mann–Kendall z (continuity-corrected)."""
+    n = len(x)
     if n < 3:
         return None
-    x = [float(s) for s, _ in points]
-    y = [math.log(v) for _, v in points]
     slopes, s = [], 0
     for i in range(n):
         for j in range(i + 1, n):
@@ -56,9 +86,6 @@ def trend(points: Sequence[tuple[int, float]]) -> Trend | None:
                 slopes.append((y[j] - y[i]) / (x[j] - x[i]))
     if not slopes:
         return None
-    b = statistics.median(slopes)
     var = n * (n - 1) * (2 * n + 5) / 18.0  # no ties correction: values are continuous
     z = (s - math.copysign(1, s)) / math.sqrt(var) if s else 0.0
-    span = x[-1] - x[0]
-    return Trend(b, z, math.exp(b * span), b * (x[-1] + 1.0), int(x[0]), int(x[-1]),
-                 points[-1][1])
+    return statistics.median(slopes), z

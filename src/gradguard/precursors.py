@@ -22,6 +22,11 @@ questions on its logarithm:
 
 While the loss itself falls significantly (:data:`PROGRESS_DROP`), the run is making
 progress and rising gradients, weights or logits are taken as learning, not instability.
+A loss that goes below zero (a Gaussian negative log-likelihood, a normalising flow's) has
+no ratio: its fall is judged on its values against its batch-to-batch spread
+(:data:`LEVEL_DROP`). A heteroscedastic regression under ``nn.GaussianNLLLoss`` learns
+its variances, and its gradient grows like one over them: "divergence risk: the gradient
+norm grew 28x" came at step 399 of every seed while its loss fell from 0.26 to -1.5.
 A half-precision output (watched) is judged against its ceiling instead: overflow within
 one trend span at the current rate is a risk whatever the step.
 
@@ -48,6 +53,7 @@ Example:
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +62,7 @@ from typing import Any
 import torch
 
 from ._logit_watch import Magnitude, watch_signals
-from ._trend import Trend, trend
+from ._trend import Trend, fall, trend
 from .events import Event
 from .telemetry import Window
 
@@ -90,6 +96,11 @@ GROWTH: dict[str, float] = {
 #: learning, not instability. A lower bar than TREND_Z: it can only silence a warning.
 PROGRESS_DROP = 0.8
 PROGRESS_Z = 1.645
+#: A loss not positive at every point has no ratio: it fell when Mann–Kendall says so (z
+#: below -PROGRESS_Z) and its Theil–Sen fall over the span is at least this many times its
+#: batch-to-batch spread (the median over the span of each window's median absolute
+#: deviation). 0.26 to -1.5 nats against a spread of ~0.1 in the Gaussian NLL regression.
+LEVEL_DROP = 2.0
 #: "Steps left" estimates the steps until a signal is this many times its level at the
 #: start of its trend: the divergence label of benchmarks/warning.py (loss > 10x median).
 BLOWUP = 10.0
@@ -158,6 +169,8 @@ class PrecursorState:
     lr: deque[tuple[int, float]] = field(default_factory=deque)
     cooldown: dict[str, int] = field(default_factory=dict)
     full_window: int = 0
+    #: the loss's window median and median absolute deviation per flush, of any sign
+    level: deque[tuple[int, float, float]] = field(default_factory=deque)
 
     def add(self, key: str, step: int, value: float | None, keep: int) -> None:
         if value is None or not (math.isfinite(value) and value > 0):
@@ -170,7 +183,8 @@ class PrecursorState:
     def state_dict(self) -> dict[str, Any]:
         return {"points": {k: [list(p) for p in v] for k, v in self.points.items()},
                 "layers": [[s, list(v)] for s, v in self.layers], "lr": [list(p) for p in self.lr],
-                "cooldown": dict(self.cooldown), "full_window": self.full_window}
+                "cooldown": dict(self.cooldown), "full_window": self.full_window,
+                "level": [list(p) for p in self.level]}
 
     def load_state_dict(self, sd: Mapping[str, Any], keep: int = TREND_POINTS) -> None:
         # at least as many points as were saved (a guard flushing often keeps more)
@@ -183,6 +197,8 @@ class PrecursorState:
         self.lr = deque(((int(s), float(x)) for s, x in sd.get("lr", [])), maxlen=keep)
         self.cooldown = {k: int(v) for k, v in sd.get("cooldown", {}).items()}
         self.full_window = int(sd.get("full_window", 0))
+        self.level = deque(((int(s), float(m), float(d)) for s, m, d in sd.get("level", [])),
+                           maxlen=keep)
 
 
 # ---- the signals of one flush -----------------------------------------------------------
@@ -265,6 +281,29 @@ def _fastest_layer(state: PrecursorState, layers: Sequence[str]) -> str | None:
     return layers[int(med.argmax())]
 
 
+def _level(window: Window) -> tuple[float, float] | None:
+    """The median of the window's finite losses and their median absolute deviation."""
+    loss = window.loss[torch.isfinite(window.loss)].double()
+    if not loss.numel():
+        return None
+    med = float(loss.median())
+    return med, float((loss - med).abs().median())
+
+
+def _progress(lt: Trend | None, state: PrecursorState, step: int, keep: int,
+              config: PrecursorConfig) -> bool:
+    """The loss falls significantly over the span (see the module docstring): by ratio when
+    it was positive at every point (``lt``, its trend), else by its values against its
+    spread (:data:`LEVEL_DROP`)."""
+    if lt is not None:
+        return lt.z <= -PROGRESS_Z and lt.growth <= config.progress_drop
+    pts = list(state.level)
+    if len(pts) < keep or pts[-1][0] != step or (f := fall([(s, m) for s, m, _ in pts])) is None:
+        return False
+    z, change = f
+    return z <= -PROGRESS_Z and -change >= LEVEL_DROP * statistics.median(d for *_, d in pts)
+
+
 def _is_rising(key: str, t: Trend, cfg: PrecursorConfig, progress: bool) -> bool:
     family = key.split(":")[0]
     if t.z < cfg.z or t.growth < GROWTH[family]:
@@ -307,15 +346,17 @@ def detect_precursors(
     if state.layers.maxlen != keep:
         state.layers = deque(state.layers, maxlen=keep)
         state.lr = deque(state.lr, maxlen=keep)
+        state.level = deque(state.level, maxlen=keep)
     state.layers.append((step, _layer_medians(window)))
+    if (level := _level(window)) is not None:
+        state.level.append((step, *level))
     optim = inputs.optim or {}
     lr = optim.get("lr")
     if isinstance(lr, (int, float)) and lr > 0:
         state.lr.append((step, float(lr)))
     trends = {k: t for k, q in state.points.items()
               if len(q) >= keep and q[-1][0] == step and (t := trend(list(q))) is not None}
-    lt = trends.get("loss")
-    progress = lt is not None and lt.z <= -PROGRESS_Z and lt.growth <= config.progress_drop
+    progress = _progress(trends.get("loss"), state, step, keep, config)
     rising = {k: t for k, t in trends.items() if _is_rising(k, t, config, progress)}
     for k in list(state.cooldown):
         if k not in rising:
