@@ -189,6 +189,10 @@ ROWS = [
     ("the loss came back within the recovery window: stop watching", BACKED,
      Trigger("progress", 130, value=2.9), b(watching=None), ()),
     ("too early to judge", BACKED, Trigger("progress", 120, value=9.0), BACKED, ()),
+    ("a level below zero has no ratio (1.5 x -1.4 is -2.1): no evidence, stop watching "
+     "(a Gaussian NLL at -1.55 after a spike from -1.43 was rolled back three times)",
+     b(pre_level=-1.43), Trigger("progress", 130, value=-1.2), b(pre_level=-1.43, watching=None),
+     ()),
     ("the loss did not come back: roll back to before the trouble", BACKED,
      Trigger("progress", 130, value=3.1),
      b(factor=A01, ceiling=0.05, backoff_level=A01, backoff_step=130, last_trigger=130,

@@ -8,6 +8,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from .ladder import LadderState
+from .ladder_types import near
 
 if TYPE_CHECKING:
     from ._recovery import Recovery
@@ -91,7 +92,7 @@ def unsound_resume(rec: Recovery) -> str | None:
         return None
     snap = rec.ring.newest_level(rec._rise.initial)
     if rec._rise.noisy() is not None or (
-            snap is not None and rec._progress > snap * rec.config.stall_factor):
+            snap is not None and not near(rec._progress, snap, rec.config.stall_factor)):
         return (f"with its loss at {rec._progress:.4g}, above the level of its last "
                 f"snapshot ({'unknown' if snap is None else f'{snap:.4g}'})")
     return None

@@ -22,6 +22,7 @@ from ..units import DYING, RECENT, SAMPLE, SILENT
 from . import _steps, actions, messages
 from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
+from .ladder_types import near
 from .probe import RETRY_FLOOR, RETRY_GAIN, TRIAL
 from .snapshots import copy_state, state_bytes, wait_copies
 
@@ -238,7 +239,7 @@ def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -
         return
     snap = rec.ring.level(rec._rise.initial)
     if snap is None or len(recent) < PROGRESS_STEPS or (
-            statistics.median(recent) <= snap * rec.config.stall_factor):
+            near(statistics.median(recent), snap, rec.config.stall_factor)):
         rec._feed(guard, Trigger("healthy", window.steps[-1]), list)
 
 

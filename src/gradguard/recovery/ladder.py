@@ -100,6 +100,7 @@ from .ladder_types import (
     LadderState,
     Trigger,
     TriggerKind,
+    near,
 )
 
 __all__ = ["DATA_REASONS", "NONFINITE_REASON", "OFFSCALE_REASON", "SPIKE_REASON", "Action",
@@ -368,7 +369,7 @@ def _progress(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[Ladder
     if st.watching is None or trig.step - st.watching < cfg.recovery_window:
         return st, ()
     if (st.level_off or st.pre_level is None or trig.value is None
-            or trig.value <= st.pre_level * cfg.stall_factor):
+            or near(trig.value, st.pre_level, cfg.stall_factor)):
         # it has (or the level is no evidence in this run): keep restoring the LR
         return dataclasses.replace(st, watching=None), ()
     reason = (f"the loss ({trig.value:.4g}) did not come back to its level before the trouble "

@@ -23,6 +23,24 @@ SPIKE_REASON = "spiking"
 #: it, is the batches' (a stretch of inputs far off their scale), not an LR's doing.
 DATA_REASONS = (NONFINITE_REASON, OFFSCALE_REASON, SPIKE_REASON)
 
+
+
+def near(value: float, level: float, factor: float) -> bool:
+    """``value`` is back near the loss ``level``: at most ``factor`` times it. A level at or
+    below zero (a Gaussian negative log-likelihood, a WGAN critic's score) has no ratio
+    scale, and the level is no evidence against the loss: True (``factor`` times -1.4 is
+    -2.1, and "near its level" asked a loss to be half as good again as its best: a
+    WGAN-GP generator at -1.4 was rolled back three times for "not coming back" from a
+    spike, each to an older snapshot, the snapshots having stopped at its first negative
+    level).
+
+    Example:
+        >>> near(1.4, 1.0, 1.5), near(1.6, 1.0, 1.5), near(-0.5, -1.4, 1.5)
+        (True, False, True)
+    """
+    return level <= 0 or value <= level * factor
+
+
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
                       "level", "lower", "restored", "shifted", "raise", "capped"]
 ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower", "level_off",
