@@ -109,3 +109,36 @@ class Tokens(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(i))
         return {"input_ids": ids, "labels": ids}
+
+
+def gaussian_nll_run(steps: int, make_guard=None, fault: range = range(0)
+                     ) -> tuple[float, list[float], object]:
+    """A heteroscedastic regression (``nn.GaussianNLLLoss``, Adam 1e-3, a 2-layer tanh MLP
+    predicting a mean and a variance): its loss goes below zero as it learns the variances,
+    and its gradient grows like one over them. ``make_guard(model, opt)``: the guard (None:
+    unguarded); ``fault``: the steps whose targets are x1e3. Returns the held-out NLL, the
+    training losses and the guard (closed)."""
+    torch.manual_seed(0)
+    x = torch.randn(4000, 8)
+    w = torch.randn(8)
+    y = (x @ w).sin() + 0.05 * (1 + x[:, 0].abs()) * torch.randn(4000)
+    net = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    guard = None if make_guard is None else make_guard(net, opt)
+    crit = nn.GaussianNLLLoss()
+    losses = []
+    for t in range(steps):
+        i = torch.randint(0, 3000, (128,))
+        out = net(x[i])
+        target = y[i] * (1e3 if t in fault else 1.0)
+        loss = crit(out[:, 0], target, nn.functional.softplus(out[:, 1]) + 1e-6)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss) if guard is not None else opt.step()
+        losses.append(loss.item())
+    if guard is not None:
+        guard.close()
+    with torch.no_grad():
+        out = net(x[3000:])
+        held = crit(out[:, 0], y[3000:], nn.functional.softplus(out[:, 1]) + 1e-6).item()
+    return held, losses, guard

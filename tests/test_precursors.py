@@ -22,7 +22,7 @@ from gradguard.precursors import (
     trend,
 )
 from gradguard.telemetry import Window
-from helpers import batches, mlp
+from helpers import batches, gaussian_nll_run, mlp
 
 EVERY = 50
 
@@ -241,24 +241,7 @@ def test_a_heteroscedastic_regression_whose_gradient_grows_as_it_learns_is_not_a
     """``nn.GaussianNLLLoss`` learns the variances, and its gradient grows like one over them:
     "divergence risk: the gradient norm grew 28x over the last 350 steps" came at step 399
     while the loss fell from 0.26 to -1.5 (every seed of three)."""
-    torch.manual_seed(0)
-    x = torch.randn(4000, 8)
-    w = torch.randn(8)
-    y = (x @ w).sin() + 0.05 * (1 + x[:, 0].abs()) * torch.randn(4000)
-    net = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    guard = gg.Guard(net, opt)
-    crit = nn.GaussianNLLLoss()
-    losses = []
-    for _ in range(450):
-        i = torch.randint(0, 3000, (128,))
-        out = net(x[i])
-        loss = crit(out[:, 0], y[i], nn.functional.softplus(out[:, 1]) + 1e-6)
-        opt.zero_grad()
-        loss.backward()
-        guard.step(loss)
-        losses.append(loss.item())
-    guard.close()
+    _, losses, guard = gaussian_nll_run(450, gg.Guard)
     assert losses[0] > 0 > sum(losses[-50:]) / 50  # the loss went below zero
     norms = [e for e in guard.events if e.kind == "divergence_risk"]
     assert norms == []
