@@ -186,3 +186,17 @@ def test_the_guard_still_finds_a_policy_whose_own_gradients_vanish():
     hit = [e for e in guard.events if e.kind == "vanishing_grad"]
     assert hit and hit[0].layer == "pi.0"
     assert all(not name.startswith("vf") for name in hit[0].data["layers"])
+
+
+def test_no_graph_order_is_read_when_the_guard_runs_under_torch_distributed():
+    """Each rank's graph is its own (one that does not reach a layer would judge by another
+    order than the rest): a guard under torch.distributed builds its telemetry with
+    ``graph_order=False``, and registration order stands on every rank."""
+    model = actor_critic()
+    tel = Telemetry(list(model.named_parameters()), every=4, graph_order=False)
+    x = torch.randn(5, 8)
+    loss = model["pi"](x).sum() + model["vf"](x).sum()
+    loss.backward()
+    tel.record(tel.measure(), loss=loss, clip_coef=None, skipped=False)
+    w = tel.flush()
+    assert w is not None and w.after is None and tel.after is None

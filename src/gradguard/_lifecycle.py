@@ -94,7 +94,8 @@ def relayout(guard: Guard) -> None:
     guard._layout = optimizer_layout(guard.optimizer)
     guard.telemetry = Telemetry(named_optimizer_params(guard.model, guard.optimizer),
                                 every=guard.every, pipeline_group=guard.config.pipeline_group,
-                                model=distributed.unwrap(guard.model))
+                                model=distributed.unwrap(guard.model),
+                                graph_order=guard.dist is None)
     guard._unstepped = Unstepped(guard.model, {id(p) for p in guard.telemetry.params},
                                  said=guard._unstepped.said)
     guard.kind = optimizer_kind(guard.optimizer)

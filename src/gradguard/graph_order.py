@@ -23,6 +23,8 @@ does not reach (frozen, unused at that step, another pipeline stage's), two laye
 after the other (a weight used at both ends: GPT-2's embedding tied to its output head,
 T5's shared one; a block applied twice), or one operation that takes the parameters of two
 layers at once (a ``torch.compile`` graph takes them all, as may a fused kernel).
+A guard under torch.distributed does not read it (``Telemetry(graph_order=False)``): each
+rank's graph is its own, and the detectors' verdicts must be alike on every rank.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ class Guard:
         self._layout = optimizer_layout(optimizer)
         self.telemetry = Telemetry(named_optimizer_params(model, optimizer), every=cfg.every,
                                    pipeline_group=cfg.pipeline_group,
-                                   model=distributed.unwrap(model))
+                                   model=distributed.unwrap(model), graph_order=self.dist is None)
         #: the model's parameters the optimizer does not hold, watched for gradients no
         #: optimizer steps (:mod:`._unstepped`: an unfrozen backbone never added)
         self._unstepped = Unstepped(model, {id(p) for p in self.telemetry.params})

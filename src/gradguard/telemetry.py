@@ -55,6 +55,9 @@ class Telemetry:
             with one all-reduce per step. See docs/distributed.md.
         model: the module the parameters belong to: its linear and convolution weights'
             output units are watched for dying (:mod:`gradguard.units`); None: not.
+        graph_order: read the layers' order from the first loss recorded with a graph
+            (:mod:`gradguard.graph_order`, ``Window.after``); False: registration order
+            (a guard under torch.distributed, whose ranks must judge alike).
 
     Example:
         >>> import torch, gradguard as gg
@@ -76,6 +79,7 @@ class Telemetry:
         norm_type: float = 2.0,
         pipeline_group: object = None,
         model: nn.Module | None = None,
+        graph_order: bool = True,
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every={every!r} must be an int >= 1")
@@ -98,9 +102,12 @@ class Telemetry:
         self.layers = layers
         self.matrix_layers = [False] * len(layers)
         #: per layer, the layers after it in the autograd graph (:mod:`gradguard.graph_order`),
-        #: read from the first loss with a graph; None: registration order
+        #: read from the first loss with a graph; None: registration order. Not read with
+        #: ``graph_order=False`` (a guard under torch.distributed: each rank's graph is its
+        #: own, one that does not reach a layer would judge by another order than the rest,
+        #: and the detectors' verdicts must be alike on every rank)
         self.after: list[list[int]] | None = None
-        self._order_read = False
+        self._order_read = not graph_order
         for i, p in zip(self.layer_index, self.params):
             self.matrix_layers[i] = self.matrix_layers[i] or p.dim() >= 2
         self.device = self.params[0].device
