@@ -62,6 +62,7 @@ from typing import Any
 import torch
 
 from ._logit_watch import Magnitude, watch_signals
+from ._precursor_signals import layer_medians, loss_level, window_signals
 from ._trend import Trend, fall, trend
 from .events import Event
 from .telemetry import Window
@@ -201,28 +202,6 @@ class PrecursorState:
                            maxlen=keep)
 
 
-# ---- the signals of one flush -----------------------------------------------------------
-def _median(t: torch.Tensor) -> float | None:
-    t = t[torch.isfinite(t)]
-    return float(t.median()) if t.numel() else None
-
-
-def window_signals(window: Window) -> dict[str, float | None]:
-    """One robust point per signal from a flushed window (None where not measurable)."""
-    loss = window.loss[torch.isfinite(window.loss)]
-    out: dict[str, float | None] = {"loss": None, "loss_spread": None,
-                                    "grad_norm": _median(window.total_norm)}
-    if loss.numel() and bool((loss > 0).all()):
-        out["loss"] = float(loss.median())
-        if loss.numel() >= 5:  # a spread of fewer points is noise
-            lg = loss.double().log()
-            out["loss_spread"] = float((lg - lg.median()).abs().median())
-    if window.weight_norms is not None:
-        w = window.weight_norms[torch.isfinite(window.weight_norms)]
-        out["weight_norm"] = float(w.double().norm()) if w.numel() else None
-    return out
-
-
 @dataclass(frozen=True)
 class PrecursorInputs:
     """What the guard knows at a flush besides the window.
@@ -261,12 +240,6 @@ def optimizer_info(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 # ---- the detector -----------------------------------------------------------------------
-def _layer_medians(window: Window) -> list[float]:
-    ln = window.layer_norms()
-    ln = torch.where(torch.isfinite(ln) & (ln > 0), ln, torch.nan)
-    return ln.nanmedian(dim=0).values.tolist()
-
-
 def _fastest_layer(state: PrecursorState, layers: Sequence[str]) -> str | None:
     """The layer whose gradient norm has the largest Theil–Sen log-slope over the kept
     flush points (per-layer window medians)."""
@@ -279,15 +252,6 @@ def _fastest_layer(state: PrecursorState, layers: Sequence[str]) -> str | None:
     slopes = (y[j] - y[i]) / (x[j] - x[i]).unsqueeze(1)
     med = slopes.nanmedian(dim=0).values.nan_to_num(nan=-math.inf)
     return layers[int(med.argmax())]
-
-
-def _level(window: Window) -> tuple[float, float] | None:
-    """The median of the window's finite losses and their median absolute deviation."""
-    loss = window.loss[torch.isfinite(window.loss)].double()
-    if not loss.numel():
-        return None
-    med = float(loss.median())
-    return med, float((loss - med).abs().median())
 
 
 def _progress(lt: Trend | None, state: PrecursorState, step: int, keep: int,
@@ -347,8 +311,8 @@ def detect_precursors(
         state.layers = deque(state.layers, maxlen=keep)
         state.lr = deque(state.lr, maxlen=keep)
         state.level = deque(state.level, maxlen=keep)
-    state.layers.append((step, _layer_medians(window)))
-    if (level := _level(window)) is not None:
+    state.layers.append((step, layer_medians(window)))
+    if (level := loss_level(window)) is not None:
         state.level.append((step, *level))
     optim = inputs.optim or {}
     lr = optim.get("lr")
