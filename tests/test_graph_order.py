@@ -200,3 +200,45 @@ def test_no_graph_order_is_read_when_the_guard_runs_under_torch_distributed():
     tel.record(tel.measure(), loss=loss, clip_coef=None, skipped=False)
     w = tel.flush()
     assert w is not None and w.after is None and tel.after is None
+
+
+def test_the_zero_code_loss_carries_its_graph_to_the_first_step_only():
+    from gradguard.integrations._hooked import LossTracker
+
+    w = torch.ones(2, requires_grad=True)
+    t = LossTracker()
+    t.add(w.sum() * 2)
+    first = t.take()
+    assert first is not None and first.grad_fn is not None
+    t.add(w.sum() * 3)
+    second = t.take()
+    assert second is not None and second.grad_fn is None and float(second) == 6.0
+    fresh = LossTracker()
+    fresh.add(w.sum())
+    fresh.add(w.sum())  # two micro-batches: their sum has no one graph
+    summed = fresh.take()
+    assert summed is not None and summed.grad_fn is None and float(summed) == 4.0
+
+
+def test_an_unmodified_actor_critic_script_under_zero_code_has_no_vanishing(tmp_path):
+    """`gradguard run` records the losses of `backward` detached; the first step's loss
+    keeps its graph, so the order is the graph's there too (it said "HEALTHY: Gradients
+    vanished in `pi.0` from step 49" of the healthy actor-critic)."""
+    from gradguard.integrations._session import ZeroCodeSession
+
+    torch.manual_seed(0)
+    model = actor_critic()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    target = torch.randn(8, 4)
+    with ZeroCodeSession(tmp_path, report=False) as session:
+        for _ in range(150):
+            x = torch.randn(64, 8)
+            ret = 100 * x[:, 0].abs() + 50
+            loss = nn.functional.cross_entropy(model["pi"](x), (x @ target).argmax(1)) + \
+                0.5 * (model["vf"](x).squeeze(-1) - ret).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    guard = session.units[0].guard
+    assert not [e for e in guard.events if e.kind == "vanishing_grad"]
+    assert guard.telemetry.after == [[1, 2], [2], [], [4], []]

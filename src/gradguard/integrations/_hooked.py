@@ -67,7 +67,9 @@ class LossTracker:
     them: the sum is the loss whose gradient that step applies (with gradient accumulation
     each micro-batch loss is usually already divided by the number of micro-batches). A
     step with no new backward since the previous step (two optimizers sharing one
-    backward) gets the same loss as that previous step.
+    backward) gets the same loss as that previous step. The first step taken from a single
+    backward gets that loss itself, graph and all (the telemetry reads the layers' order
+    from it once, :mod:`gradguard.graph_order`); every other, a detached value.
 
     Example:
         >>> import torch
@@ -83,6 +85,8 @@ class LossTracker:
         self._n = 0
         self._last: Tensor | None = None
         self._alias: tuple[Tensor, Tensor] | None = None
+        self._graph: Tensor | None = None  # the pending sum's one loss, with its graph
+        self._graph_given = False  # handed over once
 
     def alias(self, scaled: Tensor, loss: Tensor) -> None:
         """``scaled`` (``GradScaler.scale(loss)``) stands for ``loss``: a backward of
@@ -95,6 +99,7 @@ class LossTracker:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             return
         v = loss.detach().reshape(()).float()
+        self._graph = loss if self._sum is None and not self._graph_given else None
         self._sum = v if self._sum is None else self._sum + v
         self._n += 1
 
@@ -102,6 +107,10 @@ class LossTracker:
         if self._sum is not None:
             self._last = self._sum / self._n if self.mean else self._sum
             self._sum, self._n = None, 0
+            if self._graph is not None and self._graph.grad_fn is not None:
+                self._graph_given = True
+                graph, self._graph = self._graph.reshape(()).float(), None
+                return graph
         return self._last
 
 
