@@ -30,6 +30,14 @@ def actor_critic() -> nn.ModuleDict:
     return nn.ModuleDict({"pi": pi, "vf": vf})
 
 
+def actor_critic_loss(model: nn.ModuleDict, target: torch.Tensor) -> torch.Tensor:
+    """A policy's cross-entropy plus a value loss of returns in the hundreds (64 samples)."""
+    x = torch.randn(64, 8)
+    ret = 100 * x[:, 0].abs() + 50
+    return nn.functional.cross_entropy(model["pi"](x), (x @ target).argmax(1)) + \
+        0.5 * (model["vf"](x).squeeze(-1) - ret).pow(2).mean()
+
+
 def test_a_chain_is_in_registration_order():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
     layers, after = order(model, model(torch.randn(3, 4)).pow(2).mean())
@@ -151,10 +159,7 @@ def test_the_guard_finds_no_vanishing_in_a_healthy_actor_critic():
     guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
     target = torch.randn(8, 4)
     for _ in range(150):
-        x = torch.randn(64, 8)
-        ret = 100 * x[:, 0].abs() + 50
-        loss = nn.functional.cross_entropy(model["pi"](x), (x @ target).argmax(1)) + \
-            0.5 * (model["vf"](x).squeeze(-1) - ret).pow(2).mean()
+        loss = actor_critic_loss(model, target)
         opt.zero_grad()
         loss.backward()
         guard.step(loss)
@@ -232,10 +237,7 @@ def test_an_unmodified_actor_critic_script_under_zero_code_has_no_vanishing(tmp_
     target = torch.randn(8, 4)
     with ZeroCodeSession(tmp_path, report=False) as session:
         for _ in range(150):
-            x = torch.randn(64, 8)
-            ret = 100 * x[:, 0].abs() + 50
-            loss = nn.functional.cross_entropy(model["pi"](x), (x @ target).argmax(1)) + \
-                0.5 * (model["vf"](x).squeeze(-1) - ret).pow(2).mean()
+            loss = actor_critic_loss(model, target)
             opt.zero_grad()
             loss.backward()
             opt.step()
