@@ -80,6 +80,22 @@ def test_nonfinite_origin_is_the_bad_layer_nearest_the_loss(row, bad, origin):
 
 
 @pytest.mark.parametrize(
+    ("row", "bad", "origin"),
+    [
+        ([NAN, NAN, 3.0], ["a", "b"], "a"),  # b feeds a: a is nearer the loss
+        ([NAN, 2.0, NAN], ["a", "c"], "c"),  # two branches gone bad: the last registered
+        ([NAN, NAN, NAN], ["a", "b", "c"], "c"),
+        ([1.0, NAN, 3.0], ["b"], "b"),
+    ],
+)
+def test_nonfinite_origin_follows_the_graph_order_when_given(row, bad, origin):
+    """``after``: b feeds a and c; a and c are side by side (a pre-norm "b" registered
+    after the projection "a" it feeds, beside a second branch "c")."""
+    after = [[], [0, 2], []]
+    assert nonfinite_origin(torch.tensor(row), LAYERS, after) == (bad, origin)
+
+
+@pytest.mark.parametrize(
     ("loss", "fwd", "watched", "layer", "cause"),
     [
         (1.0, None, False, "b", None),

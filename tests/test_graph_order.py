@@ -193,6 +193,55 @@ def test_the_guard_still_finds_a_policy_whose_own_gradients_vanish():
     assert all(not name.startswith("vf") for name in hit[0].data["layers"])
 
 
+class _NanBackward(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward (a wrong custom backward)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return g * float("nan")
+
+
+class PreNorm(nn.Module):
+    """A projection registered before the norm that feeds it (as Llama's blocks), with a
+    backward that goes NaN between the projection's output and the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 1)
+        self.bad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(self.norm(x))
+        return self.head(_NanBackward.apply(h) if self.bad else h)
+
+
+def test_a_nan_gradient_is_traced_to_the_layer_nearest_the_loss_in_the_graph():
+    """The gradient goes NaN below the head: the projection and the norm before it are
+    non-finite. Registration order named the norm (registered last of the two); the graph
+    says the projection is where backward first went bad."""
+    torch.manual_seed(0)
+    model = PreNorm()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery())
+    for step in range(30):
+        model.bad = step == 20
+        loss = model(torch.randn(16, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    hit = [e for e in guard.events if e.kind == "nonfinite_grad"]
+    assert len(hit) == 1 and hit[0].step == 20
+    assert hit[0].data["layers"] == ["proj", "norm"] and hit[0].layer == "proj"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_no_graph_order_is_read_when_the_guard_runs_under_torch_distributed():
     """Each rank's graph is its own (one that does not reach a layer would judge by another
     order than the rest): a guard under torch.distributed builds its telemetry with

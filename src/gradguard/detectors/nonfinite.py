@@ -16,26 +16,40 @@ from .config import INPUT_ORIGIN, LOSS_ORIGIN
 
 # ---- non-finite localisation ------------------------------------------------------------
 def nonfinite_origin(
-    layer_norms_row: torch.Tensor, layers: list[str]
+    layer_norms_row: torch.Tensor, layers: list[str], after: list[list[int]] | None = None,
 ) -> tuple[list[str], str | None]:
     """Layers with non-finite gradient norm in one step, and the *origin*: the non-finite
-    layer nearest the loss (last in module order) with every layer after it finite.
+    layer nearest the loss, every layer after it finite.
 
-    When every layer after the last non-finite one is finite, the gradient first went bad
-    there during backward; when the last layer itself is non-finite the trouble came from
-    the loss or the forward pass, and the origin is that last layer. Module (registration)
-    order stands in for execution order.
+    Backward runs from the loss to the inputs, so the gradient first went bad at a
+    non-finite layer none of whose later layers is non-finite; when the layer nearest the
+    loss is non-finite itself, the trouble came from the loss or the forward pass, and the
+    origin is that layer. "After" is the autograd graph's order where the telemetry read it
+    (``after``: per layer, the layers its output flows through to the loss;
+    ``Window.after``, :mod:`gradguard.graph_order`), else registration order: a pre-norm
+    block registers its norm after the projections it feeds, and two networks side by side
+    are not after each other. Among several such layers (both towers went bad) the last
+    registered is named.
 
     Example:
         >>> import math, torch
         >>> from gradguard.detectors import nonfinite_origin
         >>> nonfinite_origin(torch.tensor([math.nan, math.inf, 1.0]), ["a", "b", "c"])
         (['a', 'b'], 'b')
+        >>> # "b" feeds "a" (a norm registered after the projection it feeds)
+        >>> nonfinite_origin(torch.tensor([math.nan, math.inf, 1.0]), ["a", "b", "c"],
+        ...                  after=[[2], [0, 2], []])
+        (['a', 'b'], 'a')
     """
     bad = [i for i, x in enumerate(layer_norms_row.tolist()) if not math.isfinite(x)]
     if not bad:
         return [], None
-    return [layers[i] for i in bad], layers[bad[-1]]
+    names = [layers[i] for i in bad]
+    if after is None:
+        return names, layers[bad[-1]]
+    worse = set(bad)
+    first = [i for i in bad if not worse.intersection(after[i])]
+    return names, layers[(first or bad)[-1]]
 
 
 @dataclass(frozen=True)
@@ -123,7 +137,7 @@ def detect_nonfinite(
             continue
         if ln is None:
             ln = window.layer_norms()
-        bad, grad_origin = nonfinite_origin(ln[i], window.layers)
+        bad, grad_origin = nonfinite_origin(ln[i], window.layers, window.after)
         fwd = (forward_origins or {}).get(step)
         cause, origin, remedy = _nonfinite_cause(losses[i], fwd, forward_origins is not None)
         origin = origin or grad_origin
