@@ -23,6 +23,7 @@ from gradguard.detectors import (
     detect_vanishing,
     nonfinite_origin,
 )
+from gradguard.detectors.spikes import confirm_length
 from gradguard.telemetry import Window
 from helpers import batches, mlp
 
@@ -147,9 +148,50 @@ def test_loss_spike_confirmed_across_windows_keeps_its_first_step():
     assert [(e.step, e.data["run"], e.data["since"]) for e in second] == [(39, 3, 39)]
     assert state.loss_run == 0
     # a confirmed run still going on in the next window is reported again, as continued
-    detect_spikes(window([[1.0] * 3] * 2, [10.0, 10.0], start=43), state)
-    third = detect_spikes(window([[1.0] * 3] * 2, [10.0, 1.0], start=45), state)
-    assert [(e.step, e.data["continued"]) for e in third] == [(45, True)]
+    # (three spiking losses in the last 45 make a run of 2 or 3 chance: 4 confirm now)
+    assert [e.step for e in detect_spikes(window([[1.0] * 3] * 6, [10.0] * 6, start=43),
+                                          state)] == [43]
+    third = detect_spikes(window([[1.0] * 3] * 2, [10.0, 1.0], start=49), state)
+    assert [(e.step, e.data["continued"]) for e in third] == [(49, True)]
+
+
+def heavy_tailed(n: int, every: int = 7, seed: int = 0) -> list[float]:
+    """A healthy loss whose batches spike on their own one step in ``every`` (gross
+    outliers in the targets), at 20-60x the rest."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, v in enumerate(noisy(n)):
+        out.append(v * (20 + 40 * torch.rand(1, generator=g).item()) if i % every == 0 else v)
+    return out
+
+
+def test_a_heavy_tailed_loss_needs_a_longer_run_to_confirm_a_spike():
+    """Where single batches spike on 1 step in 7, two or three in a row are chance (once in
+    50 and 350 steps); a run of as many as chance gives once in 10,000 steps is needed."""
+    losses = heavy_tailed(200)
+    for i in (100, 101, 130, 131, 132, 160, 161, 162, 163):  # runs of 2, 3 and 4 (+1)
+        losses[i] = 40.0
+    state = DetectorState()
+    assert [e for e in detect_spikes(window([[1.0] * 3] * 200, losses), state)
+            if e.kind == "loss_spike"] == []
+    need, share = confirm_length(state.loss)
+    assert 0.1 < share < 0.25 and need == math.ceil(math.log(1e-4) / math.log(share)) >= 5
+    # wrecked weights keep spiking: confirmed, at the run's first step
+    more = [40.0] * 10 + [1.0] * 5
+    events = detect_spikes(window([[1.0] * 3] * 15, more, start=200), state)
+    assert [(e.kind, e.step) for e in events] == [("loss_spike", 200)]
+    need, share = events[0].data["confirm"], events[0].data["share"]
+    assert need >= 5 and need == math.ceil(math.log(1e-4) / math.log(share))
+    assert f"{need} steps in a row" in events[0].message
+
+
+def test_a_calm_loss_confirms_a_spike_at_two_steps():
+    losses = noisy(100)
+    assert confirm_length(losses) == (2, 0.0)
+    assert confirm_length(losses[:10]) == (2, 0.0)  # too few to tell: the configured length
+    spiky = [50.0 if i % 3 == 0 else v for i, v in enumerate(losses)]
+    assert confirm_length(spiky)[0] == 8  # at most MAX_CONFIRM
+    assert confirm_length(losses[:30] + [50.0] * 70, run=70) == (2, 0.0)  # the run left out
 
 
 def test_no_spike_before_warmup():
