@@ -142,3 +142,34 @@ def gaussian_nll_run(steps: int, make_guard=None, fault: range = range(0)
         out = net(x[3000:])
         held = crit(out[:, 0], y[3000:], nn.functional.softplus(out[:, 1]) + 1e-6).item()
     return held, losses, guard
+
+
+def outlier_regression_run(steps: int, make_guard=None, seed: int = 2
+                           ) -> tuple[float, object]:
+    """A regression whose training targets hold 2% gross outliers (x50 noise), batches of
+    16 (one in four holds one), a SiLU MLP on Adam 1e-3: a heavy-tailed loss, healthy.
+    ``make_guard(model, opt)``: the guard (None: unguarded). Returns the held-out MSE on
+    clean targets and the guard (closed)."""
+    torch.manual_seed(seed)
+    w = torch.randn(20, 1)
+    x = torch.randn(20000, 20)
+    y = torch.sin(x @ w / 3) * 3 + 0.1 * torch.randn(20000, 1)
+    out = torch.rand(20000) < 0.02
+    y[out] += 50 * torch.randn(int(out.sum()), 1)
+    xv = torch.randn(4000, 20)
+    yv = torch.sin(xv @ w / 3) * 3
+    net = nn.Sequential(nn.Linear(20, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(),
+                        nn.Linear(128, 1))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    guard = None if make_guard is None else make_guard(net, opt)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, 20000, (16,), generator=g)
+        loss = (net(x[i]) - y[i]).pow(2).mean()
+        loss.backward()
+        guard.step(loss) if guard is not None else opt.step()
+        opt.zero_grad()
+    if guard is not None:
+        guard.close()
+    with torch.no_grad():
+        return (net(xv) - yv).pow(2).mean().item(), guard

@@ -94,6 +94,12 @@ Medians of ten steps shrug off single bad batches, two blocks in a row a noisy s
 Without the run's first steps (a resume) only the first condition applies. Measured on
 healthy runs: benchmarks/quality.py (10,000 steps) and benchmarks/rescue.py (2,400).
 
+Every rise, strict or not, must also stand above what the loss's own scatter gives a
+two-block level over the best by chance (:meth:`LossRise.chance`, :mod:`.scatter`): a
+heavy-tailed loss (a regression whose targets hold 2% gross outliers) has ten-step medians
+that stray 1.5-3x from block to block, and its best is the luckiest of them. On a calm
+loss the chance ratio is under ``stall_factor`` and changes nothing.
+
 Losses that can be negative (log-likelihoods, GAN or RL objectives) have no ratio scale:
 the test switches itself off for the run the first time it sees one. A loss of exactly 0
 (a classifier that fits a batch perfectly in float32, a hinge loss) is a level like any
@@ -110,6 +116,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from ..detectors.config import MAD_TO_SIGMA
+from .scatter import chance_ratio
 
 #: Steps per rolling median.
 BLOCK = 10
@@ -136,6 +143,10 @@ NOISE_UNITS = 8.0
 FRESH_SIGMAS = 3.0
 #: The last blocks of ``BLOCK`` taken steps the noise is measured over.
 NOISE_BLOCKS = 32
+#: The last blocks whose residuals measure the chance scatter (:mod:`.scatter`) ...
+CHANCE_MEMORY = 64
+#: ... each block's about the median of it and the blocks before it, this many in all.
+CENTER_BLOCKS = 3
 #: A two-block level at least this share of the fresh model's loss is back at its level
 #: (with dead layers: see the module docstring).
 AT_FRESH = 0.95
@@ -175,6 +186,12 @@ class LossRise:
         #: :meth:`noise`; kept when the ladder acts), and the losses of the next block
         self._sigmas: deque[float] = deque(maxlen=NOISE_BLOCKS)
         self._block: list[float] = []
+        #: each block's log losses about its median, the last NOISE_BLOCKS blocks' (see
+        #: :meth:`chance`), and the chance ratio last computed from them (None: stale)
+        self._resid: deque[float] = deque(maxlen=CHANCE_MEMORY * BLOCK)
+        self._chance: dict[int, float | None] = {}
+        self._positions = 0  # the window positions scanned for a peak since judged
+        self._around: deque[float] = deque(maxlen=CENTER_BLOCKS * BLOCK)
         #: the median of the run's first BLOCK taken losses (its first level, measured as
         #: well as the levels it is compared with; None without the run's first steps)
         self.first_block: float | None = None
@@ -207,7 +224,13 @@ class LossRise:
             block, self._block = self._block[:BLOCK], self._block[BLOCK:]
             if self.first_block is None and self.initial is not None:
                 self.first_block = statistics.median(block)
-            if min(block) > 0:
+            self._around.extend(block)
+            if min(block) > 0 and min(self._around) > 0:
+                # about the median of this block and the last ones before it: a block that
+                # half its outliers lifted is no level of its own (its outliers would hide)
+                center = math.log(statistics.median(self._around))
+                self._resid.extend(math.log(x) - center for x in block)
+                self._chance = {}
                 d = [math.log(b / a) for a, b in itertools.pairwise(block)]
                 mid = statistics.median(d)
                 # the robust sigma of one step's log loss (a difference has twice its variance)
@@ -221,6 +244,7 @@ class LossRise:
         # (the highest since the last judgement: windows shorter than the judgements' pace)
         pool = candidates if self.best is None else [*candidates, self.best]
         best = min(pool) if pool else None
+        self._positions += max(0, len(medians) - BLOCK)
         for j, m in enumerate(medians):
             best = m if best is None else min(best, m)
             if j >= BLOCK and best > 0 and self._gave_back(level := min(medians[j - BLOCK], m), best):
@@ -289,9 +313,25 @@ class LossRise:
             return None
         if self.latest is not None:
             ratio = self.latest / self.best
-            if ratio > factor and self._gave_back(self.latest, self.best, strict=strict):
+            if ratio > factor and self._gave_back(self.latest, self.best, strict=strict) \
+                    and self._beyond_chance(ratio):
                 return Rise(self.latest, ratio)
-        return self.peak if self.peak is not None and self.peak.ratio >= SEVERE else None
+        peak = self.peak
+        return peak if peak is not None and peak.ratio >= SEVERE and \
+            self._beyond_chance(peak.ratio, self._positions) else None
+
+    def chance(self, positions: int = 1) -> float | None:
+        """The ratio of a two-block level to the best that the loss's own scatter reaches
+        by chance, at one position or the highest over ``positions``
+        (:func:`.scatter.chance_ratio` of the residuals; once per block that came in);
+        None with too few residuals."""
+        if positions not in self._chance:
+            self._chance[positions] = chance_ratio(list(self._resid), BLOCK, positions)
+        return self._chance[positions]
+
+    def _beyond_chance(self, ratio: float, positions: int = 1) -> bool:
+        chance = self.chance(positions)
+        return chance is None or ratio > chance
 
     def noisy(self) -> Rise | None:
         """A :class:`Rise` when the recent level is ``SEVERE`` (2) times the best or more and
@@ -325,16 +365,19 @@ class LossRise:
     def judged(self) -> None:
         """The rise was judged: the next judgement looks at the windows from here on."""
         self.peak = None
+        self._positions = 0
 
     def reset(self) -> None:
         """The ladder acted (a back-off or rollback): the level is learnt again from here."""
         self.best = self.latest = self.peak = None
         self._carry = []
+        self._positions = 0
 
     def state_dict(self) -> dict[str, object]:
         return {"best": self.best, "initial": self.initial, "fresh": self.fresh,
                 "latest": self.latest, "off": self.off, "carry": list(self._carry),
                 "sigmas": list(self._sigmas), "block": list(self._block),
+                "resid": list(self._resid), "around": list(self._around),
                 "first_block": self.first_block, "first": self._first}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
@@ -346,6 +389,9 @@ class LossRise:
         self._carry = list(sd.get("carry") or [])  # type: ignore[call-overload]
         self._sigmas = deque(sd.get("sigmas") or [], maxlen=NOISE_BLOCKS)  # type: ignore[call-overload]
         self._block = list(sd.get("block") or [])  # type: ignore[call-overload]
+        self._resid = deque(sd.get("resid") or [], maxlen=CHANCE_MEMORY * BLOCK)  # type: ignore[call-overload]
+        self._around = deque(sd.get("around") or [], maxlen=CENTER_BLOCKS * BLOCK)  # type: ignore[call-overload]
+        self._chance = {}
         self.first_block = sd.get("first_block")  # type: ignore[assignment]
         first = sd.get("first")
         self._first = list(first) if first is not None else None  # type: ignore[call-overload]
