@@ -116,7 +116,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from ..detectors.config import MAD_TO_SIGMA
-from .scatter import chance_ratio
+from .scatter import CHANCE_HIGH, STRICT_HIGH, chance_ratio
 
 #: Steps per rolling median.
 BLOCK = 10
@@ -145,8 +145,8 @@ FRESH_SIGMAS = 3.0
 NOISE_BLOCKS = 32
 #: The last blocks whose residuals measure the chance scatter (:mod:`.scatter`) ...
 CHANCE_MEMORY = 64
-#: ... each block's about the median of it and the blocks before it, this many in all.
-CENTER_BLOCKS = 3
+#: ... each block's about its value of this rank (0: the lowest).
+CENTER_RANK = 2
 #: A two-block level at least this share of the fresh model's loss is back at its level
 #: (with dead layers: see the module docstring).
 AT_FRESH = 0.95
@@ -189,9 +189,8 @@ class LossRise:
         #: each block's log losses about its median, the last NOISE_BLOCKS blocks' (see
         #: :meth:`chance`), and the chance ratio last computed from them (None: stale)
         self._resid: deque[float] = deque(maxlen=CHANCE_MEMORY * BLOCK)
-        self._chance: dict[int, float | None] = {}
+        self._chance: dict[tuple[int, bool], float | None] = {}
         self._positions = 0  # the window positions scanned for a peak since judged
-        self._around: deque[float] = deque(maxlen=CENTER_BLOCKS * BLOCK)
         #: the median of the run's first BLOCK taken losses (its first level, measured as
         #: well as the levels it is compared with; None without the run's first steps)
         self.first_block: float | None = None
@@ -224,11 +223,10 @@ class LossRise:
             block, self._block = self._block[:BLOCK], self._block[BLOCK:]
             if self.first_block is None and self.initial is not None:
                 self.first_block = statistics.median(block)
-            self._around.extend(block)
-            if min(block) > 0 and min(self._around) > 0:
-                # about the median of this block and the last ones before it: a block that
-                # half its outliers lifted is no level of its own (its outliers would hide)
-                center = math.log(statistics.median(self._around))
+            if min(block) > 0:
+                # about a low order statistic of the block: one that half its outliers
+                # lifted keeps its centre (a median would hide them); no level across blocks
+                center = math.log(sorted(block)[CENTER_RANK])
                 self._resid.extend(math.log(x) - center for x in block)
                 self._chance = {}
                 d = [math.log(b / a) for a, b in itertools.pairwise(block)]
@@ -314,23 +312,25 @@ class LossRise:
         if self.latest is not None:
             ratio = self.latest / self.best
             if ratio > factor and self._gave_back(self.latest, self.best, strict=strict) \
-                    and self._beyond_chance(ratio):
+                    and self._beyond_chance(ratio, strict=strict):
                 return Rise(self.latest, ratio)
         peak = self.peak
         return peak if peak is not None and peak.ratio >= SEVERE and \
-            self._beyond_chance(peak.ratio, self._positions) else None
+            self._beyond_chance(peak.ratio, self._positions, strict=strict) else None
 
-    def chance(self, positions: int = 1) -> float | None:
+    def chance(self, positions: int = 1, *, strict: bool = False) -> float | None:
         """The ratio of a two-block level to the best that the loss's own scatter reaches
-        by chance, at one position or the highest over ``positions``
-        (:func:`.scatter.chance_ratio` of the residuals; once per block that came in);
-        None with too few residuals."""
-        if positions not in self._chance:
-            self._chance[positions] = chance_ratio(list(self._resid), BLOCK, positions)
-        return self._chance[positions]
+        by chance, at one position or the highest over ``positions``, at the quantile
+        asked of a rise on probation (``strict``) or not (:func:`.scatter.chance_ratio` of
+        the residuals; once per block that came in); None with too few residuals."""
+        key = (positions, strict)
+        if key not in self._chance:
+            self._chance[key] = chance_ratio(list(self._resid), BLOCK, positions,
+                                             STRICT_HIGH if strict else CHANCE_HIGH)
+        return self._chance[key]
 
-    def _beyond_chance(self, ratio: float, positions: int = 1) -> bool:
-        chance = self.chance(positions)
+    def _beyond_chance(self, ratio: float, positions: int = 1, *, strict: bool) -> bool:
+        chance = self.chance(positions, strict=strict)
         return chance is None or ratio > chance
 
     def noisy(self) -> Rise | None:
@@ -377,7 +377,7 @@ class LossRise:
         return {"best": self.best, "initial": self.initial, "fresh": self.fresh,
                 "latest": self.latest, "off": self.off, "carry": list(self._carry),
                 "sigmas": list(self._sigmas), "block": list(self._block),
-                "resid": list(self._resid), "around": list(self._around),
+                "resid": list(self._resid),
                 "first_block": self.first_block, "first": self._first}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
@@ -390,7 +390,6 @@ class LossRise:
         self._sigmas = deque(sd.get("sigmas") or [], maxlen=NOISE_BLOCKS)  # type: ignore[call-overload]
         self._block = list(sd.get("block") or [])  # type: ignore[call-overload]
         self._resid = deque(sd.get("resid") or [], maxlen=CHANCE_MEMORY * BLOCK)  # type: ignore[call-overload]
-        self._around = deque(sd.get("around") or [], maxlen=CENTER_BLOCKS * BLOCK)  # type: ignore[call-overload]
         self._chance = {}
         self.first_block = sd.get("first_block")  # type: ignore[assignment]
         first = sd.get("first")
