@@ -98,7 +98,8 @@ Every rise, strict or not, must also stand above what the loss's own scatter giv
 two-block level over the best by chance (:meth:`LossRise.chance`, :mod:`.scatter`): a
 heavy-tailed loss (a regression whose targets hold 2% gross outliers) has ten-step medians
 that stray 1.5-3x from block to block, and its best is the luckiest of them. On a calm
-loss the chance ratio is under ``stall_factor`` and changes nothing.
+loss the chance ratio is under ``stall_factor`` and changes nothing. On probation the bar
+is a lower quantile of chance (``STRICT_HIGH``): there the noise is the symptom.
 
 Losses that can be negative (log-likelihoods, GAN or RL objectives) have no ratio scale:
 the test switches itself off for the run the first time it sees one. A loss of exactly 0
