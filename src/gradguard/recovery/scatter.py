@@ -83,9 +83,10 @@ def chance_ratio(residuals: Sequence[float], block: int, positions: int = 1,
     resid = torch.tensor(list(residuals), dtype=torch.float64)
     gen = torch.Generator().manual_seed(len(resid) + positions)
     pick = torch.randint(len(resid), (RESAMPLES, block), generator=gen)
-    low = torch.quantile(_median(resid[pick]), CHANCE_LOW)
+    single = _median(resid[pick])
+    low = torch.quantile(single, CHANCE_LOW)
     if positions <= 1:
-        med = _median(resid[pick])
+        med = single
         level = torch.minimum(med[0::2], med[1::2])  # the lower of two blocks
     else:  # the rolling medians of resampled stretches, as the window is scanned
         stretch = resid[torch.randint(len(resid), (STRETCHES, positions + 2 * block - 1),
