@@ -353,3 +353,96 @@ def test_an_optimizer_with_no_numeric_lr_skips_the_lr_probe_and_says_so():
     plain = gg.doctor(model, (x, x[:, :1]), nn.functional.mse_loss,
                       optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
     assert "lr" in plain.probes
+
+
+def _char_gpt2_after(lr: float, steps: int = 40):
+    """A 2-layer GPT-2 (width 32, from its config) trained ``steps`` AdamW steps at ``lr`` on
+    the characters of ``textwrap``'s source; the model, a batch, the loss and the optimizer."""
+    transformers = pytest.importorskip("transformers")
+    import inspect
+    import textwrap
+
+    text = inspect.getsource(textwrap)
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text])
+    torch.manual_seed(0)
+    transformers.logging.set_verbosity_error()
+
+    class CharLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                n_layer=2, n_embd=32, n_head=2, vocab_size=len(chars), n_positions=32,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+        def forward(self, x):
+            return self.m(input_ids=x).logits
+
+    def loss_fn(out, y):
+        return nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.size(-1)), y[:, 1:].reshape(-1))
+
+    model = CharLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch():
+        starts = torch.randint(0, len(ids) - 33, (16,), generator=gen)
+        return torch.stack([ids[i:i + 32] for i in starts])
+
+    for _ in range(steps):
+        x = batch()
+        loss = loss_fn(model(x), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x = batch()
+    return model, (x, x), loss_fn, opt
+
+
+def test_weights_grown_in_training_are_not_blamed_on_the_init():
+    """Found as a stranger (2026-12-03): a GPT-2 on AdamW at 100x its LR, doctored mid-run
+    with its optimizer, has weights 14x the Xavier std; the doctor said ``init_too_large``
+    and "re-init with Xavier", which throws the run away. The finding stays (the weights are
+    too large for the depth), the remedy now blames the LR; the same model at the LR that
+    trains is healthy, and with no optimizer state the advice is the init's as before."""
+    model, batch, loss_fn, opt = _char_gpt2_after(0.3)
+    diag = gg.doctor(model, batch, loss_fn, optimizer=opt)
+    top = diag.top
+    assert top.cause == "init_too_large" and top.evidence["factor"] > 5, str(diag)
+    assert top.evidence["optimizer_steps"] == 40 and top.evidence["lr"] == pytest.approx(0.3)
+    assert "gg.init.apply_" not in top.remedy and "Lower the learning rate" in top.remedy, top.remedy
+    assert "after 40 steps of AdamW at lr 0.3" in top.remedy
+    assert "attention" in top.remedy  # the evidence the depth finding carried is kept
+    assert not any("gg.init.apply_" in f.remedy for f in diag.findings if f.cause == "init_too_large")
+    # without the optimizer the doctor cannot tell: the init's advice, as before
+    blind = gg.doctor(model, batch, loss_fn)
+    assert blind.top.cause == "init_too_large" and "gg.init.apply_" in blind.top.remedy
+    assert "optimizer_steps" not in blind.top.evidence
+
+    healthy = _char_gpt2_after(3e-3)
+    assert gg.doctor(healthy[0], healthy[1], healthy[2], optimizer=healthy[3]).healthy
+
+
+# SGD at 1e-12: its gradients of 1e7 make a larger step's loss infinite
+@pytest.mark.parametrize("make_opt", [torch.optim.Adam, lambda p: torch.optim.SGD(p, lr=1e-12, momentum=0.9)])
+def test_weights_initialised_too_large_keep_the_inits_advice_after_a_step(make_opt):
+    """The zoo's MLP initialised at std 0.5 (2.8x Xavier's), one optimizer step taken: one
+    Adam step at 1e-3 cannot have moved a weight by more than about 1e-3, so the init is
+    still to blame; SGD's step has no such bound, so the init's advice stands with the
+    other reading added."""
+    from tests.zoo.broken import init_large_mlp
+
+    model, (x, y), loss_fn, _ = init_large_mlp()
+    opt = make_opt(model.parameters())
+    fresh = gg.doctor(model, (x, y), loss_fn, optimizer=opt)
+    assert fresh.top.cause == "init_too_large" and "gg.init.apply_" in fresh.top.remedy
+    assert "optimizer_steps" not in fresh.top.evidence
+    loss_fn(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    stepped = gg.doctor(model, (x, y), loss_fn, optimizer=opt)
+    f = next(f for f in stepped.findings if f.cause == "init_too_large")
+    assert "gg.init.apply_" in f.remedy and "as a learning rate too high does" not in f.remedy, f.remedy
+    adam = isinstance(opt, torch.optim.Adam)
+    assert f.evidence["optimizer_steps"] == (1 if adam else None)
+    assert ("If training grew them (SGD has stepped these weights)" in f.remedy) is not adam

@@ -18,6 +18,7 @@ from ._budget import Budget, default_budget
 from ._capture import is_weight_layer, run_capture
 from ._report import Diagnosis, Finding
 from ._steps import FirstStep
+from ._trained import in_training
 from .gradcheck import probe_custom_functions, slice_batch
 from .inputs import probe_input_scale, probe_nonfinite_input, probe_target_scale
 from .lr import LR_PROBE_STEPS, probe_lr
@@ -240,7 +241,8 @@ def doctor(
             if not numeric:
                 findings += probe_norm_gain(cap)
                 depth = merge_depth(probe_signal(cap), probe_stacks(cap, model, stacks))
-                findings += with_attention(depth, attention_evidence(cap.attention))
+                findings += in_training(with_attention(depth, attention_evidence(cap.attention)),
+                                        model, optimizer)
                 findings += probe_recurrent(cap)
             findings += probe_disconnected(cap, model)
             named = dict(model.named_parameters())

@@ -1,0 +1,115 @@
+"""Weights the optimizer has already stepped: an ``init_too_large`` finding there may not
+be the init's doing, and then "re-init" is the wrong advice.
+
+The depth probes (:mod:`.signal`, :mod:`.stacks`) judge a layer's weights against the
+scale that keeps the signal steady (He/Xavier, or the library's own). Before the first
+step a layer above it was initialised too large. ``gg.doctor`` is also what a user runs on
+a failing batch in the middle of a run, with the optimizer that has been training the
+model; there the same weights may have been grown by training. A 2-layer GPT-2 (width 32,
+from its config) on AdamW at 0.3, 100x the LR that trains it, has weights 14x the Xavier
+std after 40 steps, its attention collapsed onto one key per query and its loss stuck
+near the unigram model's; the doctor called it ``init_too_large`` and told the user to
+re-initialise, which would throw away what the run had learnt
+(``tests/test_doctor.py::test_weights_grown_in_training_are_not_blamed_on_the_init``).
+
+:func:`in_training` keeps the finding (the weights *are* too large for the depth: the
+cause's meaning) and looks at the layer's optimizer state. An Adam-family optimizer moves
+each weight by about its LR per step at most, so ``steps`` x the LR (the schedule's peak
+where one is recorded) bounds how far training can have moved the layer's std: when that
+reaches the excess over the recommended std, the LR grew them, and the remedy says so:
+lower it and go back to weights from before they grew. Otherwise the init's advice
+stands (one Adam step at 1e-3 does not make an MLP's weights 3x too large: they were
+initialised so). An optimizer whose step has no such bound (SGD: the gradient sets it)
+keeps the init's advice, with the other reading added. The evidence gains
+``optimizer_steps`` (None where the optimizer keeps no count) and ``lr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from .._tensors import numeric_lr, planned_lr
+from ._report import Finding
+
+#: The sentence a depth finding's remedy continues with (attention evidence, :mod:`._run`).
+ALSO = " Also, "
+#: State keys of optimizers that move a weight by about their LR per step at most (Adam,
+#: AdamW, NAdam, RAdam: the second moment; Adamax: its infinity norm). Not RMSprop: with
+#: no first moment its early steps are 10x its LR.
+BOUNDED = frozenset({"exp_avg_sq", "exp_inf"})
+
+
+def stepped(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int | None, float | None] | None:
+    """``(steps, lr)`` when ``optimizer`` holds state for a parameter of ``module`` (it has
+    stepped them), else None. ``steps``: the largest step count among them (None where the
+    optimizer keeps none: SGD's momentum buffer); ``lr``: their param group's numeric LR.
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> opt = torch.optim.Adam(lin.parameters(), lr=0.1)
+        >>> stepped(lin, opt) is None
+        True
+        >>> lin(torch.ones(1, 2)).sum().backward(); opt.step()
+        >>> stepped(lin, opt)
+        (1, 0.1)
+    """
+    params = list(module.parameters())
+    held = [optimizer.state[p] for p in params if optimizer.state.get(p)]
+    if not held:
+        return None
+    # doctor: host values are fine. Only an optimizer whose step is bounded by its LR counts
+    counts = [float(st["step"]) for st in held if "step" in st and BOUNDED & st.keys()]
+    steps = int(max(counts)) if counts else None
+    lr = None
+    for group in optimizer.param_groups:
+        if any(p is q for p in params for q in group["params"]) and numeric_lr(group.get("lr")):
+            lr = max(float(group["lr"]), planned_lr(group) or 0.0)
+            break
+    return steps, lr
+
+
+def in_training(findings: list[Finding], model: nn.Module,
+                optimizer: torch.optim.Optimizer | None) -> list[Finding]:
+    """``findings`` with each ``init_too_large`` on a layer ``optimizer`` has stepped given
+    the remedy for weights grown in training (see the module docstring)."""
+    if optimizer is None:
+        return findings
+    out = []
+    for f in findings:
+        module = _module(model, f.where) if f.cause == "init_too_large" else None
+        done = stepped(module, optimizer) if module is not None else None
+        out.append(f if done is None else _grown(f, type(optimizer).__name__, *done))
+    return out
+
+
+def _module(model: nn.Module, where: str | None) -> nn.Module | None:
+    if not where:
+        return None
+    try:
+        return model.get_submodule(where)
+    except AttributeError:
+        return None
+
+
+def _grown(f: Finding, opt: str, steps: int | None, lr: float | None) -> Finding:
+    ev = {**f.evidence, "optimizer_steps": steps, "lr": lr}
+    std, rec = f.evidence.get("worst_layer_std"), f.evidence.get("recommended_std")
+    if (steps is None or lr is None or not isinstance(std, float) or not isinstance(rec, float)
+            or not math.isfinite(std)):  # no bound on how far training moved them
+        return dataclasses.replace(f, evidence=ev, remedy=(
+            f"{f.remedy} If training grew them ({opt} has stepped these weights), lower the "
+            "learning rate and restart from a checkpoint from before they grew instead."))
+    if lr * steps < std - rec:  # training cannot have moved them that far: the init did
+        return dataclasses.replace(f, evidence=ev)
+    also = f.remedy[f.remedy.index(ALSO):] if ALSO in f.remedy else ""
+    remedy = (f"`{f.where}` has weights of std {std:.3g}, {std / rec:.3g}x the {rec:.3g} that "
+              f"keeps the signal steady, after {steps} step{'s' if steps != 1 else ''} of {opt} "
+              f"at lr {lr:.3g}: training grew them, as a learning rate too high does "
+              "(re-initialising would throw away what the run learnt). Lower the learning rate "
+              "and restart from a checkpoint from before they grew (gg.Recovery rolls back and "
+              f"lowers it by itself), or add weight decay.{also}")
+    return dataclasses.replace(f, remedy=remedy, evidence=ev)
