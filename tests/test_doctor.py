@@ -445,4 +445,40 @@ def test_weights_initialised_too_large_keep_the_inits_advice_after_a_step(make_o
     assert "gg.init.apply_" in f.remedy and "as a learning rate too high does" not in f.remedy, f.remedy
     adam = isinstance(opt, torch.optim.Adam)
     assert f.evidence["optimizer_steps"] == (1 if adam else None)
-    assert ("If training grew them (SGD has stepped these weights)" in f.remedy) is not adam
+    assert ("If training moved them (SGD has stepped these weights)" in f.remedy) is not adam
+
+
+@pytest.mark.parametrize("name,cause,said", [
+    ("hf_vit", "init_too_large", "has weights of std"),  # a patch projection 13x its scale
+    ("hf_mistral", "init_too_large", "has collapsed to about one key per query"),
+    ("torch_encoder_post_ln", "init_too_small", "has gains of rms"),  # LayerNorm gains at 0.64
+])
+def test_real_models_trained_at_100x_their_lr_are_told_to_lower_it_not_to_reinit(name, cause, said):
+    """The real zoo's healthy models, 30 AdamW steps on their batch at 100x their LR, then
+    doctored mid-run with that optimizer: the weights training moved off their scale
+    (grown, an attention collapsed, LayerNorm gains shrunk) are the LR's doing, not the
+    init's. At their own LR the same 30 steps leave them healthy."""
+    pytest.importorskip("transformers")
+    from tests.zoo.real.healthy import REAL_HEALTHY
+
+    from gradguard._tensors import call_model
+
+    case = next(c for c in REAL_HEALTHY if c.name == name)
+    for mult in (1.0, 100.0):
+        model, batch, loss_fn, opt = case.build()
+        for g in opt.param_groups:
+            g["lr"] *= mult
+        for _ in range(30):
+            loss = loss_fn(call_model(model, batch[0]), batch[1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        diag = gg.doctor(model, batch, loss_fn, optimizer=opt)
+        if mult == 1.0:
+            assert diag.healthy, str(diag)
+            continue
+        f = next((f for f in diag.findings if f.cause == cause), None)
+        assert f is not None, str(diag)
+        assert said in f.remedy and "as a learning rate too high does" in f.remedy, f.remedy
+        assert "gg.init" not in f.remedy and "nn.init.ones_" not in f.remedy, f.remedy
+        assert f.evidence["optimizer_steps"] == 30

@@ -1,27 +1,33 @@
-"""Weights the optimizer has already stepped: an ``init_too_large`` finding there may not
-be the init's doing, and then "re-init" is the wrong advice.
+"""Weights the optimizer has already stepped: an ``init_too_large`` / ``init_too_small``
+finding there may not be the init's doing, and then "re-init" is the wrong advice.
 
-The depth probes (:mod:`.signal`, :mod:`.stacks`) judge a layer's weights against the
-scale that keeps the signal steady (He/Xavier, or the library's own). Before the first
-step a layer above it was initialised too large. ``gg.doctor`` is also what a user runs on
-a failing batch in the middle of a run, with the optimizer that has been training the
-model; there the same weights may have been grown by training. A 2-layer GPT-2 (width 32,
-from its config) on AdamW at 0.3, 100x the LR that trains it, has weights 14x the Xavier
-std after 40 steps, its attention collapsed onto one key per query and its loss stuck
-near the unigram model's; the doctor called it ``init_too_large`` and told the user to
+The depth probes (:mod:`.signal`, :mod:`.stacks`, the attention evidence of :mod:`._run`)
+judge a layer's weights against the scale that keeps the signal steady (He/Xavier, or the
+library's own; a normalisation layer's gains against 1). Before the first step, weights
+off that scale were initialised so. ``gg.doctor`` is also what a user runs on a failing
+batch in the middle of a run, with the optimizer that has been training the model; there
+the same weights may have been moved by training. A 2-layer GPT-2 (width 32, from its
+config) on AdamW at 0.3, 100x the LR that trains it, has weights 14x the Xavier std after
+40 steps, its attention collapsed onto one key per query and its loss stuck near the
+unigram model's; the doctor called it ``init_too_large`` and told the user to
 re-initialise, which would throw away what the run had learnt
 (``tests/test_doctor.py::test_weights_grown_in_training_are_not_blamed_on_the_init``).
+The real zoo's healthy models trained 30 steps at 100x their LR on their batch: GPT-2,
+Llama, Qwen2, T5, ViT, DINOv2, BEiT, PoolFormer, MobileViT, MLP-Mixer grow weights to
+1.7-29x their scale, Mistral, GPT-NeoX, Phi, BLOOM, OPT, BART, Swin, PVT-v2 collapse an
+attention, ConvNeXt, FocalNet and a post-LN encoder shrink a LayerNorm's gains to 0.3-0.6.
 
-:func:`in_training` keeps the finding (the weights *are* too large for the depth: the
+:func:`in_training` keeps the finding (the weights *are* off the scale for the depth: the
 cause's meaning) and looks at the layer's optimizer state. An Adam-family optimizer moves
 each weight by about its LR per step at most, so ``steps`` x the LR (the schedule's peak
-where one is recorded) bounds how far training can have moved the layer's std: when that
-reaches the excess over the recommended std, the LR grew them, and the remedy says so:
-lower it and go back to weights from before they grew. Otherwise the init's advice
-stands (one Adam step at 1e-3 does not make an MLP's weights 3x too large: they were
-initialised so). An optimizer whose step has no such bound (SGD: the gradient sets it)
-keeps the init's advice, with the other reading added. The evidence gains
-``optimizer_steps`` (None where the optimizer keeps no count) and ``lr``.
+where one is recorded) bounds how far training can have moved them: when that reaches
+the distance from the recommended std to theirs (or, where the finding measured no std,
+their whole rms), training moved them, and the remedy says so: lower the LR and go back to
+weights from before they moved. Otherwise the init's advice stands (one Adam step at 1e-3
+does not make an MLP's weights 3x too large: they were initialised so). An optimizer whose
+step has no such bound (SGD, RMSprop: the gradient sets it) keeps the init's advice, with
+the other reading added. The evidence gains ``optimizer_steps`` (None where the optimizer
+keeps no count) and ``lr``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ ALSO = " Also, "
 #: AdamW, NAdam, RAdam: the second moment; Adamax: its infinity norm). Not RMSprop: with
 #: no first moment its early steps are 10x its LR.
 BOUNDED = frozenset({"exp_avg_sq", "exp_inf"})
+#: The causes that blame the init, and whose weights training may have moved instead.
+INIT_CAUSES = ("init_too_large", "init_too_small")
 
 
 def stepped(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int | None, float | None] | None:
@@ -74,15 +82,16 @@ def stepped(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int | 
 
 def in_training(findings: list[Finding], model: nn.Module,
                 optimizer: torch.optim.Optimizer | None) -> list[Finding]:
-    """``findings`` with each ``init_too_large`` on a layer ``optimizer`` has stepped given
-    the remedy for weights grown in training (see the module docstring)."""
+    """``findings`` with each ``init_too_large`` / ``init_too_small`` on a layer
+    ``optimizer`` has stepped given the remedy for weights training moved, where it can
+    have moved them that far (see the module docstring)."""
     if optimizer is None:
         return findings
     out = []
     for f in findings:
-        module = _module(model, f.where) if f.cause == "init_too_large" else None
+        module = _module(model, f.where) if f.cause in INIT_CAUSES else None
         done = stepped(module, optimizer) if module is not None else None
-        out.append(f if done is None else _grown(f, type(optimizer).__name__, *done))
+        out.append(f if module is None or done is None else _moved(f, module, type(optimizer).__name__, *done))
     return out
 
 
@@ -95,21 +104,47 @@ def _module(model: nn.Module, where: str | None) -> nn.Module | None:
         return None
 
 
-def _grown(f: Finding, opt: str, steps: int | None, lr: float | None) -> Finding:
-    ev = {**f.evidence, "optimizer_steps": steps, "lr": lr}
+def _distance(f: Finding, module: nn.Module) -> float | None:
+    """How far training must have moved the layer's weights to leave them as found: from
+    the recommended std to theirs where the finding measured both, else their own rms (a
+    collapsed attention's projections, a normalisation layer's gains: all of it)."""
     std, rec = f.evidence.get("worst_layer_std"), f.evidence.get("recommended_std")
-    if (steps is None or lr is None or not isinstance(std, float) or not isinstance(rec, float)
-            or not math.isfinite(std)):  # no bound on how far training moved them
+    if isinstance(std, float) and isinstance(rec, float) and math.isfinite(std) and math.isfinite(rec):
+        return abs(std - rec)
+    weights = [p.detach().float() for p in module.parameters() if p.ndim >= 1 and p.numel()]
+    if not weights:
+        return None
+    return float(torch.cat([w.flatten() for w in weights]).pow(2).mean().sqrt())
+
+
+def _moved(f: Finding, module: nn.Module, opt: str, steps: int | None, lr: float | None) -> Finding:
+    ev = {**f.evidence, "optimizer_steps": steps, "lr": lr}
+    need = _distance(f, module)
+    if steps is None or lr is None or need is None:  # no bound on how far training moved them
         return dataclasses.replace(f, evidence=ev, remedy=(
-            f"{f.remedy} If training grew them ({opt} has stepped these weights), lower the "
-            "learning rate and restart from a checkpoint from before they grew instead."))
-    if lr * steps < std - rec:  # training cannot have moved them that far: the init did
+            f"{f.remedy} If training moved them ({opt} has stepped these weights), lower the "
+            "learning rate and restart from a checkpoint from before instead."))
+    if lr * steps < need:  # training cannot have moved them that far: the init did
         return dataclasses.replace(f, evidence=ev)
+    large = f.cause == "init_too_large"
+    std, rec = f.evidence.get("worst_layer_std"), f.evidence.get("recommended_std")
+    if isinstance(std, float) and isinstance(rec, float) and rec > 0:
+        what = (f"`{f.where}` has weights of std {std:.3g}, {std / rec:.3g}x the {rec:.3g} that "
+                "keeps the signal steady")
+    elif f.evidence.get("attention_collapsed"):
+        what = (f"the attention at `{f.where}` has collapsed to about one key per query (entropy "
+                f"{f.evidence.get('attention_entropy_min', math.nan):.2g} of uniform): its "
+                "query/key logits are too large")
+    elif isinstance(gain := f.evidence.get("norm_weight_rms"), float):
+        what = f"`{f.where}` has gains of rms {gain:.3g} and passes the signal on scaled down"
+    else:
+        what = f"the weights at `{f.where}` are too {'large' if large else 'small'} for the depth"
     also = f.remedy[f.remedy.index(ALSO):] if ALSO in f.remedy else ""
-    remedy = (f"`{f.where}` has weights of std {std:.3g}, {std / rec:.3g}x the {rec:.3g} that "
-              f"keeps the signal steady, after {steps} step{'s' if steps != 1 else ''} of {opt} "
-              f"at lr {lr:.3g}: training grew them, as a learning rate too high does "
+    qk = ", or add QK-LayerNorm" if f.evidence.get("attention_collapsed") and large else ""
+    remedy = (f"{what}, after {steps} step{'s' if steps != 1 else ''} of {opt} at lr {lr:.3g}, "
+              f"which can move each weight by up to {lr * steps:.3g}: training "
+              f"{'grew' if large else 'shrank'} them, as a learning rate too high does "
               "(re-initialising would throw away what the run learnt). Lower the learning rate "
-              "and restart from a checkpoint from before they grew (gg.Recovery rolls back and "
-              f"lowers it by itself), or add weight decay.{also}")
+              "and restart from a checkpoint from before they moved (gg.Recovery rolls back and "
+              f"lowers it by itself){qk}{', or add weight decay' if large else ''}.{also}")
     return dataclasses.replace(f, remedy=remedy, evidence=ev)
