@@ -54,7 +54,8 @@ INIT_CAUSES = ("init_too_large", "init_too_small")
 def stepped(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int | None, float | None] | None:
     """``(steps, lr)`` when ``optimizer`` holds state for a parameter of ``module`` (it has
     stepped them), else None. ``steps``: the largest step count among them (None where the
-    optimizer keeps none: SGD's momentum buffer); ``lr``: their param group's numeric LR.
+    optimizer keeps none: SGD's momentum buffer, RMSprop's average); ``lr``: their param
+    group's numeric LR, or its schedule's planned peak when higher.
 
     Example:
         >>> lin = nn.Linear(2, 2)
@@ -143,8 +144,9 @@ def _moved(f: Finding, module: nn.Module, opt: str, steps: int | None, lr: float
     qk = ", or add QK-LayerNorm" if f.evidence.get("attention_collapsed") and large else ""
     remedy = (f"{what}, after {steps} step{'s' if steps != 1 else ''} of {opt} at lr {lr:.3g}, "
               f"which can move each weight by up to {lr * steps:.3g}: training "
-              f"{'grew' if large else 'shrank'} them, as a learning rate too high does "
-              "(re-initialising would throw away what the run learnt). Lower the learning rate "
+              f"{'grew' if large else 'shrank'} them, as a learning rate too high does"
+              f"{'' if large else ' (or a weight decay too strong)'} (re-initialising would "
+              "throw away what the run learnt). Lower the learning rate "
               "and restart from a checkpoint from before they moved (gg.Recovery rolls back and "
               f"lowers it by itself){qk}{', or add weight decay' if large else ''}.{also}")
     return dataclasses.replace(f, remedy=remedy, evidence=ev)
