@@ -482,3 +482,28 @@ def test_real_models_trained_at_100x_their_lr_are_told_to_lower_it_not_to_reinit
         assert said in f.remedy and "as a learning rate too high does" in f.remedy, f.remedy
         assert "gg.init" not in f.remedy and "nn.init.ones_" not in f.remedy, f.remedy
         assert f.evidence["optimizer_steps"] == 30
+
+
+def test_constant_groups_at_a_norm_layer_mid_run_get_the_dead_channels_reading():
+    """The zoo's MobileNetV3 trained 30 RMSprop steps on its batch at 100x its LR: BatchNorms deep
+    in it get constant channels, an ``unscaled_input`` finding says "standardise the inputs"
+    (they are standard); the optimizer has stepped the layers feeding them, so the remedy
+    adds the reading of channels that died in training. Fresh, no such finding."""
+    from tests.zoo.real.healthy import REAL_HEALTHY
+
+    from gradguard._tensors import call_model
+
+    case = next(c for c in REAL_HEALTHY if c.name == "mobilenet_v3_small")
+    model, batch, loss_fn, opt = case.build()
+    assert not any(f.cause == "unscaled_input" for f in gg.doctor(model, batch, loss_fn).findings)
+    for g in opt.param_groups:
+        g["lr"] *= 100
+    for _ in range(30):
+        loss = loss_fn(call_model(model, batch[0]), batch[1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    norms = [f for f in gg.doctor(model, batch, loss_fn, optimizer=opt).findings
+             if f.cause == "unscaled_input" and "fed_by" in f.evidence]
+    assert norms, "no constant-group finding at a normalisation layer"
+    assert all("channels whose units died" in f.remedy for f in norms), [f.remedy for f in norms]

@@ -241,8 +241,7 @@ def doctor(
             if not numeric:
                 findings += probe_norm_gain(cap)
                 depth = merge_depth(probe_signal(cap), probe_stacks(cap, model, stacks))
-                findings += in_training(with_attention(depth, attention_evidence(cap.attention)),
-                                        model, optimizer)
+                findings += with_attention(depth, attention_evidence(cap.attention))
                 findings += probe_recurrent(cap)
             findings += probe_disconnected(cap, model)
             named = dict(model.named_parameters())
@@ -281,7 +280,8 @@ def doctor(
                     pass_s=pass_s,
                 )
     return Diagnosis(
-        findings=findings,
+        # mid-run, what training did to the weights reads otherwise than the init's doing
+        findings=in_training(findings, model, optimizer),
         model=type(model).__name__,
         n_params=n_params,
         probes=probes,
