@@ -507,3 +507,21 @@ def test_constant_groups_at_a_norm_layer_mid_run_get_the_dead_channels_reading()
              if f.cause == "unscaled_input" and "fed_by" in f.evidence]
     assert norms, "no constant-group finding at a normalisation layer"
     assert all("channels whose units died" in f.remedy for f in norms), [f.remedy for f in norms]
+
+
+def test_a_layer_whose_weights_are_nan_is_named_for_them_not_for_a_missing_clamp():
+    """Mid-run, an update can leave NaN in the weights (the zoo's VGG-11 and ResNet at 100x
+    their LR): the first layer then "turns finite inputs into NaN/Inf", and the doctor told
+    the user to clamp its log/div/sqrt/exp, for a conv. Now it names the weights and the
+    update; a layer that makes NaN of finite weights still gets the clamp advice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    with torch.no_grad():
+        model[2].weight[0, :3] = float("nan")
+    diag = gg.doctor(model, (x, y), nn.MSELoss())
+    assert diag.top.cause == "nonfinite_loss" and diag.top.where == "2"
+    assert diag.top.evidence["weights_nonfinite"] == [3, 17]  # 16 weights and a bias
+    assert "NaN/Inf weights (3 of 17 values)" in diag.top.remedy and "clamp" not in diag.top.remedy
+    log = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), _LogLayer(), nn.Linear(16, 1))
+    assert "clamp" in gg.doctor(log, (x, y), nn.MSELoss()).top.remedy

@@ -50,6 +50,21 @@ def probe_nonfinite(cap: Capture, model: nn.Module) -> list[Finding]:
                 0.95,
             )
         ]
+    if path is not None and (bad := _nonfinite_weights(model, path)) is not None:
+        return [
+            Finding(
+                "nonfinite_loss",
+                "error",
+                path,
+                {"first_nonfinite_module": path, "largest_finite_input": in_absmax, "loss": cap.loss,
+                 "weights_nonfinite": list(bad)},
+                f"`{path}` has NaN/Inf weights ({bad[0]:,} of {bad[1]:,} values), so finite inputs "
+                "give NaN/Inf: an update put them there (an LR too high, a NaN batch or gradient "
+                "that reached the optimizer). Restore a checkpoint from before, and guard the "
+                "step: gg.Guard skips a non-finite step before it reaches the weights.",
+                0.95,
+            )
+        ]
     if path is not None:
         return [
             Finding(
@@ -167,3 +182,19 @@ def probe_disconnected(cap: Capture, model: nn.Module) -> list[Finding]:
             0.9 if cut else 0.4,
         )
     ]
+
+
+def _nonfinite_weights(model: nn.Module, path: str) -> tuple[int, int] | None:
+    """``(non-finite values, values)`` of the module at ``path``'s own parameters when any is
+    NaN/Inf, else None: a layer with NaN weights turns finite inputs into NaN, and the
+    clamp-your-log advice is wrong for it (found mid-run: a VGG-11 and a ResNet trained at
+    100x their LR, whose first conv then "turned finite inputs into NaN/Inf")."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    own = [p.detach() for p in module.parameters(recurse=False)]
+    if not own:
+        return None
+    bad = int(sum(int((~torch.isfinite(p)).sum()) for p in own))  # doctor: host values are fine
+    return (bad, sum(p.numel() for p in own)) if bad else None
