@@ -83,6 +83,14 @@ SCHEDULERS: dict[str, tuple[Callable[[torch.optim.Optimizer], Any] | None, int |
     "cosine_restarts": (lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         o, T_0=4), None),
     "plateau": (lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=1), None),
+    # torchvision's reference recipe: a linear warm-up handed over to a cosine decay
+    "sequential_warmup_cosine": (lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o, [torch.optim.lr_scheduler.LinearLR(o, start_factor=0.01, total_iters=3),
+            torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=9)], milestones=[3]), None),
+    # the LR (and, where the optimizer has one, the momentum) cycled every step
+    "cyclic": (lambda o: torch.optim.lr_scheduler.CyclicLR(
+        o, base_lr=[g["lr"] / 10 for g in o.param_groups], max_lr=[g["lr"] for g in o.param_groups],
+        step_size_up=3, cycle_momentum="momentum" in o.defaults or "betas" in o.defaults), None),
     "hf_linear_warmup": (_hf_linear, None),
 }
 PRECISIONS = ("fp32", "fp64", "bf16", "scaler")
