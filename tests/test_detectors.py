@@ -326,6 +326,21 @@ def test_only_a_chain_from_the_input_vanishes(row, expected):
     assert (events[0].data["layers"] if events else []) == expected
 
 
+@pytest.mark.parametrize(("zeros", "expected"), [
+    (10, []),  # every step's loss is 0.0: the batch is fitted, nothing to pass back
+    (6, []),  # four steps left: too few to call it sustained (``vanish_min_steps``)
+    (0, ["a", "b"]),  # the same norms with a loss to learn from: under the floor
+])
+def test_steps_whose_loss_is_exactly_zero_are_not_vanishing(zeros, expected):
+    """torchvision's MobileNetV3-small on RMSprop with its batch memorised: the
+    cross-entropy rounds to 0.0, and what is left of the gradients (8e-13 at an SE block)
+    sat under the absolute floor: "gradients vanish" at step 99 of a run with nothing
+    left to learn."""
+    losses = [0.0] * zeros + [0.5] * (10 - zeros)
+    events = detect_vanishing(window([[8e-13, 6e-11, 1e-10]] * 10, losses=losses))
+    assert (events[0].data["layers"] if events else []) == expected
+
+
 def test_vanishing_must_be_sustained():
     rows = [[1e-7, 1e-2, 1.0]] * 3 + [[0.5, 0.5, 1.0]] * 7
     assert detect_vanishing(window(rows)) == []
