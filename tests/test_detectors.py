@@ -332,7 +332,7 @@ def test_only_a_chain_from_the_input_vanishes(row, expected):
     (0, ["a", "b"]),  # the same norms with a loss to learn from: under the floor
 ])
 def test_steps_whose_loss_is_exactly_zero_are_not_vanishing(zeros, expected):
-    """torchvision's MobileNetV3-small on RMSprop with its batch memorised: the
+    """A MobileNetV3-small (torchvision's design) on RMSprop with its batch memorised: the
     cross-entropy rounds to 0.0, and what is left of the gradients (8e-13 at an SE block)
     sat under the absolute floor: "gradients vanish" at step 99 of a run with nothing
     left to learn."""

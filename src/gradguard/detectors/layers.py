@@ -57,8 +57,8 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
 
     Steps whose loss is exactly zero are left out: a classifier that fits its batch to a
     cross-entropy that rounds to 0.0 has nothing to pass back, and the rounding left in its
-    gradients sits under ``vanish_floor`` in every layer (found as a stranger: torchvision's
-    MobileNetV3-small on RMSprop, its batch memorised, "vanishing" at an SE block's 8e-13).
+    gradients sits under ``vanish_floor`` in every layer (found as a stranger: a MobileNetV3-small
+    (torchvision's design) on RMSprop, its batch memorised, "vanishing" at an SE block's 8e-13).
     A loss not given to the guard (NaN) leaves every step in."""
     ln = window.layer_norms()
     layers = window.layers
