@@ -20,7 +20,6 @@ Writes benchmarks/results/doctor_midrun.json (about 4 minutes).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -82,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from benchmarks._loop import write_result
     warnings.filterwarnings("ignore")
     from tests.zoo.real.healthy import REAL_HEALTHY
 
@@ -108,10 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                           if "weights_nonfinite" in f),
                                  "errors": sum(1 for r in rows if r["mult"] == mult and "error" in r)}
     result = {"steps": args.steps, "torch": torch.__version__, "summary": summary, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
-    return result
+    return write_result(args.out, result, summary)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Writes benchmarks/results/zoo_guard.json (about 20 minutes at 300 steps).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -106,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from benchmarks._loop import write_result
     warnings.filterwarnings("ignore")
     from tests.zoo.real.healthy import REAL_HEALTHY
 
@@ -139,10 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     result = {"steps": args.steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "summary": summary, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
-    return result
+    return write_result(args.out, result, summary)
 
 
 if __name__ == "__main__":
