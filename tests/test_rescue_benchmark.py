@@ -146,3 +146,25 @@ def test_probe_arms_trial_factor_is_the_one_asked_for(
     assert factors.count(0.25) == arms.TRIAL and factors.count(arms.FACTOR) == 0
     with pytest.raises(SystemExit):
         arms.main(["--factor", "1.5"])
+
+
+def test_rescue_beyond_takes_the_best_of_its_sweep_as_the_twin(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """benchmarks/rescue_beyond.py: the twin is the sweep's best held-out loss, the ratio is
+    the guarded run's over it, and the targets of the unit-error case are x1000."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    beyond = importlib.import_module("benchmarks.rescue_beyond")
+    out = tmp_path / "beyond.json"
+    res = beyond.main(["--case", "regression_targets_x1000_sgd", "--steps", "8", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    (row,) = res["rows"]
+    assert len(row["sweep"]) == len(beyond.SWEEP)
+    assert row["twin"] == min(row["sweep"].values())
+    assert math.isclose(row["twin_lr"], 1e-3 * min(beyond.SWEEP, key=lambda f: row["sweep"][f"{1e-3 * f:.3g}"]))
+    if row["finite"]:
+        assert math.isclose(row["guarded_over_twin"], row["guarded"] / row["twin"])
+    assert res["summary"]["cases"] == 1
+    task, _ = beyond._cases()["regression_targets_x1000_sgd"]
+    _, y = task.held_out()
+    assert float(y.std()) > 100  # the targets are in the wrong unit
