@@ -866,6 +866,22 @@ def test_bert_from_its_config_trains_under_the_default_guard_without_a_warning()
     assert guard.step_count == 100
 
 
+@pytest.mark.parametrize("name", ["torch_encoder_post_ln", "gru_lm"])
+def test_healthy_real_models_train_under_the_default_guard_as_they_do_without_it(name, monkeypatch):
+    """benchmarks/zoo_guard.py's rows that end bit for bit on the unguarded loss: a guard
+    that neither clips nor acts on a healthy run must not change one bit of it (a clip, a
+    skip or a rollback where nothing was wrong would)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks.zoo_guard import train
+    from tests.zoo.real.healthy import REAL_HEALTHY
+
+    case = next(c for c in REAL_HEALTHY if c.name == name)
+    bare, guarded = train(case, 100, guarded=False), train(case, 100, guarded=True)
+    assert bare["loss_end"] < 0.9 * bare["loss_first"]  # the premise: it trains
+    assert guarded["warnings"] == [] and guarded["clipped_info"] == []
+    assert guarded["loss_end"] == bare["loss_end"]
+
+
 def test_a_real_model_that_fits_its_batch_to_a_zero_loss_gets_no_vanishing_warning(monkeypatch):
     """The real zoo's MobileNetV3-small (torchvision's design, ``tests/zoo/real/nets.py``)
     on RMSprop (benchmarks/zoo_guard.py) fits its batch
