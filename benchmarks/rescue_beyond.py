@@ -22,6 +22,7 @@ the best held-out loss of an unguarded sweep of the same recipe at 1/3, 1/10, 1/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -80,8 +81,6 @@ def _loss(out: Any) -> float:
 
 
 def run_case(name: str, steps: int) -> dict[str, Any]:
-    import dataclasses
-
     from benchmarks import rescue
 
     t0 = time.perf_counter()

@@ -866,17 +866,23 @@ def test_bert_from_its_config_trains_under_the_default_guard_without_a_warning()
     assert guard.step_count == 100
 
 
-@pytest.mark.parametrize("name", ["torch_encoder_post_ln", "gru_lm"])
-def test_healthy_real_models_train_under_the_default_guard_as_they_do_without_it(name, monkeypatch):
-    """benchmarks/zoo_guard.py's rows that end bit for bit on the unguarded loss: a guard
-    that neither clips nor acts on a healthy run must not change one bit of it (a clip, a
-    skip or a rollback where nothing was wrong would)."""
+def _zoo_runs(name: str, monkeypatch: pytest.MonkeyPatch, steps: int = 100) -> tuple[dict, dict]:
+    """The real zoo's healthy ``name`` trained unguarded and under the default guard, as
+    benchmarks/zoo_guard.py trains it: its ``train`` records, in that order."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     from benchmarks.zoo_guard import train
     from tests.zoo.real.healthy import REAL_HEALTHY
 
     case = next(c for c in REAL_HEALTHY if c.name == name)
-    bare, guarded = train(case, 100, guarded=False), train(case, 100, guarded=True)
+    return train(case, steps, guarded=False), train(case, steps, guarded=True)
+
+
+@pytest.mark.parametrize("name", ["torch_encoder_post_ln", "gru_lm"])
+def test_healthy_real_models_train_under_the_default_guard_as_they_do_without_it(name, monkeypatch):
+    """benchmarks/zoo_guard.py's rows that end bit for bit on the unguarded loss: a guard
+    that neither clips nor acts on a healthy run must not change one bit of it (a clip, a
+    skip or a rollback where nothing was wrong would)."""
+    bare, guarded = _zoo_runs(name, monkeypatch)
     assert bare["loss_end"] < 0.9 * bare["loss_first"]  # the premise: it trains
     assert guarded["warnings"] == [] and guarded["clipped_info"] == []
     assert guarded["loss_end"] == bare["loss_end"]
@@ -888,12 +894,7 @@ def test_a_real_model_that_fits_its_batch_to_a_zero_loss_gets_no_vanishing_warni
     until the cross-entropy rounds to 0.0; what is left of its gradients sat under the
     vanishing test's absolute floor, and the guard warned "gradients vanish" at step 99
     of a run with nothing left to learn. Guarded, it is the unguarded run exactly."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    from benchmarks.zoo_guard import train
-    from tests.zoo.real.healthy import REAL_HEALTHY
-
-    case = next(c for c in REAL_HEALTHY if c.name == "mobilenet_v3_small")
-    bare, guarded = train(case, 100, guarded=False), train(case, 100, guarded=True)
+    bare, guarded = _zoo_runs("mobilenet_v3_small", monkeypatch)
     assert bare["loss_end"] == 0.0  # the premise: the batch is fitted to a loss of 0.0
     assert guarded["warnings"] == []
     assert guarded["loss_end"] == bare["loss_end"]
