@@ -276,7 +276,7 @@ def test_one_optimizer_over_two_models_warns_and_rolls_back_both():
         assert torch.equal(p, q)  # the decoder too, not only the model passed as `model`
 
 
-def lbfgs_run(poison: int | None, skip: int | None, guarded: bool):
+def lbfgs_run(poison: int | None, skip: int | None, guarded: bool, positional: bool = False):
     model = mlp(seed=5)
     opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
     guard = gg.Guard(model, opt, every=3) if guarded else None
@@ -290,7 +290,9 @@ def lbfgs_run(poison: int | None, skip: int | None, guarded: bool):
             loss.backward()
             return loss
 
-        if guard is not None:
+        if guard is not None and positional:
+            guard.step(closure)  # as a user calls opt.step(closure)
+        elif guard is not None:
             guard.step(closure=closure)
         else:
             opt.step(closure)
@@ -299,11 +301,41 @@ def lbfgs_run(poison: int | None, skip: int | None, guarded: bool):
     return model, opt, guard
 
 
+@pytest.mark.parametrize("positional", [False, True], ids=["keyword", "positional"])
 @pytest.mark.parametrize("bad", [0, 2])
-def test_lbfgs_with_a_closure_skips_like_a_run_that_never_saw_the_batch(bad):
-    model, opt, guard = lbfgs_run(poison=bad, skip=None, guarded=True)
+def test_lbfgs_with_a_closure_skips_like_a_run_that_never_saw_the_batch(bad, positional):
+    model, opt, guard = lbfgs_run(poison=bad, skip=None, guarded=True, positional=positional)
     ref, ref_opt, _ = lbfgs_run(poison=None, skip=bad, guarded=False)
     assert guard.skipped_steps == 1
+    assert_same_run(model, opt, ref, ref_opt)
+
+
+def test_a_closure_passed_first_to_an_adam_guard_is_its_closure():
+    """guard.step(closure), as opt.step(closure): the closure's loss is the one judged."""
+    model = mlp(seed=3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ref = mlp(seed=3)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=2)
+    seen: list[torch.Tensor] = []
+    for step, (x, y) in enumerate(batches(6, seed=2)):
+        def closure(x=x, y=y, bad=step == 3):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y) * (math.nan if bad else 1.0)
+            loss.backward()
+            seen.append(loss.detach())
+            return loss
+
+        guard.step(closure)
+        if step != 3:
+            ref_opt.zero_grad()
+            nn.functional.mse_loss(ref(x), y).backward()
+            ref_opt.step()
+    guard.close()
+    assert guard.skipped_steps == 1
+    # the closure's loss was the one recorded (with none, a step's loss is NaN)
+    assert len(seen) == 6  # called once a step
+    assert float(guard.monitor.last_window.loss[-1]) == float(seen[-1])
     assert_same_run(model, opt, ref, ref_opt)
 
 

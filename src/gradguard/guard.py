@@ -195,7 +195,8 @@ class Guard:
                 scaler (``enabled=False``) is the same as None.
             closure: for optimizers whose ``step`` needs one (``LBFGS``): the guard calls it
                 once (with grad enabled) to get the loss and gradients it measures, clips and
-                judges; the optimizer's later evaluations (line search) call it again.
+                judges; the optimizer's later evaluations (line search) call it again. Passed
+                first, as to ``optimizer.step(closure)``, a callable is taken as the closure.
 
         Returns:
             The pre-clip total gradient norm (a device tensor, like ``clip_grad_norm_``).
@@ -207,6 +208,8 @@ class Guard:
         """
         if self._closed:
             raise RuntimeError("guard.step() called after guard.close()")
+        if closure is None and callable(loss) and not isinstance(loss, Tensor):
+            loss, closure = None, loss  # guard.step(closure), as optimizer.step(closure)
         update = None
         if self.wrapper is not None:
             if accumulating(self.wrapper):
