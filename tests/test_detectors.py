@@ -600,6 +600,32 @@ def test_default_guard_gives_no_warnings_on_a_healthy_run():
     assert [e for e in guard.events if e.severity != "info"] == []
 
 
+def test_steps_whose_graph_did_not_reach_a_layer_neither_silence_nor_revive_it():
+    """``disconnected_layer`` counts a layer's silent steps among the steps whose graph
+    reached it (``Window.grad_absent``): a task head used on one step in four is not
+    silent on the other three; one whose own steps give it zeros is."""
+    from gradguard.detectors import detect_no_gradient
+    from gradguard.detectors.config import DIED_STEPS
+
+    def turns(rows, start, zero):  # `a` used on one step in four, zero there if `zero`
+        w = window([[0.0 if zero or k % 4 else 1.0, 0.5] for k in range(rows)], start=start)
+        w.grad_absent = [None if k % 4 == 0 else frozenset({0}) for k in range(rows)]
+        return w
+
+    state = DetectorState()
+    assert detect_no_gradient(turns(60, 0, zero=False), state) == []
+    for start in range(60, 60 + 8 * DIED_STEPS, 60):
+        assert detect_no_gradient(turns(60, start, zero=False), state) == []
+    died: list = []
+    start = 60 + 8 * DIED_STEPS
+    while not died and start < 60 + 16 * DIED_STEPS:
+        died = detect_no_gradient(turns(60, start, zero=True), state)
+        start += 60
+    assert [(e.layer, e.severity) for e in died] == [("a", "warning")]
+    assert died[0].data["steps"] >= DIED_STEPS  # its own steps only, not every fourth's
+    assert start - (60 + 8 * DIED_STEPS) >= 4 * DIED_STEPS - 60
+
+
 def test_guard_state_dict_carries_detector_history():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

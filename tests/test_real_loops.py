@@ -339,6 +339,42 @@ def test_a_closure_passed_first_to_an_adam_guard_is_its_closure():
     assert_same_run(model, opt, ref, ref_opt)
 
 
+class TaskHeads(nn.Module):
+    """A trunk shared by four tasks, one head each: a batch is one task's, and its step's
+    graph reaches that task's head only (the other heads' gradients are None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(32, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.heads[task](self.trunk(x))
+
+
+def test_heads_that_take_turns_are_not_a_network_that_died():
+    """Each head of a four-task model has no gradient on three steps in four: the dead-layer
+    test counted those as zero, found every head but one "dead" while the loss (task by
+    task 1-16x apart) sat at its fresh level, rolled back three times and raised
+    TrainingDiverged at step 109 of a healthy run. The steps whose graph did not reach a
+    head say nothing of it now."""
+    torch.manual_seed(0)
+    model = TaskHeads()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    g = torch.Generator().manual_seed(1)
+    for step in range(200):
+        x, task = torch.randn(64, 8, generator=g), step % 4 if step % 7 else 0
+        loss = nn.functional.mse_loss(model(x, task), x[:, :1] * (task + 1))
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss.detach())
+    guard.close()
+    assert [e for e in guard.events if e.severity != "info"] == []
+    assert guard.recovery.state.rollbacks == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_lbfgs_without_a_closure_says_how_to_call_it():
     model = mlp()
     guard = gg.Guard(model, torch.optim.LBFGS(model.parameters()))

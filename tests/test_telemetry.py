@@ -100,6 +100,33 @@ def test_window_says_which_parameters_had_a_gradient_tensor_and_a_checkpoint_kee
         assert w.grad_present == [False, True, True, True, True, True]
 
 
+def test_window_says_per_step_which_parameters_had_no_gradient_tensor():
+    """Per step, the parameters a step's graph did not reach (``grad_absent``, host-side),
+    and per step the layers none of whose parameters did (``layers_absent``); a
+    checkpoint taken mid-window keeps them; a Telemetry under torch.distributed
+    (``graph_order=False``) keeps none, its ranks' graphs being their own."""
+    net = mlp(depth=3)  # layers 0, 2, 4: weight and bias each
+    tel = gg.Telemetry(list(net.named_parameters()), every=4)
+    for k in range(3):
+        net.zero_grad()
+        net(torch.randn(4, 8)).sum().backward()
+        if k == 1:
+            net[0].weight.grad = net[0].bias.grad = None  # layer `0` not reached
+        if k == 2:
+            net[2].weight.grad = None  # half of layer `2`: the layer was reached
+        tel.record(tel.measure(), loss=1.0, clip_coef=None, skipped=None)
+    again = gg.Telemetry(list(net.named_parameters()), every=4)
+    again.load_state_dict(tel.state_dict())
+    for t in (tel, again):
+        w = t.flush()
+        assert w.grad_absent == [None, frozenset({0, 1}), frozenset({2})]
+        assert w.layers_absent() == [frozenset(), frozenset({0}), frozenset()]
+    local = gg.Telemetry(list(net.named_parameters()), every=4, graph_order=False)
+    net[0].weight.grad = None
+    local.record(local.measure(), loss=1.0, clip_coef=None, skipped=None)
+    assert local.flush().layers_absent() is None
+
+
 def test_one_device_to_host_copy_per_flush_and_none_per_step(sync_counter):
     net = mlp(depth=4)
     every = 5

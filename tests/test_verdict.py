@@ -131,6 +131,30 @@ def test_a_layer_is_dead_when_it_gets_no_gradient_on_most_steps_having_had_one()
     assert other.update(["conv"], [[0.0]], [False]) == ["conv"]
 
 
+def test_a_step_whose_graph_did_not_reach_a_layer_says_nothing_of_it():
+    """A task head (an expert, an adapter) that a batch did not use has no gradient tensor
+    at all that step, where dead units leave a gradient of zeros: such steps neither count
+    as zero nor make it alive. Without them a head that takes turns with three others is
+    zero on 15 of 20 steps: "dead" (a four-task model was rolled back three times and
+    raised TrainingDiverged)."""
+    layers = ["head_b", "trunk"]
+    rows = [[0.3, 0.2]] + ([[0.0, 0.2]] * 3 + [[0.3, 0.2]]) * 10
+    away = [frozenset()] + ([frozenset({0})] * 3 + [frozenset()]) * 10
+    assert DeadLayers().update(layers, rows, [False] * len(rows)) == ["head_b"]  # unknown
+    assert DeadLayers().update(layers, rows, [False] * len(rows), away) == []
+    # on the steps that use it, its gradient is zero: that is a dead head
+    dead = DeadLayers()
+    rows = [[0.3, 0.2]] * 4 + [[0.0, 0.2]] * 36
+    away = [frozenset()] * 4 + ([frozenset({0})] * 3 + [frozenset()]) * 9
+    assert dead.update(layers, rows, [False] * len(rows), away) == []  # 9 zeros of its own
+    assert dead.update(layers, [[0.0, 0.2]] * 4, [False] * 4,
+                       [frozenset({0})] * 3 + [frozenset()]) == ["head_b"]  # 10 in a row
+    # a layer never reached is never alive
+    never = DeadLayers()
+    assert never.update(layers, [[0.0, 0.2]] * 20, [False] * 20, [frozenset({0})] * 20) == []
+    assert never.alive == {"trunk"}
+
+
 def test_a_layer_whose_gradient_only_ever_underflowed_is_not_dead():
     """A signal that vanished on its way to a layer (1e-19 of the largest layer's gradient
     in the last block of a ``transformers`` EfficientNet that never learns) is exactly zero

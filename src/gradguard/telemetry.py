@@ -117,6 +117,12 @@ class Telemetry:
         self._extra: Tensor | None = None  # [2, n_params] weight and update norms
         self._present: set[int] | None = None  # params with a gradient tensor at the window's
         # first step (host-side, sampled once per window)
+        #: per pending row, the params without a gradient tensor at that step (None: all
+        #: had one, or unknown); host-side. Not kept under torch.distributed (``graph_order``
+        #: False): which parameters a rank's graph reached is its own, and the verdicts read
+        #: from it must be alike on every rank
+        self._absent: list[frozenset[int] | None] = []
+        self._track_absent = graph_order
         #: params that have had a gradient tensor at some step measured (host-side; None
         #: before the first), and the last step at which one had its first (:meth:`grew`)
         self._trained: set[int] | None = None
@@ -217,10 +223,21 @@ class Telemetry:
         if not self._order_read and isinstance(loss, Tensor) and loss.grad_fn is not None:
             self._order_read = True  # once: a host-side walk of the graph, no device read
             self.after = layers_after(loss, self.params, self.layer_index, len(self.layers))
-        if pos == 0 and len(stats.params) == len(self.params):  # host-known, no sync
+        whole = len(stats.params) == len(self.params)
+        if pos == 0 and whole:  # host-known, no sync
             self._present = {i for grp in stats.groups for i in grp.index}
+        self._absent.append(self._absent_now(stats) if whole and self._track_absent else None)
         self._steps.append(self._next_step if step is None else step)
         self._next_step = self._steps[-1] + 1
+
+    def _absent_now(self, stats: StepStats) -> frozenset[int] | None:
+        """The params without a gradient tensor this step (a branch the step's graph did
+        not reach: a task head, an expert, an adapter), None when every one had one;
+        host-side, and only counted when some had none."""
+        if sum(len(grp.index) for grp in stats.groups) == len(self.params):
+            return None
+        present = {i for grp in stats.groups for i in grp.index}
+        return frozenset(i for i in range(len(self.params)) if i not in present)
 
     def pending_rows(self) -> Tensor:
         """The rows written since the last flush: a live ``[pending, 8 + n_params]`` view of
@@ -284,8 +301,11 @@ class Telemetry:
             grad_present=None if self._present is None else [i in self._present for i in range(p)],
             dying=rows[:, _COL_DYING],
             dying_at=rows[:, _COL_DYING_AT],
+            grad_absent=list(self._absent) if self._track_absent and len(self._absent) == n
+            else None,
         )
         self._steps = []
+        self._absent = []
         self._present = None
         self._extra = None
         self._buf.fill_(math.nan)
@@ -299,6 +319,7 @@ class Telemetry:
             "next_step": self._next_step,
             "names": list(self.names),
             "present": None if self._present is None else sorted(self._present),
+            "absent": [None if a is None else sorted(a) for a in self._absent],
             "trained": None if self._trained is None else sorted(self._trained),
             "grew_at": self.grew_at,
             "units": None if self.units is None else self.units.state_dict(),
@@ -328,6 +349,10 @@ class Telemetry:
             self.units.load_state_dict(units)
         present = sd.get("present")
         self._present = None if present is None else {int(i) for i in present}  # type: ignore[attr-defined]
+        absent = sd.get("absent")  # absent from older checkpoints: unknown for those rows
+        self._absent = ([None if a is None else frozenset(int(i) for i in a) for a in absent]  # type: ignore[attr-defined]
+                        if isinstance(absent, list) and len(absent) == len(self._steps)
+                        else [None] * len(self._steps))
         trained = sd.get("trained")  # absent from older checkpoints: learnt anew
         self._trained = None if trained is None else {int(i) for i in trained}  # type: ignore[attr-defined]
         grew_at = sd.get("grew_at")

@@ -36,6 +36,10 @@ class Window:
             None) at the window's first step (sampled once per window: a host-side set,
             no device read): a frozen or unused parameter has none, a parameter behind
             dead units has a zero one; None when unknown.
+        grad_absent: per step, the parameters (positions) with no gradient tensor at that
+            step (a branch its graph did not reach: a task head, an expert), None where
+            every one had one; host-side, no device read. None when unknown (under
+            torch.distributed, where which parameters a rank's graph reached is its own).
         dying, dying_at: ``[n]``: on the steps the unit watch sampled, the largest share of
             a weight's output units that died within the last hundred steps, and that
             weight's parameter position (:mod:`gradguard.units`); NaN on other steps; None
@@ -59,6 +63,7 @@ class Window:
     grad_present: list[bool] | None = None
     dying: Tensor | None = None
     dying_at: Tensor | None = None
+    grad_absent: list[frozenset[int] | None] | None = None
     #: :meth:`layer_norms`, computed once per window (the detectors, the monitor and the
     #: recovery all read it at the same flush); treat it as read-only
     _layer_norms: Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -91,6 +96,26 @@ class Window:
         if self._layer_norms is None:
             self._layer_norms = self._by_layer(self.param_norms)
         return self._layer_norms
+
+    def layers_absent(self) -> list[frozenset[int]] | None:
+        """Per step, the layers (indices into ``layers``) none of whose parameters had a
+        gradient tensor at that step: not in that step's graph, so neither alive nor dead
+        there. None when unknown."""
+        if self.grad_absent is None:
+            return None
+        size = [0] * len(self.layers)
+        for j in self.layer_index:
+            size[j] += 1
+        out: list[frozenset[int]] = []
+        for absent in self.grad_absent:
+            if not absent:
+                out.append(frozenset())
+                continue
+            count = [0] * len(self.layers)
+            for i in absent:
+                count[self.layer_index[i]] += 1
+            out.append(frozenset(j for j, c in enumerate(count) if c and c == size[j]))
+        return out
 
     def units_dying(self) -> tuple[float, str] | None:
         """The latest sample of the unit watch in this window: the largest share of a

@@ -59,7 +59,9 @@ VANISH_MIN_STEPS = 5
 VANISH_LEARNS = 0.01
 #: A layer that had a gradient and has had exactly none for this many taken steps in a row
 #: died (``disconnected_layer``, a warning): a task head that takes turns with others in
-#: shorter stretches, LayerDrop, an expert a few batches did not route to, is not dead.
+#: shorter stretches, LayerDrop, an expert a few batches did not route to, is not dead;
+#: steps whose graph did not reach it (no gradient tensor, ``Window.grad_absent``) count
+#: neither way.
 DIED_STEPS = 50
 
 #: Fraction of a ReLU-family module's units that never fire on the sampled batch above

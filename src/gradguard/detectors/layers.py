@@ -285,12 +285,16 @@ def detect_no_gradient(
     died = []
     cols = ln[rows].t().tolist()
     present = _layers_present(window)
-    for name, col in zip(window.layers, cols):
+    absent = window.layers_absent()
+    kept = [k for k, ok in enumerate(rows.tolist()) if ok]
+    for j, (name, col) in enumerate(zip(window.layers, cols)):
         if name not in had:
             continue
         if not present.get(name, True):  # no gradient tensor at all: frozen or unused, not dead
             state.silent_run[name] = 0
             continue
+        if absent is not None:  # steps whose graph did not reach it count neither way
+            col = [x for k, x in zip(kept, col) if j not in absent[k]]
         last = max((i for i, x in enumerate(col) if x != 0.0), default=None)
         run = state.silent_run.get(name, 0) + len(col) if last is None else len(col) - 1 - last
         state.silent_run[name] = run

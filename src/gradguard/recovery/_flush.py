@@ -146,7 +146,8 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
     dead: list[str] = []
     # under pipelining each stage's layer columns are its own: no agreed verdict
     if guard.config.pipeline_group is None:
-        dead = rec._dead.update(window.layers, window.layer_norms().tolist(), skips)
+        dead = rec._dead.update(window.layers, window.layer_norms().tolist(), skips,
+                                window.layers_absent())
     if not judge:
         return False, None, dead
     # under pipelining the share is the first stage's and its parameter position names

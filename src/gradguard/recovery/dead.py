@@ -22,7 +22,9 @@ class DeadLayers:
     not bring the layer back. A layer that never had one (frozen, unused) is not dead, nor
     is one whose gradient was never above ``NEGLIGIBLE`` x the step's largest layer norm
     (a signal that vanished on its way there, whose underflow is exactly zero at times).
-    Host values only, fed once per flush.
+    A step whose graph did not reach a layer (no gradient tensor at all: a task head, an
+    expert or an adapter that batch did not use) says nothing of it either way: dead units
+    leave a gradient of zeros, not none. Host values only, fed once per flush.
 
     Example:
         >>> dead = DeadLayers()
@@ -35,14 +37,19 @@ class DeadLayers:
         self._zero: dict[str, deque[bool]] = {}  # layer -> its last 2 * BLOCK taken steps: zero?
 
     def update(self, layers: Sequence[str], norms: Sequence[Sequence[float]],
-               skipped: Sequence[bool]) -> list[str]:
-        """Take a flushed window in (per step, each layer's gradient norm) and return the
-        dead layers."""
-        for row, sk in zip(norms, skipped):
+               skipped: Sequence[bool], absent: Sequence[frozenset[int]] | None = None,
+               ) -> list[str]:
+        """Take a flushed window in (per step, each layer's gradient norm; ``absent``: per
+        step, the layers with no gradient tensor, :meth:`Window.layers_absent
+        <gradguard.window.Window.layers_absent>`) and return the dead layers."""
+        for k, (row, sk) in enumerate(zip(norms, skipped)):
             if sk or not all(math.isfinite(x) for x in row):
                 continue
             top = max(row, default=0.0)
-            for name, x in zip(layers, row):
+            away = absent[k] if absent is not None else ()
+            for j, (name, x) in enumerate(zip(layers, row)):
+                if j in away:  # not in this step's graph
+                    continue
                 if x > NEGLIGIBLE * top:  # not the underflow of a vanished signal
                     self.alive.add(name)
                 if name in self.alive:

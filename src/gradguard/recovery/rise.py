@@ -57,7 +57,8 @@ exactly zero, on at least ``DEAD`` (15, :mod:`.dead`) of their last ``2 * BLOCK`
 on the last ``BLOCK`` (10) in a row (every layer below the dead ReLUs: no gradient flows through a unit that never
 activates; a batch now and then that still wakes a unit does not make the network
 alive). A healthy layer's gradient is never exactly zero on most steps; a task head that
-takes turns with one or two others (a gradient of None counts as zero) is not dead. Together they say what happened: the network died and
+takes turns with one or two others is not dead, nor one a step's graph did not reach
+(a gradient of None, not zero: :class:`~.dead.DeadLayers`). Together they say what happened: the network died and
 is no better than when it started; nothing but a rollback to before its death brings it
 back, and a flush that finds dead layers takes no snapshot. Under pipeline
 parallelism the rule is off: each stage's per-layer columns are its own (only the scalar
