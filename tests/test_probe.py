@@ -302,6 +302,14 @@ def test_a_probe_goes_on_from_the_arm_whose_loss_is_lower(monkeypatch):
         if back:
             assert restored[:2] == [first, first + TRIAL]
         assert not [e for e in guard.events if e.kind in ("lr_backoff", "rollback", "skip")]
+        # each probe says what it found and which arm's weights the run goes on from
+        said = [e for e in guard.events if e.kind == "lr_probe"]
+        assert len(said) == rec._probe.probes and {e.severity for e in said} == {"info"}
+        kept = "control" if back else "trial"
+        assert all(e.data["kept"] == kept and e.data["trial"] > 0.5 * e.data["control"]
+                   for e in said)
+        assert f"from the {'control' if back else 'half-LR'} arm's weights" in said[0].message
+        assert said[0].data["next"] > said[0].step
 
 
 def test_lr_probe_false_leaves_the_lr_alone():

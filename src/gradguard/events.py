@@ -30,6 +30,8 @@ EVENT_KINDS: tuple[str, ...] = (
     "skip",
     "lr_backoff",
     "lr_settled",
+    # the LR probe ran and found the LR in force not too high (gradguard.recovery.probe)
+    "lr_probe",
     # the loss did not answer the weights the ladder restored: its loss-level tests are off
     "loss_level_off",
     # the weights a rollback restored gave the trouble's loss: the batches changed

@@ -9,6 +9,7 @@ from .._tensors import numeric_lr, planned_lr
 from ..errors import TrainingDiverged
 from ..events import UNIT_ERROR_REMEDY, Event
 from .ladder import OFFSCALE_REASON, SPIKE_REASON, Action
+from .probe import TRIAL, Probed
 from .shift import SHIFT_RATIO
 from .tally import ADVISE
 
@@ -195,6 +196,24 @@ def retry_event(guard: Guard, step: int, factor: float, ceiling: float, said: st
         f"config: half the highest that held ({shown if base is None else f'x{factor:.3g}'}), "
         "which is the edge of what trains.",
         retry=True, raised=False, tried=ceiling, advise=advise, **_based(base))
+
+
+def probe_event(done: Probed, control: bool, next_step: int) -> Event:
+    """The LR probe found the LR in force not too high (see :mod:`.probe`): an ``info``
+    event, so that a run whose weights a probe rewound says so."""
+    return Event(
+        kind="lr_probe", step=done.step, severity="info", value=done.trial,
+        threshold=done.control,
+        message=(f"step {done.step}: the loss sat at twice its best or more with no spike, so "
+                 f"the LR was probed: from the same weights, {TRIAL} steps at half the LR "
+                 f"brought the loss to {done.trial:.4g}, against {done.control:.4g} at the LR "
+                 "in force: the LR is not what holds it up, and stays. The run goes on from "
+                 f"the {'control' if control else 'half-LR'} arm's weights (the other arm's "
+                 f"{TRIAL} steps are discarded); no probe before step {next_step}"),
+        remedy=("Nothing to do; a loss this noisy by nature (tasks or batches of different "
+                "difficulty) can turn the probe off: gg.Recovery(lr_probe=False)."),
+        data={"before": done.before, "control": done.control, "trial": done.trial,
+              "kept": "control" if control else "trial", "next": next_step})
 
 
 def lowered_event(guard: Guard, a: Action) -> Event:
