@@ -853,7 +853,10 @@ def test_a_relapse_while_the_lr_restores_is_caught_within_ten_steps():
     (199): the weights still hold most of their progress and are kept, the LR backs off
     and the ceiling drops below the factor that failed. A snapshot was taken at the
     healthy flush of step 99 while the LR was still restoring (one waited for the full LR
-    before, and there was none)."""
+    before, and there was none). The run ends well: the last 20 of 300 steps (of 260
+    before: the mean loss of steps 240-259 was under 0.2 on the machine the test was
+    written on and 0.28 on another, the LR still 2.5x the twin's there; a second relapse
+    backs it off at step 259)."""
     from benchmarks import rescue_cases as rc
 
     torch.manual_seed(0)
@@ -861,7 +864,7 @@ def test_a_relapse_while_the_lr_restores_is_caught_within_ten_steps():
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
     rec = gg.Recovery()
     guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec)
-    losses = _digits_run(model, opt, 260, guard=guard)
+    losses = _digits_run(model, opt, 300, guard=guard)
     guard.close()
     back = [e for e in guard.events if e.kind == "rollback"]
     assert [(e.step, e.data["snapshot_step"]) for e in back] == [(49, -1)]
