@@ -339,6 +339,37 @@ def test_a_closure_passed_first_to_an_adam_guard_is_its_closure():
     assert_same_run(model, opt, ref, ref_opt)
 
 
+def test_a_spectral_norm_model_trains_bit_for_bit_under_a_guard():
+    """``spectral_norm`` computes its weight on access and moves its power-iteration vectors
+    each time: the guard read ``m.weight`` of every linear layer once at construction (to
+    find the weights whose units it watches), and the run differed from the unguarded one
+    from the first step (a GAN discriminator's usual normalisation)."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    def run(make_guard):
+        torch.manual_seed(0)
+        model = nn.Sequential(weight_norm(nn.Linear(8, 32)), nn.ReLU(),
+                              spectral_norm(nn.Linear(32, 32)), nn.ReLU(), nn.Linear(32, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        guard = make_guard(model, opt)
+        for x, y in batches(40, seed=3):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss) if guard else opt.step()
+        if guard:
+            guard.close()
+        return model, opt
+
+    ref, ref_opt = run(lambda m, o: None)
+    for make in (lambda m, o: gg.Guard(m, o),
+                 lambda m, o: gg.Guard(m, o, recovery=gg.Recovery(), every=10)):
+        model, opt = run(make)
+        assert_same_run(model, opt, ref, ref_opt)
+        for (name, b), r in zip(model.named_buffers(), ref.buffers()):
+            assert torch.equal(b, r), name  # the power iteration's vectors too
+
+
 class TaskHeads(nn.Module):
     """A trunk shared by four tasks, one head each: a batch is one task's, and its step's
     graph reaches that task's head only (the other heads' gradients are None)."""

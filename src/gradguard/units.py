@@ -67,11 +67,14 @@ def watched(model: nn.Module, params: Sequence[Tensor]) -> list[int]:
     """The positions in ``params`` of the weights whose output units :class:`UnitWatch`
     watches: those of an ``nn.Linear`` or a (not transposed) ``nn.Conv1d/2d/3d`` with at
     least ``MIN_UNITS`` output units. An embedding's rows are tokens (a token absent from a
-    batch has a zero row), a transposed convolution's are its inputs: neither is watched."""
-    weights = {id(m.weight) for m in model.modules()
+    batch has a zero row), a transposed convolution's are its inputs: neither is watched.
+    Read from the modules' own parameters, never through ``m.weight``: a parametrized
+    weight (``spectral_norm``) is computed on access, and spectral norm's power iteration
+    moves its vectors each time, so one read changed the run."""
+    weights = {id(w) for m in model.modules()
                if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
                and not getattr(m, "transposed", False)
-               and isinstance(getattr(m, "weight", None), Tensor)}
+               and isinstance(w := m._parameters.get("weight"), Tensor)}
     return [i for i, p in enumerate(params)
             if id(p) in weights and p.dim() >= 2 and _local(p).shape[0] >= MIN_UNITS]
 
