@@ -370,6 +370,49 @@ def test_a_spectral_norm_model_trains_bit_for_bit_under_a_guard():
             assert torch.equal(b, r), name  # the power iteration's vectors too
 
 
+def test_muon_and_adamw_each_under_its_own_guard():
+    """The usual Muon recipe: Muon for the weight matrices, AdamW for the rest, one guard
+    per optimizer over the same model. Healthy, both train bit for bit as unguarded; a NaN
+    loss reaches every gradient and both skip that step (the run of the batch left out); a
+    gradient non-finite in AdamW's parameters only skips AdamW's step, and none reaches a
+    parameter."""
+    def run(guarded: bool, fault: str | None = None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                              nn.Linear(32, 1))
+        muon = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=2e-2)
+        adam = torch.optim.AdamW([p for p in model.parameters() if p.ndim != 2], lr=3e-3)
+        guards = [gg.Guard(model, muon), gg.Guard(model, adam)] if guarded else []
+        for step, (x, y) in enumerate(batches(30, seed=4)):
+            loss = nn.functional.mse_loss(model(x), y)
+            if step == 12 and fault == "loss":
+                loss = loss * math.nan
+            muon.zero_grad()
+            adam.zero_grad()
+            loss.backward()
+            if step == 12 and fault == "bias":
+                model[4].bias.grad.fill_(math.nan)
+            for g in guards:
+                g.step(loss.detach())
+            if not guarded and not (step == 12 and fault == "loss"):
+                muon.step()
+                adam.step()
+        for g in guards:
+            g.close()
+        return model, guards
+
+    ref, _ = run(False)
+    model, _ = run(True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    ref, _ = run(False, "loss")
+    model, guards = run(True, "loss")
+    assert [g.skipped_steps for g in guards] == [1, 1]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    model, guards = run(True, "bias")
+    assert [g.skipped_steps for g in guards] == [0, 1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 class TaskHeads(nn.Module):
     """A trunk shared by four tasks, one head each: a batch is one task's, and its step's
     graph reaches that task's head only (the other heads' gradients are None)."""
