@@ -3,7 +3,7 @@ default guard bring them within 2x of the LR that trains? (issue 16, "judged on 
 are not in this text or in your suite")
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/rescue_beyond.py [--case NAME ...] [--steps 300]
-Writes benchmarks/results/rescue_beyond.json (about 5 minutes).
+Writes benchmarks/results/rescue_beyond.json (about 12 minutes).
 
 Each case runs ``--steps`` steps, seed 0, with ``benchmarks/rescue.py``'s loop (the user's
 ``zero_grad``, ``backward``, ``guard.step(loss)``) under
@@ -17,6 +17,14 @@ the best held-out loss of an unguarded sweep of the same recipe at 1/3, 1/10, 1/
 - ``regression_targets_x1000_sgd``: the rescue suite's regression MLP with its targets in
   the wrong unit (x1000), SGD momentum 0.9 at 1e-3. Its cure, scaling the targets, is not a
   guard's to apply; the LR that trains on the unscaled targets is.
+
+Added 2026-12-04, the same way:
+
+- ``digits_inputs_x100_sgd``: the digits MLP (2x128 ReLU) with its inputs x100 (pixels
+  0-1600, unnormalised features), SGD momentum 0.9 at 0.03.
+- ``lstm_adam_lr30``: a char LSTM LM (the GRU's shape), Adam at 0.3.
+- ``postln_transformer_adam_lr10``: a 6-layer post-LN char transformer (d=64, ReLU, no
+  warm-up: the configuration that needs one, Xiong et al. 2020), Adam (0.9, 0.98) at 0.03.
 """
 
 from __future__ import annotations
@@ -63,7 +71,41 @@ def _cases() -> dict[str, tuple[Any, Any]]:
         x, y = rc.regression_eval()
         return x, UNIT * y
 
+    class CharLSTM(CharGRU):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(32, 128, batch_first=True)  # type: ignore[assignment]
+
+    class PostLN(nn.Module):
+        def __init__(self, d: int = 64, layers: int = 6) -> None:
+            super().__init__()
+            vocab = rc.corpus()[1]
+            self.tok, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(rc.CTX, d) * 0.02)
+            layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True,
+                                               norm_first=False)
+            self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.head = nn.Linear(d, vocab)
+            self.mask: Tensor
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(rc.CTX),
+                                 persistent=False)
+
+        def forward(self, x: Tensor) -> Tensor:
+            t = x.shape[1]
+            h = self.tok(x) * self.tok.embedding_dim ** 0.5 + self.pos[:t]
+            return self.head(self.blocks(h, mask=self.mask[:t, :t], is_causal=True))
+
+    def x100_batches(seed: int) -> Any:
+        batch = rc.digits_batches(seed)
+        return lambda step: (lambda x, y: (100 * x, y))(*batch(step))
+
+    def x100_eval() -> Any:
+        x, y = rc.digits_eval()
+        return 100 * x, y
+
     gru = rc.Task("char_gru", CharGRU, rc.lm_batches, rc.lm_eval, rc.lm_loss)
+    lstm = rc.Task("char_lstm", CharLSTM, rc.lm_batches, rc.lm_eval, rc.lm_loss)
+    postln = rc.Task("postln_transformer", PostLN, rc.lm_batches, rc.lm_eval, rc.lm_loss)
+    x100 = rc.Task("digits_x100", lambda: rc.mlp(64, 10), x100_batches, x100_eval, rc.CE)
     tanh = rc.Task("deep_tanh_mlp", lambda: rc.mlp(64, 10, width=64, depth=10, act=nn.Tanh),
                    rc.digits_batches, rc.digits_eval, rc.CE)
     unit = rc.Task("regression_x1000", lambda: rc.mlp(16, 1), unit_batches, unit_eval, rc.MSE)
@@ -73,6 +115,9 @@ def _cases() -> dict[str, tuple[Any, Any]]:
         "cnn_adam_lr30": (rc.DIGITS_CNN, rc.Recipe(Adam, 0.1)),
         "deep_tanh_sgd_lr100": (tanh, rc.Recipe(SGD, 3.0, momentum)),
         "regression_targets_x1000_sgd": (unit, rc.Recipe(SGD, 1e-3, momentum)),
+        "digits_inputs_x100_sgd": (x100, rc.Recipe(SGD, 0.03, momentum)),
+        "lstm_adam_lr30": (lstm, rc.Recipe(Adam, 0.3)),
+        "postln_transformer_adam_lr10": (postln, rc.Recipe(Adam, 0.03, {"betas": (0.9, 0.98)})),
     }
 
 
