@@ -45,6 +45,7 @@ NAN_GRAD_STEP = 7  # FSDP: a NaN written into rank 1's own shard of layer "0"
 LAUNCH_TIMEOUT_S = 90
 ZCLIP_WARMUP = 3
 NORM_TYPES = (2.0, 3.0, math.inf)
+HEADS_STEPS = 200
 
 
 # ---- the run both the workers and the reference do ------------------------------------
@@ -190,6 +191,46 @@ def train_rollback(
     }
 
 
+class TaskHeads(torch.nn.Module):
+    """A trunk and four task heads; a batch is one task's (the same on every rank)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(D_IN, 32), torch.nn.ReLU())
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(32, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.heads[task](self.trunk(x))
+
+
+def train_heads(rank: int, world: int, steps: int = HEADS_STEPS) -> dict[str, Any]:
+    """Four task heads on a trunk under DDP (``find_unused_parameters=True``). Under
+    torch.distributed the guard does not read which parameters a step's graph reached (each
+    rank's graph is its own), so the heads a batch did not use counted as zero and looked
+    dead to the dead-layer test; the run was rolled back three times and raised
+    TrainingDiverged at step 109."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = DistributedDataParallel(TaskHeads(), find_unused_parameters=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    g = torch.Generator().manual_seed(1 + rank)
+    error = None
+    try:
+        for step in range(steps):
+            task = step % 4 if step % 7 else 0
+            x = torch.randn(GLOBAL_BS // world, D_IN, generator=g)
+            loss = torch.nn.functional.mse_loss(model(x, task), x[:, :1] * (task + 1))
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach())
+        guard.close()
+    except gg.TrainingDiverged as e:
+        error = str(e)
+    return {"error": error, "events": [e.to_json() for e in guard.events if e.severity != "info"]}
+
+
 # ---- the worker --------------------------------------------------------------------
 
 
@@ -211,6 +252,7 @@ def worker_main(scenario: str) -> Any:
             fresh = make_model()
             res["undo"] = train_rollback(fresh, rank, WORLD, DistributedDataParallel(fresh),
                                          nan_steps=UNDO_NAN_STEPS)
+            res["heads"] = train_heads(rank, WORLD)
             return res
         from torch.distributed.fsdp import fully_shard
 
@@ -457,6 +499,15 @@ def test_ranks_flush_together_every_ten_steps_while_the_ladder_is_at_work(runs):
     for res in ranks:
         assert res["cadence"]["decisions"] == want["decisions"]
         assert res["cadence"]["flushes"] == want["flushes"]
+
+
+def test_task_heads_that_take_turns_under_ddp_are_not_a_network_that_died(runs):
+    """The heads come after a trunk that trains, and dead units leave every layer before
+    them without a gradient: no rollback, no warning, on either rank."""
+    ranks, _, _ = runs("ddp")
+    for res in ranks:
+        assert res["heads"]["error"] is None
+        assert res["heads"]["events"] == []
 
 
 def test_merge_events_keeps_rank_only_events():

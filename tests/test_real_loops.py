@@ -426,12 +426,14 @@ class TaskHeads(nn.Module):
         return self.heads[task](self.trunk(x))
 
 
-def test_heads_that_take_turns_are_not_a_network_that_died():
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["none", "zeros"])
+def test_heads_that_take_turns_are_not_a_network_that_died(set_to_none):
     """Each head of a four-task model has no gradient on three steps in four: the dead-layer
     test counted those as zero, found every head but one "dead" while the loss (task by
     task 1-16x apart) sat at its fresh level, rolled back three times and raised
     TrainingDiverged at step 109 of a healthy run. The steps whose graph did not reach a
-    head say nothing of it now."""
+    head say nothing of it now; with ``zero_grad(set_to_none=False)`` those heads keep a
+    gradient of zeros, and what decides is that they come after a trunk that trains."""
     torch.manual_seed(0)
     model = TaskHeads()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -440,7 +442,7 @@ def test_heads_that_take_turns_are_not_a_network_that_died():
     for step in range(200):
         x, task = torch.randn(64, 8, generator=g), step % 4 if step % 7 else 0
         loss = nn.functional.mse_loss(model(x, task), x[:, :1] * (task + 1))
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         loss.backward()
         guard.step(loss.detach())
     guard.close()

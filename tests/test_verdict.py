@@ -155,6 +155,22 @@ def test_a_step_whose_graph_did_not_reach_a_layer_says_nothing_of_it():
     assert never.alive == {"trunk"}
 
 
+def test_dead_layers_are_the_first_ones_dead_units_leave_no_gradient_before_them():
+    """Dead units pass no gradient back: the layers before them (module order) have none
+    either. Heads that take turns on a trunk that trains are zero on three steps in four
+    where the step's graph cannot be read (DDP, ``set_to_none=False``): after a live trunk,
+    they are not dead; a dead trunk is, with the head after it that still learns."""
+    layers = ["trunk", "head_a", "head_b"]
+    rows = [[0.5, 0.2, 0.2]] * 5 + [[0.5, 0.2, 0.0], [0.5, 0.0, 0.0], [0.5, 0.0, 0.0]] * 7
+    assert DeadLayers().update(layers, rows, [False] * len(rows)) == []
+    rows = [[0.5, 0.2, 0.2]] * 5 + [[0.0, 0.2, 0.0]] * 20
+    assert DeadLayers().update(layers, rows, [False] * len(rows)) == ["trunk"]
+    # a layer that never had a gradient (frozen) does not break the run of dead ones
+    rows = [[0.0, 0.5, 0.2, 0.2]] * 5 + [[0.0, 0.0, 0.0, 0.2]] * 20
+    got = DeadLayers().update(["frozen", "conv1", "conv2", "head"], rows, [False] * 25)
+    assert got == ["conv1", "conv2"]
+
+
 def test_a_layer_whose_gradient_only_ever_underflowed_is_not_dead():
     """A signal that vanished on its way to a layer (1e-19 of the largest layer's gradient
     in the last block of a ``transformers`` EfficientNet that never learns) is exactly zero

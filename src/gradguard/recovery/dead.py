@@ -24,7 +24,12 @@ class DeadLayers:
     (a signal that vanished on its way there, whose underflow is exactly zero at times).
     A step whose graph did not reach a layer (no gradient tensor at all: a task head, an
     expert or an adapter that batch did not use) says nothing of it either way: dead units
-    leave a gradient of zeros, not none. Host values only, fed once per flush.
+    leave a gradient of zeros, not none. Dead units pass no gradient back, so the dead
+    layers are the first ones, in the order the model registers them: a layer found so
+    after one that still has a gradient is not dead (a task head on a trunk that trains,
+    where the step's graph cannot be read: under torch.distributed, whose ranks' graphs
+    are their own, or with ``zero_grad(set_to_none=False)``, which leaves an unused head a
+    gradient of zeros). Host values only, fed once per flush.
 
     Example:
         >>> dead = DeadLayers()
@@ -54,7 +59,18 @@ class DeadLayers:
                     self.alive.add(name)
                 if name in self.alive:
                     self._zero.setdefault(name, deque(maxlen=2 * BLOCK)).append(x == 0.0)
-        return [n for n in layers if n in self.alive and _dead(self._zero.get(n, ()))]
+        dead = {n for n in layers if n in self.alive and _dead(self._zero.get(n, ()))}
+        # dead units pass no gradient back: the layers before them (in module order) have
+        # none either, and a layer whose gradient still reaches one before it is not dead
+        # (a task head that takes turns with others on a trunk that trains)
+        out = []
+        for n in layers:
+            if n not in self.alive:
+                continue
+            if n not in dead:
+                break
+            out.append(n)
+        return out
 
     def state_dict(self) -> dict[str, object]:
         return {"alive": sorted(self.alive), "zero": {k: list(v) for k, v in self._zero.items()}}
