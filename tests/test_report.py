@@ -307,6 +307,24 @@ def test_a_loss_that_fell_fast_through_its_first_steps_did_fall():
     assert "within the noise" not in summary_sentence(d)
 
 
+def test_a_loss_whose_batches_differ_in_difficulty_and_that_fell_did_fall():
+    """Found as a stranger (a trunk with four task heads under `gradguard run`, one task per
+    batch, the tasks' losses 1-16x apart): its loss falls from 0.97 to 0.054, under every
+    one of its first steps' losses, and the summary said it "fell only ... within the noise
+    of its first steps": their step-to-step changes are the tasks', not noise. A mixture
+    that does not fall is still flat."""
+    d = _data([], n=300)
+    g = np.random.default_rng(4)
+    task = np.where(np.arange(300) % 7 == 0, 0, np.arange(300) % 4)
+    scale = np.array([1.0, 4.0, 9.0, 16.0])[task]
+    d.loss = scale * np.geomspace(1.0, 0.02, 300) * np.exp(0.3 * g.standard_normal(300))
+    out = judge(d)
+    assert (out.status, out.flat) == ("healthy", False)
+    assert "within the noise" not in summary_sentence(d)
+    d.loss = scale * np.exp(0.3 * g.standard_normal(300))  # the same mixture, not learning
+    assert judge(d).flat is True
+
+
 def test_summary_of_batches_on_another_scale_and_what_to_check():
     """Steps skipped by the batch norm statistics alone (gradguard._running.offscale):
     nothing spiked, so the summary tells what did, and the remedy what to look at."""
