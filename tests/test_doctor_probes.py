@@ -255,6 +255,35 @@ def test_a_parameter_used_only_in_some_calls_is_an_info_not_a_warning():
     assert diag.healthy
 
 
+class _TaskHeads(nn.Module):
+    def __init__(self, forgot: bool = False) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(4))
+        self.extra = nn.Linear(16, 16)  # never used when ``forgot``
+        self.forgot = forgot
+
+    def forward(self, x, task):
+        h = self.trunk(x)
+        return self.heads[task](h if self.forgot else h + 0 * self.extra(h))
+
+
+def test_task_heads_a_batch_did_not_use_are_said_to_be_expected_of_that_batch():
+    """Found as a stranger: the doctor on one batch of a four-task model named three heads
+    "never ran in forward ... use the branch in the loss, or freeze it". It still warns (a
+    forgotten module looks the same), and says the branch may be the batch's choice; a
+    module unused that is no element of such a container gets no such sentence."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    (f,) = gg.doctor(_TaskHeads(), ((x, 2), x[:, :1]), nn.MSELoss()).findings
+    assert (f.cause, f.severity, f.evidence["layers"]) == (
+        "disconnected_layer", "warning", ["heads.0", "heads.1", "heads.3"])
+    assert "picks one of `heads.*` per batch" in f.remedy and "ran `heads.2`" in f.remedy
+    found = gg.doctor(_TaskHeads(forgot=True), ((x, 2), x[:, :1]), nn.MSELoss()).findings
+    (g,) = [f for f in found if f.cause == "disconnected_layer"]
+    assert "extra" in g.evidence["layers"] and "picks one of" not in g.remedy
+
+
 def test_attention_entropy_collapses_with_too_large_weights_and_is_evidence():
     torch.manual_seed(0)
     m = TinyGPT(layers=3)

@@ -134,6 +134,18 @@ def probe_half_headroom(cap: Capture) -> list[Finding]:
     ]
 
 
+def _chosen_siblings(unused: list[str], ran: set[str]) -> tuple[str, str] | None:
+    """``("heads", "heads.2")`` when every unused layer is an element of one container
+    (``heads.1``) of which another element ran: a branch the model picks per batch, or
+    one it forgot to use; None otherwise."""
+    parents = {lay.rpartition(".")[0] for lay in unused}
+    if not unused or "" in parents or len(parents) != 1:
+        return None
+    parent = parents.pop()
+    took = sorted(p for p in ran if p.rpartition(".")[0] == parent and p not in unused)
+    return (parent, took[0]) if took else None
+
+
 def probe_disconnected(cap: Capture, model: nn.Module) -> list[Finding]:
     """Trainable parameters that receive no gradient from the loss.
 
@@ -166,6 +178,11 @@ def probe_disconnected(cap: Capture, model: nn.Module) -> list[Finding]:
             f"{', ...' if len(layers) > 4 else ''}) get no gradient; {why}: remove .detach()/no_grad "
             f"on that path, use the branch in the loss, or freeze it (requires_grad_(False))."
         )
+        chosen = _chosen_siblings(unused, ran)
+        if chosen:
+            remedy += (f" If the model picks one of `{chosen[0]}.*` per batch (task heads, "
+                       f"experts; this batch ran `{chosen[1]}`), that is expected of this "
+                       "batch: diagnose one batch per branch.")
     else:
         remedy = (
             f"{len(none_cut)} parameter(s) ({', '.join(none_cut[:4])}{', ...' if len(none_cut) > 4 else ''}) "
