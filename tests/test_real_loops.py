@@ -451,6 +451,41 @@ def test_heads_that_take_turns_are_not_a_network_that_died(set_to_none):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_tasks_trained_in_turn_get_their_lr_back_when_the_loss_tests_go_off():
+    """Found as a stranger: the four-task model trained one task at a time, 60 steps each
+    (sequential multi-task training). Each switch throws the loss up; the guard rolled back
+    at step 99, found the batches changed (109), rolled back at the next switch (209) with
+    the ceiling at x0.1, saw that LR "settle" (310), and turned its loss tests off at 359,
+    lifting only that last episode's ceiling: x0.1 to the end, and the held-out losses per
+    task 3.4-129x the unguarded run's. The loss tests going off after a change lift every
+    ceiling the level lowered since."""
+    def run(guarded: bool):
+        torch.manual_seed(0)
+        model = TaskHeads()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+        g = torch.Generator().manual_seed(1)
+        for step in range(1200):
+            x, task = torch.randn(64, 8, generator=g), (step // 60) % 4
+            loss = nn.functional.mse_loss(model(x, task), x[:, :1] * (task + 1))
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach()) if guard else opt.step()
+        if guard:
+            guard.close()
+        x = torch.randn(512, 8, generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            held = [float(nn.functional.mse_loss(model(x, t), x[:, :1] * (t + 1))) for t in range(4)]
+        return held, guard
+
+    bare, _ = run(False)
+    held, guard = run(True)
+    kinds = [e.kind for e in guard.events]
+    assert "data_shift" in kinds and "loss_level_off" in kinds and "abort" not in kinds
+    assert guard.recovery.lr_ceiling == 1.0 and guard.recovery.lr_factor == 1.0
+    assert all(h < 1.5 * b for h, b in zip(held, bare)), (held, bare)
+
+
 def test_lbfgs_without_a_closure_says_how_to_call_it():
     model = mlp()
     guard = gg.Guard(model, torch.optim.LBFGS(model.parameters()))

@@ -24,8 +24,10 @@ The rungs, climbed one at a time and only as far as the trouble goes:
    answer the weights (a GAN's player against an opponent that moved on, RL returns, a
    curriculum, data that changed). The ladder then turns the loss-level tests off for the
    rest of the run (``level_off``, :attr:`LadderState.level_off`), lifts the ceiling back
-   to where it was before this trouble lowered it, and training goes on from the weights it
-   restored.
+   to where it was before this trouble lowered it (after a change of the batches, to where
+   that change left it: every rung the level decided since was decided on a loss that
+   moves, an LR that settled in between included), and training goes on from the weights
+   it restored.
 
 A rollback is also a test of the weights: the step right after it computes its gradients
 on weights that had finite ones (the Recovery restores the newest snapshot whose weights
@@ -286,6 +288,10 @@ def _level_off(st: LadderState, step: int, reason: str) -> tuple[LadderState, tu
     returns to what it was before this trouble lowered it, the factor restores to it
     from where it is, and the episode ends (its rollbacks are no count towards an abort)."""
     top = max(st.ceiling, st.episode_ceiling if st.episode_ceiling is not None else st.ceiling)
+    if st.shifted is not None and st.shift_ceiling is not None:
+        # after the batches changed by themselves, every ceiling the level lowered since
+        # (an episode that settled in between too) was lowered on a loss that moves
+        top = max(top, st.shift_ceiling)
     st = dataclasses.replace(
         st, level_off=True, ceiling=top, episode_ceiling=None, watching=None, rollbacks=0,
         trouble_start=None, pre_level=None, backoff_step=step, backoff_level=st.factor,
@@ -312,7 +318,7 @@ def _shifted(cfg: LadderConfig, st: LadderState,
         st, ceiling=top, factor=top, episode_ceiling=None, watching=None, rollbacks=0,
         trouble_start=None, pre_level=None, last_trigger=None, consecutive_skips=0,
         untested=None, undo=None, at_ceiling=None, backoff_step=None, backoff_level=top,
-        shifted=trig.step, level_rollbacks=0)
+        shifted=trig.step, shift_ceiling=top, level_rollbacks=0)
     acts = (Action("shifted", trig.step, trig.reason, st.factor, top,
                    rollbacks=st.total_rollbacks),)
     if prev is None or trig.step - prev > cfg.relapse_window or st.level_off:

@@ -117,6 +117,10 @@ class LadderState:
     undo_reason: str = NONFINITE_REASON
     #: the step at which the batches last proved changed (``shifted`` in :mod:`.ladder`)
     shifted: int | None = None
+    #: the ceiling that change left in force: the rungs the loss level decided after it
+    #: lowered it on evidence the ``level_off`` that follows disowns, and it lifts the
+    #: ceiling back to this one (a lowered LR that "settled" in between included)
+    shift_ceiling: float | None = None
     #: rollbacks the loss level decided since then (a second one within
     #: ``relapse_window`` steps of the change turns the loss-level tests off)
     level_rollbacks: int = 0
