@@ -67,6 +67,9 @@ class Window:
     #: :meth:`layer_norms`, computed once per window (the detectors, the monitor and the
     #: recovery all read it at the same flush); treat it as read-only
     _layer_norms: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    #: :meth:`layers_absent`, computed once per window (the detectors and the recovery)
+    _layers_absent: list[frozenset[int]] | None = field(default=None, init=False, repr=False,
+                                                        compare=False)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -100,9 +103,9 @@ class Window:
     def layers_absent(self) -> list[frozenset[int]] | None:
         """Per step, the layers (indices into ``layers``) none of whose parameters had a
         gradient tensor at that step: not in that step's graph, so neither alive nor dead
-        there. None when unknown."""
-        if self.grad_absent is None:
-            return None
+        there. None when unknown; computed once per window, shared by its readers."""
+        if self.grad_absent is None or self._layers_absent is not None:
+            return self._layers_absent
         size = [0] * len(self.layers)
         for j in self.layer_index:
             size[j] += 1
@@ -115,6 +118,7 @@ class Window:
             for i in absent:
                 count[self.layer_index[i]] += 1
             out.append(frozenset(j for j, c in enumerate(count) if c and c == size[j]))
+        self._layers_absent = out
         return out
 
     def units_dying(self) -> tuple[float, str] | None:

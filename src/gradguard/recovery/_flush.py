@@ -273,10 +273,10 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
         if retry_to is not None:
             return _retried(rec, guard, done, fork, retry_to)
         if not done.too_high:  # the run goes on from the arm whose loss is lower
-            control = fork is not None and done.control < done.trial
-            if fork is not None and control:
-                _restore(rec, guard, fork)
-            guard.add_event(messages.probe_event(done, control, probe.next))
+            back = fork if done.control < done.trial else None
+            if back is not None:
+                _restore(rec, guard, back)
+            guard.add_event(messages.probe_event(done, back is not None, probe.next))
             return False
         why = (f"from the same weights, {TRIAL} steps at half the LR brought the loss to "
                f"{done.trial:.4g}, against {done.control:.4g} at the LR in force: the LR is "
