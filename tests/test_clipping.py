@@ -192,21 +192,35 @@ class RefZClip:
     the clipped norm is ``exp`` of the threshold; a norm of 0 is left out."""
 
     def __init__(self, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6, mode="reciprocal",
-                 log=False):
+                 log=False, gradual=None):
         self.alpha, self.zt, self.warmup, self.eps, self.mode = alpha, z_thresh, warmup, eps, mode
         self.log = log
         self.buf: list[float] = []
         self.mean = self.var = 0.0
+        # gradguard's "gradual" rule, as the ZClip docstring states it
+        self.gradual = gradual
+        self.prev, self.fired, self.chain = 0.0, False, False
+        self.loss_ema: float | None = None
+        self.relaxed = 0  # steps the rule left unclipped that the z-test flagged
 
-    def step(self, g: float) -> float:
-        """Return the norm after clipping."""
+    def step(self, g: float, loss: float | None = None) -> float:
+        """Return the norm after clipping; ``loss``: the step's loss (a guard's)."""
+        falling = False
+        if self.gradual is not None and loss is not None and math.isfinite(loss):
+            falling = self.loss_ema is not None and loss < self.loss_ema
+            self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
         if not math.isfinite(g) or (self.log and g <= 1e-30):
             return g
         if self.log:
-            return math.exp(self._step(math.log(g)))
-        return self._step(g)
+            return math.exp(self._step(math.log(g), falling))
+        return self._step(g, falling)
 
-    def _step(self, g: float) -> float:
+    def _step(self, g: float, falling: bool = False) -> float:
+        chain = False
+        if self.gradual is not None:  # within `gradual` of the previous step, from a calm one
+            rise = g - self.prev <= math.log(self.gradual) if self.log else g <= self.prev * self.gradual
+            chain = rise and (self.chain or not self.fired)
+            self.prev, self.chain, self.fired = g, chain, False
         if len(self.buf) < self.warmup:
             self.buf.append(g)
             if len(self.buf) == self.warmup:
@@ -217,13 +231,16 @@ class RefZClip:
         z = (g - self.mean) / (std + self.eps)
         clipped = g
         if z > self.zt:
+            self.fired = True
             if self.mode == "reciprocal":
                 thr = self.mean + self.zt / (z / self.zt) * std  # eta = z / z_thresh
             elif self.mode == "percentile":
                 thr = self.mean + self.zt * std
             else:
                 thr = self.mean
-            if thr < g:
+            if thr < g and chain and falling:
+                self.relaxed += 1
+            elif thr < g:
                 clipped = thr
         self.mean = self.alpha * self.mean + (1 - self.alpha) * clipped
         self.var = self.alpha * self.var + (1 - self.alpha) * (clipped - self.mean) ** 2
@@ -378,6 +395,144 @@ def test_zclip_has_no_hard_cap_by_default(zclip_path):
     w = one_param_with_norm(5.0)
     capped.clip_([w])
     assert grad_norm(w) == pytest.approx(1.0, rel=1e-5)
+
+
+def rise_sequence() -> tuple[list[float], list[float | None]]:
+    """Norms and losses for ZClip's "gradual" rule: a calm warm-up; a rise of 1.2x a step
+    while the loss rises (clipped, steps 25-34); a rise that begins with a jump the z-test
+    flags (clipped, 65-74); a rise of 1.2x a step while the loss falls (left alone,
+    105-116); a x50 jump and a stretch at its level while the loss falls (clipped,
+    157-166); NaN norms and losses, and steps without a loss."""
+    rng = random.Random(5)
+    norms = [1.0 + 0.05 * rng.gauss(0, 1) for _ in range(25)]
+    losses: list[float | None] = [3.0 - 0.01 * i for i in range(25)]
+
+    def add(ns, ls):
+        norms.extend(ns)
+        losses.extend(ls)
+
+    add([1.2 ** k for k in range(1, 11)], [2.76 + 0.05 * k for k in range(1, 11)])  # 25-34
+    add([1.0 + 0.05 * rng.gauss(0, 1) for _ in range(30)], [2.7 - 0.005 * i for i in range(30)])
+    add([3.0 * 1.1 ** k for k in range(10)], [2.5 - 0.01 * k for k in range(10)])  # 65-74
+    add([1.0 + 0.05 * rng.gauss(0, 1) for _ in range(30)], [2.4 - 0.005 * i for i in range(30)])
+    add([1.2 ** k for k in range(1, 13)], [2.2 - 0.02 * k for k in range(1, 13)])  # 105-116
+    add([1.0 + 0.05 * rng.gauss(0, 1) for _ in range(40)], [2.0 - 0.005 * i for i in range(40)])
+    add([50.0 + rng.random() for _ in range(10)], [1.8 - 0.01 * i for i in range(10)])  # 157-166
+    add([1.0, math.nan, 1.02, math.inf, 1.01], [2.0, 1.9, math.nan, 1.8, None])
+    add([1.0 + 0.05 * rng.gauss(0, 1) for _ in range(20)], [None] * 20)
+    return norms, losses
+
+
+def stats_with_loss(g: float, loss: float | None):
+    w = one_param_with_norm(1.0 if not math.isfinite(g) else g)
+    if not math.isfinite(g):
+        w.grad[0] = g
+    stats = measure_grads([w])
+    stats.loss = None if loss is None else torch.tensor(loss)
+    return stats
+
+
+@pytest.mark.parametrize("space", ["linear", "log"])
+@pytest.mark.parametrize("mode", ["reciprocal", "percentile", "mean"])
+def test_zclip_leaves_a_gradual_rise_alone_while_the_loss_falls_as_its_rule_says(
+        mode, space, zclip_path):
+    """gradguard's ``gradual`` rule against its reference in Python floats: a rise of at
+    most 1.5x a step, from a step the z-test did not flag, while the loss is below its EMA,
+    is not clipped; a jump, the level after it, a rise while the loss rises and a rise
+    from a flagged step are clipped as the paper's rule clips them."""
+    norms, losses = rise_sequence()
+    ref = RefZClip(mode=mode, log=space == "log", gradual=1.5)
+    paper = gg.ZClip(mode=mode, space=space, warmup_cap=None, gradual=None)
+    policy = gg.ZClip(mode=mode, space=space, warmup_cap=None)
+    out, out_paper, expected = [], [], []
+    for g, loss in zip(norms, losses):
+        expected.append(ref.step(g, loss))
+        out.append(policy.coefficient(stats_with_loss(g, loss)).item())
+        out_paper.append(paper.coefficient(stats_with_loss(g, loss)).item())
+    for i, (g, e, c) in enumerate(zip(norms, expected, out)):
+        if math.isfinite(g):
+            assert c * g == pytest.approx(e * g / (g + 1e-6) if e < g else g, rel=1e-5), i
+    assert ref.relaxed >= 10  # the rule did leave flagged steps alone
+    # the rise while the loss rises (from its second step: the loss's EMA lags a step)
+    assert all(c < 0.9 for c in out[26:35])
+    assert out[26:35] == pytest.approx(out_paper[26:35], rel=0.05)
+    assert all(c < 0.5 for c in out[65:75])  # the rise that begins with a flagged jump
+    assert all(c == 1.0 for c in out[105:117])  # the rise while the loss falls...
+    assert all(c < 1.0 for c in out_paper[106:117])  # ... which the paper's rule clips
+    # the x50 jump and the steps at its level (the percentile mode's statistics learn from
+    # mu + z_thresh * sigma: they climb, as the paper's do, from a wider start)
+    assert all(c < (0.25 if mode == "percentile" else 0.05) for c in out[157:167])
+
+
+@pytest.mark.parametrize("space", ["linear", "log"])
+def test_zclip_without_a_loss_is_the_papers_rule(space, zclip_path):
+    """``clip_`` alone (no loss) and ``gradual=None`` with a loss clip as the paper does."""
+    norms, losses = rise_sequence()
+    a, b, c = (gg.ZClip(space=space), gg.ZClip(space=space), gg.ZClip(space=space, gradual=None))
+    differ = 0
+    for g, loss in zip(norms, losses):
+        ca = a.coefficient(stats_with_loss(g, None)).item()
+        cb = b.coefficient(stats_with_loss(g, loss)).item()  # with its loss: the rule acts
+        assert ca == c.coefficient(stats_with_loss(g, loss)).item()
+        differ += ca != cb
+    assert differ >= 10
+    assert torch.equal(a.mean, c.mean) and not torch.equal(a.mean, b.mean)
+
+
+@pytest.mark.parametrize("space", ["linear", "log"])
+@pytest.mark.parametrize("kw", [{}, {"mode": "percentile"}, {"max_norm": 3.0}, {"warmup_steps": 1}])
+def test_zclip_gradual_rule_host_and_device_forms_agree(kw, space, monkeypatch):
+    """The "gradual" rule's Python-number and tensor-op forms: the same coefficients and
+    state, bit for bit (losses as float32, float64 and bfloat16 tensors and floats)."""
+    norms, losses = rise_sequence()
+    runs = {}
+    for host in (True, False):
+        monkeypatch.setattr(measure, "READ_CPU_COEFFICIENT", host)
+        policy, coefs, states = gg.ZClip(**kw, space=space), [], []
+        for i, (g, loss) in enumerate(zip(norms, losses)):
+            stats = stats_with_loss(g, loss)
+            if loss is not None and i % 3:
+                stats.loss = (float(loss) if i % 3 == 1 else
+                              torch.tensor(loss, dtype=torch.float64 if i % 2 else torch.bfloat16))
+            coefs.append(policy.coefficient(stats).item())
+            states.append({k: v.clone() for k, v in policy.state_dict()["state"].items()})
+        runs[host] = coefs, states
+    (c_host, s_host), (c_dev, s_dev) = runs[True], runs[False]
+    assert c_host == c_dev
+    for a, b in zip(s_host, s_dev):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype, k
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("gradual", [1.5, None])
+def test_zclip_state_is_finite_from_its_first_step(gradual, zclip_path):
+    """A recovery refuses a snapshot with a NaN/Inf in it (the policy's state goes with the
+    weights): ZClip's state holds none, from a first step whose norm is NaN on. (The
+    "gradual" rule's first sentinel was +inf: under ``gradual=None`` no snapshot was ever
+    taken, and lab T3 stopped with TrainingDiverged.)"""
+    from gradguard.recovery.actions import all_finite
+    policy = gg.ZClip(gradual=gradual)
+    for g, loss in [(math.nan, math.nan), (math.inf, 1.0), (1.0, None), (1.1, 2.0)]:
+        policy.coefficient(stats_with_loss(g, loss))
+        assert all_finite(policy.state_dict())
+
+
+def test_zclip_loads_a_checkpoint_from_before_the_gradual_rule():
+    """A state dict without the rule's keys loads and runs (they start afresh)."""
+    old = gg.ZClip(warmup_steps=3)
+    for g in (1.0, 1.1, 0.9, 1.0):
+        old.coefficient(stats_with_loss(g, 1.0))
+    sd = old.state_dict()
+    for k in ("prev", "fired", "chain", "loss", "seen"):
+        del sd["state"][k]
+    new = gg.ZClip(warmup_steps=3)
+    new.load_state_dict(sd)
+    assert new.coefficient(stats_with_loss(1.2, 0.9)).item() == 1.0
+    assert new.coefficient(stats_with_loss(100.0, 0.8)).item() < 0.05
+    with pytest.raises(ValueError, match=r"gradual=1"):
+        gg.ZClip(gradual=1)
 
 
 @pytest.mark.parametrize("space", ["linear", "log"])

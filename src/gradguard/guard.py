@@ -246,6 +246,8 @@ class Guard:
             in_step = self.kind == "fused" and executor.takes_grad_scale and deferrable(self.clip)
             executor.prepare(in_step=in_step)
             stats = self.telemetry.measure(scale=executor.norm_scale)
+            if self.dist is None:  # ranks' losses differ: a clip must be decided alike
+                stats.loss = loss
             if (new := self.telemetry.grew(stats, self.step_count)) and self.dist is None:
                 lifecycle.renorm(self, new, self.step_count)  # before this step's clip
             units = self.telemetry.sample_units(self.step_count)  # every SAMPLE steps

@@ -59,6 +59,8 @@ class StepStats:
         local_finite: under FSDP2, ``isfinite`` of this rank's own shards before the
             all-reduce (None: same as ``finite``).
         names: the parameters' names (module paths), parallel to ``params``.
+        loss: this step's loss, where the caller has one (a guard outside torch.distributed
+            sets it; :class:`gradguard.ZClip` reads it); None otherwise.
     """
 
     param_norms: Tensor
@@ -69,6 +71,7 @@ class StepStats:
     params: Sequence[Tensor] = field(default_factory=list)
     local_finite: Tensor | None = None
     names: Sequence[str] = field(default_factory=list)
+    loss: Tensor | float | None = None
 
 
 def group_grads(params: Sequence[Tensor]) -> list[GradGroup]:

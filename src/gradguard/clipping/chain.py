@@ -102,10 +102,12 @@ class Chain(Policy):
 
 
 def _remeasured(stats: StepStats) -> StepStats:
-    return measure_grads(
+    out = measure_grads(
         stats.params, norm_type=stats.norm_type, device=stats.total_norm.device,
         names=stats.names,
     )
+    out.loss = stats.loss
+    return out
 
 
 def chain(*policies: Any) -> Chain:
