@@ -198,32 +198,37 @@ def train_rollback(
 class TaskHeads(torch.nn.Module):
     """A trunk and four task heads; a batch is one task's (the same on every rank)."""
 
-    def __init__(self) -> None:
+    def __init__(self, heads_first: bool = False) -> None:
         super().__init__()
+        if heads_first:  # registered first: the dead-layer test's order rule cannot help
+            self.heads = torch.nn.ModuleList(torch.nn.Linear(32, 1) for _ in range(4))
         self.trunk = torch.nn.Sequential(torch.nn.Linear(D_IN, 32), torch.nn.ReLU())
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(32, 1) for _ in range(4))
+        if not heads_first:
+            self.heads = torch.nn.ModuleList(torch.nn.Linear(32, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return self.heads[task](self.trunk(x))
 
 
-def train_heads(rank: int, world: int, steps: int = HEADS_STEPS) -> dict[str, Any]:
+def train_heads(rank: int, world: int, steps: int = HEADS_STEPS, heads_first: bool = False
+                ) -> dict[str, Any]:
     """Four task heads on a trunk under DDP (``find_unused_parameters=True``). Under
     torch.distributed the guard does not read which parameters a step's graph reached (each
     rank's graph is its own), so the heads a batch did not use counted as zero and looked
     dead to the dead-layer test; the run was rolled back three times and raised
-    TrainingDiverged at step 109."""
+    TrainingDiverged at step 109. ``heads_first``: the model registers its heads before its
+    trunk."""
     from torch.nn.parallel import DistributedDataParallel
 
     torch.manual_seed(0)
-    model = DistributedDataParallel(TaskHeads(), find_unused_parameters=True)
+    model = DistributedDataParallel(TaskHeads(heads_first), find_unused_parameters=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
     g = torch.Generator().manual_seed(1 + rank)
     error = None
     try:
         for step in range(steps):
-            task = step % 4 if step % 7 else 0
+            task = step % 4 if step % 7 or heads_first else 0
             x = torch.randn(GLOBAL_BS // world, D_IN, generator=g)
             loss = torch.nn.functional.mse_loss(model(x, task), x[:, :1] * (task + 1))
             opt.zero_grad()
@@ -257,6 +262,7 @@ def worker_main(scenario: str) -> Any:
             res["undo"] = train_rollback(fresh, rank, WORLD, DistributedDataParallel(fresh),
                                          nan_steps=UNDO_NAN_STEPS)
             res["heads"] = train_heads(rank, WORLD)
+            res["heads_first"] = train_heads(rank, WORLD, heads_first=True)
             return res
         from torch.distributed.fsdp import fully_shard
 
@@ -517,6 +523,19 @@ def test_task_heads_that_take_turns_under_ddp_are_not_a_network_that_died(runs):
     for res in ranks:
         assert res["heads"]["error"] is None
         assert res["heads"]["events"] == []
+
+
+def test_task_heads_registered_before_their_trunk_under_ddp_are_not_dead(runs):
+    """Heads registered before the trunk: the dead-layer test's order rule (dead layers
+    come first) cannot tell them from a dead network. Under DDP a parameter keeps no
+    gradient after the backward only when no rank's graph reached it (DDP fills the others
+    in); the guard's flush now keeps, per step, the parameters without one on every rank,
+    as in one process: a head a step did not use counts neither way. It was rolled back
+    and stopped with TrainingDiverged."""
+    ranks, _, _ = runs("ddp")
+    for res in ranks:
+        assert res["heads_first"]["error"] is None
+        assert res["heads_first"]["events"] == []
 
 
 def test_merge_events_keeps_rank_only_events():

@@ -103,8 +103,8 @@ def test_window_says_which_parameters_had_a_gradient_tensor_and_a_checkpoint_kee
 def test_window_says_per_step_which_parameters_had_no_gradient_tensor():
     """Per step, the parameters a step's graph did not reach (``grad_absent``, host-side),
     and per step the layers none of whose parameters did (``layers_absent``); a
-    checkpoint taken mid-window keeps them; a Telemetry under torch.distributed
-    (``graph_order=False``) keeps none, its ranks' graphs being their own."""
+    checkpoint taken mid-window keeps them; so does a Telemetry under torch.distributed
+    (``graph_order=False``), whose guard's flush makes them those absent on every rank."""
     net = mlp(depth=3)  # layers 0, 2, 4: weight and bias each
     tel = gg.Telemetry(list(net.named_parameters()), every=4)
     for k in range(3):
@@ -122,9 +122,20 @@ def test_window_says_per_step_which_parameters_had_no_gradient_tensor():
         assert w.grad_absent == [None, frozenset({0, 1}), frozenset({2})]
         assert w.layers_absent() == [frozenset(), frozenset({0}), frozenset()]
     local = gg.Telemetry(list(net.named_parameters()), every=4, graph_order=False)
-    net[0].weight.grad = None
+    net[0].weight.grad = net[0].bias.grad = None
     local.record(local.measure(), loss=1.0, clip_coef=None, skipped=None)
-    assert local.flush().layers_absent() is None
+    assert local.flush().layers_absent() == [frozenset({0})]
+
+
+def test_ranks_agree_on_the_parameters_no_rank_had_a_gradient_for():
+    """Per step, the parameters absent on every rank (a rank that does not know, None for
+    a step with all present, or a list of another length: none)."""
+    from gradguard.distributed.agree import _absent_everywhere
+    f = frozenset
+    ranks = [[[0, 1], None, [2]], [[1], [3], [2, 4]]]
+    assert _absent_everywhere(ranks, 3) == [f({1}), None, f({2})]
+    assert _absent_everywhere([[[1]], None], 1) == [None]
+    assert _absent_everywhere([[[1]], [[1], [2]]], 1) == [None]
 
 
 def test_one_device_to_host_copy_per_flush_and_none_per_step(sync_counter):

@@ -90,13 +90,16 @@ class Monitor:
         self.events.append(event)
         self.pending.append(event)
 
-    def agree(self, rows: Tensor) -> list[list[int]] | None:
+    def agree(self, rows: Tensor, absent: list[frozenset[int] | None] | None = None
+              ) -> list[list[int]] | None:
         """Under torch.distributed, make the pending window identical on every rank and
-        merge the ranks' events; returns the origin ranks of each step (None alone)."""
+        merge the ranks' events; returns the origin ranks of each step (None alone).
+        ``absent``: the telemetry's pending per-step parameters without a gradient, made
+        those without one on every rank (in place)."""
         if self.dist is None:
             return None
         local = self.pending
-        origins, merged = distributed.agree_window_(rows, local, self.dist)
+        origins, merged = distributed.agree_window_(rows, local, self.dist, absent)
         # every rank keeps the same history: its own pending events become the merged ones
         del self.events[len(self.events) - len(local):]
         self.events.extend(merged)
@@ -110,7 +113,10 @@ class Monitor:
         """Take the pending window off the device (agreed across ranks unless
         ``collective`` is False: a failing rank never enters a collective) and run the
         detectors over it. Returns the window and its routine loss-scale overflows."""
-        origins = self.agree(telemetry.pending_rows()) if collective else None
+        absent = telemetry.pending_absent()
+        origins = self.agree(telemetry.pending_rows(), absent) if collective else None
+        if self.dist is not None and not collective and absent is not None:
+            absent[:] = [None] * len(absent)  # this rank's own: not for verdicts
         window = telemetry.flush()
         if window is None:
             return None, {}

@@ -118,11 +118,12 @@ class Telemetry:
         self._present: set[int] | None = None  # params with a gradient tensor at the window's
         # first step (host-side, sampled once per window)
         #: per pending row, the params without a gradient tensor at that step (None: all
-        #: had one, or unknown); host-side. Not kept under torch.distributed (``graph_order``
-        #: False): which parameters a rank's graph reached is its own, and the verdicts read
-        #: from it must be alike on every rank
+        #: had one, or unknown); host-side. Under torch.distributed which parameters a
+        #: rank's graph reached is its own: the guard's flush makes them those without a
+        #: gradient on every rank (:meth:`pending_absent`). Not kept across pipeline stages,
+        #: whose parameters differ
         self._absent: list[frozenset[int] | None] = []
-        self._track_absent = graph_order
+        self._track_absent = pipeline_group is None
         #: params that have had a gradient tensor at some step measured (host-side; None
         #: before the first), and the last step at which one had its first (:meth:`grew`)
         self._trained: set[int] | None = None
@@ -238,6 +239,12 @@ class Telemetry:
             return None
         present = {i for grp in stats.groups for i in grp.index}
         return frozenset(i for i in range(len(self.params)) if i not in present)
+
+    def pending_absent(self) -> list[frozenset[int] | None] | None:
+        """The live list of the pending steps' parameters without a gradient tensor (see
+        ``Window.grad_absent``; the guard's flush agrees on it across ranks), None where
+        they are not kept."""
+        return self._absent if self._track_absent else None
 
     def pending_rows(self) -> Tensor:
         """The rows written since the last flush: a live ``[pending, 8 + n_params]`` view of

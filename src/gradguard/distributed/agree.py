@@ -88,7 +88,8 @@ def nonfinite_ranks(
 
 
 def agree_window_(
-    rows: Tensor, local_events: Sequence[Event], ctx: DistContext
+    rows: Tensor, local_events: Sequence[Event], ctx: DistContext,
+    absent: list[frozenset[int] | None] | None = None,
 ) -> tuple[list[list[int]], list[Event]]:
     """Make a flush window identical on every rank (called by the Guard at flush).
 
@@ -103,17 +104,25 @@ def agree_window_(
             the first 6 columns only under pipeline stages).
         local_events: events this rank added since the last flush.
         ctx: the run's :class:`DistContext`.
+        absent: per pending step, the parameters (by index) without a gradient tensor on
+            this rank (None: all had one); replaced in place, per step, by those without
+            one on every rank (under DDP a parameter keeps none only when no rank's graph
+            reached it; a rank that did not gather it makes no difference elsewhere).
 
     Returns:
         ``(origin ranks per step, merged events)``; see :func:`nonfinite_ranks` and
         :func:`merge_events`.
     """
-    mine: tuple[list[list[float]], list[Event]] = ([], list(local_events))
+    own: list[list[int] | None] | None = (
+        None if absent is None else [None if a is None else sorted(a) for a in absent])
+    mine: tuple[list[list[float]], list[Event], Any] = ([], list(local_events), own)
     if rows.shape[0]:
-        mine = (rows[:, (0, 4, 5)].T.cpu().tolist(), mine[1])  # off the hot path: per flush
+        mine = (rows[:, (0, 4, 5)].T.cpu().tolist(), mine[1], own)  # off the hot path: per flush
     gathered: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, mine, group=ctx.group)
     events = merge_events([g[1] for g in gathered])
+    if absent is not None:
+        absent[:] = _absent_everywhere([g[2] for g in gathered], len(absent))
     if not rows.shape[0]:
         return [], events
     loss, local_ok, given = (torch.tensor([g[0][c] for g in gathered]) for c in range(3))
@@ -128,6 +137,18 @@ def agree_window_(
     # a rank without a loss is no origin of a non-finite one
     own_loss = torch.where(gave, loss, 0.0).tolist()
     return nonfinite_ranks(own_loss, local_ok.tolist()), events
+
+
+def _absent_everywhere(ranks: Sequence[Any], n: int) -> list[frozenset[int] | None]:
+    """Per step, the parameters without a gradient tensor on every rank (None: none such,
+    or a rank that does not know)."""
+    out: list[frozenset[int] | None] = []
+    for i in range(n):
+        sets = [frozenset(r[i]) for r in ranks
+                if isinstance(r, list) and len(r) == n and r[i] is not None]
+        common = frozenset.intersection(*sets) if sets and len(sets) == len(ranks) else None
+        out.append(common or None)
+    return out
 
 
 def name_ranks(ev: Event, steps: Sequence[int], origins: Sequence[Sequence[int]], world: int) -> None:
