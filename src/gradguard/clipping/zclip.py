@@ -48,20 +48,12 @@ ZCLIP_LOSS_EMA = 0.1
 _F32 = struct.Struct("f")
 
 
-def _rise_state(device: torch.device) -> dict[str, Tensor]:
-    """The state of the "gradual" test (see :class:`ZClip`): the previous finite step's
-    norm (or log) ``prev``, whether the z-test (or the warm-up cap) ``fired`` on it, whether
-    it continued a gradual rise (``chain``), and the loss's EMA (``loss``; ``seen``: one
-    finite loss in it)."""
-    return {
-        # finite: a snapshot with a NaN/Inf in it is refused (the first step's test is
-        # moot: it is in warm-up, where nothing is flagged)
-        "prev": torch.zeros((), device=device),
-        "fired": torch.zeros((), dtype=torch.bool, device=device),
-        "chain": torch.zeros((), dtype=torch.bool, device=device),
-        "loss": torch.zeros((), device=device),
-        "seen": torch.zeros((), dtype=torch.bool, device=device),
-    }
+#: The "gradual" rule's state (see :class:`ZClip`), one float32 tensor ``state["rise"]``
+#: (one read and one write a step): the previous finite step's norm (or its log); 1 when
+#: a rise may continue from it (it continued one, or the z-test did not flag it); the
+#: loss's EMA; 1 once a finite loss is in it. All finite: a recovery refuses a snapshot
+#: with a NaN/Inf in it (the first step's test is moot: it is in warm-up).
+RISE_PREV, RISE_OPEN, RISE_LOSS, RISE_SEEN = range(4)
 
 
 def _f32(x: float) -> float:
@@ -226,8 +218,8 @@ class ZClip(Policy):
                 "count": torch.zeros((), dtype=torch.long, device=device),
                 "buffer": torch.zeros(self.warmup_steps, device=device),
             }
-        for k, v in _rise_state(device).items():
-            self._state.setdefault(k, v)  # a checkpoint from before ``gradual`` lacks them
+        if "rise" not in self._state:  # a checkpoint from before ``gradual`` lacks it
+            self._state["rise"] = torch.zeros(4, dtype=torch.float32, device=device)
         return self._state
 
     def reset(self) -> None:
@@ -269,7 +261,7 @@ class ZClip(Policy):
         fired = active & (z > self.z_thresh)
         clip = fired & (thr < x)
         if self.gradual is not None:
-            relax, chain = self._rise(s, x, fin, stats.loss)
+            relax, chain, ema, lfin = self._rise(s["rise"], x, fin, stats.loss)
             clip = clip & ~relax
         # == norm_coef(g, fin, thr if clip else inf): clip implies a finite g above thr
         coef = torch.where(clip, (thr.exp() if log else thr) / (g + NORM_EPS), 1.0)
@@ -299,43 +291,30 @@ class ZClip(Policy):
         var.copy_(torch.where(active, new_var, torch.where(done, buf.var(unbiased=False), var)))
         count.copy_(new_count)
         if self.gradual is not None:  # this step, for the next one's "gradual" test
-            s["prev"].copy_(torch.where(fin, x, s["prev"]))
-            s["fired"].copy_(torch.where(fin, fired, s["fired"]))
-            s["chain"].copy_(torch.where(fin, chain, s["chain"]))
+            r = s["rise"]
+            # (stack promotes the flags to float: 1 where written)
+            new = torch.stack([x, chain | ~fired, ema, lfin])
+            r.copy_(torch.where(torch.stack([fin, fin, lfin, lfin]), new, r))
         return coef
 
-    def _rise(self, s: dict[str, Tensor], x: Tensor, fin: Tensor,
-              loss: Tensor | float | None) -> tuple[Tensor, Tensor]:
-        """(this step is not clipped, this step continues a gradual rise), device
-        tensors; advances the loss's EMA. See the class docstring ("gradual")."""
+    def _rise(self, r: Tensor, x: Tensor, fin: Tensor, loss: Tensor | float | None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The "gradual" rule on the device (see the class docstring), from its state ``r``
+        (``state["rise"]``): (this step is not clipped, it continues a rise, the loss's new
+        EMA, the loss is finite)."""
         assert self.gradual is not None
-        prev = s["prev"]
+        prev, open_, ema, seen = r.unbind()
         smooth = (x - prev <= math.log(self.gradual) if self.space == "log"
                   else x <= prev * self.gradual)
-        chain = fin & smooth & (s["chain"] | ~s["fired"])
+        chain = fin & smooth & (open_ > 0.5)
         if loss is None:
-            return torch.zeros_like(chain), chain
-        ema, seen = s["loss"], s["seen"]
-        lt = torch.as_tensor(loss).detach().to(device=x.device, dtype=ema.dtype).reshape(())
+            no = torch.zeros_like(chain)
+            return no, chain, ema, no
+        lt = torch.as_tensor(loss).detach().to(device=x.device, dtype=r.dtype).reshape(())
         lfin = lt.isfinite()
-        falling = seen & lfin & (lt < ema)
-        ema.copy_(torch.where(lfin, torch.where(seen, torch.lerp(ema, lt, ZCLIP_LOSS_EMA), lt),
-                              ema))
-        seen.copy_(seen | lfin)
-        return chain & falling, chain
-
-    def _host_falling(self, s: dict[str, Tensor], loss: Tensor | float | None) -> bool:
-        """:meth:`_rise`'s loss test in Python numbers (the loss a CPU scalar); advances
-        the loss's EMA."""
-        if self.gradual is None or loss is None:
-            return False
-        lt = _f32(float(loss))
-        if not math.isfinite(lt):
-            return False
-        seen, ema = bool(s["seen"]), s["loss"].item()
-        s["loss"].fill_(_f32(ema + _f32(ZCLIP_LOSS_EMA) * _f32(lt - ema)) if seen else lt)
-        s["seen"].fill_(True)
-        return seen and lt < ema
+        seen_ = seen > 0.5
+        falling = seen_ & lfin & (lt < ema)
+        return chain & falling, chain, torch.where(seen_, torch.lerp(ema, lt, ZCLIP_LOSS_EMA), lt), lfin
 
     def observe(self, window: Any) -> Event | None:
         """At a guard's flush: re-anchor the statistics on a norm that settled at a new
@@ -387,19 +366,29 @@ class ZClip(Policy):
         ``measure.READ_CPU_COEFFICIENT``). ``log``/``exp``/``sqrt`` are torch's, whose
         float32 results are not always the correctly rounded ones."""
         g, fin, count = g_t.item(), bool(fin_t), int(s["count"])
-        falling = self._host_falling(s, loss)
+        rise = s["rise"].tolist() if self.gradual is not None else None
+        falling = False
+        if rise is not None and loss is not None:  # the loss's EMA (``_rise``)
+            lt = _f32(float(loss))
+            if math.isfinite(lt):
+                ema, seen = rise[RISE_LOSS], rise[RISE_SEEN] > 0.5
+                falling = seen and lt < ema
+                rise[RISE_LOSS] = _f32(ema + _f32(ZCLIP_LOSS_EMA) * _f32(lt - ema)) if seen else lt
+                rise[RISE_SEEN] = 1.0
         eps = _f32(NORM_EPS)
         coef = 1.0
         log = self.space == "log"
         if not fin or (log and not g > _f32(ZCLIP_LOG_FLOOR)):
+            if rise is not None:
+                s["rise"].copy_(torch.tensor(rise))  # the loss's EMA alone
             return torch.tensor(coef, dtype=torch.float32)  # never enters the statistics
         x = g_t.log().item() if log else g
         chain = relax = fired = False
-        if self.gradual is not None:
-            prev = s["prev"].item()
+        if rise is not None and self.gradual is not None:
+            prev = rise[RISE_PREV]
             smooth = (_f32(x - prev) <= _f32(math.log(self.gradual)) if log
                       else x <= _f32(prev * _f32(self.gradual)))
-            chain = smooth and (bool(s["chain"]) or not bool(s["fired"]))
+            chain = smooth and rise[RISE_OPEN] > 0.5
             relax = chain and falling
 
         def norm_of(v: float) -> float:  # a threshold on x, as a norm
@@ -442,10 +431,9 @@ class ZClip(Policy):
             d = _f32(x_c - new_mean)
             s["mean"].fill_(new_mean)
             s["var"].fill_(_f32(var + w * _f32(_f32(d * d) - var)))
-        if self.gradual is not None:
-            s["prev"].fill_(x)
-            s["fired"].fill_(fired)
-            s["chain"].fill_(chain)
+        if rise is not None:
+            rise[RISE_PREV], rise[RISE_OPEN] = x, float(chain or not fired)
+            s["rise"].copy_(torch.tensor(rise))
         if self.max_norm is not None:  # norm_coef: max_norm / t is reciprocal(t) * max_norm
             coef = min(coef, _f32(_f32(1.0 / _f32(g + eps)) * _f32(self.max_norm)))
         return torch.tensor(coef, dtype=torch.float32)
