@@ -466,14 +466,19 @@ def test_zclip_leaves_a_gradual_rise_alone_while_the_loss_falls_as_its_rule_says
 
 @pytest.mark.parametrize("space", ["linear", "log"])
 def test_zclip_without_a_loss_is_the_papers_rule(space, zclip_path):
-    """``clip_`` alone (no loss) and ``gradual=None`` with a loss clip as the paper does."""
+    """``clip_`` alone (no loss), ``gradual=None`` with a loss, and steps while a recovery
+    holds the LR down (``StepStats.calm`` False) clip as the paper does."""
     norms, losses = rise_sequence()
     a, b, c = (gg.ZClip(space=space), gg.ZClip(space=space), gg.ZClip(space=space, gradual=None))
+    d = gg.ZClip(space=space)
     differ = 0
     for g, loss in zip(norms, losses):
         ca = a.coefficient(stats_with_loss(g, None)).item()
         cb = b.coefficient(stats_with_loss(g, loss)).item()  # with its loss: the rule acts
         assert ca == c.coefficient(stats_with_loss(g, loss)).item()
+        held = stats_with_loss(g, loss)
+        held.calm = False
+        assert ca == d.coefficient(held).item()
         differ += ca != cb
     assert differ >= 10
     assert torch.equal(a.mean, c.mean) and not torch.equal(a.mean, b.mean)
@@ -494,6 +499,7 @@ def test_zclip_gradual_rule_host_and_device_forms_agree(kw, space, monkeypatch):
             if loss is not None and i % 3:
                 stats.loss = (float(loss) if i % 3 == 1 else
                               torch.tensor(loss, dtype=torch.float64 if i % 2 else torch.bfloat16))
+            stats.calm = i % 17 != 5
             coefs.append(policy.coefficient(stats).item())
             states.append({k: v.clone() for k, v in policy.state_dict()["state"].items()})
         runs[host] = coefs, states

@@ -248,6 +248,8 @@ class Guard:
             stats = self.telemetry.measure(scale=executor.norm_scale)
             if self.dist is None:  # ranks' losses differ: a clip must be decided alike
                 stats.loss = loss
+            # a back-off or a rollback's lowered LR: the clip is holding trouble back
+            stats.calm = self.recovery is None or self.recovery.lr_factor >= 1.0
             if (new := self.telemetry.grew(stats, self.step_count)) and self.dist is None:
                 lifecycle.renorm(self, new, self.step_count)  # before this step's clip
             units = self.telemetry.sample_units(self.step_count)  # every SAMPLE steps

@@ -61,6 +61,8 @@ class StepStats:
         names: the parameters' names (module paths), parallel to ``params``.
         loss: this step's loss, where the caller has one (a guard outside torch.distributed
             sets it; :class:`gradguard.ZClip` reads it); None otherwise.
+        calm: False while a recovery holds the LR below the user's (a guard sets it):
+            :class:`gradguard.ZClip` then lets no rise through its clip.
     """
 
     param_norms: Tensor
@@ -72,6 +74,7 @@ class StepStats:
     local_finite: Tensor | None = None
     names: Sequence[str] = field(default_factory=list)
     loss: Tensor | float | None = None
+    calm: bool = True
 
 
 def group_grads(params: Sequence[Tensor]) -> list[GradGroup]:

@@ -106,7 +106,7 @@ def _remeasured(stats: StepStats) -> StepStats:
         stats.params, norm_type=stats.norm_type, device=stats.total_norm.device,
         names=stats.names,
     )
-    out.loss = stats.loss
+    out.loss, out.calm = stats.loss, stats.calm
     return out
 
 

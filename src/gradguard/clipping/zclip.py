@@ -115,7 +115,10 @@ class ZClip(Policy):
     its EMA (weight ``ZCLIP_LOSS_EMA`` on the newest). The statistics then learn from it
     unclipped. A spike jumps many times at once and breaks the run (it and the steps after
     it at its level are clipped as before); a norm that grows while the loss rises is
-    clipped as before. Without it a VGG-11-BN on SGD momentum, whose norm rises 3.4x over
+    clipped as before, and so is every step while a recovery holds the LR below the user's
+    (``StepStats.calm`` False: the clip is then holding trouble back; a 10-layer tanh MLP
+    at 100x its LR, rolled back to its fresh weights, had its norm rise as the LR was
+    restored, and the rise let through ended it at 3.0x its twin instead of 2.0x). Without it a VGG-11-BN on SGD momentum, whose norm rises 3.4x over
     30 steps as its loss falls fastest, was clipped by about half on 44 of 50 steps and
     ended 1.14x its unguarded loss.
 
@@ -239,7 +242,7 @@ class ZClip(Policy):
         fin = stats.finite
         s = self._ensure(g.device)
         if host_scalars(g, fin):
-            return self._host_coefficient(g, fin, s, stats.loss)
+            return self._host_coefficient(g, fin, s, stats.loss, stats.calm)
         # the statistics' variable: the norm, or its log (then thresholds go back by exp)
         log = self.space == "log"
         x = g
@@ -262,7 +265,8 @@ class ZClip(Policy):
         clip = fired & (thr < x)
         if self.gradual is not None:
             relax, chain, ema, lfin = self._rise(s["rise"], x, fin, stats.loss)
-            clip = clip & ~relax
+            if stats.calm:  # not while a recovery holds the LR down
+                clip = clip & ~relax
         # == norm_coef(g, fin, thr if clip else inf): clip implies a finite g above thr
         coef = torch.where(clip, (thr.exp() if log else thr) / (g + NORM_EPS), 1.0)
         if self.warmup_cap is not None:
@@ -358,7 +362,7 @@ class ZClip(Policy):
                   "previous_level": old})
 
     def _host_coefficient(self, g_t: Tensor, fin_t: Tensor, s: dict[str, Tensor],
-                          loss: Tensor | float | None = None) -> Tensor:
+                          loss: Tensor | float | None = None, calm: bool = True) -> Tensor:
         """:meth:`coefficient` for CPU scalars, in Python numbers: the same rule, the same
         state read and written in place, and the same float32 results bit for bit (each
         step rounded as the tensor op rounds it; ``tests/test_clipping.py``), instead of
@@ -389,7 +393,7 @@ class ZClip(Policy):
             smooth = (_f32(x - prev) <= _f32(math.log(self.gradual)) if log
                       else x <= _f32(prev * _f32(self.gradual)))
             chain = smooth and rise[RISE_OPEN] > 0.5
-            relax = chain and falling
+            relax = chain and falling and calm
 
         def norm_of(v: float) -> float:  # a threshold on x, as a norm
             return torch.tensor(v, dtype=torch.float32).exp().item() if log else v
