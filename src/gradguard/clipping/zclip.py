@@ -34,6 +34,17 @@ __all__ = ["ZCLIP_ALPHA", "ZCLIP_EPS", "ZCLIP_GRADUAL", "ZCLIP_LOG_FLOOR", "ZCLI
            "ZCLIP_WARMUP", "ZCLIP_WARMUP_ANCHOR", "ZCLIP_WARMUP_CAP", "ZCLIP_Z_THRESH", "ZClip"]
 
 
+def _loss_on(loss: Tensor | float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The step's loss as a scalar on ``device``, with no host sync: a number, or a CPU
+    tensor read in host memory, is written there by a fill (not a copy from pageable host
+    memory); a tensor on another device is copied device to device."""
+    if isinstance(loss, Tensor) and loss.device.type != "cpu":
+        return loss.detach().to(device=device, dtype=dtype).reshape(())
+    if isinstance(loss, Tensor) and loss.device == device:
+        return loss.detach().to(dtype=dtype).reshape(())
+    return torch.full((), float(loss), dtype=dtype, device=device)
+
+
 class ZClip(Policy):
     """ZClip: z-score based adaptive clipping with EMA statistics of the gradient norm.
 
@@ -284,7 +295,7 @@ class ZClip(Policy):
         if loss is None:
             no = torch.zeros_like(chain)
             return no, chain, ema, no
-        lt = torch.as_tensor(loss).detach().to(device=x.device, dtype=r.dtype).reshape(())
+        lt = _loss_on(loss, x.device, r.dtype)
         lfin = lt.isfinite()
         seen_ = seen > 0.5
         falling = seen_ & lfin & (lt < ema)
