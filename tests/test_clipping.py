@@ -218,7 +218,8 @@ class RefZClip:
     def _step(self, g: float, falling: bool = False) -> float:
         chain = False
         if self.gradual is not None:  # within `gradual` of the previous step, from a calm one
-            rise = g - self.prev <= math.log(self.gradual) if self.log else g <= self.prev * self.gradual
+            rise = (g - self.prev <= math.log(self.gradual) if self.log
+                    else g <= self.prev * self.gradual)
             chain = rise and (self.chain or not self.fired)
             self.prev, self.chain, self.fired = g, chain, False
         if len(self.buf) < self.warmup:

@@ -99,9 +99,10 @@ class ZClip(Policy):
     clipped as before, and so is every step while a recovery holds the LR below the user's
     (``StepStats.calm`` False: the clip is then holding trouble back; a 10-layer tanh MLP
     at 100x its LR, rolled back to its fresh weights, had its norm rise as the LR was
-    restored, and the rise let through ended it at 3.0x its twin instead of 2.0x). Without it a VGG-11-BN on SGD momentum, whose norm rises 3.4x over
-    30 steps as its loss falls fastest, was clipped by about half on 44 of 50 steps and
-    ended 1.14x its unguarded loss.
+    restored, and the rise let through ended it at 3.0x its twin instead of 2.0x).
+    Without the rule a VGG-11-BN on SGD momentum, whose norm rises 3.4x over 30 steps as
+    its loss falls fastest, was clipped by about half on 44 of 50 steps and ended 1.14x
+    its unguarded loss.
 
     Args:
         alpha: EMA factor in (0, 1); paper default 0.97.
@@ -299,7 +300,8 @@ class ZClip(Policy):
         lfin = lt.isfinite()
         seen_ = seen > 0.5
         falling = seen_ & lfin & (lt < ema)
-        return chain & falling, chain, torch.where(seen_, torch.lerp(ema, lt, ZCLIP_LOSS_EMA), lt), lfin
+        new_ema = torch.where(seen_, torch.lerp(ema, lt, ZCLIP_LOSS_EMA), lt)
+        return chain & falling, chain, new_ema, lfin
 
     def observe(self, window: Any) -> Event | None:
         """At a guard's flush: re-anchor the statistics on a norm that settled at a new
