@@ -38,8 +38,9 @@ class Window:
             dead units has a zero one; None when unknown.
         grad_absent: per step, the parameters (positions) with no gradient tensor at that
             step (a branch its graph did not reach: a task head, an expert), None where
-            every one had one; host-side, no device read. None when unknown (under
-            torch.distributed, where which parameters a rank's graph reached is its own).
+            every one had one; host-side, no device read. Under torch.distributed, those
+            without one on every rank (agreed at the flush); None when unknown (across
+            pipeline stages, whose parameters differ).
         dying, dying_at: ``[n]``: on the steps the unit watch sampled, the largest share of
             a weight's output units that died within the last hundred steps, and that
             weight's parameter position (:mod:`gradguard.units`); NaN on other steps; None

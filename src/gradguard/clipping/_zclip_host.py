@@ -69,7 +69,8 @@ def host_coefficient(policy: ZClip, g_t: Tensor, fin_t: Tensor, s: dict[str, Ten
     ``measure.READ_CPU_COEFFICIENT``). ``log``/``exp``/``sqrt`` are torch's, whose
     float32 results are not always the correctly rounded ones."""
     g, fin, count = g_t.item(), bool(fin_t), int(s["count"])
-    rise = s["rise"].tolist() if policy.gradual is not None else None
+    gradual = policy.gradual
+    rise = s["rise"].tolist() if gradual is not None else None
     falling = False
     if rise is not None and loss is not None:  # the loss's EMA (``_rise``)
         lt = _f32(float(loss))
@@ -87,10 +88,10 @@ def host_coefficient(policy: ZClip, g_t: Tensor, fin_t: Tensor, s: dict[str, Ten
         return torch.tensor(coef, dtype=torch.float32)  # never enters the statistics
     x = g_t.log().item() if log else g
     chain = relax = fired = False
-    if rise is not None and policy.gradual is not None:
+    if rise is not None and gradual is not None:  # (one test: the second is for mypy)
         prev = rise[RISE_PREV]
-        smooth = (_f32(x - prev) <= _f32(math.log(policy.gradual)) if log
-                  else x <= _f32(prev * _f32(policy.gradual)))
+        smooth = (_f32(x - prev) <= _f32(math.log(gradual)) if log
+                  else x <= _f32(prev * _f32(gradual)))
         chain = smooth and rise[RISE_OPEN] > 0.5
         relax = chain and falling and calm
 
