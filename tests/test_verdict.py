@@ -628,6 +628,59 @@ def test_restored_weights_are_judged_against_the_norms_they_had(monkeypatch):
     assert all("spiking" not in e.message for e in back)
 
 
+def test_a_step_voided_by_a_restore_in_its_hook_teaches_the_statistics_nothing():
+    """Under a trainer's hook (``gradguard run``, Lightning, the HF callback) the flush runs
+    at the start of the next step's hook, after its backward: when it restores weights, that
+    step's gradients are the replaced weights' and its update is voided. They used to feed
+    the statistics just restored with the weights: a fitted model's norm (1e-4) became the
+    first value of the fresh model's spike history, and every fresh step after it (norm ~1,
+    x1e4) was skipped as a spike until the run stopped (TrainingDiverged, "101 steps in a
+    row spiking"). The voided step leaves the clip policy's and the verdict's statistics as
+    the restore left them."""
+    from gradguard.integrations._hooked import hooked_guard
+    from gradguard.recovery import actions
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = gg.Recovery()
+    guard = hooked_guard(model, opt, gg.GuardConfig(every=10, recovery=rec, clip=gg.ZClip()))
+    real = rec.on_flush
+    restored: dict[str, object] = {}
+
+    def on_flush(guard_, window, *a, **k):  # type: ignore[no-untyped-def]
+        real(guard_, window, *a, **k)
+        if window.steps[-1] == 99:  # the fitted model goes back to its fresh weights
+            snap = rec.ring.load(len(rec.store) - 1)
+            assert snap is not None and snap["step"] == -1
+            actions.restore(guard, snap)
+            rec.restores += 1
+            restored.update(verdict=copy_state(rec._verdict.state_dict()),
+                            clip=copy_state(guard.clip.state_dict()))
+
+    rec.on_flush = on_flush  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(0)
+    for step in range(130):
+        x = torch.randn(16, 4, generator=g)
+        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        guard.step(loss.detach())  # what the hook reads: the loss, then the trainer's step
+        opt.step()
+        opt.zero_grad()
+        if step == 100:  # the voided step is over: the statistics are the restored ones
+            now = rec._verdict.state_dict()
+            assert torch.equal(now["count"], restored["verdict"]["count"])  # type: ignore[index]
+            assert torch.equal(now["count"], torch.zeros(2, dtype=torch.long))
+            was, clip = restored["clip"]["state"], guard.clip.state_dict()["state"]  # type: ignore[index]
+            assert (clip is None) == (was is None)
+            assert was is None or all(torch.equal(v, was[k]) for k, v in clip.items())
+    guard.close()
+    voided = [e for e in guard.events if e.kind == "skip" and e.step == 100]
+    assert voided and voided[0].severity == "info"
+    assert not [e for e in guard.events if e.kind == "skip" and e.severity != "info"]
+    assert not [e for e in guard.events if e.kind in ("rollback", "lr_backoff", "abort")]
+
+
 def test_a_snapshot_restores_the_spike_verdicts_statistics():
     from gradguard.recovery import actions
 

@@ -240,6 +240,13 @@ class Guard:
             restores = getattr(self.recovery, "restores", 0)  # weights restored so far
             if self._flush_due():
                 self.flush()  # a hook-driven step: the previous (flush) step has now run
+            # rolled back (or forked by the LR probe) in this hook (the flush, a heard skip
+            # flag), after this step's backward: its gradients are the replaced weights',
+            # and its update is voided; the statistics restored with the weights (the clip
+            # policy's, the spike verdict's) must not learn from them
+            stale = lambda: isinstance(executor, Hook) and (  # noqa: E731
+                getattr(self.recovery, "restores", 0) != restores)
+            policy = None if stale() else self.clip
             if self._sampler is not None:
                 self._sampler.armed = False  # a sampled step that never ran
             # a fused optimizer takes a total-norm clip inside its update (grad_scale)
@@ -253,7 +260,7 @@ class Guard:
             if (new := self.telemetry.grew(stats, self.step_count)) and self.dist is None:
                 lifecycle.renorm(self, new, self.step_count)  # before this step's clip
             units = self.telemetry.sample_units(self.step_count)  # every SAMPLE steps
-            coef = policy_coefficient(self.clip, stats) if in_step else apply_policy(self.clip, stats)
+            coef = policy_coefficient(policy, stats) if in_step else apply_policy(policy, stats)
             self.monitor.lr_tracker.observe(self.step_count, self.optimizer.param_groups)
             plan = decide(
                 on_nonfinite=self.on_nonfinite, kind=self.kind,
@@ -267,15 +274,12 @@ class Guard:
                 self.recovery.before_step(self)  # this step's LR factor; the first snapshot
             code = (~stats.finite).to(torch.uint8)  # NONFINITE
             loss_ok = loss_finite(loss)  # an overflow with it may be a routine one
-            if self.recovery is not None and plan.on_bad != "step":
+            if self.recovery is not None and plan.on_bad != "step" and not stale():
                 code = code | self.recovery.verdict(stats, loss)  # spikes, skipped at the step
                 if executor.scaler is not None:  # not with a loss far off
                     loss_ok = self.recovery.loss_ok(loss_ok)
             out = executor.run(plan, code, loss_ok, closure, clip=coef if in_step else None)
-            if isinstance(executor, Hook) and getattr(self.recovery, "restores", 0) != restores:
-                # rolled back (or forked by the LR probe) in this hook (the flush, a heard
-                # skip flag), after this step's backward: its update would carry the
-                # replaced weights' gradients
+            if stale():
                 out = executor.void(out)
             self._running.settle(out.trouble)
             # taken, or skipped in its place: an LR scheduler stepped after guard.step() is in
