@@ -956,6 +956,27 @@ def test_a_flush_whose_weights_are_worse_than_the_snapshot_takes_no_snapshot(gua
     assert tail < 0.3 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_flush_whose_last_ten_losses_sit_at_twice_the_best_takes_no_snapshot():
+    """Found by benchmarks/rescue_beyond.py: a digits MLP with its inputs x100, SGD
+    momentum at 30x the LR that trains. Its loss fell to a ten-step median of 1.9 by step
+    49 and was at 7.3 over steps 50-59; the loss-rise test waits for a rise that lasts
+    two blocks of ten, so the flush of 59 took a snapshot at 3.7x the best. The units that
+    died by step 79 sent the rollback to those weights, and the run ended 3.4x the
+    held-out loss of the same MLP at the LR that trains. A snapshot is a healthy verdict:
+    none while the last ten losses sit at twice the best having given back part of what
+    the run learnt (``LossRise.noisy`` of their median). The rollback goes to the weights
+    before the first step, and the run ends within 2x of its twin."""
+    from benchmarks import rescue, rescue_beyond
+
+    task, recipe = rescue_beyond._cases()["digits_inputs_x100_sgd"]
+    guarded = rescue.train(task, recipe, 300, guarded=True)
+    twin = rescue.train(task, dataclasses.replace(recipe, lr=recipe.lr / 30), 300,
+                        guarded=False)
+    back = [e for e in guarded.events if e.kind == "rollback"]
+    assert [(e.step, e.data["snapshot_step"]) for e in back] == [(5, -1), (79, -1)]
+    assert guarded.params_finite and guarded.eval_loss < 2 * twin.eval_loss
+
+
 def test_a_relapse_while_the_lr_restores_is_caught_within_ten_steps():
     """A digits CNN on SGD momentum at 10x its LR dies; rolled back to the fresh model at
     step 49, it learns at the lowered LR and diverges again (from step 140) as the LR

@@ -235,8 +235,10 @@ def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -
         rec._feed(guard, Trigger("healthy", window.steps[-1]), list)
         return
     # nor is a loss at twice its best, having given back some of what the run learnt,
-    # healthy: the loss-rise test waits for half of it (see .rise), a snapshot must not
-    if rec._rise.noisy() is not None:
+    # healthy: the loss-rise test waits for half of it, and for a rise that lasts two
+    # blocks (see .rise); a snapshot must not, and the last ten losses alone say no
+    if rec._rise.noisy() is not None or (
+            recent and rec._rise.noisy(statistics.median(recent)) is not None):
         return
     snap = rec.ring.level(rec._rise.initial)
     if snap is None or len(recent) < PROGRESS_STEPS or (

@@ -335,11 +335,12 @@ class LossRise:
         chance = self.chance(positions, strict=strict)
         return chance is None or ratio > chance
 
-    def noisy(self) -> Rise | None:
+    def noisy(self, level: float | None = None) -> Rise | None:
         """A :class:`Rise` when the recent level is ``SEVERE`` (2) times the best or more and
         has given back ``STRICT_LOST`` of what the run learnt (the LR probe's cue: a loss
-        this far above its best without a spike; see :mod:`.probe`), else None."""
-        latest, best = self.latest, self.best
+        this far above its best without a spike; see :mod:`.probe`), else None. ``level``:
+        that of another stretch of losses than the last two blocks'."""
+        latest, best = self.latest if level is None else level, self.best
         if self.off or latest is None or best is None or best <= 0:
             return None
         ratio = latest / best
