@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import gradguard as gg
-from gradguard.recovery import _flush
+from gradguard.recovery import _probing
 from gradguard.report._data import load_run
 from gradguard.report._summary import summary_sentence
 
@@ -106,7 +106,7 @@ def test_a_ceiling_a_bad_shard_lowered_is_tried_again_and_lifted(tmp_path, monke
     sentence = summary_sentence(load_run(tmp_path / "run"))
     assert "Back at your lr 0.001 from step" in sentence, sentence
 
-    monkeypatch.setattr(_flush, "_retry", lambda rec, step: False)  # no retry
+    monkeypatch.setattr(_probing, "_retry", lambda rec, step: False)  # no retry
     stuck, held_stuck = digits_run(1, 800)
     assert stuck.recovery.lr_factor < 0.05 and not retries(stuck)
     assert held_stuck > 1.5 * held, (held_stuck, held)
@@ -156,12 +156,12 @@ def test_a_lift_that_held_a_whole_relapse_window_lets_a_new_trouble_retry_from_t
     # a lift that failed within the window was dropped at once (raised cleared): the same
     # episode goes on, the ceiling before it is not tried again
     rec.state = dataclasses.replace(lowered, raised=None, raised_from=None)
-    assert _flush._retry(rec, 3300) and rec._probe.retry_to == pytest.approx(0.015 ** 0.5)
+    assert _probing._retry(rec, 3300) and rec._probe.retry_to == pytest.approx(0.015 ** 0.5)
     rec._probe.cancel(3300)
     rec._probe.update([0.2] * MEASURE, [False] * MEASURE)
     rec._probe.retried = [1.0]
     rec.state = lowered  # the lift at 1259 held until the trouble at 2900
-    assert _flush._retry(rec, 3300) and rec._probe.retry_to == 1.0
+    assert _probing._retry(rec, 3300) and rec._probe.retry_to == 1.0
 
 
 def test_no_retry_once_the_loss_is_down_to_a_few_percent_of_the_fresh_models():

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..events import Event
 from ..executors import Hook
-from . import _checkpoint, _flush, _steps, actions
+from . import _checkpoint, _flush, _probing, _steps, actions
 from .dead import DeadLayers
 from .defaults import (
     BACKOFF,
@@ -357,7 +357,7 @@ class Recovery:
         probe = self._probe
         if trig.kind in RETRY_TROUBLE:
             if probe.retrying:
-                return _flush.retry_failed(self, guard, trig)
+                return _probing.retry_failed(self, guard, trig)
             gone = probe.discarded
             if gone is not None and gone[0] <= trig.step <= gone[1]:
                 return False

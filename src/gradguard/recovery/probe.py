@@ -73,7 +73,7 @@ ceiling back to the one that had held (:mod:`.ladder`).
 
 Decisions are taken at flushes (every ten steps while a probe runs) from host values the
 flush already has: no device read. The copy of the training state is taken and restored by
-the flush (:func:`gradguard.recovery._flush.probe_lr`).
+the flush (:func:`gradguard.recovery._probing.probe_lr`).
 """
 
 from __future__ import annotations
