@@ -279,7 +279,7 @@ class Guard:
                 if executor.scaler is not None:  # not with a loss far off
                     loss_ok = self.recovery.loss_ok(loss_ok)
             out = executor.run(plan, code, loss_ok, closure, clip=coef if in_step else None)
-            if stale():
+            if isinstance(executor, Hook) and stale():
                 out = executor.void(out)
             self._running.settle(out.trouble)
             # taken, or skipped in its place: an LR scheduler stepped after guard.step() is in
