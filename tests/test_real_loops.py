@@ -977,6 +977,26 @@ def test_a_flush_whose_last_ten_losses_sit_at_twice_the_best_takes_no_snapshot()
     assert guarded.params_finite and guarded.eval_loss < 2 * twin.eval_loss
 
 
+def test_a_rise_in_the_window_of_a_spike_that_rolled_back_is_no_second_trouble():
+    """Found on benchmarks/rescue_beyond.py's regression with its targets x1000, seed 2:
+    at the flush of step 119 a confirmed loss spike (since 113) rolled back, and the same
+    window's rise (its level lifted by that spike's own losses) was fed after it as the
+    next trouble of the same incident: past ``max_rollbacks`` it turned the loss tests
+    off for good ("the loss does not answer the weights"), the LR went back up, and the
+    run ended at the fresh model's level (9.9e5, 11x the same run without that). A trigger
+    judged on the window's loss level is dropped once a trigger before it in the same flush
+    restored other weights."""
+    from benchmarks import rescue, rescue_beyond
+
+    task, recipe = rescue_beyond._cases()["regression_targets_x1000_sgd"]
+    guarded = rescue.train(task, recipe, 300, guarded=True, seed=2)
+    kinds = [e.kind for e in guarded.events]
+    assert "loss_level_off" not in kinds and "abort" not in kinds
+    spike = next(e for e in guarded.events if e.kind == "rollback" and e.step == 113)
+    assert "confirmed loss spike" in spike.message
+    assert guarded.params_finite and guarded.eval_loss < 3e5
+
+
 def test_a_relapse_while_the_lr_restores_is_caught_within_ten_steps():
     """A digits CNN on SGD momentum at 10x its LR dies; rolled back to the fresh model at
     step 49, it learns at the lowered LR and diverges again (from step 140) as the LR

@@ -89,14 +89,19 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
         if before:
             triggers.append(Trigger("level", start, value=statistics.median(before)))
     risen, dead = False, list[str]()
+    judged: list[Trigger] = []  # the window's loss level judged: the weights it ran on
     if level:
         risen, trig, dead = _rise_trigger(rec, guard, window, losses, skips, judge, units)
-        if trig is not None:
-            triggers.append(trig)
+        judged += [trig] if trig is not None else []
     if rec._progress is not None:
-        triggers.append(Trigger("progress", window.steps[-1], value=rec._progress))
-    acted = False
-    for trig in sorted(triggers, key=lambda t: (t.kind != "level", t.step, t.kind == "progress")):
+        judged.append(Trigger("progress", window.steps[-1], value=rec._progress))
+    acted, restores = False, rec.restores
+    for trig in sorted(triggers + judged,
+                       key=lambda t: (t.kind != "level", t.step, t.kind == "progress")):
+        if rec.restores != restores and any(trig is t for t in judged):
+            # a trigger before it (a confirmed spike) restored other weights: the level
+            # of this window is the replaced weights', no evidence about those restored
+            continue
         acted = rec._feed(guard, trig, layers) or acted
     skipped = any(s and step not in overflows for step, s in zip(window.steps, skips))
     if rec.lr_probe and level:
