@@ -977,6 +977,26 @@ def test_a_flush_whose_last_ten_losses_sit_at_twice_the_best_takes_no_snapshot()
     assert guarded.params_finite and guarded.eval_loss < 2 * twin.eval_loss
 
 
+def test_a_network_that_died_at_a_loss_below_its_first_is_rolled_back():
+    """Found by running benchmarks/rescue_beyond.py's digits MLP with its inputs x100 on
+    more seeds: on seed 1 every layer but the head dies within ten steps, and the loss sits
+    at chance (2.31) for the rest of the run. The fresh model's loss was 50 nats and more,
+    so the loss is not "back at the fresh model's level", and the guard only warned
+    (``disconnected_layer``). Dead layers with a loss that has not fallen by 5% in the 50
+    steps since they were found are a network that died: rolled back to the weights before
+    the first step at a lower LR, it learns."""
+    from benchmarks import rescue, rescue_beyond
+
+    task, recipe = rescue_beyond._cases()["digits_inputs_x100_sgd"]
+    bare = rescue.train(task, recipe, 300, guarded=False, seed=1)
+    guarded = rescue.train(task, recipe, 300, guarded=True, seed=1)
+    assert bare.eval_loss > 2.2  # at chance
+    back = [e for e in guarded.events if e.kind == "rollback"]
+    assert (back[0].step, back[0].data["snapshot_step"]) == (99, -1)
+    assert "the network died" in back[0].message and "has not fallen" in back[0].message
+    assert guarded.params_finite and guarded.eval_loss < 0.5
+
+
 def test_a_rise_in_the_window_of_a_spike_that_rolled_back_is_no_second_trouble():
     """Found on benchmarks/rescue_beyond.py's regression with its targets x1000, seed 2:
     at the flush of step 119 a confirmed loss spike (since 113) rolled back, and the same

@@ -171,6 +171,29 @@ def test_dead_layers_are_the_first_ones_dead_units_leave_no_gradient_before_them
     assert got == ["conv1", "conv2"]
 
 
+def test_dead_layers_with_a_loss_that_does_not_fall_are_a_network_that_stalled():
+    """``DeadLayers.stalled``: the level when layers were first found dead is the mark; 50
+    steps later a loss that has not fallen by 5% of it says the network died; one that fell
+    is still learning; the mark goes when no layer is dead, and survives a checkpoint."""
+    from gradguard.recovery.dead import STALL_FALL, STALL_STEPS
+
+    dead = DeadLayers()
+    assert not dead.stalled(49, None) and dead.since is None
+    assert not dead.stalled(49, 2.30) and dead.since == (49, 2.30)
+    assert not dead.stalled(49 + STALL_STEPS - 1, 2.31)  # too soon
+    assert dead.stalled(49 + STALL_STEPS, 2.30 * (1 - STALL_FALL) + 1e-6)
+    assert not dead.stalled(49 + STALL_STEPS, 2.30 * (1 - STALL_FALL))  # fell by 5%: learning
+    again = DeadLayers()
+    again.load_state_dict(dead.state_dict())
+    assert again.since == (49, 2.30) and again.stalled(99, 2.29)
+    old = dead.state_dict()
+    del old["since"]  # a checkpoint from before the mark
+    again.load_state_dict(old)
+    assert again.since is None
+    rows = [[0.5, 0.2]] * 20  # every layer has a gradient: none dead, the mark goes
+    assert dead.update(["conv", "head"], rows, [False] * 20) == [] and dead.since is None
+
+
 def test_a_layer_whose_gradient_only_ever_underflowed_is_not_dead():
     """A signal that vanished on its way to a layer (1e-19 of the largest layer's gradient
     in the last block of a ``transformers`` EfficientNet that never learns) is exactly zero

@@ -23,6 +23,7 @@ from ._probing import probe_lr
 from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
 from .ladder_types import near
+from .rise import Rise
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -167,15 +168,24 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
         risen = rec._rise.risen(rec.config.stall_factor, strict=True)
         mild = risen is not None
     rec._rise.judged()
-    died = False
+    died = stalled = False
     if risen is None and dead:
         risen = rec._rise.returned()
+        if risen is None and rec._dead.stalled(window.steps[-1], rec._rise.latest):
+            assert rec._rise.latest is not None and rec._rise.best is not None
+            risen = Rise(rec._rise.latest, rec._rise.latest / rec._rise.best)
+            stalled = True
         died = risen is not None
     # a network that died is not waited for: no progress check calls it recovered
     if risen is None or (st.watching is not None and not died):
         return risen is not None, None, dead
     level, ratio = risen
-    if died:
+    if stalled:
+        at, then = rec._dead.since or (window.steps[-1], level)
+        why = (f"{listed(dead)} have had no gradient at all since step {at} at the latest, "
+               f"and the loss has not fallen since ({then:.4g} then, {level:.4g} now): the "
+               "network died")
+    elif died:
         why = (f"the loss is back at the fresh model's level ({level:.4g}; it started at "
                f"{rec._rise.fresh:.4g}, its best since was {rec._rise.best:.4g}), "
                f"and {listed(dead)} get no gradient at all: the network died")

@@ -13,6 +13,11 @@ from .rise import BLOCK
 
 #: Taken steps of the last ``2 * BLOCK`` on which a dead layer had no gradient at all.
 DEAD = 15
+#: Dead layers with a loss that has not fallen by ``STALL_FALL`` over this many steps since
+#: they were first found dead: the network died (:meth:`DeadLayers.stalled`).
+STALL_STEPS = 50
+#: ... the share of its level then that a network still learning gives up in that time.
+STALL_FALL = 0.05
 
 
 class DeadLayers:
@@ -40,6 +45,8 @@ class DeadLayers:
     def __init__(self) -> None:
         self.alive: set[str] = set()  # layers that have had a gradient
         self._zero: dict[str, deque[bool]] = {}  # layer -> its last 2 * BLOCK taken steps: zero?
+        #: the step and the loss level at which layers were first found dead, while they are
+        self.since: tuple[int, float] | None = None
 
     def update(self, layers: Sequence[str], norms: Sequence[Sequence[float]],
                skipped: Sequence[bool], absent: Sequence[frozenset[int]] | None = None,
@@ -70,13 +77,34 @@ class DeadLayers:
             if n not in dead:
                 break
             out.append(n)
+        if not out:
+            self.since = None
         return out
 
+    def stalled(self, step: int, level: float | None) -> bool:
+        """Whether the loss ``level`` at ``step`` has not fallen by ``STALL_FALL`` of its
+        level when layers were first found dead, ``STALL_STEPS`` or more steps before
+        (called at judged flushes that found dead layers; the first call sets that level).
+        With its first layers dead a network has no features left to learn from, and where
+        the loss it sits at is lower than the fresh model's (inputs x100 on a ReLU MLP:
+        a fresh loss of 50 nats, at chance 2.3 once every layer but the head died within
+        ten steps) the loss-level test cannot tell it (:meth:`.rise.LossRise.returned`)."""
+        if level is None or not math.isfinite(level):
+            return False
+        if self.since is None:
+            self.since = (step, level)
+            return False
+        at, then = self.since
+        return step - at >= STALL_STEPS and level > (1 - STALL_FALL) * then
+
     def state_dict(self) -> dict[str, object]:
-        return {"alive": sorted(self.alive), "zero": {k: list(v) for k, v in self._zero.items()}}
+        return {"alive": sorted(self.alive), "zero": {k: list(v) for k, v in self._zero.items()},
+                "since": None if self.since is None else list(self.since)}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         self.alive = set(sd.get("alive") or [])  # type: ignore[call-overload]
+        since = sd.get("since")  # none in older checkpoints
+        self.since = None if since is None else (int(since[0]), float(since[1]))  # type: ignore[index]
         zero = dict(sd.get("zero") or {})  # type: ignore[call-overload]
         # older checkpoints kept a count of zero steps in a row
         self._zero = {k: deque([True] * v if isinstance(v, int) else v, maxlen=2 * BLOCK)
