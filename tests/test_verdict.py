@@ -177,15 +177,21 @@ def test_dead_layers_with_a_loss_that_does_not_fall_are_a_network_that_stalled()
     is still learning; the mark goes when no layer is dead, and survives a checkpoint."""
     from gradguard.recovery.dead import STALL_FALL, STALL_STEPS
 
+    layers = ["conv", "fc", "head"]
     dead = DeadLayers()
-    assert not dead.stalled(49, None) and dead.since is None
-    assert not dead.stalled(49, 2.30) and dead.since == (49, 2.30)
-    assert not dead.stalled(49 + STALL_STEPS - 1, 2.31)  # too soon
-    assert dead.stalled(49 + STALL_STEPS, 2.30 * (1 - STALL_FALL) + 1e-6)
-    assert not dead.stalled(49 + STALL_STEPS, 2.30 * (1 - STALL_FALL))  # fell by 5%: learning
+    dead.alive = set(layers)
+    both = ["conv", "fc"]  # every layer but the last: the features are constant
+    assert not dead.stalled(49, None, both, layers) and dead.since is None
+    assert not dead.stalled(49, 2.30, both, layers) and dead.since == (49, 2.30)
+    assert not dead.stalled(49 + STALL_STEPS - 1, 2.31, both, layers)  # too soon
+    assert dead.stalled(49 + STALL_STEPS, 2.30 * (1 - STALL_FALL) + 1e-6, both, layers)
+    # fell by 5%: learning
+    assert not dead.stalled(49 + STALL_STEPS, 2.30 * (1 - STALL_FALL), both, layers)
+    # a layer after the dead ones that still has a gradient: a path around them may learn
+    assert not dead.stalled(99, 2.30, ["conv"], layers)
     again = DeadLayers()
     again.load_state_dict(dead.state_dict())
-    assert again.since == (49, 2.30) and again.stalled(99, 2.29)
+    assert again.since == (49, 2.30) and again.stalled(99, 2.29, both, layers)
     old = dead.state_dict()
     del old["since"]  # a checkpoint from before the mark
     again.load_state_dict(old)

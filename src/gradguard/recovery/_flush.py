@@ -171,7 +171,8 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
     died = stalled = False
     if risen is None and dead:
         risen = rec._rise.returned()
-        if risen is None and rec._dead.stalled(window.steps[-1], rec._rise.latest):
+        if risen is None and rec._dead.stalled(window.steps[-1], rec._rise.latest, dead,
+                                               window.layers):
             assert rec._rise.latest is not None and rec._rise.best is not None
             risen = Rise(rec._rise.latest, rec._rise.latest / rec._rise.best)
             stalled = True

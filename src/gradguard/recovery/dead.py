@@ -81,15 +81,21 @@ class DeadLayers:
             self.since = None
         return out
 
-    def stalled(self, step: int, level: float | None) -> bool:
-        """Whether the loss ``level`` at ``step`` has not fallen by ``STALL_FALL`` of its
-        level when layers were first found dead, ``STALL_STEPS`` or more steps before
-        (called at judged flushes that found dead layers; the first call sets that level).
-        With its first layers dead a network has no features left to learn from, and where
-        the loss it sits at is lower than the fresh model's (inputs x100 on a ReLU MLP:
-        a fresh loss of 50 nats, at chance 2.3 once every layer but the head died within
-        ten steps) the loss-level test cannot tell it (:meth:`.rise.LossRise.returned`)."""
-        if level is None or not math.isfinite(level):
+    def stalled(self, step: int, level: float | None, dead: Sequence[str],
+                layers: Sequence[str]) -> bool:
+        """Whether every layer of ``layers`` that ever had a gradient but the last is in
+        ``dead`` (the network's features are constant: it predicts the same for every
+        input) and the loss ``level`` at ``step`` has not fallen by ``STALL_FALL`` of its
+        level when they were first found so, ``STALL_STEPS`` or more steps before (called
+        at judged flushes that found dead layers; the first such call sets that level).
+        Where the loss such a network sits at is lower than the fresh model's (inputs x100
+        on a ReLU MLP: a fresh loss of 50 nats, at chance 2.3 once every layer but the head
+        died within ten steps) the loss-level test cannot tell it
+        (:meth:`.rise.LossRise.returned`); a loss that still falls is a network that
+        learns, through a path around its dead layers."""
+        lived = [n for n in layers if n in self.alive]
+        if level is None or not math.isfinite(level) or len(lived) < 2 or (
+                list(dead) != lived[:-1]):
             return False
         if self.since is None:
             self.since = (step, level)
