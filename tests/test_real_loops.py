@@ -982,9 +982,9 @@ def test_a_network_that_died_at_a_loss_below_its_first_is_rolled_back():
     more seeds: on seed 1 every layer but the head dies within ten steps, and the loss sits
     at chance (2.31) for the rest of the run. The fresh model's loss was 50 nats and more,
     so the loss is not "back at the fresh model's level", and the guard only warned
-    (``disconnected_layer``). Dead layers with a loss that has not fallen by 5% in the 50
-    steps since they were found are a network that died: rolled back to the weights before
-    the first step at a lower LR, it learns."""
+    (``disconnected_layer``). Every layer but the head dead, with a loss that has not
+    fallen by 5% in the 50 steps since they were found so, is a network that died: rolled
+    back to the weights before the first step at a lower LR, it learns."""
     from benchmarks import rescue, rescue_beyond
 
     task, recipe = rescue_beyond._cases()["digits_inputs_x100_sgd"]
