@@ -12,6 +12,7 @@ skipped, and the run is judged on its loss.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -148,19 +149,31 @@ def test_a_wrecking_lr_of_any_size_is_cut_to_one_that_trains(tmp_path, capsys):
         assert info["optimizers"][0]["outcome"]["status"] == "recovered"
 
 
-@pytest.mark.parametrize("scale", [1000.0, 1.0])
-def test_a_network_that_died_is_not_called_healthy(tmp_path, capsys, scale):
-    """A script whose ReLUs die (inputs at 1000x, SGD momentum): no NaN, no spike, the loss
-    at chance under its first loss. The verdict names the dead layers and the run fails
-    under --fail-on-divergence; the same script on normalised inputs is healthy."""
+@pytest.mark.parametrize("scale, recovery", [(100.0, False), (1000.0, True), (1.0, True)])
+def test_a_network_that_died_is_not_called_healthy(tmp_path, capsys, scale, recovery):
+    """A script whose ReLUs die (inputs at 100x, SGD momentum): no NaN, no spike, the loss
+    at chance under its first loss. Without recovery the verdict names the dead layers and
+    the run fails under --fail-on-divergence. With it (inputs at 1000x, where every layer
+    but the head dies again after the first rollback) the guard rolls the dead network
+    back to its fresh weights at a lower LR, timing each stall from the weights it
+    restored, until it trains; the same script on normalised inputs is healthy."""
     args = ["--fail-on-divergence", "--no-report", "--out", str(tmp_path),
+            *([] if recovery else ["--no-recovery"]),
             str(SCRIPTS / "dead_relu.py"), "--scale", str(scale)]
     code = main(["run", *args])
     err = capsys.readouterr().err
-    info = json.loads((tmp_path / "latest" / "run.json").read_text())
-    outcome = info["optimizers"][0]["outcome"]
+    run = tmp_path / "latest"
+    outcome = json.loads((run / "run.json").read_text())["optimizers"][0]["outcome"]
     if scale == 1.0:
         assert code == 0 and (outcome["status"], outcome["cause"]) == ("healthy", None), err
+        return
+    if recovery:
+        from gradguard.recovery.dead import STALL_STEPS
+
+        assert code == 0 and outcome["status"] == "recovered" and outcome["final"] < 1.0, err
+        died = [e["step"] for e in read_jsonl(run / "events.jsonl")
+                if e["kind"] == "rollback" and "the network died" in e["message"]]
+        assert len(died) >= 2 and min(b - a for a, b in itertools.pairwise(died)) >= STALL_STEPS
         return
     assert code == 1, err
     assert (outcome["status"], outcome["cause"], outcome["ok"]) == ("not_recovered", "dead_units", False), err

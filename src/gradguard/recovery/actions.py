@@ -182,6 +182,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
             continue
         acted = True
         rec._rise.reset()  # the loss level is learnt again after the ladder acted
+        rec._dead.since = None  # and a stall of dead layers is timed from the weights now
         if a.kind == "data":
             guard.add_event(messages.data_event(guard, a, rec.ring.restored_from))
             continue
