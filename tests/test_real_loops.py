@@ -624,6 +624,35 @@ def test_a_layer_that_never_gets_a_gradient_is_named_once():
     assert silent == [("norm", "info")]
 
 
+def test_a_trunk_frozen_with_zero_gradients_kept_is_not_a_network_that_died():
+    """Found trying the stalled-network rule as a stranger: a digits MLP trained 800 steps,
+    then its trunk frozen (``requires_grad_(False)``) for head-only training, with
+    ``zero_grad(set_to_none=False)``, which keeps the frozen weights a gradient of zeros.
+    Those zeros read as "`0`, `2` got no gradient: the units that feed them died"
+    (``disconnected_layer`` warnings at step 849), and, the converged loss flat, as a
+    network that died: rolled back at 899 and 969. A parameter that requires no gradient
+    is frozen, not dead: no warning, no rollback."""
+    from benchmarks import rescue_cases as rc
+
+    torch.manual_seed(0)
+    model = rc.mlp(64, 10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    batch = rc.digits_batches(0)
+    for step in range(1200):
+        if step == 800:
+            model[0].requires_grad_(False)
+            model[2].requires_grad_(False)
+        x, y = batch(step)
+        loss = rc.CE(model(x), y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        guard.step(loss.detach())
+    guard.close()
+    assert not [e for e in guard.events if e.severity != "info"]
+    assert not [e for e in guard.events if e.kind in ("rollback", "lr_backoff")]
+
+
 @pytest.mark.parametrize("every, frozen", [(10, False), (50, False), (10, True), (50, True)])
 def test_a_layer_whose_units_died_is_a_warning_a_head_that_takes_turns_is_not(every, frozen):
     """ReLUs killed at step 40 (the first layer's bias pushed far below zero, as an update

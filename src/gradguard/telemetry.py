@@ -225,8 +225,10 @@ class Telemetry:
             self._order_read = True  # once: a host-side walk of the graph, no device read
             self.after = layers_after(loss, self.params, self.layer_index, len(self.layers))
         whole = len(stats.params) == len(self.params)
-        if pos == 0 and whole:  # host-known, no sync
-            self._present = {i for grp in stats.groups for i in grp.index}
+        if pos == 0 and whole:  # host-known, no sync; a frozen parameter's (requires_grad
+            # False) is not a gradient: zero_grad(set_to_none=False) leaves it zeros
+            self._present = {i for grp in stats.groups for i in grp.index
+                             if self.params[i].requires_grad}
         self._absent.append(self._absent_now(stats) if whole and self._track_absent else None)
         self._steps.append(self._next_step if step is None else step)
         self._next_step = self._steps[-1] + 1

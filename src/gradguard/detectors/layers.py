@@ -251,8 +251,8 @@ def detect_no_gradient(
     (``data["died"]``: the units that feed it died, ReLUs an update too large pushed
     below zero for good). A window at whose first step none of a layer's parameters had a
     gradient tensor (``p.grad`` None: frozen mid-run, ``requires_grad_(False)``) restarts its count:
-    frozen is not dead (with ``zero_grad(set_to_none=False)`` a frozen layer keeps a zero
-    gradient and cannot be told from a dead one)."""
+    frozen is not dead (a parameter with ``requires_grad`` False counts as having none, as
+    with ``zero_grad(set_to_none=False)`` it keeps a gradient of zeros)."""
     total = window.total_norm.tolist()
     n_ok = sum(1 for t in total if math.isfinite(t))
     if n_ok < config.vanish_min_steps:
