@@ -117,6 +117,9 @@ class Telemetry:
         self._extra: Tensor | None = None  # [2, n_params] weight and update norms
         self._present: set[int] | None = None  # params with a gradient tensor at the window's
         # first step (host-side, sampled once per window)
+        #: params that require no gradient (frozen), read at each window's first step: a
+        #: gradient tensor they keep (zeros, ``zero_grad(set_to_none=False)``) is none
+        self._frozen: frozenset[int] = frozenset()
         #: per pending row, the params without a gradient tensor at that step (None: all
         #: had one, or unknown); host-side. Under torch.distributed which parameters a
         #: rank's graph reached is its own: the guard's flush makes them those without a
@@ -225,10 +228,9 @@ class Telemetry:
             self._order_read = True  # once: a host-side walk of the graph, no device read
             self.after = layers_after(loss, self.params, self.layer_index, len(self.layers))
         whole = len(stats.params) == len(self.params)
-        if pos == 0 and whole:  # host-known, no sync; a frozen parameter's (requires_grad
-            # False) is not a gradient: zero_grad(set_to_none=False) leaves it zeros
-            self._present = {i for grp in stats.groups for i in grp.index
-                             if self.params[i].requires_grad}
+        if pos == 0 and whole:  # host-known, no sync
+            self._frozen = frozenset(i for i, p in enumerate(self.params) if not p.requires_grad)
+            self._present = {i for grp in stats.groups for i in grp.index} - self._frozen
         self._absent.append(self._absent_now(stats) if whole and self._track_absent else None)
         self._steps.append(self._next_step if step is None else step)
         self._next_step = self._steps[-1] + 1
@@ -236,10 +238,11 @@ class Telemetry:
     def _absent_now(self, stats: StepStats) -> frozenset[int] | None:
         """The params without a gradient tensor this step (a branch the step's graph did
         not reach: a task head, an expert, an adapter), None when every one had one;
-        host-side, and only counted when some had none."""
-        if sum(len(grp.index) for grp in stats.groups) == len(self.params):
+        host-side, and only counted when some had none. A frozen parameter's (see
+        ``_frozen``) counts as none."""
+        if not self._frozen and sum(len(grp.index) for grp in stats.groups) == len(self.params):
             return None
-        present = {i for grp in stats.groups for i in grp.index}
+        present = {i for grp in stats.groups for i in grp.index} - self._frozen
         return frozenset(i for i in range(len(self.params)) if i not in present)
 
     def pending_absent(self) -> list[frozenset[int] | None] | None:

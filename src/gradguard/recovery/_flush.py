@@ -149,15 +149,9 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
     rec._rise.update(window.steps, losses, skips)
     dead: list[str] = []
     # under pipelining each stage's layer columns are its own: no agreed verdict
-    layers = window.layers
     if guard.config.pipeline_group is None:
-        dead = rec._dead.update(layers, window.layer_norms().tolist(), skips,
+        dead = rec._dead.update(window.layers, window.layer_norms().tolist(), skips,
                                 window.layers_absent())
-        if dead:  # a layer frozen now (requires_grad_(False)) is not dead: with
-            # zero_grad(set_to_none=False) it keeps a gradient of zeros
-            frozen = _frozen(guard)
-            dead = [n for n in dead if n not in frozen]
-            layers = [n for n in layers if n not in frozen]
     if not judge:
         return False, None, dead
     # under pipelining the share is the first stage's and its parameter position names
@@ -178,7 +172,7 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
     if risen is None and dead:
         risen = rec._rise.returned()
         if risen is None and rec._dead.stalled(window.steps[-1], rec._rise.latest, dead,
-                                               layers):
+                                               window.layers):
             assert rec._rise.latest is not None and rec._rise.best is not None
             risen = Rise(rec._rise.latest, rec._rise.latest / rec._rise.best)
             stalled = True
@@ -212,13 +206,6 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
                          by_level=not died,
                          mild=mild and not behind, rollback=behind,
                          worse_than_fresh=rec._rise.worse_than_fresh()), dead
-
-
-def _frozen(guard: Guard) -> set[str]:
-    """The layers none of whose parameters requires a gradient now (host attributes)."""
-    trained = {layer_of(n) for n, p in zip(guard.names, guard.telemetry.params)
-               if p.requires_grad}
-    return {layer_of(n) for n in guard.names} - trained
 
 
 def _dying(rec: Recovery, guard: Guard, step: int, sample: tuple[float, str]) -> Trigger | None:

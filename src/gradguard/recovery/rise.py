@@ -60,10 +60,8 @@ alive). A healthy layer's gradient is never exactly zero on most steps; a task h
 takes turns with one or two others is not dead, nor one a step's graph did not reach
 (a gradient of None, not zero: :class:`~.dead.DeadLayers`). Together they say what happened: the network died and
 is no better than when it started; nothing but a rollback to before its death brings it
-back, and a flush that finds dead layers takes no snapshot. Where the fresh model's loss
-was far above the one a dead network sits at (inputs x100: 50 nats, chance 2.3), every
-layer but the last dead with a loss that has not fallen since they were found says it
-(:meth:`~.dead.DeadLayers.stalled`). Under pipeline
+back, and a flush that finds dead layers takes no snapshot (a fresh loss far above the
+dead network's: :meth:`~.dead.DeadLayers.stalled`). Under pipeline
 parallelism the rule is off: each stage's per-layer columns are its own (only the scalar
 ones are agreed), so the stages could decide differently.
 
