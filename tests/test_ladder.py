@@ -438,6 +438,16 @@ ROWS = [
     ("... and one between the factor and the ceiling lowers the ceiling only",
      b(factor=0.1, ceiling=0.5, backoff_level=0.1), Trigger("capped", 3, value=0.3),
      b(factor=0.1, ceiling=0.3, backoff_level=0.1, episode_ceiling=0.5), ()),
+    ("weights an update made NaN: a rollback at once, at the LR in force (no relapse, no "
+     "back-off, the ceiling kept)",
+     st(factor=0.4, ceiling=0.5, last_trigger=2, consecutive_skips=0),
+     Trigger("weights", 9, "nan weights"),
+     st(factor=0.4, ceiling=0.5, last_trigger=2, rollbacks=1, total_rollbacks=1),
+     (Action("rollback", 9, "nan weights", 0.4, 0.5, rollbacks=1),)),
+    ("... counted towards max_rollbacks like any: a cause that stays aborts",
+     st(rollbacks=2, total_rollbacks=2), Trigger("weights", 9, "nan weights"),
+     st(rollbacks=2, total_rollbacks=2),
+     (Action("abort", 9, "nan weights", 1.0, 1.0, rollbacks=2),)),
 ]
 
 

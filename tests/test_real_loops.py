@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -824,6 +825,95 @@ def test_a_fused_optimizer_wrecked_by_its_first_update_is_rolled_back_once_not_a
     back = [e for e in guard.events if e.kind == "rollback"]
     assert [(e.step, e.data["snapshot_step"]) for e in back] == [(3, -1)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _NormalisedSGD(torch.optim.SGD):
+    """A custom optimizer whose update divides by the gradient's norm: 0/0 for a parameter
+    whose gradient is all zero (a first layer fed a batch of zeros)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad / p.grad.norm(), alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("cause", ["nan_lr", "nan_lr_fused", "custom_step"])
+def test_an_update_that_wrote_nan_into_the_weights_is_rolled_back_at_once_at_the_lr_in_force(
+        cause, tmp_path):
+    """Finite gradients, NaN weights: a schedule whose formula gives NaN at one step, or a
+    custom step() that divides by a zero norm (a batch of zeros), writes NaN into the
+    weights in a step the guard took. Every step after it runs on NaN weights; the guard
+    used to skip three, back off the LR (whose size did nothing), skip three more and roll
+    back at a tenth of it, restored to half. The first non-finite step after a taken one
+    reads the weights: NaN there is a rollback at once, at the LR in force, and the
+    ``nonfinite_grad`` event names the weights, not the loss. Fused: the skip flag heard
+    from the device takes the same course."""
+    from benchmarks import rescue_cases as rc
+
+    torch.manual_seed(0)
+    model = rc.mlp(64, 10)
+    sched = None
+    if cause == "custom_step":
+        opt: torch.optim.Optimizer = _NormalisedSGD(model.parameters(), lr=0.01)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=cause == "nan_lr_fused")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: math.nan if s == 100 else 1.0)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                     sinks=[gg.JsonlSink(tmp_path)])
+    batch, losses = rc.digits_batches(0), []
+    for step in range(160):
+        x, y = batch(step)
+        if cause == "custom_step" and step == 100:
+            x = torch.zeros_like(x)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss.detach())
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+    guard.close()
+    assert not math.isfinite(losses[101])  # the update of step 100 wrote NaN
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    acts = [e for e in guard.events if e.kind in ("rollback", "lr_backoff", "abort")]
+    assert [(e.kind, e.step) for e in acts] == [("rollback", 101)]
+    assert "are NaN/Inf: the update of step 100" in acts[0].message
+    assert acts[0].data["factor"] == 1.0 and "kept" in acts[0].message
+    assert guard.recovery.lr_factor == 1.0 and guard.recovery.lr_ceiling == 1.0
+    bad = [e for e in guard.events if e.kind == "nonfinite_grad"]
+    assert [e.step for e in bad] == [101] and bad[0].data["cause"] == "nonfinite_weights"
+    assert statistics.median(losses[-20:]) < statistics.median(losses[102:112])  # it trains on
+    if cause != "custom_step":  # the report's verdict says what to check, not "lower the LR"
+        from gradguard.report import load_run
+        from gradguard.report._outcome import judge
+
+        verdict = judge(load_run(tmp_path))
+        assert verdict.status == "recovered" and verdict.cause == "nonfinite_weights"
+        assert verdict.remedy is not None and "eps" in verdict.remedy
+
+
+def test_float16_weights_on_a_zero_eps_abort_with_the_weights_restored():
+    """Pure float16 weights on Adam's eps=1e-8 (0 in float16; the guard warned when it was
+    built): every first update on restored weights writes NaN again. Three rollbacks at
+    the LR in force, then the abort, and the model is left with the weights of the
+    snapshot, not NaN (a user who saves it after the TrainingDiverged keeps those)."""
+    from benchmarks import rescue_cases as rc
+
+    torch.manual_seed(0)
+    model = rc.mlp(64, 10).half()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.warns(gg.GradGuardWarning, match="is 0 in float16"):
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    with pytest.raises(gg.TrainingDiverged, match="the model holds the weights before the first"):
+        _digits_run(model, opt, 40, guard=guard, dtype=torch.float16)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    kinds = [e.kind for e in guard.events if e.kind in ("rollback", "lr_backoff", "abort")]
+    assert kinds == ["rollback"] * 3 + ["abort"]
+    abort = next(e for e in guard.events if e.kind == "abort")
+    assert abort.data["restored_snapshot"] == -1
+    assert "eps" in abort.remedy
 
 
 def test_a_network_that_dies_again_after_a_rollback_is_not_waited_for():

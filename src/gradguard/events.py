@@ -62,6 +62,11 @@ CAUSES: tuple[str, ...] = (
     "wrong_gradient",
     "disconnected_layer",
 )
+#: What to check when an update turned finite gradients into NaN/Inf weights.
+WEIGHTS_REMEDY = ("The optimizer's update wrote NaN/Inf into the weights from finite "
+                  "gradients: check its eps against the weights' dtype (0 in float16 below "
+                  "6e-8: use eps=1e-4, or float32 weights under torch.autocast), the LR the "
+                  "schedule set at that step, and a custom step() for a division by zero.")
 #: What to check when batches were on another scale (cause ``unscaled_input``, found by
 #: the batch norm statistics: :meth:`gradguard._running.RunningStats.offscale`).
 UNIT_ERROR_REMEDY = ("Check the inputs of the skipped steps for a unit error (raw 0-255 "

@@ -84,6 +84,9 @@ class Monitor:
         self.amp = AmpLedger()
         self.last_window: Window | None = None
         self.skipped_steps = 0
+        #: step -> the layers whose weights were NaN/Inf at that non-finite step (what an
+        #: update wrote from finite gradients: :mod:`gradguard.recovery.ladder_weights`)
+        self.bad_weights: dict[int, list[str]] = {}
 
     def add_event(self, event: Event) -> None:
         """Record an event; it reaches the sinks at the next flush."""
@@ -130,6 +133,10 @@ class Monitor:
         """Run the detectors over ``window``; returns its routine loss-scale overflows."""
         overflows = self.amp.overflows(window)
         inputs: dict[str, Any] = {"precursor_inputs": precursor_inputs}
+        last = window.steps[-1]
+        if self.bad_weights:  # heard up to this window's end; a late-heard step's is dropped
+            inputs["bad_weights"] = {s: w for s, w in self.bad_weights.items() if s <= last}
+            self.bad_weights = {s: w for s, w in self.bad_weights.items() if s > last}
         if watch is not None:
             total = window.total_norm.tolist()
             bad = [i for i, t in enumerate(total) if not math.isfinite(t)]

@@ -75,6 +75,7 @@ def detect(
     amp_overflows: Mapping[int, float] | None = None,
     precursor_inputs: PrecursorInputs | None = None,
     lr_annealed: bool = False,
+    bad_weights: Mapping[int, Sequence[str]] | None = None,
 ) -> list[Event]:
     """Run every detector over a window, in step order.
 
@@ -94,7 +95,7 @@ def detect(
     """
     cfg = config or DetectorConfig()
     st = state if state is not None else DetectorState(history=cfg.spike_history)
-    events = detect_nonfinite(window, forward_origins, amp_overflows)
+    events = detect_nonfinite(window, forward_origins, amp_overflows, bad_weights)
     events += detect_spikes(window, st, cfg)
     events += detect_spike_skips(window)
     events += detect_vanishing(window, cfg)

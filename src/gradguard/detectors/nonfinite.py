@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..events import Event
+from ..events import WEIGHTS_REMEDY, Event, listed
 from ..telemetry import Window
 from .config import INPUT_ORIGIN, LOSS_ORIGIN
 
@@ -107,6 +107,7 @@ def detect_nonfinite(
     window: Window,
     forward_origins: Mapping[int, ForwardOrigin] | None = None,
     amp_overflows: Mapping[int, float] | None = None,
+    bad_weights: Mapping[int, Sequence[str]] | None = None,
 ) -> list[Event]:
     """A ``nonfinite_grad`` event per non-finite step, plus ``skip`` when it was skipped.
 
@@ -117,7 +118,10 @@ def detect_nonfinite(
     The event's ``layer`` is the origin: the first module whose forward output went
     NaN/Inf when ``forward_origins`` knows it (``Guard(watch_activations=True)``),
     ``"(input)"`` for a bad batch, ``"(loss)"`` for a non-finite loss on finite
-    activations, else the gradient origin (:func:`nonfinite_origin`).
+    activations, else the gradient origin (:func:`nonfinite_origin`). A step in
+    ``bad_weights`` (step -> the layers whose weights were NaN/Inf then) ran on weights an
+    update had made non-finite: its cause is ``nonfinite_weights``, its origin the first of
+    those layers.
     """
     events: list[Event] = []
     total = window.total_norm.tolist()
@@ -140,12 +144,16 @@ def detect_nonfinite(
         bad, grad_origin = nonfinite_origin(ln[i], window.layers, window.after)
         fwd = (forward_origins or {}).get(step)
         cause, origin, remedy = _nonfinite_cause(losses[i], fwd, forward_origins is not None)
+        weights = (bad_weights or {}).get(step)
+        if weights:
+            cause, origin, remedy = "nonfinite_weights", weights[0], WEIGHTS_REMEDY
         origin = origin or grad_origin
         kind = "NaN" if math.isnan(total[i]) else "Inf"
         where = {
             "nonfinite_input": "the input batch holds NaN/Inf",
             "nonfinite_loss": "the loss is non-finite",
             "half_precision_overflow": f"`{origin}` overflowed in half precision",
+            "nonfinite_weights": f"the weights of {listed(list(weights or ()))} are NaN/Inf",
         }.get(cause or "", f"origin `{origin}`")
         data: dict[str, Any] = {"layers": bad, "grad_origin": grad_origin}
         if cause is not None:

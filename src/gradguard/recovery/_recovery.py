@@ -184,6 +184,7 @@ class Recovery:
         self._host_steps: set[int] = set()
         self._last_taken: int | None = None  # the last taken step heard (_steps.verdict)
         self._late = LateFlags()  # the device's skip flags, heard before the flush
+        self._weights = LateFlags()  # checks of the weights at non-finite steps (_steps)
         self._level: float | None = None  # the loss level of the last healthy flush
         self._verdict = SpikeVerdict()
         self._rise = LossRise()

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from ..events import listed
 from ..executors import NONFINITE, STALE, Hook
-from . import actions
+from . import actions, wreck
 from .defaults import SPIKE_GRACE
 from .ladder import DATA_REASONS, NONFINITE_REASON, OFFSCALE_REASON, SPIKE_REASON, Trigger
 from .late import enabled
@@ -70,7 +71,9 @@ def after_step(rec: Recovery, guard: Guard, stats: StepStats, outcome: Any) -> N
         routine = outcome.amp_row is not None and bool(outcome.skipped) and not outcome.trouble
         trig = skip_trigger(rec, bool(outcome.trouble), step, outcome.code or 0, routine=routine)
         if trig is not None:
-            rec._feed(guard, trig, lambda: actions.nonfinite_layers(guard, stats.param_norms))
+            _feed_skip(rec, guard, trig, outcome.code or 0, stats.param_norms)
+        if not isinstance(guard.executor, Hook):
+            hear_weights(rec, guard)
         return
     skipped = outcome.skipped
     if not isinstance(skipped, Tensor) or not enabled():
@@ -85,7 +88,8 @@ def after_step(rec: Recovery, guard: Guard, stats: StepStats, outcome: Any) -> N
 
 
 def hear(rec: Recovery, guard: Guard) -> None:
-    """Feed the ladder the device skip flags whose copy to the host has completed."""
+    """Feed the ladder the device skip flags whose copy to the host has completed, then
+    the checks of the weights (:func:`hear_weights`)."""
     at = guard.step_count - 1
     for step, flag, (norms, packed) in rec._late.heard():
         rec._host_steps.add(step)
@@ -93,7 +97,40 @@ def hear(rec: Recovery, guard: Guard) -> None:
         routine = packed and bool(code) and not trouble  # a GradScaler's own overflow
         trig = skip_trigger(rec, trouble, step, code, at=at, routine=routine)
         if trig is not None:
-            rec._feed(guard, trig, lambda n=norms: actions.nonfinite_layers(guard, n))
+            _feed_skip(rec, guard, trig, code, norms, at)
+    hear_weights(rec, guard)
+
+
+def _feed_skip(rec: Recovery, guard: Guard, trig: Trigger, code: int, norms: Tensor,
+               at: int | None = None) -> None:
+    """Feed a step's trigger; for the first non-finite step after a taken one, check the
+    weights too (:mod:`.ladder_weights`): one device reduction, its flag copied to the
+    host without waiting (:mod:`.late`) and heard by :func:`hear_weights`. The rest of a
+    streak runs on the weights its first step ran on (a skip changes none), so the
+    check is made once per streak; a step on weights a rollback restored needs none."""
+    first = (trig.kind == "skip" and bool(code & NONFINITE) and not trig.data
+             and not rec.state.consecutive_skips)
+    rec._feed(guard, trig, lambda: actions.nonfinite_layers(guard, norms))
+    flag = wreck.weights_flag(guard) if first else None
+    if flag is not None:
+        rec._weights.push(trig.step, flag, rec._last_taken)
+
+
+def hear_weights(rec: Recovery, guard: Guard) -> None:
+    """The checks of the weights whose copy has completed: weights that hold NaN/Inf (and
+    still do: no rollback restored them since) are a ``weights`` trigger, a rollback at
+    once (:mod:`.ladder_weights`); which layers is read on the host then, on that path
+    only. The layers go to the flush's ``nonfinite_grad`` event
+    (:func:`~gradguard.detectors.detect_nonfinite`)."""
+    for step, flag, taken in rec._weights.heard():
+        bad = wreck.nonfinite_weights(guard) if flag else []
+        if not bad:
+            continue
+        guard.monitor.bad_weights[step] = bad
+        after = "" if taken is None else f" of step {taken}"
+        why = (f"the weights of {listed(bad)} are NaN/Inf: the update{after}, from finite "
+               "gradients, wrote them (the optimizer divided by zero, or its LR was NaN/Inf)")
+        rec._feed(guard, Trigger("weights", step, why, at=guard.step_count - 1), list)
 
 
 def skip_trigger(rec: Recovery, skipped: bool, step: int, code: int, at: int | None = None,
@@ -117,3 +154,4 @@ def skip_trigger(rec: Recovery, skipped: bool, step: int, code: int, at: int | N
               else SPIKE_REASON if code & ~NONFINITE else NONFINITE_REASON)
     return Trigger("skip", step, reason, rec._level, at=at, rollback=bool(code & LOSS_SPIKE),
                    data=first and (bool(code & NONFINITE) or reason in DATA_REASONS))
+

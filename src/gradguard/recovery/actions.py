@@ -227,7 +227,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 reset = rollback(guard, a, snap, layers(), rec.reset_moments)
                 guard.add_event(messages.rollback_event(
                     a, step, reset, rec.config.restore_steps, rec.config.max_rollbacks,
-                    level))
+                    level, weights=trig.kind == "weights"))
                 rec.restores += 1
                 rec.ring.restored(step, guard.step_count)
                 # the progress check asks the loss back near the level of the weights
@@ -237,8 +237,24 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 rec.state, _ = transition(rec.config, rec.state,
                                            Trigger("restored", a.step, value=back_at))
         else:
-            raise messages.abort(guard, a, rec.state.rollbacks, rec.state.unrestored)
+            raise messages.abort(guard, a, rec.state.rollbacks, rec.state.unrestored,
+                                 kept=_finite_at_abort(rec, guard),
+                                 weights=trig.kind == "weights")
     return acted
+
+
+def _finite_at_abort(rec: Recovery, guard: Guard) -> int | None:
+    """An abort leaves no NaN/Inf in the weights: when they hold any (an update wrote them,
+    :mod:`.ladder_weights`), the newest snapshot is restored and its step returned (-1: the
+    weights before the first step); None when the weights are finite or none is kept."""
+    if not wreck.nonfinite_weights(guard):
+        return None
+    snap = rec.ring.load(0)
+    if snap is None:
+        return None
+    restore(guard, snap)
+    rec.restores += 1
+    return int(snap["step"])
 
 
 def restore(guard: Guard, snap: dict[str, Any]) -> None:

@@ -104,6 +104,7 @@ from .ladder_types import (
     TriggerKind,
     near,
 )
+from .ladder_weights import bad_weights
 
 __all__ = ["DATA_REASONS", "NONFINITE_REASON", "OFFSCALE_REASON", "SPIKE_REASON", "Action",
            "ActionKind", "LadderConfig", "LadderState", "Trigger", "TriggerKind", "transition"]
@@ -185,6 +186,8 @@ def _transition(
         return lr.raised(st, trig)
     if trig.kind == "capped":
         return lr.capped(st, trig)
+    if trig.kind == "weights":  # an update wrote NaN/Inf: no skip or lower LR mends them
+        return bad_weights(cfg, st, trig)
     if trig.kind == "skip" and (st.data_streak is not None or (
             trig.data and (trig.reason != SPIKE_REASON or _spikes_are_data(cfg, st, trig)))):
         return _data(cfg, st, trig)

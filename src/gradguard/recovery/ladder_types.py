@@ -42,7 +42,7 @@ def near(value: float, level: float, factor: float) -> bool:
 
 
 TriggerKind = Literal["skip", "clean", "tick", "spike", "healthy", "snapshot", "progress",
-                      "level", "lower", "restored", "shifted", "raise", "capped"]
+                      "level", "lower", "restored", "shifted", "raise", "capped", "weights"]
 ActionKind = Literal["backoff", "rollback", "abort", "snapshot", "settled", "lower", "level_off",
                      "data", "sound", "shifted", "raised"]
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._tensors import numeric_lr, planned_lr
 from ..errors import TrainingDiverged
-from ..events import UNIT_ERROR_REMEDY, Event
+from ..events import UNIT_ERROR_REMEDY, WEIGHTS_REMEDY, Event
 from .ladder import OFFSCALE_REASON, SPIKE_REASON, Action
 from .probe import TRIAL, Probed
 from .shift import SHIFT_RATIO
@@ -41,9 +41,12 @@ def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False,
 
 
 def rollback_event(a: Action, snapshot: int, reset: list[str], restore_steps: int,
-                   max_rollbacks: int, level: float | None = None) -> Event:
-    """The rollback event (``level``: the loss level before the trouble)."""
-    lr = ("its new ceiling, from here" if a.factor >= a.ceiling else
+                   max_rollbacks: int, level: float | None = None, *,
+                   weights: bool = False) -> Event:
+    """The rollback event (``level``: the loss level before the trouble; ``weights``: for
+    weights an update made NaN/Inf, :mod:`.ladder_weights`)."""
+    lr = ("kept: its size did not do it" if weights else
+          "its new ceiling, from here" if a.factor >= a.ceiling else
           f"restored to x{a.ceiling:g} only" if a.ceiling < 1.0
           else f"restored in full over {restore_steps} steps")
     return Event(
@@ -54,7 +57,8 @@ def rollback_event(a: Action, snapshot: int, reset: list[str], restore_steps: in
                  + f", learning rate x{a.factor:g} ({lr}), {len(reset)} layer(s) with reset "
                  f"optimizer state, {a.skip_batches} batch(es) to skip (rollback "
                  f"{a.rollbacks}/{max_rollbacks})"),
-        remedy=("Lower the learning rate; if the data caused it, skip guard.batches_to_skip "
+        remedy=(WEIGHTS_REMEDY if weights else
+                "Lower the learning rate; if the data caused it, skip guard.batches_to_skip "
                 "batches." + _moving_objective(a)),
         data={"snapshot_step": snapshot, "reset_layers": reset,
               "batches_to_skip": a.skip_batches, "reason": a.reason, "factor": a.factor,
@@ -231,9 +235,12 @@ def lowered_event(guard: Guard, a: Action) -> Event:
     )
 
 
-def abort(guard: Guard, a: Action, rollbacks: int, unrestored: int = 0) -> TrainingDiverged:
+def abort(guard: Guard, a: Action, rollbacks: int, unrestored: int = 0,
+          kept: int | None = None, *, weights: bool = False) -> TrainingDiverged:
     """The abort event (added to the guard) and the error to raise. ``unrestored``: how
-    many of the ``rollbacks`` found no snapshot to restore (each backed off instead)."""
+    many of the ``rollbacks`` found no snapshot to restore (each backed off instead);
+    ``kept``: the snapshot restored because the weights held NaN/Inf (-1: the weights
+    before the first step); ``weights``: for weights an update made NaN/Inf."""
     run_dir = guard.monitor.run_dir()
     tried = (f"{rollbacks} rollback(s) without recovering" if not unrestored else
              f"{rollbacks} rollback(s) that found no snapshot to restore, each a back-off "
@@ -241,16 +248,21 @@ def abort(guard: Guard, a: Action, rollbacks: int, unrestored: int = 0) -> Train
              f"{rollbacks} rollback(s) without recovering ({unrestored} of them found no "
              "snapshot to restore and backed off instead)")
     what = f"training stopped: {a.reason}" if a.data else f"training diverged: {a.reason}, after {tried}"
+    if kept is not None:
+        what += ("; the model holds the " + ("weights before the first step" if kept < 0 else
+                 f"snapshot of step {kept}") + " (its own were NaN/Inf)")
     msg = f"step {a.step}: {what}" + (f"; events in {run_dir}" if run_dir else "")
     kind = _data_kind(a.reason) if a.data else None
     guard.add_event(Event(
         kind="abort", step=a.step, severity="error", message=msg,
-        remedy=(UNIT_ERROR_REMEDY if kind == "offscale" else SPIKE_DATA_REMEDY if kind == "spike"
+        remedy=(WEIGHTS_REMEDY if weights else
+                UNIT_ERROR_REMEDY if kind == "offscale" else SPIKE_DATA_REMEDY if kind == "spike"
                 else "Check the data for NaN/Inf (torch.isfinite on inputs and targets) and the "
                 "loss for log(0) or division by zero." if a.data else
                 "Run gg.doctor(model, batch, loss_fn) on a failing batch; lower the "
                 "learning rate; check the data for NaN/Inf."),
         data={"rollbacks": a.rollbacks, "unrestored": unrestored, "reason": a.reason,
+              "restored_snapshot": kept,
               **({"cause": _data_cause(kind)} if kind is not None else {})},
     ))
     return TrainingDiverged(msg, events=guard.events, run_dir=run_dir)

@@ -62,7 +62,8 @@ the LR in force and its trial at the ceiling before the trouble (``episode_ceili
 probe of half the LR found, which is the LR's own doing). The ladder lifts the ceiling
 back (a ``raise`` trigger) when the trial's level is at most ``RETRY_GAIN`` (1) times the
 control's, and the run goes on from the trial's weights; otherwise from the control's.
-Trouble during the trial (a skipped step, a spike, a loss that rose: ``RETRY_TROUBLE``)
+Trouble during the trial (a skipped step, a spike, a loss that rose, weights the update
+made NaN: ``RETRY_TROUBLE``)
 ends it at once and is no rung's: the run goes on from the control's state, and trouble
 about the trial's steps heard later (a fused optimizer's skip flags) is void
 (:attr:`LrProbe.discarded`; ``Recovery._feed`` is the one place that decides). A retry
@@ -124,7 +125,7 @@ RETRY_STEP = 1.5
 RETRY_FLOOR = 0.03
 
 #: The ladder's triggers that end a retry's trial as trouble (:meth:`LrProbe.fail_retry`).
-RETRY_TROUBLE = ("skip", "spike", "lower")
+RETRY_TROUBLE = ("skip", "spike", "lower", "weights")
 
 #: A probe starts when the cue is seen again within this many steps of its first sight
 #: (at flushes ten steps apart meanwhile): a floor the LR sets keeps coming back, a

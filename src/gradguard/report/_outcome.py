@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..events import UNIT_ERROR_REMEDY
+from ..events import UNIT_ERROR_REMEDY, WEIGHTS_REMEDY
 from . import _levels
 from ._levels import REL_TOL, flat_words, median, tol
 
@@ -300,6 +300,8 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
             return f"Check the batch of step {incident} for NaN/Inf."
         if cause == "unscaled_input":
             return UNIT_ERROR_REMEDY
+        if cause == "nonfinite_weights":
+            return WEIGHTS_REMEDY
         return None
     if cause == "lr_too_high":
         text = "Lower the learning rate (a factor of 10 is a good first try) or add warm-up"
@@ -323,6 +325,8 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         return "Guard log/div in the loss (clamp_min(eps)) or lower the learning rate."
     if cause == "half_precision_overflow":
         return "Run the overflowing layer in float32, use bfloat16, or use a GradScaler."
+    if cause == "nonfinite_weights":
+        return WEIGHTS_REMEDY
     if "ZClip" in clip or "AutoClip" in clip:
         return ("Adaptive clipping is already on: lower the learning rate or add warm-up, "
                 "and run gg.doctor on a failing batch.")
