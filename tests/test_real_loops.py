@@ -888,10 +888,15 @@ def test_an_update_that_wrote_nan_into_the_weights_is_rolled_back_at_once_at_the
     if cause != "custom_step":  # the report's verdict says what to check, not "lower the LR"
         from gradguard.report import load_run
         from gradguard.report._outcome import judge
+        from gradguard.report._summary import summary_sentence
 
-        verdict = judge(load_run(tmp_path))
+        run = load_run(tmp_path)
+        verdict = judge(run)
         assert verdict.status == "recovered" and verdict.cause == "nonfinite_weights"
         assert verdict.remedy is not None and "eps" in verdict.remedy
+        said = summary_sentence(run)
+        assert "The weights of `0` were NaN/Inf at step 101" in said
+        assert "exploded" not in said
 
 
 def test_float16_weights_on_a_zero_eps_abort_with_the_weights_restored():

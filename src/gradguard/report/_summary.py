@@ -19,8 +19,13 @@ def _nonfinite_kind(e: dict[str, Any]) -> str:
 def _nonfinite_sentence(e: dict[str, Any], *, later: bool = False) -> str:
     """What a ``nonfinite_grad`` event says happened, without the final period (``later``:
     after the run's first trouble). The loss or the input batch itself non-finite is no
-    explosion of the gradients."""
+    explosion of the gradients, nor are weights an update made NaN (cause
+    ``nonfinite_weights``)."""
     kind, s, origin = _nonfinite_kind(e), e["step"], e.get("layer")
+    if (e.get("data") or {}).get("cause") == "nonfinite_weights":
+        of = f" of `{origin}`" if origin else ""
+        return (f"The weights{of} were NaN/Inf at step {s}: the optimizer's update before "
+                "it wrote them from finite gradients")
     if origin == "(loss)":
         return f"The loss was {kind} at step {s}, and the gradients with it"
     if origin == "(input)":
