@@ -519,7 +519,7 @@ def test_zclip_state_is_finite_from_its_first_step(gradual, zclip_path):
     weights): ZClip's state holds none, from a first step whose norm is NaN on. (The
     "gradual" rule's first sentinel was +inf: under ``gradual=None`` no snapshot was ever
     taken, and lab T3 stopped with TrainingDiverged.)"""
-    from gradguard.recovery.actions import all_finite
+    from gradguard.recovery.finite import all_finite
     policy = gg.ZClip(gradual=gradual)
     for g, loss in [(math.nan, math.nan), (math.inf, 1.0), (1.0, None), (1.1, 2.0)]:
         policy.coefficient(stats_with_loss(g, loss))

@@ -921,6 +921,63 @@ def test_float16_weights_on_a_zero_eps_abort_with_the_weights_restored():
     assert "eps" in abort.remedy
 
 
+class _MaskedLM(nn.Module):
+    """A causal attention LM whose mask of -inf is a buffer (or, ``frozen``, a parameter
+    that requires no gradient), as many codebases keep it."""
+
+    def __init__(self, frozen: bool = False, t: int = 8, d: int = 16, vocab: int = 11) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.att = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, vocab)
+        mask = torch.triu(torch.full((t, t), -math.inf), 1)
+        if frozen:
+            self.mask = nn.Parameter(mask, requires_grad=False)
+        else:
+            self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        return self.head(h + self.att(h, h, h, attn_mask=self.mask, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["buffer", "frozen_parameter"])
+def test_a_causal_mask_of_minus_inf_does_not_stop_the_snapshots(frozen):
+    """A mask of -inf in the model's state is by design: the snapshot's finiteness test
+    refused every state of such a transformer, not even the weights before its first step
+    were kept, and a rollback had nothing to restore. What training does not write
+    (buffers, frozen parameters) is judged for NaN only now; the weights check of
+    :mod:`gradguard.recovery.ladder_weights` skips frozen parameters, so a NaN batch is a
+    skip, and a NaN LR a rollback to a snapshot."""
+    from gradguard.recovery.finite import all_finite
+
+    torch.manual_seed(0)
+    model = _MaskedLM(frozen)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: math.nan if s == 160 else 1.0)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    g = torch.Generator().manual_seed(0)
+    for step in range(220):
+        x = torch.randint(0, 11, (16, 8), generator=g)
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, 11), torch.roll(x, -1, 1).reshape(-1))
+        if step == 100:
+            loss = loss * math.nan  # a bad batch: skipped, no rollback
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss.detach())
+        sched.step()
+    guard.close()
+    acts = [(e.kind, e.step) for e in guard.events if e.kind in ("rollback", "lr_backoff")]
+    assert acts == [("rollback", 161)]
+    back = next(e for e in guard.events if e.kind == "rollback")
+    assert back.data["snapshot_step"] >= 0  # a snapshot was there to restore
+    assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+    assert torch.equal(model.mask, torch.triu(torch.full((8, 8), -math.inf), 1))
+    # the rule itself: -inf allowed where asked, NaN never
+    assert all_finite({}, [model.mask]) and not all_finite({"m": model.mask})
+    assert not all_finite({}, [torch.tensor([1.0, math.nan])])
+
+
 def test_a_network_that_dies_again_after_a_rollback_is_not_waited_for():
     """The digits CNN on AdamW at 1000x: the first update wrecks it (rollback at step 3 to
     the fresh weights, LR x0.1), and so does the first at 100x (rollback at step 7, LR

@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import distributed
 from ..events import listed
 from ..executors import NONFINITE, STALE, Hook
-from . import actions, wreck
+from . import actions, finite
 from .defaults import SPIKE_GRACE
 from .ladder import DATA_REASONS, NONFINITE_REASON, OFFSCALE_REASON, SPIKE_REASON, Trigger
 from .late import enabled
@@ -111,7 +111,7 @@ def _feed_skip(rec: Recovery, guard: Guard, trig: Trigger, code: int, norms: Ten
     first = (trig.kind == "skip" and bool(code & NONFINITE) and not trig.data
              and not rec.state.consecutive_skips)
     rec._feed(guard, trig, lambda: actions.nonfinite_layers(guard, norms))
-    flag = wreck.weights_flag(guard) if first else None
+    flag = finite.weights_flag(guard) if first else None
     if flag is not None:
         rec._weights.push(trig.step, flag, rec._last_taken)
 
@@ -123,7 +123,7 @@ def hear_weights(rec: Recovery, guard: Guard) -> None:
     only. The layers go to the flush's ``nonfinite_grad`` event
     (:func:`~gradguard.detectors.detect_nonfinite`)."""
     for step, flag, taken in rec._weights.heard():
-        bad = wreck.nonfinite_weights(guard) if flag else []
+        bad = finite.nonfinite_weights(guard) if flag else []
         if not bad:
             continue
         guard.monitor.bad_weights[step] = bad

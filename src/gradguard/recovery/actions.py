@@ -25,15 +25,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .. import distributed
 from .._tensors import numeric_lr
 from ..events import Event
-from ..measure import stored
 from ..naming import OPTIMIZER_PREFIX, layer_of
-from . import messages, wreck
+from . import finite, messages, wreck
 from .ladder import Action, Trigger, transition
 from .shift import rebase
 from .snapshots import copy_state
@@ -247,7 +244,7 @@ def _finite_at_abort(rec: Recovery, guard: Guard) -> int | None:
     """An abort leaves no NaN/Inf in the weights: when they hold any (an update wrote them,
     :mod:`.ladder_weights`), the newest snapshot is restored and its step returned (-1: the
     weights before the first step); None when the weights are finite or none is kept."""
-    if not wreck.nonfinite_weights(guard):
+    if not finite.nonfinite_weights(guard):
         return None
     snap = rec.ring.load(0)
     if snap is None:
@@ -338,57 +335,28 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
     host read, at flush time). With the weights go the statistics that describe their
     gradients: the clip policy's and the per-step spike verdict's (restored weights are
     judged against the norms they had, not against those of the weights they replace)."""
+    model = guard.model.state_dict()
     state = {
         "step": step,
-        "model": guard.model.state_dict(),
+        "model": model,
         # parameters the optimizer steps that the model does not hold (named by position)
         "extra_params": {n: p.detach() for n, p in zip(guard.names, guard.telemetry.params)
                          if n.startswith(OPTIMIZER_PREFIX)},
         "optimizer": local_optimizer(guard.optimizer).state_dict(),
         "clip": None if guard.clip is None else guard.clip.state_dict(),
     }
-    if not all_finite(state):
+    # what training does not write (buffers, frozen parameters) may hold ±Inf by design:
+    # a causal mask of -inf registered as a buffer left a transformer with no snapshot at
+    # all, not even the weights before its first step; NaN there is still corruption
+    masks = finite.untrained_keys(guard.model)
+    trained = {k: v for k, v in model.items() if k not in masks}
+    if not finite.all_finite({**state, "model": trained}, [model[k] for k in masks if k in model]):
         return None
     verdict = getattr(guard.recovery, "_verdict", None)
     if verdict is not None:  # its ring holds NaN for empty slots: not part of the check
         state["verdict"] = verdict.live_state(guard.telemetry.device)
     state["detectors"] = guard.monitor.detector_state.spike_history()  # host floats, finite
     return state
-
-
-def all_finite(obj: Any) -> bool:
-    """True when every floating tensor (and float) in ``obj`` is finite, on every rank: one
-    host read per device, and under torch.distributed one all-reduce, so that every rank
-    keeps (or drops) the same snapshot. DTensors are judged by their local shards, sparse
-    tensors by their values."""
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-
-    def walk(x: Any) -> bool:
-        if isinstance(x, Tensor):
-            x = stored(x)
-            if (x.is_floating_point() or x.is_complex()) and x.numel():
-                groups.setdefault((x.device, x.dtype), []).append(x.detach())
-            return True
-        if isinstance(x, dict):
-            return all(walk(v) for v in x.values())
-        if isinstance(x, (list, tuple)):
-            return all(walk(v) for v in x)
-        return not isinstance(x, float) or math.isfinite(x)
-
-    # max |x| per tensor (NaN and Inf propagate): no temporary the size of a tensor, one
-    # kernel per (device, dtype), one host read per device
-    flags: dict[torch.device, list[Tensor]] = {}
-    ok = walk(obj)
-    for (device, _), ts in groups.items():
-        flags.setdefault(device, []).append(
-            torch.isfinite(torch.stack(torch._foreach_norm(ts, math.inf))).all())
-    ok = ok and all(bool(torch.stack(f).all()) for f in flags.values())
-    if distributed.is_distributed():
-        # on the parameters' device: NCCL reduces CUDA tensors only
-        flag = torch.tensor([float(ok)], device=next(iter(flags), torch.device("cpu")))
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
-    return ok
 
 
 def nonfinite_layers(guard: Guard, norms: Tensor) -> list[str]:

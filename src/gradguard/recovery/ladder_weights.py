@@ -9,7 +9,7 @@ NaN/Inf (a schedule's formula that divides by zero at one step). Every step afte
 on NaN weights: its loss and gradients are NaN and it is skipped, so the ladder's usual
 course (three skips, a back-off, three more, a rollback at a lower LR) loses six steps and
 lowers an LR whose size did nothing. The Recovery checks the weights at the first
-non-finite step after a taken one (:func:`gradguard.recovery.wreck.weights_flag`: one
+non-finite step after a taken one (:func:`gradguard.recovery.finite.weights_flag`: one
 reduction, its flag copied to the host without waiting, :mod:`.late`) and, when they hold
 NaN/Inf, hears a ``weights`` trigger (:func:`gradguard.recovery._steps.hear_weights`)."""
 

@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import distributed
-from ..naming import layer_of
 from .ladder import OFFSCALE_REASON, SPIKE_REASON, LadderState, Trigger
 
 if TYPE_CHECKING:
@@ -91,42 +89,3 @@ def share(ratio: float) -> str:
     """``5.18`` -> "518% of"; ``310.4`` -> "310 times"."""
     return f"{ratio:.0%} of" if ratio < 10 else f"{ratio:.3g} times"
 
-
-def weights_flag(guard: Guard) -> torch.Tensor | None:
-    """1 (a uint8 on the device) when the weights (the parameters the guard measures) hold
-    NaN/Inf, else 0: one reduction per (device, dtype), no host read. None under
-    ``torch.distributed``: each rank holds its own shards, and a rollback must be decided
-    alike everywhere."""
-    if distributed.world_size() > 1:
-        return None
-    device = guard.telemetry.device
-    flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, math.inf))).all().to(device)
-             for ts in _groups(guard).values()]
-    if not flags:
-        return None
-    return (~torch.stack(flags).all()).to(torch.uint8)
-
-
-def nonfinite_weights(guard: Guard) -> list[str]:
-    """The layers whose weights hold NaN/Inf: a host read, on the path of a rollback or an
-    abort only (:mod:`.ladder_weights`); none under ``torch.distributed``."""
-    if distributed.world_size() > 1:
-        return []
-    bad: list[int] = []
-    for idx, ts in _groups(guard, indices=True).items():
-        flags = torch.isfinite(torch.stack(torch._foreach_norm(ts, math.inf))).tolist()
-        bad += [i for i, ok in zip(idx, flags) if not ok]
-    return list(dict.fromkeys(layer_of(guard.names[i]) for i in sorted(bad)))
-
-
-def _groups(guard: Guard, *, indices: bool = False) -> dict[Any, list[Any]]:
-    """The guard's floating parameters by (device, dtype), for one foreach kernel each;
-    keyed by the tuple of their positions when ``indices``."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    params = guard.telemetry.params
-    for i, p in enumerate(params):
-        if p.is_floating_point() and p.numel():
-            groups.setdefault((p.device, p.dtype), []).append(i)
-    if indices:
-        return {tuple(idx): [params[i].detach() for i in idx] for idx in groups.values()}
-    return {key: [params[i].detach() for i in idx] for key, idx in groups.items()}
