@@ -408,3 +408,41 @@ def test_an_eps_that_is_zero_in_float16_on_float16_weights_warns_at_construction
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gg.Guard(float32, opt_cls(float32.parameters(), lr=1e-3, **kw))  # no warning
+
+
+@pytest.mark.parametrize("dtype, opt_cls, lr, warns", [
+    (torch.bfloat16, torch.optim.Adam, 1e-5, True), (torch.bfloat16, torch.optim.AdamW, 1e-4, True),
+    (torch.bfloat16, torch.optim.RMSprop, 1e-5, True), (torch.bfloat16, torch.optim.Adam, 1e-3, False),
+    (torch.bfloat16, torch.optim.SGD, 1e-5, False), (torch.float32, torch.optim.Adam, 1e-5, False),
+    (torch.float16, torch.optim.Adam, 1e-4, False)])
+def test_half_weights_whose_updates_round_away_warn_at_construction(dtype, opt_cls, lr, warns):
+    """Pure bfloat16 weights on Adam at 1e-5: an update of the full LR is under half the
+    spacing of bfloat16 numbers at most of the weights and rounds away (checked below: most
+    weights do not move in ten steps); the guard says so when it is built. Float32 weights
+    (autocast keeps them), float16's finer spacing at 1e-4, an LR that moves them (1e-3),
+    and SGD (whose update is the gradient's size, not the LR's) do not warn. A warm-up that
+    starts at 0 is judged at its peak."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).to(dtype)
+    kw = {"eps": 1e-4} if opt_cls is not torch.optim.SGD else {}
+    opt = opt_cls(model.parameters(), lr=lr, **kw)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        gg.Guard(model, opt)
+    said = [x for x in w if "rounds away" in str(x.message)]
+    assert len(said) == int(warns)
+    if warns:
+        before = [p.detach().clone() for p in model.parameters()]
+        x, y = torch.randn(32, 64, dtype=dtype), torch.randint(0, 10, (32,))
+        for _ in range(10):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x).float(), y).backward()
+            opt.step()
+        still = sum(int((p == b).sum()) for p, b in zip(model.parameters(), before))
+        assert still > 0.5 * sum(p.numel() for p in model.parameters())  # what it warned of
+    if dtype is torch.bfloat16 and opt_cls is torch.optim.Adam and warns:
+        warm = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+        torch.optim.lr_scheduler.LambdaLR(warm, lambda s: s / 100)  # lr 0 now, 1e-3 planned
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            gg.Guard(model, warm)

@@ -130,7 +130,7 @@ class Guard:
         self.kind = optimizer_kind(optimizer)
         self._needs_closure = needs_closure(optimizer)
         self._sign = lifecycle.loss_sign(optimizer)  # -1: maximize=True, judge -objective
-        lifecycle.warn_eps_underflow(optimizer)
+        lifecycle.warn_half_weights(optimizer)
         self._fresh = FreshState(optimizer)
         # a skipped step's forward already moved the batch norm running statistics
         self._running = RunningStats(distributed.unwrap(model))
