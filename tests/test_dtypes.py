@@ -380,6 +380,15 @@ def test_a_rollback_restores_a_sparse_embedding_and_its_sparse_momentum():
     assert state_bytes(buf) == rows.numel() * 4 + buf._indices().numel() * 8
 
 
+def _said_at_construction(model: nn.Module, opt: torch.optim.Optimizer,
+                          text: str) -> list[warnings.WarningMessage]:
+    """The warnings containing ``text`` that building a guard over ``model`` raises."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        gg.Guard(model, opt)
+    return [x for x in w if text in str(x.message)]
+
+
 @pytest.mark.parametrize("opt_cls, eps, warns", [
     (torch.optim.Adam, 1e-8, True), (torch.optim.AdamW, 1e-8, True),
     (torch.optim.Adagrad, 1e-10, True), (torch.optim.Adam, 1e-4, False),
@@ -392,10 +401,7 @@ def test_an_eps_that_is_zero_in_float16_on_float16_weights_warns_at_construction
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).half()
     kw = {} if eps is None else {"eps": eps}
     opt = opt_cls(model.parameters(), lr=1e-3, **kw)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        gg.Guard(model, opt)
-    said = [x for x in w if "is 0 in float16" in str(x.message)]
+    said = _said_at_construction(model, opt, "is 0 in float16")
     assert len(said) == int(warns)
     if warns:
         assert f"eps={eps:g}" in str(said[0].message) and "eps=1e-4" in str(said[0].message)
@@ -426,10 +432,7 @@ def test_half_weights_whose_updates_round_away_warn_at_construction(dtype, opt_c
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).to(dtype)
     kw = {"eps": 1e-4} if opt_cls is not torch.optim.SGD else {}
     opt = opt_cls(model.parameters(), lr=lr, **kw)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        gg.Guard(model, opt)
-    said = [x for x in w if "rounds away" in str(x.message)]
+    said = _said_at_construction(model, opt, "rounds away")
     assert len(said) == int(warns)
     if warns:
         before = [p.detach().clone() for p in model.parameters()]
