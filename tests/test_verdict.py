@@ -921,3 +921,44 @@ def test_a_loss_level_rung_at_max_rollbacks_turns_the_loss_tests_off_not_the_run
     _, (off,) = transition(cfg, st, Trigger("spike", 196, spike, 1.0, confirmed=True, by_level=True))
     _, (abort,) = transition(cfg, st, Trigger("spike", 196, spike, 1.0, confirmed=True))
     assert (off.kind, abort.kind) == ("level_off", "abort")
+
+
+def test_a_restore_heard_from_a_fused_skip_flag_in_a_hook_teaches_the_clip_policy_nothing(
+        monkeypatch):
+    """Under a trainer's hook a fused optimizer's skip flags are heard at the next step's
+    hook, after its backward and after the clip policy saw that step. The digits CNN on
+    fused AdamW at 100x: its first update wrecks it, the steps after are skipped for their
+    loss, and the rollback comes on hearing their flags. The step whose hook heard them is
+    voided (its gradients are the wrecked weights'), and the rollback restores the clip
+    policy's statistics after the policy saw it: its state after that step is the one the
+    rollback restored (the verdict, judged after the hearing, is spared as stale)."""
+    from benchmarks import rescue_cases as rc
+
+    from gradguard.integrations._hooked import hooked_guard
+    from gradguard.recovery import actions
+
+    torch.manual_seed(2)
+    model = rc.digits_cnn()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.3, fused=True)
+    guard = hooked_guard(model, opt, gg.GuardConfig(recovery=gg.Recovery(), clip=gg.ZClip()))
+    real, restored = actions.rollback, []
+
+    def rollback(guard_, *a, **k):  # type: ignore[no-untyped-def]
+        out = real(guard_, *a, **k)
+        restored.append((guard_.step_count, copy_state(guard_.clip.state_dict())))
+        return out
+
+    monkeypatch.setattr(actions, "rollback", rollback)
+    batch = rc.digits_batches(2)
+    for step in range(12):
+        x, y = batch(step)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        guard.step(loss.detach())  # the hook; the trainer's fused step follows
+        opt.step()
+        opt.zero_grad()
+        if restored and restored[-1][0] == step:  # this step's hook rolled back
+            was, now = restored[-1][1]["state"], guard.clip.state_dict()["state"]
+            assert all(torch.equal(v, was[k]) for k, v in now.items())
+    guard.close()
+    assert restored  # the wreck was rolled back through the hook
