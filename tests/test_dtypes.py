@@ -449,3 +449,28 @@ def test_half_weights_whose_updates_round_away_warn_at_construction(dtype, opt_c
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             gg.Guard(model, warm)
+
+
+def test_rounded_away_updates_are_an_event_the_run_summary_tells(tmp_path):
+    """The construction warning is also an ``update_ratio`` warning event at step 0, so the
+    run's files, its report and ``gradguard run``'s summary say it: a pure bfloat16 run
+    whose loss still falls a little is no longer just "no gradient trouble"."""
+    from gradguard.report import load_run
+    from gradguard.report._summary import summary_sentence
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-4)
+    with pytest.warns(gg.GradGuardWarning, match="rounds away"):
+        guard = gg.Guard(model, opt, sinks=[gg.JsonlSink(tmp_path)])
+    x, y = torch.randn(32, 64, dtype=torch.bfloat16), torch.randint(0, 10, (32,))
+    for _ in range(20):
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    said = [e for e in guard.events if e.kind == "update_ratio"]
+    assert [(e.step, e.severity) for e in said] == [(0, "warning")]
+    assert said[0].data["rounded_share"] > 0.5
+    assert "rounds away in their dtype" in summary_sentence(load_run(tmp_path))

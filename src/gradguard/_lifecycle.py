@@ -101,7 +101,8 @@ def relayout(guard: Guard) -> None:
                                  said=guard._unstepped.said)
     guard.kind = optimizer_kind(guard.optimizer)
     guard._sign = loss_sign(guard.optimizer)
-    warn_half_weights(guard.optimizer)
+    for event in warn_half_weights(guard.optimizer, guard.step_count):
+        guard.add_event(event)
     guard._fresh.reset()  # the new parameters have no optimizer state yet
     forget_norms(guard)
     if guard._sampler is not None:
@@ -173,19 +174,25 @@ def warn_no_loss() -> None:
         "step's loss: guard.step(loss).", GradGuardWarning, stacklevel=caller_stacklevel())
 
 
-def warn_half_weights(optimizer: torch.optim.Optimizer) -> None:
+def warn_half_weights(optimizer: torch.optim.Optimizer, step: int = 0) -> list[Event]:
     """What half-precision weights cost that no guard can mend, said at construction:
     an ``eps`` that is 0 in float16 (:func:`warn_eps_underflow`) and updates that round
-    away (:func:`warn_update_rounding`)."""
+    away (:func:`warn_update_rounding`, also an ``update_ratio`` warning event at ``step``
+    for the run's files and report: no later event shows it)."""
     warn_eps_underflow(optimizer)
-    warn_update_rounding(optimizer)
+    said = warn_update_rounding(optimizer)
+    if said is None:
+        return []
+    share, text, remedy = said
+    return [Event(kind="update_ratio", step=step, severity="warning", value=share,
+                  message=f"step {step}: {text}", remedy=remedy, data={"rounded_share": share})]
 
 
 #: A share of the half-precision weights this large whose updates round away is warned of.
 ROUNDED_SHARE = 0.1
 
 
-def warn_update_rounding(optimizer: torch.optim.Optimizer) -> None:
+def warn_update_rounding(optimizer: torch.optim.Optimizer) -> tuple[float, str, str] | None:
     """Weights kept in bfloat16 or float16 (not under autocast, whose weights stay float32)
     on an optimizer whose per-element update is at most about its LR (Adam's family and
     Lion: ``betas`` in the param group; RMSprop): a weight ``w`` has neighbours
@@ -195,7 +202,8 @@ def warn_update_rounding(optimizer: torch.optim.Optimizer) -> None:
     weights do not train, and no guard can tell a step that changed nothing from a calm
     one: say so. Measured: a digits MLP in pure bfloat16 on Adam at 1e-4 ends at a loss of
     1.42 against 0.52 in float32; at 1e-5 its weights move 0.3% in 400 steps, against 2.5%.
-    One device reduction per such parameter and one host read, at construction only."""
+    One device reduction per such parameter and one host read, at construction only.
+    Returns the share, the sentence and the remedy when it warned."""
     lost = total = 0
     for group in optimizer.param_groups:
         if "betas" not in group and type(optimizer).__name__ != "RMSprop":
@@ -212,16 +220,19 @@ def warn_update_rounding(optimizer: torch.optim.Optimizer) -> None:
                 total += p.numel()
         if counts:
             lost += int(torch.stack(counts).sum())
-    if total and lost >= ROUNDED_SHARE * total:
-        dtype = "bfloat16" if any(p.dtype == torch.bfloat16 for g in optimizer.param_groups
-                                  for p in g["params"]) else "float16"
-        warnings.warn(
-            f"Guard(optimizer=...): {lost / total:.0%} of the {dtype} weights that "
-            f"{type(optimizer).__name__} updates are so large that an update of the full "
-            f"LR is under half the spacing of {dtype} numbers there and rounds away: those "
-            "weights stop training, and nothing in the gradients shows it. Keep float32 "
-            f"weights and train under torch.autocast(dtype=torch.{dtype}) (the optimizer "
-            "then updates float32 copies).", GradGuardWarning, stacklevel=caller_stacklevel())
+    if not total or lost < ROUNDED_SHARE * total:
+        return None
+    dtype = "bfloat16" if any(p.dtype == torch.bfloat16 for g in optimizer.param_groups
+                              for p in g["params"]) else "float16"
+    text = (f"{lost / total:.0%} of the {dtype} weights that {type(optimizer).__name__} "
+            f"updates are so large that an update of the full LR is under half the spacing "
+            f"of {dtype} numbers there and rounds away: those weights stop training, and "
+            "nothing in the gradients shows it")
+    remedy = (f"Keep float32 weights and train under torch.autocast(dtype=torch.{dtype}) "
+              "(the optimizer then updates float32 copies).")
+    warnings.warn(f"Guard(optimizer=...): {text}. {remedy}", GradGuardWarning,
+                  stacklevel=caller_stacklevel())
+    return lost / total, text, remedy
 
 
 def warn_eps_underflow(optimizer: torch.optim.Optimizer) -> None:

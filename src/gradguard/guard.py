@@ -130,13 +130,15 @@ class Guard:
         self.kind = optimizer_kind(optimizer)
         self._needs_closure = needs_closure(optimizer)
         self._sign = lifecycle.loss_sign(optimizer)  # -1: maximize=True, judge -objective
-        lifecycle.warn_half_weights(optimizer)
+        said = lifecycle.warn_half_weights(optimizer)
         self._fresh = FreshState(optimizer)
         # a skipped step's forward already moved the batch norm running statistics
         self._running = RunningStats(distributed.unwrap(model))
         self.executor = executor if executor is not None else Direct(optimizer)
         writes = self.dist is None or cfg.sink_rank is None or self.dist.rank == cfg.sink_rank
         self.monitor = Monitor(cfg.sinks, cfg.detector_config or DetectorConfig(), self.dist, writes)
+        for event in said:
+            self.monitor.add_event(event)
         self.step_count = 0
         #: Batches a data-loader user should skip after a rollback (set by Recovery).
         self.batches_to_skip = 0

@@ -175,6 +175,12 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         parts.append(f"The parameters of {listed(layers) if layers else 'some layers'} got "
                      f"gradients that no optimizer stepped (seen by step {idle['step']}): they "
                      "did not train; add them to the optimizer (add_param_group) or freeze them.")
+    rounded = next((e for e in ev if e.get("kind") == "update_ratio"
+                    and "rounded_share" in (e.get("data") or {})), None)
+    if rounded is not None:  # half-precision weights too large for the LR (gradguard._lifecycle)
+        parts.append(f"When the guard was built, {rounded['data']['rounded_share']:.0%} of the "
+                     "weights were so large that an update of the full LR rounds away in their "
+                     "dtype: those barely trained (keep float32 weights under torch.autocast).")
     risk = [e for e in ev if e.get("kind") == "divergence_risk"]
     if risk:  # the early warning, and how long before the trouble it came
         r, signal = risk[0], (risk[0].get("data") or {}).get("signal")
