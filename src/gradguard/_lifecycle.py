@@ -8,6 +8,7 @@ guard's methods of the same names call them.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING
 
@@ -197,7 +198,8 @@ def warn_update_rounding(optimizer: torch.optim.Optimizer) -> tuple[float, str, 
     on an optimizer whose per-element update is at most about its LR (Adam's family and
     Lion: ``betas`` in the param group; RMSprop): a weight ``w`` has neighbours
     ``2**floor(log2|w|) * finfo.eps`` apart, and an update under half that is rounded
-    away. When ``ROUNDED_SHARE`` or more of those weights would lose even an update of the
+    away: an update of ``lr`` is lost on every ``|w|`` at or above the power of two past
+    ``2 * lr / eps``. When ``ROUNDED_SHARE`` or more of those weights would lose even an update of the
     full LR (the schedule's peak, ``initial_lr``, when a scheduler recorded one), those
     weights do not train, and no guard can tell a step that changed nothing from a calm
     one: say so. Measured: a digits MLP in pure bfloat16 on Adam at 1e-4 ends at a loss of
@@ -214,9 +216,8 @@ def warn_update_rounding(optimizer: torch.optim.Optimizer) -> tuple[float, str, 
         counts = []
         for p in group["params"]:
             if p.dtype in (torch.bfloat16, torch.float16) and p.numel():
-                w = p.detach().float().abs()
-                spacing = torch.exp2(torch.floor(torch.log2(w))) * torch.finfo(p.dtype).eps
-                counts.append((lr < spacing / 2).sum())
+                bound = 2.0 ** (math.floor(math.log2(2 * lr / torch.finfo(p.dtype).eps)) + 1)
+                counts.append((p.detach().abs() >= bound).sum())
                 total += p.numel()
         if counts:
             lost += int(torch.stack(counts).sum())

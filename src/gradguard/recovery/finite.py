@@ -48,12 +48,11 @@ def all_finite(obj: Any, nan_only: Any = ()) -> bool:
             return all(walk(v, nan) for v in x)
         return not isinstance(x, float) or (math.isfinite(x) or (nan and not math.isnan(x)))
 
-    # max |x| per tensor (NaN propagates; Inf is Inf): no temporary the size of a tensor,
     # one kernel per (device, dtype), one host read per device
     flags: dict[torch.device, list[Tensor]] = {}
     ok = walk(obj) and walk(nan_only, True)
     for (device, _, nan), ts in groups.items():
-        top = torch.stack(torch._foreach_norm(ts, math.inf))
+        top = _max_abs(ts)
         flags.setdefault(device, []).append(
             (~torch.isnan(top) if nan else torch.isfinite(top)).all())
     ok = ok and all(bool(torch.stack(f).all()) for f in flags.values())
@@ -72,9 +71,9 @@ def weights_flag(guard: Guard) -> torch.Tensor | None:
     alike everywhere."""
     if distributed.world_size() > 1:
         return None
-    device = guard.telemetry.device
-    flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, math.inf))).all().to(device)
-             for ts in _groups(guard).values()]
+    params, device = guard.telemetry.params, guard.telemetry.device
+    flags = [torch.isfinite(_max_abs([params[i] for i in idx])).all().to(device)
+             for idx in _trained(guard)]
     if not flags:
         return None
     return (~torch.stack(flags).all()).to(torch.uint8)
@@ -85,22 +84,24 @@ def nonfinite_weights(guard: Guard) -> list[str]:
     abort only (:mod:`.ladder_weights`); none under ``torch.distributed``."""
     if distributed.world_size() > 1:
         return []
-    bad: list[int] = []
-    for idx, ts in _groups(guard, indices=True).items():
-        flags = torch.isfinite(torch.stack(torch._foreach_norm(ts, math.inf))).tolist()
-        bad += [i for i, ok in zip(idx, flags) if not ok]
+    params, bad = guard.telemetry.params, []
+    for idx in _trained(guard):
+        ok = torch.isfinite(_max_abs([params[i] for i in idx])).tolist()
+        bad += [i for i, fine in zip(idx, ok) if not fine]
     return list(dict.fromkeys(layer_of(guard.names[i]) for i in sorted(bad)))
 
 
-def _groups(guard: Guard, *, indices: bool = False) -> dict[Any, list[Any]]:
-    """The guard's floating parameters that train (not a frozen one: it may hold a mask's
-    -inf by design) by (device, dtype), for one foreach kernel each; keyed by the tuple
-    of their positions when ``indices``."""
+def _trained(guard: Guard) -> list[list[int]]:
+    """The positions of the guard's floating parameters that train (not a frozen one: it
+    may hold a mask's -inf by design), one list per (device, dtype): one kernel each."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    params = guard.telemetry.params
-    for i, p in enumerate(params):
-        if p.is_floating_point() and p.numel() and p.requires_grad:  # not a frozen mask
+    for i, p in enumerate(guard.telemetry.params):
+        if p.is_floating_point() and p.numel() and p.requires_grad:
             groups.setdefault((p.device, p.dtype), []).append(i)
-    if indices:
-        return {tuple(idx): [params[i].detach() for i in idx] for idx in groups.values()}
-    return {key: [params[i].detach() for i in idx] for key, idx in groups.items()}
+    return list(groups.values())
+
+
+def _max_abs(ts: list[Tensor]) -> Tensor:
+    """max |x| of each tensor (NaN propagates, Inf is Inf), stacked: one foreach kernel and
+    no temporary the size of a tensor."""
+    return torch.stack(torch._foreach_norm([t.detach() for t in ts], math.inf))
