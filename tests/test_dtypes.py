@@ -474,3 +474,36 @@ def test_rounded_away_updates_are_an_event_the_run_summary_tells(tmp_path):
     assert [(e.step, e.severity) for e in said] == [(0, "warning")]
     assert said[0].data["rounded_share"] > 0.5
     assert "rounds away in their dtype" in summary_sentence(load_run(tmp_path))
+
+
+@pytest.mark.parametrize("cast, said", [
+    (torch.float16, "is 0 in float16"), (torch.bfloat16, "rounds away"), (torch.float32, None)])
+def test_weights_cast_after_the_guard_was_built_are_judged_at_its_first_step(cast, said):
+    """Found as a stranger: a guard built over a float32 model that was then cast
+    (``model.half()`` on a model the optimizer already held) said nothing, and Adam's
+    eps=1e-8, 0 in float16, wrote NaN into the weights at step 7 (three rollbacks, then an
+    abort). The dtypes the construction judged are compared at the first step; weights cast
+    since are judged then, once, with the same warnings (and the rounding's event)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    lr = 1e-3 if cast is torch.float16 else 1e-5
+    opt = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-8 if cast is torch.float16 else 1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard = gg.Guard(model, opt)  # float32 weights: nothing to say
+    model.to(cast)
+    x, y = torch.randn(32, 64, dtype=cast), torch.randint(0, 10, (32,))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach())
+    guard.close()
+    heard = [str(x.message) for x in w if issubclass(x.category, gg.GradGuardWarning)]
+    assert len(heard) == (0 if said is None else 1)  # once, at the first step
+    if said is not None:
+        assert said in heard[0]
+    events = [e.kind for e in guard.events if e.kind == "update_ratio"]
+    assert events == (["update_ratio"] if cast is torch.bfloat16 else [])

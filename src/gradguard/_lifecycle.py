@@ -175,6 +175,23 @@ def warn_no_loss() -> None:
         "step's loss: guard.step(loss).", GradGuardWarning, stacklevel=caller_stacklevel())
 
 
+def weight_dtypes(optimizer: torch.optim.Optimizer) -> frozenset[torch.dtype]:
+    """The dtypes of the parameters ``optimizer`` holds."""
+    return frozenset(p.dtype for g in optimizer.param_groups for p in g["params"])
+
+
+def recast(guard: Guard) -> None:
+    """At the guard's first step: weights cast after it was built (``model.half()``,
+    ``model.to(torch.bfloat16)`` on a model the optimizer already held) were not in the
+    dtype :func:`warn_half_weights` judged at construction; judge them now, once (a
+    digits MLP cast to float16 after the guard: Adam's eps of 1e-8, 0 in float16, wrote
+    NaN into its weights at step 7 with no warning before)."""
+    judged, guard._cast = guard._cast, None
+    if weight_dtypes(guard.optimizer) != judged:
+        for event in warn_half_weights(guard.optimizer, guard.step_count):
+            guard.add_event(event)
+
+
 def warn_half_weights(optimizer: torch.optim.Optimizer, step: int = 0) -> list[Event]:
     """What half-precision weights cost that no guard can mend, said at construction:
     an ``eps`` that is 0 in float16 (:func:`warn_eps_underflow`) and updates that round

@@ -131,6 +131,8 @@ class Guard:
         self._needs_closure = needs_closure(optimizer)
         self._sign = lifecycle.loss_sign(optimizer)  # -1: maximize=True, judge -objective
         said = lifecycle.warn_half_weights(optimizer)
+        #: the weights' dtypes the warnings above judged; None once the first step looked
+        self._cast: frozenset[torch.dtype] | None = lifecycle.weight_dtypes(optimizer)
         self._fresh = FreshState(optimizer)
         # a skipped step's forward already moved the batch norm running statistics
         self._running = RunningStats(distributed.unwrap(model))
@@ -239,6 +241,8 @@ class Guard:
         with torch.no_grad():
             if optimizer_layout(self.optimizer) != self._layout:
                 self._relayout()  # add_param_group: guard the new parameters too
+            if self._cast is not None:
+                lifecycle.recast(self)  # model.half() after the guard was built
             restores = getattr(self.recovery, "restores", 0)  # weights restored so far
             if self._flush_due():
                 self.flush()  # a hook-driven step: the previous (flush) step has now run
