@@ -518,3 +518,93 @@ def test_a_loss_that_does_not_answer_the_weights_under_gradguard_run(tmp_path, c
     assert json.loads((run / "guard.json").read_text())["loss_rise"] is False
     assert main(["run", "--no-loss-rise", "--no-recovery", str(script)]) == 2
     assert "--no-loss-rise: recovery is off" in capsys.readouterr().err
+
+
+def _epochs(session_out: Path | None, *, skip: frozenset[int] = frozenset(),
+            nan: frozenset[int] = frozenset(), make=None, gan: bool = False):
+    """A digits-like MLP trained five epochs of 40 steps, with a new SGD optimizer built
+    each epoch (its LR decayed by hand), as some scripts do; ``nan``: steps whose loss is
+    NaN; ``skip``: steps the loop itself leaves out (the unguarded reference). ``gan``:
+    a second model with its own optimizer, also built anew each epoch, stepped in turn."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    other = torch.nn.Linear(16, 4)
+    gen = torch.Generator().manual_seed(1)
+    step = 0
+    session = (ZeroCodeSession(session_out, recovery=gg.Recovery(), report=False)
+               if session_out is not None else None)
+    if session is not None:
+        session.install()
+    try:
+        for epoch in range(5):
+            opt = (make or (lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9)))(
+                model.parameters(), 0.1 * 0.7 ** epoch)
+            opt_other = torch.optim.SGD(other.parameters(), lr=0.05) if gan else None
+            for _ in range(40):
+                x = torch.randn(32, 16, generator=gen)
+                y = (x[:, :4] > 0).long().argmax(1)
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                if step in nan:
+                    loss = loss * float("nan")
+                opt.zero_grad()
+                loss.backward()
+                if step not in skip:
+                    opt.step()
+                if opt_other is not None:
+                    opt_other.zero_grad()
+                    torch.nn.functional.cross_entropy(other(x), y).backward()
+                    opt_other.step()
+                step += 1
+    finally:
+        if session is not None:
+            session.close()
+    return model, session
+
+
+def test_a_new_optimizer_each_epoch_is_one_run_numbered_by_the_scripts_steps(tmp_path):
+    """Found as a stranger: a script that builds a new optimizer over the same model each
+    epoch got one guard per epoch under ``gradguard run``: five summaries, each counting
+    from step 0 (a NaN at the script's step 150 was "step 30"), the later ones calling a
+    converged model "not learning". A new optimizer over exactly the parameters of one that
+    has not stepped since it was built takes over that one's run: its guard loads the old
+    guard's state (the step count, clip statistics, the pending window, the ladder) and
+    its snapshots, and writes the same run directory. The NaN steps are skipped as if the
+    loop never took them (the weights equal an unguarded loop's that left them out)."""
+    nan = frozenset({30, 150})
+    model, session = _epochs(tmp_path / "run", nan=nan)
+    reference, _ = _epochs(None, skip=nan)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    [row] = session.rows
+    assert (row["steps"], row["skipped_steps"], row["replaced"]) == (200, 2, 4)
+    steps = steps_of(tmp_path / "run")
+    assert [r["step"] for r in steps] == list(range(200))
+    assert [r["step"] for r in steps if r["skipped"]] == [30, 150]
+    events = [(e["step"], e["kind"]) for e in read_jsonl(tmp_path / "run" / "events.jsonl")]
+    assert events == [(30, "nonfinite_grad"), (30, "skip"), (150, "nonfinite_grad"), (150, "skip")]
+    # the last optimizer's guard holds snapshots from before it was built (step 160)
+    assert min(session.units[0].guard.recovery.store.steps()) < 160
+    assert not (tmp_path / "run" / "optimizer1").exists()
+    from gradguard.integrations._summary import RunResult, format_summary
+
+    text = format_summary(RunResult(script="train.py", argv=[], run_dir=str(tmp_path / "run"),
+                                    exit_code=0, optimizers=session.rows))
+    assert "built anew 4 times" in text and "not learning" not in text
+
+
+def test_optimizers_stepped_in_turn_and_built_anew_each_epoch_stay_two_runs(tmp_path):
+    """Two models, each with its own optimizer built anew every epoch and stepped in turn:
+    two runs, each taking over its own predecessor (never the other's, whose parameters
+    differ); an optimizer of another kind over the same parameters (Adam after SGD) takes
+    over the run too, with the weights at the handover standing in for the snapshots."""
+    _, session = _epochs(tmp_path / "run", gan=True)
+    assert [(r["steps"], r["replaced"]) for r in session.rows] == [(200, 4), (200, 4)]
+    kinds = iter([torch.optim.SGD, torch.optim.Adam] * 3)
+
+    def make(ps, lr):
+        cls = next(kinds)
+        return cls(ps, lr=lr if cls is torch.optim.SGD else lr / 100)
+
+    _, session = _epochs(tmp_path / "switch", make=make)
+    [row] = session.rows
+    assert (row["steps"], row["replaced"], row["optimizer"]) == (200, 4, "SGD")

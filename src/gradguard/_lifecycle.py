@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -68,6 +68,30 @@ def abort(guard: Guard, error: TrainingDiverged, *, delivered: bool = False) -> 
     raise error
 
 
+def retire(guard: Guard) -> list[Any]:
+    """Hand the guard's run on to a successor built over another optimizer of the same
+    parameters (``gradguard run``: a script that builds a new optimizer each epoch), which
+    loads :meth:`~gradguard.Guard.state_dict` taken just before: no flush (the pending
+    window and events go on in the successor), and the sinks are returned open, for the
+    successor to write, instead of closed. What acts on the old optimizer and the model
+    (the LR multiplier, the executor's and the watches' hooks) is removed, as by
+    :func:`close`."""
+    guard._closed = True
+    _detach(guard)
+    sinks, guard.monitor.sinks = guard.monitor.sinks, []
+    return sinks
+
+
+def _detach(guard: Guard) -> None:
+    for part in (guard._watch, guard._sampler, guard.executor, guard.recovery):
+        if part is not None:
+            part.detach()
+    if guard._logits is not None:
+        guard._logits.remove()
+    if callable(getattr(guard.clip, "release", None)):
+        guard.clip.release(guard)
+
+
 def close(guard: Guard, *, failed: bool = False) -> None:
     """Flush what is left and close every sink (idempotent; the sinks are closed even when
     the last flush raises). ``failed``: this rank is leaving on an exception."""
@@ -77,13 +101,7 @@ def close(guard: Guard, *, failed: bool = False) -> None:
     try:
         guard._flush(collective=not (failed or guard._aborted))
     finally:
-        for part in (guard._watch, guard._sampler, guard.executor, guard.recovery):
-            if part is not None:
-                part.detach()
-        if guard._logits is not None:
-            guard._logits.remove()
-        if callable(getattr(guard.clip, "release", None)):
-            guard.clip.release(guard)
+        _detach(guard)
         guard.monitor.close_sinks()
 
 

@@ -21,6 +21,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from .. import _lifecycle as lifecycle
 from .._wrapped import inner_optimizer
 from ..config import GuardConfig, resolve_config
 from ..events import Sink
@@ -50,6 +51,8 @@ class Unit:
     model_name: str | None = None
     trainer: Any = None
     external: bool = False  # a callback the script added itself
+    last: int = -1  # the session's step count at this unit's last guarded step
+    replaced: int = 0  # optimizers over the same parameters that took over the run
 
 
 def _is_wrapper(optimizer: Any) -> bool:
@@ -112,6 +115,8 @@ class ZeroCodeSession:
         self.rows: list[dict[str, Any]] = []
         self.interceptor = ClipInterceptor()
         self._by_id: dict[int, Unit] = {}
+        self._clock = 0  # guarded optimizer steps so far, all units together
+        self._born: dict[int, int] = {}  # id(optimizer) -> the clock when it was built
         self._loss = LossTracker()
         self._warned: set[str] = set()
         self._undo: list[Callable[[], None]] = []
@@ -149,6 +154,7 @@ class ZeroCodeSession:
             def fn(opt: Any, *args: Any, **kwargs: Any) -> None:
                 orig(opt, *args, **kwargs)
                 session.interceptor.optimizers.add(opt)
+                session._born[id(opt)] = session._clock
             return fn
 
         def scale(orig: Any) -> Callable[..., Any]:
@@ -223,6 +229,7 @@ class ZeroCodeSession:
         unit = self._unit_for(optimizer, sys._getframe(1), None)
         assert unit.guard is not None
         unit.guard.step(self._loss.take())
+        self._tick(unit)
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.interceptor.stepped()
@@ -242,12 +249,17 @@ class ZeroCodeSession:
         executor: Any = unit.guard.executor
         executor.scaler = scaler  # its found_inf now also carries the guard's verdict
         unit.guard.step(self._loss.take())
+        self._tick(unit)
         self._scaler_stepping = optimizer
         try:
             return orig(scaler, optimizer, *args, **kwargs)
         finally:
             self._scaler_stepping = None
             self.interceptor.stepped()  # also when the scaler skipped the step
+
+    def _tick(self, unit: Unit) -> None:
+        self._clock += 1
+        unit.last = self._clock
 
     # ---- guards and callbacks ------------------------------------------------------
     def _dir(self, k: int, label: str, root: Path | None = None) -> Path | None:
@@ -259,15 +271,23 @@ class ZeroCodeSession:
     def _resume_dir(self, k: int, label: str) -> Path | None:
         return None if self.resume_from is None else self._dir(k, label, self.resume_from)
 
-    def guard_config(self, k: int, run_dir: Path | None, *, jsonl: bool = True) -> GuardConfig:
+    def guard_config(self, k: int, run_dir: Path | None, *, jsonl: bool = True,
+                     sinks: list[Sink] | None = None) -> GuardConfig:
         """The k-th guard's config: the session's, with its own clip policy (wrapping the
-        script's clipping), its own recovery ladder and its run directory's sinks."""
+        script's clipping), its own recovery ladder and its run directory's sinks (or
+        ``sinks``: a retired guard's, still open)."""
         cfg = self.config
         rec = copy.deepcopy(cfg.recovery)
         if rec is not None and k and rec.snapshot_dir is not None:
             rec.snapshot_dir = rec.snapshot_dir / f"optimizer{k}"
             rec.disk = DiskSnapshotStore(rec.snapshot_dir, keep=rec.config.keep)
-        sinks: list[Sink] = list(cfg.sinks) if k == 0 else []
+        if sinks is None:
+            sinks = self._sinks(k, run_dir, jsonl)
+        clip = InterceptedClip(self.interceptor, copy.deepcopy(cfg.clip), self.script_clip)
+        return cfg.replace(clip=clip, recovery=rec, sinks=sinks)
+
+    def _sinks(self, k: int, run_dir: Path | None, jsonl: bool) -> list[Sink]:
+        sinks: list[Sink] = list(self.config.sinks) if k == 0 else []
         if run_dir is not None:
             sinks += list(self.sinks_for(run_dir)) if self.sinks_for is not None else []
             if jsonl:
@@ -275,14 +295,16 @@ class ZeroCodeSession:
                     sinks.append(JsonlSink(run_dir))
                 except ValueError as e:  # a full or read-only disk must not stop the script
                     self._warn_once(f"out{k}", f"{e}; optimizer {k} is guarded but not recorded")
-        clip = InterceptedClip(self.interceptor, copy.deepcopy(cfg.clip), self.script_clip)
-        return cfg.replace(clip=clip, recovery=rec, sinks=sinks)
+        return sinks
 
     def _unit_for(self, optimizer: torch.optim.Optimizer, frame: types.FrameType | None,
                   scaler: GradScaler | None) -> Unit:
         unit = self._by_id.get(id(optimizer))
         if unit is not None and unit.optimizer is optimizer:
             return unit
+        prev = self._predecessor(optimizer)
+        if prev is not None:
+            return self._succeed(prev, optimizer, scaler)
         model, model_name, opt_name = find_model(optimizer, frame)
         k = len(self.units)
         run_dir = self._dir(k, "optimizer")
@@ -295,6 +317,43 @@ class ZeroCodeSession:
             guard.load_state_dict(state)
         unit = Unit(k, "optimizer", run_dir, guard, None, optimizer, opt_name, model_name)
         self.units.append(unit)
+        self._by_id[id(optimizer)] = unit
+        return unit
+
+    def _predecessor(self, optimizer: torch.optim.Optimizer) -> Unit | None:
+        """The unit whose run a new optimizer takes over: one guarding an optimizer over
+        exactly the same parameters that has not stepped since this one was built (a
+        script that builds a new optimizer each epoch, or switches Adam for SGD midway).
+        Two optimizers stepped in turn (a GAN's, or one per task) are never the same run:
+        each stepped after the other was built."""
+        ids = _param_ids(optimizer)
+        born = self._born.get(id(optimizer), self._clock)
+        return next((u for u in reversed(self.units)
+                     if u.kind == "optimizer" and u.guard is not None and not u.guard._closed
+                     and u.optimizer is not None and u.last <= born
+                     and _param_ids(u.optimizer) == ids), None)
+
+    def _succeed(self, unit: Unit, optimizer: torch.optim.Optimizer,
+                 scaler: GradScaler | None) -> Unit:
+        """Hand ``unit``'s run on to ``optimizer``: a guard over it that loads the old
+        guard's state (step count, clip statistics, pending window, events, detector
+        history, the ladder's LR factor), restores the snapshots taken so far where the
+        optimizers are of one kind (else the weights at the handover stand in for them, as
+        after a resume), and writes the same run directory through the same sinks, so the
+        run reads as one, numbered by the script's own steps."""
+        old = unit.guard
+        assert old is not None
+        state = old.state_dict()
+        sinks = lifecycle.retire(old)
+        cfg = self.guard_config(unit.index, unit.run_dir, sinks=sinks)
+        guard = hooked_guard(old.model, optimizer, cfg, scaler=scaler)
+        if old.recovery is not None and guard.recovery is not None:
+            # the old optimizer's state loads into one of its kind
+            guard.recovery.adopt(old.recovery,
+                                 snapshots=type(old.optimizer) is type(optimizer))
+        guard.load_state_dict(state)
+        unit.guard, unit.optimizer = guard, optimizer
+        unit.replaced += 1
         self._by_id[id(optimizer)] = unit
         return unit
 
@@ -368,7 +427,12 @@ class ZeroCodeSession:
                 m = getattr(u.trainer, "lightning_module", None) or getattr(u.trainer, "model", None)
                 model = type(m).__name__ if m is not None else None
             info = {"index": u.index, "kind": u.kind, "name": u.name, "model": model,
-                    "optimizer": type(u.optimizer).__name__ if u.optimizer is not None else None}
+                    "optimizer": type(u.optimizer).__name__ if u.optimizer is not None else None,
+                    "replaced": u.replaced}
             rows.append(finish_run_dir(d, clip, self.config, state, guard, info,
                                        dict(self.interceptor.immediate), self.report))
         return rows
+
+
+def _param_ids(optimizer: torch.optim.Optimizer) -> frozenset[int]:
+    return frozenset(id(p) for g in optimizer.param_groups for p in g["params"])

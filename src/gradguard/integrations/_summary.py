@@ -151,6 +151,8 @@ def format_summary(result: RunResult, crashed: BaseException | None = None) -> s
             continue
         who = r.get("name") or r.get("optimizer") or r["kind"]
         what = r.get("optimizer") or r["kind"]
+        if r.get("replaced"):  # the script built a new optimizer over the same parameters
+            what += f", built anew {r['replaced']} time{'s' * (r['replaced'] > 1)}"
         lines.append(f"  {who} ({what}, model {r.get('model') or '?'}): {r.get('steps')} steps, "
                      f"{r.get('skipped_steps')} skipped, {r.get('events')} events; "
                      f"clip: {r['clip']}")

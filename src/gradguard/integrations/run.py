@@ -6,7 +6,8 @@ the script as ``__main__``. The session guards
 * every ``torch.optim`` optimizer the script steps itself: a global step pre-hook gives
   it a hook-driven :class:`~gradguard.Guard` the first time it steps (one guard step per
   ``optimizer.step()``: gradient accumulation, several optimizers and GAN-style loops
-  work as written). ``scaler.step(optimizer)`` of an enabled ``GradScaler`` is guarded
+  work as written; a new optimizer over the same parameters, built each epoch, goes on
+  with the run of the one it replaces). ``scaler.step(optimizer)`` of an enabled ``GradScaler`` is guarded
   with the scaler: the gradients are unscaled first (as ``scaler.step`` does anyway), the
   unscaled loss is recorded, and the scaler's own overflow skips are counted;
 * every Lightning and Hugging Face ``Trainer`` the script builds, through its native

@@ -259,6 +259,18 @@ class Recovery:
         if self._mult is None:
             self._mult = actions.LrMultiplier(guard.optimizer, lambda: self.lr_factor)
 
+    def adopt(self, other: Recovery, *, snapshots: bool) -> None:
+        """Take over from ``other``, the ladder of a guard whose run this one's guard goes
+        on with over a new optimizer of the same parameters (``gradguard run``: a script
+        that builds a new optimizer each epoch): the device flags still in flight (a
+        fused optimizer's skips, the checks of the weights) and, with ``snapshots`` (the
+        optimizers are of one kind, so the old one's state loads into the new), the
+        in-memory snapshots. Call it before ``load_state_dict`` of the other guard's
+        state, whose snapshot levels name them."""
+        self._late, self._weights = other._late, other._weights
+        if snapshots:
+            self.ring.store = other.ring.store
+
     def detach(self) -> None:
         """Remove the LR multiplier's hooks (the guard's ``close`` calls it)."""
         if self._mult is not None:
