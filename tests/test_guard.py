@@ -453,3 +453,21 @@ def test_a_step_without_a_loss_under_a_recovery_is_said_once():
     assert len(said) == 1 and "guard.step(loss)" in said[0]
     assert loop(gg.Recovery(), with_loss=True) == []
     assert loop(None, with_loss=False) == []  # no loss tests to miss
+
+
+def test_parameters_of_lazy_modules_not_yet_run_are_refused_naming_them():
+    """A guard over ``nn.LazyLinear`` parameters before the first forward (no shapes yet)
+    failed with torch's "Attempted to use an uninitialized parameter" from deep inside its
+    construction; it now says which parameters and what to do (one forward first), and
+    the same model after that forward is guarded as any other."""
+    model = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"2 of its parameters are not initialized yet "
+                                         r"\(`0.weight`, `0.bias`.*forward pass"):
+        gg.Guard(model, opt)
+    model(torch.randn(4, 3))
+    guard = gg.Guard(model, opt)
+    model(torch.randn(4, 3)).sum().backward()
+    guard.step()
+    assert guard.step_count == 1
+

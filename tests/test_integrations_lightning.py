@@ -94,6 +94,29 @@ def test_nan_step_skipped_run_dir_logs_and_report(tmp_path):
         assert cb.reports == [str(run_dir / "report.html")]
 
 
+def test_a_module_of_lazy_layers_is_guarded_from_its_first_step(tmp_path):
+    """Found as a stranger: a LightningModule built of ``nn.LazyLinear`` layers (their
+    shapes come from the first forward, which Lightning runs after ``on_train_start``)
+    stopped the fit with torch's "Attempted to use an uninitialized parameter" from the
+    guard's construction; the same module trains unguarded. Its guard is now built at
+    its optimizer's first step, and the NaN batch is skipped as for any module."""
+    class Lazy(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.ReLU(),
+                                           torch.nn.LazyLinear(1))
+
+    cb = GradGuardCallback(clip=gg.ZClip(), every=4, report=False)
+    model = Lazy()
+    trainer(tmp_path, cb, logger=False).fit(model, loader())
+    steps = [r for r in read_jsonl(tmp_path / "gradguard" / "metrics.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(8))
+    assert [r["step"] for r in steps if r["skipped"]] == [NAN_STEP]
+    for k, v in model.snap.items():
+        assert torch.equal(v, model.after[k]), k
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_fused_optimizer_skip(tmp_path):
     cb = GradGuardCallback(every=50, run_dir=tmp_path / "rd", report=False)
     model = Tiny(fused=True)

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .distributed.world import clean_name, unwrap
 from .errors import GradGuardWarning, caller_stacklevel
@@ -65,6 +66,13 @@ def named_optimizer_params(
             "optimizer holds none of the model's parameters: pass the model whose "
             "parameters the optimizer updates (model=..., optimizer=...)"
         )
+    if lazy := [n for _, n, p in known if is_lazy(p)] + [n for n, p in other if is_lazy(p)]:
+        raise ValueError(
+            f"Guard(optimizer=...): {len(lazy)} of its parameters are not initialized yet "
+            f"({', '.join(f'`{n}`' for n in lazy[:3])}{' ...' if len(lazy) > 3 else ''}: "
+            "lazy modules such as nn.LazyLinear take their shapes from the first forward); "
+            "run one forward pass with a batch (the dry run torch asks for before the "
+            "optimizer is used), then build the guard")
     if other and warn:
         warnings.warn(
             f"Guard(model={type(model).__name__}): the optimizer also updates {len(other)} "

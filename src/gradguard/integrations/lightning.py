@@ -38,6 +38,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from ..config import GuardConfig
 from ..events import Flush, Sink
@@ -134,6 +135,9 @@ class GradGuardCallback(CallbackOptions, Callback):
         self._loss = LossTracker()
         self._logger_sinks: list[LightningLoggerSink] = []
         self._loaded: list[dict[str, Any]] | None = None  # from a checkpoint, for on_train_start
+        #: id(optimizer) -> its index, for optimizers over lazy modules not yet run: their
+        #: guards are built at their first step
+        self._deferred: dict[int, int] = {}
         self._final: list[dict[str, Any]] | None = None  # the guards' state when training ended
 
     # ---- checks ------------------------------------------------------------------
@@ -161,37 +165,48 @@ class GradGuardCallback(CallbackOptions, Callback):
 
     # ---- guards --------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        base = self.run_dir or Path(trainer.default_root_dir) / "gradguard"
-        many = len(trainer.optimizers) > 1
+        self._deferred = {}
         for k, opt in enumerate(trainer.optimizers):
             self._check_amp(trainer, opt)
-            run_dir = base if k == 0 else base / f"optimizer{k}"
-            sinks: list[Sink] = list(self.sinks)
-            if trainer.is_global_zero:
-                sinks.append(JsonlSink(run_dir))
-                self.run_dirs.append(run_dir)
-            ls: LightningLoggerSink | None = None
-            if trainer.loggers:
-                ls = LightningLoggerSink(
-                    trainer,
-                    prefix=f"gradguard/optimizer{k}/" if many else "gradguard/",
-                    step_offset=trainer.global_step,
-                )
-                self._logger_sinks.append(ls)
-                sinks.append(ls)
-            cfg = self.config.replace(
-                sinks=sinks,
-                clip=self.clip if k == 0 else copy.deepcopy(self.clip),
-                recovery=self.recovery if k == 0 else None,
+            if any(is_lazy(p) for g in opt.param_groups for p in g["params"]):
+                # lazy modules (nn.LazyLinear) take their shapes from the first forward,
+                # which Lightning runs after this hook: built at the first step instead
+                self._deferred[id(opt)] = k
+                continue
+            self._build(trainer, pl_module, k, opt)
+        if not self._deferred:
+            self._loaded = None
+
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, k: int,
+               opt: torch.optim.Optimizer) -> Guard:
+        base = self.run_dir or Path(trainer.default_root_dir) / "gradguard"
+        many = len(trainer.optimizers) > 1
+        run_dir = base if k == 0 else base / f"optimizer{k}"
+        sinks: list[Sink] = list(self.sinks)
+        if trainer.is_global_zero:
+            sinks.append(JsonlSink(run_dir))
+            self.run_dirs.append(run_dir)
+        ls: LightningLoggerSink | None = None
+        if trainer.loggers:
+            ls = LightningLoggerSink(
+                trainer,
+                prefix=f"gradguard/optimizer{k}/" if many else "gradguard/",
+                step_offset=trainer.global_step,
             )
-            scaler = getattr(trainer.precision_plugin, "scaler", None)
-            self.guards[id(opt)] = hooked_guard(pl_module, opt, cfg, scaler=scaler)
-            guard = self.guards[id(opt)]
-            if self._loaded is not None and k < len(self._loaded):
-                guard.load_state_dict(self._loaded[k])
-            if ls is not None:  # the guard's step numbers go on from the checkpoint's
-                ls.step_offset = trainer.global_step - guard.step_count
-        self._loaded = None
+            self._logger_sinks.append(ls)
+            sinks.append(ls)
+        cfg = self.config.replace(
+            sinks=sinks,
+            clip=self.clip if k == 0 else copy.deepcopy(self.clip),
+            recovery=self.recovery if k == 0 else None,
+        )
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        guard = self.guards[id(opt)] = hooked_guard(pl_module, opt, cfg, scaler=scaler)
+        if self._loaded is not None and k < len(self._loaded):
+            guard.load_state_dict(self._loaded[k])
+        if ls is not None:  # the guard's step numbers go on from the checkpoint's
+            ls.step_offset = trainer.global_step - guard.step_count
+        return guard
 
     # ---- checkpoints ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -228,6 +243,10 @@ class GradGuardCallback(CallbackOptions, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         guard = self.guards.get(id(optimizer))
+        if guard is None and (k := self._deferred.pop(id(optimizer), None)) is not None:
+            guard = self._build(trainer, pl_module, k, optimizer)  # its lazy modules ran
+            if not self._deferred:
+                self._loaded = None
         if guard is None:
             return  # an optimizer created after fit started: not ours to guess about
         for s in self._logger_sinks:
