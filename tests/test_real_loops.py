@@ -941,6 +941,61 @@ class _MaskedLM(nn.Module):
         return self.head(h + self.att(h, h, h, attn_mask=self.mask, need_weights=False)[0])
 
 
+def test_a_rollback_to_a_snapshot_from_before_the_model_was_pruned():
+    """Found as a stranger: ``torch.nn.utils.prune`` at step 100 moves the first layer's
+    ``weight`` Parameter to ``weight_orig`` (the same object the optimizer steps) and adds
+    a ``weight_mask``; a NaN LR at step 120 then asked for a rollback to a snapshot from
+    before, whose ``load_state_dict`` raised "Missing key(s): 0.weight_orig" out of
+    ``guard.step``. The snapshot's values are now found through the tensors they were taken
+    from: the rollback restores ``weight_orig`` to the snapshot's values, the mask stays,
+    and training goes on finite."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    gen = torch.Generator().manual_seed(0)
+    after: dict[int, torch.Tensor] = {}  # the first layer's weights after each step
+    for step in range(160):
+        if step == 100:
+            prune.l1_unstructured(model[0], "weight", amount=0.5)
+        opt.param_groups[0]["lr"] = math.nan if step == 120 else 0.1
+        x = torch.randn(32, 16, generator=gen)
+        loss = nn.functional.cross_entropy(model(x), (x[:, :4] > 0).long().argmax(1))
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss.detach())
+        first = model[0].weight_orig if step >= 100 else model[0].weight
+        after[step] = first.detach().clone()
+    guard.close()
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    snap = rollback.data["snapshot_step"]
+    assert rollback.step == 121 and 0 <= snap < 100  # a snapshot of the unpruned model
+    torch.testing.assert_close(after[121], after[snap], rtol=0, atol=0)  # step 121 voided
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert float((model[0].weight == 0).float().mean()) == 0.5  # the mask stayed
+
+
+def test_a_snapshot_that_holds_nothing_for_a_trained_parameter_is_none_to_restore():
+    """The other side of the rule above: a layer added after a snapshot (Parameters the
+    snapshot never saw, under names it does not have) leaves the snapshot without a value
+    for them: it is reported unfit before a rollback would use it, instead of restoring
+    half the model."""
+    from gradguard.recovery import remap
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    snap = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "model_ids": remap.tensor_ids(model)}
+    assert remap.fits(model, snap)
+    model.register_buffer("scale", torch.ones(1))  # a new key, every parameter saved
+    assert remap.fits(model, snap)
+    model.append(nn.Linear(2, 2))
+    assert not remap.fits(model, snap)
+    with pytest.raises(ValueError, match=r"no value for `3\.weight`"):
+        remap.load_model(model, snap)
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["buffer", "frozen_parameter"])
 def test_a_causal_mask_of_minus_inf_does_not_stop_the_snapshots(frozen):
     """A mask of -inf in the model's state is by design: the snapshot's finiteness test
@@ -1624,3 +1679,20 @@ def test_a_vgg_whose_gradient_norm_rises_while_it_learns_is_not_clipped():
     assert max(bare[45:80]) < bare[40]  # the loss fell through it
     assert guarded[:140] == bare[:140]
     assert not [e for e in guard.events if e.severity != "info"]
+
+
+def test_identities_from_another_process_are_not_used_to_restore():
+    """A snapshot read back from disk by a resumed run carries the identities of another
+    process's tensors, which may be the addresses of this one's: never used, so a renamed
+    key whose tensor only an identity could find leaves the snapshot unfit."""
+    from torch.nn.utils import prune
+
+    from gradguard.recovery import remap
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    snap = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "model_ids": remap.tensor_ids(model)}
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    assert remap.fits(model, snap)
+    snap["model_ids"] = {**snap["model_ids"], "": "another process"}
+    assert not remap.fits(model, snap)

@@ -30,7 +30,7 @@ from torch import Tensor
 from .._tensors import numeric_lr
 from ..events import Event
 from ..naming import OPTIMIZER_PREFIX, layer_of
-from . import finite, messages, wreck
+from . import finite, messages, remap, wreck
 from .ladder import Action, Trigger, transition
 from .shift import rebase
 from .snapshots import copy_state
@@ -204,6 +204,8 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
             st = rec.state
             fresh = rec._rise.initial if st.shifted is None and not st.level_off else None
             snap = rec.ring.load(rec.ring.back(a.back, fresh))
+            if snap is not None and not remap.fits(guard.model, snap):
+                snap = None  # the model changed past what it can restore (see .remap)
             if snap is None:  # nothing good to go back to yet: the deeper back-off only
                 rec.state = dataclasses.replace(rec.state, unrestored=rec.state.unrestored + 1)
                 guard.add_event(messages.backoff_event(a, rec.config.restore_steps,
@@ -247,7 +249,7 @@ def _finite_at_abort(rec: Recovery, guard: Guard) -> int | None:
     if not finite.nonfinite_weights(guard):
         return None
     snap = rec.ring.load(0)
-    if snap is None:
+    if snap is None or not remap.fits(guard.model, snap):
         return None
     restore(guard, snap)
     rec.restores += 1
@@ -259,7 +261,7 @@ def restore(guard: Guard, snap: dict[str, Any]) -> None:
     caller; :func:`snapshot_state` copied), keeping the optimizer's hyperparameters as they
     are now (LR schedules are not rolled back). The units dead in the restored weights died
     before them: the unit watch counts afresh (:mod:`gradguard.units`)."""
-    guard.model.load_state_dict(snap["model"])
+    remap.load_model(guard.model, snap)
     units = getattr(guard.telemetry, "units", None)
     if units is not None:
         units.reset()
@@ -339,6 +341,7 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
     state = {
         "step": step,
         "model": model,
+        "model_ids": remap.tensor_ids(guard.model),  # for a model renamed since (pruning)
         # parameters the optimizer steps that the model does not hold (named by position)
         "extra_params": {n: p.detach() for n, p in zip(guard.names, guard.telemetry.params)
                          if n.startswith(OPTIMIZER_PREFIX)},
