@@ -471,3 +471,67 @@ def test_parameters_of_lazy_modules_not_yet_run_are_refused_naming_them():
     guard.step()
     assert guard.step_count == 1
 
+
+
+def _twice_loop(tmp_path=None, *, extra_step: bool, guarded_steps=range(60)):
+    """A digits-like MLP on AdamW with a NaN batch at step 30; ``extra_step``: the loop
+    keeps its own ``optimizer.step()`` after ``guard.step()``; steps outside
+    ``guarded_steps`` call ``optimizer.step()`` alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sinks = [gg.JsonlSink(tmp_path)] if tmp_path is not None else []
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=20, sinks=sinks)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(60):
+        x = torch.randn(32, 16, generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x), (x[:, :4] > 0).long().argmax(1))
+        if step == 30:
+            loss = loss * float("nan")
+        loss.backward()
+        if step in guarded_steps:
+            guard.step(loss.detach())
+            if extra_step:
+                opt.step()
+        elif step != 30:
+            opt.step()
+        opt.zero_grad()
+    guard.close()
+    return model, guard
+
+
+def test_an_optimizer_step_kept_besides_guard_step_is_ignored_and_said_once(tmp_path):
+    """Found as a stranger: a loop that keeps its own ``optimizer.step()`` after
+    ``guard.step()`` (the guard read as a monitor) stepped every batch twice, and put the
+    NaN batch the guard skipped into the weights; the guard's three rollbacks each met the
+    same NaN gradients in the next ``optimizer.step()`` and it stopped the run, blaming the
+    optimizer's update. That second step, on the gradients ``guard.step()`` just stepped or
+    skipped, is now a no-op (the weights are bit for bit those of the loop without it), said
+    once: a warning, an ``unguarded_step`` event and the run summary."""
+    from gradguard.report import load_run
+    from gradguard.report._summary import summary_sentence
+
+    reference, _ = _twice_loop(extra_step=False)
+    with pytest.warns(gg.GradGuardWarning, match="besides guard.step") as caught:
+        model, guard = _twice_loop(tmp_path, extra_step=True)
+    assert sum("besides guard.step" in str(w.message) for w in caught) == 1
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    said = [e for e in guard.events if e.kind == "unguarded_step"]
+    assert [(e.step, e.data["ignored"]) for e in said] == [(0, True)]
+    assert [e.kind for e in guard.events if e.severity != "info" and e.step == 30] == [
+        "nonfinite_grad", "skip"]
+    assert not [e for e in guard.events if e.kind in ("rollback", "abort")]
+    assert "those calls were ignored" in summary_sentence(load_run(tmp_path))
+
+
+def test_an_optimizer_step_on_gradients_the_guard_never_saw_runs_and_is_said():
+    """Steps 0-9 call ``optimizer.step()`` alone (the guard built but not yet used): those
+    steps are the script's, they run (unguarded) and are said once; from step 10 the guard
+    steps, as in the loop that always called it."""
+    model, guard = _twice_loop(extra_step=False, guarded_steps=range(10, 60))
+    said = [e for e in guard.events if e.kind == "unguarded_step"]
+    assert [(e.step, e.data["ignored"]) for e in said] == [(0, False)]
+    # 10 of the script's own steps, then 49 of the guard's (the NaN batch skipped)
+    assert int(guard.optimizer.state[model[0].weight]["step"]) == 59
+    assert all(torch.isfinite(p).all() for p in model.parameters())

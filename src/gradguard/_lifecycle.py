@@ -83,7 +83,7 @@ def retire(guard: Guard) -> list[Any]:
 
 
 def _detach(guard: Guard) -> None:
-    for part in (guard._watch, guard._sampler, guard.executor, guard.recovery):
+    for part in (guard._watch, guard._sampler, guard.executor, guard.recovery, guard._outside):
         if part is not None:
             part.detach()
     if guard._logits is not None:

@@ -46,6 +46,8 @@ EVENT_KINDS: tuple[str, ...] = (
     "new_gradients",
     # parameters get gradients that no optimizer steps (an unfrozen layer never added)
     "unstepped_params",
+    # the script called optimizer.step() besides guard.step() (gradguard._outside)
+    "unguarded_step",
 )
 CAUSES: tuple[str, ...] = (
     "init_too_large",

@@ -22,6 +22,7 @@ from torch.amp.grad_scaler import GradScaler
 from . import _lifecycle as lifecycle
 from . import checkpoint, distributed
 from ._logit_watch import LogitWatch
+from ._outside import OutsideSteps
 from ._running import RunningStats
 from ._unstepped import Unstepped
 from ._watch import ActivationWatch
@@ -137,6 +138,9 @@ class Guard:
         # a skipped step's forward already moved the batch norm running statistics
         self._running = RunningStats(distributed.unwrap(model))
         self.executor = executor if executor is not None else Direct(optimizer)
+        #: the script's own optimizer.step() besides guard.step() (:mod:`._outside`); a
+        #: trainer's step is what runs a hook-driven guard
+        self._outside = None if isinstance(self.executor, Hook) else OutsideSteps(self)
         writes = self.dist is None or cfg.sink_rank is None or self.dist.rank == cfg.sink_rank
         self.monitor = Monitor(cfg.sinks, cfg.detector_config or DetectorConfig(), self.dist, writes)
         for event in said:
@@ -221,7 +225,14 @@ class Guard:
             if scaler is None and getattr(self.wrapper, "scaler", None) is not None:
                 scaler = update = self.wrapper.scaler
         before = self._inner_steps
-        norm = self._step(loss, scaler, closure)
+        if self._outside is not None:
+            self._outside.inside = True
+        try:
+            norm = self._step(loss, scaler, closure)
+        finally:
+            if self._outside is not None:
+                self._outside.inside = False
+                self._outside.handled(self.telemetry.params)
         if update is not None:  # as the wrapper's own step does: update the scale, and
             update.update()  # say the step was skipped (its scheduler wrapper reads it)
             self.wrapper._is_overflow = self._inner_steps == before

@@ -175,6 +175,13 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         parts.append(f"The parameters of {listed(layers) if layers else 'some layers'} got "
                      f"gradients that no optimizer stepped (seen by step {idle['step']}): they "
                      "did not train; add them to the optimizer (add_param_group) or freeze them.")
+    twice = next((e for e in ev if e.get("kind") == "unguarded_step"), None)
+    if twice is not None:  # the script's own optimizer.step() besides guard.step()
+        parts.append(f"The script called optimizer.step() besides guard.step() (from step "
+                     f"{twice['step']}); " + ("those calls were ignored, as guard.step() had "
+                     "stepped or skipped their gradients" if (twice.get("data") or {}).get(
+                         "ignored") else "those steps ran unguarded") +
+                     ": remove optimizer.step(), guard.step() replaces it.")
     rounded = next((e for e in ev if e.get("kind") == "update_ratio"
                     and "rounded_share" in (e.get("data") or {})), None)
     if rounded is not None:  # half-precision weights too large for the LR (gradguard._lifecycle)

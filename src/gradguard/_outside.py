@@ -1,0 +1,90 @@
+"""``optimizer.step()`` called by the script besides ``guard.step()``.
+
+``guard.step()`` replaces ``optimizer.step()``: it measures, clips, then steps or skips.
+A loop that keeps its own ``optimizer.step()`` after it (reading the guard as a monitor)
+steps every batch twice, and a NaN batch the guard skipped goes into the weights through
+the second call: a digits MLP so trained had NaN weights at the first NaN batch, and the
+guard's three rollbacks each met the same NaN gradients in the next ``optimizer.step()``,
+then stopped the run, blaming the optimizer's update.
+
+:class:`OutsideSteps` watches the optimizer with a step pre-hook (a host check, no device
+access) when the guard calls the optimizer itself (not under a trainer's hook, where the
+trainer's ``optimizer.step()`` is what runs the guard). A step outside ``guard.step()`` on
+the gradients ``guard.step()`` already stepped or skipped (the same gradient tensor, not
+modified since: no backward in between) is made a no-op: the optimizer's parameters get
+``grad = None``, which every ``torch.optim`` optimizer steps over (no update, no state
+change). A step on gradients the guard never saw runs as the script asked, unguarded. The
+first of either is said once, a ``GradGuardWarning`` and an ``unguarded_step`` warning
+event, with the remedy: remove the ``optimizer.step()`` call.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from .errors import GradGuardWarning, caller_stacklevel
+from .events import Event
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+
+class OutsideSteps:
+    """See the module docstring. ``inside`` is set by the guard while it steps."""
+
+    def __init__(self, guard: Guard) -> None:
+        self._guard = weakref.ref(guard)
+        self.inside = False
+        self.said = False
+        #: the smallest handled gradient and its version when ``guard.step()`` returned
+        self._handled: tuple[Tensor, int] | None = None
+        self._probe: Tensor | None = None  # the parameter whose gradient marks a step
+        self._handle = guard.optimizer.register_step_pre_hook(self._pre)
+
+    def handled(self, params: Sequence[Tensor]) -> None:
+        """``guard.step()`` is done with this step's gradients (stepped or skipped). One
+        attribute read per step: the gradient of the smallest parameter (held, so its
+        identity is not reused), or the smallest of those present when it has none."""
+        if self._probe is None or self._probe.grad is None:
+            with_grad = [p for p in params if p.grad is not None]
+            self._probe = min(with_grad, key=lambda t: t.numel(), default=None)
+        g = None if self._probe is None else self._probe.grad
+        self._handled = None if g is None else (g, g._version)
+
+    def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        guard = self._guard()
+        if self.inside or guard is None:
+            return
+        held = self._handled
+        params = [p for grp in optimizer.param_groups for p in grp["params"]]
+        again = held is not None and any(
+            p.grad is held[0] and held[0]._version == held[1] for p in params)
+        if again:  # the gradients guard.step() already stepped or skipped: no update
+            for p in params:
+                p.grad = None
+        if not self.said:
+            self.said = True
+            self._say(guard, again)
+
+    def _say(self, guard: Guard, again: bool) -> None:
+        step = max(guard.step_count - 1, 0)
+        what = ("on the gradients guard.step() had just stepped or skipped: ignored (no "
+                "update), so a batch the guard skipped stays skipped" if again else
+                "on gradients guard.step() never saw: it ran unguarded (not measured, "
+                "clipped or skipped)")
+        text = f"step {step}: optimizer.step() was called besides guard.step(), {what}"
+        remedy = ("Remove the optimizer.step() call: guard.step() replaces it (it steps the "
+                  "optimizer, or skips the step).")
+        warnings.warn(f"gradguard: {text}. {remedy}", GradGuardWarning,
+                      stacklevel=caller_stacklevel())
+        guard.add_event(Event(kind="unguarded_step", step=step, severity="warning",
+                              message=text, remedy=remedy, data={"ignored": again}))
+
+    def detach(self) -> None:
+        self._handle.remove()
+        self._handled = self._probe = None
