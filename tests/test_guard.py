@@ -535,3 +535,21 @@ def test_an_optimizer_step_on_gradients_the_guard_never_saw_runs_and_is_said():
     # 10 of the script's own steps, then 49 of the guard's (the NaN batch skipped)
     assert int(guard.optimizer.state[model[0].weight]["step"]) == 59
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_guard_built_twice_over_one_optimizer_does_not_take_the_others_steps_for_the_scripts():
+    """A notebook cell run twice builds a second guard over the same optimizer while the
+    first still hooks it: the second guard's steps are no script's own, and nothing says so."""
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = gg.Guard(model, opt)
+    second = gg.Guard(model, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            second.step()
+            opt.zero_grad()
+    assert not [e for e in first.events + second.events if e.kind == "unguarded_step"]
+    first.close()
+    second.close()

@@ -34,12 +34,21 @@ if TYPE_CHECKING:
     from .guard import Guard
 
 
+#: Set on an optimizer while a guard steps it: no step of any guard's is the script's own
+#: (a notebook cell run twice leaves the first guard's hook on the optimizer).
+INSIDE = "_gradguard_inside"
+
+
+def stepping(optimizer: Any, on: bool) -> None:
+    """Mark ``optimizer`` as stepped by a guard (``on``) or no longer."""
+    setattr(optimizer, INSIDE, getattr(optimizer, INSIDE, 0) + (1 if on else -1))
+
+
 class OutsideSteps:
-    """See the module docstring. ``inside`` is set by the guard while it steps."""
+    """See the module docstring."""
 
     def __init__(self, guard: Guard) -> None:
         self._guard = weakref.ref(guard)
-        self.inside = False
         self.said = False
         #: the smallest handled gradient and its version when ``guard.step()`` returned
         self._handled: tuple[Tensor, int] | None = None
@@ -58,7 +67,7 @@ class OutsideSteps:
 
     def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         guard = self._guard()
-        if self.inside or guard is None:
+        if getattr(optimizer, INSIDE, 0) > 0 or guard is None:
             return
         held = self._handled
         params = [p for grp in optimizer.param_groups for p in grp["params"]]

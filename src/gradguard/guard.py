@@ -22,7 +22,7 @@ from torch.amp.grad_scaler import GradScaler
 from . import _lifecycle as lifecycle
 from . import checkpoint, distributed
 from ._logit_watch import LogitWatch
-from ._outside import OutsideSteps
+from ._outside import OutsideSteps, stepping
 from ._running import RunningStats
 from ._unstepped import Unstepped
 from ._watch import ActivationWatch
@@ -225,13 +225,12 @@ class Guard:
             if scaler is None and getattr(self.wrapper, "scaler", None) is not None:
                 scaler = update = self.wrapper.scaler
         before = self._inner_steps
-        if self._outside is not None:
-            self._outside.inside = True
+        stepping(self.optimizer, True)
         try:
             norm = self._step(loss, scaler, closure)
         finally:
+            stepping(self.optimizer, False)
             if self._outside is not None:
-                self._outside.inside = False
                 self._outside.handled(self.telemetry.params)
         if update is not None:  # as the wrapper's own step does: update the scale, and
             update.update()  # say the step was skipped (its scheduler wrapper reads it)
