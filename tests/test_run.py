@@ -521,7 +521,8 @@ def test_a_loss_that_does_not_answer_the_weights_under_gradguard_run(tmp_path, c
 
 
 def _epochs(session_out: Path | None, *, skip: frozenset[int] = frozenset(),
-            nan: frozenset[int] = frozenset(), make=None, gan: bool = False):
+            nan: frozenset[int] = frozenset(), make=None, gan: bool = False,
+            reset: bool = False):
     """A digits-like MLP trained five epochs of 40 steps, with a new SGD optimizer built
     each epoch (its LR decayed by hand), as some scripts do; ``nan``: steps whose loss is
     NaN; ``skip``: steps the loop itself leaves out (the unguarded reference). ``gan``:
@@ -537,6 +538,10 @@ def _epochs(session_out: Path | None, *, skip: frozenset[int] = frozenset(),
         session.install()
     try:
         for epoch in range(5):
+            if reset:  # k-fold style: the same model, its weights drawn anew
+                for m in model.modules():
+                    if isinstance(m, torch.nn.Linear):
+                        m.reset_parameters()
             opt = (make or (lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9)))(
                 model.parameters(), 0.1 * 0.7 ** epoch)
             opt_other = torch.optim.SGD(other.parameters(), lr=0.05) if gan else None
@@ -608,3 +613,11 @@ def test_optimizers_stepped_in_turn_and_built_anew_each_epoch_stay_two_runs(tmp_
     _, session = _epochs(tmp_path / "switch", make=make)
     [row] = session.rows
     assert (row["steps"], row["replaced"], row["optimizer"]) == (200, 4, "SGD")
+
+
+def test_a_model_whose_weights_are_drawn_anew_with_each_new_optimizer_is_a_new_run(tmp_path):
+    """A k-fold loop that resets the same model's weights and builds a new optimizer for
+    each fold trains five models, not one: each fold is its own run (its own directory and
+    summary, counted from step 0), never the continuation of the last fold's."""
+    _, session = _epochs(tmp_path / "run", reset=True)
+    assert [(r["steps"], r["replaced"]) for r in session.rows] == [(40, 0)] * 5

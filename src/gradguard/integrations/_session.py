@@ -53,6 +53,9 @@ class Unit:
     external: bool = False  # a callback the script added itself
     last: int = -1  # the session's step count at this unit's last guarded step
     replaced: int = 0  # optimizers over the same parameters that took over the run
+    #: a parameter the optimizer steps and its version counter after the last step: an
+    #: in-place write since (a re-initialisation, load_state_dict) starts a new run
+    mark: tuple[Tensor, int] | None = None
 
 
 def _is_wrapper(optimizer: Any) -> bool:
@@ -233,6 +236,7 @@ class ZeroCodeSession:
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.interceptor.stepped()
+        self._stepped(optimizer)
 
     def _scaler_step(self, orig: Callable[..., Any], scaler: GradScaler, optimizer: Any,
                      *args: Any, **kwargs: Any) -> Any:
@@ -256,10 +260,18 @@ class ZeroCodeSession:
         finally:
             self._scaler_stepping = None
             self.interceptor.stepped()  # also when the scaler skipped the step
+            self._stepped(optimizer)
 
     def _tick(self, unit: Unit) -> None:
         self._clock += 1
         unit.last = self._clock
+
+    def _stepped(self, optimizer: Any) -> None:
+        """After the optimizer's update: the version its first parameter is left at."""
+        unit = self._by_id.get(id(optimizer))
+        if unit is not None and unit.optimizer is not None and unit.optimizer is optimizer:
+            p = unit.optimizer.param_groups[0]["params"][0]
+            unit.mark = (p, p._version)
 
     # ---- guards and callbacks ------------------------------------------------------
     def _dir(self, k: int, label: str, root: Path | None = None) -> Path | None:
@@ -323,7 +335,9 @@ class ZeroCodeSession:
     def _predecessor(self, optimizer: torch.optim.Optimizer) -> Unit | None:
         """The unit whose run a new optimizer takes over: one guarding an optimizer over
         exactly the same parameters that has not stepped since this one was built (a
-        script that builds a new optimizer each epoch, or switches Adam for SGD midway).
+        script that builds a new optimizer each epoch, or switches Adam for SGD midway),
+        and whose weights nothing wrote since its last step (a k-fold loop that resets the
+        same model's weights for each fold, or loads a checkpoint, starts a new run).
         Two optimizers stepped in turn (a GAN's, or one per task) are never the same run:
         each stepped after the other was built."""
         ids = _param_ids(optimizer)
@@ -331,6 +345,7 @@ class ZeroCodeSession:
         return next((u for u in reversed(self.units)
                      if u.kind == "optimizer" and u.guard is not None and not u.guard._closed
                      and u.optimizer is not None and u.last <= born
+                     and (u.mark is None or u.mark[0]._version == u.mark[1])
                      and _param_ids(u.optimizer) == ids), None)
 
     def _succeed(self, unit: Unit, optimizer: torch.optim.Optimizer,
