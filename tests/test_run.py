@@ -621,3 +621,37 @@ def test_a_model_whose_weights_are_drawn_anew_with_each_new_optimizer_is_a_new_r
     summary, counted from step 0), never the continuation of the last fold's."""
     _, session = _epochs(tmp_path / "run", reset=True)
     assert [(r["steps"], r["replaced"]) for r in session.rows] == [(40, 0)] * 5
+
+
+def test_a_script_that_builds_its_own_guard_is_left_to_it(tmp_path):
+    """Found as a stranger: a script that already uses ``gg.Guard`` (the README's loop) run
+    under ``gradguard run`` was guarded twice: the session guarded the optimizer.step()
+    that the script's guard makes, saw only the steps that guard took ("99 steps, 0 skipped:
+    HEALTHY" for a run whose guard skipped a NaN batch), on gradients already clipped. An
+    optimizer a ``gg.Guard`` is stepping is left to it, noted once, as a trainer's own
+    gradguard callback is."""
+    from gradguard.integrations._summary import RunResult, format_summary
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with ZeroCodeSession(tmp_path / "run", recovery=gg.Recovery(), report=False) as session:
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+        gen = torch.Generator().manual_seed(1)
+        for step in range(40):
+            x = torch.randn(32, 16, generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(x), (x[:, :4] > 0).long().argmax(1))
+            if step == 30:
+                loss = loss * float("nan")
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+        guard.close()
+    assert [(e.kind, e.step) for e in guard.events if e.severity != "info"] == [
+        ("nonfinite_grad", 30), ("skip", 30)]
+    [row] = session.rows
+    assert row["external"] and row["name"] == "Adam"
+    assert all(u.guard is None for u in session.units)
+    text = format_summary(RunResult(script="train.py", argv=[], run_dir=str(tmp_path / "run"),
+                                    exit_code=0, optimizers=session.rows))
+    assert "Adam: guarded by the gg.Guard the script built itself" in text

@@ -22,6 +22,7 @@ from torch.optim.optimizer import (
 )
 
 from .. import _lifecycle as lifecycle
+from .._outside import INSIDE
 from .._wrapped import inner_optimizer
 from ..config import GuardConfig, resolve_config
 from ..events import Sink
@@ -217,6 +218,8 @@ class ZeroCodeSession:
         if self._owned(optimizer):
             self._loss.take()  # the trainer's callback records its own loss
             return
+        if self._driven(optimizer):
+            return
         # args is (optimizer, *step_args): a closure is step's first argument
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         scaled = getattr(optimizer, "grad_scale", None) is not None
@@ -241,7 +244,7 @@ class ZeroCodeSession:
     def _scaler_step(self, orig: Callable[..., Any], scaler: GradScaler, optimizer: Any,
                      *args: Any, **kwargs: Any) -> Any:
         if (self._closed or not scaler.is_enabled() or _is_wrapper(optimizer)
-                or self._owned(optimizer) or "closure" in kwargs):
+                or self._owned(optimizer) or self._driven(optimizer) or "closure" in kwargs):
             return orig(scaler, optimizer, *args, **kwargs)
         stage = scaler._per_optimizer_states[id(optimizer)]["stage"]
         if stage is OptState.STEPPED:
@@ -261,6 +264,17 @@ class ZeroCodeSession:
             self._scaler_stepping = None
             self.interceptor.stepped()  # also when the scaler skipped the step
             self._stepped(optimizer)
+
+    def _driven(self, optimizer: Any) -> bool:
+        """Whether a ``gg.Guard`` the script built itself is stepping ``optimizer`` (it
+        guards, and writes, on its own: noted once, as a trainer's own callback is)."""
+        if getattr(optimizer, INSIDE, 0) <= 0:
+            return False
+        self._loss.take()
+        if not any(u.optimizer is optimizer and u.external for u in self.units):
+            self.units.append(Unit(len(self.units), "optimizer", None, optimizer=optimizer,
+                                   name=type(optimizer).__name__, external=True))
+        return True
 
     def _tick(self, unit: Unit) -> None:
         self._clock += 1
@@ -422,6 +436,10 @@ class ZeroCodeSession:
                 g.close(failed=gone and g.dist is not None)
 
     def _finish_unit(self, u: Unit) -> list[dict[str, Any]]:
+        if u.external and u.callback is None:  # the script's own gg.Guard
+            return [{"index": u.index, "kind": u.kind, "name": u.name, "external": True,
+                     "clip": "the script's own gg.Guard", "run_dir": None, "outcome": None,
+                     "summary": "guarded by the gg.Guard the script built itself"}]
         if u.external:  # the script's own callback writes its own run directory
             dirs = [str(d) for d in getattr(u.callback, "run_dirs", [])]
             return [{"index": u.index, "kind": u.kind, "name": type(u.callback).__name__,

@@ -147,7 +147,9 @@ def format_summary(result: RunResult, crashed: BaseException | None = None) -> s
     lines = [f"gradguard run: {result.script} {code}{how}; run directory {result.run_dir}"]
     for r in result.optimizers:
         if r.get("external"):
-            lines.append(f"  {r['kind']} trainer: {r['summary']} -> {r['run_dir']}")
+            what = r["name"] if r["kind"] == "optimizer" else f"{r['kind']} trainer"
+            lines.append(f"  {what}: {r['summary']}"
+                         + (f" -> {r['run_dir']}" if r.get("run_dir") else ""))
             continue
         who = r.get("name") or r.get("optimizer") or r["kind"]
         what = r.get("optimizer") or r["kind"]
