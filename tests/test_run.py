@@ -655,3 +655,49 @@ def test_a_script_that_builds_its_own_guard_is_left_to_it(tmp_path):
     text = format_summary(RunResult(script="train.py", argv=[], run_dir=str(tmp_path / "run"),
                                     exit_code=0, optimizers=session.rows))
     assert "Adam: guarded by the gg.Guard the script built itself" in text
+
+
+def test_the_loss_of_a_backward_whose_gradients_were_zeroed_is_behind_no_step(tmp_path):
+    """Found as a stranger: SAM (sharpness-aware minimisation, as people copy it) runs two
+    backwards per step, the first only to perturb the weights, zeroing its gradients
+    before the second; ``gradguard run`` recorded the sum of both losses, twice the loss
+    (a run summary of "loss 0.1073 at the end" for a training loss of 0.05). A
+    ``zero_grad()`` drops the losses before it: the step's loss is the second one, whose
+    gradient it applies. Gradient accumulation (no zero_grad between micro-batches) still
+    sums."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    second, summed = [], []
+    with ZeroCodeSession(tmp_path / "run", report=False):
+        for step in range(6):
+            x = torch.randn(32, 16, generator=gen)
+            y = (x[:, :4] > 0).long().argmax(1)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            old = [p.detach().clone() for p in model.parameters()]
+            with torch.no_grad():  # SAM's first step: climb to the worst nearby weights
+                for p in model.parameters():
+                    p.add_(0.05 * p.grad)
+            (model.zero_grad if step % 2 else opt.zero_grad)()
+            loss2 = torch.nn.functional.cross_entropy(model(x), y)
+            loss2.backward()
+            with torch.no_grad():
+                for p, o in zip(model.parameters(), old):
+                    p.copy_(o)
+            opt.step()
+            opt.zero_grad()
+            second.append(loss2.item())
+        for _ in range(3):  # accumulation: two halves, no zero_grad between
+            x = torch.randn(32, 16, generator=gen)
+            y = (x[:, :4] > 0).long().argmax(1)
+            halves = [torch.nn.functional.cross_entropy(model(x[i::2]), y[i::2]) / 2
+                      for i in range(2)]
+            for h in halves:
+                h.backward()
+            opt.step()
+            opt.zero_grad()
+            summed.append(sum(h.item() for h in halves))
+    recorded = [r["loss"] for r in steps_of(tmp_path / "run")]
+    assert recorded == pytest.approx(second + summed, rel=1e-6)

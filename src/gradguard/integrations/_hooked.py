@@ -65,7 +65,8 @@ class LossTracker:
 
     Losses passed to ``add`` (one per backward) are summed until an optimizer step takes
     them: the sum is the loss whose gradient that step applies (with gradient accumulation
-    each micro-batch loss is usually already divided by the number of micro-batches). A
+    each micro-batch loss is usually already divided by the number of micro-batches); a
+    ``zero_grad()`` between them drops those before it (:meth:`discard`). A
     step with no new backward since the previous step (two optimizers sharing one
     backward) gets the same loss as that previous step. The first step taken from a single
     backward gets that loss itself, graph and all (the telemetry reads the layers' order
@@ -102,6 +103,12 @@ class LossTracker:
         self._graph = loss if self._sum is None and not self._graph_given else None
         self._sum = v if self._sum is None else self._sum + v
         self._n += 1
+
+    def discard(self) -> None:
+        """The gradients of the losses added since the last step were zeroed (a
+        ``zero_grad()`` before the step: SAM's first backward, whose gradient only
+        perturbs the weights): they are behind no step."""
+        self._sum, self._n, self._graph = None, 0, None
 
     def take(self) -> Tensor | None:
         if self._sum is not None:

@@ -154,6 +154,12 @@ class ZeroCodeSession:
                 return orig(t, *args, **kwargs)
             return fn
 
+        def zero_grad(orig: Any) -> Callable[..., Any]:
+            def fn(owner: Any, *args: Any, **kwargs: Any) -> Any:
+                session._loss.discard()  # their gradients are gone: behind no step
+                return orig(owner, *args, **kwargs)
+            return fn
+
         def opt_init(orig: Any) -> Callable[..., Any]:
             def fn(opt: Any, *args: Any, **kwargs: Any) -> None:
                 orig(opt, *args, **kwargs)
@@ -185,6 +191,8 @@ class ZeroCodeSession:
             wrap(torch.distributed, "destroy_process_group", destroy)
         wrap(torch.Tensor, "backward", backward)
         wrap(torch.optim.Optimizer, "__init__", opt_init)
+        wrap(torch.optim.Optimizer, "zero_grad", zero_grad)
+        wrap(torch.nn.Module, "zero_grad", zero_grad)
         wrap(GradScaler, "scale", scale)
         wrap(GradScaler, "step", step)
         if self._trainers is not None:
