@@ -712,7 +712,7 @@ def test_the_lr_the_ladder_found_carries_over_to_the_next_epochs_optimizer(tmp_p
     against 0.332 now; 0.320 at the right LR, 2.35 unguarded)."""
     model, session = _epochs(tmp_path / "run", make=lambda ps, lr: torch.optim.SGD(
         ps, lr=10 * lr, momentum=0.9))
-    [row] = session.rows
+    assert len(session.rows) == 1
     guard = session.units[0].guard
     acted = [(e.kind, e.step) for e in guard.events if e.kind in ("rollback", "lr_backoff")]
     assert acted and all(step < 80 for _, step in acted)  # nothing after the third epoch began
