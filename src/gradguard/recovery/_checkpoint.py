@@ -73,7 +73,7 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
         return
     unsound = unsound_resume(rec)
     rec._resumed = unsound is None
-    if unsound is not None:
+    if unsound is not None and not rec._handed:
         rec.ring.warn_left_behind(unsound, fresh=rec._rise.initial is not None)
 
 

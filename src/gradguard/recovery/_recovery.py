@@ -184,6 +184,7 @@ class Recovery:
         self._host_steps: set[int] = set()
         self._last_taken: int | None = None  # the last taken step heard (_steps.verdict)
         self._late = LateFlags()  # the device's skip flags, heard before the flush
+        self._handed = False  # took over another ladder's run (:meth:`adopt`)
         self._weights = LateFlags()  # checks of the weights at non-finite steps (_steps)
         self._level: float | None = None  # the loss level of the last healthy flush
         self._verdict = SpikeVerdict()
@@ -268,6 +269,7 @@ class Recovery:
         in-memory snapshots. Call it before ``load_state_dict`` of the other guard's
         state, whose snapshot levels name them."""
         self._late, self._weights = other._late, other._weights
+        self._handed = True  # no checkpoint: nothing "left behind" to warn of on load
         if snapshots:
             self.ring.store = other.ring.store
 
