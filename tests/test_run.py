@@ -722,3 +722,60 @@ def test_the_lr_the_ladder_found_carries_over_to_the_next_epochs_optimizer(tmp_p
     assert guard.recovery.lr_factor == pytest.approx(0.1)
     assert any(e.kind == "lr_settled" for e in guard.events)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _staged(out: Path | None, *, nan: int | None = None, skip: int | None = None):
+    """A head trained alone for 40 steps on a frozen trunk, then the whole model with a new
+    optimizer at a lower LR for 60 more (a common fine-tune)."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU())
+    head = torch.nn.Linear(64, 4)
+    model = torch.nn.Sequential(trunk, head)
+    trunk.requires_grad_(False)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    session = (ZeroCodeSession(out, recovery=gg.Recovery(), report=False)
+               if out is not None else None)
+    if session is not None:
+        session.install()
+    try:
+        for step in range(100):
+            if step == 40:
+                trunk.requires_grad_(True)
+                opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            x = torch.randn(32, 16, generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(x), (x[:, :4] > 0).long().argmax(1))
+            if step == nan:
+                loss = loss * float("nan")
+            opt.zero_grad()
+            loss.backward()
+            if step != skip:
+                opt.step()
+    finally:
+        if session is not None:
+            session.close()
+    return model, session
+
+
+def test_a_whole_model_trained_after_its_head_with_a_new_optimizer_is_one_run(tmp_path):
+    """A head trained first, then the whole model with a new optimizer: one run numbered
+    by the script's steps (the NaN at step 60 is step 60, not step 20 of `optimizer1`),
+    named after the whole model; the head's window is flushed at the handover and the
+    gradient norm learnt anew, as after ``add_param_group``. The NaN step is skipped as if
+    the loop never took it."""
+    model, session = _staged(tmp_path / "run", nan=60)
+    reference, _ = _staged(None, skip=60)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    [row] = session.rows
+    assert (row["steps"], row["skipped_steps"], row["replaced"], row["model"]) == (
+        100, 1, 1, "model")
+    steps = steps_of(tmp_path / "run")
+    assert [r["step"] for r in steps] == list(range(100))
+    assert [r["step"] for r in steps if r["skipped"]] == [60]
+    events = [(e["step"], e["kind"]) for e in read_jsonl(tmp_path / "run" / "events.jsonl")
+              if e["severity"] != "info"]
+    assert events == [(60, "nonfinite_grad"), (60, "skip")]
+    layers = [r["layers"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")
+              if r["type"] == "layers"]
+    assert layers[0] == ["(root)"] and layers[-1] == ["0.0", "1"]

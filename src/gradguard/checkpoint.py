@@ -30,14 +30,18 @@ def state_dict(guard: Guard) -> dict[str, Any]:
     }
 
 
-def load_state_dict(guard: Guard, sd: dict[str, Any]) -> None:
-    """Restore :func:`state_dict` into ``guard`` (tensors to the live parameters' device)."""
+def load_state_dict(guard: Guard, sd: dict[str, Any], *, telemetry: bool = True) -> None:
+    """Restore :func:`state_dict` into ``guard`` (tensors to the live parameters' device).
+    ``telemetry`` False: ``sd`` was taken over other parameters, after a flush (a run
+    handed on to an optimizer over more of the model, ``gradguard run``): the telemetry
+    window, which is per parameter, is not restored."""
     if sd.get("version") != VERSION:
         raise ValueError(f"Guard.load_state_dict: unsupported version {sd.get('version')!r}")
     guard.step_count = int(sd["step_count"])
     if guard.clip is not None and sd.get("clip") is not None:
         guard.clip.load_state_dict(sd["clip"])
-    guard.telemetry.load_state_dict(sd["telemetry"])
+    if telemetry:
+        guard.telemetry.load_state_dict(sd["telemetry"])
     if "monitor" in sd:
         guard.monitor.load_state_dict(sd["monitor"], guard.telemetry.device)
     else:  # written by gradguard 0.1

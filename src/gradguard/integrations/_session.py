@@ -22,6 +22,7 @@ from torch.optim.optimizer import (
 )
 
 from .. import _lifecycle as lifecycle
+from .. import checkpoint
 from .._outside import INSIDE
 from .._wrapped import inner_optimizer
 from ..config import GuardConfig, resolve_config
@@ -338,7 +339,7 @@ class ZeroCodeSession:
             return unit
         prev = self._predecessor(optimizer)
         if prev is not None:
-            return self._succeed(prev, optimizer, scaler)
+            return self._succeed(prev, optimizer, frame, scaler)
         model, model_name, opt_name = find_model(optimizer, frame)
         k = len(self.units)
         run_dir = self._dir(k, "optimizer")
@@ -356,11 +357,12 @@ class ZeroCodeSession:
 
     def _predecessor(self, optimizer: torch.optim.Optimizer) -> Unit | None:
         """The unit whose run a new optimizer takes over: one guarding an optimizer over
-        exactly the same parameters that has not stepped since this one was built (a
-        script that builds a new optimizer each epoch, or switches Adam for SGD midway),
-        and whose weights nothing wrote since its last step (a k-fold loop that resets the
-        same model's weights for each fold, or loads a checkpoint, starts a new run).
-        Two optimizers stepped in turn (a GAN's, or one per task) are never the same run:
+        some of the same parameters that has not stepped since this one was built (a
+        script that builds a new optimizer each epoch, switches Adam for SGD midway, or
+        trains a head first and then the whole model with a new optimizer), and whose
+        weights nothing wrote since its last step (a k-fold loop that resets the same
+        model's weights for each fold, or loads a checkpoint, starts a new run). Two
+        optimizers stepped in turn (a GAN's, or one per task) are never the same run:
         each stepped after the other was built."""
         ids = _param_ids(optimizer)
         born = self._born.get(id(optimizer), self._clock)
@@ -368,27 +370,40 @@ class ZeroCodeSession:
                      if u.kind == "optimizer" and u.guard is not None and not u.guard._closed
                      and u.optimizer is not None and u.last <= born
                      and (u.mark is None or u.mark[0]._version == u.mark[1])
-                     and _param_ids(u.optimizer) == ids), None)
+                     and _param_ids(u.optimizer) & ids), None)
 
     def _succeed(self, unit: Unit, optimizer: torch.optim.Optimizer,
-                 scaler: GradScaler | None) -> Unit:
+                 frame: types.FrameType | None, scaler: GradScaler | None) -> Unit:
         """Hand ``unit``'s run on to ``optimizer``: a guard over it that loads the old
         guard's state (step count, clip statistics, pending window, events, detector
         history, the ladder's LR factor), restores the snapshots taken so far where the
         optimizers are of one kind (else the weights at the handover stand in for them, as
         after a resume), and writes the same run directory through the same sinks, so the
-        run reads as one, numbered by the script's own steps."""
+        run reads as one, numbered by the script's own steps. Over other parameters (the
+        whole model after its head) it is what ``add_param_group`` does: the old layout's
+        window is flushed first, its snapshots are dropped and the gradient norm is learnt
+        anew (:func:`gradguard._lifecycle.relayout`)."""
         old = unit.guard
-        assert old is not None
+        assert old is not None and unit.optimizer is not None
+        same = _param_ids(unit.optimizer) == _param_ids(optimizer)
+        model = old.model
+        if not same:
+            old.flush()  # the old layout's steps, through the sinks it hands over
+            found, unit.model_name, _ = find_model(optimizer, frame)
+            model = found if found is not None else ParamTable.of(optimizer)
         state = old.state_dict()
         sinks = lifecycle.retire(old)
         cfg = self.guard_config(unit.index, unit.run_dir, sinks=sinks)
-        guard = hooked_guard(old.model, optimizer, cfg, scaler=scaler)
+        guard = hooked_guard(model, optimizer, cfg, scaler=scaler)
         if old.recovery is not None and guard.recovery is not None:
-            # the old optimizer's state loads into one of its kind
-            guard.recovery.adopt(old.recovery,
-                                 snapshots=type(old.optimizer) is type(optimizer))
-        guard.load_state_dict(state)
+            # the old optimizer's state loads into one of its kind and layout
+            guard.recovery.adopt(old.recovery, snapshots=same and (
+                type(old.optimizer) is type(optimizer)))
+        checkpoint.load_state_dict(guard, state, telemetry=same)
+        if not same:
+            lifecycle.forget_norms(guard)
+            if guard.recovery is not None:
+                guard.recovery.relayout(guard)
         unit.guard, unit.optimizer = guard, optimizer
         unit.replaced += 1
         self._by_id[id(optimizer)] = unit
