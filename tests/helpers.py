@@ -32,6 +32,19 @@ def batches(
     return out
 
 
+def quadrant_net(seed: int = 0, hidden: int = 64) -> nn.Sequential:
+    """16 features -> ``hidden`` ReLU units -> 4 classes (:func:`quadrant_batch`)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, 4))
+
+
+def quadrant_loss(model: nn.Module, gen: torch.Generator, bs: int = 32) -> torch.Tensor:
+    """The cross-entropy of ``model`` on a fresh batch of 16 Gaussian features whose label
+    is the first of the first four that is positive (0 when none is)."""
+    x = torch.randn(bs, 16, generator=gen)
+    return nn.functional.cross_entropy(model(x), (x[:, :4] > 0).long().argmax(1))
+
+
 def set_grads(params: list[torch.Tensor], seed: int = 0, scale: float = 1.0) -> None:
     g = torch.Generator().manual_seed(seed)
     for p in params:

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from tests.helpers import batches, mlp
+from tests.helpers import batches, mlp, quadrant_loss, quadrant_net
 from torch import nn
 
 import gradguard as gg
@@ -477,15 +477,13 @@ def _twice_loop(tmp_path=None, *, extra_step: bool, guarded_steps=range(60)):
     """A digits-like MLP on AdamW with a NaN batch at step 30; ``extra_step``: the loop
     keeps its own ``optimizer.step()`` after ``guard.step()``; steps outside
     ``guarded_steps`` call ``optimizer.step()`` alone."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    model = quadrant_net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sinks = [gg.JsonlSink(tmp_path)] if tmp_path is not None else []
     guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=20, sinks=sinks)
     gen = torch.Generator().manual_seed(0)
     for step in range(60):
-        x = torch.randn(32, 16, generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x), (x[:, :4] > 0).long().argmax(1))
+        loss = quadrant_loss(model, gen)
         if step == 30:
             loss = loss * float("nan")
         loss.backward()

@@ -20,6 +20,7 @@ from gradguard.cli import main
 from gradguard.events import read_jsonl
 from gradguard.integrations._hooked import LossTracker, hooked_guard, parse_clip
 from gradguard.integrations.run import ZeroCodeSession, run_script
+from helpers import quadrant_loss, quadrant_net
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples"
@@ -635,15 +636,13 @@ def test_a_script_that_builds_its_own_guard_is_left_to_it(tmp_path):
     gradguard callback is."""
     from gradguard.integrations._summary import RunResult, format_summary
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    model = quadrant_net()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with ZeroCodeSession(tmp_path / "run", recovery=gg.Recovery(), report=False) as session:
         guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
         gen = torch.Generator().manual_seed(1)
         for step in range(40):
-            x = torch.randn(32, 16, generator=gen)
-            loss = torch.nn.functional.cross_entropy(model(x), (x[:, :4] > 0).long().argmax(1))
+            loss = quadrant_loss(model, gen)
             if step == 30:
                 loss = loss * float("nan")
             opt.zero_grad()
@@ -743,8 +742,7 @@ def _staged(out: Path | None, *, nan: int | None = None, skip: int | None = None
             if step == 40:
                 trunk.requires_grad_(True)
                 opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            x = torch.randn(32, 16, generator=gen)
-            loss = torch.nn.functional.cross_entropy(model(x), (x[:, :4] > 0).long().argmax(1))
+            loss = quadrant_loss(model, gen)
             if step == nan:
                 loss = loss * float("nan")
             opt.zero_grad()
