@@ -525,3 +525,23 @@ def test_a_layer_whose_weights_are_nan_is_named_for_them_not_for_a_missing_clamp
     assert "NaN/Inf weights (3 of 17 values)" in diag.top.remedy and "clamp" not in diag.top.remedy
     log = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), _LogLayer(), nn.Linear(16, 1))
     assert "clamp" in gg.doctor(log, (x, y), nn.MSELoss()).top.remedy
+
+
+def test_lazy_layers_not_yet_run_are_refused_by_the_doctor_and_the_init_audit():
+    """Found as a stranger: ``gg.doctor`` over a model of ``nn.LazyLinear`` layers before any
+    forward failed with torch's "Attempted to use an uninitialized parameter", and
+    ``gg.init.audit`` printed an empty table; both now name the parameters and say to run
+    one forward first (the doctor never mutates its arguments, so it does not run that
+    forward itself), and after that forward the model is diagnosed as any other."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(64), nn.ReLU(), nn.LazyLinear(4))
+    x = torch.randn(32, 16)
+    y = (x[:, :4] > 0).long().argmax(1)
+    for call in (lambda: gg.doctor(model, (x, y), nn.CrossEntropyLoss()),
+                 lambda: gg.init.audit(model, (x, y)),
+                 lambda: gg.init.apply_(model, "he")):
+        with pytest.raises(ValueError, match=r"4 of its parameters are not initialized yet "
+                                             r"\(`0.weight`, `0.bias`, `2.weight` \.\.\..*forward"):
+            call()
+    model(x)
+    assert gg.doctor(model, (x, y), nn.CrossEntropyLoss()).healthy

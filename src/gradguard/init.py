@@ -33,6 +33,7 @@ from .doctor._acts import Act
 from .doctor._capture import is_weight_layer, run_capture
 from .doctor._weights import recommended_std, weight_stats
 from .doctor.signal import following_acts
+from .naming import refuse_lazy
 
 Scheme = Literal["he", "xavier", "orthogonal", "lsuv"]
 SCHEMES: tuple[str, ...] = ("he", "xavier", "orthogonal", "lsuv")
@@ -160,6 +161,7 @@ def audit(model: nn.Module, batch: Any = None) -> InitAudit:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"audit model: expected a torch.nn.Module, got {type(model).__name__}")
+    refuse_lazy(model.named_parameters(), "audit model", "audit it")
     layers = [(n, m) for n, m in model.named_modules() if is_weight_layer(m) and not isinstance(m, nn.Embedding)]
     acts: dict[str, Act | None] = {}
     rms: dict[str, float] = {}
@@ -228,6 +230,7 @@ def apply_(model: nn.Module, scheme: Scheme, batch: Any = None) -> nn.Module:
     if scheme == "lsuv" and batch is None:
         raise ValueError("apply_ scheme='lsuv' needs batch=(inputs, targets): it scales each layer on data")
     acts, _, feats = following_activations(model, batch) if batch is not None else ({}, {}, {})
+    refuse_lazy(model.named_parameters(), "apply_ model", "initialise it")
     layers = [(n, m) for n, m in model.named_modules() if is_weight_layer(m) and not isinstance(m, nn.Embedding)]
     with torch.no_grad():
         for m in model.modules():

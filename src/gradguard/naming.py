@@ -11,6 +11,7 @@ LayerNorms, and "the first bad layer" and "the layers after it" would be wrong.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -66,13 +67,7 @@ def named_optimizer_params(
             "optimizer holds none of the model's parameters: pass the model whose "
             "parameters the optimizer updates (model=..., optimizer=...)"
         )
-    if lazy := [n for _, n, p in known if is_lazy(p)] + [n for n, p in other if is_lazy(p)]:
-        raise ValueError(
-            f"Guard(optimizer=...): {len(lazy)} of its parameters are not initialized yet "
-            f"({', '.join(f'`{n}`' for n in lazy[:3])}{' ...' if len(lazy) > 3 else ''}: "
-            "lazy modules such as nn.LazyLinear take their shapes from the first forward); "
-            "run one forward pass with a batch (the dry run torch asks for before the "
-            "optimizer is used), then build the guard")
+    refuse_lazy([(n, p) for _, n, p in known] + other, "Guard(optimizer=...)", "build the guard")
     if other and warn:
         warnings.warn(
             f"Guard(model={type(model).__name__}): the optimizer also updates {len(other)} "
@@ -82,6 +77,19 @@ def named_optimizer_params(
             GradGuardWarning, stacklevel=caller_stacklevel(),
         )
     return [(n, p) for _, n, p in sorted(known, key=lambda t: t[0])] + other
+
+
+def refuse_lazy(named: Iterable[tuple[str, Tensor]], who: str, then: str) -> None:
+    """Raise ``ValueError`` naming the parameters of lazy modules (``nn.LazyLinear``) that
+    no forward has given a shape yet: nothing can be measured of them."""
+    lazy = [n for n, p in named if is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"{who}: {len(lazy)} of its parameters are not initialized yet "
+            f"({', '.join(f'`{n}`' for n in lazy[:3])}{' ...' if len(lazy) > 3 else ''}: "
+            "lazy modules such as nn.LazyLinear take their shapes from the first forward); "
+            f"run one forward pass with a batch (the dry run torch asks for before the "
+            f"optimizer is used), then {then}")
 
 
 def head_params(model: nn.Module) -> set[int]:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._tensors import call_model, iter_tensors, numeric_lr
+from ..naming import refuse_lazy
 from ._attention import attention_evidence
 from ._budget import Budget, default_budget
 from ._capture import is_weight_layer, run_capture
@@ -189,6 +190,7 @@ def doctor(
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"doctor model: expected a torch.nn.Module, got {type(model).__name__}")
+    refuse_lazy(model.named_parameters(), "doctor model", "call the doctor")
     params = [p for p in model.parameters()]
     if not params:
         raise ValueError(f"doctor model: {type(model).__name__} has no parameters; nothing to diagnose")
