@@ -491,6 +491,7 @@ def _twice_loop(tmp_path=None, *, extra_step: bool, guarded_steps=range(60)):
             guard.step(loss.detach())
             if extra_step:
                 opt.step()
+                assert all(p.grad is not None for p in model.parameters())  # put back
         elif step != 30:
             opt.step()
         opt.zero_grad()
@@ -504,8 +505,9 @@ def test_an_optimizer_step_kept_besides_guard_step_is_ignored_and_said_once(tmp_
     NaN batch the guard skipped into the weights; the guard's three rollbacks each met the
     same NaN gradients in the next ``optimizer.step()`` and it stopped the run, blaming the
     optimizer's update. That second step, on the gradients ``guard.step()`` just stepped or
-    skipped, is now a no-op (the weights are bit for bit those of the loop without it), said
-    once: a warning, an ``unguarded_step`` event and the run summary."""
+    skipped, is now a no-op (the weights are bit for bit those of the loop without it; the
+    gradients are there again after it, for code that reads them), said once: a warning,
+    an ``unguarded_step`` event and the run summary."""
     from gradguard.report import load_run
     from gradguard.report._summary import summary_sentence
 

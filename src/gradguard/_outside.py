@@ -11,9 +11,11 @@ then stopped the run, blaming the optimizer's update.
 access) when the guard calls the optimizer itself (not under a trainer's hook, where the
 trainer's ``optimizer.step()`` is what runs the guard). A step outside ``guard.step()`` on
 the gradients ``guard.step()`` already stepped or skipped (the same gradient tensor, not
-modified since: no backward in between) is made a no-op: the optimizer's parameters get
-``grad = None``, which every ``torch.optim`` optimizer steps over (no update, no state
-change). A step on gradients the guard never saw runs as the script asked, unguarded. The
+modified since: no backward in between) is made a no-op: for that step the optimizer's
+parameters get ``grad = None``, which every ``torch.optim`` optimizer steps over (no
+update, no state change), and their gradients are put back after it (code that reads
+``p.grad`` after ``optimizer.step()`` finds them). A step on gradients the guard never saw
+runs as the script asked, unguarded. The
 first of either is said once, a ``GradGuardWarning`` and an ``unguarded_step`` warning
 event, with the remedy: remove the ``optimizer.step()`` call.
 """
@@ -53,7 +55,10 @@ class OutsideSteps:
         #: the smallest handled gradient and its version when ``guard.step()`` returned
         self._handled: tuple[Tensor, int] | None = None
         self._probe: Tensor | None = None  # the parameter whose gradient marks a step
-        self._handle = guard.optimizer.register_step_pre_hook(self._pre)
+        #: the gradients taken away for a step made a no-op, put back after it
+        self._away: list[tuple[Tensor, Tensor | None]] = []
+        self._handles = [guard.optimizer.register_step_pre_hook(self._pre),
+                         guard.optimizer.register_step_post_hook(self._post)]
 
     def handled(self, params: Sequence[Tensor]) -> None:
         """``guard.step()`` is done with this step's gradients (stepped or skipped). One
@@ -74,11 +79,17 @@ class OutsideSteps:
         again = held is not None and any(
             p.grad is held[0] and held[0]._version == held[1] for p in params)
         if again:  # the gradients guard.step() already stepped or skipped: no update
+            self._away = [(p, p.grad) for p in params]
             for p in params:
                 p.grad = None
         if not self.said:
             self.said = True
             self._say(guard, again)
+
+    def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        away, self._away = self._away, []
+        for p, g in away:
+            p.grad = g
 
     def _say(self, guard: Guard, again: bool) -> None:
         step = max(guard.step_count - 1, 0)
@@ -95,5 +106,7 @@ class OutsideSteps:
                               message=text, remedy=remedy, data={"ignored": again}))
 
     def detach(self) -> None:
-        self._handle.remove()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
         self._handled = self._probe = None
