@@ -530,7 +530,8 @@ def test_a_layer_whose_weights_are_nan_is_named_for_them_not_for_a_missing_clamp
 def test_lazy_layers_not_yet_run_are_refused_by_the_doctor_and_the_init_audit():
     """Found as a stranger: ``gg.doctor`` over a model of ``nn.LazyLinear`` layers before any
     forward failed with torch's "Attempted to use an uninitialized parameter", and
-    ``gg.init.audit`` printed an empty table; both now name the parameters and say to run
+    ``gg.init.audit`` printed an empty table (``gg.init.apply_`` and ``gg.gradcheck`` raised
+    torch's error too); all now name the parameters and say to run
     one forward first (the doctor never mutates its arguments, so it does not run that
     forward itself), and after that forward the model is diagnosed as any other."""
     torch.manual_seed(0)
@@ -539,7 +540,7 @@ def test_lazy_layers_not_yet_run_are_refused_by_the_doctor_and_the_init_audit():
     y = (x[:, :4] > 0).long().argmax(1)
     for call in (lambda: gg.doctor(model, (x, y), nn.CrossEntropyLoss()),
                  lambda: gg.init.audit(model, (x, y)),
-                 lambda: gg.init.apply_(model, "he")):
+                 lambda: gg.init.apply_(model, "he"), lambda: gg.gradcheck(model, x)):
         with pytest.raises(ValueError, match=r"4 of its parameters are not initialized yet "
                                              r"\(`0.weight`, `0.bias`, `2.weight` \.\.\..*forward"):
             call()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._tensors import iter_floats
+from ..naming import refuse_lazy
 from ._budget import Budget
 from ._report import Finding
 
@@ -123,6 +124,7 @@ def gradcheck(
         raise TypeError(f"gradcheck module={type(module).__name__}: expected a torch.nn.Module")
     if max_checks < 1:
         raise ValueError(f"gradcheck max_checks={max_checks}: must be >= 1")
+    refuse_lazy(module.named_parameters(), "gradcheck module", "check it")
     m = copy.deepcopy(module).double()
     args = _map(inputs, lambda t: t.detach().clone().double() if t.is_floating_point() else t)
     kw = _map(kwargs, lambda t: t.detach().clone().double() if t.is_floating_point() else t)
