@@ -777,3 +777,23 @@ def test_a_whole_model_trained_after_its_head_with_a_new_optimizer_is_one_run(tm
     layers = [r["layers"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")
               if r["type"] == "layers"]
     assert layers[0] == ["(root)"] and layers[-1] == ["0.0", "1"]
+
+
+def test_two_optimizers_built_before_the_session_and_stepped_in_turn_stay_two_runs(tmp_path):
+    """Optimizers built before the session was installed (``ZeroCodeSession`` used in
+    process) have no known birth: they count as built before every step, so two of them
+    over the same parameters, stepped in turn, are two runs, not one handed back and forth
+    at every step."""
+    model = quadrant_net()
+    first = torch.optim.SGD(model.parameters(), lr=0.01)
+    second = torch.optim.Adam(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    with ZeroCodeSession(tmp_path / "run", report=False) as session:
+        for step in range(20):
+            opt = first if step % 2 else second
+            loss = quadrant_loss(model, gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert sorted((r["steps"], r["replaced"]) for r in session.rows) == [(10, 0), (10, 0)]
+

@@ -365,7 +365,7 @@ class ZeroCodeSession:
         optimizers stepped in turn (a GAN's, or one per task) are never the same run:
         each stepped after the other was built."""
         ids = _param_ids(optimizer)
-        born = self._born.get(id(optimizer), self._clock)
+        born = self._born.get(id(optimizer), -1)  # built before the session: before all
         return next((u for u in reversed(self.units)
                      if u.kind == "optimizer" and u.guard is not None and not u.guard._closed
                      and u.optimizer is not None and u.last <= born
