@@ -9,7 +9,6 @@ import sys
 import types
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,6 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from .. import _lifecycle as lifecycle
-from .. import checkpoint
-from .._outside import INSIDE
 from .._wrapped import inner_optimizer
 from ..config import GuardConfig, resolve_config
 from ..events import Sink
@@ -37,27 +33,7 @@ from ._clip_policy import InterceptedClip, ScriptClipMode
 from ._hooked import LossTracker, hooked_guard, parse_clip
 from ._names import ParamTable, find_model
 from ._summary import finish_run_dir
-
-
-@dataclass
-class Unit:
-    """One guarded part of the run: an optimizer the script steps, or a trainer."""
-
-    index: int
-    kind: str  # "optimizer" | "lightning" | "transformers"
-    run_dir: Path | None
-    guard: Guard | None = None
-    callback: Any = None
-    optimizer: torch.optim.Optimizer | None = None
-    name: str | None = None
-    model_name: str | None = None
-    trainer: Any = None
-    external: bool = False  # a callback the script added itself
-    last: int = -1  # the session's step count at this unit's last guarded step
-    replaced: int = 0  # optimizers over the same parameters that took over the run
-    #: a parameter the optimizer steps and its version counter after the last step: an
-    #: in-place write since (a re-initialisation, load_state_dict) starts a new run
-    mark: tuple[Tensor, int] | None = None
+from ._takeover import Succession, Unit, driven, succeed
 
 
 def _is_wrapper(optimizer: Any) -> bool:
@@ -120,8 +96,7 @@ class ZeroCodeSession:
         self.rows: list[dict[str, Any]] = []
         self.interceptor = ClipInterceptor()
         self._by_id: dict[int, Unit] = {}
-        self._clock = 0  # guarded optimizer steps so far, all units together
-        self._born: dict[int, int] = {}  # id(optimizer) -> the clock when it was built
+        self._succession = Succession()  # which new optimizer goes on with which run
         self._loss = LossTracker()
         self._warned: set[str] = set()
         self._undo: list[Callable[[], None]] = []
@@ -165,7 +140,7 @@ class ZeroCodeSession:
             def fn(opt: Any, *args: Any, **kwargs: Any) -> None:
                 orig(opt, *args, **kwargs)
                 session.interceptor.optimizers.add(opt)
-                session._born[id(opt)] = session._clock
+                session._succession.built(opt)
             return fn
 
         def scale(orig: Any) -> Callable[..., Any]:
@@ -227,7 +202,7 @@ class ZeroCodeSession:
         if self._owned(optimizer):
             self._loss.take()  # the trainer's callback records its own loss
             return
-        if self._driven(optimizer):
+        if driven(self, optimizer):
             return
         # args is (optimizer, *step_args): a closure is step's first argument
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -244,16 +219,16 @@ class ZeroCodeSession:
         unit = self._unit_for(optimizer, sys._getframe(1), None)
         assert unit.guard is not None
         unit.guard.step(self._loss.take())
-        self._tick(unit)
+        self._succession.tick(unit)
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.interceptor.stepped()
-        self._stepped(optimizer)
+        self._succession.stepped(self._by_id.get(id(optimizer)), optimizer)
 
     def _scaler_step(self, orig: Callable[..., Any], scaler: GradScaler, optimizer: Any,
                      *args: Any, **kwargs: Any) -> Any:
         if (self._closed or not scaler.is_enabled() or _is_wrapper(optimizer)
-                or self._owned(optimizer) or self._driven(optimizer) or "closure" in kwargs):
+                or self._owned(optimizer) or driven(self, optimizer) or "closure" in kwargs):
             return orig(scaler, optimizer, *args, **kwargs)
         stage = scaler._per_optimizer_states[id(optimizer)]["stage"]
         if stage is OptState.STEPPED:
@@ -265,36 +240,14 @@ class ZeroCodeSession:
         executor: Any = unit.guard.executor
         executor.scaler = scaler  # its found_inf now also carries the guard's verdict
         unit.guard.step(self._loss.take())
-        self._tick(unit)
+        self._succession.tick(unit)
         self._scaler_stepping = optimizer
         try:
             return orig(scaler, optimizer, *args, **kwargs)
         finally:
             self._scaler_stepping = None
             self.interceptor.stepped()  # also when the scaler skipped the step
-            self._stepped(optimizer)
-
-    def _driven(self, optimizer: Any) -> bool:
-        """Whether a ``gg.Guard`` the script built itself is stepping ``optimizer`` (it
-        guards, and writes, on its own: noted once, as a trainer's own callback is)."""
-        if getattr(optimizer, INSIDE, 0) <= 0:
-            return False
-        self._loss.take()
-        if not any(u.optimizer is optimizer and u.external for u in self.units):
-            self.units.append(Unit(len(self.units), "optimizer", None, optimizer=optimizer,
-                                   name=type(optimizer).__name__, external=True))
-        return True
-
-    def _tick(self, unit: Unit) -> None:
-        self._clock += 1
-        unit.last = self._clock
-
-    def _stepped(self, optimizer: Any) -> None:
-        """After the optimizer's update: the version its first parameter is left at."""
-        unit = self._by_id.get(id(optimizer))
-        if unit is not None and unit.optimizer is not None and unit.optimizer is optimizer:
-            p = unit.optimizer.param_groups[0]["params"][0]
-            unit.mark = (p, p._version)
+            self._succession.stepped(self._by_id.get(id(optimizer)), optimizer)
 
     # ---- guards and callbacks ------------------------------------------------------
     def _dir(self, k: int, label: str, root: Path | None = None) -> Path | None:
@@ -337,9 +290,9 @@ class ZeroCodeSession:
         unit = self._by_id.get(id(optimizer))
         if unit is not None and unit.optimizer is optimizer:
             return unit
-        prev = self._predecessor(optimizer)
+        prev = self._succession.predecessor(self.units, optimizer)
         if prev is not None:
-            return self._succeed(prev, optimizer, frame, scaler)
+            return succeed(self, prev, optimizer, frame, scaler)
         model, model_name, opt_name = find_model(optimizer, frame)
         k = len(self.units)
         run_dir = self._dir(k, "optimizer")
@@ -352,60 +305,6 @@ class ZeroCodeSession:
             guard.load_state_dict(state)
         unit = Unit(k, "optimizer", run_dir, guard, None, optimizer, opt_name, model_name)
         self.units.append(unit)
-        self._by_id[id(optimizer)] = unit
-        return unit
-
-    def _predecessor(self, optimizer: torch.optim.Optimizer) -> Unit | None:
-        """The unit whose run a new optimizer takes over: one guarding an optimizer over
-        some of the same parameters that has not stepped since this one was built (a
-        script that builds a new optimizer each epoch, switches Adam for SGD midway, or
-        trains a head first and then the whole model with a new optimizer), and whose
-        weights nothing wrote since its last step (a k-fold loop that resets the same
-        model's weights for each fold, or loads a checkpoint, starts a new run). Two
-        optimizers stepped in turn (a GAN's, or one per task) are never the same run:
-        each stepped after the other was built."""
-        ids = _param_ids(optimizer)
-        born = self._born.get(id(optimizer), -1)  # built before the session: before all
-        return next((u for u in reversed(self.units)
-                     if u.kind == "optimizer" and u.guard is not None and not u.guard._closed
-                     and u.optimizer is not None and u.last <= born
-                     and (u.mark is None or u.mark[0]._version == u.mark[1])
-                     and _param_ids(u.optimizer) & ids), None)
-
-    def _succeed(self, unit: Unit, optimizer: torch.optim.Optimizer,
-                 frame: types.FrameType | None, scaler: GradScaler | None) -> Unit:
-        """Hand ``unit``'s run on to ``optimizer``: a guard over it that loads the old
-        guard's state (step count, clip statistics, pending window, events, detector
-        history, the ladder's LR factor), restores the snapshots taken so far where the
-        optimizers are of one kind (else the weights at the handover stand in for them, as
-        after a resume), and writes the same run directory through the same sinks, so the
-        run reads as one, numbered by the script's own steps. Over other parameters (the
-        whole model after its head) it is what ``add_param_group`` does: the old layout's
-        window is flushed first, its snapshots are dropped and the gradient norm is learnt
-        anew (:func:`gradguard._lifecycle.relayout`)."""
-        old = unit.guard
-        assert old is not None and unit.optimizer is not None
-        same = _param_ids(unit.optimizer) == _param_ids(optimizer)
-        model = old.model
-        if not same:
-            old.flush()  # the old layout's steps, through the sinks it hands over
-            found, unit.model_name, _ = find_model(optimizer, frame)
-            model = found if found is not None else ParamTable.of(optimizer)
-        state = old.state_dict()
-        sinks = lifecycle.retire(old)
-        cfg = self.guard_config(unit.index, unit.run_dir, sinks=sinks)
-        guard = hooked_guard(model, optimizer, cfg, scaler=scaler)
-        if old.recovery is not None and guard.recovery is not None:
-            # the old optimizer's state loads into one of its kind and layout
-            guard.recovery.adopt(old.recovery, snapshots=same and (
-                type(old.optimizer) is type(optimizer)))
-        checkpoint.load_state_dict(guard, state, telemetry=same)
-        if not same:
-            lifecycle.forget_norms(guard)
-            if guard.recovery is not None:
-                guard.recovery.relayout(guard)
-        unit.guard, unit.optimizer = guard, optimizer
-        unit.replaced += 1
         self._by_id[id(optimizer)] = unit
         return unit
 
@@ -489,6 +388,3 @@ class ZeroCodeSession:
                                        dict(self.interceptor.immediate), self.report))
         return rows
 
-
-def _param_ids(optimizer: torch.optim.Optimizer) -> frozenset[int]:
-    return frozenset(id(p) for g in optimizer.param_groups for p in g["params"])

@@ -261,13 +261,10 @@ class Recovery:
             self._mult = actions.LrMultiplier(guard.optimizer, lambda: self.lr_factor)
 
     def adopt(self, other: Recovery, *, snapshots: bool) -> None:
-        """Take over from ``other``, the ladder of a guard whose run this one's guard goes
-        on with over a new optimizer of the same parameters (``gradguard run``: a script
-        that builds a new optimizer each epoch): the device flags still in flight (a
-        fused optimizer's skips, the checks of the weights) and, with ``snapshots`` (the
-        optimizers are of one kind, so the old one's state loads into the new), the
-        in-memory snapshots. Call it before ``load_state_dict`` of the other guard's
-        state, whose snapshot levels name them."""
+        """Go on with ``other``'s run over a new optimizer (``gradguard run``, see
+        :mod:`gradguard.integrations._takeover`): take its device flags still in flight
+        and, with ``snapshots`` (the old optimizer's state loads into the new), its
+        in-memory snapshots; before ``load_state_dict`` of its guard's state."""
         self._late, self._weights = other._late, other._weights
         self._handed = True  # no checkpoint: nothing "left behind" to warn of on load
         if snapshots:
