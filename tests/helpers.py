@@ -186,3 +186,56 @@ def outlier_regression_run(steps: int, make_guard=None, seed: int = 2
         guard.close()
     with torch.no_grad():
         return (net(xv) - yv).pow(2).mean().item(), guard
+
+
+def ema_run(mode: str):
+    """A digits MLP on Adam with an EMA of its weights (``AveragedModel``, decay 0.99)
+    updated after each step, and an LR x300 for steps 150-152 (a user's bad schedule): the
+    updates wreck the weights without a NaN, and the ladder rolls back. ``mode``: ``"also"``
+    (the EMA given as ``Recovery(also=...)``), ``"plain"`` (not given) or ``"run"`` (the
+    loop steps the optimizer itself, under a ``gradguard run`` session). Returns the
+    rollback event, the first layer's weights and their EMA after each step, the EMA's
+    held-out loss and the guard."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    import gradguard as gg
+    from gradguard.integrations.run import ZeroCodeSession
+    from gradguard.lab._common import minibatches, split_digits
+
+    x_train, y_train, x_val, y_val = split_digits()
+    batch = minibatches(x_train, y_train, 32, seed=0)
+    session = ZeroCodeSession(None, recovery=gg.Recovery(), report=False) if mode == "run" else None
+    if session is not None:
+        session.install()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = None if session is not None else gg.Guard(
+        model, opt, clip=gg.ZClip(), recovery=gg.Recovery(also=ema) if mode == "also" else gg.Recovery())
+    weights, averages = {}, {}
+    try:
+        for step in range(400):
+            opt.param_groups[0]["lr"] = 0.3 if 150 <= step < 153 else 1e-3
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if guard is not None:
+                guard.step(loss.detach())
+            else:
+                opt.step()
+            ema.update_parameters(model)
+            weights[step] = model[0].weight.detach().clone()
+            averages[step] = ema.module[0].weight.detach().clone()
+    finally:
+        if session is not None:
+            guard = session.units[0].guard
+            session.close()
+        else:
+            guard.close()
+    with torch.no_grad():
+        held_out = float(nn.functional.cross_entropy(ema(x_val), y_val))
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    return rollback, weights, averages, held_out, guard

@@ -181,6 +181,47 @@ def test_a_rollback_heard_in_the_hook_leaves_the_restored_weights_untouched(tmp_
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class Averaged(pl.LightningModule):
+    """NaN batches at steps 2-7 (rolled back at 7 to the weights before the first step),
+    and each step's EMA weights (Lightning's ``EMAWeightAveraging``) recorded before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+        self.weights: list[torch.Tensor] = []
+        self.averages: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        [ema] = [c for c in self.trainer.callbacks if isinstance(c, pl.callbacks.WeightAveraging)]
+        self.weights.append(self.net.weight.detach().clone())
+        self.averages.append(ema._average_model.module.net.weight.detach().clone())
+        x, y = batch
+        if 2 <= self.global_step <= 7:
+            x = x * math.nan
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_a_weight_averaging_callback_is_rolled_back_with_the_weights(tmp_path):
+    """Found as a stranger: Lightning's ``EMAWeightAveraging`` averages every update into
+    a copy of the module and writes that average into the module when training ends, so
+    the updates a rollback undid came back in the final weights. The callback hands the
+    average to the ladder (``Recovery.also_restore``): the rollback at step 7 to the
+    weights before the first step restores the average of then: a copy of them.
+    Without it the average of step 8 was half the weights of steps 0-1."""
+    cb = GradGuardCallback(every=50, run_dir=tmp_path / "rd", report=False)
+    model = Averaged()
+    ema = pl.callbacks.EMAWeightAveraging(decay=0.5)
+    trainer(tmp_path, cb, logger=False, max_steps=11, callbacks=[cb, ema]).fit(model, loader())
+    events = read_jsonl(tmp_path / "rd" / "events.jsonl")
+    assert [(e["step"], e["value"]) for e in events if e["kind"] == "rollback"] == [(7, -1.0)]
+    assert not torch.equal(model.averages[7], model.weights[0])  # steps 0-1 are in it
+    assert torch.equal(model.weights[8], model.weights[0])
+    assert torch.equal(model.averages[8], model.weights[0])
+
+
 def test_the_callback_recovers_by_default(tmp_path):
     """Without ``recovery=`` (and without a ``config``) the callback guards with a
     ``gg.Recovery()`` ladder, as ``gradguard run`` does: six NaN steps in a row back the LR

@@ -15,7 +15,14 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.events import read_jsonl
-from helpers import assert_same_run, batches, gaussian_nll_run, mlp, outlier_regression_run
+from helpers import (
+    assert_same_run,
+    batches,
+    ema_run,
+    gaussian_nll_run,
+    mlp,
+    outlier_regression_run,
+)
 
 
 class TinyLM(nn.Module):
@@ -1696,3 +1703,30 @@ def test_identities_from_another_process_are_not_used_to_restore():
     assert remap.fits(model, snap)
     snap["model_ids"] = {**snap["model_ids"], "": "another process"}
     assert not remap.fits(model, snap)
+
+
+def test_an_average_of_the_weights_given_as_also_is_rolled_back_with_them():
+    """Found as a stranger: an EMA of the weights took in the wrecked weights of the steps
+    a rollback undid, and kept them (a digits MLP: the model back at 0.171 held-out, its
+    EMA, the model users evaluate, at 0.267 against 0.156 without the fault). Given as
+    ``Recovery(also=ema)``, the EMA is snapshotted with the weights and restored with
+    them (its held-out loss 0.158). The snapshot is taken in ``guard.step``, before the loop folds that step's weights
+    into the EMA: the rollback's step (its update voided) folds the snapshot's weights into
+    the EMA as it was before them."""
+    rollback, weights, averages, held_out, _ = ema_run("also")
+    snap, at = rollback.data["snapshot_step"], rollback.step
+    assert 0 <= snap < 150 < at
+    torch.testing.assert_close(weights[at], weights[snap], rtol=0, atol=0)
+    torch.testing.assert_close(averages[at], 0.99 * averages[snap - 1] + 0.01 * weights[snap])
+    plain, _, plain_averages, plain_held_out, _ = ema_run("plain")
+    assert plain.step == at  # the same run up to the rollback, whose EMA kept the damage
+    assert (plain_averages[at] - averages[at]).abs().max() > 0.1
+    assert held_out < plain_held_out
+
+
+def test_also_takes_objects_with_a_state_dict_and_names_the_argument():
+    with pytest.raises(TypeError, match=r"Recovery\(also=\.\.\.\): expected objects with state_dict"):
+        gg.Recovery(also=3)
+    rec = gg.Recovery()
+    with pytest.raises(TypeError, match=r"Recovery\.also_restore: .* got str"):
+        rec.also_restore(nn.Linear(2, 2), "ema")

@@ -20,7 +20,7 @@ from gradguard.cli import main
 from gradguard.events import read_jsonl
 from gradguard.integrations._hooked import LossTracker, hooked_guard, parse_clip
 from gradguard.integrations.run import ZeroCodeSession, run_script
-from helpers import quadrant_loss, quadrant_net
+from helpers import ema_run, quadrant_loss, quadrant_net
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples"
@@ -797,3 +797,19 @@ def test_two_optimizers_built_before_the_session_and_stepped_in_turn_stay_two_ru
             opt.step()
     assert sorted((r["steps"], r["replaced"]) for r in session.rows) == [(10, 0), (10, 0)]
 
+
+
+def test_an_average_of_the_weights_the_script_keeps_is_rolled_back_with_them():
+    """An EMA built by the script (``AveragedModel``, before its optimizer) is handed to
+    the ladder of the guard ``gradguard run`` builds over the same parameters, before that
+    guard's first snapshot: the rollback restores it with the weights (under a hand-built
+    guard it takes ``Recovery(also=ema)``, tests/test_real_loops.py). The snapshot is taken
+    in the optimizer's pre-step hook, after the EMA took the previous step's weights."""
+    rollback, weights, averages, held_out, guard = ema_run("run")
+    snap, at = rollback.data["snapshot_step"], rollback.step
+    assert 0 <= snap < 150 < at
+    assert len(guard.recovery.also.objs) == 1
+    torch.testing.assert_close(weights[at], weights[snap], rtol=0, atol=0)
+    torch.testing.assert_close(averages[at], 0.99 * averages[snap] + 0.01 * weights[snap])
+    assert (averages[at - 1] - averages[snap]).abs().max() > 0.01  # the damage it undid
+    assert held_out < 0.2  # 0.156 without the LR fault

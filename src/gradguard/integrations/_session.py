@@ -19,6 +19,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
+from torch.optim.swa_utils import AveragedModel
 
 from .._wrapped import inner_optimizer
 from ..config import GuardConfig, resolve_config
@@ -28,6 +29,7 @@ from ..recovery.snapshots import DiskSnapshotStore
 from ..sinks import JsonlSink
 from . import _frameworks as fw
 from . import _rundir
+from ._averages import Averages
 from ._clip_intercept import ClipInterceptor
 from ._clip_policy import InterceptedClip, ScriptClipMode
 from ._hooked import LossTracker, hooked_guard, parse_clip
@@ -103,6 +105,7 @@ class ZeroCodeSession:
         self._scaler_stepping: Any = None
         self._trainers = fw.TrainerHooks(self._attach_trainer) if frameworks else None
         self._closed = False
+        self._averages = Averages(self.units)  # EMAs the script keeps (:mod:`._averages`)
 
     # ---- install / uninstall -------------------------------------------------------
     def install(self) -> None:
@@ -169,6 +172,7 @@ class ZeroCodeSession:
         wrap(torch.optim.Optimizer, "__init__", opt_init)
         wrap(torch.optim.Optimizer, "zero_grad", zero_grad)
         wrap(torch.nn.Module, "zero_grad", zero_grad)
+        wrap(AveragedModel, "__init__", self._averages.wrap_init)
         wrap(GradScaler, "scale", scale)
         wrap(GradScaler, "step", step)
         if self._trainers is not None:
@@ -303,6 +307,7 @@ class ZeroCodeSession:
         state = _rundir.load_state(saved) if saved is not None else None
         if state is not None:
             guard.load_state_dict(state)
+        self._averages.hand(guard)
         unit = Unit(k, "optimizer", run_dir, guard, None, optimizer, opt_name, model_name)
         self.units.append(unit)
         self._by_id[id(optimizer)] = unit

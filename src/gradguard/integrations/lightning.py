@@ -97,6 +97,17 @@ class LightningLoggerSink:
             logger.save()
 
 
+def weight_averages(trainer: pl.Trainer) -> list[Any]:
+    """The ``AveragedModel`` of each of the trainer's ``WeightAveraging`` callbacks
+    (``EMAWeightAveraging``; lightning 2.5+), built in their ``setup``: an average of the
+    weights that took in the updates a rollback undoes, and that becomes the module's
+    weights when training ends."""
+    kind = getattr(pl.callbacks, "WeightAveraging", None)
+    found = (getattr(cb, "_average_model", None) for cb in getattr(trainer, "callbacks", ())
+             if kind is not None and isinstance(cb, kind))
+    return [m for m in found if m is not None]
+
+
 class GradGuardCallback(CallbackOptions, Callback):
     """Guard every optimizer of a Lightning ``Trainer``: measure, clip, skip, report.
 
@@ -204,6 +215,8 @@ class GradGuardCallback(CallbackOptions, Callback):
         guard = self.guards[id(opt)] = hooked_guard(pl_module, opt, cfg, scaler=scaler)
         if self._loaded is not None and k < len(self._loaded):
             guard.load_state_dict(self._loaded[k])
+        if guard.recovery is not None:  # rolled back with the weights (Recovery(also=...))
+            guard.recovery.also_restore(*weight_averages(trainer))
         if ls is not None:  # the guard's step numbers go on from the checkpoint's
             ls.step_offset = trainer.global_step - guard.step_count
         return guard

@@ -30,6 +30,7 @@ from .defaults import (
     check_flag,
     ladder_config,
 )
+from .follow import Followers
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
 from .late import LateFlags
 from .probe import RETRY_TROUBLE, LrProbe
@@ -62,17 +63,14 @@ class Recovery:
         snapshot_dir: also write each snapshot there (atomically, on a background thread:
             training never waits on the disk; a failed write warns once and the in-memory
             snapshots go on serving rollbacks).
-        snapshot_memory: the most bytes the in-memory snapshots may hold (the newest is
-            always kept), the LR probe's copies of the training state counted with them (a
-            probe that would not fit is not run: a warning says so once); None: ``keep``
-            snapshots (see :attr:`snapshot_bytes`).
+        snapshot_memory: the most bytes the in-memory snapshots and the LR probe's copies
+            may hold (the newest is always kept; a probe that would not fit is not run, said
+            once); None: ``keep`` snapshots (see :attr:`snapshot_bytes`).
         reset_moments: after a rollback, zero the optimizer state of the layers that
             exploded (``"exploded"``), of every parameter (``"all"``) or of none.
         max_rollbacks: rollbacks without a healthy snapshot in between before
             :class:`~gradguard.TrainingDiverged` (n, >= 0); when the loss level alone
-            decided the last of them, the loss does not answer the weights and the
-            loss-level tests are turned off instead (a ``loss_level_off`` event, see
-            :mod:`.ladder`).
+            decided the last, the loss tests are turned off instead (``loss_level_off``).
         relapse_backoff: on a relapse the ceiling the LR is restored to becomes this times
             the factor in force, for the rest of the run; in (0, 1], 1 restores the full LR
             every time.
@@ -86,21 +84,18 @@ class Recovery:
             a loss that training should lower; turn it off for objectives that may rise
             in a healthy run (a GAN's generator, RL returns, an annealed regulariser, a
             curriculum that makes the data harder).
-        lr_probe: when the loss sits at least twice its best without a spike (and again
-            within 50 steps), train the same weights for 30 steps at the LR in force and
-            30 at half of it (a copy of the training state is restored between the two);
-            if half the LR halved the loss, the LR is too high and the ladder lowers it
-            (:mod:`.probe`). Needs ``loss_rise`` (the same loss levels, the same kind of
-            loss).
-        undo_backoff: undo a back-off for a streak of non-finite (or off-scale) steps
-            when the first step taken after it is clean: a skipped step changes no weight,
-            so the weights are sound and the batches were at fault (a ``nonfinite_input``
-            or ``unscaled_input`` event; once per ``patience`` steps, see :mod:`.ladder`);
-            False keeps every back-off.
+        lr_probe: when the loss sits at twice its best or more with no spike, train the same
+            weights 30 steps at the LR in force and 30 at half of it; if half the LR halved
+            the loss, the ladder lowers it (:mod:`.probe`). Needs ``loss_rise``.
+        undo_backoff: undo a back-off for a streak of non-finite (or off-scale) steps when
+            the first step taken after it is clean: the batches were at fault, not the
+            weights (``nonfinite_input``/``unscaled_input``, :mod:`.ladder`); False keeps it.
         recovery_window: steps after a back-off or rollback by which the loss must be back
             near its level before the trouble, else the ladder rolls back (>= 1).
         stall_factor: "near its level": at most this many times it (> 1); also the rise
             the loss-rise test looks for.
+        also: state rolled back with the weights (an ``AveragedModel``/EMA, or a list):
+            anything with ``state_dict()``/``load_state_dict()`` (:mod:`.follow`).
 
     The LR back-off is a multiplier applied to the LR the optimizer is about to use and
     removed after the step (:class:`~gradguard.recovery.actions.LrMultiplier`): it
@@ -152,6 +147,7 @@ class Recovery:
         undo_backoff: bool = True,
         recovery_window: int = RECOVERY_WINDOW,
         stall_factor: float = STALL_FACTOR,
+        also: Any = None,
     ) -> None:
         if reset_moments not in RESET_MOMENTS:
             raise ValueError(
@@ -175,6 +171,8 @@ class Recovery:
         self.reset_moments: ResetMoments = reset_moments
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         self.ring = SnapshotRing(keep, snapshot_memory, snapshot_dir)
+        self.also = Followers()  # state rolled back with the weights
+        self.also.add(also, "Recovery(also=...)")
         self.state = LadderState()
         self.actions: list[Action] = []  # what the ladder did, oldest first
         self._guard: weakref.ref[Guard] | None = None
@@ -267,8 +265,13 @@ class Recovery:
         in-memory snapshots; before ``load_state_dict`` of its guard's state."""
         self._late, self._weights = other._late, other._weights
         self._handed = True  # no checkpoint: nothing "left behind" to warn of on load
+        self.also.add(other.also.objs, "Recovery.adopt")
         if snapshots:
             self.ring.store = other.ring.store
+
+    def also_restore(self, *objs: Any) -> None:
+        """Roll ``objs`` back with the weights from the next snapshot on (``also``)."""
+        self.also.add(list(objs), "Recovery.also_restore")
 
     def detach(self) -> None:
         """Remove the LR multiplier's hooks (the guard's ``close`` calls it)."""

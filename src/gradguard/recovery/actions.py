@@ -257,7 +257,8 @@ def _finite_at_abort(rec: Recovery, guard: Guard) -> int | None:
 
 
 def restore(guard: Guard, snap: dict[str, Any]) -> None:
-    """Load model, optimizer state and clip policy from ``snap`` (a copy owned by the
+    """Load model, optimizer state, clip policy and the state rolled back with the weights
+    (``Recovery(also=...)``, :mod:`.follow`) from ``snap`` (a copy owned by the
     caller; :func:`snapshot_state` copied), keeping the optimizer's hyperparameters as they
     are now (LR schedules are not rolled back). The units dead in the restored weights died
     before them: the unit watch counts afresh (:mod:`gradguard.units`)."""
@@ -282,6 +283,9 @@ def restore(guard: Guard, snap: dict[str, Any]) -> None:
     groups = list(local.param_groups)
     local.load_state_dict(snap["optimizer"])
     local.param_groups[:] = groups
+    followers = getattr(guard.recovery, "also", None)
+    if followers is not None:
+        followers.load(snap.get("also"))
     if stale(guard, snap):
         return
     if guard.clip is not None and snap.get("clip") is not None:
@@ -359,6 +363,9 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
     if verdict is not None:  # its ring holds NaN for empty slots: not part of the check
         state["verdict"] = verdict.live_state(guard.telemetry.device)
     state["detectors"] = guard.monitor.detector_state.spike_history()  # host floats, finite
+    followers = getattr(guard.recovery, "also", None)  # not judged: see .follow
+    if followers is not None and followers.objs:
+        state["also"] = followers.state()
     return state
 
 
