@@ -239,3 +239,37 @@ def ema_run(mode: str):
         held_out = float(nn.functional.cross_entropy(ema(x_val), y_val))
     [rollback] = [e for e in guard.events if e.kind == "rollback"]
     return rollback, weights, averages, held_out, guard
+
+
+class ScheduleFreeSGD(torch.optim.Optimizer):
+    """Schedule-free SGD (Defazio et al. 2024, the ``schedulefree`` package's train-mode
+    form), written out as a third-party optimizer: its parameters hold ``y``, the point
+    the gradient is taken at; its state holds ``z``, the SGD sequence (weights, not a
+    moment); and each param group holds ``k``, ``lr_max`` and ``weight_sum``, which weigh
+    each new ``z`` in the running average ``x`` (training state, not hyperparameters)."""
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, warmup_steps: int = 10):
+        super().__init__(params, dict(lr=lr, momentum=momentum, warmup_steps=warmup_steps,
+                                      k=0, lr_max=-1.0, weight_sum=0.0))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            k = group["k"]
+            lr = group["lr"] * min(1.0, (k + 1) / group["warmup_steps"])
+            group["lr_max"] = lr_max = max(lr, group["lr_max"])
+            weight = lr_max ** 2
+            group["weight_sum"] = weight_sum = group["weight_sum"] + weight
+            ckp1 = weight / weight_sum if weight_sum else 0.0
+            beta = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "z" not in state:
+                    state["z"] = p.detach().clone()
+                z = state["z"]
+                p.lerp_(z, ckp1)
+                p.add_(p.grad, alpha=lr * (beta * (1 - ckp1) - 1))
+                z.sub_(p.grad, alpha=lr)
+            group["k"] = k + 1

@@ -16,6 +16,7 @@ from torch import nn
 import gradguard as gg
 from gradguard.events import read_jsonl
 from helpers import (
+    ScheduleFreeSGD,
     assert_same_run,
     batches,
     ema_run,
@@ -1730,3 +1731,82 @@ def test_also_takes_objects_with_a_state_dict_and_names_the_argument():
     rec = gg.Recovery()
     with pytest.raises(TypeError, match=r"Recovery\.also_restore: .* got str"):
         rec.also_restore(nn.Linear(2, 2), "ema")
+
+
+def test_an_optimizer_that_keeps_weights_in_its_state_is_restored_not_reset():
+    """Found as a stranger with the ``schedulefree`` package's ``AdamWScheduleFree`` on a
+    digits MLP, an LR x300 for three steps: the rollback's ``reset_moments`` zeroed the
+    optimizer state of the layers, schedule-free's ``z`` with it (the SGD sequence its
+    weights are averaged from, not a moment), and kept the values its step writes into
+    the param groups (``lr_max`` at the burst's LR for good); two more rollbacks, and a
+    held-out loss of 1.18 (0.27 now, 0.22 without the burst). Only torch's own
+    optimizers have their state reset now; another's is restored from the snapshot, and
+    so are the values its step writes into the groups (:mod:`gradguard.recovery.groups`).
+    Here a schedule-free SGD written out (``helpers.ScheduleFreeSGD``) and six NaN
+    batches rolled back to step 49: held-out 0.49 at the end before, 0.22 now, 0.17
+    without the NaN batches."""
+    from gradguard.lab._common import minibatches, split_digits
+    from gradguard.recovery.groups import SteppedKeys
+
+    x_train, y_train, x_val, y_val = split_digits()
+    batch = minibatches(x_train, y_train, 32, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = ScheduleFreeSGD(model.parameters(), lr=0.2)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    seen: dict[int, tuple] = {}  # after each step: z of the first layer, the group's values
+    held_out = {}
+    for step in range(300):
+        x, y = batch(step)
+        if 150 <= step < 156:
+            x = x * math.nan
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss.detach())
+        group = opt.param_groups[0]
+        seen[step] = (opt.state[model[0].weight]["z"].clone(),
+                      [group[k] for k in ("k", "lr_max", "weight_sum")])
+        with torch.no_grad():
+            held_out[step] = float(nn.functional.cross_entropy(model(x_val), y_val))
+    guard.close()
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    snap, at = rollback.data["snapshot_step"], rollback.step
+    assert (snap, at) == (49, 155)
+    torch.testing.assert_close(seen[at][0], seen[snap][0], rtol=0, atol=0)  # not zeroed
+    assert seen[at][1] == seen[snap][1]
+    assert guard.recovery._stepped.keys == {"k", "lr_max", "weight_sum"}
+    assert held_out[299] < held_out[at] / 2  # it learns on from the restored weights
+    adam = torch.optim.Adam(model.parameters())
+    watch = SteppedKeys(adam)
+    for _ in range(3):
+        model(x_val).sum().backward()
+        adam.step()
+    assert watch.keys == set()  # torch's optimizers write no group value in a step
+
+
+def test_an_infinite_hyperparameter_does_not_stop_the_snapshots():
+    """Found as a stranger with ``prodigyopt.Prodigy``, whose ``growth_rate`` defaults to
+    ``inf``: the snapshot's finiteness test judged the param groups' values as state, so no
+    snapshot of a Prodigy run was ever kept, and an LR x300 for three steps ended in
+    back-offs with "no snapshot yet" and ``loss_level_off`` at a held-out loss of 1011
+    (0.28 now, 0.21 without the burst). The param groups are judged for NaN only: a NaN
+    LR still drops the snapshot of that step."""
+    from gradguard.recovery.finite import all_finite
+
+    torch.manual_seed(0)
+    model = mlp(d_in=8, width=32, depth=2, d_out=1)
+    opt = torch.optim.SGD([{"params": model.parameters(), "growth_rate": math.inf}], lr=0.05)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    for step, (x, y) in enumerate(batches(200, seed=0)):
+        opt.param_groups[0]["lr"] = math.nan if step == 160 else 0.05
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss.detach())
+    guard.close()
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    assert rollback.step == 161 and rollback.data["snapshot_step"] >= 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all_finite({}, [[{"growth_rate": math.inf}]])
+    assert not all_finite({}, [[{"lr": math.nan}]])

@@ -31,6 +31,7 @@ from .defaults import (
     ladder_config,
 )
 from .follow import Followers
+from .groups import SteppedKeys
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
 from .late import LateFlags
 from .probe import RETRY_TROUBLE, LrProbe
@@ -67,23 +68,22 @@ class Recovery:
             may hold (the newest is always kept; a probe that would not fit is not run, said
             once); None: ``keep`` snapshots (see :attr:`snapshot_bytes`).
         reset_moments: after a rollback, zero the optimizer state of the layers that
-            exploded (``"exploded"``), of every parameter (``"all"``) or of none.
+            exploded (``"exploded"``), of every parameter (``"all"``) or of none; torch's
+            optimizers only (another's state may hold weights: :func:`.actions.reset_moments`).
         max_rollbacks: rollbacks without a healthy snapshot in between before
             :class:`~gradguard.TrainingDiverged` (n, >= 0); when the loss level alone
             decided the last, the loss tests are turned off instead (``loss_level_off``).
         relapse_backoff: on a relapse the ceiling the LR is restored to becomes this times
-            the factor in force, for the rest of the run; in (0, 1], 1 restores the full LR
-            every time.
+            the factor in force, for good; in (0, 1], 1 restores the full LR every time.
         relapse_window: steps after a trigger during which new trouble counts as a relapse
             (>= 0; default: ``RELAPSE_WINDOW_FACTOR * restore_steps``).
         skip_batches: ``guard.batches_to_skip`` after a rollback (None: the number of steps
             from the first trigger of the episode to the rollback).
         skip_spikes: skip a step whose gradient norm the per-step verdict calls a spike
             (:mod:`.verdict`); False leaves spikes to the clip policy.
-        loss_rise: back off when the loss rises and stays up (:mod:`.rise`). It assumes
-            a loss that training should lower; turn it off for objectives that may rise
-            in a healthy run (a GAN's generator, RL returns, an annealed regulariser, a
-            curriculum that makes the data harder).
+        loss_rise: back off when the loss rises and stays up (:mod:`.rise`); turn it off
+            for objectives that may rise in a healthy run (a GAN's generator, RL returns,
+            an annealed regulariser, a curriculum that makes the data harder).
         lr_probe: when the loss sits at twice its best or more with no spike, train the same
             weights 30 steps at the LR in force and 30 at half of it; if half the LR halved
             the loss, the ladder lowers it (:mod:`.probe`). Needs ``loss_rise``.
@@ -177,6 +177,7 @@ class Recovery:
         self.actions: list[Action] = []  # what the ladder did, oldest first
         self._guard: weakref.ref[Guard] | None = None
         self._mult: actions.LrMultiplier | None = None
+        self._stepped: SteppedKeys | None = None  # group values the step writes (.groups)
         # steps whose skip flag the ladder already counted on the host (a fused optimizer's
         # first steps, a step that was read for raise/warn); the flush replays the others
         self._host_steps: set[int] = set()
@@ -257,6 +258,7 @@ class Recovery:
             self.disk.rank = None if guard.dist is None else guard.dist.rank
         if self._mult is None:
             self._mult = actions.LrMultiplier(guard.optimizer, lambda: self.lr_factor)
+            self._stepped = SteppedKeys(actions.local_optimizer(guard.optimizer))
 
     def adopt(self, other: Recovery, *, snapshots: bool) -> None:
         """Go on with ``other``'s run over a new optimizer (``gradguard run``, see
@@ -278,6 +280,8 @@ class Recovery:
         if self._mult is not None:
             self._mult.remove()
             self._mult = None
+        if self._stepped is not None:
+            self._stepped.remove()
         self.ring.close()
         self._guard = None
 

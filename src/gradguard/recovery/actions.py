@@ -283,6 +283,9 @@ def restore(guard: Guard, snap: dict[str, Any]) -> None:
     groups = list(local.param_groups)
     local.load_state_dict(snap["optimizer"])
     local.param_groups[:] = groups
+    stepped = getattr(guard.recovery, "_stepped", None)  # state kept in the groups
+    if stepped is not None:
+        stepped.restore(groups, snap["optimizer"]["param_groups"])
     followers = getattr(guard.recovery, "also", None)
     if followers is not None:
         followers.load(snap.get("also"))
@@ -306,10 +309,18 @@ def stale(guard: Guard, snap: dict[str, Any]) -> bool:
 
 def reset_moments(guard: Guard, layers: Sequence[str] | None) -> list[str]:
     """Zero the optimizer state (moments, and Adam's step: the bias correction restarts
-    too) of the parameters of ``layers`` (None or empty: every layer)."""
+    too) of the parameters of ``layers`` (None or empty: every layer). Only for an
+    optimizer whose ``step`` is torch's, whose state is moments and counters; another's
+    may hold weights (schedule-free's ``z``, the sequence its weights are averaged from;
+    Prodigy's ``p0``) or count its steps in the param groups (:mod:`.groups`), and
+    zeroing it wrecks the weights the rollback restored: it is restored, not reset."""
+    optimizer = local_optimizer(guard.optimizer)
+    stepper = next(c for c in type(optimizer).__mro__ if "step" in vars(c))  # whose step
+    if not stepper.__module__.startswith("torch.optim"):
+        return []
     chosen = set(layers) if layers else None
     reset: list[str] = []
-    state = local_optimizer(guard.optimizer).state
+    state = optimizer.state
     for name, p in zip(guard.names, guard.telemetry.params):
         lay = layer_of(name)
         if chosen is not None and lay not in chosen:
@@ -342,7 +353,7 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
     gradients: the clip policy's and the per-step spike verdict's (restored weights are
     judged against the norms they had, not against those of the weights they replace)."""
     model = guard.model.state_dict()
-    state = {
+    state: dict[str, Any] = {
         "step": step,
         "model": model,
         "model_ids": remap.tensor_ids(guard.model),  # for a model renamed since (pruning)
@@ -354,10 +365,16 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
     }
     # what training does not write (buffers, frozen parameters) may hold ±Inf by design:
     # a causal mask of -inf registered as a buffer left a transformer with no snapshot at
-    # all, not even the weights before its first step; NaN there is still corruption
+    # all, not even the weights before its first step; NaN there is still corruption. So
+    # may the optimizer's hyperparameters: Prodigy's default growth_rate is inf, and no
+    # snapshot of a Prodigy run was ever kept
     masks = finite.untrained_keys(guard.model)
     trained = {k: v for k, v in model.items() if k not in masks}
-    if not finite.all_finite({**state, "model": trained}, [model[k] for k in masks if k in model]):
+    opt: dict[str, Any] = state["optimizer"]
+    judged = {**state, "model": trained, "optimizer": {k: v for k, v in opt.items()
+                                                       if k != "param_groups"}}
+    if not finite.all_finite(judged, [[model[k] for k in masks if k in model],
+                                      opt.get("param_groups", [])]):
         return None
     verdict = getattr(guard.recovery, "_verdict", None)
     if verdict is not None:  # its ring holds NaN for empty slots: not part of the check
