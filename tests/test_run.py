@@ -524,7 +524,7 @@ def test_a_loss_that_does_not_answer_the_weights_under_gradguard_run(tmp_path, c
 
 def _epochs(session_out: Path | None, *, skip: frozenset[int] = frozenset(),
             nan: frozenset[int] = frozenset(), make=None, gan: bool = False,
-            reset: bool = False):
+            reset: bool = False, growth: bool = True):
     """A digits-like MLP trained five epochs of 40 steps, with a new SGD optimizer built
     each epoch (its LR decayed by hand), as some scripts do; ``nan``: steps whose loss is
     NaN; ``skip``: steps the loop itself leaves out (the unguarded reference). ``gan``:
@@ -534,7 +534,7 @@ def _epochs(session_out: Path | None, *, skip: frozenset[int] = frozenset(),
     other = torch.nn.Linear(16, 4)
     gen = torch.Generator().manual_seed(1)
     step = 0
-    session = (ZeroCodeSession(session_out, recovery=gg.Recovery(), report=False)
+    session = (ZeroCodeSession(session_out, recovery=gg.Recovery(early_growth=growth), report=False)
                if session_out is not None else None)
     if session is not None:
         session.install()
@@ -713,7 +713,7 @@ def test_the_lr_the_ladder_found_carries_over_to_the_next_epochs_optimizer(tmp_p
     ``gradguard run``: five runs, each with its own rollback, a held-out loss of 0.445
     against 0.332 now; 0.320 at the right LR, 2.35 unguarded)."""
     model, session = _epochs(tmp_path / "run", make=lambda ps, lr: torch.optim.SGD(
-        ps, lr=10 * lr, momentum=0.9))
+        ps, lr=10 * lr, momentum=0.9), growth=False)  # the rollback of the 2nd epoch
     assert len(session.rows) == 1
     guard = session.units[0].guard
     acted = [(e.kind, e.step) for e in guard.events if e.kind in ("rollback", "lr_backoff")]

@@ -159,7 +159,14 @@ def _regression(recipe: rc.Recipe, seed: int = 0, guarded: bool = True) -> R.Out
     return R.train(rc.REGRESSION_MLP, recipe, 300, guarded=guarded, seed=seed)
 
 
-def test_a_regression_mlp_whose_relus_die_at_sgd_10x_is_rolled_back_and_trains():
+@pytest.fixture
+def no_growth(monkeypatch):
+    """The early-growth rule off (:mod:`gradguard.recovery.growth`): these runs' weights
+    grow past 2x by step 20, and it rolls them back before any unit dies."""
+    monkeypatch.setitem(R.RECOVERY_OPTIONS, "early_growth", False)
+
+
+def test_a_regression_mlp_whose_relus_die_at_sgd_10x_is_rolled_back_and_trains(no_growth):
     """benchmarks/rescue.py's ``held_out_regression_sgd_lr10``: SGD with momentum at 10x the
     LR that trains kills 80% of the second layer's units by step 10 and all of them by 70;
     the loss goes on falling (no NaN, no spike, no rise to act on: the guard without the
@@ -188,7 +195,7 @@ def test_a_healthy_relu_mlp_losing_a_few_units_is_left_alone(recipe):
     assert out.eval_loss == pytest.approx(bare.eval_loss, rel=0.02)
 
 
-def test_a_cnn_whose_channels_die_on_fused_adam_at_10x_is_rolled_back():
+def test_a_cnn_whose_channels_die_on_fused_adam_at_10x_is_rolled_back(no_growth):
     """The fused path (skip flags on the device): the digits CNN on fused Adam at 10x loses
     75% of a convolution's channels by step 10 and trained on to 2.6x its twin (seed 1)
     under the guard without the unit watch."""
@@ -222,7 +229,8 @@ def test_dying_units_in_a_lightning_trainer_roll_back_the_same_way(tmp_path):
     xs, ys = zip(*(rc.regression_batches(0)(s) for s in range(120)))
     data = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
     loader = torch.utils.data.DataLoader(data, batch_size=64)
-    cb = GradGuardCallback(run_dir=tmp_path / "run", report=False)
+    cb = GradGuardCallback(run_dir=tmp_path / "run", report=False,
+                           recovery=gg.Recovery(early_growth=False))  # see no_growth
     trainer = pl.Trainer(max_steps=120, callbacks=[cb], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path, accelerator="cpu")

@@ -32,6 +32,7 @@ from .defaults import (
 )
 from .follow import Followers
 from .groups import SteppedKeys
+from .growth import STEP
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
 from .late import LateFlags
 from .probe import RETRY_TROUBLE, LrProbe
@@ -87,6 +88,8 @@ class Recovery:
         lr_probe: when the loss sits at twice its best or more with no spike, train the same
             weights 30 steps at the LR in force and 30 at half of it; if half the LR halved
             the loss, the ladder lowers it (:mod:`.probe`). Needs ``loss_rise``.
+        early_growth: weights grown 2x by step 20 (the median matrix's norm) roll back to the
+            fresh ones at a capped LR (:mod:`.growth`); False leaves them.
         undo_backoff: undo a back-off for a streak of non-finite (or off-scale) steps when
             the first step taken after it is clean: the batches were at fault, not the
             weights (``nonfinite_input``/``unscaled_input``, :mod:`.ladder`); False keeps it.
@@ -148,6 +151,7 @@ class Recovery:
         recovery_window: int = RECOVERY_WINDOW,
         stall_factor: float = STALL_FACTOR,
         also: Any = None,
+        early_growth: bool = True,
     ) -> None:
         if reset_moments not in RESET_MOMENTS:
             raise ValueError(
@@ -168,6 +172,7 @@ class Recovery:
         self.skip_spikes = check_flag("skip_spikes", skip_spikes)
         self.loss_rise = check_flag("loss_rise", loss_rise)
         self.lr_probe = check_flag("lr_probe", lr_probe) and loss_rise
+        self.early_growth = check_flag("early_growth", early_growth)
         self.reset_moments: ResetMoments = reset_moments
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         self.ring = SnapshotRing(keep, snapshot_memory, snapshot_dir)
@@ -261,10 +266,8 @@ class Recovery:
             self._stepped = SteppedKeys(actions.local_optimizer(guard.optimizer))
 
     def adopt(self, other: Recovery, *, snapshots: bool) -> None:
-        """Go on with ``other``'s run over a new optimizer (``gradguard run``, see
-        :mod:`gradguard.integrations._takeover`): take its device flags still in flight
-        and, with ``snapshots`` (the old optimizer's state loads into the new), its
-        in-memory snapshots; before ``load_state_dict`` of its guard's state."""
+        """Go on with ``other``'s run over a new optimizer (:mod:`gradguard.integrations._takeover`):
+        its flags in flight, what it rolls back, and with ``snapshots`` its snapshots."""
         self._late, self._weights = other._late, other._weights
         self._handed = True  # no checkpoint: nothing "left behind" to warn of on load
         self.also.add(other.also.objs, "Recovery.adopt")
@@ -344,6 +347,8 @@ class Recovery:
                 self.ring.keep(guard, guard.step_count - 1, disk=False)
         if isinstance(guard.executor, Hook):
             _steps.hear(self, guard)
+            if guard.step_count == STEP:  # the trainer took the first updates: see .growth
+                _steps.grown(self, guard)
         self._feed(guard, Trigger("tick", guard.step_count), list)
 
     def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:

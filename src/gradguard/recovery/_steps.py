@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import distributed
 from ..events import listed
 from ..executors import NONFINITE, STALE, Hook
-from . import actions, finite
+from . import actions, finite, growth
 from .defaults import SPIKE_GRACE
 from .ladder import DATA_REASONS, NONFINITE_REASON, OFFSCALE_REASON, SPIKE_REASON, Trigger
 from .late import enabled
@@ -66,6 +66,8 @@ def after_step(rec: Recovery, guard: Guard, stats: StepStats, outcome: Any) -> N
     a flag that stayed on the device (fused optimizers, a ``GradScaler``) is copied to
     the host without waiting and heard once there (:mod:`.late`), else at the flush."""
     step = guard.step_count - 1
+    if guard.step_count == growth.STEP and not isinstance(guard.executor, Hook):
+        grown(rec, guard)  # after the update (a trainer's: before the next, see before_step)
     if outcome.code is not None or isinstance(outcome.trouble, bool):
         rec._host_steps.add(step)
         routine = outcome.amp_row is not None and bool(outcome.skipped) and not outcome.trouble
@@ -85,6 +87,22 @@ def after_step(rec: Recovery, guard: Guard, stats: StepStats, outcome: Any) -> N
         rec._late.push(step, flag, (stats.param_norms, True))
     if not isinstance(guard.executor, Hook):  # the update is done: act after it
         hear(rec, guard)
+
+
+def grown(rec: Recovery, guard: Guard) -> None:
+    """After the run's first ``growth.STEP`` updates, while the ladder has not acted: the
+    weights grew far past what training needs (:mod:`.growth`), so roll back to the weights
+    before the first step and cap the LR."""
+    if (not rec.early_growth or distributed.world_size() > 1 or rec.state.last_trigger is not None
+            or rec.restores or rec.store.steps()[:1] != [-1]):
+        return
+    ratio = growth.growth(guard, rec.store.load(0))
+    if ratio is None or not ratio >= growth.GROWTH:
+        return
+    reason = (f"the weights grew {ratio:.3g}x in the first {growth.STEP} steps (the median "
+              "weight matrix's norm): an LR far too high")
+    rec._feed(guard, Trigger("spike", guard.step_count, reason, rollback=True,
+                             cap=growth.cap(ratio)), list)
 
 
 def hear(rec: Recovery, guard: Guard) -> None:

@@ -212,17 +212,21 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                                                        no_snapshot=True, level=level))
             else:
                 step = int(snap["step"])
-                # a wreck: how large was the update? (see wreck.wrecked)
-                if wreck.wrecked(guard, trig, prior):
-                    cap = wreck.cap(guard, snap, prior, trig.step, rec.ring.restored_step)
-                    if cap is not None and cap[0] < rec.state.ceiling:
-                        rec.state, _ = transition(rec.config, rec.state,
-                                                  Trigger("capped", a.step, value=cap[0]))
-                        a = dataclasses.replace(
-                            a, factor=rec.state.factor, ceiling=rec.state.ceiling,
-                            reason=f"{a.reason} (the first update from the weights restored "
-                                   f"moved them by {wreck.share(cap[1])} their norm)")
-                        rec.actions[-1] = a
+                # a wreck: how large was the update? (see wreck.wrecked); or a cap the
+                # trigger measured (.growth)
+                cap, why = trig.cap, ""
+                if cap is None and wreck.wrecked(guard, trig, prior):
+                    measured = wreck.cap(guard, snap, prior, trig.step, rec.ring.restored_step)
+                    if measured is not None:
+                        cap, why = measured[0], (f" (the first update from the weights restored "
+                                                 f"moved them by {wreck.share(measured[1])} "
+                                                 "their norm)")
+                if cap is not None and cap < rec.state.ceiling:
+                    rec.state, _ = transition(rec.config, rec.state,
+                                              Trigger("capped", a.step, value=cap))
+                    a = dataclasses.replace(a, factor=rec.state.factor,
+                                            ceiling=rec.state.ceiling, reason=a.reason + why)
+                    rec.actions[-1] = a
                 reset = rollback(guard, a, snap, layers(), rec.reset_moments)
                 guard.add_event(messages.rollback_event(
                     a, step, reset, rec.config.restore_steps, rec.config.max_rollbacks,

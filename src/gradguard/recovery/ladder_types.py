@@ -198,6 +198,9 @@ class Trigger:
     #: a ``clean`` step whose update was voided (the weights were restored after its
     #: backward): no update was taken
     voided: bool = False
+    #: a ``rollback`` ``spike``'s cap on the LR factor, measured beside it (the weights'
+    #: growth in the first steps, :mod:`.growth`)
+    cap: float | None = None
 
 
 @dataclass(frozen=True)

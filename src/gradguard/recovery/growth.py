@@ -1,0 +1,71 @@
+"""An LR far too high from the first step, with no spike, no NaN and no loss that rises:
+the weights grow. Judged once, ``STEP`` steps into the run.
+
+Some runs at an LR many times too high never trip a rung: a pre-LN ViT on AdamW at 30x
+trains, its loss falls with the healthy run's for the first 40 steps, and it ends at 4.3x
+its twin's held-out loss. The damage is done in the first updates: an Adam-like step moves
+every weight by about the LR, and at 30x that doubles the typical layer's weights within
+20 steps, past what any LR lowered later undoes (docs/recovery.md, "Weights that grow from
+the first step"; lowering it from step 20's weights ended at 1.2-1.8, against 1.4 for
+keeping it). What tells it is how much the weights grew: the median over the weight
+matrices of ``||W_20|| / ||W_0||``. Healthy runs grow it by at most 1.57x (a char LSTM
+on Adam 1e-2, benchmarks/rescue.py's healthy runs and twins; 1.38x for transformers'
+GPT-2, Llama, BERT, ViT, ResNet and ConvNeXt at their usual LRs); runs at an LR 10-100x
+too high on Adam, AdamW, RMSprop and SGD by 2.3x-27x.
+
+When it reached ``GROWTH`` (2x) and the ladder has not acted yet, the Recovery rolls back
+to the weights before the first step (kept in memory from the start) and caps the LR: the
+growth scales with the LR (sign-like updates move each weight by about the LR), so the
+cap ``HEALTHY / (growth - 1)`` (no lower than ``FLOOR``) aims the median layer at growing
+by ``HEALTHY`` (20%) over the same steps. Matrices that start at zero (a LoRA ``B``, a
+zero-initialised head) have no ratio and are left out; so are vectors (biases, norms).
+Not under ``torch.distributed`` (each rank holds its own shards: the ranks must decide
+alike), nor with ``Recovery(early_growth=False)``. One host read, once per run.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ..guard import Guard
+
+#: The step (counted from 0) before which the growth of the first updates is judged.
+STEP = 20
+#: The median growth of the weight matrices that says the LR is far too high.
+GROWTH = 2.0
+#: The growth (over 1) the capped LR aims the median matrix at over ``STEP`` steps.
+HEALTHY = 0.2
+#: The deepest cut: an LR at most 100x too high is assumed.
+FLOOR = 0.01
+
+
+def growth(guard: Guard, fresh: dict[str, Any]) -> float | None:
+    """The median over the weight matrices of their norm now over their norm in ``fresh``
+    (the snapshot of the weights before the first step); None when no matrix qualifies.
+    One host read."""
+    saved = fresh["model"]
+    now, before = [], []
+    for name, p in guard.model.named_parameters():
+        w = saved.get(name)
+        if w is None or p.ndim < 2 or not p.requires_grad or not p.is_floating_point():
+            continue
+        now.append(p.detach())
+        before.append(w)
+    if not now:
+        return None
+    device = guard.telemetry.device
+    norms = torch.stack([torch.linalg.vector_norm(t.float()).to(device) for t in now + before])
+    values = norms.tolist()
+    n = len(now)
+    ratios = [a / b for a, b in zip(values[:n], values[n:]) if b > 0 and math.isfinite(a)]
+    return statistics.median(ratios) if ratios else None
+
+
+def cap(ratio: float) -> float:
+    """The LR factor that aims the median matrix at ``HEALTHY`` growth."""
+    return max(FLOOR, min(1.0, HEALTHY / (ratio - 1.0)))

@@ -1,0 +1,95 @@
+"""An LR far too high from the first step, with no spike and no NaN: the weights' growth
+over the first steps (:mod:`gradguard.recovery.growth`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.integrations._hooked import hooked_guard
+from gradguard.lab._common import minibatches, split_digits
+from gradguard.recovery import growth
+
+
+def test_the_growth_is_the_median_matrix_norm_ratio_leaving_out_vectors_and_zeros():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    nn.init.zeros_(model[3].weight)  # a zero-initialised layer has no ratio
+    fresh = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+        model[1].weight.mul_(3.0)
+        model[2].weight.mul_(1.5)
+        model[0].bias.mul_(100.0)  # vectors are left out
+        model[3].weight.fill_(1.0)
+
+    class Guardish:
+        telemetry = type("T", (), {"device": torch.device("cpu")})()
+
+    Guardish.model = model
+    assert growth.growth(Guardish(), fresh) == pytest.approx(2.0)
+    assert growth.cap(2.39) == pytest.approx(0.2 / 1.39)
+    assert growth.cap(500.0) == growth.FLOOR and growth.cap(1.1) == 1.0
+
+
+def _digits(lr: float, *, hooked: bool = False, **options):
+    """A digits MLP (2x128) on Adam for 300 steps; returns the guard, the held-out loss and
+    the first layer's weights before the first step and after each step."""
+    x_train, y_train, x_val, y_val = split_digits()
+    batch = minibatches(x_train, y_train, 32, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    rec = gg.Recovery(**options)
+    guard = (hooked_guard(model, opt, gg.GuardConfig(clip=gg.ZClip(), recovery=rec)) if hooked
+             else gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec))
+    weights = [model[0].weight.detach().clone()]
+    for step in range(300):
+        x, y = batch(step)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss.detach())
+        if hooked:
+            opt.step()  # a trainer steps the optimizer after the guard's hook
+        weights.append(model[0].weight.detach().clone())
+    guard.close()
+    with torch.no_grad():
+        held_out = float(nn.functional.cross_entropy(model(x_val), y_val))
+    return guard, held_out, weights
+
+
+def test_weights_that_doubled_in_the_first_steps_roll_back_to_the_fresh_ones_at_a_capped_lr():
+    """Adam at 30x: no spike, no NaN, a loss that falls, and the median weight matrix
+    grown 2.9x by step 20. The guard rolls back to the weights before the first step and
+    caps the LR at 0.2 / (growth - 1); the held-out loss ends near the run at the right LR
+    (benchmarks/rescue.py's ``held_out_mlp_adam_lr30``: 2.0x its twin before, 1.0-1.1x)."""
+    guard, held_out, weights = _digits(0.03)
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    assert (rollback.step, rollback.data["snapshot_step"]) == (20, -1)
+    assert "grew" in rollback.message and "first 20 steps" in rollback.message
+    torch.testing.assert_close(weights[20], weights[0], rtol=0, atol=0)  # the fresh weights
+    assert 0.05 < guard.recovery.lr_ceiling < 0.15
+    _, without, _ = _digits(0.03, early_growth=False)
+    _, twin, _ = _digits(1e-3)
+    assert held_out < 1.3 * twin < without
+
+
+def test_a_healthy_run_does_not_grow_its_weights_so():
+    guard, _, _ = _digits(1e-3)
+    assert not [e for e in guard.events if e.severity != "info"]
+    assert guard.recovery.lr_factor == 1.0
+
+
+def test_under_a_trainers_hook_the_update_after_the_rollback_is_voided():
+    """A trainer steps the optimizer after the guard's hook: the rollback is decided in the
+    hook of step 20 (after the trainer's 20 updates) and that step's update, from
+    gradients of the weights it replaced, is taken off: step 21 starts from the weights
+    before the first step exactly."""
+    guard, _, weights = _digits(0.03, hooked=True)
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    assert (rollback.step, rollback.data["snapshot_step"]) == (20, -1)
+    torch.testing.assert_close(weights[21], weights[0], rtol=0, atol=0)
+    assert not torch.equal(weights[22], weights[0])
