@@ -166,7 +166,8 @@ def test_noisy_is_twice_the_best_having_given_back_some_progress():
 
 
 def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=None,
-              hooked: bool | str = False, trace: list | None = None, **rec_kw):
+              hooked: bool | str = False, trace: list | None = None, close: bool = True,
+              **rec_kw):
     """A run whose loss learns from 5 towards a noisy ``floor(lr, age)`` set by the LR the
     last optimizer step used (the LR times the guard's factor; warmed up over 60 steps).
     The gradients are a real model's; the loss handed to the guard is the level, a function
@@ -204,7 +205,8 @@ def floor_run(floor, steps: int = 400, every: int = 50, seed: int = 0, run_dir=N
         model.age += 1
         sched.step()
         opt.zero_grad()
-    guard.close()
+    if close:  # a trial under way at the close is discarded
+        guard.close()
     return guard, rec, used
 
 
@@ -323,7 +325,7 @@ def test_lr_probe_false_leaves_the_lr_alone():
 def test_a_probe_under_way_survives_a_resume():
     """A checkpoint taken during a probe's trial restores it: the LR in force is still half,
     the guard still flushes every ten steps, and the probe goes on where it was."""
-    _, rec, used = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, steps=150)
+    _, rec, used = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, steps=150, close=False)
     assert rec._probe.phase == "trial" and rec.lr_factor == 0.5 and used[-1] == 0.25
     other = gg.Recovery()
     other.load_state_dict(rec.state_dict())
@@ -483,3 +485,35 @@ def test_after_a_retry_of_the_ceiling_before_the_trouble_failed_the_next_tries_h
     probe.retried.append(math.sqrt(0.027))
     assert probe.retry_target(0.09, 1.0) is None  # less than RETRY_STEP x the ceiling: done
     assert probe.retry_target(0.5, 1.0) is None  # x0.5 between a ceiling and one that failed
+
+
+def test_a_run_that_ends_during_a_trial_arm_ends_on_the_controls_weights(monkeypatch):
+    """The run ends (``guard.close``) ten steps into the probe's trial arm: those weights
+    come from ten steps at another LR, judged by nothing. Found with a retry under way at
+    the end of a char LSTM's run (the trial at the LR the ladder had cut 100x). The
+    control's state, trained at the LR in force and copied at the fork, is restored, and
+    an info event says so."""
+    from gradguard.recovery import _probing
+
+    full, _, _ = floor_run(lambda lr, step: 0.1 + 8 * lr * lr)
+    [lowered] = [e for e in full.events if e.kind == "lr_backoff"]
+    fork = lowered.step - TRIAL  # the trial arm's first flush
+    restored: list[torch.Tensor] = []
+    real = _probing._restore
+
+    def spy(rec, guard, snap):
+        restored.append(snap["model"]["weight"].clone())
+        real(rec, guard, snap)
+
+    monkeypatch.setattr(_probing, "_restore", spy)
+    trace: list[torch.Tensor] = []
+    guard, rec, used = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, steps=fork + 10,
+                                 trace=trace)
+    assert set(used[fork + 1:]) == {0.25}  # the run ended inside the trial at half the LR
+    [ended] = [e for e in guard.events if e.kind == "lr_probe"]
+    assert "ended during the trial arm" in ended.message and ended.severity == "info"
+    assert len(restored) == 2  # the fork (the trial starts from the probe's start) and the end
+    final = guard.model.weight.detach()
+    assert torch.equal(final, restored[-1]) and not torch.equal(final, trace[-1])
+    assert not torch.equal(restored[-1], restored[0])  # the control trained on from the start
+    assert rec.lr_factor == 1.0

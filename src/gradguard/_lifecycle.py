@@ -99,6 +99,8 @@ def close(guard: Guard, *, failed: bool = False) -> None:
         return
     guard._closed = True
     try:
+        if guard.recovery is not None and not (failed or guard._aborted):
+            guard.recovery.finish(guard)  # a probe's trial under way is discarded
         guard._flush(collective=not (failed or guard._aborted))
     finally:
         _detach(guard)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GradGuardWarning, caller_stacklevel
+from ..events import Event
 from . import actions, messages
 from .ladder import Trigger
 from .probe import RETRY_FLOOR, RETRY_GAIN, TRIAL
@@ -167,6 +168,25 @@ def _probe_fits(rec: Recovery, state: dict[str, Any]) -> bool:
         f"{budget} ({budget / 2**20:.1f} MiB); raise snapshot_memory to let it run",
         GradGuardWarning, stacklevel=caller_stacklevel())
     return False
+
+
+def abandon(rec: Recovery, guard: Guard) -> None:
+    """The run ends (``guard.close``) while a trial arm runs: its weights are from up to
+    ``TRIAL`` steps at another LR than the one in force (a retry's: the LR that failed),
+    judged by nothing yet. The run ends on the control's state instead, the LR in force,
+    as when a trial is discarded; an ``info`` event says so."""
+    probe = rec._probe
+    if probe.phase != "trial" or probe.fork is None:
+        return
+    _restore(rec, guard, probe.fork)
+    step = guard.step_count - 1
+    what = "retry of a higher LR" if probe.up is not None else "probe of half the LR"
+    guard.add_event(Event(
+        kind="lr_probe", step=step, severity="info",
+        message=(f"step {step}: the run ended during the trial arm of an LR {what}; its "
+                 "steps are discarded and the weights are the control arm's, trained at "
+                 "the LR in force")))
+    probe.cancel(step)
 
 
 def _restore(rec: Recovery, guard: Guard, snap: dict[str, Any]) -> None:

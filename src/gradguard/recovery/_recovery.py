@@ -278,6 +278,10 @@ class Recovery:
         """Roll ``objs`` back with the weights from the next snapshot on (``also``)."""
         self.also.add(list(objs), "Recovery.also_restore")
 
+    def finish(self, guard: Guard) -> None:
+        """The run ends (``guard.close``): a probe's trial arm under way is discarded."""
+        _probing.abandon(self, guard)
+
     def detach(self) -> None:
         """Remove the LR multiplier's hooks (the guard's ``close`` calls it)."""
         if self._mult is not None:
