@@ -417,7 +417,7 @@ def test_a_backoff_slows_rprop_whose_lr_is_only_its_first_step_size(foreach):
     """Rprop reads its LR once (a parameter's first step size) and adapts per-element step
     sizes after it: the LR multiplier scales those for the step, so Rprop at lr 0.1 under
     factor 0.1 steps as Rprop at lr 0.01, and its state is kept in the unscaled units."""
-    from gradguard.recovery.actions import LrMultiplier
+    from gradguard.recovery.multiplier import LrMultiplier
 
     torch.manual_seed(0)
     w, ref = nn.Parameter(torch.randn(6)), nn.Parameter(torch.zeros(6))
@@ -465,7 +465,7 @@ def test_a_backoff_scales_the_update_of_an_optimizer_with_no_numeric_lr():
     ``group["lr"]``: the multiplier scales its update instead, ``before + f * (after -
     before)``, the same step f times as long (weight decay included); the LR stays None, a
     step that raised is not scaled afterwards, and groups with an LR are scaled as usual."""
-    from gradguard.recovery.actions import LrMultiplier
+    from gradguard.recovery.multiplier import LrMultiplier
 
     torch.manual_seed(0)
     w, v = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))

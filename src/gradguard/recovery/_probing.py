@@ -14,7 +14,7 @@ from ..errors import GradGuardWarning, caller_stacklevel
 from ..events import Event
 from . import actions, messages
 from .ladder import Trigger
-from .probe import RETRY_FLOOR, RETRY_GAIN, TRIAL
+from .probe import RETRY_FLOOR, RETRY_GAIN, RETRY_TROUBLE, TRIAL
 from .snapshots import copy_state, state_bytes, wait_copies
 
 if TYPE_CHECKING:
@@ -168,6 +168,21 @@ def _probe_fits(rec: Recovery, state: dict[str, Any]) -> bool:
         f"{budget} ({budget / 2**20:.1f} MiB); raise snapshot_memory to let it run",
         GradGuardWarning, stacklevel=caller_stacklevel())
     return False
+
+
+def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Any) -> bool:
+    """See ``Recovery._feed``: the ladder hears ``trig`` (:func:`.actions.feed`), unless a
+    retry's trial runs, which trouble ends instead."""
+    probe = rec._probe
+    if trig.kind in RETRY_TROUBLE:
+        if probe.retrying:
+            return retry_failed(rec, guard, trig)
+        gone = probe.discarded
+        if gone is not None and gone[0] <= trig.step <= gone[1]:
+            return False
+    if trig.kind == "healthy" and probe.retrying:
+        return False
+    return actions.feed(rec, guard, trig, layers)
 
 
 def abandon(rec: Recovery, guard: Guard) -> None:

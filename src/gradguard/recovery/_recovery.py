@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from ..events import Event
-from ..executors import Hook
 from . import _checkpoint, _flush, _probing, _steps, actions
 from .dead import DeadLayers
 from .defaults import (
@@ -32,10 +31,10 @@ from .defaults import (
 )
 from .follow import Followers
 from .groups import SteppedKeys
-from .growth import STEP
 from .ladder import Action, LadderConfig, LadderState, Trigger, transition
 from .late import LateFlags
-from .probe import RETRY_TROUBLE, LrProbe
+from .multiplier import LrMultiplier
+from .probe import LrProbe
 from .ring import SnapshotRing
 from .rise import BLOCK, LossRise
 from .shift import ShiftTest
@@ -101,7 +100,7 @@ class Recovery:
             anything with ``state_dict()``/``load_state_dict()`` (:mod:`.follow`).
 
     The LR back-off is a multiplier applied to the LR the optimizer is about to use and
-    removed after the step (:class:`~gradguard.recovery.actions.LrMultiplier`): it
+    removed after the step (:class:`~gradguard.recovery.multiplier.LrMultiplier`): it
     composes with any LR scheduler; ``param_groups[i]["lr"]`` between steps stays the
     schedule's value.
 
@@ -181,7 +180,7 @@ class Recovery:
         self.state = LadderState()
         self.actions: list[Action] = []  # what the ladder did, oldest first
         self._guard: weakref.ref[Guard] | None = None
-        self._mult: actions.LrMultiplier | None = None
+        self._mult: LrMultiplier | None = None
         self._stepped: SteppedKeys | None = None  # group values the step writes (.groups)
         # steps whose skip flag the ladder already counted on the host (a fused optimizer's
         # first steps, a step that was read for raise/warn); the flush replays the others
@@ -262,7 +261,7 @@ class Recovery:
         if self.disk is not None:
             self.disk.rank = None if guard.dist is None else guard.dist.rank
         if self._mult is None:
-            self._mult = actions.LrMultiplier(guard.optimizer, lambda: self.lr_factor)
+            self._mult = LrMultiplier(guard.optimizer, lambda: self.lr_factor)
             self._stepped = SteppedKeys(actions.local_optimizer(guard.optimizer))
 
     def adopt(self, other: Recovery, *, snapshots: bool) -> None:
@@ -342,18 +341,8 @@ class Recovery:
         back to; outside the ladder's ``snapshot_every`` cadence; on disk too with
         ``snapshot_dir``; a resumed run goes on with the snapshots it had). A trainer
         steps the optimizer after the guard's hook: the skip flags of its earlier steps
-        are heard here, once its last update is done."""
-        if guard.step_count == 0 and not len(self.store) and self.ring.keep(guard, -1):
-            self.ring.kept(-1, self.restores)
-        if self._resumed:
-            self._resumed = False
-            if not len(self.store):  # held in memory only, as a stand-in (load_state_dict)
-                self.ring.keep(guard, guard.step_count - 1, disk=False)
-        if isinstance(guard.executor, Hook):
-            _steps.hear(self, guard)
-            if guard.step_count == STEP:  # the trainer took the first updates: see .growth
-                _steps.grown(self, guard)
-        self._feed(guard, Trigger("tick", guard.step_count), list)
+        are heard here, once its last update is done (:func:`._steps.before_step`)."""
+        _steps.before_step(self, guard)
 
     def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
         """This step's spike verdict (device uint8 bits, no host read; see
@@ -382,16 +371,7 @@ class Recovery:
         True when it acted (beyond a snapshot). While a retry's trial runs (:mod:`.probe`),
         trouble ends it instead (the trial is discarded, not the run's), and no snapshot
         keeps its weights; trouble about its steps heard after that is void."""
-        probe = self._probe
-        if trig.kind in RETRY_TROUBLE:
-            if probe.retrying:
-                return _probing.retry_failed(self, guard, trig)
-            gone = probe.discarded
-            if gone is not None and gone[0] <= trig.step <= gone[1]:
-                return False
-        if trig.kind == "healthy" and probe.retrying:
-            return False
-        return actions.feed(self, guard, trig, layers)
+        return _probing.feed(self, guard, trig, layers)
 
     def snapshot(self, guard: Guard, step: int | None = None) -> bool:
         """Take a snapshot now (model, optimizer, clip policy) into host memory, and hand a

@@ -25,6 +25,21 @@ if TYPE_CHECKING:
     from ._recovery import Recovery
 
 
+def before_step(rec: Recovery, guard: Guard) -> None:
+    """See :meth:`Recovery.before_step <gradguard.Recovery.before_step>`."""
+    if guard.step_count == 0 and not len(rec.store) and rec.ring.keep(guard, -1):
+        rec.ring.kept(-1, rec.restores)
+    if rec._resumed:
+        rec._resumed = False
+        if not len(rec.store):  # held in memory only, as a stand-in (load_state_dict)
+            rec.ring.keep(guard, guard.step_count - 1, disk=False)
+    if isinstance(guard.executor, Hook):
+        hear(rec, guard)
+        if guard.step_count == growth.STEP:  # the trainer took the first updates: see .growth
+            grown(rec, guard)
+    rec._feed(guard, Trigger("tick", guard.step_count), list)
+
+
 def verdict(rec: Recovery, stats: StepStats, loss: Tensor | float | None) -> Tensor:
     """This step's spike verdict (device uint8 bits, no host read; see :mod:`.verdict`):
     zero unless ``skip_spikes`` and the ladder is not in the first ``SPIKE_GRACE`` steps
