@@ -204,6 +204,57 @@ def test_a_resume_mid_incident_says_its_snapshots_stayed_behind(tmp_path):
         assert torch.isfinite(p).all()
 
 
+def test_a_checkpoint_taken_after_the_weights_went_wrong_unjudged_is_no_stand_in(tmp_path):
+    """A checkpoint taken a few steps after an LR burst wrecked the weights, before the flush
+    that would have judged those steps: the ladder was calm and its last flush healthy, yet
+    the losses since (in the checkpoint's telemetry window) are far above the last
+    snapshot's. Its weights are kept as no snapshot, and the resume says why (they were the
+    stand-in: the resumed run rolled back to them, each time at a lower LR; a digits MLP
+    resumed so ended at 8.6 held-out, 0.19 uninterrupted)."""
+    def make():
+        model = mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return model, opt, gg.Guard(model, opt, recovery=gg.Recovery(snapshot_every=4), every=5)
+
+    data = batches(60, seed=11)
+    model, opt, guard = make()
+    train(guard, model, opt, data[:20])  # flushes (and snapshots) up to step 19
+    opt.param_groups[0]["lr"] = 1.0  # a burst: steps 20-22 (100x) wreck the weights
+    train(guard, model, opt, data[20:23], start=20)
+    opt.param_groups[0]["lr"] = 1e-2
+    train(guard, model, opt, data[23:24], start=23)
+    assert guard.telemetry.pending == 4 and not [
+        e for e in guard.events if e.kind in ("rollback", "lr_backoff")]  # nothing judged yet
+    state = guard.state_dict()
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
+    guard.close()
+    model, opt, guard = make()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    with pytest.warns(gg.GradGuardWarning, match=r"over the 4 steps since its last flush, "
+                      r"above the level of its last snapshot.*kept in memory only"):
+        guard.load_state_dict(state)
+    train(guard, model, opt, data[24:26], start=24)
+    assert 23 not in guard.recovery.store.steps()  # the wrecked weights: no stand-in
+
+
+def test_a_checkpoint_taken_soon_after_a_flush_is_judged_on_its_steps_alone():
+    """The steps since the last flush say how the weights do only when there are a few of
+    them: one or two losses are noise (``UNJUDGED_MIN``); the checkpoint's weights are then
+    the stand-in, as the ladder's state says."""
+    from gradguard.recovery._checkpoint import UNJUDGED_MIN, unjudged_level
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=5)
+    data = batches(8, seed=11)
+    train(guard, model, opt, data[:5])
+    assert unjudged_level(guard) is None  # just flushed
+    train(guard, model, opt, data[5:5 + UNJUDGED_MIN], start=5)
+    level, n = unjudged_level(guard)
+    assert n == UNJUDGED_MIN and math.isfinite(level)
+
+
 def test_a_resume_with_snapshot_dir_rolls_back_to_the_snapshots_before_it(tmp_path):
     model, opt, guard, state, data = _resumed_at_an_lr_too_high(tmp_path, tmp_path / "snaps")
     with warnings.catch_warnings():

@@ -266,6 +266,15 @@ class Telemetry:
         """Rows written since the last flush."""
         return len(self._steps)
 
+    def pending_losses(self) -> list[float]:
+        """The finite losses given to the steps taken since the last flush, oldest first:
+        what no flush has judged yet (a resumed run's, from the checkpoint's window). One
+        host read; not on the step path."""
+        rows = self._buf[: len(self._steps)]
+        cols = rows[:, [_COL_LOSS, _COL_LOSS_GIVEN, _COL_SKIPPED]].detach().cpu().tolist()
+        return [loss for loss, given, skipped in cols
+                if given and not skipped and math.isfinite(loss)]
+
     @property
     def flush_due(self) -> bool:
         """True when the next recorded step fills the buffer (sample updates then)."""
