@@ -256,6 +256,35 @@ def test_without_recovery_the_run_skips_and_continues():
     assert [e.step for e in run.events if e.kind == "skip"] == list(range(20, 30))
 
 
+def test_a_nan_loss_with_finite_gradients_is_reported_and_the_step_taken():
+    """The loss given to ``guard.step`` is NaN while the gradients are finite: not the loss
+    that was backpropagated (here a term computed without gradient). The gradients are
+    sound, so the step is taken and nothing is skipped or backed off; the loss tests leave
+    a NaN loss out, and the run said nothing about it."""
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, opt, **guard_kwargs())
+    for step, (x, y) in enumerate(batches(STEPS)):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        logged = loss.detach()
+        if step in (AT, AT + 2):
+            with torch.no_grad():
+                logged = logged + torch.log(torch.zeros(())) * 0.0  # a NaN term, no gradient
+        before = [p.detach().clone() for p in model.parameters()]
+        guard.step(logged)
+        if step == AT:
+            assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        opt.zero_grad()
+    guard.close()
+    found = [e for e in guard.events if e.kind == "nonfinite_loss"]
+    assert [(e.step, e.severity, e.data["steps"]) for e in found] == [
+        (AT, "warning", [AT, AT + 2])]
+    assert "not the loss that was backpropagated" in found[0].message
+    assert guard.skipped_steps == 0
+    assert not [e for e in guard.events if e.kind in LADDER]
+
+
 def test_calibration_outcome_fast():
     """x1000 gradient spikes: guarded final loss <= 2x the clean run's, the unprotected
     run much worse (a shorter, narrower version of the benchmark)."""

@@ -322,6 +322,7 @@ class Telemetry:
             grad_present=None if self._present is None else [i in self._present for i in range(p)],
             dying=rows[:, _COL_DYING],
             dying_at=rows[:, _COL_DYING_AT],
+            loss_given=rows[:, _COL_LOSS_GIVEN] > 0.5,
             grad_absent=list(self._absent) if self._track_absent and len(self._absent) == n
             else None,
         )

@@ -41,6 +41,8 @@ class Window:
             every one had one; host-side, no device read. Under torch.distributed, those
             without one on every rank (agreed at the flush); None when unknown (across
             pipeline stages, whose parameters differ).
+        loss_given: ``[n]`` bool: a loss was passed to the step (NaN in ``loss`` otherwise);
+            None when unknown.
         dying, dying_at: ``[n]``: on the steps the unit watch sampled, the largest share of
             a weight's output units that died within the last hundred steps, and that
             weight's parameter position (:mod:`gradguard.units`); NaN on other steps; None
@@ -64,6 +66,7 @@ class Window:
     grad_present: list[bool] | None = None
     dying: Tensor | None = None
     dying_at: Tensor | None = None
+    loss_given: Tensor | None = None
     grad_absent: list[frozenset[int] | None] | None = None
     #: :meth:`layer_norms`, computed once per window (the detectors, the monitor and the
     #: recovery all read it at the same flush); treat it as read-only

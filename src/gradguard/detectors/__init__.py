@@ -60,7 +60,7 @@ from .layers import (
     detect_vanishing,
 )
 from .lr import LrTracker
-from .nonfinite import ForwardOrigin, detect_nonfinite, nonfinite_origin
+from .nonfinite import ForwardOrigin, detect_nonfinite, detect_untrained_loss, nonfinite_origin
 from .spikes import detect_spike_skips, detect_spikes, robust_z
 
 
@@ -96,6 +96,7 @@ def detect(
     cfg = config or DetectorConfig()
     st = state if state is not None else DetectorState(history=cfg.spike_history)
     events = detect_nonfinite(window, forward_origins, amp_overflows, bad_weights)
+    events += detect_untrained_loss(window)
     events += detect_spikes(window, st, cfg)
     events += detect_spike_skips(window)
     events += detect_vanishing(window, cfg)
@@ -145,6 +146,7 @@ __all__ = [
     "detect_nonfinite",
     "detect_spike_skips",
     "detect_spikes",
+    "detect_untrained_loss",
     "detect_update_ratio",
     "detect_vanishing",
     "nonfinite_origin",

@@ -187,3 +187,34 @@ def detect_nonfinite(
                 )
             )
     return events
+
+
+def detect_untrained_loss(window: Window) -> list[Event]:
+    """A ``nonfinite_loss`` warning (one per window, at its first such step) for steps whose
+    given loss is NaN/Inf while every gradient is finite: the loss passed to
+    ``guard.step`` is not the one that was backpropagated, or a term of it was computed
+    without gradient (under ``no_grad``, or detached). The step is taken, as its gradients
+    are sound; the non-finite loss is left out of every loss test, so nothing else would
+    say so (a NaN loss with finite gradients was silent)."""
+    if window.loss_given is None:
+        return []
+    total, losses = window.total_norm.tolist(), window.loss.tolist()
+    given = window.loss_given.tolist()
+    steps = [step for i, step in enumerate(window.steps)
+             if given[i] and math.isfinite(total[i]) and not math.isfinite(losses[i])]
+    if not steps:
+        return []
+    first = steps[0]
+    i = window.steps.index(first)
+    kind = "NaN" if math.isnan(losses[i]) else "Inf"
+    more = f" ({len(steps)} such steps in steps {first}-{window.steps[-1]})" if len(steps) > 1 else ""
+    return [Event(
+        kind="nonfinite_loss", step=first, severity="warning", layer=LOSS_ORIGIN,
+        value=losses[i],
+        message=(f"step {first}: the loss given to guard.step is {kind} while every gradient "
+                 f"is finite{more}: it is not the loss that was backpropagated, or a term of "
+                 "it was computed without gradient; the step was taken"),
+        remedy=("Pass guard.step the loss you called backward() on, and check the terms "
+                "of it computed under torch.no_grad() or detached."),
+        data={"steps": steps},
+    )]
