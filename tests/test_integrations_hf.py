@@ -198,6 +198,68 @@ def test_resume_from_checkpoint_restores_the_guard_state(tmp_path):
     assert steps == list(range(4))  # every step once, across both runs
 
 
+class Interrupt(TrainerCallback):
+    """Raises KeyboardInterrupt once, at the end of step ``at`` (a user's Ctrl-C)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.at is not None and state.global_step == self.at:
+            self.at = None
+            raise KeyboardInterrupt
+
+
+def test_a_run_resumed_in_the_same_process_continues_from_the_checkpoints_guard_state(tmp_path):
+    """``trainer.train(resume_from_checkpoint=True)`` on the same Trainer after an
+    interruption (a notebook): the guard is built again from the checkpoint's state, as in
+    a new process. It kept the interrupted run's guard: 3 steps counted past the Trainer's,
+    the checkpoint's state ignored."""
+    full = GradGuardCallback(clip=gg.ZClip(warmup_steps=1), every=3, report=False)
+    full_t = checkpointing_trainer(tmp_path / "full", [full], max_steps=6)
+    full_t.train()
+    cb = GradGuardCallback(clip=gg.ZClip(warmup_steps=1), every=3, report=False)
+    t = checkpointing_trainer(tmp_path / "split", [cb, Interrupt(at=5)], max_steps=6)
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    interrupted = cb.guard
+    assert interrupted.step_count == 5
+    t.train(resume_from_checkpoint=True)  # checkpoint-4
+    assert cb.guard is not interrupted and cb.guard.step_count == 6
+    assert_same(cb.guard.state_dict(), full.guard.state_dict(), "guard")
+    for (name, a), b in zip(full_t.model.state_dict().items(), t.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_trainer_trained_twice_guards_the_second_run_too(tmp_path):
+    """A second ``trainer.train()`` on the same Trainer (a cell run again, a second stage):
+    a guard of its own, in ``gradguard/train1``. The closed guard of the first was
+    stepped: ``RuntimeError: guard.step() called after guard.close()``."""
+    class NaNOnSecond(TrainerCallback):
+        calls = 0
+
+        def on_train_begin(self, *a, **k):
+            self.calls += 1
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            if self.calls == 2 and state.global_step == NAN_STEP:
+                model.transformer.h[0].mlp.c_fc.weight.grad[0, 0] = math.nan
+
+    cb = GradGuardCallback(report=False)
+    t = make_trainer(tmp_path, [NaNOnSecond(), cb], max_grad_norm=0.0)
+    t.train()
+    first = cb.guard
+    t.train()
+    assert cb.guard is not first and first.step_count == cb.guard.step_count == 5
+    assert cb.guard.skipped_steps == 1 and first.skipped_steps == 0
+    for p in t.model.parameters():
+        assert torch.isfinite(p).all()
+    base = tmp_path / "out" / "gradguard"
+    second = [r for r in read_jsonl(base / "train1" / "events.jsonl") if r["kind"] == "skip"]
+    assert [r["step"] for r in second] == [NAN_STEP]
+    assert not [r for r in read_jsonl(base / "events.jsonl") if r["kind"] == "skip"]
+
+
 def test_resume_without_saved_guard_state_warns(tmp_path):
     checkpointing_trainer(tmp_path / "out", [], max_steps=2).train()  # no gradguard file
     cb = GradGuardCallback(clip=gg.ZClip(warmup_steps=1), report=False)

@@ -94,6 +94,24 @@ def test_nan_step_skipped_run_dir_logs_and_report(tmp_path):
         assert cb.reports == [str(run_dir / "report.html")]
 
 
+def test_a_second_fit_with_the_same_callback_is_a_run_of_its_own(tmp_path):
+    """The same callback in a second ``fit`` from step 0 (a second stage, a cell run again):
+    its guard writes to ``gradguard/fit1``. It wrote the same steps again into the first
+    fit's files, which the readers then took for a resume and showed the second run only."""
+    cb = GradGuardCallback(clip=gg.ZClip(), every=4, report=False)
+    model = Tiny(nan_step=-1)
+    trainer(tmp_path, cb).fit(model, loader())
+    model.nan_step = NAN_STEP  # the second fit meets a bad batch at its step NAN_STEP
+    trainer(tmp_path, cb).fit(model, loader())
+    base = tmp_path / "gradguard"
+    assert cb.run_dirs == [base, base / "fit1"]
+    for d, skipped in ((base, []), (base / "fit1", [NAN_STEP])):
+        steps = [r for r in read_jsonl(d / "metrics.jsonl") if r["type"] == "step"]
+        assert [r["step"] for r in steps] == list(range(8))
+        assert [r["step"] for r in steps if r["skipped"]] == skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_a_module_of_lazy_layers_is_guarded_from_its_first_step(tmp_path):
     """Found as a stranger: a LightningModule built of ``nn.LazyLinear`` layers (their
     shapes come from the first forward, which Lightning runs after ``on_train_start``)

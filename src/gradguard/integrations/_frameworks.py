@@ -163,10 +163,8 @@ def lightning_callback(config: Any, run_dir: Path | None, resume_state: list[Any
                 self._saved_clip = None
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            self._fits += 1
-            if self._fits > 1:  # a second fit: a run of its own
-                self.run_dir = None if run_dir is None else run_dir / f"fit{self._fits - 1}"
-            elif self._loaded is None and resume_state:
+            self._fits += 1  # a later fit from step 0: a run of its own (the callback's fit<k>)
+            if self._fits == 1 and self._loaded is None and resume_state:
                 self._loaded = resume_state
             super().on_train_start(trainer, pl_module)
 

@@ -105,6 +105,8 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         self._is_zero = True
         self._resume_state: dict[str, Any] | None = None
         self._takeover: float | None = None  # the Trainer's max_grad_norm, applied by gradguard
+        self._earlier = 0  # earlier train() calls with a guard (see _fresh_guard)
+        self._sub: str | None = None  # the run directory's part for a later fresh train()
 
     # ---- start ---------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -138,12 +140,32 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
             )
             args.max_grad_norm = 0.0
         self._is_zero = bool(getattr(state, "is_world_process_zero", True))
+        self._fresh_guard(int(getattr(state, "global_step", 0)))
         model = kwargs.get("model")
         if isinstance(model, nn.Module) and self._hook is None:
             self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
         self._resume_state = None
         if getattr(state, "global_step", 0) > 0 and self.guard is None:
             self._resume_state = self._find_resume_state(args, int(state.global_step))
+
+    def _fresh_guard(self, step: int) -> None:
+        """Each ``trainer.train()`` gets a guard of its own, built at its first step. The
+        guard of an earlier call on this Trainer (a notebook cell run again, a second stage,
+        or a run resumed in the same process after an interruption, whose guard was never
+        closed) is closed, and the next is built afresh: from the checkpoint's guard state
+        when the Trainer resumed one (``step`` > 0), in the same run directory (as a resume
+        in a new process; later records of a step replace earlier ones), else in
+        ``<run_dir>/train<k>``, a run of its own. Before, the second call stepped the
+        closed guard and raised, and a resume in the same process kept the old guard's
+        step count and ignored the checkpoint's state."""
+        self._loss = LossTracker(mean=True)  # what an interrupted call had gathered
+        if self.guard is None:
+            return
+        self.guard.close(failed=True)  # idempotent; a call that was interrupted left it open
+        self.guard = None
+        self._earlier += 1
+        if step == 0:
+            self._sub = f"train{self._earlier}"
 
     def _find_resume_state(self, args: Any, step: int) -> dict[str, Any] | None:
         """The guard state saved with the checkpoint this run resumes from (global_step > 0
@@ -175,6 +197,8 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         self, args: Any, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
     ) -> Guard:
         run_dir = self.run_dir or Path(args.output_dir) / "gradguard"
+        if self._sub is not None:
+            run_dir = Path(run_dir) / self._sub
         sinks: list[Sink] = list(self.sinks)
         if self._is_zero:
             sinks.append(JsonlSink(run_dir))

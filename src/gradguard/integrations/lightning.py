@@ -150,6 +150,10 @@ class GradGuardCallback(CallbackOptions, Callback):
         #: guards are built at their first step
         self._deferred: dict[int, int] = {}
         self._final: list[dict[str, Any]] | None = None  # the guards' state when training ended
+        self._done = 0  # fits this callback guarded to their end
+        #: the run directory's part for a later fit that starts afresh (``fit<k>``): a run
+        #: of its own, not records of the same steps again (read as a resume's)
+        self._sub: str | None = None
 
     # ---- checks ------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -177,6 +181,9 @@ class GradGuardCallback(CallbackOptions, Callback):
     # ---- guards --------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._deferred = {}
+        # a later fit from step 0 (a second stage, a cell run again) is a run of its own; a
+        # fit resumed from a checkpoint goes on in the same directory
+        self._sub = f"fit{self._done}" if self._done and trainer.global_step == 0 else None
         for k, opt in enumerate(trainer.optimizers):
             self._check_amp(trainer, opt)
             if any(is_lazy(p) for g in opt.param_groups for p in g["params"]):
@@ -190,7 +197,9 @@ class GradGuardCallback(CallbackOptions, Callback):
 
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, k: int,
                opt: torch.optim.Optimizer) -> Guard:
-        base = self.run_dir or Path(trainer.default_root_dir) / "gradguard"
+        base = Path(self.run_dir or Path(trainer.default_root_dir) / "gradguard")
+        if self._sub is not None:
+            base = base / self._sub
         many = len(trainer.optimizers) > 1
         run_dir = base if k == 0 else base / f"optimizer{k}"
         sinks: list[Sink] = list(self.sinks)
@@ -277,6 +286,7 @@ class GradGuardCallback(CallbackOptions, Callback):
             g.close(failed=failed)
         if guards:
             self._final = [g.state_dict() for g in guards]
+            self._done += 1
         self._logger_sinks = []
         if self.report:
             for d in self.run_dirs:
