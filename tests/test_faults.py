@@ -285,6 +285,29 @@ def test_a_nan_loss_with_finite_gradients_is_reported_and_the_step_taken():
     assert not [e for e in guard.events if e.kind in LADDER]
 
 
+def test_a_batch_whose_labels_are_all_masked_is_reported_as_one_with_nothing_to_learn():
+    """Every label of a batch masked (``ignore_index``): the mean loss is 0/0 = NaN and
+    every gradient exactly zero (a Trainer's batch of padding only). The step is taken,
+    and the warning names that cause, not a loss other than the one backpropagated."""
+    model = mlp(d_out=3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, opt, **guard_kwargs())
+    for step, (x, y) in enumerate(batches(STEPS)):
+        target = (y[:, 0] > 0).long()
+        if step == AT:
+            target = torch.full_like(target, -100)
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    found = [e for e in guard.events if e.kind == "nonfinite_loss"]
+    assert [(e.step, e.data["steps"]) for e in found] == [(AT, [AT])]
+    assert "every gradient is zero: a batch with nothing to learn from" in found[0].message
+    assert guard.skipped_steps == 0
+    assert not [e for e in guard.events if e.kind in LADDER]
+
+
 def test_calibration_outcome_fast():
     """x1000 gradient spikes: guarded final loss <= 2x the clean run's, the unprotected
     run much worse (a shorter, narrower version of the benchmark)."""

@@ -190,31 +190,46 @@ def detect_nonfinite(
 
 
 def detect_untrained_loss(window: Window) -> list[Event]:
-    """A ``nonfinite_loss`` warning (one per window, at its first such step) for steps whose
-    given loss is NaN/Inf while every gradient is finite: the loss passed to
-    ``guard.step`` is not the one that was backpropagated, or a term of it was computed
-    without gradient (under ``no_grad``, or detached). The step is taken, as its gradients
-    are sound; the non-finite loss is left out of every loss test, so nothing else would
-    say so (a NaN loss with finite gradients was silent)."""
+    """``nonfinite_loss`` warnings for steps whose given loss is NaN/Inf while every
+    gradient is finite, one per window and cause, at its first such step (its steps in
+    ``data["steps"]``). The step is taken, as its gradients are sound; the non-finite loss
+    is left out of every loss test, so nothing else would say so (it was silent). Two
+    causes are told apart by the gradient norm:
+
+    * exactly zero: a batch with nothing to learn from, e.g. every label masked
+      (``ignore_index``), whose mean loss is 0/0 (a Trainer's batch of padding only);
+    * otherwise: the loss passed to ``guard.step`` is not the one that was
+      backpropagated, or a term of it was computed without gradient (under ``no_grad``,
+      or detached)."""
     if window.loss_given is None:
         return []
     total, losses = window.total_norm.tolist(), window.loss.tolist()
     given = window.loss_given.tolist()
-    steps = [step for i, step in enumerate(window.steps)
-             if given[i] and math.isfinite(total[i]) and not math.isfinite(losses[i])]
-    if not steps:
-        return []
-    first = steps[0]
-    i = window.steps.index(first)
-    kind = "NaN" if math.isnan(losses[i]) else "Inf"
-    more = f" ({len(steps)} such steps in steps {first}-{window.steps[-1]})" if len(steps) > 1 else ""
-    return [Event(
-        kind="nonfinite_loss", step=first, severity="warning", layer=LOSS_ORIGIN,
-        value=losses[i],
-        message=(f"step {first}: the loss given to guard.step is {kind} while every gradient "
-                 f"is finite{more}: it is not the loss that was backpropagated, or a term of "
-                 "it was computed without gradient; the step was taken"),
-        remedy=("Pass guard.step the loss you called backward() on, and check the terms "
-                "of it computed under torch.no_grad() or detached."),
-        data={"steps": steps},
-    )]
+    empty: list[int] = []
+    untrained: list[int] = []
+    for i, step in enumerate(window.steps):
+        if given[i] and math.isfinite(total[i]) and not math.isfinite(losses[i]):
+            (empty if total[i] == 0.0 else untrained).append(step)
+    events = []
+    for steps, why, remedy in (
+        (empty, "every gradient is zero: a batch with nothing to learn from (every target "
+                "masked, a mean over no elements is 0/0); the step was taken",
+         "Drop batches whose targets are all masked, or divide the summed loss by "
+         "max(count, 1)."),
+        (untrained, "every gradient is finite: it is not the loss that was backpropagated, "
+                    "or a term of it was computed without gradient; the step was taken",
+         "Pass guard.step the loss you called backward() on, and check the terms of it "
+         "computed under torch.no_grad() or detached."),
+    ):
+        if not steps:
+            continue
+        i = window.steps.index(steps[0])
+        kind = "NaN" if math.isnan(losses[i]) else "Inf"
+        more = (f" ({len(steps)} such steps in steps {steps[0]}-{window.steps[-1]})"
+                if len(steps) > 1 else "")
+        events.append(Event(
+            kind="nonfinite_loss", step=steps[0], severity="warning", layer=LOSS_ORIGIN,
+            value=losses[i], remedy=remedy, data={"steps": steps},
+            message=f"step {steps[0]}: the loss given to guard.step is {kind} while {why}{more}",
+        ))
+    return events
