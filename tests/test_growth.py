@@ -72,6 +72,10 @@ def test_weights_that_doubled_in_the_first_steps_roll_back_to_the_fresh_ones_at_
     assert "grew" in rollback.message and "first 20 steps" in rollback.message
     torch.testing.assert_close(weights[20], weights[0], rtol=0, atol=0)  # the fresh weights
     assert 0.05 < guard.recovery.lr_ceiling < 0.15
+    probe = guard.recovery._probe  # the LR that grew the weights failed: a retry starts below
+    assert probe.retried == [1.0]
+    ceiling = guard.recovery.lr_ceiling
+    assert probe.retry_target(ceiling, 1.0) == pytest.approx((ceiling * 1.0) ** 0.5)
     _, without, _ = _digits(0.03, early_growth=False)
     _, twin, _ = _digits(1e-3)
     assert held_out < 1.3 * twin < without
@@ -93,3 +97,38 @@ def test_under_a_trainers_hook_the_update_after_the_rollback_is_voided():
     assert (rollback.step, rollback.data["snapshot_step"]) == (20, -1)
     torch.testing.assert_close(weights[21], weights[0], rtol=0, atol=0)
     assert not torch.equal(weights[22], weights[0])
+
+
+def test_after_a_growth_rollback_no_retry_tries_the_lr_that_grew_the_weights():
+    """An ordinary script (a helper's, as a stranger): a digits MLP with dropout on SGD
+    momentum at lr 1.5 (30x the 0.05 that trains) from a shuffling DataLoader, ``StepLR``
+    halving it every 5 epochs. The weights grow ~10x by step 20: a rollback to the fresh
+    ones at a capped LR. A retry then tried x1, the LR that grew them (its trial ran into a
+    loss spike, the run's only warning, which the summary led with); now the first retry
+    goes halfway below it."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    train = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:1400]
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[train], y[train]),
+                                       batch_size=32, shuffle=True)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 128),
+                          nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=1.5, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    for _ in range(20):
+        for xb, yb in data:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            guard.step(loss.detach())
+        sched.step()
+    guard.close()
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    retried = guard.recovery._probe.retried
+    assert rollback.step == 20 and retried[0] == 1.0 and len(retried) > 1
+    assert max(retried[1:]) < 0.5, retried  # halfway below x1 (in log), never x1 itself
+    assert not [e for e in guard.events if e.severity != "info" and e.step > 20]

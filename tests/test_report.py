@@ -229,6 +229,25 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "recovered. Stable at x0.5 of your schedule (lr 0.25 at step 20): the edge of what "
             "trains; set half of it, 0.5, in your config.",
         ),
+        (  # the ladder acted first, on what no gradient event shows (weights that grew): its
+            # reason starts the story, the later spike (a retry's trial) follows; it led alone
+            [_ev("rollback", 20, "error", data={"factor": 0.01, "reason": "the weights grew "
+                                                 "34.9x in the first 20 steps"}),
+             _ev("grad_spike", 80, layer="5", message="spike")],
+            False,
+            "At step 20, the weights grew 34.9x in the first 20 steps. The gradient norm "
+            "spiked at step 80 in `5`. gradguard rolled back 1 time; training recovered.",
+        ),
+        (  # a retry lifted the LR part of the way back: that factor of the config's LR
+            [_ev("rollback", 4, "error", data={"factor": 0.01, "reason": "an LR far too high"}),
+             _ev("lr_settled", 90, "info", data={
+                 "factor": 0.0316, "lr": [0.0119], "advise": [0.0474], "scheduled": True,
+                 "retry": True, "raised": True})],
+            False,
+            "At step 4, an LR far too high. gradguard rolled back 1 time; training recovered. "
+            "Stable at x0.0316 of your schedule (lr 0.0119 at step 90), where a retry of the LR "
+            "the trouble lowered found it trains: set 0.0474 in your config.",
+        ),
         (  # the clip acted often since the LR was lowered (recovery.tally)
             [_ev("nonfinite_grad", 5, "error", message="gradient norm is NaN"),
              _ev("lr_backoff", 6, data={"factor": 0.1}),

@@ -199,6 +199,74 @@ def test_under_a_schedule_the_advice_scales_the_lr_of_the_config_not_the_lr_now(
                                "highest that held (0.02)")
 
 
+def test_under_reduce_lr_on_plateau_the_advice_scales_the_highest_lr_the_run_had():
+    """``ReduceLROnPlateau`` records no planned LR (no ``initial_lr``): the advice scaled
+    the LR the plateau had already halved ("failed at lr 0.015", "set 0.0016" for a config
+    of 0.03; found by a helper in a Lightning run). The highest LR the run had stands for
+    the config's, as for an LR a script sets by hand each step."""
+    import dataclasses
+
+    from gradguard.recovery import Action, messages
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery())
+    for _ in range(3):
+        loss = model(torch.randn(8, 4)).square().mean()
+        loss.backward()
+        guard.step(loss.detach())
+        opt.zero_grad()
+        sched.step(1.0)  # no improvement: halved after the first
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0075)
+    guard.recovery.state = dataclasses.replace(guard.recovery.state, factor=0.2, ceiling=0.2,
+                                               failed=0.4)
+    e = messages.settled_event(guard, Action("settled", 150, factor=0.2, ceiling=0.2))
+    guard.close()
+    assert e.data["advise"] == [pytest.approx(0.03 * 0.2 / 2)] and e.data["scheduled"]
+    assert e.remedy.startswith("Set the learning rate to 0.003 (x0.1 of the 0.03 it has")
+
+
+def test_a_retry_part_of_the_way_back_advises_that_factor_of_the_config_lr(tmp_path):
+    """A retry lifted the LR part of the way back (x0.0316): under a schedule that decayed
+    the LR, "Keep this learning rate (0.00333)" named the decayed LR now, 8x below what
+    trains from scratch (a StepLR run found by a helper). The advice is that factor of the
+    LR the schedule scales, and the run summary says so; back at x1, keep your LR."""
+    import dataclasses
+
+    from gradguard.recovery import Action, messages
+    from gradguard.report._data import load_run
+    from gradguard.report._summary import summary_sentence
+
+    def raised(factor, tmp):
+        model = nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=1.5)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for _ in range(3):
+            opt.step()
+            sched.step()
+        guard = gg.Guard(model, opt, recovery=gg.Recovery(), sinks=[gg.JsonlSink(tmp)])
+        guard.recovery.state = dataclasses.replace(guard.recovery.state, factor=factor,
+                                                   ceiling=factor)
+        loss = model(torch.randn(8, 4)).square().mean()
+        loss.backward()
+        guard.step(loss.detach())
+        e = messages.raised_event(guard, Action("raised", 500, "it trains", factor, factor))
+        guard.add_event(e)
+        guard.close()
+        return e, summary_sentence(load_run(tmp))
+
+    e, text = raised(0.0316, tmp_path / "part")
+    assert e.data["advise"] == [pytest.approx(1.5 * 0.0316)] and e.data["scheduled"]
+    assert e.remedy.startswith("Set the learning rate to 0.0474 (x0.0316 of the 1.5 it has, "
+                               "which your schedule scales) in your config")
+    assert "a retry of the LR the trouble lowered found it trains: set 0.0474 in your " \
+           "config." in text
+    e, text = raised(1.0, tmp_path / "full")
+    assert "advise" not in e.data and e.remedy.startswith("Keep your learning rate")
+    assert "Back at your lr" in text
+
+
 def test_a_run_rescued_under_a_cosine_schedule_is_advised_the_config_lr_that_trains():
     """The digits GELU MLP on SGD Nesterov at 20x its LR under a cosine decay: the ladder
     settles while the schedule has decayed; the advice is the settled factor of the config's

@@ -69,6 +69,13 @@ class LrTracker:
         shares = [lr / pk for lr, pk in zip(self._last, self._peak) if lr is not None and pk > 0]
         return min(1.0, max(shares)) if shares else 1.0
 
+    def peaks(self, n: int) -> list[float | None]:
+        """The highest LR each of ``n`` param groups has had or planned (None where it is
+        unknown: no numeric LR seen yet, or the groups changed since)."""
+        if len(self._peak) != n:
+            return [None] * n
+        return [pk if pk > 0 else None for pk in self._peak]
+
     def pop_events(self) -> list[Event]:
         ev, self._events = self._events, []
         return ev

@@ -116,8 +116,13 @@ def grown(rec: Recovery, guard: Guard) -> None:
         return
     reason = (f"the weights grew {ratio:.3g}x in the first {growth.STEP} steps (the median "
               "weight matrix's norm): an LR far too high")
+    top = rec.state.ceiling
     rec._feed(guard, Trigger("spike", guard.step_count, reason, rollback=True,
                              cap=growth.cap(ratio)), list)
+    if rec.state.ceiling < top:  # the LR that grew them failed: no retry tries it again, the
+        # first goes halfway below it (a retry at SGD's x1 ran into a loss spike at step 293,
+        # the run's only warning, that its summary then led with)
+        rec._probe.retried.append(top)
 
 
 def hear(rec: Recovery, guard: Guard) -> None:

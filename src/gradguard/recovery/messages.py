@@ -97,10 +97,17 @@ def _lrs(guard: Guard, factor: float) -> tuple[list[float | None], str]:
 def _config_lrs(guard: Guard, factor: float) -> tuple[list[float | None], str, str | None]:
     """What the advice of an LR under ``factor`` is in a config: ``factor`` times the LR a
     scheduler scales (``planned_lr``: the config's value, which a ``LambdaLR`` warm-up or
-    cosine decay or a Hugging Face schedule scales; a one-cycle's peak) for every param group, the distinct ones as
+    cosine decay or a Hugging Face schedule scales; a one-cycle's peak; else the highest the
+    group has had, :meth:`~gradguard.detectors.LrTracker.peaks`) for every param group, the distinct ones as
     text, and those bases as text when a schedule has moved the LR off them (a warm-up, a
     decay: the LR now is not what the config says), else None and the LRs now."""
-    bases = [planned_lr(g) for g in guard.optimizer.param_groups]
+    groups = guard.optimizer.param_groups
+    # a schedule that records no plan (ReduceLROnPlateau, an LR set by hand each step or
+    # lowered by hand at an epoch): the highest LR the group has had stands for the config's
+    # (the plateau had halved 0.03 when the advice was "x0.106" of the 0.015 then)
+    peaks = guard.monitor.lr_tracker.peaks(len(groups))
+    bases = [planned if (planned := planned_lr(g)) is not None else peak
+             for g, peak in zip(groups, peaks)]
     now, shown = _lrs(guard, factor)
     moved = [b is not None and n is not None and abs(b * factor - n) > 1e-6 * abs(n)
              for b, n in zip(bases, now)]
@@ -176,15 +183,23 @@ def _based(base: str | None) -> dict[str, Any]:
 
 
 def raised_event(guard: Guard, a: Action) -> Event:
-    """A retry found the LR the trouble lowered trains after all: it is back (:mod:`.probe`)."""
+    """A retry found the LR the trouble lowered trains after all: it is back (:mod:`.probe`).
+    Back at the user's LR (x1 or more): keep it. Part of the way back (a retry halfway up):
+    that factor of the config's LR is the advice (of the base a schedule scales: the LR now
+    under a decay is no config value; "keep this learning rate (0.00333)" was the decayed
+    LR of a StepLR, 8x below the 0.027 that trains from scratch)."""
     lrs, shown = _lrs(guard, a.factor)
-    mine = "your" if a.factor >= 1 else "this"
+    message = (f"step {a.step}: the LR a trouble lowered was tried again: {a.reason}; lr "
+               f"{shown} (x{a.factor:.3g} of the schedule) from here")
+    if a.factor >= 1:
+        return _settled(a.step, a.factor, lrs, message,
+                        f"Keep your learning rate ({shown}); if the trouble came from a "
+                        "stretch of bad batches, check them.", retry=True, raised=True)
+    advise, advised, base = _config_lrs(guard, a.factor)
     return _settled(
-        a.step, a.factor, lrs,
-        f"step {a.step}: the LR a trouble lowered was tried again: {a.reason}; lr {shown} "
-        f"(x{a.factor:.3g} of the schedule) from here",
-        f"Keep {mine} learning rate ({shown}); if the trouble came from a stretch of bad "
-        "batches, check them.", retry=True, raised=True)
+        a.step, a.factor, lrs, message,
+        f"Set the learning rate to {advised} (x{a.factor:.3g}{_of(base)}) in your config: "
+        "the retry found it trains.", retry=True, raised=True, advise=advise, **_based(base))
 
 
 def retry_event(guard: Guard, step: int, factor: float, ceiling: float, said: str) -> Event:

@@ -123,6 +123,10 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     if trouble:
         e = trouble[0]
         k, s = e["kind"], e["step"]
+        acted = None if lead else ladder_reason(ev)
+        if acted is not None and acted[0] < s:  # the ladder acted first, on what no gradient
+            # event shows (weights that grew, a loss that rose): that is the story's start
+            parts.append(f"At step {acted[0]}, {acted[1]}.")
         if k == "nonfinite_grad":
             parts.append(_nonfinite_sentence(e) + ".")
         elif k == "grad_spike":
@@ -259,6 +263,9 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             # a retry found the LR the trouble lowered trains after all (recovery.probe)
             parts.append(f"Back at your lr {shown} from step {s.get('step')}: the trouble "
                          "was not the LR's.")
+        elif shown and sdata.get("raised") and sdata.get("advise"):  # part of the way back
+            parts.append(f"{stable}, where a retry of the LR the trouble lowered found it "
+                         f"trains: set {_lr_list(sdata['advise'])} in your config.")
         elif shown and sdata.get("failed_lr"):  # a jump below the LR that failed: no edge
             ratio = sdata["failed"] / sdata["factor"] if sdata.get("factor") else None
             times = f", {ratio:.3g}x higher" if ratio else ""
