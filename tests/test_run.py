@@ -60,6 +60,37 @@ def test_plain_loop_nan_is_skipped_and_run_dir_written(tmp_path, capsys):
     check_report(out)
 
 
+def test_a_script_that_changes_directory_finds_its_files_and_the_run_dir_stays(
+        tmp_path, monkeypatch, capsys):
+    """Found as a stranger: a script that changes directory (to an output folder) and reads
+    a file next to it through ``__file__``. Under ``python script.py`` its ``__file__`` is
+    absolute (Python 3.9+); under ``gradguard run`` it was the relative path given, so the
+    script failed with FileNotFoundError. And the run directory, relative too, landed
+    under the new directory, the announced one left empty."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "cfg.txt").write_text("0.1")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "sub" / "train.py").write_text(
+        "import os, pathlib, torch\n"
+        "cfg = pathlib.Path(__file__).parent / 'cfg.txt'\n"
+        f"os.chdir({str(tmp_path / 'elsewhere')!r})\n"
+        "lr = float(cfg.read_text())\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Linear(2, 1)\n"
+        "o = torch.optim.SGD(m.parameters(), lr)\n"
+        "for _ in range(5):\n"
+        "    loss = m(torch.ones(4, 2)).square().mean()\n"
+        "    o.zero_grad(); loss.backward(); o.step()\n"
+        "print('lr', lr)\n")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["run", "--out", "runs/x", "--no-report", "sub/train.py"])
+    assert rc == 0 and "lr 0.1" in capsys.readouterr().out
+    out = latest(tmp_path / "runs" / "x")
+    assert [r["step"] for r in steps_of(out)] == list(range(5))
+    assert (out / "run.json").is_file()
+    assert not (tmp_path / "elsewhere" / "runs").exists()
+
+
 def test_gradient_accumulation_guards_once_per_optimizer_step(tmp_path):
     out = tmp_path / "acc"
     rc = main(["run", "--clip", "autoclip", "--out", str(out), "--no-report",

@@ -97,7 +97,11 @@ def run_script(
         run_dir, resume_from = _rundir.open_run(base, resume)
     except OSError as e:
         raise OutDirError(f"--out {base}: {e}") from e
-    session = ZeroCodeSession(run_dir, config, script_clip=script_clip, report=report,
+    # gradguard's files go where the run directory was announced even when the script
+    # changes directory (a relative path then landed under the new one, the announced
+    # directory left empty and `gradguard report runs/x/latest` finding nothing)
+    here = None if run_dir is None else Path(os.path.abspath(run_dir))
+    session = ZeroCodeSession(here, config, script_clip=script_clip, report=report,
                               resume_from=resume_from, sinks_for=sinks_for, **options)
     result = RunResult(str(path), list(argv), 0, run_dir)
     if not quiet and run_dir is not None:
@@ -109,7 +113,9 @@ def run_script(
     started = time.time()
     session.install()
     try:
-        runpy.run_path(str(path), run_name="__main__")
+        # as `python script.py` does (Python 3.9+): the script's __file__ is absolute, so a
+        # script that changes directory still finds the files next to it
+        runpy.run_path(os.path.abspath(path), run_name="__main__")
     except SystemExit as e:
         result.exit_code = _exit_code(e)
     except BaseException as e:  # finish the run dir, then re-raise it unchanged
@@ -119,12 +125,12 @@ def run_script(
         sys.argv, sys.path[:] = saved_argv, saved_path
         session.close()
         result.optimizers = session.rows
-        if run_dir is not None:
+        if here is not None:
             try:
-                result.write(run_dir, crashed, started, resumed=resume is not None,
+                result.write(here, crashed, started, resumed=resume is not None,
                              clips_applied_at_once=dict(session.interceptor.immediate))
             except OSError as e:  # the run's outcome is the script's, not this file's
-                warnings.warn(f"gradguard run: {run_dir / 'run.json'} not written: {e}",
+                warnings.warn(f"gradguard run: {here / 'run.json'} not written: {e}",
                               RuntimeWarning, stacklevel=2)
             if not quiet:
                 print(format_summary(result, crashed), file=sys.stderr)
