@@ -265,6 +265,20 @@ def test_summary_sentence_table(events, nan_tail, expected):
     assert summary_sentence(_data(events, nan_tail=nan_tail)) == expected
 
 
+def test_a_run_whose_loss_may_rise_is_not_judged_on_its_level():
+    """``loss_rise=False`` (``--no-loss-rise``, the setting the docs give for a GAN's
+    players): the run's loss is no level to judge. A healthy 2-D GAN at its balance point
+    (the discriminator's loss from 1.18 to 1.31) was "DIVERGED ... the learning rate is too
+    high", and ``--fail-on-divergence`` failed it."""
+    d = _data([])
+    d.loss = np.linspace(0.5, 1.5, d.n_steps)  # a loss that rose over the run
+    assert judge(d).status == "diverged"
+    assert judge(d, {"loss_rise": True}).status == "diverged"
+    out = judge(d, {"loss_rise": False})
+    assert out.status == "healthy" and not out.rose and out.cause is None
+    assert summary_sentence(d, {"loss_rise": False}).startswith("No gradient trouble")
+
+
 def _flat(events):
     """A run whose loss sat at 2.3 (chance on ten classes) from first step to last."""
     d = _data(events)

@@ -112,7 +112,8 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
 
     Args:
         data: a loaded run (:func:`gradguard.report.load_run`).
-        config: the guard's configuration (``guard.json``), for the remedy.
+        config: the guard's configuration (``guard.json``), for the remedy; with
+            ``loss_rise`` false the loss level is not judged (no "rose", no "flat").
 
     Example:
         >>> import numpy as np
@@ -160,7 +161,11 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         start = min(float(first[0]), float(np.median(first)))
         end = loss[tail][fin[tail]]
         final = median(end)
-        if final is not None:
+        # a run whose loss may rise when healthy (``loss_rise=False``: a GAN's players, RL
+        # returns, a curriculum) is not judged on its level: a GAN at its balance point was
+        # "DIVERGED ... the learning rate is too high", and --fail-on-divergence failed it
+        judged = config is None or config.get("loss_rise") is not False
+        if final is not None and judged:
             rose = _levels.rose(start, final, end)
             flat = not rose and _levels.flat(start, final, first)
         if incident is not None:
