@@ -223,6 +223,29 @@ def test_raw_scale_is_fine_when_the_model_normalises_it_first():
     assert raw.top is not None and raw.top.cause == "unscaled_input" and raw.top.where == "inputs"
 
 
+def test_a_curvature_within_its_limit_gives_no_lr_bound_above_the_lr_the_steps_found_too_high():
+    """Found as a stranger: a digits MLP on SGD momentum at lr 3, whose loss blows up within
+    the step probe's steps while its curvature at the start is 0.31x its limit: the
+    ``lr_too_high`` error carried the curvature's ``recommended_lr`` 4.78 and
+    ``max_stable_lr`` 9.56, above the LR it called too high. The curvature grows as SGD
+    trains; its bounds at the start are no advice. The recommendation is the step
+    probe's."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x[:256], dtype=torch.float32) / 16, torch.tensor(y[:256])
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                        nn.Linear(128, 10))
+    opt = torch.optim.SGD(net.parameters(), lr=3.0, momentum=0.9)
+    top = gg.doctor(net, (x, y), nn.CrossEntropyLoss(), opt).top
+    assert top is not None and top.cause == "lr_too_high" and top.severity == "error"
+    ev = top.evidence
+    assert ev["over_limit"] < 1  # the curvature rule did not trip
+    assert "max_stable_lr" not in ev
+    assert ev["recommended_lr"] == ev["stable_lr"] < 3.0
+
+
 def test_curvature_rule_catches_slow_divergence_the_step_probe_misses():
     from tests.zoo.broken import lr_slow_deep_mlp
 

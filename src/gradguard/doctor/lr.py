@@ -273,6 +273,12 @@ def probe_lr(
     )
     if found:
         f = found[0]
+        if not over:  # the curvature at the start is within its limit; the steps found the
+            # LR too high as the curvature grew (progressive sharpening): its LR bounds are
+            # no advice (an SGD MLP at lr 3 whose loss blew up had "recommended_lr" 4.78)
+            ev = {k: v for k, v in ev.items() if k not in ("max_stable_lr", "recommended_lr")}
+            if f.evidence.get("stable_lr") is not None:
+                ev["recommended_lr"] = f.evidence["stable_lr"]
         f.evidence.update(ev)
         if over:
             f.remedy = f"{f.remedy[:-1]}; {advice} (lr ≤ {ev['recommended_lr']:.3g} ≈ limit/(2·λ_max))."
