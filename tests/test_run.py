@@ -91,6 +91,32 @@ def test_a_script_that_changes_directory_finds_its_files_and_the_run_dir_stays(
     assert not (tmp_path / "elsewhere" / "runs").exists()
 
 
+def test_a_script_that_steps_only_with_a_closure_is_told_so_not_that_it_never_stepped(
+        tmp_path, capsys):
+    """``optimizer.step(closure)`` computes its gradients inside the step, after the hook:
+    not guarded, and a warning says so. The run's last line said the script "never called
+    optimizer.step()", which it had, a hundred times."""
+    script = tmp_path / "closure.py"
+    script.write_text(
+        "import torch\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Linear(4, 1)\n"
+        "opt = torch.optim.Adam(m.parameters(), lr=1e-2)\n"
+        "x = torch.randn(16, 4)\n"
+        "def closure():\n"
+        "    opt.zero_grad(); loss = m(x).square().mean(); loss.backward(); return loss\n"
+        "for _ in range(10):\n"
+        "    opt.step(closure)\n")
+    with pytest.warns(RuntimeWarning, match="step\\(closure\\) computes its gradients"):
+        rc = main(["run", "--out", str(tmp_path / "run"), "--no-report", str(script)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "stepped its optimizers only in a form gradguard cannot guard (Adam: step(closure)" \
+        in err and "never called" not in err
+    info = json.loads((latest(tmp_path / "run") / "run.json").read_text())
+    assert list(info["unguarded"]) == ["Adam"] and info["optimizers"] == []
+
+
 def test_gradient_accumulation_guards_once_per_optimizer_step(tmp_path):
     out = tmp_path / "acc"
     rc = main(["run", "--clip", "autoclip", "--out", str(out), "--no-report",

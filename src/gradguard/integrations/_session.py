@@ -101,6 +101,9 @@ class ZeroCodeSession:
         self._succession = Succession()  # which new optimizer goes on with which run
         self._loss = LossTracker()
         self._warned: set[str] = set()
+        #: optimizer class -> why it stepped unguarded (``step(closure)``, a GradScaler's
+        #: scaled step), for the summary of a run that guarded nothing
+        self.unguarded: dict[str, str] = {}
         self._undo: list[Callable[[], None]] = []
         self._scaler_stepping: Any = None
         self._trainers = fw.TrainerHooks(self._attach_trainer) if frameworks else None
@@ -217,6 +220,7 @@ class ZeroCodeSession:
                    "a GradScaler steps it with still-scaled gradients")
             self._warn_once(f"unguarded{id(optimizer)}",
                             f"{type(optimizer).__name__}: {why}; this optimizer is not guarded")
+            self.unguarded.setdefault(type(optimizer).__name__, why)
             ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
             self.interceptor.flush("the optimizer steps unguarded", ids)
             return

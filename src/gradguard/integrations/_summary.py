@@ -34,6 +34,8 @@ class RunResult:
     exit_code: int
     run_dir: Path | None
     optimizers: list[dict[str, Any]] = field(default_factory=list)
+    #: optimizer class -> why its steps were not guarded (``step(closure)``, ...)
+    unguarded: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -56,6 +58,7 @@ class RunResult:
         _rundir.write_json(path, {
             "v": 1, "script": self.script, "argv": self.argv, "exit_code": self.exit_code,
             "error": error, "ok": self.ok, "optimizers": self.optimizers,
+            "unguarded": self.unguarded,
             "script_clips_applied_at_once": clips_applied_at_once, "sessions": sessions,
         })
 
@@ -139,6 +142,10 @@ def write_report(run_dir: str | os.PathLike[str]) -> str | None:
 
 def format_summary(result: RunResult, crashed: BaseException | None = None) -> str:
     """The lines ``gradguard run`` prints to stderr at the end."""
+    if not result.optimizers and result.unguarded:  # it stepped, in a form not guarded
+        why = "; ".join(f"{name}: {reason}" for name, reason in result.unguarded.items())
+        return (f"gradguard run: {result.script} stepped its optimizers only in a form "
+                f"gradguard cannot guard ({why}); nothing was guarded")
     if not result.optimizers:
         return (f"gradguard run: {result.script} never called optimizer.step(); nothing was "
                 "guarded")

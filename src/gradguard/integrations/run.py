@@ -125,6 +125,7 @@ def run_script(
         sys.argv, sys.path[:] = saved_argv, saved_path
         session.close()
         result.optimizers = session.rows
+        result.unguarded = dict(session.unguarded)
         if here is not None:
             try:
                 result.write(here, crashed, started, resumed=resume is not None,
