@@ -117,6 +117,30 @@ def test_a_script_that_steps_only_with_a_closure_is_told_so_not_that_it_never_st
     assert list(info["unguarded"]) == ["Adam"] and info["optimizers"] == []
 
 
+def test_an_optimizer_step_with_no_gradient_at_all_is_no_guard_step(tmp_path):
+    """``optimizer.step()`` when every gradient is None (before the first backward, or an
+    extra call right after ``zero_grad()``) does nothing in torch. It was counted as a guard
+    step, with a gradient norm of 0 and the loss of the step before it recorded again."""
+    script = tmp_path / "noop.py"
+    script.write_text(
+        "import torch\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Linear(4, 1)\n"
+        "opt = torch.optim.AdamW(m.parameters(), lr=1e-2)\n"
+        "opt.step()  # before any backward\n"
+        "for step in range(20):\n"
+        "    loss = m(torch.randn(16, 4)).square().mean()\n"
+        "    loss.backward(); opt.step(); opt.zero_grad()\n"
+        "    if step % 5 == 0:\n"
+        "        opt.step()  # an extra one, every gradient None\n")
+    assert main(["run", "--out", str(tmp_path / "run"), "--no-report", str(script)]) == 0
+    steps = steps_of(latest(tmp_path / "run"))
+    assert [r["step"] for r in steps] == list(range(20))
+    assert min(r["grad_norm"] for r in steps) > 0
+    losses = [r["loss"] for r in steps]
+    assert len(set(losses)) == len(losses)  # none recorded twice
+
+
 def test_gradient_accumulation_guards_once_per_optimizer_step(tmp_path):
     out = tmp_path / "acc"
     rc = main(["run", "--clip", "autoclip", "--out", str(out), "--no-report",

@@ -224,6 +224,11 @@ class ZeroCodeSession:
             ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
             self.interceptor.flush("the optimizer steps unguarded", ids)
             return
+        if all(p.grad is None for g in optimizer.param_groups for p in g["params"]):
+            # no gradient at all (a step before any backward, or right after zero_grad()):
+            # torch's step does nothing, and no guard step is counted for it (it was, with
+            # a gradient norm of 0 and the loss of the step before)
+            return
         unit = self._unit_for(optimizer, sys._getframe(1), None)
         assert unit.guard is not None
         unit.guard.step(self._loss.take())
