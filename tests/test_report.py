@@ -274,9 +274,11 @@ def test_a_run_whose_loss_may_rise_is_not_judged_on_its_level():
     d.loss = np.linspace(0.5, 1.5, d.n_steps)  # a loss that rose over the run
     assert judge(d).status == "diverged"
     assert judge(d, {"loss_rise": True}).status == "diverged"
-    out = judge(d, {"loss_rise": False})
+    out = judge(d, {"recovery": True, "loss_rise": False})
     assert out.status == "healthy" and not out.rose and out.cause is None
     assert summary_sentence(d, {"loss_rise": False}).startswith("No gradient trouble")
+    # without a recovery guard.json records loss_rise false too: that says nothing of the loss
+    assert judge(d, {"recovery": False, "loss_rise": False}).status == "diverged"
 
 
 def _flat(events):

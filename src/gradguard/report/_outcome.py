@@ -112,8 +112,9 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
 
     Args:
         data: a loaded run (:func:`gradguard.report.load_run`).
-        config: the guard's configuration (``guard.json``), for the remedy; with
-            ``loss_rise`` false the loss level is not judged (no "rose", no "flat").
+        config: the guard's configuration (``guard.json``), for the remedy; with a
+            recovery whose ``loss_rise`` is false the loss level is not judged (no "rose",
+            no "flat").
 
     Example:
         >>> import numpy as np
@@ -164,7 +165,9 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # a run whose loss may rise when healthy (``loss_rise=False``: a GAN's players, RL
         # returns, a curriculum) is not judged on its level: a GAN at its balance point was
         # "DIVERGED ... the learning rate is too high", and --fail-on-divergence failed it
-        judged = config is None or config.get("loss_rise") is not False
+        # (``loss_rise`` is recorded false without a recovery too: no say on the loss there)
+        judged = (config is None or config.get("loss_rise") is not False
+                  or config.get("recovery") is False)
         if final is not None and judged:
             rose = _levels.rose(start, final, end)
             flat = not rose and _levels.flat(start, final, first)
