@@ -308,6 +308,29 @@ def test_a_batch_whose_labels_are_all_masked_is_reported_as_one_with_nothing_to_
     assert not [e for e in guard.events if e.kind in LADDER]
 
 
+def test_a_nan_gradient_of_a_step_given_no_loss_is_not_blamed_on_the_loss():
+    """A step given no loss (gradients from ``torch.autograd.grad``, set by hand) records a
+    NaN placeholder for it: a NaN gradient there was "the loss is non-finite" (origin
+    ``(loss)``), and the run summary said "The loss was NaN", no loss ever seen. It is the
+    gradient's origin now."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, opt, every=10)
+    params = list(model.parameters())
+    for step, (x, y) in enumerate(batches(20)):
+        grads = torch.autograd.grad(nn.functional.mse_loss(model(x), y), params)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        if step == 12:
+            params[2].grad[0, 0] = math.nan  # the middle layer's weight
+        guard.step()
+        opt.zero_grad()
+    guard.close()
+    [bad] = [e for e in guard.events if e.kind == "nonfinite_grad"]
+    assert bad.step == 12 and bad.layer == "2" and bad.data.get("cause") != "nonfinite_loss"
+    assert "the loss is non-finite" not in bad.message
+
+
 def test_calibration_outcome_fast():
     """x1000 gradient spikes: guarded final loss <= 2x the clean run's, the unprotected
     run much worse (a shorter, narrower version of the benchmark)."""

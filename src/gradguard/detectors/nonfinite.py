@@ -126,6 +126,10 @@ def detect_nonfinite(
     events: list[Event] = []
     total = window.total_norm.tolist()
     losses = window.loss.tolist()
+    if window.loss_given is not None:  # no loss given is no NaN loss (a step's NaN placeholder:
+        # a script under `gradguard run` whose gradients come from torch.autograd.grad was
+        # told "The loss was NaN at step 50", no loss ever seen)
+        losses = [v if g else 0.0 for v, g in zip(losses, window.loss_given.tolist())]
     ln = None
     for i, step in enumerate(window.steps):
         if math.isfinite(total[i]):
