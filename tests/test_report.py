@@ -281,6 +281,25 @@ def test_a_run_whose_loss_may_rise_is_not_judged_on_its_level():
     assert judge(d, {"recovery": False, "loss_rise": False}).status == "diverged"
 
 
+def test_a_run_whose_every_step_overflowed_in_float16_is_told_so():
+    """Every step a loss-scale overflow the GradScaler skipped (a scale too high for the whole
+    run): no update was taken. It was "No gradient trouble in 30 steps: the gradient norm
+    stayed between nan and nan", the skips "routine", the remedy to clip or lower the LR."""
+    from gradguard.report._outcome import remedy
+
+    d = _data([_ev("skip", i, "info", data={"reason": "loss_scale_overflow", "scale": 1e30})
+               for i in range(30)], n=30)
+    d.grad_norm[:] = np.nan
+    d.skipped[:] = True
+    text = summary_sentence(d, {"clip": "none"})
+    assert text.startswith("Every one of the 30 steps overflowed in float16: the GradScaler "
+                           "skipped them all, and no update was taken.")
+    assert "nan and nan" not in text and "routine" not in text
+    out = judge(d, {"clip": "none"})
+    assert remedy(out.status, out.cause, {"clip": "none"}, d, None).startswith(
+        "Every step overflowed in float16")
+
+
 def _flat(events):
     """A run whose loss sat at 2.3 (chance on ten classes) from first step to last."""
     d = _data(events)

@@ -311,6 +311,10 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         if cause == "nonfinite_weights":
             return WEIGHTS_REMEDY
         return None
+    if every_overflow(data):
+        return ("Every step overflowed in float16, the GradScaler skipping each: start it at a "
+                "lower scale (GradScaler(init_scale=...)), or use bfloat16, or run the "
+                "overflowing layers in float32.")
     if cause == "lr_too_high":
         text = "Lower the learning rate (a factor of 10 is a good first try) or add warm-up"
         if backoffs:
@@ -342,6 +346,16 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         return ("Clip gradients (" + ("`--clip zclip`" if cli else "gg.ZClip()") +
                 " adapts to the run) or lower the learning rate.")
     return "Lower the learning rate, and run gg.doctor on a failing batch."
+
+
+def every_overflow(data: RunData) -> bool:
+    """Every recorded step was a loss-scale overflow the GradScaler skipped: no update was
+    taken, and no gradient norm is finite (a scale too high for the whole run, or a model that
+    overflows in float16 at any scale). Such a run was "No gradient trouble ... between nan
+    and nan", told to clip or lower its LR."""
+    overflows = {e.get("step") for e in data.events if e.get("kind") == "skip"
+                 and (e.get("data") or {}).get("reason") == "loss_scale_overflow"}
+    return data.n_steps > 0 and len(overflows) >= data.n_steps
 
 
 def ladder_reason(events: list[dict[str, Any]]) -> tuple[int, str] | None:

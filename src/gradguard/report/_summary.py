@@ -101,6 +101,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     from ._levels import flat_words
     from ._outcome import (
         died_layers,
+        every_overflow,
         judge,
         ladder_reason,
         read_guard_config,
@@ -148,6 +149,9 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         parts.append(_offscale_sentence(off))
     elif not lead and (acted := ladder_reason(ev)) is not None:
         parts.append(f"At step {acted[0]}, {acted[1]}.")  # what the ladder saw: no gradient event
+    elif not lead and every_overflow(data):
+        parts.append(f"Every one of the {data.n_steps} steps overflowed in float16: the "
+                     "GradScaler skipped them all, and no update was taken.")
     elif not lead and (dead := died_layers(ev)) is not None:
         parts.append(f"From step {dead[0]}, {listed(dead[1])} got no gradient at all: "
                      "the units that feed them died.")
@@ -246,7 +250,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     elif outcome_text and not (lead and outcome.status == "diverged" and outcome.rose
                                and outcome_text.startswith("training diverged")):
         parts.append(outcome_text[0].upper() + outcome_text[1:] + ".")
-    if n_scaler:
+    if n_scaler and not every_overflow(data):
         parts.append(f"The GradScaler skipped {_plural(n_scaler, 'step')} for loss-scale "
                      "overflows (routine in mixed precision).")
     settled = [e for e in ev if e.get("kind") == "lr_settled"]
