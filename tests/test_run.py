@@ -141,6 +141,43 @@ def test_an_optimizer_step_with_no_gradient_at_all_is_no_guard_step(tmp_path):
     assert len(set(losses)) == len(losses)  # none recorded twice
 
 
+def test_a_lightning_clip_of_one_optimizer_is_reported_for_that_optimizer_only(tmp_path):
+    """Lightning manual optimisation, two optimizers, the script clipping the first only
+    (``self.clip_gradients(oe, 0.5)``): the second's row said it was clipped by the script's
+    ``clip_grad_norm_(max_norm=0.5)`` on every step (the first guard's clip policy was
+    reported for every optimizer); its clip coefficients were all 1."""
+    pytest.importorskip("lightning.pytorch")
+    script = tmp_path / "ae.py"
+    script.write_text(
+        "import torch, torch.nn as nn\n"
+        "import lightning.pytorch as pl\n"
+        "class AE(pl.LightningModule):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.automatic_optimization = False\n"
+        "        self.enc = nn.Linear(8, 4); self.dec = nn.Linear(4, 8)\n"
+        "    def training_step(self, batch, i):\n"
+        "        (x,) = batch; oe, od = self.optimizers()\n"
+        "        loss = 100 * nn.functional.mse_loss(self.dec(self.enc(x)), x)\n"
+        "        oe.zero_grad(); od.zero_grad(); self.manual_backward(loss)\n"
+        "        self.clip_gradients(oe, gradient_clip_val=0.5, gradient_clip_algorithm='norm')\n"
+        "        oe.step(); od.step()\n"
+        "    def configure_optimizers(self):\n"
+        "        return (torch.optim.Adam(self.enc.parameters(), 1e-3),\n"
+        "                torch.optim.Adam(self.dec.parameters(), 1e-3))\n"
+        "torch.manual_seed(0)\n"
+        "data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8)), batch_size=16)\n"
+        "pl.Trainer(max_epochs=2, accelerator='cpu', logger=False, enable_checkpointing=False,\n"
+        "           enable_progress_bar=False, enable_model_summary=False,\n"
+        f"           default_root_dir={str(tmp_path)!r}).fit(AE(), data)\n")
+    assert main(["run", "--out", str(tmp_path / "run"), "--no-report", str(script)]) == 0
+    out = latest(tmp_path / "run")
+    info = json.loads((out / "run.json").read_text())
+    assert [r["clip"] for r in info["optimizers"]] == [
+        "the script's clip_grad_norm_(max_norm=0.5)", "none"]
+    second = json.loads((out / "optimizer1" / "guard.json").read_text())
+    assert second["script_clip_calls"] == {}
+
+
 def test_gradient_accumulation_guards_once_per_optimizer_step(tmp_path):
     out = tmp_path / "acc"
     rc = main(["run", "--clip", "autoclip", "--out", str(out), "--no-report",

@@ -232,4 +232,8 @@ def callback_guards(callback: Any) -> list[tuple[Path, Any, Any]]:
         return [(d, g.clip, g.state_dict()) for d, g in zip(dirs, made)]
     final = list(getattr(callback, "_final", None) or [])  # Lightning: the last fit's guards
     states = [None] * (len(dirs) - len(final)) + final
-    return [(d, callback.clip, s) for d, s in zip(dirs, states)]
+    # each guard's own clip policy (a further optimizer's is a copy, with its own counts:
+    # the first one's was reported for every optimizer, "clipped" where it never was)
+    clips = list(getattr(callback, "_final_clips", None) or [])
+    clips = [callback.clip] * (len(dirs) - len(clips)) + clips
+    return [(d, c, s) for d, c, s in zip(dirs, clips, states)]
