@@ -101,8 +101,7 @@ class ZeroCodeSession:
         self._succession = Succession()  # which new optimizer goes on with which run
         self._loss = LossTracker()
         self._warned: set[str] = set()
-        #: optimizer class -> why it stepped unguarded (``step(closure)``, a GradScaler's
-        #: scaled step), for the summary of a run that guarded nothing
+        #: optimizer class -> why it stepped unguarded (for a run that guarded nothing)
         self.unguarded: dict[str, str] = {}
         self._undo: list[Callable[[], None]] = []
         self._scaler_stepping: Any = None
@@ -225,10 +224,7 @@ class ZeroCodeSession:
             self.interceptor.flush("the optimizer steps unguarded", ids)
             return
         if all(p.grad is None for g in optimizer.param_groups for p in g["params"]):
-            # no gradient at all (a step before any backward, or right after zero_grad()):
-            # torch's step does nothing, and no guard step is counted for it (it was, with
-            # a gradient norm of 0 and the loss of the step before)
-            return
+            return  # no gradient at all: torch's step does nothing, nor is it a guard step
         unit = self._unit_for(optimizer, sys._getframe(1), None)
         assert unit.guard is not None
         unit.guard.step(self._loss.take())

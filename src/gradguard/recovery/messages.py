@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .._tensors import numeric_lr, planned_lr
 from ..errors import TrainingDiverged
 from ..events import UNIT_ERROR_REMEDY, WEIGHTS_REMEDY, Event
 from .ladder import OFFSCALE_REASON, SPIKE_REASON, Action
+from .lrs import based, config_lrs, group_lrs, of_base
 from .probe import TRIAL, Probed
 from .shift import SHIFT_RATIO
 from .tally import ADVISE
@@ -82,48 +82,6 @@ def _why_lowered(a: Action) -> str:
             else "the LR in force is too high for the loss to settle")
 
 
-def _lrs(guard: Guard, factor: float) -> tuple[list[float | None], str]:
-    """Every param group's LR under ``factor`` (the schedule's value between steps; None
-    for a group with no numeric LR, whose updates are scaled), and the distinct ones as
-    text."""
-    mult = getattr(guard.recovery, "_mult", None)
-    lrs = [_lr_number(g.get("lr") if mult is None else mult.unscaled(g))
-           for g in guard.optimizer.param_groups]
-    scaled = [lr * factor if lr is not None else None for lr in lrs]
-    return scaled, ", ".join(f"{lr:.3g}" if lr is not None else f"its own step size x{factor:g}"
-                             for lr in dict.fromkeys(scaled))
-
-
-def _config_lrs(guard: Guard, factor: float) -> tuple[list[float | None], str, str | None]:
-    """What the advice of an LR under ``factor`` is in a config: ``factor`` times the LR a
-    scheduler scales (``planned_lr``: the config's value, which a ``LambdaLR`` warm-up or
-    cosine decay or a Hugging Face schedule scales; a one-cycle's peak; else the highest the
-    group has had, :meth:`~gradguard.detectors.LrTracker.peaks`) for every param group, the distinct ones as
-    text, and those bases as text when a schedule has moved the LR off them (a warm-up, a
-    decay: the LR now is not what the config says), else None and the LRs now."""
-    groups = guard.optimizer.param_groups
-    # a schedule that records no plan (ReduceLROnPlateau, an LR set by hand each step or
-    # lowered by hand at an epoch): the highest LR the group has had stands for the config's
-    # (the plateau had halved 0.03 when the advice was "x0.106" of the 0.015 then)
-    peaks = guard.monitor.lr_tracker.peaks(len(groups))
-    bases = [planned if (planned := planned_lr(g)) is not None else peak
-             for g, peak in zip(groups, peaks)]
-    now, shown = _lrs(guard, factor)
-    moved = [b is not None and n is not None and abs(b * factor - n) > 1e-6 * abs(n)
-             for b, n in zip(bases, now)]
-    if not any(moved):
-        return now, shown, None
-    cfg = [b * factor if b is not None else n for b, n in zip(bases, now)]
-    text = ", ".join(f"{lr:.3g}" if lr is not None else f"its own step size x{factor:g}"
-                     for lr in dict.fromkeys(cfg))
-    return cfg, text, ", ".join(f"{b:.3g}" for b in dict.fromkeys(b for b in bases if b is not None))
-
-
-def _lr_number(lr: Any) -> float | None:
-    """A param group's LR as a number; None when it has none (Adafactor's relative step)."""
-    return float(lr) if numeric_lr(lr) else None
-
-
 def _settled(step: int, factor: float, lrs: list[float | None], message: str, remedy: str,
              **data: Any) -> Event:
     """An ``lr_settled`` event (info): the LR the run goes on at, per param group."""
@@ -139,27 +97,27 @@ def settled_event(guard: Guard, a: Action) -> Event:
     there when it did often (:mod:`.tally`). A ceiling set by a jump below the LR that
     failed (``LadderState.failed`` more than a halving above it: a run worse than fresh)
     is no edge: it is advised itself, with the LR that failed (``data["failed_lr"]``)."""
-    lrs, shown = _lrs(guard, a.factor)
+    lrs, shown = group_lrs(guard, a.factor)
     rec = guard.recovery
     failed = rec.state.failed if rec is not None else None
     if failed is not None and failed * rec.config.relapse_backoff > a.factor * (1 + 1e-9):
         # a jump below the factor that failed (a run worse than fresh, .ladder): no halving
         # found the edge, which lies between; the LR that held is the advice itself
-        held, held_text, base = _config_lrs(guard, a.factor)
-        failed_lrs, at, _ = _config_lrs(guard, failed)
+        held, held_text, base = config_lrs(guard, a.factor)
+        failed_lrs, at, _ = config_lrs(guard, failed)
         where = (f"x{failed:g} of it" if base is not None  # the LR then was not this one's
                  else f"lr {at}")
         return _settled(
             a.step, a.factor, lrs,
             f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the schedule); "
             f"it failed at {where}, {failed / a.factor:.3g}x higher",
-            f"Set the learning rate to {held_text} (x{a.factor:g}{_of(base)}) in your config: "
+            f"Set the learning rate to {held_text} (x{a.factor:g}{of_base(base)}) in your config: "
             f"it held, and the edge of what trains lies between it and {at}.", advise=held,
-            failed=failed, failed_lr=failed_lrs, **_based(base))
-    advise, advised, base = _config_lrs(guard, a.factor * ADVISE)
+            failed=failed, failed_lr=failed_lrs, **based(base))
+    advise, advised, base = config_lrs(guard, a.factor * ADVISE)
     message = (f"step {a.step}: training is stable at lr {shown} (x{a.factor:g} of the "
                "schedule) after the LR failed higher up")
-    data: dict[str, Any] = {"advise": advise, **_based(base)}
+    data: dict[str, Any] = {"advise": advise, **based(base)}
     clips = getattr(guard.recovery, "_clips", None)
     if clips is not None and clips.ceiling == a.ceiling and clips.edge():
         message += (f", with its gradients clipped on {clips.clipped} of the {clips.steps} "
@@ -167,19 +125,9 @@ def settled_event(guard: Guard, a: Action) -> Event:
         data.update(clipped=clips.clipped, steps=clips.steps)
     return _settled(
         a.step, a.factor, lrs, message,
-        f"Set the learning rate to {advised} (x{a.factor * ADVISE:g}{_of(base)}) in your "
+        f"Set the learning rate to {advised} (x{a.factor * ADVISE:g}{of_base(base)}) in your "
         f"config: half the highest that held ({shown if base is None else f'x{a.factor:g}'}), "
         "which is the edge of what trains and can fail from scratch.", **data)
-
-
-def _of(base: str | None) -> str:
-    """`` of the 0.1 it has`` when the advice scales a schedule's base LR (see
-    :func:`_config_lrs`)."""
-    return "" if base is None else f" of the {base} it has, which your schedule scales"
-
-
-def _based(base: str | None) -> dict[str, Any]:
-    return {} if base is None else {"scheduled": True}
 
 
 def raised_event(guard: Guard, a: Action) -> Event:
@@ -188,33 +136,33 @@ def raised_event(guard: Guard, a: Action) -> Event:
     that factor of the config's LR is the advice (of the base a schedule scales: the LR now
     under a decay is no config value; "keep this learning rate (0.00333)" was the decayed
     LR of a StepLR, 8x below the 0.027 that trains from scratch)."""
-    lrs, shown = _lrs(guard, a.factor)
+    lrs, shown = group_lrs(guard, a.factor)
     message = (f"step {a.step}: the LR a trouble lowered was tried again: {a.reason}; lr "
                f"{shown} (x{a.factor:.3g} of the schedule) from here")
     if a.factor >= 1:
         return _settled(a.step, a.factor, lrs, message,
                         f"Keep your learning rate ({shown}); if the trouble came from a "
                         "stretch of bad batches, check them.", retry=True, raised=True)
-    advise, advised, base = _config_lrs(guard, a.factor)
+    advise, advised, base = config_lrs(guard, a.factor)
     return _settled(
         a.step, a.factor, lrs, message,
-        f"Set the learning rate to {advised} (x{a.factor:.3g}{_of(base)}) in your config: "
-        "the retry found it trains.", retry=True, raised=True, advise=advise, **_based(base))
+        f"Set the learning rate to {advised} (x{a.factor:.3g}{of_base(base)}) in your config: "
+        "the retry found it trains.", retry=True, raised=True, advise=advise, **based(base))
 
 
 def retry_event(guard: Guard, step: int, factor: float, ceiling: float, said: str) -> Event:
     """A retry found the LR the trouble lowered still too high: the ceiling stays, and half
     of it is advised for the config, as for :func:`settled_event`."""
-    lrs, shown = _lrs(guard, factor)
-    advise, advised, base = _config_lrs(guard, factor * ADVISE)
+    lrs, shown = group_lrs(guard, factor)
+    advise, advised, base = config_lrs(guard, factor * ADVISE)
     return _settled(
         step, factor, lrs,
         f"step {step}: the LR a trouble lowered was tried again: {said}: it is still too "
         f"high; lr {shown} (x{factor:.3g} of the schedule) from the weights before the trial",
-        f"Set the learning rate to {advised} (x{factor * ADVISE:.3g}{_of(base)}) in your "
+        f"Set the learning rate to {advised} (x{factor * ADVISE:.3g}{of_base(base)}) in your "
         f"config: half the highest that held ({shown if base is None else f'x{factor:.3g}'}), "
         "which is the edge of what trains.",
-        retry=True, raised=False, tried=ceiling, advise=advise, **_based(base))
+        retry=True, raised=False, tried=ceiling, advise=advise, **based(base))
 
 
 def probe_event(done: Probed, control: bool, next_step: int) -> Event:
@@ -237,14 +185,14 @@ def probe_event(done: Probed, control: bool, next_step: int) -> Event:
 
 def lowered_event(guard: Guard, a: Action) -> Event:
     """The LR probe found the LR too high: the ladder lowered it (see :mod:`.probe`)."""
-    lrs, shown = _lrs(guard, a.factor)
-    _, cfg, base = _config_lrs(guard, a.factor)
+    lrs, shown = group_lrs(guard, a.factor)
+    _, cfg, base = config_lrs(guard, a.factor)
     return Event(
         kind="lr_backoff", step=a.step, severity="warning", value=a.factor,
         message=(f"step {a.step}: {a.reason}; learning rate x{a.factor:g} (lr {shown}) "
                  "from here"),
         remedy=f"Lower the base learning rate (to {cfg} or less"
-               + (f": x{a.factor:g}{_of(base)}" if base else "") + ").",
+               + (f": x{a.factor:g}{of_base(base)}" if base else "") + ").",
         data={"factor": a.factor, "reason": a.reason, "ceiling": a.ceiling, "relapse": False,
               "level_before": None, "probe": True, "lr": lrs, "cause": "lr_too_high"},
     )
@@ -309,7 +257,7 @@ def _data_event_kind(kind: str) -> str:
 def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
     """The first step on weights a rollback restored is non-finite (or off-scale): the
     batches are at fault, not the weights (see ``data`` in :mod:`.ladder`)."""
-    lrs, shown = _lrs(guard, a.ceiling)
+    lrs, shown = group_lrs(guard, a.ceiling)
     saved = "before the first step" if snapshot < 0 else f"at step {snapshot}"
     kind = _data_kind(a.reason)
     what = {"offscale": "its batch moves the batch norm statistics from another scale on the "
@@ -340,7 +288,7 @@ def sound_event(guard: Guard, a: Action) -> Event:
     """The first step taken after a back-off for a streak of non-finite (or off-scale)
     steps is clean on the same weights (a skipped step changes none): the batches were at
     fault, and the back-off is undone (see ``sound`` in :mod:`.ladder`)."""
-    lrs, shown = _lrs(guard, a.factor)
+    lrs, shown = group_lrs(guard, a.factor)
     kind = _data_kind(a.reason)
     fault = {"offscale": "inputs on another scale",
              "spike": "inputs or targets far off their scale, or a loss scaled up on them",
@@ -365,7 +313,7 @@ def level_off_event(guard: Guard, a: Action, restore_steps: int) -> Event:
     """The loss did not come back to the level of the weights the ladder restored, time
     after time: it does not answer the weights, and the ladder stops acting on it (see
     ``level_off`` in :mod:`.ladder`)."""
-    lrs, shown = _lrs(guard, a.ceiling)
+    lrs, shown = group_lrs(guard, a.ceiling)
     return Event(
         kind="loss_level_off", step=a.step, severity="warning", value=a.factor,
         message=(f"step {a.step}: {a.reason}, after {a.rollbacks} rollback(s) to weights "
@@ -386,7 +334,7 @@ def level_off_event(guard: Guard, a: Action, restore_steps: int) -> Event:
 def shifted_event(guard: Guard, a: Action, shift: Shift) -> Event:
     """The weights a rollback restored gave the trouble's loss: the batches changed, not
     the weights (see :mod:`.shift`)."""
-    lrs, shown = _lrs(guard, a.ceiling)
+    lrs, shown = group_lrs(guard, a.ceiling)
     saved = "before the first step" if shift.snapshot < 0 else f"at step {shift.snapshot}"
     return Event(
         kind="data_shift", step=a.step, severity="warning", value=shift.after,
