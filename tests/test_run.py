@@ -145,7 +145,8 @@ def test_a_lightning_clip_of_one_optimizer_is_reported_for_that_optimizer_only(t
     """Lightning manual optimisation, two optimizers, the script clipping the first only
     (``self.clip_gradients(oe, 0.5)``): the second's row said it was clipped by the script's
     ``clip_grad_norm_(max_norm=0.5)`` on every step (the first guard's clip policy was
-    reported for every optimizer); its clip coefficients were all 1."""
+    reported for every optimizer); its clip coefficients were all 1. Each row names its
+    optimizer: both were titled ``Trainer (lightning, model AE)``."""
     pytest.importorskip("lightning.pytorch")
     script = tmp_path / "ae.py"
     script.write_text(
@@ -163,7 +164,7 @@ def test_a_lightning_clip_of_one_optimizer_is_reported_for_that_optimizer_only(t
         "        oe.step(); od.step()\n"
         "    def configure_optimizers(self):\n"
         "        return (torch.optim.Adam(self.enc.parameters(), 1e-3),\n"
-        "                torch.optim.Adam(self.dec.parameters(), 1e-3))\n"
+        "                torch.optim.SGD(self.dec.parameters(), 1e-3))\n"
         "torch.manual_seed(0)\n"
         "data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8)), batch_size=16)\n"
         "pl.Trainer(max_epochs=2, accelerator='cpu', logger=False, enable_checkpointing=False,\n"
@@ -176,6 +177,8 @@ def test_a_lightning_clip_of_one_optimizer_is_reported_for_that_optimizer_only(t
         "the script's clip_grad_norm_(max_norm=0.5)", "none"]
     second = json.loads((out / "optimizer1" / "guard.json").read_text())
     assert second["script_clip_calls"] == {}
+    assert [r["optimizer"] for r in info["optimizers"]] == ["optimizer 0: Adam",
+                                                            "optimizer 1: SGD"]
 
 
 def test_gradient_accumulation_guards_once_per_optimizer_step(tmp_path):

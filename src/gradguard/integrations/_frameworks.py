@@ -223,17 +223,22 @@ def owns(callback: Any, optimizer: Any) -> bool:
     return guard is not None and guard.optimizer is optimizer
 
 
-def callback_guards(callback: Any) -> list[tuple[Path, Any, Any]]:
-    """``(run_dir, clip policy, final guard state or None)`` of each run directory a
-    zero-code callback wrote."""
+def callback_guards(callback: Any) -> list[tuple[Path, Any, Any, str | None]]:
+    """``(run_dir, clip policy, final guard state or None, optimizer)`` of each run directory
+    a zero-code callback wrote; ``optimizer`` names the optimizer (its index and class) when
+    the run had several, so that their rows are told apart, else None."""
     dirs = [Path(d) for d in getattr(callback, "run_dirs", [])]
     made = getattr(callback, "made", None)
     if made is not None:  # Hugging Face: one guard per train()
-        return [(d, g.clip, g.state_dict()) for d, g in zip(dirs, made)]
+        return [(d, g.clip, g.state_dict(), None) for d, g in zip(dirs, made)]
     final = list(getattr(callback, "_final", None) or [])  # Lightning: the last fit's guards
     states = [None] * (len(dirs) - len(final)) + final
     # each guard's own clip policy (a further optimizer's is a copy, with its own counts:
     # the first one's was reported for every optimizer, "clipped" where it never was)
     clips = list(getattr(callback, "_final_clips", None) or [])
     clips = [callback.clip] * (len(dirs) - len(clips)) + clips
-    return [(d, c, s) for d, c, s in zip(dirs, clips, states)]
+    kinds = list(getattr(callback, "_final_optimizers", None) or [])
+    names: list[str | None] = [None] * len(dirs)
+    if len(kinds) > 1:  # one fit's optimizers: its last len(kinds) directories, in order
+        names[len(dirs) - len(kinds):] = [f"optimizer {k}: {c}" for k, c in enumerate(kinds)]
+    return [(d, c, s, n) for d, c, s, n in zip(dirs, clips, states, names)]

@@ -378,13 +378,13 @@ class ZeroCodeSession:
                      "external": True, "clip": "the script's own GradGuardCallback",
                      "run_dir": dirs[0] if dirs else None, "outcome": None,
                      "summary": "guarded by the GradGuardCallback the script added itself"}]
-        items: list[tuple[Path | None, Any, Any, Guard | None]]
+        items: list[tuple[Path | None, Any, Any, Guard | None, str | None]]
         if u.guard is not None:
-            items = [(u.run_dir, u.guard.clip, u.guard.state_dict(), u.guard)]
+            items = [(u.run_dir, u.guard.clip, u.guard.state_dict(), u.guard, None)]
         else:
-            items = [(d, clip, s, None) for d, clip, s in fw.callback_guards(u.callback)]
+            items = [(d, clip, s, None, o) for d, clip, s, o in fw.callback_guards(u.callback)]
         rows = []
-        for d, clip, state, guard in items:
+        for d, clip, state, guard, opt in items:
             if d is None:
                 continue
             model = u.model_name
@@ -392,7 +392,8 @@ class ZeroCodeSession:
                 m = getattr(u.trainer, "lightning_module", None) or getattr(u.trainer, "model", None)
                 model = type(m).__name__ if m is not None else None
             info = {"index": u.index, "kind": u.kind, "name": u.name, "model": model,
-                    "optimizer": type(u.optimizer).__name__ if u.optimizer is not None else None,
+                    "optimizer": opt or (type(u.optimizer).__name__
+                                         if u.optimizer is not None else None),
                     "replaced": u.replaced}
             rows.append(finish_run_dir(d, clip, self.config, state, guard, info,
                                        dict(self.interceptor.immediate), self.report))

@@ -152,6 +152,7 @@ class GradGuardCallback(CallbackOptions, Callback):
         self._final: list[dict[str, Any]] | None = None  # the guards' state when training ended
         self._done = 0  # fits this callback guarded to their end
         self._final_clips: list[Any] = []  # the clip policy of each of those guards
+        self._final_optimizers: list[str] = []  # the class of each of those guards' optimizer
         #: the run directory's part for a later fit that starts afresh (``fit<k>``): a run
         #: of its own, not records of the same steps again (read as a resume's)
         self._sub: str | None = None
@@ -288,6 +289,7 @@ class GradGuardCallback(CallbackOptions, Callback):
         if guards:
             self._final = [g.state_dict() for g in guards]
             self._final_clips = [g.clip for g in guards]  # each optimizer's own (its counts)
+            self._final_optimizers = [type(g.optimizer).__name__ for g in guards]
             self._done += 1
         self._logger_sinks = []
         if self.report:
