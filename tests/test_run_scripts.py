@@ -115,6 +115,35 @@ def test_nanogpt_like_without_scaler_nan_step_is_skipped_by_gradguard(tmp_path):
     assert got["finite"] and [r["step"] for r in steps if r["skipped"]] == [6]
 
 
+@pytest.mark.parametrize("fault", ["--nan-at", "--spike-at"])
+def test_a_step_the_script_skipped_itself_is_reported_not_called_healthy(tmp_path, fault):
+    """The script reads its clip_grad_norm_'s norm and, when it is non-finite or too large,
+    zeroes the gradients without optimizer.step() (nanoGPT-style self-guarding). The guard
+    never saw that step: a NaN there was reported "HEALTHY: No gradient trouble". Now the
+    pending clip request, dropped at zero_grad, is recorded: a nonfinite_grad error for a
+    NaN norm, an info skip for a finite one. The weights are the unguarded script's."""
+    args = [*NANOGPT, fault, "6", "--no-scaler", "--skip-above", "1000"]
+    ref = run_plain("nanogpt_like.py", args, tmp_path)
+    result, got, steps = run_guarded("nanogpt_like.py", args, tmp_path)
+    assert ref["finite"] and got["digest"] == ref["digest"]
+    assert len(steps) == 13 and not any(r["skipped"] for r in steps)  # one iteration unstepped
+    events = list(read_jsonl(result.run_dir / "events.jsonl"))
+    row = result.optimizers[0]
+    if fault == "--nan-at":
+        bad = [e for e in events if e["kind"] == "nonfinite_grad"]
+        assert [(e["step"], e["severity"], e["data"]["script_skipped"]) for e in bad] == [
+            (6, "error", True)]
+        assert "measured a NaN gradient norm before step 6, and the script skipped that step " \
+               "itself" in row["summary"]
+        assert row["outcome"]["status"] != "healthy"
+    else:
+        skip = [e for e in events if e["kind"] == "skip"]
+        assert [(e["step"], e["severity"], e["data"]["reason"]) for e in skip] == [
+            (6, "info", "script")]
+        assert skip[0]["value"] == pytest.approx(got["steps"][6]["returned_norm"], rel=1e-5)
+        assert row["outcome"]["status"] == "healthy"
+
+
 def test_diverging_run_is_called_diverged_lr_too_high_and_can_fail_the_run(tmp_path, capsys):
     # AdamW at 30 with no recovery: the loss explodes from 4.4 to thousands and ends
     # 5228, 1983, 2997; judged on that spread in absolute terms it had not "risen" and the

@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--no-scaler", action="store_true", help="GradScaler(enabled=False), as with bf16")
     ap.add_argument("--fused", action="store_true")
     ap.add_argument("--nan-at", type=int, default=-1)
+    ap.add_argument("--spike-at", type=int, default=-1, help="one micro-batch loss x 1e4")
+    ap.add_argument("--skip-above", type=float, default=None,
+                    help="skip the step itself when the clip's norm is non-finite or above this")
     ap.add_argument("--dump", default=None)
     args = ap.parse_args()
 
@@ -119,6 +122,8 @@ def main() -> None:
                 loss = loss / args.accum
             if it == args.nan_at:
                 loss = loss * float("nan")  # a corrupted batch
+            if it == args.spike_at:
+                loss = loss * 1e4
             X, Y = get_batch()
             total += loss.item()
             scaler.scale(loss).backward()
@@ -128,6 +133,11 @@ def main() -> None:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             rec["true_norm"] = torch.nn.utils.get_total_norm(grads).item()
             rec["returned_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+            if args.skip_above is not None and not rec["returned_norm"] <= args.skip_above:
+                optimizer.zero_grad(set_to_none=True)  # the script's own skip
+                scaler.update()
+                records.append(rec)
+                continue
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

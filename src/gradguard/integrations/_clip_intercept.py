@@ -217,6 +217,14 @@ class ClipInterceptor:
                 keep.append(r)
         self.pending = keep
 
+    def drop(self, ids: set[int]) -> list[ClipRequest]:
+        """Take the requests whose parameters are all in ``ids`` without carrying them
+        out: their gradients are being zeroed, never stepped (the script skipped the step).
+        A request only partly zeroed stays: its guard carries it out on the rest."""
+        mine = [r for r in self.pending if r.ids <= ids]
+        self.pending = [r for r in self.pending if not r.ids <= ids]
+        return mine
+
     def claim(self, ids: set[int]) -> list[ClipRequest]:
         """Take the requests that touch ``ids`` (a guard's parameters) and mark those
         parameters measured until :meth:`stepped`."""

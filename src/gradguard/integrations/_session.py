@@ -34,6 +34,7 @@ from ._clip_intercept import ClipInterceptor
 from ._clip_policy import InterceptedClip, ScriptClipMode
 from ._hooked import LossTracker, hooked_guard, parse_clip
 from ._names import ParamTable, find_model
+from ._script_skips import note_script_skips
 from ._summary import finish_run_dir
 from ._takeover import Succession, Unit, driven, succeed
 
@@ -138,6 +139,7 @@ class ZeroCodeSession:
         def zero_grad(orig: Any) -> Callable[..., Any]:
             def fn(owner: Any, *args: Any, **kwargs: Any) -> Any:
                 session._loss.discard()  # their gradients are gone: behind no step
+                note_script_skips(session.interceptor, session.units, owner)
                 return orig(owner, *args, **kwargs)
             return fn
 

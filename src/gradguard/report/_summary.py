@@ -22,6 +22,10 @@ def _nonfinite_sentence(e: dict[str, Any], *, later: bool = False) -> str:
     explosion of the gradients, nor are weights an update made NaN (cause
     ``nonfinite_weights``)."""
     kind, s, origin = _nonfinite_kind(e), e["step"], e.get("layer")
+    if (e.get("data") or {}).get("script_skipped"):  # integrations._script_skips
+        kind = str(e["data"].get("norm") or kind)
+        return (f"The script's own clip_grad_norm_ measured a {kind} gradient norm before step "
+                f"{s}, and the script skipped that step itself")
     if (e.get("data") or {}).get("cause") == "nonfinite_weights":
         of = f" of `{origin}`" if origin else ""
         return (f"The weights{of} were NaN/Inf at step {s}: the optimizer's update before "
@@ -137,7 +141,9 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         else:
             parts.append(f"Gradients vanished{_where(e)} from step {s}.")
         nonfinite = [x for x in ev if x.get("kind") == "nonfinite_grad"]
-        n_bad = len({x["step"] for x in nonfinite})
+        n_bad = len({x["step"] for x in nonfinite if not (x.get("data") or {}).get(
+            "script_skipped")}) + sum(
+            1 for x in nonfinite if (x.get("data") or {}).get("script_skipped"))
         if nonfinite and k != "nonfinite_grad":
             x = nonfinite[0]
             parts.append(f"{_nonfinite_sentence(x, later=True)} "
