@@ -141,6 +141,39 @@ def test_a_guard_resumed_mid_window_continues_exactly(tmp_path, name):
 
 
 
+def test_a_resumed_guard_weighs_its_first_update_as_the_run_it_continues():
+    """The size of the first update from the weights (the run's first, or a rollback's) is
+    what a later rollback caps the LR by. A resumed guard took its own first step for it:
+    an SGD run with an LR x100 burst, resumed at step 123, rolled back at step 136 with no
+    LR cap where the uninterrupted run set one (ceilings 1.0 against 0.0122), and the two
+    runs parted. The record is in the checkpoint now."""
+    data = batches(30, seed=11)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=5)
+    train(guard, model, opt, data[:12])
+    saved = {"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}
+    first = guard._sampler.first
+    assert guard._sampler.first_step == 0 and first is not None and not guard._sampler.first_due
+    guard.close()
+    model = mlp(seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=5)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    guard.load_state_dict(saved["guard"])
+    train(guard, model, opt, data[12:], start=12)
+    guard.close()
+    assert guard._sampler.first_step == 0 and not guard._sampler.first_due
+    assert torch.equal(guard._sampler.first, first)
+    old = dict(saved["guard"])
+    del old["updates"]  # a checkpoint of gradguard before it: no first update, not a wrong one
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=5)
+    guard.load_state_dict(old)
+    assert not guard._sampler.first_due and guard._sampler.first is None
+    guard.close()
+
+
 def _resumed_at_an_lr_too_high(tmp_path, snapshot_dir, bad=()):
     """20 healthy steps (snapshots at 14 and 19, and the weights before the first step; the
     ``bad`` steps of them NaN), a checkpoint, and a resume into fresh objects at Adam lr 3,

@@ -2,7 +2,8 @@
 
 The step count, the clip policy's statistics, the pending telemetry window, the monitor
 (event history, detector history, LR tracker, GradScaler overflow rows, skipped steps),
-the activation watch's ring and the recovery ladder. A guard resumed from it, with the
+the activation watch's ring, the record of the first update from the weights (the run's, or
+a rollback's) and the recovery ladder. A guard resumed from it, with the
 model's and optimizer's own state dicts, continues exactly as the uninterrupted run:
 parameters, optimizer state and events (tests/test_checkpoint.py).
 """
@@ -26,6 +27,7 @@ def state_dict(guard: Guard) -> dict[str, Any]:
         "telemetry": guard.telemetry.state_dict(),
         "monitor": guard.monitor.state_dict(),
         "watch": None if guard._watch is None else guard._watch.state_dict(),
+        "updates": None if guard._sampler is None else guard._sampler.state_dict(),
         "recovery": None if guard.recovery is None else guard.recovery.state_dict(),
     }
 
@@ -50,5 +52,7 @@ def load_state_dict(guard: Guard, sd: dict[str, Any], *, telemetry: bool = True)
             guard.monitor.detector_state.load_state_dict(sd["detectors"])
     if guard._watch is not None and sd.get("watch") is not None:
         guard._watch.load_state_dict(sd["watch"])
+    if guard._sampler is not None:
+        guard._sampler.load_state_dict(sd.get("updates"), guard.step_count)
     if guard.recovery is not None and sd.get("recovery") is not None:
         guard.recovery.load_state_dict(sd["recovery"])

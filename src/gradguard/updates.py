@@ -27,7 +27,8 @@ by the host.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -187,6 +188,27 @@ class UpdateSampler:
             self.first, self.first_step, self.first_share = u.square().sum(), self._step, self._share
         if self._active:
             tel.set_update_sample(w, u)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The first update's record, for a checkpoint: a resumed run's first step is no
+        first update (weighed as one, a rollback after a resume read an ordinary update
+        as the first from the restored weights, and set no LR cap where the run it
+        continues did)."""
+        return {"first_due": self.first_due, "first_step": self.first_step,
+                "first_share": self.first_share,
+                "first": None if self.first is None else self.first.detach().clone()}
+
+    def load_state_dict(self, sd: Mapping[str, Any] | None, step_count: int) -> None:
+        """Restore :meth:`state_dict`; ``None`` (a checkpoint without it) at a step count
+        past 0 leaves the first update unmeasured rather than misread."""
+        if sd is None:
+            self.first_due = self.first_due and step_count == 0
+            return
+        first = sd.get("first")
+        self.first_due = bool(sd["first_due"]) and distributed.world_size() <= 1
+        self.first_step = None if sd.get("first_step") is None else int(sd["first_step"])
+        self.first_share = float(sd.get("first_share", 1.0))
+        self.first = None if first is None else first.to(self.telemetry.device)
 
     def detach(self) -> None:
         """Remove the hooks (the guard's ``close`` calls it)."""
