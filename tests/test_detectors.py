@@ -467,6 +467,31 @@ def test_lr_tracker_reports_jumps_not_warmup():
     assert_complete(events[0])
 
 
+def test_lr_tracker_keeps_a_slip_of_the_lr_out_of_the_schedules_peak():
+    """An LR x100 for three steps (a burst) is no peak of the schedule: an update after it
+    was weighed as 1/100 of one at the peak, and a rollback then capped the LR at 1% for
+    the rest of the run. A jump that stays is the run's LR from then on (fraction 1)."""
+    tr = LrTracker()
+    lrs = [0.05 * (1 - s / 300) for s in range(140)]
+    for s in range(130, 133):
+        lrs[s] *= 100
+    for step, lr in enumerate(lrs):
+        tr.observe(step, [{"lr": lr}])
+        if step == 131:
+            assert tr.fraction() == 1.0 and tr.peaks(1) == [0.05]
+    assert [e.step for e in tr.pop_events()] == [130]
+    assert tr.peaks(1) == [0.05] and tr.fraction() == pytest.approx(lrs[-1] / 0.05)
+    again = LrTracker()
+    again.load_state_dict(tr.state_dict())
+    assert again.peaks(1) == [0.05]
+    for step in range(140, 150):  # a jump that stays
+        again.observe(step, [{"lr": 3.0}])
+    assert again.fraction() == 1.0 and again.peaks(1) == [0.05]
+    again.observe(150, [{"lr": 0.01}])  # back under the peak it slipped from
+    again.observe(151, [{"lr": 0.06}])
+    assert again.peaks(1) == [0.06]
+
+
 def test_detect_runs_everything_in_step_order():
     rows = [[1.0, 1.0, 1.0]] * 30
     rows[25] = [NAN] * 3

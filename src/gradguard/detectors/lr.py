@@ -31,6 +31,9 @@ class LrTracker:
         self.ratio = ratio
         self._last: list[float | None] = []
         self._peak: list[float] = []  # the highest LR each group has had or planned
+        #: per group, its peak before a jump reported as ``lr_too_high``, while the LR
+        #: stays above it: a slip is no peak of the schedule (None: no slip)
+        self._slip: list[float | None] = []
         self._events: list[Event] = []
 
     def observe(self, step: int, param_groups: Sequence[Mapping[str, Any]]) -> None:
@@ -38,6 +41,7 @@ class LrTracker:
         planned = [planned_lr(g) or 0.0 for g in param_groups]
         if len(now) != len(self._peak):
             self._peak = [max(b or 0.0, p) for b, p in zip(now, planned)]
+            self._slip = [None] * len(now)
         if len(now) == len(self._last):
             for i, (a, b) in enumerate(zip(self._last, now)):
                 if a is None or b is None:
@@ -53,8 +57,16 @@ class LrTracker:
                                 "gradually (warm-up)."),
                         data={"group": i, "lr": b, "previous_lr": a},
                     ))
+                    self._slip[i] = max(self._peak[i], planned[i])
         self._last = now
-        self._peak = [max(pk, b or 0.0, p) for pk, b, p in zip(self._peak, now, planned)]
+        for i, (b, p) in enumerate(zip(now, planned)):
+            slip = self._slip[i]
+            if slip is not None and (b is None or b <= slip * (1 + 1e-9)):
+                self._slip[i] = slip = None  # back under the peak it slipped from
+            # the LR of a slip (a burst, a schedule's bug) is not the schedule's peak: an
+            # update now was weighed against it as 1/100 of one at the peak, and a
+            # rollback after an LR x100 burst capped the LR at 1% for the rest of the run
+            self._peak[i] = max(self._peak[i], p, (b or 0.0) if slip is None else 0.0)
 
     def annealed(self, fraction: float = ANNEALED_LR) -> bool:
         """Every param group with a numeric LR is below ``fraction`` of the highest it has
@@ -81,12 +93,14 @@ class LrTracker:
         return ev
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last": list(self._last), "peak": list(self._peak),
+        return {"last": list(self._last), "peak": list(self._peak), "slip": list(self._slip),
                 "events": [e.to_json() for e in self._events]}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self._last = list(sd["last"])
         self._peak = [float(x) for x in sd.get("peak", [])]
+        slip = list(sd.get("slip") or [None] * len(self._peak))
+        self._slip = [None if x is None else float(x) for x in slip]
         self._events = [Event.from_json(e) for e in sd.get("events", [])]
 
 
