@@ -109,7 +109,10 @@ def grown(rec: Recovery, guard: Guard) -> None:
     weights grew far past what training needs (:mod:`.growth`), so roll back to the weights
     before the first step and cap the LR."""
     if (not rec.early_growth or distributed.world_size() > 1 or rec.state.last_trigger is not None
-            or rec.restores or rec.store.steps()[:1] != [-1]):
+            or rec.restores or rec.store.steps()[:1] != [-1] or guard._needs_closure):
+        # LBFGS (a closure optimizer): each step is several quasi-Newton updates, none
+        # scaled as a first-order one by the LR; on separable digits it grew the weights
+        # 27x in 20 steps, healthily, and the rollback undid the fit (see .growth)
         return
     ratio = growth.growth(guard, rec.store.load(0))
     if ratio is None or not ratio >= growth.GROWTH:

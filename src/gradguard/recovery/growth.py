@@ -20,7 +20,8 @@ cap ``HEALTHY / (growth - 1)`` (no lower than ``FLOOR``) aims the median layer a
 by ``HEALTHY`` (20%) over the same steps. Matrices that start at zero (a LoRA ``B``, a
 zero-initialised head) have no ratio and are left out; so are vectors (biases, norms).
 Not under ``torch.distributed`` (each rank holds its own shards: the ranks must decide
-alike), nor with ``Recovery(early_growth=False)``. One host read, once per run.
+alike), nor with ``Recovery(early_growth=False)``, nor for a closure optimizer (LBFGS: a
+step is several quasi-Newton updates, none scaled by the LR). One host read, once per run.
 """
 
 from __future__ import annotations
