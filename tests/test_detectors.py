@@ -490,6 +490,12 @@ def test_lr_tracker_keeps_a_slip_of_the_lr_out_of_the_schedules_peak():
     again.observe(150, [{"lr": 0.01}])  # back under the peak it slipped from
     again.observe(151, [{"lr": 0.06}])
     assert again.peaks(1) == [0.06]
+    kept = LrTracker()  # a constant warm-up, then the LR it trains at: that is a peak
+    for step in range(400):
+        kept.observe(step, [{"lr": 0.01 if step < 100 else 0.1}])
+    assert [e.step for e in kept.pop_events()] == [100] and kept.peaks(1) == [0.1]
+    kept.observe(400, [{"lr": 0.01}])
+    assert kept.fraction() == pytest.approx(0.1)
 
 
 def test_detect_runs_everything_in_step_order():

@@ -9,6 +9,9 @@ from .._tensors import planned_lr
 from ..events import Event
 from .config import ANNEALED_LR, LR_JUMP_RATIO
 
+#: Steps after which an LR that jumped and stayed is the run's LR, a peak of its own.
+SLIP_STEPS = 100
+
 
 class LrTracker:
     """Watches the learning rates the optimizer will use (host floats, read per step at no
@@ -31,9 +34,10 @@ class LrTracker:
         self.ratio = ratio
         self._last: list[float | None] = []
         self._peak: list[float] = []  # the highest LR each group has had or planned
-        #: per group, its peak before a jump reported as ``lr_too_high``, while the LR
-        #: stays above it: a slip is no peak of the schedule (None: no slip)
-        self._slip: list[float | None] = []
+        #: per group, its peak before a jump reported as ``lr_too_high`` and the step of
+        #: the jump, while the LR stays above it, for at most ``SLIP_STEPS``: a slip is no
+        #: peak of the schedule (None: no slip)
+        self._slip: list[tuple[float, int] | None] = []
         self._events: list[Event] = []
 
     def observe(self, step: int, param_groups: Sequence[Mapping[str, Any]]) -> None:
@@ -57,12 +61,15 @@ class LrTracker:
                                 "gradually (warm-up)."),
                         data={"group": i, "lr": b, "previous_lr": a},
                     ))
-                    self._slip[i] = max(self._peak[i], planned[i])
+                    self._slip[i] = (max(self._peak[i], planned[i]), step)
         self._last = now
         for i, (b, p) in enumerate(zip(now, planned)):
             slip = self._slip[i]
-            if slip is not None and (b is None or b <= slip * (1 + 1e-9)):
-                self._slip[i] = slip = None  # back under the peak it slipped from
+            if slip is not None and (b is None or b <= slip[0] * (1 + 1e-9)
+                                     or step - slip[1] >= SLIP_STEPS):
+                # back under the peak it slipped from; or kept: the run's LR now (a
+                # constant warm-up, then the LR it trains at: He et al.'s ResNet-110)
+                self._slip[i] = slip = None
             # the LR of a slip (a burst, a schedule's bug) is not the schedule's peak: an
             # update now was weighed against it as 1/100 of one at the peak, and a
             # rollback after an LR x100 burst capped the LR at 1% for the rest of the run
@@ -100,7 +107,7 @@ class LrTracker:
         self._last = list(sd["last"])
         self._peak = [float(x) for x in sd.get("peak", [])]
         slip = list(sd.get("slip") or [None] * len(self._peak))
-        self._slip = [None if x is None else float(x) for x in slip]
+        self._slip = [None if x is None else (float(x[0]), int(x[1])) for x in slip]
         self._events = [Event.from_json(e) for e in sd.get("events", [])]
 
 
