@@ -569,3 +569,50 @@ def test_lazy_layers_not_yet_run_are_refused_by_the_doctor_and_the_init_audit():
             call()
     model(x)
     assert gg.doctor(model, (x, y), nn.CrossEntropyLoss()).healthy
+
+
+def test_a_model_with_non_reentrant_activation_checkpointing_is_diagnosed():
+    """Found as a stranger: ``checkpoint(..., use_reentrant=False)``, torch's recommended
+    form and what transformers' ``gradient_checkpointing_enable()`` uses, made the doctor
+    fail with "inputs ... do not fit" (exit 2 from the CLI): the checkpoint took the
+    tensors the doctor's activation profile saved for the model's own, and its
+    recomputation found other shapes."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+            self.head = nn.Linear(64, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(checkpoint(self.body, x, use_reentrant=False))
+
+    torch.manual_seed(0)
+    diag = gg.doctor(Net(), (torch.randn(128, 32), torch.randint(0, 4, (128,))),
+                     nn.CrossEntropyLoss())
+    assert diag.healthy
+
+
+def test_the_lr_advised_after_a_blow_up_never_rose_on_the_way():
+    """Found as a stranger: Adam at 1 blew a digits MLP up, and the advice was "the loss
+    does not rise at lr=0.1" from a run at 0.1 that went 2.30, 9.19, 4.53, 3.54, 2.26 (its
+    end alone was judged); trained at 0.1 the MLP reached 55% held-out accuracy, 75% at
+    1e-3. The LR advised is one at which no step's loss rose above the start."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(64, 64), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(64, 10))
+    batch = (x[:256], torch.tensor(y[:256]))
+    diag = gg.doctor(model, batch, nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters(), 1.0))
+    top = diag.top
+    assert top.cause == "lr_too_high"
+    assert max(top.evidence["losses_at_lr_div_10"]) > 1.05 * top.evidence["loss_start"]
+    assert top.evidence["stable_lr"] == pytest.approx(0.01)
+    assert "lr=0.01" in top.remedy

@@ -71,9 +71,17 @@ class Profile:
     peak: float  # max |f'| on the grid
 
 
+def _keep(t: Tensor) -> Tensor:
+    return t
+
+
 def derivative(fn: Callable[..., Tensor], x: Tensor, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Tensor:
-    """``f'(x)`` elementwise, by autograd, in float32 (x is not touched)."""
-    with torch.enable_grad():
+    """``f'(x)`` elementwise, by autograd, in float32 (x is not touched). Its own
+    saved tensors are kept from any hooks around the call: inside a non-reentrant
+    ``torch.utils.checkpoint`` (transformers' ``gradient_checkpointing_enable()``) the
+    checkpoint took them for the model's, and its recomputation failed ("Recomputed values
+    ... have different metadata")."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
         xr = x.detach().float().requires_grad_(True)
         y = fn(xr, *args, **(kwargs or {}))
         (d,) = torch.autograd.grad(y.sum(), xr)

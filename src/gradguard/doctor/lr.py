@@ -55,6 +55,15 @@ LR_SCALES: tuple[float, ...] = (0.1, 0.01, 0.001)
 #: trains, it falls to 1.33). With 4 steps the doctor called it healthy.
 SGD_MORE = 8
 
+def _steady(run: list[float], l0: float) -> bool:
+    """A smaller LR's run that the advice may name: finite, and no step's loss above the
+    start (``LR_RISE``). Its end alone is no test: Adam at a tenth of an LR that blew a
+    digits MLP up went 2.30, 9.19, 4.53, 3.54, 2.26 and was advised ("the loss does not
+    rise at lr=0.1"); trained there, the MLP reached 55% held-out accuracy against 75% at
+    1e-3 (found as a stranger)."""
+    return all(math.isfinite(v) for v in run) and max(run) <= l0 * (1 + LR_RISE) + 1e-12
+
+
 def _step_probe(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -118,8 +127,7 @@ def _step_verdict(
             budget.note(f"lr: the loss rose at lr; stopped before lr x {scale:g}")
             break
         tried[scale] = steps_at(scale)
-        run = tried[scale]
-        if math.isfinite(run[-1]) and run[-1] <= l0 * (1 + LR_RISE) + 1e-12:
+        if _steady(tried[scale], l0):
             stable = scale
             break
     lo = tried.get(LR_SCALES[0])
