@@ -73,6 +73,27 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert "do not fit Sequential" in capsys.readouterr().err
 
 
+def test_a_spec_whose_own_code_fails_exits_2_naming_its_line_not_1(tmp_path, capsys):
+    """Found as a stranger: a spec with a syntax error, a setup() that raises and a --save
+    path that cannot be written exited 1, the code of a finding about the model, with a
+    raw traceback: a CI check could not tell a broken spec from a broken model."""
+    assert main(["doctor", _spec(tmp_path, "def setup(:\n    pass\n")]) == 2
+    err = capsys.readouterr().err
+    assert "running it raised SyntaxError" in err and "spec.py:1: def setup(:" in err
+    raising = "def setup():\n    x = 1\n    raise RuntimeError('no data here')\n"
+    assert main(["doctor", _spec(tmp_path, raising)]) == 2
+    err = capsys.readouterr().err
+    assert "setup() raised RuntimeError: no data here" in err and "spec.py:3:" in err
+    assert main(["doctor", _spec(tmp_path, "setup = 3\n")]) == 2
+    assert "setup is not a function (it is of type int)" in capsys.readouterr().err
+    assert main(["doctor", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main(["doctor", _spec(tmp_path, BROKEN), "--save", str(blocked / "d.json")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
 def test_rich_table_on_a_terminal(tmp_path, capsys, monkeypatch):
     import sys
 

@@ -32,6 +32,9 @@ def load_setup(path: str) -> tuple[Any, ...]:
     from . import UsageError
 
     spec_path = Path(path)
+    if spec_path.is_dir():
+        raise UsageError(f"spec {path!r}: is a directory; give the Python file that "
+                         "defines setup()")
     if not spec_path.is_file():
         raise UsageError(f"spec {path!r}: no such file")
     spec = importlib.util.spec_from_file_location("gradguard_doctor_spec", spec_path)
@@ -41,18 +44,41 @@ def load_setup(path: str) -> tuple[Any, ...]:
     sys.path.insert(0, str(spec_path.resolve().parent))
     try:
         spec.loader.exec_module(mod)
+    except Exception as e:  # the spec's own code is broken: no finding about the model
+        raise UsageError(_raised(path, "running it", e)) from e
     finally:
         sys.path.pop(0)
     setup = getattr(mod, "setup", None)
-    if not callable(setup):
+    if setup is None:
         raise UsageError(f"spec {path!r}: defines no setup() function")
-    got = setup()
+    if not callable(setup):
+        raise UsageError(f"spec {path!r}: setup is not a function (it is of type "
+                         f"{type(setup).__name__}); define setup() returning (model, batch, "
+                         "loss_fn[, optimizer])")
+    try:
+        got = setup()
+    except Exception as e:
+        raise UsageError(_raised(path, "setup()", e)) from e
     if not isinstance(got, (tuple, list)) or len(got) not in (3, 4):
         raise UsageError(
             f"spec {path!r}: setup() must return (model, batch, loss_fn[, optimizer]), got "
             f"{type(got).__name__}" + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else "")
         )
     return tuple(got)
+
+
+def _raised(path: str, what: str, e: BaseException) -> str:
+    """A usage error's text for an exception the spec raised, with the traceback's frames
+    in the spec (exit 2, not the findings code 1: a CI check must tell them apart)."""
+    import traceback
+
+    frames = [f"  {Path(fr.filename).name}:{fr.lineno}: {fr.line}" for fr in
+              traceback.extract_tb(e.__traceback__) if Path(fr.filename).resolve()
+              == Path(path).resolve()]
+    if isinstance(e, SyntaxError) and e.lineno is not None:
+        frames = [f"  {Path(path).name}:{e.lineno}: {(e.text or '').strip()}"]
+    where = ("\n" + "\n".join(frames)) if frames else ""
+    return f"spec {path!r}: {what} raised {type(e).__name__}: {e}{where}"
 
 
 def _print_rich(diag: Any) -> bool:
@@ -89,7 +115,11 @@ def command(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as e:
         raise UsageError(f"spec {args.spec!r}: {e}") from e
     if args.save:
-        diag.save(args.save)
+        try:
+            diag.save(args.save)
+        except OSError as e:
+            raise UsageError(f"--save {args.save!r}: cannot be written: "
+                             f"{e.strerror or e}") from e
     if args.json:
         print(json.dumps(diag.to_dict(), indent=1))
     elif not (sys.stdout.isatty() and _print_rich(diag)):
