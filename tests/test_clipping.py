@@ -795,6 +795,42 @@ def test_one_policy_instance_cannot_serve_two_guards():
     gb.close()
 
 
+def test_a_policy_of_a_closed_guard_starts_afresh_over_other_parameters():
+    """Found as a stranger: a sweep that built ``gg.ZClip()`` once gave it to each fold's
+    guard; after the first guard closed, the next fold's (another model) was accepted
+    silently and clipped its healthy steps by the first fold's norms. Over other
+    parameters the policy now starts afresh, with a warning; over the same parameters (the
+    same run, a guard built again) it goes on with its statistics."""
+    import warnings
+
+    from tests.helpers import mlp
+
+    def fold(model, policy, scale, steps=30):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = gg.Guard(model, opt, clip=policy, every=5)
+        for i in range(steps):
+            torch.manual_seed(i)
+            (model(torch.randn(16, 8) * scale) ** 2).mean().backward()
+            guard.step()
+            opt.zero_grad()
+        guard.close()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    shared = gg.ZClip(warmup_steps=5)
+    fold(mlp(seed=0), shared, 1.0)  # the norms it learns are 20x smaller than the next's
+    with pytest.warns(gg.GradGuardWarning, match="over other parameters"):
+        reused = fold(mlp(seed=1), shared, 20.0)
+    assert torch.equal(reused, fold(mlp(seed=1), gg.ZClip(warmup_steps=5), 20.0))
+    same = mlp(seed=2)
+    fold(same, shared, 1.0)
+    learnt = str(shared.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard = gg.Guard(same, torch.optim.SGD(same.parameters(), lr=0.01), clip=shared)
+    assert str(shared.state_dict()) == learnt  # the same parameters: kept
+    guard.close()
+
+
 @pytest.mark.parametrize("make", [
     lambda: gg.ZClip(warmup_steps=5),
     lambda: gg.AutoClip(percentile=10, history_size=20),

@@ -108,6 +108,9 @@ class Policy:
     #: As in ``clip_grad_norm_``: None uses the foreach kernels where the device has them.
     foreach: bool | None = None
     _owner: weakref.ref[Any] | None = None
+    #: the parameters of the guard bound last (weak), and of the one that was closed
+    _params: list[weakref.ref[Tensor]] | None = None
+    _released: list[weakref.ref[Tensor]] | None = None
 
     def reset(self) -> None:
         """Forget what was learnt of the gradient norm. The guard calls it when the
@@ -165,24 +168,44 @@ class Policy:
 
     def bind(self, owner: object) -> None:
         """Tie this policy's statistics to one guard: a second guard is refused, since two
-        runs would silently share (and corrupt) one history of norms."""
+        runs would silently share (and corrupt) one history of norms. After its guard was
+        closed, a guard over the same parameters goes on with them (the same run); one over
+        other parameters starts them afresh (:meth:`reset`) and says so: a sweep that built
+        ``gg.ZClip()`` once clipped the next fold's healthy steps by the last fold's norms."""
         current = self._owner() if self._owner is not None else None
         if current is not None and current is not owner:
             raise ValueError(
                 f"clip={self!r} is already used by another Guard: its statistics belong to "
                 "that run; give each guard its own policy (e.g. copy.deepcopy(policy))"
             )
+        params = _owner_params(owner)
+        done = self._released
+        if done is not None and params is not None and not (
+                len(done) == len(params) and all(r() is p for r, p in zip(done, params))):
+            import warnings
+
+            from ..errors import GradGuardWarning
+            warnings.warn(
+                f"clip={self!r} was used by a Guard, now closed, over other parameters: its "
+                "statistics were that run's, so this guard starts them afresh; give each "
+                "guard its own policy (e.g. copy.deepcopy(policy)) to say so",
+                GradGuardWarning, stacklevel=4)
+            self.reset()
         self._owner = weakref.ref(owner)
+        self._released = None
+        self._params = None if params is None else [weakref.ref(p) for p in params]
 
     def release(self, owner: object) -> None:
         """``owner`` is done with this policy (its guard was closed)."""
         if self._owner is not None and self._owner() is owner:
             self._owner = None
+            self._released = self._params
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy (deepcopy, pickle) is a new, unbound policy with the same statistics
         state = dict(vars(self))
-        state.pop("_owner", None)
+        for key in ("_owner", "_released", "_params"):
+            state.pop(key, None)
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -195,6 +218,15 @@ class Policy:
         missing = [k for k in keys if k not in sd]
         if missing:
             raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {missing}")
+
+
+def _owner_params(owner: object) -> list[Tensor] | None:
+    """The parameters a guard's optimizer steps, in order (None: not a guard)."""
+    opt = getattr(owner, "optimizer", None)
+    groups = getattr(opt, "param_groups", None)
+    if groups is None:
+        return None
+    return [p for g in groups for p in g["params"]]
 
 
 def to_device(state: dict[str, Tensor] | None, device: torch.device) -> dict[str, Tensor] | None:
