@@ -431,6 +431,7 @@ def test_a_loss_leaving_a_slow_warm_ups_plateau_is_no_spread_warning():
     opt = torch.optim.SGD(model.parameters(), lr=0.03)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 400))
     guard = gg.Guard(model, opt, clip=None, on_nonfinite="off")
+    losses = []
     for _ in range(450):
         i = torch.randint(0, 1797, (64,), generator=gen)
         loss = nn.functional.cross_entropy(model(x[i]), y[i])
@@ -438,6 +439,7 @@ def test_a_loss_leaving_a_slow_warm_ups_plateau_is_no_spread_warning():
         guard.step(loss)
         opt.zero_grad()
         sched.step()
+        losses.append(loss.detach())
     guard.close()
-    assert float(loss) < 1.0  # it learnt
+    assert float(torch.stack(losses[-20:]).mean()) < 0.7 * math.log(10)  # it learns
     assert [e for e in guard.events if e.kind == "divergence_risk"] == []
