@@ -414,3 +414,55 @@ def test_torchrun_two_ranks_every_rank_skips_rank_0_writes(tmp_path):
     assert [s["step"] for s in steps if s["skipped"]] == [3] and len(steps) == 12
     events = read_jsonl(runs[0] / "events.jsonl")
     assert any(e["kind"] == "nonfinite_grad" and e.get("rank") == 1 for e in events)
+
+
+def test_sigterm_finishes_the_run_dir_and_resume_goes_on_from_its_state(tmp_path):
+    """Found as a stranger: ``gradguard run`` killed by SIGTERM (a scheduler's time limit)
+    left only the JSONL files, no guard state, and ``--resume`` started the guard from step
+    0 again, its steps recorded twice. Now SIGTERM finishes the run directory first (exit
+    143, as a shell reports it), and a session killed outright (SIGKILL: nothing saved)
+    is said so on ``--resume``, its steps numbered on."""
+    import signal
+
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import time, torch\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Linear(4, 1); opt = torch.optim.SGD(m.parameters(), lr=0.01)\n"
+        "for s in range(10000):\n"
+        "    m(torch.randn(8, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()\n"
+        "    if s == 30: print('half', flush=True)\n"
+        "    time.sleep(0.005)\n")
+    src = str(Path(gg.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": src}
+    out = tmp_path / "runs"
+
+    def start(*extra):
+        return subprocess.Popen(
+            [sys.executable, "-m", "gradguard", "run", "--no-report", "--out", str(out),
+             *extra, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env)
+
+    def stop(p, sig):
+        for line in p.stdout:
+            if "half" in line:
+                break
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+        return p.returncode, err
+
+    rc, err = stop(start(), signal.SIGTERM)
+    run = (out / "latest").resolve()
+    assert rc == 143, err
+    assert (run / "guard_state.pt").is_file() and (run / "run.json").is_file()
+    info = json.loads((run / "run.json").read_text())
+    assert info["exit_code"] == 143 and "SIGTERM" in json.dumps(info)
+    first = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "step"]
+    rc, err = stop(start("--resume"), signal.SIGKILL)
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "step"]
+    assert steps[:len(first)] == first and steps == sorted(set(steps))  # went on from its state
+    (run / "guard_state.pt").unlink()  # as a session killed before it could save it
+    rc, err = stop(start("--resume"), signal.SIGTERM)
+    assert "holds no saved guard state" in err, err
+    again = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "step"]
+    assert again == sorted(set(again))  # numbered on, none recorded twice

@@ -143,6 +143,20 @@ def save_state(run_dir: Path, state: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def last_step(run_dir: Path) -> int | None:
+    """The last step ``metrics.jsonl`` there recorded (None: none, or no file)."""
+    from ..events import iter_jsonl
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    for r in iter_jsonl(path, warn=lambda _msg: None):
+        if r.get("type") == "step" and isinstance(r.get("step"), int):
+            last = r["step"] if last is None else max(last, r["step"])
+    return last
+
+
 def load_state(run_dir: Path) -> dict[str, Any] | None:
     """The state :func:`save_state` wrote there, or None."""
     path = run_dir / STATE_FILE

@@ -112,16 +112,21 @@ def run_script(
     crashed: BaseException | None = None
     started = time.time()
     session.install()
+    undo_term = _on_sigterm()
     try:
         # as `python script.py` does (Python 3.9+): the script's __file__ is absolute, so a
         # script that changes directory still finds the files next to it
         runpy.run_path(os.path.abspath(path), run_name="__main__")
+    except Terminated as e:  # a scheduler's time limit: finish the run dir, then exit so
+        crashed = e
+        result.exit_code = int(e.code)  # type: ignore[arg-type]
     except SystemExit as e:
         result.exit_code = _exit_code(e)
     except BaseException as e:  # finish the run dir, then re-raise it unchanged
         crashed = e
         result.exit_code = 130 if isinstance(e, KeyboardInterrupt) else 1
     finally:
+        undo_term()
         sys.argv, sys.path[:] = saved_argv, saved_path
         session.close()
         result.optimizers = session.rows
@@ -148,6 +153,39 @@ def run_script(
 
 class OutDirError(ValueError):
     """The run directory of ``gradguard run`` cannot be created or written."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived while the script ran (a cluster scheduler's time limit, ``kill``):
+    raised in the script's main thread so that the run directory is finished (its guards'
+    state saved for ``--resume``, ``run.json``, the report) before the process exits with
+    ``128 + SIGTERM``, as a shell reports it. Killed at once before, the run left only its
+    JSONL files, and ``--resume`` started its guards from step 0 again."""
+
+    def __str__(self) -> str:
+        return "terminated by SIGTERM"
+
+
+def _on_sigterm() -> Callable[[], None]:
+    """Raise :class:`Terminated` on SIGTERM while the script runs, unless a handler other
+    than the default one is in place (the process's own) or this is no main thread;
+    returns what puts the previous handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+    def undo() -> None:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return undo
 
 
 def _exit_code(e: SystemExit) -> int:
