@@ -157,6 +157,23 @@ def last_step(run_dir: Path) -> int | None:
     return last
 
 
+def resume_guard(guard: Any, saved: Path, k: int) -> str | None:
+    """Load the state a session saved in ``saved`` into ``guard``; when it saved none (it
+    was killed) but recorded steps, number the guard's steps on from them and return what
+    to say."""
+    state = load_state(saved)
+    if state is not None:
+        guard.load_state_dict(state)
+        return None
+    last = last_step(saved)
+    if last is None:
+        return None
+    guard.step_count = last + 1  # after what the killed session recorded
+    return (f"{saved} holds no saved guard state (its session was killed before it could "
+            f"end: SIGKILL, out of memory): optimizer {k}'s guard starts afresh, its steps "
+            f"numbered on from {last + 1}")
+
+
 def load_state(run_dir: Path) -> dict[str, Any] | None:
     """The state :func:`save_state` wrote there, or None."""
     path = run_dir / STATE_FILE

@@ -311,15 +311,8 @@ class ZeroCodeSession:
         guard = hooked_guard(model if model is not None else ParamTable.of(optimizer),
                              optimizer, cfg, scaler=scaler)
         saved = self._resume_dir(k, "optimizer")
-        state = _rundir.load_state(saved) if saved is not None else None
-        if state is not None:
-            guard.load_state_dict(state)
-        elif saved is not None and (last := _rundir.last_step(saved)) is not None:
-            guard.step_count = last + 1  # after what the killed session recorded
-            self._warn_once(f"resume{k}", f"{saved} holds no saved guard state (its "
-                            "session was killed before it could end: SIGKILL, out of "
-                            f"memory): optimizer {k}'s guard starts afresh, its steps "
-                            f"numbered on from {last + 1}")
+        if saved is not None and (said := _rundir.resume_guard(guard, saved, k)) is not None:
+            self._warn_once(f"resume{k}", said)
         self._averages.hand(guard)
         unit = Unit(k, "optimizer", run_dir, guard, None, optimizer, opt_name, model_name)
         self.units.append(unit)
