@@ -115,6 +115,8 @@ def grown(rec: Recovery, guard: Guard) -> None:
         # 27x in 20 steps, healthily, and the rollback undid the fit (see .growth)
         return
     ratio = growth.growth(guard, rec.store.load(0))
+    if ratio is not None:  # RMSprop's first updates are larger by its missing bias correction
+        ratio = 1.0 + (ratio - 1.0) / growth.early_inflation(guard.optimizer)
     if ratio is None or not ratio >= growth.GROWTH:
         return
     reason = (f"the weights grew {ratio:.3g}x in the first {growth.STEP} steps (the median "

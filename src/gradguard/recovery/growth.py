@@ -67,6 +67,25 @@ def growth(guard: Guard, fresh: dict[str, Any]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def early_inflation(optimizer: torch.optim.Optimizer) -> float:
+    """How much larger than later ones the optimizer's first ``STEP`` updates are, on
+    average, at one LR: ``RMSprop``'s squared-gradient average starts at zero with no bias
+    correction, so its k-th update is ``1 / sqrt(1 - alpha**k)`` times a settled one (10x
+    the first, 2.2x the twentieth at torch's ``alpha=0.99``: 3.9x over the first 20). Its
+    growth is weighed at that discount. 1 for every other optimizer (Adam & co. correct
+    the bias). Found as a stranger: ``RMSprop`` at torch's own default LR (1e-2) grew a
+    digits MLP's weights 2.3x in 20 steps and was rolled back as "an LR far too high";
+    unguarded it ends best (held-out 0.146 against 0.174 over 5 seeds)."""
+    if not isinstance(optimizer, torch.optim.RMSprop):
+        return 1.0
+    alphas = [float(a) for g in optimizer.param_groups
+              if isinstance(a := g.get("alpha"), (int, float)) and 0.0 <= a < 1.0]
+    if not alphas:
+        return 1.0
+    alpha = max(alphas)
+    return statistics.fmean(1.0 / math.sqrt(1.0 - alpha ** k) for k in range(1, STEP + 1))
+
+
 def cap(ratio: float) -> float:
     """The LR factor that aims the median matrix at ``HEALTHY`` growth."""
     return max(FLOOR, min(1.0, HEALTHY / (ratio - 1.0)))
