@@ -616,3 +616,27 @@ def test_the_lr_advised_after_a_blow_up_never_rose_on_the_way():
     assert max(top.evidence["losses_at_lr_div_10"]) > 1.05 * top.evidence["loss_start"]
     assert top.evidence["stable_lr"] == pytest.approx(0.01)
     assert "lr=0.01" in top.remedy
+
+
+def test_tanh_saturated_by_weights_far_too_large_is_told_to_reinit_not_to_swap_to_relu():
+    """Found as a stranger: an 8-layer tanh MLP at N(0, 1) weights (inputs to its tanh at
+    rms 7.7) got only "use ReLU/GELU in hidden layers ... (and Xavier init)": with ReLU and
+    the same weights it exploded (held-out 4e4), with Xavier it trained (0.35 against
+    1.98). Inputs that far out of scale lead with the re-initialisation; a deep sigmoid
+    stack at its default init keeps the advice to change the activation."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(8):
+        lin = nn.Linear(64, 64)
+        nn.init.normal_(lin.weight, 0.0, 1.0)
+        layers += [lin, nn.Tanh()]
+    big = nn.Sequential(*layers, nn.Linear(64, 10))
+    batch = (torch.randn(256, 64), torch.randint(0, 10, (256,)))
+    top = gg.doctor(big, batch, nn.CrossEntropyLoss()).top
+    assert top.cause == "saturating_activation"
+    assert "re-initialise the layers before them with Xavier" in top.remedy
+    assert "use ReLU/GELU" not in top.remedy
+    deep = nn.Sequential(*[m for _ in range(10) for m in (nn.Linear(32, 32), nn.Sigmoid())],
+                         nn.Linear(32, 1))
+    top = gg.doctor(deep, (torch.randn(64, 32), torch.randn(64, 1)), nn.MSELoss()).top
+    assert top.cause == "saturating_activation" and "use ReLU/GELU" in top.remedy

@@ -96,6 +96,11 @@ def _dead_finding(cap: Capture, dead: list[Act], n_relu: int) -> Finding:
     )
 
 
+#: A saturating activation's input rms from which the scale, not the activation, is the
+#: trouble (tanh's derivative is under 1% of its peak beyond |x| = 3).
+LARGE_INPUT_RMS = 3.0
+
+
 def saturation_finding(sat: list[Act], worst: Act, decay: float | None) -> Finding:
     kinds = sorted({a.kind for a in sat})
     ev: dict[str, Any] = {
@@ -121,13 +126,23 @@ def saturation_finding(sat: list[Act], worst: Act, decay: float | None) -> Findi
         )
     if decay is not None:
         msg += f", and the gradient decays {10 ** -decay:.3g}x over depth"
+    if worst.pre_rms >= LARGE_INPUT_RMS:
+        # the inputs are what is out of scale, not the activation: an 8-layer tanh MLP at
+        # N(0, 1) weights (input rms 7.7) was told "use ReLU/GELU"; with ReLU and the same
+        # weights it exploded (held-out 4e4), with Xavier it trained (0.35 against 1.98)
+        fix = (f"their inputs are out of scale (rms {worst.pre_rms:.3g}, about 1 keeps them "
+               "in the slope): re-initialise the layers before them with Xavier "
+               "(gg.init.apply_(model, 'xavier', batch)) or add LayerNorm/BatchNorm before them; "
+               "ReLU alone would keep the scale and let it grow")
+    else:
+        fix = ("use ReLU/GELU in hidden layers or add LayerNorm/BatchNorm before them "
+               "(and Xavier init)")
     return Finding(
         "saturating_activation",
         "error" if worst.sat_frac >= 0.9 or (decay is not None and decay < -SEVERE_DECAY_DECADES) else "warning",
         worst.where or None,
         ev,
-        f"{msg}: use ReLU/GELU in hidden layers or add LayerNorm/BatchNorm before them "
-        f"(and Xavier init).",
+        f"{msg}: {fix}.",
         0.85,
     )
 
