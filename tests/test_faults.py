@@ -411,5 +411,50 @@ def test_an_lr_burst_is_no_schedule_peak_for_the_rollback_after_it():
     assert ("lr_too_high", 130) in [(e.kind, e.step) for e in guard.events]
     rollbacks = [e for e in guard.events if e.kind == "rollback"]
     assert rollbacks and all(e.data["ceiling"] == 1.0 for e in rollbacks)
+    # to the weights from before the jump, kept at it (the cadence's last was step 49's)
+    assert rollbacks[0].data["snapshot_step"] == 129
     assert guard.monitor.lr_tracker.peaks(1) == [0.05]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_lr_burst_on_a_batch_norm_net_rolls_back_to_the_weights_before_it():
+    """Found as a stranger: a transformers ResNet (AdamW, linear warm-up schedule) whose
+    loop multiplied the LR x300 for steps 100-104. The jump was reported at step 100, but
+    its update wrecked the weights, the batches after it were skipped as "on another scale"
+    (check the units of the inputs), and the rollback went to the snapshot of step 49:
+    2.3-3.7x its twin's held-out loss over 3 seeds. The weights before a reported jump are
+    kept now (a rollback goes to them, 1.2-1.4x), and the skips name the jump."""
+    transformers = pytest.importorskip("transformers")
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
+    x = nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x, y = (x - x.mean()) / x.std(), torch.tensor(y)
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32],
+                                    depths=[1, 1], num_labels=10, layer_type="basic",
+                                    downsample_in_first_stage=False)
+    model = transformers.ResNetForImageClassification(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
+    sched = transformers.get_linear_schedule_with_warmup(opt, 30, 300)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    gen = torch.Generator().manual_seed(1)
+    for step in range(125):
+        i = torch.randint(0, 1500, (32,), generator=gen)
+        loss = model(pixel_values=x[i], labels=y[i]).loss
+        loss.backward()
+        if 100 <= step < 105:
+            for g in opt.param_groups:
+                g["lr"] *= 300  # the schedule sets it afresh at its next step
+        guard.step(loss)
+        opt.zero_grad()
+        sched.step()
+    guard.close()
+    assert ("lr_too_high", 100) in [(e.kind, e.step) for e in guard.events]
+    rollbacks = [e for e in guard.events if e.kind == "rollback"]
+    assert [e.data["snapshot_step"] for e in rollbacks] == [99]
+    assert all(e.data["ceiling"] == 1.0 for e in rollbacks)
+    offscale = [e for e in guard.events if (e.data or {}).get("reason") == "offscale_batch"]
+    assert offscale and all(e.data["cause"] == "lr_too_high" for e in offscale)
     assert all(torch.isfinite(p).all() for p in model.parameters())

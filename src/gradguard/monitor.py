@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import detectors, distributed
+from .detectors.lr import blame_jump
 from .errors import GradGuardWarning, caller_stacklevel
 from .events import Event, Flush, Sink, call_sinks, json_float
 from .naming import layer_of
@@ -151,6 +152,7 @@ class Monitor:
         ):
             if origins is not None and self.dist is not None:
                 distributed.name_ranks(ev, window.steps, origins, self.dist.world_size)
+            ev = blame_jump(ev, self.lr_tracker.last_jump)
             if ev.kind == "clip" and "cap" in (ev.data or {}):  # a setup that blinds the guard
                 warnings.warn(f"gradguard: {ev.message}. {ev.remedy}", GradGuardWarning,
                               stacklevel=caller_stacklevel())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,6 +12,10 @@ from .config import ANNEALED_LR, LR_JUMP_RATIO
 
 #: Steps after which an LR that jumped and stayed is the run's LR, a peak of its own.
 SLIP_STEPS = 100
+#: Off-scale batches within this many steps after an LR jump are the jump's doing.
+JUMP_SPAN = 20
+JUMP_REMEDY = ("Check the LR schedule / manual LR changes: the LR jumped far above any the "
+               "run had or planned; raise it gradually (warm-up) if it is meant.")
 
 
 class LrTracker:
@@ -38,6 +43,7 @@ class LrTracker:
         #: the jump, while the LR stays above it, for at most ``SLIP_STEPS``: a slip is no
         #: peak of the schedule (None: no slip)
         self._slip: list[tuple[float, int] | None] = []
+        self._last_jump: int | None = None  # the step of the last lr_too_high report
         self._events: list[Event] = []
 
     def observe(self, step: int, param_groups: Sequence[Mapping[str, Any]]) -> None:
@@ -62,6 +68,7 @@ class LrTracker:
                         data={"group": i, "lr": b, "previous_lr": a},
                     ))
                     self._slip[i] = (max(self._peak[i], planned[i]), step)
+                    self._last_jump = step
         self._last = now
         for i, (b, p) in enumerate(zip(now, planned)):
             slip = self._slip[i]
@@ -74,6 +81,22 @@ class LrTracker:
             # update now was weighed against it as 1/100 of one at the peak, and a
             # rollback after an LR x100 burst capped the LR at 1% for the rest of the run
             self._peak[i] = max(self._peak[i], p, (b or 0.0) if slip is None else 0.0)
+
+    def jumped(self, step: int) -> bool:
+        """Whether a param group's LR jumped (an ``lr_too_high`` report) at ``step``."""
+        return any(sl is not None and sl[1] == step for sl in self._slip)
+
+    @property
+    def last_jump(self) -> int | None:
+        """The step of the last ``lr_too_high`` report (None: none yet)."""
+        return self._last_jump
+
+    def burst_since(self, step: int) -> bool:
+        """Whether a param group's LR jumped (an ``lr_too_high`` report) after ``step`` and
+        every group is back under the peak it jumped from: updates taken since then ran at
+        an LR above the one in force now (a jump that stays is the LR in force)."""
+        return (self._last_jump is not None and self._last_jump > step
+                and all(sl is None for sl in self._slip))
 
     def annealed(self, fraction: float = ANNEALED_LR) -> bool:
         """Every param group with a numeric LR is below ``fraction`` of the highest it has
@@ -101,15 +124,36 @@ class LrTracker:
 
     def state_dict(self) -> dict[str, Any]:
         return {"last": list(self._last), "peak": list(self._peak), "slip": list(self._slip),
-                "events": [e.to_json() for e in self._events]}
+                "last_jump": self._last_jump, "events": [e.to_json() for e in self._events]}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self._last = list(sd["last"])
         self._peak = [float(x) for x in sd.get("peak", [])]
         slip = list(sd.get("slip") or [None] * len(self._peak))
         self._slip = [None if x is None else (float(x[0]), int(x[1])) for x in slip]
+        jump = sd.get("last_jump")
+        self._last_jump = None if jump is None else int(jump)
         self._events = [Event.from_json(e) for e in sd.get("events", [])]
 
 
 def _number(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def blame_jump(ev: Event, last_jump: int | None) -> Event:
+    """An off-scale batch skipped within ``JUMP_SPAN`` steps after an LR jump ran on the
+    weights the jump's update wrote: the batch norm statistics moved with them, not with
+    the inputs. Found as a stranger: a ResNet whose LR went x300 for 5 steps was told its
+    inputs were "on another scale" (check the units of the data), its loss up 43x."""
+    data = ev.data or {}
+    if last_jump is None or data.get("reason") != "offscale_batch" or not (
+            0 < ev.step - last_jump <= JUMP_SPAN):
+        return ev
+    return dataclasses.replace(
+        ev, remedy=JUMP_REMEDY, data={**data, "cause": "lr_too_high", "lr_jump": last_jump},
+        message=(f"step {ev.step}: optimizer step skipped: a batch norm layer's running "
+                 f"variance moved by more than {ev.threshold:g}x in one step, on the weights "
+                 f"the LR jump at step {last_jump} wrote (loss {data.get('loss') or 0:.4g}, "
+                 f"gradient norm {ev.value or 0:.3g}); the weights and the running "
+                 "statistics never saw it"))
+

@@ -243,7 +243,8 @@ def _offscale_skip(step: int, norm: float, loss: float, code: int) -> Event:
                  "so its inputs are on another scale; the weights and the running "
                  "statistics never saw it"),
         remedy=UNIT_ERROR_REMEDY,
-        data={"reason": "offscale_batch", "cause": "unscaled_input", "code": code},
+        data={"reason": "offscale_batch", "cause": "unscaled_input", "code": code,
+              "loss": loss if math.isfinite(loss) else None},
     )
 
 

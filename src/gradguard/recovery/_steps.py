@@ -33,6 +33,14 @@ def before_step(rec: Recovery, guard: Guard) -> None:
         rec._resumed = False
         if not len(rec.store):  # held in memory only, as a stand-in (load_state_dict)
             rec.ring.keep(guard, guard.step_count - 1, disk=False)
+    elif guard.step_count > 0 and not rec.busy and \
+            guard.monitor.lr_tracker.jumped(guard.step_count):
+        # the LR jumped far above any the run had or planned (a burst, a schedule's slip):
+        # keep the weights from before its first update, as the first step's are kept; a
+        # rollback after it then loses no training (it went back to the last cadence
+        # snapshot, up to snapshot_every steps before: a ResNet with an LR x300 burst for
+        # 5 steps ended 2.3-3.7x its twin, rolled back 57 steps)
+        rec.snapshot(guard)
     if isinstance(guard.executor, Hook):
         hear(rec, guard)
         if guard.step_count == growth.STEP:  # the trainer took the first updates: see .growth

@@ -49,7 +49,13 @@ def cap(guard: Guard, snap: dict[str, Any], prior: LadderState, step: int,
     update/weight ratio the detectors call too large, and the ratio measured; None when it
     was no larger. ``prior``: the ladder's state before this rollback; ``step``: the
     rollback's; ``restored_step``: the first step on the weights the last rollback restored.
-    One host read, on this rollback only."""
+    One host read, on this rollback only. None too after a burst since the snapshot (an
+    ``lr_too_high`` jump, the LR back under its peak since): the updates were taken at the
+    burst's LR, no measure of the one in force (the update of an LR x100 burst, weighed at
+    the LR after it, capped an SGD run at x0.0126 for good). A jump that stays is the LR
+    in force, and is capped (a resume at an LR 300x too high)."""
+    if guard.monitor.lr_tracker.burst_since(int(snap["step"])):
+        return None
     sampler = getattr(guard, "_sampler", None)
     first = None
     if sampler is not None and sampler.first is not None and sampler.first_step is not None \

@@ -56,6 +56,12 @@ def _offscale_sentence(off: list[dict[str, Any]]) -> str:
     ``gradguard._running``): nothing spiked, so say what did."""
     n, ratio = len(off), off[0].get("threshold")
     by = f"by more than {ratio:g}" if isinstance(ratio, (int, float)) else "several times over"
+    jump = (off[0].get("data") or {}).get("lr_jump")
+    if jump is not None:  # the weights an LR jump wrote (gradguard.detectors.lr.blame_jump)
+        return (f"The learning rate jumped far above any the run had or planned at step "
+                f"{jump}: from step {off[0]['step']} on, the weights its update wrote moved "
+                f"a batch norm layer's running variance {by} in one step "
+                f"({n} step{'s' if n > 1 else ''}).")
     return (f"{n} batch{'es' if n > 1 else ''} from step {off[0]['step']} on "
             f"{'were' if n > 1 else 'was'} on another scale: each multiplied a batch norm "
             f"layer's running variance {by} while the loss and the gradients stayed as they "
