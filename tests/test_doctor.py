@@ -640,3 +640,32 @@ def test_tanh_saturated_by_weights_far_too_large_is_told_to_reinit_not_to_swap_t
                          nn.Linear(32, 1))
     top = gg.doctor(deep, (torch.randn(64, 32), torch.randn(64, 1)), nn.MSELoss()).top
     assert top.cause == "saturating_activation" and "use ReLU/GELU" in top.remedy
+
+
+def test_a_straight_through_estimator_is_no_error_but_said_to_be_one_by_design():
+    """Found as a stranger: a binarised layer whose custom Function passes the gradient
+    through unchanged (a straight-through estimator, as in quantisation-aware training) was
+    an error ("fix STE.backward", CLI exit 1). A backward that hands the gradient back
+    exactly as is, or negated (gradient reversal), is an info that names the design."""
+
+    class STE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.sign(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    class Binarize(nn.Module):
+        def forward(self, x):
+            return STE.apply(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), Binarize(), nn.Linear(64, 4))
+    diag = gg.doctor(model, (torch.randn(128, 32), torch.randint(0, 4, (128,))),
+                     nn.CrossEntropyLoss())
+    found = [f for f in diag.findings if f.cause == "wrong_gradient"]
+    assert diag.healthy and [f.severity for f in found] == ["info"]
+    assert found[0].evidence["passes_gradient"] == "unchanged"
+    assert "straight-through estimator" in found[0].remedy

@@ -216,6 +216,31 @@ def slice_batch(x: Any, n: int) -> Any:
     return _map(x, lambda t: t[:n] if t.ndim >= 1 and t.shape[0] > n else t)
 
 
+def _passes_through(module: nn.Module, args: Any) -> str | None:
+    """``"unchanged"`` or ``"negated"`` when ``module`` (one tensor in, one of its shape
+    out) hands a random output gradient back to its input exactly as is, or negated: a
+    straight-through estimator's or a gradient reversal layer's backward, written so on
+    purpose; None otherwise."""
+    if not (isinstance(args, tuple) and len(args) == 1 and isinstance(args[0], Tensor)
+            and args[0].is_floating_point()):
+        return None
+    x = args[0].detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = module(x)
+            if not isinstance(out, Tensor) or out.shape != x.shape or not out.requires_grad:
+                return None
+            v = torch.randn_like(out)
+            (g,) = torch.autograd.grad(out, x, v)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    if torch.equal(g, v):
+        return "unchanged"
+    if torch.equal(g, -v):
+        return "negated"
+    return None
+
+
 def probe_custom_functions(cap: Any, max_batch: int = 2, budget: Budget | None = None) -> list[Finding]:
     """One finding per custom autograd Function whose backward is wrong.
 
@@ -268,6 +293,20 @@ def _check_function(fn: str, owners: list[Any], max_batch: int, budget: Budget |
         w = rep.worst
         assert w is not None
         where = f"`{owner.path or 'model'}`" + (f" and {len(places) - 1} other module(s)" if len(places) > 1 else "")
+        passed = _passes_through(owner.module, slice_batch(owner.args, max_batch))
+        if passed is not None:  # a straight-through estimator or a gradient reversal layer
+            return Finding(
+                "wrong_gradient", "info", owner.path or "(model)",
+                {"function": fn, "modules": places, "n_modules": len(places),
+                 "passes_gradient": passed, "max_rel_err": w.max_rel_err},
+                f"the backward of custom Function {fn} (used in {where}) passes the gradient "
+                f"through {passed}, not its derivative: "
+                + ("a straight-through estimator (quantisation, binarised nets)"
+                   if passed == "unchanged" else "a gradient reversal layer (DANN)")
+                + " does so by design; if it is not meant to, fix "
+                f"{fn}.backward.",
+                0.3,
+            )
         return Finding(
             "wrong_gradient",
             "error",
@@ -283,7 +322,8 @@ def _check_function(fn: str, owners: list[Any], max_batch: int, budget: Budget |
             },
             f"the backward of custom Function {fn} (used in {where}) disagrees with finite "
             f"differences (max rel err {w.max_rel_err:.3g} on {w.name}): fix {fn}.backward, and "
-            f"re-check with gg.gradcheck(module, x).",
+            f"re-check with gg.gradcheck(module, x) (unless it is not the derivative by design: "
+            f"a straight-through estimator, a gradient reversal layer).",
             min(1.0, 0.7 + 0.3 * min(1.0, w.max_rel_err)),
         )
     return None
