@@ -669,3 +669,45 @@ def test_a_straight_through_estimator_is_no_error_but_said_to_be_one_by_design()
     assert diag.healthy and [f.severity for f in found] == ["info"]
     assert found[0].evidence["passes_gradient"] == "unchanged"
     assert "straight-through estimator" in found[0].remedy
+
+
+def test_recurrent_remedies_fit_the_cell_and_what_was_already_done():
+    """Found as a stranger: a GRU was told to "init the forget-gate bias to 1" (a GRU has
+    none, and gg.init.apply_ zeroes its biases), and a tanh RNN whose recurrent weights were
+    already orthogonal, as advised, got the same advice again (2.9e-9 over 200 steps)."""
+
+    class VRNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.RNN(1, 64, batch_first=True, nonlinearity="tanh")
+            self.out = nn.Linear(64, 1)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    class GRULM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.r, self.o = nn.Embedding(200, 64), nn.GRU(64, 128, batch_first=True), \
+                nn.Linear(128, 200)
+
+        def forward(self, x):
+            return self.o(self.r(self.e(x))[0])
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 200, 1)
+    rnn = gg.init.apply_(VRNN(), "orthogonal")
+    found = [f for f in gg.doctor(rnn, (x, x[:, :5, 0].sum(1, keepdim=True)),
+                                  nn.MSELoss()).findings if f.cause == "recurrent_vanishing"]
+    assert found and "already orthogonal" in found[0].remedy
+    assert "init the recurrent weights orthogonal" not in found[0].remedy
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (16, 64))
+
+    def lm(out, y):
+        return nn.functional.cross_entropy(out[:, :-1].reshape(-1, 200), y[:, 1:].reshape(-1))
+
+    found = [f for f in gg.doctor(GRULM(), (ids, ids), lm).findings
+             if f.cause == "recurrent_vanishing"]
+    assert found and not found[0].remedy.split(": ")[-1].startswith("init the forget-gate")
+    assert "an LSTM with its forget-gate bias" in found[0].remedy

@@ -24,6 +24,8 @@ from ._report import Finding
 #: decades between the transfer to the last and to the first time step
 RECURRENT_EXPLODE_DECADES = 2.0
 RECURRENT_VANISH_DECADES = 4.0
+#: A spectral radius this close to 1 is an orthogonal init already.
+ORTHOGONAL_TOL = 0.05
 #: Gated cells (LSTM/GRU) start with forget gates near 0.5 (the gradient shrinks ~0.6x per
 #: step at init, like a default vanilla RNN) but learn to open them along the additive cell
 #: path; their decay is a warning only when the gates are shut (per-step factor below this),
@@ -175,11 +177,21 @@ def _judge(path: str, mod: nn.Module, s: list[float], loss_s: list[float] | None
             min(1.0, 0.7 + 0.05 * dec),
         )
     if dec < -RECURRENT_VANISH_DECADES:
-        fix = (
-            "init the forget-gate bias to 1 (gg.init.apply_(model, 'orthogonal')), shorten the sequence (truncated BPTT) or add attention"
-            if gated
-            else "use an LSTM/GRU, init the recurrent weights orthogonal, or shorten the sequence"
-        )
+        if gated and isinstance(mod, (nn.LSTM, nn.LSTMCell)):
+            fix = ("init the forget-gate bias to 1 (gg.init.apply_(model, 'orthogonal')), "
+                   "shorten the sequence (truncated BPTT) or add attention")
+        elif gated:  # a GRU has no forget gate (gg.init's forget-gate bias is an LSTM's)
+            fix = ("shorten the sequence (truncated BPTT) or add attention; an LSTM with its "
+                   "forget-gate bias at 1 (gg.init.apply_(model, 'orthogonal')) keeps a "
+                   "gradient over longer spans")
+        elif rho is not None and abs(rho - 1.0) < ORTHOGONAL_TOL:
+            # already orthogonal (found as a stranger: the same advice came back after
+            # gg.init.apply_(model, 'orthogonal'), 2.9e-9 over 200 steps): tanh's slope does it
+            fix = ("its recurrent weights are already orthogonal: the "
+                   "activation's slope shrinks it each step; use an LSTM/GRU, or shorten the "
+                   "sequence (truncated BPTT)")
+        else:
+            fix = "use an LSTM/GRU, init the recurrent weights orthogonal, or shorten the sequence"
         return Finding(
             "recurrent_vanishing",
             "info" if gated and step >= GATED_STEP_FACTOR else "warning",
