@@ -167,6 +167,7 @@ def train(
             1
             for r in read_jsonl(out / "metrics.jsonl")
             if r["type"] == "step" and r["clip_coef"] is not None and r["clip_coef"] < 1.0
+            and not r.get("skipped")  # a skipped step took no clipped update
         )
     return summary
 

@@ -125,7 +125,9 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     trouble = [e for e in ev if e.get("kind") in TROUBLE_KINDS]
     n_skip = int(data.skipped.sum())  # an update a restore voided is not in it
     finite_norm = data.grad_norm[np.isfinite(data.grad_norm)]
-    clipped = int(np.sum(np.isfinite(data.clip_coef) & (data.clip_coef < 1.0)))
+    # a clipped step the guard then skipped took no clipped update (the demo's summary said
+    # "skipped 6, clipped 5" with 2 of the 5 skipped)
+    clipped = int(np.sum(np.isfinite(data.clip_coef) & (data.clip_coef < 1.0) & ~data.skipped))
     kinds = Counter(e.get("kind") for e in ev)
     lead = summary_lead(data, outcome)
     parts: list[str] = [lead] if lead else []
