@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tracemalloc
 import warnings
 from collections.abc import Iterator
@@ -252,3 +253,24 @@ def test_step_values_are_numbers_or_null_in_the_report(tmp_path):
     p.write_text(p.read_text().replace('"loss": 1.0', '"loss": null', 1))
     data = load_run(tmp_path)
     assert math.isnan(data.loss[0]) and data.loss[1] == 1.0
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX file modes")
+def test_atomic_writes_get_the_mode_open_would_give_them(tmp_path):
+    """Found as a stranger: report.html, run.json and diagnosis.json were written 0600 (a
+    temp file's mode, kept by the rename), whatever the umask: the page meant to be shared
+    could not be read by others. They get 0666 less the umask, as ``open`` gives."""
+    from gradguard.doctor import Diagnosis
+    from gradguard.rundir import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        assert write_atomic(tmp_path / "run.json", "{}").stat().st_mode & 0o777 == 0o644
+        diag = gg.doctor(torch.nn.Linear(4, 1), (torch.randn(8, 4), torch.randn(8, 1)),
+                         torch.nn.MSELoss())
+        assert isinstance(diag, Diagnosis)
+        assert diag.save(tmp_path / "d" / "diagnosis.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        assert write_atomic(tmp_path / "private.json", "{}").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

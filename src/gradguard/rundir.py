@@ -21,6 +21,18 @@ from typing import Any, BinaryIO
 from .events import SCHEMA_VERSION, TORN_LINE_MARK, Flush
 
 
+def temp_file(directory: str | os.PathLike[str], prefix: str) -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``directory``, its mode set as ``open`` would set it (0666
+    less the umask): a file that replaces another must not be private for being atomic
+    (found as a stranger: ``report.html``, the page to share, was written 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+    if hasattr(os, "fchmod"):
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
+    return fd, tmp
+
+
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same directory that is
     flushed, fsynced and then ``os.replace``d into place.
@@ -41,7 +53,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     """
     p = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    fd, tmp = temp_file(p.parent, f".{p.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(raw)

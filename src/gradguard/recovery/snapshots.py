@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GradGuardWarning, caller_stacklevel
+from ..rundir import temp_file
 
 #: Snapshots kept (a second rollback in a row goes one snapshot further back).
 KEEP = 2
@@ -212,8 +213,7 @@ class DiskSnapshotStore:
         return len(self.paths())
 
     def save(self, step: int, state: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{SNAPSHOT_PREFIX}",
-                                   suffix=".tmp")
+        fd, tmp = temp_file(self.directory, f".{SNAPSHOT_PREFIX}")
         try:
             with os.fdopen(fd, "wb") as fh:
                 torch.save(state, fh)
