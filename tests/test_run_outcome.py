@@ -182,3 +182,17 @@ def test_the_summary_of_a_network_that_died_names_its_dead_layers():
     assert text.startswith("From step 18, `0`, `2`, `4` got no gradient at all: the units that "
                            "feed them died. Training did not recover: the network died at step 18")
     assert "No gradient trouble" not in text
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_a_run_too_short_for_two_levels_is_not_called_flat(n):
+    """Found as a stranger: a 3-step run whose loss went 10, 5, 2.5 was "The loss did not
+    fall (5 at the start, 5 at the end) ... run gg.doctor": its start and end levels were
+    the median of the same three steps. A run shorter than two level windows is judged on
+    its incidents alone."""
+    data = run(10.0 / 2.0 ** np.arange(n))
+    out = judge(data)
+    assert out.status == "healthy" and not out.flat and not out.rose
+    assert "did not fall" not in summary_sentence(data)
+    flat = run(np.full(12, 2.3))
+    assert judge(flat).flat  # a run with two windows still is

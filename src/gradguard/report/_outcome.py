@@ -168,7 +168,9 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # (``loss_rise`` is recorded false without a recovery too: no say on the loss there)
         judged = (config is None or config.get("loss_rise") is not False
                   or config.get("recovery") is False)
-        if final is not None and judged:
+        # the start and end levels from the same steps say nothing of a change (a 3-step
+        # run's loss 10, 5, 2.5 was "did not fall (5 at the start, 5 at the end)")
+        if final is not None and judged and n >= 2 * k:
             rose = _levels.rose(start, final, end)
             flat = not rose and _levels.flat(start, final, first)
         if incident is not None:
