@@ -528,8 +528,31 @@ def test_cli_report_corrupt_line_exits_2(run_dir, tmp_path, capsys):
     lines[5] = lines[5][:20]
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     rc, _, err = _cli(capsys, d)
-    assert rc == 2 and "metrics.jsonl:6: corrupt JSON line" in err
+    assert rc == 2 and "metrics.jsonl:6: corrupt JSON line" in err and "(column " in err
     assert not (d / "report.html").exists()
+
+
+@pytest.mark.parametrize("bad, said", [
+    ({"v": 1, "type": "event", "kind": "skip", "step": 3, "severity": "warning",
+      "message": "", "data": [1, 2]}, "'data' must be an object"),
+    ({"v": 1, "type": "step", "step": 3, "loss": "nan", "grad_norm": 1.0, "clip_coef": 1.0,
+      "skipped": False, "finite": True}, "'loss' must be a number or null"),
+    ({"v": 1, "type": "step", "step": 3, "loss": 1.0, "grad_norm": 1.0, "clip_coef": 1.0,
+      "skipped": "no", "finite": True}, "'skipped' must be true or false"),
+])
+def test_cli_report_records_of_the_wrong_shape_exit_2(tmp_path, capsys, bad, said):
+    """Found as a stranger: an event whose data was a list crashed the report with a
+    traceback (exit 1), and "skipped": "no" counted as a skip."""
+    d = tmp_path / "run"
+    d.mkdir()
+    good = {"v": 1, "type": "step", "step": 0, "loss": 1.0, "grad_norm": 1.0,
+            "clip_coef": 1.0, "skipped": False, "finite": True}
+    name = "events.jsonl" if bad["type"] == "event" else "metrics.jsonl"
+    (d / "metrics.jsonl").write_text(json.dumps(good) + "\n")
+    with open(d / name, "a") as fh:
+        fh.write(json.dumps(bad) + "\n")
+    rc, _, err = _cli(capsys, d)
+    assert rc == 2 and said in err, err
 
 
 def test_cli_report_newer_schema_exits_2(run_dir, tmp_path, capsys):

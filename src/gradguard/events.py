@@ -224,6 +224,15 @@ def record_problem(rec: Any) -> str | None:
         x = rec[name]
         if not isinstance(x, typ) or isinstance(x, bool):
             return f"{name!r} must be {_TYPE_NAMES[typ]}, got {x!r}"[:200]
+    if kind == "event" and rec.get("data") is not None and not isinstance(rec["data"], dict):
+        return f"'data' must be an object, got {rec['data']!r}"[:200]
+    if kind == "step":
+        for name in ("loss", "grad_norm", "clip_coef"):  # JSON has no NaN: missing is null
+            x = rec.get(name)
+            if x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool)):
+                return f"{name!r} must be a number or null, got {x!r}"[:200]
+        if not isinstance(rec.get("skipped", False), bool):
+            return f"'skipped' must be true or false, got {rec['skipped']!r}"[:200]
     if kind == "layers":
         n = len(rec["layers"])
         if not set(map(type, rec["layers"])) <= {str}:
@@ -245,7 +254,7 @@ def _parse(raw: bytes) -> tuple[Any, str | None]:
     try:
         return json.loads(text), None
     except json.JSONDecodeError as e:
-        return None, f"corrupt JSON line: {e.msg}"
+        return None, f"corrupt JSON line: {e.msg} (column {e.colno})"
 
 
 def _is_mark(rec: Any) -> bool:
