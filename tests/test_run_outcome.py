@@ -196,3 +196,14 @@ def test_a_run_too_short_for_two_levels_is_not_called_flat(n):
     assert "did not fall" not in summary_sentence(data)
     flat = run(np.full(12, 2.3))
     assert judge(flat).flat  # a run with two windows still is
+
+
+def test_non_finite_norms_with_no_event_are_not_no_gradient_trouble():
+    """Found as a stranger: a run with 47 non-finite steps whose events.jsonl was missing
+    was "No gradient trouble in 60 steps: the gradient norm stayed between 91.7 and
+    4.98e+18"."""
+    grad = np.ones(60)
+    grad[10:] = np.inf
+    said = summary_sentence(run(np.full(60, 2.0), grad=grad))
+    assert "No gradient trouble" not in said
+    assert "50 steps had a non-finite gradient norm" in said

@@ -169,6 +169,11 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     elif not lead and (dead := died_layers(ev)) is not None:
         parts.append(f"From step {dead[0]}, {listed(dead[1])} got no gradient at all: "
                      "the units that feed them died.")
+    elif not lead and (bad := int((~np.isfinite(data.grad_norm)).sum())):
+        # non-finite norms with no event naming them: the events file is missing or was
+        # cut (a run with 47 NaN steps was "No gradient trouble ... between 91.7 and 5e18")
+        parts.append(f"{_plural(bad, 'step')} had a non-finite gradient norm (no event "
+                     "recorded for them: is events.jsonl missing or cut short?).")
     elif not lead:
         lo = float(finite_norm.min()) if finite_norm.size else math.nan
         hi = float(finite_norm.max()) if finite_norm.size else math.nan
