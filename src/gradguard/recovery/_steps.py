@@ -34,7 +34,8 @@ def before_step(rec: Recovery, guard: Guard) -> None:
         if not len(rec.store):  # held in memory only, as a stand-in (load_state_dict)
             rec.ring.keep(guard, guard.step_count - 1, disk=False)
     elif guard.step_count > 0 and not rec.busy and \
-            guard.monitor.lr_tracker.jumped(guard.step_count):
+            guard.monitor.lr_tracker.jumped(guard.step_count) and \
+            rec.store.steps()[-1:] != [guard.step_count - 1]:  # not kept at the flush already
         # the LR jumped far above any the run had or planned (a burst, a schedule's slip):
         # keep the weights from before its first update, as the first step's are kept; a
         # rollback after it then loses no training (it went back to the last cadence
