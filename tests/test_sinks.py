@@ -304,3 +304,36 @@ def test_every_sink_is_closed_after_an_abort(tmp_path):
     assert console.closed and tb.closed and jsonl.closed
     assert "abort" in buf.getvalue()
     assert (tmp_path / "run" / "report.html").exists()
+
+
+def test_wandb_sink_in_a_run_the_loop_logs_to_keeps_every_row(tmp_path, monkeypatch):
+    """Found as a stranger: ``WandbSink(run=run)`` with the loop's own ``run.log`` each step
+    logged its window at the window's steps, which W&B's step had passed: 45 of 50
+    ``gradguard/loss`` rows were dropped ("this data will be ignored"). In a shared run the
+    rows go at W&B's next steps, on gradguard's own axis ``gradguard/step``."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = wandb.init(project="gradguard-test", dir=str(tmp_path), mode="offline")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gg.Guard(model, opt, every=10, sinks=[gg.WandbSink(run=run)]) as guard:
+        for s in range(50):
+            x = torch.randn(16, 8)
+            loss = (model(x) - x[:, :1]).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+            run.log({"acc": float(s)})  # the loop's own metric, at W&B's own step
+    run.finish()
+    assert _wandb_exit_records(tmp_path)
+    (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    rows = []
+    for r in _wandb_records(path):
+        if r.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                         for i in r.history.item})
+    ours = [r for r in rows if "gradguard/loss" in r]
+    assert sorted(r["gradguard/step"] for r in ours) == list(range(50))
+    assert sum("acc" in r for r in rows) == 50

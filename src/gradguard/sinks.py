@@ -146,6 +146,10 @@ class TensorBoardSink:
         self.close()
 
 
+#: The x-axis of gradguard's rows in a W&B run the loop also logs to.
+STEP_KEY = "gradguard/step"
+
+
 class WandbSink:
     """Log gradguard telemetry to Weights & Biases (offline mode works without network).
 
@@ -160,7 +164,10 @@ class WandbSink:
     Args:
         run: an existing ``wandb`` run to log into, or None to start one with
             ``wandb.init(**init_kwargs)`` (finished again at close or abort; a run you
-            pass is left running).
+            pass is left running). In a run you pass, the loop's own ``run.log`` moves
+            W&B's step on, so gradguard's rows go at W&B's next steps with their own
+            x-axis, ``gradguard/step`` (``define_metric``): logged at their own steps,
+            most were dropped. Log your metrics without ``step=`` (or on an axis of yours).
         per_layer: log per-layer scalars (the histogram is always logged).
         **init_kwargs: passed to ``wandb.init`` (e.g. ``project=``, ``dir=``,
             ``mode="offline"``).
@@ -182,6 +189,9 @@ class WandbSink:
         self._wandb = wandb
         self._own = run is None
         self.run = wandb.init(**init_kwargs) if run is None else run
+        if not self._own:  # a run the loop logs to as well: gradguard's own x-axis
+            for pattern in ("gradguard/*", "grad_norm_layers.*"):
+                self.run.define_metric(pattern, step_metric=STEP_KEY)
         self.per_layer = per_layer
         self._skips = 0
         self._last_step = -1
@@ -222,7 +232,13 @@ class WandbSink:
             self._wandb.termlog(f"gradguard: {_event_line(e)}")
         for s in sorted(rows):
             step = s if s > self._last_step else self._last_step + 1
-            self.run.log(rows[s], step=step)
+            if self._own:
+                self.run.log(rows[s], step=step)
+            else:
+                # the loop's own run.log has moved W&B's step past this window's steps: an
+                # explicit step would be dropped ("this data will be ignored": 45 of 50
+                # rows lost); each row goes at W&B's next step, on gradguard's own axis
+                self.run.log({**rows[s], STEP_KEY: step})
             self._last_step = step
 
     @property
