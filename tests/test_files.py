@@ -274,3 +274,16 @@ def test_atomic_writes_get_the_mode_open_would_give_them(tmp_path):
         assert write_atomic(tmp_path / "private.json", "{}").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_two_open_sinks_on_one_run_directory_are_refused(tmp_path):
+    """Found as a stranger: two guards given JsonlSink on the same directory wrote one pair
+    of files; the report took the second guard's steps for a resume ("60 steps were recorded
+    twice") and kept them alone, the first guard's skip lost from the summary. A second
+    open sink on the directory is refused, naming what to do; once the first is closed the
+    directory is appended to (a resumed run)."""
+    first = gg.JsonlSink(tmp_path / "run")
+    with pytest.raises(ValueError, match="written by another open JsonlSink"):
+        gg.JsonlSink(tmp_path / "run" / ".." / "run")
+    first.close()
+    gg.JsonlSink(tmp_path / "run").close()

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -99,12 +100,18 @@ def dir_problem(d: str | os.PathLike[str]) -> str | None:
     return None
 
 
+#: The run directories an open JsonlSink of this process writes (resolved path -> sink).
+_OPEN: dict[str, weakref.ref[JsonlSink]] = {}
+
+
 class JsonlSink:
     """Append-only JSONL files in a run directory.
 
     Writes ``events.jsonl`` (one event per line) and ``metrics.jsonl`` (one line per step
     plus one ``"type": "layers"`` line per flush). Every line carries ``"v": 1``; every write
-    is flushed and fsynced so that a killed process loses at most the line being written.
+    is flushed and fsynced so that a killed process loses at most the line being written
+    (and the steps its guard had not flushed yet). A directory is written by one open sink
+    of the process at a time: a second is refused (two guards' records merged).
 
     Appending to a run directory that already holds files (a resumed run) is the intended
     use. A file that ends in a partial line (the process was killed mid-write, or the disk
@@ -132,6 +139,16 @@ class JsonlSink:
             raise ValueError(f"JsonlSink run_dir={str(run_dir)!r} cannot be created: {e}") from e
         if not os.access(self.run_dir, os.W_OK):
             raise ValueError(f"JsonlSink run_dir={str(run_dir)!r} is not writable")
+        key = str(self.run_dir.resolve())
+        other = _OPEN.get(key)
+        if other is not None and (live := other()) is not None and not live.closed:
+            # two guards' records in one pair of files: the report took them for a resume
+            # ("60 steps were recorded twice") and kept the second guard's alone
+            raise ValueError(
+                f"JsonlSink run_dir={str(run_dir)!r} is written by another open JsonlSink "
+                "(another guard's?): give each guard its own directory (e.g. "
+                f"{str(Path(run_dir) / 'optimizer1')!r}), or close the first guard")
+        self._key = key
         self.fsync = fsync
         self.events_path = self.run_dir / "events.jsonl"
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -148,6 +165,7 @@ class JsonlSink:
                              f"{path.name}: {e}") from e
         self._events, self._metrics = files
         self._maybe_torn: set[BinaryIO] = set()  # files whose last write failed part-way
+        _OPEN[key] = weakref.ref(self)
 
     def _end_torn_line(self, fh: BinaryIO) -> None:
         """End a partial last line and mark it for the reader (see :data:`TORN_LINE_MARK`)."""
@@ -192,6 +210,8 @@ class JsonlSink:
     def close(self) -> None:
         for fh in (self._events, self._metrics):
             fh.close()
+        if (ref := _OPEN.get(self._key)) is not None and ref() in (self, None):
+            del _OPEN[self._key]
 
     def on_abort(self, error: BaseException) -> str | None:
         """Training was given up: close the files and render the run's HTML incident report
