@@ -207,3 +207,14 @@ def test_non_finite_norms_with_no_event_are_not_no_gradient_trouble():
     said = summary_sentence(run(np.full(60, 2.0), grad=grad))
     assert "No gradient trouble" not in said
     assert "50 steps had a non-finite gradient norm" in said
+
+
+def test_skipped_steps_losses_are_not_the_runs_level():
+    """Found as a stranger: a run stopped when every batch became x1e4 (all skipped, the
+    weights those of step 39) was "the loss rose ... the learning rate is too high": the
+    skipped batches' losses were judged as the run's level."""
+    loss = np.concatenate([DECAY[:40], np.full(6, 1e8)])
+    data = run(loss, skipped=range(40, 46), events=[ev("abort", 45, "error")])
+    out = judge(data)
+    assert out.status == "stopped" and not out.rose and out.cause != "lr_too_high"
+    assert "learning rate is too high" not in summary_sentence(data)

@@ -157,6 +157,11 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
 
     start = final = before = None
     rose = flat = False
+    # the loss levels are the taken steps': a skipped step's loss is its batch's, on weights
+    # that never saw it (a run aborted when every batch became x1e4, all skipped, was
+    # "the loss rose ... the learning rate is too high")
+    taken = fin & ~data.skipped
+    fin = taken if taken.any() else fin
     if fin.any():
         first = loss[fin][:k]
         start = min(float(first[0]), float(np.median(first)))
