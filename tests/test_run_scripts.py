@@ -416,6 +416,32 @@ def test_torchrun_two_ranks_every_rank_skips_rank_0_writes(tmp_path):
     assert any(e["kind"] == "nonfinite_grad" and e.get("rank") == 1 for e in events)
 
 
+def test_torchrun_a_rank_that_raises_fails_the_job_rather_than_hanging_it(tmp_path):
+    """Found as a stranger: under ``torchrun -m gradguard run`` a DDP rank that raised
+    closed its guard with the last flush's collective while the other rank waited in
+    DDP's backward: the job hung until killed. A script that raised closes its guards
+    without a collective (docs/distributed.md, rule 2)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(gg.__file__).resolve().parents[1])}
+    import signal
+
+    p = subprocess.Popen(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29519", "-m",
+         "gradguard", "run", "--no-report", "--every", "4", str(SCRIPTS / "ddp_plain.py"),
+         "--raise-at", "6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the ranks too, not torchrun alone
+        p.communicate()
+        pytest.fail("the job hung")
+    assert p.returncode != 0 and "rank 1 fails at step 6" in out + err
+
+
 def test_sigterm_finishes_the_run_dir_and_resume_goes_on_from_its_state(tmp_path):
     """Found as a stranger: ``gradguard run`` killed by SIGTERM (a scheduler's time limit)
     left only the JSONL files, no guard state, and ``--resume`` started the guard from step

@@ -17,6 +17,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--nan-at", type=int, default=-1)
+    ap.add_argument("--raise-at", type=int, default=-1, help="rank 1 raises at this step")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -28,6 +29,8 @@ def main() -> None:
         x = torch.randn(8, 4) + rank
         if step == args.nan_at and rank == 1:
             x[0, 0] = float("nan")
+        if step == args.raise_at and rank == 1:
+            raise RuntimeError(f"rank 1 fails at step {step}")
         model(x).pow(2).mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -192,7 +192,7 @@ class ZeroCodeSession:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(failed=exc[0] is not None)
 
     # ---- the hooks -----------------------------------------------------------------
     def _warn_once(self, key: str, message: str) -> None:
@@ -340,25 +340,28 @@ class ZeroCodeSession:
                                trainer=trainer))
 
     # ---- the end -------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         """Uninstall the hooks, close every guard, and finish each run directory: its
         ``guard.json``, ``guard_state.pt``, ``report.html`` and judged outcome
-        (:attr:`rows`). Idempotent."""
+        (:attr:`rows`). ``failed``: the script raised; its guards close without a
+        collective (under torchrun the other ranks may never reach one). Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.uninstall()
-        self._close_guards()
+        self._close_guards(failed)
         self.interceptor.flush("session closed")
         self.rows = []
         for u in self.units:
             self.rows += self._finish_unit(u)
 
-    def _close_guards(self) -> None:
+    def _close_guards(self, failed: bool = False) -> None:
         """Close every guard still open (a trainer that raised mid-fit included). After
-        the script destroyed its process group, a guard flushes without a collective."""
+        the script destroyed its process group, or raised (a DDP rank that raised hung in
+        the last flush's collective while the others waited in backward), a guard flushes
+        without a collective."""
         dist = torch.distributed
-        gone = dist.is_available() and not dist.is_initialized()
+        gone = failed or (dist.is_available() and not dist.is_initialized())
         for u in self.units:
             guards = [u.guard] if u.guard is not None else []
             if u.callback is not None:

@@ -128,7 +128,7 @@ def run_script(
     finally:
         undo_term()
         sys.argv, sys.path[:] = saved_argv, saved_path
-        session.close()
+        session.close(failed=crashed is not None)
         result.optimizers = session.rows
         result.unguarded = dict(session.unguarded)
         if here is not None:
