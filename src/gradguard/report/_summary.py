@@ -178,8 +178,8 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         lo = float(finite_norm.min()) if finite_norm.size else math.nan
         hi = float(finite_norm.max()) if finite_norm.size else math.nan
         parts.append(
-            f"No gradient trouble in {data.n_steps} steps: the gradient norm stayed between "
-            f"{lo:.3g} and {hi:.3g}."
+            f"No gradient trouble in {_plural(data.n_steps, 'step')}: the gradient norm "
+            f"stayed between {lo:.3g} and {hi:.3g}."
         )
         if (start := out_of_scale_start(finite_norm)) is not None:
             parts.append(start)
