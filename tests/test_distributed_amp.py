@@ -2,7 +2,8 @@
 one rank's batch has a NaN (its loss is NaN, the other's finite: the scaler's own
 found_inf stands, the guard does not withhold the back-off on one rank only) and when the
 guard skips spiking steps (no back-off on any rank); weights identical throughout
-(gradguard/executors/_amp.py, merge_into_scaler)."""
+(gradguard/executors/_amp.py, merge_into_scaler); and the NaN step is a NaN on every rank's
+record, no routine overflow (gradguard/monitor.py, AmpLedger.overflows)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def amp_run(rank: int, world: int) -> dict[str, Any]:
         opt.zero_grad()
         scales.append(scaler.get_scale())
     guard.close()
+    at_nan = sorted((e.kind, e.severity) for e in guard.events if e.step == NAN_STEP)
     return {"scales": scales, "skips": sorted({e.step for e in guard.events if e.kind == "skip"}),
+            "at_nan": at_nan,
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
@@ -59,6 +62,10 @@ def test_the_loss_scale_and_the_weights_stay_equal_on_every_rank(tmp_path):
     assert r0["scales"][-1] == 2.0**9
     for name, p in r0["params"].items():
         assert torch.isfinite(p).all() and torch.equal(p, r1["params"][name]), name
+    # rank 0, which writes the files, calls rank 1's NaN batch what it is, not a routine
+    # loss-scale overflow (its own loss was finite: found as a stranger, an info)
+    assert r0["at_nan"] == r1["at_nan"] and ("nonfinite_grad", "error") in r0["at_nan"]
+    assert ("skip", "info") not in r0["at_nan"]
 
 
 if __name__ == "__main__":

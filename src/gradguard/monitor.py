@@ -48,7 +48,16 @@ class AmpLedger:
         if not rows:
             return {}
         vals = torch.stack([r for _, r in rows]).tolist()
-        return {s: v[1] for (s, _), v in zip(rows, vals) if v[0]}
+        out = {s: v[1] for (s, _), v in zip(rows, vals) if v[0]}
+        # a step whose loss is non-finite in the window is no routine overflow: under
+        # torch.distributed the window's loss is the ranks' mean, and a rank whose own loss
+        # was finite took another rank's NaN batch (all-reduced into its gradients) for
+        # one (rank 0 wrote it as "routine in mixed precision", an info)
+        given = window.loss_given.tolist() if window.loss_given is not None else None
+        for i, (s, loss) in enumerate(zip(window.steps, window.loss.tolist())):
+            if s in out and not math.isfinite(loss) and (given is None or given[i]):
+                del out[s]
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": {s: r.detach().cpu().clone() for s, r in self.rows.items()}}
