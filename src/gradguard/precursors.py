@@ -268,15 +268,8 @@ def _progress(lt: Trend | None, state: PrecursorState, step: int, keep: int,
     return z <= -PROGRESS_Z and -change >= LEVEL_DROP * statistics.median(d for *_, d in pts)
 
 
-def _is_rising(key: str, t: Trend, cfg: PrecursorConfig, progress: bool,
-               falling: bool = False) -> bool:
+def _is_rising(key: str, t: Trend, cfg: PrecursorConfig, progress: bool) -> bool:
     family = key.split(":")[0]
-    if family == "loss_spread" and falling:
-        # the loss itself falls at every point: a loss leaving its plateau (a slow
-        # warm-up's) spreads as the batches stop being alike, no critical transition
-        # (a rising variance with a level that holds or rises); a healthy SGD warm-up
-        # over 400 steps warned on it at step 399 on 5 of 5 seeds, the loss 2.30 -> 1.94
-        return False
     if t.z < cfg.z or t.growth < GROWTH[family]:
         return False
     if family == "half_overflow":  # an absolute ceiling: overflow within one span
@@ -327,10 +320,11 @@ def detect_precursors(
         state.lr.append((step, float(lr)))
     trends = {k: t for k, q in state.points.items()
               if len(q) >= keep and q[-1][0] == step and (t := trend(list(q))) is not None}
-    lt = trends.get("loss")
-    progress = _progress(lt, state, step, keep, config)
-    falling = lt is not None and lt.z <= -PROGRESS_Z
-    rising = {k: t for k, t in trends.items() if _is_rising(k, t, config, progress, falling)}
+    progress = _progress(lt := trends.get("loss"), state, step, keep, config)
+    # a falling loss silences its spread (a plateau left, not a transition: early-warning.md)
+    quiet = {"loss_spread"} if lt is not None and lt.z <= -PROGRESS_Z else set()
+    rising = {k: t for k, t in trends.items()
+              if k not in quiet and _is_rising(k, t, config, progress)}
     for k in list(state.cooldown):
         if k not in rising:
             state.cooldown[k] -= 1

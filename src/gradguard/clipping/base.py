@@ -108,9 +108,8 @@ class Policy:
     #: As in ``clip_grad_norm_``: None uses the foreach kernels where the device has them.
     foreach: bool | None = None
     _owner: weakref.ref[Any] | None = None
-    #: the parameters of the guard bound last (weak), and of the one that was closed
+    #: the parameters (weak) of the guard bound last, kept once it is closed
     _params: list[weakref.ref[Tensor]] | None = None
-    _released: list[weakref.ref[Tensor]] | None = None
 
     def reset(self) -> None:
         """Forget what was learnt of the gradient norm. The guard calls it when the
@@ -178,8 +177,7 @@ class Policy:
                 f"clip={self!r} is already used by another Guard: its statistics belong to "
                 "that run; give each guard its own policy (e.g. copy.deepcopy(policy))"
             )
-        params = _owner_params(owner)
-        done = self._released
+        params, done = _owner_params(owner), self._params if current is None else None
         if done is not None and params is not None and not (
                 len(done) == len(params) and all(r() is p for r, p in zip(done, params))):
             import warnings
@@ -192,19 +190,17 @@ class Policy:
                 GradGuardWarning, stacklevel=4)
             self.reset()
         self._owner = weakref.ref(owner)
-        self._released = None
         self._params = None if params is None else [weakref.ref(p) for p in params]
 
     def release(self, owner: object) -> None:
         """``owner`` is done with this policy (its guard was closed)."""
         if self._owner is not None and self._owner() is owner:
             self._owner = None
-            self._released = self._params
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy (deepcopy, pickle) is a new, unbound policy with the same statistics
         state = dict(vars(self))
-        for key in ("_owner", "_released", "_params"):
+        for key in ("_owner", "_params"):
             state.pop(key, None)
         return state
 

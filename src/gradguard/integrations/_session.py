@@ -343,8 +343,8 @@ class ZeroCodeSession:
     def close(self, *, failed: bool = False) -> None:
         """Uninstall the hooks, close every guard, and finish each run directory: its
         ``guard.json``, ``guard_state.pt``, ``report.html`` and judged outcome
-        (:attr:`rows`). ``failed``: the script raised; its guards close without a
-        collective (under torchrun the other ranks may never reach one). Idempotent."""
+        (:attr:`rows`). ``failed``: the script raised (no collective: a DDP rank that
+        raised hung in one while the others waited in backward). Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -356,10 +356,8 @@ class ZeroCodeSession:
             self.rows += self._finish_unit(u)
 
     def _close_guards(self, failed: bool = False) -> None:
-        """Close every guard still open (a trainer that raised mid-fit included). After
-        the script destroyed its process group, or raised (a DDP rank that raised hung in
-        the last flush's collective while the others waited in backward), a guard flushes
-        without a collective."""
+        """Close every guard still open (a trainer that raised mid-fit included); without
+        a collective once the script destroyed its process group or raised."""
         dist = torch.distributed
         gone = failed or (dist.is_available() and not dist.is_initialized())
         for u in self.units:
