@@ -199,3 +199,43 @@ def test_rmsprop_at_torchs_default_lr_is_weighed_for_its_larger_first_updates():
 
     assert not any("weights grew" in m for m in first_steps(1e-2))
     assert first_steps(1e-1)
+
+
+def test_an_lr_burst_in_the_first_steps_is_no_growth_of_the_lr_in_force():
+    """Found as a stranger: a fused AdamW behind a linear warm-up from LR 0 (transformers'),
+    its LR x300 for steps 5-7. The growth the burst caused was judged at step 20 as the LR
+    in force: a rollback to the fresh weights with the LR capped for good, held-out 1.80
+    against 0.83 unguarded. A burst at steps 1-3 (from LR 0) was not even reported, and
+    ended at 1.07 against 0.17. The burst is reported, and the growth rule leaves it."""
+    from gradguard.detectors import LrTracker
+
+    tr = LrTracker()
+    tr.observe(0, [{"lr": 0.0, "initial_lr": 3e-3}])
+    tr.observe(1, [{"lr": 1.5e-4, "initial_lr": 3e-3}])  # a warm-up's first step
+    tr.observe(2, [{"lr": 0.0, "initial_lr": 3e-3}])
+    tr.observe(3, [{"lr": 0.045, "initial_lr": 3e-3}])  # 15x the planned peak, from 0
+    assert [(e.step, e.value) for e in tr.pop_events()] == [(3, pytest.approx(15.0))]
+    transformers = pytest.importorskip("transformers")
+    xt, yt, _, _ = split_digits()
+
+    def rollbacks(at: int) -> list[str]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 10))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+        sched = transformers.get_linear_schedule_with_warmup(opt, 20, 300)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+        batch = minibatches(xt, yt, 32, seed=0)
+        for step in range(25):
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            for g in opt.param_groups:
+                g["lr"] *= 300 if at <= step < at + 3 else 1
+            guard.step(loss)
+            opt.zero_grad()
+            sched.step()
+        guard.close()
+        assert any(e.kind == "lr_too_high" for e in guard.events)
+        return [e.message for e in guard.events if e.kind == "rollback"]
+
+    assert not any("weights grew" in m for m in rollbacks(5) + rollbacks(1))

@@ -56,18 +56,21 @@ class LrTracker:
             for i, (a, b) in enumerate(zip(self._last, now)):
                 if a is None or b is None:
                     continue
-                above = b > max(self._peak[i], planned[i]) * (1 + 1e-9)
-                if above and a > 0 and b >= self.ratio * a:
+                top = max(self._peak[i], planned[i])
+                above = b > top * (1 + 1e-9)
+                # from LR 0 (a warm-up's first step) a jump is one past ratio x the peak
+                if above and (b >= self.ratio * a if a > 0 else top > 0 and b >= self.ratio * top):
+                    x = b / (a if a > 0 else top)  # from 0: the multiple of the peak
                     self._events.append(Event(
-                        kind="lr_too_high", step=step, severity="warning", value=b / a,
+                        kind="lr_too_high", step=step, severity="warning", value=x,
                         threshold=self.ratio,
                         message=(f"step {step}: learning rate of param group {i} jumped "
-                                 f"{b / a:.3g}x ({a:.3g} -> {b:.3g})"),
+                                 f"{x:.3g}x ({a:.3g} -> {b:.3g})"),
                         remedy=("Check the LR schedule / manual LR changes; raise the LR "
                                 "gradually (warm-up)."),
                         data={"group": i, "lr": b, "previous_lr": a},
                     ))
-                    self._slip[i] = (max(self._peak[i], planned[i]), step)
+                    self._slip[i] = (top, step)
                     self._last_jump = step
         self._last = now
         for i, (b, p) in enumerate(zip(now, planned)):
