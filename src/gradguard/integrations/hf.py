@@ -5,8 +5,11 @@ micro-batch's backward the Trainer clips with ``max_grad_norm`` (``accelerator.
 clip_grad_norm_``), then calls ``on_pre_optimizer_step`` (this callback: measure, clip,
 skip), then ``optimizer.step()``, ``lr_scheduler.step()`` and ``model.zero_grad()``. So:
 
-* when gradguard clips, the Trainer must not: ``max_grad_norm`` (default 1.0!) is set to
-  0 for the run, with a warning that says so;
+* the Trainer's own clip would hide every spike from gradguard: ``max_grad_norm``
+  (default 1.0!) is set to 0 for the run and gradguard applies the same clip
+  (``NormClip(max_grad_norm)``) after it measures, composed with a ``clip`` of its own
+  (``gg.chain``: the smallest coefficient wins); the arguments get their
+  ``max_grad_norm`` back when training ends;
 * under fp16 with a ``GradScaler``, the gradients reach this hook still scaled when the
   Trainer did not clip; the callback unscales them first (``scaler.unscale_``, as
   ``accelerator.clip_grad_norm_`` would), and the scaler's own overflow skip still works;
@@ -46,7 +49,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 import torch
 from torch import nn
 
-from ..clipping import NormClip
+from ..clipping import NormClip, chain
 from ..config import GuardConfig
 from ..errors import GradGuardWarning, caller_stacklevel
 from ..events import Sink
@@ -73,9 +76,10 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         config: a :class:`gradguard.GuardConfig`, or its options as keywords (``clip=``,
             ``on_nonfinite=``, ``recovery=`` (default without a ``config``: a fresh
             ``gg.Recovery()``; None turns it off), ``every=`` in optimizer steps, ``sinks=``
-            added to the built-in JSONL run directory, ...). With a ``clip``, the
-            Trainer's ``max_grad_norm`` is set to 0 for the run (with a warning if it was
-            not already), since the Trainer clips before this callback runs.
+            added to the built-in JSONL run directory, ...). The Trainer's
+            ``max_grad_norm`` is applied by gradguard after it measures (composed with a
+            ``clip``: the smallest coefficient wins), and is 0 in the arguments while
+            training runs (the Trainer clips before this callback).
         run_dir: where ``events.jsonl``, ``metrics.jsonl`` and ``report.html`` go; default
             ``<args.output_dir>/gradguard``.
         report: write ``report.html`` when training ends.
@@ -105,6 +109,7 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         self._is_zero = True
         self._resume_state: dict[str, Any] | None = None
         self._takeover: float | None = None  # the Trainer's max_grad_norm, applied by gradguard
+        self._user_mgn: float | None = None  # ... put back in the arguments at the end
         self._earlier = 0  # earlier train() calls with a guard (see _fresh_guard)
         self._sub: str | None = None  # the run directory's part for a later fresh train()
 
@@ -113,31 +118,15 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         # a policy that replays the Trainer's own clip after measuring (gradguard run) needs
         # max_grad_norm as it is
         replays = getattr(self.clip, "replays_trainer_clip", False)
-        if self.clip is not None and not replays and args.max_grad_norm and args.max_grad_norm > 0:
-            warnings.warn(
-                f"GradGuardCallback(clip={self.clip!r}) clips, and TrainingArguments("
-                f"max_grad_norm={args.max_grad_norm}) would clip too, before gradguard sees the "
-                "gradients. gradguard set max_grad_norm=0 for this run; pass "
-                "max_grad_norm=0 yourself to silence this warning, or GradGuardCallback("
-                "clip=None) to keep the Trainer's clipping and only measure and skip.",
-                GradGuardWarning,
-                stacklevel=caller_stacklevel(),
-            )
-            args.max_grad_norm = 0.0
-        elif self.clip is None and args.max_grad_norm and args.max_grad_norm > 0:
+        self._takeover = self._user_mgn = None
+        if not replays and args.max_grad_norm and args.max_grad_norm > 0:
             # The Trainer clips before on_pre_optimizer_step: gradguard would only ever see
             # clipped norms (spikes invisible). It takes the clip over instead: the same
             # NormClip(max_grad_norm) (torch's clip_grad_norm_, bit for bit), applied after
-            # measuring the true norm.
-            self._takeover = float(args.max_grad_norm)
-            warnings.warn(
-                f"GradGuardCallback: the Trainer's max_grad_norm={args.max_grad_norm} is "
-                f"applied by gradguard (gg.NormClip({args.max_grad_norm}), the same clip) after "
-                "it measures the unclipped gradients; TrainingArguments.max_grad_norm is 0 for "
-                "this run.",
-                GradGuardWarning,
-                stacklevel=caller_stacklevel(),
-            )
+            # measuring the true norm, composed with a clip of gradguard's own (the smallest
+            # coefficient wins, as gradguard run --clip does: a healthy run is the Trainer's
+            # bit for bit); max_grad_norm is back in the arguments when training ends
+            self._takeover = self._user_mgn = float(args.max_grad_norm)
             args.max_grad_norm = 0.0
         self._is_zero = bool(getattr(state, "is_world_process_zero", True))
         self._fresh_guard(int(getattr(state, "global_step", 0)))
@@ -204,8 +193,9 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
             sinks.append(JsonlSink(run_dir))
             self.resolved_run_dir = run_dir
         clip = copy.deepcopy(self.clip)
-        if clip is None and self._takeover is not None:
-            clip = NormClip(self._takeover)
+        if self._takeover is not None:
+            clip = (NormClip(self._takeover) if clip is None
+                    else chain(clip, NormClip(self._takeover)))
         cfg = self.config.replace(sinks=sinks, clip=clip)
         return hooked_guard(model, optimizer, cfg, scaler=scaler)
 
@@ -241,6 +231,8 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
 
     # ---- the end -------------------------------------------------------------------
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._user_mgn is not None:  # the arguments as the user made them
+            args.max_grad_norm, self._user_mgn = self._user_mgn, None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
