@@ -107,3 +107,39 @@ def test_a_layernorm_after_a_bias_free_layer_on_zero_rows_is_found_in_plain_torc
     # no blank rows: the LayerNorm's backward gain is its forward one, nothing to say
     diag = gg.doctor(model, (torch.rand(64, 16), y), nn.CrossEntropyLoss())
     assert not [f for f in diag.findings if f.where == "1"], diag.findings
+
+
+class _Squash(nn.Module):
+    """A mean-dominated signal: each channel at 0.5 with a spread of 0.005 (sigmoid outputs
+    mixed by a 1x1 conv, as in a timm ResNet whose activations were swapped for sigmoids);
+    ``constant``: half the channels at their own scale, half flat (groups a BatchNorm
+    divides by sqrt(eps))."""
+
+    def __init__(self, constant: bool) -> None:
+        super().__init__()
+        self.constant = constant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.constant:
+            return torch.cat([x[:, :4], torch.full_like(x[:, 4:], 0.5)], dim=1)
+        return 0.5 + 0.005 * x
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_a_mean_dominated_input_is_no_constant_group(constant):
+    """Found as a stranger: a timm ResNet-18 with sigmoid activations, fed N(0, 1) noise, got
+    `unscaled_input` ("groups of its input are constant ... standardise the inputs") at its
+    downsample BatchNorms: no channel was constant; their input sat at 0.45 +- 0.005, and
+    the forward gain was read from the rms, mean and all. It is read from the groups'
+    spread, the scale the layer divides by; truly constant groups are still found."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Squash(constant), nn.Conv2d(8, 8, 1),
+                          nn.BatchNorm2d(8), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    with torch.no_grad():  # the 1x1 conv passes each channel on as it is
+        model[2].weight.copy_(torch.eye(8).view(8, 8, 1, 1))
+        model[2].bias.zero_()
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    found = [f for f in gg.doctor(model, (x, y), nn.CrossEntropyLoss()).findings
+             if f.cause == "unscaled_input"]
+    assert bool(found) is constant, found

@@ -363,3 +363,33 @@ def test_regression_targets_far_from_unit_scale_are_found_and_standardising_them
 
     assert math.isnan(train(y, 0)) and math.isnan(train(y, 1))
     assert train((y - mu) / sd, 0) < 3000 and train((y - mu) / sd, 1) < 3000
+
+
+@pytest.mark.parametrize("act", [nn.GELU, nn.SiLU, nn.ReLU])
+def test_a_network_whose_weights_are_all_zero_is_no_healthy_one(act):
+    """Found as a stranger: timm's ViT, ConvNeXt, EfficientNet and Swin with every weight
+    zero were "healthy: no finding" (their loss at ln 10 for good: no matrix ever gets a
+    gradient); only ReLU nets were caught, as dead units. A zero-initialised head alone
+    (its weight gets a gradient, the trunk gets its after the first step) is healthy."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+
+    def net():
+        return nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), act(), nn.Linear(32, 32),
+                             act(), nn.Linear(32, 4))
+
+    zeroed = net()
+    with torch.no_grad():
+        for p in zeroed.parameters():
+            p.zero_()
+    diag = gg.doctor(zeroed, (x, y), nn.CrossEntropyLoss())
+    found = [f for f in diag.findings if f.cause == "init_too_small" and f.severity == "error"]
+    assert found and found[0].evidence["matrices_all_zero"] == 3, diag.findings
+    assert not diag.healthy
+    head = net()
+    with torch.no_grad():
+        head[-1].weight.zero_()
+        head[-1].bias.zero_()
+    assert not [f for f in gg.doctor(head, (x, y), nn.CrossEntropyLoss()).findings
+                if f.cause == "init_too_small"]
+    assert gg.doctor(net(), (x, y), nn.CrossEntropyLoss()).healthy

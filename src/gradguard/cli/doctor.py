@@ -92,6 +92,8 @@ def _print_rich(diag: Any) -> bool:
     title = f"gradguard doctor: {diag.model} ({diag.n_params:,} parameters)"
     if not diag.findings:
         console.print(f"[bold]{title}[/bold]\n[green]healthy: no finding.[/green]")
+        if diag.cut:
+            console.print(diag.cut_note().strip(), markup=False)
         return True
     table = Table(title=title, show_lines=True)
     for col in ("#", "severity", "cause", "where", "evidence", "remedy"):
@@ -102,6 +104,8 @@ def _print_rich(diag: Any) -> bool:
     console.print(table)
     verdict = "[green]healthy (info only)[/green]" if diag.healthy else f"[bold red]top cause: {diag.top.cause}[/bold red]"
     console.print(verdict)
+    if diag.cut:
+        console.print(diag.cut_note().strip(), markup=False)
     return True
 
 

@@ -42,6 +42,9 @@ class Call:
     in_finite: bool = True
     in_absmax: float = 0.0
     in_rms: float = math.nan  # first floating input
+    #: a normalisation layer's input scale as it divides by it: the rms over its groups of
+    #: each group's standard deviation (NaN: not a centring norm, or unknown)
+    in_scale: float = math.nan
     in_features: int = 0  # size of the first floating input's last dim (fan-in of a matmul)
     delta_rms: float | None = None  # rms(out - in) of a shape-preserving block, None if unknown
     grad_norm: float | None = None  # L2 norm of dL/d(output) over the whole tensor
@@ -77,6 +80,24 @@ def is_weight_layer(m: nn.Module) -> bool:
     """A module that mixes units with a matrix/kernel of its own (Linear, Conv, Embedding)."""
     w = m._parameters.get("weight")
     return isinstance(w, Tensor) and w.ndim >= 2 and not isinstance(m, nn.RNNBase)
+
+
+def _group_scale(m: nn.Module, x: Tensor) -> float:
+    """The rms over a centring normalisation layer's groups of each group's standard
+    deviation (a BatchNorm's channels, a LayerNorm's positions, a GroupNorm's groups): the
+    scale it divides its input by. A mean-dominated input (sigmoid outputs at 0.45 +- 0.005)
+    has an rms far above it. NaN for other modules (an RMSNorm divides by the rms itself)."""
+    with torch.no_grad():
+        v = x.detach().float()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and v.ndim >= 2:
+            var = v.transpose(0, 1).reshape(v.shape[1], -1).var(dim=1, unbiased=False)
+        elif isinstance(m, nn.LayerNorm) and v.ndim >= len(m.normalized_shape):
+            var = v.reshape(-1, math.prod(m.normalized_shape)).var(dim=1, unbiased=False)
+        elif isinstance(m, nn.GroupNorm) and v.ndim >= 2:
+            var = v.reshape(v.shape[0], m.num_groups, -1).var(dim=2, unbiased=False)
+        else:
+            return math.nan
+        return float(var.mean().sqrt()) if var.numel() else math.nan
 
 
 def _stats(t: Tensor) -> tuple[float, float, bool]:
@@ -217,6 +238,7 @@ def _hooks(
             call.in_absmax = max((v for v in peaks if math.isfinite(v)), default=0.0)
             if floats:
                 call.in_rms = first_stats[1]
+                call.in_scale = _group_scale(mod, floats[0])
                 call.in_features = int(floats[0].shape[-1]) if floats[0].ndim else 1
             call.in_nodes = {t.grad_fn for t in ins if t.grad_fn is not None}
             first = floats[0] if floats else None

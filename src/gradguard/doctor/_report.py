@@ -229,9 +229,18 @@ class Diagnosis:
     def __str__(self) -> str:
         head = f"gradguard doctor: {self.model} ({self.n_params:,} parameters)"
         if not self.findings:
-            return f"{head}\n  healthy: no finding."
+            return f"{head}\n  healthy: no finding.{self.cut_note()}"
         verdict = "healthy (info only)" if self.healthy else f"top cause: {self.findings[0].cause}"
         lines = [f"{head}: {verdict}"]
         for i, f in enumerate(self.findings, 1):
             lines.append(f"{i}. " + str(f).replace("\n", "\n  "))
-        return "\n".join(lines)
+        return "\n".join(lines) + self.cut_note()
+
+    def cut_note(self) -> str:
+        """A line naming the probes the time budget cut short (empty when none was): a
+        "healthy" from a cut LR probe is a weaker verdict, and the text must say so."""
+        if not self.cut:
+            return ""
+        budget = "" if self.budget_s is None else f" ({self.budget_s:.3g} s)"
+        return (f"\n  cut short by the time budget{budget}: {'; '.join(self.cut)} "
+                "(gg.doctor(..., budget_s=...) gives them longer)")

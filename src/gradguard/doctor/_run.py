@@ -24,7 +24,7 @@ from .gradcheck import probe_custom_functions, slice_batch
 from .inputs import probe_input_scale, probe_nonfinite_input, probe_target_scale
 from .lr import LR_PROBE_STEPS, probe_lr
 from .norms import probe_norm_gain
-from .numerics import probe_disconnected, probe_half_headroom, probe_nonfinite
+from .numerics import probe_disconnected, probe_half_headroom, probe_nonfinite, probe_zero_flow
 from .recurrent import probe_recurrent
 from .sharpness import SHARPNESS_BATCH
 from .signal import probe_signal
@@ -246,6 +246,8 @@ def doctor(
                 findings += with_attention(depth, attention_evidence(cap.attention))
                 findings += probe_recurrent(cap)
             findings += probe_disconnected(cap, model)
+            if not numeric:
+                findings += probe_zero_flow(cap, model)
             named = dict(model.named_parameters())
             start = (
                 FirstStep(cap.loss, {id(named[n]): g for n, g in cap.param_grads.items() if g is not None})

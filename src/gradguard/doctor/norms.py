@@ -56,7 +56,11 @@ def probe_norm_gain(cap: Capture) -> list[Finding]:
         if src is None or src is c or src.grad_norm is None or not math.isfinite(src.grad_norm):
             continue
         back = src.grad_norm / c.grad_norm
-        fwd = max(c.out_rms / c.in_rms, 1.0)
+        # its input's scale as it divides by it: a mean-dominated input (a sigmoid's outputs
+        # into a BatchNorm) has an rms far above it, and its gain is no excess (found as a
+        # stranger: a timm ResNet with sigmoids was told "groups of its input are constant")
+        scale = c.in_scale if math.isfinite(c.in_scale) and c.in_scale > 0 else c.in_rms
+        fwd = max(c.out_rms / scale, 1.0)
         excess = back / fwd
         if back < GAIN or excess < EXCESS:
             continue

@@ -215,3 +215,35 @@ def _nonfinite_weights(model: nn.Module, path: str) -> tuple[int, int] | None:
         return None
     bad = int(sum(int((~torch.isfinite(p)).sum()) for p in own))  # doctor: host values are fine
     return (bad, sum(p.numel() for p in own)) if bad else None
+
+
+def probe_zero_flow(cap: Capture, model: nn.Module) -> list[Finding]:
+    """No weight matrix gets any gradient: every trainable matrix's gradient is exactly
+    zero (biases and gains may get theirs). No optimizer moves them, ever: all-zero weights
+    (a network zeroed by mistake, an init that never ran) pass no signal forward and no
+    gradient back. ReLU nets show it as dead units; with GELU, SiLU or Hardswish (a
+    derivative that is not zero at 0) nothing else does: found as a stranger, timm's ViT,
+    ConvNeXt, EfficientNet and Swin zeroed were "healthy: no finding", their loss at ln 10
+    for good. A zero-initialised head is not this: its own weight gets a gradient (the
+    features reach it), and the layers below get theirs after its first step."""
+    named = dict(model.named_parameters())
+    mats = [(n, g) for n, g in cap.param_grads.items()
+            if g is not None and n in named and named[n].ndim >= 2]
+    if not mats:
+        return []
+    # one host copy: the largest |gradient| of each matrix
+    top = torch.stack([g.detach().abs().amax().float() for _, g in mats]).tolist()
+    if any(v != 0.0 for v in top):
+        return []
+    zero = [n for n, p in named.items() if p.requires_grad and p.ndim >= 2
+            and bool(p.detach().abs().amax() == 0)]
+    if not zero:  # weights that pass nothing on (dead units, saturation): their probes say so
+        return []
+    where = zero[0].rpartition(".")[0] or zero[0]
+    return [Finding(
+        "init_too_small", "error", where,
+        {"matrices": len(mats), "matrices_all_zero": len(zero), "zero_weights": zero[:20]},
+        f"none of the {len(mats)} trainable weight matrices gets a gradient (every one exactly "
+        f"0), and {len(zero)} are all zero, from `{where}` on: they pass no signal forward and "
+        "no gradient back, and no optimizer ever moves them; initialise them (the model's "
+        "own init, nn.init.kaiming_normal_, xavier_uniform_) rather than zeros.", 0.95)]
