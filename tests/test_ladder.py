@@ -455,8 +455,10 @@ ROWS = [
                          ids=[r[0] for r in ROWS])
 def test_transition_row(name, state, trigger, expected, actions):
     new, todo = transition(CFG, state, trigger)
-    # the lowest factor that failed is kept by one rule for every row (test_failed_factor_*)
-    assert dataclasses.replace(new, failed=None) == expected
+    # the lowest factor that failed is kept by one rule for every row (test_failed_factor_*),
+    # and so is the count of ceilings lowered in a row (test_a_lowered_ceiling_that_fails_*)
+    # and the regular snapshot pace (test_a_snapshot_for_a_falling_loss_keeps_the_pace)
+    assert dataclasses.replace(new, failed=None, lowerings=0, last_regular=None) == expected
     assert todo == actions
 
 
@@ -477,6 +479,43 @@ def test_failed_factor_is_the_factor_in_force_when_the_ceiling_was_lowered():
     lifted, _ = transition(CFG, dataclasses.replace(new, ceiling=0.5, factor=0.5, settled=0.5),
                            Trigger("raise", 300, "retried", value=1.0))
     assert (lifted.ceiling, lifted.failed) == (1.0, None)
+
+
+def test_a_lowered_ceiling_that_fails_again_drops_further_each_time():
+    """An exponential search from above: a ceiling lowered in a row (none settled between)
+    halves at its first two failures, then drops by relapse_backoff once more each time
+    (x0.25, then x0.125); once a ceiling settled, the next failure halves it again."""
+    st, ceilings = S0, []
+    for k in range(5):
+        step = 10 + 20 * k
+        st, _ = transition(CFG, dataclasses.replace(st, factor=st.ceiling, untested=None),
+                           Trigger("spike", step, "rose", 2.0, rollback=True))
+        st = dataclasses.replace(st, rollbacks=0)  # a healthy snapshot between them
+        ceilings.append(st.ceiling)
+    assert ceilings == pytest.approx([0.5, 0.25, 0.25 / 4, 0.25 / 32, 0.25 / 256])
+    assert st.lowerings == 5
+    settled = dataclasses.replace(st, settled=st.ceiling)
+    again, _ = transition(CFG, dataclasses.replace(settled, factor=settled.ceiling, untested=None),
+                          Trigger("spike", 120, "rose", 2.0, rollback=True))
+    assert again.ceiling == pytest.approx(settled.ceiling / 2) and again.lowerings == 1
+
+
+def test_a_snapshot_for_a_falling_loss_keeps_the_pace():
+    """Snapshots come every snapshot_every steps from the last regular one; a healthy flush
+    whose loss fell well below the newest snapshot's level (improved) adds one in between,
+    at most every IMPROVED_EVERY steps, without moving the pace."""
+    from gradguard.recovery.ladder import IMPROVED_EVERY, IMPROVED_REASON
+
+    cfg = dataclasses.replace(CFG, snapshot_every=100)
+    st = dataclasses.replace(S0, last_snapshot=0, last_regular=0)
+    _, todo = transition(cfg, st, Trigger("healthy", IMPROVED_EVERY - 1, improved=True))
+    assert todo == ()  # too soon after the last
+    _, todo = transition(cfg, st, Trigger("healthy", IMPROVED_EVERY, improved=True))
+    assert todo == (Action("snapshot", IMPROVED_EVERY, IMPROVED_REASON),)
+    st, _ = transition(cfg, st, Trigger("snapshot", IMPROVED_EVERY, improved=True))
+    assert (st.last_snapshot, st.last_regular) == (IMPROVED_EVERY, 0)
+    _, todo = transition(cfg, st, Trigger("healthy", cfg.snapshot_every))  # the pace holds
+    assert todo == (Action("snapshot", cfg.snapshot_every),)
 
 
 def test_transition_is_pure():

@@ -109,7 +109,9 @@ def test_a_ceiling_a_bad_shard_lowered_is_tried_again_and_lifted(tmp_path, monke
     monkeypatch.setattr(_probing, "_retry", lambda rec, step: False)  # no retry
     stuck, held_stuck = digits_run(1, 800)
     assert stuck.recovery.lr_factor < 0.05 and not retries(stuck)
-    assert held_stuck > 1.5 * held, (held_stuck, held)
+    # 1.45x since snapshots are taken while the loss keeps falling (2026-12-05): the stuck
+    # run's rollbacks go to weights nearer its level; the retry still pays
+    assert held_stuck > 1.3 * held, (held_stuck, held)
 
 
 @pytest.mark.parametrize(("lr", "how", "fused", "steps"), [

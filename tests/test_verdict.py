@@ -521,9 +521,12 @@ def test_after_a_relapse_a_noisy_loss_well_above_its_best_halves_the_ceiling_aga
         assert not [e for e in guard.events if e.kind in ("lr_backoff", "rollback")]
         assert rec.lr_ceiling == 0.25
         return
-    backoff = next(e for e in guard.events if e.kind == "lr_backoff")
-    assert backoff.step >= 60 and "the loss rose" in backoff.message
-    assert not [e for e in guard.events if e.kind in ("skip", "rollback")]
+    # one rung (a back-off; a rollback since a snapshot is taken while the loss keeps
+    # falling well below the newest one's level: the weights at 0.15 are there to go to)
+    rungs = [e for e in guard.events if e.kind in ("lr_backoff", "rollback")]
+    assert len(rungs) == 1 and rungs[0].step >= 60 and "the loss rose" in rungs[0].message
+    assert rungs[0].kind == "lr_backoff" or rungs[0].data["snapshot_step"] >= 10
+    assert not [e for e in guard.events if e.kind == "skip"]
     assert rec.lr_ceiling == pytest.approx(0.125)  # halved: the factor in force had failed
 
 

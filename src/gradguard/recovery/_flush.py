@@ -20,7 +20,7 @@ from ..naming import layer_of
 from ..units import DYING, RECENT, SAMPLE, SILENT
 from . import _steps, actions
 from ._probing import probe_lr
-from .defaults import JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
+from .defaults import IMPROVED, IMPROVED_SHARE, JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
 from .ladder_types import near
 from .rise import Rise
@@ -64,6 +64,8 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
         for t in sorted(triggers, key=lambda t: t.step):
             rec._feed(guard, t, layers)
         return
+    if rec._shift.armed is None:
+        rec._undo = None  # the restored weights were judged: the rollback stands
     spike = next((e for e in events if e.kind == "loss_spike"), None)
     # a spike still going on since before the ladder's last rung is the trouble that rung
     # answered (its start, not the flush that confirms it again, is what counts), and one
@@ -71,7 +73,14 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     since = int((spike.data or {}).get("since", spike.step)) if spike is not None else 0
     st = rec.state
     answered = (st.backoff_step is not None and since <= st.backoff_step) or (
-        st.spike_data is not None and 0 <= since - st.spike_data <= rec.config.patience)
+        st.spike_data is not None and 0 <= since - st.spike_data <= rec.config.patience) or (
+        # the streak whose back-off the next step undid (the batches were at fault): a spike
+        # of its skipped steps' losses that ended with it is that streak (a second x0.1 at
+        # the next flush cost a BERT whose targets were x1e6 for 5 steps 1.23-1.58x its
+        # loss); one that outlasts it is the weights' (damaged, not bad batches)
+        spike is not None and st.undone is not None
+        and 0 <= st.undone - since <= rec.config.patience
+        and since + int((spike.data or {}).get("run", 1)) <= st.undone)
     # the loss level is evidence (not switched off by the user, nor by a loss that did not
     # answer the weights restored: ``loss_level_off``)
     level = rec.loss_rise and not st.level_off
@@ -102,6 +111,13 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
         if rec.restores != restores and any(trig is t for t in judged):
             # a trigger before it (a confirmed spike) restored other weights: the level
             # of this window is the replaced weights', no evidence about those restored
+            continue
+        if acted and trig.kind == "spike" and not trig.rollback and any(
+                trig is t for t in judged):
+            # a rung before it (a confirmed spike's back-off) answered this window's
+            # trouble: a rise that keeps the weights is the same incident, not a relapse
+            # (two cuts of the ceiling for one spike left a 1-D conv net at chance, x0.02
+            # of its LR); one whose weights fell behind the snapshot's still rolls back
             continue
         acted = rec._feed(guard, trig, layers) or acted
     skipped = any(s and step not in overflows for step, s in zip(window.steps, skips))
@@ -257,4 +273,19 @@ def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -
     snap = rec.ring.level(rec._rise.initial)
     if snap is None or len(recent) < PROGRESS_STEPS or (
             near(statistics.median(recent), snap, rec.config.stall_factor)):
-        rec._feed(guard, Trigger("healthy", window.steps[-1]), list)
+        # well below the newest snapshot's level, and further than the loss's own scatter
+        # strays by chance (:mod:`.scatter`): a snapshot taken because a noisy loss had a
+        # lucky stretch would be labelled with a level the run never holds (a regression
+        # on inputs x100 was asked back at such a level and rolled back to x7e-5 its LR)
+        # and by a quarter or more of what the run learnt from its fresh level (a classifier
+        # whose loss halves from 2e-8 to 1e-8 learnt nothing: its snapshots every 20 steps
+        # pushed the older ones out of the ring, and weights an x50 corruption had made
+        # overconfident were restored, 33x the held-out loss)
+        initial, newest = rec._rise.initial, rec.ring.newest_level(rec._rise.initial)
+        now = statistics.median(recent) if len(recent) >= PROGRESS_STEPS else None
+        chance = rec._rise.chance()
+        improved = (newest is not None and now is not None and chance is not None
+                    and initial is not None and 0 < now
+                    and now * max(1 / IMPROVED, chance) <= newest
+                    and newest - now >= IMPROVED_SHARE * (initial - now))
+        rec._feed(guard, Trigger("healthy", window.steps[-1], improved=improved), list)

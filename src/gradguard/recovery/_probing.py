@@ -63,7 +63,7 @@ def probe_lr(rec: Recovery, guard: Guard, step: int, losses: Sequence[float],
     if not judge:
         return False
     idle = st.watching is None and st.factor >= st.ceiling and not st.probation
-    noisy = rec._rise.noisy() if idle else None
+    noisy = rec._rise.noisy(cue=True) if idle else None
     cue = probe.cue(step, noisy is not None)
     if cue == "probe" or (cue is None and noisy is None and idle and _retry(rec, step)):
         state = actions.snapshot_state(guard, step)

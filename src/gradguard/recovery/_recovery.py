@@ -74,7 +74,8 @@ class Recovery:
             :class:`~gradguard.TrainingDiverged` (n, >= 0); when the loss level alone
             decided the last, the loss tests are turned off instead (``loss_level_off``).
         relapse_backoff: on a relapse the ceiling the LR is restored to becomes this times
-            the factor in force, for good; in (0, 1], 1 restores the full LR every time.
+            the factor in force, for good (its square, its cube when a lowered ceiling
+            fails a third, fourth time before it settled); in (0, 1], 1 restores the full LR every time.
         relapse_window: steps after a trigger during which new trouble counts as a relapse
             (>= 0; default: ``RELAPSE_WINDOW_FACTOR * restore_steps``).
         skip_batches: ``guard.batches_to_skip`` after a rollback (None: the number of steps
@@ -195,6 +196,7 @@ class Recovery:
         self._dead = DeadLayers()
         self._probe = LrProbe()
         self._shift = ShiftTest()  # each rollback's test of the batches (:mod:`.shift`)
+        self._undo: dict[str, Any] | None = None  # the state a rollback replaced (.shift)
         self._clips = ClipTally()  # how often the clip acted at the LR in force
         self._progress: float | None = None  # the loss level of the latest flush
         #: the latest sampled share of a layer's units that died (:mod:`gradguard.units`)
@@ -298,9 +300,10 @@ class Recovery:
     @property
     def snapshot_bytes(self) -> int:
         """Host memory the in-memory snapshots hold now, with the LR probe's copy of the
-        training state while a probe runs (``snapshot_memory`` bounds them together)."""
-        fork = self._probe.fork
-        return self.store.nbytes() + (0 if fork is None else state_bytes(fork))
+        training state while a probe runs and a rollback's until the shift test judged it
+        (``snapshot_memory`` bounds them together)."""
+        held = [c for c in (self._probe.fork, self._undo) if c is not None]
+        return self.store.nbytes() + sum(state_bytes(c) for c in held)
 
     def relayout(self, guard: Guard) -> None:
         """The optimizer's parameter groups changed: the snapshots hold the old groups and
@@ -308,9 +311,11 @@ class Recovery:
         spike verdict forgets the old set's norm (as the clip policy does), and an LR probe
         under way is void (its copy of the training state is of the old groups)."""
         self.ring.clear()
+        self._undo = None
         self.renorm()
         self._probe.cancel(guard.step_count)
-        self.state = dataclasses.replace(self.state, last_snapshot=None, rollbacks=0)
+        self.state = dataclasses.replace(self.state, last_snapshot=None, last_regular=None,
+                                         rollbacks=0)
 
     def renorm(self) -> None:
         """Parameters got their first gradient (:func:`gradguard._lifecycle.renorm`): the
@@ -373,7 +378,7 @@ class Recovery:
         keeps its weights; trouble about its steps heard after that is void."""
         return _probing.feed(self, guard, trig, layers)
 
-    def snapshot(self, guard: Guard, step: int | None = None) -> bool:
+    def snapshot(self, guard: Guard, step: int | None = None, *, improved: bool = False) -> bool:
         """Take a snapshot now (model, optimizer, clip policy) into host memory, and hand a
         copy to the disk writer. Returns False, keeping nothing, when any value is NaN/Inf."""
         step = guard.step_count - 1 if step is None else step
@@ -381,7 +386,8 @@ class Recovery:
             return False
         self.ring.kept(step, self.restores)
         self.ring.remember(step, self._progress, self._dying)
-        self.state, _ = transition(self.config, self.state, Trigger("snapshot", step))
+        self.state, _ = transition(self.config, self.state,
+                                   Trigger("snapshot", step, improved=improved))
         return True
 
     # ---- checkpointing -----------------------------------------------------------------

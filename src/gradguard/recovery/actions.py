@@ -18,9 +18,9 @@ from torch import Tensor
 from ..events import Event
 from ..naming import OPTIMIZER_PREFIX, layer_of
 from . import finite, messages, remap, wreck
-from .ladder import Action, Trigger, transition
-from .shift import rebase
-from .snapshots import copy_state
+from .ladder import IMPROVED_REASON, Action, Trigger, transition
+from .shift import UNDONE, Shift, rebase
+from .snapshots import copy_state, state_bytes, wait_copies
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -58,7 +58,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
     for a in todo:
         rec.actions.append(a)
         if a.kind == "snapshot":
-            rec.snapshot(guard, a.step)
+            rec.snapshot(guard, a.step, improved=a.reason == IMPROVED_REASON)
             continue
         if a.kind == "settled":
             guard.add_event(messages.settled_event(guard, a))
@@ -79,8 +79,9 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
             continue
         if a.kind == "shifted" and (found := rec._shift.found) is not None:
             rec._shift.found = None
+            undone = undo_rollback(rec, guard, found)
             rebase(rec, guard, found)
-            guard.add_event(messages.shifted_event(guard, a, found))
+            guard.add_event(messages.shifted_event(guard, a, found, undone=undone))
             continue
         if a.kind == "level_off":
             rec._probe.cancel(a.step)
@@ -118,6 +119,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                     a = dataclasses.replace(a, factor=rec.state.factor,
                                             ceiling=rec.state.ceiling, reason=a.reason + why)
                     rec.actions[-1] = a
+                keep_undo(rec, guard)
                 reset = rollback(guard, a, snap, layers(), rec.reset_moments)
                 guard.add_event(messages.rollback_event(
                     a, step, reset, rec.config.restore_steps, rec.config.max_rollbacks,
@@ -135,6 +137,35 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                                  kept=_finite_at_abort(rec, guard),
                                  weights=trig.kind == "weights")
     return acted
+
+
+def keep_undo(rec: Recovery, guard: Guard) -> None:
+    """Keep a copy of the training state a rollback is about to replace, until the shift
+    test has judged the restored weights (:mod:`.shift`): should the batches prove to have
+    changed, and the weights rolled back from prove to have done better on them, the
+    rollback is undone (:func:`undo_rollback`). Not kept when a value is NaN/Inf or the
+    copy would pass ``snapshot_memory``."""
+    rec._undo = None
+    state = snapshot_state(guard, guard.step_count - 1)
+    if state is None:
+        return
+    budget = rec.ring.store.max_bytes
+    if budget is not None and rec.snapshot_bytes + state_bytes(state) > budget:
+        return
+    rec._undo = copy_state(state)
+
+
+def undo_rollback(rec: Recovery, guard: Guard, found: Shift) -> bool:
+    """The batches changed (``found``): when the weights the rollback replaced did better
+    on them than the ones it restored (their loss ``UNDONE`` times lower or more: they had
+    learnt the new batches), put them back; True when it did (see :mod:`.shift`)."""
+    undo, rec._undo = rec._undo, None
+    if undo is None or not found.before * UNDONE <= found.after:
+        return False
+    wait_copies()
+    restore(guard, undo)
+    rec.restores += 1
+    return True
 
 
 def _finite_at_abort(rec: Recovery, guard: Guard) -> int | None:

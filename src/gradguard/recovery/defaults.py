@@ -36,6 +36,14 @@ RECOVERY_WINDOW = 50
 #: many times the median loss of the last healthy window before the trouble.
 STALL_FACTOR = 1.5
 PROGRESS_STEPS = 10
+#: A healthy flush whose last ``PROGRESS_STEPS`` losses have a median at most this times
+#: the newest snapshot's level has a snapshot due every ``IMPROVED_EVERY`` steps
+#: (:mod:`.ladder`), not every ``snapshot_every``: a rollback then finds weights near the
+#: level the run had reached, not ones it learnt far past.
+IMPROVED = 0.5
+#: ... and what it fell since is at least this share of what the run learnt from its fresh
+#: level down to it (a loss halving near zero is no progress to keep).
+IMPROVED_SHARE = 0.25
 #: Steps after the ladder acted during which spikes are clipped (by the clip policy), not
 #: skipped: right after a back-off the gradients are still large, and skipping them all
 #: would freeze the model where it is.

@@ -73,7 +73,9 @@ check is pending: at the full LR, or while it restores after a loss that came ba
 A *relapse* (new trouble within ``relapse_window`` steps of the previous trigger, or any
 rollback) lowers the ceiling to ``relapse_backoff`` times the factor that failed, for good:
 an LR that failed twice is never restored again. Halving it per relapse converges on the
-largest stable factor within a factor of two; once the LR has stayed at a lowered ceiling
+largest stable factor within a factor of two; a lowered ceiling that fails a third time before
+it settled drops by ``relapse_backoff`` squared, then cubed (an exponential search from above:
+an LR 100x too high is not seven relapses away; a retry probes back up, :mod:`.probe`); once the LR has stayed at a lowered ceiling
 for ``restore_steps`` healthy steps, the ladder reports it as settled. A factor fails
 only once an update was taken at it: a rung whose factor no update has used (every step
 since it was skipped, :attr:`LadderState.untested`) is the same trouble going on, and the
@@ -105,6 +107,13 @@ from .ladder_types import (
     near,
 )
 from .ladder_weights import bad_weights
+
+#: Steps between snapshots while the loss keeps falling well below the newest snapshot's
+#: level (``Trigger.improved``): a run that learns fast is not left with a snapshot of
+#: weights it has long left behind.
+IMPROVED_EVERY = 20
+#: the ``reason`` of such a snapshot's action: it does not move the regular pace
+IMPROVED_REASON = "improved"
 
 __all__ = ["DATA_REASONS", "NONFINITE_REASON", "OFFSCALE_REASON", "SPIKE_REASON", "Action",
            "ActionKind", "LadderConfig", "LadderState", "Trigger", "TriggerKind", "transition"]
@@ -151,7 +160,8 @@ def _sound(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, .
     fault. The state before the streak returns (the back-off is undone)."""
     assert st.undo is not None
     new = dataclasses.replace(st.undo, undone=trig.step, total_rollbacks=st.total_rollbacks,
-                              last_snapshot=st.last_snapshot, settled=st.settled)
+                              last_snapshot=st.last_snapshot, last_regular=st.last_regular,
+                              settled=st.settled)
     clean = "finite" if st.undo_reason == NONFINITE_REASON else "clean"
     reason = (f"the first step taken on the weights of the {st.consecutive_skips} "
               f"{st.undo_reason} step(s) before it is {clean}")
@@ -174,11 +184,18 @@ def _transition(
         return dataclasses.replace(st, consecutive_skips=0, data_streak=None,
                                    untested=None if tested else st.untested), ()
     if trig.kind == "snapshot":
-        return dataclasses.replace(st, last_snapshot=trig.step, rollbacks=0, unrestored=0), ()
+        regular = st.last_regular if trig.improved else trig.step
+        return dataclasses.replace(st, last_snapshot=trig.step, last_regular=regular,
+                                   rollbacks=0, unrestored=0), ()
     if trig.kind == "healthy":
-        due = st.last_snapshot is None or trig.step - st.last_snapshot >= cfg.snapshot_every
-        if (st.factor >= st.ceiling or st.watching is None) and due:  # no check pending
-            return st, (Action("snapshot", trig.step),)
+        # every snapshot_every steps from the last regular one, and while the loss keeps
+        # falling (improved) extra ones every IMPROVED_EVERY steps in between
+        last = st.last_regular if st.last_regular is not None else st.last_snapshot
+        regular = last is None or trig.step - last >= cfg.snapshot_every
+        extra = trig.improved and (st.last_snapshot is None
+                                   or trig.step - st.last_snapshot >= IMPROVED_EVERY)
+        if (st.factor >= st.ceiling or st.watching is None) and (regular or extra):
+            return st, (Action("snapshot", trig.step, "" if regular else IMPROVED_REASON),)
         return st, ()
     if trig.kind == "shifted":
         return _shifted(cfg, st, trig)
@@ -264,7 +281,8 @@ def _escalate(
         if new < st.ceiling:
             first = st.ceiling if st.episode_ceiling is None else st.episode_ceiling
             st, lowered = dataclasses.replace(st, ceiling=new, episode_ceiling=first,
-                                              raised=None, raised_from=None), True
+                                              raised=None, raised_from=None,
+                                              lowerings=st.lowerings + 1 if st.probation else 1), True
     factor = min(st.factor * cfg.backoff, st.ceiling)
     if worse_than_fresh and recent and factor < st.ceiling:
         # no factor in force trained the run (.rise): the LR is far too high, not at the edge

@@ -65,8 +65,10 @@ def capped(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, .
 
 
 def failed_ceiling(cfg: LadderConfig, st: LadderState) -> float:
-    """The ceiling once the factor in force has failed: ``relapse_backoff`` times it."""
-    return min(st.ceiling, st.factor) * cfg.relapse_backoff
+    """The ceiling once the factor in force has failed: ``relapse_backoff`` times it, and
+    its square, its cube at the third, fourth failure in a row of a lowered ceiling."""
+    k = 1 + min(max(st.lowerings - 1, 0), 2) if st.probation else 1
+    return min(st.ceiling, st.factor) * cfg.relapse_backoff ** k
 
 
 def settle(cfg: LadderConfig, st: LadderState, step: int) -> tuple[LadderState, tuple[Action, ...]]:

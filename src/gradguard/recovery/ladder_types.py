@@ -84,6 +84,9 @@ class LadderState:
     total_rollbacks: int = 0
     backoffs: int = 0
     last_snapshot: int | None = None
+    #: the last snapshot taken at the regular pace (``snapshot_every``), not for a loss
+    #: that kept falling (``Trigger.improved``): the pace runs from it
+    last_regular: int | None = None
     pre_level: float | None = None  # the loss level before the current episode began
     watching: int | None = None  # a back-off/rollback whose effect on the loss is pending
     at_ceiling: int | None = None  # since when the factor sits at a lowered ceiling
@@ -135,6 +138,10 @@ class LadderState:
     #: saw, and each rollback would put back the statistics that had begun to learn it:
     #: the ladder climbs), afresh after that
     spike_data: int | None = None
+    #: ceilings lowered in a row while on probation (none settled, lifted or levelled off
+    #: in between): each failure of a lowered ceiling drops the next one further
+    #: (:func:`~.ladder_lr.failed_ceiling`)
+    lowerings: int = 0
 
     @property
     def probation(self) -> bool:
@@ -201,6 +208,9 @@ class Trigger:
     #: a ``rollback`` ``spike``'s cap on the LR factor, measured beside it (the weights'
     #: growth in the first steps, :mod:`.growth`)
     cap: float | None = None
+    #: a ``healthy`` flush whose loss is well below the newest snapshot's level (the run
+    #: learnt much since): a snapshot is due sooner than ``snapshot_every``
+    improved: bool = False
 
 
 @dataclass(frozen=True)

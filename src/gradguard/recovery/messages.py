@@ -331,18 +331,25 @@ def level_off_event(guard: Guard, a: Action, restore_steps: int) -> Event:
     )
 
 
-def shifted_event(guard: Guard, a: Action, shift: Shift) -> Event:
+def shifted_event(guard: Guard, a: Action, shift: Shift, *, undone: bool = False) -> Event:
     """The weights a rollback restored gave the trouble's loss: the batches changed, not
-    the weights (see :mod:`.shift`)."""
+    the weights (see :mod:`.shift`); ``undone``: the weights the rollback replaced, which
+    did better on the new batches, are back."""
     lrs, shown = group_lrs(guard, a.ceiling)
     saved = "before the first step" if shift.snapshot < 0 else f"at step {shift.snapshot}"
+    if undone:
+        than = (f"far above the {shift.before:.4g} of the weights before it: the batches (or "
+                "the objective) changed, not the weights, and the weights before it had "
+                "begun to learn them: the rollback is undone, those weights are back")
+    else:
+        than = (f"as the weights before it did ({shift.before:.4g}): the batches (or the "
+                "objective) changed, not the weights")
     return Event(
         kind="data_shift", step=a.step, severity="warning", value=shift.after,
         threshold=SHIFT_RATIO * shift.saved,
         message=(f"step {a.step}: the weights saved {saved}, at a loss of {shift.saved:.4g}, "
-                 f"give {shift.after:.4g} on the batches since the rollback, as the weights "
-                 f"before it did ({shift.before:.4g}): the batches (or the objective) changed, "
-                 "not the weights (a curriculum's next stage, a new task, data read in "
+                 f"give {shift.after:.4g} on the batches since the rollback, {than} "
+                 "(a curriculum's next stage, a new task, data read in "
                  "order?). gradguard learns the new level from here: the spike and clip "
                  f"statistics start afresh, the learning rate is back at x{a.ceiling:g} "
                  f"(lr {shown})"),
@@ -353,5 +360,5 @@ def shifted_event(guard: Guard, a: Action, shift: Shift) -> Event:
         data={"snapshot_step": shift.snapshot, "snapshot_level": shift.saved,
               "level_after": shift.after, "level_before": shift.before,
               "factor": a.factor, "ceiling": a.ceiling, "lr": lrs,
-              "rollbacks": a.rollbacks},
+              "rollbacks": a.rollbacks, "undone": undone},
     )

@@ -336,17 +336,18 @@ class LossRise:
         chance = self.chance(positions, strict=strict)
         return chance is None or ratio > chance
 
-    def noisy(self, level: float | None = None) -> Rise | None:
+    def noisy(self, level: float | None = None, *, cue: bool = False) -> Rise | None:
         """A :class:`Rise` when the recent level is ``SEVERE`` (2) times the best or more and
-        has given back ``STRICT_LOST`` of what the run learnt (the LR probe's cue: a loss
-        this far above its best without a spike; see :mod:`.probe`), else None. ``level``:
-        that of another stretch of losses than the last two blocks'."""
+        has given back ``STRICT_LOST`` of what the run learnt (no snapshot of such weights),
+        else None; ``level``: another stretch's. ``cue``: the LR probe's (:mod:`.probe`),
+        also above what the loss's scatter gives by chance (:meth:`chance`): a healthy loss
+        at batch 2 sits at twice its luckiest median now and then."""
         latest, best = self.latest if level is None else level, self.best
         if self.off or latest is None or best is None or best <= 0:
             return None
         ratio = latest / best
-        return Rise(latest, ratio) if ratio >= SEVERE and self._gave_back(
-            latest, best, strict=True) else None
+        return Rise(latest, ratio) if ratio >= SEVERE and self._gave_back(latest, best, strict=True) \
+            and (not cue or self._beyond_chance(ratio, strict=False)) else None
 
     def gives_back(self, loss: float) -> bool:
         """Whether a loss this high gives back ``STRICT_LOST`` (3%) of what the run learnt

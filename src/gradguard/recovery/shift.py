@@ -58,6 +58,9 @@ SHIFT_RATIO = 3.0
 TROUBLE_SHARE = 0.5
 #: The last finite losses before the restore whose median is the trouble's level.
 BEFORE = 5
+#: After a shift, the rollback is undone when the weights it replaced had a loss this many
+#: times lower than the restored weights' on the batches since (they had learnt them).
+UNDONE = 1.5
 
 
 class Shift(NamedTuple):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .growth import first_inflation
 from .ladder import OFFSCALE_REASON, SPIKE_REASON, LadderState, Trigger
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ def cap(guard: Guard, snap: dict[str, Any], prior: LadderState, step: int,
     if first is None:  # the mean of the updates taken since
         start = max(int(snap["step"]), -1 if restored_step is None else restored_step - 1)
         ratio /= max(1, step - start - (prior.consecutive_skips + 1))
+    elif int(snap["step"]) < 0:  # the run's first update, from a fresh optimizer state
+        ratio /= first_inflation(guard.optimizer)
     high = guard.monitor.config.update_ratio_high
     # an update at the schedule's peak is 1 / share times one taken at that share (a
     # warm-up): the share the first update ran at, or, for the mean, the share now

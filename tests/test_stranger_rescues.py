@@ -1,0 +1,121 @@
+"""Failing runs found by trying the default guard as a stranger would, each against its
+healthy twin (the same recipe at the LR a user would find), trained here from scratch:
+a 1-D conv net whose run learnt fast between two snapshots, and a deep tanh MLP whose LR
+is 100x too high (an exponential search of the LR ceiling)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.lab._common import minibatches, split_digits
+from gradguard.recovery.rise import LossRise
+
+
+def _waves(n: int, g: torch.Generator, length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy sines of four frequencies, one class each."""
+    cls = torch.randint(0, 4, (n,), generator=g)
+    freq = (cls.float() + 1) * 0.15
+    phase = torch.rand(n, 1, generator=g) * 6.28
+    t = torch.arange(length).float()
+    x = torch.sin(freq[:, None] * t + phase) + 0.5 * torch.randn(n, length, generator=g)
+    return x[:, None, :], cls
+
+
+def _conv1d(lr: float, guarded: bool, seed: int = 1, steps: int = 400):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv1d(1, 16, 5, padding=2), nn.ReLU(),
+                          nn.Conv1d(16, 32, 5, padding=2), nn.ReLU(),
+                          nn.Conv1d(32, 32, 5, padding=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+    g = torch.Generator().manual_seed(seed + 7)
+    for _ in range(steps):
+        x, y = _waves(32, g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        guard.step(loss) if guard is not None else opt.step()
+        opt.zero_grad()
+    if guard is not None:
+        guard.close()
+    x, y = _waves(512, torch.Generator().manual_seed(998))
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(model(x), y)), guard
+
+
+def test_a_run_that_learnt_fast_since_its_last_snapshot_rolls_back_to_what_it_learnt():
+    """A 1-D conv net on SGD at 10x its LR, seed 1. Before: rolled back twice, it learnt at
+    last between steps 250 and 310 (from chance, 1.39, to 0.07), and a loss spike at step
+    320 wrecked it; the only snapshot was of step 249, at chance; the spike's back-off and
+    the rise of the same window cut the LR ceiling twice (x0.02), nothing rolled back (the
+    level before the trouble, the median of the last 100 losses, was the chance plateau's),
+    and the run ended at chance: 1.36 against 0.08 unguarded and 0.046 for its twin at
+    0.01. Now a snapshot is taken every 20 steps while the loss stays at half the newest
+    snapshot's level or below, one incident cuts the ceiling once, and the rollbacks go
+    back to weights the run had just learnt."""
+    twin, _ = _conv1d(0.01, False)
+    held, guard = _conv1d(0.1, True)
+    assert guard is not None
+    back = [(e.step, int(e.message.split("snapshot of step ")[1].split(",")[0]))
+            for e in guard.events if e.kind == "rollback" and "snapshot of step" in e.message]
+    assert any(step - snap <= 40 for step, snap in back), back
+    backoffs = [e.step for e in guard.events if e.kind == "lr_backoff"]
+    assert len(backoffs) == len(set(backoffs))
+    assert held <= 1.5 * twin, (held, twin)
+
+
+def test_the_loss_spike_of_a_streak_the_batches_were_blamed_for_is_no_second_incident():
+    """Found as a stranger (a BERT regression in the Hugging Face Trainer, its targets x1e6
+    for five steps): the five steps are skipped, the back-off at the third is undone by the
+    clean step after them (the batches were at fault), and the loss-spike detector, which
+    confirms the spike of those skipped steps' losses at the next flush, backed the LR off
+    x0.1 again: the run trained at x0.1-0.4 for a hundred steps, 1.23-1.58x the loss of
+    the run without them. That spike is the streak the batches were blamed for."""
+    xt, yt, _, _ = split_digits()
+    yt = yt.float().unsqueeze(1) / 9
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
+                          nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=50)
+    lrs: list[float] = []
+    opt.register_step_pre_hook(lambda o, *_: lrs.append(o.param_groups[0]["lr"]))
+    batch = minibatches(xt, yt, 32, seed=0)
+    for step in range(260):
+        x, y = batch(step)
+        if 150 <= step < 155:
+            y = y * 1e6
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    kinds = [(a.kind, a.step) for a in guard.recovery.decisions]
+    assert kinds == [("backoff", 152), ("sound", 155)], kinds
+    assert min(lrs[-100:]) == 1e-3  # the steps after the streak, at the user's LR
+    assert "loss_spike" in [e.kind for e in guard.events]  # still reported
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_noisy_healthy_loss_is_no_cue_for_the_lr_probe_a_raised_level_is():
+    """Found as a stranger: at batch sizes of 1-8 a healthy loss sits at twice its luckiest
+    ten-step median now and then, and the LR probe fired on 10 of 16 such runs, each
+    probe costing the run its discarded arm (a digits MLP at batch 2: three probes in
+    1,500 steps, +2.9% final loss). The probe's cue must also stand above what the loss's
+    own scatter gives a level over the best by chance; a level raised 5x still is one."""
+    g = torch.Generator().manual_seed(0)
+    rise = LossRise()
+    rise.update(range(10), [2.3] * 10, [False] * 10)  # the fresh model's level
+    plain = cue = 0
+    for k in range(1, 41):  # then a healthy level of 0.3, its batches scattered x e^N(0,1)
+        losses = (0.3 * torch.exp(torch.randn(10, generator=g))).tolist()
+        rise.update(range(10 * k, 10 * k + 10), losses, [False] * 10)
+        plain += rise.noisy() is not None  # no snapshot of such weights: as before
+        cue += rise.noisy(cue=True) is not None
+    assert plain >= 5 and cue == 0, (plain, cue)
+    for k in range(41, 43):  # the LR raised the level 5x
+        losses = (1.5 * torch.exp(torch.randn(10, generator=g))).tolist()
+        rise.update(range(10 * k, 10 * k + 10), losses, [False] * 10)
+    assert rise.noisy(cue=True) is not None
