@@ -273,3 +273,18 @@ class ScheduleFreeSGD(torch.optim.Optimizer):
                 p.add_(p.grad, alpha=lr * (beta * (1 - ckp1) - 1))
                 z.sub_(p.grad, alpha=lr)
             group["k"] = k + 1
+
+
+def train_loop(model, opt, guard, batch, steps: int, loss_fn=None) -> None:
+    """The user's loop: ``batch(step)`` gives ``(x, y)``; ``loss_fn`` (default cross-entropy)
+    of ``model(x)`` and ``y``; backward, ``guard.step(loss)`` (or ``opt.step()`` when
+    ``guard`` is None), ``zero_grad``; the guard closed at the end."""
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+    for step in range(steps):
+        x, y = batch(step)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        guard.step(loss) if guard is not None else opt.step()
+        opt.zero_grad()
+    if guard is not None:
+        guard.close()

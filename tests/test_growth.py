@@ -11,6 +11,7 @@ import gradguard as gg
 from gradguard.integrations._hooked import hooked_guard
 from gradguard.lab._common import minibatches, split_digits
 from gradguard.recovery import growth
+from helpers import train_loop
 
 
 def test_the_growth_is_the_median_matrix_norm_ratio_leaving_out_vectors_and_zeros():
@@ -262,15 +263,7 @@ def test_adagrads_first_update_is_weighed_against_a_later_one():
             nn.Flatten(), nn.Linear(128, 10))
         opt = torch.optim.Adagrad(model.parameters(), lr=lr)
         guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
-        batch = minibatches(xt, yt, 32, seed=0)
-        for step in range(300):
-            x, y = batch(step)
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            guard.step(loss) if guard is not None else opt.step()
-            opt.zero_grad()
-        if guard is not None:
-            guard.close()
+        train_loop(model, opt, guard, minibatches(xt, yt, 32, seed=0), 300)
         with torch.no_grad():
             return float(nn.functional.cross_entropy(model(xv), yv)), guard
 

@@ -11,6 +11,7 @@ from torch import nn
 import gradguard as gg
 from gradguard.lab._common import minibatches, split_digits
 from gradguard.recovery.rise import LossRise
+from helpers import train_loop
 
 
 def _waves(n: int, g: torch.Generator, length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,14 +33,7 @@ def _conv1d(lr: float, guarded: bool, seed: int = 1, steps: int = 400):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
     g = torch.Generator().manual_seed(seed + 7)
-    for _ in range(steps):
-        x, y = _waves(32, g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        guard.step(loss) if guard is not None else opt.step()
-        opt.zero_grad()
-    if guard is not None:
-        guard.close()
+    train_loop(model, opt, guard, lambda step: _waves(32, g), steps)
     x, y = _waves(512, torch.Generator().manual_seed(998))
     with torch.no_grad():
         return float(nn.functional.cross_entropy(model(x), y)), guard
