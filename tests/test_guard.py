@@ -141,6 +141,10 @@ def test_raise_names_step_and_layers():
         guard.step()
     assert ei.value.layers == ["4"] and ei.value.step == 0
     assert_same(before, snapshot(model, opt))
+    # the report says the run was stopped as asked, not that it diverged (a stranger's
+    # gradguard run --on-nonfinite raise printed "DIVERGED ... did not recover")
+    (abort,) = [e for e in guard.events if e.kind == "abort"]
+    assert abort.step == 0 and "on_nonfinite='raise'" in abort.message
 
 
 def test_warn_warns_and_skips():

@@ -300,6 +300,14 @@ def report_nonfinite(guard: Guard, stats: StepStats, *, raise_: bool) -> None:
     skipped)."""
     msg, layers = describe_nonfinite(guard.step_count - 1, guard.names, stats)
     if raise_:
+        # the run stops as asked: an abort, not a run that "did not recover" (a report of
+        # the run directory said DIVERGED for it; found by a stranger)
+        step = guard.step_count - 1
+        guard.add_event(Event(
+            kind="abort", step=step, severity="error",
+            message=f"{msg}; the guard raised NonFiniteGradientError, as on_nonfinite='raise' asks",
+            remedy="on_nonfinite='skip' (the default) skips such a step and trains on",
+            data={"on_nonfinite": "raise", "layers": list(layers)}))
         guard.flush()
-        raise NonFiniteGradientError(msg + " (on_nonfinite='raise')", guard.step_count - 1, layers)
+        raise NonFiniteGradientError(msg + " (on_nonfinite='raise')", step, layers)
     warnings.warn(msg + "; the optimizer step was skipped", GradGuardWarning, stacklevel=caller_stacklevel())
