@@ -11,6 +11,8 @@ from torch import nn
 import gradguard as gg
 from gradguard.lab._common import minibatches, split_digits
 from gradguard.recovery.rise import LossRise
+from gradguard.report import load_run
+from gradguard.report._outcome import judge
 from helpers import train_loop
 
 
@@ -60,7 +62,7 @@ def test_a_run_that_learnt_fast_since_its_last_snapshot_rolls_back_to_what_it_le
     assert held <= 1.5 * twin, (held, twin)
 
 
-def test_the_loss_spike_of_a_streak_the_batches_were_blamed_for_is_no_second_incident():
+def test_the_loss_spike_of_a_streak_the_batches_were_blamed_for_is_no_second_incident(tmp_path):
     """Found as a stranger (a BERT regression in the Hugging Face Trainer, its targets x1e6
     for five steps): the five steps are skipped, the back-off at the third is undone by the
     clean step after them (the batches were at fault), and the loss-spike detector, which
@@ -73,7 +75,8 @@ def test_the_loss_spike_of_a_streak_the_batches_were_blamed_for_is_no_second_inc
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
                           nn.Linear(64, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=50)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=50,
+                     sinks=[gg.JsonlSink(tmp_path)])
     lrs: list[float] = []
     opt.register_step_pre_hook(lambda o, *_: lrs.append(o.param_groups[0]["lr"]))
     batch = minibatches(xt, yt, 32, seed=0)
@@ -91,6 +94,10 @@ def test_the_loss_spike_of_a_streak_the_batches_were_blamed_for_is_no_second_inc
     assert min(lrs[-100:]) == 1e-3  # the steps after the streak, at the user's LR
     assert "loss_spike" in [e.kind for e in guard.events]  # still reported
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # what to check: the batches' inputs or targets (this MLP has no batch norm statistics
+    # to blame; the summary told the BERT of the report to check its inputs for them)
+    out = judge(load_run(tmp_path))
+    assert out.status == "recovered" and "inputs or targets" in (out.remedy or ""), out
 
 
 def test_a_noisy_healthy_loss_is_no_cue_for_the_lr_probe_a_raised_level_is():

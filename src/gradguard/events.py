@@ -69,6 +69,11 @@ WEIGHTS_REMEDY = ("The optimizer's update wrote NaN/Inf into the weights from fi
                   "gradients: check its eps against the weights' dtype (0 in float16 below "
                   "6e-8: use eps=1e-4, or float32 weights under torch.autocast), the LR the "
                   "schedule set at that step, and a custom step() for a division by zero.")
+#: What to check when the batches of a spiking streak were at fault (their gradients, not
+#: the batch norm statistics, found them): inputs or targets.
+SPIKE_DATA_REMEDY = ("Check the batches of the skipped steps for inputs or targets far off "
+                     "their usual scale (a unit error, values not normalised, a corrupt "
+                     "shard) or a loss scaled up on them.")
 #: What to check when batches were on another scale (cause ``unscaled_input``, found by
 #: the batch norm statistics: :meth:`gradguard._running.RunningStats.offscale`).
 UNIT_ERROR_REMEDY = ("Check the inputs of the skipped steps for a unit error (raw 0-255 "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TrainingDiverged
-from ..events import UNIT_ERROR_REMEDY, WEIGHTS_REMEDY, Event
+from ..events import SPIKE_DATA_REMEDY, UNIT_ERROR_REMEDY, WEIGHTS_REMEDY, Event
 from .ladder import OFFSCALE_REASON, SPIKE_REASON, Action
 from .lrs import based, config_lrs, group_lrs, of_base
 from .probe import TRIAL, Probed
@@ -231,11 +231,6 @@ def abort(guard: Guard, a: Action, rollbacks: int, unrestored: int = 0,
     return TrainingDiverged(msg, events=guard.events, run_dir=run_dir)
 
 
-#: What to check when the batches of a spiking streak were at fault (``data`` and ``sound``
-#: in :mod:`.ladder` for :data:`~.ladder.SPIKE_REASON`).
-SPIKE_DATA_REMEDY = ("Check the batches of the skipped steps for inputs or targets far off "
-                     "their usual scale (a unit error, values not normalised, a corrupt "
-                     "shard) or a loss scaled up on them.")
 
 
 def _data_kind(reason: str) -> str:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..events import UNIT_ERROR_REMEDY, WEIGHTS_REMEDY
+from ..events import SPIKE_DATA_REMEDY, UNIT_ERROR_REMEDY, WEIGHTS_REMEDY
 from . import _levels
 from ._levels import REL_TOL, flat_words, median, tol
 
@@ -314,7 +314,11 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         if incident is not None and cause in ("nonfinite_input", "nonfinite_loss"):
             return f"Check the batch of step {incident} for NaN/Inf."
         if cause == "unscaled_input":
-            return UNIT_ERROR_REMEDY
+            # the batch norm statistics found it (an off-scale batch) or the gradients did
+            # (a spiking streak the batches were at fault for: inputs or targets; a BERT
+            # with its targets x1e6 was told to check its inputs and its batch norms)
+            bn = any((e.get("data") or {}).get("reason") == "offscale_batch" for e in data.events)
+            return UNIT_ERROR_REMEDY if bn else SPIKE_DATA_REMEDY
         if cause == "nonfinite_weights":
             return WEIGHTS_REMEDY
         return None
