@@ -188,14 +188,7 @@ def test_rmsprop_at_torchs_default_lr_is_weighed_for_its_larger_first_updates():
                               nn.Linear(128, 10))
         opt = torch.optim.RMSprop(model.parameters(), lr=lr)
         guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
-        batch = minibatches(xt, yt, 32, seed=1)
-        for step in range(25):
-            x, y = batch(step)
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            guard.step(loss)
-            opt.zero_grad()
-        guard.close()
+        train_loop(model, opt, guard, minibatches(xt, yt, 32, seed=1), 25)
         return [e.message for e in guard.events if e.kind == "rollback"]
 
     assert not any("weights grew" in m for m in first_steps(1e-2))

@@ -271,8 +271,8 @@ def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -
             recent and rec._rise.noisy(statistics.median(recent)) is not None):
         return
     snap = rec.ring.level(rec._rise.initial)
-    if snap is None or len(recent) < PROGRESS_STEPS or (
-            near(statistics.median(recent), snap, rec.config.stall_factor)):
+    now = statistics.median(recent) if len(recent) >= PROGRESS_STEPS else None
+    if snap is None or now is None or near(now, snap, rec.config.stall_factor):
         # well below the newest snapshot's level, and further than the loss's own scatter
         # strays by chance (:mod:`.scatter`): a snapshot taken because a noisy loss had a
         # lucky stretch would be labelled with a level the run never holds (a regression
@@ -282,10 +282,9 @@ def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -
         # pushed the older ones out of the ring, and weights an x50 corruption had made
         # overconfident were restored, 33x the held-out loss)
         initial, newest = rec._rise.initial, rec.ring.newest_level(rec._rise.initial)
-        now = statistics.median(recent) if len(recent) >= PROGRESS_STEPS else None
-        chance = rec._rise.chance()
-        improved = (newest is not None and now is not None and chance is not None
-                    and initial is not None and 0 < now
-                    and now * max(1 / IMPROVED, chance) <= newest
-                    and newest - now >= IMPROVED_SHARE * (initial - now))
+        improved = (newest is not None and now is not None and initial is not None
+                    and 0 < now <= IMPROVED * newest
+                    and newest - now >= IMPROVED_SHARE * (initial - now)
+                    and (chance := rec._rise.chance()) is not None
+                    and now * chance <= newest)  # the resampled scatter last: the costliest
         rec._feed(guard, Trigger("healthy", window.steps[-1], improved=improved), list)
