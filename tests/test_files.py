@@ -287,3 +287,25 @@ def test_two_open_sinks_on_one_run_directory_are_refused(tmp_path):
         gg.JsonlSink(tmp_path / "run" / ".." / "run")
     first.close()
     gg.JsonlSink(tmp_path / "run").close()
+
+
+def test_events_jsonl_is_in_step_order_within_a_flush(tmp_path):
+    """A flush's skips are recorded after the back-off the recovery took for them at that
+    flush; the file (and ``guard.events``) lists them in step order, each skip before what
+    was done at its step."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=10, sinks=[gg.JsonlSink(tmp_path)])
+    for step in range(20):
+        x = torch.randn(16, 8)
+        if 4 <= step <= 6:
+            x[0, 0] = float("nan")
+        model(x).pow(2).mean().backward()
+        guard.step()
+        opt.zero_grad()
+    guard.close()
+    lines = [(e["step"], e["kind"]) for e in read_jsonl(tmp_path / "events.jsonl")]
+    assert [k for _, k in lines].count("skip") == 3 and "lr_backoff" in [k for _, k in lines]
+    assert lines == sorted(lines, key=lambda s_k: (s_k[0], s_k[1] == "lr_backoff")), lines
+    assert [(e.step, e.kind) for e in guard.events] == lines

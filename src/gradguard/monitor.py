@@ -182,7 +182,11 @@ class Monitor:
             call_sinks(self.sinks, flush, self.failed_sinks)
 
     def _pop(self) -> list[Event]:
-        ev, self.pending = self.pending, []
+        """The pending events, in step order (a window's skips are recorded after what the
+        recovery did about them at its flush): the tail of ``events`` is reordered alike."""
+        ev, self.pending = sorted(self.pending, key=_in_step_order), []
+        if ev:
+            self.events[len(self.events) - len(ev):] = ev
         return ev
 
     def close_sinks(self) -> None:
@@ -303,3 +307,15 @@ def describe_nonfinite(step: int, names: Sequence[str], stats: StepStats) -> tup
     total = stats.total_norm.float().cpu().item()
     return (f"step {step}: non-finite gradient norm ({total}); layers with non-finite "
             f"gradients: {', '.join(layers) or 'none found'}"), layers
+
+
+#: Event kinds that say what the recovery did (at a flush, after the window's findings).
+_ACTED = frozenset(("lr_backoff", "lr_settled", "lr_probe", "loss_level_off", "data_shift",
+                    "rollback", "abort"))
+
+
+def _in_step_order(event: Event) -> tuple[int, bool]:
+    """Events by step; within a step, what was found (a skip, a spike) before what the
+    recovery did about it, each in the order it was recorded."""
+    return event.step, event.kind in _ACTED
+

@@ -157,10 +157,10 @@ def _probe_fits(rec: Recovery, state: dict[str, Any]) -> bool:
     """Whether the probe's copies of the training state (two at the fork) fit within
     ``snapshot_memory`` beside what the recovery holds; when not, it warns once and the run
     has no LR probe (the budget is the user's bound on the host memory the recovery holds)."""
-    budget = rec.ring.store.max_bytes
     need = 2 * state_bytes(state)
-    if budget is None or rec.snapshot_bytes + need <= budget:
+    if actions.fits(rec, need):
         return True
+    budget = rec.ring.store.max_bytes or 0  # not None: it did not fit
     warnings.warn(
         f"Recovery: the LR probe is off for this run: its two copies of the training state "
         f"({need / 2**20:.1f} MiB) beside the snapshots held "

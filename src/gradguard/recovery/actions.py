@@ -149,10 +149,15 @@ def keep_undo(rec: Recovery, guard: Guard) -> None:
     state = snapshot_state(guard, guard.step_count - 1)
     if state is None:
         return
+    if fits(rec, state_bytes(state)):
+        rec._undo = copy_state(state)
+
+
+def fits(rec: Recovery, nbytes: int) -> bool:
+    """Whether ``nbytes`` more of copied training state fit within ``snapshot_memory``
+    beside the snapshots the recovery holds (the user's bound on its host memory)."""
     budget = rec.ring.store.max_bytes
-    if budget is not None and rec.snapshot_bytes + state_bytes(state) > budget:
-        return
-    rec._undo = copy_state(state)
+    return budget is None or rec.snapshot_bytes + nbytes <= budget
 
 
 def undo_rollback(rec: Recovery, guard: Guard, found: Shift) -> bool:
