@@ -94,6 +94,30 @@ def test_a_spec_whose_own_code_fails_exits_2_naming_its_line_not_1(tmp_path, cap
     assert "cannot be written" in capsys.readouterr().err
 
 
+def test_targets_that_do_not_fit_the_loss_or_a_loss_fn_that_raises_exit_2(tmp_path, capsys):
+    """Found by a stranger: labels 1..10 for a 10-class head (an off-by-one), or a loss_fn
+    that raises, exited 1, the code of a finding, with a raw traceback."""
+    labels = """
+    import torch
+    from torch import nn
+
+    def setup():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10))
+        return model, (torch.randn(32, 8), torch.arange(32) % 10 + 1), nn.CrossEntropyLoss()
+    """
+    assert main(["doctor", _spec(tmp_path, labels)]) == 2
+    err = capsys.readouterr().err
+    assert "loss_fn: cannot compare the model output (32, 10) float32 with targets" in err
+    assert "Target 10 is out of bounds" in err and "Traceback" not in err
+    raising = HEALTHY.replace("nn.MSELoss()", "_bad").replace(
+        "def setup():", "def _bad(out, y):\n    raise KeyError('no such column')\n\ndef setup():")
+    assert main(["doctor", _spec(tmp_path, raising)]) == 2
+    err = capsys.readouterr().err
+    assert "loss_fn: raised KeyError on the model output (32, 1) float32" in err
+    assert "no such column" in err and "Traceback" not in err
+
+
 def test_rich_table_on_a_terminal(tmp_path, capsys, monkeypatch):
     import sys
 

@@ -33,7 +33,8 @@ from .stacks import find_stacks, probe_stacks
 # messages of torch errors that mean "these tensors do not fit together"
 _SHAPE_ERR = re.compile(
     r"shape|size mismatch|sizes? of tensors|mat1 and mat2|must match the size|expected input|"
-    r"Expected .* to have|dimension|channels|out of range|index out of|dtype|scalar type",
+    r"Expected .* to have|dimension|channels|out of range|out of bounds|index out of|dtype|"
+    r"scalar type",
     re.I,
 )
 
@@ -74,15 +75,21 @@ def forward_checked(model: nn.Module, inputs: Any) -> Any:
         raise
 
 
-def loss_checked(loss_fn: Callable[..., Any], out: Any, targets: Any) -> Tensor:
+def loss_checked(loss_fn: Callable[..., Any], out: Any, targets: Any, *, first: bool = False) -> Tensor:
+    """``loss_fn`` on ``out`` and ``targets``, checked. ``first``: the doctor's first call,
+    on the model as given, where whatever it raises is the spec's own mistake (a
+    ``ValueError`` naming it: the CLI's usage error), not a finding about the model."""
     try:
         loss = loss_fn(out) if targets is None else loss_fn(out, targets)
-    except (RuntimeError, IndexError) as e:
+    except Exception as e:
         if _user_frames(e):
             raise ValueError(
                 f"doctor loss_fn: cannot compare the model output {_shape(out)} with targets "
                 f"{_shape(targets)}: {e}"
             ) from e
+        if first:
+            raise ValueError(f"doctor loss_fn: raised {type(e).__name__} on the model output "
+                             f"{_shape(out)} and targets {_shape(targets)}: {e}") from e
         raise
     if not isinstance(loss, Tensor):
         raise ValueError(f"doctor loss_fn: returned {type(loss).__name__}, expected a scalar Tensor")
@@ -218,7 +225,7 @@ def doctor(
             cap = run_capture(
                 model,
                 lambda: forward_checked(model, inputs),
-                lambda out: loss_checked(loss_fn, out, targets),
+                lambda out: loss_checked(loss_fn, out, targets, first=True),
                 blocks={p for paths in stacks.values() for p in paths},
             )
             # the instrumented pass costs 1.5-2 plain passes: a safe upper bound for one
