@@ -393,3 +393,40 @@ def test_a_network_whose_weights_are_all_zero_is_no_healthy_one(act):
     assert not [f for f in gg.doctor(head, (x, y), nn.CrossEntropyLoss()).findings
                 if f.cause == "init_too_small"]
     assert gg.doctor(net(), (x, y), nn.CrossEntropyLoss()).healthy
+
+
+def test_adams_eps_that_is_zero_in_float16_is_named_not_a_lower_lr():
+    """Found by a stranger: GPT-2, BERT, Llama and ViT after ``model.half()`` with AdamW's
+    default eps=1e-8 (0 in float16) were told to lower the LR by more than 1000x; the
+    update of an element whose gradient is 0 is 0/0 = NaN at any LR."""
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e, self.h = nn.Embedding(100, 32), nn.Linear(32, 100)
+
+        def forward(self, x):
+            return self.h(torch.relu(self.e(x)))
+
+    def loss(o, t):
+        return nn.functional.cross_entropy(o.float().flatten(0, 1), t.flatten())
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 50, (8, 16), generator=g), torch.randint(0, 50, (8, 16), generator=g)
+    causes = {}
+    for dtype, eps in ((torch.float16, 1e-8), (torch.float16, 1e-4), (torch.float32, 1e-8)):
+        torch.manual_seed(0)
+        model = LM().to(dtype)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=eps)
+        diag = gg.doctor(model, (x, y), loss, optimizer=opt)
+        causes[dtype, eps] = [f.cause for f in diag.findings]
+        if causes[dtype, eps]:
+            top = diag.top
+            assert "eps=1e-08" in top.remedy and "torch.autocast" in top.remedy
+            assert top.severity == "error" and top.evidence["dtype"] == "float16"
+        loss(model(x), y).backward()
+        opt.step()  # the truth: NaN weights after one real step, at eps 1e-8 in float16 only
+        nan = any(p.isnan().any() for p in model.parameters())
+        assert nan == bool(causes[dtype, eps]), (dtype, eps)
+    assert causes == {(torch.float16, 1e-8): ["half_precision_overflow"],
+                      (torch.float16, 1e-4): [], (torch.float32, 1e-8): []}

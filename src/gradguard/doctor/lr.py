@@ -148,6 +148,8 @@ def _step_verdict(
     lo_ok = math.isfinite(lo_end) and lo_end < hi_end
     if not (blew or (rose and lo_ok)):
         return []
+    if not math.isfinite(hi_end) and stable is None and (zero := _eps_zero(optimizer)):
+        return [zero]  # no LR helps: the optimizer's eps is 0 in the weights' dtype
     how = "to NaN/Inf" if not math.isfinite(hi_end) else f"from {l0:.4g} to {max(hi):.4g}"
     n = len(hi) - 1
     if stable is not None:
@@ -174,6 +176,32 @@ def _step_verdict(
             0.9 if (blew and lo_ok) or stable is not None else 0.75 if lo_ok else 0.55,
         )
     ]
+
+
+def _eps_zero(optimizer: torch.optim.Optimizer) -> Finding | None:
+    """A param group whose ``eps`` rounds to 0 in the dtype of its (half precision)
+    parameters: Adam's, RMSprop's, Adagrad's update divides by ``sqrt(v) + eps``, and an
+    element whose gradient is 0 (an embedding row the batch does not use, a dead unit) gets
+    0/0 = NaN at the first step, whatever the LR (float16's smallest value is 6e-8; Adam's
+    default eps is 1e-8). The finding, or None when no group is so."""
+    for i, g in enumerate(optimizer.param_groups):
+        eps = g.get("eps")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+            continue
+        for p in g["params"]:
+            if p.dtype in (torch.float16, torch.bfloat16) and float(torch.tensor(eps, dtype=p.dtype)) == 0.0:
+                n = sum(q.numel() for q in g["params"] if q.dtype == p.dtype)
+                dtype = str(p.dtype).replace("torch.", "")
+                return Finding(
+                    "half_precision_overflow", "error", None,
+                    {"optimizer": type(optimizer).__name__, "param_group": i, "eps": eps,
+                     "dtype": dtype, "params": n},
+                    f"{type(optimizer).__name__}'s eps={eps:g} (param group {i}) is 0 in "
+                    f"{dtype}, the dtype of its weights: an element whose gradient is 0 gets "
+                    "0/0 = NaN at the first step, and the loss goes NaN at every LR tried; "
+                    "keep float32 weights and train under torch.autocast, or use eps=1e-4",
+                    0.9)
+    return None
 
 
 @contextlib.contextmanager
