@@ -487,6 +487,26 @@ def test_after_a_retry_of_the_ceiling_before_the_trouble_failed_the_next_tries_h
     assert probe.retry_target(0.5, 1.0) is None  # x0.5 between a ceiling and one that failed
 
 
+def test_a_script_that_ended_during_a_trial_arm_is_told_its_weights_are_the_trials():
+    """``gradguard run`` closes the guard after the script ended, which saved the trial
+    arm's weights: they are not swapped for the control's after it, and the event says
+    whose they are (it said the control's, found by a stranger)."""
+    from gradguard import _lifecycle
+
+    full, _, _ = floor_run(lambda lr, step: 0.1 + 8 * lr * lr)
+    [lowered] = [e for e in full.events if e.kind == "lr_backoff"]
+    fork = lowered.step - TRIAL
+    trace: list[torch.Tensor] = []
+    guard, _, used = floor_run(lambda lr, step: 0.1 + 8 * lr * lr, steps=fork + 10,
+                               trace=trace, close=False)
+    assert set(used[fork + 1:]) == {0.25}
+    _lifecycle.close(guard, after_script=True)
+    [ended] = [e for e in guard.events if e.kind == "lr_probe"]
+    assert "the script's last weights, and what it saved, are the trial arm's" in ended.message
+    assert f"trained from step {fork + 1} at x0.5 the LR in force" in ended.message
+    assert torch.equal(guard.model.weight.detach(), trace[-1])
+
+
 def test_a_run_that_ends_during_a_trial_arm_ends_on_the_controls_weights(monkeypatch):
     """The run ends (``guard.close``) ten steps into the probe's trial arm: those weights
     come from ten steps at another LR, judged by nothing. Found with a retry under way at

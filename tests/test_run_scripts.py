@@ -492,3 +492,31 @@ def test_sigterm_finishes_the_run_dir_and_resume_goes_on_from_its_state(tmp_path
     assert "holds no saved guard state" in err, err
     again = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "step"]
     assert again == sorted(set(again))  # numbered on, none recorded twice
+
+
+def test_what_the_last_flush_decides_after_the_script_ended_is_said_not_applied(tmp_path):
+    """Found by a stranger: ``gradguard run`` closes its guards after the script has ended,
+    so trouble in the last window (an LR raised 30x by the script 50 steps before its end)
+    was rolled back in memory after the script had saved and evaluated its weights; the
+    report said "rolled back 1 time; training recovered" with the loss 16x its level, and
+    --fail-on-divergence exited 0. Now the decision is recorded as not applied (the
+    weights stay the script's, as an atexit handler saves them), and the run is judged on
+    its loss: not recovered."""
+    import torch
+
+    out = tmp_path / "w"
+    args = ["run", "--fail-on-divergence", "--no-report", "--out", str(tmp_path / "runs"),
+            str(SCRIPTS / "late_trouble.py"), "--out", str(out)]
+    # a process of its own: its atexit handler runs after gradguard run closed the guards
+    done = subprocess.run([sys.executable, "-m", "gradguard", *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1, done.stderr
+    err = done.stderr
+    assert "NOT RECOVERED: At step 299, the loss rose to" in err
+    assert "what it decided at step 299 (roll back) was not applied" in err
+    events = list(read_jsonl(tmp_path / "runs" / "latest" / "events.jsonl"))
+    [late] = [e for e in events if e["kind"] == "rollback"]
+    assert late["step"] == 299 and late["data"]["applied"] is False
+    assert "not applied; the weights the script saved are from before it" in late["message"]
+    final, at_exit = torch.load(out / "final.pt"), torch.load(out / "atexit.pt")
+    assert all(torch.equal(final[k], at_exit[k]) for k in final)  # nothing restored after it

@@ -28,9 +28,11 @@ if TYPE_CHECKING:
     from .guard import Guard
 
 
-def flush(guard: Guard, *, collective: bool) -> Window | None:
+def flush(guard: Guard, *, collective: bool, after_script: bool = False) -> Window | None:
     """Copy the window to the host, run the detectors, let recovery act, feed the sinks.
-    ``collective=False``: a failing rank or an abort, no collective is entered."""
+    ``collective=False``: a failing rank or an abort, no collective is entered;
+    ``after_script``: the last flush of a guard ``gradguard run`` closes once the script
+    has ended (:func:`close`)."""
     inputs = precursors.PrecursorInputs(
         magnitudes=None if guard._logits is None else guard._logits.take(),
         optim=precursors.optimizer_info(guard.optimizer), every=guard.every)
@@ -48,14 +50,53 @@ def flush(guard: Guard, *, collective: bool) -> Window | None:
             guard.monitor.add_event(event)
     error: TrainingDiverged | None = None
     if window is not None and guard.recovery is not None and not guard._aborted:
+        kept = _before_late_flush(guard) if after_script else None
         try:
             guard.recovery.on_flush(guard, window, list(guard.monitor.pending), overflows)
         except TrainingDiverged as e:
             error = e  # deliver this window (with the abort event) first
+        if kept is not None:
+            _not_applied(guard, *kept)
     guard.monitor.deliver(window)
     if error is not None:
         abort(guard, error, delivered=True)
     return window
+
+
+#: What a recovery decision taken after the script ended says (:func:`close`).
+AFTER_SCRIPT = ("decided at the flush after the script ended (gradguard run closes its "
+                "guards then): not applied; the weights the script saved are from before it")
+#: The event kinds of the recovery's decisions.
+_DECIDED = ("lr_backoff", "rollback", "lr_probe", "loss_level_off", "data_shift", "abort")
+
+
+def _before_late_flush(guard: Guard) -> tuple[int, int, dict[str, Any] | None]:
+    """Before the recovery judges a window after the script ended: the events so far, the
+    restores so far and a copy of the training state, to put back should it restore one."""
+    from .recovery.actions import snapshot_state
+    from .recovery.snapshots import copy_state
+
+    assert guard.recovery is not None
+    state = snapshot_state(guard, guard.step_count - 1)
+    return (len(guard.monitor.pending), guard.recovery.restores,
+            None if state is None else copy_state(state))
+
+
+def _not_applied(guard: Guard, pending: int, restores: int, state: dict[str, Any] | None) -> None:
+    """What the recovery decided about a window judged after the script ended reached no
+    step and no file of the script's: its weights are put back (so an ``atexit`` handler
+    saves the script's own), and its events say so (``data["applied"]`` false)."""
+    from .recovery.actions import restore
+    from .recovery.snapshots import wait_copies
+
+    assert guard.recovery is not None
+    if guard.recovery.restores != restores and state is not None:
+        wait_copies()
+        restore(guard, state)
+    for e in guard.monitor.pending[pending:]:
+        if e.kind in _DECIDED:
+            e.message = f"{e.message} ({AFTER_SCRIPT})"
+            e.data = {**(e.data or {}), "applied": False}
 
 
 def abort(guard: Guard, error: TrainingDiverged, *, delivered: bool = False) -> None:
@@ -92,16 +133,27 @@ def _detach(guard: Guard) -> None:
         guard.clip.release(guard)
 
 
-def close(guard: Guard, *, failed: bool = False) -> None:
+def close(guard: Guard, *, failed: bool = False, after_script: bool = False) -> None:
     """Flush what is left and close every sink (idempotent; the sinks are closed even when
-    the last flush raises). ``failed``: this rank is leaving on an exception."""
+    the last flush raises). ``failed``: this rank is leaving on an exception;
+    ``after_script``: ``gradguard run`` closes the guard after the script has ended, which
+    saved and evaluated its weights before: what the recovery decides about the last
+    window is recorded, not applied (its events say so), and a probe's trial arm under way
+    is not discarded, it is what the script ended with."""
     if guard._closed:
         return
     guard._closed = True
     try:
         if guard.recovery is not None and not (failed or guard._aborted):
-            guard.recovery.finish(guard)  # a probe's trial under way is discarded
-        guard._flush(collective=not (failed or guard._aborted))
+            if after_script:
+                guard.recovery.ended_in_trial(guard)
+            else:
+                guard.recovery.finish(guard)  # a probe's trial under way is discarded
+        collective = not (failed or guard._aborted)
+        if after_script:
+            flush(guard, collective=collective, after_script=True)
+        else:
+            guard._flush(collective=collective)
     finally:
         _detach(guard)
         guard.monitor.close_sinks()

@@ -21,6 +21,7 @@ from torch.optim.optimizer import (
 )
 from torch.optim.swa_utils import AveragedModel
 
+from .. import _lifecycle as lifecycle
 from .._wrapped import inner_optimizer
 from ..config import GuardConfig, resolve_config
 from ..events import Sink
@@ -366,8 +367,8 @@ class ZeroCodeSession:
                 guards += list(getattr(u.callback, "guards", {}).values())
                 if getattr(u.callback, "guard", None) is not None:
                     guards.append(u.callback.guard)
-            for g in guards:
-                g.close(failed=gone and g.dist is not None)
+            for g in guards:  # the script has ended: what the last flush decides is said only
+                lifecycle.close(g, failed=gone and g.dist is not None, after_script=True)
 
     def _finish_unit(self, u: Unit) -> list[dict[str, Any]]:
         if u.external and u.callback is None:  # the script's own gg.Guard

@@ -185,22 +185,27 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Any) -> bool:
     return actions.feed(rec, guard, trig, layers)
 
 
-def abandon(rec: Recovery, guard: Guard) -> None:
+def abandon(rec: Recovery, guard: Guard, *, undo: bool = True) -> None:
     """The run ends (``guard.close``) while a trial arm runs: its weights are from up to
     ``TRIAL`` steps at another LR than the one in force (a retry's: the LR that failed),
     judged by nothing yet. The run ends on the control's state instead, the LR in force,
-    as when a trial is discarded; an ``info`` event says so."""
+    as when a trial is discarded; an ``info`` event says so. ``undo=False``: the script
+    ended already (``gradguard run``) and saved the trial's weights; the event says that."""
     probe = rec._probe
     if probe.phase != "trial" or probe.fork is None:
         return
-    _restore(rec, guard, probe.fork)
     step = guard.step_count - 1
     what = "retry of a higher LR" if probe.up is not None else "probe of half the LR"
-    guard.add_event(Event(
-        kind="lr_probe", step=step, severity="info",
-        message=(f"step {step}: the run ended during the trial arm of an LR {what}; its "
-                 "steps are discarded and the weights are the control arm's, trained at "
-                 "the LR in force")))
+    ended = f"step {step}: the run ended during the trial arm of an LR {what}"
+    if undo:
+        _restore(rec, guard, probe.fork)
+        said = (f"{ended}; its steps are discarded and the weights are the control arm's, "
+                "trained at the LR in force")
+    else:
+        since = probe.trial_from if probe.trial_from is not None else step
+        said = (f"{ended}: the script's last weights, and what it saved, are the trial "
+                f"arm's, trained from step {since} at x{probe.factor:g} the LR in force")
+    guard.add_event(Event(kind="lr_probe", step=step, severity="info", message=said))
     probe.cancel(step)
 
 

@@ -283,6 +283,10 @@ class Recovery:
         """The run ends (``guard.close``): a probe's trial arm under way is discarded."""
         _probing.abandon(self, guard)
 
+    def ended_in_trial(self, guard: Guard) -> None:
+        """The script ended (``gradguard run``) during a probe's trial arm: said, not undone."""
+        _probing.abandon(self, guard, undo=False)
+
     def detach(self) -> None:
         """Remove the LR multiplier's hooks (the guard's ``close`` calls it)."""
         if self._mult is not None:

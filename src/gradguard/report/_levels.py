@@ -29,6 +29,20 @@ def tol(level: float, window: Any) -> float:
     return max(REL_TOL * abs(level), NOISE_K * spread(window))
 
 
+def back_at(before: float, final: float, end: Any) -> bool:
+    """Whether the loss ended (``final``, the median of the ``end`` window) back at the level
+    ``before`` it, within the end window's own noise (in log units when the losses are
+    positive): for a level the recovery reported, whose steps before its flush were the
+    trouble's (found by a stranger: a loss 16x its level at the end of a run whose LR was
+    raised 30x 50 steps before was "recovered", the rise's own spread taken for noise)."""
+    import numpy as np
+
+    if before > 0 and final > 0 and len(end) and bool((end > 0).all()):
+        return math.log(final / before) <= max(math.log1p(REL_TOL),
+                                               NOISE_K * spread(np.log(end)))
+    return final <= before + tol(before, end)
+
+
 def rose(start: float, final: float, end: Any) -> bool:
     """Whether the loss ended (``final``, the median of the ``end`` window) above where it
     started, out of the end window's noise. In log units when the losses are positive: a

@@ -156,7 +156,8 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     tail_bad = last_bad or float(nonfinite_tail.mean() if n else 0) > TAIL_BAD_FRACTION
 
     start = final = before = None
-    rose = flat = False
+    rose = flat = by_ladder = False
+    end = np.zeros(0)
     # the loss levels are the taken steps': a skipped step's loss is its batch's, on weights
     # that never saw it (a run aborted when every batch became x1e4, all skipped, was
     # "the loss rose ... the learning rate is too high")
@@ -191,6 +192,9 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
                         isinstance(x, (int, float)) and math.isfinite(x):
                     said.append(float(x))
             before = min(said) if said else None
+            # the ladder's level is below the window's: the window before its flush is the
+            # trouble's own (a rise it acted on at the next flush), and its spread no noise
+            by_ladder = before is not None and len(said) > 1 and before < said[0]
 
     cause = _cause(data, incident, start, before, rose, bool(fin.any()))
     if aborts:
@@ -214,8 +218,9 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         clause = "training diverged (the loss rose over the run)"
     elif incident is None:
         status, clause = "healthy", ""
-    elif before is None or final is None or final <= before + tol(
-            before, loss[(data.step < incident) & fin][-k:]):
+    elif before is None or final is None or (
+            _levels.back_at(before, final, end) if by_ladder else final <= before + tol(
+                before, loss[(data.step < incident) & fin][-k:])):
         status, clause = "recovered", "training recovered"
     else:
         status = "not_recovered"

@@ -128,7 +128,9 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     # a clipped step the guard then skipped took no clipped update (the demo's summary said
     # "skipped 6, clipped 5" with 2 of the 5 skipped)
     clipped = int(np.sum(np.isfinite(data.clip_coef) & (data.clip_coef < 1.0) & ~data.skipped))
-    kinds = Counter(e.get("kind") for e in ev)
+    # decided at the flush after the script ended (gradguard run): not applied
+    late = [e for e in ev if (e.get("data") or {}).get("applied") is False]
+    kinds = Counter(e.get("kind") for e in ev if (e.get("data") or {}).get("applied") is not False)
     lead = summary_lead(data, outcome)
     parts: list[str] = [lead] if lead else []
     if lead:  # the loss tells the story; vanishing or loss spikes are its consequences
@@ -233,7 +235,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         whose = (config or {}).get("clip") if (config or {}).get("user_clip") is None else None
         actions.append(f"clipped {_plural(clipped, 'step')}"
                        + (f" ({whose})" if whose and whose != "none" else ""))
-    backoffs = [e for e in ev if e.get("kind") == "lr_backoff"]
+    backoffs = [e for e in ev if e.get("kind") == "lr_backoff" and e not in late]
     # back-offs the next step undid: it was finite (or clean) on the same weights
     # (recovery.ladder)
     undone = sum(1 for e in ev if e.get("kind") in ("nonfinite_input", "unscaled_input",
@@ -269,6 +271,13 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     elif outcome_text and not (lead and outcome.status == "diverged" and outcome.rose
                                and outcome_text.startswith("training diverged")):
         parts.append(outcome_text[0].upper() + outcome_text[1:] + ".")
+    if late:
+        what = ("roll back" if any(e.get("kind") == "rollback" for e in late)
+                else "cut the LR" if any(e.get("kind") == "lr_backoff" for e in late)
+                else "act")
+        parts.append(f"The script ended before gradguard judged its last steps: what it "
+                     f"decided at step {late[0]['step']} ({what}) was not applied, and the "
+                     "weights the script saved are from before it.")
     if n_scaler and not every_overflow(data):
         parts.append(f"The GradScaler skipped {_plural(n_scaler, 'step')} for loss-scale "
                      "overflows (routine in mixed precision).")
