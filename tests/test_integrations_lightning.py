@@ -112,6 +112,29 @@ def test_a_second_fit_with_the_same_callback_is_a_run_of_its_own(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_fit_continued_on_the_same_trainer_goes_on_with_its_guard(tmp_path):
+    """Found by a stranger: the notebook pattern, ``trainer.fit`` to 8 steps, then
+    ``max_steps`` raised and ``fit`` again on the same Trainer, built a fresh guard at step
+    0 in the same directory: a NaN batch at global step 11 was "NaN at step 3", steps 0-7
+    were recorded twice and the report took the run for a resume from a checkpoint. The
+    guard now goes on from the state it ended the first fit with."""
+    cb = GradGuardCallback(clip=gg.ZClip(), every=4, report=False)
+    model = Tiny(nan_step=11)
+    t = trainer(tmp_path, cb, logger=False)
+    t.fit(model, loader())
+    t.fit_loop.epoch_loop.max_steps = 16
+    t.fit(model, loader())
+    base = tmp_path / "gradguard"
+    assert cb.run_dirs == [base, base]
+    steps = [r for r in read_jsonl(base / "metrics.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(16))
+    assert [r["step"] for r in steps if r["skipped"]] == [11]
+    skips = [e for e in read_jsonl(base / "events.jsonl") if e["kind"] == "skip"]
+    assert [e["step"] for e in skips] == [11]
+    assert cb._final is not None and cb._final[0]["step_count"] == 16
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_a_module_of_lazy_layers_is_guarded_from_its_first_step(tmp_path):
     """Found as a stranger: a LightningModule built of ``nn.LazyLinear`` layers (their
     shapes come from the first forward, which Lightning runs after ``on_train_start``)

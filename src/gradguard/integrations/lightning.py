@@ -186,6 +186,11 @@ class GradGuardCallback(CallbackOptions, Callback):
         # a later fit from step 0 (a second stage, a cell run again) is a run of its own; a
         # fit resumed from a checkpoint goes on in the same directory
         self._sub = f"fit{self._done}" if self._done and trainer.global_step == 0 else None
+        if (self._done and trainer.global_step > 0 and self._loaded is None
+                and self._final is not None and len(self._final) == len(trainer.optimizers)):
+            # the same Trainer fits on (max_steps raised): its guards go on from the state
+            # they ended the last fit with, their steps numbered on, in the same directory
+            self._loaded = list(self._final)
         for k, opt in enumerate(trainer.optimizers):
             self._check_amp(trainer, opt)
             if any(is_lazy(p) for g in opt.param_groups for p in g["params"]):
