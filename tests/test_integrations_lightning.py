@@ -135,6 +135,33 @@ def test_a_fit_continued_on_the_same_trainer_goes_on_with_its_guard(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_an_optimizer_whose_step_needs_a_closure_is_left_unguarded_with_a_warning(tmp_path):
+    """Found by a stranger: a healthy LightningModule on ``torch.optim.LBFGS`` stopped at
+    its first step with "LBFGS.step needs a closure: call guard.step(closure=closure)",
+    an API the user never called (and under ``gradguard run``). LBFGS evaluates its
+    closure several times per step, each a backward Lightning hooks: it is left unguarded,
+    said once, and trains as without the callback."""
+    class Lbfgs(Tiny):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+    weights = []
+    for cbs in ([], [GradGuardCallback(clip=gg.ZClip(), every=4, report=False)]):
+        torch.manual_seed(0)
+        model = Lbfgs(nan_step=-1)
+        t = trainer(tmp_path, None, logger=False, callbacks=cbs)
+        if cbs:
+            with pytest.warns(gg.GradGuardWarning, match="LBFGS .* is not guarded") as said:
+                t.fit(model, loader())
+            assert sum("is not guarded" in str(w.message) for w in said) == 1
+        else:
+            t.fit(model, loader())
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights):
+        assert torch.equal(a, b)
+    assert not (tmp_path / "gradguard").exists()
+
+
 def test_a_module_of_lazy_layers_is_guarded_from_its_first_step(tmp_path):
     """Found as a stranger: a LightningModule built of ``nn.LazyLinear`` layers (their
     shapes come from the first forward, which Lightning runs after ``on_train_start``)

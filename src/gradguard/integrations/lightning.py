@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,9 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from ..config import GuardConfig
+from ..errors import GradGuardWarning
 from ..events import Flush, Sink
+from ..executors import needs_closure
 from ..guard import Guard
 from ..sinks import JsonlSink
 from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
@@ -156,6 +159,8 @@ class GradGuardCallback(CallbackOptions, Callback):
         #: the run directory's part for a later fit that starts afresh (``fit<k>``): a run
         #: of its own, not records of the same steps again (read as a resume's)
         self._sub: str | None = None
+        #: optimizers left unguarded (their step needs a closure: LBFGS), said once each
+        self._unguarded: set[int] = set()
 
     # ---- checks ------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -193,6 +198,16 @@ class GradGuardCallback(CallbackOptions, Callback):
             self._loaded = list(self._final)
         for k, opt in enumerate(trainer.optimizers):
             self._check_amp(trainer, opt)
+            if needs_closure(opt):
+                if id(opt) not in self._unguarded:
+                    self._unguarded.add(id(opt))
+                    warnings.warn(
+                        f"GradGuardCallback: {type(opt).__name__} (optimizer {k}) evaluates "
+                        "its closure several times per step (its line search), each time with "
+                        "a backward whose gradients Lightning hands to the callback: it is not "
+                        "guarded (no measurement, clip or skip), and trains as without the "
+                        "callback", GradGuardWarning, stacklevel=2)
+                continue
             if any(is_lazy(p) for g in opt.param_groups for p in g["params"]):
                 # lazy modules (nn.LazyLinear) take their shapes from the first forward,
                 # which Lightning runs after this hook: built at the first step instead
