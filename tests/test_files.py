@@ -122,6 +122,29 @@ def test_resume_after_a_kill_through_the_guard(tmp_path):
     assert len(data.warnings) == 1 and f"events.jsonl:{n_lines + 1}: " in data.warnings[0]
 
 
+def test_a_resume_from_an_earlier_checkpoint_shows_each_replayed_event_once(tmp_path):
+    """Found by strangers: a run killed after the flush that followed its last checkpoint,
+    resumed from that checkpoint into the same directory, replays the steps in between;
+    their steps were shown once, their events twice ("rolled back 2 times" for one)."""
+    from gradguard.report._summary import summary_sentence
+
+    def train(steps: range) -> None:
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+            guard.step_count = steps[0]
+            guarded_steps(guard, model, opt, len(steps), nan_steps={13}, start=steps[0])
+
+    train(range(0, 20))  # its checkpoint was at step 10; killed at 20
+    train(range(10, 20))  # resumed from it: steps 10-19 again, the NaN at 13 again
+    raw = [(e["kind"], e["step"]) for e in read_jsonl(tmp_path / "events.jsonl")]
+    assert raw.count(("skip", 13)) == 2
+    data = load_run(tmp_path)
+    assert [(e["kind"], e["step"]) for e in data.events].count(("skip", 13)) == 1
+    assert any("events were recorded twice" in w for w in data.warnings)
+    assert "skipped 1 step" in summary_sentence(data)
+
+
 # ---- the reader streams ---------------------------------------------------------------------
 def test_iter_jsonl_yields_before_reading_the_whole_file(tmp_path):
     p = tmp_path / "metrics.jsonl"

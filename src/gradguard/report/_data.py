@@ -161,7 +161,8 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     The JSONL files are streamed (:func:`gradguard.events.iter_jsonl`) into packed arrays:
     memory grows with the number of values, never with the size of the JSON text. A step
     recorded twice (a run resumed from an earlier checkpoint) is shown once, with its later
-    record, and noted in ``RunData.warnings``.
+    record, and noted in ``RunData.warnings``; so is an event recorded twice (the same step,
+    kind and message: the resumed run replayed the step that raised it).
 
     Raises:
         ReportError: the directory is missing or holds no gradguard files, or a file
@@ -217,6 +218,14 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     layer_step = np.frombuffer(m.layer_step, dtype=np.int64)[rows]
 
     diagnosis = _diagnosis(dpath) if dpath.exists() else None
+    seen: dict[tuple[Any, ...], int] = {}
+    for i, e in enumerate(events):  # the later record of one recorded again is kept
+        seen[(e.get("step"), e.get("kind"), e.get("message"), e.get("rank"))] = i
+    if len(seen) < len(events):
+        notes.append(f"{epath}: {len(events) - len(seen)} events were recorded twice (a run "
+                     "resumed from an earlier checkpoint replayed their steps); each is "
+                     "shown once")
+        events = [events[i] for i in sorted(seen.values())]
     events.sort(key=lambda e: e["step"])
     return RunData(
         d, step, cols["loss"], cols["grad_norm"], cols["clip_coef"], skipped,
