@@ -297,6 +297,30 @@ def test_a_resume_with_snapshot_dir_rolls_back_to_the_snapshots_before_it(tmp_pa
     rolled = [e.data["snapshot_step"] for e in guard.events if e.kind == "rollback"]
     assert rolled and rolled[0] == 19  # the newest snapshot before the checkpoint
 
+def test_another_runs_snapshots_in_the_directory_are_never_restored_nor_win_the_pruning(tmp_path):
+    """Found by a stranger: an experiment run again into the same ``snapshot_dir`` found the
+    other run's snapshots there (steps 249 and 349); pruned by step, the new run's own
+    files were deleted as soon as they were written, and its resumed run rolled back "to
+    the snapshot of step 349", another experiment's weights, or stopped on their shapes.
+    They are now left alone, said once, and the run's own are kept and restored."""
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    for step in (249, 349):  # another run's, of another model
+        torch.save({"step": step, "model": {"0.weight": torch.zeros(3, 3)}},
+                   snaps / f"snapshot-{step:010d}.pt")
+    with pytest.warns(gg.GradGuardWarning, match=r"holds 2 snapshot file\(s\) of another run "
+                      r"\(steps 249, 349\): they are never restored nor deleted"):
+        model, opt, guard, state, data = _resumed_at_an_lr_too_high(tmp_path, snaps)
+    assert sorted(p.name for p in snaps.glob("snapshot-*.pt")) == [
+        "snapshot-0000000014.pt", "snapshot-0000000019.pt", "snapshot-0000000249.pt",
+        "snapshot-0000000349.pt"]
+    guard.load_state_dict(state)
+    train(guard, model, opt, data[:20], start=20)
+    rolled = [e.data["snapshot_step"] for e in guard.events if e.kind == "rollback"]
+    assert rolled and rolled[0] == 19  # the run's own newest before its checkpoint
+    assert (snaps / "snapshot-0000000349.pt").exists()
+
+
 # ---- a full disk ------------------------------------------------------------------------------
 @pytest.fixture
 def tiny_disk(tmp_path):

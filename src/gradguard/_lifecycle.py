@@ -77,7 +77,10 @@ def _before_late_flush(guard: Guard) -> tuple[int, int, dict[str, Any] | None]:
     from .recovery.snapshots import copy_state
 
     assert guard.recovery is not None
-    state = snapshot_state(guard, guard.step_count - 1)
+    # not under torch.distributed: its NaN test is a collective, which a rank that raised
+    # must not enter (the ranks' in-memory weights may then be a rollback's; the script's
+    # files are its own all the same)
+    state = snapshot_state(guard, guard.step_count - 1) if guard.dist is None else None
     return (len(guard.monitor.pending), guard.recovery.restores,
             None if state is None else copy_state(state))
 

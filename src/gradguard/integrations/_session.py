@@ -280,7 +280,7 @@ class ZeroCodeSession:
         rec = copy.deepcopy(cfg.recovery)
         if rec is not None and k and rec.snapshot_dir is not None:
             rec.snapshot_dir = rec.snapshot_dir / f"optimizer{k}"
-            rec.disk = DiskSnapshotStore(rec.snapshot_dir, keep=rec.config.keep)
+            rec.disk = DiskSnapshotStore(rec.snapshot_dir, keep=rec.config.keep, run=True)
         if sinks is None:
             sinks = self._sinks(k, run_dir, jsonl)
         clip = InterceptedClip(self.interceptor, copy.deepcopy(cfg.clip), self.script_clip)

@@ -76,6 +76,8 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
     rec.state = LadderState(**sd)
     rec._resumed = False
     guard = rec._guard() if rec._guard is not None else None
+    if rec.ring.disk is not None and guard is not None:  # its snapshots on disk are its own
+        rec.ring.disk.resumed(guard.step_count - 1)
     if len(rec.store) or (rec.ring.disk is not None and rec.ring.disk.steps()) or (
             guard is not None and guard.step_count == 0):  # nothing kept, none needed
         return

@@ -33,7 +33,7 @@ class SnapshotRing:
         #: the snapshots rollbacks restore from (host memory, pinned from CUDA)
         self.store = MemorySnapshotStore(keep=keep, max_bytes=max_bytes)
         #: their copies on disk, when a directory is set
-        self.disk = None if directory is None else DiskSnapshotStore(directory, keep=keep)
+        self.disk = None if directory is None else DiskSnapshotStore(directory, keep=keep, run=True)
         #: snapshot step -> the loss level it was taken at (the newest ``keep``)
         self.levels: dict[int, float | None] = {}
         #: snapshot step -> the largest share of a layer's units dead then (the newest
@@ -64,6 +64,9 @@ class SnapshotRing:
         if self.disk is not None and disk:
             if self._writer is None:
                 self._writer = SnapshotWriter(self.disk)
+                if (note := self.disk.foreign_note()) is not None:
+                    warnings.warn(f"gradguard: Recovery: {note}", GradGuardWarning,
+                                  stacklevel=caller_stacklevel())
             self._warn_write_error()
             self._writer.submit(step, self.store.load(-1))
         return True

@@ -158,7 +158,8 @@ class DiskSnapshotStore:
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, keep: int = KEEP, rank: int | None = None
+        self, directory: str | os.PathLike[str], *, keep: int = KEEP, rank: int | None = None,
+        run: bool = False,
     ) -> None:
         self.keep = check_int("keep", keep, 1, "DiskSnapshotStore")
         #: under torch.distributed each rank keeps its own files (``...-rank<r>.pt``), so
@@ -178,6 +179,13 @@ class DiskSnapshotStore:
                 pass
         except OSError as e:
             raise ValueError(f"snapshot_dir={str(directory)!r} is not writable: {e}") from e
+        #: ``run``: the store of a run's recovery, where the snapshot files already there
+        #: are another run's (an experiment run again into the same directory), never
+        #: restored nor pruned, unless this run resumes one (:meth:`resumed`): then those up
+        #: to its checkpoint's step are its own. A store opened to read a directory sees all.
+        #: Found at the first use, once the rank (its files' tag) is set.
+        self._foreign_found: dict[Path, int] | None = None if run else {}
+        self._said_foreign = False
 
     @property
     def _tag(self) -> str:
@@ -195,12 +203,40 @@ class DiskSnapshotStore:
         # the weights before the first step are step -1 ("snapshot--000000001.pt")
         return int(core) if core.removeprefix("-").isdigit() else None
 
-    def paths(self) -> list[Path]:
-        """This rank's snapshot files, oldest first (temp files are ignored)."""
+    @property
+    def _foreign(self) -> dict[Path, int]:
+        if self._foreign_found is None:
+            self._foreign_found = {p: s for p in self._files()
+                                   if (s := self._step_of(p)) is not None}
+        return self._foreign_found
+
+    def _files(self) -> list[Path]:
         return sorted(
             p for p in self.directory.glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}")
             if self._step_of(p) is not None
         )
+
+    def paths(self) -> list[Path]:
+        """This run's (and rank's) snapshot files, oldest first (temp files, and the files of
+        another run found in the directory, are ignored)."""
+        return [p for p in self._files() if p not in self._foreign]
+
+    def resumed(self, step: int) -> None:
+        """This run resumed from a checkpoint taken after ``step``: the snapshot files from
+        before this store up to that step are the run's own (a later one is from the future
+        of another run: a resumed run rolled back "to the snapshot of step 349" at step
+        249, another experiment's weights, or stopped on their shapes)."""
+        self._foreign_found = {p: s for p, s in self._foreign.items() if s > step}
+
+    def foreign_note(self) -> str | None:
+        """Once, when the directory held another run's snapshots: what was left alone."""
+        if not self._foreign or self._said_foreign:
+            return None
+        self._said_foreign = True
+        steps = ", ".join(str(s) for s in sorted(self._foreign.values())[:5])
+        return (f"snapshot_dir={str(self.directory)!r} holds {len(self._foreign)} snapshot "
+                f"file(s) of another run (steps {steps}{', ...' if len(self._foreign) > 5 else ''}): "
+                "they are never restored nor deleted; give each run a directory of its own")
 
     def steps(self) -> list[int]:
         return [s for p in self.paths() if (s := self._step_of(p)) is not None]
@@ -219,12 +255,14 @@ class DiskSnapshotStore:
                 torch.save(state, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
+            self._foreign  # noqa: B018  (found before this run's first file lands)
             os.replace(tmp, self.path(step))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._foreign.pop(self.path(step), None)  # replaced: this run's now
         _fsync_dir(self.directory)
-        for old in self.paths()[: -self.keep]:
+        for old in self.paths()[: -self.keep]:  # this run's own only
             old.unlink(missing_ok=True)
 
     def load_path(self, path: str | os.PathLike[str]) -> dict[str, Any]:
