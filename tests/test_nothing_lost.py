@@ -537,3 +537,22 @@ def test_ranks_sharing_a_snapshot_directory_roll_back_to_their_own_parameters(tm
         other = torch.load(tmp_path / f"good{1 - r}.pt")
         assert all(torch.equal(a, b) for a, b in zip(good, end))  # its own snapshot
         assert not torch.equal(good[0], other[0])
+
+
+@pytest.mark.parametrize("saved, loaded", [("ZClip", "AutoClip"), ("AutoClip", "ZClip")])
+def test_a_state_saved_with_another_clip_policy_is_refused_naming_both(saved, loaded):
+    """Found by a stranger: ZClip's state loaded into a guard with AutoClip was accepted,
+    and the next ``guard.step`` raised ``KeyError: 'bin_count'``, far from the mistake; the
+    other way round it was a bare ``KeyError: 'buffer'``."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, clip=getattr(gg, saved)())
+    train(guard, model, opt, batches(12, seed=3))
+    state = guard.state_dict()
+    other = gg.Guard(model, opt, clip=getattr(gg, loaded)())
+    with pytest.raises(ValueError, match=rf"saved by a guard with clip={saved}, this guard's is "
+                                         rf"{loaded}: .* build the guard with the clip policy"):
+        other.load_state_dict(state)
+    same = gg.Guard(model, opt, clip=getattr(gg, saved)())
+    same.load_state_dict(state)  # the same policy loads
+    train(same, model, opt, batches(4, seed=4))

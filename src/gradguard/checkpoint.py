@@ -24,6 +24,7 @@ def state_dict(guard: Guard) -> dict[str, Any]:
         "version": VERSION,
         "step_count": guard.step_count,
         "clip": None if guard.clip is None else guard.clip.state_dict(),
+        "clip_policy": None if guard.clip is None else type(guard.clip).__name__,
         "telemetry": guard.telemetry.state_dict(),
         "monitor": guard.monitor.state_dict(),
         "watch": None if guard._watch is None else guard._watch.state_dict(),
@@ -39,6 +40,12 @@ def load_state_dict(guard: Guard, sd: dict[str, Any], *, telemetry: bool = True)
     window, which is per parameter, is not restored."""
     if sd.get("version") != VERSION:
         raise ValueError(f"Guard.load_state_dict: unsupported version {sd.get('version')!r}")
+    saved = sd.get("clip_policy")  # absent from checkpoints before it was recorded
+    if guard.clip is not None and saved is not None and saved != type(guard.clip).__name__:
+        raise ValueError(
+            f"Guard.load_state_dict: the state was saved by a guard with clip={saved}, this "
+            f"guard's is {type(guard.clip).__name__}: their statistics do not carry over; "
+            f"build the guard with the clip policy it was saved with ({saved})")
     guard.step_count = int(sd["step_count"])
     if guard.clip is not None and sd.get("clip") is not None:
         guard.clip.load_state_dict(sd["clip"])
