@@ -653,3 +653,28 @@ def test_a_gradient_out_of_scale_at_init_is_said_and_a_converging_run_is_not():
     d = _data([])
     d.grad_norm = np.geomspace(2.0, 2e-3, d.n_steps)
     assert "out of scale" not in summary_sentence(d)
+
+
+def test_an_lr_jump_is_an_incident_the_run_is_judged_from_not_healthy():
+    """Found by a stranger: a script that raised its LR 30x mid-run got gradguard's own
+    ``lr_too_high`` warning, then the verdict "HEALTHY: No gradient trouble in 300 steps"
+    (held-out 2.7x its twin's). The jump is an incident: the run is judged from the level
+    before it, and the summary names it."""
+    import numpy as np
+
+    from gradguard.report._data import RunData
+    from gradguard.report._outcome import judge
+    from gradguard.report._summary import summary_sentence
+
+    n = 60
+    loss = np.linspace(2.0, 0.5, n)
+    loss[30:] = 1.5  # up after the jump, and it stays there
+    jump = {"kind": "lr_too_high", "step": 30, "severity": "warning", "value": 30.0,
+            "message": "step 30: learning rate of param group 0 jumped 30x"}
+    d = RunData(Path("r"), np.arange(n), loss, np.ones(n), np.ones(n), np.zeros(n, bool), [],
+                np.zeros(0, int), np.zeros((0, 0)), np.zeros((0, 0)), [jump])
+    out = judge(d)
+    assert (out.status, out.incident_step) == ("not_recovered", 30)
+    text = summary_sentence(d, {})
+    assert text.startswith("The learning rate jumped 30x at step 30, above any the run had")
+    assert "did not recover" in text and "No gradient trouble" not in text

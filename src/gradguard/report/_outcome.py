@@ -48,7 +48,7 @@ MIN_LEVEL_STEPS, MAX_LEVEL_STEPS = 3, 50
 #: come back, whatever its loss says (a skipped step does not move the loss).
 TAIL_BAD_FRACTION = 0.5
 #: Event kinds that start an incident (besides a skipped step).
-INCIDENT_KINDS = ("nonfinite_grad", "grad_spike", "loss_spike")
+INCIDENT_KINDS = ("nonfinite_grad", "grad_spike", "loss_spike", "lr_too_high")
 #: The recovery ladder's own actions: it acted on trouble that may show in no gradient event
 #: (a loss that rose, a network that died), so the run was not healthy.
 LADDER_KINDS = ("lr_backoff", "rollback")
