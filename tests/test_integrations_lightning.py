@@ -162,6 +162,77 @@ def test_an_optimizer_whose_step_needs_a_closure_is_left_unguarded_with_a_warnin
     assert not (tmp_path / "gradguard").exists()
 
 
+class RingGAN(pl.LightningModule):
+    """A 2-D GAN (8 Gaussians on a ring of radius 2) optimised by hand: two players."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.G = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                                     torch.nn.ReLU(), torch.nn.Linear(64, 2))
+        self.D = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.LeakyReLU(0.2),
+                                     torch.nn.Linear(64, 64), torch.nn.LeakyReLU(0.2),
+                                     torch.nn.Linear(64, 1))
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        (real,) = batch
+        opt_d, opt_g = self.optimizers()
+        z = torch.randn(len(real), 4)
+        ones, zeros = torch.ones(len(real), 1), torch.zeros(len(real), 1)
+        loss_d = bce(self.D(real), ones) + bce(self.D(self.G(z).detach()), zeros)
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        loss_g = bce(self.D(self.G(z)), ones)
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.D.parameters(), lr=1e-3, betas=(0.5, 0.999)),
+                torch.optim.Adam(self.G.parameters(), lr=1e-3, betas=(0.5, 0.999))]
+
+
+def test_a_gans_players_are_not_judged_on_their_loss_level_and_each_has_a_ladder(tmp_path):
+    """Found by a stranger: a healthy 2-D GAN under the callback's default recovery had its
+    discriminator rolled back three times on a GAN's normal movement (the loss-rise test),
+    and the generator's samples ended off the ring (0 of 8 modes against 8 unguarded); the
+    generator, the second optimizer, had no ladder at all. Manual optimisation of several
+    optimizers now gets ``Recovery(loss_rise=False)`` by default, said once, one ladder per
+    optimizer; the run is bit for bit the unguarded one."""
+    weights = []
+    for guarded in (False, True):
+        pl.seed_everything(1, verbose=False)
+        g = torch.Generator().manual_seed(1)
+        k = torch.randint(0, 8, (600 * 64,), generator=g).float() * (2 * math.pi / 8)
+        data = 2 * torch.stack([torch.cos(k), torch.sin(k)], 1)
+        data = data + 0.05 * torch.randn(data.shape, generator=g)
+        dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=64)
+        model = RingGAN()
+
+        class Spy(GradGuardCallback):
+            def on_train_end(self, trainer, pl_module):
+                self.seen = list(self.guards.values())
+                super().on_train_end(trainer, pl_module)
+
+        cb = Spy(report=False)
+        t = trainer(tmp_path, None, logger=False, max_steps=-1, max_epochs=1,
+                    callbacks=[cb] if guarded else [])
+        if guarded:
+            with pytest.warns(gg.GradGuardWarning, match="optimizers by hand .* does not act on "
+                                                         "the loss level"):
+                t.fit(model, dl)
+            recs = [g.recovery for g in cb.seen]
+            assert len(recs) == 2 and all(r is not None and not r.loss_rise for r in recs)
+            assert recs[0] is not recs[1]
+        else:
+            t.fit(model, dl)
+        weights.append([p.detach().clone() for p in model.G.parameters()])
+    for a, b in zip(*weights):
+        assert torch.equal(a, b)
+
+
 def test_a_module_of_lazy_layers_is_guarded_from_its_first_step(tmp_path):
     """Found as a stranger: a LightningModule built of ``nn.LazyLinear`` layers (their
     shapes come from the first forward, which Lightning runs after ``on_train_start``)

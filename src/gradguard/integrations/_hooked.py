@@ -133,7 +133,10 @@ class CallbackOptions:
         self, owner: str, config: GuardConfig | None, options: dict[str, Any],
         run_dir: str | os.PathLike[str] | None, report: bool,
     ) -> None:
-        if config is None and "recovery" not in options:
+        #: the recovery is the callback's default, not the user's (see the Lightning
+        #: callback's adversarial players)
+        self.default_recovery = config is None and "recovery" not in options
+        if self.default_recovery:
             options = {**options, "recovery": Recovery()}
         self.config = resolve_config(owner, config, options)
         self.run_dir = None if run_dir is None else Path(run_dir)

@@ -46,6 +46,8 @@ from ..errors import GradGuardWarning
 from ..events import Flush, Sink
 from ..executors import needs_closure
 from ..guard import Guard
+from ..recovery import Recovery
+from ..recovery.snapshots import DiskSnapshotStore
 from ..sinks import JsonlSink
 from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
 from ._summary import write_report
@@ -143,6 +145,8 @@ class GradGuardCallback(CallbackOptions, Callback):
         **options: Any,
     ) -> None:
         self._init_options("GradGuardCallback", config, options, run_dir, report)
+        #: a pristine copy, before any guard binds the first: each further optimizer's own
+        self._template = copy.deepcopy(self.config.recovery)
         self.guards: dict[int, Guard] = {}
         self.run_dirs: list[Path] = []
         self.reports: list[str] = []
@@ -196,6 +200,7 @@ class GradGuardCallback(CallbackOptions, Callback):
             # the same Trainer fits on (max_steps raised): its guards go on from the state
             # they ended the last fit with, their steps numbered on, in the same directory
             self._loaded = list(self._final)
+        self._players(trainer, pl_module)
         for k, opt in enumerate(trainer.optimizers):
             self._check_amp(trainer, opt)
             if needs_closure(opt):
@@ -216,6 +221,36 @@ class GradGuardCallback(CallbackOptions, Callback):
             self._build(trainer, pl_module, k, opt)
         if not self._deferred:
             self._loaded = None
+
+    def _players(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Manual optimisation of several optimizers (a GAN's players, an actor and a
+        critic): each one's loss may rise in a healthy run, so the default recovery does not
+        act on the loss level (found by a stranger: a healthy 2-D GAN's discriminator was
+        rolled back three times on a GAN's normal movement and its generator's samples
+        ended off the ring, 0-4 of 8 modes against 8 unguarded). Said once."""
+        rec = self.config.recovery
+        if (not self.default_recovery or rec is None or not rec.loss_rise
+                or pl_module.automatic_optimization or len(trainer.optimizers) < 2):
+            return
+        self.config = self.config.replace(recovery=Recovery(loss_rise=False))
+        self._template = Recovery(loss_rise=False)
+        warnings.warn(
+            f"GradGuardCallback: {type(pl_module).__name__} optimizes {len(trainer.optimizers)} "
+            "optimizers by hand (a GAN's players, an actor and a critic?): each one's loss may "
+            "rise in a healthy run, so the recovery does not act on the loss level "
+            "(Recovery(loss_rise=False)); NaN, spikes and dead layers it still handles. Pass "
+            "recovery=gg.Recovery() to judge the loss too", GradGuardWarning, stacklevel=2)
+
+    def _recovery_for(self, k: int, run_dir: Path) -> Recovery | None:
+        """The k-th optimizer's own recovery ladder (a copy of the first's, its snapshots in
+        ``run_dir``'s ``optimizer<k>`` when they go to disk), as under ``gradguard run``."""
+        if k == 0 or self.config.recovery is None or self._template is None:
+            return self.config.recovery
+        rec = copy.deepcopy(self._template)
+        if rec.snapshot_dir is not None:
+            rec.snapshot_dir = Path(rec.snapshot_dir) / f"optimizer{k}"
+            rec.disk = DiskSnapshotStore(rec.snapshot_dir, keep=rec.config.keep, run=True)
+        return rec
 
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, k: int,
                opt: torch.optim.Optimizer) -> Guard:
@@ -240,7 +275,7 @@ class GradGuardCallback(CallbackOptions, Callback):
         cfg = self.config.replace(
             sinks=sinks,
             clip=self.clip if k == 0 else copy.deepcopy(self.clip),
-            recovery=self.recovery if k == 0 else None,
+            recovery=self._recovery_for(k, run_dir),
         )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         guard = self.guards[id(opt)] = hooked_guard(pl_module, opt, cfg, scaler=scaler)

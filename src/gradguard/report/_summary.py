@@ -175,9 +175,10 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         # the script's LR jumped (gradguard.detectors.lr): an incident the verdict judges
         # from, though no gradient showed it (a run whose LR the script raised 30x was
         # "HEALTHY: No gradient trouble", at 2.7x its twin's held-out loss)
-        x = jumps[0].get("value")
-        parts.append(f"The learning rate jumped{f' {x:.3g}x' if isinstance(x, (int, float)) else ''} "
-                     f"at step {jumps[0]['step']}, above any the run had or planned.")
+        ratio = jumps[0].get("value")
+        by = f" {ratio:.3g}x" if isinstance(ratio, (int, float)) else ""
+        parts.append(f"The learning rate jumped{by} at step {jumps[0]['step']}, above any "
+                     "the run had or planned.")
     elif not lead and (bad := int((~np.isfinite(data.grad_norm)).sum())):
         # non-finite norms with no event naming them: the events file is missing or was
         # cut (a run with 47 NaN steps was "No gradient trouble ... between 91.7 and 5e18")
