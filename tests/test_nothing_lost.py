@@ -271,10 +271,41 @@ def test_a_checkpoint_taken_after_the_weights_went_wrong_unjudged_is_no_stand_in
     assert 23 not in guard.recovery.store.steps()  # the wrecked weights: no stand-in
 
 
+@pytest.mark.parametrize("after", [1, 2])
+def test_a_checkpoint_one_or_two_steps_after_an_lr_burst_is_no_stand_in(after):
+    """Found by a stranger: a checkpoint taken one or two steps after an LR burst, before any
+    flush judged them, was kept as the stand-in snapshot without a word (one or two losses
+    were "noise"); every rollback of the resumed run restored the wrecked weights
+    (``TrainingDiverged``, or 49.9 held-out against 0.27 uninterrupted). The jump since the
+    last flush, or the worst of so few losses, now says the weights may be the trouble's."""
+    def make():
+        model = mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return model, opt, gg.Guard(model, opt, recovery=gg.Recovery(snapshot_every=4), every=5)
+
+    data = batches(30, seed=11)
+    model, opt, guard = make()
+    train(guard, model, opt, data[:20])  # flushed (and snapshotted) up to step 19
+    opt.param_groups[0]["lr"] = 3.0  # x300 from step 20: the jump is reported at once
+    train(guard, model, opt, data[20:20 + after], start=20)
+    assert guard.telemetry.pending == after and guard.monitor.lr_tracker.last_jump == 20
+    state = guard.state_dict()
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
+    guard.close()
+    model, opt, guard = make()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    why = (r"after 1 step\(s\) at an LR that jumped at step 20, before a flush had judged "
+           r"them" if after == 1 else r"over the 2 steps since its last flush, above")
+    with pytest.warns(gg.GradGuardWarning, match=why + r".*kept in memory only"):
+        guard.load_state_dict(state)
+    train(guard, model, opt, data[20 + after:22 + after], start=20 + after)
+    assert 19 + after not in guard.recovery.store.steps()  # no stand-in
+
+
 def test_a_checkpoint_taken_soon_after_a_flush_is_judged_on_its_steps_alone():
-    """The steps since the last flush say how the weights do only when there are a few of
-    them: one or two losses are noise (``UNJUDGED_MIN``); the checkpoint's weights are then
-    the stand-in, as the ladder's state says."""
+    """The steps since the last flush say how the weights do: their median from
+    ``UNJUDGED_MIN`` of them on, the worst of fewer (none right after a flush)."""
     from gradguard.recovery._checkpoint import UNJUDGED_MIN, unjudged_level
 
     model = mlp()

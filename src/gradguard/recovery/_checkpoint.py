@@ -115,6 +115,13 @@ def unsound_resume(rec: Recovery, guard: Guard | None = None) -> str | None:
         return (f"with its loss at {since[0]:.4g} over the {since[1]} steps since its last "
                 f"flush, above the level of its last snapshot ({snap:.4g}): no flush had "
                 "judged them yet")
+    if guard is not None and (jump := guard.monitor.lr_tracker.last_jump) is not None and (
+            jump >= guard.step_count - guard.telemetry.pending):
+        # the updates at a jumped LR may have wrecked the weights before any loss showed it
+        # (found by a stranger: a checkpoint one step after an LR x300 kept as the
+        # stand-in, every rollback of the resumed run went back to it, TrainingDiverged)
+        return (f"after {guard.step_count - jump} step(s) at an LR that jumped at step "
+                f"{jump}, before a flush had judged them")
     return None
 
 
@@ -127,5 +134,7 @@ def unjudged_level(guard: Guard) -> tuple[float, int] | None:
         return None
     losses = guard.telemetry.pending_losses()
     if len(losses) < UNJUDGED_MIN:
-        return None
+        # too few for a level: the worst of them stands for it (a loss 110x the snapshot's
+        # two steps after an LR burst was taken for noise, and its weights for a stand-in)
+        return (max(losses), len(losses)) if losses else None
     return statistics.median(losses[-PROGRESS_STEPS:]), len(losses)
