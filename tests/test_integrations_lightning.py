@@ -233,6 +233,28 @@ def test_a_gans_players_are_not_judged_on_their_loss_level_and_each_has_a_ladder
         assert torch.equal(a, b)
 
 
+def test_a_batch_the_module_skips_by_returning_none_is_no_guard_step(tmp_path):
+    """Found by a stranger: Lightning's own way to skip a batch (``training_step`` returns
+    None) still calls the optimizer hook with every gradient None; the callback recorded
+    it as a step with a gradient norm of 0 and the step before's loss, and after 60 such
+    steps the report found a "gradient spike" (z=4.9e13) when the batches were good again.
+    Such a step is no guard step, as under ``gradguard run``."""
+    class Skipping(Tiny):
+        def training_step(self, batch, batch_idx):
+            if 2 <= self.global_step <= 4 and not hasattr(self, "skipped"):
+                self.skipped = True
+                return None  # a bad batch, skipped the Lightning way
+            self.__dict__.pop("skipped", None)
+            return super().training_step(batch, batch_idx)
+
+    cb = GradGuardCallback(clip=gg.ZClip(), every=4, report=False)
+    model = Skipping(nan_step=-1)
+    trainer(tmp_path, cb, logger=False, max_steps=6).fit(model, loader())
+    steps = [r for r in read_jsonl(tmp_path / "gradguard" / "metrics.jsonl") if r["type"] == "step"]
+    assert steps and all(r["grad_norm"] > 0 for r in steps), steps
+    assert len(steps) == len({r["step"] for r in steps})
+
+
 def test_a_module_of_lazy_layers_is_guarded_from_its_first_step(tmp_path):
     """Found as a stranger: a LightningModule built of ``nn.LazyLinear`` layers (their
     shapes come from the first forward, which Lightning runs after ``on_train_start``)

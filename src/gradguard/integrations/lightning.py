@@ -328,6 +328,12 @@ class GradGuardCallback(CallbackOptions, Callback):
                 self._loaded = None
         if guard is None:
             return  # an optimizer created after fit started: not ours to guess about
+        if all(p.grad is None for g in optimizer.param_groups for p in g["params"]):
+            # no gradient at all (a training_step that returned None: Lightning's own skip):
+            # torch's step does nothing, nor is it a guard step (it was recorded with a
+            # gradient norm of 0 and the step before's loss, and the report then found a
+            # "gradient spike" when the batches were good again; found by a stranger)
+            return
         for s in self._logger_sinks:
             s.can_self_log = True
         try:
