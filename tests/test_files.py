@@ -332,3 +332,42 @@ def test_events_jsonl_is_in_step_order_within_a_flush(tmp_path):
     assert [k for _, k in lines].count("skip") == 3 and "lr_backoff" in [k for _, k in lines]
     assert lines == sorted(lines, key=lambda s_k: (s_k[0], s_k[1] == "lr_backoff")), lines
     assert [(e.step, e.kind) for e in guard.events] == lines
+
+
+def test_a_second_process_writing_the_same_run_directory_is_refused(tmp_path):
+    """Found by a stranger: two processes writing one run directory (a job relaunched while
+    its old process still ran) were not refused; the report showed one run's steps with
+    the other's events and called it a resume. The second process's first write fails,
+    and its guard stops feeding the sink with a warning; the first run's files are its own."""
+    import subprocess
+    import sys
+
+    holder = (
+        "import sys, time, gradguard as gg\n"
+        "from gradguard.events import Flush\n"
+        "sink = gg.JsonlSink(sys.argv[1])\n"
+        "sink.write(Flush(steps=[{'step': 0, 'loss': 1.0}], layers={}, events=[]))\n"
+        "print('written', flush=True)\n"
+        "time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(gg.__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with pytest.warns(RuntimeWarning, match="written by another process"):
+            with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+                guarded_steps(guard, model, opt, 10)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0]
+    with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        guard.step_count = 10
+        guarded_steps(guard, model, opt, 5, start=10)  # its process gone: the lock with it
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")
+            if r["type"] == "step"] == [0, 10, 11, 12, 13, 14]

@@ -111,7 +111,8 @@ class JsonlSink:
     plus one ``"type": "layers"`` line per flush). Every line carries ``"v": 1``; every write
     is flushed and fsynced so that a killed process loses at most the line being written
     (and the steps its guard had not flushed yet). A directory is written by one open sink
-    of the process at a time: a second is refused (two guards' records merged).
+    of the process at a time: a second is refused (two guards' records merged); a sink of
+    another process fails its first write (an advisory lock, where the platform has one).
 
     Appending to a run directory that already holds files (a resumed run) is the intended
     use. A file that ends in a partial line (the process was killed mid-write, or the disk
@@ -165,6 +166,7 @@ class JsonlSink:
                              f"{path.name}: {e}") from e
         self._events, self._metrics = files
         self._maybe_torn: set[BinaryIO] = set()  # files whose last write failed part-way
+        self._claimed = False  # see _claim
         _OPEN[key] = weakref.ref(self)
 
     def _end_torn_line(self, fh: BinaryIO) -> None:
@@ -196,7 +198,30 @@ class JsonlSink:
             self._maybe_torn.add(fh)  # part of a line may be on disk
             raise
 
+    def _claim(self) -> None:
+        """At the first write: an advisory lock on ``metrics.jsonl``, held while the sink is
+        open (the OS drops it when the process dies), so that a second process writing the
+        same run directory fails its first write, and its guard stops feeding this sink
+        with a warning, instead of merging two runs' records (found by a stranger: a job
+        relaunched while its old process still ran, reported as one run "resumed"). A
+        process whose sink never writes (a rank other than 0) never takes it."""
+        self._claimed = True
+        try:
+            import fcntl
+        except ImportError:  # not on this platform: the in-process check alone
+            return
+        try:
+            fcntl.flock(self._metrics.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"JsonlSink run_dir={str(self.run_dir)!r} is written by another process "
+                "(its metrics.jsonl is locked): give each run its own directory") from None
+        except OSError:
+            return  # a file system without locks: the in-process check alone
+
     def write(self, flush: Flush) -> None:
+        if not self._claimed:
+            self._claim()
         metrics = [{"v": SCHEMA_VERSION, "type": "step", **r} for r in flush.steps]
         if flush.layers:
             metrics.append({"v": SCHEMA_VERSION, "type": "layers", **flush.layers})
