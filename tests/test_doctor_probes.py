@@ -430,3 +430,35 @@ def test_adams_eps_that_is_zero_in_float16_is_named_not_a_lower_lr():
         assert nan == bool(causes[dtype, eps]), (dtype, eps)
     assert causes == {(torch.float16, 1e-8): ["half_precision_overflow"],
                       (torch.float16, 1e-4): [], (torch.float32, 1e-8): []}
+
+
+def test_a_batch_whose_labels_are_all_ignored_is_named_not_the_model():
+    """Found by a stranger: every label -100 (a masking bug) makes the mean loss 0/0; the
+    doctor told a GPT-2 to clamp a log at ``(model)`` ("|x| <= 0"), and with the loss in
+    ``loss_fn`` to use F.cross_entropy on logits, which it did."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 50))
+    x = torch.randint(0, 50, (4, 8))
+
+    def loss(o, t):
+        return F.cross_entropy(o.flatten(0, 1), t.flatten())
+
+    diag = gg.doctor(model, (x, torch.full((4, 8), -100)), loss)
+    assert [(f.cause, f.where) for f in diag.findings] == [("nonfinite_loss", "batch")]
+    assert "every label of the batch (targets, shape (4, 8)) is -100" in diag.top.remedy
+    assert "label masking" in diag.top.remedy
+    some = torch.full((4, 8), -100)
+    some[0, :3] = 1  # a few labels left: finite, healthy
+    assert gg.doctor(model, (x, some), loss).findings == []
+
+    class HFLike(nn.Module):  # labels inside the inputs, the loss computed by the model
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, input_ids, labels):
+            return loss(self.net(input_ids), labels)
+
+    diag = gg.doctor(HFLike(), ({"input_ids": x, "labels": torch.full((4, 8), -100)}, None),
+                     lambda out: out)
+    assert diag.top.where == "batch" and "(labels, shape (4, 8))" in diag.top.remedy

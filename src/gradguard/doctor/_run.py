@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import warnings
@@ -24,7 +25,13 @@ from .gradcheck import probe_custom_functions, slice_batch
 from .inputs import probe_input_scale, probe_nonfinite_input, probe_target_scale
 from .lr import LR_PROBE_STEPS, probe_lr
 from .norms import probe_norm_gain
-from .numerics import probe_disconnected, probe_half_headroom, probe_nonfinite, probe_zero_flow
+from .numerics import (
+    probe_disconnected,
+    probe_half_headroom,
+    probe_masked_targets,
+    probe_nonfinite,
+    probe_zero_flow,
+)
 from .recurrent import probe_recurrent
 from .sharpness import SHARPNESS_BATCH
 from .signal import probe_signal
@@ -241,6 +248,8 @@ def doctor(
             )
             findings += probe_target_scale(targets, cap.output_shapes)
             numeric = probe_nonfinite(cap, model)
+            if numeric and not math.isfinite(cap.loss):
+                numeric = probe_masked_targets(inputs, targets) or numeric
             findings += numeric
             if not numeric:
                 findings += probe_half_headroom(cap)

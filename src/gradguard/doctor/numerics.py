@@ -4,6 +4,7 @@ a gradient."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,44 @@ def _first_nonfinite(cap: Capture) -> tuple[str | None, str, torch.dtype | None,
         if not c.out_finite and c.in_finite:
             return c.path or "(model)", "forward", c.out_dtype, c.in_absmax
     return None, "", None, 0.0
+
+
+#: torch's default ``ignore_index`` (``F.cross_entropy``, ``nn.NLLLoss``, Hugging Face's labels).
+IGNORE_INDEX = -100
+
+
+def _label_tensors(x: Any, key: str = "") -> list[tuple[str, torch.Tensor]]:
+    """The integer tensors of a batch part that hold labels: the targets themselves, or a
+    mapping's ``labels``-like entries (a Hugging Face batch)."""
+    if isinstance(x, torch.Tensor):
+        return [(key, x)] if not x.is_floating_point() and not x.is_complex() and x.numel() else []
+    if isinstance(x, dict):
+        return [t for k, v in x.items() if "label" in str(k) or "target" in str(k)
+                for t in _label_tensors(v, str(k))]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _label_tensors(v, key)]
+    return []
+
+
+def probe_masked_targets(inputs: Any, targets: Any) -> list[Finding]:
+    """A non-finite loss whose batch's labels are all ``IGNORE_INDEX``: a mean over no
+    target is 0/0 (found by a stranger: a GPT-2 whose labels a masking bug set to -100
+    everywhere was told to clamp a log at ``(model)`` "|x| <= 0", and with its loss in
+    ``loss_fn`` to use ``F.cross_entropy`` on logits, which it did)."""
+    found = [(k, t) for k, t in (_label_tensors(targets, "targets")
+                                 + _label_tensors(inputs, "inputs"))
+             if bool((t == IGNORE_INDEX).all())]
+    if not found:
+        return []
+    name, t = found[0]
+    return [Finding(
+        "nonfinite_loss", "error", "batch",
+        {"labels": name, "shape": list(t.shape), "ignore_index": IGNORE_INDEX},
+        f"every label of the batch ({name}, shape {tuple(t.shape)}) is {IGNORE_INDEX}, the "
+        "ignore_index: the mean loss over no label is 0/0 = NaN. Check the label masking (a "
+        "pad mask applied everywhere, labels shifted out, a batch of prompts only); a batch "
+        "with nothing to learn from may be skipped",
+        0.95)]
 
 
 def probe_nonfinite(cap: Capture, model: nn.Module) -> list[Finding]:
