@@ -462,3 +462,29 @@ def test_a_batch_whose_labels_are_all_ignored_is_named_not_the_model():
     diag = gg.doctor(HFLike(), ({"input_ids": x, "labels": torch.full((4, 8), -100)}, None),
                      lambda out: out)
     assert diag.top.where == "batch" and "(labels, shape (4, 8))" in diag.top.remedy
+
+
+def test_a_classifier_drawn_overconfident_is_named_at_its_head():
+    """Found by a stranger: a GPT-2 whose embedding was re-created as ``nn.Embedding``
+    (N(0, 1)) and tied to its head started at a loss of 45 against ln 128 = 4.85, ended 33%
+    worse, and the doctor said healthy. Logits far from 0 at the start, the loss many
+    times that of a uniform guess: ``init_too_large`` at the head."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 128, (4, 16))
+    y = torch.randint(0, 128, (4, 16))
+
+    def loss(o, t):
+        return F.cross_entropy(o.flatten(0, 1), t.flatten())
+
+    def lm(std):
+        model = nn.Sequential(nn.Embedding(128, 64), nn.LayerNorm(64), nn.Linear(64, 128))
+        if std is not None:
+            nn.init.normal_(model[2].weight, std=std)
+        return model
+
+    diag = gg.doctor(lm(1.0), (x, y), loss)
+    assert [(f.cause, f.where) for f in diag.findings] == [("init_too_large", "2")]
+    assert diag.top.evidence["classes"] == 128 and diag.top.evidence["loss"] > 2 * math.log(128)
+    assert "Initialise `2`" in diag.top.remedy
+    assert gg.doctor(lm(None), (x, y), loss).findings == []  # torch's own init
+    assert gg.doctor(lm(0.02), (x, y), loss).findings == []  # Hugging Face's

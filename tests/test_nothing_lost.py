@@ -237,6 +237,25 @@ def test_a_resume_mid_incident_says_its_snapshots_stayed_behind(tmp_path):
         assert torch.isfinite(p).all()
 
 
+def _adam_guard():
+    """A fresh MLP on Adam 1e-2 under a guard with recovery (snapshots every 4 steps)."""
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, opt, gg.Guard(model, opt, recovery=gg.Recovery(snapshot_every=4), every=5)
+
+
+def _resumed(guard, model, opt):
+    """Checkpoint ``guard``'s run, close it, and build a fresh one loaded with the model's
+    and optimizer's state; returns it with the guard's state, still to load."""
+    state = guard.state_dict()
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
+    guard.close()
+    model, opt, guard = _adam_guard()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    return model, opt, guard, state
+
+
 def test_a_checkpoint_taken_after_the_weights_went_wrong_unjudged_is_no_stand_in(tmp_path):
     """A checkpoint taken a few steps after an LR burst wrecked the weights, before the flush
     that would have judged those steps: the ladder was calm and its last flush healthy, yet
@@ -244,13 +263,8 @@ def test_a_checkpoint_taken_after_the_weights_went_wrong_unjudged_is_no_stand_in
     snapshot's. Its weights are kept as no snapshot, and the resume says why (they were the
     stand-in: the resumed run rolled back to them, each time at a lower LR; a digits MLP
     resumed so ended at 8.6 held-out, 0.19 uninterrupted)."""
-    def make():
-        model = mlp()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        return model, opt, gg.Guard(model, opt, recovery=gg.Recovery(snapshot_every=4), every=5)
-
     data = batches(60, seed=11)
-    model, opt, guard = make()
+    model, opt, guard = _adam_guard()
     train(guard, model, opt, data[:20])  # flushes (and snapshots) up to step 19
     opt.param_groups[0]["lr"] = 1.0  # a burst: steps 20-22 (100x) wreck the weights
     train(guard, model, opt, data[20:23], start=20)
@@ -258,12 +272,7 @@ def test_a_checkpoint_taken_after_the_weights_went_wrong_unjudged_is_no_stand_in
     train(guard, model, opt, data[23:24], start=23)
     assert guard.telemetry.pending == 4 and not [
         e for e in guard.events if e.kind in ("rollback", "lr_backoff")]  # nothing judged yet
-    state = guard.state_dict()
-    ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
-    guard.close()
-    model, opt, guard = make()
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
+    model, opt, guard, state = _resumed(guard, model, opt)
     with pytest.warns(gg.GradGuardWarning, match=r"over the 4 steps since its last flush, "
                       r"above the level of its last snapshot.*kept in memory only"):
         guard.load_state_dict(state)
@@ -278,23 +287,13 @@ def test_a_checkpoint_one_or_two_steps_after_an_lr_burst_is_no_stand_in(after):
     were "noise"); every rollback of the resumed run restored the wrecked weights
     (``TrainingDiverged``, or 49.9 held-out against 0.27 uninterrupted). The jump since the
     last flush, or the worst of so few losses, now says the weights may be the trouble's."""
-    def make():
-        model = mlp()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        return model, opt, gg.Guard(model, opt, recovery=gg.Recovery(snapshot_every=4), every=5)
-
     data = batches(30, seed=11)
-    model, opt, guard = make()
+    model, opt, guard = _adam_guard()
     train(guard, model, opt, data[:20])  # flushed (and snapshotted) up to step 19
     opt.param_groups[0]["lr"] = 3.0  # x300 from step 20: the jump is reported at once
     train(guard, model, opt, data[20:20 + after], start=20)
     assert guard.telemetry.pending == after and guard.monitor.lr_tracker.last_jump == 20
-    state = guard.state_dict()
-    ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
-    guard.close()
-    model, opt, guard = make()
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
+    model, opt, guard, state = _resumed(guard, model, opt)
     why = (r"after 1 step\(s\) at an LR that jumped at step 20, before a flush had judged "
            r"them" if after == 1 else r"over the 2 steps since its last flush, above")
     with pytest.warns(gg.GradGuardWarning, match=why + r".*kept in memory only"):

@@ -28,6 +28,7 @@ from .norms import probe_norm_gain
 from .numerics import (
     probe_disconnected,
     probe_half_headroom,
+    probe_logit_scale,
     probe_masked_targets,
     probe_nonfinite,
     probe_zero_flow,
@@ -264,6 +265,9 @@ def doctor(
             findings += probe_disconnected(cap, model)
             if not numeric:
                 findings += probe_zero_flow(cap, model)
+            if not numeric and not any(f.cause == "init_too_large" for f in findings):
+                # logits far from 0 that no layer before made so: the head's own draw
+                findings += probe_logit_scale(cap, inputs, targets)
             named = dict(model.named_parameters())
             start = (
                 FirstStep(cap.loss, {id(named[n]): g for n, g in cap.param_grads.items() if g is not None})

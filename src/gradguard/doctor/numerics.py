@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._capture import Capture
+from ._capture import Capture, is_weight_layer
 from ._report import Finding
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -286,3 +286,41 @@ def probe_zero_flow(cap: Capture, model: nn.Module) -> list[Finding]:
         f"0), and {len(zero)} are all zero, from `{where}` on: they pass no signal forward and "
         "no gradient back, and no optimizer ever moves them; initialise them (the model's "
         "own init, nn.init.kaiming_normal_, xavier_uniform_) rather than zeros.", 0.95)]
+
+
+#: A fresh classifier's logits sit near 0 (its loss near ln C); logits of this rms or more
+#: at the start, with the loss ``OVERCONFIDENT`` times ln C or more, were drawn too large.
+LOGIT_RMS = 3.0
+OVERCONFIDENT = 2.0
+
+
+def probe_logit_scale(cap: Capture, inputs: Any, targets: Any) -> list[Finding]:
+    """A classifier whose first logits are far from 0, its loss many times the ``ln C`` of
+    a uniform guess: the layer that computes them was drawn too large (found by a stranger:
+    a GPT-2 whose embedding was re-created as ``nn.Embedding``, N(0, 1), and tied to its
+    head started at a loss of 45 against ln 128 = 4.85 and ended 33% worse; the doctor said
+    healthy, while ``gg.init.audit`` saw the head 9.85x too large)."""
+    labels = [t for _, t in _label_tensors(targets, "targets") + _label_tensors(inputs, "inputs")]
+    if not labels or not math.isfinite(cap.loss):
+        return []
+    counts = {t.numel() for t in labels}
+    heads = [c for c in cap.calls if c.out is not None and c.out.ndim >= 2
+             and is_weight_layer(c.module) and c.out.shape[-1] >= 2
+             and c.out.numel() // c.out.shape[-1] in counts]
+    if not heads:
+        return []
+    head = max(heads, key=lambda c: c.order)  # the last: the classifier's
+    classes = int(head.out.shape[-1]) if head.out is not None else 0
+    uniform = math.log(classes)
+    if not (head.out_rms >= LOGIT_RMS and cap.loss >= OVERCONFIDENT * uniform):
+        return []
+    return [Finding(
+        "init_too_large", "warning", head.path,
+        {"logit_rms": head.out_rms, "loss": cap.loss, "uniform_loss": uniform,
+         "classes": classes},
+        f"`{head.path}` starts with logits of rms {head.out_rms:.3g} over {classes} classes: "
+        f"the loss is {cap.loss:.3g}, {cap.loss / uniform:.1f}x the {uniform:.3g} of a uniform "
+        "guess, so the first updates unlearn a confidence the model never earned. Initialise "
+        f"`{head.path}` (or the embedding tied to it) small: std about 1/sqrt(fan-in), or "
+        "the library's own init (Hugging Face: 0.02)",
+        0.8)]
