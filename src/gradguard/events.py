@@ -291,7 +291,7 @@ def iter_jsonl(
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
         >>> _ = p.write_text('{"v": 1, "type": "step", "step": 0}\\n{"v": 1, "type": "st')
         >>> [r["step"] for r in iter_jsonl(p, warn=print)]
-        /...metrics.jsonl:2: truncated last line skipped (was the run killed?)
+        /...metrics.jsonl:2: truncated last line skipped (was the run killed, or its disk full?)
         [0]
     """
     p = Path(path)
@@ -324,7 +324,7 @@ def iter_jsonl(
                 raise ValueError(f"{p}:{i}: {problem}")
             yield rec
     if pending is not None:
-        say(f"{p}:{pending[0]}: truncated last line skipped (was the run killed?)")
+        say(f"{p}:{pending[0]}: truncated last line skipped (was the run killed, or its disk full?)")
 
 
 def read_jsonl(
