@@ -151,8 +151,13 @@ def test_loss_spike_confirmed_across_windows_keeps_its_first_step():
     # (three spiking losses in the last 45 make a run of 2 or 3 chance: 4 confirm now)
     assert [e.step for e in detect_spikes(window([[1.0] * 3] * 6, [10.0] * 6, start=43),
                                           state)] == [43]
-    third = detect_spikes(window([[1.0] * 3] * 2, [10.0, 1.0], start=49), state)
+    third = detect_spikes(window([[1.0] * 3] * 2, [200.0, 1.0], start=49), state)
     assert [(e.step, e.data["continued"]) for e in third] == [(49, True)]
+    # it quotes the loss now, beside where the run began (it quoted the first spike's
+    # figures alone while the loss went on up: found by a stranger)
+    said = third[0].message
+    assert said.startswith("step 49: loss still spiking since step 43 (10 at step 43): 200 is ")
+    assert third[0].value == 200.0
 
 
 def heavy_tailed(n: int, every: int = 7, seed: int = 0) -> list[float]:

@@ -180,7 +180,8 @@ def detect_spikes(
                         emitted_before = state.loss_run > need
                         run_event = _loss_spike_event(
                             step if emitted_before else int(start["step"]), start, config,
-                            continued=emitted_before, confirm=(need, share))
+                            continued=emitted_before, confirm=(need, share),
+                            now={"loss": loss, "median": med, "z": z})
                         events.append(run_event)
                     if run_event is not None:
                         run_event.data["run"] = state.loss_run
@@ -194,21 +195,29 @@ def detect_spikes(
 
 def _loss_spike_event(
     step: int, start: Mapping[str, float], config: DetectorConfig, *, continued: bool,
-    confirm: tuple[int, float] | None = None,
+    confirm: tuple[int, float] | None = None, now: Mapping[str, float] | None = None,
 ) -> Event:
+    """``now``: the loss at ``step`` of a run still spiking, quoted beside where it began
+    (found by a stranger: "still spiking" messages kept quoting the first spike's 6.86 while
+    the loss went to 200 and more)."""
     loss, med, z = start["loss"], start["median"], start["z"]
     need, share = confirm if confirm is not None else (config.spike_confirm, 0.0)
     why = "" if need <= config.spike_confirm else (
         f"; {need} steps in a row, as single batches spike on {share:.0%} of the recent ones")
+    if continued and now is not None:
+        first = f"{loss:.4g} at step {int(start['step'])}"
+        loss, med, z = now["loss"], now["median"], now["z"]
+        said = (f"step {step}: loss still spiking since step {int(start['step'])} ({first}): "
+                f"{loss:.4g} is {_above(loss, med, 4)} (robust z={z:.1f}){why}")
+    else:
+        said = (f"step {step}: loss {'still ' if continued else ''}spiking since step "
+                f"{int(start['step'])}: {loss:.4g} is {_above(loss, med, 4)} (robust "
+                f"z={z:.1f}){why}")
     return Event(
         kind="loss_spike",
         step=step,
         severity="warning",
-        message=(
-            f"step {step}: loss {'still ' if continued else ''}spiking since step "
-            f"{int(start['step'])}: {loss:.4g} is {_above(loss, med, 4)} (robust z={z:.1f})"
-            f"{why}"
-        ),
+        message=said,
         value=loss,
         threshold=config.loss_spike_ratio * med,
         remedy="Lower the learning rate or add warm-up; if it follows one batch, inspect it.",
