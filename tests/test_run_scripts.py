@@ -520,3 +520,20 @@ def test_what_the_last_flush_decides_after_the_script_ended_is_said_not_applied(
     assert "not applied; the weights the script saved are from before it" in late["message"]
     final, at_exit = torch.load(out / "final.pt"), torch.load(out / "atexit.pt")
     assert all(torch.equal(final[k], at_exit[k]) for k in final)  # nothing restored after it
+
+
+def test_a_script_that_stops_itself_on_a_nan_loss_is_reported_stopped(tmp_path, capsys):
+    """Found by a stranger: a script that backpropagated a NaN loss, saw it and exited 3
+    before ``optimizer.step()`` was "HEALTHY: No gradient trouble", ``"ok": true``: the
+    guard never saw that step. The backward no step took is now recorded as a stop."""
+    args = ["run", "--no-report", "--every", "5", "--out", str(tmp_path / "runs"),
+            str(SCRIPTS / "stop_on_nan.py")]
+    assert main(args) == 3  # the script's own exit code
+    err = capsys.readouterr().err
+    assert "STOPPED: The script stopped after a backward whose loss was NaN, before any " \
+           "optimizer step took it. Training was stopped at step 6." in err
+    info = json.loads((tmp_path / "runs" / "latest" / "run.json").read_text())
+    outcome = info["optimizers"][0]["outcome"]
+    assert (outcome["status"], outcome["ok"]) == ("stopped", False)
+    assert main([*args, "--nan-at", "99"]) == 0  # no NaN: healthy, nothing recorded
+    assert "HEALTHY" in capsys.readouterr().err

@@ -104,6 +104,12 @@ class LossTracker:
         self._sum = v if self._sum is None else self._sum + v
         self._n += 1
 
+    def pending(self) -> Tensor | None:
+        """The loss of the backwards since the last step that no step has taken yet."""
+        if self._sum is None:
+            return None
+        return self._sum / self._n if self.mean else self._sum
+
     def discard(self) -> None:
         """The gradients of the losses added since the last step were zeroed (a
         ``zero_grad()`` before the step: SAM's first backward, whose gradient only

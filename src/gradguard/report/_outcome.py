@@ -327,6 +327,10 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         if cause == "nonfinite_weights":
             return WEIGHTS_REMEDY
         return None
+    stop = next((e for e in data.events if e.get("kind") == "abort"
+                 and (e.get("data") or {}).get("script_stopped")), None)
+    if status == "stopped" and stop is not None and stop.get("remedy"):
+        return str(stop["remedy"])  # the script's own stop on a NaN/Inf loss
     if every_overflow(data):
         return ("Every step overflowed in float16, the GradScaler skipping each: start it at a "
                 "lower scale (GradScaler(init_scale=...)), or use bfloat16, or run the "

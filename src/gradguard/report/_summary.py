@@ -171,6 +171,12 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     elif not lead and (dead := died_layers(ev)) is not None:
         parts.append(f"From step {dead[0]}, {listed(dead[1])} got no gradient at all: "
                      "the units that feed them died.")
+    elif not lead and (stop := next((e for e in ev if e.get("kind") == "abort" and (
+            e.get("data") or {}).get("script_stopped")), None)) is not None:
+        # the script stopped itself on a NaN/Inf loss, before any step took it
+        parts.append(f"The script stopped after a backward whose loss was "
+                     f"{(stop.get('data') or {}).get('loss', 'NaN')}, before any optimizer "
+                     "step took it.")
     elif not lead and (jumps := [e for e in ev if e.get("kind") == "lr_too_high"]):
         # the script's LR jumped (gradguard.detectors.lr): an incident the verdict judges
         # from, though no gradient showed it (a run whose LR the script raised 30x was
