@@ -488,3 +488,38 @@ def test_a_classifier_drawn_overconfident_is_named_at_its_head():
     assert "Initialise `2`" in diag.top.remedy
     assert gg.doctor(lm(None), (x, y), loss).findings == []  # torch's own init
     assert gg.doctor(lm(0.02), (x, y), loss).findings == []  # Hugging Face's
+
+
+@pytest.mark.parametrize("arch, scale", [("llama", 0.0125), ("vit", 0.02)])
+def test_blocks_a_hundred_times_too_small_are_inert_in_llama_and_vit(arch, scale):
+    """Found by a stranger: transformers' Llama and ViT with every weight matrix x0.01 sat at
+    |f(x)|/|x| of 1.0-1.4e-3 per block, and were "healthy" under the rule's 1e-3 (GPT-2, at
+    3e-4, was caught); the ViT's held-out loss after 300 steps was 2.19/1.24 against
+    0.87/0.94. These configurations are scaled to sit there too (1.4e-3); their own init
+    (0.1-0.7) stays healthy."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=4, num_attention_heads=4,
+                                       num_key_value_heads=4, max_position_embeddings=64)
+        make = lambda: transformers.LlamaForCausalLM(cfg)  # noqa: E731
+        ids = torch.randint(0, 128, (4, 32))
+        batch, loss = ({"input_ids": ids, "labels": ids}, None), (lambda out: out.loss)
+    else:
+        cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64,
+                                     num_hidden_layers=4, num_attention_heads=4,
+                                     intermediate_size=128, num_labels=10)
+        make = lambda: transformers.ViTForImageClassification(cfg)  # noqa: E731
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        batch, loss = ({"pixel_values": x, "labels": y}, None), (lambda out: out.loss)
+    healthy = make()
+    assert not [f for f in gg.doctor(healthy, batch, loss).findings if f.severity != "info"]
+    small = make()
+    with torch.no_grad():
+        for p in small.parameters():
+            if p.ndim >= 2:
+                p.mul_(scale)
+    diag = gg.doctor(small, batch, loss)
+    assert diag.top is not None and diag.top.cause == "init_too_small", diag
+    assert 1e-3 < diag.top.evidence["median_update_ratio"] < 2e-3
