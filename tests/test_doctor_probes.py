@@ -523,3 +523,22 @@ def test_blocks_a_hundred_times_too_small_are_inert_in_llama_and_vit(arch, scale
     diag = gg.doctor(small, batch, loss)
     assert diag.top is not None and diag.top.cause == "init_too_small", diag
     assert 1e-3 < diag.top.evidence["median_update_ratio"] < 2e-3
+
+
+def test_an_untied_t5_head_drawn_at_std_one_is_named_beside_the_deeper_finding():
+    """Found by a stranger: a T5 with untied embeddings (the T5 v1.1 / flan-T5 config), whose
+    ``lm_head`` transformers draws at std 1, starts at a loss of 25 against ln 128 = 4.85;
+    the doctor named only a signal growing through 49 layers, at a layer 1.02x its
+    recommended std. The head is named too, ranked after it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=3,
+                                num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                tie_word_embeddings=False)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    ids = torch.randint(1, 128, (4, 16))
+    diag = gg.doctor(model, ({"input_ids": ids, "labels": ids.flip(1)}, None), lambda o: o.loss)
+    head = [f for f in diag.findings if f.where == "lm_head"]
+    assert [(f.cause, f.confidence) for f in head] == [("init_too_large", 0.6)]
+    assert head[0].evidence["loss"] > 2 * head[0].evidence["uniform_loss"]
+    assert diag.top is not None and diag.top.cause == "init_too_large"

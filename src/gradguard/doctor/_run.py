@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -265,9 +266,13 @@ def doctor(
             findings += probe_disconnected(cap, model)
             if not numeric:
                 findings += probe_zero_flow(cap, model)
-            if not numeric and not any(f.cause == "init_too_large" for f in findings):
-                # logits far from 0 that no layer before made so: the head's own draw
-                findings += probe_logit_scale(cap, inputs, targets)
+            if not numeric:
+                # logits far from 0: the head's own draw, or (behind another too-large
+                # layer) a second finding, ranked after it
+                others = {f.where for f in findings if f.cause == "init_too_large"}
+                findings += [f if not others else dataclasses.replace(f, confidence=0.6)
+                             for f in probe_logit_scale(cap, inputs, targets)
+                             if f.where not in others]
             named = dict(model.named_parameters())
             start = (
                 FirstStep(cap.loss, {id(named[n]): g for n, g in cap.param_grads.items() if g is not None})
