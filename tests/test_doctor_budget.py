@@ -125,3 +125,40 @@ def test_doctor_leaves_tied_weights_adamw_state_and_a_scheduler_as_they_were():
     _assert_same(before, _snapshot(model, opt))
     assert sched.get_last_lr() == last_lr and sched.last_epoch == 1
     assert model.head.weight is model.tok.weight
+
+
+def test_a_rise_the_budget_left_uncompared_is_said_not_passed_over():
+    """Found by a stranger: a ViT at AdamW 100x its LR was "healthy: no finding" under the
+    default budget, word for word as its twin, the rise at its LR never compared with a
+    smaller one. It is now an info finding that says what was seen and how to judge it."""
+    def diag(budget_s):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        opt = torch.optim.Adam(net.parameters(), lr=0.15)
+        x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+        return gg.doctor(net, (x, y), nn.CrossEntropyLoss(), opt, budget_s=budget_s)
+
+    cut = diag(1e-3)
+    [f] = cut.findings
+    assert (f.cause, f.severity, f.evidence["compared"]) == ("lr_too_high", "info", False)
+    assert f.evidence["loss_max_at_lr"] > f.evidence["loss_start"]
+    assert "rerun with a larger budget" in f.remedy and cut.healthy
+    # with the time to look further, this rise is a healthy high LR's catapult (it falls
+    # below where it started): judged, nothing said
+    full = diag(60.0)
+    assert full.findings == [] and full.cut == []
+
+
+def test_the_cli_takes_a_budget(tmp_path, capsys):
+    import json
+
+    from gradguard.cli import main
+
+    spec = tmp_path / "spec.py"
+    spec.write_text(
+        "import torch\nfrom torch import nn\n\ndef setup():\n    torch.manual_seed(0)\n"
+        "    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))\n"
+        "    opt = torch.optim.SGD(net.parameters(), lr=0.01)\n"
+        "    return net, (torch.randn(32, 8), torch.randn(32, 1)), nn.MSELoss(), opt\n")
+    assert main(["doctor", str(spec), "--budget", "0.001", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["budget_s"] == 0.001

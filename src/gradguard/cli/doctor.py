@@ -25,6 +25,9 @@ def register(sub: Any) -> None:
     p.add_argument("spec", help="Python file that defines setup()")
     p.add_argument("--json", action="store_true", help="print diag.to_dict() as JSON")
     p.add_argument("--save", metavar="PATH", help="also write the diagnosis JSON to PATH (atomic)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="the time the probes share (default: 5 s up to 30M parameters, more "
+                        "above); a larger one lets the LR probe finish its comparisons")
     p.set_defaults(func=command)
 
 
@@ -115,7 +118,7 @@ def command(args: argparse.Namespace) -> int:
 
     got = load_setup(args.spec)
     try:
-        diag = doctor(*got)
+        diag = doctor(*got, budget_s=args.budget)
     except (TypeError, ValueError) as e:
         raise UsageError(f"spec {args.spec!r}: {e}") from e
     if args.save:

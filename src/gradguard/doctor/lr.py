@@ -132,7 +132,22 @@ def _step_verdict(
             break
     lo = tried.get(LR_SCALES[0])
     if lo is None and not blew:
-        return []  # a mild rise not compared with a smaller LR is no verdict
+        # a mild rise not compared with a smaller LR is no verdict; when the time budget
+        # stopped the comparison, say what was seen (found by a stranger: a ViT at AdamW
+        # 100x its LR was "healthy: no finding" under the default budget, word for word as
+        # its twin; with budget_s=60 its loss went from 2.33 to 31.5)
+        if budget is None or not any("stopped before" in c for c in budget.cut):
+            return []
+        return [Finding(
+            "lr_too_high", "info", None,
+            {"lr": lr, "loss_start": l0, "loss_max_at_lr": max(hi), "steps_run_at_lr": len(hi) - 1,
+             "compared": False},
+            f"in {len(hi) - 1} step(s) on one batch the loss rose from {l0:.4g} to "
+            f"{max(hi):.4g} at lr={lr:g}; the time budget ran out before the same at "
+            f"lr={lr * LR_SCALES[0]:g} could tell an LR too high from a loss that rises anyway: "
+            "rerun with a larger budget (gg.doctor(..., budget_s=60), gradguard doctor "
+            "--budget 60) to judge it",
+            0.3)]
     lo_end = lo[-1] if lo is not None else math.nan
     ev: dict[str, Any] = {
         "lr": lr,
