@@ -72,3 +72,27 @@ def note_script_skips(interceptor: ClipInterceptor, units: list[Unit], owner: An
                         f"{req.describe()}); " + skipped,
                 remedy=SCRIPT_SKIP_REMEDY,
                 data={"script_skipped": True, "norm": said}))
+
+
+def note_stopped_on_nonfinite(loss: torch.Tensor | None, units: list[Unit]) -> None:
+    """The script's last backward gave a NaN/Inf ``loss`` (the one no optimizer step took)
+    and it ended: it stopped on it (``if not math.isfinite(loss): sys.exit(3)``). The
+    guard of each optimizer whose parameters hold its gradients records it as a stop (found
+    by a stranger: such a run was "HEALTHY: No gradient trouble", ``"ok": true``). One host
+    read, at the end."""
+    if loss is None or math.isfinite(float(loss)):
+        return
+    said = "NaN" if math.isnan(float(loss)) else "Inf"
+    for u in units:
+        g = u.guard
+        if g is None or g._closed or u.optimizer is None or not any(
+                p.grad is not None for grp in u.optimizer.param_groups for p in grp["params"]):
+            continue
+        g.add_event(Event(
+            kind="abort", step=g.step_count, severity="error",
+            message=(f"step {g.step_count}: the script stopped after a backward whose loss "
+                     f"was {said}, before any optimizer step took it (gradguard saw no step)"),
+            remedy=("Under the guard a NaN/Inf step is skipped and training goes on; to find "
+                    "its origin, see which layer goes non-finite first in a run that does not "
+                    "stop on it."),
+            data={"script_stopped": True, "loss": said}))

@@ -4,7 +4,6 @@ trainer it builds (see :mod:`gradguard.integrations.run` for the whole picture).
 from __future__ import annotations
 
 import copy
-import math
 import os
 import sys
 import types
@@ -25,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from .. import _lifecycle as lifecycle
 from .._wrapped import inner_optimizer
 from ..config import GuardConfig, resolve_config
-from ..events import Event, Sink
+from ..events import Sink
 from ..guard import Guard
 from ..recovery.snapshots import DiskSnapshotStore
 from ..sinks import JsonlSink
@@ -36,7 +35,7 @@ from ._clip_intercept import ClipInterceptor
 from ._clip_policy import InterceptedClip, ScriptClipMode
 from ._hooked import LossTracker, hooked_guard, parse_clip
 from ._names import ParamTable, find_model
-from ._script_skips import note_script_skips
+from ._script_skips import note_script_skips, note_stopped_on_nonfinite
 from ._summary import finish_run_dir
 from ._takeover import Succession, Unit, driven, succeed
 
@@ -352,37 +351,12 @@ class ZeroCodeSession:
         self._closed = True
         self.uninstall()
         if not failed:
-            self._stopped_on_nonfinite()
+            note_stopped_on_nonfinite(self._loss.pending(), self.units)
         self._close_guards(failed)
         self.interceptor.flush("session closed")
         self.rows = []
         for u in self.units:
             self.rows += self._finish_unit(u)
-
-    def _stopped_on_nonfinite(self) -> None:
-        """The script's last backward gave a NaN/Inf loss and no optimizer step took it: the
-        script stopped on it (``if not math.isfinite(loss): sys.exit(3)``). The guard of
-        each optimizer whose parameters hold its gradients records it as a stop (found by a
-        stranger: such a run was "HEALTHY: No gradient trouble", ``"ok": true``). One host
-        read, at the end."""
-        loss = self._loss.pending()
-        if loss is None or math.isfinite(float(loss)):
-            return
-        said = "NaN" if math.isnan(float(loss)) else "Inf"
-        for u in self.units:
-            g = u.guard
-            if g is None or g._closed or u.optimizer is None or not any(
-                    p.grad is not None for grp in u.optimizer.param_groups for p in grp["params"]):
-                continue
-            g.add_event(Event(
-                kind="abort", step=g.step_count, severity="error",
-                message=(f"step {g.step_count}: the script stopped after a backward whose loss "
-                         f"was {said}, before any optimizer step took it (gradguard saw no "
-                         "step)"),
-                remedy=("Under the guard a NaN/Inf step is skipped and training goes on; to "
-                        "find its origin, see which layer goes non-finite first in a run that "
-                        "does not stop on it."),
-                data={"script_stopped": True, "loss": said}))
 
     def _close_guards(self, failed: bool = False) -> None:
         """Close every guard still open (a trainer that raised mid-fit included); without
