@@ -124,6 +124,8 @@ def _wandb_records(path: str) -> list:
         if length == 0 and typ == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):
+            break  # wandb's service process is still writing this record: read it later
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         buf = chunk if typ in (1, 2) else buf + chunk
