@@ -11,6 +11,7 @@ never reach into the guard's private methods.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -27,6 +28,25 @@ from ..events import Sink
 from ..executors import Hook
 from ..guard import Guard
 from ..recovery import Recovery
+from ..recovery.snapshots import DiskSnapshotStore
+
+
+def recovery_for(template: Recovery | None, k: int) -> Recovery | None:
+    """The k-th optimizer's own recovery ladder: a copy of ``template`` (never bound to a
+    guard), its snapshots on disk in ``snapshot_dir``'s ``optimizer<k>`` for k > 0."""
+    if template is None:
+        return None
+    rec = copy.deepcopy(template)
+    if k and rec.snapshot_dir is not None:
+        rec.snapshot_dir = Path(rec.snapshot_dir) / f"optimizer{k}"
+        rec.disk = DiskSnapshotStore(rec.snapshot_dir, keep=rec.config.keep, run=True)
+    return rec
+
+
+def no_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """No parameter of ``optimizer`` has a gradient: torch's step does nothing, nor is it a
+    guard step (a batch the script or the trainer skipped before its backward)."""
+    return all(p.grad is None for g in optimizer.param_groups for p in g["params"])
 
 
 def hooked_guard(

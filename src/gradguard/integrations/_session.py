@@ -26,14 +26,13 @@ from .._wrapped import inner_optimizer
 from ..config import GuardConfig, resolve_config
 from ..events import Sink
 from ..guard import Guard
-from ..recovery.snapshots import DiskSnapshotStore
 from ..sinks import JsonlSink
 from . import _frameworks as fw
 from . import _rundir
 from ._averages import Averages
 from ._clip_intercept import ClipInterceptor
 from ._clip_policy import InterceptedClip, ScriptClipMode
-from ._hooked import LossTracker, hooked_guard, parse_clip
+from ._hooked import LossTracker, hooked_guard, no_gradients, parse_clip, recovery_for
 from ._names import ParamTable, find_model
 from ._script_skips import note_script_skips, note_stopped_on_nonfinite
 from ._summary import finish_run_dir
@@ -226,8 +225,8 @@ class ZeroCodeSession:
             ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
             self.interceptor.flush("the optimizer steps unguarded", ids)
             return
-        if all(p.grad is None for g in optimizer.param_groups for p in g["params"]):
-            return  # no gradient at all: torch's step does nothing, nor is it a guard step
+        if no_gradients(optimizer):
+            return
         unit = self._unit_for(optimizer, sys._getframe(1), None)
         assert unit.guard is not None
         unit.guard.step(self._loss.take())
@@ -277,10 +276,7 @@ class ZeroCodeSession:
         script's clipping), its own recovery ladder and its run directory's sinks (or
         ``sinks``: a retired guard's, still open)."""
         cfg = self.config
-        rec = copy.deepcopy(cfg.recovery)
-        if rec is not None and k and rec.snapshot_dir is not None:
-            rec.snapshot_dir = rec.snapshot_dir / f"optimizer{k}"
-            rec.disk = DiskSnapshotStore(rec.snapshot_dir, keep=rec.config.keep, run=True)
+        rec = recovery_for(cfg.recovery, k)
         if sinks is None:
             sinks = self._sinks(k, run_dir, jsonl)
         clip = InterceptedClip(self.interceptor, copy.deepcopy(cfg.clip), self.script_clip)

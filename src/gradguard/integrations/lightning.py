@@ -47,9 +47,15 @@ from ..events import Flush, Sink
 from ..executors import needs_closure
 from ..guard import Guard
 from ..recovery import Recovery
-from ..recovery.snapshots import DiskSnapshotStore
 from ..sinks import JsonlSink
-from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
+from ._hooked import (
+    CallbackOptions,
+    LossTracker,
+    check_version,
+    hooked_guard,
+    no_gradients,
+    recovery_for,
+)
 from ._summary import write_report
 
 SUPPORTED = ("2.1", "3")
@@ -241,16 +247,12 @@ class GradGuardCallback(CallbackOptions, Callback):
             "(Recovery(loss_rise=False)); NaN, spikes and dead layers it still handles. Pass "
             "recovery=gg.Recovery() to judge the loss too", GradGuardWarning, stacklevel=2)
 
-    def _recovery_for(self, k: int, run_dir: Path) -> Recovery | None:
-        """The k-th optimizer's own recovery ladder (a copy of the first's, its snapshots in
-        ``run_dir``'s ``optimizer<k>`` when they go to disk), as under ``gradguard run``."""
-        if k == 0 or self.config.recovery is None or self._template is None:
+    def _recovery_for(self, k: int) -> Recovery | None:
+        """The k-th optimizer's own recovery ladder (the first's for k = 0), as under
+        ``gradguard run``."""
+        if k == 0 or self.config.recovery is None:
             return self.config.recovery
-        rec = copy.deepcopy(self._template)
-        if rec.snapshot_dir is not None:
-            rec.snapshot_dir = Path(rec.snapshot_dir) / f"optimizer{k}"
-            rec.disk = DiskSnapshotStore(rec.snapshot_dir, keep=rec.config.keep, run=True)
-        return rec
+        return recovery_for(self._template, k)
 
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, k: int,
                opt: torch.optim.Optimizer) -> Guard:
@@ -275,7 +277,7 @@ class GradGuardCallback(CallbackOptions, Callback):
         cfg = self.config.replace(
             sinks=sinks,
             clip=self.clip if k == 0 else copy.deepcopy(self.clip),
-            recovery=self._recovery_for(k, run_dir),
+            recovery=self._recovery_for(k),
         )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         guard = self.guards[id(opt)] = hooked_guard(pl_module, opt, cfg, scaler=scaler)
@@ -328,7 +330,7 @@ class GradGuardCallback(CallbackOptions, Callback):
                 self._loaded = None
         if guard is None:
             return  # an optimizer created after fit started: not ours to guess about
-        if all(p.grad is None for g in optimizer.param_groups for p in g["params"]):
+        if no_gradients(optimizer):
             # no gradient at all (a training_step that returned None: Lightning's own skip):
             # torch's step does nothing, nor is it a guard step (it was recorded with a
             # gradient norm of 0 and the step before's loss, and the report then found a

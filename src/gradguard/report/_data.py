@@ -209,8 +209,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
         # steps no record reached (a full disk, a sink that failed, a resume from a later
         # checkpoint): said, not shown as if the run had no such steps (found by a
         # stranger: 102 of 400 missing, and the report said nothing of it)
-        gaps = np.flatnonzero(np.diff(np.sort(step)) > 1)
-        first = int(np.sort(step)[gaps[0]] + 1) if len(gaps) else int(step.min())
+        ordered = np.sort(step)
+        gaps = np.flatnonzero(np.diff(ordered) > 1)
+        first = int(ordered[gaps[0]] + 1) if len(gaps) else int(step.min())
         notes.append(f"{mpath}: {missing} steps between {int(step.min())} and "
                      f"{int(step.max())} have no record (the first from step {first}): a "
                      "full disk, a failed sink, or a resume from a later checkpoint?")
