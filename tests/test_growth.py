@@ -3,6 +3,8 @@ over the first steps (:mod:`gradguard.recovery.growth`)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -296,3 +298,65 @@ def test_a_single_linear_map_grows_to_its_solution_whatever_the_lr():
     bare = fit(False)
     assert bare < 1e-6
     assert fit(True) <= max(1.02 * bare, 1e-9)
+
+
+def _digits_resumed(lr: float, at: int, tmp_path, *, snapshot_dir: bool):
+    """The run of :func:`_digits` (no hook), checkpointed after step ``at`` and resumed
+    from it in fresh objects (state dicts through ``torch.save``); returns the resumed
+    guard, its warnings and the first layer's weights after each step."""
+    x_train, y_train, _, _ = split_digits()
+    batch = minibatches(x_train, y_train, 32, seed=0)
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                              nn.Linear(128, 10))
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        rec = gg.Recovery(snapshot_dir=tmp_path / "snaps" if snapshot_dir else None)
+        return model, opt, gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec)
+
+    def train(model, opt, guard, steps, weights):
+        for step in steps:
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach())
+            weights[step] = model[0].weight.detach().clone()
+
+    model, opt, guard = build(0)
+    fresh = model[0].weight.detach().clone()
+    train(model, opt, guard, range(at + 1), {})
+    guard.recovery.wait()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "guard": guard.state_dict()}, tmp_path / "ck.pt")
+    guard.close()
+    model, opt, guard = build(1)  # another init: the checkpoint overwrites it
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    weights: dict[int, torch.Tensor] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guard.load_state_dict(ck["guard"])
+    train(model, opt, guard, range(at + 1, 40), weights)
+    guard.close()
+    return guard, [str(w.message) for w in caught], fresh, weights
+
+
+def test_a_run_resumed_within_the_first_steps_judges_their_growth_from_its_snapshot_dir(
+        tmp_path):
+    """Found by a stranger: a run resumed at step 10 skipped the test of the first 20
+    updates without a word (its weights before the first step were looked for in memory
+    only), while the run never interrupted rolls back at step 20. With ``snapshot_dir``
+    they are on disk, and the resumed run rolls back to them as the uninterrupted one."""
+    guard, said, fresh, weights = _digits_resumed(0.03, 9, tmp_path, snapshot_dir=True)
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    assert (rollback.step, rollback.data["snapshot_step"]) == (20, -1)
+    torch.testing.assert_close(weights[19], fresh, rtol=0, atol=0)  # rolled back after it
+    assert not said
+    # without it they are gone with the process: the resume says that the test is skipped
+    (tmp_path / "mem").mkdir()
+    guard, said, _, _ = _digits_resumed(0.03, 9, tmp_path / "mem", snapshot_dir=False)
+    assert not [e for e in guard.events if e.kind == "rollback"]
+    assert len(said) == 1 and "skips that test" in said[0] and "snapshot_dir" in said[0]

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from .. import distributed
+from ..errors import GradGuardWarning, caller_stacklevel
+from . import growth
 from .defaults import PROGRESS_STEPS
 from .ladder import LadderState
 from .ladder_types import near
@@ -83,8 +86,29 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
         return
     unsound = unsound_resume(rec, guard)
     rec._resumed = unsound is None
+    skipped = skipped_growth(rec, guard)
     if unsound is not None and not rec._handed:
-        rec.ring.warn_left_behind(unsound, fresh=rec._rise.initial is not None)
+        rec.ring.warn_left_behind(unsound, fresh=rec._rise.initial is not None, also=skipped)
+    elif skipped is not None:
+        warnings.warn(f"gradguard: Recovery.load_state_dict: {skipped}", GradGuardWarning,
+                      stacklevel=caller_stacklevel())
+
+
+def skipped_growth(rec: Recovery, guard: Guard | None) -> str | None:
+    """Why a run resumed within its first ``growth.STEP`` steps, with no ``snapshot_dir``,
+    skips the test of their growth (:mod:`.growth`): it needs the weights before the first
+    step, kept in memory only (found by a stranger: a resume at step 10 of an Adam run at
+    30x skipped it without a word, and ended at another loss than the run never
+    interrupted). None when the test is not skipped so."""
+    if guard is None or rec.ring.disk is not None or not 0 < guard.step_count < growth.STEP or (
+            not rec.early_growth or rec.state.last_trigger is not None or rec.restores
+            or distributed.world_size() > 1):
+        return None
+    return (f"resumed at step {guard.step_count}, within the first {growth.STEP} steps, whose "
+            "growth of the weights the Recovery judges against the weights before the first "
+            "step (an LR far too high, see docs/recovery.md): those were kept in memory only, "
+            "so this run skips that test. Recovery(snapshot_dir=...) writes them to disk, "
+            "where a resumed run finds them.")
 
 
 def unsound_resume(rec: Recovery, guard: Guard | None = None) -> str | None:

@@ -118,7 +118,7 @@ def grown(rec: Recovery, guard: Guard) -> None:
     weights grew far past what training needs (:mod:`.growth`), so roll back to the weights
     before the first step and cap the LR."""
     if (not rec.early_growth or distributed.world_size() > 1 or rec.state.last_trigger is not None
-            or rec.restores or rec.store.steps()[:1] != [-1] or guard._needs_closure
+            or rec.restores or guard._needs_closure
             or guard.monitor.lr_tracker.burst_since(-1)):
         # nor after an LR burst (a jump, the LR back under its peak since): the growth is
         # the burst's, not the LR in force (a burst at step 5 of a warm-up was capped for
@@ -127,7 +127,10 @@ def grown(rec: Recovery, guard: Guard) -> None:
         # scaled as a first-order one by the LR; on separable digits it grew the weights
         # 27x in 20 steps, healthily, and the rollback undid the fit (see .growth)
         return
-    ratio = growth.growth(guard, rec.store.load(0))
+    fresh = fresh_weights(rec)
+    if fresh is None:
+        return
+    ratio = growth.growth(guard, fresh)
     if ratio is not None:  # RMSprop's first updates are larger by its missing bias correction
         ratio = 1.0 + (ratio - 1.0) / growth.early_inflation(guard.optimizer)
     if ratio is None or not ratio >= growth.GROWTH:
@@ -141,6 +144,20 @@ def grown(rec: Recovery, guard: Guard) -> None:
         # first goes halfway below it (a retry at SGD's x1 ran into a loss spike at step 293,
         # the run's only warning, that its summary then led with)
         rec._probe.retried.append(top)
+
+
+def fresh_weights(rec: Recovery) -> dict[str, Any] | None:
+    """The snapshot of the weights before the first step: in memory, else on disk when no
+    snapshot in memory is from before it (a run resumed within its first ``growth.STEP``
+    steps: found by a stranger, a resume at step 10 of an Adam run at 30x skipped the
+    test that rolls the uninterrupted run back at step 20); None when neither holds it."""
+    if rec.store.steps()[:1] == [-1]:
+        return rec.store.load(0)
+    disk = rec.ring.disk
+    if disk is None or -1 in rec.store.steps():
+        return None
+    rec.ring.wait()
+    return disk.load(0) if disk.steps()[:1] == [-1] else None
 
 
 def hear(rec: Recovery, guard: Guard) -> None:

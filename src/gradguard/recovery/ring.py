@@ -159,11 +159,12 @@ class SnapshotRing:
         fresh model's, when only the weights before the first step were)."""
         return self.levels[max(self.levels)] if self.levels else initial
 
-    def warn_left_behind(self, why: str, *, fresh: bool) -> None:
+    def warn_left_behind(self, why: str, *, fresh: bool, also: str | None = None) -> None:
         """After a resume (``Recovery.load_state_dict``) whose weights are no stand-in for a
         snapshot (``why``: the checkpoint was taken so): a checkpoint holds no snapshot, so
         say so when the run resumed had some in memory only (``fresh``: it had the weights
-        before its first step); a rollback finds nothing until the resumed run takes one."""
+        before its first step); a rollback finds nothing until the resumed run takes one.
+        ``also``: what else the resume lost, said in the same warning."""
         if self.disk is not None or len(self.store):
             return
         kept = [*(["the weights before its first step"] if fresh or not self.levels else []),
@@ -175,8 +176,8 @@ class SnapshotRing:
             f"({' and '.join(kept)}) were kept in memory only, not in the checkpoint: until "
             "the resumed run takes one at a healthy flush, a rollback has nothing to "
             "restore and backs off instead. Recovery(snapshot_dir=...) writes them to "
-            "disk, where a resumed run finds them.", GradGuardWarning,
-            stacklevel=caller_stacklevel())
+            "disk, where a resumed run finds them." + ("" if also is None else f" Also: {also}"),
+            GradGuardWarning, stacklevel=caller_stacklevel())
 
     def load(self, back: int) -> dict[str, Any] | None:
         """A copy of a good snapshot: from memory, else (after a resume) from disk."""
