@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from helpers import assert_same_run, batches, mlp
+from helpers import assert_same_run, assert_same_tree, batches, mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -586,3 +586,45 @@ def test_a_state_saved_with_another_clip_policy_is_refused_naming_both(saved, lo
     same = gg.Guard(model, opt, clip=getattr(gg, saved)())
     same.load_state_dict(state)  # the same policy loads
     train(same, model, opt, batches(4, seed=4))
+
+
+def test_a_resume_with_snapshot_dir_before_an_lr_jump_continues_exactly(tmp_path):
+    """Found by a stranger: resumed (with ``snapshot_dir``) from the step before an LR jump,
+    the run kept that step's weights again, in memory, the jump's step already in the
+    clip statistics, since its memory held no snapshot yet (the uninterrupted run's
+    held that one), and its rollback restored that copy rather than the snapshot on
+    disk. The snapshot on disk is the newest kept: the resumed run continues exactly."""
+    data = batches(45, seed=11)
+
+    def make(d, seed=0):
+        model = mlp(seed=seed)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        rec = gg.Recovery(snapshot_every=4, snapshot_dir=d)
+        return model, opt, gg.Guard(model, opt, clip=gg.ZClip(warmup_steps=5), recovery=rec,
+                                    every=5)
+
+    def run(model, opt, guard, start, stop):
+        for step in range(start, stop):
+            opt.param_groups[0]["lr"] = 30.0 if 20 <= step < 23 else 1e-2  # a burst x3000
+            train(guard, model, opt, data[step:step + 1], start=step)
+
+    ref_model, ref_opt, ref = make(tmp_path / "a")
+    run(ref_model, ref_opt, ref, 0, 45)
+    ref.close()
+    assert [e for e in ref.events if e.kind == "rollback"]
+
+    model, opt, guard = make(tmp_path / "b")
+    run(model, opt, guard, 0, 20)
+    guard.recovery.wait()
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}
+    guard.close()
+    model, opt, guard = make(tmp_path / "b", seed=1)  # another init: the checkpoint's wins
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    guard.load_state_dict(ckpt["guard"])
+    run(model, opt, guard, 20, 45)
+    guard.close()
+    assert [e.to_json() for e in guard.events] == [e.to_json() for e in ref.events][
+        -len(guard.events):]
+    assert_same_run(model, opt, ref_model, ref_opt)
+    assert_same_tree(guard.clip.state_dict(), ref.clip.state_dict(), "clip")

@@ -35,7 +35,7 @@ def before_step(rec: Recovery, guard: Guard) -> None:
             rec.ring.keep(guard, guard.step_count - 1, disk=False)
     elif guard.step_count > 0 and not rec.busy and \
             guard.monitor.lr_tracker.jumped(guard.step_count) and \
-            rec.store.steps()[-1:] != [guard.step_count - 1]:  # not kept at the flush already
+            newest_kept(rec) != guard.step_count - 1:  # not kept at the flush already
         # the LR jumped far above any the run had or planned (a burst, a schedule's slip):
         # keep the weights from before its first update, as the first step's are kept; a
         # rollback after it then loses no training (it went back to the last cadence
@@ -47,6 +47,18 @@ def before_step(rec: Recovery, guard: Guard) -> None:
         if guard.step_count == growth.STEP:  # the trainer took the first updates: see .growth
             grown(rec, guard)
     rec._feed(guard, Trigger("tick", guard.step_count), list)
+
+
+def newest_kept(rec: Recovery) -> int | None:
+    """The step of the newest snapshot: in memory, else on disk (a resumed run's memory
+    holds none until it takes one; found by a stranger: after a resume from step 149 an LR
+    jump at 150 kept the weights of 149 again, in memory, with the clip statistics of
+    step 150 already in them, and the rollback restored those, not the snapshot on disk)."""
+    steps = rec.store.steps()
+    if not steps and rec.ring.disk is not None:
+        rec.ring.wait()
+        steps = rec.ring.disk.steps()
+    return steps[-1] if steps else None
 
 
 def verdict(rec: Recovery, stats: StepStats, loss: Tensor | float | None) -> Tensor:
