@@ -416,6 +416,26 @@ def test_torchrun_two_ranks_every_rank_skips_rank_0_writes(tmp_path):
     assert any(e["kind"] == "nonfinite_grad" and e.get("rank") == 1 for e in events)
 
 
+def test_torchrun_an_fsdp2_script_with_its_own_clip_trains_as_without_gradguard(tmp_path):
+    """Found by a stranger: under ``torchrun -m gradguard run`` every FSDP2 script that
+    called ``clip_grad_norm_`` died at its first step ("got mixed torch.Tensor and
+    DTensor": torch's norm is a DTensor there). It now trains to the same weights as the
+    script run alone."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(gg.__file__).resolve().parents[1])}
+    digests = []
+    for port, args in (("29521", []), ("29523", ["-m", "gradguard", "run", "--no-report"])):
+        r = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", port,
+                            *args, str(SCRIPTS / "fsdp_plain.py")],
+                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        digests += [line for line in r.stdout.splitlines() if line.startswith("weights")]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
 def test_torchrun_a_rank_that_raises_fails_the_job_rather_than_hanging_it(tmp_path):
     """Found as a stranger: under ``torchrun -m gradguard run`` a DDP rank that raised
     closed its guard with the last flush's collective while the other rank waited in

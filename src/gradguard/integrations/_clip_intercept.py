@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.nn.utils import clip_grad as _torch_clip
 
 from ..clipping.base import NORM_EPS
+from ..distributed.world import is_dtensor
 from ..telemetry import measure_grads
 
 ClipKind = Literal["norm", "value"]
@@ -99,10 +100,19 @@ class ClipRequest:
     total: Tensor | None = None
     foreach: bool | None = None
 
+    def __post_init__(self) -> None:
+        # the norm as a plain tensor: under FSDP2 torch returns a DTensor, which scales no
+        # local shard (found by a stranger: every FSDP2 script that called clip_grad_norm_
+        # died at its first step under gradguard run, "got mixed torch.Tensor and
+        # DTensor"); made here, in the script's call, which every rank makes (a partial
+        # norm is reduced by a collective)
+        total = self.total
+        self._plain = total.full_tensor() if is_dtensor(total) else total  # type: ignore[union-attr]
+
     def coefficient(self) -> Tensor:
         """The multiplier torch applies (a device scalar; norm requests only)."""
-        assert self.total is not None
-        return torch.clamp(self.limit / (self.total + NORM_EPS), max=1.0)
+        assert self._plain is not None
+        return torch.clamp(self.limit / (self._plain + NORM_EPS), max=1.0)
 
     def apply(self) -> None:
         """Carry the clip out exactly as torch would have at the call."""
