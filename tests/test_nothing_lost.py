@@ -588,6 +588,35 @@ def test_a_state_saved_with_another_clip_policy_is_refused_naming_both(saved, lo
     train(same, model, opt, batches(4, seed=4))
 
 
+@pytest.mark.parametrize("change", ["every", "model"])
+def test_a_state_that_does_not_fit_is_refused_naming_what_differs_before_loading_anything(
+        change):
+    """Found by a stranger: another ``every`` failed with "telemetry state_dict buffer
+    shape (10, 14) != (25, 14)", and another model with "saved for different parameters",
+    neither naming the option, after the step count and the clip statistics were loaded
+    already."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), every=5)
+    train(guard, model, opt, batches(12, seed=3))
+    state = guard.state_dict()
+    if change == "every":
+        other_model, why = model, r"saved by a guard with every=5, this guard's is every=10: " \
+                                  r"build the guard with every=5"
+    else:
+        other_model = nn.Sequential(*mlp(), nn.Linear(1, 1))
+        why = (r"saved over other parameters \(6 parameter tensors saved, 8 in this guard's "
+               r"model\).*start a new guard")
+    other_opt = torch.optim.SGD(other_model.parameters(), lr=0.01)
+    other = gg.Guard(other_model, other_opt, clip=gg.ZClip(),
+                     every=10 if change == "every" else 5)
+    clip_before = other.clip.state_dict()
+    with pytest.raises(gg.StateMismatch, match=why):
+        other.load_state_dict(state)
+    assert other.step_count == 0  # nothing was loaded
+    assert_same_tree(other.clip.state_dict(), clip_before, "clip")
+
+
 def test_a_resume_with_snapshot_dir_before_an_lr_jump_continues_exactly(tmp_path):
     """Found by a stranger: resumed (with ``snapshot_dir``) from the step before an LR jump,
     the run kept that step's weights again, in memory, the jump's step already in the

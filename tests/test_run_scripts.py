@@ -309,6 +309,39 @@ def test_rerun_writes_a_separate_run_dir_and_resume_continues_one(tmp_path):
     assert steps == list(range(12))
 
 
+def test_resume_after_the_model_changed_starts_the_guard_afresh_and_the_script_trains(
+        tmp_path, capsys):
+    """Found by a stranger: a layer added, then ``gradguard run --resume``: the script died
+    at its first step inside gradguard (the saved state was for other parameters), the
+    summary said it "never called optimizer.step()", and the earlier run's run.json was
+    replaced by that failure. The guard now starts afresh, its steps numbered on, and says
+    why."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch\n"
+        "torch.manual_seed(0)\n"
+        "depth = int(sys.argv[1])\n"
+        "m = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(depth)])\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.01)\n"
+        "for s in range(6):\n"
+        "    m(torch.randn(8, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()\n"
+        "print('done', flush=True)\n")
+    out = tmp_path / "runs"
+    cli = ["run", "--no-report", "--every", "3", "--out", str(out), str(script)]
+    assert main([*cli, "2"]) == 0
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match=r"its guard state does not fit: the state was saved "
+                      r"over other parameters \(4 parameter tensors saved, 6 in this guard's "
+                      r"model.*starts afresh, its steps numbered on from 6"):
+        assert main(["run", "--resume", *cli[1:], "3"]) == 0
+    assert "done" in capsys.readouterr().out
+    latest = (out / "latest").resolve()
+    steps = [r["step"] for r in read_jsonl(latest / "metrics.jsonl") if r["type"] == "step"]
+    assert steps == list(range(12))
+    info = json.loads((latest / "run.json").read_text())
+    assert len(info["sessions"]) == 2 and info["exit_code"] == 0 and info["optimizers"]
+
+
 # ---- plain tensors ----------------------------------------------------------------------
 def test_plain_tensor_script_value_clip_and_nan_skip(tmp_path):
     ref = run_plain("plain_tensor.py", ["--steps", "12"], tmp_path)

@@ -6,7 +6,7 @@ from . import init
 from .clipping import AGC, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip, chain
 from .config import GuardConfig
 from .doctor import Diagnosis, Finding, doctor, gradcheck
-from .errors import GradGuardWarning, NonFiniteGradientError, TrainingDiverged
+from .errors import GradGuardWarning, NonFiniteGradientError, StateMismatch, TrainingDiverged
 from .events import Event, Flush, Sink, read_jsonl
 from .guard import Guard
 from .recovery import DiskSnapshotStore, MemorySnapshotStore, Recovery, SnapshotError
@@ -46,6 +46,7 @@ __all__ = [
     "ReportError",
     "Sink",
     "SnapshotError",
+    "StateMismatch",
     "StepStats",
     "Telemetry",
     "TensorBoardSink",

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .errors import StateMismatch
+
 if TYPE_CHECKING:
     from .guard import Guard
 
@@ -42,10 +44,13 @@ def load_state_dict(guard: Guard, sd: dict[str, Any], *, telemetry: bool = True)
         raise ValueError(f"Guard.load_state_dict: unsupported version {sd.get('version')!r}")
     saved = sd.get("clip_policy")  # absent from checkpoints before it was recorded
     if guard.clip is not None and saved is not None and saved != type(guard.clip).__name__:
-        raise ValueError(
-            f"Guard.load_state_dict: the state was saved by a guard with clip={saved}, this "
-            f"guard's is {type(guard.clip).__name__}: their statistics do not carry over; "
-            f"build the guard with the clip policy it was saved with ({saved})")
+        raise StateMismatch(
+            f"the state was saved by a guard with clip={saved}, this guard's is "
+            f"{type(guard.clip).__name__}",
+            f"their statistics do not carry over; build the guard with the clip policy it "
+            f"was saved with ({saved})")
+    if telemetry:  # what differs is said before anything is changed
+        guard.telemetry.check_state_dict(sd["telemetry"])
     guard.step_count = int(sd["step_count"])
     if guard.clip is not None and sd.get("clip") is not None:
         guard.clip.load_state_dict(sd["clip"])

@@ -41,6 +41,16 @@ def _internal(filename: str) -> bool:
             or str(Path(filename).resolve()).startswith(_PACKAGE))
 
 
+class StateMismatch(ValueError):
+    """``Guard.load_state_dict`` was given a state that does not fit the guard (saved over
+    other parameters, with another ``every`` or another clip policy); raised before
+    anything is loaded. ``what``: what differs; ``fix``: what to do."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"Guard.load_state_dict: {what}: {fix}")
+        self.what, self.fix = what, fix
+
+
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``Guard(on_nonfinite="raise")`` on a non-finite gradient norm."""
 

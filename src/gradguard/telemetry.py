@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import distributed
+from .errors import StateMismatch
 from .graph_order import layers_after
 from .measure import GradGroup, StepStats, group_grads, measure, measure_grads, norm_dtype
 from .naming import ROOT_LAYER, layer_of, named_optimizer_params
@@ -347,9 +348,8 @@ class Telemetry:
             "units": None if self.units is None else self.units.state_dict(),
         }
 
-    def load_state_dict(self, sd: dict[str, object]) -> None:
-        if sd.get("names") != self.names:
-            raise ValueError("telemetry state_dict was saved for different parameters")
+    def _saved_buffer(self, sd: dict[str, object]) -> Tensor:
+        """The window buffer of ``sd``, with the columns added since it was saved."""
         buf = sd["buf"]
         assert isinstance(buf, Tensor)
         p = len(self.params)
@@ -359,11 +359,31 @@ class Telemetry:
         if buf.shape[1] == p + 6:  # saved before the dying-units columns
             nan = torch.full_like(buf[:, :2], math.nan)
             buf = torch.cat([buf[:, :_COL_DYING], nan, buf[:, _COL_DYING:]], dim=1)
-        if buf.shape != self._buf.shape:
-            raise ValueError(
-                f"telemetry state_dict buffer shape {tuple(buf.shape)} != {tuple(self._buf.shape)}"
-            )
-        self._buf.copy_(buf)
+        return buf
+
+    def check_state_dict(self, sd: dict[str, object]) -> None:
+        """Raise a ValueError naming what differs when ``sd`` was saved over other
+        parameters or with another ``every``; changes nothing (found by a stranger: the
+        errors said "buffer shape (10, 14) != (25, 14)", naming no option)."""
+        names = sd.get("names")
+        if names != self.names:
+            saved = list(names) if isinstance(names, (list, tuple)) else []
+            diff = next(((a, b) for a, b in zip(saved, self.names) if a != b), None)
+            where = (f"; the first that differs: {diff[0]!r} saved, {diff[1]!r} here" if diff
+                     else "")
+            raise StateMismatch(
+                f"the state was saved over other parameters ({len(saved)} parameter tensors "
+                f"saved, {len(self.names)} in this guard's model{where})",
+                "load it into a guard over the model it was saved with, or start a new guard")
+        rows = self._saved_buffer(sd).shape
+        if rows != self._buf.shape:
+            raise StateMismatch(
+                f"the state was saved by a guard with every={rows[0]}, this guard's is "
+                f"every={self._buf.shape[0]}", f"build the guard with every={rows[0]}")
+
+    def load_state_dict(self, sd: dict[str, object]) -> None:
+        self.check_state_dict(sd)
+        self._buf.copy_(self._saved_buffer(sd))
         self._steps = list(sd["steps"])  # type: ignore[call-overload]
         self._next_step = int(sd["next_step"])  # type: ignore[call-overload]
         units = sd.get("units")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..errors import StateMismatch
 from ..rundir import write_atomic
 
 LATEST = "latest"
@@ -159,16 +160,26 @@ def last_step(run_dir: Path) -> int | None:
 
 def resume_guard(guard: Any, saved: Path, k: int) -> str | None:
     """Load the state a session saved in ``saved`` into ``guard``; when it saved none (it
-    was killed) but recorded steps, number the guard's steps on from them and return what
-    to say."""
+    was killed), or one that does not fit (the model or the options changed since), number
+    the guard's steps on from the steps it recorded and return what to say."""
     state = load_state(saved)
+    why = None
     if state is not None:
-        guard.load_state_dict(state)
-        return None
+        try:
+            guard.load_state_dict(state)
+            return None
+        except StateMismatch as e:  # checked before anything is loaded (checkpoint.py)
+            # the model or the options changed since: gradguard's own state must not stop
+            # the script (found by a stranger: a layer added, then --resume, and the script
+            # died at its first step inside gradguard)
+            why = f"its guard state does not fit: {e.what}"
     last = last_step(saved)
     if last is None:
-        return None
-    guard.step_count = last + 1  # after what the killed session recorded
+        return None if why is None else f"{saved}: {why}: optimizer {k}'s guard starts afresh"
+    guard.step_count = last + 1  # after what the earlier session recorded
+    if why is not None:
+        return (f"{saved}: {why}: optimizer {k}'s guard starts afresh, its steps numbered on "
+                f"from {last + 1}")
     return (f"{saved} holds no saved guard state (its session was killed before it could "
             f"end: SIGKILL, out of memory): optimizer {k}'s guard starts afresh, its steps "
             f"numbered on from {last + 1}")
