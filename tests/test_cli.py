@@ -31,6 +31,25 @@ def test_cli_demo_exit_0_and_summary(tmp_path, capsys):
     assert "unguarded" in out and "guarded" in out and "first NaN step" in out
 
 
+def test_cli_demo_refuses_another_runs_directory_and_replaces_its_own(tmp_path, capsys):
+    """Found by a stranger: ``gradguard demo --out`` a run directory deleted its metrics,
+    events and report without a word, and left its run.json and guard state beside the
+    demo's files."""
+    run = tmp_path / "run"
+    run.mkdir()
+    files = {"metrics.jsonl": "{}\n", "events.jsonl": "", "run.json": "{}", "guard_state.pt": "x"}
+    for name, text in files.items():
+        (run / name).write_text(text)
+    assert main(["demo", "--out", str(run), "--steps", "40"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {run}" in err and "guard_state.pt, run.json" in err and "of its own" in err
+    assert {p.name: p.read_text() for p in run.iterdir()} == files  # nothing touched
+    own = tmp_path / "demo"
+    assert main(["demo", "--out", str(own), "--steps", "40"]) == 0
+    assert main(["demo", "--out", str(own), "--steps", "40"]) == 0  # its own: replaced
+    assert sorted(p.name for p in own.iterdir()) == ["events.jsonl", "metrics.jsonl", "report.html"]
+
+
 def test_cli_usage_errors_exit_2(capsys):
     assert main([]) == 2
     assert main(["demo", "--steps", "5"]) == 2

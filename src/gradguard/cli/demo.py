@@ -172,6 +172,10 @@ def train(
     return summary
 
 
+#: What the demo writes into its directory (and replaces there).
+DEMO_FILES = ("events.jsonl", "metrics.jsonl", "report.html")
+
+
 def run_demo(
     *,
     out: str | Path = "runs/demo",
@@ -181,14 +185,23 @@ def run_demo(
 ) -> tuple[RunSummary, RunSummary]:
     """Train the same model twice on data with corrupted batches; return both summaries.
 
-    The guarded run's JSONL files go to ``out`` (previous ones are replaced).
+    The guarded run's JSONL files go to ``out`` (previous ones are replaced); a directory
+    that holds any other file (another run's) is refused with a ValueError.
     ``progress(name, total)`` may return a per-step callback.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 40:
         raise ValueError(f"run_demo(steps={steps!r}): must be an int >= 40")
     out = Path(out)
+    if out.is_dir() and (other := sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES)):
+        # found by a stranger: a run directory given as --out lost its metrics, events and
+        # report without a word, and kept its run.json and guard state beside the demo's
+        raise ValueError(
+            f"run_demo(out={str(out)!r}): the directory holds files the demo does not write "
+            f"({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}): another run's; give "
+            "the demo a directory of its own (it replaces only its own files, "
+            f"{', '.join(DEMO_FILES)})")
     out.mkdir(parents=True, exist_ok=True)
-    for f in ("events.jsonl", "metrics.jsonl", "report.html"):
+    for f in DEMO_FILES:
         (out / f).unlink(missing_ok=True)
     faults = fault_schedule(steps)
 
@@ -292,7 +305,10 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps {args.steps}: must be >= 40 so the corrupted batches land")
     ctx, progress = _progress()
     with ctx:
-        a, b = run_demo(out=args.out, steps=args.steps, seed=args.seed, progress=progress)
+        try:
+            a, b = run_demo(out=args.out, steps=args.steps, seed=args.seed, progress=progress)
+        except ValueError as e:  # --out holds another run's files
+            raise UsageError(f"--out {args.out}: {str(e).split(': ', 1)[1]}") from None
     if sys.stdout.isatty():
         try:
             from rich.console import Console
