@@ -218,3 +218,39 @@ def test_skipped_steps_losses_are_not_the_runs_level():
     out = judge(data)
     assert out.status == "stopped" and not out.rose and out.cause != "lr_too_high"
     assert "learning rate is too high" not in summary_sentence(data)
+
+
+def test_a_run_back_under_its_first_incident_that_relapsed_later_did_not_recover():
+    """Found by a stranger: an LR retry blew a run up at step 382 of 400 (its loss 0.03 ->
+    0.2-0.8), and the run was "training recovered", judged against its level before the
+    wreck at step 4. It is judged against the level it had reached before the last
+    incident."""
+    rng = np.random.default_rng(0)
+    loss = np.r_[np.full(4, 2.0), np.full(6, 5.0), np.geomspace(2.0, 0.03, 290),
+                 np.full(82, 0.03), np.full(18, 0.5)] * np.exp(rng.normal(0, 0.05, 400))
+    events = [ev("rollback", 4, "error"), ev("loss_spike", 382)]
+    out = judge(run(loss, events=events))
+    assert (out.status, out.incident_step) == ("not_recovered", 382)
+    assert "did not recover from step 382" in out.clause and "above the 0.03" in out.clause
+    assert out.final > 0.4 and "0.03" in out.evidence  # the level after it, the one before
+    # a run that stays at the level it reached is recovered, its later skip notwithstanding
+    loss[382:] = 0.03 * np.exp(rng.normal(0, 0.05, 18))
+    assert judge(run(loss, events=events)).status == "recovered"
+    # and an incident inside the first trouble, above its level, is the same trouble
+    assert judge(run(np.r_[np.full(4, 2.0), np.full(6, 5.0), np.geomspace(4.0, 1.0, 390)],
+                     events=[ev("rollback", 4, "error"), ev("rollback", 8, "error")])
+                 ).status == "recovered"
+
+
+def test_a_run_back_at_a_level_it_never_left_is_told_its_loss_did_not_fall():
+    """Found by a stranger: a vanilla RNN at chance (1.39) through the whole run, its LR
+    capped at step 20, was "training recovered. Stable at lr 0.00348: the edge of what
+    trains"; back at its level, yes, but that level is where it started."""
+    rng = np.random.default_rng(1)
+    loss = 1.386 * np.exp(rng.normal(0, 0.01, 300))
+    out = judge(run(loss, events=[ev("rollback", 20, "error")]))
+    assert out.status == "recovered"
+    assert "training recovered, but over the run the loss did not fall" in out.clause
+    assert "the loss did not fall" in summary_sentence(run(loss, events=[ev("rollback", 20, "error")]))
+    fell = judge(run(np.geomspace(2.0, 0.5, 300), events=[ev("rollback", 20, "error")]))
+    assert fell.clause == "training recovered"

@@ -11,7 +11,9 @@ diverged, whatever the gradients did. The judgement compares robust loss *levels
   skipped step, a spike);
 * ``final``: the level over the last window.
 
-``recovered`` needs ``final`` back at ``before`` (within the tolerance); ``diverged``
+``recovered`` needs ``final`` back at ``before`` (within the tolerance), and, when a later
+incident came after the loss had got well under ``before``, the level after that incident
+back at the level before it; ``diverged``
 means the last steps are still non-finite or skipped, or ``final`` is above ``start``:
 the loss rose over the run, the signature of a learning rate that is too high
 (``lr_too_high``), even when no gradient ever went non-finite. ``stalled``: gradients
@@ -222,6 +224,20 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
             _levels.back_at(before, final, end) if by_ladder else final <= before + tol(
                 before, loss[(data.step < incident) & fin][-k:])):
         status, clause = "recovered", "training recovered"
+        relapse = None if before is None else _relapse(data, inc, loss, fin, k, before)
+        if relapse is not None:
+            # back under the first incident's level, but not at the one it had reached
+            # since, before a later incident (found by a stranger: an LR retry blew a run up
+            # at step 382 of 400, its loss 30x its level, and the run was "recovered"
+            # against its level before step 4's wreck)
+            status, (incident, before, final) = "not_recovered", relapse
+            clause = (f"training did not recover from step {relapse[0]} (the loss ended at "
+                      f"{relapse[2]:.3g}, above the {relapse[1]:.3g} it had before it)")
+        elif flat and start is not None and final is not None:
+            # back at its level, but that level is where it started: nothing was learnt
+            # (found by a stranger: a vanilla RNN at chance through the whole run, its LR
+            # capped at step 20, was "training recovered")
+            clause = f"training recovered, but over the run {flat_words(start, final)}"
     else:
         status = "not_recovered"
         clause = (f"training did not recover (the loss ended at {final:.3g}, above the "
@@ -242,6 +258,27 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    remedy(status, cause, config, data, incident), incident, start, before,
                    final, rose, flat)
+
+
+def _relapse(data: RunData, inc: list[int], loss: Any, fin: Any, k: int,
+             before: float) -> tuple[int, float, float] | None:
+    """The last incident, the level before it and the level after it to the end, when the
+    run had come down well under the first incident's level (``before``) by then and the
+    level after it is above that newer one, out of its noise; None otherwise (one incident,
+    or the later ones inside the same trouble, whose level before them is the trouble's
+    own). The level after is the median of the steps after the last incident: a blow-up
+    in the last 18 steps of 400 leaves the median of the last 40 at the level before it."""
+    import numpy as np
+
+    last = max(inc)
+    pre = loss[(data.step < last) & fin][-k:]
+    post = loss[(data.step > last) & fin][-k:]  # the end, from after the last incident
+    if last == min(inc) or len(pre) < MIN_LEVEL_STEPS or len(post) < MIN_LEVEL_STEPS:
+        return None
+    level = float(np.median(pre))
+    if level + tol(level, pre) >= before or _levels.back_at(level, float(np.median(post)), post):
+        return None
+    return last, level, float(np.median(post))
 
 
 def died_layers(events: list[dict[str, Any]]) -> tuple[int, list[str]] | None:
