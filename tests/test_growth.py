@@ -360,3 +360,34 @@ def test_a_run_resumed_within_the_first_steps_judges_their_growth_from_its_snaps
     guard, said, _, _ = _digits_resumed(0.03, 9, tmp_path / "mem", snapshot_dir=False)
     assert not [e for e in guard.events if e.kind == "rollback"]
     assert len(said) == 1 and "skips that test" in said[0] and "snapshot_dir" in said[0]
+
+
+@pytest.mark.parametrize("hooked, warned", [(True, True), (False, False)])
+def test_a_resume_at_step_20_under_a_trainers_hook_is_before_the_test(hooked, warned):
+    """Found by a stranger: an HF Trainer resumed from its checkpoint at step 20 skipped the
+    test without a word. Under a trainer's hook the test runs before step 20's update, so a
+    resume there is before it (and warned); in a plain loop it ran after step 19's."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        rec = gg.Recovery()
+        guard = (hooked_guard(model, opt, gg.GuardConfig(clip=gg.ZClip(), recovery=rec))
+                 if hooked else gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec))
+        return model, opt, guard
+
+    model, opt, guard = build()
+    for x in torch.randn(20, 16, 8):
+        model(x).pow(2).mean().backward()
+        guard.step(model(x).pow(2).mean().detach())
+        if hooked:
+            opt.step()  # a trainer steps the optimizer after the guard's hook
+        opt.zero_grad()
+    assert guard.step_count == 20
+    state = guard.state_dict()
+    _, _, resumed = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.load_state_dict(state)
+    said = [str(w.message) for w in caught if "skips that test" in str(w.message)]
+    assert bool(said) == warned

@@ -450,3 +450,72 @@ def test_the_wrappers_grad_scaler_is_used_and_updated_as_the_wrapper_would():
     guard.close()
     assert opt.scaler.get_scale() != 2.0**4
     assert any(e.kind == "skip" for e in guard.events)
+
+
+def test_a_train_that_raised_gives_the_next_one_its_max_grad_norm_back(tmp_path):
+    """Found by a stranger: the callback takes the Trainer's clip over by setting
+    ``max_grad_norm`` to 0 and puts it back in ``on_train_end``, which a ``train()`` that
+    raises never reaches: the next ``train()`` ran unclipped, and every checkpoint's
+    ``training_args.bin`` held 0."""
+    cb = GradGuardCallback(report=False)
+    t = make_trainer(tmp_path, [cb, Interrupt(at=2)], max_steps=4, max_grad_norm=0.25)
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    assert t.args.max_grad_norm == 0.0  # the takeover, left behind by the interruption
+    t.train()
+    assert t.args.max_grad_norm == 0.25
+    assert "NormClip(max_norm=0.25" in repr(cb.guard.clip)  # clipped as the user asked
+    cb = GradGuardCallback(report=False)
+    t = checkpointing_trainer(tmp_path / "ck", [cb], max_steps=2)
+    t.args.max_grad_norm = 0.5
+    t.train()
+    saved = torch.load(tmp_path / "ck" / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert saved.max_grad_norm == 0.5 and t.args.max_grad_norm == 0.5
+
+
+def test_fp16_gradients_already_unscaled_by_the_trainer_are_not_unscaled_again(tmp_path):
+    """Found by a stranger: on a GPU the fp16 Trainer's accelerator holds a GradScaler, and
+    transformers 5 unscales the gradients to log their norm even when it does not clip
+    (``max_grad_norm`` 0, as the callback sets it): the callback's own ``unscale_`` then
+    raised "unscale_() has already been called" at the first step. Simulated on the CPU
+    with the scaler accelerate gives the Trainer on CUDA."""
+    results = []
+    for callbacks in ([], [GradGuardCallback(clip=None, report=False)]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128,
+                                           n_positions=32))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(len(callbacks))), max_steps=3,
+            per_device_train_batch_size=8, learning_rate=1e-3, max_grad_norm=1.0, fp16=True,
+            report_to=[], logging_steps=100, save_strategy="no", disable_tqdm=True,
+            use_cpu=True)
+        t = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks)
+        t.accelerator.native_amp = True
+        t.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        t.train()
+        results.append({k: v.detach().clone() for k, v in t.model.state_dict().items()})
+    for name, a in results[0].items():
+        assert torch.equal(results[1][name], a), name
+
+
+def test_a_model_that_returns_no_loss_is_said_and_its_run_not_judged_on_a_loss(tmp_path):
+    """Found by a stranger: with the Trainer's ``label_smoothing_factor`` the model returns
+    no loss (the Trainer computes it), every step was recorded with none, the warning said
+    to "pass guard.step(loss)" (a callback user never calls it), and a run whose LR jumped
+    30x was "training recovered"."""
+    cb = GradGuardCallback(report=False)
+    t = make_trainer(tmp_path, [cb], max_steps=6)
+    t.args.label_smoothing_factor = 0.1
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    t.label_smoother = LabelSmoother(epsilon=0.1)
+    with pytest.warns(GradGuardWarning, match="the model returned no loss .*label_smoothing_factor"):
+        t.train()
+    from gradguard.report._data import load_run
+    from gradguard.report._outcome import judge
+
+    data = load_run(cb.resolved_run_dir)
+    data.events.append({"kind": "lr_too_high", "step": 3, "severity": "warning"})
+    out = judge(data)
+    assert out.status == "unjudged" and "no finite loss was recorded" in out.clause
+    assert "label_smoothing_factor" in out.remedy

@@ -10,9 +10,10 @@ skip), then ``optimizer.step()``, ``lr_scheduler.step()`` and ``model.zero_grad(
   (``NormClip(max_grad_norm)``) after it measures, composed with a ``clip`` of its own
   (``gg.chain``: the smallest coefficient wins); the arguments get their
   ``max_grad_norm`` back when training ends;
-* under fp16 with a ``GradScaler``, the gradients reach this hook still scaled when the
-  Trainer did not clip; the callback unscales them first (``scaler.unscale_``, as
-  ``accelerator.clip_grad_norm_`` would), and the scaler's own overflow skip still works;
+* under fp16 with a ``GradScaler``, the callback unscales the gradients first
+  (``scaler.unscale_``) unless the Trainer has (it does when it clips, and transformers 5
+  does to log the norm: the scaler's stage says), and the scaler's own overflow skip
+  still works;
 * a skip takes the gradients off the parameters for that one update: the optimizer
   changes no parameter and no state; the LR scheduler still advances.
 
@@ -118,6 +119,10 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         # a policy that replays the Trainer's own clip after measuring (gradguard run) needs
         # max_grad_norm as it is
         replays = getattr(self.clip, "replays_trainer_clip", False)
+        if self._user_mgn is not None and not args.max_grad_norm:
+            # an earlier train() that raised never reached on_train_end, which puts it back
+            # (found by a stranger: after an interrupted train() the next ran unclipped)
+            args.max_grad_norm = self._user_mgn
         self._takeover = self._user_mgn = None
         if not replays and args.max_grad_norm and args.max_grad_norm > 0:
             # The Trainer clips before on_pre_optimizer_step: gradguard would only ever see
@@ -212,10 +217,21 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
             if self._resume_state is not None:
                 self.guard.load_state_dict(self._resume_state)
                 self._resume_state = None
-        if scaler is not None and not (args.max_grad_norm and args.max_grad_norm > 0):
-            # fp16: accelerate unscales only when the Trainer clips; do it here instead
+        if scaler is not None and not _unscaled(scaler, inner):
+            # fp16: accelerate unscales when the Trainer clips, or measures the norm it logs
+            # (transformers 5 with max_grad_norm 0: found by a stranger, the callback's
+            # second unscale_ raised at the first step); else it is done here
             scaler.unscale_(inner)
-        self.guard.step(self._loss.take())
+        loss = self._loss.take()
+        if loss is None and self.guard.recovery is not None and not self.guard._no_loss_said:
+            self.guard._no_loss_said = True  # said here, in the callback's words
+            warnings.warn(
+                "GradGuardCallback: the model returned no loss (the Trainer computes it "
+                "outside the model: label_smoothing_factor, a compute_loss override or "
+                "compute_loss_func), so gradguard's loss tests are off and only its gradient "
+                "tests act, and the run's verdict is not judged on its loss.",
+                GradGuardWarning, stacklevel=caller_stacklevel())
+        self.guard.step(loss)
 
     # ---- checkpoints -----------------------------------------------------------------
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -228,6 +244,12 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             torch.save(self.guard.state_dict(), folder / STATE_FILE)
+            if self._user_mgn is not None and (folder / TRAINING_ARGS).is_file():
+                # the arguments saved with the checkpoint as the user made them, not with the
+                # max_grad_norm of 0 gradguard set while it applies the clip itself
+                saved = copy.copy(args)
+                saved.max_grad_norm = self._user_mgn
+                torch.save(saved, folder / TRAINING_ARGS)
 
     # ---- the end -------------------------------------------------------------------
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -240,3 +262,16 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
             self.guard.close()
         if self.report and self.resolved_run_dir is not None:
             self.report_path = write_report(self.resolved_run_dir)
+
+
+#: The file the Trainer saves its arguments to in a checkpoint.
+TRAINING_ARGS = "training_args.bin"
+
+
+def _unscaled(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler`` has unscaled ``optimizer``'s gradients since its last update."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, dict):
+        return False
+    stage = states.get(id(optimizer), {}).get("stage")
+    return getattr(stage, "name", None) == "UNSCALED"

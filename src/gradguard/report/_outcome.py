@@ -220,6 +220,15 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         clause = "training diverged (the loss rose over the run)"
     elif incident is None:
         status, clause = "healthy", ""
+    elif final is None and any(e.get("kind") not in ("nonfinite_grad", "grad_spike", "skip")
+                               and e.get("severity") in ("warning", "error") for e in ev):
+        # no loss to judge an incident the gradients do not show (an LR jump, the ladder's
+        # acts); a non-finite or spiking gradient that went away is judged by the gradients
+        # (found by a stranger: an HF Trainer with label smoothing, whose model returns no
+        # loss, was "training recovered" after an LR jump, at 1.1x its twin)
+        status, cause = "unjudged", None
+        clause = ("no finite loss was recorded (none reached gradguard), so the run is not "
+                  "judged on its loss")
     elif before is None or final is None or (
             _levels.back_at(before, final, end) if by_ladder else final <= before + tol(
                 before, loss[(data.step < incident) & fin][-k:])):
@@ -344,6 +353,12 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         return (f"If the data was meant to change at step {shift[-1]['step']}, nothing to do; "
                 "if not, check the data pipeline there (a shard or stage that ends, "
                 "shuffling off, a label mapping).")
+    import numpy as np
+
+    if status == "unjudged" and not np.isfinite(np.asarray(data.loss, dtype=np.float64)).any():
+        return ("Give gradguard the loss: guard.step(loss); under the Hugging Face Trainer the "
+                "callback takes the model's own loss, which it does not return with "
+                "label_smoothing_factor or a loss computed outside the model.")
     if status == "unjudged":
         off = "rerun with `--no-loss-rise`" if cfg.get("zero_code") else \
             "pass gg.Recovery(loss_rise=False)"
