@@ -519,3 +519,26 @@ def test_a_model_that_returns_no_loss_is_said_and_its_run_not_judged_on_a_loss(t
     out = judge(data)
     assert out.status == "unjudged" and "no finite loss was recorded" in out.clause
     assert "label_smoothing_factor" in out.remedy
+
+
+def test_a_fresh_run_into_an_output_dir_with_an_earlier_runs_records_writes_its_own(tmp_path):
+    """Found by a stranger: a script run twice into the same ``output_dir``, first with a
+    NaN batch, then healthy: the second run's verdict was the first's NaN, "recovered",
+    its steps "recorded twice". A fresh ``train()`` (no checkpoint resumed) into a directory
+    that holds records writes a directory of its own and says so."""
+    first = GradGuardCallback(report=False)
+    t = make_trainer(tmp_path, [first, InjectNaN()], max_steps=4)
+    t.train()
+    assert first.guard.skipped_steps == 1
+    second = GradGuardCallback(report=False)
+    t = make_trainer(tmp_path, [second], max_steps=4)
+    with pytest.warns(GradGuardWarning, match="holds the records of an earlier run"):
+        t.train()
+    assert second.resolved_run_dir.parent == first.resolved_run_dir
+    from gradguard.report._data import load_run
+    from gradguard.report._outcome import judge
+
+    assert judge(load_run(second.resolved_run_dir)).status == "healthy"
+    steps = [r["step"] for r in read_jsonl(first.resolved_run_dir / "metrics.jsonl")
+             if r["type"] == "step"]
+    assert steps == list(range(4))  # the earlier run's records, left as they were

@@ -57,6 +57,7 @@ from ..events import Sink
 from ..guard import Guard
 from ..sinks import JsonlSink
 from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
+from ._rundir import new_run_dir
 from ._summary import write_report
 
 STATE_FILE = "gradguard_state.pt"
@@ -113,6 +114,7 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         self._user_mgn: float | None = None  # ... put back in the arguments at the end
         self._earlier = 0  # earlier train() calls with a guard (see _fresh_guard)
         self._sub: str | None = None  # the run directory's part for a later fresh train()
+        self._fresh = True  # this train() resumed no checkpoint
 
     # ---- start ---------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -134,6 +136,7 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
             self._takeover = self._user_mgn = float(args.max_grad_norm)
             args.max_grad_norm = 0.0
         self._is_zero = bool(getattr(state, "is_world_process_zero", True))
+        self._fresh = not getattr(state, "global_step", 0)  # no checkpoint resumed
         self._fresh_guard(int(getattr(state, "global_step", 0)))
         model = kwargs.get("model")
         if isinstance(model, nn.Module) and self._hook is None:
@@ -193,6 +196,18 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         run_dir = self.run_dir or Path(args.output_dir) / "gradguard"
         if self._sub is not None:
             run_dir = Path(run_dir) / self._sub
+        elif self._is_zero and self._fresh and _holds_records(Path(run_dir)):
+            # a fresh train() (no checkpoint resumed) into a directory that holds another
+            # run's records: a run of its own (found by a stranger: a healthy re-run of a
+            # script into the same output_dir was "Gradients exploded at step 30 ...
+            # recovered", the NaN of the run before it)
+            earlier = Path(run_dir)
+            run_dir = new_run_dir(earlier)
+            warnings.warn(
+                f"GradGuardCallback: {str(earlier)!r} holds the records of an earlier run; this "
+                f"one, which resumed no checkpoint, writes to {str(run_dir)!r} "
+                "(GradGuardCallback(run_dir=...) names a directory of its own)",
+                GradGuardWarning, stacklevel=caller_stacklevel())
         sinks: list[Sink] = list(self.sinks)
         if self._is_zero:
             sinks.append(JsonlSink(run_dir))
@@ -275,3 +290,9 @@ def _unscaled(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
         return False
     stage = states.get(id(optimizer), {}).get("stage")
     return getattr(stage, "name", None) == "UNSCALED"
+
+
+def _holds_records(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds step records already (another run's)."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
