@@ -681,3 +681,21 @@ def test_a_batch_on_another_scale_is_skipped_in_a_trainer_as_if_never_seen(tmp_p
     skips = [e for e in read_jsonl(tmp_path / "g" / "gradguard" / "events.jsonl")
              if e.get("kind") == "skip"]
     assert [(e["step"], e["data"]["reason"]) for e in skips] == [(step, "offscale_batch")]
+
+
+def test_a_fresh_fit_into_a_root_dir_with_an_earlier_runs_records_writes_its_own(tmp_path):
+    """Found by a stranger (under the Hugging Face Trainer, the same here): a script run
+    twice into the same directory, first with a NaN batch, then healthy, had the second
+    run's records appended to the first's and its verdict taken from the first's NaN. A
+    fresh fit (no checkpoint) into a directory that holds records writes its own."""
+    first = GradGuardCallback(report=False)
+    trainer(tmp_path, first).fit(Tiny(), loader())
+    second = GradGuardCallback(report=False)
+    with pytest.warns(gg.GradGuardWarning, match="holds the records of an earlier run"):
+        trainer(tmp_path, second).fit(Tiny(nan_step=-1), loader())
+    [own] = second.run_dirs
+    assert own.parent == tmp_path / "gradguard"
+    for d, skipped in ((tmp_path / "gradguard", [NAN_STEP]), (own, [])):
+        steps = [r for r in read_jsonl(d / "metrics.jsonl") if r["type"] == "step"]
+        assert [r["step"] for r in steps] == list(range(8))
+        assert [r["step"] for r in steps if r["skipped"]] == skipped

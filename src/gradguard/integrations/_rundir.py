@@ -70,6 +70,12 @@ def resolve_latest(base: Path) -> Path | None:
     return target if target.is_dir() else None
 
 
+def holds_records(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds step records already (another run's)."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
+
+
 def new_run_dir(base: Path) -> Path:
     """A fresh directory under ``base`` named by the start time; ``latest`` points at it.
 

@@ -57,7 +57,7 @@ from ..events import Sink
 from ..guard import Guard
 from ..sinks import JsonlSink
 from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
-from ._rundir import new_run_dir
+from ._rundir import holds_records, new_run_dir
 from ._summary import write_report
 
 STATE_FILE = "gradguard_state.pt"
@@ -196,7 +196,7 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         run_dir = self.run_dir or Path(args.output_dir) / "gradguard"
         if self._sub is not None:
             run_dir = Path(run_dir) / self._sub
-        elif self._is_zero and self._fresh and _holds_records(Path(run_dir)):
+        elif self._is_zero and self._fresh and holds_records(Path(run_dir)):
             # a fresh train() (no checkpoint resumed) into a directory that holds another
             # run's records: a run of its own (found by a stranger: a healthy re-run of a
             # script into the same output_dir was "Gradients exploded at step 30 ...
@@ -290,9 +290,3 @@ def _unscaled(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
         return False
     stage = states.get(id(optimizer), {}).get("stage")
     return getattr(stage, "name", None) == "UNSCALED"
-
-
-def _holds_records(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds step records already (another run's)."""
-    metrics = run_dir / "metrics.jsonl"
-    return metrics.is_file() and metrics.stat().st_size > 0

@@ -56,6 +56,7 @@ from ._hooked import (
     no_gradients,
     recovery_for,
 )
+from ._rundir import holds_records, new_run_dir
 from ._summary import write_report
 
 SUPPORTED = ("2.1", "3")
@@ -257,6 +258,17 @@ class GradGuardCallback(CallbackOptions, Callback):
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, k: int,
                opt: torch.optim.Optimizer) -> Guard:
         base = Path(self.run_dir or Path(trainer.default_root_dir) / "gradguard")
+        if self._sub is None and k == 0 and trainer.is_global_zero and self._loaded is None \
+                and not trainer.global_step and holds_records(base):
+            # a fresh fit (no checkpoint) into a directory holding an earlier run's records:
+            # a run of its own (found by a stranger under the Hugging Face Trainer: a healthy
+            # re-run was reported with the NaN of the run before it)
+            self._sub = new_run_dir(base).name
+            warnings.warn(
+                f"GradGuardCallback: {str(base)!r} holds the records of an earlier run; this "
+                f"one, which resumed no checkpoint, writes to {str(base / self._sub)!r} "
+                "(GradGuardCallback(run_dir=...) names a directory of its own)",
+                GradGuardWarning, stacklevel=2)
         if self._sub is not None:
             base = base / self._sub
         many = len(trainer.optimizers) > 1
