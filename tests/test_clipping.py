@@ -6,11 +6,13 @@ from __future__ import annotations
 import copy
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from tests.helpers import set_grads
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradguard as gg
@@ -857,3 +859,23 @@ def test_reset_forgets_the_statistics_and_warms_up_again(make):
     assert run(old, new_scale) == run(fresh, new_scale)
     assert kept[0] < run(make(), new_scale)[0] / 10  # without the reset: clipped to the old scale
     gg.NormClip(1.0).reset()  # stateless: nothing to forget
+
+
+def test_agc_given_unnamed_parameters_says_it_excludes_no_last_layer():
+    """Found by a stranger: ``AGC().clip_(model.parameters())`` (the README's standalone
+    call) clipped the classifier the docs say is left alone, without a word: unnamed
+    parameters have no last layer to find."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model(torch.randn(16, 4)).pow(2).sum().mul(1e3).backward()
+    head = model[2].weight.grad.clone()
+    with pytest.warns(gg.GradGuardWarning, match=r"came without names .* nothing is excluded"):
+        gg.AGC(clipping=0.01).clip_(model.parameters())
+    assert not torch.equal(model[2].weight.grad, head)  # as it says: the head was clipped
+    model.zero_grad()
+    model(torch.randn(16, 4)).pow(2).sum().mul(1e3).backward()
+    head = model[2].weight.grad.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gg.GradGuardWarning)
+        gg.AGC(clipping=0.01).clip_(model)  # named: the head is left alone, nothing said
+    assert torch.equal(model[2].weight.grad, head)

@@ -11,6 +11,7 @@ factor, never by one that underflowed to 0.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import unwrap
+from ..errors import GradGuardWarning, caller_stacklevel
 from ..measure import GradGroup, StepStats, norm_dtype
 from .base import Policy, check_positive, ratio_coef
 
@@ -161,6 +163,17 @@ class AGC(Policy):
             # the last module (by registration order) that owns parameters
             heads = [n.rpartition(".")[0] for n in names]
             last = heads[-1] if heads else None
+            if len(heads) > 1 and len(set(heads)) == 1 and all(n.isdigit() for n in names) \
+                    and not getattr(self, "_unnamed_said", False):
+                # found by a stranger: AGC().clip_(model.parameters()) clipped the classifier
+                # the docs say is left alone, without a word
+                self._unnamed_said = True
+                warnings.warn(
+                    "AGC(exclude=None) leaves the last layer unclipped by its name, and these "
+                    "parameters came without names (model.parameters(), a list): nothing is "
+                    "excluded. Pass the module or model.named_parameters() to clip_, or "
+                    "exclude=[] to clip every layer.", GradGuardWarning,
+                    stacklevel=caller_stacklevel())
             return [h == last and len(set(heads)) > 1 for h in heads]
         out = []
         for n in names:
