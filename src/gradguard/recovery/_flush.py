@@ -248,8 +248,9 @@ def _dying(rec: Recovery, guard: Guard, step: int, sample: tuple[float, str]) ->
         count = f" ({round(share * n)} of {n})"
     why = (f"{share:.0%} of the output units of {listed([layer_of(name)])}{count} have had no "
            f"gradient on {SILENT} samples in a row, {SAMPLE} steps apart: they died (their "
-           "activation's input pushed for good where it passes no gradient, a ReLU's below "
-           "zero: by updates too large for it, or by a signal that vanished on its way there)")
+           "activation's input pushed for good where it passes no gradient: below zero for a "
+           "ReLU, far into the flat tails of a tanh or a sigmoid; by updates too large for it, "
+           "or by a signal that vanished on its way there)")
     return Trigger("spike", step, why, rec._rise.best, at=step, by_level=False, rollback=True)
 
 
