@@ -498,6 +498,15 @@ if scenario == "crash":
                 raise RuntimeError("rank 1 fails mid-training")
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward(); guard.step(loss); opt.zero_grad()
+elif scenario == "sinks":  # every rank builds the same sinks, as the docs show
+    model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sinks = [gg.JsonlSink(os.path.join(out, "run")), gg.TensorBoardSink(os.path.join(out, "tb")),
+             gg.WandbSink(mode="offline", dir=os.path.join(out, "wb"), project="p")]
+    with gg.Guard(model, opt, every=3, sinks=sinks) as guard:
+        for step, (x, y) in enumerate(batches(6, seed=rank)):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward(); guard.step(loss); opt.zero_grad()
 else:  # shared snapshot directory, a rollback on every rank
     rec = gg.Recovery(skip_patience=1, snapshot_every=3, patience=10,
                       snapshot_dir=os.path.join(out, "shared"))
@@ -546,6 +555,21 @@ def run_ranks(tmp_path, scenario, timeout_s):
             p.kill()
         pytest.fail(f"{scenario}: a rank hung past {timeout_s}s")
     return codes, logs, time.monotonic() - t0
+
+
+def test_sinks_every_rank_builds_open_one_wandb_run_and_one_event_file(tmp_path):
+    """Found by a stranger: every rank builds the same sinks (docs/distributed.md) and the
+    guard writes from rank 0, yet every other rank started a W&B run of its own (an N-GPU
+    job added N-1 empty runs to the project) and opened a TensorBoard event file."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("tensorboard")
+    codes, logs, _ = run_ranks(tmp_path, "sinks", timeout_s=240)
+    assert codes == [0, 0], logs
+    runs = [p for p in (tmp_path / "wb" / "wandb").iterdir() if p.name.startswith("offline-run")]
+    assert len(runs) == 1, runs
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    steps = [r for r in gg.read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(6))
 
 
 def test_a_failing_rank_makes_the_other_fail_not_hang(tmp_path):

@@ -57,6 +57,13 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _other_rank() -> bool:
+    """Under torch.distributed, on a rank other than 0."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
 def _event_line(e: Event) -> str:
     where = f" in `{e.layer}`" if e.layer else ""
     fix = f" Remedy: {e.remedy}" if e.remedy else ""
@@ -96,7 +103,10 @@ class TensorBoardSink:
             raise ValueError(f"TensorBoardSink(flush_secs={flush_secs!r}): must be an int >= 1")
         self.log_dir = Path(log_dir)
         self.per_layer = per_layer
-        self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs)
+        self._flush_secs = flush_secs
+        # a rank other than 0 opens its event file at its first write (see WandbSink)
+        self._writer_: Any = None if _other_rank() else SummaryWriter(
+            log_dir=str(self.log_dir), flush_secs=flush_secs)
         self._closed = False
         self._skips = 0
         self._sections: dict[str, str] = {}
@@ -136,9 +146,18 @@ class TensorBoardSink:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def _writer(self) -> Any:
+        if self._writer_ is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer_ = SummaryWriter(log_dir=str(self.log_dir), flush_secs=self._flush_secs)
+        return self._writer_
+
     def close(self) -> None:
         self._closed = True
-        self._writer.close()
+        if self._writer_ is not None:
+            self._writer_.close()
 
     def on_abort(self, error: BaseException) -> None:
         """Training was given up: flush and close the event file now, whether or not
@@ -188,7 +207,12 @@ class WandbSink:
             raise _missing_extra("WandbSink", "wandb", e) from e
         self._wandb = wandb
         self._own = run is None
-        self.run = wandb.init(**init_kwargs) if run is None else run
+        self._init_kwargs = init_kwargs
+        # a rank other than 0 starts its run at its first write: the guard writes from rank
+        # 0 only (sink_rank), and every rank builds the same sinks (found by a stranger: an
+        # N-process job added N-1 empty runs to the W&B project)
+        self._run: Any | None = run if run is not None or _other_rank() else wandb.init(
+            **init_kwargs)
         if not self._own:  # a run the loop logs to as well: gradguard's own x-axis
             for pattern in ("gradguard/*", "grad_norm_layers.*"):
                 self.run.define_metric(pattern, step_metric=STEP_KEY)
@@ -242,15 +266,24 @@ class WandbSink:
             self._last_step = step
 
     @property
+    def run(self) -> Any:
+        """The W&B run logged to (started here, on a rank other than 0, at first use)."""
+        if self._run is None:
+            self._run = self._wandb.init(**self._init_kwargs)
+        return self._run
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
     def close(self) -> None:
         """Log the events table and the summary, and finish the run if the sink started it
-        (idempotent: a second call does nothing)."""
+        (idempotent: a second call does nothing; a run never started stays so)."""
         if self._closed:
             return
         self._closed = True
+        if self._run is None:
+            return
         try:
             if self._events:
                 cols: list[Any] = ["step", "severity", "kind", "layer", "message", "remedy"]
