@@ -12,6 +12,7 @@ skipped, and the run is judged on its loss.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -483,7 +484,7 @@ def test_torchrun_a_rank_that_raises_fails_the_job_rather_than_hanging_it(tmp_pa
 
     p = subprocess.Popen(
         [str(torchrun), "--nproc-per-node", "2", "--master-port", "29519", "-m",
-         "gradguard", "run", "--no-report", "--every", "4", str(SCRIPTS / "ddp_plain.py"),
+         "gradguard", "run", "--every", "4", str(SCRIPTS / "ddp_plain.py"),
          "--raise-at", "6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env, cwd=tmp_path, start_new_session=True)
     try:
@@ -493,6 +494,13 @@ def test_torchrun_a_rank_that_raises_fails_the_job_rather_than_hanging_it(tmp_pa
         p.communicate()
         pytest.fail("the job hung")
     assert p.returncode != 0 and "rank 1 fails at step 6" in out + err
+    # found by a stranger: torchrun's SIGTERM to rank 0, once rank 1 had failed, came while
+    # rank 0 finished its run directory, and the failed run had no run.json and no report
+    [run] = [d for d in (tmp_path / "runs" / "ddp_plain").iterdir() if d.name != "latest"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["exit_code"] == 1 and info["error"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (run / "report.html").is_file()
 
 
 def test_sigterm_finishes_the_run_dir_and_resume_goes_on_from_its_state(tmp_path):

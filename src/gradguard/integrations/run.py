@@ -112,7 +112,7 @@ def run_script(
     crashed: BaseException | None = None
     started = time.time()
     session.install()
-    undo_term = _on_sigterm()
+    term = _SigTerm()
     try:
         # as `python script.py` does (Python 3.9+): the script's __file__ is absolute, so a
         # script that changes directory still finds the files next to it
@@ -126,7 +126,7 @@ def run_script(
         crashed = e
         result.exit_code = 130 if isinstance(e, KeyboardInterrupt) else 1
     finally:
-        undo_term()
+        term.defer()  # a SIGTERM now waits until the run directory is finished
         sys.argv, sys.path[:] = saved_argv, saved_path
         session.close(failed=crashed is not None)
         result.optimizers = session.rows
@@ -140,6 +140,9 @@ def run_script(
                               RuntimeWarning, stacklevel=2)
             if not quiet:
                 print(format_summary(result, crashed), file=sys.stderr)
+        term.undo()
+    if term.deferred and crashed is None:
+        crashed = Terminated(128 + term.deferred)
     # free the script's models and optimizers now, as its own return would have: the
     # guards' hooks tie them into cycles that only the collector frees, else during
     # interpreter shutdown, after the script destroyed its process group (a DDP model
@@ -166,26 +169,42 @@ class Terminated(SystemExit):
         return "terminated by SIGTERM"
 
 
-def _on_sigterm() -> Callable[[], None]:
-    """Raise :class:`Terminated` on SIGTERM while the script runs, unless a handler other
-    than the default one is in place (the process's own) or this is no main thread;
-    returns what puts the previous handler back."""
-    import signal
-    import threading
+class _SigTerm:
+    """SIGTERM while the script runs raises :class:`Terminated` in it, unless a handler other
+    than the default one is in place (the process's own) or this is no main thread. While
+    the run directory is finished after it (:meth:`defer`), a SIGTERM waits: found by a
+    stranger, torchrun's SIGTERM to rank 0 after another rank raised arrived while rank 0
+    wrote its report, and the failed run was left with no run.json and no report (torchrun
+    waits for its workers before it kills them). :meth:`undo` puts the default back."""
 
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return lambda: None
+    def __init__(self) -> None:
+        import signal
+        import threading
 
-    def handler(signum: int, frame: Any) -> None:
+        self.deferred = 0  # the signal that arrived while deferred
+        self._on = (threading.current_thread() is threading.main_thread()
+                    and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+        if self._on:
+            signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
         raise Terminated(128 + signum)
 
-    signal.signal(signal.SIGTERM, handler)
+    def _wait(self, signum: int, frame: Any) -> None:
+        self.deferred = signum
 
-    def undo() -> None:
-        if signal.getsignal(signal.SIGTERM) is handler:
+    def defer(self) -> None:
+        import signal
+
+        if self._on and signal.getsignal(signal.SIGTERM) is self._raise:
+            signal.signal(signal.SIGTERM, self._wait)
+
+    def undo(self) -> None:
+        import signal
+
+        if self._on and signal.getsignal(signal.SIGTERM) in (self._raise, self._wait):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    return undo
 
 
 def _exit_code(e: SystemExit) -> int:
