@@ -498,6 +498,17 @@ if scenario == "crash":
                 raise RuntimeError("rank 1 fails mid-training")
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward(); guard.step(loss); opt.zero_grad()
+elif scenario == "desync":  # a NaN written into rank 1's gradient after the all-reduce
+    model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gg.Guard(model, opt, every=3) as guard:
+        for step, (x, y) in enumerate(batches(9, seed=rank)):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if rank == 1 and step == 4:
+                next(model.parameters()).grad[0, 0] = math.nan
+            guard.step(loss); opt.zero_grad()
+    torch.save([(e.kind, e.step, e.data) for e in guard.events], os.path.join(out, f"ev{rank}.pt"))
 elif scenario == "sinks":  # every rank builds the same sinks, as the docs show
     model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -570,6 +581,18 @@ def test_sinks_every_rank_builds_open_one_wandb_run_and_one_event_file(tmp_path)
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
     steps = [r for r in gg.read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "step"]
     assert [r["step"] for r in steps] == list(range(6))
+
+
+def test_ranks_that_took_different_skip_decisions_are_told_their_replicas_diverged(tmp_path):
+    """Found by a stranger: a NaN written into one rank's gradient after DDP's all-reduce
+    (a hook on one rank, a faulty device) was skipped there alone, the other rank stepped,
+    and nothing said that the replicas now differ: both ranks' records showed no skip."""
+    codes, logs, _ = run_ranks(tmp_path, "desync", timeout_s=240)
+    assert codes == [0, 0], logs
+    for r in range(2):
+        events = torch.load(tmp_path / f"ev{r}.pt", weights_only=False)
+        [split] = [e for e in events if e[0] == "ranks_diverged"]
+        assert split[1] == 4 and split[2]["skipped_ranks"] == [1] and split[2]["steps"] == [4]
 
 
 def test_a_failing_rank_makes_the_other_fail_not_hang(tmp_path):

@@ -48,6 +48,8 @@ EVENT_KINDS: tuple[str, ...] = (
     "unstepped_params",
     # the script called optimizer.step() besides guard.step() (gradguard._outside)
     "unguarded_step",
+    # under torch.distributed, ranks took different skip decisions: replicas now differ
+    "ranks_diverged",
 )
 CAUSES: tuple[str, ...] = (
     "init_too_large",

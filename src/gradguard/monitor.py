@@ -103,8 +103,8 @@ class Monitor:
         self.events.append(event)
         self.pending.append(event)
 
-    def agree(self, rows: Tensor, absent: list[frozenset[int] | None] | None = None
-              ) -> list[list[int]] | None:
+    def agree(self, rows: Tensor, absent: list[frozenset[int] | None] | None = None,
+              steps: list[int] | None = None) -> list[list[int]] | None:
         """Under torch.distributed, make the pending window identical on every rank and
         merge the ranks' events; returns the origin ranks of each step (None alone).
         ``absent``: the telemetry's pending per-step parameters without a gradient, made
@@ -112,11 +112,24 @@ class Monitor:
         if self.dist is None:
             return None
         local = self.pending
-        origins, merged = distributed.agree_window_(rows, local, self.dist, absent)
+        origins, merged, split = distributed.agree_window_(rows, local, self.dist, absent)
         # every rank keeps the same history: its own pending events become the merged ones
         del self.events[len(self.events) - len(local):]
         self.events.extend(merged)
         self.pending = list(merged)
+        if split and steps is not None:
+            i, ranks = split[0]
+            took = [r for r in range(self.dist.world_size) if r not in ranks]
+            self.add_event(Event(
+                "ranks_diverged", steps[i], "error",
+                f"step {steps[i]}: rank(s) {', '.join(map(str, ranks))} skipped the update and "
+                f"rank(s) {', '.join(map(str, took))} took it ({len(split)} such step(s) in this "
+                "window): their gradients differed after the all-reduce (a hook or an "
+                "in-place change on one rank, a faulty device), and their replicas differ "
+                "from here on", value=float(len(split)),
+                remedy="Restart from a checkpoint taken before that step; look for code that "
+                       "changes gradients on one rank after backward, or a faulty device.",
+                data={"skipped_ranks": ranks, "steps": [steps[j] for j, _ in split]}))
         return origins
 
     def collect(
@@ -127,7 +140,8 @@ class Monitor:
         ``collective`` is False: a failing rank never enters a collective) and run the
         detectors over it. Returns the window and its routine loss-scale overflows."""
         absent = telemetry.pending_absent()
-        origins = self.agree(telemetry.pending_rows(), absent) if collective else None
+        origins = (self.agree(telemetry.pending_rows(), absent, telemetry.pending_steps())
+                   if collective else None)
         if self.dist is not None and not collective and absent is not None:
             absent[:] = [None] * len(absent)  # this rank's own: not for verdicts
         window = telemetry.flush()

@@ -262,6 +262,10 @@ class Telemetry:
         staged = self._reducer is not None and self._reducer.stages > 1
         return rows[:, :_N_SCALARS] if staged else rows
 
+    def pending_steps(self) -> list[int]:
+        """The step numbers of the rows written since the last flush."""
+        return list(self._steps)
+
     @property
     def pending(self) -> int:
         """Rows written since the last flush."""

@@ -90,7 +90,7 @@ def nonfinite_ranks(
 def agree_window_(
     rows: Tensor, local_events: Sequence[Event], ctx: DistContext,
     absent: list[frozenset[int] | None] | None = None,
-) -> tuple[list[list[int]], list[Event]]:
+) -> tuple[list[list[int]], list[Event], list[tuple[int, list[int]]]]:
     """Make a flush window identical on every rank (called by the Guard at flush).
 
     One ``all_gather_object`` exchanges each rank's own loss, its local-finite flags and
@@ -110,22 +110,31 @@ def agree_window_(
             reached it; a rank that did not gather it makes no difference elsewhere).
 
     Returns:
-        ``(origin ranks per step, merged events)``; see :func:`nonfinite_ranks` and
-        :func:`merge_events`.
+        ``(origin ranks per step, merged events, split steps)``; see
+        :func:`nonfinite_ranks` and :func:`merge_events`. Split steps: ``(index in the
+        window, the ranks that skipped it)`` for the steps some ranks skipped and others
+        took (their replicas differ from there on).
     """
     own: list[list[int] | None] | None = (
         None if absent is None else [None if a is None else sorted(a) for a in absent])
     mine: tuple[list[list[float]], list[Event], Any] = ([], list(local_events), own)
     if rows.shape[0]:
-        mine = (rows[:, (0, 4, 5)].T.cpu().tolist(), mine[1], own)  # off the hot path: per flush
+        mine = (rows[:, (0, 4, 5, 3)].T.cpu().tolist(), mine[1], own)  # off the hot path: per flush
     gathered: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, mine, group=ctx.group)
     events = merge_events([g[1] for g in gathered])
     if absent is not None:
         absent[:] = _absent_everywhere([g[2] for g in gathered], len(absent))
     if not rows.shape[0]:
-        return [], events
-    loss, local_ok, given = (torch.tensor([g[0][c] for g in gathered]) for c in range(3))
+        return [], events, []
+    loss, local_ok, given, skipped = (torch.tensor([g[0][c] for g in gathered]) for c in range(4))
+    # every rank decides its skip alike (one norm, all-reduced or of identical gradients):
+    # ranks that did not were given different gradients after the all-reduce, and their
+    # replicas differ from that step on (found by a stranger: a NaN written into one rank's
+    # gradient after DDP's all-reduce, skipped there alone, reported nowhere)
+    took = skipped < 0.5
+    split = [(i, [r for r in range(took.shape[0]) if not took[r, i]])
+             for i in range(took.shape[1]) if 0 < int(took[:, i].sum()) < took.shape[0]]
     gave = given > 0.5
     mean = torch.where(gave, loss, 0.0).sum(dim=0) / gave.sum(dim=0)  # none gave: NaN
     rows[:, 0].copy_(mean.to(rows.device))
@@ -136,7 +145,7 @@ def agree_window_(
         rows.copy_(buf)
     # a rank without a loss is no origin of a non-finite one
     own_loss = torch.where(gave, loss, 0.0).tolist()
-    return nonfinite_ranks(own_loss, local_ok.tolist()), events
+    return nonfinite_ranks(own_loss, local_ok.tolist()), events, split
 
 
 def _absent_everywhere(ranks: Sequence[Any], n: int) -> list[frozenset[int] | None]:
