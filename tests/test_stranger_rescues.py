@@ -120,3 +120,39 @@ def test_a_noisy_healthy_loss_is_no_cue_for_the_lr_probe_a_raised_level_is():
         losses = (1.5 * torch.exp(torch.randn(10, generator=g))).tolist()
         rise.update(range(10 * k, 10 * k + 10), losses, [False] * 10)
     assert rise.noisy(cue=True) is not None
+
+
+def test_two_bad_batches_in_a_row_both_skipped_cost_no_lr_back_off():
+    """Found by a stranger: two batches x100 in a row, each skipped at its step ("the
+    weights never saw it"), were then confirmed at the flush as a loss spike and answered
+    with a x0.1 back-off for 100 steps (1.06-1.12x the held-out loss of the run without
+    them), where runs of three or four, whose streak back-off the next clean step undid,
+    cost nothing. A spike whose every step was skipped, the step after it taken clean, is
+    the batches'."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x_train = torch.tensor(digits.data[:1400], dtype=torch.float32) / 16.0
+    y_train = torch.tensor(digits.target[:1400])
+    g = torch.Generator().manual_seed(1000)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=50)
+    factors = []
+    for step in range(150):
+        idx = torch.randint(0, 1400, (32,), generator=g)
+        x, y = x_train[idx], y_train[idx]
+        if step in (60, 61):
+            x = x * 100
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss.detach())
+        factors.append(guard.recovery.lr_factor)
+    guard.close()
+    kinds = [(e.kind, e.step) for e in guard.events if e.severity != "info"]
+    assert ("skip", 60) in kinds and ("skip", 61) in kinds and ("loss_spike", 60) in kinds
+    assert not [k for k in kinds if k[0] in ("lr_backoff", "rollback")], kinds
+    assert min(factors) == 1.0

@@ -80,7 +80,13 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
         # loss); one that outlasts it is the weights' (damaged, not bad batches)
         spike is not None and st.undone is not None
         and 0 <= st.undone - since <= rec.config.patience
-        and since + int((spike.data or {}).get("run", 1)) <= st.undone)
+        and since + int((spike.data or {}).get("run", 1)) <= st.undone) or (
+        # every step of it skipped, and the step after it taken clean on the same weights:
+        # the batches' (found by a stranger: two x100 batches in a row, each "the weights
+        # never saw it", cost a x0.1 back-off for 100 steps and 1.06-1.12x the twin's loss,
+        # where three or four, whose streak back-off the next clean step undid, cost none)
+        spike is not None and _skipped_whole(window, skips, since,
+                                             int((spike.data or {}).get("run", 1))))
     # the loss level is evidence (not switched off by the user, nor by a loss that did not
     # answer the weights restored: ``loss_level_off``)
     level = rec.loss_rise and not st.level_off
@@ -133,6 +139,14 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     if judge and not acted and not skipped and not risen and not dead and not any(
             e.kind in UNHEALTHY and e.severity != "info" for e in events):
         _healthy(rec, guard, window, recent)
+
+
+def _skipped_whole(window: Window, skips: list[bool], since: int, run: int) -> bool:
+    """Whether the ``run`` steps of a spike from ``since`` were all skipped in ``window``,
+    and the step after them is in it and was taken."""
+    skipped = {s: k for s, k in zip(window.steps, skips)}
+    return all(skipped.get(s) for s in range(since, since + run)) and (
+        skipped.get(since + run) is False)
 
 
 def _device_skips(rec: Recovery, window: Window, skips: list[bool],
