@@ -542,3 +542,47 @@ def test_a_fresh_run_into_an_output_dir_with_an_earlier_runs_records_writes_its_
     steps = [r["step"] for r in read_jsonl(first.resolved_run_dir / "metrics.jsonl")
              if r["type"] == "step"]
     assert steps == list(range(4))  # the earlier run's records, left as they were
+
+
+def test_a_train_that_raised_has_its_steps_and_report_written_when_the_process_ends(tmp_path):
+    """Found by a stranger: a Trainer stopped by an exception at step 5 (the Trainer tells
+    its callbacks nothing then) left no step record in ``metrics.jsonl`` and no report: the
+    callback writes them at ``on_train_end`` and ``on_save`` only. The process's end now
+    finishes the run directory."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train.py"
+    script.write_text(f"""
+import os, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+os.environ["HF_HUB_OFFLINE"] = "1"
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from gradguard.integrations.hf import GradGuardCallback
+from helpers import Tokens
+
+class Boom(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 3:
+            raise RuntimeError("boom")
+
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=32))
+args = TrainingArguments(output_dir={str(tmp_path / "out")!r}, max_steps=8,
+                         per_device_train_batch_size=8, report_to=[], save_strategy="no",
+                         disable_tqdm=True, use_cpu=True)
+Trainer(model=model, args=args, train_dataset=Tokens(),
+        callbacks=[GradGuardCallback(every=50), Boom()]).train()
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(gg.__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode != 0 and "boom" in r.stderr
+    run_dir = tmp_path / "out" / "gradguard"
+    steps = [s["step"] for s in read_jsonl(run_dir / "metrics.jsonl") if s["type"] == "step"]
+    assert steps == [0, 1, 2]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (run_dir / "report.html").is_file()

@@ -33,6 +33,7 @@ such file (or lies elsewhere) starts a fresh guard, with a warning.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import warnings
@@ -137,6 +138,10 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
             args.max_grad_norm = 0.0
         self._is_zero = bool(getattr(state, "is_world_process_zero", True))
         self._fresh = not getattr(state, "global_step", 0)  # no checkpoint resumed
+        # the Trainer tells its callbacks nothing when training raises: a process that then
+        # ends finishes the run directory at exit (found by a stranger: a Trainer stopped by
+        # an exception at step 5 left no step record and no report)
+        atexit.register(self._at_exit)
         self._fresh_guard(int(getattr(state, "global_step", 0)))
         model = kwargs.get("model")
         if isinstance(model, nn.Module) and self._hook is None:
@@ -267,7 +272,17 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
                 torch.save(saved, folder / TRAINING_ARGS)
 
     # ---- the end -------------------------------------------------------------------
+    def _at_exit(self) -> None:
+        """At interpreter exit after a ``train()`` that raised: close its guard without a
+        collective (its pending steps written) and write the report."""
+        if self.guard is None or self.guard._closed:
+            return
+        self.guard.close(failed=True)
+        if self.report and self.resolved_run_dir is not None:
+            self.report_path = write_report(self.resolved_run_dir)
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        atexit.unregister(self._at_exit)
         if self._user_mgn is not None:  # the arguments as the user made them
             args.max_grad_norm, self._user_mgn = self._user_mgn, None
         if self._hook is not None:
