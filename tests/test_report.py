@@ -397,6 +397,23 @@ def test_summary_of_batches_on_another_scale_and_what_to_check():
     assert "unit error" in outcome.remedy
 
 
+def test_batches_on_another_scale_after_the_loss_rose_are_told_as_the_lrs_doing():
+    """Found by a stranger: a timm ResNet at AdamW 300x had its batch norm statistics
+    thrown by the weights the LR wrecked; six steps were skipped as "on another scale", the
+    ladder rolled back to the weights before the first step and cut the LR, and the summary
+    asked whether the inputs were in other units. When the loss rose before the skips (the
+    cause is the LR), the summary leads with what the ladder found."""
+    off = {"reason": "offscale_batch", "cause": "unscaled_input"}
+    d = _data([{**_ev("skip", 30, data=off), "threshold": 3.0}, _ev("skip", 31, data=off),
+               _ev("rollback", 33, "error",
+                   data={"reason": "the loss rose to 4.1, 2.1x its best (1.9)"})])
+    d.loss = np.r_[np.linspace(2.0, 4.0, 34), np.geomspace(2.0, 0.5, 66)]
+    d.skipped[[30, 31]] = True
+    assert judge(d).cause == "lr_too_high"
+    s = summary_sentence(d)
+    assert s.startswith("At step 33, the loss rose to 4.1") and "other units" not in s
+
+
 def test_summary_sentence_counts_skips_and_clips():
     d = _data([_ev("nonfinite_grad", 3, "error")])
     d.skipped[[3, 4, 5]] = True

@@ -162,7 +162,15 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             parts[-1] = parts[-1][:-1] + f"; {_plural(n_bad, 'non-finite step')} in all."
     elif not lead and (off := [e for e in ev if (e.get("data") or {}).get("reason")
                                == "offscale_batch"]):
-        parts.append(_offscale_sentence(off))
+        acted = ladder_reason(ev)
+        if acted is not None and outcome.cause == "lr_too_high" and \
+                (off[0].get("data") or {}).get("lr_jump") is None:
+            # the ladder found the weights at fault (the loss rose before the skips): the LR
+            # wrecked them, and their batch norm statistics with them (found by a stranger: a
+            # timm ResNet at AdamW 300x was told its inputs were "on another scale")
+            parts.append(f"At step {acted[0]}, {acted[1]}.")
+        else:
+            parts.append(_offscale_sentence(off))
     elif not lead and (acted := ladder_reason(ev)) is not None:
         parts.append(f"At step {acted[0]}, {acted[1]}.")  # what the ladder saw: no gradient event
     elif not lead and every_overflow(data):
