@@ -305,6 +305,10 @@ def test_rerun_writes_a_separate_run_dir_and_resume_continues_one(tmp_path):
     info = json.loads((second / "run.json").read_text())
     assert len(info["sessions"]) == 2
     assert main(["run", "--resume-from", str(tmp_path / "nope"), *cli[1:]]) == 2
+    # found by a stranger: both accepted, the error about the directory's contents
+    assert main(["run", "--resume", "--resume-from", str(first), *cli[1:]]) == 2
+    # found by a stranger: accepted, and nothing would have been clipped
+    assert main(["run", "--script-clip", "replace", *cli[1:]]) == 2
     assert main(["run", "--resume-from", str(first), *cli[1:]]) == 0
     steps = [r["step"] for r in read_jsonl(first / "metrics.jsonl") if r["type"] == "step"]
     assert steps == list(range(12))

@@ -134,6 +134,11 @@ def build_config(args: argparse.Namespace) -> Any:
 
 def resume_arg(args: argparse.Namespace) -> str | None:
     """The run to continue: ``"latest"``, a directory, or None for a new run."""
+    from . import UsageError
+
+    if args.resume and args.resume_from is not None:  # found by a stranger: not said
+        raise UsageError("--resume and --resume-from: give one (--resume continues OUT/latest, "
+                         "--resume-from RUN_DIR that run directory)")
     if args.resume_from is not None:
         return str(args.resume_from)
     return "latest" if args.resume else None
@@ -166,6 +171,11 @@ def command(args: argparse.Namespace) -> int:
     if not script.is_file():
         raise UsageError(f"script {args.script!r} does not exist or is not a file")
     config = build_config(args)
+    if args.script_clip == "replace" and config.clip is None:  # found by a stranger: accepted
+        raise UsageError("--script-clip replace: needs --clip (gradguard's clip replaces the "
+                         "script's; without one nothing would be clipped); choose --clip "
+                         "zclip | autoclip | norm:MAX | value:MAX | agc, or leave "
+                         "--script-clip at compose")
     resume = None
     wanted = resume_arg(args)
     if wanted is not None:
