@@ -71,6 +71,9 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     bad_batch = HEALTHY.replace("torch.randn(32, 8)", "torch.randn(32, 5)")
     assert main(["doctor", _spec(tmp_path, bad_batch)]) == 2
     assert "do not fit Sequential" in capsys.readouterr().err
+    # found by a stranger: "spec '...': doctor budget_s=-1.0: must be ..."
+    assert main(["doctor", _spec(tmp_path, HEALTHY), "--budget", "-1"]) == 2
+    assert "--budget -1: must be a number of seconds > 0" in capsys.readouterr().err
 
 
 def test_a_spec_whose_own_code_fails_exits_2_naming_its_line_not_1(tmp_path, capsys):

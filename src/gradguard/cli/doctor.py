@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,9 @@ def command(args: argparse.Namespace) -> int:
     from ..doctor import doctor
     from . import EXIT_FINDINGS, EXIT_OK, UsageError
 
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        # found by a stranger: the error named the internal keyword budget_s and the spec
+        raise UsageError(f"--budget {args.budget:g}: must be a number of seconds > 0")
     got = load_setup(args.spec)
     try:
         diag = doctor(*got, budget_s=args.budget)
