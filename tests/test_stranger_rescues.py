@@ -156,3 +156,37 @@ def test_two_bad_batches_in_a_row_both_skipped_cost_no_lr_back_off():
     assert ("skip", 60) in kinds and ("skip", 61) in kinds and ("loss_spike", 60) in kinds
     assert not [k for k in kinds if k[0] in ("lr_backoff", "rollback")], kinds
     assert min(factors) == 1.0
+
+
+def test_a_rollback_of_weights_a_nan_streak_never_touched_is_undone_once_the_batches_prove_at_fault():
+    """Found by a stranger: eight NaN batches in a row (a corrupted shard) were each skipped,
+    the LR backed off at the third, and at the sixth the weights were rolled back 75 steps
+    to the snapshot of step 49, their Adam state reset, though no update had touched them
+    since step 119: the next step, non-finite on the restored weights too, showed the
+    batches at fault, but the rollback stood (10-40x the loss of the run without the
+    shard). The weights it replaced, and the LR from before the streak, now come back."""
+    import math
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=50)
+    gen = torch.Generator().manual_seed(0)
+    weights, factors = {}, {}
+    for step in range(140):
+        x = torch.randn(32, 16, generator=gen)
+        if 120 <= step < 128:
+            x = x * math.nan
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        weights[step] = [p.detach().clone() for p in model.parameters()]
+        factors[step] = guard.recovery.lr_factor
+    guard.close()
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    [data] = [e for e in guard.events if e.kind == "nonfinite_input"]
+    assert (rollback.step, data.step) == (125, 126) and data.data["rollback_undone"] is True
+    for a, b in zip(weights[126], weights[119]):
+        assert torch.equal(a, b)  # the weights of step 119's update, which the streak never moved
+    assert factors[126] == 1.0 and factors[119] == 1.0

@@ -197,6 +197,8 @@ class Recovery:
         self._probe = LrProbe()
         self._shift = ShiftTest()  # each rollback's test of the batches (:mod:`.shift`)
         self._undo: dict[str, Any] | None = None  # the state a rollback replaced (.shift)
+        self._undo_untouched = False  # ... which no update had touched since its streak began
+        self._undo_ladder: LadderState | None = None  # ... and the ladder before that streak
         self._clips = ClipTally()  # how often the clip acted at the LR in force
         self._progress: float | None = None  # the loss level of the latest flush
         #: the latest sampled share of a layer's units that died (:mod:`gradguard.units`)

@@ -72,7 +72,29 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
         rec._rise.reset()  # the loss level is learnt again after the ladder acted
         rec._dead.since = None  # and a stall of dead layers is timed from the weights now
         if a.kind == "data":
-            guard.add_event(messages.data_event(guard, a, rec.ring.restored_from))
+            # the weights the rollback replaced had taken no update since their last finite
+            # step (a streak of skipped steps): the batches being at fault, they were sound,
+            # and go back (found by a stranger: six NaN batches in a row rolled an MLP back
+            # 75 steps, its Adam state reset, for 10-40x the loss of the run without them)
+            undo = rec._undo if rec._undo_untouched else None
+            if undo is not None:
+                rec._undo = None
+                wait_copies()
+                restore(guard, undo)
+                rec.restores += 1
+                if (before := rec._undo_ladder) is not None:  # and the LR from before it
+                    cur = rec.state
+                    rec.state = dataclasses.replace(
+                        before, data_streak=cur.data_streak, spike_data=cur.spike_data,
+                        undone=a.step, total_rollbacks=cur.total_rollbacks,
+                        last_snapshot=cur.last_snapshot, last_regular=cur.last_regular,
+                        settled=cur.settled)
+                    a = dataclasses.replace(a, factor=rec.state.factor,
+                                            ceiling=rec.state.ceiling)
+            rec._undo_ladder = None
+            undone = undo is not None
+            guard.add_event(messages.data_event(guard, a, rec.ring.restored_from,
+                                                undone=undone))
             continue
         if a.kind == "sound":
             guard.add_event(messages.sound_event(guard, a))
@@ -120,6 +142,10 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                                             ceiling=rec.state.ceiling, reason=a.reason + why)
                     rec.actions[-1] = a
                 keep_undo(rec, guard)
+                # no update since the last rung, in a streak of skipped steps: the weights
+                # replaced are those of the streak's start (see the "data" action)
+                rec._undo_untouched = prior.untested is not None and prior.consecutive_skips > 0
+                rec._undo_ladder = prior.undo if rec._undo_untouched else None
                 reset = rollback(guard, a, snap, layers(), rec.reset_moments)
                 guard.add_event(messages.rollback_event(
                     a, step, reset, rec.config.restore_steps, rec.config.max_rollbacks,

@@ -249,9 +249,11 @@ def _data_event_kind(kind: str) -> str:
     return "grad_spike" if kind == "spike" else _data_cause(kind)
 
 
-def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
+def data_event(guard: Guard, a: Action, snapshot: int, *, undone: bool = False) -> Event:
     """The first step on weights a rollback restored is non-finite (or off-scale): the
-    batches are at fault, not the weights (see ``data`` in :mod:`.ladder`)."""
+    batches are at fault, not the weights (see ``data`` in :mod:`.ladder`); ``undone``: the
+    weights the rollback replaced, which no update had touched since their last finite
+    step, were put back."""
     lrs, shown = group_lrs(guard, a.ceiling)
     saved = "before the first step" if snapshot < 0 else f"at step {snapshot}"
     kind = _data_kind(a.reason)
@@ -268,14 +270,18 @@ def data_event(guard: Guard, a: Action, snapshot: int) -> Event:
     return Event(
         kind=_data_event_kind(kind), step=a.step, severity="warning",
         message=(f"step {a.step}: {what}: the batches are at fault, not the weights ({fault})."
-                 " gradguard skips such steps and does nothing else: the learning rate "
+                 + (" The rollback is undone: the weights it replaced had taken no update since "
+                    "their last finite step, and are back, with the learning rate from before "
+                    "the streak." if undone else "")
+                 + " gradguard skips such steps and does nothing else: the learning rate "
                  f"restores to x{a.ceiling:g} (lr {shown}), and it stops the run only if they "
                  "go on"),
         remedy=(UNIT_ERROR_REMEDY if kind == "offscale" else SPIKE_DATA_REMEDY if kind == "spike"
                 else f"Check the batches from step {a.step} on for NaN/Inf (torch.isfinite on "
                 "inputs and targets) and the loss for log(0) or division by zero."),
         data={"cause": _data_cause(kind), "factor": a.factor, "ceiling": a.ceiling,
-              "lr": lrs, "snapshot_step": snapshot, "reason": a.reason},
+              "lr": lrs, "snapshot_step": snapshot, "reason": a.reason,
+              "rollback_undone": undone},
     )
 
 
