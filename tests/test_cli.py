@@ -47,7 +47,17 @@ def test_cli_demo_refuses_another_runs_directory_and_replaces_its_own(tmp_path, 
     own = tmp_path / "demo"
     assert main(["demo", "--out", str(own), "--steps", "40"]) == 0
     assert main(["demo", "--out", str(own), "--steps", "40"]) == 0  # its own: replaced
-    assert sorted(p.name for p in own.iterdir()) == ["events.jsonl", "metrics.jsonl", "report.html"]
+    assert sorted(p.name for p in own.iterdir()) == ["demo.json", "events.jsonl",
+                                                      "metrics.jsonl", "report.html"]
+    # found by a stranger: the README's loop writes the demo's three file names
+    loop = tmp_path / "exp1"
+    loop.mkdir()
+    for name in ("metrics.jsonl", "events.jsonl", "report.html"):
+        (loop / name).write_text("{}\n")
+    capsys.readouterr()
+    assert main(["demo", "--out", str(loop), "--steps", "40"]) == 2
+    assert "did not write (events.jsonl, metrics.jsonl)" in capsys.readouterr().err
+    assert all((loop / n).read_text() == "{}\n" for n in ("metrics.jsonl", "report.html"))
 
 
 def test_cli_usage_errors_exit_2(capsys):

@@ -12,6 +12,7 @@ clean run.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -174,6 +175,8 @@ def train(
 
 #: What the demo writes into its directory (and replaces there).
 DEMO_FILES = ("events.jsonl", "metrics.jsonl", "report.html")
+#: The file that marks a directory as the demo's: its files may be replaced.
+DEMO_MARK = "demo.json"
 
 
 def run_demo(
@@ -192,17 +195,24 @@ def run_demo(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 40:
         raise ValueError(f"run_demo(steps={steps!r}): must be an int >= 40")
     out = Path(out)
-    if out.is_dir() and (other := sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES)):
+    other = sorted(p.name for p in out.iterdir() if p.name not in (*DEMO_FILES, DEMO_MARK)) \
+        if out.is_dir() else []
+    if not other and out.is_dir() and not (out / DEMO_MARK).is_file():
+        # the demo's own file names, but not written by the demo: a run of the README's
+        # loop (JsonlSink) writes the same three (found by a stranger)
+        other = [f for f in DEMO_FILES if (out / f).is_file() and f != "report.html"]
+    if other:
         # found by a stranger: a run directory given as --out lost its metrics, events and
         # report without a word, and kept its run.json and guard state beside the demo's
         raise ValueError(
-            f"run_demo(out={str(out)!r}): the directory holds files the demo does not write "
+            f"run_demo(out={str(out)!r}): the directory holds files the demo did not write "
             f"({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}): another run's; give "
-            "the demo a directory of its own (it replaces only its own files, "
-            f"{', '.join(DEMO_FILES)})")
+            f"the demo a directory of its own (it replaces only the files it wrote, marked by "
+            f"its {DEMO_MARK})")
     out.mkdir(parents=True, exist_ok=True)
     for f in DEMO_FILES:
         (out / f).unlink(missing_ok=True)
+    (out / DEMO_MARK).write_text(json.dumps({"demo": True, "steps": steps, "seed": seed}) + "\n")
     faults = fault_schedule(steps)
 
     def cb(name: str) -> Callable[[], None] | None:
