@@ -197,7 +197,8 @@ def run_demo(
     out = Path(out)
     other = sorted(p.name for p in out.iterdir() if p.name not in (*DEMO_FILES, DEMO_MARK)) \
         if out.is_dir() else []
-    if not other and out.is_dir() and not (out / DEMO_MARK).is_file():
+    legacy = out == Path("runs/demo")  # the default: the demo's, marked or not (older ones)
+    if not other and out.is_dir() and not (out / DEMO_MARK).is_file() and not legacy:
         # the demo's own file names, but not written by the demo: a run of the README's
         # loop (JsonlSink) writes the same three (found by a stranger)
         other = [f for f in DEMO_FILES if (out / f).is_file() and f != "report.html"]
