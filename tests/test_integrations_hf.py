@@ -586,3 +586,60 @@ Trainer(model=model, args=args, train_dataset=Tokens(),
     assert steps == [0, 1, 2]
     if importlib.util.find_spec("matplotlib") is not None:
         assert (run_dir / "report.html").is_file()
+
+
+def test_a_new_callback_on_the_arguments_an_interrupted_train_left_gives_back_max_grad_norm(
+        tmp_path):
+    """Found by a stranger: after a ``train()`` interrupted with the callback, a new Trainer
+    and a new callback built on the same ``TrainingArguments`` (``max_grad_norm`` left at 0)
+    trained unclipped."""
+    first = make_trainer(tmp_path, [GradGuardCallback(report=False), Interrupt(at=2)],
+                         max_steps=4, max_grad_norm=0.25)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    cb = GradGuardCallback(report=False)
+    second = Trainer(model=first.model, args=first.args, train_dataset=Tokens(), callbacks=[cb])
+    second.train()
+    assert "NormClip(max_norm=0.25" in repr(cb.guard.clip) and second.args.max_grad_norm == 0.25
+
+
+def test_a_model_that_returns_a_tuple_has_its_loss_recorded(tmp_path):
+    """Found by a stranger: a model returning ``(loss, logits)`` (``return_dict=False``), whose
+    loss the Trainer reads as ``outputs[0]``, was told it returned no loss."""
+    class AsTuple(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, labels=None):
+            out = self.inner(input_ids=input_ids, labels=labels)
+            return (out.loss, out.logits)
+
+    cb = GradGuardCallback(report=False)
+    t = make_trainer(tmp_path, [cb], max_steps=3)
+    t = Trainer(model=AsTuple(t.model), args=t.args, train_dataset=Tokens(), callbacks=[cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradGuardWarning)
+        t.train()
+    losses = [r["loss"] for r in read_jsonl(cb.resolved_run_dir / "metrics.jsonl")
+              if r["type"] == "step"]
+    assert len(losses) == 3 and all(isinstance(v, float) for v in losses)
+
+
+def test_a_run_of_its_own_resumed_in_a_new_process_goes_on_in_its_own_directory(tmp_path):
+    """Found by a stranger: a fresh run that found records and wrote ``gradguard/<time>``,
+    resumed from its checkpoint in a new process, went back to ``gradguard/`` and into the
+    records of the run before it. It goes on where ``gradguard/latest`` points."""
+    checkpointing_trainer(tmp_path, [GradGuardCallback(report=False)], max_steps=4).train()
+    cb = GradGuardCallback(report=False)
+    t = checkpointing_trainer(tmp_path, [cb, Interrupt(at=3)], max_steps=6)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(GradGuardWarning, match="earlier run"):
+        t.train()
+    own = cb.resolved_run_dir
+    assert own is not None and own.parent == tmp_path / "gradguard"
+    resumed = GradGuardCallback(report=False)
+    checkpointing_trainer(tmp_path, [resumed], max_steps=6).train(resume_from_checkpoint=True)
+    assert resumed.resolved_run_dir.resolve() == own.resolve()
+    base = [r["step"] for r in read_jsonl(tmp_path / "gradguard" / "metrics.jsonl")
+            if r["type"] == "step"]
+    assert base == list(range(4))  # the first run's records, untouched

@@ -254,3 +254,16 @@ def test_a_run_back_at_a_level_it_never_left_is_told_its_loss_did_not_fall():
     assert "the loss did not fall" in summary_sentence(run(loss, events=[ev("rollback", 20, "error")]))
     fell = judge(run(np.geomspace(2.0, 0.5, 300), events=[ev("rollback", 20, "error")]))
     assert fell.clause == "training recovered"
+
+
+def test_one_bad_batch_skipped_at_the_last_step_is_no_divergence():
+    """Found by a stranger: a healthy run whose last step was one x100 batch, skipped, was
+    "diverged ... the last steps are still non-finite", every step finite, and
+    ``--fail-on-divergence`` failed the job."""
+    loss = DECAY.copy()
+    loss[-1] = 50.0  # the bad batch's own loss, finite
+    out = judge(run(loss, events=[ev("grad_spike", 99)], skipped=[99]))
+    assert out.status == "recovered", out
+    nan = _nan_at(DECAY, 99)  # a last step that is non-finite still is
+    assert judge(run(nan, grad=np.r_[np.ones(99), np.nan], events=[ev("nonfinite_grad", 99, "error")],
+                     skipped=[99])).status == "diverged"

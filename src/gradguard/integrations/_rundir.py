@@ -70,6 +70,26 @@ def resolve_latest(base: Path) -> Path | None:
     return target if target.is_dir() else None
 
 
+def trainer_run_dir(base: Path, sub: str | None, fresh: bool) -> tuple[Path, str | None]:
+    """Where a trainer callback's run writes, and what to say: a fresh run (no checkpoint
+    resumed) into a directory that holds records gets ``base/<start time>`` of its own
+    (found by a stranger: a re-run into the same output directory was reported with the
+    run before it); a resumed one goes on where ``base/latest`` points, when a run of its
+    own made it (found by a stranger: resumed in a new process, it went back to ``base``
+    and into the records of the run before it). ``sub``: the part a later fresh call in the
+    same process adds (``train1``, ``fit1``)."""
+    target = base / sub if sub else base
+    if fresh:
+        if not holds_records(target):
+            return target, None
+        new = new_run_dir(base)
+        return new, (f"{str(target)!r} holds the records of an earlier run; this one, which "
+                     f"resumed no checkpoint, writes to {str(new)!r}")
+    if sub is None and (latest := resolve_latest(base)) is not None:
+        return latest, None
+    return target, None
+
+
 def holds_records(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds step records already (another run's)."""
     metrics = run_dir / "metrics.jsonl"

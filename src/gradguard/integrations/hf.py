@@ -37,6 +37,7 @@ import atexit
 import copy
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ from ..events import Sink
 from ..guard import Guard
 from ..sinks import JsonlSink
 from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
-from ._rundir import holds_records, new_run_dir
+from ._rundir import trainer_run_dir
 from ._summary import write_report
 
 STATE_FILE = "gradguard_state.pt"
@@ -122,10 +123,12 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         # a policy that replays the Trainer's own clip after measuring (gradguard run) needs
         # max_grad_norm as it is
         replays = getattr(self.clip, "replays_trainer_clip", False)
-        if self._user_mgn is not None and not args.max_grad_norm:
+        taken = getattr(args, TAKEN_OVER, None)
+        if not args.max_grad_norm and isinstance(taken, (int, float)):
             # an earlier train() that raised never reached on_train_end, which puts it back
-            # (found by a stranger: after an interrupted train() the next ran unclipped)
-            args.max_grad_norm = self._user_mgn
+            # (found by strangers: after an interrupted train() the next ran unclipped, with
+            # this callback or a new one on the same arguments)
+            args.max_grad_norm = float(taken)
         self._takeover = self._user_mgn = None
         if not replays and args.max_grad_norm and args.max_grad_norm > 0:
             # The Trainer clips before on_pre_optimizer_step: gradguard would only ever see
@@ -136,12 +139,20 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
             # bit for bit); max_grad_norm is back in the arguments when training ends
             self._takeover = self._user_mgn = float(args.max_grad_norm)
             args.max_grad_norm = 0.0
+            setattr(args, TAKEN_OVER, self._user_mgn)  # for the next train() if this one raises
         self._is_zero = bool(getattr(state, "is_world_process_zero", True))
         self._fresh = not getattr(state, "global_step", 0)  # no checkpoint resumed
         # the Trainer tells its callbacks nothing when training raises: a process that then
         # ends finishes the run directory at exit (found by a stranger: a Trainer stopped by
         # an exception at step 5 left no step record and no report)
         atexit.register(self._at_exit)
+        # a train() that raised left its guard open (the Trainer says nothing): this one is
+        # the process's training now, so that one is finished (found by a stranger: a new
+        # Trainer after an interrupted one raised "written by another open JsonlSink")
+        for other in list(_OPEN):
+            if other is not self:
+                other._at_exit()
+        _OPEN.add(self)
         self._fresh_guard(int(getattr(state, "global_step", 0)))
         model = kwargs.get("model")
         if isinstance(model, nn.Module) and self._hook is None:
@@ -188,6 +199,9 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         if not module.training:
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if loss is None and isinstance(output, (tuple, list)) and output and isinstance(
+                output[0], torch.Tensor) and output[0].dim() == 0:
+            loss = output[0]  # a model returning (loss, logits), as the Trainer reads it
         if isinstance(loss, torch.Tensor):
             # With gradient accumulation the Trainer hands the model the token count of the
             # whole optimizer step (num_items_in_batch): each micro-batch loss is then already
@@ -198,21 +212,14 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
     def _make_guard(
         self, args: Any, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
     ) -> Guard:
-        run_dir = self.run_dir or Path(args.output_dir) / "gradguard"
-        if self._sub is not None:
-            run_dir = Path(run_dir) / self._sub
-        elif self._is_zero and self._fresh and holds_records(Path(run_dir)):
-            # a fresh train() (no checkpoint resumed) into a directory that holds another
-            # run's records: a run of its own (found by a stranger: a healthy re-run of a
-            # script into the same output_dir was "Gradients exploded at step 30 ...
-            # recovered", the NaN of the run before it)
-            earlier = Path(run_dir)
-            run_dir = new_run_dir(earlier)
-            warnings.warn(
-                f"GradGuardCallback: {str(earlier)!r} holds the records of an earlier run; this "
-                f"one, which resumed no checkpoint, writes to {str(run_dir)!r} "
-                "(GradGuardCallback(run_dir=...) names a directory of its own)",
-                GradGuardWarning, stacklevel=caller_stacklevel())
+        base = Path(self.run_dir or Path(args.output_dir) / "gradguard")
+        run_dir = base / self._sub if self._sub is not None else base
+        if self._is_zero:
+            run_dir, said = trainer_run_dir(base, self._sub, self._fresh)
+            if said is not None:
+                warnings.warn(f"GradGuardCallback: {said} (GradGuardCallback(run_dir=...) names "
+                              "a directory of its own)", GradGuardWarning,
+                              stacklevel=caller_stacklevel())
         sinks: list[Sink] = list(self.sinks)
         if self._is_zero:
             sinks.append(JsonlSink(run_dir))
@@ -269,6 +276,8 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
                 # max_grad_norm of 0 gradguard set while it applies the clip itself
                 saved = copy.copy(args)
                 saved.max_grad_norm = self._user_mgn
+                if hasattr(saved, TAKEN_OVER):
+                    delattr(saved, TAKEN_OVER)
                 torch.save(saved, folder / TRAINING_ARGS)
 
     # ---- the end -------------------------------------------------------------------
@@ -283,8 +292,11 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         atexit.unregister(self._at_exit)
+        _OPEN.discard(self)
         if self._user_mgn is not None:  # the arguments as the user made them
             args.max_grad_norm, self._user_mgn = self._user_mgn, None
+            if hasattr(args, TAKEN_OVER):
+                delattr(args, TAKEN_OVER)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -293,6 +305,13 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         if self.report and self.resolved_run_dir is not None:
             self.report_path = write_report(self.resolved_run_dir)
 
+
+#: The callbacks whose train() is under way, or raised (their guard still open).
+_OPEN: weakref.WeakSet[GradGuardCallback] = weakref.WeakSet()
+
+#: The attribute of the Trainer's arguments that holds the ``max_grad_norm`` gradguard took
+#: over while a ``train()`` runs (put back by the next one when that one raised).
+TAKEN_OVER = "_gradguard_max_grad_norm"
 
 #: The file the Trainer saves its arguments to in a checkpoint.
 TRAINING_ARGS = "training_args.bin"

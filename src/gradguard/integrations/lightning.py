@@ -56,7 +56,7 @@ from ._hooked import (
     no_gradients,
     recovery_for,
 )
-from ._rundir import holds_records, new_run_dir
+from ._rundir import trainer_run_dir
 from ._summary import write_report
 
 SUPPORTED = ("2.1", "3")
@@ -160,6 +160,7 @@ class GradGuardCallback(CallbackOptions, Callback):
         self._loss = LossTracker()
         self._logger_sinks: list[LightningLoggerSink] = []
         self._loaded: list[dict[str, Any]] | None = None  # from a checkpoint, for on_train_start
+        self._base: Path | None = None  # the run directory of this fit's first optimizer
         #: id(optimizer) -> its index, for optimizers over lazy modules not yet run: their
         #: guards are built at their first step
         self._deferred: dict[int, int] = {}
@@ -257,20 +258,18 @@ class GradGuardCallback(CallbackOptions, Callback):
 
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, k: int,
                opt: torch.optim.Optimizer) -> Guard:
-        base = Path(self.run_dir or Path(trainer.default_root_dir) / "gradguard")
-        if self._sub is None and k == 0 and trainer.is_global_zero and self._loaded is None \
-                and not trainer.global_step and holds_records(base):
-            # a fresh fit (no checkpoint) into a directory holding an earlier run's records:
-            # a run of its own (found by a stranger under the Hugging Face Trainer: a healthy
-            # re-run was reported with the NaN of the run before it)
-            self._sub = new_run_dir(base).name
-            warnings.warn(
-                f"GradGuardCallback: {str(base)!r} holds the records of an earlier run; this "
-                f"one, which resumed no checkpoint, writes to {str(base / self._sub)!r} "
-                "(GradGuardCallback(run_dir=...) names a directory of its own)",
-                GradGuardWarning, stacklevel=2)
-        if self._sub is not None:
-            base = base / self._sub
+        root = Path(self.run_dir or Path(trainer.default_root_dir) / "gradguard")
+        if k == 0 or self._base is None:
+            # a fresh fit into a directory holding an earlier run's records gets one of its
+            # own; a resumed one goes on where its own went (see _rundir.trainer_run_dir)
+            self._base = root / self._sub if self._sub is not None else root
+            if trainer.is_global_zero:
+                fresh = self._loaded is None and not trainer.global_step
+                self._base, said = trainer_run_dir(root, self._sub, fresh)
+                if said is not None:
+                    warnings.warn(f"GradGuardCallback: {said} (GradGuardCallback(run_dir=...) "
+                                  "names a directory of its own)", GradGuardWarning, stacklevel=2)
+        base = self._base
         many = len(trainer.optimizers) > 1
         run_dir = base if k == 0 else base / f"optimizer{k}"
         sinks: list[Sink] = list(self.sinks)
