@@ -52,6 +52,7 @@ class OutsideSteps:
     def __init__(self, guard: Guard) -> None:
         self._guard = weakref.ref(guard)
         self.said = False
+        self.said_twice = False
         #: the smallest handled gradient and its version when ``guard.step()`` returned
         self._handled: tuple[Tensor, int] | None = None
         self._probe: Tensor | None = None  # the parameter whose gradient marks a step
@@ -69,6 +70,30 @@ class OutsideSteps:
             self._probe = min(with_grad, key=lambda t: t.numel(), default=None)
         g = None if self._probe is None else self._probe.grad
         self._handled = None if g is None else (g, g._version)
+
+    def again(self) -> bool:
+        """Whether this step's gradients are those ``guard.step()`` just stepped or skipped
+        (no backward since): a second ``guard.step()`` on the same batch."""
+        held, probe = self._handled, self._probe
+        return held is not None and probe is not None and probe.grad is held[0] and (
+            held[0]._version == held[1])
+
+    def twice(self, guard: Guard) -> None:
+        """Say once that ``guard.step()`` was called again on the gradients it had just
+        stepped or skipped (found by a stranger: it stepped the optimizer twice per batch,
+        silently, and the run ended elsewhere)."""
+        if self.said_twice:
+            return
+        self.said_twice = True
+        step = max(guard.step_count - 1, 0)
+        text = (f"step {step}: guard.step() was called again on the gradients it had just "
+                "stepped or skipped (no backward since): ignored, as a second "
+                "optimizer.step() on them would have stepped the batch twice")
+        remedy = "Call guard.step() once per backward (it replaces optimizer.step())."
+        warnings.warn(f"gradguard: {text}. {remedy}", GradGuardWarning,
+                      stacklevel=caller_stacklevel())
+        guard.add_event(Event(kind="unguarded_step", step=step, severity="warning",
+                              message=text, remedy=remedy, data={"ignored": True, "twice": True}))
 
     def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         guard = self._guard()

@@ -224,6 +224,10 @@ class Guard:
                 return torch.full((), float("nan"))
             if scaler is None and getattr(self.wrapper, "scaler", None) is not None:
                 scaler = update = self.wrapper.scaler
+        if closure is None and not self._needs_closure and self._outside is not None and \
+                self._outside.again():  # the same batch again: no second update
+            self._outside.twice(self)
+            return torch.full((), float("nan"))
         before = self._inner_steps
         stepping(self.optimizer, True)
         try:
