@@ -80,8 +80,14 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
             if undo is not None:
                 rec._undo = None
                 wait_copies()
-                restore(guard, undo)
+                # the weights and the optimizer state only: the gradient statistics taken
+                # with them had learnt the streak's own norms (x100 batches went unskipped
+                # after them), where those the rollback restored had not
+                restore(guard, {k: v for k, v in undo.items() if k not in ("clip", "verdict")})
                 rec.restores += 1
+                # no rollback stands: no grace after its restore (the x100 batches after it
+                # went unskipped through the grace of the rollback undone)
+                rec.ring.restored_step = None
                 if (before := rec._undo_ladder) is not None:  # and the LR from before it
                     cur = rec.state
                     rec.state = dataclasses.replace(
