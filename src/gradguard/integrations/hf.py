@@ -51,11 +51,13 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 import torch
 from torch import nn
+from torch.amp.grad_scaler import OptState
 
 from ..clipping import NormClip, chain
 from ..config import GuardConfig
 from ..errors import GradGuardWarning, caller_stacklevel
 from ..events import Sink
+from ..executors._amp import scaler_state
 from ..guard import Guard
 from ..sinks import JsonlSink
 from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
@@ -319,8 +321,4 @@ TRAINING_ARGS = "training_args.bin"
 
 def _unscaled(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``scaler`` has unscaled ``optimizer``'s gradients since its last update."""
-    states = getattr(scaler, "_per_optimizer_states", None)
-    if not isinstance(states, dict):
-        return False
-    stage = states.get(id(optimizer), {}).get("stage")
-    return getattr(stage, "name", None) == "UNSCALED"
+    return scaler_state(scaler, optimizer)["stage"] is OptState.UNSCALED
