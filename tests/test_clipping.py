@@ -879,3 +879,17 @@ def test_agc_given_unnamed_parameters_says_it_excludes_no_last_layer():
         warnings.simplefilter("error", gg.GradGuardWarning)
         gg.AGC(clipping=0.01).clip_(model)  # named: the head is left alone, nothing said
     assert torch.equal(model[2].weight.grad, head)
+
+
+def test_agc_exclude_that_matches_no_parameter_says_so():
+    """Found by a stranger: ``AGC(exclude=["2.bais"])`` (a typo) clipped the layer it was
+    meant to spare, without a word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model(torch.randn(16, 4)).pow(2).sum().mul(1e3).backward()
+    with pytest.warns(gg.GradGuardWarning, match=r"'2\.bais' matches no parameter name"):
+        gg.AGC(clipping=0.01, exclude=["2.bais", "2.weight"]).clip_(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gg.GradGuardWarning)
+        gg.AGC(clipping=0.01, exclude=["2.bias", "0.*"]).clip_(model)  # every pattern hits
+        gg.AGC(clipping=0.01, exclude=[]).clip_(model)

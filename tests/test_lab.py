@@ -65,6 +65,15 @@ def test_cli_lab_bad_id_is_usage_error(tmp_path):
     assert cli.main(["lab", "T42", "--out", str(tmp_path)]) == 2
 
 
+def test_cli_lab_out_that_is_a_file_is_usage_error(tmp_path, capsys):
+    """Found by a stranger: ``--out`` naming a file ended in a NotADirectoryError
+    traceback after the experiment had run."""
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["lab", "T0", "--fast", "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot be created" in err and "Traceback" not in err
+
+
 def test_import_gradguard_does_not_load_lab_extras():
     import subprocess
 

@@ -339,3 +339,10 @@ def test_wandb_sink_in_a_run_the_loop_logs_to_keeps_every_row(tmp_path, monkeypa
     ours = [r for r in rows if "gradguard/loss" in r]
     assert sorted(r["gradguard/step"] for r in ours) == list(range(50))
     assert sum("acc" in r for r in rows) == 50
+
+
+def test_jsonl_sink_given_no_path_names_the_argument():
+    """Found by a stranger: ``JsonlSink(None)`` said "expected str, bytes or os.PathLike
+    object, not NoneType" from inside pathlib."""
+    with pytest.raises(TypeError, match=r"JsonlSink run_dir must be a directory path .* NoneType"):
+        gg.JsonlSink(None)  # type: ignore[arg-type]

@@ -133,6 +133,10 @@ class JsonlSink:
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        if not isinstance(run_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"JsonlSink run_dir must be a directory path (str or os.PathLike), "
+                f"got {type(run_dir).__name__}: {run_dir!r}")
         self.run_dir = Path(run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)

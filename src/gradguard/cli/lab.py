@@ -38,6 +38,11 @@ def command(args: argparse.Namespace) -> int:
         ids = [lab._canonical(i) for i in ids]
     except ValueError as e:
         raise UsageError(str(e)) from e
+    from ..rundir import dir_problem
+
+    if (problem := dir_problem(args.out)) is not None:
+        # found by a stranger: --out naming a file ended in a NotADirectoryError traceback
+        raise UsageError(f"--out {args.out}: {problem}")
     try:
         from rich.console import Console
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

@@ -175,12 +175,22 @@ class AGC(Policy):
                     "exclude=[] to clip every layer.", GradGuardWarning,
                     stacklevel=caller_stacklevel())
             return [h == last and len(set(heads)) > 1 for h in heads]
-        out = []
-        for n in names:
-            out.append(
-                any(n == p or n.startswith(p + ".") or fnmatch.fnmatch(n, p) for p in self.exclude)
-            )
-        return out
+        def hit(n: str, p: str) -> bool:
+            return n == p or n.startswith(p + ".") or fnmatch.fnmatch(n, p)
+
+        named = not all(n.isdigit() for n in names)
+        missed = [p for p in self.exclude if named and not any(hit(n, p) for n in names)]
+        if missed and not getattr(self, "_missed_said", False):
+            # found by a stranger: exclude=["fc.bais"] clipped the layer it meant to spare,
+            # without a word
+            self._missed_said = True
+            warnings.warn(
+                f"AGC(exclude={self.exclude!r}): {', '.join(map(repr, missed))} matches no "
+                f"parameter name, so nothing is left unclipped by it; the names are like "
+                f"{', '.join(map(repr, names[:3]))}{', ...' if len(names) > 3 else ''} "
+                "(model.named_parameters()).", GradGuardWarning,
+                stacklevel=caller_stacklevel())
+        return [any(hit(n, p) for p in self.exclude) for n in names]
 
     def _scales(self, w_norm: Tensor, g_norm: Tensor) -> tuple[Tensor, Tensor]:
         """(scale per unit, post-clip sum of squares) from flat unit norms."""
