@@ -698,3 +698,37 @@ def test_an_lr_jump_is_an_incident_the_run_is_judged_from_not_healthy():
     text = summary_sentence(d, {})
     assert text.startswith("The learning rate jumped 30x at step 30, above any the run had")
     assert "did not recover" in text and "No gradient trouble" not in text
+
+
+def test_a_loop_without_backward_is_told_nothing_trained_not_no_gradient_trouble(tmp_path):
+    """Found by a stranger: the README's loop with ``loss.backward()`` forgotten was "No
+    gradient trouble in 200 steps: the gradient norm stayed between 0 and 0", a healthy
+    run, with the one event saying otherwise in the table below."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=50,
+                     sinks=[gg.JsonlSink(tmp_path)])
+    for _ in range(200):
+        x = torch.randn(32, 16)
+        guard.step((model(x) - x.sum(1, keepdim=True)).pow(2).mean())  # no backward
+        opt.zero_grad()
+    guard.close()
+    data = load_run(tmp_path)
+    out = judge(data)
+    assert (out.status, out.cause, out.incident_step, out.ok) == ("stalled", "no_gradient", 0, False)
+    assert "loss.backward() before guard.step()" in out.remedy
+    text = summary_sentence(data)
+    assert text.startswith("Training stalled: from step 0 no gradient reached the optimizer")
+    assert "No gradient trouble" not in text
+
+
+def test_a_run_whose_gradients_came_back_is_not_said_to_have_had_none():
+    """A stretch without gradients that ended (a warm-up with everything frozen) is no
+    stall: only a silence that lasts to the end of the run is."""
+    ev = [_ev("disconnected_layer", 49)]
+    d = _data(ev)
+    d.grad_norm[:50] = 0.0
+    assert judge(d).cause != "no_gradient"
+    d.grad_norm[:] = 0.0
+    assert (judge(d).status, judge(d).cause) == ("stalled", "no_gradient")

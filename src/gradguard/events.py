@@ -71,6 +71,10 @@ WEIGHTS_REMEDY = ("The optimizer's update wrote NaN/Inf into the weights from fi
                   "gradients: check its eps against the weights' dtype (0 in float16 below "
                   "6e-8: use eps=1e-4, or float32 weights under torch.autocast), the LR the "
                   "schedule set at that step, and a custom step() for a division by zero.")
+#: What to do when no gradient reached the optimizer (every gradient zero or missing).
+NO_GRADIENT_REMEDY = ("Call loss.backward() before guard.step(), and optimizer.zero_grad() "
+                      "after the step (not between backward() and the step); check that the "
+                      "loss is not detached (no torch.no_grad(), no .detach()).")
 #: What to check when the batches of a spiking streak were at fault (their gradients, not
 #: the batch norm statistics, found them): inputs or targets.
 SPIKE_DATA_REMEDY = ("Check the batches of the skipped steps for inputs or targets far off "

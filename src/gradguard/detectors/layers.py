@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..events import Event
+from ..events import NO_GRADIENT_REMEDY, Event
 from ..telemetry import Window
 from .config import (
     DEFAULT_CONFIG,
@@ -266,8 +266,7 @@ def detect_no_gradient(
             kind="disconnected_layer", step=step, severity="warning", value=0.0,
             message=(f"steps {window.steps[0]}-{step}: no gradient reached the optimizer: "
                      "every gradient is zero or missing, so nothing trains"),
-            remedy=("Call optimizer.zero_grad() before backward(), not between backward() and "
-                    "the step; check that the loss is not detached (no torch.no_grad())."),
+            remedy=NO_GRADIENT_REMEDY,
             data={"steps": len(total)},
         )]
     state.no_gradient = False

@@ -32,9 +32,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..events import SPIKE_DATA_REMEDY, UNIT_ERROR_REMEDY, WEIGHTS_REMEDY
+from ..events import NO_GRADIENT_REMEDY, SPIKE_DATA_REMEDY, UNIT_ERROR_REMEDY, WEIGHTS_REMEDY
 from . import _levels
 from ._levels import REL_TOL, flat_words, median, tol
+from ._silent import died_layers, no_gradient_since
 
 if TYPE_CHECKING:
     from ._data import RunData
@@ -267,6 +268,14 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         incident = since if incident is None else min(incident, since)
         clause = (f"training did not recover: the network died at step {since} and no "
                   "longer learns")
+    quiet = no_gradient_since(data)
+    if quiet is not None and status in ("healthy", "recovered"):
+        # found by a stranger: a loop without loss.backward() was "No gradient trouble in
+        # 200 steps: the gradient norm stayed between 0 and 0", a healthy run
+        status, cause = "stalled", "no_gradient"
+        incident = quiet if incident is None else min(incident, quiet)
+        clause = (f"training stalled: from step {quiet} no gradient reached the optimizer "
+                  "(every gradient zero or missing), so nothing trained")
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    remedy(status, cause, config, data, incident), incident, start, before,
                    final, rose, flat)
@@ -291,22 +300,6 @@ def _relapse(data: RunData, inc: list[int], loss: Any, fin: Any, k: int,
     if level + tol(level, pre) >= before or _levels.back_at(level, float(np.median(post)), post):
         return None
     return last, level, float(np.median(post))
-
-
-def died_layers(events: list[dict[str, Any]]) -> tuple[int, list[str]] | None:
-    """``(since, layers)``: layers reported dead (``disconnected_layer`` warnings with
-    ``data["died"]``: they had a gradient and then none for 50 steps in a row) and the
-    first step without one, unless a rollback after the last report may have brought
-    them back; else None."""
-    dead = [e for e in events if e.get("kind") == "disconnected_layer"
-            and e.get("severity") in ("warning", "error") and (e.get("data") or {}).get("died")]
-    if not dead:
-        return None
-    last = max(int(e["step"]) for e in dead)
-    if any(e.get("kind") == "rollback" and int(e.get("step", -1)) > last for e in events):
-        return None
-    since = min(int(e["step"]) - int((e.get("data") or {}).get("steps", 1)) + 1 for e in dead)
-    return max(0, since), [str(e.get("layer")) for e in dead]
 
 
 def _cause(data: RunData, incident: int | None, start: float | None, before: float | None,
@@ -403,6 +396,8 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         return ("Use ReLU-family activations with He init, add normalisation (LayerNorm, "
                 "BatchNorm) or residual connections, or an LSTM/GRU for long sequences; run "
                 "gg.doctor on a batch to see where the signal fades.")
+    if cause == "no_gradient":
+        return NO_GRADIENT_REMEDY
     if cause == "dead_units":
         return ("Lower the learning rate, normalise the inputs, or use LeakyReLU/GELU: an update "
                 "too large pushed the ReLUs below zero for good (run gg.doctor on a batch).")

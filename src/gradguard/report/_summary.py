@@ -110,13 +110,13 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
 
     from ._levels import flat_words
     from ._outcome import (
-        died_layers,
         every_overflow,
         judge,
         ladder_reason,
         read_guard_config,
         summary_lead,
     )
+    from ._silent import died_layers
 
     if config is None:
         config = read_guard_config(data.run_dir)
@@ -176,6 +176,8 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     elif not lead and every_overflow(data):
         parts.append(f"Every one of the {data.n_steps} steps overflowed in float16: the "
                      "GradScaler skipped them all, and no update was taken.")
+    elif not lead and outcome.cause == "no_gradient":
+        pass  # the clause tells it: "training stalled: ... no gradient reached the optimizer"
     elif not lead and (dead := died_layers(ev)) is not None:
         parts.append(f"From step {dead[0]}, {listed(dead[1])} got no gradient at all: "
                      "the units that feed them died.")
