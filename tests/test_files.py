@@ -122,6 +122,32 @@ def test_resume_after_a_kill_through_the_guard(tmp_path):
     assert len(data.warnings) == 1 and f"events.jsonl:{n_lines + 1}: " in data.warnings[0]
 
 
+def test_a_run_started_afresh_in_an_earlier_runs_directory_is_reported_alone(tmp_path):
+    """Found by a stranger: the README's loop run twice into ``runs/exp1``, first at an LR
+    that blew up, then at a healthy one, was reported as one run "resumed": the healthy run
+    with the first run's NaN skip and its events."""
+    from gradguard.report._summary import summary_sentence
+
+    def train(nan_steps: set[int]) -> None:
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+            guarded_steps(guard, model, opt, 20, nan_steps=nan_steps)
+
+    train({3, 13})
+    train(set())  # the same script again, fixed, into the same directory
+    data = load_run(tmp_path)
+    assert data.step.tolist() == list(range(20)) and not data.skipped.any()
+    assert not any(e["kind"] == "skip" for e in data.events)
+    assert summary_sentence(data).startswith("No gradient trouble in 20 steps")
+    assert any("1 earlier run" in w and "only the latest run is shown" in w
+               for w in data.warnings), data.warnings
+    starts = [r for r in iter_jsonl(tmp_path / "metrics.jsonl", starts=True)
+              if r["type"] == "start"]
+    assert [r["step"] for r in starts] == [0]  # the first run, into an empty dir, wrote none
+    assert all(r["type"] == "event" for r in read_jsonl(tmp_path / "events.jsonl"))
+
+
 def test_a_resume_from_an_earlier_checkpoint_shows_each_replayed_event_once(tmp_path):
     """Found by strangers: a run killed after the flush that followed its last checkpoint,
     resumed from that checkpoint into the same directory, replays the steps in between;

@@ -290,7 +290,10 @@ def test_jsonl_sink_writes_schema_and_appends(tmp_path):
     layers = [r for r in metrics if r["type"] == "layers"]
     assert len(layers) == 6 and layers[0]["layers"] == ["0", "2", "4"]
     assert "update_ratio" in layers[0]
-    assert [e["kind"] for e in events].count("skip") == 2
+    assert [e["kind"] for e in events if e["type"] == "event"].count("skip") == 2
+    # the second run, started afresh there, says where it starts (the report shows it alone)
+    assert [(r["type"], r["step"]) for r in metrics + events if r["type"] == "start"] == [
+        ("start", 0), ("start", 0)]
     assert gg.read_jsonl(tmp_path / "events.jsonl")[0]["step"] == 5
 
 

@@ -177,6 +177,13 @@ class Sink(Protocol):
 #: line is skipped with a warning instead of refusing the file.
 TORN_LINE_MARK: dict[str, Any] = {"v": SCHEMA_VERSION, "type": "torn_line_above"}
 
+#: The ``type`` of the record a :class:`~gradguard.JsonlSink` writes, at its first write, in
+#: both files of a run directory that already held records: ``{"type": "start", "step":
+#: <its first step>, "time": <unix time>}``. One at step 0 is a run started afresh in an
+#: earlier run's directory: the reader shows the records after the last such one (a
+#: resumed run starts at a later step, and its earlier records stay).
+START_TYPE = "start"
+
 #: The longest line the reader accepts. Per-layer records of a 100k-layer model stay far
 #: below; a longer "line" is a file that is not JSONL (a checkpoint passed by mistake), and
 #: reading it whole would defeat the reader's bounded memory.
@@ -273,7 +280,8 @@ def _is_mark(rec: Any) -> bool:
 
 
 def iter_jsonl(
-    path: str | os.PathLike[str], *, warn: Callable[[str], None] | None = None
+    path: str | os.PathLike[str], *, warn: Callable[[str], None] | None = None,
+    starts: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Stream the records of a gradguard JSONL file, one line in memory at a time.
 
@@ -285,6 +293,9 @@ def iter_jsonl(
     Args:
         path: the file.
         warn: called with each message about a skipped line (default: ``warnings.warn``).
+        starts: also yield the :data:`START_TYPE` records a sink wrote where a run began
+            in a directory that held records (the report reads them; by default they are
+            not yielded, so that every record of ``events.jsonl`` is an event).
 
     Raises:
         ValueError: ``"<file>:<line>: <what is wrong>"`` for a corrupt line elsewhere,
@@ -328,7 +339,8 @@ def iter_jsonl(
             problem = record_problem(rec)
             if problem is not None:
                 raise ValueError(f"{p}:{i}: {problem}")
-            yield rec
+            if starts or rec.get("type") != START_TYPE:
+                yield rec
     if pending is not None:
         say(f"{p}:{pending[0]}: truncated last line skipped (was the run killed, or its disk full?)")
 

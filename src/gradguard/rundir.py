@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .events import SCHEMA_VERSION, TORN_LINE_MARK, Flush
+from .events import SCHEMA_VERSION, START_TYPE, TORN_LINE_MARK, Flush
 
 
 def temp_file(directory: str | os.PathLike[str], prefix: str) -> tuple[int, str]:
@@ -169,6 +170,8 @@ class JsonlSink:
             raise ValueError(f"JsonlSink run_dir={str(run_dir)!r}: cannot write "
                              f"{path.name}: {e}") from e
         self._events, self._metrics = files
+        # appending to an earlier run's records: the first write says where this run starts
+        self._appending = any(os.path.getsize(fh.name) > 0 for fh in files)
         self._maybe_torn: set[BinaryIO] = set()  # files whose last write failed part-way
         self._claimed = False  # see _claim
         _OPEN[key] = weakref.ref(self)
@@ -224,13 +227,21 @@ class JsonlSink:
             return  # a file system without locks: the in-process check alone
 
     def write(self, flush: Flush) -> None:
+        start: list[dict[str, Any]] = []
         if not self._claimed:
             self._claim()
-        metrics = [{"v": SCHEMA_VERSION, "type": "step", **r} for r in flush.steps]
+            if self._appending:
+                # found by a stranger: the README's loop run twice into runs/exp1 was reported
+                # as one run "resumed" (the second, healthy run shown with the first's NaN);
+                # a start at step 0 tells the reader an earlier run's records end here
+                first = flush.steps[0]["step"] if flush.steps else None
+                start = [{"v": SCHEMA_VERSION, "type": START_TYPE, "step": first,
+                          "time": round(time.time(), 3)}]
+        metrics = [*start, *({"v": SCHEMA_VERSION, "type": "step", **r} for r in flush.steps)]
         if flush.layers:
             metrics.append({"v": SCHEMA_VERSION, "type": "layers", **flush.layers})
         self._append(self._metrics, metrics)
-        self._append(self._events, [e.to_json() for e in flush.events])
+        self._append(self._events, [*start, *(e.to_json() for e in flush.events)])
 
     @property
     def closed(self) -> bool:

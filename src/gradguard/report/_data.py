@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..events import SCHEMA_VERSION, iter_jsonl, version_problem
+from ..events import SCHEMA_VERSION, START_TYPE, iter_jsonl, version_problem
 
 #: Line plots keep at most this many points: the min and the max of each bucket of steps,
 #: so a one-step spike survives any amount of downsampling.
@@ -73,11 +73,17 @@ class RunData:
 def _records(path: Path, notes: list[str]) -> Iterator[dict[str, Any]]:
     """The records of one file, streamed; skipped lines noted, problems as ReportError."""
     try:
-        yield from iter_jsonl(path, warn=notes.append)
+        yield from iter_jsonl(path, warn=notes.append, starts=True)
     except ValueError as e:
         raise ReportError(str(e)) from e
     except OSError as e:
         raise ReportError(f"{path}: cannot be read: {e}") from e
+
+
+def _fresh_start(r: dict[str, Any]) -> bool:
+    """A JsonlSink's start record at step 0: a run started afresh in a directory that held
+    an earlier run's records (:data:`gradguard.events.START_TYPE`)."""
+    return r.get("type") == START_TYPE and r.get("step") == 0
 
 
 def _num(x: Any) -> float:
@@ -193,10 +199,22 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
         )
     notes: list[str] = []
     m = _Metrics()
+    earlier = 0  # earlier runs started afresh in this directory (events.START_TYPE)
     for r in _records(mpath, notes) if mpath.exists() else ():
+        if _fresh_start(r):
+            earlier += bool(len(m.step) or len(m.layer_step))
+            m = _Metrics()
         m.add(r)
-    events = [r for r in (_records(epath, notes) if epath.exists() else ())
-              if r.get("type") == "event"]
+    events: list[dict[str, Any]] = []
+    for r in _records(epath, notes) if epath.exists() else ():
+        if _fresh_start(r):
+            events = []
+        elif r.get("type") == "event":
+            events.append(r)
+    if earlier:
+        notes.append(f"{d} holds the records of {earlier} earlier run"
+                     f"{'s' if earlier > 1 else ''} (a later one started again at step 0): "
+                     "only the latest run is shown")
     if not len(m.step):
         raise ReportError(f"{mpath}: no step records; nothing to report")
 
