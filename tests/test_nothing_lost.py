@@ -509,6 +509,17 @@ elif scenario == "desync":  # a NaN written into rank 1's gradient after the all
                 next(model.parameters()).grad[0, 0] = math.nan
             guard.step(loss); opt.zero_grad()
     torch.save([(e.kind, e.step, e.data) for e in guard.events], os.path.join(out, f"ev{rank}.pt"))
+elif scenario == "spike":  # rank 1's batch at x100 after the warm-up, the default guard
+    model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=10) as guard:
+        for step, (x, y) in enumerate(batches(60, seed=rank)):
+            if rank == 1 and step == 45:
+                x = x * 100
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward(); guard.step(loss); opt.zero_grad()
+    torch.save([(e.kind, e.step, e.rank, e.message) for e in guard.events],
+               os.path.join(out, f"ev{rank}.pt"))
 elif scenario == "sinks":  # every rank builds the same sinks, as the docs show
     model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -593,6 +604,19 @@ def test_ranks_that_took_different_skip_decisions_are_told_their_replicas_diverg
         events = torch.load(tmp_path / f"ev{r}.pt", weights_only=False)
         [split] = [e for e in events if e[0] == "ranks_diverged"]
         assert split[1] == 4 and split[2]["skipped_ranks"] == [1] and split[2]["steps"] == [4]
+
+
+def test_a_spike_in_one_ranks_batch_names_that_rank(tmp_path):
+    """Found by a stranger: a x100 batch on rank 1 under DDP gave spike events with
+    ``rank=None`` on every rank (the all-reduced gradients spike alike); the rank's own
+    loss, gathered at the flush, tells where it came from."""
+    codes, logs, _ = run_ranks(tmp_path, "spike", timeout_s=240)
+    assert codes == [0, 0], "\n".join(x[-2000:] for x in logs)
+    ev0, ev1 = (torch.load(tmp_path / f"ev{r}.pt", weights_only=False) for r in range(2))
+    assert ev0 == ev1
+    at = [e for e in ev0 if e[1] == 45 and e[0] in ("skip", "grad_spike", "loss_spike")]
+    assert at, ev0
+    assert all(e[2] == 1 and "rank 1" in e[3] for e in at), at
 
 
 def test_a_failing_rank_makes_the_other_fail_not_hang(tmp_path):

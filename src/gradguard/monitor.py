@@ -117,6 +117,9 @@ class Monitor:
         del self.events[len(self.events) - len(local):]
         self.events.extend(merged)
         self.pending = list(merged)
+        if steps is not None:  # what each rank decided at the step (a spike's skip) too
+            for ev in merged:
+                distributed.name_ranks(ev, steps, origins, self.dist.world_size)
         if split and steps is not None:
             i, ranks = split[0]
             took = [r for r in range(self.dist.world_size) if r not in ranks]

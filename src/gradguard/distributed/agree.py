@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,22 +59,30 @@ def merge_events(per_rank: Sequence[Sequence[Event]]) -> list[Event]:
 
 
 def nonfinite_ranks(
-    loss: Sequence[Sequence[float]], local_ok: Sequence[Sequence[float]]
+    loss: Sequence[Sequence[float]], local_ok: Sequence[Sequence[float]],
+    gave: Sequence[Sequence[bool]] | None = None,
 ) -> list[list[int]]:
     """For each step of a window, the ranks where the trouble started.
 
     The ranks whose own loss is non-finite are the origin (their NaN reached every rank
     through the gradient all-reduce), unless every rank's loss is (or none was given);
-    then the ranks whose own gradient shards were non-finite; otherwise every rank.
+    then the ranks whose own gradient shards were non-finite; then, on a finite step, the
+    ranks whose own positive loss is over :data:`OUTLIER_LOSS` times the median of the
+    other ranks' (a spike in one rank's batch reaches every rank's gradients alike); otherwise
+    every rank.
 
     Example:
         >>> nan = float("nan")
         >>> nonfinite_ranks([[1.0, 1.0], [1.0, nan]], [[1.0, 0.0], [1.0, 0.0]])
         [[0, 1], [1]]
+        >>> nonfinite_ranks([[1.0, 0.9, 1.1], [1.2, 1.0, 900.0], [0.8, 1.1, 1.0]], [[1.0] * 3] * 3)
+        [[0, 1, 2], [0, 1, 2], [1]]
 
     Args:
         loss: ``[world][n]`` each rank's own loss per step (NaN when not given).
         local_ok: ``[world][n]`` 1.0 where that rank's own gradients were finite.
+        gave: ``[world][n]`` whether that rank gave a loss (default: every rank did);
+            a rank without one (a pipeline stage before the last) is no spike's origin.
     """
     world = len(loss)
     n = len(loss[0]) if world else 0
@@ -83,8 +92,23 @@ def nonfinite_ranks(
         if len(bad_loss) == world:
             bad_loss = []
         bad_grad = [r for r in range(world) if local_ok[r][i] < 0.5]
-        out.append(bad_loss or bad_grad or list(range(world)))
+        out.append(bad_loss or bad_grad or _outliers(
+            [loss[r][i] for r in range(world) if gave is None or gave[r][i]],
+            [r for r in range(world) if gave is None or gave[r][i]]) or list(range(world)))
     return out
+
+
+#: A rank whose own loss is over this many times the median of the other ranks' losses
+#: (all positive) is where a finite step's spike came from.
+OUTLIER_LOSS = 4.0
+
+
+def _outliers(losses: Sequence[float], ranks: Sequence[int]) -> list[int]:
+    if len(losses) < 2 or not all(math.isfinite(x) and x > 0 for x in losses):
+        return []  # a loss that may be negative (a log-likelihood, a return) has no ratio
+    out = [r for i, (r, x) in enumerate(zip(ranks, losses))
+           if x > OUTLIER_LOSS * statistics.median([*losses[:i], *losses[i + 1:]])]
+    return out if len(out) < len(ranks) else []
 
 
 def agree_window_(
@@ -145,7 +169,7 @@ def agree_window_(
         rows.copy_(buf)
     # a rank without a loss is no origin of a non-finite one
     own_loss = torch.where(gave, loss, 0.0).tolist()
-    return nonfinite_ranks(own_loss, local_ok.tolist()), events, split
+    return nonfinite_ranks(own_loss, local_ok.tolist(), gave.tolist()), events, split
 
 
 def _absent_everywhere(ranks: Sequence[Any], n: int) -> list[frozenset[int] | None]:
@@ -161,9 +185,11 @@ def _absent_everywhere(ranks: Sequence[Any], n: int) -> list[frozenset[int] | No
 
 
 def name_ranks(ev: Event, steps: Sequence[int], origins: Sequence[Sequence[int]], world: int) -> None:
-    """Name, on a ``nonfinite_grad``/``skip`` event, the rank(s) its step came from
+    """Name, on a ``nonfinite_grad``/``skip``/``grad_spike``/``loss_spike`` event, the
+    rank(s) its step came from
     (``origins[i]``: the origin ranks of ``steps[i]``, from :func:`agree_window_`)."""
-    if ev.kind not in ("nonfinite_grad", "skip") or ev.step not in steps:
+    if ev.kind not in ("nonfinite_grad", "skip", "grad_spike", "loss_spike") \
+            or ev.step not in steps or "ranks" in ev.data:  # named already
         return
     ranks = list(origins[list(steps).index(ev.step)])
     ev.data["ranks"] = ranks
