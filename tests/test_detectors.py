@@ -387,6 +387,26 @@ def test_update_ratio_far_above_and_far_below():
         assert_complete(e)
 
 
+def test_many_layers_out_of_range_at_one_flush_are_one_event():
+    """Found by a stranger: a ResNet whose LR ramped up got 29 ``update_ratio`` warnings at
+    one step, one per layer; more than three are one event naming the worst layer."""
+    n = min(8, len(LAYERS))
+    up = [0.2 + 0.1 * i for i in range(n)]
+    w = window([[1.0] * n] * 5, start=95, weight=[1.0] * n, update=up)
+    [ev] = detect_update_ratio(w)
+    assert (ev.severity, ev.layer) == ("warning", w.layers[-1])
+    assert ev.value == pytest.approx(up[-1])
+    assert ev.data["layers"] == list(w.layers) and ev.data["ratios"] == pytest.approx(up)
+    assert ev.message.startswith(f"step 99: {n} layers' update/weight ratio 0.2 to {up[-1]:.2g}")
+    assert_complete(ev)
+    [low] = detect_update_ratio(window([[1.0] * n] * 5, start=95, weight=[1.0] * n,
+                                       update=[1e-9 * (i + 1) for i in range(n)]))
+    assert low.layer == w.layers[0] and f"{n} layers barely change" in low.message
+    three = detect_update_ratio(window([[1.0] * 3] * 5, start=95, weight=[1.0] * 3,
+                                       update=[0.5] * 3))
+    assert len(three) == 3 and all(e.data == {} for e in three)  # up to three: one each
+
+
 def test_a_layer_barely_changing_at_the_tail_of_an_annealed_schedule_is_not_reported():
     """Found as a stranger: at the last flush of a GPT-2 run under the HF Trainer's cosine
     schedule (the LR near zero) every LayerNorm was reported as barely changing, with

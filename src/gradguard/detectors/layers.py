@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -178,26 +179,51 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
     early = step + 1 < UPDATE_RATIO_HISTORY  # too early to say it is not falling
     note = ("; the loss is still falling" if falling else
             "; too early to judge the loss's trend" if early else "")
+    high: list[tuple[str, float]] = []
+    low: list[tuple[str, float]] = []
     for name, wn, un in zip(window.layers, w.tolist(), u.tolist()):
         if not (math.isfinite(wn) and math.isfinite(un)) or wn <= 0 or un <= 0:
             continue  # a skipped step does not update: nothing to judge
         r = un / wn
         if r > config.update_ratio_high:
-            events.append(Event(
-                kind="update_ratio", step=step, severity="info" if note else "warning",
-                layer=name, value=r, threshold=config.update_ratio_high,
-                message=f"step {step}: `{name}` update/weight ratio {r:.2g} (healthy ~1e-3)"
-                        + note,
-                remedy="Lower the learning rate (or this layer's) until the ratio is ~1e-3.",
-            ))
+            high.append((name, r))
         elif r < config.update_ratio_low and not annealed:
-            events.append(Event(
-                kind="update_ratio", step=step, severity="info", layer=name, value=r,
-                threshold=config.update_ratio_low,
-                message=f"step {step}: `{name}` barely changes: update/weight ratio {r:.2g}",
-                remedy="Raise the learning rate or check that this layer receives gradient.",
-            ))
+            low.append((name, r))
+    for name, r, n in _grouped(high, max):
+        events.append(Event(
+            kind="update_ratio", step=step, severity="info" if note else "warning",
+            layer=name, value=r, threshold=config.update_ratio_high,
+            message=(f"step {step}: `{name}` update/weight ratio {r:.2g} (healthy ~1e-3)" if n
+                     is None else f"step {step}: {len(n)} layers' update/weight ratio "
+                     f"{min(x for _, x in n):.2g} to {r:.2g} (the largest in `{name}`; healthy "
+                     "~1e-3)") + note,
+            remedy="Lower the learning rate (or this layer's) until the ratio is ~1e-3.",
+            data={} if n is None else {"layers": [x for x, _ in n], "ratios": [x for _, x in n]},
+        ))
+    for name, r, n in _grouped(low, min):
+        events.append(Event(
+            kind="update_ratio", step=step, severity="info", layer=name, value=r,
+            threshold=config.update_ratio_low,
+            message=(f"step {step}: `{name}` barely changes: update/weight ratio {r:.2g}" if n
+                     is None else f"step {step}: {len(n)} layers barely change: update/weight "
+                     f"ratio {r:.2g} to {max(x for _, x in n):.2g} (the smallest in `{name}`)"),
+            remedy="Raise the learning rate or check that this layer receives gradient.",
+            data={} if n is None else {"layers": [x for x, _ in n], "ratios": [x for _, x in n]},
+        ))
     return events
+
+
+#: More layers than this out of range at one flush are one event, not one each (found by a
+#: stranger: 29 warnings at one step of a ResNet whose LR ramped up).
+UPDATE_RATIO_EVENTS = 3
+
+
+def _grouped(hits: list[tuple[str, float]], worst: Any) -> list[tuple[str, float, Any]]:
+    """``(layer, ratio, None)`` per hit, or one ``(worst layer, its ratio, hits)``."""
+    if len(hits) <= UPDATE_RATIO_EVENTS:
+        return [(name, r, None) for name, r in hits]
+    name, r = worst(hits, key=lambda h: h[1])
+    return [(name, r, hits)]
 
 
 def _falling(loss: Sequence[float]) -> bool:
