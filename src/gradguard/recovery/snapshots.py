@@ -376,6 +376,13 @@ class SnapshotWriter:
                 self.error = None
             except OSError as e:
                 self.error = e
+            except Exception as e:  # the thread must live: wait() joins its queue
+                # found by a stranger: a disk that filled up inside torch.save's zip writer
+                # raised RuntimeError ("unexpected pos"), which killed this thread, and the
+                # next wait() (guard.close()) blocked for ever on a queue no one read
+                err = OSError(f"{type(e).__name__}: {e}")
+                err.__cause__ = e
+                self.error = err
             finally:
                 if item is not None:
                     with self._lock:
