@@ -346,3 +346,19 @@ def test_jsonl_sink_given_no_path_names_the_argument():
     object, not NoneType" from inside pathlib."""
     with pytest.raises(TypeError, match=r"JsonlSink run_dir must be a directory path .* NoneType"):
         gg.JsonlSink(None)  # type: ignore[arg-type]
+
+
+def test_one_jsonl_sink_given_to_two_guards_is_refused(tmp_path):
+    """Found by a stranger: a model with two optimizers, one guard each, both given the
+    same ``JsonlSink`` object: their records merged, and the report, taking them for a
+    resume, showed the head guard's step where the trunk's had skipped a NaN."""
+    model = mlp()
+    trunk = torch.optim.SGD(model[0].parameters(), lr=0.01)
+    head = torch.optim.Adam(model[2].parameters(), lr=1e-3)
+    sink = gg.JsonlSink(tmp_path)
+    g1 = gg.Guard(model, trunk, sinks=[sink])
+    with pytest.raises(ValueError, match=r"given to a second guard .* its own JsonlSink"):
+        gg.Guard(model, head, sinks=[sink])
+    g2 = gg.Guard(model, head, sinks=[gg.JsonlSink(tmp_path / "head")])  # as it says
+    g1.close(), g2.close()
+    gg.Guard(model, trunk, sinks=[gg.JsonlSink(tmp_path)]).close()  # the first one closed

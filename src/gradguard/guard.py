@@ -99,6 +99,9 @@ class Guard:
                 f"Guard(optimizer=...): expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         cfg = self.config = resolve_config("Guard", config, options)
+        for sink in cfg.sinks:  # a sink that writes one guard's records says so (JsonlSink)
+            if callable(attach := getattr(sink, "attach", None)):
+                attach(self)
         #: accelerate's AcceleratedOptimizer when given one (:mod:`._wrapped`): the guard
         #: guards and steps the optimizer inside it
         self.wrapper: Any = None

@@ -174,6 +174,7 @@ class JsonlSink:
         self._appending = any(os.path.getsize(fh.name) > 0 for fh in files)
         self._maybe_torn: set[BinaryIO] = set()  # files whose last write failed part-way
         self._claimed = False  # see _claim
+        self._guard: weakref.ref[Any] | None = None  # see attach
         _OPEN[key] = weakref.ref(self)
 
     def _end_torn_line(self, fh: BinaryIO) -> None:
@@ -204,6 +205,23 @@ class JsonlSink:
         except OSError:
             self._maybe_torn.add(fh)  # part of a line may be on disk
             raise
+
+    def attach(self, guard: Any) -> None:
+        """Called by the :class:`~gradguard.Guard` built with this sink: one open sink
+        writes one guard's records (found by a stranger: one sink object given to the two
+        guards of a model with two optimizers merged their records, and the report, taking
+        them for a resume, hid the skip one of them made).
+
+        Raises:
+            ValueError: another guard that is still alive writes through this sink.
+        """
+        other = None if self._guard is None else self._guard()
+        if other is not None and other is not guard and not self.closed:
+            raise ValueError(
+                f"JsonlSink run_dir={str(self.run_dir)!r} is given to a second guard while "
+                "another guard writes through it: give each guard its own JsonlSink and "
+                f"directory (e.g. {str(self.run_dir / 'optimizer1')!r})")
+        self._guard = weakref.ref(guard)
 
     def _claim(self) -> None:
         """At the first write: an advisory lock on ``metrics.jsonl``, held while the sink is
