@@ -711,3 +711,23 @@ def test_recurrent_remedies_fit_the_cell_and_what_was_already_done():
              if f.cause == "recurrent_vanishing"]
     assert found and not found[0].remedy.split(": ")[-1].startswith("init the forget-gate")
     assert "an LSTM with its forget-gate bias" in found[0].remedy
+
+
+def test_a_compiled_model_is_diagnosed_as_its_module_by_its_own_names():
+    """Found by a stranger: ``gg.doctor(torch.compile(m), ...)`` named the layer of a wrong
+    custom backward ``_orig_mod.1`` (the guard strips the prefix), and dynamo recompiled
+    the doctor's hooks until its recompile limit, warning each time."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(10) for m in (nn.Linear(32, 32), nn.Sigmoid())],
+                          nn.Linear(32, 1))
+    batch = (torch.randn(64, 32), torch.randn(64, 1))
+    plain = gg.doctor(model, batch, nn.MSELoss())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = gg.doctor(torch.compile(model, backend="eager"), batch, nn.MSELoss())
+    assert [(f.cause, f.where) for f in compiled.findings] == [
+        (f.cause, f.where) for f in plain.findings]
+    assert plain.findings and not any("_orig_mod" in str(f.where) for f in compiled.findings)
+    assert not [w for w in caught if "recompile" in str(w.message)]

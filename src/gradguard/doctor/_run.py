@@ -206,6 +206,11 @@ def doctor(
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"doctor model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
+        # a torch.compile'd module: the module it compiles, run eagerly (found by a
+        # stranger: its layers were named `_orig_mod.1`, and dynamo recompiled the
+        # doctor's hooks until its recompile limit, with a warning for each)
+        model = inner
     refuse_lazy(model.named_parameters(), "doctor model", "call the doctor")
     params = [p for p in model.parameters()]
     if not params:
