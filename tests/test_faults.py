@@ -417,6 +417,52 @@ def test_an_lr_burst_is_no_schedule_peak_for_the_rollback_after_it():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_the_lr_a_rollback_set_during_a_burst_is_the_schedules_again_when_it_ends():
+    """Found by a stranger: a digits MLP on AdamW whose ``LambdaLR`` put the LR up x300 for
+    steps 100-119 was rolled back at step 106 with its LR capped at x0.0095, about the LR
+    that trains while the burst lasted; the cap stayed a share of the schedule, so from
+    step 120 the run trained at 1% of its LR to the end (1.8-2.2x its twin). When the
+    burst ends, what the ladder set during it is rescaled to the schedule's LR."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    perm = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(123))
+    x = torch.tensor(d.data, dtype=torch.float32)[perm] / 16
+    y = torch.tensor(d.target)[perm]
+
+    def run(burst: bool, guarded: bool):
+        torch.manual_seed(2)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                              nn.Linear(128, 10))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 300.0 if burst and 100 <= s < 120 else 1.0)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=50) \
+            if guarded else None
+        gen = torch.Generator().manual_seed(1002)
+        used = []
+        opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
+        for _ in range(300):
+            i = torch.randint(0, 1400, (32,), generator=gen)
+            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            guard.step() if guard is not None else opt.step()
+            opt.zero_grad()
+            sched.step()
+        if guard is not None:
+            guard.close()
+        with torch.no_grad():
+            return nn.functional.cross_entropy(model(x[1400:]), y[1400:]).item(), guard, used
+
+    twin, _, _ = run(False, False)
+    got, guard, used = run(True, True)
+    assert any(e.kind == "rollback" and 100 < e.step < 120 for e in guard.events)
+    [ended] = [e for e in guard.events if (e.data or {}).get("reason") == "burst_ended"]
+    assert ended.step == 120 and ended.severity == "info" and ended.data["height"] == 300
+    assert used[-1] == pytest.approx(1e-3)  # the schedule's LR again (it was 9.5e-6)
+    assert guard.recovery.lr_ceiling == 1.0
+    assert got < 1.3 * twin, (got, twin)
+
+
 def test_an_lr_burst_on_a_batch_norm_net_rolls_back_to_the_weights_before_it():
     """Found as a stranger: a transformers ResNet (AdamW, linear warm-up schedule) whose
     loop multiplied the LR x300 for steps 100-104. The jump was reported at step 100, but

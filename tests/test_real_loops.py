@@ -236,6 +236,56 @@ def test_a_backbone_unfrozen_by_requires_grad_learns_the_norm_anew(tmp_path):
     assert not [r for r in rows if r["skipped"]]
 
 
+def _head_added(guarded: bool, seed: int):
+    """A digits MLP's trunk trains alone on SGD (nesterov) for 150 steps against a random
+    head; then the head joins the optimizer by ``add_param_group`` (a new head, class-
+    incremental style). Its first updates blow the loss up 20x for a few steps, and the
+    run comes back on its own within ten."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    perm = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(123))
+    xs, ys = torch.tensor(d.data, dtype=torch.float32)[perm] / 16.0, torch.tensor(d.target)[perm]
+    x, y, xt, yt = xs[:1400], ys[:1400], xs[1400:], ys[1400:]
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10))
+    ps = list(model.parameters())
+    opt = torch.optim.SGD(ps[:4], lr=0.05, momentum=0.9, nesterov=True)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=50) \
+        if guarded else None
+    gen = torch.Generator().manual_seed(seed + 1000)
+    for step in range(250):
+        if step == 150:
+            opt.add_param_group({"params": ps[4:]})
+        idx = torch.randint(0, len(x), (32,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        guard.step(loss) if guard is not None else opt.step()
+        model.zero_grad()
+    if guard is not None:
+        guard.close()
+    with torch.no_grad():
+        return nn.functional.cross_entropy(model(xt), yt).item(), guard
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_head_added_by_add_param_group_is_not_skipped_into_an_abort(seed):
+    """Found by a stranger: the head's first updates raised the loss 20x; the spike
+    verdict, warming up again from scratch after ``add_param_group``, took those losses
+    for updates that wrecked the weights and skipped every step after them, and with the
+    snapshots of the old layout dropped, each rollback was a back-off, until
+    ``TrainingDiverged`` at step 162-164 (seeds 1 and 2), where the unguarded run was back
+    within ten steps. The loss's history is the same model's and is kept; a rollback that
+    finds no snapshot lets the next steps through at the lower LR (skipped, no weights
+    change)."""
+    ref, _ = _head_added(False, seed)
+    got, guard = _head_added(True, seed)
+    assert not [e for e in guard.events if e.kind in ("abort", "rollback", "skip")], [
+        (e.step, e.kind) for e in guard.events]
+    assert got < 1.1 * ref, (got, ref)
+
+
 def test_a_rollback_across_an_unfreeze_keeps_the_norm_statistics_learnt_since():
     """A snapshot taken before the unfreeze holds the head's statistics: its restore puts
     the weights and optimizer state back, and keeps the clip policy's statistics of the
@@ -697,7 +747,7 @@ def test_a_layer_whose_units_died_is_a_warning_a_head_that_takes_turns_is_not(ev
         guard.step(loss.detach())
         opt.zero_grad()
     guard.close()
-    silent = [e for e in guard.events if e.kind == "disconnected_layer" and e.data["died"]]
+    silent = [e for e in guard.events if e.kind == "disconnected_layer" and e.data.get("died")]
     if frozen:
         assert silent == [] and not [e for e in guard.events if e.severity != "info"]
         return
@@ -705,6 +755,49 @@ def test_a_layer_whose_units_died_is_a_warning_a_head_that_takes_turns_is_not(ev
     assert not [e for e in guard.events if e.severity != "info" and e not in silent]
     assert silent[0].step == (89 if every == 10 else 99) and silent[0].data["steps"] >= 50
     assert "died" in silent[0].message and "Lower the learning rate" in silent[0].remedy
+
+
+def test_a_branch_whose_loss_term_was_switched_off_is_no_network_that_died(tmp_path):
+    """Found by a stranger: an auxiliary head whose loss weight goes to 0 at step 100 (deep
+    supervision annealed off) gets gradients of exactly zero from then on, and the run,
+    healthy, was "the units that feed them died ... the network died and no longer
+    learns", NOT RECOVERED (``--fail-on-divergence`` failed it). Units that die leave the
+    layer after them a gradient; a branch nothing after it hears is cut off from the
+    loss."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+            self.main = nn.Linear(32, 1)
+            self.aux = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+
+        def forward(self, x):
+            h = self.trunk(x)
+            return self.main(h), self.aux(h)
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                     sinks=[gg.JsonlSink(tmp_path)])
+    for step in range(300):
+        x = torch.randn(32, 8)
+        a, b = model(x)
+        w = 1.0 if step < 100 else 0.0
+        loss = nn.functional.mse_loss(a, x[:, :1]) + w * nn.functional.mse_loss(b, x[:, 1:2])
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    assert not [e for e in guard.events if e.severity != "info"], [
+        (e.step, e.kind, e.layer) for e in guard.events]
+    cut = [e for e in guard.events if e.kind == "disconnected_layer" and e.data.get("cut")]
+    assert sorted(e.layer for e in cut) == ["aux.0", "aux.2"]
+    assert "no longer depends on its output" in cut[0].message
+    assert judge(load_run(tmp_path)).status == "healthy"
 
 
 def _digits_run(model, opt, steps, *, seed=0, guard=None, sched=None, dtype=None):

@@ -261,6 +261,18 @@ def test_a_severe_rise_that_came_down_before_the_flush_has_risen():
     assert rise.risen(1.5) is None
 
 
+def test_a_severe_rise_the_loss_came_back_from_by_the_flush_is_no_rise():
+    """Found by a stranger: 20 steps of 30% wrong labels in a digits MLP's batches put the
+    loss at 4.2x its best; at the flush it was back at its best (0.384 against 0.367), yet
+    the peak rolled the run back 100 steps and halved its LR for good (1.6x its twin)."""
+    rise = LossRise()
+    feed(rise, 0, [2.3] * 3 + [0.475] * 147)
+    feed(rise, 150, [0.475] * 50)
+    feed(rise, 200, [1.54] * 20 + [0.384] * 30)
+    assert rise.peak is not None and rise.peak.ratio >= SEVERE
+    assert rise.risen(1.5) is None and rise.risen(1.5, strict=True) is None
+
+
 def test_a_moderate_rise_that_came_down_is_no_rise():
     """The same shape at 1.8x the best (under ``SEVERE``), giving back more than half the
     progress: judged at the flush only, where the loss is back near its best."""

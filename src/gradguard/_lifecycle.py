@@ -167,6 +167,10 @@ def relayout(guard: Guard) -> None:
     old layout, then measure the new set; snapshots of the old layout cannot be restored
     into the new one and are dropped; the clip policy (``reset``, where the policy has
     one: a user's policy may not) and the detectors forget the old set's norm."""
+    # the parameters just added are no longer unstepped (found by a stranger: the flush
+    # of the old layout warned that a head "no optimizer steps" at the very step its
+    # add_param_group made the optimizer hold it, naming add_param_group as the remedy)
+    guard._unstepped.release({id(p) for g in guard.optimizer.param_groups for p in g["params"]})
     guard.flush()
     guard._layout = optimizer_layout(guard.optimizer)
     guard.telemetry = Telemetry(named_optimizer_params(guard.model, guard.optimizer),

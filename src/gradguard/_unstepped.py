@@ -61,6 +61,10 @@ class Unstepped:
         self._seen: dict[int, _Seen] = {}
         self.said = said  # said once per run: a rebuilt watch (add_param_group) keeps it
 
+    def release(self, held: set[int]) -> None:
+        """Stop watching the parameters ``held`` names (ids): an optimizer holds them now."""
+        self.watch = [(n, p) for n, p in self.watch if id(p) not in held]
+
     def check(self, step: int) -> Event | None:
         """At a flush (``step``: the guard's step count): the event, the first time
         parameters have had gradients for :data:`SPAN` steps that changed nothing."""

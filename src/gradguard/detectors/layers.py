@@ -326,8 +326,23 @@ def detect_no_gradient(
         if run >= DIED_STEPS and name not in silent:
             died.append(name)
     state.silent_layers.extend(never + died)
+    # a layer whose output reaches the loss through no layer that still has a gradient (a
+    # head, or a branch every layer of which went silent) no longer counts for the loss: a
+    # loss term weighted 0, an expert the router stopped choosing. Units that died leave
+    # the layer after them a gradient (its bias's, at least), and the layers before them
+    # none (found by a stranger: an auxiliary loss switched off was "the network died")
+    index = {n: j for j, n in enumerate(window.layers)}
+    quiet = {j for j, z in enumerate(zero) if z}
+
+    def cut(name: str) -> bool:
+        j = index[name]
+        downstream = (range(j + 1, len(window.layers)) if window.after is None
+                      else window.after[j])
+        return all(k in quiet for k in downstream)
+
     return ([_silent_layer(n, window.steps[0], step) for n in never]
-            + [_silent_layer(n, window.steps[0], step, died=state.silent_run[n]) for n in died])
+            + [_silent_layer(n, window.steps[0], step, died=state.silent_run[n],
+                             cut=cut(n)) for n in died])
 
 
 def _layers_present(window: Window) -> dict[str, bool]:
@@ -342,9 +357,22 @@ def _layers_present(window: Window) -> dict[str, bool]:
     return out
 
 
-def _silent_layer(name: str, first: int, step: int, *, died: int = 0) -> Event:
+def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool = False,
+                  ) -> Event:
     """The event for a layer without a gradient; ``died``: the steps without one, of a
-    layer that had one before (0: it never had one)."""
+    layer that had one before (0: it never had one); ``cut``: the loss no longer depends
+    on its output (no layer after it has a gradient)."""
+    if died and cut:
+        return Event(
+            kind="disconnected_layer", step=step, severity="info", layer=name, value=0.0,
+            message=(f"step {step}: `{name}` has received a gradient of exactly zero for "
+                     f"{died} steps, having had one before, and so has every layer after it: "
+                     "the loss no longer depends on its output (a loss term weighted 0, an "
+                     "expert the router no longer chooses), and it does not train"),
+            remedy=("Nothing to do if its loss term was switched off on purpose; an expert "
+                    "the router left unused wants a load-balancing loss or a lower router LR."),
+            data={"cut": True, "steps": died},
+        )
     if died:
         return Event(
             kind="disconnected_layer", step=step, severity="warning", layer=name, value=0.0,

@@ -44,6 +44,10 @@ class LrTracker:
         #: peak of the schedule (None: no slip)
         self._slip: list[tuple[float, int] | None] = []
         self._last_jump: int | None = None  # the step of the last lr_too_high report
+        self._top: list[float] = []  # per group, the highest LR of its slip under way
+        #: slips that ended with the LR back under the peak they jumped from, not yet taken
+        #: (:meth:`pop_ended`): (the step of the jump, the slip's highest LR / that peak)
+        self._ended: list[tuple[int, float]] = []
         self._events: list[Event] = []
 
     def observe(self, step: int, param_groups: Sequence[Mapping[str, Any]]) -> None:
@@ -52,6 +56,7 @@ class LrTracker:
         if len(now) != len(self._peak):
             self._peak = [max(b or 0.0, p) for b, p in zip(now, planned)]
             self._slip = [None] * len(now)
+            self._top = [0.0] * len(now)
         if len(now) == len(self._last):
             for i, (a, b) in enumerate(zip(self._last, now)):
                 if a is None or b is None:
@@ -71,14 +76,19 @@ class LrTracker:
                         data={"group": i, "lr": b, "previous_lr": a},
                     ))
                     self._slip[i] = (top, step)
+                    self._top[i] = b
                     self._last_jump = step
         self._last = now
         for i, (b, p) in enumerate(zip(now, planned)):
             slip = self._slip[i]
+            if slip is not None and b is not None:
+                self._top[i] = max(self._top[i], b)
             if slip is not None and (b is None or b <= slip[0] * (1 + 1e-9)
                                      or step - slip[1] >= SLIP_STEPS):
                 # back under the peak it slipped from; or kept: the run's LR now (a
                 # constant warm-up, then the LR it trains at: He et al.'s ResNet-110)
+                if b is not None and b <= slip[0] * (1 + 1e-9) and slip[0] > 0:
+                    self._ended.append((slip[1], self._top[i] / slip[0]))
                 self._slip[i] = slip = None
             # the LR of a slip (a burst, a schedule's bug) is not the schedule's peak: an
             # update now was weighed against it as 1/100 of one at the peak, and a
@@ -121,12 +131,20 @@ class LrTracker:
             return [None] * n
         return [pk if pk > 0 else None for pk in self._peak]
 
+    def pop_ended(self) -> list[tuple[int, float]]:
+        """The slips (LR jumps reported as ``lr_too_high``) that ended since the last call
+        with the LR back under the peak they jumped from: ``(the step of the jump, the
+        slip's highest LR over that peak)``, one per param group."""
+        out, self._ended = self._ended, []
+        return out
+
     def pop_events(self) -> list[Event]:
         ev, self._events = self._events, []
         return ev
 
     def state_dict(self) -> dict[str, Any]:
         return {"last": list(self._last), "peak": list(self._peak), "slip": list(self._slip),
+                "top": list(self._top), "ended": [list(x) for x in self._ended],
                 "last_jump": self._last_jump, "events": [e.to_json() for e in self._events]}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
@@ -134,6 +152,8 @@ class LrTracker:
         self._peak = [float(x) for x in sd.get("peak", [])]
         slip = list(sd.get("slip") or [None] * len(self._peak))
         self._slip = [None if x is None else (float(x[0]), int(x[1])) for x in slip]
+        self._top = [float(x) for x in sd.get("top") or [0.0] * len(self._slip)]
+        self._ended = [(int(s), float(r)) for s, r in sd.get("ended", [])]
         jump = sd.get("last_jump")
         self._last_jump = None if jump is None else int(jump)
         self._events = [Event.from_json(e) for e in sd.get("events", [])]

@@ -35,6 +35,7 @@ def state_dict(rec: Recovery) -> dict[str, Any]:
         "shift": rec._shift.state_dict(), "clips": rec._clips.state_dict(),
         "progress": rec._progress, "judged": rec._judged, "dying": rec._dying,
         "last_taken": rec._last_taken,
+        "slip_ceiling": [[k, v] for k, v in sorted(rec._slip_ceiling.items())],
         "snapshot_levels": [[k, v] for k, v in sorted(rec.ring.levels.items())],
         "snapshot_dying": [[k, v] for k, v in sorted(rec.ring.dying.items())],
         **rec.ring.tests_state()}
@@ -56,6 +57,7 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
     rec._progress = sd.pop("progress", None)
     rec._judged = int(sd.pop("judged", -1))
     rec._last_taken = sd.pop("last_taken", None)
+    rec._slip_ceiling = {int(k): float(v) for k, v in sd.pop("slip_ceiling", ())}
     rec.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
                                sd.pop("verified", ()))
     rec.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}

@@ -187,6 +187,7 @@ class Recovery:
         # first steps, a step that was read for raise/warn); the flush replays the others
         self._host_steps: set[int] = set()
         self._last_taken: int | None = None  # the last taken step heard (_steps.verdict)
+        self._slip_ceiling: dict[int, float] = {}  # LR jump step -> the ceiling then (_slip)
         self._late = LateFlags()  # the device's skip flags, heard before the flush
         self._handed = False  # took over another ladder's run (:meth:`adopt`)
         self._weights = LateFlags()  # checks of the weights at non-finite steps (_steps)
@@ -314,18 +315,24 @@ class Recovery:
     def relayout(self, guard: Guard) -> None:
         """The optimizer's parameter groups changed: the snapshots hold the old groups and
         cannot be loaded into it any more; the next healthy flush takes a new one. The
-        spike verdict forgets the old set's norm (as the clip policy does), and an LR probe
-        under way is void (its copy of the training state is of the old groups)."""
+        spike verdict forgets the old set's norm (as the clip policy does) and keeps the
+        loss's, and an LR probe under way is void (its copy of the training state is of
+        the old groups)."""
         self.ring.clear()
         self._undo = None
-        self.renorm()
+        # the loss is the same model's, on its scale: its history stays (found by a
+        # stranger: a head added by add_param_group raised the loss 20x for a few steps,
+        # and a verdict warming up again from those took them for updates that wrecked
+        # the weights, skipped every step and aborted a run that was back within ten)
+        self._verdict.forget_norm()
         self._probe.cancel(guard.step_count)
         self.state = dataclasses.replace(self.state, last_snapshot=None, last_regular=None,
                                          rollbacks=0)
 
     def renorm(self) -> None:
         """Parameters got their first gradient (:func:`gradguard._lifecycle.renorm`): the
-        spike verdict forgets the old set's norm, as the clip policy does."""
+        spike verdict forgets the old set's norm, as the clip policy does, and the loss's
+        (a branch used for the first time may be a task whose loss is on another scale)."""
         self._verdict = SpikeVerdict()
 
     def flush_every(self, every: int) -> int:

@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import distributed
 from ..events import listed
 from ..executors import NONFINITE, STALE, Hook
-from . import actions, finite, growth
+from . import _slip, actions, finite, growth
 from .defaults import SPIKE_GRACE
 from .ladder import DATA_REASONS, NONFINITE_REASON, OFFSCALE_REASON, SPIKE_REASON, Trigger
 from .late import enabled
@@ -42,6 +42,7 @@ def before_step(rec: Recovery, guard: Guard) -> None:
         # snapshot, up to snapshot_every steps before: a ResNet with an LR x300 burst for
         # 5 steps ended 2.3-3.7x its twin, rolled back 57 steps)
         rec.snapshot(guard)
+    _slip.observe(rec, guard)  # an LR burst that ended: the ladder's factors rescaled
     if isinstance(guard.executor, Hook):
         hear(rec, guard)
         if guard.step_count == growth.STEP:  # the trainer took the first updates: see .growth

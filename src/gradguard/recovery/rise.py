@@ -40,7 +40,9 @@ steps (a digits CNN on AdamW at 100x: down to 0.001 of its LR by step 300).
 A rise that came down again before the flush still counts when it was severe: two
 consecutive ten-step medians above ``SEVERE`` (2) times the running best anywhere in the
 window, having given back half the progress (a warm-up peak that killed a CNN's ReLUs
-between two flushes: the loss is lower again at the flush, the units are still dead).
+between two flushes: the loss is lower again at the flush, the units are still dead), while
+the loss at the flush is still above ``factor`` times the best (a loss back at its best was
+held up by the batches: a shard of wrong labels).
 Healthy runs of benchmarks/quality.py reach 1.64x at most.
 
 A network that died is caught even when the rise is small. A CNN whose ReLUs an LR too
@@ -317,8 +319,13 @@ class LossRise:
             if ratio > factor and self._gave_back(self.latest, self.best, strict=strict) \
                     and self._beyond_chance(ratio, strict=strict):
                 return Rise(self.latest, ratio)
+        # a severe peak that came down counts while the loss is still up at the flush (the
+        # ReLUs it killed hold it there); one back within ``factor`` of the best was the
+        # batches' (found by a stranger: 20 steps of 30% wrong labels, the loss back under
+        # its level before them at the flush, rolled back 100 steps with the LR halved)
         peak = self.peak
-        return peak if peak is not None and peak.ratio >= SEVERE and \
+        return peak if peak is not None and peak.ratio >= SEVERE and (
+            self.latest is None or self.latest > factor * self.best) and \
             self._beyond_chance(peak.ratio, self._positions, strict=strict) else None
 
     def chance(self, positions: int = 1, *, strict: bool = False) -> float | None:

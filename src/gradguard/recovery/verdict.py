@@ -181,6 +181,18 @@ class SpikeVerdict:
         ring.scatter_(1, slot, torch.where(where, values, ring.gather(1, slot).squeeze(1))[:, None])
         count += where.long()
 
+    def forget_norm(self) -> None:
+        """Forget the gradient norm's history (a new set of parameters: its scale changed
+        for good) and keep the loss's (the same model's loss, on the same scale). Device
+        ops only."""
+        if self.ring is not None and self.count is not None:
+            self.ring[0].fill_(math.nan)
+            self.count[0] = 0
+        if self.high is not None:
+            self.high[0] = False
+        if self.pending is not None:
+            self.pending[0] = math.nan
+
     def live_state(self, device: torch.device) -> dict[str, Tensor]:
         """The statistics as live device tensors (created empty before the first step), for
         a snapshot to copy: restored with the weights they describe."""
