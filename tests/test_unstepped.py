@@ -89,6 +89,16 @@ def test_the_unfrozen_backbone_added_with_add_param_group_is_not_said():
     assert _unstepped_events(guard) == [] and caught == []
 
 
+def test_layers_added_with_add_param_group_are_not_said_at_the_flush_that_adds_them():
+    """The flush of the old layout that ``add_param_group`` brings (at the next guard.step)
+    judged the layers just added as unstepped, naming add_param_group as the remedy."""
+    model = _mlp()  # the backbone gets gradients from step 0, the optimizer holds the head
+    opt = torch.optim.AdamW(model[4].parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, every=60)
+    caught = _train(model, [guard], 200, add_at=170)  # first seen at 60: due at 170
+    assert _unstepped_events(guard) == [] and caught == []
+
+
 def test_an_optimizer_over_the_head_alone_leaves_the_backbone_untrained_and_says_so():
     model = _mlp()  # a "linear probe" whose backbone was never frozen
     guard = gg.Guard(model, torch.optim.AdamW(model[4].parameters(), lr=1e-3))
