@@ -61,6 +61,25 @@ def test_cli_lab_runs_one_experiment(tmp_path, capsys):
     assert "T0" in (tmp_path / "summary.md").read_text()
 
 
+def test_the_lab_says_what_the_default_guard_did_on_a_failing_configuration(tmp_path, capsys):
+    """Found by a stranger: the CLI and summary.md showed the claims alone, and what the
+    default guard did on the failing side (the lab's point) was only in result.json."""
+    from gradguard.lab import Result, guard_outcome, summary_table
+
+    assert cli.main(["lab", "T5", "--out", str(tmp_path), "--fast"]) == 0
+    got = capsys.readouterr()
+    out = got.out + got.err  # the progress lines go to stderr with rich
+    ratio = json.loads((tmp_path / "T5" / "result.json").read_text())["guard"]["ratio_to_healthy"]
+    said = f"default guard {ratio:.3g}x its healthy twin"
+    assert said in out and said in (tmp_path / "summary.md").read_text()
+    r = Result("T7", "t", fast=True, guard={"ratio_to_healthy": 32.6, "finite": True,
+                                            "within_2x": False, "fix_in_reach_of_a_guard": True})
+    assert guard_outcome(r) == ("default guard 32.6x its healthy twin, NOT within 2x in --fast "
+                                "mode (too few steps to judge a rescue: run without it)")
+    assert guard_outcome(Result("T0", "t", fast=False)) is None
+    assert "| T7 | default guard 32.6x" in summary_table([r])
+
+
 def test_cli_lab_bad_id_is_usage_error(tmp_path):
     assert cli.main(["lab", "T42", "--out", str(tmp_path)]) == 2
 

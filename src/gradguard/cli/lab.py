@@ -51,7 +51,9 @@ def command(args: argparse.Namespace) -> int:
 
     def line(r: lab.Result) -> str:
         ok = sum(c.passed for c in r.claims)
-        return f"{r.id:>4} {'PASS' if r.passed else 'FAIL'} {ok}/{len(r.claims)} claims  {r.seconds:6.1f}s  {r.title}"
+        guard = lab.guard_outcome(r)
+        return (f"{r.id:>4} {'PASS' if r.passed else 'FAIL'} {ok}/{len(r.claims)} claims  "
+                f"{r.seconds:6.1f}s  {r.title}" + (f"\n       {guard}" if guard else ""))
 
     if Progress is not None:
         console = Console(stderr=True)

@@ -127,8 +127,29 @@ def _fmt(x: object) -> str:
     return "—" if x is None else str(x)
 
 
+def guard_outcome(r: Result) -> str | None:
+    """What the default guard did on an experiment's failing configuration, in a few words
+    (None where the experiment has none): its final loss against the healthy twin's."""
+    g = r.guard
+    ratio = g.get("ratio_to_healthy")
+    if not isinstance(ratio, (int, float)):
+        return None
+    if not g.get("finite", True):
+        verdict = "not finite"
+    elif g.get("within_2x"):
+        verdict = "within 2x"
+    else:
+        verdict = "NOT within 2x" + ("" if g.get("fix_in_reach_of_a_guard")
+                                     else " (its fix is out of a guard's reach)")
+    fast = " in --fast mode (too few steps to judge a rescue: run without it)" \
+        if r.fast and not g.get("within_2x") and g.get("fix_in_reach_of_a_guard") else ""
+    return f"default guard {ratio:.3g}x its healthy twin, {verdict}{fast}"
+
+
 def summary_table(results: Iterable[Result]) -> str:
-    """A markdown table of every claim: measured vs reference and pass/fail."""
+    """A markdown table of every claim: measured vs reference and pass/fail; then what the
+    default guard did on each failing configuration (:func:`guard_outcome`)."""
+    results = list(results)
     lines = [
         "| exp | claim | measured | reference | criterion | pass |",
         "|---|---|---|---|---|---|",
@@ -139,6 +160,12 @@ def summary_table(results: Iterable[Result]) -> str:
                 f"| {r.id} | {c.statement} | {_fmt(c.measured)} | {_fmt(c.reference)} | "
                 f"{c.criterion} | {'yes' if c.passed else '**NO**'} |"
             )
+    guarded = [(r.id, text) for r in results if (text := guard_outcome(r)) is not None]
+    if guarded:
+        lines += ["", "The failing configurations under the default guard "
+                  "(`Guard(clip=ZClip(), recovery=Recovery())`):", "",
+                  "| exp | outcome |", "|---|---|"]
+        lines += [f"| {i} | {text} |" for i, text in guarded]
     return "\n".join(lines) + "\n"
 
 
@@ -148,6 +175,7 @@ __all__ = [
     "ORDER",
     "Claim",
     "Result",
+    "guard_outcome",
     "run",
     "run_all",
     "summary_table",
