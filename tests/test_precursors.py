@@ -443,3 +443,19 @@ def test_a_loss_leaving_a_slow_warm_ups_plateau_is_no_spread_warning():
     guard.close()
     assert float(torch.stack(losses[-20:]).mean()) < 0.7 * math.log(10)  # it learns
     assert [e for e in guard.events if e.kind == "divergence_risk"] == []
+
+
+def test_a_trend_over_many_flush_points_is_fit_over_block_medians():
+    """Found by a stranger: at ``every=1`` a trend spans 400 flush points, and the pairwise
+    fit over them (80,000 pairs per signal and flush) made each step take 100-400 ms. More
+    than ``MAX_POINTS`` points are fit as the medians of blocks of them: the same trend."""
+    from gradguard._trend import MAX_POINTS, _blocks
+
+    pts = [(s, 1.5 * math.exp(0.01 * s) * (1.1 if s % 2 else 0.9)) for s in range(400)]
+    x, _ = _blocks([float(s) for s, _ in pts], [math.log(v) for _, v in pts])
+    assert len(x) <= MAX_POINTS and x[-1] == 396.0  # the newest block is whole: 393-399
+    t = gg.precursors.trend(pts)
+    assert t is not None and t.slope == pytest.approx(0.01, rel=0.05) and t.z > 5
+    assert (t.start, t.end, t.last) == (0, 399, pts[-1][1])
+    few = pts[::10]  # 40 points: no blocks, the fit of old
+    assert _blocks([float(s) for s, _ in few], [v for _, v in few])[0] == [float(s) for s, _ in few]

@@ -73,8 +73,38 @@ def fall(points: Sequence[tuple[int, float]]) -> tuple[float, float] | None:
     return z, b * (x[-1] - x[0])
 
 
+#: A fit over more points than this is a fit over the medians of blocks of consecutive
+#: points (at most this many blocks, the newest block full): the pairs are the square of
+#: the points, and at ``every=1`` the 400 flush points of a precursor's trend made every
+#: step of a run take 100-400 ms (found by a stranger). Only a guard flushing more often
+#: than every 7 steps has more.
+MAX_POINTS = 64
+
+
+def _blocks(x: list[float], y: list[float]) -> tuple[list[float], list[float]]:
+    """``(x, y)`` as is, or the medians of consecutive blocks when there are more than
+    :data:`MAX_POINTS` (the oldest block may be short; the newest are whole).
+
+    Example:
+        >>> from gradguard._trend import _blocks
+        >>> bx, by = _blocks([float(i) for i in range(130)], [float(i % 3) for i in range(130)])
+        >>> len(bx), bx[:2], bx[-1]
+        (44, [0.0, 2.0], 128.0)
+    """
+    n = len(x)
+    if n <= MAX_POINTS:
+        return x, y
+    k = math.ceil(n / MAX_POINTS)
+    cuts = list(range(n, 0, -k))[::-1]  # block ends, from the newest back
+    starts = [max(0, c - k) for c in cuts]
+    return ([statistics.median(x[a:b]) for a, b in zip(starts, cuts)],
+            [statistics.median(y[a:b]) for a, b in zip(starts, cuts)])
+
+
 def _fit(x: list[float], y: list[float]) -> tuple[float, float] | None:
-    """Theil–Sen slope of ``y`` over ``x`` and Mann–Kendall z (continuity-corrected)."""
+    """Theil–Sen slope of ``y`` over ``x`` and Mann–Kendall z (continuity-corrected), over
+    :func:`_blocks` of the points."""
+    x, y = _blocks(x, y)
     n = len(x)
     if n < 3:
         return None
