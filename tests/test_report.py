@@ -732,3 +732,31 @@ def test_a_run_whose_gradients_came_back_is_not_said_to_have_had_none():
     assert judge(d).cause != "no_gradient"
     d.grad_norm[:] = 0.0
     assert (judge(d).status, judge(d).cause) == ("stalled", "no_gradient")
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
+                                 KeyboardInterrupt(), SystemExit(0)])
+def test_a_loop_that_raises_out_of_its_guard_block_is_told_stopped(tmp_path, exc):
+    """Found by a stranger: a run that died of an out-of-memory error inside ``with
+    gg.Guard(...)`` was "No gradient trouble in 38 steps", no word of the crash."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(type(exc)):
+        with gg.Guard(model, opt, every=10, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+            for i, (x, y) in enumerate(batches(60)):
+                if i == 38:
+                    raise exc
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                guard.step(loss)
+                opt.zero_grad()
+    data = load_run(tmp_path)
+    out = judge(data)
+    if isinstance(exc, SystemExit):  # an exit with code 0 is an end
+        assert out.status == "healthy" and not any(e["kind"] == "abort" for e in data.events)
+        return
+    name = type(exc).__name__
+    assert out.status == "stopped" and f"training was stopped at step 37 by {name}" in out.clause
+    assert f"by {name}" in summary_sentence(data)
+    if isinstance(exc, RuntimeError):
+        assert "CUDA out of memory" in out.clause

@@ -162,6 +162,25 @@ def close(guard: Guard, *, failed: bool = False, after_script: bool = False) -> 
         guard.monitor.close_sinks()
 
 
+def left_on(guard: Guard, exc: BaseException | None) -> None:
+    """The loop left the guard's ``with`` block on an exception the guard did not raise (an
+    out-of-memory error, Ctrl-C): an ``abort`` event says so, so that the report tells a
+    crash from a run that ended (found by a stranger: a run killed by an out-of-memory
+    error was "No gradient trouble in 38 steps"). A ``SystemExit`` with code 0 is an end."""
+    if guard._aborted or isinstance(exc, (TrainingDiverged, NonFiniteGradientError)) or (
+            isinstance(exc, SystemExit) and exc.code in (0, None)):
+        return
+    name = type(exc).__name__ if exc is not None else "an exception"
+    text = str(exc).strip().splitlines()[0][:200] if exc is not None and str(exc).strip() else ""
+    what = f"{name} ({text})" if text else name
+    step = max(guard.step_count - 1, 0)
+    guard.add_event(Event(
+        kind="abort", step=step, severity="error",
+        message=f"step {step}: the training loop raised {what} and left the guard",
+        remedy="See the traceback the loop raised; the run's records end here.",
+        data={"exception": what}))
+
+
 def relayout(guard: Guard) -> None:
     """The optimizer's parameters changed (``add_param_group``): flush the window of the
     old layout, then measure the new set; snapshots of the old layout cannot be restored

@@ -374,7 +374,9 @@ class Guard:
     def __enter__(self) -> Guard:
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and not self._closed:
+            lifecycle.left_on(self, exc)
         self.close(failed=exc_type is not None)
 
     # ---- checkpointing ----------------------------------------------------------------------

@@ -206,6 +206,8 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     if aborts:
         status: Status = "stopped"
         clause = f"training was stopped at step {aborts[0]['step']}"
+        if exc := (aborts[0].get("data") or {}).get("exception"):
+            clause += f" by {exc}"  # the loop raised out of a `with Guard(...)` block
     elif tail_bad:
         status = "diverged"
         clause = "training did not recover (the last steps are still non-finite)"
