@@ -760,3 +760,22 @@ def test_a_loop_that_raises_out_of_its_guard_block_is_told_stopped(tmp_path, exc
     assert f"by {name}" in summary_sentence(data)
     if isinstance(exc, RuntimeError):
         assert "CUDA out of memory" in out.clause
+
+
+def test_an_inf_loss_is_told_inf(tmp_path):
+    """Found by a stranger: a loss of +Inf was summarised as "The loss was NaN" (the kind
+    of its gradients' norm, which an Inf loss makes NaN as often as Inf)."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gg.Guard(model, opt, every=10, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for i, (x, y) in enumerate(batches(20)):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            if i == 7:
+                loss = loss * math.inf  # +Inf, and its gradients Inf or NaN
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    data = load_run(tmp_path)
+    [ev] = [e for e in data.events if e["kind"] == "nonfinite_grad"]
+    assert ev["layer"] == "(loss)" and ev["data"]["loss"] == "Inf"
+    assert "The loss was Inf at step 7" in summary_sentence(data)

@@ -362,3 +362,21 @@ def test_one_jsonl_sink_given_to_two_guards_is_refused(tmp_path):
     g2 = gg.Guard(model, head, sinks=[gg.JsonlSink(tmp_path / "head")])  # as it says
     g1.close(), g2.close()
     gg.Guard(model, trunk, sinks=[gg.JsonlSink(tmp_path)]).close()  # the first one closed
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: gg.JsonlSink(123), TypeError, r"JsonlSink run_dir must be a directory path .* int"),
+    (lambda: gg.JsonlSink(""), ValueError, r"JsonlSink run_dir='': give a directory"),
+    (lambda: gg.JsonlSink("runs/x", fsync="no"), TypeError, r"JsonlSink\(fsync='no'\): must be"),
+    (lambda: gg.report(None), TypeError, r"run_dir must be a directory path .* NoneType"),
+    (lambda: gg.Guard(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1), every=10**9),
+     ValueError, r"Guard\(every=1000000000\): must be an int from 1 to 100000"),
+])
+def test_bad_sink_report_and_guard_arguments_name_the_argument(make, error, match, tmp_path,
+                                                               monkeypatch):
+    """Found by a stranger: these gave a pathlib TypeError, wrote into the current
+    directory, kept fsync on, or died in the allocator (a 40 GB window)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=match):
+        make()
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -12,7 +12,7 @@ Example:
     >>> gg.GuardConfig(every=0)
     Traceback (most recent call last):
     ...
-    ValueError: GuardConfig(every=0): must be an int >= 1
+    ValueError: GuardConfig(every=0): must be an int from 1 to 100000 (the steps of a window are held on the device until it is flushed)
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from .events import Sink
 #: Telemetry flush interval (steps): large enough that the one host copy per flush is
 #: negligible, small enough that a person sees trouble within seconds.
 DEFAULT_EVERY = 50
+#: The longest flush interval: a window of steps is held on the device until it is flushed.
+MAX_EVERY = 100_000
 
 
 def _instance(name: str, value: Any, owner: str, what: str, methods: tuple[str, ...]) -> None:
@@ -110,8 +112,12 @@ class GuardConfig:
             raise ValueError(
                 f"{owner}(on_nonfinite={self.on_nonfinite!r}): allowed values are {ON_NONFINITE}"
             )
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"{owner}(every={self.every!r}): must be an int >= 1")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or \
+                not 1 <= self.every <= MAX_EVERY:
+            # found by a stranger: every=10**9 died in the allocator (a 40 GB window)
+            raise ValueError(f"{owner}(every={self.every!r}): must be an int from 1 to "
+                             f"{MAX_EVERY} (the steps of a window are held on the device "
+                             "until it is flushed)")
         if self.recovery is not None:
             _instance("recovery", self.recovery, owner, "a gradguard.Recovery or None",
                       ("attach", "before_step", "verdict", "after_step", "flush_every",

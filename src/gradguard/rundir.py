@@ -138,6 +138,10 @@ class JsonlSink:
             raise TypeError(
                 f"JsonlSink run_dir must be a directory path (str or os.PathLike), "
                 f"got {type(run_dir).__name__}: {run_dir!r}")
+        if not str(run_dir).strip():  # "" is the current directory, by accident
+            raise ValueError("JsonlSink run_dir='': give a directory (e.g. 'runs/exp1')")
+        if not isinstance(fsync, bool):
+            raise TypeError(f"JsonlSink(fsync={fsync!r}): must be True or False")
         self.run_dir = Path(run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,8 @@ def detect_nonfinite(
             data["cause"] = cause
         if fwd is not None:
             data["forward_origin"] = fwd.module
+        if not math.isfinite(losses[i]):  # the loss's own kind: an Inf loss has NaN gradients
+            data["loss"] = "NaN" if math.isnan(losses[i]) else "Inf"
         events.append(
             Event(
                 kind="nonfinite_grad",

@@ -186,6 +186,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     """
     import numpy as np
 
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise TypeError(f"run_dir must be a directory path (str or os.PathLike), got "
+                        f"{type(run_dir).__name__}: {run_dir!r}")
     d = Path(run_dir)
     if not d.exists():
         raise ReportError(f"run_dir={str(run_dir)!r} does not exist")

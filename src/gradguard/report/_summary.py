@@ -30,7 +30,9 @@ def _nonfinite_sentence(e: dict[str, Any], *, later: bool = False) -> str:
         of = f" of `{origin}`" if origin else ""
         return (f"The weights{of} were NaN/Inf at step {s}: the optimizer's update before "
                 "it wrote them from finite gradients")
-    if origin == "(loss)":
+    if origin == "(loss)":  # the loss's own kind (an Inf loss gives NaN gradients)
+        loss = (e.get("data") or {}).get("loss")
+        kind = loss if loss in ("NaN", "Inf") else kind
         return f"The loss was {kind} at step {s}, and the gradients with it"
     if origin == "(input)":
         return f"The input batch of step {s} held {kind}"
