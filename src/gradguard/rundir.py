@@ -220,11 +220,15 @@ class JsonlSink:
             ValueError: another guard that is still alive writes through this sink.
         """
         other = None if self._guard is None else self._guard()
-        if other is not None and other is not guard and not self.closed:
+        # a closed guard writes no more (nor one retired for a successor: `gradguard run`
+        # hands a script's run on to the guard of the optimizer it builds each epoch)
+        if other is not None and other is not guard and not self.closed and \
+                not getattr(other, "_closed", False):
             raise ValueError(
                 f"JsonlSink run_dir={str(self.run_dir)!r} is given to a second guard while "
                 "another guard writes through it: give each guard its own JsonlSink and "
-                f"directory (e.g. {str(self.run_dir / 'optimizer1')!r})")
+                f"directory (e.g. {str(self.run_dir / 'optimizer1')!r}), or close the first "
+                "guard (guard.close()) before building the next")
         self._guard = weakref.ref(guard)
 
     def _claim(self) -> None:

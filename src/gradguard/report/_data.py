@@ -86,6 +86,15 @@ def _fresh_start(r: dict[str, Any]) -> bool:
     return r.get("type") == START_TYPE and r.get("step") == 0
 
 
+def _resumed_at(r: dict[str, Any]) -> int | None:
+    """The step a JsonlSink's start record after a resume says the run went on from (its
+    first step, after 0); None for any other record."""
+    step = r.get("step")
+    if r.get("type") == START_TYPE and isinstance(step, int) and step > 0:
+        return step
+    return None
+
+
 def _num(x: Any) -> float:
     if type(x) is float:  # the common case first: a report reads millions of these
         return x
@@ -112,6 +121,21 @@ class _Metrics:
         # per flush: the columns of its layers, its mean and its max norms
         self.flushes: list[tuple[array[int], array[float], array[float]]] = []
         self._last: tuple[list[str], array[int]] | None = None
+
+    def drop_from(self, step: int) -> int:
+        """Drop the records of ``step`` and after (a stretch a resume from ``step``
+        abandoned); returns how many step records went."""
+        keep = [i for i, s in enumerate(self.step) if s < step]
+        gone = len(self.step) - len(keep)
+        if gone:
+            self.step = array("q", [self.step[i] for i in keep])
+            self.skipped = array("b", [self.skipped[i] for i in keep])
+            self.cols = {k: array("d", [c[i] for i in keep]) for k, c in self.cols.items()}
+        rows = [i for i, s in enumerate(self.layer_step) if s < step]
+        if len(rows) < len(self.layer_step):
+            self.layer_step = array("q", [self.layer_step[i] for i in rows])
+            self.flushes = [self.flushes[i] for i in rows]
+        return gone
 
     def add(self, r: dict[str, Any]) -> None:
         kind = r.get("type")
@@ -203,17 +227,29 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     notes: list[str] = []
     m = _Metrics()
     earlier = 0  # earlier runs started afresh in this directory (events.START_TYPE)
+    abandoned = 0  # step records of stretches a resume from an earlier step replayed
     for r in _records(mpath, notes) if mpath.exists() else ():
         if _fresh_start(r):
             earlier += bool(len(m.step) or len(m.layer_step))
             m = _Metrics()
+        elif (at := _resumed_at(r)) is not None:
+            abandoned += m.drop_from(at)
         m.add(r)
     events: list[dict[str, Any]] = []
     for r in _records(epath, notes) if epath.exists() else ():
         if _fresh_start(r):
             events = []
+        elif (at := _resumed_at(r)) is not None:
+            # found by a stranger: a run killed at step 73 after NaN steps at 60-62,
+            # resumed from step 40 on clean data, was told of 3 non-finite steps that no
+            # step of the run shown had
+            events = [e for e in events if e.get("step", -1) < at]
         elif r.get("type") == "event":
             events.append(r)
+    if abandoned:
+        notes.append(f"{mpath}: {abandoned} step records from before a resume, of steps "
+                     "that resume ran again, are not shown with their events: the resumed "
+                     "run's records of those steps are")
     if earlier:
         notes.append(f"{d} holds the records of {earlier} earlier run"
                      f"{'s' if earlier > 1 else ''} (a later one started again at step 0): "
