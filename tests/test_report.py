@@ -779,3 +779,49 @@ def test_an_inf_loss_is_told_inf(tmp_path):
     [ev] = [e for e in data.events if e["kind"] == "nonfinite_grad"]
     assert ev["layer"] == "(loss)" and ev["data"]["loss"] == "Inf"
     assert "The loss was Inf at step 7" in summary_sentence(data)
+
+
+def _silent_run(tmp_path, *, hinge: bool):
+    """A classifier whose gradients are all exactly zero: a hinge loss that fits separable
+    data (a loss of 0 from some step on), or ReLUs dead from the start under a head
+    without a bias."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = (x[:, 0] > 0).long()
+    x[:, 0] += torch.where(x[:, 0] > 0, 1.0, -1.0)  # a margin: separable
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 2, bias=hinge))
+    if not hinge:
+        with torch.no_grad():
+            model[0].bias.fill_(-1e3)  # every ReLU off for good
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gg.Guard(model, opt, every=20, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for step in range(300):
+            i = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(step))
+            out = model(x[i] * (10.0 if hinge else 1.0))
+            loss = (torch.nn.functional.multi_margin_loss(out, y[i]) if hinge else
+                    torch.nn.functional.cross_entropy(out, y[i]))
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    return load_run(tmp_path)
+
+
+def test_a_loss_fit_to_zero_whose_gradients_are_zero_is_no_stall(tmp_path):
+    """Found by a regression hunt: a hinge loss on separable data reaches exactly 0, and its
+    gradients with it; the run was "stalled ... call loss.backward()"."""
+    data = _silent_run(tmp_path, hinge=True)
+    assert data.loss[-50:].max() == 0.0
+    out = judge(data)
+    assert out.status == "healthy" and out.cause is None
+
+
+def test_every_gradient_exactly_zero_behind_dead_units_is_no_missing_backward(tmp_path):
+    """Found by a regression hunt: ReLUs killed under a head without a bias leave every
+    gradient exactly zero; the run was told to call loss.backward(), which it did."""
+    data = _silent_run(tmp_path, hinge=False)
+    out = judge(data)
+    assert (out.status, out.cause) == ("stalled", "dead_units")
+    assert "backward" not in out.remedy and "LeakyReLU" in out.remedy
+    text = summary_sentence(data)
+    assert "every gradient was exactly zero" in text and "No gradient trouble" not in text

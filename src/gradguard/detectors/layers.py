@@ -288,6 +288,21 @@ def detect_no_gradient(
         if state.no_gradient:
             return []
         state.no_gradient = True
+        if any(_layers_present(window).values()):
+            # the gradient tensors are there, all zero: no missing backward (found by a
+            # regression hunt: ReLUs killed under a head without a bias were told "call
+            # loss.backward()")
+            return [Event(
+                kind="disconnected_layer", step=step, severity="warning", value=0.0,
+                message=(f"steps {window.steps[0]}-{step}: every gradient is exactly zero, "
+                         "so nothing trains: the units that feed the layers died (ReLUs "
+                         "that an update too large pushed below zero), or the loss no "
+                         "longer depends on the weights"),
+                remedy=("Lower the learning rate, normalise the inputs, or use "
+                        "LeakyReLU/GELU; a rollback to before their death can bring them "
+                        "back (gg.Recovery())."),
+                data={"steps": len(total), "zero": True},
+            )]
         return [Event(
             kind="disconnected_layer", step=step, severity="warning", value=0.0,
             message=(f"steps {window.steps[0]}-{step}: no gradient reached the optimizer: "

@@ -50,6 +50,8 @@ MIN_LEVEL_STEPS, MAX_LEVEL_STEPS = 3, 50
 #: A run whose last window is more than this fraction skipped or non-finite did not
 #: come back, whatever its loss says (a skipped step does not move the loss).
 TAIL_BAD_FRACTION = 0.5
+#: A final loss at most this share of the first is a fit: its gradients may be exactly zero.
+FIT_LOSS = 1e-6
 #: Event kinds that start an incident (besides a skipped step).
 INCIDENT_KINDS = ("nonfinite_grad", "grad_spike", "loss_spike", "lr_too_high")
 #: The recovery ladder's own actions: it acted on trouble that may show in no gradient event
@@ -271,13 +273,22 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         clause = (f"training did not recover: the network died at step {since} and no "
                   "longer learns")
     quiet = no_gradient_since(data)
-    if quiet is not None and status in ("healthy", "recovered"):
+    # a loss at zero has no gradient: a fit (a hinge loss on separable data), no stall
+    fit = final is not None and start is not None and final <= FIT_LOSS * abs(start)
+    if quiet is not None and status in ("healthy", "recovered") and not fit:
         # found by a stranger: a loop without loss.backward() was "No gradient trouble in
         # 200 steps: the gradient norm stayed between 0 and 0", a healthy run
-        status, cause = "stalled", "no_gradient"
-        incident = quiet if incident is None else min(incident, quiet)
-        clause = (f"training stalled: from step {quiet} no gradient reached the optimizer "
-                  "(every gradient zero or missing), so nothing trained")
+        since, zero = quiet
+        incident = since if incident is None else min(incident, since)
+        if zero:  # the gradient tensors are there, all zero: dead units behind every layer
+            status, cause = "stalled", "dead_units"
+            clause = (f"training stalled: from step {since} every gradient was exactly zero "
+                      "(the units that feed the layers died, or the loss no longer depends "
+                      "on the weights), so nothing trained")
+        else:
+            status, cause = "stalled", "no_gradient"
+            clause = (f"training stalled: from step {since} no gradient reached the "
+                      "optimizer (every gradient missing), so nothing trained")
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    remedy(status, cause, config, data, incident), incident, start, before,
                    final, rose, flat)

@@ -26,10 +26,12 @@ def died_layers(events: list[dict[str, Any]]) -> tuple[int, list[str]] | None:
     return max(0, since), [str(e.get("layer")) for e in dead]
 
 
-def no_gradient_since(data: RunData) -> int | None:
-    """The first step of the stretch, lasting to the end of the run, in which no taken
-    step had a non-zero finite gradient norm, when a ``disconnected_layer`` warning with no
-    layer (the whole optimizer) reported it from inside that stretch; else None.
+def no_gradient_since(data: RunData) -> tuple[int, bool] | None:
+    """``(since, zero)``: the first step of the stretch, lasting to the end of the run, in
+    which no taken step had a non-zero finite gradient norm, when a ``disconnected_layer``
+    warning with no layer (the whole optimizer) reported it from inside that stretch, and
+    whether it said the gradient tensors were there, all zero (``data["zero"]``: dead
+    units, not a missing backward); else None.
 
     Example:
         >>> import numpy as np
@@ -42,7 +44,7 @@ def no_gradient_since(data: RunData) -> int | None:
         ...             np.zeros(n, bool), [], np.zeros(0, int), np.zeros((0, 0)),
         ...             np.zeros((0, 0)), ev)
         >>> no_gradient_since(d)
-        0
+        (0, False)
         >>> d.grad_norm[55] = 0.3          # a gradient came back: not silent to the end
         >>> no_gradient_since(d) is None
         True
@@ -60,4 +62,7 @@ def no_gradient_since(data: RunData) -> int | None:
         return None
     last_live = np.flatnonzero(live)
     since = int(data.step[last_live[-1] + 1]) if last_live.size else int(data.step[0])
-    return since if any(int(e["step"]) >= since for e in said) else None
+    late = [e for e in said if int(e["step"]) >= since]
+    if not late:
+        return None
+    return since, bool((late[-1].get("data") or {}).get("zero"))

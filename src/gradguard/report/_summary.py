@@ -178,7 +178,8 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     elif not lead and every_overflow(data):
         parts.append(f"Every one of the {data.n_steps} steps overflowed in float16: the "
                      "GradScaler skipped them all, and no update was taken.")
-    elif not lead and outcome.cause == "no_gradient":
+    elif not lead and outcome.status == "stalled" and outcome.cause in ("no_gradient",
+                                                                        "dead_units"):
         pass  # the clause tells it: "training stalled: ... no gradient reached the optimizer"
     elif not lead and (dead := died_layers(ev)) is not None:
         parts.append(f"From step {dead[0]}, {listed(dead[1])} got no gradient at all: "
