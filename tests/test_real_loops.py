@@ -800,6 +800,38 @@ def test_a_branch_whose_loss_term_was_switched_off_is_no_network_that_died(tmp_p
     assert judge(load_run(tmp_path)).status == "healthy"
 
 
+def test_dead_units_in_a_model_whose_head_is_registered_first_are_dead_without_a_graph():
+    """Found by a regression hunt: with no loss given to ``guard.step`` there is no autograd
+    graph to order the layers, and in registration order a head registered before its
+    trunk has the trunk after it: ReLUs killed at step 100 were "cut off from the loss"
+    (an info), and the run healthy. Without the graph no layer is told cut."""
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(32, 1)
+            self.trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+
+        def forward(self, x):
+            return self.head(self.trunk(x))
+
+    torch.manual_seed(0)
+    model = HeadFirst()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt)
+    for step in range(250):
+        if step == 100:
+            with torch.no_grad():
+                model.trunk[0].bias.fill_(-1e3)
+        x = torch.randn(32, 8)
+        nn.functional.mse_loss(model(x), x[:, :1]).backward()
+        guard.step()  # no loss: no graph
+        opt.zero_grad()
+    guard.close()
+    silent = [e for e in guard.events if e.kind == "disconnected_layer"]
+    assert [(e.layer, e.severity, bool(e.data.get("died"))) for e in silent] == [
+        ("trunk.0", "warning", True)]
+
+
 def _digits_run(model, opt, steps, *, seed=0, guard=None, sched=None, dtype=None):
     """The digits loop of a user (``guard.step`` or ``opt.step``, then the scheduler):
     the per-step training losses."""

@@ -350,10 +350,12 @@ def detect_no_gradient(
     quiet = {j for j, z in enumerate(zero) if z}
 
     def cut(name: str) -> bool:
-        j = index[name]
-        downstream = (range(j + 1, len(window.layers)) if window.after is None
-                      else window.after[j])
-        return all(k in quiet for k in downstream)
+        # told by the autograd graph only: in registration order a head registered before
+        # the trunk has the trunk "after" it (found by a regression hunt: dead ReLUs in
+        # such a model, stepped without its loss, were "cut", and the run healthy)
+        if window.after is None:
+            return False
+        return all(k in quiet for k in window.after[index[name]])
 
     return ([_silent_layer(n, window.steps[0], step) for n in never]
             + [_silent_layer(n, window.steps[0], step, died=state.silent_run[n],
