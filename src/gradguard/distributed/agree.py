@@ -100,7 +100,7 @@ def nonfinite_ranks(
 
 #: A rank whose own loss is over this many times the median of the other ranks' losses
 #: (all positive) is where a finite step's spike came from.
-OUTLIER_LOSS = 4.0
+OUTLIER_LOSS = 10.0
 
 
 def _outliers(losses: Sequence[float], ranks: Sequence[int]) -> list[int]:
