@@ -463,6 +463,51 @@ def test_the_lr_a_rollback_set_during_a_burst_is_the_schedules_again_when_it_end
     assert got < 1.3 * twin, (got, twin)
 
 
+def test_a_burst_over_before_the_ladder_acted_leaves_the_lr_in_force_after_its_rollback():
+    """Found by a stranger: a warm-up's LR x1000 for steps 10-12 (AdamW, a digits MLP)
+    wrecked the weights; the burst was over when the ladder rolled back to the weights
+    from before it (step 9), and it capped the LR at x0.5 for good, as if the schedule's
+    LR had failed: 2.7-2.8x its twin, told to set a config LR 4x too low. The LR in force
+    never failed; the rollback keeps it."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    perm = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(123))
+    x = torch.tensor(d.data, dtype=torch.float32)[perm] / 16
+    y = torch.tensor(d.target)[perm]
+
+    def shape(s: int, burst: bool) -> float:
+        base = s / 50 if s < 50 else 0.5 * (1 + math.cos(math.pi * (s - 50) / 250))
+        return base * (1000.0 if burst and 10 <= s < 13 else 1.0)
+
+    def run(burst: bool):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                              nn.Linear(128, 10))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(shape(s, burst), 1e-6))
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+        gen = torch.Generator().manual_seed(1001)
+        for _ in range(300):
+            i = torch.randint(0, 1400, (32,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x[i]), y[i])
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+            sched.step()
+        guard.close()
+        with torch.no_grad():
+            return nn.functional.cross_entropy(model(x[1400:]), y[1400:]).item(), guard
+
+    twin, _ = run(False)
+    got, guard = run(True)
+    [rb] = [e for e in guard.events if e.kind == "rollback"]
+    assert rb.data["snapshot_step"] == 9 and "the LR burst since the snapshot" in rb.message
+    assert rb.data["factor"] == 1.0 and guard.recovery.lr_ceiling == 1.0
+    assert not [e for e in guard.events if e.kind == "lr_settled"]
+    assert got < 1.3 * twin, (got, twin)
+
+
 def test_an_lr_burst_on_a_batch_norm_net_rolls_back_to_the_weights_before_it():
     """Found as a stranger: a transformers ResNet (AdamW, linear warm-up schedule) whose
     loop multiplied the LR x300 for steps 100-104. The jump was reported at step 100, but

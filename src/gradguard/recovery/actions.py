@@ -135,7 +135,23 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 # a wreck: how large was the update? (see wreck.wrecked); or a cap the
                 # trigger measured (.growth)
                 cap, why = trig.cap, ""
-                if cap is None and wreck.wrecked(guard, trig, prior):
+                burst = guard.monitor.lr_tracker.burst_since(step) and prior.last_trigger is None
+                if burst:
+                    # an LR burst came and went since the snapshot, before the ladder had
+                    # acted: the burst's LR wrecked the weights, not the LR in force, and
+                    # back at the weights from before it the run goes on at that LR
+                    # (found by a stranger: a warm-up's LR x1000 for 3 steps, rolled back
+                    # to before it with the LR capped at x0.5 for good, ended 1.8-3.8x its
+                    # twin, and the summary advised a config LR 4x too low)
+                    rec.state = dataclasses.replace(
+                        rec.state, factor=prior.factor, ceiling=prior.ceiling,
+                        backoff_level=prior.backoff_level, failed=prior.failed,
+                        settled=prior.settled, episode_ceiling=prior.episode_ceiling)
+                    a = dataclasses.replace(a, factor=rec.state.factor,
+                                            ceiling=rec.state.ceiling)
+                    rec.actions[-1] = a
+                    cap, why = None, ""
+                elif cap is None and wreck.wrecked(guard, trig, prior):
                     measured = wreck.cap(guard, snap, prior, trig.step, rec.ring.restored_step)
                     if measured is not None:
                         cap, why = measured[0], (f" (the first update from the weights restored "
@@ -155,7 +171,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 reset = rollback(guard, a, snap, layers(), rec.reset_moments)
                 guard.add_event(messages.rollback_event(
                     a, step, reset, rec.config.restore_steps, rec.config.max_rollbacks,
-                    level, weights=trig.kind == "weights"))
+                    level, weights=trig.kind == "weights", burst=burst))
                 rec.restores += 1
                 rec.ring.restored(step, guard.step_count)
                 # the progress check asks the loss back near the level of the weights

@@ -42,10 +42,12 @@ def backoff_event(a: Action, restore_steps: int, *, no_snapshot: bool = False,
 
 def rollback_event(a: Action, snapshot: int, reset: list[str], restore_steps: int,
                    max_rollbacks: int, level: float | None = None, *,
-                   weights: bool = False) -> Event:
+                   weights: bool = False, burst: bool = False) -> Event:
     """The rollback event (``level``: the loss level before the trouble; ``weights``: for
-    weights an update made NaN/Inf, :mod:`.ladder_weights`)."""
+    weights an update made NaN/Inf, :mod:`.ladder_weights`; ``burst``: an LR burst since
+    the snapshot, over now, did it)."""
     lr = ("kept: its size did not do it" if weights else
+          "kept: the LR burst since the snapshot did it, and is over" if burst else
           "its new ceiling, from here" if a.factor >= a.ceiling else
           f"restored to x{a.ceiling:g} only" if a.ceiling < 1.0
           else f"restored in full over {restore_steps} steps")
@@ -58,8 +60,9 @@ def rollback_event(a: Action, snapshot: int, reset: list[str], restore_steps: in
                  f"optimizer state, {a.skip_batches} batch(es) to skip (rollback "
                  f"{a.rollbacks}/{max_rollbacks})"),
         remedy=(WEIGHTS_REMEDY if weights else
-                "Lower the learning rate; if the data caused it, skip guard.batches_to_skip "
-                "batches." + _moving_objective(a)),
+                "Check the LR schedule or the manual LR change that made the burst." if burst
+                else "Lower the learning rate; if the data caused it, skip "
+                "guard.batches_to_skip batches." + _moving_objective(a)),
         data={"snapshot_step": snapshot, "reset_layers": reset,
               "batches_to_skip": a.skip_batches, "reason": a.reason, "factor": a.factor,
               "ceiling": a.ceiling, "level_before": level},
