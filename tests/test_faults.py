@@ -417,18 +417,22 @@ def test_an_lr_burst_is_no_schedule_peak_for_the_rollback_after_it():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def _shuffled_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits, scaled to [0, 1] and shuffled (the first 1400 train, the rest held out)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    perm = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(123))
+    return torch.tensor(d.data, dtype=torch.float32)[perm] / 16, torch.tensor(d.target)[perm]
+
+
 def test_the_lr_a_rollback_set_during_a_burst_is_the_schedules_again_when_it_ends():
     """Found by a stranger: a digits MLP on AdamW whose ``LambdaLR`` put the LR up x300 for
     steps 100-119 was rolled back at step 106 with its LR capped at x0.0095, about the LR
     that trains while the burst lasted; the cap stayed a share of the schedule, so from
     step 120 the run trained at 1% of its LR to the end (1.8-2.2x its twin). When the
     burst ends, what the ladder set during it is rescaled to the schedule's LR."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    perm = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(123))
-    x = torch.tensor(d.data, dtype=torch.float32)[perm] / 16
-    y = torch.tensor(d.target)[perm]
+    x, y = _shuffled_digits()
 
     def run(burst: bool, guarded: bool):
         torch.manual_seed(2)
@@ -469,12 +473,7 @@ def test_a_burst_over_before_the_ladder_acted_leaves_the_lr_in_force_after_its_r
     from before it (step 9), and it capped the LR at x0.5 for good, as if the schedule's
     LR had failed: 2.7-2.8x its twin, told to set a config LR 4x too low. The LR in force
     never failed; the rollback keeps it."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    perm = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(123))
-    x = torch.tensor(d.data, dtype=torch.float32)[perm] / 16
-    y = torch.tensor(d.target)[perm]
+    x, y = _shuffled_digits()
 
     def shape(s: int, burst: bool) -> float:
         base = s / 50 if s < 50 else 0.5 * (1 + math.cos(math.pi * (s - 50) / 250))
