@@ -507,6 +507,34 @@ def test_a_burst_over_before_the_ladder_acted_leaves_the_lr_in_force_after_its_r
     assert got < 1.3 * twin, (got, twin)
 
 
+def test_a_rollback_past_a_burst_the_ladder_backed_off_at_keeps_the_lr_from_before_it():
+    """Found by a stranger: AdamW with its LR x100 for step 150 alone; ZClip clipped the
+    steps after it, the flush at 199 confirmed the loss spike (a back-off) and rolled back
+    to step 149 at x0.01 of the LR: 1.23x and 1.29x its twin where unguarded was 1.14x and
+    1.00x. The back-off was the burst's doing as much as the wreck: the rollback to before
+    the burst goes on at the LR the ladder had then."""
+    x, y = _shuffled_digits()
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 100.0 if s == 150 else 1.0)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    gen = torch.Generator().manual_seed(1002)
+    for _ in range(260):
+        i = torch.randint(0, 1400, (32,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[i]), y[i])
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        sched.step()
+    guard.close()
+    [rb] = [e for e in guard.events if e.kind == "rollback"]
+    assert rb.data["snapshot_step"] == 149 and "the LR burst since the snapshot" in rb.message
+    assert any(e.kind == "lr_backoff" and e.step < rb.step for e in guard.events)
+    assert rb.data["factor"] == 1.0 and guard.recovery.lr_ceiling == 1.0
+
+
 def test_an_lr_burst_on_a_batch_norm_net_rolls_back_to_the_weights_before_it():
     """Found as a stranger: a transformers ResNet (AdamW, linear warm-up schedule) whose
     loop multiplied the LR x300 for steps 100-104. The jump was reported at step 100, but

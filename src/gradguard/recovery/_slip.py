@@ -35,6 +35,7 @@ def observe(rec: Recovery, guard: Guard) -> None:
     step = guard.step_count
     if tracker.jumped(step):
         rec._slip_ceiling.setdefault(step, rec.state.ceiling)
+        rec._before_burst = rec.state  # what a rollback to before the burst goes back to
     for start, height in tracker.pop_ended():
         before = rec._slip_ceiling.pop(start, None)
         st = rec.state

@@ -135,18 +135,21 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 # a wreck: how large was the update? (see wreck.wrecked); or a cap the
                 # trigger measured (.growth)
                 cap, why = trig.cap, ""
-                burst = guard.monitor.lr_tracker.burst_since(step) and prior.last_trigger is None
+                before = rec._before_burst
+                burst = before is not None and guard.monitor.lr_tracker.burst_since(step)
                 if burst:
-                    # an LR burst came and went since the snapshot, before the ladder had
-                    # acted: the burst's LR wrecked the weights, not the LR in force, and
-                    # back at the weights from before it the run goes on at that LR
-                    # (found by a stranger: a warm-up's LR x1000 for 3 steps, rolled back
-                    # to before it with the LR capped at x0.5 for good, ended 1.8-3.8x its
-                    # twin, and the summary advised a config LR 4x too low)
+                    # an LR burst came and went since the snapshot: the burst's LR wrecked
+                    # the weights, not the LR in force, and back at the weights from before
+                    # it the run goes on at the LR the ladder had then; what it did since
+                    # (a back-off at the burst's spike) was the burst's doing too (found by
+                    # a stranger: a warm-up's LR x1000 for 3 steps, rolled back to before
+                    # it with the LR capped at x0.5 for good, ended 1.8-3.8x its twin, and
+                    # the summary advised a config LR 4x too low)
+                    assert before is not None
                     rec.state = dataclasses.replace(
-                        rec.state, factor=prior.factor, ceiling=prior.ceiling,
-                        backoff_level=prior.backoff_level, failed=prior.failed,
-                        settled=prior.settled, episode_ceiling=prior.episode_ceiling)
+                        rec.state, factor=before.factor, ceiling=before.ceiling,
+                        backoff_level=before.backoff_level, failed=before.failed,
+                        settled=before.settled, episode_ceiling=before.episode_ceiling)
                     a = dataclasses.replace(a, factor=rec.state.factor,
                                             ceiling=rec.state.ceiling)
                     rec.actions[-1] = a
