@@ -825,3 +825,15 @@ def test_every_gradient_exactly_zero_behind_dead_units_is_no_missing_backward(tm
     assert "backward" not in out.remedy and "LeakyReLU" in out.remedy
     text = summary_sentence(data)
     assert "every gradient was exactly zero" in text and "No gradient trouble" not in text
+
+
+def test_trouble_right_after_an_lr_jump_is_told_after_the_jump():
+    """Found by a stranger: after a LambdaLR x100 at step 150 the summary began "The
+    gradient norm spiked at step 151", the reported jump left unsaid."""
+    ev = [_ev("lr_too_high", 50, data={"group": 0}) | {"value": 100.0},
+          _ev("grad_spike", 51, layer="4")]
+    text = summary_sentence(_data(ev))
+    assert text.startswith("The learning rate jumped 100x at step 50, above any the run had "
+                           "or planned. The gradient norm spiked at step 51 in `4`."), text
+    late = [_ev("lr_too_high", 10) | {"value": 100.0}, _ev("grad_spike", 51, layer="4")]
+    assert summary_sentence(_data(late)).startswith("The gradient norm spiked at step 51")

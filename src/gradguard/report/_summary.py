@@ -16,6 +16,10 @@ def _nonfinite_kind(e: dict[str, Any]) -> str:
     return "Inf" if " Inf" in msg else "NaN"
 
 
+#: Trouble at most this many steps after an LR jump is told after the jump.
+JUMP_LEADS = 20
+
+
 def _nonfinite_sentence(e: dict[str, Any], *, later: bool = False) -> str:
     """What a ``nonfinite_grad`` event says happened, without the final period (``later``:
     after the run's first trouble). The loss or the input batch itself non-finite is no
@@ -140,6 +144,16 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     if trouble:
         e = trouble[0]
         k, s = e["kind"], e["step"]
+        jump = next((j for j in ev if j.get("kind") == "lr_too_high" and j.get("severity")
+                     in ("warning", "error") and 0 <= s - j["step"] <= JUMP_LEADS), None)
+        if jump is not None and not lead:
+            # the trouble came right after the LR jumped: that is the story's start (found
+            # by a stranger: "The gradient norm spiked at step 151" after a LambdaLR x100
+            # at step 150, the jump left unsaid)
+            ratio = jump.get("value")
+            by = f" {ratio:.3g}x" if isinstance(ratio, (int, float)) else ""
+            parts.append(f"The learning rate jumped{by} at step {jump['step']}, above any the "
+                         "run had or planned.")
         acted = None if lead else ladder_reason(ev)
         if acted is not None and acted[0] < s:  # the ladder acted first, on what no gradient
             # event shows (weights that grew, a loss that rose): that is the story's start
