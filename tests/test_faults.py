@@ -535,6 +535,40 @@ def test_a_rollback_past_a_burst_the_ladder_backed_off_at_keeps_the_lr_from_befo
     assert rb.data["factor"] == 1.0 and guard.recovery.lr_ceiling == 1.0
 
 
+@pytest.mark.parametrize("seed", [1, 3])
+def test_an_lr_jump_that_stays_is_no_change_of_the_batches(seed):
+    """Found by a stranger: AdamW with its LR x100 from step 150 to the end; the weights
+    a rollback restored failed again at that LR, which the shift test took for "the
+    batches changed" and handed the x100 LR back in full: 5.8x and 4.7x its twin. The LR
+    jumped after the snapshot and stayed: the weights failed at it."""
+    x, y = _shuffled_digits()
+
+    def run(jump: bool):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                              nn.Linear(128, 10))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 100.0 if jump and s >= 150 else 1.0)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+        gen = torch.Generator().manual_seed(seed + 1000)
+        for _ in range(300):
+            i = torch.randint(0, 1400, (32,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x[i]), y[i])
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+            sched.step()
+        guard.close()
+        with torch.no_grad():
+            return nn.functional.cross_entropy(model(x[1400:]), y[1400:]).item(), guard
+
+    twin, _ = run(False)
+    got, guard = run(True)
+    assert ("lr_too_high", 150) in [(e.kind, e.step) for e in guard.events]
+    assert not [e for e in guard.events if e.kind == "data_shift"]
+    assert got < 1.3 * twin, (got, twin)
+
+
 def test_an_lr_burst_on_a_batch_norm_net_rolls_back_to_the_weights_before_it():
     """Found as a stranger: a transformers ResNet (AdamW, linear warm-up schedule) whose
     loop multiplied the LR x300 for steps 100-104. The jump was reported at step 100, but

@@ -57,7 +57,13 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     # losses are those batches', not a new level: the shift test waits for its end (a
     # stretch of x100 inputs was taken for a change of data at its fourth step, and the
     # rest of it trained into the weights)
-    if rec.state.data_streak is None and rec._shift.update(window.steps, losses, codes) is not None:
+    if rec.state.data_streak is None and (found := rec._shift.update(
+            window.steps, losses, codes)) is not None and _lr_jumped_since(guard, found.snapshot):
+        # the LR jumped after the snapshot and stays up: the restored weights failed at it,
+        # the batches did not change (found by a stranger: an AdamW LR x100 kept from step
+        # 150 was "the batches changed", and the LR handed back in full)
+        rec._shift.found = None
+    elif rec.state.data_streak is None and found is not None:
         # the weights a rollback restored gave the trouble's loss: the batches changed
         # (:mod:`.shift`); this window's spikes and rise are the change, no trouble
         triggers.append(Trigger("shifted", window.steps[-1]))
@@ -164,6 +170,14 @@ def _device_skips(rec: Recovery, window: Window, skips: list[bool],
                 triggers.append(trig)
     rec._host_steps.difference_update(window.steps)
     return triggers
+
+
+def _lr_jumped_since(guard: Guard, step: int) -> bool:
+    """Whether the LR jumped (an ``lr_too_high`` report) after ``step`` and has not come
+    back under the peak it jumped from: the LR in force is another since."""
+    tracker = guard.monitor.lr_tracker
+    jump = tracker.last_jump
+    return jump is not None and jump > step and not tracker.burst_since(step)
 
 
 def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[float],
