@@ -688,6 +688,21 @@ def test_a_state_that_does_not_fit_is_refused_naming_what_differs_before_loading
     assert_same_tree(other.clip.state_dict(), clip_before, "clip")
 
 
+@pytest.mark.parametrize("state, error, match", [
+    (None, TypeError, r"expected the dict Guard.state_dict\(\) returns, got NoneType"),
+    ("x", TypeError, r"got str"),
+    ({}, ValueError, r"this is not a Guard state \(no 'version'"),
+])
+def test_load_state_dict_of_what_is_no_guard_state_says_so(state, error, match):
+    """Found by a stranger: ``load_state_dict(None)`` raised "'NoneType' object has no
+    attribute 'get'", and ``load_state_dict({})`` "unsupported version None"."""
+    model = mlp()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    with pytest.raises(error, match=match):
+        guard.load_state_dict(state)
+    assert guard.step_count == 0
+
+
 def test_a_resume_with_snapshot_dir_before_an_lr_jump_continues_exactly(tmp_path):
     """Found by a stranger: resumed (with ``snapshot_dir``) from the step before an LR jump,
     the run kept that step's weights again, in memory, the jump's step already in the

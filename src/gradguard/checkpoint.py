@@ -40,6 +40,14 @@ def load_state_dict(guard: Guard, sd: dict[str, Any], *, telemetry: bool = True)
     ``telemetry`` False: ``sd`` was taken over other parameters, after a flush (a run
     handed on to an optimizer over more of the model, ``gradguard run``): the telemetry
     window, which is per parameter, is not restored."""
+    if not isinstance(sd, dict):
+        # found by a stranger: None or a string gave "'NoneType' object has no attribute 'get'"
+        raise TypeError(f"Guard.load_state_dict: expected the dict Guard.state_dict() "
+                        f"returns, got {type(sd).__name__}")
+    if "version" not in sd:
+        raise ValueError("Guard.load_state_dict: this is not a Guard state (no 'version'; "
+                         "pass the dict Guard.state_dict() returned, not the model's or the "
+                         "optimizer's)")
     if sd.get("version") != VERSION:
         raise ValueError(f"Guard.load_state_dict: unsupported version {sd.get('version')!r}")
     saved = sd.get("clip_policy")  # absent from checkpoints before it was recorded
