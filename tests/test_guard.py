@@ -577,3 +577,16 @@ def test_a_guard_built_twice_over_one_optimizer_does_not_take_the_others_steps_f
     assert not [e for e in first.events + second.events if e.kind == "unguarded_step"]
     first.close()
     second.close()
+
+
+def test_a_guard_prints_its_options_and_progress():
+    """Found by a stranger: ``print(guard)`` gave ``<gradguard.guard.Guard object at 0x...>``."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, clip=gg.NormClip(1.0), every=4)
+    train_steps(model, opt, guard, batches(5))
+    text = repr(guard)
+    assert text.startswith("Guard(SGD, clip=NormClip(") and "recovery=None" in text
+    assert "every=4, step_count=5, skipped_steps=0)" in text
+    guard.close()
+    assert repr(guard).endswith(", closed)")

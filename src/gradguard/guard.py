@@ -165,6 +165,13 @@ class Guard:
         if cfg.recovery is not None:
             cfg.recovery.attach(self)
 
+    def __repr__(self) -> str:
+        # found by a stranger: print(guard) gave <gradguard.guard.Guard object at 0x...>
+        return (f"Guard({type(self.optimizer).__name__}, clip={self.clip!r}, "
+                f"recovery={self.recovery!r}, on_nonfinite={self.on_nonfinite!r}, "
+                f"every={self.every}, step_count={self.step_count}, "
+                f"skipped_steps={self.skipped_steps}{', closed' if self._closed else ''})")
+
     # ---- options and state, by name -----------------------------------------------------
     clip = property(lambda self: self.config.clip)
     recovery = property(lambda self: self.config.recovery)
