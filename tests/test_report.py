@@ -179,6 +179,23 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "Gradients exploded at step 30 in `fc` (NaN). gradguard cut the LR to x0.1 (2 "
             "back-offs, 1 undone); training recovered.",
         ),
+        (  # a rollback after the back-off sets the LR in force (found by a stranger: "cut
+            # the LR to x0.1" where the rollback past an LR burst kept x1, or set x0.0118)
+            [_ev("grad_spike", 151, layer="fc", message="gradient norm spiked"),
+             _ev("lr_backoff", 151, data={"factor": 0.1}),
+             _ev("rollback", 199, data={"factor": 1.0})],
+            False,
+            "The gradient norm spiked at step 151 in `fc`. gradguard backed off the LR (the "
+            "rollback after it restored it) and rolled back 1 time; training recovered.",
+        ),
+        (
+            [_ev("grad_spike", 151, layer="fc", message="gradient norm spiked"),
+             _ev("lr_backoff", 151, data={"factor": 0.1}),
+             _ev("rollback", 199, data={"factor": 0.0118})],
+            False,
+            "The gradient norm spiked at step 151 in `fc`. gradguard cut the LR to x0.0118 and "
+            "rolled back 1 time; training recovered.",
+        ),
         ([_ev("vanishing_grad", 0, layer="0")], False,  # vanishing, but the loss fell
          "Gradients vanished in `0` from step 0. The loss still fell, from 0.9591 to 0.1409."),
         (

@@ -287,8 +287,17 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                        "same weights: the batches were at fault)")
     elif backoffs:
         factor = (backoffs[-1].get("data") or {}).get("factor")
+        # a rollback after the last back-off sets the LR in force from the weights it restores
+        # (found by a stranger: "cut the LR to x0.1" where the rollback past an LR burst
+        # kept x1, or set x0.0118)
+        rolled = [f for e in ev if e.get("kind") == "rollback" and e["step"] >= backoffs[-1]["step"]
+                  and isinstance(f := (e.get("data") or {}).get("factor"), (int, float))]
+        factor = rolled[-1] if rolled else factor
         undid = f", {undone} undone" if undone else ""
-        if len(backoffs) == 1 and factor == 0.5:
+        if rolled and factor >= 1:
+            times = "" if len(backoffs) == 1 else f" {len(backoffs)} times"
+            actions.append(f"backed off the LR{times} (the rollback after it restored it)")
+        elif len(backoffs) == 1 and factor == 0.5:
             actions.append("halved the LR")
         elif isinstance(factor, (int, float)):
             times = "" if len(backoffs) == 1 else f" ({len(backoffs)} back-offs{undid})"
