@@ -5,6 +5,7 @@ the full ones are in benchmarks/quality.py)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -507,6 +508,27 @@ def test_a_burst_over_before_the_ladder_acted_leaves_the_lr_in_force_after_its_r
     assert got < 1.3 * twin, (got, twin)
 
 
+def _one_step_burst(snapshot_dir=None):
+    """A digits MLP on AdamW whose ``LambdaLR`` puts the LR up x100 for step 150 alone."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 100.0 if s == 150 else 1.0)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(snapshot_dir=snapshot_dir))
+    return model, opt, sched, guard
+
+
+def _train_digits(x, y, opt, sched, guard, gen, steps):
+    for _ in range(steps):
+        i = torch.randint(0, 1400, (32,), generator=gen)
+        loss = nn.functional.cross_entropy(guard.model(x[i]), y[i])
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        sched.step()
+
+
 def test_a_rollback_past_a_burst_the_ladder_backed_off_at_keeps_the_lr_from_before_it():
     """Found by a stranger: AdamW with its LR x100 for step 150 alone; ZClip clipped the
     steps after it, the flush at 199 confirmed the loss spike (a back-off) and rolled back
@@ -514,25 +536,43 @@ def test_a_rollback_past_a_burst_the_ladder_backed_off_at_keeps_the_lr_from_befo
     1.00x. The back-off was the burst's doing as much as the wreck: the rollback to before
     the burst goes on at the LR the ladder had then."""
     x, y = _shuffled_digits()
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                          nn.Linear(128, 10))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 100.0 if s == 150 else 1.0)
-    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
-    gen = torch.Generator().manual_seed(1002)
-    for _ in range(260):
-        i = torch.randint(0, 1400, (32,), generator=gen)
-        loss = nn.functional.cross_entropy(model(x[i]), y[i])
-        loss.backward()
-        guard.step(loss)
-        opt.zero_grad()
-        sched.step()
+    _, opt, sched, guard = _one_step_burst()
+    _train_digits(x, y, opt, sched, guard, torch.Generator().manual_seed(1002), 260)
     guard.close()
     [rb] = [e for e in guard.events if e.kind == "rollback"]
     assert rb.data["snapshot_step"] == 149 and "the LR burst since the snapshot" in rb.message
     assert any(e.kind == "lr_backoff" and e.step < rb.step for e in guard.events)
     assert rb.data["factor"] == 1.0 and guard.recovery.lr_ceiling == 1.0
+
+
+def test_a_run_resumed_after_a_burst_rolls_back_past_it_as_the_run_never_stopped(tmp_path):
+    """The ladder's state at an LR jump, which a rollback past the burst restores, is part
+    of the checkpoint: a run checkpointed at step 170, after the LR x100 of step 150 and
+    the back-off at its spike, and resumed from its snapshots on disk, rolls back to step
+    149 with the LR the ladder had then, as the run never interrupted does (it rolled
+    back at x0.01 of the LR, the back-off's)."""
+    x, y = _shuffled_digits()
+    _, opt, sched, whole = _one_step_burst(tmp_path / "whole")
+    _train_digits(x, y, opt, sched, whole, torch.Generator().manual_seed(1002), 260)
+    whole.close()
+    model, opt, sched, guard = _one_step_burst(tmp_path / "resumed")
+    gen = torch.Generator().manual_seed(1002)
+    _train_digits(x, y, opt, sched, guard, gen, 170)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                          "sched": sched.state_dict(), "guard": guard.state_dict()})
+    guard.close()
+    model, opt, sched, guard = _one_step_burst(tmp_path / "resumed")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
+    guard.load_state_dict(ckpt["guard"])
+    _train_digits(x, y, opt, sched, guard, gen, 90)
+    guard.close()
+    [expected] = [e for e in whole.events if e.kind == "rollback"]
+    [rb] = [e for e in guard.events if e.kind == "rollback"]
+    assert (rb.step, rb.data["snapshot_step"]) == (expected.step, 149)
+    assert rb.data["factor"] == expected.data["factor"] == 1.0
+    assert guard.recovery.lr_ceiling == whole.recovery.lr_ceiling == 1.0
 
 
 @pytest.mark.parametrize("seed", [1, 3])

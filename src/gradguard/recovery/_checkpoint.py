@@ -35,7 +35,7 @@ def state_dict(rec: Recovery) -> dict[str, Any]:
         "shift": rec._shift.state_dict(), "clips": rec._clips.state_dict(),
         "progress": rec._progress, "judged": rec._judged, "dying": rec._dying,
         "last_taken": rec._last_taken,
-        "slip_ceiling": [[k, v] for k, v in sorted(rec._slip_ceiling.items())],
+        "jumps": [[k, dataclasses.asdict(v)] for k, v in sorted(rec._jumps.items())],
         "snapshot_levels": [[k, v] for k, v in sorted(rec.ring.levels.items())],
         "snapshot_dying": [[k, v] for k, v in sorted(rec.ring.dying.items())],
         **rec.ring.tests_state()}
@@ -57,7 +57,8 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
     rec._progress = sd.pop("progress", None)
     rec._judged = int(sd.pop("judged", -1))
     rec._last_taken = sd.pop("last_taken", None)
-    rec._slip_ceiling = {int(k): float(v) for k, v in sd.pop("slip_ceiling", ())}
+    jumps = {int(k): v for k, v in sd.pop("jumps", ())}
+    ceilings = {int(k): float(v) for k, v in sd.pop("slip_ceiling", ())}  # before the jumps were kept
     rec.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
                                sd.pop("verified", ()))
     rec.ring.levels = {int(k): v for k, v in sd.pop("snapshot_levels", ())}
@@ -76,10 +77,10 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
     unknown = set(sd) - known
     if unknown:
         raise ValueError(f"Recovery.load_state_dict: unknown keys {sorted(unknown)}")
-    undo = sd.get("undo")
-    if isinstance(undo, dict):  # dataclasses.asdict nests it as a dict
-        sd["undo"] = LadderState(**undo)
-    rec.state = LadderState(**sd)
+    rec.state = _ladder_state(sd)
+    rec._jumps = {k: _ladder_state(v) for k, v in jumps.items()} | {
+        k: dataclasses.replace(rec.state, ceiling=c) for k, c in ceilings.items()
+        if k not in jumps}
     rec._resumed = False
     guard = rec._guard() if rec._guard is not None else None
     if rec.ring.disk is not None and guard is not None:  # its snapshots on disk are its own
@@ -95,6 +96,15 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
     elif skipped is not None:
         warnings.warn(f"gradguard: Recovery.load_state_dict: {skipped}", GradGuardWarning,
                       stacklevel=caller_stacklevel())
+
+
+def _ladder_state(sd: dict[str, Any]) -> LadderState:
+    """A :class:`LadderState` from its ``dataclasses.asdict`` form (its ``undo`` nested as a
+    dict)."""
+    undo = sd.get("undo")
+    if isinstance(undo, dict):
+        sd = {**sd, "undo": _ladder_state(undo)}
+    return LadderState(**sd)
 
 
 def skipped_growth(rec: Recovery, guard: Guard | None) -> str | None:

@@ -187,8 +187,9 @@ class Recovery:
         # first steps, a step that was read for raise/warn); the flush replays the others
         self._host_steps: set[int] = set()
         self._last_taken: int | None = None  # the last taken step heard (_steps.verdict)
-        self._slip_ceiling: dict[int, float] = {}  # LR jump step -> the ceiling then (_slip)
-        self._before_burst: LadderState | None = None  # the ladder at the last LR jump
+        #: the ladder's state at each recent LR jump (step -> state; :mod:`._slip`): what a
+        #: burst's factors are capped by when it ends, and what a rollback past it restores
+        self._jumps: dict[int, LadderState] = {}
         self._late = LateFlags()  # the device's skip flags, heard before the flush
         self._handed = False  # took over another ladder's run (:meth:`adopt`)
         self._weights = LateFlags()  # checks of the weights at non-finite steps (_steps)

@@ -21,6 +21,11 @@ from ..events import Event
 if TYPE_CHECKING:
     from ..guard import Guard
     from ._recovery import Recovery
+    from .ladder import LadderState
+
+#: The most LR jumps whose ladder state :attr:`Recovery._jumps` keeps (a jump's burst
+#: ends within ``SLIP_STEPS``; a rollback goes back at most the ring's span).
+KEPT_JUMPS = 16
 
 #: The ladder's fields that are shares of the schedule's LR and are capped by the ceiling
 #: from before the burst.
@@ -33,15 +38,17 @@ def observe(rec: Recovery, guard: Guard) -> None:
     rescale what the ladder set during it (see the module's text)."""
     tracker = guard.monitor.lr_tracker
     step = guard.step_count
-    if tracker.jumped(step):
-        rec._slip_ceiling.setdefault(step, rec.state.ceiling)
-        rec._before_burst = rec.state  # what a rollback to before the burst goes back to
+    if tracker.jumped(step) and step not in rec._jumps:
+        rec._jumps[step] = rec.state
+        for old_step in sorted(rec._jumps)[:-KEPT_JUMPS]:
+            del rec._jumps[old_step]
     for start, height in tracker.pop_ended():
-        before = rec._slip_ceiling.pop(start, None)
+        at_jump = rec._jumps.get(start)
         st = rec.state
-        if before is None or height <= 1.0 or st.last_trigger is None or st.last_trigger < start:
+        if at_jump is None or height <= 1.0 or st.last_trigger is None or (
+                st.last_trigger < start):
             continue  # the ladder did not act during it: its factors are the schedule's
-        old = st.factor
+        before, old = at_jump.ceiling, st.factor
         changes: dict[str, Any] = {
             f: min(before, v * height) for f in CAPPED
             if isinstance(v := getattr(st, f), float)}
@@ -60,3 +67,13 @@ def observe(rec: Recovery, guard: Guard) -> None:
             data={"factor": rec.state.factor, "ceiling": rec.state.ceiling,
                   "reason": "burst_ended", "burst_step": start, "height": height},
         ))
+
+
+def before_burst(rec: Recovery, guard: Guard, step: int) -> LadderState | None:
+    """The ladder's state at the first LR jump after ``step`` (a snapshot's), when a burst
+    came and went since then (None: none did, or its jump is no longer kept): a rollback
+    to weights from before the burst goes on at the LR the ladder had then."""
+    if not guard.monitor.lr_tracker.burst_since(step):
+        return None
+    after = [s for s in rec._jumps if s > step]
+    return rec._jumps[min(after)] if after else None

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..events import Event
 from ..naming import OPTIMIZER_PREFIX, layer_of
-from . import finite, messages, remap, wreck
+from . import _slip, finite, messages, remap, wreck
 from .ladder import IMPROVED_REASON, Action, Trigger, transition
 from .shift import UNDONE, Shift, rebase
 from .snapshots import copy_state, state_bytes, wait_copies
@@ -135,9 +135,8 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 # a wreck: how large was the update? (see wreck.wrecked); or a cap the
                 # trigger measured (.growth)
                 cap, why = trig.cap, ""
-                before = rec._before_burst
-                burst = before is not None and guard.monitor.lr_tracker.burst_since(step)
-                if burst:
+                before = _slip.before_burst(rec, guard, step)
+                if before is not None:
                     # an LR burst came and went since the snapshot: the burst's LR wrecked
                     # the weights, not the LR in force, and back at the weights from before
                     # it the run goes on at the LR the ladder had then; what it did since
@@ -145,7 +144,6 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                     # a stranger: a warm-up's LR x1000 for 3 steps, rolled back to before
                     # it with the LR capped at x0.5 for good, ended 1.8-3.8x its twin, and
                     # the summary advised a config LR 4x too low)
-                    assert before is not None
                     rec.state = dataclasses.replace(
                         rec.state, factor=before.factor, ceiling=before.ceiling,
                         backoff_level=before.backoff_level, failed=before.failed,
@@ -174,7 +172,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 reset = rollback(guard, a, snap, layers(), rec.reset_moments)
                 guard.add_event(messages.rollback_event(
                     a, step, reset, rec.config.restore_steps, rec.config.max_rollbacks,
-                    level, weights=trig.kind == "weights", burst=burst))
+                    level, weights=trig.kind == "weights", burst=before is not None))
                 rec.restores += 1
                 rec.ring.restored(step, guard.step_count)
                 # the progress check asks the loss back near the level of the weights
