@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import guarded_steps, mlp
+from tests.helpers import batches, guarded_steps, mlp
 
 import gradguard as gg
 from gradguard.cli import main
 from gradguard.events import Flush, iter_jsonl, read_jsonl
-from gradguard.report import load_run
+from gradguard.report import ReportError, load_run
 
 
 def _flush(steps: range, loss: float = 1.0) -> Flush:
@@ -191,6 +191,63 @@ def test_the_events_of_a_stretch_a_resume_abandoned_are_not_shown(tmp_path):
     assert data.step.tolist() == list(range(40)) and not data.skipped.any()
     assert not [e for e in data.events if e["kind"] in ("nonfinite_grad", "skip")]
     assert summary_sentence(data).startswith("No gradient trouble in 40 steps")
+
+
+def _crashing_run(run_dir, steps: range, crash_at: int | None) -> None:
+    """Steps ``steps`` into ``run_dir`` in a ``with`` block that a ``RuntimeError`` leaves
+    at ``crash_at`` (before that step)."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(run_dir)]) as guard:
+        guard.step_count = steps[0]
+        for step, (x, y) in enumerate(batches(len(steps)), start=steps[0]):
+            if step == crash_at:
+                raise RuntimeError("dataloader worker died")
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+
+
+def test_a_run_resumed_after_a_crash_and_finished_is_not_told_stopped(tmp_path):
+    """Found by a stranger: Ctrl-C at step 40, the checkpoint saved on the way out, and the
+    run resumed from it to its end was still "stopped at step 39": the abort was kept
+    because it is dated at the last step taken, before the resume's first."""
+    from gradguard.report._outcome import judge
+
+    with pytest.raises(RuntimeError):
+        _crashing_run(tmp_path, range(0, 60), 40)
+    assert judge(load_run(tmp_path)).status == "stopped"
+    _crashing_run(tmp_path, range(40, 60), None)  # resumed at step 40, to the end
+    data = load_run(tmp_path)
+    assert data.step.tolist() == list(range(60))
+    assert not [e for e in data.events if e["kind"] == "abort"]
+    assert judge(data).status == "healthy"
+
+
+def test_a_run_that_crashes_before_its_first_step_starts_its_own_records(tmp_path):
+    """Found by a stranger: a healthy run, then the same script re-run into its directory
+    with a bug that raised before the first step: the new sink's start record said
+    ``"step": null``, and the report showed the first run's steps "stopped at step 0". A
+    resumed run that died on its first batch kept the stretch it abandoned alike."""
+    from gradguard.report._outcome import judge
+
+    _crashing_run(tmp_path, range(0, 20), None)
+    with pytest.raises(RuntimeError):
+        _crashing_run(tmp_path, range(0, 20), 0)
+    starts = [r for r in iter_jsonl(tmp_path / "events.jsonl", starts=True)
+              if r["type"] == "start"]
+    assert [r["step"] for r in starts] == [0]
+    with pytest.raises(ReportError, match=r"the run stopped before its first step "
+                                          r"\(RuntimeError \(dataloader worker died\)\)"):
+        load_run(tmp_path)
+    _crashing_run(tmp_path / "b", range(0, 20), None)
+    with pytest.raises(RuntimeError):
+        _crashing_run(tmp_path / "b", range(10, 20), 10)  # resumed at 10, died at once
+    data = load_run(tmp_path / "b")
+    assert data.step.tolist() == list(range(10))
+    out = judge(data)
+    assert out.status == "stopped" and "stopped at step 9 by RuntimeError" in out.clause
 
 
 # ---- the reader streams ---------------------------------------------------------------------

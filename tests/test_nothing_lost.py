@@ -692,10 +692,12 @@ def test_a_state_that_does_not_fit_is_refused_naming_what_differs_before_loading
     (None, TypeError, r"expected the dict Guard.state_dict\(\) returns, got NoneType"),
     ("x", TypeError, r"got str"),
     ({}, ValueError, r"this is not a Guard state \(no 'version'"),
+    ({"version": 1}, ValueError, r"the state lacks \['step_count', 'telemetry'\]"),
 ])
 def test_load_state_dict_of_what_is_no_guard_state_says_so(state, error, match):
     """Found by a stranger: ``load_state_dict(None)`` raised "'NoneType' object has no
-    attribute 'get'", and ``load_state_dict({})`` "unsupported version None"."""
+    attribute 'get'", ``load_state_dict({})`` "unsupported version None", and a state
+    missing a key a bare ``KeyError: 'step_count'``."""
     model = mlp()
     guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.01))
     with pytest.raises(error, match=match):

@@ -57,7 +57,7 @@ def flush(guard: Guard, *, collective: bool, after_script: bool = False) -> Wind
             error = e  # deliver this window (with the abort event) first
         if kept is not None:
             _not_applied(guard, *kept)
-    guard.monitor.deliver(window)
+    guard.monitor.deliver(window, next_step=guard.step_count)
     if error is not None:
         abort(guard, error, delivered=True)
     return window
@@ -162,12 +162,20 @@ def close(guard: Guard, *, failed: bool = False, after_script: bool = False) -> 
         guard.monitor.close_sinks()
 
 
+#: What leaves a guard's ``with`` block without stopping the run (:func:`left_on`): the
+#: guard's own errors carry their own events; the others end a loop as ``break`` does.
+ENDS = (TrainingDiverged, NonFiniteGradientError, GeneratorExit, StopIteration,
+        StopAsyncIteration)
+
+
 def left_on(guard: Guard, exc: BaseException | None) -> None:
     """The loop left the guard's ``with`` block on an exception the guard did not raise (an
     out-of-memory error, Ctrl-C): an ``abort`` event says so, so that the report tells a
     crash from a run that ended (found by a stranger: a run killed by an out-of-memory
-    error was "No gradient trouble in 38 steps"). A ``SystemExit`` with code 0 is an end."""
-    if guard._aborted or isinstance(exc, (TrainingDiverged, NonFiniteGradientError)) or (
+    error was "No gradient trouble in 38 steps"). A ``SystemExit`` with code 0 is an end,
+    and so are a generator's close (a training loop written as a generator, closed by its
+    caller: ``GeneratorExit``) and an iterator run out (``StopIteration``)."""
+    if guard._aborted or isinstance(exc, ENDS) or (
             isinstance(exc, SystemExit) and exc.code in (0, None)):
         return
     name = type(exc).__name__ if exc is not None else "an exception"

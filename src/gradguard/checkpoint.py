@@ -50,6 +50,10 @@ def load_state_dict(guard: Guard, sd: dict[str, Any], *, telemetry: bool = True)
                          "optimizer's)")
     if sd.get("version") != VERSION:
         raise ValueError(f"Guard.load_state_dict: unsupported version {sd.get('version')!r}")
+    missing = [k for k in ("step_count", "telemetry")[:2 if telemetry else 1] if k not in sd]
+    if missing:  # found by a stranger: a state missing one gave a bare KeyError
+        raise ValueError(f"Guard.load_state_dict: the state lacks {missing}, which "
+                         "Guard.state_dict() writes: pass the whole dict it returned")
     saved = sd.get("clip_policy")  # absent from checkpoints before it was recorded
     if guard.clip is not None and saved is not None and saved != type(guard.clip).__name__:
         raise StateMismatch(

@@ -154,12 +154,16 @@ class Flush:
             window's finite steps), weight norms and update/weight ratios at the flush step.
         events: events produced since the previous flush.
         window: the raw host-side :class:`gradguard.telemetry.Window` (CPU tensors).
+        next_step: the guard's step count at the flush, the step it runs next (None where
+            unknown): where a run's records begin when a flush holds no step record (a
+            loop that raised before its first step).
     """
 
     steps: list[dict[str, Any]]
     layers: dict[str, Any]
     events: list[Event]
     window: Any = None
+    next_step: int | None = None
 
 
 @runtime_checkable

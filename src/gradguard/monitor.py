@@ -185,14 +185,15 @@ class Monitor:
             self.add_event(ev)
         return overflows
 
-    def deliver(self, window: Window | None) -> None:
-        """Send the window's records and the pending events to the sinks."""
+    def deliver(self, window: Window | None, next_step: int | None = None) -> None:
+        """Send the window's records and the pending events to the sinks (``next_step``:
+        the guard's step count, :attr:`Flush.next_step`)."""
         if window is not None:
             self.last_window = window
             flush = Flush(steps=step_records(window), layers=layer_record(window),
-                          events=self._pop(), window=window)
+                          events=self._pop(), window=window, next_step=next_step)
         elif self.pending:
-            flush = Flush(steps=[], layers={}, events=self._pop())
+            flush = Flush(steps=[], layers={}, events=self._pop(), next_step=next_step)
         else:
             return
         if self.writes_sinks:

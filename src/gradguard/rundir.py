@@ -260,7 +260,10 @@ class JsonlSink:
                 # found by a stranger: the README's loop run twice into runs/exp1 was reported
                 # as one run "resumed" (the second, healthy run shown with the first's NaN);
                 # a start at step 0 tells the reader an earlier run's records end here
-                first = flush.steps[0]["step"] if flush.steps else None
+                # a loop that raised before its first step: the step it was to run (found
+                # by a stranger: a re-run that crashed at once wrote "step": null, and was
+                # reported as the earlier run's, "stopped at step 0")
+                first = flush.steps[0]["step"] if flush.steps else flush.next_step
                 start = [{"v": SCHEMA_VERSION, "type": START_TYPE, "step": first,
                           "time": round(time.time(), 3)}]
         metrics = [*start, *({"v": SCHEMA_VERSION, "type": "step", **r} for r in flush.steps)]

@@ -243,7 +243,10 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
             # found by a stranger: a run killed at step 73 after NaN steps at 60-62,
             # resumed from step 40 on clean data, was told of 3 non-finite steps that no
             # step of the run shown had
-            events = [e for e in events if e.get("step", -1) < at]
+            # and a run stopped (an abort) that a resume went on from was not stopped
+            # there (found by a stranger: Ctrl-C at step 40, resumed from its checkpoint
+            # to step 99, was "stopped at step 39 by KeyboardInterrupt")
+            events = [e for e in events if e.get("step", -1) < at and e.get("kind") != "abort"]
         elif r.get("type") == "event":
             events.append(r)
     if abandoned:
@@ -255,7 +258,10 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
                      f"{'s' if earlier > 1 else ''} (a later one started again at step 0): "
                      "only the latest run is shown")
     if not len(m.step):
-        raise ReportError(f"{mpath}: no step records; nothing to report")
+        stop = next((e for e in events if e.get("kind") == "abort"), None)
+        why = "" if stop is None else (
+            f": the run stopped before its first step ({(stop.get('data') or {}).get('exception')})")
+        raise ReportError(f"{mpath}: no step records{why}; nothing to report")
 
     keep = _latest_per_step(np.frombuffer(m.step, dtype=np.int64))
     if len(keep) < len(m.step):

@@ -294,7 +294,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                   and isinstance(f := (e.get("data") or {}).get("factor"), (int, float))]
         factor = rolled[-1] if rolled else factor
         undid = f", {undone} undone" if undone else ""
-        if rolled and factor >= 1:
+        if rolled and rolled[-1] >= 1:
             times = "" if len(backoffs) == 1 else f" {len(backoffs)} times"
             actions.append(f"backed off the LR{times} (the rollback after it restored it)")
         elif len(backoffs) == 1 and factor == 0.5:
