@@ -586,6 +586,12 @@ Trainer(model=model, args=args, train_dataset=Tokens(),
     assert steps == [0, 1, 2]
     if importlib.util.find_spec("matplotlib") is not None:
         assert (run_dir / "report.html").is_file()
+    # and it is told stopped, by what (found by a stranger: it was "No gradient trouble")
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    out = judge(load_run(run_dir))
+    assert out.status == "stopped" and "stopped at step 2 by RuntimeError (boom)" in out.clause
 
 
 def test_a_new_callback_on_the_arguments_an_interrupted_train_left_gives_back_max_grad_norm(

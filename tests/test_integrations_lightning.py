@@ -112,6 +112,26 @@ def test_a_second_fit_with_the_same_callback_is_a_run_of_its_own(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_fit_that_raises_is_told_stopped(tmp_path):
+    """Found by a stranger: a fit that died of an out-of-memory error at step 5 was "No
+    gradient trouble": the callback now writes the ``abort`` event a ``with`` block does."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    class Oom(Tiny):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 5:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
+            return super().training_step(batch, batch_idx)
+
+    cb = GradGuardCallback(every=4, report=False)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer(tmp_path, cb).fit(Oom(nan_step=-1), loader())
+    out = judge(load_run(tmp_path / "gradguard"))
+    assert out.status == "stopped"
+    assert "stopped at step 4 by RuntimeError (CUDA out of memory" in out.clause
+
+
 def test_a_fit_continued_on_the_same_trainer_goes_on_with_its_guard(tmp_path):
     """Found by a stranger: the notebook pattern, ``trainer.fit`` to 8 steps, then
     ``max_steps`` raised and ``fit`` again on the same Trainer, built a fresh guard at step

@@ -315,6 +315,9 @@ def test_script_exception_is_reraised_after_writing_run_dir(tmp_path):
     assert len(steps_of(out)) == 3
     info = json.loads((out / "run.json").read_text())
     assert info["exit_code"] == 1 and "KeyError" in info["error"]
+    # the optimizer's run is told stopped (found by a stranger: "healthy / ok")
+    [row] = info["optimizers"]
+    assert row["outcome"]["status"] == "stopped" and "by KeyError" in row["summary"], row
 
 
 def test_keyboard_interrupt_still_writes_run_dir(tmp_path):

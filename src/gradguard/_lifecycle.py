@@ -168,19 +168,24 @@ ENDS = (TrainingDiverged, NonFiniteGradientError, GeneratorExit, StopIteration,
         StopAsyncIteration)
 
 
-def left_on(guard: Guard, exc: BaseException | None) -> None:
+def left_on(guard: Guard, exc: BaseException | None, what: str | None = None) -> None:
     """The loop left the guard's ``with`` block on an exception the guard did not raise (an
     out-of-memory error, Ctrl-C): an ``abort`` event says so, so that the report tells a
     crash from a run that ended (found by a stranger: a run killed by an out-of-memory
     error was "No gradient trouble in 38 steps"). A ``SystemExit`` with code 0 is an end,
     and so are a generator's close (a training loop written as a generator, closed by its
-    caller: ``GeneratorExit``) and an iterator run out (``StopIteration``)."""
-    if guard._aborted or isinstance(exc, ENDS) or (
+    caller: ``GeneratorExit``) and an iterator run out (``StopIteration``). The trainer
+    callbacks and ``gradguard run`` call it too; ``what``: how to name an exception they do
+    not see (``exc`` None)."""
+    if guard._aborted or guard._closed or isinstance(exc, ENDS) or (
             isinstance(exc, SystemExit) and exc.code in (0, None)):
         return
-    name = type(exc).__name__ if exc is not None else "an exception"
-    text = str(exc).strip().splitlines()[0][:200] if exc is not None and str(exc).strip() else ""
-    what = f"{name} ({text})" if text else name
+    if exc is None:
+        what = what or "an exception"
+    else:
+        name = type(exc).__name__
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        what = f"{name} ({text})" if text else name
     step = max(guard.step_count - 1, 0)
     guard.add_event(Event(
         kind="abort", step=step, severity="error",

@@ -382,7 +382,7 @@ class Guard:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None and not self._closed:
+        if exc_type is not None:
             lifecycle.left_on(self, exc)
         self.close(failed=exc_type is not None)
 

@@ -192,7 +192,8 @@ class ZeroCodeSession:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close(failed=exc[0] is not None)
+        error = exc[1] if isinstance(exc[1], BaseException) else None
+        self.close(failed=exc[0] is not None, error=error)
 
     # ---- the hooks -----------------------------------------------------------------
     def _warn_once(self, key: str, message: str) -> None:
@@ -337,24 +338,25 @@ class ZeroCodeSession:
                                trainer=trainer))
 
     # ---- the end -------------------------------------------------------------------
-    def close(self, *, failed: bool = False) -> None:
+    def close(self, *, failed: bool = False, error: BaseException | None = None) -> None:
         """Uninstall the hooks, close every guard, and finish each run directory: its
         ``guard.json``, ``guard_state.pt``, ``report.html`` and judged outcome
         (:attr:`rows`). ``failed``: the script raised (no collective: a DDP rank that
-        raised hung in one while the others waited in backward). Idempotent."""
+        raised hung in one while the others waited in backward); ``error``: what it raised,
+        told by an ``abort`` event on each guard still open. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.uninstall()
         if not failed:
             note_stopped_on_nonfinite(self._loss.pending(), self.units)
-        self._close_guards(failed)
+        self._close_guards(failed, error)
         self.interceptor.flush("session closed")
         self.rows = []
         for u in self.units:
             self.rows += self._finish_unit(u)
 
-    def _close_guards(self, failed: bool = False) -> None:
+    def _close_guards(self, failed: bool = False, error: BaseException | None = None) -> None:
         """Close every guard still open (a trainer that raised mid-fit included); without
         a collective once the script destroyed its process group or raised."""
         dist = torch.distributed
@@ -366,6 +368,8 @@ class ZeroCodeSession:
                 if getattr(u.callback, "guard", None) is not None:
                     guards.append(u.callback.guard)
             for g in guards:  # the script has ended: what the last flush decides is said only
+                if error is not None:  # found by a stranger: a crash was "healthy / ok"
+                    lifecycle.left_on(g, error)
                 lifecycle.close(g, failed=gone and g.dist is not None, after_script=True)
 
     def _finish_unit(self, u: Unit) -> list[dict[str, Any]]:

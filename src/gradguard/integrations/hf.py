@@ -36,6 +36,7 @@ from __future__ import annotations
 import atexit
 import copy
 import os
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -53,6 +54,7 @@ import torch
 from torch import nn
 from torch.amp.grad_scaler import OptState
 
+from .._lifecycle import left_on
 from ..clipping import NormClip, chain
 from ..config import GuardConfig
 from ..errors import GradGuardWarning, caller_stacklevel
@@ -63,6 +65,10 @@ from ..sinks import JsonlSink
 from ._hooked import CallbackOptions, LossTracker, check_version, hooked_guard
 from ._rundir import trainer_run_dir
 from ._summary import write_report
+
+#: How an ``abort`` event names what stopped a ``train()`` whose exception the callback did
+#: not see (the Trainer calls no callback on one).
+INTERRUPTED = "an exception (trainer.train() did not finish)"
 
 STATE_FILE = "gradguard_state.pt"
 SUPPORTED = ("4.40", "6")
@@ -176,7 +182,9 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         self._loss = LossTracker(mean=True)  # what an interrupted call had gathered
         if self.guard is None:
             return
-        self.guard.close(failed=True)  # idempotent; a call that was interrupted left it open
+        # a call that was interrupted left it open: it stopped there (an abort event)
+        left_on(self.guard, None, INTERRUPTED)
+        self.guard.close(failed=True)
         self.guard = None
         self._earlier += 1
         if step == 0:
@@ -288,6 +296,8 @@ class GradGuardCallback(CallbackOptions, TrainerCallback):
         collective (its pending steps written) and write the report."""
         if self.guard is None or self.guard._closed:
             return
+        # found by a stranger: a train() that died at step 30 was "No gradient trouble"
+        left_on(self.guard, getattr(sys, "last_value", None), INTERRUPTED)
         self.guard.close(failed=True)
         if self.report and self.resolved_run_dir is not None:
             self.report_path = write_report(self.resolved_run_dir)

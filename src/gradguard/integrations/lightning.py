@@ -41,6 +41,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 import torch
 from torch.nn.parameter import is_lazy
 
+from .._lifecycle import left_on
 from ..config import GuardConfig
 from ..errors import GradGuardWarning
 from ..events import Flush, Sink
@@ -378,4 +379,9 @@ class GradGuardCallback(CallbackOptions, Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        # found by a stranger: a fit that died of an out-of-memory error at step 30 was
+        # "No gradient trouble in 30 steps" (an abort event says it stopped, as in a with
+        # block)
+        for g in self.guards.values():
+            left_on(g, exception)
         self._finish()

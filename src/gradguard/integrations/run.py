@@ -128,7 +128,7 @@ def run_script(
     finally:
         term.defer()  # a SIGTERM now waits until the run directory is finished
         sys.argv, sys.path[:] = saved_argv, saved_path
-        session.close(failed=crashed is not None)
+        session.close(failed=crashed is not None, error=crashed)
         result.optimizers = session.rows
         result.unguarded = dict(session.unguarded)
         if here is not None:
