@@ -537,3 +537,40 @@ def test_a_run_that_ends_during_a_trial_arm_ends_on_the_controls_weights(monkeyp
     assert torch.equal(final, restored[-1]) and not torch.equal(final, trace[-1])
     assert not torch.equal(restored[-1], restored[0])  # the control trained on from the start
     assert rec.lr_factor == 1.0
+
+
+def test_a_retry_from_a_run_stuck_at_its_fresh_loss_passes_on_a_tie():
+    """Found by a stranger: a GRU on Adam that learns to recall its first token at any LR
+    from 0.01 to 0.2 unguarded had its LR cut to x0.017 at step 20 by the growth rule,
+    and sat at chance (1.39) to the end: each retry of a higher LR was refused on "1.39
+    against 1.381", two arms at chance told apart by noise. A control arm that has learnt
+    nothing passes a trial no worse within 5%."""
+    def data(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = torch.randint(0, 4, (n, 20), generator=torch.Generator().manual_seed(seed))
+        return nn.functional.one_hot(tok, 4).float(), tok[:, 0]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.GRU(4, 64, batch_first=True), nn.Linear(64, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    x, y = data(7, 4000)
+    held_x, held_y = data(8, 500)
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.2)
+    gen = torch.Generator().manual_seed(1000)
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
+        for _ in range(500):
+            i = torch.randint(0, len(x), (64,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x[i]), y[i])
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    assert any(e.kind == "rollback" and e.step == 20 for e in guard.events)  # the growth rule
+    assert any("the LR in force has learnt nothing" in e.message for e in guard.events)
+    with torch.no_grad():
+        assert nn.functional.cross_entropy(model(held_x), held_y).item() < 0.1  # was 1.39

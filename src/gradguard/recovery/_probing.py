@@ -14,7 +14,7 @@ from ..errors import GradGuardWarning, caller_stacklevel
 from ..events import Event
 from . import actions, messages
 from .ladder import Trigger
-from .probe import RETRY_FLOOR, RETRY_GAIN, RETRY_TROUBLE, TRIAL
+from .probe import RETRY_FLOOR, RETRY_GAIN, RETRY_TROUBLE, STUCK, STUCK_TIE, TRIAL
 from .snapshots import copy_state, state_bytes, wait_copies
 
 if TYPE_CHECKING:
@@ -114,11 +114,17 @@ def _retried(rec: Recovery, guard: Guard, done: Any, fork: dict[str, Any] | None
             f"brought the loss to {done.trial:.4g}, against {done.control:.4g} at "
             f"x{factor:.3g}")
     rec._probe.retry_next = done.step + rec.config.restore_steps
-    if done.trial <= RETRY_GAIN * done.control:
+    fresh = rec._rise.fresh
+    stuck = fresh is not None and fresh > 0 and done.control >= STUCK * fresh
+    if done.trial <= RETRY_GAIN * done.control or (stuck and done.trial <= STUCK_TIE * done.control):
         top = rec.state.episode_ceiling
-        said += (": it trains, the trouble was not the LR's"
-                 if top is None or ceiling >= top or math.isclose(ceiling, top)
-                 else ": it trains (the LR before the trouble did not)")
+        if done.trial > RETRY_GAIN * done.control:
+            said += (f": the LR in force has learnt nothing (the fresh model's loss was "
+                     f"{fresh:.4g}), and the trial did no worse within noise")
+        else:
+            said += (": it trains, the trouble was not the LR's"
+                     if top is None or ceiling >= top or math.isclose(ceiling, top)
+                     else ": it trains (the LR before the trouble did not)")
         return rec._feed(guard, Trigger("raise", done.step, said, value=ceiling), list)
     _to_control(rec, guard, fork)
     guard.add_event(messages.retry_event(guard, done.step, factor, ceiling, said))

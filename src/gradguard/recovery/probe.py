@@ -113,6 +113,14 @@ RECUR = 2 * COOLDOWN
 #: control's: the LR that failed trains at least as well as the one that replaced it.
 RETRY_GAIN = 1.0
 
+#: A control arm whose level is still at least this share of the fresh model's loss has
+#: learnt nothing at the LR in force: a trial within ``STUCK_TIE`` of it passes too (two
+#: arms at chance differ by noise alone; found by a stranger: a GRU on Adam that learns its
+#: task at any LR from 0.01 to 0.2 unguarded, its LR cut to x0.06 by the growth rule,
+#: sat at chance for 480 steps, each retry refused on "1.39 against 1.381").
+STUCK = 0.9
+STUCK_TIE = 1.05
+
 #: After a retry of the ceiling before the trouble failed, the next tries halfway (the
 #: geometric mean) between the ceiling in force and the lowest that failed, while that is
 #: at least this many times the ceiling in force.
