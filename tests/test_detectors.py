@@ -492,6 +492,27 @@ def test_lr_tracker_reports_jumps_not_warmup():
     assert_complete(events[0])
 
 
+def test_lr_tracker_reports_an_lr_decayed_away_once_not_a_warmup_from_zero():
+    """Found by a stranger: a StepLR meant per epoch, stepped per batch (gamma 0.9), took
+    the LR to 1e-23 of its start; the run never learnt and its report said nothing of the
+    LR. The tracker says when every group's LR fell under 1e-4 of its peak, once; a warm-up
+    from LR 0 (under it from the start) is no decay."""
+    tr = LrTracker()
+    for step in range(20):  # a warm-up from 0
+        tr.observe(step, [{"lr": 0.05 * step / 20, "initial_lr": 0.05}])
+    for step in range(20, 300):
+        tr.observe(step, [{"lr": 0.05 * 0.9 ** (step - 20), "initial_lr": 0.05}])
+    events = tr.pop_events()
+    assert [(e.kind, e.step, e.severity) for e in events] == [("lr_decayed", 108, "info")]
+    assert events[0].value < 1e-4 and "scheduler stepped every batch" in events[0].remedy
+    assert_complete(events[0])
+    sd = tr.state_dict()
+    again = LrTracker()
+    again.load_state_dict(sd)
+    again.observe(300, [{"lr": 1e-12, "initial_lr": 0.05}])
+    assert again.pop_events() == []  # said once
+
+
 def test_lr_tracker_keeps_a_slip_of_the_lr_out_of_the_schedules_peak():
     """An LR x100 for three steps (a burst) is no peak of the schedule: an update after it
     was weighed as 1/100 of one at the peak, and a rollback then capped the LR at 1% for

@@ -830,11 +830,14 @@ def _silent_run(tmp_path, *, hinge: bool):
 
 def test_a_loss_fit_to_zero_whose_gradients_are_zero_is_no_stall(tmp_path):
     """Found by a regression hunt: a hinge loss on separable data reaches exactly 0, and its
-    gradients with it; the run was "stalled ... call loss.backward()"."""
+    gradients with it; the run was "stalled ... call loss.backward()". And a batch that
+    breaks the margin after a stretch of zeros is no gradient spike, nor a window of zero
+    gradients at a loss of 0 dead units (warnings the hunt found on a healthy SVM)."""
     data = _silent_run(tmp_path, hinge=True)
     assert data.loss[-50:].max() == 0.0
     out = judge(data)
     assert out.status == "healthy" and out.cause is None
+    assert not [e for e in data.events if e["severity"] != "info"], data.events
 
 
 def test_every_gradient_exactly_zero_behind_dead_units_is_no_missing_backward(tmp_path):
@@ -846,6 +849,55 @@ def test_every_gradient_exactly_zero_behind_dead_units_is_no_missing_backward(tm
     assert "backward" not in out.remedy and "LeakyReLU" in out.remedy
     text = summary_sentence(data)
     assert "every gradient was exactly zero" in text and "No gradient trouble" not in text
+
+
+def test_a_loss_that_never_fell_after_the_ladder_lowered_the_lr_is_a_stall():
+    """Found by strangers: a GRU on Adam that learns its task at any LR from 0.01 to 0.2
+    unguarded, its LR capped at step 20 by the growth rule, sat at chance to the end and was
+    "training recovered ... Stable at lr 0.00365: set half of it, 0.00182, in your config",
+    an LR that never trains. A loss that did not fall over the run after the ladder lowered
+    the LR is a stall, the LR left suspected; a flat run the ladder left at its LR (a NaN
+    batch skipped in a fine-tune that starts at its best) is still recovered."""
+    growth = ("step 20: the weights grew 4.29x in the first 20 steps (the median weight "
+              "matrix's norm): an LR far too high")
+    ev = [_ev("rollback", 20, message=growth, data={"factor": 0.0365, "reason": growth}),
+          _ev("lr_settled", 300, "info", data={"factor": 0.0608, "lr": [0.00365],
+                                              "advise": [0.00182]})]
+    d = _data(ev, n=400)
+    d.loss[:] = 1.386 + 0.003 * np.sin(np.arange(400))  # at chance throughout
+    out = judge(d)
+    assert (out.status, out.cause) == ("stalled", "lr_lowered"), out
+    assert "after gradguard lowered the LR at step 20" in out.clause
+    assert "gg.Recovery(early_growth=False)" in out.remedy and not out.ok
+    text = summary_sentence(d)
+    assert "training recovered" not in text and "Stable at" not in text, text
+    skipped = [_ev("nonfinite_grad", 30, "error", "(input)", "gradient norm is NaN"),
+               _ev("skip", 30)]
+    d = _data(skipped, n=400)
+    d.loss[:] = 0.2 + 0.001 * np.sin(np.arange(400))
+    assert judge(d).status == "recovered"
+
+
+def test_a_run_whose_schedule_took_its_lr_away_is_told_so(tmp_path):
+    """Found by a stranger: a StepLR meant per epoch, stepped every batch, took the LR to
+    1e-23 of its start and the run never learnt; the summary said "nothing to recover
+    from ... run gg.doctor on a batch", which cannot see a schedule."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)
+    with gg.Guard(model, opt, every=20, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for x, y in batches(200):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+            sched.step()
+    data = load_run(tmp_path)
+    [ev] = [e for e in data.events if e["kind"] == "lr_decayed"]
+    assert ev["step"] == 42  # 0.8**42 < 1e-4
+    text = summary_sentence(data)
+    assert "the learning rate fell to 8.5e-05 of its peak by step 42: the schedule decays " \
+           "it too fast" in text, text
 
 
 def test_trouble_right_after_an_lr_jump_is_told_after_the_jump():

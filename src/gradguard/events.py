@@ -50,6 +50,9 @@ EVENT_KINDS: tuple[str, ...] = (
     "unguarded_step",
     # under torch.distributed, ranks took different skip decisions: replicas now differ
     "ranks_diverged",
+    # the LR fell below a ten-thousandth of its peak (gradguard.detectors.lr): a schedule
+    # stepped per batch where it is meant per epoch leaves a run that no longer learns
+    "lr_decayed",
 )
 CAUSES: tuple[str, ...] = (
     "init_too_large",

@@ -285,6 +285,12 @@ def detect_no_gradient(
         return []
     step = window.steps[-1]
     if all(t == 0.0 for t in total if math.isfinite(t)):
+        losses = [x for x in window.loss.tolist() if math.isfinite(x)]
+        if losses and all(x == 0.0 for x in losses):
+            # a loss of exactly 0 has nothing left to give a gradient: fit, not dead (found
+            # by a regression hunt: a linear SVM whose hinge loss reached 0 was "the units
+            # that feed the layers died")
+            return []
         if state.no_gradient:
             return []
         state.no_gradient = True

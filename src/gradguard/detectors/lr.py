@@ -14,6 +14,11 @@ from .config import ANNEALED_LR, LR_JUMP_RATIO
 SLIP_STEPS = 100
 #: Off-scale batches within this many steps after an LR jump are the jump's doing.
 JUMP_SPAN = 20
+#: The share of its peak under which every group's LR has decayed away (``lr_decayed``).
+DECAYED_LR = 1e-4
+DECAYED_REMEDY = ("Check the LR schedule: a scheduler stepped every batch where it is meant "
+                  "per epoch (StepLR, ExponentialLR, MultiStepLR) decays the LR hundreds of "
+                  "times too fast.")
 JUMP_REMEDY = ("Check the LR schedule / manual LR changes: the LR jumped far above any the "
                "run had or planned; raise it gradually (warm-up) if it is meant.")
 
@@ -49,6 +54,9 @@ class LrTracker:
         #: (:meth:`pop_ended`): (the step of the jump, the slip's highest LR / that peak)
         self._ended: list[tuple[int, float]] = []
         self._events: list[Event] = []
+        #: whether an LR above ``ANNEALED_LR`` of its peak was seen since the last
+        #: ``lr_decayed`` report (a warm-up from LR 0 has not decayed)
+        self._armed = False
 
     def observe(self, step: int, param_groups: Sequence[Mapping[str, Any]]) -> None:
         now = [_number(g.get("lr")) for g in param_groups]
@@ -94,6 +102,27 @@ class LrTracker:
             # update now was weighed against it as 1/100 of one at the peak, and a
             # rollback after an LR x100 burst capped the LR at 1% for the rest of the run
             self._peak[i] = max(self._peak[i], p, (b or 0.0) if slip is None else 0.0)
+        self._decay(step, now)
+
+    def _decay(self, step: int, now: Sequence[float | None]) -> None:
+        """An ``lr_decayed`` info when every group's numeric LR fell under ``DECAYED_LR`` of
+        its peak, after one had been above ``ANNEALED_LR`` of it (found by a stranger: a
+        StepLR stepped per batch took the LR to 1e-23 of its start by step 500, the run
+        never learnt, and the report said "healthy", pointing at the doctor)."""
+        pairs = [(lr, pk) for lr, pk in zip(now, self._peak) if lr is not None and pk > 0]
+        if not pairs:
+            return
+        share = max(lr / pk for lr, pk in pairs)
+        if share >= ANNEALED_LR:
+            self._armed = True
+        elif self._armed and share < DECAYED_LR:
+            self._armed = False
+            self._events.append(Event(
+                kind="lr_decayed", step=step, severity="info", value=share,
+                threshold=DECAYED_LR,
+                message=(f"step {step}: the learning rate fell to {share:.3g} of its peak "
+                         f"({pairs[0][0]:.3g}, peak {pairs[0][1]:.3g})"),
+                remedy=DECAYED_REMEDY, data={"share": share}))
 
     def jumped(self, step: int) -> bool:
         """Whether a param group's LR jumped (an ``lr_too_high`` report) at ``step``."""
@@ -145,7 +174,8 @@ class LrTracker:
     def state_dict(self) -> dict[str, Any]:
         return {"last": list(self._last), "peak": list(self._peak), "slip": list(self._slip),
                 "top": list(self._top), "ended": [list(x) for x in self._ended],
-                "last_jump": self._last_jump, "events": [e.to_json() for e in self._events]}
+                "last_jump": self._last_jump, "events": [e.to_json() for e in self._events],
+                "armed": self._armed}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self._last = list(sd["last"])
@@ -157,6 +187,7 @@ class LrTracker:
         jump = sd.get("last_jump")
         self._last_jump = None if jump is None else int(jump)
         self._events = [Event.from_json(e) for e in sd.get("events", [])]
+        self._armed = bool(sd.get("armed", False))
 
 
 def _number(x: Any) -> float | None:

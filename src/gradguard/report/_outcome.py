@@ -250,10 +250,18 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
             status, (incident, before, final) = "not_recovered", relapse
             clause = (f"training did not recover from step {relapse[0]} (the loss ended at "
                       f"{relapse[2]:.3g}, above the {relapse[1]:.3g} it had before it)")
+        elif flat and start is not None and final is not None and (
+                lowered := lowered_lr(ev, incident)) is not None:
+            # back at its level, but that level is where it started, at an LR gradguard
+            # lowered: nothing was learnt, maybe for the LR it left (found by strangers: a
+            # vanilla RNN at chance through the whole run, its LR capped at step 20, and a
+            # GRU on Adam that learns its task at any LR from 0.01 to 0.2 unguarded, were
+            # "training recovered", told to set an LR that never trains)
+            status, cause = "stalled", LOWERED_STALL
+            clause = (f"training stalled: over the run {flat_words(start, final)}, after "
+                      f"gradguard lowered the LR at step {lowered}")
         elif flat and start is not None and final is not None:
             # back at its level, but that level is where it started: nothing was learnt
-            # (found by a stranger: a vanilla RNN at chance through the whole run, its LR
-            # capped at step 20, was "training recovered")
             clause = f"training recovered, but over the run {flat_words(start, final)}"
     else:
         status = "not_recovered"
@@ -292,6 +300,20 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    remedy(status, cause, config, data, incident), incident, start, before,
                    final, rose, flat)
+
+
+#: The cause of a run whose loss did not fall over it after the ladder lowered its LR
+#: (:func:`judge`): the LR left may be too low for it to train.
+LOWERED_STALL = "lr_lowered"
+
+
+def lowered_lr(events: list[dict[str, Any]], incident: int | None) -> int | None:
+    """The step of the first back-off or rollback from ``incident`` on that left the LR
+    lowered (``data["factor"]`` under 1), None when none did."""
+    return next((int(e["step"]) for e in events if e.get("kind") in ("lr_backoff", "rollback")
+                 and (incident is None or e.get("step", -1) >= incident)
+                 and isinstance(f := (e.get("data") or {}).get("factor"), (int, float))
+                 and f < 1.0), None)
 
 
 def _relapse(data: RunData, inc: list[int], loss: Any, fin: Any, k: int,
@@ -409,6 +431,13 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         return ("Use ReLU-family activations with He init, add normalisation (LayerNorm, "
                 "BatchNorm) or residual connections, or an LSTM/GRU for long sequences; run "
                 "gg.doctor on a batch to see where the signal fades.")
+    if cause == LOWERED_STALL:
+        growth = any("in the first 20 steps" in str(e.get("message", "")) for e in data.events)
+        return ("The loss did not fall at the LR gradguard left: if the run learns at the LR "
+                "you set, it is too low; "
+                + ("pass gg.Recovery(early_growth=False) (the growth of the first weights "
+                   "lowered it), " if growth else "")
+                + "and run gg.doctor on a batch to find what keeps the loss from falling.")
     if cause == "no_gradient":
         return NO_GRADIENT_REMEDY
     if cause == "dead_units":

@@ -116,6 +116,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
 
     from ._levels import flat_words
     from ._outcome import (
+        LOWERED_STALL,
         every_overflow,
         judge,
         ladder_reason,
@@ -229,9 +230,16 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         if outcome.flat and outcome.status == "healthy" and outcome.start is not None \
                 and outcome.final is not None:  # no trouble, and no progress
             words = flat_words(outcome.start, outcome.final)
-            parts.append(f"{words[0].upper()}{words[1:]}: nothing to recover from, but if the "
-                         "model started untrained it is not learning"
-                         + ("." if start is not None else " (run gg.doctor on a batch)."))
+            decayed = next((e for e in ev if e.get("kind") == "lr_decayed"), None)
+            if decayed is not None:  # the schedule took the LR away (detectors.lr)
+                parts.append(f"{words[0].upper()}{words[1:]}, and the learning rate fell to "
+                             f"{decayed.get('value', 0.0):.2g} of its peak by step "
+                             f"{decayed['step']}: the schedule decays it too fast (a "
+                             "scheduler stepped every batch where it is meant per epoch?).")
+            else:
+                parts.append(f"{words[0].upper()}{words[1:]}: nothing to recover from, but if "
+                             "the model started untrained it is not learning"
+                             + ("." if start is not None else " (run gg.doctor on a batch)."))
     capped = next((e for e in ev if e.get("kind") == "clip" and "cap" in (e.get("data") or {})),
                   None)
     if capped is not None:  # the norms above were capped before the guard measured them
@@ -332,7 +340,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         parts.append(f"The GradScaler skipped {_plural(n_scaler, 'step')} for loss-scale "
                      "overflows (routine in mixed precision).")
     settled = [e for e in ev if e.get("kind") == "lr_settled"]
-    if settled and outcome.cause != "dead_units":  # the LR the ladder found stable: what
+    if settled and outcome.cause not in ("dead_units", LOWERED_STALL):  # the LR the ladder found stable: what
         # the user should set (not where the network died: it did not train there)
         s = settled[-1]
         sdata = s.get("data") or {}
