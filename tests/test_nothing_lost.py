@@ -659,13 +659,13 @@ def test_a_state_saved_with_another_clip_policy_is_refused_naming_both(saved, lo
     train(same, model, opt, batches(4, seed=4))
 
 
-@pytest.mark.parametrize("change", ["every", "model"])
+@pytest.mark.parametrize("change", ["every", "model", "width"])
 def test_a_state_that_does_not_fit_is_refused_naming_what_differs_before_loading_anything(
         change):
     """Found by a stranger: another ``every`` failed with "telemetry state_dict buffer
     shape (10, 14) != (25, 14)", and another model with "saved for different parameters",
     neither naming the option, after the step count and the clip statistics were loaded
-    already."""
+    already. And a model of other widths, the same names, loaded unsaid."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = gg.Guard(model, opt, clip=gg.ZClip(), every=5)
@@ -674,6 +674,10 @@ def test_a_state_that_does_not_fit_is_refused_naming_what_differs_before_loading
     if change == "every":
         other_model, why = model, r"saved by a guard with every=5, this guard's is every=10: " \
                                   r"build the guard with every=5"
+    elif change == "width":
+        other_model = mlp(width=32)
+        why = (r"saved over parameters of other shapes \(the first: '0.weight', \(16, 8\) "
+               r"saved, \(32, 8\) here\)")
     else:
         other_model = nn.Sequential(*mlp(), nn.Linear(1, 1))
         why = (r"saved over other parameters \(6 parameter tensors saved, 8 in this guard's "

@@ -30,6 +30,7 @@ import gradguard as gg
 from gradguard.cli import main
 from gradguard.events import read_jsonl
 from gradguard.integrations.run import format_summary, run_script
+from gradguard.report import load_run
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 NANOGPT = ["--iters", "14", "--accum", "1", "--batch", "4"]
@@ -298,10 +299,13 @@ def test_rerun_writes_a_separate_run_dir_and_resume_continues_one(tmp_path):
     assert first != second and first.parent == second.parent == out.resolve()
     for d in (first, second):  # never two runs in one directory
         assert [r["step"] for r in read_jsonl(d / "metrics.jsonl") if r["type"] == "step"] == list(range(6))
-    assert main(["run", "--resume", *cli[1:]]) == 0  # continues runs/latest
+    # continues runs/latest; this script trains from scratch (its SGD momentum holds no
+    # state at its first step), so its guard is a run of its own there (the test below)
+    with pytest.warns(RuntimeWarning, match="starts afresh at step 0"):
+        assert main(["run", "--resume", *cli[1:]]) == 0
     assert (out / "latest").resolve() == second
     steps = [r["step"] for r in read_jsonl(second / "metrics.jsonl") if r["type"] == "step"]
-    assert steps == list(range(12))  # numbering goes on from the saved guard state
+    assert steps == list(range(6)) * 2 and load_run(second).step.tolist() == list(range(6))
     info = json.loads((second / "run.json").read_text())
     assert len(info["sessions"]) == 2
     assert main(["run", "--resume-from", str(tmp_path / "nope"), *cli[1:]]) == 2
@@ -309,9 +313,9 @@ def test_rerun_writes_a_separate_run_dir_and_resume_continues_one(tmp_path):
     assert main(["run", "--resume", "--resume-from", str(first), *cli[1:]]) == 2
     # found by a stranger: accepted, and nothing would have been clipped
     assert main(["run", "--script-clip", "replace", *cli[1:]]) == 2
-    assert main(["run", "--resume-from", str(first), *cli[1:]]) == 0
-    steps = [r["step"] for r in read_jsonl(first / "metrics.jsonl") if r["type"] == "step"]
-    assert steps == list(range(12))
+    with pytest.warns(RuntimeWarning, match="starts afresh at step 0"):
+        assert main(["run", "--resume-from", str(first), *cli[1:]]) == 0
+    assert load_run(first).step.tolist() == list(range(6))
 
 
 def test_resume_after_the_model_changed_starts_the_guard_afresh_and_the_script_trains(
@@ -345,6 +349,51 @@ def test_resume_after_the_model_changed_starts_the_guard_afresh_and_the_script_t
     assert steps == list(range(12))
     info = json.loads((latest / "run.json").read_text())
     assert len(info["sessions"]) == 2 and info["exit_code"] == 0 and info["optimizers"]
+
+
+def test_resume_of_a_script_back_at_its_own_checkpoint_numbers_steps_from_it(tmp_path, capsys):
+    """Found by a stranger: a script that checkpoints itself every 50 steps, preempted 23
+    steps after its checkpoint and resumed from it with ``gradguard run --resume``, was
+    numbered on from the guard's own count: its NaN batch at step 260 was "NaN at step
+    283", the stretch it ran again recorded twice. The optimizer's own step count says
+    where the script went back to; and a script that starts from scratch is a run of its
+    own (it was judged against the earlier run's loss level: "a loss spike at step 300",
+    its LR cut, +9-15% held-out)."""
+    script = tmp_path / "train.py"
+    ckpt = tmp_path / "ck.pt"
+    script.write_text(
+        "import os, sys, torch\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))\n"
+        "opt = torch.optim.AdamW(m.parameters(), lr=1e-2)\n"
+        "start, stop, ck = 0, int(sys.argv[1]), sys.argv[2]\n"
+        "if ck != 'none' and os.path.exists(ck):\n"
+        "    state = torch.load(ck)\n"
+        "    m.load_state_dict(state['m']); opt.load_state_dict(state['opt']); start = state['step']\n"
+        "for s in range(start, stop):\n"
+        "    g = torch.Generator().manual_seed(s)\n"
+        "    x = torch.randn(16, 4, generator=g)\n"
+        "    if s == 26:\n"
+        "        x[0, 0] = float('nan')\n"
+        "    m(x).sub(x.sum(1, keepdim=True)).pow(2).mean().backward(); opt.step(); opt.zero_grad()\n"
+        "    if ck != 'none' and s + 1 == 20:\n"
+        "        torch.save({'m': m.state_dict(), 'opt': opt.state_dict(), 'step': 20}, ck)\n")
+    out = tmp_path / "runs"
+    cli = ["run", "--no-report", "--every", "5", "--out", str(out), str(script)]
+    assert main([*cli, "23", str(ckpt)]) == 0  # "preempted" at 23, its checkpoint at 20
+    with pytest.warns(RuntimeWarning, match=r"optimizer 0's own step count is 20, behind the 23 "
+                      r"steps the earlier session recorded.*numbered from 20"):
+        assert main(["run", "--resume", *cli[1:], "40", str(ckpt)]) == 0
+    latest = (out / "latest").resolve()
+    data = load_run(latest)
+    assert data.step.tolist() == list(range(40))
+    assert [e["step"] for e in data.events if e["kind"] == "nonfinite_grad"] == [26]
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match=r"optimizer 0 has taken no step yet \(the script "
+                      r"starts from scratch.*starts afresh at step 0"):
+        assert main(["run", "--resume", *cli[1:], "30", "none"]) == 0
+    data = load_run(latest)
+    assert data.step.tolist() == list(range(30))  # the run of its own, alone
 
 
 # ---- plain tensors ----------------------------------------------------------------------

@@ -345,6 +345,7 @@ class Telemetry:
             "buf": self._buf.clone(),
             "next_step": self._next_step,
             "names": list(self.names),
+            "shapes": [list(p.shape) for p in self.params],
             "present": None if self._present is None else sorted(self._present),
             "absent": [None if a is None else sorted(a) for a in self._absent],
             "trained": None if self._trained is None else sorted(self._trained),
@@ -378,6 +379,15 @@ class Telemetry:
             raise StateMismatch(
                 f"the state was saved over other parameters ({len(saved)} parameter tensors "
                 f"saved, {len(self.names)} in this guard's model{where})",
+                "load it into a guard over the model it was saved with, or start a new guard")
+        shapes = sd.get("shapes")  # absent from older checkpoints
+        here = [list(p.shape) for p in self.params]
+        if isinstance(shapes, list) and (odd := next(
+                ((n, a, b) for n, a, b in zip(self.names, shapes, here) if list(a) != b), None)):
+            # found by a stranger: a 16-64-32 MLP's state loaded into a 3-7-2 one unsaid
+            raise StateMismatch(
+                f"the state was saved over parameters of other shapes (the first: "
+                f"{odd[0]!r}, {tuple(odd[1])} saved, {tuple(odd[2])} here)",
                 "load it into a guard over the model it was saved with, or start a new guard")
         rows = self._saved_buffer(sd).shape
         if rows != self._buf.shape:

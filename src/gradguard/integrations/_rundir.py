@@ -184,11 +184,55 @@ def last_step(run_dir: Path) -> int | None:
     return last
 
 
+def own_step(optimizer: torch.optim.Optimizer) -> int | None:
+    """The optimizer's own count of the steps it took, as its state keeps it (``step``:
+    Adam, AdamW, RMSprop, Adagrad ...; 0 for one that keeps a state once it steps,
+    ``betas`` or a momentum in its groups, and holds none yet: it never stepped); None when
+    its state keeps no count (SGD). One host read of a tensor count, once."""
+    counts = [s["step"] for s in optimizer.state.values()
+              if isinstance(s, dict) and "step" in s]
+    if counts:
+        return int(max(float(c) for c in counts))
+    stateful = any("betas" in g or (g.get("momentum") or 0) > 0 for g in optimizer.param_groups)
+    if stateful and not any(optimizer.state.values()):
+        return 0
+    return None
+
+
 def resume_guard(guard: Any, saved: Path, k: int) -> str | None:
     """Load the state a session saved in ``saved`` into ``guard``; when it saved none (it
     was killed), or one that does not fit (the model or the options changed since), number
-    the guard's steps on from the steps it recorded and return what to say."""
+    the guard's steps on from the steps it recorded and return what to say. When the
+    optimizer's own step count (:func:`own_step`) is behind the saved session's, the script
+    went back to a checkpoint of its own (or started from scratch, at 0): the guard's steps
+    are numbered from it, so that its records replace those of the stretch it runs again
+    (found by a stranger: a script preempted 23 steps after its checkpoint of step 200 and
+    resumed from it was numbered on from 223, its NaN at step 260 reported at 283, and the
+    stretch 200-222 recorded twice)."""
     state = load_state(saved)
+    last = last_step(saved)
+    count = (state or {}).get("step_count")
+    ahead = count if isinstance(count, int) else None if last is None else last + 1
+    own = own_step(guard.optimizer)
+    if own is not None and ahead is not None and own < ahead:
+        if own == 0:  # from scratch: the saved statistics are another run's
+            return (f"{saved}: optimizer {k} has taken no step yet (the script starts from "
+                    f"scratch, not from a checkpoint of its own), where the earlier session "
+                    f"ended at step {ahead}: its guard starts afresh at step 0, a run of its "
+                    "own in that directory")
+        note = ""
+        if state is not None:
+            try:  # its statistics, not its window of steps the script runs again
+                from ..checkpoint import load_state_dict
+
+                load_state_dict(guard, state, telemetry=False)
+            except StateMismatch as e:
+                note = f"; its guard state does not fit ({e.what}): it starts afresh"
+        guard.step_count = own
+        return (f"{saved}: optimizer {k}'s own step count is {own}, behind the {ahead} steps "
+                "the earlier session recorded (the script went back to a checkpoint of its "
+                f"own): its guard's steps are numbered from {own}, and its records replace "
+                f"those of the steps it runs again{note}")
     why = None
     if state is not None:
         try:
@@ -199,7 +243,6 @@ def resume_guard(guard: Any, saved: Path, k: int) -> str | None:
             # the script (found by a stranger: a layer added, then --resume, and the script
             # died at its first step inside gradguard)
             why = f"its guard state does not fit: {e.what}"
-    last = last_step(saved)
     if last is None:
         return None if why is None else f"{saved}: {why}: optimizer {k}'s guard starts afresh"
     guard.step_count = last + 1  # after what the earlier session recorded

@@ -252,7 +252,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     if abandoned:
         notes.append(f"{mpath}: {abandoned} step records from before a resume, of steps "
                      "that resume ran again, are not shown with their events: the resumed "
-                     "run's records of those steps are")
+                     "run's records of those steps are shown instead")
     if earlier:
         notes.append(f"{d} holds the records of {earlier} earlier run"
                      f"{'s' if earlier > 1 else ''} (a later one started again at step 0): "
