@@ -75,3 +75,14 @@ def test_version_and_module_entry_point():
         [sys.executable, "-m", "gradguard", "demo", "--bogus"], capture_output=True, text=True
     )
     assert r.returncode == 2
+
+
+def test_cli_demo_out_that_is_a_file_is_usage_error(tmp_path, capsys):
+    """Found by a stranger: ``gradguard demo --out`` an existing file ended in a
+    FileExistsError traceback and exit 1 (``report -o``, ``run --out`` and ``lab --out``
+    give exit 2 and one line)."""
+    (tmp_path / "afile").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "afile"), "--steps", "40"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'afile'}" in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "x"

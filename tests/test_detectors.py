@@ -119,6 +119,17 @@ def test_nonfinite_event_names_origin_and_cause(loss, fwd, watched, layer, cause
     assert nf[0].remedy
 
 
+def test_a_total_norm_that_overflowed_over_finite_layers_names_the_largest():
+    """Found by a stranger: every layer's norm finite (3e38 each), their total Inf, was told
+    "origin `None` (0 of 2 layers non-finite)"."""
+    rows = [[1.0, 1.0, 1.0], [1.0, 3e38, 3e38]]
+    w = window(rows, skipped=[False, True])
+    assert math.isinf(w.total_norm[1])
+    [ev] = [e for e in detect_nonfinite(w) if e.kind == "nonfinite_grad"]
+    assert ev.layer == "b" and ev.data["layers"] == []
+    assert "the layers' norms are finite, their total overflowed (the largest in `b`)" in ev.message
+
+
 # ---- spikes -------------------------------------------------------------------------------
 def test_confirmed_loss_spike_fires_at_its_first_step():
     losses = noisy(60)

@@ -314,6 +314,9 @@ BAD_LINES = {
     "missing step": ('{"v": 1, "type": "step", "loss": 1.0}', "'step' is missing"),
     "string step": ('{"v": 1, "type": "step", "step": "2"}', "'step' must be an integer"),
     "float step": ('{"v": 1, "type": "step", "step": 2.5}', "'step' must be an integer"),
+    # found by a stranger: an OverflowError traceback from the report
+    "huge step": ('{"v": 1, "type": "step", "step": 99999999999999999999999}',
+                  "'step' 99999999999999999999999 is out of range"),
     "not an object": ("[1, 2]", "not a gradguard record"),
     "corrupt": ('{"v": 1, "type": "step", "st', "corrupt JSON line"),
     "layers not a list": ('{"v": 1, "type": "layers", "step": 2, "layers": "a", "grad_norm": [1.0]}',

@@ -779,6 +779,10 @@ def test_a_loop_that_raises_out_of_its_guard_block_is_told_stopped(tmp_path, exc
     name = type(exc).__name__
     assert out.status == "stopped" and f"training was stopped at step 37 by {name}" in out.clause
     assert f"by {name}" in summary_sentence(data)
+    # no gradient advice for a run stopped from outside (found by a stranger: a SIGTERM
+    # preemption was told to clip its gradients or lower its LR)
+    assert out.remedy.startswith("Nothing in the gradients or the loss stopped it: see what "
+                                 f"the loop raised ({name}"), out.remedy
     if isinstance(exc, RuntimeError):
         assert "CUDA out of memory" in out.clause
 

@@ -249,6 +249,8 @@ def record_problem(rec: Any) -> str | None:
         x = rec[name]
         if not isinstance(x, typ) or isinstance(x, bool):
             return f"{name!r} must be {_TYPE_NAMES[typ]}, got {x!r}"[:200]
+        if name == "step" and isinstance(x, int) and not -2**63 <= x < 2**63:  # a traceback
+            return f"'step' {str(x)[:40]} is out of range (a damaged record)"
     if kind == "event" and rec.get("data") is not None and not isinstance(rec["data"], dict):
         return f"'data' must be an object, got {rec['data']!r}"[:200]
     if kind == "step":

@@ -314,6 +314,11 @@ def command(args: argparse.Namespace) -> int:
 
     if args.steps < 40:
         raise UsageError(f"--steps {args.steps}: must be >= 40 so the corrupted batches land")
+    from ..rundir import dir_problem
+
+    if (problem := dir_problem(args.out)) is not None:
+        # found by a stranger: --out naming a file ended in a FileExistsError traceback
+        raise UsageError(f"--out {args.out}: {problem}")
     ctx, progress = _progress()
     with ctx:
         try:

@@ -159,6 +159,13 @@ def detect_nonfinite(
             "half_precision_overflow": f"`{origin}` overflowed in half precision",
             "nonfinite_weights": f"the weights of {listed(list(weights or ()))} are NaN/Inf",
         }.get(cause or "", f"origin `{origin}`")
+        if origin is None and not bad and window.layers:
+            # every layer's norm finite, their total not: it overflowed summing them (found
+            # by a stranger: "origin `None` (0 of 2 layers non-finite)")
+            norms = ln[i].tolist()
+            origin = grad_origin = window.layers[max(range(len(norms)), key=norms.__getitem__)]
+            where = (f"the layers' norms are finite, their total overflowed (the largest in "
+                     f"`{origin}`)")
         data: dict[str, Any] = {"layers": bad, "grad_origin": grad_origin}
         if cause is not None:
             data["cause"] = cause

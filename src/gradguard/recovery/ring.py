@@ -213,5 +213,6 @@ class SnapshotRing:
             self._write_warned = True
             warnings.warn(
                 f"gradguard: writing a snapshot to {self.disk.directory} failed ({err}); the "
-                "previous snapshot files are intact and rollbacks use the in-memory "
+                "snapshot files written before it are left as they are (if they are still "
+                "there: a directory deleted took them) and rollbacks use the in-memory "
                 "snapshots; training goes on", GradGuardWarning, stacklevel=caller_stacklevel())

@@ -414,6 +414,14 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
                  and (e.get("data") or {}).get("script_stopped")), None)
     if status == "stopped" and stop is not None and stop.get("remedy"):
         return str(stop["remedy"])  # the script's own stop on a NaN/Inf loss
+    raised = next((e for e in data.events if e.get("kind") == "abort"
+                   and (e.get("data") or {}).get("exception")), None)
+    if status == "stopped" and cause is None and raised is not None:
+        # stopped by what the loop raised, no gradient trouble (found by a stranger: a run
+        # preempted by SIGTERM was told to clip its gradients or lower its LR)
+        return (f"Nothing in the gradients or the loss stopped it: see what the loop raised "
+                f"({raised['data']['exception']}), then resume from the last checkpoint"
+                + (" (gradguard run --resume)." if cli else "."))
     if every_overflow(data):
         return ("Every step overflowed in float16, the GradScaler skipping each: start it at a "
                 "lower scale (GradScaler(init_scale=...)), or use bfloat16, or run the "
