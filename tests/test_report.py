@@ -882,6 +882,21 @@ def test_a_loss_that_never_fell_after_the_ladder_lowered_the_lr_is_a_stall():
     assert judge(d).status == "recovered"
 
 
+def test_an_lr_found_stable_that_failed_again_is_not_advised():
+    """Found by a stranger: a sum-reduced loss on SGD settled at lr 0.00399 at step 105,
+    spiked again at step 163 at that LR and was cut to x0.00133, and the summary still
+    ended "set lr 0.00399 in your config", an LR that diverges from scratch."""
+    ev = [_ev("grad_spike", 4, layer="fc"),
+          _ev("rollback", 4, data={"factor": 0.0133}),
+          _ev("lr_settled", 105, "info", data={"factor": 0.0133, "lr": [0.00399],
+                                               "advise": [0.002]}),
+          _ev("lr_backoff", 163, data={"factor": 0.00133})]
+    text = summary_sentence(_data(ev, n=300))
+    assert "set half of it" not in text and "in your config" not in text, text
+    assert ("The LR it had found stable, lr 0.00399 at step 105, failed again at step 163: "
+            "no stable LR was found") in text
+
+
 def test_a_run_whose_schedule_took_its_lr_away_is_told_so(tmp_path):
     """Found by a stranger: a StepLR meant per epoch, stepped every batch, took the LR to
     1e-23 of its start and the run never learnt; the summary said "nothing to recover

@@ -349,7 +349,20 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         # value: the factor of the schedule is what held, the advice scales the config's
         stable = (f"Stable at x{sdata.get('factor'):g} of your schedule (lr {shown} at step "
                   f"{s.get('step')})" if sdata.get("scheduled") else f"Stable at lr {shown}")
-        if shown and sdata.get("raised") and float(sdata.get("factor") or 0) >= 1:
+        # a back-off or rollback after it below its factor: that LR failed too (found by a
+        # stranger: a sum-reduced loss on SGD was told "set lr 0.00399 in your config", the
+        # LR the run diverged at 60 steps later)
+        relapsed = next((e for e in ev if e.get("kind") in ("lr_backoff", "rollback")
+                       and e.get("step", -1) > s.get("step", -1)
+                       and isinstance(f := (e.get("data") or {}).get("factor"), (int, float))
+                       and isinstance(sdata.get("factor"), (int, float))
+                       and f < sdata["factor"]), None)
+        if shown and relapsed is not None:
+            parts.append(f"The LR it had found stable, lr {shown} at step {s.get('step')}, "
+                         f"failed again at step {relapsed['step']}: no stable LR was found, "
+                         "lower the LR itself (or look for what scales the gradients: a loss "
+                         "summed where it is meant averaged, an unnormalised input).")
+        elif shown and sdata.get("raised") and float(sdata.get("factor") or 0) >= 1:
             # a retry found the LR the trouble lowered trains after all (recovery.probe)
             parts.append(f"Back at your lr {shown} from step {s.get('step')}: the trouble "
                          "was not the LR's.")
