@@ -391,3 +391,44 @@ def test_a_resume_at_step_20_under_a_trainers_hook_is_before_the_test(hooked, wa
         resumed.load_state_dict(state)
     said = [str(w.message) for w in caught if "skips that test" in str(w.message)]
     assert bool(said) == warned
+
+
+def test_a_loss_fit_by_step_20_is_no_lr_far_too_high_whatever_the_growth():
+    """Found by a stranger: a GRU that recalls its first token, Adam at 0.2 (it learns the
+    task at any LR from 0.01 to 0.2 unguarded), had its loss at 0.6% of the fresh model's at
+    step 20 and its recurrent weights grown 13x; the growth rule rolled it back to the fresh
+    weights with its LR capped. A loss down to 5% of the fresh model's is a fit."""
+    def data(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = torch.randint(0, 4, (n, 20), generator=torch.Generator().manual_seed(seed))
+        return nn.functional.one_hot(tok, 4).float(), tok[:, 0]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.GRU(4, 64, batch_first=True), nn.Linear(64, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    x, y = data(7, 4000)
+
+    def run(guarded: bool) -> tuple[list[torch.Tensor], object]:
+        torch.manual_seed(1)
+        model = Net()
+        opt = torch.optim.Adam(model.parameters(), lr=0.2)
+        gen = torch.Generator().manual_seed(1001)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+        for _ in range(40):
+            i = torch.randint(0, len(x), (64,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x[i]), y[i])
+            loss.backward()
+            guard.step(loss) if guard is not None else opt.step()
+            opt.zero_grad()
+        if guard is not None:
+            guard.close()
+        return [p.detach().clone() for p in model.parameters()], guard
+
+    bare, _ = run(False)
+    got, guard = run(True)
+    assert not [e for e in guard.events if e.kind in ("rollback", "lr_backoff")]
+    assert all(torch.equal(a, b) for a, b in zip(got, bare))

@@ -146,7 +146,7 @@ def grown(rec: Recovery, guard: Guard) -> None:
     ratio = growth.growth(guard, fresh)
     if ratio is not None:  # RMSprop's first updates are larger by its missing bias correction
         ratio = 1.0 + (ratio - 1.0) / growth.early_inflation(guard.optimizer)
-    if ratio is None or not ratio >= growth.GROWTH:
+    if ratio is None or not ratio >= growth.GROWTH or growth.learnt(guard, rec._rise.initial):
         return
     reason = (f"the weights grew {ratio:.3g}x in the first {growth.STEP} steps (the median "
               "weight matrix's norm): an LR far too high")

@@ -21,7 +21,9 @@ by ``HEALTHY`` (20%) over the same steps. Matrices that start at zero (a LoRA ``
 zero-initialised head) have no ratio and are left out; so are vectors (biases, norms),
 and a network of a single matrix (``MIN_MATRICES``). Not under ``torch.distributed`` (each rank holds its own shards: the ranks must decide
 alike), nor with ``Recovery(early_growth=False)``, nor for a closure optimizer (LBFGS: a
-step is several quasi-Newton updates, none scaled by the LR). One host read, once per run.
+step is several quasi-Newton updates, none scaled by the LR), nor when the loss is down to
+``LEARNT`` (5%) of the fresh model's by then: a fit. One host read, once per run (two when
+the growth reached ``GROWTH``: the losses).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ GROWTH = 2.0
 HEALTHY = 0.2
 #: The deepest cut: an LR at most 100x too high is assumed.
 FLOOR = 0.01
+#: A loss down to this share of the fresh model's by ``STEP`` is a fit, whatever the weights
+#: did to reach it: no LR far too high brings it there (found by a stranger: a GRU that
+#: recalls its first token, Adam at 0.2, had its loss at 0.6% of the fresh model's at step
+#: 20, its recurrent weights grown 13x, and was rolled back to them; the rescue suite's runs
+#: the rule rolls back are at 22% or more).
+LEARNT = 0.05
 #: The weight matrices a network needs for its growth to be judged: a single linear map
 #: (a linear or logistic regression) grows to its solution's norm, whatever the LR (found
 #: by a stranger: ``nn.Linear`` fitting ``x.sum`` on SGD 0.05, test MSE 1e-13 unguarded,
@@ -71,6 +79,16 @@ def growth(guard: Guard, fresh: dict[str, Any]) -> float | None:
     n = len(now)
     ratios = [a / b for a, b in zip(values[:n], values[n:]) if b > 0 and math.isfinite(a)]
     return statistics.median(ratios) if ratios else None
+
+
+def learnt(guard: Guard, initial: float | None) -> bool:
+    """Whether the losses taken since the last flush (the last five's median) are down to
+    ``LEARNT`` of the fresh model's (``initial``, else the first of them). One host read."""
+    losses = guard.telemetry.pending_losses()
+    first = initial if initial is not None else losses[0] if losses else None
+    if first is None or not first > 0 or len(losses) < 3:
+        return False
+    return statistics.median(losses[-5:]) <= LEARNT * first
 
 
 def early_inflation(optimizer: torch.optim.Optimizer) -> float:
