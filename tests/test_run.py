@@ -937,3 +937,15 @@ def test_an_average_of_the_weights_the_script_keeps_is_rolled_back_with_them():
     torch.testing.assert_close(averages[at], 0.99 * averages[snap] + 0.01 * weights[snap])
     assert (averages[at - 1] - averages[snap]).abs().max() > 0.01  # the damage it undid
     assert held_out < 0.2  # 0.156 without the LR fault
+
+
+def test_fail_on_divergence_fails_a_script_that_guarded_nothing(tmp_path, capsys):
+    """Found by a stranger: ``--fail-on-divergence`` exited 0 for a script that never
+    stepped an optimizer ("nothing was guarded"): a CI gate passed a training loop that
+    silently trained nothing."""
+    script = tmp_path / "notrain.py"
+    script.write_text("import torch\nm = torch.nn.Linear(2, 1)\nprint(m(torch.ones(1, 2)))\n")
+    out = tmp_path / "runs"
+    assert main(["run", "--no-report", "--out", str(out), str(script)]) == 0
+    rc = main(["run", "--fail-on-divergence", "--no-report", "--out", str(out), str(script)])
+    assert rc == 1 and "nothing was guarded" in capsys.readouterr().err

@@ -191,6 +191,12 @@ def command(args: argparse.Namespace) -> int:
         )
     except OutDirError as e:  # raised before the script starts: the script's own errors pass
         raise UsageError(str(e)) from e
+    if args.fail_on_divergence and result.exit_code == 0 and not result.optimizers:
+        # found by a stranger: a CI gate passed a script whose loop silently trained nothing
+        print("gradguard run: --fail-on-divergence: nothing was guarded (no optimizer step "
+              "was taken in a form gradguard guards), so nothing was checked; exit 1",
+              file=sys.stderr)
+        return EXIT_FINDINGS
     if args.fail_on_divergence and result.exit_code == 0 and not result.ok:
         bad = [r for r in result.optimizers if not (r.get("outcome") or {}).get("ok", True)]
         print(f"gradguard run: --fail-on-divergence: {len(bad)} guarded run(s) did not "
