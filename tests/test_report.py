@@ -844,6 +844,31 @@ def test_a_loss_fit_to_zero_whose_gradients_are_zero_is_no_stall(tmp_path):
     assert not [e for e in data.events if e["severity"] != "info"], data.events
 
 
+def test_a_loss_of_zero_from_the_first_step_is_no_fit(tmp_path):
+    """Found by a regression hunt: a preprocessing bug that masks every label gives a loss
+    of exactly 0 and gradients of exactly 0 from the first step; the exemption of a fit
+    loss made it "healthy, the gradient norm between 0 and 0". A fresh model is never at
+    a loss of 0: only a loss that was above 0 can have been fit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 100))
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    with gg.Guard(model, opt, every=20, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for _ in range(100):
+            tok = torch.randint(0, 100, (8, 16))
+            mask = torch.zeros(8 * 16)  # every label ignored
+            ce = torch.nn.functional.cross_entropy(model(tok).view(-1, 100), tok.view(-1),
+                                                   reduction="none")
+            loss = (ce * mask).sum() / mask.sum().clamp(min=1)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    data = load_run(tmp_path)
+    assert any(e["kind"] == "disconnected_layer" and e["severity"] == "warning"
+               for e in data.events), data.events
+    assert judge(data).status == "stalled"
+
+
 def test_every_gradient_exactly_zero_behind_dead_units_is_no_missing_backward(tmp_path):
     """Found by a regression hunt: ReLUs killed under a head without a bias leave every
     gradient exactly zero; the run was told to call loss.backward(), which it did."""
@@ -864,7 +889,8 @@ def test_a_loss_that_never_fell_after_the_ladder_lowered_the_lr_is_a_stall():
     batch skipped in a fine-tune that starts at its best) is still recovered."""
     growth = ("step 20: the weights grew 4.29x in the first 20 steps (the median weight "
               "matrix's norm): an LR far too high")
-    ev = [_ev("rollback", 20, message=growth, data={"factor": 0.0365, "reason": growth}),
+    ev = [_ev("rollback", 20, message=growth, data={"factor": 0.0365, "ceiling": 0.0365,
+                                                      "reason": growth}),
           _ev("lr_settled", 300, "info", data={"factor": 0.0608, "lr": [0.00365],
                                               "advise": [0.00182]})]
     d = _data(ev, n=400)
@@ -878,6 +904,14 @@ def test_a_loss_that_never_fell_after_the_ladder_lowered_the_lr_is_a_stall():
     skipped = [_ev("nonfinite_grad", 30, "error", "(input)", "gradient norm is NaN"),
                _ev("skip", 30)]
     d = _data(skipped, n=400)
+    d.loss[:] = 0.2 + 0.001 * np.sin(np.arange(400))
+    assert judge(d).status == "recovered"
+    # nor a back-off, restored over its restore_steps or undone at the next step: the
+    # ceiling stayed 1 (found by a regression hunt: a converged fine-tune that met three NaN
+    # batches was "stalled ... after gradguard lowered the LR")
+    backed = [*skipped, _ev("lr_backoff", 31, data={"factor": 0.1, "ceiling": 1.0}),
+              _ev("nonfinite_input", 32, data={"factor": 1.0, "ceiling": 1.0, "undone": True})]
+    d = _data(backed, n=400)
     d.loss[:] = 0.2 + 0.001 * np.sin(np.arange(400))
     assert judge(d).status == "recovered"
 
@@ -917,6 +951,11 @@ def test_a_run_whose_schedule_took_its_lr_away_is_told_so(tmp_path):
     text = summary_sentence(data)
     assert "the learning rate fell to 8.5e-05 of its peak by step 42: the schedule decays " \
            "it too fast" in text, text
+    # a schedule that gets there in its last steps (a cosine to 0, a OneCycle) is as meant
+    # (found by a regression hunt: a fine-tune that starts at its best was told otherwise)
+    d = _data([_ev("lr_decayed", 199, "info") | {"value": 0.0}], n=200)
+    d.loss[:] = 0.2 + 0.001 * np.sin(np.arange(200))
+    assert "decays it too fast" not in summary_sentence(d)
 
 
 def test_trouble_right_after_an_lr_jump_is_told_after_the_jump():

@@ -255,7 +255,7 @@ def test_a_run_back_at_a_level_it_never_left_is_told_its_loss_did_not_fall():
     fell = judge(run(np.geomspace(2.0, 0.5, 300), events=[ev("rollback", 20, "error")]))
     assert fell.clause == "training recovered"
     # with the LR the rollback lowered, it is a stall (the LR left suspected)
-    capped = ev("rollback", 20, "error") | {"data": {"factor": 0.0035}}
+    capped = ev("rollback", 20, "error") | {"data": {"factor": 0.0035, "ceiling": 0.0035}}
     out = judge(run(loss, events=[capped]))
     assert (out.status, out.cause) == ("stalled", "lr_lowered")
     assert "after gradguard lowered the LR at step 20" in out.clause

@@ -163,6 +163,7 @@ class DetectorState:
     grad_layers: list[str] = field(default_factory=list)  # have had a gradient (not zero)
     silent_run: dict[str, int] = field(default_factory=dict)  # of those: steps since their last
     capped: bool = False  # norms capped before the guard measured them were reported
+    had_loss: bool = False  # a finite loss above 0 was seen (a loss of 0 since is a fit)
 
     def __post_init__(self) -> None:
         self.loss = deque(self.loss, maxlen=self.history)
@@ -185,7 +186,7 @@ class DetectorState:
                 "loss_start": self.loss_start, "no_gradient": self.no_gradient,
                 "silent_layers": list(self.silent_layers),
                 "grad_layers": list(self.grad_layers), "silent_run": dict(self.silent_run),
-                "precursors": self.precursors.state_dict()}
+                "had_loss": self.had_loss, "precursors": self.precursors.state_dict()}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.loss = deque((float(x) for x in sd["loss"]), maxlen=self.history)
@@ -196,6 +197,7 @@ class DetectorState:
         self.silent_layers = list(sd.get("silent_layers", []))
         self.grad_layers = list(sd.get("grad_layers", []))
         self.silent_run = {str(k): int(v) for k, v in dict(sd.get("silent_run", {})).items()}
+        self.had_loss = bool(sd.get("had_loss", True))  # older checkpoints: assume it
         self.precursors = PrecursorState()
         self.precursors.load_state_dict(sd.get("precursors", {}))
 

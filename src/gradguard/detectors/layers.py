@@ -280,16 +280,19 @@ def detect_no_gradient(
     frozen is not dead (a parameter with ``requires_grad`` False counts as having none, as
     with ``zero_grad(set_to_none=False)`` it keeps a gradient of zeros)."""
     total = window.total_norm.tolist()
+    state.had_loss = state.had_loss or any(x > 0 for x in window.loss.tolist()
+                                           if math.isfinite(x))
     n_ok = sum(1 for t in total if math.isfinite(t))
     if n_ok < config.vanish_min_steps:
         return []
     step = window.steps[-1]
     if all(t == 0.0 for t in total if math.isfinite(t)):
         losses = [x for x in window.loss.tolist() if math.isfinite(x)]
-        if losses and all(x == 0.0 for x in losses):
+        if losses and all(x == 0.0 for x in losses) and state.had_loss:
             # a loss of exactly 0 has nothing left to give a gradient: fit, not dead (found
             # by a regression hunt: a linear SVM whose hinge loss reached 0 was "the units
-            # that feed the layers died")
+            # that feed the layers died"); a loss 0 from the first step is no fit (every
+            # label masked) and is told
             return []
         if state.no_gradient:
             return []

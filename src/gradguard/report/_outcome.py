@@ -282,7 +282,8 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
                   "longer learns")
     quiet = no_gradient_since(data)
     # a loss at zero has no gradient: a fit (a hinge loss on separable data), no stall
-    fit = final is not None and start is not None and final <= FIT_LOSS * abs(start)
+    # (a loss of 0 from the first step is no fit: every label masked, nothing trains)
+    fit = final is not None and start is not None and start > 0 and final <= FIT_LOSS * start
     if quiet is not None and status in ("healthy", "recovered") and not fit:
         # found by a stranger: a loop without loss.backward() was "No gradient trouble in
         # 200 steps: the gradient norm stayed between 0 and 0", a healthy run
@@ -308,12 +309,17 @@ LOWERED_STALL = "lr_lowered"
 
 
 def lowered_lr(events: list[dict[str, Any]], incident: int | None) -> int | None:
-    """The step of the first back-off or rollback from ``incident`` on that left the LR
-    lowered (``data["factor"]`` under 1), None when none did."""
-    return next((int(e["step"]) for e in events if e.get("kind") in ("lr_backoff", "rollback")
-                 and (incident is None or e.get("step", -1) >= incident)
-                 and isinstance(f := (e.get("data") or {}).get("factor"), (int, float))
-                 and f < 1.0), None)
+    """The step of the first act of the ladder from ``incident`` on that lowered its LR
+    ceiling (``data["ceiling"]`` under 1), when the last act that said its ceiling left it
+    under 1: a back-off alone is restored over ``restore_steps``, and one undone at the
+    next step lowered nothing (found by a regression hunt: a converged fine-tune that met
+    three NaN batches was "stalled ... after gradguard lowered the LR"). None otherwise."""
+    acts = [(int(e["step"]), c) for e in events
+            if (incident is None or e.get("step", -1) >= incident)
+            and isinstance(c := (e.get("data") or {}).get("ceiling"), (int, float))]
+    if not acts or acts[-1][1] >= 1.0:
+        return None
+    return next(step for step, c in acts if c < 1.0)
 
 
 def _relapse(data: RunData, inc: list[int], loss: Any, fin: Any, k: int,

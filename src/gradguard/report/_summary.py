@@ -53,6 +53,11 @@ def _where(e: dict[str, Any]) -> str:
     return special.get(layer, f" in `{layer}`")
 
 
+#: An ``lr_decayed`` event before this share of the run's steps is a schedule that took
+#: the LR away early (a scheduler stepped per batch), not one that ends at 0.
+EARLY_DECAY = 0.9
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
@@ -230,7 +235,11 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         if outcome.flat and outcome.status == "healthy" and outcome.start is not None \
                 and outcome.final is not None:  # no trouble, and no progress
             words = flat_words(outcome.start, outcome.final)
-            decayed = next((e for e in ev if e.get("kind") == "lr_decayed"), None)
+            # early in the run: a cosine to 0 or a OneCycle gets there in its last steps,
+            # by design (found by a regression hunt: a fine-tune that starts at its best
+            # was told its schedule "decays it too fast")
+            decayed = next((e for e in ev if e.get("kind") == "lr_decayed"
+                            and e["step"] < EARLY_DECAY * data.n_steps), None)
             if decayed is not None:  # the schedule took the LR away (detectors.lr)
                 parts.append(f"{words[0].upper()}{words[1:]}, and the learning rate fell to "
                              f"{decayed.get('value', 0.0):.2g} of its peak by step "
