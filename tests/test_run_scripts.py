@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -381,19 +382,56 @@ def test_resume_of_a_script_back_at_its_own_checkpoint_numbers_steps_from_it(tmp
     out = tmp_path / "runs"
     cli = ["run", "--no-report", "--every", "5", "--out", str(out), str(script)]
     assert main([*cli, "23", str(ckpt)]) == 0  # "preempted" at 23, its checkpoint at 20
-    with pytest.warns(RuntimeWarning, match=r"optimizer 0's own step count is 20, behind the 23 "
-                      r"steps the earlier session recorded.*numbered from 20"):
+    with pytest.warns(RuntimeWarning, match=r"optimizer 0's own step count is 20, 3 behind the 23 "
+                      r"the earlier session ended with.*numbered from 20"):
         assert main(["run", "--resume", *cli[1:], "40", str(ckpt)]) == 0
     latest = (out / "latest").resolve()
     data = load_run(latest)
     assert data.step.tolist() == list(range(40))
     assert [e["step"] for e in data.events if e["kind"] == "nonfinite_grad"] == [26]
     capsys.readouterr()
-    with pytest.warns(RuntimeWarning, match=r"optimizer 0 has taken no step yet \(the script "
-                      r"starts from scratch.*starts afresh at step 0"):
+    with pytest.warns(RuntimeWarning, match=r"optimizer 0 has taken no step yet over weights "
+                      r"other than.*starts from scratch.*starts afresh at step 0"):
         assert main(["run", "--resume", *cli[1:], "30", "none"]) == 0
     data = load_run(latest)
     assert data.step.tolist() == list(range(30))  # the run of its own, alone
+
+
+@pytest.mark.parametrize("resume", ["optimizer", "weights only"])
+def test_resume_of_a_script_at_its_last_checkpoint_keeps_every_step(tmp_path, resume):
+    """Found by a regression hunt: a run with a NaN batch (a skipped step does not count in
+    Adam's own step) resumed from its checkpoint of its last step was numbered back by
+    one, its last record "replaced" and a false "went back" warning; a script that reloads
+    its weights and builds a new optimizer was called "from scratch" and its first
+    session hidden."""
+    script = tmp_path / "train.py"
+    ckpt = tmp_path / "ck.pt"
+    script.write_text(
+        "import os, sys, torch\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))\n"
+        "opt = torch.optim.Adam(m.parameters(), lr=1e-2)\n"
+        "start, ck = 0, sys.argv[1]\n"
+        "if os.path.exists(ck):\n"
+        "    state = torch.load(ck)\n"
+        "    m.load_state_dict(state['m']); start = state['step']\n"
+        f"    if {resume == 'optimizer'}:\n"
+        "        opt.load_state_dict(state['opt'])\n"
+        "for s in range(start, start + 12):\n"
+        "    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(s))\n"
+        "    if s == 5:\n"
+        "        x[0, 0] = float('nan')\n"
+        "    m(x).sub(x.sum(1, keepdim=True)).pow(2).mean().backward(); opt.step(); opt.zero_grad()\n"
+        "torch.save({'m': m.state_dict(), 'opt': opt.state_dict(), 'step': start + 12}, ck)\n")
+    out = tmp_path / "runs"
+    cli = ["run", "--no-report", "--every", "5", "--out", str(out), str(script), str(ckpt)]
+    assert main(cli) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "went back", no "from scratch"
+        assert main(["run", "--resume", *cli[1:]]) == 0
+    data = load_run((out / "latest").resolve())
+    assert data.step.tolist() == list(range(24))
+    assert [e["step"] for e in data.events if e["kind"] == "nonfinite_grad"] == [5]
 
 
 # ---- plain tensors ----------------------------------------------------------------------

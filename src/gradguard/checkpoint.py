@@ -10,7 +10,10 @@ parameters, optimizer state and events (tests/test_checkpoint.py).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from .errors import StateMismatch
 
@@ -32,7 +35,46 @@ def state_dict(guard: Guard) -> dict[str, Any]:
         "watch": None if guard._watch is None else guard._watch.state_dict(),
         "updates": None if guard._sampler is None else guard._sampler.state_dict(),
         "recovery": None if guard.recovery is None else guard.recovery.state_dict(),
+        # where the script's own optimizer and weights were: a resume under `gradguard run`
+        # tells from them a script that went back to a checkpoint of its own, or started
+        # from scratch (integrations._rundir.resume_guard)
+        "optimizer_steps": own_step(guard.optimizer),
+        "optimizer_stepped": any(guard.optimizer.state.values()),
+        "weight_norms": weight_norms(guard.telemetry.params),
     }
+
+
+def own_step(optimizer: torch.optim.Optimizer) -> int | None:
+    """The optimizer's own count of the updates it took, as its state keeps it (``step``:
+    Adam, AdamW, RMSprop, Adagrad ...; 0 for one that keeps a state once it steps,
+    ``betas`` or a momentum in its groups, and holds none yet); None when its state keeps
+    no count (SGD). One host read of a tensor count."""
+    counts = [s["step"] for s in optimizer.state.values()
+              if isinstance(s, dict) and "step" in s]
+    if counts:
+        return int(max(float(c) for c in counts))
+    stateful = any("betas" in g or (g.get("momentum") or 0) > 0 for g in optimizer.param_groups)
+    if stateful and not any(optimizer.state.values()):
+        return 0
+    return None
+
+
+def weight_norms(params: list[torch.Tensor]) -> list[float]:
+    """Each parameter's norm (one host read): what tells the weights a state was saved
+    with from others."""
+    if not params:
+        return []
+    with torch.no_grad():
+        return [float(x) for x in torch.stack(
+            [torch.linalg.vector_norm(p.detach().float()).cpu() for p in params]).tolist()]
+
+
+def same_weights(saved: Any, params: list[torch.Tensor]) -> bool:
+    """Whether ``params`` have the norms :func:`weight_norms` saved (to 1e-5)."""
+    if not isinstance(saved, list) or len(saved) != len(params):
+        return False
+    return all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12)
+               for a, b in zip(saved, weight_norms(params)))
 
 
 def load_state_dict(guard: Guard, sd: dict[str, Any], *, telemetry: bool = True) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import load_state_dict, own_step, same_weights
 from ..errors import StateMismatch
 from ..rundir import write_atomic
 
@@ -184,55 +185,17 @@ def last_step(run_dir: Path) -> int | None:
     return last
 
 
-def own_step(optimizer: torch.optim.Optimizer) -> int | None:
-    """The optimizer's own count of the steps it took, as its state keeps it (``step``:
-    Adam, AdamW, RMSprop, Adagrad ...; 0 for one that keeps a state once it steps,
-    ``betas`` or a momentum in its groups, and holds none yet: it never stepped); None when
-    its state keeps no count (SGD). One host read of a tensor count, once."""
-    counts = [s["step"] for s in optimizer.state.values()
-              if isinstance(s, dict) and "step" in s]
-    if counts:
-        return int(max(float(c) for c in counts))
-    stateful = any("betas" in g or (g.get("momentum") or 0) > 0 for g in optimizer.param_groups)
-    if stateful and not any(optimizer.state.values()):
-        return 0
-    return None
-
-
 def resume_guard(guard: Any, saved: Path, k: int) -> str | None:
     """Load the state a session saved in ``saved`` into ``guard``; when it saved none (it
     was killed), or one that does not fit (the model or the options changed since), number
-    the guard's steps on from the steps it recorded and return what to say. When the
-    optimizer's own step count (:func:`own_step`) is behind the saved session's, the script
-    went back to a checkpoint of its own (or started from scratch, at 0): the guard's steps
-    are numbered from it, so that its records replace those of the stretch it runs again
-    (found by a stranger: a script preempted 23 steps after its checkpoint of step 200 and
-    resumed from it was numbered on from 223, its NaN at step 260 reported at 283, and the
-    stretch 200-222 recorded twice)."""
+    the guard's steps on from the steps it recorded and return what to say; a script that
+    went back to a checkpoint of its own, or started from scratch, is told apart
+    (:func:`_went_back`)."""
     state = load_state(saved)
     last = last_step(saved)
-    count = (state or {}).get("step_count")
-    ahead = count if isinstance(count, int) else None if last is None else last + 1
-    own = own_step(guard.optimizer)
-    if own is not None and ahead is not None and own < ahead:
-        if own == 0:  # from scratch: the saved statistics are another run's
-            return (f"{saved}: optimizer {k} has taken no step yet (the script starts from "
-                    f"scratch, not from a checkpoint of its own), where the earlier session "
-                    f"ended at step {ahead}: its guard starts afresh at step 0, a run of its "
-                    "own in that directory")
-        note = ""
-        if state is not None:
-            try:  # its statistics, not its window of steps the script runs again
-                from ..checkpoint import load_state_dict
-
-                load_state_dict(guard, state, telemetry=False)
-            except StateMismatch as e:
-                note = f"; its guard state does not fit ({e.what}): it starts afresh"
-        guard.step_count = own
-        return (f"{saved}: optimizer {k}'s own step count is {own}, behind the {ahead} steps "
-                "the earlier session recorded (the script went back to a checkpoint of its "
-                f"own): its guard's steps are numbered from {own}, and its records replace "
-                f"those of the steps it runs again{note}")
+    went_back = _went_back(guard, state, saved, k)
+    if went_back is not None:
+        return went_back
     why = None
     if state is not None:
         try:
@@ -252,6 +215,44 @@ def resume_guard(guard: Any, saved: Path, k: int) -> str | None:
     return (f"{saved} holds no saved guard state (its session was killed before it could "
             f"end: SIGKILL, out of memory): optimizer {k}'s guard starts afresh, its steps "
             f"numbered on from {last + 1}")
+
+
+def _went_back(guard: Any, state: dict[str, Any] | None, saved: Path, k: int) -> str | None:
+    """When the optimizer's own step count (:func:`gradguard.checkpoint.own_step`) is behind
+    the one the saved session ended with, the script went back to a checkpoint of its own:
+    the guard's steps are numbered back by as many, so that its records replace those of
+    the stretch it runs again (found by a stranger: a script preempted 23 steps after its
+    checkpoint of step 200 and resumed from it was numbered on from 223, its NaN at step
+    260 told at 283, the stretch 200-222 recorded twice). An optimizer that has not stepped
+    yet over weights other than those the session ended with starts from scratch: its
+    guard is a run of its own there (it was judged against the earlier run's loss level,
+    "a loss spike at step 300", its LR cut). The counts, not the guard's steps, are
+    compared: skipped steps and rollbacks leave the optimizer's count behind the guard's
+    (found by a regression hunt: a run with a NaN batch, resumed from its last checkpoint,
+    lost its last step's record). Returns what to say, or None to resume as usual."""
+    if state is None or "optimizer_stepped" not in state:  # saved by an older gradguard
+        return None
+    own, ended = own_step(guard.optimizer), state.get("optimizer_steps")
+    if own == 0 and state["optimizer_stepped"]:
+        if same_weights(state.get("weight_norms"), guard.telemetry.params):
+            return None  # the weights it ended with, a new optimizer: it goes on
+        guard.step_count = 0
+        return (f"{saved}: optimizer {k} has taken no step yet over weights other than "
+                "those the earlier session ended with (the script starts from scratch): its "
+                "guard starts afresh at step 0, a run of its own in that directory")
+    if own is None or not isinstance(ended, int) or own >= ended:
+        return None
+    note = ""
+    try:  # its statistics, not its window of the steps the script runs again
+        load_state_dict(guard, state, telemetry=False)
+    except StateMismatch as e:
+        note = f"; its guard state does not fit ({e.what}): it starts afresh"
+    back = ended - own
+    guard.step_count = max(int(state["step_count"]) - back, 0)
+    return (f"{saved}: optimizer {k}'s own step count is {own}, {back} behind the {ended} "
+            "the earlier session ended with (the script went back to a checkpoint of its "
+            f"own): its guard's steps are numbered from {guard.step_count}, and its records "
+            f"replace those of the steps it runs again{note}")
 
 
 def load_state(run_dir: Path) -> dict[str, Any] | None:
