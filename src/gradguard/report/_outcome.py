@@ -32,10 +32,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..events import NO_GRADIENT_REMEDY, SPIKE_DATA_REMEDY, UNIT_ERROR_REMEDY, WEIGHTS_REMEDY
 from . import _levels
 from ._levels import REL_TOL, flat_words, median, tol
+from ._remedy import LOWERED_STALL, every_overflow, remedy
 from ._silent import died_layers, no_gradient_since
+
+__all__ = ["LOWERED_STALL", "Outcome", "every_overflow", "judge", "ladder_reason", "lowered_lr",
+           "read_guard_config", "remedy", "summary_lead"]
 
 if TYPE_CHECKING:
     from ._data import RunData
@@ -303,11 +306,6 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
                    final, rose, flat)
 
 
-#: The cause of a run whose loss did not fall over it after the ladder lowered its LR
-#: (:func:`judge`): the LR left may be too low for it to train.
-LOWERED_STALL = "lr_lowered"
-
-
 def lowered_lr(events: list[dict[str, Any]], incident: int | None) -> int | None:
     """The step of the first act of the ladder from ``incident`` on that lowered its LR
     ceiling (``data["ceiling"]`` under 1), when the last act that said its ceiling left it
@@ -375,113 +373,6 @@ def _evidence(start: float | None, before: float | None, final: float | None,
     if start is not None:
         parts.append(f"{start:.4g} at the start")
     return ", ".join(parts)
-
-
-def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, data: RunData,
-           incident: int | None) -> str | None:
-    """What to try next, aware of what the guard already did (never "clip with ZClip"
-    to a run that clipped with ZClip)."""
-    if status == "healthy":
-        return None
-    cfg = config or {}
-    kinds = {e.get("kind") for e in data.events}
-    if status == "unjudged" and "loss_level_off" not in kinds and "data_shift" in kinds:
-        shift = [e for e in data.events if e.get("kind") == "data_shift"]
-        return (f"If the data was meant to change at step {shift[-1]['step']}, nothing to do; "
-                "if not, check the data pipeline there (a shard or stage that ends, "
-                "shuffling off, a label mapping).")
-    import numpy as np
-
-    if status == "unjudged" and not np.isfinite(np.asarray(data.loss, dtype=np.float64)).any():
-        return ("Give gradguard the loss: guard.step(loss); under the Hugging Face Trainer the "
-                "callback takes the model's own loss, which it does not return with "
-                "label_smoothing_factor or a loss computed outside the model.")
-    if status == "unjudged":
-        off = "rerun with `--no-loss-rise`" if cfg.get("zero_code") else \
-            "pass gg.Recovery(loss_rise=False)"
-        return ("Judge this run on its own measure (samples, returns, a held-out metric); if "
-                f"its loss may rise when healthy, {off}.")
-    cli = bool(cfg.get("zero_code"))
-    clip = str(cfg.get("clip") or "none")
-    backoffs = [e for e in data.events if e.get("kind") == "lr_backoff"]
-    if status == "recovered":
-        if incident is not None and cause in ("nonfinite_input", "nonfinite_loss"):
-            return f"Check the batch of step {incident} for NaN/Inf."
-        if cause == "unscaled_input":
-            # the batch norm statistics found it (an off-scale batch) or the gradients did
-            # (a spiking streak the batches were at fault for: inputs or targets; a BERT
-            # with its targets x1e6 was told to check its inputs and its batch norms)
-            bn = any((e.get("data") or {}).get("reason") == "offscale_batch" for e in data.events)
-            return UNIT_ERROR_REMEDY if bn else SPIKE_DATA_REMEDY
-        if cause == "nonfinite_weights":
-            return WEIGHTS_REMEDY
-        return None
-    stop = next((e for e in data.events if e.get("kind") == "abort"
-                 and (e.get("data") or {}).get("script_stopped")), None)
-    if status == "stopped" and stop is not None and stop.get("remedy"):
-        return str(stop["remedy"])  # the script's own stop on a NaN/Inf loss
-    raised = next((e for e in data.events if e.get("kind") == "abort"
-                   and (e.get("data") or {}).get("exception")), None)
-    if status == "stopped" and cause is None and raised is not None:
-        # stopped by what the loop raised, no gradient trouble (found by a stranger: a run
-        # preempted by SIGTERM was told to clip its gradients or lower its LR)
-        return (f"Nothing in the gradients or the loss stopped it: see what the loop raised "
-                f"({raised['data']['exception']}), then resume from the last checkpoint"
-                + (" (gradguard run --resume)." if cli else "."))
-    if every_overflow(data):
-        return ("Every step overflowed in float16, the GradScaler skipping each: start it at a "
-                "lower scale (GradScaler(init_scale=...)), or use bfloat16, or run the "
-                "overflowing layers in float32.")
-    if cause == "lr_too_high":
-        text = "Lower the learning rate (a factor of 10 is a good first try) or add warm-up"
-        if backoffs:
-            text += (f"; gradguard's {len(backoffs)} LR back-off(s) were not enough, so "
-                     "lower the base learning rate itself")
-        elif cfg.get("recovery") is False:
-            text += ("; with `--recovery` gradguard backs the LR off by itself" if cli else
-                     "; gg.Recovery() backs the LR off by itself")
-        return text + "."
-    if cause == "vanishing_grad":
-        return ("Use ReLU-family activations with He init, add normalisation (LayerNorm, "
-                "BatchNorm) or residual connections, or an LSTM/GRU for long sequences; run "
-                "gg.doctor on a batch to see where the signal fades.")
-    if cause == LOWERED_STALL:
-        growth = any("in the first 20 steps" in str(e.get("message", "")) for e in data.events)
-        return ("The loss did not fall at the LR gradguard left: if the run learns at the LR "
-                "you set, it is too low; "
-                + ("pass gg.Recovery(early_growth=False) (the growth of the first weights "
-                   "lowered it), " if growth else "")
-                + "and run gg.doctor on a batch to find what keeps the loss from falling.")
-    if cause == "no_gradient":
-        return NO_GRADIENT_REMEDY
-    if cause == "dead_units":
-        return ("Lower the learning rate, normalise the inputs, or use LeakyReLU/GELU: an update "
-                "too large pushed the ReLUs below zero for good (run gg.doctor on a batch).")
-    if cause == "nonfinite_input":
-        return "Clean or filter the data: a batch holds NaN/Inf (torch.isfinite on inputs)."
-    if cause == "nonfinite_loss":
-        return "Guard log/div in the loss (clamp_min(eps)) or lower the learning rate."
-    if cause == "half_precision_overflow":
-        return "Run the overflowing layer in float32, use bfloat16, or use a GradScaler."
-    if cause == "nonfinite_weights":
-        return WEIGHTS_REMEDY
-    if "ZClip" in clip or "AutoClip" in clip:
-        return ("Adaptive clipping is already on: lower the learning rate or add warm-up, "
-                "and run gg.doctor on a failing batch.")
-    if clip == "none" and config is not None:
-        return ("Clip gradients (" + ("`--clip zclip`" if cli else "gg.ZClip()") +
-                " adapts to the run) or lower the learning rate.")
-    return "Lower the learning rate, and run gg.doctor on a failing batch."
-
-
-def every_overflow(data: RunData) -> bool:
-    """Every recorded step was a loss-scale overflow the GradScaler skipped: no update was
-    taken, and no gradient norm is finite (a scale too high for the whole run, or a model that
-    overflows in float16 at any scale). Such a run was "No gradient trouble ... between nan
-    and nan", told to clip or lower its LR."""
-    overflows = {e.get("step") for e in data.events if e.get("kind") == "skip"
-                 and (e.get("data") or {}).get("reason") == "loss_scale_overflow"}
-    return data.n_steps > 0 and len(overflows) >= data.n_steps
 
 
 def ladder_reason(events: list[dict[str, Any]]) -> tuple[int, str] | None:
