@@ -540,6 +540,7 @@ from gradguard.integrations.lightning import GradGuardCallback
 
 torch.set_num_threads(1)
 NAN_STEP, out = int(sys.argv[1]), sys.argv[2]
+RAISE = len(sys.argv) > 3  # rank 1 raises at NAN_STEP instead
 
 
 class Tiny(pl.LightningModule):
@@ -551,6 +552,8 @@ class Tiny(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if RAISE and self.global_rank == 1 and self.global_step == NAN_STEP:
+            raise RuntimeError("boom on rank 1")
         if self.global_rank == 1 and self.global_step == NAN_STEP:
             x = x.clone()
             x[0, 0] = math.nan  # a corrupted batch on rank 1 only
@@ -590,8 +593,8 @@ with open(os.path.join(out, f"rank{r}.json"), "w") as fh:
 '''
 
 
-def test_ddp_two_ranks_nan_on_one_rank_is_skipped_everywhere(tmp_path):
-    import json
+def _ddp_run(tmp_path, *args: str) -> tuple[int, str]:
+    """Run DDP_SCRIPT on two ranks (Lightning's launcher starts rank 1); a hang fails."""
     import os
     import signal
     import socket
@@ -610,8 +613,9 @@ def test_ddp_two_ranks_nan_on_one_rank_is_skipped_everywhere(tmp_path):
     for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
         env.pop(k, None)  # Lightning's launcher starts rank 1 itself
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(NAN_STEP), str(tmp_path)], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, str(script), str(NAN_STEP), str(tmp_path), *args], cwd=tmp_path,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )
     try:
         output, _ = proc.communicate(timeout=120)
@@ -619,7 +623,22 @@ def test_ddp_two_ranks_nan_on_one_rank_is_skipped_everywhere(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # both ranks: a hang fails the test
         output, _ = proc.communicate()
         pytest.fail(f"DDP run hung (killed after 120 s):\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    return proc.returncode, output
+
+
+def test_ddp_a_rank_that_raises_fails_the_job_rather_than_hanging_it(tmp_path):
+    """Found by a stranger: rank 1 raising in its training_step hung the job: the
+    callback's on_exception closed its guard with a collective flush, while rank 0 waited
+    in the backward's all-reduce. It closes without one now, as the HF callback does."""
+    code, output = _ddp_run(tmp_path, "raise")
+    assert code != 0 and "boom on rank 1" in output, output[-3000:]
+
+
+def test_ddp_two_ranks_nan_on_one_rank_is_skipped_everywhere(tmp_path):
+    import json
+
+    code, output = _ddp_run(tmp_path)
+    assert code == 0, output[-3000:]
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in res] == [2, 2]
     for r in res:

@@ -384,4 +384,6 @@ class GradGuardCallback(CallbackOptions, Callback):
         # block)
         for g in self.guards.values():
             left_on(g, exception)
-        self._finish()
+        # no collective: under DDP the other ranks wait in the backward's all-reduce (found by
+        # a stranger: a rank that raised hung the job in the closing flush's all_gather)
+        self._finish(failed=True)
