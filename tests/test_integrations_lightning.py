@@ -593,7 +593,8 @@ with open(os.path.join(out, f"rank{r}.json"), "w") as fh:
 '''
 
 
-def _ddp_run(tmp_path, *args: str) -> tuple[int, str]:
+def _ddp_run(tmp_path, *args: str, script_text: str = DDP_SCRIPT,
+             prefix: tuple[str, ...] = ()) -> tuple[int, str]:
     """Run DDP_SCRIPT on two ranks (Lightning's launcher starts rank 1); a hang fails."""
     import os
     import signal
@@ -604,7 +605,7 @@ def _ddp_run(tmp_path, *args: str) -> tuple[int, str]:
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(script_text)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -613,7 +614,7 @@ def _ddp_run(tmp_path, *args: str) -> tuple[int, str]:
     for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
         env.pop(k, None)  # Lightning's launcher starts rank 1 itself
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(NAN_STEP), str(tmp_path), *args], cwd=tmp_path,
+        [sys.executable, *prefix, str(script), str(NAN_STEP), str(tmp_path), *args], cwd=tmp_path,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
@@ -632,6 +633,21 @@ def test_ddp_a_rank_that_raises_fails_the_job_rather_than_hanging_it(tmp_path):
     in the backward's all-reduce. It closes without one now, as the HF callback does."""
     code, output = _ddp_run(tmp_path, "raise")
     assert code != 0 and "boom on rank 1" in output, output[-3000:]
+
+
+def test_gradguard_run_leaves_a_script_lightning_launches_ranks_of_unguarded_with_a_warning(
+        tmp_path):
+    """Found by a stranger: ``gradguard run`` on a ``strategy="ddp", devices=2`` script
+    started with plain python hung at step 0: Lightning starts rank 1 as a new ``python``
+    process, unguarded, and rank 0's guard waited in a collective rank 1 never entered."""
+    script = DDP_SCRIPT.replace("callbacks=[guard_cb, probe]", "callbacks=[]").split(
+        "r = trainer.global_rank")[0]
+    code, output = _ddp_run(tmp_path, script_text=script,
+                            prefix=("-m", "gradguard", "run", "--no-report", "--out",
+                                    str(tmp_path / "runs")))
+    assert code == 0, output[-3000:]
+    assert "Lightning starts its other ranks as new `python` processes" in output
+    assert "torchrun --nproc-per-node N -m gradguard run" in output
 
 
 def test_ddp_two_ranks_nan_on_one_rank_is_skipped_everywhere(tmp_path):

@@ -320,6 +320,21 @@ class ZeroCodeSession:
     def _attach_trainer(self, kind: str, trainer: Any) -> None:
         if self._closed:
             return
+        launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+        if type(launcher).__name__ == "_SubprocessScriptLauncher" and (
+                getattr(trainer, "world_size", 1) > 1):
+            # found by a stranger: Lightning's launcher starts the other ranks as new
+            # `python script.py` processes, unguarded, and this rank guarded alone hung at
+            # its first collective: nothing in this process is guarded, said once
+            why = ("Lightning starts its other ranks as new `python` processes, which "
+                   "`gradguard run` does not reach, and this rank guarded alone would hang "
+                   "at its first collective: run `torchrun --nproc-per-node N -m gradguard "
+                   "run script.py`, or set GRADGUARD (docs/integrations.md, \"torchrun and "
+                   "other launchers\")")
+            self._warn_once("launcher", f"{type(trainer).__name__}: {why}; nothing is guarded")
+            self.unguarded[type(trainer).__name__] = why
+            self.uninstall()
+            return
         own = fw.gradguard_callback(kind, trainer)
         if own is not None:  # added by hand: it guards (and writes) on its own; only note
             self.units.append(Unit(len(self.units), kind, None, callback=own, external=True))
