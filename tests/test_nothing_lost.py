@@ -492,12 +492,17 @@ if scenario == "crash":
     # flush on the failing rank would be a mismatched collective (a hang)
     model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with gg.Guard(model, opt, every=3) as guard:
-        for step, (x, y) in enumerate(batches(20, seed=rank)):
-            if rank == 1 and step == 4:
-                raise RuntimeError("rank 1 fails mid-training")
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward(); guard.step(loss); opt.zero_grad()
+    guard = gg.Guard(model, opt, every=3)
+    try:
+        with guard:
+            for step, (x, y) in enumerate(batches(20, seed=rank)):
+                if rank == 1 and step == 4:
+                    raise RuntimeError("rank 1 fails mid-training")
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward(); guard.step(loss); opt.zero_grad()
+    finally:
+        torch.save([(e.rank, e.message) for e in guard.events if e.kind == "abort"],
+                   os.path.join(out, f"abort{rank}.pt"))
 elif scenario == "desync":  # a NaN written into rank 1's gradient after the all-reduce
     model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -625,6 +630,11 @@ def test_a_failing_rank_makes_the_other_fail_not_hang(tmp_path):
     # rank 1 left without entering a collective; rank 0's next one sees the closed peer
     assert codes[0] != 0, logs[0][-2000:]
     assert seconds < 60
+    # each rank's abort names its rank (found by a stranger: rank 0's "Connection closed by
+    # peer" was told for every rank, rank 1's own error nowhere)
+    [(rank, message)] = torch.load(tmp_path / "abort1.pt")
+    assert rank == 1 and "rank 1 fails mid-training" in message and "on rank 1" in message
+    assert all(r == 0 and "on rank 0" in m for r, m in torch.load(tmp_path / "abort0.pt"))
 
 
 def test_ranks_sharing_a_snapshot_directory_roll_back_to_their_own_parameters(tmp_path):

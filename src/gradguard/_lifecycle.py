@@ -187,9 +187,15 @@ def left_on(guard: Guard, exc: BaseException | None, what: str | None = None) ->
         text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         what = f"{name} ({text})" if text else name
     step = max(guard.step_count - 1, 0)
+    # under torch.distributed, the rank that raised it: rank 0's records tell only its own
+    # (found by a stranger: rank 1's error, told nowhere, shown as rank 0's "Connection
+    # closed by peer" for every rank)
+    rank = distributed.rank() if distributed.world_size() > 1 else None
+    where = "" if rank is None else (f" on rank {rank} (another rank may have raised first: "
+                                     "see each rank's traceback)")
     guard.add_event(Event(
-        kind="abort", step=step, severity="error",
-        message=f"step {step}: the training loop raised {what} and left the guard",
+        kind="abort", step=step, severity="error", rank=rank,
+        message=f"step {step}: the training loop raised {what}{where} and left the guard",
         remedy="See the traceback the loop raised; the run's records end here.",
         data={"exception": what}))
 
