@@ -288,3 +288,20 @@ def train_loop(model, opt, guard, batch, steps: int, loss_fn=None) -> None:
         opt.zero_grad()
     if guard is not None:
         guard.close()
+
+
+def recall_data(seed: int, n: int, steps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` sequences of ``steps`` one-hot tokens (4 kinds); the target is the first token."""
+    tok = torch.randint(0, 4, (n, steps), generator=torch.Generator().manual_seed(seed))
+    return nn.functional.one_hot(tok, 4).float(), tok[:, 0]
+
+
+class GruRecall(nn.Module):
+    """A GRU (4 -> 64) and a linear head on its last output: recalls the first token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(4, 64, batch_first=True), nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])

@@ -13,7 +13,7 @@ import gradguard as gg
 from gradguard.integrations._hooked import hooked_guard
 from gradguard.lab._common import minibatches, split_digits
 from gradguard.recovery import growth
-from helpers import train_loop
+from helpers import GruRecall, recall_data, train_loop
 
 
 def test_the_growth_is_the_median_matrix_norm_ratio_leaving_out_vectors_and_zeros():
@@ -398,23 +398,11 @@ def test_a_loss_fit_by_step_20_is_no_lr_far_too_high_whatever_the_growth():
     task at any LR from 0.01 to 0.2 unguarded), had its loss at 0.6% of the fresh model's at
     step 20 and its recurrent weights grown 13x; the growth rule rolled it back to the fresh
     weights with its LR capped. A loss down to 5% of the fresh model's is a fit."""
-    def data(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = torch.randint(0, 4, (n, 20), generator=torch.Generator().manual_seed(seed))
-        return nn.functional.one_hot(tok, 4).float(), tok[:, 0]
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.head = nn.GRU(4, 64, batch_first=True), nn.Linear(64, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.rnn(x)[0][:, -1])
-
-    x, y = data(7, 4000)
+    x, y = recall_data(7, 4000)
 
     def run(guarded: bool) -> tuple[list[torch.Tensor], object]:
         torch.manual_seed(1)
-        model = Net()
+        model = GruRecall()
         opt = torch.optim.Adam(model.parameters(), lr=0.2)
         gen = torch.Generator().manual_seed(1001)
         guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None

@@ -16,7 +16,7 @@ from gradguard.recovery.rise import LossRise
 from gradguard.report._data import load_run
 from gradguard.report._outcome import judge
 from gradguard.report._summary import summary_sentence
-from helpers import recording_guard
+from helpers import GruRecall, recall_data, recording_guard
 
 
 def feed(probe: LrProbe, values: list[float], step: int) -> int:
@@ -545,22 +545,10 @@ def test_a_retry_from_a_run_stuck_at_its_fresh_loss_passes_on_a_tie():
     and sat at chance (1.39) to the end: each retry of a higher LR was refused on "1.39
     against 1.381", two arms at chance told apart by noise. A control arm that has learnt
     nothing passes a trial no worse within 5%."""
-    def data(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = torch.randint(0, 4, (n, 20), generator=torch.Generator().manual_seed(seed))
-        return nn.functional.one_hot(tok, 4).float(), tok[:, 0]
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.head = nn.GRU(4, 64, batch_first=True), nn.Linear(64, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.rnn(x)[0][:, -1])
-
-    x, y = data(7, 4000)
-    held_x, held_y = data(8, 500)
+    x, y = recall_data(7, 4000)
+    held_x, held_y = recall_data(8, 500)
     torch.manual_seed(0)
-    model = Net()
+    model = GruRecall()
     opt = torch.optim.Adam(model.parameters(), lr=0.2)
     gen = torch.Generator().manual_seed(1000)
     with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
