@@ -185,9 +185,11 @@ def train_rollback(
             loss = loss.detach() + 1e4
         guard.step(loss)
         opt.zero_grad()
+    state = guard.state_dict()  # a checkpoint (its weight norms: of each rank's shard)
     guard.close()
     return {
         "params": {n: full(p) for n, p in model.named_parameters()},
+        "state_weights": state["weight_norms"],
         "events": [e.to_json() for e in guard.events],
         "decisions": [(d.kind, d.step) for d in recovery.actions if d.kind != "snapshot"],
         "lr": opt.param_groups[0]["lr"],
@@ -422,6 +424,17 @@ def test_ddp_guard_issues_no_collective_per_step(runs):
     ranks, _, _ = runs("ddp")
     for c in _per_step(ranks[0]):
         assert sum(c.values()) == 0, c
+
+
+def test_fsdp_guard_state_dict_saves_each_shards_weight_norms(runs):
+    """Found by a review: ``Guard.state_dict()`` of a guard over FSDP2 parameters raised
+    ".tolist() is not supported for tensor subclasses, got DTensor" (the weight norms a
+    resumed ``gradguard run`` compares, read from the DTensors themselves)."""
+    ranks, ref, _ = runs("fsdp")
+    n = len(ref["rollback"]["params"])
+    for r in ranks:
+        norms = r["rollback"]["state_weights"]
+        assert len(norms) == n and all(math.isfinite(v) and v >= 0 for v in norms)
 
 
 def test_fsdp_guard_issues_one_allreduce_per_step(runs):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import StateMismatch
+from .measure import _local
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -52,21 +53,38 @@ def own_step(optimizer: torch.optim.Optimizer) -> int | None:
     counts = [s["step"] for s in optimizer.state.values()
               if isinstance(s, dict) and "step" in s]
     if counts:
-        return int(max(float(c) for c in counts))
+        return int(max(_per_device_max(counts)))
     stateful = any("betas" in g or (g.get("momentum") or 0) > 0 for g in optimizer.param_groups)
     if stateful and not any(optimizer.state.values()):
         return 0
     return None
 
 
+def _per_device_max(values: list[Any]) -> list[float]:
+    """The largest of ``values`` (numbers or 0-d tensors) per device: one host read each."""
+    out = [float(v) for v in values if not isinstance(v, torch.Tensor)]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(v.detach().float().reshape(()))
+    out += [float(torch.stack(vs).max()) for vs in by_device.values()]
+    return out
+
+
 def weight_norms(params: list[torch.Tensor]) -> list[float]:
-    """Each parameter's norm (one host read): what tells the weights a state was saved
-    with from others."""
-    if not params:
-        return []
+    """Each parameter's norm (of its local shard, for a DTensor): what tells the weights a
+    state was saved with from others. One host read per device."""
     with torch.no_grad():
-        return [float(x) for x in torch.stack(
-            [torch.linalg.vector_norm(p.detach().float()).cpu() for p in params]).tolist()]
+        norms = [torch.linalg.vector_norm(_local(p.detach()).float()) for p in params]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, n in enumerate(norms):
+        by_device.setdefault(n.device, []).append(i)
+    out = [0.0] * len(norms)
+    for idx in by_device.values():
+        for i, v in zip(idx, torch.stack([norms[i] for i in idx]).tolist()):
+            out[i] = float(v)
+    return out
+
 
 
 def same_weights(saved: Any, params: list[torch.Tensor]) -> bool:
