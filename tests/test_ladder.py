@@ -323,7 +323,8 @@ ROWS = [
     ("a streak of patience steps stops the run",
      b(data_streak=131), Trigger("skip", 151, "non-finite"), b(data_streak=131),
      (Action("abort", 151, "21 steps in a row non-finite on weights that had finite gradients: "
-             "the batches (their inputs or targets, or the loss on them) stay non-finite",
+             "the batches (their inputs or targets, or the loss on them, or the backward "
+             "through them) stay non-finite",
              0.1, 1.0, data=True),)),
     ("with the level off, a loss that did not come back ends the watch, no rung",
      b(level_off=True), Trigger("progress", 130, value=9.0), b(level_off=True, watching=None),

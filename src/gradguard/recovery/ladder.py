@@ -384,9 +384,13 @@ def _data(cfg: LadderConfig, st: LadderState, trig: Trigger) -> tuple[LadderStat
     if trig.step - st.data_streak < cfg.patience:
         return st, ()
     what = trig.reason or NONFINITE_REASON
+    # non-finite: the backward through them too (found by a stranger: a float16 layer whose
+    # loss scale doubled every 50 steps overflowed in its backward, inputs and loss finite,
+    # and was told the batches stay non-finite)
+    through = ", or the backward through them" if what == NONFINITE_REASON else ""
     reason = (f"{trig.step - st.data_streak + 1} steps in a row {what} on weights that "
-              "had finite gradients: the batches (their inputs or targets, or the loss on "
-              f"them) stay {what}")
+              f"had finite gradients: the batches (their inputs or targets, or the loss on "
+              f"them{through}) stay {what}")
     return st, (Action("abort", trig.step, reason, st.factor, st.ceiling,
                        rollbacks=st.total_rollbacks, data=True),)
 

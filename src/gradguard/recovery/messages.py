@@ -268,8 +268,9 @@ def data_event(guard: Guard, a: Action, snapshot: int, *, undone: bool = False) 
                          f"{saved}, when their gradients were finite)"}[kind]
     fault = {"offscale": "inputs on another scale",
              "spike": "inputs or targets far off their scale, or a loss scaled up on them",
-             "nonfinite": "NaN/Inf in the inputs or targets, or a loss that is non-finite on "
-                          "them"}[kind]
+             "nonfinite": "NaN/Inf in the inputs or targets, or a loss or a backward that is "
+                          "non-finite on them: a half-precision layer that overflows, a loss "
+                          "scale too high"}[kind]
     return Event(
         kind=_data_event_kind(kind), step=a.step, severity="warning",
         message=(f"step {a.step}: {what}: the batches are at fault, not the weights ({fault})."
