@@ -420,3 +420,32 @@ def test_a_loss_fit_by_step_20_is_no_lr_far_too_high_whatever_the_growth():
     got, guard = run(True)
     assert not [e for e in guard.events if e.kind in ("rollback", "lr_backoff")]
     assert all(torch.equal(a, b) for a, b in zip(got, bare))
+
+
+def test_a_regression_at_a_tenth_of_its_fresh_loss_by_step_20_is_not_rolled_back():
+    """Found by a regression hunt: a GELU regression whose targets are offset by 10, on Adam
+    0.1 (better than at 0.01 unguarded), had its loss at 7.7% of the fresh model's at step
+    20 and its weights grown 5x; the growth rule rolled it back and advised an LR 20x
+    lower (2.5x its unguarded test MSE). At Adam 0.3, far too high, it is at 44% and is
+    still rolled back."""
+    w = torch.randn(16, 1, generator=torch.Generator().manual_seed(5))
+
+    def run(lr: float) -> list[str]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
+                              nn.Linear(64, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+        for _ in range(30):
+            x = torch.randn(64, 16)
+            y = x @ w + torch.sin(3 * x[:, :1]) + 10
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+        guard.close()
+        return [e.message for e in guard.events if e.kind == "rollback"]
+
+    assert run(0.1) == []
+    [grew] = run(0.3)
+    assert "the weights grew" in grew
