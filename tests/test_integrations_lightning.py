@@ -614,7 +614,8 @@ def _ddp_run(tmp_path, *args: str, script_text: str = DDP_SCRIPT,
     for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
         env.pop(k, None)  # Lightning's launcher starts rank 1 itself
     proc = subprocess.Popen(
-        [sys.executable, *prefix, str(script), str(NAN_STEP), str(tmp_path), *args], cwd=tmp_path,
+        [sys.executable, *(a.format(port=port) for a in prefix), str(script), str(NAN_STEP),
+         str(tmp_path), *args], cwd=tmp_path,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
@@ -648,6 +649,23 @@ def test_gradguard_run_leaves_a_script_lightning_launches_ranks_of_unguarded_wit
     assert code == 0, output[-3000:]
     assert "Lightning starts its other ranks as new `python` processes" in output
     assert "torchrun --nproc-per-node N -m gradguard run" in output
+
+
+def test_torchrun_gradguard_run_guards_every_rank_of_a_lightning_ddp_script(tmp_path):
+    """Found by a regression hunt: the check above left a Lightning DDP script unguarded
+    under ``torchrun -m gradguard run`` too, as the warning advised, where torchrun
+    creates the ranks and every one is guarded."""
+    script = DDP_SCRIPT.replace("callbacks=[guard_cb, probe]", "callbacks=[]").split(
+        "r = trainer.global_rank")[0]
+    code, output = _ddp_run(tmp_path, script_text=script, prefix=(
+        "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", "{port}", "-m", "gradguard", "run", "--no-report", "--out",
+        str(tmp_path / "runs")))
+    assert code == 0, output[-3000:]
+    assert "Lightning starts its other ranks" not in output
+    steps = [r for r in read_jsonl(next((tmp_path / "runs").glob("*/metrics.jsonl")))
+             if r["type"] == "step"]
+    assert len(steps) == 8 and [r["step"] for r in steps if r["skipped"]] == [NAN_STEP]
 
 
 def test_ddp_two_ranks_nan_on_one_rank_is_skipped_everywhere(tmp_path):

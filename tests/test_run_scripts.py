@@ -434,6 +434,31 @@ def test_resume_of_a_script_at_its_last_checkpoint_keeps_every_step(tmp_path, re
     assert [e["step"] for e in data.events if e["kind"] == "nonfinite_grad"] == [5]
 
 
+def test_resume_of_a_from_scratch_rmsprop_script_is_a_run_of_its_own(tmp_path):
+    """Found by a regression hunt: RMSprop keeps no ``betas`` nor momentum to say it keeps a
+    step count, so a fresh one under ``--resume`` of a script that trains from scratch was
+    taken for the run going on: the earlier run's loss level made its first loss "a loss
+    spike", its LR was cut, and the healthy script was stopped by TrainingDiverged."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))\n"
+        "opt = torch.optim.RMSprop(m.parameters(), lr=1e-3)\n"
+        "for s in range(30):\n"
+        "    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(s))\n"
+        "    m(x).sub(x.sum(1, keepdim=True)).pow(2).mean().backward(); opt.step(); opt.zero_grad()\n")
+    out = tmp_path / "runs"
+    cli = ["run", "--no-report", "--every", "5", "--out", str(out), str(script)]
+    assert main(cli) == 0
+    with pytest.warns(RuntimeWarning, match=r"optimizer 0 has taken no step yet over weights "
+                      r"other than.*starts afresh at step 0"):
+        assert main(["run", "--resume", *cli[1:]]) == 0
+    data = load_run((out / "latest").resolve())
+    assert data.step.tolist() == list(range(30))
+    assert not [e for e in data.events if e["severity"] != "info"], data.events
+
+
 # ---- plain tensors ----------------------------------------------------------------------
 def test_plain_tensor_script_value_clip_and_nan_skip(tmp_path):
     ref = run_plain("plain_tensor.py", ["--steps", "12"], tmp_path)

@@ -233,7 +233,10 @@ def _went_back(guard: Any, state: dict[str, Any] | None, saved: Path, k: int) ->
     if state is None or "optimizer_stepped" not in state:  # saved by an older gradguard
         return None
     own, ended = own_step(guard.optimizer), state.get("optimizer_steps")
-    if own == 0 and state["optimizer_stepped"]:
+    # no state at all: it has not stepped (an RMSprop or a plain SGD keeps no count to say
+    # so; found by a regression hunt: a from-scratch RMSprop under --resume was judged
+    # against the earlier run's loss level and killed)
+    if state["optimizer_stepped"] and not any(guard.optimizer.state.values()):
         if same_weights(state.get("weight_norms"), guard.telemetry.params):
             return None  # the weights it ended with, a new optimizer: it goes on
         guard.step_count = 0

@@ -321,8 +321,12 @@ class ZeroCodeSession:
         if self._closed:
             return
         launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+        env = getattr(launcher, "cluster_environment", None)
         if type(launcher).__name__ == "_SubprocessScriptLauncher" and (
-                getattr(trainer, "world_size", 1) > 1):
+                getattr(trainer, "world_size", 1) > 1) and not getattr(
+                env, "creates_processes_externally", True):
+            # (under torchrun, or a rank Lightning started, the processes exist already:
+            # every one is guarded; found by a regression hunt)
             # found by a stranger: Lightning's launcher starts the other ranks as new
             # `python script.py` processes, unguarded, and this rank guarded alone hung at
             # its first collective: nothing in this process is guarded, said once
