@@ -554,6 +554,7 @@ else:  # shared snapshot directory, a rollback on every rank
     guard.close()
     assert [e.kind for e in guard.events if e.kind == "rollback"] == ["rollback"], guard.events
     torch.save(sorted(os.listdir(os.path.join(out, "shared"))), os.path.join(out, f"files{rank}.pt"))
+dist.barrier()  # no rank tears down while another still has work on the wire
 dist.destroy_process_group()
 """
 
@@ -604,6 +605,11 @@ def test_ranks_that_took_different_skip_decisions_are_told_their_replicas_diverg
     (a hook on one rank, a faulty device) was skipped there alone, the other rank stepped,
     and nothing said that the replicas now differ: both ranks' records showed no skip."""
     codes, logs, _ = run_ranks(tmp_path, "desync", timeout_s=240)
+    if codes != [0, 0] and all(c == 0 or "terminate called without an active exception" in log
+                               for c, log in zip(codes, logs)):
+        # gloo's teardown aborted a rank once in CI (SIGABRT after its work was saved): run
+        # the scenario again rather than fail on the exit of a process that did its part
+        codes, logs, _ = run_ranks(tmp_path, "desync", timeout_s=240)
     assert codes == [0, 0], logs
     for r in range(2):
         events = torch.load(tmp_path / f"ev{r}.pt", weights_only=False)
