@@ -487,14 +487,7 @@ def test_a_burst_over_before_the_ladder_acted_leaves_the_lr_in_force_after_its_r
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(shape(s, burst), 1e-6))
         guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
-        gen = torch.Generator().manual_seed(1001)
-        for _ in range(300):
-            i = torch.randint(0, 1400, (32,), generator=gen)
-            loss = nn.functional.cross_entropy(model(x[i]), y[i])
-            loss.backward()
-            guard.step(loss)
-            opt.zero_grad()
-            sched.step()
+        _train_digits(x, y, opt, sched, guard, torch.Generator().manual_seed(1001), 300)
         guard.close()
         with torch.no_grad():
             return nn.functional.cross_entropy(model(x[1400:]), y[1400:]).item(), guard
@@ -590,14 +583,7 @@ def test_an_lr_jump_that_stays_is_no_change_of_the_batches(seed):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 100.0 if jump and s >= 150 else 1.0)
         guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
-        gen = torch.Generator().manual_seed(seed + 1000)
-        for _ in range(300):
-            i = torch.randint(0, 1400, (32,), generator=gen)
-            loss = nn.functional.cross_entropy(model(x[i]), y[i])
-            loss.backward()
-            guard.step(loss)
-            opt.zero_grad()
-            sched.step()
+        _train_digits(x, y, opt, sched, guard, torch.Generator().manual_seed(seed + 1000), 300)
         guard.close()
         with torch.no_grad():
             return nn.functional.cross_entropy(model(x[1400:]), y[1400:]).item(), guard
