@@ -712,6 +712,47 @@ def test_a_trunk_frozen_with_zero_gradients_kept_is_not_a_network_that_died():
     assert not [e for e in guard.events if e.kind in ("rollback", "lr_backoff")]
 
 
+def test_a_trunk_detached_with_zero_gradients_kept_is_not_a_network_that_died(tmp_path):
+    """Found by a regression hunt: a trunk frozen mid-run by detaching its output
+    (``head(trunk(x).detach())``) under ``zero_grad(set_to_none=False)`` keeps a gradient
+    of zeros, read as "`trunk.0` has received no gradient for 50 steps, having had one
+    before: the units that feed it died" and a run `not_recovered`, cause `dead_units`,
+    guarded and unguarded alike. A layer the step's graph does not reach is detached, not
+    dead (the graph of the window's last loss is walked, host-side, when a layer looks
+    dead); the run is healthy and trains as unguarded."""
+    from gradguard.report._data import load_run
+    from gradguard.report._outcome import judge
+
+    def run(guarded: bool, out: Path | None = None) -> float:
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+        head = nn.Linear(32, 1)
+        model = nn.ModuleDict({"trunk": trunk, "head": head})
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        guard = (gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=25,
+                          sinks=[gg.JsonlSink(out)]) if guarded else None)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(300):
+            x = torch.randn(32, 16, generator=gen)
+            h = trunk(x)
+            loss = (head(h.detach() if step >= 150 else h) - x[:, :4].sum(1, keepdim=True)
+                    ).pow(2).mean()
+            loss.backward()
+            if guard is None:
+                opt.step()
+            else:
+                guard.step(loss)
+            opt.zero_grad(set_to_none=False)
+        if guard is not None:
+            guard.close()
+            assert not [e for e in guard.events if e.severity != "info"]
+        return float(loss)
+
+    out = tmp_path / "run"
+    assert run(True, out) == pytest.approx(run(False), rel=1e-6)
+    assert judge(load_run(out)).status == "healthy"
+
+
 @pytest.mark.parametrize("every, frozen", [(10, False), (50, False), (10, True), (50, True)])
 def test_a_layer_whose_units_died_is_a_warning_a_head_that_takes_turns_is_not(every, frozen):
     """ReLUs killed at step 40 (the first layer's bias pushed far below zero, as an update

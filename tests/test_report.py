@@ -806,7 +806,7 @@ def test_an_inf_loss_is_told_inf(tmp_path):
     assert "The loss was Inf at step 7" in summary_sentence(data)
 
 
-def _silent_run(tmp_path, *, hinge: bool):
+def _silent_run(tmp_path, *, hinge: bool, given: bool = True):
     """A classifier whose gradients are all exactly zero: a hinge loss that fits separable
     data (a loss of 0 from some step on), or ReLUs dead from the start under a head
     without a bias."""
@@ -827,7 +827,7 @@ def _silent_run(tmp_path, *, hinge: bool):
             loss = (torch.nn.functional.multi_margin_loss(out, y[i]) if hinge else
                     torch.nn.functional.cross_entropy(out, y[i]))
             loss.backward()
-            guard.step(loss)
+            guard.step(loss) if given else guard.step()
             opt.zero_grad()
     return load_run(tmp_path)
 
@@ -842,6 +842,19 @@ def test_a_loss_fit_to_zero_whose_gradients_are_zero_is_no_stall(tmp_path):
     out = judge(data)
     assert out.status == "healthy" and out.cause is None
     assert not [e for e in data.events if e["severity"] != "info"], data.events
+
+
+@pytest.mark.parametrize("hinge", [True, False])
+def test_zero_gradients_of_a_run_stepped_without_its_loss_are_not_judged(tmp_path, hinge):
+    """Found by a regression hunt: a linear SVM stepped without its loss (``guard.step()``),
+    its hinge loss fit to 0, was "stalled ... the units that feed the layers died". Without
+    the loss a fit and dead units look alike (every gradient exactly zero): the run is
+    unjudged, the clause names both, and the remedy asks for the loss."""
+    data = _silent_run(tmp_path, hinge=hinge, given=False)
+    out = judge(data)
+    assert (out.status, out.cause) == ("unjudged", None)
+    assert "a loss fit exactly" in out.clause and "units that died" in out.clause
+    assert "guard.step(loss)" in out.remedy
 
 
 def test_a_loss_of_zero_from_the_first_step_is_no_fit(tmp_path):

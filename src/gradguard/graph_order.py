@@ -97,6 +97,36 @@ def layers_after(loss: Any, params: Sequence[Tensor], layer_index: Sequence[int]
     return after
 
 
+def layers_reached(loss: Any, params: Sequence[Tensor],
+                   layer_index: Sequence[int]) -> frozenset[int] | None:
+    """The layers (``layer_index`` values) at least one of whose parameters the graph of
+    ``loss`` takes: the layers its backward gives a gradient. None without a graph. A
+    host-side walk, no device read; for a layer that looks dead (a gradient of exactly zero
+    for many steps) a layer the graph does not reach at all (its output detached, run under
+    ``no_grad``) is no dead one: it keeps a tensor of zeros under
+    ``zero_grad(set_to_none=False)``."""
+    root = getattr(loss, "grad_fn", None)
+    if root is None:
+        return None
+    layer_of = {id(p): layer_index[i] for i, p in enumerate(params)}
+    seen = {root}
+    stack = [root]
+    out = set()
+    while stack:
+        node = stack.pop()
+        var = getattr(node, "variable", None)
+        if var is not None:
+            j = layer_of.get(id(var))
+            if j is not None:
+                out.add(j)
+            continue
+        for c, _ in node.next_functions:
+            if c is not None and c not in seen:
+                seen.add(c)
+                stack.append(c)
+    return frozenset(out)
+
+
 def _taken(node: Any, layer_of: dict[int, int]) -> int | None:
     """The layer whose parameter ``node`` is, directly or through views only; else None."""
     while True:

@@ -10,7 +10,9 @@ step. Weight and update norms of a flush step come from
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .errors import StateMismatch
-from .graph_order import layers_after
+from .graph_order import layers_after, layers_reached
 from .measure import GradGroup, StepStats, group_grads, measure, measure_grads, norm_dtype
 from .naming import ROOT_LAYER, layer_of, named_optimizer_params
 from .units import UnitWatch, watched
@@ -109,6 +111,9 @@ class Telemetry:
         #: and the detectors' verdicts must be alike on every rank)
         self.after: list[list[int]] | None = None
         self._order_read = not graph_order
+        self._walk = graph_order
+        #: the loss last recorded with a graph, weakly (``Window.reached``)
+        self._graph: weakref.ref[Tensor] | None = None
         for i, p in zip(self.layer_index, self.params):
             self.matrix_layers[i] = self.matrix_layers[i] or p.dim() >= 2
         self.device = self.params[0].device
@@ -228,6 +233,8 @@ class Telemetry:
         if not self._order_read and isinstance(loss, Tensor) and loss.grad_fn is not None:
             self._order_read = True  # once: a host-side walk of the graph, no device read
             self.after = layers_after(loss, self.params, self.layer_index, len(self.layers))
+        if self._walk and isinstance(loss, Tensor) and loss.grad_fn is not None:
+            self._graph = weakref.ref(loss)
         whole = len(stats.params) == len(self.params)
         if pos == 0 and whole:  # host-known, no sync
             self._frozen = frozenset(i for i, p in enumerate(self.params) if not p.requires_grad)
@@ -280,6 +287,11 @@ class Telemetry:
         return [loss for loss, given, skipped in cols
                 if given and not skipped and math.isfinite(loss)]
 
+    def _reached(self, graph: weakref.ref[Tensor]) -> frozenset[int] | None:
+        """The layers the graph of the window's last loss reaches (while it lives)."""
+        loss = graph()
+        return None if loss is None else layers_reached(loss, self.params, self.layer_index)
+
     @property
     def flush_due(self) -> bool:
         """True when the next recorded step fills the buffer (sample updates then)."""
@@ -330,7 +342,9 @@ class Telemetry:
             loss_given=rows[:, _COL_LOSS_GIVEN] > 0.5,
             grad_absent=list(self._absent) if self._track_absent and len(self._absent) == n
             else None,
+            reached=None if self._graph is None else functools.partial(self._reached, self._graph),
         )
+        self._graph = None
         self._steps = []
         self._absent = []
         self._present = None

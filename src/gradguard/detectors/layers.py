@@ -336,6 +336,7 @@ def detect_no_gradient(
     present = _layers_present(window)
     absent = window.layers_absent()
     kept = [k for k, ok in enumerate(rows.tolist()) if ok]
+    reached: frozenset[int] | None = None  # walked once, for the first layer that looks dead
     for j, (name, col) in enumerate(zip(window.layers, cols)):
         if name not in had:
             continue
@@ -348,6 +349,12 @@ def detect_no_gradient(
         run = state.silent_run.get(name, 0) + len(col) if last is None else len(col) - 1 - last
         state.silent_run[name] = run
         if run >= DIED_STEPS and name not in silent:
+            if reached is None:
+                walked = window.reached() if window.reached is not None else None
+                reached = frozenset(range(len(window.layers))) if walked is None else walked
+            if j not in reached:  # outside the graph (detached, under no_grad): not dead
+                state.silent_run[name] = 0
+                continue
             died.append(name)
     state.silent_layers.extend(never + died)
     # a layer whose output reaches the loss through no layer that still has a gradient (a

@@ -196,6 +196,9 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
     if guard.config.pipeline_group is None:
         dead = rec._dead.update(window.layers, window.layer_norms().tolist(), skips,
                                 window.layers_absent())
+        walked = window.reached() if dead and window.reached is not None else None
+        if walked is not None:  # a layer the graph does not reach is detached, not dead
+            dead = [n for j, n in enumerate(window.layers) if n in dead and j in walked]
     if not judge:
         return False, None, dead
     # under pipelining the share is the first stage's and its parameter position names

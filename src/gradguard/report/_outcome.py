@@ -292,7 +292,15 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # 200 steps: the gradient norm stayed between 0 and 0", a healthy run
         since, zero = quiet
         incident = since if incident is None else min(incident, since)
-        if zero:  # the gradient tensors are there, all zero: dead units behind every layer
+        if zero and final is None:  # no loss to tell a fit from dead units (found by a
+            # regression hunt: a linear SVM stepped without its loss, its hinge loss at 0
+            # from step 1, was "the units that feed the layers died")
+            status, cause = "unjudged", None
+            clause = (f"from step {since} every gradient was exactly zero: a loss fit "
+                      "exactly (a hinge or margin loss at 0), units that died, or a loss "
+                      "that no longer depends on the weights; no loss reached gradguard to "
+                      "tell which")
+        elif zero:  # the gradient tensors are there, all zero: dead units behind every layer
             status, cause = "stalled", "dead_units"
             clause = (f"training stalled: from step {since} every gradient was exactly zero "
                       "(the units that feed the layers died, or the loss no longer depends "
