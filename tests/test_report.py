@@ -691,6 +691,13 @@ def test_a_gradient_out_of_scale_at_init_is_said_and_a_converging_run_is_not():
     d.grad_norm = np.geomspace(2.0, 2e-3, d.n_steps)
     assert "out of scale" not in summary_sentence(d)
 
+    # found by a stranger: an MLP on separable blobs fit in ten steps (loss 9.4 to 1e-3,
+    # its norm with it) was told "a gradient out of scale at init"
+    d = _data([])
+    d.grad_norm = np.concatenate([[9.35, 6.0, 2.0], np.full(d.n_steps - 3, 1e-3)])
+    d.loss = np.concatenate([[4.7, 2.0, 0.5], np.full(d.n_steps - 3, 1e-5)])
+    assert "out of scale" not in summary_sentence(d)
+
 
 def test_an_lr_jump_is_an_incident_the_run_is_judged_from_not_healthy():
     """Found by a stranger: a script that raised its LR 30x mid-run got gradguard's own
