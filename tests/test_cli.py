@@ -60,10 +60,15 @@ def test_cli_demo_refuses_another_runs_directory_and_replaces_its_own(tmp_path, 
     assert all((loop / n).read_text() == "{}\n" for n in ("metrics.jsonl", "report.html"))
 
 
-def test_cli_usage_errors_exit_2(capsys):
+def test_cli_usage_errors_exit_2(capsys, tmp_path):
     assert main([]) == 2
     assert main(["demo", "--steps", "5"]) == 2
     assert "--steps 5" in capsys.readouterr().err
+    # found by a stranger: a window too long for the guard was a traceback and exit 1
+    script = tmp_path / "train.py"
+    script.write_text("print('never run')\n")
+    assert main(["run", "--every", "1000000", str(script)]) == 2
+    assert "--every 1000000: must be from 1 to 100000" in capsys.readouterr().err
 
 
 def test_version_and_module_entry_point():

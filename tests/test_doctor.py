@@ -378,6 +378,19 @@ def test_an_optimizer_with_no_numeric_lr_skips_the_lr_probe_and_says_so():
     assert "lr" in plain.probes
 
 
+def test_an_optimizer_over_another_models_parameters_is_refused_by_the_doctor():
+    """Found by a stranger: at SGD lr=10 the doctor said ``lr_too_high`` with the model's own
+    optimizer, and nothing at all (exit 0 from the CLI) with the same optimizer over an
+    identical second model: its LR probe stepped the other model."""
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    other = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    x = torch.randn(64, 8)
+    with pytest.raises(ValueError, match=r"doctor optimizer: it holds none of the model's "
+                       "parameters"):
+        gg.doctor(model, (x, x[:, :1]), nn.functional.mse_loss,
+                  optimizer=torch.optim.SGD(other.parameters(), lr=10.0))
+
+
 def _char_gpt2_after(lr: float, steps: int = 40):
     """A 2-layer GPT-2 (width 32, from its config) trained ``steps`` AdamW steps at ``lr`` on
     the characters of ``textwrap``'s source; the model, a batch, the loss and the optimizer."""

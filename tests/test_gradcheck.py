@@ -62,6 +62,15 @@ def test_gradcheck_rejects_bad_arguments():
         gg.gradcheck(lambda x: x, torch.randn(2))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_checks=0"):
         gg.gradcheck(nn.Linear(2, 2), torch.randn(1, 2), max_checks=0)
+    # found by a stranger: eps=0 raised ZeroDivisionError; a negative or NaN eps or
+    # tolerance called a correct model's gradients wrong on every entry
+    for kw in ({"eps": 0.0}, {"eps": -1.0}, {"eps": float("nan")}, {"atol": -1.0},
+               {"rtol": -1.0}, {"atol": float("nan")}):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=rf"gradcheck {name}=.*must be a finite number"):
+            gg.gradcheck(nn.Linear(2, 2), torch.randn(1, 2), **kw)
+    with pytest.raises(TypeError, match=r"gradcheck seed=0.5: expected an int"):
+        gg.gradcheck(nn.Linear(2, 2), torch.randn(1, 2), seed=0.5)  # type: ignore[arg-type]
 
 
 def test_doctor_locates_the_custom_function_module():

@@ -371,6 +371,17 @@ def test_one_jsonl_sink_given_to_two_guards_is_refused(tmp_path):
     (lambda: gg.report(None), TypeError, r"run_dir must be a directory path .* NoneType"),
     (lambda: gg.Guard(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1), every=10**9),
      ValueError, r"Guard\(every=1000000000\): must be an int from 1 to 100000"),
+    # found by a stranger: these gave a bare pathlib TypeError, an AttributeError, or wrote
+    # and rotated snapshots in the current directory
+    (lambda: gg.Recovery(snapshot_dir=""), ValueError, r"Recovery snapshot_dir.*='': give a"),
+    (lambda: gg.ConsoleSink(file="log.txt"), TypeError, r"ConsoleSink\(file='log.txt'\): "
+     "expected a text stream"),
+    (lambda: gg.TensorBoardSink(None), TypeError, r"TensorBoardSink log_dir must be a "
+     "directory path"),
+    (lambda: gg.DiskSnapshotStore(None), TypeError, r"DiskSnapshotStore directory must be"),
+    (lambda: gg.read_jsonl(None), TypeError, r"read_jsonl\(path=None\): expected a file path"),
+    (lambda: __import__("gradguard.integrations.lightning", fromlist=["x"]).GradGuardCallback(
+        run_dir=3), TypeError, r"GradGuardCallback run_dir must be a directory path"),
 ])
 def test_bad_sink_report_and_guard_arguments_name_the_argument(make, error, match, tmp_path,
                                                                monkeypatch):

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 #: Set on an optimizer while a guard steps it: no step of any guard's is the script's own
 #: (a notebook cell run twice leaves the first guard's hook on the optimizer).
 INSIDE = "_gradguard_inside"
+#: Set on an optimizer when a guard is done with a step's gradients: ``(the OutsideSteps,
+#: the probe parameter, its gradient, the gradient's version)``. A second guard over the
+#: same optimizer stepped on the same gradients would step the batch twice (found by a
+#: stranger: two guards over one Adam, both stepped, took two updates per batch unsaid).
+HANDLED = "_gradguard_handled"
 
 
 def stepping(optimizer: Any, on: bool) -> None:
@@ -70,13 +75,30 @@ class OutsideSteps:
             self._probe = min(with_grad, key=lambda t: t.numel(), default=None)
         g = None if self._probe is None else self._probe.grad
         self._handled = None if g is None else (g, g._version)
+        guard = self._guard()
+        if guard is not None:
+            setattr(guard.optimizer, HANDLED, None if g is None else (
+                weakref.ref(self), self._probe, g, g._version))
 
     def again(self) -> bool:
-        """Whether this step's gradients are those ``guard.step()`` just stepped or skipped
-        (no backward since): a second ``guard.step()`` on the same batch."""
+        """Whether this step's gradients are those ``guard.step()`` (this guard's, or
+        another's over the same optimizer) just stepped or skipped (no backward since): a
+        second ``guard.step()`` on the same batch."""
         held, probe = self._handled, self._probe
-        return held is not None and probe is not None and probe.grad is held[0] and (
-            held[0]._version == held[1])
+        if held is not None and probe is not None and probe.grad is held[0] and (
+                held[0]._version == held[1]):
+            return True
+        return self.other() is not None
+
+    def other(self) -> Any:
+        """The other guard that just stepped or skipped this step's gradients over the same
+        optimizer, or None."""
+        guard = self._guard()
+        mark = None if guard is None else getattr(guard.optimizer, HANDLED, None)
+        if mark is None or mark[0]() is self or mark[0]() is None:
+            return None
+        _, probe, g, version = mark
+        return mark[0]()._guard() if probe.grad is g and g._version == version else None
 
     def twice(self, guard: Guard) -> None:
         """Say once that ``guard.step()`` was called again on the gradients it had just
@@ -86,10 +108,17 @@ class OutsideSteps:
             return
         self.said_twice = True
         step = max(guard.step_count - 1, 0)
-        text = (f"step {step}: guard.step() was called again on the gradients it had just "
-                "stepped or skipped (no backward since): ignored, as a second "
-                "optimizer.step() on them would have stepped the batch twice")
-        remedy = "Call guard.step() once per backward (it replaces optimizer.step())."
+        if (other := self.other()) is not None:
+            text = (f"step {step}: another guard over the same optimizer had just stepped or "
+                    f"skipped these gradients (at its step {max(other.step_count - 1, 0)}): "
+                    "ignored, as a second update would have stepped the batch twice")
+            remedy = ("Keep one guard per optimizer: close the other (guard.close()) or "
+                      "step only one of them.")
+        else:
+            text = (f"step {step}: guard.step() was called again on the gradients it had "
+                    "just stepped or skipped (no backward since): ignored, as a second "
+                    "optimizer.step() on them would have stepped the batch twice")
+            remedy = "Call guard.step() once per backward (it replaces optimizer.step())."
         warnings.warn(f"gradguard: {text}. {remedy}", GradGuardWarning,
                       stacklevel=caller_stacklevel())
         guard.add_event(Event(kind="unguarded_step", step=step, severity="warning",

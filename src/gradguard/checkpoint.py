@@ -87,12 +87,40 @@ def weight_norms(params: list[torch.Tensor]) -> list[float]:
 
 
 
+#: The relative change of a norm that rounding each element to these types can make
+#: (their unit roundoff): weights saved in half precision and loaded back are the same.
+ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
 def same_weights(saved: Any, params: list[torch.Tensor]) -> bool:
-    """Whether ``params`` have the norms :func:`weight_norms` saved (to 1e-5)."""
+    """Whether ``params`` have the norms :func:`weight_norms` saved (to 1e-5, or to the
+    roundoff of a half-precision type every element of a parameter is exact in: weights
+    saved in bfloat16 and loaded into a float32 model, found by a regression hunt: such a
+    ``--resume`` was taken for a from-scratch run and its first session left out)."""
     if not isinstance(saved, list) or len(saved) != len(params):
         return False
-    return all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12)
-               for a, b in zip(saved, weight_norms(params)))
+    tols = _rounded(params)
+    return all(math.isclose(a, b, rel_tol=max(1e-5, 1.01 * t), abs_tol=1e-12)
+               for a, b, t in zip(saved, weight_norms(params), tols))
+
+
+def _rounded(params: list[torch.Tensor]) -> list[float]:
+    """Per parameter, the roundoff of the coarsest half-precision type all its elements are
+    exact in (0 for none): one host read per device."""
+    out = [0.0] * len(params)
+    for dtype, roundoff in ROUNDOFF.items():  # bfloat16 first: the coarser
+        with torch.no_grad():
+            flags = [(_local(p.detach()) == _local(p.detach()).to(dtype).to(p.dtype)).all()
+                     if p.is_floating_point() and p.dtype not in ROUNDOFF else
+                     torch.zeros((), dtype=torch.bool, device=p.device) for p in params]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, f in enumerate(flags):
+            by_device.setdefault(f.device, []).append(i)
+        for idx in by_device.values():
+            for i, exact in zip(idx, torch.stack([flags[i] for i in idx]).tolist()):
+                if exact and not out[i]:
+                    out[i] = roundoff
+    return out
 
 
 def load_state_dict(guard: Guard, sd: dict[str, Any], *, telemetry: bool = True) -> None:

@@ -320,6 +320,7 @@ def iter_jsonl(
         /...metrics.jsonl:2: truncated last line skipped (was the run killed, or its disk full?)
         [0]
     """
+    _path_arg(path, "iter_jsonl")
     p = Path(path)
     say = warn if warn is not None else (lambda m: warnings.warn(m, UserWarning, stacklevel=3))
     pending: tuple[int, str] | None = None  # a bad line; the next line says if it was torn
@@ -370,7 +371,15 @@ def read_jsonl(
         ...
         ValueError: /...events.jsonl:1: schema version 'v' must be an integer, got '1'
     """
+    _path_arg(path, "read_jsonl")
     return list(iter_jsonl(path, warn=warn))
+
+
+def _path_arg(path: Any, owner: str) -> None:
+    """Refuse a ``path`` that is no path, naming ``owner`` (found by a stranger: None gave
+    pathlib's bare TypeError)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{owner}(path={path!r}): expected a file path (str or os.PathLike)")
 
 
 def call_sinks(sinks: Sequence[Sink], flush: Flush, failed: set[int]) -> None:

@@ -190,6 +190,9 @@ class Guard:
 
     def add_event(self, event: Event) -> None:
         """Record an event; it reaches the sinks at the next flush."""
+        if not isinstance(event, Event):  # found by a stranger: a string broke every flush
+            raise TypeError(f"Guard.add_event(event={event!r}): expected a gradguard.Event, "
+                            f"got {type(event).__name__}")
         self.monitor.add_event(event)
 
     # ---- the hot path ----------------------------------------------------------------------
@@ -228,6 +231,9 @@ class Guard:
             raise RuntimeError("guard.step() called after guard.close()")
         if closure is None and callable(loss) and not isinstance(loss, Tensor):
             loss, closure = None, loss  # guard.step(closure), as optimizer.step(closure)
+        if closure is not None and not callable(closure):  # found by a stranger: a bare
+            raise TypeError(f"guard.step(closure={closure!r}): expected a callable that "  # TypeError
+                            "recomputes the loss (as optimizer.step(closure)) or None")
         update = None
         if self.wrapper is not None:
             if accumulating(self.wrapper):

@@ -105,6 +105,18 @@ def dir_problem(d: str | os.PathLike[str]) -> str | None:
 _OPEN: dict[str, weakref.ref[JsonlSink]] = {}
 
 
+def dir_arg(value: Any, what: str) -> Path:
+    """``value`` as a path, or an error naming ``what`` (the owner and argument, e.g.
+    ``"JsonlSink run_dir"``): not a str or os.PathLike, or empty (the current directory,
+    by accident)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a directory path (str or os.PathLike), got "
+                        f"{type(value).__name__}: {value!r}")
+    if not os.fspath(value).strip():  # "" is the current directory, by accident
+        raise ValueError(f"{what}={os.fspath(value)!r}: give a directory (e.g. 'runs/exp1')")
+    return Path(value)
+
+
 class JsonlSink:
     """Append-only JSONL files in a run directory.
 
@@ -134,15 +146,9 @@ class JsonlSink:
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], *, fsync: bool = True) -> None:
-        if not isinstance(run_dir, (str, os.PathLike)):
-            raise TypeError(
-                f"JsonlSink run_dir must be a directory path (str or os.PathLike), "
-                f"got {type(run_dir).__name__}: {run_dir!r}")
-        if not str(run_dir).strip():  # "" is the current directory, by accident
-            raise ValueError("JsonlSink run_dir='': give a directory (e.g. 'runs/exp1')")
+        self.run_dir = dir_arg(run_dir, "JsonlSink run_dir")
         if not isinstance(fsync, bool):
             raise TypeError(f"JsonlSink(fsync={fsync!r}): must be True or False")
-        self.run_dir = Path(run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .events import Event, Flush
-from .rundir import JsonlSink  # re-exported: the run directory's writer lives there
+from .rundir import (
+    JsonlSink,  # re-exported: the run directory's writer lives there
+    dir_arg,
+)
 
 __all__ = ["LAYERS_PER_SECTION", "ConsoleSink", "JsonlSink", "TensorBoardSink", "WandbSink",
            "layer_sections"]
@@ -99,6 +102,7 @@ class TensorBoardSink:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise _missing_extra("TensorBoardSink", "tensorboard", e) from e
+        dir_arg(log_dir, "TensorBoardSink log_dir")
         if not isinstance(flush_secs, int) or flush_secs < 1:
             raise ValueError(f"TensorBoardSink(flush_secs={flush_secs!r}): must be an int >= 1")
         self.log_dir = Path(log_dir)
@@ -328,6 +332,10 @@ class ConsoleSink:
     """
 
     def __init__(self, file: TextIO | None = None, *, force_terminal: bool | None = None) -> None:
+        if file is not None and not callable(getattr(file, "write", None)):
+            # found by a stranger: a path gave "'str' object has no attribute 'isatty'"
+            raise TypeError(f"ConsoleSink(file={file!r}): expected a text stream (an open "
+                            "file, sys.stderr, io.StringIO) or None for stdout")
         self.file = file
         out = file if file is not None else sys.stdout
         self.terminal = out.isatty() if force_terminal is None else bool(force_terminal)

@@ -105,7 +105,7 @@ def register(sub: Any) -> None:
 
 def build_config(args: argparse.Namespace) -> Any:
     """The guards' :class:`~gradguard.GuardConfig` from the command line."""
-    from ..config import GuardConfig
+    from ..config import MAX_EVERY, GuardConfig
     from ..integrations._hooked import parse_clip
     from ..recovery import Recovery
     from . import UsageError
@@ -114,8 +114,8 @@ def build_config(args: argparse.Namespace) -> Any:
         clip = parse_clip(args.clip)
     except ValueError as e:
         raise UsageError(f"--clip: {e}") from e
-    if args.every < 1:
-        raise UsageError(f"--every {args.every}: must be >= 1")
+    if not 1 <= args.every <= MAX_EVERY:  # found by a stranger: 1000000 gave a traceback
+        raise UsageError(f"--every {args.every}: must be from 1 to {MAX_EVERY}")
     if args.snapshot_dir is not None and not args.recovery:
         raise UsageError("--snapshot-dir: recovery is off (--no-recovery); drop one of them")
     if not args.loss_rise and not args.recovery:

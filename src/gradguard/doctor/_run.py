@@ -221,6 +221,11 @@ def doctor(
         raise TypeError(f"doctor loss_fn: expected a callable, got {type(loss_fn).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"doctor optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if optimizer is not None:  # found by a stranger: one over another model's parameters
+        mine = {id(p) for p in model.parameters()}  # probed nothing and said "healthy"
+        if not any(id(p) in mine for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("doctor optimizer: it holds none of the model's parameters; pass "
+                             "the optimizer that updates this model (or None)")
     if lr_probe_steps < 1:
         raise ValueError(f"doctor lr_probe_steps={lr_probe_steps}: must be >= 1")
     if budget_s is not None and not (isinstance(budget_s, (int, float)) and budget_s > 0):

@@ -124,6 +124,14 @@ def gradcheck(
         raise TypeError(f"gradcheck module={type(module).__name__}: expected a torch.nn.Module")
     if max_checks < 1:
         raise ValueError(f"gradcheck max_checks={max_checks}: must be >= 1")
+    # found by a stranger: eps=0 raised ZeroDivisionError, a negative or NaN eps or tolerance
+    # called a correct model's gradients wrong on every entry
+    for name, x, low in (("eps", eps, "> 0"), ("atol", atol, ">= 0"), ("rtol", rtol, ">= 0")):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or (
+                x <= 0 if name == "eps" else x < 0):
+            raise ValueError(f"gradcheck {name}={x!r}: must be a finite number {low}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"gradcheck seed={seed!r}: expected an int")
     refuse_lazy(module.named_parameters(), "gradcheck module", "check it")
     m = copy.deepcopy(module).double()
     args = _map(inputs, lambda t: t.detach().clone().double() if t.is_floating_point() else t)

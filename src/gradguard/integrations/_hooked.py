@@ -29,6 +29,7 @@ from ..executors import Hook
 from ..guard import Guard
 from ..recovery import Recovery
 from ..recovery.snapshots import DiskSnapshotStore
+from ..rundir import dir_arg
 
 
 def recovery_for(template: Recovery | None, k: int) -> Recovery | None:
@@ -165,7 +166,7 @@ class CallbackOptions:
         if self.default_recovery:
             options = {**options, "recovery": Recovery()}
         self.config = resolve_config(owner, config, options)
-        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.run_dir = None if run_dir is None else dir_arg(run_dir, f"{owner} run_dir")
         self.report = report
 
     @property

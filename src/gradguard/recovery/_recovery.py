@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from ..events import Event
+from ..rundir import dir_arg
 from . import _checkpoint, _flush, _probing, _steps, actions
 from .dead import DeadLayers
 from .defaults import (
@@ -157,11 +158,8 @@ class Recovery:
             raise ValueError(
                 f"Recovery(reset_moments={reset_moments!r}): allowed values are {RESET_MOMENTS}"
             )
-        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
-            raise TypeError(
-                f"Recovery(snapshot_dir={snapshot_dir!r}): expected a path (str or "
-                "os.PathLike) or None"
-            )
+        if snapshot_dir is not None:  # found by a stranger: "" wrote snapshots in "."
+            dir_arg(snapshot_dir, "Recovery snapshot_dir (or None: in memory only)")
         self.config = ladder_config(
             skip_patience=skip_patience, backoff=backoff, restore_steps=restore_steps,
             patience=patience, snapshot_every=snapshot_every, keep=keep,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GradGuardWarning, caller_stacklevel
-from ..rundir import temp_file
+from ..rundir import dir_arg, temp_file
 
 #: Snapshots kept (a second rollback in a row goes one snapshot further back).
 KEEP = 2
@@ -162,6 +162,7 @@ class DiskSnapshotStore:
         run: bool = False,
     ) -> None:
         self.keep = check_int("keep", keep, 1, "DiskSnapshotStore")
+        dir_arg(directory, "DiskSnapshotStore directory")
         #: under torch.distributed each rank keeps its own files (``...-rank<r>.pt``), so
         #: ranks sharing a directory never overwrite or restore each other's shards
         self.rank = rank
