@@ -712,6 +712,80 @@ def test_a_trunk_frozen_with_zero_gradients_kept_is_not_a_network_that_died():
     assert not [e for e in guard.events if e.kind in ("rollback", "lr_backoff")]
 
 
+def test_a_nan_micro_batch_under_accumulation_is_no_explosion_in_the_head(tmp_path):
+    """Found by a stranger: the usual accumulation loop (4 micro-batches, ``loss / 4``
+    backpropagated each, ``guard.step(loss)`` where ``optimizer.step()`` was: the last
+    micro-batch's loss) with one NaN input in micro-batch 1 of step 30 was "Gradients
+    exploded at step 30 in `2` (NaN)", told to lower the learning rate: every layer's
+    gradient NaN under the finite loss passed is a loss the guard was not given. The step is
+    skipped, the weights stay finite, and the summary and remedy say where to look."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+    from gradguard.report._summary import summary_sentence
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    with gg.Guard(model, opt, every=10, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for step in range(60):
+            for micro in range(4):
+                x = torch.randn(8, 8, generator=gen)
+                if step == 30 and micro == 1:
+                    x[0, 0] = float("nan")
+                loss = (model(x) - x[:, :1]).pow(2).mean() / 4
+                loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    [ev] = [e for e in guard.events if e.kind == "nonfinite_grad"]
+    assert ev.step == 30 and ev.data["cause"] == "nonfinite_loss" and ev.data["unseen_loss"]
+    assert "micro-batches" in ev.remedy and "learning rate" not in ev.remedy
+    data = load_run(tmp_path)
+    text = summary_sentence(data)
+    assert "exploded" not in text and "Every layer's gradient was NaN at step 30" in text
+    out = judge(data)
+    assert out.cause == "nonfinite_loss" and "Check the batch of step 30" in out.remedy
+
+
+@pytest.mark.parametrize("dead", [True, False])
+def test_relus_dead_from_the_start_are_a_stall_not_an_unused_branch(tmp_path, dead):
+    """Found by a stranger: a ReLU MLP whose hidden biases start at -5 sat at chance, every
+    hidden layer without a gradient from step 0, and was "healthy", its layers told as an
+    unused branch ("check for detach()/no_grad()"). A layer the loss's graph reaches, with
+    a layer after it that has a gradient, that never had one is dead from the start: a
+    warning, the run stalled with cause ``dead_units`` and the initialisation named. Its
+    twin (default biases) is healthy, with no warning."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
+    if dead:
+        for layer in (model[0], model[2]):
+            nn.init.constant_(layer.bias, -5.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    centers = torch.randn(4, 16, generator=gen)
+    with gg.Guard(model, opt, every=25, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for _ in range(150):
+            y = torch.randint(0, 4, (32,), generator=gen)
+            loss = nn.functional.cross_entropy(model(centers[y] + 0.3 * torch.randn(32, 16, generator=gen)), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    warned = [e for e in guard.events if e.severity != "info"]
+    out = judge(load_run(tmp_path))
+    if not dead:
+        assert not warned and out.status == "healthy"
+        return
+    assert {e.layer for e in warned} == {"0", "2"}
+    assert all(e.kind == "disconnected_layer" and e.data["from_start"] for e in warned)
+    assert (out.status, out.cause) == ("stalled", "dead_units")
+    assert "from the start" in out.clause and "initialisation" in out.remedy
+
+
 def test_a_trunk_detached_with_zero_gradients_kept_is_not_a_network_that_died(tmp_path):
     """Found by a regression hunt: a trunk frozen mid-run by detaching its output
     (``head(trunk(x).detach())``) under ``zero_grad(set_to_none=False)`` keeps a gradient

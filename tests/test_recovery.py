@@ -940,6 +940,27 @@ def test_a_rollback_passes_over_snapshots_taken_with_a_quarter_of_a_layer_dead()
     assert rec.ring.back(0) == 0
 
 
+def test_units_silent_under_a_loss_fit_to_its_floor_are_no_dead_units():
+    """Found by a stranger: a blob classifier whose cross-entropy was 1e-8 (fit: it passes
+    next to no gradient back, and a unit that fires only on fit samples gets a row of exact
+    zeros) was rolled back for "53% of the output units of `0` died". No dead-unit verdict
+    at a loss of 1e-4 of the fresh model's or less; above it, the rollback stands."""
+    from gradguard.recovery._flush import FIT, _dying
+    from gradguard.units import DYING
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = gg.Recovery()
+    guard = gg.Guard(model, opt, recovery=rec)
+    rec._rise.fresh = 1.4
+    rec._rise.latest = 1.4 * FIT
+    assert _dying(rec, guard, 99, (DYING, "0.weight")) is None
+    rec._rise.latest = 1.4 * FIT * 10
+    trigger = _dying(rec, guard, 99, (DYING, "0.weight"))
+    assert trigger is not None and trigger.rollback and "died" in trigger.reason
+
+
 def test_lab_t7_the_rollback_goes_to_the_fresh_model_and_the_run_reaches_its_twin(
         tmp_path, monkeypatch):
     """Lab T7 (a 10-layer ReLU MLP at SGD 0.3, NaN by step 55 unguarded): the first

@@ -327,6 +327,49 @@ def _flat(events):
     return d
 
 
+def test_a_loss_fit_to_its_float_floor_is_judged_by_no_level_there():
+    """Found by a stranger: blob classifiers whose cross-entropy fell from 1.4 to 1e-8 within
+    ten steps (held-out 0 to 3e-6) were "diverged: the loss rose from 3.73e-09 to 1.75e-06
+    (lr_too_high)", "did not recover (the loss ended at 5.77e-07, above the 0 it had before
+    step 34)" and "stalled: the loss did not fall (0 at the start, 0 at the end)". A loss
+    that ended at a millionth of its first or less is fit: no level at its floor says
+    it rose, stalled or did not come back."""
+    d = _data([])
+    n = d.n_steps
+    d.loss = np.concatenate([[1.4, 0.5, 0.01], np.full(n - 3, 3.7e-9)])
+    d.loss[-10:] = 1.2e-6  # a rise at the floor
+    out = judge(d)
+    assert out.status == "healthy" and out.cause is None and not out.flat
+    d.events = [_ev("grad_spike", 34, severity="warning")]
+    d.loss[34:] = 5.77e-7
+    d.loss[30:34] = 0.0
+    out = judge(d)
+    assert out.status == "recovered" and out.cause != "lr_too_high"
+    # a loss that is not at its floor is still judged on its level
+    d.loss[-10:] = 0.5
+    assert judge(d).status != "recovered"
+
+
+def test_an_lr_the_growth_rule_capped_is_no_edge_of_what_trains():
+    """Found by a stranger: a char LSTM on SGD at 30x, rolled back by the growth rule with
+    its LR capped at x0.0106 (lr 0.318), was told "the edge of what trains; set half of it,
+    0.159, in your config": every LR up to 13.7 trains, and 0.159 ends 27% worse than its
+    twin. The cap is an estimate: the summary says so and advises the LR itself."""
+    f = 0.010584795999478204
+    grown = _ev("rollback", 20, severity="error", data={"factor": f, "ceiling": f},
+                message="step 20: the weights grew 19.9x in the first 20 steps (the median "
+                        "weight matrix's norm): an LR far too high")
+    settled = _ev("lr_settled", 329, severity="info",
+                  data={"factor": f, "lr": [0.3175], "raised": False, "advise": [0.1588]})
+    text = summary_sentence(_data([grown, settled]))
+    assert "Stable at lr 0.318: the cap the growth of the first weights set" in text
+    assert "edge of what trains" not in text and "0.159" not in text
+    # a back-off after it lowered it further: the tally's advice stands
+    backoff = _ev("lr_backoff", 100, data={"factor": f / 2, "ceiling": f / 2})
+    settled["data"] = {**settled["data"], "factor": f / 2, "lr": [0.159], "advise": [0.0794]}
+    assert "the edge of what trains" in summary_sentence(_data([grown, backoff, settled]))
+
+
 def test_a_run_whose_gradients_vanished_and_whose_loss_never_fell_stalled():
     """Tried as a stranger (a 12-layer sigmoid MLP on the digits under `gradguard run`: 600
     steps at chance): it was "HEALTHY ... Training recovered"."""

@@ -373,7 +373,15 @@ def detect_no_gradient(
             return False
         return all(k in quiet for k in window.after[index[name]])
 
-    return ([_silent_layer(n, window.steps[0], step) for n in never]
+    # a layer that never had a gradient, though the loss's graph reaches it and a layer
+    # after it has one: its units are dead from the start (found by a stranger: ReLUs under
+    # biases initialised at -5 sat at chance, "healthy", told to look for a detach())
+    walked = window.reached() if never and window.reached is not None else None
+    born = [n for n in never if walked is not None and index[n] in walked
+            and window.after is not None and not cut(n)]
+    return ([_silent_layer(n, window.steps[0], step) for n in never if n not in born]
+            + [_silent_layer(n, window.steps[0], step, died=len(cols[index[n]]),
+                             from_start=True) for n in born]
             + [_silent_layer(n, window.steps[0], step, died=state.silent_run[n],
                              cut=cut(n)) for n in died])
 
@@ -391,10 +399,24 @@ def _layers_present(window: Window) -> dict[str, bool]:
 
 
 def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool = False,
-                  ) -> Event:
+                  from_start: bool = False) -> Event:
     """The event for a layer without a gradient; ``died``: the steps without one, of a
     layer that had one before (0: it never had one); ``cut``: the loss no longer depends
-    on its output (no layer after it has a gradient)."""
+    on its output (no layer after it has a gradient); ``from_start``: it never had one,
+    though the loss's graph reaches it and a layer after it has one (dead from the start)."""
+    if from_start:
+        return Event(
+            kind="disconnected_layer", step=step, severity="warning", layer=name, value=0.0,
+            message=(f"steps {first}-{step}: `{name}` received a gradient of exactly zero on "
+                     "every step, though the loss's graph reaches it and a layer after it has "
+                     "one: the units around it are dead from the start (ReLUs that their "
+                     "biases or inputs keep below zero), or its output is multiplied by zero "
+                     "(a gate or mask that never opens)"),
+            remedy=("Check the initialisation (biases far below zero, weights that push every "
+                    "unit negative) and the inputs' scale, or use LeakyReLU/GELU; "
+                    "gg.doctor(model, batch, loss_fn) names the layers."),
+            data={"died": True, "steps": died, "from_start": True},
+        )
     if died and cut:
         return Event(
             kind="disconnected_layer", step=step, severity="info", layer=name, value=0.0,

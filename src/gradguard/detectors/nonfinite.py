@@ -65,6 +65,15 @@ class ForwardOrigin:
     dtype: str = ""
 
 
+#: Every layer's gradient NaN under a finite loss given to the step.
+UNSEEN = ("every layer's gradient is NaN under a finite loss: the NaN came in at the loss "
+          "end, from a loss guard.step was not given (a micro-batch before the last, under "
+          "gradient accumulation; a loss term left out) or the loss's own backward")
+UNSEEN_REMEDY = ("Check this step's micro-batches for NaN/Inf (pass guard.step the sum of the "
+                 "accumulated losses and it names them), and the loss for an op whose "
+                 "gradient is undefined at its input (sqrt or norm at 0, log at 0).")
+
+
 def _nonfinite_cause(
     loss: float, fwd: ForwardOrigin | None, watched: bool = True
 ) -> tuple[str | None, str | None, str]:
@@ -153,12 +162,22 @@ def detect_nonfinite(
             cause, origin, remedy = "nonfinite_weights", weights[0], WEIGHTS_REMEDY
         origin = origin or grad_origin
         kind = "NaN" if math.isnan(total[i]) else "Inf"
+        unseen = (cause is None and fwd is None and kind == "NaN" and math.isfinite(losses[i])
+                  and window.loss_given is not None and bool(window.loss_given[i])
+                  and len(window.layers) >= 2 and len(bad) == len(window.layers))
+        if unseen:  # NaN in every layer under a finite loss: it came in at the loss end,
+            # from a loss the guard was not given (found by a stranger: a NaN micro-batch
+            # under gradient accumulation, the last micro-batch's loss passed, was "Gradients
+            # exploded at step 150 in `4`", told to lower the learning rate)
+            cause, remedy = "nonfinite_loss", UNSEEN_REMEDY
         where = {
             "nonfinite_input": "the input batch holds NaN/Inf",
             "nonfinite_loss": "the loss is non-finite",
             "half_precision_overflow": f"`{origin}` overflowed in half precision",
             "nonfinite_weights": f"the weights of {listed(list(weights or ()))} are NaN/Inf",
         }.get(cause or "", f"origin `{origin}`")
+        if unseen:
+            where = UNSEEN
         if origin is None and not bad and window.layers:
             # every layer's norm finite, their total not: it overflowed summing them (found
             # by a stranger: "origin `None` (0 of 2 layers non-finite)")
@@ -173,6 +192,8 @@ def detect_nonfinite(
             data["forward_origin"] = fwd.module
         if not math.isfinite(losses[i]):  # the loss's own kind: an Inf loss has NaN gradients
             data["loss"] = "NaN" if math.isnan(losses[i]) else "Inf"
+        if unseen:
+            data["unseen_loss"] = True
         events.append(
             Event(
                 kind="nonfinite_grad",

@@ -255,6 +255,10 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
                          worse_than_fresh=rec._rise.worse_than_fresh()), dead
 
 
+#: A loss level at most this share of the fresh model's is a fit: no dead-unit verdict.
+FIT = 1e-4
+
+
 def _dying(rec: Recovery, guard: Guard, step: int, sample: tuple[float, str]) -> Trigger | None:
     """A rollback trigger when ``DYING`` (half) or more of a layer's units died within a
     hundred steps (:mod:`gradguard.units`): to the weights from before they died (the ring
@@ -263,6 +267,12 @@ def _dying(rec: Recovery, guard: Guard, step: int, sample: tuple[float, str]) ->
     towards the floor the dead units set, and no LR from the damaged weights brings them
     back. ``sample``: the window's latest share and its parameter (``Window.units_dying``)."""
     if sample[0] < DYING:
+        return None
+    fresh, latest = rec._rise.fresh, rec._rise.latest
+    if fresh is not None and latest is not None and 0 <= latest <= FIT * fresh:
+        # a loss fit to its floor passes (next to) no gradient back: units silent on the
+        # batches it fits are no dead ones (found by a stranger: a blob classifier whose
+        # cross-entropy was 1e-8 was rolled back for "53% of the output units died")
         return None
     shifted = rec.state.shifted
     if shifted is not None and (step - shifted <= (RECENT + SILENT) * SAMPLE or all(

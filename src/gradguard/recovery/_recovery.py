@@ -158,6 +158,11 @@ class Recovery:
             raise ValueError(
                 f"Recovery(reset_moments={reset_moments!r}): allowed values are {RESET_MOMENTS}"
             )
+        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"Recovery(snapshot_dir={snapshot_dir!r}): expected a path (str or "
+                "os.PathLike) or None"
+            )
         if snapshot_dir is not None:  # found by a stranger: "" wrote snapshots in "."
             dir_arg(snapshot_dir, "Recovery snapshot_dir (or None: in memory only)")
         self.config = ladder_config(

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..events import listed
 from . import _levels
 from ._levels import REL_TOL, flat_words, median, tol
 from ._remedy import LOWERED_STALL, every_overflow, remedy
@@ -174,11 +175,17 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     # "the loss rose ... the learning rate is too high")
     taken = fin & ~data.skipped
     fin = taken if taken.any() else fin
+    floored = False  # the loss ended fit, at its float floor: no level compares there
     if fin.any():
         first = loss[fin][:k]
         start = min(float(first[0]), float(np.median(first)))
         end = loss[tail][fin[tail]]
         final = median(end)
+        # found by a stranger: blob classifiers whose cross-entropy fell from 1.4 to 1e-8
+        # within ten steps were "diverged (the loss rose from 3.7e-09 to 1.75e-06)", "did
+        # not recover (5.8e-07, above the 0 it had)", "stalled (0 at the start)"
+        fresh = float(first[:MIN_LEVEL_STEPS].max())
+        floored = final is not None and fresh > 0 and 0 <= final <= FIT_LOSS * fresh
         # a run whose loss may rise when healthy (``loss_rise=False``: a GAN's players, RL
         # returns, a curriculum) is not judged on its level: a GAN at its balance point was
         # "DIVERGED ... the learning rate is too high", and --fail-on-divergence failed it
@@ -187,7 +194,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
                   or config.get("recovery") is False)
         # the start and end levels from the same steps say nothing of a change (a 3-step
         # run's loss 10, 5, 2.5 was "did not fall (5 at the start, 5 at the end)")
-        if final is not None and judged and n >= 2 * k:
+        if final is not None and judged and n >= 2 * k and not floored:
             rose = _levels.rose(start, final, end)
             flat = not rose and _levels.flat(start, final, first)
         if incident is not None:
@@ -240,11 +247,12 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         status, cause = "unjudged", None
         clause = ("no finite loss was recorded (none reached gradguard), so the run is not "
                   "judged on its loss")
-    elif before is None or final is None or (
+    elif before is None or final is None or floored or (
             _levels.back_at(before, final, end) if by_ladder else final <= before + tol(
                 before, loss[(data.step < incident) & fin][-k:])):
         status, clause = "recovered", "training recovered"
-        relapse = None if before is None else _relapse(data, inc, loss, fin, k, before)
+        relapse = None if before is None or floored else _relapse(data, inc, loss, fin, k,
+                                                                   before)
         if relapse is not None:
             # back under the first incident's level, but not at the one it had reached
             # since, before a later incident (found by a stranger: an LR retry blew a run up
@@ -277,16 +285,27 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         incident = int(vanished[0]["step"]) if incident is None else incident
         clause = f"training stalled: {flat_words(start, final)}"
     dead = died_layers(ev)
+    born = dead is not None and all(
+        (e.get("data") or {}).get("from_start") for e in ev
+        if e.get("kind") == "disconnected_layer" and (e.get("data") or {}).get("died"))
+    if born and not flat:  # dead from the start, and the loss fell: the rest learns
+        dead = None
     if dead is not None and status in ("healthy", "recovered"):
         since = dead[0]  # no loss level shows it: a dead network sits still, often at chance
         status, cause = "not_recovered", cause or "dead_units"
         incident = since if incident is None else min(incident, since)
         clause = (f"training did not recover: the network died at step {since} and no "
                   "longer learns")
+        if born:
+            status = "stalled"  # it never lived: nothing to recover
+            clause = (f"training stalled: {listed(dead[1])} got no gradient from the start: "
+                      "the units around them were dead (ReLUs below zero), and nothing there "
+                      "trained")
     quiet = no_gradient_since(data)
     # a loss at zero has no gradient: a fit (a hinge loss on separable data), no stall
     # (a loss of 0 from the first step is no fit: every label masked, nothing trains)
-    fit = final is not None and start is not None and start > 0 and final <= FIT_LOSS * start
+    fit = floored or (final is not None and start is not None and start > 0
+                      and final <= FIT_LOSS * start)
     if quiet is not None and status in ("healthy", "recovered") and not fit:
         # found by a stranger: a loop without loss.backward() was "No gradient trouble in
         # 200 steps: the gradient norm stayed between 0 and 0", a healthy run

@@ -93,6 +93,11 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
                 + "and run gg.doctor on a batch to find what keeps the loss from falling.")
     if cause == "no_gradient":
         return NO_GRADIENT_REMEDY
+    if cause == "dead_units" and status == "stalled" and any(
+            (e.get("data") or {}).get("from_start") for e in data.events):
+        return ("Check the initialisation (biases far below zero, weights that push every unit "
+                "negative) and the inputs' scale, or use LeakyReLU/GELU (run gg.doctor on a "
+                "batch: it names the layers).")
     if cause == "dead_units":
         return ("Lower the learning rate, normalise the inputs, or use LeakyReLU/GELU: an update "
                 "too large pushed the ReLUs below zero for good (run gg.doctor on a batch).")

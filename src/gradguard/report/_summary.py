@@ -40,6 +40,10 @@ def _nonfinite_sentence(e: dict[str, Any], *, later: bool = False) -> str:
         return f"The loss was {kind} at step {s}, and the gradients with it"
     if origin == "(input)":
         return f"The input batch of step {s} held {kind}"
+    if (e.get("data") or {}).get("unseen_loss"):
+        return (f"Every layer's gradient was {kind} at step {s} under a finite loss: a loss "
+                "guard.step was not given held it (a micro-batch before the last, under "
+                "gradient accumulation), or the loss's own backward")
     if later:
         return f"Gradients became {kind} at step {s}{_where(e)}"
     return f"Gradients exploded at step {s}{_where(e)} ({kind})"
@@ -111,6 +115,16 @@ def out_of_scale_start(norms: Any, losses: Any = None) -> str | None:
     return (f"It started at {head:.3g}, {head / later:.3g}x its level ten steps later: a "
             "gradient out of scale at init, before any update could cause it (run gg.doctor "
             "on a batch).")
+
+
+def _growth_capped(events: list[dict[str, Any]], settled: dict[str, Any]) -> bool:
+    """Whether the LR a ``lr_settled`` event names is the cap the early-growth rule set
+    (:mod:`gradguard.recovery.growth`), with no act of the ladder lowering it since."""
+    factor = settled.get("factor")
+    cuts = [e for e in events if e.get("kind") in ("lr_backoff", "rollback")]
+    return (isinstance(factor, (int, float)) and len(cuts) == 1
+            and "in the first 20 steps" in str(cuts[0].get("message", ""))
+            and (cuts[0].get("data") or {}).get("factor") == factor)
 
 
 def _lr_list(lrs: list[Any]) -> str:
@@ -397,6 +411,13 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             parts.append(f"{stable}; it failed at {failed}{times}: set lr "
                          f"{_lr_list(sdata.get('advise') or []) or shown} in your config (the "
                          "edge of what trains lies between).")
+        elif shown and _growth_capped(ev, sdata):
+            # found by a stranger: a char LSTM on SGD at 30x, its LR capped by the growth
+            # rule at x0.0106, was told "the edge of what trains; set half of it, 0.159",
+            # where every LR up to 13.7 trains (0.159 ends 27% worse than its twin)
+            parts.append(f"{stable}: the cap the growth of the first weights set, an "
+                         "estimate, not an edge found failing; set it in your config, or "
+                         "try a few times higher.")
         elif shown and sdata.get("advise"):  # half of it for the config (recovery.tally)
             half = _lr_list(sdata["advise"])
             held = (f", with the gradients clipped on {sdata['clipped']} of the "
