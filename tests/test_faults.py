@@ -142,6 +142,47 @@ def test_a_stretch_of_nan_batches_costs_the_run_no_lr():
     assert run.guard.recovery.lr_ceiling == 1.0
 
 
+def test_two_guards_over_one_model_undo_a_streaks_rollback_each_on_its_own_weights():
+    """Found by a stranger: an embedding on ``SparseAdam`` and its head on ``Adam``, one
+    guard each (as docs/guard.md shows), met eight NaN batches in a row. Both guards rolled
+    back and undid the rollback (the batches were at fault), but each snapshots the whole
+    model: the second guard's undo put back the weights the first guard's rollback had just
+    restored, and the head ended at the snapshot of step 49 (1.97-2.10x the twin's held-out
+    loss). A guard restores only its own parameters; after the streak the whole model is
+    back at its weights from before it."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8, sparse=True)
+    head = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    sparse = torch.optim.SparseAdam(list(emb.parameters()), lr=1e-2)
+    dense = torch.optim.Adam(head.parameters(), lr=1e-3)
+    guards = [gg.Guard(model, opt, recovery=gg.Recovery(), every=10) for opt in (sparse, dense)]
+    gen = torch.Generator().manual_seed(1)
+    before = None
+    for step in range(140):
+        tok = torch.randint(0, 50, (32,), generator=gen)
+        out = head(emb(tok))
+        if 100 <= step < 108:
+            out = out + float("nan")
+        loss = torch.nn.functional.cross_entropy(out, tok % 4)
+        loss.backward()
+        if step == 100:
+            before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if step == 108:  # the first step after the streak, before it is taken
+            break
+        for g in guards:
+            g.step(loss)
+        for opt in (sparse, dense):
+            opt.zero_grad()
+    for g in guards:
+        kinds = [e.kind for e in g.events if e.kind in ("rollback", "nonfinite_input")]
+        assert kinds == ["rollback", "nonfinite_input"], kinds
+        assert next(e for e in g.events if e.kind == "nonfinite_input").data["rollback_undone"]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), [
+        k for k in before if not torch.equal(before[k], after[k])]
+
+
 def test_a_streak_that_ends_at_the_rollback_costs_the_run_no_lr():
     """Six NaN batches in a row: the sixth skip rolls back, and the streak ends there. The
     back-off of the third was never tried (every step since skipped): it has not failed,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.amp.grad_scaler import GradScaler
 
 from . import _lifecycle as lifecycle
+from . import _owners as owners
 from . import checkpoint, distributed
 from ._logit_watch import LogitWatch
 from ._outside import OutsideSteps, stepping
@@ -121,6 +122,7 @@ class Guard:
                 + (" (its .optimizer), and step it as the wrapper would"
                    if inner_optimizer(optimizer) is not None else ""))
         self.model, self.optimizer = model, optimizer
+        self._closed = False
         self.dist = distributed.context()
         if self.dist is not None and cfg.sink_rank is not None and cfg.sink_rank >= self.dist.world_size:
             raise ValueError(f"Guard(sink_rank={cfg.sink_rank!r}): must be < world size {self.dist.world_size}")
@@ -162,6 +164,7 @@ class Guard:
         self._scaler_exec: Direct | Hook | None = None
         if callable(getattr(cfg.clip, "bind", None)):
             cfg.clip.bind(self)
+        owners.claim(self)  # a rollback leaves another guard's parameters alone
         if cfg.recovery is not None:
             cfg.recovery.attach(self)
 

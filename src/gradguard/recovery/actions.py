@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .._owners import others
 from ..events import Event
 from ..naming import OPTIMIZER_PREFIX, layer_of
 from . import _slip, finite, messages, remap, wreck
@@ -242,7 +243,7 @@ def restore(guard: Guard, snap: dict[str, Any]) -> None:
     caller; :func:`snapshot_state` copied), keeping the optimizer's hyperparameters as they
     are now (LR schedules are not rolled back). The units dead in the restored weights died
     before them: the unit watch counts afresh (:mod:`gradguard.units`)."""
-    remap.load_model(guard.model, snap)
+    remap.load_model(guard.model, snap, skip=others(guard))
     units = getattr(guard.telemetry, "units", None)
     if units is not None:
         units.reset()

@@ -71,13 +71,21 @@ def fits(model: nn.Module, snap: Mapping[str, Any]) -> bool:
     return True
 
 
-def load_model(model: nn.Module, snap: Mapping[str, Any]) -> None:
+def load_model(model: nn.Module, snap: Mapping[str, Any], skip: set[int] | None = None,
+               ) -> None:
     """Load ``snap["model"]`` into ``model``: by ``load_state_dict`` while the keys are the
-    same, else tensor by tensor through the names and identities recorded with it."""
+    same, else tensor by tensor through the names and identities recorded with it.
+    ``skip``: the ids of live tensors left as they are (parameters another guard steps,
+    :mod:`gradguard._owners`)."""
     targets = _targets(model, snap)
-    if targets is None:
+    if targets is None and not skip:
         model.load_state_dict(snap["model"])
         return
+    if targets is None:
+        live = model.state_dict(keep_vars=True)
+        targets = {k: t for k, t in live.items() if isinstance(t, Tensor) and k in snap["model"]}
     with torch.no_grad():
         for k, t in targets.items():
+            if skip and id(t) in skip:
+                continue
             t.copy_(snap["model"][k])
