@@ -183,6 +183,42 @@ def test_two_guards_over_one_model_undo_a_streaks_rollback_each_on_its_own_weigh
         k for k in before if not torch.equal(before[k], after[k])]
 
 
+def test_a_streak_with_no_snapshot_to_roll_back_to_is_undone_at_its_first_finite_step():
+    """Found by a stranger: a backbone unfrozen with ``add_param_group`` (which drops the
+    snapshots: none covers the new group) met eight NaN batches five steps later. The
+    rollback at the sixth found no snapshot and backed off deeper instead (x0.0118), and
+    that back-off stood: 1.17x the twin's held-out loss. No weight moved, so the first
+    finite step after the streak still runs on the streak's weights and proves them sound:
+    the back-offs are undone and the LR is the run's again (1.02x)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
+    trunk = [*model[0].parameters(), *model[2].parameters()]
+    for p in trunk:
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(model[4].parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), every=10)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(116):
+        if step == 100:
+            for p in trunk:
+                p.requires_grad_(True)
+            opt.add_param_group({"params": trunk, "lr": 3e-4})
+        x = torch.randn(32, 8, generator=gen)
+        if 103 <= step < 111:
+            x[0, 0] = float("nan")
+        loss = nn.functional.cross_entropy(model(x), (x[:, :4].argmax(1)))
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    acts = [(e.kind, e.step) for e in guard.events
+            if e.kind in ("lr_backoff", "rollback", "nonfinite_input")]
+    assert acts == [("lr_backoff", 105), ("lr_backoff", 108), ("nonfinite_input", 111)], acts
+    assert "no snapshot yet" in next(e for e in guard.events if e.step == 108
+                                     and e.kind == "lr_backoff").message
+    assert guard.recovery.lr_factor == 1.0 and guard.recovery.lr_ceiling == 1.0
+
+
 def test_a_streak_that_ends_at_the_rollback_costs_the_run_no_lr():
     """Six NaN batches in a row: the sixth skip rolls back, and the streak ends there. The
     back-off of the third was never tried (every step since skipped): it has not failed,

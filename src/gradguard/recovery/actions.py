@@ -129,6 +129,13 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 snap = None  # the model changed past what it can restore (see .remap)
             if snap is None:  # nothing good to go back to yet: the deeper back-off only
                 rec.state = dataclasses.replace(rec.state, unrestored=rec.state.unrestored + 1)
+                if prior.undo is not None and rec.state.undo is None:
+                    # no weight moved: the next step still runs on the streak's weights,
+                    # and a finite one proves them sound (found by a stranger: a backbone
+                    # unfrozen by add_param_group, its snapshots dropped, then eight NaN
+                    # batches: the LR cut to x0.0118 for good measure, 1.17x its twin)
+                    rec.state = dataclasses.replace(rec.state, undo=prior.undo,
+                                                    undo_reason=prior.undo_reason)
                 guard.add_event(messages.backoff_event(a, rec.config.restore_steps,
                                                        no_snapshot=True, level=level))
             else:
