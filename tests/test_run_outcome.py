@@ -251,9 +251,12 @@ def test_a_run_back_at_a_level_it_never_left_is_told_its_loss_did_not_fall():
     out = judge(run(loss, events=[ev("rollback", 20, "error")]))
     assert out.status == "recovered"
     assert "training recovered, but over the run the loss did not fall" in out.clause
+    # found by a stranger: an encoder-decoder at Adam 30x sat at chance, "recovered", with
+    # no remedy at all
+    assert "does not learn" in out.remedy and "gg.doctor" in out.remedy
     assert "the loss did not fall" in summary_sentence(run(loss, events=[ev("rollback", 20, "error")]))
     fell = judge(run(np.geomspace(2.0, 0.5, 300), events=[ev("rollback", 20, "error")]))
-    assert fell.clause == "training recovered"
+    assert fell.clause == "training recovered" and fell.remedy is None
     # with the LR the rollback lowered, it is a stall (the LR left suspected)
     capped = ev("rollback", 20, "error") | {"data": {"factor": 0.0035, "ceiling": 0.0035}}
     out = judge(run(loss, events=[capped]))

@@ -56,6 +56,10 @@ MIN_LEVEL_STEPS, MAX_LEVEL_STEPS = 3, 50
 TAIL_BAD_FRACTION = 0.5
 #: A final loss at most this share of the first is a fit: its gradients may be exactly zero.
 FIT_LOSS = 1e-6
+#: What a run that came back to a level it never fell from should try.
+FLAT_REMEDY = ("The loss never fell over the run: the model does not learn. An LR too high "
+               "sits at chance as surely as one too low: run gg.doctor(model, batch, loss_fn, "
+               "optimizer=opt) on a batch (it probes the LR and the initialisation).")
 #: Event kinds that start an incident (besides a skipped step).
 INCIDENT_KINDS = ("nonfinite_grad", "grad_spike", "loss_spike", "lr_too_high")
 #: The recovery ladder's own actions: it acted on trouble that may show in no gradient event
@@ -328,9 +332,14 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
             status, cause = "stalled", "no_gradient"
             clause = (f"training stalled: from step {since} no gradient reached the "
                       "optimizer (every gradient missing), so nothing trained")
+    todo = remedy(status, cause, config, data, incident)
+    if todo is None and status == "recovered" and flat:
+        # back at its level, which is where it started: nothing to fix in the trouble, but
+        # the run does not learn (found by a stranger: an encoder-decoder at Adam 30x sat at
+        # chance, "training recovered", with no remedy)
+        todo = FLAT_REMEDY
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
-                   remedy(status, cause, config, data, incident), incident, start, before,
-                   final, rose, flat)
+                   todo, incident, start, before, final, rose, flat)
 
 
 def lowered_lr(events: list[dict[str, Any]], incident: int | None) -> int | None:
