@@ -833,6 +833,8 @@ def test_a_loop_that_raises_out_of_its_guard_block_is_told_stopped(tmp_path, exc
     # preemption was told to clip its gradients or lower its LR)
     assert out.remedy.startswith("Nothing in the gradients or the loss stopped it: see what "
                                  f"the loop raised ({name}"), out.remedy
+    # the guard cannot tell whether the loop had finished (post-training code that raised)
+    assert "if training had not finished, resume" in out.remedy
     if isinstance(exc, RuntimeError):
         assert "CUDA out of memory" in out.clause
 

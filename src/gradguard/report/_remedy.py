@@ -65,8 +65,11 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         # stopped by what the loop raised, no gradient trouble (found by a stranger: a run
         # preempted by SIGTERM was told to clip its gradients or lower its LR)
         return (f"Nothing in the gradients or the loss stopped it: see what the loop raised "
-                f"({raised['data']['exception']}), then resume from the last checkpoint"
-                + (" (gradguard run --resume)." if cli else "."))
+                f"({raised['data']['exception']}); if training had not finished, resume from "
+                "the last checkpoint" + (" (gradguard run --resume)." if cli else ".")
+                # found by a stranger: a script whose post-training code raised after its
+                # last step was told to resume a training that was over
+                )
     if every_overflow(data):
         return ("Every step overflowed in float16, the GradScaler skipping each: start it at a "
                 "lower scale (GradScaler(init_scale=...)), or use bfloat16, or run the "
