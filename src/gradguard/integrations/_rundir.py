@@ -251,11 +251,45 @@ def _went_back(guard: Any, state: dict[str, Any] | None, saved: Path, k: int) ->
     except StateMismatch as e:
         note = f"; its guard state does not fit ({e.what}): it starts afresh"
     back = ended - own
-    guard.step_count = max(int(state["step_count"]) - back, 0)
+    guard.step_count = _numbered_from(saved, int(state["step_count"]), back)
     return (f"{saved}: optimizer {k}'s own step count is {own}, {back} behind the {ended} "
             "the earlier session ended with (the script went back to a checkpoint of its "
             f"own): its guard's steps are numbered from {guard.step_count}, and its records "
             f"replace those of the steps it runs again{note}")
+
+
+def _numbered_from(saved: Path, end: int, back: int) -> int:
+    """The guard step a script that went back ``back`` optimizer steps from the end of the
+    saved session (guard step ``end``) runs again from: the one after the taken step that
+    brought the optimizer's count to where it went back to, read from the records of
+    ``metrics.jsonl`` (steps it skipped did not count; found by a regression hunt: a NaN
+    batch in the stretch run again left the guard late by one step, a rollback by seven);
+    ``end - back`` when the records cannot say (none, or a rollback in that stretch, which
+    set the count back itself)."""
+    from ..events import iter_jsonl
+
+    skipped: dict[int, bool] = {}
+    rolled: set[int] = set()
+    try:
+        for r in iter_jsonl(saved / "metrics.jsonl", warn=lambda _msg: None):
+            if r.get("type") == "step" and isinstance(r.get("step"), int) and r["step"] < end:
+                skipped[r["step"]] = bool(r.get("skipped"))
+        events = saved / "events.jsonl"
+        for r in iter_jsonl(events, warn=lambda _msg: None) if events.is_file() else ():
+            if r.get("kind") == "rollback" and isinstance(r.get("step"), int):
+                rolled.add(r["step"])
+    except (OSError, ValueError):
+        return max(end - back, 0)
+    taken = 0
+    for step in sorted(skipped, reverse=True):
+        if step in rolled:
+            return max(end - back, 0)
+        if not skipped[step]:
+            taken += 1
+            if taken == back + 1:
+                return step + 1
+    # back to before its first taken step: from the first step recorded
+    return min(skipped) if taken == back and skipped else max(end - back, 0)
 
 
 def load_state(run_dir: Path) -> dict[str, Any] | None:
