@@ -409,6 +409,42 @@ def test_bad_event_and_closure_are_refused_at_the_call_and_the_guard_goes_on(tmp
     assert len([r for r in gg.read_jsonl(tmp_path / "metrics.jsonl") if r["type"] == "step"]) == 10
 
 
+def test_a_frozen_parameter_with_a_stale_gradient_does_not_make_every_step_a_repeat():
+    """Found by a regression hunt: the smallest parameter (an output bias) frozen midway,
+    the script clearing only the trainable parameters' gradients: its stale gradient never
+    changed, and a new guard over the same optimizer took every step for the last one
+    again (0 of 100 stepped; 1 of 100 before the mark was shared). A frozen parameter marks
+    no step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = gg.Guard(model, opt, every=5)
+    gen = torch.Generator().manual_seed(1)
+
+    def batch() -> torch.Tensor:
+        x = torch.randn(16, 8, generator=gen)
+        return (model(x) - x[:, :1]).pow(2).mean()
+
+    for _ in range(10):
+        loss = batch()
+        loss.backward()
+        first.step(loss)
+        opt.zero_grad()
+    loss = batch()
+    loss.backward()  # the bias keeps this gradient for good
+    model[2].bias.requires_grad_(False)
+    second = gg.Guard(model, opt, every=5)
+    for _ in range(10):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = None
+        w = model[0].weight.detach().clone()
+        loss = batch()
+        loss.backward()
+        second.step(loss)
+        assert not torch.equal(w, model[0].weight)  # stepped
+
+
 def test_a_second_guard_stepped_on_the_same_gradients_is_ignored_and_said():
     """Found by a stranger: two guards over one Adam (a guard built in a helper and again in
     the loop), both stepped, took two updates per batch, unsaid: held-out 0.69 against 0.57

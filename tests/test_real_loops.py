@@ -786,6 +786,46 @@ def test_relus_dead_from_the_start_are_a_stall_not_an_unused_branch(tmp_path, de
     assert "from the start" in out.clause and "initialisation" in out.remedy
 
 
+def test_an_expert_behind_a_gate_that_opens_late_is_not_dead_from_the_start():
+    """Found by a regression hunt: a mixture that runs every expert and masks those the
+    router did not choose gave a "dead from the start" warning to each expert the router
+    first chose after step 49, on a healthy run. Only a network every layer of which but
+    the last had no gradient from the start is told dead; a layer behind a gate is not."""
+    torch.manual_seed(0)
+
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.router = nn.Linear(8, 16), nn.Linear(16, 4)
+            self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+            self.out = nn.Linear(16, 1)
+            self.closed = True  # expert 3 is never chosen while it is
+
+        def forward(self, x):
+            h = torch.relu(self.inp(x))
+            logits = self.router(h)
+            if self.closed:
+                logits = logits - torch.tensor([0.0, 0.0, 0.0, 1e4])
+            gate = torch.nn.functional.one_hot(logits.argmax(-1), 4) * logits.softmax(-1)
+            ys = torch.stack([e(h) for e in self.experts], 1)  # every expert runs
+            return self.out(h + (gate.unsqueeze(-1) * ys).sum(1))
+
+    model = Dense()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    guard = gg.Guard(model, opt, every=25)
+    for step in range(150):
+        model.closed = step < 60
+        x = torch.randn(32, 8, generator=gen)
+        loss = (model(x) - x[:, :1]).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    assert not [e for e in guard.events if e.severity != "info"], [
+        e.message for e in guard.events if e.severity != "info"]
+
+
 def test_a_trunk_detached_with_zero_gradients_kept_is_not_a_network_that_died(tmp_path):
     """Found by a regression hunt: a trunk frozen mid-run by detaching its output
     (``head(trunk(x).detach())``) under ``zero_grad(set_to_none=False)`` keeps a gradient

@@ -444,6 +444,32 @@ def test_resume_of_a_script_at_its_last_checkpoint_keeps_every_step(tmp_path, re
     assert [e["step"] for e in data.events if e["kind"] == "nonfinite_grad"] == [5]
 
 
+def test_resume_of_a_gentle_fine_tune_from_bfloat16_weights_rerun_is_a_run_of_its_own(tmp_path):
+    """Found by a regression hunt: a fine-tune that starts again from the same pretrained
+    weights, saved in bfloat16 and loaded into a float32 model (AdamW at 1e-5: its norms
+    move under the roundoff of bfloat16, 0.4%), was taken for the run going on by the first
+    form of the half-precision rule, and judged against its first session. The weights a
+    session ended with are compared rounded as a checkpoint in bfloat16 would hold them."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))\n"
+        "m.load_state_dict({k: v.bfloat16() for k, v in m.state_dict().items()})  # 'pretrained'\n"
+        "opt = torch.optim.AdamW(m.parameters(), lr=1e-5)\n"
+        "for s in range(30):\n"
+        "    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(s))\n"
+        "    m(x).sub(x[:, :1]).pow(2).mean().backward(); opt.step(); opt.zero_grad()\n")
+    out = tmp_path / "runs"
+    cli = ["run", "--no-report", "--every", "5", "--out", str(out), str(script)]
+    assert main(cli) == 0
+    with pytest.warns(RuntimeWarning, match=r"optimizer 0 has taken no step yet over weights "
+                      r"other than.*starts afresh at step 0"):
+        assert main(["run", "--resume", *cli[1:]]) == 0
+    data = load_run((out / "latest").resolve())
+    assert data.step.tolist() == list(range(30))
+
+
 def test_resume_of_a_from_scratch_rmsprop_script_is_a_run_of_its_own(tmp_path):
     """Found by a regression hunt: RMSprop keeps no ``betas`` nor momentum to say it keeps a
     step count, so a fresh one under ``--resume`` of a script that trains from scratch was

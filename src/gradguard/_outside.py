@@ -70,8 +70,10 @@ class OutsideSteps:
         """``guard.step()`` is done with this step's gradients (stepped or skipped). One
         attribute read per step: the gradient of the smallest parameter (held, so its
         identity is not reused), or the smallest of those present when it has none."""
-        if self._probe is None or self._probe.grad is None:
-            with_grad = [p for p in params if p.grad is not None]
+        if self._probe is None or self._probe.grad is None or not self._probe.requires_grad:
+            # a frozen parameter's gradient may be stale for good (its zero_grad skipped):
+            # every step would look like the last one again (found by a regression hunt)
+            with_grad = [p for p in params if p.grad is not None and p.requires_grad]
             self._probe = min(with_grad, key=lambda t: t.numel(), default=None)
         g = None if self._probe is None else self._probe.grad
         self._handled = None if g is None else (g, g._version)
@@ -85,8 +87,8 @@ class OutsideSteps:
         another's over the same optimizer) just stepped or skipped (no backward since): a
         second ``guard.step()`` on the same batch."""
         held, probe = self._handled, self._probe
-        if held is not None and probe is not None and probe.grad is held[0] and (
-                held[0]._version == held[1]):
+        if held is not None and probe is not None and probe.requires_grad and (
+                probe.grad is held[0] and held[0]._version == held[1]):
             return True
         return self.other() is not None
 
@@ -98,7 +100,8 @@ class OutsideSteps:
         if mark is None or mark[0]() is self or mark[0]() is None:
             return None
         _, probe, g, version = mark
-        return mark[0]()._guard() if probe.grad is g and g._version == version else None
+        return (mark[0]()._guard() if probe.requires_grad and probe.grad is g
+                and g._version == version else None)
 
     def twice(self, guard: Guard) -> None:
         """Say once that ``guard.step()`` was called again on the gradients it had just

@@ -42,6 +42,10 @@ def state_dict(guard: Guard) -> dict[str, Any]:
         "optimizer_steps": own_step(guard.optimizer),
         "optimizer_stepped": any(guard.optimizer.state.values()),
         "weight_norms": weight_norms(guard.telemetry.params),
+        # and of the same weights rounded to half precision: those a checkpoint saved so
+        # hold, loaded back (see same_weights)
+        "rounded_norms": {str(t).removeprefix("torch."): weight_norms(guard.telemetry.params, t)
+                          for t in ROUNDOFF},
     }
 
 
@@ -71,11 +75,14 @@ def _per_device_max(values: list[Any]) -> list[float]:
     return out
 
 
-def weight_norms(params: list[torch.Tensor]) -> list[float]:
+def weight_norms(params: list[torch.Tensor], rounded: torch.dtype | None = None) -> list[float]:
     """Each parameter's norm (of its local shard, for a DTensor): what tells the weights a
-    state was saved with from others. One host read per device."""
+    state was saved with from others; ``rounded``: of the parameter rounded to that type
+    first. One host read per device."""
     with torch.no_grad():
-        norms = [torch.linalg.vector_norm(_local(p.detach()).float()) for p in params]
+        norms = [torch.linalg.vector_norm(
+            (_local(p.detach()) if rounded is None else _local(p.detach()).to(rounded)).float())
+            for p in params]
     by_device: dict[torch.device, list[int]] = {}
     for i, n in enumerate(norms):
         by_device.setdefault(n.device, []).append(i)
@@ -87,28 +94,39 @@ def weight_norms(params: list[torch.Tensor]) -> list[float]:
 
 
 
-#: The relative change of a norm that rounding each element to these types can make
-#: (their unit roundoff): weights saved in half precision and loaded back are the same.
-ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+#: The half-precision types weights may be saved in and loaded back from (see same_weights).
+ROUNDOFF = (torch.bfloat16, torch.float16)
 
 
-def same_weights(saved: Any, params: list[torch.Tensor]) -> bool:
-    """Whether ``params`` have the norms :func:`weight_norms` saved (to 1e-5, or to the
-    roundoff of a half-precision type every element of a parameter is exact in: weights
-    saved in bfloat16 and loaded into a float32 model, found by a regression hunt: such a
-    ``--resume`` was taken for a from-scratch run and its first session left out)."""
+def same_weights(saved: Any, params: list[torch.Tensor], rounded: Any = None) -> bool:
+    """Whether ``params`` have the norms :func:`weight_norms` saved (to 1e-5); a parameter
+    every element of which is exact in a half-precision type is compared with the saved
+    weights' norm rounded to that type (``rounded``: type name -> norms, saved with them):
+    weights saved in bfloat16 and loaded into a float32 model are the same (found by a
+    regression hunt: such a ``--resume`` was taken for a from-scratch run and its first
+    session left out), and pretrained weights in bfloat16 loaded again are not those a
+    gentle fine-tune ended with (a first form of this rule allowed the roundoff, 0.4%, on
+    any such norm, and took them for the run going on)."""
     if not isinstance(saved, list) or len(saved) != len(params):
         return False
-    tols = _rounded(params)
-    return all(math.isclose(a, b, rel_tol=max(1e-5, 1.01 * t), abs_tol=1e-12)
-               for a, b, t in zip(saved, weight_norms(params), tols))
+    rounded = rounded if isinstance(rounded, dict) else {}
+    now = weight_norms(params)
+    exact = _rounded(params)
+    for i, (a, b) in enumerate(zip(saved, now)):
+        if math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12):
+            continue
+        ref = rounded.get(exact[i]) if exact[i] else None
+        if not (isinstance(ref, list) and len(ref) == len(params)
+                and math.isclose(ref[i], b, rel_tol=1e-5, abs_tol=1e-12)):
+            return False
+    return True
 
 
-def _rounded(params: list[torch.Tensor]) -> list[float]:
-    """Per parameter, the roundoff of the coarsest half-precision type all its elements are
-    exact in (0 for none): one host read per device."""
-    out = [0.0] * len(params)
-    for dtype, roundoff in ROUNDOFF.items():  # bfloat16 first: the coarser
+def _rounded(params: list[torch.Tensor]) -> list[str]:
+    """Per parameter, the name of the coarsest half-precision type all its elements are
+    exact in ("" for none): one host read per device."""
+    out = [""] * len(params)
+    for dtype in ROUNDOFF:  # bfloat16 first: the coarser
         with torch.no_grad():
             flags = [(_local(p.detach()) == _local(p.detach()).to(dtype).to(p.dtype)).all()
                      if p.is_floating_point() and p.dtype not in ROUNDOFF else
@@ -119,7 +137,7 @@ def _rounded(params: list[torch.Tensor]) -> list[float]:
         for idx in by_device.values():
             for i, exact in zip(idx, torch.stack([flags[i] for i in idx]).tolist()):
                 if exact and not out[i]:
-                    out[i] = roundoff
+                    out[i] = str(dtype).removeprefix("torch.")
     return out
 
 

@@ -237,7 +237,8 @@ def _went_back(guard: Any, state: dict[str, Any] | None, saved: Path, k: int) ->
     # so; found by a regression hunt: a from-scratch RMSprop under --resume was judged
     # against the earlier run's loss level and killed)
     if state["optimizer_stepped"] and not any(guard.optimizer.state.values()):
-        if same_weights(state.get("weight_norms"), guard.telemetry.params):
+        if same_weights(state.get("weight_norms"), guard.telemetry.params,
+                        state.get("rounded_norms")):
             return None  # the weights it ended with, a new optimizer: it goes on
         guard.step_count = 0
         return (f"{saved}: optimizer {k} has taken no step yet over weights other than "
