@@ -944,7 +944,7 @@ def test_units_silent_under_a_loss_fit_to_its_floor_are_no_dead_units():
     """Found by a stranger: a blob classifier whose cross-entropy was 1e-8 (fit: it passes
     next to no gradient back, and a unit that fires only on fit samples gets a row of exact
     zeros) was rolled back for "53% of the output units of `0` died". No dead-unit verdict
-    at a loss of 1e-4 of the fresh model's or less; above it, the rollback stands."""
+    at a loss of a millionth of the fresh model's or less; above it, the rollback stands."""
     from gradguard.recovery._flush import FIT, _dying
     from gradguard.units import DYING
 

@@ -255,8 +255,9 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
                          worse_than_fresh=rec._rise.worse_than_fresh()), dead
 
 
-#: A loss level at most this share of the fresh model's is a fit: no dead-unit verdict.
-FIT = 1e-4
+#: A loss level at most this share of the fresh model's is fit to its floor (as the report's
+#: ``FIT_LOSS``): no dead-unit verdict there.
+FIT = 1e-6
 
 
 def _dying(rec: Recovery, guard: Guard, step: int, sample: tuple[float, str]) -> Trigger | None:
