@@ -790,7 +790,10 @@ def test_an_expert_behind_a_gate_that_opens_late_is_not_dead_from_the_start():
     """Found by a regression hunt: a mixture that runs every expert and masks those the
     router did not choose gave a "dead from the start" warning to each expert the router
     first chose after step 49, on a healthy run. Only a network every layer of which but
-    the last had no gradient from the start is told dead; a layer behind a gate is not."""
+    the last had no gradient from the start is told dead; a layer behind a gate is not.
+    Nor is an expert the router stops choosing (found by a stranger: a healthy MoE LM was
+    "the network died at step 6", and failed --fail-on-divergence): a layer before it still
+    has a gradient, which dead units would have left none; an info, ``data["gated"]``."""
     torch.manual_seed(0)
 
     class Dense(nn.Module):
@@ -800,12 +803,15 @@ def test_an_expert_behind_a_gate_that_opens_late_is_not_dead_from_the_start():
             self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
             self.out = nn.Linear(16, 1)
             self.closed = True  # expert 3 is never chosen while it is
+            self.shut = False
 
         def forward(self, x):
             h = torch.relu(self.inp(x))
             logits = self.router(h)
             if self.closed:
                 logits = logits - torch.tensor([0.0, 0.0, 0.0, 1e4])
+            if self.shut:  # expert 2 is no longer chosen
+                logits = logits - torch.tensor([0.0, 0.0, 1e4, 0.0])
             gate = torch.nn.functional.one_hot(logits.argmax(-1), 4) * logits.softmax(-1)
             ys = torch.stack([e(h) for e in self.experts], 1)  # every expert runs
             return self.out(h + (gate.unsqueeze(-1) * ys).sum(1))
@@ -814,8 +820,8 @@ def test_an_expert_behind_a_gate_that_opens_late_is_not_dead_from_the_start():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
     guard = gg.Guard(model, opt, every=25)
-    for step in range(150):
-        model.closed = step < 60
+    for step in range(250):
+        model.closed, model.shut = step < 60, step >= 100
         x = torch.randn(32, 8, generator=gen)
         loss = (model(x) - x[:, :1]).pow(2).mean()
         loss.backward()
@@ -824,6 +830,8 @@ def test_an_expert_behind_a_gate_that_opens_late_is_not_dead_from_the_start():
     guard.close()
     assert not [e for e in guard.events if e.severity != "info"], [
         e.message for e in guard.events if e.severity != "info"]
+    gated = [e.layer for e in guard.events if e.data.get("gated")]
+    assert "experts.2" in gated and all(n.startswith("experts.") for n in gated), gated
 
 
 def test_a_trunk_detached_with_zero_gradients_kept_is_not_a_network_that_died(tmp_path):

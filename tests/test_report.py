@@ -370,6 +370,20 @@ def test_an_lr_the_growth_rule_capped_is_no_edge_of_what_trains():
     assert "the edge of what trains" in summary_sentence(_data([grown, backoff, settled]))
 
 
+def test_layers_told_dead_in_a_network_whose_loss_kept_falling_are_no_network_that_died():
+    """Found by a stranger: a healthy MoE LM whose unchosen experts (gated by 0, no graph
+    order to tell them gated) got "died" warnings was "training did not recover: the network
+    died at step 6", its loss falling from 3.4 to 2.3 all the while. A network that learns
+    has not died; one whose loss sat still since is."""
+    died = _ev("disconnected_layer", 99, layer="experts.2", data={"died": True, "steps": 50})
+    d = _data([died])  # the loss falls from 1 to 0.1 over the run
+    out = judge(d)
+    assert out.status == "healthy" and out.cause is None
+    d.loss[49:] = d.loss[49]  # flat from the step they went silent
+    out = judge(d)
+    assert (out.status, out.cause) == ("not_recovered", "dead_units")
+
+
 def test_a_run_whose_gradients_vanished_and_whose_loss_never_fell_stalled():
     """Tried as a stranger (a 12-layer sigmoid MLP on the digits under `gradguard run`: 600
     steps at chance): it was "HEALTHY ... Training recovered"."""

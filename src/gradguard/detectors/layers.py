@@ -373,6 +373,16 @@ def detect_no_gradient(
             return False
         return all(k in quiet for k in window.after[index[name]])
 
+    def gated(name: str) -> bool:
+        # a layer before it (in the graph) still has a gradient: dead units would have
+        # left it none, so the loss stops reaching it through its output (found by
+        # strangers: experts of a mixture that runs every expert and multiplies the unchosen
+        # by a gate of 0 were "the network died", a healthy MoE failed --fail-on-divergence)
+        if window.after is None:
+            return False
+        j = index[name]
+        return any(j in ks and k not in quiet for k, ks in enumerate(window.after))
+
     # a layer that never had a gradient, though the loss's graph reaches it and a layer
     # after it has one: its units are dead from the start (found by a stranger: ReLUs under
     # biases initialised at -5 sat at chance, "healthy", told to look for a detach())
@@ -389,7 +399,7 @@ def detect_no_gradient(
             + [_silent_layer(n, window.steps[0], step, died=len(cols[index[n]]),
                              from_start=True) for n in born]
             + [_silent_layer(n, window.steps[0], step, died=state.silent_run[n],
-                             cut=cut(n)) for n in died])
+                             cut=cut(n), gated=gated(n)) for n in died])
 
 
 def _layers_present(window: Window) -> dict[str, bool]:
@@ -405,7 +415,7 @@ def _layers_present(window: Window) -> dict[str, bool]:
 
 
 def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool = False,
-                  from_start: bool = False) -> Event:
+                  from_start: bool = False, gated: bool = False) -> Event:
     """The event for a layer without a gradient; ``died``: the steps without one, of a
     layer that had one before (0: it never had one); ``cut``: the loss no longer depends
     on its output (no layer after it has a gradient); ``from_start``: it never had one,
@@ -433,6 +443,17 @@ def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool 
             remedy=("Nothing to do if its loss term was switched off on purpose; an expert "
                     "the router left unused wants a load-balancing loss or a lower router LR."),
             data={"cut": True, "steps": died},
+        )
+    if died and gated:
+        return Event(
+            kind="disconnected_layer", step=step, severity="info", layer=name, value=0.0,
+            message=(f"step {step}: `{name}` has received a gradient of exactly zero for "
+                     f"{died} steps, having had one before, while a layer before it still has "
+                     "one: its output no longer reaches the loss (an expert the router no "
+                     "longer chooses, a gate that closed), and it does not train"),
+            remedy=("An expert the router left unused wants a load-balancing loss or a lower "
+                    "router LR; nothing to do if the gate closed on purpose."),
+            data={"gated": True, "steps": died},
         )
     if died:
         return Event(

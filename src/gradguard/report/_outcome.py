@@ -54,6 +54,8 @@ MIN_LEVEL_STEPS, MAX_LEVEL_STEPS = 3, 50
 #: A run whose last window is more than this fraction skipped or non-finite did not
 #: come back, whatever its loss says (a skipped step does not move the loss).
 TAIL_BAD_FRACTION = 0.5
+#: A network whose loss fell by this share after layers went silent still learns.
+STALL_FALL = 0.05
 #: A final loss at most this share of the first is a fit: its gradients may be exactly zero.
 FIT_LOSS = 1e-6
 #: What a run that came back to a level it never fell from should try.
@@ -289,6 +291,11 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         incident = int(vanished[0]["step"]) if incident is None else incident
         clause = f"training stalled: {flat_words(start, final)}"
     dead = died_layers(ev)
+    if dead is not None and final is not None and _learnt_since(data, dead[0], final, k):
+        # the loss fell well after they went silent: the network learns around them (found
+        # by a stranger: a healthy MoE whose unchosen experts, gated by 0, got "died"
+        # warnings where no graph order told them gated, was "the network died")
+        dead = None
     born = dead is not None and all(
         (e.get("data") or {}).get("from_start") for e in ev
         if e.get("kind") == "disconnected_layer" and (e.get("data") or {}).get("died"))
@@ -340,6 +347,16 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         todo = FLAT_REMEDY
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    todo, incident, start, before, final, rose, flat)
+
+
+def _learnt_since(data: RunData, since: int, final: float, k: int) -> bool:
+    """Whether the loss ended ``STALL_FALL`` below its level over the ``k`` taken steps from
+    ``since`` on: a network that still learns has not died."""
+    import numpy as np
+
+    loss = np.asarray(data.loss, dtype=np.float64)
+    at = loss[(data.step >= since) & np.isfinite(loss) & ~data.skipped][:k]
+    return len(at) >= MIN_LEVEL_STEPS and final < (1 - STALL_FALL) * float(np.median(at))
 
 
 def lowered_lr(events: list[dict[str, Any]], incident: int | None) -> int | None:
