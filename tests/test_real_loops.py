@@ -832,6 +832,10 @@ def test_an_expert_behind_a_gate_that_opens_late_is_not_dead_from_the_start():
         e.message for e in guard.events if e.severity != "info"]
     gated = [e.layer for e in guard.events if e.data.get("gated")]
     assert "experts.2" in gated and all(n.startswith("experts.") for n in gated), gated
+    # never chosen at first, in the graph all the same: no "check for detach()" (found by a
+    # stranger on GPT-2 MLPs whose biases held every GELU at 0)
+    first = next(e for e in guard.events if e.layer == "experts.3")
+    assert first.data.get("reached") and "detach" not in first.remedy
 
 
 def test_a_trunk_detached_with_zero_gradients_kept_is_not_a_network_that_died(tmp_path):

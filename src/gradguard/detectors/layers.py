@@ -395,7 +395,9 @@ def detect_no_gradient(
     trained = [n for n in window.layers if present.get(n, True)]
     if [n for n in trained if n not in born] != trained[-1:]:
         born = []
-    return ([_silent_layer(n, window.steps[0], step) for n in never if n not in born]
+    return ([_silent_layer(n, window.steps[0], step,
+                           reached=walked is not None and index[n] in walked)
+             for n in never if n not in born]
             + [_silent_layer(n, window.steps[0], step, died=len(cols[index[n]]),
                              from_start=True) for n in born]
             + [_silent_layer(n, window.steps[0], step, died=state.silent_run[n],
@@ -415,7 +417,8 @@ def _layers_present(window: Window) -> dict[str, bool]:
 
 
 def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool = False,
-                  from_start: bool = False, gated: bool = False) -> Event:
+                  from_start: bool = False, gated: bool = False, reached: bool = False,
+                  ) -> Event:
     """The event for a layer without a gradient; ``died``: the steps without one, of a
     layer that had one before (0: it never had one); ``cut``: the loss no longer depends
     on its output (no layer after it has a gradient); ``from_start``: it never had one,
@@ -464,6 +467,20 @@ def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool 
             remedy=("Lower the learning rate, normalise the inputs, or use LeakyReLU/GELU; a "
                     "rollback to before its death can bring it back."),
             data={"died": True, "steps": died},
+        )
+    if reached:  # in the graph, its gradient exactly zero: no detach() nor unused branch
+        # (found by a stranger: GPT-2's MLP biases at -20, every GELU at 0, were told to
+        # look for a detach())
+        return Event(
+            kind="disconnected_layer", step=step, severity="info", layer=name, value=0.0,
+            message=(f"steps {first}-{step}: `{name}` received a gradient of exactly zero on "
+                     "every step, though the loss's graph reaches it: units around it dead "
+                     "from the start (activations whose biases or inputs hold them where they "
+                     "pass no gradient), or an output multiplied by zero (a gate that never "
+                     "opens)"),
+            remedy=("Check the initialisation (biases far below zero) and the inputs' scale, "
+                    "or the gate; gg.doctor(model, batch, loss_fn) names dead units."),
+            data={"died": False, "reached": True},
         )
     return Event(
         kind="disconnected_layer", step=step, severity="info", layer=name, value=0.0,
