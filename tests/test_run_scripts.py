@@ -460,6 +460,12 @@ def test_resume_of_a_gentle_fine_tune_from_bfloat16_weights_rerun_is_a_run_of_it
         "for s in range(30):\n"
         "    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(s))\n"
         "    m(x).sub(x[:, :1]).pow(2).mean().backward(); opt.step(); opt.zero_grad()\n")
+    _rerun_is_a_run_of_its_own(tmp_path, script)
+
+
+def _rerun_is_a_run_of_its_own(tmp_path, script):
+    """Run ``script`` (30 steps), then ``--resume`` it: it starts from scratch, and its
+    guard is a run of its own in that directory; the run's records."""
     out = tmp_path / "runs"
     cli = ["run", "--no-report", "--every", "5", "--out", str(out), str(script)]
     assert main(cli) == 0
@@ -468,6 +474,7 @@ def test_resume_of_a_gentle_fine_tune_from_bfloat16_weights_rerun_is_a_run_of_it
         assert main(["run", "--resume", *cli[1:]]) == 0
     data = load_run((out / "latest").resolve())
     assert data.step.tolist() == list(range(30))
+    return data
 
 
 def test_resume_of_a_from_scratch_rmsprop_script_is_a_run_of_its_own(tmp_path):
@@ -484,14 +491,7 @@ def test_resume_of_a_from_scratch_rmsprop_script_is_a_run_of_its_own(tmp_path):
         "for s in range(30):\n"
         "    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(s))\n"
         "    m(x).sub(x.sum(1, keepdim=True)).pow(2).mean().backward(); opt.step(); opt.zero_grad()\n")
-    out = tmp_path / "runs"
-    cli = ["run", "--no-report", "--every", "5", "--out", str(out), str(script)]
-    assert main(cli) == 0
-    with pytest.warns(RuntimeWarning, match=r"optimizer 0 has taken no step yet over weights "
-                      r"other than.*starts afresh at step 0"):
-        assert main(["run", "--resume", *cli[1:]]) == 0
-    data = load_run((out / "latest").resolve())
-    assert data.step.tolist() == list(range(30))
+    data = _rerun_is_a_run_of_its_own(tmp_path, script)
     assert not [e for e in data.events if e["severity"] != "info"], data.events
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -421,71 +421,57 @@ def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool 
                   ) -> Event:
     """The event for a layer without a gradient; ``died``: the steps without one, of a
     layer that had one before (0: it never had one); ``cut``: the loss no longer depends
-    on its output (no layer after it has a gradient); ``from_start``: it never had one,
-    though the loss's graph reaches it and a layer after it has one (dead from the start)."""
+    on its output (no layer after it has a gradient); ``gated``: a layer before it still
+    has one (its output no longer reaches the loss); ``from_start``: it never had one,
+    though the loss's graph reaches it and every layer but the last is so (dead from the
+    start); ``reached``: it never had one, though the loss's graph reaches it."""
+    zero = f"step {step}: `{name}` has received a gradient of exactly zero for {died} steps"
+    never = f"steps {first}-{step}: `{name}` received a gradient of exactly zero on every step"
+    router = ("an expert the router left unused wants a load-balancing loss or a lower "
+              "router LR")
+    init = "Check the initialisation (biases far below zero"
+    severity: Literal["info", "warning"] = "info"
+    message, remedy, data = "", "", {}
     if from_start:
-        return Event(
-            kind="disconnected_layer", step=step, severity="warning", layer=name, value=0.0,
-            message=(f"steps {first}-{step}: `{name}` received a gradient of exactly zero on "
-                     "every step, though the loss's graph reaches it and a layer after it has "
-                     "one: the units around it are dead from the start (ReLUs that their "
-                     "biases or inputs keep below zero), or its output is multiplied by zero "
-                     "(a gate or mask that never opens)"),
-            remedy=("Check the initialisation (biases far below zero, weights that push every "
-                    "unit negative) and the inputs' scale, or use LeakyReLU/GELU; "
-                    "gg.doctor(model, batch, loss_fn) names the layers."),
-            data={"died": True, "steps": died, "from_start": True},
-        )
-    if died and cut:
-        return Event(
-            kind="disconnected_layer", step=step, severity="info", layer=name, value=0.0,
-            message=(f"step {step}: `{name}` has received a gradient of exactly zero for "
-                     f"{died} steps, having had one before, and so has every layer after it: "
-                     "the loss no longer depends on its output (a loss term weighted 0, an "
-                     "expert the router no longer chooses), and it does not train"),
-            remedy=("Nothing to do if its loss term was switched off on purpose; an expert "
-                    "the router left unused wants a load-balancing loss or a lower router LR."),
-            data={"cut": True, "steps": died},
-        )
-    if died and gated:
-        return Event(
-            kind="disconnected_layer", step=step, severity="info", layer=name, value=0.0,
-            message=(f"step {step}: `{name}` has received a gradient of exactly zero for "
-                     f"{died} steps, having had one before, while a layer before it still has "
-                     "one: its output no longer reaches the loss (an expert the router no "
-                     "longer chooses, a gate that closed), and it does not train"),
-            remedy=("An expert the router left unused wants a load-balancing loss or a lower "
-                    "router LR; nothing to do if the gate closed on purpose."),
-            data={"gated": True, "steps": died},
-        )
-    if died:
-        return Event(
-            kind="disconnected_layer", step=step, severity="warning", layer=name, value=0.0,
-            message=(f"step {step}: `{name}` has received no gradient for {died} steps, "
-                     "having had one before: the units that feed it died (ReLUs that an update too "
-                     "large pushed below zero for good)"),
-            remedy=("Lower the learning rate, normalise the inputs, or use LeakyReLU/GELU; a "
-                    "rollback to before its death can bring it back."),
-            data={"died": True, "steps": died},
-        )
-    if reached:  # in the graph, its gradient exactly zero: no detach() nor unused branch
+        severity, data = "warning", {"died": True, "steps": died, "from_start": True}
+        message = (f"{never}, though the loss's graph reaches it and a layer after it has "
+                   "one: the units around it are dead from the start (ReLUs that their biases "
+                   "or inputs keep below zero), or its output is multiplied by zero (a gate or "
+                   "mask that never opens)")
+        remedy = (f"{init}, weights that push every unit negative) and the inputs' scale, or "
+                  "use LeakyReLU/GELU; gg.doctor(model, batch, loss_fn) names the layers.")
+    elif died and cut:
+        data = {"cut": True, "steps": died}
+        message = (f"{zero}, having had one before, and so has every layer after it: the loss "
+                   "no longer depends on its output (a loss term weighted 0, an expert the "
+                   "router no longer chooses), and it does not train")
+        remedy = f"Nothing to do if its loss term was switched off on purpose; {router}."
+    elif died and gated:
+        data = {"gated": True, "steps": died}
+        message = (f"{zero}, having had one before, while a layer before it still has one: "
+                   "its output no longer reaches the loss (an expert the router no longer "
+                   "chooses, a gate that closed), and it does not train")
+        remedy = f"{router[0].upper()}{router[1:]}; nothing to do if the gate closed on purpose."
+    elif died:
+        severity, data = "warning", {"died": True, "steps": died}
+        message = (f"step {step}: `{name}` has received no gradient for {died} steps, having "
+                   "had one before: the units that feed it died (ReLUs that an update too "
+                   "large pushed below zero for good)")
+        remedy = ("Lower the learning rate, normalise the inputs, or use LeakyReLU/GELU; a "
+                  "rollback to before its death can bring it back.")
+    elif reached:  # in the graph, its gradient exactly zero: no detach() nor unused branch
         # (found by a stranger: GPT-2's MLP biases at -20, every GELU at 0, were told to
         # look for a detach())
-        return Event(
-            kind="disconnected_layer", step=step, severity="info", layer=name, value=0.0,
-            message=(f"steps {first}-{step}: `{name}` received a gradient of exactly zero on "
-                     "every step, though the loss's graph reaches it: units around it dead "
-                     "from the start (activations whose biases or inputs hold them where they "
-                     "pass no gradient), or an output multiplied by zero (a gate that never "
-                     "opens)"),
-            remedy=("Check the initialisation (biases far below zero) and the inputs' scale, "
-                    "or the gate; gg.doctor(model, batch, loss_fn) names dead units."),
-            data={"died": False, "reached": True},
-        )
-    return Event(
-        kind="disconnected_layer", step=step, severity="info", layer=name, value=0.0,
-        message=f"steps {first}-{step}: `{name}` received no gradient on any step",
-        remedy=("If it should learn, check for detach()/no_grad() or an unused branch; if it "
-                "is frozen, leave it out of the optimizer."),
-        data={"died": False},
-    )
+        data = {"died": False, "reached": True}
+        message = (f"{never}, though the loss's graph reaches it: units around it dead from "
+                   "the start (activations whose biases or inputs hold them where they pass "
+                   "no gradient), or an output multiplied by zero (a gate that never opens)")
+        remedy = (f"{init}) and the inputs' scale, or the gate; gg.doctor(model, batch, "
+                  "loss_fn) names dead units.")
+    else:
+        data = {"died": False}
+        message = f"steps {first}-{step}: `{name}` received no gradient on any step"
+        remedy = ("If it should learn, check for detach()/no_grad() or an unused branch; if it "
+                  "is frozen, leave it out of the optimizer.")
+    return Event(kind="disconnected_layer", step=step, severity=severity, layer=name,
+                 value=0.0, message=message, remedy=remedy, data=data)
