@@ -53,14 +53,10 @@ from .config import (  # the named defaults are part of the public surface
     DetectorConfig,
     DetectorState,
 )
-from .layers import (
-    detect_activations,
-    detect_no_gradient,
-    detect_update_ratio,
-    detect_vanishing,
-)
+from .layers import detect_activations, detect_update_ratio, detect_vanishing
 from .lr import LrTracker
 from .nonfinite import ForwardOrigin, detect_nonfinite, detect_untrained_loss, nonfinite_origin
+from .silent import detect_no_gradient
 from .spikes import detect_spike_skips, detect_spikes, robust_z
 
 

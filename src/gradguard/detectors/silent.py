@@ -1,0 +1,225 @@
+"""Layers without a gradient: no gradient at all reached the optimizer, or some layers
+went silent (never had one, died, were cut off or gated), told apart by the loss's graph."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from ..events import NO_GRADIENT_REMEDY, Event
+from ..telemetry import Window
+from .config import DEFAULT_CONFIG, DIED_STEPS, NEGLIGIBLE, DetectorConfig, DetectorState
+
+
+def detect_no_gradient(
+    window: Window, state: DetectorState, config: DetectorConfig = DEFAULT_CONFIG
+) -> list[Event]:
+    """``disconnected_layer``: no gradient at all reached the optimizer over the window
+    (every gradient exactly zero or missing: ``zero_grad()`` between ``backward()`` and
+    ``step()``, a detached loss), a warning once per such stretch; or some layers got none
+    on any step of the window while others did, once per layer: an info for a layer that
+    never had one (an unused branch, ``no_grad``, frozen), a warning for one that had one
+    and has had exactly none for ``DIED_STEPS`` (50) taken steps in a row
+    (``data["died"]``: the units that feed it died, ReLUs an update too large pushed
+    below zero for good). A window at whose first step none of a layer's parameters had a
+    gradient tensor (``p.grad`` None: frozen mid-run, ``requires_grad_(False)``) restarts its count:
+    frozen is not dead (a parameter with ``requires_grad`` False counts as having none, as
+    with ``zero_grad(set_to_none=False)`` it keeps a gradient of zeros)."""
+    total = window.total_norm.tolist()
+    state.had_loss = state.had_loss or any(x > 0 for x in window.loss.tolist()
+                                           if math.isfinite(x))
+    n_ok = sum(1 for t in total if math.isfinite(t))
+    if n_ok < config.vanish_min_steps:
+        return []
+    step = window.steps[-1]
+    if all(t == 0.0 for t in total if math.isfinite(t)):
+        losses = [x for x in window.loss.tolist() if math.isfinite(x)]
+        if losses and all(x == 0.0 for x in losses) and state.had_loss:
+            # a loss of exactly 0 has nothing left to give a gradient: fit, not dead (found
+            # by a regression hunt: a linear SVM whose hinge loss reached 0 was "the units
+            # that feed the layers died"); a loss 0 from the first step is no fit (every
+            # label masked) and is told
+            return []
+        if state.no_gradient:
+            return []
+        state.no_gradient = True
+        if any(_layers_present(window).values()):
+            # the gradient tensors are there, all zero: no missing backward (found by a
+            # regression hunt: ReLUs killed under a head without a bias were told "call
+            # loss.backward()")
+            return [Event(
+                kind="disconnected_layer", step=step, severity="warning", value=0.0,
+                message=(f"steps {window.steps[0]}-{step}: every gradient is exactly zero, "
+                         "so nothing trains: the units that feed the layers died (ReLUs "
+                         "that an update too large pushed below zero), or the loss no "
+                         "longer depends on the weights"),
+                remedy=("Lower the learning rate, normalise the inputs, or use "
+                        "LeakyReLU/GELU; a rollback to before their death can bring them "
+                        "back (gg.Recovery())."),
+                data={"steps": len(total), "zero": True},
+            )]
+        return [Event(
+            kind="disconnected_layer", step=step, severity="warning", value=0.0,
+            message=(f"steps {window.steps[0]}-{step}: no gradient reached the optimizer: "
+                     "every gradient is zero or missing, so nothing trains"),
+            remedy=NO_GRADIENT_REMEDY,
+            data={"steps": len(total)},
+        )]
+    state.no_gradient = False
+    ln = window.layer_norms()
+    rows = torch.isfinite(ln).all(dim=1)
+    zero = (ln[rows] == 0).all(dim=0).tolist()
+    # a gradient is one above NEGLIGIBLE x the step's largest: a vanished signal's underflow
+    # (1e-20 that falls to exactly zero now and then) is no gradient a layer had and lost
+    real = (ln[rows] > NEGLIGIBLE * ln[rows].amax(dim=1, keepdim=True)).any(dim=0).tolist()
+    had = set(state.grad_layers)
+    silent = set(state.silent_layers)
+    never = [n for n, z in zip(window.layers, zero) if z and n not in had and n not in silent]
+    state.grad_layers.extend(n for n, r in zip(window.layers, real) if r and n not in had)
+    had.update(state.grad_layers)
+    died = []
+    cols = ln[rows].t().tolist()
+    present = _layers_present(window)
+    absent = window.layers_absent()
+    kept = [k for k, ok in enumerate(rows.tolist()) if ok]
+    reached: frozenset[int] | None = None  # walked once, for the first layer that looks dead
+    for j, (name, col) in enumerate(zip(window.layers, cols)):
+        if name not in had:
+            continue
+        if not present.get(name, True):  # no gradient tensor at all: frozen or unused, not dead
+            state.silent_run[name] = 0
+            continue
+        if absent is not None:  # steps whose graph did not reach it count neither way
+            col = [x for k, x in zip(kept, col) if j not in absent[k]]
+        last = max((i for i, x in enumerate(col) if x != 0.0), default=None)
+        run = state.silent_run.get(name, 0) + len(col) if last is None else len(col) - 1 - last
+        state.silent_run[name] = run
+        if run >= DIED_STEPS and name not in silent:
+            if reached is None:
+                walked = window.reached() if window.reached is not None else None
+                reached = frozenset(range(len(window.layers))) if walked is None else walked
+            if j not in reached:  # outside the graph (detached, under no_grad): not dead
+                state.silent_run[name] = 0
+                continue
+            died.append(name)
+    state.silent_layers.extend(never + died)
+    # a layer whose output reaches the loss through no layer that still has a gradient (a
+    # head, or a branch every layer of which went silent) no longer counts for the loss: a
+    # loss term weighted 0, an expert the router stopped choosing. Units that died leave
+    # the layer after them a gradient (its bias's, at least), and the layers before them
+    # none (found by a stranger: an auxiliary loss switched off was "the network died")
+    index = {n: j for j, n in enumerate(window.layers)}
+    quiet = {j for j, z in enumerate(zero) if z}
+
+    def cut(name: str) -> bool:
+        # told by the autograd graph only: in registration order a head registered before
+        # the trunk has the trunk "after" it (found by a regression hunt: dead ReLUs in
+        # such a model, stepped without its loss, were "cut", and the run healthy)
+        if window.after is None:
+            return False
+        return all(k in quiet for k in window.after[index[name]])
+
+    def gated(name: str) -> bool:
+        # a layer before it (in the graph) still has a gradient: dead units would have
+        # left it none, so the loss stops reaching it through its output (found by
+        # strangers: experts of a mixture that runs every expert and multiplies the unchosen
+        # by a gate of 0 were "the network died", a healthy MoE failed --fail-on-divergence)
+        if window.after is None:
+            return False
+        j = index[name]
+        return any(j in ks and k not in quiet for k, ks in enumerate(window.after))
+
+    # a layer that never had a gradient, though the loss's graph reaches it and a layer
+    # after it has one: its units are dead from the start (found by a stranger: ReLUs under
+    # biases initialised at -5 sat at chance, "healthy", told to look for a detach())
+    walked = window.reached() if never and window.reached is not None else None
+    born = [n for n in never if walked is not None and index[n] in walked
+            and window.after is not None and not cut(n)]
+    # only a network every layer of which but the last is so: its features are constant
+    # (found by a regression hunt: experts of a dense-masked mixture the router first
+    # chose after step 49 were "dead from the start"; a layer behind a gate is an info)
+    trained = [n for n in window.layers if present.get(n, True)]
+    if [n for n in trained if n not in born] != trained[-1:]:
+        born = []
+    return ([_silent_layer(n, window.steps[0], step,
+                           reached=walked is not None and index[n] in walked)
+             for n in never if n not in born]
+            + [_silent_layer(n, window.steps[0], step, died=len(cols[index[n]]),
+                             from_start=True) for n in born]
+            + [_silent_layer(n, window.steps[0], step, died=state.silent_run[n],
+                             cut=cut(n), gated=gated(n)) for n in died])
+
+
+def _layers_present(window: Window) -> dict[str, bool]:
+    """Per layer, whether any of its parameters had a gradient tensor at the window's first
+    step (empty when unknown: every layer counts as present)."""
+    if window.grad_present is None:
+        return {}
+    out: dict[str, bool] = {}
+    for j, has in zip(window.layer_index, window.grad_present):
+        name = window.layers[j]
+        out[name] = out.get(name, False) or has
+    return out
+
+
+def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool = False,
+                  from_start: bool = False, gated: bool = False, reached: bool = False,
+                  ) -> Event:
+    """The event for a layer without a gradient; ``died``: the steps without one, of a
+    layer that had one before (0: it never had one); ``cut``: the loss no longer depends
+    on its output (no layer after it has a gradient); ``gated``: a layer before it still
+    has one (its output no longer reaches the loss); ``from_start``: it never had one,
+    though the loss's graph reaches it and every layer but the last is so (dead from the
+    start); ``reached``: it never had one, though the loss's graph reaches it."""
+    zero = f"step {step}: `{name}` has received a gradient of exactly zero for {died} steps"
+    never = f"steps {first}-{step}: `{name}` received a gradient of exactly zero on every step"
+    router = ("an expert the router left unused wants a load-balancing loss or a lower "
+              "router LR")
+    init = "Check the initialisation (biases far below zero"
+    severity: Literal["info", "warning"] = "info"
+    message, remedy, data = "", "", {}
+    if from_start:
+        severity, data = "warning", {"died": True, "steps": died, "from_start": True}
+        message = (f"{never}, though the loss's graph reaches it and a layer after it has "
+                   "one: the units around it are dead from the start (ReLUs that their biases "
+                   "or inputs keep below zero), or its output is multiplied by zero (a gate or "
+                   "mask that never opens)")
+        remedy = (f"{init}, weights that push every unit negative) and the inputs' scale, or "
+                  "use LeakyReLU/GELU; gg.doctor(model, batch, loss_fn) names the layers.")
+    elif died and cut:
+        data = {"cut": True, "steps": died}
+        message = (f"{zero}, having had one before, and so has every layer after it: the loss "
+                   "no longer depends on its output (a loss term weighted 0, an expert the "
+                   "router no longer chooses), and it does not train")
+        remedy = f"Nothing to do if its loss term was switched off on purpose; {router}."
+    elif died and gated:
+        data = {"gated": True, "steps": died}
+        message = (f"{zero}, having had one before, while a layer before it still has one: "
+                   "its output no longer reaches the loss (an expert the router no longer "
+                   "chooses, a gate that closed), and it does not train")
+        remedy = f"{router[0].upper()}{router[1:]}; nothing to do if the gate closed on purpose."
+    elif died:
+        severity, data = "warning", {"died": True, "steps": died}
+        message = (f"step {step}: `{name}` has received no gradient for {died} steps, having "
+                   "had one before: the units that feed it died (ReLUs that an update too "
+                   "large pushed below zero for good)")
+        remedy = ("Lower the learning rate, normalise the inputs, or use LeakyReLU/GELU; a "
+                  "rollback to before its death can bring it back.")
+    elif reached:  # in the graph, its gradient exactly zero: no detach() nor unused branch
+        # (found by a stranger: GPT-2's MLP biases at -20, every GELU at 0, were told to
+        # look for a detach())
+        data = {"died": False, "reached": True}
+        message = (f"{never}, though the loss's graph reaches it: units around it dead from "
+                   "the start (activations whose biases or inputs hold them where they pass "
+                   "no gradient), or an output multiplied by zero (a gate that never opens)")
+        remedy = (f"{init}) and the inputs' scale, or the gate; gg.doctor(model, batch, "
+                  "loss_fn) names dead units.")
+    else:
+        data = {"died": False}
+        message = f"steps {first}-{step}: `{name}` received no gradient on any step"
+        remedy = ("If it should learn, check for detach()/no_grad() or an unused branch; if it "
+                  "is frozen, leave it out of the optimizer.")
+    return Event(kind="disconnected_layer", step=step, severity=severity, layer=name,
+                 value=0.0, message=message, remedy=remedy, data=data)
