@@ -183,6 +183,50 @@ def test_two_guards_over_one_model_undo_a_streaks_rollback_each_on_its_own_weigh
         k for k in before if not torch.equal(before[k], after[k])]
 
 
+def test_a_discriminators_guard_leaves_the_generators_batch_norm_statistics_alone():
+    """Found by a regression hunt: a GAN in one module, one guard per optimizer, the
+    generator with BatchNorm, its fake batch computed once before the discriminator's
+    step (as DCGAN does). The discriminator's guard put back every batch norm layer's
+    running statistics after each step (in place, on the device path), the generator's
+    too, and the generator's backward after it raised "modified by an inplace operation"
+    when NaN real batches hit the discriminator. Each guard puts back only the statistics
+    of the layers its optimizer steps; a rollback restores only its own buffers."""
+    torch.manual_seed(0)
+
+    class GAN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.G = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
+            self.D = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    m = GAN()
+    opt_g = torch.optim.Adam(m.G.parameters(), 1e-3, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(m.D.parameters(), 1e-3, betas=(0.5, 0.999))
+    guard_g = gg.Guard(m, opt_g, recovery=gg.Recovery(), every=10)
+    guard_d = gg.Guard(m, opt_d, recovery=gg.Recovery(), every=10)
+    gen = torch.Generator().manual_seed(1)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    for step in range(140):
+        angle = torch.rand(64, generator=gen) * 6.283
+        real = torch.stack([angle.cos(), angle.sin()], 1) * 2
+        if 100 <= step < 108:
+            real = real * float("nan")
+        fake = m.G(torch.randn(64, 8, generator=gen))
+        loss_d = bce(m.D(real), torch.ones(64, 1)) + bce(m.D(fake.detach()), torch.zeros(64, 1))
+        opt_d.zero_grad()
+        loss_d.backward()
+        guard_d.step(loss_d)
+        stats = m.G[1].running_mean.clone()
+        loss_g = bce(m.D(fake), torch.ones(64, 1))
+        opt_g.zero_grad()
+        loss_g.backward()  # raised "modified by an inplace operation" at step 100
+        assert torch.equal(stats, m.G[1].running_mean)  # nothing but G's forward moves them
+        guard_g.step(loss_g)
+    assert any(e.kind == "rollback" for e in guard_d.events)
+    assert not [e for e in guard_g.events if e.severity != "info"]
+    assert all(torch.isfinite(b).all() for b in m.buffers())
+
+
 def test_a_streak_with_no_snapshot_to_roll_back_to_is_undone_at_its_first_finite_step():
     """Found by a stranger: a backbone unfrozen with ``add_param_group`` (which drops the
     snapshots: none covers the new group) met eight NaN batches five steps later. The

@@ -832,6 +832,11 @@ def test_an_expert_behind_a_gate_that_opens_late_is_not_dead_from_the_start():
         e.message for e in guard.events if e.severity != "info"]
     gated = [e.layer for e in guard.events if e.data.get("gated")]
     assert "experts.2" in gated and all(n.startswith("experts.") for n in gated), gated
+    # no gradient tells a gate from a residual block whose units died, the skip path
+    # keeping the layers before it a gradient (found by a regression hunt: such a block was
+    # told "an expert the router no longer chooses"): the event names both
+    said = next(e for e in guard.events if e.data.get("gated"))
+    assert "its units died" in said.message and "router" in said.message
     # never chosen at first, in the graph all the same: no "check for detach()" (found by a
     # stranger on GPT-2 MLPs whose biases held every GELU at 0)
     first = next(e for e in guard.events if e.layer == "experts.3")

@@ -24,14 +24,31 @@ _GUARDS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[Guard]] = (
 
 
 def claim(guard: Guard) -> None:
-    """Record ``guard`` as one of the guards over its model."""
-    _GUARDS.setdefault(guard.model, weakref.WeakSet()).add(guard)
+    """Record ``guard`` as one of the guards over its model; every guard over it then puts
+    back, after a skipped step, only the running statistics of its own layers (found by a
+    regression hunt: a discriminator's guard wrote the generator's batch norm statistics
+    in place at each step, and the generator's backward, after it, raised "modified by an
+    inplace operation")."""
+    guards = _GUARDS.setdefault(guard.model, weakref.WeakSet())
+    guards.add(guard)
+    for g in list(guards):
+        running = getattr(g, "_running", None)
+        if running is not None and not getattr(g, "_closed", True):
+            running.leave(others(g))
 
 
 def others(guard: Guard) -> set[int]:
     """The ids of the parameters the other open guards over ``guard``'s model step and
-    ``guard`` does not (host attributes only)."""
+    ``guard`` does not, and of the buffers of the modules whose parameters are all theirs
+    (host attributes only)."""
     mine = {id(p) for p in guard.telemetry.params}
-    return {id(p) for g in _GUARDS.get(guard.model, ()) if g is not guard
-            and not getattr(g, "_closed", True) for p in g.telemetry.params
-            if id(p) not in mine}
+    theirs = {id(p) for g in _GUARDS.get(guard.model, ()) if g is not guard
+              and not getattr(g, "_closed", True) for p in g.telemetry.params
+              if id(p) not in mine}
+    if not theirs:
+        return theirs
+    for m in guard.model.modules():
+        own = [id(p) for p in m.parameters(recurse=False)]
+        if own and all(i in theirs for i in own):
+            theirs.update(id(b) for b in m.buffers(recurse=False))
+    return theirs

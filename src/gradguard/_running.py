@@ -66,11 +66,19 @@ class RunningStats:
         self._mixed = False
         self._scale_inputs: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
         self._first: tuple[nn.Module, Tensor | None] | None = None
+        self._left: set[int] = set()  # buffers another guard puts back (gradguard._owners)
         self._collect()
+
+    def leave(self, ids: set[int]) -> None:
+        """Leave the statistics among ``ids`` to the guard that steps their layers."""
+        if ids != self._left:
+            self._left = set(ids)
+            self._collect()
 
     def _collect(self) -> None:
         mods = [m for m in self.model.modules()
-                if isinstance(m, _NormBase) and m.track_running_stats]
+                if isinstance(m, _NormBase) and m.track_running_stats
+                and id(m.running_mean) not in self._left]
         found = [b for m in mods for b in (m.running_mean, m.running_var, m.num_batches_tracked)
                  if isinstance(b, Tensor)]
         if any(is_lazy(b) for b in found):

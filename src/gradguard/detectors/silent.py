@@ -122,10 +122,12 @@ def detect_no_gradient(
         return all(k in quiet for k in window.after[index[name]])
 
     def gated(name: str) -> bool:
-        # a layer before it (in the graph) still has a gradient: dead units would have
-        # left it none, so the loss stops reaching it through its output (found by
-        # strangers: experts of a mixture that runs every expert and multiplies the unchosen
-        # by a gate of 0 were "the network died", a healthy MoE failed --fail-on-divergence)
+        # a layer before it (in the graph) still has a gradient: the network learns around
+        # it (found by strangers: experts of a mixture that runs every expert and multiplies
+        # the unchosen by a gate of 0 were "the network died", a healthy MoE failed
+        # --fail-on-divergence). Its own units may have died all the same (a residual
+        # block: the skip path keeps the layers before it a gradient), and the event says
+        # both; no gradient tells the two apart
         if window.after is None:
             return False
         j = index[name]
@@ -196,10 +198,13 @@ def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool 
         remedy = f"Nothing to do if its loss term was switched off on purpose; {router}."
     elif died and gated:
         data = {"gated": True, "steps": died}
-        message = (f"{zero}, having had one before, while a layer before it still has one: "
-                   "its output no longer reaches the loss (an expert the router no longer "
-                   "chooses, a gate that closed), and it does not train")
-        remedy = f"{router[0].upper()}{router[1:]}; nothing to do if the gate closed on purpose."
+        message = (f"{zero}, having had one before, while a layer before it still has one "
+                   "(the network learns around it, through a skip connection or the router's "
+                   "other experts): its units died (ReLUs that an update too large pushed "
+                   "below zero for good), or its output no longer reaches the loss (an expert "
+                   "the router no longer chooses, a gate that closed)")
+        remedy = ("If its units died, lower the learning rate or use LeakyReLU/GELU (a "
+                  f"rollback to before their death can bring them back); {router}.")
     elif died:
         severity, data = "warning", {"died": True, "steps": died}
         message = (f"step {step}: `{name}` has received no gradient for {died} steps, having "
