@@ -32,11 +32,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..events import listed
 from . import _levels
 from ._levels import REL_TOL, flat_words, median, tol
 from ._remedy import LOWERED_STALL, every_overflow, remedy
-from ._silent import died_layers, no_gradient_since
+from ._silent import FIT_LOSS, MIN_LEVEL_STEPS, silent_verdict
 
 __all__ = ["LOWERED_STALL", "Outcome", "every_overflow", "judge", "ladder_reason", "lowered_lr",
            "read_guard_config", "remedy", "summary_lead"]
@@ -50,14 +49,10 @@ Status = Literal["healthy", "recovered", "not_recovered", "stalled", "diverged",
 #: Levels are medians over this fraction of the run's steps ...
 LEVEL_FRACTION = 0.1
 #: ... and over at least / at most this many steps.
-MIN_LEVEL_STEPS, MAX_LEVEL_STEPS = 3, 50
+MAX_LEVEL_STEPS = 50  # (MIN_LEVEL_STEPS: ._silent)
 #: A run whose last window is more than this fraction skipped or non-finite did not
 #: come back, whatever its loss says (a skipped step does not move the loss).
 TAIL_BAD_FRACTION = 0.5
-#: A network whose loss fell by this share after layers went silent still learns.
-STALL_FALL = 0.05
-#: A final loss at most this share of the first is a fit: its gradients may be exactly zero.
-FIT_LOSS = 1e-6
 #: What a run that came back to a level it never fell from should try.
 FLAT_REMEDY = ("The loss never fell over the run: the model does not learn. An LR too high "
                "sits at chance as surely as one too low: run gg.doctor(model, batch, loss_fn, "
@@ -290,55 +285,9 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         status, cause = "stalled", cause or "vanishing_grad"
         incident = int(vanished[0]["step"]) if incident is None else incident
         clause = f"training stalled: {flat_words(start, final)}"
-    dead = died_layers(ev)
-    if dead is not None and final is not None and _learnt_since(data, dead[0], final, k):
-        # the loss fell well after they went silent: the network learns around them (found
-        # by a stranger: a healthy MoE whose unchosen experts, gated by 0, got "died"
-        # warnings where no graph order told them gated, was "the network died")
-        dead = None
-    born = dead is not None and all(
-        (e.get("data") or {}).get("from_start") for e in ev
-        if e.get("kind") == "disconnected_layer" and (e.get("data") or {}).get("died"))
-    if born and not flat:  # dead from the start, and the loss fell: the rest learns
-        dead = None
-    if dead is not None and status in ("healthy", "recovered"):
-        since = dead[0]  # no loss level shows it: a dead network sits still, often at chance
-        status, cause = "not_recovered", cause or "dead_units"
-        incident = since if incident is None else min(incident, since)
-        clause = (f"training did not recover: the network died at step {since} and no "
-                  "longer learns")
-        if born:
-            status = "stalled"  # it never lived: nothing to recover
-            clause = (f"training stalled: {listed(dead[1])} got no gradient from the start: "
-                      "the units around them were dead (ReLUs below zero), and nothing there "
-                      "trained")
-    quiet = no_gradient_since(data)
-    # a loss at zero has no gradient: a fit (a hinge loss on separable data), no stall
-    # (a loss of 0 from the first step is no fit: every label masked, nothing trains)
-    fit = floored or (final is not None and start is not None and start > 0
-                      and final <= FIT_LOSS * start)
-    if quiet is not None and status in ("healthy", "recovered") and not fit:
-        # found by a stranger: a loop without loss.backward() was "No gradient trouble in
-        # 200 steps: the gradient norm stayed between 0 and 0", a healthy run
-        since, zero = quiet
-        incident = since if incident is None else min(incident, since)
-        if zero and final is None:  # no loss to tell a fit from dead units (found by a
-            # regression hunt: a linear SVM stepped without its loss, its hinge loss at 0
-            # from step 1, was "the units that feed the layers died")
-            status, cause = "unjudged", None
-            clause = (f"from step {since} every gradient was exactly zero: a loss fit "
-                      "exactly (a hinge or margin loss at 0), units that died, or a loss "
-                      "that no longer depends on the weights; no loss reached gradguard to "
-                      "tell which")
-        elif zero:  # the gradient tensors are there, all zero: dead units behind every layer
-            status, cause = "stalled", "dead_units"
-            clause = (f"training stalled: from step {since} every gradient was exactly zero "
-                      "(the units that feed the layers died, or the loss no longer depends "
-                      "on the weights), so nothing trained")
-        else:
-            status, cause = "stalled", "no_gradient"
-            clause = (f"training stalled: from step {since} no gradient reached the "
-                      "optimizer (every gradient missing), so nothing trained")
+    status, cause, incident, clause = silent_verdict(
+        data, (status, cause, incident, clause), flat=flat, final=final, start=start,
+        floored=floored, k=k)
     todo = remedy(status, cause, config, data, incident)
     if todo is None and status == "recovered" and flat:
         # back at its level, which is where it started: nothing to fix in the trouble, but
@@ -347,16 +296,6 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         todo = FLAT_REMEDY
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    todo, incident, start, before, final, rose, flat)
-
-
-def _learnt_since(data: RunData, since: int, final: float, k: int) -> bool:
-    """Whether the loss ended ``STALL_FALL`` below its level over the ``k`` taken steps from
-    ``since`` on: a network that still learns has not died."""
-    import numpy as np
-
-    loss = np.asarray(data.loss, dtype=np.float64)
-    at = loss[(data.step >= since) & np.isfinite(loss) & ~data.skipped][:k]
-    return len(at) >= MIN_LEVEL_STEPS and final < (1 - STALL_FALL) * float(np.median(at))
 
 
 def lowered_lr(events: list[dict[str, Any]], incident: int | None) -> int | None:

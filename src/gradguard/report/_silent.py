@@ -6,8 +6,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..events import listed
+
 if TYPE_CHECKING:
     from ._data import RunData
+
+#: A final loss at most this share of the first is a fit: its gradients may be exactly zero.
+FIT_LOSS = 1e-6
+#: A network whose loss fell by this share after layers went silent still learns.
+STALL_FALL = 0.05
+#: The fewest steps a loss level is a median of (:mod:`._outcome`'s levels too).
+MIN_LEVEL_STEPS = 3
 
 
 def died_layers(events: list[dict[str, Any]]) -> tuple[int, list[str]] | None:
@@ -66,3 +75,75 @@ def no_gradient_since(data: RunData) -> tuple[int, bool] | None:
     if not late:
         return None
     return since, bool((late[-1].get("data") or {}).get("zero"))
+
+
+def silent_verdict(data: RunData, verdict: tuple[str, str | None, int | None, str], *,
+                   flat: bool, final: float | None, start: float | None, floored: bool,
+                   k: int) -> tuple[Any, str | None, int | None, str]:
+    """The verdict ``(status, cause, incident, clause)`` of :func:`._outcome.judge` once the
+    silent layers are weighed: layers that died (the network no longer learns), dead from
+    the start (it never did), or no gradient at all (a missing backward, dead units behind
+    every layer, or a fit). ``flat``: the loss did not fall over the run; ``floored``: it
+    ended fit to its float floor; ``k``: the steps a level is a median of."""
+    status, cause, incident, clause = verdict
+    ev = data.events
+    dead = died_layers(ev)
+    if dead is not None and final is not None and _learnt_since(data, dead[0], final, k):
+        # the loss fell well after they went silent: the network learns around them (found
+        # by a stranger: a healthy MoE whose unchosen experts, gated by 0, got "died"
+        # warnings where no graph order told them gated, was "the network died")
+        dead = None
+    born = dead is not None and all(
+        (e.get("data") or {}).get("from_start") for e in ev
+        if e.get("kind") == "disconnected_layer" and (e.get("data") or {}).get("died"))
+    if born and not flat:  # dead from the start, and the loss fell: the rest learns
+        dead = None
+    if dead is not None and status in ("healthy", "recovered"):
+        since = dead[0]  # no loss level shows it: a dead network sits still, often at chance
+        status, cause = "not_recovered", cause or "dead_units"
+        incident = since if incident is None else min(incident, since)
+        clause = (f"training did not recover: the network died at step {since} and no "
+                  "longer learns")
+        if born:
+            status = "stalled"  # it never lived: nothing to recover
+            clause = (f"training stalled: {listed(dead[1])} got no gradient from the start: "
+                      "the units around them were dead (ReLUs below zero), and nothing there "
+                      "trained")
+    quiet = no_gradient_since(data)
+    # a loss at zero has no gradient: a fit (a hinge loss on separable data), no stall
+    # (a loss of 0 from the first step is no fit: every label masked, nothing trains)
+    fit = floored or (final is not None and start is not None and start > 0
+                      and final <= FIT_LOSS * start)
+    if quiet is not None and status in ("healthy", "recovered") and not fit:
+        # found by a stranger: a loop without loss.backward() was "No gradient trouble in
+        # 200 steps: the gradient norm stayed between 0 and 0", a healthy run
+        since, zero = quiet
+        incident = since if incident is None else min(incident, since)
+        if zero and final is None:  # no loss to tell a fit from dead units (found by a
+            # regression hunt: a linear SVM stepped without its loss, its hinge loss at 0
+            # from step 1, was "the units that feed the layers died")
+            status, cause = "unjudged", None
+            clause = (f"from step {since} every gradient was exactly zero: a loss fit "
+                      "exactly (a hinge or margin loss at 0), units that died, or a loss "
+                      "that no longer depends on the weights; no loss reached gradguard to "
+                      "tell which")
+        elif zero:  # the gradient tensors are there, all zero: dead units behind every layer
+            status, cause = "stalled", "dead_units"
+            clause = (f"training stalled: from step {since} every gradient was exactly zero "
+                      "(the units that feed the layers died, or the loss no longer depends "
+                      "on the weights), so nothing trained")
+        else:
+            status, cause = "stalled", "no_gradient"
+            clause = (f"training stalled: from step {since} no gradient reached the "
+                      "optimizer (every gradient missing), so nothing trained")
+    return status, cause, incident, clause
+
+
+def _learnt_since(data: RunData, since: int, final: float, k: int) -> bool:
+    """Whether the loss ended ``STALL_FALL`` below its level over the ``k`` taken steps from
+    ``since`` on: a network that still learns has not died."""
+    import numpy as np
+
+    loss = np.asarray(data.loss, dtype=np.float64)
+    at = loss[(data.step >= since) & np.isfinite(loss) & ~data.skipped][:k]
+    return len(at) >= MIN_LEVEL_STEPS and final < (1 - STALL_FALL) * float(np.median(at))
