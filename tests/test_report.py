@@ -375,13 +375,25 @@ def test_layers_told_dead_in_a_network_whose_loss_kept_falling_are_no_network_th
     order to tell them gated) got "died" warnings was "training did not recover: the network
     died at step 6", its loss falling from 3.4 to 2.3 all the while. A network that learns
     has not died; one whose loss sat still since is."""
-    died = _ev("disconnected_layer", 99, layer="experts.2", data={"died": True, "steps": 50})
+    died = _ev("disconnected_layer", 60, layer="experts.2", data={"died": True, "steps": 50})
     d = _data([died])  # the loss falls from 1 to 0.1 over the run
+    d.layers = ["embed", "experts.2", "head"]
+    d.layer_step, d.layer_mean = np.array([49, 99]), np.array([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+    d.layer_max = d.layer_mean
     out = judge(d)
     assert out.status == "healthy" and out.cause is None
-    d.loss[49:] = d.loss[49]  # flat from the step they went silent
+    d.loss[60:] = d.loss[60]  # flat from the step they were told dead
     out = judge(d)
     assert (out.status, out.cause) == ("not_recovered", "dead_units")
+    # every layer but the last dead: only the head's bias learns, whatever the loss does
+    # (found by a regression hunt: a ReLU MLP killed by an LR spike, its loss settling
+    # after it, was "training recovered" at 13x its twin's held-out loss)
+    d = _data([_ev("disconnected_layer", 60, layer=n, data={"died": True, "steps": 50})
+               for n in ("0", "2")])
+    d.layers = ["0", "2", "4"]
+    d.layer_step, d.layer_mean = np.array([49, 99]), np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    d.layer_max = d.layer_mean
+    assert judge(d).status == "not_recovered"
 
 
 def test_a_run_whose_gradients_vanished_and_whose_loss_never_fell_stalled():

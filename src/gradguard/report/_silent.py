@@ -88,10 +88,14 @@ def silent_verdict(data: RunData, verdict: tuple[str, str | None, int | None, st
     status, cause, incident, clause = verdict
     ev = data.events
     dead = died_layers(ev)
-    if dead is not None and final is not None and _learnt_since(data, dead[0], final, k):
-        # the loss fell well after they went silent: the network learns around them (found
-        # by a stranger: a healthy MoE whose unchosen experts, gated by 0, got "died"
-        # warnings where no graph order told them gated, was "the network died")
+    if dead is not None and final is not None and not _constant(data, dead[1]) and \
+            _learnt_since(data, ev, final, k):
+        # the loss fell well after they were told dead, and layers other than the last still
+        # learn: the network learns around them (found by a stranger: a healthy MoE whose
+        # unchosen experts, gated by 0, got "died" warnings where no graph order told them
+        # gated, was "the network died"). Every layer but the last dead is a dead network
+        # whatever the head's bias does to the loss (found by a regression hunt: a ReLU MLP
+        # killed by an LR spike, the loss settling after it, was "training recovered")
         dead = None
     born = dead is not None and all(
         (e.get("data") or {}).get("from_start") for e in ev
@@ -139,11 +143,26 @@ def silent_verdict(data: RunData, verdict: tuple[str, str | None, int | None, st
     return status, cause, incident, clause
 
 
-def _learnt_since(data: RunData, since: int, final: float, k: int) -> bool:
-    """Whether the loss ended ``STALL_FALL`` below its level over the ``k`` taken steps from
-    ``since`` on: a network that still learns has not died."""
+def _constant(data: RunData, died: list[str]) -> bool:
+    """Whether ``died`` holds every layer that had a gradient but the last (module order):
+    the network's features are constant, and only its head's bias can still learn."""
     import numpy as np
 
+    means = np.asarray(data.layer_mean, dtype=np.float64)
+    if means.ndim != 2 or means.shape[1] != len(data.layers) or not len(means):
+        return False
+    trained = [n for j, n in enumerate(data.layers) if np.nanmax(means[:, j]) > 0]
+    return len(trained) >= 2 and set(trained[:-1]) <= set(died)
+
+
+def _learnt_since(data: RunData, events: list[dict[str, Any]], final: float, k: int) -> bool:
+    """Whether the loss ended ``STALL_FALL`` below its level over the ``k`` taken steps from
+    the first report of a dead layer on (the loss may still settle from what killed them
+    before it): a network that still learns has not died."""
+    import numpy as np
+
+    told = min(int(e["step"]) for e in events if e.get("kind") == "disconnected_layer"
+               and (e.get("data") or {}).get("died"))
     loss = np.asarray(data.loss, dtype=np.float64)
-    at = loss[(data.step >= since) & np.isfinite(loss) & ~data.skipped][:k]
+    at = loss[(data.step >= told) & np.isfinite(loss) & ~data.skipped][:k]
     return len(at) >= MIN_LEVEL_STEPS and final < (1 - STALL_FALL) * float(np.median(at))
