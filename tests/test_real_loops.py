@@ -748,7 +748,7 @@ def test_a_nan_micro_batch_under_accumulation_is_no_explosion_in_the_head(tmp_pa
     assert out.cause == "nonfinite_loss" and "Check the batch of step 30" in out.remedy
 
 
-@pytest.mark.parametrize("dead", [True, False])
+@pytest.mark.parametrize("dead", [True, "first", False])
 def test_relus_dead_from_the_start_are_a_stall_not_an_unused_branch(tmp_path, dead):
     """Found by a stranger: a ReLU MLP whose hidden biases start at -5 sat at chance, every
     hidden layer without a gradient from step 0, and was "healthy", its layers told as an
@@ -762,8 +762,9 @@ def test_relus_dead_from_the_start_are_a_stall_not_an_unused_branch(tmp_path, de
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                           nn.Linear(32, 4))
-    if dead:
-        for layer in (model[0], model[2]):
+    if dead:  # "first": the first layer only, the next one fed zeros (found by a
+        # regression hunt: its bias still learns, and the net at chance was "healthy")
+        for layer in (model[0], model[2]) if dead is True else (model[0],):
             nn.init.constant_(layer.bias, -5.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
@@ -780,7 +781,7 @@ def test_relus_dead_from_the_start_are_a_stall_not_an_unused_branch(tmp_path, de
     if not dead:
         assert not warned and out.status == "healthy"
         return
-    assert {e.layer for e in warned} == {"0", "2"}
+    assert {e.layer for e in warned} == ({"0", "2"} if dead is True else {"0"})
     assert all(e.kind == "disconnected_layer" and e.data["from_start"] for e in warned)
     assert (out.status, out.cause) == ("stalled", "dead_units")
     assert "from the start" in out.clause and "initialisation" in out.remedy

@@ -348,6 +348,13 @@ def test_a_loss_fit_to_its_float_floor_is_judged_by_no_level_there():
     # a loss that is not at its floor is still judged on its level
     d.loss[-10:] = 0.5
     assert judge(d).status != "recovered"
+    # nor is a millionth of a huge first loss a floor (found by a regression hunt: targets
+    # of 1e4, a fresh MSE of 1.4e9, a rise from 4 to 400 at the end was "recovered" at 112x
+    # its twin's held-out loss)
+    d = _data([])
+    d.loss = np.concatenate([[1.4e9, 1e8, 1e6], np.full(n - 3, 4.0)])
+    d.loss[-10:] = 400.0
+    assert judge(d).status in ("diverged", "not_recovered")
 
 
 def test_an_lr_the_growth_rule_capped_is_no_edge_of_what_trains():

@@ -335,6 +335,7 @@ class Telemetry:
             update_norms=u,
             skip_codes=rows[:, _COL_SKIPPED],
             matrix_layers=self.matrix_layers,
+            matrix_params=[p.dim() >= 2 for p in self.params],
             after=self.after,
             grad_present=None if self._present is None else [i in self._present for i in range(p)],
             dying=rows[:, _COL_DYING],

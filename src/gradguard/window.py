@@ -48,6 +48,7 @@ class Window:
             a weight's output units that died within the last hundred steps, and that
             weight's parameter position (:mod:`gradguard.units`); NaN on other steps; None
             when unknown.
+        matrix_params: per parameter, whether it is a matrix (or a kernel); None when unknown.
         reached: a call that walks the graph of the window's last loss (host-side, no
             device read; while that loss lives) and returns the layers it reaches, None when
             it cannot; None without a graph. Read only for a layer that looks dead.
@@ -73,6 +74,7 @@ class Window:
     loss_given: Tensor | None = None
     grad_absent: list[frozenset[int] | None] | None = None
     reached: Callable[[], frozenset[int] | None] | None = None
+    matrix_params: list[bool] | None = None
     #: :meth:`layer_norms`, computed once per window (the detectors, the monitor and the
     #: recovery all read it at the same flush); treat it as read-only
     _layer_norms: Tensor | None = field(default=None, init=False, repr=False, compare=False)

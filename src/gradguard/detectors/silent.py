@@ -139,11 +139,13 @@ def detect_no_gradient(
     walked = window.reached() if never and window.reached is not None else None
     born = [n for n in never if walked is not None and index[n] in walked
             and window.after is not None and not cut(n)]
-    # only a network every layer of which but the last is so: its features are constant
-    # (found by a regression hunt: experts of a dense-masked mixture the router first
-    # chose after step 49 were "dead from the start"; a layer behind a gate is an info)
-    trained = [n for n in window.layers if present.get(n, True)]
-    if [n for n in trained if n not in born] != trained[-1:]:
+    # only in a network whose features are constant: every weight matrix the graph reaches
+    # but the last has a gradient of exactly zero (the layers after dead units get one for
+    # their bias only; found by a regression hunt: experts of a dense-masked mixture the
+    # router first chose after step 49 were "dead from the start", where a layer behind a
+    # gate is an info; and by another: a first layer dead from its init, the next one fed
+    # zeros, sat at chance "healthy")
+    if born and not _constant(window, rows, walked):
         born = []
     return ([_silent_layer(n, window.steps[0], step,
                            reached=walked is not None and index[n] in walked)
@@ -152,6 +154,19 @@ def detect_no_gradient(
                              from_start=True) for n in born]
             + [_silent_layer(n, window.steps[0], step, died=state.silent_run[n],
                              cut=cut(n), gated=gated(n)) for n in died])
+
+
+def _constant(window: Window, rows: torch.Tensor, walked: frozenset[int] | None) -> bool:
+    """Whether every weight matrix of the layers ``walked`` (the graph reaches) but the
+    last had a gradient of exactly zero on every finite step of the window (the last's too
+    when the units before it died: its bias alone learns)."""
+    mats = window.matrix_params
+    if mats is None or walked is None:
+        return False
+    zero = (window.param_norms[rows] == 0).all(dim=0).tolist()
+    seen = [z for i, (m, z) in enumerate(zip(mats, zero))
+            if m and window.layer_index[i] in walked]
+    return len(seen) >= 2 and all(seen[:-1])
 
 
 def _layers_present(window: Window) -> dict[str, bool]:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import _levels
 from ._levels import REL_TOL, flat_words, median, tol
 from ._remedy import LOWERED_STALL, every_overflow, remedy
-from ._silent import FIT_LOSS, MIN_LEVEL_STEPS, silent_verdict
+from ._silent import FIT_LOSS, FLOOR_LOSS, MIN_LEVEL_STEPS, silent_verdict
 
 __all__ = ["LOWERED_STALL", "Outcome", "every_overflow", "judge", "ladder_reason", "lowered_lr",
            "read_guard_config", "remedy", "summary_lead"]
@@ -186,7 +186,8 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # within ten steps were "diverged (the loss rose from 3.7e-09 to 1.75e-06)", "did
         # not recover (5.8e-07, above the 0 it had)", "stalled (0 at the start)"
         fresh = float(first[:MIN_LEVEL_STEPS].max())
-        floored = final is not None and fresh > 0 and 0 <= final <= FIT_LOSS * fresh
+        floored = final is not None and fresh > 0 and 0 <= final <= min(FIT_LOSS * fresh,
+                                                                        FLOOR_LOSS)
         # a run whose loss may rise when healthy (``loss_rise=False``: a GAN's players, RL
         # returns, a curriculum) is not judged on its level: a GAN at its balance point was
         # "DIVERGED ... the learning rate is too high", and --fail-on-divergence failed it

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
 
 #: A final loss at most this share of the first is a fit: its gradients may be exactly zero.
 FIT_LOSS = 1e-6
+#: ... and a loss judged by no level there (its float floor) is under this too: float32's
+#: resolution near a fit (a cross-entropy of 1e-6 is rounding), not a regression on targets
+#: of 1e4 whose fresh MSE of 1e9 made its rise from 4 to 400 "a millionth" (found by a
+#: regression hunt: "recovered" at 112x its twin's held-out loss)
+FLOOR_LOSS = 1e-5
 #: A network whose loss fell by this share after layers went silent still learns.
 STALL_FALL = 0.05
 #: The fewest steps a loss level is a median of (:mod:`._outcome`'s levels too).
@@ -100,8 +105,8 @@ def silent_verdict(data: RunData, verdict: tuple[str, str | None, int | None, st
     born = dead is not None and all(
         (e.get("data") or {}).get("from_start") for e in ev
         if e.get("kind") == "disconnected_layer" and (e.get("data") or {}).get("died"))
-    if born and not flat:  # dead from the start, and the loss fell: the rest learns
-        dead = None
+    if born and final is not None and start is not None and final < (1 - STALL_FALL) * start:
+        dead = None  # dead from the start, and the loss fell: the rest learns
     if dead is not None and status in ("healthy", "recovered"):
         since = dead[0]  # no loss level shows it: a dead network sits still, often at chance
         status, cause = "not_recovered", cause or "dead_units"
