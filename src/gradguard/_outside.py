@@ -56,6 +56,7 @@ class OutsideSteps:
 
     def __init__(self, guard: Guard) -> None:
         self._guard = weakref.ref(guard)
+        self._me = weakref.ref(self)  # the HANDLED mark's owner
         self.said = False
         self.said_twice = False
         #: the smallest handled gradient and its version when ``guard.step()`` returned
@@ -80,7 +81,7 @@ class OutsideSteps:
         guard = self._guard()
         if guard is not None:
             setattr(guard.optimizer, HANDLED, None if g is None else (
-                weakref.ref(self), self._probe, g, g._version))
+                self._me, self._probe, g, g._version))
 
     def again(self) -> bool:
         """Whether this step's gradients are those ``guard.step()`` (this guard's, or
@@ -97,11 +98,14 @@ class OutsideSteps:
         optimizer, or None."""
         guard = self._guard()
         mark = None if guard is None else getattr(guard.optimizer, HANDLED, None)
-        if mark is None or mark[0]() is self or mark[0]() is None:
+        if mark is None:
             return None
-        _, probe, g, version = mark
-        return (mark[0]()._guard() if probe.requires_grad and probe.grad is g
-                and g._version == version else None)
+        ref, probe, g, version = mark
+        owner = ref()
+        if owner is None or owner is self:
+            return None
+        same = probe.requires_grad and probe.grad is g and g._version == version
+        return owner._guard() if same else None
 
     def twice(self, guard: Guard) -> None:
         """Say once that ``guard.step()`` was called again on the gradients it had just

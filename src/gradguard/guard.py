@@ -122,7 +122,6 @@ class Guard:
                 + (" (its .optimizer), and step it as the wrapper would"
                    if inner_optimizer(optimizer) is not None else ""))
         self.model, self.optimizer = model, optimizer
-        self._closed = False
         self.dist = distributed.context()
         if self.dist is not None and cfg.sink_rank is not None and cfg.sink_rank >= self.dist.world_size:
             raise ValueError(f"Guard(sink_rank={cfg.sink_rank!r}): must be < world size {self.dist.world_size}")

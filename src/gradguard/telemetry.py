@@ -112,6 +112,7 @@ class Telemetry:
         self.after: list[list[int]] | None = None
         self._order_read = not graph_order
         self._walk = graph_order
+        self._matrix_params = [p.dim() >= 2 for p in self.params]
         #: the loss last recorded with a graph, weakly (``Window.reached``)
         self._graph: weakref.ref[Tensor] | None = None
         for i, p in zip(self.layer_index, self.params):
@@ -234,6 +235,7 @@ class Telemetry:
             self._order_read = True  # once: a host-side walk of the graph, no device read
             self.after = layers_after(loss, self.params, self.layer_index, len(self.layers))
         if self._walk and isinstance(loss, Tensor) and loss.grad_fn is not None:
+            # every step's (a host-side weak reference): a recovery at work flushes early
             self._graph = weakref.ref(loss)
         whole = len(stats.params) == len(self.params)
         if pos == 0 and whole:  # host-known, no sync
@@ -335,7 +337,7 @@ class Telemetry:
             update_norms=u,
             skip_codes=rows[:, _COL_SKIPPED],
             matrix_layers=self.matrix_layers,
-            matrix_params=[p.dim() >= 2 for p in self.params],
+            matrix_params=self._matrix_params,
             after=self.after,
             grad_present=None if self._present is None else [i in self._present for i in range(p)],
             dying=rows[:, _COL_DYING],

@@ -258,6 +258,7 @@ def _rise_trigger(rec: Recovery, guard: Guard, window: Window, losses: list[floa
 #: A loss level at most this share of the fresh model's (and under 1e-5, float32's resolution
 #: near a fit) is fit to its floor (as the report's ``FIT_LOSS``): no dead-unit verdict there.
 FIT = 1e-6
+FLOOR = 1e-5
 
 
 def _dying(rec: Recovery, guard: Guard, step: int, sample: tuple[float, str]) -> Trigger | None:
@@ -270,7 +271,7 @@ def _dying(rec: Recovery, guard: Guard, step: int, sample: tuple[float, str]) ->
     if sample[0] < DYING:
         return None
     fresh, latest = rec._rise.fresh, rec._rise.latest
-    if fresh is not None and latest is not None and 0 <= latest <= min(FIT * fresh, 1e-5):
+    if fresh is not None and latest is not None and 0 <= latest <= min(FIT * fresh, FLOOR):
         # a loss fit to its floor passes (next to) no gradient back: units silent on the
         # batches it fits are no dead ones (found by a stranger: a blob classifier whose
         # cross-entropy was 1e-8 was rolled back for "53% of the output units died")
