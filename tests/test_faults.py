@@ -183,6 +183,47 @@ def test_two_guards_over_one_model_undo_a_streaks_rollback_each_on_its_own_weigh
         k for k in before if not torch.equal(before[k], after[k])]
 
 
+@pytest.mark.parametrize("first", ["kept", "dropped"])
+def test_a_fine_tunes_second_guard_puts_back_the_frozen_backbones_batch_norm_statistics(first):
+    """Found by a regression hunt: a fine-tune in two phases (everything under a first
+    guard, then the backbone frozen, still in train mode, and a head-only optimizer under a
+    second guard over the same model). The second guard left the backbone's batch norm
+    statistics to the first, open but no longer stepping: a NaN batch of the second phase
+    was skipped, its statistics stayed NaN, and the model evaluated to NaN for good. A guard
+    that took no step since the second was built keeps nothing."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU())
+    head = nn.Linear(16, 3)
+    model = nn.Sequential(backbone, head)
+
+    def train(guard: gg.Guard, opt: torch.optim.Optimizer, steps: int, nan_at: int = -1) -> None:
+        for step in range(steps):
+            x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+            if step == nan_at:
+                x[0, 0] = float("nan")
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+
+    opt1 = torch.optim.Adam(model.parameters(), 1e-3)
+    guard1 = gg.Guard(model, opt1, clip=gg.ZClip(), recovery=gg.Recovery())
+    train(guard1, opt1, 20)
+    if first == "dropped":  # the variable rebound: the guard lives on (its hooks hold it)
+        del guard1
+    backbone.requires_grad_(False)
+    opt2 = torch.optim.Adam(head.parameters(), 1e-3)
+    guard2 = gg.Guard(model, opt2, clip=gg.ZClip(), recovery=gg.Recovery())
+    train(guard2, opt2, 10, nan_at=5)
+    guard2.close()
+    assert guard2.skipped_steps == 1
+    assert torch.isfinite(backbone[1].running_mean).all()
+    assert torch.isfinite(backbone[1].running_var).all()
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(4, 8))).all()
+
+
 def test_a_discriminators_guard_leaves_the_generators_batch_norm_statistics_alone():
     """Found by a regression hunt: a GAN in one module, one guard per optimizer, the
     generator with BatchNorm, its fake batch computed once before the discriminator's

@@ -7,10 +7,18 @@ another open guard steps alone: found by a stranger, eight NaN batches in a row 
 guards of such a model roll back and then undo the rollback, and the second guard's undo
 put back the weights the first guard's rollback had just restored, so the head ended at
 the snapshot of step 49 (1.97-2.10x its twin's held-out loss; 1.02x with recovery off).
+
+A guard counts as another's only while it steps: one that took no step since ``guard``
+was built (the guard of a first phase, left open when a fine-tune builds a new optimizer
+and guard over the same model) is no one's keeper (found by a regression hunt: a frozen
+backbone's batch norm statistics, left to the first phase's guard, which no longer
+stepped, were not put back after a NaN batch of the second phase, and the model evaluated
+to NaN for good).
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import TYPE_CHECKING
 
@@ -23,12 +31,21 @@ _GUARDS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[Guard]] = (
     weakref.WeakKeyDictionary())
 
 
+_CLOCK = itertools.count(1)
+
+
+def stepped(guard: Guard) -> None:
+    """Note that ``guard`` took a step now (a host counter; no device work)."""
+    guard._ticked = next(_CLOCK)
+
+
 def claim(guard: Guard) -> None:
     """Record ``guard`` as one of the guards over its model; every guard over it then puts
     back, after a skipped step, only the running statistics of its own layers (found by a
     regression hunt: a discriminator's guard wrote the generator's batch norm statistics
     in place at each step, and the generator's backward, after it, raised "modified by an
     inplace operation")."""
+    guard._born = next(_CLOCK)
     guards = _GUARDS.setdefault(guard.model, weakref.WeakSet())
     guards.add(guard)
     for g in list(guards):
@@ -40,11 +57,13 @@ def claim(guard: Guard) -> None:
 def others(guard: Guard) -> set[int]:
     """The ids of the parameters the other open guards over ``guard``'s model step and
     ``guard`` does not, and of the buffers of the modules whose parameters are all theirs
-    (host attributes only)."""
+    (host attributes only). A guard that has stepped, though not since ``guard`` was
+    built, steps none."""
     mine = {id(p) for p in guard.telemetry.params}
+    born = guard._born
     theirs = {id(p) for g in _GUARDS.get(guard.model, ()) if g is not guard
-              and not getattr(g, "_closed", True) for p in g.telemetry.params
-              if id(p) not in mine}
+              and not g._closed and (g._ticked is None or g._ticked > born)
+              for p in g.telemetry.params if id(p) not in mine}
     if not theirs:
         return theirs
     for m in guard.model.modules():

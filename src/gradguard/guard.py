@@ -13,7 +13,7 @@ Monitor` runs detectors, recovery acts, and the sinks are fed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -163,6 +163,7 @@ class Guard:
         self._scaler_exec: Direct | Hook | None = None
         if callable(getattr(cfg.clip, "bind", None)):
             cfg.clip.bind(self)
+        self._born, self._ticked = 0, cast("int | None", None)  # host clock: born, stepped
         owners.claim(self)  # a rollback leaves another guard's parameters alone
         if cfg.recovery is not None:
             cfg.recovery.attach(self)
@@ -360,6 +361,7 @@ class Guard:
         if self._watch is not None:
             self._watch.end_step(self.telemetry.pending - 1)
         self.step_count += 1
+        owners.stepped(self)
 
     # ---- flush (one host copy) ------------------------------------------------------------
     def flush(self) -> Window | None:
