@@ -787,6 +787,73 @@ def test_relus_dead_from_the_start_are_a_stall_not_an_unused_branch(tmp_path, de
     assert "from the start" in out.clause and "initialisation" in out.remedy
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_regression_whose_first_layer_died_is_a_network_that_died(tmp_path, seed):
+    """Found by a regression hunt: a ReLU regression MLP (targets around 5) whose first
+    layer died at step 5 (its bias pushed to -50: every unit below zero) outputs a constant
+    (test MSE the targets' variance, 3-6x its twin's), yet its loss kept falling as its
+    head's bias walked on to the targets' mean, and the report called it "healthy": a
+    network that learns around dead layers. With the graph's order known a layer it learns
+    around is told gated; one told dead is the network's death."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    w = torch.randn(16, 1, generator=torch.Generator().manual_seed(1234))
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    with gg.Guard(model, opt, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for step in range(400):
+            if step == 5:
+                with torch.no_grad():
+                    model[0].bias.fill_(-50.0)
+            x = torch.randn(64, 16, generator=gen)
+            loss = nn.functional.mse_loss(model(x), torch.tanh(x @ w / 4) * 2 + 5)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    [died] = [e for e in guard.events if e.severity != "info"]
+    assert (died.kind, died.layer, died.data["died"]) == ("disconnected_layer", "0", True)
+    out = judge(load_run(tmp_path))
+    assert (out.status, out.cause) == ("not_recovered", "dead_units")
+
+
+def test_gradients_under_float32s_squares_vanished_they_are_not_missing(tmp_path):
+    """Found by a stranger: transformers' EfficientNet at its own init (BatchNorm gains
+    near 0.02) had gradients of 1e-36 to 1e-34 in 84 of its 96 parameters; their squares
+    underflow, every norm read exactly 0, and each layer was told "units dead from the
+    start, or a gate that never opens" (infos), the run "No gradient trouble" at chance. A
+    norm of 0 whose gradient has a non-zero element is a signal that vanished: one
+    ``vanishing_grad`` warning, and the run stalled with that cause. Here: twenty linear
+    layers at std 0.01 scale the signal by about 0.04 each."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, 16, bias=False) for _ in range(20)]
+    for lin in layers:
+        nn.init.normal_(lin.weight, std=0.01)
+    model = nn.Sequential(*layers, nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gg.Guard(model, opt, every=25, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for _ in range(75):
+            x = torch.randn(32, 16)
+            loss = nn.functional.mse_loss(model(x), x[:, :1])
+            loss.backward()
+            assert torch.linalg.vector_norm(model[0].weight.grad) == 0  # it underflows
+            assert model[0].weight.grad.abs().amax() > 0  # though it is not zero
+            guard.step(loss)
+            opt.zero_grad()
+    assert not [e for e in guard.events if e.kind == "disconnected_layer"]
+    [gone] = [e for e in guard.events if e.kind == "vanishing_grad"]
+    assert gone.severity == "warning" and gone.data["underflow"] and gone.layer == "0"
+    assert "0" in gone.data["layers"] and 0 < gone.value < 1e-19
+    out = judge(load_run(tmp_path))
+    assert (out.status, out.cause) == ("stalled", "vanishing_grad")
+
+
 def test_an_expert_behind_a_gate_that_opens_late_is_not_dead_from_the_start():
     """Found by a regression hunt: a mixture that runs every expert and masks those the
     router did not choose gave a "dead from the start" warning to each expert the router

@@ -24,6 +24,7 @@ from .errors import StateMismatch
 from .graph_order import layers_after, layers_reached
 from .measure import GradGroup, StepStats, group_grads, measure, measure_grads, norm_dtype
 from .naming import ROOT_LAYER, layer_of, named_optimizer_params
+from .underflow import grad_amax
 from .units import UnitWatch, watched
 from .window import Window
 
@@ -346,6 +347,7 @@ class Telemetry:
             grad_absent=list(self._absent) if self._track_absent and len(self._absent) == n
             else None,
             reached=None if self._graph is None else functools.partial(self._reached, self._graph),
+            amax=functools.partial(grad_amax, self.params, self.layer_index),
         )
         self._graph = None
         self._steps = []

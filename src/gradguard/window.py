@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +52,9 @@ class Window:
         reached: a call that walks the graph of the window's last loss (host-side, no
             device read; while that loss lives) and returns the layers it reaches, None when
             it cannot; None without a graph. Read only for a layer that looks dead.
+        amax: a call that reads, for the given layers, the largest magnitude of their
+            gradients now (:func:`gradguard.underflow.grad_amax`: one host read); None when
+            unknown. Read only for layers whose norm is exactly zero.
     """
 
     steps: list[int]
@@ -75,6 +78,7 @@ class Window:
     grad_absent: list[frozenset[int] | None] | None = None
     reached: Callable[[], frozenset[int] | None] | None = None
     matrix_params: list[bool] | None = None
+    amax: Callable[[Sequence[int]], list[float]] | None = None
     #: :meth:`layer_norms`, computed once per window (the detectors, the monitor and the
     #: recovery all read it at the same flush); treat it as read-only
     _layer_norms: Tensor | None = field(default=None, init=False, repr=False, compare=False)

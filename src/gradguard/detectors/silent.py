@@ -104,7 +104,11 @@ def detect_no_gradient(
                 state.silent_run[name] = 0
                 continue
             died.append(name)
-    state.silent_layers.extend(never + died)
+    # norms of exactly 0 whose elements are not: a signal that vanished below float32's
+    # squares (gradguard.underflow), no layer without a gradient
+    tiny = _underflow(window, never + died)
+    never, died = [n for n in never if n not in tiny], [n for n in died if n not in tiny]
+    state.silent_layers.extend(never + died + list(tiny))
     # a layer whose output reaches the loss through no layer that still has a gradient (a
     # head, or a branch every layer of which went silent) no longer counts for the loss: a
     # loss term weighted 0, an expert the router stopped choosing. Units that died leave
@@ -153,7 +157,36 @@ def detect_no_gradient(
             + [_silent_layer(n, window.steps[0], step, died=len(cols[index[n]]),
                              from_start=True) for n in born]
             + [_silent_layer(n, window.steps[0], step, died=state.silent_run[n],
-                             cut=cut(n), gated=gated(n)) for n in died])
+                             cut=cut(n), gated=gated(n), ordered=window.after is not None)
+               for n in died]
+            + ([_underflow_event(window, tiny, step)] if tiny else []))
+
+
+def _underflow(window: Window, names: list[str]) -> dict[str, float]:
+    """Of the layers ``names`` (norms of exactly zero), those whose gradient has a non-zero
+    element now, with its largest magnitude (:mod:`gradguard.underflow`)."""
+    if not names or window.amax is None:
+        return {}
+    index = {n: j for j, n in enumerate(window.layers)}
+    amax = window.amax([index[n] for n in names])
+    return {n: a for n, a in zip(names, amax) if a > 0}
+
+
+def _underflow_event(window: Window, tiny: dict[str, float], step: int) -> Event:
+    """The warning for layers whose gradient vanished below float32's squares."""
+    names = list(tiny)
+    return Event(
+        kind="vanishing_grad", step=step, severity="warning", layer=names[0],
+        value=max(tiny.values()),
+        message=(f"steps {window.steps[0]}-{step}: gradients vanish below float32's range in "
+                 f"{len(names)} layer(s) starting at `{names[0]}`: their norms read exactly "
+                 f"0, yet their elements are not (the largest is {max(tiny.values()):.2g}, "
+                 "whose square underflows): the signal vanished on its way back"),
+        remedy=("Check the initialisation: normalisation gains (BatchNorm/LayerNorm weights) "
+                "near 0 scale the signal down at every layer, as do weights too small; use "
+                "ReLU-family activations with He init and residual connections. "
+                "gg.doctor(model, batch, loss_fn) measures the decay layer by layer."),
+        data={"layers": names, "underflow": True, "amax": [tiny[n] for n in names]})
 
 
 def _constant(window: Window, rows: torch.Tensor, walked: frozenset[int] | None) -> bool:
@@ -183,13 +216,15 @@ def _layers_present(window: Window) -> dict[str, bool]:
 
 def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool = False,
                   from_start: bool = False, gated: bool = False, reached: bool = False,
-                  ) -> Event:
+                  ordered: bool = False) -> Event:
     """The event for a layer without a gradient; ``died``: the steps without one, of a
     layer that had one before (0: it never had one); ``cut``: the loss no longer depends
     on its output (no layer after it has a gradient); ``gated``: a layer before it still
     has one (its output no longer reaches the loss); ``from_start``: it never had one,
     though the loss's graph reaches it and every layer but the last is so (dead from the
-    start); ``reached``: it never had one, though the loss's graph reaches it."""
+    start); ``reached``: it never had one, though the loss's graph reaches it;
+    ``ordered``: the graph's order was known (a layer that died is then neither cut nor
+    gated for certain: ``data["ordered"]``, which the report reads)."""
     zero = f"step {step}: `{name}` has received a gradient of exactly zero for {died} steps"
     never = f"steps {first}-{step}: `{name}` received a gradient of exactly zero on every step"
     router = ("an expert the router left unused wants a load-balancing loss or a lower "
@@ -221,7 +256,7 @@ def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool 
         remedy = ("If its units died, lower the learning rate or use LeakyReLU/GELU (a "
                   f"rollback to before their death can bring them back); {router}.")
     elif died:
-        severity, data = "warning", {"died": True, "steps": died}
+        severity, data = "warning", {"died": True, "steps": died, "ordered": ordered}
         message = (f"step {step}: `{name}` has received no gradient for {died} steps, having "
                    "had one before: the units that feed it died (ReLUs that an update too "
                    "large pushed below zero for good)")

@@ -94,13 +94,17 @@ def silent_verdict(data: RunData, verdict: tuple[str, str | None, int | None, st
     ev = data.events
     dead = died_layers(ev)
     if dead is not None and final is not None and not _constant(data, dead[1]) and \
-            _learnt_since(data, ev, final, k):
+            not _ordered(ev) and _learnt_since(data, ev, final, k):
         # the loss fell well after they were told dead, and layers other than the last still
         # learn: the network learns around them (found by a stranger: a healthy MoE whose
         # unchosen experts, gated by 0, got "died" warnings where no graph order told them
         # gated, was "the network died"). Every layer but the last dead is a dead network
         # whatever the head's bias does to the loss (found by a regression hunt: a ReLU MLP
-        # killed by an LR spike, the loss settling after it, was "training recovered")
+        # killed by an LR spike, the loss settling after it, was "training recovered"). Only
+        # where the graph's order was unknown: with it, a layer the network learns around is
+        # told gated (an info), and one told dead has no layer before it with a gradient
+        # (found by a regression hunt: a regression MLP whose first layer died, its output a
+        # constant, was "healthy" as its head's bias walked on to the targets' mean)
         dead = None
     born = dead is not None and all(
         (e.get("data") or {}).get("from_start") for e in ev
@@ -158,6 +162,13 @@ def _constant(data: RunData, died: list[str]) -> bool:
         return False
     trained = [n for j, n in enumerate(data.layers) if np.nanmax(means[:, j]) > 0]
     return len(trained) >= 2 and set(trained[:-1]) <= set(died)
+
+
+def _ordered(events: list[dict[str, Any]]) -> bool:
+    """Whether every layer reported dead was judged with the graph's order known."""
+    dead = [e for e in events if e.get("kind") == "disconnected_layer"
+            and (e.get("data") or {}).get("died") and not (e.get("data") or {}).get("from_start")]
+    return bool(dead) and all((e.get("data") or {}).get("ordered") for e in dead)
 
 
 def _learnt_since(data: RunData, events: list[dict[str, Any]], final: float, k: int) -> bool:
