@@ -544,21 +544,24 @@ def test_a_retry_from_a_run_stuck_at_its_fresh_loss_passes_on_a_tie():
     from 0.01 to 0.2 unguarded had its LR cut to x0.017 at step 20 by the growth rule,
     and sat at chance (1.39) to the end: each retry of a higher LR was refused on "1.39
     against 1.381", two arms at chance told apart by noise. A control arm that has learnt
-    nothing passes a trial no worse within 5%."""
+    nothing passes a trial no worse within 5%. (At 0.2 the growth rule now leaves it: its
+    loss is at 0.02% of the fresh model's by step 60. At 0.03 it is still at chance there,
+    rolled back, its LR capped at x0.185, and its retry at x0.431 passes at step 469 on
+    1.392 against 1.387.)"""
     x, y = recall_data(7, 4000)
     held_x, held_y = recall_data(8, 500)
     torch.manual_seed(0)
     model = GruRecall()
-    opt = torch.optim.Adam(model.parameters(), lr=0.2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
     gen = torch.Generator().manual_seed(1000)
     with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
-        for _ in range(500):
+        for _ in range(900):
             i = torch.randint(0, len(x), (64,), generator=gen)
             loss = nn.functional.cross_entropy(model(x[i]), y[i])
             loss.backward()
             guard.step(loss)
             opt.zero_grad()
-    assert any(e.kind == "rollback" and e.step == 20 for e in guard.events)  # the growth rule
+    assert any(e.kind == "rollback" and e.step == 60 for e in guard.events)  # the growth rule
     assert any("the LR in force has learnt nothing" in e.message for e in guard.events)
     with torch.no_grad():
         assert nn.functional.cross_entropy(model(held_x), held_y).item() < 0.1  # was 1.39

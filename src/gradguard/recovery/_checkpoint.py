@@ -34,7 +34,8 @@ def state_dict(rec: Recovery) -> dict[str, Any]:
         "dead": rec._dead.state_dict(), "probe": rec._probe.state_dict(),
         "shift": rec._shift.state_dict(), "clips": rec._clips.state_dict(),
         "progress": rec._progress, "judged": rec._judged, "dying": rec._dying,
-        "last_taken": rec._last_taken,
+        "last_taken": rec._last_taken, "flushed": list(rec._flushed),
+        "grew": rec._grew.state_dict() if rec._grew is not None else None,
         "jumps": [[k, dataclasses.asdict(v)] for k, v in sorted(rec._jumps.items())],
         "snapshot_levels": [[k, v] for k, v in sorted(rec.ring.levels.items())],
         "snapshot_dying": [[k, v] for k, v in sorted(rec.ring.dying.items())],
@@ -57,6 +58,9 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
     rec._progress = sd.pop("progress", None)
     rec._judged = int(sd.pop("judged", -1))
     rec._last_taken = sd.pop("last_taken", None)
+    rec._flushed = [float(x) for x in sd.pop("flushed", ())]
+    grew = sd.pop("grew", None)  # its copy of the fresh weights stays behind: see skipped_growth
+    rec._grew = growth.Noted(float(grew["ratio"])) if grew is not None else None
     jumps = {int(k): v for k, v in sd.pop("jumps", ())}
     ceilings = {int(k): float(v) for k, v in sd.pop("slip_ceiling", ())}  # before the jumps were kept
     rec.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
@@ -108,18 +112,28 @@ def _ladder_state(sd: dict[str, Any]) -> LadderState:
 
 
 def skipped_growth(rec: Recovery, guard: Guard | None) -> str | None:
-    """Why a run resumed within its first ``growth.STEP`` steps, with no ``snapshot_dir``,
-    skips the test of their growth (:mod:`.growth`): it needs the weights before the first
-    step, kept in memory only (found by a stranger: a resume at step 10 of an Adam run at
-    30x skipped it without a word, and ended at another loss than the run never
-    interrupted). None when the test is not skipped so."""
+    """Why a run resumed within its first ``growth.STEP`` steps (or before
+    ``growth.DECIDE``, with a growth found), with no ``snapshot_dir``, skips the test of
+    their growth (:mod:`.growth`): it needs the weights before the first step, kept in
+    memory only (found by a stranger: a resume at step 10 of an Adam run at 30x skipped it
+    without a word, and ended at another loss than the run never interrupted). None when
+    the test is not skipped so."""
     # under a trainer's hook the test runs before step STEP's update (a checkpoint at step
     # 20 is before it: found by a stranger, an HF Trainer resumed at 20 said nothing)
-    last = growth.STEP + (1 if isinstance(guard.executor, Hook) else 0) if guard is not None else 0
+    noted = rec._grew is not None
+    last = (growth.DECIDE if noted else growth.STEP) + (
+        1 if isinstance(guard.executor, Hook) else 0) if guard is not None else 0
     if guard is None or rec.ring.disk is not None or not 0 < guard.step_count < last or (
-            not rec.early_growth or rec.state.last_trigger is not None or rec.restores
-            or distributed.world_size() > 1):
+            not rec.early_growth or (rec.state.last_trigger is not None and not noted)
+            or rec.restores or distributed.world_size() > 1):
         return None
+    if rec._grew is not None:
+        return (f"resumed at step {guard.step_count}, with the weights grown "
+                f"{rec._grew.ratio:.3g}x in the first {growth.STEP} steps (an LR far too "
+                f"high unless the loss learnt by step {growth.DECIDE}, see docs/recovery.md), "
+                "whose weights before the first step were kept in memory only, so this run "
+                "cannot roll back to them. Recovery(snapshot_dir=...) writes them to disk, "
+                "where a resumed run finds them.")
     return (f"resumed at step {guard.step_count}, within the first {growth.STEP} steps, whose "
             "growth of the weights the Recovery judges against the weights before the first "
             "step (an LR far too high, see docs/recovery.md): those were kept in memory only, "

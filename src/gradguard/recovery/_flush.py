@@ -18,7 +18,7 @@ from ..events import Event, listed
 from ..executors import STALE
 from ..naming import layer_of
 from ..units import DYING, RECENT, SAMPLE, SILENT
-from . import _steps, actions
+from . import _steps, actions, growth
 from ._probing import probe_lr
 from .defaults import IMPROVED, IMPROVED_SHARE, JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
@@ -53,6 +53,9 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     triggers = _device_skips(rec, window, skips, codes, overflows)
     recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
     rec._progress = statistics.median(recent) if recent else None
+    given = window.loss_given.tolist() if window.loss_given is not None else [True] * len(losses)
+    taken = [x for x, s, g in zip(losses, skips, given) if g and not s and math.isfinite(x)]
+    rec._flushed = (rec._flushed + taken)[-growth.RECENT:]
     # while the batches since a rollback are skipped as bad ones (a data streak), their
     # losses are those batches', not a new level: the shift test waits for its end (a
     # stretch of x100 inputs was taken for a change of data at its fourth step, and the
@@ -112,10 +115,16 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
             triggers.append(Trigger("level", start, value=statistics.median(before)))
     risen, dead = False, list[str]()
     judged: list[Trigger] = []  # the window's loss level judged: the weights it ran on
-    if level:
+    # a rollback after the window's last step, before this flush (the growth rule's, at the
+    # step after which the ladder, busy, flushes): the window's level and units are the
+    # replaced weights', and no best for the restored ones (found in the A/B of that rule:
+    # units of the grown weights found dead at this flush rolled the restored ones back a
+    # second time, at x0.0026; a rise measured from the grown run's best, a third time)
+    replaced = rec.ring.restored_step is not None and rec.ring.restored_step > window.steps[-1]
+    if level and not replaced:
         risen, trig, dead = _rise_trigger(rec, guard, window, losses, skips, judge, units)
         judged += [trig] if trig is not None else []
-    if rec._progress is not None:
+    if rec._progress is not None and not replaced:
         judged.append(Trigger("progress", window.steps[-1], value=rec._progress))
     acted, restores = False, rec.restores
     for trig in sorted(triggers + judged,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..events import Event
 from ..rundir import dir_arg
-from . import _checkpoint, _flush, _probing, _steps, actions
+from . import _checkpoint, _flush, _probing, _steps, actions, growth
 from .dead import DeadLayers
 from .defaults import (
     BACKOFF,
@@ -90,7 +90,8 @@ class Recovery:
             weights 30 steps at the LR in force and 30 at half of it; if half the LR halved
             the loss, the ladder lowers it (:mod:`.probe`). Needs ``loss_rise``.
         early_growth: weights grown 2x by step 20 (the median matrix's norm) roll back to the
-            fresh ones at a capped LR (:mod:`.growth`); False leaves them.
+            fresh ones at a capped LR at step 60, unless the loss learnt by then
+            (:mod:`.growth`); False leaves them.
         undo_backoff: undo a back-off for a streak of non-finite (or off-scale) steps when
             the first step taken after it is clean: the batches were at fault, not the
             weights (``nonfinite_input``/``unscaled_input``, :mod:`.ladder`); False keeps it.
@@ -207,6 +208,8 @@ class Recovery:
         self._undo_ladder: LadderState | None = None  # ... and the ladder before that streak
         self._clips = ClipTally()  # how often the clip acted at the LR in force
         self._progress: float | None = None  # the loss level of the latest flush
+        self._flushed: list[float] = []  # the latest flush's last taken losses (.growth)
+        self._grew: growth.Noted | None = None  # a growth found, to decide on (.growth)
         #: the latest sampled share of a layer's units that died (:mod:`gradguard.units`)
         self._dying: float | None = None
         self.restores = 0  # weights restored: rollbacks, and the LR probe's forks (_flush)

@@ -17,6 +17,7 @@ from . import _slip, actions, finite, growth
 from .defaults import SPIKE_GRACE
 from .ladder import DATA_REASONS, NONFINITE_REASON, OFFSCALE_REASON, SPIKE_REASON, Trigger
 from .late import enabled
+from .snapshots import copy_state
 from .verdict import LOSS_SPIKE, OFFSCALE
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def before_step(rec: Recovery, guard: Guard) -> None:
     _slip.observe(rec, guard)  # an LR burst that ended: the ladder's factors rescaled
     if isinstance(guard.executor, Hook):
         hear(rec, guard)
-        if guard.step_count == growth.STEP:  # the trainer took the first updates: see .growth
+        if guard.step_count in (growth.STEP, growth.DECIDE):  # the trainer took them: .growth
             grown(rec, guard)
     rec._feed(guard, Trigger("tick", guard.step_count), list)
 
@@ -103,7 +104,7 @@ def after_step(rec: Recovery, guard: Guard, stats: StepStats, outcome: Any) -> N
     a flag that stayed on the device (fused optimizers, a ``GradScaler``) is copied to
     the host without waiting and heard once there (:mod:`.late`), else at the flush."""
     step = guard.step_count - 1
-    if guard.step_count == growth.STEP and not isinstance(guard.executor, Hook):
+    if guard.step_count in (growth.STEP, growth.DECIDE) and not isinstance(guard.executor, Hook):
         grown(rec, guard)  # after the update (a trainer's: before the next, see before_step)
     if outcome.code is not None or isinstance(outcome.trouble, bool):
         rec._host_steps.add(step)
@@ -127,18 +128,16 @@ def after_step(rec: Recovery, guard: Guard, stats: StepStats, outcome: Any) -> N
 
 
 def grown(rec: Recovery, guard: Guard) -> None:
-    """After the run's first ``growth.STEP`` updates, while the ladder has not acted: the
-    weights grew far past what training needs (:mod:`.growth`), so roll back to the weights
-    before the first step and cap the LR."""
-    if (not rec.early_growth or distributed.world_size() > 1 or rec.state.last_trigger is not None
-            or rec.restores or guard._needs_closure
-            or guard.monitor.lr_tracker.burst_since(-1)):
-        # nor after an LR burst (a jump, the LR back under its peak since): the growth is
-        # the burst's, not the LR in force (a burst at step 5 of a warm-up was capped for
-        # good from it: held-out 1.80 against 0.83 unguarded)
-        # LBFGS (a closure optimizer): each step is several quasi-Newton updates, none
-        # scaled as a first-order one by the LR; on separable digits it grew the weights
-        # 27x in 20 steps, healthily, and the rollback undid the fit (see .growth)
+    """After the run's first ``growth.STEP`` updates, while the ladder has not acted: note
+    whether the weights grew far past what training needs (:mod:`.growth`); after
+    ``growth.DECIDE``, unless the loss learnt by then or a rollback came first, roll back
+    to the weights before the first step and cap the LR."""
+    if guard.step_count == growth.DECIDE:
+        noted, rec._grew = rec._grew, None
+        if noted is not None and not rec.restores and _judged(rec, guard):
+            _roll_back_grown(rec, guard, noted)
+        return
+    if not _judged(rec, guard) or rec.state.last_trigger is not None:
         return
     fresh = fresh_weights(rec)
     if fresh is None:
@@ -146,13 +145,40 @@ def grown(rec: Recovery, guard: Guard) -> None:
     ratio = growth.growth(guard, fresh)
     if ratio is not None:  # RMSprop's first updates are larger by its missing bias correction
         ratio = 1.0 + (ratio - 1.0) / growth.early_inflation(guard.optimizer)
-    if ratio is None or not ratio >= growth.GROWTH or growth.learnt(guard, rec._rise.initial):
+    if ratio is None or not ratio >= growth.GROWTH or \
+            growth.learnt(guard, rec._rise.initial, rec._flushed):
         return
-    reason = (f"the weights grew {ratio:.3g}x in the first {growth.STEP} steps (the median "
-              "weight matrix's norm): an LR far too high")
+    rec._grew = growth.Noted(ratio, copy_state(fresh))
+
+
+def _judged(rec: Recovery, guard: Guard) -> bool:
+    """Whether the growth rule judges this run (:mod:`.growth`)."""
+    # nor after an LR burst (a jump, the LR back under its peak since): the growth is the
+    # burst's, not the LR in force (a burst at step 5 of a warm-up was capped for good from
+    # it: held-out 1.80 against 0.83 unguarded)
+    # LBFGS (a closure optimizer): each step is several quasi-Newton updates, none scaled
+    # as a first-order one by the LR; on separable digits it grew the weights 27x in 20
+    # steps, healthily, and the rollback undid the fit (see .growth)
+    return not (not rec.early_growth or distributed.world_size() > 1 or rec.restores
+                or guard._needs_closure or guard.monitor.lr_tracker.burst_since(-1))
+
+
+def _roll_back_grown(rec: Recovery, guard: Guard, noted: growth.Noted) -> None:
+    """The decision at ``growth.DECIDE`` on a growth noted at ``growth.STEP``."""
+    fresh = noted.fresh if noted.fresh is not None else fresh_weights(rec)
+    if fresh is None or growth.learnt(guard, rec._rise.initial, rec._flushed,
+                                      growth.LEARNT_LATE):
+        return
+    reason = (f"the weights grew {noted.ratio:.3g}x in the first {growth.STEP} steps (the "
+              "median weight matrix's norm) and the loss was still above "
+              f"{growth.LEARNT_LATE:.0%} of the fresh model's at step {growth.DECIDE}: an LR far "
+              "too high")
     top = rec.state.ceiling
-    rec._feed(guard, Trigger("spike", guard.step_count, reason, rollback=True,
-                             cap=growth.cap(ratio)), list)
+    # the trouble began at the first step: the level before it is the fresh model's (not
+    # the grown run's at step 60, which a restart at the capped LR has 50 steps to reach:
+    # found in the A/B, a warm-up + cosine MLP rolled back a second time for missing it)
+    rec._feed(guard, Trigger("spike", guard.step_count, reason, rec._rise.initial,
+                             rollback=True, cap=growth.cap(noted.ratio), fresh=fresh), list)
     if rec.state.ceiling < top:  # the LR that grew them failed: no retry tries it again, the
         # first goes halfway below it (a retry at SGD's x1 ran into a loss spike at step 293,
         # the run's only warning, that its summary then led with)

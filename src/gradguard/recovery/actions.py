@@ -18,7 +18,7 @@ from torch import Tensor
 from .._owners import others
 from ..events import Event
 from ..naming import OPTIMIZER_PREFIX, layer_of
-from . import _slip, finite, messages, remap, wreck
+from . import _slip, finite, growth, messages, remap, wreck
 from .ladder import IMPROVED_REASON, Action, Trigger, transition
 from .shift import UNDONE, Shift, rebase
 from .snapshots import copy_state, state_bytes, wait_copies
@@ -124,7 +124,9 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
             # evidence, on the batches it was measured on (no change since, no level_off)
             st = rec.state
             fresh = rec._rise.initial if st.shifted is None and not st.level_off else None
-            snap = rec.ring.load(rec.ring.back(a.back, fresh))
+            noted = growth.take(rec, trig)  # weights grown from the first steps (.growth)
+            snap = trig.fresh if trig.fresh is not None else noted.fresh if noted else \
+                rec.ring.load(rec.ring.back(a.back, fresh))
             if snap is not None and not remap.fits(guard.model, snap):
                 snap = None  # the model changed past what it can restore (see .remap)
             if snap is None:  # nothing good to go back to yet: the deeper back-off only
@@ -143,6 +145,8 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 # a wreck: how large was the update? (see wreck.wrecked); or a cap the
                 # trigger measured (.growth)
                 cap, why = trig.cap, ""
+                if noted is not None:
+                    cap, why = growth.cap(noted.ratio), growth.why(noted)
                 before = _slip.before_burst(rec, guard, step)
                 if before is not None:
                     # an LR burst came and went since the snapshot: the burst's LR wrecked
@@ -172,6 +176,8 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                     a = dataclasses.replace(a, factor=rec.state.factor,
                                             ceiling=rec.state.ceiling, reason=a.reason + why)
                     rec.actions[-1] = a
+                    if noted is not None:  # the LR that grew them failed: see _steps.grown
+                        rec._probe.retried.append(prior.ceiling)
                 keep_undo(rec, guard)
                 # no update since the last rung, in a streak of skipped steps: the weights
                 # replaced are those of the streak's start (see the "data" action)

@@ -1,5 +1,5 @@
 """An LR far too high from the first step, with no spike, no NaN and no loss that rises:
-the weights grow. Judged once, ``STEP`` steps into the run.
+the weights grow. Measured once, ``STEP`` steps into the run; acted on at ``DECIDE``.
 
 Some runs at an LR many times too high never trip a rung: a pre-LN ViT on AdamW at 30x
 trains, its loss falls with the healthy run's for the first 40 steps, and it ends at 4.3x
@@ -13,32 +13,55 @@ on Adam 1e-2, benchmarks/rescue.py's healthy runs and twins; 1.38x for transform
 GPT-2, Llama, BERT, ViT, ResNet and ConvNeXt at their usual LRs); runs at an LR 10-100x
 too high on Adam, AdamW, RMSprop and SGD by 2.3x-27x.
 
-When it reached ``GROWTH`` (2x) and the ladder has not acted yet, the Recovery rolls back
-to the weights before the first step (kept in memory from the start) and caps the LR: the
-growth scales with the LR (sign-like updates move each weight by about the LR), so the
-cap ``HEALTHY / (growth - 1)`` (no lower than ``FLOOR``) aims the median layer at growing
+When it reached ``GROWTH`` (2x) and the ladder has not acted yet, the Recovery keeps a copy
+of the weights before the first step (kept in memory from the start) and waits until step
+``DECIDE``: a run whose loss is down to ``LEARNT_LATE`` (1%) of the fresh model's by then
+(the median of its last five) learnt at that LR, and is left alone; any other rolls back
+to those weights with the LR capped (a run whose ladder rolled back meanwhile has no
+growth left to judge). Growth alone does not tell the two apart: a GRU that recalls its
+first token on Adam 0.06-0.2 grows its weights 4-12x by step 20 at the fresh model's
+loss, then learns to 0.4%-0.007% of it by step 60, where its twin at a tenth of the LR
+never learns. The runs the rule helps (an LR 10-100x too high on Adam, AdamW, RMSprop,
+SGD, a ViT, lab T6) stand at 3.6% of their fresh loss or more at step 60 (a data study
+of 30 runs over 16 setups; a share of 10% there would spare a digits MLP on Adam at 30x
+whose clipped loss dipped to 5% of its fresh one by step 60 and ended 2.3x its twin).
+
+The cap: the growth scales with the LR (sign-like updates move each weight by about the
+LR), so the cap ``HEALTHY / (growth - 1)`` (no lower than ``FLOOR``) aims the median layer at growing
 by ``HEALTHY`` (20%) over the same steps. Matrices that start at zero (a LoRA ``B``, a
 zero-initialised head) have no ratio and are left out; so are vectors (biases, norms),
-and a network of a single matrix (``MIN_MATRICES``). Not under ``torch.distributed`` (each rank holds its own shards: the ranks must decide
-alike), nor with ``Recovery(early_growth=False)``, nor for a closure optimizer (LBFGS: a
+and a network of a single matrix (``MIN_MATRICES``). Not under ``torch.distributed``
+(each rank holds its own shards: the ranks must decide alike), nor with ``Recovery(early_growth=False)``, nor for a closure optimizer (LBFGS: a
 step is several quasi-Newton updates, none scaled by the LR), nor when the loss is down to
-``LEARNT`` (10%) of the fresh model's by then: a fit. One host read, once per run (two when
-the growth reached ``GROWTH``: the losses).
+``LEARNT`` (10%) of the fresh model's at ``STEP``: a fit. One host read, once per run
+(two more when the growth reached ``GROWTH``: the losses, at ``STEP`` and ``DECIDE``).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from ..guard import Guard
+    from ._recovery import Recovery
+    from .ladder_types import Trigger
 
 #: The step (counted from 0) before which the growth of the first updates is judged.
 STEP = 20
+#: The step (counted from 0) at which a growth found at ``STEP`` is acted on, unless the
+#: loss learnt by then (a data study of 30 runs over 16 setups, helped and harmed: deciding
+#: at 100 loses five of the runs the rule helps, whose loss dips to 4-10% of the fresh
+#: model's near step 100 on Adam before it fails; at 60 one, an offset regression whose
+#: fresh loss is the offset).
+DECIDE = 60
+#: The latest losses whose median says whether the run learnt (``LEARNT``, ``LEARNT_LATE``).
+RECENT = 5
 #: The median growth of the weight matrices that says the LR is far too high.
 GROWTH = 2.0
 #: The growth (over 1) the capped LR aims the median matrix at over ``STEP`` steps.
@@ -53,12 +76,52 @@ FLOOR = 0.01
 #: unguarded loss. The rescue suite's runs the rule rolls back are at 22% or more, the same
 #: regression at Adam 0.3 and 1.0, far too high, at 44-50%).
 LEARNT = 0.1
+#: A loss down to this share of the fresh model's by ``DECIDE`` learnt at the LR that grew
+#: the weights: the growth found at ``STEP`` is left alone.
+LEARNT_LATE = 0.01
 #: The weight matrices a network needs for its growth to be judged: a single linear map
 #: (a linear or logistic regression) grows to its solution's norm, whatever the LR (found
 #: by a stranger: ``nn.Linear`` fitting ``x.sum`` on SGD 0.05, test MSE 1e-13 unguarded,
 #: was rolled back twice and ended at 3.5-5.4; logistic regression on the digits at SGD
 #: 0.5 ended at 1.9x its unguarded held-out loss).
 MIN_MATRICES = 2
+
+
+@dataclass
+class Noted:
+    """A growth found at ``STEP``, to be acted on at ``DECIDE``: its ratio, the LR cap it
+    asks for, and a copy of the weights before the first step (the ring of snapshots may
+    drop them by then; not part of a checkpoint: a resumed run finds them on disk, with
+    ``snapshot_dir``)."""
+
+    ratio: float
+    fresh: dict[str, Any] | None = field(default=None, repr=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ratio": self.ratio}
+
+
+def take(rec: Recovery, trig: Trigger) -> Noted | None:
+    """The growth noted at ``STEP`` for a rollback the ladder decided before ``DECIDE``
+    (a spike, a rise, units that died, weights an update made non-finite), which then goes
+    to the weights before the first step with the LR capped, as the decision at
+    ``DECIDE`` would have (found in the A/B of the deferral: an MLP on SGD momentum at 30x,
+    its weights grown 10x by step 20, had its units die at step 49 and was rolled back to
+    its step-49 weights, then relapsed). None, leaving the noted growth, for a stretch of
+    non-finite or off-scale steps (the batches' fault, perhaps: such a rollback may be
+    undone, and the weights it replaced kept) and when none was noted."""
+    noted = rec._grew
+    if trig.fresh is not None or noted is None or noted.fresh is None or \
+            trig.kind not in ("spike", "weights"):
+        return None
+    rec._grew = None
+    return noted
+
+
+def why(noted: Noted) -> str:
+    """The words a rollback that :func:`take` redirected adds to its reason."""
+    return (f" (the weights had grown {noted.ratio:.3g}x in the first {STEP} steps: back to "
+            "the weights before the first step, the LR capped)")
 
 
 def growth(guard: Guard, fresh: dict[str, Any]) -> float | None:
@@ -83,14 +146,16 @@ def growth(guard: Guard, fresh: dict[str, Any]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
-def learnt(guard: Guard, initial: float | None) -> bool:
-    """Whether the losses taken since the last flush (the last five's median) are down to
-    ``LEARNT`` of the fresh model's (``initial``, else the first of them). One host read."""
-    losses = guard.telemetry.pending_losses()
+def learnt(guard: Guard, initial: float | None, flushed: Sequence[float] = (),
+           share: float = LEARNT) -> bool:
+    """Whether the latest losses (the last five's median: those taken since the last flush,
+    after ``flushed``, the last ones the flush before read) are down to ``share`` of the
+    fresh model's (``initial``, else the first of them). One host read."""
+    losses = list(flushed) + guard.telemetry.pending_losses()
     first = initial if initial is not None else losses[0] if losses else None
     if first is None or not first > 0 or len(losses) < 3:
         return False
-    return statistics.median(losses[-5:]) <= LEARNT * first
+    return statistics.median(losses[-RECENT:]) <= share * first
 
 
 def early_inflation(optimizer: torch.optim.Optimizer) -> float:

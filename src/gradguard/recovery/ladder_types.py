@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 #: a ``skip`` trigger's ``reason`` for a non-finite step (the default when it has none);
 #: the others name a spike ("spiking", "loss-spiking") or a batch on another scale
@@ -208,6 +208,9 @@ class Trigger:
     #: a ``rollback`` ``spike``'s cap on the LR factor, measured beside it (the weights'
     #: growth in the first steps, :mod:`.growth`)
     cap: float | None = None
+    #: a ``rollback`` ``spike``'s weights to restore, held beside it (the weights before
+    #: the first step, :mod:`.growth`); None: a snapshot the ladder picks
+    fresh: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     #: a ``healthy`` flush whose loss is well below the newest snapshot's level (the run
     #: learnt much since): a snapshot is due sooner than ``snapshot_every``
     improved: bool = False
