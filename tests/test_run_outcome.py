@@ -255,6 +255,12 @@ def test_a_run_back_at_a_level_it_never_left_is_told_its_loss_did_not_fall():
     # no remedy at all
     assert "does not learn" in out.remedy and "gg.doctor" in out.remedy
     assert "the loss did not fall" in summary_sentence(run(loss, events=[ev("rollback", 20, "error")]))
+    # found by a stranger: BART on a task with a plateau, its LR x100 for three steps at
+    # step 100, its attention collapsed for good at the plateau's level (110x its twin),
+    # was told "the model does not learn": the jump is named
+    jumped = judge(run(loss, events=[ev("lr_too_high", 100), ev("lr_backoff", 103)]))
+    assert jumped.status == "recovered" and "jumped far above" in jumped.remedy
+    assert "before step 100" in jumped.remedy and "does not learn" not in jumped.remedy
     fell = judge(run(np.geomspace(2.0, 0.5, 300), events=[ev("rollback", 20, "error")]))
     assert fell.clause == "training recovered" and fell.remedy is None
     # with the LR the rollback lowered, it is a stall (the LR left suspected)

@@ -57,6 +57,14 @@ TAIL_BAD_FRACTION = 0.5
 FLAT_REMEDY = ("The loss never fell over the run: the model does not learn. An LR too high "
                "sits at chance as surely as one too low: run gg.doctor(model, batch, loss_fn, "
                "optimizer=opt) on a batch (it probes the LR and the initialisation).")
+#: ... and one whose LR jumped far above any it had or planned (an ``lr_too_high`` report).
+JUMP_FLAT_REMEDY = (
+    "The loss never fell over the run, and the learning rate jumped far above the run's at "
+    "step {step}: a jump can break a network for good with no loss that rises (attention "
+    "that collapsed, units that died) while its loss sits where it was. Check the LR "
+    "schedule and manual LR changes, and rerun without the jump, from a checkpoint before "
+    "step {step}; if the run never learnt before it either, run gg.doctor(model, batch, "
+    "loss_fn, optimizer=opt) on a batch.")
 #: Event kinds that start an incident (besides a skipped step).
 INCIDENT_KINDS = ("nonfinite_grad", "grad_spike", "loss_spike", "lr_too_high")
 #: The recovery ladder's own actions: it acted on trouble that may show in no gradient event
@@ -294,7 +302,9 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # back at its level, which is where it started: nothing to fix in the trouble, but
         # the run does not learn (found by a stranger: an encoder-decoder at Adam 30x sat at
         # chance, "training recovered", with no remedy)
-        todo = FLAT_REMEDY
+        jump = next((e for e in data.events if e.get("kind") == "lr_too_high"
+                     and e.get("severity") in ("warning", "error")), None)
+        todo = FLAT_REMEDY if jump is None else JUMP_FLAT_REMEDY.format(step=jump["step"])
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    todo, incident, start, before, final, rose, flat)
 
