@@ -820,6 +820,58 @@ def test_a_regression_whose_first_layer_died_is_a_network_that_died(tmp_path, se
     assert (out.status, out.cause) == ("not_recovered", "dead_units")
 
 
+@pytest.mark.parametrize("dies", [True, False])
+def test_a_multi_task_head_whose_units_died_is_no_gated_expert(tmp_path, dies):
+    """Found by a regression hunt: a shared trunk under two heads (classes, and a
+    regression weighted x10); head A's hidden layer died at step 5 (its bias at -50), its
+    task at chance (2.30 against its twin's 0.16), and it was told gated ("the network
+    learns around it ... an expert the router no longer chooses", an info), the run
+    "healthy", as the trunk still learnt from head B. A layer is gated only where its
+    output joins a network that still learns; head A's output layer, fed zeros, learns
+    its bias only. The twin stays healthy."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+            self.a1, self.a2 = nn.Linear(32, 32), nn.Linear(32, 4)
+            self.b1, self.b2 = nn.Linear(32, 32), nn.Linear(32, 1)
+
+        def forward(self, x):
+            h = self.trunk(x)
+            return self.a2(torch.relu(self.a1(h))), self.b2(torch.relu(self.b1(h)))
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=gen)
+    with gg.Guard(model, opt, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for step in range(200):
+            if dies and step == 5:
+                with torch.no_grad():
+                    model.a1.bias.fill_(-50.0)
+            y = torch.randint(0, 4, (32,), generator=gen)
+            x = centers[y] + 0.3 * torch.randn(32, 16, generator=gen)
+            oa, ob = model(x)
+            loss = (nn.functional.cross_entropy(oa, y)
+                    + 10 * nn.functional.mse_loss(ob.squeeze(1), x.mean(1)))
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    out = judge(load_run(tmp_path))
+    warned = [e for e in guard.events if e.severity != "info"]
+    if not dies:
+        assert not warned and out.status == "healthy"
+        return
+    [died] = warned
+    assert (died.kind, died.layer, died.data["died"]) == ("disconnected_layer", "a1", True)
+    assert not died.data.get("gated")
+    assert (out.status, out.cause) == ("not_recovered", "dead_units")
+
+
 def test_gradients_under_float32s_squares_vanished_they_are_not_missing(tmp_path):
     """Found by a stranger: transformers' EfficientNet at its own init (BatchNorm gains
     near 0.02) had gradients of 1e-36 to 1e-34 in 84 of its 96 parameters; their squares

@@ -125,17 +125,28 @@ def detect_no_gradient(
             return False
         return all(k in quiet for k in window.after[index[name]])
 
+    # the layers whose weight matrices still had a gradient in the window (None: unknown)
+    mats = window.matrix_params
+    learning = None if mats is None else {
+        window.layer_index[i] for i, (m, z) in enumerate(
+            zip(mats, (window.param_norms[rows] != 0).any(dim=0).tolist())) if m and z}
+
     def gated(name: str) -> bool:
         # a layer before it (in the graph) still has a gradient: the network learns around
         # it (found by strangers: experts of a mixture that runs every expert and multiplies
         # the unchosen by a gate of 0 were "the network died", a healthy MoE failed
         # --fail-on-divergence). Its own units may have died all the same (a residual
         # block: the skip path keeps the layers before it a gradient), and the event says
-        # both; no gradient tells the two apart
+        # both; no gradient tells the two apart. Only where its output joins a network that
+        # still learns: a layer after it has a weight matrix with a gradient (found by a
+        # regression hunt: a multi-task model whose one head's hidden layer died, its task
+        # at chance, was told gated, "healthy", as its trunk still learnt from the other
+        # head; the dead head's output layer, fed zeros, learns its bias only)
         if window.after is None:
             return False
         j = index[name]
-        return any(j in ks and k not in quiet for k, ks in enumerate(window.after))
+        joins = learning is None or any(k in learning for k in window.after[j])
+        return joins and any(j in ks and k not in quiet for k, ks in enumerate(window.after))
 
     # a layer that never had a gradient, though the loss's graph reaches it and a layer
     # after it has one: its units are dead from the start (found by a stranger: ReLUs under
