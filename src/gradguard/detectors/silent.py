@@ -142,11 +142,25 @@ def detect_no_gradient(
         # regression hunt: a multi-task model whose one head's hidden layer died, its task
         # at chance, was told gated, "healthy", as its trunk still learnt from the other
         # head; the dead head's output layer, fed zeros, learns its bias only)
+        # Or where a layer next to it on its branch went silent too: the branch's output is
+        # multiplied by zero (found by a regression hunt: the unchosen experts of a top-1
+        # mixture routed from the raw inputs, no layer before them, each two layers deep,
+        # were "the network died" on a healthy run); units that died leave the layer after
+        # them a gradient, its bias's at least, and a network every layer of which but the
+        # last died joins none that learns
         if window.after is None:
             return False
         j = index[name]
-        joins = learning is None or any(k in learning for k in window.after[j])
-        return joins and any(j in ks and k not in quiet for k, ks in enumerate(window.after))
+        after = window.after[j]
+        if learning is not None and not any(k in learning for k in after):
+            return False
+
+        def still(k: int) -> bool:  # silent as long as it: quiet now, or died too
+            return k in quiet or state.silent_run.get(window.layers[k], 0) >= DIED_STEPS
+
+        before = [k for k, ks in enumerate(window.after) if j in ks]
+        return (any(k not in quiet for k in before) or any(still(k) for k in before)
+                or (any(still(k) for k in after) and any(k not in quiet for k in after)))
 
     # a layer that never had a gradient, though the loss's graph reaches it and a layer
     # after it has one: its units are dead from the start (found by a stranger: ReLUs under

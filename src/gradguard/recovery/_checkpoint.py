@@ -60,7 +60,7 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
     rec._last_taken = sd.pop("last_taken", None)
     rec._flushed = [float(x) for x in sd.pop("flushed", ())]
     grew = sd.pop("grew", None)  # its copy of the fresh weights stays behind: see skipped_growth
-    rec._grew = growth.Noted(float(grew["ratio"])) if grew is not None else None
+    rec._grew = growth.Noted(float(grew["ratio"]), grew.get("share")) if grew is not None else None
     jumps = {int(k): v for k, v in sd.pop("jumps", ())}
     ceilings = {int(k): float(v) for k, v in sd.pop("slip_ceiling", ())}  # before the jumps were kept
     rec.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),

@@ -145,10 +145,11 @@ def grown(rec: Recovery, guard: Guard) -> None:
     ratio = growth.growth(guard, fresh)
     if ratio is not None:  # RMSprop's first updates are larger by its missing bias correction
         ratio = 1.0 + (ratio - 1.0) / growth.early_inflation(guard.optimizer)
-    if ratio is None or not ratio >= growth.GROWTH or \
-            growth.learnt(guard, rec._rise.initial, rec._flushed):
+    share = growth.level(guard, rec._rise.initial, rec._flushed)
+    if ratio is None or not ratio >= growth.GROWTH or (share is not None and
+                                                      share <= growth.LEARNT):
         return
-    rec._grew = growth.Noted(ratio, copy_state(fresh))
+    rec._grew = growth.Noted(ratio, share, copy_state(fresh))
 
 
 def _judged(rec: Recovery, guard: Guard) -> bool:
@@ -163,16 +164,23 @@ def _judged(rec: Recovery, guard: Guard) -> bool:
                 or guard._needs_closure or guard.monitor.lr_tracker.burst_since(-1))
 
 
+def _percent(x: float) -> str:
+    """A share as a percentage, two significant digits under 1%."""
+    return f"{x:.0%}" if x >= 0.01 else f"{100 * x:.2g}%"
+
+
 def _roll_back_grown(rec: Recovery, guard: Guard, noted: growth.Noted) -> None:
     """The decision at ``growth.DECIDE`` on a growth noted at ``growth.STEP``."""
     fresh = noted.fresh if noted.fresh is not None else fresh_weights(rec)
-    if fresh is None or growth.learnt(guard, rec._rise.initial, rec._flushed,
-                                      growth.LEARNT_LATE):
+    share = growth.level(guard, rec._rise.initial, rec._flushed)
+    if fresh is None or noted.spared(share):
         return
+    words = " and ".join(w for w in (
+        None if noted.share is None else f"{_percent(noted.share)} of the fresh model's then",
+        None if share is None else f"{_percent(share)} at step {growth.DECIDE}") if w)
     reason = (f"the weights grew {noted.ratio:.3g}x in the first {growth.STEP} steps (the "
-              "median weight matrix's norm) and the loss was still above "
-              f"{growth.LEARNT_LATE:.0%} of the fresh model's at step {growth.DECIDE}: an LR far "
-              "too high")
+              f"median weight matrix's norm){', the loss at ' + words if words else ''}: an "
+              "LR far too high")
     top = rec.state.ceiling
     # the trouble began at the first step: the level before it is the fresh model's (not
     # the grown run's at step 60, which a restart at the capped LR has 50 steps to reach:

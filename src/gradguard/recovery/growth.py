@@ -15,13 +15,13 @@ too high on Adam, AdamW, RMSprop and SGD by 2.3x-27x.
 
 When it reached ``GROWTH`` (2x) and the ladder has not acted yet, the Recovery keeps a copy
 of the weights before the first step (kept in memory from the start) and waits until step
-``DECIDE``: a run whose loss is down to ``LEARNT_LATE`` (1%) of the fresh model's by then
-(the median of its last five) learnt at that LR, and is left alone; any other rolls back
-to those weights with the LR capped (a run whose ladder rolled back meanwhile has no
-growth left to judge). Growth alone does not tell the two apart: a GRU that recalls its
-first token on Adam 0.06-0.2 grows its weights 4-12x by step 20 at the fresh model's
-loss, then learns to 0.4%-0.007% of it by step 60, where its twin at a tenth of the LR
-never learns. The runs the rule helps (an LR 10-100x too high on Adam, AdamW, RMSprop,
+``DECIDE``: a run whose loss sat at ``PLATEAU`` (80%) of the fresh model's or more at
+``STEP`` and is down to ``LEARNT_LATE`` (1%) of it by then (the median of its last five)
+learnt at that LR, and is left alone; any other rolls back to those weights with the LR
+capped (a run whose ladder rolled back meanwhile has no growth left to judge). Growth
+alone does not tell the two apart: a GRU that recalls its first token on Adam 0.06 grows
+its weights 4x by step 20 at the fresh model's loss, then learns to 0.1%-0.007% of it by
+step 60, where its twin at a tenth of the LR never learns. The runs the rule helps (an LR 10-100x too high on Adam, AdamW, RMSprop,
 SGD, a ViT, lab T6) stand at 3.6% of their fresh loss or more at step 60 (a data study
 of 30 runs over 16 setups; a share of 10% there would spare a digits MLP on Adam at 30x
 whose clipped loss dipped to 5% of its fresh one by step 60 and ended 2.3x its twin).
@@ -77,8 +77,16 @@ FLOOR = 0.01
 #: regression at Adam 0.3 and 1.0, far too high, at 44-50%).
 LEARNT = 0.1
 #: A loss down to this share of the fresh model's by ``DECIDE`` learnt at the LR that grew
-#: the weights: the growth found at ``STEP`` is left alone.
+#: the weights: the growth found at ``STEP`` is left alone, ...
 LEARNT_LATE = 0.01
+#: ... when the loss still sat at this share of the fresh model's or more at ``STEP``: the
+#: weights grew before the run learnt anything, and what it learnt came after (a task found
+#: after a plateau). A run already falling at ``STEP`` fits as its weights grow, and its
+#: training loss tells no fit that generalises from one that does not (found by a stranger:
+#: a GELU MLP memorising 128 digits on Adam at 33x, at 14-62% of its fresh loss at step 20
+#: and under 1% by step 60, spared, ended 2.2-3.0x its twin's held-out loss; rolled back,
+#: 0.94x; the GRU the deferral spares sat at 92-102% at step 20).
+PLATEAU = 0.8
 #: The weight matrices a network needs for its growth to be judged: a single linear map
 #: (a linear or logistic regression) grows to its solution's norm, whatever the LR (found
 #: by a stranger: ``nn.Linear`` fitting ``x.sum`` on SGD 0.05, test MSE 1e-13 unguarded,
@@ -95,10 +103,19 @@ class Noted:
     ``snapshot_dir``)."""
 
     ratio: float
+    #: the loss's level at ``STEP``, a share of the fresh model's (:func:`level`)
+    share: float | None = None
     fresh: dict[str, Any] | None = field(default=None, repr=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ratio": self.ratio}
+        return {"ratio": self.ratio, "share": self.share}
+
+    def spared(self, share: float | None) -> bool:
+        """Whether a loss at ``share`` of the fresh model's at ``DECIDE`` learnt at the LR
+        that grew the weights: down to ``LEARNT_LATE`` after it sat at ``PLATEAU`` or
+        more at ``STEP``."""
+        return (self.share is not None and self.share >= PLATEAU and share is not None
+                and share <= LEARNT_LATE)
 
 
 def take(rec: Recovery, trig: Trigger) -> Noted | None:
@@ -146,16 +163,16 @@ def growth(guard: Guard, fresh: dict[str, Any]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
-def learnt(guard: Guard, initial: float | None, flushed: Sequence[float] = (),
-           share: float = LEARNT) -> bool:
-    """Whether the latest losses (the last five's median: those taken since the last flush,
-    after ``flushed``, the last ones the flush before read) are down to ``share`` of the
-    fresh model's (``initial``, else the first of them). One host read."""
+def level(guard: Guard, initial: float | None, flushed: Sequence[float] = ()) -> float | None:
+    """The latest losses' level (the last five's median: those taken since the last flush,
+    after ``flushed``, the last ones the flush before read) as a share of the fresh
+    model's (``initial``, else the first of them); None with fewer than three. One host
+    read."""
     losses = list(flushed) + guard.telemetry.pending_losses()
     first = initial if initial is not None else losses[0] if losses else None
     if first is None or not first > 0 or len(losses) < 3:
-        return False
-    return statistics.median(losses[-RECENT:]) <= share * first
+        return None
+    return statistics.median(losses[-RECENT:]) / first
 
 
 def early_inflation(optimizer: torch.optim.Optimizer) -> float:
