@@ -820,6 +820,54 @@ def test_a_regression_whose_first_layer_died_is_a_network_that_died(tmp_path, se
     assert (out.status, out.cause) == ("not_recovered", "dead_units")
 
 
+def test_unchosen_experts_routed_from_the_raw_inputs_are_no_network_that_died(tmp_path):
+    """Found by a regression hunt: a top-1 mixture of four two-layer experts whose router
+    reads the raw inputs (no layer before the experts), no load-balancing loss: the router
+    settles on one expert, the others get exactly zero gradient, and the run is healthy
+    (95% accuracy, the guarded loss the unguarded one's). Each unchosen expert's first
+    layer has no layer before it to tell it gated, and its layers were "died" warnings, the
+    run "the network died". A silent layer next to another on its branch, the branch
+    joining a network that learns, is gated: an output multiplied by zero."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    class Top1(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = nn.Linear(16, 4)
+            self.experts = nn.ModuleList(
+                nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32)) for _ in range(4))
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            p = self.router(x).softmax(-1)
+            mask = nn.functional.one_hot(p.argmax(-1), 4).float() * p
+            return self.head(torch.relu(sum(mask[:, e:e + 1] * ex(x)
+                                            for e, ex in enumerate(self.experts))))
+
+    torch.manual_seed(0)
+    model = Top1()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=gen)
+    with gg.Guard(model, opt, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for step in range(200):
+            if step == 10:  # from here the router settles on expert 0 for every input
+                with torch.no_grad():
+                    model.router.weight.zero_()
+                    model.router.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))
+            y = torch.randint(0, 4, (32,), generator=gen)
+            loss = nn.functional.cross_entropy(
+                model(centers[y] + 0.3 * torch.randn(32, 16, generator=gen)), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    silent = [e for e in guard.events if e.kind == "disconnected_layer"]
+    assert not [e for e in guard.events if e.severity != "info"]
+    assert {e.layer for e in silent} >= {"experts.1.0", "experts.1.2"}
+    assert judge(load_run(tmp_path)).status == "healthy"
+
+
 @pytest.mark.parametrize("dies", [True, False])
 def test_a_multi_task_head_whose_units_died_is_no_gated_expert(tmp_path, dies):
     """Found by a regression hunt: a shared trunk under two heads (classes, and a
