@@ -59,8 +59,9 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
     rec._judged = int(sd.pop("judged", -1))
     rec._last_taken = sd.pop("last_taken", None)
     rec._flushed = [float(x) for x in sd.pop("flushed", ())]
-    grew = sd.pop("grew", None)  # its copy of the fresh weights stays behind: see skipped_growth
-    rec._grew = growth.Noted(float(grew["ratio"]), grew.get("share")) if grew is not None else None
+    grew = sd.pop("grew", None)  # with its copy of the fresh weights (older ones: without)
+    rec._grew = None if grew is None else growth.Noted(
+        float(grew["ratio"]), grew.get("share"), grew.get("fresh"))
     jumps = {int(k): v for k, v in sd.pop("jumps", ())}
     ceilings = {int(k): float(v) for k, v in sd.pop("slip_ceiling", ())}  # before the jumps were kept
     rec.ring.load_tests_state(sd.pop("restored", None), sd.pop("verify", None),
@@ -89,6 +90,10 @@ def load_state_dict(rec: Recovery, sd: dict[str, Any]) -> None:
     guard = rec._guard() if rec._guard is not None else None
     if rec.ring.disk is not None and guard is not None:  # its snapshots on disk are its own
         rec.ring.disk.resumed(guard.step_count - 1)
+    if rec._grew is not None and rec._grew.fresh is not None and not len(rec.store):
+        # the weights before the first step, which the run never interrupted holds in its
+        # ring too: what a rollback before the growth's decision goes back to (.growth)
+        rec.store.save(-1, rec._grew.fresh)
     if len(rec.store) or (rec.ring.disk is not None and rec.ring.disk.steps()) or (
             guard is not None and guard.step_count == 0):  # nothing kept, none needed
         return
@@ -121,6 +126,8 @@ def skipped_growth(rec: Recovery, guard: Guard | None) -> str | None:
     # under a trainer's hook the test runs before step STEP's update (a checkpoint at step
     # 20 is before it: found by a stranger, an HF Trainer resumed at 20 said nothing)
     noted = rec._grew is not None
+    if rec._grew is not None and rec._grew.fresh is not None:  # the checkpoint held them
+        return None
     last = (growth.DECIDE if noted else growth.STEP) + (
         1 if isinstance(guard.executor, Hook) else 0) if guard is not None else 0
     if guard is None or rec.ring.disk is not None or not 0 < guard.step_count < last or (

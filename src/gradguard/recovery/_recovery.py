@@ -291,12 +291,30 @@ class Recovery:
         self.also.add(list(objs), "Recovery.also_restore")
 
     def finish(self, guard: Guard) -> None:
-        """The run ends (``guard.close``): a probe's trial arm under way is discarded."""
+        """The run ends (``guard.close``): a probe's trial arm under way is discarded, and
+        a growth noted but not yet decided on is said (:mod:`.growth`)."""
         _probing.abandon(self, guard)
+        self._unsettled(guard)
 
     def ended_in_trial(self, guard: Guard) -> None:
         """The script ended (``gradguard run``) during a probe's trial arm: said, not undone."""
         _probing.abandon(self, guard, undo=False)
+        self._unsettled(guard)
+
+    def _unsettled(self, guard: Guard) -> None:
+        """A warning for a growth noted at ``growth.STEP`` the run ended before deciding on
+        (found by a stranger: a run at 33x that ended at step 55 read "No gradient trouble",
+        its weights grown 25x)."""
+        if self._grew is None:
+            return
+        noted, self._grew = self._grew, None
+        step = max(0, guard.step_count - 1)
+        guard.add_event(Event(
+            kind="lr_too_high", step=step, severity="warning", value=noted.ratio,
+            threshold=growth.GROWTH, message=growth.unsettled(noted, step),
+            remedy=(f"Lower the learning rate (x{growth.cap(noted.ratio):.2g} aims the weights "
+                    "at a healthy growth), or train longer under the guard."),
+            data={"growth": noted.ratio, "unsettled": True}))
 
     def detach(self) -> None:
         """Remove the LR multiplier's hooks (the guard's ``close`` calls it)."""
@@ -414,10 +432,13 @@ class Recovery:
     # ---- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Ladder state, the spike verdict's statistics and the loss level (the in-memory
-        snapshots are not included; with ``snapshot_dir`` they survive on disk)."""
+        snapshots are not included; with ``snapshot_dir`` they survive on disk), and
+        between steps 20 and 60 a growth noted with the weights before the first step
+        (:mod:`.growth`)."""
         return _checkpoint.state_dict(self)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the snapshots are no part of it: what a resumed run
+        """Restore :meth:`state_dict`; the snapshots are no part of it (but the weights
+        before the first step while the growth rule's decision is pending): what a resumed run
         rolls back to is in :func:`._checkpoint.load_state_dict`."""
         _checkpoint.load_state_dict(self, sd)

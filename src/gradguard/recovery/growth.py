@@ -97,10 +97,12 @@ MIN_MATRICES = 2
 
 @dataclass
 class Noted:
-    """A growth found at ``STEP``, to be acted on at ``DECIDE``: its ratio, the LR cap it
-    asks for, and a copy of the weights before the first step (the ring of snapshots may
-    drop them by then; not part of a checkpoint: a resumed run finds them on disk, with
-    ``snapshot_dir``)."""
+    """A growth found at ``STEP``, to be acted on at ``DECIDE``: its ratio, the loss's
+    level then, and a copy of the weights before the first step (the ring of snapshots may
+    drop them by then). A checkpoint taken between the two holds the copy too (the one
+    snapshot a checkpoint holds: found by a stranger, an HF Trainer run at 33x resumed from
+    its checkpoint of step 40, without ``snapshot_dir``, could not roll back at step 60 and
+    ended as the unguarded run, 1.7x the run never interrupted)."""
 
     ratio: float
     #: the loss's level at ``STEP``, a share of the fresh model's (:func:`level`)
@@ -108,7 +110,7 @@ class Noted:
     fresh: dict[str, Any] | None = field(default=None, repr=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "share": self.share}
+        return {"ratio": self.ratio, "share": self.share, "fresh": self.fresh}
 
     def spared(self, share: float | None) -> bool:
         """Whether a loss at ``share`` of the fresh model's at ``DECIDE`` learnt at the LR
@@ -128,11 +130,25 @@ def take(rec: Recovery, trig: Trigger) -> Noted | None:
     non-finite or off-scale steps (the batches' fault, perhaps: such a rollback may be
     undone, and the weights it replaced kept) and when none was noted."""
     noted = rec._grew
-    if trig.fresh is not None or noted is None or noted.fresh is None or \
-            trig.kind not in ("spike", "weights"):
+    if trig.fresh is not None or noted is None or trig.kind not in ("spike", "weights"):
         return None
+    if noted.fresh is None:  # an older checkpoint's: on disk, with snapshot_dir
+        from ._steps import fresh_weights
+
+        noted.fresh = fresh_weights(rec)
+        if noted.fresh is None:
+            return None
     rec._grew = None
     return noted
+
+
+def unsettled(noted: Noted, step: int) -> str:
+    """What a run that ended at ``step``, before ``DECIDE``, is told of the growth it had."""
+    return (f"step {step}: the weights grew {noted.ratio:.3g}x in the first {STEP} steps (the "
+            "median weight matrix's norm): an LR far too high, unless the loss learns by "
+            f"step {DECIDE}, where the Recovery would have rolled back to the weights before "
+            f"the first step with the LR capped at x{cap(noted.ratio):.2g}; the run ended "
+            "before that")
 
 
 def why(noted: Noted) -> str:
