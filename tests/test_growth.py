@@ -380,7 +380,7 @@ def test_a_run_resumed_within_the_first_steps_judges_their_growth_from_its_snaps
     assert not said
 
 
-def test_a_run_that_ends_before_the_decision_is_told_its_growth():
+def test_a_run_that_ends_before_the_decision_is_told_its_growth(tmp_path):
     """Found by a stranger: GPT-2 at 33x for 55 steps, its weights grown 22-25x by step
     20, read "No gradient trouble in 55 steps": the growth is decided at step 60. A run
     that ends before is told it, with the cap the rule would have set."""
@@ -390,7 +390,8 @@ def test_a_run_that_ends_before_the_decision_is_told_its_growth():
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
                           nn.Linear(128, 10))
     opt = torch.optim.Adam(model.parameters(), lr=0.03)
-    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                  sinks=[gg.JsonlSink(tmp_path)]) as guard:
         for step in range(45):
             x, y = batch(step)
             loss = nn.functional.cross_entropy(model(x), y)
@@ -400,6 +401,11 @@ def test_a_run_that_ends_before_the_decision_is_told_its_growth():
     [told] = [e for e in guard.events if e.severity != "info"]
     assert (told.kind, told.step, told.data["unsettled"]) == ("lr_too_high", 44, True)
     assert "grew 2.93x in the first 20 steps" in told.message and "ended before" in told.message
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    out = judge(load_run(tmp_path))
+    assert out.cause == "lr_too_high" and "Lower the learning rate" in out.remedy
 
 
 @pytest.mark.parametrize("hooked, warned", [(True, True), (False, False)])

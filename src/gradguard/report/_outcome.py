@@ -298,6 +298,11 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         data, (status, cause, incident, clause), flat=flat, final=final, start=start,
         floored=floored, k=k)
     todo = remedy(status, cause, config, data, incident)
+    unsettled = next((e for e in data.events if (e.get("data") or {}).get("unsettled")), None)
+    if todo is None and unsettled is not None:
+        # a growth the run ended before the Recovery decided on (gradguard.recovery.growth):
+        # nothing was done about it, and the LR is the fix
+        todo = str(unsettled.get("remedy") or "") or None
     if todo is None and status == "recovered" and flat:
         # back at its level, which is where it started: nothing to fix in the trouble, but
         # the run does not learn (found by a stranger: an encoder-decoder at Adam 30x sat at
