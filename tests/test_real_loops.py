@@ -820,6 +820,40 @@ def test_a_regression_whose_first_layer_died_is_a_network_that_died(tmp_path, se
     assert (out.status, out.cause) == ("not_recovered", "dead_units")
 
 
+def test_an_mlp_whose_middle_relus_died_is_no_gated_branch(tmp_path):
+    """Found by a regression hunt: a ReLU MLP (three hidden layers) whose second hidden
+    layer's ReLUs all died (its bias pushed to -50) outputs a constant (chance, 8% accuracy
+    against its twin's 95%): the layers before them get no gradient, the third hidden
+    layer learns its bias alone, and the head's weights still get one (fed constants). The
+    rule for an expert's branch silenced by a gate of 0 told them gated, the run healthy.
+    A layer after them that learns its bias alone is the mark of units that died."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=gen)
+    with gg.Guard(model, opt, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for step in range(160):
+            if step == 20:
+                with torch.no_grad():
+                    model[2].bias.fill_(-50.0)
+            y = torch.randint(0, 4, (32,), generator=gen)
+            loss = nn.functional.cross_entropy(
+                model(centers[y] + 0.3 * torch.randn(32, 16, generator=gen)), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    died = [e for e in guard.events if e.kind == "disconnected_layer"]
+    assert {e.layer for e in died} == {"0", "2"}
+    assert all(e.severity == "warning" and not e.data.get("gated") for e in died)
+    assert (judge(load_run(tmp_path)).status, judge(load_run(tmp_path)).cause) == (
+        "not_recovered", "dead_units")
+
+
 def test_unchosen_experts_routed_from_the_raw_inputs_are_no_network_that_died(tmp_path):
     """Found by a regression hunt: a top-1 mixture of four two-layer experts whose router
     reads the raw inputs (no layer before the experts), no load-balancing loss: the router
