@@ -820,6 +820,26 @@ def test_a_regression_whose_first_layer_died_is_a_network_that_died(tmp_path, se
     assert (out.status, out.cause) == ("not_recovered", "dead_units")
 
 
+def _blobs(model: nn.Module, run_dir, steps: int, at: int, poke) -> gg.Guard:
+    """``steps`` steps of Adam 1e-3 on four Gaussian blobs in 16 dimensions (batch 32),
+    guarded with a ``JsonlSink`` in ``run_dir``; ``poke(model)`` at step ``at``."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=gen)
+    with gg.Guard(model, opt, sinks=[gg.JsonlSink(run_dir)]) as guard:
+        for step in range(steps):
+            if step == at:
+                with torch.no_grad():
+                    poke(model)
+            y = torch.randint(0, 4, (32,), generator=gen)
+            loss = nn.functional.cross_entropy(
+                model(centers[y] + 0.3 * torch.randn(32, 16, generator=gen)), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    return guard
+
+
 def test_an_mlp_whose_middle_relus_died_is_no_gated_branch(tmp_path):
     """Found by a regression hunt: a ReLU MLP (three hidden layers) whose second hidden
     layer's ReLUs all died (its bias pushed to -50) outputs a constant (chance, 8% accuracy
@@ -833,20 +853,7 @@ def test_an_mlp_whose_middle_relus_died_is_no_gated_branch(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                           nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    centers = torch.randn(4, 16, generator=gen)
-    with gg.Guard(model, opt, sinks=[gg.JsonlSink(tmp_path)]) as guard:
-        for step in range(160):
-            if step == 20:
-                with torch.no_grad():
-                    model[2].bias.fill_(-50.0)
-            y = torch.randint(0, 4, (32,), generator=gen)
-            loss = nn.functional.cross_entropy(
-                model(centers[y] + 0.3 * torch.randn(32, 16, generator=gen)), y)
-            loss.backward()
-            guard.step(loss)
-            opt.zero_grad()
+    guard = _blobs(model, tmp_path, 160, 20, lambda m: m[2].bias.fill_(-50.0))
     died = [e for e in guard.events if e.kind == "disconnected_layer"]
     assert {e.layer for e in died} == {"0", "2"}
     assert all(e.severity == "warning" and not e.data.get("gated") for e in died)
@@ -879,23 +886,12 @@ def test_unchosen_experts_routed_from_the_raw_inputs_are_no_network_that_died(tm
             return self.head(torch.relu(sum(mask[:, e:e + 1] * ex(x)
                                             for e, ex in enumerate(self.experts))))
 
+    def settle(m: Top1) -> None:  # from here the router chooses expert 0 for every input
+        m.router.weight.zero_()
+        m.router.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))
+
     torch.manual_seed(0)
-    model = Top1()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    centers = torch.randn(4, 16, generator=gen)
-    with gg.Guard(model, opt, sinks=[gg.JsonlSink(tmp_path)]) as guard:
-        for step in range(200):
-            if step == 10:  # from here the router settles on expert 0 for every input
-                with torch.no_grad():
-                    model.router.weight.zero_()
-                    model.router.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))
-            y = torch.randint(0, 4, (32,), generator=gen)
-            loss = nn.functional.cross_entropy(
-                model(centers[y] + 0.3 * torch.randn(32, 16, generator=gen)), y)
-            loss.backward()
-            guard.step(loss)
-            opt.zero_grad()
+    guard = _blobs(Top1(), tmp_path, 200, 10, settle)
     silent = [e for e in guard.events if e.kind == "disconnected_layer"]
     assert not [e for e in guard.events if e.severity != "info"]
     assert {e.layer for e in silent} >= {"experts.1.0", "experts.1.2"}
