@@ -861,6 +861,33 @@ def test_an_mlp_whose_middle_relus_died_is_no_gated_branch(tmp_path):
         "not_recovered", "dead_units")
 
 
+def test_a_one_layer_branch_switched_off_is_no_network_that_died(tmp_path):
+    """Found by a regression hunt: a one-layer side branch read from the raw inputs and
+    switched off by a factor of 0 at step 10, on purpose, beside an MLP that learns: a
+    healthy run (the guarded loss the unguarded one's) was "the network died at step 30".
+    No layer is before the branch and none next to it on it; the head after it learns its
+    weights, not its bias alone, as it would after units that died."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    class Side(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+            self.side = nn.Linear(16, 32)
+            self.head = nn.Linear(32, 4)
+            self.register_buffer("on", torch.ones(()))
+
+        def forward(self, x):
+            return self.head(self.main(x) + self.on * self.side(x))
+
+    torch.manual_seed(0)
+    guard = _blobs(Side(), tmp_path, 200, 10, lambda m: m.on.zero_())
+    [silent] = [e for e in guard.events if e.kind == "disconnected_layer"]
+    assert (silent.layer, silent.severity, silent.data.get("gated")) == ("side", "info", True)
+    assert judge(load_run(tmp_path)).status == "healthy"
+
+
 def test_unchosen_experts_routed_from_the_raw_inputs_are_no_network_that_died(tmp_path):
     """Found by a regression hunt: a top-1 mixture of four two-layer experts whose router
     reads the raw inputs (no layer before the experts), no load-balancing loss: the router

@@ -127,11 +127,14 @@ def detect_no_gradient(
 
     # the layers whose weight matrices still had a gradient in the window (None: unknown)
     mats = window.matrix_params
-    with_matrix = set() if mats is None else {
-        window.layer_index[i] for i, m in enumerate(mats) if m}
+    live = (window.param_norms[rows] != 0).any(dim=0).tolist()  # per parameter
     learning = None if mats is None else {
-        window.layer_index[i] for i, (m, z) in enumerate(
-            zip(mats, (window.param_norms[rows] != 0).any(dim=0).tolist())) if m and z}
+        window.layer_index[i] for i, (m, z) in enumerate(zip(mats, live)) if m and z}
+    # layers that learn their biases alone (fed zeros or a constant: the units before them
+    # died): a gradient in no parameter but a bias
+    unbiased = {window.layer_index[i] for i, (n, z) in enumerate(zip(window.names, live))
+                if z and not n.endswith("bias")}
+    bias_only = {window.layer_index[i] for i, z in enumerate(live) if z} - unbiased
 
     def gated(name: str) -> bool:
         # a layer before it (in the graph) still has a gradient: the network learns around
@@ -144,33 +147,22 @@ def detect_no_gradient(
         # regression hunt: a multi-task model whose one head's hidden layer died, its task
         # at chance, was told gated, "healthy", as its trunk still learnt from the other
         # head; the dead head's output layer, fed zeros, learns its bias only)
-        # Or where a layer next to it on its branch went silent too, the branch's output
-        # multiplied by zero (found by a regression hunt: the unchosen experts of a top-1
-        # mixture routed from the raw inputs, no layer before them, each two layers deep,
-        # were "the network died" on a healthy run), unless a layer after it learns its
-        # bias alone: the units on its path died and feed it zeros (found by the next hunt:
-        # an MLP whose middle ReLUs died, the layers before them silent too, its output a
-        # constant, was told gated and healthy)
+        # Or where no layer after it learns its bias alone: units that die leave the layer
+        # after them a gradient for its bias only (fed zeros, or a constant), an output
+        # multiplied by zero leaves it none of its own (found by regression hunts: the
+        # unchosen experts of a top-1 mixture routed from the raw inputs, and a one-layer
+        # branch switched off by a factor of 0, no layer before either, were "the network
+        # died" on healthy runs; an MLP whose middle ReLUs died, the layer after them
+        # learning its bias alone, is dead)
         if window.after is None:
             return False
         j = index[name]
         after = window.after[j]
         if learning is not None and not any(k in learning for k in after):
             return False
-        before = [k for k, ks in enumerate(window.after) if j in ks]
-        if any(k not in quiet for k in before):
+        if any(j in ks and k not in quiet for k, ks in enumerate(window.after)):
             return True
-
-        def still(k: int) -> bool:  # silent as long as it: quiet now, or died too
-            return k in quiet or state.silent_run.get(window.layers[k], 0) >= DIED_STEPS
-
-        def bias_only(k: int) -> bool:  # a gradient, but none in its weight matrices
-            return learning is not None and k not in quiet and k not in learning and \
-                k in with_matrix
-
-        return not any(bias_only(k) for k in after) and (
-            any(still(k) for k in before)
-            or (any(still(k) for k in after) and any(k not in quiet for k in after)))
+        return not any(k in bias_only for k in after) and any(k not in quiet for k in after)
 
     # a layer that never had a gradient, though the loss's graph reaches it and a layer
     # after it has one: its units are dead from the start (found by a stranger: ReLUs under
