@@ -131,10 +131,11 @@ def detect_no_gradient(
     learning = None if mats is None else {
         window.layer_index[i] for i, (m, z) in enumerate(zip(mats, live)) if m and z}
     # layers that learn their biases alone (fed zeros or a constant: the units before them
-    # died): a gradient in no parameter but a bias
-    unbiased = {window.layer_index[i] for i, (n, z) in enumerate(zip(window.names, live))
-                if z and not n.endswith("bias")}
-    bias_only = {window.layer_index[i] for i, z in enumerate(live) if z} - unbiased
+    # died): a gradient in no weight matrix, in a vector only (a bias, a norm's shift),
+    # told by shape, not name (found by a regression hunt: a hand-written layer's bias
+    # named `b` after dead units read as a weight, the dead network "recovered")
+    bias_only = set() if learning is None else (
+        {window.layer_index[i] for i, z in enumerate(live) if z} - learning)
 
     def gated(name: str) -> bool:
         # a layer before it (in the graph) still has a gradient: the network learns around
