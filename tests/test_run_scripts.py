@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 import gradguard as gg
+from dist_launch import free_port, torchrun_job
 from gradguard.cli import main
 from gradguard.events import read_jsonl
 from gradguard.integrations.run import format_summary, run_script
@@ -588,10 +589,10 @@ def test_torchrun_two_ranks_every_rank_skips_rank_0_writes(tmp_path):
         pytest.skip("torchrun is not installed next to this python")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    r = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "gradguard",
+    r = torchrun_job(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "gradguard",
          "run", "--no-report", "--every", "4", str(SCRIPTS / "ddp_plain.py"), "--nan-at", "3"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        env=env, timeout=300, cwd=tmp_path, clean=("runs",))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("weights finite: True") == 2  # every rank skipped the NaN step
     runs = [d for d in (tmp_path / "runs" / "ddp_plain").iterdir() if d.name != "latest"]
@@ -613,10 +614,10 @@ def test_torchrun_an_fsdp2_script_with_its_own_clip_trains_as_without_gradguard(
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(gg.__file__).resolve().parents[1])}
     digests = []
-    for port, args in (("29521", []), ("29523", ["-m", "gradguard", "run", "--no-report"])):
-        r = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", port,
-                            *args, str(SCRIPTS / "fsdp_plain.py")],
-                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    for args in ([], ["-m", "gradguard", "run", "--no-report"]):
+        r = torchrun_job([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()),
+                          *args, str(SCRIPTS / "fsdp_plain.py")],
+                         env=env, timeout=300, cwd=tmp_path, clean=("runs",))
         assert r.returncode == 0, r.stderr[-3000:]
         digests += [line for line in r.stdout.splitlines() if line.startswith("weights")]
     assert len(digests) == 2 and digests[0] == digests[1]
@@ -635,7 +636,7 @@ def test_torchrun_a_rank_that_raises_fails_the_job_rather_than_hanging_it(tmp_pa
     import signal
 
     p = subprocess.Popen(
-        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29519", "-m",
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
          "gradguard", "run", "--every", "4", str(SCRIPTS / "ddp_plain.py"),
          "--raise-at", "6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env, cwd=tmp_path, start_new_session=True)
