@@ -28,9 +28,9 @@ def grad_amax(params: Sequence[Tensor], layer_index: Sequence[int],
     for j, p in zip(layer_index, params):
         g = p.grad
         if j in want and g is not None and g.numel() and not g.is_sparse:
-            found[j].append(g.detach().abs().amax().float().reshape(1))
-    flat = [torch.cat([t.to(ts[0].device) for t in ts]).amax() if ts else None
-            for ts in (found[j] for j in layers)]
-    live = [t for t in flat if t is not None]
-    values = iter(torch.stack([t.cpu() for t in live]).tolist() if live else [])
-    return [0.0 if t is None else next(values) for t in flat]
+            found[j].append(g.detach().abs().amax().float())
+    live = [torch.stack([t.to(ts[0].device) for t in ts]).amax() for ts in found.values() if ts]
+    if not live:
+        return [0.0] * len(layers)
+    values = iter(torch.stack([t.to(live[0].device) for t in live]).tolist())  # one read
+    return [next(values) if found[j] else 0.0 for j in layers]

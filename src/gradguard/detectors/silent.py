@@ -125,17 +125,13 @@ def detect_no_gradient(
             return False
         return all(k in quiet for k in window.after[index[name]])
 
-    # the layers whose weight matrices still had a gradient in the window (None: unknown)
-    mats = window.matrix_params
-    live = (window.param_norms[rows] != 0).any(dim=0).tolist()  # per parameter
-    learning = None if mats is None else {
-        window.layer_index[i] for i, (m, z) in enumerate(zip(mats, live)) if m and z}
-    # layers that learn their biases alone (fed zeros or a constant: the units before them
-    # died): a gradient in no weight matrix, in a vector only (a bias, a norm's shift),
-    # told by shape, not name (found by a regression hunt: a hand-written layer's bias
-    # named `b` after dead units read as a weight, the dead network "recovered")
-    bias_only = set() if learning is None else (
-        {window.layer_index[i] for i, z in enumerate(live) if z} - learning)
+    # (for layers that died only) the layers whose weight matrices still had a gradient in
+    # the window (None: unknown), and those that learn their biases alone (fed zeros or a
+    # constant: the units before them died): a gradient in no weight matrix, in a vector
+    # only (a bias, a norm's shift), told by shape, not name (found by a regression hunt: a
+    # hand-written layer's bias named `b` after dead units read as a weight, the dead
+    # network "recovered")
+    learning, bias_only = _learning(window, rows) if died else (None, set())
 
     def gated(name: str) -> bool:
         # a layer before it (in the graph) still has a gradient: the network learns around
@@ -188,6 +184,17 @@ def detect_no_gradient(
                              cut=cut(n), gated=gated(n), ordered=window.after is not None)
                for n in died]
             + ([_underflow_event(window, tiny, step)] if tiny else []))
+
+
+def _learning(window: Window, rows: torch.Tensor) -> tuple[set[int] | None, set[int]]:
+    """The layers whose weight matrices had a gradient in the window's ``rows`` (None when
+    unknown), and those with a gradient in their vectors alone (host values)."""
+    mats = window.matrix_params
+    if mats is None:
+        return None, set()
+    live = (window.param_norms[rows] != 0).any(dim=0).tolist()  # per parameter
+    learning = {window.layer_index[i] for i, (m, z) in enumerate(zip(mats, live)) if m and z}
+    return learning, {window.layer_index[i] for i, z in enumerate(live) if z} - learning
 
 
 def _underflow(window: Window, names: list[str]) -> dict[str, float]:

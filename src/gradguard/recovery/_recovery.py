@@ -302,19 +302,10 @@ class Recovery:
         self._unsettled(guard)
 
     def _unsettled(self, guard: Guard) -> None:
-        """A warning for a growth noted at ``growth.STEP`` the run ended before deciding on
-        (found by a stranger: a run at 33x that ended at step 55 read "No gradient trouble",
-        its weights grown 25x)."""
-        if self._grew is None:
-            return
-        noted, self._grew = self._grew, None
-        step = max(0, guard.step_count - 1)
-        guard.add_event(Event(
-            kind="lr_too_high", step=step, severity="warning", value=noted.ratio,
-            threshold=growth.GROWTH, message=growth.unsettled(noted, step),
-            remedy=(f"Lower the learning rate (x{growth.cap(noted.ratio):.2g} aims the weights "
-                    "at a healthy growth), or train longer under the guard."),
-            data={"growth": noted.ratio, "unsettled": True}))
+        """A warning for a growth noted at ``growth.STEP`` the run ended before deciding on."""
+        if self._grew is not None:
+            noted, self._grew = self._grew, None
+            guard.add_event(growth.unsettled(noted, max(0, guard.step_count - 1)))
 
     def detach(self) -> None:
         """Remove the LR multiplier's hooks (the guard's ``close`` calls it)."""

@@ -139,7 +139,7 @@ def grown(rec: Recovery, guard: Guard) -> None:
         return
     if not _judged(rec, guard) or rec.state.last_trigger is not None:
         return
-    fresh = fresh_weights(rec)
+    fresh = growth.fresh_weights(rec)
     if fresh is None:
         return
     ratio = growth.growth(guard, fresh)
@@ -171,7 +171,7 @@ def _percent(x: float) -> str:
 
 def _roll_back_grown(rec: Recovery, guard: Guard, noted: growth.Noted) -> None:
     """The decision at ``growth.DECIDE`` on a growth noted at ``growth.STEP``."""
-    fresh = noted.fresh if noted.fresh is not None else fresh_weights(rec)
+    fresh = noted.fresh if noted.fresh is not None else growth.fresh_weights(rec)
     share = growth.level(guard, rec._rise.initial, rec._flushed)
     if fresh is None or noted.spared(share):
         return
@@ -191,20 +191,6 @@ def _roll_back_grown(rec: Recovery, guard: Guard, noted: growth.Noted) -> None:
         # first goes halfway below it (a retry at SGD's x1 ran into a loss spike at step 293,
         # the run's only warning, that its summary then led with)
         rec._probe.retried.append(top)
-
-
-def fresh_weights(rec: Recovery) -> dict[str, Any] | None:
-    """The snapshot of the weights before the first step: in memory, else on disk when no
-    snapshot in memory is from before it (a run resumed within its first ``growth.STEP``
-    steps: found by a stranger, a resume at step 10 of an Adam run at 30x skipped the
-    test that rolls the uninterrupted run back at step 20); None when neither holds it."""
-    if rec.store.steps()[:1] == [-1]:
-        return rec.store.load(0)
-    disk = rec.ring.disk
-    if disk is None or -1 in rec.store.steps():
-        return None
-    rec.ring.wait()
-    return disk.load(0) if disk.steps()[:1] == [-1] else None
 
 
 def hear(rec: Recovery, guard: Guard) -> None:

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..events import Event
+
 if TYPE_CHECKING:
     from ..guard import Guard
     from ._recovery import Recovery
@@ -133,8 +135,6 @@ def take(rec: Recovery, trig: Trigger) -> Noted | None:
     if trig.fresh is not None or noted is None or trig.kind not in ("spike", "weights"):
         return None
     if noted.fresh is None:  # an older checkpoint's: on disk, with snapshot_dir
-        from ._steps import fresh_weights
-
         noted.fresh = fresh_weights(rec)
         if noted.fresh is None:
             return None
@@ -142,13 +142,35 @@ def take(rec: Recovery, trig: Trigger) -> Noted | None:
     return noted
 
 
-def unsettled(noted: Noted, step: int) -> str:
-    """What a run that ended at ``step``, before ``DECIDE``, is told of the growth it had."""
-    return (f"step {step}: the weights grew {noted.ratio:.3g}x in the first {STEP} steps (the "
-            "median weight matrix's norm): an LR far too high, unless the loss learns by "
-            f"step {DECIDE}, where the Recovery would have rolled back to the weights before "
-            f"the first step with the LR capped at x{cap(noted.ratio):.2g}; the run ended "
-            "before that")
+def unsettled(noted: Noted, step: int) -> Event:
+    """The warning for a growth noted at ``STEP`` that a run ended at ``step`` before
+    ``DECIDE`` without a decision on (found by a stranger: a run at 33x that ended at step
+    55 read "No gradient trouble", its weights grown 25x)."""
+    return Event(
+        kind="lr_too_high", step=step, severity="warning", value=noted.ratio,
+        threshold=GROWTH,
+        message=(f"step {step}: the weights grew {noted.ratio:.3g}x in the first {STEP} steps "
+                 "(the median weight matrix's norm): an LR far too high, unless the loss "
+                 f"learns by step {DECIDE}, where the Recovery would have rolled back to the "
+                 "weights before the first step with the LR capped at "
+                 f"x{cap(noted.ratio):.2g}; the run ended before that"),
+        remedy=(f"Lower the learning rate (x{cap(noted.ratio):.2g} aims the weights at a "
+                "healthy growth), or train longer under the guard."),
+        data={"growth": noted.ratio, "unsettled": True})
+
+
+def fresh_weights(rec: Recovery) -> dict[str, Any] | None:
+    """The snapshot of the weights before the first step: in memory, else on disk when no
+    snapshot in memory is from before it (a run resumed within its first ``growth.STEP``
+    steps: found by a stranger, a resume at step 10 of an Adam run at 30x skipped the
+    test that rolls the uninterrupted run back at step 20); None when neither holds it."""
+    if rec.store.steps()[:1] == [-1]:
+        return rec.store.load(0)
+    disk = rec.ring.disk
+    if disk is None or -1 in rec.store.steps():
+        return None
+    rec.ring.wait()
+    return disk.load(0) if disk.steps()[:1] == [-1] else None
 
 
 def why(noted: Noted) -> str:
