@@ -190,3 +190,53 @@ def test_a_rollback_of_weights_a_nan_streak_never_touched_is_undone_once_the_bat
     for a, b in zip(weights[126], weights[119]):
         assert torch.equal(a, b)  # the weights of step 119's update, which the streak never moved
     assert factors[126] == 1.0 and factors[119] == 1.0
+
+
+class _GruHead(nn.Module):
+    """An MLP encoder whose features a GRU reads four times over (helper 8's model)."""
+
+    def __init__(self, d: int = 16, h: int = 32, c: int = 4) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU())
+        self.rnn = nn.GRU(h, h, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self.enc(x).unsqueeze(1).expand(-1, 4, -1)
+        return self.head(self.rnn(seq)[0][:, -1])
+
+
+def _gru_burst(seed: int, guarded: bool, burst: float | None) -> tuple[float, gg.Guard | None]:
+    torch.manual_seed(seed)
+    w, x = torch.randn(16, 4), torch.randn(2048, 16)
+    y = (x @ w).argmax(1)
+    model = _GruHead()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+    g, losses = torch.Generator().manual_seed(seed + 1), []
+    for step in range(200):
+        for group in opt.param_groups:  # the user's own LR scheme, set every step
+            group["lr"] = burst if burst is not None and 40 <= step < 43 else 3e-3
+        i = torch.randint(0, 2048, (64,), generator=g)
+        loss = nn.functional.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss) if guard is not None else opt.step()
+        losses.append(float(loss))
+    return sum(losses[-20:]) / 20, guard
+
+
+def test_trouble_before_the_first_judged_flush_is_checked_against_the_level_before_it():
+    """A GRU over MLP features on Adam, its LR x1000 for steps 40-42 (helper 8 of the tenth
+    session). The loss jumped from 0.6 to 1900 (seed 0) and 260 (seed 1); the confirmed
+    spike was backed off, but before the loss-level tests first judge (step 50) no level
+    was known: no progress check ran after the back-off, nothing rolled back, and the
+    wrecked weights trained on to 1421 and 152, 5.6x and 0.4x the unguarded loss (252,
+    360). The level is now the losses before the trouble (the window's, and the flush's
+    before it): the back-off's progress check rolls back to the snapshot of step 39."""
+    for seed in (0, 1):
+        twin, _ = _gru_burst(seed, False, None)
+        held, guard = _gru_burst(seed, True, 3.0)
+        assert guard is not None
+        assert [e.step for e in guard.events if e.kind == "rollback"], guard.events
+        assert held <= 2 * twin, (seed, held, twin)

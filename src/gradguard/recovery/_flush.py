@@ -52,6 +52,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     codes = window.skip_codes.tolist() if window.skip_codes is not None else None
     triggers = _device_skips(rec, window, skips, codes, overflows)
     recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
+    before_window = rec._progress  # the level of the flush before this one
     rec._progress = statistics.median(recent) if recent else None
     given = window.loss_given.tolist() if window.loss_given is not None else [True] * len(losses)
     taken = [x for x, s, g in zip(losses, skips, given) if g and not s and math.isfinite(x)]
@@ -106,13 +107,15 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
             (level or not alone) and rec._rise.gives_back(spike.value or math.inf):
         # reported only once confirmed (DetectorConfig); acted on when it gives back part
         # of what the run learnt; not in a data streak (the skipped batches' own loss)
+        level_before = rec._level if rec._level is not None else _level_before(
+            window, losses, since, before_window)
         triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
-                                rec._level, at=window.steps[-1], confirmed=True, by_level=alone))
+                                level_before, at=window.steps[-1], confirmed=True,
+                                by_level=alone))
     start = rec.state.trouble_start
     if rec.state.pre_level is None and start is not None:  # trouble before any healthy flush
-        before = [x for s_, x in zip(window.steps, losses) if s_ < start and math.isfinite(x)]
-        if before:
-            triggers.append(Trigger("level", start, value=statistics.median(before)))
+        if (value := _level_before(window, losses, start, before_window)) is not None:
+            triggers.append(Trigger("level", start, value=value))
     risen, dead = False, list[str]()
     judged: list[Trigger] = []  # the window's loss level judged: the weights it ran on
     # a rollback after the window's last step, before this flush (the growth rule's, at the
@@ -304,6 +307,21 @@ def _dying(rec: Recovery, guard: Guard, step: int, sample: tuple[float, str]) ->
            "ReLU, far into the flat tails of a tanh or a sigmoid; by updates too large for it, "
            "or by a signal that vanished on its way there)")
     return Trigger("spike", step, why, rec._rise.best, at=step, by_level=False, rollback=True)
+
+
+def _level_before(window: Window, losses: list[float], start: int,
+                  before_window: float | None) -> float | None:
+    """The loss level before trouble that began at ``start`` ahead of any healthy flush
+    (the loss-level tests judge from step ``JUDGE_EVERY``): the median of this window's
+    losses before it, with the level of the flush before it where the window began at or
+    before ``start`` and holds fewer than ``PROGRESS_STEPS`` of them (found by a stranger: a
+    GRU's LR x1000 for three steps at step 40, confirmed at the flush of step 49 with one
+    loss before it in the window, left no level to come back to: no progress check ran
+    after the back-off, and the wrecked weights trained on at 4-6x the unguarded loss)."""
+    before = [x for s_, x in zip(window.steps, losses) if s_ < start and math.isfinite(x)]
+    if len(before) < PROGRESS_STEPS and before_window is not None and window.steps[0] <= start:
+        before.append(before_window)
+    return statistics.median(before) if before else None
 
 
 def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -> None:
