@@ -940,6 +940,11 @@ def test_unchosen_experts_routed_from_the_raw_inputs_are_no_network_that_died(tm
     silent = [e for e in guard.events if e.kind == "disconnected_layer"]
     assert not [e for e in guard.events if e.severity != "info"]
     assert {e.layer for e in silent} >= {"experts.1.0", "experts.1.2"}
+    # no layer before the expert learns: the event says the layers after it do (it said "a
+    # layer before it still has one" of a layer with none)
+    first = next(e for e in silent if e.layer == "experts.2.0" and e.data.get("gated"))
+    assert "a layer before it" not in first.message, first.message
+    assert "the layers after it still learn" in first.message, first.message
     assert judge(load_run(tmp_path)).status == "healthy"
 
 

@@ -133,7 +133,7 @@ def detect_no_gradient(
     # network "recovered")
     learning, bias_only = _learning(window, rows) if died else (None, set())
 
-    def gated(name: str) -> bool:
+    def gated(name: str) -> str | None:
         # a layer before it (in the graph) still has a gradient: the network learns around
         # it (found by strangers: experts of a mixture that runs every expert and multiplies
         # the unchosen by a gate of 0 were "the network died", a healthy MoE failed
@@ -151,15 +151,19 @@ def detect_no_gradient(
         # branch switched off by a factor of 0, no layer before either, were "the network
         # died" on healthy runs; an MLP whose middle ReLUs died, the layer after them
         # learning its bias alone, is dead)
+        # Returns where the network learns around it: "before" (a layer before it learns)
+        # or "after" (only layers after it do: an expert routed from the raw inputs), or None
         if window.after is None:
-            return False
+            return None
         j = index[name]
         after = window.after[j]
         if learning is not None and not any(k in learning for k in after):
-            return False
+            return None
         if any(j in ks and k not in quiet for k, ks in enumerate(window.after)):
-            return True
-        return not any(k in bias_only for k in after) and any(k not in quiet for k in after)
+            return "before"
+        if not any(k in bias_only for k in after) and any(k not in quiet for k in after):
+            return "after"
+        return None
 
     # a layer that never had a gradient, though the loss's graph reaches it and a layer
     # after it has one: its units are dead from the start (found by a stranger: ReLUs under
@@ -250,12 +254,13 @@ def _layers_present(window: Window) -> dict[str, bool]:
 
 
 def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool = False,
-                  from_start: bool = False, gated: bool = False, reached: bool = False,
+                  from_start: bool = False, gated: str | None = None, reached: bool = False,
                   ordered: bool = False) -> Event:
     """The event for a layer without a gradient; ``died``: the steps without one, of a
     layer that had one before (0: it never had one); ``cut``: the loss no longer depends
-    on its output (no layer after it has a gradient); ``gated``: a layer before it still
-    has one (its output no longer reaches the loss); ``from_start``: it never had one,
+    on its output (no layer after it has a gradient); ``gated``: where the network learns
+    around it, "before" (a layer before it still has a gradient) or "after" (the layers after
+    it still learn their weights; its output no longer reaches the loss); ``from_start``: it never had one,
     though the loss's graph reaches it and every layer but the last is so (dead from the
     start); ``reached``: it never had one, though the loss's graph reaches it;
     ``ordered``: the graph's order was known (a layer that died is then neither cut nor
@@ -283,11 +288,16 @@ def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool 
         remedy = f"Nothing to do if its loss term was switched off on purpose; {router}."
     elif died and gated:
         data = {"gated": True, "steps": died}
-        message = (f"{zero}, having had one before, while a layer before it still has one "
-                   "(the network learns around it, through a skip connection or the router's "
-                   "other experts): its units died (ReLUs that an update too large pushed "
-                   "below zero for good), or its output no longer reaches the loss (an expert "
-                   "the router no longer chooses, a gate that closed)")
+        # (found by a stranger: a first layer, no layer before it, was told "a layer before
+        # it still has one")
+        where = ("a layer before it still has one (the network learns around it, through a "
+                 "skip connection or the router's other experts)" if gated == "before" else
+                 "the layers after it still learn their weights (the network learns around "
+                 "it, through the router's other experts or branches read from the inputs)")
+        message = (f"{zero}, having had one before, while {where}: its units died (ReLUs "
+                   "that an update too large pushed below zero for good), or its output no "
+                   "longer reaches the loss (an expert the router no longer chooses, a gate "
+                   "that closed)")
         remedy = ("If its units died, lower the learning rate or use LeakyReLU/GELU (a "
                   f"rollback to before their death can bring them back); {router}.")
     elif died:
