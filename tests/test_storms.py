@@ -21,14 +21,16 @@ _X, _Y = load_digits(return_X_y=True)
 X, Y = torch.tensor(_X / 16.0, dtype=torch.float32), torch.tensor(_Y)
 
 
-def _run(start: int, length: int, *, guarded: bool, steps: int = 400, scale: float = 100.0):
+def _run(start: int, length: int, *, guarded: bool, steps: int = 400, scale: float = 100.0,
+         loss_scale: float = 1.0, sink: gg.JsonlSink | None = None):
     """The digits MLP (64-128-128-10) on Adam 1e-3, batches of 32 from the first 1,400
-    digits, with batches ``start`` to ``start + length - 1`` x ``scale``: (the guard or
-    None, the loss on the other 397)."""
+    digits, with batches ``start`` to ``start + length - 1`` x ``scale`` (their loss x
+    ``loss_scale``): (the guard or None, the loss on the other 397)."""
     torch.manual_seed(0)
     model = rc.mlp(64, 10)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                     sinks=[sink] if sink is not None else None) if guarded else None
     g = torch.Generator().manual_seed(0)
     norms.clear()
     for step in range(steps):
@@ -37,6 +39,8 @@ def _run(start: int, length: int, *, guarded: bool, steps: int = 400, scale: flo
         if start <= step < start + length:
             x = x * scale
         loss = nn.functional.cross_entropy(model(x), y)
+        if start <= step < start + length:
+            loss = loss * loss_scale
         opt.zero_grad()
         loss.backward()
         if guard is not None:
@@ -93,3 +97,25 @@ def test_a_long_stretch_does_not_stop_the_run():
     assert not [e for e in guard.events if e.kind == "abort"]
     assert guard.recovery.lr_ceiling == 1.0
     assert held < 1.3 * clean, (held, clean)
+
+
+def test_a_shard_whose_loss_is_scaled_is_no_change_of_the_batches(tmp_path):
+    """20 batches whose loss is x1000 (a bad shard, a loss scaled up: helper 2 of the
+    eleventh session). The first six were skipped, a rollback came, and the next spiking
+    step on the restored weights undid it (the batches at fault); the shift test the
+    rollback had armed was never disarmed, judged the losses of the weights put back, and
+    said "the batches changed" at step 172, long after the shard: the statistics reset and
+    the run `unjudged`, "check the data pipeline there". No rollback stands after the undo:
+    nothing is left to test."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    _, clean = _run(0, 0, guarded=False)
+    guard, held = _run(120, 20, guarded=True, scale=1.0, loss_scale=1000.0,
+                       sink=gg.JsonlSink(tmp_path))
+    assert set(range(120, 140)) <= _skipped(guard)
+    assert [e for e in guard.events if e.data.get("rollback_undone")], guard.events
+    assert not [e for e in guard.events if e.kind == "data_shift"], [
+        e.message for e in guard.events if e.kind == "data_shift"]
+    assert judge(load_run(tmp_path)).status == "recovered"
+    assert held < 1.1 * clean, (held, clean)
