@@ -224,14 +224,19 @@ def test_a_fine_tunes_second_guard_puts_back_the_frozen_backbones_batch_norm_sta
         assert torch.isfinite(model(torch.randn(4, 8))).all()
 
 
-def test_a_discriminators_guard_leaves_the_generators_batch_norm_statistics_alone():
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_a_discriminators_guard_leaves_the_generators_batch_norm_statistics_alone(pretrained):
     """Found by a regression hunt: a GAN in one module, one guard per optimizer, the
     generator with BatchNorm, its fake batch computed once before the discriminator's
     step (as DCGAN does). The discriminator's guard put back every batch norm layer's
     running statistics after each step (in place, on the device path), the generator's
     too, and the generator's backward after it raised "modified by an inplace operation"
     when NaN real batches hit the discriminator. Each guard puts back only the statistics
-    of the layers its optimizer steps; a rollback restores only its own buffers."""
+    of the layers its optimizer steps; a rollback restores only its own buffers.
+    ``pretrained``: the generator trained under its guard before the discriminator's guard
+    was built (a guard that took no step since another was built is no keeper; found by
+    the next regression hunt: the generator's first step after that left it one again only
+    for a guard built after it, and the crash came back)."""
     torch.manual_seed(0)
 
     class GAN(nn.Module):
@@ -244,8 +249,15 @@ def test_a_discriminators_guard_leaves_the_generators_batch_norm_statistics_alon
     opt_g = torch.optim.Adam(m.G.parameters(), 1e-3, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(m.D.parameters(), 1e-3, betas=(0.5, 0.999))
     guard_g = gg.Guard(m, opt_g, recovery=gg.Recovery(), every=10)
-    guard_d = gg.Guard(m, opt_d, recovery=gg.Recovery(), every=10)
     gen = torch.Generator().manual_seed(1)
+    for _ in range(30 if pretrained else 0):  # the generator fitted to the circle first
+        angle = torch.rand(64, generator=gen) * 6.283
+        loss = ((m.G(torch.randn(64, 8, generator=gen))
+                 - torch.stack([angle.cos(), angle.sin()], 1) * 2) ** 2).mean()
+        opt_g.zero_grad()
+        loss.backward()
+        guard_g.step(loss)
+    guard_d = gg.Guard(m, opt_d, recovery=gg.Recovery(), every=10)
     bce = nn.functional.binary_cross_entropy_with_logits
     for step in range(140):
         angle = torch.rand(64, generator=gen) * 6.283

@@ -35,8 +35,24 @@ _CLOCK = itertools.count(1)
 
 
 def stepped(guard: Guard) -> None:
-    """Note that ``guard`` took a step now (a host counter; no device work)."""
+    """Note that ``guard`` took a step now (a host counter; no device work). Its first step
+    since another guard over its model was built makes it that guard's other again: the
+    other leaves the statistics of its layers to it from now on (found by a regression
+    hunt: a generator pretrained under its guard, then a discriminator's guard built, had
+    its batch norm statistics written in place by the discriminator's guard at a NaN
+    batch, and its backward raised "modified by an inplace operation")."""
+    prev = guard._ticked
     guard._ticked = next(_CLOCK)
+    for g in list(_GUARDS.get(guard.model, ())):
+        if g is not guard and (prev is None or prev < g._born):
+            _leave(g)
+
+
+def _leave(guard: Guard) -> None:
+    """Have ``guard`` put back only the running statistics of its own layers."""
+    running = getattr(guard, "_running", None)
+    if running is not None and not getattr(guard, "_closed", True):
+        running.leave(others(guard))
 
 
 def claim(guard: Guard) -> None:
@@ -49,9 +65,7 @@ def claim(guard: Guard) -> None:
     guards = _GUARDS.setdefault(guard.model, weakref.WeakSet())
     guards.add(guard)
     for g in list(guards):
-        running = getattr(g, "_running", None)
-        if running is not None and not getattr(g, "_closed", True):
-            running.leave(others(g))
+        _leave(g)
 
 
 def others(guard: Guard) -> set[int]:
