@@ -36,20 +36,26 @@ def test_the_growth_is_the_median_matrix_norm_ratio_leaving_out_vectors_and_zero
     assert growth.cap(500.0) == growth.FLOOR and growth.cap(1.1) == 1.0
 
 
-def _digits(lr: float, *, hooked: bool = False, **options):
+def _digits(lr: float, *, hooked: bool = False, unfreeze_at: int | None = None, **options):
     """A digits MLP (2x128) on Adam for 300 steps; returns the guard, the held-out loss and
-    the first layer's weights before the first step and after each step."""
+    the first layer's weights before the first step and after each step. ``unfreeze_at``:
+    the first layer frozen, outside the optimizer, until that step's ``add_param_group``."""
     x_train, y_train, x_val, y_val = split_digits()
     batch = minibatches(x_train, y_train, 32, seed=0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
                           nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if unfreeze_at is not None:
+        model[0].requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     rec = gg.Recovery(**options)
     guard = (hooked_guard(model, opt, gg.GuardConfig(clip=gg.ZClip(), recovery=rec)) if hooked
              else gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec))
     weights = [model[0].weight.detach().clone()]
     for step in range(300):
+        if step == unfreeze_at:
+            model[0].requires_grad_(True)
+            opt.add_param_group({"params": list(model[0].parameters())})
         x, y = batch(step)
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -84,6 +90,22 @@ def test_weights_that_doubled_in_the_first_steps_roll_back_to_the_fresh_ones_at_
     _, without, _ = _digits(0.03, early_growth=False)
     _, twin, _ = _digits(1e-3)
     assert held_out < 1.3 * twin < without
+
+
+def test_a_layer_unfrozen_before_the_decision_is_rolled_back_with_the_rest():
+    """Found by a regression hunt: Adam at 30x, the first layer unfrozen at step 40 with
+    ``add_param_group`` (progressive unfreezing). The copy of the weights before the first
+    step, kept for the decision at step 60, held the optimizer's old groups: the rollback
+    raised "loaded state dict has a different number of parameter groups" with the weights
+    already put back (at chance, 2.31). Before the first step the optimizer had no state:
+    the copy takes the new groups, empty."""
+    guard, held_out, _ = _digits(0.03, unfreeze_at=40)
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    assert (rollback.step, rollback.data["snapshot_step"]) == (60, -1)
+    assert len(guard.optimizer.param_groups) == 2
+    assert all(torch.isfinite(p).all() for p in guard.model.parameters())
+    _, twin, _ = _digits(1e-3, unfreeze_at=40)
+    assert held_out < 1.5 * twin, (held_out, twin)
 
 
 def test_a_healthy_run_does_not_grow_its_weights_so():

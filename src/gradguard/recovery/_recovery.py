@@ -337,6 +337,7 @@ class Recovery:
         the old groups)."""
         self.ring.clear()
         self._undo = None
+        growth.relayout(self, guard)
         # the loss is the same model's, on its scale: its history stays (found by a
         # stranger: a head added by add_param_group raised the loss 20x for a few steps,
         # and a verdict warming up again from those took them for updates that wrecked

@@ -39,6 +39,7 @@ step is several quasi-Newton updates, none scaled by the LR), nor when the loss 
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from collections.abc import Sequence
@@ -171,6 +172,28 @@ def fresh_weights(rec: Recovery) -> dict[str, Any] | None:
         return None
     rec.ring.wait()
     return disk.load(0) if disk.steps()[:1] == [-1] else None
+
+
+def relayout(rec: Recovery, guard: Guard) -> None:
+    """The optimizer's parameter groups changed (``add_param_group``) while a growth waits
+    for ``DECIDE``: the copy of the weights before the first step holds an optimizer state
+    of the old groups, which no longer loads (found by a regression hunt: a layer unfrozen
+    at step 40 of an Adam run at 30x, and the decision at step 60 raised "loaded state dict
+    has a different number of parameter groups" with the weights already put back). Before
+    the first step the optimizer had no state: the copy takes the groups as they are now,
+    their state empty; a copy with a state (a resumed optimizer's) is dropped, and the
+    growth with it."""
+    noted = rec._grew
+    if noted is None or noted.fresh is None:
+        return
+    saved = noted.fresh.get("optimizer") or {}
+    if saved.get("state"):
+        rec._grew = None
+        return
+    from .actions import local_optimizer  # (actions imports this module)
+
+    now = local_optimizer(guard.optimizer).state_dict()
+    noted.fresh["optimizer"] = {"state": {}, "param_groups": copy.deepcopy(now["param_groups"])}
 
 
 def why(noted: Noted) -> str:
