@@ -2358,3 +2358,59 @@ def test_an_infinite_hyperparameter_does_not_stop_the_snapshots():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all_finite({}, [[{"growth_rate": math.inf}]])
     assert not all_finite({}, [[{"lr": math.nan}]])
+
+
+@pytest.mark.parametrize("again", [False, True])
+def test_a_tower_brought_back_by_the_rollback_that_answered_its_death_did_not_die(tmp_path, again):
+    """Found by a regression hunt: a wide & deep model on the digits (a 2-layer ReLU tower
+    plus a linear map of the inputs), the tower's first-layer bias set to -50 at step 100.
+    Its death was told at the flush of step 149, and the rollback at that same flush brought
+    the tower back (88-92% of its units alive at the end); the report, which cleared a death
+    only for a rollback after its report, said "the network died at step 100 and no longer
+    learns". ``again``: the bias set to -50 at every step from 100, the tower without a
+    gradient after the rollback too, is still told dead."""
+    from sklearn.datasets import load_digits
+
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+    from gradguard.report._silent import died_layers
+
+    class WideDeep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.d1, self.d2, self.dh = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+            self.wide = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dh(torch.relu(self.d2(torch.relu(self.d1(x))))) + self.wide(x)
+
+    data, target = load_digits(return_X_y=True)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(123))[:1400]
+    x = torch.tensor(data, dtype=torch.float32)[order] / 16.0
+    y = torch.tensor(target)[order]
+    torch.manual_seed(0)
+    model = WideDeep()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(), every=10,
+                     sinks=[gg.JsonlSink(tmp_path)])
+    g = torch.Generator().manual_seed(0)
+    for step in range(300):
+        if step == 100 or (again and step > 100):
+            with torch.no_grad():
+                model.d1.bias.fill_(-50.0)
+        i = torch.randint(0, len(x), (64,), generator=g)
+        loss = nn.functional.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    died = [e.step for e in guard.events if e.kind == "disconnected_layer" and e.data.get("died")]
+    rolled = [e.step for e in guard.events if e.kind == "rollback"]
+    assert died and died[0] in rolled, (died, rolled)
+    run = load_run(tmp_path)
+    dead = died_layers(run.events, run)
+    if again:  # no gradient in the tower after the rollback either: it died
+        assert dead is not None and dead[1] == ["d1"], dead
+    else:
+        assert dead is None
+        assert judge(run).status == "recovered", judge(run)

@@ -24,20 +24,44 @@ STALL_FALL = 0.05
 MIN_LEVEL_STEPS = 3
 
 
-def died_layers(events: list[dict[str, Any]]) -> tuple[int, list[str]] | None:
+def died_layers(events: list[dict[str, Any]],
+                data: RunData | None = None) -> tuple[int, list[str]] | None:
     """``(since, layers)``: layers reported dead (``disconnected_layer`` warnings with
     ``data["died"]``: they had a gradient and then none for 50 steps in a row) and the
     first step without one, unless a rollback after the last report may have brought
-    them back; else None."""
+    them back, or one at its flush (the report's answer) did: with the run's per-layer
+    norms (``data``), every such layer had a gradient again after it; else None."""
     dead = [e for e in events if e.get("kind") == "disconnected_layer"
             and e.get("severity") in ("warning", "error") and (e.get("data") or {}).get("died")]
     if not dead:
         return None
     last = max(int(e["step"]) for e in dead)
-    if any(e.get("kind") == "rollback" and int(e.get("step", -1)) > last for e in events):
+    rolled = [int(e.get("step", -1)) for e in events
+              if e.get("kind") == "rollback" and int(e.get("step", -1)) >= last]
+    names = [str(e.get("layer")) for e in dead]
+    if any(r > last for r in rolled) or (rolled and _back(data, names, last)):
+        # (found by a regression hunt: a wide & deep model whose deep tower's ReLUs were
+        # killed, rolled back at the flush that told it, trained on with 88-92% of them
+        # alive and was "the network died ... and no longer learns")
         return None
     since = min(int(e["step"]) - int((e.get("data") or {}).get("steps", 1)) + 1 for e in dead)
-    return max(0, since), [str(e.get("layer")) for e in dead]
+    return max(0, since), names
+
+
+def _back(data: RunData | None, names: list[str], step: int) -> bool:
+    """Whether each layer of ``names`` had a gradient in a flush window after ``step``
+    (True when the run's per-layer norms do not tell)."""
+    import numpy as np
+
+    if data is None:
+        return True
+    means = np.asarray(data.layer_mean, dtype=np.float64)
+    after = np.asarray(data.layer_step) > step
+    cols = [data.layers.index(n) for n in names if n in data.layers]
+    if means.ndim != 2 or not after.any() or len(cols) < len(names):
+        return True
+    seen = means[after][:, cols]
+    return bool((np.nan_to_num(seen) > 0).any(axis=0).all())
 
 
 def no_gradient_since(data: RunData) -> tuple[int, bool] | None:
@@ -92,7 +116,7 @@ def silent_verdict(data: RunData, verdict: tuple[str, str | None, int | None, st
     ended fit to its float floor; ``k``: the steps a level is a median of."""
     status, cause, incident, clause = verdict
     ev = data.events
-    dead = died_layers(ev)
+    dead = died_layers(ev, data)
     if dead is not None and final is not None and not _constant(data, dead[1]) and \
             not _ordered(ev) and _learnt_since(data, ev, final, k):
         # the loss fell well after they were told dead, and layers other than the last still

@@ -225,7 +225,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     elif not lead and outcome.status == "stalled" and outcome.cause in ("no_gradient",
                                                                         "dead_units"):
         pass  # the clause tells it: "training stalled: ... no gradient reached the optimizer"
-    elif not lead and (dead := died_layers(ev)) is not None:
+    elif not lead and (dead := died_layers(ev, data)) is not None:
         parts.append(f"From step {dead[0]}, {listed(dead[1])} got no gradient at all: "
                      "the units that feed them died.")
     elif not lead and (stop := next((e for e in ev if e.get("kind") == "abort" and (
