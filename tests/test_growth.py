@@ -36,7 +36,8 @@ def test_the_growth_is_the_median_matrix_norm_ratio_leaving_out_vectors_and_zero
     assert growth.cap(500.0) == growth.FLOOR and growth.cap(1.1) == 1.0
 
 
-def _digits(lr: float, *, hooked: bool = False, unfreeze_at: int | None = None, **options):
+def _digits(lr: float, *, hooked: bool = False, unfreeze_at: int | None = None,
+            steps: int = 300, sinks: list | None = None, **options):
     """A digits MLP (2x128) on Adam for 300 steps; returns the guard, the held-out loss and
     the first layer's weights before the first step and after each step. ``unfreeze_at``:
     the first layer frozen, outside the optimizer, until that step's ``add_param_group``."""
@@ -50,9 +51,9 @@ def _digits(lr: float, *, hooked: bool = False, unfreeze_at: int | None = None, 
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     rec = gg.Recovery(**options)
     guard = (hooked_guard(model, opt, gg.GuardConfig(clip=gg.ZClip(), recovery=rec)) if hooked
-             else gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec))
+             else gg.Guard(model, opt, clip=gg.ZClip(), recovery=rec, sinks=sinks))
     weights = [model[0].weight.detach().clone()]
-    for step in range(300):
+    for step in range(steps):
         if step == unfreeze_at:
             model[0].requires_grad_(True)
             opt.add_param_group({"params": list(model[0].parameters())})
@@ -106,6 +107,28 @@ def test_a_layer_unfrozen_before_the_decision_is_rolled_back_with_the_rest():
     assert all(torch.isfinite(p).all() for p in guard.model.parameters())
     _, twin, _ = _digits(1e-3, unfreeze_at=40)
     assert held_out < 1.5 * twin, (held_out, twin)
+
+
+@pytest.mark.parametrize("steps", [61, 64])
+def test_a_run_that_ends_right_after_the_rollback_to_the_fresh_weights_did_not_recover(
+        tmp_path, steps):
+    """Found by a regression hunt: a run at Adam 30x that ends within a few steps of the
+    growth's rollback (to the weights before the first step) leaves an untrained model,
+    at chance, and was "training recovered" (its last losses were the replaced weights').
+    With more than a couple of steps after it the losses are the restored weights' again,
+    judged as they are."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    guard, held_out, _ = _digits(0.03, steps=steps, sinks=[gg.JsonlSink(tmp_path)])
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    assert (rollback.step, rollback.data["snapshot_step"]) == (60, -1)
+    out = judge(load_run(tmp_path))
+    if steps == 61:
+        assert held_out > 2.0  # untrained: chance on ten classes is 2.30
+        assert out.status == "not_recovered" and "untrained" in out.clause, out
+    else:
+        assert "untrained" not in out.clause, out
 
 
 def test_a_healthy_run_does_not_grow_its_weights_so():

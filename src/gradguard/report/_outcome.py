@@ -294,6 +294,16 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         status, cause = "stalled", cause or "vanishing_grad"
         incident = int(vanished[0]["step"]) if incident is None else incident
         clause = f"training stalled: {flat_words(start, final)}"
+    if status in ("healthy", "recovered", "not_recovered") and (
+            untrained := _ended_untrained(data)) is not None:
+        # the run ended right after a rollback to the weights before its first step: its
+        # losses are of the weights replaced, and the model it leaves is the fresh one
+        # (found by a regression hunt: a 50-step run at Adam 30x rolled back at step 49,
+        # held-out loss at chance, 2.31, was "training recovered")
+        status, incident = "not_recovered", untrained if incident is None else incident
+        clause = (f"training did not recover: it ended {data.step[-1] - untrained} step(s) "
+                  f"after gradguard rolled back, at step {untrained}, to the weights before "
+                  "its first step, and the model it leaves is untrained")
     status, cause, incident, clause = silent_verdict(
         data, (status, cause, incident, clause), flat=flat, final=final, start=start,
         floored=floored, k=k)
@@ -312,6 +322,19 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         todo = FLAT_REMEDY if jump is None else JUMP_FLAT_REMEDY.format(step=jump["step"])
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    todo, incident, start, before, final, rose, flat)
+
+
+def _ended_untrained(data: RunData) -> int | None:
+    """The step of the run's last rollback when it restored the weights before the first
+    step and fewer than ``MIN_LEVEL_STEPS`` steps were taken after it; else None."""
+    import numpy as np
+
+    rolled = [e for e in data.events if e.get("kind") == "rollback"]
+    if not rolled or (rolled[-1].get("data") or {}).get("snapshot_step") != -1:
+        return None
+    at = int(rolled[-1]["step"])
+    taken = (np.asarray(data.step) > at) & ~np.asarray(data.skipped, dtype=bool)
+    return at if int(taken.sum()) < MIN_LEVEL_STEPS else None
 
 
 def lowered_lr(events: list[dict[str, Any]], incident: int | None) -> int | None:
