@@ -281,3 +281,36 @@ def test_one_bad_batch_skipped_at_the_last_step_is_no_divergence():
     nan = _nan_at(DECAY, 99)  # a last step that is non-finite still is
     assert judge(run(nan, grad=np.r_[np.ones(99), np.nan], events=[ev("nonfinite_grad", 99, "error")],
                      skipped=[99])).status == "diverged"
+
+
+def test_a_loss_nan_from_the_first_step_is_not_told_to_lower_the_learning_rate(tmp_path):
+    """Found by a stranger: a GNN whose mean aggregation divided by the degree of isolated
+    nodes (0/0) was NaN on every step from the first; every step was skipped, three
+    rollbacks went back to the weights it started from, and the run stopped, told "Lower
+    the learning rate". No LR mends a loss that is NaN before any update."""
+    import torch
+    from torch import nn
+
+    import gradguard as gg
+    from gradguard.errors import TrainingDiverged
+    from gradguard.report import load_run
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    degree = torch.ones(32, 1)
+    degree[:3] = 0  # three isolated nodes: their mean over no neighbour is 0/0
+    with pytest.raises(TrainingDiverged):
+        with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                      sinks=[gg.JsonlSink(tmp_path)]) as guard:
+            for _ in range(60):
+                h = model(x) * degree / degree
+                loss = nn.functional.cross_entropy(h, y)
+                opt.zero_grad()
+                loss.backward()
+                guard.step(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    out = judge(load_run(tmp_path))
+    assert out.status == "stopped", out
+    assert "no learning rate mends" in (out.remedy or "") and "Lower" not in out.remedy, out

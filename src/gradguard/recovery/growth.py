@@ -90,6 +90,17 @@ LEARNT_LATE = 0.01
 #: and under 1% by step 60, spared, ended 2.2-3.0x its twin's held-out loss; rolled back,
 #: 0.94x; the GRU the deferral spares sat at 92-102% at step 20).
 PLATEAU = 0.8
+#: A weight matrix initialised below this share of PyTorch's default init (its norm,
+#: :func:`default_norm`) is judged from that share: weights that grow from a tiny init
+#: towards the usual scale are no LR far too high (found by a stranger: ResNets and RegNets
+#: from `transformers` configs with every weight x0.01, under BatchNorm, train on SGD as
+#: their twins do, 0.095-0.20 held-out; their weights grew 37x from it by step 20, and the
+#: rollback to them with the LR capped x0.01 ended 6.5-11x worse, "training recovered"; a
+#: digits MLP at N(0, 0.01) on Adam 3e-3, 1.17x its unguarded loss). At a quarter the
+#: ResNets were still rolled back (their weights at 0.6x the default scale by step 20),
+#: 2-3x; an init at half the default scale or more (GPT-2's std 0.02 from a width of 256)
+#: is judged from its own norm.
+SMALL_INIT = 0.5
 #: The weight matrices a network needs for its growth to be judged: a single linear map
 #: (a linear or logistic regression) grows to its solution's norm, whatever the LR (found
 #: by a stranger: ``nn.Linear`` fitting ``x.sum`` on SGD 0.05, test MSE 1e-13 unguarded,
@@ -220,8 +231,18 @@ def growth(guard: Guard, fresh: dict[str, Any]) -> float | None:
     norms = torch.stack([torch.linalg.vector_norm(t.float()).to(device) for t in now + before])
     values = norms.tolist()
     n = len(now)
-    ratios = [a / b for a, b in zip(values[:n], values[n:]) if b > 0 and math.isfinite(a)]
+    # each from the larger of its fresh norm and SMALL_INIT x the default init's
+    floors = [SMALL_INIT * default_norm(t) for t in now]
+    ratios = [a / max(b, f) for a, b, f in zip(values[:n], values[n:], floors)
+              if b > 0 and math.isfinite(a)]
     return statistics.median(ratios) if ratios else None
+
+
+def default_norm(weight: torch.Tensor) -> float:
+    """The norm PyTorch's default init gives a weight of this shape (``nn.Linear``'s and
+    the convolutions' Kaiming uniform with ``a=sqrt(5)``: elements of variance
+    ``1 / (3 * fan_in)``, ``fan_in`` the elements per output row): ``sqrt(rows / 3)``."""
+    return math.sqrt(weight.shape[0] / 3) if weight.ndim >= 2 else 0.0
 
 
 def level(guard: Guard, initial: float | None, flushed: Sequence[float] = ()) -> float | None:

@@ -70,6 +70,11 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
                 # found by a stranger: a script whose post-training code raised after its
                 # last step was told to resume a training that was over
                 )
+    if status in ("stopped", "diverged") and _nonfinite_from_start(data):
+        # found by a stranger: a GNN whose mean aggregation divided by a degree of 0 was NaN
+        # on every step from the first, rolled back three times to the weights it started
+        # from and stopped, told to lower its learning rate
+        return NONFINITE_FROM_START
     if every_overflow(data):
         return ("Every step overflowed in float16, the GradScaler skipping each: start it at a "
                 "lower scale (GradScaler(init_scale=...)), or use bfloat16, or run the "
@@ -119,6 +124,26 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         return ("Clip gradients (" + ("`--clip zclip`" if cli else "gg.ZClip()") +
                 " adapts to the run) or lower the learning rate.")
     return "Lower the learning rate, and run gg.doctor on a failing batch."
+
+
+#: The remedy of a run whose loss or gradients were non-finite from its first step, on the
+#: weights before any update, with no step taken.
+NONFINITE_FROM_START = (
+    "The loss (or its gradients) was NaN/Inf from the first step, on the weights before any "
+    "update, and no step was taken: no learning rate mends that. Check the first batches for "
+    "NaN/Inf and the forward and the loss for log(0) or x/0 (clamp_min(eps)); "
+    "Guard(watch_activations=True) names the first module that goes non-finite.")
+
+
+def _nonfinite_from_start(data: RunData) -> bool:
+    """Whether the run's first recorded step was non-finite (its loss or gradient norm)
+    and every step was skipped: the weights it started from give NaN/Inf."""
+    import numpy as np
+
+    if not data.n_steps or int(data.step[0]) != 0:
+        return False
+    first = not (np.isfinite(data.loss[0]) and np.isfinite(data.grad_norm[0]))
+    return bool(first and np.asarray(data.skipped, dtype=bool).all())
 
 
 def every_overflow(data: RunData) -> bool:
