@@ -314,3 +314,19 @@ def test_a_loss_nan_from_the_first_step_is_not_told_to_lower_the_learning_rate(t
     out = judge(load_run(tmp_path))
     assert out.status == "stopped", out
     assert "no learning rate mends" in (out.remedy or "") and "Lower" not in out.remedy, out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_loss_noisy_step_to_step_that_fell_is_no_flat_loss(seed):
+    """Found by a stranger: a diffusion denoiser (each batch at random noise levels, a loss
+    noisy step to step by design) whose median loss fell from 0.83 to 0.63, held-out from
+    0.94 to 0.57, was told "the loss fell only ... within the noise of its first steps",
+    and with a few NaN batches "The loss never fell over the run: the model does not
+    learn". Two medians of 30 steps compare within their own noise, not a single step's;
+    a loss as noisy that does not fall is flat still."""
+    rng = np.random.default_rng(seed)
+    noise = np.exp(0.14 * rng.standard_normal(300))
+    falling = run(np.linspace(0.83, 0.63, 300) * noise)
+    assert not judge(falling).flat
+    assert "within the noise" not in summary_sentence(falling)
+    assert judge(run(np.full(300, 0.83) * noise)).flat

@@ -70,15 +70,15 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
                 # found by a stranger: a script whose post-training code raised after its
                 # last step was told to resume a training that was over
                 )
+    if every_overflow(data):
+        return ("Every step overflowed in float16, the GradScaler skipping each: start it at a "
+                "lower scale (GradScaler(init_scale=...)), or use bfloat16, or run the "
+                "overflowing layers in float32.")
     if status in ("stopped", "diverged") and _nonfinite_from_start(data):
         # found by a stranger: a GNN whose mean aggregation divided by a degree of 0 was NaN
         # on every step from the first, rolled back three times to the weights it started
         # from and stopped, told to lower its learning rate
         return NONFINITE_FROM_START
-    if every_overflow(data):
-        return ("Every step overflowed in float16, the GradScaler skipping each: start it at a "
-                "lower scale (GradScaler(init_scale=...)), or use bfloat16, or run the "
-                "overflowing layers in float32.")
     if cause == "lr_too_high":
         text = "Lower the learning rate (a factor of 10 is a good first try) or add warm-up"
         if backoffs:
