@@ -330,3 +330,20 @@ def test_a_loss_noisy_step_to_step_that_fell_is_no_flat_loss(seed):
     assert not judge(falling).flat
     assert "within the noise" not in summary_sentence(falling)
     assert judge(run(np.full(300, 0.83) * noise)).flat
+
+
+def test_an_incident_within_the_first_level_window_is_no_climb_of_the_loss():
+    """Found by a stranger: a CTC loss falling fast from 10, Inf at step 7 (a target too
+    long for its input), skipped and recovered, was cause `lr_too_high`, "the loss was
+    already climbing when the incident came": its median over steps 0-6 was above the
+    start level, the median of the first 30 steps, which had fallen since."""
+    loss = 2.0 + 8.0 * np.exp(-np.arange(300) / 40.0)
+    loss[7] = np.inf
+    out = judge(run(loss, skipped=[7], events=[ev("nonfinite_grad", 7)]))
+    assert out.status == "recovered" and out.cause != "lr_too_high", out
+    # a climb measured after the start window is one
+    late = np.concatenate([np.linspace(3.0, 2.0, 100), np.linspace(2.0, 4.0, 100),
+                           np.linspace(2.5, 2.0, 100)])
+    late[200] = np.inf
+    out = judge(run(late, skipped=[200], events=[ev("nonfinite_grad", 200)]))
+    assert out.cause == "lr_too_high", out

@@ -224,7 +224,10 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
             # trouble's own (a rise it acted on at the next flush), and its spread no noise
             by_ladder = before is not None and len(said) > 1 and before < said[0]
 
-    cause = _cause(data, incident, start, before, rose, bool(fin.any()))
+    # the step by which the start level was measured: a level before an incident earlier
+    # than it is no climb from it
+    start_end = int(data.step[fin][:k][-1]) if fin.any() else None
+    cause = _cause(data, incident, start, before, rose, bool(fin.any()), start_end)
     if aborts:
         status: Status = "stopped"
         clause = f"training was stopped at step {aborts[0]['step']}"
@@ -373,13 +376,18 @@ def _relapse(data: RunData, inc: list[int], loss: Any, fin: Any, k: int,
 
 
 def _cause(data: RunData, incident: int | None, start: float | None, before: float | None,
-           rose: bool, has_loss: bool) -> str | None:
+           rose: bool, has_loss: bool, start_end: int | None = None) -> str | None:
     """The most likely cause of trouble: a loss that climbed before the incident (or over
-    the run) is the learning rate; otherwise what the non-finite events named."""
+    the run) is the learning rate; otherwise what the non-finite events named.
+    ``start_end``: the last step of the start level's window (an incident within it has
+    no climb to show: found by a stranger, a CTC loss whose infeasible targets made it
+    Inf at step 7 was `lr_too_high`, its median over steps 0-6 above that of the first 30
+    steps, which fell)."""
     if rose:
         return "lr_too_high"
     if has_loss and start is not None and before is not None and before > start * (1 + REL_TOL) \
-            and before > start:
+            and before > start and (start_end is None or incident is None
+                                    or incident > start_end):
         return "lr_too_high"  # the loss was already climbing when the incident came
     kinds = [e for e in data.events if e.get("severity") in ("warning", "error")]
     if any(e.get("kind") == "lr_too_high" for e in kinds):
