@@ -2414,3 +2414,55 @@ def test_a_tower_brought_back_by_the_rollback_that_answered_its_death_did_not_di
     else:
         assert dead is None
         assert judge(run).status == "recovered", judge(run)
+
+
+class _PosAfterDead(nn.Module):
+    """An MLP whose middle ReLUs are killed, their features read over four positions with
+    a learned positional embedding added before the next layer (helper 8's model)."""
+
+    def __init__(self, d: int = 16, h: int = 32, c: int = 4) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(d, h), nn.Linear(h, h), nn.Linear(h, h)
+        self.pos = nn.Parameter(torch.randn(4, h) * 0.1)
+        self.l4, self.out = nn.Linear(h, h), nn.Linear(h, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.l2(torch.relu(self.l1(x))))
+        b = torch.relu(self.l3(a.unsqueeze(1).expand(-1, 4, -1) + self.pos)).mean(1)
+        return self.out(torch.relu(self.l4(b)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layers_told_gated_whose_silence_took_back_what_the_run_learnt_died(tmp_path, seed):
+    """Found by a regression hunt (the tenth session's helper 8): the middle ReLUs of an
+    MLP killed at step 40 (bias -50), a learned positional embedding added after them: the
+    next layer's weights learn from that constant, so the silent layers were told gated
+    (an info, the network learning around them), and the run "healthy" at chance (1.38,
+    its twin 0.08). Their silence took the loss back to the fresh model's level from under
+    0.8 of it: the network died."""
+    from gradguard.report import load_run
+    from gradguard.report._outcome import judge
+
+    torch.manual_seed(seed)
+    w, x = torch.randn(16, 4), torch.randn(2048, 16)
+    y = (x @ w).argmax(1)
+    model = _PosAfterDead()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed + 1)
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                  sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for step in range(200):
+            if step == 40:
+                with torch.no_grad():
+                    model.l2.bias.fill_(-50.0)
+            i = torch.randint(0, 2048, (64,), generator=g)
+            loss = nn.functional.cross_entropy(model(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+    gated = {e.layer for e in guard.events if e.kind == "disconnected_layer"
+             and e.data.get("gated")}
+    assert gated == {"l1", "l2"}, gated
+    out = judge(load_run(tmp_path))
+    assert (out.status, out.cause) == ("not_recovered", "dead_units"), out
+    assert out.final > 1.3  # at chance: ln 4 = 1.386

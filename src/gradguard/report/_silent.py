@@ -20,6 +20,9 @@ FIT_LOSS = 1e-6
 FLOOR_LOSS = 1e-5
 #: A network whose loss fell by this share after layers went silent still learns.
 STALL_FALL = 0.05
+#: A run whose loss had fallen this share under its start before layers went silent, and
+#: is back at the start level since, lost what it learnt with them.
+LOST_FALL = 0.2
 #: The fewest steps a loss level is a median of (:mod:`._outcome`'s levels too).
 MIN_LEVEL_STEPS = 3
 
@@ -130,7 +133,11 @@ def silent_verdict(data: RunData, verdict: tuple[str, str | None, int | None, st
         # (found by a regression hunt: a regression MLP whose first layer died, its output a
         # constant, was "healthy" as its head's bias walked on to the targets' mean)
         dead = None
-    born = dead is not None and all(
+    if dead is None and final is not None and start is not None:
+        dead = _gated_but_lost(data, ev, final, start, k)
+    born = dead is not None and any(
+        (e.get("data") or {}).get("died") for e in ev
+        if e.get("kind") == "disconnected_layer") and all(
         (e.get("data") or {}).get("from_start") for e in ev
         if e.get("kind") == "disconnected_layer" and (e.get("data") or {}).get("died"))
     if born and final is not None and start is not None and final < (1 - STALL_FALL) * start:
@@ -174,6 +181,37 @@ def silent_verdict(data: RunData, verdict: tuple[str, str | None, int | None, st
             clause = (f"training stalled: from step {since} no gradient reached the "
                       "optimizer (every gradient missing), so nothing trained")
     return status, cause, incident, clause
+
+
+def _gated_but_lost(data: RunData, events: list[dict[str, Any]], final: float, start: float,
+                    k: int) -> tuple[int, list[str]] | None:
+    """``(since, layers)`` for layers told gated (an info: the network learns around them)
+    whose silence took back what the run had learnt: the loss before it well under the
+    start level (by ``LOST_FALL``), the final one back at it (within ``STALL_FALL``), and no
+    rollback since (found by a stranger: an MLP whose middle ReLUs died, a learned positional
+    embedding added after them, its next layer's weights learning from that constant, was
+    told gated and "healthy" at chance, 1.38 against 0.08 for its twin); else None."""
+    import numpy as np
+
+    gated = [e for e in events if e.get("kind") == "disconnected_layer"
+             and (e.get("data") or {}).get("gated")]
+    if not gated or not start > 0:
+        return None
+    since = max(0, min(int(e["step"]) - int((e.get("data") or {}).get("steps", 1)) + 1
+                       for e in gated))
+    if any(e.get("kind") == "rollback" and int(e.get("step", -1)) >= since for e in events):
+        return None
+    loss = np.asarray(data.loss, dtype=np.float64)
+    taken = loss[(data.step < since) & np.isfinite(loss) & ~data.skipped]
+    pre = taken[-max(MIN_LEVEL_STEPS, k // 2):]  # the level it had reached
+    # the fresh model's level: the first steps' (the start level, a median of the first
+    # tenth, has the first fall in it)
+    fresh = max(start, float(np.median(taken[:MIN_LEVEL_STEPS]))) if len(taken) else start
+    if len(pre) < MIN_LEVEL_STEPS or not float(np.median(pre)) < (1 - LOST_FALL) * fresh:
+        return None
+    if final < (1 - STALL_FALL) * start:
+        return None
+    return since, [str(e.get("layer")) for e in gated]
 
 
 def _constant(data: RunData, died: list[str]) -> bool:
