@@ -119,3 +119,34 @@ def test_a_shard_whose_loss_is_scaled_is_no_change_of_the_batches(tmp_path):
         e.message for e in guard.events if e.kind == "data_shift"]
     assert judge(load_run(tmp_path)).status == "recovered"
     assert held < 1.1 * clean, (held, clean)
+
+
+def test_a_change_of_the_targets_units_that_lasts_is_found_after_the_undone_rollback():
+    """Found by a regression hunt: a regression MLP on Adam whose targets are in new units
+    (x1000) from step 150 on, for good. Its spike streak rolled back and the next step undid
+    the rollback (the batches at fault); with the shift test dropped at the undo (the fix
+    for a shard of bad batches, above) nothing found the change, a progress check at step
+    249 rolled back a second time, to step 49, and the test MSE ended 22-30x the unguarded
+    run's. The shift test judges the steps taken after the undo: the change is found."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 1)
+
+    def data(n: int, new: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 16)
+        y = torch.tanh(x @ w / 4) * 3 + 0.1 * torch.randn(n, 1)
+        return x, y * 1000.0 if new else y
+
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
+        for step in range(300):
+            x, y = data(32, step >= 150)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    assert [e for e in guard.events if e.data.get("rollback_undone")], guard.events
+    shifts = [e.step for e in guard.events if e.kind == "data_shift"]
+    assert shifts and shifts[0] < 220, shifts
+    assert len([e for e in guard.events if e.kind == "rollback"]) == 1

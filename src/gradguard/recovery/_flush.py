@@ -62,7 +62,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     # stretch of x100 inputs was taken for a change of data at its fourth step, and the
     # rest of it trained into the weights)
     if rec.state.data_streak is None and (found := rec._shift.update(
-            window.steps, losses, codes)) is not None and _lr_jumped_since(guard, found.snapshot):
+            window.steps, losses, codes, skips)) is not None and _lr_jumped_since(guard, found.snapshot):
         # the LR jumped after the snapshot and stays up: the restored weights failed at it,
         # the batches did not change (found by a stranger: an AdamW LR x100 kept from step
         # 150 was "the batches changed", and the LR handed back in full)

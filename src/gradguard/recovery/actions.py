@@ -87,12 +87,15 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 restore(guard, {k: v for k, v in undo.items() if k not in ("clip", "verdict")})
                 rec.restores += 1
                 # no rollback stands: no grace after its restore (the x100 batches after it
-                # went unskipped through the grace of the rollback undone), and no test of
-                # the weights it restored (found by a stranger: a shard of 14-40 batches
-                # whose loss was x1000 ended with "the batches changed" at step 172, the
-                # statistics reset, judged on the losses of the weights put back)
+                # went unskipped through the grace of the rollback undone); the shift test
+                # it armed judges the losses of the steps taken from here, not those of the
+                # bad batches skipped (found by a stranger: a shard of 14-40 batches whose
+                # loss was x1000 ended with "the batches changed" at step 172, the
+                # statistics reset, judged on the shard's skipped losses; a change of the
+                # targets' units that lasts is a change all the same, found by a regression
+                # hunt: with no test after the undo, a progress check rolled it back again)
                 rec.ring.restored_step = None
-                rec._shift.armed = None
+                rec._shift.undone = True
                 if (before := rec._undo_ladder) is not None:  # and the LR from before it
                     cur = rec.state
                     rec.state = dataclasses.replace(

@@ -84,6 +84,9 @@ class ShiftTest:
         self._after: list[float] = []
         #: the last shift found, for the ladder's action to carry out (not checkpointed)
         self.found: Shift | None = None
+        #: the armed rollback was undone (the batches at fault): the skipped steps' losses
+        #: are the bad batches', no level of the weights in place
+        self.undone = False
 
     def arm(self, restored_at: int, snapshot: int, saved: float | None) -> None:
         """A rollback restored the snapshot of ``snapshot``, taken at a loss of ``saved``
@@ -93,11 +96,14 @@ class ShiftTest:
             return
         self.armed = (restored_at, snapshot, saved)
         self._before, self._after = list(self._recent), []
+        self.undone = False
 
     def update(self, steps: Sequence[int], losses: Sequence[float],
-               codes: Sequence[float] | None = None) -> Shift | None:
-        """Take a flushed window in (its steps, losses and skip codes: a step whose update
-        was voided computed its loss on the weights a restore replaced); a :class:`Shift`
+               codes: Sequence[float] | None = None,
+               skipped: Sequence[bool] | None = None) -> Shift | None:
+        """Take a flushed window in (its steps, losses, skip codes: a step whose update
+        was voided computed its loss on the weights a restore replaced, and skip flags:
+        after an undone rollback a skipped step's loss is a bad batch's); a :class:`Shift`
         once the restored weights' first losses are judged and found at the trouble's
         level, else None."""
         armed = self.armed
@@ -107,7 +113,8 @@ class ShiftTest:
             if armed is not None and step >= armed[0]:
                 code = codes[i] if codes is not None else 0.0
                 stale = math.isfinite(code) and bool(int(code) & STALE)
-                if not stale and len(self._after) < AFTER:
+                bad = self.undone and skipped is not None and bool(skipped[i])
+                if not stale and not bad and len(self._after) < AFTER:
                     self._after.append(x)
                 continue
             if armed is not None:
@@ -133,7 +140,7 @@ class ShiftTest:
     def state_dict(self) -> dict[str, object]:
         return {"armed": None if self.armed is None else list(self.armed),
                 "recent": list(self._recent), "before": list(self._before),
-                "after": list(self._after)}
+                "after": list(self._after), "undone": self.undone}
 
     def load_state_dict(self, sd: dict[str, object]) -> None:
         armed = sd.get("armed")
@@ -141,6 +148,7 @@ class ShiftTest:
             int(armed[0]), int(armed[1]), float(armed[2]))  # type: ignore[index]
         self._recent = list(sd.get("recent") or [])  # type: ignore[call-overload]
         self._before = list(sd.get("before") or [])  # type: ignore[call-overload]
+        self.undone = bool(sd.get("undone", False))
         self._after = list(sd.get("after") or [])  # type: ignore[call-overload]
 
 
