@@ -90,17 +90,21 @@ LEARNT_LATE = 0.01
 #: and under 1% by step 60, spared, ended 2.2-3.0x its twin's held-out loss; rolled back,
 #: 0.94x; the GRU the deferral spares sat at 92-102% at step 20).
 PLATEAU = 0.8
-#: A weight matrix initialised below this share of PyTorch's default init (its norm,
-#: :func:`default_norm`) is judged from that share: weights that grow from a tiny init
-#: towards the usual scale are no LR far too high (found by a stranger: ResNets and RegNets
-#: from `transformers` configs with every weight x0.01, under BatchNorm, train on SGD as
-#: their twins do, 0.095-0.20 held-out; their weights grew 37x from it by step 20, and the
-#: rollback to them with the LR capped x0.01 ended 6.5-11x worse, "training recovered"; a
-#: digits MLP at N(0, 0.01) on Adam 3e-3, 1.17x its unguarded loss). At a quarter the
-#: ResNets were still rolled back (their weights at 0.6x the default scale by step 20),
-#: 2-3x; an init at half the default scale or more (GPT-2's std 0.02 from a width of 256)
-#: is judged from its own norm.
+#: A weight matrix initialised below ``TINY_INIT`` of PyTorch's default init (its norm,
+#: :func:`default_norm`) has its growth judged from ``SMALL_INIT`` of it: weights that grow
+#: from a tiny init towards the usual scale are no LR far too high (found by a stranger:
+#: ResNets and RegNets from `transformers` configs with every weight x0.01, under
+#: BatchNorm, train on SGD as their twins do, 0.095-0.20 held-out; their weights grew 37x
+#: from it by step 20, and the rollback to them with the LR capped x0.01 ended 6.5-11x
+#: worse, "training recovered"; a digits MLP at N(0, 0.01), 0.14-0.2 of the default scale,
+#: on Adam 3e-3, 1.17x its unguarded loss). Judged from a quarter the ResNets were still
+#: rolled back (their weights at 0.6x the default scale by step 20), 2-3x.
 SMALL_INIT = 0.5
+#: ... an init at this share of the default scale or more is judged from its own norm
+#: (found by a regression hunt: judged from half the default's, Llama and GPT-2 from
+#: `transformers` configs at a width of 64, their std 0.02 a quarter of the default scale
+#: there, went unrescued at AdamW 0.01, 1.46-1.69x their twin against 1.10-1.13x).
+TINY_INIT = 0.25
 #: The weight matrices a network needs for its growth to be judged: a single linear map
 #: (a linear or logistic regression) grows to its solution's norm, whatever the LR (found
 #: by a stranger: ``nn.Linear`` fitting ``x.sum`` on SGD 0.05, test MSE 1e-13 unguarded,
@@ -231,8 +235,9 @@ def growth(guard: Guard, fresh: dict[str, Any]) -> float | None:
     norms = torch.stack([torch.linalg.vector_norm(t.float()).to(device) for t in now + before])
     values = norms.tolist()
     n = len(now)
-    # each from the larger of its fresh norm and SMALL_INIT x the default init's
-    floors = [SMALL_INIT * default_norm(t) for t in now]
+    # a tiny init's from SMALL_INIT x the default init's norm (see TINY_INIT)
+    floors = [SMALL_INIT * d if b < TINY_INIT * d else 0.0
+              for d, b in zip((default_norm(t) for t in now), values[n:])]
     ratios = [a / max(b, f) for a, b, f in zip(values[:n], values[n:], floors)
               if b > 0 and math.isfinite(a)]
     return statistics.median(ratios) if ratios else None
