@@ -10,11 +10,6 @@ from typing import Any
 REL_TOL = 0.05
 #: ... or within this many robust standard deviations (1.4826 MAD) of the window's noise.
 NOISE_K = 3.0
-#: A median of n noisy values strays from the level by this many standard deviations over
-#: sqrt(n) (the asymptotic efficiency of the median: sqrt(pi / 2)) ...
-MEDIAN_SE = math.sqrt(math.pi / 2)
-#: ... with at least this many values (fewer: the single steps' noise decides).
-MEDIAN_STEPS = 10
 
 
 def median(x: Any) -> float | None:
@@ -77,14 +72,6 @@ def flat(start: float, final: float, first: Any) -> bool:
         return False
     if start > 0 and final > 0 and len(first) > 2 and bool((first > 0).all()):
         noise = spread(np.diff(np.log(first))) / math.sqrt(2)  # a change has twice the variance
-        if len(first) >= MEDIAN_STEPS and math.log(float(np.median(first)) / final) > max(
-                math.log1p(REL_TOL), NOISE_K * MEDIAN_SE * noise * math.sqrt(2 / len(first))):
-            # the level (a median of many steps) fell by more than the noise of two such
-            # medians: a loss noisy step to step by design falls all the same (found by a
-            # stranger: a diffusion denoiser, each batch at random noise levels, whose median
-            # loss fell from 0.83 to 0.63 and held-out from 0.94 to 0.57, was "within the
-            # noise of its first steps", "the model does not learn")
-            return False
         return math.log(start / final) <= max(math.log1p(REL_TOL), NOISE_K * noise)
     return final >= start - tol(start, first)
 

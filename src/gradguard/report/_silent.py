@@ -187,8 +187,8 @@ def _gated_but_lost(data: RunData, events: list[dict[str, Any]], final: float, s
                     k: int) -> tuple[int, list[str]] | None:
     """``(since, layers)`` for layers told gated (an info: the network learns around them)
     whose silence took back what the run had learnt: the loss before it well under the
-    start level (by ``LOST_FALL``), the final one back at it (within ``STALL_FALL``), and no
-    rollback since (found by a stranger: an MLP whose middle ReLUs died, a learned positional
+    start level (by ``LOST_FALL``), back over that within as many steps after it went
+    silent, the final one at the start level (within ``STALL_FALL``), and no rollback since (found by a stranger: an MLP whose middle ReLUs died, a learned positional
     embedding added after them, its next layer's weights learning from that constant, was
     told gated and "healthy" at chance, 1.38 against 0.08 for its twin); else None."""
     import numpy as np
@@ -210,6 +210,13 @@ def _gated_but_lost(data: RunData, events: list[dict[str, Any]], final: float, s
     if len(pre) < MIN_LEVEL_STEPS or not float(np.median(pre)) < (1 - LOST_FALL) * fresh:
         return None
     if final < (1 - STALL_FALL) * start:
+        return None
+    # and at once, as they went silent: a loss that rose later rose for another reason
+    # (found by a regression hunt: a mixture whose one expert was switched off at step 60,
+    # its labels noisier from step 100, ended as its twin with every expert did, and was
+    # "the network died at step 60")
+    after = loss[(data.step >= since) & np.isfinite(loss) & ~data.skipped][:len(pre)]
+    if len(after) < MIN_LEVEL_STEPS or float(np.median(after)) < (1 - LOST_FALL) * fresh:
         return None
     return since, [str(e.get("layer")) for e in gated]
 
