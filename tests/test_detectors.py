@@ -504,6 +504,26 @@ def test_lr_tracker_reports_jumps_not_warmup():
     assert_complete(events[0])
 
 
+def test_one_schedule_that_jumps_three_param_groups_is_one_warning():
+    """Found by a stranger: Adam with three param groups (3e-4, 1e-3, 3e-3), their LRs x100
+    for a burst, got three `lr_too_high` warnings at the same step. One warning names the
+    groups; a single group's jump reads as before."""
+    tr = LrTracker()
+    base = [3e-4, 1e-3, 3e-3]
+    for step in range(20):
+        tr.observe(step, [{"lr": lr} for lr in base])
+    tr.observe(20, [{"lr": lr * 100} for lr in base])
+    [event] = tr.pop_events()
+    assert (event.kind, event.step, event.data["groups"]) == ("lr_too_high", 20, [0, 1, 2])
+    assert "param groups 0, 1, 2 jumped up to 100x" in event.message, event.message
+    assert_complete(event)
+    tr.observe(21, [{"lr": lr} for lr in base])
+    tr.observe(22, [{"lr": base[0]}, {"lr": base[1] * 100}, {"lr": base[2]}])
+    [event] = tr.pop_events()
+    assert event.data["group"] == 1 and "groups" not in event.data
+    assert "param group 1 jumped 100x" in event.message
+
+
 def test_lr_tracker_reports_an_lr_decayed_away_once_not_a_warmup_from_zero():
     """Found by a stranger: a StepLR meant per epoch, stepped per batch (gamma 0.9), took
     the LR to 1e-23 of its start; the run never learnt and its report said nothing of the

@@ -66,6 +66,7 @@ class LrTracker:
             self._slip = [None] * len(now)
             self._top = [0.0] * len(now)
         if len(now) == len(self._last):
+            jumps: list[tuple[int, float, float, float]] = []  # (group, x, from, to)
             for i, (a, b) in enumerate(zip(self._last, now)):
                 if a is None or b is None:
                     continue
@@ -73,19 +74,12 @@ class LrTracker:
                 above = b > top * (1 + 1e-9)
                 # from LR 0 (a warm-up's first step) a jump is one past ratio x the peak
                 if above and (b >= self.ratio * a if a > 0 else top > 0 and b >= self.ratio * top):
-                    x = b / (a if a > 0 else top)  # from 0: the multiple of the peak
-                    self._events.append(Event(
-                        kind="lr_too_high", step=step, severity="warning", value=x,
-                        threshold=self.ratio,
-                        message=(f"step {step}: learning rate of param group {i} jumped "
-                                 f"{x:.3g}x ({a:.3g} -> {b:.3g})"),
-                        remedy=("Check the LR schedule / manual LR changes; raise the LR "
-                                "gradually (warm-up)."),
-                        data={"group": i, "lr": b, "previous_lr": a},
-                    ))
+                    jumps.append((i, b / (a if a > 0 else top), a, b))  # from 0: x the peak
                     self._slip[i] = (top, step)
                     self._top[i] = b
                     self._last_jump = step
+            if jumps:
+                self._events.append(_jump_event(step, jumps, self.ratio))
         self._last = now
         for i, (b, p) in enumerate(zip(now, planned)):
             slip = self._slip[i]
@@ -188,6 +182,27 @@ class LrTracker:
         self._last_jump = None if jump is None else int(jump)
         self._events = [Event.from_json(e) for e in sd.get("events", [])]
         self._armed = bool(sd.get("armed", False))
+
+
+def _jump_event(step: int, jumps: list[tuple[int, float, float, float]],
+                ratio: float) -> Event:
+    """One ``lr_too_high`` warning for the param groups whose LR jumped at ``step``
+    (found by a stranger: three groups scaled by one schedule gave three warnings at one
+    step)."""
+    i, x, a, b = jumps[0]
+    if len(jumps) == 1:
+        what = f"learning rate of param group {i} jumped {x:.3g}x ({a:.3g} -> {b:.3g})"
+    else:
+        top = max(j[1] for j in jumps)
+        what = (f"learning rates of param groups {', '.join(str(j[0]) for j in jumps)} "
+                f"jumped up to {top:.3g}x (" + ", ".join(f"{j[2]:.3g} -> {j[3]:.3g}"
+                                                     for j in jumps) + ")")
+    return Event(
+        kind="lr_too_high", step=step, severity="warning", value=max(j[1] for j in jumps),
+        threshold=ratio, message=f"step {step}: {what}",
+        remedy="Check the LR schedule / manual LR changes; raise the LR gradually (warm-up).",
+        data={"group": i, "lr": b, "previous_lr": a,
+              **({"groups": [j[0] for j in jumps]} if len(jumps) > 1 else {})})
 
 
 def _number(x: Any) -> float | None:
