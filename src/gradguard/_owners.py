@@ -32,6 +32,8 @@ _GUARDS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[Guard]] = (
 
 
 _CLOCK = itertools.count(1)
+#: The clock when the newest guard was built (any model's).
+_newest_born = 0
 
 
 def stepped(guard: Guard) -> None:
@@ -43,6 +45,8 @@ def stepped(guard: Guard) -> None:
     batch, and its backward raised "modified by an inplace operation")."""
     prev = guard._ticked
     guard._ticked = next(_CLOCK)
+    if prev is not None and prev > _newest_born:
+        return  # no guard was built since its last step: nothing to walk (the step's path)
     for g in list(_GUARDS.get(guard.model, ())):
         if g is not guard and (prev is None or prev < g._born):
             _leave(g)
@@ -61,7 +65,8 @@ def claim(guard: Guard) -> None:
     regression hunt: a discriminator's guard wrote the generator's batch norm statistics
     in place at each step, and the generator's backward, after it, raised "modified by an
     inplace operation")."""
-    guard._born = next(_CLOCK)
+    global _newest_born
+    guard._born = _newest_born = next(_CLOCK)
     guards = _GUARDS.setdefault(guard.model, weakref.WeakSet())
     guards.add(guard)
     for g in list(guards):

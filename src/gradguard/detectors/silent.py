@@ -259,9 +259,9 @@ def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool 
     """The event for a layer without a gradient; ``died``: the steps without one, of a
     layer that had one before (0: it never had one); ``cut``: the loss no longer depends
     on its output (no layer after it has a gradient); ``gated``: where the network learns
-    around it, "before" (a layer before it still has a gradient) or "after" (the layers after
-    it still learn their weights; its output no longer reaches the loss); ``from_start``: it never had one,
-    though the loss's graph reaches it and every layer but the last is so (dead from the
+    around it, "before" (a layer before it still has a gradient) or "after" (the layers
+    after it still learn their weights; its output no longer reaches the loss);
+    ``from_start``: it never had one, though the loss's graph reaches it and every layer but the last is so (dead from the
     start); ``reached``: it never had one, though the loss's graph reaches it;
     ``ordered``: the graph's order was known (a layer that died is then neither cut nor
     gated for certain: ``data["ordered"]``, which the report reads)."""

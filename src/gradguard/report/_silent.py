@@ -47,8 +47,13 @@ def died_layers(events: list[dict[str, Any]],
         # killed, rolled back at the flush that told it, trained on with 88-92% of them
         # alive and was "the network died ... and no longer learns")
         return None
-    since = min(int(e["step"]) - int((e.get("data") or {}).get("steps", 1)) + 1 for e in dead)
-    return max(0, since), names
+    return _since(dead), names
+
+
+def _since(told: list[dict[str, Any]]) -> int:
+    """The first step without a gradient of the layers ``told`` silent (their events)."""
+    return max(0, min(int(e["step"]) - int((e.get("data") or {}).get("steps", 1)) + 1
+                      for e in told))
 
 
 def _back(data: RunData | None, names: list[str], step: int) -> bool:
@@ -135,11 +140,9 @@ def silent_verdict(data: RunData, verdict: tuple[str, str | None, int | None, st
         dead = None
     if dead is None and final is not None and start is not None:
         dead = _gated_but_lost(data, ev, final, start, k)
-    born = dead is not None and any(
-        (e.get("data") or {}).get("died") for e in ev
-        if e.get("kind") == "disconnected_layer") and all(
-        (e.get("data") or {}).get("from_start") for e in ev
-        if e.get("kind") == "disconnected_layer" and (e.get("data") or {}).get("died"))
+    died = [(e.get("data") or {}) for e in ev
+            if e.get("kind") == "disconnected_layer" and (e.get("data") or {}).get("died")]
+    born = dead is not None and bool(died) and all(d.get("from_start") for d in died)
     if born and final is not None and start is not None and final < (1 - STALL_FALL) * start:
         dead = None  # dead from the start, and the loss fell: the rest learns
     if dead is not None and status in ("healthy", "recovered"):
@@ -188,17 +191,17 @@ def _gated_but_lost(data: RunData, events: list[dict[str, Any]], final: float, s
     """``(since, layers)`` for layers told gated (an info: the network learns around them)
     whose silence took back what the run had learnt: the loss before it well under the
     start level (by ``LOST_FALL``), back over that within as many steps after it went
-    silent, the final one at the start level (within ``STALL_FALL``), and no rollback since (found by a stranger: an MLP whose middle ReLUs died, a learned positional
-    embedding added after them, its next layer's weights learning from that constant, was
-    told gated and "healthy" at chance, 1.38 against 0.08 for its twin); else None."""
+    silent, the final one at the start level (within ``STALL_FALL``), and no rollback since
+    (found by a stranger: an MLP whose middle ReLUs died, a learned positional embedding
+    added after them, its next layer's weights learning from that constant, was told gated
+    and "healthy" at chance, 1.38 against 0.08 for its twin); else None."""
     import numpy as np
 
     gated = [e for e in events if e.get("kind") == "disconnected_layer"
              and (e.get("data") or {}).get("gated")]
     if not gated or not start > 0:
         return None
-    since = max(0, min(int(e["step"]) - int((e.get("data") or {}).get("steps", 1)) + 1
-                       for e in gated))
+    since = _since(gated)
     if any(e.get("kind") == "rollback" and int(e.get("step", -1)) >= since for e in events):
         return None
     loss = np.asarray(data.loss, dtype=np.float64)
