@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..events import Event, listed
-from ..executors import STALE
+from ..executors import NONFINITE, STALE
 from ..naming import layer_of
 from ..units import DYING, RECENT, SAMPLE, SILENT
 from . import _steps, actions, growth
@@ -144,7 +144,9 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
             # of its LR); one whose weights fell behind the snapshot's still rolls back
             continue
         acted = rec._feed(guard, trig, layers) or acted
-    skipped = any(s and step not in overflows for step, s in zip(window.steps, skips))
+    cleared = _cleared(window, skips, codes)
+    skipped = any(s and step not in overflows and step not in cleared
+                  for step, s in zip(window.steps, skips))
     if rec.lr_probe and level:
         # an update voided because the probe restored the weights after its backward (a
         # trainer's hook) is the probe's own doing, no trouble
@@ -155,8 +157,31 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     # a network with dead layers is no state to go back to (see .rise), nor are weights
     # the loss-level tests have not judged yet (a snapshot is a healthy verdict)
     if judge and not acted and not skipped and not risen and not dead and not any(
-            e.kind in UNHEALTHY and e.severity != "info" for e in events):
-        _healthy(rec, guard, window, recent)
+            e.kind in UNHEALTHY and e.severity != "info" and e.step not in cleared
+            for e in events):
+        _healthy(rec, guard, window, recent, before_window)
+
+
+def _cleared(window: Window, skips: list[bool], codes: list[float] | None) -> set[int]:
+    """The window's steps skipped as non-finite alone, in a row, whose next step in the
+    window was taken: finite gradients on the weights they ran on (a skip changes none),
+    so their batches were at fault and the weights are no less healthy for them (found by
+    a stranger: a NaN in 28% of a digits MLP's batches left every window unhealthy, no
+    snapshot after the first, and a streak's rollback went to the fresh weights, at
+    chance at the end)."""
+    if codes is None:
+        return set()
+    out: set[int] = set()
+    taken_next = False  # the step after this one was taken, or cleared as these are
+    for i in reversed(range(len(skips))):
+        c = codes[i]
+        if not skips[i]:
+            taken_next = True
+        elif taken_next and math.isfinite(c) and int(c) == NONFINITE:
+            out.add(window.steps[i])
+        else:
+            taken_next = False
+    return out
 
 
 def _skipped_whole(window: Window, skips: list[bool], since: int, run: int) -> bool:
@@ -324,11 +349,13 @@ def _level_before(window: Window, losses: list[float], start: int,
     return statistics.median(before) if before else None
 
 
-def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -> None:
+def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float],
+             before: float | None = None) -> None:
     """A healthy flush: learn the loss level, and have the ladder snapshot when due, unless
     the weights are clearly worse than the newest snapshot's (no rise was seen, a spike
     that killed units between two flushes, yet they would replace it; judged on
-    ``PROGRESS_STEPS`` losses: the median of a window of two is no level)."""
+    ``PROGRESS_STEPS`` losses: the median of a window of two is no level), or than the
+    last flush's (``before``, the median of its last ``PROGRESS_STEPS`` losses)."""
     history = list(guard.monitor.detector_state.loss)
     if history and rec.state.factor >= rec.state.ceiling:
         rec._level = statistics.median(history)  # the loss level of a healthy run
@@ -343,6 +370,14 @@ def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float]) -
         return
     snap = rec.ring.level(rec._rise.initial)
     now = statistics.median(recent) if len(recent) >= PROGRESS_STEPS else None
+    if now is not None and before is not None and not near(now, before, rec.config.stall_factor):
+        # the loss rose by half since the last flush: weights on their way up are no
+        # state to go back to (found on a digits MLP with inputs x100 on SGD at 30x its
+        # LR: the flush of 59, at 1.9x the best, under the 2x of the rule above on one
+        # machine and over it on another, took the snapshot a rollback at 79 for dying
+        # units went back to: 3.6x its twin, where the weights before the first step gave
+        # 1.5x)
+        return
     if snap is None or now is None or near(now, snap, rec.config.stall_factor):
         # well below the newest snapshot's level, and further than the loss's own scatter
         # strays by chance (:mod:`.scatter`): a snapshot taken because a noisy loss had a

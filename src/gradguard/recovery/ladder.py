@@ -56,9 +56,15 @@ the ladder undoes the back-off (``sound``; the state before the streak returns: 
 not lowered, the streak is no trouble a later one could relapse from). Only a back-off is
 undone (a rollback changed the weights), only for a streak of :data:`DATA_REASONS`
 (non-finite, off-scale or spiking: the per-step verdict grants no grace after a rung until
-a step is taken, :func:`._steps.verdict`), and only once per ``patience`` steps: trouble
-that keeps coming back is the weights', and the back-off then stands
-(``Recovery(undo_backoff=False)`` keeps every back-off).
+a step is taken, :func:`._steps.verdict`). A streak off-scale or spiking is undone once per
+``patience`` steps: such trouble that keeps coming back is the weights', and the back-off
+then stands. A non-finite streak is undone each time the step after it is finite on its
+weights: weights that give finite gradients on the next batch are not the NaN's source
+(found by a stranger: one input row in a hundred with a NaN, a NaN in 28% of batches, had
+its second streak's back-off stand, its third roll back to the fresh weights, and the run
+ended at chance or aborted, 12-35x its clean twin, where skipping alone kept it within
+1.3x); weights that do go bad give non-finite gradients on every batch, and their streak
+goes on to the rollback (``Recovery(undo_backoff=False)`` keeps every back-off).
 
 Beside the rungs, a *lower* trigger (the LR probe found that the loss follows the LR,
 :mod:`.probe`) halves the ceiling and the factor in force at once, with no back-off and no
@@ -130,7 +136,8 @@ def transition(
     reason = trig.reason or NONFINITE_REASON
     if (cfg.undo_backoff and trig.kind == "skip" and reason in DATA_REASONS
             and not trig.rollback and [a.kind for a in actions] == ["backoff"]
-            and (st.undone is None or trig.step - st.undone > cfg.patience)):
+            and (reason == NONFINITE_REASON or st.undone is None
+                 or trig.step - st.undone > cfg.patience)):
         # the next step runs on these weights again: it may prove them sound
         return dataclasses.replace(new, undo_reason=reason, undo=dataclasses.replace(
             st, consecutive_skips=0, undo=None)), actions
@@ -219,8 +226,13 @@ def _transition(
         reason = f"{st.consecutive_skips} consecutive {trig.reason or NONFINITE_REASON} steps skipped"
         if trig.rollback:
             reason += ": the update before them wrecked the weights"
+        # a non-finite streak's first rung is a back-off even when trouble came before it:
+        # the next step tests its weights (the back-off is undone when it is finite), and
+        # a streak that goes on rolls back at its next rung, as before
+        first = (cfg.undo_backoff and not trig.rollback and st.consecutive_skips == cfg.skip_patience
+                 and (trig.reason or NONFINITE_REASON) == NONFINITE_REASON)
         return _escalate(cfg, st, trig.step, reason, trig.value, at=trig.at,
-                         force_rollback=trig.rollback)
+                         force_rollback=trig.rollback, tests_weights=first)
     if trig.kind == "spike" and trig.mild:
         return lr.lower(cfg, st, trig)
     if trig.kind == "lower":
@@ -241,13 +253,15 @@ def _transition(
 def _escalate(
     cfg: LadderConfig, st: LadderState, step: int, reason: str, level: float | None = None,
     *, force_rollback: bool = False, at: int | None = None, by_level: bool = False,
-    worse_than_fresh: bool = False,
+    worse_than_fresh: bool = False, tests_weights: bool = False,
 ) -> tuple[LadderState, tuple[Action, ...]]:
     """Back off, or escalate when trouble returns within ``patience`` steps (or the loss did
-    not come back: ``force_rollback``); ``by_level``: the loss level decided it."""
+    not come back: ``force_rollback``); ``by_level``: the loss level decided it;
+    ``tests_weights``: a back-off in any case (a non-finite streak's first rung, which the
+    next step tests: :func:`transition`)."""
     last = st.last_trigger
     within = last is not None and step - last <= cfg.patience
-    recent = force_rollback or within
+    recent = force_rollback or (within and not tests_weights)
     # the same trouble: within patience of the last trigger, or its progress check pending
     continuing = within or (force_rollback and st.watching is not None)
     raised = st.raised is not None and step - st.raised <= cfg.relapse_window  # retried, failed
