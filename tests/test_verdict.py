@@ -52,6 +52,45 @@ def test_an_early_loss_explosion_is_a_spike_at_its_step():
     assert got == [0, 0, LOSS_SPIKE]
 
 
+def test_a_loss_that_was_at_or_below_zero_is_judged_no_more():
+    """Found by a stranger: a WGAN-GP generator's loss (-D(G(z))) at -0.7, then crossing
+    zero (0.05, 0.5, 0.7, 0.9): its first positive values were the loss's whole history,
+    "x10 the median twice in a row" flagged three steps, and the ladder rolled the weights
+    back to the fresh ones ("the update before them wrecked the weights"), even under
+    ``Recovery(loss_rise=False)``. A loss at or below zero has no ratio scale: once one is
+    seen, the loss is never judged at its step again; a positive loss still is."""
+    losses = [-0.7] * 30 + [0.05, 0.5, 0.7, 0.9, 1.2, 4e7]
+    assert codes(SpikeVerdict(warmup=20), [1.0] * len(losses), losses) == [0] * len(losses)
+    positive = codes(SpikeVerdict(warmup=20), [1.0] * 6, [0.05, 0.6, 0.7, 0.9, 1.2, 4e7])
+    assert positive[-1] == LOSS_SPIKE and positive[2] == LOSS_SPIKE  # x10 twice in a row
+
+
+def test_a_healthy_run_whose_loss_crosses_zero_is_no_trouble_to_the_ladder():
+    """The stranger's repro: gradients of a healthy MSE run, a loss read -0.7 for 50 steps
+    then rising through zero; guarded with ``Recovery(loss_rise=False)`` (the documented
+    setting for such losses) it trains as unguarded, nothing skipped, no rung."""
+    weights = []
+    for guarded in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        guard = gg.Guard(model, opt, recovery=gg.Recovery(loss_rise=False)) if guarded else None
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(8, 1, generator=gen)
+        for s in range(120):
+            x = torch.randn(64, 8, generator=gen)
+            mse = (model(x) - x @ w).pow(2).mean()
+            level = -0.7 if s < 50 else (0.05 if s == 50 else 0.25 + 0.25 * (s - 50) ** 0.5)
+            (mse - mse.detach() + level).backward()
+            guard.step(mse - mse.detach() + level) if guard is not None else opt.step()
+            opt.zero_grad()
+        if guard is not None:
+            guard.close()
+            assert guard.skipped_steps == 0 and not guard.recovery.decisions
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
 def test_non_finite_values_never_enter_the_history():
     v = SpikeVerdict(warmup=3)
     codes(v, [1.0, math.nan, math.inf, 1.0, 1.1, 0.9])

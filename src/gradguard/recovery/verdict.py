@@ -77,6 +77,10 @@ OVERFLOW_LOSS_RATIO = 10.0
 OVERFLOW_LOSS_Z = 3.0
 
 
+#: The loss's count of values once a loss at or below zero was seen: never judged again.
+NEVER_JUDGED = -(2 ** 62)
+
+
 class SpikeVerdict:
     """Per-step spike test of the total gradient norm and the loss (see the module
     docstring), one device ring ``[2, history]`` for both, so the test costs a couple of
@@ -141,6 +145,12 @@ class SpikeVerdict:
             lv = loss.detach().reshape(()).to(total_norm.device, torch.float32)
         else:
             lv = torch.tensor(float(loss), device=total_norm.device)
+        # a loss at or below zero has no ratio scale (a WGAN's critic score, a Gaussian
+        # NLL): the loss is judged no more, for good (its count held below zero). Found by
+        # a stranger: a WGAN-GP generator's loss at -0.7 for 30 steps, then 0.05, 0.5, 0.7
+        # as it crossed zero, was "x10 the median twice in a row" over its first positive
+        # values, three steps skipped and the weights rolled back to the fresh ones
+        count[1] = torch.where(torch.isfinite(lv) & (lv <= 0), NEVER_JUDGED, count[1])
         x = torch.stack([total_norm.detach().reshape(()).float(), lv])
         ok = torch.isfinite(x) & (x > 0)
         lx = torch.log(torch.where(ok, x, 1.0))
