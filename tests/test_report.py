@@ -258,6 +258,15 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "At step 20, the weights grew 34.9x in the first 20 steps. The gradient norm "
             "spiked at step 80 in `5`. gradguard rolled back 1 time; training recovered.",
         ),
+        (  # at the same step as a layer whose gradients vanished, its consequence: the
+            # ladder's reason leads (found by a stranger on a BERT at 30x its LR)
+            [_ev("rollback", 60, "error", data={"factor": 0.01, "reason": "the weights grew "
+                                                 "7.2x in the first 60 steps"}),
+             _ev("vanishing_grad", 60, layer="emb", message="vanished")],
+            False,
+            "At step 60, the weights grew 7.2x in the first 60 steps. Gradients vanished in "
+            "`emb` from step 60. gradguard rolled back 1 time; training recovered.",
+        ),
         (  # a retry lifted the LR part of the way back: that factor of the config's LR
             [_ev("rollback", 4, "error", data={"factor": 0.01, "reason": "an LR far too high"}),
              _ev("lr_settled", 90, "info", data={
@@ -299,6 +308,37 @@ def test_a_run_whose_loss_may_rise_is_not_judged_on_its_level():
     assert summary_sentence(d, {"loss_rise": False}).startswith("No gradient trouble")
     # without a recovery guard.json records loss_rise false too: that says nothing of the loss
     assert judge(d, {"recovery": False, "loss_rise": False}).status == "diverged"
+    # nor is the level judged after an incident (found by a stranger: a WGAN-GP generator
+    # whose loss went from -0.66 to 1.18 after a skip was "NOT RECOVERED")
+    d = _data([_ev("skip", 40, "warning")])
+    d.loss = np.linspace(-0.7, 1.2, d.n_steps)
+    d.skipped[40] = True
+    assert judge(d, {"recovery": True, "loss_rise": True}).status == "diverged"
+    out = judge(d, {"recovery": True, "loss_rise": False})
+    assert out.status == "recovered" and out.cause is None, out
+
+
+def test_a_loop_of_ones_own_records_the_guards_options_for_the_report(tmp_path):
+    """``gg.report`` of a run a ``JsonlSink`` wrote judged it as if ``loss_rise`` were on
+    (only ``gradguard run`` wrote ``guard.json``): the sink writes it at its first flush."""
+    import torch
+
+    import gradguard as gg
+    from gradguard.report._outcome import read_guard_config
+
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(loss_rise=False), every=5,
+                     sinks=[gg.JsonlSink(tmp_path)])
+    for _ in range(10):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    cfg = read_guard_config(tmp_path)
+    assert cfg is not None and cfg["loss_rise"] is False and cfg["recovery"] is True
+    assert cfg["zero_code"] is False and cfg["clip"] == "none"
 
 
 def test_a_run_whose_every_step_overflowed_in_float16_is_told_so():

@@ -272,11 +272,35 @@ class JsonlSink:
                 first = flush.steps[0]["step"] if flush.steps else flush.next_step
                 start = [{"v": SCHEMA_VERSION, "type": START_TYPE, "step": first,
                           "time": round(time.time(), 3)}]
+            self._write_guard_config()
         metrics = [*start, *({"v": SCHEMA_VERSION, "type": "step", **r} for r in flush.steps)]
         if flush.layers:
             metrics.append({"v": SCHEMA_VERSION, "type": "layers", **flush.layers})
         self._append(self._metrics, metrics)
         self._append(self._events, [*start, *(e.to_json() for e in flush.events)])
+
+    def _write_guard_config(self) -> None:
+        """``guard.json``: the options of the guard that writes here, which the report
+        judges the run with (found by a stranger: ``gg.report`` of a run guarded with
+        ``Recovery(loss_rise=False)``, a WGAN's generator, judged its loss level and said
+        "training diverged ... the learning rate is too high"; ``gradguard run`` wrote the
+        file, a loop of one's own did not). Written once, atomically; ``gradguard run``
+        writes its own at the end. Bookkeeping: a failure costs a warning."""
+        guard = None if self._guard is None else self._guard()
+        config = getattr(guard, "config", None)
+        if config is None:
+            return
+        rec = getattr(config, "recovery", None)
+        meta = {"v": 1, "zero_code": False,
+                "clip": "none" if config.clip is None else repr(config.clip),
+                "recovery": rec is not None,
+                "loss_rise": bool(getattr(rec, "loss_rise", False)),
+                "on_nonfinite": config.on_nonfinite, "every": config.every}
+        try:
+            write_atomic(self.run_dir / "guard.json", json.dumps(meta))
+        except OSError as e:
+            warnings.warn(f"gradguard: {self.run_dir / 'guard.json'} not written ({e})",
+                          RuntimeWarning, stacklevel=3)
 
     @property
     def closed(self) -> bool:

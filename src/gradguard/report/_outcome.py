@@ -174,6 +174,13 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     # a healthy run is no divergence (found by a stranger: "diverged ... the last steps are
     # still non-finite", all of them finite, and --fail-on-divergence failed the job)
     last_bad = bool(~np.isfinite(data.grad_norm[-1]) | (fin.any() & ~fin[-1])) if n else False
+    # nor is one non-finite batch skipped at the end, right after a step taken finite: the
+    # weights it leaves are that step's (found by a stranger: a NaN batch at the last step
+    # of a healthy run, skipped, the weights as good as the clean run's, was "diverged",
+    # and --fail-on-divergence failed the job; the same batch at the step before, recovered)
+    if last_bad and n >= 2 and data.skipped[-1] and not data.skipped[-2] and fin[-2] \
+            and np.isfinite(data.grad_norm[-2]):
+        last_bad = False
     tail_bad = last_bad or float(nonfinite_tail.mean() if n else 0) > TAIL_BAD_FRACTION
 
     start = final = before = None
@@ -185,6 +192,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     taken = fin & ~data.skipped
     fin = taken if taken.any() else fin
     floored = False  # the loss ended fit, at its float floor: no level compares there
+    judged = True  # the loss level is evidence (see below)
     if fin.any():
         first = loss[fin][:k]
         start = min(float(first[0]), float(np.median(first)))
@@ -227,7 +235,8 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     # the step by which the start level was measured: a level before an incident earlier
     # than it is no climb from it
     start_end = int(data.step[fin][:k][-1]) if fin.any() else None
-    cause = _cause(data, incident, start, before, rose, bool(fin.any()), start_end)
+    # a loss that is not judged (loss_rise off) tells no climb either
+    cause = _cause(data, incident, start, before, rose, bool(fin.any()) and judged, start_end)
     if aborts:
         status: Status = "stopped"
         clause = f"training was stopped at step {aborts[0]['step']}"
@@ -260,12 +269,15 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         status, cause = "unjudged", None
         clause = ("no finite loss was recorded (none reached gradguard), so the run is not "
                   "judged on its loss")
-    elif before is None or final is None or floored or (
+    elif before is None or final is None or floored or not judged or (
             _levels.back_at(before, final, end) if by_ladder else final <= before + tol(
                 before, loss[(data.step < incident) & fin][-k:])):
+        # a loss that may rise when healthy (not judged) is no level to come back to either
+        # (found by a stranger: a WGAN-GP generator under --no-loss-rise, its loss from
+        # -0.66 to 1.18, "NOT RECOVERED ... lower the learning rate")
         status, clause = "recovered", "training recovered"
-        relapse = None if before is None or floored else _relapse(data, inc, loss, fin, k,
-                                                                   before)
+        relapse = None if before is None or floored or not judged else _relapse(
+            data, inc, loss, fin, k, before)
         if relapse is not None:
             # back under the first incident's level, but not at the one it had reached
             # since, before a later incident (found by a stranger: an LR retry blew a run up
