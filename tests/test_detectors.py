@@ -244,6 +244,25 @@ def test_a_one_step_clipped_gradient_spike_is_info_and_any_other_a_warning(
     assert ("clipped" in events[0].message) == (clipped and jump < 50)
 
 
+@pytest.mark.parametrize("length", [1, 3])
+def test_a_gradient_spike_while_the_loss_falls_is_info(length):
+    """Found by a stranger: a healthy digits CNN on SGD with Nesterov leaves its early
+    plateau at steps 66-75, its norm 13-19x the plateau's median as its loss falls from 1.5
+    to 0.6: warning-level spikes on a healthy run. A norm that jumps while the loss is
+    below its recent median is info; the same jump with the loss above it is a warning."""
+    rows = [[1.0, 1.0, 1.0]] * 40
+    for i in range(length):
+        rows[30 + i] = [1.0, 14.0 * math.sqrt(3.0), 1.0]
+    falling = [2.0] * 30 + [1.5 - 0.05 * i for i in range(10)]
+    events = detect_spikes(window(rows, falling), DetectorState())
+    assert [(e.kind, e.step, e.severity) for e in events] == [("grad_spike", 30, "info")]
+    assert "the loss fell at it" in events[0].message and "clipped" not in events[0].message
+    rising = [2.0] * 30 + [2.5] * 10
+    events = detect_spikes(window(rows, rising), DetectorState())
+    assert [(e.kind, e.severity) for e in events if e.kind == "grad_spike"] == [
+        ("grad_spike", "warning")]
+
+
 def test_a_spike_over_a_median_below_zero_is_told_as_a_difference_and_none_over_zero():
     """A model that converged exactly has a gradient norm of exactly zero; the first
     non-zero one after it was a ZeroDivisionError in the message (it crashed the flush),
