@@ -554,6 +554,9 @@ def test_hf_trainer_script_gets_the_callback_and_true_norms(tmp_path, monkeypatc
     row = check_trainer_script("hf_script.py", ["--steps", "10"], tmp_path, max_norm=1.0,
                                kind="transformers", model="GPT2LMHeadModel", nan_at=4,
                                report=True)
+    # said by the setting that makes it (it was "the script's clip_grad_norm_", which the
+    # script never calls: found by a stranger)
+    assert row["clip"] == "the script's TrainingArguments(max_grad_norm=1)"
     render_in_chromium(Path(row["report"]))
 
 

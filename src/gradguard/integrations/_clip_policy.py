@@ -70,11 +70,16 @@ class InterceptedClip(Policy):
         self.mode: ScriptClipMode = mode
         self.foreseen = foreseen
         self.counts: Counter[str] = Counter()  # clip call -> steps it was applied/replaced
+        #: a clip call's words -> the trainer setting that makes it (the Hugging Face
+        #: Trainer's clip_grad_norm_ is its TrainingArguments' max_grad_norm)
+        self.aliases: dict[str, str] = {}
         self._one: Tensor | None = None
 
     def with_foreseen(self, foreseen: tuple[tuple[ClipKind, float], ...]) -> InterceptedClip:
         """This policy, also recording the trainer's own clip (see ``foreseen``)."""
-        return InterceptedClip(self.interceptor, self.user, self.mode, foreseen)
+        out = InterceptedClip(self.interceptor, self.user, self.mode, foreseen)
+        out.aliases = dict(self.aliases)
+        return out
 
     @property
     def replaces(self) -> bool:
@@ -166,8 +171,10 @@ class InterceptedClip(Policy):
     def __deepcopy__(self, memo: dict[int, Any]) -> InterceptedClip:
         # a trainer callback copies its policy per optimizer: the copy shares the session's
         # interceptor and gets its own user policy (statistics belong to one guard)
-        return InterceptedClip(self.interceptor, copy.deepcopy(self.user, memo), self.mode,
-                               self.foreseen)
+        out = InterceptedClip(self.interceptor, copy.deepcopy(self.user, memo), self.mode,
+                              self.foreseen)
+        out.aliases = dict(self.aliases)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"user": None if self.user is None else self.user.state_dict()}
@@ -179,7 +186,8 @@ class InterceptedClip(Policy):
     def describe(self) -> str:
         """What this guard clips with, in words (for ``guard.json`` and the summary)."""
         user = "none" if self.user is None else repr(self.user)
-        script = sorted({k.rsplit(" ", 1)[0] for k in self.counts}
+        said = (k.rsplit(" ", 1)[0] for k in self.counts)
+        script = sorted({self.aliases.get(k, k) for k in said}
                         | {_describe_trainer(k, v) for k, v in self.foreseen})
         if not script:
             return user

@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._clip_intercept import describe_clip
+
 #: Module that defines each supported trainer, and the framework it belongs to.
 TRAINER_MODULES = {
     "lightning.pytorch.trainer.trainer": "lightning",
@@ -187,6 +189,11 @@ def hf_callback(config: Any, run_dir: Path | None, resume_state: list[Any] | Non
             if self.guard is not None:  # a second train(): a run of its own
                 self.guard = None
                 self.run_dir = None if run_dir is None else run_dir / f"train{self._trains - 1}"
+            mgn = getattr(args, "max_grad_norm", None)
+            if isinstance(mgn, (int, float)) and mgn > 0 and hasattr(self.clip, "aliases"):
+                # the Trainer's clip_grad_norm_ is the user's setting: said by its name
+                self.clip.aliases[describe_clip("norm", float(mgn))] = (
+                    f"TrainingArguments(max_grad_norm={float(mgn):g})")
             super().on_train_begin(args, state, control, **kwargs)
             if self._resume_state is None and resume_state and self._trains == 1:
                 self._resume_state = resume_state[0]

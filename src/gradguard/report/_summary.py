@@ -185,8 +185,13 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             parts.append(f"The learning rate jumped{by} at step {jump['step']}, above any the "
                          "run had or planned.")
         acted = None if lead else ladder_reason(ev)
-        if acted is not None and acted[0] < s:  # the ladder acted first, on what no gradient
-            # event shows (weights that grew, a loss that rose): that is the story's start
+        if acted is not None and (acted[0] < s or (acted[0] == s and k not in (
+                "nonfinite_grad", "grad_spike", "loss_spike"))):
+            # the ladder acted first, on what no gradient event shows (weights that grew, a
+            # loss that rose): that is the story's start; at the same step as a vanishing
+            # or dying layer too, its consequence (found by a stranger: a BERT at 30x its LR
+            # "Gradients vanished in `word_embeddings` from step 60", the weights that grew
+            # 7x by then, which the rollback at 60 answered, said after it)
             parts.append(f"At step {acted[0]}, {acted[1]}.")
         if k == "nonfinite_grad":
             parts.append(_nonfinite_sentence(e) + ".")
@@ -278,9 +283,10 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                   None)
     if capped is not None:  # the norms above were capped before the guard measured them
         parts.append(f"The gradients reached gradguard already clipped to "
-                     f"{capped.get('value', math.nan):.3g} (seen by step {capped['step']}: a "
-                     "clip_grad_norm_ of the script's own before guard.step), so a spike would "
-                     "not show here.")
+                     f"{capped.get('value', math.nan):.3g} (seen by step {capped['step']}: "
+                     "the loop clipped them itself before gradguard's step: a "
+                     "clip_grad_norm_ before guard.step, a LightningModule's "
+                     "self.clip_gradients), so a spike would not show here.")
     idle = next((e for e in ev if e.get("kind") == "unstepped_params"), None)
     if idle is not None:  # layers that never trained (gradguard._unstepped)
         layers = (idle.get("data") or {}).get("layers") or []
