@@ -744,3 +744,45 @@ def test_a_compiled_model_is_diagnosed_as_its_module_by_its_own_names():
         (f.cause, f.where) for f in plain.findings]
     assert plain.findings and not any("_orig_mod" in str(f.where) for f in compiled.findings)
     assert not [w for w in caught if "recompile" in str(w.message)]
+
+
+def test_an_lr_error_ranks_with_the_initialisation():
+    """Found by a stranger: a 10-layer ReLU MLP at AdamW 0.1 (its loss 2.3 -> 142 in one
+    step) led with an ``init_too_small`` warning, its ``lr_too_high`` error second; He init
+    left the run at chance. An LR error ranks with ``init_too_large``: above a warning of
+    the init, below an init error; an LR warning keeps its place after the init's."""
+    def top(*findings: tuple[str, str]) -> str:
+        return Diagnosis([Finding(c, s, None, {}, "") for c, s in findings]).top.cause
+
+    assert top(("init_too_small", "warning"), ("lr_too_high", "error")) == "lr_too_high"
+    assert top(("dead_units", "warning"), ("lr_too_high", "error")) == "lr_too_high"
+    assert top(("init_too_large", "error"), ("lr_too_high", "error")) == "init_too_large"
+    assert top(("init_too_small", "warning"), ("lr_too_high", "warning")) == "init_too_small"
+    assert top(("unscaled_input", "warning"), ("lr_too_high", "error")) == "unscaled_input"
+
+
+def test_a_backward_that_overflows_by_the_forwards_scale_is_told_so_not_a_singular_op():
+    """Found by a stranger: a transformer without LayerNorm, its weights x10, a finite loss
+    of 1.7e14 whose backward overflowed, was told "the derivative of sqrt/log/pow at 0 is
+    infinite: add an eps" (it has none). A huge forward points at the init and the
+    scale; a finite, ordinary loss whose backward breaks still points at a singular op."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3000.0)
+    batch = (torch.randn(32, 16), torch.randn(32, 1))
+    top = gg.doctor(model, batch, nn.MSELoss()).top
+    assert top.cause == "nonfinite_loss" and "initialisation" in top.remedy
+    assert "sqrt/log/pow" not in top.remedy
+
+    class Root(nn.Module):  # sqrt at 0: a finite loss, an infinite derivative
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sqrt(self.lin(x) * 0.0)
+
+    top = gg.doctor(Root(), (torch.randn(8, 4), torch.zeros(8, 1)), nn.MSELoss()).top
+    assert top.cause == "nonfinite_loss" and "sqrt/log/pow" in top.remedy, top

@@ -28,6 +28,11 @@ CAUSE_PRIORITY: tuple[str, ...] = (
     "lr_too_high",
     "disconnected_layer",
 )
+#: The LR is a root cause as the initialisation is, not a symptom of the layers after it:
+#: an ``lr_too_high`` error ranks with ``init_too_large`` (found by a stranger: a
+#: 10-layer ReLU MLP at AdamW 0.1, its loss 2.3 -> 142 in one step, an ``lr_too_high``
+#: error, led with an ``init_too_small`` warning whose He init left it at chance).
+LR_SLOT = CAUSE_PRIORITY.index("init_too_large")
 _SEV_RANK = {"error": 0, "warning": 1, "info": 2}
 
 
@@ -103,12 +108,14 @@ class Finding:
             confidence=float(d.get("confidence", 1.0)),
         )
 
-    def sort_key(self) -> tuple[int, int, int, float]:
+    def sort_key(self) -> tuple[int, int, int, int, float]:
         actionable = 0 if self.severity in ("error", "warning") else 1
+        order = CAUSE_PRIORITY.index(self.cause)
         return (
             actionable,
-            CAUSE_PRIORITY.index(self.cause),
+            LR_SLOT if self.cause == "lr_too_high" and self.severity == "error" else order,
             _SEV_RANK[self.severity],
+            order,
             -self.confidence,
         )
 
@@ -136,8 +143,9 @@ class Diagnosis:
     """The doctor's verdict: findings, most urgent first.
 
     Findings are ordered: ``error``/``warning`` before ``info``; among those, root causes
-    before the symptoms they provoke (see :data:`CAUSE_PRIORITY`), then ``error`` before
-    ``warning``, then by confidence.
+    before the symptoms they provoke (see :data:`CAUSE_PRIORITY`; an ``lr_too_high`` error
+    ranks with the initialisation, :data:`LR_SLOT`), then ``error`` before ``warning``, then by
+    confidence.
 
     Attributes:
         findings: the findings, in that order.

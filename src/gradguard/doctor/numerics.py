@@ -17,6 +17,10 @@ FP16_MAX = float(torch.finfo(torch.float16).max)
 #: away from overflowing.
 FP16_HEADROOM = 0.5
 _HALF = (torch.float16,)
+#: A finite loss, or activation, this large: a backward that overflows float32 (3.4e38) does
+#: so by the forward's scale (products of such values and the weights), not at a singular op.
+HUGE_LOSS = 1e8
+HUGE_ACTIVATION = 1e15
 
 
 def _first_nonfinite(cap: Capture) -> tuple[str | None, str, torch.dtype | None, float]:
@@ -134,17 +138,35 @@ def probe_nonfinite(cap: Capture, model: nn.Module) -> list[Finding]:
         ]
     params = dict(model.named_parameters())
     half = any(params[n].dtype in _HALF for n in grads_bad)
+    acts = [c for c in cap.calls if math.isfinite(c.out_absmax)]
+    top = max(acts, key=lambda c: c.out_absmax) if acts else None
+    # a forward whose values are already huge overflows its backward by their scale alone
+    # (found by a stranger: a transformer without LayerNorm, its weights x10, a loss of
+    # 1.7e14, was told to put an eps in a sqrt/log/pow it does not have)
+    huge = abs(cap.loss) > HUGE_LOSS or (top is not None and top.out_absmax > HUGE_ACTIVATION)
+    evidence = {"loss": cap.loss, "params_nonfinite_grad": grads_bad[:10],
+                "n_params_nonfinite_grad": len(grads_bad)}
+    if top is not None:
+        evidence.update(max_abs_activation=top.out_absmax, at=top.path or "(model)")
+    if half:
+        remedy = "float16 gradients overflow: use torch.amp.GradScaler or bfloat16"
+    elif huge:
+        remedy = (f"the loss is finite ({cap.loss:.4g}) but so large that the backward pass "
+                  f"overflows float32 in {len(grads_bad)} parameters (activations up to "
+                  f"{top.out_absmax if top else math.nan:.3g}): the forward's scale grows "
+                  "through the layers. Check the initialisation (gg.init.apply_(model, ...)) "
+                  "and the inputs' scale, or normalise the blocks (LayerNorm).")
+    else:
+        remedy = (f"the loss is finite ({cap.loss:.4g}) but the backward pass gives NaN/Inf in "
+                  f"{len(grads_bad)} parameters (the derivative of sqrt/log/pow at 0 is "
+                  "infinite): add an eps inside those ops (torch.sqrt(x + 1e-12)).")
     return [
         Finding(
             "half_precision_overflow" if half else "nonfinite_loss",
             "error",
             grads_bad[-1].rpartition(".")[0] or "(model)",
-            {"loss": cap.loss, "params_nonfinite_grad": grads_bad[:10], "n_params_nonfinite_grad": len(grads_bad)},
-            "float16 gradients overflow: use torch.amp.GradScaler or bfloat16"
-            if half
-            else f"the loss is finite ({cap.loss:.4g}) but the backward pass gives NaN/Inf in "
-            f"{len(grads_bad)} parameters (the derivative of sqrt/log/pow at 0 is infinite): add "
-            f"an eps inside those ops (torch.sqrt(x + 1e-12)).",
+            evidence,
+            remedy,
             0.85,
         )
     ]
