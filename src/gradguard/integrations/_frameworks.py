@@ -190,9 +190,10 @@ def hf_callback(config: Any, run_dir: Path | None, resume_state: list[Any] | Non
                 self.guard = None
                 self.run_dir = None if run_dir is None else run_dir / f"train{self._trains - 1}"
             mgn = getattr(args, "max_grad_norm", None)
-            if isinstance(mgn, (int, float)) and mgn > 0 and hasattr(self.clip, "aliases"):
+            aliases = getattr(self.clip, "aliases", None)
+            if isinstance(mgn, (int, float)) and mgn > 0 and isinstance(aliases, dict):
                 # the Trainer's clip_grad_norm_ is the user's setting: said by its name
-                self.clip.aliases[describe_clip("norm", float(mgn))] = (
+                aliases[describe_clip("norm", float(mgn))] = (
                     f"TrainingArguments(max_grad_norm={float(mgn):g})")
             super().on_train_begin(args, state, control, **kwargs)
             if self._resume_state is None and resume_state and self._trains == 1:
