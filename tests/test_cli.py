@@ -47,7 +47,7 @@ def test_cli_demo_refuses_another_runs_directory_and_replaces_its_own(tmp_path, 
     own = tmp_path / "demo"
     assert main(["demo", "--out", str(own), "--steps", "40"]) == 0
     assert main(["demo", "--out", str(own), "--steps", "40"]) == 0  # its own: replaced
-    assert sorted(p.name for p in own.iterdir()) == ["demo.json", "events.jsonl",
+    assert sorted(p.name for p in own.iterdir()) == ["demo.json", "events.jsonl", "guard.json",
                                                       "metrics.jsonl", "report.html"]
     # found by a stranger: the README's loop writes the demo's three file names
     loop = tmp_path / "exp1"

@@ -174,7 +174,7 @@ def train(
 
 
 #: What the demo writes into its directory (and replaces there).
-DEMO_FILES = ("events.jsonl", "metrics.jsonl", "report.html")
+DEMO_FILES = ("events.jsonl", "metrics.jsonl", "report.html", "guard.json")
 #: The file that marks a directory as the demo's: its files may be replaced.
 DEMO_MARK = "demo.json"
 
@@ -201,7 +201,8 @@ def run_demo(
     if not other and out.is_dir() and not (out / DEMO_MARK).is_file() and not legacy:
         # the demo's own file names, but not written by the demo: a run of the README's
         # loop (JsonlSink) writes the same three (found by a stranger)
-        other = [f for f in DEMO_FILES if (out / f).is_file() and f != "report.html"]
+        other = [f for f in DEMO_FILES if (out / f).is_file()
+                 and f not in ("report.html", "guard.json")]
     if other:
         # found by a stranger: a run directory given as --out lost its metrics, events and
         # report without a word, and kept its run.json and guard state beside the demo's
