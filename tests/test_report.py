@@ -267,6 +267,18 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "At step 60, the weights grew 7.2x in the first 60 steps. Gradients vanished in "
             "`emb` from step 60. gradguard rolled back 1 time; training recovered.",
         ),
+        (  # settled 1e4x below the user's LR: no LR to set, a scale gone wrong (found by a
+            # stranger: tabular features on a scale of 1e3 on SGD, told to set 2.6e-7)
+            [_ev("rollback", 4, "error", data={"factor": 5e-5, "reason": "an LR far too high"}),
+             _ev("lr_settled", 90, "info", data={"factor": 5e-5, "lr": [5e-7],
+                                                 "advise": [2.5e-7]})],
+            False,
+            "At step 4, an LR far too high. gradguard rolled back 1 time; training recovered. "
+            "Stable at lr 5e-07, 2e+04x below yours: no usual LR, but a sign that something "
+            "scales the gradients up (inputs or targets not normalised, a loss summed where it "
+            "is meant averaged, weights initialised too large); fix that (run gg.doctor on a "
+            "batch) rather than set this LR.",
+        ),
         (  # a retry lifted the LR part of the way back: that factor of the config's LR
             [_ev("rollback", 4, "error", data={"factor": 0.01, "reason": "an LR far too high"}),
              _ev("lr_settled", 90, "info", data={

@@ -355,3 +355,12 @@ def test_a_loss_that_rose_long_after_a_layer_went_silent_did_not_rise_for_it():
     at_once = np.concatenate([np.linspace(3.9, 2.0, 60), np.full(240, 3.5)])
     out = judge(run(at_once, events=gated))
     assert (out.status, out.cause) == ("not_recovered", "dead_units"), out
+
+
+def test_a_first_loss_of_exactly_zero_is_no_start_level():
+    """Found by a regression hunt: a first batch whose every label was masked (a loss of
+    exactly 0) made runs that learnt from 2.3 to 0.08 "stalled ... 0 at the start"."""
+    loss = DECAY.copy()
+    loss[0] = 0.0
+    out = judge(run(loss))
+    assert out.status == "healthy" and out.start is not None and out.start > 3.5, out

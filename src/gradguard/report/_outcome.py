@@ -196,6 +196,11 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     if fin.any():
         first = loss[fin][:k]
         start = min(float(first[0]), float(np.median(first)))
+        if first[0] == 0.0 and start == 0.0 < float(np.median(first)):
+            # a first batch with nothing to learn from (every label masked: a loss of
+            # exactly 0) is no start level (found by a regression hunt: runs that learnt
+            # from 2.3 to 0.08 were "stalled ... 0 at the start")
+            start = float(np.median(first))
         end = loss[tail][fin[tail]]
         final = median(end)
         # found by a stranger: blob classifiers whose cross-entropy fell from 1.4 to 1e-8

@@ -132,6 +132,10 @@ def _lr_list(lrs: list[Any]) -> str:
     return ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(lrs) if isinstance(x, (int, float)))
 
 
+#: A settled LR factor below this is no LR to set but a sign of a scale gone wrong.
+FAR_BELOW = 1e-3
+
+
 def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str:
     """One or two sentences: what went wrong, what gradguard did, how it ended.
 
@@ -402,6 +406,16 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                          f"failed again at step {relapsed['step']}: no stable LR was found, "
                          "lower the LR itself (or look for what scales the gradients: a loss "
                          "summed where it is meant averaged, an unnormalised input).")
+        elif shown and not sdata.get("raised") and isinstance(
+                factor := sdata.get("factor"), (int, float)) and 0 < factor < FAR_BELOW:
+            # found by a stranger: tabular features on a scale of 1e3 on SGD settled at
+            # x5e-5 of the LR, "recovered", told to set 2.6e-7 in the config, no word of
+            # the inputs
+            parts.append(f"{stable}, {1 / factor:.3g}x below yours: no usual LR, but a "
+                         "sign that something scales the gradients up (inputs or targets "
+                         "not normalised, a loss summed where it is meant averaged, weights "
+                         "initialised too large); fix that (run gg.doctor on a batch) "
+                         "rather than set this LR.")
         elif shown and sdata.get("raised") and float(sdata.get("factor") or 0) >= 1:
             # a retry found the LR the trouble lowered trains after all (recovery.probe)
             parts.append(f"Back at your lr {shown} from step {s.get('step')}: the trouble "
