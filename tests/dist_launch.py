@@ -56,14 +56,14 @@ def launch(
     procs, logs = _start(script, scenario, out, world, timeout_s)
     if any(p.returncode != 0 and GLOO_TEARDOWN in log for p, log in zip(procs, logs)) and all(
             p.returncode == 0 or GLOO_TEARDOWN in log for p, log in zip(procs, logs)):
-        _empty(out)  # the first run's files (append-only event files would hold it twice)
+        empty_dir(out)  # the first run's files (append-only event files would hold it twice)
         procs, logs = _start(script, scenario, out, world, timeout_s)
     failed = [r for r, p in enumerate(procs) if p.returncode != 0]
     assert not failed, "\n".join(f"{scenario} rank {r}:\n{_tail(logs[r])}" for r in failed)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def _empty(out: Path) -> None:
+def empty_dir(out: Path) -> None:
     """Remove what a run wrote under ``out``, keeping ``out``."""
     for child in out.iterdir():
         if child.is_dir():

@@ -626,9 +626,10 @@ def _ddp_run(tmp_path, *args: str, script_text: str = DDP_SCRIPT,
         os.killpg(proc.pid, signal.SIGKILL)  # both ranks: a hang fails the test
         output, _ = proc.communicate()
         pytest.fail(f"DDP run hung (killed after 120 s):\n{output[-3000:]}")
-    from dist_launch import GLOO_TEARDOWN
+    from dist_launch import GLOO_TEARDOWN, empty_dir
 
     if again and proc.returncode != 0 and GLOO_TEARDOWN in output and "raise" not in args:
+        empty_dir(tmp_path)  # the first run's files (append-only records would hold both)
         return _ddp_run(tmp_path, *args, script_text=script_text, prefix=prefix, again=False)
     return proc.returncode, output
 

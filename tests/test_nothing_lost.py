@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from dist_launch import GLOO_TEARDOWN, free_port
+from dist_launch import GLOO_TEARDOWN, empty_dir, free_port
 from helpers import assert_same_run, assert_same_tree, batches, mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -565,6 +565,7 @@ def run_ranks(tmp_path, scenario, timeout_s):
     its work (``dist_launch.GLOO_TEARDOWN``)."""
     codes, logs, took = _run_ranks(tmp_path, scenario, timeout_s)
     if codes != [0, 0] and all(c == 0 or GLOO_TEARDOWN in log for c, log in zip(codes, logs)):
+        empty_dir(tmp_path)  # the first run's files (append-only records would hold both)
         codes, logs, took = _run_ranks(tmp_path, scenario, timeout_s)
     return codes, logs, took
 
