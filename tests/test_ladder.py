@@ -392,6 +392,13 @@ ROWS = [
      st(factor=1.0, ceiling=1.0, settled=1.0, last_trigger=220, backoff_level=1.0,
         last_snapshot=1200, raised=1259, raised_from=0.0125),
      (Action("raised", 1259, "retried", 1.0, 1.0),)),
+    ("a cap the first batch set (wreck.first_batch_at_fault): the ceiling back, the factor "
+     "restoring to it from where it is, nothing settled",
+     st(factor=0.009, ceiling=0.009, episode_ceiling=1.0, last_trigger=5, backoff_level=0.0009,
+        backoff_step=None),
+     Trigger("raise", 19, "the run's first batch ...", value=1.0, data=True),
+     st(factor=0.009, ceiling=1.0, last_trigger=5, backoff_level=0.009, backoff_step=19),
+     (Action("raised", 19, "the run's first batch ...", 0.009, 1.0),)),
     ("a retry of a ceiling an earlier trouble had lowered: back at that one, settled",
      st(factor=0.05, ceiling=0.05, settled=0.05, episode_ceiling=0.25, last_trigger=220),
      Trigger("raise", 1259, "retried", value=0.25),

@@ -287,3 +287,47 @@ def test_a_nan_in_a_share_of_the_batches_is_skipped_each_time_not_blamed_on_the_
         assert not any(e.kind == "rollback" and e.data["snapshot_step"] == -1 for e in guard.events)
         assert sum(a.kind == "sound" for a in rec.decisions) >= 5
         assert all(torch.isfinite(p).all() for p in guard.model.parameters())
+
+
+def _first_batch_run(bad_first: bool, seed: int) -> tuple[float, gg.Guard]:
+    """A regression MLP on SGD momentum, 200 steps; the first batch's targets x1e4 when
+    ``bad_first``; the held-out MSE."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(12, 1, generator=g) / 12 ** 0.5
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 12, generator=g)
+        return x, x @ w + torch.tanh(x).sum(1, keepdim=True) * 0.3
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    mse = nn.functional.mse_loss
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = make(64)
+        return x, y * 1e4 if bad_first and step == 0 else y
+
+    train_loop(model, opt, guard, batch, 200, loss_fn=mse)
+    x, y = make(2048)
+    with torch.no_grad():
+        return float(mse(model(x), y)), guard
+
+
+def test_a_first_batch_that_wrecks_the_weights_does_not_cap_the_lr_for_good():
+    """Found by a stranger: a regression whose first batch had its targets x1e4. The
+    per-step verdict has no history at step 0, the update was taken and wrecked the
+    weights; the rollback to the fresh weights capped the LR from the size of that update
+    (x0.0093) for good, as if the LR had made it: 27x the loss of the same run without that
+    batch first. The loss of step 0, on the fresh weights, is weighed against the same
+    weights' loss on the batches after the rollback: 1e8x, the batch's doing. The cap is
+    lifted and the LR restores to the user's."""
+    clean, _ = _first_batch_run(False, 0)
+    held, guard = _first_batch_run(True, 0)
+    rec = guard.recovery
+    assert rec is not None and rec.lr_ceiling == 1.0 and rec.lr_factor == 1.0
+    [lifted] = [e for e in guard.events if (e.data or {}).get("first_batch")]
+    assert lifted.kind == "unscaled_input" and "The cap on the LR is lifted" in lifted.message
+    assert held < 1.2 * clean, (held, clean)

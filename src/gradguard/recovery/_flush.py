@@ -18,7 +18,7 @@ from ..events import Event, listed
 from ..executors import NONFINITE, STALE
 from ..naming import layer_of
 from ..units import DYING, RECENT, SAMPLE, SILENT
-from . import _steps, actions, growth
+from . import _steps, actions, growth, wreck
 from ._probing import probe_lr
 from .defaults import IMPROVED, IMPROVED_SHARE, JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
@@ -45,12 +45,18 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     if judge:
         rec._judged = window.steps[-1]
     losses, skips = window.loss.tolist(), window.skipped.tolist()
+    if window.steps[0] == 0 and losses:
+        rec._first = losses[0]  # the run's first loss, on the weights before any update
+        if rec._first_check is not None and rec._first_check[1] is None:
+            rec._first_check = (rec._first_check[0], rec._first)  # armed before this flush
     rec._clips.update(rec.state.ceiling, window.clip_coef.tolist(), skips)
     if (units := window.units_dying()) is not None:
         rec._dying = units[0]  # the share a snapshot taken now is labelled with (latest)
     # why each step was skipped (host values: the window is the flush's one host copy)
     codes = window.skip_codes.tolist() if window.skip_codes is not None else None
     triggers = _device_skips(rec, window, skips, codes, overflows)
+    if (first := wreck.first_batch_at_fault(rec, window.steps, losses, skips)) is not None:
+        triggers.append(first)
     recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
     before_window = rec._progress  # the level of the flush before this one
     rec._progress = statistics.median(recent) if recent else None

@@ -151,7 +151,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                 step = int(snap["step"])
                 # a wreck: how large was the update? (see wreck.wrecked); or a cap the
                 # trigger measured (.growth)
-                cap, why = trig.cap, ""
+                cap, why, measured = trig.cap, "", None
                 if noted is not None:
                     cap, why = growth.cap(noted.ratio), growth.why(noted)
                 before = _slip.before_burst(rec, guard, step)
@@ -178,6 +178,10 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                                                  f"moved them by {wreck.share(measured[1])} "
                                                  "their norm)")
                 if cap is not None and cap < rec.state.ceiling:
+                    if measured is not None and step < 0:
+                        # the first batch may have wrecked them: weighed once the restored
+                        # weights have losses of their own (wreck.first_batch_at_fault)
+                        rec._first_check, rec._first_after = (guard.step_count, rec._first), []
                     rec.state, _ = transition(rec.config, rec.state,
                                               Trigger("capped", a.step, value=cap))
                     a = dataclasses.replace(a, factor=rec.state.factor,

@@ -12,8 +12,17 @@ from .ladder_types import Action, LadderConfig, LadderState, Trigger
 
 def raised(st: LadderState, trig: Trigger) -> tuple[LadderState, tuple[Action, ...]]:
     """A retry (:mod:`.probe`) found the ceiling before the trouble, ``trig.value``, trains:
-    ceiling and factor back at it, settled; trouble soon after is a relapse (_escalate)."""
+    ceiling and factor back at it, settled; trouble soon after is a relapse (_escalate).
+    ``trig.data``: a cap the batches set (:func:`.wreck.first_batch_at_fault`): the ceiling
+    back at ``trig.value``, the factor restoring towards it."""
     top = trig.value if trig.value is not None else st.ceiling
+    if trig.data:
+        # the cap was the batches' doing, not a ceiling that failed: lifted, and the factor
+        # goes on restoring towards it from where the rollback's back-off left it (an
+        # optimizer's momentum may still hold the bad batch's step)
+        st = dataclasses.replace(st, ceiling=top, episode_ceiling=None, at_ceiling=None,
+                                 failed=None, backoff_step=trig.step, backoff_level=st.factor)
+        return st, (Action("raised", trig.step, trig.reason, st.factor, top),)
     st = dataclasses.replace(st, ceiling=top, factor=top, settled=top, episode_ceiling=None,
                              backoff_step=None, backoff_level=top, at_ceiling=None,
                              raised=trig.step, raised_from=st.ceiling)

@@ -12,6 +12,7 @@ from .lrs import based, config_lrs, group_lrs, of_base
 from .probe import TRIAL, Probed
 from .shift import SHIFT_RATIO
 from .tally import ADVISE
+from .wreck import FIRST_BATCH
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -142,6 +143,14 @@ def raised_event(guard: Guard, a: Action) -> Event:
     lrs, shown = group_lrs(guard, a.factor)
     message = (f"step {a.step}: the LR a trouble lowered was tried again: {a.reason}; lr "
                f"{shown} (x{a.factor:.3g} of the schedule) from here")
+    if a.reason.startswith(FIRST_BATCH):  # no retry: the cap was the first batch's doing
+        return Event(kind="unscaled_input", step=a.step, severity="warning", value=a.ceiling,
+                     message=(f"step {a.step}: {a.reason}: the batches are at fault, not the "
+                              f"weights. The cap on the LR is lifted: it restores from lr "
+                              f"{shown} (x{a.factor:.3g} of the schedule) to x{a.ceiling:g}"),
+                     remedy=SPIKE_DATA_REMEDY,
+                     data={"factor": a.factor, "ceiling": a.ceiling, "first_batch": True,
+                           "cause": "unscaled_input"})
     if a.factor >= 1:
         return _settled(a.step, a.factor, lrs, message,
                         f"Keep your learning rate ({shown}); if the trouble came from a "

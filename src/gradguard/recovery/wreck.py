@@ -17,6 +17,8 @@ trains; under a warm-up, the update at the schedule's peak
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -98,3 +100,44 @@ def share(ratio: float) -> str:
     """``5.18`` -> "518% of"; ``310.4`` -> "310 times"."""
     return f"{ratio:.0%} of" if ratio < 10 else f"{ratio:.3g} times"
 
+
+
+#: A first step whose loss was this many times that of the same (fresh) weights on the
+#: batches after a wreck's rollback to them: its batch wrecked the weights, not the LR (the
+#: per-step verdict's loss bar in its warm-up, ``WARMUP_SPIKE_RATIO``).
+FIRST_BATCH_RATIO = 100.0
+#: Taken steps on the restored weights the first step's loss is weighed against.
+FIRST_BATCH_STEPS = 5
+#: How a lift of the cap for a first batch at fault begins its reason (the event's words).
+FIRST_BATCH = "the run's first batch"
+
+
+def first_batch_at_fault(rec: Any, steps: Sequence[int], losses: Sequence[float],
+                         skips: Sequence[bool]) -> Trigger | None:
+    """After a wreck's rollback to the weights before the first step, capped: the ``raise``
+    trigger that lifts the cap back, when the loss of the run's first step, on those same
+    weights, was ``FIRST_BATCH_RATIO`` times or more the median of the first
+    ``FIRST_BATCH_STEPS`` taken since (``rec._first_check``: the first step on the restored
+    weights and that loss). The update that wrecked the weights was that batch's: the
+    per-step verdict has no history to judge a first step by, and the cap, sized from the
+    update, assumed the LR's (found by a stranger: a regression whose first batch had its
+    targets x1e4, the later ones 5% alike, rolled back to the fresh weights at step 5 and
+    capped at x0.0093 for good: 27x its loss without that batch first). None until judged;
+    the check is dropped once judged."""
+    check = rec._first_check
+    if check is None or check[1] is None:
+        return None
+    after = [x for s, x, sk in zip(steps, losses, skips)
+             if s >= check[0] and not sk and math.isfinite(x)]
+    rec._first_after = (rec._first_after + after)[:FIRST_BATCH_STEPS]
+    if len(rec._first_after) < FIRST_BATCH_STEPS:
+        return None
+    rec._first_check = None
+    level = statistics.median(rec._first_after)
+    st = rec.state
+    top = st.episode_ceiling
+    if top is None or st.ceiling >= top or level <= 0 or check[1] < FIRST_BATCH_RATIO * level:
+        return None
+    why = (f"{FIRST_BATCH} had a loss of {check[1]:.4g}, {check[1] / level:.3g}x that of the same "
+           f"weights on the batches since ({level:.4g}): its batch wrecked them, not the LR")
+    return Trigger("raise", int(steps[-1]), why, value=top, data=True)
