@@ -234,6 +234,11 @@ def test_a_resume_mid_incident_says_its_snapshots_stayed_behind(tmp_path):
     assert not [e for e in guard.events if e.kind == "rollback"]
     abort = [e for e in guard.events if e.kind == "abort"][-1]
     assert abort.data["unrestored"] == abort.data["rollbacks"] == 3
+    # the remedy names the missing snapshots, not the LR (found by a stranger: a checkpoint
+    # inside an LR burst, resumed, stopped, was told to lower the base LR, at which the
+    # run without the restart recovered)
+    assert abort.remedy is not None and "Recovery(snapshot_dir=...)" in abort.remedy
+    assert "lower the learning rate" not in abort.remedy.lower()
     for p in model.parameters():
         assert torch.isfinite(p).all()
 

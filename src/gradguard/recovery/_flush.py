@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..events import Event, listed
-from ..executors import NONFINITE, STALE
+from ..executors import STALE
 from ..naming import layer_of
 from ..units import DYING, RECENT, SAMPLE, SILENT
 from . import _steps, actions, growth, wreck
+from . import _window_reads as reads
 from ._probing import probe_lr
 from .defaults import IMPROVED, IMPROVED_SHARE, JUDGE_EVERY, PROGRESS_STEPS, UNHEALTHY
 from .ladder import Trigger
@@ -101,7 +102,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
         # the batches' (found by a stranger: two x100 batches in a row, each "the weights
         # never saw it", cost a x0.1 back-off for 100 steps and 1.06-1.12x the twin's loss,
         # where three or four, whose streak back-off the next clean step undid, cost none)
-        spike is not None and _skipped_whole(window, skips, since,
+        spike is not None and reads.skipped_whole(window, skips, since,
                                              int((spike.data or {}).get("run", 1))))
     # the loss level is evidence (not switched off by the user, nor by a loss that did not
     # answer the weights restored: ``loss_level_off``)
@@ -113,14 +114,14 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
             (level or not alone) and rec._rise.gives_back(spike.value or math.inf):
         # reported only once confirmed (DetectorConfig); acted on when it gives back part
         # of what the run learnt; not in a data streak (the skipped batches' own loss)
-        level_before = rec._level if rec._level is not None else _level_before(
+        level_before = rec._level if rec._level is not None else reads.level_before(
             window, losses, since, before_window)
         triggers.append(Trigger("spike", spike.step, f"confirmed loss spike ({spike.message})",
                                 level_before, at=window.steps[-1], confirmed=True,
                                 by_level=alone))
     start = rec.state.trouble_start
     if rec.state.pre_level is None and start is not None:  # trouble before any healthy flush
-        if (value := _level_before(window, losses, start, before_window)) is not None:
+        if (value := reads.level_before(window, losses, start, before_window)) is not None:
             triggers.append(Trigger("level", start, value=value))
     risen, dead = False, list[str]()
     judged: list[Trigger] = []  # the window's loss level judged: the weights it ran on
@@ -150,7 +151,7 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
             # of its LR); one whose weights fell behind the snapshot's still rolls back
             continue
         acted = rec._feed(guard, trig, layers) or acted
-    cleared = _cleared(window, skips, codes)
+    cleared = reads.cleared(window, skips, codes)
     skipped = any(s and step not in overflows and step not in cleared
                   for step, s in zip(window.steps, skips))
     if rec.lr_probe and level:
@@ -166,36 +167,6 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
             e.kind in UNHEALTHY and e.severity != "info" and e.step not in cleared
             for e in events):
         _healthy(rec, guard, window, recent, before_window)
-
-
-def _cleared(window: Window, skips: list[bool], codes: list[float] | None) -> set[int]:
-    """The window's steps skipped as non-finite alone, in a row, whose next step in the
-    window was taken: finite gradients on the weights they ran on (a skip changes none),
-    so their batches were at fault and the weights are no less healthy for them (found by
-    a stranger: a NaN in 28% of a digits MLP's batches left every window unhealthy, no
-    snapshot after the first, and a streak's rollback went to the fresh weights, at
-    chance at the end)."""
-    if codes is None:
-        return set()
-    out: set[int] = set()
-    taken_next = False  # the step after this one was taken, or cleared as these are
-    for i in reversed(range(len(skips))):
-        c = codes[i]
-        if not skips[i]:
-            taken_next = True
-        elif taken_next and math.isfinite(c) and int(c) == NONFINITE:
-            out.add(window.steps[i])
-        else:
-            taken_next = False
-    return out
-
-
-def _skipped_whole(window: Window, skips: list[bool], since: int, run: int) -> bool:
-    """Whether the ``run`` steps of a spike from ``since`` were all skipped in ``window``,
-    and the step after them is in it and was taken."""
-    skipped = {s: k for s, k in zip(window.steps, skips)}
-    return all(skipped.get(s) for s in range(since, since + run)) and (
-        skipped.get(since + run) is False)
 
 
 def _device_skips(rec: Recovery, window: Window, skips: list[bool],
@@ -338,21 +309,6 @@ def _dying(rec: Recovery, guard: Guard, step: int, sample: tuple[float, str]) ->
            "ReLU, far into the flat tails of a tanh or a sigmoid; by updates too large for it, "
            "or by a signal that vanished on its way there)")
     return Trigger("spike", step, why, rec._rise.best, at=step, by_level=False, rollback=True)
-
-
-def _level_before(window: Window, losses: list[float], start: int,
-                  before_window: float | None) -> float | None:
-    """The loss level before trouble that began at ``start`` ahead of any healthy flush
-    (the loss-level tests judge from step ``JUDGE_EVERY``): the median of this window's
-    losses before it, with the level of the flush before it where the window began at or
-    before ``start`` and holds fewer than ``PROGRESS_STEPS`` of them (found by a stranger: a
-    GRU's LR x1000 for three steps at step 40, confirmed at the flush of step 49 with one
-    loss before it in the window, left no level to come back to: no progress check ran
-    after the back-off, and the wrecked weights trained on at 4-6x the unguarded loss)."""
-    before = [x for s_, x in zip(window.steps, losses) if s_ < start and math.isfinite(x)]
-    if len(before) < PROGRESS_STEPS and before_window is not None and window.steps[0] <= start:
-        before.append(before_window)
-    return statistics.median(before) if before else None
 
 
 def _healthy(rec: Recovery, guard: Guard, window: Window, recent: list[float],

@@ -228,9 +228,18 @@ def abort(guard: Guard, a: Action, rollbacks: int, unrestored: int = 0,
                  f"snapshot of step {kept}") + " (its own were NaN/Inf)")
     msg = f"step {a.step}: {what}" + (f"; events in {run_dir}" if run_dir else "")
     kind = _data_kind(a.reason) if a.data else None
+    # no snapshot to go back to (a resume without snapshot_dir): the LR is no culprit (found
+    # by a stranger: a checkpoint taken inside an LR burst, resumed, was stopped and told
+    # to lower the base LR, at which the run without the restart recovered)
+    unsaved = ("No snapshot was left to roll back to: a resumed run keeps none from before its "
+               "checkpoint unless Recovery(snapshot_dir=...) kept them on disk, and the "
+               "checkpoint may hold weights the trouble had already damaged. Resume from an "
+               "earlier checkpoint, and pass Recovery(snapshot_dir=...) to keep snapshots "
+               "across restarts.")
     guard.add_event(Event(
         kind="abort", step=a.step, severity="error", message=msg,
         remedy=(WEIGHTS_REMEDY if weights else
+                unsaved if unrestored and not a.data else
                 UNIT_ERROR_REMEDY if kind == "offscale" else SPIKE_DATA_REMEDY if kind == "spike"
                 else "Check the data for NaN/Inf (torch.isfinite on inputs and targets) and the "
                 "loss for log(0) or division by zero." if a.data else

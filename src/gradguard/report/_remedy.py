@@ -55,6 +55,10 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         if cause == "nonfinite_weights":
             return WEIGHTS_REMEDY
         return None
+    unsaved = next((e for e in data.events if e.get("kind") == "abort"
+                    and (e.get("data") or {}).get("unrestored")), None)
+    if status == "stopped" and unsaved is not None and unsaved.get("remedy"):
+        return str(unsaved["remedy"])  # no snapshot to go back to: a resume's, not the LR's
     stop = next((e for e in data.events if e.get("kind") == "abort"
                  and (e.get("data") or {}).get("script_stopped")), None)
     if status == "stopped" and stop is not None and stop.get("remedy"):
