@@ -314,13 +314,29 @@ def warn_half_weights(optimizer: torch.optim.Optimizer, step: int = 0) -> list[E
     an ``eps`` that is 0 in float16 (:func:`warn_eps_underflow`) and updates that round
     away (:func:`warn_update_rounding`, also an ``update_ratio`` warning event at ``step``
     for the run's files and report: no later event shows it)."""
-    warn_eps_underflow(optimizer)
+    events = []
+    if (eps := warn_eps_underflow(optimizer)) is not None:
+        # for the run's files and report too: a run whose updates blow up through it shows
+        # loss spikes and rollbacks, and its verdict must name the eps (found by a stranger:
+        # float16 weights on fused Adam, eps 1e-8, "recovered" at 5-10x its twin, no remedy)
+        events.append(Event(
+            kind="update_ratio", step=step, severity="warning", value=eps,
+            message=f"step {step}: {type(optimizer).__name__}'s eps={eps:g} is 0 in float16, "
+                    "the dtype of its parameters: where a gradient's square underflows, the "
+                    "update divides by 0",
+            remedy=EPS_REMEDY, data={"eps_underflow": eps}))
     said = warn_update_rounding(optimizer)
     if said is None:
-        return []
+        return events
     share, text, remedy = said
-    return [Event(kind="update_ratio", step=step, severity="warning", value=share,
-                  message=f"step {step}: {text}", remedy=remedy, data={"rounded_share": share})]
+    return [*events, Event(kind="update_ratio", step=step, severity="warning", value=share,
+                           message=f"step {step}: {text}", remedy=remedy,
+                           data={"rounded_share": share})]
+
+
+#: What to change when an optimizer's eps is 0 in float16 (:func:`warn_eps_underflow`).
+EPS_REMEDY = ("Set the optimizer's eps to 1e-4 or more, or keep float32 weights and train "
+              "under torch.autocast with a GradScaler.")
 
 
 #: A share of the half-precision weights this large whose updates round away is warned of.
@@ -370,12 +386,13 @@ def warn_update_rounding(optimizer: torch.optim.Optimizer) -> tuple[float, str, 
     return lost / total, text, remedy
 
 
-def warn_eps_underflow(optimizer: torch.optim.Optimizer) -> None:
+def warn_eps_underflow(optimizer: torch.optim.Optimizer) -> float | None:
     """Say at construction what no skip can stop: an ``eps`` that is 0 in float16 (Adam's
     1e-8, Adagrad's 1e-10) on float16 parameters. Where a gradient is exactly 0 (an input
     feature that is always 0, a dead unit) the update is 0 / (0 + 0) and NaN goes into the
     weights from finite gradients (a digits MLP in pure float16 on Adam: NaN weights after
-    its first step, unguarded; guarded, three rollbacks and an abort)."""
+    its first step, unguarded; guarded, three rollbacks and an abort). Returns the eps when
+    it warned."""
     for gi, group in enumerate(optimizer.param_groups):
         eps = group.get("eps")
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
@@ -389,7 +406,8 @@ def warn_eps_underflow(optimizer: torch.optim.Optimizer) -> None:
                 "0/0 and writes NaN into the weights from finite gradients, which no skip can "
                 "stop. Set eps=1e-4 or more, or keep float32 weights and train under "
                 "torch.autocast with a GradScaler.", GradGuardWarning, stacklevel=caller_stacklevel())
-            return
+            return float(eps)
+    return None
 
 
 def report_nonfinite(guard: Guard, stats: StepStats, *, raise_: bool) -> None:

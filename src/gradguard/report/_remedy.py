@@ -23,6 +23,11 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
     if status == "healthy":
         return None
     cfg = config or {}
+    eps = next((e for e in data.events if (e.get("data") or {}).get("eps_underflow")), None)
+    if eps is not None and eps.get("remedy") and incident is not None:
+        # an eps that is 0 in float16 (said at construction): what the trouble came from
+        # (found by a stranger: float16 weights on fused Adam "recovered" at 5-10x, no remedy)
+        return str(eps["remedy"])
     kinds = {e.get("kind") for e in data.events}
     if status == "unjudged" and "loss_level_off" not in kinds and "data_shift" in kinds:
         shift = [e for e in data.events if e.get("kind") == "data_shift"]
