@@ -749,14 +749,18 @@ def test_a_compiled_model_is_diagnosed_as_its_module_by_its_own_names():
 def test_an_lr_error_ranks_with_the_initialisation():
     """Found by a stranger: a 10-layer ReLU MLP at AdamW 0.1 (its loss 2.3 -> 142 in one
     step) led with an ``init_too_small`` warning, its ``lr_too_high`` error second; He init
-    left the run at chance. An LR error ranks with ``init_too_large``: above a warning of
-    the init, below an init error; an LR warning keeps its place after the init's."""
+    left the run at chance. An LR error ranks with ``init_too_small``: above a warning of
+    it, below ``init_too_large`` (weights too large make any LR diverge: a regression hunt
+    found a ReLU MLP with weights x5 told to lower its LR 100x); an LR warning keeps its
+    place after the init's."""
     def top(*findings: tuple[str, str]) -> str:
         return Diagnosis([Finding(c, s, None, {}, "") for c, s in findings]).top.cause
 
     assert top(("init_too_small", "warning"), ("lr_too_high", "error")) == "lr_too_high"
     assert top(("dead_units", "warning"), ("lr_too_high", "error")) == "lr_too_high"
     assert top(("init_too_large", "error"), ("lr_too_high", "error")) == "init_too_large"
+    assert top(("init_too_large", "warning"), ("lr_too_high", "error")) == "init_too_large"
+    assert top(("init_too_small", "error"), ("lr_too_high", "error")) == "init_too_small"
     assert top(("init_too_small", "warning"), ("lr_too_high", "warning")) == "init_too_small"
     assert top(("unscaled_input", "warning"), ("lr_too_high", "error")) == "unscaled_input"
 

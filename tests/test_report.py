@@ -279,6 +279,14 @@ def _ev(kind, step, severity="warning", layer=None, message="", data=None):
             "is meant averaged, weights initialised too large); fix that (run gg.doctor on a "
             "batch) rather than set this LR.",
         ),
+        (  # ... but an LR of 10 typed for Adam settles at an ordinary LR: that is advised
+            # (a regression hunt found it told as a scale gone wrong)
+            [_ev("rollback", 4, "error", data={"factor": 9.6e-4, "reason": "an LR far too high"}),
+             _ev("lr_settled", 90, "info", data={"factor": 9.6e-4, "lr": [0.0096]})],
+            False,
+            "At step 4, an LR far too high. gradguard rolled back 1 time; training recovered. "
+            "Stable at lr 0.0096; set it in your config.",
+        ),
         (  # a retry lifted the LR part of the way back: that factor of the config's LR
             [_ev("rollback", 4, "error", data={"factor": 0.01, "reason": "an LR far too high"}),
              _ev("lr_settled", 90, "info", data={

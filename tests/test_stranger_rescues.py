@@ -289,7 +289,8 @@ def test_a_nan_in_a_share_of_the_batches_is_skipped_each_time_not_blamed_on_the_
         assert all(torch.isfinite(p).all() for p in guard.model.parameters())
 
 
-def _first_batch_run(bad_first: bool, seed: int) -> tuple[float, gg.Guard]:
+def _first_batch_run(bad_first: bool, seed: int, lr: float = 0.01,
+                     scale: float = 1e4) -> tuple[float, gg.Guard]:
     """A regression MLP on SGD momentum, 200 steps; the first batch's targets x1e4 when
     ``bad_first``; the held-out MSE."""
     g = torch.Generator().manual_seed(seed)
@@ -302,13 +303,13 @@ def _first_batch_run(bad_first: bool, seed: int) -> tuple[float, gg.Guard]:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                           nn.Linear(64, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
     mse = nn.functional.mse_loss
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = make(64)
-        return x, y * 1e4 if bad_first and step == 0 else y
+        return x, y * scale if bad_first and step == 0 else y
 
     train_loop(model, opt, guard, batch, 200, loss_fn=mse)
     x, y = make(2048)
@@ -331,3 +332,9 @@ def test_a_first_batch_that_wrecks_the_weights_does_not_cap_the_lr_for_good():
     [lifted] = [e for e in guard.events if (e.data or {}).get("first_batch")]
     assert lifted.kind == "unscaled_input" and "The cap on the LR is lifted" in lifted.message
     assert held < 1.2 * clean, (held, clean)
+    # an LR far too high as well (SGD at 1.0, 30x), the first batch x100: at the LR the cap
+    # took away a usual batch's update is too large too, and the cap stays (a regression
+    # hunt found it lifted, the weights wrecked again, 6.5x the run with the cap)
+    _, guard = _first_batch_run(True, 0, lr=1.0, scale=100.0)
+    assert guard.recovery is not None and guard.recovery.lr_ceiling < 0.05
+    assert not [e for e in guard.events if (e.data or {}).get("first_batch")]

@@ -28,11 +28,13 @@ CAUSE_PRIORITY: tuple[str, ...] = (
     "lr_too_high",
     "disconnected_layer",
 )
-#: The LR is a root cause as the initialisation is, not a symptom of the layers after it:
-#: an ``lr_too_high`` error ranks with ``init_too_large`` (found by a stranger: a
+#: The LR is a root cause as a signal that decays is, not a symptom of the layers after
+#: it: an ``lr_too_high`` error ranks with ``init_too_small`` (found by a stranger: a
 #: 10-layer ReLU MLP at AdamW 0.1, its loss 2.3 -> 142 in one step, an ``lr_too_high``
-#: error, led with an ``init_too_small`` warning whose He init left it at chance).
-LR_SLOT = CAUSE_PRIORITY.index("init_too_large")
+#: error, led with an ``init_too_small`` warning whose He init left it at chance). Not with
+#: ``init_too_large``: weights too large make any LR diverge (a ReLU MLP with weights x5
+#: at SGD 0.05, told to lower its LR 100x, trains at it once re-initialised).
+LR_SLOT = CAUSE_PRIORITY.index("init_too_small")
 _SEV_RANK = {"error": 0, "warning": 1, "info": 2}
 
 
@@ -144,7 +146,7 @@ class Diagnosis:
 
     Findings are ordered: ``error``/``warning`` before ``info``; among those, root causes
     before the symptoms they provoke (see :data:`CAUSE_PRIORITY`; an ``lr_too_high`` error
-    ranks with the initialisation, :data:`LR_SLOT`), then ``error`` before ``warning``, then by
+    ranks with ``init_too_small``, :data:`LR_SLOT`), then ``error`` before ``warning``, then by
     confidence.
 
     Attributes:

@@ -49,14 +49,14 @@ def on_flush(rec: Recovery, guard: Guard, window: Window, events: Sequence[Event
     if window.steps[0] == 0 and losses:
         rec._first = losses[0]  # the run's first loss, on the weights before any update
         if rec._first_check is not None and rec._first_check[1] is None:
-            rec._first_check = (rec._first_check[0], rec._first)  # armed before this flush
+            rec._first_check = (rec._first_check[0], rec._first, rec._first_check[2])
     rec._clips.update(rec.state.ceiling, window.clip_coef.tolist(), skips)
     if (units := window.units_dying()) is not None:
         rec._dying = units[0]  # the share a snapshot taken now is labelled with (latest)
     # why each step was skipped (host values: the window is the flush's one host copy)
     codes = window.skip_codes.tolist() if window.skip_codes is not None else None
     triggers = _device_skips(rec, window, skips, codes, overflows)
-    if (first := wreck.first_batch_at_fault(rec, window.steps, losses, skips)) is not None:
+    if (first := wreck.first_batch_at_fault(rec, guard, window.steps, losses, skips)) is not None:
         triggers.append(first)
     recent = [x for x in losses[-PROGRESS_STEPS:] if math.isfinite(x)]
     before_window = rec._progress  # the level of the flush before this one

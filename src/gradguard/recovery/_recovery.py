@@ -215,9 +215,9 @@ class Recovery:
         self.restores = 0  # weights restored: rollbacks, and the LR probe's forks (_flush)
         self._judged = -1  # the step of the last judgement of the loss level (see _flush)
         #: the loss of the run's first step; after a capped wreck's rollback to the weights
-        #: before it, (first step on them, that loss), and the losses since (.wreck)
+        #: before it, (first step on them, that loss, the factor then), the losses since
         self._first: float | None = None
-        self._first_check: tuple[int, float | None] | None = None
+        self._first_check: tuple[int, float | None, float | None] | None = None
         self._first_after: list[float] = []
         #: resumed from a checkpoint with no snapshot to restore (none on disk): the first
         #: step keeps the resumed weights (:meth:`before_step`)

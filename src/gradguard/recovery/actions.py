@@ -178,12 +178,14 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                                                  f"moved them by {wreck.share(measured[1])} "
                                                  "their norm)")
                 if cap is not None and cap < rec.state.ceiling:
+                    rec.state, _ = transition(rec.config, rec.state,
+                                              Trigger("capped", a.step, value=cap))
                     if measured is not None and step < 0:
                         # the first batch may have wrecked them: weighed once the restored
                         # weights have losses of their own (wreck.first_batch_at_fault)
-                        rec._first_check, rec._first_after = (guard.step_count, rec._first), []
-                    rec.state, _ = transition(rec.config, rec.state,
-                                              Trigger("capped", a.step, value=cap))
+                        rec._first_check = (guard.step_count, rec._first,
+                                            rec.state.backoff_level)
+                        rec._first_after = []
                     a = dataclasses.replace(a, factor=rec.state.factor,
                                             ceiling=rec.state.ceiling, reason=a.reason + why)
                     rec.actions[-1] = a

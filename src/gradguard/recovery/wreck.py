@@ -112,20 +112,25 @@ FIRST_BATCH_STEPS = 5
 FIRST_BATCH = "the run's first batch"
 
 
-def first_batch_at_fault(rec: Any, steps: Sequence[int], losses: Sequence[float],
-                         skips: Sequence[bool]) -> Trigger | None:
+def first_batch_at_fault(rec: Any, guard: Guard, steps: Sequence[int],
+                         losses: Sequence[float], skips: Sequence[bool]) -> Trigger | None:
     """After a wreck's rollback to the weights before the first step, capped: the ``raise``
     trigger that lifts the cap back, when the loss of the run's first step, on those same
     weights, was ``FIRST_BATCH_RATIO`` times or more the median of the first
     ``FIRST_BATCH_STEPS`` taken since (``rec._first_check``: the first step on the restored
-    weights and that loss). The update that wrecked the weights was that batch's: the
+    weights, that loss and the factor in force at that step), and the first update from
+    the restored weights, scaled to the LR the cap took away, moves them by no more than
+    ``update_ratio_high`` (an LR too high as well keeps its cap: found by a regression
+    hunt, an x100 first batch on SGD at 30x had its cap lifted and wrecked the weights again,
+    6.5x the run with the cap; one host read, once). The update that wrecked the weights was
+    that batch's: the
     per-step verdict has no history to judge a first step by, and the cap, sized from the
     update, assumed the LR's (found by a stranger: a regression whose first batch had its
     targets x1e4, the later ones 5% alike, rolled back to the fresh weights at step 5 and
     capped at x0.0093 for good: 27x its loss without that batch first). None until judged;
     the check is dropped once judged."""
     check = rec._first_check
-    if check is None or check[1] is None:
+    if check is None or check[1] is None or check[2] is None:
         return None
     after = [x for s, x, sk in zip(steps, losses, skips)
              if s >= check[0] and not sk and math.isfinite(x)]
@@ -138,6 +143,22 @@ def first_batch_at_fault(rec: Any, steps: Sequence[int], losses: Sequence[float]
     top = st.episode_ceiling
     if top is None or st.ceiling >= top or level <= 0 or check[1] < FIRST_BATCH_RATIO * level:
         return None
+    sampler = getattr(guard, "_sampler", None)
+    if sampler is None or sampler.first is None or sampler.first_step is None \
+            or sampler.first_step < check[0]:
+        return None  # the update on a usual batch unmeasured: the cap stands
+    device = guard.telemetry.device
+    base = torch.zeros((), device=device)
+    for p in guard.model.parameters():
+        if p.is_floating_point():
+            base += p.detach().float().square().sum().to(device)
+    d2, b2 = torch.stack([sampler.first.to(device), base]).tolist()
+    at = check[2] * sampler.first_share  # the factor that update was taken at
+    if not (math.isfinite(d2) and b2 > 0 and at > 0):
+        return None
+    full = math.sqrt(d2 / b2) / first_inflation(guard.optimizer) * top / at
+    if full > guard.monitor.config.update_ratio_high:
+        return None  # at the LR the cap took away a usual batch's update is too large too
     why = (f"{FIRST_BATCH} had a loss of {check[1]:.4g}, {check[1] / level:.3g}x that of the same "
            f"weights on the batches since ({level:.4g}): its batch wrecked them, not the LR")
     return Trigger("raise", int(steps[-1]), why, value=top, data=True)

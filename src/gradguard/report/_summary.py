@@ -132,8 +132,10 @@ def _lr_list(lrs: list[Any]) -> str:
     return ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(lrs) if isinstance(x, (int, float)))
 
 
-#: A settled LR factor below this is no LR to set but a sign of a scale gone wrong.
+#: A settled LR factor below this, at an LR below ``TINY_LR``, is no LR to set but a sign
+#: of a scale gone wrong (an LR of 10 typed for Adam settles at 0.0096: an LR to set).
 FAR_BELOW = 1e-3
+TINY_LR = 1e-5
 
 
 def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str:
@@ -407,7 +409,8 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                          "lower the LR itself (or look for what scales the gradients: a loss "
                          "summed where it is meant averaged, an unnormalised input).")
         elif shown and not sdata.get("raised") and isinstance(
-                factor := sdata.get("factor"), (int, float)) and 0 < factor < FAR_BELOW:
+                factor := sdata.get("factor"), (int, float)) and 0 < factor < FAR_BELOW and all(
+                isinstance(x, (int, float)) and x < TINY_LR for x in sdata.get("lr") or [None]):
             # found by a stranger: tabular features on a scale of 1e3 on SGD settled at
             # x5e-5 of the LR, "recovered", told to set 2.6e-7 in the config, no word of
             # the inputs
