@@ -33,7 +33,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _levels
-from ._levels import REL_TOL, flat_words, median, tol
+from ._causes import (
+    INCIDENT_KINDS,
+    LADDER_KINDS,
+    _cause,
+    _ended_untrained,
+    _evidence,
+    _relapse,
+    ladder_reason,
+    lowered_lr,
+)
+from ._levels import flat_words, median, tol
 from ._remedy import LOWERED_STALL, every_overflow, remedy
 from ._silent import FIT_LOSS, FLOOR_LOSS, MIN_LEVEL_STEPS, silent_verdict
 
@@ -65,11 +75,6 @@ JUMP_FLAT_REMEDY = (
     "schedule and manual LR changes, and rerun without the jump, from a checkpoint before "
     "step {step}; if the run never learnt before it either, run gg.doctor(model, batch, "
     "loss_fn, optimizer=opt) on a batch.")
-#: Event kinds that start an incident (besides a skipped step).
-INCIDENT_KINDS = ("nonfinite_grad", "grad_spike", "loss_spike", "lr_too_high")
-#: The recovery ladder's own actions: it acted on trouble that may show in no gradient event
-#: (a loss that rose, a network that died), so the run was not healthy.
-LADDER_KINDS = ("lr_backoff", "rollback")
 
 
 @dataclass(frozen=True)
@@ -342,103 +347,6 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         todo = FLAT_REMEDY if jump is None else JUMP_FLAT_REMEDY.format(step=jump["step"])
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    todo, incident, start, before, final, rose, flat)
-
-
-def _ended_untrained(data: RunData) -> int | None:
-    """The step of the run's last rollback when it restored the weights before the first
-    step and fewer than ``MIN_LEVEL_STEPS`` steps were taken after it; else None."""
-    import numpy as np
-
-    rolled = [e for e in data.events if e.get("kind") == "rollback"]
-    if not rolled or (rolled[-1].get("data") or {}).get("snapshot_step") != -1:
-        return None
-    at = int(rolled[-1]["step"])
-    taken = (np.asarray(data.step) > at) & ~np.asarray(data.skipped, dtype=bool)
-    return at if int(taken.sum()) < MIN_LEVEL_STEPS else None
-
-
-def lowered_lr(events: list[dict[str, Any]], incident: int | None) -> int | None:
-    """The step of the first act of the ladder from ``incident`` on that lowered its LR
-    ceiling (``data["ceiling"]`` under 1), when the last act that said its ceiling left it
-    under 1: a back-off alone is restored over ``restore_steps``, and one undone at the
-    next step lowered nothing (found by a regression hunt: a converged fine-tune that met
-    three NaN batches was "stalled ... after gradguard lowered the LR"). None otherwise."""
-    acts = [(int(e["step"]), c) for e in events
-            if (incident is None or e.get("step", -1) >= incident)
-            and isinstance(c := (e.get("data") or {}).get("ceiling"), (int, float))]
-    if not acts or acts[-1][1] >= 1.0:
-        return None
-    return next(step for step, c in acts if c < 1.0)
-
-
-def _relapse(data: RunData, inc: list[int], loss: Any, fin: Any, k: int,
-             before: float) -> tuple[int, float, float] | None:
-    """The last incident, the level before it and the level after it to the end, when the
-    run had come down well under the first incident's level (``before``) by then and the
-    level after it is above that newer one, out of its noise; None otherwise (one incident,
-    or the later ones inside the same trouble, whose level before them is the trouble's
-    own). The level after is the median of the steps after the last incident: a blow-up
-    in the last 18 steps of 400 leaves the median of the last 40 at the level before it."""
-    import numpy as np
-
-    last = max(inc)
-    pre = loss[(data.step < last) & fin][-k:]
-    post = loss[(data.step > last) & fin][-k:]  # the end, from after the last incident
-    if last == min(inc) or len(pre) < MIN_LEVEL_STEPS or len(post) < MIN_LEVEL_STEPS:
-        return None
-    level = float(np.median(pre))
-    if level + tol(level, pre) >= before or _levels.back_at(level, float(np.median(post)), post):
-        return None
-    return last, level, float(np.median(post))
-
-
-def _cause(data: RunData, incident: int | None, start: float | None, before: float | None,
-           rose: bool, has_loss: bool, start_end: int | None = None) -> str | None:
-    """The most likely cause of trouble: a loss that climbed before the incident (or over
-    the run) is the learning rate; otherwise what the non-finite events named.
-    ``start_end``: the last step of the start level's window (an incident within it has
-    no climb to show: found by a stranger, a CTC loss whose infeasible targets made it
-    Inf at step 7 was `lr_too_high`, its median over steps 0-6 above that of the first 30
-    steps, which fell)."""
-    if rose:
-        return "lr_too_high"
-    if has_loss and start is not None and before is not None and before > start * (1 + REL_TOL) \
-            and before > start and (start_end is None or incident is None
-                                    or incident > start_end):
-        return "lr_too_high"  # the loss was already climbing when the incident came
-    kinds = [e for e in data.events if e.get("severity") in ("warning", "error")]
-    if any(e.get("kind") == "lr_too_high" for e in kinds):
-        return "lr_too_high"
-    for e in kinds:
-        c = (e.get("data") or {}).get("cause")
-        if c:
-            return str(c)
-    first = next((e for e in kinds if e.get("kind") in INCIDENT_KINDS), None)
-    if first is not None and first.get("kind") == "loss_spike":
-        return "lr_too_high"
-    return None
-
-
-def _evidence(start: float | None, before: float | None, final: float | None,
-              incident: int | None) -> str:
-    if final is None:
-        return "no finite loss was recorded at the end"
-    parts = [f"loss {final:.4g} at the end"]
-    if before is not None and incident is not None:
-        parts.append(f"{before:.4g} before step {incident}")
-    if start is not None:
-        parts.append(f"{start:.4g} at the start")
-    return ", ".join(parts)
-
-
-def ladder_reason(events: list[dict[str, Any]]) -> tuple[int, str] | None:
-    """The step and reason of the recovery ladder's first action (a back-off or rollback),
-    for a run with no gradient event to tell its story (a loss that rose, a net that died)."""
-    for e in events:
-        reason = (e.get("data") or {}).get("reason")
-        if e.get("kind") in LADDER_KINDS and isinstance(reason, str) and reason:
-            return int(e["step"]), reason
-    return None
 
 
 def summary_lead(data: RunData, outcome: Outcome) -> str | None:
