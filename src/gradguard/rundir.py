@@ -117,6 +117,23 @@ def dir_arg(value: Any, what: str) -> Path:
     return Path(value)
 
 
+def guard_info(clip: Any, config: Any, *, zero_code: bool) -> dict[str, Any]:
+    """What ``guard.json`` holds: the guard's options the report judges a run with, and
+    what it clipped with (``clip``: the policy, which may describe itself, as ``gradguard
+    run``'s does with the script's own clip calls)."""
+    describe = getattr(clip, "describe", None)
+    return {
+        "v": 1, "zero_code": zero_code,
+        "clip": describe() if callable(describe) else repr(clip) if clip is not None else "none",
+        "user_clip": None if config.clip is None else repr(config.clip),
+        "script_clip": getattr(clip, "mode", None),
+        "script_clip_calls": dict(getattr(clip, "counts", {})),
+        "recovery": config.recovery is not None,
+        "loss_rise": bool(getattr(config.recovery, "loss_rise", False)),
+        "on_nonfinite": config.on_nonfinite, "every": config.every,
+    }
+
+
 class JsonlSink:
     """Append-only JSONL files in a run directory.
 
@@ -290,14 +307,9 @@ class JsonlSink:
         config = getattr(guard, "config", None)
         if config is None:
             return
-        rec = getattr(config, "recovery", None)
-        meta = {"v": 1, "zero_code": False,
-                "clip": "none" if config.clip is None else repr(config.clip),
-                "recovery": rec is not None,
-                "loss_rise": bool(getattr(rec, "loss_rise", False)),
-                "on_nonfinite": config.on_nonfinite, "every": config.every}
         try:
-            write_atomic(self.run_dir / "guard.json", json.dumps(meta))
+            write_atomic(self.run_dir / "guard.json",
+                         json.dumps(guard_info(config.clip, config, zero_code=False)))
         except OSError as e:
             warnings.warn(f"gradguard: {self.run_dir / 'guard.json'} not written ({e})",
                           RuntimeWarning, stacklevel=3)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import GuardConfig
+from ..rundir import guard_info
 from . import _rundir
 
 
@@ -63,27 +64,12 @@ class RunResult:
         })
 
 
-def guard_info(clip: Any, config: GuardConfig) -> dict[str, Any]:
-    """What ``guard.json`` holds: the options and what the guard clipped with."""
-    describe = getattr(clip, "describe", None)
-    return {
-        "v": 1, "zero_code": True,
-        "clip": describe() if callable(describe) else repr(clip) if clip is not None else "none",
-        "user_clip": None if config.clip is None else repr(config.clip),
-        "script_clip": getattr(clip, "mode", None),
-        "script_clip_calls": dict(getattr(clip, "counts", {})),
-        "recovery": config.recovery is not None,
-        "loss_rise": bool(getattr(config.recovery, "loss_rise", False)),
-        "on_nonfinite": config.on_nonfinite, "every": config.every,
-    }
-
-
 def finish_run_dir(run_dir: Path, clip: Any, config: GuardConfig, state: dict[str, Any] | None,
                    guard: Any, info: dict[str, Any], immediate: dict[str, int],
                    report: bool) -> dict[str, Any]:
     """Write a guard's ``guard.json``, ``guard_state.pt`` and report; judge its outcome.
     Returns its row for ``run.json`` and the summary."""
-    meta = guard_info(clip, config)
+    meta = guard_info(clip, config, zero_code=True)
     try:  # bookkeeping: a full disk costs a warning, never the script's outcome
         _rundir.write_json(run_dir / _rundir.GUARD_FILE, meta)
         if state is not None:

@@ -25,6 +25,7 @@ import torch
 
 from .growth import first_inflation
 from .ladder import OFFSCALE_REASON, SPIKE_REASON, LadderState, Trigger
+from .verdict import WARMUP_SPIKE_RATIO
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -101,11 +102,10 @@ def share(ratio: float) -> str:
     return f"{ratio:.0%} of" if ratio < 10 else f"{ratio:.3g} times"
 
 
-
 #: A first step whose loss was this many times that of the same (fresh) weights on the
 #: batches after a wreck's rollback to them: its batch wrecked the weights, not the LR (the
-#: per-step verdict's loss bar in its warm-up, ``WARMUP_SPIKE_RATIO``).
-FIRST_BATCH_RATIO = 100.0
+#: per-step verdict's loss bar in its warm-up).
+FIRST_BATCH_RATIO = WARMUP_SPIKE_RATIO[1]
 #: Taken steps on the restored weights the first step's loss is weighed against.
 FIRST_BATCH_STEPS = 5
 #: How a lift of the cap for a first batch at fault begins its reason (the event's words).
