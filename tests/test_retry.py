@@ -69,6 +69,7 @@ def old_ladder(patch) -> None:
     old = (NONFINITE_REASON, OFFSCALE_REASON)
     patch(_steps, "DATA_REASONS", old)
     patch(ladder, "DATA_REASONS", old)
+    patch(_steps, "GRACE_KEEPS", 0)  # a far spike was clipped through the grace too
     patch(_recovery.Recovery, "_last_taken", property(lambda self: 10**9, lambda self, v: None),
           *([False] if patch is not setattr else []))
 

@@ -111,6 +111,10 @@ class SpikeVerdict:
         #: the last loss judged was far above the recent ones (a device bool; see
         #: :data:`OVERFLOW_LOSS_RATIO`), whatever the step's code
         self.loss_far: Tensor | None = None
+        #: the last gradient norm judged was ``WARMUP_SPIKE_RATIO[0]`` times the median of
+        #: those before it or more (a device bool): the batch's, whatever the ladder just did
+        #: (:func:`gradguard.recovery._steps.verdict` skips it through the grace)
+        self.grad_far: Tensor | None = None
         self.pending: Tensor | None = None  # [2] that value (log; NaN: none), not in the ring yet
         self.ring: Tensor | None = None  # [2, history] log values (NaN: empty)
         self.count: Tensor | None = None  # [2] finite values seen
@@ -164,6 +168,7 @@ class SpikeVerdict:
         high = ok & warm & (d > log_bars[1])
         assert self.high is not None and self.pending is not None
         spike = ok & (robust | early | (high & self.high))
+        self.grad_far = spike[0] & (count[0] >= 1) & (d[0] > log_bars[0][0])
         self.loss_far = ok[1] & (count[1] >= self.warmup) & (
             d[1] > OVERFLOW_LOSS_Z * scale[1].clamp_min(MIN_LOG_SCALE)) & (d[1] > self._log_far)
         # a handful of values cannot shrug off an early spike: a high value waits out of the

@@ -21,17 +21,22 @@ INCIDENT_KINDS = ("nonfinite_grad", "grad_spike", "loss_spike", "lr_too_high")
 LADDER_KINDS = ("lr_backoff", "rollback")
 
 
-def _ended_untrained(data: RunData) -> int | None:
-    """The step of the run's last rollback when it restored the weights before the first
-    step and fewer than ``MIN_LEVEL_STEPS`` steps were taken after it; else None."""
+def _ended_on_restored(data: RunData) -> tuple[int, int] | None:
+    """The step of the run's last rollback and the step of the snapshot it restored (-1:
+    the weights before the first step), when fewer than ``MIN_LEVEL_STEPS`` steps were
+    taken after it: the run's last losses are of the weights it replaced, and those it
+    leaves were not tried on the batches since. None otherwise."""
     import numpy as np
 
     rolled = [e for e in data.events if e.get("kind") == "rollback"]
-    if not rolled or (rolled[-1].get("data") or {}).get("snapshot_step") != -1:
+    if not rolled:
         return None
     at = int(rolled[-1]["step"])
+    snapshot = (rolled[-1].get("data") or {}).get("snapshot_step")
     taken = (np.asarray(data.step) > at) & ~np.asarray(data.skipped, dtype=bool)
-    return at if int(taken.sum()) < MIN_LEVEL_STEPS else None
+    if int(taken.sum()) >= MIN_LEVEL_STEPS or not isinstance(snapshot, int):
+        return None
+    return at, snapshot
 
 
 def lowered_lr(events: list[dict[str, Any]], incident: int | None) -> int | None:

@@ -37,7 +37,7 @@ from ._causes import (
     INCIDENT_KINDS,
     LADDER_KINDS,
     _cause,
-    _ended_untrained,
+    _ended_on_restored,
     _evidence,
     _relapse,
     ladder_reason,
@@ -320,15 +320,20 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         incident = int(vanished[0]["step"]) if incident is None else incident
         clause = f"training stalled: {flat_words(start, final)}"
     if status in ("healthy", "recovered", "not_recovered") and (
-            untrained := _ended_untrained(data)) is not None:
-        # the run ended right after a rollback to the weights before its first step: its
-        # losses are of the weights replaced, and the model it leaves is the fresh one
-        # (found by a regression hunt: a 50-step run at Adam 30x rolled back at step 49,
-        # held-out loss at chance, 2.31, was "training recovered")
-        status, incident = "not_recovered", untrained if incident is None else incident
-        clause = (f"training did not recover: it ended {data.step[-1] - untrained} step(s) "
-                  f"after gradguard rolled back, at step {untrained}, to the weights before "
-                  "its first step, and the model it leaves is untrained")
+            restored := _ended_on_restored(data)) is not None:
+        # the run ended right after a rollback: its last losses are of the weights replaced,
+        # and the model it leaves was not tried since (found by a regression hunt: a 50-step
+        # run at Adam 30x rolled back at step 49 to the fresh weights, held-out loss at
+        # chance, was "training recovered"; a stranger's task switch rolled back at the
+        # last flush to the old task's weights, 4.4x its unguarded loss on the new one)
+        (at, snapshot), incident = restored, restored[0] if incident is None else incident
+        status = "not_recovered"
+        clause = (f"training did not recover: it ended {data.step[-1] - at} step(s) after "
+                  f"gradguard rolled back, at step {at}, to "
+                  + ("the weights before its first step, and the model it leaves is untrained"
+                     if snapshot == -1 else
+                     f"the weights of step {snapshot}, and the model it leaves was not tried "
+                     "on the batches since"))
     status, cause, incident, clause = silent_verdict(
         data, (status, cause, incident, clause), flat=flat, final=final, start=start,
         floored=floored, k=k)
