@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -305,3 +306,28 @@ class GruRecall(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.rnn(x)[0][:, -1])
+
+
+def digits_epochs(seed: int, steps: int, bs: int = 64
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             Callable[[int], tuple[torch.Tensor, torch.Tensor]]]:
+    """The digits (x / 16), split 1400 / 397 by a fixed permutation, and ``batch(step)``
+    over ``steps`` steps of shuffled epochs (seed ``seed``): train x, y, held-out x, y,
+    batch."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(123))
+    xtr, ytr, xte, yte = x[perm[:1400]], y[perm[:1400]], x[perm[1400:]], y[perm[1400:]]
+    g = torch.Generator().manual_seed(seed)
+    per = 1400 // bs
+    order = torch.cat([torch.randperm(1400, generator=g)[:per * bs]
+                       for _ in range(steps // per + 1)])
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = order[step * bs:(step + 1) * bs]
+        return xtr[i], ytr[i]
+
+    return xtr, ytr, xte, yte, batch

@@ -280,13 +280,17 @@ def test_a_discriminators_guard_leaves_the_generators_batch_norm_statistics_alon
     assert all(torch.isfinite(b).all() for b in m.buffers())
 
 
-def test_a_streak_with_no_snapshot_to_roll_back_to_is_undone_at_its_first_finite_step():
-    """Found by a stranger: a backbone unfrozen with ``add_param_group`` (which drops the
-    snapshots: none covers the new group) met eight NaN batches five steps later. The
-    rollback at the sixth found no snapshot and backed off deeper instead (x0.0118), and
-    that back-off stood: 1.17x the twin's held-out loss. No weight moved, so the first
-    finite step after the streak still runs on the streak's weights and proves them sound:
-    the back-offs are undone and the LR is the run's again (1.02x)."""
+@pytest.mark.parametrize("kept", [False, True])
+def test_a_streak_with_no_snapshot_to_roll_back_to_is_undone_at_its_first_finite_step(kept):
+    """Found by a stranger: a backbone unfrozen with ``add_param_group`` (which then dropped
+    the snapshots) met eight NaN batches five steps later. The rollback at the sixth found
+    no snapshot and backed off deeper instead (x0.0118), and that back-off stood: 1.17x the
+    twin's held-out loss. No weight moved, so the first finite step after the streak still
+    runs on the streak's weights and proves them sound: the back-offs are undone and the LR
+    is the run's again (1.02x). The snapshots stay through an ``add_param_group`` now
+    (``kept``): the rollback restores one, its weights give NaN on the batches too, they
+    are at fault, and the LR is the run's again all the same; the snapshots dropped (as
+    after a resume without ``snapshot_dir``) take the path above."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                           nn.Linear(32, 4))
@@ -308,12 +312,18 @@ def test_a_streak_with_no_snapshot_to_roll_back_to_is_undone_at_its_first_finite
         loss.backward()
         guard.step(loss)
         opt.zero_grad()
+        if step == 100 and not kept:
+            guard.recovery.ring.clear()
     acts = [(e.kind, e.step) for e in guard.events
             if e.kind in ("lr_backoff", "rollback", "nonfinite_input")]
-    assert acts == [("lr_backoff", 105), ("lr_backoff", 108), ("nonfinite_input", 111)], acts
-    assert "no snapshot yet" in next(e for e in guard.events if e.step == 108
-                                     and e.kind == "lr_backoff").message
+    if kept:
+        assert acts == [("lr_backoff", 105), ("rollback", 108), ("nonfinite_input", 109)], acts
+    else:
+        assert acts == [("lr_backoff", 105), ("lr_backoff", 108), ("nonfinite_input", 111)], acts
+        assert "no snapshot yet" in next(e for e in guard.events if e.step == 108
+                                         and e.kind == "lr_backoff").message
     assert guard.recovery.lr_factor == 1.0 and guard.recovery.lr_ceiling == 1.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_a_streak_that_ends_at_the_rollback_costs_the_run_no_lr():

@@ -336,3 +336,44 @@ def test_a_model_cast_after_the_guard_was_built_is_followed(kind):
     bn = model[1]
     assert bn.running_mean.dtype == torch.float64 and guard._running.buffers[0] is bn.running_mean
     assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+
+
+def test_statistics_a_skipped_nan_forward_left_are_put_back(tmp_path):
+    """Found by a stranger: a loop that skips a non-finite loss before backward (a common
+    pattern) had its batch norm statistics NaN from that forward already; the guard never
+    saw the step, the model gave NaN in eval() and the run read "healthy". A running
+    variance that turned NaN/Inf since the last step skips the next step, and the
+    statistics go back to those of the step before."""
+    from gradguard.lab._data import minibatches, split_digits
+
+    xtr, ytr, xte, yte = split_digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                     sinks=[gg.JsonlSink(tmp_path)])
+    batch = minibatches(xtr, ytr, 64, 0)
+    for step in range(120):
+        x, y = batch(step)
+        if step == 50:
+            x = x.clone()
+            x[0, 0] = math.nan
+        loss = nn.functional.cross_entropy(model(x), y)
+        if not torch.isfinite(loss):
+            continue  # the loop's own skip: the forward has run
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    assert all(torch.isfinite(b).all() for b in model.buffers())
+    [skip] = [e for e in guard.events if e.kind == "skip"]
+    assert skip.step == 50 and "NaN/Inf" in skip.message
+    assert skip.data["cause"] == "nonfinite_input" and "unit" not in skip.remedy
+    from gradguard.report import load_run
+    from gradguard.report._summary import summary_sentence
+
+    sentence = summary_sentence(load_run(tmp_path))
+    assert "running statistics NaN/Inf" in sentence and "No gradient trouble" not in sentence
+    model.eval()
+    with torch.no_grad():
+        assert float(nn.functional.cross_entropy(model(xte), yte)) < 1.0

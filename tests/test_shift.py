@@ -225,3 +225,49 @@ def test_a_change_learnt_before_the_rollback_is_kept_when_the_batches_prove_chan
     assert e.data["level_before"] * 1.5 <= e.data["level_after"]
     assert guard.recovery._undo is None  # the copy is let go once judged
     assert held <= 1.1 * plain, (held, plain)
+
+
+def _inputs_x50(seed: int, guarded: bool) -> tuple[float, gg.Guard | None]:
+    """A regression MLP on Adam 1e-2 whose inputs are x50 for good from step 300 of 500
+    (Adam learns them unguarded); the held-out MSE on the new inputs."""
+    w = torch.randn(16, 1, generator=torch.Generator().manual_seed(7))
+
+    def data(s: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 16, generator=torch.Generator().manual_seed(1000 + s))
+        return x, torch.sin(x @ w / 2) + 0.1 * (x[:, :2] ** 2).sum(1, keepdim=True)
+
+    x_all, y_all = data(seed, 4096)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+    mse = nn.functional.mse_loss
+    for step in range(500):
+        i = torch.randint(0, 4096, (64,), generator=torch.Generator().manual_seed(seed * 100003 + step))
+        loss = mse(model(x_all[i] * (50 if step >= 300 else 1)), y_all[i])
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss) if guard is not None else opt.step()
+    if guard is not None:
+        guard.close()
+    xe, ye = data(9, 1024)
+    with torch.no_grad():
+        return float(mse(model(xe * 50), ye)), guard
+
+
+def test_after_a_change_a_rollback_goes_back_to_the_weights_the_run_went_on_from():
+    """Found by a stranger: inputs x50 for good. Once the change was found (the weights of
+    step 249 gave 1767 on the new batches), three rollbacks in a row went back to the
+    snapshots of steps 249 and 149, each spiking on the new batches, and the run was
+    stopped (TrainingDiverged), 4150x its unguarded loss. The weights the run goes on from
+    are kept as the newest snapshot at the change: a rollback goes back to them."""
+    unguarded, _ = _inputs_x50(1, False)
+    held, guard = _inputs_x50(1, True)
+    assert guard is not None and guard.recovery is not None
+    [shifted] = [a.step for a in guard.recovery.decisions if a.kind == "shifted"]
+    after = [e for e in guard.events if e.kind == "rollback" and e.step > shifted]
+    assert all(f"snapshot of step {shifted}" in e.message for e in after), [e.message for e in after]
+    assert not any(e.kind == "abort" for e in guard.events)
+    assert shifted in guard.recovery.ring.store.steps()
+    assert held < 3 * unguarded, (held, unguarded)

@@ -387,3 +387,142 @@ def test_a_rollback_at_the_last_flush_is_no_recovery(tmp_path):
     assert out.status == "not_recovered", out
     assert f"to the weights of step {rolled.data['snapshot_step']}" in out.clause, out
     assert "not tried on the batches since" in out.clause, out
+    # not "lower the LR": the weights it leaves are to be checked, the data perhaps
+    assert out.remedy is not None and "evaluate them on held-out data" in out.remedy, out
+
+
+def _first_batch_sgd(seed: int, lr: float, bad_first: bool) -> tuple[float, gg.Guard | None]:
+    """A linear-ish regression (8 inputs) on a ReLU MLP, SGD with momentum 0.9, batches of
+    32, 300 steps; the first batch's targets x30 when ``bad_first`` (guarded then, else
+    not); the held-out MSE."""
+    def data(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 8, generator=gen)
+        y = (x @ torch.linspace(-1, 1, 8)).unsqueeze(1) + 0.1 * torch.sin(3 * x[:, :1])
+        return x, y + 0.05 * torch.randn(n, 1, generator=gen)
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    xtr, ytr = data(4000, torch.Generator().manual_seed(5))
+    xte, yte = data(500, torch.Generator().manual_seed(6))
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if bad_first else None
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.randint(0, len(xtr), (32,), generator=g)
+        return xtr[i], ytr[i] * 30 if bad_first and step == 0 else ytr[i]
+
+    train_loop(model, opt, guard, batch, 300, loss_fn=nn.functional.mse_loss)
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(model(xte), yte)), guard
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_first_batch_cap_stays_where_momentum_makes_the_lr_too_high_as_well(seed):
+    """Found by a regression hunt: an x30 first batch on SGD at 0.1 with momentum 0.9, an
+    LR at which the run diverges without that batch. The first update after the rollback,
+    from a fresh momentum buffer, was under ``update_ratio_high`` at the LR the cap took
+    away, so the cap was lifted (the batch blamed), and the run trained at 0.1 to 3.7-6.9x
+    the run with the cap. Momentum makes a settled update 1 / (1 - 0.9) times the first:
+    the check weighs that, and the cap stays."""
+    twin, _ = _first_batch_sgd(seed, 0.01, False)
+    held, guard = _first_batch_sgd(seed, 0.1, True)
+    assert guard is not None and guard.recovery is not None
+    assert not [e for e in guard.events if (e.data or {}).get("first_batch")]
+    assert guard.recovery.lr_ceiling < 0.5
+    assert held < 1.5 * twin, (held, twin)
+
+
+def _unfrozen(seed: int, enc_lr: float, guarded: bool) -> tuple[float, gg.Guard | None]:
+    """An encoder-decoder MLP on digits: SGD 0.1 with momentum trains the decoder alone,
+    and the encoder is added by ``add_param_group`` at step 100 with ``enc_lr``; 300 steps;
+    the held-out loss."""
+    from helpers import digits_epochs
+
+    _, _, xte, yte, batch = digits_epochs(seed, 300)
+    torch.manual_seed(seed)
+    enc = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU())
+    dec = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 10))
+    model = nn.Sequential(enc, dec)
+    opt = torch.optim.SGD(dec.parameters(), lr=0.1, momentum=0.9)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+
+    def unfreezing(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if step == 100:  # before the step's forward
+            opt.add_param_group({"params": list(enc.parameters()), "lr": enc_lr})
+        return batch(step)
+
+    train_loop(model, opt, guard, unfreezing, 300)
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(model(xte), yte)), guard
+
+
+def test_the_snapshots_from_before_an_add_param_group_stay_for_a_rollback():
+    """Found by a stranger: a decoder trained first, its encoder added by add_param_group
+    at 10x its LR. The snapshots of the old layout were dropped; with nothing to restore,
+    three back-offs could not revive the encoder's dead units, and the run was stopped at
+    chance, 12-13x its twin (the encoder added at 0.01). The old groups keep their places
+    when a group is added after them: the snapshots stay, their optimizer state loads into
+    the new groups (the added one with none), and the rollback restores one."""
+    twin, _ = _unfrozen(0, 0.01, True)
+    held, guard = _unfrozen(0, 0.1, True)
+    assert guard is not None
+    assert not [e for e in guard.events if e.kind == "abort"]
+    rolled = [e for e in guard.events if e.kind == "rollback"]
+    assert rolled and all("found no snapshot" not in e.message for e in rolled)
+    assert len(guard.optimizer.param_groups) == 2
+    assert held < 2 * twin, (held, twin)
+    assert all(torch.isfinite(p).all() for p in guard.model.parameters())
+
+
+def test_a_rollback_for_bad_batches_at_the_end_is_no_failure(tmp_path):
+    """Found by a regression hunt: inputs x1e4 in the last 7 steps of 300. They were
+    skipped, a rollback came at 298 and the batches were found at fault at 299; the model
+    was as good as the run's without them, and the verdict said "not_recovered": the
+    weights it leaves are not in question when the batches after the rollback were."""
+    from helpers import digits_epochs
+
+    xtr, ytr, _, _, _ = digits_epochs(0, 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                     sinks=[gg.JsonlSink(tmp_path)])
+    g = torch.Generator().manual_seed(1000)
+    order = [torch.randint(0, len(xtr), (64,), generator=g) for _ in range(300)]
+
+    def spoilt(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = xtr[order[step]], ytr[order[step]]
+        return (x * 1e4 if step >= 293 else x), y
+
+    train_loop(model, opt, guard, spoilt, 300)
+    assert any(e.kind == "rollback" and e.step >= 293 for e in guard.events)
+    assert any("rollback_undone" in (e.data or {}) for e in guard.events if e.step >= 293)
+    out = judge(load_run(tmp_path))
+    assert out.status != "not_recovered", out
+
+
+def test_spikes_skipped_before_the_detectors_warm_up_are_in_the_summary(tmp_path):
+    """Found by a stranger: two x1e4 batches at steps 10 and 13 were skipped at the step,
+    before the flush detectors had the history to report a spike: the summary read "No
+    gradient trouble in 120 steps ... gradguard skipped 2 steps"."""
+    from gradguard.report._summary import summary_sentence
+
+    xtr, ytr, _, _ = split_digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery(), sinks=[gg.JsonlSink(tmp_path)])
+    batch = minibatches(xtr, ytr, 32, 0)
+
+    def spoilt(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch(step)
+        return (x * 1e4 if step in (10, 13) else x), y
+
+    train_loop(model, opt, guard, spoilt, 120)
+    assert [e.step for e in guard.events if e.kind == "skip"] == [10, 13]
+    sentence = summary_sentence(load_run(tmp_path))
+    assert "No gradient trouble" not in sentence, sentence
+    assert "2 steps from step 10 on spiked and were skipped at the step" in sentence, sentence

@@ -655,8 +655,12 @@ def test_a_loss_no_restored_weights_bring_back_turns_the_loss_tests_off_not_the_
     off = next(e for e in guard.events if e.kind == "loss_level_off")
     rollbacks = [e for e in guard.events if e.kind == "rollback" and e.step < off.step]
     shifts = [e for e in guard.events if e.kind == "data_shift"]
-    assert len(rollbacks) == 2 and [e.step for e in shifts][-1] == off.step
-    assert "changed again" in off.message
+    # the second rollback goes to the weights the run went on from at the first change
+    # (the snapshots from before it are dropped): the loss far above their level there
+    # is a second change, or two rollbacks the level decided within ``relapse_window``
+    # of the first are a drift too slow for the shift test; either turns the tests off
+    assert len(rollbacks) == 2 and shifts and shifts[0].step < rollbacks[-1].step
+    assert "changed again" in off.message or "changed by themselves" in off.message
     assert off.severity == "warning" and "does not answer the weights" in off.message
     assert "loss_rise=False" in off.remedy and off.data["ceiling"] == 1.0
     assert not [e for e in guard.events if e.kind in ("rollback", "lr_backoff")
@@ -668,7 +672,7 @@ def test_a_loss_no_restored_weights_bring_back_turns_the_loss_tests_off_not_the_
 
 
 def test_the_loss_tests_off_survive_a_checkpoint():
-    _, rec, _, _ = drifting_run(300)
+    _, rec, _, _ = drifting_run(350)
     assert rec.state.level_off
     fresh = gg.Recovery()
     fresh.load_state_dict(rec.state_dict())

@@ -203,3 +203,50 @@ def test_in_a_guarded_adam_loop_the_new_level_stops_being_clipped(tmp_path, rean
         assert len(late) <= 5 and clips[0].data["steps"] == 50
     else:
         assert clips == [] and len(late) >= 25
+
+
+def _encoder_decoder(seed: int, poison: bool, tmp_path) -> tuple[float, int]:
+    """An encoder-decoder MLP on digits, SGD 0.1 with momentum, 300 steps; with ``poison``
+    a batch of inputs x1e4 at step 25 and every 50 after it. The held-out loss and the
+    number of steps ZClip clipped."""
+    import json
+
+    from torch import nn
+
+    from helpers import digits_epochs
+
+    _, _, xte, yte, batch = digits_epochs(seed, 300)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(),
+                          nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                     sinks=[gg.JsonlSink(tmp_path)])
+    for step in range(300):
+        x, y = batch(step)
+        loss = nn.functional.cross_entropy(model(x * 1e4 if poison and step % 50 == 25 else x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    clipped = sum(1 for r in rows if r.get("type") == "step" and (r.get("clip_coef") or 1.0) < 0.999)
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(model(xte), yte)), clipped
+
+
+def test_a_skipped_spike_does_not_close_zclips_gradual_chain(tmp_path, monkeypatch):
+    """Found by a stranger: one batch of inputs x1e4 right after ZClip's warm-up, skipped
+    by the guard, still entered ZClip's statistics: it closed the "gradual" chain, and
+    every step of the norm's healthy rise after it fired the z-test, so it was clipped for
+    100 steps (3.0x the held-out loss of the run without the batch). The "gradual" rule
+    does not see a step the guard skips; on the device path too."""
+    from gradguard.clipping import zclip
+
+    clean, clipped_clean = _encoder_decoder(1, False, tmp_path / "clean")
+    held, clipped = _encoder_decoder(1, True, tmp_path / "poisoned")
+    assert clipped <= clipped_clean + 15, (clipped, clipped_clean)
+    assert held < 1.3 * clean, (held, clean)
+    monkeypatch.setattr(zclip, "host_scalars", lambda *a: False)  # a GPU's path
+    held, clipped = _encoder_decoder(1, True, tmp_path / "device")
+    assert clipped <= clipped_clean + 15 and held < 1.3 * clean, (clipped, held)

@@ -202,14 +202,16 @@ def left_on(guard: Guard, exc: BaseException | None, what: str | None = None) ->
 
 def relayout(guard: Guard) -> None:
     """The optimizer's parameters changed (``add_param_group``): flush the window of the
-    old layout, then measure the new set; snapshots of the old layout cannot be restored
-    into the new one and are dropped; the clip policy (``reset``, where the policy has
+    old layout, then measure the new set; snapshots of the old layout stay when groups
+    were added after its own (else they cannot be restored into the new one and are
+    dropped: :meth:`Recovery.relayout <gradguard.recovery.Recovery.relayout>`); the clip policy (``reset``, where the policy has
     one: a user's policy may not) and the detectors forget the old set's norm."""
     # the parameters just added are no longer unstepped (found by a stranger: the flush
     # of the old layout warned that a head "no optimizer steps" at the very step its
     # add_param_group made the optimizer hold it, naming add_param_group as the remedy)
     guard._unstepped.release({id(p) for g in guard.optimizer.param_groups for p in g["params"]})
     guard.flush()
+    old = guard._layout
     guard._layout = optimizer_layout(guard.optimizer)
     guard.telemetry = Telemetry(named_optimizer_params(guard.model, guard.optimizer),
                                 every=guard.every, pipeline_group=guard.config.pipeline_group,
@@ -226,7 +228,7 @@ def relayout(guard: Guard) -> None:
     if guard._sampler is not None:
         guard._sampler.telemetry = guard.telemetry
     if guard.recovery is not None:
-        guard.recovery.relayout(guard)
+        guard.recovery.relayout(guard, old)
 
 
 def forget_norms(guard: Guard) -> None:

@@ -65,6 +65,8 @@ class RunningStats:
         self._segments: tuple[Tensor, Tensor, Tensor] | None = None
         self._mixed = False
         self._scale_inputs: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        #: the last :meth:`offscale` found a running variance turned non-finite (device bool)
+        self.lost: Tensor | None = None
         self._first: tuple[nn.Module, Tensor | None] | None = None
         self._left: set[int] = set()  # buffers another guard puts back (gradguard._owners)
         self._collect()
@@ -136,8 +138,13 @@ class RunningStats:
             var = torch.zeros(2 * len(new), device=device).index_add_(0, index, flat)
             var = var.view(2, -1) + eps
             ratio = var[0] / var[1]
-            return ((ratio > limit)
-                    & (torch.stack(seen).to(device) >= OFFSCALE_AFTER)).any()
+            # a variance that turned non-finite since the last step, whatever the layer has
+            # seen (found by a stranger: a script that skips a NaN loss before backward, as
+            # many do, had its batch norm statistics already NaN from that forward; the
+            # model gave NaN in eval() and the run read "healthy")
+            lost = (~torch.isfinite(var[0]) & torch.isfinite(var[1])).any()
+            self.lost = lost
+            return ((ratio > limit) & (torch.stack(seen).to(device) >= OFFSCALE_AFTER)).any() | lost
 
     def settle(self, trouble: Tensor | bool) -> None:
         """After the step: put the statistics back when it was skipped for ``trouble``

@@ -63,6 +63,8 @@ class StepStats:
             sets it; :class:`gradguard.ZClip` reads it); None otherwise.
         calm: False while a recovery holds the LR below the user's (a guard sets it):
             :class:`gradguard.ZClip` then lets no rise through its clip.
+        skipped: a device bool, True when the guard's verdict skips this step (a guard sets
+            it; None: unknown): its norm and loss enter no clip statistics.
     """
 
     param_norms: Tensor
@@ -75,6 +77,7 @@ class StepStats:
     names: Sequence[str] = field(default_factory=list)
     loss: Tensor | float | None = None
     calm: bool = True
+    skipped: Tensor | None = None
 
 
 def group_grads(params: Sequence[Tensor]) -> list[GradGroup]:

@@ -61,16 +61,21 @@ def _f32(x: float) -> float:
 
 
 def host_coefficient(policy: ZClip, g_t: Tensor, fin_t: Tensor, s: dict[str, Tensor],
-                     loss: Tensor | float | None = None, calm: bool = True) -> Tensor:
+                     loss: Tensor | float | None = None, calm: bool = True, *,
+                     learn: bool = True) -> Tensor:
     """:meth:`ZClip.coefficient` for CPU scalars, in Python numbers: the same rule, the same
     state read and written in place, and the same float32 results bit for bit (each
     step rounded as the tensor op rounds it; ``tests/test_clipping.py``), instead of
     ~80 one-element tensor ops (a CPU tensor is host memory; see
     ``measure.READ_CPU_COEFFICIENT``). ``log``/``exp``/``sqrt`` are torch's, whose
-    float32 results are not always the correctly rounded ones."""
+    float32 results are not always the correctly rounded ones. ``learn`` False (a step the
+    guard skips): the "gradual" rule's state (the chain, the last norm, the loss's EMA)
+    is left as it is."""
     g, fin, count = g_t.item(), bool(fin_t), int(s["count"])
     gradual = policy.gradual
     rise = s["rise"].tolist() if gradual is not None else None
+    if not learn:  # the "gradual" state is written in place below: into a copy
+        s = {**s, "rise": s["rise"].clone()}
     falling = False
     if rise is not None and loss is not None:  # the loss's EMA (``_rise``)
         lt = _f32(float(loss))

@@ -89,7 +89,10 @@ class ZClip(Policy):
     a norm that keeps growing (an explosion) stays clipped.
 
     A norm that rises gradually while the loss falls (gradguard's addition;
-    ``gradual=None`` is the paper's algorithm): under a guard (which passes the step's
+    ``gradual=None`` is the paper's algorithm; a step the guard's verdict skips,
+    ``StepStats.skipped``, neither opens nor closes a run of such steps, nor moves the
+    loss's EMA: one skipped x1e4 batch right after warm-up had closed the chain, and the
+    healthy rise after it was clipped for 100 steps): under a guard (which passes the step's
     loss; not under torch.distributed, where each rank's loss is its own), a step whose
     norm is within ``gradual`` (1.5x) of the previous finite step's, in a run of such steps
     that began at a step the z-test did not flag, is not clipped while the loss is below
@@ -223,8 +226,11 @@ class ZClip(Policy):
         g = stats.total_norm.float()
         fin = stats.finite
         s = self._ensure(g.device)
+        # a step the guard skips is clipped as any, and the "gradual" rule does not see it
+        kept = None if stats.skipped is None else ~stats.skipped.to(g.device)
         if host_scalars(g, fin):
-            return host_coefficient(self, g, fin, s, stats.loss, stats.calm)
+            return host_coefficient(self, g, fin, s, stats.loss, stats.calm,
+                                    learn=kept is None or bool(kept))
         # the statistics' variable: the norm, or its log (then thresholds go back by exp)
         log = self.space == "log"
         x = g
@@ -280,7 +286,9 @@ class ZClip(Policy):
             r = s["rise"]
             # (stack promotes the flags to float: 1 where written)
             new = torch.stack([x, chain | ~fired, ema, lfin])
-            r.copy_(torch.where(torch.stack([fin, fin, lfin, lfin]), new, r))
+            fin_r = fin if kept is None else fin & kept
+            lfin = lfin if kept is None else lfin & kept
+            r.copy_(torch.where(torch.stack([fin_r, fin_r, lfin, lfin]), new, r))
         return coef
 
     def _rise(self, r: Tensor, x: Tensor, fin: Tensor, loss: Tensor | float | None

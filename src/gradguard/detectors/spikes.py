@@ -266,6 +266,19 @@ def _spiking_layers(ln: torch.Tensor, i: int, layers: Sequence[str]) -> list[str
 
 
 def _offscale_skip(step: int, norm: float, loss: float, code: int) -> Event:
+    if code & 32:  # gradguard.recovery.verdict.RUNNING_NAN
+        return Event(
+            kind="skip", step=step, severity="warning", value=norm,
+            message=(f"step {step}: optimizer step skipped: a forward since the last step "
+                     "turned a batch norm layer's running statistics NaN/Inf (a batch with "
+                     "NaN/Inf, whose loss the loop may have skipped before backward): they "
+                     "are put back to the step before's, and this step's update with them"),
+            remedy=("Check the batches before this step for NaN/Inf (torch.isfinite on the "
+                    "inputs): a loop that skips a non-finite loss has run its forward, and a "
+                    "batch norm layer has learnt from it already."),
+            data={"reason": "nonfinite_running_stats", "cause": "nonfinite_input",
+                  "code": code, "loss": loss if math.isfinite(loss) else None},
+        )
     return Event(
         kind="skip", step=step, severity="warning", value=norm, threshold=OFFSCALE_RATIO,
         message=(f"step {step}: optimizer step skipped: its batch multiplied a batch norm "

@@ -334,13 +334,15 @@ class Recovery:
         held = [c for c in (self._probe.fork, self._undo) if c is not None]
         return self.store.nbytes() + sum(state_bytes(c) for c in held)
 
-    def relayout(self, guard: Guard) -> None:
-        """The optimizer's parameter groups changed: the snapshots hold the old groups and
-        cannot be loaded into it any more; the next healthy flush takes a new one. The
-        spike verdict forgets the old set's norm (as the clip policy does) and keeps the
-        loss's, and an LR probe under way is void (its copy of the training state is of
-        the old groups)."""
-        self.ring.clear()
+    def relayout(self, guard: Guard, old: tuple[int, ...] | None = None) -> None:
+        """The optimizer's parameter groups changed (``old``: their sizes before, when
+        known): the snapshots hold the old groups. When groups were only added after the
+        old ones (``add_param_group``: a backbone unfrozen) they stay, remapped
+        (:meth:`.ring.SnapshotRing.relayout`); else they cannot be loaded any more and are
+        dropped, and the next healthy flush takes a new one. The spike verdict forgets the
+        old set's norm (as the clip policy does) and keeps the loss's, and an LR probe
+        under way is void (its copy of the training state is of the old groups)."""
+        self.ring.relayout(guard, old)
         self._undo = None
         growth.relayout(self, guard)
         # the loss is the same model's, on its scale: its history stays (found by a
@@ -380,10 +382,15 @@ class Recovery:
         before the run's very first step keep the weights as they are, before anything can
         have gone wrong (a run whose first update wrecks it still has a healthy state to go
         back to; outside the ladder's ``snapshot_every`` cadence; on disk too with
-        ``snapshot_dir``; a resumed run goes on with the snapshots it had). A trainer
-        steps the optimizer after the guard's hook: the skip flags of its earlier steps
-        are heard here, once its last update is done (:func:`._steps.before_step`)."""
+        ``snapshot_dir``; a resumed run goes on with the snapshots it had)
+        (:func:`._steps.before_step`)."""
         _steps.before_step(self, guard)
+
+    def hear_flags(self, guard: Guard) -> None:
+        """A trainer steps the optimizer after the guard's hook: the skip flags of its
+        earlier steps are heard before this step's verdict, once its last update is done
+        (:func:`._steps.hear_flags`)."""
+        _steps.hear_flags(self, guard)
 
     def verdict(self, stats: StepStats, loss: Tensor | float | None) -> Tensor:
         """This step's spike verdict (device uint8 bits, no host read; see

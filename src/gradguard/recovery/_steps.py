@@ -18,7 +18,7 @@ from .defaults import SPIKE_GRACE
 from .ladder import DATA_REASONS, NONFINITE_REASON, OFFSCALE_REASON, SPIKE_REASON, Trigger
 from .late import enabled
 from .snapshots import copy_state
-from .verdict import GRAD_SPIKE, LOSS_SPIKE, OFFSCALE
+from .verdict import GRAD_SPIKE, LOSS_SPIKE, OFFSCALE, RUNNING_NAN
 
 #: The verdict bits a step keeps through the ``SPIKE_GRACE`` when its gradient norm is far
 #: off the recent ones (:attr:`.verdict.SpikeVerdict.grad_far`): a bad batch's spike.
@@ -32,7 +32,10 @@ if TYPE_CHECKING:
 
 def before_step(rec: Recovery, guard: Guard) -> None:
     """See :meth:`Recovery.before_step <gradguard.Recovery.before_step>`."""
-    if guard.step_count == 0 and not len(rec.store) and rec.ring.keep(guard, -1):
+    # (after the first step's verdict: the weights before it go with the verdict's fresh
+    # statistics, and the clip policy's that have seen its norm, as they always did)
+    if guard.step_count == 0 and not len(rec.store) and rec.ring.keep(guard, -1,
+                                                                        fresh_verdict=True):
         rec.ring.kept(-1, rec.restores)
     if rec._resumed:
         rec._resumed = False
@@ -48,6 +51,12 @@ def before_step(rec: Recovery, guard: Guard) -> None:
         # 5 steps ended 2.3-3.7x its twin, rolled back 57 steps)
         rec.snapshot(guard)
     _slip.observe(rec, guard)  # an LR burst that ended: the ladder's factors rescaled
+
+
+def hear_flags(rec: Recovery, guard: Guard) -> None:
+    """Under a trainer's hook, before this step's verdict: the skip flags of its earlier
+    steps are heard, once their last update is done (the verdict and the clip policy must
+    not learn from a step a restore voids)."""
     if isinstance(guard.executor, Hook):
         hear(rec, guard)
         if guard.step_count in (growth.STEP, growth.DECIDE):  # the trainer took them: .growth
@@ -103,8 +112,10 @@ def verdict(rec: Recovery, stats: StepStats, loss: Tensor | float | None) -> Ten
         assert rec._verdict.grad_far is not None
         code.mul_(rec._verdict.grad_far.to(torch.uint8)).bitwise_and_(GRACE_KEEPS)
     offscale = None if g is None or distributed_run else g._running.offscale(code.device)
-    if offscale is not None:  # judged on its own step alone: no grace needed
+    if offscale is not None and g is not None:  # judged on its own step alone: no grace
         code |= offscale.to(torch.uint8) * OFFSCALE
+        if (lost := g._running.lost) is not None:
+            code |= lost.to(torch.uint8) * RUNNING_NAN
     return code
 
 
@@ -265,7 +276,8 @@ def skip_trigger(rec: Recovery, skipped: bool, step: int, code: int, at: int | N
         if not voided:
             rec._last_taken = step  # its update moved the weights
         return Trigger("clean", step, at=at, voided=voided)
-    reason = ("loss-spiking" if code & LOSS_SPIKE else OFFSCALE_REASON if code == OFFSCALE
+    reason = ("loss-spiking" if code & LOSS_SPIKE else OFFSCALE_REASON
+              if code & ~RUNNING_NAN == OFFSCALE
               else SPIKE_REASON if code & ~NONFINITE else NONFINITE_REASON)
     return Trigger("skip", step, reason, rec._level, at=at, rollback=bool(code & LOSS_SPIKE),
                    data=first and (bool(code & NONFINITE) or reason in DATA_REASONS))

@@ -20,8 +20,9 @@ from ..events import Event
 from ..naming import OPTIMIZER_PREFIX, layer_of
 from . import _slip, finite, growth, messages, remap, wreck
 from .ladder import IMPROVED_REASON, Action, Trigger, transition
-from .shift import UNDONE, Shift, rebase
+from .shift import UNDONE, Shift, rebase, restart
 from .snapshots import copy_state, state_bytes, wait_copies
+from .verdict import SpikeVerdict
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -117,6 +118,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
             rec._shift.found = None
             undone = undo_rollback(rec, guard, found)
             rebase(rec, guard, found)
+            restart(rec, guard, found, undone=undone)
             guard.add_event(messages.shifted_event(guard, a, found, undone=undone))
             continue
         if a.kind == "level_off":
@@ -354,11 +356,14 @@ def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
+def snapshot_state(guard: Guard, step: int, *, fresh_verdict: bool = False
+                   ) -> dict[str, Any] | None:
     """The live state to snapshot (not copied), or None when any value is NaN/Inf (one
     host read, at flush time). With the weights go the statistics that describe their
     gradients: the clip policy's and the per-step spike verdict's (restored weights are
-    judged against the norms they had, not against those of the weights they replace)."""
+    judged against the norms they had, not against those of the weights they replace);
+    ``fresh_verdict``: the verdict's as before any step (the weights before the first
+    step, kept after the first step's verdict has judged it)."""
     model = guard.model.state_dict()
     state: dict[str, Any] = {
         "step": step,
@@ -385,6 +390,8 @@ def snapshot_state(guard: Guard, step: int) -> dict[str, Any] | None:
         return None
     verdict = getattr(guard.recovery, "_verdict", None)
     if verdict is not None:  # its ring holds NaN for empty slots: not part of the check
+        if fresh_verdict:
+            verdict = SpikeVerdict()
         state["verdict"] = verdict.live_state(guard.telemetry.device)
     state["detectors"] = guard.monitor.detector_state.spike_history()  # host floats, finite
     followers = getattr(guard.recovery, "also", None)  # not judged: see .follow

@@ -288,6 +288,20 @@ def first_inflation(optimizer: torch.optim.Optimizer) -> float:
     return _inflation(optimizer, 1)
 
 
+def momentum_gain(optimizer: torch.optim.Optimizer) -> float:
+    """How much larger than its first update from a fresh state a settled update of
+    ``SGD`` with momentum is, at one LR and gradient: ``(1 - dampening) / (1 - momentum)``
+    (the heavy ball's sum of the gradients' geometric series; 10x at 0.9: the bound, when
+    the gradients keep their direction), the largest
+    over the parameter groups; 1 for every other optimizer (Adam's moments normalise it)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return 1.0
+    gains = [(1.0 - float(g.get("dampening", 0.0))) / (1.0 - float(m))
+             for g in optimizer.param_groups
+             if isinstance(m := g.get("momentum", 0.0), (int, float)) and 0.0 < m < 1.0]
+    return max([1.0, *gains])
+
+
 def _inflation(optimizer: torch.optim.Optimizer, k: int) -> float:
     """The k-th update (from 1) over a settled one (see :func:`early_inflation`)."""
     if isinstance(optimizer, torch.optim.Adagrad):

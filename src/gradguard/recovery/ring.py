@@ -11,6 +11,7 @@ step on the restored weights is non-finite too, the batches are at fault, not th
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -53,10 +54,12 @@ class SnapshotRing:
         self.restored_from = -1
         self.restored_step: int | None = None
 
-    def keep(self, guard: Guard, step: int, *, disk: bool = True) -> bool:
+    def keep(self, guard: Guard, step: int, *, disk: bool = True,
+             fresh_verdict: bool = False) -> bool:
         """Snapshot the guard's model, optimizer and clip policy at ``step`` (False, keeping
-        nothing, when a value is NaN/Inf)."""
-        state = actions.snapshot_state(guard, step)
+        nothing, when a value is NaN/Inf; ``fresh_verdict``: see
+        :func:`.actions.snapshot_state`)."""
+        state = actions.snapshot_state(guard, step, fresh_verdict=fresh_verdict)
         if state is None:
             return False
         busy = self._writer.busy if self._writer is not None else set()
@@ -186,6 +189,29 @@ class SnapshotRing:
             self.wait()
             snap = self.disk.load_good(back=back)
         return snap
+
+    def relayout(self, guard: Guard, old: tuple[int, ...] | None) -> None:
+        """The optimizer's parameter groups changed from sizes ``old``. When the old groups
+        are the first ones still (groups added after them), the snapshots in memory stay:
+        their optimizer state is of parameters that keep their places, and loads into the
+        new groups, the added ones with no state, as at their first step; their gradient
+        statistics (the clip policy's, the verdict's) are of the old set's norm and are
+        left out, the ones learnt since kept at a restore. Found by a stranger: a decoder
+        trained first, its encoder added at 10x its LR, had its snapshots dropped; with
+        nothing to restore, three back-offs could not revive the encoder's dead units and
+        the run stopped at chance, 12-13x its twin. Else (and on disk) they are dropped."""
+        from .actions import local_optimizer  # (actions imports this module)
+
+        new = tuple(len(g["params"]) for g in guard.optimizer.param_groups)
+        if old is None or len(new) <= len(old) or new[:len(old)] != old or not len(self.store):
+            self.clear()
+            return
+        groups = local_optimizer(guard.optimizer).state_dict()["param_groups"]
+        self.store.remap(lambda snap: {**snap, "clip": None, "verdict": None, "optimizer": {
+            "state": snap["optimizer"]["state"], "param_groups": copy.deepcopy(groups)}})
+        if self.disk is not None:
+            self.wait()
+            self.disk.clear()
 
     def clear(self) -> None:
         """Drop every snapshot (the optimizer's parameter groups changed)."""

@@ -168,3 +168,16 @@ def rebase(rec: Recovery, guard: Guard, shift: Shift) -> None:
     # on the new batches the test measured
     rec.ring.levels = {k: shift.after if k == shift.snapshot else None for k in rec.ring.levels}
     guard.batches_to_skip = 0  # the batches after the change are the run's data now
+
+
+def restart(rec: Recovery, guard: Guard, shift: Shift, *, undone: bool) -> None:
+    """The weights the run goes on from are its start on the new batches. When the rollback
+    was undone (the weights it replaced had begun to learn them), they are kept now as the
+    newest snapshot, at the level the test measured for them there, so that a rollback
+    goes back to them first, not to weights for the old batches (found by a stranger:
+    inputs x50 for good from step 300, on Adam, which learns them unguarded; once the
+    change was found, three rollbacks in a row went to the snapshots of steps 249 and 149,
+    each spiking on the new batches, and the run was stopped, 4150x its unguarded loss;
+    now 0.4-1.2x it). When the rollback stands, the snapshot it restored is that start."""
+    if undone and rec.snapshot(guard, shift.step):
+        rec.ring.levels[shift.step] = shift.before

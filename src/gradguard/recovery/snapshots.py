@@ -15,7 +15,7 @@ import queue
 import tempfile
 import threading
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,11 @@ class MemorySnapshotStore:
 
     def clear(self) -> None:
         self._snaps = []
+
+    def remap(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Replace each snapshot by ``change`` of it."""
+        wait_copies()
+        self._snaps = [(s, change(state)) for s, state in self._snaps]
 
     def __len__(self) -> int:
         return len(self._snaps)

@@ -50,6 +50,9 @@ NONFINITE, GRAD_SPIKE, LOSS_SPIKE = 1, 2, 4  # 8: gradguard.executors.STALE (not
 #: The step's forward moved a batch norm layer's running variance by a batch on another
 #: scale (:meth:`gradguard._running.RunningStats.offscale`; judged by the Recovery).
 OFFSCALE = 16
+#: ... with it, when a running variance turned NaN/Inf since the step before (a forward the
+#: guard never saw, whose loss the loop skipped before backward)
+RUNNING_NAN = 32
 #: Before ``warmup`` values are in, the z-score has no scale to stand on: a value is a
 #: spike only when it is this many times the median of the (few) values so far, for the
 #: gradient norm and the loss. A run whose first update wrecks its weights (an IRNN at an

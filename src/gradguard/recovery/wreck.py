@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .growth import first_inflation
+from .growth import first_inflation, momentum_gain
 from .ladder import OFFSCALE_REASON, SPIKE_REASON, LadderState, Trigger
 from .verdict import WARMUP_SPIKE_RATIO
 
@@ -156,7 +156,12 @@ def first_batch_at_fault(rec: Any, guard: Guard, steps: Sequence[int],
     at = check[2] * sampler.first_share  # the factor that update was taken at
     if not (math.isfinite(d2) and b2 > 0 and at > 0):
         return None
-    full = math.sqrt(d2 / b2) / first_inflation(guard.optimizer) * top / at
+    # the update a usual batch makes once settled at the LR the cap took away: the first
+    # from the fresh state, less its inflation (RMSprop), times momentum's gain (SGD: a
+    # regression hunt found an x30 first batch on SGD at 0.1 with momentum 0.9, an LR its
+    # twin diverges at, lifted on a first update under the bar: 3.7-6.9x the run with the cap)
+    opt = guard.optimizer
+    full = math.sqrt(d2 / b2) / first_inflation(opt) * momentum_gain(opt) * top / at
     if full > guard.monitor.config.update_ratio_high:
         return None  # at the LR the cap took away a usual batch's update is too large too
     why = (f"{FIRST_BATCH} had a loss of {check[1]:.4g}, {check[1] / level:.3g}x that of the same "

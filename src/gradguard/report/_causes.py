@@ -25,13 +25,21 @@ def _ended_on_restored(data: RunData) -> tuple[int, int] | None:
     """The step of the run's last rollback and the step of the snapshot it restored (-1:
     the weights before the first step), when fewer than ``MIN_LEVEL_STEPS`` steps were
     taken after it: the run's last losses are of the weights it replaced, and those it
-    leaves were not tried on the batches since. None otherwise."""
+    leaves were not tried on the batches since. None otherwise, and when the batches after
+    it were found at fault (a ``data`` decision)."""
     import numpy as np
 
     rolled = [e for e in data.events if e.get("kind") == "rollback"]
     if not rolled:
         return None
     at = int(rolled[-1]["step"])
+    if any("rollback_undone" in (e.get("data") or {}) for e in data.events
+           if int(e.get("step", -1)) >= at):
+        # the batches were blamed after it (a regression hunt: x1e4 batches in the last 7
+        # steps, a rollback at 298, the batches at fault at 299, the model as good as its
+        # twin, called not_recovered): the weights it leaves are the ones the bad batches
+        # met, undone or not, and no level of theirs is in question
+        return None
     snapshot = (rolled[-1].get("data") or {}).get("snapshot_step")
     taken = (np.asarray(data.step) > at) & ~np.asarray(data.skipped, dtype=bool)
     if int(taken.sum()) >= MIN_LEVEL_STEPS or not isinstance(snapshot, int):

@@ -68,6 +68,12 @@ FLAT_REMEDY = ("The loss never fell over the run: the model does not learn. An L
                "sits at chance as surely as one too low: run gg.doctor(model, batch, loss_fn, "
                "optimizer=opt) on a batch (it probes the LR and the initialisation).")
 #: ... and one whose LR jumped far above any it had or planned (an ``lr_too_high`` report).
+ENDED_ON_RESTORED_REMEDY = (
+    "The model it leaves holds the weights of step {step}, which no step after the rollback "
+    "tried: evaluate them on held-out data before using them. If the batches changed after "
+    "step {step} (a new stage, task or label mapping), the rollback undid what the run "
+    "learnt of them: keep the checkpoint from before it, or train on with "
+    "Recovery(loss_rise=False).")
 JUMP_FLAT_REMEDY = (
     "The loss never fell over the run, and the learning rate jumped far above the run's at "
     "step {step}: a jump can break a network for good with no loss that rises (attention "
@@ -319,6 +325,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         status, cause = "stalled", cause or "vanishing_grad"
         incident = int(vanished[0]["step"]) if incident is None else incident
         clause = f"training stalled: {flat_words(start, final)}"
+    restored = None
     if status in ("healthy", "recovered", "not_recovered") and (
             restored := _ended_on_restored(data)) is not None:
         # the run ended right after a rollback: its last losses are of the weights replaced,
@@ -338,6 +345,12 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         data, (status, cause, incident, clause), flat=flat, final=final, start=start,
         floored=floored, k=k)
     todo = remedy(status, cause, config, data, incident)
+    if restored is not None and restored[1] >= 0 and status == "not_recovered":
+        # the weights it leaves are a mid-run snapshot's, untried on the last batches (found
+        # by a stranger: ResNets whose labels were permuted for good at step 100 were rolled
+        # back at the last flush to step 49's weights, 9-14x unguarded, and told to lower
+        # an LR that trained the new labels unguarded)
+        todo = ENDED_ON_RESTORED_REMEDY.format(step=restored[1])
     unsettled = next((e for e in data.events if (e.get("data") or {}).get("unsettled")), None)
     if todo is None and unsettled is not None:
         # a growth the run ended before the Recovery decided on (gradguard.recovery.growth):

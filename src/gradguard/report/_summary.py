@@ -207,8 +207,25 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             parts.append(f"At step {acted[0]}, {acted[1]}.")
         else:
             parts.append(_offscale_sentence(off))
+    elif not lead and (lost := [e for e in ev if (e.get("data") or {}).get("reason")
+                                == "nonfinite_running_stats"]):
+        # a forward the guard never saw wrote NaN into the batch norm statistics (found by
+        # a regression hunt: "No gradient trouble ... skipped 15 steps")
+        parts.append(f"{_plural(len(lost), 'step')} from step {lost[0]['step']} on "
+                     f"{'were' if len(lost) > 1 else 'was'} skipped: a forward before "
+                     f"{'each' if len(lost) > 1 else 'it'} turned a batch norm layer's running "
+                     "statistics NaN/Inf (a batch with NaN/Inf whose loss the loop skipped "
+                     "before backward?), and they were put back.")
     elif not lead and (acted := ladder_reason(ev)) is not None:
         parts.append(f"At step {acted[0]}, {acted[1]}.")  # what the ladder saw: no gradient event
+    elif not lead and (spiked := [e for e in ev if e.get("kind") == "skip" and e.get(
+            "severity") == "warning" and str((e.get("data") or {}).get("reason", "")).endswith(
+            "_spike")]):
+        # skipped at the step before the flush detectors had the history to report a
+        # spike (their warm-up; found by a stranger: "No gradient trouble in 120 steps ...
+        # gradguard skipped 2 steps")
+        parts.append(f"{_plural(len(spiked), 'step')} from step {spiked[0]['step']} on "
+                     f"spiked and {'were' if len(spiked) > 1 else 'was'} skipped at the step.")
     elif not lead and every_overflow(data):
         parts.append(f"Every one of the {data.n_steps} steps overflowed in float16: the "
                      "GradScaler skipped them all, and no update was taken.")
