@@ -203,9 +203,9 @@ def left_on(guard: Guard, exc: BaseException | None, what: str | None = None) ->
 def relayout(guard: Guard) -> None:
     """The optimizer's parameters changed (``add_param_group``): flush the window of the
     old layout, then measure the new set; snapshots of the old layout stay when groups
-    were added after its own (else they cannot be restored into the new one and are
-    dropped: :meth:`Recovery.relayout <gradguard.recovery.Recovery.relayout>`); the clip policy (``reset``, where the policy has
-    one: a user's policy may not) and the detectors forget the old set's norm."""
+    were added after its own, else they cannot be restored into the new one and are
+    dropped (:meth:`gradguard.Recovery.relayout`); the clip policy (``reset``, where the
+    policy has one: a user's policy may not) and the detectors forget the old set's norm."""
     # the parameters just added are no longer unstepped (found by a stranger: the flush
     # of the old layout warned that a head "no optimizer steps" at the very step its
     # add_param_group made the optimizer hold it, naming add_param_group as the remedy)

@@ -313,8 +313,8 @@ class Guard:
             spikes = None
             if self.recovery is not None and plan.on_bad != "step" and not stale():
                 spikes = self.recovery.verdict(stats, loss)  # skipped at the step
-                # a step skipped for a spike enters no clip statistics: the weights never
-                # see it (found by a stranger: one x1e4 batch skipped right after ZClip's
+                # the clip policy hears of a step skipped for a spike: the weights never see
+                # it (found by a stranger: one x1e4 batch skipped right after ZClip's
                 # warm-up closed its "gradual" chain, and the norm's healthy rise after it
                 # was clipped for 100 steps, 3.0x the run without the batch)
                 stats.skipped = spikes != 0

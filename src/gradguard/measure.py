@@ -64,7 +64,7 @@ class StepStats:
         calm: False while a recovery holds the LR below the user's (a guard sets it):
             :class:`gradguard.ZClip` then lets no rise through its clip.
         skipped: a device bool, True when the guard's verdict skips this step (a guard sets
-            it; None: unknown): its norm and loss enter no clip statistics.
+            it; None: unknown): :class:`gradguard.ZClip`'s "gradual" rule does not see it.
     """
 
     param_norms: Tensor

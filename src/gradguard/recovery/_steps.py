@@ -34,8 +34,8 @@ def before_step(rec: Recovery, guard: Guard) -> None:
     """See :meth:`Recovery.before_step <gradguard.Recovery.before_step>`."""
     # (after the first step's verdict: the weights before it go with the verdict's fresh
     # statistics, and the clip policy's that have seen its norm, as they always did)
-    if guard.step_count == 0 and not len(rec.store) and rec.ring.keep(guard, -1,
-                                                                        fresh_verdict=True):
+    if guard.step_count == 0 and not len(rec.store) and rec.ring.keep(
+            guard, -1, fresh_verdict=True):
         rec.ring.kept(-1, rec.restores)
     if rec._resumed:
         rec._resumed = False
@@ -277,7 +277,7 @@ def skip_trigger(rec: Recovery, skipped: bool, step: int, code: int, at: int | N
             rec._last_taken = step  # its update moved the weights
         return Trigger("clean", step, at=at, voided=voided)
     reason = ("loss-spiking" if code & LOSS_SPIKE else OFFSCALE_REASON
-              if code & ~RUNNING_NAN == OFFSCALE
+              if (code & ~RUNNING_NAN) == OFFSCALE
               else SPIKE_REASON if code & ~NONFINITE else NONFINITE_REASON)
     return Trigger("skip", step, reason, rec._level, at=at, rollback=bool(code & LOSS_SPIKE),
                    data=first and (bool(code & NONFINITE) or reason in DATA_REASONS))
