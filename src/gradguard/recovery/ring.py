@@ -16,6 +16,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GradGuardWarning, caller_stacklevel
+from ..naming import optimizer_layout
 from ..units import DYING
 from . import actions
 from .rise import AT_FRESH
@@ -202,7 +203,7 @@ class SnapshotRing:
         the run stopped at chance, 12-13x its twin. Else (and on disk) they are dropped."""
         from .actions import local_optimizer  # (actions imports this module)
 
-        new = tuple(len(g["params"]) for g in guard.optimizer.param_groups)
+        new = optimizer_layout(guard.optimizer)
         if old is None or len(new) <= len(old) or new[:len(old)] != old or not len(self.store):
             self.clear()
             return
