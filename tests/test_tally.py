@@ -227,6 +227,34 @@ def test_under_reduce_lr_on_plateau_the_advice_scales_the_highest_lr_the_run_had
     assert e.remedy.startswith("Set the learning rate to 0.003 (x0.1 of the 0.03 it has")
 
 
+def test_under_a_cyclic_schedule_the_advice_scales_the_cycle_peak_not_its_floor():
+    """``CyclicLR`` records its ``base_lr`` (the cycle's floor) as ``initial_lr`` and keeps
+    ``max_lr`` to itself: the advice scaled the floor ("set 0.001 of the 0.01 it has" for a
+    cycle to 0.1 that failed at its peak), an LR 10x under what the factor held. The
+    highest LR the run had, the cycle's peak, is what the schedule scales."""
+    import dataclasses
+
+    from gradguard.recovery import Action, messages
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=5)
+    guard = gg.Guard(model, opt, recovery=gg.Recovery())
+    for _ in range(8):  # past the cycle's peak at step 5
+        loss = model(torch.randn(8, 4)).square().mean()
+        loss.backward()
+        guard.step(loss.detach())
+        opt.zero_grad()
+        sched.step()
+    assert opt.param_groups[0]["lr"] < 0.1 and opt.param_groups[0]["initial_lr"] == 0.01
+    guard.recovery.state = dataclasses.replace(guard.recovery.state, factor=0.2, ceiling=0.2,
+                                               failed=0.4)
+    e = messages.settled_event(guard, Action("settled", 150, factor=0.2, ceiling=0.2))
+    guard.close()
+    assert e.data["advise"] == [pytest.approx(0.1 * 0.2 / 2)] and e.data["scheduled"]
+    assert e.remedy.startswith("Set the learning rate to 0.01 (x0.1 of the 0.1 it has")
+
+
 def test_a_retry_part_of_the_way_back_advises_that_factor_of_the_config_lr(tmp_path):
     """A retry lifted the LR part of the way back (x0.0316): under a schedule that decayed
     the LR, "Keep this learning rate (0.00333)" named the decayed LR now, 8x below what

@@ -26,8 +26,9 @@ def group_lrs(guard: Guard, factor: float) -> tuple[list[float | None], str]:
 def config_lrs(guard: Guard, factor: float) -> tuple[list[float | None], str, str | None]:
     """What the advice of an LR under ``factor`` is in a config: ``factor`` times the LR a
     scheduler scales (``planned_lr``: the config's value, which a ``LambdaLR`` warm-up or
-    cosine decay or a Hugging Face schedule scales; a one-cycle's peak; else the highest the
-    group has had, :meth:`~gradguard.detectors.LrTracker.peaks`) for every param group, the distinct ones as
+    cosine decay or a Hugging Face schedule scales; a one-cycle's peak; the highest the group
+    has had, :meth:`~gradguard.detectors.LrTracker.peaks`, where that is higher, as a cyclic
+    schedule's peak is, or none is planned) for every param group, the distinct ones as
     text, and those bases as text when a schedule has moved the LR off them (a warm-up, a
     decay: the LR now is not what the config says), else None and the LRs now."""
     groups = guard.optimizer.param_groups
@@ -35,8 +36,11 @@ def config_lrs(guard: Guard, factor: float) -> tuple[list[float | None], str, st
     # lowered by hand at an epoch): the highest LR the group has had stands for the config's
     # (the plateau had halved 0.03 when the advice was "x0.106" of the 0.015 then)
     peaks = guard.monitor.lr_tracker.peaks(len(groups))
-    bases = [planned if (planned := planned_lr(g)) is not None else peak
-             for g, peak in zip(groups, peaks)]
+    # the higher of the two: a ``CyclicLR`` records its ``base_lr`` (the cycle's floor) as
+    # ``initial_lr`` and keeps its ``max_lr`` to itself, which the run's LRs have shown
+    bases = [max(planned, peak) if planned is not None and peak is not None
+             else planned if planned is not None else peak
+             for g, peak in zip(groups, peaks) for planned in (planned_lr(g),)]
     now, shown = group_lrs(guard, factor)
     moved = [b is not None and n is not None and abs(b * factor - n) > 1e-6 * abs(n)
              for b, n in zip(bases, now)]
