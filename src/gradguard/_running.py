@@ -114,7 +114,9 @@ class RunningStats:
         """A device bool: this step's forward moved a running variance by more than
         ``OFFSCALE_RATIO`` (a layer of momentum near 1: by a batch ``OFFSCALE_BATCH`` times
         the running one) in a layer that had seen ``OFFSCALE_AFTER`` batches (see the
-        module docstring); None when the model has no such statistics. No host read."""
+        module docstring); None when the model has no such statistics. Sets :attr:`lost`
+        (a device bool: a running variance turned NaN/Inf since the step before). No host
+        read."""
         if not self.buffers or not self._vars or self._moved():
             return None
         new, old, seen = self._scale_inputs
@@ -142,9 +144,8 @@ class RunningStats:
             # seen (found by a stranger: a script that skips a NaN loss before backward, as
             # many do, had its batch norm statistics already NaN from that forward; the
             # model gave NaN in eval() and the run read "healthy")
-            lost = (~torch.isfinite(var[0]) & torch.isfinite(var[1])).any()
-            self.lost = lost
-            return ((ratio > limit) & (torch.stack(seen).to(device) >= OFFSCALE_AFTER)).any() | lost
+            self.lost = (~torch.isfinite(var[0]) & torch.isfinite(var[1])).any()
+            return ((ratio > limit) & (torch.stack(seen).to(device) >= OFFSCALE_AFTER)).any()
 
     def settle(self, trouble: Tensor | bool) -> None:
         """After the step: put the statistics back when it was skipped for ``trouble``

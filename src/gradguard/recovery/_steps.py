@@ -113,9 +113,16 @@ def verdict(rec: Recovery, stats: StepStats, loss: Tensor | float | None) -> Ten
         code.mul_(rec._verdict.grad_far.to(torch.uint8)).bitwise_and_(GRACE_KEEPS)
     offscale = None if g is None or distributed_run else g._running.offscale(code.device)
     if offscale is not None and g is not None:  # judged on its own step alone: no grace
-        code |= offscale.to(torch.uint8) * OFFSCALE
         if (lost := g._running.lost) is not None:
+            # statistics a forward the guard never saw turned NaN/Inf (a loop that skipped
+            # the loss before backward); a step whose own gradients are non-finite is
+            # skipped as such, its statistics put back with it (found by a regression hunt:
+            # NaN batches that reached backward were "spiking" steps, their back-offs no
+            # longer undone, and a rollback capped the LR: 2.5-3.5x the run before)
+            lost = lost & stats.finite
+            offscale = offscale | lost
             code |= lost.to(torch.uint8) * RUNNING_NAN
+        code |= offscale.to(torch.uint8) * OFFSCALE
     return code
 
 
