@@ -526,3 +526,85 @@ def test_spikes_skipped_before_the_detectors_warm_up_are_in_the_summary(tmp_path
     sentence = summary_sentence(load_run(tmp_path))
     assert "No gradient trouble" not in sentence, sentence
     assert "2 steps from step 10 on spiked and were skipped at the step" in sentence, sentence
+
+
+def test_a_storm_rolled_back_to_the_first_weights_keeps_the_statistics_that_see_it():
+    """Found by a stranger: a regression MLP (targets ~1e3) on Adam, its gradients x100 for
+    steps 100-119, was rolled back at step 105 to the weights before the first step (the
+    snapshot of step 49 sat at the fresh model's loss level). Those came with fresh
+    gradient statistics, whose warm-up let the storm's remaining steps through: Adam's
+    second moments learnt them and the model stayed where it was, 2.5x its healthy twin's
+    held-out error (the unguarded run's). The statistics restored are those of the
+    snapshot passed over, at the fresh level too: the storm is skipped and blamed on the
+    batches, and the rollback undone."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3000, 16, generator=g)
+    w = torch.randn(16, 1, generator=g)
+    clean = 1e3 * (torch.tanh(x @ w / 4) + 0.1 * x[:, :1] ** 2)
+    y = clean + 50 * torch.randn(3000, 1, generator=g)
+
+    def run(guarded, storm=True):
+        torch.manual_seed(2)
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                              nn.Linear(64, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+        gs = torch.Generator().manual_seed(1002)
+        for step in range(300):
+            i = torch.randint(0, 2500, (64,), generator=gs)
+            loss = nn.functional.mse_loss(model(x[i]), y[i]) / 1e4
+            opt.zero_grad()
+            loss.backward()
+            if storm and 100 <= step < 120:
+                for p in model.parameters():
+                    p.grad.mul_(100.0)
+            guard.step(loss.detach()) if guard is not None else opt.step()
+        if guard is not None:
+            guard.close()
+        with torch.no_grad():
+            return guard, float((model(x[2500:]) - clean[2500:]).abs().mean())
+
+    guard, held = run(True)
+    decided = [(a.kind, a.step) for a in guard.recovery.decisions]
+    assert decided[:3] == [("backoff", 102), ("rollback", 105), ("data", 106)], decided
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    assert rollback.data["snapshot_step"] == -1
+    assert all(torch.isfinite(p).all() for p in guard.model.parameters())
+    _, twin = run(False, storm=False)
+    _, unguarded = run(False)
+    assert held < 1.4 * twin < unguarded, (held, twin, unguarded)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nan_batches_through_batch_norm_are_non_finite_steps_not_spikes(seed):
+    """Found by a regression hunt: NaN batches that reach backward in a BatchNorm model
+    also turn its running statistics NaN, and the test for statistics a forward the guard
+    never saw turned NaN (a loop that skips the loss before backward) marked them too: the
+    steps were "spiking", the back-offs of the second and third streak were no longer
+    undone, and a rollback capped the LR (held-out 1.14-1.18x the run before, 2.5-3.5x on
+    a digits CNN). A step with non-finite gradients is a non-finite step: each streak's
+    back-off is undone, one skip event per step."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64),
+                          nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+    w = torch.randn(16, 1, generator=torch.Generator().manual_seed(3))
+    bad = {100, 101, 102, 104, 105, 106, 108, 109, 110}
+    for step in range(130):
+        x = torch.randn(32, 16, generator=g)
+        y = torch.sin(x @ w)
+        if step in bad:
+            x[0, 0] = float("nan")
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss.detach())
+    guard.close()
+    kinds = [a.kind for a in guard.recovery.decisions]
+    assert "rollback" not in kinds and guard.recovery.lr_factor == 1.0, guard.recovery.decisions
+    assert all("spiking" not in a.reason for a in guard.recovery.decisions)
+    skips = [e.step for e in guard.events if e.kind == "skip"]
+    assert sorted(skips) == sorted(bad), skips
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())

@@ -20,7 +20,7 @@ from ..naming import optimizer_layout
 from ..units import DYING
 from . import actions
 from .rise import AT_FRESH
-from .snapshots import DiskSnapshotStore, MemorySnapshotStore, SnapshotWriter
+from .snapshots import DiskSnapshotStore, MemorySnapshotStore, SnapshotWriter, copy_state
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -54,6 +54,9 @@ class SnapshotRing:
         #: the snapshot step the last rollback restored, and the first step on its weights
         self.restored_from = -1
         self.restored_step: int | None = None
+        #: the store index of the snapshot at the fresh model's level that :meth:`back`
+        #: last passed over for the weights before the first step (None: it did not)
+        self.passed_over: int | None = None
 
     def keep(self, guard: Guard, step: int, *, disk: bool = True,
              fresh_verdict: bool = False) -> bool:
@@ -97,9 +100,11 @@ class SnapshotRing:
         kept: the weights from before the units died (:mod:`gradguard.units`)."""
         steps = self.store.steps()
         n = back + 1 if len(steps) > 1 and steps[-1] not in self._verified else back
+        self.passed_over = None
         if fresh is not None and len(steps) > 1 and steps[0] == -1:
             level = self.levels.get(steps[max(0, len(steps) - 1 - n)])
             if level is not None and level >= AT_FRESH * fresh:
+                self.passed_over = max(0, len(steps) - 1 - n) - len(steps)
                 return len(steps) - 1
         while n < len(steps) - 1 and (self.dying.get(steps[len(steps) - 1 - n]) or 0.0) >= DYING / 2:
             n += 1
@@ -184,8 +189,22 @@ class SnapshotRing:
             GradGuardWarning, stacklevel=caller_stacklevel())
 
     def load(self, back: int) -> dict[str, Any] | None:
-        """A copy of a good snapshot: from memory, else (after a resume) from disk."""
+        """A copy of a good snapshot: from memory, else (after a resume) from disk. The
+        weights before the first step, when :meth:`back` chose them over a snapshot at the
+        fresh model's level, come with that snapshot's gradient statistics (the clip
+        policy's, the spike verdict's) in place of the fresh ones: its weights are at the
+        fresh level too, so the statistics describe weights like those restored, and
+        they have seen the run's steps, where fresh ones start a warm-up that a stretch of
+        bad batches right after the restore passes unskipped (found by a stranger: a
+        gradient storm x100 from step 100 of a regression, rolled back at 105 to the
+        weights before the first step, with fresh statistics clipped none of the storm's
+        remaining steps; Adam's second moments learnt its gradients and the model stayed
+        where it was, 2.5x its healthy twin)."""
         snap = self.store.load_good(back=back)
+        passed, self.passed_over = self.passed_over, None
+        if snap is not None and passed is not None and int(snap["step"]) < 0:
+            source = self.store.load(passed)
+            snap.update(copy_state({k: source.get(k) for k in ("clip", "verdict")}))
         if snap is None and self.disk is not None:
             self.wait()
             snap = self.disk.load_good(back=back)
