@@ -322,6 +322,10 @@ def test_a_run_whose_loss_may_rise_is_not_judged_on_its_level():
     d = _data([])
     d.loss = np.linspace(0.5, 1.5, d.n_steps)  # a loss that rose over the run
     assert judge(d).status == "diverged"
+    # with no gradient trouble at all, the remedy names the option (found by a stranger:
+    # healthy REINFORCE runs "diverged", told only to lower the LR)
+    assert judge(d).remedy.endswith("pass gg.Recovery(loss_rise=False).")
+    assert judge(d, {"zero_code": True}).remedy.endswith("rerun with `--no-loss-rise`.")
     assert judge(d, {"loss_rise": True}).status == "diverged"
     out = judge(d, {"recovery": True, "loss_rise": False})
     assert out.status == "healthy" and not out.rose and out.cause is None

@@ -96,6 +96,15 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         elif cfg.get("recovery") is False:
             text += ("; with `--recovery` gradguard backs the LR off by itself" if cli else
                      "; gg.Recovery() backs the LR off by itself")
+        if incident is None and not backoffs and status == "diverged":
+            # the loss's rise alone, no gradient trouble (found by a stranger: healthy
+            # REINFORCE runs, their surrogate loss a level that means nothing, were
+            # "diverged" in 4 of 6 seeds and told to lower the LR, with no word of the option)
+            text += (". No gradient trouble came with the rise: if this loss may rise when "
+                     "training is healthy (a policy-gradient surrogate, a GAN's player), judge "
+                     "the run on its own measure and "
+                     + ("rerun with `--no-loss-rise`" if cli else
+                        "pass gg.Recovery(loss_rise=False)"))
         return text + "."
     if cause == "vanishing_grad":
         return ("Use ReLU-family activations with He init, add normalisation (LayerNorm, "
