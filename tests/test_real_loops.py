@@ -748,19 +748,22 @@ def test_a_nan_micro_batch_under_accumulation_is_no_explosion_in_the_head(tmp_pa
     assert out.cause == "nonfinite_loss" and "Check the batch of step 30" in out.remedy
 
 
-@pytest.mark.parametrize("dead", [True, "first", False])
+@pytest.mark.parametrize("dead", [True, "first", "deep", False])
 def test_relus_dead_from_the_start_are_a_stall_not_an_unused_branch(tmp_path, dead):
     """Found by a stranger: a ReLU MLP whose hidden biases start at -5 sat at chance, every
     hidden layer without a gradient from step 0, and was "healthy", its layers told as an
     unused branch ("check for detach()/no_grad()"). A layer the loss's graph reaches, with
     a layer after it that has a gradient, that never had one is dead from the start: a
     warning, the run stalled with cause ``dead_units`` and the initialisation named. Its
-    twin (default biases) is healthy, with no warning."""
+    twin (default biases) is healthy, with no warning. "deep": three hidden layers, the
+    first dead (found by a stranger: the second, fed zeros, passes its bias's constant on,
+    the third's weight matrix has a gradient, and the run was "healthy")."""
     from gradguard.report import load_run
     from gradguard.report._outcome import judge
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+    deep = [nn.Linear(32, 32), nn.ReLU()] if dead == "deep" else []
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), *deep,
                           nn.Linear(32, 4))
     if dead:  # "first": the first layer only, the next one fed zeros (found by a
         # regression hunt: its bias still learns, and the net at chance was "healthy")

@@ -177,8 +177,15 @@ def detect_no_gradient(
     # router first chose after step 49 were "dead from the start", where a layer behind a
     # gate is an info; and by another: a first layer dead from its init, the next one fed
     # zeros, sat at chance "healthy")
+    # Or where a layer after it learns its bias alone: fed the exact zeros of units dead
+    # from the start, its weight matrix gets no gradient (a gate of 0 leaves the layers
+    # after it none at all). Found by a stranger: a 3-hidden-layer ReLU MLP whose first
+    # layer's bias sat at -100, at chance, was "healthy" and told to look for a detach():
+    # the second layer, fed zeros, passed on its own bias's constant, and the third's
+    # weight matrix had a gradient
     if born and not _constant(window, rows, walked):
-        born = []
+        _, alone = _learning(window, rows)
+        born = [n for n in born if any(k in alone for k in window.after[index[n]])]
     return ([_silent_layer(n, window.steps[0], step,
                            reached=walked is not None and index[n] in walked)
              for n in never if n not in born]
