@@ -661,3 +661,43 @@ def test_a_regression_at_a_tenth_of_its_fresh_loss_by_step_20_is_not_rolled_back
     assert run(0.1) == []
     [grew] = run(0.3)
     assert "the weights grew" in grew
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_plateau_scheduler_starts_again_with_the_weights_a_rollback_restores(seed):
+    """Found by strangers: a digits MLP (LayerNorm) on AdamW at 0.03 under a
+    ``ReduceLROnPlateau`` stepped on the batch loss, rolled back at step 60 to its fresh
+    weights (their growth), had the scheduler compare the restored weights' loss with the
+    best of the weights replaced and halve the LR every 21 steps, to 1.5e-5 by step 299
+    (2.4-3.2x its unguarded held-out loss). The rollback resets the scheduler's best and
+    counts (and again at the next step: the loop stepped it on the replaced weights' loss)."""
+    x_train, y_train, x_val, y_val = split_digits()
+
+    def run(guarded):
+        batch = minibatches(x_train, y_train, 32, seed=seed)
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 64),
+                              nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 10))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.03)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=20)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if guarded else None
+        lrs = []
+        for step in range(300):
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach()) if guard is not None else opt.step()
+            sched.step(loss.item())
+            lrs.append(opt.param_groups[0]["lr"])
+        if guard is not None:
+            guard.close()
+        with torch.no_grad():
+            return guard, lrs, float(nn.functional.cross_entropy(model(x_val), y_val))
+
+    guard, lrs, held = run(True)
+    [rollback] = [e for e in guard.events if e.kind == "rollback"]
+    assert (rollback.step, rollback.data["snapshot_step"]) == (60, -1)
+    assert lrs[100] == 0.03  # no "plateau" against the best of the weights replaced
+    _, _, unguarded = run(False)
+    assert held < 1.3 * unguarded, (held, unguarded)

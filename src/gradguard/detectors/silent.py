@@ -183,9 +183,10 @@ def detect_no_gradient(
     # layer's bias sat at -100, at chance, was "healthy" and told to look for a detach():
     # the second layer, fed zeros, passed on its own bias's constant, and the third's
     # weight matrix had a gradient
-    if born and not _constant(window, rows, walked):
+    if born and window.after is not None and not _constant(window, rows, walked):
         _, alone = _learning(window, rows)
-        born = [n for n in born if any(k in alone for k in window.after[index[n]])]
+        after = window.after
+        born = [n for n in born if any(k in alone for k in after[index[n]])]
     return ([_silent_layer(n, window.steps[0], step,
                            reached=walked is not None and index[n] in walked)
              for n in never if n not in born]

@@ -210,6 +210,8 @@ class Recovery:
         self._progress: float | None = None  # the loss level of the latest flush
         self._flushed: list[float] = []  # the latest flush's last taken losses (.growth)
         self._grew: growth.Noted | None = None  # a growth found, to decide on (.growth)
+        #: the plateau schedulers a rollback reset, to settle at the next step (.plateau)
+        self._plateaus: list[tuple[Any, int]] = []
         #: the latest sampled share of a layer's units that died (:mod:`gradguard.units`)
         self._dying: float | None = None
         self.restores = 0  # weights restored: rollbacks, and the LR probe's forks (_flush)

@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import distributed
 from ..events import listed
 from ..executors import NONFINITE, STALE, Hook
-from . import _slip, actions, finite, growth
+from . import _slip, actions, finite, growth, plateau
 from .defaults import SPIKE_GRACE
 from .ladder import DATA_REASONS, NONFINITE_REASON, OFFSCALE_REASON, SPIKE_REASON, Trigger
 from .late import enabled
@@ -51,6 +51,9 @@ def before_step(rec: Recovery, guard: Guard) -> None:
         # 5 steps ended 2.3-3.7x its twin, rolled back 57 steps)
         rec.snapshot(guard)
     _slip.observe(rec, guard)  # an LR burst that ended: the ladder's factors rescaled
+    if rec._plateaus:  # a rollback at the step before: its plateau schedulers (.plateau)
+        plateau.settle(rec._plateaus)
+        rec._plateaus = []
 
 
 def hear_flags(rec: Recovery, guard: Guard) -> None:

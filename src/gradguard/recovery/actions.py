@@ -18,7 +18,7 @@ from torch import Tensor
 from .._owners import others
 from ..events import Event
 from ..naming import OPTIMIZER_PREFIX, layer_of
-from . import _slip, finite, growth, messages, remap, wreck
+from . import _slip, finite, growth, messages, plateau, remap, wreck
 from .ladder import IMPROVED_REASON, Action, Trigger, transition
 from .shift import UNDONE, Shift, rebase, restart
 from .snapshots import copy_state, state_bytes, wait_copies
@@ -45,6 +45,8 @@ def rollback(
     if "detectors" in snap and not stale(guard, snap):  # the losses and norms that led
         guard.monitor.detector_state.restart(snap["detectors"])  # to the restored weights
     guard.batches_to_skip = a.skip_batches
+    if (rec := guard.recovery) is not None:  # see .plateau
+        rec._plateaus = plateau.reset(guard.optimizer, local_optimizer(guard.optimizer))
     if reset_mode == "none":
         return []
     return reset_moments(guard, layers if reset_mode == "exploded" else None)
