@@ -481,6 +481,50 @@ def test_a_second_process_writing_the_same_run_directory_is_refused(tmp_path):
             if r["type"] == "step"] == [0, 10, 11, 12, 13, 14]
 
 
+def test_a_zero_code_run_whose_directory_another_process_writes_is_not_judged_on_it(tmp_path):
+    """Found by a stranger: two ``gradguard run --resume-from`` of one directory at once:
+    the second, its sink refused, printed the first run's verdict as its own, overwrote
+    its ``guard.json`` and passed ``--fail-on-divergence``. A guard whose records were
+    refused writes nothing there, is "not recorded", and fails the gate."""
+    import subprocess
+    import sys
+
+    from gradguard.integrations._summary import RunResult, finish_run_dir, format_summary
+
+    holder = (
+        "import sys, time, gradguard as gg\n"
+        "from gradguard.events import Flush\n"
+        "sink = gg.JsonlSink(sys.argv[1])\n"
+        "sink.write(Flush(steps=[{'step': 0, 'loss': 1.0}], layers={}, events=[]))\n"
+        "print('written', flush=True)\n"
+        "time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(gg.__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with pytest.warns(RuntimeWarning, match="written by another process"):
+            with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+                guarded_steps(guard, model, opt, 10)
+        row = finish_run_dir(tmp_path, guard.clip, gg.GuardConfig(), guard.state_dict(), guard,
+                             {"index": 0, "kind": "optimizer", "name": "opt"}, {}, False)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert row["refused"] and row["outcome"] is None and row["steps"] == 10
+    assert not (tmp_path / "guard.json").exists() and not (tmp_path / "guard_state.pt").exists()
+    result = RunResult("train.py", [], 0, tmp_path, [row])
+    assert not result.ok
+    assert "NOT JUDGED: not recorded: another process writes" in format_summary(result)
+    result.write(tmp_path, None, 0.0, resumed=False, clips_applied_at_once={})
+    assert not (tmp_path / "run.json").exists()  # the other process's directory
+
+
 def test_a_run_with_steps_no_record_reached_says_so(tmp_path):
     """Found by a stranger: after a full disk and a resume, 102 of 400 steps had no record
     and the report said nothing of the gap. The reader now notes it."""

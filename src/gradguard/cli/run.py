@@ -199,7 +199,11 @@ def command(args: argparse.Namespace) -> int:
         return EXIT_FINDINGS
     if args.fail_on_divergence and result.exit_code == 0 and not result.ok:
         bad = [r for r in result.optimizers if not (r.get("outcome") or {}).get("ok", True)]
-        print(f"gradguard run: --fail-on-divergence: {len(bad)} guarded run(s) did not "
-              "recover or did not train; exit 1", file=sys.stderr)
+        lost = [r for r in result.optimizers if r.get("refused")]
+        what = [f"{len(bad)} guarded run(s) did not recover or did not train"] if bad else []
+        what += [f"{len(lost)} guarded run(s) were not recorded (their run directory is "
+                 "another process's)"] if lost else []
+        print(f"gradguard run: --fail-on-divergence: {'; '.join(what)}; exit 1",
+              file=sys.stderr)
         return EXIT_FINDINGS
     return result.exit_code

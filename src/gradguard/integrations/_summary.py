@@ -40,12 +40,17 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        """No guard's run diverged, stalled or was stopped (unjudged rows count as ok)."""
-        return all((r.get("outcome") or {}).get("ok", True) for r in self.optimizers)
+        """No guard's run diverged, stalled or was stopped (unjudged rows count as ok), and
+        none went unrecorded (its run directory written by another process)."""
+        return all((r.get("outcome") or {}).get("ok", True) and not r.get("refused")
+                   for r in self.optimizers)
 
     def write(self, run_dir: Path, crashed: BaseException | None, started: float, *,
               resumed: bool, clips_applied_at_once: dict[str, int]) -> None:
-        """Write ``run.json``; a resumed run keeps the earlier sessions' entries."""
+        """Write ``run.json``; a resumed run keeps the earlier sessions' entries. Not when a
+        guard's records were refused: the directory is another process's run."""
+        if any(r.get("refused") for r in self.optimizers):
+            return
         path = run_dir / "run.json"
         sessions: list[Any] = []
         if resumed and path.is_file():
@@ -68,8 +73,19 @@ def finish_run_dir(run_dir: Path, clip: Any, config: GuardConfig, state: dict[st
                    guard: Any, info: dict[str, Any], immediate: dict[str, int],
                    report: bool) -> dict[str, Any]:
     """Write a guard's ``guard.json``, ``guard_state.pt`` and report; judge its outcome.
-    Returns its row for ``run.json`` and the summary."""
+    Returns its row for ``run.json`` and the summary. A guard whose sink there was refused
+    (another process writes the directory: its lock) writes nothing and is not judged:
+    the directory's records are the other run's (found by a stranger: two ``gradguard run
+    --resume-from`` of one directory at once, the second printed the first's verdict as
+    its own, overwrote its ``guard.json``, and passed ``--fail-on-divergence``)."""
     meta = guard_info(clip, config, zero_code=True)
+    if guard is not None and refused(guard, run_dir):
+        return {**info, "run_dir": str(run_dir), "clip": meta["clip"], "refused": True,
+                "report": None, "outcome": None, "steps": guard.step_count,
+                "skipped_steps": guard.skipped_steps, "events": len(guard.events),
+                "summary": (f"not recorded: another process writes {run_dir}, so nothing of "
+                            "this run was written there and it is not judged; give each run "
+                            "its own directory")}
     try:  # bookkeeping: a full disk costs a warning, never the script's outcome
         _rundir.write_json(run_dir / _rundir.GUARD_FILE, meta)
         if state is not None:
@@ -98,6 +114,16 @@ def finish_run_dir(run_dir: Path, clip: Any, config: GuardConfig, state: dict[st
         row["outcome"] = None
         row["summary"] = f"not judged: {e}"
     return row
+
+
+def refused(guard: Any, run_dir: Path) -> bool:
+    """Whether ``guard``'s :class:`~gradguard.JsonlSink` into ``run_dir`` failed (and was
+    disabled: its directory is locked by another process, or could not be written)."""
+    monitor = getattr(guard, "monitor", None)
+    failed = getattr(monitor, "failed_sinks", ())
+    target = Path(run_dir).resolve()
+    return any(i in failed and Path(getattr(sink, "run_dir", "")).resolve() == target
+               for i, sink in enumerate(getattr(monitor, "sinks", ())))
 
 
 def write_report(run_dir: str | os.PathLike[str]) -> str | None:
