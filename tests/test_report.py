@@ -1130,3 +1130,18 @@ def test_trouble_right_after_an_lr_jump_is_told_after_the_jump():
                            "or planned. The gradient norm spiked at step 51 in `4`."), text
     late = [_ev("lr_too_high", 10) | {"value": 100.0}, _ev("grad_spike", 51, layer="4")]
     assert summary_sentence(_data(late)).startswith("The gradient norm spiked at step 51")
+
+
+def test_a_change_of_data_is_dated_where_its_trouble_began_not_where_it_was_found():
+    """Found by a stranger: inputs x8+2 from step 200, a spike there, a rollback to the
+    snapshot of step 49, the change found at step 259: told "if the data was meant to
+    change at step 259". The change is dated by the first warning after the snapshot its
+    rollback restored."""
+    events = [_ev("nonfinite_grad", 20, "error"),  # an earlier, unrelated incident
+              _ev("grad_spike", 60), _ev("rollback", 64, "error", data={"snapshot_step": 49}),
+              _ev("data_shift", 79, data={"snapshot_step": 49})]
+    out = judge(_data(events))
+    assert out.status == "unjudged"
+    assert out.remedy.startswith("If the data was meant to change at step 60, nothing to do")
+    events[-1]["data"] = {}  # an older record: the step it was found at
+    assert "change at step 79" in judge(_data(events)).remedy

@@ -30,9 +30,9 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         return str(eps["remedy"])
     kinds = {e.get("kind") for e in data.events}
     if status == "unjudged" and "loss_level_off" not in kinds and "data_shift" in kinds:
-        shift = [e for e in data.events if e.get("kind") == "data_shift"]
-        return (f"If the data was meant to change at step {shift[-1]['step']}, nothing to do; "
-                "if not, check the data pipeline there (a shard or stage that ends, "
+        shift = [e for e in data.events if e.get("kind") == "data_shift"][-1]
+        return (f"If the data was meant to change at step {_shift_start(data, shift)}, nothing "
+                "to do; if not, check the data pipeline there (a shard or stage that ends, "
                 "shuffling off, a label mapping).")
     import numpy as np
 
@@ -172,3 +172,18 @@ def every_overflow(data: RunData) -> bool:
     overflows = {e.get("step") for e in data.events if e.get("kind") == "skip"
                  and (e.get("data") or {}).get("reason") == "loss_scale_overflow"}
     return data.n_steps > 0 and len(overflows) >= data.n_steps
+
+
+def _shift_start(data: RunData, shift: Mapping[str, Any]) -> int:
+    """The step a change of data found at ``shift`` (a ``data_shift`` event) began: the
+    first warning after the snapshot its rollback restored, where the trouble it was taken
+    for began (found by a stranger: inputs x8 from step 200, a spike there, found changed
+    at step 259, and told "if the data was meant to change at step 259"); the event's step
+    when none is known."""
+    found = int(shift["step"])
+    saved = (shift.get("data") or {}).get("snapshot_step")
+    if not isinstance(saved, int):
+        return found
+    after = [int(e["step"]) for e in data.events if e.get("severity") in ("warning", "error")
+             and isinstance(e.get("step"), int) and saved < e["step"] <= found]
+    return min(after, default=found)
