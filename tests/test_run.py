@@ -949,3 +949,32 @@ def test_fail_on_divergence_fails_a_script_that_guarded_nothing(tmp_path, capsys
     assert main(["run", "--no-report", "--out", str(out), str(script)]) == 0
     rc = main(["run", "--fail-on-divergence", "--no-report", "--out", str(out), str(script)])
     assert rc == 1 and "nothing was guarded" in capsys.readouterr().err
+
+
+def test_a_zero_code_run_killed_mid_run_is_reported_as_unfinished(tmp_path):
+    """Found by a stranger: a ``gradguard run`` killed with SIGKILL mid-run was reported
+    "training recovered" with no word that it never finished. Its directory has no
+    ``guard.json`` written at the end (``finished``): the report notes it; a finished
+    run's has none."""
+    from gradguard.report import load_run
+
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import os, signal, sys, torch\n"
+        "m = torch.nn.Linear(2, 1)\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "for step in range(int(sys.argv[1])):\n"
+        "    if step == 30 and sys.argv[2] == 'kill':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    m(torch.ones(4, 2)).pow(2).sum().backward()\n"
+        "    opt.step()\n"
+        "    opt.zero_grad()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    for how in ("kill", "end"):
+        subprocess.run([sys.executable, "-m", "gradguard", "run", "--no-report", "--every", "5",
+                        "--out", str(tmp_path / how), str(script), "40", how],
+                       capture_output=True, text=True, env=env, timeout=120)
+    [note] = [w for w in load_run(latest(tmp_path / "kill")).warnings if "did not finish" in w]
+    assert "its records end at step 24" in note  # the flush of steps 20-24
+    assert not [w for w in load_run(latest(tmp_path / "end")).warnings if "did not finish" in w]

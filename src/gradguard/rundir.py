@@ -183,6 +183,9 @@ class JsonlSink:
                 f"{str(Path(run_dir) / 'optimizer1')!r}), or close the first guard")
         self._key = key
         self.fsync = fsync
+        #: written by ``gradguard run``, which writes ``guard.json`` again at the run's end
+        #: (``finished``): a directory whose end never came is told so in its report
+        self.zero_code = False
         self.events_path = self.run_dir / "events.jsonl"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         files: list[BinaryIO] = []
@@ -309,7 +312,7 @@ class JsonlSink:
             return
         try:
             write_atomic(self.run_dir / "guard.json",
-                         json.dumps(guard_info(config.clip, config, zero_code=False)))
+                         json.dumps(guard_info(config.clip, config, zero_code=self.zero_code)))
         except OSError as e:
             warnings.warn(f"gradguard: {self.run_dir / 'guard.json'} not written ({e})",
                           RuntimeWarning, stacklevel=3)

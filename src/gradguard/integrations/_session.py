@@ -290,6 +290,7 @@ class ZeroCodeSession:
             if jsonl:
                 try:
                     sinks.append(JsonlSink(run_dir))
+                    sinks[-1].zero_code = True  # type: ignore[attr-defined]
                 except ValueError as e:  # a full or read-only disk must not stop the script
                     self._warn_once(f"out{k}", f"{e}; optimizer {k} is guarded but not recorded")
         return sinks

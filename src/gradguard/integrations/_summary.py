@@ -87,7 +87,8 @@ def finish_run_dir(run_dir: Path, clip: Any, config: GuardConfig, state: dict[st
                             "this run was written there and it is not judged; give each run "
                             "its own directory")}
     try:  # bookkeeping: a full disk costs a warning, never the script's outcome
-        _rundir.write_json(run_dir / _rundir.GUARD_FILE, meta)
+        # "finished": the run reached its end (the report notes a directory without it)
+        _rundir.write_json(run_dir / _rundir.GUARD_FILE, {**meta, "finished": True})
         if state is not None:
             _rundir.save_state(run_dir, state)
     except OSError as e:

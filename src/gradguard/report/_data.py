@@ -185,6 +185,21 @@ def _diagnosis(path: Path) -> dict[str, Any]:
     return diagnosis
 
 
+def _unfinished(d: Path, last: int | None) -> str | None:
+    """A note for a directory ``gradguard run`` wrote (its ``guard.json`` says
+    ``zero_code``) whose end it never reached: ``guard.json`` is written again there, with
+    ``finished`` (found by a stranger: a run killed with SIGKILL at step 1419 of 4000 was
+    reported "training recovered", with no word that it never finished)."""
+    try:
+        meta = json.loads((d / "guard.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("zero_code") is not True or meta.get("finished"):
+        return None
+    return (f"{d}: the `gradguard run` that wrote it did not finish (killed, or still "
+            f"running?); its records end at step {last}")
+
+
 def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     """Read ``metrics.jsonl``, ``events.jsonl`` and (if present) ``diagnosis.json``.
 
@@ -290,6 +305,8 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
         mx[i, idx] = fmax
     layer_step = np.frombuffer(m.layer_step, dtype=np.int64)[rows]
 
+    if (note := _unfinished(d, int(step.max()) if len(step) else None)) is not None:
+        notes.append(note)
     diagnosis = _diagnosis(dpath) if dpath.exists() else None
     seen: dict[tuple[Any, ...], int] = {}
     for i, e in enumerate(events):  # the later record of one recorded again is kept
