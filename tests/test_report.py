@@ -1145,3 +1145,19 @@ def test_a_change_of_data_is_dated_where_its_trouble_began_not_where_it_was_foun
     assert out.remedy.startswith("If the data was meant to change at step 60, nothing to do")
     events[-1]["data"] = {}  # an older record: the step it was found at
     assert "change at step 79" in judge(_data(events)).remedy
+
+
+def test_a_run_the_ladder_settled_at_a_lower_lr_has_that_lr_as_its_remedy():
+    """Found by a stranger: SGD at 3.0 rolled back and settled at 0.03; the summary said
+    "Stable at lr 0.03 ... set it in your config", and ``run.json``'s outcome had no cause
+    and no remedy. The settled LR, as the summary says it, is the remedy, the LR the cause."""
+    events = [_ev("grad_spike", 40), _ev("rollback", 41, "error", data={"factor": 0.1}),
+              _ev("lr_settled", 60, "info", data={"factor": 0.1, "lr": [0.3], "advise": [0.15],
+                                                 "clipped": 3, "steps": 20})]
+    out = judge(_data(events))
+    assert (out.status, out.cause) == ("recovered", "lr_too_high")
+    assert out.remedy == ("Stable at lr 0.3, with the gradients clipped on 3 of the 20 steps "
+                          "since the LR was lowered to it: the edge of what trains; set half "
+                          "of it, 0.15, in your config.")
+    events[-1]["data"]["factor"] = 1.0  # back at the LR set: no LR remedy
+    assert judge(_data(events)).remedy is None

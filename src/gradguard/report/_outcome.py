@@ -45,6 +45,7 @@ from ._causes import (
 )
 from ._levels import flat_words, median, tol
 from ._remedy import LOWERED_STALL, every_overflow, remedy
+from ._settled import settled_sentences
 from ._silent import FIT_LOSS, FLOOR_LOSS, MIN_LEVEL_STEPS, silent_verdict
 
 __all__ = ["LOWERED_STALL", "Outcome", "every_overflow", "judge", "ladder_reason", "lowered_lr",
@@ -356,6 +357,15 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # a growth the run ended before the Recovery decided on (gradguard.recovery.growth):
         # nothing was done about it, and the LR is the fix
         todo = str(unsettled.get("remedy") or "") or None
+    lowered = [e for e in data.events if e.get("kind") == "lr_settled" and isinstance(
+        f := (e.get("data") or {}).get("factor"), (int, float)) and f < 1]
+    if status == "recovered" and todo is None and lowered and (
+            advice := settled_sentences(data.events, cause)):
+        # the LR the ladder settled at, as the summary says it, is the remedy, and the LR the
+        # cause (found by a stranger: SGD at 3.0 rolled back, settled at 0.03, "Stable at lr
+        # 0.03 ... set it in your config" in the summary, and run.json's outcome had no
+        # cause and no remedy)
+        todo, cause = advice[0], cause or "lr_too_high"
     if todo is None and status == "recovered" and flat:
         # back at its level, which is where it started: nothing to fix in the trouble, but
         # the run does not learn (found by a stranger: an encoder-decoder at Adam 30x sat at
