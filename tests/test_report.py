@@ -1161,3 +1161,32 @@ def test_a_run_the_ladder_settled_at_a_lower_lr_has_that_lr_as_its_remedy():
                           "of it, 0.15, in your config.")
     events[-1]["data"]["factor"] = 1.0  # back at the LR set: no LR remedy
     assert judge(_data(events)).remedy is None
+
+
+@pytest.mark.parametrize("lr", [1e-6, 1e-3])
+def test_a_flat_run_whose_updates_barely_move_the_weights_is_told_its_lr_is_too_low(tmp_path, lr):
+    """Found by a stranger: Adam at 1e-6, its loss flat at chance for 400 steps, was
+    "No gradient trouble ... run gg.doctor on a batch", and the doctor found nothing (no
+    probe of it sees an LR too low). Its updates moved the weights by 7e-6 of their norm
+    per step: the summary says the LR is likely far too low. At 1e-3 the loss falls."""
+    import torch
+    from torch import nn
+
+    from gradguard.lab._common import minibatches, split_digits
+
+    x_train, y_train, _, _ = split_digits()
+    batch = minibatches(x_train, y_train, 32, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                  sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for step in range(200):
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach())
+    text = summary_sentence(load_run(tmp_path))
+    assert ("the learning rate is likely far too low" in text) == (lr == 1e-6), text

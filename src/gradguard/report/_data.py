@@ -49,6 +49,8 @@ class RunData:
         events: event records (dicts, as in ``events.jsonl``).
         diagnosis: the doctor's ``diagnosis.json`` if present.
         warnings: problems that were tolerated (e.g. a truncated last line).
+        update_ratio: ``[F]`` the median over the layers of the update/weight ratio in each
+            flush window (NaN where not recorded); None when not loaded.
     """
 
     run_dir: Path
@@ -64,6 +66,7 @@ class RunData:
     events: list[dict[str, Any]]
     diagnosis: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    update_ratio: Any = None
 
     @property
     def n_steps(self) -> int:
@@ -118,6 +121,7 @@ class _Metrics:
         self.names: list[str] = []
         self.index: dict[str, int] = {}
         self.layer_step = array("q")
+        self.update = array("d")  # per flush: the median layer's update/weight ratio
         # per flush: the columns of its layers, its mean and its max norms
         self.flushes: list[tuple[array[int], array[float], array[float]]] = []
         self._last: tuple[list[str], array[int]] | None = None
@@ -134,6 +138,7 @@ class _Metrics:
         rows = [i for i, s in enumerate(self.layer_step) if s < step]
         if len(rows) < len(self.layer_step):
             self.layer_step = array("q", [self.layer_step[i] for i in rows])
+            self.update = array("d", [self.update[i] for i in rows])
             self.flushes = [self.flushes[i] for i in rows]
         return gone
 
@@ -154,6 +159,8 @@ class _Metrics:
                 self._last = (names, array("q", [self.index[n] for n in names]))
             mean = r["grad_norm"]
             self.layer_step.append(r["step"])
+            ratios = sorted(x for x in _nums(r.get("update_ratio") or []) if x > 0)
+            self.update.append(ratios[len(ratios) // 2] if ratios else math.nan)
             self.flushes.append((self._last[1], _nums(mean), _nums(r.get("grad_norm_max", mean))))
 
 
@@ -320,6 +327,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     return RunData(
         d, step, cols["loss"], cols["grad_norm"], cols["clip_coef"], skipped,
         m.names, layer_step, mean, mx, events, diagnosis, notes,
+        np.frombuffer(m.update, dtype=np.float64)[rows],
     )
 
 

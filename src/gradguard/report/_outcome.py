@@ -357,9 +357,9 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # a growth the run ended before the Recovery decided on (gradguard.recovery.growth):
         # nothing was done about it, and the LR is the fix
         todo = str(unsettled.get("remedy") or "") or None
-    lowered = [e for e in data.events if e.get("kind") == "lr_settled" and isinstance(
+    settled_low = [e for e in data.events if e.get("kind") == "lr_settled" and isinstance(
         f := (e.get("data") or {}).get("factor"), (int, float)) and f < 1]
-    if status == "recovered" and todo is None and lowered and (
+    if status == "recovered" and todo is None and settled_low and (
             advice := settled_sentences(data.events, cause)):
         # the LR the ladder settled at, as the summary says it, is the remedy, and the LR the
         # cause (found by a stranger: SGD at 3.0 rolled back, settled at 0.03, "Stable at lr
