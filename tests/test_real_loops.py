@@ -790,6 +790,50 @@ def test_relus_dead_from_the_start_are_a_stall_not_an_unused_branch(tmp_path, de
     assert "from the start" in out.clause and "initialisation" in out.remedy
 
 
+def test_an_unchosen_expert_before_a_layer_norm_is_no_layer_dead_from_the_start():
+    """Found by a regression hunt: a hard-gated mixture of experts (every expert runs, the
+    unchosen multiplied by 0), one expert never chosen, a LayerNorm after the mixture:
+    the rule that a layer after one with no gradient learning its bias alone tells units
+    dead from the start took the LayerNorm (vectors only) for such a layer, and warned
+    "dead from the start" on a healthy run. Only a layer with a weight matrix tells it."""
+    torch.manual_seed(0)
+
+    class MoE(nn.Module):
+        def __init__(self, experts=4, width=32):
+            super().__init__()
+            self.inp = nn.Linear(16, width)
+            self.router = nn.Linear(width, experts)
+            self.experts = nn.ModuleList(
+                nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+                for _ in range(experts))
+            with torch.no_grad():
+                self.router.bias[-1] = -20.0  # never chosen
+            self.norm = nn.LayerNorm(width)
+            self.head = nn.Linear(width, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.inp(x))
+            r = self.router(h)
+            gate = nn.functional.one_hot(r.argmax(1), r.shape[1]).float() * r.softmax(1)
+            return self.head(self.norm(h + sum(gate[:, i:i + 1] * e(h)
+                                               for i, e in enumerate(self.experts))))
+
+    model = MoE()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(1)
+    centers = torch.randn(4, 16, generator=gen)
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
+        for _ in range(100):
+            y = torch.randint(0, 4, (32,), generator=gen)
+            loss = nn.functional.cross_entropy(
+                model(centers[y] + 0.3 * torch.randn(32, 16, generator=gen)), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)  # its graph: the layers' order
+    assert not [e for e in guard.events if e.severity != "info"], guard.events
+    assert any(e.kind == "disconnected_layer" and e.layer == "experts.3.0" for e in guard.events)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_regression_whose_first_layer_died_is_a_network_that_died(tmp_path, seed):
     """Found by a regression hunt: a ReLU regression MLP (targets around 5) whose first

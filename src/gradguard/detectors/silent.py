@@ -183,8 +183,13 @@ def detect_no_gradient(
     # layer's bias sat at -100, at chance, was "healthy" and told to look for a detach():
     # the second layer, fed zeros, passed on its own bias's constant, and the third's
     # weight matrix had a gradient
+    # (a layer with a weight matrix: a LayerNorm has its vectors alone, and learns them
+    # whatever feeds it; found by a regression hunt, an unchosen expert of a mixture
+    # before a LayerNorm was "dead from the start")
     if born and window.after is not None and not _constant(window, rows, walked):
         _, alone = _learning(window, rows)
+        mats = window.matrix_params or []
+        alone &= {window.layer_index[i] for i, m in enumerate(mats) if m}
         after = window.after
         born = [n for n in born if any(k in alone for k in after[index[n]])]
     return ([_silent_layer(n, window.steps[0], step,
