@@ -1190,3 +1190,24 @@ def test_a_flat_run_whose_updates_barely_move_the_weights_is_told_its_lr_is_too_
             guard.step(loss.detach())
     text = summary_sentence(load_run(tmp_path))
     assert ("the learning rate is likely far too low" in text) == (lr == 1e-6), text
+
+
+def test_a_loss_on_two_levels_is_judged_within_their_spread():
+    """Found by a stranger: a 99:1 classifier under label smoothing has half its batches
+    without a minority sample, their loss at the smoothing's floor (0.208), the others at
+    0.23-0.3: the window's MAD is 0, and a run an LR burst left unharmed was "not
+    recovered: the loss ended at 0.23, above the 0.208 it had before step 100". The spread
+    is also the interquartile range's."""
+    from gradguard.report._levels import spread
+
+    rng = np.random.default_rng(0)
+    n = 160
+    d = _data([_ev("lr_too_high", 100), _ev("lr_backoff", 100, data={"factor": 0.1})], n=n)
+    floor = rng.random(n) < 0.55
+    d.loss = np.where(floor, 0.208, 0.23 + 0.07 * rng.random(n))
+    d.loss[92:100] = 0.208  # the window before the burst: at the floor by chance
+    d.loss[-16:] = np.where(np.arange(16) % 2 == 0, 0.24, 0.208)
+    d.loss[-16:][:3] = 0.25  # ... and the end just above it
+    out = judge(d)
+    assert out.status == "recovered", out
+    assert spread(d.loss[84:100]) > 0.01
