@@ -754,3 +754,36 @@ def test_a_script_that_stops_itself_on_a_nan_loss_is_reported_stopped(tmp_path, 
     assert (outcome["status"], outcome["ok"]) == ("stopped", False)
     assert main([*args, "--nan-at", "99"]) == 0  # no NaN: healthy, nothing recorded
     assert "HEALTHY" in capsys.readouterr().err
+
+
+def test_a_step_the_lr_probe_voided_is_no_step_the_script_skipped(tmp_path):
+    """Found by a stranger: a script clipping with ``clip_grad_norm_(1.0)`` on AdamW at 30x,
+    under ``gradguard run``: the LR probe forked its trial after step 250's backward and
+    voided that step; the script's clip request, carried out by no one, was read at the
+    next ``zero_grad`` as "the script then zeroed the gradients without optimizer.step():
+    it skipped the step itself". The voided step's request is its own."""
+    script = tmp_path / "loop.py"
+    script.write_text(
+        "import torch\n"
+        "from sklearn.datasets import load_digits\n"
+        "D = load_digits(); X = torch.tensor(D.data / 16.0, dtype=torch.float32)\n"
+        "Y = torch.tensor(D.target)\n"
+        "tr = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[:1400]\n"
+        "torch.manual_seed(1)\n"
+        "net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(),\n"
+        "                          torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 10))\n"
+        "opt = torch.optim.AdamW(net.parameters(), lr=0.03)\n"
+        "sch = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.09, total_steps=400)\n"
+        "g = torch.Generator().manual_seed(1)\n"
+        "for s in range(400):\n"
+        "    idx = tr[torch.randint(0, len(tr), (32,), generator=g)]\n"
+        "    loss = torch.nn.functional.cross_entropy(net(X[idx]), Y[idx])\n"
+        "    opt.zero_grad(); loss.backward()\n"
+        "    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)\n"
+        "    opt.step(); sch.step()\n")
+    result = run_script(script, out=tmp_path / "out", report=False, quiet=True,
+                        config=gg.GuardConfig(recovery=gg.Recovery()))  # the CLI's default
+    events = list(read_jsonl(result.run_dir / "events.jsonl"))
+    voided = [e for e in events if (e.get("data") or {}).get("reason") == "rolled_back"]
+    assert voided, [e["kind"] for e in events]  # the probe voided a step
+    assert not [e for e in events if "skipped the step itself" in e["message"]], events

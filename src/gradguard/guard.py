@@ -319,6 +319,8 @@ class Guard:
                 # was clipped for 100 steps, 3.0x the run without the batch)
                 stats.skipped = spikes != 0
             policy = None if stale() else self.clip  # (a restore on hearing them: void)
+            if policy is None and callable(void := getattr(self.clip, "void", None)):
+                void(stats)  # what it was asked to clip is this voided step's (gradguard run)
             coef = policy_coefficient(policy, stats) if in_step else apply_policy(policy, stats)
             if self.recovery is not None:
                 self.recovery.before_step(self)  # this step's LR factor; the first snapshot

@@ -86,6 +86,14 @@ class InterceptedClip(Policy):
         """The script's clipping is replaced by the user's policy."""
         return self.user is not None and self.mode == "replace"
 
+    def void(self, stats: StepStats) -> None:
+        """The guard voids this step (its gradients are those of weights a restore
+        replaced): the script's clip requests on them are this step's, carried out by no
+        one, and no step the script skipped (found by a stranger: after the LR probe
+        voided a step, its pending ``clip_grad_norm_`` was read at the next ``zero_grad``
+        as "the script skipped the step itself")."""
+        self.interceptor.claim(_grad_ids(stats))
+
     def apply_(self, stats: StepStats) -> Tensor:
         reqs = self.interceptor.claim(_grad_ids(stats))
         verb = "replaced" if self.replaces else "applied"
