@@ -186,6 +186,8 @@ class JsonlSink:
         #: written by ``gradguard run``, which writes ``guard.json`` again at the run's end
         #: (``finished``): a directory whose end never came is told so in its report
         self.zero_code = False
+        #: its first write found the directory locked by another process's sink
+        self.locked_out = False
         self.events_path = self.run_dir / "events.jsonl"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         files: list[BinaryIO] = []
@@ -272,6 +274,7 @@ class JsonlSink:
         try:
             fcntl.flock(self._metrics.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self.locked_out = True  # another process's run (gradguard run: not judged on it)
             raise ValueError(
                 f"JsonlSink run_dir={str(self.run_dir)!r} is written by another process "
                 "(its metrics.jsonl is locked): give each run its own directory") from None

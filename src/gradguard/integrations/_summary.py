@@ -118,13 +118,13 @@ def finish_run_dir(run_dir: Path, clip: Any, config: GuardConfig, state: dict[st
 
 
 def refused(guard: Any, run_dir: Path) -> bool:
-    """Whether ``guard``'s :class:`~gradguard.JsonlSink` into ``run_dir`` failed (and was
-    disabled: its directory is locked by another process, or could not be written)."""
-    monitor = getattr(guard, "monitor", None)
-    failed = getattr(monitor, "failed_sinks", ())
+    """Whether ``guard``'s :class:`~gradguard.JsonlSink` into ``run_dir`` was refused: its
+    first write found the directory locked by another process's sink (a sink that failed
+    on a full disk is no such case: its records so far are its own)."""
     target = Path(run_dir).resolve()
-    return any(i in failed and Path(getattr(sink, "run_dir", "")).resolve() == target
-               for i, sink in enumerate(getattr(monitor, "sinks", ())))
+    return any(getattr(sink, "locked_out", False)
+               and Path(getattr(sink, "run_dir", "")).resolve() == target
+               for sink in getattr(getattr(guard, "monitor", None), "sinks", ()))
 
 
 def write_report(run_dir: str | os.PathLike[str]) -> str | None:
