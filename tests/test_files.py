@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -442,11 +443,9 @@ def test_events_jsonl_is_in_step_order_within_a_flush(tmp_path):
     assert [(e.step, e.kind) for e in guard.events] == lines
 
 
-def test_a_second_process_writing_the_same_run_directory_is_refused(tmp_path):
-    """Found by a stranger: two processes writing one run directory (a job relaunched while
-    its old process still ran) were not refused; the report showed one run's steps with
-    the other's events and called it a resume. The second process's first write fails,
-    and its guard stops feeding the sink with a warning; the first run's files are its own."""
+@contextlib.contextmanager
+def _held_by_another_process(run_dir):
+    """Another process's JsonlSink writing ``run_dir`` (its lock held) for the block."""
     import subprocess
     import sys
 
@@ -459,20 +458,29 @@ def test_a_second_process_writing_the_same_run_directory_is_refused(tmp_path):
         "time.sleep(60)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(gg.__file__).resolve().parents[1]),
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path)], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(run_dir)], env=env,
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
-        model = mlp()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        with pytest.warns(RuntimeWarning, match="written by another process"):
-            with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
-                guarded_steps(guard, model, opt, 10)
+        yield
     finally:
         proc.kill()
         proc.wait(timeout=30)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_second_process_writing_the_same_run_directory_is_refused(tmp_path):
+    """Found by a stranger: two processes writing one run directory (a job relaunched while
+    its old process still ran) were not refused; the report showed one run's steps with
+    the other's events and called it a resume. The second process's first write fails,
+    and its guard stops feeding the sink with a warning; the first run's files are its own."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with _held_by_another_process(tmp_path):
+        with pytest.warns(RuntimeWarning, match="written by another process"):
+            with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+                guarded_steps(guard, model, opt, 10)
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0]
     with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
         guard.step_count = 10
@@ -486,36 +494,16 @@ def test_a_zero_code_run_whose_directory_another_process_writes_is_not_judged_on
     the second, its sink refused, printed the first run's verdict as its own, overwrote
     its ``guard.json`` and passed ``--fail-on-divergence``. A guard whose records were
     refused writes nothing there, is "not recorded", and fails the gate."""
-    import subprocess
-    import sys
-
     from gradguard.integrations._summary import RunResult, finish_run_dir, format_summary
 
-    holder = (
-        "import sys, time, gradguard as gg\n"
-        "from gradguard.events import Flush\n"
-        "sink = gg.JsonlSink(sys.argv[1])\n"
-        "sink.write(Flush(steps=[{'step': 0, 'loss': 1.0}], layers={}, events=[]))\n"
-        "print('written', flush=True)\n"
-        "time.sleep(60)\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(gg.__file__).resolve().parents[1]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
-        model = mlp()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with _held_by_another_process(tmp_path):
         with pytest.warns(RuntimeWarning, match="written by another process"):
             with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
                 guarded_steps(guard, model, opt, 10)
         row = finish_run_dir(tmp_path, guard.clip, gg.GuardConfig(), guard.state_dict(), guard,
                              {"index": 0, "kind": "optimizer", "name": "opt"}, {}, False)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        if proc.stdout is not None:
-            proc.stdout.close()
     assert row["refused"] and row["outcome"] is None and row["steps"] == 10
     assert not (tmp_path / "guard.json").exists() and not (tmp_path / "guard_state.pt").exists()
     result = RunResult("train.py", [], 0, tmp_path, [row])
