@@ -254,3 +254,25 @@ def _learnt_since(data: RunData, events: list[dict[str, Any]], final: float, k: 
     loss = np.asarray(data.loss, dtype=np.float64)
     at = loss[(data.step >= told) & np.isfinite(loss) & ~data.skipped][:k]
     return len(at) >= MIN_LEVEL_STEPS and final < (1 - STALL_FALL) * float(np.median(at))
+
+
+#: A median update/weight ratio per step under this, over the run's second half, is an LR
+#: far too low for a run whose loss did not fall (healthy runs: 1e-4 to 1e-2; Adam at 1e-6
+#: on a digits MLP: 7e-6).
+STILL_RATIO = 1e-5
+
+
+def still_ratio(data: RunData) -> float | None:
+    """The median update/weight ratio over the second half of the run's flush windows when
+    it is under ``STILL_RATIO`` (the median layer's per window), else None."""
+    import numpy as np
+
+    ratios = data.update_ratio
+    if ratios is None or not len(ratios):
+        return None
+    late = ratios[len(ratios) // 2:]
+    late = late[np.isfinite(late)]
+    if not late.size:
+        return None
+    ratio = float(np.median(late))
+    return ratio if ratio < STILL_RATIO else None

@@ -10,6 +10,7 @@ from typing import Any
 from ..events import listed
 from ._data import TROUBLE_KINDS, RunData
 from ._settled import settled_sentences
+from ._silent import still_ratio
 
 
 def _nonfinite_kind(e: dict[str, Any]) -> str:
@@ -277,7 +278,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                              f"{decayed.get('value', 0.0):.2g} of its peak by step "
                              f"{decayed['step']}: the schedule decays it too fast (a "
                              "scheduler stepped every batch where it is meant per epoch?).")
-            elif (ratio := _still_ratio(data)) is not None:
+            elif (ratio := still_ratio(data)) is not None:
                 # found by a stranger: Adam at 1e-6, flat at chance for 400 steps, was told
                 # to run the doctor, which found nothing: no LR probe sees one too low
                 parts.append(f"{words[0].upper()}{words[1:]}: nothing to recover from, but if "
@@ -391,24 +392,3 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     parts += settled_sentences(ev, outcome.cause)
     return " ".join(parts)
 
-
-#: A median update/weight ratio per step under this, over the run's second half, is an LR
-#: far too low for a run whose loss did not fall (healthy runs: 1e-4 to 1e-2; Adam at 1e-6
-#: on a digits MLP: 7e-6).
-STILL_RATIO = 1e-5
-
-
-def _still_ratio(data: RunData) -> float | None:
-    """The median update/weight ratio over the second half of the run's flush windows when
-    it is under ``STILL_RATIO`` (the median layer's per window), else None."""
-    import numpy as np
-
-    ratios = data.update_ratio
-    if ratios is None or not len(ratios):
-        return None
-    late = ratios[len(ratios) // 2:]
-    late = late[np.isfinite(late)]
-    if not late.size:
-        return None
-    ratio = float(np.median(late))
-    return ratio if ratio < STILL_RATIO else None
