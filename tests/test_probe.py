@@ -565,3 +565,17 @@ def test_a_retry_from_a_run_stuck_at_its_fresh_loss_passes_on_a_tie():
     assert any("the LR in force has learnt nothing" in e.message for e in guard.events)
     with torch.no_grad():
         assert nn.functional.cross_entropy(model(held_x), held_y).item() < 0.1  # was 1.39
+
+
+def test_a_probe_whose_half_lr_arm_did_better_short_of_the_bar_says_so():
+    """Found by a stranger: half the LR reached 0.30 against 0.55 at the LR in force, short
+    of the x0.5 bar, and the event said "the LR is not what holds it up". It says the
+    lower LR did better, short of the bar; a half-LR arm no better still gets the old words."""
+    from gradguard.recovery.messages import probe_event
+    from gradguard.recovery.probe import Probed
+
+    short = probe_event(Probed(179, 1.2, 0.55, 0.30), False, 379).message
+    assert "lower but short of the x0.5 a lower LR must reach to be taken: the LR stays" in short
+    assert "not what holds it up" not in short
+    worse = probe_event(Probed(239, 0.3, 0.1111, 0.1168), True, 439).message
+    assert "the LR is not what holds it up, and stays. The run goes on from the control" in worse
