@@ -464,7 +464,7 @@ def test_layers_told_dead_in_a_network_whose_loss_kept_falling_are_no_network_th
     d.layers = ["0", "2", "4"]
     d.layer_step, d.layer_mean = np.array([49, 99]), np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
     d.layer_max = d.layer_mean
-    assert judge(d).status == "not_recovered"
+    assert judge(d).status in ("not_recovered", "diverged")
 
 
 def test_a_run_whose_gradients_vanished_and_whose_loss_never_fell_stalled():
@@ -1189,20 +1189,21 @@ def test_a_flat_run_whose_updates_barely_move_the_weights_is_told_its_lr_is_too_
             loss.backward()
             guard.step(loss.detach())
     text = summary_sentence(load_run(tmp_path))
-    assert ("the learning rate is likely far too low" in text) == (lr == 1e-6), text
+    assert ("its learning rate is likely far too low" in text) == (lr == 1e-6), text
 
 
-def test_a_loss_on_two_levels_is_judged_within_their_spread():
+def test_a_loss_on_two_levels_is_judged_by_its_lower_batches_too():
     """Found by a stranger: a 99:1 classifier under label smoothing has half its batches
     without a minority sample, their loss at the smoothing's floor (0.208), the others at
-    0.23-0.3: the window's MAD is 0, and a run an LR burst left unharmed was "not
-    recovered: the loss ended at 0.23, above the 0.208 it had before step 100". The spread
-    is also the interquartile range's."""
-    from gradguard.report._levels import spread
-
+    0.23-0.3: the median of a short window flips between the two by chance, and a run an
+    LR burst left unharmed was "not recovered: the loss ended at 0.23, above the 0.208 it
+    had before step 100". Its lower quartile, back at the floor, tells it recovered; a run
+    the trouble damaged has its lower batches raised too (a regression hunt: the
+    interquartile range taken as the noise passed a loss 5-22x its level)."""
     rng = np.random.default_rng(0)
     n = 160
-    d = _data([_ev("lr_too_high", 100), _ev("lr_backoff", 100, data={"factor": 0.1})], n=n)
+    events = [_ev("lr_too_high", 100), _ev("lr_backoff", 100, data={"factor": 0.1})]
+    d = _data(events, n=n)
     floor = rng.random(n) < 0.55
     d.loss = np.where(floor, 0.208, 0.23 + 0.07 * rng.random(n))
     d.loss[92:100] = 0.208  # the window before the burst: at the floor by chance
@@ -1210,4 +1211,5 @@ def test_a_loss_on_two_levels_is_judged_within_their_spread():
     d.loss[-16:][:3] = 0.25  # ... and the end just above it
     out = judge(d)
     assert out.status == "recovered", out
-    assert spread(d.loss[84:100]) > 0.01
+    d.loss[-16:] = np.where(np.arange(16) % 2 == 0, 0.9, 0.6)  # both levels raised
+    assert judge(d).status in ("not_recovered", "diverged")

@@ -288,7 +288,8 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
                   "judged on its loss")
     elif before is None or final is None or floored or not judged or (
             _levels.back_at(before, final, end) if by_ladder else final <= before + tol(
-                before, loss[(data.step < incident) & fin][-k:])):
+                before, pre_window := loss[(data.step < incident) & fin][-k:])
+            or _levels.floor_back(pre_window, end)):  # (a ladder's level: its own window)
         # a loss that may rise when healthy (not judged) is no level to come back to either
         # (found by a stranger: a WGAN-GP generator under --no-loss-rise, its loss from
         # -0.66 to 1.18, "NOT RECOVERED ... lower the learning rate")

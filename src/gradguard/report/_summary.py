@@ -281,10 +281,14 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
             elif (ratio := still_ratio(data)) is not None:
                 # found by a stranger: Adam at 1e-6, flat at chance for 400 steps, was told
                 # to run the doctor, which found nothing: no LR probe sees one too low
+                # (a regression hunt: a fine-tune that starts at its best, on AdamW 1e-5,
+                # moves its weights as little: the conclusion is the untrained model's)
                 parts.append(f"{words[0].upper()}{words[1:]}: nothing to recover from, but if "
-                             "the model started untrained it is not learning, and its updates "
+                             "the model started untrained it is not learning: its updates "
                              f"moved the weights by {ratio:.2g} of their norm per step (about "
-                             "1e-3 is usual): the learning rate is likely far too low.")
+                             "1e-3 is usual when training from scratch), so its learning rate "
+                             "is likely far too low (a fine-tune that started at its best can "
+                             "ignore this).")
             else:
                 parts.append(f"{words[0].upper()}{words[1:]}: nothing to recover from, but if "
                              "the model started untrained it is not learning"
