@@ -470,6 +470,14 @@ def _held_by_another_process(run_dir):
             proc.stdout.close()
 
 
+def _ten_refused_steps(run_dir, model, opt):
+    """Ten guarded steps whose sink into ``run_dir`` (another process's) is refused."""
+    with pytest.warns(RuntimeWarning, match="written by another process"):
+        with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(run_dir)]) as guard:
+            guarded_steps(guard, model, opt, 10)
+    return guard
+
+
 def test_a_second_process_writing_the_same_run_directory_is_refused(tmp_path):
     """Found by a stranger: two processes writing one run directory (a job relaunched while
     its old process still ran) were not refused; the report showed one run's steps with
@@ -478,9 +486,7 @@ def test_a_second_process_writing_the_same_run_directory_is_refused(tmp_path):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with _held_by_another_process(tmp_path):
-        with pytest.warns(RuntimeWarning, match="written by another process"):
-            with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
-                guarded_steps(guard, model, opt, 10)
+        guard = _ten_refused_steps(tmp_path, model, opt)
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0]
     with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
         guard.step_count = 10
@@ -499,9 +505,7 @@ def test_a_zero_code_run_whose_directory_another_process_writes_is_not_judged_on
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with _held_by_another_process(tmp_path):
-        with pytest.warns(RuntimeWarning, match="written by another process"):
-            with gg.Guard(model, opt, every=5, sinks=[gg.JsonlSink(tmp_path)]) as guard:
-                guarded_steps(guard, model, opt, 10)
+        guard = _ten_refused_steps(tmp_path, model, opt)
         row = finish_run_dir(tmp_path, guard.clip, gg.GuardConfig(), guard.state_dict(), guard,
                              {"index": 0, "kind": "optimizer", "name": "opt"}, {}, False)
     assert row["refused"] and row["outcome"] is None and row["steps"] == 10
