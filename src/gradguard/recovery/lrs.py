@@ -38,9 +38,8 @@ def config_lrs(guard: Guard, factor: float) -> tuple[list[float | None], str, st
     peaks = guard.monitor.lr_tracker.peaks(len(groups))
     # the higher of the two: a ``CyclicLR`` records its ``base_lr`` (the cycle's floor) as
     # ``initial_lr`` and keeps its ``max_lr`` to itself, which the run's LRs have shown
-    bases = [max(planned, peak) if planned is not None and peak is not None
-             else planned if planned is not None else peak
-             for g, peak in zip(groups, peaks) for planned in (planned_lr(g),)]
+    bases = [max((b for b in (planned_lr(g), peak) if b is not None), default=None)
+             for g, peak in zip(groups, peaks)]
     now, shown = group_lrs(guard, factor)
     moved = [b is not None and n is not None and abs(b * factor - n) > 1e-6 * abs(n)
              for b, n in zip(bases, now)]

@@ -358,8 +358,8 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # a growth the run ended before the Recovery decided on (gradguard.recovery.growth):
         # nothing was done about it, and the LR is the fix
         todo = str(unsettled.get("remedy") or "") or None
-    settled_low = [e for e in data.events if e.get("kind") == "lr_settled" and isinstance(
-        f := (e.get("data") or {}).get("factor"), (int, float)) and f < 1]
+    settled_low = any(e.get("kind") == "lr_settled" and isinstance(
+        f := (e.get("data") or {}).get("factor"), (int, float)) and f < 1 for e in data.events)
     if status == "recovered" and todo is None and settled_low and (
             advice := settled_sentences(data.events, cause)):
         # the LR the ladder settled at, as the summary says it, is the remedy, and the LR the
