@@ -1192,6 +1192,42 @@ def test_a_flat_run_whose_updates_barely_move_the_weights_is_told_its_lr_is_too_
     assert ("its learning rate is likely far too low" in text) == (lr == 1e-6), text
 
 
+def test_sparse_embedding_updates_are_no_lr_far_too_low(tmp_path):
+    """Found by a regression hunt: two 20,000-row embedding tables and a linear head on SGD
+    at 0.1 (a loss that does not fall): each step updates the rows of its batch's tokens
+    alone, the tables are the median layer at 1.1e-6 of their norm per step, and the run
+    was told its LR was likely far too low (10x did worse). The head moved 10-100x that:
+    an LR far too low leaves every layer still."""
+    import torch
+    from torch import nn
+
+    class Tables(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.e2 = nn.Embedding(20000, 64), nn.Embedding(20000, 64)
+            self.h = nn.Linear(64, 2)
+
+        def forward(self, x):
+            return self.h(self.e(x).mean(1) + self.e2(x).mean(1))
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = Tables()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                  sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for _ in range(200):
+            x = torch.randint(0, 20000, (32, 10), generator=gen)
+            loss = nn.functional.cross_entropy(model(x), x[:, 0] % 2)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach())
+    run = load_run(tmp_path)
+    assert np.nanmedian(run.update_ratio[len(run.update_ratio) // 2:]) < 1e-5  # the tables
+    text = summary_sentence(run)
+    assert "did not fall" in text and "far too low" not in text, text
+
+
 def test_a_loss_on_two_levels_is_judged_by_its_lower_batches_too():
     """Found by a stranger: a 99:1 classifier under label smoothing has half its batches
     without a minority sample, their loss at the smoothing's floor (0.208), the others at

@@ -343,6 +343,28 @@ def test_an_incident_within_the_first_level_window_is_no_climb_of_the_loss():
     assert out.cause == "lr_too_high", out
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_noisy_loss_whose_first_batch_was_its_lowest_was_not_climbing(seed):
+    """Found by a stranger: a heavy-tailed regression (batch losses 41,000-54,000 about a
+    steady 47,000) whose first loss was its lowest met an x1e4 batch at step 100, was
+    skipped and recovered, and its cause was `lr_too_high`: "climbing" from the 41,400 of
+    its first batch to the 47,210 of its noise before the incident. A climb is read out of
+    the noise of the window before it, from its step-to-step changes, so a steady climb
+    of 1.5% a step through that window is still one."""
+    rng = np.random.default_rng(seed)
+    loss = 47_000 * np.exp(0.12 * rng.standard_normal(300))
+    low = int(np.argmin(loss[:30]))
+    loss[[0, low]] = loss[[low, 0]]  # the first batch, the lowest of the start window
+    bad = [ev("grad_spike", 100), ev("skip", 100, "info")]
+    out = judge(run(loss, skipped=[100], events=bad))
+    assert out.status == "recovered" and out.cause != "lr_too_high", out
+    climbing = loss.copy()
+    climbing[60:100] = 47_000 * 1.015 ** np.arange(1, 41) * np.exp(
+        0.01 * rng.standard_normal(40))
+    out = judge(run(climbing, skipped=[100], events=bad))
+    assert out.cause == "lr_too_high", out
+
+
 def test_a_loss_that_rose_long_after_a_layer_went_silent_did_not_rise_for_it():
     """Found by a regression hunt: a mixture whose one expert was switched off at step 60
     (told gated, an info), its labels noisier from step 100, ended back at its start level

@@ -5,10 +5,11 @@ line."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from . import _levels
-from ._levels import REL_TOL, tol
+from ._levels import NOISE_K, REL_TOL, tol
 from ._silent import MIN_LEVEL_STEPS
 
 if TYPE_CHECKING:
@@ -82,19 +83,34 @@ def _relapse(data: RunData, inc: list[int], loss: Any, fin: Any, k: int,
     return last, level, float(np.median(post))
 
 
-def _cause(data: RunData, incident: int | None, start: float | None, before: float | None,
-           rose: bool, has_loss: bool, start_end: int | None = None) -> str | None:
-    """The most likely cause of trouble: a loss that climbed before the incident (or over
-    the run) is the learning rate; otherwise what the non-finite events named.
-    ``start_end``: the last step of the start level's window (an incident within it has
-    no climb to show: found by a stranger, a CTC loss whose infeasible targets made it
-    Inf at step 7 was `lr_too_high`, its median over steps 0-6 above that of the first 30
-    steps, which fell)."""
+def _climbed(start: float, first: float, before: float, window: Any) -> bool:
+    """Whether the loss level ``before`` an incident is above the start level, out of the
+    noise: above ``start`` (the lower of the first loss and the first window's median,
+    ``first``) by ``REL_TOL``, and above ``first`` out of the noise of the ``window``
+    before the incident, read from its step-to-step changes (a climb through it is no
+    noise: :func:`._levels.step_noise`). A heavy-tailed regression whose first loss was
+    its window's lowest (41,400 against a median of 47,000) was "climbing" to the 47,210
+    of its steady noise before a bad batch, and its cause was ``lr_too_high`` (found by a
+    stranger)."""
+    if not (before > start * (1 + REL_TOL) and before > start):
+        return False
+    if first > 0 and before > 0 and len(window) > 2 and bool((window > 0).all()):
+        return math.log(before / first) > max(math.log1p(REL_TOL),
+                                              NOISE_K * _levels.step_noise(window))
+    return before > first + tol(first, window)
+
+
+def _cause(data: RunData, incident: int | None, climbed: bool, rose: bool,
+           start_end: int | None = None) -> str | None:
+    """The most likely cause of trouble: a loss that climbed before the incident
+    (``climbed``: :func:`_climbed`) or over the run (``rose``) is the learning rate;
+    otherwise what the non-finite events named. ``start_end``: the last step of the start
+    level's window (an incident within it has no climb to show: found by a stranger, a CTC
+    loss whose infeasible targets made it Inf at step 7 was `lr_too_high`, its median over
+    steps 0-6 above that of the first 30 steps, which fell)."""
     if rose:
         return "lr_too_high"
-    if has_loss and start is not None and before is not None and before > start * (1 + REL_TOL) \
-            and before > start and (start_end is None or incident is None
-                                    or incident > start_end):
+    if climbed and (start_end is None or incident is None or incident > start_end):
         return "lr_too_high"  # the loss was already climbing when the incident came
     kinds = [e for e in data.events if e.get("severity") in ("warning", "error")]
     if any(e.get("kind") == "lr_too_high" for e in kinds):

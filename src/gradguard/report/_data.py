@@ -51,6 +51,7 @@ class RunData:
         warnings: problems that were tolerated (e.g. a truncated last line).
         update_ratio: ``[F]`` the median over the layers of the update/weight ratio in each
             flush window (NaN where not recorded); None when not loaded.
+        update_max: ``[F]`` the largest layer's update/weight ratio in each flush window.
     """
 
     run_dir: Path
@@ -67,6 +68,7 @@ class RunData:
     diagnosis: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     update_ratio: Any = None
+    update_max: Any = None
 
     @property
     def n_steps(self) -> int:
@@ -122,6 +124,7 @@ class _Metrics:
         self.index: dict[str, int] = {}
         self.layer_step = array("q")
         self.update = array("d")  # per flush: the median layer's update/weight ratio
+        self.update_max = array("d")  # ... and the largest
         # per flush: the columns of its layers, its mean and its max norms
         self.flushes: list[tuple[array[int], array[float], array[float]]] = []
         self._last: tuple[list[str], array[int]] | None = None
@@ -139,6 +142,7 @@ class _Metrics:
         if len(rows) < len(self.layer_step):
             self.layer_step = array("q", [self.layer_step[i] for i in rows])
             self.update = array("d", [self.update[i] for i in rows])
+            self.update_max = array("d", [self.update_max[i] for i in rows])
             self.flushes = [self.flushes[i] for i in rows]
         return gone
 
@@ -161,6 +165,7 @@ class _Metrics:
             self.layer_step.append(r["step"])
             ratios = sorted(x for x in _nums(r.get("update_ratio") or []) if x > 0)
             self.update.append(ratios[len(ratios) // 2] if ratios else math.nan)
+            self.update_max.append(ratios[-1] if ratios else math.nan)
             self.flushes.append((self._last[1], _nums(mean), _nums(r.get("grad_norm_max", mean))))
 
 
@@ -328,6 +333,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
         d, step, cols["loss"], cols["grad_norm"], cols["clip_coef"], skipped,
         m.names, layer_step, mean, mx, events, diagnosis, notes,
         np.frombuffer(m.update, dtype=np.float64)[rows],
+        np.frombuffer(m.update_max, dtype=np.float64)[rows],
     )
 
 

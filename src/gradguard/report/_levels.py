@@ -89,9 +89,17 @@ def flat(start: float, final: float, first: Any) -> bool:
     if len(first) > 2 and final < (1 - REL_TOL) * float(np.min(first)):
         return False
     if start > 0 and final > 0 and len(first) > 2 and bool((first > 0).all()):
-        noise = spread(np.diff(np.log(first))) / math.sqrt(2)  # a change has twice the variance
-        return math.log(start / final) <= max(math.log1p(REL_TOL), NOISE_K * noise)
+        return math.log(start / final) <= max(math.log1p(REL_TOL), NOISE_K * step_noise(first))
     return final >= start - tol(start, first)
+
+
+def step_noise(window: Any) -> float:
+    """The robust standard deviation of the log losses of ``window`` (positive, more than
+    two), from their step-to-step changes: a trend through it (a loss that falls fast, or
+    climbs) is no noise. A change has twice the variance of a loss."""
+    import numpy as np
+
+    return spread(np.diff(np.log(window))) / math.sqrt(2)
 
 
 def flat_words(start: float, final: float) -> str:

@@ -37,6 +37,7 @@ from ._causes import (
     INCIDENT_KINDS,
     LADDER_KINDS,
     _cause,
+    _climbed,
     _ended_on_restored,
     _evidence,
     _relapse,
@@ -196,8 +197,8 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     tail_bad = last_bad or float(nonfinite_tail.mean() if n else 0) > TAIL_BAD_FRACTION
 
     start = final = before = None
-    rose = flat = by_ladder = False
-    end = np.zeros(0)
+    rose = flat = by_ladder = climbed = False
+    end = window = first = np.zeros(0)
     # the loss levels are the taken steps': a skipped step's loss is its batch's, on weights
     # that never saw it (a run aborted when every batch became x1e4, all skipped, was
     # "the loss rose ... the learning rate is too high")
@@ -248,12 +249,15 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
             # the ladder's level is below the window's: the window before its flush is the
             # trouble's own (a rise it acted on at the next flush), and its spread no noise
             by_ladder = before is not None and len(said) > 1 and before < said[0]
+            if before is not None and judged:
+                climbed = _climbed(start, float(np.median(first)), before,
+                                   np.zeros(0) if by_ladder else window)
 
     # the step by which the start level was measured: a level before an incident earlier
     # than it is no climb from it
     start_end = int(data.step[fin][:k][-1]) if fin.any() else None
     # a loss that is not judged (loss_rise off) tells no climb either
-    cause = _cause(data, incident, start, before, rose, bool(fin.any()) and judged, start_end)
+    cause = _cause(data, incident, climbed, rose, start_end)
     if aborts:
         status: Status = "stopped"
         clause = f"training was stopped at step {aborts[0]['step']}"

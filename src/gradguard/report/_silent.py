@@ -260,11 +260,17 @@ def _learnt_since(data: RunData, events: list[dict[str, Any]], final: float, k: 
 #: far too low for a run whose loss did not fall (healthy runs: 1e-4 to 1e-2; Adam at 1e-6
 #: on a digits MLP: 7e-6).
 STILL_RATIO = 1e-5
+#: ... and the largest layer's under this: embedding tables, each step updating the rows of
+#: its batch's tokens alone, are the median layer of a model of two tables and a linear
+#: head, at 1.1e-6 on SGD at 0.1, the head's 10-100x that (found by a regression hunt:
+#: such a run was told its LR was likely far too low; 10x the LR did worse)
+STILL_MAX = 1e-4
 
 
 def still_ratio(data: RunData) -> float | None:
     """The median update/weight ratio over the second half of the run's flush windows when
-    it is under ``STILL_RATIO`` (the median layer's per window), else None."""
+    it is under ``STILL_RATIO`` (the median layer's per window), and the largest layer's
+    under ``STILL_MAX`` (an LR far too low leaves every layer still), else None."""
     import numpy as np
 
     ratios = data.update_ratio
@@ -275,4 +281,9 @@ def still_ratio(data: RunData) -> float | None:
     if not late.size:
         return None
     ratio = float(np.median(late))
+    if data.update_max is not None and len(data.update_max) == len(ratios):
+        top = data.update_max[len(ratios) // 2:]
+        top = top[np.isfinite(top)]
+        if top.size and float(np.median(top)) >= STILL_MAX:
+            return None
     return ratio if ratio < STILL_RATIO else None
