@@ -255,6 +255,29 @@ def test_under_a_cyclic_schedule_the_advice_scales_the_cycle_peak_not_its_floor(
     assert e.remedy.startswith("Set the learning rate to 0.01 (x0.1 of the 0.1 it has")
 
 
+def test_under_a_lambda_over_one_the_advice_scales_the_config_lr_not_the_peak():
+    """Found by a regression hunt: a ``LambdaLR`` whose factor rises to 10 (a linear-scaling
+    warm-up) took the highest LR the run had (0.1) for the config's, and the advice under
+    a factor of 0.1 was "set 0.01", the config's own value, which the x10 makes the LR
+    that failed. The schedule scales the config's 0.01: the advice is 0.001."""
+    from gradguard.recovery.lrs import config_lrs
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 10 * min(1.0, (s + 1) / 5))
+    guard = gg.Guard(model, opt)
+    for _ in range(20):
+        loss = model(torch.randn(8, 4)).square().mean()
+        loss.backward()
+        guard.step(loss.detach())
+        opt.zero_grad()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    advise, text, base = config_lrs(guard, 0.1)
+    guard.close()
+    assert advise == [pytest.approx(0.001)] and (text, base) == ("0.001", "0.01")
+
+
 def test_a_retry_part_of_the_way_back_advises_that_factor_of_the_config_lr(tmp_path):
     """A retry lifted the LR part of the way back (x0.0316): under a schedule that decayed
     the LR, "Keep this learning rate (0.00333)" named the decayed LR now, 8x below what

@@ -26,20 +26,28 @@ def group_lrs(guard: Guard, factor: float) -> tuple[list[float | None], str]:
 def config_lrs(guard: Guard, factor: float) -> tuple[list[float | None], str, str | None]:
     """What the advice of an LR under ``factor`` is in a config: ``factor`` times the LR a
     scheduler scales (``planned_lr``: the config's value, which a ``LambdaLR`` warm-up or
-    cosine decay or a Hugging Face schedule scales; a one-cycle's peak; the highest the group
-    has had, :meth:`~gradguard.detectors.LrTracker.peaks`, where that is higher, as a cyclic
-    schedule's peak is, or none is planned) for every param group, the distinct ones as
-    text, and those bases as text when a schedule has moved the LR off them (a warm-up, a
-    decay: the LR now is not what the config says), else None and the LRs now."""
+    cosine decay or a Hugging Face schedule scales; a one-cycle's peak; a cyclic schedule's
+    ``max_lr``; the highest the group has had, :meth:`~gradguard.detectors.LrTracker.peaks`,
+    where none is planned) for every param group, the distinct ones as text, and those
+    bases as text when a schedule has moved the LR off them (a warm-up, a decay: the LR now
+    is not what the config says), else None and the LRs now."""
+    from torch.optim.lr_scheduler import CyclicLR
+
+    from .plateau import schedulers
+
     groups = guard.optimizer.param_groups
     # a schedule that records no plan (ReduceLROnPlateau, an LR set by hand each step or
     # lowered by hand at an epoch): the highest LR the group has had stands for the config's
     # (the plateau had halved 0.03 when the advice was "x0.106" of the 0.015 then)
     peaks = guard.monitor.lr_tracker.peaks(len(groups))
-    # the higher of the two: a ``CyclicLR`` records its ``base_lr`` (the cycle's floor) as
-    # ``initial_lr`` and keeps its ``max_lr`` to itself, which the run's LRs have shown
-    bases = [max((b for b in (planned_lr(g), peak) if b is not None), default=None)
-             for g, peak in zip(groups, peaks)]
+    plans = [planned_lr(g) for g in groups]
+    # a ``CyclicLR`` records its ``base_lr`` (the cycle's floor) as ``initial_lr`` and
+    # keeps its ``max_lr`` to itself: the cycle's peak is the LR it scales (not the highest
+    # LR the run had, which a ``LambdaLR`` whose factor goes over 1 sets too, found by a
+    # regression hunt: the advice was the config's 0.01 that its x10 made the 0.1 that failed)
+    for cyclic in schedulers(CyclicLR, guard.optimizer):
+        plans = [float(m) for m in cyclic.max_lrs]
+    bases = [plan if plan is not None else peak for plan, peak in zip(plans, peaks)]
     now, shown = group_lrs(guard, factor)
     moved = [b is not None and n is not None and abs(b * factor - n) > 1e-6 * abs(n)
              for b, n in zip(bases, now)]

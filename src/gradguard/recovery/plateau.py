@@ -21,26 +21,35 @@ program); torch's scheduler holds the optimizer, not the other way round.
 from __future__ import annotations
 
 import gc
-from typing import Any
+from typing import Any, TypeVar
 
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+_S = TypeVar("_S")
+
+
+def schedulers(kind: type[_S], *optimizers: Any) -> list[_S]:
+    """The schedulers of type ``kind`` over one of ``optimizers``, found among their
+    referrers (a scan of the collector's objects: call it at a rare event only)."""
+    found: dict[int, _S] = {}
+    for opt in {id(o): o for o in optimizers if o is not None}.values():
+        for ref in gc.get_referrers(opt):
+            if isinstance(ref, dict):  # an instance's __dict__ (an interpreter without
+                ref = next((o for o in gc.get_referrers(ref)  # inline attribute values)
+                            if getattr(o, "__dict__", None) is ref), None)
+            if isinstance(ref, kind) and getattr(ref, "optimizer", None) is opt:
+                found[id(ref)] = ref
+    return list(found.values())
 
 
 def reset(*optimizers: Any) -> list[tuple[ReduceLROnPlateau, int]]:
     """Reset every ``ReduceLROnPlateau`` over one of ``optimizers`` to its state at
     construction (best metric, bad-epoch and cooldown counts; the LRs stay); those reset,
     each with its count of calls (``last_epoch``) now, for :func:`settle`."""
-    found: dict[int, ReduceLROnPlateau] = {}
-    for opt in {id(o): o for o in optimizers if o is not None}.values():
-        for ref in gc.get_referrers(opt):
-            if isinstance(ref, dict):  # an instance's __dict__ (an interpreter without
-                ref = next((o for o in gc.get_referrers(ref)  # inline attribute values)
-                            if getattr(o, "__dict__", None) is ref), None)
-            if isinstance(ref, ReduceLROnPlateau) and ref.optimizer is opt:
-                found[id(ref)] = ref
-    for sched in found.values():
+    found = schedulers(ReduceLROnPlateau, *optimizers)
+    for sched in found:
         _restart(sched)
-    return [(sched, sched.last_epoch) for sched in found.values()]
+    return [(sched, sched.last_epoch) for sched in found]
 
 
 def settle(reset_at: list[tuple[ReduceLROnPlateau, int]]) -> None:
