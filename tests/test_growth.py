@@ -277,6 +277,59 @@ def test_lbfgs_steps_are_not_judged_by_the_growth_of_first_order_updates():
     assert torch.equal(guarded, bare)
 
 
+@pytest.mark.parametrize("seed, max_iter", [(0, 5), (1, 5), (1, 1)])
+def test_a_mini_batch_lbfgs_run_is_neither_clipped_nor_skipped_for_its_spikes(seed, max_iter):
+    """Found by a stranger: L-BFGS on mini-batches of digits (lr 0.5, 60 steps), healthy,
+    under the default guard: ZClip clipped the first evaluation of a step and not the line
+    search's, its curvature pairs mixed gradients of two scales, and the run ended at a
+    loss of 1e7 (seed 0); the recovery skipped the jumps of its norm that are its nature,
+    backed off and ended at chance (0.86-0.94 unguarded). The guard says at construction
+    that it neither clips nor skips a spike for such an optimizer; a NaN batch is still
+    skipped and no NaN reaches the weights."""
+    import math
+
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+    x_train, y_train, x_val, y_val = x[:1400], y[:1400], x[1400:], y[1400:]
+    gen = torch.Generator().manual_seed(1000 + seed)
+    picks = [torch.randint(0, len(x_train), (128,), generator=gen) for _ in range(60)]
+
+    def fit(guarded: bool, nan_at: int | None = None):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                              nn.Linear(64, 10))
+        opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=max_iter, history_size=10)
+        guard = None
+        if guarded:
+            with pytest.warns(gg.GradGuardWarning, match="turns off clip and skip_spikes"):
+                guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery())
+            assert guard.clip is None and not guard.recovery.skip_spikes
+        for step, i in enumerate(picks):
+            batch = x_train[i] * (math.nan if step == nan_at else 1.0)
+
+            def closure(x=batch, y=y_train[i]):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            guard.step(closure) if guard is not None else opt.step(closure)
+        if guard is not None:
+            guard.close()
+        with torch.no_grad():
+            return guard, model, float(nn.functional.cross_entropy(model(x_val), y_val))
+
+    _, _, bare = fit(False)
+    _, _, held = fit(True)
+    assert held < 1.1 * bare, (held, bare)
+    guard, model, _ = fit(True, nan_at=30)
+    assert 30 in [e.step for e in guard.events if e.kind == "skip"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_rmsprop_at_torchs_default_lr_is_weighed_for_its_larger_first_updates():
     """Found as a stranger: RMSprop at torch's own default (lr 1e-2) grew a digits MLP's
     weights 2.3x in 20 steps, as its squared-gradient average starts at zero with no bias
@@ -700,4 +753,46 @@ def test_a_plateau_scheduler_starts_again_with_the_weights_a_rollback_restores(s
     assert (rollback.step, rollback.data["snapshot_step"]) == (60, -1)
     assert lrs[100] == 0.03  # no "plateau" against the best of the weights replaced
     _, _, unguarded = run(False)
+    assert held < 1.3 * unguarded, (held, unguarded)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_two_guards_on_one_loss_learn_their_level_again_after_the_others_rollback(seed):
+    """Found by a stranger: an encoder on SGD at 30x its LR and a head on Adam, each under
+    its own guard, one loss. The encoder's guard rolled back to its fresh weights at step
+    60 (their growth); the head's loss rose 6x on the fresh encoder, its guard rolled back
+    for it and then read "the batches changed", and the head's rollback made the
+    encoder's guard roll back again (3.1x the run without gradguard). A guard's restore
+    has the guards stepped with it learn their loss level again; and after an act between
+    flushes a guard learns its level from the steps after it (the encoder's own second
+    rollback was for a loss "3x its best", a best of the weights it had replaced)."""
+    x_train, y_train, x_val, y_val = split_digits()
+
+    def run(guarded):
+        batch = minibatches(x_train, y_train, 32, seed=seed)
+        torch.manual_seed(seed)
+        encoder = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+        head = nn.Linear(32, 10)
+        opt_enc = torch.optim.SGD(encoder.parameters(), lr=0.6, momentum=0.9)
+        opt_head = torch.optim.Adam(head.parameters(), lr=1e-3)
+        guards = [gg.Guard(m, o, clip=gg.ZClip(), recovery=gg.Recovery())
+                  for m, o in ((encoder, opt_enc), (head, opt_head))] if guarded else []
+        for step in range(220):
+            x, y = batch(step)
+            opt_enc.zero_grad()
+            opt_head.zero_grad()
+            loss = nn.functional.cross_entropy(head(encoder(x)), y)
+            loss.backward()
+            for g, o in zip(guards or [None, None], (opt_enc, opt_head)):
+                g.step(loss.detach()) if g is not None else o.step()
+        for g in guards:
+            g.close()
+        with torch.no_grad():
+            return guards, float(nn.functional.cross_entropy(head(encoder(x_val)), y_val))
+
+    (enc, head_guard), held = run(True)
+    [rollback] = [e for e in enc.events if e.kind == "rollback"]
+    assert (rollback.step, rollback.data["snapshot_step"]) == (60, -1)
+    assert [e.kind for e in head_guard.events if e.severity != "info"] == []
+    _, unguarded = run(False)
     assert held < 1.3 * unguarded, (held, unguarded)

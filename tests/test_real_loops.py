@@ -834,6 +834,53 @@ def test_an_unchosen_expert_before_a_layer_norm_is_no_layer_dead_from_the_start(
     assert any(e.kind == "disconnected_layer" and e.layer == "experts.3.0" for e in guard.events)
 
 
+@pytest.mark.parametrize("side", ["padding", "gate"])
+def test_a_side_branch_fed_zeros_beside_a_trunk_that_learns_is_no_layer_dead_from_the_start(
+        side):
+    """Found by a regression hunt: a digits MLP with a side input through its own layer
+    into the trunk, the input always zero (a categorical feature always missing, its
+    embedding given the padding id; or a branch multiplied by 0): the side layer gets no
+    gradient and its projection, fed zeros, learns its bias alone, as after ReLUs dead from
+    the start, and the healthy run was warned "the units that feed them died". The trunk
+    beside it learns: the network learns around the branch."""
+    from gradguard.lab._common import minibatches, split_digits
+
+    x_train, y_train, _, _ = split_digits()
+    batch = minibatches(x_train, y_train, 64, seed=0)
+    torch.manual_seed(0)
+
+    class SideNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 10)
+            if side == "padding":  # a categorical feature, always missing
+                self.emb = nn.Embedding(10, 16, padding_idx=0)
+            else:  # a branch switched off
+                self.branch = nn.Linear(64, 16)
+            self.proj = nn.Linear(16, 64)
+
+        def forward(self, x):
+            if side == "padding":
+                s = self.emb(torch.zeros(x.shape[0], dtype=torch.long))
+            else:
+                s = self.branch(x) * 0.0
+            return self.b(torch.relu(self.a(x) + self.proj(s)))
+
+    model = SideNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
+        for step in range(100):
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+    assert not [e for e in guard.events if e.severity != "info"], guard.events
+    [silent] = [e for e in guard.events if e.kind == "disconnected_layer"]
+    assert silent.layer == ("emb" if side == "padding" else "branch")
+    assert "from_start" not in silent.data, silent
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_regression_whose_first_layer_died_is_a_network_that_died(tmp_path, seed):
     """Found by a regression hunt: a ReLU regression MLP (targets around 5) whose first
@@ -2381,6 +2428,52 @@ def test_an_optimizer_that_keeps_weights_in_its_state_is_restored_not_reset():
         model(x_val).sum().backward()
         adam.step()
     assert watch.keys == set()  # torch's optimizers write no group value in a step
+
+
+def test_rmsprops_second_moment_is_restored_not_zeroed_at_a_rollback():
+    """Found by a stranger: RMSprop with momentum on a digits MLP, its LR x30 for steps
+    150-159, was rolled back at 199, and the reset zeroed its ``square_avg``: with no bias
+    correction its first steps from zero divide by the root of a hundredth of the squared
+    gradient, ten times the LR in every element, a burst of the reset's own; two more
+    rollbacks, to step 49, and 1.55-2.22x the run without the burst. The snapshot's
+    second moment stays (its momentum is zeroed); Adam's is zeroed, its bias correction
+    restarting with its step."""
+    from gradguard.lab._common import minibatches, split_digits
+
+    x_train, y_train, x_val, y_val = split_digits()
+
+    def run(burst):
+        batch = minibatches(x_train, y_train, 32, seed=1)
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                              nn.Linear(64, 10))
+        opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, momentum=0.9)
+        guard = gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) if burst else None
+        for step in range(300):
+            for g in opt.param_groups:
+                g["lr"] = 3e-2 if burst and 150 <= step < 160 else 1e-3
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach()) if guard is not None else opt.step()
+        if guard is not None:
+            guard.close()
+        with torch.no_grad():
+            return guard, opt, float(nn.functional.cross_entropy(model(x_val), y_val))
+
+    guard, opt, held = run(True)
+    rollbacks = [e for e in guard.events if e.kind == "rollback"]
+    assert len(rollbacks) == 1 and "reset optimizer state" in rollbacks[0].message
+    _, _, twin = run(False)
+    assert held < 1.3 * twin, (held, twin)
+    from gradguard.recovery.actions import reset_moments
+
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    square, before = state["square_avg"], state["square_avg"].clone()
+    reset_moments(guard, None)
+    assert torch.equal(square, before) and square.abs().sum() > 0
+    assert not state["momentum_buffer"].abs().sum()
 
 
 def test_an_infinite_hyperparameter_does_not_stop_the_snapshots():

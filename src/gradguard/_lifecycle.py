@@ -25,6 +25,7 @@ from .naming import named_optimizer_params, optimizer_layout
 from .telemetry import StepStats, Telemetry, Window, layer_of
 
 if TYPE_CHECKING:
+    from .config import GuardConfig
     from .guard import Guard
 
 
@@ -309,6 +310,35 @@ def recast(guard: Guard) -> None:
     if weight_dtypes(guard.optimizer) != judged:
         for event in warn_half_weights(guard.optimizer, guard.step_count):
             guard.add_event(event)
+
+
+def closure_config(cfg: GuardConfig, optimizer: torch.optim.Optimizer) -> GuardConfig:
+    """``cfg`` for an optimizer whose ``step`` evaluates its closure again (L-BFGS's line
+    search and iterations), said when it changes: no clip policy and no skip of a
+    gradient or loss spike. Its curvature is built from the differences of those
+    gradients, and one of them clipped by a coefficient that changes every step breaks
+    them; its steps jump in norm and loss by design, and a skip of three in a row backed
+    off its LR (found by a stranger: healthy L-BFGS runs on a digits MLP ended at a loss
+    of 1e7 under ZClip and at chance under the recovery, 0.86-0.94 without). Non-finite
+    steps are still skipped, and the ladder still acts on the loss."""
+    import dataclasses
+
+    rec = cfg.recovery
+    off = (["clip"] if cfg.clip is not None else []) + (
+        ["skip_spikes"] if rec is not None and rec.skip_spikes else [])
+    if not off:
+        return cfg
+    if rec is not None:
+        rec.skip_spikes = False
+    warnings.warn(
+        f"Guard(optimizer=...): {type(optimizer).__name__}.step evaluates its closure again "
+        "within a step and builds its curvature from the differences of those gradients, "
+        "whose norms jump by design: clipping the first would break them, and a skipped "
+        f"spike backs off a healthy run, so this guard turns off {' and '.join(off)} (it "
+        "still measures, skips non-finite steps and recovers from a rising loss). Pass "
+        "clip=None and Recovery(skip_spikes=False) to silence this.",
+        GradGuardWarning, stacklevel=caller_stacklevel())
+    return dataclasses.replace(cfg, clip=None)
 
 
 def warn_half_weights(optimizer: torch.optim.Optimizer, step: int = 0) -> list[Event]:

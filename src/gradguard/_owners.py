@@ -31,6 +31,9 @@ _GUARDS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[Guard]] = (
     weakref.WeakKeyDictionary())
 
 
+#: Every guard built in this process (a weak set: a guard dropped leaves it).
+_ALL: weakref.WeakSet[Guard] = weakref.WeakSet()
+
 _CLOCK = itertools.count(1)
 #: The clock when the newest guard was built (any model's).
 _newest_born = 0
@@ -44,7 +47,7 @@ def stepped(guard: Guard) -> None:
     its batch norm statistics written in place by the discriminator's guard at a NaN
     batch, and its backward raised "modified by an inplace operation")."""
     prev = guard._ticked
-    guard._ticked = next(_CLOCK)
+    guard._ticked, guard._ticked_before = next(_CLOCK), prev
     if prev is not None and prev > _newest_born:
         return  # no guard was built since its last step: nothing to walk (the step's path)
     for g in list(_GUARDS.get(guard.model, ())):
@@ -67,10 +70,30 @@ def claim(guard: Guard) -> None:
     inplace operation")."""
     global _newest_born
     guard._born = _newest_born = next(_CLOCK)
+    _ALL.add(guard)
     guards = _GUARDS.setdefault(guard.model, weakref.WeakSet())
     guards.add(guard)
     for g in list(guards):
         _leave(g)
+
+
+def restored(guard: Guard) -> None:
+    """``guard`` put weights back (a rollback, its undo, the LR probe's fork): tell each
+    open guard with a recovery that stepped since ``guard``'s step before its last, so
+    one loop steps them together (two optimizers on one loss, a GAN's players), that its
+    loss moved for neither its own trouble nor its batches
+    (:meth:`~gradguard.Recovery.partner_restored`). Found by a stranger: an encoder on SGD
+    and a head on Adam, each under its guard; the encoder's rollback to its fresh weights
+    raised the head's loss 6x, the head's guard rolled back for it and then read the
+    loss its restored weights gave on the fresh encoder as "the batches changed", and its
+    own rollback in turn rolled the encoder back again (3.1x the run without gradguard).
+    A guard that took no step since (a first phase's, left open) is no partner."""
+    since = guard._ticked_before if guard._ticked_before is not None else guard._born
+    for g in list(_ALL):
+        rec = g.recovery
+        if g is not guard and rec is not None and not g._closed and g._ticked is not None \
+                and g._ticked > since:
+            rec.partner_restored()
 
 
 def others(guard: Guard) -> set[int]:

@@ -134,6 +134,8 @@ class Guard:
         self._unstepped = Unstepped(model, {id(p) for p in self.telemetry.params})
         self.kind = optimizer_kind(optimizer)
         self._needs_closure = needs_closure(optimizer)
+        if self._needs_closure:  # what such a step cannot take, said at construction
+            cfg = self.config = lifecycle.closure_config(cfg, optimizer)
         self._sign = lifecycle.loss_sign(optimizer)  # -1: maximize=True, judge -objective
         said = lifecycle.warn_half_weights(optimizer)
         #: the weights' dtypes the warnings above judged; None once the first step looked
@@ -163,7 +165,9 @@ class Guard:
         self._scaler_exec: Direct | Hook | None = None
         if callable(getattr(cfg.clip, "bind", None)):
             cfg.clip.bind(self)
-        self._born, self._ticked = 0, cast("int | None", None)  # host clock: born, stepped
+        # host clock: born, stepped, and the step before that (gradguard._owners)
+        self._born, self._ticked, self._ticked_before = 0, cast("int | None", None), cast(
+            "int | None", None)
         owners.claim(self)  # a rollback leaves another guard's parameters alone
         if cfg.recovery is not None:
             cfg.recovery.attach(self)

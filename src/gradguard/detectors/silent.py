@@ -186,12 +186,17 @@ def detect_no_gradient(
     # (a layer with a weight matrix: a LayerNorm has its vectors alone, and learns them
     # whatever feeds it; found by a regression hunt, an unchosen expert of a mixture
     # before a LayerNorm was "dead from the start")
+    # Only where every layer whose weight matrix learns is after it: one in a branch beside
+    # it (a side input's embedding always given its padding id, a branch switched off by a
+    # factor of 0, their projection fed zeros) has the network learn around it (found by a
+    # regression hunt: such healthy runs were "the units that feed them died")
     if born and window.after is not None and not _constant(window, rows, walked):
-        _, alone = _learning(window, rows)
+        learns, alone = _learning(window, rows)
         mats = window.matrix_params or []
         alone &= {window.layer_index[i] for i, m in enumerate(mats) if m}
         after = window.after
-        born = [n for n in born if any(k in alone for k in after[index[n]])]
+        born = [n for n in born if any(k in alone for k in after[index[n]])
+                and (learns is None or all(k in after[index[n]] for k in learns))]
     return ([_silent_layer(n, window.steps[0], step,
                            reached=walked is not None and index[n] in walked)
              for n in never if n not in born]

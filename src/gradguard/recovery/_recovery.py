@@ -297,6 +297,15 @@ class Recovery:
         """Roll ``objs`` back with the weights from the next snapshot on (``also``)."""
         self.also.add(list(objs), "Recovery.also_restore")
 
+    def partner_restored(self) -> None:
+        """A guard stepped with this one put its weights back (:func:`gradguard._owners.restored`):
+        the loss moved for neither this guard's trouble nor its batches. Its level is
+        learnt again, and the test of its own last rollback's restored weights is dropped
+        (that loss is no longer theirs alone: :mod:`.shift`)."""
+        guard = self._guard() if self._guard is not None else None
+        self._rise.reset(guard.step_count if guard is not None else None)
+        self._shift.armed = None
+
     def finish(self, guard: Guard) -> None:
         """The run ends (``guard.close``): a probe's trial arm under way is discarded, and
         a growth noted but not yet decided on is said (:mod:`.growth`)."""

@@ -199,13 +199,18 @@ class LossRise:
         #: the median of the run's first BLOCK taken losses (its first level, measured as
         #: well as the levels it is compared with; None without the run's first steps)
         self.first_block: float | None = None
+        self.since: int | None = None  # the first step of the level learnt again (reset)
         #: the run's first taken losses while fewer than FIRST are in (None when the fresh
         #: level is known, or the guard did not see the run's first step: a resume)
         self._first: list[float] | None = None
 
     def update(self, steps: Sequence[int], losses: Sequence[float], skipped: Sequence[bool]) -> None:
         """Take a flushed window in (its steps, losses and skip flags)."""
-        vals = [x for x, sk in zip(losses, skipped) if not sk and math.isfinite(x)]
+        since = self.since
+        if since is not None and steps and steps[-1] >= since:
+            self.since = None  # the window reaches it: the next ones are all after it
+        vals = [x for st, x, sk in zip(steps, losses, skipped)
+                if not sk and math.isfinite(x) and (since is None or st >= since)]
         if any(x < 0 for x in vals):
             self.off = True
         if self.off:
@@ -379,11 +384,16 @@ class LossRise:
         self.peak = None
         self._positions = 0
 
-    def reset(self) -> None:
-        """The ladder acted (a back-off or rollback): the level is learnt again from here."""
+    def reset(self, since: int | None = None) -> None:
+        """The ladder acted (a back-off or rollback): the level is learnt again from here,
+        from step ``since`` on (an act between flushes: the next window's steps before it
+        ran on the weights it replaced; found by a stranger, a rollback to the fresh
+        weights at step 60, the growth rule's, took its best from steps 50-59 and rolled
+        back again at 120 for a loss "3x its best")."""
         self.best = self.latest = self.peak = None
         self._carry = []
         self._positions = 0
+        self.since = since
 
     def state_dict(self) -> dict[str, object]:
         return {"best": self.best, "initial": self.initial, "fresh": self.fresh,
