@@ -418,6 +418,60 @@ def test_update_ratio_far_above_and_far_below():
         assert_complete(e)
 
 
+def test_an_update_ratio_that_weight_decay_alone_makes_names_weight_decay(tmp_path):
+    """Found by a stranger: SGD at 0.1 with momentum 0.9 and weight_decay=0.1 shrank a
+    digits MLP's weights to 0 at chance; its update_ratio warnings said "Lower the learning
+    rate" (at 0.01 it still shrinks to chance) and its summary "run gg.doctor". Weight
+    decay alone moved the weights by lr x wd / (1 - momentum) = 0.1 of their norm a step:
+    the remedy and the summary name it; a decay a tenth of the ratio leaves the LR's."""
+    from gradguard.precursors import decay_per_step
+    from gradguard.report import load_run
+    from gradguard.report._data import RunData
+    from gradguard.report._outcome import judge
+    from gradguard.report._summary import summary_sentence
+
+    params = list(nn.Linear(2, 2).parameters())
+    assert decay_per_step(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1)) \
+        == pytest.approx(0.1)
+    assert decay_per_step(torch.optim.AdamW(params, lr=1e-3)) == pytest.approx(1e-5)
+    assert decay_per_step(torch.optim.Adam(params, lr=1e-3, weight_decay=0.1)) is None
+    assert decay_per_step(torch.optim.SGD(params, lr=0.1)) is None
+    w = window([[1.0] * 3] * 5, start=95, weight=[1.0, 1.0, 1.0], update=[1e-3, 0.25, 1e-3])
+    [high] = detect_update_ratio(w, decay=0.1)
+    assert high.remedy.startswith("Lower weight_decay") and high.data["decay"] == 0.1
+    [high] = detect_update_ratio(w, decay=0.01)
+    assert high.remedy.startswith("Lower the learning rate") and "decay" not in high.data
+
+    x, y = torch.randn(1400, 64, generator=torch.Generator().manual_seed(0)), None
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                  sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for _ in range(200):
+            i = torch.randint(0, 1400, (64,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach())
+    assert all(float(m.weight.norm()) < 0.1 for m in model if isinstance(m, nn.Linear))
+    warned = [e for e in guard.events if e.kind == "update_ratio" and e.severity == "warning"]
+    assert warned and warned[0].remedy.startswith("Lower weight_decay"), warned
+    text = summary_sentence(load_run(tmp_path))
+    assert "its weight decay alone shrinks the weights by 0.1" in text, text
+    run = load_run(tmp_path)  # stalled (its gradients vanished as well): weight decay is why
+    run = RunData(run.run_dir, run.step, run.loss, run.grad_norm, run.clip_coef, run.skipped,
+                  run.layers, run.layer_step, run.layer_mean, run.layer_max,
+                  [*run.events, {"kind": "vanishing_grad", "step": 99, "severity": "warning",
+                                 "message": "", "data": {}}])
+    out = judge(run)
+    assert (out.status, out.cause) == ("stalled", "weight_decay"), out
+    assert out.remedy is not None and out.remedy.startswith("Lower weight_decay")
+
+
 def test_many_layers_out_of_range_at_one_flush_are_one_event():
     """Found by a stranger: a ResNet whose LR ramped up got 29 ``update_ratio`` warnings at
     one step, one per layer; more than three are one event naming the worst layer."""

@@ -1192,6 +1192,36 @@ def test_a_flat_run_whose_updates_barely_move_the_weights_is_told_its_lr_is_too_
     assert ("its learning rate is likely far too low" in text) == (lr == 1e-6), text
 
 
+def test_batches_of_padding_only_are_told_in_the_summary(tmp_path):
+    """Found by a stranger: a masked LM whose every 7th batch was padding only had a NaN
+    loss there (a mean over no targets) and zero gradients; the ``nonfinite_loss``
+    warnings named the fix, yet the summary said "No gradient trouble" and left it out."""
+    import torch
+    from torch import nn
+
+    from gradguard.lab._common import minibatches, split_digits
+
+    x_train, y_train, _, _ = split_digits()
+    batch = minibatches(x_train, y_train, 32, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery(),
+                  sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for step in range(140):
+            x, y = batch(step)
+            if step % 7 == 3:
+                y = torch.full_like(y, -100)  # padding only
+            loss = nn.functional.cross_entropy(model(x), y, ignore_index=-100)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    text = summary_sentence(load_run(tmp_path))
+    assert "No gradient trouble" not in text, text
+    assert "non-finite at 20 steps from step 3" in text and "max(count, 1)" in text, text
+
+
 def test_sparse_embedding_updates_are_no_lr_far_too_low(tmp_path):
     """Found by a regression hunt: two 20,000-row embedding tables and a linear head on SGD
     at 0.1 (a loss that does not fall): each step updates the rows of its batch's tokens

@@ -221,22 +221,44 @@ class PrecursorInputs:
 
 
 def optimizer_info(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The largest learning rate and weight decay of the param groups, and the optimizer's
-    name (host floats already in ``param_groups``: no device access; tensor LRs skipped).
+    """The largest learning rate and weight decay of the param groups, the optimizer's
+    name, and the share of its norm a weight loses to the decay alone in a step where that
+    is known (:func:`decay_per_step`; host floats already in ``param_groups``: no device
+    access; tensor LRs skipped).
 
     Example:
         >>> import torch
         >>> from gradguard.precursors import optimizer_info
         >>> opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=3e-4)
         >>> optimizer_info(opt)
-        {'lr': 0.0003, 'weight_decay': 0.01, 'optimizer': 'AdamW'}
+        {'lr': 0.0003, 'weight_decay': 0.01, 'optimizer': 'AdamW', 'decay': 2.99...e-06}
     """
     lrs = [g["lr"] for g in optimizer.param_groups if isinstance(g.get("lr"), (int, float))]
     wds = [g.get("weight_decay", 0.0) or 0.0 for g in optimizer.param_groups]
     return {"lr": max(lrs) if lrs else None,
             "weight_decay": max((float(w) for w in wds if isinstance(w, (int, float))),
                                 default=0.0),
-            "optimizer": type(optimizer).__name__}
+            "optimizer": type(optimizer).__name__,
+            **({} if (d := decay_per_step(optimizer)) is None else {"decay": d})}
+
+
+def decay_per_step(optimizer: torch.optim.Optimizer) -> float | None:
+    """The largest share of its norm a weight loses to weight decay alone in a step, where
+    the optimizer adds it outside an adaptive scale: SGD's ``lr x weight_decay`` (over ``1
+    - momentum`` once its momentum builds up; dampening aside), AdamW's decoupled ``lr x
+    weight_decay``; None for others (Adam's L2 goes through its normalisation) and without
+    decay."""
+    name = type(optimizer).__name__
+    if name not in ("SGD", "AdamW"):
+        return None
+    shares = []
+    for g in optimizer.param_groups:
+        lr, wd = g.get("lr"), g.get("weight_decay") or 0.0
+        if not isinstance(lr, (int, float)) or not isinstance(wd, (int, float)) or wd <= 0:
+            continue
+        momentum = float(g.get("momentum") or 0.0) if name == "SGD" else 0.0
+        shares.append(float(lr) * float(wd) / (1.0 - momentum if momentum < 1 else 1.0))
+    return max(shares) if shares else None
 
 
 # ---- the detector -----------------------------------------------------------------------

@@ -98,7 +98,9 @@ def detect(
     events += detect_vanishing(window, cfg)
     events += detect_no_gradient(window, st, cfg)
     events += detect_capped(window, st)
-    events += detect_update_ratio(window, cfg, st.loss, annealed=lr_annealed)
+    optim = precursor_inputs.optim if precursor_inputs is not None else None
+    events += detect_update_ratio(window, cfg, st.loss, annealed=lr_annealed,
+                                  decay=(optim or {}).get("decay"))
     events += list(lr_events)
     if activations:
         events += detect_activations(window.steps[-1], activations, cfg)

@@ -153,7 +153,8 @@ def _later(ok: torch.Tensor, after: list[list[int]] | None) -> torch.Tensor:
 
 # ---- sampled at flush steps -------------------------------------------------------------
 def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
-                        history: Sequence[float] = (), *, annealed: bool = False) -> list[Event]:
+                        history: Sequence[float] = (), *, annealed: bool = False,
+                        decay: float | None = None) -> list[Event]:
     """``update_ratio``: per-layer ``|update| / |weight|`` at the flush step far above
     (``warning``) or far below (``info``) the healthy ~1e-3. A high ratio while the loss
     still falls (the newer half's median below the older half's) is ``info``: large steps
@@ -165,7 +166,11 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
     LR in force is below ``ANNEALED_LR`` of the run's highest (:meth:`LrTracker.annealed`:
     the tail of a schedule that anneals to zero), and a ratio far below is not reported: a
     run's last steps under cosine to zero barely change any layer, and "raise the learning
-    rate" would be wrong advice there."""
+    rate" would be wrong advice there. ``decay``: the share of its norm a weight loses to
+    weight decay alone per step (:func:`gradguard.precursors.decay_per_step`); where it is
+    a third of a ratio far above or more, the remedy names weight decay first (found by a
+    stranger: SGD at 0.1 with momentum 0.9 and weight_decay=0.1 shrank a digits MLP's
+    weights to 0 at chance, told "Lower the learning rate", which did not help)."""
     w, u = window.layer_weight_norms(), window.layer_update_norms()
     if w is None or u is None:
         return []
@@ -195,8 +200,9 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
                      is None else f"step {step}: {len(n)} layers' update/weight ratio "
                      f"{min(x for _, x in n):.2g} to {r:.2g} (the largest in `{name}`; healthy "
                      "~1e-3)") + note,
-            remedy="Lower the learning rate (or this layer's) until the ratio is ~1e-3.",
-            data={} if n is None else {"layers": [x for x, _ in n], "ratios": [x for _, x in n]},
+            remedy=_high_remedy(r, decay),
+            data=({} if n is None else {"layers": [x for x, _ in n], "ratios": [x for _, x in n]})
+            | ({"decay": decay} if decay is not None and decay >= r / 3 else {}),
         ))
     for name, r, n in _grouped(low, min):
         events.append(Event(
@@ -209,6 +215,17 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
             data={} if n is None else {"layers": [x for x, _ in n], "ratios": [x for _, x in n]},
         ))
     return events
+
+
+def _high_remedy(ratio: float, decay: float | None) -> str:
+    """The remedy of an update/weight ratio far above: weight decay first when it alone
+    moves the weights by a third of the ratio or more, else the learning rate."""
+    if decay is not None and decay >= ratio / 3:
+        return (f"Lower weight_decay: it alone shrinks the weights by {decay:.2g} of their "
+                "norm a step here (lr x weight_decay, over 1 - momentum for SGD), and a "
+                "lower LR shrinks them as surely over more steps; SGD is usually run at "
+                "1e-4 to 5e-4, AdamW at 0.01 to 0.1.")
+    return "Lower the learning rate (or this layer's) until the ratio is ~1e-3."
 
 
 #: More layers than this out of range at one flush are one event, not one each (found by a

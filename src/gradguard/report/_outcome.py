@@ -331,6 +331,12 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         status, cause = "stalled", cause or "vanishing_grad"
         incident = int(vanished[0]["step"]) if incident is None else incident
         clause = f"training stalled: {flat_words(start, final)}"
+    if status == "stalled" and any(e.get("kind") == "update_ratio" and e.get("severity") ==
+                                   "warning" and "decay" in (e.get("data") or {}) for e in ev):
+        # its weight decay alone moved the weights by a third of their update or more
+        # (found by a stranger: SGD with weight_decay=0.1 shrank a digits MLP to 0 at
+        # chance, "stalled ... at the LR gradguard left", where a lower LR did not help)
+        cause = "weight_decay"
     restored = None
     if status in ("healthy", "recovered", "not_recovered") and (
             restored := _ended_on_restored(data)) is not None:

@@ -287,3 +287,26 @@ def still_ratio(data: RunData) -> float | None:
         if top.size and float(np.median(top)) >= STILL_MAX:
             return None
     return ratio if ratio < STILL_RATIO else None
+
+
+def not_learning(data: RunData, start: object) -> str:
+    """The end of the summary's sentence for a healthy run whose loss did not fall, after
+    "if the model started untrained it is not learning": what the run's records say of
+    why (its weight decay, an LR far too low), else a pointer to the doctor."""
+    shrunk = next((e for e in data.events if e.get("kind") == "update_ratio"
+                   and e.get("severity") == "warning" and "decay" in (e.get("data") or {})), None)
+    if shrunk is not None:
+        # found by a stranger: SGD with weight_decay=0.1 shrank a digits MLP to 0 at chance
+        # (the update_ratio warnings said so; a lower LR did not help)
+        return (f": its weight decay alone shrinks the weights by {shrunk['data']['decay']:.2g} "
+                "of their norm a step (lower weight_decay: SGD is usually run at 1e-4 to "
+                "5e-4, AdamW at 0.01 to 0.1).")
+    if (ratio := still_ratio(data)) is not None:
+        # found by a stranger: Adam at 1e-6, flat at chance for 400 steps, was told to run
+        # the doctor, which found nothing: no LR probe sees one too low (a regression hunt:
+        # a fine-tune that starts at its best, on AdamW 1e-5, moves its weights as little:
+        # the conclusion is the untrained model's)
+        return (f": its updates moved the weights by {ratio:.2g} of their norm per step "
+                "(about 1e-3 is usual when training from scratch), so its learning rate is "
+                "likely far too low (a fine-tune that started at its best can ignore this).")
+    return "." if start is not None else " (run gg.doctor on a batch)."

@@ -10,7 +10,7 @@ from typing import Any
 from ..events import listed
 from ._data import TROUBLE_KINDS, RunData
 from ._settled import settled_sentences
-from ._silent import still_ratio
+from ._silent import not_learning
 
 
 def _nonfinite_kind(e: dict[str, Any]) -> str:
@@ -250,6 +250,14 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         by = f" {ratio:.3g}x" if isinstance(ratio, (int, float)) else ""
         parts.append(f"The learning rate jumped{by} at step {jumps[0]['step']}, above any "
                      "the run had or planned.")
+    elif not lead and (untrained := [e for e in ev if e.get("kind") == "nonfinite_loss"]):
+        # finite gradients, a non-finite loss (a batch of padding only: found by a stranger,
+        # "No gradient trouble", its warnings' fix left out)
+        n = sum(len((e.get("data") or {}).get("steps") or [e["step"]]) for e in untrained)
+        why = str(untrained[0].get("message", "")).partition(" while ")[2]
+        parts.append(f"The loss given to guard.step was non-finite at {_plural(n, 'step')} "
+                     f"from step {untrained[0]['step']} while {why}. "
+                     f"{untrained[0].get('remedy') or ''}".rstrip())
     elif not lead and (bad := int((~np.isfinite(data.grad_norm)).sum())):
         # non-finite norms with no event naming them: the events file is missing or was
         # cut (a run with 47 NaN steps was "No gradient trouble ... between 91.7 and 5e18")
@@ -278,21 +286,9 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                              f"{decayed.get('value', 0.0):.2g} of its peak by step "
                              f"{decayed['step']}: the schedule decays it too fast (a "
                              "scheduler stepped every batch where it is meant per epoch?).")
-            elif (ratio := still_ratio(data)) is not None:
-                # found by a stranger: Adam at 1e-6, flat at chance for 400 steps, was told
-                # to run the doctor, which found nothing: no LR probe sees one too low
-                # (a regression hunt: a fine-tune that starts at its best, on AdamW 1e-5,
-                # moves its weights as little: the conclusion is the untrained model's)
-                parts.append(f"{words[0].upper()}{words[1:]}: nothing to recover from, but if "
-                             "the model started untrained it is not learning: its updates "
-                             f"moved the weights by {ratio:.2g} of their norm per step (about "
-                             "1e-3 is usual when training from scratch), so its learning rate "
-                             "is likely far too low (a fine-tune that started at its best can "
-                             "ignore this).")
             else:
                 parts.append(f"{words[0].upper()}{words[1:]}: nothing to recover from, but if "
-                             "the model started untrained it is not learning"
-                             + ("." if start is not None else " (run gg.doctor on a batch)."))
+                             f"the model started untrained it is not learning{not_learning(data, start)}")
     capped = next((e for e in ev if e.get("kind") == "clip" and "cap" in (e.get("data") or {})),
                   None)
     if capped is not None:  # the norms above were capped before the guard measured them
