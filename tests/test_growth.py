@@ -784,7 +784,7 @@ def test_two_guards_on_one_loss_learn_their_level_again_after_the_others_rollbac
             loss = nn.functional.cross_entropy(head(encoder(x)), y)
             loss.backward()
             for g, o in zip(guards or [None, None], (opt_enc, opt_head)):
-                g.step(loss.detach()) if g is not None else o.step()
+                g.step(loss) if g is not None else o.step()  # its graph: one loss
         for g in guards:
             g.close()
         with torch.no_grad():
@@ -796,3 +796,55 @@ def test_two_guards_on_one_loss_learn_their_level_again_after_the_others_rollbac
     assert [e.kind for e in head_guard.events if e.severity != "info"] == []
     _, unguarded = run(False)
     assert held < 1.3 * unguarded, (held, unguarded)
+
+
+def test_two_optimizers_stepped_after_one_backward_are_coupled_under_gradguard_run():
+    """Under ``gradguard run`` the second optimizer stepped after one backward is given
+    the first's loss, detached (no graph to walk): the loss tracker couples the two
+    guards, and a restore by one has the other learn its level again (the stranger's
+    encoder-and-head script: the head's guard "the batches changed" before)."""
+    from gradguard import _owners
+    from gradguard.integrations._hooked import LossTracker
+
+    models = [nn.Linear(4, 4), nn.Linear(4, 2)]
+    guards = [gg.Guard(m, torch.optim.SGD(m.parameters(), lr=0.1), recovery=gg.Recovery())
+              for m in models]
+    other = nn.Linear(4, 2)
+    lone = gg.Guard(other, torch.optim.SGD(other.parameters(), lr=0.1))
+    tracker = LossTracker()
+    tracker.add(models[1](models[0](torch.randn(8, 4))).square().mean())
+    first, second = tracker.take(guards[0]), tracker.take(guards[1])
+    assert first is not None and second is not None and second.grad_fn is None
+    assert _owners._coupled(guards[0], guards[1]) and _owners._coupled(guards[1], guards[0])
+    assert not _owners._coupled(guards[0], lone)
+    for g in (*guards, lone):
+        g.close()
+
+
+def test_a_rollback_leaves_the_loss_level_of_a_guard_over_an_unrelated_model_alone():
+    """Found by a regression hunt: two unrelated MLPs stepped in one loop, each under its
+    guard; the first's rollbacks (LR x1000 bursts) had the second learn its loss level
+    again each time, and the second's own LR x100 from step 120 went unseen, 1.5-1.8x its
+    twin. Only a guard whose loss depends on the restored weights (one model, or a loss
+    whose graph reaches them) is told."""
+    x_train, y_train, _, _ = split_digits()
+    batch = minibatches(x_train, y_train, 32, seed=0)
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)) for _ in range(2)]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
+    guards = [gg.Guard(m, o, clip=gg.ZClip(), recovery=gg.Recovery())
+              for m, o in zip(models, opts)]
+    told = []
+    guards[1].recovery.partner_restored = lambda: told.append(guards[1].step_count)
+    for step in range(200):
+        x, y = batch(step)
+        for i, (m, o, g) in enumerate(zip(models, opts, guards)):
+            o.param_groups[0]["lr"] = 1.0 if i == 0 and step in (70, 71, 72) else 1e-3
+            loss = nn.functional.cross_entropy(m(x), y)
+            o.zero_grad()
+            loss.backward()
+            g.step(loss)
+    for g in guards:
+        g.close()
+    assert [e.kind for e in guards[0].events if e.kind == "rollback"], guards[0].events
+    assert told == []

@@ -881,6 +881,47 @@ def test_a_side_branch_fed_zeros_beside_a_trunk_that_learns_is_no_layer_dead_fro
     assert "from_start" not in silent.data, silent
 
 
+@pytest.mark.parametrize("beside", ["skip", "tower"])
+def test_relus_dead_from_the_start_beside_a_live_path_are_still_dead(beside):
+    """Found by a regression hunt: a first form of the rule above (a layer is dead from
+    the start only where every layer that learns is after it) silenced a ReLU layer dead
+    from its init (bias -20) beside a linear skip to the head, or in a second tower beside
+    a live one: "No gradient trouble" at 1.6-3.3x the twin. Its output reaches the rest
+    through a ReLU (the graph says so); a side branch fed zeros by design passes none."""
+    from gradguard.lab._common import minibatches, split_digits
+
+    x_train, y_train, _, _ = split_digits()
+    batch = minibatches(x_train, y_train, 64, seed=0)
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(32 if beside == "tower" else 64, 64), nn.Linear(64, 64)
+            self.side = nn.Linear(32 if beside == "tower" else 64, 64)
+            self.head = nn.Linear(64 if beside == "skip" else 128, 10)
+            with torch.no_grad():
+                self.l1.bias.fill_(-20.0)  # every unit below zero from the start
+
+        def forward(self, x):
+            if beside == "skip":
+                return self.head(torch.relu(self.l2(torch.relu(self.l1(x)))) + self.side(x))
+            dead = torch.relu(self.l2(torch.relu(self.l1(x[:, 32:]))))
+            return self.head(torch.cat([torch.relu(self.side(x[:, :32])), dead], 1))
+
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
+        for step in range(60):
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+    [dead] = [e for e in guard.events if e.kind == "disconnected_layer"]
+    assert (dead.layer, dead.severity, dead.data.get("from_start")) == ("l1", "warning", True)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_regression_whose_first_layer_died_is_a_network_that_died(tmp_path, seed):
     """Found by a regression hunt: a ReLU regression MLP (targets around 5) whose first

@@ -22,7 +22,9 @@ import itertools
 import weakref
 from typing import TYPE_CHECKING
 
-from torch import nn
+from torch import Tensor, nn
+
+from .graph_order import layers_reached
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -33,13 +35,16 @@ _GUARDS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[Guard]] = (
 
 #: Every guard built in this process (a weak set: a guard dropped leaves it).
 _ALL: weakref.WeakSet[Guard] = weakref.WeakSet()
+#: The guards each guard steps on one backward's loss with (:func:`couple`).
+_COUPLED: weakref.WeakKeyDictionary[Guard, weakref.WeakSet[Guard]] = (
+    weakref.WeakKeyDictionary())
 
 _CLOCK = itertools.count(1)
 #: The clock when the newest guard was built (any model's).
 _newest_born = 0
 
 
-def stepped(guard: Guard) -> None:
+def stepped(guard: Guard, loss: object = None) -> None:
     """Note that ``guard`` took a step now (a host counter; no device work). Its first step
     since another guard over its model was built makes it that guard's other again: the
     other leaves the statistics of its layers to it from now on (found by a regression
@@ -48,6 +53,8 @@ def stepped(guard: Guard) -> None:
     batch, and its backward raised "modified by an inplace operation")."""
     prev = guard._ticked
     guard._ticked, guard._ticked_before = next(_CLOCK), prev
+    if isinstance(loss, Tensor) and loss.grad_fn is not None:  # a weak reference, host-side
+        guard._loss_ref = weakref.ref(loss)
     if prev is not None and prev > _newest_born:
         return  # no guard was built since its last step: nothing to walk (the step's path)
     for g in list(_GUARDS.get(guard.model, ())):
@@ -79,21 +86,48 @@ def claim(guard: Guard) -> None:
 
 def restored(guard: Guard) -> None:
     """``guard`` put weights back (a rollback, its undo, the LR probe's fork): tell each
-    open guard with a recovery that stepped since ``guard``'s step before its last, so
-    one loop steps them together (two optimizers on one loss, a GAN's players), that its
-    loss moved for neither its own trouble nor its batches
-    (:meth:`~gradguard.Recovery.partner_restored`). Found by a stranger: an encoder on SGD
-    and a head on Adam, each under its guard; the encoder's rollback to its fresh weights
-    raised the head's loss 6x, the head's guard rolled back for it and then read the
-    loss its restored weights gave on the fresh encoder as "the batches changed", and its
-    own rollback in turn rolled the encoder back again (3.1x the run without gradguard).
-    A guard that took no step since (a first phase's, left open) is no partner."""
+    open guard with a recovery whose loss depends on them (:func:`_coupled`) and that
+    stepped since ``guard``'s step before its last (one loop steps them together: two
+    optimizers on one loss, a GAN's generator over its discriminator) that its loss moved
+    for neither its own trouble nor its batches (:meth:`~gradguard.Recovery.partner_restored`).
+    Found by a stranger: an encoder on SGD and a head on Adam, each under its guard; the
+    encoder's rollback to its fresh weights raised the head's loss 6x, the head's guard
+    rolled back for it and then read the loss its restored weights gave on the fresh
+    encoder as "the batches changed", and its own rollback in turn rolled the encoder
+    back again (3.1x the run without gradguard). A guard that took no step since (a first
+    phase's, left open) is no partner, nor one over an unrelated model stepped in the
+    same loop (found by a regression hunt: another model's level, learnt again at each of
+    its neighbour's rollbacks, missed its own LR's rise, 1.5-1.8x its twin)."""
     since = guard._ticked_before if guard._ticked_before is not None else guard._born
     for g in list(_ALL):
         rec = g.recovery
         if g is not guard and rec is not None and not g._closed and g._ticked is not None \
-                and g._ticked > since:
+                and g._ticked > since and _coupled(guard, g):
             rec.partner_restored()
+
+
+def couple(a: Guard, b: Guard) -> None:
+    """``a`` and ``b`` step on one backward's loss (``gradguard run``: two optimizers
+    stepped after one backward, the second given the first's loss, detached)."""
+    if a is not b:
+        _COUPLED.setdefault(a, weakref.WeakSet()).add(b)
+        _COUPLED.setdefault(b, weakref.WeakSet()).add(a)
+
+
+def _coupled(a: Guard, b: Guard) -> bool:
+    """Whether the loss of one of the guards ``a`` and ``b`` depends on the other's
+    parameters: one model, one backward's loss (:func:`couple`), or the last loss one was
+    given (with its graph, still alive) reaches a parameter the other steps (a host-side
+    walk of the graph, at a restore only). A loss given without a graph (a number,
+    detached) tells nothing of it."""
+    if a.model is b.model or b in _COUPLED.get(a, ()):
+        return True
+    for src, dst in ((a, b), (b, a)):
+        loss = src._loss_ref() if src._loss_ref is not None else None
+        if loss is not None and layers_reached(loss, dst.telemetry.params,
+                                               [0] * len(dst.telemetry.params)):
+            return True
+    return False
 
 
 def others(guard: Guard) -> set[int]:

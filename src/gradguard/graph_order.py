@@ -149,3 +149,61 @@ def _bits(mask: int) -> list[int]:
         out.append(low.bit_length() - 1)
         mask ^= low
     return out
+
+
+#: ReLU-family activations, whose gradient is exactly zero for a unit below zero: units
+#: that die leave the layers after them none, by this node
+RELU_FAMILY = frozenset({
+    "ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1",
+    "HardtanhBackward0", "HardtanhBackward1",
+})
+
+
+def through_relu(graph: Any, params: Sequence[Tensor], layer_index: Sequence[int],
+                 layer: int) -> bool | None:
+    """Whether the output of ``layer`` reaches every other layer's operation and the loss
+    only through a ReLU-family activation, in the graph of the loss ``graph`` (a weak
+    reference) refers to: its units can be dead. An embedding always given its padding
+    id, or a branch multiplied by 0, feeds the next layer zeros with no ReLU between:
+    found by a regression hunt, such healthy side branches were "dead from the start".
+    None without a graph, or when no operation takes the layer's parameters. A host-side
+    walk of the graph, no device read."""
+    loss = graph() if callable(graph) else graph
+    root = getattr(loss, "grad_fn", None)
+    if root is None:
+        return None
+    layer_of = {id(p): layer_index[i] for i, p in enumerate(params)}
+    consumers: dict[Any, list[Any]] = {}
+    seen, stack = {root}, [root]
+    while stack:
+        node = stack.pop()
+        for c, _ in node.next_functions:
+            if c is not None:
+                consumers.setdefault(c, []).append(node)
+                if c not in seen:
+                    seen.add(c)
+                    stack.append(c)
+
+    def takes(node: Any) -> set[int]:
+        return {j for c, _ in node.next_functions if c is not None
+                and (j := _taken(c, layer_of)) is not None}
+
+    starts = [n for n in seen if getattr(n, "variable", None) is None and layer in takes(n)]
+    if not starts:
+        return None
+    walked, stack = set(starts), list(starts)
+    while stack:
+        node = stack.pop()
+        ups = consumers.get(node, [])
+        if not ups and type(node).__name__ not in RELU_FAMILY:
+            return False  # the loss itself, with no activation on the way
+        for up in ups:
+            if up in walked:
+                continue
+            walked.add(up)
+            if type(up).__name__ in RELU_FAMILY:
+                continue  # gated here: what comes after it sees the activation's zeros
+            if takes(up) - {layer}:
+                return False  # another layer's operation takes it with no ReLU between
+            stack.append(up)
+    return True

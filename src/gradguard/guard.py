@@ -12,6 +12,7 @@ Monitor` runs detectors, recovery acts, and the sinks are fed.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -165,9 +166,11 @@ class Guard:
         self._scaler_exec: Direct | Hook | None = None
         if callable(getattr(cfg.clip, "bind", None)):
             cfg.clip.bind(self)
-        # host clock: born, stepped, and the step before that (gradguard._owners)
+        # host clock: born, stepped, and the step before that; the last loss with a graph
+        # (a weak reference: gradguard._owners)
         self._born, self._ticked, self._ticked_before = 0, cast("int | None", None), cast(
             "int | None", None)
+        self._loss_ref: weakref.ref[Tensor] | None = None
         owners.claim(self)  # a rollback leaves another guard's parameters alone
         if cfg.recovery is not None:
             cfg.recovery.attach(self)
@@ -378,7 +381,7 @@ class Guard:
         if self._watch is not None:
             self._watch.end_step(self.telemetry.pending - 1)
         self.step_count += 1
-        owners.stepped(self)
+        owners.stepped(self, loss)
 
     # ---- flush (one host copy) ------------------------------------------------------------
     def flush(self) -> Window | None:

@@ -186,17 +186,19 @@ def detect_no_gradient(
     # (a layer with a weight matrix: a LayerNorm has its vectors alone, and learns them
     # whatever feeds it; found by a regression hunt, an unchosen expert of a mixture
     # before a LayerNorm was "dead from the start")
-    # Only where every layer whose weight matrix learns is after it: one in a branch beside
-    # it (a side input's embedding always given its padding id, a branch switched off by a
-    # factor of 0, their projection fed zeros) has the network learn around it (found by a
-    # regression hunt: such healthy runs were "the units that feed them died")
+    # Only where its output reaches the rest through a ReLU-family activation (the graph
+    # says: window.through_relu): a side input's embedding always given its padding id, or
+    # a branch switched off by a factor of 0, feeds its projection zeros with none between
+    # (found by a regression hunt: such healthy runs were "the units that feed them
+    # died"); without a graph, where every layer whose weight matrix learns is after it
+    # (a branch beside it: the network learns around it)
     if born and window.after is not None and not _constant(window, rows, walked):
         learns, alone = _learning(window, rows)
         mats = window.matrix_params or []
         alone &= {window.layer_index[i] for i, m in enumerate(mats) if m}
         after = window.after
         born = [n for n in born if any(k in alone for k in after[index[n]])
-                and (learns is None or all(k in after[index[n]] for k in learns))]
+                and _units_gate(window, index[n], learns)]
     return ([_silent_layer(n, window.steps[0], step,
                            reached=walked is not None and index[n] in walked)
              for n in never if n not in born]
@@ -206,6 +208,17 @@ def detect_no_gradient(
                              cut=cut(n), gated=gated(n), ordered=window.after is not None)
                for n in died]
             + ([_underflow_event(window, tiny, step)] if tiny else []))
+
+
+def _units_gate(window: Window, j: int, learns: set[int] | None) -> bool:
+    """Whether layer ``j``'s output passes a ReLU-family activation on its way on (its
+    units can be dead: :func:`gradguard.graph_order.through_relu`); without a graph,
+    whether every layer whose weight matrix learns is after it."""
+    gated = window.through_relu(j) if window.through_relu is not None else None
+    if gated is not None:
+        return gated
+    after = window.after[j] if window.after is not None else []
+    return learns is None or all(k in after for k in learns)
 
 
 def _learning(window: Window, rows: torch.Tensor) -> tuple[set[int] | None, set[int]]:

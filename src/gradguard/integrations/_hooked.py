@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.amp.grad_scaler import GradScaler
 
+from .._owners import couple
 from ..clipping import AGC, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip
 from ..config import GuardConfig, resolve_config
 from ..events import Sink
@@ -109,6 +110,7 @@ class LossTracker:
         self._alias: tuple[Tensor, Tensor] | None = None
         self._graph: Tensor | None = None  # the pending sum's one loss, with its graph
         self._graph_given = False  # handed over once
+        self._taker: Any = None  # the guard that took the last loss (gradguard._owners)
 
     def alias(self, scaled: Tensor, loss: Tensor) -> None:
         """``scaled`` (``GradScaler.scale(loss)``) stands for ``loss``: a backward of
@@ -137,7 +139,14 @@ class LossTracker:
         perturbs the weights): they are behind no step."""
         self._sum, self._n, self._graph = None, 0, None
 
-    def take(self) -> Tensor | None:
+    def take(self, taker: Any = None) -> Tensor | None:
+        """The loss of the step ``taker`` (a guard) is about to take; one taken again (no
+        backward since) couples ``taker`` with the guard that took it first: one loss
+        depends on both's weights (:func:`gradguard._owners.couple`)."""
+        if taker is not None:
+            if self._sum is None and self._taker is not None:
+                couple(self._taker, taker)
+            self._taker = taker
         if self._sum is not None:
             self._last = self._sum / self._n if self.mean else self._sum
             self._sum, self._n = None, 0

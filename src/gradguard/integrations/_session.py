@@ -230,7 +230,7 @@ class ZeroCodeSession:
             return
         unit = self._unit_for(optimizer, sys._getframe(1), None)
         assert unit.guard is not None
-        unit.guard.step(self._loss.take())
+        unit.guard.step(self._loss.take(unit.guard))
         self._succession.tick(unit)
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -251,7 +251,7 @@ class ZeroCodeSession:
         assert unit.guard is not None
         executor: Any = unit.guard.executor
         executor.scaler = scaler  # its found_inf now also carries the guard's verdict
-        unit.guard.step(self._loss.take())
+        unit.guard.step(self._loss.take(unit.guard))
         self._succession.tick(unit)
         self._scaler_stepping = optimizer
         try:
