@@ -433,7 +433,13 @@ def test_an_update_ratio_that_weight_decay_alone_makes_names_weight_decay(tmp_pa
     params = list(nn.Linear(2, 2).parameters())
     assert decay_per_step(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1)) \
         == pytest.approx(0.1)
-    assert decay_per_step(torch.optim.AdamW(params, lr=1e-3)) == pytest.approx(1e-5)
+    assert decay_per_step(torch.optim.AdamW(params, lr=1e-3, weight_decay=0.5)) == \
+        pytest.approx(5e-4)
+    # a decay in its usual range is never the one named: at an LR 100x too high, 5e-4 on
+    # SGD moves the weights as far (found by a regression hunt), and the LR is at fault
+    assert decay_per_step(torch.optim.SGD(params, lr=10.0, momentum=0.9, weight_decay=5e-4)) \
+        is None
+    assert decay_per_step(torch.optim.AdamW(params, lr=1.0, weight_decay=0.1)) is None
     assert decay_per_step(torch.optim.Adam(params, lr=1e-3, weight_decay=0.1)) is None
     assert decay_per_step(torch.optim.SGD(params, lr=0.1)) is None
     w = window([[1.0] * 3] * 5, start=95, weight=[1.0, 1.0, 1.0], update=[1e-3, 0.25, 1e-3])

@@ -756,8 +756,10 @@ def test_a_plateau_scheduler_starts_again_with_the_weights_a_rollback_restores(s
     assert held < 1.3 * unguarded, (held, unguarded)
 
 
+@pytest.mark.parametrize("one_model", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_two_guards_on_one_loss_learn_their_level_again_after_the_others_rollback(seed):
+def test_two_guards_on_one_loss_learn_their_level_again_after_the_others_rollback(
+        seed, one_model):
     """Found by a stranger: an encoder on SGD at 30x its LR and a head on Adam, each under
     its own guard, one loss. The encoder's guard rolled back to its fresh weights at step
     60 (their growth); the head's loss rose 6x on the fresh encoder, its guard rolled back
@@ -765,7 +767,11 @@ def test_two_guards_on_one_loss_learn_their_level_again_after_the_others_rollbac
     encoder's guard roll back again (3.1x the run without gradguard). A guard's restore
     has the guards stepped with it learn their loss level again; and after an act between
     flushes a guard learns its level from the steps after it (the encoder's own second
-    rollback was for a loss "3x its best", a best of the weights it had replaced)."""
+    rollback was for a loss "3x its best", a best of the weights it had replaced).
+    ``one_model``: both guards over ``nn.Sequential(encoder, head)``, as docs/guard.md
+    says for two optimizers on one model: the growth rule weighs each guard's own weights
+    (found by a stranger: the head's guard was rolled back for the encoder's growth and
+    told to set its LR 9x lower)."""
     x_train, y_train, x_val, y_val = split_digits()
 
     def run(guarded):
@@ -775,7 +781,8 @@ def test_two_guards_on_one_loss_learn_their_level_again_after_the_others_rollbac
         head = nn.Linear(32, 10)
         opt_enc = torch.optim.SGD(encoder.parameters(), lr=0.6, momentum=0.9)
         opt_head = torch.optim.Adam(head.parameters(), lr=1e-3)
-        guards = [gg.Guard(m, o, clip=gg.ZClip(), recovery=gg.Recovery())
+        whole = nn.Sequential(encoder, head)
+        guards = [gg.Guard(whole if one_model else m, o, clip=gg.ZClip(), recovery=gg.Recovery())
                   for m, o in ((encoder, opt_enc), (head, opt_head))] if guarded else []
         for step in range(220):
             x, y = batch(step)

@@ -881,6 +881,42 @@ def test_a_side_branch_fed_zeros_beside_a_trunk_that_learns_is_no_layer_dead_fro
     assert "from_start" not in silent.data, silent
 
 
+@pytest.mark.parametrize("act", ["clamp", "leaky0", "hardswish", "relu"])
+def test_units_dead_from_the_start_behind_any_activation_are_dead(act):
+    """Found by a regression hunt: the first form of the activation test knew ReLU, its
+    in-place form, threshold and hardtanh alone; behind ``clamp(min=0)``, ``LeakyReLU(0)``
+    or ``Hardswish`` a first layer whose bias sat at -100 was "healthy" at chance. Any
+    operation that does not pass values on as they are (a view, a sum, a product, a
+    gather) may be the one its units die in."""
+    from gradguard.lab._common import minibatches, split_digits
+
+    x_train, y_train, _, _ = split_digits()
+    batch = minibatches(x_train, y_train, 64, seed=0)
+    torch.manual_seed(0)
+    fn = {"clamp": lambda h: h.clamp(min=0), "leaky0": nn.LeakyReLU(0.0),
+          "hardswish": nn.Hardswish(), "relu": nn.ReLU()}[act]
+    layers = nn.ModuleList([nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64),
+                            nn.Linear(64, 10)])
+    with torch.no_grad():
+        layers[0].bias.fill_(-100.0)
+
+    def model(x):  # the third layer, fed the second's constant bias, has a weight gradient
+        for layer in layers[:-1]:
+            x = fn(layer(x))
+        return layers[-1](x)
+
+    opt = torch.optim.Adam(layers.parameters(), lr=1e-3)
+    with gg.Guard(layers, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
+        for step in range(60):
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+    [dead] = [e for e in guard.events if e.kind == "disconnected_layer"]
+    assert (dead.layer, dead.severity, dead.data.get("from_start")) == ("0", "warning", True)
+
+
 @pytest.mark.parametrize("beside", ["skip", "tower"])
 def test_relus_dead_from_the_start_beside_a_live_path_are_still_dead(beside):
     """Found by a regression hunt: a first form of the rule above (a layer is dead from
@@ -2508,7 +2544,7 @@ def test_rmsprops_second_moment_is_restored_not_zeroed_at_a_rollback():
     assert len(rollbacks) == 1 and "reset optimizer state" in rollbacks[0].message
     _, _, twin = run(False)
     assert held < 1.3 * twin, (held, twin)
-    from gradguard.recovery.actions import reset_moments
+    from gradguard.recovery.moments import reset_moments
 
     state = opt.state[opt.param_groups[0]["params"][0]]
     square, before = state["square_avg"], state["square_avg"].clone()

@@ -365,6 +365,25 @@ def test_a_noisy_loss_whose_first_batch_was_its_lowest_was_not_climbing(seed):
     assert out.cause == "lr_too_high", out
 
 
+def test_a_late_incident_is_judged_within_the_noise_of_the_level_before_it_too():
+    """Found by a stranger: a regression whose loss divided by the target, 0 on a few
+    samples, had an Inf loss on 10% of its batches, each skipped; the last 6 steps before
+    the end, and the median of those 6 noisy steps, 1.67x the level before (within the
+    noise of its 40-step window), made it "did not recover from step 393", at its twin's
+    loss. A relapse is a level out of the noise of both windows."""
+    rng = np.random.default_rng(0)
+    loss = 0.05 * np.exp(-np.arange(400) / 60) + 0.0032 * np.exp(0.45 * rng.standard_normal(400))
+    bad = [*range(20, 400, 10), 393]
+    loss[bad] = np.inf
+    loss[394:] = 0.0032 * np.array([1.2, 1.9, 1.6, 1.8, 1.5, 2.1])  # a short window, by chance
+    events = [ev("nonfinite_grad", s, "error") for s in bad]
+    out = judge(run(loss, skipped=bad, events=events))
+    assert out.status == "recovered", out
+    worse = loss.copy()
+    worse[394:] = 0.0032 * 30  # a level out of any noise: a relapse
+    assert judge(run(worse, skipped=bad, events=events)).status == "not_recovered"
+
+
 def test_a_loss_that_rose_long_after_a_layer_went_silent_did_not_rise_for_it():
     """Found by a regression hunt: a mixture whose one expert was switched off at step 60
     (told gated, an info), its labels noisier from step 100, ended back at its start level

@@ -55,6 +55,9 @@ def stepped(guard: Guard, loss: object = None) -> None:
     guard._ticked, guard._ticked_before = next(_CLOCK), prev
     if isinstance(loss, Tensor) and loss.grad_fn is not None:  # a weak reference, host-side
         guard._loss_ref = weakref.ref(loss)
+        if guard._linked < _newest_born:  # its first loss with a graph, or a guard built since
+            guard._linked = _newest_born
+            _link(guard, loss)
     if prev is not None and prev > _newest_born:
         return  # no guard was built since its last step: nothing to walk (the step's path)
     for g in list(_GUARDS.get(guard.model, ())):
@@ -104,6 +107,19 @@ def restored(guard: Guard) -> None:
         if g is not guard and rec is not None and not g._closed and g._ticked is not None \
                 and g._ticked > since and _coupled(guard, g):
             rec.partner_restored()
+
+
+def _link(guard: Guard, loss: Tensor) -> None:
+    """Couple ``guard`` with each open guard whose parameters the graph of ``loss`` (its
+    step's) reaches: decided while the loss lives (found by a regression hunt: a loop whose
+    forward, backward and step sat in a function that returned ``loss.item()`` had no live
+    loss at the next step's restore, and the head's guard read the encoder's rollback as
+    "the batches changed" again). A host-side walk, once per guard (and again when a guard
+    is built after its last look)."""
+    for g in list(_ALL):
+        if g is not guard and not g._closed and g not in _COUPLED.get(guard, ()) and \
+                layers_reached(loss, g.telemetry.params, [0] * len(g.telemetry.params)):
+            couple(guard, g)
 
 
 def couple(a: Guard, b: Guard) -> None:

@@ -151,23 +151,27 @@ def _bits(mask: int) -> list[int]:
     return out
 
 
-#: ReLU-family activations, whose gradient is exactly zero for a unit below zero: units
-#: that die leave the layers after them none, by this node
-RELU_FAMILY = frozenset({
-    "ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1",
-    "HardtanhBackward0", "HardtanhBackward1",
+#: Operations that pass a unit's value on as it is, scaled, summed or gathered: no
+#: activation, so no unit of the layer before them can die in them. Any other operation
+#: on the way (a ReLU, a clamp, a LeakyReLU(0), a hardswish, a GELU, a maximum) may be one.
+PASS_ON = VIEWS | frozenset({
+    "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0",
+    "RsubBackward1", "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1",
+    "NegBackward0", "CatBackward0", "StackBackward0", "SumBackward0", "SumBackward1",
+    "MeanBackward0", "MeanBackward1", "IndexBackward0", "IndexSelectBackward0",
+    "GatherBackward0", "NativeDropoutBackward0", "FlattenBackward0", "RepeatBackward0",
 })
 
 
 def through_relu(graph: Any, params: Sequence[Tensor], layer_index: Sequence[int],
                  layer: int) -> bool | None:
     """Whether the output of ``layer`` reaches every other layer's operation and the loss
-    only through a ReLU-family activation, in the graph of the loss ``graph`` (a weak
-    reference) refers to: its units can be dead. An embedding always given its padding
-    id, or a branch multiplied by 0, feeds the next layer zeros with no ReLU between:
-    found by a regression hunt, such healthy side branches were "dead from the start".
-    None without a graph, or when no operation takes the layer's parameters. A host-side
-    walk of the graph, no device read."""
+    only through an activation (an operation outside ``PASS_ON``: a ReLU, a clamp), in
+    the graph of the loss ``graph`` (a weak reference) refers to: its units can be dead.
+    An embedding always given its padding id, or a branch multiplied by 0, feeds the next
+    layer zeros with no activation between: found by a regression hunt, such healthy side
+    branches were "dead from the start". None without a graph, or when no operation takes
+    the layer's parameters. A host-side walk of the graph, no device read."""
     loss = graph() if callable(graph) else graph
     root = getattr(loss, "grad_fn", None)
     if root is None:
@@ -195,15 +199,15 @@ def through_relu(graph: Any, params: Sequence[Tensor], layer_index: Sequence[int
     while stack:
         node = stack.pop()
         ups = consumers.get(node, [])
-        if not ups and type(node).__name__ not in RELU_FAMILY:
+        if not ups:
             return False  # the loss itself, with no activation on the way
         for up in ups:
             if up in walked:
                 continue
             walked.add(up)
-            if type(up).__name__ in RELU_FAMILY:
-                continue  # gated here: what comes after it sees the activation's zeros
             if takes(up) - {layer}:
-                return False  # another layer's operation takes it with no ReLU between
+                return False  # another layer's operation takes it with no activation between
+            if type(up).__name__ not in PASS_ON:
+                continue  # an activation: what comes after it sees its zeros
             stack.append(up)
     return True

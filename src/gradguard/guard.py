@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.amp.grad_scaler import GradScaler
 
+from . import _construction as construction
 from . import _lifecycle as lifecycle
 from . import _owners as owners
 from . import checkpoint, distributed
@@ -136,11 +137,11 @@ class Guard:
         self.kind = optimizer_kind(optimizer)
         self._needs_closure = needs_closure(optimizer)
         if self._needs_closure:  # what such a step cannot take, said at construction
-            cfg = self.config = lifecycle.closure_config(cfg, optimizer)
-        self._sign = lifecycle.loss_sign(optimizer)  # -1: maximize=True, judge -objective
-        said = lifecycle.warn_half_weights(optimizer)
+            cfg = self.config = construction.closure_config(cfg, optimizer)
+        self._sign = construction.loss_sign(optimizer)  # -1: maximize=True, judge -objective
+        said = construction.warn_half_weights(optimizer)
         #: the weights' dtypes the warnings above judged; None once the first step looked
-        self._cast: frozenset[torch.dtype] | None = lifecycle.weight_dtypes(optimizer)
+        self._cast: frozenset[torch.dtype] | None = construction.weight_dtypes(optimizer)
         self._fresh = FreshState(optimizer)
         # a skipped step's forward already moved the batch norm running statistics
         self._running = RunningStats(distributed.unwrap(model))
@@ -171,6 +172,7 @@ class Guard:
         self._born, self._ticked, self._ticked_before = 0, cast("int | None", None), cast(
             "int | None", None)
         self._loss_ref: weakref.ref[Tensor] | None = None
+        self._linked = -1  # the newest guard's birth when its loss last looked for partners
         owners.claim(self)  # a rollback leaves another guard's parameters alone
         if cfg.recovery is not None:
             cfg.recovery.attach(self)
@@ -274,7 +276,7 @@ class Guard:
         loss = check_loss(loss)
         if loss is None and self.recovery is not None and not self._no_loss_said:
             self._no_loss_said = True
-            lifecycle.warn_no_loss()
+            construction.warn_no_loss()
         if self._sign < 0 and loss is not None:
             loss = -loss  # the objective a maximize=True optimizer ascends, as a loss
         executor = self._scaler_exec = executor_for(self.executor, scaler, self._scaler_exec)
@@ -282,7 +284,7 @@ class Guard:
             if optimizer_layout(self.optimizer) != self._layout:
                 self._relayout()  # add_param_group: guard the new parameters too
             if self._cast is not None:
-                lifecycle.recast(self)  # model.half() after the guard was built
+                construction.recast(self)  # model.half() after the guard was built
             restores = getattr(self.recovery, "restores", 0)  # weights restored so far
             if self._flush_due():
                 self.flush()  # a hook-driven step: the previous (flush) step has now run

@@ -231,7 +231,7 @@ def optimizer_info(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         >>> from gradguard.precursors import optimizer_info
         >>> opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=3e-4)
         >>> optimizer_info(opt)
-        {'lr': 0.0003, 'weight_decay': 0.01, 'optimizer': 'AdamW', 'decay': 2.99...e-06}
+        {'lr': 0.0003, 'weight_decay': 0.01, 'optimizer': 'AdamW'}
     """
     lrs = [g["lr"] for g in optimizer.param_groups if isinstance(g.get("lr"), (int, float))]
     wds = [g.get("weight_decay", 0.0) or 0.0 for g in optimizer.param_groups]
@@ -242,19 +242,27 @@ def optimizer_info(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
             **({} if (d := decay_per_step(optimizer)) is None else {"decay": d})}
 
 
+#: The highest weight decay in common use, per optimizer (SGD: 1e-4 to 5e-4 on vision
+#: models, 1e-3 at most; AdamW: 0.01 to 0.1, 0.3 at most): above it, a decay that alone
+#: makes an update ratio far above is named (:func:`decay_per_step`).
+USUAL_DECAY = {"SGD": 1e-3, "AdamW": 0.3}
+
+
 def decay_per_step(optimizer: torch.optim.Optimizer) -> float | None:
     """The largest share of its norm a weight loses to weight decay alone in a step, where
     the optimizer adds it outside an adaptive scale: SGD's ``lr x weight_decay`` (over ``1
     - momentum`` once its momentum builds up; dampening aside), AdamW's decoupled ``lr x
-    weight_decay``; None for others (Adam's L2 goes through its normalisation) and without
-    decay."""
+    weight_decay``; None for others (Adam's L2 goes through its normalisation), and for a
+    decay in its usual range (``USUAL_DECAY``: at an LR 100x too high, 5e-4 on SGD moves
+    the weights as far, and the LR is at fault: found by a regression hunt)."""
     name = type(optimizer).__name__
-    if name not in ("SGD", "AdamW"):
+    if name not in USUAL_DECAY:
         return None
     shares = []
     for g in optimizer.param_groups:
         lr, wd = g.get("lr"), g.get("weight_decay") or 0.0
-        if not isinstance(lr, (int, float)) or not isinstance(wd, (int, float)) or wd <= 0:
+        if not isinstance(lr, (int, float)) or not isinstance(wd, (int, float)) \
+                or wd <= USUAL_DECAY[name]:
             continue
         momentum = float(g.get("momentum") or 0.0) if name == "SGD" else 0.0
         shares.append(float(lr) * float(wd) / (1.0 - momentum if momentum < 1 else 1.0))

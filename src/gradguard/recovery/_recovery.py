@@ -70,7 +70,7 @@ class Recovery:
             once); None: ``keep`` snapshots (see :attr:`snapshot_bytes`).
         reset_moments: after a rollback, zero the optimizer state of the layers that
             exploded (``"exploded"``), of every parameter (``"all"``) or of none; torch's
-            optimizers only (another's state may hold weights: :func:`.actions.reset_moments`).
+            optimizers only (another's state may hold weights: :func:`.moments.reset_moments`).
         max_rollbacks: rollbacks without a healthy snapshot in between before
             :class:`~gradguard.TrainingDiverged` (n, >= 0); when the loss level alone
             decided the last, the loss tests are turned off instead (``loss_level_off``).

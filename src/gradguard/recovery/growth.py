@@ -218,14 +218,19 @@ def why(noted: Noted) -> str:
 
 
 def growth(guard: Guard, fresh: dict[str, Any]) -> float | None:
-    """The median over the weight matrices of their norm now over their norm in ``fresh``
-    (the snapshot of the weights before the first step); None when fewer than
-    ``MIN_MATRICES`` qualify. One host read."""
+    """The median over the weight matrices the guard's optimizer steps of their norm now
+    over their norm in ``fresh`` (the snapshot of the weights before the first step); None
+    when fewer than ``MIN_MATRICES`` qualify. One host read. Another guard's weights over
+    the same model are its own to judge (found by a stranger: a head on Adam under its
+    guard, beside an encoder on SGD at 30x under another, was rolled back for the
+    encoder's growth and told to set its LR 9x lower)."""
     saved = fresh["model"]
+    mine = {id(p) for p in guard.telemetry.params}
     now, before = [], []
     for name, p in guard.model.named_parameters():
         w = saved.get(name)
-        if w is None or p.ndim < 2 or not p.requires_grad or not p.is_floating_point():
+        if w is None or id(p) not in mine or p.ndim < 2 or not p.requires_grad \
+                or not p.is_floating_point():
             continue
         now.append(p.detach())
         before.append(w)

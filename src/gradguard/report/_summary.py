@@ -312,7 +312,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                      ": remove optimizer.step(), guard.step() replaces it.")
     rounded = next((e for e in ev if e.get("kind") == "update_ratio"
                     and "rounded_share" in (e.get("data") or {})), None)
-    if rounded is not None:  # half-precision weights too large for the LR (gradguard._lifecycle)
+    if rounded is not None:  # half-precision weights too large for the LR (gradguard._construction)
         parts.append(f"When the guard was built, {rounded['data']['rounded_share']:.0%} of the "
                      "weights were so large that an update of the full LR rounds away in their "
                      "dtype: those barely trained (keep float32 weights under torch.autocast).")
