@@ -834,6 +834,25 @@ def test_an_unchosen_expert_before_a_layer_norm_is_no_layer_dead_from_the_start(
     assert any(e.kind == "disconnected_layer" and e.layer == "experts.3.0" for e in guard.events)
 
 
+def _trained_on_digits(module: nn.Module, forward, steps: int = 60) -> gg.Guard:
+    """``module``'s parameters trained through ``forward`` on digits batches of 64 on Adam
+    at 1e-3 under the default guard, each step given its loss with its graph; the guard,
+    closed."""
+    from gradguard.lab._common import minibatches, split_digits
+
+    x_train, y_train, _, _ = split_digits()
+    batch = minibatches(x_train, y_train, 64, seed=0)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+    with gg.Guard(module, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
+        for step in range(steps):
+            x, y = batch(step)
+            loss = nn.functional.cross_entropy(forward(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+    return guard
+
+
 @pytest.mark.parametrize("side", ["padding", "gate"])
 def test_a_side_branch_fed_zeros_beside_a_trunk_that_learns_is_no_layer_dead_from_the_start(
         side):
@@ -843,10 +862,6 @@ def test_a_side_branch_fed_zeros_beside_a_trunk_that_learns_is_no_layer_dead_fro
     gradient and its projection, fed zeros, learns its bias alone, as after ReLUs dead from
     the start, and the healthy run was warned "the units that feed them died". The trunk
     beside it learns: the network learns around the branch."""
-    from gradguard.lab._common import minibatches, split_digits
-
-    x_train, y_train, _, _ = split_digits()
-    batch = minibatches(x_train, y_train, 64, seed=0)
     torch.manual_seed(0)
 
     class SideNet(nn.Module):
@@ -867,14 +882,7 @@ def test_a_side_branch_fed_zeros_beside_a_trunk_that_learns_is_no_layer_dead_fro
             return self.b(torch.relu(self.a(x) + self.proj(s)))
 
     model = SideNet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
-        for step in range(100):
-            x, y = batch(step)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            guard.step(loss)
+    guard = _trained_on_digits(model, model, steps=100)
     assert not [e for e in guard.events if e.severity != "info"], guard.events
     [silent] = [e for e in guard.events if e.kind == "disconnected_layer"]
     assert silent.layer == ("emb" if side == "padding" else "branch")
@@ -888,10 +896,6 @@ def test_units_dead_from_the_start_behind_any_activation_are_dead(act):
     or ``Hardswish`` a first layer whose bias sat at -100 was "healthy" at chance. Any
     operation that does not pass values on as they are (a view, a sum, a product, a
     gather) may be the one its units die in."""
-    from gradguard.lab._common import minibatches, split_digits
-
-    x_train, y_train, _, _ = split_digits()
-    batch = minibatches(x_train, y_train, 64, seed=0)
     torch.manual_seed(0)
     fn = {"clamp": lambda h: h.clamp(min=0), "leaky0": nn.LeakyReLU(0.0),
           "hardswish": nn.Hardswish(), "relu": nn.ReLU()}[act]
@@ -905,15 +909,8 @@ def test_units_dead_from_the_start_behind_any_activation_are_dead(act):
             x = fn(layer(x))
         return layers[-1](x)
 
-    opt = torch.optim.Adam(layers.parameters(), lr=1e-3)
-    with gg.Guard(layers, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
-        for step in range(60):
-            x, y = batch(step)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            guard.step(loss)
-    [dead] = [e for e in guard.events if e.kind == "disconnected_layer"]
+    [dead] = [e for e in _trained_on_digits(layers, model).events
+              if e.kind == "disconnected_layer"]
     assert (dead.layer, dead.severity, dead.data.get("from_start")) == ("0", "warning", True)
 
 
@@ -924,10 +921,6 @@ def test_relus_dead_from_the_start_beside_a_live_path_are_still_dead(beside):
     from its init (bias -20) beside a linear skip to the head, or in a second tower beside
     a live one: "No gradient trouble" at 1.6-3.3x the twin. Its output reaches the rest
     through a ReLU (the graph says so); a side branch fed zeros by design passes none."""
-    from gradguard.lab._common import minibatches, split_digits
-
-    x_train, y_train, _, _ = split_digits()
-    batch = minibatches(x_train, y_train, 64, seed=0)
     torch.manual_seed(0)
 
     class Net(nn.Module):
@@ -946,15 +939,8 @@ def test_relus_dead_from_the_start_beside_a_live_path_are_still_dead(beside):
             return self.head(torch.cat([torch.relu(self.side(x[:, :32])), dead], 1))
 
     model = Net()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with gg.Guard(model, opt, clip=gg.ZClip(), recovery=gg.Recovery()) as guard:
-        for step in range(60):
-            x, y = batch(step)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            guard.step(loss)
-    [dead] = [e for e in guard.events if e.kind == "disconnected_layer"]
+    [dead] = [e for e in _trained_on_digits(model, model).events
+              if e.kind == "disconnected_layer"]
     assert (dead.layer, dead.severity, dead.data.get("from_start")) == ("l1", "warning", True)
 
 
