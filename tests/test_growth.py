@@ -27,8 +27,9 @@ def test_the_growth_is_the_median_matrix_norm_ratio_leaving_out_vectors_and_zero
         model[0].bias.mul_(100.0)  # vectors are left out
         model[3].weight.fill_(1.0)
 
-    class Guardish:
-        telemetry = type("T", (), {"device": torch.device("cpu")})()
+    class Guardish:  # the optimizer holds every parameter
+        telemetry = type("T", (), {"device": torch.device("cpu"),
+                                   "params": list(model.parameters())})()
 
     Guardish.model = model
     assert growth.growth(Guardish(), fresh) == pytest.approx(2.0)
@@ -53,8 +54,9 @@ def test_a_tiny_init_grows_from_half_the_default_scale_a_small_one_from_its_own(
         for layer in model:
             layer.weight.mul_(2.8)
 
-    class Guardish:
-        telemetry = type("T", (), {"device": torch.device("cpu")})()
+    class Guardish:  # the optimizer holds every parameter
+        telemetry = type("T", (), {"device": torch.device("cpu"),
+                                   "params": list(model.parameters())})()
 
     Guardish.model = model
     assert growth.growth(Guardish(), fresh) == pytest.approx(judged, rel=0.05)
