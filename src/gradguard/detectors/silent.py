@@ -306,9 +306,10 @@ def _silent_layer(name: str, first: int, step: int, *, died: int = 0, cut: bool 
     if from_start:
         severity, data = "warning", {"died": True, "steps": died, "from_start": True}
         message = (f"{never}, though the loss's graph reaches it and a layer after it has "
-                   "one: the units around it are dead from the start (ReLUs that their biases "
-                   "or inputs keep below zero), or its output is multiplied by zero (a gate or "
-                   "mask that never opens)")
+                   "one: the units around it are dead from the start (activations that their "
+                   "biases or inputs keep where they pass no gradient: ReLUs below zero, a GELU "
+                   "or sigmoid far out), or its output is multiplied by zero (a gate or mask "
+                   "that never opens)")
         remedy = (f"{init}, weights that push every unit negative) and the inputs' scale, or "
                   "use LeakyReLU/GELU; gg.doctor(model, batch, loss_fn) names the layers.")
     elif died and cut:
