@@ -118,7 +118,7 @@ def _link(guard: Guard, loss: Tensor) -> None:
     is built after its last look)."""
     for g in list(_ALL):
         if g is not guard and not g._closed and g not in _COUPLED.get(guard, ()) and \
-                layers_reached(loss, g.telemetry.params, [0] * len(g.telemetry.params)):
+                _reaches(loss, g):
             couple(guard, g)
 
 
@@ -140,10 +140,14 @@ def _coupled(a: Guard, b: Guard) -> bool:
         return True
     for src, dst in ((a, b), (b, a)):
         loss = src._loss_ref() if src._loss_ref is not None else None
-        if loss is not None and layers_reached(loss, dst.telemetry.params,
-                                               [0] * len(dst.telemetry.params)):
+        if loss is not None and _reaches(loss, dst):
             return True
     return False
+
+
+def _reaches(loss: Tensor, guard: Guard) -> bool:
+    """Whether the graph of ``loss`` takes a parameter ``guard`` steps (host-side)."""
+    return bool(layers_reached(loss, guard.telemetry.params, [0] * len(guard.telemetry.params)))
 
 
 def others(guard: Guard) -> set[int]:

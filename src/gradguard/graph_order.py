@@ -163,7 +163,7 @@ PASS_ON = VIEWS | frozenset({
 })
 
 
-def through_relu(graph: Any, params: Sequence[Tensor], layer_index: Sequence[int],
+def through_activation(graph: Any, params: Sequence[Tensor], layer_index: Sequence[int],
                  layer: int) -> bool | None:
     """Whether the output of ``layer`` reaches every other layer's operation and the loss
     only through an activation (an operation outside ``PASS_ON``: a ReLU, a clamp), in

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .errors import StateMismatch
-from .graph_order import layers_after, layers_reached, through_relu
+from .graph_order import layers_after, layers_reached, through_activation
 from .measure import GradGroup, StepStats, group_grads, measure, measure_grads, norm_dtype
 from .naming import ROOT_LAYER, layer_of, named_optimizer_params
 from .underflow import grad_amax
@@ -347,8 +347,8 @@ class Telemetry:
             grad_absent=list(self._absent) if self._track_absent and len(self._absent) == n
             else None,
             reached=None if self._graph is None else functools.partial(self._reached, self._graph),
-            through_relu=None if self._graph is None else functools.partial(
-                through_relu, self._graph, self.params, self.layer_index),
+            through_activation=None if self._graph is None else functools.partial(
+                through_activation, self._graph, self.params, self.layer_index),
             amax=functools.partial(grad_amax, self.params, self.layer_index),
         )
         self._graph = None

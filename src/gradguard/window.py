@@ -52,9 +52,9 @@ class Window:
         reached: a call that walks the graph of the window's last loss (host-side, no
             device read; while that loss lives) and returns the layers it reaches, None when
             it cannot; None without a graph. Read only for a layer that looks dead.
-        through_relu: a call that tells, for a layer, whether its output reaches the other
+        through_activation: a call that tells, for a layer, whether its output reaches the other
             layers' operations and the loss only through a ReLU-family activation in the
-            graph of the window's last loss (:func:`gradguard.graph_order.through_relu`);
+            graph of the window's last loss (:func:`gradguard.graph_order.through_activation`);
             None without a graph. Read only for a layer that looks dead from the start.
         amax: a call that reads, for the given layers, the largest magnitude of their
             gradients now (:func:`gradguard.underflow.grad_amax`: one host read); None when
@@ -81,7 +81,7 @@ class Window:
     loss_given: Tensor | None = None
     grad_absent: list[frozenset[int] | None] | None = None
     reached: Callable[[], frozenset[int] | None] | None = None
-    through_relu: Callable[[int], bool | None] | None = None
+    through_activation: Callable[[int], bool | None] | None = None
     matrix_params: list[bool] | None = None
     amax: Callable[[Sequence[int]], list[float]] | None = None
     #: :meth:`layer_norms`, computed once per window (the detectors, the monitor and the

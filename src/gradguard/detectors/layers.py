@@ -200,9 +200,9 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
                      is None else f"step {step}: {len(n)} layers' update/weight ratio "
                      f"{min(x for _, x in n):.2g} to {r:.2g} (the largest in `{name}`; healthy "
                      "~1e-3)") + note,
-            remedy=_high_remedy(r, decay),
+            remedy=_high_remedy(named := decay if decay is not None and decay >= r / 3 else None),
             data=({} if n is None else {"layers": [x for x, _ in n], "ratios": [x for _, x in n]})
-            | ({"decay": decay} if decay is not None and decay >= r / 3 else {}),
+            | ({} if named is None else {"decay": named}),
         ))
     for name, r, n in _grouped(low, min):
         events.append(Event(
@@ -217,10 +217,10 @@ def detect_update_ratio(window: Window, config: DetectorConfig = DEFAULT_CONFIG,
     return events
 
 
-def _high_remedy(ratio: float, decay: float | None) -> str:
+def _high_remedy(decay: float | None) -> str:
     """The remedy of an update/weight ratio far above: weight decay first when it alone
-    moves the weights by a third of the ratio or more, else the learning rate."""
-    if decay is not None and decay >= ratio / 3:
+    moves the weights by a third of the ratio or more (``decay``), else the learning rate."""
+    if decay is not None:
         return (f"Lower weight_decay: it alone shrinks the weights by {decay:.2g} of their "
                 "norm a step here (lr x weight_decay, over 1 - momentum for SGD), and a "
                 "lower LR shrinks them as surely over more steps; SGD is usually run at "

@@ -186,8 +186,8 @@ def detect_no_gradient(
     # (a layer with a weight matrix: a LayerNorm has its vectors alone, and learns them
     # whatever feeds it; found by a regression hunt, an unchosen expert of a mixture
     # before a LayerNorm was "dead from the start")
-    # Only where its output reaches the rest through a ReLU-family activation (the graph
-    # says: window.through_relu): a side input's embedding always given its padding id, or
+    # Only where its output reaches the rest through an activation (the graph says:
+    # window.through_activation): a side input's embedding always given its padding id, or
     # a branch switched off by a factor of 0, feeds its projection zeros with none between
     # (found by a regression hunt: such healthy runs were "the units that feed them
     # died"); without a graph, where every layer whose weight matrix learns is after it
@@ -211,10 +211,10 @@ def detect_no_gradient(
 
 
 def _units_gate(window: Window, j: int, learns: set[int] | None) -> bool:
-    """Whether layer ``j``'s output passes a ReLU-family activation on its way on (its
-    units can be dead: :func:`gradguard.graph_order.through_relu`); without a graph,
+    """Whether layer ``j``'s output passes an activation on its way on (its units can be
+    dead: :func:`gradguard.graph_order.through_activation`); without a graph,
     whether every layer whose weight matrix learns is after it."""
-    gated = window.through_relu(j) if window.through_relu is not None else None
+    gated = window.through_activation(j) if window.through_activation is not None else None
     if gated is not None:
         return gated
     after = window.after[j] if window.after is not None else []

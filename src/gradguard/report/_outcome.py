@@ -47,7 +47,7 @@ from ._causes import (
 from ._levels import flat_words, median, tol
 from ._remedy import LOWERED_STALL, every_overflow, remedy
 from ._settled import settled_sentences
-from ._silent import FIT_LOSS, FLOOR_LOSS, MIN_LEVEL_STEPS, silent_verdict
+from ._silent import FIT_LOSS, FLOOR_LOSS, MIN_LEVEL_STEPS, decayed, silent_verdict
 
 __all__ = ["LOWERED_STALL", "Outcome", "every_overflow", "judge", "ladder_reason", "lowered_lr",
            "read_guard_config", "remedy", "summary_lead"]
@@ -331,8 +331,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         status, cause = "stalled", cause or "vanishing_grad"
         incident = int(vanished[0]["step"]) if incident is None else incident
         clause = f"training stalled: {flat_words(start, final)}"
-    if status == "stalled" and any(e.get("kind") == "update_ratio" and e.get("severity") ==
-                                   "warning" and "decay" in (e.get("data") or {}) for e in ev):
+    if status == "stalled" and decayed(ev) is not None:
         # its weight decay alone moved the weights by a third of their update or more
         # (found by a stranger: SGD with weight_decay=0.1 shrank a digits MLP to 0 at
         # chance, "stalled ... at the LR gradguard left", where a lower LR did not help)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..events import NO_GRADIENT_REMEDY, SPIKE_DATA_REMEDY, UNIT_ERROR_REMEDY, WEIGHTS_REMEDY
+from ._silent import decayed
 
 if TYPE_CHECKING:
     from ._data import RunData
@@ -110,9 +111,8 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
         return ("Use ReLU-family activations with He init, add normalisation (LayerNorm, "
                 "BatchNorm) or residual connections, or an LSTM/GRU for long sequences; run "
                 "gg.doctor on a batch to see where the signal fades.")
-    if cause == "weight_decay":
-        return next(e["remedy"] for e in data.events if e.get("kind") == "update_ratio"
-                    and "decay" in (e.get("data") or {}))
+    if cause == "weight_decay" and (shrunk := decayed(data.events)) is not None:
+        return str(shrunk.get("remedy") or "")
     if cause == LOWERED_STALL:
         growth = any("in the first 20 steps" in str(e.get("message", "")) for e in data.events)
         return ("The loss did not fall at the LR gradguard left: if the run learns at the LR "

@@ -289,13 +289,18 @@ def still_ratio(data: RunData) -> float | None:
     return ratio if ratio < STILL_RATIO else None
 
 
+def decayed(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first ``update_ratio`` warning that named weight decay (``data["decay"]``:
+    :func:`gradguard.detectors.layers.detect_update_ratio`), None without one."""
+    return next((e for e in events if e.get("kind") == "update_ratio"
+                 and e.get("severity") == "warning" and "decay" in (e.get("data") or {})), None)
+
+
 def not_learning(data: RunData, start: object) -> str:
     """The end of the summary's sentence for a healthy run whose loss did not fall, after
     "if the model started untrained it is not learning": what the run's records say of
     why (its weight decay, an LR far too low), else a pointer to the doctor."""
-    shrunk = next((e for e in data.events if e.get("kind") == "update_ratio"
-                   and e.get("severity") == "warning" and "decay" in (e.get("data") or {})), None)
-    if shrunk is not None:
+    if (shrunk := decayed(data.events)) is not None:
         # found by a stranger: SGD with weight_decay=0.1 shrank a digits MLP to 0 at chance
         # (the update_ratio warnings said so; a lower LR did not help)
         return (f": its weight decay alone shrinks the weights by {shrunk['data']['decay']:.2g} "

@@ -391,4 +391,3 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
                      "overflows (routine in mixed precision).")
     parts += settled_sentences(ev, outcome.cause)
     return " ".join(parts)
-
