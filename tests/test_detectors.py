@@ -324,6 +324,32 @@ def test_vanishing_grad_table(row, expected):
         assert_complete(events[0])
 
 
+def test_vanishing_in_a_network_with_norms_is_not_told_to_add_them():
+    """Found by a stranger: a post-LN transformer on Adam 1e-2 without warm-up, stalled at
+    its unigram loss with vanishing gradients, was told to add normalisation or residual
+    connections; it had LayerNorm and a residual in every block. A model with norm layers
+    is told warm-up, a lower LR and pre-LN, naming its norms; one without, the usual."""
+    import dataclasses
+
+    from gradguard.naming import norm_layers
+
+    w = window([[1e-7, 1e-2, 1.0]] * 10)
+    [plain] = detect_vanishing(w)
+    assert "add normalisation" in plain.remedy and "warm-up" not in plain.remedy
+    w = dataclasses.replace(w, norm_layers=["blocks.0.ln1", "blocks.0.ln2", "blocks.1.ln1"])
+    [normed] = detect_vanishing(w)
+    assert "add normalisation" not in normed.remedy
+    assert "warm-up" in normed.remedy and "pre-LN" in normed.remedy
+    assert "`blocks.0.ln1`, `blocks.0.ln2`, ..." in normed.remedy
+    # what the telemetry hands the window: the model's norms, affine or not, by class
+    class RMSNorm(torch.nn.Module):  # a model's own, as transformers' LlamaRMSNorm
+        pass
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4, elementwise_affine=False),
+                              torch.nn.BatchNorm1d(4), RMSNorm(), torch.nn.ReLU())
+    assert norm_layers(net) == ["1", "2", "3"]
+    assert norm_layers(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())) == []
+
+
 @pytest.mark.parametrize(("matrix", "expected"), [
     ([True, False, True], ["a"]),  # `b` only a norm scale: small by its size, not vanishing
     ([True, True, True], ["a", "b"]),

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from tests.helpers import batches, mlp
+from torch import nn
 
 import gradguard as gg
 from gradguard.cli import main
@@ -1279,3 +1280,29 @@ def test_a_loss_on_two_levels_is_judged_by_its_lower_batches_too():
     assert out.status == "recovered", out
     d.loss[-16:] = np.where(np.arange(16) % 2 == 0, 0.9, 0.6)  # both levels raised
     assert judge(d).status in ("not_recovered", "diverged")
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_the_vanishing_remedy_of_a_run_knows_the_models_norms(tmp_path, norm):
+    """The run's remedy for vanishing gradients is its detector's, which knows the model:
+    ten sigmoid layers on SGD stall with their early gradients vanishing; with a LayerNorm
+    before the head the model is not told to add one (found by a stranger: a post-LN
+    transformer, with a LayerNorm and a residual in every block, was), and still hears of
+    the activations."""
+    torch.manual_seed(0)
+    mods = [m for _ in range(10) for m in (nn.Linear(16, 16), nn.Sigmoid())]
+    model = nn.Sequential(*mods, *([nn.LayerNorm(16)] if norm else []), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gg.Guard(model, opt, every=25, sinks=[gg.JsonlSink(tmp_path)]) as guard:
+        for _ in range(100):
+            x = torch.randn(32, 16)
+            loss = nn.functional.mse_loss(model(x), x[:, :1])
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    assert [e.kind for e in guard.events if e.severity == "warning"] == ["vanishing_grad"] * 4
+    out = judge(load_run(tmp_path))
+    assert (out.status, out.cause) == ("stalled", "vanishing_grad"), out
+    assert "ReLU-family" in out.remedy and "gg.doctor" in out.remedy
+    assert ("add normalisation (LayerNorm" in out.remedy) != norm
+    assert ("post-LN" in out.remedy and "`20`" in out.remedy) == norm

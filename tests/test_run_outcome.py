@@ -405,3 +405,18 @@ def test_a_first_loss_of_exactly_zero_is_no_start_level():
     loss[0] = 0.0
     out = judge(run(loss))
     assert out.status == "healthy" and out.start is not None and out.start > 3.5, out
+
+
+def test_a_loss_spike_under_the_loops_own_clip_says_nothing_of_the_learning_rate():
+    """Found by a stranger: a GRU seq2seq that clipped at 1.0 itself before guard.step met
+    30 corrupted batches at x1e3 their loss; the guard saw loss spikes and, their gradient
+    spikes clipped away, no gradient spike, and the run's cause was `lr_too_high`. A loss
+    spike with no gradient spike is read as the LR's only where the gradients were not
+    capped before the guard measured them."""
+    loss = DECAY.copy()
+    loss[60:70] *= 1e3
+    spikes = [ev("loss_spike", 60), ev("lr_backoff", 60)]
+    assert judge(run(loss, events=spikes)).cause == "lr_too_high"
+    capped = [ev("clip", 49, "info", cap=1.0, steps_at_cap=50, steps=50), *spikes]
+    out = judge(run(loss, events=capped))
+    assert out.status == "recovered" and out.cause is None, out

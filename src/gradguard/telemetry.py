@@ -23,7 +23,7 @@ from . import distributed
 from .errors import StateMismatch
 from .graph_order import layers_after, layers_reached, through_activation
 from .measure import GradGroup, StepStats, group_grads, measure, measure_grads, norm_dtype
-from .naming import ROOT_LAYER, layer_of, named_optimizer_params
+from .naming import ROOT_LAYER, layer_of, named_optimizer_params, norm_layers
 from .underflow import grad_amax
 from .units import UnitWatch, watched
 from .window import Window
@@ -140,6 +140,9 @@ class Telemetry:
         self._trained: set[int] | None = None
         self.grew_at: int | None = None
         self._next_step = 0
+        #: the model's normalisation layers (:func:`gradguard.naming.norm_layers`); None:
+        #: no model given
+        self.norm_layers = None if model is None else norm_layers(model)
         index = [] if model is None else watched(model, self.params)
         #: the dying units' counters (None: no weight is watched)
         self.units = UnitWatch(self.params, index, self.device) if index else None
@@ -338,6 +341,7 @@ class Telemetry:
             update_norms=u,
             skip_codes=rows[:, _COL_SKIPPED],
             matrix_layers=self.matrix_layers,
+            norm_layers=self.norm_layers,
             matrix_params=self._matrix_params,
             after=self.after,
             grad_present=None if self._present is None else [i in self._present for i in range(p)],

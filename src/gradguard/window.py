@@ -30,6 +30,8 @@ class Window:
             update voided by a restore after its backward; 0 not skipped), None when unknown.
         matrix_layers: per layer, whether it holds a parameter of 2 or more dimensions (a
             weight matrix or kernel, not only norm scales and biases); None when unknown.
+        norm_layers: the module paths of the model's normalisation layers
+            (:func:`gradguard.naming.norm_layers`); None when unknown (no model given).
         after: per layer, the layers after it in the autograd graph (the layers its output
             flows through to the loss, :mod:`gradguard.graph_order`); None: the registration
             order (a chain).
@@ -74,6 +76,7 @@ class Window:
     update_norms: Tensor | None = None
     skip_codes: Tensor | None = None
     matrix_layers: list[bool] | None = None
+    norm_layers: list[str] | None = None
     after: list[list[int]] | None = None
     grad_present: list[bool] | None = None
     dying: Tensor | None = None

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..events import Event
+from ..events import VANISHING_REMEDY, Event
 from ..telemetry import Window
 from .config import (
     DEFAULT_CONFIG,
@@ -110,14 +110,30 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
             layer=names[0],
             value=med_ratio[first],
             threshold=config.vanish_ratio,
-            remedy=(
-                "Use ReLU-family activations with He init, add normalisation or residual "
-                "connections, or use an LSTM/GRU for long sequences."
-            ),
+            remedy=vanishing_remedy(window.norm_layers),
             data={"layers": names, "ratio": [med_ratio[j] for j in hit],
                   "grad_norm": [med_norm[j] for j in hit]},
         )
     ]
+
+
+def vanishing_remedy(norms: Sequence[str] | None) -> str:
+    """The remedy for vanishing gradients: :data:`VANISHING_REMEDY`, unless the model
+    already has normalisation layers (``norms``, :func:`gradguard.naming.norm_layers`).
+    Then the fault is rarely the architecture's lack of them: a post-LN transformer (the
+    norm after each residual sum) on Adam without warm-up collapses in its first steps,
+    its early layers' gradients vanishing behind the norms (found by a stranger: told to
+    add LayerNorm or residual connections, it had both in every block; a 100-step warm-up
+    trained it to 0.4x the loss)."""
+    if not norms:
+        return VANISHING_REMEDY
+    shown = ", ".join(f"`{n}`" for n in list(norms)[:2]) + (", ..." if len(norms) > 2 else "")
+    return ("The model has normalisation layers already (" + shown + "): in a transformer "
+            "with each norm after its residual sum (post-LN), add LR warm-up (a few hundred "
+            "steps), lower the learning rate, or put each norm before its sublayer (pre-LN); "
+            "otherwise use ReLU-family activations with He init, and normalisation or "
+            "residual connections between the layers where the signal fades. Run gg.doctor "
+            "on a batch to see where it fades.")
 
 
 def _learns(rates: Sequence[float], j: int, after: list[list[int]] | None = None) -> bool:

@@ -125,9 +125,19 @@ def _cause(data: RunData, incident: int | None, climbed: bool, rose: bool,
         if c:
             return str(c)
     first = next((e for e in kinds if e.get("kind") in INCIDENT_KINDS), None)
-    if first is not None and first.get("kind") == "loss_spike":
+    if first is not None and first.get("kind") == "loss_spike" and not _capped(data.events):
         return "lr_too_high"
     return None
+
+
+def _capped(events: list[dict[str, Any]]) -> bool:
+    """Whether the gradients reached the guard clipped by the loop itself (a ``clip`` event
+    with its ``cap``: :mod:`gradguard.detectors.capped`): a loss spike with no gradient
+    spike then says nothing of the LR, as the batch's gradient spike was clipped away
+    before the guard measured it. Found by a stranger: a GRU seq2seq that clipped at 1.0
+    itself, hit by 30 corrupted batches at x1e3 their loss, was given cause
+    ``lr_too_high``."""
+    return any(e.get("kind") == "clip" and "cap" in (e.get("data") or {}) for e in events)
 
 
 def _evidence(start: float | None, before: float | None, final: float | None,

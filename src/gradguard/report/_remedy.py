@@ -6,7 +6,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..events import NO_GRADIENT_REMEDY, SPIKE_DATA_REMEDY, UNIT_ERROR_REMEDY, WEIGHTS_REMEDY
+from ..events import (
+    NO_GRADIENT_REMEDY,
+    SPIKE_DATA_REMEDY,
+    UNIT_ERROR_REMEDY,
+    VANISHING_REMEDY,
+    WEIGHTS_REMEDY,
+)
 from ._silent import decayed
 
 if TYPE_CHECKING:
@@ -107,10 +113,10 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
                      + ("rerun with `--no-loss-rise`" if cli else
                         "pass gg.Recovery(loss_rise=False)"))
         return text + "."
-    if cause == "vanishing_grad":
-        return ("Use ReLU-family activations with He init, add normalisation (LayerNorm, "
-                "BatchNorm) or residual connections, or an LSTM/GRU for long sequences; run "
-                "gg.doctor on a batch to see where the signal fades.")
+    if cause == "vanishing_grad":  # the detector's, which knows the model's norms
+        said = next((e.get("remedy") for e in data.events if e.get("kind") == "vanishing_grad"
+                     and e.get("remedy")), None)
+        return str(said or VANISHING_REMEDY)
     if cause == "weight_decay" and (shrunk := decayed(data.events)) is not None:
         return str(shrunk.get("remedy") or "")
     if cause == LOWERED_STALL:
