@@ -420,3 +420,52 @@ def test_a_loss_spike_under_the_loops_own_clip_says_nothing_of_the_learning_rate
     capped = [ev("clip", 49, "info", cap=1.0, steps_at_cap=50, steps=50), *spikes]
     out = judge(run(loss, events=capped))
     assert out.status == "recovered" and out.cause is None, out
+
+
+LONG = 2.6 + 2.0 * np.exp(-np.arange(300) / 45)  # a healthy loss over 300 steps
+
+
+def test_the_summary_tells_a_rollback_the_next_step_undid_and_no_burst_end_as_a_cut():
+    """Found by a stranger: a x100 loss storm over 20 steps, a back-off at 102, a rollback
+    at 105 that the next step undid (the restored weights spiked on the batches too: the
+    weights it replaced are back, the LR in full), was "cut the LR to x0.0118 and rolled
+    back 1 time"; an LR x300 burst, its rollback's LR handed back to the schedule when the
+    burst ended (an `lr_backoff` info), was "cut the LR to x1 (2 back-offs)"."""
+    storm = [ev("grad_spike", 100), ev("lr_backoff", 102, factor=0.1),
+             ev("rollback", 105, "error", factor=0.0118, snapshot_step=49),
+             ev("grad_spike", 106, cause="bad_batches", factor=1.0, rollback_undone=True)]
+    text = summary_sentence(run(LONG, events=storm, skipped=range(100, 120)))
+    assert "undid the LR back-off and the rollback it took" in text, text
+    assert "x0.0118" not in text and "rolled back 1 time" not in text
+    kept = [*storm[:3], ev("grad_spike", 106, cause="bad_batches", rollback_undone=False)]
+    text = summary_sentence(run(LONG, events=kept, skipped=range(100, 120)))
+    assert "cut the LR to x0.0118 and rolled back 1 time" in text, text
+    burst = [ev("grad_spike", 101), ev("lr_backoff", 103, factor=0.1),
+             ev("rollback", 106, "error", factor=0.00538, snapshot_step=99),
+             ev("lr_backoff", 120, "info", factor=1.0, reason="burst_ended")]
+    text = summary_sentence(run(LONG, events=burst, skipped=range(101, 107)))
+    assert "cut the LR to x0.00538 during the LR burst (x1 of the schedule once it ended) " \
+           "and rolled back 1 time" in text, text
+    assert "back-offs" not in text
+
+
+def test_batches_found_at_fault_then_rungs_that_stood_and_a_settled_lr_are_the_lrs_trouble():
+    """Found by a stranger: OneCycle at 30x its LR, a streak of spikes at step 88 undone at
+    the next step as the batches' fault, then a back-off and two rollbacks that stood and
+    the LR settled at x0.45: cause `unscaled_input` and "check the batches" on 4 seeds of
+    10, while the summary gave the settled LR. The settled LR is the remedy and the LR the
+    cause where the trouble outlasted the batches found at fault; a storm of bad batches
+    whose rollback was undone after it keeps its data cause."""
+    found = ev("grad_spike", 89, cause="unscaled_input", undone=True, factor=1.0)
+    settled = ev("lr_settled", 399, "info", factor=0.45, lr=[0.0274], scheduled=True)
+    events = [ev("lr_backoff", 88, factor=0.1), found, ev("lr_backoff", 108, factor=0.1),
+              ev("rollback", 108, "error", factor=0.0891, snapshot_step=49),
+              ev("rollback", 198, "error", factor=0.0891, snapshot_step=149), settled]
+    out = judge(run(LONG, events=events, skipped=[86, 87, 88, 106, 107, 108]))
+    assert (out.status, out.cause) == ("recovered", "lr_too_high"), out
+    assert out.remedy.startswith("Stable at lr 0.0274"), out.remedy
+    storm = [ev("lr_backoff", 102, factor=0.1),
+             ev("rollback", 105, "error", factor=0.0118, snapshot_step=49),
+             ev("grad_spike", 106, cause="unscaled_input", rollback_undone=True), settled]
+    out = judge(run(LONG, events=storm, skipped=range(100, 120)))
+    assert (out.status, out.cause) == ("recovered", "unscaled_input"), out

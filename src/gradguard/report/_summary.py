@@ -4,10 +4,11 @@ how it ended (judged on the loss, :mod:`._outcome`)."""
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Any
 
 from ..events import listed
+from ._acts import ladder_actions
+from ._acts import plural as _plural
 from ._data import TROUBLE_KINDS, RunData
 from ._settled import settled_sentences
 from ._silent import not_learning
@@ -62,10 +63,6 @@ def _where(e: dict[str, Any]) -> str:
 #: An ``lr_decayed`` event before this share of the run's steps is a schedule that took
 #: the LR away early (a scheduler stepped per batch), not one that ends at 0.
 EARLY_DECAY = 0.9
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _offscale_sentence(off: list[dict[str, Any]]) -> str:
@@ -152,7 +149,6 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
     clipped = int(np.sum(np.isfinite(data.clip_coef) & (data.clip_coef < 1.0) & ~data.skipped))
     # decided at the flush after the script ended (gradguard run): not applied
     late = [e for e in ev if (e.get("data") or {}).get("applied") is False]
-    kinds = Counter(e.get("kind") for e in ev if (e.get("data") or {}).get("applied") is not False)
     lead = summary_lead(data, outcome)
     parts: list[str] = [lead] if lead else []
     if lead:  # the loss tells the story; vanishing or loss spikes are its consequences
@@ -334,36 +330,7 @@ def summary_sentence(data: RunData, config: dict[str, Any] | None = None) -> str
         whose = (config or {}).get("clip") if (config or {}).get("user_clip") is None else None
         actions.append(f"clipped {_plural(clipped, 'step')}"
                        + (f" ({whose})" if whose and whose != "none" else ""))
-    backoffs = [e for e in ev if e.get("kind") == "lr_backoff" and e not in late]
-    # back-offs the next step undid: it was finite (or clean) on the same weights
-    # (recovery.ladder)
-    undone = sum(1 for e in ev if e.get("kind") in ("nonfinite_input", "unscaled_input",
-                                                     "grad_spike")
-                 and (e.get("data") or {}).get("undone"))
-    if backoffs and undone >= len(backoffs):
-        actions.append("backed off the LR, and restored it at the next step (sound on the "
-                       "same weights: the batches were at fault)")
-    elif backoffs:
-        factor = (backoffs[-1].get("data") or {}).get("factor")
-        # a rollback after the last back-off sets the LR in force from the weights it restores
-        # (found by a stranger: "cut the LR to x0.1" where the rollback past an LR burst
-        # kept x1, or set x0.0118)
-        rolled = [f for e in ev if e.get("kind") == "rollback" and e["step"] >= backoffs[-1]["step"]
-                  and isinstance(f := (e.get("data") or {}).get("factor"), (int, float))]
-        factor = rolled[-1] if rolled else factor
-        undid = f", {undone} undone" if undone else ""
-        if rolled and rolled[-1] >= 1:
-            times = "" if len(backoffs) == 1 else f" {len(backoffs)} times"
-            actions.append(f"backed off the LR{times} (the rollback after it restored it)")
-        elif len(backoffs) == 1 and factor == 0.5:
-            actions.append("halved the LR")
-        elif isinstance(factor, (int, float)):
-            times = "" if len(backoffs) == 1 else f" ({len(backoffs)} back-offs{undid})"
-            actions.append(f"cut the LR to x{factor:.3g}{times}")
-        else:
-            actions.append(f"backed off the LR {_plural(len(backoffs), 'time')}{undid}")
-    if kinds.get("rollback"):
-        actions.append(f"rolled back {_plural(kinds['rollback'], 'time')}")
+    actions += ladder_actions(ev, late)
     if outcome.status == "healthy":
         # vanishing layers on a loss that still fell (a stall is judged apart): say it fell
         outcome_text = ""
