@@ -447,6 +447,14 @@ def test_the_summary_tells_a_rollback_the_next_step_undid_and_no_burst_end_as_a_
     assert "cut the LR to x0.00538 during the LR burst (x1 of the schedule once it ended) " \
            "and rolled back 1 time" in text, text
     assert "back-offs" not in text
+    # a streak's two back-offs (at 3 and 6 skips) undone together at the next step: the LR
+    # of before the streak is back in full, no cut
+    streak = [ev("nonfinite_grad", 143, "error"), ev("lr_backoff", 145, factor=0.1),
+              ev("lr_backoff", 148, factor=0.0118),
+              ev("nonfinite_input", 149, cause="nonfinite_input", undone=True, factor=1.0)]
+    text = summary_sentence(run(LONG, events=streak, skipped=range(143, 149)))
+    assert "backed off the LR, and restored it at the next step" in text, text
+    assert "x0.0118" not in text and "x0.1" not in text
 
 
 def test_batches_found_at_fault_then_rungs_that_stood_and_a_settled_lr_are_the_lrs_trouble():

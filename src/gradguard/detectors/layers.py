@@ -111,7 +111,8 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
             value=med_ratio[first],
             threshold=config.vanish_ratio,
             remedy=vanishing_remedy(window.norm_layers),
-            data={"layers": names, "ratio": [med_ratio[j] for j in hit],
+            data={**({"norms": list(window.norm_layers)} if window.norm_layers else {}),
+                  "layers": names, "ratio": [med_ratio[j] for j in hit],
                   "grad_norm": [med_norm[j] for j in hit]},
         )
     ]

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..detectors.layers import vanishing_remedy
 from ..events import (
     NO_GRADIENT_REMEDY,
     SPIKE_DATA_REMEDY,
     UNIT_ERROR_REMEDY,
-    VANISHING_REMEDY,
     WEIGHTS_REMEDY,
 )
 from ._silent import decayed
@@ -113,10 +113,12 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
                      + ("rerun with `--no-loss-rise`" if cli else
                         "pass gg.Recovery(loss_rise=False)"))
         return text + "."
-    if cause == "vanishing_grad":  # the detector's, which knows the model's norms
-        said = next((e.get("remedy") for e in data.events if e.get("kind") == "vanishing_grad"
-                     and e.get("remedy")), None)
-        return str(said or VANISHING_REMEDY)
+    if cause == "vanishing_grad":  # as the detector said it, knowing the model's norms
+        first = next((e for e in data.events if e.get("kind") == "vanishing_grad"), {})
+        said = first.get("data") or {}
+        if said.get("underflow") and first.get("remedy"):  # below float32's squares
+            return str(first["remedy"])
+        return vanishing_remedy(said.get("norms"))
     if cause == "weight_decay" and (shrunk := decayed(data.events)) is not None:
         return str(shrunk.get("remedy") or "")
     if cause == LOWERED_STALL:
