@@ -155,6 +155,35 @@ def test_the_guard_samples_every_SAMPLE_steps_into_its_window():
     assert window.units_dying() == (0.0, "0.weight")
 
 
+def test_a_restore_drops_the_windows_samples_of_the_weights_it_replaced():
+    """Found by a stranger: OneCycle at 30x its LR, a spike at step 100 killed 61% of the
+    first layer's units, a rollback at 102 (a streak of skips, between flushes) restored
+    step 49's weights, and the flush at 109 read step 100's sample of the replaced weights:
+    a second rollback, to the fresh weights with the LR cut x0.1 more, ended 22x its
+    healthy twin (0.073 now, as the twin). A restore counts the units afresh and leaves
+    the window no sample from before it."""
+    from gradguard.recovery.actions import restore, snapshot_state
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, every=40)
+    snap = None
+    for step in range(40):
+        loss = model(torch.randn(16, 8)).pow(2).mean()
+        loss.backward()
+        if step == 5:
+            snap = snapshot_state(guard, step)
+        if step == 22:
+            restore(guard, snap)
+            assert not guard.telemetry.units.alive.any()  # counted afresh
+        guard.step(loss)
+        opt.zero_grad()
+    window = guard.last_window
+    sampled = [s for s, x in zip(window.steps, window.dying.tolist()) if not math.isnan(x)]
+    assert sampled == [30]  # steps 0, 10 and 20 were sampled on the weights replaced
+
+
 def _regression(recipe: rc.Recipe, seed: int = 0, guarded: bool = True) -> R.Outcome:
     return R.train(rc.REGRESSION_MLP, recipe, 300, guarded=guarded, seed=seed)
 

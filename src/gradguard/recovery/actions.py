@@ -274,9 +274,7 @@ def restore(guard: Guard, snap: dict[str, Any]) -> None:
     before them: the unit watch counts afresh (:mod:`gradguard.units`)."""
     remap.load_model(guard.model, snap, skip=others(guard))
     restored(guard)  # the guards stepped with this one: their loss moves too (._owners)
-    units = getattr(guard.telemetry, "units", None)
-    if units is not None:
-        units.reset()
+    guard.telemetry.units_restarted()
     running = getattr(guard, "_running", None)
     if running is not None:
         running.refresh()  # the restored batch norm statistics are the step's starting point
