@@ -74,7 +74,7 @@ def ladder_actions(ev: list[dict[str, Any]], late: list[dict[str, Any]]) -> list
         factor = after[-1] if after else _factor(kept[-1])
         undid = f", {len(off)} undone" if off else ""
         if after and after[-1] >= 1:
-            times = "" if len(kept) == 1 else f" {len(kept)} times"
+            times = "" if len(backoffs) == 1 else f" {len(backoffs)} times{undid}"
             actions.append(f"backed off the LR{times} (the rollback after it restored it)")
         elif len(backoffs) == 1 and factor == 0.5:
             actions.append("halved the LR")

@@ -160,13 +160,3 @@ def ladder_reason(events: list[dict[str, Any]]) -> tuple[int, str] | None:
         if e.get("kind") in LADDER_KINDS and isinstance(reason, str) and reason:
             return int(e["step"]), reason
     return None
-
-
-def outlasted(events: list[dict[str, Any]]) -> bool:
-    """Whether a back-off or rollback of the ladder's came after the last event that found
-    the batches at fault (``data["cause"]`` a data cause): the trouble outlasted them."""
-    found = [int(e["step"]) for e in events if (e.get("data") or {}).get("cause") in (
-        "unscaled_input", "nonfinite_input")]
-    acts = [int(e["step"]) for e in events if e.get("kind") in ("lr_backoff", "rollback")
-            and e.get("severity") in ("warning", "error")]
-    return bool(found and acts) and max(acts) > max(found)

@@ -43,11 +43,10 @@ from ._causes import (
     _relapse,
     ladder_reason,
     lowered_lr,
-    outlasted,
 )
 from ._levels import flat_words, median, tol
 from ._remedy import LOWERED_STALL, every_overflow, remedy
-from ._settled import settled_sentences
+from ._settled import growth_cap, settled_sentences
 from ._silent import FIT_LOSS, FLOOR_LOSS, MIN_LEVEL_STEPS, decayed, silent_verdict
 
 __all__ = ["LOWERED_STALL", "Outcome", "every_overflow", "judge", "ladder_reason", "lowered_lr",
@@ -369,13 +368,8 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # nothing was done about it, and the LR is the fix
         todo = str(unsettled.get("remedy") or "") or None
     settled_low = any(e.get("kind") == "lr_settled" and isinstance(
-        f := (e.get("data") or {}).get("factor"), (int, float)) and f < 1 for e in data.events)
-    if settled_low and cause in ("unscaled_input", "nonfinite_input") and outlasted(data.events):
-        # batches found at fault once, then rungs that stood, and the LR settled low: the
-        # LR's trouble (found by a stranger: OneCycle at 30x, a streak of spikes at step 88
-        # undone as "the batches", then a back-off and two rollbacks that stood; cause
-        # `unscaled_input`, told to check its batches, on 4 of 10 seeds)
-        todo, cause = None, None
+        f := (e.get("data") or {}).get("factor"), (int, float)) and f < 1 for e in data.events
+                      ) or growth_cap(data.events) is not None
     if status == "recovered" and todo is None and settled_low and (
             advice := settled_sentences(data.events, cause)):
         # the LR the ladder settled at, as the summary says it, is the remedy, and the LR the

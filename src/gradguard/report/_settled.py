@@ -18,6 +18,26 @@ def _growth_capped(events: list[dict[str, Any]], settled: dict[str, Any]) -> boo
             and (cuts[0].get("data") or {}).get("factor") == factor)
 
 
+def growth_cap(events: list[dict[str, Any]]) -> str | None:
+    """The sentence for a run whose one act was the early-growth rule's rollback with its
+    LR cap (:mod:`gradguard.recovery.growth`), and that ended before the ladder called the
+    LR settled: the cap is what the run trained at from there, and the LR to set (found by
+    a stranger: a GPT-2 under the HF Trainer at 30x its LR, rolled back at step 60 and
+    trained at x0.056 for the last 90 of its 150 steps, 1.01x its healthy twin, had no
+    cause and no remedy); None otherwise."""
+    if any(e.get("kind") in ("lr_settled", "lr_probe") for e in events):
+        return None  # settled, or a probe of the LR that may have moved it since
+    cuts = [e for e in events if e.get("kind") in ("lr_backoff", "rollback")
+            and e.get("severity") in ("warning", "error")]
+    factor = (cuts[0].get("data") or {}).get("factor") if len(cuts) == 1 else None
+    if not (isinstance(factor, (int, float)) and 0 < factor < 1
+            and "in the first 20 steps" in str(cuts[0].get("message", ""))):
+        return None
+    return (f"From step {cuts[0]['step']} it trained at x{factor:.3g} of your LR, the cap the "
+            "growth of the first weights set (an estimate, not an edge found failing): lower "
+            "your LR to about that in your config, or try a few times higher.")
+
+
 def _lr_list(lrs: list[Any]) -> str:
     """Param groups' LRs as text, each distinct one once."""
     return ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(lrs) if isinstance(x, (int, float)))
@@ -98,4 +118,6 @@ def settled_sentences(ev: list[dict[str, Any]], cause: str | None) -> list[str]:
                          f"it, {half}, in your config.")
         elif shown:
             parts.append(f"Stable at lr {shown}; set it in your config.")
+    elif cause not in ("dead_units", LOWERED_STALL) and (capped := growth_cap(ev)) is not None:
+        parts.append(capped)
     return parts
