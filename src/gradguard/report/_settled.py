@@ -8,32 +8,37 @@ from typing import Any
 from ._remedy import LOWERED_STALL
 
 
+def _growth_cut(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run's one act of the ladder when it is the early-growth rule's rollback with its
+    LR cap (:mod:`gradguard.recovery.growth`); None otherwise."""
+    cuts = [e for e in events if e.get("kind") in ("lr_backoff", "rollback")
+            and e.get("severity") in ("warning", "error")]
+    return cuts[0] if len(cuts) == 1 and "in the first 20 steps" in str(
+        cuts[0].get("message", "")) else None
+
+
 def _growth_capped(events: list[dict[str, Any]], settled: dict[str, Any]) -> bool:
-    """Whether the LR a ``lr_settled`` event names is the cap the early-growth rule set
-    (:mod:`gradguard.recovery.growth`), with no act of the ladder lowering it since."""
-    factor = settled.get("factor")
-    cuts = [e for e in events if e.get("kind") in ("lr_backoff", "rollback")]
-    return (isinstance(factor, (int, float)) and len(cuts) == 1
-            and "in the first 20 steps" in str(cuts[0].get("message", ""))
-            and (cuts[0].get("data") or {}).get("factor") == factor)
+    """Whether the LR a ``lr_settled`` event names is the cap the early-growth rule set,
+    with no act of the ladder lowering it since."""
+    factor, cut = settled.get("factor"), _growth_cut(events)
+    return (isinstance(factor, (int, float)) and cut is not None
+            and (cut.get("data") or {}).get("factor") == factor)
 
 
 def growth_cap(events: list[dict[str, Any]]) -> str | None:
     """The sentence for a run whose one act was the early-growth rule's rollback with its
-    LR cap (:mod:`gradguard.recovery.growth`), and that ended before the ladder called the
-    LR settled: the cap is what the run trained at from there, and the LR to set (found by
-    a stranger: a GPT-2 under the HF Trainer at 30x its LR, rolled back at step 60 and
-    trained at x0.056 for the last 90 of its 150 steps, 1.01x its healthy twin, had no
-    cause and no remedy); None otherwise."""
+    LR cap, and that ended before the ladder called the LR settled: the cap is what the
+    run trained at from there, and the LR to set (found by a stranger: a GPT-2 under the
+    HF Trainer at 30x its LR, rolled back at step 60 and trained at x0.056 for the last 90
+    of its 150 steps, 1.01x its healthy twin, had no cause and no remedy); None
+    otherwise."""
     if any(e.get("kind") in ("lr_settled", "lr_probe") for e in events):
         return None  # settled, or a probe of the LR that may have moved it since
-    cuts = [e for e in events if e.get("kind") in ("lr_backoff", "rollback")
-            and e.get("severity") in ("warning", "error")]
-    factor = (cuts[0].get("data") or {}).get("factor") if len(cuts) == 1 else None
-    if not (isinstance(factor, (int, float)) and 0 < factor < 1
-            and "in the first 20 steps" in str(cuts[0].get("message", ""))):
+    cut = _growth_cut(events)
+    factor = None if cut is None else (cut.get("data") or {}).get("factor")
+    if cut is None or not (isinstance(factor, (int, float)) and 0 < factor < 1):
         return None
-    return (f"From step {cuts[0]['step']} it trained at x{factor:.3g} of your LR, the cap the "
+    return (f"From step {cut['step']} it trained at x{factor:.3g} of your LR, the cap the "
             "growth of the first weights set (an estimate, not an edge found failing): lower "
             "your LR to about that in your config, or try a few times higher.")
 
