@@ -472,3 +472,19 @@ def test_a_run_capped_by_the_growth_rule_that_ended_before_it_settled_is_told_th
     # a rollback for another reason, or a cap a probe may have moved since: no such advice
     probed = [grew, ev("lr_probe", 80, "info")]
     assert judge(run(DECAY, events=probed)).remedy is None
+
+
+def test_a_run_that_took_no_step_is_no_loss_that_rose_for_the_learning_rate():
+    """Found by a stranger: a VAE on x255 pixels, its gradient Inf from step 0 (an exp of
+    its log-variance overflows), every step skipped and the run stopped at step 20, was
+    cause `lr_too_high`, "the loss rose from 1.99e+19 to 1.14e+20: the learning rate is
+    too high": the batches' losses on the weights it started from. With no step taken the
+    loss levels say nothing of the LR; the remedy names inputs off their scale."""
+    rng = np.random.default_rng(0)
+    loss = 2e19 * np.exp(np.linspace(0, 1.7, 21) + 0.2 * rng.standard_normal(21))
+    events = [ev("nonfinite_grad", 0, "error"), ev("abort", 20, "error")]
+    data = run(loss, grad=np.full(21, np.inf), skipped=range(21), events=events)
+    out = judge(data)
+    assert out.status == "stopped" and out.cause != "lr_too_high" and not out.rose, out
+    assert "learning rate is too high" not in summary_sentence(data)
+    assert "far off the scale" in out.remedy and "no learning rate mends" in out.remedy

@@ -226,8 +226,11 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # returns, a curriculum) is not judged on its level: a GAN at its balance point was
         # "DIVERGED ... the learning rate is too high", and --fail-on-divergence failed it
         # (``loss_rise`` is recorded false without a recovery too: no say on the loss there)
-        judged = (config is None or config.get("loss_rise") is not False
-                  or config.get("recovery") is False)
+        # nor with no step taken: the losses are the batches' on the weights it started
+        # from (found by a stranger: a VAE on x255 inputs, its gradient Inf from step 0 and
+        # every step skipped, was "the loss rose ...: the learning rate is too high")
+        judged = bool(taken.any()) and (config is None or config.get("loss_rise") is not False
+                                        or config.get("recovery") is False)
         # the start and end levels from the same steps say nothing of a change (a 3-step
         # run's loss 10, 5, 2.5 was "did not fall (5 at the start, 5 at the end)")
         if final is not None and judged and n >= 2 * k and not floored:

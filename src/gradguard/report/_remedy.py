@@ -160,8 +160,10 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
 NONFINITE_FROM_START = (
     "The loss (or its gradients) was NaN/Inf from the first step, on the weights before any "
     "update, and no step was taken: no learning rate mends that. Check the first batches for "
-    "NaN/Inf and the forward and the loss for log(0) or x/0 (clamp_min(eps)); "
-    "Guard(watch_activations=True) names the first module that goes non-finite.")
+    "NaN/Inf or values far off the scale the model expects (raw 0-255 pixels, a column in "
+    "other units: an exp() or a square of them overflows), and the forward and the loss for "
+    "log(0) or x/0 (clamp_min(eps)); Guard(watch_activations=True) names the first module "
+    "that goes non-finite.")
 
 
 def _nonfinite_from_start(data: RunData) -> bool:
