@@ -440,6 +440,12 @@ def test_the_summary_tells_a_rollback_the_next_step_undid_and_no_burst_end_as_a_
     kept = [*storm[:3], ev("grad_spike", 106, cause="bad_batches", rollback_undone=False)]
     text = summary_sentence(run(LONG, events=kept, skipped=range(100, 120)))
     assert "cut the LR to x0.0118 and rolled back 1 time" in text, text
+    # found by a regression hunt: the weights came back, the LR did not (no ladder state
+    # from before the streak to put back): the cut stands, the rollback alone is undone
+    cut = [*storm[:3], ev("grad_spike", 106, cause="bad_batches", factor=0.0118,
+                          rollback_undone=True)]
+    text = summary_sentence(run(LONG, events=cut, skipped=range(100, 120)))
+    assert "cut the LR to x0.0118 and rolled back 1 time, 1 undone at the next step" in text, text
     burst = [ev("grad_spike", 101), ev("lr_backoff", 103, factor=0.1),
              ev("rollback", 106, "error", factor=0.00538, snapshot_step=99),
              ev("lr_backoff", 120, "info", factor=1.0, reason="burst_ended")]

@@ -310,14 +310,20 @@ class Telemetry:
                                    update_norms.to(self.device, torch.float32)])
 
     # ---- per flush (one host copy) -----------------------------------------------------
-    def units_restarted(self) -> None:
-        """The weights were restored: the unit watch counts afresh, and the samples the
-        window holds so far are of the weights replaced (found by a stranger: 61% of a
-        layer's units died in a spike at step 100, the rollback at 102 restored step 49's
-        weights, and the flush at 109 read step 100's sample and rolled back again, to the
-        fresh weights with the LR cut a further x0.1: 22x the healthy twin)."""
+    def units_restarted(self, counts: dict[str, object] | None = None) -> None:
+        """The weights were restored: the unit watch counts afresh (or from ``counts``, its
+        :meth:`UnitWatch.state_dict` kept with weights put back by an undone rollback:
+        their units died in them, found by a regression hunt: an LR burst killed 85% of a
+        layer, a storm's rollback was undone at the next step, and the units counted
+        afresh were never told dead, 2.1-4.0x the twin), and the samples the window holds
+        so far are of the weights replaced (found by a stranger: 61% of a layer's units
+        died in a spike at step 100, the rollback at 102 restored step 49's weights, and
+        the flush at 109 read step 100's sample and rolled back again, to the fresh weights
+        with the LR cut a further x0.1: 22x the healthy twin)."""
         if self.units is not None:
             self.units.reset()
+            if counts is not None:
+                self.units.load_state_dict(counts)
             self._buf[:, _COL_DYING:_COL_DYING_AT + 1] = math.nan
 
     def flush(self) -> Window | None:

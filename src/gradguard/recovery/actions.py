@@ -230,6 +230,8 @@ def keep_undo(rec: Recovery, guard: Guard) -> None:
         return
     if fits(rec, state_bytes(state)):
         rec._undo = copy_state(state)
+        if (units := guard.telemetry.units) is not None:  # the units dead in these weights
+            rec._undo["units"] = units.state_dict()
 
 
 def fits(rec: Recovery, nbytes: int) -> bool:
@@ -271,10 +273,11 @@ def restore(guard: Guard, snap: dict[str, Any]) -> None:
     (``Recovery(also=...)``, :mod:`.follow`) from ``snap`` (a copy owned by the
     caller; :func:`snapshot_state` copied), keeping the optimizer's hyperparameters as they
     are now (LR schedules are not rolled back). The units dead in the restored weights died
-    before them: the unit watch counts afresh (:mod:`gradguard.units`)."""
+    before them: the unit watch counts afresh (:mod:`gradguard.units`), unless ``snap``
+    holds its counts (the weights an undone rollback puts back, :func:`keep_undo`)."""
     remap.load_model(guard.model, snap, skip=others(guard))
     restored(guard)  # the guards stepped with this one: their loss moves too (._owners)
-    guard.telemetry.units_restarted()
+    guard.telemetry.units_restarted(snap.get("units"))
     running = getattr(guard, "_running", None)
     if running is not None:
         running.refresh()  # the restored batch norm statistics are the step's starting point

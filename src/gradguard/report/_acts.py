@@ -21,12 +21,13 @@ def _factor(e: dict[str, Any]) -> float | None:
 def _undone(ev: list[dict[str, Any]], backoffs: list[dict[str, Any]],
             rollbacks: list[dict[str, Any]]) -> tuple[set[int], set[int]]:
     """The positions in ``backoffs`` and ``rollbacks`` of those the next step undid. A
-    streak's back-offs (at 3 and 6 skips) are undone together when the step after it is
-    sound on its weights (``data["undone"]``: the state before the streak returns), and
-    with the rollback it took when the weights restored give the same trouble
-    (``data["rollback_undone"]``: the weights it replaced are back, with the LR from
-    before the streak). A streak's back-offs are those after the last rollback that stood
-    and the last undo."""
+    rollback whose restored weights gave the same trouble is undone (``data
+    ["rollback_undone"]``: the weights it replaced are back); a streak's back-offs (at 3
+    and 6 skips, after the last rollback that stood and the last undo) are undone when the
+    step after the streak gave the LR back (``data["undone"]``: sound on the same weights;
+    or with the rollback): the event's ``factor`` above the streak's lowest. An undone
+    rollback may leave the LR cut (found by a regression hunt: "restored it at the next
+    step" on a run whose LR stayed at x0.0118 after the weights came back)."""
     off: set[int] = set()
     rolled: set[int] = set()
     since = -1  # the step of the last undo
@@ -37,9 +38,16 @@ def _undone(ev: list[dict[str, Any]], backoffs: list[dict[str, Any]],
         step = int(e.get("step", -1))
         before = [i for i, r in enumerate(rollbacks) if r["step"] <= step and i not in rolled]
         if data.get("rollback_undone") and before:
-            rolled.add(before.pop())
+            rolled.add(last := before.pop())
+            streak_low = _factor(rollbacks[last])
+        else:
+            streak_low = None
         start = max([since, *(rollbacks[i]["step"] for i in before)])
-        off.update(i for i, b in enumerate(backoffs) if start < b["step"] <= step)
+        streak = [i for i, b in enumerate(backoffs) if start < b["step"] <= step]
+        lows = [f for f in [streak_low, *(_factor(backoffs[i]) for i in streak)] if f is not None]
+        given = _factor(e)
+        if given is None or not lows or given > min(lows):
+            off.update(streak)
         since = step
     return off, rolled
 
@@ -50,38 +58,41 @@ def ladder_actions(ev: list[dict[str, Any]], late: list[dict[str, Any]]) -> list
     (an ``lr_backoff`` info) is no back-off (found by a stranger: an LR x300 burst on two
     param groups, rescued, was "cut the LR to x1 (2 back-offs)"); a back-off and rollback
     the next step undid are told undone (a x100 loss storm whose rollback the next step
-    undid, the LR back in full, was "cut the LR to x0.0118 and rolled back 1 time")."""
+    undid, the LR back in full, was "cut the LR to x0.0118 and rolled back 1 time"). The
+    LR named is the one the last act that stood set: a back-off, a rollback after the first
+    back-off (it sets the LR of the weights it restores), or an undo (its ``factor``)."""
     backoffs = [e for e in ev if e.get("kind") == "lr_backoff" and e not in late
                 and (e.get("data") or {}).get("reason") != "burst_ended"]
     rollbacks = [e for e in ev if e.get("kind") == "rollback" and e not in late]
     off, rolled = _undone(ev, backoffs, rollbacks)
     standing = [r for i, r in enumerate(rollbacks) if i not in rolled]
-    if backoffs and len(off) == len(backoffs) and rollbacks and not standing:
-        what = "the rollback" if len(rollbacks) == 1 else plural(len(rollbacks), "rollback")
-        return [f"undid the LR back-off{'s' if len(backoffs) > 1 else ''} and {what} it took "
-                "(the batches were at fault: the weights restored spiked on them too)"]
-    actions: list[str] = []
     kept = [b for i, b in enumerate(backoffs) if i not in off]
-    if backoffs and not kept:
-        actions.append("backed off the LR, and restored it at the next step (sound on the "
-                       "same weights: the batches were at fault)")
-    elif kept:
-        # a rollback after the last back-off sets the LR in force from the weights it restores
-        # (found by a stranger: "cut the LR to x0.1" where the rollback past an LR burst
-        # kept x1, or set x0.0118)
-        after = [f for e in standing if e["step"] >= kept[-1]["step"]
-                 and (f := _factor(e)) is not None]
-        factor = after[-1] if after else _factor(kept[-1])
+    actions: list[str] = []
+    if backoffs:
+        first = backoffs[0]["step"]
+        undos = [e for e in ev if e.get("kind") in (*DATA_KINDS, "data_shift")
+                 and e["step"] >= first and ((e.get("data") or {}).get("undone")
+                      or (e.get("data") or {}).get("rollback_undone"))]
+        lr_acts = sorted([*kept, *(e for e in [*standing, *undos] if e["step"] >= first
+                                   and _factor(e) is not None)], key=lambda e: e["step"])
+        factor = _factor(lr_acts[-1]) if lr_acts else None
         undid = f", {len(off)} undone" if off else ""
-        if after and after[-1] >= 1:
+        times = "" if len(backoffs) == 1 else f" ({len(backoffs)} back-offs{undid})"
+        if not kept and rollbacks and not standing and (factor is None or factor >= 1):
+            what = "the rollback" if len(rollbacks) == 1 else plural(len(rollbacks), "rollback")
+            return [f"undid the LR back-off{'s' if len(backoffs) > 1 else ''} and {what} it "
+                    "took (the batches were at fault: the weights restored spiked on them too)"]
+        if not lr_acts or (not kept and (factor is None or factor >= 1)):
+            actions.append("backed off the LR, and restored it at the next step (sound on the "
+                           "same weights: the batches were at fault)")
+        elif factor is not None and factor >= 1:
             times = "" if len(backoffs) == 1 else f" {len(backoffs)} times{undid}"
             actions.append(f"backed off the LR{times} (the rollback after it restored it)")
         elif len(backoffs) == 1 and factor == 0.5:
             actions.append("halved the LR")
         elif factor is not None:
-            times = "" if len(backoffs) == 1 else f" ({len(backoffs)} back-offs{undid})"
             ended = [e for e in ev if (e.get("data") or {}).get("reason") == "burst_ended"
-                     and e["step"] > kept[-1]["step"]]
+                     and e["step"] > lr_acts[-1]["step"]]
             during = "" if not ended or (f := _factor(ended[-1])) is None else (
                 f" during the LR burst (x{f:.3g} of the schedule once it ended)")
             actions.append(f"cut the LR to x{factor:.3g}{during}{times}")
