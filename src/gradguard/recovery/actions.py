@@ -107,10 +107,11 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                         settled=cur.settled)
                     a = dataclasses.replace(a, factor=rec.state.factor,
                                             ceiling=rec.state.ceiling)
+            lr_back = rec._undo_ladder is not None
             rec._undo_ladder = None
             undone = undo is not None
             guard.add_event(messages.data_event(guard, a, rec.ring.restored_from,
-                                                undone=undone))
+                                                undone=undone, lr_back=lr_back))
             continue
         if a.kind == "sound":
             guard.add_event(messages.sound_event(guard, a))

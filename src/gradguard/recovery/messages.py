@@ -275,11 +275,14 @@ def _data_event_kind(kind: str) -> str:
     return "grad_spike" if kind == "spike" else _data_cause(kind)
 
 
-def data_event(guard: Guard, a: Action, snapshot: int, *, undone: bool = False) -> Event:
+def data_event(guard: Guard, a: Action, snapshot: int, *, undone: bool = False,
+               lr_back: bool = True) -> Event:
     """The first step on weights a rollback restored is non-finite (or off-scale): the
     batches are at fault, not the weights (see ``data`` in :mod:`.ladder`); ``undone``: the
     weights the rollback replaced, which no update had touched since their last finite
-    step, were put back."""
+    step, were put back; ``lr_back``: with the ladder's state from before the streak
+    (none kept: the LR stays as the rollback set it, found by a regression hunt, whose
+    message said it was back)."""
     lrs, shown = group_lrs(guard, a.ceiling)
     saved = "before the first step" if snapshot < 0 else f"at step {snapshot}"
     kind = _data_kind(a.reason)
@@ -298,8 +301,9 @@ def data_event(guard: Guard, a: Action, snapshot: int, *, undone: bool = False) 
         kind=_data_event_kind(kind), step=a.step, severity="warning",
         message=(f"step {a.step}: {what}: the batches are at fault, not the weights ({fault})."
                  + (" The rollback is undone: the weights it replaced had taken no update since "
-                    "their last finite step, and are back, with the learning rate from before "
-                    "the streak." if undone else "")
+                    "their last finite step, and are back"
+                    + (", with the learning rate from before the streak." if lr_back else ".")
+                    if undone else "")
                  + " gradguard skips such steps and does nothing else: the learning rate "
                  f"restores to x{a.ceiling:g} (lr {shown}), and it stops the run only if they "
                  "go on"),
