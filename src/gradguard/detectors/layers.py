@@ -129,12 +129,12 @@ def vanishing_remedy(norms: Sequence[str] | None) -> str:
     if not norms:
         return VANISHING_REMEDY
     shown = ", ".join(f"`{n}`" for n in list(norms)[:2]) + (", ..." if len(norms) > 2 else "")
-    return ("The model has normalisation layers already (" + shown + "): in a transformer "
-            "with each norm after its residual sum (post-LN), add LR warm-up (a few hundred "
-            "steps), lower the learning rate, or put each norm before its sublayer (pre-LN); "
-            "otherwise use ReLU-family activations with He init, and normalisation or "
-            "residual connections between the layers where the signal fades. Run gg.doctor "
-            "on a batch to see where it fades.")
+    return ("The model has normalisation layers already (" + shown + "): use ReLU-family "
+            "activations with He init, and normalisation or residual connections between the "
+            "layers where the signal fades; in a transformer with each norm after its "
+            "residual sum (post-LN), add LR warm-up (a few hundred steps), lower the learning "
+            "rate, or put each norm before its sublayer (pre-LN). Run gg.doctor on a batch to "
+            "see where it fades.")
 
 
 def _learns(rates: Sequence[float], j: int, after: list[list[int]] | None = None) -> bool:
