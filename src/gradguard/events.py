@@ -88,11 +88,6 @@ SPIKE_DATA_REMEDY = ("Check the batches of the skipped steps for inputs or targe
 UNIT_ERROR_REMEDY = ("Check the inputs of the skipped steps for a unit error (raw 0-255 "
                      "pixels among normalised ones, a column in other units): the eval() "
                      "model would use statistics learnt on that scale.")
-#: What gradients that vanish in a network without normalisation layers call for
-#: (:func:`gradguard.detectors.layers.vanishing_remedy`).
-VANISHING_REMEDY = ("Use ReLU-family activations with He init, add normalisation (LayerNorm, "
-                    "BatchNorm) or residual connections, or an LSTM/GRU for long sequences; "
-                    "run gg.doctor on a batch to see where the signal fades.")
 
 
 @dataclass

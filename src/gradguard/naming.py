@@ -113,10 +113,12 @@ def optimizer_layout(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
 
 
 def norm_layers(model: nn.Module) -> list[str]:
-    """The module paths of the model's normalisation layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm, and any module whose class name ends in
-    ``Norm``: `transformers`' ``LlamaRMSNorm``, ``T5LayerNorm``), affine or not. A remedy that says "add normalisation" to a network that has it is wrong
-    (found by a stranger: a post-LN transformer on Adam 1e-2 without warm-up, told to add
-    LayerNorm or residual connections, had both in every block)."""
+    """The module paths of the model's normalisation layers (BatchNorm, LayerNorm,
+    GroupNorm, RMSNorm, and any module whose class name ends in ``Norm``: `transformers`'
+    ``LlamaRMSNorm``, ``T5LayerNorm``), affine or not. A remedy that says "add
+    normalisation" to a network that has it is wrong (found by a stranger: a post-LN
+    transformer on Adam 1e-2 without warm-up, told to add LayerNorm or residual
+    connections, had both in every block)."""
     kinds = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
     return [clean_name(name) or ROOT_LAYER for name, m in model.named_modules()
             if isinstance(m, kinds) or type(m).__name__.endswith("Norm")]

@@ -311,15 +311,10 @@ class Telemetry:
 
     # ---- per flush (one host copy) -----------------------------------------------------
     def units_restarted(self, counts: dict[str, object] | None = None) -> None:
-        """The weights were restored: the unit watch counts afresh (or from ``counts``, its
-        :meth:`UnitWatch.state_dict` kept with weights put back by an undone rollback:
-        their units died in them, found by a regression hunt: an LR burst killed 85% of a
-        layer, a storm's rollback was undone at the next step, and the units counted
-        afresh were never told dead, 2.1-4.0x the twin), and the samples the window holds
-        so far are of the weights replaced (found by a stranger: 61% of a layer's units
-        died in a spike at step 100, the rollback at 102 restored step 49's weights, and
-        the flush at 109 read step 100's sample and rolled back again, to the fresh weights
-        with the LR cut a further x0.1: 22x the healthy twin)."""
+        """The weights were restored: the unit watch counts afresh, or from ``counts`` (its
+        state kept with weights an undone rollback puts back: their units died in them),
+        and the window's samples so far, of the weights replaced, are dropped (a flush
+        after a rollback read them and rolled back again: docs/recovery.md)."""
         if self.units is not None:
             self.units.reset()
             if counts is not None:

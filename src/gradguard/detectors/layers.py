@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..events import VANISHING_REMEDY, Event
+from ..events import Event
 from ..telemetry import Window
 from .config import (
     DEFAULT_CONFIG,
@@ -116,6 +116,12 @@ def detect_vanishing(window: Window, config: DetectorConfig = DEFAULT_CONFIG) ->
                   "grad_norm": [med_norm[j] for j in hit]},
         )
     ]
+
+
+#: What gradients that vanish in a network without normalisation layers call for.
+VANISHING_REMEDY = ("Use ReLU-family activations with He init, add normalisation (LayerNorm, "
+                    "BatchNorm) or residual connections, or an LSTM/GRU for long sequences; "
+                    "run gg.doctor on a batch to see where the signal fades.")
 
 
 def vanishing_remedy(norms: Sequence[str] | None) -> str:

@@ -33,7 +33,8 @@ def _undone(ev: list[dict[str, Any]], backoffs: list[dict[str, Any]],
     since = -1  # the step of the last undo
     for e in ev:
         data = e.get("data") or {}
-        if e.get("kind") not in DATA_KINDS or not (data.get("undone") or data.get("rollback_undone")):
+        if e.get("kind") not in DATA_KINDS or not (
+                data.get("undone") or data.get("rollback_undone")):
             continue
         step = int(e.get("step", -1))
         before = [i for i, r in enumerate(rollbacks) if r["step"] <= step and i not in rolled]

@@ -46,7 +46,7 @@ from ._causes import (
 )
 from ._levels import flat_words, median, tol
 from ._remedy import LOWERED_STALL, every_overflow, remedy
-from ._settled import growth_cap, settled_sentences
+from ._settled import settled_low, settled_sentences
 from ._silent import FIT_LOSS, FLOOR_LOSS, MIN_LEVEL_STEPS, decayed, silent_verdict
 
 __all__ = ["LOWERED_STALL", "Outcome", "every_overflow", "judge", "ladder_reason", "lowered_lr",
@@ -226,9 +226,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # returns, a curriculum) is not judged on its level: a GAN at its balance point was
         # "DIVERGED ... the learning rate is too high", and --fail-on-divergence failed it
         # (``loss_rise`` is recorded false without a recovery too: no say on the loss there)
-        # nor with no step taken: the losses are the batches' on the weights it started
-        # from (found by a stranger: a VAE on x255 inputs, its gradient Inf from step 0 and
-        # every step skipped, was "the loss rose ...: the learning rate is too high")
+        # nor with no step taken (a VAE on x255 inputs, every step skipped, "rose": the LR)
         judged = bool(taken.any()) and (config is None or config.get("loss_rise") is not False
                                         or config.get("recovery") is False)
         # the start and end levels from the same steps say nothing of a change (a 3-step
@@ -370,10 +368,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         # a growth the run ended before the Recovery decided on (gradguard.recovery.growth):
         # nothing was done about it, and the LR is the fix
         todo = str(unsettled.get("remedy") or "") or None
-    settled_low = any(e.get("kind") == "lr_settled" and isinstance(
-        f := (e.get("data") or {}).get("factor"), (int, float)) and f < 1 for e in data.events
-                      ) or growth_cap(data.events) is not None
-    if status == "recovered" and todo is None and settled_low and (
+    if status == "recovered" and todo is None and settled_low(data.events) and (
             advice := settled_sentences(data.events, cause)):
         # the LR the ladder settled at, as the summary says it, is the remedy, and the LR the
         # cause (found by a stranger: SGD at 3.0 rolled back, settled at 0.03, "Stable at lr

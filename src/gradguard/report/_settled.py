@@ -43,6 +43,15 @@ def growth_cap(events: list[dict[str, Any]]) -> str | None:
             "your LR to about that in your config, or try a few times higher.")
 
 
+def settled_low(events: list[dict[str, Any]]) -> bool:
+    """Whether the ladder left the run at an LR under the one set: settled there (an
+    ``lr_settled`` event with a factor under 1), or capped by the growth rule before it
+    settled (:func:`growth_cap`)."""
+    return growth_cap(events) is not None or any(
+        e.get("kind") == "lr_settled" and isinstance(f := (e.get("data") or {}).get("factor"),
+                                                     (int, float)) and f < 1 for e in events)
+
+
 def _lr_list(lrs: list[Any]) -> str:
     """Param groups' LRs as text, each distinct one once."""
     return ", ".join(f"{float(x):.3g}" for x in dict.fromkeys(lrs) if isinstance(x, (int, float)))
