@@ -494,3 +494,17 @@ def test_a_run_that_took_no_step_is_no_loss_that_rose_for_the_learning_rate():
     assert out.status == "stopped" and out.cause != "lr_too_high" and not out.rose, out
     assert "learning rate is too high" not in summary_sentence(data)
     assert "far off the scale" in out.remedy and "no learning rate mends" in out.remedy
+
+
+def test_nan_batches_skipped_in_a_run_that_recovered_are_told_to_be_checked():
+    """Found by a stranger: a Dataset that returned NaN for one sample in 500 put a NaN in
+    18 of 282 batches; each was skipped and the run "recovered" with no cause and no
+    remedy, though the events named the fix. The remedy counts them and names the first."""
+    bad = [40, 77, 120]
+    loss = LONG.copy()
+    loss[bad] = np.nan
+    events = [ev("nonfinite_grad", s, "error") for s in bad]
+    out = judge(run(loss, events=events, skipped=bad))
+    assert out.status == "recovered", out
+    assert out.remedy == ("Check the batches of the 3 non-finite step(s) (the first at step "
+                          "40) for NaN/Inf, and the loss for log(0) or x/0."), out.remedy
