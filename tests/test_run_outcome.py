@@ -508,3 +508,19 @@ def test_nan_batches_skipped_in_a_run_that_recovered_are_told_to_be_checked():
     assert out.status == "recovered", out
     assert out.remedy == ("Check the batches of the 3 non-finite step(s) (the first at step "
                           "40) for NaN/Inf, and the loss for log(0) or x/0."), out.remedy
+
+
+def test_a_retry_that_did_not_hold_is_told_not_try_a_few_times_higher():
+    """Found by a stranger: an LSTM at Adam 30x was capped by the growth rule at x0.0571
+    (lr 0.00514); the LR probe's retry at x0.239 failed mid-run, and the summary said "the
+    cap the growth of the first weights set ... try a few times higher", which the guard
+    had just tried. A retry that did not hold bounds the edge from above."""
+    grew = ev("rollback", 60, "error", factor=0.0571, ceiling=0.0571, snapshot_step=-1)
+    grew["message"] = "step 60: the weights grew 4.2x in the first 20 steps ...; rolled back"
+    retry = ev("lr_settled", 270, "info", factor=0.0571, lr=[0.00514], retry=True,
+               raised=False, tried=0.239, advise=[0.00257])
+    text = summary_sentence(run(LONG, events=[grew, retry]))
+    assert "Stable at lr 0.00514; a retry at 4.19x it, from the weights mid-run, did not " \
+           "hold: the edge of what trains lies between; set half of it, 0.00257, in your " \
+           "config." in text
+    assert "a few times higher" not in text

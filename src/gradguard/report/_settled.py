@@ -116,6 +116,16 @@ def settled_sentences(ev: list[dict[str, Any]], cause: str | None) -> list[str]:
             parts.append(f"{stable}; it failed at {failed}{times}: set lr "
                          f"{_lr_list(sdata.get('advise') or []) or shown} in your config (the "
                          "edge of what trains lies between).")
+        elif shown and sdata.get("retry") and not sdata.get("raised") and isinstance(
+                tried := sdata.get("tried"), (int, float)) and isinstance(
+                factor := sdata.get("factor"), (int, float)) and tried > factor > 0:
+            # a retry of a higher LR from the weights mid-run did not hold: the edge lies
+            # between (found by a stranger: an LSTM at Adam 30x capped by the growth rule,
+            # a retry at 4.2x the cap failed, was told "the cap ... try a few times higher")
+            half = _lr_list(sdata.get("advise") or []) or shown
+            parts.append(f"{stable}; a retry at {tried / factor:.3g}x it, from the weights "
+                         "mid-run, did not hold: the edge of what trains lies between; set "
+                         f"half of it, {half}, in your config.")
         elif shown and _growth_capped(ev, sdata):
             # found by a stranger: a char LSTM on SGD at 30x, its LR capped by the growth
             # rule at x0.0106, was told "the edge of what trains; set half of it, 0.159",
