@@ -445,7 +445,14 @@ def test_the_summary_tells_a_rollback_the_next_step_undid_and_no_burst_end_as_a_
     cut = [*storm[:3], ev("grad_spike", 106, cause="bad_batches", factor=0.0118,
                           rollback_undone=True)]
     text = summary_sentence(run(LONG, events=cut, skipped=range(100, 120)))
-    assert "cut the LR to x0.0118 and rolled back 1 time, 1 undone at the next step" in text, text
+    assert "cut the LR to x0.0118 and rolled back 1 time, 1 undone" in text, text
+    # the shift test's undo puts the weights a rollback replaced back, the LR with them
+    shifted = [ev("lr_backoff", 60, factor=0.1), ev("rollback", 90, "error", factor=1.0),
+               ev("rollback", 175, "error", factor=0.1, snapshot_step=149),
+               ev("data_shift", 185, factor=1.0, undone=True)]
+    text = summary_sentence(run(LONG, events=shifted, skipped=range(60, 63)))
+    assert "rolled back 2 times, 1 undone" in text, text
+    assert "backed off the LR (the rollback after it restored it)" in text, text
     burst = [ev("grad_spike", 101), ev("lr_backoff", 103, factor=0.1),
              ev("rollback", 106, "error", factor=0.00538, snapshot_step=99),
              ev("lr_backoff", 120, "info", factor=1.0, reason="burst_ended")]

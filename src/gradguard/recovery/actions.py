@@ -107,6 +107,7 @@ def feed(rec: Recovery, guard: Guard, trig: Trigger, layers: Callable[[], list[s
                         settled=cur.settled)
                     a = dataclasses.replace(a, factor=rec.state.factor,
                                             ceiling=rec.state.ceiling)
+                    rec.actions[-1] = a  # the decision with the LR it left (as its event)
             lr_back = rec._undo_ladder is not None
             rec._undo_ladder = None
             undone = undo is not None
