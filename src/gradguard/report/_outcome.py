@@ -45,7 +45,7 @@ from ._causes import (
     lowered_lr,
 )
 from ._levels import flat_words, median, tol
-from ._remedy import LOWERED_STALL, every_overflow, remedy
+from ._remedy import LOWERED_STALL, every_overflow, nonfinite_steps, remedy
 from ._settled import settled_low, settled_sentences
 from ._silent import FIT_LOSS, FLOOR_LOSS, MIN_LEVEL_STEPS, decayed, silent_verdict
 
@@ -371,9 +371,7 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
     if status == "recovered" and todo is None and settled_low(data.events) and (
             advice := settled_sentences(data.events, cause)):
         # the LR the ladder settled at, as the summary says it, is the remedy, and the LR the
-        # cause (found by a stranger: SGD at 3.0 rolled back, settled at 0.03, "Stable at lr
-        # 0.03 ... set it in your config" in the summary, and run.json's outcome had no
-        # cause and no remedy)
+        # cause (SGD at 3.0 settled at 0.03 had neither in run.json: found by a stranger)
         todo, cause = advice[0], cause or "lr_too_high"
     if todo is None and status == "recovered" and flat:
         # back at its level, which is where it started: nothing to fix in the trouble, but
@@ -382,6 +380,8 @@ def judge(data: RunData, config: Mapping[str, Any] | None = None) -> Outcome:
         jump = next((e for e in data.events if e.get("kind") == "lr_too_high"
                      and e.get("severity") in ("warning", "error")), None)
         todo = FLAT_REMEDY if jump is None else JUMP_FLAT_REMEDY.format(step=jump["step"])
+    if todo is None and status == "recovered":
+        todo = nonfinite_steps(data)  # NaN/Inf steps skipped, no cause found: their batches
     return Outcome(status, cause, clause, _evidence(start, before, final, incident),
                    todo, incident, start, before, final, rose, flat)
 

@@ -66,13 +66,6 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
             return UNIT_ERROR_REMEDY if bn else SPIKE_DATA_REMEDY
         if cause == "nonfinite_weights":
             return WEIGHTS_REMEDY
-        if cause is None and (bad := [e for e in data.events if e.get("kind") == "nonfinite_grad"
-                                      and e.get("severity") == "error"]):
-            # NaN/Inf steps skipped, the weights sound after them: their batches or the
-            # loss on them (found by a stranger: a Dataset returning NaN for one sample in
-            # 500, 18 steps of 282 skipped, "training recovered" with no remedy)
-            return (f"Check the batches of the {len(bad)} non-finite step(s) (the first at "
-                    f"step {bad[0]['step']}) for NaN/Inf, and the loss for log(0) or x/0.")
         return None
     unsaved = next((e for e in data.events if e.get("kind") == "abort"
                     and (e.get("data") or {}).get("unrestored")), None)
@@ -171,6 +164,18 @@ NONFINITE_FROM_START = (
     "other units: an exp() or a square of them overflows), and the forward and the loss for "
     "log(0) or x/0 (clamp_min(eps)); Guard(watch_activations=True) names the first module "
     "that goes non-finite.")
+
+
+def nonfinite_steps(data: RunData) -> str | None:
+    """The last remedy of a run that recovered with nothing else to say: its NaN/Inf steps,
+    skipped, the weights sound after them: their batches or the loss on them (found by a
+    stranger: a Dataset returning NaN for one sample in 500, 18 steps of 282 skipped,
+    "training recovered" with no remedy). None without such steps."""
+    bad = [e for e in data.events if e.get("kind") == "nonfinite_grad"
+           and e.get("severity") == "error"]
+    return None if not bad else (
+        f"Check the batches of the {len(bad)} non-finite step(s) (the first at step "
+        f"{bad[0]['step']}) for NaN/Inf, and the loss for log(0) or x/0.")
 
 
 def _nonfinite_from_start(data: RunData) -> bool:
