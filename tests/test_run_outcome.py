@@ -437,6 +437,14 @@ def test_the_summary_tells_a_rollback_the_next_step_undid_and_no_burst_end_as_a_
     text = summary_sentence(run(LONG, events=storm, skipped=range(100, 120)))
     assert "undid the LR back-off and the rollback it took" in text, text
     assert "x0.0118" not in text and "rolled back 1 time" not in text
+    # a NaN streak's: told as what the restored weights showed (found by a helper: "spiked")
+    nan = [*storm[:3], ev("nonfinite_input", 106, "warning", cause="nonfinite_input",
+                          factor=1.0, rollback_undone=True)]
+    nans = [ev("nonfinite_grad", s, "error") for s in range(100, 108)]
+    out = judge(run(LONG, events=[*nans, *nan], skipped=range(100, 108)))
+    text = summary_sentence(run(LONG, events=[*nans, *nan], skipped=range(100, 108)))
+    assert "the weights restored gave NaN/Inf on them too" in text, text
+    assert out.remedy.startswith("Check the batches of the 8 non-finite step(s)"), out
     kept = [*storm[:3], ev("grad_spike", 106, cause="bad_batches", rollback_undone=False)]
     text = summary_sentence(run(LONG, events=kept, skipped=range(100, 120)))
     assert "cut the LR to x0.0118 and rolled back 1 time" in text, text
@@ -531,3 +539,22 @@ def test_a_retry_that_did_not_hold_is_told_not_try_a_few_times_higher():
            "hold: the edge of what trains lies between; set half of it, 0.00257, in your " \
            "config." in text
     assert "a few times higher" not in text
+
+
+def test_an_lr_the_growth_rule_capped_is_no_failed_edge_on_the_events_a_real_run_writes():
+    """Found by a helper checking the docs: the sentence for an LR the growth rule capped
+    ("an estimate, not an edge found failing") never came on a real run. The ladder records
+    the LR before the rollback as failed (`failed_lr`), and the settled factor (the cap,
+    x0.109) sits above the rollback's back-off (x0.1): runs at Adam 0.03, an LR their
+    unguarded twins trained at, were told "it failed at lr 0.03 ... the edge of what trains
+    lies between". These are the events such a run writes."""
+    grew = ev("rollback", 49, "error", factor=0.1, ceiling=0.1085, snapshot_step=-1)
+    grew["message"] = ("step 49: the weights grew 2.84x in the first 20 steps (the median "
+                       "weight matrix's norm): an LR far too high; rolled back")
+    settled = ev("lr_settled", 250, "info", factor=0.1085, lr=[0.00326], advise=[0.00326],
+                 failed=1.0, failed_lr=[0.03])
+    out = judge(run(LONG, events=[grew, settled]))
+    assert (out.status, out.cause) == ("recovered", "lr_too_high"), out
+    assert out.remedy == ("Stable at lr 0.00326: the cap the growth of the first weights set, "
+                          "an estimate, not an edge found failing; set it in your config, or "
+                          "try a few times higher."), out.remedy

@@ -84,8 +84,13 @@ def ladder_actions(ev: list[dict[str, Any]], late: list[dict[str, Any]]) -> list
         times = "" if len(backoffs) == 1 else f" ({len(backoffs)} back-offs{undid})"
         if not kept and rollbacks and not standing and (factor is None or factor >= 1):
             what = "the rollback" if len(rollbacks) == 1 else plural(len(rollbacks), "rollback")
+            # what the restored weights showed, by the kind of the last undo (found by a
+            # helper checking the docs: NaN batches were told "spiked")
+            showed = {"nonfinite_input": "gave NaN/Inf on them too",
+                      "unscaled_input": "met them on another scale too"}.get(
+                          str(undos[-1].get("kind")) if undos else "", "spiked on them too")
             return [f"undid the LR back-off{'s' if len(backoffs) > 1 else ''} and {what} it "
-                    "took (the batches were at fault: the weights restored spiked on them too)"]
+                    f"took (the batches were at fault: the weights restored {showed})"]
         if not lr_acts or (not kept and (factor is None or factor >= 1)):
             actions.append("backed off the LR, and restored it at the next step (sound on the "
                            "same weights: the batches were at fault)")

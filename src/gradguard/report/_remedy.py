@@ -57,7 +57,9 @@ def remedy(status: str, cause: str | None, config: Mapping[str, Any] | None, dat
     backoffs = [e for e in data.events if e.get("kind") == "lr_backoff"]
     if status == "recovered":
         if incident is not None and cause in ("nonfinite_input", "nonfinite_loss"):
-            return f"Check the batch of step {incident} for NaN/Inf."
+            many = sum(1 for e in data.events if e.get("kind") == "nonfinite_grad") > 1
+            return (nonfinite_steps(data) if many else None) or (
+                f"Check the batch of step {incident} for NaN/Inf.")
         if cause == "unscaled_input":
             # the batch norm statistics found it (an off-scale batch) or the gradients did
             # (a spiking streak the batches were at fault for: inputs or targets; a BERT
