@@ -556,5 +556,5 @@ def test_an_lr_the_growth_rule_capped_is_no_failed_edge_on_the_events_a_real_run
     out = judge(run(LONG, events=[grew, settled]))
     assert (out.status, out.cause) == ("recovered", "lr_too_high"), out
     assert out.remedy == ("Stable at lr 0.00326: the cap the growth of the first weights set, "
-                          "an estimate, not an edge found failing; set it in your config, or "
+                          "an estimate, not an edge found failing; set lr 0.00326 in your config, or "
                           "try a few times higher."), out.remedy
