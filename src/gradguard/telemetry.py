@@ -309,7 +309,6 @@ class Telemetry:
         self._extra = torch.stack([weight_norms.to(self.device, torch.float32),
                                    update_norms.to(self.device, torch.float32)])
 
-    # ---- per flush (one host copy) -----------------------------------------------------
     def units_restarted(self, counts: dict[str, object] | None = None) -> None:
         """The weights were restored: the unit watch counts afresh, or from ``counts`` (its
         state kept with weights an undone rollback puts back: their units died in them),
@@ -321,6 +320,7 @@ class Telemetry:
                 self.units.load_state_dict(counts)
             self._buf[:, _COL_DYING:_COL_DYING_AT + 1] = math.nan
 
+    # ---- per flush (one host copy) -----------------------------------------------------
     def flush(self) -> Window | None:
         """Copy the window to the host (exactly one device-to-host copy) and reset it."""
         n = len(self._steps)

@@ -18,6 +18,14 @@ def _factor(e: dict[str, Any]) -> float | None:
     return float(f) if isinstance(f, (int, float)) else None
 
 
+def _undos(ev: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events that undid a rung: the next step's (a data event, ``data["undone"]`` or
+    ``data["rollback_undone"]``) and the shift test's (``data_shift``, ``data["undone"]``:
+    it puts back the weights a rollback replaced; found by a regression hunt)."""
+    return [e for e in ev if e.get("kind") in (*DATA_KINDS, "data_shift") and (
+        (e.get("data") or {}).get("undone") or (e.get("data") or {}).get("rollback_undone"))]
+
+
 def _undone(ev: list[dict[str, Any]], backoffs: list[dict[str, Any]],
             rollbacks: list[dict[str, Any]]) -> tuple[set[int], set[int]]:
     """The positions in ``backoffs`` and ``rollbacks`` of those the next step undid. A
@@ -31,17 +39,11 @@ def _undone(ev: list[dict[str, Any]], backoffs: list[dict[str, Any]],
     off: set[int] = set()
     rolled: set[int] = set()
     since = -1  # the step of the last undo
-    for e in ev:
+    for e in _undos(ev):
         data = e.get("data") or {}
-        # the shift test's undo (``data_shift``, ``data["undone"]``) puts back the weights
-        # a rollback replaced, as the next step's does (found by a regression hunt)
-        shift = e.get("kind") == "data_shift"
-        if e.get("kind") not in (*DATA_KINDS, "data_shift") or not (
-                data.get("undone") or data.get("rollback_undone")):
-            continue
         step = int(e.get("step", -1))
         before = [i for i, r in enumerate(rollbacks) if r["step"] <= step and i not in rolled]
-        if (data.get("rollback_undone") or shift) and before:
+        if (data.get("rollback_undone") or e.get("kind") == "data_shift") and before:
             rolled.add(last := before.pop())
             streak_low = _factor(rollbacks[last])
         else:
@@ -74,9 +76,7 @@ def ladder_actions(ev: list[dict[str, Any]], late: list[dict[str, Any]]) -> list
     actions: list[str] = []
     if backoffs:
         first = backoffs[0]["step"]
-        undos = [e for e in ev if e.get("kind") in (*DATA_KINDS, "data_shift")
-                 and e["step"] >= first and ((e.get("data") or {}).get("undone")
-                      or (e.get("data") or {}).get("rollback_undone"))]
+        undos = [e for e in _undos(ev) if e["step"] >= first]
         lr_acts = sorted([*kept, *(e for e in [*standing, *undos] if e["step"] >= first
                                    and _factor(e) is not None)], key=lambda e: e["step"])
         factor = _factor(lr_acts[-1]) if lr_acts else None

@@ -122,9 +122,9 @@ def settled_sentences(ev: list[dict[str, Any]], cause: str | None) -> list[str]:
         elif shown and _growth_capped(ev, sdata):
             # found by a stranger: a char LSTM on SGD at 30x, its LR capped by the growth
             # rule at x0.0106, was told "the edge of what trains; set half of it, 0.159",
-            # where every LR up to 13.7 trains (0.159 ends 27% worse than its twin)
-            # the config's LR at the cap (the advice, where the ladder recorded a failed
-            # LR above it), else the LR in force
+            # where every LR up to 13.7 trains (0.159 ends 27% worse than its twin). The LR
+            # named: the config's at the cap (the advice, where the ladder recorded the LR
+            # before it as failed), else the LR in force
             at = (sdata.get("failed_lr") and _lr_list(sdata.get("advise") or [])) or shown
             parts.append(f"{stable}: the cap the growth of the first weights set, an "
                          f"estimate, not an edge found failing; set lr {at} in your config, "
